@@ -1,0 +1,29 @@
+// The one Python module, fmcore._C. Loading it runs the TORCH_LIBRARY registrations of every op
+// (csrc/ops). pybind11 here is only for stateful objects and build facts; tensor ops go through
+// torch.ops.fmcore.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#ifdef FMCORE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fmcore native extension: CUDA kernels, CPU references, loader and communicator";
+  m.def("build_info", [] {
+    py::dict info;
+    info["torch_version"] = TORCH_VERSION;  // the torch the extension was compiled against
+#ifdef FMCORE_WITH_CUDA
+    info["with_cuda"] = true;
+    info["cuda_runtime"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                           std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+    info["with_cuda"] = false;
+    info["cuda_runtime"] = py::none();
+#endif
+    info["cuda_archs"] = FMCORE_CUDA_ARCHS;
+    return info;
+  }, "Facts fixed when the extension was compiled.");
+}

@@ -1,0 +1,170 @@
+// RoPE: argument checks, the CPU reference implementation and its registration.
+#include "rope_op.h"
+
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace fmcore {
+
+namespace {
+
+RopeTensor view_of(const at::Tensor& in, const at::Tensor& out, int64_t seq_dim) {
+  const int64_t head_dim = seq_dim == 1 ? 2 : 1;
+  RopeTensor t;
+  t.in = in.data_ptr();
+  t.out = out.data_ptr();
+  t.heads = in.size(head_dim);
+  t.in_stride_b = in.stride(0);
+  t.in_stride_s = in.stride(seq_dim);
+  t.in_stride_h = in.stride(head_dim);
+  t.out_stride_b = out.stride(0);
+  t.out_stride_s = out.stride(seq_dim);
+  t.out_stride_h = out.stride(head_dim);
+  return t;
+}
+
+}  // namespace
+
+RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim,
+                            const at::Tensor& q_out, const at::Tensor& k_out) {
+  TORCH_CHECK_VALUE(seq_dim == 1 || seq_dim == 2,
+                    "expected seq_dim 1 (q of shape (B, S, H, D)) or 2 ((B, H, S, D)), got ", seq_dim);
+  const char* layout = seq_dim == 1 ? "(B, S, H, D)" : "(B, H, S, D)";
+  check_dim(q, 4, "q", layout);
+  check_dim(k, 4, "k", layout);
+  check_float(q, "q");
+  check_same_dtype(k, q, "k", "q");
+  check_same_device(k, q, "k", "q");
+  check_same_device(cos, q, "cos", "q");
+  check_same_device(sin, q, "sin", "q");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  const int64_t head_dim_idx = seq_dim == 1 ? 2 : 1;
+  const int64_t B = q.size(0), S = q.size(seq_dim), Hq = q.size(head_dim_idx), D = q.size(3);
+  const int64_t Hk = k.size(head_dim_idx);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(seq_dim) == S && k.size(3) == D, "expected k of shape ",
+                    seq_dim == 1 ? "(B, S, Hk, D) = (" : "(B, Hk, S, D) = (", B, ", ",
+                    seq_dim == 1 ? std::to_string(S) + ", Hk" : "Hk, " + std::to_string(S), ", ", D,
+                    ") to match q ", shape_str(q.sizes()), ", got ", shape_str(k.sizes()));
+  TORCH_CHECK_VALUE(Hk > 0 && Hq % Hk == 0, "expected the heads of k (", Hk,
+                    ") to divide the heads of q (", Hq, ")");
+
+  TORCH_CHECK_VALUE(cos.scalar_type() == at::kFloat || cos.scalar_type() == q.scalar_type(),
+                    "expected cos to be float32 or q's dtype (", q.scalar_type(), "), got ",
+                    cos.scalar_type());
+  check_same_dtype(sin, cos, "sin", "cos");
+  TORCH_CHECK_VALUE(cos.dim() == 2 || cos.dim() == 3,
+                    "expected cos of shape (S, R/2) or (B, S, R/2), got ", shape_str(cos.sizes()));
+  TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "expected sin of the shape of cos ",
+                    shape_str(cos.sizes()), ", got ", shape_str(sin.sizes()));
+  const int64_t half = cos.size(-1), rotary = 2 * half;
+  TORCH_CHECK_VALUE(half >= 1 && rotary <= D, "expected cos of shape (S, R/2) with 2 <= R <= head dim ",
+                    D, ", got ", shape_str(cos.sizes()), " (R = ", rotary, ")");
+  TORCH_CHECK_VALUE(cos.size(-2) >= S, "expected cos of shape (S, R/2) with S >= ", S,
+                    " (the sequence length of q), got ", shape_str(cos.sizes()));
+  if (cos.dim() == 3) {
+    TORCH_CHECK_VALUE(cos.size(0) == B || cos.size(0) == 1, "expected cos of shape (B, S, R/2) with B = ",
+                      B, " or 1, got ", shape_str(cos.sizes()));
+  }
+  TORCH_CHECK_VALUE(cos.strides() == sin.strides(), "expected sin with the strides of cos ",
+                    shape_str(cos.strides()), ", got ", shape_str(sin.strides()));
+  check_last_dim_contiguous(cos, "cos");
+
+  RopeParams p;
+  p.q = view_of(q, q_out, seq_dim);
+  p.k = view_of(k, k_out, seq_dim);
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.cs_stride_b = (cos.dim() == 3 && cos.size(0) > 1) ? cos.stride(0) : 0;
+  p.cs_stride_s = cos.stride(-2);
+  p.batch = B;
+  p.seqlen = S;
+  p.head_dim = D;
+  p.rotary_dim = rotary;
+  p.x_dtype = to_dtype(q.scalar_type());
+  p.cs_dtype = to_dtype(cos.scalar_type());
+  p.interleaved = interleaved;
+  p.conjugate = conjugate;
+  return p;
+}
+
+namespace {
+
+// ---- CPU reference: the same arithmetic as the CUDA kernel, one (b, s) row at a time.
+
+template <typename T, typename CS, typename Acc = std::conditional_t<std::is_same_v<T, double>, double, float>>
+void rope_tensor_cpu(const RopeTensor& t, const RopeParams& p, int64_t b, int64_t s, const CS* cos,
+                     const CS* sin) {
+  const int64_t half = p.rotary_dim / 2;
+  const Acc sign = p.conjugate ? -1 : 1;
+  for (int64_t h = 0; h < t.heads; ++h) {
+    const T* x = static_cast<const T*>(t.in) + b * t.in_stride_b + s * t.in_stride_s + h * t.in_stride_h;
+    T* y = static_cast<T*>(t.out) + b * t.out_stride_b + s * t.out_stride_s + h * t.out_stride_h;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t ia = p.interleaved ? 2 * i : i;
+      const int64_t ib = p.interleaved ? 2 * i + 1 : i + half;
+      const Acc xa = static_cast<Acc>(x[ia]), xb = static_cast<Acc>(x[ib]);
+      const Acc co = static_cast<Acc>(cos[i]), si = sign * static_cast<Acc>(sin[i]);
+      y[ia] = static_cast<T>(xa * co - xb * si);
+      y[ib] = static_cast<T>(xb * co + xa * si);
+    }
+    if (x != y) {
+      for (int64_t i = p.rotary_dim; i < p.head_dim; ++i) y[i] = x[i];
+    }
+  }
+}
+
+template <typename T, typename CS>
+void rope_cpu_impl(const RopeParams& p) {
+  at::parallel_for(0, p.batch * p.seqlen, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / p.seqlen, s = row % p.seqlen;
+      const int64_t off = b * p.cs_stride_b + s * p.cs_stride_s;
+      const CS* cos = static_cast<const CS*>(p.cos) + off;
+      const CS* sin = static_cast<const CS*>(p.sin) + off;
+      rope_tensor_cpu<T, CS>(p.q, p, b, s, cos, sin);
+      rope_tensor_cpu<T, CS>(p.k, p, b, s, cos, sin);
+    }
+  });
+}
+
+void run_rope_cpu(const RopeParams& p, at::ScalarType x, at::ScalarType cs) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x, "rope_cpu", [&] {
+    using T = scalar_t;
+    if (cs == at::kFloat) {
+      rope_cpu_impl<T, float>(p);
+    } else {
+      rope_cpu_impl<T, T>(p);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& cos, const at::Tensor& sin,
+                                            bool interleaved, bool conjugate, int64_t seq_dim) {
+  check_float(q, "q");  // before empty_like, so an integer q fails with a clear message
+  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  const RopeParams p = make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q_out, k_out);
+  run_rope_cpu(p, q.scalar_type(), cos.scalar_type());
+  return {q_out, k_out};
+}
+
+void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                      const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim) {
+  const RopeParams p = make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q, k);
+  run_rope_cpu(p, q.scalar_type(), cos.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fmcore, CPU, m) {
+  m.impl("rope", &rope_cpu);
+  m.impl("rope_", &rope_inplace_cpu);
+}
+
+}  // namespace fmcore

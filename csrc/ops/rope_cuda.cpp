@@ -1,0 +1,41 @@
+// RoPE on CUDA: the binding validates (rope.cpp), the framework-free kernel (kernels/rope.cu) runs
+// on the current stream.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "rope_op.h"
+
+namespace fmcore {
+
+namespace {
+
+void launch(const RopeParams& p, const at::Tensor& q) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaError_t err = rope_fwd(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fmcore rope: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& cos, const at::Tensor& sin,
+                                             bool interleaved, bool conjugate, int64_t seq_dim) {
+  check_float(q, "q");
+  at::Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  launch(make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q_out, k_out), q);
+  return {q_out, k_out};
+}
+
+void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                       const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim) {
+  launch(make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q, k), q);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fmcore, CUDA, m) {
+  m.impl("rope", &rope_cuda);
+  m.impl("rope_", &rope_inplace_cuda);
+}
+
+}  // namespace fmcore

@@ -1,0 +1,21 @@
+"""fmcore: fast training of transformer foundation models on PyTorch.
+
+Importing fmcore loads the native extension, which registers every op under ``torch.ops.fmcore``
+(CPU always, CUDA when compiled in). The public API lives in the subpackages:
+
+- ``fmcore.ops``   drop-in tensor ops (rope, attention, cross-entropy, ...)
+- ``fmcore.nn``    modules built from them
+- ``fmcore.optim`` the fused AdamW optimizer
+- ``fmcore.data``  shards, ``fmcore prepare`` and the C++ loader
+- ``fmcore.train`` the trainer
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
+from fmcore import _C
+from fmcore._info import build_info
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "__version__"]
+
+from fmcore import nn, ops  # noqa: E402,F401  (ops registers fake and autograd formulas)

@@ -1,0 +1,46 @@
+"""CLI: run benchmarks, print a markdown table, optionally write JSON rows and PNG charts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fmcore.bench import BENCHMARKS, BenchContext, load
+from fmcore.bench import report, roofline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fmcore.bench", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--json", type=Path, help="write the header and rows here")
+    parser.add_argument("--plot", type=Path, help="write one PNG bar chart per benchmark into this folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (the default on the CPU)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    names = args.names or list(BENCHMARKS)
+    modules = [load(n) for n in names]  # unknown names fail before anything is measured
+    roof = roofline.measure(device)
+    print(f"# roofline on {device}: copy {roof.copy_gbps:.0f} GB/s, matmul {roof.matmul_tflops:.2f} TFLOP/s",
+          flush=True)
+    ctx = BenchContext(device=device, roofline=roof, quick=args.quick or device.type != "cuda")
+    rows: list[report.Row] = []
+    for name, module in zip(names, modules):
+        print(f"# running {name} ...", flush=True)
+        rows += module.run(ctx)
+    print(report.markdown(rows))
+    if args.json:
+        report.write_json(args.json, report.header(device, roof), rows)
+        print(f"# wrote {args.json}")
+    if args.plot:
+        for path in report.plot(rows, args.plot):
+            print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

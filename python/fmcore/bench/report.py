@@ -1,0 +1,109 @@
+"""Result rows, the markdown table, the JSON file and the plots.
+
+A row is {bench, case, system, metric, value, unit}. Vocabulary (keep results comparable across
+issues and dates): bench names rope, cross_entropy, linear_cross_entropy, adamw, attention, loader,
+train; systems fmcore, torch-eager, torch-compile, torch-fused, torch-foreach, sdpa-flash,
+sdpa-cudnn, sdpa-mem-efficient, liger, cce, nanogpt-get-batch, torch-dataloader; metrics ms
+(median), GB/s, TFLOP/s, MiB (peak above inputs), tok/s, MFU%, and roofline% (of the copy bandwidth
+or matmul rate measured in the same run; unit says which).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Row:
+    bench: str
+    case: str
+    system: str
+    metric: str
+    value: float
+    unit: str
+
+
+def header(device: torch.device, roofline) -> dict:
+    from fmcore._info import build_info
+
+    info = build_info()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fmcore_cuda_archs": info["cuda_archs"],
+        "copy_gbps": roofline.copy_gbps,
+        "matmul_tflops": roofline.matmul_tflops,
+    }
+
+
+def markdown(rows: list[Row]) -> str:
+    """One table per bench: a line per case, a column per (system, metric)."""
+    out = []
+    by_bench: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_bench[r.bench].append(r)
+    for bench, brows in by_bench.items():
+        columns = list(dict.fromkeys((r.system, r.metric) for r in brows))
+        cases = list(dict.fromkeys(r.case for r in brows))
+        cell = {(r.case, r.system, r.metric): r.value for r in brows}
+        out.append(f"### {bench}\n")
+        out.append("| case | " + " | ".join(f"{s} {m}" for s, m in columns) + " |")
+        out.append("|---" * (len(columns) + 1) + "|")
+        for case in cases:
+            vals = [cell.get((case, s, m)) for s, m in columns]
+            out.append(f"| {case} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_json(path: Path, head: dict, rows: list[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"header": head, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+
+
+def load_json(path: Path) -> tuple[dict, list[Row]]:
+    data = json.loads(Path(path).read_text())
+    return data["header"], [Row(**r) for r in data["rows"]]
+
+
+def plot(rows: list[Row], out_dir: Path) -> list[Path]:
+    """One PNG per bench: median ms per system for each case, and roofline% where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for bench in dict.fromkeys(r.bench for r in rows):
+        brows = [r for r in rows if r.bench == bench]
+        metrics = [m for m in ("ms", "roofline%") if any(r.metric == m for r in brows)]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            mrows = [r for r in brows if r.metric == metric]
+            cases = list(dict.fromkeys(r.case for r in mrows))
+            systems = list(dict.fromkeys(r.system for r in mrows))
+            width = 0.8 / max(len(systems), 1)
+            val = {(r.case, r.system): r.value for r in mrows}
+            for i, system in enumerate(systems):
+                xs = [c + i * width for c in range(len(cases))]
+                ax.bar(xs, [val.get((case, system), 0.0) for case in cases], width, label=system)
+            ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases, rotation=15, fontsize=7)
+            ax.set_ylabel(metric if metric == "ms" else mrows[0].unit)
+            ax.set_title(f"{bench}: {metric}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{bench}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

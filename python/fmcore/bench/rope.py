@@ -1,0 +1,102 @@
+"""RoPE benchmark: fmcore vs Hugging Face's eager rotate_half, torch.compile of it, and Liger.
+
+Bytes moved = read q, k + write q, k (cos/sin are tiny and cached). Forward and backward are timed
+separately; the backward of every system is the inverse rotation of random output gradients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fmcore.bench import BenchContext, Row, try_import
+from fmcore.bench.timing import time_ms
+from fmcore.ops import apply_rotary
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_rope(q, k, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb on (B, S, H, D) with cos/sin (S, D)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def _tables(seqlen: int, dim: int, device, dtype):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()  # (S, D/2) fp32
+
+
+def _systems(q, k, cos_half, sin_half):
+    """(name, forward fn on (q, k)) for each importable system; all compute the same rotation."""
+    cos_full = torch.cat([cos_half, cos_half], -1).to(q.dtype)
+    sin_full = torch.cat([sin_half, sin_half], -1).to(q.dtype)
+    systems = [
+        ("fmcore", lambda q, k: apply_rotary(q, k, cos_half, sin_half)),
+        ("torch-eager", lambda q, k: hf_rope(q, k, cos_full, sin_full)),
+    ]
+    compiled = torch.compile(hf_rope, fullgraph=True)
+    systems.append(("torch-compile", lambda q, k: compiled(q, k, cos_full, sin_full)))
+    liger = try_import("liger_kernel.ops.rope")
+    if liger is not None and q.is_cuda:
+        # Liger takes (B, H, S, D) and cos/sin (1, S, D); the transposed views hold the same bytes.
+        def liger_fn(q, k):
+            out = liger.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos_full[None], sin_full[None])
+            return out[0].transpose(1, 2), out[1].transpose(1, 2)
+
+        systems.append(("liger", liger_fn))
+    return systems
+
+
+def _call_overhead_us(device) -> float:
+    """Host time of one eager fmcore call on tiny tensors: the dispatcher + Python wrapper cost."""
+    q = torch.randn(1, 1, 1, 64, device=device)
+    k = torch.randn(1, 1, 1, 64, device=device)
+    cos, sin = _tables(1, 64, device, torch.float32)
+    for _ in range(100):
+        apply_rotary(q, k, cos, sin)
+    n = 2000
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        apply_rotary(q, k, cos, sin)
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    if ctx.quick:
+        B, S, Hq, Hk, D, dtype = 2, 256, 8, 2, 64, torch.float32
+    else:
+        B, S, Hq, Hk, D, dtype = 8, 2048, 32, 8, 128, torch.bfloat16
+    case = f"q({B},{S},{Hq},{D}) k({B},{S},{Hk},{D}) {str(dtype).removeprefix('torch.')}"
+    q = torch.randn(B, S, Hq, D, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, S, Hk, D, device=dev, dtype=dtype, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = _tables(S, D, dev, torch.float32)
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
+    rows = []
+    for system, fn in _systems(q, k, cos, sin):
+        with torch.no_grad():
+            fwd = time_ms(lambda: fn(q, k), dev)
+        out = fn(q, k)
+        bwd = time_ms(lambda: torch.autograd.backward(out, (gq, gk), retain_graph=True), dev)
+        for phase, ms in (("fwd", fwd), ("bwd", bwd)):
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows += [
+                Row("rope", f"{case} {phase}", system, "ms", ms, "ms"),
+                Row("rope", f"{case} {phase}", system, "GB/s", gbps, "GB/s"),
+                Row("rope", f"{case} {phase}", system, "roofline%", ctx.roofline.pct_bandwidth(gbps),
+                    f"% of {ctx.roofline.copy_gbps:.0f} GB/s copy"),
+            ]
+    rows.append(Row("rope", "call overhead q(1,1,1,64)", "fmcore", "us", _call_overhead_us(dev), "us/call"))
+    return rows

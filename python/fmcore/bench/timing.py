@@ -1,0 +1,60 @@
+"""Timing and memory measurement shared by every benchmark.
+
+GPU: median of CUDA-event timings after warm-up, the L2 cache flushed before each timed call so a
+memory-bound op cannot be timed out of cache. CPU: median of perf_counter timings. Callers build
+fresh random inputs; nothing here looks at the data.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, rep: int = 30,
+            max_seconds: float = 10.0) -> float:
+    """Median milliseconds of one call of fn on device (fn must be repeatable)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type != "cuda":
+        times = []
+        deadline = time.perf_counter() + max_seconds
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline and len(times) >= 3:
+                break
+        return statistics.median(times)
+    # 256 MiB is larger than any current GPU's L2: writing it evicts what fn touched last time.
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    for i in range(rep):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak CUDA memory allocated while fn runs, above what was allocated before (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20

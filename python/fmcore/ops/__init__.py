@@ -1,0 +1,5 @@
+"""fmcore's tensor ops. Each mirrors the signature users already call in PyTorch or Hugging Face."""
+
+from fmcore.ops.rope import apply_rotary
+
+__all__ = ["apply_rotary"]

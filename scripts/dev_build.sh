@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Incremental developer build: compiles fmcore._C into build/dev and copies it into python/fmcore/,
+# so `PYTHONPATH=python python -m pytest tests` runs against this tree without installing anything.
+#   FMCORE_CUDA=off scripts/dev_build.sh     # CPU-only, faster on the 2-core machines
+#   JOBS=16 scripts/dev_build.sh             # on the GPU machine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-$(command -v python)}
+build=build/dev${FMCORE_CUDA:+-$FMCORE_CUDA}
+mkdir -p "$build"
+if [ ! -f "$build/build.ninja" ]; then
+  cmake -S . -B "$build" -G Ninja -DPython_EXECUTABLE="$python" -DCMAKE_BUILD_TYPE=Release \
+    ${FMCORE_CUDA:+-DFMCORE_CUDA=$FMCORE_CUDA} > "$build/configure.log" || { cat "$build/configure.log"; exit 1; }
+fi
+cmake --build "$build" -j "${JOBS:-2}"
+cp "$build"/_C*.so python/fmcore/
+echo "dev build: $(ls python/fmcore/_C*.so)"

@@ -1,0 +1,271 @@
+"""fmcore.ops.apply_rotary against a float64 reference, on CPU always and CUDA when present."""
+
+import pytest
+import torch
+
+import fmcore
+from fmcore.nn import RotaryEmbedding, apply_rotary_pos_emb
+from fmcore.ops import apply_rotary
+from tests.util import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def reference(x, cos, sin, interleaved, conjugate=False):
+    """Rotation of x (B, S, H, D) in float64; cos/sin (S, R/2) or (B, S, R/2), first S rows used."""
+    B, S, H, D = x.shape
+    x = x.double()
+    half = cos.shape[-1]
+    cos = cos[..., :S, :].double()
+    sin = sin[..., :S, :].double() * (-1 if conjugate else 1)
+    cos = cos[:, :, None, :] if cos.dim() == 3 else cos[None, :, None, :]
+    sin = sin[:, :, None, :] if sin.dim() == 3 else sin[None, :, None, :]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([out, rest], dim=-1)
+
+
+def _torch_rope(x, cos, sin, interleaved):
+    S, half = x.shape[1], cos.shape[-1]
+    c = cos[..., :S, :].to(x.dtype)
+    s = sin[..., :S, :].to(x.dtype)
+    c = c[:, :, None] if c.dim() == 3 else c[None, :, None]
+    s = s[:, :, None] if s.dim() == 3 else s[None, :, None]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        out = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    return torch.cat([out, rest], dim=-1)
+
+
+def tables(S, R, device, dtype=torch.float32, batch=None):
+    """Random angles (not a real frequency table) so every position and feature is exercised."""
+    shape = (S, R // 2) if batch is None else (batch, S, R // 2)
+    theta = torch.rand(shape, device=device, dtype=torch.float64) * 6.3
+    return theta.cos().to(dtype), theta.sin().to(dtype)
+
+
+# (B, S, Hq, Hk, D, R), and why each is here
+SHAPES = [
+    (1, 1, 1, 1, 64, 64),  # B=1, S=1: the degenerate row
+    (2, 423, 12, 4, 96, 96),  # awkward S, GQA 12/4, D=96 (not a power of two)
+    (3, 17, 7, 1, 128, 64),  # MQA with 7 query heads, partial rotary R<D (pass-through features)
+    (2, 33, 8, 8, 128, 128),  # plain MHA, D=128
+    (1, 5, 2, 2, 10, 6),  # tiny odd-ish dims: R/2=3 forces the scalar (non-vector) kernel path
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(device, shape, interleaved, layout, dtype):
+    B, S, Hq, Hk, D, R = shape
+    q = torch.randn(B, S, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, S, Hk, D, device=device, dtype=dtype)
+    cos, sin = tables(S + 3, R, device)  # a longer cached table: only the first S rows are used
+    if layout == "bshd":
+        oq, ok = apply_rotary(q, k, cos, sin, interleaved=interleaved)
+    else:  # the same data as (B, H, S, D) contiguous tensors
+        qh, kh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        oq, ok = apply_rotary(qh, kh, cos, sin, interleaved=interleaved, layout="bhsd")
+        oq, ok = oq.transpose(1, 2), ok.transpose(1, 2)
+    for name, x, out in (("q", q, oq), ("k", k, ok)):
+        ref = reference(x, cos, sin, interleaved)
+        assert_close_to_ref(out, ref, _torch_rope(x, cos, sin, interleaved), name)
+
+
+@pytest.mark.parametrize("cs_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_per_sample_positions_and_cos_dtype(device, cs_dtype, dtype):
+    # (B, S, R/2) tables: packed sequences where each sample has its own positions.
+    B, S, H, D = 3, 50, 4, 64
+    q = torch.randn(B, S, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, S, 2, D, device=device, dtype=dtype)
+    cos, sin = tables(S, D, device, batch=B, dtype=torch.float32 if cs_dtype == "fp32" else dtype)
+    oq, ok = apply_rotary(q, k, cos, sin)
+    assert_close_to_ref(oq, reference(q, cos, sin, False), _torch_rope(q, cos, sin, False), "q")
+    assert_close_to_ref(ok, reference(k, cos, sin, False), _torch_rope(k, cos, sin, False), "k")
+
+
+def test_strided_q_k_from_fused_qkv(device):
+    # q, k, v sliced out of one (B, S, Hq + 2 Hk, D) projection: strided, no copy allowed or needed.
+    B, S, Hq, Hk, D = 2, 37, 6, 2, 64
+    qkv = torch.randn(B, S, Hq + 2 * Hk, D, device=device, dtype=torch.bfloat16)
+    q, k = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hk]
+    assert not q.is_contiguous()
+    cos, sin = tables(S, D, device)
+    oq, ok = apply_rotary(q, k, cos, sin)
+    assert_close_to_ref(oq, reference(q, cos, sin, False), _torch_rope(q, cos, sin, False), "q")
+    assert_close_to_ref(ok, reference(k, cos, sin, False), _torch_rope(k, cos, sin, False), "k")
+    # in place on the slices rotates the qkv buffer itself and leaves v alone
+    v_before = qkv[:, :, Hq + Hk :].clone()
+    apply_rotary(q, k, cos, sin, inplace=True)
+    torch.testing.assert_close(qkv[:, :, :Hq], oq, rtol=0, atol=0)
+    torch.testing.assert_close(qkv[:, :, Hq : Hq + Hk], ok, rtol=0, atol=0)
+    assert torch.equal(qkv[:, :, Hq + Hk :], v_before)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inplace_partial_rotary_keeps_tail(device, interleaved):
+    q = torch.randn(2, 9, 4, 96, device=device)
+    k = torch.randn(2, 9, 4, 96, device=device)
+    q0, k0 = q.clone(), k.clone()
+    cos, sin = tables(9, 32, device)
+    rq, rk = apply_rotary(q, k, cos, sin, interleaved=interleaved, inplace=True)
+    assert rq is q and rk is k
+    assert_close_to_ref(q, reference(q0, cos, sin, interleaved), _torch_rope(q0, cos, sin, interleaved), "q")
+    assert torch.equal(q[..., 32:], q0[..., 32:]) and torch.equal(k[..., 32:], k0[..., 32:])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gradcheck_fp64_cpu(interleaved):
+    q = torch.randn(2, 5, 4, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 2, 12, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(5, 8, "cpu", dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved), (q, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_is_inverse_rotation(device, dtype):
+    q = torch.randn(2, 31, 8, 64, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 31, 2, 64, device=device, dtype=dtype, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = tables(31, 48, device)
+    oq, ok = apply_rotary(q, k, cos, sin)
+    torch.autograd.backward((oq, ok), (gq, gk))
+    for name, g, grad in (("dq", gq, q.grad), ("dk", gk, k.grad)):
+        ref = reference(g, cos, sin, False, conjugate=True)
+        assert_close_to_ref(grad, ref, _torch_rope(g, cos, -sin, False), name)
+
+
+def test_backward_with_unused_k_and_expanded_grad(device):
+    # Only q reaches the loss (k's grad is None) and sum() hands back an expanded, stride-0 gradient.
+    q = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
+    cos, sin = tables(4, 16, device)
+    oq, _ = apply_rotary(q, k, cos, sin)
+    oq.sum().backward()
+    ref = reference(torch.ones_like(q), cos, sin, False, conjugate=True)
+    torch.testing.assert_close(q.grad.double(), ref, rtol=1e-5, atol=1e-5)
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def test_opcheck(device):
+    q = torch.randn(2, 7, 4, 32, device=device, dtype=torch.float32, requires_grad=True)
+    k = torch.randn(2, 7, 2, 32, device=device, dtype=torch.float32, requires_grad=True)
+    cos, sin = tables(7, 32, device)
+    torch.library.opcheck(torch.ops.fmcore.rope.default, (q, k, cos, sin, False, False, 1))
+    torch.library.opcheck(torch.ops.fmcore.rope_.default, (q.detach().clone(), k.detach().clone(), cos, sin, True, False, 1))
+
+
+def test_torch_compile_fullgraph(device):
+    q = torch.randn(2, 9, 4, 32, device=device, requires_grad=True)
+    k = torch.randn(2, 9, 2, 32, device=device, requires_grad=True)
+    cos, sin = tables(9, 32, device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    def f(q, k):
+        oq, ok = apply_rotary(q, k, cos, sin)
+        return (oq * 2).sum() + ok.square().sum()
+
+    loss = f(q, k)
+    loss.backward()
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    oq, ok = apply_rotary(q2, k2, cos, sin)
+    ((oq * 2).sum() + ok.square().sum()).backward()
+    torch.testing.assert_close(loss, (oq * 2).sum() + ok.square().sum())
+    torch.testing.assert_close(q.grad, q2.grad)
+    torch.testing.assert_close(k.grad, k2.grad)
+
+
+def test_rotary_embedding_module_and_hf_dropin(device):
+    # fmcore.nn.RotaryEmbedding's tables and the HF-signature drop-in agree with HF's formula.
+    B, H, S, D = 2, 4, 19, 64
+    rope = RotaryEmbedding(D, max_seq_len=64).to(device)
+    q = torch.randn(B, H, S, D, device=device)
+    k = torch.randn(B, H, S, D, device=device)
+    pos = torch.arange(S, device=device)[None].expand(B, S)
+    cos, sin = rope.hf_cos_sin(pos)  # (B, S, D), HF's duplicated-halves convention
+    oq, ok = apply_rotary_pos_emb(q, k, cos, sin)
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((-x2, x1), -1)
+    c, s = cos[:, None], sin[:, None]
+    torch.testing.assert_close(oq, q * c + rotate_half(q) * s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ok, k * c + rotate_half(k) * s, rtol=1e-5, atol=1e-5)
+    # the module's own call on (B, S, H, D) with positions
+    oq2, _ = rope(q.transpose(1, 2), k.transpose(1, 2))
+    torch.testing.assert_close(oq2.transpose(1, 2), oq, rtol=1e-5, atol=1e-5)
+
+
+BAD = [
+    # (what is wrong, kwargs changes, the word the error must name)
+    ("k on another dtype", dict(k=lambda t: t["k"].half()), "k"),
+    ("sin shape differs from cos", dict(sin=lambda t: t["sin"][:, :3].contiguous()), "sin"),
+    ("cos 4-d", dict(cos=lambda t: t["cos"][None, None], sin=lambda t: t["sin"][None, None]), "cos"),
+    ("cos batch mismatch", dict(cos=lambda t: t["cos"].expand(3, 8, 32), sin=lambda t: t["sin"].expand(3, 8, 32)), "cos"),
+    ("cos too short", dict(cos=lambda t: t["cos"][:2], sin=lambda t: t["sin"][:2]), "cos"),
+    ("rotary dim > head dim", dict(cos=lambda t: torch.rand(8, 40), sin=lambda t: torch.rand(8, 40)), "cos"),
+    ("Hk not dividing Hq", dict(k=lambda t: torch.randn(2, 8, 3, 64)), "heads of k"),
+    ("non-contiguous last dim", dict(q=lambda t: torch.randn(2, 8, 4, 128)[..., ::2]), "q"),
+    ("integer q", dict(q=lambda t: torch.randint(0, 5, (2, 8, 4, 64))), "q"),
+    ("3-d q", dict(q=lambda t: torch.randn(8, 4, 64)), "q"),
+    ("sin dtype", dict(sin=lambda t: t["sin"].double()), "sin"),
+]
+
+
+@pytest.mark.parametrize("what,changes,name", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_naming_the_argument(what, changes, name):
+    t = dict(q=torch.randn(2, 8, 4, 64), k=torch.randn(2, 8, 2, 64))
+    t["cos"], t["sin"] = tables(8, 64, "cpu")
+    for key, make in changes.items():
+        t[key] = make(t)
+    with pytest.raises((ValueError, RuntimeError, TypeError)) as err:
+        apply_rotary(t["q"], t["k"], t["cos"], t["sin"])
+    assert name in str(err.value), str(err.value)
+
+
+def test_bad_layout_and_inplace_autograd():
+    q = torch.randn(1, 2, 1, 8, requires_grad=True)
+    cos, sin = tables(2, 8, "cpu")
+    with pytest.raises(ValueError, match="layout"):
+        apply_rotary(q, q, cos, sin, layout="sbhd")
+    with pytest.raises(ValueError, match="inplace"):
+        apply_rotary(q, q.detach(), cos, sin, inplace=True)
+
+
+@pytest.mark.cuda
+def test_mismatched_devices_raise():
+    q = torch.randn(1, 4, 2, 16, device="cuda")
+    k = torch.randn(1, 4, 2, 16)
+    cos, sin = tables(4, 16, "cuda")
+    with pytest.raises(RuntimeError, match="k"):
+        apply_rotary(q, k, cos, sin)
+    with pytest.raises(RuntimeError, match="cos"):
+        apply_rotary(q, q.clone(), cos.cpu(), sin.cpu())
+
+
+@pytest.mark.cuda
+def test_unaligned_and_odd_strides_cuda():
+    # A storage offset of one element breaks 16-byte alignment: the scalar path must take over.
+    base = torch.randn(2 * 11 * 3 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    q = base[1:].view(2, 11, 3, 64)
+    k = q.clone()
+    cos, sin = tables(11, 64, "cuda")
+    oq, ok = apply_rotary(q, k, cos, sin)
+    assert_close_to_ref(oq, reference(q, cos, sin, False), _torch_rope(q, cos, sin, False), "q")
+
+
+def test_build_info_lists_rope():
+    info = fmcore.build_info()
+    assert "rope" in info["ops"]
+    assert info["torch_running"].startswith(torch.__version__.split("+")[0])

@@ -1,0 +1,24 @@
+"""Comparison helpers: tolerances relative to torch's own error, never magic numbers."""
+
+from __future__ import annotations
+
+import torch
+
+# Floor under the "twice torch's error" rule, for outputs where torch happens to be exact.
+ULP_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.detach().double() - ref.detach().double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, name: str,
+                        factor: float = 2.0) -> None:
+    """out's error against the float64 reference is at most factor x torch's same-dtype error
+    (plus a per-dtype floor scaled by the reference's magnitude)."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element?)"
+    err, terr = max_err(out, ref), max_err(torch_out, ref)
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    bound = factor * terr + ULP_FLOOR[out.dtype] * scale
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own error {terr:.3g})"
