@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#include "dist/communicator.h"
+
 #ifdef FMCORE_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -26,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = FMCORE_CUDA_ARCHS;
     return info;
   }, "Facts fixed when the extension was compiled.");
+  fmcore::dist::register_dist(m);
 }
