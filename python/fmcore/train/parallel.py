@@ -115,6 +115,21 @@ def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
 
 # ---- tensor parallel
 
+def split_param_groups(groups: list[dict]) -> list[dict]:
+    """Each param group split into its DTensor and its plain parameters: torch's foreach and fused
+    AdamW batch a group's tensors into one kernel call, which cannot mix the two (tensor parallelism
+    leaves embeddings and norms plain)."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for g in groups:
+        for want in (True, False):
+            params = [p for p in g["params"] if isinstance(p, DTensor) == want]
+            if params:
+                out.append({**g, "params": params})
+    return out
+
+
 class SplitLinear(nn.Module):
     """A fused Linear (GPT-2's qkv, Llama's wqkv / w_gate_up) as one Linear per part; forward returns
     the parts concatenated on the last dim, the fused layer's output. Under tensor parallelism each
