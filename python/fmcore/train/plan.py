@@ -144,6 +144,14 @@ def format_plan(parts: dict[str, float], measured_mib: float | None = None) -> s
     return "\n".join(lines)
 
 
+def _dataset_vocab(dataset: str) -> int | None:
+    if not dataset or not Path(dataset).is_dir():
+        return None
+    from fmcore.data import Loader
+
+    return (Loader.manifest(dataset).get("tokenizer") or {}).get("vocab_size")
+
+
 def main(argv: list[str] | None = None) -> int:
     from fmcore.train import models
     from fmcore.train.config import ConfigError, load_config
@@ -151,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None, help="preset name or TOML file")
-    parser.add_argument("--gpus", type=int, default=0, help="total processes (default: the run's, else 1)")
+    parser.add_argument("--gpus", type=int, default=0, help="total processes (default 1)")
     parser.add_argument("--run", type=Path, default=None, help="a run dir: compare with its measured peak")
     parser.add_argument("--vocab-size", type=int, default=50304,
-                        help="vocabulary when the config takes the dataset's (model.vocab_size = 0)")
+                        help="vocabulary when the config takes the dataset's (model.vocab_size = 0) and "
+                             "data.dataset names none on this machine")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -163,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             run_cfg = load_config(str(args.run / "config.toml"), overrides)
             cfg = run_cfg if args.config is None else cfg
         device = "cuda" if cfg.train.device in ("auto", "cuda") else "cpu"
-        mcfg = models.resolve(cfg.model, args.vocab_size, device)
+        vocab = None
+        if cfg.model.vocab_size == 0:  # the dataset's, when the config names one that exists
+            vocab = _dataset_vocab(cfg.data.dataset) or args.vocab_size
+        mcfg = models.resolve(cfg.model, vocab, device)
     except ConfigError as e:
         print(f"fmcore plan-memory: config error: {e}")
         return 2
