@@ -1,5 +1,6 @@
 """Runs a test body on N CPU processes joined in a gloo process group (forked from pytest, so torch
-and fmcore are not imported again: each group starts in well under a second).
+and fmcore are not imported again: each group starts in well under a second; spawned instead when
+this process has initialised CUDA).
 
     results = run_ranks(body, world_size=2, tmp=tmp_path, args=(...))   # body(rank, world, *args)
 
@@ -46,7 +47,11 @@ def run_ranks(body, world_size: int, tmp: Path, args: tuple = (), timeout: float
     for o in outs:
         if o.exists():
             o.unlink()
-    ctx = mp.get_context("fork")
+    import torch
+
+    # fork is fast (torch and fmcore stay imported) but a forked child cannot use CUDA once the parent
+    # has initialised it, not even to pin loader memory: then spawn (the bodies are module-level).
+    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
     procs = [ctx.Process(target=_entry, args=(body, r, world_size, str(store), str(outs[r]), args))
              for r in range(world_size)]
     for p in procs:

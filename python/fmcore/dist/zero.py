@@ -187,8 +187,10 @@ class ZeroAdamW(torch.optim.Optimizer):
             state = self.inner.state[f.master]
             if state:
                 continue
-            fused = self.inner.defaults.get("fused") or self.inner.defaults.get("capturable")
-            step_device = f.master.device if fused else torch.device("cpu")
+            # torch's AdamW keeps the step on the CPU unless fused/capturable; FusedAdamW on the device.
+            on_device = (self.inner.defaults.get("fused") or self.inner.defaults.get("capturable")
+                         or not isinstance(self.inner, torch.optim.AdamW))
+            step_device = f.master.device if on_device else torch.device("cpu")
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(f.master, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(f.master, memory_format=torch.preserve_format)
