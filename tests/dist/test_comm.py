@@ -250,3 +250,30 @@ def test_nccl_world_size_1(tmp_path):
     results = run_inline(_cuda_body, tmp_path)
     failed = [k for k, ok in results.items() if not ok]
     assert not failed, failed
+
+
+def test_nccl_constructor_validates_before_touching_the_gpu():
+    # CI builds with CUDA (so with NCCL) on machines without a GPU: the checks run there too.
+    if not _C.has_nccl:
+        pytest.skip("fmcore was built without NCCL")
+    uid = _C.nccl_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128
+    with pytest.raises(ValueError, match="expected unique_id of 128 bytes, got 5"):
+        _C.NcclCommunicator(b"short", 2, 0, 0, 1.0)
+    with pytest.raises(ValueError, match="expected 0 <= rank < world_size, got rank 2, world_size 2"):
+        _C.NcclCommunicator(uid, 2, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="timeout_s > 0"):
+        _C.NcclCommunicator(uid, 1, 0, 0, 0.0)
+    assert len(_C.nccl_version()) == 3
+
+
+@pytest.mark.cuda
+def test_nccl_init_without_peers_times_out_and_aborts():
+    # world_size 2 with no second rank: the non-blocking init never completes; the communicator must
+    # abort after its timeout and raise instead of hanging.
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(_C.NcclError, match="still in progress after the timeout"):
+        _C.NcclCommunicator(_C.nccl_unique_id(), 2, 0, 0, 3.0)
+    assert time.monotonic() - t0 < 60
