@@ -106,7 +106,12 @@ def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
 def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
     """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
     from fmcore.dist import Communicator, ZeroAdamW
+    from fmcore.train.config import ConfigError
 
+    if cfg.train.precision == "fp16":
+        # GradScaler decides to skip a step from this rank's local gradients, before ZeroAdamW averages
+        # them: ranks could disagree and one would wait forever in the step's collectives.
+        raise ConfigError("parallel.data 'zero1' does not support train.precision 'fp16' (use bf16-autocast)")
     o = cfg.optim
     comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
     return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
