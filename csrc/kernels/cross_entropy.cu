@@ -154,17 +154,18 @@ __device__ __forceinline__ Stats block_merge(Stats v) {
 
 // d loss / d z_i times the row's factor; see cross_entropy.h for the formula.
 struct GradTerms {
-  float lse, coef, smooth, target_coef, scale;
+  float max, logsum, coef, smooth, target_coef, scale;
   int64_t target;
   __device__ __forceinline__ float operator()(int i, float x) const {
-    const float g = __expf(x - lse) * coef - smooth - (i == target ? target_coef : 0.f);
-    return g * scale;
+    const float prob = __expf((x - max) - logsum);
+    return (prob * coef - smooth - (i == target ? target_coef : 0.f)) * scale;
   }
 };
 
 __device__ __forceinline__ GradTerms grad_terms(const CrossEntropyParams& p, int64_t row,
-                                                int64_t target, float lse) {
-  return {lse, 1.f + 2.f * p.z_loss * lse, p.label_smoothing / static_cast<float>(p.vocab),
+                                                int64_t target, float max, float logsum) {
+  const float lse = max + logsum;
+  return {max,    logsum, 1.f + 2.f * p.z_loss * lse, p.label_smoothing / static_cast<float>(p.vocab),
           1.f - p.label_smoothing, p.grad_scale[row * p.grad_scale_stride], target};
 }
 
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const Cr
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_stride;
     T* g = kGrad ? static_cast<T*>(p.grad) + row * p.grad_stride : nullptr;
     if (t == p.ignore_index) {  // block-uniform: the whole block skips the row
-      if (threadIdx.x == 0) p.loss[row] = p.lse[row] = 0.f;
+      if (threadIdx.x == 0) p.loss[row] = p.stats[2 * row] = p.stats[2 * row + 1] = 0.f;
       if constexpr (kGrad) zero_row<T, VEC>(g, vocab);
       continue;
     }
@@ -198,18 +199,20 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const Cr
       st.sum += v;
     });
     st = block_merge(st);
-    const float lse = st.m + logf(st.s);
+    const float logsum = logf(st.s);
     if (threadIdx.x == 0) {
-      float loss = lse - zt;
+      // lse - z as logsum - (z - max): the subtraction of nearby values comes first, exactly
+      float loss = logsum - (zt - st.m);
       if (p.label_smoothing != 0.f) {
         loss = (1.f - p.label_smoothing) * loss +
-               p.label_smoothing * (lse - st.sum / static_cast<float>(vocab));
+               p.label_smoothing * (logsum - (st.sum / static_cast<float>(vocab) - st.m));
       }
-      if (p.z_loss != 0.f) loss += p.z_loss * lse * lse;
+      if (p.z_loss != 0.f) loss += p.z_loss * (st.m + logsum) * (st.m + logsum);
       p.loss[row] = loss;
-      p.lse[row] = lse;
+      p.stats[2 * row] = st.m;
+      p.stats[2 * row + 1] = logsum;
     }
-    if constexpr (kGrad) map_row<T, VEC>(x, g, vocab, grad_terms(p, row, t, lse));
+    if constexpr (kGrad) map_row<T, VEC>(x, g, vocab, grad_terms(p, row, t, st.m, logsum));
   }
 }
 
@@ -219,7 +222,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[row]);
     T* g = static_cast<T*>(p.grad) + row * p.grad_stride;
-    const GradTerms terms = grad_terms(p, row, t, p.lse[row]);
+    const GradTerms terms = grad_terms(p, row, t, p.stats[2 * row], p.stats[2 * row + 1]);
     if (t == p.ignore_index || terms.scale == 0.f) {  // nothing to read: write zeros
       zero_row<T, VEC>(g, vocab);
       continue;

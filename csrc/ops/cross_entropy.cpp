@@ -51,14 +51,22 @@ void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target, const C
   check_ce_options(o);
 }
 
-// A per-row fp32 (fp64 for fp64 logits) vector of N entries; any stride (grad_loss may be expanded).
-void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+// Per-row fp32 (fp64 for fp64 logits) values: (N,) when cols == 0 (any stride: grad_loss may be
+// expanded), else (N, cols).
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0) {
   check_same_device(t, logits, name, "logits");
   const auto acc = ce_acc_type(logits);
   TORCH_CHECK_VALUE(t.scalar_type() == acc, "expected ", name, " to be ", acc, ", got ",
                     t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), "expected ", name,
-                    " of shape (N,) = (", logits.size(0), ",), got ", shape_str(t.sizes()));
+  const int64_t N = logits.size(0);
+  if (cols == 0) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N, "expected ", name, " of shape (N,) = (", N,
+                      ",), got ", shape_str(t.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == cols, "expected ", name,
+                      " of shape (N, ", cols, ") = (", N, ", ", cols, "), got ",
+                      shape_str(t.sizes()));
+  }
 }
 
 // Holds ignore_index until a kernel stores an out-of-range target into it (a bad target never
@@ -80,21 +88,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
                                                         const CeDevice& dev) {
   check_ce_inputs(logits, target, o, false);
   const auto acc = logits.options().dtype(ce_acc_type(logits));
-  at::Tensor loss = at::empty({logits.size(0)}, acc), lse = at::empty({logits.size(0)}, acc);
+  at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
   at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, lse, {}, {}, bad}, o, CeMode::kFwd);
+  dev.run({logits, target.contiguous(), loss, stats, {}, {}, bad}, o, CeMode::kFwd);
   if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& target,
-                                const at::Tensor& lse, const at::Tensor& grad_loss,
+                                const at::Tensor& stats, const at::Tensor& grad_loss,
                                 const CeOptions& o, bool inplace, const CeDevice& dev) {
   check_ce_inputs(logits, target, o, inplace);
-  check_rows(lse, logits, "lse");
+  check_rows(stats, logits, "stats", 2);
   check_rows(grad_loss, logits, "grad_loss");
   at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
-  dev.run({logits, target.contiguous(), {}, lse.contiguous(), grad, grad_loss, {}}, o, CeMode::kBwd);
+  dev.run({logits, target.contiguous(), {}, stats.contiguous(), grad, grad_loss, {}}, o,
+          CeMode::kBwd);
   return grad;
 }
 
@@ -105,11 +114,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& lo
   check_ce_inputs(logits, target, o, true);
   check_rows(grad_scale, logits, "grad_scale");
   const auto acc = logits.options().dtype(ce_acc_type(logits));
-  at::Tensor loss = at::empty({logits.size(0)}, acc), lse = at::empty({logits.size(0)}, acc);
+  at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
   at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, lse, logits, grad_scale, bad}, o, CeMode::kFwdGrad);
+  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o,
+          CeMode::kFwdGrad);
   if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
-  return {loss, lse};
+  return {loss, stats};
 }
 
 namespace {
@@ -123,7 +133,7 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   const int64_t x_stride = t.logits.stride(0);
   const TI* target = t.target.const_data_ptr<TI>();
   Acc* loss = t.loss.defined() ? t.loss.data_ptr<Acc>() : nullptr;
-  Acc* lse = t.lse.data_ptr<Acc>();  // written by the forward, read by the backward
+  Acc* stats = t.stats.data_ptr<Acc>();  // (N, 2): written by the forward, read by the backward
   T* G = t.grad.defined() ? t.grad.data_ptr<T>() : nullptr;
   const int64_t g_stride = G ? t.grad.stride(0) : 0;
   const Acc* scale = t.grad_scale.defined() ? t.grad_scale.const_data_ptr<Acc>() : nullptr;
@@ -138,17 +148,18 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
       const T* x = X + n * x_stride;
       T* g = G ? G + n * g_stride : nullptr;
       if (tn == o.ignore_index) {
-        if (mode != CeMode::kBwd) loss[n] = lse[n] = 0;
+        if (mode != CeMode::kBwd) loss[n] = stats[2 * n] = stats[2 * n + 1] = 0;
         if (g) std::fill(g, g + V, T(0));
         continue;
       }
-      Acc row_lse;
+      Acc m, logsum;  // see kernels/cross_entropy.h for why the pair and not their sum
       if (mode == CeMode::kBwd) {
-        row_lse = lse[n];
+        m = stats[2 * n];
+        logsum = stats[2 * n + 1];
       } else {
         const bool in_range = 0 <= tn && tn < V;
         if (!in_range) bad.store(tn);
-        Acc m = -inf;
+        m = -inf;
         for (int64_t v = 0; v < V; ++v) {
           const Acc xv = static_cast<Acc>(x[v]);
           if (xv > m || std::isnan(xv)) m = xv;  // a NaN sticks, as in the kernel
@@ -160,13 +171,14 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
           s += xv == -inf ? Acc(0) : std::exp(xv - m);
           sum += xv;
         }
-        row_lse = m + std::log(s);
+        logsum = std::log(s);
         const Acc zt = in_range ? static_cast<Acc>(x[tn]) : Acc(0);  // before g overwrites x
-        Acc l = row_lse - zt;
-        if (eps != 0) l = (1 - eps) * l + eps * (row_lse - sum / static_cast<Acc>(V));
-        if (zl != 0) l += zl * row_lse * row_lse;
+        Acc l = logsum - (zt - m);
+        if (eps != 0) l = (1 - eps) * l + eps * (logsum - (sum / static_cast<Acc>(V) - m));
+        if (zl != 0) l += zl * (m + logsum) * (m + logsum);
         loss[n] = l;
-        lse[n] = row_lse;
+        stats[2 * n] = m;
+        stats[2 * n + 1] = logsum;
       }
       if (!g) continue;
       const Acc sc = scale[n * s_stride];
@@ -174,9 +186,9 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
         std::fill(g, g + V, T(0));
         continue;
       }
-      const Acc coef = 1 + 2 * zl * row_lse, smooth = eps / static_cast<Acc>(V), tc = 1 - eps;
+      const Acc coef = 1 + 2 * zl * (m + logsum), smooth = eps / static_cast<Acc>(V), tc = 1 - eps;
       for (int64_t v = 0; v < V; ++v) {
-        const Acc p = std::exp(static_cast<Acc>(x[v]) - row_lse);
+        const Acc p = std::exp((static_cast<Acc>(x[v]) - m) - logsum);
         g[v] = static_cast<T>(sc * (p * coef - smooth - (v == tn ? tc : Acc(0))));
       }
     }

@@ -26,7 +26,7 @@ void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
   p.label_smoothing = static_cast<float>(o.label_smoothing);
   p.z_loss = static_cast<float>(o.z_loss);
   if (t.loss.defined()) p.loss = t.loss.data_ptr<float>();
-  p.lse = t.lse.data_ptr<float>();
+  p.stats = t.stats.data_ptr<float>();
   if (t.grad.defined()) {
     p.grad = t.grad.data_ptr();
     p.grad_stride = t.grad.stride(0);

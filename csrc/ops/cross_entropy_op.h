@@ -17,11 +17,12 @@ struct CeOptions {
 
 enum class CeMode { kFwd, kFwdGrad, kBwd };
 
-// One pass over validated tensors. logits (N, V), target (N,) contiguous int32/int64; loss, lse
-// (N,) contiguous in the accumulation dtype (ce_acc_type); grad (N, V) (may be logits);
+// One pass over validated tensors. logits (N, V), target (N,) contiguous int32/int64; loss (N,)
+// and stats (N, 2) (row max, log-sum-exp minus the max) contiguous in the accumulation dtype
+// (ce_acc_type); grad (N, V) (may be logits);
 // grad_scale (N,) any stride; bad (1,) int64 receives an out-of-range target. Unused: undefined.
 struct CeTensors {
-  at::Tensor logits, target, loss, lse, grad, grad_scale, bad;
+  at::Tensor logits, target, loss, stats, grad, grad_scale, bad;
 };
 
 struct CeDevice {
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
                                                         const at::Tensor& target, const CeOptions& o,
                                                         const CeDevice& dev);
 at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& target,
-                                const at::Tensor& lse, const at::Tensor& grad_loss,
+                                const at::Tensor& stats, const at::Tensor& grad_loss,
                                 const CeOptions& o, bool inplace, const CeDevice& dev);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
                                                             const at::Tensor& target,
@@ -65,16 +66,16 @@ struct CeImpls {
                                                 double z_loss, bool /*inplace_backward: autograd's*/) {
     return cross_entropy_fwd_op(logits, target, {ignore_index, label_smoothing, z_loss}, D);
   }
-  static at::Tensor bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+  static at::Tensor bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
                         const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
                         double z_loss) {
-    return cross_entropy_bwd_op(logits, target, lse, grad_loss,
+    return cross_entropy_bwd_op(logits, target, stats, grad_loss,
                                 {ignore_index, label_smoothing, z_loss}, false, D);
   }
-  static void bwd_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+  static void bwd_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
                    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
                    double z_loss) {
-    cross_entropy_bwd_op(logits, target, lse, grad_loss, {ignore_index, label_smoothing, z_loss},
+    cross_entropy_bwd_op(logits, target, stats, grad_loss, {ignore_index, label_smoothing, z_loss},
                          true, D);
   }
   static std::tuple<at::Tensor, at::Tensor> fwd_bwd_(const at::Tensor& logits,

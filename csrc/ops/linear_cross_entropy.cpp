@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const auto acc = hidden.options().dtype(acc_type);
   const at::Tensor tgt = target.contiguous();
 
-  at::Tensor loss_rows = at::empty({N}, acc), lse = at::empty({N}, acc);
+  at::Tensor loss_rows = at::empty({N}, acc), stats = at::empty({N, 2}, acc);
   at::Tensor count;  // of non-ignored targets, for the mean
   if (reduction == 1) count = tgt.ne(o.ignore_index).sum().to(acc_type);
   at::Tensor scale;  // (N,) factor of each row's gradient
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     CeTensors t{logits,
                 tgt.narrow(0, n0, rows),
                 loss_rows.narrow(0, n0, rows),
-                lse.narrow(0, n0, rows),
+                stats.narrow(0, n0, rows),
                 any_grad ? logits : at::Tensor(),
                 any_grad ? scale.narrow(0, n0, rows) : at::Tensor(),
                 bad};
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   }
   at::Tensor grad_bias = need_grad_bias ? grad_bias_acc.to(hidden.scalar_type())
                                         : at::empty({0}, hidden.options());
-  return {loss, lse, grad_hidden, grad_weight, grad_bias};
+  return {loss, stats.sum(1), grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace fmcore

@@ -13,18 +13,19 @@ TORCH_LIBRARY(fmcore, m) {
       "bool conjugate=False, int seq_dim=1) -> ()");
 
   // Softmax cross-entropy (kernels/cross_entropy.h). logits (N, V), target (N,) int64/int32. The
-  // forward returns per-row loss and lse (fp32; fp64 for fp64 logits); the reduction happens in
-  // Python. inplace_backward is read only by the autograd formula (gradient into the logits).
+  // forward returns the per-row loss (N,) and stats (N, 2) = (row max, log-sum-exp minus the max),
+  // fp32 (fp64 for fp64 logits); the reduction happens in Python. inplace_backward is read only by
+  // the autograd formula (gradient into the logits).
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, bool inplace_backward=False) -> (Tensor, Tensor)");
   m.def(
-      "cross_entropy_bwd(Tensor logits, Tensor target, Tensor lse, Tensor grad_loss, "
+      "cross_entropy_bwd(Tensor logits, Tensor target, Tensor stats, Tensor grad_loss, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
   m.def(
-      "cross_entropy_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_loss, "
+      "cross_entropy_bwd_(Tensor(a!) logits, Tensor target, Tensor stats, Tensor grad_loss, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> ()");
-  // Fused: loss and lse, and grad_scale[n] * dloss_n/dlogits written over the logits, in one kernel.
+  // Fused: loss and stats, and grad_scale[n] * dloss_n/dlogits written over the logits, in one kernel.
   m.def(
       "cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor target, Tensor grad_scale, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor)");

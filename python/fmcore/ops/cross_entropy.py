@@ -2,7 +2,7 @@
 
 ``cross_entropy(logits, target)`` is ``F.cross_entropy`` for (N, V) or (B, S, V) logits and class
 targets: same reductions, ignore_index and label smoothing, plus PaLM's z-loss. The forward reads the
-logits once and keeps only the per-row log-sum-exp (fp32, 4 bytes a row); the backward reads them
+logits once and keeps only the per-row max and log-sum-exp (fp32, 8 bytes a row); the backward reads them
 again and writes the gradient, into a new tensor or, with ``inplace_backward=True``, over the logits
 themselves (0 bytes extra). The kernels are documented in csrc/kernels/cross_entropy.h.
 """
@@ -78,11 +78,11 @@ def cross_entropy(
         raise ValueError(f"expected logits of shape (N, V) or (B, S, V), got {tuple(logits.shape)}")
     _check_common(target, reduction, logits.shape[:-1], "logits")
     vocab = logits.shape[-1]
-    loss_rows, lse = torch.ops.fmcore.cross_entropy_fwd(
+    loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd(
         logits.reshape(-1, vocab), target.reshape(-1), ignore_index, label_smoothing, z_loss, inplace_backward)
     loss = _reduce(loss_rows, target, ignore_index, reduction, logits.dtype)
     if return_lse:
-        return loss, lse.detach().view(target.shape)
+        return loss, stats.detach().sum(-1).view(target.shape)
     return loss
 
 
@@ -90,18 +90,17 @@ def cross_entropy(
 def _cross_entropy_fwd_fake(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                             inplace_backward=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    rows = logits.new_empty((logits.shape[0],), dtype=acc)
-    return rows, torch.empty_like(rows)
+    return logits.new_empty((logits.shape[0],), dtype=acc), logits.new_empty((logits.shape[0], 2), dtype=acc)
 
 
 @torch.library.register_fake("fmcore::cross_entropy_bwd")
-def _cross_entropy_bwd_fake(logits, target, lse, grad_loss, ignore_index=-100, label_smoothing=0.0,
+def _cross_entropy_bwd_fake(logits, target, stats, grad_loss, ignore_index=-100, label_smoothing=0.0,
                             z_loss=0.0):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("fmcore::cross_entropy_bwd_")
-def _cross_entropy_bwd_inplace_fake(logits, target, lse, grad_loss, ignore_index=-100,
+def _cross_entropy_bwd_inplace_fake(logits, target, stats, grad_loss, ignore_index=-100,
                                     label_smoothing=0.0, z_loss=0.0):
     return None
 
@@ -119,16 +118,16 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace_backward = inplace_backward
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    # grad_lse is ignored: the public function returns lse detached.
-    logits, target, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats):
+    # grad_stats is ignored: the public function returns lse detached.
+    logits, target, stats = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
     if ctx.inplace_backward:
-        torch.ops.fmcore.cross_entropy_bwd_(logits, target, lse, grad_loss, *ctx.options)
+        torch.ops.fmcore.cross_entropy_bwd_(logits, target, stats, grad_loss, *ctx.options)
         grad = logits
     else:
-        grad = torch.ops.fmcore.cross_entropy_bwd(logits, target, lse, grad_loss, *ctx.options)
+        grad = torch.ops.fmcore.cross_entropy_bwd(logits, target, stats, grad_loss, *ctx.options)
     return grad, None, None, None, None, None
 
 
