@@ -110,12 +110,13 @@ def _backward(ctx, grad_loss, *unused):
                                "were computed in the forward and are consumed (use retain_graph=False, "
                                "or reduction='none')")
         ctx.used = True
-        gh, gw, gb = ctx.saved_tensors
         # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
-        # (these buffers are ours and die with the graph).
-        for g, needed in ((gh, nh), (gw, nw), (gb, nb)):
-            if needed:
-                g.mul_(grad_loss)
+        # in eager (these buffers are ours and die with the graph). A traced backward (torch.compile,
+        # opcheck) must not mutate its saved inputs: there it multiplies out of place, and inductor
+        # may reuse the dead buffer itself.
+        traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+        gh, gw, gb = (g * grad_loss if traced else g.mul_(grad_loss) if needed else g
+                      for g, needed in zip(ctx.saved_tensors, ctx.need))
     return (gh if nh else None, gw if nw else None, None, gb if nb else None) + (None,) * 9
 
 
