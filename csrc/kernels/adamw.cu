@@ -190,12 +190,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // One partial sum of squares per block; blocks stride over the table's chunks in a fixed order.
+// Squares are accumulated in double: free in a bandwidth-bound pass, and the norm of a billion
+// elements then carries no fp32 summation error.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    l2norm_partials_kernel(const __grid_constant__ L2NormTable tab, float* partials) {
+    l2norm_partials_kernel(const __grid_constant__ L2NormTable tab, double* partials) {
   constexpr int kVec = 16 / sizeof(T);
   using V = Vec<T, kVec>;
-  float acc = 0.f;
+  double acc = 0.0;
   const int64_t num_chunks = tab.chunk_start[tab.n];
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const int ti = find_tensor(tab.chunk_start, tab.n, c);
@@ -209,26 +211,26 @@ __global__ void __launch_bounds__(kThreads, 2)
         const V xv = *reinterpret_cast<const V*>(x + i);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const float f = to_float(xv.v[e]);
-          acc = fmaf(f, f, acc);
+          const double f = to_float(xv.v[e]);
+          acc = fma(f, f, acc);
         }
       }
       scalar_begin = vec_end;
     }
     for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
-      const float f = to_float(x[i]);
-      acc = fmaf(f, f, acc);
+      const double f = to_float(x[i]);
+      acc = fma(f, f, acc);
     }
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-// One block: the partials summed in double in a fixed order, then the square root.
-__global__ void l2norm_finalize_kernel(const float* partials, int64_t n, float* norm,
+// One block: the partials summed in a fixed order, then the square root.
+__global__ void l2norm_finalize_kernel(const double* partials, int64_t n, float* norm,
                                        int64_t* nonfinite_count) {
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += static_cast<double>(partials[i]);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
   acc = block_sum(acc);
   if (threadIdx.x == 0) {
     const float r = static_cast<float>(sqrt(acc));
@@ -278,7 +280,7 @@ cudaError_t launch_adamw(const AdamWParams& p, const AdamWScalars& s, cudaStream
 }
 
 template <typename T>
-cudaError_t launch_l2norm_table(const L2NormTable& tab, float* partials, int64_t* written,
+cudaError_t launch_l2norm_table(const L2NormTable& tab, double* partials, int64_t* written,
                                 cudaStream_t stream) {
   const int64_t grid = std::min<int64_t>(tab.chunk_start[tab.n], kL2NormBlocks);
   if (grid == 0) return cudaSuccess;

@@ -68,7 +68,7 @@ struct L2NormTensor {
 struct L2NormParams {
   const L2NormTensor* tensors = nullptr;  // host array of num_tensors entries
   int64_t num_tensors = 0;
-  float* partials = nullptr;  // device scratch of l2norm_workspace_size(tensors, num_tensors) floats
+  double* partials = nullptr;  // device scratch of l2norm_workspace_size(tensors, num_tensors)
   float* norm = nullptr;      // device scalar: sqrt(sum of squares of every element)
   int64_t* nonfinite_count = nullptr;  // optional device counter, +1 when the norm is inf/nan
 };

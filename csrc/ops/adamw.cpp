@@ -258,8 +258,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   });
 }
 
-// Sum of squares in fixed chunks (fp32 within a chunk, as a CUDA block sums), chunks added in order
-// in double: the result does not depend on the thread count.
+// Sum of squares in double, in fixed chunks added in order: the result does not depend on the
+// thread count.
 void grad_norm_cpu(at::TensorList tensors, const at::Tensor& norm,
                    const std::optional<at::Tensor>& nonfinite_count) {
   const L2NormCall call = make_l2norm_call(tensors, norm, nonfinite_count);
@@ -267,22 +267,22 @@ void grad_norm_cpu(at::TensorList tensors, const at::Tensor& norm,
   for (size_t i = 0; i < tensors.size(); ++i) {
     const int64_t numel = tensors[i].numel();
     const int64_t chunks = (numel + kL2NormChunk - 1) / kL2NormChunk;
-    std::vector<float> partial(chunks);
+    std::vector<double> partial(chunks);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[i].scalar_type(), "grad_norm_cpu", [&] {
       const scalar_t* x = tensors[i].const_data_ptr<scalar_t>();
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          float acc = 0.f;
+          double acc = 0.0;
           const int64_t end = std::min(numel, (c + 1) * kL2NormChunk);
           for (int64_t j = c * kL2NormChunk; j < end; ++j) {
-            const float f = static_cast<float>(x[j]);
+            const double f = static_cast<double>(x[j]);
             acc += f * f;
           }
           partial[c] = acc;
         }
       });
     });
-    for (float s : partial) total += s;
+    for (double s : partial) total += s;
   }
   const float r = static_cast<float>(std::sqrt(total));
   *call.params.norm = r;

@@ -38,8 +38,8 @@ void grad_norm_cuda(at::TensorList tensors, const at::Tensor& norm,
   // Scratch for the per-block partial sums, from the caching allocator (stream-ordered, so it is
   // free to reuse once the finalize kernel that reads it has run).
   const int64_t ws = l2norm_workspace_size(call.tensors.data(), call.params.num_tensors);
-  at::Tensor partials = at::empty({ws}, norm.options());
-  call.params.partials = partials.data_ptr<float>();
+  at::Tensor partials = at::empty({ws}, norm.options().dtype(at::kDouble));
+  call.params.partials = partials.data_ptr<double>();
   const cudaError_t err = l2norm(call.params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fmcore grad_norm_: CUDA launch failed: ", cudaGetErrorString(err));
 }

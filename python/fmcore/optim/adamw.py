@@ -44,10 +44,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     Attributes:
         last_grad_norm: 0-dim fp32 tensor on the params' device holding the global gradient norm of
-            the last step (before clipping); None until a step computed one (only with
-            max_grad_norm or skip_nonfinite). Reading it with ``.item()`` synchronises; the step does not.
-        skipped_steps: 0-dim int64 device tensor counting skipped steps (None without skip_nonfinite
-            until the first step).
+            the last step (before clipping), 0 before the first; None unless max_grad_norm or
+            skip_nonfinite is set (only then is the norm computed). Reading it with ``.item()``
+            synchronises; the step does not.
+        skipped_steps: 0-dim int64 tensor on the params' device counting skipped steps (None without
+            skip_nonfinite).
     """
 
     def __init__(
@@ -72,6 +73,12 @@ class FusedAdamW(torch.optim.Optimizer):
         self._device: torch.device | None = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False)
         super().__init__(params, defaults)
+        # Allocated once, here: fixed addresses for CUDA graphs, and no attribute created inside a
+        # step that torch.compile traces.
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
+        if self.skip_nonfinite:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self._device)
 
     # ---- param groups and state
 
@@ -171,11 +178,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
         device = all_grads[0].device
         norm = None
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            if self.last_grad_norm is None:
-                self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
-            if self.skip_nonfinite and self.skipped_steps is None:
-                self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        if self.last_grad_norm is not None:
             norm = self.last_grad_norm
             torch.ops.fmcore.grad_norm_(all_grads, norm, self.skipped_steps if self.skip_nonfinite else None)
 
