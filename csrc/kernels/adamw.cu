@@ -7,6 +7,7 @@
 //   block from the device, so nothing waits on the host;
 // - 16-byte accesses (4 fp32 state elements, 4 param elements) whenever every pointer of a tensor is
 //   aligned for them; otherwise (views at odd offsets) the scalar loop, chosen per tensor.
+#include <algorithm>
 #include <cstdint>
 
 #include "adamw.h"
@@ -123,23 +124,9 @@ __global__ void adamw_count_kernel(const __grid_constant__ AdamWTable tab, const
   for (int i = threadIdx.x; i < tab.n; i += blockDim.x) *tab.t[i].step += 1.f;
 }
 
-// One block per (tensor, chunk of kAdamWChunk elements).
-template <typename T, bool kMaster>
-__global__ void __launch_bounds__(kThreads, 2)
-    adamw_step_kernel(const __grid_constant__ AdamWTable tab, const AdamWScalars s) {
-  float clip = 1.f;
-  if (s.grad_norm != nullptr) {
-    const float norm = *s.grad_norm;
-    if (s.skip_nonfinite && !isfinite(norm)) return;
-    if (s.clip) clip = fminf(1.f, s.max_grad_norm / (norm + 1e-6f));
-  }
-  const int64_t c = blockIdx.x;
-  const int ti = find_tensor(tab.chunk_start, tab.n, c);
-  const AdamWTensor& t = tab.t[ti];
-
-  // Scalars in double from the run-time lr and step, as torch computes them in Python floats.
-  const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
-  const double step = static_cast<double>(*t.step);
+// Scalars in double from the run-time lr and step, as torch computes them in Python floats.
+__device__ StepScalars step_scalars(const AdamWScalars& s, double lr, float clip, float step_count) {
+  const double step = static_cast<double>(step_count);
   StepScalars k;
   k.clip = clip;
   k.decay = static_cast<float>(1.0 - lr * s.weight_decay);
@@ -149,11 +136,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   k.neg_step_size = static_cast<float>(-(lr / (1.0 - pow(s.beta1, step))));
   k.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(s.beta2, step)));
   k.eps = static_cast<float>(s.eps);
+  return k;
+}
 
-  const int64_t begin = (c - tab.chunk_start[ti]) * kAdamWChunk;
+// Elements [begin, min(numel, begin + kAdamWChunk)) of one tensor.
+template <typename T, bool kMaster>
+__device__ __forceinline__ void adamw_chunk(const AdamWTensor& t, bool vec, int64_t begin,
+                                            const StepScalars& k) {
   const int64_t end = min(t.numel, begin + kAdamWChunk);
   int64_t scalar_begin = begin;
-  if (tab.vec[ti]) {
+  if (vec) {
     using VT = Vec<T, kVecElems>;
     using VF = Vec<float, kVecElems>;
     const int64_t vec_end = begin + (end - begin) / kVecElems * kVecElems;
@@ -189,11 +181,35 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-// One partial sum of squares per block; blocks stride over the table's chunks in a fixed order.
+// Blocks stride over the table's chunks in increasing order, so a block recomputes the per-tensor
+// scalars only when its next chunk belongs to another tensor.
+template <typename T, bool kMaster>
+__global__ void __launch_bounds__(kThreads, 2)
+    adamw_step_kernel(const __grid_constant__ AdamWTable tab, const AdamWScalars s) {
+  float clip = 1.f;
+  if (s.grad_norm != nullptr) {
+    const float norm = *s.grad_norm;
+    if (s.skip_nonfinite && !isfinite(norm)) return;
+    if (s.clip) clip = fminf(1.f, s.max_grad_norm / (norm + 1e-6f));
+  }
+  const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
+  const int64_t num_chunks = tab.chunk_start[tab.n];
+  int ti = -1;
+  StepScalars k{};
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const int tc = find_tensor(tab.chunk_start, tab.n, c);
+    if (tc != ti) {
+      ti = tc;
+      k = step_scalars(s, lr, clip, *tab.t[ti].step);
+    }
+    adamw_chunk<T, kMaster>(tab.t[ti], tab.vec[ti] != 0, (c - tab.chunk_start[ti]) * kAdamWChunk, k);
+  }
+}
+
 // Squares are accumulated in double: free in a bandwidth-bound pass, and the norm of a billion
 // elements then carries no fp32 summation error.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 4)
     l2norm_partials_kernel(const __grid_constant__ L2NormTable tab, double* partials) {
   constexpr int kVec = 16 / sizeof(T);
   using V = Vec<T, kVec>;
@@ -245,34 +261,44 @@ bool aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
+// Blocks of `kernel` that run at once on the current device: the grid of a grid-stride launch.
+template <typename Kernel>
+cudaError_t resident_blocks(Kernel kernel, int* blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  *blocks = std::max(per_sm, 1) * std::max(sms, 1);
+  return err;
+}
+
 template <typename T, bool kMaster>
 cudaError_t launch_adamw(const AdamWParams& p, const AdamWScalars& s, cudaStream_t stream) {
-  constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;  // gridDim.x
+  int resident = 0;
+  cudaError_t err = resident_blocks(adamw_step_kernel<T, kMaster>, &resident);
+  if (err != cudaSuccess) return err;
   AdamWTable tab{};
   int64_t i = 0;
   while (i < p.num_tensors) {
     tab.n = 0;
     tab.chunk_start[0] = 0;
-    while (i < p.num_tensors && tab.n < kAdamWMaxTensors) {
+    for (; i < p.num_tensors && tab.n < kAdamWMaxTensors; ++i) {
       const AdamWTensor& t = p.tensors[i];
-      if (t.numel < 0 || t.numel > kAdamWMaxNumel) return cudaErrorInvalidValue;
-      const int64_t chunks = (t.numel + kAdamWChunk - 1) / kAdamWChunk;
-      if (tab.n > 0 && tab.chunk_start[tab.n] + chunks > kMaxBlocks) break;  // next launch
+      if (t.numel < 0) return cudaErrorInvalidValue;
       constexpr size_t kParamBytes = kVecElems * sizeof(T), kStateBytes = kVecElems * sizeof(float);
       tab.vec[tab.n] = aligned(t.param, kParamBytes) && aligned(t.grad, kParamBytes) &&
                        aligned(t.exp_avg, kStateBytes) && aligned(t.exp_avg_sq, kStateBytes) &&
                        (!kMaster || aligned(t.master, kStateBytes));
       tab.t[tab.n] = t;
-      tab.chunk_start[tab.n + 1] = tab.chunk_start[tab.n] + chunks;
+      tab.chunk_start[tab.n + 1] = tab.chunk_start[tab.n] + (t.numel + kAdamWChunk - 1) / kAdamWChunk;
       ++tab.n;
-      ++i;
     }
     adamw_count_kernel<<<1, 128, 0, stream>>>(tab, s);
-    cudaError_t err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    const int64_t blocks = tab.chunk_start[tab.n];
-    if (blocks == 0) continue;  // only empty tensors: their steps still count
-    adamw_step_kernel<T, kMaster><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tab, s);
+    const int64_t grid = std::min<int64_t>(tab.chunk_start[tab.n], resident);
+    if (grid == 0) continue;  // only empty tensors: their steps still count
+    adamw_step_kernel<T, kMaster><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(tab, s);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -282,7 +308,10 @@ cudaError_t launch_adamw(const AdamWParams& p, const AdamWScalars& s, cudaStream
 template <typename T>
 cudaError_t launch_l2norm_table(const L2NormTable& tab, double* partials, int64_t* written,
                                 cudaStream_t stream) {
-  const int64_t grid = std::min<int64_t>(tab.chunk_start[tab.n], kL2NormBlocks);
+  int resident = 0;
+  const cudaError_t err = resident_blocks(l2norm_partials_kernel<T>, &resident);
+  if (err != cudaSuccess) return err;
+  const int64_t grid = std::min<int64_t>({tab.chunk_start[tab.n], resident, kL2NormBlocks});
   if (grid == 0) return cudaSuccess;
   l2norm_partials_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(tab, partials + *written);
   *written += grid;

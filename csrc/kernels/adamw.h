@@ -2,10 +2,11 @@
 //
 // Both are multi-tensor operations: one call takes a list of tensors of any count and sizes. The
 // launchers cut each tensor into fixed-size chunks and pack up to a few hundred tensors into a table
-// passed by value as the kernel's parameters (graph-capturable: no host-to-device copy); a block finds
-// its (tensor, chunk) by a binary search over the table's chunk prefix sums. A param group therefore
-// costs one launch per kAdamWMaxTensors tensors (plus one tiny step-counter launch each), whatever the
-// sizes. All element indexing is int64.
+// passed by value as the kernel's parameters (graph-capturable: no host-to-device copy). A grid of
+// as many blocks as fit on the GPU at once strides over the table's chunks; a block finds the tensor
+// of a chunk by a binary search over the chunk prefix sums. A param group therefore costs one launch
+// per kAdamWMaxTensors tensors (plus one tiny step-counter launch each), whatever the sizes. All
+// element indexing is int64, so a tensor may hold more than 2^31 elements.
 //
 // AdamW (torch.optim.AdamW's math, decoupled weight decay, bias correction), per element, in fp32:
 //   g  = grad * clip                        clip = min(1, max_grad_norm / (norm + 1e-6)), or 1
@@ -53,9 +54,9 @@ struct AdamWParams {
 // Tensors per launch: the table (65 bytes a tensor) must fit the 32 KiB kernel-parameter space
 // (CUDA 12.1+ on sm_70+; 4 KiB before).
 constexpr int kAdamWMaxTensors = 448;
-constexpr int64_t kAdamWChunk = 32768;  // elements per block
-// Largest tensor the launcher accepts: its chunk count must fit gridDim.x (2^31 - 1).
-constexpr int64_t kAdamWMaxNumel = kAdamWChunk * ((int64_t{1} << 31) - 1);
+// Elements a block updates before it looks up its next chunk: small enough that the chunks spread
+// evenly over the blocks (the last round leaves few idle), large enough to amortise the lookup.
+constexpr int64_t kAdamWChunk = 8192;
 
 // ---- global L2 norm of a list of tensors (any mix of fp32/bf16/fp16)
 
@@ -74,8 +75,8 @@ struct L2NormParams {
 };
 
 constexpr int kL2NormMaxTensors = 1024;  // 25 bytes a tensor in the kernel parameters
-constexpr int64_t kL2NormChunk = 65536;
-constexpr int kL2NormBlocks = 1056;  // per launch: 8 blocks for each of the H100's 132 SMs
+constexpr int64_t kL2NormChunk = 16384;
+constexpr int kL2NormBlocks = 2048;  // most blocks (partials) per launch; fewer when fewer fit the GPU
 
 // Each launch covers up to kL2NormMaxTensors non-empty tensors of one dtype and writes one partial
 // sum per block; this is the scratch size those partials need (the launcher cuts the list the same

@@ -129,8 +129,6 @@ AdamWCall make_adamw_call(at::TensorList params, at::TensorList grads, at::Tenso
     check_device(param, ref, pname);
     check_same_dtype(param, ref, pname.c_str(), "params[0]");
     check_contiguous(param, pname);
-    TORCH_CHECK_VALUE(param.numel() <= kAdamWMaxNumel, "expected ", pname, " to have at most ",
-                      kAdamWMaxNumel, " elements, got ", param.numel());
     const at::Tensor& grad = grads[i];
     check_dense(grad, gname);
     check_device(grad, ref, gname);

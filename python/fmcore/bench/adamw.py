@@ -90,6 +90,10 @@ def _systems(params, master: bool):
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def _free(device):
     gc.collect()
     if device.type == "cuda":
@@ -109,7 +113,7 @@ def run(ctx: BenchContext) -> list[Row]:
             params = _params(shapes, dev, dtype)
             kind = "fp32" if not master else "bf16+master"
             for system, clip, make in _systems(params, master):
-                case = f"{model} ({n / 1e6:.0f}M params, {len(shapes)} tensors) {kind}{' +clip' if clip else ''}"
+                case = f"{model} ({_count(n)} params, {len(shapes)} tensors) {kind}{' +clip' if clip else ''}"
                 try:
                     step = make()
                 except (RuntimeError, NotImplementedError, ValueError):
