@@ -501,3 +501,44 @@ def test_step_under_torch_compile(device):
     for p, q in zip(a_p, b_p):
         assert torch.equal(p, q)
     assert torch.equal(a.last_grad_norm, b.last_grad_norm)
+
+
+@pytest.mark.cuda
+def test_step_in_cuda_graph():
+    # The whole step (norm, clip, update, step counts) captured once and replayed with new grads
+    # copied into the same grad tensors and a schedule written into the lr tensor: no host sync.
+    dev = torch.device("cuda")
+    a_p = make_params(dev, [(37, 5), (70001,), (1,)])
+    b_p = clone_params(a_p)
+    lr_a, lr_b = torch.tensor(1e-2, device=dev), torch.tensor(1e-2, device=dev)
+    a = FusedAdamW(a_p, lr=lr_a, max_grad_norm=1.0, skip_nonfinite=True)
+    b = FusedAdamW(b_p, lr=lr_b, max_grad_norm=1.0, skip_nonfinite=True)
+    grads = random_grads(a_p, 0)
+    set_grads(a_p, grads)
+    set_grads(b_p, grads)
+    a.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        b.step()  # eager warm-up: creates the state outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        b.step()
+    for s in range(1, 6):
+        grads = random_grads(a_p, s)
+        if s == 4:
+            grads[1][7] = float("nan")  # a skipped step, decided on the device
+        set_grads(a_p, grads)
+        for p, g in zip(b_p, grads):
+            p.grad.copy_(g)
+        if s == 3:
+            lr_a.fill_(5e-3)
+            lr_b.fill_(5e-3)
+        a.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(a_p, b_p):
+        assert torch.equal(p, q)
+        assert b.state[q]["step"].item() == 5  # 6 steps, one skipped
+    assert b.skipped_steps.item() == 1 and torch.equal(a.last_grad_norm, b.last_grad_norm)

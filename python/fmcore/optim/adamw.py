@@ -71,6 +71,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_steps: torch.Tensor | None = None
         self._device: torch.device | None = None
+        self._cached_plan: tuple | None = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False)
         super().__init__(params, defaults)
         # Allocated once, here: fixed addresses for CUDA graphs, and no attribute created inside a
@@ -84,6 +85,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._cached_plan = None
         group = self.param_groups[-1]
         _check_hyperparameters(group)
         index = len(self.param_groups) - 1
@@ -137,8 +139,40 @@ class FusedAdamW(torch.optim.Optimizer):
             if self._uses_master(p):
                 state["master_param"] = self._fp32_like(p, saved.get("master_param", p.detach()))
             self.state[p] = state
+        self._cached_plan = None
 
     # ---- the step
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also the last act of load_state_dict
+        self._cached_plan = None
+
+    def _plan(self) -> list[tuple]:
+        """Per param group and dtype: (group, params, exp_avgs, exp_avg_sqs, masters, steps) over the
+        params that have a grad, creating missing state. Cached while the same params have grads, so
+        a step only collects the grads; add_param_group and load_state_dict drop the cache."""
+        key = tuple(p.grad is not None for group in self.param_groups for p in group["params"])
+        if self._cached_plan is not None and self._cached_plan[0] == key:
+            return self._cached_plan[1]
+        plan = []
+        for group in self.param_groups:
+            by_dtype: dict[torch.dtype, tuple[list, ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state)
+                params, exp_avgs, exp_avg_sqs, masters, steps = by_dtype.setdefault(p.dtype, ([], [], [], [], []))
+                params.append(p)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if self._uses_master(p):
+                    masters.append(state["master_param"])
+                steps.append(state["step"])
+            plan += [(group, *lists) for lists in by_dtype.values()]
+        self._cached_plan = (key, plan)
+        return plan
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -146,50 +180,31 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = []  # (group, (params, grads, exp_avgs, exp_avg_sqs, masters, steps)) per group and dtype
-        all_grads = []
-        for gi, group in enumerate(self.param_groups):
-            by_dtype: dict[torch.dtype, tuple[list, ...]] = {}
-            for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(f"FusedAdamW does not support sparse gradients (param {i} of group {gi})")
-                if grad.device != p.device:
-                    raise RuntimeError(f"gradient on {grad.device} for a param on {p.device} (param {i} of group {gi})")
-                if not grad.is_contiguous():
-                    grad = grad.contiguous()
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_state(p, state)
-                lists = by_dtype.setdefault(p.dtype, ([], [], [], [], [], []))
-                lists[0].append(p)
-                lists[1].append(grad)
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["exp_avg_sq"])
-                if self._uses_master(p):
-                    lists[4].append(state["master_param"])
-                lists[5].append(state["step"])
-                all_grads.append(grad)
-            buckets += [(group, lists) for lists in by_dtype.values()]
-        if not buckets:
+        plan = self._plan()
+        if not plan:
             return loss
-
-        device = all_grads[0].device
-        norm = None
-        if self.last_grad_norm is not None:
-            norm = self.last_grad_norm
-            torch.ops.fmcore.grad_norm_(all_grads, norm, self.skipped_steps if self.skip_nonfinite else None)
-
-        for group, (params, grads, exp_avgs, exp_avg_sqs, masters, steps) in buckets:
+        grads = [[_dense_grad(p) for p in bucket[1]] for bucket in plan]
+        norm = self.last_grad_norm
+        if norm is not None:
+            all_grads = [g for bucket_grads in grads for g in bucket_grads]
+            torch.ops.fmcore.grad_norm_(all_grads, norm, self.skipped_steps)
+        device = self._device
+        for (group, params, exp_avgs, exp_avg_sqs, masters, steps), bucket_grads in zip(plan, grads):
             lr_tensor, lr = _lr_args(group["lr"], device)
             beta1, beta2 = group["betas"]
             torch.ops.fmcore.adamw_step_(
-                params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr_tensor, lr, float(beta1), float(beta2),
-                float(group["eps"]), float(group["weight_decay"]), norm, self.max_grad_norm, self.skip_nonfinite,
+                params, bucket_grads, exp_avgs, exp_avg_sqs, masters, steps, lr_tensor, lr, float(beta1),
+                float(beta2), float(group["eps"]), float(group["weight_decay"]), norm, self.max_grad_norm,
+                self.skip_nonfinite,
             )
         return loss
+
+
+def _dense_grad(p: torch.Tensor) -> torch.Tensor:
+    grad = p.grad
+    if grad.is_sparse:
+        raise ValueError(f"FusedAdamW does not support sparse gradients (a param of shape {tuple(p.shape)})")
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
