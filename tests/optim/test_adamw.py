@@ -542,3 +542,28 @@ def test_step_in_cuda_graph():
         assert torch.equal(p, q)
         assert b.state[q]["step"].item() == 5  # 6 steps, one skipped
     assert b.skipped_steps.item() == 1 and torch.equal(a.last_grad_norm, b.last_grad_norm)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocks_striding_over_many_chunks_cuda(dtype):
+    # 11.4M elements: more update chunks (8192 elements) and norm chunks (16384) than blocks fit on
+    # the GPU, so each block strides over several chunks, crossing from one tensor into the next.
+    dev = torch.device("cuda")
+    shapes = [(4096, 2048), (37, 5), (3_000_001,), (1,)]
+    ours_p = make_params(dev, shapes, dtype=dtype)
+    ref_p = clone_params(ours_p, torch.float32)
+    ours = FusedAdamW(ours_p, lr=1e-2, max_grad_norm=100.0, master_weights=True)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    for s in range(5):
+        grads = random_grads(ours_p, s)
+        set_grads(ours_p, grads)
+        set_grads(ref_p, [g.float() for g in grads])
+        ours.step()
+        total = torch.nn.utils.clip_grad_norm_(ref_p, 100.0)
+        ref.step()
+        assert rel_diff(ours.last_grad_norm, norm64(grads)) < 1e-6
+        assert rel_diff(ours.last_grad_norm, total) < 1e-5
+    for p, q in zip(ours_p, ref_p):
+        value = ours.state[p]["master_param"] if dtype != torch.float32 else p
+        assert rel_diff(value, q) < 1e-6
