@@ -1,12 +1,13 @@
 // Fused AdamW and the multi-tensor L2 norm on CUDA (the math and the table scheme: adamw.h).
 //
 // Both are pure memory traffic, so the design goal is the fewest bytes and full-width accesses:
-// - the update reads grad, exp_avg, exp_avg_sq and the param (or its fp32 master copy) and writes them
-//   back in one pass; the clip factor is applied to the grad in registers, never written back;
+// - the update reads grad, exp_avg, exp_avg_sq and the param (or its fp32 master copy) and
+//   writes them back in one pass; the clip factor is applied to the grad in registers, never
+//   written back;
 // - the norm reads each grad once; its clip factor and the skip decision are read by every update
 //   block from the device, so nothing waits on the host;
-// - 16-byte accesses (4 fp32 state elements, 4 param elements) whenever every pointer of a tensor is
-//   aligned for them; otherwise (views at odd offsets) the scalar loop, chosen per tensor.
+// - 16-byte accesses (4 fp32 state elements, 4 param elements) whenever every pointer of a
+//   tensor is aligned for them; otherwise (views at odd offsets) the scalar loop, per tensor.
 #include <algorithm>
 #include <cstdint>
 
@@ -106,7 +107,8 @@ __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, floa
 }
 
 template <typename T, bool kMaster>
-__device__ __forceinline__ void adamw_scalar(const AdamWTensor& t, int64_t i, const StepScalars& k) {
+__device__ __forceinline__ void adamw_scalar(const AdamWTensor& t, int64_t i,
+                                             const StepScalars& k) {
   T* param = static_cast<T*>(t.param);
   float p = kMaster ? t.master[i] : to_float(param[i]);
   float m = t.exp_avg[i], v = t.exp_avg_sq[i];
@@ -125,7 +127,8 @@ __global__ void adamw_count_kernel(const __grid_constant__ AdamWTable tab, const
 }
 
 // Scalars in double from the run-time lr and step, as torch computes them in Python floats.
-__device__ StepScalars step_scalars(const AdamWScalars& s, double lr, float clip, float step_count) {
+__device__ StepScalars step_scalars(const AdamWScalars& s, double lr, float clip,
+                                    float step_count) {
   const double step = static_cast<double>(step_count);
   StepScalars k;
   k.clip = clip;
@@ -202,7 +205,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       ti = tc;
       k = step_scalars(s, lr, clip, *tab.t[ti].step);
     }
-    adamw_chunk<T, kMaster>(tab.t[ti], tab.vec[ti] != 0, (c - tab.chunk_start[ti]) * kAdamWChunk, k);
+    adamw_chunk<T, kMaster>(tab.t[ti], tab.vec[ti] != 0, (c - tab.chunk_start[ti]) * kAdamWChunk,
+                            k);
   }
 }
 
@@ -266,8 +270,10 @@ template <typename Kernel>
 cudaError_t resident_blocks(Kernel kernel, int* blocks) {
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
   *blocks = std::max(per_sm, 1) * std::max(sms, 1);
   return err;
 }
@@ -290,7 +296,8 @@ cudaError_t launch_adamw(const AdamWParams& p, const AdamWScalars& s, cudaStream
                        aligned(t.exp_avg, kStateBytes) && aligned(t.exp_avg_sq, kStateBytes) &&
                        (!kMaster || aligned(t.master, kStateBytes));
       tab.t[tab.n] = t;
-      tab.chunk_start[tab.n + 1] = tab.chunk_start[tab.n] + (t.numel + kAdamWChunk - 1) / kAdamWChunk;
+      tab.chunk_start[tab.n + 1] =
+          tab.chunk_start[tab.n] + (t.numel + kAdamWChunk - 1) / kAdamWChunk;
       ++tab.n;
     }
     adamw_count_kernel<<<1, 128, 0, stream>>>(tab, s);
@@ -313,7 +320,8 @@ cudaError_t launch_l2norm_table(const L2NormTable& tab, double* partials, int64_
   if (err != cudaSuccess) return err;
   const int64_t grid = std::min<int64_t>({tab.chunk_start[tab.n], resident, kL2NormBlocks});
   if (grid == 0) return cudaSuccess;
-  l2norm_partials_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(tab, partials + *written);
+  l2norm_partials_kernel<T>
+      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(tab, partials + *written);
   *written += grid;
   return cudaGetLastError();
 }
@@ -325,9 +333,15 @@ cudaError_t launch_l2norm_dtype(const L2NormParams& p, DType dtype, int64_t* wri
     if (tab.n == 0) return cudaSuccess;
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
-      case DType::kFloat32: err = launch_l2norm_table<float>(tab, p.partials, written, stream); break;
-      case DType::kBFloat16: err = launch_l2norm_table<__nv_bfloat16>(tab, p.partials, written, stream); break;
-      case DType::kFloat16: err = launch_l2norm_table<__half>(tab, p.partials, written, stream); break;
+      case DType::kFloat32:
+        err = launch_l2norm_table<float>(tab, p.partials, written, stream);
+        break;
+      case DType::kBFloat16:
+        err = launch_l2norm_table<__nv_bfloat16>(tab, p.partials, written, stream);
+        break;
+      case DType::kFloat16:
+        err = launch_l2norm_table<__half>(tab, p.partials, written, stream);
+        break;
     }
     tab.n = 0;
     return err;
@@ -339,7 +353,8 @@ cudaError_t launch_l2norm_dtype(const L2NormParams& p, DType dtype, int64_t* wri
     tab.data[tab.n] = t.data;
     tab.numel[tab.n] = t.numel;
     tab.vec[tab.n] = aligned(t.data, 16);
-    tab.chunk_start[tab.n + 1] = tab.chunk_start[tab.n] + (t.numel + kL2NormChunk - 1) / kL2NormChunk;
+    tab.chunk_start[tab.n + 1] =
+        tab.chunk_start[tab.n] + (t.numel + kL2NormChunk - 1) / kL2NormChunk;
     if (++tab.n == kL2NormMaxTensors) {
       const cudaError_t err = flush();
       if (err != cudaSuccess) return err;
@@ -372,7 +387,8 @@ cudaError_t adamw_step(const AdamWParams& p, cudaStream_t stream) {
       return master ? launch_adamw<__nv_bfloat16, true>(p, s, stream)
                     : launch_adamw<__nv_bfloat16, false>(p, s, stream);
     case DType::kFloat16:
-      return master ? launch_adamw<__half, true>(p, s, stream) : launch_adamw<__half, false>(p, s, stream);
+      return master ? launch_adamw<__half, true>(p, s, stream)
+                    : launch_adamw<__half, false>(p, s, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -383,7 +399,8 @@ cudaError_t l2norm(const L2NormParams& p, cudaStream_t stream) {
     const cudaError_t err = launch_l2norm_dtype(p, d, &written, stream);
     if (err != cudaSuccess) return err;
   }
-  l2norm_finalize_kernel<<<1, kThreads, 0, stream>>>(p.partials, written, p.norm, p.nonfinite_count);
+  l2norm_finalize_kernel<<<1, kThreads, 0, stream>>>(p.partials, written, p.norm,
+                                                     p.nonfinite_count);
   return cudaGetLastError();
 }
 

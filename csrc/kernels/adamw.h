@@ -1,12 +1,12 @@
 // Fused AdamW and the global gradient L2 norm: framework-free parameters and launchers.
 //
 // Both are multi-tensor operations: one call takes a list of tensors of any count and sizes. The
-// launchers cut each tensor into fixed-size chunks and pack up to a few hundred tensors into a table
-// passed by value as the kernel's parameters (graph-capturable: no host-to-device copy). A grid of
-// as many blocks as fit on the GPU at once strides over the table's chunks; a block finds the tensor
-// of a chunk by a binary search over the chunk prefix sums. A param group therefore costs one launch
-// per kAdamWMaxTensors tensors (plus one tiny step-counter launch each), whatever the sizes. All
-// element indexing is int64, so a tensor may hold more than 2^31 elements.
+// launchers cut each tensor into fixed-size chunks and pack up to a few hundred tensors into a
+// table passed by value as the kernel's parameters (graph-capturable: no host-to-device copy). A
+// grid of as many blocks as fit on the GPU at once strides over the table's chunks; a block finds
+// the tensor of a chunk by a binary search over the chunk prefix sums. A param group therefore
+// costs one launch per kAdamWMaxTensors tensors (plus one tiny step-counter launch each), whatever
+// the sizes. All element indexing is int64, so a tensor may hold more than 2^31 elements.
 //
 // AdamW (torch.optim.AdamW's math, decoupled weight decay, bias correction), per element, in fp32:
 //   g  = grad * clip                        clip = min(1, max_grad_norm / (norm + 1e-6)), or 1
@@ -16,7 +16,8 @@
 //   p  = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // where t is the step count after this step's increment. The scalars are computed in double on the
 // device from the step tensor and (optionally) an lr tensor, so schedules work under CUDA graphs.
-// With skip_nonfinite, a non-finite norm leaves params, state and step untouched (read on the device).
+// With skip_nonfinite, a non-finite norm (read on the device) leaves params, state and step as
+// they were.
 #pragma once
 
 #include <algorithm>
@@ -70,17 +71,19 @@ struct L2NormParams {
   const L2NormTensor* tensors = nullptr;  // host array of num_tensors entries
   int64_t num_tensors = 0;
   double* partials = nullptr;  // device scratch of l2norm_workspace_size(tensors, num_tensors)
-  float* norm = nullptr;      // device scalar: sqrt(sum of squares of every element)
+  float* norm = nullptr;       // device scalar: sqrt(sum of squares of every element)
   int64_t* nonfinite_count = nullptr;  // optional device counter, +1 when the norm is inf/nan
 };
 
 constexpr int kL2NormMaxTensors = 1024;  // 25 bytes a tensor in the kernel parameters
 constexpr int64_t kL2NormChunk = 16384;
-constexpr int kL2NormBlocks = 2048;  // most blocks (partials) per launch; fewer when fewer fit the GPU
+constexpr int kL2NormBlocks =
+    2048;  // most blocks (partials) per launch; fewer when fewer fit the GPU
 
 // Each launch covers up to kL2NormMaxTensors non-empty tensors of one dtype and writes one partial
-// sum per block; this is the scratch size those partials need (the launcher cuts the list the same
-// way). Deterministic: partials have fixed slots and a single block sums them in a fixed order.
+// sum per block (at most kL2NormBlocks); this is the scratch size those partials need (the launcher
+// cuts the list the same way). Deterministic on a given GPU model: the grid is the number of blocks
+// resident at once, partials have fixed slots and one block sums them in a fixed order.
 inline int64_t l2norm_workspace_size(const L2NormTensor* tensors, int64_t num_tensors) {
   int64_t count[3] = {0, 0, 0};
   for (int64_t i = 0; i < num_tensors; ++i) {

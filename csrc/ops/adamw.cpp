@@ -1,21 +1,22 @@
 // Fused AdamW and the global gradient norm: argument checks, the CPU reference implementations and
 // their registration. The CPU code is the readable statement of what the CUDA kernels compute.
-#include "adamw_op.h"
-
-#include <cmath>
-#include <string>
-
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <string>
+
+#include "adamw_op.h"
 #include "checks.h"
 
 namespace fmcore {
 
 namespace {
 
-std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+std::string item(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
 
 void check_dense(const at::Tensor& t, const std::string& name) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, "expected ", name,
@@ -104,11 +105,13 @@ AdamWCall make_adamw_call(at::TensorList params, at::TensorList grads, at::Tenso
   const at::Tensor& ref = params[0];
   check_dense(ref, "params[0]");
   TORCH_CHECK_VALUE(is_kernel_float(ref.scalar_type()),
-                    "expected params[0] to be float32, bfloat16 or float16, got ", ref.scalar_type());
+                    "expected params[0] to be float32, bfloat16 or float16, got ",
+                    ref.scalar_type());
   const bool master = !master_params.empty();
-  TORCH_CHECK_VALUE(!master || ref.scalar_type() != at::kFloat,
-                    "expected bfloat16 or float16 params with master_params (an fp32 param is its own "
-                    "master copy), got float32");
+  TORCH_CHECK_VALUE(
+      !master || ref.scalar_type() != at::kFloat,
+      "expected bfloat16 or float16 params with master_params (an fp32 param is its own "
+      "master copy), got float32");
   if (lr_tensor) {
     check_scalar(*lr_tensor, ref, "lr_tensor");
     p.lr_ptr = lr_tensor->data_ptr<float>();
@@ -182,8 +185,9 @@ L2NormCall make_l2norm_call(at::TensorList tensors, const at::Tensor& norm,
   call.params.norm = norm.data_ptr<float>();
   if (nonfinite_count) {
     check_dense(*nonfinite_count, "nonfinite_count");
-    TORCH_CHECK(nonfinite_count->device() == norm.device(), "expected nonfinite_count on the device of norm (",
-                norm.device(), "), got ", nonfinite_count->device());
+    TORCH_CHECK(nonfinite_count->device() == norm.device(),
+                "expected nonfinite_count on the device of norm (", norm.device(), "), got ",
+                nonfinite_count->device());
     TORCH_CHECK_VALUE(nonfinite_count->numel() == 1 && nonfinite_count->scalar_type() == at::kLong,
                       "expected nonfinite_count to be a one-element int64 tensor, got shape ",
                       shape_str(nonfinite_count->sizes()), " of ", nonfinite_count->scalar_type());
@@ -234,9 +238,10 @@ void adamw_tensor_cpu(const AdamWTensor& t, const AdamWParams& p, float clip) {
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList master_params, at::TensorList steps,
-                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                    double eps, double weight_decay, const std::optional<at::Tensor>& grad_norm,
-                    std::optional<double> max_grad_norm, bool skip_nonfinite) {
+                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                    double beta2, double eps, double weight_decay,
+                    const std::optional<at::Tensor>& grad_norm, std::optional<double> max_grad_norm,
+                    bool skip_nonfinite) {
   const AdamWCall call =
       make_adamw_call(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr_tensor, lr,
                       beta1, beta2, eps, weight_decay, grad_norm, max_grad_norm, skip_nonfinite);
@@ -251,9 +256,11 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   }
   for (const AdamWTensor& t : call.tensors) *t.step += 1.f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "adamw_cpu", [&] {
-    for (const AdamWTensor& t : call.tensors) adamw_tensor_cpu<scalar_t>(t, p, clip);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "adamw_cpu",
+                                  [&] {
+                                    for (const AdamWTensor& t : call.tensors)
+                                      adamw_tensor_cpu<scalar_t>(t, p, clip);
+                                  });
 }
 
 // Sum of squares in double, in fixed chunks added in order: the result does not depend on the
@@ -266,25 +273,27 @@ void grad_norm_cpu(at::TensorList tensors, const at::Tensor& norm,
     const int64_t numel = tensors[i].numel();
     const int64_t chunks = (numel + kL2NormChunk - 1) / kL2NormChunk;
     std::vector<double> partial(chunks);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[i].scalar_type(), "grad_norm_cpu", [&] {
-      const scalar_t* x = tensors[i].const_data_ptr<scalar_t>();
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          double acc = 0.0;
-          const int64_t end = std::min(numel, (c + 1) * kL2NormChunk);
-          for (int64_t j = c * kL2NormChunk; j < end; ++j) {
-            const double f = static_cast<double>(x[j]);
-            acc += f * f;
-          }
-          partial[c] = acc;
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, tensors[i].scalar_type(), "grad_norm_cpu", [&] {
+          const scalar_t* x = tensors[i].const_data_ptr<scalar_t>();
+          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+              double acc = 0.0;
+              const int64_t end = std::min(numel, (c + 1) * kL2NormChunk);
+              for (int64_t j = c * kL2NormChunk; j < end; ++j) {
+                const double f = static_cast<double>(x[j]);
+                acc += f * f;
+              }
+              partial[c] = acc;
+            }
+          });
+        });
     for (double s : partial) total += s;
   }
   const float r = static_cast<float>(std::sqrt(total));
   *call.params.norm = r;
-  if (call.params.nonfinite_count != nullptr && !std::isfinite(r)) *call.params.nonfinite_count += 1;
+  if (call.params.nonfinite_count != nullptr && !std::isfinite(r))
+    *call.params.nonfinite_count += 1;
 }
 
 }  // namespace

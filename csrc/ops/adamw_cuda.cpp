@@ -17,8 +17,9 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList master_params, at::TensorList steps,
-                     const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                     double eps, double weight_decay, const std::optional<at::Tensor>& grad_norm,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                     double beta2, double eps, double weight_decay,
+                     const std::optional<at::Tensor>& grad_norm,
                      std::optional<double> max_grad_norm, bool skip_nonfinite) {
   const AdamWCall call =
       make_adamw_call(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr_tensor, lr,
@@ -27,7 +28,8 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   check_cuda(params[0], "params[0]");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaError_t err = adamw_step(call.params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fmcore adamw_step_: CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "fmcore adamw_step_: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 void grad_norm_cuda(at::TensorList tensors, const at::Tensor& norm,
@@ -41,7 +43,8 @@ void grad_norm_cuda(at::TensorList tensors, const at::Tensor& norm,
   at::Tensor partials = at::empty({ws}, norm.options().dtype(at::kDouble));
   call.params.partials = partials.data_ptr<double>();
   const cudaError_t err = l2norm(call.params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fmcore grad_norm_: CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "fmcore grad_norm_: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace

@@ -2,10 +2,10 @@
 // fills the kernels' parameter structs (kernels/adamw.h).
 #pragma once
 
+#include <torch/types.h>
+
 #include <optional>
 #include <vector>
-
-#include <torch/types.h>
 
 #include "kernels/adamw.h"
 

@@ -419,6 +419,10 @@ def test_errors(device):
     emb(torch.tensor([1, 2], device=device)).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         FusedAdamW(emb.parameters()).step()
+    opt = FusedAdamW(make_params(device))
+    with pytest.raises(RuntimeError, match="one device"):
+        opt.add_param_group({"params": [torch.zeros(3, device=other, requires_grad=True)]})
+    assert len(opt.param_groups) == 1  # the rejected group is not kept
     sd = torch.optim.AdamW(make_params(device), amsgrad=True).state_dict()
     with pytest.raises(ValueError, match="amsgrad"):
         FusedAdamW(make_params(device)).load_state_dict(sd)

@@ -85,10 +85,16 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
         self._cached_plan = None
-        group = self.param_groups[-1]
+
+    def _check_group(self, group: dict, index: int) -> None:
         _check_hyperparameters(group)
-        index = len(self.param_groups) - 1
+        device = self._device
         for i, p in enumerate(group["params"]):
             where = f"param {i} of group {index}"
             if p.dtype not in _SUPPORTED:
@@ -98,11 +104,12 @@ class FusedAdamW(torch.optim.Optimizer):
                     f"FusedAdamW needs contiguous params, got strides {tuple(p.stride())} for shape "
                     f"{tuple(p.shape)} ({where}); call .contiguous() on it before building the module"
                 )
-            if self._device is None:
-                self._device = p.device
-            elif p.device != self._device:
+            if device is None:
+                device = p.device
+            elif p.device != device:
                 raise RuntimeError(f"FusedAdamW needs every param on one device: {where} is on {p.device}, "
-                                   f"the first param on {self._device}")
+                                   f"the first param on {device}")
+        self._device = device
 
     def _uses_master(self, p: torch.Tensor) -> bool:
         return self.master_weights and p.dtype != torch.float32
