@@ -9,6 +9,7 @@
 // - 16-byte accesses (4 fp32 state elements, 4 param elements) whenever every pointer of a
 //   tensor is aligned for them; otherwise (views at odd offsets) the scalar loop, per tensor.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "adamw.h"
@@ -265,23 +266,33 @@ bool aligned(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
-// Blocks of `kernel` that run at once on the current device: the grid of a grid-stride launch.
-template <typename Kernel>
-cudaError_t resident_blocks(Kernel kernel, int* blocks) {
-  int device = 0, sms = 0, per_sm = 0;
+// Blocks of kKernel that run at once on the current device: the grid of a grid-stride launch.
+// Cached per device after the first query, so a step captured in a CUDA graph (after an eager
+// warm-up step) makes no occupancy queries while capturing.
+template <auto kKernel>
+cudaError_t resident_blocks(int* blocks) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not measured yet
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && (*blocks = cache[device].load(std::memory_order_relaxed)) > 0)
+    return cudaSuccess;
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
   *blocks = std::max(per_sm, 1) * std::max(sms, 1);
-  return err;
+  if (cacheable) cache[device].store(*blocks, std::memory_order_relaxed);
+  return cudaSuccess;
 }
 
 template <typename T, bool kMaster>
 cudaError_t launch_adamw(const AdamWParams& p, const AdamWScalars& s, cudaStream_t stream) {
   int resident = 0;
-  cudaError_t err = resident_blocks(adamw_step_kernel<T, kMaster>, &resident);
+  cudaError_t err = resident_blocks<adamw_step_kernel<T, kMaster>>(&resident);
   if (err != cudaSuccess) return err;
   AdamWTable tab{};
   int64_t i = 0;
@@ -316,7 +327,7 @@ template <typename T>
 cudaError_t launch_l2norm_table(const L2NormTable& tab, double* partials, int64_t* written,
                                 cudaStream_t stream) {
   int resident = 0;
-  const cudaError_t err = resident_blocks(l2norm_partials_kernel<T>, &resident);
+  const cudaError_t err = resident_blocks<l2norm_partials_kernel<T>>(&resident);
   if (err != cudaSuccess) return err;
   const int64_t grid = std::min<int64_t>({tab.chunk_start[tab.n], resident, kL2NormBlocks});
   if (grid == 0) return cudaSuccess;
