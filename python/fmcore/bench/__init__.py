@@ -19,6 +19,7 @@ BENCHMARKS = {
     "rope": "fmcore.bench.rope",
     "cross_entropy": "fmcore.bench.cross_entropy",
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
+    "adamw": "fmcore.bench.adamw",
 }
 
 
