@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
     gemm_pb<T, D, NT, kPitch>(o, sc, sVs, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
 
   float inv_l[2];
   float* lse = static_cast<float*>(p.lse);
@@ -465,6 +466,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
     gemm_pb<T, D, MT, kPitch>(dk, dst, sQs, lane);
     __syncthreads();
   }
+  cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
 
   const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
   store_rows<T, D>(p.dv, b, s.k_start, n0 + warp * 16, s.k_len, hk, dv, one, lane);
@@ -569,6 +571,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
     gemm_pb<T, D, NT, kPitch>(dq, ds, sKs, lane);
     __syncthreads();
   }
+  cp_async_wait<0>();  // rows that see no key: the Q/dO copies were never waited for
 
   const float scale[2] = {p.scale, p.scale};
   store_rows<T, D>(p.dq, b, s.q_start, m0 + warp * 16, s.q_len, h, dq, scale, lane);
