@@ -114,7 +114,8 @@ _cu_checked: dict[str, tuple] = {}
 
 def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
     """The value checks the CPU binding does in C++, for CUDA tensors (messages match)."""
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+    if (not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1
+            or x.dim() != 3):
         return  # the binding raises for these, naming the argument
     key = (x.shape[0], max_seqlen)
     hit = _cu_checked.get(name)
