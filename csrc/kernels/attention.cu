@@ -11,22 +11,30 @@
 //
 // Backward (deterministic by construction, no atomics):
 //   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row
-//   attn_bwd_dkdv_kernel   one CTA per (key block, kv head, sequence) loops over the query blocks of
-//                          every query head of its GQA group: dV += P^T dO, dK += dS^T Q
-//   attn_bwd_dq_kernel     one CTA per (query block, query head, sequence) loops over key blocks:
-//                          dQ += dS K
-// P = exp(S - lse) is recomputed in both; dS = P * (dP - delta) with dP = dO V^T.
+//   attn_bwd_dkdv_kernel   one CTA per (key block, kv head, sequence) loops over the query blocks
+//                          of every query head of its GQA group: dV += P^T dO, dK += dS^T Q
+//   attn_bwd_dq_kernel     one CTA per (query block, query head, sequence) loops over the key
+//                          blocks its queries see: dQ += dS K
+// P = exp(S - lse) is recomputed in both; dS = P * (dP - delta) with dP = dO V^T. The price of
+// owning every output in one CTA: S and dP are computed twice (7 matmuls instead of the 5 of an
+// atomic-add backward, ~1.4x the tensor-core work); in exchange no fp32 dq buffer, no zeroing and
+// conversion passes, and bitwise reproducible gradients whatever the scheduling.
 //
 // Shared-memory tiles are row-major with a pitch of D + 8 elements: the 16-byte pad puts the 8 rows
 // an ldmatrix reads in 8 different bank groups (no conflicts) and keeps every row 16-byte aligned
-// for cp.async. Rows past the sequence end are zero-filled (cp.async with src-size 0), so no garbage
-// (possibly NaN) ever enters an MMA, and their scores are masked.
+// for cp.async. Rows past the sequence end are zero-filled (cp.async with src-size 0), so no
+// garbage (possibly NaN) ever enters an MMA, and their scores are masked.
 //
 // The step to FlashAttention-3 (wgmma + TMA + warp specialization) keeps this file's structure:
-// load_tile becomes a TMA descriptor load by a producer warp with an mbarrier per stage, the
-// mma.sync loops become wgmma on a 64-row warpgroup tile reading K/V straight from (swizzled)
-// shared memory, and the softmax code stays as is on the wgmma accumulator layout (the same
-// row-per-quad structure). See the report in the issue for the plan.
+//  1. load_tile -> TMA loads (cp.async.bulk.tensor) issued by one producer warp into a ring of
+//     stages guarded by mbarriers, shared memory 128-byte swizzled instead of padded;
+//  2. gemm_abt / gemm_pb -> wgmma.mma_async on 64-row warpgroup tiles: S = Q K^T with both operands
+//     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here);
+//  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
+//     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
+//  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
+//  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
+//  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
 #include <cmath>
 #include <cstdint>
 
@@ -52,14 +60,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                "r"(valid ? 16 : 0)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i of lane l
-// receives elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix i (transposed with .trans).
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i of lane
+// l receives elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix i (transposed with .trans).
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -76,10 +86,11 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
 //   b: {B[2t..2t+1][g], B[2t+8..2t+9][g]}
 //   c: {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}
 template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};\n"
@@ -120,12 +131,13 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[NT][
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// Lane offsets into a row-major smem tile for the three ldmatrix.x4 uses (r = lane % 8, i = lane / 8):
+// Lane offsets into a row-major smem tile for the three ldmatrix.x4 uses (r = lane % 8, i = lane /
+// 8):
 //  a_off: A operand 16x16 at (row0, col0): matrices (rows 0-7|8-15) x (cols 0-7|8-15), row-fastest
 //  b_off: B operand read from rows = N index (K for S = Q K^T): two n-tiles (rows 0-7, 8-15), each
 //         needing cols 0-7 (b0) and 8-15 (b1)
-//  The .trans B operand (V for O = P V: rows = k index) uses a_off: matrices (k 0-7|8-15) x (n 0-7|8-15)
-//  give b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
+//  The .trans B operand (V for O = P V: rows = k index) uses a_off: matrices (k 0-7|8-15) x (n
+//  0-7|8-15) give b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
 template <int kPitch>
 __device__ __forceinline__ int a_off(int lane) {
   return ((lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + (lane >> 4) * 8;
@@ -154,7 +166,8 @@ __device__ __forceinline__ void gemm_abt(float (&c)[NT][4], const T* sA, const T
 
 // acc[D/8] (16 x D) += P (16 x K, accumulator layout p[K/8]) * sB (K rows x D cols, row-major).
 template <typename T, int D, int KT, int kPitch>
-__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4], const T* sB, int lane) {
+__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4],
+                                        const T* sB, int lane) {
 #pragma unroll
   for (int kk = 0; kk < KT / 2; ++kk) {
     uint32_t a[4];
@@ -173,7 +186,8 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)
 // smem (pitch D + 8); rows >= n_valid are zero-filled and their addresses never formed (`base`, a
 // valid pointer, stands in).
 template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int64_t n_valid, const T* base) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int64_t n_valid,
+                                          const T* base) {
   constexpr int kChunks = D / 8;
 #pragma unroll 2
   for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
@@ -184,7 +198,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
 }
 
 template <typename T>
-__device__ __forceinline__ const T* row_ptr(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
+__device__ __forceinline__ const T* row_ptr(const AttnTensor& t, int64_t b, int64_t row,
+                                            int64_t h) {
   return static_cast<const T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
 }
 template <typename T>
@@ -192,11 +207,13 @@ __device__ __forceinline__ T* row_ptr_mut(const AttnTensor& t, int64_t b, int64_
   return static_cast<T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
 }
 
-// Writes the 16 x D accumulator of a warp (rows row0 + g, row0 + g + 8) times `mul` to rows < n_rows.
+// Writes the 16 x D accumulator of a warp (rows row0 + g, row0 + g + 8) times `mul` to rows <
+// n_rows.
 template <typename T, int D>
-__device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64_t seq_start, int64_t row0,
-                                           int64_t n_rows, int64_t h, const float (&acc)[D / 8][4],
-                                           const float (&mul)[2], int lane) {
+__device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64_t seq_start,
+                                           int64_t row0, int64_t n_rows, int64_t h,
+                                           const float (&acc)[D / 8][4], const float (&mul)[2],
+                                           int lane) {
   const int g = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -241,13 +258,14 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
   auto load_kv = [&](int nb, int stage) {
     const int64_t n0 = int64_t(nb) * kBlockN;
-    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s, p.k.stride_s,
-                                       s.k_len - n0, k_base);
-    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s, p.v.stride_s,
-                                       s.k_len - n0, v_base);
+    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
+                                       p.k.stride_s, s.k_len - n0, k_base);
+    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
+                                       p.v.stride_s, s.k_len - n0, v_base);
   };
 
-  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s, s.q_len - m0, q_base);
+  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
+                                     s.q_len - m0, q_base);
   cp_async_commit();
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
@@ -273,7 +291,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
     gemm_abt<T, D, NT, kPitch>(sc, sQw, sKs, lane);
 
     const int64_t n0 = int64_t(nb) * kBlockN;
-    const bool need_mask = n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
+    const bool need_mask =
+        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int64_t ke = key_end(p.causal, m0 + warp * 16 + g + hh * 8, s.q_len, s.k_len) - n0;
@@ -355,16 +374,16 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 }
 
 // One CTA per (block of 16 * kWarps keys, kv head, sequence); warp w owns keys 16w..16w+15 and
-// accumulates their dK and dV over the query blocks (kBlockM rows) of every query head of the group.
-// Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T (keys are the MMA rows).
+// accumulates their dK and dV over the query blocks (kBlockM rows) of every query head of the
+// group. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T (keys are the MMA rows).
 template <typename T, int D, int kWarps, int kBlockM>
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int kBlockN = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, MT = kBlockM / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBlockN * kPitch;
-  T* sQ = sV + kBlockN * kPitch;       // two stages
-  T* sdO = sQ + 2 * kBlockM * kPitch;  // two stages
+  T* sQ = sV + kBlockN * kPitch;                                       // two stages
+  T* sdO = sQ + 2 * kBlockM * kPitch;                                  // two stages
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // two stages, log2 units
   float* sDelta = sLse + 2 * kBlockM;                                  // two stages
 
@@ -388,10 +407,12 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   auto load_q = [&](int64_t it, int stage) {
     const int64_t h = hk * group + it / per_head;
     const int64_t i0 = (m_first + it % per_head) * kBlockM;
-    load_tile<T, D, kBlockM, kThreads>(sQ + stage * kBlockM * kPitch, row_ptr<T>(p.q, b, s.q_start + i0, h),
-                                       p.q.stride_s, s.q_len - i0, q_base);
-    load_tile<T, D, kBlockM, kThreads>(sdO + stage * kBlockM * kPitch, row_ptr<T>(p.dout, b, s.q_start + i0, h),
-                                       p.dout.stride_s, s.q_len - i0, do_base);
+    load_tile<T, D, kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
+                                       row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
+                                       s.q_len - i0, q_base);
+    load_tile<T, D, kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
+                                       row_ptr<T>(p.dout, b, s.q_start + i0, h), p.dout.stride_s,
+                                       s.q_len - i0, do_base);
     // lse -> log2 units; +inf for rows past the end or rows that saw no key (-inf), so P = 0 there.
     for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
       const int64_t row = i0 + i;
@@ -407,10 +428,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
     }
   };
 
-  load_tile<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s, s.k_len - n0,
-                                     static_cast<const T*>(p.k.ptr));
-  load_tile<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s, s.k_len - n0,
-                                     static_cast<const T*>(p.v.ptr));
+  load_tile<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s,
+                                     s.k_len - n0, static_cast<const T*>(p.k.ptr));
+  load_tile<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
+                                     s.k_len - n0, static_cast<const T*>(p.v.ptr));
   if (iters > 0) load_q(0, 0);
   cp_async_commit();
 
@@ -493,9 +514,11 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const float scale_log2 = p.scale * kLog2e;
 
   const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
-  const int n_blocks = static_cast<int>((key_end(p.causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
+  const int n_blocks =
+      static_cast<int>((key_end(p.causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
 
-  // This lane's two rows: lse in log2 units (+inf past the end or for rows that saw no key) and delta.
+  // This lane's two rows: lse in log2 units (+inf past the end or for rows that saw no key) and
+  // delta.
   float row_lse[2], row_delta[2];
   const float* lse = static_cast<const float*>(p.lse);
 #pragma unroll
@@ -515,13 +538,13 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
   auto load_kv = [&](int nb, int stage) {
     const int64_t n0 = int64_t(nb) * kBlockN;
-    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s, p.k.stride_s,
-                                       s.k_len - n0, static_cast<const T*>(p.k.ptr));
-    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s, p.v.stride_s,
-                                       s.k_len - n0, static_cast<const T*>(p.v.ptr));
+    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
+                                       p.k.stride_s, s.k_len - n0, static_cast<const T*>(p.k.ptr));
+    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
+                                       p.v.stride_s, s.k_len - n0, static_cast<const T*>(p.v.ptr));
   };
-  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s, s.q_len - m0,
-                                     static_cast<const T*>(p.q.ptr));
+  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
+                                     s.q_len - m0, static_cast<const T*>(p.q.ptr));
   load_tile<T, D, kBlockM, kThreads>(sdO, row_ptr<T>(p.dout, b, s.q_start + m0, h), p.dout.stride_s,
                                      s.q_len - m0, static_cast<const T*>(p.dout.ptr));
   if (n_blocks > 0) load_kv(0, 0);
@@ -547,7 +570,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 
     float pr[NT][4] = {};
     gemm_abt<T, D, NT, kPitch>(pr, sQw, sKs, lane);
-    const bool need_mask = n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
+    const bool need_mask =
+        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int64_t ke = key_end(p.causal, m0 + warp * 16 + g + hh * 8, s.q_len, s.k_len) - n0;
@@ -580,11 +604,12 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 // ---- launchers
 
 template <typename Kernel>
-cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p, cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p,
+                   cudaStream_t stream) {
   if (grid.x == 0) return cudaSuccess;
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, threads, smem, stream>>>(p);
@@ -593,13 +618,15 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Att
 
 unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// Tile shapes per head dim, chosen to keep the accumulators in registers (see -Xptxas -v in the report).
+// Tile shapes per head dim, chosen to keep the accumulators in registers (see -Xptxas -v in the
+// report).
 template <int D>
 struct Tiles {
   static constexpr int kFwdWarps = 4, kFwdBlockN = 64;   // forward: 64 queries x 64 keys
   static constexpr int kDkdvWarps = 4;                   // dk/dv: 64 keys per CTA ...
   static constexpr int kDkdvBlockM = D <= 64 ? 64 : 32;  // ... x this many queries per step
-  static constexpr int kDqWarps = 4, kDqBlockN = D <= 64 ? 64 : 32;  // dq: 64 queries x this many keys
+  static constexpr int kDqWarps = 4,
+                       kDqBlockN = D <= 64 ? 64 : 32;  // dq: 64 queries x this many keys
 };
 
 template <typename T, int D>
@@ -607,27 +634,35 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D>;
   constexpr int kBlockM = 16 * C::kFwdWarps;
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
-  const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdBlockN>, grid, 32 * C::kFwdWarps, smem, p, stream);
+  const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdBlockN>, grid, 32 * C::kFwdWarps, smem,
+                p, stream);
 }
 
 template <typename T, int D>
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D>;
-  const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q),
+                   static_cast<unsigned>(p.batch));
   cudaError_t err = launch(attn_bwd_delta_kernel<T>, dgrid, 256, 0, p, stream);
   if (err != cudaSuccess) return err;
 
   constexpr int kBlockN = 16 * C::kDkdvWarps, kBlockMq = C::kDkdvBlockM;
-  const size_t kv_smem = size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
-  const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k), static_cast<unsigned>(p.batch));
-  err = launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>, kv_grid, 32 * C::kDkdvWarps, kv_smem, p, stream);
+  const size_t kv_smem =
+      size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
+  const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k),
+                     static_cast<unsigned>(p.batch));
+  err = launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>, kv_grid, 32 * C::kDkdvWarps,
+               kv_smem, p, stream);
   if (err != cudaSuccess) return err;
 
   constexpr int kBlockM = 16 * C::kDqWarps;
   const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
-  const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqBlockN>, q_grid, 32 * C::kDqWarps, q_smem, p, stream);
+  const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
+                    static_cast<unsigned>(p.batch));
+  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqBlockN>, q_grid, 32 * C::kDqWarps,
+                q_smem, p, stream);
 }
 
 template <template <typename, int> class Fn>
@@ -641,9 +676,12 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
   switch (p.head_dim) {
-    case 64: return bf16 ? Fn<__nv_bfloat16, 64>::run(p, stream) : Fn<__half, 64>::run(p, stream);
-    case 96: return bf16 ? Fn<__nv_bfloat16, 96>::run(p, stream) : Fn<__half, 96>::run(p, stream);
-    case 128: return bf16 ? Fn<__nv_bfloat16, 128>::run(p, stream) : Fn<__half, 128>::run(p, stream);
+    case 64:
+      return bf16 ? Fn<__nv_bfloat16, 64>::run(p, stream) : Fn<__half, 64>::run(p, stream);
+    case 96:
+      return bf16 ? Fn<__nv_bfloat16, 96>::run(p, stream) : Fn<__half, 96>::run(p, stream);
+    case 128:
+      return bf16 ? Fn<__nv_bfloat16, 128>::run(p, stream) : Fn<__half, 128>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -33,11 +33,12 @@ struct AttnTensor {
 };
 
 struct AttnParams {
-  AttnTensor q, k, v;    // inputs (read only)
-  AttnTensor out;        // forward: written; backward: read (for delta)
-  AttnTensor dout;       // backward: gradient of out (read)
-  AttnTensor dq, dk, dv; // backward: written, every element
-  // fp32 (fp64 only in the CPU reference for fp64 inputs); layout above. Forward writes, backward reads.
+  AttnTensor q, k, v;     // inputs (read only)
+  AttnTensor out;         // forward: written; backward: read (for delta)
+  AttnTensor dout;        // backward: gradient of out (read)
+  AttnTensor dq, dk, dv;  // backward: written, every element
+  // fp32 (fp64 only in the CPU reference for fp64 inputs); layout above. Forward writes, backward
+  // reads.
   void* lse = nullptr;
   int64_t lse_stride_b = 0, lse_stride_h = 0;  // the sequence stride is 1
   const float* dlse = nullptr;  // backward: optional gradient of lse (layout of lse); nullptr = 0
@@ -52,7 +53,8 @@ struct AttnParams {
   DType dtype = DType::kBFloat16;
 };
 
-// Where sequence b lives: its first row in the packed tensors (0 for batched inputs) and its lengths.
+// Where sequence b lives: its first row in the packed tensors (0 for batched inputs) and its
+// lengths.
 struct SeqInfo {
   int64_t q_start, q_len, k_start, k_len;
 };
@@ -91,8 +93,8 @@ constexpr bool attn_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 9
 // and strides that are multiples of 8 elements (the binding copies anything else).
 cudaError_t attn_fwd(const AttnParams& p, cudaStream_t stream);
 // Backward: writes delta, dq, dk, dv. Deterministic by construction (no atomics): dk/dv come from a
-// kernel that owns a key block and loops over the query blocks of every query head of its GQA group,
-// dq from a kernel that owns a query block and loops over the key blocks.
+// kernel that owns a key block and loops over the query blocks of every query head of its GQA
+// group, dq from a kernel that owns a query block and loops over the key blocks.
 cudaError_t attn_bwd(const AttnParams& p, cudaStream_t stream);
 #endif
 

@@ -1,18 +1,17 @@
 // Flash attention: argument checks, the CPU reference implementation and its registration.
 //
-// The CPU path is the math reference, exact in fp32 (fp64 for fp64 inputs), chunked so that it never
-// holds an S x S matrix: the forward and dq work on blocks of kBlockM query rows against the keys
-// those rows see ((kBlockM, Sk) scores), dk/dv on blocks of kBlockN keys against kChunkQ query rows
-// at a time. Like the CUDA kernels, the backward recomputes the probabilities from lse and is
+// The CPU path is the math reference, exact in fp32 (fp64 for fp64 inputs), chunked so that it
+// never holds an S x S matrix: the forward and dq work on blocks of kBlockM query rows against the
+// keys those rows see ((kBlockM, Sk) scores), dk/dv on blocks of kBlockN keys against kChunkQ query
+// rows at a time. Like the CUDA kernels, the backward recomputes the probabilities from lse and is
 // deterministic by construction: every output element is written by one task in a fixed order.
-#include "attention_op.h"
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include "attention_op.h"
 #include "checks.h"
 
 namespace fmcore {
@@ -78,7 +77,8 @@ AttnShapes check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   s.heads_q = q.size(-2);
   s.heads_k = k.size(-2);
   s.head_dim = q.size(-1);
-  TORCH_CHECK_VALUE(s.head_dim > 0, "expected q with a head dim > 0, got shape ", shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(s.head_dim > 0, "expected q with a head dim > 0, got shape ",
+                    shape_str(q.sizes()));
   TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, "expected k with the head dim of q (", s.head_dim,
                     "), got shape ", shape_str(k.sizes()));
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "expected v of the shape of k ", shape_str(k.sizes()),
@@ -90,8 +90,9 @@ AttnShapes check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at:
     const at::Tensor& ck = *cu_seqlens_k;
     check_cu_seqlens(cq, q, "cu_seqlens_q");
     check_cu_seqlens(ck, q, "cu_seqlens_k");
-    TORCH_CHECK_VALUE(ck.size(0) == cq.size(0), "expected cu_seqlens_k of the shape of cu_seqlens_q ",
-                      shape_str(cq.sizes()), ", got ", shape_str(ck.sizes()));
+    TORCH_CHECK_VALUE(ck.size(0) == cq.size(0),
+                      "expected cu_seqlens_k of the shape of cu_seqlens_q ", shape_str(cq.sizes()),
+                      ", got ", shape_str(ck.sizes()));
     TORCH_CHECK_VALUE(max_seqlen_q >= 0, "expected max_seqlen_q >= 0, got ", max_seqlen_q);
     TORCH_CHECK_VALUE(max_seqlen_k >= 0, "expected max_seqlen_k >= 0, got ", max_seqlen_k);
     s.batch = cq.size(0) - 1;
@@ -220,7 +221,8 @@ template <typename A>
 void probs_from_lse(A* s, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const A* lse,
                     bool causal, const SeqInfo& seq) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t end = key_end(causal, i0 + r, seq.q_len, seq.k_len) - j0;  // visible cols: [0, end)
+    const int64_t end =
+        key_end(causal, i0 + r, seq.q_len, seq.k_len) - j0;  // visible cols: [0, end)
     A* row = s + r * cols;
     const A l = lse[r];
     for (int64_t c = 0; c < cols; ++c) {
@@ -238,12 +240,14 @@ void attn_fwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
   A* lse_ptr = lse.data_ptr<A>();
   at::parallel_for(0, sh.batch * sh.heads_q * nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % nblocks, h = task / nblocks % sh.heads_q, b = task / nblocks / sh.heads_q;
+      const int64_t mb = task % nblocks, h = task / nblocks % sh.heads_q,
+                    b = task / nblocks / sh.heads_q;
       const SeqInfo s = seq_info(p, b);
       const int64_t m0 = mb * kBlockM;
       if (m0 >= s.q_len) continue;
       const int64_t rows = std::min(kBlockM, s.q_len - m0);
-      const int64_t nk = key_end(p.causal, m0 + rows - 1, s.q_len, s.k_len);  // the block's widest row
+      const int64_t nk =
+          key_end(p.causal, m0 + rows - 1, s.q_len, s.k_len);  // the block's widest row
       A* l_out = lse_ptr + b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + m0;
       at::Tensor o = seqs.out_rows(out, b, s.q_start, s.q_len, m0, rows, h);
       if (nk == 0) {  // no row of the block sees a key
@@ -280,9 +284,9 @@ void attn_fwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
 }
 
 template <typename A>
-void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, const at::Tensor& dout,
-                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& out, const at::Tensor& lse,
+void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale,
+                       const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                        const std::optional<at::Tensor>& dlse, const at::Tensor& dq,
                        const at::Tensor& dk, const at::Tensor& dv) {
   const Seqs seqs{sh.varlen, lse.scalar_type()};
@@ -301,7 +305,8 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
   const int64_t mblocks = ceil_div(sh.seqlen_q, kBlockM);
   at::parallel_for(0, sh.batch * sh.heads_q * mblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % mblocks, h = task / mblocks % sh.heads_q, b = task / mblocks / sh.heads_q;
+      const int64_t mb = task % mblocks, h = task / mblocks % sh.heads_q,
+                    b = task / mblocks / sh.heads_q;
       const SeqInfo s = seq_info(p, b);
       const int64_t m0 = mb * kBlockM;
       if (m0 >= s.q_len) continue;
@@ -311,7 +316,8 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
       const at::Tensor ob = seqs.rows(out, b, s.q_start, s.q_len, m0, rows, h);
       const at::Tensor dsum = (dob * ob).sum(1);
       const A* ds = dsum.data_ptr<A>();
-      for (int64_t r = 0; r < rows; ++r) delta_ptr[off + r] = ds[r] - (dlse_ptr ? dlse_ptr[off + r] : A(0));
+      for (int64_t r = 0; r < rows; ++r)
+        delta_ptr[off + r] = ds[r] - (dlse_ptr ? dlse_ptr[off + r] : A(0));
       at::Tensor dqb = seqs.out_rows(dq, b, s.q_start, s.q_len, m0, rows, h);
       const int64_t nk = key_end(p.causal, m0 + rows - 1, s.q_len, s.k_len);
       if (nk == 0) {
@@ -334,7 +340,8 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
   const int64_t nblocks = ceil_div(sh.seqlen_k, kBlockN);
   at::parallel_for(0, sh.batch * sh.heads_k * nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % nblocks, hk = task / nblocks % sh.heads_k, b = task / nblocks / sh.heads_k;
+      const int64_t nb = task % nblocks, hk = task / nblocks % sh.heads_k,
+                    b = task / nblocks / sh.heads_k;
       const SeqInfo s = seq_info(p, b);
       const int64_t n0 = nb * kBlockN;
       if (n0 >= s.k_len) continue;
@@ -353,7 +360,8 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
           at::Tensor pr = at::mm(qb, kb.t()).mul_(scale);  // (rows, cols)
           probs_from_lse(pr.data_ptr<A>(), rows, cols, i0, n0, lse_ptr + off, p.causal, s);
           const at::Tensor dp = at::mm(dob, vb.t());
-          const at::Tensor dsc = pr * (dp - at::from_blob(delta_ptr + off, {rows, 1}, pr.options()));
+          const at::Tensor dsc =
+              pr * (dp - at::from_blob(delta_ptr + off, {rows, 1}, pr.options()));
           dvb.addmm_(pr.t(), dob);
           dkb.addmm_(dsc.t(), qb);
         }
@@ -364,14 +372,18 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale) {
-  const AttnShapes sh = check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& cu_seqlens_q,
+                                                      const std::optional<at::Tensor>& cu_seqlens_k,
+                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                      bool causal, double softmax_scale) {
+  const AttnShapes sh =
+      check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(lse_shape(sh), q.options().dtype(lse_dtype(q.scalar_type())));
-  const AttnParams p = make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+  const AttnParams p =
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
   if (lse.scalar_type() == at::kDouble) {
     attn_fwd_cpu_impl<double>(sh, p, softmax_scale, q, k, v, out, lse);
   } else {
@@ -385,12 +397,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale) {
-  const AttnShapes sh = check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const AttnShapes sh =
+      check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_attn_grads(sh, q, dout, out, lse, dlse);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const AttnParams p = make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+  const AttnParams p =
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
   if (lse.scalar_type() == at::kDouble) {
     attn_bwd_cpu_impl<double>(sh, p, softmax_scale, dout, q, k, v, out, lse, dlse, dq, dk, dv);
   } else {

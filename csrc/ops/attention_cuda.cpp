@@ -14,13 +14,15 @@ namespace {
 void check_cuda_support(const AttnShapes& s, const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                     "expected q to be bfloat16 or float16 on CUDA (fmcore's kernels), got ",
-                    q.scalar_type(), "; fmcore.ops.scaled_dot_product_attention falls back to torch");
-  TORCH_CHECK_VALUE(attn_cuda_supports_head_dim(s.head_dim),
-                    "expected a head dim of 64, 96 or 128 on CUDA (fmcore's kernels), got q of shape ",
-                    shape_str(q.sizes()), "; fmcore.ops.scaled_dot_product_attention falls back to torch");
+                    q.scalar_type(),
+                    "; fmcore.ops.scaled_dot_product_attention falls back to torch");
+  TORCH_CHECK_VALUE(
+      attn_cuda_supports_head_dim(s.head_dim),
+      "expected a head dim of 64, 96 or 128 on CUDA (fmcore's kernels), got q of shape ",
+      shape_str(q.sizes()), "; fmcore.ops.scaled_dot_product_attention falls back to torch");
   TORCH_CHECK_VALUE(s.heads_q <= 65535 && s.batch <= 65535,
-                    "expected at most 65535 query heads and 65535 sequences on CUDA, got ", s.heads_q,
-                    " heads and ", s.batch, " sequences");
+                    "expected at most 65535 query heads and 65535 sequences on CUDA, got ",
+                    s.heads_q, " heads and ", s.batch, " sequences");
 }
 
 // The kernels move 16 bytes at a time: the base must be 16-byte aligned and every stride a multiple
@@ -32,7 +34,8 @@ at::Tensor kernel_ready(const at::Tensor& t) {
 }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fmcore ", what, ": CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "fmcore ", what,
+              ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
@@ -69,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty(lse_shape(sh), lse.options());
-  AttnParams p = make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+  AttnParams p =
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
   p.dout = attn_tensor(dout, sh.varlen);
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);

@@ -2,9 +2,9 @@
 // allocation and the kernel's parameter struct.
 #pragma once
 
-#include <optional>
-
 #include <torch/types.h>
+
+#include <optional>
 
 #include "kernels/attention.h"
 
