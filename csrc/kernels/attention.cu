@@ -147,39 +147,64 @@ __device__ __forceinline__ int b_off(int lane) {
   return ((lane & 7) + (lane >> 4) * 8) * kPitch + ((lane >> 3) & 1) * 8;
 }
 
-// c[NT] (16 x NT*8) += A (16 rows of sA at a_off, k = D) * B^T (NT*8 rows of sB at b_off, k = D).
-template <typename T, int D, int NT, int kPitch>
-__device__ __forceinline__ void gemm_abt(float (&c)[NT][4], const T* sA, const T* sB, int lane) {
+// c[MW][NT] (MW*16 x NT*8) += A (MW*16 rows of sA at a_off, k = D) * B^T (NT*8 rows of sB at
+// b_off, k = D). Each B fragment loaded from shared memory feeds MW MMAs: a warp that owns several
+// 16-row tiles needs less shared-memory bandwidth per MMA.
+template <typename T, int D, int MW, int NT, int kPitch>
+__device__ __forceinline__ void gemm_abt_mw(float (&c)[MW][NT][4], const T* sA, const T* sB,
+                                            int lane) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, sA + a_off<kPitch>(lane) + kk * 16);
+    uint32_t a[MW][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw)
+      ldsm_x4(a[mw], sA + mw * 16 * kPitch + a_off<kPitch>(lane) + kk * 16);
 #pragma unroll
     for (int nn = 0; nn < NT / 2; ++nn) {
       uint32_t b[4];
       ldsm_x4(b, sB + nn * 16 * kPitch + b_off<kPitch>(lane) + kk * 16);
-      mma16816<T>(c[2 * nn], a, b[0], b[1]);
-      mma16816<T>(c[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+        mma16816<T>(c[mw][2 * nn], a[mw], b[0], b[1]);
+        mma16816<T>(c[mw][2 * nn + 1], a[mw], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc[D/8] (16 x D) += P (16 x K, accumulator layout p[K/8]) * sB (K rows x D cols, row-major).
-template <typename T, int D, int KT, int kPitch>
-__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4],
-                                        const T* sB, int lane) {
+// acc[MW][D/8] (MW*16 x D) += P (MW*16 x K, accumulator layout p[MW][K/8]) * sB (K rows x D cols,
+// row-major).
+template <typename T, int D, int MW, int KT, int kPitch>
+__device__ __forceinline__ void gemm_pb_mw(float (&acc)[MW][D / 8][4], const float (&p)[MW][KT][4],
+                                           const T* sB, int lane) {
 #pragma unroll
   for (int kk = 0; kk < KT / 2; ++kk) {
-    uint32_t a[4];
-    acc_to_a<T>(a, p, kk);
+    uint32_t a[MW][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw) acc_to_a<T>(a[mw], p[mw], kk);
 #pragma unroll
     for (int dd = 0; dd < D / 16; ++dd) {
       uint32_t b[4];
       ldsm_x4_trans(b, sB + kk * 16 * kPitch + a_off<kPitch>(lane) + dd * 16);
-      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
-      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+        mma16816<T>(acc[mw][2 * dd], a[mw], b[0], b[1]);
+        mma16816<T>(acc[mw][2 * dd + 1], a[mw], b[2], b[3]);
+      }
     }
   }
+}
+
+// The one-tile forms the backward kernels use (a warp owns 16 rows there).
+template <typename T, int D, int NT, int kPitch>
+__device__ __forceinline__ void gemm_abt(float (&c)[NT][4], const T* sA, const T* sB, int lane) {
+  gemm_abt_mw<T, D, 1, NT, kPitch>(reinterpret_cast<float(&)[1][NT][4]>(c), sA, sB, lane);
+}
+template <typename T, int D, int KT, int kPitch>
+__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4],
+                                        const T* sB, int lane) {
+  gemm_pb_mw<T, D, 1, KT, kPitch>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
+                                  reinterpret_cast<const float(&)[1][KT][4]>(p), sB, lane);
 }
 
 // Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
@@ -230,9 +255,11 @@ __device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64
 
 // ---- kernels
 
-template <typename T, int D, int kWarps, int kBlockN>
+// Each warp owns kMW 16-row tiles (kMW * 16 query rows).
+template <typename T, int D, int kWarps, int kMW, int kBlockN>
 __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams p) {
-  constexpr int kBlockM = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, NT = kBlockN / 8;
+  constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
+  constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlockM * kPitch;      // two stages
@@ -270,9 +297,14 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
-  float o[D / 8][4] = {};
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // per row: max (log2 units), sum
-  const T* sQw = sQ + warp * 16 * kPitch;
+  float o[kMW][D / 8][4] = {};
+  float m_run[kMW][2], l_run[kMW][2];  // per row: running max (log2 units) and this lane's sum
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    m_run[mw][0] = m_run[mw][1] = -INFINITY;
+    l_run[mw][0] = l_run[mw][1] = 0.f;
+  }
+  const T* sQw = sQ + warp * kRowsW * kPitch;
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
@@ -287,23 +319,25 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
     const T* sKs = sK + stage * kBlockN * kPitch;
     const T* sVs = sV + stage * kBlockN * kPitch;
 
-    float sc[NT][4] = {};
-    gemm_abt<T, D, NT, kPitch>(sc, sQw, sKs, lane);
+    float sc[kMW][NT][4] = {};
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(sc, sQw, sKs, lane);
 
     const int64_t n0 = int64_t(nb) * kBlockN;
     const bool need_mask =
         n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int64_t ke = key_end(p.causal, m0 + warp * 16 + g + hh * 8, s.q_len, s.k_len) - n0;
-      float mx = m_run[hh];
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
+      const int mw = r2 / 2, hh = r2 % 2;
+      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
+      float mx = m_run[mw][hh];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float x = sc[nt][2 * hh + e] * scale_log2;
+          float x = sc[mw][nt][2 * hh + e] * scale_log2;
           if (need_mask && nt * 8 + 2 * tq + e >= ke) x = -INFINITY;
-          sc[nt][2 * hh + e] = x;
+          sc[mw][nt][2 * hh + e] = x;
           mx = fmaxf(mx, x);
         }
       }
@@ -311,46 +345,50 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // A row that has seen only masked keys keeps max -inf; subtracting 0 then keeps exp2 at 0.
       const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[hh] - m_use);
-      m_run[hh] = mx;
+      const float alpha = exp2f(m_run[mw][hh] - m_use);
+      m_run[mw][hh] = mx;
       float rs = 0.f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(sc[nt][2 * hh + e] - m_use);
-          sc[nt][2 * hh + e] = pv;
+          const float pv = exp2f(sc[mw][nt][2 * hh + e] - m_use);
+          sc[mw][nt][2 * hh + e] = pv;
           rs += pv;
         }
       }
-      l_run[hh] = l_run[hh] * alpha + rs;  // this lane's partial sum; the quad adds up at the end
+      l_run[mw][hh] = l_run[mw][hh] * alpha + rs;  // the quad adds its partial sums at the end
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * hh] *= alpha;
-        o[dt][2 * hh + 1] *= alpha;
+        o[mw][dt][2 * hh] *= alpha;
+        o[mw][dt][2 * hh + 1] *= alpha;
       }
     }
 
-    gemm_pb<T, D, NT, kPitch>(o, sc, sVs, lane);
+    gemm_pb_mw<T, D, kMW, NT, kPitch>(o, sc, sVs, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
 
-  float inv_l[2];
   float* lse = static_cast<float*>(p.lse);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    float l = l_run[hh];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
-    const int64_t row = m0 + warp * 16 + g + hh * 8;
-    if (tq == 0 && row < s.q_len) {
-      lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
-          l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
+  for (int mw = 0; mw < kMW; ++mw) {
+    float inv_l[2];
+    const int64_t row0 = m0 + warp * kRowsW + mw * 16;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_run[mw][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+      const int64_t row = row0 + g + hh * 8;
+      if (tq == 0 && row < s.q_len) {
+        lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
+            l > 0.f ? (m_run[mw][hh] + log2f(l)) * kLn2 : -INFINITY;
+      }
     }
+    store_rows<T, D>(p.out, b, s.q_start, row0, s.q_len, h, o[mw], inv_l, lane);
   }
-  store_rows<T, D>(p.out, b, s.q_start, m0 + warp * 16, s.q_len, h, o, inv_l, lane);
 }
 
 // delta = rowsum(dout * out) - dlse for every query row; one warp per row.
@@ -622,7 +660,8 @@ unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per 
 // report).
 template <int D>
 struct Tiles {
-  static constexpr int kFwdWarps = 4, kFwdBlockN = 64;   // forward: 64 queries x 64 keys
+  // forward: 4 warps x 2 tiles of 16 queries = 128 queries, against kFwdBlockN keys per step
+  static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
   static constexpr int kDkdvWarps = 4;                   // dk/dv: 64 keys per CTA ...
   static constexpr int kDkdvBlockM = D <= 64 ? 64 : 32;  // ... x this many queries per step
   static constexpr int kDqWarps = 4,
@@ -632,12 +671,12 @@ struct Tiles {
 template <typename T, int D>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D>;
-  constexpr int kBlockM = 16 * C::kFwdWarps;
+  constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
   const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdBlockN>, grid, 32 * C::kFwdWarps, smem,
-                p, stream);
+  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN>, grid,
+                32 * C::kFwdWarps, smem, p, stream);
 }
 
 template <typename T, int D>
