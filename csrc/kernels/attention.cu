@@ -534,9 +534,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
 
 // One CTA per (block of 16 * kWarps queries, query head, sequence); loops over the key blocks its
 // queries see and accumulates dQ = sum dS K.
-template <typename T, int D, int kWarps, int kBlockN>
+template <typename T, int D, int kWarps, int kMW, int kBlockN>
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnParams p) {
-  constexpr int kBlockM = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, NT = kBlockN / 8;
+  constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
+  constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBlockM * kPitch;
@@ -555,20 +556,21 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const int n_blocks =
       static_cast<int>((key_end(p.causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
 
-  // This lane's two rows: lse in log2 units (+inf past the end or for rows that saw no key) and
-  // delta.
-  float row_lse[2], row_delta[2];
+  // This lane's rows (tile mw, half hh): lse in log2 units (+inf past the end or for rows that saw
+  // no key, so P = 0 there) and delta.
+  float row_lse[kMW][2], row_delta[kMW][2];
   const float* lse = static_cast<const float*>(p.lse);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int64_t row = m0 + warp * 16 + g + hh * 8;
-    row_lse[hh] = INFINITY;
-    row_delta[hh] = 0.f;
+  for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+    const int mw = r2 / 2, hh = r2 % 2;
+    const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+    row_lse[mw][hh] = INFINITY;
+    row_delta[mw][hh] = 0.f;
     if (row < s.q_len) {
       const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
       const float lv = lse[idx];
-      row_lse[hh] = lv == -INFINITY ? INFINITY : lv * kLog2e;
-      row_delta[hh] = p.delta[idx];
+      row_lse[mw][hh] = lv == -INFINITY ? INFINITY : lv * kLog2e;
+      row_delta[mw][hh] = p.delta[idx];
     }
   }
 
@@ -588,9 +590,9 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
-  float dq[D / 8][4] = {};
-  const T* sQw = sQ + warp * 16 * kPitch;
-  const T* sdOw = sdO + warp * 16 * kPitch;
+  float dq[kMW][D / 8][4] = {};
+  const T* sQw = sQ + warp * kRowsW * kPitch;
+  const T* sdOw = sdO + warp * kRowsW * kPitch;
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
@@ -606,37 +608,48 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
     const T* sVs = sV + stage * kBlockN * kPitch;
     const int64_t n0 = int64_t(nb) * kBlockN;
 
-    float pr[NT][4] = {};
-    gemm_abt<T, D, NT, kPitch>(pr, sQw, sKs, lane);
+    float pr[kMW][NT][4] = {};
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(pr, sQw, sKs, lane);
     const bool need_mask =
         n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int64_t ke = key_end(p.causal, m0 + warp * 16 + g + hh * 8, s.q_len, s.k_len) - n0;
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+      const int mw = r2 / 2, hh = r2 % 2;
+      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float pv = exp2f(pr[nt][2 * hh + e] * scale_log2 - row_lse[hh]);
+          float pv = exp2f(pr[mw][nt][2 * hh + e] * scale_log2 - row_lse[mw][hh]);
           if (need_mask && nt * 8 + 2 * tq + e >= ke) pv = 0.f;
-          pr[nt][2 * hh + e] = pv;
+          pr[mw][nt][2 * hh + e] = pv;
         }
       }
     }
-    float ds[NT][4] = {};  // dP = dO V^T, then dS
-    gemm_abt<T, D, NT, kPitch>(ds, sdOw, sVs, lane);
+    float ds[kMW][NT][4] = {};  // dP = dO V^T, then dS
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(ds, sdOw, sVs, lane);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int mw = 0; mw < kMW; ++mw) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) ds[nt][r] = pr[nt][r] * (ds[nt][r] - row_delta[r / 2]);
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          ds[mw][nt][r] = pr[mw][nt][r] * (ds[mw][nt][r] - row_delta[mw][r / 2]);
+        }
+      }
     }
-    gemm_pb<T, D, NT, kPitch>(dq, ds, sKs, lane);
+    gemm_pb_mw<T, D, kMW, NT, kPitch>(dq, ds, sKs, lane);
     __syncthreads();
   }
   cp_async_wait<0>();  // rows that see no key: the Q/dO copies were never waited for
 
   const float scale[2] = {p.scale, p.scale};
-  store_rows<T, D>(p.dq, b, s.q_start, m0 + warp * 16, s.q_len, h, dq, scale, lane);
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    store_rows<T, D>(p.dq, b, s.q_start, m0 + warp * kRowsW + mw * 16, s.q_len, h, dq[mw], scale,
+                     lane);
+  }
 }
 
 // ---- launchers
@@ -656,16 +669,17 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Att
 
 unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// Tile shapes per head dim, chosen to keep the accumulators in registers (see -Xptxas -v in the
-// report).
+// Tile shapes per head dim, chosen to keep the accumulators in registers without spills (the
+// -Xptxas -v numbers are in the report); the first knobs to turn on the GPU.
 template <int D>
 struct Tiles {
   // forward: 4 warps x 2 tiles of 16 queries = 128 queries, against kFwdBlockN keys per step
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
-  static constexpr int kDkdvWarps = 4;                   // dk/dv: 64 keys per CTA ...
-  static constexpr int kDkdvBlockM = D <= 64 ? 64 : 32;  // ... x this many queries per step
-  static constexpr int kDqWarps = 4,
-                       kDqBlockN = D <= 64 ? 64 : 32;  // dq: 64 queries x this many keys
+  // dk/dv: 4 warps x 16 keys = 64 keys per CTA, against kDkdvBlockM queries per step
+  static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
+  // dq: 4 warps x kDqMW tiles of 16 queries, against kDqBlockN keys per step (two tiles per warp
+  // spill at D = 96 and 128)
+  static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 32;
 };
 
 template <typename T, int D>
@@ -696,12 +710,12 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
                kv_smem, p, stream);
   if (err != cudaSuccess) return err;
 
-  constexpr int kBlockM = 16 * C::kDqWarps;
+  constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;
   const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
   const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                     static_cast<unsigned>(p.batch));
-  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqBlockN>, q_grid, 32 * C::kDqWarps,
-                q_smem, p, stream);
+  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>, q_grid,
+                32 * C::kDqWarps, q_smem, p, stream);
 }
 
 template <template <typename, int> class Fn>
