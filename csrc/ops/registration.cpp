@@ -51,4 +51,16 @@ TORCH_LIBRARY(fmcore, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor(e!)[] steps, Tensor? lr_tensor, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_norm=None, "
       "float? max_grad_norm=None, bool skip_nonfinite=False) -> ()");
+  // Flash attention. Batched when cu_seqlens_q/k are None: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D),
+  // lse (B, Hq, Sq). Varlen otherwise: q (Tq, Hq, D), k/v (Tk, Hk, D), int32 cu_seqlens (B + 1,),
+  // lse (Hq, Tq); max_seqlen_q/k bound every sequence (unused when batched). lse is float32
+  // (float64 for float64 CPU inputs). Causal masks align to the bottom-right corner. The backward
+  // takes the optional gradient of lse (dlse) and recomputes the probabilities from lse.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

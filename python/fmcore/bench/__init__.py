@@ -20,6 +20,7 @@ BENCHMARKS = {
     "cross_entropy": "fmcore.bench.cross_entropy",
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",
+    "attention": "fmcore.bench.attention",
 }
 
 
