@@ -80,6 +80,9 @@ def test_sequential_epochs_cover_every_window(unique_ds):
     B = 5
     with Loader(unique_ds, batch_size=B, seq_len=T, seed=3, threads=2) as loader:
         firsts = torch.cat([b.x[:, 0] for b in take(loader, 3 * per_epoch // B + 1)]).tolist()
+        assert loader.epoch == pytest.approx(len(firsts) / per_epoch)
+        assert loader.wait_seconds >= 0.0
+    assert Loader.manifest(unique_ds)["splits"]["train"]["tokens"] == sum(SIZES)
     epochs = [firsts[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
     for e in epochs:
         assert sorted(e) == windows
@@ -255,7 +258,10 @@ for step, batch in enumerate(Loader(root, batch_size=8, seq_len=64, mode="random
 def test_clean_shutdown(tmp_path):
     """An exception in the consumer, with open loaders whose workers are busy or blocked: the process
     exits with the traceback (no hang, no std::terminate, no crash). One subprocess: torch imports are slow."""
-    code = SHUTDOWN.format(python=str(Path(__file__).parents[2] / "python"), root=str(tmp_path / "ds"))
+    import fmcore
+
+    # The fmcore this test imported (the source tree or an installed wheel) is the one the child runs.
+    code = SHUTDOWN.format(python=str(Path(fmcore.__file__).parents[1]), root=str(tmp_path / "ds"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.rstrip().endswith("RuntimeError: consumer failed"), proc.stderr

@@ -2,6 +2,7 @@
 placement, shard sizes, the CLI, and the embedded stdlib default dataset."""
 
 import gzip
+import importlib
 import json
 
 import numpy as np
@@ -91,6 +92,20 @@ def test_prepare_given_tokenizer_and_filters(corpus, tmp_path):
     assert manifest["tokenizer"]["vocab_size"] == 280
     with pytest.raises(ValueError, match="no EOS token"):
         prepare([root], tmp_path / "ds2", tokenizer=tmp_path / "tok.json", eos_token="<missing>")
+
+
+def test_large_jsonl_read_in_ranges(tmp_path, monkeypatch):
+    """A JSON Lines file split into byte ranges (here of 100 bytes) yields every record exactly once."""
+    prep = importlib.import_module("fmcore.data.prepare")  # the module (fmcore.data.prepare is the function)
+    monkeypatch.setattr(prep, "JSONL_CHUNK_BYTES", 100)
+    texts = [f"json lines record number {i} " + "x" * (i % 37) for i in range(60)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert len(prep._tasks([tmp_path / "big.jsonl"], prep.CleanConfig())) > 20
+    out = prepare(tmp_path / "big.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=2)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["duplicate"], c["bad_json"]) == (60, 60, 0, 0)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert sorted(tok.decode(d[:-1]) for d in documents(out, "train")) == sorted(t.strip() for t in texts)
 
 
 def test_shard_sizes(tmp_path):
