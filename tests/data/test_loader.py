@@ -81,6 +81,7 @@ def test_sequential_epochs_cover_every_window(unique_ds):
     with Loader(unique_ds, batch_size=B, seq_len=T, seed=3, threads=2) as loader:
         firsts = torch.cat([b.x[:, 0] for b in take(loader, 3 * per_epoch // B + 1)]).tolist()
         assert loader.epoch == pytest.approx(len(firsts) / per_epoch)
+        assert loader.batches_per_epoch == per_epoch // B
         assert loader.wait_seconds >= 0.0
     assert Loader.manifest(unique_ds)["splits"]["train"]["tokens"] == sum(SIZES)
     epochs = [firsts[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]

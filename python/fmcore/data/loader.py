@@ -111,6 +111,11 @@ class Loader:
         """Sequential mode: epochs read so far by all ranks together (fractional)."""
         return self._core.next_sample / self._core.windows_per_epoch
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Sequential mode: whole batches of this rank in one epoch (e.g. the length of a full val pass)."""
+        return self._core.windows_per_epoch // (self.world_size * self.batch_size)
+
     def state_dict(self) -> dict:
         return {"version": 1, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
                 "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint}

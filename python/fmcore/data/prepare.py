@@ -439,21 +439,20 @@ def default_dataset(root=None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
                    help="text files, directories, JSON Lines files (.jsonl/.ndjson[.gz]); none: the Python stdlib corpus")
-    p.add_argument("--out", type=Path, help="dataset directory (default: $FMCORE_DATA or ~/.cache/fmcore/datasets, /stdlib)")
+    p.add_argument("--out", type=Path, help="dataset directory (default $FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
     p.add_argument("--vocab-size", type=int, help="vocab of the trained BPE (default 8192; 4096 for the stdlib corpus)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of documents for val (default 0.005; 0.05 for stdlib)")
     p.add_argument("--eos-token", help="the tokenizer's EOS token (default: the first of %s found)" % ", ".join(EOS_CANDIDATES))
-    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text")
-    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default %(default)s)")
+    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents (default %(default)s)")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
     p.add_argument("--max-symbol-fraction", type=float, help="drop documents with more non-alphanumeric, non-space characters")
-    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus")
+    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus (default %(default)s)")
     p.add_argument("--workers", type=int, help="worker processes (default: the usable cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)
