@@ -39,7 +39,7 @@ Loader::Loader(LoaderOptions options, Allocator allocator)
   auto open_some = [&] {
     for (size_t k; (k = next.fetch_add(1)) < n;) {
       try {
-        shards_[k] = Shard::open(opt_.paths[k], opt_.verify);
+        shards_[k] = Shard::open(opt_.paths[k], opt_.verify, opt_.mode == Mode::Random);
       } catch (...) {
         errors[k] = std::current_exception();
       }

@@ -51,8 +51,10 @@ struct ShardInfo {
 class Shard {
  public:
   // Validates the header against the file size, maps the file, checks the document offsets and,
-  // when verify_payload, the payload CRC. Throws ShardError.
-  static std::unique_ptr<Shard> open(const std::string& path, bool verify_payload);
+  // when verify_payload, the payload CRC. random_access: advise the kernel against readahead.
+  // Throws ShardError.
+  static std::unique_ptr<Shard> open(const std::string& path, bool verify_payload,
+                                     bool random_access = false);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
