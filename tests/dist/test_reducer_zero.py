@@ -151,10 +151,10 @@ def full_state(opt: ZeroAdamW, comm) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _zero_body(rank, world, ckpt):
+def _zero_body(rank, world, ckpt, impl):
     comm = Communicator()
     model = make_model()
-    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl="torch")
+    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
     norms = []
     train(model, opt, STEPS, world, rank, lambda: norms.append(opt.clip_grad_norm_(CLIP)))
     assert any(n > CLIP for n in norms)  # clipping was exercised
@@ -177,7 +177,7 @@ def _zero_body(rank, world, ckpt):
     # resume on the same world size: a fresh model and optimizer, loaded, continue 2 steps and match
     # the reference that never stopped
     model2 = make_model()
-    opt2 = ZeroAdamW(param_groups(model2), comm, **HYPER, impl="torch")
+    opt2 = ZeroAdamW(param_groups(model2), comm, **HYPER, impl=impl)
     sd = {"model": model2.state_dict(), "optim": opt2.state_dict()}
     dcp.load(sd, checkpoint_id=ckpt)
     model2.load_state_dict(sd["model"])
@@ -189,10 +189,10 @@ def _zero_body(rank, world, ckpt):
     return saved
 
 
-def _load_one_body(rank, world, ckpt):
+def _load_one_body(rank, world, ckpt, impl):
     comm = Communicator()
     model = make_model()
-    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl="torch")
+    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
     sd = {"model": model.state_dict(), "optim": opt.state_dict()}
     dcp.load(sd, checkpoint_id=ckpt)
     model.load_state_dict(sd["model"])
@@ -200,10 +200,14 @@ def _load_one_body(rank, world, ckpt):
     return full_state(opt, comm), {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_zero1_matches_adamw_and_reshards(tmp_path):
+# The inner optimizer: torch.optim.AdamW, or fmcore's FusedAdamW on the flat fp32 shard.
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_zero1_matches_adamw_and_reshards(tmp_path, impl):
+    if impl == "fmcore":
+        pytest.importorskip("fmcore.optim")
     ckpt = str(tmp_path / "ckpt")
-    saved, _ = run_ranks(_zero_body, 2, tmp_path / "two", args=(ckpt,))
-    loaded, params = run_ranks(_load_one_body, 1, tmp_path / "one", args=(ckpt,))[0]
+    saved, _ = run_ranks(_zero_body, 2, tmp_path / "two", args=(ckpt, impl))
+    loaded, params = run_ranks(_load_one_body, 1, tmp_path / "one", args=(ckpt, impl))[0]
     for i, (a, b) in enumerate(zip(saved, loaded)):
         assert a.keys() == b.keys()
         for k in a:
@@ -240,20 +244,23 @@ def _cuda_body(rank, world):
         expect = q.grad if q.grad is not None else torch.zeros_like(q)
         torch.testing.assert_close(p.grad, expect, rtol=0, atol=0, msg=name)
 
-    model, ref = make_model().to(dev), make_model().to(dev)
-    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl="torch")
-    ref_opt = torch.optim.AdamW(param_groups(ref), **HYPER, fused=True)
-    for step in range(3):
-        x, y = (t.to(dev) for t in batch(step, 1))
-        model.loss(x, y).backward()
-        ref.loss(x, y).backward()
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        # ("unused": torch's AdamW skips it, ZeRO-1 steps it with a zero gradient and no decay: unchanged)
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for impl in ("torch", "fmcore"):  # inner optimizer: torch's fused AdamW, fmcore's FusedAdamW
+        model, ref = make_model().to(dev), make_model().to(dev)
+        opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
+        ref_opt = torch.optim.AdamW(param_groups(ref), **HYPER, fused=True)
+        for step in range(3):
+            x, y = (t.to(dev) for t in batch(step, 1))
+            model.loss(x, y).backward()
+            ref.loss(x, y).backward()
+            opt.clip_grad_norm_(CLIP)
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            # ("unused": torch's AdamW skips it, ZeRO-1 steps it with a zero gradient and no decay: unchanged)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{impl} {name}")
     comm.synchronize()
     return True
 
