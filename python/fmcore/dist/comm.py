@@ -118,8 +118,8 @@ class Communicator:
         if backend == "nccl":
             self._nccl = self._create_nccl()
             self._side_stream = torch.cuda.Stream(self.device)
-        # gloo has no AVG reduction; the torch backend sums and divides there.
-        self._torch_avg = "nccl" in str(dist.get_backend(self.group)).lower()
+        # gloo has no AVG reduction: the torch backend sums and divides unless NCCL carries the tensor.
+        self._pg_has_nccl = "nccl" in str(dist.get_backend(self.group)).lower()
 
     def _create_nccl(self):
         key = f"fmcore/nccl_unique_id/{next(_ids)}"
@@ -138,7 +138,7 @@ class Communicator:
         _check_op(op, tensor)
         if self._nccl is not None:
             return self._nccl_call(lambda: self._nccl.all_reduce(tensor, op), [tensor], async_op)
-        if op == "avg" and not self._torch_avg:
+        if op == "avg" and not (self._pg_has_nccl and tensor.is_cuda):
             work = dist.all_reduce(tensor, dist.ReduceOp.SUM, group=self.group, async_op=async_op)
             return self._torch_done(work, lambda: tensor.div_(self.world_size))
         torch_op = dist.ReduceOp.AVG if op == "avg" else _TORCH_OPS[op]
@@ -152,7 +152,7 @@ class Communicator:
         if self._nccl is not None:
             return self._nccl_call(lambda: self._nccl.reduce_scatter(output, input, op), [output, input],
                                    async_op)
-        if op == "avg" and not self._torch_avg:
+        if op == "avg" and not (self._pg_has_nccl and output.is_cuda):
             work = _reduce_scatter_flat(output, input, dist.ReduceOp.SUM, group=self.group,
                                               async_op=async_op)
             return self._torch_done(work, lambda: output.div_(self.world_size))
