@@ -72,7 +72,8 @@ def run(ctx: BenchContext) -> list[Row]:
                 continue
             with torch.no_grad():
                 fwd = time_ms(lambda: fn(q, k, v, causal), dev)
-            bwd = time_ms(lambda: torch.autograd.backward(out, dout, retain_graph=True), dev)
+            # autograd.grad, not backward: no .grad accumulation kernels inside the timing
+            bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), dev)
             for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
                 tflops = flops / (ms * 1e-3) / 1e12
                 rows += [
