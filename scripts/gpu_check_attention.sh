@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine for the attention op: build, CUDA tests, compute-sanitizer memcheck and
-# racecheck on small calls that reach every kernel path (tails, causal Sq != Sk, rows without keys,
+# One call on the GPU machine for the attention op: build, CUDA tests, compute-sanitizer memcheck,
+# racecheck and synccheck on small calls that reach every kernel path (tails, causal Sq != Sk, rows without keys,
 # GQA, varlen with empty documents, every head dim), then the benchmark; the table prints last.
 #   scripts/gpu_check_attention.sh            # everything
 #   SKIP_BUILD=1 scripts/gpu_check_attention.sh
@@ -33,7 +33,7 @@ flash_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True).f
 torch.cuda.synchronize()
 print("sanitize driver: ok")
 PY
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   echo "== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 1 python /tmp/fmcore_attn_sanitize.py 2>&1 | tail -n 4
 done
