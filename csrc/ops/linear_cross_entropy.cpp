@@ -23,15 +23,17 @@ namespace fmcore {
 
 namespace {
 
-constexpr int64_t kChunkBudgetBytes = 96ll << 20;
+constexpr int64_t kChunkBudgetBytes = 112ll << 20;
 
-// Rows per chunk when the caller gives none: the (rows, V) logits block stays within 96 MiB (the
-// rest of the 128 MiB headroom covers the per-row loss/lse/count vectors, the fp32 bias-gradient
-// accumulator and its per-chunk sum), rounded down to a multiple of 128 rows once that is more than
-// 256 so the chunk GEMMs tile evenly.
+// Rows per chunk when the caller gives none: the (rows, V) logits block stays within 112 MiB (the
+// other 16 MiB of the 128 MiB headroom cover the per-row loss/stats vectors, the fp32 bias-gradient
+// accumulator and its per-chunk sum, all O(N + V)), rounded down to a multiple of 64 once that is
+// more than 128 so the chunk GEMMs tile evenly (rows are M of two GEMMs and K of grad_weight's).
+// The largest chunk that fits matters: grad_weight's GEMM reads and writes all of grad_weight once
+// per chunk, so its arithmetic intensity is proportional to the chunk's rows.
 int64_t default_chunk_rows(int64_t N, int64_t V, int64_t elem) {
   int64_t rows = std::max<int64_t>(1, kChunkBudgetBytes / (V * elem));
-  if (rows >= 256) rows -= rows % 128;
+  if (rows > 128) rows -= rows % 64;
   return std::min(rows, std::max<int64_t>(N, 1));
 }
 
