@@ -10,11 +10,11 @@
 //
 // grad_weight accumulates in weight's dtype (one rounding per chunk, as every chunked peer does):
 // an fp32 accumulator would cost 2 bytes x V x D more than the memory bar allows for bf16 weights.
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-
-#include <torch/library.h>
 
 #include "checks.h"
 #include "cross_entropy_op.h"
@@ -74,8 +74,8 @@ void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   }
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "expected reduction 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(chunk_size >= 0, "expected chunk_size >= 1 (or 0: chosen from the shapes), got ",
-                    chunk_size);
+  TORCH_CHECK_VALUE(chunk_size >= 0,
+                    "expected chunk_size >= 1 (or 0: chosen from the shapes), got ", chunk_size);
 }
 
 }  // namespace
@@ -157,12 +157,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 
   at::Tensor loss;
   switch (reduction) {
-    case 0: loss = loss_rows; break;
-    case 1: loss = loss_rows.sum() / count; break;  // 0/0 = nan when all ignored, as torch
-    default: loss = loss_rows.sum(); break;
+    case 0:
+      loss = loss_rows;
+      break;
+    case 1:
+      loss = loss_rows.sum() / count;
+      break;  // 0/0 = nan when all ignored, as torch
+    default:
+      loss = loss_rows.sum();
+      break;
   }
-  at::Tensor grad_bias = need_grad_bias ? grad_bias_acc.to(hidden.scalar_type())
-                                        : at::empty({0}, hidden.options());
+  at::Tensor grad_bias =
+      need_grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, hidden.options());
   return {loss, stats.sum(1), grad_hidden, grad_weight, grad_bias};
 }
 
