@@ -1,14 +1,14 @@
 // Softmax cross-entropy: argument checks, the device-independent op bodies, the CPU reference and
 // its registration. The math is documented in kernels/cross_entropy.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "checks.h"
 #include "cross_entropy_op.h"
@@ -46,7 +46,8 @@ void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target, const C
   if (writes_logits) {
     TORCH_CHECK_VALUE(N <= 1 || logits.stride(0) >= V,
                       "expected logits with non-overlapping rows (row stride >= V) to receive the "
-                      "gradient in place, got strides ", shape_str(logits.strides()));
+                      "gradient in place, got strides ",
+                      shape_str(logits.strides()));
   }
   check_ce_options(o);
 }
@@ -84,8 +85,8 @@ void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t voca
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
-                                                        const at::Tensor& target, const CeOptions& o,
-                                                        const CeDevice& dev) {
+                                                        const at::Tensor& target,
+                                                        const CeOptions& o, const CeDevice& dev) {
   check_ce_inputs(logits, target, o, false);
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
@@ -110,14 +111,14 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& targ
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
                                                             const at::Tensor& target,
                                                             const at::Tensor& grad_scale,
-                                                            const CeOptions& o, const CeDevice& dev) {
+                                                            const CeOptions& o,
+                                                            const CeDevice& dev) {
   check_ce_inputs(logits, target, o, true);
   check_rows(grad_scale, logits, "grad_scale");
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
   at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o,
-          CeMode::kFwdGrad);
+  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o, CeMode::kFwdGrad);
   if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
   return {loss, stats};
 }
@@ -198,15 +199,15 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
 }
 
 void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.logits.scalar_type(),
-                                  "cross_entropy_cpu", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (t.target.scalar_type() == at::kLong) {
-      cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
-    } else {
-      cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.logits.scalar_type(), "cross_entropy_cpu", [&] {
+        using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        if (t.target.scalar_type() == at::kLong) {
+          cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
+        } else {
+          cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
+        }
+      });
 }
 
 bool cpu_may_sync(const at::Tensor&) { return true; }

@@ -39,10 +39,11 @@ void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
 
   const c10::cuda::CUDAGuard guard(t.logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = mode == CeMode::kBwd ? cross_entropy_bwd(p, stream)
-                                               : cross_entropy_fwd(p, mode == CeMode::kFwdGrad, stream);
-  TORCH_CHECK(err == cudaSuccess, "fmcore cross_entropy: CUDA launch failed: ",
-              cudaGetErrorString(err));
+  const cudaError_t err = mode == CeMode::kBwd
+                              ? cross_entropy_bwd(p, stream)
+                              : cross_entropy_fwd(p, mode == CeMode::kFwdGrad, stream);
+  TORCH_CHECK(err == cudaSuccess,
+              "fmcore cross_entropy: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 // Reading the bad-target flag synchronises the stream, which a CUDA graph capture forbids: there

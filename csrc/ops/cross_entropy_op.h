@@ -1,11 +1,11 @@
-// Cross-entropy bindings shared by the CPU and CUDA registrations: argument checks and the op bodies,
-// which take the device's pass runner (CPU reference or CUDA launcher) as a parameter.
+// Cross-entropy bindings shared by the CPU and CUDA registrations: argument checks and the op
+// bodies, which take the device's pass runner (CPU reference or CUDA launcher) as a parameter.
 #pragma once
-
-#include <tuple>
 
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <tuple>
 
 namespace fmcore {
 
@@ -41,15 +41,16 @@ at::ScalarType ce_acc_type(const at::Tensor& logits);
 void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t vocab);
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
-                                                        const at::Tensor& target, const CeOptions& o,
-                                                        const CeDevice& dev);
+                                                        const at::Tensor& target,
+                                                        const CeOptions& o, const CeDevice& dev);
 at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& target,
                                 const at::Tensor& stats, const at::Tensor& grad_loss,
                                 const CeOptions& o, bool inplace, const CeDevice& dev);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
                                                             const at::Tensor& target,
                                                             const at::Tensor& grad_scale,
-                                                            const CeOptions& o, const CeDevice& dev);
+                                                            const CeOptions& o,
+                                                            const CeDevice& dev);
 
 // loss, lse, grad_hidden, grad_weight, grad_bias (empty (0,) tensors for gradients not asked for).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_op(
@@ -63,7 +64,8 @@ template <const CeDevice& D>
 struct CeImpls {
   static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& logits, const at::Tensor& target,
                                                 int64_t ignore_index, double label_smoothing,
-                                                double z_loss, bool /*inplace_backward: autograd's*/) {
+                                                double z_loss,
+                                                bool /*inplace_backward: autograd's*/) {
     return cross_entropy_fwd_op(logits, target, {ignore_index, label_smoothing, z_loss}, D);
   }
   static at::Tensor bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,

@@ -263,6 +263,6 @@ def test_cuda_peak_memory_within_bar():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_default_chunks(dtype):
-    # Several default-sized chunks (96 MiB of logits each at V = 50257 => 896 rows) with a remainder.
-    hidden, weight, _, target = make(2000, 128, 50257, "cuda", dtype)
+    # Several default-sized chunks (112 MiB of logits each at V = 50257 => 1152 rows) and a remainder.
+    hidden, weight, _, target = make(3000, 128, 50257, "cuda", dtype)
     check(hidden, weight, None, target, label_smoothing=0.1)

@@ -39,10 +39,11 @@ def linear_cross_entropy(
         target: (N,) or (B, S), int64 or int32, in [0, V) or ignore_index.
         bias: optional (V,), hidden's dtype.
         ignore_index, label_smoothing, reduction, z_loss: as ``fmcore.ops.cross_entropy``.
-        chunk_size: rows of logits per chunk. Default: as many rows as fit in 96 MiB of logits
-            (rows = 96 MiB // (V * element size), rounded down to a multiple of 128 when >= 256,
-            at most N), so the peak memory above the inputs is the gradients this op returns plus
-            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight.
+        chunk_size: rows of logits per chunk. Default: as many rows as fit in 112 MiB of logits
+            (rows = 112 MiB // (V * element size), rounded down to a multiple of 64 when > 128, at
+            most N), so the peak memory above the inputs is the gradients this op returns plus
+            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight
+            (which is read and written once per chunk).
         return_lse: also return the per-row log-sum-exp (fp32, detached, 0 at ignored rows).
 
     Gradients: with reduction "mean" or "sum" and any input requiring grad, the forward computes
