@@ -2,9 +2,11 @@
 
 ``cross_entropy(logits, target)`` is ``F.cross_entropy`` for (N, V) or (B, S, V) logits and class
 targets: same reductions, ignore_index and label smoothing, plus PaLM's z-loss. The forward reads the
-logits once and keeps only the per-row max and log-sum-exp (fp32, 8 bytes a row); the backward reads them
-again and writes the gradient, into a new tensor or, with ``inplace_backward=True``, over the logits
-themselves (0 bytes extra). The kernels are documented in csrc/kernels/cross_entropy.h.
+logits once and keeps only the per-row max and log-sum-exp (fp32, 8 bytes a row); the backward reads
+them again and writes the gradient into a new tensor. With ``inplace_backward=True`` the gradient
+goes over the logits themselves (0 bytes extra) and, for mean/sum in eager mode, is written by the
+forward's own kernel, so the logits cross HBM once each way. The kernels are documented in
+csrc/kernels/cross_entropy.h.
 """
 
 from __future__ import annotations
