@@ -241,6 +241,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_scale_kernel(const CrossEntropyParams p) {
+  const int vocab = static_cast<int>(p.vocab);
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const float s = p.grad_scale[row * p.grad_scale_stride];
+    if (s == 1.f) continue;  // block-uniform
+    T* g = static_cast<T*>(p.grad) + row * p.grad_stride;
+    map_row<T, VEC>(g, g, vocab, [s](int, float x) { return x * s; });
+  }
+}
+
 // ---- launchers
 
 dim3 grid_for(const CrossEntropyParams& p) {
@@ -264,8 +276,10 @@ cudaError_t launch(const CrossEntropyParams& p, int mode, cudaStream_t stream) {
     cross_entropy_fwd_kernel<T, TI, kVec, false><<<grid_for(p), threads, 0, stream>>>(p);
   } else if (mode == 1) {
     cross_entropy_fwd_kernel<T, TI, kVec, true><<<grid_for(p), threads, 0, stream>>>(p);
-  } else {
+  } else if (mode == 2) {
     cross_entropy_bwd_kernel<T, TI, kVec><<<grid_for(p), threads, 0, stream>>>(p);
+  } else {
+    cross_entropy_scale_kernel<T, kVec><<<grid_for(p), threads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -298,6 +312,10 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, bool with_grad, cudaS
 
 cudaError_t cross_entropy_bwd(const CrossEntropyParams& p, cudaStream_t stream) {
   return dispatch(p, 2, stream);
+}
+
+cudaError_t cross_entropy_scale(const CrossEntropyParams& p, cudaStream_t stream) {
+  return dispatch(p, 3, stream);  // the target type is not read
 }
 
 }  // namespace fmcore

@@ -49,6 +49,10 @@ struct CrossEntropyParams {
 cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, bool with_grad, cudaStream_t stream);
 // Backward: the gradient from the saved stats, one read and one write of each logit.
 cudaError_t cross_entropy_bwd(const CrossEntropyParams& p, cudaStream_t stream);
+// grad[n, :] *= grad_scale[n] in place (uses grad, grad_stride, grad_scale, rows, vocab, dtype).
+// Rows whose factor is exactly 1 are not touched: the backward of the fused path after
+// loss.backward() costs no memory traffic.
+cudaError_t cross_entropy_scale(const CrossEntropyParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace fmcore

@@ -54,8 +54,9 @@ void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target, const C
 
 // Per-row fp32 (fp64 for fp64 logits) values: (N,) when cols == 0 (any stride: grad_loss may be
 // expanded), else (N, cols).
-void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0) {
-  check_same_device(t, logits, name, "logits");
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0,
+                const char* logits_name = "logits") {
+  check_same_device(t, logits, name, logits_name);
   const auto acc = ce_acc_type(logits);
   TORCH_CHECK_VALUE(t.scalar_type() == acc, "expected ", name, " to be ", acc, ", got ",
                     t.scalar_type());
@@ -123,9 +124,38 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& lo
   return {loss, stats};
 }
 
+void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, const CeDevice& dev) {
+  check_float(grad, "grad");
+  check_dim(grad, 2, "grad", "(N, V)");
+  check_last_dim_contiguous(grad, "grad");
+  TORCH_CHECK_VALUE(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
+                    "expected grad with non-overlapping rows (row stride >= V), got strides ",
+                    shape_str(grad.strides()));
+  TORCH_CHECK_VALUE(grad.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "expected grad with V < 2^31 columns, got shape ", shape_str(grad.sizes()));
+  check_rows(factor, grad, "factor", 0, "grad");
+  dev.run({grad, {}, {}, {}, grad, factor, {}}, {}, CeMode::kScale);
+}
+
 namespace {
 
 // ---- CPU reference: two plain passes per row (max, then sum-exp) and a third for the gradient.
+
+template <typename T, typename Acc>
+void scale_cpu(const CeTensors& t) {
+  const int64_t N = t.grad.size(0), V = t.grad.size(1), stride = t.grad.stride(0);
+  T* G = t.grad.data_ptr<T>();
+  const Acc* scale = t.grad_scale.const_data_ptr<Acc>();
+  const int64_t s_stride = t.grad_scale.stride(0);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const Acc s = scale[n * s_stride];
+      if (s == 1) continue;  // as the kernel: rows whose factor is 1 are not touched
+      T* g = G + n * stride;
+      for (int64_t v = 0; v < V; ++v) g[v] = static_cast<T>(static_cast<Acc>(g[v]) * s);
+    }
+  });
+}
 
 template <typename T, typename Acc, typename TI>
 void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
@@ -202,7 +232,9 @@ void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, t.logits.scalar_type(), "cross_entropy_cpu", [&] {
         using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        if (t.target.scalar_type() == at::kLong) {
+        if (mode == CeMode::kScale) {
+          scale_cpu<scalar_t, Acc>(t);
+        } else if (t.target.scalar_type() == at::kLong) {
           cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
         } else {
           cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);

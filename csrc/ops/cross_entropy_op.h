@@ -15,7 +15,8 @@ struct CeOptions {
   double z_loss = 0.0;
 };
 
-enum class CeMode { kFwd, kFwdGrad, kBwd };
+// kScale: grad[n, :] *= grad_scale[n], skipping rows whose factor is 1 (logits and target unused).
+enum class CeMode { kFwd, kFwdGrad, kBwd, kScale };
 
 // One pass over validated tensors. logits (N, V), target (N,) contiguous int32/int64; loss (N,)
 // and stats (N, 2) (row max, log-sum-exp minus the max) contiguous in the accumulation dtype
@@ -51,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& lo
                                                             const at::Tensor& grad_scale,
                                                             const CeOptions& o,
                                                             const CeDevice& dev);
+
+void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, const CeDevice& dev);
 
 // loss, lse, grad_hidden, grad_weight, grad_bias (empty (0,) tensors for gradients not asked for).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_op(
@@ -88,6 +91,9 @@ struct CeImpls {
     return cross_entropy_fwd_bwd_op(logits, target, grad_scale,
                                     {ignore_index, label_smoothing, z_loss}, D);
   }
+  static void scale_(const at::Tensor& grad, const at::Tensor& factor) {
+    cross_entropy_scale_op(grad, factor, D);
+  }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear(
       const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& grad_rows,
@@ -105,6 +111,7 @@ void register_cross_entropy(torch::Library& m) {
   m.impl("cross_entropy_bwd", &CeImpls<D>::bwd);
   m.impl("cross_entropy_bwd_", &CeImpls<D>::bwd_);
   m.impl("cross_entropy_fwd_bwd_", &CeImpls<D>::fwd_bwd_);
+  m.impl("cross_entropy_scale_", &CeImpls<D>::scale_);
   m.impl("linear_cross_entropy", &CeImpls<D>::linear);
 }
 
