@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "info": "print the build: torch/CUDA versions, archs, which ops have CUDA kernels",
         "bench": "run the benchmarks against every importable peer (see `fmcore bench -h`)",
+        "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="fmcore", description="fmcore command line")
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from fmcore.bench.__main__ import main as bench_main
 
         return bench_main(rest)
+    if command == "train":
+        from fmcore.train.trainer import main as train_main
+
+        return train_main(rest)
     raise AssertionError(command)
 
 
