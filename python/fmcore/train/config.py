@@ -313,7 +313,7 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
         if not section:
             cfg.name = value
         else:
-            _set(cfg, section, key, value, f"--{section}.{key}")
+            _set(cfg, section, key, value, "command line")
     validate(cfg)
     return cfg
 
