@@ -12,9 +12,11 @@ DCP works in a single process without init_process_group (it then skips the coll
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,14 @@ PREFIX = "step_"
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes a single process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rank() -> int:
@@ -87,7 +97,8 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     extra_path = tmp / f"extra_rank{rank}.pt"
     with open(extra_path, "wb") as f:
         torch.save(extra, f)
@@ -129,6 +140,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise FileNotFoundError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    with _quiet():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return torch.load(extra_path, weights_only=False)

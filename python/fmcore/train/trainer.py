@@ -442,16 +442,9 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         if not good:
             skipped_total += 1
         in_a_row = in_a_row + 1 if diverging else 0
-        if in_a_row >= t.max_skipped:
-            path = save(step)
-            report.message(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
-                           f"(last loss {loss_v}, grad norm {norm_v}); the weights are those of the last good step, "
-                           f"saved in {path}. Lower optim.lr, raise optim.grad_clip or check the data, then "
-                           f"--resume {path}.")
-            report.close()
-            raise TrainingStopped(f"{in_a_row} consecutive non-finite steps; checkpoint of the last good state: {path}")
+        stop = in_a_row >= t.max_skipped
 
-        if step % cfg.log.every == 0 or step == t.steps or step == start + 1:
+        if step % cfg.log.every == 0 or step == t.steps or step == start + 1 or stop:
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             now = time.perf_counter()
@@ -465,11 +458,21 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                 "eta_s": dt * (t.steps - step),
             })
             window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
+        if stop:
+            path = save(step)
+            report.message(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
+                           f"(last loss {loss_v}, grad norm {norm_v}); the weights are those of the last good step, "
+                           f"saved in {path}. Lower optim.lr, raise optim.grad_clip or check the data, then "
+                           f"--resume {path}.")
+            report.close()
+            raise TrainingStopped(f"{in_a_row} consecutive non-finite steps; checkpoint of the last good state: {path}")
+
+        pause_t = time.perf_counter()
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             run_eval(step)
         if ck.every and step % ck.every == 0 and step != t.steps:
             save(step)
-            window_t = time.perf_counter()  # checkpoint time is not training time
+        window_t += time.perf_counter() - pause_t  # evaluation and checkpoint time is not training time
 
     if step == start:
         report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
