@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+namespace fmcore::data {
+void register_loader(py::module_& m);  // csrc/data/loader_binding.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fmcore native extension: CUDA kernels, CPU references, loader and communicator";
   m.def("build_info", [] {
@@ -26,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = FMCORE_CUDA_ARCHS;
     return info;
   }, "Facts fixed when the extension was compiled.");
+  fmcore::data::register_loader(m);
 }

@@ -1,0 +1,1 @@
+"""CPU-side benchmarks under pytest-benchmark: `pytest benchmarks --benchmark-only`."""

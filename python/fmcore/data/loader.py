@@ -1,0 +1,138 @@
+"""fmcore.data.Loader: batches of token windows from a sharded dataset, computed ahead by C++ threads.
+
+Batch i of rank r holds the global samples ``start + (i*world_size + r)*B + b`` (b < B); where a sample
+lives is a pure function of (seed, mode, seq_len, the dataset), see csrc/data/plan.h. Hence:
+- the same (seed, rank, world_size) gives the same batches whatever the thread count;
+- ranks are disjoint and, in sequential mode, jointly read every window of every epoch exactly once;
+- the state is one number (the next global sample), identical on every rank: resuming restarts the
+  workers there, and the next batch equals the one an uninterrupted loader would have returned. A
+  state may be loaded with another batch_size or world_size: reading continues at the same sample.
+
+Sequential mode: every epoch visits the shards in an order shuffled by (seed, epoch); windows of
+T + 1 tokens start every T tokens inside a shard and are read in order; epochs follow each other
+without a partial batch. Random mode: each window starts at a uniformly drawn position.
+
+With doc_boundaries, each row is split into segments at document starts (the shard's stored offsets,
+or after each EOS token for shards without them; a row's start always opens a segment): positions
+restart at 0 in every segment and cu_seqlens (int32, the segment ends in the flattened B*T batch,
+leading 0) feeds flash_attention_varlen with max_seqlen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fmcore import _C
+from fmcore.data.shards import load_manifest, split_shards
+
+_DTYPE_BYTES = {torch.int64: 8, torch.int32: 4}
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, T) input tokens, int64 (or int32); pinned when CUDA is available
+    y: torch.Tensor  # (B, T) next-token targets: y[b, t] is the token after x[b, t]
+    positions: torch.Tensor | None = None  # (B, T) position within the segment (doc_boundaries only)
+    cu_seqlens: torch.Tensor | None = None  # (n_segments + 1,) int32 segment ends in the flattened batch
+    max_seqlen: int | None = None  # longest segment (doc_boundaries only)
+
+
+def default_threads() -> int:
+    """The usable cores shared among the local ranks (LOCAL_WORLD_SIZE, set by torchrun), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores // local))
+
+
+class Loader:
+    """Iterable of Batch from dataset (a directory with manifest.json, or of llm.c *train*/*val* .bin).
+
+    threads: worker threads (default: default_threads()); prefetch: batches computed ahead (default
+    2*threads + 2); check_vocab: every token read is checked < vocab size (an error names the file and
+    offset); verify: checksum every shard when opening; pin_memory: default torch.cuda.is_available().
+    """
+
+    def __init__(self, dataset, split: str = "train", batch_size: int = 8, seq_len: int = 1024, *,
+                 mode: str = "sequential", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 threads: int | None = None, doc_boundaries: bool = False, dtype: torch.dtype = torch.int64,
+                 prefetch: int | None = None, check_vocab: bool = False, verify: bool = False,
+                 pin_memory: bool | None = None):
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
+        if mode not in ("sequential", "random"):
+            raise ValueError(f"mode must be 'sequential' or 'random', got {mode!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.dataset = Path(dataset)
+        self.split = split
+        manifest, paths = split_shards(self.dataset, split)
+        tok = manifest.get("tokenizer", {})
+        self.vocab_size: int | None = tok.get("vocab_size")
+        self.eos_id: int | None = tok.get("eos_id")
+        self.batch_size, self.seq_len, self.mode, self.seed = batch_size, seq_len, mode, seed
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+        self.threads = threads or default_threads()
+        self._fingerprint = _fingerprint(manifest["splits"][split])
+        self._core = _C.TokenLoader(
+            [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
+            prefetch or 2 * self.threads + 2, doc_boundaries, _DTYPE_BYTES[dtype], check_vocab,
+            self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0,
+            torch.cuda.is_available() if pin_memory is None else pin_memory)
+        # Joins the worker threads when the loader is collected, closed, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, self._core.close)
+
+    @staticmethod
+    def manifest(dataset) -> dict:
+        return load_manifest(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        x, y, positions, cu_seqlens, max_seqlen = self._core.next()
+        return Batch(x, y, positions, cu_seqlens, max_seqlen)
+
+    @property
+    def wait_seconds(self) -> float:
+        """Cumulative seconds the consumer waited in next() for a batch not ready yet."""
+        return self._core.wait_seconds
+
+    @property
+    def epoch(self) -> float:
+        """Sequential mode: epochs read so far by all ranks together (fractional)."""
+        return self._core.next_sample / self._core.windows_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
+                "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected 1")
+        for key in ("mode", "seed", "seq_len", "split", "dataset"):
+            if state[key] != getattr(self, "_fingerprint" if key == "dataset" else key):
+                raise ValueError(f"loader state was saved with a different {key}: {state[key]!r}, this loader has "
+                                 f"{getattr(self, '_fingerprint' if key == 'dataset' else key)!r}")
+        self._core.restart(int(state["sample"]))
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fingerprint(split: dict) -> str:
+    """Identifies the shards of a split (names and token counts): a state only resumes on the same data."""
+    shards = [(s["file"], s["tokens"]) for s in split["shards"]]
+    return hashlib.blake2b(json.dumps(shards).encode(), digest_size=8).hexdigest()

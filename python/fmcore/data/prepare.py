@@ -1,0 +1,439 @@
+"""`fmcore prepare`: raw text to a validated, sharded token dataset (see fmcore.data.shards for the format).
+
+Pipeline: gather documents (text files, directories of them, JSON Lines with a text field; or, with no
+input, the embedded corpus of the Python standard library) -> clean in worker processes (newline
+normalisation, empty / too-short / too-long / symbol-heavy filters, content hash) -> exact-duplicate
+removal by hash -> train/val split by hash (stable whatever the input order) -> tokenizer (a given
+tokenizer.json, or a byte-level BPE trained here on the train split) -> tokenize (the `tokenizers`
+Rust encoder, parallel over the cores) -> shards of about shard_tokens tokens, one EOS after every
+document, document start offsets stored -> manifest.json. Written into a temporary sibling directory
+and renamed, so a crash or a concurrent prepare never leaves a half dataset under the final name.
+
+Everything is held in memory between cleaning and sharding: fine for corpora of a few GB of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmcore.data.shards import MANIFEST, write_shard
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    min_chars: int = 16  # shorter documents (after stripping) are dropped as too short
+    max_chars: int | None = None  # longer documents are dropped as too long
+    # Drop documents whose fraction of characters that are neither letters, digits nor whitespace is
+    # above this (markup, tables of numbers, base64 ...); None keeps everything.
+    max_symbol_fraction: float | None = None
+    text_field: str = "text"
+
+
+COUNT_KEYS = ("documents_in", "empty", "too_short", "too_long", "symbols", "binary_files", "bad_json", "duplicate")
+
+
+# ---- reading and cleaning (runs in worker processes)
+
+
+def _read_text(path: Path) -> str | None:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw[:8192]:
+        return None  # a binary file found while walking a directory
+    return raw.decode("utf-8", errors="replace")
+
+
+def _clean(text: str, cfg: CleanConfig, counts: dict) -> str | None:
+    counts["documents_in"] += 1
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        counts["empty"] += 1
+        return None
+    if len(text) < cfg.min_chars:
+        counts["too_short"] += 1
+        return None
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+        counts["too_long"] += 1
+        return None
+    if cfg.max_symbol_fraction is not None:
+        plain = sum(c.isalnum() or c.isspace() for c in text)
+        if 1.0 - plain / len(text) > cfg.max_symbol_fraction:
+            counts["symbols"] += 1
+            return None
+    return text
+
+
+def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
+    """One input file (or the builtin docstrings) -> ([(content hash, clean text)], counts)."""
+    kind, path, cfg = task
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    raw_docs: list[str] = []
+    if kind == "docstrings":
+        raw_docs = _builtin_docstrings()
+    else:
+        text = _read_text(Path(path))
+        if text is None:
+            counts["binary_files"] += 1
+        elif kind == "jsonl":
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get(cfg.text_field)
+                except (json.JSONDecodeError, AttributeError):
+                    value = None
+                if isinstance(value, str):
+                    raw_docs.append(value)
+                else:
+                    counts["bad_json"] += 1
+        else:
+            raw_docs.append(text)
+    docs = []
+    for raw in raw_docs:
+        text = _clean(raw, cfg, counts)
+        if text is not None:
+            docs.append((hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), text))
+    return docs, counts
+
+
+# ---- the embedded default corpus: the Python standard library
+
+
+_STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "turtledemo",
+                "_bundled", "lib2to3", "pydoc_data"}
+
+
+def stdlib_files(max_chars: int) -> list[Path]:
+    """The standard library's own .py files (tests and vendored packages left out), in sorted order,
+    until their total size passes max_chars."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP)
+        files += [Path(d) / n for n in sorted(names) if n.endswith(".py")]
+    files.sort(key=lambda p: str(p.relative_to(root)))
+    out, total = [], 0
+    for p in files:
+        if total >= max_chars:
+            break
+        out.append(p)
+        total += p.stat().st_size
+    return out
+
+
+def _builtin_docstrings() -> list[str]:
+    """Docstrings of the modules compiled into the interpreter (builtins, sys, math, itertools ...): text
+    that exists on every machine with Python but in no .py file. One document per module."""
+    import importlib
+
+    docs = []
+    for name in sorted(sys.builtin_module_names):
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        parts = [f"{name}\n\n{module.__doc__ or ''}"]
+        for attr in sorted(dir(module)):
+            if attr.startswith("_"):
+                continue
+            doc = getattr(getattr(module, attr, None), "__doc__", None)
+            if isinstance(doc, str) and doc.strip() and doc is not type(getattr(module, attr)).__doc__:
+                parts.append(f"{name}.{attr}\n{doc.strip()}")
+        docs.append("\n\n".join(parts))
+    return docs
+
+
+# ---- tokenizer
+
+
+def train_bpe(texts, vocab_size: int, total: int | None = None):
+    """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) trained on texts, with
+    <|endoftext|> as its only special token (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer, length=total)
+    return tok
+
+
+def _eos_id(tok, eos_token: str | None, source: str) -> tuple[str, int]:
+    names = [eos_token] if eos_token else list(EOS_CANDIDATES)
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return name, i
+    raise ValueError(f"{source}: no EOS token found (tried {', '.join(names)}); pass eos_token / --eos-token")
+
+
+# ---- shard writing
+
+
+class _SplitWriter:
+    """Streams one split's documents into shards of shard_tokens; the tail is balanced over the last two
+    shards so no shard is shorter than half of shard_tokens (unless the whole split is)."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int, eos_id: int):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.vocab_size, self.eos_id = vocab_size, eos_id
+        self.chunks: list[np.ndarray] = []
+        self.starts: list[int] = []  # document starts, in tokens from the start of the buffer
+        self.buffered = 0
+        self.entries: list[dict] = []
+        self.documents = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.starts.append(self.buffered)
+        arr = np.empty(len(ids) + 1, dtype=np.uint32)
+        arr[:-1] = ids
+        arr[-1] = self.eos_id
+        self.chunks.append(arr)
+        self.buffered += arr.size
+        self.documents += 1
+        while self.buffered >= 2 * self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        buf = np.concatenate(self.chunks)
+        starts = np.asarray(self.starts, dtype=np.int64)
+        head = starts[starts < n]
+        if head.size == 0 or head[0] != 0:
+            head = np.concatenate([[0], head])  # a document continued from the previous shard
+        name = f"{self.split}_{len(self.entries):06d}.bin"
+        self.entries.append(write_shard(self.out / name, buf[:n], vocab_size=self.vocab_size, eos_id=self.eos_id,
+                                        doc_starts=head))
+        self.chunks = [buf[n:]] if buf.size > n else []
+        self.starts = [int(s) - n for s in starts if s >= n]
+        self.buffered = buf.size - n
+
+    def close(self) -> dict:
+        if self.buffered > self.shard_tokens:
+            self._flush(self.buffered // 2)
+        if self.buffered:
+            self._flush(self.buffered)
+        return {"tokens": sum(e["tokens"] for e in self.entries), "documents": self.documents, "shards": self.entries}
+
+
+# ---- the pipeline
+
+
+def _tasks(inputs: list[Path], cfg: CleanConfig) -> list[tuple]:
+    tasks = []
+    for root in inputs:
+        if not root.exists():
+            raise FileNotFoundError(f"input {root} does not exist")
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        for p in files:
+            kind = "jsonl" if p.name.endswith(JSONL_SUFFIXES) else "text"
+            tasks.append((kind, str(p), cfg))
+    return tasks
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192, shard_tokens: int = 100_000_000,
+            val_fraction: float = 0.005, eos_token: str | None = None, min_chars: int = 16,
+            max_chars: int | None = None, max_symbol_fraction: float | None = None, text_field: str = "text",
+            max_input_chars: int = 8_000_000, bpe_train_chars: int = 200_000_000, workers: int | None = None,
+            overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Build a dataset directory (shards + manifest.json + tokenizer.json) and return its path.
+
+    inputs: files / directories / JSON Lines files (a str, a Path or a list of them). None: the embedded
+    corpus (the standard library's source files, capped at max_input_chars, plus the docstrings of
+    the built-in modules). out_dir: None means default_dataset_root()/"stdlib". tokenizer: path of an
+    HF tokenizers tokenizer.json; None trains a byte-level BPE of vocab_size on the train split.
+    progress: tqdm bars (None: only on a terminal).
+    """
+    t0 = time.perf_counter()
+    if out_dir is None:
+        out_dir = default_dataset_root() / "stdlib"
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    cfg = CleanConfig(min_chars, max_chars, max_symbol_fraction, text_field)
+    if inputs is None:
+        tasks = [("text", str(p), cfg) for p in stdlib_files(max_input_chars)] + [("docstrings", None, cfg)]
+        source = f"python {sys.version.split()[0]} standard library (.py files, capped at {max_input_chars} chars) + built-in module docstrings"
+    else:
+        inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        tasks = _tasks([Path(p) for p in inputs], cfg)
+        source = ", ".join(str(p) for p in inputs)
+    if not tasks:
+        raise ValueError(f"no input files found in {source}")
+
+    from tqdm import tqdm
+
+    disable = None if progress is None else not progress
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    seen: set[bytes] = set()
+    docs: list[tuple[bytes, str]] = []
+    workers = workers or default_workers()
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(min(workers, len(tasks))) as pool:
+        for file_docs, file_counts in tqdm(pool.imap(_load_task, tasks, chunksize=4), total=len(tasks),
+                                           desc="read+clean", unit="file", disable=disable):
+            for k, v in file_counts.items():
+                counts[k] += v
+            for h, text in file_docs:
+                if h in seen:
+                    counts["duplicate"] += 1
+                else:
+                    seen.add(h)
+                    docs.append((h, text))
+    if not docs:
+        raise ValueError(f"no documents left after cleaning {source}: {counts}")
+
+    # Split by content hash: a document's split does not depend on the input order or the worker count.
+    is_val = [int.from_bytes(h[:8], "little") / 2.0**64 < val_fraction for h, _ in docs]
+    if val_fraction > 0 and len(docs) >= 2 and not any(is_val):
+        is_val[min(range(len(docs)), key=lambda i: docs[i][0])] = True
+    if all(is_val):
+        is_val[max(range(len(docs)), key=lambda i: docs[i][0])] = False
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
+    tmp.chmod(0o755)
+    try:
+        if tokenizer is not None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tokenizer))
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            tok_source = f"file {tokenizer}"
+        else:
+            train_texts = [t for (_, t), v in zip(docs, is_val) if not v]
+            budget, chosen = bpe_train_chars, []
+            for t in train_texts:
+                if budget <= 0:
+                    break
+                chosen.append(t)
+                budget -= len(t)
+            tok = train_bpe(chosen, vocab_size, len(chosen))
+            tok.save(str(tmp / "tokenizer.json"))
+            tok_source = f"byte-level BPE trained on {len(chosen)} train documents"
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        eos_name, eos_id = _eos_id(tok, eos_token, str(tokenizer or "trained BPE"))
+
+        writers = {s: _SplitWriter(tmp, s, shard_tokens, vocab, eos_id) for s in ("train", "val")}
+        batch = 256
+        with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=disable) as bar:
+            for i in range(0, len(docs), batch):
+                chunk = docs[i:i + batch]
+                for (h, _), enc, v in zip(chunk, tok.encode_batch([t for _, t in chunk], add_special_tokens=False),
+                                          is_val[i:i + batch]):
+                    writers["val" if v else "train"].add(enc.ids)
+                bar.update(len(chunk))
+        splits = {s: w.close() for s, w in writers.items()}
+        splits = {s: v for s, v in splits.items() if v["tokens"]}
+        counts["kept"] = len(docs)
+        manifest = {
+            "format": "fmcore-dataset", "version": 1,
+            "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_name,
+                          "source": tok_source},
+            "splits": splits, "cleaning": {**counts, **asdict(cfg)},
+            "source": source, "seconds": round(time.perf_counter() - t0, 2),
+            "options": {"vocab_size": vocab_size, "max_input_chars": max_input_chars if inputs is None else None,
+                        "val_fraction": val_fraction, "shard_tokens": shard_tokens},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / MANIFEST).exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same dataset first: keep theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- the default dataset
+
+DEFAULT_RECIPE = {"vocab_size": 4096, "max_input_chars": 4_000_000, "val_fraction": 0.05, "shard_tokens": 1_000_000}
+
+
+def default_dataset_root() -> Path:
+    """$FMCORE_DATA when set, else ~/.cache/fmcore/datasets."""
+    env = os.environ.get("FMCORE_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "fmcore" / "datasets"
+
+
+def default_dataset(root=None) -> Path:
+    """The embedded corpus (Python standard library sources + built-in docstrings, 4096-token BPE),
+    prepared under root (default: default_dataset_root()) on first use; returns the dataset dir."""
+    out = Path(root) if root is not None else default_dataset_root()
+    out = out / "stdlib"
+    manifest = out / MANIFEST
+    if manifest.exists():
+        options = json.loads(manifest.read_text()).get("options", {})
+        if all(options.get(k) == v for k, v in DEFAULT_RECIPE.items()):
+            return out
+    return prepare(None, out, overwrite=manifest.exists(), **DEFAULT_RECIPE)
+
+
+# ---- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path,
+                   help="text files, directories, JSON Lines files (.jsonl/.ndjson[.gz]); none: the Python stdlib corpus")
+    p.add_argument("--out", type=Path, help="dataset directory (default: $FMCORE_DATA or ~/.cache/fmcore/datasets, /stdlib)")
+    p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
+    p.add_argument("--vocab-size", type=int, help="vocab of the trained BPE (default 8192; 4096 for the stdlib corpus)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--val-fraction", type=float, default=None, help="fraction of documents for val (default 0.005; 0.05 for stdlib)")
+    p.add_argument("--eos-token", help="the tokenizer's EOS token (default: the first of %s found)" % ", ".join(EOS_CANDIDATES))
+    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text")
+    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+    p.add_argument("--max-chars", type=int, help="drop longer documents")
+    p.add_argument("--max-symbol-fraction", type=float, help="drop documents with more non-alphanumeric, non-space characters")
+    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus")
+    p.add_argument("--workers", type=int, help="worker processes (default: the usable cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    args = p.parse_args(argv)
+    stdlib = not args.inputs
+    out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
+                  vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
+                  shard_tokens=args.shard_tokens if not stdlib or args.shard_tokens != 100_000_000 else DEFAULT_RECIPE["shard_tokens"],
+                  val_fraction=args.val_fraction if args.val_fraction is not None else (DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005),
+                  eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
+                  max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
+                  max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite, progress=True)
+    manifest = json.loads((out / MANIFEST).read_text())
+    splits = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
+    print(f"{out}: {splits}; vocab {manifest['tokenizer']['vocab_size']}; cleaning {manifest['cleaning']}")
+    return 0

@@ -1,0 +1,80 @@
+"""The benchmark harness itself: rows, table, JSON, plots, the CLI and `fmcore info`."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from fmcore.bench import BENCHMARKS, load, report
+from fmcore.bench.report import Row
+from fmcore.bench.roofline import Roofline
+from fmcore.bench.timing import peak_memory_mib, time_ms
+
+
+def test_markdown_one_column_per_system_and_metric():
+    rows = [Row("rope", "c1", "fmcore", "ms", 1.5, "ms"), Row("rope", "c1", "torch-eager", "ms", 3.0, "ms"),
+            Row("rope", "c2", "fmcore", "ms", 2.0, "ms")]
+    table = report.markdown(rows)
+    assert "| case | fmcore ms | torch-eager ms |" in table
+    assert "| c2 | 2 | - |" in table  # a missing peer shows as '-', never as a number
+
+
+def test_json_round_trip_and_plot(tmp_path):
+    rows = [Row("rope", "c1", "fmcore", "ms", 1.0, "ms"), Row("rope", "c1", "fmcore", "roofline%", 50.0, "% of copy")]
+    head = report.header(torch.device("cpu"), Roofline(copy_gbps=10.0, matmul_tflops=0.1))
+    report.write_json(tmp_path / "r.json", head, rows)
+    head2, rows2 = report.load_json(tmp_path / "r.json")
+    assert rows2 == rows and head2["copy_gbps"] == 10.0 and head2["date"]
+    paths = report.plot(rows, tmp_path / "plots")
+    assert [p.name for p in paths] == ["rope.png"] and paths[0].stat().st_size > 1000
+
+
+def test_timing_is_median_of_real_work():
+    x = torch.randn(256, 256)
+    fast = time_ms(lambda: x + 1, torch.device("cpu"), warmup=1, rep=5)
+    slow = time_ms(lambda: x @ x @ x @ x, torch.device("cpu"), warmup=1, rep=5)
+    assert 0 < fast and 0 < slow
+    assert peak_memory_mib(lambda: x + 1, torch.device("cpu")) is None
+
+
+def test_unknown_benchmark_is_an_error():
+    try:
+        load("no-such-bench")
+    except ValueError as e:
+        assert "no-such-bench" in str(e) and "rope" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_every_registered_benchmark_imports():
+    for name in BENCHMARKS:
+        assert callable(load(name).run)
+
+
+def test_cli_runs_rope_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "rope.json"
+    proc = subprocess.run([sys.executable, "-m", "fmcore.bench", "rope", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "### rope" in proc.stdout
+    data = json.loads(out.read_text())
+    systems = {r["system"] for r in data["rows"]}
+    assert {"fmcore", "torch-eager", "torch-compile"} <= systems
+    assert all(r["value"] > 0 for r in data["rows"])
+
+
+def test_fmcore_info_cli():
+    proc = subprocess.run([sys.executable, "-m", "fmcore", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch_running" in proc.stdout and "rope" in proc.stdout
+
+
+def test_readme_performance_section_is_generated():
+    # The README's numbers come only from committed results through scripts/render_readme.py.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts/render_readme.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
