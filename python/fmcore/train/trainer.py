@@ -249,12 +249,14 @@ def memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def to_device(batch, device: torch.device, doc_boundaries: bool):
+def to_device(batch, device: torch.device, doc_boundaries: bool) -> tuple:
+    """(x, y, positions, cu_seqlens, max_seqlen) on device; the last three None without doc_boundaries."""
     nb = device.type == "cuda"
     x, y = batch.x.to(device, non_blocking=nb), batch.y.to(device, non_blocking=nb)
     if not doc_boundaries:
-        return x, y, None, None
-    return x, y, batch.positions.to(device, non_blocking=nb), batch.cu_seqlens.to(device, non_blocking=nb)
+        return x, y, None, None, None
+    return (x, y, batch.positions.to(device, non_blocking=nb), batch.cu_seqlens.to(device, non_blocking=nb),
+            batch.max_seqlen)
 
 
 @torch.no_grad()
@@ -265,10 +267,10 @@ def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: 
     total, first = torch.zeros((), device=env.device, dtype=torch.float64), None
     with make_loader(cfg, dataset, env, split="val", mode="sequential") as loader:
         for _ in range(cfg.train.eval_batches):
-            x, y, pos, cu = to_device(next(loader), env.device, cfg.data.doc_boundaries)
+            x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
             first = x if first is None else first
             with autocast_context(precision, env.device):
-                total += model(x, y, pos, cu).double()
+                total += model(x, y, *docs).double()
     if env.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -405,9 +407,9 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             group["lr"] = lr
         loss_sum = torch.zeros((), device=env.device)
         for micro in range(accum):
-            x, y, pos, cu = to_device(next(loader), env.device, cfg.data.doc_boundaries)
+            x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
             with grad_sync(model, micro == accum - 1), autocast_context(precision, env.device):
-                loss = model(x, y, pos, cu)
+                loss = model(x, y, *docs)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach()

@@ -13,20 +13,21 @@ class CausalLM(nn.Module):
     """Subclasses define embed(x, positions) -> (B, S, dim), ``blocks`` (a ModuleList whose blocks take
     (h, positions, docs)), ``norm`` and head_weight() -> (V, dim).
 
-    forward(x, y=None, positions=None, cu_seqlens=None): x (B, S) token ids. Without y it returns the
+    forward(x, y=None, positions=None, cu_seqlens=None, max_seqlen=None): x (B, S) token ids. Without y it returns the
     fp32 logits (B, S, V); with y (B, S) the mean cross-entropy, computed by the fused linear
     cross-entropy on the fmcore path (no logits in memory). positions (B, S) restart at each document;
-    with cu_seqlens (or positions on the torch path) attention stays inside documents.
+    with cu_seqlens (or positions on the torch path) attention stays inside documents; max_seqlen (the
+    longest document, from the loader) sizes the varlen kernel's grid (None: S, always safe).
     """
 
     ops: str
     activation_checkpointing: bool = False
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         docs: DocMask | None = None
         if positions is not None and (cu_seqlens is not None or self.ops == "torch"):
-            docs = doc_mask(positions, cu_seqlens, self.ops)
+            docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen)
         h = self.embed(x, positions)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:

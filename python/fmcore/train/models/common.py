@@ -19,7 +19,7 @@ class DocMask:
     """Where the documents packed into a batch start, in the form each ops path wants.
 
     cu_seqlens: int32 (n_docs + 1,) offsets into the flattened (B*S) tokens, for varlen flash attention.
-    max_seqlen: an upper bound on any document's length (S: no device sync to find the true max).
+    max_seqlen: the longest document (the loader knows it; S is a safe bound that needs no device sync).
     mask: bool (B, 1, S, S), True where query i may attend key j (same document and j <= i), for SDPA.
     """
 
@@ -28,13 +28,14 @@ class DocMask:
     mask: torch.Tensor | None
 
 
-def doc_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor | None, ops: str) -> DocMask:
+def doc_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor | None, ops: str,
+             max_seqlen: int | None = None) -> DocMask:
     """DocMask from the loader's positions (B, S) (restarting at 0 at each document) and cu_seqlens."""
     B, S = positions.shape
     if ops == "fmcore":
         if cu_seqlens is None:
             raise ValueError("document masking with model.ops='fmcore' needs the loader's cu_seqlens")
-        return DocMask(cu_seqlens.to(device=positions.device, dtype=torch.int32), S, None)
+        return DocMask(cu_seqlens.to(device=positions.device, dtype=torch.int32), max_seqlen or S, None)
     doc = torch.cumsum(positions == 0, dim=1)  # (B, S) document index within each row
     same = doc[:, :, None] == doc[:, None, :]
     causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril()
