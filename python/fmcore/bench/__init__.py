@@ -17,6 +17,7 @@ from fmcore.bench.roofline import Roofline
 # name -> module; one module per op or component, in the order they run.
 BENCHMARKS = {
     "rope": "fmcore.bench.rope",
+    "train": "fmcore.bench.train",
 }
 
 

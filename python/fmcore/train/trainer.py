@@ -259,6 +259,54 @@ def to_device(batch, device: torch.device, doc_boundaries: bool) -> tuple:
             batch.max_seqlen)
 
 
+@dataclass
+class StepOptions:
+    impl: str  # "fmcore" (FusedAdamW) or "torch" (torch.optim.AdamW)
+    precision: str  # resolved: fp32, bf16-autocast, bf16, fp16
+    device: torch.device
+    grad_clip: float  # 0: no clipping
+    world: int = 1
+
+
+def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOptions,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[float, float, bool]:
+    """One optimizer step over ``accum`` micro-batches from next_batch() -> (x, y, positions, cu_seqlens,
+    max_seqlen). Returns (mean loss, gradient norm, whether the update was applied), read with one
+    host sync. The caller sets the lr beforehand."""
+    loss_sum = torch.zeros((), device=opts.device)
+    for micro in range(accum):
+        x, y, *docs = next_batch()
+        with grad_sync(model, micro == accum - 1), autocast_context(opts.precision, opts.device):
+            loss = model(x, y, *docs)
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    if opts.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if opts.impl == "torch":
+        # Norm (and clip) before deciding: torch.optim.AdamW would apply non-finite gradients.
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else math.inf,
+                                              foreach=opts.device.type == "cuda" or None)
+        loss_v, norm_v = torch.stack([loss_sum / accum, norm.float()]).tolist()
+        good = math.isfinite(loss_v) and math.isfinite(norm_v)
+        if good or scaler is not None:  # the scaler skips overflowed steps itself and lowers its scale
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+    else:
+        # FusedAdamW computes the norm, clips and skips non-finite gradients inside its step (no sync).
+        # A non-finite cross-entropy comes from a non-finite logit, whose gradient is NaN, so the
+        # optimizer skips those steps too; the sync below only counts them.
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+        loss_v, norm_v = torch.stack([loss_sum / accum, optimizer.last_grad_norm.float().reshape(())]).tolist()
+        good = math.isfinite(loss_v) and math.isfinite(norm_v)
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_v, norm_v, good
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: str) -> tuple[float, torch.Tensor]:
     """(mean val loss over train.eval_batches micro-batches of every rank, the first batch's x)."""
@@ -396,7 +444,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             out = greedy_sample(model, prompt, cfg.log.sample_tokens, precision, mcfg.max_seq_len)
             report.message(f"sample @ {at_step}: {decode(tokenizer, prompt[0].tolist())!r} -> {decode(tokenizer, out)!r}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    opts = StepOptions(impl, precision, env.device, cfg.optim.grad_clip, env.world)
+
+    def next_batch():
+        return to_device(next(loader), env.device, cfg.data.doc_boundaries)
+
     start, in_a_row = step, 0
     window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
     run_t0 = time.perf_counter()
@@ -405,37 +457,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         lr = lr_at(step, t.steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=env.device)
-        for micro in range(accum):
-            x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
-            with grad_sync(model, micro == accum - 1), autocast_context(precision, env.device):
-                loss = model(x, y, *docs)
-            scaled = loss / accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach()
-        if env.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if impl == "torch":
-            # Norm (and clip) before deciding: torch.optim.AdamW would apply non-finite gradients.
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf,
-                                                  foreach=env.device.type == "cuda" or None)
-            loss_v, norm_v = torch.stack([loss_sum / accum, norm.float()]).tolist()
-            good = math.isfinite(loss_v) and math.isfinite(norm_v)
-            if good or scaler is not None:  # the scaler skips overflowed steps itself and lowers its scale
-                scaler.step(optimizer) if scaler is not None else optimizer.step()
-        else:
-            # FusedAdamW computes the norm, clips and skips non-finite gradients inside its step (no sync).
-            # A non-finite cross-entropy comes from a non-finite logit, whose gradient is NaN, so the
-            # optimizer skips those steps too; the sync below only counts them.
-            scaler.step(optimizer) if scaler is not None else optimizer.step()
-            norm_t = optimizer.last_grad_norm
-            loss_v, norm_v = torch.stack([loss_sum / accum, norm_t.float().reshape(())]).tolist()
-            good = math.isfinite(loss_v) and math.isfinite(norm_v)
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
         step += 1
         window_steps += 1
         report.advance()
