@@ -102,3 +102,18 @@ def test_fmcore_ops_match_torch_ops(device, base, docs):
     torch.testing.assert_close(out["fmcore"][0], out["torch"][0], rtol=1e-5, atol=1e-5)
     for g_f, g_t in zip(out["fmcore"][1], out["torch"][1]):
         torch.testing.assert_close(g_f, g_t, rtol=1e-4, atol=1e-5)
+
+
+def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
+    """The torch path masks from the loader's positions, the SDPA fallback of the fmcore path from its
+    cu_seqlens: on real packed batches both give the same block-diagonal causal mask."""
+    from fmcore.data import Loader
+    from fmcore.train.models.common import _mask_from_cu_seqlens, doc_mask
+
+    with Loader(dataset, batch_size=4, seq_len=64, doc_boundaries=True) as loader:
+        for _ in range(3):
+            batch = next(loader)
+            from_positions = doc_mask(batch.positions, None, "torch").mask
+            assert torch.equal(from_positions, _mask_from_cu_seqlens(batch.cu_seqlens, 4, 64))
+            causal = torch.ones(64, 64, dtype=torch.bool).tril()
+            assert (causal & ~from_positions).any()  # the batch does hold several documents

@@ -8,6 +8,7 @@ quality comparison rely on that.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str
 
     Returns (B, S, Hq, D). With docs, tokens attend only within their own document."""
     B, S, H, D = q.shape
-    if ops == "fmcore":
+    if ops == "fmcore" and _flash_covers(q):
         from fmcore.ops import flash_attention, flash_attention_varlen
 
         if docs is None:
@@ -59,11 +60,44 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str
         return out.view(B, S, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = k.shape[1] != H
+    if docs is not None and docs.mask is None:  # fmcore's varlen inputs, but its kernel does not apply
+        docs = DocMask(None, S, _mask_from_cu_seqlens(docs.cu_seqlens, B, S))
     if docs is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+_warned: set = set()
+
+
+def _flash_covers(q: torch.Tensor) -> bool:
+    """Whether fmcore's flash attention has a kernel for q (the CPU reference covers everything; CUDA
+    covers bf16/fp16 and head dims 64/96/128). Otherwise SDPA runs instead, with a one-time warning."""
+    if not q.is_cuda:
+        return True
+    from fmcore.ops import attention
+
+    dtypes = getattr(attention, "CUDA_DTYPES", (torch.bfloat16, torch.float16))
+    dims = getattr(attention, "CUDA_HEAD_DIMS", (64, 96, 128))
+    if q.dtype in dtypes and q.shape[-1] in dims:
+        return True
+    key = (q.dtype, q.shape[-1])
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fmcore flash attention has no CUDA kernel for {q.dtype} head dim {q.shape[-1]}; "
+                      "using torch SDPA for this model", stacklevel=3)
+    return False
+
+
+def _mask_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """(B, 1, S, S) causal same-document mask from segment ends in the flattened (B*S) batch."""
+    flat = torch.zeros(B * S, dtype=torch.int64, device=cu_seqlens.device)
+    flat[cu_seqlens[1:-1].long()] = 1
+    doc = torch.cumsum(flat, 0).view(B, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
