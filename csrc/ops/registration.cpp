@@ -11,4 +11,56 @@ TORCH_LIBRARY(fmcore, m) {
   m.def(
       "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool interleaved=False, "
       "bool conjugate=False, int seq_dim=1) -> ()");
+
+  // Softmax cross-entropy (kernels/cross_entropy.h). logits (N, V), target (N,) int64/int32. The
+  // forward returns the per-row loss (N,) and stats (N, 2) = (row max, log-sum-exp minus the max),
+  // fp32 (fp64 for fp64 logits); the reduction happens in Python. inplace_backward is read only by
+  // the autograd formula (gradient into the logits).
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index=-100, "
+      "float label_smoothing=0.0, float z_loss=0.0, bool inplace_backward=False) -> (Tensor, Tensor)");
+  m.def(
+      "cross_entropy_bwd(Tensor logits, Tensor target, Tensor stats, Tensor grad_loss, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
+  m.def(
+      "cross_entropy_bwd_(Tensor(a!) logits, Tensor target, Tensor stats, Tensor grad_loss, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> ()");
+  // Fused: loss and stats, and grad_scale[n] * dloss_n/dlogits written over the logits, in one kernel.
+  m.def(
+      "cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor target, Tensor grad_scale, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor)");
+  // Linear cross-entropy: hidden (N, D), weight (V, D), bias (V,); reduction 0 none, 1 mean, 2 sum.
+  // Returns (loss, lse, grad_hidden, grad_weight, grad_bias); a gradient not asked for is empty (0,).
+  // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of "none").
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
+      "Tensor? grad_rows=None, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
+      "int reduction=1, int chunk_size=0, bool grad_hidden=False, bool grad_weight=False, "
+      "bool grad_bias=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused AdamW (kernels/adamw.h). grad_norm_ writes the global L2 norm of every tensor in the list
+  // (fp32/bf16/fp16, one device) into norm, a one-element fp32 tensor, and adds 1 to nonfinite_count
+  // (one-element int64) when that norm is inf/nan. adamw_step_ updates params, exp_avgs, exp_avg_sqs
+  // (fp32), master_params (empty, or fp32 copies of bf16/fp16 params: read instead of params) and
+  // steps (one-element fp32 counts, incremented first) in place. lr_tensor (one-element fp32), when
+  // given, is read on the device instead of lr. grad_norm is grad_norm_'s output: with
+  // max_grad_norm the grads are scaled by min(1, max_grad_norm / (norm + 1e-6)) inside the update;
+  // with skip_nonfinite a non-finite norm leaves everything unchanged.
+  m.def("grad_norm_(Tensor[] tensors, Tensor(a!) norm, Tensor(b!)? nonfinite_count=None) -> ()");
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor(e!)[] steps, Tensor? lr_tensor, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_norm=None, "
+      "float? max_grad_norm=None, bool skip_nonfinite=False) -> ()");
+  // Flash attention. Batched when cu_seqlens_q/k are None: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D),
+  // lse (B, Hq, Sq). Varlen otherwise: q (Tq, Hq, D), k/v (Tk, Hk, D), int32 cu_seqlens (B + 1,),
+  // lse (Hq, Tq); max_seqlen_q/k bound every sequence (unused when batched). lse is float32
+  // (float64 for float64 CPU inputs). Causal masks align to the bottom-right corner. The backward
+  // takes the optional gradient of lse (dlse) and recomputes the probabilities from lse.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -18,4 +18,4 @@ from fmcore._info import build_info
 __version__ = "0.1.0"
 __all__ = ["build_info", "__version__"]
 
-from fmcore import nn, ops  # noqa: E402,F401  (ops registers fake and autograd formulas)
+from fmcore import nn, ops, optim  # noqa: E402,F401  (ops registers fake and autograd formulas)

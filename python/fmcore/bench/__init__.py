@@ -17,6 +17,10 @@ from fmcore.bench.roofline import Roofline
 # name -> module; one module per op or component, in the order they run.
 BENCHMARKS = {
     "rope": "fmcore.bench.rope",
+    "cross_entropy": "fmcore.bench.cross_entropy",
+    "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
+    "adamw": "fmcore.bench.adamw",
+    "attention": "fmcore.bench.attention",
     "train": "fmcore.bench.train",
 }
 

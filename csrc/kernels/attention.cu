@@ -1,0 +1,757 @@
+// Flash attention CUDA kernels (FlashAttention-2 structure on mma.sync tensor cores, sm_80+;
+// built for sm_90a).
+//
+// Forward: one CTA per (block of kBlockM queries, query head, sequence); each warp owns 16 query
+// rows. K/V tiles of kBlockN keys stream through double-buffered shared memory with cp.async while
+// the previous tile is in use. S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation;
+// the online softmax works on the S accumulators in registers (their layout is fixed by the PTX
+// ISA), and P is re-packed from the accumulator layout into A fragments without touching shared
+// memory. Causal CTAs stop at the last key block their last query sees (tiles above the diagonal
+// are never loaded); only tiles that straddle the diagonal or the sequence end are masked.
+//
+// Backward (deterministic by construction, no atomics):
+//   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row
+//   attn_bwd_dkdv_kernel   one CTA per (key block, kv head, sequence) loops over the query blocks
+//                          of every query head of its GQA group: dV += P^T dO, dK += dS^T Q
+//   attn_bwd_dq_kernel     one CTA per (query block, query head, sequence) loops over the key
+//                          blocks its queries see: dQ += dS K
+// P = exp(S - lse) is recomputed in both; dS = P * (dP - delta) with dP = dO V^T. The price of
+// owning every output in one CTA: S and dP are computed twice (7 matmuls instead of the 5 of an
+// atomic-add backward, ~1.4x the tensor-core work); in exchange no fp32 dq buffer, no zeroing and
+// conversion passes, and bitwise reproducible gradients whatever the scheduling.
+//
+// Shared-memory tiles are row-major with a pitch of D + 8 elements: the 16-byte pad puts the 8 rows
+// an ldmatrix reads in 8 different bank groups (no conflicts) and keeps every row 16-byte aligned
+// for cp.async. Rows past the sequence end are zero-filled (cp.async with src-size 0), so no
+// garbage (possibly NaN) ever enters an MMA, and their scores are masked.
+//
+// The step to FlashAttention-3 (wgmma + TMA + warp specialization) keeps this file's structure:
+//  1. load_tile -> TMA loads (cp.async.bulk.tensor) issued by one producer warp into a ring of
+//     stages guarded by mbarriers, shared memory 128-byte swizzled instead of padded;
+//  2. gemm_abt / gemm_pb -> wgmma.mma_async on 64-row warpgroup tiles: S = Q K^T with both operands
+//     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here);
+//  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
+//     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
+//  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
+//  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
+//  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
+#include <cmath>
+#include <cstdint>
+
+#include "attention.h"
+#include "common.cuh"
+
+namespace fmcore {
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- device helpers: PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes 0 zero-fills the destination (no read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i of lane
+// l receives elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix i (transposed with .trans).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c (16x8 fp32) += a (16x16, row) * b (16x8, col). Fragments (g = lane/4, t = lane%4):
+//   a: {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
+//   b: {B[2t..2t+1][g], B[2t+8..2t+9][g]}
+//   c: {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one 32-bit register of two T (the lower half holds the first, lower-index element).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The A fragment (16 rows x 16 cols kk*16..) of a 16 x N accumulator held as N/8 tiles of c-layout:
+// tiles 2kk and 2kk+1 are exactly the four registers' halves (no data moves between lanes).
+template <typename T, int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[NT][4], int kk) {
+  a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// Lane offsets into a row-major smem tile for the three ldmatrix.x4 uses (r = lane % 8, i = lane /
+// 8):
+//  a_off: A operand 16x16 at (row0, col0): matrices (rows 0-7|8-15) x (cols 0-7|8-15), row-fastest
+//  b_off: B operand read from rows = N index (K for S = Q K^T): two n-tiles (rows 0-7, 8-15), each
+//         needing cols 0-7 (b0) and 8-15 (b1)
+//  The .trans B operand (V for O = P V: rows = k index) uses a_off: matrices (k 0-7|8-15) x (n
+//  0-7|8-15) give b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
+template <int kPitch>
+__device__ __forceinline__ int a_off(int lane) {
+  return ((lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + (lane >> 4) * 8;
+}
+template <int kPitch>
+__device__ __forceinline__ int b_off(int lane) {
+  return ((lane & 7) + (lane >> 4) * 8) * kPitch + ((lane >> 3) & 1) * 8;
+}
+
+// c[MW][NT] (MW*16 x NT*8) += A (MW*16 rows of sA at a_off, k = D) * B^T (NT*8 rows of sB at
+// b_off, k = D). Each B fragment loaded from shared memory feeds MW MMAs: a warp that owns several
+// 16-row tiles needs less shared-memory bandwidth per MMA.
+template <typename T, int D, int MW, int NT, int kPitch>
+__device__ __forceinline__ void gemm_abt_mw(float (&c)[MW][NT][4], const T* sA, const T* sB,
+                                            int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MW][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw)
+      ldsm_x4(a[mw], sA + mw * 16 * kPitch + a_off<kPitch>(lane) + kk * 16);
+#pragma unroll
+    for (int nn = 0; nn < NT / 2; ++nn) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + nn * 16 * kPitch + b_off<kPitch>(lane) + kk * 16);
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+        mma16816<T>(c[mw][2 * nn], a[mw], b[0], b[1]);
+        mma16816<T>(c[mw][2 * nn + 1], a[mw], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[MW][D/8] (MW*16 x D) += P (MW*16 x K, accumulator layout p[MW][K/8]) * sB (K rows x D cols,
+// row-major).
+template <typename T, int D, int MW, int KT, int kPitch>
+__device__ __forceinline__ void gemm_pb_mw(float (&acc)[MW][D / 8][4], const float (&p)[MW][KT][4],
+                                           const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KT / 2; ++kk) {
+    uint32_t a[MW][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw) acc_to_a<T>(a[mw], p[mw], kk);
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + kk * 16 * kPitch + a_off<kPitch>(lane) + dd * 16);
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+        mma16816<T>(acc[mw][2 * dd], a[mw], b[0], b[1]);
+        mma16816<T>(acc[mw][2 * dd + 1], a[mw], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// The one-tile forms the backward kernels use (a warp owns 16 rows there).
+template <typename T, int D, int NT, int kPitch>
+__device__ __forceinline__ void gemm_abt(float (&c)[NT][4], const T* sA, const T* sB, int lane) {
+  gemm_abt_mw<T, D, 1, NT, kPitch>(reinterpret_cast<float(&)[1][NT][4]>(c), sA, sB, lane);
+}
+template <typename T, int D, int KT, int kPitch>
+__device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)[KT][4],
+                                        const T* sB, int lane) {
+  gemm_pb_mw<T, D, 1, KT, kPitch>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
+                                  reinterpret_cast<const float(&)[1][KT][4]>(p), sB, lane);
+}
+
+// Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
+// smem (pitch D + 8); rows >= n_valid are zero-filled and their addresses never formed (`base`, a
+// valid pointer, stands in).
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int64_t n_valid,
+                                          const T* base) {
+  constexpr int kChunks = D / 8;
+#pragma unroll 2
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < n_valid;
+    cp_async16(dst + r * (D + 8) + col, ok ? src + r * stride + col : base, ok);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const AttnTensor& t, int64_t b, int64_t row,
+                                            int64_t h) {
+  return static_cast<const T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
+}
+template <typename T>
+__device__ __forceinline__ T* row_ptr_mut(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
+  return static_cast<T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
+}
+
+// Writes the 16 x D accumulator of a warp (rows row0 + g, row0 + g + 8) times `mul` to rows <
+// n_rows.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64_t seq_start,
+                                           int64_t row0, int64_t n_rows, int64_t h,
+                                           const float (&acc)[D / 8][4], const float (&mul)[2],
+                                           int lane) {
+  const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t row = row0 + g + hh * 8;
+    if (row >= n_rows) continue;
+    T* out = row_ptr_mut<T>(t, b, seq_start + row, h);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * tq) =
+          pack2<T>(acc[dt][2 * hh] * mul[hh], acc[dt][2 * hh + 1] * mul[hh]);
+    }
+  }
+}
+
+// ---- kernels
+
+// Each warp owns kMW 16-row tiles (kMW * 16 query rows).
+template <typename T, int D, int kWarps, int kMW, int kBlockN>
+__global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams p) {
+  constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
+  constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBlockM * kPitch;      // two stages
+  T* sV = sK + 2 * kBlockN * kPitch;  // two stages
+
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  // Causal: the CTAs with the most key blocks start first.
+  const int64_t m0 = int64_t(p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kBlockM;
+  if (m0 >= s.q_len) return;
+  const int64_t hk = h / (p.heads_q / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const float scale_log2 = p.scale * kLog2e;
+
+  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
+  const int64_t n_end = key_end(p.causal, last_row, s.q_len, s.k_len);
+  const int n_blocks = static_cast<int>((n_end + kBlockN - 1) / kBlockN);
+
+  const T* q_base = static_cast<const T*>(p.q.ptr);
+  const T* k_base = static_cast<const T*>(p.k.ptr);
+  const T* v_base = static_cast<const T*>(p.v.ptr);
+  const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
+  const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
+  auto load_kv = [&](int nb, int stage) {
+    const int64_t n0 = int64_t(nb) * kBlockN;
+    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
+                                       p.k.stride_s, s.k_len - n0, k_base);
+    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
+                                       p.v.stride_s, s.k_len - n0, v_base);
+  };
+
+  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
+                                     s.q_len - m0, q_base);
+  cp_async_commit();
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float o[kMW][D / 8][4] = {};
+  float m_run[kMW][2], l_run[kMW][2];  // per row: running max (log2 units) and this lane's sum
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    m_run[mw][0] = m_run[mw][1] = -INFINITY;
+    l_run[mw][0] = l_run[mw][1] = 0.f;
+  }
+  const T* sQw = sQ + warp * kRowsW * kPitch;
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    if (nb + 1 < n_blocks) {
+      load_kv(nb + 1, stage ^ 1);  // the stage every warp finished reading before the last barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKs = sK + stage * kBlockN * kPitch;
+    const T* sVs = sV + stage * kBlockN * kPitch;
+
+    float sc[kMW][NT][4] = {};
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(sc, sQw, sKs, lane);
+
+    const int64_t n0 = int64_t(nb) * kBlockN;
+    const bool need_mask =
+        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
+#pragma unroll
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
+      const int mw = r2 / 2, hh = r2 % 2;
+      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
+      float mx = m_run[mw][hh];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = sc[mw][nt][2 * hh + e] * scale_log2;
+          if (need_mask && nt * 8 + 2 * tq + e >= ke) x = -INFINITY;
+          sc[mw][nt][2 * hh + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row that has seen only masked keys keeps max -inf; subtracting 0 then keeps exp2 at 0.
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m_run[mw][hh] - m_use);
+      m_run[mw][hh] = mx;
+      float rs = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = exp2f(sc[mw][nt][2 * hh + e] - m_use);
+          sc[mw][nt][2 * hh + e] = pv;
+          rs += pv;
+        }
+      }
+      l_run[mw][hh] = l_run[mw][hh] * alpha + rs;  // the quad adds its partial sums at the end
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[mw][dt][2 * hh] *= alpha;
+        o[mw][dt][2 * hh + 1] *= alpha;
+      }
+    }
+
+    gemm_pb_mw<T, D, kMW, NT, kPitch>(o, sc, sVs, lane);
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
+
+  float* lse = static_cast<float*>(p.lse);
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    float inv_l[2];
+    const int64_t row0 = m0 + warp * kRowsW + mw * 16;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_run[mw][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+      const int64_t row = row0 + g + hh * 8;
+      if (tq == 0 && row < s.q_len) {
+        lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
+            l > 0.f ? (m_run[mw][hh] + log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+    store_rows<T, D>(p.out, b, s.q_start, row0, s.q_len, h, o[mw], inv_l, lane);
+  }
+}
+
+// delta = rowsum(dout * out) - dlse for every query row; one warp per row.
+template <typename T>
+__global__ void attn_bwd_delta_kernel(const AttnParams p) {
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const SeqInfo s = seq_info(p, b);
+  if (row >= s.q_len) return;
+  const T* o = row_ptr<T>(p.out, b, s.q_start + row, h);
+  const T* d = row_ptr<T>(p.dout, b, s.q_start + row, h);
+  float acc = 0.f;
+  for (int c = lane; c < p.head_dim; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+    p.delta[idx] = acc - (p.dlse != nullptr ? p.dlse[idx] : 0.f);
+  }
+}
+
+// One CTA per (block of 16 * kWarps keys, kv head, sequence); warp w owns keys 16w..16w+15 and
+// accumulates their dK and dV over the query blocks (kBlockM rows) of every query head of the
+// group. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T (keys are the MMA rows).
+template <typename T, int D, int kWarps, int kBlockM>
+__global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
+  constexpr int kBlockN = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, MT = kBlockM / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBlockN * kPitch;
+  T* sQ = sV + kBlockN * kPitch;                                       // two stages
+  T* sdO = sQ + 2 * kBlockM * kPitch;                                  // two stages
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // two stages, log2 units
+  float* sDelta = sLse + 2 * kBlockM;                                  // two stages
+
+  const int64_t b = blockIdx.z, hk = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
+  if (n0 >= s.k_len) return;
+  const int64_t group = p.heads_q / p.heads_k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Query blocks that see at least one key of this block: from the first query seeing key n0.
+  const int64_t m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
+  const int64_t m_count = (s.q_len + kBlockM - 1) / kBlockM;
+  const int64_t per_head = m_count > m_first ? m_count - m_first : 0;
+  const int64_t iters = group * per_head;
+
+  const T* q_base = static_cast<const T*>(p.q.ptr);
+  const T* do_base = static_cast<const T*>(p.dout.ptr);
+  const float* lse = static_cast<const float*>(p.lse);
+  auto load_q = [&](int64_t it, int stage) {
+    const int64_t h = hk * group + it / per_head;
+    const int64_t i0 = (m_first + it % per_head) * kBlockM;
+    load_tile<T, D, kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
+                                       row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
+                                       s.q_len - i0, q_base);
+    load_tile<T, D, kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
+                                       row_ptr<T>(p.dout, b, s.q_start + i0, h), p.dout.stride_s,
+                                       s.q_len - i0, do_base);
+    // lse -> log2 units; +inf for rows past the end or rows that saw no key (-inf), so P = 0 there.
+    for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+      const int64_t row = i0 + i;
+      float l = INFINITY, d = 0.f;
+      if (row < s.q_len) {
+        const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+        const float lv = lse[idx];
+        l = lv == -INFINITY ? INFINITY : lv * kLog2e;
+        d = p.delta[idx];
+      }
+      sLse[stage * kBlockM + i] = l;
+      sDelta[stage * kBlockM + i] = d;
+    }
+  };
+
+  load_tile<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s,
+                                     s.k_len - n0, static_cast<const T*>(p.k.ptr));
+  load_tile<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
+                                     s.k_len - n0, static_cast<const T*>(p.v.ptr));
+  if (iters > 0) load_q(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const T* sKw = sK + warp * 16 * kPitch;
+  const T* sVw = sV + warp * 16 * kPitch;
+  const int64_t diag = s.k_len - s.q_len;  // key j is visible to query i iff j <= i + diag (causal)
+
+  for (int64_t it = 0; it < iters; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < iters) {
+      load_q(it + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sQs = sQ + stage * kBlockM * kPitch;
+    const T* sdOs = sdO + stage * kBlockM * kPitch;
+    const float* sL = sLse + stage * kBlockM;
+    const float* sD = sDelta + stage * kBlockM;
+    const int64_t i0 = (m_first + it % per_head) * kBlockM;
+
+    float pt[MT][4] = {};  // P^T: rows = this warp's 16 keys, cols = kBlockM queries
+    gemm_abt<T, D, MT, kPitch>(pt, sKw, sQs, lane);
+    const bool need_mask = n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN - 1 > i0 + diag);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t j = n0 + warp * 16 + g + hh * 8;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = mt * 8 + 2 * tq + e;
+          float pv = exp2f(pt[mt][2 * hh + e] * scale_log2 - sL[c]);
+          if (need_mask && (j >= s.k_len || (p.causal && j > i0 + c + diag))) pv = 0.f;
+          pt[mt][2 * hh + e] = pv;
+        }
+      }
+    }
+    float dst[MT][4] = {};  // dP^T, then dS^T
+    gemm_abt<T, D, MT, kPitch>(dst, sVw, sdOs, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int c = mt * 8 + 2 * tq + (r & 1);
+        dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[c]);
+      }
+    }
+    gemm_pb<T, D, MT, kPitch>(dv, pt, sdOs, lane);
+    gemm_pb<T, D, MT, kPitch>(dk, dst, sQs, lane);
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
+
+  const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+  store_rows<T, D>(p.dv, b, s.k_start, n0 + warp * 16, s.k_len, hk, dv, one, lane);
+  store_rows<T, D>(p.dk, b, s.k_start, n0 + warp * 16, s.k_len, hk, dk, scale, lane);
+}
+
+// One CTA per (block of 16 * kWarps queries, query head, sequence); loops over the key blocks its
+// queries see and accumulates dQ = sum dS K.
+template <typename T, int D, int kWarps, int kMW, int kBlockN>
+__global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnParams p) {
+  constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
+  constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kBlockM * kPitch;
+  T* sK = sdO + kBlockM * kPitch;     // two stages
+  T* sV = sK + 2 * kBlockN * kPitch;  // two stages
+
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t m0 = int64_t(p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kBlockM;
+  if (m0 >= s.q_len) return;
+  const int64_t hk = h / (p.heads_q / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const float scale_log2 = p.scale * kLog2e;
+
+  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
+  const int n_blocks =
+      static_cast<int>((key_end(p.causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
+
+  // This lane's rows (tile mw, half hh): lse in log2 units (+inf past the end or for rows that saw
+  // no key, so P = 0 there) and delta.
+  float row_lse[kMW][2], row_delta[kMW][2];
+  const float* lse = static_cast<const float*>(p.lse);
+#pragma unroll
+  for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+    const int mw = r2 / 2, hh = r2 % 2;
+    const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+    row_lse[mw][hh] = INFINITY;
+    row_delta[mw][hh] = 0.f;
+    if (row < s.q_len) {
+      const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+      const float lv = lse[idx];
+      row_lse[mw][hh] = lv == -INFINITY ? INFINITY : lv * kLog2e;
+      row_delta[mw][hh] = p.delta[idx];
+    }
+  }
+
+  const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
+  const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
+  auto load_kv = [&](int nb, int stage) {
+    const int64_t n0 = int64_t(nb) * kBlockN;
+    load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
+                                       p.k.stride_s, s.k_len - n0, static_cast<const T*>(p.k.ptr));
+    load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
+                                       p.v.stride_s, s.k_len - n0, static_cast<const T*>(p.v.ptr));
+  };
+  load_tile<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
+                                     s.q_len - m0, static_cast<const T*>(p.q.ptr));
+  load_tile<T, D, kBlockM, kThreads>(sdO, row_ptr<T>(p.dout, b, s.q_start + m0, h), p.dout.stride_s,
+                                     s.q_len - m0, static_cast<const T*>(p.dout.ptr));
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float dq[kMW][D / 8][4] = {};
+  const T* sQw = sQ + warp * kRowsW * kPitch;
+  const T* sdOw = sdO + warp * kRowsW * kPitch;
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    if (nb + 1 < n_blocks) {
+      load_kv(nb + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKs = sK + stage * kBlockN * kPitch;
+    const T* sVs = sV + stage * kBlockN * kPitch;
+    const int64_t n0 = int64_t(nb) * kBlockN;
+
+    float pr[kMW][NT][4] = {};
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(pr, sQw, sKs, lane);
+    const bool need_mask =
+        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
+#pragma unroll
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+      const int mw = r2 / 2, hh = r2 % 2;
+      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
+      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float pv = exp2f(pr[mw][nt][2 * hh + e] * scale_log2 - row_lse[mw][hh]);
+          if (need_mask && nt * 8 + 2 * tq + e >= ke) pv = 0.f;
+          pr[mw][nt][2 * hh + e] = pv;
+        }
+      }
+    }
+    float ds[kMW][NT][4] = {};  // dP = dO V^T, then dS
+    gemm_abt_mw<T, D, kMW, NT, kPitch>(ds, sdOw, sVs, lane);
+#pragma unroll
+    for (int mw = 0; mw < kMW; ++mw) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          ds[mw][nt][r] = pr[mw][nt][r] * (ds[mw][nt][r] - row_delta[mw][r / 2]);
+        }
+      }
+    }
+    gemm_pb_mw<T, D, kMW, NT, kPitch>(dq, ds, sKs, lane);
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // rows that see no key: the Q/dO copies were never waited for
+
+  const float scale[2] = {p.scale, p.scale};
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    store_rows<T, D>(p.dq, b, s.q_start, m0 + warp * kRowsW + mw * 16, s.q_len, h, dq[mw], scale,
+                     lane);
+  }
+}
+
+// ---- launchers
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p,
+                   cudaStream_t stream) {
+  if (grid.x == 0) return cudaSuccess;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+// Tile shapes per head dim, chosen to keep the accumulators in registers without spills (the
+// -Xptxas -v numbers are in the report); the first knobs to turn on the GPU.
+template <int D>
+struct Tiles {
+  // forward: 4 warps x 2 tiles of 16 queries = 128 queries, against kFwdBlockN keys per step
+  static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
+  // dk/dv: 4 warps x 16 keys = 64 keys per CTA, against kDkdvBlockM queries per step
+  static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
+  // dq: 4 warps x kDqMW tiles of 16 queries, against kDqBlockN keys per step (two tiles per warp
+  // spill at D = 96 and 128)
+  static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 32;
+};
+
+template <typename T, int D>
+cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
+  using C = Tiles<D>;
+  constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
+  const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
+  const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN>, grid,
+                32 * C::kFwdWarps, smem, p, stream);
+}
+
+template <typename T, int D>
+cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
+  using C = Tiles<D>;
+  const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q),
+                   static_cast<unsigned>(p.batch));
+  cudaError_t err = launch(attn_bwd_delta_kernel<T>, dgrid, 256, 0, p, stream);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kBlockN = 16 * C::kDkdvWarps, kBlockMq = C::kDkdvBlockM;
+  const size_t kv_smem =
+      size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
+  const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k),
+                     static_cast<unsigned>(p.batch));
+  err = launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>, kv_grid, 32 * C::kDkdvWarps,
+               kv_smem, p, stream);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;
+  const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
+  const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
+                    static_cast<unsigned>(p.batch));
+  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>, q_grid,
+                32 * C::kDqWarps, q_smem, p, stream);
+}
+
+template <template <typename, int> class Fn>
+cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
+  // The binding guarantees these; anything else is refused rather than run out of bounds.
+  if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.batch > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  // Empty grids are skipped launch by launch (dk/dv of an Sq = 0 call are still written: zeros).
+  if (p.batch == 0 || p.heads_q == 0) return cudaSuccess;
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  switch (p.head_dim) {
+    case 64:
+      return bf16 ? Fn<__nv_bfloat16, 64>::run(p, stream) : Fn<__half, 64>::run(p, stream);
+    case 96:
+      return bf16 ? Fn<__nv_bfloat16, 96>::run(p, stream) : Fn<__half, 96>::run(p, stream);
+    case 128:
+      return bf16 ? Fn<__nv_bfloat16, 128>::run(p, stream) : Fn<__half, 128>::run(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int D>
+struct Fwd {
+  static cudaError_t run(const AttnParams& p, cudaStream_t stream) { return fwd<T, D>(p, stream); }
+};
+template <typename T, int D>
+struct Bwd {
+  static cudaError_t run(const AttnParams& p, cudaStream_t stream) { return bwd<T, D>(p, stream); }
+};
+
+}  // namespace
+
+cudaError_t attn_fwd(const AttnParams& p, cudaStream_t stream) { return dispatch<Fwd>(p, stream); }
+
+cudaError_t attn_bwd(const AttnParams& p, cudaStream_t stream) { return dispatch<Bwd>(p, stream); }
+
+}  // namespace fmcore

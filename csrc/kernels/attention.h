@@ -1,0 +1,101 @@
+// Flash attention: framework-free parameters, the sequence/mask arithmetic shared by the CPU
+// reference and the CUDA kernels, and the CUDA launchers.
+//
+// Layouts. Batched: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D). Varlen (packed documents): q (Tq, Hq, D),
+// k/v (Tk, Hk, D) with int32 cumulative lengths cu_seqlens_q/k of B + 1 entries; sequence b owns
+// rows [cu[b], cu[b+1]). Both are addressed as (batch, seq, head, dim) through element strides
+// (stride_b = 0 for varlen, where the row offset comes from cu_seqlens), so slices of a fused qkv
+// projection need no copy; only the last dim must be contiguous.
+//
+// lse (log-sum-exp of the scaled scores, natural log) is (B, Hq, Sq) batched and (Hq, Tq) varlen,
+// contiguous in the sequence. Query head h reads kv head h / (Hq / Hk) (GQA/MQA).
+//
+// Causal masks are aligned to the bottom-right corner (FlashAttention 2.1+): query i of a sequence
+// with lengths (Sq, Sk) sees keys j <= i + Sk - Sq. A query that sees no key (i < Sq - Sk, or
+// Sk == 0) gets out = 0 and lse = -inf (log of an empty sum); its gradients are 0.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+
+#if defined(__CUDACC__)
+#define FMCORE_HD __host__ __device__ __forceinline__
+#else
+#define FMCORE_HD inline
+#endif
+
+namespace fmcore {
+
+struct AttnTensor {
+  void* ptr = nullptr;
+  int64_t stride_b = 0, stride_s = 0, stride_h = 0;  // elements; the dim stride is 1
+};
+
+struct AttnParams {
+  AttnTensor q, k, v;     // inputs (read only)
+  AttnTensor out;         // forward: written; backward: read (for delta)
+  AttnTensor dout;        // backward: gradient of out (read)
+  AttnTensor dq, dk, dv;  // backward: written, every element
+  // fp32 (fp64 only in the CPU reference for fp64 inputs); layout above. Forward writes, backward
+  // reads.
+  void* lse = nullptr;
+  int64_t lse_stride_b = 0, lse_stride_h = 0;  // the sequence stride is 1
+  const float* dlse = nullptr;  // backward: optional gradient of lse (layout of lse); nullptr = 0
+  float* delta = nullptr;       // backward scratch (layout of lse): rowsum(dout * out) - dlse
+  const int32_t* cu_seqlens_q = nullptr;  // varlen when set (both set together), B + 1 entries
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t batch = 0, heads_q = 0, heads_k = 0, head_dim = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;  // batched: Sq, Sk; varlen: max_seqlen_q/k (the grid extent)
+  int64_t total_q = 0, total_k = 0;    // varlen: Tq, Tk; every cu_seqlens entry is clamped to them
+  float scale = 1.f;                   // softmax scale (1/sqrt(D) by default)
+  bool causal = false;
+  DType dtype = DType::kBFloat16;
+};
+
+// Where sequence b lives: its first row in the packed tensors (0 for batched inputs) and its
+// lengths.
+struct SeqInfo {
+  int64_t q_start, q_len, k_start, k_len;
+};
+
+// Clamps every cu_seqlens entry into [0, total] and lengths to >= 0, so that a malformed cu_seqlens
+// can never make a kernel read or write out of bounds (the binding validates it separately).
+FMCORE_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
+  if (p.cu_seqlens_q == nullptr) return {0, p.seqlen_q, 0, p.seqlen_k};
+  auto clamp = [](int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); };
+  const int64_t q0 = clamp(p.cu_seqlens_q[b], p.total_q);
+  const int64_t q1 = clamp(p.cu_seqlens_q[b + 1], p.total_q);
+  const int64_t k0 = clamp(p.cu_seqlens_k[b], p.total_k);
+  const int64_t k1 = clamp(p.cu_seqlens_k[b + 1], p.total_k);
+  return {q0, q1 > q0 ? q1 - q0 : 0, k0, k1 > k0 ? k1 - k0 : 0};
+}
+
+// Keys [0, key_end(i)) are visible to query i (of a sequence with lengths q_len, k_len).
+FMCORE_HD int64_t key_end(bool causal, int64_t i, int64_t q_len, int64_t k_len) {
+  if (!causal) return k_len;
+  const int64_t e = i + k_len - q_len + 1;
+  return e < 0 ? 0 : (e > k_len ? k_len : e);
+}
+
+// Queries [query_begin(j), q_len) see key j.
+FMCORE_HD int64_t query_begin(bool causal, int64_t j, int64_t q_len, int64_t k_len) {
+  if (!causal) return 0;
+  const int64_t b = j - (k_len - q_len);
+  return b < 0 ? 0 : b;
+}
+
+#ifdef FMCORE_CUDA_API
+// Head dims with a CUDA kernel; the binding checks before launching.
+constexpr bool attn_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 96 || d == 128; }
+
+// Forward: writes out and lse. Needs bf16/fp16, a supported head dim, 16-byte aligned base pointers
+// and strides that are multiples of 8 elements (the binding copies anything else).
+cudaError_t attn_fwd(const AttnParams& p, cudaStream_t stream);
+// Backward: writes delta, dq, dk, dv. Deterministic by construction (no atomics): dk/dv come from a
+// kernel that owns a key block and loops over the query blocks of every query head of its GQA
+// group, dq from a kernel that owns a query block and loops over the key blocks.
+cudaError_t attn_bwd(const AttnParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace fmcore

@@ -1,0 +1,94 @@
+// Flash attention on CUDA: the binding validates (attention.cpp), copies any input the kernels'
+// 16-byte accesses cannot read in place, and launches kernels/attention.cu on the current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention_op.h"
+#include "checks.h"
+
+namespace fmcore {
+
+namespace {
+
+void check_cuda_support(const AttnShapes& s, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                    "expected q to be bfloat16 or float16 on CUDA (fmcore's kernels), got ",
+                    q.scalar_type(),
+                    "; fmcore.ops.scaled_dot_product_attention falls back to torch");
+  TORCH_CHECK_VALUE(
+      attn_cuda_supports_head_dim(s.head_dim),
+      "expected a head dim of 64, 96 or 128 on CUDA (fmcore's kernels), got q of shape ",
+      shape_str(q.sizes()), "; fmcore.ops.scaled_dot_product_attention falls back to torch");
+  TORCH_CHECK_VALUE(s.heads_q <= 65535 && s.batch <= 65535,
+                    "expected at most 65535 query heads and 65535 sequences on CUDA, got ",
+                    s.heads_q, " heads and ", s.batch, " sequences");
+}
+
+// The kernels move 16 bytes at a time: the base must be 16-byte aligned and every stride a multiple
+// of 8 elements. Anything else (an odd storage offset, a padded layout) is copied once.
+at::Tensor kernel_ready(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fmcore ", what,
+              ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale) {
+  const AttnShapes sh =
+      check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_cuda_support(sh, q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(lse_shape(sh), q.options().dtype(at::kFloat));
+  const AttnParams p =
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+  check_launch(attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_fwd");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    bool causal, double softmax_scale) {
+  const AttnShapes sh =
+      check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_cuda_support(sh, q_in);
+  check_attn_grads(sh, q_in, dout_in, out_in, lse, dlse);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  const at::Tensor dout = kernel_ready(dout_in), out = kernel_ready(out_in);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor delta = at::empty(lse_shape(sh), lse.options());
+  AttnParams p =
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+  p.dout = attn_tensor(dout, sh.varlen);
+  p.dq = attn_tensor(dq, sh.varlen);
+  p.dk = attn_tensor(dk, sh.varlen);
+  p.dv = attn_tensor(dv, sh.varlen);
+  p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  check_launch(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fmcore, CUDA, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cuda);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cuda);
+}
+
+}  // namespace fmcore

@@ -1,0 +1,220 @@
+// Softmax cross-entropy: argument checks, the device-independent op bodies, the CPU reference and
+// its registration. The math is documented in kernels/cross_entropy.h.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cross_entropy_op.h"
+
+namespace fmcore {
+
+at::ScalarType ce_acc_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_ce_options(const CeOptions& o) {
+  TORCH_CHECK_VALUE(o.label_smoothing >= 0.0 && o.label_smoothing <= 1.0,
+                    "expected label_smoothing in [0, 1], got ", o.label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(o.z_loss) && o.z_loss >= 0.0, "expected z_loss >= 0, got ",
+                    o.z_loss);
+}
+
+namespace {
+
+void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target, const CeOptions& o,
+                     bool writes_logits) {
+  check_float(logits, "logits");
+  check_dim(logits, 2, "logits", "(N, V)");
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                    "expected target to be int64 or int32, got ", target.scalar_type());
+  check_same_device(target, logits, "target", "logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "expected target of shape (N,) = (",
+                    N, ",) to match logits ", shape_str(logits.sizes()), ", got ",
+                    shape_str(target.sizes()));
+  TORCH_CHECK_VALUE(V >= 1 && V <= std::numeric_limits<int32_t>::max(),
+                    "expected logits with 1 <= V < 2^31 classes, got shape ",
+                    shape_str(logits.sizes()));
+  check_last_dim_contiguous(logits, "logits");
+  if (writes_logits) {
+    TORCH_CHECK_VALUE(N <= 1 || logits.stride(0) >= V,
+                      "expected logits with non-overlapping rows (row stride >= V) to receive the "
+                      "gradient in place, got strides ", shape_str(logits.strides()));
+  }
+  check_ce_options(o);
+}
+
+// Per-row fp32 (fp64 for fp64 logits) values: (N,) when cols == 0 (any stride: grad_loss may be
+// expanded), else (N, cols).
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0) {
+  check_same_device(t, logits, name, "logits");
+  const auto acc = ce_acc_type(logits);
+  TORCH_CHECK_VALUE(t.scalar_type() == acc, "expected ", name, " to be ", acc, ", got ",
+                    t.scalar_type());
+  const int64_t N = logits.size(0);
+  if (cols == 0) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N, "expected ", name, " of shape (N,) = (", N,
+                      ",), got ", shape_str(t.sizes()));
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == cols, "expected ", name,
+                      " of shape (N, ", cols, ") = (", N, ", ", cols, "), got ",
+                      shape_str(t.sizes()));
+  }
+}
+
+// Holds ignore_index until a kernel stores an out-of-range target into it (a bad target never
+// equals ignore_index, so the initial value means "all targets were valid").
+at::Tensor new_bad_flag(const at::Tensor& target, const CeOptions& o) {
+  return at::full({1}, o.ignore_index, target.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t vocab) {
+  const int64_t value = bad.item<int64_t>();
+  TORCH_CHECK_VALUE(value == o.ignore_index, "expected target values in [0, ", vocab,
+                    ") or ignore_index (", o.ignore_index, "), got ", value);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
+                                                        const at::Tensor& target, const CeOptions& o,
+                                                        const CeDevice& dev) {
+  check_ce_inputs(logits, target, o, false);
+  const auto acc = logits.options().dtype(ce_acc_type(logits));
+  at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
+  at::Tensor bad = new_bad_flag(target, o);
+  dev.run({logits, target.contiguous(), loss, stats, {}, {}, bad}, o, CeMode::kFwd);
+  if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
+  return {loss, stats};
+}
+
+at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& target,
+                                const at::Tensor& stats, const at::Tensor& grad_loss,
+                                const CeOptions& o, bool inplace, const CeDevice& dev) {
+  check_ce_inputs(logits, target, o, inplace);
+  check_rows(stats, logits, "stats", 2);
+  check_rows(grad_loss, logits, "grad_loss");
+  at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
+  dev.run({logits, target.contiguous(), {}, stats.contiguous(), grad, grad_loss, {}}, o,
+          CeMode::kBwd);
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
+                                                            const at::Tensor& target,
+                                                            const at::Tensor& grad_scale,
+                                                            const CeOptions& o, const CeDevice& dev) {
+  check_ce_inputs(logits, target, o, true);
+  check_rows(grad_scale, logits, "grad_scale");
+  const auto acc = logits.options().dtype(ce_acc_type(logits));
+  at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
+  at::Tensor bad = new_bad_flag(target, o);
+  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o,
+          CeMode::kFwdGrad);
+  if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
+  return {loss, stats};
+}
+
+namespace {
+
+// ---- CPU reference: two plain passes per row (max, then sum-exp) and a third for the gradient.
+
+template <typename T, typename Acc, typename TI>
+void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
+  const int64_t N = t.logits.size(0), V = t.logits.size(1);
+  const T* X = t.logits.const_data_ptr<T>();
+  const int64_t x_stride = t.logits.stride(0);
+  const TI* target = t.target.const_data_ptr<TI>();
+  Acc* loss = t.loss.defined() ? t.loss.data_ptr<Acc>() : nullptr;
+  Acc* stats = t.stats.data_ptr<Acc>();  // (N, 2): written by the forward, read by the backward
+  T* G = t.grad.defined() ? t.grad.data_ptr<T>() : nullptr;
+  const int64_t g_stride = G ? t.grad.stride(0) : 0;
+  const Acc* scale = t.grad_scale.defined() ? t.grad_scale.const_data_ptr<Acc>() : nullptr;
+  const int64_t s_stride = scale ? t.grad_scale.stride(0) : 0;
+  const Acc eps = static_cast<Acc>(o.label_smoothing), zl = static_cast<Acc>(o.z_loss);
+  const Acc inf = std::numeric_limits<Acc>::infinity();
+  std::atomic<int64_t> bad{o.ignore_index};
+
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t tn = static_cast<int64_t>(target[n]);
+      const T* x = X + n * x_stride;
+      T* g = G ? G + n * g_stride : nullptr;
+      if (tn == o.ignore_index) {
+        if (mode != CeMode::kBwd) loss[n] = stats[2 * n] = stats[2 * n + 1] = 0;
+        if (g) std::fill(g, g + V, T(0));
+        continue;
+      }
+      Acc m, logsum;  // see kernels/cross_entropy.h for why the pair and not their sum
+      if (mode == CeMode::kBwd) {
+        m = stats[2 * n];
+        logsum = stats[2 * n + 1];
+      } else {
+        const bool in_range = 0 <= tn && tn < V;
+        if (!in_range) bad.store(tn);
+        m = -inf;
+        for (int64_t v = 0; v < V; ++v) {
+          const Acc xv = static_cast<Acc>(x[v]);
+          if (xv > m || std::isnan(xv)) m = xv;  // a NaN sticks, as in the kernel
+          if (std::isnan(m)) break;
+        }
+        Acc s = 0, sum = 0;
+        for (int64_t v = 0; v < V; ++v) {
+          const Acc xv = static_cast<Acc>(x[v]);
+          s += xv == -inf ? Acc(0) : std::exp(xv - m);
+          sum += xv;
+        }
+        logsum = std::log(s);
+        const Acc zt = in_range ? static_cast<Acc>(x[tn]) : Acc(0);  // before g overwrites x
+        Acc l = logsum - (zt - m);
+        if (eps != 0) l = (1 - eps) * l + eps * (logsum - (sum / static_cast<Acc>(V) - m));
+        if (zl != 0) l += zl * (m + logsum) * (m + logsum);
+        loss[n] = l;
+        stats[2 * n] = m;
+        stats[2 * n + 1] = logsum;
+      }
+      if (!g) continue;
+      const Acc sc = scale[n * s_stride];
+      if (mode == CeMode::kBwd && sc == 0) {  // as the kernel: nothing to read
+        std::fill(g, g + V, T(0));
+        continue;
+      }
+      const Acc coef = 1 + 2 * zl * (m + logsum), smooth = eps / static_cast<Acc>(V), tc = 1 - eps;
+      for (int64_t v = 0; v < V; ++v) {
+        const Acc p = std::exp((static_cast<Acc>(x[v]) - m) - logsum);
+        g[v] = static_cast<T>(sc * (p * coef - smooth - (v == tn ? tc : Acc(0))));
+      }
+    }
+  });
+  const int64_t b = bad.load();
+  if (t.bad.defined() && b != o.ignore_index) t.bad.data_ptr<int64_t>()[0] = b;
+}
+
+void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.logits.scalar_type(),
+                                  "cross_entropy_cpu", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (t.target.scalar_type() == at::kLong) {
+      cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
+    } else {
+      cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
+    }
+  });
+}
+
+bool cpu_may_sync(const at::Tensor&) { return true; }
+
+}  // namespace
+
+constexpr CeDevice kCpuDevice{&run_cpu, &cpu_may_sync};
+
+TORCH_LIBRARY_IMPL(fmcore, CPU, m) { register_cross_entropy<kCpuDevice>(m); }
+
+}  // namespace fmcore

@@ -1,0 +1,86 @@
+"""Attention benchmark: fmcore's flash attention vs torch SDPA's flash (FA2), cuDNN and
+memory-efficient backends, forward and backward, on the issue's cases.
+
+FLOPs (FlashAttention's convention): forward 4 * B * H * Sq * Sk * D, halved when causal; backward
+2.5x the forward. roofline% is against the bf16 matmul rate measured in the same run. Every system
+reads the same (B, S, H, D) tensors (SDPA through a (B, H, S, D) view, the layout its kernels take
+without a copy). On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fmcore.bench import BenchContext, Row
+from fmcore.bench.timing import time_ms
+from fmcore.ops import flash_attention
+
+# (B, H, S, D, causal): the issue's bar.
+CASES = [
+    (8, 16, 1024, 128, True),
+    (4, 16, 4096, 128, True),
+    (2, 16, 8192, 128, True),
+    (4, 16, 4096, 128, False),
+    (8, 12, 2048, 64, True),
+    (4, 32, 2048, 128, True),
+]
+QUICK_CASES = [(1, 4, 256, 64, True), (1, 4, 256, 64, False)]
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=causal).transpose(1, 2)
+
+    return fn
+
+
+def _systems(device: torch.device):
+    systems = [("fmcore", lambda q, k, v, causal: flash_attention(q, k, v, causal=causal))]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        systems += [
+            ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION)),
+            ("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)),
+            ("sdpa-mem-efficient", _sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+        ]
+    else:
+        systems.append(("torch-eager", lambda q, k, v, causal: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)))
+    return systems
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    dtype = torch.bfloat16
+    rows = []
+    for B, H, S, D, causal in QUICK_CASES if ctx.quick else CASES:
+        case = f"B{B} H{H} S{S} D{D} {'causal' if causal else 'full'} bf16"
+        q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        dout = torch.randn(B, S, H, D, device=dev, dtype=dtype)
+        fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
+        for system, fn in _systems(dev):
+            try:
+                out = fn(q, k, v, causal)  # a backend that cannot take this case raises here
+            except RuntimeError as err:
+                print(f"# attention: {system} skipped on {case}: {str(err).splitlines()[0]}")
+                continue
+            with torch.no_grad():
+                fwd = time_ms(lambda: fn(q, k, v, causal), dev)
+            bwd = time_ms(lambda: torch.autograd.backward(out, dout, retain_graph=True), dev)
+            del out
+            for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
+                tflops = flops / (ms * 1e-3) / 1e12
+                rows += [
+                    Row("attention", f"{case} {phase}", system, "ms", ms, "ms"),
+                    Row("attention", f"{case} {phase}", system, "TFLOP/s", tflops, "TFLOP/s"),
+                    Row("attention", f"{case} {phase}", system, "roofline%", ctx.roofline.pct_matmul(tflops),
+                        f"% of {ctx.roofline.matmul_tflops:.1f} TFLOP/s matmul"),
+                ]
+        del q, k, v, dout
+    return rows

@@ -1,0 +1,78 @@
+"""Linear cross-entropy benchmark: fmcore vs F.linear + F.cross_entropy (eager and torch.compile),
+Liger's fused linear cross-entropy and Cut Cross-Entropy, fwd+bwd.
+
+Every system computes the mean loss of hidden (N, D) @ weight (V, D)^T against random targets and
+the gradients of hidden and weight (torch.autograd.grad). Reported: median ms, peak MiB above the
+inputs (the bar: at most the returned gradients + 128 MiB), and TFLOP/s of the three N x V x D
+matmuls (6 N V D FLOPs) against the matmul rate measured in this run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fmcore.bench import BenchContext, Row, try_import
+from fmcore.bench.timing import peak_memory_mib, time_ms
+from fmcore.ops import linear_cross_entropy
+
+
+def _torch_lce(h, w, t):
+    return F.cross_entropy(F.linear(h, w), t)
+
+
+def _systems(device):
+    systems = [
+        ("fmcore", linear_cross_entropy),
+        ("torch-eager", _torch_lce),
+        ("torch-compile", torch.compile(_torch_lce)),
+    ]
+    if device.type == "cuda":
+        liger = try_import("liger_kernel.ops.fused_linear_cross_entropy")
+        if liger is not None:
+            def liger_fn(h, w, t):
+                out = liger.LigerFusedLinearCrossEntropyFunction.apply(h, w, t)
+                return out[0] if isinstance(out, tuple) else out
+
+            systems.append(("liger", liger_fn))
+        cce = try_import("cut_cross_entropy")
+        if cce is not None:
+            systems.append(("cce", lambda h, w, t: cce.linear_cross_entropy(h, w, t)))
+    return systems
+
+
+def _fwd_bwd(fn, h, w, t):
+    return torch.autograd.grad(fn(h, w, t), [h, w])
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    shapes = [(512, 64, 4096, torch.float32)] if ctx.quick else [
+        (16384, 768, 50304, torch.bfloat16), (8192, 4096, 128256, torch.bfloat16)]
+    rows: list[Row] = []
+    for N, D, V, dtype in shapes:
+        case = f"N{N} D{D} V{V} {str(dtype).removeprefix('torch.')}"
+        flops = 6 * N * D * V
+        grads_mib = (N * D + V * D) * torch.finfo(dtype).bits / 8 / 2**20
+        for system, fn in _systems(dev):
+            h = torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True)
+            w = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
+            t = torch.randint(0, V, (N,), device=dev)
+            ms = time_ms(lambda: _fwd_bwd(fn, h, w, t), dev, warmup=3, rep=10)
+            tflops = flops / (ms * 1e-3) / 1e12
+            rows += [
+                Row("linear_cross_entropy", case, system, "ms", ms, "ms fwd+bwd"),
+                Row("linear_cross_entropy", case, system, "TFLOP/s", tflops, "TFLOP/s (6 N V D)"),
+                Row("linear_cross_entropy", case, system, "roofline%", ctx.roofline.pct_matmul(tflops),
+                    f"% of {ctx.roofline.matmul_tflops:.0f} TFLOP/s matmul"),
+            ]
+            mib = peak_memory_mib(lambda: _fwd_bwd(fn, h, w, t), dev)
+            if mib is not None:
+                rows.append(Row("linear_cross_entropy", case, system, "MiB", mib, "MiB peak above inputs"))
+            del h, w, t
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            rows.append(Row("linear_cross_entropy", case, "bar", "MiB", grads_mib + 128,
+                            "MiB: returned gradients + 128"))
+    return rows

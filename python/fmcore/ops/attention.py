@@ -1,0 +1,237 @@
+"""Flash attention: exact softmax attention without an S x S matrix, forward and backward.
+
+``flash_attention(q, k, v)`` takes q (B, Sq, Hq, D) and k/v (B, Sk, Hk, D), the layout a fused qkv
+projection produces; any strides work as long as the last dim is contiguous, so q, k, v sliced out of
+one projection need no copy. ``flash_attention_varlen`` takes packed documents (T, H, D) with int32
+cumulative lengths, the document-masked attention of packed batches. ``scaled_dot_product_attention``
+is a drop-in for torch's (B, H, S, D) function that uses fmcore's kernel where it applies.
+
+Conventions (FlashAttention 2.1+):
+- GQA/MQA: Hk must divide Hq; query head h reads kv head h // (Hq // Hk).
+- causal=True aligns the mask to the bottom-right corner: query i sees keys j <= i + Sk - Sq. When
+  Sq > Sk the first Sq - Sk queries see no key: their output is 0 and their lse is -inf (the log of an
+  empty sum; FlashAttention stores +inf internally, we return the mathematical value), and their
+  gradients are 0.
+- lse is the natural-log log-sum-exp of the scaled scores, float32 (float64 for float64 CPU inputs),
+  (B, Hq, Sq) batched, (Hq, T) varlen. Gradients flow through lse too.
+
+Devices: CUDA kernels for bf16/fp16 and head dims 64, 96, 128 (other head dims or dtypes raise a
+ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); the CPU
+reference handles any head dim and fp32/fp64/bf16/fp16 with fp32 (fp64) accumulation.
+
+The backward is deterministic by construction on both devices (no atomics: dk/dv and dq come from
+separate passes that each own their outputs), so ``deterministic=True`` is always honoured and costs
+nothing extra. The price of that design is recomputing QK^T and dO V^T once more than an atomic-add
+backward (7 instead of 5 matmuls of the same size, about 1.4x the tensor-core work).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from fmcore.ops._common import dense_last_dim
+
+CUDA_HEAD_DIMS = (64, 96, 128)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+):
+    """softmax(q k^T * softmax_scale [+ causal mask]) v for q (B, Sq, Hq, D), k/v (B, Sk, Hk, D).
+
+    Args:
+        causal: mask aligned to the bottom-right corner (see the module docstring).
+        softmax_scale: defaults to 1/sqrt(D).
+        deterministic: accepted for FlashAttention compatibility; fmcore's backward is always
+            bitwise reproducible run to run.
+        return_lse: also return lse (B, Hq, Sq) float32.
+    Returns:
+        out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
+    """
+    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale))
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+):
+    """Attention within each packed document: q (Tq, Hq, D), k/v (Tk, Hk, D).
+
+    Args:
+        cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) cumulative lengths on q's device: document b is
+            rows [cu[b], cu[b+1]); cu[0] == 0, non-decreasing, cu[-1] == rows of q (k).
+        max_seqlen_q, max_seqlen_k: at least the longest document (they size the CUDA grid).
+        causal, softmax_scale, deterministic: as in ``flash_attention``; causal is aligned to the
+            bottom-right corner of each document.
+        return_lse: also return lse (Hq, Tq) float32.
+    On CUDA the values of cu_seqlens are checked with one small device-to-host copy, skipped when the
+    same unmodified tensor was checked last (every layer of a model passes the same one) and under
+    torch.compile. The kernels clamp every entry, so a bad cu_seqlens can never touch memory out of
+    bounds; the check is there to turn a wrong result into an error.
+    """
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
+        _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
+    out, lse = torch.ops.fmcore.flash_attn_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale)
+    )
+    return (out, lse) if return_lse else out
+
+
+# name -> (weakref to the last cu_seqlens tensor found valid, its version, (rows, max_seqlen))
+_cu_checked: dict[str, tuple] = {}
+
+
+def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
+    """The value checks the CPU binding does in C++, for CUDA tensors (messages match)."""
+    if (not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1
+            or x.dim() != 3):
+        return  # the binding raises for these, naming the argument
+    key = (x.shape[0], max_seqlen)
+    hit = _cu_checked.get(name)
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version and hit[2] == key:
+        return
+    c = cu.cpu().tolist()
+    if c[0] != 0:
+        raise ValueError(f"expected {name} to start at 0, got {c[0]}")
+    for i in range(1, len(c)):
+        if c[i] < c[i - 1]:
+            raise ValueError(f"expected {name} to be non-decreasing, got {c[i - 1]} then {c[i]} at index {i}")
+        if c[i] - c[i - 1] > max_seqlen:
+            raise ValueError(f"expected {max_name} ({max_seqlen}) >= every sequence length in {name}, "
+                             f"got a sequence of {c[i] - c[i - 1]} at index {i - 1}")
+    if c[-1] != x.shape[0]:
+        raise ValueError(f"expected the last entry of {name} ({c[-1]}) to equal the number of rows of "
+                         f"{x_name} ({x.shape[0]})")
+    _cu_checked[name] = (weakref.ref(cu), cu._version, key)
+
+
+# ---- torch.library registrations: fake (meta) impls and autograd
+
+
+@torch.library.register_fake("fmcore::flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
+
+
+@torch.library.register_fake("fmcore::flash_attn_bwd")
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dense_last_dim(dout)
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- torch.nn.functional.scaled_dot_product_attention drop-in
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fmcore.ops.scaled_dot_product_attention: falling back to torch's SDPA ({reason}); "
+                      "this warning is shown once per reason", stacklevel=3)
+
+
+def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+    """Why fmcore's kernel cannot compute torch's result for these arguments, or None when it can."""
+    if attn_mask is not None:
+        return "attn_mask is not supported"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 is not supported"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "inputs are not 4-D (B, H, S, D)"
+    if not (q.device == k.device == v.device) or not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v differ in device or dtype"
+    if q.is_cuda:
+        if q.dtype not in CUDA_DTYPES:
+            return f"dtype {q.dtype} on CUDA (fmcore's kernel takes bfloat16 and float16)"
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            return f"head dim {q.shape[-1]} on CUDA (fmcore's kernel takes {CUDA_HEAD_DIMS})"
+    elif q.device.type != "cpu" or q.dtype not in CPU_DTYPES:
+        return f"device {q.device} / dtype {q.dtype}"
+    if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
+        return "q, k, v shapes differ beyond the sequence and head dims"
+    if q.shape[1] != k.shape[1] and not (enable_gqa and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0):
+        return "query and key head counts differ without enable_gqa"
+    if is_causal and q.shape[2] != k.shape[2]:
+        return "is_causal with Sq != Sk (torch aligns that mask top-left, fmcore bottom-right)"
+    if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (q, k, v)):
+        return "the head dim is not contiguous"
+    return None
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, S, D) tensors.
+
+    fmcore's kernel runs when it computes exactly torch's result; otherwise (attn_mask, dropout,
+    unsupported dtype or head dim, causal with Sq != Sk, ...) torch's SDPA runs, with a one-time
+    warning naming the reason. The result is a (B, H, Sq, D) view of a (B, Sq, H, D) buffer.
+    """
+    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            _warn_once(reason)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
+                          softmax_scale=scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,123 @@
+"""Linear cross-entropy: ``F.cross_entropy(hidden @ weight.T + bias, target)`` without the logits.
+
+The lm-head matmul and the loss run chunk by chunk over the tokens (csrc/ops/linear_cross_entropy.cpp):
+no more than one (chunk, V) block of logits exists at a time, and its gradient is computed in place
+by fmcore's cross-entropy kernel during the forward, then folded into grad_hidden, grad_weight and
+grad_bias with two matmuls per chunk. The backward only multiplies those by grad_output, so the
+logits matmul is never recomputed (except for reduction="none", whose per-row factors only the
+backward knows: there the backward runs the chunk loop again).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fmcore.ops.cross_entropy import _check_common
+
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against target, never holding all the logits.
+
+    Args:
+        hidden: (N, D) or (B, S, D), float32/bfloat16/float16 (float64 too on the CPU).
+        weight: (V, D), hidden's dtype and device; may be shared with an input embedding (tied):
+            autograd adds this op's gradient to the embedding's.
+        target: (N,) or (B, S), int64 or int32, in [0, V) or ignore_index.
+        bias: optional (V,), hidden's dtype.
+        ignore_index, label_smoothing, reduction, z_loss: as ``fmcore.ops.cross_entropy``.
+        chunk_size: rows of logits per chunk. Default: as many rows as fit in 96 MiB of logits
+            (rows = 96 MiB // (V * element size), rounded down to a multiple of 128 when >= 256,
+            at most N), so the peak memory above the inputs is the gradients this op returns plus
+            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight.
+        return_lse: also return the per-row log-sum-exp (fp32, detached, 0 at ignored rows).
+
+    Gradients: with reduction "mean" or "sum" and any input requiring grad, the forward computes
+    them (grad_weight accumulates across chunks in weight's dtype) and the backward scales them by
+    grad_output; the backward can therefore run once per forward (no retain_graph). With nothing
+    requiring grad (or under no_grad) the forward does the matmul and the loss only. The target
+    check costs what fmcore.ops.cross_entropy's does, once per call.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"expected hidden to be a Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"expected hidden of shape (N, D) or (B, S, D), got {tuple(hidden.shape)}")
+    _check_common(target, reduction, hidden.shape[:-1], "hidden")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"expected chunk_size to be a positive int or None, got {chunk_size!r}")
+    grad = torch.is_grad_enabled()
+    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
+    loss, lse, _, _, _ = torch.ops.fmcore.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, None, ignore_index,
+        label_smoothing, z_loss, _REDUCTION_CODE[reduction], chunk_size or 0, *need)
+    loss = (loss.view(target.shape) if reduction == "none" else loss).to(hidden.dtype)
+    if return_lse:
+        return loss, lse.detach().view(target.shape)
+    return loss
+
+
+@torch.library.register_fake("fmcore::linear_cross_entropy")
+def _linear_cross_entropy_fake(hidden, weight, target, bias=None, grad_rows=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, reduction=1, chunk_size=0,
+                               grad_hidden=False, grad_weight=False, grad_bias=False):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n = hidden.shape[0]
+    loss = hidden.new_empty((n,) if reduction == 0 else (), dtype=acc)
+    lse = hidden.new_empty((n,), dtype=acc)
+    grad_bias = grad_bias and bias is not None
+    return (loss, lse, hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+            hidden.new_empty(weight.shape if grad_weight else (0,)),
+            hidden.new_empty((weight.shape[0],) if grad_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, _, ignore_index, label_smoothing, z_loss, reduction, chunk_size, *need = inputs
+    ctx.reduction, ctx.need = reduction, tuple(need)
+    if reduction == 0:  # the backward recomputes with its per-row factors
+        ctx.save_for_backward(hidden, weight, target, bias)
+        ctx.options = (ignore_index, label_smoothing, z_loss, reduction, chunk_size)
+    else:
+        ctx.save_for_backward(*output[2:])
+        ctx.used = False
+
+
+def _backward(ctx, grad_loss, *unused):
+    # Only the loss is differentiable: lse and the gradient outputs are internal.
+    nh, nw, nb = ctx.need
+    if grad_loss is None:
+        return (None,) * 13
+    if ctx.reduction == 0:
+        hidden, weight, target, bias = ctx.saved_tensors
+        _, _, gh, gw, gb = torch.ops.fmcore.linear_cross_entropy(
+            hidden, weight, target, bias, grad_loss, *ctx.options, nh, nw, nb)
+    else:
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy's backward can run once per forward: its gradients "
+                               "were computed in the forward and are consumed (use retain_graph=False, "
+                               "or reduction='none')")
+        ctx.used = True
+        # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
+        # in eager (these buffers are ours and die with the graph). A traced backward (torch.compile,
+        # opcheck) must not mutate its saved inputs: there it multiplies out of place, and inductor
+        # may reuse the dead buffer itself.
+        traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+        gh, gw, gb = (g * grad_loss if traced else g.mul_(grad_loss) if needed else g
+                      for g, needed in zip(ctx.saved_tensors, ctx.need))
+    return (gh if nh else None, gw if nw else None, None, gb if nb else None) + (None,) * 9
+
+
+torch.library.register_autograd("fmcore::linear_cross_entropy", _backward, setup_context=_setup_context)

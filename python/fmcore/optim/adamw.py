@@ -1,0 +1,246 @@
+"""FusedAdamW: torch.optim.AdamW's update in one multi-tensor kernel, with gradient clipping folded in.
+
+Per step: (optionally) one multi-tensor pass that computes the global gradient norm on the device,
+then per param group and dtype one or a few launches that update params and state. With
+``max_grad_norm`` the clip factor min(1, max_grad_norm / (norm + 1e-6)) is applied to the gradients
+inside the update (they are read once and never rewritten), so clipping costs one extra read of the
+gradients instead of torch's norm pass plus a read-and-write scaling pass. Nothing is read back to
+the host, so a step can be captured in a CUDA graph (use a 0-dim device tensor as lr for schedules).
+
+Semantics and state layout are torch.optim.AdamW's (decoupled weight decay, bias correction;
+``state[p]`` holds ``step`` (0-dim fp32 on the param's device), ``exp_avg`` and ``exp_avg_sq``), so a
+checkpoint of either optimizer loads into the other. Differences: the state is always fp32 (also for
+bf16/fp16 params); with ``master_weights`` it also holds ``master_param``, an fp32 copy that the
+update reads and writes and rounds into the bf16/fp16 param; ``p.grad`` is left unclipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import fmcore.ops.adamw  # noqa: F401  (registers the fake implementations)
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay, fused gradient clipping and optional fp32 master weights.
+
+    Args:
+        params: tensors or param groups (dicts with their own lr/betas/eps/weight_decay). Params must
+            be contiguous float32, bfloat16 or float16 tensors, all on one device.
+        lr: float, or a 0-dim tensor (on the params' device it is read on the device at run time, so
+            a schedule that writes into it works under CUDA graphs).
+        betas, eps, weight_decay: as torch.optim.AdamW.
+        max_grad_norm: clip the gradients to this global L2 norm (over every param with a grad, all
+            groups), as torch.nn.utils.clip_grad_norm_ would before the step. ``float('inf')``
+            computes the norm (``last_grad_norm``) without clipping.
+        master_weights: keep an fp32 copy of each bf16/fp16 param in the state; the update reads and
+            writes it and rounds the result into the param in the same pass (fp32 params need none).
+        skip_nonfinite: when the gradient norm is inf or nan, leave params and state unchanged and add
+            one to ``skipped_steps`` (all decided on the device).
+
+    Attributes:
+        last_grad_norm: 0-dim fp32 tensor on the params' device holding the global gradient norm of
+            the last step (before clipping), 0 before the first; None unless max_grad_norm or
+            skip_nonfinite is set (only then is the norm computed). Reading it with ``.item()``
+            synchronises; the step does not.
+        skipped_steps: 0-dim int64 tensor on the params' device counting skipped steps (None without
+            skip_nonfinite).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        skip_nonfinite: bool = False,
+    ):
+        if max_grad_norm is not None and not max_grad_norm >= 0.0:
+            raise ValueError(f"expected max_grad_norm >= 0 or None, got {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.master_weights = bool(master_weights)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.last_grad_norm: torch.Tensor | None = None
+        self.skipped_steps: torch.Tensor | None = None
+        self._device: torch.device | None = None
+        self._cached_plan: tuple | None = None
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False)
+        super().__init__(params, defaults)
+        # Allocated once, here: fixed addresses for CUDA graphs, and no attribute created inside a
+        # step that torch.compile traces.
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=self._device)
+        if self.skip_nonfinite:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self._device)
+
+    # ---- param groups and state
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
+        self._cached_plan = None
+
+    def _check_group(self, group: dict, index: int) -> None:
+        _check_hyperparameters(group)
+        device = self._device
+        for i, p in enumerate(group["params"]):
+            where = f"param {i} of group {index}"
+            if p.dtype not in _SUPPORTED:
+                raise ValueError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype} ({where})")
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"FusedAdamW needs contiguous params, got strides {tuple(p.stride())} for shape "
+                    f"{tuple(p.shape)} ({where}); call .contiguous() on it before building the module"
+                )
+            if device is None:
+                device = p.device
+            elif p.device != device:
+                raise RuntimeError(f"FusedAdamW needs every param on one device: {where} is on {p.device}, "
+                                   f"the first param on {device}")
+        self._device = device
+
+    def _uses_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.dtype != torch.float32
+
+    def _fp32_like(self, p: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        return out.zero_() if value is None else out.copy_(value)
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = self._fp32_like(p)
+        state["exp_avg_sq"] = self._fp32_like(p)
+        if self._uses_master(p):
+            state["master_param"] = self._fp32_like(p, p.detach())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a FusedAdamW or torch.optim.AdamW state dict. State is kept in fp32 whatever the
+        checkpoint's dtype (torch's loader would cast it to the param dtype); a missing master copy
+        is made from the param."""
+        for group in state_dict["param_groups"]:
+            _check_hyperparameters(group)
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            state = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device).copy_(torch.as_tensor(saved["step"])),
+                "exp_avg": self._fp32_like(p, saved["exp_avg"]),
+                "exp_avg_sq": self._fp32_like(p, saved["exp_avg_sq"]),
+            }
+            if self._uses_master(p):
+                state["master_param"] = self._fp32_like(p, saved.get("master_param", p.detach()))
+            self.state[p] = state
+        self._cached_plan = None
+
+    # ---- the step
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also the last act of load_state_dict
+        self._cached_plan = None
+
+    def _plan(self) -> list[tuple]:
+        """Per param group and dtype: (group, params, exp_avgs, exp_avg_sqs, masters, steps) over the
+        params that have a grad, creating missing state. Cached while the same params have grads, so
+        a step only collects the grads; add_param_group and load_state_dict drop the cache."""
+        key = tuple(p.grad is not None for group in self.param_groups for p in group["params"])
+        if self._cached_plan is not None and self._cached_plan[0] == key:
+            return self._cached_plan[1]
+        plan = []
+        for group in self.param_groups:
+            by_dtype: dict[torch.dtype, tuple[list, ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state)
+                params, exp_avgs, exp_avg_sqs, masters, steps = by_dtype.setdefault(p.dtype, ([], [], [], [], []))
+                params.append(p)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if self._uses_master(p):
+                    masters.append(state["master_param"])
+                steps.append(state["step"])
+            plan += [(group, *lists) for lists in by_dtype.values()]
+        self._cached_plan = (key, plan)
+        return plan
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        if not plan:
+            return loss
+        grads = [[_dense_grad(p) for p in bucket[1]] for bucket in plan]
+        norm = self.last_grad_norm
+        if norm is not None:
+            all_grads = [g for bucket_grads in grads for g in bucket_grads]
+            torch.ops.fmcore.grad_norm_(all_grads, norm, self.skipped_steps)
+        device = self._device
+        for (group, params, exp_avgs, exp_avg_sqs, masters, steps), bucket_grads in zip(plan, grads):
+            lr_tensor, lr = _lr_args(group["lr"], device)
+            beta1, beta2 = group["betas"]
+            torch.ops.fmcore.adamw_step_(
+                params, bucket_grads, exp_avgs, exp_avg_sqs, masters, steps, lr_tensor, lr, float(beta1),
+                float(beta2), float(group["eps"]), float(group["weight_decay"]), norm, self.max_grad_norm,
+                self.skip_nonfinite,
+            )
+        return loss
+
+
+def _dense_grad(p: torch.Tensor) -> torch.Tensor:
+    grad = p.grad
+    if grad.is_sparse:
+        raise ValueError(f"FusedAdamW does not support sparse gradients (a param of shape {tuple(p.shape)})")
+    return grad if grad.is_contiguous() else grad.contiguous()
+
+
+def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """(lr_tensor, lr) for the op: a tensor on the params' device is read on the device; a CPU tensor
+    with device params is read on the host (no GPU sync), as is a float."""
+    if not isinstance(lr, torch.Tensor):
+        return None, float(lr)
+    if lr.numel() != 1:
+        raise ValueError(f"expected lr to be a float or a one-element tensor, got shape {tuple(lr.shape)}")
+    if lr.device == device:
+        return (lr if lr.dtype == torch.float32 else lr.float()), 0.0
+    if lr.device.type == "cpu":
+        return None, float(lr)
+    raise RuntimeError(f"lr tensor on {lr.device}, params on {device}")
+
+
+def _check_hyperparameters(group: dict) -> None:
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
+        raise ValueError(f"expected lr >= 0, got {lr}")
+    beta1, beta2 = group["betas"]
+    if not 0.0 <= float(beta1) < 1.0 or not 0.0 <= float(beta2) < 1.0:
+        raise ValueError(f"expected betas in [0, 1), got {group['betas']}")
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"expected eps >= 0, got {group['eps']}")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"expected weight_decay >= 0, got {group['weight_decay']}")
+    for flag in ("amsgrad", "maximize"):
+        if group.get(flag, False):
+            raise ValueError(f"FusedAdamW does not implement {flag}=True")
+    if group.get("decoupled_weight_decay", True) is False:
+        raise ValueError("FusedAdamW is AdamW (decoupled weight decay); got a torch.optim.Adam group")

@@ -1,0 +1,493 @@
+"""fmcore.ops.flash_attention / flash_attention_varlen / scaled_dot_product_attention and
+fmcore.nn.Attention against a float64 reference, on CPU always and CUDA when present.
+
+Tolerances follow FlashAttention's convention: fmcore's error against the float64 reference is at
+most about twice the error of torch's own same-dtype SDPA (tests/util.py).
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmcore.ops import flash_attention, flash_attention_varlen, scaled_dot_product_attention
+from fmcore.ops import attention as attn_mod
+from tests.util import assert_close_to_ref
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def visible(Sq, Sk, causal, device):
+    """(Sq, Sk) bool: key j visible to query i (causal aligned to the bottom-right corner)."""
+    i = torch.arange(Sq, device=device)[:, None]
+    j = torch.arange(Sk, device=device)[None, :]
+    return (j <= i + Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+
+
+def reference(q, k, v, causal, scale=None):
+    """float64 out (B, Sq, Hq, D) and lse (B, Hq, Sq); rows that see no key: out 0, lse -inf."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Sq, Hq, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hk, dim=2)
+    v = v.repeat_interleave(Hq // Hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (D**-0.5 if scale is None else scale)
+    s = s.masked_fill(~visible(Sq, Sk, causal, q.device), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def torch_sdpa(q, k, v, causal, scale=None):
+    """torch's own SDPA in the inputs' dtype, on (B, S, H, D) tensors with the same mask convention.
+    Rows that see no key get a dummy all-visible row whose output is then zeroed (torch gives NaN)."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    mask = visible(Sq, Sk, causal, q.device)
+    empty = ~mask.any(-1)
+    mask = mask | empty[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2) * (~empty).to(out.dtype)[None, :, None, None]
+
+
+def torch_lse(q, k, causal, scale=None):
+    """lse computed by torch in float32 from the same inputs (the lse's "same-dtype" comparison)."""
+    Hq, Hk, D = q.shape[2], k.shape[2], q.shape[3]
+    kk = k.float().repeat_interleave(Hq // Hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kk) * (D**-0.5 if scale is None else scale)
+    return torch.logsumexp(s.masked_fill(~visible(q.shape[1], k.shape[1], causal, q.device), -math.inf), -1)
+
+
+def check_lse(lse, ref_lse, torch_l, name="lse"):
+    """-inf exactly where the reference is -inf (rows that see no key), close elsewhere."""
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{name}: -inf rows differ"
+    fin = torch.isfinite(ref_lse)
+    assert_close_to_ref(lse[fin], ref_lse[fin], torch_l[fin], name)
+
+
+def make_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype, requires_grad=True):
+    q = torch.randn(B, Sq, Hq, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, Sk, Hk, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, Sk, Hk, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def check_against_reference(q, k, v, causal, scale=None, grads=True):
+    out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
+    ref_out, ref_lse = reference(q, k, v, causal, scale)
+    t_out = torch_sdpa(q, k, v, causal, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    assert_close_to_ref(out, ref_out, t_out, "out")
+    check_lse(lse, ref_lse, torch_lse(q, k, causal, scale))
+    if not grads:
+        return
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref_out, (q, k, v), dout.double())
+    theirs = torch.autograd.grad(t_out, (q, k, v), dout)
+    for name, g, r, t in zip(("dq", "dk", "dv"), got, want, theirs):
+        assert g.dtype == q.dtype
+        assert_close_to_ref(g, r, t, name)
+
+
+# (B, Sq, Sk, Hq, Hk, D), and why each is here. Kept small on the CPU (the reference is exact math).
+CPU_SHAPES = [
+    (1, 1, 1, 1, 1, 64),  # one token: a single-key softmax
+    (3, 17, 17, 8, 8, 64),  # B=3, S=17 (not a multiple of any block), MHA
+    (1, 128, 128, 32, 8, 128),  # GQA 32/8, an exact block multiple, D=128
+    (2, 423, 423, 12, 1, 96),  # MQA 12/1, awkward S spanning several blocks, D=96
+    (1, 17, 423, 8, 8, 128),  # Sq < Sk: causal rows see a prefix plus their own diagonal offset
+    (3, 423, 17, 4, 2, 64),  # Sq > Sk: with causal, the first 406 rows see no key (out 0, lse -inf)
+    (1, 1, 1000, 4, 1, 64),  # decoding-like: one query against 1000 keys (crosses kBlockN tiles)
+]
+
+# The issue's sizes that are too slow for the exact CPU reference: CUDA only.
+CUDA_SHAPES = [
+    (1, 1000, 1000, 8, 8, 64),
+    (3, 4097, 4097, 8, 8, 128),  # one past a power of two: a 1-row tail block
+    (1, 4097, 1000, 32, 8, 96),
+    (1, 1000, 4097, 12, 1, 128),
+    (3, 423, 4097, 32, 8, 64),
+    (1, 4097, 17, 12, 1, 64),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(device, shape, causal):
+    torch.manual_seed(0)
+    check_against_reference(*make_qkv(*shape, device, torch.bfloat16), causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 33, 70, 6, 2, 64), (1, 70, 33, 4, 4, 96)], ids=lambda s: "x".join(map(str, s)))
+def test_other_dtypes(device, shape, dtype):
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("fmcore's CUDA kernels take bf16/fp16 (fp32 raises; see test_cuda_rejects_fp32)")
+    torch.manual_seed(1)
+    check_against_reference(*make_qkv(*shape, device, dtype), causal=True, scale=0.3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_large_cuda(shape, causal, dtype):
+    torch.manual_seed(2)
+    check_against_reference(*make_qkv(*shape, "cuda", dtype), causal)
+
+
+def test_rows_without_keys_give_zero_and_neg_inf(device):
+    q, k, v = make_qkv(2, 9, 4, 2, 1, 64, device, torch.bfloat16)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    # Sq - Sk = 5: queries 0..4 see no key under the bottom-right mask.
+    assert torch.all(out[:, :5] == 0) and torch.all(torch.isneginf(lse[:, :, :5]))
+    assert torch.isfinite(lse[:, :, 5:]).all()
+    out.float().sum().backward()
+    assert torch.all(q.grad[:, :5] == 0)
+
+
+@pytest.mark.parametrize("case", ["full", "causal_sq_lt_sk", "causal_gqa"])
+def test_gradcheck_fp64_cpu(case):
+    # Gradients of out and lse together (lse's gradient enters the backward as delta -= dlse).
+    torch.manual_seed(3)
+    shape, causal = {"full": ((2, 5, 7, 2, 2, 8), False), "causal_sq_lt_sk": ((1, 4, 9, 2, 1, 16), True),
+                     "causal_gqa": ((2, 6, 6, 4, 2, 8), True)}[case]
+    q, k, v = make_qkv(*shape, "cpu", torch.float64)
+
+    def fn(q, k, v):
+        out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=0.7, return_lse=True)
+        return out, lse
+
+    assert fn(q, k, v)[1].dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_gradcheck_fp64_cpu_empty_rows():
+    q, k, v = make_qkv(1, 7, 3, 2, 1, 8, "cpu", torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, causal=True), (q, k, v))
+
+
+def test_strided_qkv_from_fused_projection(device):
+    # q, k, v sliced out of one (B, S, Hq + 2 Hk, D) tensor: strided views, used without a copy.
+    B, S, Hq, Hk, D = 2, 45, 6, 2, 64
+    qkv = torch.randn(B, S, Hq + 2 * Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.split([Hq, Hk, Hk], dim=2)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, causal=True)
+    out = flash_attention(q, k, v, causal=True)
+    dense = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_deterministic_bitwise(device, causal):
+    q, k, v = make_qkv(2, 300, 300, 8, 2, 64, device, torch.bfloat16)
+    dout = torch.randn(q.shape, device=device, dtype=q.dtype)
+    runs = []
+    for _ in range(2):
+        out = flash_attention(q, k, v, causal=causal, deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- varlen
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, causal):
+    """Per-document float64 reference on packed (T, H, D) tensors; lse (H, Tq)."""
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        o, lse = reference(q[None, qs], k[None, ks], v[None, ks], causal)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def varlen_torch(q, k, v, cu_q, cu_k, causal):
+    outs = []
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if cu_q[b + 1] == cu_q[b]:
+            continue
+        if cu_k[b + 1] == cu_k[b]:
+            outs.append(torch.zeros_like(q[qs]))
+            continue
+        outs.append(torch_sdpa(q[None, qs], k[None, ks], v[None, ks], causal)[0])
+    return torch.cat(outs)
+
+
+def cu(lengths, device):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
+def test_varlen_matches_reference(device, causal, same_lengths):
+    g = torch.Generator().manual_seed(4)
+    # Random document lengths with length-1 documents, one longer than a block, and (cross) a
+    # document with no keys and one with no queries.
+    lq = [1, 1] + torch.randint(2, 90, (5,), generator=g).tolist() + [150]
+    lk = lq if same_lengths else [3, 0] + torch.randint(1, 90, (5,), generator=g).tolist() + [97]
+    if not same_lengths:
+        lq[3] = 0
+    Hq, Hk, D = 6, 2, 64
+    cq, ck = cu(lq, device), cu(lk, device)
+    q = torch.randn(sum(lq), Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lk), Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lk), Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    assert lse.shape == (Hq, sum(lq))
+    cql, ckl = cq.tolist(), ck.tolist()
+    ref_out, ref_lse = varlen_reference(q, k, v, cql, ckl, causal)
+    t_out = varlen_torch(q, k, v, cql, ckl, causal)
+    assert_close_to_ref(out, ref_out, t_out, "out")
+    t_l = torch.cat([torch_lse(q[None, cql[b]:cql[b + 1]], k[None, ckl[b]:ckl[b + 1]], causal)[0]
+                     for b in range(len(lq))], dim=1)
+    check_lse(lse, ref_lse, t_l)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref_out, (q, k, v), dout.double())
+    theirs = torch.autograd.grad(t_out, (q, k, v), dout)
+    for name, a, r, t in zip(("dq", "dk", "dv"), got, want, theirs):
+        assert_close_to_ref(a, r, t, name)
+
+
+def test_varlen_equals_batched_on_equal_lengths(device):
+    B, S, H, D = 3, 40, 4, 64
+    q, k, v = make_qkv(B, S, S, H, H, D, device, torch.bfloat16, requires_grad=False)
+    c = cu([S] * B, device)
+    packed = flash_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), c, c, S, S, causal=True)
+    assert torch.equal(packed.view(B, S, H, D), flash_attention(q, k, v, causal=True))
+
+
+def test_varlen_gradcheck_fp64_cpu():
+    lq, lk = [1, 3, 4], [2, 3, 5]
+    q = torch.randn(sum(lq), 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lk), 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lk), 1, 8, dtype=torch.float64, requires_grad=True)
+    cq, ck = cu(lq, "cpu"), cu(lk, "cpu")
+    fn = lambda q, k, v: flash_attention_varlen(q, k, v, cq, ck, 4, 5, causal=True, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# ---- bad inputs
+
+
+def _good():
+    q = torch.randn(2, 8, 4, 64)
+    return dict(q=q, k=torch.randn(2, 8, 2, 64), v=torch.randn(2, 8, 2, 64))
+
+
+BAD = [
+    # (what is wrong, changes, the words the error must contain)
+    ("k dtype", dict(k=lambda t: t["k"].half()), "k"),
+    ("v dtype", dict(v=lambda t: t["v"].double()), "v"),
+    ("batch mismatch", dict(k=lambda t: torch.randn(3, 8, 2, 64), v=lambda t: torch.randn(3, 8, 2, 64)), "k"),
+    ("Hk not dividing Hq", dict(k=lambda t: torch.randn(2, 8, 3, 64), v=lambda t: torch.randn(2, 8, 3, 64)), "heads of k"),
+    ("head dim mismatch", dict(k=lambda t: torch.randn(2, 8, 2, 32), v=lambda t: torch.randn(2, 8, 2, 32)), "head dim"),
+    ("v shape differs from k", dict(v=lambda t: torch.randn(2, 9, 2, 64)), "v"),
+    ("3-d q", dict(q=lambda t: torch.randn(8, 4, 64)), "q"),
+    ("integer q", dict(q=lambda t: torch.randint(0, 3, (2, 8, 4, 64))), "q"),
+    ("non-contiguous head dim", dict(q=lambda t: torch.randn(2, 8, 4, 128)[..., ::2]), "q"),
+]
+
+
+@pytest.mark.parametrize("what,changes,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_naming_the_argument(what, changes, words):
+    t = _good()
+    for key, make in changes.items():
+        t[key] = make(t)
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        flash_attention(t["q"], t["k"], t["v"])
+    assert words in str(err.value), str(err.value)
+
+
+def _varlen_call(device, **changes):
+    lens = [3, 5]
+    args = dict(q=torch.randn(8, 2, 64, device=device), k=torch.randn(8, 2, 64, device=device),
+                v=torch.randn(8, 2, 64, device=device), cu_seqlens_q=cu(lens, device), cu_seqlens_k=cu(lens, device),
+                max_seqlen_q=5, max_seqlen_k=5)
+    if device.type == "cuda":
+        for name in ("q", "k", "v"):
+            args[name] = args[name].bfloat16()
+    args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+    return flash_attention_varlen(**args)
+
+
+BAD_VARLEN = [
+    ("int64 cu_seqlens", dict(cu_seqlens_q=lambda a: a["cu_seqlens_q"].long()), "cu_seqlens_q"),
+    ("2-d cu_seqlens", dict(cu_seqlens_k=lambda a: a["cu_seqlens_k"][None]), "cu_seqlens_k"),
+    ("not monotone", dict(cu_seqlens_q=lambda a: torch.tensor([0, 5, 3, 8], dtype=torch.int32, device=a["q"].device),
+                          cu_seqlens_k=lambda a: torch.tensor([0, 3, 5, 8], dtype=torch.int32, device=a["q"].device)),
+     "non-decreasing"),
+    ("last != total", dict(cu_seqlens_k=lambda a: torch.tensor([0, 3, 7], dtype=torch.int32, device=a["q"].device)),
+     "cu_seqlens_k"),
+    ("not starting at 0", dict(cu_seqlens_q=lambda a: torch.tensor([1, 3, 8], dtype=torch.int32, device=a["q"].device)),
+     "cu_seqlens_q"),
+    ("max_seqlen too small", dict(max_seqlen_k=4), "max_seqlen_k"),
+    ("lengths differ", dict(cu_seqlens_k=lambda a: torch.tensor([0, 8], dtype=torch.int32, device=a["q"].device)),
+     "cu_seqlens_k"),
+    ("4-d q", dict(q=lambda a: a["q"][None]), "q"),
+]
+
+
+@pytest.mark.parametrize("what,changes,words", BAD_VARLEN, ids=[b[0] for b in BAD_VARLEN])
+def test_bad_varlen_inputs_raise(device, what, changes, words):
+    attn_mod._cu_checked.clear()
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        _varlen_call(device, **changes)
+    assert words in str(err.value), str(err.value)
+
+
+def test_only_one_cu_seqlens_raises():
+    q = torch.randn(8, 2, 64)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k"):
+        torch.ops.fmcore.flash_attn_fwd(q, q, q, cu([8], "cpu"), None, 8, 8, False, 0.1)
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_unsupported_head_dim_dtype_and_devices():
+    q = torch.randn(1, 8, 2, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim of 64, 96 or 128"):
+        flash_attention(q, q, q)
+    q = torch.randn(1, 8, 2, 64, device="cuda")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        flash_attention(q, q, q)
+    q = q.bfloat16()
+    with pytest.raises(RuntimeError, match="k"):
+        flash_attention(q, q.cpu(), q)
+
+
+@pytest.mark.cuda
+def test_cuda_unaligned_inputs_are_copied():
+    # A one-element storage offset breaks the 16-byte alignment the kernels need: the binding copies.
+    base = torch.randn(1 * 37 * 4 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    q = base[1:].view(1, 37, 4, 64).requires_grad_()
+    k, v = q.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    check_against_reference(q, k, v, causal=True)
+
+
+# ---- torch.library and torch.compile
+
+
+def test_opcheck(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = make_qkv(2, 19, 23, 4, 2, 64, device, dtype)
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (q, k, v, None, None, 0, 0, True, 0.125))
+    c = cu([7, 12], device)
+    qv, kv, vv = (t.detach()[0, :19].clone().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125))
+    # The backward op has no autograd of its own (no double backward): call it on detached inputs.
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, 0.125)
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, dlse, None, None, 0, 0, True, 0.125))
+
+
+def test_torch_compile_fullgraph(device):
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    q, k, v = make_qkv(2, 33, 33, 4, 2, 64, device, torch.bfloat16)
+    c = cu([10, 23], device)
+
+    def fn(q, k, v):
+        a = flash_attention(q, k, v, causal=True)
+        b = flash_attention_varlen(q[0], k[0], v[0], c, c, 23, 23, causal=True)
+        return a.float().square().sum() + b.float().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager_loss = fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---- scaled_dot_product_attention drop-in
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_dropin_matches_torch(device, causal, gqa):
+    B, Hq, S, D = 2, 8, 50, 64
+    Hk = 2 if gqa else Hq
+    q = torch.randn(B, Hq, S, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fmcore path must not warn
+        out = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    ref, _ = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    assert out.shape == theirs.shape
+    assert_close_to_ref(out, ref.transpose(1, 2), theirs, "out")
+
+
+def test_sdpa_falls_back_with_one_warning_per_reason(device):
+    q = torch.randn(1, 2, 6, 64, device=device, dtype=torch.bfloat16)
+    mask = torch.rand(6, 6, device=device) > 0.3
+    mask[:, 0] = True
+    attn_mod._warned.clear()
+    with pytest.warns(UserWarning, match="attn_mask"):
+        out = scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled_dot_product_attention(q, q, q, attn_mask=mask)  # second time: silent
+    k = torch.randn(1, 2, 9, 64, device=device, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="top-left"):  # torch's causal mask for Sq != Sk differs from FA's
+        out = scaled_dot_product_attention(q, k, k, is_causal=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, is_causal=True))
+
+
+# ---- fmcore.nn.Attention
+
+
+def module_dtype(device):
+    """fp32 on the CPU; bf16 on CUDA, where fmcore's kernels take bf16/fp16 (training runs under
+    bf16 autocast or with bf16 weights). Returns (dtype, tolerance for module-level comparisons)."""
+    return (torch.float32, 1e-4) if device.type == "cpu" else (torch.bfloat16, 3e-2)
+
+
+def test_attention_module_matches_manual(device):
+    from fmcore.nn import Attention
+
+    torch.manual_seed(5)
+    dim, Hq, Hk, S, B = 256, 4, 2, 24, 2
+    dtype, tol = module_dtype(device)
+    m = Attention(dim, Hq, n_kv_heads=Hk, max_seq_len=64).to(device, dtype)
+    x = torch.randn(B, S, dim, device=device, dtype=dtype)
+    out = m(x)
+    hd = dim // Hq
+    q, k, v = m.qkv(x).view(B, S, Hq + 2 * Hk, hd).split([Hq, Hk, Hk], dim=2)
+    q, k = m.rope(q, k)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, m.proj(ref.reshape(B, S, Hq * hd)), rtol=tol, atol=tol)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_attention_module_document_boundaries(device):
+    # Packed documents with positions restarting at each document equal separate per-document runs.
+    from fmcore.nn import Attention
+
+    torch.manual_seed(6)
+    dtype, tol = module_dtype(device)
+    m = Attention(128, 2, max_seq_len=32).to(device, dtype)
+    lens = [5, 1, 10]
+    x = torch.randn(1, sum(lens), 128, device=device, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in lens])[None].to(device)
+    packed = m(x, positions=positions, cu_seqlens=cu(lens, device), max_seqlen=max(lens))
+    parts, start = [], 0
+    for n in lens:
+        parts.append(m(x[:, start:start + n]))
+        start += n
+    torch.testing.assert_close(packed, torch.cat(parts, dim=1), rtol=tol, atol=tol)

@@ -1,0 +1,241 @@
+"""fmcore.ops.cross_entropy against F.cross_entropy on float64, on CPU always and CUDA when present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmcore  # noqa: F401  (registers the ops)
+from fmcore.ops import cross_entropy
+from tests.util import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def torch_loss(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", z_loss=0.0):
+    """What users write today, in logits' own dtype: F.cross_entropy (+ z_loss * lse^2 per row)."""
+    V = logits.shape[-1]
+    x, t = logits.reshape(-1, V), target.reshape(-1).long()  # torch takes no int32 targets
+    if z_loss == 0.0:
+        out = F.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+        return out.view(target.shape) if reduction == "none" else out
+    rows = F.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    valid = t != ignore_index
+    rows = rows + z_loss * torch.logsumexp(x, -1).pow(2) * valid
+    if reduction == "none":
+        return rows.view(target.shape)
+    return rows.sum() / valid.sum() if reduction == "mean" else rows.sum()
+
+
+def check(logits, target, grad_seed=0, **kw):
+    """fmcore's loss and gradient vs the float64 reference, with torch's same-dtype error as the scale."""
+    x = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(x, target, **kw)
+    x64 = logits.detach().double().requires_grad_()
+    ref = torch_loss(x64, target, **kw_torch(kw))
+    xt = logits.detach().clone().requires_grad_()
+    tout = torch_loss(xt, target, **kw_torch(kw))
+    assert loss.dtype == logits.dtype and loss.shape == ref.shape
+    assert_close_to_ref(loss, ref, tout, "loss")
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(logits.device)
+    loss.backward(g.to(loss.dtype))
+    ref.backward(g)
+    tout.backward(g.to(tout.dtype))
+    assert_close_to_ref(x.grad, x64.grad, xt.grad, "grad")
+
+
+def kw_torch(kw):
+    return {k: v for k, v in kw.items() if k in ("ignore_index", "label_smoothing", "reduction", "z_loss")}
+
+
+def make(shape, device, dtype, scale=1.0, ignore_every=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    target = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    if ignore_every:
+        target.view(-1)[1::ignore_every] = -100  # some ignored rows (none when N = 1)
+    return logits, target.to(device)
+
+
+# (shape, why)
+SHAPES = [
+    (13, 7),  # V=7: smaller than one 16-byte vector, every row misaligned
+    (1, 32001),  # N=1 and Llama's 32001 (odd: rows start misaligned from the second on)
+    (3, 50257),  # GPT-2's 50257
+    (2, 5, 300),  # (B, S, V) input
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_torch(device, shape, reduction, dtype):
+    logits, target = make(shape, device, dtype, ignore_every=4)
+    check(logits, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("options", [(0.1, 0.0), (0.0, 1e-3), (0.25, 1e-4), (1.0, 0.0)], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_label_smoothing_and_z_loss(device, options, reduction, dtype):
+    label_smoothing, z_loss = options
+    logits, target = make((37, 1001), device, dtype, scale=3.0)
+    check(logits, target, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored(device, reduction, ignore_index):
+    # Every target ignored: torch gives nan for mean, 0 for sum, zeros for none, and zero gradients.
+    logits = torch.randn(6, 11, device=device, requires_grad=True)
+    target = torch.full((6,), ignore_index, device=device)
+    loss = cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index, label_smoothing=0.1)
+    ref = F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_custom_ignore_index_inside_vocab(device):
+    # ignore_index=0 is a valid class id: rows with target 0 are skipped, not scored.
+    logits, target = make((40, 17), device, torch.float32, ignore_every=0)
+    target[::3] = 0
+    check(logits, target, ignore_index=0, label_smoothing=0.1)
+
+
+def test_int32_target(device):
+    logits, target = make((29, 103), device, torch.bfloat16)
+    check(logits, target.int(), reduction="mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_magnitude_1e4_stays_finite(device, dtype):
+    # exp(1e4) overflows every float type: only a max-subtracted log-sum-exp survives. Uniform in
+    # [-1e4, 1e4] so per-row losses (<= 2e4) and their mean fit float16.
+    logits, target = make((9, 257), device, dtype)
+    logits = ((torch.rand(logits.shape, dtype=torch.float64) * 2 - 1) * 1e4).to(device=device, dtype=dtype)
+    # (no z-loss in float16: torch's own lse**2 = 1e8 overflows there, leaving no error to compare to)
+    check(logits, target, reduction="mean", label_smoothing=0.1, z_loss=0.0 if dtype == torch.float16 else 1e-6)
+
+
+def test_strided_and_misaligned_rows(device):
+    # A slice of a wider buffer: rows start 1 element in (misaligned) and are V + 3 apart.
+    base = torch.randn(21, 8 * 64 + 3 + 4, device=device, dtype=torch.bfloat16)
+    logits = base[:, 1 : 1 + 8 * 64 + 3]
+    assert not logits.is_contiguous()
+    target = torch.randint(0, logits.shape[1], (21,), device=device)
+    check(logits, target)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_backward(device, dtype):
+    logits, target = make((2, 33, 515), device, dtype)
+    x = logits.clone().requires_grad_()
+    cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-3).backward()
+    # logits made by an op (the usual lm-head case) so the gradient buffer can be checked
+    leaf = logits.clone().requires_grad_()
+    y = leaf * 1.0
+    cross_entropy(y, target, label_smoothing=0.1, z_loss=1e-3, inplace_backward=True).backward()
+    assert torch.equal(leaf.grad, x.grad)
+    assert torch.equal(y.detach(), x.grad), "the gradient was not written into the logits buffer"
+
+
+def test_return_lse(device):
+    logits, target = make((4, 6, 77), device, torch.bfloat16)
+    loss, lse = cross_entropy(logits, target, return_lse=True, z_loss=1e-4)
+    assert lse.shape == target.shape and lse.dtype == torch.float32 and not lse.requires_grad
+    ref = torch.logsumexp(logits.double(), -1).where(target != -100, 0.0)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_fused_forward_backward_op(device):
+    # The fused kernel (used by linear_cross_entropy): loss, lse and grad_scale * dloss/dlogits in place.
+    logits, target = make((30, 999), device, torch.float32)
+    scale = torch.rand(30, device=device)
+    x64 = logits.double().requires_grad_()
+    rows = torch_loss(x64, target, reduction="none", label_smoothing=0.2, z_loss=1e-3)
+    (rows * scale.double()).sum().backward()
+    buf = logits.clone()
+    loss, _ = torch.ops.fmcore.cross_entropy_fwd_bwd_(buf, target, scale, -100, 0.2, 1e-3)
+    torch.testing.assert_close(loss.double(), rows.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_fp64_cpu():
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 8, -100, 3, 3, 1])
+    for reduction in REDUCTIONS:
+        fn = lambda x: cross_entropy(x, target, reduction=reduction, label_smoothing=0.3, z_loss=0.01)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (logits,))
+
+
+@pytest.mark.parametrize("bad", [7, -1, 100])
+def test_out_of_range_target_raises(device, bad):
+    logits = torch.randn(5, 7, device=device)
+    target = torch.tensor([0, 1, bad, -100, 6], device=device)
+    with pytest.raises(ValueError, match=r"target values in \[0, 7\).*got " + str(bad)):
+        cross_entropy(logits, target)
+    with pytest.raises(ValueError, match="target values"):
+        torch.ops.fmcore.cross_entropy_fwd_bwd_(logits.clone(), target, torch.ones(5, device=device))
+
+
+def test_bad_inputs_name_the_argument(device):
+    x = torch.randn(4, 10, device=device)
+    t = torch.randint(0, 10, (4,), device=device)
+    cases = [
+        (lambda: cross_entropy(x.long(), t), ValueError, "logits"),
+        (lambda: cross_entropy(x, t.float()), ValueError, "target"),
+        (lambda: cross_entropy(x, t[:3]), ValueError, "target"),
+        (lambda: cross_entropy(x[0], t), ValueError, "logits"),
+        (lambda: cross_entropy(x.view(1, 2, 2, 10), t), ValueError, "logits"),
+        (lambda: cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+        (lambda: cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (lambda: cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss"),
+        (lambda: cross_entropy(x.t(), t.repeat(3)[:10]), ValueError, "logits"),  # last dim not contiguous
+    ]
+    if device.type == "cuda":
+        cases.append((lambda: cross_entropy(x, t.cpu()), RuntimeError, "target"))
+        cases.append((lambda: cross_entropy(x.double(), t), ValueError, "logits"))
+    for fn, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    logits, target = make((11, 67), device, dtype)
+    m = logits.float().amax(-1)
+    stats = torch.stack([m, torch.logsumexp(logits.float(), -1) - m], -1)
+    grad = torch.rand(11, device=device)
+    ops = torch.ops.fmcore
+    torch.library.opcheck(ops.cross_entropy_fwd, (logits.requires_grad_(), target, -100, 0.1, 1e-3, False))
+    torch.library.opcheck(ops.cross_entropy_bwd, (logits.detach(), target, stats, grad, -100, 0.1, 1e-3))
+    torch.library.opcheck(ops.cross_entropy_bwd_, (logits.detach().clone(), target, stats, grad, -100, 0.1, 1e-3))
+    torch.library.opcheck(ops.cross_entropy_fwd_bwd_, (logits.detach().clone(), target, grad, -100, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_torch_compile(device, inplace_backward):
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    logits, target = make((3, 17, 130), device, torch.float32)
+
+    def step(x, t):
+        y = x * 2.0  # a producer op, so the in-place gradient has a non-leaf buffer to land in
+        return cross_entropy(y, t, label_smoothing=0.1, z_loss=1e-3, inplace_backward=inplace_backward)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    l1, l2 = step(x1, target), compiled(x2, target)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_large_rows(dtype):
+    # Enough rows for a grid-stride pass over many blocks, GPT-2's vocab, and the bf16 fast path.
+    logits, target = make((512, 50257), "cuda", dtype, scale=2.0)
+    check(logits, target, label_smoothing=0.1, z_loss=1e-4)
+    check(logits, target, reduction="none")

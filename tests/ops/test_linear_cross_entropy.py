@@ -1,0 +1,268 @@
+"""fmcore.ops.linear_cross_entropy and fmcore.nn.LinearCrossEntropy against F.linear + F.cross_entropy
+on float64, on CPU always and CUDA when present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmcore  # noqa: F401  (registers the ops)
+from fmcore.nn import LinearCrossEntropy
+from fmcore.ops import linear_cross_entropy
+from tests.ops.test_cross_entropy import torch_loss
+from tests.util import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def make(N, D, V, device, dtype, bias=False, lead=None, ignore_every=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (N,)
+    hidden = torch.randn(*shape, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) / D**0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(0, V, shape, generator=g)
+    if ignore_every:
+        target.view(-1)[1::ignore_every] = -100
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), target.to(device)
+
+
+def check(hidden, weight, bias, target, grad_seed=0, **kw):
+    """fmcore's loss and input gradients vs float64 autograd, scaled by torch's same-dtype error."""
+    chunk = kw.pop("chunk_size", None)
+    leaves = lambda dtype: [None if t is None else t.detach().to(dtype).requires_grad_()  # noqa: E731
+                            for t in (hidden, weight, bias)]
+    ours, ref, theirs = leaves(hidden.dtype), leaves(torch.float64), leaves(hidden.dtype)
+    loss = linear_cross_entropy(*ours[:2], target, ours[2], chunk_size=chunk, **kw)
+    ref_loss = torch_loss(F.linear(*ref[:2], ref[2]), target, **kw)
+    torch_out = torch_loss(F.linear(*theirs[:2], theirs[2]), target, **kw)
+    assert loss.dtype == hidden.dtype
+    assert_close_to_ref(loss, ref_loss, torch_out, "loss")
+    g = torch.randn(ref_loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    g = g.to(hidden.device)
+    loss.backward(g.to(loss.dtype))
+    ref_loss.backward(g)
+    torch_out.backward(g.to(torch_out.dtype))
+    for name, a, r, t in zip(("grad_hidden", "grad_weight", "grad_bias"), ours, ref, theirs):
+        if a is not None:
+            assert_close_to_ref(a.grad, r.grad, t.grad, name)
+
+
+# (N, D, V, chunk_size, why)
+CASES = [
+    (37, 24, 101, None, "one chunk"),
+    (37, 24, 101, 8, "5 chunks, the last one short"),
+    (1, 16, 7, None, "N=1, V=7"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[-1].replace(" ", "_"))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_torch(device, case, reduction, dtype):
+    N, D, V, chunk, _ = case
+    hidden, weight, _, target = make(N, D, V, device, dtype)
+    check(hidden, weight, None, target, reduction=reduction, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_label_smoothing_z_loss(device, reduction, dtype):
+    hidden, weight, bias, target = make(0, 32, 203, device, dtype, bias=True, lead=(3, 11))  # (B, S, D) input
+    check(hidden, weight, bias, target, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=7)
+
+
+@pytest.mark.parametrize("V", [32001, 50257])
+def test_real_vocab_sizes(device, V):
+    hidden, weight, _, target = make(6, 32, V, device, torch.bfloat16)
+    check(hidden, weight, None, target, chunk_size=4)
+
+
+def test_int32_target_and_custom_ignore_index(device):
+    hidden, weight, _, target = make(20, 16, 50, device, torch.float32, ignore_every=0)
+    target[::4] = 3
+    check(hidden, weight, None, target.int(), ignore_index=3, chunk_size=6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored(device, reduction):
+    hidden, weight, _, target = make(9, 8, 13, device, torch.float32)
+    target.fill_(-100)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    loss = linear_cross_entropy(h, w, target, reduction=reduction, chunk_size=4)
+    ref = F.cross_entropy(F.linear(hidden, weight), target, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_tied_embedding_weight(device):
+    # weight shared with the input embedding: both uses' gradients must add up.
+    V, D, B, S = 61, 16, 2, 9
+    g = torch.Generator().manual_seed(0)
+    emb64 = torch.randn(V, D, generator=g, dtype=torch.float64)
+    proj64 = torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5
+    ids = torch.randint(0, V, (B, S), generator=g).to(device)
+    target = torch.randint(0, V, (B, S), generator=g).to(device)
+
+    def run(dtype, fused):
+        emb = emb64.to(device=device, dtype=dtype).clone().requires_grad_()
+        proj = proj64.to(device=device, dtype=dtype).clone().requires_grad_()
+        hidden = torch.tanh(F.embedding(ids, emb) @ proj)
+        if fused:
+            loss = linear_cross_entropy(hidden, emb, target, chunk_size=5)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, emb).view(-1, V), target.view(-1))
+        loss.backward()
+        return loss, emb.grad, proj.grad
+
+    ours, ref, theirs = run(torch.float32, True), run(torch.float64, False), run(torch.float32, False)
+    for name, a, r, t in zip(("loss", "grad_embedding", "grad_proj"), ours, ref, theirs):
+        assert_close_to_ref(a, r, t, name)
+
+
+def test_no_grad_work_when_nothing_requires_grad(device):
+    hidden, weight, _, target = make(10, 8, 30, device, torch.float32)
+    loss = linear_cross_entropy(hidden, weight, target)
+    assert not loss.requires_grad
+    with torch.no_grad():
+        loss2 = linear_cross_entropy(hidden.requires_grad_(), weight, target)
+    assert not loss2.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(hidden, weight), target))
+    # the op itself returns empty gradients when none is asked for
+    _, _, gh, gw, gb = torch.ops.fmcore.linear_cross_entropy(hidden.detach(), weight, target)
+    assert gh.numel() == gw.numel() == gb.numel() == 0
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_only_one_input_requires_grad(device, which):
+    hidden, weight, _, target = make(12, 8, 30, device, torch.float32)
+    h = hidden.clone().requires_grad_(which == "hidden")
+    w = weight.clone().requires_grad_(which == "weight")
+    linear_cross_entropy(h, w, target, chunk_size=5).backward()
+    h2, w2 = hidden.clone().requires_grad_(which == "hidden"), weight.clone().requires_grad_(which == "weight")
+    F.cross_entropy(F.linear(h2, w2), target).backward()
+    mine, theirs = (h, h2) if which == "hidden" else (w, w2)
+    torch.testing.assert_close(mine.grad, theirs.grad)
+    assert (w if which == "hidden" else h).grad is None
+
+
+def test_backward_twice_raises(device):
+    hidden, weight, _, target = make(8, 8, 20, device, torch.float32)
+    loss = linear_cross_entropy(hidden.requires_grad_(), weight, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_gradcheck_fp64_cpu():
+    # gradcheck runs the backward many times per forward, which only reduction "none" allows (the
+    # others hand out gradients computed in the forward once); test_float64_cpu covers them.
+    hidden, weight, bias, target = make(7, 5, 9, "cpu", torch.float64, bias=True)
+    fn = lambda h, w, b: linear_cross_entropy(h, w, target, b, reduction="none",  # noqa: E731
+                                              label_smoothing=0.2, z_loss=0.01, chunk_size=3)
+    assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (hidden, weight, bias)])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_cpu(reduction):
+    hidden, weight, bias, target = make(11, 6, 17, "cpu", torch.float64, bias=True)
+    check(hidden, weight, bias, target, reduction=reduction, label_smoothing=0.2, z_loss=0.01, chunk_size=4)
+
+
+def test_out_of_range_target_raises(device):
+    hidden, weight, _, target = make(10, 8, 30, device, torch.float32)
+    target[7] = 30
+    with pytest.raises(ValueError, match=r"target values in \[0, 30\).*got 30"):
+        linear_cross_entropy(hidden.requires_grad_(), weight, target, chunk_size=3)
+
+
+def test_bad_inputs_name_the_argument(device):
+    h, w, b, t = make(6, 8, 20, device, torch.float32, bias=True)
+    cases = [
+        (lambda: linear_cross_entropy(h.long(), w, t), ValueError, "hidden"),
+        (lambda: linear_cross_entropy(h, w.double(), t), ValueError, "weight"),
+        (lambda: linear_cross_entropy(h, w[:, :7], t), ValueError, "weight"),
+        (lambda: linear_cross_entropy(h, w, t[:5]), ValueError, "target"),
+        (lambda: linear_cross_entropy(h, w, t.float()), ValueError, "target"),
+        (lambda: linear_cross_entropy(h, w, t, b[:3]), ValueError, "bias"),
+        (lambda: linear_cross_entropy(h[0], w, t), ValueError, "hidden"),
+        (lambda: linear_cross_entropy(h, w, t, chunk_size=0), ValueError, "chunk_size"),
+        (lambda: linear_cross_entropy(h, w, t, reduction="avg"), ValueError, "reduction"),
+        (lambda: linear_cross_entropy(h, w, t, label_smoothing=-0.1), ValueError, "label_smoothing"),
+    ]
+    if device.type == "cuda":
+        cases.append((lambda: linear_cross_entropy(h, w.cpu(), t), RuntimeError, "weight"))
+        cases.append((lambda: linear_cross_entropy(h, w, t.cpu()), RuntimeError, "target"))
+    for fn, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+@pytest.mark.parametrize("flags", [(True, True, True), (False, True, False), (False, False, False)], ids=str)
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_opcheck(device, flags, reduction):
+    h, w, b, t = make(9, 8, 23, device, torch.float32, bias=True)
+    args = (h.requires_grad_(flags[0]), w.requires_grad_(flags[1]), t, b.requires_grad_(flags[2]), None,
+            -100, 0.1, 1e-3, reduction, 4, *flags)
+    torch.library.opcheck(torch.ops.fmcore.linear_cross_entropy, args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile(device, reduction):
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    h0, w0, _, t = make(0, 16, 57, device, torch.float32, lead=(2, 13))
+
+    def step(h, w):
+        loss = linear_cross_entropy(torch.tanh(h), w, t, reduction=reduction, z_loss=1e-4, chunk_size=10)
+        return loss if reduction == "mean" else loss.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    a = [x.clone().requires_grad_() for x in (h0, w0)]
+    c = [x.clone().requires_grad_() for x in (h0, w0)]
+    la, lc = step(*a), compiled(*c)
+    la.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, la)
+    for x, y in zip(c, a):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_module_and_tying(device):
+    head = LinearCrossEntropy(16, 40, bias=True).to(device)
+    hidden = torch.randn(3, 5, 16, device=device, requires_grad=True)
+    target = torch.randint(0, 40, (3, 5), device=device)
+    loss = head(hidden, target, label_smoothing=0.1)
+    ref = F.cross_entropy(head.logits(hidden).view(-1, 40), target.view(-1), label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+    embed = torch.nn.Embedding(40, 16).to(device)
+    head.weight = embed.weight  # tie
+    head(embed(target), target).backward()
+    assert embed.weight.grad is not None and head.bias.grad is not None
+    assert "vocab_size=40" in repr(head)
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_within_bar():
+    # The bar: peak memory above the inputs <= the returned gradients + 128 MiB.
+    N, D, V = 4096, 512, 50304
+    hidden, weight, _, target = make(N, D, V, "cuda", torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(hidden, weight, target).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = (hidden.numel() + weight.numel()) * 2
+    assert peak <= grads + 128 * 2**20, f"peak {peak / 2**20:.0f} MiB above inputs, grads {grads / 2**20:.0f} MiB"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_default_chunks(dtype):
+    # Several default-sized chunks (96 MiB of logits each at V = 50257 => 896 rows) with a remainder.
+    hidden, weight, _, target = make(2000, 128, 50257, "cuda", dtype)
+    check(hidden, weight, None, target, label_smoothing=0.1)
