@@ -119,3 +119,23 @@ def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
             assert torch.equal(from_positions, _mask_from_cu_seqlens(batch.cu_seqlens, 8, 256))
             seen_boundary |= bool((causal & ~from_positions).any())
     assert seen_boundary  # some batch did pack several documents into a row
+
+
+@pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
+@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+def test_fmcore_model_compiles_without_graph_breaks(base):
+    """train.compile must capture the whole forward and backward, fmcore ops included (their fake
+    and autograd registrations); aot_eager keeps it quick on the CPU."""
+    cfg = dataclasses.replace(models.resolve(base, vocab_size=100), ops="fmcore")
+    model = models.build_model(cfg)
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = model(x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)

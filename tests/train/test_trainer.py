@@ -175,7 +175,20 @@ def test_document_boundaries_train(dataset, tmp_path, arch):
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
 
 
-@pytest.mark.parametrize("precision", ["bf16-autocast", "fp16"])
-def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision):
-    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--schedule.warmup_steps", "1")
+@pytest.mark.parametrize("precision, impl", [("bf16-autocast", "torch"), ("fp16", "torch"), ("bf16", "fmcore")])
+def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, impl):
+    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--optim.impl", impl,
+                         "--schedule.warmup_steps", "1")
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
+
+
+def test_compare_reports_relative_differences(tmp_path, capsys):
+    from fmcore.train import compare
+
+    for name, scale in (("a", 1.0), ("b", 1.01)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": scale * (5.0 - s / 10)}) + "\n" for s in range(1, 11)))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "10 common steps, max |rel diff| 1.000%" in out and (tmp_path / "c.png").is_file()

@@ -426,6 +426,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         f"precision={precision}, device={env.device}{f' x{env.world}' if env.world > 1 else ''}, "
         f"{step_tokens:,} tokens/step ({accum} micro-batches of {t.batch_size}x{t.seq_len}), "
         f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else ""))
+    if not has_val:
+        report.message(f"{dataset} has no val split: evaluation is off")
     ckpt_dir = run_dir / "checkpoints"
 
     def save(at_step: int) -> Path:
