@@ -41,7 +41,10 @@ def test_tiny_learns_and_writes_its_run_dir(dataset, tmp_path):
     assert summary["eval_loss"] < first - 1.0
     saved = load_config(str(run / "config.toml"))
     saved.name = cfg.name
-    assert saved == cfg  # the resolved config round-trips
+    assert saved == cfg  # the config round-trips
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["model"]["ops"] == "torch" and resolved["model"]["vocab_size"] == 1024
+    assert resolved["precision"] == "fp32" and resolved["params"] == summary["params"]
     records = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1] + list(range(10, 101, 10))

@@ -14,11 +14,15 @@ import ast
 import dataclasses
 import inspect
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):

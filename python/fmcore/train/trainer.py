@@ -14,6 +14,8 @@ gradient norm for non-finite values (one host sync per step), then clip and step
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import resource
@@ -417,7 +419,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     has_val = dataset_has_split(dataset, "val")
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "config.toml").write_text(to_toml(cfg))  # what was asked (reloads to the same Config)
+        (run_dir / "resolved.json").write_text(json.dumps({  # what it became on this machine
+            "model": dataclasses.asdict(mcfg), "precision": precision, "optimizer": impl, "device": str(env.device),
+            "world_size": env.world, "grad_accum": accum, "tokens_per_step": step_tokens,
+            "params": models.param_count(mcfg), "flops_per_token": flops_tok, "dataset": str(dataset)}, indent=1) + "\n")
     report = metrics.Reporter(run_dir, total_steps=t.steps, start_step=step, progress=cfg.log.progress,
                               tensorboard=cfg.log.tensorboard, enabled=env.main)
     n_params = models.param_count(mcfg)
@@ -521,8 +527,6 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             "run_dir": str(run_dir), "steps": step, "params": n_params, "tokens_per_step": step_tokens,
             "skipped_steps": skipped_total, "wall_s": round(elapsed, 1), "loss_curve": str(png),
         })
-        import json
-
         (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
         print(metrics.format_summary(out), flush=True)
     if env.world > 1:
