@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         "info": "print the build: torch/CUDA versions, archs, which ops have CUDA kernels",
         "bench": "run the benchmarks against every importable peer (see `fmcore bench -h`)",
         "prepare": "raw text (or the embedded stdlib corpus) to token shards + manifest (see `fmcore prepare -h`)",
+        "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="fmcore", description="fmcore command line")
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from fmcore.data.prepare import main as prepare_main
 
         return prepare_main(rest)
+    if command == "train":
+        from fmcore.train.trainer import main as train_main
+
+        return train_main(rest)
     raise AssertionError(command)
 
 
