@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "run the benchmarks against every importable peer (see `fmcore bench -h`)",
         "plan-memory": "per-GPU memory of a training config in its parallel layout (see `fmcore plan-memory -h`)",
         "prepare": "raw text (or the embedded stdlib corpus) to token shards + manifest (see `fmcore prepare -h`)",
+        "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="fmcore", description="fmcore command line")
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from fmcore.data.prepare import main as prepare_main
 
         return prepare_main(rest)
+    if command == "train":
+        from fmcore.train.trainer import main as train_main
+
+        return train_main(rest)
     if command == "plan-memory":
         from fmcore.train.plan import main as plan_main
 

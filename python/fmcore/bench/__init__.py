@@ -22,6 +22,7 @@ BENCHMARKS = {
     "adamw": "fmcore.bench.adamw",
     "attention": "fmcore.bench.attention",
     "loader": "fmcore.bench.loader",
+    "train": "fmcore.bench.train",
 }
 
 

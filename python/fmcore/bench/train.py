@@ -1,0 +1,113 @@
+"""End-to-end training step: fmcore's trainer vs the identical model in plain PyTorch.
+
+One step = forward + backward + clip + AdamW on a (B, T) batch of random tokens, timed after
+warm-up (and compilation), one host sync per step as in the trainer. Systems, all the same GPT-2:
+- fmcore:          model.ops="fmcore" (flash attention, fused linear cross-entropy), FusedAdamW with
+                   fused clipping, bf16 autocast
+- fmcore-compile:  the same under torch.compile
+- fmcore-bf16:     bf16 weights with fp32 master weights in FusedAdamW (no autocast casts)
+- torch-eager:     model.ops="torch" (SDPA, F.cross_entropy on the logits), torch.optim.AdamW(fused=True)
+                   and clip_grad_norm_, bf16 autocast
+- torch-compile:   the same under torch.compile
+MFU by 6N + 12 L H Q T FLOPs per token (models.flops_per_token) over the device's peak dense bf16
+rate (trainer.peak_tflops; the measured matmul rate on other GPUs). On the CPU (quick): a tiny
+model in fp32, eager systems only, to prove the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from fmcore.bench import BenchContext, Row
+from fmcore.train import models
+from fmcore.train.config import load_config
+from fmcore.train.trainer import StepOptions, build_optimizer, peak_tflops, train_step
+
+# name -> (model.ops, optimizer impl, precision on GPU, torch.compile)
+SYSTEMS = {
+    "fmcore": ("fmcore", "fmcore", "bf16-autocast", False),
+    "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True),
+    "fmcore-bf16": ("fmcore", "fmcore", "bf16", False),
+    "torch-eager": ("torch", "torch", "bf16-autocast", False),
+    "torch-compile": ("torch", "torch", "bf16-autocast", True),
+}
+
+
+def _cases(ctx: BenchContext):
+    """(case name, resolved ModelConfig, batch, seq_len, precision override or None)."""
+    if ctx.quick:
+        cfg = load_config("tiny").model
+        cfg = dataclasses.replace(cfg, vocab_size=4096, n_layers=2)
+        return [("tiny-2L B4 T128 fp32", cfg, 4, 128, "fp32")]
+    return [(f"{name} B16 T1024 bf16", load_config(name).model, 16, 1024, None)
+            for name in ("gpt2-124m", "gpt2-350m")]
+
+
+def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.device, steps: int, warmup: int):
+    ops, impl, _, compile_ = SYSTEMS[system]
+    mcfg = dataclasses.replace(models.resolve(mcfg, device=device), ops=ops)
+    model = models.build_model(mcfg).to(device)
+    if precision == "bf16":
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    cfg = load_config("tiny")  # only the optim section is read: the presets' AdamW settings
+    optimizer = build_optimizer(model, cfg, impl, precision, device)
+    if compile_:
+        model.compile()
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.randint(0, mcfg.vocab_size, (B, T), device=device, generator=gen),
+                torch.randint(0, mcfg.vocab_size, (B, T), device=device, generator=gen), None, None, None)
+               for _ in range(2)]
+    opts = StepOptions(impl, precision, device, grad_clip=1.0)
+    i = 0
+
+    def next_batch():
+        nonlocal i
+        i += 1
+        return batches[i % 2]
+
+    for _ in range(warmup):
+        train_step(model, optimizer, next_batch, 1, opts)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, next_batch, 1, opts)  # ends with a host sync on the loss and norm
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    times.sort()
+    return times[len(times) // 2], peak, mcfg
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    dev = ctx.device
+    rows = []
+    # Quick (CPU): the eager fp32 systems only; compiling takes minutes there and proves nothing new.
+    systems = [s for s, (_, _, prec, comp) in SYSTEMS.items() if not ctx.quick or (not comp and prec != "bf16")]
+    peak_rate = peak_tflops(load_config("tiny"), dev) or ctx.roofline.matmul_tflops
+    for case, mcfg, B, T, precision in _cases(ctx):
+        for system in systems:
+            prec = precision or SYSTEMS[system][2]
+            try:
+                sec, mem, resolved = _measure(mcfg, system, B, T, prec, dev, steps=3 if ctx.quick else 20,
+                                              warmup=1 if ctx.quick else 5)
+            except Exception as e:  # e.g. a kernel this build lacks: report it, keep the other systems
+                print(f"# train: {system} on {case} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            finally:
+                torch._dynamo.reset()  # compiled graphs hold their model: free it before the next system
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            tok_s = B * T / sec
+            mfu = 100.0 * models.flops_per_token(resolved, T) * tok_s / (peak_rate * 1e12)
+            rows += [Row("train", case, system, "ms", sec * 1e3, "ms/step"),
+                     Row("train", case, system, "tok/s", tok_s, "tok/s"),
+                     Row("train", case, system, "MFU%", mfu, f"% of {peak_rate:.0f} TFLOP/s")]
+            if mem is not None:
+                rows.append(Row("train", case, system, "MiB", mem, "MiB peak"))
+    return rows

@@ -1,0 +1,62 @@
+"""Compare the loss curves of two or more runs: ``python -m fmcore.train.compare RUN_A RUN_B [--plot out.png]``.
+
+For the ops A/B check (the same config, data and seed with model.ops="fmcore" and "torch"): prints, per
+run, the relative difference of its training loss from the first run's at every step both logged
+(max, mean, and at the last step), and plots the curves together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fmcore.train.metrics import read_metrics
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if "loss" in r}
+
+
+def relative_differences(base: dict[int, float], other: dict[int, float]) -> dict[int, float]:
+    """|other - base| / |base| at each step both runs logged."""
+    return {s: abs(other[s] - base[s]) / abs(base[s]) for s in sorted(base.keys() & other.keys())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fmcore.train.compare", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (the first is the reference)")
+    parser.add_argument("--plot", type=Path, help="write the curves to this PNG")
+    args = parser.parse_args(argv)
+    curves = {run: losses(run) for run in args.runs}
+    base = curves[args.runs[0]]
+    for run in args.runs[1:]:
+        rel = relative_differences(base, curves[run])
+        if not rel:
+            print(f"{run}: no step in common with {args.runs[0]}")
+            continue
+        last = max(rel)
+        print(f"{run} vs {args.runs[0]}: {len(rel)} common steps, max |rel diff| {100 * max(rel.values()):.3f}% "
+              f"(step {max(rel, key=rel.get)}), mean {100 * sum(rel.values()) / len(rel):.3f}%, "
+              f"at step {last}: {100 * rel[last]:.3f}% ({base[last]:.4f} vs {curves[run][last]:.4f})")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for run, curve in curves.items():
+            ax.plot(list(curve), list(curve.values()), label=run.name, lw=1.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The trainer's configuration: one dataclass tree, loaded from TOML, overridden from the command line.
+
+    cfg = load_config("tiny", ["--optim.lr", "3e-3", "--train.steps=200"])
+
+A source is a preset name shipped in fmcore/train/presets/ (``tiny``, ``gpt2-124m``, ...) or a path to a
+TOML file whose tables are the sections below. Overrides are ``--section.key value`` or
+``--section.key=value``. An unknown section or key, or a value of the wrong type, raises ConfigError
+naming it. Each field's docstring (the string under it) is what ``fmcore train --help`` prints.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"
+    """"gpt2" (LayerNorm, GELU, learned positions, tied embeddings, biases) or "llama" (RMSNorm,
+    SwiGLU, RoPE, grouped-query attention, untied head)."""
+    ops: str = "auto"
+    """"fmcore" (flash attention, RoPE op, fused linear cross-entropy), "torch" (SDPA, rotate-half,
+    F.cross_entropy on materialised logits), or "auto": fmcore on CUDA, torch on the CPU (fmcore's CPU
+    kernels are references for tests, not tuned for speed)."""
+    vocab_size: int = 0
+    """Embedding rows; 0 takes the dataset's vocabulary rounded up to a multiple of 64."""
+    dim: int = 768
+    """Hidden size."""
+    n_layers: int = 12
+    """Number of transformer blocks."""
+    n_heads: int = 12
+    """Query heads; the head dim is dim / n_heads."""
+    n_kv_heads: int = 0
+    """Key/value heads (llama; must divide n_heads); 0 means n_heads."""
+    ffn_dim: int = 0
+    """MLP hidden size; 0 means 4*dim (gpt2) or 8/3*dim rounded up to a multiple of 256 (llama)."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (size of the position table / RoPE cache)."""
+    rope_base: float = 10000.0
+    """RoPE frequency base (llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    bias: bool = True
+    """Biases in the linear layers and LayerNorms (gpt2; llama has none)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    """Dataset directory written by `fmcore prepare`; empty means the embedded corpus
+    (fmcore.data.default_dataset(), prepared on first use)."""
+    mode: str = "random"
+    """Loader order for training: "random" (seeded windows) or "sequential"."""
+    doc_boundaries: bool = False
+    """Mask attention at document boundaries (varlen attention / block-diagonal mask) and restart
+    positions at each document."""
+    threads: int = 0
+    """Loader worker threads; 0 lets the loader choose."""
+
+
+@dataclass
+class OptimConfig:
+    impl: str = "auto"
+    """"fmcore" (FusedAdamW), "torch" (torch.optim.AdamW, fused on CUDA, foreach on the CPU), or
+    "auto": the same choice as model.ops."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (see decay_embeddings / decay_norms_biases)."""
+    decay_embeddings: bool = False
+    """Also decay embedding tables (a tied embedding is the output head too)."""
+    decay_norms_biases: bool = False
+    """Also decay norm weights and biases."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"
+    """"cosine" (to min lr), "linear" (to min lr), "wsd" (warmup-stable-decay: constant, then a
+    linear decay over the last decay_fraction of steps) or "constant"."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak lr over this many steps."""
+    min_lr_ratio: float = 0.1
+    """The final lr as a fraction of optim.lr."""
+    decay_fraction: float = 0.2
+    """WSD only: the fraction of all steps spent in the final decay."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each process."""
+    seq_len: int = 1024
+    """Tokens per sequence."""
+    tokens_per_step: int = 0
+    """Global tokens per optimizer step; gradient accumulation makes up the difference (it must be a
+    multiple of batch_size * seq_len * world size). 0 means one micro-batch per process."""
+    precision: str = "auto"
+    """"fp32", "bf16-autocast" (fp32 weights, bf16 compute), "bf16" (bf16 weights with fp32 master
+    copies in FusedAdamW), "fp16" (autocast with a loss scaler), or "auto": bf16-autocast on CUDA,
+    fp32 on the CPU."""
+    device: str = "auto"
+    """"cuda", "cpu" or "auto" (cuda when available)."""
+    seed: int = 0
+    """Seed for the init, the loader and every RNG."""
+    compile: bool = False
+    """torch.compile the model."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward instead of storing its activations."""
+    eval_every: int = 0
+    """Evaluate on the val split every this many steps (and at the end); 0 only at the end."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation."""
+    max_skipped: int = 10
+    """Stop (with a checkpoint of the last good state) after this many consecutive steps whose loss
+    or gradient was not finite."""
+    threads: int = 0
+    """CPU threads for torch (torch.set_num_threads); 0 keeps torch's default."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps; 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints..."""
+    keep_every: int = 0
+    """...plus every checkpoint whose step is a multiple of this (0: none)."""
+    resume: str = "none"
+    """"none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint dir."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+    export_hf: bool = True
+    """Write the final weights as safetensors + config.json that Hugging Face transformers loads."""
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = ""
+    """Where the config, metrics, checkpoints and plots go; empty means runs/<name>."""
+    every: int = 10
+    """Log metrics every this many steps."""
+    progress: str = "auto"
+    """"bar" (tqdm), "plain" (one line per log step), "none", or "auto": bar on a terminal."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    sample_tokens: int = 0
+    """At each evaluation, greedily decode this many tokens after a prompt from the val split."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 looks the GPU up (H100: 989 bf16), none on CPU."""
+
+
+@dataclass
+class ParallelConfig:
+    data: str = "none"
+    """Data parallelism across processes: "none", "ddp", "fsdp2" or "zero1" (fmcore's own)."""
+    tensor: int = 1
+    """Tensor-parallel degree."""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """Name of the run (the default run dir is runs/<name>)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+CHOICES = {
+    ("model", "arch"): ("gpt2", "llama"),
+    ("model", "ops"): ("auto", "fmcore", "torch"),
+    ("data", "mode"): ("random", "sequential"),
+    ("optim", "impl"): ("auto", "fmcore", "torch"),
+    ("schedule", "kind"): ("cosine", "linear", "wsd", "constant"),
+    ("train", "precision"): ("auto", "fp32", "bf16-autocast", "bf16", "fp16"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("log", "progress"): ("auto", "bar", "plain", "none"),
+    ("parallel", "data"): ("none", "ddp", "fsdp2", "zero1"),
+}
+
+
+def presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    files = resources.files("fmcore.train") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def _convert(value, typ: type, key: str):
+    """value (a TOML value or a command-line string) as typ, or ConfigError naming key."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                low = text.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return low in ("true", "1", "yes")
+            if typ is int:
+                return int(float(text)) if ("e" in text.lower() and float(text).is_integer()) else int(text)
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg: Config, section: str, key: str, value, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown config section {section!r} (sections: {', '.join(SECTIONS)})")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{origin}: unknown config key '{section}.{key}' (keys in [{section}]: "
+                          f"{', '.join(hints)})")
+    setattr(obj, key, _convert(value, hints[key], f"{origin}: {section}.{key}"))
+
+
+def _apply_table(cfg: Config, table: dict, origin: str) -> None:
+    for section, body in table.items():
+        if section == "name":
+            cfg.name = _convert(body, str, f"{origin}: name")
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: unknown top-level key {section!r} (expected name or a [section] "
+                              f"table: {', '.join(SECTIONS)})")
+        for key, value in body.items():
+            _set(cfg, section, key, value, origin)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
+    """``["--optim.lr", "3e-4", "--train.steps=10"]`` -> [("optim", "lr", "3e-4"), ("train", "steps", "10")].
+
+    ``--resume X`` is accepted as ``--checkpoint.resume X``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg}: missing a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if name == "resume":
+            name = "checkpoint.resume"
+        section, dot, key = name.partition(".")
+        if name == "name":
+            out.append(("", "name", value))
+            continue
+        if not dot or not key:
+            raise ConfigError(f"{arg}: expected --section.key (sections: {', '.join(SECTIONS)})")
+        out.append((section, key, value))
+    return out
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config from a preset name or TOML path (default: the ``tiny`` preset) plus overrides."""
+    cfg = Config()
+    source = source or "tiny"
+    path = Path(source)
+    if source.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {source} not found")
+        text, origin, cfg.name = path.read_text(), str(path), path.stem
+    elif source in presets():
+        text = (resources.files("fmcore.train") / "presets" / f"{source}.toml").read_text()
+        origin, cfg.name = f"preset {source}", source
+    else:
+        raise ConfigError(f"{source!r} is neither a TOML file nor a preset ({', '.join(presets())})")
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    _apply_table(cfg, table, origin)
+    for section, key, value in parse_overrides(overrides or []):
+        if not section:
+            cfg.name = value
+        else:
+            _set(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no data or device."""
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    m, t = cfg.model, cfg.train
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
+                "train.seq_len": t.seq_len, "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected > 0, got {value}")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads ({kv}) must divide model.n_heads ({m.n_heads})")
+    if m.arch == "gpt2" and kv != m.n_heads:
+        raise ConfigError("model.n_kv_heads: grouped-query attention is a llama feature; gpt2 needs n_kv_heads = 0")
+    if m.arch == "llama" and (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model: llama's RoPE needs an even head dim, got {m.dim // m.n_heads}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1 or not 0 < cfg.schedule.decay_fraction <= 1:
+        raise ConfigError("schedule: expected 0 <= min_lr_ratio <= 1 and 0 < decay_fraction <= 1")
+    if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: expected a finite value > 0, got {cfg.optim.lr}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that load_config reads back to an equal Config."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"name = {fmt(cfg.name)}"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{key} = {fmt(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal under each field of a config dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def help_text() -> str:
+    """Every section and key with its type, default and docstring (what `fmcore train --help` prints)."""
+    lines = []
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{section}.{f.name} ({hints[f.name].__name__}, default {f.default!r})")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""CausalLM: the forward pass both model families share (embed, blocks, final norm, head or loss)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fmcore.train.models.common import DocMask, doc_mask, lm_loss
+
+
+class CausalLM(nn.Module):
+    """Subclasses define embed(x, positions) -> (B, S, dim), ``blocks`` (a ModuleList whose blocks take
+    (h, positions, docs)), ``norm`` and head_weight() -> (V, dim).
+
+    forward(x, y=None, positions=None, cu_seqlens=None, max_seqlen=None): x (B, S) token ids. Without y it returns the
+    fp32 logits (B, S, V); with y (B, S) the mean cross-entropy, computed by the fused linear
+    cross-entropy on the fmcore path (no logits in memory). positions (B, S) restart at each document;
+    with cu_seqlens (or positions on the torch path) attention stays inside documents; max_seqlen (the
+    longest document, from the loader) sizes the varlen kernel's grid (None: S, always safe).
+    """
+
+    ops: str
+    activation_checkpointing: bool = False
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        docs: DocMask | None = None
+        if positions is not None and (cu_seqlens is not None or self.ops == "torch"):
+            docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen)
+        h = self.embed(x, positions)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(block, h, positions, docs, use_reentrant=False)
+            else:
+                h = block(h, positions, docs)
+        h = self.norm(h)
+        if y is None:
+            return torch.nn.functional.linear(h, self.head_weight()).float()
+        return lm_loss(h, self.head_weight(), y, self.ops)
+
+    def init_weights(self, std: float, n_layers: int) -> None:
+        """Normal(0, std) for matrices and embeddings, std/sqrt(2 L) for the projections that write
+        into the residual stream (GPT-2's scaling, so the residual's variance does not grow with
+        depth), zero biases, unit norm weights."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith(self.residual_out_names):
+                nn.init.normal_(p, 0.0, std / (2 * n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, 0.0, std)

@@ -1,0 +1,141 @@
+"""Pieces both model families share: the ops switch, causal (document-masked) attention, RoPE and the loss.
+
+Every function takes ``ops``: "fmcore" calls fmcore's kernels (flash attention, the RoPE op, the fused
+linear cross-entropy that never materialises the logits), "torch" the plain PyTorch equivalents (SDPA,
+rotate-half, F.cross_entropy on the logits). Both compute the same function; the A/B benchmark and the
+quality comparison rely on that.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DocMask:
+    """Where the documents packed into a batch start, in the form each ops path wants.
+
+    cu_seqlens: int32 (n_docs + 1,) offsets into the flattened (B*S) tokens, for varlen flash attention.
+    max_seqlen: the longest document (the loader knows it; S is a safe bound that needs no device sync).
+    mask: bool (B, 1, S, S), True where query i may attend key j (same document and j <= i), for SDPA.
+    """
+
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
+    mask: torch.Tensor | None
+
+
+def doc_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor | None, ops: str,
+             max_seqlen: int | None = None) -> DocMask:
+    """DocMask from the loader's positions (B, S) (restarting at 0 at each document) and cu_seqlens."""
+    B, S = positions.shape
+    if ops == "fmcore":
+        if cu_seqlens is None:
+            raise ValueError("document masking with model.ops='fmcore' needs the loader's cu_seqlens")
+        return DocMask(cu_seqlens.to(device=positions.device, dtype=torch.int32), max_seqlen or S, None)
+    doc = torch.cumsum(positions == 0, dim=1)  # (B, S) document index within each row
+    same = doc[:, :, None] == doc[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool, device=positions.device).tril()
+    return DocMask(None, S, (same & causal)[:, None])
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str,
+                     docs: DocMask | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal mask) v. q (B, S, Hq, D), k and v (B, S, Hk, D) with Hk | Hq.
+
+    Returns (B, S, Hq, D). With docs, tokens attend only within their own document."""
+    B, S, H, D = q.shape
+    if ops == "fmcore" and _flash_covers(q):
+        from fmcore.ops import flash_attention, flash_attention_varlen
+
+        if docs is None:
+            return flash_attention(q, k, v, causal=True)
+        out = flash_attention_varlen(q.reshape(B * S, H, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D),
+                                     docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
+                                     causal=True)
+        return out.view(B, S, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = k.shape[1] != H
+    if docs is not None and docs.mask is None:  # fmcore's varlen inputs, but its kernel does not apply
+        docs = DocMask(None, S, _mask_from_cu_seqlens(docs.cu_seqlens, B, S))
+    if docs is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+_warned: set = set()
+
+
+def _flash_covers(q: torch.Tensor) -> bool:
+    """Whether fmcore's flash attention has a kernel for q (the CPU reference covers everything; CUDA
+    covers bf16/fp16 and head dims 64/96/128). Otherwise SDPA runs instead, with a one-time warning."""
+    if not q.is_cuda:
+        return True
+    from fmcore.ops import attention
+
+    dtypes = getattr(attention, "CUDA_DTYPES", (torch.bfloat16, torch.float16))
+    dims = getattr(attention, "CUDA_HEAD_DIMS", (64, 96, 128))
+    if q.dtype in dtypes and q.shape[-1] in dims:
+        return True
+    key = (q.dtype, q.shape[-1])
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fmcore flash attention has no CUDA kernel for {q.dtype} head dim {q.shape[-1]}; "
+                      "using torch SDPA for this model", stacklevel=3)
+    return False
+
+
+def _mask_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """(B, 1, S, S) causal same-document mask from segment ends in the flattened (B*S) batch."""
+    flat = torch.zeros(B * S, dtype=torch.int64, device=cu_seqlens.device)
+    flat[cu_seqlens[1:-1].long()] = 1
+    doc = torch.cumsum(flat, 0).view(B, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos, sin of shape (max_seq_len, head_dim/2), computed in fp64 (Llama's rotate-half angles)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return freqs.cos().float(), freqs.sin().float()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: str):
+    """Rotate-half RoPE of q (B, S, Hq, D) and k (B, S, Hk, D); cos/sin (S, D/2) or (B, S, D/2) fp32.
+
+    Both paths compute in fp32 and round once to q's dtype."""
+    if ops == "fmcore":
+        from fmcore.ops import apply_rotary
+
+        return apply_rotary(q, k, cos, sin)
+    cos = cos.unsqueeze(-2)  # broadcast over heads
+    sin = sin.unsqueeze(-2)
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def lm_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ops: str) -> torch.Tensor:
+    """Mean next-token cross-entropy of the head ``h @ weight.T`` against target; h (B, S, dim),
+    weight (V, dim), target (B, S) int64 (-100 is ignored). fp32 loss."""
+    h = h.reshape(-1, h.shape[-1])
+    if ops == "fmcore":
+        from fmcore.ops import linear_cross_entropy
+
+        if torch.is_autocast_enabled(h.device.type):
+            # The fused op is not on autocast's lists: hand it the matmul dtype autocast would use.
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        return linear_cross_entropy(h, weight, target.reshape(-1)).float()
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.float(), target.reshape(-1))

@@ -1,0 +1,57 @@
+"""GPT-2: pre-LayerNorm blocks, GELU (tanh) MLP, learned absolute positions, head tied to the embedding.
+
+Shapes mirror Hugging Face's GPT2LMHeadModel so export.py maps the weights one to one (the fused qkv
+projection is GPT-2's c_attn; HF stores its Conv1D weights transposed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmcore.train.config import ModelConfig
+from fmcore.train.models.base import CausalLM
+from fmcore.train.models.common import DocMask, causal_attention
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.dim, cfg.ffn_dim
+        self.n_heads, self.ops = cfg.n_heads, cfg.ops
+        self.ln_1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
+        self.attn_out = nn.Linear(d, d, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.fc = nn.Linear(d, f, bias=cfg.bias)
+        self.mlp_out = nn.Linear(f, d, bias=cfg.bias)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
+        B, S, d = h.shape
+        qkv = self.qkv(self.ln_1(h)).view(B, S, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.unbind(2)  # (B, S, H, D) views: attention reads them without a copy
+        h = h + self.attn_out(causal_attention(q, k, v, self.ops, docs).reshape(B, S, d))
+        return h + self.mlp_out(F.gelu(self.fc(self.ln_2(h)), approximate="tanh"))
+
+
+class GPT(CausalLM):
+    residual_out_names = ("attn_out.weight", "mlp_out.weight")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.ops = cfg, cfg.ops
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.blocks = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights(cfg.init_std, cfg.n_layers)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            return self.wte(x) + self.wpe.weight[: x.shape[1]]
+        return self.wte(x) + self.wpe(positions)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight

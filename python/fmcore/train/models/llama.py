@@ -1,0 +1,75 @@
+"""Llama: pre-RMSNorm blocks, SwiGLU MLP, rotary positions, grouped-query attention, untied head.
+
+q, k and v come from one fused projection and gate/up from another (one matmul each); export.py
+splits them into Hugging Face's q_proj/k_proj/v_proj and gate_proj/up_proj. RoPE is rotate-half
+(GPT-NeoX/Llama), which is what LlamaForCausalLM applies to the same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmcore.train.config import ModelConfig
+from fmcore.train.models.base import CausalLM
+from fmcore.train.models.common import DocMask, apply_rope, causal_attention, rope_tables
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: "Rope"):
+        super().__init__()
+        d, f = cfg.dim, cfg.ffn_dim
+        self.hq, self.hk, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.ops, self.rope = cfg.ops, [rope]  # a list: the shared tables are not this block's submodule
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.wqkv = nn.Linear(d, (self.hq + 2 * self.hk) * self.hd, bias=False)
+        self.wo = nn.Linear(self.hq * self.hd, d, bias=False)
+        self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
+        self.w_down = nn.Linear(f, d, bias=False)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
+        B, S, _ = h.shape
+        qkv = self.wqkv(self.attn_norm(h)).view(B, S, self.hq + 2 * self.hk, self.hd)
+        q, k, v = qkv.split([self.hq, self.hk, self.hk], dim=2)
+        cos, sin = self.rope[0].tables(S, positions)
+        q, k = apply_rope(q, k, cos, sin, self.ops)
+        h = h + self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
+        gate, up = self.w_gate_up(self.ffn_norm(h)).chunk(2, dim=-1)
+        return h + self.w_down(F.silu(gate) * up)
+
+
+class Rope(nn.Module):
+    """fp32 cos/sin tables (max_seq_len, head_dim/2); not in the state dict (a function of the config)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        cos, sin = rope_tables(head_dim, max_seq_len, base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, S: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None:
+            return self.cos[:S], self.sin[:S]
+        return self.cos[positions], self.sin[positions]
+
+
+class Llama(CausalLM):
+    residual_out_names = ("wo.weight", "w_down.weight")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.ops = cfg, cfg.ops
+        self.rope = Rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_base)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights(cfg.init_std, cfg.n_layers)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.tok_embeddings(x)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight

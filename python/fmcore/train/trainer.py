@@ -1,0 +1,557 @@
+"""The training loop and ``fmcore train``.
+
+    fmcore train                                   # tiny preset on the embedded corpus (GPU if present)
+    fmcore train gpt2-124m --optim.lr 3e-4         # a preset plus overrides
+    fmcore train my.toml --resume auto             # continue the newest complete checkpoint
+    torchrun --nproc-per-node 8 -m fmcore train gpt2-124m --parallel.data ddp
+
+The pieces a parallelism or model change hooks into are separate functions: setup_distributed,
+build_model, parallelize (fmcore.train.parallel.apply_parallelism), build_optimizer. One optimizer
+step = accumulate gradients over micro-batches up to train.tokens_per_step, check the loss and the
+gradient norm for non-finite values (one host sync per step), then clip and step, or skip and count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fmcore.train import checkpoint, metrics, models
+from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml
+from fmcore.train.schedule import lr_at
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (too many non-finite steps); a checkpoint of the last good state was saved."""
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+# ---- setup: each a separate function so parallelism and other model code can hook in
+
+def setup_distributed(cfg: Config) -> Env:
+    """The process group (under torchrun) and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
+    device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        if cfg.parallel.data == "none" and cfg.parallel.tensor == 1:
+            raise ConfigError(f"launched with {world} processes but parallel.data is 'none': pass "
+                              "--parallel.data ddp|fsdp2|zero1 (or --parallel.tensor N)")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, local_rank, device)
+
+
+def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16-autocast" if device.type == "cuda" else "fp32"
+    if p == "bf16" and impl != "fmcore":
+        raise ConfigError("train.precision 'bf16' (bf16 weights + fp32 master weights) needs optim.impl 'fmcore' "
+                          "(FusedAdamW master_weights); use 'bf16-autocast' with torch.optim.AdamW")
+    return p
+
+
+def build_model(cfg: Config, vocab_size: int, env: Env, precision: str) -> tuple[nn.Module, object]:
+    """(model on env.device, its resolved ModelConfig). Initialised on the CPU from train.seed so the
+    weights do not depend on the device or on model.ops."""
+    mcfg = models.resolve(cfg.model, vocab_size, env.device)
+    model = models.build_model(mcfg, seed=cfg.train.seed).to(env.device)
+    if precision == "bf16":
+        for p in model.parameters():  # parameters only: RoPE tables stay fp32
+            p.data = p.data.to(torch.bfloat16)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model, mcfg
+
+
+def parallelize(model: nn.Module, cfg: Config, env: Env) -> nn.Module:
+    """Wrap the model for data / tensor parallelism (fmcore.train.parallel); identity on one process."""
+    if cfg.parallel.data == "none" and cfg.parallel.tensor == 1:
+        return model
+    from fmcore.train.parallel import apply_parallelism
+
+    return apply_parallelism(model, cfg)
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Weight decay on matrices; none on embeddings, norm weights and biases unless configured."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.Embedding):
+                (decay if cfg.optim.decay_embeddings else no_decay).append(p)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name == "bias" or p.dim() < 2:
+                (decay if cfg.optim.decay_norms_biases else no_decay).append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def optimizer_impl(cfg: Config, mcfg) -> str:
+    return cfg.optim.impl if cfg.optim.impl != "auto" else mcfg.ops
+
+
+def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, device: torch.device):
+    """FusedAdamW (clipping and the non-finite skip fused into its step) or torch.optim.AdamW."""
+    o = cfg.optim
+    groups = param_groups(model, cfg)
+    if impl == "fmcore":
+        from fmcore.optim import FusedAdamW
+
+        return FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                          max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
+                          master_weights=precision == "bf16", skip_nonfinite=True)
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+
+
+def open_dataset(cfg: Config, env: Env) -> Path:
+    """data.dataset, or the embedded corpus (rank 0 prepares it once; the others wait)."""
+    from fmcore.data import default_dataset
+
+    if cfg.data.dataset:
+        path = Path(cfg.data.dataset)
+        if not path.is_dir():
+            raise ConfigError(f"data.dataset: {path} is not a directory (make one with `fmcore prepare`)")
+        return path
+    if env.main:
+        path = default_dataset()
+    if env.world > 1:
+        dist.barrier()
+    return path if env.main else default_dataset()
+
+
+def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode: str | None = None):
+    from fmcore.data import Loader
+
+    return Loader(dataset, split=split, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                  mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=env.rank, world_size=env.world,
+                  threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries)
+
+
+# ---- run directory and resume
+
+def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume or None). The default run dir is runs/<name>; a fresh run whose
+    default dir already holds a run takes runs/<name>-2, -3, ... A fresh run in an explicit
+    log.run_dir that already holds checkpoints is an error (pass --resume auto to continue it)."""
+    resume = cfg.checkpoint.resume
+    if cfg.log.run_dir:
+        candidates = [Path(cfg.log.run_dir)]
+    else:
+        base = Path("runs") / cfg.name
+        others = sorted(base.parent.glob(f"{base.name}-*")) if base.parent.is_dir() else []
+        candidates = [base] + [p for p in others if p.name[len(base.name) + 1:].isdigit()]
+    if resume not in ("none", "auto"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory")
+        return path.resolve().parent.parent, path
+    if resume == "auto":
+        found = [(ck.stat().st_mtime, run, ck) for run in candidates if (ck := checkpoint.latest(run / "checkpoints"))]
+        if found:
+            _, run, ck = max(found)
+            return run, ck
+        return candidates[0], None
+    if cfg.log.run_dir:
+        run = candidates[0]
+        if checkpoint.step_dirs(run / "checkpoints"):
+            raise ConfigError(f"log.run_dir {run} already holds checkpoints: pass --resume auto to continue that "
+                              "run, or choose another --log.run_dir")
+        return run, None
+    n = 1
+    while True:
+        run = Path("runs") / (cfg.name if n == 1 else f"{cfg.name}-{n}")
+        if not run.exists() or not any(run.iterdir()):
+            return run, None
+        n += 1
+
+
+def _broadcast(obj, env: Env):
+    if env.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- the loop's helpers
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def grad_sync(model: nn.Module, last: bool):
+    """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    elif hasattr(model, "no_sync") and not last:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device for MFU (log.peak_tflops overrides the table)."""
+    if cfg.log.peak_tflops > 0:
+        return cfg.log.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+                        ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0)):
+        if key in name:
+            return tflops
+    return None
+
+
+def memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def to_device(batch, device: torch.device, doc_boundaries: bool) -> tuple:
+    """(x, y, positions, cu_seqlens, max_seqlen) on device; the last three None without doc_boundaries."""
+    nb = device.type == "cuda"
+    x, y = batch.x.to(device, non_blocking=nb), batch.y.to(device, non_blocking=nb)
+    if not doc_boundaries:
+        return x, y, None, None, None
+    return (x, y, batch.positions.to(device, non_blocking=nb), batch.cu_seqlens.to(device, non_blocking=nb),
+            batch.max_seqlen)
+
+
+@dataclass
+class StepOptions:
+    impl: str  # "fmcore" (FusedAdamW) or "torch" (torch.optim.AdamW)
+    precision: str  # resolved: fp32, bf16-autocast, bf16, fp16
+    device: torch.device
+    grad_clip: float  # 0: no clipping
+    world: int = 1
+
+
+def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOptions,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[float, float, bool]:
+    """One optimizer step over ``accum`` micro-batches from next_batch() -> (x, y, positions, cu_seqlens,
+    max_seqlen). Returns (mean loss, gradient norm, whether the update was applied), read with one
+    host sync. The caller sets the lr beforehand."""
+    loss_sum = torch.zeros((), device=opts.device)
+    for micro in range(accum):
+        x, y, *docs = next_batch()
+        with grad_sync(model, micro == accum - 1), autocast_context(opts.precision, opts.device):
+            loss = model(x, y, *docs)
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    if opts.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if opts.impl == "torch":
+        # Norm (and clip) before deciding: torch.optim.AdamW would apply non-finite gradients.
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else math.inf,
+                                              foreach=opts.device.type == "cuda" or None)
+        loss_v, norm_v = torch.stack([loss_sum / accum, norm.float()]).tolist()
+        good = math.isfinite(loss_v) and math.isfinite(norm_v)
+        if good or scaler is not None:  # the scaler skips overflowed steps itself and lowers its scale
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+    else:
+        # FusedAdamW computes the norm, clips and skips non-finite gradients inside its step (no sync).
+        # A non-finite cross-entropy comes from a non-finite logit, whose gradient is NaN, so the
+        # optimizer skips those steps too; the sync below only counts them.
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+        loss_v, norm_v = torch.stack([loss_sum / accum, optimizer.last_grad_norm.float().reshape(())]).tolist()
+        good = math.isfinite(loss_v) and math.isfinite(norm_v)
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_v, norm_v, good
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: str) -> tuple[float, torch.Tensor]:
+    """(mean val loss over train.eval_batches micro-batches of every rank, the first batch's x)."""
+    was_training = model.training
+    model.eval()
+    total, first = torch.zeros((), device=env.device, dtype=torch.float64), None
+    with make_loader(cfg, dataset, env, split="val", mode="sequential") as loader:
+        for _ in range(cfg.train.eval_batches):
+            x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
+            first = x if first is None else first
+            with autocast_context(precision, env.device):
+                total += model(x, y, *docs).double()
+    if env.world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return total.item() / (cfg.train.eval_batches * env.world), first
+
+
+@torch.no_grad()
+def greedy_sample(model: nn.Module, prompt: torch.Tensor, n_new: int, precision: str, max_len: int) -> list[int]:
+    """Greedy continuation of prompt (1, P). The input is always (1, P + n_new), right-padded: causal
+    attention makes the padding invisible to the positions that matter, and one shape means one graph
+    under torch.compile."""
+    was_training = model.training
+    model.eval()
+    P = prompt.shape[1]
+    P = min(P, max_len - n_new)
+    ids = torch.zeros(1, P + n_new, dtype=prompt.dtype, device=prompt.device)
+    ids[:, :P] = prompt[:, -P:]
+    for i in range(P, P + n_new):
+        with autocast_context(precision, prompt.device):
+            logits = model(ids)
+        ids[0, i] = logits[0, i - 1].argmax()
+    model.train(was_training)
+    return ids[0, P:].tolist()
+
+
+def decode(tokenizer_path: Path | None, ids: list[int]) -> str:
+    if tokenizer_path is None or not tokenizer_path.is_file():
+        return " ".join(map(str, ids))
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_path)).decode(ids)
+
+
+def dataset_tokenizer(dataset: Path) -> Path | None:
+    from fmcore.data import Loader
+
+    tok = Loader.manifest(dataset).get("tokenizer") or {}
+    return dataset / tok["file"] if tok.get("file") else None
+
+
+def dataset_has_split(dataset: Path, split: str) -> bool:
+    from fmcore.data import Loader
+
+    return split in (Loader.manifest(dataset).get("splits") or {})
+
+
+# ---- the run
+
+def train(cfg: Config) -> dict:
+    """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
+    env = setup_distributed(cfg)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    dataset = open_dataset(cfg, env)
+    run_dir, resume_from = _broadcast(choose_run_dir(cfg) if env.main else None, env)
+    loader = make_loader(cfg, dataset, env)
+    try:
+        return _run(cfg, env, dataset, loader, run_dir, resume_from)
+    finally:
+        loader.close()
+
+
+def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None) -> dict:
+    t, ck = cfg.train, cfg.checkpoint
+    micro_tokens = t.batch_size * t.seq_len * env.world
+    if t.tokens_per_step and t.tokens_per_step % micro_tokens:
+        raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of batch_size * seq_len "
+                          f"* processes = {micro_tokens}")
+    accum = max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
+    step_tokens = accum * micro_tokens
+
+    mcfg = models.resolve(cfg.model, loader.vocab_size, env.device)
+    impl = optimizer_impl(cfg, mcfg)
+    precision = resolve_precision(cfg, env.device, impl)
+    model, mcfg = build_model(cfg, loader.vocab_size, env, precision)
+    raw_model = model
+    model = parallelize(model, cfg, env)
+    optimizer = build_optimizer(model, cfg, impl, precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
+    flops_tok = models.flops_per_token(mcfg, t.seq_len)
+    peak = peak_tflops(cfg, env.device)
+
+    step, skipped_total, resumed_tokens = 0, 0, 0
+    if resume_from is not None:
+        extra = checkpoint.load(resume_from, model, optimizer)
+        step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
+        loader.load_state_dict(extra["loader"])
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        checkpoint.set_rng_state(extra["rng"])
+    if t.compile:
+        model.compile()
+
+    tokenizer = dataset_tokenizer(dataset)
+    has_val = dataset_has_split(dataset, "val")
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))  # what was asked (reloads to the same Config)
+        (run_dir / "resolved.json").write_text(json.dumps({  # what it became on this machine
+            "model": dataclasses.asdict(mcfg), "precision": precision, "optimizer": impl, "device": str(env.device),
+            "world_size": env.world, "grad_accum": accum, "tokens_per_step": step_tokens,
+            "params": models.param_count(mcfg), "flops_per_token": flops_tok, "dataset": str(dataset)}, indent=1) + "\n")
+    report = metrics.Reporter(run_dir, total_steps=t.steps, start_step=step, progress=cfg.log.progress,
+                              tensorboard=cfg.log.tensorboard, enabled=env.main)
+    n_params = models.param_count(mcfg)
+    report.message(
+        f"fmcore train {cfg.name}: {mcfg.arch} {n_params / 1e6:.2f}M params, ops={mcfg.ops}, optimizer={impl}, "
+        f"precision={precision}, device={env.device}{f' x{env.world}' if env.world > 1 else ''}, "
+        f"{step_tokens:,} tokens/step ({accum} micro-batches of {t.batch_size}x{t.seq_len}), "
+        f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else ""))
+    if not has_val:
+        report.message(f"{dataset} has no val split: evaluation is off")
+    ckpt_dir = run_dir / "checkpoints"
+
+    def save(at_step: int) -> Path:
+        extra = {"step": at_step, "skipped_total": skipped_total, "tokens": resumed_tokens + (at_step - start) * step_tokens,
+                 "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg)}
+        return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
+
+    def run_eval(at_step: int) -> None:
+        if not has_val:
+            return
+        loss, first = evaluate(model, cfg, dataset, env, precision)
+        report.log({"step": at_step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        if cfg.log.sample_tokens > 0:
+            prompt = first[:1, : max(1, min(32, t.seq_len // 2))]
+            out = greedy_sample(model, prompt, cfg.log.sample_tokens, precision, mcfg.max_seq_len)
+            report.message(f"sample @ {at_step}: {decode(tokenizer, prompt[0].tolist())!r} -> {decode(tokenizer, out)!r}")
+
+    opts = StepOptions(impl, precision, env.device, cfg.optim.grad_clip, env.world)
+
+    def next_batch():
+        return to_device(next(loader), env.device, cfg.data.doc_boundaries)
+
+    start, in_a_row = step, 0
+    window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
+    run_t0 = time.perf_counter()
+    model.train()
+    while step < t.steps:
+        lr = lr_at(step, t.steps, cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
+        step += 1
+        window_steps += 1
+        report.advance()
+        # fp16 overflow with a finite loss is the loss scaler's business, not divergence.
+        diverging = not math.isfinite(loss_v) or (not good and scaler is None)
+        if not good:
+            skipped_total += 1
+        in_a_row = in_a_row + 1 if diverging else 0
+        stop = in_a_row >= t.max_skipped
+
+        if step % cfg.log.every == 0 or step == t.steps or step == start + 1 or stop:
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            now = time.perf_counter()
+            dt = (now - window_t) / window_steps
+            tok_s = step_tokens / dt
+            report.log({
+                "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, "tok_s": tok_s,
+                "mfu": 100.0 * flops_tok * tok_s / (peak * 1e12 * env.world) if peak else None,
+                "step_s": dt, "loader_wait_s": loader.wait_seconds - window_wait, "mem_mib": memory_mib(env.device),
+                "skipped": skipped_total, "tokens": resumed_tokens + (step - start) * step_tokens,
+                "eta_s": dt * (t.steps - step),
+            })
+            window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
+        if stop:
+            path = save(step)
+            report.message(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
+                           f"(last loss {loss_v}, grad norm {norm_v}); the weights are those of the last good step, "
+                           f"saved in {path}. Lower optim.lr, raise optim.grad_clip or check the data, then "
+                           f"--resume {path}.")
+            report.close()
+            raise TrainingStopped(f"{in_a_row} consecutive non-finite steps; checkpoint of the last good state: {path}")
+
+        pause_t = time.perf_counter()
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            run_eval(step)
+        if ck.every and step % ck.every == 0 and step != t.steps:
+            save(step)
+        window_t += time.perf_counter() - pause_t  # evaluation and checkpoint time is not training time
+
+    if step == start:
+        report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
+    else:
+        run_eval(step)
+    elapsed = time.perf_counter() - run_t0
+    if ck.save_final and step > start:
+        save(step)
+    if ck.export_hf:
+        from fmcore.train.export import export_hf
+
+        export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None),
+                  write=env.main)
+    out = {}
+    if env.main:
+        report.close()
+        records = metrics.read_metrics(run_dir / "metrics.jsonl")
+        png = metrics.plot_loss(records, run_dir / "loss.png", f"{cfg.name}: {mcfg.arch} {n_params / 1e6:.1f}M")
+        out = metrics.summary(records, {
+            "run_dir": str(run_dir), "steps": step, "params": n_params, "tokens_per_step": step_tokens,
+            "skipped_steps": skipped_total, "wall_s": round(elapsed, 1), "loss_curve": str(png),
+        })
+        (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+        print(metrics.format_summary(out), flush=True)
+    if env.world > 1:
+        dist.barrier()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(f"presets: {', '.join(presets())}\n")
+        print(help_text())
+        return 0
+    source = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    try:
+        cfg = load_config(source, argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"fmcore train: config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"fmcore train: stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,80 @@
+"""Config: presets load, TOML + overrides resolve, unknown keys and bad values raise naming the key."""
+
+import pytest
+
+from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_toml
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "gpt2-124m", "gpt2-350m", "llama-1b"} <= set(presets())
+    for name in presets():
+        cfg = load_config(name)
+        assert cfg.name == name
+    assert load_config("llama-1b").model.n_kv_heads == 4
+    assert load_config(None).name == "tiny"  # the default run
+
+
+def test_overrides_both_spellings_and_types():
+    cfg = load_config("tiny", ["--optim.lr", "1e-3", "--train.steps=7", "--train.compile", "true",
+                               "--model.arch=llama", "--resume", "auto", "--name", "x"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and cfg.train.compile is True
+    assert cfg.model.arch == "llama" and cfg.checkpoint.resume == "auto" and cfg.name == "x"
+
+
+def test_toml_file_and_round_trip(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text('[model]\narch = "llama"\ndim = 64\nn_heads = 4\n[optim]\nlr = 1\n')
+    cfg = load_config(str(path), ["--train.steps", "3"])
+    assert cfg.name == "my" and cfg.model.dim == 64 and cfg.optim.lr == 1.0 and cfg.train.steps == 3
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg))
+    back = load_config(str(again))
+    back.name = cfg.name
+    assert back == cfg
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--optim.lrr", "1"], "unknown config key 'optim.lrr'"),
+    (["--optimizer.lr", "1"], "unknown config section 'optimizer'"),
+    (["--optim.lr", "fast"], "optim.lr: expected float, got 'fast'"),
+    (["--train.steps", "1.5"], "train.steps: expected int"),
+    (["--train.compile", "maybe"], "train.compile: expected bool"),
+    (["--model.arch", "bert"], "model.arch: expected one of"),
+    (["--optim.lr"], "missing a value"),
+    (["--lr", "1"], "expected --section.key"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--model.dim", "100", "--model.n_heads", "3"], "multiple of model.n_heads"),
+    (["--train.seq_len", "4096"], "exceeds model.max_seq_len"),
+])
+def test_override_errors_name_the_key(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", args)
+
+
+def test_toml_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nwidth = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown config key 'model.width'"):
+        load_config(str(bad))
+    bad.write_text('[train]\nsteps = "ten"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: train.steps: expected int"):
+        load_config(str(bad))
+    bad.write_text("steps = 3\n")
+    with pytest.raises(ConfigError, match="unknown top-level key 'steps'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="neither a TOML file nor a preset"):
+        load_config("gpt5")
+
+
+def test_every_field_has_a_docstring():
+    text = help_text()
+    import dataclasses
+    for section in dataclasses.fields(Config):
+        if section.name == "name":
+            continue
+        for f in dataclasses.fields(type(getattr(Config(), section.name))):
+            line = f"--{section.name}.{f.name} "
+            assert line in text
+            doc = text.split(line, 1)[1].split("\n")[1].strip()
+            assert doc, f"{section.name}.{f.name} has no docstring"

@@ -1,0 +1,42 @@
+"""Hugging Face export: transformers loads the safetensors + config.json and gives the same logits."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fmcore.train import models
+from fmcore.train.config import ModelConfig
+from fmcore.train.export import export_hf
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    "gpt2": ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch"),
+    "gpt2-nobias-untied": ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch",
+                                      bias=False, tie_embeddings=False),
+    "llama-gqa": ModelConfig(arch="llama", dim=96, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=64,
+                             ops="torch", tie_embeddings=False, rope_base=500000.0, norm_eps=1e-6),
+    "llama-tied": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_transformers_loads_the_export_with_equal_logits(tmp_path, name):
+    cfg = models.resolve(CASES[name], vocab_size=200)
+    model = models.build_model(cfg, seed=3).eval()
+    with torch.no_grad():  # random biases and norm weights so a dropped or misplaced one shows
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    export_hf(model, cfg, tmp_path, eos_id=5)
+    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[cfg.arch]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [expected]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == expected
+    assert sum(p.numel() for p in hf.parameters()) >= models.param_count(cfg)
+    x = torch.randint(0, 200, (2, 37))  # 37: not a power of two
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits.float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
