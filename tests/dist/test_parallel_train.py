@@ -3,7 +3,7 @@
 For each of ddp, fsdp2, zero1 and tensor=2: 20 steps of a small GPT-2 give the same losses as one
 process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
 ranks resumes on 2 ranks and reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process
-(resharding) and reproduces them.
+(resharding) and reproduces them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.dist.launch import run_ranks
 
@@ -129,3 +130,20 @@ def test_load_on_one_process(two_rank_run, dataset):
     run(1, overrides(dataset, tmp / "one", 2 * B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
         tmp / "launch-one")
     assert_losses_close(losses(tmp / "one"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
+
+
+def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
+    # dp=2 x tp=2: each tensor-parallel pair reads one data-parallel shard of the global batch 2B.
+    run(4, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2"),
+        tmp_path / "launch")
+    assert_losses_close(losses(tmp_path / "run"), references[2 * B], range(1, STEPS + 1))
+
+
+def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
+    from fmcore.train.config import ConfigError, load_config
+    from fmcore.train.parallel import apply_parallelism
+
+    for data in ("ddp", "zero1"):
+        cfg = load_config("tiny", ["--parallel.data", data, "--parallel.tensor", "2"])
+        with pytest.raises(ConfigError, match=f"'{data}' with parallel.tensor > 1 is not supported"):
+            apply_parallelism(torch.nn.Linear(2, 2), cfg)

@@ -12,7 +12,7 @@ the same batches (the loader is sharded by dp rank).
   state sharded over dp; parameters all-gathered per block in forward and backward).
 - zero1: the model stays as it is; fmcore.dist.ZeroAdamW shards the optimizer over dp and averages
   the gradients in its step (reduce-scatter, shard update, all-gather).
-- tensor: DTensor tensor parallelism (parallelize_module) of each block's attention and MLP,
+- tensor: DTensor tensor parallelism (alone or with fsdp2: a 2-D mesh) (parallelize_module) of each block's attention and MLP,
   Megatron-style: q/k/v and the MLP's first projection column-parallel (each rank keeps n_heads/N
   heads and ffn/N hidden units), the output projections row-parallel (an all-reduce in the forward).
   The fused projections (GPT-2's qkv, Llama's wqkv and w_gate_up) are first split into one Linear per
@@ -68,12 +68,14 @@ def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
     from fmcore.train.config import ConfigError
 
     data, tp = cfg.parallel.data, cfg.parallel.tensor
+    if data in ("zero1", "ddp") and tp > 1:
+        # zero1 flattens plain tensors, not DTensors; DDP over DTensor parameters trains but its state
+        # dict does not map back to parameter names for torch.distributed.checkpoint.
+        raise ConfigError(f"parallel.data '{data}' with parallel.tensor > 1 is not supported: use 'fsdp2' (or "
+                          "'none' on one data-parallel rank) with tensor parallelism")
     device = next(model.parameters()).device
     ensure_process_group(device)
     m = mesh(cfg, device)
-    if data == "zero1" and tp > 1:
-        raise ConfigError("parallel.data 'zero1' with parallel.tensor > 1 is not supported (ZeroAdamW flattens "
-                          "plain tensors, not DTensors): use 'fsdp2' or 'ddp' with tensor parallelism")
     if tp > 1:
         apply_tensor_parallel(model, m["tp"])
     if data == "ddp":
@@ -89,8 +91,6 @@ def apply_ddp(model: nn.Module, m, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    if m["tp"].size() > 1:
-        return DDP(model, device_ids=ids, device_mesh=m["dp"])
     return DDP(model, device_ids=ids, process_group=m["dp"].get_group())
 
 
