@@ -68,10 +68,11 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
-def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path):
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])  # torch.optim.AdamW + SDPA / FusedAdamW + fmcore kernels
+def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path, ops):
     """A run killed with SIGKILL right after a checkpoint and resumed with --resume auto logs exactly
     the losses (and grad norms) of the uninterrupted run: model, optimizer, loader and RNGs restored."""
-    common = ["--train.steps", "12", "--checkpoint.every", "4", "--checkpoint.keep_last", "1", "--log.every", "1",
+    common = ["--model.ops", ops, "--train.steps", "12", "--checkpoint.every", "4", "--checkpoint.keep_last", "1", "--log.every", "1",
               "--model.dim", "64", "--model.n_layers", "2", "--train.threads", "1", "--checkpoint.export_hf", "false",
               "--schedule.warmup_steps", "3"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
