@@ -334,8 +334,8 @@ def greedy_sample(model: nn.Module, prompt: torch.Tensor, n_new: int, precision:
     under torch.compile."""
     was_training = model.training
     model.eval()
-    P = prompt.shape[1]
-    P = min(P, max_len - n_new)
+    n_new = min(n_new, max_len - 1)  # the window must fit the model's positions
+    P = min(prompt.shape[1], max_len - n_new)
     ids = torch.zeros(1, P + n_new, dtype=prompt.dtype, device=prompt.device)
     ids[:, :P] = prompt[:, -P:]
     for i in range(P, P + n_new):
