@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one call to make on the GPU machine: build with 16 jobs, run the CUDA tests, run every new
-# kernel under compute-sanitizer (memcheck + racecheck), run the benchmarks against every importable
+# kernel under compute-sanitizer (memcheck, racecheck, synccheck), run the benchmarks against every importable
 # peer, and print a short table last. Results land in $OUT (the device tool brings them back):
 #   $OUT/results.json  -> commit as benchmarks/results/<gpu>-<date>.json (scripts/render_readme.py)
 #   $OUT/*.log, $OUT/plots/*.png
@@ -23,7 +23,7 @@ cd /tmp  # import the installed package, not the source tree
 python3 -m fmcore info | tee "$OUT/info.log"
 
 python3 -m pytest "$OLDPWD/tests" -m cuda -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25 || status=1
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 "$OLDPWD/scripts/sanitize_ops.py" \
     > "$OUT/sanitizer-$tool.log" 2>&1 && echo "compute-sanitizer $tool: clean" \
     || { echo "compute-sanitizer $tool: ERRORS (see sanitizer-$tool.log)"; tail -20 "$OUT/sanitizer-$tool.log"; status=1; }

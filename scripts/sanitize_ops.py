@@ -2,11 +2,13 @@
 scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). Keep it small: the
 sanitizer slows kernels down 10-100x."""
 
+import os
+
 import torch
 
 import fmcore.ops as ops
 
-dev = "cuda"
+dev = os.environ.get("FMCORE_SANITIZE_DEVICE", "cuda")  # "cpu" checks the script itself
 
 
 def rope():
@@ -22,10 +24,65 @@ def rope():
             ops.apply_rotary(q.detach(), k.detach(), theta.cos(), theta.sin(), interleaved=interleaved, inplace=True)
 
 
-CHECKS = [rope]
+def attention():
+    # Tails, causal Sq != Sk (both ways), rows with no visible key, GQA/MQA, every head dim, varlen with
+    # empty and length-1 documents: every kernel path of the forward, the delta, dk/dv and dq kernels.
+    from fmcore.ops import flash_attention, flash_attention_varlen
+
+    for D in (64, 96, 128):
+        for dt in (torch.bfloat16, torch.float16):
+            for B, Sq, Sk, Hq, Hk, causal in [(2, 77, 77, 4, 2, True), (1, 130, 45, 3, 1, True), (1, 17, 200, 2, 2, True),
+                                              (1, 65, 129, 2, 1, False), (1, 1, 1, 1, 1, False)]:
+                q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dt, requires_grad=True)
+                k = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
+                v = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
+                out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+                (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+    lens_q, lens_k = [1, 0, 70, 3, 130], [5, 2, 0, 3, 64]
+    cq = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    ck = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens_q), 4, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    flash_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True).float().sum().backward()
+
+
+def cross_entropy():
+    # V=7 and 32001 (no multiple of the vector width), ignored targets, both backward paths.
+    for V in (7, 32001):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            logits = torch.randn(37, V, device=dev, dtype=dt, requires_grad=True)
+            target = torch.randint(0, V, (37,), device=dev)
+            target[::5] = -100
+            ops.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4).backward()
+            x = torch.randn(37, V, device=dev, dtype=dt, requires_grad=True)
+            ops.cross_entropy(x * 1, target, inplace_backward=True).backward()
+    hidden = torch.randn(45, 96, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1001, 96, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 1001, (45,), device=dev)
+    ops.linear_cross_entropy(hidden, weight, target, chunk_size=16).backward()
+
+
+def adamw():
+    # Odd sizes (vector tails), an unaligned view, bf16 params with master weights, clipping.
+    from fmcore.optim import FusedAdamW
+
+    for dt, master in ((torch.float32, False), (torch.bfloat16, True)):
+        base = torch.randn(1 + 4097, device=dev, dtype=dt)
+        params = [torch.nn.Parameter(torch.randn(n, device=dev, dtype=dt)) for n in (1, 7, 8193, 70001)]
+        params.append(torch.nn.Parameter(base[1:]))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = FusedAdamW(params, lr=1e-3, max_grad_norm=1.0, master_weights=master, skip_nonfinite=True)
+        for _ in range(2):
+            opt.step()
+
+
+CHECKS = [rope, attention, cross_entropy, adamw]
 
 if __name__ == "__main__":
     for check in CHECKS:
         check()
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     print(f"ran {len(CHECKS)} op checks: {', '.join(c.__name__ for c in CHECKS)}")

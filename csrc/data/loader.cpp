@@ -14,7 +14,8 @@ void check_options(const LoaderOptions& o) {
   if (o.seq_len < 1) bad("seq_len must be >= 1, got " + std::to_string(o.seq_len));
   if (o.world_size < 1) bad("world_size must be >= 1, got " + std::to_string(o.world_size));
   if (o.rank < 0 || o.rank >= o.world_size)
-    bad("rank must be in [0, world_size=" + std::to_string(o.world_size) + "), got " + std::to_string(o.rank));
+    bad("rank must be in [0, world_size=" + std::to_string(o.world_size) + "), got " +
+        std::to_string(o.rank));
   if (o.threads < 1) bad("threads must be >= 1, got " + std::to_string(o.threads));
   if (o.prefetch < 1) bad("prefetch must be >= 1, got " + std::to_string(o.prefetch));
   if (o.out_bytes != 4 && o.out_bytes != 8) bad("out_bytes must be 4 (int32) or 8 (int64)");
@@ -25,7 +26,8 @@ void check_options(const LoaderOptions& o) {
 
 }  // namespace
 
-Loader::Loader(LoaderOptions options, Allocator allocator) : opt_(std::move(options)), alloc_(std::move(allocator)) {
+Loader::Loader(LoaderOptions options, Allocator allocator)
+    : opt_(std::move(options)), alloc_(std::move(allocator)) {
   check_options(opt_);
   if (opt_.paths.empty()) throw ShardError("empty dataset: no shards to load");
   // Open (and, when asked, checksum) the shards in parallel; the first failing shard in list order
@@ -37,14 +39,15 @@ Loader::Loader(LoaderOptions options, Allocator allocator) : opt_(std::move(opti
   auto open_some = [&] {
     for (size_t k; (k = next.fetch_add(1)) < n;) {
       try {
-        shards_[k] = Shard::open(opt_.paths[k], opt_.verify);
+        shards_[k] = Shard::open(opt_.paths[k], opt_.verify, opt_.mode == Mode::Random);
       } catch (...) {
         errors[k] = std::current_exception();
       }
     }
   };
   std::vector<std::thread> openers;
-  for (int t = 1; t < std::min<int>(opt_.threads, static_cast<int>(n)); ++t) openers.emplace_back(open_some);
+  for (int t = 1; t < std::min<int>(opt_.threads, static_cast<int>(n)); ++t)
+    openers.emplace_back(open_some);
   open_some();
   for (auto& t : openers) t.join();
   for (auto& e : errors)
@@ -55,12 +58,16 @@ Loader::Loader(LoaderOptions options, Allocator allocator) : opt_(std::move(opti
   for (auto& s : shards_) {
     const ShardInfo& info = s->info();
     if (info.n_tokens < window)
-      throw ShardError(info.path + ": window longer than the shard: seq_len + 1 = " + std::to_string(window) +
-                       " tokens, the shard holds " + std::to_string(info.n_tokens) + " (token count at offset 8)");
+      throw ShardError(info.path + ": window longer than the shard: seq_len + 1 = " +
+                       std::to_string(window) + " tokens, the shard holds " +
+                       std::to_string(info.n_tokens) + " (token count at offset 8)");
     if (opt_.check_vocab && opt_.vocab_size == 0 && info.vocab_size == 0)
-      throw ShardError(info.path + ": check_vocab needs a vocab size, and the header's (offset 24) is 0");
+      throw ShardError(info.path +
+                       ": check_vocab needs a vocab size, and the header's (offset 24) is 0");
     if (opt_.doc_boundaries && info.n_docs == 0 && opt_.eos_id < 0)
-      throw ShardError(info.path + ": doc_boundaries needs document offsets (count 0 at offset 16) or an EOS id");
+      throw ShardError(
+          info.path +
+          ": doc_boundaries needs document offsets (count 0 at offset 16) or an EOS id");
     sizes.push_back(info.n_tokens);
   }
   plan_ = std::make_unique<SamplePlan>(std::move(sizes), opt_.seq_len, opt_.mode, opt_.seed);
@@ -201,28 +208,34 @@ Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache) const {
   b.buffer = alloc_(layout_.bytes);
   if (!b.buffer.data) throw std::bad_alloc();
   char* base = static_cast<char*>(b.buffer.data);
-  const uint64_t B = static_cast<uint64_t>(opt_.batch_size), T = static_cast<uint64_t>(opt_.seq_len);
-  const uint64_t first = opt_.start_sample + (i * static_cast<uint64_t>(opt_.world_size) + opt_.rank) * B;
-  int32_t* cu = opt_.doc_boundaries ? reinterpret_cast<int32_t*>(base + layout_.cu_seqlens) : nullptr;
+  const uint64_t B = static_cast<uint64_t>(opt_.batch_size),
+                 T = static_cast<uint64_t>(opt_.seq_len);
+  const uint64_t first =
+      opt_.start_sample + (i * static_cast<uint64_t>(opt_.world_size) + opt_.rank) * B;
+  int32_t* cu =
+      opt_.doc_boundaries ? reinterpret_cast<int32_t*>(base + layout_.cu_seqlens) : nullptr;
   if (cu) cu[0] = 0;
   for (uint64_t row = 0; row < B; ++row) {
     Location loc = plan_->locate(first + row, cache);
     const Shard& shard = *shards_[loc.shard];
     if (opt_.check_vocab)
-      shard.check_vocab(loc.start, T + 1, opt_.vocab_size ? opt_.vocab_size : shard.info().vocab_size);
+      shard.check_vocab(loc.start, T + 1,
+                        opt_.vocab_size ? opt_.vocab_size : shard.info().vocab_size);
     const size_t off = row * T;
     if (opt_.out_bytes == 8) {
       fill_row(shard, loc.start, reinterpret_cast<int64_t*>(base + layout_.x) + off,
                reinterpret_cast<int64_t*>(base + layout_.y) + off);
       if (cu)
         fill_segments(shard, loc.start, static_cast<int64_t>(row),
-                      reinterpret_cast<int64_t*>(base + layout_.positions) + off, cu, b.n_segments, b.max_seqlen);
+                      reinterpret_cast<int64_t*>(base + layout_.positions) + off, cu, b.n_segments,
+                      b.max_seqlen);
     } else {
       fill_row(shard, loc.start, reinterpret_cast<int32_t*>(base + layout_.x) + off,
                reinterpret_cast<int32_t*>(base + layout_.y) + off);
       if (cu)
         fill_segments(shard, loc.start, static_cast<int64_t>(row),
-                      reinterpret_cast<int32_t*>(base + layout_.positions) + off, cu, b.n_segments, b.max_seqlen);
+                      reinterpret_cast<int32_t*>(base + layout_.positions) + off, cu, b.n_segments,
+                      b.max_seqlen);
     }
   }
   return b;
@@ -236,12 +249,13 @@ void Loader::fill_row(const Shard& shard, uint64_t start, Out* x, Out* y) const 
   shard.copy(start + 1, T, y);
 }
 
-// Splits the row's window [start, start + T) at document starts: from the shard's offsets when it has
-// them, else after every EOS token. positions restart at 0 in every segment; cu_seqlens gets the end
-// of each segment as an offset into the flattened (B*T) batch. The row's start always opens a segment.
+// Splits the row's window [start, start + T) at document starts: from the shard's offsets when it
+// has them, else after every EOS token. positions restart at 0 in every segment; cu_seqlens gets
+// the end of each segment as an offset into the flattened (B*T) batch. The row's start always opens
+// a segment.
 template <typename Out>
-void Loader::fill_segments(const Shard& shard, uint64_t start, int64_t row, Out* positions, int32_t* cu,
-                           int64_t& n_segments, int32_t& max_seqlen) const {
+void Loader::fill_segments(const Shard& shard, uint64_t start, int64_t row, Out* positions,
+                           int32_t* cu, int64_t& n_segments, int32_t& max_seqlen) const {
   const int64_t T = opt_.seq_len;
   int64_t seg = 0;  // start of the current segment within the row
   auto close_segment = [&](int64_t end) {

@@ -4,8 +4,8 @@
 //
 // Batch i is a pure function of (options, i) (see plan.h): workers claim batch indices in order and
 // may finish out of order; the consumer always receives batch i next. The ring holds at most
-// `prefetch` finished or in-flight batches. Every batch gets a fresh buffer from the allocator, so a
-// batch the caller still holds (or is still copying to the GPU) is never overwritten.
+// `prefetch` finished or in-flight batches. Every batch gets a fresh buffer from the allocator, so
+// a batch the caller still holds (or is still copying to the GPU) is never overwritten.
 #pragma once
 
 #include <condition_variable>
@@ -48,8 +48,8 @@ struct LoaderOptions {
   uint64_t start_sample = 0;    // global sample number of batch 0 (resume)
 };
 
-// Byte offsets of one batch in its buffer: x (B*T), y (B*T), then with doc_boundaries positions (B*T)
-// and cu_seqlens (int32, at most B*T + 1 entries). Every offset is a multiple of out_bytes.
+// Byte offsets of one batch in its buffer: x (B*T), y (B*T), then with doc_boundaries positions
+// (B*T) and cu_seqlens (int32, at most B*T + 1 entries). Every offset is a multiple of out_bytes.
 struct BatchLayout {
   size_t x = 0, y = 0, positions = 0, cu_seqlens = 0, bytes = 0;
 };
@@ -69,7 +69,8 @@ class Loader {
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
 
-  // The next batch; blocks until it is ready. Rethrows a worker's error (then every later call does).
+  // The next batch; blocks until it is ready. Rethrows a worker's error (then every later call
+  // does).
   Batch next();
   // Stops and joins the workers; next() then throws. Idempotent.
   void close();

@@ -17,7 +17,8 @@ Mode parse_mode(const std::string& mode) {
   throw std::invalid_argument("mode must be 'sequential' or 'random', got '" + mode + "'");
 }
 
-at::Tensor view(const at::Tensor& bytes, size_t offset, int64_t numel, at::ScalarType dtype, at::IntArrayRef shape) {
+at::Tensor view(const at::Tensor& bytes, size_t offset, int64_t numel, at::ScalarType dtype,
+                at::IntArrayRef shape) {
   const int64_t width = static_cast<int64_t>(c10::elementSize(dtype));
   return bytes.narrow(0, static_cast<int64_t>(offset), numel * width).view(dtype).view(shape);
 }
@@ -57,10 +58,11 @@ void register_loader(py::module_& m) {
   });
 
   py::class_<Loader>(m, "TokenLoader", "C++ token loader core; use fmcore.data.Loader.")
-      .def(py::init([](std::vector<std::string> paths, int64_t batch_size, int64_t seq_len, const std::string& mode,
-                       uint64_t seed, int64_t rank, int64_t world_size, int threads, int prefetch,
-                       bool doc_boundaries, int out_bytes, bool check_vocab, uint32_t vocab_size, int64_t eos_id,
-                       bool verify, uint64_t start_sample, bool pin_memory) {
+      .def(py::init([](std::vector<std::string> paths, int64_t batch_size, int64_t seq_len,
+                       const std::string& mode, uint64_t seed, int64_t rank, int64_t world_size,
+                       int threads, int prefetch, bool doc_boundaries, int out_bytes,
+                       bool check_vocab, uint32_t vocab_size, int64_t eos_id, bool verify,
+                       uint64_t start_sample, bool pin_memory) {
              LoaderOptions o;
              o.paths = std::move(paths);
              o.batch_size = batch_size;
@@ -79,17 +81,19 @@ void register_loader(py::module_& m) {
              o.verify = verify;
              o.start_sample = start_sample;
              Allocator alloc = [pin_memory](size_t nbytes) {
-               auto t = std::make_shared<at::Tensor>(at::empty(
-                   {static_cast<int64_t>(nbytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(pin_memory)));
+               auto t = std::make_shared<at::Tensor>(
+                   at::empty({static_cast<int64_t>(nbytes)},
+                             at::TensorOptions().dtype(at::kByte).pinned_memory(pin_memory)));
                return HostBuffer{t->data_ptr(), t};
              };
              py::gil_scoped_release nogil;  // opening (and checksumming) shards can take a while
              return std::make_unique<Loader>(std::move(o), std::move(alloc));
            }),
-           py::arg("paths"), py::arg("batch_size"), py::arg("seq_len"), py::arg("mode"), py::arg("seed"),
-           py::arg("rank"), py::arg("world_size"), py::arg("threads"), py::arg("prefetch"),
-           py::arg("doc_boundaries"), py::arg("out_bytes"), py::arg("check_vocab"), py::arg("vocab_size"),
-           py::arg("eos_id"), py::arg("verify"), py::arg("start_sample"), py::arg("pin_memory"))
+           py::arg("paths"), py::arg("batch_size"), py::arg("seq_len"), py::arg("mode"),
+           py::arg("seed"), py::arg("rank"), py::arg("world_size"), py::arg("threads"),
+           py::arg("prefetch"), py::arg("doc_boundaries"), py::arg("out_bytes"),
+           py::arg("check_vocab"), py::arg("vocab_size"), py::arg("eos_id"), py::arg("verify"),
+           py::arg("start_sample"), py::arg("pin_memory"))
       .def("next",
            [](Loader& self) {
              Batch b;
@@ -100,11 +104,14 @@ void register_loader(py::module_& m) {
              return batch_tensors(self, std::move(b));
            })
       .def("close", &Loader::close, py::call_guard<py::gil_scoped_release>())
-      .def("restart", &Loader::restart, py::arg("start_sample"), py::call_guard<py::gil_scoped_release>())
+      .def("restart", &Loader::restart, py::arg("start_sample"),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("next_sample", &Loader::next_sample)
       .def_property_readonly("wait_seconds", &Loader::wait_seconds)
-      .def_property_readonly("windows_per_epoch", [](const Loader& self) { return self.plan().windows_per_epoch(); })
-      .def("epoch_order", [](const Loader& self, uint64_t epoch) { return self.plan().epoch_order(epoch); })
+      .def_property_readonly("windows_per_epoch",
+                             [](const Loader& self) { return self.plan().windows_per_epoch(); })
+      .def("epoch_order",
+           [](const Loader& self, uint64_t epoch) { return self.plan().epoch_order(epoch); })
       .def("shard_infos", [](const Loader& self) {
         py::list out;
         for (size_t k = 0; k < self.num_shards(); ++k) {

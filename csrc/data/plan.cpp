@@ -13,15 +13,21 @@ uint64_t bounded(uint64_t bits, uint64_t n) {
   return static_cast<uint64_t>((static_cast<unsigned __int128>(bits) * n) >> 64);
 }
 
-// Index k with prefix[k] <= r < prefix[k + 1] (prefix is non-decreasing, prefix[0] = 0 <= r < back()).
+// Index k with prefix[k] <= r < prefix[k + 1] (prefix is non-decreasing, prefix[0] = 0 <= r <
+// back()).
 size_t find_bucket(const std::vector<uint64_t>& prefix, uint64_t r) {
-  return static_cast<size_t>(std::upper_bound(prefix.begin(), prefix.end(), r) - prefix.begin()) - 1;
+  return static_cast<size_t>(std::upper_bound(prefix.begin(), prefix.end(), r) - prefix.begin()) -
+         1;
 }
 
 }  // namespace
 
-SamplePlan::SamplePlan(std::vector<uint64_t> shard_tokens, uint64_t seq_len, Mode mode, uint64_t seed)
-    : tokens_(std::move(shard_tokens)), seq_len_(seq_len), mode_(mode), seed_(mix64(seed + kGolden)) {
+SamplePlan::SamplePlan(std::vector<uint64_t> shard_tokens, uint64_t seq_len, Mode mode,
+                       uint64_t seed)
+    : tokens_(std::move(shard_tokens)),
+      seq_len_(seq_len),
+      mode_(mode),
+      seed_(mix64(seed + kGolden)) {
   start_prefix_.assign(1, 0);
   for (uint64_t n : tokens_) {
     windows_ += (n - 1) / seq_len_;
@@ -51,7 +57,8 @@ Location SamplePlan::locate(uint64_t g, EpochCache& cache) const {
   if (cache.epoch != epoch) {
     cache.order = epoch_order(epoch);
     cache.prefix.assign(1, 0);
-    for (uint32_t s : cache.order) cache.prefix.push_back(cache.prefix.back() + (tokens_[s] - 1) / seq_len_);
+    for (uint32_t s : cache.order)
+      cache.prefix.push_back(cache.prefix.back() + (tokens_[s] - 1) / seq_len_);
     cache.epoch = epoch;
   }
   size_t k = find_bucket(cache.prefix, r);

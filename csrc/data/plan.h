@@ -5,12 +5,12 @@
 // start + (i*world + r)*B + b for b in [0, B). So ranks are disjoint, every step consumes world*B
 // consecutive samples, and a batch's content does not depend on which thread computed it.
 //
-// Sequential mode: epoch e = g / W (W = windows per epoch) visits the shards in a permutation seeded
-// by (seed, e); within a shard, windows of T+1 tokens start every T tokens, in order (window k reads
-// tokens [k*T, k*T + T + 1): x = the first T, y = the last T). Epoch e+1 follows e with no gap, so
-// every epoch's windows are each read exactly once, by exactly one rank.
-// Random mode: sample g starts at a token position drawn uniformly (by a counter-based hash of
-// (seed, g)) over every valid start of every shard.
+// Sequential mode: epoch e = g / W (W = windows per epoch) visits the shards in a permutation
+// seeded by (seed, e); within a shard, windows of T+1 tokens start every T tokens, in order (window
+// k reads tokens [k*T, k*T + T + 1): x = the first T, y = the last T). Epoch e+1 follows e with no
+// gap, so every epoch's windows are each read exactly once, by exactly one rank. Random mode:
+// sample g starts at a token position drawn uniformly (by a counter-based hash of (seed, g)) over
+// every valid start of every shard.
 #pragma once
 
 #include <cstdint>

@@ -12,7 +12,8 @@
 #include <cstdio>
 #include <cstring>
 
-static_assert(std::endian::native == std::endian::little, "fmcore shards are read on little-endian hosts");
+static_assert(std::endian::native == std::endian::little,
+              "fmcore shards are read on little-endian hosts");
 
 namespace fmcore::data {
 namespace {
@@ -40,7 +41,9 @@ std::string hex(uint32_t v) {
   return buf;
 }
 
-[[noreturn]] void fail(const std::string& path, const std::string& what) { throw ShardError(path + ": " + what); }
+[[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw ShardError(path + ": " + what);
+}
 
 // Reads up to n bytes at offset 0; returns how many were read.
 size_t read_prefix(int fd, unsigned char* buf, size_t n, const std::string& path) {
@@ -55,10 +58,11 @@ size_t read_prefix(int fd, unsigned char* buf, size_t n, const std::string& path
   return got;
 }
 
-void check_size(const std::string& path, uint64_t size, uint64_t expected, const std::string& count_field) {
+void check_size(const std::string& path, uint64_t size, uint64_t expected,
+                const std::string& count_field) {
   if (size < expected)
-    fail(path, "truncated: file is " + std::to_string(size) + " bytes, but the header (" + count_field + ") needs " +
-                   std::to_string(expected) + " bytes");
+    fail(path, "truncated: file is " + std::to_string(size) + " bytes, but the header (" +
+                   count_field + ") needs " + std::to_string(expected) + " bytes");
   if (size > expected)
     fail(path, "token count does not match the file size: the header (" + count_field + ") means " +
                    std::to_string(expected) + " bytes, file is " + std::to_string(size));
@@ -75,8 +79,8 @@ ShardInfo parse_fmcore(const std::string& path, const unsigned char* h, size_t g
                    std::to_string(kShardVersion));
   uint32_t stored = load<uint32_t>(h + 60), computed = crc32(h, 60);
   if (stored != computed)
-    fail(path, "header checksum mismatch at offset 60: stored " + hex(stored) + ", crc32 of bytes 0..59 is " +
-                   hex(computed));
+    fail(path, "header checksum mismatch at offset 60: stored " + hex(stored) +
+                   ", crc32 of bytes 0..59 is " + hex(computed));
   ShardInfo info;
   info.path = path;
   info.token_bytes = load<uint16_t>(h + 6);
@@ -88,12 +92,13 @@ ShardInfo parse_fmcore(const std::string& path, const unsigned char* h, size_t g
   info.eos_id = load<uint32_t>(h + 28);
   info.tokens_offset = kShardHeaderBytes;
   info.file_bytes = size;
-  std::string fields = "token count " + std::to_string(info.n_tokens) + " at offset 8, document count " +
-                       std::to_string(info.n_docs) + " at offset 16";
+  std::string fields = "token count " + std::to_string(info.n_tokens) +
+                       " at offset 8, document count " + std::to_string(info.n_docs) +
+                       " at offset 16";
   // Overflow-safe: compare the counts with the size before multiplying them.
   if (info.n_tokens > size / info.token_bytes || info.n_docs > size / 8)
-    fail(path, "truncated: file is " + std::to_string(size) + " bytes, far fewer than the header (" + fields +
-                   ") needs");
+    fail(path, "truncated: file is " + std::to_string(size) +
+                   " bytes, far fewer than the header (" + fields + ") needs");
   uint64_t tokens_end = kShardHeaderBytes + info.n_tokens * info.token_bytes;
   info.docs_offset = info.n_docs ? (tokens_end + 7) & ~uint64_t{7} : tokens_end;
   check_size(path, size, info.docs_offset + 8 * info.n_docs, fields);
@@ -106,7 +111,8 @@ ShardInfo parse_llmc(const std::string& path, const unsigned char* h, size_t got
                    std::to_string(kLlmcHeaderBytes) + "-byte llm.c header");
   int32_t version = load<int32_t>(h + 4), n = load<int32_t>(h + 8);
   if (version != kLlmcVersion)
-    fail(path, "unknown llm.c version " + std::to_string(version) + " at offset 4, expected 1 (GPT-2 uint16)");
+    fail(path, "unknown llm.c version " + std::to_string(version) +
+                   " at offset 4, expected 1 (GPT-2 uint16)");
   if (n < 0) fail(path, "negative token count " + std::to_string(n) + " at offset 8");
   ShardInfo info;
   info.path = path;
@@ -132,7 +138,8 @@ uint32_t crc32(const void* data, size_t n, uint32_t crc) {
   return ~crc;
 }
 
-std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload) {
+std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
+                                   bool random_access) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
   std::unique_ptr<Shard> shard(new Shard());
@@ -145,7 +152,8 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload)
     size_t got = read_prefix(fd, head, sizeof(head), path);
     if (got < 4)
       fail(path, "truncated: file is " + std::to_string(size) + " bytes, expected at least a " +
-                     std::to_string(kShardHeaderBytes) + "-byte header starting with the magic at offset 0");
+                     std::to_string(kShardHeaderBytes) +
+                     "-byte header starting with the magic at offset 0");
     uint32_t magic = load<uint32_t>(head);
     if (magic == kShardMagic) {
       shard->info_ = parse_fmcore(path, head, got, size);
@@ -159,6 +167,9 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload)
     void* map = ::mmap(nullptr, shard->map_bytes_, PROT_READ, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) fail(path, std::string("cannot mmap: ") + std::strerror(errno));
     shard->map_ = map;
+    // Random windows touch a page or two each: kernel readahead would read ~32x more than used
+    // when the shard is not in the page cache. Only a hint; failure changes nothing.
+    if (random_access) ::madvise(map, shard->map_bytes_, MADV_RANDOM);
     ::close(fd);
     fd = -1;
   } catch (...) {
@@ -169,18 +180,20 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload)
   const unsigned char* base = static_cast<const unsigned char*>(s.map_);
   s.tokens_ = base + s.info_.tokens_offset;
   if (s.info_.n_docs) {
-    s.docs_ = reinterpret_cast<const uint64_t*>(base + s.info_.docs_offset);  // 8-aligned by the format
+    s.docs_ =
+        reinterpret_cast<const uint64_t*>(base + s.info_.docs_offset);  // 8-aligned by the format
     for (uint64_t k = 0; k < s.info_.n_docs; ++k) {
       uint64_t v = s.docs_[k];
       bool ok = k == 0 ? v == 0 : v > s.docs_[k - 1];
       if (ok && v >= s.info_.n_tokens) ok = false;
       if (!ok) {
-        std::string want = k == 0 ? std::string("0")
-                                  : "> " + std::to_string(s.docs_[k - 1]) + " and < the token count " +
-                                        std::to_string(s.info_.n_tokens);
+        std::string want = k == 0
+                               ? std::string("0")
+                               : "> " + std::to_string(s.docs_[k - 1]) + " and < the token count " +
+                                     std::to_string(s.info_.n_tokens);
         fail(path, "document start " + std::to_string(v) + " at offset " +
-                       std::to_string(s.info_.docs_offset + 8 * k) + " (entry " + std::to_string(k) +
-                       "), expected " + want);
+                       std::to_string(s.info_.docs_offset + 8 * k) + " (entry " +
+                       std::to_string(k) + "), expected " + want);
       }
     }
   }
@@ -188,8 +201,8 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload)
     uint32_t want = load<uint32_t>(base + 32);
     uint32_t got = crc32(base + kShardHeaderBytes, s.map_bytes_ - kShardHeaderBytes);
     if (got != want)
-      fail(path, "payload checksum mismatch: crc32 of bytes 64.." + std::to_string(s.map_bytes_) + " is " +
-                     hex(got) + ", the header at offset 32 says " + hex(want));
+      fail(path, "payload checksum mismatch: crc32 of bytes 64.." + std::to_string(s.map_bytes_) +
+                     " is " + hex(got) + ", the header at offset 32 says " + hex(want));
   }
   return shard;
 }
@@ -203,8 +216,9 @@ void Shard::check_vocab(uint64_t start, uint64_t n, uint32_t vocab) const {
     uint32_t v = token(t);
     if (v >= vocab)
       fail(info_.path, "token id " + std::to_string(v) + " at offset " +
-                           std::to_string(info_.tokens_offset + t * info_.token_bytes) + " (token " +
-                           std::to_string(t) + ") is >= the vocab size " + std::to_string(vocab));
+                           std::to_string(info_.tokens_offset + t * info_.token_bytes) +
+                           " (token " + std::to_string(t) + ") is >= the vocab size " +
+                           std::to_string(vocab));
   }
 }
 

@@ -25,7 +25,8 @@ constexpr int32_t kLlmcVersion = 1;
 constexpr size_t kLlmcHeaderBytes = 256 * 4;
 constexpr uint32_t kGpt2Vocab = 50257, kGpt2Eos = 50256;
 
-// A shard or dataset that cannot be used. The Python binding raises fmcore.data.ShardError (a ValueError).
+// A shard or dataset that cannot be used. The Python binding raises fmcore.data.ShardError (a
+// ValueError).
 class ShardError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -49,9 +50,11 @@ struct ShardInfo {
 
 class Shard {
  public:
-  // Validates the header against the file size, maps the file, checks the document offsets and, when
-  // verify_payload, the payload CRC. Throws ShardError.
-  static std::unique_ptr<Shard> open(const std::string& path, bool verify_payload);
+  // Validates the header against the file size, maps the file, checks the document offsets and,
+  // when verify_payload, the payload CRC. random_access: advise the kernel against readahead.
+  // Throws ShardError.
+  static std::unique_ptr<Shard> open(const std::string& path, bool verify_payload,
+                                     bool random_access = false);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -62,7 +65,8 @@ class Shard {
     return info_.token_bytes == 2 ? reinterpret_cast<const uint16_t*>(tokens_)[i]
                                   : reinterpret_cast<const uint32_t*>(tokens_)[i];
   }
-  // Copies n tokens starting at token `start` into dst, widened; the caller checks start + n <= size().
+  // Copies n tokens starting at token `start` into dst, widened; the caller checks start + n <=
+  // size().
   template <typename Out>
   void copy(uint64_t start, uint64_t n, Out* dst) const {
     if (info_.token_bytes == 2) {

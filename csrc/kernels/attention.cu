@@ -1,13 +1,14 @@
 // Flash attention CUDA kernels (FlashAttention-2 structure on mma.sync tensor cores, sm_80+;
 // built for sm_90a).
 //
-// Forward: one CTA per (block of kBlockM queries, query head, sequence); each warp owns 16 query
-// rows. K/V tiles of kBlockN keys stream through double-buffered shared memory with cp.async while
-// the previous tile is in use. S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation;
-// the online softmax works on the S accumulators in registers (their layout is fixed by the PTX
-// ISA), and P is re-packed from the accumulator layout into A fragments without touching shared
-// memory. Causal CTAs stop at the last key block their last query sees (tiles above the diagonal
-// are never loaded); only tiles that straddle the diagonal or the sequence end are masked.
+// Forward: one CTA per (block of kBlockM queries, query head, sequence); each warp owns kMW tiles
+// of 16 query rows (two: every K/V fragment read from shared memory then feeds two MMAs). K/V tiles
+// of kBlockN keys stream through double-buffered shared memory with cp.async while the previous
+// tile is in use. S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation; the online
+// softmax works on the S accumulators in registers (their layout is fixed by the PTX ISA), and P is
+// re-packed from the accumulator layout into A fragments without touching shared memory. Causal
+// CTAs stop at the last key block their last query sees (tiles above the diagonal are never
+// loaded); only tiles that straddle the diagonal or the sequence end are masked.
 //
 // Backward (deterministic by construction, no atomics):
 //   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row

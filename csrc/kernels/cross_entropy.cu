@@ -1,10 +1,11 @@
 // Softmax cross-entropy CUDA kernels: one block per row (grid-stride over rows).
 //
-// Why this shape: the op is pure memory traffic (V reads per row for the loss, V reads + V writes for
-// the gradient), so each block streams one row with 16-byte loads, four in flight per thread, and
-// keeps an online (max, sum-exp) pair per thread in fp32, merged across the block at the end. Rows of
-// any length and alignment vectorise: the few elements before the row's first 16-byte boundary and
-// after its last one are handled one by one (V = 50257 makes every row start misaligned).
+// Why this shape: the op is pure memory traffic (V reads per row for the loss, V reads + V writes
+// for the gradient), so each block streams one row with 16-byte loads, four in flight per thread,
+// and keeps an online (max, sum-exp) pair per thread in fp32, merged across the block at the end.
+// Rows of any length and alignment vectorise: the few elements before the row's first 16-byte
+// boundary and after its last one are handled one by one (V = 50257 makes every row start
+// misaligned).
 #include <cfloat>
 #include <cstdint>
 
@@ -165,12 +166,18 @@ struct GradTerms {
 __device__ __forceinline__ GradTerms grad_terms(const CrossEntropyParams& p, int64_t row,
                                                 int64_t target, float max, float logsum) {
   const float lse = max + logsum;
-  return {max,    logsum, 1.f + 2.f * p.z_loss * lse, p.label_smoothing / static_cast<float>(p.vocab),
-          1.f - p.label_smoothing, p.grad_scale[row * p.grad_scale_stride], target};
+  return {max,
+          logsum,
+          1.f + 2.f * p.z_loss * lse,
+          p.label_smoothing / static_cast<float>(p.vocab),
+          1.f - p.label_smoothing,
+          p.grad_scale[row * p.grad_scale_stride],
+          target};
 }
 
 template <typename T, typename TI, int VEC, bool kGrad>
-__global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const CrossEntropyParams p) {
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_fwd_kernel(const CrossEntropyParams p) {
   const int vocab = static_cast<int>(p.vocab);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[row]);
@@ -185,8 +192,10 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const Cr
     // Read z_t before block_merge's barrier: the fused pass may overwrite the row after it.
     float zt = 0.f;
     if (threadIdx.x == 0) {
-      if (!bad) zt = to_float(x[t]);
-      else if (p.bad_target != nullptr) *p.bad_target = t;
+      if (!bad)
+        zt = to_float(x[t]);
+      else if (p.bad_target != nullptr)
+        *p.bad_target = t;
     }
     Stats st{-INFINITY, 0.f, 0.f};
     visit_row<T, VEC>(x, vocab, [&](int, float v) {
@@ -217,7 +226,8 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const Cr
 }
 
 template <typename T, typename TI, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const CrossEntropyParams p) {
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_bwd_kernel(const CrossEntropyParams p) {
   const int vocab = static_cast<int>(p.vocab);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[row]);
@@ -228,6 +238,18 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
       continue;
     }
     map_row<T, VEC>(static_cast<const T*>(p.logits) + row * p.logits_stride, g, vocab, terms);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_scale_kernel(const CrossEntropyParams p) {
+  const int vocab = static_cast<int>(p.vocab);
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const float s = p.grad_scale[row * p.grad_scale_stride];
+    if (s == 1.f) continue;  // block-uniform
+    T* g = static_cast<T*>(p.grad) + row * p.grad_stride;
+    map_row<T, VEC>(g, g, vocab, [s](int, float x) { return x * s; });
   }
 }
 
@@ -254,8 +276,10 @@ cudaError_t launch(const CrossEntropyParams& p, int mode, cudaStream_t stream) {
     cross_entropy_fwd_kernel<T, TI, kVec, false><<<grid_for(p), threads, 0, stream>>>(p);
   } else if (mode == 1) {
     cross_entropy_fwd_kernel<T, TI, kVec, true><<<grid_for(p), threads, 0, stream>>>(p);
-  } else {
+  } else if (mode == 2) {
     cross_entropy_bwd_kernel<T, TI, kVec><<<grid_for(p), threads, 0, stream>>>(p);
+  } else {
+    cross_entropy_scale_kernel<T, kVec><<<grid_for(p), threads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -270,9 +294,12 @@ cudaError_t dispatch(const CrossEntropyParams& p, int mode, cudaStream_t stream)
   // The binding guarantees 1 <= vocab < 2^31 (row-local indices are int).
   if (p.vocab <= 0 || p.vocab > INT32_MAX) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kFloat32: return dispatch_target<float>(p, mode, stream);
-    case DType::kBFloat16: return dispatch_target<__nv_bfloat16>(p, mode, stream);
-    case DType::kFloat16: return dispatch_target<__half>(p, mode, stream);
+    case DType::kFloat32:
+      return dispatch_target<float>(p, mode, stream);
+    case DType::kBFloat16:
+      return dispatch_target<__nv_bfloat16>(p, mode, stream);
+    case DType::kFloat16:
+      return dispatch_target<__half>(p, mode, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -285,6 +312,10 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, bool with_grad, cudaS
 
 cudaError_t cross_entropy_bwd(const CrossEntropyParams& p, cudaStream_t stream) {
   return dispatch(p, 2, stream);
+}
+
+cudaError_t cross_entropy_scale(const CrossEntropyParams& p, cudaStream_t stream) {
+  return dispatch(p, 3, stream);  // the target type is not read
 }
 
 }  // namespace fmcore

@@ -1,14 +1,14 @@
 // Softmax cross-entropy: argument checks, the device-independent op bodies, the CPU reference and
 // its registration. The math is documented in kernels/cross_entropy.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "checks.h"
 #include "cross_entropy_op.h"
@@ -46,15 +46,17 @@ void check_ce_inputs(const at::Tensor& logits, const at::Tensor& target, const C
   if (writes_logits) {
     TORCH_CHECK_VALUE(N <= 1 || logits.stride(0) >= V,
                       "expected logits with non-overlapping rows (row stride >= V) to receive the "
-                      "gradient in place, got strides ", shape_str(logits.strides()));
+                      "gradient in place, got strides ",
+                      shape_str(logits.strides()));
   }
   check_ce_options(o);
 }
 
 // Per-row fp32 (fp64 for fp64 logits) values: (N,) when cols == 0 (any stride: grad_loss may be
 // expanded), else (N, cols).
-void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0) {
-  check_same_device(t, logits, name, "logits");
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, int64_t cols = 0,
+                const char* logits_name = "logits") {
+  check_same_device(t, logits, name, logits_name);
   const auto acc = ce_acc_type(logits);
   TORCH_CHECK_VALUE(t.scalar_type() == acc, "expected ", name, " to be ", acc, ", got ",
                     t.scalar_type());
@@ -84,8 +86,8 @@ void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t voca
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
-                                                        const at::Tensor& target, const CeOptions& o,
-                                                        const CeDevice& dev) {
+                                                        const at::Tensor& target,
+                                                        const CeOptions& o, const CeDevice& dev) {
   check_ce_inputs(logits, target, o, false);
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
@@ -110,21 +112,50 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& targ
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
                                                             const at::Tensor& target,
                                                             const at::Tensor& grad_scale,
-                                                            const CeOptions& o, const CeDevice& dev) {
+                                                            const CeOptions& o,
+                                                            const CeDevice& dev) {
   check_ce_inputs(logits, target, o, true);
   check_rows(grad_scale, logits, "grad_scale");
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
   at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o,
-          CeMode::kFwdGrad);
+  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o, CeMode::kFwdGrad);
   if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
   return {loss, stats};
+}
+
+void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, const CeDevice& dev) {
+  check_float(grad, "grad");
+  check_dim(grad, 2, "grad", "(N, V)");
+  check_last_dim_contiguous(grad, "grad");
+  TORCH_CHECK_VALUE(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
+                    "expected grad with non-overlapping rows (row stride >= V), got strides ",
+                    shape_str(grad.strides()));
+  TORCH_CHECK_VALUE(grad.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "expected grad with V < 2^31 columns, got shape ", shape_str(grad.sizes()));
+  check_rows(factor, grad, "factor", 0, "grad");
+  dev.run({grad, {}, {}, {}, grad, factor, {}}, {}, CeMode::kScale);
 }
 
 namespace {
 
 // ---- CPU reference: two plain passes per row (max, then sum-exp) and a third for the gradient.
+
+template <typename T, typename Acc>
+void scale_cpu(const CeTensors& t) {
+  const int64_t N = t.grad.size(0), V = t.grad.size(1), stride = t.grad.stride(0);
+  T* G = t.grad.data_ptr<T>();
+  const Acc* scale = t.grad_scale.const_data_ptr<Acc>();
+  const int64_t s_stride = t.grad_scale.stride(0);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const Acc s = scale[n * s_stride];
+      if (s == 1) continue;  // as the kernel: rows whose factor is 1 are not touched
+      T* g = G + n * stride;
+      for (int64_t v = 0; v < V; ++v) g[v] = static_cast<T>(static_cast<Acc>(g[v]) * s);
+    }
+  });
+}
 
 template <typename T, typename Acc, typename TI>
 void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
@@ -198,15 +229,17 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
 }
 
 void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.logits.scalar_type(),
-                                  "cross_entropy_cpu", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (t.target.scalar_type() == at::kLong) {
-      cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
-    } else {
-      cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.logits.scalar_type(), "cross_entropy_cpu", [&] {
+        using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        if (mode == CeMode::kScale) {
+          scale_cpu<scalar_t, Acc>(t);
+        } else if (t.target.scalar_type() == at::kLong) {
+          cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
+        } else {
+          cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
+        }
+      });
 }
 
 bool cpu_may_sync(const at::Tensor&) { return true; }

@@ -16,8 +16,10 @@ namespace {
 void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
   CrossEntropyParams p;
   p.logits = t.logits.const_data_ptr();
-  p.target = t.target.const_data_ptr();
-  p.target_int64 = t.target.scalar_type() == at::kLong;
+  if (t.target.defined()) {  // not for kScale
+    p.target = t.target.const_data_ptr();
+    p.target_int64 = t.target.scalar_type() == at::kLong;
+  }
   p.rows = t.logits.size(0);
   p.vocab = t.logits.size(1);
   p.logits_stride = t.logits.stride(0);
@@ -26,7 +28,7 @@ void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
   p.label_smoothing = static_cast<float>(o.label_smoothing);
   p.z_loss = static_cast<float>(o.z_loss);
   if (t.loss.defined()) p.loss = t.loss.data_ptr<float>();
-  p.stats = t.stats.data_ptr<float>();
+  if (t.stats.defined()) p.stats = t.stats.data_ptr<float>();
   if (t.grad.defined()) {
     p.grad = t.grad.data_ptr();
     p.grad_stride = t.grad.stride(0);
@@ -39,10 +41,16 @@ void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
 
   const c10::cuda::CUDAGuard guard(t.logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = mode == CeMode::kBwd ? cross_entropy_bwd(p, stream)
-                                               : cross_entropy_fwd(p, mode == CeMode::kFwdGrad, stream);
-  TORCH_CHECK(err == cudaSuccess, "fmcore cross_entropy: CUDA launch failed: ",
-              cudaGetErrorString(err));
+  cudaError_t err;
+  if (mode == CeMode::kScale) {
+    err = cross_entropy_scale(p, stream);
+  } else if (mode == CeMode::kBwd) {
+    err = cross_entropy_bwd(p, stream);
+  } else {
+    err = cross_entropy_fwd(p, mode == CeMode::kFwdGrad, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess,
+              "fmcore cross_entropy: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 // Reading the bad-target flag synchronises the stream, which a CUDA graph capture forbids: there

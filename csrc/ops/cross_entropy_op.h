@@ -1,11 +1,11 @@
-// Cross-entropy bindings shared by the CPU and CUDA registrations: argument checks and the op bodies,
-// which take the device's pass runner (CPU reference or CUDA launcher) as a parameter.
+// Cross-entropy bindings shared by the CPU and CUDA registrations: argument checks and the op
+// bodies, which take the device's pass runner (CPU reference or CUDA launcher) as a parameter.
 #pragma once
-
-#include <tuple>
 
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <tuple>
 
 namespace fmcore {
 
@@ -15,7 +15,8 @@ struct CeOptions {
   double z_loss = 0.0;
 };
 
-enum class CeMode { kFwd, kFwdGrad, kBwd };
+// kScale: grad[n, :] *= grad_scale[n], skipping rows whose factor is 1 (logits and target unused).
+enum class CeMode { kFwd, kFwdGrad, kBwd, kScale };
 
 // One pass over validated tensors. logits (N, V), target (N,) contiguous int32/int64; loss (N,)
 // and stats (N, 2) (row max, log-sum-exp minus the max) contiguous in the accumulation dtype
@@ -41,15 +42,18 @@ at::ScalarType ce_acc_type(const at::Tensor& logits);
 void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t vocab);
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
-                                                        const at::Tensor& target, const CeOptions& o,
-                                                        const CeDevice& dev);
+                                                        const at::Tensor& target,
+                                                        const CeOptions& o, const CeDevice& dev);
 at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& target,
                                 const at::Tensor& stats, const at::Tensor& grad_loss,
                                 const CeOptions& o, bool inplace, const CeDevice& dev);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& logits,
                                                             const at::Tensor& target,
                                                             const at::Tensor& grad_scale,
-                                                            const CeOptions& o, const CeDevice& dev);
+                                                            const CeOptions& o,
+                                                            const CeDevice& dev);
+
+void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, const CeDevice& dev);
 
 // loss, lse, grad_hidden, grad_weight, grad_bias (empty (0,) tensors for gradients not asked for).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_op(
@@ -63,7 +67,8 @@ template <const CeDevice& D>
 struct CeImpls {
   static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& logits, const at::Tensor& target,
                                                 int64_t ignore_index, double label_smoothing,
-                                                double z_loss, bool /*inplace_backward: autograd's*/) {
+                                                double z_loss,
+                                                bool /*inplace_backward: autograd's*/) {
     return cross_entropy_fwd_op(logits, target, {ignore_index, label_smoothing, z_loss}, D);
   }
   static at::Tensor bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
@@ -86,6 +91,9 @@ struct CeImpls {
     return cross_entropy_fwd_bwd_op(logits, target, grad_scale,
                                     {ignore_index, label_smoothing, z_loss}, D);
   }
+  static void scale_(const at::Tensor& grad, const at::Tensor& factor) {
+    cross_entropy_scale_op(grad, factor, D);
+  }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear(
       const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& grad_rows,
@@ -103,6 +111,7 @@ void register_cross_entropy(torch::Library& m) {
   m.impl("cross_entropy_bwd", &CeImpls<D>::bwd);
   m.impl("cross_entropy_bwd_", &CeImpls<D>::bwd_);
   m.impl("cross_entropy_fwd_bwd_", &CeImpls<D>::fwd_bwd_);
+  m.impl("cross_entropy_scale_", &CeImpls<D>::scale_);
   m.impl("linear_cross_entropy", &CeImpls<D>::linear);
 }
 

@@ -10,11 +10,11 @@
 //
 // grad_weight accumulates in weight's dtype (one rounding per chunk, as every chunked peer does):
 // an fp32 accumulator would cost 2 bytes x V x D more than the memory bar allows for bf16 weights.
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-
-#include <torch/library.h>
 
 #include "checks.h"
 #include "cross_entropy_op.h"
@@ -23,15 +23,17 @@ namespace fmcore {
 
 namespace {
 
-constexpr int64_t kChunkBudgetBytes = 96ll << 20;
+constexpr int64_t kChunkBudgetBytes = 112ll << 20;
 
-// Rows per chunk when the caller gives none: the (rows, V) logits block stays within 96 MiB (the
-// rest of the 128 MiB headroom covers the per-row loss/lse/count vectors, the fp32 bias-gradient
-// accumulator and its per-chunk sum), rounded down to a multiple of 128 rows once that is more than
-// 256 so the chunk GEMMs tile evenly.
+// Rows per chunk when the caller gives none: the (rows, V) logits block stays within 112 MiB (the
+// other 16 MiB of the 128 MiB headroom cover the per-row loss/stats vectors, the fp32 bias-gradient
+// accumulator and its per-chunk sum, all O(N + V)), rounded down to a multiple of 64 once that is
+// more than 128 so the chunk GEMMs tile evenly (rows are M of two GEMMs and K of grad_weight's).
+// The largest chunk that fits matters: grad_weight's GEMM reads and writes all of grad_weight once
+// per chunk, so its arithmetic intensity is proportional to the chunk's rows.
 int64_t default_chunk_rows(int64_t N, int64_t V, int64_t elem) {
   int64_t rows = std::max<int64_t>(1, kChunkBudgetBytes / (V * elem));
-  if (rows >= 256) rows -= rows % 128;
+  if (rows > 128) rows -= rows % 64;
   return std::min(rows, std::max<int64_t>(N, 1));
 }
 
@@ -72,8 +74,8 @@ void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   }
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "expected reduction 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(chunk_size >= 0, "expected chunk_size >= 1 (or 0: chosen from the shapes), got ",
-                    chunk_size);
+  TORCH_CHECK_VALUE(chunk_size >= 0,
+                    "expected chunk_size >= 1 (or 0: chosen from the shapes), got ", chunk_size);
 }
 
 }  // namespace
@@ -155,12 +157,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 
   at::Tensor loss;
   switch (reduction) {
-    case 0: loss = loss_rows; break;
-    case 1: loss = loss_rows.sum() / count; break;  // 0/0 = nan when all ignored, as torch
-    default: loss = loss_rows.sum(); break;
+    case 0:
+      loss = loss_rows;
+      break;
+    case 1:
+      loss = loss_rows.sum() / count;
+      break;  // 0/0 = nan when all ignored, as torch
+    default:
+      loss = loss_rows.sum();
+      break;
   }
-  at::Tensor grad_bias = need_grad_bias ? grad_bias_acc.to(hidden.scalar_type())
-                                        : at::empty({0}, hidden.options());
+  at::Tensor grad_bias =
+      need_grad_bias ? grad_bias_acc.to(hidden.scalar_type()) : at::empty({0}, hidden.options());
   return {loss, stats.sum(1), grad_hidden, grad_weight, grad_bias};
 }
 

@@ -18,20 +18,24 @@ TORCH_LIBRARY(fmcore, m) {
   // the autograd formula (gradient into the logits).
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index=-100, "
-      "float label_smoothing=0.0, float z_loss=0.0, bool inplace_backward=False) -> (Tensor, Tensor)");
+      "float label_smoothing=0.0, float z_loss=0.0, bool inplace_backward=False) "
+      "-> (Tensor, Tensor)");
   m.def(
       "cross_entropy_bwd(Tensor logits, Tensor target, Tensor stats, Tensor grad_loss, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
   m.def(
       "cross_entropy_bwd_(Tensor(a!) logits, Tensor target, Tensor stats, Tensor grad_loss, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> ()");
-  // Fused: loss and stats, and grad_scale[n] * dloss_n/dlogits written over the logits, in one kernel.
+  // Fused: loss, stats and grad_scale[n] * dloss_n/dlogits written over the logits, one kernel.
   m.def(
       "cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor target, Tensor grad_scale, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor)");
+  // grad[n, :] *= factor[n] in place; rows whose factor is exactly 1 are not touched (the backward
+  // of the fused path).
+  m.def("cross_entropy_scale_(Tensor(a!) grad, Tensor factor) -> ()");
   // Linear cross-entropy: hidden (N, D), weight (V, D), bias (V,); reduction 0 none, 1 mean, 2 sum.
-  // Returns (loss, lse, grad_hidden, grad_weight, grad_bias); a gradient not asked for is empty (0,).
-  // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of "none").
+  // Returns (loss, lse, grad_hidden, grad_weight, grad_bias); a gradient not asked for is (0,).
+  // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of none).
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
       "Tensor? grad_rows=None, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "

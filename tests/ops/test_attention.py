@@ -149,6 +149,17 @@ def test_rows_without_keys_give_zero_and_neg_inf(device):
     assert torch.all(q.grad[:, :5] == 0)
 
 
+@pytest.mark.parametrize("Sq,Sk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences(device, Sq, Sk):
+    # No queries: empty out, zero dk/dv. No keys: out 0 and lse -inf everywhere, zero dq.
+    q, k, v = make_qkv(2, Sq, Sk, 2, 1, 64, device, torch.bfloat16)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, Sq)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    for g in torch.autograd.grad(out.float().sum(), (q, k, v)):
+        assert torch.all(g == 0)
+
+
 @pytest.mark.parametrize("case", ["full", "causal_sq_lt_sk", "causal_gqa"])
 def test_gradcheck_fp64_cpu(case):
     # Gradients of out and lse together (lse's gradient enters the backward as delta -= dlse).

@@ -127,17 +127,36 @@ def test_strided_and_misaligned_rows(device):
     check(logits, target)
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.5])  # 1: the scaling pass is skipped; 2.5: it runs
+@pytest.mark.parametrize("reduction", REDUCTIONS)  # mean/sum: the fused forward; none: the backward
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_inplace_backward(device, dtype):
+def test_inplace_backward(device, dtype, reduction, factor):
     logits, target = make((2, 33, 515), device, dtype)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
     x = logits.clone().requires_grad_()
-    cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-3).backward()
+    loss = cross_entropy(x, target, **kw)
+    g = torch.full_like(loss, factor)
+    loss.backward(g)
     # logits made by an op (the usual lm-head case) so the gradient buffer can be checked
     leaf = logits.clone().requires_grad_()
     y = leaf * 1.0
-    cross_entropy(y, target, label_smoothing=0.1, z_loss=1e-3, inplace_backward=True).backward()
-    assert torch.equal(leaf.grad, x.grad)
-    assert torch.equal(y.detach(), x.grad), "the gradient was not written into the logits buffer"
+    loss2 = cross_entropy(y, target, inplace_backward=True, **kw)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    loss2.backward(g)
+    # the fused path rounds (1/count) * dloss and then * grad_output: equal up to rounding
+    torch.testing.assert_close(leaf.grad, x.grad, **({} if factor != 1.0 else dict(rtol=0, atol=0)))
+    assert torch.equal(y.detach(), leaf.grad), "the gradient was not written into the logits buffer"
+
+
+def test_inplace_backward_all_ignored_and_twice(device):
+    x = torch.randn(4, 9, device=device, requires_grad=True)
+    y = x * 1.0
+    loss = cross_entropy(y, torch.full((4,), -100, device=device), inplace_backward=True)
+    assert loss.isnan()  # 0/0, as torch
+    loss.backward(retain_graph=True)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
 
 
 def test_return_lse(device):
@@ -146,6 +165,14 @@ def test_return_lse(device):
     assert lse.shape == target.shape and lse.dtype == torch.float32 and not lse.requires_grad
     ref = torch.logsumexp(logits.double(), -1).where(target != -100, 0.0)
     torch.testing.assert_close(lse.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_scale_op(device):
+    grad = torch.randn(7, 300, device=device, dtype=torch.bfloat16)
+    factor = torch.tensor([1.0, 2.0, 0.5, 1.0, -3.0, 0.0, 1.0], device=device)
+    out = grad.clone()
+    torch.ops.fmcore.cross_entropy_scale_(out, factor)
+    torch.testing.assert_close(out, (grad.float() * factor[:, None]).bfloat16(), rtol=0, atol=0)
 
 
 def test_fused_forward_backward_op(device):
@@ -212,6 +239,8 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(ops.cross_entropy_bwd, (logits.detach(), target, stats, grad, -100, 0.1, 1e-3))
     torch.library.opcheck(ops.cross_entropy_bwd_, (logits.detach().clone(), target, stats, grad, -100, 0.1, 1e-3))
     torch.library.opcheck(ops.cross_entropy_fwd_bwd_, (logits.detach().clone(), target, grad, -100, 0.0, 0.0))
+    grad[::2] = 1.0  # rows with factor 1 are skipped
+    torch.library.opcheck(ops.cross_entropy_scale_, (logits.detach().clone(), grad))
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])

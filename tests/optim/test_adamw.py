@@ -571,3 +571,24 @@ def test_blocks_striding_over_many_chunks_cuda(dtype):
     for p, q in zip(ours_p, ref_p):
         value = ours.state[p]["master_param"] if dtype != torch.float32 else p
         assert rel_diff(value, q) < 1e-6
+
+
+def test_lr_scheduler_drives_float_and_tensor_lr(device):
+    # torch's schedulers write group["lr"] (fill_ into a tensor lr): both forms follow them.
+    ours_p = make_params(device)
+    ten_p = clone_params(ours_p)
+    ref_p = clone_params(ours_p)
+    ours = FusedAdamW(ours_p, lr=1e-2)
+    ten = FusedAdamW(ten_p, lr=torch.tensor(1e-2, device=device))
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, ten, ref)]
+    for s in range(6):
+        grads = random_grads(ours_p, s)
+        for ps in (ours_p, ten_p, ref_p):
+            set_grads(ps, grads)
+        for o, sched in zip((ours, ten, ref), scheds):
+            o.step()
+            sched.step()
+    assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 1e-2 / 8
+    assert_params_match(ours_p, ref_p)
+    assert_params_match(ten_p, ref_p, bound=1e-5)  # the tensor lr is fp32: 1e-2 is not exact in it

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",
     "attention": "fmcore.bench.attention",
+    "loader": "fmcore.bench.loader",
     "train": "fmcore.bench.train",
 }
 

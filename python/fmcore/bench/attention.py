@@ -72,8 +72,8 @@ def run(ctx: BenchContext) -> list[Row]:
                 continue
             with torch.no_grad():
                 fwd = time_ms(lambda: fn(q, k, v, causal), dev)
-            bwd = time_ms(lambda: torch.autograd.backward(out, dout, retain_graph=True), dev)
-            del out
+            # autograd.grad, not backward: no .grad accumulation kernels inside the timing
+            bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), dev)
             for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
                 tflops = flops / (ms * 1e-3) / 1e12
                 rows += [
@@ -82,5 +82,4 @@ def run(ctx: BenchContext) -> list[Row]:
                     Row("attention", f"{case} {phase}", system, "roofline%", ctx.roofline.pct_matmul(tflops),
                         f"% of {ctx.roofline.matmul_tflops:.1f} TFLOP/s matmul"),
                 ]
-        del q, k, v, dout
     return rows

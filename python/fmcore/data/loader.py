@@ -80,11 +80,13 @@ class Loader:
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.threads = threads or default_threads()
         self._fingerprint = _fingerprint(manifest["splits"][split])
+        pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if pin_memory:
+            torch.cuda.init()  # the workers allocate pinned buffers: initialise CUDA here, not in a worker
         self._core = _C.TokenLoader(
             [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
             prefetch or 2 * self.threads + 2, doc_boundaries, _DTYPE_BYTES[dtype], check_vocab,
-            self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0,
-            torch.cuda.is_available() if pin_memory is None else pin_memory)
+            self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
         # Joins the worker threads when the loader is collected, closed, or at interpreter exit.
         self._finalizer = weakref.finalize(self, self._core.close)
 
@@ -108,6 +110,11 @@ class Loader:
     def epoch(self) -> float:
         """Sequential mode: epochs read so far by all ranks together (fractional)."""
         return self._core.next_sample / self._core.windows_per_epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Sequential mode: whole batches of this rank in one epoch (e.g. the length of a full val pass)."""
+        return self._core.windows_per_epoch // (self.world_size * self.batch_size)
 
     def state_dict(self) -> dict:
         return {"version": 1, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,

@@ -15,6 +15,7 @@ Everything is held in memory between cleaning and sharding: fine for corpora of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -35,6 +36,7 @@ from fmcore.data.shards import MANIFEST, write_shard
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+JSONL_CHUNK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,36 @@ def _clean(text: str, cfg: CleanConfig, counts: dict) -> str | None:
     return text
 
 
+def _read_jsonl_range(path: Path, start: int, end: int) -> bytes:
+    """The lines of an uncompressed file that start in [start, end) (a line straddling start belongs to
+    the previous range)."""
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # finish the line that began before start (nothing if start is a line start)
+        out = []
+        while f.tell() < end:
+            line = f.readline()
+            if not line:
+                break
+            out.append(line)
+    return b"".join(out)
+
+
 def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
-    """One input file (or the builtin docstrings) -> ([(content hash, clean text)], counts)."""
-    kind, path, cfg = task
+    """One input file, byte range of a JSON Lines file, or the builtin docstrings ->
+    ([(content hash, clean text)], counts)."""
+    kind, path, cfg, span = task
     counts = dict.fromkeys(COUNT_KEYS, 0)
     raw_docs: list[str] = []
     if kind == "docstrings":
         raw_docs = _builtin_docstrings()
     else:
-        text = _read_text(Path(path))
+        if span is not None:
+            raw = _read_jsonl_range(Path(path), *span)
+            text = None if b"\0" in raw[:8192] else raw.decode("utf-8", errors="replace")
+        else:
+            text = _read_text(Path(path))
         if text is None:
             counts["binary_files"] += 1
         elif kind == "jsonl":
@@ -247,8 +270,14 @@ def _tasks(inputs: list[Path], cfg: CleanConfig) -> list[tuple]:
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         for p in files:
-            kind = "jsonl" if p.name.endswith(JSONL_SUFFIXES) else "text"
-            tasks.append((kind, str(p), cfg))
+            if not p.name.endswith(JSONL_SUFFIXES):
+                tasks.append(("text", str(p), cfg, None))
+            elif p.suffix == ".gz" or p.stat().st_size <= JSONL_CHUNK_BYTES:
+                tasks.append(("jsonl", str(p), cfg, None))
+            else:  # a large uncompressed JSON Lines file is read in byte ranges by several workers
+                size = p.stat().st_size
+                tasks += [("jsonl", str(p), cfg, (a, min(a + JSONL_CHUNK_BYTES, size)))
+                          for a in range(0, size, JSONL_CHUNK_BYTES)]
     return tasks
 
 
@@ -281,7 +310,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     cfg = CleanConfig(min_chars, max_chars, max_symbol_fraction, text_field)
     if inputs is None:
-        tasks = [("text", str(p), cfg) for p in stdlib_files(max_input_chars)] + [("docstrings", None, cfg)]
+        tasks = [("text", str(p), cfg, None) for p in stdlib_files(max_input_chars)]
+        tasks.append(("docstrings", None, cfg, None))
         source = f"python {sys.version.split()[0]} standard library (.py files, capped at {max_input_chars} chars) + built-in module docstrings"
     else:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -297,10 +327,12 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     seen: set[bytes] = set()
     docs: list[tuple[bytes, str]] = []
     workers = workers or default_workers()
+    # fork: a spawned worker would re-import torch (through the fmcore package) before doing anything.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        for file_docs, file_counts in tqdm(pool.imap(_load_task, tasks, chunksize=4), total=len(tasks),
-                                           desc="read+clean", unit="file", disable=disable):
+    with ctx.Pool(min(workers, len(tasks))) if min(workers, len(tasks)) > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(_load_task, tasks, chunksize=4) if pool is not None else map(_load_task, tasks)
+        for file_docs, file_counts in tqdm(results, total=len(tasks), desc="read+clean", unit="file",
+                                           disable=disable):
             for k, v in file_counts.items():
                 counts[k] += v
             for h, text in file_docs:
@@ -407,21 +439,20 @@ def default_dataset(root=None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
                    help="text files, directories, JSON Lines files (.jsonl/.ndjson[.gz]); none: the Python stdlib corpus")
-    p.add_argument("--out", type=Path, help="dataset directory (default: $FMCORE_DATA or ~/.cache/fmcore/datasets, /stdlib)")
+    p.add_argument("--out", type=Path, help="dataset directory (default $FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
     p.add_argument("--vocab-size", type=int, help="vocab of the trained BPE (default 8192; 4096 for the stdlib corpus)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of documents for val (default 0.005; 0.05 for stdlib)")
     p.add_argument("--eos-token", help="the tokenizer's EOS token (default: the first of %s found)" % ", ".join(EOS_CANDIDATES))
-    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text")
-    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default %(default)s)")
+    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents (default %(default)s)")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
     p.add_argument("--max-symbol-fraction", type=float, help="drop documents with more non-alphanumeric, non-space characters")
-    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus")
+    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus (default %(default)s)")
     p.add_argument("--workers", type=int, help="worker processes (default: the usable cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)

@@ -322,3 +322,25 @@ def verify_dataset(dataset, *, check_vocab: bool = True) -> dict:
                     raise ShardError(f"{path}: file checksum mismatch over bytes 0..{shard.info.file_bytes}: "
                                      f"crc32 0x{crc:08X}, the manifest says 0x{entry['crc32']:08X}")
     return manifest
+
+
+def write_dataset(out_dir, splits: dict, *, vocab_size: int, eos_id: int | None = None,
+                  tokenizer: dict | None = None) -> Path:
+    """Write a dataset from in-memory shards: splits maps a split name to a list of token arrays, or of
+    (tokens, doc_starts) pairs. For converted data and tests; `fmcore prepare` builds datasets from text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_splits = {}
+    for split, shards in splits.items():
+        entries = []
+        for k, shard in enumerate(shards):
+            tokens, starts = shard if isinstance(shard, tuple) else (shard, None)
+            entries.append(write_shard(out / f"{split}_{k:06d}.bin", tokens, vocab_size=vocab_size, eos_id=eos_id,
+                                       doc_starts=starts))
+        manifest_splits[split] = {"tokens": sum(e["tokens"] for e in entries),
+                                  "documents": sum(e["documents"] for e in entries), "shards": entries}
+    manifest = {"format": "fmcore-dataset", "version": 1,
+                "tokenizer": {"file": None, "vocab_size": vocab_size, "eos_id": eos_id, **(tokenizer or {})},
+                "splits": manifest_splits}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out

@@ -161,7 +161,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dense_last_dim(dout)
+    # Empty or missing gradients arrive as stride-0 expansions: hand the kernels a dense zero tensor.
+    dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None

@@ -2,9 +2,11 @@
 
 ``cross_entropy(logits, target)`` is ``F.cross_entropy`` for (N, V) or (B, S, V) logits and class
 targets: same reductions, ignore_index and label smoothing, plus PaLM's z-loss. The forward reads the
-logits once and keeps only the per-row max and log-sum-exp (fp32, 8 bytes a row); the backward reads them
-again and writes the gradient, into a new tensor or, with ``inplace_backward=True``, over the logits
-themselves (0 bytes extra). The kernels are documented in csrc/kernels/cross_entropy.h.
+logits once and keeps only the per-row max and log-sum-exp (fp32, 8 bytes a row); the backward reads
+them again and writes the gradient into a new tensor. With ``inplace_backward=True`` the gradient
+goes over the logits themselves (0 bytes extra) and, for mean/sum in eager mode, is written by the
+forward's own kernel, so the logits cross HBM once each way. The kernels are documented in
+csrc/kernels/cross_entropy.h.
 """
 
 from __future__ import annotations
@@ -60,9 +62,15 @@ def cross_entropy(
         target: int64 or int32 class indices in [0, V), or ignore_index.
         label_smoothing: as torch: (1 - eps) * nll + eps * (mean over classes of -log p).
         z_loss: adds z_loss * lse**2 to each non-ignored row's loss (PaLM), before the reduction.
-        inplace_backward: the backward writes the gradient over the logits buffer instead of a new
-            (N, V) tensor. The logits are garbage after backward: do not read them, and do not use
-            this when another op saved the logits for its own backward.
+        inplace_backward: the gradient goes over the logits buffer instead of a new (N, V) tensor.
+            With reduction mean/sum in eager mode the forward already writes it there, in the same
+            kernel that computes the loss (the logits are read once and written once in all), and
+            the backward only scales it by grad_output in place, skipping rows whose factor is
+            exactly 1 (so after ``loss.backward()`` it moves no data). Otherwise (reduction "none",
+            torch.compile) the backward computes it over the logits. Either way: the logits are
+            garbage after the call (forward) or the backward, do not read them, do not use this
+            when another op saved the logits for its own backward, and run backward once. For leaf
+            logits, ``.grad`` shares the logits' storage.
         return_lse: also return the per-row log-sum-exp (fp32, target's shape, 0 at ignored rows,
             detached), e.g. to log the z-loss term ``z_loss * (lse[target != ignore_index] ** 2).mean()``.
 
@@ -78,12 +86,58 @@ def cross_entropy(
         raise ValueError(f"expected logits of shape (N, V) or (B, S, V), got {tuple(logits.shape)}")
     _check_common(target, reduction, logits.shape[:-1], "logits")
     vocab = logits.shape[-1]
-    loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd(
-        logits.reshape(-1, vocab), target.reshape(-1), ignore_index, label_smoothing, z_loss, inplace_backward)
-    loss = _reduce(loss_rows, target, ignore_index, reduction, logits.dtype)
+    x, t = logits.reshape(-1, vocab), target.reshape(-1)
+    if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
+            and not torch.compiler.is_compiling()):
+        loss, stats = _FusedInplace.apply(x, t, ignore_index, label_smoothing, z_loss, reduction == "mean")
+        loss = loss.to(logits.dtype)
+    else:
+        loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss,
+                                                              inplace_backward)
+        loss = _reduce(loss_rows, target, ignore_index, reduction, logits.dtype)
     if return_lse:
         return loss, stats.detach().sum(-1).view(target.shape)
     return loss
+
+
+class _FusedInplace(torch.autograd.Function):
+    """inplace_backward for reduction mean/sum in eager mode: one kernel computes the loss and
+    writes d(loss)/d(logits) over the logits; the backward multiplies by grad_output in place."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, mean):
+        n = logits.shape[0]
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        if mean:
+            count = (target != ignore_index).sum().to(acc)
+            # inf when every target is ignored: ignored rows get 0 without being multiplied
+            scale = count.reciprocal().expand(n)
+        else:
+            scale = torch.ones((), dtype=acc, device=logits.device).expand(n)
+        loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd_bwd_(logits, target, scale, ignore_index,
+                                                                   label_smoothing, z_loss)
+        loss = loss_rows.sum() / count if mean else loss_rows.sum()  # 0/0 = nan when all ignored, as torch
+        ctx.grad = logits  # holds the gradient now (an attribute, not saved: it was written)
+        ctx.used = False
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        if grad_loss is None:
+            return (None,) * 6
+        if ctx.used:
+            raise RuntimeError("cross_entropy(inplace_backward=True)'s backward can run once per forward: the "
+                               "gradient lives in the logits buffer and is scaled in place")
+        ctx.used = True
+        grad = ctx.grad
+        torch.ops.fmcore.cross_entropy_scale_(grad, grad_loss.expand(grad.shape[0]))
+        return grad, None, None, None, None, None
+
+
+@torch.library.register_fake("fmcore::cross_entropy_scale_")
+def _cross_entropy_scale_fake(grad, factor):
+    return None
 
 
 @torch.library.register_fake("fmcore::cross_entropy_fwd")

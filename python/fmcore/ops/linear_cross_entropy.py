@@ -39,11 +39,16 @@ def linear_cross_entropy(
         target: (N,) or (B, S), int64 or int32, in [0, V) or ignore_index.
         bias: optional (V,), hidden's dtype.
         ignore_index, label_smoothing, reduction, z_loss: as ``fmcore.ops.cross_entropy``.
-        chunk_size: rows of logits per chunk. Default: as many rows as fit in 96 MiB of logits
-            (rows = 96 MiB // (V * element size), rounded down to a multiple of 128 when >= 256,
-            at most N), so the peak memory above the inputs is the gradients this op returns plus
-            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight.
+        chunk_size: rows of logits per chunk. Default: as many rows as fit in 112 MiB of logits
+            (rows = 112 MiB // (V * element size), rounded down to a multiple of 64 when > 128, at
+            most N), so the peak memory above the inputs is the gradients this op returns plus
+            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight
+            (which is read and written once per chunk).
         return_lse: also return the per-row log-sum-exp (fp32, detached, 0 at ignored rows).
+
+    Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as
+    F.linear's inputs would be; their gradients flow back through the casts) and the loss is
+    float32 (as autocast's F.cross_entropy).
 
     Gradients: with reduction "mean" or "sum" and any input requiring grad, the forward computes
     them (grad_weight accumulates across chunks in weight's dtype) and the backward scales them by
@@ -58,13 +63,19 @@ def linear_cross_entropy(
     _check_common(target, reduction, hidden.shape[:-1], "hidden")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"expected chunk_size to be a positive int or None, got {chunk_size!r}")
+    device_type = hidden.device.type
+    out_dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):  # what F.linear would do: the matmuls in the autocast dtype
+        dtype, out_dtype = torch.get_autocast_dtype(device_type), torch.float32  # autocast's cross_entropy is fp32
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     grad = torch.is_grad_enabled()
     need = (grad and hidden.requires_grad, grad and weight.requires_grad,
             grad and bias is not None and bias.requires_grad)
     loss, lse, _, _, _ = torch.ops.fmcore.linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, None, ignore_index,
         label_smoothing, z_loss, _REDUCTION_CODE[reduction], chunk_size or 0, *need)
-    loss = (loss.view(target.shape) if reduction == "none" else loss).to(hidden.dtype)
+    loss = (loss.view(target.shape) if reduction == "none" else loss).to(out_dtype)
     if return_lse:
         return loss, lse.detach().view(target.shape)
     return loss

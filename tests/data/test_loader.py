@@ -1,0 +1,268 @@
+"""The C++ loader through fmcore.data.Loader: window contents, determinism across thread counts,
+disjoint and covering ranks, exact resume, document boundaries, errors and shutdown."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmcore.data import Loader, ShardError, write_dataset
+
+# Shard sizes chosen so windows never divide evenly: (n - 1) // T drops a different tail per shard.
+SIZES = [1000, 517, 2049, 64, 777]
+T = 16
+
+
+@pytest.fixture(scope="module")
+def unique_ds(tmp_path_factory):
+    """Tokens are their global position (uint32, vocab 2^20), so a window is identified by x[0]."""
+    root = tmp_path_factory.mktemp("unique")
+    offsets = np.cumsum([0] + SIZES)
+    shards = [np.arange(offsets[k], offsets[k + 1]) for k in range(len(SIZES))]
+    return write_dataset(root, {"train": shards}, vocab_size=1 << 20)
+
+
+def all_windows():
+    """First token of every sequential window of one epoch (shard order aside)."""
+    offsets = np.cumsum([0] + SIZES)
+    return sorted(int(offsets[k] + j * T) for k, n in enumerate(SIZES) for j in range((n - 1) // T))
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def same(a, b):
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p.x, q.x) and torch.equal(p.y, q.y)
+        if p.positions is not None:
+            assert torch.equal(p.positions, q.positions) and torch.equal(p.cu_seqlens, q.cu_seqlens)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_windows_are_consecutive_tokens(unique_ds, mode):
+    with Loader(unique_ds, batch_size=8, seq_len=T, mode=mode, threads=2) as loader:
+        for batch in take(loader, 20):
+            assert batch.x.shape == (8, T) and batch.x.dtype == torch.int64
+            assert torch.equal(batch.y, batch.x + 1)  # y is x shifted by one token
+            assert torch.equal(batch.x, batch.x[:, :1] + torch.arange(T))  # never crosses a shard boundary
+            assert batch.positions is None and batch.cu_seqlens is None
+
+
+def test_int32(unique_ds):
+    with Loader(unique_ds, batch_size=2, seq_len=T, dtype=torch.int32, doc_boundaries=False) as loader:
+        batch = next(loader)
+    assert batch.x.dtype == torch.int32 and torch.equal(batch.y, batch.x + 1)
+    with pytest.raises(ValueError, match="dtype"):
+        Loader(unique_ds, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_deterministic_across_thread_counts(unique_ds, mode):
+    runs = []
+    for threads, prefetch in ((1, 1), (3, 8), (5, 3)):
+        with Loader(unique_ds, batch_size=4, seq_len=T, mode=mode, seed=7, threads=threads,
+                    prefetch=prefetch) as loader:
+            runs.append(take(loader, 60))  # several epochs in sequential mode
+    same(runs[0], runs[1])
+    same(runs[0], runs[2])
+    with Loader(unique_ds, batch_size=4, seq_len=T, mode=mode, seed=8) as other:
+        assert not torch.equal(next(other).x, runs[0][0].x)  # the seed matters
+
+
+def test_sequential_epochs_cover_every_window(unique_ds):
+    """Each epoch reads every window once, shards in a seeded order, windows in order within a shard."""
+    windows = all_windows()
+    per_epoch = len(windows)
+    B = 5
+    with Loader(unique_ds, batch_size=B, seq_len=T, seed=3, threads=2) as loader:
+        firsts = torch.cat([b.x[:, 0] for b in take(loader, 3 * per_epoch // B + 1)]).tolist()
+        assert loader.epoch == pytest.approx(len(firsts) / per_epoch)
+        assert loader.batches_per_epoch == per_epoch // B
+        assert loader.wait_seconds >= 0.0
+    assert Loader.manifest(unique_ds)["splits"]["train"]["tokens"] == sum(SIZES)
+    epochs = [firsts[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == windows
+    assert epochs[0] != epochs[1]  # the shard order is reshuffled each epoch
+    starts = np.cumsum([0] + SIZES)
+    for e in epochs:  # consecutive windows of one shard are read in order
+        shard = np.searchsorted(starts, e, side="right") - 1
+        for k in range(len(SIZES)):
+            mine = [w for w, s in zip(e, shard) if s == k]
+            assert mine == sorted(mine)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_ranks_disjoint_and_covering(unique_ds, world_size, mode):
+    B = 3
+    steps = len(all_windows()) // (B * world_size) + 2  # a little more than one epoch
+    per_rank = []
+    for rank in range(world_size):
+        with Loader(unique_ds, batch_size=B, seq_len=T, mode=mode, seed=5, rank=rank, world_size=world_size,
+                    threads=2) as loader:
+            per_rank.append([b.x[:, 0].tolist() for b in take(loader, steps)])
+    # Global order: step, then rank, then row. It must equal one single-rank loader's stream.
+    merged = [w for step in range(steps) for rank in range(world_size) for w in per_rank[rank][step]]
+    with Loader(unique_ds, batch_size=B * world_size, seq_len=T, mode=mode, seed=5) as single:
+        ref = [w for b in take(single, steps) for w in b.x[:, 0].tolist()]
+    assert merged == ref
+    if mode == "sequential":
+        windows = all_windows()
+        assert sorted(merged[:len(windows)]) == windows  # one epoch: disjoint and covering
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_resume_is_exact(unique_ds, mode):
+    kw = dict(batch_size=4, seq_len=T, mode=mode, seed=11, doc_boundaries=False)
+    with Loader(unique_ds, threads=3, **kw) as loader:
+        take(loader, 37)
+        state = loader.state_dict()
+        expected = take(loader, 25)
+    with Loader(unique_ds, threads=1, **kw) as resumed:  # another thread count, a fresh process state
+        take(resumed, 3)  # whatever it prefetched is dropped on load
+        resumed.load_state_dict(state)
+        same(take(resumed, 25), expected)
+
+
+def test_resume_with_another_world_size(unique_ds):
+    """A state saved at 2 ranks continues at the same global sample with 1 rank of twice the batch."""
+    with Loader(unique_ds, batch_size=2, seq_len=T, rank=0, world_size=2) as r0, \
+            Loader(unique_ds, batch_size=2, seq_len=T, rank=1, world_size=2) as r1:
+        take(r0, 10), take(r1, 10)
+        state = r0.state_dict()
+        assert state == r1.state_dict()
+        nxt = torch.cat([next(r0).x, next(r1).x])
+    with Loader(unique_ds, batch_size=4, seq_len=T) as single:
+        single.load_state_dict(state)
+        assert torch.equal(next(single).x, nxt)
+
+
+def test_state_mismatch(unique_ds):
+    with Loader(unique_ds, batch_size=2, seq_len=T, seed=1) as loader:
+        state = loader.state_dict()
+    with Loader(unique_ds, batch_size=2, seq_len=T + 1, seed=1) as other:
+        with pytest.raises(ValueError, match="different seq_len"):
+            other.load_state_dict(state)
+    with Loader(unique_ds, batch_size=2, seq_len=T, seed=2) as other:
+        with pytest.raises(ValueError, match="different seed"):
+            other.load_state_dict(state)
+
+
+# ---- document boundaries
+
+
+def reference_segments(tokens_of_row, doc_starts_abs, start, eos=None):
+    """Python reference: segment lengths of a row whose window starts at shard token `start`."""
+    cuts = [0]
+    for t in range(1, T):
+        if (doc_starts_abs is not None and start + t in doc_starts_abs) or \
+                (doc_starts_abs is None and tokens_of_row[t - 1] == eos):
+            cuts.append(t)
+    cuts.append(T)
+    return np.diff(cuts).tolist()
+
+
+@pytest.mark.parametrize("source", ["offsets", "eos"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_doc_boundaries(tmp_path, source, dtype):
+    rng = np.random.default_rng(0)
+    eos, shards, starts_of = 0, [], []
+    for n in (300, 211):
+        lengths = rng.integers(1, 40, size=n)
+        tokens = np.concatenate([np.append(rng.integers(1, 100, size=length - 1), eos) for length in lengths])[:n]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        starts = starts[starts < n]
+        shards.append((tokens, starts) if source == "offsets" else tokens)
+        starts_of.append(set(starts.tolist()))
+    root = write_dataset(tmp_path / "docs", {"train": shards}, vocab_size=100, eos_id=eos)
+    B = 6
+    with Loader(root, batch_size=B, seq_len=T, mode="random", seed=2, doc_boundaries=True, dtype=dtype) as loader:
+        for batch in take(loader, 10):
+            assert batch.positions.dtype == dtype and batch.cu_seqlens.dtype == torch.int32
+            cu = batch.cu_seqlens.tolist()
+            assert cu[0] == 0 and cu[-1] == B * T and all(a < b for a, b in zip(cu, cu[1:]))
+            lengths = np.diff(cu).tolist()
+            assert batch.max_seqlen == max(lengths)
+            flat_pos = batch.positions.reshape(-1).tolist()
+            assert flat_pos == [p for n in lengths for p in range(n)]  # restart at 0 in every segment
+            ref = []
+            for row in range(B):
+                x = batch.x[row].numpy()
+                # Find the row's shard and start from its (unique enough) content.
+                for k, shard in enumerate(shards):
+                    tokens = shard[0] if isinstance(shard, tuple) else shard
+                    hits = [s for s in range(len(tokens) - T) if np.array_equal(tokens[s:s + T + 1],
+                                                                               np.append(x, batch.y[row, -1]))]
+                    if hits:
+                        break
+                ref += reference_segments(x, starts_of[k] if source == "offsets" else None, hits[0], eos)
+            assert lengths == ref
+
+
+def test_doc_boundaries_need_offsets_or_eos(unique_ds):
+    with pytest.raises(ShardError, match="doc_boundaries needs document offsets"):
+        Loader(unique_ds, batch_size=2, seq_len=T, doc_boundaries=True)
+
+
+# ---- errors and shutdown
+
+
+def test_worker_error_surfaces_in_consumer(tmp_path):
+    tokens = np.arange(2000) % 100
+    tokens[1500] = 100  # one token past the vocab, read by batch 23 (uint32 tokens: offset 64 + 4*1500)
+    root = write_dataset(tmp_path / "bad", {"train": [tokens]}, vocab_size=0, tokenizer={"vocab_size": 100})
+    with Loader(root, batch_size=4, seq_len=T, check_vocab=True, threads=2) as loader:
+        good = 1500 // (4 * T)
+        take(loader, good)  # the batches before it are fine
+        with pytest.raises(ShardError, match=r"token id 100 at offset 6064 \(token 1500\) is >= the vocab size 100"):
+            next(loader)
+        with pytest.raises(ShardError):  # the loader stays failed
+            next(loader)
+
+
+def test_closed_loader(unique_ds):
+    loader = Loader(unique_ds, batch_size=2, seq_len=T)
+    next(loader)
+    loader.close()
+    loader.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
+def test_bad_arguments(unique_ds):
+    with pytest.raises(ValueError, match="rank"):
+        Loader(unique_ds, batch_size=2, seq_len=T, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        Loader(unique_ds, batch_size=0, seq_len=T)
+    with pytest.raises(ValueError, match="mode"):
+        Loader(unique_ds, mode="shuffled")
+
+
+SHUTDOWN = """
+import sys, numpy as np
+sys.path.insert(0, {python!r})
+from fmcore.data import Loader, write_dataset
+root = write_dataset({root!r}, {{"train": [np.arange(100000) % 1000]}}, vocab_size=1000)
+idle = Loader(root, batch_size=8, seq_len=64, threads=4, prefetch=16)
+kept = [next(idle) for _ in range(3)]  # its workers now block on a full ring; it is never closed
+for step, batch in enumerate(Loader(root, batch_size=8, seq_len=64, mode="random", threads=3)):
+    if step == 5:
+        raise RuntimeError("consumer failed")  # an exception in the training loop
+"""
+
+
+def test_clean_shutdown(tmp_path):
+    """An exception in the consumer, with open loaders whose workers are busy or blocked: the process
+    exits with the traceback (no hang, no std::terminate, no crash). One subprocess: torch imports are slow."""
+    import fmcore
+
+    # The fmcore this test imported (the source tree or an installed wheel) is the one the child runs.
+    code = SHUTDOWN.format(python=str(Path(fmcore.__file__).parents[1]), root=str(tmp_path / "ds"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.rstrip().endswith("RuntimeError: consumer failed"), proc.stderr

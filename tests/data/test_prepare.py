@@ -1,0 +1,155 @@
+"""`fmcore prepare`: inputs, cleaning counts, tokenizers (trained BPE and a given tokenizer.json), EOS
+placement, shard sizes, the CLI, and the embedded stdlib default dataset."""
+
+import gzip
+import importlib
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from fmcore.__main__ import main as fmcore_main
+from fmcore.data import Loader, default_dataset, prepare, read_shard, verify_dataset
+from fmcore.data.prepare import train_bpe
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS, size=n)) + "."
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small corpus whose cleaning counts are known. Returns (root, kept texts, expected counts)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    kept = [sentence(rng, 30 + i) for i in range(12)]
+    for i, text in enumerate(kept[:6]):
+        (root / f"doc{i}.txt").write_text(text + "\n")
+    (root / "sub" / "dup.txt").write_text(kept[0] + "\r\n")  # a duplicate after newline normalisation
+    (root / "sub" / "empty.txt").write_text("  \n\n")
+    (root / "sub" / "short.txt").write_text("tiny")
+    (root / "sub" / "blob.bin").write_bytes(b"\x00\x01binary")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "skip.txt").write_text(kept[1] + " hidden")  # hidden paths are not read
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(kept[6:10])]
+    lines += [json.dumps({"text": kept[2]}), "{not json", json.dumps({"body": "no text field"}), ""]
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(root / "more.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"text": t}) for t in kept[10:]) + "\n")
+    counts = {"documents_in": 6 + 3 + 4 + 1 + 2, "duplicate": 2, "empty": 1, "too_short": 1, "binary_files": 1,
+              "bad_json": 2, "kept": 12}
+    return root, kept, counts
+
+
+def documents(root, split):
+    """Token lists of every document of a split, cut at the stored document starts."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    docs = []
+    for entry in manifest["splits"].get(split, {"shards": []})["shards"]:
+        shard = read_shard(root / entry["file"], check_vocab=True)
+        bounds = list(shard.doc_starts) + [shard.info.tokens]
+        docs += [shard.tokens[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
+    return docs
+
+
+def test_prepare_trained_bpe(corpus, tmp_path):
+    root, kept, counts = corpus
+    out = prepare([root], tmp_path / "ds", vocab_size=300, val_fraction=0.2, workers=2)
+    manifest = verify_dataset(out)
+    for key, value in counts.items():
+        assert manifest["cleaning"][key] == value, key
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = manifest["tokenizer"]["eos_id"]
+    assert tok.id_to_token(eos) == "<|endoftext|>" and manifest["tokenizer"]["vocab_size"] == tok.get_vocab_size()
+    texts = []
+    for split in ("train", "val"):
+        for doc in documents(out, split):
+            assert doc[-1] == eos and eos not in doc[:-1]  # exactly one EOS, after each document
+            texts.append(tok.decode(doc[:-1]))
+    assert sorted(texts) == sorted(kept)  # byte-level BPE round-trips every kept document
+    assert manifest["splits"]["val"]["documents"] >= 1 and manifest["splits"]["train"]["documents"] >= 1
+    with pytest.raises(FileExistsError):
+        prepare([root], out, vocab_size=300)
+
+
+def test_prepare_given_tokenizer_and_filters(corpus, tmp_path):
+    root, kept, _ = corpus
+    tok = train_bpe(kept, 280)
+    tok.save(str(tmp_path / "tok.json"))
+    docs = ["a" * 200, "x" * 500, "#$%^&*" * 10 + "abc", "hello world " * 5]  # ok, too long, symbols, ok
+    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps({"content": d}) for d in docs))
+    out = prepare([tmp_path / "f.jsonl", root / "doc0.txt"], tmp_path / "ds", tokenizer=tmp_path / "tok.json",
+                  text_field="content", val_fraction=0.0, max_chars=300, max_symbol_fraction=0.5, workers=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["cleaning"]
+    assert (c["documents_in"], c["too_long"], c["symbols"], c["kept"]) == (5, 1, 1, 3)
+    assert list(manifest["splits"]) == ["train"]
+    assert (out / "tokenizer.json").read_text() == (tmp_path / "tok.json").read_text()
+    assert manifest["tokenizer"]["vocab_size"] == 280
+    with pytest.raises(ValueError, match="no EOS token"):
+        prepare([root], tmp_path / "ds2", tokenizer=tmp_path / "tok.json", eos_token="<missing>")
+
+
+def test_large_jsonl_read_in_ranges(tmp_path, monkeypatch):
+    """A JSON Lines file split into byte ranges (here of 100 bytes) yields every record exactly once."""
+    prep = importlib.import_module("fmcore.data.prepare")  # the module (fmcore.data.prepare is the function)
+    monkeypatch.setattr(prep, "JSONL_CHUNK_BYTES", 100)
+    texts = [f"json lines record number {i} " + "x" * (i % 37) for i in range(60)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert len(prep._tasks([tmp_path / "big.jsonl"], prep.CleanConfig())) > 20
+    out = prepare(tmp_path / "big.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=2)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["duplicate"], c["bad_json"]) == (60, 60, 0, 0)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert sorted(tok.decode(d[:-1]) for d in documents(out, "train")) == sorted(t.strip() for t in texts)
+
+
+def test_shard_sizes(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(40):
+        (root / f"{i}.txt").write_text(sentence(rng, 50))
+    out = prepare(root, tmp_path / "ds", vocab_size=300, shard_tokens=1000, val_fraction=0.0, workers=2)
+    shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+    sizes = [s["tokens"] for s in shards]
+    assert len(sizes) > 3 and all(500 <= n <= 1500 for n in sizes[-2:]) and all(n == 1000 for n in sizes[:-2])
+    total = sum(len(d) for d in documents(out, "train"))
+    assert total == sum(sizes)
+    with Loader(out, batch_size=2, seq_len=100, doc_boundaries=True) as loader:
+        assert next(loader).cu_seqlens[-1] == 200
+
+
+def test_cli(corpus, tmp_path, capsys):
+    root, _, _ = corpus
+    assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli"), "--vocab-size", "300",
+                        "--min-chars", "4", "--workers", "1"]) == 0  # "tiny" now passes
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert manifest["cleaning"]["too_short"] == 0 and manifest["cleaning"]["min_chars"] == 4
+    assert "train:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(tmp_path_factory):
+    """The embedded default dataset, built once per session (about 15 s on 2 busy cores)."""
+    return default_dataset(tmp_path_factory.mktemp("fmcore_data"))
+
+
+def test_default_dataset(stdlib_dataset):
+    manifest = verify_dataset(stdlib_dataset, check_vocab=True)
+    assert manifest["tokenizer"]["vocab_size"] == 4096
+    assert manifest["splits"]["train"]["tokens"] > 500_000 and manifest["splits"]["val"]["tokens"] > 10_000
+    assert "standard library" in manifest["source"]
+    mtime = (stdlib_dataset / "manifest.json").stat().st_mtime
+    assert default_dataset(stdlib_dataset.parent) == stdlib_dataset  # found, not rebuilt
+    assert (stdlib_dataset / "manifest.json").stat().st_mtime == mtime
+    tok = Tokenizer.from_file(str(stdlib_dataset / "tokenizer.json"))
+    with Loader(stdlib_dataset, "val", batch_size=4, seq_len=256, doc_boundaries=True) as loader:
+        batch = next(loader)
+        assert loader.vocab_size == 4096 and loader.eos_id == 0
+    text = tok.decode(batch.x[0].tolist())
+    assert "def " in text or "import " in text or "self" in text  # real Python source, not random tokens

@@ -1,0 +1,247 @@
+"""Shard format: round trips, llm.c shards, and every malformed file raising ShardError (naming the file
+and the offset) in both readers: Python's read_shard and the C++ loader, which must never crash."""
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from fmcore.data import Loader, ShardError, read_shard, verify_dataset, write_dataset, write_llmc_shard, write_shard
+from fmcore.data.shards import HEADER_BYTES, LLMC_HEADER_BYTES, encode_shard, load_manifest
+
+RNG = np.random.default_rng(0)
+
+
+def cpp_open(path, *, verify=False, check_vocab=False, seq_len=1, batches=1):
+    """Open one shard with the C++ loader (through a one-shard manifest) and read a few batches."""
+    path = path.resolve()
+    root = path.parent / f"ds_{path.name}"
+    root.mkdir(exist_ok=True)
+    manifest = {"format": "fmcore-dataset", "version": 1, "tokenizer": {},
+                "splits": {"train": {"shards": [{"file": str(path), "tokens": 1}]}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with Loader(root, batch_size=2, seq_len=seq_len, threads=2, verify=verify, check_vocab=check_vocab) as loader:
+        return [next(loader) for _ in range(batches)]
+
+
+def both_raise(path, match, **kw):
+    """Both readers raise ShardError whose message names the file and matches `match`."""
+    with pytest.raises(ShardError, match=match) as e:
+        read_shard(path, verify=kw.get("verify", True), check_vocab=kw.get("check_vocab", False))
+    assert str(path.resolve()) in str(e.value) or str(path) in str(e.value)
+    with pytest.raises(ShardError, match=match) as e:
+        cpp_open(path, **kw)
+    assert str(path.resolve()) in str(e.value)
+    return str(e.value)
+
+
+# ---- round trips
+
+
+@pytest.mark.parametrize("vocab", [300, 65536, 70000])  # uint16 tokens, the uint16 edge, uint32 tokens
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_round_trip(tmp_path, vocab, with_docs):
+    tokens = RNG.integers(0, vocab, size=1001)  # odd count: the doc offsets need alignment padding
+    starts = np.array([0, 7, 300, 1000]) if with_docs else None
+    entry = write_shard(tmp_path / "a.bin", tokens, vocab_size=vocab, eos_id=vocab - 1, doc_starts=starts)
+    shard = read_shard(tmp_path / "a.bin", verify=True, check_vocab=True)
+    assert shard.info.token_bytes == (2 if vocab <= 65536 else 4)
+    np.testing.assert_array_equal(shard.tokens, tokens)
+    assert shard.info.eos_id == vocab - 1 and shard.info.vocab_size == vocab
+    assert entry["tokens"] == 1001 and entry["bytes"] == (tmp_path / "a.bin").stat().st_size
+    assert entry["crc32"] == zlib.crc32((tmp_path / "a.bin").read_bytes())
+    if with_docs:
+        np.testing.assert_array_equal(shard.doc_starts, starts)
+        assert shard.info.docs_offset % 8 == 0
+    else:
+        assert shard.doc_starts is None
+
+
+def test_header_bytes_are_as_documented(tmp_path):
+    data = encode_shard(np.arange(5), vocab_size=1000, eos_id=3, doc_starts=[0, 2])
+    magic, version, width, n, d, vocab, eos, pcrc = struct.unpack_from("<IHHQQIII", data, 0)
+    assert (data[:4], version, width, n, d, vocab, eos) == (b"FMCS", 1, 2, 5, 2, 1000, 3)
+    assert data[36:60] == bytes(24)
+    assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
+    assert pcrc == zlib.crc32(data[64:])
+    assert len(data) == 80 + 16  # 64 + 5*2 = 74, padded to 80, then two uint64 offsets
+
+
+def test_llmc_shard_read_by_both_readers(tmp_path):
+    tokens = RNG.integers(0, 50257, size=2000)
+    path = tmp_path / "fineweb_train_000001.bin"
+    write_llmc_shard(path, tokens)
+    shard = read_shard(path)
+    assert shard.info.kind == "llmc" and shard.info.tokens_offset == LLMC_HEADER_BYTES
+    np.testing.assert_array_equal(shard.tokens, tokens)
+    # A directory of llm.c shards is a dataset without a manifest; GPT-2's vocab and EOS are known.
+    write_llmc_shard(tmp_path / "fineweb_val_000000.bin", tokens[:500])
+    manifest = load_manifest(tmp_path)
+    assert sorted(manifest["splits"]) == ["train", "val"] and manifest["tokenizer"]["eos_id"] == 50256
+    with Loader(tmp_path, batch_size=2, seq_len=64, threads=1) as loader:
+        batch = next(loader)
+        assert loader.vocab_size == 50257 and loader.eos_id == 50256
+    np.testing.assert_array_equal(batch.x.numpy().ravel(), tokens[:128])
+    np.testing.assert_array_equal(batch.y.numpy().ravel(), tokens[1:129])
+
+
+def test_verify_dataset_checks_manifest_checksums(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"train": [np.arange(100), np.arange(50)]}, vocab_size=100)
+    verify_dataset(root)
+    data = bytearray((root / "train_000001.bin").read_bytes())
+    data[70] ^= 1
+    (root / "train_000001.bin").write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="payload checksum mismatch"):
+        verify_dataset(root)
+
+
+# ---- malformed files
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A valid shard of 100 uint16 tokens with 3 documents, and its bytes."""
+    path = tmp_path / "good.bin"
+    write_shard(path, RNG.integers(0, 500, size=100), vocab_size=500, eos_id=0, doc_starts=[0, 10, 50])
+    return path, path.read_bytes()
+
+
+def _rewrite_header(data: bytes, offset: int, fmt: str, value) -> bytes:
+    """Change a header field and fix the header checksum, so only that field is wrong."""
+    head = bytearray(data[:60])
+    struct.pack_into(fmt, head, offset, value)
+    return bytes(head) + struct.pack("<I", zlib.crc32(head)) + data[64:]
+
+
+def test_zero_length(tmp_path):
+    path = tmp_path / "empty.bin"
+    path.write_bytes(b"")
+    both_raise(path, "truncated.*0 bytes.*offset 0")
+
+
+@pytest.mark.parametrize("keep", [3, 40, HEADER_BYTES, HEADER_BYTES + 199, -8, -1])  # header, tokens, offsets cut
+def test_truncated(good, keep):
+    path, data = good
+    path.write_bytes(data[:keep])
+    both_raise(path, "truncated")
+
+
+def test_bad_magic(good):
+    path, data = good
+    path.write_bytes(b"GPT2" + data[4:])
+    msg = both_raise(path, "bad magic at offset 0")
+    assert "expected 0x53434D46" in msg
+
+
+def test_unknown_version(good):
+    path, data = good
+    path.write_bytes(_rewrite_header(data, 4, "<H", 2))
+    both_raise(path, "unknown format version 2 at offset 4, expected 1")
+
+
+def test_token_width(good):
+    path, data = good
+    path.write_bytes(_rewrite_header(data, 6, "<H", 3))
+    both_raise(path, "token width 3 at offset 6")
+
+
+def test_token_count_vs_size(good):
+    path, data = good
+    path.write_bytes(data + b"\0" * 8)  # extra bytes
+    both_raise(path, "does not match the file size")
+    path.write_bytes(_rewrite_header(data, 8, "<Q", 2**62))  # a count the size cannot hold, overflow-safe
+    both_raise(path, "truncated.*offset 8")
+
+
+@pytest.mark.parametrize("byte", range(HEADER_BYTES))
+def test_header_bit_flip(good, byte):
+    path, data = good
+    flipped = bytearray(data)
+    flipped[byte] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    both_raise(path, "offset")
+
+
+def test_payload_checksum(good):
+    path, data = good
+    flipped = bytearray(data)
+    flipped[HEADER_BYTES + 11] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    both_raise(path, "payload checksum mismatch.*offset 32", verify=True)
+    cpp_open(path, verify=False)  # unverified, a flipped token is just another token: no crash
+
+
+def test_token_out_of_vocab(tmp_path):
+    path = tmp_path / "vocab.bin"
+    tokens = np.arange(100) % 50
+    tokens[37] = 60
+    write_shard(path, tokens, vocab_size=0)  # vocab unknown: the writer cannot refuse it
+    # Claim a vocab of 50 in the header (checksum fixed): token 37 (uint32 tokens: offset 64 + 4*37) is out of range.
+    path.write_bytes(_rewrite_header(path.read_bytes(), 24, "<I", 50))
+    msg = both_raise(path, "token id 60 at offset 212 .*>= the vocab size 50", check_vocab=True, seq_len=99)
+    assert "token 37" in msg
+    read_shard(path, check_vocab=False)  # only checked when asked
+
+
+def test_bad_document_offsets(good):
+    path, data = good
+    docs_at = len(data) - 24
+    bad = data[:docs_at] + struct.pack("<QQQ", 0, 60, 50)
+    path.write_bytes(bad)
+    both_raise(path, f"document start 50 at offset {docs_at + 16} \\(entry 2\\), expected > 60", verify=False)
+    path.write_bytes(data[:docs_at] + struct.pack("<QQQ", 0, 10, 100))
+    both_raise(path, "expected > 10 and < the token count 100|expected < the token count 100", verify=False)
+
+
+def test_window_longer_than_shard(good):
+    path, _ = good
+    with pytest.raises(ShardError, match="window longer than the shard.*101 tokens.*holds 100"):
+        cpp_open(path, seq_len=100)
+    cpp_open(path, seq_len=99)
+
+
+def test_empty_dataset(tmp_path):
+    with pytest.raises(ShardError, match="empty dataset"):
+        Loader(tmp_path, batch_size=1, seq_len=1)
+    write_dataset(tmp_path / "d", {"train": []}, vocab_size=10)
+    with pytest.raises(ShardError, match="empty dataset"):
+        Loader(tmp_path / "d", batch_size=1, seq_len=1)
+    with pytest.raises(ShardError, match="no split 'val'"):
+        Loader(write_dataset(tmp_path / "e", {"train": [np.arange(9)]}, vocab_size=10), "val")
+    with pytest.raises(ShardError, match="not found"):
+        Loader(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("case", ["truncated", "version", "count"])
+def test_llmc_malformed(tmp_path, case):
+    path = tmp_path / "x_train.bin"
+    write_llmc_shard(path, np.arange(100))
+    data = path.read_bytes()
+    if case == "truncated":
+        path.write_bytes(data[:LLMC_HEADER_BYTES + 150])
+        both_raise(path, "truncated.*offset 8")
+    elif case == "version":
+        path.write_bytes(data[:4] + struct.pack("<i", 7) + data[8:])
+        both_raise(path, "unknown llm.c version 7 at offset 4")
+    else:
+        path.write_bytes(data[:8] + struct.pack("<i", -5) + data[12:])
+        both_raise(path, "negative token count -5 at offset 8")
+
+
+def test_fuzz_never_crashes(good):
+    """Random truncations and bit flips anywhere: a ShardError or a working loader, never a crash."""
+    path, data = good
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        mutated = bytearray(data[: rng.integers(0, len(data) + 1)] if rng.random() < 0.3 else data)
+        for pos in rng.integers(0, max(len(mutated), 1), size=rng.integers(1, 4)):
+            if mutated:
+                mutated[pos] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(mutated))
+        for verify in (False, True):
+            try:
+                cpp_open(path, verify=verify, seq_len=8, batches=3)
+            except ShardError:
+                pass
