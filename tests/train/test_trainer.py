@@ -179,9 +179,10 @@ def test_document_boundaries_train(dataset, tmp_path, arch):
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
 
 
-@pytest.mark.parametrize("precision, impl", [("bf16-autocast", "torch"), ("fp16", "torch"), ("bf16", "fmcore")])
-def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, impl):
-    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--optim.impl", impl,
+@pytest.mark.parametrize("precision, ops", [("bf16-autocast", "torch"), ("bf16-autocast", "fmcore"), ("fp16", "torch"),
+                                            ("bf16", "fmcore")])
+def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, ops):
+    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--model.ops", ops,
                          "--schedule.warmup_steps", "1")
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
 
