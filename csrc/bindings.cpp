@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#include "dist/communicator.h"
+
 #ifdef FMCORE_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -31,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "Facts fixed when the extension was compiled.");
   fmcore::data::register_loader(m);
+  fmcore::dist::register_dist(m);
 }

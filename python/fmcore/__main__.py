@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "info": "print the build: torch/CUDA versions, archs, which ops have CUDA kernels",
         "bench": "run the benchmarks against every importable peer (see `fmcore bench -h`)",
+        "plan-memory": "per-GPU memory of a training config in its parallel layout (see `fmcore plan-memory -h`)",
         "prepare": "raw text (or the embedded stdlib corpus) to token shards + manifest (see `fmcore prepare -h`)",
         "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
     }
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from fmcore.train.trainer import main as train_main
 
         return train_main(rest)
+    if command == "plan-memory":
+        from fmcore.train.plan import main as plan_main
+
+        return plan_main(rest)
     raise AssertionError(command)
 
 

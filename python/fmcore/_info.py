@@ -25,6 +25,7 @@ def build_info() -> dict:
         "torch_running": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "with_cuda": compiled["with_cuda"],
+        "with_nccl": bool(_C.has_nccl),  # fmcore.dist's own NCCL communicator (csrc/dist)
         "cuda_runtime_compiled": compiled["cuda_runtime"],
         "cuda_archs": [a for a in compiled["cuda_archs"].split(",") if a],
         "cuda_available": torch.cuda.is_available(),

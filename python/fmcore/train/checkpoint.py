@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
 
 PREFIX = "step_"
 
@@ -96,7 +97,7 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
         shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crash mid-save
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     with _quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     extra_path = tmp / f"extra_rank{rank}.pt"
@@ -138,9 +139,9 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     extra_path = path / f"extra_rank{_rank()}.pt"
     if not (path / ".metadata").is_file() or not extra_path.is_file():
         raise FileNotFoundError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet():
         dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
     return torch.load(extra_path, weights_only=False)

@@ -124,13 +124,25 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def optimizer_impl(cfg: Config, mcfg) -> str:
-    return cfg.optim.impl if cfg.optim.impl != "auto" else mcfg.ops
+    if cfg.optim.impl != "auto":
+        return cfg.optim.impl
+    if cfg.parallel.data == "fsdp2" or cfg.parallel.tensor > 1:
+        return "torch"  # FusedAdamW's fused clip/skip would see only this rank's DTensor shards
+    return mcfg.ops
 
 
 def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, device: torch.device):
     """FusedAdamW (clipping and the non-finite skip fused into its step) or torch.optim.AdamW."""
     o = cfg.optim
     groups = param_groups(model, cfg)
+    if cfg.parallel.data == "zero1":
+        from fmcore.train import parallel
+
+        return parallel.build_optimizer(groups, cfg, impl, device)
+    if cfg.parallel.tensor > 1:
+        from fmcore.train import parallel
+
+        groups = parallel.split_param_groups(groups)
     if impl == "fmcore":
         from fmcore.optim import FusedAdamW
 
@@ -160,9 +172,12 @@ def open_dataset(cfg: Config, env: Env) -> Path:
 
 def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode: str | None = None):
     from fmcore.data import Loader
+    from fmcore.train.parallel import data_parallel_coords
 
+    # A tensor-parallel group reads the same batches: the loader is sharded by data-parallel rank.
+    dp_rank, dp_world = data_parallel_coords(env.rank, env.world, cfg.parallel.tensor)
     return Loader(dataset, split=split, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
-                  mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=env.rank, world_size=env.world,
+                  mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=dp_rank, world_size=dp_world,
                   threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries)
 
 
@@ -268,6 +283,9 @@ class StepOptions:
     device: torch.device
     grad_clip: float  # 0: no clipping
     world: int = 1
+    # The gradients are DTensor shards (fsdp2, tensor) or averaged inside the step (zero1): the norm is
+    # computed across ranks by fmcore.train.parallel.clip_grad_norm_ before the step.
+    global_norm: bool = False
 
 
 def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOptions,
@@ -287,11 +305,16 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if opts.impl == "torch":
+    if opts.impl == "torch" or opts.global_norm:
         # Norm (and clip) before deciding: torch.optim.AdamW would apply non-finite gradients.
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else math.inf,
-                                              foreach=opts.device.type == "cuda" or None)
+        max_norm = opts.grad_clip if opts.grad_clip > 0 else math.inf
+        if opts.global_norm:
+            from fmcore.train.parallel import clip_grad_norm_
+
+            norm = clip_grad_norm_(params, max_norm, optimizer)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=opts.device.type == "cuda" or None)
         loss_v, norm_v = torch.stack([loss_sum / accum, norm.float()]).tolist()
         good = math.isfinite(loss_v) and math.isfinite(norm_v)
         if good or scaler is not None:  # the scaler skips overflowed steps itself and lowers its scale
@@ -386,10 +409,10 @@ def train(cfg: Config) -> dict:
 
 def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None) -> dict:
     t, ck = cfg.train, cfg.checkpoint
-    micro_tokens = t.batch_size * t.seq_len * env.world
+    micro_tokens = t.batch_size * t.seq_len * (env.world // cfg.parallel.tensor)
     if t.tokens_per_step and t.tokens_per_step % micro_tokens:
         raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of batch_size * seq_len "
-                          f"* processes = {micro_tokens}")
+                          f"* data-parallel processes = {micro_tokens}")
     accum = max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
     step_tokens = accum * micro_tokens
 
@@ -452,7 +475,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             out = greedy_sample(model, prompt, cfg.log.sample_tokens, precision, mcfg.max_seq_len)
             report.message(f"sample @ {at_step}: {decode(tokenizer, prompt[0].tolist())!r} -> {decode(tokenizer, out)!r}")
 
-    opts = StepOptions(impl, precision, env.device, cfg.optim.grad_clip, env.world)
+    opts = StepOptions(impl, precision, env.device, cfg.optim.grad_clip, env.world,
+                       global_norm=cfg.parallel.data in ("fsdp2", "zero1") or cfg.parallel.tensor > 1)
 
     def next_batch():
         return to_device(next(loader), env.device, cfg.data.doc_boundaries)
@@ -519,7 +543,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     elapsed = time.perf_counter() - run_t0
     if ck.save_final and step > start:
         save(step)
-    if ck.export_hf:
+    if ck.export_hf and (cfg.parallel.data == "fsdp2" or cfg.parallel.tensor > 1):
+        report.message("checkpoint.export_hf skipped: fsdp2 / tensor-parallel (DTensor) weights are not exported "
+                       "yet; an fsdp2 checkpoint exports when resumed in one process with parallel.data none "
+                       "(docs/parallelism.md)")
+    elif ck.export_hf:
         from fmcore.train.export import export_hf
 
         export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None),

@@ -19,7 +19,8 @@ class GPTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f = cfg.dim, cfg.ffn_dim
-        self.n_heads, self.ops = cfg.n_heads, cfg.ops
+        # Heads on this rank (tensor parallelism divides n_heads; the head dim stays).
+        self.n_heads, self.head_dim, self.ops = cfg.n_heads, d // cfg.n_heads, cfg.ops
         self.ln_1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
         self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
         self.attn_out = nn.Linear(d, d, bias=cfg.bias)
@@ -29,9 +30,9 @@ class GPTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
         B, S, d = h.shape
-        qkv = self.qkv(self.ln_1(h)).view(B, S, 3, self.n_heads, d // self.n_heads)
+        qkv = self.qkv(self.ln_1(h)).view(B, S, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, S, H, D) views: attention reads them without a copy
-        h = h + self.attn_out(causal_attention(q, k, v, self.ops, docs).reshape(B, S, d))
+        h = h + self.attn_out(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.n_heads * self.head_dim))
         return h + self.mlp_out(F.gelu(self.fc(self.ln_2(h)), approximate="tanh"))
 
 

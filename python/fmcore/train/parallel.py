@@ -1,0 +1,259 @@
+"""Parallelism for the trainer: one DeviceMesh ("dp", "tp"), and one apply_* function per kind.
+
+    parallel.data   = "none" | "ddp" | "fsdp2" | "zero1"   data parallelism over the "dp" mesh dim
+    parallel.tensor = N                                     tensor parallelism over the "tp" mesh dim
+
+Ranks are laid out tp-innermost (rank = dp_rank * tp + tp_rank), so a tensor-parallel group is N
+consecutive ranks: on one node with NVLink when N <= the GPUs per node. A tensor-parallel group reads
+the same batches (the loader is sharded by dp rank).
+
+- ddp: torch DistributedDataParallel (bucketed all-reduce overlapping the backward).
+- fsdp2: torch fully_shard on every block, then on the whole model (params, grads and optimizer
+  state sharded over dp; parameters all-gathered per block in forward and backward).
+- zero1: the model stays as it is; fmcore.dist.ZeroAdamW shards the optimizer over dp and averages
+  the gradients in its step (reduce-scatter, shard update, all-gather).
+- tensor: DTensor tensor parallelism (parallelize_module) of each block's attention and MLP,
+  Megatron-style: q/k/v and the MLP's first projection column-parallel (each rank keeps n_heads/N
+  heads and ffn/N hidden units), the output projections row-parallel (an all-reduce in the forward).
+  The fused projections (GPT-2's qkv, Llama's wqkv and w_gate_up) are first split into one Linear per
+  part, so each rank gets whole heads of q, k and v rather than a slice of the fused rows.
+  Embeddings, norms and the head stay replicated.
+
+The trainer calls apply_parallelism(model, cfg) after building the model, build_optimizer(...) for
+zero1, clip_grad_norm_(...) instead of torch's (it handles DTensor gradients and ZeRO-1 shards), and
+checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_MESH = None  # the DeviceMesh of this process (one run per process)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A 1-rank process group when none exists (a single process running fsdp2, zero1 or tensor
+    parallelism, e.g. to load a checkpoint saved on more ranks)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def data_parallel_coords(rank: int, world: int, tensor: int) -> tuple[int, int]:
+    """(dp rank, dp world size) of a process: ranks are tp-innermost."""
+    if tensor < 1 or world % tensor:
+        from fmcore.train.config import ConfigError
+
+        raise ConfigError(f"parallel.tensor ({tensor}) must divide the number of processes ({world})")
+    return rank // tensor, world // tensor
+
+
+def mesh(cfg, device: torch.device):
+    """The ("dp", "tp") DeviceMesh over all ranks (created once)."""
+    global _MESH
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    tp = cfg.parallel.tensor
+    data_parallel_coords(dist.get_rank(), world, tp)  # validates
+    if _MESH is None or _MESH.mesh.shape != (world // tp, tp) or _MESH.device_type != device.type:
+        _MESH = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return _MESH
+
+
+def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
+    """The model wrapped or sharded as cfg.parallel asks (collective)."""
+    from fmcore.train.config import ConfigError
+
+    data, tp = cfg.parallel.data, cfg.parallel.tensor
+    device = next(model.parameters()).device
+    ensure_process_group(device)
+    m = mesh(cfg, device)
+    if data == "zero1" and tp > 1:
+        raise ConfigError("parallel.data 'zero1' with parallel.tensor > 1 is not supported (ZeroAdamW flattens "
+                          "plain tensors, not DTensors): use 'fsdp2' or 'ddp' with tensor parallelism")
+    if tp > 1:
+        apply_tensor_parallel(model, m["tp"])
+    if data == "ddp":
+        return apply_ddp(model, m, device)
+    if data == "fsdp2":
+        return apply_fsdp2(model, m["dp"])
+    return model
+
+
+# ---- data parallel
+
+def apply_ddp(model: nn.Module, m, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    if m["tp"].size() > 1:
+        return DDP(model, device_ids=ids, device_mesh=m["dp"])
+    return DDP(model, device_ids=ids, process_group=m["dp"].get_group())
+
+
+def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
+    """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
+    from fmcore.dist import Communicator, ZeroAdamW
+    from fmcore.train.config import ConfigError
+
+    if cfg.train.precision == "fp16":
+        # GradScaler decides to skip a step from this rank's local gradients, before ZeroAdamW averages
+        # them: ranks could disagree and one would wait forever in the step's collectives.
+        raise ConfigError("parallel.data 'zero1' does not support train.precision 'fp16' (use bf16-autocast)")
+    o = cfg.optim
+    comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
+    return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                     impl="fmcore" if impl == "fmcore" else "torch")
+
+
+# ---- tensor parallel
+
+def split_param_groups(groups: list[dict]) -> list[dict]:
+    """Each param group split into its DTensor and its plain parameters: torch's foreach and fused
+    AdamW batch a group's tensors into one kernel call, which cannot mix the two (tensor parallelism
+    leaves embeddings and norms plain)."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for g in groups:
+        for want in (True, False):
+            params = [p for p in g["params"] if isinstance(p, DTensor) == want]
+            if params:
+                out.append({**g, "params": params})
+    return out
+
+
+class SplitLinear(nn.Module):
+    """A fused Linear (GPT-2's qkv, Llama's wqkv / w_gate_up) as one Linear per part; forward returns
+    the parts concatenated on the last dim, the fused layer's output. Under tensor parallelism each
+    part is column-sharded, so the local output is each part's local slice, in the same order."""
+
+    def __init__(self, fused: nn.Linear, sizes: list[int]):
+        super().__init__()
+        if sum(sizes) != fused.out_features:
+            raise ValueError(f"parts {sizes} do not add up to {fused.out_features} outputs")
+        self.parts = nn.ModuleList()
+        start = 0
+        for n in sizes:
+            part = nn.Linear(fused.in_features, n, bias=fused.bias is not None, device=fused.weight.device,
+                             dtype=fused.weight.dtype)
+            with torch.no_grad():
+                part.weight.copy_(fused.weight[start:start + n])
+                if fused.bias is not None:
+                    part.bias.copy_(fused.bias[start:start + n])
+            self.parts.append(part)
+            start += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style tensor parallelism of every block's attention and MLP, in place."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fmcore.train.config import ConfigError
+
+    t = tp_mesh.size()
+    col, row = ColwiseParallel(), RowwiseParallel()
+    for block in model.blocks:
+        if hasattr(block, "qkv"):  # GPT-2
+            d = block.qkv.in_features
+            if block.n_heads % t or block.fc.out_features % t:
+                raise ConfigError(f"parallel.tensor {t} must divide model.n_heads ({block.n_heads}) and "
+                                  f"model.ffn_dim ({block.fc.out_features})")
+            block.qkv = SplitLinear(block.qkv, [d, d, d])
+            plan = {"qkv.parts.0": col, "qkv.parts.1": col, "qkv.parts.2": col, "attn_out": row,
+                    "fc": col, "mlp_out": row}
+            block.n_heads //= t
+        else:  # Llama
+            hq, hk, hd = block.hq, block.hk, block.hd
+            f = block.w_down.in_features
+            if hq % t or hk % t or f % t:
+                raise ConfigError(f"parallel.tensor {t} must divide model.n_heads ({hq}), model.n_kv_heads "
+                                  f"({hk}) and model.ffn_dim ({f})")
+            block.wqkv = SplitLinear(block.wqkv, [hq * hd, hk * hd, hk * hd])
+            block.w_gate_up = SplitLinear(block.w_gate_up, [f, f])
+            plan = {"wqkv.parts.0": col, "wqkv.parts.1": col, "wqkv.parts.2": col, "wo": row,
+                    "w_gate_up.parts.0": col, "w_gate_up.parts.1": col, "w_down": row}
+            block.hq, block.hk = hq // t, hk // t
+        parallelize_module(block, tp_mesh, plan)
+
+
+# ---- gradient norm and checkpoints
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, optimizer=None) -> torch.Tensor:
+    """Global L2 norm of the gradients (returned, as a plain tensor) and, when max_norm is finite and
+    > 0, the gradients scaled so it is at most max_norm (torch.nn.utils.clip_grad_norm_'s rule).
+
+    Handles what torch's cannot mix: plain gradients (replicated over the ranks), DTensor gradients
+    (tensor-parallel or FSDP2 shards: their local squares are summed over the mesh dims they are
+    sharded on, one all-reduce per group of gradients sharing those dims) and ZeroAdamW's shards."""
+    from torch.distributed.tensor import DTensor
+
+    from fmcore.dist import ZeroAdamW
+
+    if isinstance(optimizer, ZeroAdamW):
+        return optimizer.clip_grad_norm_(max_norm if max_norm != float("inf") else 0.0)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    locals_, groups = [], {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            local = g._local_tensor
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            key = (id(g.device_mesh), dims)
+            groups.setdefault(key, (g.device_mesh, dims, []))[2].append(local)
+            locals_.append(local)
+        else:
+            groups.setdefault(None, (None, (), []))[2].append(g)
+            locals_.append(g)
+    device = locals_[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for mesh_, dims, tensors in groups.values():
+        sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) ** 2 for t in tensors]).sum()
+        for dim in dims:
+            dist.all_reduce(sq, group=mesh_.get_group(dim))
+        total += sq
+    norm = total.sqrt()
+    if 0 < max_norm < float("inf"):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(locals_, coef)
+    return norm
+
+
+def model_optim_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts for torch.distributed.checkpoint in every layout."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    from fmcore.dist import ZeroAdamW
+
+    if isinstance(optimizer, ZeroAdamW):
+        return get_model_state_dict(model), optimizer.state_dict()
+    return get_state_dict(model, optimizer)
+
+
+def load_model_optim_state_dict(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    from fmcore.dist import ZeroAdamW
+
+    if isinstance(optimizer, ZeroAdamW):
+        set_model_state_dict(model, model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)

@@ -1,0 +1,197 @@
+"""`fmcore plan-memory CONFIG`: per-GPU memory of a training config in its parallel layout, before
+running it, and against the measured peak of a run.
+
+    fmcore plan-memory gpt2-124m --gpus 8 --parallel.data zero1
+    fmcore plan-memory llama-1b --gpus 64 --parallel.data fsdp2 --parallel.tensor 2
+    fmcore plan-memory tiny --run runs/tiny         # compare with the run's logged peak (mem_mib)
+
+Model (bytes per parameter P, per GPU; d = data-parallel degree, t = tensor-parallel degree):
+  params      P/t * w           w = 4 (fp32 weights: fp32, bf16-autocast, fp16) or 2 (bf16 weights)
+  grads       P/t * w           same dtype as the weights
+  optimizer   P/t * (8 + m)     AdamW moments in fp32, m = 4 when an fp32 master copy exists
+  comm        DDP's and fmcore's gradient buckets (one more copy of the grads, P/t * w), ZeRO-1's flat
+              gradient buffer (P/t * w) and FSDP2's all-gather buffers (two layers of full params)
+  fsdp2 divides params, grads and optimizer by d; zero1 divides the optimizer (moments and its fp32
+  master, which zero1 always keeps) by d.
+  activations stored for the backward, per token of a micro-batch and per layer (16-bit under
+  autocast, else 4 bytes per element): GPT-2 8*dim + 2*ffn, Llama 4*dim + q,k,v + rotated q,k +
+  attention out + 4*ffn; the parts inside the tensor-parallel region divide by t. With activation
+  checkpointing only each block's input is kept, plus one block's activations during its recompute.
+  Plus the logits (fp32 logits and their gradient) on the torch ops path; fmcore's fused linear
+  cross-entropy never materialises them.
+
+These are lower bounds of what PyTorch's caching allocator reports: temporaries (the attention
+kernel's workspace, the optimizer's foreach intermediates) and fragmentation come on top (typically
+5-20%); compare with `--run` to calibrate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+
+
+@dataclass
+class Layout:
+    data: str  # none | ddp | fsdp2 | zero1
+    dp: int  # data-parallel degree
+    tp: int  # tensor-parallel degree
+
+
+def _weight_bytes(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+def _act_bytes(precision: str) -> int:
+    return 2 if precision in ("bf16-autocast", "bf16", "fp16") else 4
+
+
+def activation_bytes_per_token(mcfg, precision: str, tp: int, checkpointing: bool) -> float:
+    """Bytes stored per token of a micro-batch for the backward, summed over layers (see the module doc)."""
+    d, f, L = mcfg.dim, mcfg.ffn_dim, mcfg.n_layers
+    if mcfg.arch == "gpt2":
+        replicated, sharded = 4 * d, 4 * d + 2 * f  # norms' inputs and outputs | q,k,v, attention, MLP
+    else:
+        hd = d // mcfg.n_heads
+        qkv = (mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd
+        replicated = 4 * d
+        sharded = qkv + (mcfg.n_heads + mcfg.n_kv_heads) * hd + mcfg.n_heads * hd + 4 * f
+    per_layer = (replicated + sharded / tp) * _act_bytes(precision)
+    if checkpointing:
+        return L * d * 4 + per_layer  # fp32 residual per block, one block recomputed at a time
+    return L * per_layer + d * 4  # + the final norm's input
+
+
+def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int, checkpointing: bool,
+         optim_impl: str = "torch") -> dict[str, float]:
+    """Per-GPU bytes by category for the resolved model config mcfg in the given layout."""
+    from fmcore.train import models
+
+    P = models.param_count(mcfg)
+    w = _weight_bytes(precision)
+    tp, dp = layout.tp, layout.dp
+    master = 4 if precision == "bf16" or layout.data == "zero1" else 0
+    out = {
+        "params": P / tp * w,
+        "grads": P / tp * w,
+        "optimizer": P / tp * (8 + master),
+    }
+    if layout.data == "fsdp2":
+        out = {k: v / dp for k, v in out.items()}
+        per_block = (P - mcfg.vocab_size * mcfg.dim) / max(1, mcfg.n_layers) / tp
+        out["comm"] = 2 * per_block * w  # the gathered block and the next one, prefetched
+    elif layout.data == "zero1":
+        out["optimizer"] /= dp
+        out["comm"] = P / tp * w  # flat gradient buffer for the reduce-scatter
+    elif layout.data == "ddp":
+        out["comm"] = P / tp * w  # DDP's gradient buckets
+    else:
+        out["comm"] = 0.0
+    tokens = batch_size * seq_len
+    act = tokens * activation_bytes_per_token(mcfg, precision, tp, checkpointing)
+    if mcfg.ops == "torch":
+        act += 2 * tokens * mcfg.vocab_size * 4  # fp32 logits and their gradient
+    out["activations"] = act
+    out["total"] = sum(out.values())
+    return out
+
+
+def comm_bytes_per_step(P: int, layout: Layout, *, grad_bytes: int = 4, param_bytes: int = 4,
+                        tokens_per_dp_rank: int = 0, mcfg=None, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step with ring collectives (a ring all-reduce of n bytes over
+    k ranks sends 2(k-1)/k * n, a reduce-scatter or all-gather (k-1)/k * n).
+
+    ddp: all-reduce of the gradients. zero1: reduce-scatter of the gradients + all-gather of the
+    updated parameters (the same bytes as ddp). fsdp2: all-gather of the parameters in the forward and
+    again in the backward + reduce-scatter of the gradients (1.5x ddp). tensor parallel (t > 1): per
+    layer two all-reduces of the (tokens, dim) activations in the forward and two in the backward
+    (Megatron's f/g), on the tokens of this data-parallel rank."""
+    d, t = layout.dp, layout.tp
+    Pt = P / t
+    ring = (d - 1) / d if d > 1 else 0.0
+    out = {"data": 0.0, "tensor": 0.0}
+    if layout.data in ("ddp", "zero1"):
+        out["data"] = ring * Pt * grad_bytes + ring * Pt * (param_bytes if layout.data == "zero1" else grad_bytes)
+    elif layout.data == "fsdp2":
+        out["data"] = 2 * ring * Pt * param_bytes + ring * Pt * grad_bytes
+    if t > 1 and mcfg is not None:
+        out["tensor"] = 4 * mcfg.n_layers * 2 * (t - 1) / t * tokens_per_dp_rank * mcfg.dim * act_bytes
+    out["total"] = out["data"] + out["tensor"]
+    return out
+
+
+def measured_peak_mib(run_dir: Path) -> float | None:
+    """The largest mem_mib the trainer logged in run_dir/metrics.jsonl (CUDA: max_memory_allocated)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --run takes a run directory written by `fmcore train`")
+    peaks = [rec["mem_mib"] for rec in map(json.loads, path.read_text().splitlines())
+             if isinstance(rec.get("mem_mib"), (int, float))]
+    return max(peaks) if peaks else None
+
+
+def format_plan(parts: dict[str, float], measured_mib: float | None = None) -> str:
+    lines = [f"  {k:<12} {v / GIB:10.3f} GiB" for k, v in parts.items() if k != "total"]
+    lines.append(f"  {'total':<12} {parts['total'] / GIB:10.3f} GiB  (lower bound; allocator overhead on top)")
+    if measured_mib is not None:
+        ratio = measured_mib * 2**20 / parts["total"] if parts["total"] else math.nan
+        lines.append(f"  {'measured':<12} {measured_mib / 1024:10.3f} GiB  peak of the run ({ratio:.2f}x the plan)")
+    return "\n".join(lines)
+
+
+def _dataset_vocab(dataset: str) -> int | None:
+    if not dataset or not Path(dataset).is_dir():
+        return None
+    from fmcore.data import Loader
+
+    return (Loader.manifest(dataset).get("tokenizer") or {}).get("vocab_size")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fmcore.train import models
+    from fmcore.train.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None, help="preset name or TOML file")
+    parser.add_argument("--gpus", type=int, default=0, help="total processes (default 1)")
+    parser.add_argument("--run", type=Path, default=None, help="a run dir: compare with its measured peak")
+    parser.add_argument("--vocab-size", type=int, default=50304,
+                        help="vocabulary when the config takes the dataset's (model.vocab_size = 0) and "
+                             "data.dataset names none on this machine")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        run_cfg = None
+        if args.run is not None and (args.run / "config.toml").is_file():
+            run_cfg = load_config(str(args.run / "config.toml"), overrides)
+            cfg = run_cfg if args.config is None else cfg
+        device = "cuda" if cfg.train.device in ("auto", "cuda") else "cpu"
+        vocab = None
+        if cfg.model.vocab_size == 0:  # the dataset's, when the config names one that exists
+            vocab = _dataset_vocab(cfg.data.dataset) or args.vocab_size
+        mcfg = models.resolve(cfg.model, vocab, device)
+    except ConfigError as e:
+        print(f"fmcore plan-memory: config error: {e}")
+        return 2
+    gpus = args.gpus or 1
+    tp = cfg.parallel.tensor
+    if gpus % tp:
+        print(f"fmcore plan-memory: --gpus {gpus} is not a multiple of parallel.tensor {tp}")
+        return 2
+    layout = Layout(cfg.parallel.data, gpus // tp, tp)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else (
+        "bf16-autocast" if device == "cuda" else "fp32")
+    parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+                 checkpointing=cfg.train.activation_checkpointing)
+    measured = measured_peak_mib(args.run) if args.run is not None else None
+    print(f"{cfg.name}: {mcfg.arch} {models.param_count(mcfg) / 1e6:.1f}M params, precision {precision}, "
+          f"micro-batch {cfg.train.batch_size}x{cfg.train.seq_len}, parallel.data={layout.data} "
+          f"x{layout.dp}, parallel.tensor={tp}, ops={mcfg.ops}; per GPU:")
+    print(format_plan(parts, measured))
+    return 0

@@ -1,0 +1,131 @@
+"""The trainer's parallel layouts on 2 CPU ranks (gloo) against 1 process with the same global batch.
+
+For each of ddp, fsdp2, zero1 and tensor=2: 20 steps of a small GPT-2 give the same losses as one
+process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
+ranks resumes on 2 ranks and reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process
+(resharding) and reproduces them.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.dist.launch import run_ranks
+
+STEPS, SAVE_AT, B = 20, 10, 4  # B: sequences per data-parallel rank
+MODES = {
+    "ddp": ["--parallel.data", "ddp"],
+    "fsdp2": ["--parallel.data", "fsdp2"],
+    "zero1": ["--parallel.data", "zero1"],
+    "tensor2": ["--parallel.tensor", "2"],
+}
+# float32 on the CPU; 2 ranks sum gradients in another order than one process, and Adam's first
+# steps amplify such differences, so losses agree to ~1e-5 relative, not bitwise.
+RTOL, ATOL = 2e-4, 2e-5
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    data = pytest.importorskip("fmcore.data")
+    pytest.importorskip("fmcore.train.trainer")
+    # Import once what every forked rank needs (they inherit it): matplotlib draws each run's loss plot.
+    pytest.importorskip("matplotlib").use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    out = tmp_path_factory.mktemp("data") / "email"
+    return data.prepare([Path(email.__file__).parent], out, vocab_size=512, val_fraction=0.1, workers=1,
+                        progress=False)
+
+
+def overrides(dataset: Path, run: Path, batch: int, *extra: str) -> list[str]:
+    return ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.max_seq_len", "64",
+            "--train.seq_len", "32", "--train.batch_size", str(batch), "--train.steps", str(STEPS),
+            "--train.device", "cpu", "--train.precision", "fp32", "--train.eval_batches", "1",
+            "--train.eval_every", "0", "--data.dataset", str(dataset), "--data.threads", "1",
+            "--schedule.warmup_steps", "5", "--log.run_dir", str(run), "--log.every", "1",
+            "--log.progress", "none", "--log.tensorboard", "false", "--log.sample_tokens", "0",
+            "--checkpoint.every", str(SAVE_AT), "--checkpoint.keep_last", "0",
+            "--checkpoint.export_hf", "false", "--optim.impl", "torch", *extra]
+
+
+def _train(rank: int, world: int, args: list[str]) -> None:
+    from fmcore.train.config import load_config
+    from fmcore.train.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    train(load_config("tiny", args))
+
+
+def run(world: int, args: list[str], tmp: Path) -> None:
+    run_ranks(_train, world, tmp, args=(args,), timeout=240)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
+
+
+def assert_losses_close(got: dict[int, float], want: dict[int, float], steps) -> None:
+    import torch
+
+    steps = list(steps)
+    assert all(s in got for s in steps), f"missing steps: {sorted(set(steps) - set(got))}"
+    torch.testing.assert_close(torch.tensor([got[s] for s in steps], dtype=torch.float64),
+                               torch.tensor([want[s] for s in steps], dtype=torch.float64), rtol=RTOL, atol=ATOL)
+
+
+def resume_from(src_run: Path, dst_run: Path) -> Path:
+    """A copy of src_run's step-SAVE_AT checkpoint as the only checkpoint of a new run dir."""
+    src = src_run / "checkpoints" / f"step_{SAVE_AT:08d}"
+    dst = dst_run / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def references(dataset, tmp_path_factory) -> dict[int, dict[int, float]]:
+    """Losses of one process, parallel.data none, batch B (tensor parallel's global batch) and 2B."""
+    out = {}
+    for batch in (B, 2 * B):
+        tmp = tmp_path_factory.mktemp(f"ref{batch}")
+        run(1, overrides(dataset, tmp / "run", batch), tmp / "launch")
+        out[batch] = losses(tmp / "run")
+    return out
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def two_rank_run(request, dataset, tmp_path_factory):
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(mode)
+    run(2, overrides(dataset, tmp / "run", B, *MODES[mode]), tmp / "launch")
+    return mode, tmp
+
+
+def test_two_ranks_match_one_process(two_rank_run, references):
+    mode, tmp = two_rank_run
+    global_batch = B if mode == "tensor2" else 2 * B  # a tensor-parallel pair reads one batch
+    assert_losses_close(losses(tmp / "run"), references[global_batch], range(1, STEPS + 1))
+
+
+def test_resume_on_two_ranks(two_rank_run, dataset):
+    mode, tmp = two_rank_run
+    ckpt = resume_from(tmp / "run", tmp / "resumed")
+    run(2, overrides(dataset, tmp / "resumed", B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
+        tmp / "launch-resume")
+    assert_losses_close(losses(tmp / "resumed"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
+
+
+def test_load_on_one_process(two_rank_run, dataset):
+    mode, tmp = two_rank_run
+    if mode not in ("fsdp2", "zero1"):
+        pytest.skip("resharding to another world size is for fsdp2 and zero1")
+    ckpt = resume_from(tmp / "run", tmp / "one")
+    # one process with the same global batch and the same layout (a 1-rank group), from 2 ranks' shards
+    run(1, overrides(dataset, tmp / "one", 2 * B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
+        tmp / "launch-one")
+    assert_losses_close(losses(tmp / "one"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))

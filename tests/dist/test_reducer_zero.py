@@ -1,0 +1,275 @@
+"""GradReducer and ZeroAdamW on 2 CPU ranks (gloo) against single-process references.
+
+- GradReducer: gradients equal a plain per-tensor all-reduce average, with several buckets, a tied
+  weight, an unused parameter and gradient accumulation under no_sync().
+- ZeroAdamW: 6 steps on 2 ranks (each half of the batch) give the parameters of torch.optim.AdamW on
+  the full batch in one process (same param groups, gradient clipping, lr changes); its per-rank
+  optimizer state is 1/world of AdamW's; a checkpoint saved with torch.distributed.checkpoint on 2
+  ranks resumes on 2 ranks and loads on 1 (resharding).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from fmcore.dist import Communicator, GradReducer, ZeroAdamW
+from tests.dist.launch import run_ranks
+
+VOCAB, DIM, BATCH, SEQ = 37, 24, 4, 5  # odd sizes so flat buffers do not split evenly over ranks
+
+
+class Tiny(torch.nn.Module):
+    """Embedding -> 2 MLP layers -> head tied to the embedding, plus a parameter no forward uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, DIM)
+        self.fc1 = torch.nn.Linear(DIM, 3 * DIM)
+        self.fc2 = torch.nn.Linear(3 * DIM, DIM)
+        self.norm = torch.nn.LayerNorm(DIM)
+        self.unused = torch.nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        logits = self.norm(h) @ self.emb.weight.T
+        return logits
+
+    def loss(self, x, y):
+        return torch.nn.functional.cross_entropy(self.forward(x).flatten(0, 1), y.flatten())
+
+
+def make_model() -> Tiny:
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def batch(step: int, world: int):
+    """The global batch of a step: world * BATCH sequences."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, VOCAB, (world * BATCH, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (world * BATCH, SEQ), generator=g)
+    return x, y
+
+
+def local(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * BATCH:(rank + 1) * BATCH]
+
+
+# ---- GradReducer
+def _reducer_body(rank, world):
+    comm = Communicator()
+    model, ref = make_model(), make_model()
+    reducer = GradReducer(model.parameters(), comm, bucket_mb=4096 / 2**20)  # 4 KiB: several buckets
+    assert len(reducer.buckets) > 2
+    for step in range(2):
+        x, y = batch(step, world)
+        # gradient accumulation: micro-batch 0 without communication, micro-batch 1 reduced
+        with reducer.no_sync():
+            model.loss(local(x, rank)[:2], local(y, rank)[:2]).backward()
+        model.loss(local(x, rank)[2:], local(y, rank)[2:]).backward()
+        reducer.finish()
+        ref.loss(local(x, rank)[:2], local(y, rank)[:2]).backward()
+        ref.loss(local(x, rank)[2:], local(y, rank)[2:]).backward()
+        for name, p in ref.named_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=f"step {step} {name}")
+        assert torch.all(model.unused.grad == 0)
+        model.zero_grad()
+        ref.zero_grad()
+    return reducer.bucket_sizes
+
+
+def test_reducer_matches_plain_all_reduce(tmp_path):
+    sizes = run_ranks(_reducer_body, 2, tmp_path)
+    n_params = sum(p.numel() for p in make_model().parameters())
+    assert sizes[0] == sizes[1] and sum(sizes[0]) == n_params  # every parameter once (tied weight once)
+
+
+def test_reducer_rejects_bad_args():
+    comm = object()
+    with pytest.raises(ValueError, match="expected op"):
+        GradReducer([], comm, op="max")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        GradReducer([], comm, bucket_mb=0)
+
+
+# ---- ZeroAdamW
+STEPS = 6
+HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+CLIP = 0.5  # small enough that some steps clip
+
+
+def param_groups(model: Tiny):
+    decay = [model.fc1.weight, model.fc2.weight, model.emb.weight]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model, opt, steps, world, rank, clip_fn, start=0):
+    for step in range(start, start + steps):
+        for g in opt.param_groups:
+            g["lr"] = HYPER["lr"] * (1 - step / 10)  # a schedule must reach the sharded optimizer
+        x, y = batch(step, world)
+        if rank is None:
+            model.loss(x, y).backward()
+        else:
+            model.loss(local(x, rank), local(y, rank)).backward()
+        clip_fn()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference(steps: int, world: int) -> tuple[Tiny, torch.optim.AdamW]:
+    model = make_model()
+    opt = torch.optim.AdamW(param_groups(model), **HYPER, foreach=True)
+    train(model, opt, steps, world, None, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+    return model, opt
+
+
+def full_state(opt: ZeroAdamW, comm) -> list[dict[str, torch.Tensor]]:
+    """Each flat shard's state gathered to the full unpadded flat tensor."""
+    out = []
+    for f in opt._flats:
+        tensors = {"master": f.master.detach(), **{k: v for k, v in opt.inner.state[f.master].items()
+                                                    if v.numel() == f.shard_numel}}
+        full = {}
+        for k, v in tensors.items():
+            buf = torch.empty(comm.world_size * f.shard_numel, dtype=v.dtype)
+            comm.all_gather(buf, v.contiguous())
+            full[k] = buf[:f.numel]
+        out.append(full)
+    return out
+
+
+def _zero_body(rank, world, ckpt, impl):
+    comm = Communicator()
+    model = make_model()
+    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
+    norms = []
+    train(model, opt, STEPS, world, rank, lambda: norms.append(opt.clip_grad_norm_(CLIP)))
+    assert any(n > CLIP for n in norms)  # clipping was exercised
+    ref, ref_opt = reference(STEPS, world)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6, msg=name)
+
+    # memory: the moments on this rank are 1/world of AdamW's (up to the padding of the last shard)
+    moments = sum(v.numel() * v.element_size() for f in opt._flats
+                  for v in opt.inner.state[f.master].values() if v.numel() == f.shard_numel)
+    ref_moments = 2 * 4 * sum(p.numel() for p in ref.parameters())  # AdamW: exp_avg, exp_avg_sq in fp32
+    assert ref_moments - 2 * 4 * ref.unused.numel() == sum(
+        v.numel() * v.element_size() for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
+    pad = sum(world * f.shard_numel - f.numel for f in opt._flats) * 2 * 4
+    assert moments * world == ref_moments + pad and pad < len(opt._flats) * world * 8
+    assert opt.state_bytes() == moments * 3 // 2  # + the fp32 master shard
+
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    saved = full_state(opt, comm)
+    # resume on the same world size: a fresh model and optimizer, loaded, continue 2 steps and match
+    # the reference that never stopped
+    model2 = make_model()
+    opt2 = ZeroAdamW(param_groups(model2), comm, **HYPER, impl=impl)
+    sd = {"model": model2.state_dict(), "optim": opt2.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt)
+    model2.load_state_dict(sd["model"])
+    opt2.load_state_dict(sd["optim"])
+    train(model2, opt2, 2, world, rank, lambda: opt2.clip_grad_norm_(CLIP), start=STEPS)
+    ref2, _ = reference(STEPS + 2, world)
+    for (name, p), q in zip(model2.named_parameters(), ref2.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6, msg=f"resumed {name}")
+    return saved
+
+
+def _load_one_body(rank, world, ckpt, impl):
+    comm = Communicator()
+    model = make_model()
+    opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
+    sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt)
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+    return full_state(opt, comm), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# The inner optimizer: torch.optim.AdamW, or fmcore's FusedAdamW on the flat fp32 shard.
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_zero1_matches_adamw_and_reshards(tmp_path, impl):
+    if impl == "fmcore":
+        pytest.importorskip("fmcore.optim")
+    ckpt = str(tmp_path / "ckpt")
+    saved, _ = run_ranks(_zero_body, 2, tmp_path / "two", args=(ckpt, impl))
+    loaded, params = run_ranks(_load_one_body, 1, tmp_path / "one", args=(ckpt, impl))[0]
+    for i, (a, b) in enumerate(zip(saved, loaded)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"flat {i} {k} differs after loading on 1 rank"
+    ref, _ = reference(STEPS, 2)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_zero1_needs_parameters():
+    class FakeComm:
+        world_size, rank = 2, 0
+
+    with pytest.raises(ValueError, match="no parameters"):
+        ZeroAdamW([torch.nn.Parameter(torch.zeros(3), requires_grad=False)], FakeComm())
+    model = copy.deepcopy(make_model())
+    with pytest.raises(ValueError, match="expected impl"):
+        ZeroAdamW(model.parameters(), FakeComm(), impl="nope")
+
+
+# ---- CUDA: the same algorithms over fmcore's NCCL communicator at world size 1 (the H100 machine has
+# one GPU): averaging over one rank is the identity, so this checks the stream plumbing (the side
+# stream, the hooks running in autograd's thread, the in-order launch) and ZeRO-1's CUDA path.
+def _cuda_body(rank, world):
+    dev = torch.device("cuda", 0)
+    comm = Communicator(backend="nccl", device=dev)
+    model, ref = make_model().to(dev), make_model().to(dev)
+    reducer = GradReducer(model.parameters(), comm, bucket_mb=4096 / 2**20)
+    x, y = (t.to(dev) for t in batch(0, 1))
+    model.loss(x, y).backward()
+    reducer.finish()
+    ref.loss(x, y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        expect = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(p.grad, expect, rtol=0, atol=0, msg=name)
+
+    for impl in ("torch", "fmcore"):  # inner optimizer: torch's fused AdamW, fmcore's FusedAdamW
+        model, ref = make_model().to(dev), make_model().to(dev)
+        opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl)
+        ref_opt = torch.optim.AdamW(param_groups(ref), **HYPER, fused=True)
+        for step in range(3):
+            x, y = (t.to(dev) for t in batch(step, 1))
+            model.loss(x, y).backward()
+            ref.loss(x, y).backward()
+            opt.clip_grad_norm_(CLIP)
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            # ("unused": torch's AdamW skips it, ZeRO-1 steps it with a zero gradient and no decay: unchanged)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{impl} {name}")
+    comm.synchronize()
+    return True
+
+
+@pytest.mark.cuda
+def test_reducer_and_zero1_over_nccl_world_size_1(tmp_path):
+    from fmcore import _C
+    from tests.dist.launch import run_inline
+
+    if not _C.has_nccl:
+        pytest.fail("fmcore was built without NCCL on a CUDA machine")
+    assert run_inline(_cuda_body, tmp_path)
