@@ -139,3 +139,17 @@ def test_fmcore_model_compiles_without_graph_breaks(base):
     torch.testing.assert_close(loss, ref)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_greedy_sample_with_right_padding_equals_plain_greedy_decoding():
+    from fmcore.train.trainer import greedy_sample
+
+    cfg = models.resolve(LLAMA, vocab_size=100)
+    model = models.build_model(cfg, seed=2)
+    prompt = torch.randint(0, 100, (1, 5))
+    ids = prompt.clone()
+    with torch.no_grad():
+        for _ in range(6):  # the reference: grow the sequence one token at a time, no padding
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)
+    assert greedy_sample(model, prompt, 6, "fp32", cfg.max_seq_len) == ids[0, 5:].tolist()
+    assert len(greedy_sample(model, prompt, 500, "fp32", cfg.max_seq_len)) == cfg.max_seq_len - 1  # clamped

@@ -68,10 +68,11 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
-def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path):
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])  # torch.optim.AdamW + SDPA / FusedAdamW + fmcore kernels
+def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path, ops):
     """A run killed with SIGKILL right after a checkpoint and resumed with --resume auto logs exactly
     the losses (and grad norms) of the uninterrupted run: model, optimizer, loader and RNGs restored."""
-    common = ["--train.steps", "12", "--checkpoint.every", "4", "--checkpoint.keep_last", "1", "--log.every", "1",
+    common = ["--model.ops", ops, "--train.steps", "12", "--checkpoint.every", "4", "--checkpoint.keep_last", "1", "--log.every", "1",
               "--model.dim", "64", "--model.n_layers", "2", "--train.threads", "1", "--checkpoint.export_hf", "false",
               "--schedule.warmup_steps", "3"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -178,9 +179,10 @@ def test_document_boundaries_train(dataset, tmp_path, arch):
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
 
 
-@pytest.mark.parametrize("precision, impl", [("bf16-autocast", "torch"), ("fp16", "torch"), ("bf16", "fmcore")])
-def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, impl):
-    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--optim.impl", impl,
+@pytest.mark.parametrize("precision, ops", [("bf16-autocast", "torch"), ("bf16-autocast", "fmcore"), ("fp16", "torch"),
+                                            ("bf16", "fmcore")])
+def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, ops):
+    records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--model.ops", ops,
                          "--schedule.warmup_steps", "1")
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
 

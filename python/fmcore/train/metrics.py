@@ -1,9 +1,9 @@
 """What a run reports: a progress bar or plain lines, metrics.jsonl, TensorBoard, the loss curve, a summary.
 
-Only rank 0 reports. metrics.jsonl holds one JSON object per logged step ({"step", "loss", "lr",
-"grad_norm", "tok_s", "mfu", "step_s", "loader_wait_s", "mem_mib", ...}) and one per evaluation
-({"step", "eval_loss", "eval_ppl"}); losses are written with full float precision (repr), so two runs
-can be compared bit for bit. On resume the lines after the resumed step are dropped.
+Only rank 0 reports. metrics.jsonl holds one JSON object per logged step ({"step", "loss" (that
+step's), "loss_avg" (the mean since the previous record), "lr", "grad_norm", "tok_s", "mfu", "step_s",
+"loader_wait_s", "mem_mib", ...}) and one per evaluation ({"step", "eval_loss", "eval_ppl"}); losses
+are written with full float precision (repr), so two runs can be compared bit for bit. On resume the lines after the resumed step are dropped.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_loss(metrics: list[dict], out: Path, title: str) -> Path | None:
     """The training (and evaluation) loss against the step, as a PNG."""
-    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and r["loss"] is not None and math.isfinite(r["loss"])]
+    # loss_avg: the mean over the steps since the previous record, a steadier curve than one step's loss.
+    train = [(r["step"], r.get("loss_avg", r["loss"])) for r in metrics if "loss" in r]
+    train = [(s, v) for s, v in train if v is not None and math.isfinite(v)]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
     if not train and not evals:
         return None

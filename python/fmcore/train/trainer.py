@@ -253,7 +253,7 @@ def peak_tflops(cfg: Config, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    for key, tflops in (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
                         ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0)):
         if key in name:
             return tflops
@@ -357,8 +357,8 @@ def greedy_sample(model: nn.Module, prompt: torch.Tensor, n_new: int, precision:
     under torch.compile."""
     was_training = model.training
     model.eval()
-    P = prompt.shape[1]
-    P = min(P, max_len - n_new)
+    n_new = min(n_new, max_len - 1)  # the window must fit the model's positions
+    P = min(prompt.shape[1], max_len - n_new)
     ids = torch.zeros(1, P + n_new, dtype=prompt.dtype, device=prompt.device)
     ids[:, :P] = prompt[:, -P:]
     for i in range(P, P + n_new):
@@ -482,7 +482,9 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         return to_device(next(loader), env.device, cfg.data.doc_boundaries)
 
     start, in_a_row = step, 0
+    # The logging window: time, steps, loader wait and finite losses since the previous record.
     window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
+    window_loss, window_finite = 0.0, 0
     run_t0 = time.perf_counter()
     model.train()
     while step < t.steps:
@@ -492,6 +494,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
         step += 1
         window_steps += 1
+        window_loss += loss_v if math.isfinite(loss_v) else 0.0
+        window_finite += math.isfinite(loss_v)
         report.advance()
         # fp16 overflow with a finite loss is the loss scaler's business, not divergence.
         diverging = not math.isfinite(loss_v) or (not good and scaler is None)
@@ -507,13 +511,15 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             dt = (now - window_t) / window_steps
             tok_s = step_tokens / dt
             report.log({
-                "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm_v, "tok_s": tok_s,
+                "step": step, "loss": loss_v, "loss_avg": window_loss / window_finite if window_finite else None,
+                "lr": lr, "grad_norm": norm_v, "tok_s": tok_s,
                 "mfu": 100.0 * flops_tok * tok_s / (peak * 1e12 * env.world) if peak else None,
                 "step_s": dt, "loader_wait_s": loader.wait_seconds - window_wait, "mem_mib": memory_mib(env.device),
                 "skipped": skipped_total, "tokens": resumed_tokens + (step - start) * step_tokens,
                 "eta_s": dt * (t.steps - step),
             })
             window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
+            window_loss, window_finite = 0.0, 0
         if stop:
             path = save(step)
             report.message(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
