@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
 #include "kernels/dtype.h"
@@ -49,6 +50,13 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
                     " to be contiguous in its last dim (stride 1), got strides ",
                     shape_str(t.strides()));
 }
+
+// CPU references that call ATen ops (at::mm ...) run below the dispatcher's autocast layer, but
+// autocast is still on in the thread: without this guard their internal fp32 matmuls would be recast
+// to bf16. Declare one at the top of such an implementation.
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline DType to_dtype(at::ScalarType st) {
   switch (st) {

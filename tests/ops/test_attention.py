@@ -502,3 +502,14 @@ def test_attention_module_document_boundaries(device):
         parts.append(m(x[:, start:start + n]))
         start += n
     torch.testing.assert_close(packed, torch.cat(parts, dim=1), rtol=tol, atol=tol)
+
+
+def test_cpu_reference_under_bf16_autocast():
+    # Inside a model under autocast: the CPU reference's own fp32 matmuls must not be recast to bf16.
+    q, k, v = (torch.randn(1, 9, 2, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v, causal=True)
+        out.float().sum().backward()
+    ref = flash_attention(q.detach(), k.detach(), v.detach(), causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -52,14 +52,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str
     if ops == "fmcore" and _flash_covers(q):
         from fmcore.ops import flash_attention, flash_attention_varlen
 
-        # q, k, v already carry autocast's dtype (they come out of a Linear). Autocast off: the CPU
-        # reference's internal fp32 matmuls must not be recast to bf16 (they then fail a dtype check).
-        with torch.autocast(q.device.type, enabled=False):
-            if docs is None:
-                return flash_attention(q, k, v, causal=True)
-            out = flash_attention_varlen(q.reshape(B * S, H, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D),
-                                         docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
-                                         causal=True)
+        # q, k, v already carry autocast's dtype (they come out of a Linear).
+        if docs is None:
+            return flash_attention(q, k, v, causal=True)
+        out = flash_attention_varlen(q.reshape(B * S, H, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D),
+                                     docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
+                                     causal=True)
         return out.view(B, S, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = k.shape[1] != H
