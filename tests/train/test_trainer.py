@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import fmcore
 from fmcore.train import checkpoint
 from fmcore.train.config import ConfigError, load_config
 from fmcore.train.metrics import read_metrics
 from fmcore.train.trainer import TrainingStopped, choose_run_dir, main, train
 
-REPO = Path(__file__).resolve().parents[2]
 # Small enough for seconds on 2 cores, big enough to learn: the tiny preset at a quarter of its tokens.
 # One thread: on a shared, oversubscribed CI machine OpenMP's spinning threads make 2 threads ~10x slower.
 SMALL = ["--train.batch_size", "8", "--train.seq_len", "64", "--log.progress", "plain", "--log.tensorboard", "false",
@@ -59,7 +59,10 @@ def test_tiny_learns_and_writes_its_run_dir(dataset, tmp_path):
 
 
 def _cli(args, **kw):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
+    # The child imports the same fmcore as this test process: the source tree in development, the
+    # installed wheel in CI (a clean clone's python/ has no compiled extension).
+    pkg_root = Path(fmcore.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "-m", "fmcore", "train", "tiny", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
