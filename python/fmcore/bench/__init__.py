@@ -32,6 +32,28 @@ class BenchContext:
     roofline: Roofline
     quick: bool  # small shapes (CPU, smoke tests): the numbers prove the path, not the speed
 
+    def bandwidth_rows(self, bench: str, case: str, system: str, ms: float, nbytes: float, *,
+                       ms_unit: str = "ms", rate_unit: str = "GB/s") -> list[Row]:
+        """ms, GB/s and % of the copy bandwidth for a memory-bound op that moves nbytes."""
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        return [
+            Row(bench, case, system, "ms", ms, ms_unit),
+            Row(bench, case, system, "GB/s", gbps, rate_unit),
+            Row(bench, case, system, "roofline%", self.roofline.pct_bandwidth(gbps),
+                f"% of {self.roofline.copy_gbps:.0f} GB/s copy"),
+        ]
+
+    def compute_rows(self, bench: str, case: str, system: str, ms: float, flops: float, *,
+                     ms_unit: str = "ms", rate_unit: str = "TFLOP/s") -> list[Row]:
+        """ms, TFLOP/s and % of the matmul rate for a compute-bound op doing flops."""
+        tflops = flops / (ms * 1e-3) / 1e12
+        return [
+            Row(bench, case, system, "ms", ms, ms_unit),
+            Row(bench, case, system, "TFLOP/s", tflops, rate_unit),
+            Row(bench, case, system, "roofline%", self.roofline.pct_matmul(tflops),
+                f"% of {self.roofline.matmul_tflops:.3g} TFLOP/s matmul"),
+        ]
+
 
 def load(name: str):
     if name not in BENCHMARKS:

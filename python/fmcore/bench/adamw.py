@@ -120,13 +120,8 @@ def run(ctx: BenchContext) -> list[Row]:
                     continue  # e.g. torch's fused AdamW on a device it does not support
                 ms = time_ms(step, dev, warmup=3, rep=20)
                 bytes_per_param = 28 + (0 if not clip else (2 if master else 4))
-                gbps = n * bytes_per_param / (ms * 1e-3) / 1e9
-                rows += [
-                    Row("adamw", case, system, "ms", ms, "ms"),
-                    Row("adamw", case, system, "GB/s", gbps, f"GB/s at {bytes_per_param} B/param"),
-                    Row("adamw", case, system, "roofline%", ctx.roofline.pct_bandwidth(gbps),
-                        f"% of {ctx.roofline.copy_gbps:.0f} GB/s copy"),
-                ]
+                rows += ctx.bandwidth_rows("adamw", case, system, ms, n * bytes_per_param,
+                                           rate_unit=f"GB/s at {bytes_per_param} B/param")
                 del step
                 _free(dev)
             del params

@@ -75,11 +75,5 @@ def run(ctx: BenchContext) -> list[Row]:
             # autograd.grad, not backward: no .grad accumulation kernels inside the timing
             bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), dev)
             for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
-                tflops = flops / (ms * 1e-3) / 1e12
-                rows += [
-                    Row("attention", f"{case} {phase}", system, "ms", ms, "ms"),
-                    Row("attention", f"{case} {phase}", system, "TFLOP/s", tflops, "TFLOP/s"),
-                    Row("attention", f"{case} {phase}", system, "roofline%", ctx.roofline.pct_matmul(tflops),
-                        f"% of {ctx.roofline.matmul_tflops:.1f} TFLOP/s matmul"),
-                ]
+                rows += ctx.compute_rows("attention", f"{case} {phase}", system, ms, flops)
     return rows

@@ -56,16 +56,11 @@ def _measure(bench, case, system, fn, make_inputs, nbytes, ctx) -> list[Row]:
     dev = ctx.device
     x, t = make_inputs()
     ms = time_ms(lambda: _fwd_bwd(fn, x, t), dev)
-    rows = [Row(bench, case, system, "ms", ms, "ms fwd+bwd")]
+    rows = ctx.bandwidth_rows(bench, case, system, ms, nbytes, ms_unit="ms fwd+bwd",
+                              rate_unit="GB/s (2 N V bytes / time)")
     mib = peak_memory_mib(lambda: _fwd_bwd(fn, x, t), dev)
     if mib is not None:
         rows.append(Row(bench, case, system, "MiB", mib, "MiB peak above inputs"))
-    gbps = nbytes / (ms * 1e-3) / 1e9
-    rows += [
-        Row(bench, case, system, "GB/s", gbps, "GB/s (2 N V bytes / time)"),
-        Row(bench, case, system, "roofline%", ctx.roofline.pct_bandwidth(gbps),
-            f"% of {ctx.roofline.copy_gbps:.0f} GB/s copy"),
-    ]
     del x, t
     return rows
 

@@ -59,13 +59,8 @@ def run(ctx: BenchContext) -> list[Row]:
             w = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
             t = torch.randint(0, V, (N,), device=dev)
             ms = time_ms(lambda: _fwd_bwd(fn, h, w, t), dev, warmup=3, rep=10)
-            tflops = flops / (ms * 1e-3) / 1e12
-            rows += [
-                Row("linear_cross_entropy", case, system, "ms", ms, "ms fwd+bwd"),
-                Row("linear_cross_entropy", case, system, "TFLOP/s", tflops, "TFLOP/s (6 N V D)"),
-                Row("linear_cross_entropy", case, system, "roofline%", ctx.roofline.pct_matmul(tflops),
-                    f"% of {ctx.roofline.matmul_tflops:.0f} TFLOP/s matmul"),
-            ]
+            rows += ctx.compute_rows("linear_cross_entropy", case, system, ms, flops, ms_unit="ms fwd+bwd",
+                                     rate_unit="TFLOP/s (6 N V D)")
             mib = peak_memory_mib(lambda: _fwd_bwd(fn, h, w, t), dev)
             if mib is not None:
                 rows.append(Row("linear_cross_entropy", case, system, "MiB", mib, "MiB peak above inputs"))

@@ -89,14 +89,9 @@ def run(ctx: BenchContext) -> list[Row]:
         with torch.no_grad():
             fwd = time_ms(lambda: fn(q, k), dev)
         out = fn(q, k)
-        bwd = time_ms(lambda: torch.autograd.backward(out, (gq, gk), retain_graph=True), dev)
+        # autograd.grad, not backward: no .grad accumulation kernels inside the timing
+        bwd = time_ms(lambda: torch.autograd.grad(out, (q, k), (gq, gk), retain_graph=True), dev)
         for phase, ms in (("fwd", fwd), ("bwd", bwd)):
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows += [
-                Row("rope", f"{case} {phase}", system, "ms", ms, "ms"),
-                Row("rope", f"{case} {phase}", system, "GB/s", gbps, "GB/s"),
-                Row("rope", f"{case} {phase}", system, "roofline%", ctx.roofline.pct_bandwidth(gbps),
-                    f"% of {ctx.roofline.copy_gbps:.0f} GB/s copy"),
-            ]
+            rows += ctx.bandwidth_rows("rope", f"{case} {phase}", system, ms, nbytes)
     rows.append(Row("rope", "call overhead q(1,1,1,64)", "fmcore", "us", _call_overhead_us(dev), "us/call"))
     return rows
