@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <type_traits>
 
 namespace fmcore::data {
 namespace {
@@ -222,20 +223,20 @@ Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache) const {
       shard.check_vocab(loc.start, T + 1,
                         opt_.vocab_size ? opt_.vocab_size : shard.info().vocab_size);
     const size_t off = row * T;
+    // x, y and positions share the output element type (int64 or int32).
+    auto fill = [&](auto* typed) {
+      using Out = std::remove_pointer_t<decltype(typed)>;
+      fill_row(shard, loc.start, reinterpret_cast<Out*>(base + layout_.x) + off,
+               reinterpret_cast<Out*>(base + layout_.y) + off);
+      if (cu)
+        fill_segments(shard, loc.start, static_cast<int64_t>(row),
+                      reinterpret_cast<Out*>(base + layout_.positions) + off, cu, b.n_segments,
+                      b.max_seqlen);
+    };
     if (opt_.out_bytes == 8) {
-      fill_row(shard, loc.start, reinterpret_cast<int64_t*>(base + layout_.x) + off,
-               reinterpret_cast<int64_t*>(base + layout_.y) + off);
-      if (cu)
-        fill_segments(shard, loc.start, static_cast<int64_t>(row),
-                      reinterpret_cast<int64_t*>(base + layout_.positions) + off, cu, b.n_segments,
-                      b.max_seqlen);
+      fill(static_cast<int64_t*>(nullptr));
     } else {
-      fill_row(shard, loc.start, reinterpret_cast<int32_t*>(base + layout_.x) + off,
-               reinterpret_cast<int32_t*>(base + layout_.y) + off);
-      if (cu)
-        fill_segments(shard, loc.start, static_cast<int64_t>(row),
-                      reinterpret_cast<int32_t*>(base + layout_.positions) + off, cu, b.n_segments,
-                      b.max_seqlen);
+      fill(static_cast<int32_t*>(nullptr));
     }
   }
   return b;
