@@ -3,10 +3,13 @@
 # so `PYTHONPATH=python python -m pytest tests` runs against this tree without installing anything.
 #   FMCORE_CUDA=off scripts/dev_build.sh     # CPU-only, faster on the 2-core machines
 #   JOBS=16 scripts/dev_build.sh             # on the GPU machine
+#   PYTHON=/path/venv/bin/python BUILD_DIR=build/other scripts/dev_build.sh   # another torch/Python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$(command -v python)}
-build=build/dev${FMCORE_CUDA:+-$FMCORE_CUDA}
+# The venv's own cmake/ninja first: the system cmake (3.25) does not know nvcc 13's C++20 flags.
+export PATH="$(dirname "$python"):$PATH"
+build=${BUILD_DIR:-build/dev${FMCORE_CUDA:+-$FMCORE_CUDA}}
 mkdir -p "$build"
 if [ ! -f "$build/build.ninja" ]; then
   cmake -S . -B "$build" -G Ninja -DPython_EXECUTABLE="$python" -DCMAKE_BUILD_TYPE=Release \

@@ -158,9 +158,17 @@ class FusedAdamW(torch.optim.Optimizer):
         """Per param group and dtype: (group, params, exp_avgs, exp_avg_sqs, masters, steps) over the
         params that have a grad, creating missing state. Cached while the same params have grads, so
         a step only collects the grads; add_param_group and load_state_dict drop the cache."""
+        if torch.compiler.is_compiling():
+            # Dynamo guards on the grads itself; torch 2.11's dynamo also refuses the cache's setattr.
+            return self._build_plan()
         key = tuple(p.grad is not None for group in self.param_groups for p in group["params"])
         if self._cached_plan is not None and self._cached_plan[0] == key:
             return self._cached_plan[1]
+        plan = self._build_plan()
+        self._cached_plan = (key, plan)
+        return plan
+
+    def _build_plan(self) -> list[tuple]:
         plan = []
         for group in self.param_groups:
             by_dtype: dict[torch.dtype, tuple[list, ...]] = {}
@@ -178,7 +186,6 @@ class FusedAdamW(torch.optim.Optimizer):
                     masters.append(state["master_param"])
                 steps.append(state["step"])
             plan += [(group, *lists) for lists in by_dtype.values()]
-        self._cached_plan = (key, plan)
         return plan
 
     @torch.no_grad()
