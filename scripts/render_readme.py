@@ -35,8 +35,8 @@ def render(results_dir: Path) -> str:
     path = newest_results(results_dir)
     if path is None:
         return ("No GPU results are committed yet: the benchmarks have only run on the CPU build machines, "
-                "whose numbers prove the code paths, not the speed. Run `scripts/gpu_check.sh` on an H100 and "
-                "commit `$OUT/results.json` as `benchmarks/results/<gpu>-<date>.json`.")
+                "whose numbers prove the code paths, not the speed. Run the bench stages of `scripts/gpu_check.sh` on an "
+                "H100 and commit their merged results as `benchmarks/results/<gpu>-<date>.json`.")
     head, rows = load_json(path)
     keep = [r for r in rows if r.metric in ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%", "us")]
     intro = (f"From `{path.relative_to(ROOT)}`: {head['device']}, {head['date']}, torch {head['torch']}, "

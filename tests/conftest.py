@@ -1,5 +1,8 @@
 """Shared test setup: the `device` fixture (cpu always, cuda when present) and output poisoning."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -19,6 +22,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def cuda_error_guard(request):
+    """A kernel fault (illegal address, ...) is sticky: every later CUDA call in the process fails with
+    it. Synchronize after each CUDA test so the fault is charged to the test that caused it, then end
+    the process: under pytest-xdist a fresh worker takes over the remaining tests."""
+    yield
+    if not HAS_CUDA or "cuda" not in request.node.keywords:
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        message = f"{request.node.nodeid} left a CUDA error; later CUDA tests in this process cannot run: {e}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(message, file=sys.stderr, flush=True)
+            os._exit(3)
+        pytest.exit(message, returncode=3)
 
 
 @pytest.fixture(autouse=True)

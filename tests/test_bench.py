@@ -30,6 +30,23 @@ def test_json_round_trip_and_plot(tmp_path):
     assert [p.name for p in paths] == ["rope.png"] and paths[0].stat().st_size > 1000
 
 
+def test_merge_keeps_every_runs_header_and_the_last_rows_per_bench(tmp_path):
+    head = report.header(torch.device("cpu"), Roofline(copy_gbps=10.0, matmul_tflops=0.1))
+    report.write_json(tmp_path / "a.json", head, [Row("rope", "c", "fmcore", "ms", 1.0, "ms"),
+                                                  Row("adamw", "c", "fmcore", "ms", 2.0, "ms")])
+    report.write_json(tmp_path / "b.json", {**head, "copy_gbps": 11.0}, [Row("adamw", "c", "fmcore", "ms", 3.0, "ms")])
+    merged_head, rows = report.merge([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [h["copy_gbps"] for h in merged_head["runs"]] == [10.0, 11.0]
+    assert sorted((r.bench, r.value) for r in rows) == [("adamw", 3.0), ("rope", 1.0)]
+    report.write_json(tmp_path / "c.json", {**head, "device": "another GPU"}, [])
+    try:
+        report.merge([tmp_path / "a.json", tmp_path / "c.json"])
+    except ValueError as e:
+        assert "different devices" in str(e)
+    else:
+        raise AssertionError("merging results of two devices must fail")
+
+
 def test_timing_is_median_of_real_work():
     x = torch.randn(256, 256)
     fast = time_ms(lambda: x + 1, torch.device("cpu"), warmup=1, rep=5)

@@ -7,6 +7,7 @@ importable, in the same process, on fresh random data.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,22 @@ def load(name: str):
     return importlib.import_module(BENCHMARKS[name])
 
 
+def measure_system(bench: str, case: str, system: str, measure: Callable[[], list[Row]]) -> list[Row]:
+    """Run one system's measurement. fmcore's failures raise; a peer that fails (an API that moved, a
+    case its backend refuses, out of memory) is named on stdout and leaves no rows, so one broken peer
+    cannot cost a GPU session the other numbers."""
+    if system == "fmcore":
+        return measure()
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - any peer failure is reported, never hidden as a number
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"# {bench}: {system} skipped on {case}: {type(err).__name__}: {first}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return []
+
+
 def try_import(module: str):
     """A peer's module, or None when the peer is not installed (its rows are then absent)."""
     try:
@@ -69,4 +86,4 @@ def try_import(module: str):
         return None
 
 
-__all__ = ["BENCHMARKS", "BenchContext", "Row", "load", "try_import"]
+__all__ = ["BENCHMARKS", "BenchContext", "Row", "load", "measure_system", "try_import"]

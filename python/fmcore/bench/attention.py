@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fmcore.bench import BenchContext, Row
+from fmcore.bench import BenchContext, Row, measure_system
 from fmcore.bench.timing import time_ms
 from fmcore.ops import flash_attention
 
@@ -55,6 +55,19 @@ def _systems(device: torch.device):
     return systems
 
 
+def _measure(ctx, case, fn, q, k, v, dout, causal, fwd_flops, system) -> list[Row]:
+    dev = ctx.device
+    out = fn(q, k, v, causal)  # a backend that cannot take this case raises here
+    with torch.no_grad():
+        fwd = time_ms(lambda: fn(q, k, v, causal), dev)
+    # autograd.grad, not backward: no .grad accumulation kernels inside the timing
+    bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), dev)
+    rows = []
+    for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
+        rows += ctx.compute_rows("attention", f"{case} {phase}", system, ms, flops)
+    return rows
+
+
 def run(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
     dtype = torch.bfloat16
@@ -65,15 +78,6 @@ def run(ctx: BenchContext) -> list[Row]:
         dout = torch.randn(B, S, H, D, device=dev, dtype=dtype)
         fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
         for system, fn in _systems(dev):
-            try:
-                out = fn(q, k, v, causal)  # a backend that cannot take this case raises here
-            except RuntimeError as err:
-                print(f"# attention: {system} skipped on {case}: {str(err).splitlines()[0]}")
-                continue
-            with torch.no_grad():
-                fwd = time_ms(lambda: fn(q, k, v, causal), dev)
-            # autograd.grad, not backward: no .grad accumulation kernels inside the timing
-            bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), dev)
-            for phase, ms, flops in (("fwd", fwd, fwd_flops), ("bwd", bwd, 2.5 * fwd_flops)):
-                rows += ctx.compute_rows("attention", f"{case} {phase}", system, ms, flops)
+            rows += measure_system("attention", case, system,
+                                   lambda: _measure(ctx, case, fn, q, k, v, dout, causal, fwd_flops, system))
     return rows

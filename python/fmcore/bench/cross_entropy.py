@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fmcore.bench import BenchContext, Row, try_import
+from fmcore.bench import BenchContext, Row, measure_system, try_import
 from fmcore.bench.timing import peak_memory_mib, time_ms
 from fmcore.ops import cross_entropy
 
@@ -28,7 +28,7 @@ def _liger_fn():
         return None
 
     def fn(x, t):
-        out = mod.LigerCrossEntropyFunction.apply(x, t)  # defaults: mean, ignore_index -100
+        out = mod.LigerCrossEntropyFunction.apply(x, t, None)  # no class weights; mean, ignore_index -100
         return out[0] if isinstance(out, tuple) else out
 
     return fn
@@ -79,7 +79,8 @@ def run(ctx: BenchContext) -> list[Row]:
             return x, torch.randint(0, V, (N,), device=dev)
 
         for system, fn in _systems(dev):
-            rows += _measure("cross_entropy", case, system, fn, make_inputs, nbytes, ctx)
+            rows += measure_system("cross_entropy", case, system,
+                                   lambda: _measure("cross_entropy", case, system, fn, make_inputs, nbytes, ctx))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         rows += _measure("cross_entropy", case + " out-of-place", "fmcore", lambda x, t: cross_entropy(x, t),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fmcore.bench import BenchContext, Row, try_import
+from fmcore.bench import BenchContext, Row, measure_system, try_import
 from fmcore.bench.timing import peak_memory_mib, time_ms
 from fmcore.ops import linear_cross_entropy
 
@@ -45,6 +45,20 @@ def _fwd_bwd(fn, h, w, t):
     return torch.autograd.grad(fn(h, w, t), [h, w])
 
 
+def _measure(ctx, case, system, fn, N, D, V, dtype, flops) -> list[Row]:
+    dev = ctx.device
+    h = torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device=dev)
+    ms = time_ms(lambda: _fwd_bwd(fn, h, w, t), dev, warmup=3, rep=10)
+    rows = ctx.compute_rows("linear_cross_entropy", case, system, ms, flops, ms_unit="ms fwd+bwd",
+                            rate_unit="TFLOP/s (6 N V D)")
+    mib = peak_memory_mib(lambda: _fwd_bwd(fn, h, w, t), dev)
+    if mib is not None:
+        rows.append(Row("linear_cross_entropy", case, system, "MiB", mib, "MiB peak above inputs"))
+    return rows
+
+
 def run(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
     shapes = [(512, 64, 4096, torch.float32)] if ctx.quick else [
@@ -55,16 +69,8 @@ def run(ctx: BenchContext) -> list[Row]:
         flops = 6 * N * D * V
         grads_mib = (N * D + V * D) * torch.finfo(dtype).bits / 8 / 2**20
         for system, fn in _systems(dev):
-            h = torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True)
-            w = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
-            t = torch.randint(0, V, (N,), device=dev)
-            ms = time_ms(lambda: _fwd_bwd(fn, h, w, t), dev, warmup=3, rep=10)
-            rows += ctx.compute_rows("linear_cross_entropy", case, system, ms, flops, ms_unit="ms fwd+bwd",
-                                     rate_unit="TFLOP/s (6 N V D)")
-            mib = peak_memory_mib(lambda: _fwd_bwd(fn, h, w, t), dev)
-            if mib is not None:
-                rows.append(Row("linear_cross_entropy", case, system, "MiB", mib, "MiB peak above inputs"))
-            del h, w, t
+            rows += measure_system("linear_cross_entropy", case, system,
+                                   lambda: _measure(ctx, case, system, fn, N, D, V, dtype, flops))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         if dev.type == "cuda":

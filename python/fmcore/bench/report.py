@@ -75,6 +75,25 @@ def load_json(path: Path) -> tuple[dict, list[Row]]:
     return data["header"], [Row(**r) for r in data["rows"]]
 
 
+def merge(paths: list[Path]) -> tuple[dict, list[Row]]:
+    """One results file from several runs on the same GPU (the device tool allows 10 minutes a call, so
+    the benchmarks run in groups): the first run's header with every run's header under "runs" (each
+    row's roofline% was taken against its own run's ceilings), and every bench's rows from the last
+    file that has it."""
+    heads, by_bench = [], {}
+    for path in paths:
+        head, rows = load_json(path)
+        heads.append(head)
+        fresh: dict[str, list[Row]] = defaultdict(list)
+        for r in rows:
+            fresh[r.bench].append(r)
+        by_bench.update(fresh)
+    devices = {h["device"] for h in heads}
+    if len(devices) != 1:
+        raise ValueError(f"results from different devices cannot be merged: {sorted(devices)}")
+    return {**heads[0], "runs": heads}, [r for rows in by_bench.values() for r in rows]
+
+
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     """One PNG per bench: median ms per system for each case, and roofline% where measured."""
     import matplotlib
