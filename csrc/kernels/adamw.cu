@@ -194,7 +194,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (s.grad_norm != nullptr) {
     const float norm = *s.grad_norm;
     if (s.skip_nonfinite && !isfinite(norm)) return;
-    if (s.clip) clip = fminf(1.f, s.max_grad_norm / (norm + 1e-6f));
+    if (s.clip) {
+      // torch.clamp(coef, max=1) as clip_grad_norm_ does: a NaN norm gives a NaN factor (fminf
+      // would return 1 and update every finite element with unclipped grads).
+      const float coef = s.max_grad_norm / (norm + 1e-6f);
+      clip = coef > 1.f ? 1.f : coef;
+    }
   }
   const double lr = s.lr_ptr != nullptr ? static_cast<double>(*s.lr_ptr) : s.lr;
   const int64_t num_chunks = tab.chunk_start[tab.n];
@@ -389,7 +394,7 @@ cudaError_t adamw_step(const AdamWParams& p, cudaStream_t stream) {
   s.clip = p.grad_norm != nullptr && p.max_grad_norm >= 0.0;
   s.max_grad_norm = static_cast<float>(p.max_grad_norm);
   s.skip_nonfinite = p.skip_nonfinite;
-  const bool master = p.tensors[0].master != nullptr;
+  const bool master = p.master;
   switch (p.dtype) {
     case DType::kFloat32:
       if (master) return cudaErrorInvalidValue;  // a master copy of an fp32 param is the param

@@ -50,6 +50,10 @@ struct AdamWParams {
   const float* grad_norm = nullptr;  // device scalar (l2norm's output); null: no clip, no skip
   double max_grad_norm = -1.0;       // >= 0: clip the grads to this global norm (needs grad_norm)
   bool skip_nonfinite = false;       // a non-finite *grad_norm skips the step (needs grad_norm)
+  // Every tensor has an fp32 master copy. A flag, not tensors[0].master != nullptr: a zero-size
+  // tensor's master pointer is null, and deciding from it would update bf16 params in place while
+  // their master copies went stale.
+  bool master = false;
 };
 
 // Tensors per launch: the table (65 bytes a tensor) must fit the 32 KiB kernel-parameter space

@@ -290,7 +290,9 @@ cudaError_t dispatch_target(const CrossEntropyParams& p, int mode, cudaStream_t 
 }
 
 cudaError_t dispatch(const CrossEntropyParams& p, int mode, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
+  // Nothing to do; for the scale (whose binding admits V = 0, as the CPU path does) a zero-width
+  // gradient too, which must not fail as an invalid launch.
+  if (p.rows == 0 || (mode == 3 && p.vocab == 0)) return cudaSuccess;
   // The binding guarantees 1 <= vocab < 2^31 (row-local indices are int).
   if (p.vocab <= 0 || p.vocab > INT32_MAX) return cudaErrorInvalidValue;
   switch (p.dtype) {

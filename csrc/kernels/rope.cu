@@ -131,6 +131,8 @@ cudaError_t dispatch_cs(const RopeParams& p, cudaStream_t stream) {
 
 cudaError_t rope_fwd(const RopeParams& p, cudaStream_t stream) {
   if (p.batch * p.seqlen == 0) return cudaSuccess;
+  // One block per (b, s) row: the grid's x dimension holds at most 2^31 - 1 blocks.
+  if (p.batch * p.seqlen > INT32_MAX) return cudaErrorInvalidConfiguration;
   switch (p.x_dtype) {
     case DType::kFloat32: return dispatch_cs<float>(p, stream);
     case DType::kBFloat16: return dispatch_cs<__nv_bfloat16>(p, stream);

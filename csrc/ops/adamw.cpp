@@ -123,6 +123,7 @@ AdamWCall make_adamw_call(at::TensorList params, at::TensorList grads, at::Tenso
     p.grad_norm = grad_norm->data_ptr<float>();
   }
   p.dtype = to_dtype(ref.scalar_type());
+  p.master = master;
 
   call.tensors.resize(n);
   for (size_t i = 0; i < n; ++i) {
@@ -252,7 +253,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const float norm = *p.grad_norm;
     if (p.skip_nonfinite && !std::isfinite(norm)) return;  // params, state and steps untouched
     if (p.max_grad_norm >= 0.0) {
-      clip = std::fmin(1.f, static_cast<float>(p.max_grad_norm) / (norm + 1e-6f));
+      // torch.clamp(coef, max=1), as clip_grad_norm_: NaN stays NaN (std::fmin would give 1).
+      const float coef = static_cast<float>(p.max_grad_norm) / (norm + 1e-6f);
+      clip = coef > 1.f ? 1.f : coef;
     }
   }
   for (const AdamWTensor& t : call.tensors) *t.step += 1.f;

@@ -88,6 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   check_linear_inputs(hidden, weight, target, bias, grad_rows, reduction, chunk_size);
   check_ce_options(o);
   need_grad_bias = need_grad_bias && bias.has_value();
+  // Reduction "none" without grad_rows (its forward): the per-row factors are unknown, so no
+  // gradient is computed here (the backward calls again with grad_rows). Without this the forward
+  // ran both gradient matmuls per chunk and held grad_hidden and grad_weight for nothing.
+  if (reduction == 0 && !grad_rows.has_value()) {
+    need_grad_hidden = need_grad_weight = need_grad_bias = false;
+  }
   const bool any_grad = need_grad_hidden || need_grad_weight || need_grad_bias;
   const int64_t N = hidden.size(0), V = weight.size(0);
   const at::ScalarType acc_type = ce_acc_type(hidden);

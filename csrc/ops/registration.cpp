@@ -34,7 +34,8 @@ TORCH_LIBRARY(fmcore, m) {
   // of the fused path).
   m.def("cross_entropy_scale_(Tensor(a!) grad, Tensor factor) -> ()");
   // Linear cross-entropy: hidden (N, D), weight (V, D), bias (V,); reduction 0 none, 1 mean, 2 sum.
-  // Returns (loss, lse, grad_hidden, grad_weight, grad_bias); a gradient not asked for is (0,).
+  // Returns (loss, lse, grad_hidden, grad_weight, grad_bias); a gradient not asked for is (0,), and
+  // so is every gradient for reduction none without grad_rows (its forward: the factors come later).
   // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of none).
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "

@@ -175,6 +175,41 @@ def test_scale_op(device):
     torch.testing.assert_close(out, (grad.float() * factor[:, None]).bfloat16(), rtol=0, atol=0)
 
 
+def test_scale_op_zero_width(device):
+    # A (N, 0) gradient is nothing to scale: the CUDA launcher once reported it as an invalid launch.
+    grad = torch.empty(3, 0, device=device)
+    torch.ops.fmcore.cross_entropy_scale_(grad, torch.full((3,), 2.0, device=device))
+    assert grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("V", [1, 2, 3])  # fewer classes than one thread's vector, and V = 1 (loss 0)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiny_vocab(device, V, dtype):
+    logits, target = make((37, V), device, dtype, scale=3.0, ignore_every=4)
+    check(logits, target, reduction="sum", z_loss=1e-3)
+
+
+def test_masked_and_nan_logits_as_torch(device):
+    # -inf logits (a masked vocabulary) drop out of the log-sum-exp, also at the target (loss inf,
+    # gradient p - 1 = -1 there); a NaN logit makes its row's loss and gradient NaN, and no other row.
+    V = 300
+    logits = torch.randn(6, V, device=device)
+    logits[0, 100:] = float("-inf")
+    logits[1, ::3] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, 5] = float("-inf")
+    target = torch.tensor([4, 3, 9, 5, 0, 299], device=device)  # row 1's target and row 3's are -inf
+    x, xt = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, reduction="none")
+    ref = F.cross_entropy(xt, target, reduction="none")
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    g = torch.linspace(0.5, 2.0, 6, device=device)
+    loss.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xt.grad, equal_nan=True)
+    assert x.grad[2].isnan().all() and x.grad[[0, 1, 3, 4, 5]].isfinite().all()
+
+
 def test_fused_forward_backward_op(device):
     # The fused kernel (used by linear_cross_entropy): loss, lse and grad_scale * dloss/dlogits in place.
     logits, target = make((30, 999), device, torch.float32)

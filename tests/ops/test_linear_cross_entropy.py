@@ -135,6 +135,22 @@ def test_no_grad_work_when_nothing_requires_grad(device):
     assert gh.numel() == gw.numel() == gb.numel() == 0
 
 
+def test_reduction_none_forward_computes_no_gradients(device):
+    # "none": the per-row factors come with the backward, which runs the chunk loop again with
+    # grad_rows. The forward once also ran both gradient matmuls per chunk and allocated
+    # grad_hidden and grad_weight, only to drop them.
+    hidden, weight, bias, target = make(12, 8, 30, device, torch.float32, bias=True)
+    op = torch.ops.fmcore.linear_cross_entropy
+    loss, _, gh, gw, gb = op(hidden, weight, target, bias, None, -100, 0.0, 0.0, 0, 5, True, True, True)
+    assert loss.shape == (12,) and gh.numel() == gw.numel() == gb.numel() == 0
+    rows = torch.rand(12, device=device)
+    _, _, gh, gw, gb = op(hidden, weight, target, bias, rows, -100, 0.0, 0.0, 0, 5, True, True, True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    (F.cross_entropy(F.linear(h, w, b), target, reduction="none") * rows).sum().backward()
+    for mine, theirs in ((gh, h.grad), (gw, w.grad), (gb, b.grad)):
+        torch.testing.assert_close(mine, theirs)
+
+
 @pytest.mark.parametrize("which", ["hidden", "weight"])
 def test_only_one_input_requires_grad(device, which):
     hidden, weight, _, target = make(12, 8, 30, device, torch.float32)

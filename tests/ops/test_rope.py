@@ -96,6 +96,23 @@ def test_per_sample_positions_and_cos_dtype(device, cs_dtype, dtype):
     assert_close_to_ref(ok, reference(k, cos, sin, False), _torch_rope(k, cos, sin, False), "k")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_batch_table_misaligned_k_and_odd_tail(device, dtype):
+    # cos/sin (1, S', R/2): one table for every sample (batch stride 0), longer than S. k sits one
+    # element into its buffer while q is aligned: the 16-byte path is all-or-nothing per launch, so
+    # the scalar path runs both. D - R = 4 also breaks the bf16/fp16 vector on its own.
+    B, S, Hq, Hk, D, R = 2, 13, 4, 2, 68, 64
+    q = torch.randn(B, S, Hq, D, device=device, dtype=dtype)
+    base = torch.randn(B * S * Hk * D + 1, device=device, dtype=dtype)
+    k = base[1:].view(B, S, Hk, D)
+    cos, sin = tables(S + 2, R, device, batch=1)
+    for interleaved in (False, True):
+        oq, ok = apply_rotary(q, k, cos, sin, interleaved=interleaved)
+        for name, x, out in (("q", q, oq), ("k", k, ok)):
+            ref = reference(x, cos, sin, interleaved)
+            assert_close_to_ref(out, ref, _torch_rope(x, cos, sin, interleaved), name)
+
+
 def test_strided_q_k_from_fused_qkv(device):
     # q, k, v sliced out of one (B, S, Hq + 2 Hk, D) projection: strided, no copy allowed or needed.
     B, S, Hq, Hk, D = 2, 37, 6, 2, 64

@@ -16,7 +16,7 @@ from fmcore.optim import FusedAdamW
 # Param shapes, and why each is here.
 SHAPES = [
     (37, 5),  # 185 elements: not a multiple of the 4-element vector, so the scalar tail runs
-    (70001,),  # three update chunks (32768 elements each) and two norm chunks, ragged last chunk
+    (70001,),  # nine update chunks (8192 elements each) and five norm chunks (16384), ragged last chunk
     (1,),  # a single element
     (0,),  # zero elements: step still counts, nothing else happens
     (4, 8, 16),  # 3-d, vector-aligned
@@ -293,6 +293,49 @@ def test_skip_nonfinite(device, bad):
     ours.step()  # finite again: the step proceeds and counts
     assert ours.skipped_steps.item() == 1 and ours.state[ours_p[0]]["step"].item() == 2
     assert not torch.equal(ours_p[0].detach(), snapshot[0][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_master_weights_with_a_zero_size_first_param(device, dtype):
+    # A zero-size tensor's master copy has a null data pointer. The CUDA launcher once decided
+    # "master weights or not" from the first tensor's pointer: with an empty first param it updated
+    # the bf16/fp16 params in place and never touched their master copies.
+    shapes = [(0,), (37, 5), (70001,)]
+    ours_p = make_params(device, shapes, dtype=dtype)
+    ref_p = clone_params(ours_p, torch.float32)
+    ours = FusedAdamW(ours_p, lr=1e-2, master_weights=True)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    for s in range(5):
+        grads = random_grads(ours_p, s)
+        set_grads(ours_p, grads)
+        set_grads(ref_p, [g.float() for g in grads])
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_p, ref_p):
+        master = ours.state[p]["master_param"]
+        assert rel_diff(master, q) < 1e-6
+        assert torch.equal(p.detach(), master.to(dtype))
+
+
+def test_clip_with_nan_norm_matches_clip_grad_norm(device):
+    # Without skip_nonfinite, a NaN gradient makes the norm NaN and torch's clip factor
+    # clamp(max_norm / (nan + 1e-6), max=1) NaN: every param becomes NaN. fminf(1, nan) = 1 once
+    # applied the finite gradients unclipped instead.
+    ours_p = make_params(device)
+    ref_p = clone_params(ours_p)
+    ours = FusedAdamW(ours_p, lr=1e-2, max_grad_norm=1.0)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    grads = random_grads(ours_p, 0)
+    grads[1][5] = float("nan")
+    set_grads(ours_p, grads)
+    set_grads(ref_p, grads)
+    ours.step()
+    torch.nn.utils.clip_grad_norm_(ref_p, 1.0)
+    ref.step()
+    assert torch.isnan(ours.last_grad_norm)
+    for p, q in zip(ours_p, ref_p):
+        assert q.isnan().all()  # what torch does, which the comparison below pins
+        torch.testing.assert_close(p, q, equal_nan=True)
 
 
 def test_lr_as_tensor(device):

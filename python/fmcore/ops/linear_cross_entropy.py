@@ -87,6 +87,8 @@ def _linear_cross_entropy_fake(hidden, weight, target, bias=None, grad_rows=None
                                grad_hidden=False, grad_weight=False, grad_bias=False):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = hidden.shape[0]
+    if reduction == 0 and grad_rows is None:  # as the op: the forward of "none" computes no gradient
+        grad_hidden = grad_weight = grad_bias = False
     loss = hidden.new_empty((n,) if reduction == 0 else (), dtype=acc)
     lse = hidden.new_empty((n,), dtype=acc)
     grad_bias = grad_bias and bias is not None

@@ -36,7 +36,9 @@ class FusedAdamW(torch.optim.Optimizer):
         betas, eps, weight_decay: as torch.optim.AdamW.
         max_grad_norm: clip the gradients to this global L2 norm (over every param with a grad, all
             groups), as torch.nn.utils.clip_grad_norm_ would before the step. ``float('inf')``
-            computes the norm (``last_grad_norm``) without clipping.
+            computes the norm (``last_grad_norm``) without clipping. As with clip_grad_norm_, a
+            nan gradient makes the factor nan and so every param nan: use skip_nonfinite to skip
+            such steps instead.
         master_weights: keep an fp32 copy of each bf16/fp16 param in the state; the update reads and
             writes it and rounds the result into the param in the same pass (fp32 params need none).
         skip_nonfinite: when the gradient norm is inf or nan, leave params and state unchanged and add
