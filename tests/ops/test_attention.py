@@ -403,6 +403,8 @@ BAD = [
     ("3-d q", dict(q=lambda t: torch.randn(8, 4, 64)), "q"),
     ("integer q", dict(q=lambda t: torch.randint(0, 3, (2, 8, 4, 64))), "q"),
     ("non-contiguous head dim", dict(q=lambda t: torch.randn(2, 8, 4, 128)[..., ::2]), "q"),
+    ("zero head dim", dict(q=lambda t: torch.randn(2, 8, 4, 0), k=lambda t: torch.randn(2, 8, 2, 0),
+                           v=lambda t: torch.randn(2, 8, 2, 0)), "head dim > 0"),
 ]
 
 
