@@ -658,7 +658,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p,
                    cudaStream_t stream) {
-  if (grid.x == 0) return cudaSuccess;
+  // An empty grid is no work (and would fail with cudaErrorInvalidConfiguration).
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -725,8 +726,10 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.batch > 65535) {
     return cudaErrorInvalidValue;
   }
-  // Empty grids are skipped launch by launch (dk/dv of an Sq = 0 call are still written: zeros).
-  if (p.batch == 0 || p.heads_q == 0) return cudaSuccess;
+  // Empty grids are skipped launch by launch, so that every non-empty output is still written: dk/dv
+  // of an Sq = 0 or Hq = 0 call (k/v may have Hk > 0 heads while q has none) are zeros from the
+  // dk/dv kernel. Skipping the whole call when Hq == 0 left them unwritten.
+  if (p.batch == 0) return cudaSuccess;
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
   switch (p.head_dim) {

@@ -46,7 +46,8 @@ struct AttnParams {
   const int32_t* cu_seqlens_q = nullptr;  // varlen when set (both set together), B + 1 entries
   const int32_t* cu_seqlens_k = nullptr;
   int64_t batch = 0, heads_q = 0, heads_k = 0, head_dim = 0;
-  int64_t seqlen_q = 0, seqlen_k = 0;  // batched: Sq, Sk; varlen: max_seqlen_q/k (the grid extent)
+  // batched: Sq, Sk; varlen: max_seqlen_q/k clamped to total_q/k (the grid extent)
+  int64_t seqlen_q = 0, seqlen_k = 0;
   int64_t total_q = 0, total_k = 0;    // varlen: Tq, Tk; every cu_seqlens entry is clamped to them
   float scale = 1.f;                   // softmax scale (1/sqrt(D) by default)
   bool causal = false;

@@ -96,10 +96,14 @@ AttnShapes check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK_VALUE(max_seqlen_q >= 0, "expected max_seqlen_q >= 0, got ", max_seqlen_q);
     TORCH_CHECK_VALUE(max_seqlen_k >= 0, "expected max_seqlen_k >= 0, got ", max_seqlen_k);
     s.batch = cq.size(0) - 1;
-    s.seqlen_q = max_seqlen_q;
-    s.seqlen_k = max_seqlen_k;
     s.total_q = q.size(0);
     s.total_k = k.size(0);
+    // max_seqlen only has to bound the longest document, and no document is longer than the packed
+    // tensor, so the grid extent is clamped to the total: an over-generous max_seqlen (2^40, say)
+    // would otherwise overflow the unsigned CUDA grid dim (a 0- or short grid: rows left unwritten)
+    // and make the CPU reference loop over empty blocks.
+    s.seqlen_q = std::min(max_seqlen_q, s.total_q);
+    s.seqlen_k = std::min(max_seqlen_k, s.total_k);
     TORCH_CHECK_VALUE(s.total_q < (int64_t{1} << 31) && s.total_k < (int64_t{1} << 31),
                       "expected fewer than 2^31 packed rows (int32 cu_seqlens), got q of shape ",
                       shape_str(q.sizes()));

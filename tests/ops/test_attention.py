@@ -149,12 +149,14 @@ def test_rows_without_keys_give_zero_and_neg_inf(device):
     assert torch.all(q.grad[:, :5] == 0)
 
 
-@pytest.mark.parametrize("Sq,Sk", [(0, 5), (5, 0), (0, 0)])
-def test_empty_sequences(device, Sq, Sk):
-    # No queries: empty out, zero dk/dv. No keys: out 0 and lse -inf everywhere, zero dq.
-    q, k, v = make_qkv(2, Sq, Sk, 2, 1, 64, device, torch.bfloat16)
+@pytest.mark.parametrize("Sq,Sk,Hq", [(0, 5, 2), (5, 0, 2), (0, 0, 2), (5, 5, 0)])
+def test_empty_sequences(device, Sq, Sk, Hq):
+    # No queries: empty out, zero dk/dv. No keys: out 0 and lse -inf everywhere, zero dq. No query
+    # heads (Hq = 0 with Hk = 1 passes the divisibility check): dk/dv are non-empty and must be zeros
+    # (the CUDA dispatcher once returned before any launch, leaving them unwritten).
+    q, k, v = make_qkv(2, Sq, Sk, Hq, 1, 64, device, torch.bfloat16)
     out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
-    assert out.shape == q.shape and lse.shape == (2, 2, Sq)
+    assert out.shape == q.shape and lse.shape == (2, Hq, Sq)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
     for g in torch.autograd.grad(out.float().sum(), (q, k, v)):
         assert torch.all(g == 0)
@@ -191,6 +193,74 @@ def test_strided_qkv_from_fused_projection(device):
     out = flash_attention(q, k, v, causal=True)
     dense = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
     assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("pad", [8, 3, 4], ids=["rows_pad8_in_place", "rows_pad3_copied", "heads_pad4_copied"])
+def test_strides_the_kernels_cannot_read_in_place(device, pad):
+    # q, k, v and dout as views of padded buffers. pad 8: every stride a multiple of 8 elements (the
+    # 16-byte cp.async chunks stay aligned; used in place). pad 3 on the row stride, or 4 on the head
+    # stride: a 16-byte chunk would straddle an alignment boundary, so the CUDA binding must copy.
+    # Either way the results equal those of dense inputs bitwise.
+    B, S, Hq, Hk, D = 2, 37, 4, 2, 64
+
+    def padded(H):
+        if pad == 4:  # (B, S, H, D + 4)[..., :D]: head stride D + 4
+            return torch.randn(B, S, H, D + pad, device=device, dtype=torch.bfloat16)[..., :D]
+        return torch.randn(B, S, H * D + pad, device=device, dtype=torch.bfloat16)[..., :H * D].view(B, S, H, D)
+
+    q, k, v, dout = padded(Hq), padded(Hk), padded(Hk), padded(Hq)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    dense = [t.contiguous() for t in (q, k, v, dout)]
+    outs = []
+    for qq, kk, vv, do in ((q, k, v, dout), dense):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (qq, kk, vv))
+        out = flash_attention(qq, kk, vv, causal=True)
+        outs.append((out, *torch.autograd.grad(out, (qq, kk, vv), do)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("shape,causal", [((2, 37, 50, 4, 2, 64), True), ((1, 70, 70, 2, 1, 128), False)],
+                         ids=["causal_gqa", "full_mqa"])
+def test_lse_gradient_matches_reference(device, shape, causal):
+    # Gradients through lse as well as out: the backward subtracts dlse from delta (the delta kernel on
+    # CUDA); the fp64 gradcheck covers only the CPU. Sq <= Sk so every row sees a key (a -inf lse has
+    # no finite gradient in the reference's logsumexp).
+    torch.manual_seed(8)
+    q, k, v = make_qkv(*shape, device, torch.bfloat16)
+    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = reference(q, k, v, causal)
+    t_out, t_lse = torch_sdpa(q, k, v, causal), torch_lse(q, k, causal)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    want = torch.autograd.grad((ref_out, ref_lse), (q, k, v), (dout.double(), dlse.double()))
+    theirs = torch.autograd.grad((t_out, t_lse), (q, k, v), (dout, dlse))
+    for name, g, r, t in zip(("dq", "dk", "dv"), got, want, theirs):
+        assert_close_to_ref(g, r, t, name)
+
+
+@pytest.mark.cuda
+def test_offsets_past_2_31_elements_cuda():
+    # B*S*H*D > 2^31 elements (4.3 GB per bf16 tensor, ~35 GB in all): every global offset of the
+    # last sequences passes 2^31 elements and 2^32 bytes. Each sequence holds different values, so
+    # a 32-bit offset anywhere (a wrapped read, or a write landing in another sequence's rows) makes
+    # the last sequences differ from the same sequences computed alone.
+    B, S, H, D = 16400, 256, 4, 128
+    assert (B - 8) * S * H * D > 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs ~40 GB of GPU memory")
+    torch.manual_seed(9)
+    q, k, v, dout = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = D**-0.5
+    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, scale)
+    grads = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, True, scale)
+    tail = slice(B - 8, B)  # sequences wholly past element 2^31
+    small = [t[tail].clone() for t in (q, k, v, dout)]
+    out_s, lse_s = torch.ops.fmcore.flash_attn_fwd(*small[:3], None, None, 0, 0, True, scale)
+    grads_s = torch.ops.fmcore.flash_attn_bwd(small[3], *small[:3], out_s, lse_s, None, None, None, 0, 0, True, scale)
+    assert torch.equal(out[tail], out_s) and torch.equal(lse[tail], lse_s)
+    for name, g, gs in zip(("dq", "dk", "dv"), grads, grads_s):
+        assert torch.equal(g[tail], gs), name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -236,9 +306,7 @@ def cu(lengths, device):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
-def test_varlen_matches_reference(device, causal, same_lengths):
+def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(4)
     # Random document lengths with length-1 documents, one longer than a block, and (cross) a
     # document with no keys and one with no queries.
@@ -246,11 +314,10 @@ def test_varlen_matches_reference(device, causal, same_lengths):
     lk = lq if same_lengths else [3, 0] + torch.randint(1, 90, (5,), generator=g).tolist() + [97]
     if not same_lengths:
         lq[3] = 0
-    Hq, Hk, D = 6, 2, 64
     cq, ck = cu(lq, device), cu(lk, device)
-    q = torch.randn(sum(lq), Hq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(sum(lk), Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(sum(lk), Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
     assert lse.shape == (Hq, sum(lq))
     cql, ckl = cq.tolist(), ck.tolist()
@@ -266,6 +333,37 @@ def test_varlen_matches_reference(device, causal, same_lengths):
     theirs = torch.autograd.grad(t_out, (q, k, v), dout)
     for name, a, r, t in zip(("dq", "dk", "dv"), got, want, theirs):
         assert_close_to_ref(a, r, t, name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
+def test_varlen_matches_reference(device, causal, same_lengths):
+    check_varlen(device, causal, same_lengths)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Hq,Hk,D,dtype", [(12, 1, 96, torch.bfloat16), (8, 8, 128, torch.float16),
+                                           (4, 2, 64, torch.float16)], ids=str)
+def test_varlen_head_dims_dtypes_cuda(Hq, Hk, D, dtype):
+    # The varlen row offsets and lse layout at every head dim's tile shape, MQA, and fp16 (the CPU
+    # variant above covers bf16 D=64 GQA only).
+    check_varlen("cuda", True, False, Hq, Hk, D, dtype)
+
+
+def test_varlen_generous_max_seqlen(device):
+    # max_seqlen only bounds the longest document; one far above the packed total (2^40) must give
+    # the same result. Before the binding clamped it to the total, the CUDA grid dim overflowed its
+    # unsigned int (a 0-block grid: nothing written) and the CPU reference looped over 2^34 blocks.
+    lens = [1, 40, 7]
+    c = cu(lens, device)
+    q, k, v = (torch.randn(sum(lens), 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    runs = []
+    for max_seqlen in (max(lens), 2**40):
+        out, lse = flash_attention_varlen(q, k, v, c, c, max_seqlen, max_seqlen, causal=True, return_lse=True)
+        runs.append((out, lse, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), name
 
 
 def test_varlen_equals_batched_on_equal_lengths(device):
@@ -305,6 +403,8 @@ BAD = [
     ("3-d q", dict(q=lambda t: torch.randn(8, 4, 64)), "q"),
     ("integer q", dict(q=lambda t: torch.randint(0, 3, (2, 8, 4, 64))), "q"),
     ("non-contiguous head dim", dict(q=lambda t: torch.randn(2, 8, 4, 128)[..., ::2]), "q"),
+    ("zero head dim", dict(q=lambda t: torch.randn(2, 8, 4, 0), k=lambda t: torch.randn(2, 8, 2, 0),
+                           v=lambda t: torch.randn(2, 8, 2, 0)), "head dim > 0"),
 ]
 
 
@@ -429,9 +529,9 @@ def test_torch_compile_fullgraph(device):
 def test_sdpa_dropin_matches_torch(device, causal, gqa):
     B, Hq, S, D = 2, 8, 50, 64
     Hk = 2 if gqa else Hq
-    q = torch.randn(B, Hq, S, D, device=device, dtype=torch.bfloat16)
-    k = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16)
-    v = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16)
+    q = torch.randn(B, Hq, S, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hk, S, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fmcore path must not warn
         out = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
@@ -439,6 +539,13 @@ def test_sdpa_dropin_matches_torch(device, causal, gqa):
     theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     assert out.shape == theirs.shape
     assert_close_to_ref(out, ref.transpose(1, 2), theirs, "out")
+    # The gradient reaches the op as a (B, S, H, D) view of a (B, H, S, D) tensor: dout is strided.
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref.transpose(1, 2), (q, k, v), dout.double())
+    their_g = torch.autograd.grad(theirs, (q, k, v), dout)
+    for name, g, r, t in zip(("dq", "dk", "dv"), got, want, their_g):
+        assert_close_to_ref(g, r, t, name)
 
 
 def test_sdpa_falls_back_with_one_warning_per_reason(device):

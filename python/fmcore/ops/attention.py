@@ -42,7 +42,12 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    # A head dim of 0 (or a 0-d q) reaches the binding, which raises a ValueError naming q, instead of
+    # failing here with a ZeroDivisionError.
+    d = q.shape[-1] if q.dim() > 0 else 0
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
 def flash_attention(
