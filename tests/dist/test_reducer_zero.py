@@ -5,7 +5,10 @@
 - ZeroAdamW: 6 steps on 2 ranks (each half of the batch) give the parameters of torch.optim.AdamW on
   the full batch in one process (same param groups, gradient clipping, lr changes); its per-rank
   optimizer state is 1/world of AdamW's; a checkpoint saved with torch.distributed.checkpoint on 2
-  ranks resumes on 2 ranks and loads on 1 (resharding).
+  ranks resumes on 2 ranks and loads on 1 (resharding, several padded buckets per param group).
+- ZeroAdamW's overlap: every bucket's reduce-scatter is called inside the backward, the first before
+  the last gradient arrives; none under no_sync(); the results equal, bit for bit, those of the same
+  steps with every reduce-scatter deferred to step() (and of accumulating without no_sync()).
 """
 
 from __future__ import annotations
@@ -317,8 +320,9 @@ def test_zero1_reduce_scatter_overlaps_backward(tmp_path):
 
 
 # ---- CUDA: the same algorithms over fmcore's NCCL communicator at world size 1 (the H100 machine has
-# one GPU): averaging over one rank is the identity, so this checks the stream plumbing (the side
-# stream, the hooks running in autograd's thread, the in-order launch) and ZeRO-1's CUDA path.
+# one GPU): averaging over one rank is the identity, so this checks the stream plumbing of both (the
+# side stream, the hooks running in autograd's thread, the in-order launch; several buckets each) and
+# ZeRO-1's CUDA step.
 def _cuda_body(rank, world):
     dev = torch.device("cuda", 0)
     comm = Communicator(backend="nccl", device=dev)

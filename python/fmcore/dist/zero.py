@@ -54,7 +54,7 @@ class _FlatShard:
     """The buckets of one (param group, dtype, device): their flat parameter buffers, and this rank's
     shard (the concatenation of its slice of each bucket; slices[j] is bucket j's part of it)."""
 
-    def __init__(self, group_index: int, buckets: list[Bucket], world: int, rank: int):
+    def __init__(self, group_index: int, buckets: list[Bucket], rank: int):
         self.group_index, self.buckets = group_index, buckets
         self.numel = sum(b.numel for b in buckets)
         self.shard_numel = sum(b.shard_numel for b in buckets)
@@ -133,7 +133,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             by_key.setdefault(b.key, []).append(b)
         # flats in param-group order, then by each (dtype, device)'s first parameter
         keys = list(dict.fromkeys(key(p) for p in params))
-        self._flats = [_FlatShard(k[0], by_key[k], comm.world_size, comm.rank) for k in keys]
+        self._flats = [_FlatShard(k[0], by_key[k], comm.rank) for k in keys]
         self._home = {id(b): (f, j) for f in self._flats for j, b in enumerate(f.buckets)}
         inner_groups = [{"params": [f.master], **{k: self.param_groups[f.group_index][k] for k in _HYPER}}
                         for f in self._flats]
