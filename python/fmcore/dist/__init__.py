@@ -4,7 +4,7 @@
   communicator (csrc/dist) on CUDA, or torch.distributed (gloo on the CPU) otherwise.
 - ``GradReducer``: bucketed gradient all-reduce overlapping the backward (DDP's algorithm).
 - ``ZeroAdamW``: ZeRO stage 1 AdamW (sharded fp32 master weights and moments), its bucketed gradient
-  reduce-scatter overlapping the backward on the same bucketing (``GradBuckets``).
+  reduce-scatter overlapping the backward on the same bucketing (fmcore.dist.reducer.GradBuckets).
 """
 
 from fmcore.dist.comm import Communicator, NcclError, Work, nccl_available
