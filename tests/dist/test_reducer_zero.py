@@ -5,7 +5,7 @@
 - ZeroAdamW: 6 steps on 2 ranks (each half of the batch) give the parameters of torch.optim.AdamW on
   the full batch in one process (same param groups, gradient clipping, lr changes); its per-rank
   optimizer state is 1/world of AdamW's; a checkpoint saved with torch.distributed.checkpoint on 2
-  ranks resumes on 2 ranks and loads on 1 (resharding, several padded buckets per param group).
+  ranks resumes on 2 ranks and loads on 1 and on 3 (resharding, several padded buckets per param group).
 - ZeroAdamW's overlap: every bucket's reduce-scatter is called inside the backward, the first before
   the last gradient arrives; none under no_sync(); the results equal, bit for bit, those of the same
   steps with every reduce-scatter deferred to step() (and of accumulating without no_sync()).
@@ -188,7 +188,7 @@ def _zero_body(rank, world, ckpt, impl):
     return saved
 
 
-def _load_one_body(rank, world, ckpt, impl):
+def _load_body(rank, world, ckpt, impl):
     comm = Communicator()
     model = make_model()
     opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl, bucket_mb=BUCKET_MB)
@@ -206,13 +206,15 @@ def test_zero1_matches_adamw_and_reshards(tmp_path, impl):
         pytest.importorskip("fmcore.optim")
     ckpt = str(tmp_path / "ckpt")
     saved, _ = run_ranks(_zero_body, 2, tmp_path / "two", args=(ckpt, impl))
-    loaded, params = run_ranks(_load_one_body, 1, tmp_path / "one", args=(ckpt, impl))[0]
-    assert saved.keys() == loaded.keys() and any(".bucket1." in k for k in saved)
-    for k in saved:
-        assert torch.equal(saved[k], loaded[k]), f"{k} differs after loading on 1 rank"
     ref, _ = reference(STEPS, 2)
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(params[name], p.detach(), rtol=2e-5, atol=2e-6, msg=name)
+    # 1 rank: no padding; 3 ranks: every bucket split anew (the 149-element one as 50, 50, 49)
+    for world in (1, 3):
+        loaded, params = run_ranks(_load_body, world, tmp_path / f"load{world}", args=(ckpt, impl))[0]
+        assert saved.keys() == loaded.keys() and any(".bucket1." in k for k in saved)
+        for k in saved:
+            assert torch.equal(saved[k], loaded[k]), f"{k} differs after loading on {world} ranks"
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name], p.detach(), rtol=2e-5, atol=2e-6, msg=f"{world} ranks: {name}")
 
 
 def test_zero1_needs_parameters():
