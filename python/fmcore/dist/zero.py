@@ -2,7 +2,7 @@
 with the gradients' reduce-scatter overlapping the backward.
 
     comm = Communicator()
-    opt = ZeroAdamW(model.parameters(), comm, lr=3e-4, weight_decay=0.1)   # or param groups
+    opt = ZeroAdamW(groups, comm, lr=3e-4, weight_decay=0.1, module=model)   # or model.parameters()
     with opt.no_sync():                      # gradient accumulation: non-final micro-batches
         loss0.backward()
     loss.backward()                          # buckets are reduce-scattered as their gradients get ready
@@ -11,8 +11,8 @@ with the gradients' reduce-scatter overlapping the backward.
     opt.zero_grad()
 
 Layout. The parameters are bucketed by fmcore.dist.reducer.GradBuckets (the reducer's bucketing),
-keyed by (param group, dtype, device), bucket_mb each, every bucket zero-padded to world * s_b
-elements. A bucket's parameters live in a flat parameter buffer laid out like its flat gradient
+in the reverse of the model's registration order (pass module=model), keyed by (param group, dtype,
+device), bucket_mb each, every bucket zero-padded to world * s_b elements. A bucket's parameters live in a flat parameter buffer laid out like its flat gradient
 buffer (p.data is re-pointed, so the model keeps its Parameter objects). Rank r owns elements
 [r*s_b, (r+1)*s_b) of every bucket b; per (param group, dtype, device) its shard is the concatenation
 of those slices in bucket order, S = sum of s_b elements: an fp32 master copy (one nn.Parameter) that
@@ -104,11 +104,16 @@ class ZeroAdamW(torch.optim.Optimizer):
     loop (param groups and LR schedulers work: hyperparameters are read from self.param_groups at each
     step). Gradients are averaged over ranks by reduce-scatters that start in the backward (hooks on
     the parameters) and are waited for in clip_grad_norm_ / step; do not also wrap the model in DDP.
-    bucket_mb: bytes of gradients per reduce-scatter (a checkpoint loads only with the same value)."""
+    bucket_mb: bytes of gradients per reduce-scatter (a checkpoint loads only with the same value).
+    module: the model. Buckets are filled in the reverse of its parameters' registration order, about
+    the order backward produces gradients; without it, in the reverse of the param groups' order,
+    which with several groups (weight decay or not) puts parameters whose gradients come at the end
+    (the embedding, the first layers' norms) into the first buckets, and every later bucket waits for
+    them (the buckets launch in order): pass it whenever there is more than one param group."""
 
     def __init__(self, params: Iterable, comm: Communicator, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, impl: str = "auto", bucket_mb: float = 25.0):
+                 *, impl: str = "auto", bucket_mb: float = 25.0, module: torch.nn.Module | None = None):
         if impl not in _IMPLS:
             raise ValueError(f"expected impl one of {_IMPLS}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -122,6 +127,9 @@ class ZeroAdamW(torch.optim.Optimizer):
                     params.append(p)
         if not params:
             raise ValueError("ZeroAdamW got no parameters that require grad")
+        if module is not None:  # registration order; parameters the module lacks keep theirs, last
+            position = {id(p): i for i, p in enumerate(module.parameters())}
+            params.sort(key=lambda p: position.get(id(p), len(position)))
 
         def key(p):
             return group_of[id(p)], p.dtype, p.device

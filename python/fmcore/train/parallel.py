@@ -103,7 +103,7 @@ def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
     return model
 
 
-def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
+def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, model: nn.Module):
     """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
     from fmcore.dist import Communicator, ZeroAdamW
     from fmcore.train.config import ConfigError
@@ -115,7 +115,7 @@ def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
     o = cfg.optim
     comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
     return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                     impl="fmcore" if impl == "fmcore" else "torch")
+                     impl="fmcore" if impl == "fmcore" else "torch", module=model)
 
 
 # ---- tensor parallel

@@ -138,7 +138,7 @@ def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, de
     if cfg.parallel.data == "zero1":
         from fmcore.train import parallel
 
-        return parallel.build_optimizer(groups, cfg, impl, device)
+        return parallel.build_optimizer(groups, cfg, impl, device, model)
     if cfg.parallel.tensor > 1:
         from fmcore.train import parallel
 
