@@ -348,7 +348,7 @@ def _cuda_body(rank, world):
 
     for impl in ("torch", "fmcore"):  # inner optimizer: torch's fused AdamW, fmcore's FusedAdamW
         model, ref = make_model().to(dev), make_model().to(dev)
-        opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl, bucket_mb=BUCKET_MB)
+        opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl, bucket_mb=BUCKET_MB, module=model)
         ref_opt = torch.optim.AdamW(param_groups(ref), **HYPER, fused=True)
         for step in range(3):
             x, y = (t.to(dev) for t in batch(step, 1))

@@ -140,7 +140,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for b in self._grads.buckets:
             by_key.setdefault(b.key, []).append(b)
         # flats in param-group order, then by each (dtype, device)'s first parameter
-        keys = list(dict.fromkeys(key(p) for p in params))
+        keys = sorted(dict.fromkeys(key(p) for p in params), key=lambda k: k[0])  # stable
         self._flats = [_FlatShard(k[0], by_key[k], comm.rank) for k in keys]
         self._home = {id(b): (f, j) for f in self._flats for j, b in enumerate(f.buckets)}
         inner_groups = [{"params": [f.master], **{k: self.param_groups[f.group_index][k] for k in _HYPER}}
