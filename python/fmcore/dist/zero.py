@@ -104,7 +104,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     loop (param groups and LR schedulers work: hyperparameters are read from self.param_groups at each
     step). Gradients are averaged over ranks by reduce-scatters that start in the backward (hooks on
     the parameters) and are waited for in clip_grad_norm_ / step; do not also wrap the model in DDP.
-    bucket_mb: bytes of gradients per reduce-scatter (a checkpoint loads only with the same value).
+    bucket_mb: MiB of gradients per bucket, i.e. per reduce-scatter (a checkpoint loads only with the
+    same value).
     module: the model. Buckets are filled in the reverse of its parameters' registration order, about
     the order backward produces gradients; without it, in the reverse of the param groups' order,
     which with several groups (weight decay or not) puts parameters whose gradients come at the end
@@ -119,28 +120,28 @@ class ZeroAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.comm = comm
         group_of: dict[int, int] = {}  # id(param) -> its param group
-        params = []  # requiring grad, each once, in param-group order
+        trainable = []  # requiring grad, each once, in param-group order
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad and id(p) not in group_of:
                     group_of[id(p)] = gi
-                    params.append(p)
-        if not params:
+                    trainable.append(p)
+        if not trainable:
             raise ValueError("ZeroAdamW got no parameters that require grad")
         if module is not None:  # registration order; parameters the module lacks keep theirs, last
             position = {id(p): i for i, p in enumerate(module.parameters())}
-            params.sort(key=lambda p: position.get(id(p), len(position)))
+            trainable.sort(key=lambda p: position.get(id(p), len(position)))
 
         def key(p):
             return group_of[id(p)], p.dtype, p.device
 
-        self._grads = GradBuckets(params, self._reduce_scatter, bucket_mb=bucket_mb, key=key,
+        self._grads = GradBuckets(trainable, self._reduce_scatter, bucket_mb=bucket_mb, key=key,
                                   shards=comm.world_size)
         by_key: dict = {}
         for b in self._grads.buckets:
             by_key.setdefault(b.key, []).append(b)
         # flats in param-group order, then by each (dtype, device)'s first parameter
-        keys = sorted(dict.fromkeys(key(p) for p in params), key=lambda k: k[0])  # stable
+        keys = sorted(dict.fromkeys(key(p) for p in trainable), key=lambda k: k[0])  # stable
         self._flats = [_FlatShard(k[0], by_key[k], comm.rank) for k in keys]
         self._home = {id(b): (f, j) for f in self._flats for j, b in enumerate(f.buckets)}
         inner_groups = [{"params": [f.master], **{k: self.param_groups[f.group_index][k] for k in _HYPER}}
