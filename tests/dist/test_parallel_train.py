@@ -3,7 +3,8 @@
 For each of ddp, fsdp2, zero1 and tensor=2: 20 steps of a small GPT-2 give the same losses as one
 process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
 ranks resumes on 2 ranks and reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process
-(resharding) and reproduces them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process.
+(resharding) and reproduces them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process,
+and zero1 with 2 micro-batches per step (gradient accumulation) against 1 process.
 """
 
 from __future__ import annotations
@@ -147,3 +148,11 @@ def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
         cfg = load_config("tiny", ["--parallel.data", data, "--parallel.tensor", "2"])
         with pytest.raises(ConfigError, match=f"'{data}' with parallel.tensor > 1 is not supported"):
             apply_parallelism(torch.nn.Linear(2, 2), cfg)
+
+
+def test_zero1_gradient_accumulation_matches_one_process(dataset, references, tmp_path):
+    # 2 ranks x 2 micro-batches of B/2 sequences: the global batch 2B. The trainer wraps the first
+    # micro-batch's backward in ZeroAdamW.no_sync(); the second one's reduce-scatters run in its backward.
+    run(2, overrides(dataset, tmp_path / "run", B // 2, "--parallel.data", "zero1",
+                     "--train.tokens_per_step", str(2 * B * 32)), tmp_path / "launch")
+    assert_losses_close(losses(tmp_path / "run"), references[2 * B], range(1, STEPS + 1))

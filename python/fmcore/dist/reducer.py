@@ -1,74 +1,89 @@
-"""Bucketed data-parallel gradient averaging that overlaps the backward.
+"""Gradient buckets that communicate during the backward, and the data-parallel reducer built on them.
 
     reducer = GradReducer(model.parameters(), comm, bucket_mb=25)
     loss.backward()          # buckets are all-reduced as soon as their gradients are ready
     reducer.finish()         # wait, then each p.grad holds the average over ranks
     optimizer.step()
 
-Parameters are assigned to buckets in reverse registration order (roughly the order backward produces
-their gradients), split by dtype and device, each bucket holding up to bucket_mb of gradients. A
-post-accumulate-grad hook counts a bucket's ready gradients; when the last arrives, one multi-tensor
-copy (torch._foreach_copy_: a single multi_tensor_apply kernel launch on CUDA, one loop on the CPU)
-flattens the gradients into the bucket's flat buffer, and an asynchronous all-reduce starts (on the
-communicator's side stream on CUDA, a gloo work handle on the CPU) while backward continues.
+GradBuckets is the machinery both GradReducer (all-reduce, DDP's algorithm) and ZeroAdamW (ZeRO-1's
+reduce-scatter, fmcore.dist.zero) use; only the collective each bucket launches differs.
 
-Every rank launches buckets in bucket order (a bucket whose gradients are ready waits for the
-earlier buckets to launch), so the collectives match across ranks whatever order hooks fire in.
-Gradients that never arrive (unused parameters) are zero-filled and reduced in finish().
-For gradient accumulation, wrap the non-final micro-batches in `with reducer.no_sync():`.
+Bucketing. Parameters are walked in reverse registration order (roughly the order backward produces
+their gradients). Parameters of different keys (dtype and device; ZeRO-1 adds the param group) never
+share a bucket: each key has one open bucket, closed when the next parameter would take it past
+bucket_mb, and buckets are numbered in the order they close (the still-open ones last). A bucket's
+flat gradient buffer is zero-padded to a multiple of `shards` elements, so a reduce-scatter splits it
+evenly over that many ranks (shards=1: no padding).
+
+Overlap. A post-accumulate-grad hook counts a bucket's ready gradients; when the last arrives, one
+multi-tensor copy (torch._foreach_copy_: a single multi_tensor_apply kernel launch on CUDA, one loop on
+the CPU) flattens the gradients into the bucket's buffer, and the bucket's asynchronous collective
+starts (on the communicator's side stream on CUDA, a gloo work handle on the CPU) while backward
+continues. Every rank launches buckets in bucket order (a bucket whose gradients are ready waits for
+the earlier buckets to launch), so the collectives match across ranks whatever order hooks fire in.
+Gradients that never arrive (unused parameters) are zero-filled and launched in wait(), which also
+delays every later bucket to then: a model with unused parameters overlaps less.
+
+Gradient accumulation: wrap the non-final micro-batches in `with no_sync():` (nothing is launched).
+Without it every backward launches the buckets again: a gradient arriving a second time before
+wait() means a new backward began, so the launched collectives are waited for and discarded and the
+buckets start over with the accumulated gradients (correct, but the first pass's traffic is wasted).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
 from fmcore.dist.comm import Communicator, Work
 
 
-class _Bucket:
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        numel = sum(p.numel() for p in params)
-        self.flat = torch.empty(numel, dtype=params[0].dtype, device=params[0].device)
+class Bucket:
+    """The gradients of some parameters of one key, back to back in `flat` (views: each gradient's place),
+    zero-padded to shards * shard_numel elements; the padding is never written, so it stays zero."""
+
+    def __init__(self, key: Hashable, params: list[torch.nn.Parameter], shards: int):
+        self.key, self.params = key, params
+        self.numel = sum(p.numel() for p in params)
+        self.shard_numel = max(1, math.ceil(self.numel / shards))
+        self.flat = torch.zeros(shards * self.shard_numel, dtype=params[0].dtype, device=params[0].device)
         self.views, offset = [], 0
         for p in params:
             self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        self.ready = 0
+        self.ready = 0  # gradients arrived in this backward
         self.work: Work | None = None
 
 
-class GradReducer:
-    """Averages (op="avg") or sums (op="sum") gradients over comm's ranks, overlapping the backward."""
+class GradBuckets:
+    """Buckets of params' gradients (unique, requiring grad, in registration order) that start
+    launch(bucket_index) -> Work from the backward's hooks, in bucket order. key(p) separates buckets."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], comm: Communicator, *,
-                 bucket_mb: float = 25.0, op: str = "avg"):
-        if op not in ("avg", "sum"):
-            raise ValueError(f"expected op 'avg' or 'sum', got {op!r}")
+    def __init__(self, params: list[torch.nn.Parameter], launch: Callable[[int], Work], *,
+                 bucket_mb: float, key: Callable[[torch.nn.Parameter], Hashable], shards: int = 1):
         if bucket_mb <= 0:
             raise ValueError(f"expected bucket_mb > 0, got {bucket_mb}")
-        unique = list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
-        self.comm, self.op = comm, op
-        self.buckets: list[_Bucket] = []
         cap = int(bucket_mb * 2**20)
-        current: list[torch.nn.Parameter] = []
-        size = 0
-        for p in reversed(unique):
-            if current and (size + p.numel() * p.element_size() > cap or
-                            (p.dtype, p.device) != (current[0].dtype, current[0].device)):
-                self.buckets.append(_Bucket(current))
+        self.buckets: list[Bucket] = []
+        open_: dict[Hashable, tuple[list, int]] = {}  # key -> (its open bucket's params, their bytes)
+        for p in reversed(params):
+            k, nbytes = key(p), p.numel() * p.element_size()
+            current, size = open_.get(k, ([], 0))
+            if current and size + nbytes > cap:
+                self.buckets.append(Bucket(k, current, shards))
                 current, size = [], 0
             current.append(p)
-            size += p.numel() * p.element_size()
-        if current:
-            self.buckets.append(_Bucket(current))
+            open_[k] = (current, size + nbytes)
+        self.buckets += [Bucket(k, current, shards) for k, (current, _) in open_.items()]
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._launch = launch
         self._next = 0  # the next bucket to launch, in bucket order
+        self._seen: set[int] = set()  # parameters whose gradient arrived in this backward
         self._sync = True
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in unique]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -82,8 +97,10 @@ class GradReducer:
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         if not self._sync:
             return
-        bucket = self.buckets[self._bucket_of[id(p)]]
-        bucket.ready += 1
+        if id(p) in self._seen:  # a second backward before wait(): start over (see the module doc)
+            self._reset()
+        self._seen.add(id(p))
+        self.buckets[self._bucket_of[id(p)]].ready += 1
         self._launch_ready()
 
     def _launch_ready(self, force: bool = False) -> None:
@@ -95,17 +112,22 @@ class GradReducer:
                 if p.grad is None:  # unused in this step's graph: it contributes zeros
                     p.grad = torch.zeros_like(p)
             torch._foreach_copy_(bucket.views, [p.grad for p in bucket.params])
-            bucket.work = self.comm.all_reduce(bucket.flat, self.op, async_op=True)
+            bucket.work = self._launch(self._next)
             self._next += 1
 
-    def finish(self) -> None:
-        """Waits for every bucket and writes the reduced gradients back into p.grad."""
+    def wait(self) -> None:
+        """Launches the buckets still waiting, waits for every bucket's collective, and resets for the
+        next backward."""
         self._launch_ready(force=True)
-        for bucket in self.buckets:
+        self._reset()
+
+    def _reset(self) -> None:
+        for bucket in self.buckets[:self._next]:
             bucket.work.wait()
-            torch._foreach_copy_([p.grad for p in bucket.params], bucket.views)
+        for bucket in self.buckets:
             bucket.work, bucket.ready = None, 0
         self._next = 0
+        self._seen.clear()
 
     def remove(self) -> None:
         """Unregisters the hooks."""
@@ -113,7 +135,38 @@ class GradReducer:
             h.remove()
         self._hooks = []
 
+
+class GradReducer:
+    """Averages (op="avg") or sums (op="sum") gradients over comm's ranks, overlapping the backward."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], comm: Communicator, *,
+                 bucket_mb: float = 25.0, op: str = "avg"):
+        if op not in ("avg", "sum"):
+            raise ValueError(f"expected op 'avg' or 'sum', got {op!r}")
+        unique = list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
+        self.comm, self.op = comm, op
+        self._grads = GradBuckets(unique, self._all_reduce, bucket_mb=bucket_mb,
+                                  key=lambda p: (p.dtype, p.device))
+        self.buckets = self._grads.buckets
+
+    def _all_reduce(self, index: int) -> Work:
+        return self.comm.all_reduce(self.buckets[index].flat, self.op, async_op=True)
+
+    def no_sync(self):
+        """Backward passes inside accumulate gradients locally without communicating."""
+        return self._grads.no_sync()
+
+    def finish(self) -> None:
+        """Waits for every bucket and writes the reduced gradients back into p.grad."""
+        self._grads.wait()
+        for bucket in self.buckets:
+            torch._foreach_copy_([p.grad for p in bucket.params], bucket.views)
+
+    def remove(self) -> None:
+        """Unregisters the hooks."""
+        self._grads.remove()
+
     @property
     def bucket_sizes(self) -> list[int]:
         """Elements per bucket, in launch order."""
-        return [b.flat.numel() for b in self.buckets]
+        return [b.numel for b in self.buckets]

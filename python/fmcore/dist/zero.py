@@ -1,70 +1,87 @@
-"""ZeRO stage 1: AdamW whose fp32 master weights and moments are sharded over the data-parallel ranks.
+"""ZeRO stage 1: AdamW whose fp32 master weights and moments are sharded over the data-parallel ranks,
+with the gradients' reduce-scatter overlapping the backward.
 
     comm = Communicator()
-    opt = ZeroAdamW(model.parameters(), comm, lr=3e-4, weight_decay=0.1)   # or param groups
-    loss.backward()                          # plain local backward, no hooks
-    norm = opt.clip_grad_norm_(1.0)          # optional: reduce-scatter happens here, norm is global
-    opt.step()                               # reduce-scatter (if not yet), AdamW on the shard, all-gather
+    opt = ZeroAdamW(groups, comm, lr=3e-4, weight_decay=0.1, module=model)   # or model.parameters()
+    with opt.no_sync():                      # gradient accumulation: non-final micro-batches
+        loss0.backward()
+    loss.backward()                          # buckets are reduce-scattered as their gradients get ready
+    norm = opt.clip_grad_norm_(1.0)          # optional: waits for the reduce-scatters; the norm is global
+    opt.step()                               # waits (if not yet), AdamW on the shard, all-gather
     opt.zero_grad()
 
-Layout. The parameters of each param group (split further by dtype and device) are packed into one
-flat buffer of world * S elements, S = ceil(N / world), the tail zero padding; every parameter
-becomes a view of it (p.data is re-pointed, so the model keeps its Parameter objects). Rank r owns
-elements [r*S, (r+1)*S): an fp32 master copy of them (one nn.Parameter of S elements) that the
-inner optimizer (torch.optim.AdamW, or fmcore.optim.FusedAdamW when impl="fmcore") updates, with its
-moments, so optimizer state is 3 * 4 * S bytes per rank against DDP's 2 * 4 * N (fp32 params:
-1/world of the replicated state plus the master copy; bf16 params: the master copy is the same
-one DDP-with-master-weights needs, also 1/world here).
+Layout. The parameters are bucketed by fmcore.dist.reducer.GradBuckets (the reducer's bucketing),
+in the reverse of the model's registration order (pass module=model), keyed by (param group, dtype,
+device), bucket_mb each, every bucket zero-padded to world * s_b elements. A bucket's parameters live in a flat parameter buffer laid out like its flat gradient
+buffer (p.data is re-pointed, so the model keeps its Parameter objects). Rank r owns elements
+[r*s_b, (r+1)*s_b) of every bucket b; per (param group, dtype, device) its shard is the concatenation
+of those slices in bucket order, S = sum of s_b elements: an fp32 master copy (one nn.Parameter) that
+the inner optimizer (torch.optim.AdamW, or fmcore.optim.FusedAdamW when impl="fmcore") updates, with
+its moments, so optimizer state is 3 * 4 * S bytes per rank against DDP's 2 * 4 * N (fp32 params:
+1/world of the replicated state plus the master copy; bf16 params: the master copy is the same one
+DDP-with-master-weights needs, also 1/world here).
 
-Step. The gradients are copied into a flat gradient buffer (one multi-tensor copy), reduce-scattered
-with op avg into this rank's S-element slice, cast to fp32 as the master's gradient; the optimizer
-steps the shard; the shard is cast to the parameter dtype and all-gathered into the flat parameter
-buffer, which is the parameters. Every call is collective.
+Step. In the backward, as soon as a bucket's gradients are all ready its hook copies them into the
+bucket's flat gradient buffer and starts an asynchronous reduce-scatter (op avg) of it into that
+bucket's slice of this rank's gradient shard (the communicator's side stream on CUDA, a gloo work
+handle on the CPU), while backward continues: the reducer's all-reduce overlap, with the collective
+swapped. clip_grad_norm_ or step waits for them (launching the buckets of gradients that never
+arrived, as zeros) and casts the shard to fp32 as the master's gradient; the optimizer steps the
+shard; the shard is cast to the parameter dtype and every bucket's slice all-gathered into its flat
+parameter buffer (one NCCL group). Every call is collective.
 
-Checkpoints. state_dict() describes each shard as a DTensor Shard(0) of the unpadded N-element flat
-tensor over the group's DeviceMesh; since torch.chunk (DTensor's split) and this layout agree, the
-dict can be saved with torch.distributed.checkpoint on W ranks and loaded on W' ranks (the flat
-layout depends only on the model's parameter order and shapes, not on the world size).
+Checkpoints. state_dict() describes each bucket's slice of the master and moments as a DTensor
+Shard(0) of the bucket's unpadded numel_b elements over the group's DeviceMesh: torch.chunk (DTensor's
+split) and the padded slices agree, and a bucket's contents depend only on the parameters, param
+groups and bucket_mb, not on the world size, so the dict saved with torch.distributed.checkpoint on
+W ranks loads on W' ranks (with the same bucket_mb).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 
-from fmcore.dist.comm import Communicator
+from fmcore.dist.comm import Communicator, Work
+from fmcore.dist.reducer import Bucket, GradBuckets
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
+_IMPLS = ("auto", "fmcore", "torch")
 
 
 class _FlatShard:
-    """One (param group, dtype, device) slice of the model, flattened and sharded."""
+    """The buckets of one (param group, dtype, device): their flat parameter buffers, and this rank's
+    shard (the concatenation of its slice of each bucket; slices[j] is bucket j's part of it)."""
 
-    def __init__(self, group_index: int, params: list[torch.nn.Parameter], world: int, rank: int):
-        self.group_index, self.params = group_index, params
-        p0 = params[0]
-        self.numel = sum(p.numel() for p in params)
-        self.shard_numel = max(1, math.ceil(self.numel / world))
-        self.valid = min(max(self.numel - rank * self.shard_numel, 0), self.shard_numel)
-        padded = world * self.shard_numel
-        self.flat_param = torch.zeros(padded, dtype=p0.dtype, device=p0.device)
-        self.flat_grad = torch.zeros(padded, dtype=p0.dtype, device=p0.device)  # padding stays 0
-        self.param_views, self.grad_views, offset = [], [], 0
+    def __init__(self, group_index: int, buckets: list[Bucket], rank: int):
+        self.group_index, self.buckets = group_index, buckets
+        self.numel = sum(b.numel for b in buckets)
+        self.shard_numel = sum(b.shard_numel for b in buckets)
+        self.flat_params, self.slices, self.valid, offset = [], [], [], 0
         with torch.no_grad():
-            for p in params:
-                view = self.flat_param[offset:offset + p.numel()].view_as(p)
-                view.copy_(p)
-                p.data = view  # the parameter now lives in the flat buffer
-                self.param_views.append(view)
-                self.grad_views.append(self.flat_grad[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-        lo = rank * self.shard_numel
-        self.param_shard = self.flat_param[lo:lo + self.shard_numel]
+            for b in buckets:
+                flat, at = torch.zeros_like(b.flat), 0  # laid out like b.flat; padding stays 0
+                for p in b.params:
+                    view = flat[at:at + p.numel()].view_as(p)
+                    view.copy_(p)
+                    p.data = view  # the parameter now lives in the flat buffer
+                    at += p.numel()
+                self.flat_params.append(flat)
+                self.slices.append(slice(offset, offset + b.shard_numel))
+                # elements of this rank's slice that hold parameters (torch.chunk's split of numel_b)
+                self.valid.append(min(max(b.numel - rank * b.shard_numel, 0), b.shard_numel))
+                offset += b.shard_numel
+            own = torch.cat([flat[rank * b.shard_numel:(rank + 1) * b.shard_numel]
+                             for flat, b in zip(self.flat_params, buckets)])
+        p0 = buckets[0].params[0]
         self.grad_shard = torch.empty(self.shard_numel, dtype=p0.dtype, device=p0.device)
         self.send = torch.empty(self.shard_numel, dtype=p0.dtype, device=p0.device)
-        self.master = torch.nn.Parameter(self.param_shard.detach().float().clone())
+        self.master = torch.nn.Parameter(own.float())
+
+    def is_sharded(self, v) -> bool:
+        """Whether an optimizer state value is per element of the shard (master, moments)."""
+        return torch.is_tensor(v) and v.dim() == 1 and v.numel() == self.shard_numel
 
 
 def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -78,31 +95,55 @@ def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> tor
         from fmcore.optim import FusedAdamW
 
         return FusedAdamW(groups)
-    if impl == "torch":
-        cuda = device.type == "cuda"
-        return torch.optim.AdamW(groups, fused=cuda or None, foreach=None if cuda else True)
-    raise ValueError(f"expected impl 'auto', 'fmcore' or 'torch', got {impl!r}")
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(groups, fused=cuda or None, foreach=None if cuda else True)
 
 
 class ZeroAdamW(torch.optim.Optimizer):
     """AdamW with ZeRO-1 sharding over comm's ranks; a drop-in for torch.optim.AdamW in a data-parallel
     loop (param groups and LR schedulers work: hyperparameters are read from self.param_groups at each
-    step). Gradients are averaged over ranks inside step(); do not also wrap the model in DDP."""
+    step). Gradients are averaged over ranks by reduce-scatters that start in the backward (hooks on
+    the parameters) and are waited for in clip_grad_norm_ / step; do not also wrap the model in DDP.
+    bucket_mb: MiB of gradients per bucket, i.e. per reduce-scatter (a checkpoint loads only with the
+    same value).
+    module: the model. Buckets are filled in the reverse of its parameters' registration order, about
+    the order backward produces gradients; without it, in the reverse of the param groups' order,
+    which with several groups (weight decay or not) puts parameters whose gradients come at the end
+    (the embedding, the first layers' norms) into the first buckets, and every later bucket waits for
+    them (the buckets launch in order): pass it whenever there is more than one param group."""
 
     def __init__(self, params: Iterable, comm: Communicator, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, impl: str = "auto"):
+                 *, impl: str = "auto", bucket_mb: float = 25.0, module: torch.nn.Module | None = None):
+        if impl not in _IMPLS:
+            raise ValueError(f"expected impl one of {_IMPLS}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.comm = comm
-        self._flats: list[_FlatShard] = []
+        group_of: dict[int, int] = {}  # id(param) -> its param group
+        trainable = []  # requiring grad, each once, in param-group order
         for gi, group in enumerate(self.param_groups):
-            split: dict[tuple, list] = {}
-            for p in dict.fromkeys(group["params"]):  # dedupe, keep order
-                if p.requires_grad:
-                    split.setdefault((p.dtype, p.device), []).append(p)
-            self._flats += [_FlatShard(gi, ps, comm.world_size, comm.rank) for ps in split.values()]
-        if not self._flats:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in group_of:
+                    group_of[id(p)] = gi
+                    trainable.append(p)
+        if not trainable:
             raise ValueError("ZeroAdamW got no parameters that require grad")
+        if module is not None:  # registration order; parameters the module lacks keep theirs, last
+            position = {id(p): i for i, p in enumerate(module.parameters())}
+            trainable.sort(key=lambda p: position.get(id(p), len(position)))
+
+        def key(p):
+            return group_of[id(p)], p.dtype, p.device
+
+        self._grads = GradBuckets(trainable, self._reduce_scatter, bucket_mb=bucket_mb, key=key,
+                                  shards=comm.world_size)
+        by_key: dict = {}
+        for b in self._grads.buckets:
+            by_key.setdefault(b.key, []).append(b)
+        # flats in param-group order, then by each (dtype, device)'s first parameter
+        keys = sorted(dict.fromkeys(key(p) for p in trainable), key=lambda k: k[0])  # stable
+        self._flats = [_FlatShard(k[0], by_key[k], comm.rank) for k in keys]
+        self._home = {id(b): (f, j) for f in self._flats for j, b in enumerate(f.buckets)}
         inner_groups = [{"params": [f.master], **{k: self.param_groups[f.group_index][k] for k in _HYPER}}
                         for f in self._flats]
         self.inner = _inner_optimizer(impl, inner_groups, self._flats[0].master.device)
@@ -111,19 +152,25 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._mesh = None
 
     # ---- the step
+    def _reduce_scatter(self, index: int) -> Work:
+        """Started by the backward's hooks: bucket index's average, this rank's slice of it."""
+        bucket = self._grads.buckets[index]
+        f, j = self._home[id(bucket)]
+        return self.comm.reduce_scatter(f.grad_shard[f.slices[j]], bucket.flat, "avg", async_op=True)
+
+    def no_sync(self):
+        """Backward passes inside accumulate gradients locally without communicating (the non-final
+        micro-batches of gradient accumulation). Without it each backward reduce-scatters again."""
+        return self._grads.no_sync()
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Averages the local gradients over ranks into each shard's master gradient (collective).
-        step() calls it when clip_grad_norm_ has not."""
+        """Waits for the gradients' reduce-scatters (launching those the backward has not) and sets each
+        shard's master gradient (collective). clip_grad_norm_ and step() call it."""
         if self._reduced:
             return
-        works = []
+        self._grads.wait()
         for f in self._flats:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in f.params]
-            torch._foreach_copy_(f.grad_views, grads)
-            works.append(self.comm.reduce_scatter(f.grad_shard, f.flat_grad, "avg", async_op=True))
-        for f, work in zip(self._flats, works):
-            work.wait()
             f.master.grad = f.grad_shard.float() if f.grad_shard.dtype != torch.float32 else f.grad_shard
         self._reduced = True
 
@@ -160,7 +207,10 @@ class ZeroAdamW(torch.optim.Optimizer):
     def _gather_params(self) -> None:
         for f in self._flats:
             f.send.copy_(f.master)  # cast to the parameter dtype
-            self.comm.all_gather(f.flat_param, f.send)
+        with self.comm.grouped():
+            for f in self._flats:
+                for flat, part in zip(f.flat_params, f.slices):
+                    self.comm.all_gather(flat, f.send[part])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -176,7 +226,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for f in self._flats:
             total += f.master.numel() * f.master.element_size()
             total += sum(v.numel() * v.element_size() for v in self.inner.state[f.master].values()
-                         if torch.is_tensor(v) and v.numel() == f.shard_numel)
+                         if f.is_sharded(v))
         return total
 
     # ---- checkpoints
@@ -195,27 +245,27 @@ class ZeroAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(f.master, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(f.master, memory_format=torch.preserve_format)
 
-    def _sharded(self, f: _FlatShard, local: torch.Tensor):
+    def _sharded(self, f: _FlatShard, j: int, local: torch.Tensor):
+        """Bucket j's slice of a shard tensor as a DTensor of the bucket's numel_b elements."""
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
         if self._mesh is None:
             self._mesh = DeviceMesh.from_group(self.comm.group, f.master.device.type)
-        return DTensor.from_local(local[:f.valid], self._mesh, [Shard(0)], run_check=False,
-                                  shape=torch.Size([f.numel]), stride=(1,))
+        return DTensor.from_local(local[f.slices[j]][:f.valid[j]], self._mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size([f.buckets[j].numel]), stride=(1,))
 
     def state_dict(self) -> dict:
-        """Hyperparameters plus, per flat shard i, DTensors 'flat{i}.master' and 'flat{i}.<state>' over
-        the unpadded flat tensor (loadable at another world size through torch.distributed.checkpoint)
-        and the replicated scalars ('flat{i}.step'). The tensors alias this optimizer's storage, so
-        dcp.load(sd) fills them in place; call load_state_dict(sd) afterwards."""
+        """Hyperparameters plus, per flat shard i and its bucket j, DTensors 'flat{i}.bucket{j}.master'
+        and 'flat{i}.bucket{j}.<state>' over the bucket's unpadded elements (loadable at another world
+        size through torch.distributed.checkpoint) and the replicated scalars ('flat{i}.step'). The
+        tensors alias this optimizer's storage, so dcp.load(sd) fills them in place; call
+        load_state_dict(sd) afterwards."""
         sd: dict = {"param_groups": [{k: g[k] for k in _HYPER} for g in self.param_groups]}
         for i, f in enumerate(self._flats):
-            sd[f"flat{i}.numel"] = f.numel
-            sd[f"flat{i}.master"] = self._sharded(f, f.master.detach())
-            for k, v in self.inner.state[f.master].items():
-                if torch.is_tensor(v) and v.numel() == f.shard_numel:
-                    sd[f"flat{i}.{k}"] = self._sharded(f, v)
+            for k, v in {"master": f.master.detach(), **self.inner.state[f.master]}.items():
+                if f.is_sharded(v):
+                    sd.update({f"flat{i}.bucket{j}.{k}": self._sharded(f, j, v) for j in range(len(f.buckets))})
                 else:
                     sd[f"flat{i}.{k}"] = v
         return sd
@@ -229,19 +279,23 @@ class ZeroAdamW(torch.optim.Optimizer):
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
         for i, f in enumerate(self._flats):
-            if state_dict[f"flat{i}.numel"] != f.numel:
-                raise ValueError(f"flat shard {i} holds {f.numel} elements but the checkpoint has "
-                                 f"{state_dict[f'flat{i}.numel']}: the model or its param groups differ")
-            targets = {"master": f.master.detach(), **self.inner.state[f.master]}
-            for k, dst in targets.items():
-                src = state_dict[f"flat{i}.{k}"]
-                if isinstance(src, DTensor):
-                    src = src.to_local()
-                if torch.is_tensor(dst) and dst.numel() == f.shard_numel:
-                    if src.data_ptr() != dst.data_ptr():
-                        dst[:f.valid].copy_(src.reshape(-1)[:f.valid])
-                elif torch.is_tensor(dst):
-                    dst.copy_(src)
-                else:
-                    self.inner.state[f.master][k] = src
+            state = self.inner.state[f.master]
+            for k, dst in {"master": f.master.detach(), **state}.items():
+                if not f.is_sharded(dst):
+                    if torch.is_tensor(dst):
+                        dst.copy_(state_dict[f"flat{i}.{k}"])
+                    else:
+                        state[k] = state_dict[f"flat{i}.{k}"]
+                    continue
+                for j, b in enumerate(f.buckets):
+                    name = f"flat{i}.bucket{j}.{k}"
+                    src = state_dict.get(name)
+                    if src is None or (isinstance(src, DTensor) and src.shape != (b.numel,)):
+                        got = "nothing" if src is None else f"{src.shape[0]} elements"
+                        raise ValueError(f"{name} should hold {b.numel} elements, the checkpoint has {got}: "
+                                         "the model, its param groups or bucket_mb differ")
+                    src = src.to_local() if isinstance(src, DTensor) else src
+                    piece = dst[f.slices[j]][:f.valid[j]]
+                    if src.data_ptr() != piece.data_ptr():
+                        piece.copy_(src.reshape(-1)[:f.valid[j]])
         self._gather_params()

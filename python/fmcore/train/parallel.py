@@ -11,7 +11,7 @@ the same batches (the loader is sharded by dp rank).
 - fsdp2: torch fully_shard on every block, then on the whole model (params, grads and optimizer
   state sharded over dp; parameters all-gathered per block in forward and backward).
 - zero1: the model stays as it is; fmcore.dist.ZeroAdamW shards the optimizer over dp and averages
-  the gradients in its step (reduce-scatter, shard update, all-gather).
+  the gradients (bucketed reduce-scatters started in the backward, shard update, all-gather).
 - tensor: DTensor tensor parallelism (alone or with fsdp2: a 2-D mesh) (parallelize_module) of each block's attention and MLP,
   Megatron-style: q/k/v and the MLP's first projection column-parallel (each rank keeps n_heads/N
   heads and ffn/N hidden units), the output projections row-parallel (an all-reduce in the forward).
@@ -103,7 +103,7 @@ def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
     return model
 
 
-def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
+def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, model: nn.Module):
     """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
     from fmcore.dist import Communicator, ZeroAdamW
     from fmcore.train.config import ConfigError
@@ -115,7 +115,7 @@ def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device):
     o = cfg.optim
     comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
     return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                     impl="fmcore" if impl == "fmcore" else "torch")
+                     impl="fmcore" if impl == "fmcore" else "torch", module=model)
 
 
 # ---- tensor parallel

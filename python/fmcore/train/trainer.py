@@ -138,7 +138,7 @@ def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, de
     if cfg.parallel.data == "zero1":
         from fmcore.train import parallel
 
-        return parallel.build_optimizer(groups, cfg, impl, device)
+        return parallel.build_optimizer(groups, cfg, impl, device, model)
     if cfg.parallel.tensor > 1:
         from fmcore.train import parallel
 
@@ -237,12 +237,14 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def grad_sync(model: nn.Module, last: bool):
+def grad_sync(model: nn.Module, optimizer, last: bool):
     """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last)
-    elif hasattr(model, "no_sync") and not last:  # DDP
-        return model.no_sync()
+    elif not last:
+        for owner in (model, optimizer):  # DDP; ZeroAdamW (its reduce-scatters start in the backward)
+            if hasattr(owner, "no_sync"):
+                return owner.no_sync()
     return contextlib.nullcontext()
 
 
@@ -296,10 +298,12 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
     loss_sum = torch.zeros((), device=opts.device)
     for micro in range(accum):
         x, y, *docs = next_batch()
-        with grad_sync(model, micro == accum - 1), autocast_context(opts.precision, opts.device):
-            loss = model(x, y, *docs)
-        scaled = loss / accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        # The backward too: ZeroAdamW's reduce-scatters start from hooks inside it.
+        with grad_sync(model, optimizer, micro == accum - 1):
+            with autocast_context(opts.precision, opts.device):
+                loss = model(x, y, *docs)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     if opts.world > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
