@@ -57,9 +57,12 @@ cd "$OUT"
 stage_test() {
   # 4 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
   # and xdist starts a fresh one, so one bad kernel cannot fail every later test.
+  # The bigmem tests (tens of GB each) run afterwards, alone.
   local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-  bounded 480 python3 -m pytest "$repo/tests" -m cuda -q "${workers[@]}" -p no:cacheprovider --timeout 240 -rfE \
-    --durations=15 > pytest-cuda.log 2>&1 || status=1
+  bounded 420 python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -q "${workers[@]}" -p no:cacheprovider \
+    --timeout 240 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
+  bounded 120 python3 -m pytest "$repo/tests" -m "cuda and bigmem" -q -p no:cacheprovider --timeout 100 -rfE \
+    >> pytest-cuda.log 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" pytest-cuda.log | tail -n 60
 }
 

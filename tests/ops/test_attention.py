@@ -240,6 +240,7 @@ def test_lse_gradient_matches_reference(device, shape, causal):
 
 
 @pytest.mark.cuda
+@pytest.mark.bigmem
 def test_offsets_past_2_31_elements_cuda():
     # B*S*H*D > 2^31 elements (4.3 GB per bf16 tensor, ~35 GB in all): every global offset of the
     # last sequences passes 2^31 elements and 2^32 bytes. Each sequence holds different values, so

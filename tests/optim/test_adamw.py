@@ -211,6 +211,7 @@ def test_more_than_2_31_elements_on_meta():
 
 
 @pytest.mark.cuda
+@pytest.mark.bigmem
 def test_more_than_2_31_elements_cuda():
     # bf16 param + fp32 master: 2 + 2 + 4 * 3 = 16 bytes an element, 34 GB in all.
     n = 2**31 + 1001
