@@ -63,7 +63,7 @@ stage_test() {
     --timeout 240 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
   bounded 120 python3 -m pytest "$repo/tests" -m "cuda and bigmem" -q -p no:cacheprovider --timeout 100 -rfE \
     >> pytest-cuda.log 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)|passed|failed" pytest-cuda.log | tail -n 60
+  grep -E "^(FAILED|ERROR)|passed|failed|skipped" pytest-cuda.log | tail -n 60
 }
 
 stage_sanitize() {
