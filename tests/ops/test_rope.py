@@ -134,6 +134,20 @@ def test_gradcheck_fp64_cpu(interleaved):
     assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved), (q, k))
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_double_backward_fp64_cpu(interleaved, layout):
+    # The backward is again a rotation recorded by autograd, so second derivatives (gradgradcheck:
+    # the backward's own backward, a rotation forwards again) come out of the same op.
+    q = torch.randn(2, 5, 4, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 2, 12, dtype=torch.float64, requires_grad=True)
+    if layout == "bhsd":
+        q, k = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k))
+    cos, sin = tables(5, 8, "cpu", dtype=torch.float64)
+    f = lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved, layout=layout)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (q, k))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_is_inverse_rotation(device, dtype):
     q = torch.randn(2, 31, 8, 64, device=device, dtype=dtype, requires_grad=True)
@@ -157,6 +171,26 @@ def test_backward_with_unused_k_and_expanded_grad(device):
     ref = reference(torch.ones_like(q), cos, sin, False, conjugate=True)
     torch.testing.assert_close(q.grad.double(), ref, rtol=1e-5, atol=1e-5)
     assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def test_inplace_bumps_version_and_refuses_grad(device):
+    # rope_ overwrites q: a node that saved q for its backward must see that and raise, not read the
+    # rotated values; and the raw op refuses q that requires grad (apply_rotary's own check moved here).
+    q = torch.randn(1, 3, 2, 8, device=device)
+    k = torch.randn(1, 3, 2, 8, device=device)
+    cos, sin = tables(3, 8, device)
+    w = torch.randn_like(q, requires_grad=True)
+    loss = (w * q).sum()  # saves q for dL/dw
+    version = q._version
+    apply_rotary(q, k, cos, sin, inplace=True)
+    assert q._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    qg = q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace=False"):
+        torch.ops.fmcore.rope_(qg, k, cos, sin)
+    with torch.no_grad():  # allowed without grad mode, like any in-place op on a leaf under no_grad
+        torch.ops.fmcore.rope_(qg, k, cos, sin)
 
 
 def test_opcheck(device):
