@@ -74,6 +74,17 @@ std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::
                                                  const at::Tensor& cos, const at::Tensor& sin,
                                                  bool interleaved, bool conjugate,
                                                  int64_t seq_dim) {
+  // Nothing to record (no grad, or grad mode off): skip the Function's node, context and output
+  // wrapping, ~2 us of the ~8 us a no-grad call costs. Forward-mode tangents still go through
+  // apply(), which raises "jvp is not implemented" rather than silently dropping them.
+  const bool record = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
+                                                      cos.requires_grad() || sin.requires_grad());
+  const bool tangents = q._fw_grad(0).defined() || k._fw_grad(0).defined() ||
+                        cos._fw_grad(0).defined() || sin._fw_grad(0).defined();
+  if (!record && !tangents) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_rope(q, k, cos, sin, interleaved, conjugate, seq_dim);
+  }
   const variable_list out = RopeFunction::apply(q, k, cos, sin, interleaved, conjugate, seq_dim);
   return {out[0], out[1]};
 }
@@ -84,6 +95,8 @@ void rope_inplace_autograd(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())),
                     "rope_ (apply_rotary inplace=True) overwrites q and k, which autograd needs ",
                     "for q or k that require grad; use inplace=False");
+  TORCH_CHECK_NOT_IMPLEMENTED(!q._fw_grad(0).defined() && !k._fw_grad(0).defined(),
+                              "rope_ (apply_rotary inplace=True) does not support forward-mode AD");
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = c10::Dispatcher::singleton()

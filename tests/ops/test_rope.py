@@ -134,16 +134,16 @@ def test_gradcheck_fp64_cpu(interleaved):
     assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved), (q, k))
 
 
-@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("interleaved,layout", [(False, "bshd"), (True, "bhsd")])
 def test_double_backward_fp64_cpu(interleaved, layout):
     # The backward is again a rotation recorded by autograd, so second derivatives (gradgradcheck:
-    # the backward's own backward, a rotation forwards again) come out of the same op.
-    q = torch.randn(2, 5, 4, 12, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 5, 2, 12, dtype=torch.float64, requires_grad=True)
+    # the backward's own backward, a rotation forwards again) come out of the same op. Small
+    # shapes: gradgradcheck's cost grows with the square of the element count.
+    q = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 3, 1, 8, dtype=torch.float64, requires_grad=True)
     if layout == "bhsd":
         q, k = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k))
-    cos, sin = tables(5, 8, "cpu", dtype=torch.float64)
+    cos, sin = tables(3, 6, "cpu", dtype=torch.float64)  # partial rotary: R=6 < D=8
     f = lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved, layout=layout)  # noqa: E731
     assert torch.autograd.gradgradcheck(f, (q, k))
 
@@ -191,6 +191,20 @@ def test_inplace_bumps_version_and_refuses_grad(device):
         torch.ops.fmcore.rope_(qg, k, cos, sin)
     with torch.no_grad():  # allowed without grad mode, like any in-place op on a leaf under no_grad
         torch.ops.fmcore.rope_(qg, k, cos, sin)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.autograd.forward_ad's own import
+@pytest.mark.parametrize("dual", ["q", "cos", "q inplace"])
+def test_forward_mode_ad_raises(dual):
+    # Forward-mode AD is not implemented: a tangent must raise, never be silently dropped.
+    import torch.autograd.forward_ad as fwAD
+
+    t = dict(q=torch.randn(1, 3, 2, 8), k=torch.randn(1, 3, 2, 8))
+    t["cos"], t["sin"] = tables(3, 8, "cpu")
+    name = dual.split()[0]
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp|forward-mode"):
+        t[name] = fwAD.make_dual(t[name], torch.randn_like(t[name]))
+        apply_rotary(t["q"], t["k"], t["cos"], t["sin"], inplace=dual.endswith("inplace"))
 
 
 def test_opcheck(device):
