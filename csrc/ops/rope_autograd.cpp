@@ -1,9 +1,10 @@
 // RoPE autograd in C++ (TORCH_LIBRARY_IMPL(fmcore, Autograd, m)), for every device.
 //
 // Why not torch.library.register_autograd in Python, DESIGN.md's default: that kernel runs on EVERY
-// call of the op, with or without grad, and costs ~40 us of Python per call with grad and ~5 us
-// without; RoPE is called twice per layer per step on small tensors, and the aim is < 15 us
-// per call. Measured numbers are in docs/design-notes.md ("RoPE autograd in C++").
+// call of the op, with or without grad, and cost ~40 us of Python per call with grad and ~6 us
+// without; RoPE runs once per layer in the forward and once in the backward, on small tensors when
+// decoding, and the aim is < 15 us per call. Measured numbers: docs/design-notes.md
+// ("RoPE autograd is C++").
 //
 // fmcore::rope: the rotation is linear in (q, k) and orthogonal, so the backward is the inverse
 // rotation (the same op with `conjugate` flipped) of the incoming gradients. Saved: cos, sin and
@@ -62,8 +63,8 @@ class RopeFunction : public torch::autograd::Function<RopeFunction> {
   // (materialize_grads is on by default).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    auto [dq, dk] = call_rope(dense_last_dim(grads[0]), dense_last_dim(grads[1]), saved[0], saved[1],
-                              ctx->saved_data["interleaved"].toBool(),
+    auto [dq, dk] = call_rope(dense_last_dim(grads[0]), dense_last_dim(grads[1]), saved[0],
+                              saved[1], ctx->saved_data["interleaved"].toBool(),
                               !ctx->saved_data["conjugate"].toBool(),
                               ctx->saved_data["seq_dim"].toInt());
     return {dq, dk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

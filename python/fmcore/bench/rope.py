@@ -129,8 +129,9 @@ def run(ctx: BenchContext) -> list[Row]:
         bwd = time_ms(lambda: torch.autograd.grad(out, (q, k), (gq, gk), retain_graph=True), dev)
         for phase, ms in (("fwd", fwd), ("bwd", bwd)):
             rows += ctx.bandwidth_rows("rope", f"{case} {phase}", system, ms, nbytes)
-    # Per-call overhead rows: metric "ms" (the row vocabulary has no "us"), the case says what it is.
+    # Per-call overhead rows: metric "ms" (the row vocabulary has no "us"); the case says what.
     overhead = call_overhead_us(dev, calls=300, reps=5) if ctx.quick else call_overhead_us(dev)
     for (system, what), us in overhead.items():
-        rows.append(Row("rope", f"per-call overhead q(1,1,1,64) {what}", system, "ms", us / 1e3, "ms/call"))
+        label = f"per-call overhead q(1,1,1,64) {what}"
+        rows.append(Row("rope", label, system, "ms", us / 1e3, "ms/call"))
     return rows
