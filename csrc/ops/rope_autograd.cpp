@@ -1,7 +1,7 @@
 // RoPE autograd in C++ (TORCH_LIBRARY_IMPL(fmcore, Autograd, m)), for every device.
 //
 // Why not torch.library.register_autograd in Python, DESIGN.md's default: that kernel runs on EVERY
-// call of the op, with or without grad, and cost ~40 us of Python per call with grad and ~6 us
+// call of the op, with or without grad, and cost ~45 us of Python per call with grad and ~7 us
 // without; RoPE runs once per layer in the forward and once in the backward, on small tensors when
 // decoding, and the aim is < 15 us per call. Measured numbers: docs/design-notes.md
 // ("RoPE autograd is C++").
