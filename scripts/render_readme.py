@@ -38,7 +38,7 @@ def render(results_dir: Path) -> str:
                 "whose numbers prove the code paths, not the speed. Run the bench stages of `scripts/gpu_check.sh` on an "
                 "H100 and commit their merged results as `benchmarks/results/<gpu>-<date>.json`.")
     head, rows = load_json(path)
-    keep = [r for r in rows if r.metric in ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%", "us")]
+    keep = [r for r in rows if r.metric in ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%")]
     intro = (f"From `{path.relative_to(ROOT)}`: {head['device']}, {head['date']}, torch {head['torch']}, "
              f"CUDA {head['cuda']}; ceilings measured in the same run: copy {head['copy_gbps']:.0f} GB/s, "
              f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of CUDA-event timings, random inputs.\n\n")

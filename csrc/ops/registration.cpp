@@ -1,5 +1,6 @@
 // Every fmcore op schema, in one place. Device files register their implementations with
-// TORCH_LIBRARY_IMPL(fmcore, CPU|CUDA, m); Python registers fake (meta) and autograd formulas.
+// TORCH_LIBRARY_IMPL(fmcore, CPU|CUDA, m); Python registers fake (meta) and autograd formulas,
+// except rope's autograd, which is C++ for its per-call cost (rope_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fmcore, m) {

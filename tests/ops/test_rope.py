@@ -151,6 +151,20 @@ def test_gradcheck_fp64_cpu(interleaved):
     assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved), (q, k))
 
 
+@pytest.mark.parametrize("interleaved,layout", [(False, "bshd"), (True, "bhsd")])
+def test_double_backward_fp64_cpu(interleaved, layout):
+    # The backward is again a rotation recorded by autograd, so second derivatives (gradgradcheck:
+    # the backward's own backward, a rotation forwards again) come out of the same op. Small
+    # shapes: gradgradcheck's cost grows with the square of the element count.
+    q = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 3, 1, 8, dtype=torch.float64, requires_grad=True)
+    if layout == "bhsd":
+        q, k = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k))
+    cos, sin = tables(3, 6, "cpu", dtype=torch.float64)  # partial rotary: R=6 < D=8
+    f = lambda q, k: apply_rotary(q, k, cos, sin, interleaved=interleaved, layout=layout)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (q, k))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_is_inverse_rotation(device, dtype):
     q = torch.randn(2, 31, 8, 64, device=device, dtype=dtype, requires_grad=True)
@@ -174,6 +188,40 @@ def test_backward_with_unused_k_and_expanded_grad(device):
     ref = reference(torch.ones_like(q), cos, sin, False, conjugate=True)
     torch.testing.assert_close(q.grad.double(), ref, rtol=1e-5, atol=1e-5)
     assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def test_inplace_bumps_version_and_refuses_grad(device):
+    # rope_ overwrites q: a node that saved q for its backward must see that and raise, not read the
+    # rotated values; and the raw op refuses q that requires grad (apply_rotary's own check moved here).
+    q = torch.randn(1, 3, 2, 8, device=device)
+    k = torch.randn(1, 3, 2, 8, device=device)
+    cos, sin = tables(3, 8, device)
+    w = torch.randn_like(q, requires_grad=True)
+    loss = (w * q).sum()  # saves q for dL/dw
+    version = q._version
+    apply_rotary(q, k, cos, sin, inplace=True)
+    assert q._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    qg = q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace=False"):
+        torch.ops.fmcore.rope_(qg, k, cos, sin)
+    with torch.no_grad():  # allowed without grad mode, like any in-place op on a leaf under no_grad
+        torch.ops.fmcore.rope_(qg, k, cos, sin)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.autograd.forward_ad's own import
+@pytest.mark.parametrize("dual", ["q", "cos", "q inplace"])
+def test_forward_mode_ad_raises(dual):
+    # Forward-mode AD is not implemented: a tangent must raise, never be silently dropped.
+    import torch.autograd.forward_ad as fwAD
+
+    t = dict(q=torch.randn(1, 3, 2, 8), k=torch.randn(1, 3, 2, 8))
+    t["cos"], t["sin"] = tables(3, 8, "cpu")
+    name = dual.split()[0]
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp|forward-mode"):
+        t[name] = fwAD.make_dual(t[name], torch.randn_like(t[name]))
+        apply_rotary(t["q"], t["k"], t["cos"], t["sin"], inplace=dual.endswith("inplace"))
 
 
 def test_opcheck(device):

@@ -6,15 +6,20 @@ input dtype. The backward is the inverse rotation of the incoming gradients (no 
 only cos/sin). Layouts: "bshd" (B, S, H, D), what flash attention and a fused qkv projection give,
 and "bhsd" (B, H, S, D), what Hugging Face models use. Any strides work as long as the last dim is
 contiguous, so q and k sliced out of a qkv projection need no copy.
+
+Autograd for both ops is C++ (csrc/ops/rope_autograd.cpp), not torch.library.register_autograd:
+the Python autograd kernel cost ~45 us per call with grad (docs/design-notes.md). This wrapper is
+kept to one dict lookup and one op call for the same reason; the C++ op validates every tensor.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import dense_last_dim, tensor_meta, zeros_if_none
-
 _SEQ_DIM = {"bshd": 1, "bhsd": 2}
+# The overloads themselves: calling them skips the packet's per-call overload resolution.
+_rope = torch.ops.fmcore.rope.default
+_rope_ = torch.ops.fmcore.rope_.default
 
 
 def apply_rotary(
@@ -34,20 +39,19 @@ def apply_rotary(
         cos, sin: (S', R/2) or (B, S', R/2) with S' >= S (a longer cached table is fine, its first S
             rows are used) and R <= D; float32 or q's dtype.
         interleaved: GPT-J pairs (x[2i], x[2i+1]) instead of GPT-NeoX/Llama rotate-half (x[i], x[i+R/2]).
-        inplace: overwrite q and k (no autograd).
+        inplace: overwrite q and k (no autograd: raises ValueError if q or k requires grad while
+            grad mode is on).
         layout: "bshd" or "bhsd".
     Returns:
         (q_rotated, k_rotated); q and k themselves when inplace.
     """
-    if layout not in _SEQ_DIM:
+    seq_dim = _SEQ_DIM.get(layout)
+    if seq_dim is None:
         raise ValueError(f"expected layout 'bshd' or 'bhsd', got {layout!r}")
-    seq_dim = _SEQ_DIM[layout]
     if inplace:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            raise ValueError("inplace=True overwrites q and k, which autograd needs; use inplace=False")
-        torch.ops.fmcore.rope_(q, k, cos, sin, interleaved, False, seq_dim)
+        _rope_(q, k, cos, sin, interleaved, False, seq_dim)
         return q, k
-    return torch.ops.fmcore.rope(q, k, cos, sin, interleaved, False, seq_dim)
+    return _rope(q, k, cos, sin, interleaved, False, seq_dim)
 
 
 @torch.library.register_fake("fmcore::rope")
@@ -58,22 +62,3 @@ def _rope_fake(q, k, cos, sin, interleaved=False, conjugate=False, seq_dim=1):
 @torch.library.register_fake("fmcore::rope_")
 def _rope_inplace_fake(q, k, cos, sin, interleaved=False, conjugate=False, seq_dim=1):
     return None
-
-
-def _rope_setup_context(ctx, inputs, output):
-    _, _, cos, sin, interleaved, conjugate, seq_dim = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.interleaved, ctx.conjugate, ctx.seq_dim = interleaved, conjugate, seq_dim
-    ctx.q_meta, ctx.k_meta = tensor_meta(output[0]), tensor_meta(output[1])
-
-
-def _rope_backward(ctx, grad_q, grad_k):
-    cos, sin = ctx.saved_tensors
-    grad_q = dense_last_dim(zeros_if_none(grad_q, ctx.q_meta))
-    grad_k = dense_last_dim(zeros_if_none(grad_k, ctx.k_meta))
-    # A rotation's transpose is its inverse: rotate the gradients backwards.
-    dq, dk = torch.ops.fmcore.rope(grad_q, grad_k, cos, sin, ctx.interleaved, not ctx.conjugate, ctx.seq_dim)
-    return dq, dk, None, None, None, None, None
-
-
-torch.library.register_autograd("fmcore::rope", _rope_backward, setup_context=_rope_setup_context)
