@@ -3,8 +3,8 @@
 // Why this shape: the op is pure memory traffic, so each row is read once, kept in registers
 // between the statistics pass and the output pass, and written once, with 16-byte accesses.
 // Rows of up to 1024 features (the 8-element vector path) take one warp each, four rows to a block,
-// and reduce with shuffles only; wider rows take a whole block (up to 512 threads, 32 features per
-// thread) and reduce through shared memory. Features that are not a multiple of 8, or pointers that
+// and reduce with shuffles only; wider rows take a whole block (up to 512 threads, 16 or 32
+// features per thread) and reduce through shared memory. Features that are not a multiple of 8, or pointers that
 // are not 16-byte aligned, take the scalar path (one element per access, one block per row).
 //
 // Every reduction runs in a fixed order (xor butterflies, then warps in index order), so results
@@ -123,8 +123,13 @@ struct RowTiling {
   }
 };
 
+// Warp-row blocks have 4 warps; block rows at most 512 threads, so 128 registers a thread fit.
+constexpr int kWarpRowsPerBlock = 4;
+constexpr int kMaxBlockThreads = 512;
+
 template <int VEC, int C, bool WARP>
-__global__ void add_norm_fwd_kernel(const AddNormParams p) {
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxBlockThreads)
+add_norm_fwd_kernel(const AddNormParams p) {
   __shared__ float2 red[32];
   const RowTiling<WARP> tl;
   const int D = static_cast<int>(p.dim);
@@ -183,23 +188,32 @@ __global__ void add_norm_fwd_kernel(const AddNormParams p) {
 }
 
 // Row gradients, and this block's partial sums of dweight/dbias into workspace row blockIdx.x.
-// WARP blocks first add their warps' partials in shared memory (dynamic: 2 * blockDim.y * D fp32).
+// The running sums live in shared memory, not registers (which hold the row's xhat and g): dynamic
+// smem of 2 * rows_per_block * D fp32, one (dweight, dbias) slot pair per row-owner (warp or block).
+// Inside a slot, column c * VEC + e sits at e * chunks + c, so a warp's accesses hit consecutive
+// banks; each thread only ever touches its own columns until the final reduction.
 template <int VEC, int C, bool WARP>
-__global__ void add_norm_bwd_kernel(const AddNormParams p) {
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxBlockThreads)
+add_norm_bwd_kernel(const AddNormParams p) {
   __shared__ float2 red[32];
-  extern __shared__ float warp_part[];
+  extern __shared__ float part[];
   const RowTiling<WARP> tl;
   const int D = static_cast<int>(p.dim);
   const int chunks = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
   const bool has_bias = p.grad_bias != nullptr;
-  const void* s_ptr = p.residual != nullptr ? p.residual_out : p.x;
-  const DType s_dtype = p.residual != nullptr ? p.residual_out_dtype : p.x_dtype;
-  float dw[C][VEC], db[C][VEC];
+  const void* s_ptr = p.residual_out != nullptr ? p.residual_out : p.x;
+  const DType s_dtype = p.residual_out != nullptr ? p.residual_out_dtype : p.x_dtype;
+  const int slots = WARP ? blockDim.y : 1;
+  const int slot = WARP ? threadIdx.y : 0;
+  float* part_w = part + static_cast<int64_t>(slot) * D;
+  float* part_b = part + static_cast<int64_t>(slots + slot) * D;
 #pragma unroll
   for (int k = 0; k < C; ++k) {
+    const int c = tl.tid + k * tl.tpr;
+    if (c >= chunks) continue;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) dw[k][e] = db[k][e] = 0.f;
+    for (int e = 0; e < VEC; ++e) part_w[e * chunks + c] = part_b[e * chunks + c] = 0.f;
   }
   for (int64_t row = tl.first_row; row < p.rows; row += tl.row_step) {
     const int64_t base = row * p.dim;
@@ -220,8 +234,8 @@ __global__ void add_norm_bwd_kernel(const AddNormParams p) {
       for (int e = 0; e < VEC; ++e) {
         xh[k][e] = (xh[k][e] - mean) * rstd;
         g[k][e] = dy[e] * w[e];
-        dw[k][e] += dy[e] * xh[k][e];
-        db[k][e] += dy[e];
+        part_w[e * chunks + c] += dy[e] * xh[k][e];
+        part_b[e * chunks + c] += dy[e];
         acc.x += g[k][e] * xh[k][e];
         acc.y += g[k][e];
       }
@@ -249,41 +263,18 @@ __global__ void add_norm_bwd_kernel(const AddNormParams p) {
 
   float* ws_w = p.workspace + static_cast<int64_t>(blockIdx.x) * D;
   float* ws_b = p.workspace + (p.partial_rows + blockIdx.x) * static_cast<int64_t>(D);
-  if constexpr (WARP) {
-    const int rpb = blockDim.y;
-    float* part_w = warp_part + static_cast<int64_t>(threadIdx.y) * D;
-    float* part_b = warp_part + static_cast<int64_t>(rpb + threadIdx.y) * D;
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      const int c = tl.tid + k * tl.tpr;
-      if (c >= chunks) continue;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        part_w[c * VEC + e] = dw[k][e];
-        part_b[c * VEC + e] = db[k][e];
-      }
+  // Warp rows first add their slots in warp order (deterministic); a block row owns one slot.
+  __syncthreads();
+  const int nthreads = blockDim.x * blockDim.y;
+  for (int col = threadIdx.y * blockDim.x + threadIdx.x; col < D; col += nthreads) {
+    const int idx = (col % VEC) * chunks + col / VEC;
+    float sw = 0.f, sb = 0.f;
+    for (int y = 0; y < slots; ++y) {
+      sw += part[static_cast<int64_t>(y) * D + idx];
+      sb += part[static_cast<int64_t>(slots + y) * D + idx];
     }
-    __syncthreads();
-    for (int col = threadIdx.y * 32 + threadIdx.x; col < D; col += rpb * 32) {
-      float sw = 0.f, sb = 0.f;
-      for (int y = 0; y < rpb; ++y) {  // warps in index order: deterministic
-        sw += warp_part[static_cast<int64_t>(y) * D + col];
-        sb += warp_part[static_cast<int64_t>(rpb + y) * D + col];
-      }
-      ws_w[col] = sw;
-      if (has_bias) ws_b[col] = sb;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      const int c = tl.tid + k * tl.tpr;
-      if (c >= chunks) continue;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        ws_w[c * VEC + e] = dw[k][e];
-        if (has_bias) ws_b[c * VEC + e] = db[k][e];
-      }
-    }
+    ws_w[col] = sw;
+    if (has_bias) ws_b[col] = sb;
   }
 }
 
@@ -320,7 +311,6 @@ __global__ void add_norm_dweight_kernel(const AddNormParams p) {
 
 namespace {
 
-constexpr int kWarpRowsPerBlock = 4;
 constexpr int64_t kMaxGrid = int64_t{1} << 30;  // grid-stride loops cover any row count
 
 struct Layout {
@@ -343,8 +333,8 @@ bool all_aligned(std::initializer_list<const void*> ptrs) {
 int round_up32(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
 
 // Which kernel covers rows of this width: warp rows with 8-element chunks for D <= 1024, block
-// rows with 4 chunks a thread (up to 512 threads at the 16384 maximum) beyond; the scalar path
-// holds 4, 8 or 16 elements a thread so 1024 threads still cover D = 16384.
+// rows with 2 or 4 chunks a thread (up to 512 threads at the 16384 maximum) beyond; the scalar path
+// holds 4 to 32 elements a thread so that 512 threads still cover D = 16384.
 Layout choose_layout(const AddNormParams& p, bool vec_ok) {
   Layout l;
   const int64_t D = p.dim;
@@ -355,14 +345,14 @@ Layout choose_layout(const AddNormParams& p, bool vec_ok) {
       l.warp = true;
       l.threads = 32;
       l.c = chunks <= 32 ? 1 : chunks <= 64 ? 2 : 4;
-    } else {
-      l.c = 4;
-      l.threads = round_up32((chunks + 3) / 4);
+    } else {  // 2 chunks a thread up to D 8192 (no register spills in the backward), then 4
+      l.c = chunks <= 2 * kMaxBlockThreads ? 2 : 4;
+      l.threads = round_up32((chunks + l.c - 1) / l.c);
     }
     return l;
   }
   l.vec = 1;
-  l.c = D <= 4096 ? 4 : D <= 8192 ? 8 : 16;
+  l.c = D <= 2048 ? 4 : D <= 4096 ? 8 : D <= 8192 ? 16 : 32;
   l.threads = round_up32((D + l.c - 1) / l.c);
   return l;
 }
@@ -376,7 +366,7 @@ bool bwd_vec_ok(const AddNormParams& p) {
                       p.grad_residual, p.weight});
 }
 
-// Calls launch.operator()<VEC, C, WARP>() for the seven combinations choose_layout returns.
+// Calls launch.operator()<VEC, C, WARP>() for the nine combinations choose_layout returns.
 template <typename Launch>
 cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
   if (l.vec == 8) {
@@ -385,11 +375,13 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
       if (l.c == 2) return launch.template operator()<8, 2, true>();
       return launch.template operator()<8, 4, true>();
     }
+    if (l.c == 2) return launch.template operator()<8, 2, false>();
     return launch.template operator()<8, 4, false>();
   }
   if (l.c == 4) return launch.template operator()<1, 4, false>();
   if (l.c == 8) return launch.template operator()<1, 8, false>();
-  return launch.template operator()<1, 16, false>();
+  if (l.c == 16) return launch.template operator()<1, 16, false>();
+  return launch.template operator()<1, 32, false>();
 }
 
 int64_t grid_rows(const Layout& l, int64_t rows) {
@@ -426,8 +418,14 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     if (p.partial_rows < 1 || p.partial_rows > kMaxGrid) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(p.partial_rows));
     const dim3 block(l.threads, l.rows_per_block());
-    const size_t smem = l.warp ? sizeof(float) * 2 * l.rows_per_block() * p.dim : 0;
+    const size_t smem = sizeof(float) * 2 * l.rows_per_block() * p.dim;  // <= 128 KiB (D 16384)
     const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+      if (smem > 48 * 1024) {  // beyond the default dynamic shared memory a block may ask for
+        const cudaError_t e = cudaFuncSetAttribute(add_norm_bwd_kernel<VEC, C, WARP>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem));
+        if (e != cudaSuccess) return e;
+      }
       add_norm_bwd_kernel<VEC, C, WARP><<<grid, block, smem, stream>>>(p);
       return cudaGetLastError();
     });

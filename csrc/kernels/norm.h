@@ -47,7 +47,8 @@ struct AddNormParams {
   float* mean = nullptr;         // (rows,) LayerNorm only (null for RMSNorm)
   float* rstd = nullptr;         // (rows,)
 
-  // backward inputs (s is read from `x` when there was no residual, else from `residual_out`)
+  // backward inputs: s is read from `residual_out` (the forward's) or, when that is null (no
+  // residual: s was x itself), from `x`; `residual` is not read
   const void* grad_out = nullptr;           // (rows, D), out's dtype
   const void* grad_residual_out = nullptr;  // (rows, D), residual_out's dtype, or null
   // backward outputs
