@@ -208,14 +208,16 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
         store_row(f.residual_out, off, D, s.data());
         load_row(f.residual_out, off, D, s.data());  // the statistics see the stored (rounded) sum
       }
-      Acc mu = 0;
+      // Row sums in fp64: a sequential fp32 sum over thousands of features loses digits that the
+      // CUDA kernel's tree reduction keeps.
+      double sum = 0;
       if (!p.rms) {
-        for (int64_t i = 0; i < D; ++i) mu += s[i];
-        mu /= static_cast<Acc>(D);
+        for (int64_t i = 0; i < D; ++i) sum += s[i];
       }
-      Acc var = 0;
-      for (int64_t i = 0; i < D; ++i) var += (s[i] - mu) * (s[i] - mu);
-      const Acc rs = Acc(1) / std::sqrt(var / static_cast<Acc>(D) + static_cast<Acc>(p.eps));
+      const Acc mu = static_cast<Acc>(sum / static_cast<double>(D));
+      double sq = 0;
+      for (int64_t i = 0; i < D; ++i) sq += static_cast<double>((s[i] - mu) * (s[i] - mu));
+      const Acc rs = static_cast<Acc>(1.0 / std::sqrt(sq / static_cast<double>(D) + static_cast<double>(p.eps)));
       if (!p.rms) mean[row] = mu;
       rstd[row] = rs;
       for (int64_t i = 0; i < D; ++i) s[i] = (s[i] - mu) * rs * w[i] + b[i];
@@ -248,17 +250,17 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
         const Acc mu = p.rms ? Acc(0) : mean[row], rs = rstd[row];
         load_row(bw.s, off, D, xh.data());
         load_row(bw.grad_out, off, D, dy.data());
-        Acc c1 = 0, c2 = 0;
+        double sum_gx = 0, sum_g = 0;  // fp64 row sums, as in the forward
         for (int64_t i = 0; i < D; ++i) {
           xh[i] = (xh[i] - mu) * rs;
           g[i] = dy[i] * w[i];
           dw[i] += dy[i] * xh[i];
           db[i] += dy[i];
-          c1 += g[i] * xh[i];
-          c2 += g[i];
+          sum_gx += static_cast<double>(g[i] * xh[i]);
+          sum_g += static_cast<double>(g[i]);
         }
-        c1 /= static_cast<Acc>(D);
-        c2 = p.rms ? Acc(0) : c2 / static_cast<Acc>(D);
+        const Acc c1 = static_cast<Acc>(sum_gx / static_cast<double>(D));
+        const Acc c2 = p.rms ? Acc(0) : static_cast<Acc>(sum_g / static_cast<double>(D));
         if (p.grad_residual_out != nullptr) {
           load_row(bw.grad_residual_out, off, D, gr.data());
         } else {
