@@ -287,6 +287,7 @@ __global__ void add_norm_dweight_kernel(const AddNormParams p) {
   const bool has_bias = p.grad_bias != nullptr;
   float sw = 0.f, sb = 0.f;
   if (col < D) {
+#pragma unroll 4
     for (int64_t r = threadIdx.y; r < P; r += 32) {
       sw += p.workspace[r * D + col];
       if (has_bias) sb += p.workspace[(P + r) * D + col];
@@ -384,6 +385,16 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
   return launch.template operator()<1, 32, false>();
 }
 
+// The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384).
+size_t bwd_smem(const Layout& l, int64_t dim) { return sizeof(float) * 2 * l.rows_per_block() * dim; }
+
+// Opts a kernel in to more dynamic shared memory than the default 48 KiB when it needs it.
+template <typename Kernel>
+cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 int64_t grid_rows(const Layout& l, int64_t rows) {
   const int64_t rpb = l.rows_per_block();
   return (rows + rpb - 1) / rpb;
@@ -405,9 +416,17 @@ cudaError_t add_norm_fwd(const AddNormParams& p, cudaStream_t stream) {
 
 int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
   const Layout l = choose_layout(p, bwd_vec_ok(p));
-  // About 32 resident warps an SM keep enough loads in flight; more blocks only add partial rows.
-  const int64_t blocks_per_sm = std::max(1, 1024 / l.block_threads());
-  return std::min(grid_rows(l, p.rows), std::max(1, sm_count) * blocks_per_sm);
+  // A persistent grid, one wave of as many blocks as fit: more only add partial rows (and a
+  // partly filled last wave).
+  int per_sm = 0;
+  const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+    const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(l, p.dim));
+    if (e != cudaSuccess) return e;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_norm_bwd_kernel<VEC, C, WARP>,
+                                                         l.block_threads(), bwd_smem(l, p.dim));
+  });
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; fall back to one block an SM
+  return std::min(grid_rows(l, p.rows), int64_t{std::max(1, sm_count)} * std::max(1, per_sm));
 }
 
 cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
@@ -418,14 +437,10 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     if (p.partial_rows < 1 || p.partial_rows > kMaxGrid) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(p.partial_rows));
     const dim3 block(l.threads, l.rows_per_block());
-    const size_t smem = sizeof(float) * 2 * l.rows_per_block() * p.dim;  // <= 128 KiB (D 16384)
+    const size_t smem = bwd_smem(l, p.dim);
     const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
-      if (smem > 48 * 1024) {  // beyond the default dynamic shared memory a block may ask for
-        const cudaError_t e = cudaFuncSetAttribute(add_norm_bwd_kernel<VEC, C, WARP>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem));
-        if (e != cudaSuccess) return e;
-      }
+      const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, smem);
+      if (e != cudaSuccess) return e;
       add_norm_bwd_kernel<VEC, C, WARP><<<grid, block, smem, stream>>>(p);
       return cudaGetLastError();
     });
