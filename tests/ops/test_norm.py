@@ -203,7 +203,7 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dim", [8192, 16384, 8191])  # the widest block rows; the widest scalar rows
+@pytest.mark.parametrize("dim", [8192, 16384, 8191, 16383])  # wide block rows; scalar rows of 16 and 32 a thread
 def test_wide_rows_cuda(dim):
     x, r, w, b = make_inputs(5, dim, "autocast", "layer", torch.device("cuda"))
     check_against_reference(x, r, w, b, "layer", torch.bfloat16)
