@@ -66,12 +66,15 @@ def run(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
     rows_n, dims = (256, (64, 512)) if ctx.quick else (16384, (768, 4096))
     x_dtype, out_dtype = torch.bfloat16, torch.bfloat16
-    compiled = torch.compile(torch_add_norm, fullgraph=True)
-    systems = [("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm), ("torch-compile", compiled)]
     rows: list[Row] = []
     for dim in dims:
         for res_dtype in (torch.float32, torch.bfloat16):
             for kind in ("layer", "rms"):
+                # A fresh compile per case: eight cases (x grad mode) of one function would pass
+                # dynamo's recompile limit.
+                torch._dynamo.reset()
+                compiled = torch.compile(torch_add_norm, fullgraph=True)
+                systems = [("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm), ("torch-compile", compiled)]
                 name = "LayerNorm" if kind == "layer" else "RMSNorm"
                 case = f"({rows_n}, {dim}) {name} stream {str(res_dtype).removeprefix('torch.')}"
                 x = torch.randn(rows_n, dim, device=dev, dtype=x_dtype, requires_grad=True)
