@@ -18,6 +18,9 @@ At the H100's measured 3.0 TB/s copy rate, (16384, 768): fwd 50 us / 34 us, bwd 
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +65,36 @@ def _measure(ctx: BenchContext, case: str, system: str, fn, inputs, kind: str, o
             + ctx.bandwidth_rows("norm", f"{case} bwd", system, bwd, nbytes[1]))
 
 
+def call_overhead_ms(fn, device, *, calls: int = 1000, reps: int = 5) -> dict[str, float]:
+    """Host milliseconds per eager call on tiny (1, 64) tensors (x, residual, weight, bias requiring
+    grad): the forward alone, and forward + torch.autograd.grad. Medians of reps rounds."""
+    x, r, w, b = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((1, 64), (1, 64), (64,), (64,)))
+
+    def fwd():
+        return fn(x, r, w, b, "layer", torch.float32)
+
+    def fwd_bwd():
+        out, stream = fwd()
+        torch.autograd.grad((out, stream), (x, r, w, b), (out, stream))
+
+    result = {}
+    for what, call in (("forward", fwd), ("forward + autograd.grad", fwd_bwd)):
+        for _ in range(20):
+            call()
+        rounds = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            rounds.append((time.perf_counter() - t0) / calls * 1e3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result[what] = statistics.median(rounds)
+    return result
+
+
 def run(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
     rows_n, dims = (256, (64, 512)) if ctx.quick else (16384, (768, 4096))
@@ -90,4 +123,10 @@ def run(ctx: BenchContext) -> list[Row]:
                     floor_ms = nb / (ctx.roofline.copy_gbps * 1e9) * 1e3
                     rows.append(Row("norm", f"{case} {phase}", "floor", "ms", floor_ms,
                                     "ms: the fused op's bytes at the copy bandwidth"))
+    # Host cost per call (metric "ms": the row vocabulary has no "us"): 25 of these run per GPT-2
+    # 124M step, each way; it is hidden while the GPU is the bottleneck.
+    for system, fn in (("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm)):
+        calls = 200 if ctx.quick else 1000
+        for what, ms in call_overhead_ms(fn, dev, calls=calls).items():
+            rows.append(Row("norm", f"per-call overhead (1, 64) {what}", system, "ms", ms, "ms/call"))
     return rows
