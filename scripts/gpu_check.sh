@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh test             # fmcore info + pytest -m cuda (4 xdist workers)
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
-#   scripts/gpu_check.sh bench-ops        # rope, cross_entropy, linear_cross_entropy, adamw vs peers
+#   scripts/gpu_check.sh bench-ops        # rope, norm, cross_entropy, linear_cross_entropy, adamw vs peers
 #   scripts/gpu_check.sh bench-attention  # attention vs SDPA flash / cuDNN / mem-efficient
 #   scripts/gpu_check.sh bench-train      # loader and trainer throughput vs their baselines
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
@@ -107,7 +107,7 @@ for stage in "${stages[@]}"; do
     test) stage_test ;;
     sanitize) stage_sanitize ;;
     train) stage_train ;;
-    bench-ops) bench bench-ops rope cross_entropy linear_cross_entropy adamw ;;
+    bench-ops) bench bench-ops rope norm cross_entropy linear_cross_entropy adamw ;;
     bench-attention) bench bench-attention attention ;;
     bench-train) bench bench-train loader train ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -78,7 +78,26 @@ def adamw():
             opt.step()
 
 
-CHECKS = [rope, attention, cross_entropy, adamw]
+def add_norm():
+    # Every row layout: warp rows of 1, 2, 4 vectors (D 64, 512, 768), block rows of 2 and 4 vectors
+    # (D 2048, 8200), scalar rows of 4..32 elements a thread (D 1000, 3000, 6000, 12000, and an
+    # unaligned view); fp32 and bf16 streams, with and without a residual, LayerNorm and RMSNorm.
+    for D in (64, 512, 768, 1000, 2048, 3000, 6000, 8200, 12000):
+        for res_dt, kind in ((torch.float32, "layer"), (torch.bfloat16, "rms")):
+            x = torch.randn(37, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            r = torch.randn(37, D, device=dev, dtype=res_dt, requires_grad=True)
+            w = torch.randn(D, device=dev, dtype=res_dt, requires_grad=True)
+            b = torch.randn(D, device=dev, dtype=res_dt, requires_grad=True) if kind == "layer" else None
+            out, stream = ops.add_norm(x, r, w, b, kind=kind, out_dtype=torch.bfloat16)
+            (out.float().sum() + stream.float().sum()).backward()
+            ops.add_norm(x, None, w, b, kind=kind)[0].float().sum().backward()
+    base = torch.randn(5 * 768 + 1, device=dev, dtype=torch.bfloat16)
+    x = base[1:].view(5, 768).detach().requires_grad_()
+    w = torch.randn(768, device=dev, requires_grad=True)
+    ops.add_norm(x, torch.randn(5, 768, device=dev), w)[0].float().sum().backward()
+
+
+CHECKS = [rope, attention, cross_entropy, adamw, add_norm]
 
 if __name__ == "__main__":
     for check in CHECKS:

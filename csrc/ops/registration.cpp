@@ -69,4 +69,18 @@ TORCH_LIBRARY(fmcore, m) {
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+
+  // Fused residual add + LayerNorm (rms=False) / RMSNorm (rms=True) (kernels/norm.h). x (..., D),
+  // residual (x's shape) or None, weight and bias (D,). Returns (out, residual_out, mean, rstd): out
+  // in out_dtype, residual_out = x + residual in their promoted dtype ((0,) without a residual),
+  // mean (rows,) ((0,) for RMSNorm) and rstd (rows,) fp32 (fp64 for an fp64 stream on the CPU).
+  // The backward takes s (residual_out, or x without a residual) and returns (grad_x in x_dtype,
+  // grad_residual in residual_dtype ((0,) when None), grad_weight, grad_bias ((0,) without one)).
+  m.def(
+      "add_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms, "
+      "ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor s, Tensor weight, "
+      "Tensor mean, Tensor rstd, bool rms, bool has_residual, bool has_bias, ScalarType x_dtype, "
+      "ScalarType? residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -82,6 +82,50 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
+@pytest.mark.parametrize("base", [GPT, dataclasses.replace(GPT, bias=False), LLAMA], ids=["gpt2", "gpt2-nobias", "llama"])
+def test_fmcore_activation_checkpointing_gives_the_same_gradients(base):
+    """The fmcore blocks hand (branch output, stream) to the next block; checkpointing them per block
+    recomputes the same values."""
+    cfg = dataclasses.replace(models.resolve(base, vocab_size=100), ops="fmcore")
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    grads = []
+    for ac in (False, True):
+        model = models.build_model(cfg)
+        model.activation_checkpointing = ac
+        model(x, y).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16"])
+@pytest.mark.parametrize("norm_cls", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+def test_fused_block_boundary_feeds_the_matmul_what_torch_does(device, precision, norm_cls):
+    """Under autocast (fp32 stream and norm weights, bf16 branch outputs) and in pure bf16, the fused
+    add + norm gives the stream torch's ``residual + x`` gives, bit for bit, and the normed values the
+    next matmul reads (torch's norm output cast to bf16 by autocast) to within a bf16 rounding."""
+    from fmcore.train.models.common import add_norm
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if precision == "bf16-autocast" else torch.bfloat16
+    norm = norm_cls(64).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    residual = torch.randn(4, 8, 64, device=device, dtype=dtype)
+    x = torch.randn(4, 8, 64, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+        normed, stream = add_norm(norm, x, residual)
+        want_stream = residual + x
+        want = norm(want_stream).to(torch.bfloat16)  # what F.linear's autocast cast makes of it
+    assert stream.dtype == want_stream.dtype and torch.equal(stream, want_stream)
+    assert normed.dtype == torch.bfloat16
+    # One bf16 rounding apart; two for pure-bf16 RMSNorm, which torch's CPU kernel rounds twice
+    # (x * rstd, then * weight) where add_norm rounds its fp32 result once.
+    ulps = 2 if precision == "bf16" and norm_cls is torch.nn.RMSNorm else 1
+    torch.testing.assert_close(normed, want, rtol=ulps * 2 ** -8, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("docs", [False, True], ids=["dense", "documents"])
 def test_fmcore_ops_match_torch_ops(device, base, docs):

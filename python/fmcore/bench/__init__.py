@@ -18,6 +18,7 @@ from fmcore.bench.roofline import Roofline
 # name -> module; one module per op or component, in the order they run.
 BENCHMARKS = {
     "rope": "fmcore.bench.rope",
+    "norm": "fmcore.bench.norm",
     "cross_entropy": "fmcore.bench.cross_entropy",
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",

@@ -4,9 +4,11 @@ from fmcore.ops.adamw import grad_norm
 from fmcore.ops.attention import flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from fmcore.ops.cross_entropy import cross_entropy
 from fmcore.ops.linear_cross_entropy import linear_cross_entropy
+from fmcore.ops.norm import add_norm
 from fmcore.ops.rope import apply_rotary
 
 __all__ = [
+    "add_norm",
     "apply_rotary",
     "cross_entropy",
     "flash_attention",

@@ -6,12 +6,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fmcore.train.models.common import DocMask, doc_mask, lm_loss
+from fmcore.train.models.common import DocMask, add_norm, doc_mask, lm_loss
 
 
 class CausalLM(nn.Module):
-    """Subclasses define embed(x, positions) -> (B, S, dim), ``blocks`` (a ModuleList whose blocks take
-    (h, positions, docs)), ``norm`` and head_weight() -> (V, dim).
+    """Subclasses define embed(x, positions) -> (B, S, dim), ``blocks`` (a ModuleList whose blocks map
+    (h, residual, positions, docs) to (h, residual), the stream being residual + h), ``norm`` and
+    head_weight() -> (V, dim).
 
     forward(x, y=None, positions=None, cu_seqlens=None, max_seqlen=None): x (B, S) token ids. Without y it returns the
     fp32 logits (B, S, V); with y (B, S) the mean cross-entropy, computed by the fused linear
@@ -28,13 +29,14 @@ class CausalLM(nn.Module):
         docs: DocMask | None = None
         if positions is not None and (cu_seqlens is not None or self.ops == "torch"):
             docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen)
-        h = self.embed(x, positions)
+        h, residual = self.embed(x, positions), None
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                h = checkpoint(block, h, positions, docs, use_reentrant=False)
+                h, residual = checkpoint(block, h, residual, positions, docs, use_reentrant=False)
             else:
-                h = block(h, positions, docs)
-        h = self.norm(h)
+                h, residual = block(h, residual, positions, docs)
+        # torch blocks add eagerly (residual stays None); fmcore's leave the last add to the final norm
+        h = self.norm(h) if residual is None else add_norm(self.norm, h, residual)[0]
         if y is None:
             return torch.nn.functional.linear(h, self.head_weight()).float()
         return lm_loss(h, self.head_weight(), y, self.ops)

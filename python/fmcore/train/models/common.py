@@ -1,8 +1,8 @@
 """Pieces both model families share: the ops switch, causal (document-masked) attention, RoPE and the loss.
 
 Every function takes ``ops``: "fmcore" calls fmcore's kernels (flash attention, the RoPE op, the fused
-linear cross-entropy that never materialises the logits), "torch" the plain PyTorch equivalents (SDPA,
-rotate-half, F.cross_entropy on the logits). Both compute the same function; the A/B benchmark and the
+linear cross-entropy that never materialises the logits, the fused residual add + norm), "torch" the
+plain PyTorch equivalents (SDPA, rotate-half, F.cross_entropy on the logits, ``h + branch`` then the norm). Both compute the same function; the A/B benchmark and the
 quality comparison rely on that.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -99,6 +100,23 @@ def _mask_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, S: int) -> torch.Ten
     doc = torch.cumsum(flat, 0).view(B, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=cu_seqlens.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fmcore's fused residual add + norm with the parameters of ``norm`` (nn.LayerNorm or nn.RMSNorm):
+    (norm(residual + x), residual + x), the stream being x itself when residual is None.
+
+    The fmcore path's blocks hand the next norm (branch output, stream) so the add happens in its
+    kernel. Under autocast the normed output comes in the autocast dtype: it feeds a matmul (the next
+    projection or the head), which would cast nn.LayerNorm's fp32 output to exactly these values."""
+    from fmcore.ops import add_norm as fused
+
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    eps = norm.eps if norm.eps is not None else torch.finfo(stream_dtype).eps  # nn.RMSNorm's default
+    kind = "rms" if isinstance(norm, nn.RMSNorm) else "layer"
+    return fused(x, residual, norm.weight, getattr(norm, "bias", None), eps=eps, kind=kind, out_dtype=out_dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from fmcore.train.config import ModelConfig
 from fmcore.train.models.base import CausalLM
-from fmcore.train.models.common import DocMask, apply_rope, causal_attention, rope_tables
+from fmcore.train.models.common import DocMask, add_norm, apply_rope, causal_attention, rope_tables
 
 
 class LlamaBlock(nn.Module):
@@ -29,15 +29,33 @@ class LlamaBlock(nn.Module):
         self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
         self.w_down = nn.Linear(f, d, bias=False)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
-        B, S, _ = h.shape
-        qkv = self.wqkv(self.attn_norm(h)).view(B, S, self.hq + 2 * self.hk, self.hd)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
+                docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream entering the block is ``residual + h`` (h alone when residual is None).
+
+        torch: adds eagerly and returns (the stream after the block, None), plain PyTorch's pre-norm block.
+        fmcore: returns (the MLP's output, the stream before it); each norm adds its input to the stream
+        in the fused add_norm kernel, the next block's attn_norm (or the final norm) this block's MLP output."""
+        if self.ops != "fmcore":
+            if residual is not None:
+                h = residual + h
+            h = h + self._attention(self.attn_norm(h), positions, docs)
+            return h + self._mlp(self.ffn_norm(h)), None
+        x, residual = add_norm(self.attn_norm, h, residual)
+        x, residual = add_norm(self.ffn_norm, self._attention(x, positions, docs), residual)
+        return self._mlp(x), residual
+
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
+        B, S, _ = x.shape
+        qkv = self.wqkv(x).view(B, S, self.hq + 2 * self.hk, self.hd)
         q, k, v = qkv.split([self.hq, self.hk, self.hk], dim=2)
         cos, sin = self.rope[0].tables(S, positions)
         q, k = apply_rope(q, k, cos, sin, self.ops)
-        h = h + self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
-        gate, up = self.w_gate_up(self.ffn_norm(h)).chunk(2, dim=-1)
-        return h + self.w_down(F.silu(gate) * up)
+        return self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Rope(nn.Module):

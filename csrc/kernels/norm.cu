@@ -1,0 +1,455 @@
+// Fused residual add + LayerNorm / RMSNorm CUDA kernels (see norm.h for the math).
+//
+// Why this shape: the op is pure memory traffic, so each row is read once, kept in registers
+// between the statistics pass and the output pass, and written once, with 16-byte accesses.
+// Rows of up to 1024 features (the 8-element vector path) take one warp each, four rows to a block,
+// and reduce with shuffles only; wider rows take a whole block (up to 512 threads, 16 or 32
+// features per thread) and reduce through shared memory. Features that are not a multiple of 8, or pointers that
+// are not 16-byte aligned, take the scalar path (one element per access, one block per row).
+//
+// Every reduction runs in a fixed order (xor butterflies, then warps in index order), so results
+// are bitwise reproducible and every thread of a row sees the same mean and rstd.
+#include <algorithm>
+#include <cstdint>
+
+#include "common.cuh"
+#include "norm.h"
+
+namespace fmcore {
+
+// ---- kernels
+
+namespace {
+
+// VEC elements of T from p into fp32, in 16-byte accesses when VEC > 1.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_t(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    v[0] = to_float(*p);
+  } else {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(VEC % kPer == 0, "the vector path moves whole 16-byte accesses");
+#pragma unroll
+    for (int a = 0; a < VEC / kPer; ++a) {
+      const Vec<T, kPer> t = reinterpret_cast<const Vec<T, kPer>*>(p)[a];
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) v[a * kPer + e] = to_float(t.v[e]);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_t(T* p, const float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    *p = from_float<T>(v[0]);
+  } else {
+    constexpr int kPer = 16 / sizeof(T);
+#pragma unroll
+    for (int a = 0; a < VEC / kPer; ++a) {
+      Vec<T, kPer> t;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) t.v[e] = from_float<T>(v[a * kPer + e]);
+      reinterpret_cast<Vec<T, kPer>*>(p)[a] = t;
+    }
+  }
+}
+
+// Element i.. i+VEC-1 of a tensor whose dtype is known only at run time (uniform per launch).
+template <int VEC>
+__device__ __forceinline__ void load(const void* base, DType dt, int64_t i, float (&v)[VEC]) {
+  switch (dt) {
+    case DType::kBFloat16: load_t<__nv_bfloat16, VEC>(static_cast<const __nv_bfloat16*>(base) + i, v); break;
+    case DType::kFloat16: load_t<__half, VEC>(static_cast<const __half*>(base) + i, v); break;
+    default: load_t<float, VEC>(static_cast<const float*>(base) + i, v); break;
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store(void* base, DType dt, int64_t i, const float (&v)[VEC]) {
+  switch (dt) {
+    case DType::kBFloat16: store_t<__nv_bfloat16, VEC>(static_cast<__nv_bfloat16*>(base) + i, v); break;
+    case DType::kFloat16: store_t<__half, VEC>(static_cast<__half*>(base) + i, v); break;
+    default: store_t<float, VEC>(static_cast<float*>(base) + i, v); break;
+  }
+}
+
+// v rounded to dtype dt and back: the value a tensor of that dtype holds.
+__device__ __forceinline__ float round_to(float v, DType dt) {
+  switch (dt) {
+    case DType::kBFloat16: return __bfloat162float(__float2bfloat16_rn(v));
+    case DType::kFloat16: return __half2float(__float2half_rn(v));
+    default: return v;
+  }
+}
+
+// Sum of v over the threads of a row: one warp (WARP) or the whole block (blockDim.x threads, a
+// multiple of 32). Every thread gets the same bits. `red` is 32 float2 of shared memory.
+template <bool WARP>
+__device__ __forceinline__ float2 row_sum(float2 v, float2* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  if constexpr (WARP) {
+    return v;
+  } else {
+    const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    __syncthreads();  // the previous call's readers are done with `red`
+    if (threadIdx.x % 32 == 0) red[warp] = v;
+    __syncthreads();
+    float2 t = make_float2(0.f, 0.f);
+    for (int w = 0; w < nwarps; ++w) {
+      t.x += red[w].x;
+      t.y += red[w].y;
+    }
+    return t;
+  }
+}
+
+// Where a thread works: WARP rows are (32 lanes) x (blockDim.y rows per block); block rows are
+// blockDim.x threads on one row. A thread owns the VEC-element chunks tid, tid + tpr, ... of a row,
+// the same columns for every row it visits.
+template <bool WARP>
+struct RowTiling {
+  int tid, tpr;
+  int64_t first_row, row_step;
+  __device__ RowTiling() {
+    tid = threadIdx.x;
+    tpr = WARP ? 32 : blockDim.x;
+    const int64_t rpb = WARP ? blockDim.y : 1;
+    first_row = static_cast<int64_t>(blockIdx.x) * rpb + (WARP ? threadIdx.y : 0);
+    row_step = static_cast<int64_t>(gridDim.x) * rpb;
+  }
+};
+
+// Warp-row blocks have 4 warps; block rows at most 512 threads, so 128 registers a thread fit.
+constexpr int kWarpRowsPerBlock = 4;
+constexpr int kMaxBlockThreads = 512;
+
+template <int VEC, int C, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxBlockThreads)
+add_norm_fwd_kernel(const AddNormParams p) {
+  __shared__ float2 red[32];
+  const RowTiling<WARP> tl;
+  const int D = static_cast<int>(p.dim);
+  const int chunks = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  for (int64_t row = tl.first_row; row < p.rows; row += tl.row_step) {
+    const int64_t base = row * p.dim;
+    float s[C][VEC];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      const int c = tl.tid + k * tl.tpr;
+      if (c >= chunks) continue;
+      const int64_t i = base + static_cast<int64_t>(c) * VEC;
+      load<VEC>(p.x, p.x_dtype, i, s[k]);
+      if (p.residual != nullptr) {
+        float r[VEC];
+        load<VEC>(p.residual, p.residual_dtype, i, r);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[k][e] = round_to(s[k][e] + r[e], p.residual_out_dtype);
+        store<VEC>(p.residual_out, p.residual_out_dtype, i, s[k]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += s[k][e];
+    }
+    const float mean = p.rms ? 0.f : row_sum<WARP>(make_float2(sum, 0.f), red).x * inv_d;
+    float sq = 0.f;  // two passes over the registers: no cancellation in E[s^2] - mean^2
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      if (tl.tid + k * tl.tpr >= chunks) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sq += (s[k][e] - mean) * (s[k][e] - mean);
+    }
+    const float rstd = rsqrtf(row_sum<WARP>(make_float2(sq, 0.f), red).x * inv_d + p.eps);
+    if (tl.tid == 0) {
+      if (p.mean != nullptr) p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      const int c = tl.tid + k * tl.tpr;
+      if (c >= chunks) continue;
+      float w[VEC], b[VEC];
+      load<VEC>(p.weight, p.weight_dtype, static_cast<int64_t>(c) * VEC, w);
+      if (p.bias != nullptr) {
+        load<VEC>(p.bias, p.weight_dtype, static_cast<int64_t>(c) * VEC, b);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) b[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s[k][e] = (s[k][e] - mean) * rstd * w[e] + b[e];
+      store<VEC>(p.out, p.out_dtype, base + static_cast<int64_t>(c) * VEC, s[k]);
+    }
+  }
+}
+
+// Row gradients, and this block's partial sums of dweight/dbias into workspace row blockIdx.x.
+// The running sums live in shared memory, not registers (which hold the row's xhat and g): dynamic
+// smem of 2 * rows_per_block * D fp32, one (dweight, dbias) slot pair per row-owner (warp or block).
+// Inside a slot, column c * VEC + e sits at e * chunks + c, so a warp's accesses hit consecutive
+// banks; each thread only ever touches its own columns until the final reduction.
+template <int VEC, int C, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxBlockThreads)
+add_norm_bwd_kernel(const AddNormParams p) {
+  __shared__ float2 red[32];
+  extern __shared__ float part[];
+  const RowTiling<WARP> tl;
+  const int D = static_cast<int>(p.dim);
+  const int chunks = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  const bool has_bias = p.grad_bias != nullptr;
+  const void* s_ptr = p.residual_out != nullptr ? p.residual_out : p.x;
+  const DType s_dtype = p.residual_out != nullptr ? p.residual_out_dtype : p.x_dtype;
+  const int slots = WARP ? blockDim.y : 1;
+  const int slot = WARP ? threadIdx.y : 0;
+  float* part_w = part + static_cast<int64_t>(slot) * D;
+  float* part_b = part + static_cast<int64_t>(slots + slot) * D;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const int c = tl.tid + k * tl.tpr;
+    if (c >= chunks) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) part_w[e * chunks + c] = part_b[e * chunks + c] = 0.f;
+  }
+  for (int64_t row = tl.first_row; row < p.rows; row += tl.row_step) {
+    const int64_t base = row * p.dim;
+    const float mean = p.rms ? 0.f : p.mean[row];
+    const float rstd = p.rstd[row];
+    float xh[C][VEC], g[C][VEC];
+    float2 acc = make_float2(0.f, 0.f);  // (sum g * xhat, sum g)
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      const int c = tl.tid + k * tl.tpr;
+      if (c >= chunks) continue;
+      const int64_t i = base + static_cast<int64_t>(c) * VEC;
+      float dy[VEC], w[VEC];
+      load<VEC>(s_ptr, s_dtype, i, xh[k]);
+      load<VEC>(p.grad_out, p.out_dtype, i, dy);
+      load<VEC>(p.weight, p.weight_dtype, static_cast<int64_t>(c) * VEC, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        xh[k][e] = (xh[k][e] - mean) * rstd;
+        g[k][e] = dy[e] * w[e];
+        part_w[e * chunks + c] += dy[e] * xh[k][e];
+        part_b[e * chunks + c] += dy[e];
+        acc.x += g[k][e] * xh[k][e];
+        acc.y += g[k][e];
+      }
+    }
+    acc = row_sum<WARP>(acc, red);
+    const float c1 = acc.x * inv_d, c2 = p.rms ? 0.f : acc.y * inv_d;
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      const int c = tl.tid + k * tl.tpr;
+      if (c >= chunks) continue;
+      const int64_t i = base + static_cast<int64_t>(c) * VEC;
+      float ds[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ds[e] = rstd * (g[k][e] - c2 - xh[k][e] * c1);
+      if (p.grad_residual_out != nullptr) {
+        float gr[VEC];
+        load<VEC>(p.grad_residual_out, p.residual_out_dtype, i, gr);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ds[e] += gr[e];
+      }
+      store<VEC>(p.grad_x, p.x_dtype, i, ds);
+      if (p.grad_residual != nullptr) store<VEC>(p.grad_residual, p.residual_dtype, i, ds);
+    }
+  }
+
+  float* ws_w = p.workspace + static_cast<int64_t>(blockIdx.x) * D;
+  float* ws_b = p.workspace + (p.partial_rows + blockIdx.x) * static_cast<int64_t>(D);
+  // Warp rows first add their slots in warp order (deterministic); a block row owns one slot.
+  __syncthreads();
+  const int nthreads = blockDim.x * blockDim.y;
+  for (int col = threadIdx.y * blockDim.x + threadIdx.x; col < D; col += nthreads) {
+    const int idx = (col % VEC) * chunks + col / VEC;
+    float sw = 0.f, sb = 0.f;
+    for (int y = 0; y < slots; ++y) {
+      sw += part[static_cast<int64_t>(y) * D + idx];
+      sb += part[static_cast<int64_t>(slots + y) * D + idx];
+    }
+    ws_w[col] = sw;
+    if (has_bias) ws_b[col] = sb;
+  }
+}
+
+// grad_weight[col] (and grad_bias[col]) = the sum of the partial rows, in a fixed order. Blocks of
+// 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then slice sums in order.
+__global__ void add_norm_dweight_kernel(const AddNormParams p) {
+  __shared__ float tile[2][32][33];
+  const int64_t D = p.dim, P = p.partial_rows;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const bool has_bias = p.grad_bias != nullptr;
+  float sw = 0.f, sb = 0.f;
+  if (col < D) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < P; r += 32) {
+      sw += p.workspace[r * D + col];
+      if (has_bias) sb += p.workspace[(P + r) * D + col];
+    }
+  }
+  tile[0][threadIdx.y][threadIdx.x] = sw;
+  tile[1][threadIdx.y][threadIdx.x] = sb;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= D) return;
+  float w[1] = {0.f}, b[1] = {0.f};
+  for (int y = 0; y < 32; ++y) {
+    w[0] += tile[0][y][threadIdx.x];
+    b[0] += tile[1][y][threadIdx.x];
+  }
+  store<1>(p.grad_weight, p.weight_dtype, col, w);
+  if (has_bias) store<1>(p.grad_bias, p.weight_dtype, col, b);
+}
+
+}  // namespace
+
+// ---- launchers
+
+namespace {
+
+constexpr int64_t kMaxGrid = int64_t{1} << 30;  // grid-stride loops cover any row count
+
+struct Layout {
+  int vec = 1, c = 4;
+  bool warp = false;
+  int threads = 32;  // per row
+  int rows_per_block() const { return warp ? kWarpRowsPerBlock : 1; }
+  int block_threads() const { return threads * rows_per_block(); }
+};
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+bool all_aligned(std::initializer_list<const void*> ptrs) {
+  for (const void* q : ptrs) {
+    if (q != nullptr && !aligned16(q)) return false;
+  }
+  return true;
+}
+
+int round_up32(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
+
+// Which kernel covers rows of this width: warp rows with 8-element chunks for D <= 1024, block
+// rows with 2 or 4 chunks a thread (up to 512 threads at the 16384 maximum) beyond; the scalar path
+// holds 4 to 32 elements a thread so that 512 threads still cover D = 16384.
+Layout choose_layout(const AddNormParams& p, bool vec_ok) {
+  Layout l;
+  const int64_t D = p.dim;
+  if (vec_ok && D % 8 == 0) {
+    l.vec = 8;
+    const int64_t chunks = D / 8;
+    if (chunks <= 128) {
+      l.warp = true;
+      l.threads = 32;
+      l.c = chunks <= 32 ? 1 : chunks <= 64 ? 2 : 4;
+    } else {  // 2 chunks a thread up to D 8192 (no register spills in the backward), then 4
+      l.c = chunks <= 2 * kMaxBlockThreads ? 2 : 4;
+      l.threads = round_up32((chunks + l.c - 1) / l.c);
+    }
+    return l;
+  }
+  l.vec = 1;
+  l.c = D <= 2048 ? 4 : D <= 4096 ? 8 : D <= 8192 ? 16 : 32;
+  l.threads = round_up32((D + l.c - 1) / l.c);
+  return l;
+}
+
+bool fwd_vec_ok(const AddNormParams& p) {
+  return all_aligned({p.x, p.residual, p.residual_out, p.out, p.weight, p.bias});
+}
+
+bool bwd_vec_ok(const AddNormParams& p) {
+  return all_aligned({p.x, p.residual_out, p.grad_out, p.grad_residual_out, p.grad_x,
+                      p.grad_residual, p.weight});
+}
+
+// Calls launch.operator()<VEC, C, WARP>() for the nine combinations choose_layout returns.
+template <typename Launch>
+cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
+  if (l.vec == 8) {
+    if (l.warp) {
+      if (l.c == 1) return launch.template operator()<8, 1, true>();
+      if (l.c == 2) return launch.template operator()<8, 2, true>();
+      return launch.template operator()<8, 4, true>();
+    }
+    if (l.c == 2) return launch.template operator()<8, 2, false>();
+    return launch.template operator()<8, 4, false>();
+  }
+  if (l.c == 4) return launch.template operator()<1, 4, false>();
+  if (l.c == 8) return launch.template operator()<1, 8, false>();
+  if (l.c == 16) return launch.template operator()<1, 16, false>();
+  return launch.template operator()<1, 32, false>();
+}
+
+// The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384).
+size_t bwd_smem(const Layout& l, int64_t dim) { return sizeof(float) * 2 * l.rows_per_block() * dim; }
+
+// Opts a kernel in to more dynamic shared memory than the default 48 KiB when it needs it.
+template <typename Kernel>
+cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+int64_t grid_rows(const Layout& l, int64_t rows) {
+  const int64_t rpb = l.rows_per_block();
+  return (rows + rpb - 1) / rpb;
+}
+
+}  // namespace
+
+cudaError_t add_norm_fwd(const AddNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (p.dim < 1 || p.dim > kAddNormMaxDim) return cudaErrorInvalidValue;
+  const Layout l = choose_layout(p, fwd_vec_ok(p));
+  const dim3 grid(static_cast<unsigned>(std::min(grid_rows(l, p.rows), kMaxGrid)));
+  const dim3 block(l.threads, l.rows_per_block());
+  return dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+    add_norm_fwd_kernel<VEC, C, WARP><<<grid, block, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
+  const Layout l = choose_layout(p, bwd_vec_ok(p));
+  // A persistent grid, one wave of as many blocks as fit: more only add partial rows (and a
+  // partly filled last wave).
+  int per_sm = 0;
+  const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+    const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(l, p.dim));
+    if (e != cudaSuccess) return e;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_norm_bwd_kernel<VEC, C, WARP>,
+                                                         l.block_threads(), bwd_smem(l, p.dim));
+  });
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; fall back to one block an SM
+  return std::min(grid_rows(l, p.rows), int64_t{std::max(1, sm_count)} * std::max(1, per_sm));
+}
+
+cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
+  if (p.dim < 1 || p.dim > kAddNormMaxDim) return cudaErrorInvalidValue;
+  if (p.rows > 0) {
+    const Layout l = choose_layout(p, bwd_vec_ok(p));
+    // The caller sized the workspace with add_norm_bwd_partial_rows: one partial row per block.
+    if (p.partial_rows < 1 || p.partial_rows > kMaxGrid) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(p.partial_rows));
+    const dim3 block(l.threads, l.rows_per_block());
+    const size_t smem = bwd_smem(l, p.dim);
+    const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+      const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, smem);
+      if (e != cudaSuccess) return e;
+      add_norm_bwd_kernel<VEC, C, WARP><<<grid, block, smem, stream>>>(p);
+      return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+  }
+  // With no rows the partial sums are empty and the kernel writes zeros.
+  const dim3 grid(static_cast<unsigned>((p.dim + 31) / 32));
+  add_norm_dweight_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace fmcore

@@ -1,0 +1,53 @@
+// Fused residual add + norm on CUDA: the binding validates (norm.cpp), the framework-free kernels
+// (kernels/norm.cu) run on the current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "norm_op.h"
+
+namespace fmcore {
+
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fmcore add_norm: CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms, at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  AddNormFwd f = prepare_add_norm_fwd(x, residual, weight, bias, eps, rms, out_dtype);
+  check_launch(add_norm_fwd(f.p, c10::cuda::getCurrentCUDAStream()), "forward launch");
+  return {f.out, f.residual_out, f.mean, f.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& s, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    bool rms, bool has_residual, bool has_bias, at::ScalarType x_dtype,
+    std::optional<at::ScalarType> residual_dtype) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  AddNormBwd b = prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
+                                      has_residual, has_bias, x_dtype, residual_dtype);
+  int sm_count = 0;
+  check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, s.get_device()),
+               "SM count query");
+  // (2, partial_rows, D) fp32: the per-block dweight and dbias sums the reduction kernel adds up.
+  b.p.partial_rows = add_norm_bwd_partial_rows(b.p, sm_count);
+  const at::Tensor workspace = at::empty({2, b.p.partial_rows, b.p.dim}, s.options().dtype(at::kFloat));
+  b.p.workspace = workspace.data_ptr<float>();
+  check_launch(add_norm_bwd(b.p, c10::cuda::getCurrentCUDAStream()), "backward launch");
+  return {b.grad_x, b.grad_residual, b.grad_weight, b.grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fmcore, CUDA, m) {
+  m.impl("add_norm_fwd", &add_norm_fwd_cuda);
+  m.impl("add_norm_bwd", &add_norm_bwd_cuda);
+}
+
+}  // namespace fmcore

@@ -1,0 +1,125 @@
+"""Fused residual add + LayerNorm / RMSNorm: a pre-norm block boundary in one pass.
+
+``add_norm(x, residual, weight, bias)`` returns ``(norm(x + residual) * weight + bias, x + residual)``:
+the branch output x joins the residual stream and the next norm reads it in the same kernel, so the
+stream crosses memory once each way instead of three times (the add's read, read, write, then the
+norm's read). A block then hands the next one (branch output, stream) and the add happens there::
+
+    normed, stream = add_norm(emb, None, ln_1.weight, ln_1.bias)        # first block: no add
+    x = attention(normed)
+    normed, stream = add_norm(x, stream, ln_2.weight, ln_2.bias)
+    ...
+
+Math in fp32 (fp64 for fp64 inputs on the CPU): the sum is rounded once to the stream's dtype and
+the statistics are taken from that rounded sum, exactly what ``F.layer_norm(x + residual, ...)``
+computes. The backward recomputes the normalised values from the saved sum and the per-row mean
+and 1/std (fp32, 8 bytes a row); the weight and bias gradients are reduced deterministically
+(per-block partial sums, then a second pass in a fixed order). Kernels: csrc/kernels/norm.h.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fmcore.ops._common import tensor_meta, zeros_if_none
+
+_KINDS = {"layer": False, "rms": True}
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    kind: str = "layer",
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new_residual) for x (..., D) joining the residual stream.
+
+    Args:
+        x: the branch output (or, with no residual, the stream itself); float32/bfloat16/float16
+            (float64 too on the CPU). Any strides (a non-contiguous x is copied first).
+        residual: the stream before x is added, of x's shape and any float dtype, or None.
+        weight, bias: (D,), one dtype; bias only for kind "layer" (None: no bias).
+        eps: added to the variance (the mean square for RMSNorm).
+        kind: "layer" (LayerNorm: subtract the mean) or "rms" (RMSNorm).
+        out_dtype: normed's dtype. None: what ``F.layer_norm(x + residual, ...)`` (``F.rms_norm``)
+            returns there: the stream's dtype, or float32 under CUDA autocast, which runs both norms
+            in fp32. A caller whose next op is a matmul under autocast can pass the autocast dtype:
+            the matmul receives the same values (fp32 math rounded once) and half the bytes move.
+    Returns:
+        normed: ``norm(x + residual) * weight (+ bias)``, x's shape, out_dtype.
+        new_residual: ``x + residual`` in ``torch.promote_types(x.dtype, residual.dtype)``
+            (an fp32 stream stays fp32 when bf16 branch outputs join it), or x itself (not a copy)
+            when residual is None. Both carry gradients: the stream's gradient is added to the
+            norm's inside the backward kernel.
+
+    Raises ValueError naming the argument for bad shapes, dtypes or kind, RuntimeError for mixed
+    devices. CUDA takes D up to 16384.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"expected kind 'layer' or 'rms', got {kind!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected x to be a Tensor, got {type(x).__name__}")
+    if out_dtype is None:
+        out_dtype = _default_out_dtype(x, residual)
+    out, stream, _, _ = torch.ops.fmcore.add_norm_fwd(x, residual, weight, bias, float(eps), _KINDS[kind], out_dtype)
+    return out, (x if residual is None else stream)
+
+
+def _default_out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+@torch.library.register_fake("fmcore::add_norm_fwd")
+def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, out_dtype):
+    stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    stats = torch.float64 if stream == torch.float64 else torch.float32
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return (x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(x.shape if residual is not None else (0,), dtype=stream),
+            x.new_empty((0 if rms else rows,), dtype=stats),
+            x.new_empty((rows,), dtype=stats))
+
+
+@torch.library.register_fake("fmcore::add_norm_bwd")
+def _add_norm_bwd_fake(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias, x_dtype,
+                       residual_dtype):
+    D = s.shape[-1]
+    return (s.new_empty(s.shape, dtype=x_dtype),
+            s.new_empty(s.shape if residual_dtype is not None else (0,), dtype=residual_dtype or s.dtype),
+            weight.new_empty((D,)),
+            weight.new_empty((D if has_bias else 0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _, rms, _ = inputs
+    out, stream, mean, rstd = output
+    has_residual = residual is not None
+    # The backward reads the sum: the stream output, or x itself when nothing was added.
+    ctx.save_for_backward(stream if has_residual else x, weight, mean, rstd)
+    ctx.rms, ctx.has_residual, ctx.has_bias = rms, has_residual, bias is not None
+    ctx.x_dtype = x.dtype
+    # A separate residual gradient only when its dtype differs from x's; else both share one tensor.
+    ctx.residual_dtype = residual.dtype if has_residual and residual.dtype != x.dtype else None
+    ctx.out_meta = tensor_meta(out)
+
+
+def _backward(ctx, grad_out, grad_stream, _grad_mean, _grad_rstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    grad_out = zeros_if_none(grad_out, ctx.out_meta)
+    if not ctx.has_residual:
+        grad_stream = None  # the (0,) placeholder; the stream's gradient reaches x directly
+    gx, gr, gw, gb = torch.ops.fmcore.add_norm_bwd(grad_out, grad_stream, s, weight, mean, rstd, ctx.rms,
+                                                   ctx.has_residual, ctx.has_bias, ctx.x_dtype, ctx.residual_dtype)
+    grad_residual = None
+    if ctx.has_residual:
+        grad_residual = gr if ctx.residual_dtype is not None else gx
+    return gx, grad_residual, gw, (gb if ctx.has_bias else None), None, None, None
+
+
+torch.library.register_autograd("fmcore::add_norm_fwd", _backward, setup_context=_setup_context)

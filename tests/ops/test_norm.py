@@ -1,0 +1,265 @@
+"""fmcore.ops.add_norm (fused residual add + LayerNorm / RMSNorm) against a float64 reference, on CPU
+always and CUDA when present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmcore.ops import add_norm
+from tests.util import assert_close_to_ref
+
+# (x, residual, weight/bias, out) dtypes, and why each is here
+CONFIGS = {
+    "fp32": (torch.float32, torch.float32, torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),  # pure-bf16 training
+    "fp16": (torch.float16, torch.float16, torch.float16, torch.float16),
+    # bf16-autocast training: bf16 branch outputs join an fp32 stream, fp32 norm weights, and the
+    # normed output goes to the next matmul in bf16
+    "autocast": (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16),
+}
+ROWS = [1, 3, 1000]  # one row; fewer rows than a warp-per-row block holds; many rows (grid-stride)
+DIMS = [64, 768, 1000, 4096]  # one vector per lane; GPT-2's width; not a multiple of 8 (scalar path); block rows
+
+
+def reference(x, residual, weight, bias, eps, kind, stream_dtype):
+    """(normed, stream) in float64 from the stream rounded once to its dtype, as every path rounds it."""
+    s = x.double() if residual is None else x.double() + residual.double()
+    s = s.to(stream_dtype).double()
+    w = weight.double()
+    if kind == "layer":
+        out = F.layer_norm(s, s.shape[-1:], w, None if bias is None else bias.double(), eps)
+    else:
+        out = F.rms_norm(s, s.shape[-1:], w, eps)
+    return out, s
+
+
+def torch_add_norm(x, residual, weight, bias, eps, kind, out_dtype):
+    """The unfused PyTorch computation in the test's dtypes: what fmcore is held against."""
+    s = x if residual is None else x + residual
+    w = weight.to(s.dtype)
+    if kind == "layer":
+        out = F.layer_norm(s, s.shape[-1:], w, None if bias is None else bias.to(s.dtype), eps)
+    else:
+        out = F.rms_norm(s, s.shape[-1:], w, eps)
+    return out.to(out_dtype), s
+
+
+def make_inputs(rows, dim, config, kind, device, residual=True, bias=True, seed=0):
+    xd, rd, wd, _ = CONFIGS[config]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g).to(device, xd).requires_grad_()
+    # a stream with a mean far from 0 exercises the two-pass variance
+    r = (torch.randn(rows, dim, generator=g) * 3 + 2).to(device, rd).requires_grad_() if residual else None
+    w = (1 + 0.5 * torch.randn(dim, generator=g)).to(device, wd).requires_grad_()
+    b = (0.5 * torch.randn(dim, generator=g)).to(device, wd).requires_grad_() if bias and kind == "layer" else None
+    return x, r, w, b
+
+
+def cotangents(outputs, seed=1):
+    """Fixed random output gradients, rounded to each output's dtype (every path gets these values)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outputs]
+
+
+def grads(outputs, inputs, cots=None):
+    """Gradients of sum(out_i * cot_i) w.r.t. the inputs that are not None (both outputs count)."""
+    cots = cotangents(outputs) if cots is None else [c.to(o.dtype) for c, o in zip(cots, outputs)]
+    live = [t for t in inputs if t is not None]
+    it = iter(torch.autograd.grad(outputs, live, cots))
+    return [None if t is None else next(it) for t in inputs]
+
+
+def check_against_reference(x, r, w, b, kind, out_dtype, eps=1e-5):
+    stream_dtype = x.dtype if r is None else torch.promote_types(x.dtype, r.dtype)
+    out, stream = add_norm(x, r, w, b, eps=eps, kind=kind, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and stream.dtype == stream_dtype
+    x64, r64, w64, b64 = (None if t is None else t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref_out, ref_stream = reference(x64, r64, w64, b64, eps, kind, stream_dtype)
+    t_out, t_stream = torch_add_norm(x, r, w, b, eps, kind, out_dtype)
+    assert_close_to_ref(out, ref_out, t_out, "normed")
+    assert_close_to_ref(stream, ref_stream, t_stream, "stream")
+
+    inputs = (x, r, w, b)
+    cots = cotangents((out, stream))
+    got = grads((out, stream), inputs, cots)
+    ref = grads((ref_out, ref_stream), (x64, r64, w64, b64), cots)
+    tor = grads((t_out, t_stream), inputs, cots)
+    for name, gg, gr, gt in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), got, ref, tor):
+        if gr is None:
+            assert gg is None, name
+            continue
+        assert gg.dtype == gt.dtype, f"{name}: {gg.dtype} != {gt.dtype}"
+        assert_close_to_ref(gg, gr, gt, name)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_against_reference(device, rows, dim, config, kind):
+    x, r, w, b = make_inputs(rows, dim, config, kind, device)
+    check_against_reference(x, r, w, b, kind, CONFIGS[config][3])
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("config", ["fp32", "bf16", "autocast"])
+def test_no_residual(device, config, kind):
+    """The first block: the embedding is the stream; it comes back itself, not a copy."""
+    x, _, w, b = make_inputs(37, 768, config, kind, device, residual=False)
+    out, stream = add_norm(x, None, w, b, kind=kind, out_dtype=CONFIGS[config][3])
+    assert stream is x
+    check_against_reference(x, None, w, b, kind, CONFIGS[config][3])
+
+
+def test_no_bias_and_3d_input(device):
+    """LayerNorm without a bias (cfg.bias False) on (B, S, D) activations."""
+    x, r, w, _ = make_inputs(6, 96, "fp32", "layer", device, bias=False)
+    x3 = x.detach().view(2, 3, 96).requires_grad_()
+    r3 = r.detach().view(2, 3, 96).requires_grad_()
+    check_against_reference(x3, r3, w, None, "layer", torch.float32)
+
+
+def test_residual_of_narrower_dtype(device):
+    """fp32 x + bf16 residual: the stream is fp32 (torch's promotion) and grad_residual is bf16."""
+    x, _, w, b = make_inputs(5, 64, "fp32", "layer", device, residual=False)
+    r = torch.randn(5, 64).to(device, torch.bfloat16).requires_grad_()
+    check_against_reference(x, r, w, b, "layer", torch.float32)
+
+
+def test_non_contiguous_inputs(device):
+    """A transposed x (last dim not contiguous) is copied first; the result is the same."""
+    x, r, w, b = make_inputs(64, 32, "fp32", "layer", device)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # same values, strides (1, 64)
+    assert xt.stride(-1) != 1
+    check_against_reference(xt, r, w, b, "layer", torch.float32)
+
+
+def test_zero_rows(device):
+    x, r, w, b = make_inputs(0, 64, "fp32", "layer", device)
+    out, stream = add_norm(x, r, w, b)
+    assert out.shape == (0, 64) and stream.shape == (0, 64)
+    gx, gr, gw, gb = grads((out, stream), (x, r, w, b))
+    assert gx.shape == (0, 64) and torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_backward_is_deterministic(device):
+    x, r, w, b = make_inputs(3000, 768, "bf16", "layer", device)
+    out, stream = add_norm(x, r, w, b)
+    first = grads((out, stream), (x, r, w, b))
+    out, stream = add_norm(x, r, w, b)
+    second = grads((out, stream), (x, r, w, b))
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradcheck(kind, residual):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(3, 10, dtype=torch.float64, generator=g, requires_grad=True) if residual else None
+    w = torch.randn(10, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, generator=g, requires_grad=True) if kind == "layer" else None
+
+    def fn(x, r, w, b):
+        out, stream = add_norm(x, r, w, b, kind=kind)
+        return out, stream * 1.0  # without a residual the stream is x itself; autograd wants a new tensor
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+
+
+def test_opcheck(device):
+    samples = [
+        (torch.randn(4, 64), torch.randn(4, 64), torch.randn(64), torch.randn(64), 1e-5, False, torch.float32),
+        (torch.randn(2, 3, 40), None, torch.randn(40), None, 1e-6, True, torch.float32),
+        (torch.randn(5, 32).bfloat16(), torch.randn(5, 32), torch.randn(32), None, 1e-5, False, torch.bfloat16),
+    ]
+    for x, r, w, b, eps, rms, out_dtype in samples:
+        args = [None if t is None else t.to(device).requires_grad_(t.dtype.is_floating_point) for t in (x, r, w, b)]
+        torch.library.opcheck(torch.ops.fmcore.add_norm_fwd, (*args, eps, rms, out_dtype))
+    s = torch.randn(4, 64, device=device)
+    w = torch.randn(64, device=device)
+    _, _, mean, rstd = torch.ops.fmcore.add_norm_fwd(s, None, w, None, 1e-5, False, torch.float32)
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd,
+                          (torch.randn_like(s), None, s, w, mean, rstd, False, False, False, torch.float32, None))
+
+
+def test_compile_fullgraph(device):
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+
+    def block_boundary(x, r, w, b):
+        normed, stream = add_norm(x, r, w, b, out_dtype=torch.bfloat16)
+        return (normed.float() * 2).sum() + stream.sum()
+
+    x, r, w, b = make_inputs(8, 64, "autocast", "layer", device)
+    compiled = torch.compile(block_boundary, fullgraph=True, backend=backend)
+    loss_c = compiled(x, r, w, b)
+    got = torch.autograd.grad(loss_c, (x, r, w, b))
+    loss_e = block_boundary(x, r, w, b)
+    want = torch.autograd.grad(loss_e, (x, r, w, b))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim", [8192, 16384, 8191, 16383])  # wide block rows; scalar rows of 16 and 32 a thread
+def test_wide_rows_cuda(dim):
+    x, r, w, b = make_inputs(5, dim, "autocast", "layer", torch.device("cuda"))
+    check_against_reference(x, r, w, b, "layer", torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_unaligned_pointers_take_the_scalar_path():
+    """Views that start 2 bytes into a buffer cannot use 16-byte accesses; results must not change."""
+    dev = torch.device("cuda")
+    x, r, w, b = make_inputs(7, 512, "bf16", "layer", dev)
+    buf = torch.empty(7 * 512 + 1, device=dev, dtype=torch.bfloat16)
+    xs = buf[1:].view(7, 512)
+    xs.copy_(x.detach())
+    xs.requires_grad_()
+    check_against_reference(xs, r, w, b, "layer", torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_default_out_dtype_under_cuda_autocast():
+    """Under CUDA autocast F.layer_norm runs in fp32 and returns fp32; add_norm's default does too."""
+    x, r, w, b = make_inputs(4, 64, "autocast", "layer", torch.device("cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = add_norm(x, r, w, b)
+        want = F.layer_norm(x + r, (64,), w, b)
+    assert out.dtype == want.dtype == torch.float32
+
+
+def test_default_out_dtype_is_the_stream_dtype(device):
+    x, r, w, b = make_inputs(4, 64, "autocast", "layer", device)
+    out, stream = add_norm(x, r, w, b)
+    assert out.dtype == stream.dtype == torch.float32
+
+
+def test_bad_inputs(device):
+    x = torch.randn(4, 64, device=device)
+    w = torch.ones(64, device=device)
+    with pytest.raises(ValueError, match="kind"):
+        add_norm(x, None, w, kind="batch")
+    with pytest.raises(ValueError, match=r"weight of shape \(D,\) = \(64,\)"):
+        add_norm(x, None, torch.ones(63, device=device))
+    with pytest.raises(ValueError, match="residual of the shape of x"):
+        add_norm(x, torch.randn(4, 32, device=device), w)
+    with pytest.raises(ValueError, match="no bias for kind 'rms'"):
+        add_norm(x, None, w, torch.zeros(64, device=device), kind="rms")
+    with pytest.raises(ValueError, match="bias to have the dtype of weight"):
+        add_norm(x, None, w, torch.zeros(64, device=device, dtype=torch.float16))
+    with pytest.raises(ValueError, match="expected x to be float32"):
+        add_norm(x.long(), None, w)
+    with pytest.raises(ValueError, match="expected residual to be float32"):
+        add_norm(x, x.int(), w)
+    with pytest.raises(ValueError, match="out_dtype"):
+        add_norm(x, None, w, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="eps"):
+        add_norm(x, None, w, eps=-1.0)
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="weight on the same device as x"):
+            add_norm(x, None, w.cpu())
+        with pytest.raises(ValueError, match="at most 16384"):
+            add_norm(torch.randn(2, 16392, device=device), None, torch.ones(16392, device=device))
