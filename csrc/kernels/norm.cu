@@ -155,15 +155,27 @@ add_norm_fwd_kernel(const AddNormParams p) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) sum += s[k][e];
     }
-    const float mean = p.rms ? 0.f : row_sum<WARP>(make_float2(sum, 0.f), red).x * inv_d;
-    float sq = 0.f;  // two passes over the registers: no cancellation in E[s^2] - mean^2
+    const float mean0 = p.rms ? 0.f : row_sum<WARP>(make_float2(sum, 0.f), red).x * inv_d;
+    // Two passes over the registers: no cancellation in E[s^2] - mean^2. The second also sums
+    // s - mean0 (free: the reduction moves a float2 anyway), which measures the fp32 error of the
+    // first pass's D-term sum: on rows with |mean| >> std (1e3 vs 0.1) that error is a few ulps of
+    // the mean, several times 1 ulp(mean) / std in every output; the corrected mean is within ~1 ulp
+    // (the "corrected two-pass" variance algorithm). The variance stays the sum about mean0: it only
+    // exceeds the one about the corrected mean by (its correction)^2, and can never go negative.
+    float sq = 0.f, dsum = 0.f;
 #pragma unroll
     for (int k = 0; k < C; ++k) {
       if (tl.tid + k * tl.tpr >= chunks) continue;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) sq += (s[k][e] - mean) * (s[k][e] - mean);
+      for (int e = 0; e < VEC; ++e) {
+        const float d = s[k][e] - mean0;
+        sq += d * d;
+        dsum += d;
+      }
     }
-    const float rstd = rsqrtf(row_sum<WARP>(make_float2(sq, 0.f), red).x * inv_d + p.eps);
+    const float2 q = row_sum<WARP>(make_float2(sq, dsum), red);
+    const float mean = p.rms ? 0.f : mean0 + q.y * inv_d;
+    const float rstd = rsqrtf(q.x * inv_d + p.eps);
     if (tl.tid == 0) {
       if (p.mean != nullptr) p.mean[row] = mean;
       p.rstd[row] = rstd;

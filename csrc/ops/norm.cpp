@@ -104,7 +104,14 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
                                 bool has_residual, bool has_bias, at::ScalarType x_dtype,
                                 std::optional<at::ScalarType> residual_dtype) {
   check_float(s, "s");
+  // The forward's checks, again: this op is public, and rows = numel / D below divides by D.
+  TORCH_CHECK_VALUE(s.dim() >= 1 && s.size(-1) >= 1,
+                    "expected s of shape (..., D) with D >= 1, got ", shape_str(s.sizes()));
   const int64_t D = s.size(-1);
+  if (s.is_cuda()) {
+    TORCH_CHECK_VALUE(D <= kAddNormMaxDim, "expected the last dim of s to be at most ",
+                      kAddNormMaxDim, " on CUDA, got ", D);
+  }
   check_vector(weight, D, "weight", s);
   check_float(grad_out, "grad_out");
   check_same_device(grad_out, s, "grad_out", "s");
@@ -125,6 +132,11 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
   check_same_device(rstd, s, "rstd", "s");
   check_same_device(mean, s, "mean", "s");
   check_out_dtype(x_dtype, s);
+  // Without a residual s is x, and the CUDA kernel reads s in x_dtype: another dtype would be read
+  // with the wrong element size (past the end of s for a 2-byte s read as fp32).
+  TORCH_CHECK_VALUE(has_residual || x_dtype == s.scalar_type(),
+                    "expected x_dtype to be the dtype of s (", s.scalar_type(),
+                    ") without a residual (s is x), got ", x_dtype);
   if (residual_dtype.has_value()) check_out_dtype(*residual_dtype, s);
 
   AddNormBwd b;
