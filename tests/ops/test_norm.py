@@ -263,3 +263,95 @@ def test_bad_inputs(device):
             add_norm(x, None, w.cpu())
         with pytest.raises(ValueError, match="at most 16384"):
             add_norm(torch.randn(2, 16392, device=device), None, torch.ones(16392, device=device))
+
+
+def test_bwd_op_bad_inputs(device):
+    """The backward op is public: inputs the kernel cannot handle raise before any launch."""
+    s = torch.randn(4, 64, device=device)
+    w = torch.randn(64, device=device)
+    _, _, mean, rstd = torch.ops.fmcore.add_norm_fwd(s, None, w, None, 1e-5, False, torch.float32)
+    bwd = torch.ops.fmcore.add_norm_bwd
+    empty = torch.empty(4, 0, device=device)  # D = 0 divided rows = numel / D (a host crash)
+    with pytest.raises(ValueError, match="D >= 1"):
+        bwd(empty, None, empty, torch.empty(0, device=device), mean, rstd, False, False, False, torch.float32, None)
+    # without a residual s is x: the CUDA kernel reads s in x_dtype (bf16 s read as fp32 ran past its end)
+    with pytest.raises(ValueError, match="x_dtype"):
+        bwd(torch.randn_like(s), None, s.bfloat16(), w, mean, rstd, False, False, False, torch.float32, None)
+    if device.type == "cuda":
+        big = torch.randn(1, 16392, device=device)
+        with pytest.raises(ValueError, match="at most 16384"):
+            bwd(big, None, big, torch.ones(16392, device=device), torch.zeros(1, device=device),
+                torch.ones(1, device=device), False, False, False, torch.float32, None)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dim", [768, 4096, 16384])  # warp rows; block rows of 2 and of 4 chunks
+def test_stream_with_large_mean(device, dim, kind):
+    """Rows with mean 1e3 and std 0.07 in fp32: a one-pass E[s^2] - mean^2 loses every digit, and a
+    plain fp32 D-term sum for the mean is off by a few ulps of 1e3, several times torch's error in
+    the output (the kernel corrects its mean with a second sum of s - mean)."""
+    g = torch.Generator().manual_seed(3)
+    x = (0.05 * torch.randn(4, dim, generator=g)).to(device).requires_grad_()
+    r = (1e3 + 0.05 * torch.randn(4, dim, generator=g)).to(device).requires_grad_()
+    w = (1 + 0.5 * torch.randn(dim, generator=g)).to(device).requires_grad_()
+    b = (0.5 * torch.randn(dim, generator=g)).to(device).requires_grad_() if kind == "layer" else None
+    check_against_reference(x, r, w, b, kind, torch.float32)
+
+
+def misaligned(t):
+    """t's values in a view starting one element (4 bytes for fp32) into a buffer: no 16-byte accesses."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t.detach())
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("which", ["residual", "weight", "bias"])
+def test_misaligned_operand_takes_the_scalar_path(device, which):
+    """The 16-byte path needs every operand aligned, not only x: one misaligned residual, weight or
+    bias (the weight is read in the backward too) must switch the whole launch to the scalar path."""
+    x, r, w, b = make_inputs(9, 256, "fp32", "layer", device)
+    if which == "residual":
+        r = misaligned(r)
+    elif which == "weight":
+        w = misaligned(w)
+    else:
+        b = misaligned(b)
+    check_against_reference(x, r, w, b, "layer", torch.float32)
+
+
+def test_bwd_op_misaligned_gradients(device):
+    """grad_out and grad_residual_out views not 16-byte aligned (the backward's own alignment check)."""
+    x, r, w, b = (t.detach() for t in make_inputs(9, 256, "fp32", "layer", device))
+    out, s, mean, rstd = torch.ops.fmcore.add_norm_fwd(x, r, w, b, 1e-5, False, torch.float32)
+    go, gs = cotangents((out, s))
+    args = (s, w, mean, rstd, False, True, True, torch.float32, None)
+    want = torch.ops.fmcore.add_norm_bwd(go, gs, *args)
+    got = torch.ops.fmcore.add_norm_bwd(misaligned(go), misaligned(gs), *args)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+def test_offsets_past_2_31_elements_cuda():
+    # rows * D > 2^31 bf16 elements (4.3 GB a tensor, ~30 GB in all): every offset of the last rows
+    # passes 2^31 elements. A 32-bit offset anywhere (a wrapped read, or a write landing in another
+    # row) makes the last rows differ from the same rows computed alone.
+    D = 64
+    rows = 2**31 // D + 64
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs ~35 GB of GPU memory")
+    torch.manual_seed(9)
+    x, r, go, gs = (torch.randn(rows, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    w, b = torch.randn(D, device="cuda"), torch.randn(D, device="cuda")
+    fwd = torch.ops.fmcore.add_norm_fwd(x, r, w, b, 1e-5, False, torch.bfloat16)
+    tail = slice(rows - 64, rows)  # rows wholly past element 2^31
+    fwd_s = torch.ops.fmcore.add_norm_fwd(x[tail].clone(), r[tail].clone(), w, b, 1e-5, False, torch.bfloat16)
+    for name, a, c in zip(("out", "stream", "mean", "rstd"), fwd, fwd_s):
+        assert torch.equal(a[tail], c), name
+    _, s, mean, rstd = fwd
+    gx = torch.ops.fmcore.add_norm_bwd(go, gs, s, w, mean, rstd, False, True, True, torch.bfloat16, None)[0]
+    gx_s = torch.ops.fmcore.add_norm_bwd(go[tail].clone(), gs[tail].clone(), s[tail].clone(), w, mean[tail].clone(),
+                                         rstd[tail].clone(), False, True, True, torch.bfloat16, None)[0]
+    assert torch.equal(gx[tail], gx_s)
