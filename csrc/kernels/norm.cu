@@ -400,10 +400,12 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
 // The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384).
 size_t bwd_smem(const Layout& l, int64_t dim) { return sizeof(float) * 2 * l.rows_per_block() * dim; }
 
-// Opts a kernel in to more dynamic shared memory than the default 48 KiB when it needs it.
+// Opts a kernel in to `smem` bytes of dynamic shared memory. Always, not only past 48 KiB: without
+// the opt-in the limit is 48 KiB for static + dynamic together, and the kernel's static `red`
+// (256 bytes) on top of a dynamic size just under 48 KiB (D in 6113..6144, e.g. the common 6144)
+// failed the launch.
 template <typename Kernel>
 cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 

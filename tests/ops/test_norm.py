@@ -298,6 +298,14 @@ def test_stream_with_large_mean(device, dim, kind):
     check_against_reference(x, r, w, b, kind, torch.float32)
 
 
+@pytest.mark.parametrize("dim", [6144, 6143])  # block rows of 2 vectors; scalar rows of 16 a thread
+def test_backward_smem_just_under_48k(device, dim):
+    """The backward's dynamic shared memory is 8 * D bytes: 48 KiB at D 6144, which with the kernel's
+    static shared memory passed the 48 KiB a launch gets without opting in (a launch failure)."""
+    x, r, w, b = make_inputs(3, dim, "fp32", "layer", device)
+    check_against_reference(x, r, w, b, "layer", torch.float32)
+
+
 def misaligned(t):
     """t's values in a view starting one element (4 bytes for fp32) into a buffer: no 16-byte accesses."""
     buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
