@@ -80,9 +80,10 @@ def adamw():
 
 def add_norm():
     # Every row layout: warp rows of 1, 2, 4 vectors (D 64, 512, 768), block rows of 2 and 4 vectors
-    # (D 2048, 8200), scalar rows of 4..32 elements a thread (D 1000, 3000, 6000, 12000, and an
-    # unaligned view); fp32 and bf16 streams, with and without a residual, LayerNorm and RMSNorm.
-    for D in (64, 512, 768, 1000, 2048, 3000, 6000, 8200, 12000):
+    # (D 2048, 6144: 48 KiB of backward smem, 8200), scalar rows of 4..32 elements a thread
+    # (D 1000, 3000, 6000, 12000, and an unaligned view); fp32 and bf16 streams, with and without a
+    # residual, LayerNorm and RMSNorm.
+    for D in (64, 512, 768, 1000, 2048, 3000, 6000, 6144, 8200, 12000):
         for res_dt, kind in ((torch.float32, "layer"), (torch.bfloat16, "rms")):
             x = torch.randn(37, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
             r = torch.randn(37, D, device=dev, dtype=res_dt, requires_grad=True)
