@@ -14,6 +14,7 @@ LLAMA = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, m
                     tie_embeddings=False)
 HAS_FMCORE_OPS = all(hasattr(fmcore.ops, n) for n in ("flash_attention", "flash_attention_varlen",
                                                       "linear_cross_entropy"))
+NEEDS_FMCORE_OPS = pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
 
 
 @pytest.mark.parametrize("cfg", [
@@ -68,25 +69,16 @@ def test_loss_is_cross_entropy_of_logits(base):
     torch.testing.assert_close(model(x, y), ref)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = models.resolve(LLAMA, vocab_size=100)
-    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
-    grads = []
-    for ac in (False, True):
-        model = models.build_model(cfg)
-        model.activation_checkpointing = ac
-        model(x, y).backward()
-        grads.append([p.grad for p in model.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g0, g1, rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
-@pytest.mark.parametrize("base", [GPT, dataclasses.replace(GPT, bias=False), LLAMA], ids=["gpt2", "gpt2-nobias", "llama"])
-def test_fmcore_activation_checkpointing_gives_the_same_gradients(base):
-    """The fmcore blocks hand (branch output, stream) to the next block; checkpointing them per block
-    recomputes the same values."""
-    cfg = dataclasses.replace(models.resolve(base, vocab_size=100), ops="fmcore")
+@pytest.mark.parametrize("base, ops", [
+    (LLAMA, "torch"),
+    # The fmcore blocks hand (branch output, stream) to the next block: checkpointing them per block
+    # must recompute the same values.
+    pytest.param(GPT, "fmcore", marks=NEEDS_FMCORE_OPS),
+    pytest.param(dataclasses.replace(GPT, bias=False), "fmcore", marks=NEEDS_FMCORE_OPS),
+    pytest.param(LLAMA, "fmcore", marks=NEEDS_FMCORE_OPS),
+], ids=["llama-torch", "gpt2-fmcore", "gpt2-nobias-fmcore", "llama-fmcore"])
+def test_activation_checkpointing_gives_the_same_gradients(base, ops):
+    cfg = dataclasses.replace(models.resolve(base, vocab_size=100), ops=ops)
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     grads = []
     for ac in (False, True):
@@ -125,7 +117,7 @@ def test_fused_block_boundary_feeds_the_matmul_what_torch_does(device, precision
     torch.testing.assert_close(normed, want, rtol=ulps * 2 ** -8, atol=1e-6)
 
 
-@pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
+@NEEDS_FMCORE_OPS
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("docs", [False, True], ids=["dense", "documents"])
 def test_fmcore_ops_match_torch_ops(device, base, docs):
@@ -165,7 +157,7 @@ def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
     assert seen_boundary  # some batch did pack several documents into a row
 
 
-@pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
+@NEEDS_FMCORE_OPS
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
 def test_fmcore_model_compiles_without_graph_breaks(base):
     """train.compile must capture the whole forward and backward, fmcore ops included (their fake

@@ -1,4 +1,5 @@
-"""CausalLM: the forward pass both model families share (embed, blocks, final norm, head or loss)."""
+"""What both model families share: CausalLM's forward (embed, blocks, final norm, head or loss) and
+PreNormBlock's forward (the residual stream around attention and the MLP)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,32 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fmcore.train.models.common import DocMask, add_norm, doc_mask, lm_loss
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm block: stream += attention(norm(stream)); stream += mlp(norm(stream)).
+
+    Subclasses set ``ops`` and define pre_norms() -> (the norm before attention, the one before the
+    MLP), _attention(x, positions, docs) and _mlp(x)."""
+
+    ops: str
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
+                docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream entering the block is ``residual + h`` (h alone when residual is None).
+
+        torch: adds eagerly and returns (the stream after the block, None), plain PyTorch's pre-norm block.
+        fmcore: returns (the MLP's output, the stream before it); each norm adds its input to the stream
+        in the fused add_norm kernel, the next block's first norm (or the final norm) this block's MLP output."""
+        attn_norm, mlp_norm = self.pre_norms()
+        if self.ops != "fmcore":
+            if residual is not None:
+                h = residual + h
+            h = h + self._attention(attn_norm(h), positions, docs)
+            return h + self._mlp(mlp_norm(h)), None
+        x, residual = add_norm(attn_norm, h, residual)
+        x, residual = add_norm(mlp_norm, self._attention(x, positions, docs), residual)
+        return self._mlp(x), residual
 
 
 class CausalLM(nn.Module):

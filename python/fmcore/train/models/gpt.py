@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmcore.train.config import ModelConfig
-from fmcore.train.models.base import CausalLM
-from fmcore.train.models.common import DocMask, add_norm, causal_attention
+from fmcore.train.models.base import CausalLM, PreNormBlock
+from fmcore.train.models.common import DocMask, causal_attention
 
 
-class GPTBlock(nn.Module):
+class GPTBlock(PreNormBlock):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f = cfg.dim, cfg.ffn_dim
@@ -28,23 +28,11 @@ class GPTBlock(nn.Module):
         self.fc = nn.Linear(d, f, bias=cfg.bias)
         self.mlp_out = nn.Linear(f, d, bias=cfg.bias)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
-                docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The residual stream entering the block is ``residual + h`` (h alone when residual is None).
+    def pre_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.ln_1, self.ln_2
 
-        torch: adds eagerly and returns (the stream after the block, None), plain PyTorch's pre-norm block.
-        fmcore: returns (the MLP's output, the stream before it); each norm adds its input to the stream
-        in the fused add_norm kernel, the next block's ln_1 (or the final norm) this block's MLP output."""
-        if self.ops != "fmcore":
-            if residual is not None:
-                h = residual + h
-            h = h + self._attention(self.ln_1(h), docs)
-            return h + self._mlp(self.ln_2(h)), None
-        x, residual = add_norm(self.ln_1, h, residual)
-        x, residual = add_norm(self.ln_2, self._attention(x, docs), residual)
-        return self._mlp(x), residual
-
-    def _attention(self, x: torch.Tensor, docs: DocMask | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
+        # positions: unused (GPT-2's positions are added to the embedding)
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, S, H, D) views: attention reads them without a copy

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmcore.train.config import ModelConfig
-from fmcore.train.models.base import CausalLM
-from fmcore.train.models.common import DocMask, add_norm, apply_rope, causal_attention, rope_tables
+from fmcore.train.models.base import CausalLM, PreNormBlock
+from fmcore.train.models.common import DocMask, apply_rope, causal_attention, rope_tables
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(PreNormBlock):
     def __init__(self, cfg: ModelConfig, rope: "Rope"):
         super().__init__()
         d, f = cfg.dim, cfg.ffn_dim
@@ -29,21 +29,8 @@ class LlamaBlock(nn.Module):
         self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
         self.w_down = nn.Linear(f, d, bias=False)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
-                docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The residual stream entering the block is ``residual + h`` (h alone when residual is None).
-
-        torch: adds eagerly and returns (the stream after the block, None), plain PyTorch's pre-norm block.
-        fmcore: returns (the MLP's output, the stream before it); each norm adds its input to the stream
-        in the fused add_norm kernel, the next block's attn_norm (or the final norm) this block's MLP output."""
-        if self.ops != "fmcore":
-            if residual is not None:
-                h = residual + h
-            h = h + self._attention(self.attn_norm(h), positions, docs)
-            return h + self._mlp(self.ffn_norm(h)), None
-        x, residual = add_norm(self.attn_norm, h, residual)
-        x, residual = add_norm(self.ffn_norm, self._attention(x, positions, docs), residual)
-        return self._mlp(x), residual
+    def pre_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.attn_norm, self.ffn_norm
 
     def _attention(self, x: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
         B, S, _ = x.shape
