@@ -18,14 +18,12 @@ At the H100's measured 3.0 TB/s copy rate, (16384, 768): fwd 50 us / 34 us, bwd 
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from fmcore.bench import BenchContext, Row, measure_system
-from fmcore.bench.timing import time_ms
+from fmcore.bench.timing import host_us_per_call, time_ms
 from fmcore.ops import add_norm
 
 
@@ -77,22 +75,8 @@ def call_overhead_ms(fn, device, *, calls: int = 1000, reps: int = 5) -> dict[st
         out, stream = fwd()
         torch.autograd.grad((out, stream), (x, r, w, b), (out, stream))
 
-    result = {}
-    for what, call in (("forward", fwd), ("forward + autograd.grad", fwd_bwd)):
-        for _ in range(20):
-            call()
-        rounds = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                call()
-            rounds.append((time.perf_counter() - t0) / calls * 1e3)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result[what] = statistics.median(rounds)
-    return result
+    return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
+            for what, call in (("forward", fwd), ("forward + autograd.grad", fwd_bwd))}
 
 
 def run(ctx: BenchContext) -> list[Row]:

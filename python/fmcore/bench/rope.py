@@ -8,13 +8,11 @@ and without grad (the issue's aim: under 15 us per call on CUDA).
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 from fmcore.bench import BenchContext, Row, try_import
-from fmcore.bench.timing import _sync, time_ms
+from fmcore.bench.timing import host_us_per_call, time_ms
 from fmcore.ops import apply_rotary
 
 
@@ -92,20 +90,8 @@ def call_overhead_us(device, *, calls: int = 2000, reps: int = 9) -> dict[tuple[
         ("torch-eager", "fwd grad"): lambda: hf(qg, kg),
         ("torch-eager", "fwd+bwd"): fwd_bwd(hf),
     }
-    result = {}
-    for key, fn in cases.items():
-        for _ in range(max(calls // 10, 10)):
-            fn()
-        per_run = []
-        for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            _sync(device)
-            per_run.append((time.perf_counter() - t0) / calls * 1e6)
-        result[key] = statistics.median(per_run)
-    return result
+    return {key: host_us_per_call(fn, device, calls=calls, reps=reps, warmup=max(calls // 10, 10))
+            for key, fn in cases.items()}
 
 
 def run(ctx: BenchContext) -> list[Row]:

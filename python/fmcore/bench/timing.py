@@ -48,6 +48,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def host_us_per_call(fn: Callable[[], object], device: torch.device, *, calls: int, reps: int,
+                     warmup: int) -> float:
+    """Host microseconds per call of fn, back to back: the median over reps runs of the mean of calls
+    calls. For per-call overhead on tiny tensors, where the kernel is negligible; on CUDA the launches
+    queue asynchronously and each run ends with a synchronize."""
+    for _ in range(warmup):
+        fn()
+    per_run = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        per_run.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(per_run)
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak CUDA memory allocated while fn runs, above what was allocated before (None on CPU)."""
     if device.type != "cuda":
