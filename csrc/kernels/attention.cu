@@ -36,6 +36,7 @@
 //  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
 //  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
 //  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -655,17 +656,40 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 
 // ---- launchers
 
-template <typename Kernel>
-cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, const AttnParams& p,
-                   cudaStream_t stream) {
+// Raises the kernel's dynamic shared-memory limit to `smem` bytes (past the default 48 KiB), once per
+// kernel and device: the attribute belongs to the function as loaded on the current device (a
+// function-local flag alone would leave a second GPU without it), and the call is a driver round
+// trip (reported to wait for in-flight host<->device copies), so it is not repeated per launch.
+// It sets a property of the function, not a stream operation, so it is also legal while a stream is
+// being captured into a CUDA graph (PyTorch's FlashAttention-2 launcher calls it before every
+// launch, and those kernels are routinely captured). Each kernel instantiation has one fixed size,
+// so a flag suffices; threads racing on the first launch all set the same value, which is harmless.
+template <auto kKernel>
+cudaError_t opt_in_smem(size_t smem) {
+  constexpr int kMaxDevices = 64;  // devices past this are simply set on every launch
+  static std::atomic<bool> done[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (err == cudaSuccess && cached) done[dev].store(true, std::memory_order_release);
+  return err;
+}
+
+// The kernel is a template argument (not a function-pointer argument) so that opt_in_smem keeps
+// one flag per kernel: every kernel here has the same type, void(AttnParams).
+template <auto kKernel>
+cudaError_t launch(dim3 grid, int threads, size_t smem, const AttnParams& p, cudaStream_t stream) {
   // An empty grid is no work (and would fail with cudaErrorInvalidConfiguration).
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err = opt_in_smem<kKernel>(smem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, threads, smem, stream>>>(p);
+  kKernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -691,8 +715,8 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
   const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  return launch(attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN>, grid,
-                32 * C::kFwdWarps, smem, p, stream);
+  return launch<attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN>>(
+      grid, 32 * C::kFwdWarps, smem, p, stream);
 }
 
 template <typename T, int D>
@@ -700,7 +724,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D>;
   const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q),
                    static_cast<unsigned>(p.batch));
-  cudaError_t err = launch(attn_bwd_delta_kernel<T>, dgrid, 256, 0, p, stream);
+  cudaError_t err = launch<attn_bwd_delta_kernel<T>>(dgrid, 256, 0, p, stream);
   if (err != cudaSuccess) return err;
 
   constexpr int kBlockN = 16 * C::kDkdvWarps, kBlockMq = C::kDkdvBlockM;
@@ -708,22 +732,23 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
       size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
   const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k),
                      static_cast<unsigned>(p.batch));
-  err = launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>, kv_grid, 32 * C::kDkdvWarps,
-               kv_smem, p, stream);
+  err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>>(kv_grid, 32 * C::kDkdvWarps,
+                                                                  kv_smem, p, stream);
   if (err != cudaSuccess) return err;
 
   constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;
   const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
   const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                     static_cast<unsigned>(p.batch));
-  return launch(attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>, q_grid,
-                32 * C::kDqWarps, q_smem, p, stream);
+  return launch<attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>>(
+      q_grid, 32 * C::kDqWarps, q_smem, p, stream);
 }
 
 template <template <typename, int> class Fn>
 cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   // The binding guarantees these; anything else is refused rather than run out of bounds.
-  if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.batch > 65535) {
+  if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.heads_k > 65535 ||
+      p.batch > 65535) {
     return cudaErrorInvalidValue;
   }
   // Empty grids are skipped launch by launch, so that every non-empty output is still written: dk/dv

@@ -20,9 +20,11 @@ void check_cuda_support(const AttnShapes& s, const at::Tensor& q) {
       attn_cuda_supports_head_dim(s.head_dim),
       "expected a head dim of 64, 96 or 128 on CUDA (fmcore's kernels), got q of shape ",
       shape_str(q.sizes()), "; fmcore.ops.scaled_dot_product_attention falls back to torch");
-  TORCH_CHECK_VALUE(s.heads_q <= 65535 && s.batch <= 65535,
-                    "expected at most 65535 query heads and 65535 sequences on CUDA, got ",
-                    s.heads_q, " heads and ", s.batch, " sequences");
+  // Grid dims y and z. Hk <= Hq except when Hq = 0 (any Hk divides 0), where the dk/dv kernel
+  // still runs over Hk heads to write their zeros.
+  TORCH_CHECK_VALUE(s.heads_q <= 65535 && s.heads_k <= 65535 && s.batch <= 65535,
+                    "expected at most 65535 heads in q and in k and 65535 sequences on CUDA, got ",
+                    s.heads_q, " and ", s.heads_k, " heads and ", s.batch, " sequences");
 }
 
 // The kernels move 16 bytes at a time: the base must be 16-byte aligned and every stride a multiple

@@ -276,6 +276,75 @@ def test_deterministic_bitwise(device, causal):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
+def test_causal_every_diagonal_offset_cuda(D):
+    # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
+    # Sk - Sq modulo the block sizes (64 or 32 keys; 128, 64 or 32 queries per CTA or step). Every
+    # offset in [-65, 65] covers all residues mod 64 at Sq = 130 (a second, partial query block):
+    # an off-by-one in any kernel's "needs the mask" test attends to a key one past the diagonal.
+    # The CPU lane-level model (test_attention_kernel_model.py) catches that case at offset 62.
+    torch.manual_seed(10)
+    for d in range(-65, 66):
+        q, k, v = make_qkv(1, 130, 130 + d, 2, 1, D, "cuda", torch.bfloat16)
+        try:
+            check_against_reference(q, k, v, causal=True)
+        except AssertionError as e:
+            raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_cuda():
+    # Forward and backward captured into a CUDA graph and replayed on new inputs equal eager runs
+    # bitwise. The launchers opt the kernels in to > 48 KiB of dynamic shared memory once per device
+    # (a function attribute, not a stream operation): capture must neither break on it nor need it.
+    q, k, v = make_qkv(2, 200, 200, 4, 2, 128, "cuda", torch.bfloat16)
+    dout = torch.randn_like(q)
+
+    def step():
+        out = flash_attention(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on a side stream, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn_like(t))
+        graph.replay()
+        for name, a, b in zip(("out", "dq", "dk", "dv"), captured, step()):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+def test_second_device_cuda():
+    # The shared-memory opt-in is a per-device attribute of each kernel: after the kernels ran on
+    # cuda:0, the same kernels on cuda:1 must still be opted in there (a launch would fail otherwise).
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for dev in ("cuda:0", "cuda:1"):
+        torch.manual_seed(11)
+        check_against_reference(*make_qkv(1, 150, 150, 2, 1, 128, dev, torch.bfloat16), causal=True)
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_more_than_65535_kv_heads():
+    # Hq = 0 passes the divisibility check with any Hk, and the dk/dv kernel's grid has Hk in its y
+    # dim (at most 65535). Before the binding checked Hk the forward passed and the backward failed
+    # its launch with an opaque "invalid configuration argument".
+    q = torch.empty(1, 4, 0, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(1, 4, 65536, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="65535 heads"):
+        flash_attention(q, k, k)
+
+
 # ---- varlen
 
 
