@@ -36,6 +36,10 @@
 //  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
 //  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
 //  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
+//
+// tests/ops/attention_kernel_model.py transcribes these kernels lane by lane (PTX fragment layouts
+// from the ISA, shared-memory race checks) so that CI, which has no GPU, checks their index math;
+// a change to the tiling, masking or pipelining here must be mirrored there.
 #include <atomic>
 #include <cmath>
 #include <cstdint>

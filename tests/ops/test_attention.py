@@ -635,6 +635,17 @@ def test_sdpa_falls_back_with_one_warning_per_reason(device):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, is_causal=True))
 
 
+@pytest.mark.cuda
+def test_sdpa_falls_back_past_the_grid_limit_cuda():
+    # 65536 sequences exceed the kernel's grid (gridDim.z <= 65535): fmcore.ops.flash_attention
+    # raises, but the SDPA drop-in must give torch's result like any other unsupported case.
+    q = torch.randn(65536, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    attn_mod._warned.clear()
+    with pytest.warns(UserWarning, match="65535"):
+        out = scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+
+
 # ---- fmcore.nn.Attention
 
 

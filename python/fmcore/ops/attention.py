@@ -203,6 +203,8 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
             return f"dtype {q.dtype} on CUDA (fmcore's kernel takes bfloat16 and float16)"
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             return f"head dim {q.shape[-1]} on CUDA (fmcore's kernel takes {CUDA_HEAD_DIMS})"
+        if max(q.shape[0], q.shape[1], k.shape[1]) > 65535:
+            return "more than 65535 sequences or heads on CUDA (the kernel's grid limit)"
     elif q.device.type != "cpu" or q.dtype not in CPU_DTYPES:
         return f"device {q.device} / dtype {q.dtype}"
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
