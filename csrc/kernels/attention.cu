@@ -660,8 +660,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 
 // ---- launchers
 
-// Raises the kernel's dynamic shared-memory limit to `smem` bytes (past the default 48 KiB), once per
-// kernel and device: the attribute belongs to the function as loaded on the current device (a
+// Raises the kernel's dynamic shared-memory limit to `smem` bytes (past the default 48 KiB), once
+// per kernel and device: the attribute belongs to the function as loaded on the current device (a
 // function-local flag alone would leave a second GPU without it), and the call is a driver round
 // trip (reported to wait for in-flight host<->device copies), so it is not repeated per launch.
 // It sets a property of the function, not a stream operation, so it is also legal while a stream is
