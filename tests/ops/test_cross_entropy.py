@@ -345,3 +345,38 @@ def test_offsets_past_2_31_elements_cuda():
     finally:
         logits = grad = None
         torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+def test_vocab_at_the_int32_limit_cuda():
+    # V = 2^31 - 1, the largest the op takes. The per-element loops past the row's last 16-byte
+    # vector counted in int: i = V - 1 + blockDim.x overflowed (a wrapped, negative index). One row
+    # starting 2 bytes into its buffer (head and tail elements, and the backward's element-by-element
+    # path: its fresh gradient row is aligned differently), then the fused kernel in place.
+    V = 2**31 - 1
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~9 GB of GPU memory")
+    ops = torch.ops.fmcore
+    try:
+        buf = torch.empty(V + 1, device="cuda", dtype=torch.bfloat16).normal_()
+        logits = buf[1:].view(1, V)
+        target = torch.tensor([V - 1], device="cuda")  # the target is a tail element
+        loss, stats = ops.cross_entropy_fwd(logits, target, -100, 0.0, 0.0, False)
+        m = logits.max().double()
+        s = sum(torch.exp(c.double() - m).sum() for c in logits.view(-1).split(2**27))
+        lse = m + torch.log(s)
+        ref = (lse - logits[0, -1].double()).item()
+        assert abs(loss.item() - ref) < 1e-2, (loss.item(), ref)
+        assert abs(stats.sum().item() - lse.item()) < 1e-2
+        ends = torch.cat([logits[0, :9], logits[0, -9:]]).double()
+        want = torch.exp(ends - stats.double().sum())
+        want[-1] -= 1.0  # d loss / d z_target = p - 1; the others are p ~ 3e-10: compare relatively
+        grad = ops.cross_entropy_bwd(logits, target, stats, torch.ones(1, device="cuda"), -100, 0.0, 0.0)
+        torch.testing.assert_close(torch.cat([grad[0, :9], grad[0, -9:]]).double(), want, rtol=1e-2, atol=0)
+        del grad
+        ops.cross_entropy_fwd_bwd_(logits, target, torch.ones(1, device="cuda"), -100, 0.0, 0.0)
+        torch.testing.assert_close(torch.cat([logits[0, :9], logits[0, -9:]]).double(), want, rtol=1e-2, atol=0)
+    finally:
+        buf = logits = grad = None
+        torch.cuda.empty_cache()
