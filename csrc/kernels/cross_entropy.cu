@@ -29,6 +29,9 @@ __device__ __forceinline__ int head_len(const T* row, int vocab) {
 }
 
 // Calls f(i, x_i) (x as fp32) for every element of the row this thread owns.
+// Element loops that can step past the row's end count in int64: vocab may be up to 2^31 - 1, and
+// an int i = vocab - 1 + blockDim.x overflowed (undefined behaviour; a wrapped, negative index read
+// and wrote before the row). The vector loops count 16-byte vectors (at most 2^29) and cannot.
 template <typename T, int VEC, typename F>
 __device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f) {
   using V = Vec<T, VEC>;
@@ -53,7 +56,9 @@ __device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f) {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) f(head + j * VEC + e, to_float(v.v[e]));
   }
-  for (int i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) f(i, to_float(row[i]));
+  for (int64_t i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) {
+    f(static_cast<int>(i), to_float(row[i]));
+  }
 }
 
 // out[i] = f(i, in[i]) for every element; in and out may be the same row (each element is read and
@@ -64,7 +69,9 @@ __device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f) {
   const int step = blockDim.x;
   const int head = head_len<T, VEC>(in, vocab);
   if (head != head_len<T, VEC>(out, vocab)) {
-    for (int i = threadIdx.x; i < vocab; i += step) out[i] = from_float<T>(f(i, to_float(in[i])));
+    for (int64_t i = threadIdx.x; i < vocab; i += step) {
+      out[i] = from_float<T>(f(static_cast<int>(i), to_float(in[i])));
+    }
     return;
   }
   const int nvec = (vocab - head) / VEC;
@@ -93,8 +100,8 @@ __device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f) {
     for (int e = 0; e < VEC; ++e) r.v[e] = from_float<T>(f(head + j * VEC + e, to_float(v.v[e])));
     vout[j] = r;
   }
-  for (int i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) {
-    out[i] = from_float<T>(f(i, to_float(in[i])));
+  for (int64_t i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) {
+    out[i] = from_float<T>(f(static_cast<int>(i), to_float(in[i])));
   }
 }
 
@@ -110,7 +117,7 @@ __device__ __forceinline__ void zero_row(T* out, int vocab) {
   for (int i = threadIdx.x; i < head; i += step) out[i] = z.v[0];
   V* vout = reinterpret_cast<V*>(out + head);
   for (int j = threadIdx.x; j < nvec; j += step) vout[j] = z;
-  for (int i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) out[i] = z.v[0];
+  for (int64_t i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) out[i] = z.v[0];
 }
 
 // Online softmax state: running max m, sum of exp(x - m) s, plain sum of x (for label smoothing).

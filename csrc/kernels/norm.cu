@@ -11,6 +11,7 @@
 // are bitwise reproducible and every thread of a row sees the same mean and rstd.
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 
 #include "common.cuh"
 #include "norm.h"
@@ -402,10 +403,20 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
 // The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384).
 size_t bwd_smem(const Layout& l, int64_t dim) { return sizeof(float) * 2 * l.rows_per_block() * dim; }
 
+// Held from allow_bwd_smem to the launch (or occupancy query) that relies on it. The attribute is
+// the kernel's, shared by every caller, and each call sets it to its own size; one instantiation
+// serves a range of D (<8, 2, false>: D 1032..8192, 8..64 KiB), so a call for a narrow D on another
+// host thread, landing between a wide call's set and its launch, lowered the limit under that
+// launch and failed it ("invalid argument").
+std::mutex& bwd_smem_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // Opts a kernel in to `smem` bytes of dynamic shared memory. Always, not only past 48 KiB: without
 // the opt-in the limit is 48 KiB for static + dynamic together, and the kernel's static `red`
 // (256 bytes) on top of a dynamic size just under 48 KiB (D in 6113..6144, e.g. the common 6144)
-// failed the launch.
+// failed the launch. Call it under bwd_smem_mutex().
 template <typename Kernel>
 cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -436,6 +447,7 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
   // partly filled last wave).
   int per_sm = 0;
   const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+    const std::lock_guard<std::mutex> lock(bwd_smem_mutex());
     const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(l, p.dim));
     if (e != cudaSuccess) return e;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_norm_bwd_kernel<VEC, C, WARP>,
@@ -455,6 +467,7 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     const dim3 block(l.threads, l.rows_per_block());
     const size_t smem = bwd_smem(l, p.dim);
     const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
+      const std::lock_guard<std::mutex> lock(bwd_smem_mutex());  // until the launch is queued
       const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, smem);
       if (e != cudaSuccess) return e;
       add_norm_bwd_kernel<VEC, C, WARP><<<grid, block, smem, stream>>>(p);

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "checks.h"
 #include "rope_op.h"
 
@@ -12,6 +15,10 @@ namespace fmcore {
 namespace {
 
 void launch(const RopeParams& p, const at::Tensor& q) {
+  // The kernel's per-row index is an int (kernels/rope.cu): say so instead of a bare launch error.
+  TORCH_CHECK_VALUE(std::max(p.q.heads, p.k.heads) * p.head_dim <= INT32_MAX - 1024,
+                    "expected q and k with heads * head_dim < 2^31 - 1024 on CUDA, got ", p.q.heads,
+                    " (q) and ", p.k.heads, " (k) heads of dim ", p.head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaError_t err = rope_fwd(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fmcore rope: CUDA launch failed: ", cudaGetErrorString(err));

@@ -303,3 +303,80 @@ def test_cuda_large_rows(dtype):
     logits, target = make((512, 50257), "cuda", dtype, scale=2.0)
     check(logits, target, label_smoothing=0.1, z_loss=1e-4)
     check(logits, target, reduction="none")
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+def test_offsets_past_2_31_elements_cuda():
+    # N * V > 2^31 (a 32768 x 128256 batch is 4.2e9): every logit of the last rows lies past element
+    # 2^31, and V = 50257 (odd) starts each row at another misalignment. A 32-bit row offset anywhere
+    # (a wrapped read, or a gradient written into another row) makes the last rows differ from the
+    # same rows computed alone. bf16: 4.3 GB of logits, 4.3 GB of gradient.
+    V = 50257
+    # The tail starts at a row that is a multiple of 8, so each of its rows has the same 16-byte
+    # misalignment as in its fresh copy (the same split over threads, hence the same bits).
+    start = (2**31 // V // 8 + 1) * 8
+    N = start + 64
+    assert start * V > 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~12 GB of GPU memory")
+    torch.manual_seed(11)
+    try:
+        logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+        target = torch.randint(0, V, (N,), device="cuda")
+        target[-3] = -100
+        tail = slice(start, N)
+        ops = torch.ops.fmcore
+        loss, stats = ops.cross_entropy_fwd(logits, target, -100, 0.1, 1e-4, False)
+        loss_s, stats_s = ops.cross_entropy_fwd(logits[tail].clone(), target[tail].clone(), -100, 0.1, 1e-4, False)
+        assert torch.equal(loss[tail], loss_s) and torch.equal(stats[tail], stats_s)
+        g = torch.rand(N, device="cuda")
+        grad = ops.cross_entropy_bwd(logits, target, stats, g, -100, 0.1, 1e-4)
+        grad_s = ops.cross_entropy_bwd(logits[tail].clone(), target[tail].clone(), stats_s, g[tail].clone(),
+                                       -100, 0.1, 1e-4)
+        assert torch.equal(grad[tail], grad_s)
+        del grad
+        # the fused kernel, gradient written over the logits in place
+        expect = logits[tail].clone()
+        ops.cross_entropy_fwd_bwd_(expect, target[tail].clone(), g[tail].clone(), -100, 0.1, 1e-4)
+        ops.cross_entropy_fwd_bwd_(logits, target, g, -100, 0.1, 1e-4)
+        assert torch.equal(logits[tail], expect)
+        assert torch.equal(logits[-3], torch.zeros_like(logits[-3]))  # ignored row: zeros, not logits
+    finally:
+        logits = grad = None
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+def test_vocab_at_the_int32_limit_cuda():
+    # V = 2^31 - 1, the largest the op takes. The per-element loops past the row's last 16-byte
+    # vector counted in int: i = V - 1 + blockDim.x overflowed (a wrapped, negative index). One row
+    # starting 2 bytes into its buffer (head and tail elements, and the backward's element-by-element
+    # path: its fresh gradient row is aligned differently), then the fused kernel in place.
+    V = 2**31 - 1
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~9 GB of GPU memory")
+    ops = torch.ops.fmcore
+    try:
+        buf = torch.empty(V + 1, device="cuda", dtype=torch.bfloat16).normal_()
+        logits = buf[1:].view(1, V)
+        target = torch.tensor([V - 1], device="cuda")  # the target is a tail element
+        loss, stats = ops.cross_entropy_fwd(logits, target, -100, 0.0, 0.0, False)
+        m = logits.max().double()
+        s = sum(torch.exp(c.double() - m).sum() for c in logits.view(-1).split(2**27))
+        lse = m + torch.log(s)
+        ref = (lse - logits[0, -1].double()).item()
+        assert abs(loss.item() - ref) < 1e-2, (loss.item(), ref)
+        assert abs(stats.sum().item() - lse.item()) < 1e-2
+        ends = torch.cat([logits[0, :9], logits[0, -9:]]).double()
+        want = torch.exp(ends - stats.double().sum())
+        want[-1] -= 1.0  # d loss / d z_target = p - 1; the others are p ~ 3e-10: compare relatively
+        grad = ops.cross_entropy_bwd(logits, target, stats, torch.ones(1, device="cuda"), -100, 0.0, 0.0)
+        torch.testing.assert_close(torch.cat([grad[0, :9], grad[0, -9:]]).double(), want, rtol=1e-2, atol=0)
+        del grad
+        ops.cross_entropy_fwd_bwd_(logits, target, torch.ones(1, device="cuda"), -100, 0.0, 0.0)
+        torch.testing.assert_close(torch.cat([logits[0, :9], logits[0, -9:]]).double(), want, rtol=1e-2, atol=0)
+    finally:
+        buf = logits = grad = None
+        torch.cuda.empty_cache()

@@ -363,3 +363,40 @@ def test_offsets_past_2_31_elements_cuda():
     gx_s = torch.ops.fmcore.add_norm_bwd(go[tail].clone(), gs[tail].clone(), s[tail].clone(), w, mean[tail].clone(),
                                          rstd[tail].clone(), False, True, True, torch.bfloat16, None)[0]
     assert torch.equal(gx[tail], gx_s)
+
+
+@pytest.mark.cuda
+def test_backward_from_two_host_threads_cuda():
+    """D 8192 (64 KiB of dynamic shared memory) and D 1040 (8 KiB) run the same backward kernel
+    instantiation, whose shared-memory limit each call sets to its own size just before launching.
+    From two host threads (torch.ops calls release the GIL), the narrow call's set used to land
+    between the wide call's set and its launch and fail it with "invalid argument"."""
+    import threading
+
+    dev = torch.device("cuda")
+    jobs = []
+    for dim in (8192, 1040):
+        x, r, w, b = (t.detach() for t in make_inputs(4, dim, "fp32", "layer", dev))
+        out, s, mean, rstd = torch.ops.fmcore.add_norm_fwd(x, r, w, b, 1e-5, False, torch.float32)
+        go, gs = cotangents((out, s))
+        args = (go, gs, s, w, mean, rstd, False, True, True, torch.float32, None)
+        jobs.append((args, torch.ops.fmcore.add_norm_bwd(*args)))
+    torch.cuda.synchronize()
+    errors = []
+
+    def hammer(args, want):
+        try:
+            for _ in range(300):
+                got = torch.ops.fmcore.add_norm_bwd(*args)
+            for a, c in zip(got, want):
+                assert torch.equal(a, c)  # deterministic kernels: bitwise the single-thread result
+        except Exception as e:  # noqa: BLE001  (reported below, with the thread's own message)
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors

@@ -334,3 +334,15 @@ def test_build_info_lists_rope():
     info = fmcore.build_info()
     assert "rope" in info["ops"]
     assert info["torch_running"].startswith(torch.__version__.split("+")[0])
+
+
+@pytest.mark.cuda
+def test_cuda_heads_times_dim_past_int32_raises():
+    # The kernel counts a row's (head, item) pairs in int: 2^24 heads of dim 128 (2^31 pairs at the
+    # scalar path's one element an item) wrapped that count, and heads went unrotated. An expanded q
+    # (stride 0 over heads) reaches the check without allocating 4 GB; nothing is launched.
+    q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16).expand(1, 1, 2**24, 128)
+    k = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = torch.ones(1, 64, device="cuda"), torch.zeros(1, 64, device="cuda")
+    with pytest.raises(ValueError, match=r"heads \* head_dim < 2\^31"):
+        torch.ops.fmcore.rope_(q, k, cos, sin, False, False, 1)

@@ -196,6 +196,23 @@ def test_ten_thousand_tiny_tensors(device):
     assert rel_diff(torch.cat([p.detach() for p in ours_p]), ref_p) < 1e-6
 
 
+def test_empty_and_ragged_tensors_across_table_boundaries(device):
+    # 900 tensors: two update launches (448 a table) and the start of a third. Zero-size tensors sit
+    # in the middle, at the last slot of the first table (447), the first of the second (448) and
+    # the last of the whole list; multi-chunk tensors straddle the table boundary (446, 449).
+    sizes = [(i * 7) % 13 for i in range(900)]
+    sizes[446], sizes[449], sizes[450] = 8192 * 2 + 5, 8193, 16385
+    for i in (10, 11, 447, 448, 895, 899):
+        sizes[i] = 0
+    ours_p = make_params(device, [(n,) for n in sizes])
+    ref_p = clone_params(ours_p)
+    ours = FusedAdamW(ours_p, lr=1e-2, max_grad_norm=3.0)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    run_pair(ours, ref, ours_p, ref_p, 3, clip=3.0)
+    assert_params_match(ours_p, ref_p)
+    assert all(ours.state[p]["step"].item() == 3 for p in ours_p)
+
+
 def test_more_than_2_31_elements_on_meta():
     # The optimizer's Python path and the ops' fake implementations take a 2^31 + 5 element param
     # without allocating it (meta tensors have no storage). The kernels index with int64; the real
@@ -454,6 +471,18 @@ def test_errors(device):
     sd = torch.optim.AdamW(make_params(device), amsgrad=True).state_dict()
     with pytest.raises(ValueError, match="amsgrad"):
         FusedAdamW(make_params(device)).load_state_dict(sd)
+
+
+def test_duplicate_param_in_a_group_raises(device):
+    # torch.optim only warns about a param listed twice in a group; in FusedAdamW's launch table it
+    # would be updated by two blocks at once (and its step bumped by two threads): a data race.
+    p = torch.zeros(5, device=device, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="same param twice"):
+        FusedAdamW([p, torch.zeros(3, device=device, requires_grad=True), p])
+    opt = FusedAdamW([torch.zeros(3, device=device, requires_grad=True)])
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match=r"group 1 \(params 0 and 1\)"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
 
 
 def _op_args(device, n=2, dtype=torch.float32, master=False):

@@ -97,8 +97,16 @@ class FusedAdamW(torch.optim.Optimizer):
     def _check_group(self, group: dict, index: int) -> None:
         _check_hyperparameters(group)
         device = self._device
+        seen: dict[int, int] = {}
         for i, p in enumerate(group["params"]):
             where = f"param {i} of group {index}"
+            # torch.optim only warns here. A param listed twice would sit twice in one kernel launch
+            # table: two blocks updating the same elements (and two threads bumping one step count)
+            # at once, a data race whose result is neither one step nor two.
+            if id(p) in seen:
+                raise ValueError(f"FusedAdamW got the same param twice in group {index} (params {seen[id(p)]} "
+                                 f"and {i}); list each param once")
+            seen[id(p)] = i
             if p.dtype not in _SUPPORTED:
                 raise ValueError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype} ({where})")
             if not p.is_contiguous():
