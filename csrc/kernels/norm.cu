@@ -428,9 +428,11 @@ size_t bwd_smem(const AddNormParams& p, const Layout& l) {
 // Opts a kernel in to `smem` bytes of dynamic shared memory. Always, not only past 48 KiB: without
 // the opt-in the limit is 48 KiB for static + dynamic together, and the kernel's static `red`
 // (256 bytes) on top of a dynamic size just under 48 KiB (D in 6113..6144, e.g. the common 6144)
-// failed the launch.
+// failed the launch. None needed without dweight/dbias sums (smem 0): the attribute is left as it
+// is rather than lowered under a launch of the same kernel that needs it.
 template <typename Kernel>
 cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
+  if (smem == 0) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
