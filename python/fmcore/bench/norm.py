@@ -67,7 +67,8 @@ def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps
     """Host milliseconds per eager call on tiny (8, 64) fp32 tensors (x, residual, weight and, for
     LayerNorm, bias), where the kernel is negligible: "forward no-grad" (torch.no_grad), "forward"
     (the inputs require grad: autograd records a node) and "forward + autograd.grad". Medians of
-    reps rounds; set torch.set_num_threads(1) first on the CPU for steady numbers."""
+    reps rounds. On the CPU with one intra-op thread: torch's layer_norm splits even 8 rows across
+    threads, and on a loaded 2-core machine each call then waited ~8 ms for a busy core."""
     g = torch.Generator().manual_seed(0)
     x, r, w, b = (torch.randn(*shape, generator=g).to(device).requires_grad_()
                   for shape in ((8, 64), (8, 64), (64,), (64,)))
@@ -85,9 +86,15 @@ def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps
     def fwd_bwd():
         torch.autograd.grad(fwd(), wanted, cots)
 
-    return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
-            for what, call in (("forward no-grad", fwd_no_grad), ("forward", fwd),
-                               ("forward + autograd.grad", fwd_bwd))}
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
+                for what, call in (("forward no-grad", fwd_no_grad), ("forward", fwd),
+                                   ("forward + autograd.grad", fwd_bwd))}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(ctx: BenchContext) -> list[Row]:
