@@ -308,10 +308,10 @@ add_norm_bwd_kernel(const AddNormParams p) {
   }
 }
 
-// grad_weight[col] and grad_bias[col] (each when asked for) = the sum of the partial rows, in a fixed order. Blocks of
-// 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then slice sums in order.
-// (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers a thread, which a
-// 1024-thread launch needs; it uses 32 today, so this only guards later edits.)
+// grad_weight[col] and grad_bias[col] (each when asked for) = the sum of the partial rows, in a
+// fixed order. Blocks of 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then
+// slice sums in order. (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers
+// a thread, which a 1024-thread launch needs; it uses 32 today, so this only guards later edits.)
 __global__ void __launch_bounds__(1024) add_norm_dweight_kernel(const AddNormParams p) {
   __shared__ float tile[2][32][33];
   const int64_t D = p.dim, P = p.partial_rows;

@@ -327,9 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cpu(
     bool rms, bool has_residual, bool has_bias, at::ScalarType x_dtype,
     std::optional<at::ScalarType> residual_dtype, bool grad_input, bool grad_weight) {
   const NoAutocastGuard no_autocast;
-  AddNormBwd b = prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
-                                      has_residual, has_bias, x_dtype, residual_dtype, grad_input,
-                                      grad_weight);
+  AddNormBwd b =
+      prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual,
+                           has_bias, x_dtype, residual_dtype, grad_input, grad_weight);
   if (b.rstd.scalar_type() == at::kDouble) {
     add_norm_bwd_rows<double>(b);
   } else {

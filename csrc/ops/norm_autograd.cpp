@@ -10,9 +10,9 @@
 // gradients some input needs (needs_input_grad). Saved: s (the stream output, or x itself without a
 // residual), weight, and the per-row mean/rstd; dtypes and flags as saved_data.
 //
-// fmcore::add_norm_bwd has no derivative: under create_graph its outputs get a node that raises when
-// differentiated (double backward through add_norm is not supported), where torch's fallback for an
-// op without autograd only warned and gave zero second-order gradients.
+// fmcore::add_norm_bwd has no derivative: under create_graph its outputs get a node that raises
+// when differentiated (double backward through add_norm is not supported), where torch's fallback
+// for an op without autograd only warned and gave zero second-order gradients.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -35,10 +35,11 @@ Tensor4 call_fwd(const at::Tensor& x, const OptTensor& residual, const at::Tenso
   return op.call(x, residual, weight, bias, eps, rms, out_dtype);
 }
 
-Tensor4 call_bwd(const at::Tensor& grad_out, const OptTensor& grad_residual_out, const at::Tensor& s,
-                 const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, bool rms,
-                 bool has_residual, bool has_bias, at::ScalarType x_dtype,
-                 std::optional<at::ScalarType> residual_dtype, bool grad_input, bool grad_weight) {
+Tensor4 call_bwd(const at::Tensor& grad_out, const OptTensor& grad_residual_out,
+                 const at::Tensor& s, const at::Tensor& weight, const at::Tensor& mean,
+                 const at::Tensor& rstd, bool rms, bool has_residual, bool has_bias,
+                 at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype,
+                 bool grad_input, bool grad_weight) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fmcore::add_norm_bwd", "")
@@ -104,10 +105,9 @@ class AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     const at::ScalarType first_dtype = need_x || !need_r ? x_dtype : r_dtype;
     std::optional<at::ScalarType> second_dtype;
     if (need_x && need_r && r_dtype != x_dtype) second_dtype = r_dtype;
-    auto [g_first, g_second, gw, gb] =
-        call_bwd(grad_out, grad_stream, s, saved[1], saved[2], saved[3],
-                 ctx->saved_data["rms"].toBool(), has_residual, need_b, first_dtype, second_dtype,
-                 need_x || need_r, need_w);
+    auto [g_first, g_second, gw, gb] = call_bwd(
+        grad_out, grad_stream, s, saved[1], saved[2], saved[3], ctx->saved_data["rms"].toBool(),
+        has_residual, need_b, first_dtype, second_dtype, need_x || need_r, need_w);
     at::Tensor gx = need_x ? g_first : at::Tensor();
     at::Tensor gr = !need_r ? at::Tensor() : second_dtype.has_value() ? g_second : g_first;
     return {gx,
@@ -126,7 +126,7 @@ Tensor4 add_norm_fwd_autograd(const at::Tensor& x, const OptTensor& residual,
   // Nothing to record: skip the Function's node and context (as rope_autograd.cpp). Forward-mode
   // tangents still go through apply(), which raises "jvp is not implemented".
   const bool record = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(residual) ||
-                                                      weight.requires_grad() || requires_grad(bias));
+                                                     weight.requires_grad() || requires_grad(bias));
   const bool tangents = x._fw_grad(0).defined() || has_tangent(residual) ||
                         weight._fw_grad(0).defined() || has_tangent(bias);
   if (!record && !tangents) {
@@ -147,9 +147,9 @@ class AddNormBwdFunction : public torch::autograd::Function<AddNormBwdFunction> 
                                at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype,
                                bool grad_input, bool grad_weight) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, gr, gw, gb] = call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
-                                     has_residual, has_bias, x_dtype, residual_dtype, grad_input,
-                                     grad_weight);
+    auto [gx, gr, gw, gb] =
+        call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
+                 x_dtype, residual_dtype, grad_input, grad_weight);
     return {gx, gr, gw, gb};
   }
 
@@ -177,10 +177,9 @@ Tensor4 add_norm_bwd_autograd(const at::Tensor& grad_out, const OptTensor& grad_
     return call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
                     x_dtype, residual_dtype, grad_input, grad_weight);
   }
-  const variable_list out =
-      AddNormBwdFunction::apply(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
-                                has_residual, has_bias, x_dtype, residual_dtype, grad_input,
-                                grad_weight);
+  const variable_list out = AddNormBwdFunction::apply(grad_out, grad_residual_out, s, weight, mean,
+                                                      rstd, rms, has_residual, has_bias, x_dtype,
+                                                      residual_dtype, grad_input, grad_weight);
   return {out[0], out[1], out[2], out[3]};
 }
 
