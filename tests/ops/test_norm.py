@@ -278,8 +278,11 @@ def test_opcheck(device):
     s = torch.randn(4, 64, device=device)
     w = torch.randn(64, device=device)
     _, _, mean, rstd = torch.ops.fmcore.add_norm_fwd(s, None, w, None, 1e-5, False, torch.float32)
-    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd,
-                          (torch.randn_like(s), None, s, w, mean, rstd, False, False, False, torch.float32, None))
+    args = (torch.randn_like(s), None, s, w, mean, rstd, False, False)
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, False, torch.float32, None))
+    # the gradients not asked for are (0,) in the fake impl too
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, True, torch.float32, None, False, True))
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, False, torch.float32, None, True, False))
 
 
 def test_compile_fullgraph(device):
