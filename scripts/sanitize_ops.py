@@ -96,6 +96,15 @@ def add_norm():
     x = base[1:].view(5, 768).detach().requires_grad_()
     w = torch.randn(768, device=dev, requires_grad=True)
     ops.add_norm(x, torch.randn(5, 768, device=dev), w)[0].float().sum().backward()
+    # Backward asked for part of the gradients (needs_input_grad): the weights' alone (no row
+    # gradients), the rows' alone (frozen weights: no sums, no workspace), the bias's alone.
+    for D in (768, 3000, 8200):
+        s = torch.randn(37, D, device=dev)
+        w = torch.randn(D, device=dev)
+        _, _, mean, rstd = torch.ops.fmcore.add_norm_fwd(s, None, w, None, 1e-5, False, torch.float32)
+        for grad_input, grad_weight, has_bias in ((False, True, True), (True, False, False), (False, False, True)):
+            torch.ops.fmcore.add_norm_bwd(torch.randn_like(s), None, s, w, mean, rstd, False, False, has_bias,
+                                          torch.float32, None, grad_input, grad_weight)
 
 
 CHECKS = [rope, attention, cross_entropy, adamw, add_norm]

@@ -200,9 +200,11 @@ add_norm_fwd_kernel(const AddNormParams p) {
   }
 }
 
-// Row gradients, and this block's partial sums of dweight/dbias into workspace row blockIdx.x.
-// The running sums live in shared memory, not registers (which hold the row's xhat and g): dynamic
-// smem of 2 * rows_per_block * D fp32, one (dweight, dbias) slot pair per row-owner (warp or block).
+// Row gradients, and this block's partial sums of dweight/dbias into workspace row blockIdx.x;
+// each only when asked for (its output pointer is not null: frozen norm weights, or the weights'
+// gradient alone). The running sums live in shared memory, not registers (which hold the row's
+// xhat and g): dynamic smem of 2 * rows_per_block * D fp32 (none without sums), one (dweight,
+// dbias) slot pair per row-owner (warp or block).
 // Inside a slot, column c * VEC + e sits at e * chunks + c, so a warp's accesses hit consecutive
 // banks; each thread only ever touches its own columns until the final reduction.
 template <int VEC, int C, bool WARP>
@@ -214,19 +216,23 @@ add_norm_bwd_kernel(const AddNormParams p) {
   const int D = static_cast<int>(p.dim);
   const int chunks = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
-  const bool has_bias = p.grad_bias != nullptr;
+  // Uniform per launch: a skipped row_sum skips its __syncthreads in every thread of the block.
+  const bool want_x = p.grad_x != nullptr, want_w = p.grad_weight != nullptr,
+             want_b = p.grad_bias != nullptr, sums = want_w || want_b;
   const void* s_ptr = p.residual_out != nullptr ? p.residual_out : p.x;
   const DType s_dtype = p.residual_out != nullptr ? p.residual_out_dtype : p.x_dtype;
   const int slots = WARP ? blockDim.y : 1;
   const int slot = WARP ? threadIdx.y : 0;
   float* part_w = part + static_cast<int64_t>(slot) * D;
   float* part_b = part + static_cast<int64_t>(slots + slot) * D;
+  if (sums) {
 #pragma unroll
-  for (int k = 0; k < C; ++k) {
-    const int c = tl.tid + k * tl.tpr;
-    if (c >= chunks) continue;
+    for (int k = 0; k < C; ++k) {
+      const int c = tl.tid + k * tl.tpr;
+      if (c >= chunks) continue;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) part_w[e * chunks + c] = part_b[e * chunks + c] = 0.f;
+      for (int e = 0; e < VEC; ++e) part_w[e * chunks + c] = part_b[e * chunks + c] = 0.f;
+    }
   }
   for (int64_t row = tl.first_row; row < p.rows; row += tl.row_step) {
     const int64_t base = row * p.dim;
@@ -239,20 +245,31 @@ add_norm_bwd_kernel(const AddNormParams p) {
       const int c = tl.tid + k * tl.tpr;
       if (c >= chunks) continue;
       const int64_t i = base + static_cast<int64_t>(c) * VEC;
-      float dy[VEC], w[VEC];
+      float dy[VEC];
       load<VEC>(s_ptr, s_dtype, i, xh[k]);
       load<VEC>(p.grad_out, p.out_dtype, i, dy);
-      load<VEC>(p.weight, p.weight_dtype, static_cast<int64_t>(c) * VEC, w);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        xh[k][e] = (xh[k][e] - mean) * rstd;
-        g[k][e] = dy[e] * w[e];
-        part_w[e * chunks + c] += dy[e] * xh[k][e];
-        part_b[e * chunks + c] += dy[e];
-        acc.x += g[k][e] * xh[k][e];
-        acc.y += g[k][e];
+      for (int e = 0; e < VEC; ++e) xh[k][e] = (xh[k][e] - mean) * rstd;
+      if (want_w) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part_w[e * chunks + c] += dy[e] * xh[k][e];
+      }
+      if (want_b) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part_b[e * chunks + c] += dy[e];
+      }
+      if (want_x) {
+        float w[VEC];
+        load<VEC>(p.weight, p.weight_dtype, static_cast<int64_t>(c) * VEC, w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          g[k][e] = dy[e] * w[e];
+          acc.x += g[k][e] * xh[k][e];
+          acc.y += g[k][e];
+        }
       }
     }
+    if (!want_x) continue;
     acc = row_sum<WARP>(acc, red);
     const float c1 = acc.x * inv_d, c2 = p.rms ? 0.f : acc.y * inv_d;
 #pragma unroll
@@ -274,6 +291,7 @@ add_norm_bwd_kernel(const AddNormParams p) {
     }
   }
 
+  if (!sums) return;
   float* ws_w = p.workspace + static_cast<int64_t>(blockIdx.x) * D;
   float* ws_b = p.workspace + (p.partial_rows + blockIdx.x) * static_cast<int64_t>(D);
   // Warp rows first add their slots in warp order (deterministic); a block row owns one slot.
@@ -286,26 +304,26 @@ add_norm_bwd_kernel(const AddNormParams p) {
       sw += part[static_cast<int64_t>(y) * D + idx];
       sb += part[static_cast<int64_t>(slots + y) * D + idx];
     }
-    ws_w[col] = sw;
-    if (has_bias) ws_b[col] = sb;
+    if (want_w) ws_w[col] = sw;
+    if (want_b) ws_b[col] = sb;
   }
 }
 
-// grad_weight[col] (and grad_bias[col]) = the sum of the partial rows, in a fixed order. Blocks of
-// 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then slice sums in order.
-// (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers a thread, which a
-// 1024-thread launch needs; it uses 32 today, so this only guards later edits.)
+// grad_weight[col] and grad_bias[col] (each when asked for) = the sum of the partial rows, in a
+// fixed order. Blocks of 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then
+// slice sums in order. (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers
+// a thread, which a 1024-thread launch needs; it uses 32 today, so this only guards later edits.)
 __global__ void __launch_bounds__(1024) add_norm_dweight_kernel(const AddNormParams p) {
   __shared__ float tile[2][32][33];
   const int64_t D = p.dim, P = p.partial_rows;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  const bool has_bias = p.grad_bias != nullptr;
+  const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
   float sw = 0.f, sb = 0.f;
   if (col < D) {
 #pragma unroll 4
     for (int64_t r = threadIdx.y; r < P; r += 32) {
-      sw += p.workspace[r * D + col];
-      if (has_bias) sb += p.workspace[(P + r) * D + col];
+      if (want_w) sw += p.workspace[r * D + col];
+      if (want_b) sb += p.workspace[(P + r) * D + col];
     }
   }
   tile[0][threadIdx.y][threadIdx.x] = sw;
@@ -317,8 +335,8 @@ __global__ void __launch_bounds__(1024) add_norm_dweight_kernel(const AddNormPar
     w[0] += tile[0][y][threadIdx.x];
     b[0] += tile[1][y][threadIdx.x];
   }
-  store<1>(p.grad_weight, p.weight_dtype, col, w);
-  if (has_bias) store<1>(p.grad_bias, p.weight_dtype, col, b);
+  if (want_w) store<1>(p.grad_weight, p.weight_dtype, col, w);
+  if (want_b) store<1>(p.grad_bias, p.weight_dtype, col, b);
 }
 
 }  // namespace
@@ -400,8 +418,13 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
   return launch.template operator()<1, 32, false>();
 }
 
-// The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384).
-size_t bwd_smem(const Layout& l, int64_t dim) { return sizeof(float) * 2 * l.rows_per_block() * dim; }
+bool bwd_sums(const AddNormParams& p) { return p.grad_weight != nullptr || p.grad_bias != nullptr; }
+
+// The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384);
+// none when neither gradient is asked for.
+size_t bwd_smem(const AddNormParams& p, const Layout& l) {
+  return bwd_sums(p) ? sizeof(float) * 2 * l.rows_per_block() * p.dim : 0;
+}
 
 // Held from allow_bwd_smem to the launch (or occupancy query) that relies on it. The attribute is
 // the kernel's, shared by every caller, and each call sets it to its own size; one instantiation
@@ -416,9 +439,11 @@ std::mutex& bwd_smem_mutex() {
 // Opts a kernel in to `smem` bytes of dynamic shared memory. Always, not only past 48 KiB: without
 // the opt-in the limit is 48 KiB for static + dynamic together, and the kernel's static `red`
 // (256 bytes) on top of a dynamic size just under 48 KiB (D in 6113..6144, e.g. the common 6144)
-// failed the launch. Call it under bwd_smem_mutex().
+// failed the launch. Call it under bwd_smem_mutex(). None needed without dweight/dbias sums (smem 0):
+// the attribute is left as it is rather than lowered under a launch of the same kernel that needs it.
 template <typename Kernel>
 cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
+  if (smem == 0) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
@@ -448,10 +473,10 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
   int per_sm = 0;
   const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
     const std::lock_guard<std::mutex> lock(bwd_smem_mutex());
-    const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(l, p.dim));
+    const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(p, l));
     if (e != cudaSuccess) return e;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_norm_bwd_kernel<VEC, C, WARP>,
-                                                         l.block_threads(), bwd_smem(l, p.dim));
+                                                         l.block_threads(), bwd_smem(p, l));
   });
   if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky; fall back to one block an SM
   return std::min(grid_rows(l, p.rows), int64_t{std::max(1, sm_count)} * std::max(1, per_sm));
@@ -459,13 +484,15 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
 
 cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
   if (p.dim < 1 || p.dim > kAddNormMaxDim) return cudaErrorInvalidValue;
-  if (p.rows > 0) {
+  const bool sums = bwd_sums(p);
+  if (sums && p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.rows > 0 && (sums || p.grad_x != nullptr)) {
     const Layout l = choose_layout(p, bwd_vec_ok(p));
     // The caller sized the workspace with add_norm_bwd_partial_rows: one partial row per block.
     if (p.partial_rows < 1 || p.partial_rows > kMaxGrid) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(p.partial_rows));
     const dim3 block(l.threads, l.rows_per_block());
-    const size_t smem = bwd_smem(l, p.dim);
+    const size_t smem = bwd_smem(p, l);
     const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
       const std::lock_guard<std::mutex> lock(bwd_smem_mutex());  // until the launch is queued
       const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, smem);
@@ -475,6 +502,7 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     });
     if (err != cudaSuccess) return err;
   }
+  if (!sums) return cudaSuccess;
   // With no rows the partial sums are empty and the kernel writes zeros.
   const dim3 grid(static_cast<unsigned>((p.dim + 31) / 32));
   add_norm_dweight_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);

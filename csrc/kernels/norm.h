@@ -51,12 +51,13 @@ struct AddNormParams {
   // residual: s was x itself), from `x`; `residual` is not read
   const void* grad_out = nullptr;           // (rows, D), out's dtype
   const void* grad_residual_out = nullptr;  // (rows, D), residual_out's dtype, or null
-  // backward outputs
+  // backward outputs, each null when not wanted (its work is skipped; grad_residual needs grad_x)
   void* grad_x = nullptr;         // (rows, D), x's dtype
-  void* grad_residual = nullptr;  // (rows, D), residual's dtype, or null (not wanted)
+  void* grad_residual = nullptr;  // (rows, D), residual's dtype (only when its dtype is not x's)
   void* grad_weight = nullptr;    // (D,), weight's dtype
-  void* grad_bias = nullptr;      // (D,), weight's dtype, or null
+  void* grad_bias = nullptr;      // (D,), weight's dtype
   float* workspace = nullptr;     // (2, partial_rows, D) fp32: dweight then dbias partial sums
+                                  // (null when neither grad_weight nor grad_bias is wanted)
   int64_t partial_rows = 0;       // add_norm_bwd_partial_rows(p, sm_count)
 
   int64_t rows = 0, dim = 0;

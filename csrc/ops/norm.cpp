@@ -102,7 +102,8 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
                                 const at::Tensor& s, const at::Tensor& weight,
                                 const at::Tensor& mean, const at::Tensor& rstd, bool rms,
                                 bool has_residual, bool has_bias, at::ScalarType x_dtype,
-                                std::optional<at::ScalarType> residual_dtype) {
+                                std::optional<at::ScalarType> residual_dtype, bool grad_input,
+                                bool grad_weight) {
   check_float(s, "s");
   // The forward's checks, again: this op is public, and rows = numel / D below divides by D.
   TORCH_CHECK_VALUE(s.dim() >= 1 && s.size(-1) >= 1,
@@ -147,10 +148,13 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
   b.mean = mean.contiguous();
   b.rstd = rstd.contiguous();
   const auto opts = s.options();
-  b.grad_x = at::empty(s.sizes(), opts.dtype(x_dtype));
-  b.grad_residual = at::empty(residual_dtype.has_value() ? s.sizes() : at::IntArrayRef{0},
+  const bool grad_residual = grad_input && residual_dtype.has_value();
+  const int64_t zero = 0;
+  const at::IntArrayRef none(zero);  // (0,): a gradient not asked for
+  b.grad_x = at::empty(grad_input ? s.sizes() : none, opts.dtype(x_dtype));
+  b.grad_residual = at::empty(grad_residual ? s.sizes() : none,
                               opts.dtype(residual_dtype.value_or(s.scalar_type())));
-  b.grad_weight = at::empty({D}, opts.dtype(weight.scalar_type()));
+  b.grad_weight = at::empty({grad_weight ? D : 0}, opts.dtype(weight.scalar_type()));
   b.grad_bias = at::empty({has_bias ? D : 0}, opts.dtype(weight.scalar_type()));
 
   AddNormParams& p = b.p;
@@ -164,9 +168,9 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
   p.rstd = static_cast<float*>(b.rstd.data_ptr());
   p.grad_out = b.grad_out.data_ptr();
   p.grad_residual_out = grad_residual_out.has_value() ? b.grad_residual_out.data_ptr() : nullptr;
-  p.grad_x = b.grad_x.data_ptr();
-  p.grad_residual = residual_dtype.has_value() ? b.grad_residual.data_ptr() : nullptr;
-  p.grad_weight = b.grad_weight.data_ptr();
+  p.grad_x = grad_input ? b.grad_x.data_ptr() : nullptr;
+  p.grad_residual = grad_residual ? b.grad_residual.data_ptr() : nullptr;
+  p.grad_weight = grad_weight ? b.grad_weight.data_ptr() : nullptr;
   p.grad_bias = has_bias ? b.grad_bias.data_ptr() : nullptr;
   p.rows = rows;
   p.dim = D;
@@ -246,28 +250,36 @@ template <typename Acc>
 void add_norm_bwd_rows(const AddNormBwd& bw) {
   const AddNormParams& p = bw.p;
   const int64_t D = p.dim;
-  const bool has_bias = p.grad_bias != nullptr;
+  // Only the gradients asked for: the row gradient (grad_x), the dweight and dbias sums.
+  const bool want_x = p.grad_x != nullptr, want_w = p.grad_weight != nullptr,
+             want_b = p.grad_bias != nullptr;
+  if (!want_x && !want_w && !want_b) return;
   const Acc* mean = p.rms ? nullptr : bw.mean.const_data_ptr<Acc>();
   const Acc* rstd = bw.rstd.const_data_ptr<Acc>();
   const int64_t n_part = (p.rows + kRowsPerPartial - 1) / kRowsPerPartial;
-  std::vector<Acc> part(static_cast<size_t>(n_part * 2 * D), Acc(0));
+  std::vector<Acc> part(want_w || want_b ? static_cast<size_t>(n_part * 2 * D) : 0, Acc(0));
   at::parallel_for(0, n_part, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> xh(D), g(D), dy(D), w(D), gr(D);
-    load_row(bw.weight, 0, D, w.data());
+    if (want_x) load_row(bw.weight, 0, D, w.data());
     for (int64_t blk = begin; blk < end; ++blk) {
-      Acc* dw = part.data() + blk * 2 * D;
-      Acc* db = dw + D;
+      Acc* dw = want_w ? part.data() + blk * 2 * D : nullptr;
+      Acc* db = want_b ? part.data() + blk * 2 * D + D : nullptr;
       for (int64_t row = blk * kRowsPerPartial; row < std::min(p.rows, (blk + 1) * kRowsPerPartial); ++row) {
         const int64_t off = row * D;
         const Acc mu = p.rms ? Acc(0) : mean[row], rs = rstd[row];
         load_row(bw.s, off, D, xh.data());
         load_row(bw.grad_out, off, D, dy.data());
+        for (int64_t i = 0; i < D; ++i) xh[i] = (xh[i] - mu) * rs;
+        if (dw != nullptr) {
+          for (int64_t i = 0; i < D; ++i) dw[i] += dy[i] * xh[i];
+        }
+        if (db != nullptr) {
+          for (int64_t i = 0; i < D; ++i) db[i] += dy[i];
+        }
+        if (!want_x) continue;
         double sum_gx = 0, sum_g = 0;  // fp64 row sums, as in the forward
         for (int64_t i = 0; i < D; ++i) {
-          xh[i] = (xh[i] - mu) * rs;
           g[i] = dy[i] * w[i];
-          dw[i] += dy[i] * xh[i];
-          db[i] += dy[i];
           sum_gx += static_cast<double>(g[i] * xh[i]);
           sum_g += static_cast<double>(g[i]);
         }
@@ -284,6 +296,7 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
       }
     }
   });
+  if (!want_w && !want_b) return;
   std::vector<Acc> dw(D, Acc(0)), db(D, Acc(0));
   for (int64_t blk = 0; blk < n_part; ++blk) {
     for (int64_t i = 0; i < D; ++i) {
@@ -291,8 +304,8 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
       db[i] += part[blk * 2 * D + D + i];
     }
   }
-  store_row(bw.grad_weight, 0, D, dw.data());
-  if (has_bias) store_row(bw.grad_bias, 0, D, db.data());
+  if (want_w) store_row(bw.grad_weight, 0, D, dw.data());
+  if (want_b) store_row(bw.grad_bias, 0, D, db.data());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_cpu(
@@ -312,10 +325,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& s, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
     bool rms, bool has_residual, bool has_bias, at::ScalarType x_dtype,
-    std::optional<at::ScalarType> residual_dtype) {
+    std::optional<at::ScalarType> residual_dtype, bool grad_input, bool grad_weight) {
   const NoAutocastGuard no_autocast;
-  AddNormBwd b = prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
-                                      has_residual, has_bias, x_dtype, residual_dtype);
+  AddNormBwd b =
+      prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual,
+                           has_bias, x_dtype, residual_dtype, grad_input, grad_weight);
   if (b.rstd.scalar_type() == at::kDouble) {
     add_norm_bwd_rows<double>(b);
   } else {

@@ -28,17 +28,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& s, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
     bool rms, bool has_residual, bool has_bias, at::ScalarType x_dtype,
-    std::optional<at::ScalarType> residual_dtype) {
+    std::optional<at::ScalarType> residual_dtype, bool grad_input, bool grad_weight) {
   const c10::cuda::CUDAGuard guard(s.device());
-  AddNormBwd b = prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
-                                      has_residual, has_bias, x_dtype, residual_dtype);
+  AddNormBwd b =
+      prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual,
+                           has_bias, x_dtype, residual_dtype, grad_input, grad_weight);
   int sm_count = 0;
   check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, s.get_device()),
                "SM count query");
-  // (2, partial_rows, D) fp32: the per-block dweight and dbias sums the reduction kernel adds up.
   b.p.partial_rows = add_norm_bwd_partial_rows(b.p, sm_count);
-  const at::Tensor workspace = at::empty({2, b.p.partial_rows, b.p.dim}, s.options().dtype(at::kFloat));
-  b.p.workspace = workspace.data_ptr<float>();
+  // (2, partial_rows, D) fp32: the per-block dweight and dbias sums the reduction kernel adds up;
+  // none when neither gradient is asked for.
+  const bool sums = b.p.grad_weight != nullptr || b.p.grad_bias != nullptr;
+  const at::Tensor workspace =
+      at::empty({sums ? 2 * b.p.partial_rows * b.p.dim : 0}, s.options().dtype(at::kFloat));
+  b.p.workspace = sums ? workspace.data_ptr<float>() : nullptr;
   check_launch(add_norm_bwd(b.p, c10::cuda::getCurrentCUDAStream()), "backward launch");
   return {b.grad_x, b.grad_residual, b.grad_weight, b.grad_bias};
 }

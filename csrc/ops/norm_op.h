@@ -25,12 +25,13 @@ AddNormFwd prepare_add_norm_fwd(const at::Tensor& x, const std::optional<at::Ten
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 double eps, bool rms, at::ScalarType out_dtype);
 
+// Every gradient not asked for is (0,) and its pointer in p is null (the kernels skip its work).
 struct AddNormBwd {
   at::Tensor grad_out, grad_residual_out, s, weight, mean, rstd;  // contiguous inputs
-  at::Tensor grad_x;         // s's shape, x_dtype
-  at::Tensor grad_residual;  // s's shape, residual_dtype; (0,) when not asked for
-  at::Tensor grad_weight;    // (D,), weight's dtype
-  at::Tensor grad_bias;      // (D,), weight's dtype; (0,) without a bias
+  at::Tensor grad_x;         // s's shape, x_dtype (grad_input)
+  at::Tensor grad_residual;  // s's shape, residual_dtype (grad_input and residual_dtype given)
+  at::Tensor grad_weight;    // (D,), weight's dtype (grad_weight)
+  at::Tensor grad_bias;      // (D,), weight's dtype (has_bias)
   AddNormParams p;           // workspace not set (the CUDA binding allocates it)
 };
 
@@ -40,6 +41,7 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
                                 const at::Tensor& s, const at::Tensor& weight,
                                 const at::Tensor& mean, const at::Tensor& rstd, bool rms,
                                 bool has_residual, bool has_bias, at::ScalarType x_dtype,
-                                std::optional<at::ScalarType> residual_dtype);
+                                std::optional<at::ScalarType> residual_dtype, bool grad_input,
+                                bool grad_weight);
 
 }  // namespace fmcore

@@ -1,6 +1,7 @@
 // Every fmcore op schema, in one place. Device files register their implementations with
 // TORCH_LIBRARY_IMPL(fmcore, CPU|CUDA, m); Python registers fake (meta) and autograd formulas,
-// except rope's autograd, which is C++ for its per-call cost (rope_autograd.cpp).
+// except rope's and add_norm's autograd, which are C++ for their per-call cost (rope_autograd.cpp,
+// norm_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fmcore, m) {
@@ -75,12 +76,16 @@ TORCH_LIBRARY(fmcore, m) {
   // in out_dtype, residual_out = x + residual in their promoted dtype ((0,) without a residual),
   // mean (rows,) ((0,) for RMSNorm) and rstd (rows,) fp32 (fp64 for an fp64 stream on the CPU).
   // The backward takes s (residual_out, or x without a residual) and returns (grad_x in x_dtype,
-  // grad_residual in residual_dtype ((0,) when None), grad_weight, grad_bias ((0,) without one)).
+  // grad_residual in residual_dtype ((0,) when None), grad_weight, grad_bias). Only what is asked
+  // for is computed, the rest is (0,): grad_x and grad_residual with grad_input, grad_weight with
+  // grad_weight, grad_bias with has_bias (the backward never reads the bias itself).
+  // Autograd for both is C++ (norm_autograd.cpp); add_norm_bwd has none (no double backward).
   m.def(
       "add_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms, "
       "ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "add_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor s, Tensor weight, "
       "Tensor mean, Tensor rstd, bool rms, bool has_residual, bool has_bias, ScalarType x_dtype, "
-      "ScalarType? residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+      "ScalarType? residual_dtype, bool grad_input=True, bool grad_weight=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -168,6 +168,104 @@ def test_gradcheck(kind, residual):
     assert torch.autograd.gradcheck(fn, (x, r, w, b))
 
 
+@pytest.mark.parametrize("needs", ["x", "residual", "weight", "bias", "weight,bias", "x,residual", "x,weight"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_only_some_inputs_need_grad(device, needs, residual):
+    """The backward asks add_norm_bwd only for what some input needs (frozen norm weights: no dweight
+    sums; only the weights: no row gradients). Autocast dtypes (bf16 x, fp32 stream): the residual's
+    gradient alone comes out in its own dtype. The kernels are the same, so the bits are too."""
+    if "residual" in needs and not residual:
+        pytest.skip("no residual")
+    full = [None if t is None else t.detach() for t in make_inputs(37, 96, "autocast", "layer", device, residual=residual)]
+    want = set(needs.split(","))
+    inputs = [None if t is None else t.clone().requires_grad_(n in want)
+              for n, t in zip(("x", "residual", "weight", "bias"), full)]
+    out, stream = add_norm(*inputs, out_dtype=torch.bfloat16)
+    cots = cotangents((out, stream))
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    # without a residual the stream is x, which may not require grad
+    outs = [(o, c) for o, c in zip((out, stream), cots) if o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in outs], live, [c for _, c in outs])
+    full = [None if t is None else t.requires_grad_() for t in full]
+    ref = grads(add_norm(*full, out_dtype=torch.bfloat16), full, cots)
+    ref = [g for t, g in zip(inputs, ref) if t is not None and t.requires_grad]
+    assert len(got) == len(ref) == len(want)
+    for t, g, gr in zip(live, got, ref):
+        assert g.dtype == t.dtype and torch.equal(g, gr)
+
+
+@pytest.mark.parametrize("grad_input", [True, False])
+@pytest.mark.parametrize("grad_weight", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_bwd_op_computes_only_what_is_asked(device, grad_input, grad_weight, has_bias):
+    """Gradients not asked for are (0,); the rest equal the full computation's, bit for bit."""
+    x, r, w, b = (t.detach() for t in make_inputs(40, 512, "autocast", "layer", device))
+    out, s, mean, rstd = torch.ops.fmcore.add_norm_fwd(x, r, w, b, 1e-5, False, torch.bfloat16)
+    go, gs = cotangents((out, s))
+    args = (go, gs, s, w, mean, rstd, False, True)
+    full = torch.ops.fmcore.add_norm_bwd(*args, True, torch.bfloat16, torch.float32)
+    got = torch.ops.fmcore.add_norm_bwd(*args, has_bias, torch.bfloat16, torch.float32, grad_input, grad_weight)
+    for name, wanted, g, f in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"),
+                                  (grad_input, grad_input, grad_weight, has_bias), got, full):
+        if wanted:
+            assert torch.equal(g, f), name
+        else:
+            assert g.shape == (0,), name
+
+
+@pytest.mark.parametrize("used", ["normed", "stream"])
+def test_one_output_unused(device, used):
+    """An output that does not reach the loss gets no gradient (no zeros materialised for the stream);
+    with only the stream used, the norm contributes nothing."""
+    x, r, w, b = make_inputs(9, 64, "fp32", "layer", device)
+    out, stream = add_norm(x, r, w, b)
+    if used == "stream":
+        gx, gr, gw, gb = torch.autograd.grad((stream * 1.5).sum(), (x, r, w, b))
+        for g in (gx, gr):
+            assert torch.equal(g, torch.full_like(g, 1.5))
+        assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
+        return
+    cot = cotangents((out,))[0]
+    got = torch.autograd.grad(out, (x, r, w, b), cot)
+    t_out, _ = torch_add_norm(x, r, w, b, 1e-5, "layer", torch.float32)
+    want = torch.autograd.grad(t_out, (x, r, w, b), cot)
+    for g, gw_ in zip(got, want):
+        torch.testing.assert_close(g, gw_)
+
+
+def test_double_backward_raises(device):
+    """First-order gradients only: a gradient taken with create_graph=True is right, and
+    differentiating it again raises (torch's fallback for an op without autograd warned and gave 0)."""
+    x, r, w, b = make_inputs(4, 64, "fp32", "layer", device)
+    out, stream = add_norm(x, r, w, b)
+    gx, = torch.autograd.grad((out * out).sum() + stream.sum(), x, create_graph=True)
+    out, stream = add_norm(x, r, w, b)
+    want, = torch.autograd.grad((out * out).sum() + stream.sum(), x)
+    assert torch.equal(gx.detach(), want)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(gx.sum(), w)
+
+
+def test_forward_mode_ad_raises(device):
+    import torch.autograd.forward_ad as fwAD
+
+    x, r, w, b = (t.detach() for t in make_inputs(4, 64, "fp32", "layer", device))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            add_norm(dual, r, w, b)
+
+
+def test_no_grad_outputs_need_no_grad(device):
+    x, r, w, b = make_inputs(4, 64, "fp32", "layer", device)
+    with torch.no_grad():
+        out, stream = add_norm(x, r, w, b)
+    assert not out.requires_grad and not stream.requires_grad
+    with torch.inference_mode():
+        out, stream = add_norm(x, r, w, b)
+    assert out.is_inference()
+
+
 def test_opcheck(device):
     samples = [
         (torch.randn(4, 64), torch.randn(4, 64), torch.randn(64), torch.randn(64), 1e-5, False, torch.float32),
@@ -180,8 +278,11 @@ def test_opcheck(device):
     s = torch.randn(4, 64, device=device)
     w = torch.randn(64, device=device)
     _, _, mean, rstd = torch.ops.fmcore.add_norm_fwd(s, None, w, None, 1e-5, False, torch.float32)
-    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd,
-                          (torch.randn_like(s), None, s, w, mean, rstd, False, False, False, torch.float32, None))
+    args = (torch.randn_like(s), None, s, w, mean, rstd, False, False)
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, False, torch.float32, None))
+    # the gradients not asked for are (0,) in the fake impl too
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, True, torch.float32, None, False, True))
+    torch.library.opcheck(torch.ops.fmcore.add_norm_bwd, (*args, False, torch.float32, None, True, False))
 
 
 def test_compile_fullgraph(device):

@@ -63,20 +63,38 @@ def _measure(ctx: BenchContext, case: str, system: str, fn, inputs, kind: str, o
             + ctx.bandwidth_rows("norm", f"{case} bwd", system, bwd, nbytes[1]))
 
 
-def call_overhead_ms(fn, device, *, calls: int = 1000, reps: int = 5) -> dict[str, float]:
-    """Host milliseconds per eager call on tiny (1, 64) tensors (x, residual, weight, bias requiring
-    grad): the forward alone, and forward + torch.autograd.grad. Medians of reps rounds."""
-    x, r, w, b = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((1, 64), (1, 64), (64,), (64,)))
+def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps: int = 5) -> dict[str, float]:
+    """Host milliseconds per eager call on tiny (8, 64) fp32 tensors (x, residual, weight and, for
+    LayerNorm, bias), where the kernel is negligible: "forward no-grad" (torch.no_grad), "forward"
+    (the inputs require grad: autograd records a node) and "forward + autograd.grad". Medians of
+    reps rounds. On the CPU with one intra-op thread: torch's layer_norm splits even 8 rows across
+    threads, and on a loaded 2-core machine each call then waited ~8 ms for a busy core."""
+    g = torch.Generator().manual_seed(0)
+    x, r, w, b = (torch.randn(*shape, generator=g).to(device).requires_grad_()
+                  for shape in ((8, 64), (8, 64), (64,), (64,)))
+    b = b if kind == "layer" else None
+    wanted = [t for t in (x, r, w, b) if t is not None]
+    cots = (torch.randn(8, 64, generator=g).to(device), torch.randn(8, 64, generator=g).to(device))
 
     def fwd():
-        return fn(x, r, w, b, "layer", torch.float32)
+        return fn(x, r, w, b, kind, torch.float32)
+
+    def fwd_no_grad():
+        with torch.no_grad():
+            return fwd()
 
     def fwd_bwd():
-        out, stream = fwd()
-        torch.autograd.grad((out, stream), (x, r, w, b), (out, stream))
+        torch.autograd.grad(fwd(), wanted, cots)
 
-    return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
-            for what, call in (("forward", fwd), ("forward + autograd.grad", fwd_bwd))}
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
+                for what, call in (("forward no-grad", fwd_no_grad), ("forward", fwd),
+                                   ("forward + autograd.grad", fwd_bwd))}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(ctx: BenchContext) -> list[Row]:
@@ -108,9 +126,13 @@ def run(ctx: BenchContext) -> list[Row]:
                     rows.append(Row("norm", f"{case} {phase}", "floor", "ms", floor_ms,
                                     "ms: the fused op's bytes at the copy bandwidth"))
     # Host cost per call (metric "ms": the row vocabulary has no "us"): 25 of these run per GPT-2
-    # 124M step, each way; it is hidden while the GPU is the bottleneck.
-    for system, fn in (("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm)):
-        calls = 200 if ctx.quick else 1000
-        for what, ms in call_overhead_ms(fn, dev, calls=calls).items():
-            rows.append(Row("norm", f"per-call overhead (1, 64) {what}", system, "ms", ms, "ms/call"))
+    # 124M step, each way; it is hidden while the GPU is the bottleneck. fmcore's autograd is C++
+    # for this cost (csrc/ops/norm_autograd.cpp).
+    for kind in ("layer", "rms"):
+        name = "LayerNorm" if kind == "layer" else "RMSNorm"
+        for system, fn in (("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm)):
+            calls = 200 if ctx.quick else 1000
+            for what, ms in call_overhead_ms(fn, dev, kind=kind, calls=calls).items():
+                rows.append(Row("norm", f"per-call overhead (8, 64) {name} {what}", system, "ms", ms,
+                                "ms/call"))
     return rows

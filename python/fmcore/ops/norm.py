@@ -14,16 +14,23 @@ Math in fp32 (fp64 for fp64 inputs on the CPU): the sum is rounded once to the s
 the statistics are taken from that rounded sum, exactly what ``F.layer_norm(x + residual, ...)``
 computes. The backward recomputes the normalised values from the saved sum and the per-row mean
 and 1/std (fp32, 8 bytes a row); the weight and bias gradients are reduced deterministically
-(per-block partial sums, then a second pass in a fixed order). Kernels: csrc/kernels/norm.h.
+(per-block partial sums, then a second pass in a fixed order), and only the gradients some input
+needs are computed (frozen norm weights cost no dweight pass). Kernels: csrc/kernels/norm.h.
+
+Autograd is C++ (csrc/ops/norm_autograd.cpp), not torch.library.register_autograd: the Python
+autograd kernel cost ~90 us per call with grad, and the models call add_norm ~25 times a step
+(docs/design-notes.md). For the same reason this wrapper is one dict lookup, the default out_dtype
+and one call of the cached OpOverload; the C++ op validates every tensor. First-order gradients
+only: double backward (differentiating a gradient taken with create_graph=True) raises.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import tensor_meta, zeros_if_none
-
 _KINDS = {"layer": False, "rms": True}
+# The overload itself: calling it skips the packet's per-call overload resolution.
+_add_norm_fwd = torch.ops.fmcore.add_norm_fwd.default
 
 
 def add_norm(
@@ -59,18 +66,19 @@ def add_norm(
     Raises ValueError naming the argument for bad shapes, dtypes or kind, RuntimeError for mixed
     devices. CUDA takes D up to 16384.
     """
-    if kind not in _KINDS:
+    rms = _KINDS.get(kind)
+    if rms is None:
         raise ValueError(f"expected kind 'layer' or 'rms', got {kind!r}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected x to be a Tensor, got {type(x).__name__}")
     if out_dtype is None:
         out_dtype = _default_out_dtype(x, residual)
-    out, stream, _, _ = torch.ops.fmcore.add_norm_fwd(x, residual, weight, bias, float(eps), _KINDS[kind], out_dtype)
+    out, stream, _, _ = _add_norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
     return out, (x if residual is None else stream)
 
 
 def _default_out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if not isinstance(x, torch.Tensor):  # else an AttributeError below, not the op's TypeError
+        raise TypeError(f"expected x to be a Tensor, got {type(x).__name__}")
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.float32
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
@@ -88,38 +96,10 @@ def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, out_dtype):
 
 @torch.library.register_fake("fmcore::add_norm_bwd")
 def _add_norm_bwd_fake(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias, x_dtype,
-                       residual_dtype):
+                       residual_dtype, grad_input=True, grad_weight=True):
     D = s.shape[-1]
-    return (s.new_empty(s.shape, dtype=x_dtype),
-            s.new_empty(s.shape if residual_dtype is not None else (0,), dtype=residual_dtype or s.dtype),
-            weight.new_empty((D,)),
+    return (s.new_empty(s.shape if grad_input else (0,), dtype=x_dtype),
+            s.new_empty(s.shape if grad_input and residual_dtype is not None else (0,),
+                        dtype=residual_dtype or s.dtype),
+            weight.new_empty((D if grad_weight else 0,)),
             weight.new_empty((D if has_bias else 0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, rms, _ = inputs
-    out, stream, mean, rstd = output
-    has_residual = residual is not None
-    # The backward reads the sum: the stream output, or x itself when nothing was added.
-    ctx.save_for_backward(stream if has_residual else x, weight, mean, rstd)
-    ctx.rms, ctx.has_residual, ctx.has_bias = rms, has_residual, bias is not None
-    ctx.x_dtype = x.dtype
-    # A separate residual gradient only when its dtype differs from x's; else both share one tensor.
-    ctx.residual_dtype = residual.dtype if has_residual and residual.dtype != x.dtype else None
-    ctx.out_meta = tensor_meta(out)
-
-
-def _backward(ctx, grad_out, grad_stream, _grad_mean, _grad_rstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    grad_out = zeros_if_none(grad_out, ctx.out_meta)
-    if not ctx.has_residual:
-        grad_stream = None  # the (0,) placeholder; the stream's gradient reaches x directly
-    gx, gr, gw, gb = torch.ops.fmcore.add_norm_bwd(grad_out, grad_stream, s, weight, mean, rstd, ctx.rms,
-                                                   ctx.has_residual, ctx.has_bias, ctx.x_dtype, ctx.residual_dtype)
-    grad_residual = None
-    if ctx.has_residual:
-        grad_residual = gr if ctx.residual_dtype is not None else gx
-    return gx, grad_residual, gw, (gb if ctx.has_bias else None), None, None, None
-
-
-torch.library.register_autograd("fmcore::add_norm_fwd", _backward, setup_context=_setup_context)
