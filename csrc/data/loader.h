@@ -75,7 +75,8 @@ class Loader {
   // Stops and joins the workers; next() then throws. Idempotent.
   void close();
   // Stops the workers, drops prefetched batches and restarts at a global sample number. A next()
-  // waiting in another thread meanwhile throws (std::runtime_error naming the restart).
+  // in another thread meanwhile (waiting, or called mid-restart) throws std::runtime_error naming
+  // the restart.
   void restart(uint64_t start_sample);
 
   // Global sample number where the next batch of rank 0 would start (what state_dict saves).
