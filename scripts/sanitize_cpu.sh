@@ -7,24 +7,36 @@
 #   scripts/sanitize_cpu.sh asan tests/data/test_loader.py -k resume   # other pytest arguments
 #
 # What it does: configures a CPU-only (FMCORE_CUDA=off) build of fmcore._C with -fsanitize=... in
-# build/<asan|tsan>/ (Debug, -O1 -g), builds it with at most JOBS=2 jobs, lays out a package tree
-# build/<mode>/python/fmcore (symlinks to python/fmcore, plus the sanitized _C) so the regular
-# python/fmcore/_C*.so is left alone, and runs pytest with the sanitizer runtime preloaded into
-# CPython (which is not instrumented itself). Exits non-zero on a report or a test failure; the
-# report goes to build/<mode>/reports/*.log (log_path) and is printed at the end.
+# build/<asan|tsan>/ (Debug, -O1 -g; GCC's runtimes), builds it with at most JOBS=2 jobs, lays out
+# a package tree build/<mode>/python/fmcore (symlinks to python/fmcore plus the sanitized _C), so
+# the regular python/fmcore/_C*.so is left alone, and runs pytest with the sanitizer runtime
+# preloaded into CPython (which is not instrumented itself). Exits non-zero on a test failure or
+# on any sanitizer report (halt_on_error: the first report ends the run); the whole output is kept
+# in build/<mode>/pytest.log. Tests that start subprocesses (test_clean_shutdown) inherit the
+# preload, so their child runs sanitized too.
 #
-# Not covered: csrc/kernels and csrc/ops/*_cuda.cpp (CUDA: see `scripts/gpu_check.sh sanitize`) and
-# csrc/dist (CUDA/NCCL only; the CPU build compiles a stub that reports has_nccl = False).
+# Default test sets: asan: tests/data, tests/ops and tests/optim without the CUDA cases (every CPU
+# op reference, forward and backward, opcheck, torch.compile paths). tsan: tests/data/test_loader.py
+# and tests/data/test_shards.py (every loader thread path: workers, restart, close, concurrent
+# consumers, worker errors, malformed shards opened by the parallel openers).
 #
-# Time on the 2-core dev machine (2026-11-23, shared): build ~N min each mode (first time; then
-# incremental); asan tests ~N min; tsan tests ~N min.
+# Not covered: csrc/kernels and csrc/ops/*_cuda.cpp (CUDA: `scripts/gpu_check.sh sanitize` runs
+# compute-sanitizer) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub that reports
+# has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
+# training the BPE tokenizer (tests' `fmcore prepare` fixtures) under TSan's interceptors took more
+# than 10 minutes without finishing.
+#
+# Time on the 2-core dev machine, shared with other jobs (2026-11-23): a first build ~5-10 min per
+# mode (incremental after that: ~1 min for a touched op file); asan tests ~9 min (data 1.5, ops and
+# optim 6.5); tsan tests ~35 s.
 #
 # Notes on the runtimes:
 # - ASAN_OPTIONS=detect_leaks=0: CPython and torch keep allocations alive until exit by design.
-# - ASan+UBSan: -fno-sanitize=vptr, because the vptr check compares typeinfo across torch's shared
-#   libraries (not instrumented) and fmcore's, and reports ... (see the suppressions comment below).
-# - TSan: see scripts/tsan.supp for what is suppressed and why (races inside CPython/torch/OpenMP
-#   frames, never in fmcore frames).
+# - UBSan runs with every check GCC has, vptr included (no false positive from torch's types seen).
+# - TSan: scripts/tsan.supp lists what is suppressed and why (frames in glibc and third-party
+#   libraries only, never fmcore's). at::parallel_for in the op references runs on OpenMP (libgomp,
+#   not instrumented): TSan cannot see its barriers, so a report whose two stacks are both in a
+#   parallel_for body of csrc/ops is most likely such a false positive (none seen so far).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -37,16 +49,18 @@ case $mode in
   asan)
     flags="-fsanitize=address,undefined -fno-omit-frame-pointer"
     runtime=$(g++ -print-file-name=libasan.so)
-    default_tests=(tests/data tests/ops)
+    default_tests=(tests/data tests/ops tests/optim -k "not cuda")
     ;;
   tsan)
     flags="-fsanitize=thread"
     runtime=$(g++ -print-file-name=libtsan.so)
-    default_tests=(tests/data/test_loader.py)
+    default_tests=(tests/data/test_loader.py tests/data/test_shards.py)
     ;;
   *) echo "usage: $0 asan|tsan [pytest args...]" >&2; exit 2 ;;
 esac
 
+# The flags are fixed at configure time: after changing them, delete build/<mode>. Two runs of the
+# same mode at once would share (and rebuild under each other) build/<mode>/python.
 mkdir -p "$build"
 start=$(date +%s)
 if [ ! -f "$build/build.ninja" ]; then
