@@ -20,6 +20,12 @@ void check_options(const LoaderOptions& o) {
   if (o.threads < 1) bad("threads must be >= 1, got " + std::to_string(o.threads));
   if (o.prefetch < 1) bad("prefetch must be >= 1, got " + std::to_string(o.prefetch));
   if (o.out_bytes != 4 && o.out_bytes != 8) bad("out_bytes must be 4 (int32) or 8 (int64)");
+  // The batch buffer is about 4 * batch_size * seq_len * 8 bytes, computed in size_t: a product
+  // that wrapped gave a small buffer the workers then wrote B * T tokens into (batch_size = 2^61 + 1
+  // overflowed the heap). 2^56 tokens keeps every layout offset far below 2^63.
+  if (o.batch_size > (int64_t{1} << 56) / o.seq_len)
+    bad("batch_size * seq_len must be < 2^56 tokens, got " + std::to_string(o.batch_size) + " * " +
+        std::to_string(o.seq_len));
   // cu_seqlens are int32 offsets into the flattened batch.
   if (o.doc_boundaries && o.batch_size * o.seq_len >= (int64_t{1} << 31))
     bad("doc_boundaries needs batch_size * seq_len < 2^31 (cu_seqlens are int32)");
@@ -98,6 +104,7 @@ Loader::~Loader() { close(); }
 void Loader::start_workers() {
   slots_.assign(static_cast<size_t>(opt_.prefetch), Slot{});
   claimed_ = delivered_ = 0;
+  ++generation_;
   stop_ = false;
   failed_ = nullptr;
   const uint64_t depth = slots_.size();
@@ -121,6 +128,9 @@ void Loader::stop_workers() {
 }
 
 void Loader::close() {
+  // close() and restart() from two threads would otherwise both join the same std::threads (UB),
+  // or restart workers on a closed loader that nothing joins (std::terminate at destruction).
+  std::lock_guard<std::mutex> control(control_mu_);
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) return;
@@ -130,6 +140,7 @@ void Loader::close() {
 }
 
 void Loader::restart(uint64_t start_sample) {
+  std::lock_guard<std::mutex> control(control_mu_);
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) throw std::runtime_error("the loader is closed");
@@ -142,7 +153,9 @@ void Loader::restart(uint64_t start_sample) {
 
 uint64_t Loader::next_sample() const {
   std::lock_guard<std::mutex> lk(mu_);
-  return opt_.start_sample + delivered_ * static_cast<uint64_t>(opt_.world_size * opt_.batch_size);
+  // In uint64 like the workers' sample numbers (make_batch): the int64 product could overflow (UB).
+  return opt_.start_sample + delivered_ * static_cast<uint64_t>(opt_.world_size) *
+                                 static_cast<uint64_t>(opt_.batch_size);
 }
 
 double Loader::wait_seconds() const {
@@ -185,21 +198,35 @@ Batch Loader::next() {
     std::unique_lock<std::mutex> lk(mu_);
     if (failed_) std::rethrow_exception(failed_);
     if (closed_) throw std::runtime_error("the loader is closed");
-    const uint64_t i = delivered_;
-    Slot* slot = &slots_[i % slots_.size()];
-    ready_cv_.wait(lk, [&] { return stop_ || (slot->ready && slot->index == i); });
+    // Everything is re-read under the lock at each wake-up, nothing kept across the wait: another
+    // consumer thread may have taken batch delivered_ meanwhile (waiting for the number read on
+    // entry then waited forever), and restart() replaces slots_ (a Slot* kept across the wait
+    // dangled) and empties it while the workers stop (slots_.size() was 0 here: a division by
+    // zero). The stop_ test comes first for that reason.
+    const uint64_t generation = generation_;
+    Slot* slot = nullptr;
+    ready_cv_.wait(lk, [&] {
+      if (stop_ || generation_ != generation || failed_) return true;
+      slot = &slots_[delivered_ % slots_.size()];
+      return slot->ready && slot->index == delivered_;
+    });
     wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (stop_) throw std::runtime_error("the loader was closed while waiting for a batch");
+    if (closed_) throw std::runtime_error("the loader was closed while waiting for a batch");
+    if (stop_ || generation_ != generation)
+      throw std::runtime_error("the loader was restarted while waiting for a batch");
+    if (failed_) std::rethrow_exception(failed_);  // another consumer thread received the error
     slot->ready = false;
     if (slot->error) {
       failed_ = slot->error;
       slot->error = nullptr;
+      ready_cv_.notify_all();  // the other consumer threads waiting get the error too
       std::rethrow_exception(failed_);
     }
     out = std::move(slot->batch);
     ++delivered_;
   }
   work_cv_.notify_all();
+  ready_cv_.notify_all();  // another consumer thread may wait for the batch after this one
   return out;
 }
 

@@ -70,11 +70,13 @@ class Loader {
   Loader& operator=(const Loader&) = delete;
 
   // The next batch; blocks until it is ready. Rethrows a worker's error (then every later call
-  // does).
+  // does). Callable from several threads at once: each batch goes to exactly one of them.
   Batch next();
   // Stops and joins the workers; next() then throws. Idempotent.
   void close();
-  // Stops the workers, drops prefetched batches and restarts at a global sample number.
+  // Stops the workers, drops prefetched batches and restarts at a global sample number. A next()
+  // in another thread meanwhile (waiting, or called mid-restart) throws std::runtime_error naming
+  // the restart.
   void restart(uint64_t start_sample);
 
   // Global sample number where the next batch of rank 0 would start (what state_dict saves).
@@ -109,12 +111,14 @@ class Loader {
   std::unique_ptr<SamplePlan> plan_;
   BatchLayout layout_;
 
+  std::mutex control_mu_;  // serializes close() and restart() (both stop and join the workers)
   mutable std::mutex mu_;
   std::condition_variable work_cv_;   // workers wait for ring space
   std::condition_variable ready_cv_;  // the consumer waits for its batch
   std::vector<Slot> slots_;
   uint64_t claimed_ = 0;    // next batch index a worker will take
   uint64_t delivered_ = 0;  // batches handed to the consumer since the last (re)start
+  uint64_t generation_ = 0;  // incremented by every (re)start: slots_ and delivered_ were replaced
   bool stop_ = false;
   bool closed_ = false;
   std::exception_ptr failed_;

@@ -147,6 +147,9 @@ void scale_cpu(const CeTensors& t) {
   T* G = t.grad.data_ptr<T>();
   const Acc* scale = t.grad_scale.const_data_ptr<Acc>();
   const int64_t s_stride = t.grad_scale.stride(0);
+  // A (N, 0) gradient has nothing to scale, and the grain below would divide by V = 0 (undefined
+  // behaviour that -O3 happened to hide; UBSan reported it in scripts/sanitize_cpu.sh asan).
+  if (V == 0) return;
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const Acc s = scale[n * s_stride];

@@ -3,6 +3,7 @@ disjoint and covering ranks, exact resume, document boundaries, errors and shutd
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,84 @@ def test_closed_loader(unique_ds):
         next(loader)
 
 
+@pytest.fixture(scope="module")
+def big_ds(tmp_path_factory):
+    """Enough tokens that a (64, 256) batch takes the workers a while: consumers really wait in next()."""
+    return write_dataset(tmp_path_factory.mktemp("big"), {"train": [np.arange(1 << 18) % 1000]}, vocab_size=1000)
+
+
+def test_concurrent_consumers(big_ds):
+    """Two threads calling next() on one loader get distinct batches, together the loader's first ones.
+    next() used to wait for the batch number it read on entry; when the other thread took that batch,
+    it waited for a batch that was already delivered, forever."""
+    import threading
+
+    kw = dict(batch_size=64, seq_len=256, threads=2, check_vocab=True)
+    with Loader(big_ds, **kw) as loader:
+        firsts = [[], []]
+
+        def consume(k):
+            for _ in range(20):
+                firsts[k].append(int(next(loader).x[0, 0]))
+
+        workers = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        assert not any(w.is_alive() for w in workers), "a consumer hung in next()"
+    with Loader(big_ds, **kw) as single:
+        expected = sorted(int(b.x[0, 0]) for b in take(single, 40))
+    assert sorted(firsts[0] + firsts[1]) == expected
+
+
+@pytest.mark.parametrize("action", ["restart", "close"])
+def test_restart_or_close_while_next_waits(big_ds, action):
+    """One thread in next() while another restarts (load_state_dict) or closes the loader: next()
+    returns a batch or raises RuntimeError. It used to keep a pointer into the ring across the wait
+    (read after restart() had freed the ring) and to divide by the ring's size while restart() had
+    emptied it (SIGFPE). A race: many rounds make the bad interleavings likely, not certain."""
+    import threading
+
+    loader = Loader(big_ds, batch_size=64, seq_len=256, threads=2, prefetch=2, check_vocab=True)
+    state = loader.state_dict()
+    done = threading.Event()
+    errors = []
+
+    def consume():
+        while not done.is_set():
+            try:
+                next(loader)
+            except RuntimeError as e:
+                if "closed" in str(e) and action == "close":
+                    return
+                if "restart" not in str(e):
+                    errors.append(e)
+                    return
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    try:
+        if action == "restart":
+            for _ in range(200):
+                loader.load_state_dict(state)
+        else:
+            time.sleep(0.05)
+            loader.close()
+    finally:
+        done.set()
+        consumer.join(timeout=60)
+    try:
+        assert not consumer.is_alive(), "the consumer hung in next()"
+        assert not errors, errors
+        if action == "restart":  # after the storm, the loader still resumes exactly
+            loader.load_state_dict(state)
+            with Loader(big_ds, batch_size=64, seq_len=256, threads=1) as fresh:
+                assert torch.equal(next(loader).x, next(fresh).x)
+    finally:
+        loader.close()
+
+
 def test_bad_arguments(unique_ds):
     with pytest.raises(ValueError, match="rank"):
         Loader(unique_ds, batch_size=2, seq_len=T, rank=2, world_size=2)
@@ -241,6 +320,9 @@ def test_bad_arguments(unique_ds):
         Loader(unique_ds, batch_size=0, seq_len=T)
     with pytest.raises(ValueError, match="mode"):
         Loader(unique_ds, mode="shuffled")
+    # (2^61 + 1) * 16 wraps to 16 in 64 bits: the buffer size once did, and the workers overflowed it.
+    with pytest.raises(ValueError, match=r"batch_size \* seq_len must be < 2\^56"):
+        Loader(unique_ds, batch_size=2**61 + 1, seq_len=T)
 
 
 SHUTDOWN = """
