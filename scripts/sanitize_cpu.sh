@@ -34,13 +34,11 @@
 # - ASAN_OPTIONS=detect_leaks=0: CPython and torch keep allocations alive until exit by design.
 # - UBSan runs with every check GCC has, vptr included (no false positive from torch's types seen).
 # - TSan: scripts/tsan.supp lists what is suppressed and why (frames in glibc and third-party
-#   libraries only, never fmcore's). The op tests are not in its default set: fmcore is compiled
-#   without -fopenmp, so at::parallel_for in csrc/ops runs its body inline on the calling thread
-#   (ATen's OpenMP path is a header template compiled only under _OPENMP) and there is nothing of
-#   fmcore's to race; what TSan reports there are torch's own OpenMP regions (libgomp is not
-#   instrumented, so TSan misses its barriers: seen in torch's cpu_flash_attention, called by
-#   tests/ops/test_attention.py as the reference). If fmcore is ever built with OpenMP, expect such
-#   false positives in parallel_for bodies too.
+#   libraries only, never fmcore's). The op tests are not in its default set: at::parallel_for in
+#   csrc/ops runs on libgomp (fmcore is built with -fopenmp, see CMakeLists.txt), which is not
+#   instrumented, so TSan misses its barriers and reports false races in parallel_for bodies and in
+#   torch's own OpenMP regions (seen in torch's cpu_flash_attention, the reference in
+#   tests/ops/test_attention.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

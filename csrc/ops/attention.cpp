@@ -13,6 +13,7 @@
 
 #include "attention_op.h"
 #include "checks.h"
+#include "parallel.h"
 
 namespace fmcore {
 
@@ -242,7 +243,7 @@ void attn_fwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, 
   const Seqs seqs{sh.varlen, lse.scalar_type()};
   const int64_t group = sh.heads_q / sh.heads_k, nblocks = ceil_div(sh.seqlen_q, kBlockM);
   A* lse_ptr = lse.data_ptr<A>();
-  at::parallel_for(0, sh.batch * sh.heads_q * nblocks, 1, [&](int64_t begin, int64_t end) {
+  fmcore::parallel_for_aten(0, sh.batch * sh.heads_q * nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % nblocks, h = task / nblocks % sh.heads_q,
                     b = task / nblocks / sh.heads_q;
@@ -307,7 +308,7 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale,
 
   // Pass 1: delta and dq, one task per (batch, query head, block of kBlockM queries).
   const int64_t mblocks = ceil_div(sh.seqlen_q, kBlockM);
-  at::parallel_for(0, sh.batch * sh.heads_q * mblocks, 1, [&](int64_t begin, int64_t end) {
+  fmcore::parallel_for_aten(0, sh.batch * sh.heads_q * mblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % mblocks, h = task / mblocks % sh.heads_q,
                     b = task / mblocks / sh.heads_q;
@@ -342,7 +343,7 @@ void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale,
   // Pass 2: dk and dv, one task per (batch, kv head, block of kBlockN keys), looping over the query
   // heads of the GQA group and the queries that see the block, kChunkQ rows at a time.
   const int64_t nblocks = ceil_div(sh.seqlen_k, kBlockN);
-  at::parallel_for(0, sh.batch * sh.heads_k * nblocks, 1, [&](int64_t begin, int64_t end) {
+  fmcore::parallel_for_aten(0, sh.batch * sh.heads_k * nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % nblocks, hk = task / nblocks % sh.heads_k,
                     b = task / nblocks / sh.heads_k;
