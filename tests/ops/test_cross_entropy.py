@@ -159,6 +159,26 @@ def test_inplace_backward_all_ignored_and_twice(device):
         loss.backward()
 
 
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nan_grad_output_leaves_ignored_rows_zero(device, reduction, inplace_backward):
+    """As torch: an ignored row's gradient is 0 whatever grad_output holds (the fused in-place path
+    used to multiply its zeros by a nan grad_output)."""
+    logits, target = make((3, 11, 130), device, torch.float32)
+    target[:, ::4] = -100
+    grads = []
+    for fn, inplace in ((F.cross_entropy, None), (cross_entropy, inplace_backward)):
+        leaf = logits.clone().requires_grad_()
+        kw = {} if inplace is None else dict(inplace_backward=inplace)
+        loss = fn((leaf * 1.0).flatten(0, 1), target.flatten(), reduction=reduction, **kw)
+        loss.backward(torch.full_like(loss, float("nan")))
+        grads.append(leaf.grad)
+    want, got = grads
+    ignored = target == -100
+    assert torch.equal(got[ignored], torch.zeros_like(got[ignored]))
+    assert torch.equal(got.isnan(), want.isnan())
+
+
 def test_return_lse(device):
     logits, target = make((4, 6, 77), device, torch.bfloat16)
     loss, lse = cross_entropy(logits, target, return_lse=True, z_loss=1e-4)

@@ -108,8 +108,9 @@ class _FusedInplace(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, mean):
         n = logits.shape[0]
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        counted = target != ignore_index
         if mean:
-            count = (target != ignore_index).sum().to(acc)
+            count = counted.sum().to(acc)
             # inf when every target is ignored: ignored rows get 0 without being multiplied
             scale = count.reciprocal().expand(n)
         else:
@@ -118,6 +119,7 @@ class _FusedInplace(torch.autograd.Function):
                                                                    label_smoothing, z_loss)
         loss = loss_rows.sum() / count if mean else loss_rows.sum()  # 0/0 = nan when all ignored, as torch
         ctx.grad = logits  # holds the gradient now (an attribute, not saved: it was written)
+        ctx.counted = counted
         ctx.used = False
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -131,7 +133,9 @@ class _FusedInplace(torch.autograd.Function):
                                "gradient lives in the logits buffer and is scaled in place")
         ctx.used = True
         grad = ctx.grad
-        torch.ops.fmcore.cross_entropy_scale_(grad, grad_loss.expand(grad.shape[0]))
+        # Ignored rows hold zeros and keep them whatever grad_loss is (0 * nan would be nan; torch gives 0).
+        factor = torch.where(ctx.counted, grad_loss, torch.zeros_like(grad_loss))
+        torch.ops.fmcore.cross_entropy_scale_(grad, factor)
         return grad, None, None, None, None, None
 
 
