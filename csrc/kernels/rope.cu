@@ -138,6 +138,7 @@ cudaError_t rope_fwd(const RopeParams& p, cudaStream_t stream) {
   // rope_row counts a row's (head, item) pairs in int: heads * items (items <= D) and the loop's
   // last step past it must stay below 2^31, else the count wraps and heads go unrotated/unwritten.
   if (std::max(p.q.heads, p.k.heads) * p.head_dim > INT32_MAX - 1024) return cudaErrorInvalidValue;
+  if (p.rotary_dim > kRopeMaxRotaryDim) return cudaErrorInvalidValue;  // cos/sin past 48 KiB of smem
   switch (p.x_dtype) {
     case DType::kFloat32: return dispatch_cs<float>(p, stream);
     case DType::kBFloat16: return dispatch_cs<__nv_bfloat16>(p, stream);

@@ -42,6 +42,10 @@ struct RopeParams {
   bool conjugate = false;
 };
 
+// The CUDA kernel stages a row's cos and sin in fp32 shared memory (4 * R bytes) within the default
+// 48 KiB a block may use without opting in; larger rotary dims are refused.
+inline constexpr int64_t kRopeMaxRotaryDim = 48 * 1024 / 4;
+
 #ifdef FMCORE_CUDA_API
 // Enqueues the rotation on `stream`. Returns the launch error (cudaSuccess when it went in).
 cudaError_t rope_fwd(const RopeParams& p, cudaStream_t stream);

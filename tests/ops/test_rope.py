@@ -346,3 +346,18 @@ def test_cuda_heads_times_dim_past_int32_raises():
     cos, sin = torch.ones(1, 64, device="cuda"), torch.zeros(1, 64, device="cuda")
     with pytest.raises(ValueError, match=r"heads \* head_dim < 2\^31"):
         torch.ops.fmcore.rope_(q, k, cos, sin, False, False, 1)
+
+
+@pytest.mark.cuda
+def test_cuda_rotary_dim_limit():
+    # The kernel stages a row's cos/sin (4 * R bytes) in 48 KiB of shared memory: R 12288 fits and is
+    # right, R 12290 is refused by name (it used to fail the launch with "invalid argument").
+    for rdim, fits in ((12288, True), (12290, False)):
+        q = torch.randn(1, 2, 1, rdim, device="cuda", dtype=torch.bfloat16)
+        cos, sin = tables(2, rdim, "cuda")
+        if fits:
+            oq, _ = apply_rotary(q, q.clone(), cos, sin)
+            assert_close_to_ref(oq, reference(q, cos, sin, False), _torch_rope(q, cos, sin, False), "q")
+        else:
+            with pytest.raises(ValueError, match="rotary dim <= 12288"):
+                apply_rotary(q, q.clone(), cos, sin)
