@@ -40,7 +40,6 @@
 // tests/ops/attention_kernel_model.py transcribes these kernels lane by lane (PTX fragment layouts
 // from the ISA, shared-memory race checks) so that CI, which has no GPU, checks their index math;
 // a change to the tiling, masking or pipelining here must be mirrored there.
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -660,39 +659,14 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 
 // ---- launchers
 
-// Raises the kernel's dynamic shared-memory limit to `smem` bytes (past the default 48 KiB), once
-// per kernel and device: the attribute belongs to the function as loaded on the current device (a
-// function-local flag alone would leave a second GPU without it), and the call is a driver round
-// trip (reported to wait for in-flight host<->device copies), so it is not repeated per launch.
-// It sets a property of the function, not a stream operation, so it is also legal while a stream is
-// being captured into a CUDA graph (PyTorch's FlashAttention-2 launcher calls it before every
-// launch, and those kernels are routinely captured). Each kernel instantiation has one fixed size,
-// so a flag suffices; threads racing on the first launch all set the same value, which is harmless.
-template <auto kKernel>
-cudaError_t opt_in_smem(size_t smem) {
-  constexpr int kMaxDevices = 64;  // devices past this are simply set on every launch
-  static std::atomic<bool> done[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < kMaxDevices;
-  if (cached && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-  if (err == cudaSuccess && cached) done[dev].store(true, std::memory_order_release);
-  return err;
-}
-
-// The kernel is a template argument (not a function-pointer argument) so that opt_in_smem keeps
-// one flag per kernel: every kernel here has the same type, void(AttnParams).
+// The kernel is a template argument (not a function-pointer argument) for allow_dynamic_smem, which
+// keeps limits per kernel: every kernel here has the same type, void(AttnParams).
 template <auto kKernel>
 cudaError_t launch(dim3 grid, int threads, size_t smem, const AttnParams& p, cudaStream_t stream) {
   // An empty grid is no work (and would fail with cudaErrorInvalidConfiguration).
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = opt_in_smem<kKernel>(smem);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem<kKernel>(smem);
+  if (err != cudaSuccess) return err;
   kKernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }

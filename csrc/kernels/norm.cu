@@ -11,7 +11,6 @@
 // are bitwise reproducible and every thread of a row sees the same mean and rstd.
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 
 #include "common.cuh"
 #include "norm.h"
@@ -418,33 +417,11 @@ cudaError_t dispatch_layout(const Layout& l, Launch&& launch) {
   return launch.template operator()<1, 32, false>();
 }
 
-bool bwd_sums(const AddNormParams& p) { return p.grad_weight != nullptr || p.grad_bias != nullptr; }
-
 // The backward's dweight/dbias running sums: 2 * rows_per_block * D fp32 (<= 128 KiB at D 16384);
-// none when neither gradient is asked for.
+// none when neither gradient is asked for. One kernel instantiation serves a range of D, so the
+// size varies per call (allow_dynamic_smem only ever raises the kernel's limit).
 size_t bwd_smem(const AddNormParams& p, const Layout& l) {
-  return bwd_sums(p) ? sizeof(float) * 2 * l.rows_per_block() * p.dim : 0;
-}
-
-// Held from allow_bwd_smem to the launch (or occupancy query) that relies on it. The attribute is
-// the kernel's, shared by every caller, and each call sets it to its own size; one instantiation
-// serves a range of D (<8, 2, false>: D 1032..8192, 8..64 KiB), so a call for a narrow D on another
-// host thread, landing between a wide call's set and its launch, lowered the limit under that
-// launch and failed it ("invalid argument").
-std::mutex& bwd_smem_mutex() {
-  static std::mutex m;
-  return m;
-}
-
-// Opts a kernel in to `smem` bytes of dynamic shared memory. Always, not only past 48 KiB: without
-// the opt-in the limit is 48 KiB for static + dynamic together, and the kernel's static `red`
-// (256 bytes) on top of a dynamic size just under 48 KiB (D in 6113..6144, e.g. the common 6144)
-// failed the launch. Call it under bwd_smem_mutex(). None needed without dweight/dbias sums (smem 0):
-// the attribute is left as it is rather than lowered under a launch of the same kernel that needs it.
-template <typename Kernel>
-cudaError_t allow_bwd_smem(Kernel kernel, size_t smem) {
-  if (smem == 0) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  return add_norm_bwd_sums(p) ? sizeof(float) * 2 * l.rows_per_block() * p.dim : 0;
 }
 
 int64_t grid_rows(const Layout& l, int64_t rows) {
@@ -472,8 +449,7 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
   // partly filled last wave).
   int per_sm = 0;
   const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
-    const std::lock_guard<std::mutex> lock(bwd_smem_mutex());
-    const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, bwd_smem(p, l));
+    const cudaError_t e = allow_dynamic_smem<add_norm_bwd_kernel<VEC, C, WARP>>(bwd_smem(p, l));
     if (e != cudaSuccess) return e;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, add_norm_bwd_kernel<VEC, C, WARP>,
                                                          l.block_threads(), bwd_smem(p, l));
@@ -484,7 +460,7 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
 
 cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
   if (p.dim < 1 || p.dim > kAddNormMaxDim) return cudaErrorInvalidValue;
-  const bool sums = bwd_sums(p);
+  const bool sums = add_norm_bwd_sums(p);
   if (sums && p.workspace == nullptr) return cudaErrorInvalidValue;
   if (p.rows > 0 && (sums || p.grad_x != nullptr)) {
     const Layout l = choose_layout(p, bwd_vec_ok(p));
@@ -494,8 +470,7 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     const dim3 block(l.threads, l.rows_per_block());
     const size_t smem = bwd_smem(p, l);
     const cudaError_t err = dispatch_layout(l, [&]<int VEC, int C, bool WARP>() {
-      const std::lock_guard<std::mutex> lock(bwd_smem_mutex());  // until the launch is queued
-      const cudaError_t e = allow_bwd_smem(add_norm_bwd_kernel<VEC, C, WARP>, smem);
+      const cudaError_t e = allow_dynamic_smem<add_norm_bwd_kernel<VEC, C, WARP>>(smem);
       if (e != cudaSuccess) return e;
       add_norm_bwd_kernel<VEC, C, WARP><<<grid, block, smem, stream>>>(p);
       return cudaGetLastError();

@@ -70,6 +70,11 @@ struct AddNormParams {
   DType weight_dtype = DType::kFloat32;        // weight, bias, grad_weight, grad_bias
 };
 
+// Whether the backward reduces dweight/dbias partial sums (and needs the workspace): either asked for.
+inline bool add_norm_bwd_sums(const AddNormParams& p) {
+  return p.grad_weight != nullptr || p.grad_bias != nullptr;
+}
+
 #ifdef FMCORE_CUDA_API
 // Enqueues the forward on `stream`. Returns the launch error (cudaSuccess when it went in).
 cudaError_t add_norm_fwd(const AddNormParams& p, cudaStream_t stream);

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cuda(
   b.p.partial_rows = add_norm_bwd_partial_rows(b.p, sm_count);
   // (2, partial_rows, D) fp32: the per-block dweight and dbias sums the reduction kernel adds up;
   // none when neither gradient is asked for.
-  const bool sums = b.p.grad_weight != nullptr || b.p.grad_bias != nullptr;
+  const bool sums = add_norm_bwd_sums(b.p);
   const at::Tensor workspace =
       at::empty({sums ? 2 * b.p.partial_rows * b.p.dim : 0}, s.options().dtype(at::kFloat));
   b.p.workspace = sums ? workspace.data_ptr<float>() : nullptr;

@@ -469,9 +469,10 @@ def test_offsets_past_2_31_elements_cuda():
 @pytest.mark.cuda
 def test_backward_from_two_host_threads_cuda():
     """D 8192 (64 KiB of dynamic shared memory) and D 1040 (8 KiB) run the same backward kernel
-    instantiation, whose shared-memory limit each call sets to its own size just before launching.
-    From two host threads (torch.ops calls release the GIL), the narrow call's set used to land
-    between the wide call's set and its launch and fail it with "invalid argument"."""
+    instantiation. When each call set its shared-memory limit to its own size just before launching,
+    from two host threads (torch.ops calls release the GIL) the narrow call's set could land between
+    the wide call's set and its launch and fail it with "invalid argument"; the limit is now only
+    ever raised (allow_dynamic_smem in csrc/kernels/common.cuh)."""
     import threading
 
     dev = torch.device("cuda")
