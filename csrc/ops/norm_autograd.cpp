@@ -17,6 +17,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_gate.h"
+
 namespace fmcore {
 
 namespace {
@@ -49,9 +51,6 @@ Tensor4 call_bwd(const at::Tensor& grad_out, const OptTensor& grad_residual_out,
   return op.call(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
                  x_dtype, residual_dtype, grad_input, grad_weight);
 }
-
-bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
-bool has_tangent(const OptTensor& t) { return t.has_value() && t->_fw_grad(0).defined(); }
 
 class AddNormFunction : public torch::autograd::Function<AddNormFunction> {
  public:
@@ -125,11 +124,7 @@ Tensor4 add_norm_fwd_autograd(const at::Tensor& x, const OptTensor& residual,
                               at::ScalarType out_dtype) {
   // Nothing to record: skip the Function's node and context (as rope_autograd.cpp). Forward-mode
   // tangents still go through apply(), which raises "jvp is not implemented".
-  const bool record = at::GradMode::is_enabled() && (x.requires_grad() || requires_grad(residual) ||
-                                                     weight.requires_grad() || requires_grad(bias));
-  const bool tangents = x._fw_grad(0).defined() || has_tangent(residual) ||
-                        weight._fw_grad(0).defined() || has_tangent(bias);
-  if (!record && !tangents) {
+  if (!records_grad(x, residual, weight, bias) && !has_tangents(x, residual, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_fwd(x, residual, weight, bias, eps, rms, out_dtype);
   }
@@ -168,11 +163,7 @@ Tensor4 add_norm_bwd_autograd(const at::Tensor& grad_out, const OptTensor& grad_
                               const at::Tensor& rstd, bool rms, bool has_residual, bool has_bias,
                               at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype,
                               bool grad_input, bool grad_weight) {
-  const bool record =
-      at::GradMode::is_enabled() &&
-      (grad_out.requires_grad() || requires_grad(grad_residual_out) || s.requires_grad() ||
-       weight.requires_grad() || mean.requires_grad() || rstd.requires_grad());
-  if (!record) {
+  if (!records_grad(grad_out, grad_residual_out, s, weight, mean, rstd)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
                     x_dtype, residual_dtype, grad_input, grad_weight);

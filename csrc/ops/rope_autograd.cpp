@@ -19,6 +19,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_gate.h"
+
 namespace fmcore {
 
 namespace {
@@ -78,11 +80,7 @@ std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::
   // Nothing to record (no grad, or grad mode off): skip the Function's node, context and output
   // wrapping, ~2 us of the ~8 us a no-grad call costs. Forward-mode tangents still go through
   // apply(), which raises "jvp is not implemented" rather than silently dropping them.
-  const bool record = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
-                                                      cos.requires_grad() || sin.requires_grad());
-  const bool tangents = q._fw_grad(0).defined() || k._fw_grad(0).defined() ||
-                        cos._fw_grad(0).defined() || sin._fw_grad(0).defined();
-  if (!record && !tangents) {
+  if (!records_grad(q, k, cos, sin) && !has_tangents(q, k, cos, sin)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_rope(q, k, cos, sin, interleaved, conjugate, seq_dim);
   }
