@@ -135,10 +135,9 @@ cudaError_t rope_fwd(const RopeParams& p, cudaStream_t stream) {
   if (p.batch * p.seqlen == 0) return cudaSuccess;
   // One block per (b, s) row: the grid's x dimension holds at most 2^31 - 1 blocks.
   if (p.batch * p.seqlen > INT32_MAX) return cudaErrorInvalidConfiguration;
-  // rope_row counts a row's (head, item) pairs in int: heads * items (items <= D) and the loop's
-  // last step past it must stay below 2^31, else the count wraps and heads go unrotated/unwritten.
-  if (std::max(p.q.heads, p.k.heads) * p.head_dim > INT32_MAX - 1024) return cudaErrorInvalidValue;
-  if (p.rotary_dim > kRopeMaxRotaryDim) return cudaErrorInvalidValue;  // cos/sin past 48 KiB of smem
+  // Past these rope_row's int count wraps (heads unrotated/unwritten) or cos/sin overflow the smem.
+  if (std::max(p.q.heads, p.k.heads) * p.head_dim > kRopeMaxHeadsTimesDim) return cudaErrorInvalidValue;
+  if (p.rotary_dim > kRopeMaxRotaryDim) return cudaErrorInvalidValue;
   switch (p.x_dtype) {
     case DType::kFloat32: return dispatch_cs<float>(p, stream);
     case DType::kBFloat16: return dispatch_cs<__nv_bfloat16>(p, stream);

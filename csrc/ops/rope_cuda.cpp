@@ -16,7 +16,7 @@ namespace {
 
 void launch(const RopeParams& p, const at::Tensor& q) {
   // The kernel's per-row index is an int (kernels/rope.cu): say so instead of a bare launch error.
-  TORCH_CHECK_VALUE(std::max(p.q.heads, p.k.heads) * p.head_dim <= INT32_MAX - 1024,
+  TORCH_CHECK_VALUE(std::max(p.q.heads, p.k.heads) * p.head_dim <= kRopeMaxHeadsTimesDim,
                     "expected q and k with heads * head_dim < 2^31 - 1024 on CUDA, got ", p.q.heads,
                     " (q) and ", p.k.heads, " (k) heads of dim ", p.head_dim);
   // The block stages the row's cos/sin in fp32 shared memory, within the default 48 KiB.
