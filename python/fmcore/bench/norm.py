@@ -18,7 +18,6 @@ At the H100's measured 3.0 TB/s copy rate, (16384, 768): fwd 50 us / 34 us, bwd 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +66,7 @@ def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps
     """Host milliseconds per eager call on tiny (8, 64) fp32 tensors (x, residual, weight and, for
     LayerNorm, bias), where the kernel is negligible: "forward no-grad" (torch.no_grad), "forward"
     (the inputs require grad: autograd records a node) and "forward + autograd.grad". Medians of
-    reps rounds. On the CPU with one intra-op thread: torch's layer_norm splits even 8 rows across
-    threads, and on a loaded 2-core machine each call then waited ~8 ms for a busy core."""
+    reps rounds (bench.timing.host_us_per_call)."""
     g = torch.Generator().manual_seed(0)
     x, r, w, b = (torch.randn(*shape, generator=g).to(device).requires_grad_()
                   for shape in ((8, 64), (8, 64), (64,), (64,)))
@@ -86,15 +84,9 @@ def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps
     def fwd_bwd():
         torch.autograd.grad(fwd(), wanted, cots)
 
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
-                for what, call in (("forward no-grad", fwd_no_grad), ("forward", fwd),
-                                   ("forward + autograd.grad", fwd_bwd))}
-    finally:
-        torch.set_num_threads(threads)
+    return {what: host_us_per_call(call, device, calls=calls, reps=reps, warmup=20) / 1e3
+            for what, call in (("forward no-grad", fwd_no_grad), ("forward", fwd),
+                               ("forward + autograd.grad", fwd_bwd))}
 
 
 def run(ctx: BenchContext) -> list[Row]:

@@ -8,7 +8,6 @@ and without grad (the issue's aim: under 15 us per call on CUDA).
 
 from __future__ import annotations
 
-
 import torch
 
 from fmcore.bench import BenchContext, Row, try_import
@@ -61,8 +60,8 @@ def call_overhead_us(device, *, calls: int = 2000, reps: int = 9) -> dict[tuple[
     what: "op fwd no-grad" (torch.ops.fmcore.rope itself, fmcore only), "fwd no-grad", "fwd grad"
     (inputs require grad: autograd records the node) and "fwd+bwd" (forward, then autograd.grad).
     Each value is the median over `reps` runs of the mean of `calls` back-to-back calls (on CUDA
-    the launches queue asynchronously; each run ends with a synchronize). Set
-    torch.set_num_threads(1) first on the CPU for steady numbers.
+    the launches queue asynchronously; each run ends with a synchronize; on the CPU one intra-op
+    thread: bench.timing.host_us_per_call).
     """
     device = torch.device(device)
     q = torch.randn(1, 1, 1, 64, device=device)

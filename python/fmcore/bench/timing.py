@@ -52,18 +52,26 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, *, calls: i
                      warmup: int) -> float:
     """Host microseconds per call of fn, back to back: the median over reps runs of the mean of calls
     calls. For per-call overhead on tiny tensors, where the kernel is negligible; on CUDA the launches
-    queue asynchronously and each run ends with a synchronize."""
-    for _ in range(warmup):
-        fn()
-    per_run = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
+    queue asynchronously and each run ends with a synchronize. On the CPU it runs with one intra-op
+    thread: torch's kernels split even 8 rows across threads, and on a loaded 2-core machine each
+    call then waited ~8 ms for a busy core."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
             fn()
-        _sync(device)
-        per_run.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(per_run)
+        per_run = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            per_run.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(per_run)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
