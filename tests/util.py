@@ -1,6 +1,8 @@
-"""Comparison helpers: tolerances relative to torch's own error, never magic numbers."""
+"""Comparison helpers (tolerances relative to torch's own error, never magic numbers), and cpu_threads."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -22,3 +24,14 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.T
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
     bound = factor * terr + ULP_FLOOR[out.dtype] * scale
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own error {terr:.3g})"
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op CPU thread count set to n inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

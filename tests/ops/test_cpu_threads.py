@@ -13,15 +13,7 @@ import torch
 
 import fmcore.ops as ops
 from fmcore.optim import FusedAdamW
-
-
-def _run_at(threads: int, fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
+from tests.util import cpu_threads
 
 
 def _grads(fn, inputs):
@@ -38,7 +30,10 @@ def _grads(fn, inputs):
 
 
 def _assert_same_at_1_and_4_threads(run):
-    one, four = _run_at(1, run), _run_at(4, run)
+    with cpu_threads(1):
+        one = run()
+    with cpu_threads(4):
+        four = run()
     for i, (a, b) in enumerate(zip(one, four)):
         assert torch.equal(a, b), f"result {i} differs between 1 and 4 threads"
 

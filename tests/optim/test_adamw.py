@@ -12,6 +12,7 @@ import torch
 import fmcore  # noqa: F401  (registers the ops)
 from fmcore.ops import grad_norm
 from fmcore.optim import FusedAdamW
+from tests.util import cpu_threads
 
 # Param shapes, and why each is here.
 SHAPES = [
@@ -27,10 +28,8 @@ SHAPES = [
 def one_cpu_thread():
     # The tensors here are small: with several threads on a busy 2-core machine, OpenMP's spinning
     # makes torch's own CPU AdamW (the reference) 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 def norm64(tensors) -> torch.Tensor:
