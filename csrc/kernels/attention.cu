@@ -10,16 +10,20 @@
 // CTAs stop at the last key block their last query sees (tiles above the diagonal are never
 // loaded); only tiles that straddle the diagonal or the sequence end are masked.
 //
-// Backward (deterministic by construction, no atomics):
+// Backward:
 //   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row
 //   attn_bwd_dkdv_kernel   one CTA per (key block, kv head, sequence) loops over the query blocks
 //                          of every query head of its GQA group: dV += P^T dO, dK += dS^T Q
-//   attn_bwd_dq_kernel     one CTA per (query block, query head, sequence) loops over the key
-//                          blocks its queries see: dQ += dS K
-// P = exp(S - lse) is recomputed in both; dS = P * (dP - delta) with dP = dO V^T. The price of
-// owning every output in one CTA: S and dP are computed twice (7 matmuls instead of the 5 of an
-// atomic-add backward, ~1.4x the tensor-core work); in exchange no fp32 dq buffer, no zeroing and
-// conversion passes, and bitwise reproducible gradients whatever the scheduling.
+//   then dq, one of two ways:
+//   - deterministic: attn_bwd_dq_kernel, one CTA per (query block, query head, sequence), loops
+//     over the key blocks its queries see: dQ += dS K. Every output is owned by one CTA, so the
+//     gradients are bitwise reproducible whatever the scheduling; the price is computing S and dP
+//     twice (7 matmuls, ~1.4x the tensor-core work of 5).
+//   - default (kAtomicDq): the dk/dv kernel stages dS^T in shared memory and each warp adds a
+//     16-row slab of dS K into an fp32 dq buffer with atomics (FlashAttention-2's 5 matmuls);
+//     attn_bwd_dq_convert_kernel then writes dq = scale * buffer. The buffer's zeroing and
+//     conversion cost 4 + 8 + 2 bytes per dq element; the float additions land in varying order.
+// P = exp(S - lse) is recomputed from lse; dS = P * (dP - delta) with dP = dO V^T.
 //
 // Shared-memory tiles are row-major with a pitch of D + 8 elements: the 16-byte pad puts the 8 rows
 // an ldmatrix reads in 8 different bank groups (no conflicts) and keeps every row 16-byte aligned
@@ -210,6 +214,37 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[D / 8][4], const float (&p)
                                         const T* sB, int lane) {
   gemm_pb_mw<T, D, 1, KT, kPitch>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
                                   reinterpret_cast<const float(&)[1][KT][4]>(p), sB, lane);
+}
+
+// acc (16 x DW) += A (16 x K) * B (K x DW), with A stored transposed in smem (sAt: K rows, A's 16
+// rows as columns, pitch kPitchA) and B row-major (K rows, pitch kPitchB). ldmatrix.trans of the
+// transposed storage at b_off's lane addresses yields A's fragment (matrices (k 0-7|8-15) x (m
+// 0-7|8-15), m fastest, as a0..a3 need); B is read like V in gemm_pb.
+template <typename T, int DW, int K, int kPitchA, int kPitchB>
+__device__ __forceinline__ void gemm_tb(float (&acc)[DW / 8][4], const T* sAt, const T* sB,
+                                        int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4_trans(a, sAt + kk * 16 * kPitchA + b_off<kPitchA>(lane));
+#pragma unroll
+    for (int dd = 0; dd < DW / 16; ++dd) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + kk * 16 * kPitchB + a_off<kPitchB>(lane) + dd * 16);
+      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
+      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// p[0] += x, p[1] += y atomically (p 8-byte aligned); one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }
 
 // Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
@@ -419,9 +454,17 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 // One CTA per (block of 16 * kWarps keys, kv head, sequence); warp w owns keys 16w..16w+15 and
 // accumulates their dK and dV over the query blocks (kBlockM rows) of every query head of the
 // group. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T (keys are the MMA rows).
-template <typename T, int D, int kWarps, int kBlockM>
+// kAtomicDq: also adds this key block's share of dQ, dS K, into p.dq_accum. dS^T goes through
+// shared memory (sdS, kBlockN x kBlockM, pitch kBlockM + 8) because a dQ row sums over all the
+// CTA's keys, which four warps hold; warp w then computes query rows 16 * (w % kRowTiles) and head-
+// dim columns [kDW * (w / kRowTiles), + kDW).
+template <typename T, int D, int kWarps, int kBlockM, bool kAtomicDq>
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int kBlockN = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, MT = kBlockM / 8;
+  constexpr int kPitchS = kBlockM + 8, kRowTiles = kBlockM / 16;
+  constexpr int kDW = D * kRowTiles / kWarps;  // dQ columns per warp
+  static_assert(!kAtomicDq || (kWarps % kRowTiles == 0 && kDW % 16 == 0),
+                "the dQ slab of a warp must be 16 rows by a multiple of 16 columns");
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBlockN * kPitch;
@@ -429,6 +472,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   T* sdO = sQ + 2 * kBlockM * kPitch;                                  // two stages
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // two stages, log2 units
   float* sDelta = sLse + 2 * kBlockM;                                  // two stages
+  T* sdS = reinterpret_cast<T*>(sDelta + 2 * kBlockM);                 // kAtomicDq only
 
   const int64_t b = blockIdx.z, hk = blockIdx.y;
   const SeqInfo s = seq_info(p, b);
@@ -528,7 +572,36 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
     }
     gemm_pb<T, D, MT, kPitch>(dv, pt, sdOs, lane);
     gemm_pb<T, D, MT, kPitch>(dk, dst, sQs, lane);
+    if constexpr (kAtomicDq) {
+      T* sdSw = sdS + warp * 16 * kPitchS;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          *reinterpret_cast<uint32_t*>(sdSw + (g + hh * 8) * kPitchS + mt * 8 + 2 * tq) =
+              pack2<T>(dst[mt][2 * hh], dst[mt][2 * hh + 1]);
+        }
+      }
+    }
+    // Every warp is done with this Q/dO stage before it is refilled (and, kAtomicDq, sdS is
+    // complete: the next iteration's first barrier orders its rewrite after the reads below).
     __syncthreads();
+    if constexpr (kAtomicDq) {
+      const int rt = warp % kRowTiles, c0 = (warp / kRowTiles) * kDW;
+      float dq[kDW / 8][4] = {};
+      gemm_tb<T, kDW, kBlockN, kPitchS, kPitch>(dq, sdS + rt * 16, sK + c0, lane);
+      const int64_t h = hk * group + it / per_head;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int64_t row = i0 + rt * 16 + g + hh * 8;
+        if (row >= s.q_len) continue;
+        float* acc = row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + c0 + 2 * tq;
+#pragma unroll
+        for (int dt = 0; dt < kDW / 8; ++dt) {
+          atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+        }
+      }
+    }
   }
   cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
 
@@ -657,17 +730,37 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   }
 }
 
+// dq = scale * dq_accum, 8 elements (one 16-byte store) per thread over `rows` (B * Sq batched,
+// Tq varlen) x heads_q x D.
+template <typename T>
+__global__ void attn_bwd_dq_convert_kernel(const AttnParams p, int64_t rows) {
+  const int64_t chunks = p.head_dim / 8;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * p.heads_q * chunks) return;
+  const int64_t c = i % chunks * 8, h = i / chunks % p.heads_q, r = i / chunks / p.heads_q;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t b = varlen ? 0 : r / p.seqlen_q, row = varlen ? r : r % p.seqlen_q;
+  const float* a = row_ptr<float>(p.dq_accum, b, row, h) + c;
+  const float4 lo = *reinterpret_cast<const float4*>(a);
+  const float4 hi = *reinterpret_cast<const float4*>(a + 4);
+  const float sc = p.scale;
+  const uint4 out = {pack2<T>(lo.x * sc, lo.y * sc), pack2<T>(lo.z * sc, lo.w * sc),
+                     pack2<T>(hi.x * sc, hi.y * sc), pack2<T>(hi.z * sc, hi.w * sc)};
+  *reinterpret_cast<uint4*>(row_ptr_mut<T>(p.dq, b, row, h) + c) = out;
+}
+
 // ---- launchers
 
 // The kernel is a template argument (not a function-pointer argument) for allow_dynamic_smem, which
-// keeps limits per kernel: every kernel here has the same type, void(AttnParams).
-template <auto kKernel>
-cudaError_t launch(dim3 grid, int threads, size_t smem, const AttnParams& p, cudaStream_t stream) {
+// keeps limits per kernel: most kernels here have the same type, void(AttnParams).
+template <auto kKernel, typename... Args>
+cudaError_t launch(dim3 grid, int threads, size_t smem, const AttnParams& p, cudaStream_t stream,
+                   Args... args) {
   // An empty grid is no work (and would fail with cudaErrorInvalidConfiguration).
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   const cudaError_t err = allow_dynamic_smem<kKernel>(smem);
   if (err != cudaSuccess) return err;
-  kKernel<<<grid, threads, smem, stream>>>(p);
+  kKernel<<<grid, threads, smem, stream>>>(p, args...);
   return cudaGetLastError();
 }
 
@@ -679,7 +772,8 @@ template <int D>
 struct Tiles {
   // forward: 4 warps x 2 tiles of 16 queries = 128 queries, against kFwdBlockN keys per step
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
-  // dk/dv: 4 warps x 16 keys = 64 keys per CTA, against kDkdvBlockM queries per step
+  // dk/dv (and the atomic path's dq share): 4 warps x 16 keys = 64 keys per CTA, against
+  // kDkdvBlockM queries per step
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
   // dq: 4 warps x kDqMW tiles of 16 queries, against kDqBlockN keys per step (two tiles per warp
   // spill at D = 96 and 128)
@@ -710,8 +804,17 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
       size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
   const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k),
                      static_cast<unsigned>(p.batch));
-  err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq>>(kv_grid, 32 * C::kDkdvWarps,
-                                                                  kv_smem, p, stream);
+  if (p.dq_accum.ptr != nullptr) {
+    const size_t ds_smem = size_t(kBlockN) * (kBlockMq + 8) * sizeof(T);
+    err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, true>>(
+        kv_grid, 32 * C::kDkdvWarps, kv_smem + ds_smem, p, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.seqlen_q;
+    const dim3 cgrid(blocks(rows * p.heads_q * (D / 8), 256));
+    return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
+  }
+  err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, false>>(
+      kv_grid, 32 * C::kDkdvWarps, kv_smem, p, stream);
   if (err != cudaSuccess) return err;
 
   constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;

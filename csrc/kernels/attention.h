@@ -37,6 +37,9 @@ struct AttnParams {
   AttnTensor out;         // forward: written; backward: read (for delta)
   AttnTensor dout;        // backward: gradient of out (read)
   AttnTensor dq, dk, dv;  // backward: written, every element
+  // Backward, non-deterministic path when set: fp32 scratch of dq's shape, zero on entry, that the
+  // dk/dv kernel adds its share of dq into with atomics (see attn_bwd).
+  AttnTensor dq_accum;
   // fp32 (fp64 only in the CPU reference for fp64 inputs); layout above. Forward writes, backward
   // reads.
   void* lse = nullptr;
@@ -93,9 +96,13 @@ constexpr bool attn_cuda_supports_head_dim(int64_t d) { return d == 64 || d == 9
 // Forward: writes out and lse. Needs bf16/fp16, a supported head dim, 16-byte aligned base pointers
 // and strides that are multiples of 8 elements (the binding copies anything else).
 cudaError_t attn_fwd(const AttnParams& p, cudaStream_t stream);
-// Backward: writes delta, dq, dk, dv. Deterministic by construction (no atomics): dk/dv come from a
-// kernel that owns a key block and loops over the query blocks of every query head of its GQA
-// group, dq from a kernel that owns a query block and loops over the key blocks.
+// Backward: writes delta, dq, dk, dv. dk/dv come from a kernel that owns a key block and loops over
+// the query blocks of every query head of its GQA group. dq:
+//  - p.dq_accum unset (deterministic): from a second kernel that owns a query block and loops over
+//    the key blocks, recomputing P and dP (7 matmuls in all), so run-to-run bitwise reproducible;
+//  - p.dq_accum set: the dk/dv kernel also adds dS K for its keys into dq_accum with fp32 atomics
+//    (5 matmuls, FlashAttention-2's backward; the order of the additions varies run to run), and a
+//    last pass writes dq = scale * dq_accum.
 cudaError_t attn_bwd(const AttnParams& p, cudaStream_t stream);
 #endif
 

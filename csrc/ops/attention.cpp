@@ -382,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& cu_seqlens_q,
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                      bool causal, double softmax_scale) {
+                                                      bool causal, double softmax_scale,
+                                                      bool /*deterministic*/) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
@@ -402,7 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
+    bool /*deterministic: the reference always is*/) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);

@@ -43,7 +43,8 @@ void check_launch(cudaError_t err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
+    bool /*deterministic: a backward option*/) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    bool causal, double softmax_scale) {
+    bool causal, double softmax_scale, bool deterministic) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -80,6 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);
   p.dv = attn_tensor(dv, sh.varlen);
+  // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous like dq.
+  const at::Tensor dq_accum =
+      deterministic ? at::Tensor() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  if (!deterministic) p.dq_accum = attn_tensor(dq_accum, sh.varlen);
   p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   check_launch(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");

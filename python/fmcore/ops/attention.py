@@ -19,10 +19,13 @@ Devices: CUDA kernels for bf16/fp16 and head dims 64, 96, 128 (other head dims o
 ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); the CPU
 reference handles any head dim and fp32/fp64/bf16/fp16 with fp32 (fp64) accumulation.
 
-The backward is deterministic by construction on both devices (no atomics: dk/dv and dq come from
-separate passes that each own their outputs), so ``deterministic=True`` is always honoured and costs
-nothing extra. The price of that design is recomputing QK^T and dO V^T once more than an atomic-add
-backward (7 instead of 5 matmuls of the same size, about 1.4x the tensor-core work).
+Backward on CUDA, as FlashAttention-2 does it: by default the kernel that owns a block of keys also
+adds its share of dq into an fp32 buffer with atomics (5 matmuls of the block size), so dq's float
+additions happen in an order that varies run to run. ``deterministic=True`` computes dq in a second
+pass that owns its rows instead (no atomics, bitwise reproducible run to run), at the price of
+recomputing QK^T and dO V^T (7 matmuls, about 1.4x the tensor-core work). dk and dv never use
+atomics. Like torch's own attention backends, ``torch.use_deterministic_algorithms(True)`` (strict,
+not warn_only) also selects the deterministic backward. The CPU reference is always deterministic.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
+def _deterministic(flag: bool) -> bool:
+    """The caller's flag, or torch's strict deterministic mode (warn_only mode keeps the fast path, as
+    torch's memory-efficient attention backward does)."""
+    return bool(flag) or (torch.are_deterministic_algorithms_enabled()
+                          and not torch.is_deterministic_algorithms_warn_only_enabled())
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,13 +75,14 @@ def flash_attention(
     Args:
         causal: mask aligned to the bottom-right corner (see the module docstring).
         softmax_scale: defaults to 1/sqrt(D).
-        deterministic: accepted for FlashAttention compatibility; fmcore's backward is always
-            bitwise reproducible run to run.
+        deterministic: a bitwise reproducible backward on CUDA (no atomic dq; about 1.4x the
+            backward's tensor-core work). Default False, as in FlashAttention.
         return_lse: also return lse (B, Hq, Sq) float32.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
-    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale))
+    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
+                                               _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -108,7 +119,8 @@ def flash_attention_varlen(
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
     out, lse = torch.ops.fmcore.flash_attn_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale),
+        _deterministic(deterministic),
     )
     return (out, lse) if return_lse else out
 
@@ -145,7 +157,8 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
 
 
 @torch.library.register_fake("fmcore::flash_attn_fwd")
-def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                         deterministic=False):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
@@ -153,15 +166,15 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 @torch.library.register_fake("fmcore::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, softmax_scale):
+                         causal, softmax_scale, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale)
+    ctx.args = (max_q, max_k, causal, scale, *deterministic)
 
 
 def _backward(ctx, dout, dlse):
@@ -170,7 +183,7 @@ def _backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_context=_setup_context)
