@@ -74,8 +74,9 @@ def make_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype, requires_grad=True):
     return q, k, v
 
 
-def check_against_reference(q, k, v, causal, scale=None, grads=True):
-    out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
+def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False):
+    out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, deterministic=deterministic,
+                               return_lse=True)
     ref_out, ref_lse = reference(q, k, v, causal, scale)
     t_out = torch_sdpa(q, k, v, causal, scale)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
@@ -130,13 +131,19 @@ def test_other_dtypes(device, shape, dtype):
     check_against_reference(*make_qkv(*shape, device, dtype), causal=True, scale=0.3)
 
 
+# The CUDA backward's two dq paths: atomic adds from the dk/dv kernel (the default) and the separate
+# deterministic dq kernel.
+DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+
+
 @pytest.mark.cuda
+@DQ_PATHS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_large_cuda(shape, causal, dtype):
+def test_matches_reference_large_cuda(shape, causal, dtype, deterministic):
     torch.manual_seed(2)
-    check_against_reference(*make_qkv(*shape, "cuda", dtype), causal)
+    check_against_reference(*make_qkv(*shape, "cuda", dtype), causal, deterministic=deterministic)
 
 
 def test_rows_without_keys_give_zero_and_neg_inf(device):
@@ -254,14 +261,20 @@ def test_offsets_past_2_31_elements_cuda():
     q, k, v, dout = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = D**-0.5
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, scale)
-    grads = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, True, scale)
     tail = slice(B - 8, B)  # sequences wholly past element 2^31
     small = [t[tail].clone() for t in (q, k, v, dout)]
     out_s, lse_s = torch.ops.fmcore.flash_attn_fwd(*small[:3], None, None, 0, 0, True, scale)
-    grads_s = torch.ops.fmcore.flash_attn_bwd(small[3], *small[:3], out_s, lse_s, None, None, None, 0, 0, True, scale)
     assert torch.equal(out[tail], out_s) and torch.equal(lse[tail], lse_s)
-    for name, g, gs in zip(("dq", "dk", "dv"), grads, grads_s):
-        assert torch.equal(g[tail], gs), name
+    for deterministic in (True, False):
+        args = (None, None, 0, 0, True, scale, deterministic)
+        grads = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, None, *args)
+        grads_s = torch.ops.fmcore.flash_attn_bwd(small[3], *small[:3], out_s, lse_s, None, *args)
+        for name, g, gs in zip(("dq", "dk", "dv"), grads, grads_s):
+            if name == "dq" and not deterministic:  # atomic adds: the order of the additions varies
+                torch.testing.assert_close(g[tail], gs, rtol=2e-2, atol=2e-3, msg=f"atomic {name}")
+            else:
+                assert torch.equal(g[tail], gs), name
+        del grads, grads_s
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -277,8 +290,9 @@ def test_deterministic_bitwise(device, causal):
 
 
 @pytest.mark.cuda
+@DQ_PATHS
 @pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
-def test_causal_every_diagonal_offset_cuda(D):
+def test_causal_every_diagonal_offset_cuda(D, deterministic):
     # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
     # Sk - Sq modulo the block sizes (64 or 32 keys; 128, 64 or 32 queries per CTA or step). Every
     # offset in [-65, 65] covers all residues mod 64 at Sq = 130 (a second, partial query block):
@@ -288,21 +302,24 @@ def test_causal_every_diagonal_offset_cuda(D):
     for d in range(-65, 66):
         q, k, v = make_qkv(1, 130, 130 + d, 2, 1, D, "cuda", torch.bfloat16)
         try:
-            check_against_reference(q, k, v, causal=True)
+            check_against_reference(q, k, v, causal=True, deterministic=deterministic)
         except AssertionError as e:
             raise AssertionError(f"Sk - Sq = {d}: {e}") from e
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture_cuda():
+@DQ_PATHS
+def test_cuda_graph_capture_cuda(deterministic):
     # Forward and backward captured into a CUDA graph and replayed on new inputs equal eager runs
-    # bitwise. The launchers opt the kernels in to > 48 KiB of dynamic shared memory once per device
-    # (a function attribute, not a stream operation): capture must neither break on it nor need it.
+    # bitwise (dq of the atomic path: closely; its zeroed fp32 buffer is allocated inside the
+    # capture). The launchers opt the kernels in to > 48 KiB of dynamic shared memory once per
+    # device (a function attribute, not a stream operation): capture must neither break on it nor
+    # need it.
     q, k, v = make_qkv(2, 200, 200, 4, 2, 128, "cuda", torch.bfloat16)
     dout = torch.randn_like(q)
 
     def step():
-        out = flash_attention(q, k, v, causal=True)
+        out = flash_attention(q, k, v, causal=True, deterministic=deterministic)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
     side = torch.cuda.Stream()
@@ -320,7 +337,59 @@ def test_cuda_graph_capture_cuda():
                 t.copy_(torch.randn_like(t))
         graph.replay()
         for name, a, b in zip(("out", "dq", "dk", "dv"), captured, step()):
-            assert torch.equal(a, b), name
+            if name == "dq" and not deterministic:
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=name)
+            else:
+                assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_atomic_dq_path_agrees_with_deterministic_cuda(causal):
+    # dk and dv come from the same kernel code on both paths (the atomic path only adds work after
+    # them), so they are bitwise equal; dq differs only in the order of its fp32 additions.
+    torch.manual_seed(12)
+    q, k, v = make_qkv(2, 333, 301, 8, 2, 128, "cuda", torch.bfloat16)
+    dout = torch.randn_like(q)
+    grads = {}
+    for det in (False, True):
+        out = flash_attention(q, k, v, causal=causal, deterministic=det)
+        grads[det] = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=2e-2, atol=2e-3)
+    assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
+
+
+def _backward_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "attn_bwd" in e.name}
+
+
+@pytest.mark.cuda
+def test_deterministic_flag_and_strict_mode_select_the_dq_kernel_cuda():
+    # deterministic=True, or torch.use_deterministic_algorithms(True) in strict mode, runs the
+    # separate dq kernel; the default (and warn_only mode, which the test suite runs under) runs the
+    # atomic path's convert kernel instead.
+    q, k, v = make_qkv(1, 100, 100, 2, 1, 64, "cuda", torch.bfloat16)
+
+    def backward(**kw):
+        return lambda: flash_attention(q, k, v, causal=True, **kw).sum().backward()
+
+    def uses_dq_kernel(names):
+        assert any("attn_bwd_dkdv_kernel" in n for n in names), names
+        dq = any("attn_bwd_dq_kernel" in n for n in names)
+        assert dq != any("attn_bwd_dq_convert_kernel" in n for n in names), names
+        return dq
+
+    assert not uses_dq_kernel(_backward_kernels(backward()))
+    assert uses_dq_kernel(_backward_kernels(backward(deterministic=True)))
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert uses_dq_kernel(_backward_kernels(backward()))
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
 
 
 @pytest.mark.cuda
@@ -376,7 +445,7 @@ def cu(lengths, device):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
 
 
-def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16):
+def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16, deterministic=False):
     g = torch.Generator().manual_seed(4)
     # Random document lengths with length-1 documents, one longer than a block, and (cross) a
     # document with no keys and one with no queries.
@@ -388,7 +457,8 @@ def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfl
     q = torch.randn(sum(lq), Hq, D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
-    out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
+                                      deterministic=deterministic)
     assert lse.shape == (Hq, sum(lq))
     cql, ckl = cq.tolist(), ck.tolist()
     ref_out, ref_lse = varlen_reference(q, k, v, cql, ckl, causal)
@@ -412,12 +482,13 @@ def test_varlen_matches_reference(device, causal, same_lengths):
 
 
 @pytest.mark.cuda
+@DQ_PATHS
 @pytest.mark.parametrize("Hq,Hk,D,dtype", [(12, 1, 96, torch.bfloat16), (8, 8, 128, torch.float16),
                                            (4, 2, 64, torch.float16)], ids=str)
-def test_varlen_head_dims_dtypes_cuda(Hq, Hk, D, dtype):
+def test_varlen_head_dims_dtypes_cuda(Hq, Hk, D, dtype, deterministic):
     # The varlen row offsets and lse layout at every head dim's tile shape, MQA, and fp16 (the CPU
-    # variant above covers bf16 D=64 GQA only).
-    check_varlen("cuda", True, False, Hq, Hk, D, dtype)
+    # variant above covers bf16 D=64 GQA only), on both dq paths.
+    check_varlen("cuda", True, False, Hq, Hk, D, dtype, deterministic)
 
 
 def test_varlen_generous_max_seqlen(device):
@@ -557,18 +628,27 @@ def test_cuda_unaligned_inputs_are_copied():
 
 
 def test_opcheck(device):
+    # opcheck's aot_dispatch test compares the op's gradients with a compiled run's, bitwise on CUDA's
+    # atomic dq path only by chance: it runs on the deterministic path, the rest on both.
+    nondet_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = make_qkv(2, 19, 23, 4, 2, 64, device, dtype)
-    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (q, k, v, None, None, 0, 0, True, 0.125))
+    for det in (True, False):
+        utils = {} if det else {"test_utils": nondet_utils}
+        torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (q, k, v, None, None, 0, 0, True, 0.125, det),
+                              **utils)
     c = cu([7, 12], device)
     qv, kv, vv = (t.detach()[0, :19].clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125))
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125, True))
     # The backward op has no autograd of its own (no double backward): call it on detached inputs.
     q, k, v = q.detach(), k.detach(), v.detach()
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, 0.125)
     dlse = torch.randn_like(lse)
-    torch.library.opcheck(torch.ops.fmcore.flash_attn_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, dlse, None, None, 0, 0, True, 0.125))
+    for det in (True, False):
+        utils = {} if det else {"test_utils": nondet_utils}
+        torch.library.opcheck(torch.ops.fmcore.flash_attn_bwd.default,
+                              (torch.randn_like(out), q, k, v, out, lse, dlse, None, None, 0, 0, True, 0.125, det),
+                              **utils)
 
 
 def test_torch_compile_fullgraph(device):

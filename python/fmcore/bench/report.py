@@ -2,7 +2,7 @@
 
 A row is {bench, case, system, metric, value, unit}. Vocabulary (keep results comparable across
 issues and dates): bench names rope, cross_entropy, linear_cross_entropy, adamw, attention, loader,
-train; systems fmcore, torch-eager, torch-compile, torch-fused, torch-foreach, sdpa-flash,
+train; systems fmcore (and variants fmcore-<what>), torch-eager, torch-compile, torch-fused, torch-foreach, sdpa-flash,
 sdpa-cudnn, sdpa-mem-efficient, liger, cce, nanogpt-get-batch, torch-dataloader; metrics ms
 (median), GB/s, TFLOP/s, MiB (peak above inputs), tok/s, MFU%, and roofline% (of the copy bandwidth
 or matmul rate measured in the same run; unit says which).

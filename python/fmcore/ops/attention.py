@@ -53,11 +53,17 @@ def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
+# Dynamo cannot trace the warn_only query: under torch.compile the mode is read once, when the graph is
+# traced (set it before compiling).
+@torch.compiler.assume_constant_result
+def _strict_deterministic_mode() -> bool:
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 def _deterministic(flag: bool) -> bool:
     """The caller's flag, or torch's strict deterministic mode (warn_only mode keeps the fast path, as
     torch's memory-efficient attention backward does)."""
-    return bool(flag) or (torch.are_deterministic_algorithms_enabled()
-                          and not torch.is_deterministic_algorithms_warn_only_enabled())
+    return bool(flag) or _strict_deterministic_mode()
 
 
 def flash_attention(
