@@ -482,6 +482,25 @@ def test_varlen_matches_reference(device, causal, same_lengths):
 
 
 @pytest.mark.cuda
+def test_varlen_graph_capture_without_warmup_cuda():
+    # The eager cu_seqlens value check copies to the host, which capture forbids: a cu_seqlens never
+    # seen before (no warm-up call with it) is captured unchecked, and replays match eager runs.
+    torch.manual_seed(13)
+    c = cu([5, 60, 1, 34], "cuda")
+    q, k, v = (torch.randn(100, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warms up the kernels (not this cu_seqlens) on a side stream
+        flash_attention(q[None], k[None], v[None], causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = flash_attention_varlen(q, k, v, c, c.clone(), 60, 60, causal=True)
+    graph.replay()
+    assert torch.equal(captured, flash_attention_varlen(q, k, v, c, c, 60, 60, causal=True))
+
+
+@pytest.mark.cuda
 @DQ_PATHS
 @pytest.mark.parametrize("Hq,Hk,D,dtype", [(12, 1, 96, torch.bfloat16), (8, 8, 128, torch.float16),
                                            (4, 2, 64, torch.float16)], ids=str)

@@ -116,12 +116,13 @@ def flash_attention_varlen(
             bottom-right corner of each document.
         return_lse: also return lse (Hq, Tq) float32.
     On CUDA the values of cu_seqlens are checked with one small device-to-host copy, skipped when the
-    same unmodified tensor was checked last (every layer of a model passes the same one) and under
-    torch.compile. The kernels clamp every entry, so a bad cu_seqlens can never touch memory out of
-    bounds; the check is there to turn a wrong result into an error.
+    same unmodified tensor was checked last (every layer of a model passes the same one), under
+    torch.compile and during CUDA graph capture (which forbids the copy). The kernels clamp every
+    entry, so a bad cu_seqlens can never touch memory out of bounds; the check is there to turn a
+    wrong result into an error.
     """
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    if q.is_cuda and not torch.compiler.is_compiling():
+    if q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
     out, lse = torch.ops.fmcore.flash_attn_fwd(
