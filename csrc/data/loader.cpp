@@ -4,6 +4,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <type_traits>
 
 namespace fmcore::data {
@@ -53,8 +56,13 @@ Loader::Loader(LoaderOptions options, Allocator allocator)
     }
   };
   std::vector<std::thread> openers;
-  for (int t = 1; t < std::min<int>(opt_.threads, static_cast<int>(n)); ++t)
-    openers.emplace_back(open_some);
+  for (int t = 1; t < std::min<int>(opt_.threads, static_cast<int>(n)); ++t) {
+    try {
+      openers.emplace_back(open_some);
+    } catch (const std::system_error&) {
+      break;  // no more threads to be had: the ones started (and this one) share the shards
+    }
+  }
   open_some();
   for (auto& t : openers) t.join();
   for (auto& e : errors)
@@ -102,13 +110,32 @@ Loader::Loader(LoaderOptions options, Allocator allocator)
 Loader::~Loader() { close(); }
 
 void Loader::start_workers() {
-  slots_.assign(static_cast<size_t>(opt_.prefetch), Slot{});
-  claimed_ = delivered_ = 0;
-  ++generation_;
-  stop_ = false;
-  failed_ = nullptr;
-  const uint64_t depth = slots_.size();
-  for (int t = 0; t < opt_.threads; ++t) workers_.emplace_back([this, depth] { worker(depth); });
+  const uint64_t depth = static_cast<uint64_t>(opt_.prefetch);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    slots_.assign(depth, Slot{});
+    claimed_ = delivered_ = 0;
+    ++generation_;
+    stop_ = false;
+    failed_ = nullptr;
+  }
+  for (int t = 0; t < opt_.threads; ++t) {
+    try {
+      workers_.emplace_back([this, depth] { worker(depth); });
+    } catch (const std::system_error& e) {
+      // Without this, the constructor's unwinding destroyed joinable std::threads: std::terminate.
+      // The workers already started are stopped and joined; next() raises the same error.
+      stop_workers();
+      const std::runtime_error err("could not start loader worker thread " + std::to_string(t + 1) +
+                                   " of " + std::to_string(opt_.threads) + " (" + e.what() +
+                                   "); lower `threads`");
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        failed_ = std::make_exception_ptr(err);
+      }
+      throw err;
+    }
+  }
 }
 
 void Loader::stop_workers() {
@@ -146,9 +173,11 @@ void Loader::restart(uint64_t start_sample) {
     if (closed_) throw std::runtime_error("the loader is closed");
   }
   stop_workers();
-  std::lock_guard<std::mutex> lk(mu_);
-  opt_.start_sample = start_sample;
-  start_workers();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    opt_.start_sample = start_sample;
+  }
+  start_workers();  // not under mu_: on failure it joins workers that take mu_ to see stop_
 }
 
 uint64_t Loader::next_sample() const {

@@ -348,3 +348,35 @@ def test_clean_shutdown(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.rstrip().endswith("RuntimeError: consumer failed"), proc.stderr
+
+
+THREAD_LIMIT = """
+import resource, sys, numpy as np
+sys.path.insert(0, {python!r})
+from fmcore.data import Loader, write_dataset
+root = write_dataset({root!r}, {{"train": [np.arange(10000) % 1000]}}, vocab_size=1000)
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+# Room for a few dozen thread stacks (8 MiB each) and no more.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 2**20, resource.RLIM_INFINITY))
+try:
+    Loader(root, batch_size=2, seq_len=16, threads=4096)
+except RuntimeError as e:
+    print("raised:", e)
+with Loader(root, batch_size=2, seq_len=16, threads=2) as loader:  # the failed one's threads are gone
+    print("batch", tuple(next(loader).x.shape))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_worker_threads_that_cannot_start_raise(tmp_path):
+    """A worker thread the system refuses (here: an address-space limit too small for 4096 stacks)
+    raises a RuntimeError naming the thread count, after joining the workers already started. It
+    used to leave joinable std::threads behind the constructor's exception: std::terminate."""
+    import fmcore
+
+    code = THREAD_LIMIT.format(python=str(Path(fmcore.__file__).parents[1]), root=str(tmp_path / "ds"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "raised: could not start loader worker thread" in proc.stdout and "of 4096" in proc.stdout, proc.stdout
+    assert "lower `threads`" in proc.stdout
+    assert proc.stdout.rstrip().endswith("batch (2, 16)"), proc.stdout
