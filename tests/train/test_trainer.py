@@ -175,6 +175,15 @@ def test_gradient_accumulation_matches_one_big_batch(dataset, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_deterministic_mode_is_strict_and_matches_the_default_run(dataset, tmp_path):
+    """train.deterministic turns on torch's strict mode (fmcore's attention then takes its
+    deterministic backward on CUDA); the CPU is deterministic already, so the losses are the same."""
+    default = _short_run(dataset, tmp_path / "a", "--model.ops", "fmcore")
+    strict = _short_run(dataset, tmp_path / "b", "--model.ops", "fmcore", "--train.deterministic", "true")
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert [r["loss"] for r in strict] == [r["loss"] for r in default]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_document_boundaries_train(dataset, tmp_path, arch):
     records = _short_run(dataset, tmp_path / "r", "--data.doc_boundaries", "true", "--model.arch", arch,

@@ -133,6 +133,10 @@ class TrainConfig:
     """"cuda", "cpu" or "auto" (cuda when available)."""
     seed: int = 0
     """Seed for the init, the loader and every RNG."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs on the GPU too: torch.use_deterministic_algorithms(True) (which also
+    selects fmcore's deterministic attention backward, about 1.4x its tensor-core work) and
+    deterministic cuBLAS workspaces. Some torch ops get slower. The CPU is deterministic already."""
     compile: bool = False
     """torch.compile the model."""
     activation_checkpointing: bool = False

@@ -394,6 +394,15 @@ def dataset_has_split(dataset: Path, split: str) -> bool:
     return split in (Loader.manifest(dataset).get("splits") or {})
 
 
+def set_deterministic() -> None:
+    """torch's strict deterministic mode for the rest of the process (train.deterministic)."""
+    # cuBLAS picks reduction orders by workspace; a fixed small workspace makes them repeatable (torch
+    # raises in strict mode without it). Read when the first cuBLAS handle is created.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 # ---- the run
 
 def train(cfg: Config) -> dict:
@@ -402,6 +411,8 @@ def train(cfg: Config) -> dict:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        set_deterministic()
     dataset = open_dataset(cfg, env)
     run_dir, resume_from = _broadcast(choose_run_dir(cfg) if env.main else None, env)
     loader = make_loader(cfg, dataset, env)
