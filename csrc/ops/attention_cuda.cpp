@@ -1,5 +1,6 @@
 // Flash attention on CUDA: the binding validates (attention.cpp), copies any input the kernels'
 // 16-byte accesses cannot read in place, and launches kernels/attention.cu on the current stream.
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -81,6 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);
   p.dv = attn_tensor(dv, sh.varlen);
+  // torch's deterministic mode: warn (warn_only) or raise (strict; the Python wrappers never get
+  // here then, they pass deterministic=True) as torch's own nondeterministic kernels do.
+  if (!deterministic) {
+    at::globalContext().alertNotDeterministic(
+        "fmcore::flash_attn_bwd with deterministic=False (atomic dq; pass deterministic=True)");
+  }
   // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous like dq.
   const at::Tensor dq_accum =
       deterministic ? at::Tensor() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));

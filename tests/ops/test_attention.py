@@ -388,6 +388,15 @@ def test_deterministic_flag_and_strict_mode_select_the_dq_kernel_cuda():
     try:
         torch.use_deterministic_algorithms(True)
         assert uses_dq_kernel(_backward_kernels(backward()))
+        # The op itself, asked for atomics in strict mode, raises as torch's nondeterministic ops do...
+        out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, 0.125)
+        args = (torch.ones_like(out), q, k, v, out, lse, None, None, None, 0, 0, True, 0.125)
+        with pytest.raises(RuntimeError, match="flash_attn_bwd with deterministic=False"):
+            torch.ops.fmcore.flash_attn_bwd(*args, False)
+        # ...and warns in warn_only mode.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="flash_attn_bwd with deterministic=False"):
+            torch.ops.fmcore.flash_attn_bwd(*args, False)
     finally:
         torch.use_deterministic_algorithms(old[0], warn_only=old[1])
 
