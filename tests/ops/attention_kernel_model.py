@@ -179,13 +179,29 @@ def ldsm_x4(sm: SharedMemory, addr, trans=False):
     transpose with .trans). Returns (4, 32, 2)."""
     addr = np.asarray(addr)
     assert (addr % 8 == 0).all(), "ldmatrix row address not 16-byte aligned"
-    regs = np.empty((4, 32, 2))
-    for i in range(4):
-        m = sm.read(addr[8 * i:8 * i + 8, None] + np.arange(8))  # (8 rows, 8 cols)
-        if trans:
-            m = m.T
-        regs[i] = m[G[:, None], 2 * TQ[:, None] + np.arange(2)]
-    return regs
+    m = sm.read(addr[:, None] + np.arange(8)).reshape(4, 8, 8)  # matrix i = rows of lanes 8i..8i+7
+    if trans:
+        m = m.transpose(0, 2, 1)
+    return m[:, G[:, None], 2 * TQ[:, None] + np.arange(2)]
+
+
+def _fragment_maps():
+    """mma.m16n8k16's fragment tables as (row, col) index arrays: A (4 regs, 32 lanes, 2 halves) ->
+    16x16, B (2, 32, 2) -> 16x8 (row = k), C (32 lanes, 4) -> 16x8."""
+    e = np.arange(2)
+    a_row = np.stack([G[:, None] + 0 * e, G[:, None] + 8 + 0 * e] * 2)
+    a_col = np.stack([2 * TQ[:, None] + e] * 2 + [2 * TQ[:, None] + 8 + e] * 2)
+    b_row = np.stack([2 * TQ[:, None] + e, 2 * TQ[:, None] + 8 + e])
+    b_col = np.stack([G[:, None] + 0 * e] * 2)
+    c_row = np.stack([G, G, G + 8, G + 8], axis=1)
+    c_col = np.stack([2 * TQ, 2 * TQ + 1] * 2, axis=1)
+    # every element of A, B and C is held by exactly one (register, lane, half)
+    for rows, cols, n in ((a_row, a_col, 256), (b_row, b_col, 128), (c_row, c_col, 128)):
+        assert np.unique(rows * 16 + cols).size == n == rows.size
+    return a_row, a_col, b_row, b_col, c_row, c_col
+
+
+A_ROW, A_COL, B_ROW, B_COL, C_ROW, C_COL = _fragment_maps()
 
 
 def mma16816(c, a, b0, b1):
@@ -193,21 +209,11 @@ def mma16816(c, a, b0, b1):
     row g, cols 2t+i; a2,a3 (reg 1) at row g+8; a4,a5 (reg 2) row g, cols +8; a6,a7 (reg 3) row g+8,
     cols +8. B: b0,b1 (reg 0) at rows 2t+i, col g; b2,b3 (reg 1) rows 2t+8+i. C: c0,c1 row g, cols
     2t+i; c2,c3 row g+8."""
-    A = np.full((16, 16), np.nan)
-    B = np.full((16, 8), np.nan)
-    e = np.arange(2)
-    A[G[:, None], 2 * TQ[:, None] + e] = a[0]
-    A[G[:, None] + 8, 2 * TQ[:, None] + e] = a[1]
-    A[G[:, None], 2 * TQ[:, None] + 8 + e] = a[2]
-    A[G[:, None] + 8, 2 * TQ[:, None] + 8 + e] = a[3]
-    B[2 * TQ[:, None] + e, G[:, None]] = b0
-    B[2 * TQ[:, None] + 8 + e, G[:, None]] = b1
-    assert not np.isnan(A).any() and not np.isnan(B).any()
-    C = A @ B
-    c[:, 0] += C[G, 2 * TQ]
-    c[:, 1] += C[G, 2 * TQ + 1]
-    c[:, 2] += C[G + 8, 2 * TQ]
-    c[:, 3] += C[G + 8, 2 * TQ + 1]
+    A = np.empty((16, 16))
+    B = np.empty((16, 8))
+    A[A_ROW, A_COL] = a
+    B[B_ROW, B_COL] = (b0, b1)
+    c += (A @ B)[C_ROW, C_COL]
 
 
 def shfl_xor(x, m):
