@@ -51,8 +51,9 @@ def _reference(q, k, v, dout, dlse, causal, scale):
     return out.detach(), lse.detach(), grads
 
 
-def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    """Runs the modelled forward and backward (delta, dk/dv, dq kernels) and compares with the
+def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True):
+    """Runs the modelled forward and backward (delta, dk/dv, then the dq kernel, or with
+    deterministic=False the dk/dv kernel's atomic dq and the convert kernel) and compares with the
     float64 reference. q/k/v: float64 (B, S, H, D), or (T, H, D) with cu_q/cu_k lists."""
     torch.manual_seed(0)
     varlen = cu_q is not None
@@ -75,7 +76,7 @@ def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
         dout=_tensor(dout, varlen), dq=dq, dk=dk, dv=dv, dlse=M.Buffer(dlse.reshape(-1).numpy()),
         delta=M.Buffer(np.full(math.prod(lse_shape), math.nan)))
     M.run_fwd(p)
-    M.run_bwd(p)
+    M.run_bwd(p, deterministic)
 
     got = {name: torch.from_numpy(t.buf.v).view(shape)
            for name, t, shape in (("out", out, q.shape), ("dq", dq, q.shape), ("dk", dk, k.shape),
@@ -121,22 +122,23 @@ def qkv(B, Sq, Sk, Hq, Hk, D):
     # packed documents with empty, single-token and no-key documents, max_seqlen above the longest.
     "varlen_causal_d64",
 ])
-def test_kernel_model_matches_reference(case):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+def test_kernel_model_matches_reference(case, deterministic):
     torch.manual_seed(1)
     if case == "gqa_causal_diagonal_62_d64":
-        run_and_check(*qkv(1, 10, 72, 2, 1, 64), causal=True)
+        run_and_check(*qkv(1, 10, 72, 2, 1, 64), causal=True, deterministic=deterministic)
     elif case == "causal_rows_without_keys_d128":
-        run_and_check(*qkv(2, 40, 17, 1, 1, 128), causal=True)
+        run_and_check(*qkv(2, 40, 17, 1, 1, 128), causal=True, deterministic=deterministic)
     elif case == "fused_qkv_strides_d96":
         Hq, Hk = 2, 1
         fused = torch.randn(1, 70, Hq + 2 * Hk, 96, dtype=torch.float64)
-        run_and_check(*fused.split([Hq, Hk, Hk], dim=2), causal=False)
+        run_and_check(*fused.split([Hq, Hk, Hk], dim=2), causal=False, deterministic=deterministic)
     else:
         lq, lk = [1, 0, 5, 70, 3], [3, 2, 0, 40, 1]
         cu_q, cu_k = [0, *np.cumsum(lq).tolist()], [0, *np.cumsum(lk).tolist()]
         q = torch.randn(sum(lq), 2, 64, dtype=torch.float64)
         k, v = (torch.randn(sum(lk), 1, 64, dtype=torch.float64) for _ in range(2))
-        run_and_check(q, k, v, True, cu_q, cu_k, max_q=100, max_k=100)
+        run_and_check(q, k, v, True, cu_q, cu_k, max_q=100, max_k=100, deterministic=deterministic)
 
 
 def test_model_detects_races():
