@@ -7,6 +7,7 @@ The model is a transcription of csrc/kernels/attention.cu: a change to the kerne
 or pipelining must be mirrored there (the CUDA tests in test_attention.py check the real kernels).
 """
 
+import inspect
 import math
 
 import numpy as np
@@ -161,3 +162,61 @@ def test_model_detects_races():
     sm.commit()
     with pytest.raises(AssertionError, match="not waited"):
         sm.exit()
+
+
+def _mutant(func: str, edits):
+    """M.<func> recompiled from its source with each (old, new) text edit applied (old must occur
+    exactly once), its globals still the model's: a one-statement slip in the transcription."""
+    src = inspect.getsource(getattr(M, func))
+    for old, new in edits:
+        assert src.count(old) == 1, f"{old!r} is not a unique statement of {func}"
+        src = src.replace(old, new)
+    ns = {}
+    exec(compile(src, f"<{func} with a slip>", "exec"), vars(M), ns)
+    return ns[func]
+
+
+# Slips in the atomic dq path (and the model's checks they exercise). Each edit mirrors a plausible
+# mistake in the CUDA code; the model must fail on it.
+SLIPS = {
+    # dq's gemm before the barrier that publishes sdS: warps read other warps' dS^T in the phase it
+    # is written (racecheck).
+    "dq_gemm_before_barrier": ("attn_bwd_dkdv_kernel", [
+        ("        sm.sync()\n        if kAtomicDq:\n", "        if kAtomicDq:\n"),
+        ("    sm.wait(0)\n    sm.exit()\n", "        sm.sync()\n    sm.wait(0)\n    sm.exit()\n"),
+    ], "without a barrier"),
+    # gemm_tb's A operand (dS from the transposed sdS) at a_off's lane addresses: the two off-diagonal
+    # 8x8 blocks of every A fragment trade places.
+    "gemm_tb_a_at_a_off": ("gemm_tb", [("b_off(pitch_a)", "a_off(pitch_a)")], "dq: max error"),
+    # ... and K (the B operand) at b_off's.
+    "gemm_tb_b_at_b_off": ("gemm_tb", [("a_off(pitch_b)", "b_off(pitch_b)")], "dq: max error"),
+    # A warp's head-dim slab one MMA tile over instead of kDW (D = 96: slabs of 48 columns).
+    "dq_slab_column_offset": ("attn_bwd_dkdv_kernel", [
+        ("(warp // kRowTiles) * kDW", "(warp // kRowTiles) * 16")], "dq: max error"),
+    # Rows past the sequence end (zeros, but at addresses past the buffer's end) still added.
+    "dq_rows_past_the_end": ("attn_bwd_dkdv_kernel", [("ok = row < q_len", "ok = row >= 0")],
+                             "global atomic out of bounds"),
+    # The launcher forgets sdS's share of the dynamic shared memory.
+    "launcher_smem_without_sds": ("run_bwd", [
+        ("ds_smem = kBlockN * (kBlockMq + 8) * 2", "ds_smem = 0")], "outside the launch's dynamic"),
+    # The convert grid counts rows x heads threads, not rows x heads x D/8: most of dq is unwritten.
+    "convert_grid_one_thread_per_row": ("run_bwd", [
+        ("blocks(rows * p.heads_q * (D // 8), 256)", "blocks(rows * p.heads_q, 256)")], "dq: unwritten"),
+}
+
+
+@pytest.mark.parametrize("slip", [None, *SLIPS])
+def test_model_catches_atomic_dq_slips(slip, monkeypatch):
+    # One small case reaches every slip: D = 96 (two column slabs per query tile), GQA 2/1 (two
+    # iterations, both Q/dO stages), Sq = 20 (a partial query block in the last sequence).
+    # slip None: the unedited model passes on it.
+    if slip is not None:
+        func, edits, error = SLIPS[slip]
+        monkeypatch.setattr(M, func, _mutant(func, edits))
+    torch.manual_seed(2)
+    args = qkv(1, 20, 24, 2, 1, 96)
+    if slip is None:
+        run_and_check(*args, causal=False, deterministic=False)
+    else:
+        with pytest.raises(AssertionError, match=error):
+            run_and_check(*args, causal=False, deterministic=False)
