@@ -220,3 +220,44 @@ def test_model_catches_atomic_dq_slips(slip, monkeypatch):
     else:
         with pytest.raises(AssertionError, match=error):
             run_and_check(*args, causal=False, deterministic=False)
+
+
+def _random_case(seed):
+    """A shape from the space the kernels must cover: D 64/96/128, causal or full, batched or varlen
+    cycle with the seed; drawn at random: MHA/GQA/MQA, Sq above or below Sk and partial blocks
+    (batched), empty documents and documents without keys or without queries (varlen), rows padded
+    past D (a strided view, as a fused projection gives) or not."""
+    rng = np.random.default_rng(seed)
+    case = dict(D=(64, 96, 128)[seed % 3], causal=seed % 2 == 0, Hk=int(rng.integers(1, 3)),
+                group=int(rng.integers(1, 4)), pad=int(rng.choice([0, 8, 24])))
+    if seed // 2 % 2:
+        n = int(rng.integers(2, 5))
+        case.update(lq=rng.integers(0, 40, n).tolist(), lk=rng.integers(0, 40, n).tolist())
+    else:
+        case.update(B=int(rng.integers(1, 3)), Sq=int(rng.integers(1, 70)), Sk=int(rng.integers(1, 70)))
+    return case
+
+
+RANDOM_CASES = [_random_case(seed) for seed in range(4)]
+
+
+def _case_id(case):
+    return "-".join(f"{k}{'_'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", RANDOM_CASES, ids=_case_id)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+def test_kernel_model_random_shapes(case, deterministic):
+    torch.manual_seed(3)
+    D, Hk, pad = case["D"], case["Hk"], case["pad"]
+    Hq = Hk * case["group"]
+    lead = (sum(case["lq"]),) if "lq" in case else (case["B"], case["Sq"])
+    lead_k = (sum(case["lk"]),) if "lk" in case else (case["B"], case["Sk"])
+    q = torch.randn(*lead, Hq, D + pad, dtype=torch.float64)[..., :D]
+    k, v = (torch.randn(*lead_k, Hk, D + pad, dtype=torch.float64)[..., :D] for _ in range(2))
+    if "lq" in case:
+        cu_q, cu_k = [0, *np.cumsum(case["lq"]).tolist()], [0, *np.cumsum(case["lk"]).tolist()]
+        run_and_check(q, k, v, case["causal"], cu_q, cu_k, max_q=max(case["lq"]), max_k=max(case["lk"]),
+                      deterministic=deterministic)
+    else:
+        run_and_check(q, k, v, case["causal"], deterministic=deterministic)
