@@ -5,23 +5,29 @@ warp-level PTX instructions (ldmatrix .x4 / .x4.trans, mma.m16n8k16.row.col, shf
 from the PTX ISA's fragment tables, independently of the kernel's own helpers (a_off, b_off,
 acc_to_a), so a wrong lane offset or fragment order gives a wrong result here. Arithmetic is float64
 (no bf16 rounding), so the model's result must equal a float64 reference to ~1e-12: any indexing,
-masking or softmax slip shows up as an O(1) error.
+masking or softmax slip shows up as an O(1) error. Both backward dq paths are modelled: the
+deterministic dq kernel, and the dk/dv kernel's kAtomicDq share (dS^T staged in shared memory,
+float2 atomics into the fp32 dq_accum) with the convert kernel; run_bwd picks one as the binding and
+the launcher do.
 
 Shared memory is checked like compute-sanitizer's racecheck/initcheck, per barrier interval
 ("phase"): a read of an element whose cp.async is still in flight, or that was written in the same
 phase (no barrier in between), or never written, fails; so does a write (cp.async or plain) to an
 element read in the same phase (write-after-read without a barrier), and a kernel that exits with
-cp.async groups not waited for. Global reads check bounds and the 16-byte alignment of every
-cp.async source; global writes check bounds.
+cp.async groups not waited for. The dk/dv kernel's shared memory is the launcher's dynamic size, so
+an access past it fails too. Global reads check bounds and the 16-byte alignment of every cp.async
+source and vector access; global writes and atomics check bounds, float2 atomics 8-byte alignment.
 
 CTAs run one after another and the warps of a CTA one after another within each phase, which is
-sound here because the kernels communicate only through shared memory between barriers.
+sound here because within a CTA the kernels communicate only through shared memory between
+barriers, and across CTAs only through atomic additions (dq_accum; their order changes rounding
+only) that a later kernel reads; an atomic is therefore a plain read-add-write here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -172,7 +178,6 @@ class Params:
     dq_accum: Tensor | None = None  # fp32, set for the atomic dq path (attn_bwd)
     dlse: Buffer | None = None
     delta: Buffer | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ---- attention.h's sequence arithmetic
@@ -700,10 +705,12 @@ def run_bwd(p: Params, deterministic: bool):
     """attention_cuda.cpp's flash_attn_bwd_cuda (the dq_accum scratch) then attn_bwd's bwd<T, D>."""
     if not deterministic:  # at::zeros(q.sizes(), float32): contiguous like dq
         Hq, D = p.heads_q, p.head_dim
-        if p.cu_q is not None:
-            p.dq_accum = Tensor(Buffer(np.zeros(p.total_q * Hq * D)), 0, 0, Hq * D, D)
-        else:
-            p.dq_accum = Tensor(Buffer(np.zeros(p.batch * p.seqlen_q * Hq * D)), 0, p.seqlen_q * Hq * D, Hq * D, D)
+        rows = p.total_q if p.cu_q is not None else p.batch * p.seqlen_q
+        stride_b = 0 if p.cu_q is not None else p.seqlen_q * Hq * D
+        # An empty tensor's data pointer is null, so an empty dq takes the deterministic kernels (whose
+        # dq grid is empty too); p.dq_accum None stands for the null pointer.
+        if rows * Hq * D > 0:
+            p.dq_accum = Tensor(Buffer(np.zeros(rows * Hq * D)), 0, stride_b, Hq * D, D)
 
     t, D = tiles(p.head_dim), p.head_dim
     for b in range(p.batch):
