@@ -1,7 +1,9 @@
 """The CUDA attention kernels' index math, fragment layouts, masks, online softmax and cp.async /
 barrier discipline, checked on the CPU through the lane-level model in attention_kernel_model.py
 (the kernels cannot run on the CPU CI machines). The model computes in float64, so it must match the
-float64 reference to rounding; a race or an unwritten output fails loudly.
+float64 reference to rounding; a race or an unwritten output fails loudly. Every case runs both
+backward dq paths (the deterministic dq kernel and the atomic dq share of the dk/dv kernel), and
+test_model_catches_atomic_dq_slips shows that one-statement slips in the atomic path fail the model.
 
 The model is a transcription of csrc/kernels/attention.cu: a change to the kernels' tiling, masking
 or pipelining must be mirrored there (the CUDA tests in test_attention.py check the real kernels).
@@ -193,6 +195,9 @@ SLIPS = {
     # A warp's head-dim slab one MMA tile over instead of kDW (D = 96: slabs of 48 columns).
     "dq_slab_column_offset": ("attn_bwd_dkdv_kernel", [
         ("(warp // kRowTiles) * kDW", "(warp // kRowTiles) * 16")], "dq: max error"),
+    # dS K of every query head of the GQA group added into the kv head's rows.
+    "dq_head_is_kv_head": ("attn_bwd_dkdv_kernel", [
+        ("                h = hk * group + it // per_head\n", "                h = hk\n")], "dq: max error"),
     # Rows past the sequence end (zeros, but at addresses past the buffer's end) still added.
     "dq_rows_past_the_end": ("attn_bwd_dkdv_kernel", [("ok = row < q_len", "ok = row >= 0")],
                              "global atomic out of bounds"),
