@@ -703,6 +703,7 @@ def run_fwd(p: Params):
 
 def run_bwd(p: Params, deterministic: bool):
     """attention_cuda.cpp's flash_attn_bwd_cuda (the dq_accum scratch) then attn_bwd's bwd<T, D>."""
+    p.dq_accum = None
     if not deterministic:  # at::zeros(q.sizes(), float32): contiguous like dq
         Hq, D = p.heads_q, p.head_dim
         rows = p.total_q if p.cu_q is not None else p.batch * p.seqlen_q
