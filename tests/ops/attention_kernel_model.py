@@ -5,23 +5,29 @@ warp-level PTX instructions (ldmatrix .x4 / .x4.trans, mma.m16n8k16.row.col, shf
 from the PTX ISA's fragment tables, independently of the kernel's own helpers (a_off, b_off,
 acc_to_a), so a wrong lane offset or fragment order gives a wrong result here. Arithmetic is float64
 (no bf16 rounding), so the model's result must equal a float64 reference to ~1e-12: any indexing,
-masking or softmax slip shows up as an O(1) error.
+masking or softmax slip shows up as an O(1) error. Both backward dq paths are modelled: the
+deterministic dq kernel, and the dk/dv kernel's kAtomicDq share (dS^T staged in shared memory,
+float2 atomics into the fp32 dq_accum) with the convert kernel; run_bwd picks one as the binding and
+the launcher do.
 
 Shared memory is checked like compute-sanitizer's racecheck/initcheck, per barrier interval
 ("phase"): a read of an element whose cp.async is still in flight, or that was written in the same
 phase (no barrier in between), or never written, fails; so does a write (cp.async or plain) to an
 element read in the same phase (write-after-read without a barrier), and a kernel that exits with
-cp.async groups not waited for. Global reads check bounds and the 16-byte alignment of every
-cp.async source; global writes check bounds.
+cp.async groups not waited for. The dk/dv kernel's shared memory is the launcher's dynamic size, so
+an access past it fails too. Global reads check bounds and the 16-byte alignment of every cp.async
+source and vector access; global writes and atomics check bounds, float2 atomics 8-byte alignment.
 
 CTAs run one after another and the warps of a CTA one after another within each phase, which is
-sound here because the kernels communicate only through shared memory between barriers.
+sound here because within a CTA the kernels communicate only through shared memory between
+barriers, and across CTAs only through atomic additions (dq_accum; their order changes rounding
+only) that a later kernel reads; an atomic is therefore a plain read-add-write here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,8 +50,13 @@ class SharedMemory:
         self.groups: list[list] = []
         self.pending: list = []
 
+    def _check_bounds(self, idx):
+        assert idx.size == 0 or (idx.min() >= 0 and idx.max() < self.v.size), \
+            "smem access outside the launch's dynamic shared memory"
+
     def read(self, idx):
         idx = np.asarray(idx)
+        self._check_bounds(idx)
         assert not self.inflight[idx].any(), "smem read of an element whose cp.async is in flight"
         assert (self.wphase[idx] >= 0).all(), "smem read of an element never written"
         assert (self.wphase[idx] < self.phase).all(), "smem read of an element written without a barrier since"
@@ -53,6 +64,7 @@ class SharedMemory:
         return self.v[idx]
 
     def _check_write(self, idx):
+        self._check_bounds(idx)
         assert (self.rphase[idx] < self.phase).all(), "smem write to an element read in the same phase (WAR race)"
         assert not self.inflight[idx].any(), "smem write to an element with a cp.async in flight"
 
@@ -101,6 +113,29 @@ class Buffer:
         assert (off >= 0).all() and (off < self.v.size).all(), "global write out of bounds"
         self.v[off] = vals
 
+    def read_vec(self, off, n):
+        """A vector load of n elements (float4: n = 4 fp32, uint4: n = 8 bf16/fp16, 16 bytes either
+        way), which must be aligned to its size; the buffer's start stands for an aligned pointer."""
+        off = np.asarray(off)
+        assert (off % n == 0).all(), f"{n}-element vector load not aligned to its size"
+        return self.read(off, n)
+
+    def write_vec(self, off, vals):
+        """A vector store of vals (..., n), aligned to its size like read_vec."""
+        off, n = np.asarray(off), np.shape(vals)[-1]
+        assert (off % n == 0).all(), f"{n}-element vector store not aligned to its size"
+        self.write(off[..., None] + np.arange(n), vals)
+
+    def atomic_add2(self, off, x, y):
+        """atomicAdd(float2*, {x, y}) per lane at fp32 element offsets off: 8-byte aligned, in bounds.
+        CTAs run one after another here, so an atomic is a read-add-write (np.add.at also sums
+        lanes that hit the same address, as the hardware would)."""
+        off = np.asarray(off)
+        assert (off % 2 == 0).all(), "float2 atomic address not 8-byte aligned"
+        assert (off >= 0).all() and (off + 2 <= self.v.size).all(), "global atomic out of bounds"
+        np.add.at(self.v, off, x)
+        np.add.at(self.v, off + 1, y)
+
 
 @dataclass
 class Tensor:
@@ -140,9 +175,9 @@ class Params:
     dq: Tensor | None = None
     dk: Tensor | None = None
     dv: Tensor | None = None
+    dq_accum: Tensor | None = None  # fp32, set for the atomic dq path (attn_bwd)
     dlse: Buffer | None = None
     delta: Buffer | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ---- attention.h's sequence arithmetic
@@ -179,13 +214,29 @@ def ldsm_x4(sm: SharedMemory, addr, trans=False):
     transpose with .trans). Returns (4, 32, 2)."""
     addr = np.asarray(addr)
     assert (addr % 8 == 0).all(), "ldmatrix row address not 16-byte aligned"
-    regs = np.empty((4, 32, 2))
-    for i in range(4):
-        m = sm.read(addr[8 * i:8 * i + 8, None] + np.arange(8))  # (8 rows, 8 cols)
-        if trans:
-            m = m.T
-        regs[i] = m[G[:, None], 2 * TQ[:, None] + np.arange(2)]
-    return regs
+    m = sm.read(addr[:, None] + np.arange(8)).reshape(4, 8, 8)  # matrix i = rows of lanes 8i..8i+7
+    if trans:
+        m = m.transpose(0, 2, 1)
+    return m[:, G[:, None], 2 * TQ[:, None] + np.arange(2)]
+
+
+def _fragment_maps():
+    """mma.m16n8k16's fragment tables as (row, col) index arrays: A (4 regs, 32 lanes, 2 halves) ->
+    16x16, B (2, 32, 2) -> 16x8 (row = k), C (32 lanes, 4) -> 16x8."""
+    e = np.arange(2)
+    a_row = np.stack([G[:, None] + 0 * e, G[:, None] + 8 + 0 * e] * 2)
+    a_col = np.stack([2 * TQ[:, None] + e] * 2 + [2 * TQ[:, None] + 8 + e] * 2)
+    b_row = np.stack([2 * TQ[:, None] + e, 2 * TQ[:, None] + 8 + e])
+    b_col = np.stack([G[:, None] + 0 * e] * 2)
+    c_row = np.stack([G, G, G + 8, G + 8], axis=1)
+    c_col = np.stack([2 * TQ, 2 * TQ + 1] * 2, axis=1)
+    # every element of A, B and C is held by exactly one (register, lane, half)
+    for rows, cols, n in ((a_row, a_col, 256), (b_row, b_col, 128), (c_row, c_col, 128)):
+        assert np.unique(rows * 16 + cols).size == n == rows.size
+    return a_row, a_col, b_row, b_col, c_row, c_col
+
+
+A_ROW, A_COL, B_ROW, B_COL, C_ROW, C_COL = _fragment_maps()
 
 
 def mma16816(c, a, b0, b1):
@@ -193,21 +244,11 @@ def mma16816(c, a, b0, b1):
     row g, cols 2t+i; a2,a3 (reg 1) at row g+8; a4,a5 (reg 2) row g, cols +8; a6,a7 (reg 3) row g+8,
     cols +8. B: b0,b1 (reg 0) at rows 2t+i, col g; b2,b3 (reg 1) rows 2t+8+i. C: c0,c1 row g, cols
     2t+i; c2,c3 row g+8."""
-    A = np.full((16, 16), np.nan)
-    B = np.full((16, 8), np.nan)
-    e = np.arange(2)
-    A[G[:, None], 2 * TQ[:, None] + e] = a[0]
-    A[G[:, None] + 8, 2 * TQ[:, None] + e] = a[1]
-    A[G[:, None], 2 * TQ[:, None] + 8 + e] = a[2]
-    A[G[:, None] + 8, 2 * TQ[:, None] + 8 + e] = a[3]
-    B[2 * TQ[:, None] + e, G[:, None]] = b0
-    B[2 * TQ[:, None] + 8 + e, G[:, None]] = b1
-    assert not np.isnan(A).any() and not np.isnan(B).any()
-    C = A @ B
-    c[:, 0] += C[G, 2 * TQ]
-    c[:, 1] += C[G, 2 * TQ + 1]
-    c[:, 2] += C[G + 8, 2 * TQ]
-    c[:, 3] += C[G + 8, 2 * TQ + 1]
+    A = np.empty((16, 16))
+    B = np.empty((16, 8))
+    A[A_ROW, A_COL] = a
+    B[B_ROW, B_COL] = (b0, b1)
+    c += (A @ B)[C_ROW, C_COL]
 
 
 def shfl_xor(x, m):
@@ -252,6 +293,24 @@ def gemm_pb_mw(acc, p, sm, sB, D, MW, KT, pitch):
             for mw in range(MW):
                 mma16816(acc[mw][2 * dd], a[mw], b[0], b[1])
                 mma16816(acc[mw][2 * dd + 1], a[mw], b[2], b[3])
+
+
+def gemm_tb(acc, sm, sAt, sB, DW, K, pitch_a, pitch_b):
+    """acc (DW/8, 32, 4) += A (16 x K) * B (K x DW); A stored transposed at sAt (K rows, pitch_a),
+    B row-major at sB (K rows, pitch_b)."""
+    for kk in range(K // 16):
+        a = ldsm_x4(sm, sAt + kk * 16 * pitch_a + b_off(pitch_a), trans=True)
+        for dd in range(DW // 16):
+            b = ldsm_x4(sm, sB + kk * 16 * pitch_b + a_off(pitch_b) + dd * 16, trans=True)
+            mma16816(acc[2 * dd], a, b[0], b[1])
+            mma16816(acc[2 * dd + 1], a, b[2], b[3])
+
+
+def st_shared_b32(sm, addr, lo, hi):
+    """A 32-bit store of two T (pack2: lo at the lower address) per lane; 4-byte aligned."""
+    addr = np.asarray(addr)
+    assert (addr % 2 == 0).all(), "32-bit smem store not 4-byte aligned"
+    sm.store(addr[:, None] + np.arange(2), np.stack([lo, hi], axis=-1))
 
 
 def load_tile(sm, dst, t: Tensor, src, stride, n_valid, D, rows, threads):
@@ -398,15 +457,22 @@ def attn_bwd_delta_kernel(p: Params, warps_per_block, bx, h, b):
         p.delta.write(idx, float(o @ d) - (p.dlse.read(idx) if p.dlse is not None else 0.0))
 
 
-def attn_bwd_dkdv_kernel(p: Params, D, kWarps, kBlockM, bx, hk, b):
+def attn_bwd_dkdv_kernel(p: Params, D, kWarps, kBlockM, kAtomicDq, smem, bx, hk, b):
+    """smem: the launch's dynamic shared memory in bytes (T is 2 bytes; the model's smem is in T)."""
     kBlockN, pitch, threads, MT = 16 * kWarps, D + 8, 32 * kWarps, kBlockM // 8
+    kPitchS, kRowTiles = kBlockM + 8, kBlockM // 16
+    kDW = D * kRowTiles // kWarps  # dQ columns per warp
+    assert not kAtomicDq or (kWarps % kRowTiles == 0 and kDW % 16 == 0)
+    sm = SharedMemory(smem // 2)
     sK = 0
     sV = sK + kBlockN * pitch
     sQ = sV + kBlockN * pitch
     sdO = sQ + 2 * kBlockM * pitch
     end_T = sdO + 2 * kBlockM * pitch
-    sm = SharedMemory(end_T + 4 * kBlockM)  # sLse and sDelta as extra elements (fp32 in the kernel)
+    # sLse and sDelta, 2 * kBlockM fp32 each, hold one model element per float at the start of their
+    # span; sdS = reinterpret_cast<T*>(sDelta + 2 * kBlockM) lies past 4 * kBlockM floats, 2 T each.
     sLse, sDelta = end_T, end_T + 2 * kBlockM
+    sdS = end_T + 4 * kBlockM * 2  # kAtomicDq only
 
     q_start, q_len, k_start, k_len = seq_info(p, b)
     n0 = bx * kBlockN
@@ -483,12 +549,45 @@ def attn_bwd_dkdv_kernel(p: Params, D, kWarps, kBlockM, bx, hk, b):
                     dst[mt, :, r] = pt[mt, :, r] * (dst[mt, :, r] - sm.read(sD + c))
             gemm_pb_mw(dv[warp][None], pt[None], sm, sdOs, D, 1, MT, pitch)
             gemm_pb_mw(dk[warp][None], dst[None], sm, sQs, D, 1, MT, pitch)
+            if kAtomicDq:
+                sdSw = sdS + warp * 16 * kPitchS
+                for mt in range(MT):
+                    for hh in range(2):
+                        st_shared_b32(sm, sdSw + (G + hh * 8) * kPitchS + mt * 8 + 2 * TQ, dst[mt, :, 2 * hh],
+                                      dst[mt, :, 2 * hh + 1])
         sm.sync()
+        if kAtomicDq:
+            for warp in range(kWarps):
+                rt, c0 = warp % kRowTiles, (warp // kRowTiles) * kDW
+                dq = np.zeros((kDW // 8, 32, 4))
+                gemm_tb(dq, sm, sdS + rt * 16, sK + c0, kDW, kBlockN, kPitchS, pitch)
+                h = hk * group + it // per_head
+                for hh in range(2):
+                    row = i0 + rt * 16 + G + hh * 8
+                    ok = row < q_len  # lanes whose row is past the end skip their adds
+                    acc = np.array([p.dq_accum.row(b, q_start + int(r), h) for r in row]) + c0 + 2 * TQ
+                    for dt in range(kDW // 8):
+                        p.dq_accum.buf.atomic_add2((acc + dt * 8)[ok], dq[dt][ok, 2 * hh], dq[dt][ok, 2 * hh + 1])
     sm.wait(0)
     sm.exit()
     for warp in range(kWarps):
         store_rows(p.dv, b, k_start, n0 + warp * 16, k_len, hk, dv[warp], [1.0, 1.0], D)
         store_rows(p.dk, b, k_start, n0 + warp * 16, k_len, hk, dk[warp], [p.scale, p.scale], D)
+
+
+def attn_bwd_dq_convert_kernel(p: Params, rows, block_dim, bx):
+    """One block of block_dim threads, all at once (thread i handles 8 elements)."""
+    chunks = p.head_dim // 8
+    i = bx * block_dim + np.arange(block_dim)
+    i = i[i < rows * p.heads_q * chunks]  # the other threads return
+    c, h, r = i % chunks * 8, i // chunks % p.heads_q, i // chunks // p.heads_q
+    varlen = p.cu_q is not None
+    b, row = (0 * r, r) if varlen else (r // p.seqlen_q, r % p.seqlen_q)
+    a = p.dq_accum.row(b, row, h) + c
+    lo, hi = p.dq_accum.buf.read_vec(a, 4), p.dq_accum.buf.read_vec(a + 4, 4)
+    sc = p.scale
+    out = np.concatenate([lo * sc, hi * sc], axis=-1)
+    p.dq.buf.write_vec(p.dq.row(b, row, h) + c, out)
 
 
 def attn_bwd_dq_kernel(p: Params, D, kWarps, kMW, kBlockN, grid_x, bx, h, b):
@@ -602,16 +701,42 @@ def run_fwd(p: Params):
                 attn_fwd_kernel(p, D, t["fwd_warps"], t["fwd_mw"], t["fwd_bn"], gx, bx, h, b)
 
 
-def run_bwd(p: Params):
+def run_bwd(p: Params, deterministic: bool):
+    """attention_cuda.cpp's flash_attn_bwd_cuda (the dq_accum scratch) then attn_bwd's bwd<T, D>."""
+    p.dq_accum = None
+    if not deterministic:  # at::zeros(q.sizes(), float32): contiguous like dq
+        Hq, D = p.heads_q, p.head_dim
+        rows = p.total_q if p.cu_q is not None else p.batch * p.seqlen_q
+        stride_b = 0 if p.cu_q is not None else p.seqlen_q * Hq * D
+        # An empty tensor's data pointer is null, so an empty dq takes the deterministic kernels (whose
+        # dq grid is empty too); p.dq_accum None stands for the null pointer.
+        if rows * Hq * D > 0:
+            p.dq_accum = Tensor(Buffer(np.zeros(rows * Hq * D)), 0, stride_b, Hq * D, D)
+
     t, D = tiles(p.head_dim), p.head_dim
     for b in range(p.batch):
         for h in range(p.heads_q):
             for bx in range(blocks(p.seqlen_q, 8)):
                 attn_bwd_delta_kernel(p, 8, bx, h, b)
-    for b in range(p.batch):
-        for hk in range(p.heads_k):
-            for bx in range(blocks(p.seqlen_k, 16 * t["dkdv_warps"])):
-                attn_bwd_dkdv_kernel(p, D, t["dkdv_warps"], t["dkdv_bm"], bx, hk, b)
+
+    kBlockN, kBlockMq = 16 * t["dkdv_warps"], t["dkdv_bm"]
+    kv_smem = (2 * kBlockN + 4 * kBlockMq) * (D + 8) * 2 + 4 * kBlockMq * 4
+
+    def dkdv(atomic_dq, smem):
+        for b in range(p.batch):
+            for hk in range(p.heads_k):
+                for bx in range(blocks(p.seqlen_k, kBlockN)):
+                    attn_bwd_dkdv_kernel(p, D, t["dkdv_warps"], kBlockMq, atomic_dq, smem, bx, hk, b)
+
+    if p.dq_accum is not None:
+        ds_smem = kBlockN * (kBlockMq + 8) * 2
+        dkdv(True, kv_smem + ds_smem)
+        rows = p.total_q if p.cu_q is not None else p.batch * p.seqlen_q
+        for bx in range(blocks(rows * p.heads_q * (D // 8), 256)):
+            attn_bwd_dq_convert_kernel(p, rows, 256, bx)
+        return
+    dkdv(False, kv_smem)
+
     bm = 16 * t["dq_mw"] * t["dq_warps"]
     gx = blocks(p.seqlen_q, bm)
     for b in range(p.batch):

@@ -1,12 +1,15 @@
 """The CUDA attention kernels' index math, fragment layouts, masks, online softmax and cp.async /
 barrier discipline, checked on the CPU through the lane-level model in attention_kernel_model.py
 (the kernels cannot run on the CPU CI machines). The model computes in float64, so it must match the
-float64 reference to rounding; a race or an unwritten output fails loudly.
+float64 reference to rounding; a race or an unwritten output fails loudly. Every case runs both
+backward dq paths (the deterministic dq kernel and the atomic dq share of the dk/dv kernel), and
+test_model_catches_atomic_dq_slips shows that one-statement slips in the atomic path fail the model.
 
 The model is a transcription of csrc/kernels/attention.cu: a change to the kernels' tiling, masking
 or pipelining must be mirrored there (the CUDA tests in test_attention.py check the real kernels).
 """
 
+import inspect
 import math
 
 import numpy as np
@@ -51,8 +54,9 @@ def _reference(q, k, v, dout, dlse, causal, scale):
     return out.detach(), lse.detach(), grads
 
 
-def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    """Runs the modelled forward and backward (delta, dk/dv, dq kernels) and compares with the
+def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True):
+    """Runs the modelled forward and backward (delta, dk/dv, then the dq kernel, or with
+    deterministic=False the dk/dv kernel's atomic dq and the convert kernel) and compares with the
     float64 reference. q/k/v: float64 (B, S, H, D), or (T, H, D) with cu_q/cu_k lists."""
     torch.manual_seed(0)
     varlen = cu_q is not None
@@ -75,7 +79,7 @@ def run_and_check(q, k, v, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
         dout=_tensor(dout, varlen), dq=dq, dk=dk, dv=dv, dlse=M.Buffer(dlse.reshape(-1).numpy()),
         delta=M.Buffer(np.full(math.prod(lse_shape), math.nan)))
     M.run_fwd(p)
-    M.run_bwd(p)
+    M.run_bwd(p, deterministic)
 
     got = {name: torch.from_numpy(t.buf.v).view(shape)
            for name, t, shape in (("out", out, q.shape), ("dq", dq, q.shape), ("dk", dk, k.shape),
@@ -121,22 +125,23 @@ def qkv(B, Sq, Sk, Hq, Hk, D):
     # packed documents with empty, single-token and no-key documents, max_seqlen above the longest.
     "varlen_causal_d64",
 ])
-def test_kernel_model_matches_reference(case):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+def test_kernel_model_matches_reference(case, deterministic):
     torch.manual_seed(1)
     if case == "gqa_causal_diagonal_62_d64":
-        run_and_check(*qkv(1, 10, 72, 2, 1, 64), causal=True)
+        run_and_check(*qkv(1, 10, 72, 2, 1, 64), causal=True, deterministic=deterministic)
     elif case == "causal_rows_without_keys_d128":
-        run_and_check(*qkv(2, 40, 17, 1, 1, 128), causal=True)
+        run_and_check(*qkv(2, 40, 17, 1, 1, 128), causal=True, deterministic=deterministic)
     elif case == "fused_qkv_strides_d96":
         Hq, Hk = 2, 1
         fused = torch.randn(1, 70, Hq + 2 * Hk, 96, dtype=torch.float64)
-        run_and_check(*fused.split([Hq, Hk, Hk], dim=2), causal=False)
+        run_and_check(*fused.split([Hq, Hk, Hk], dim=2), causal=False, deterministic=deterministic)
     else:
         lq, lk = [1, 0, 5, 70, 3], [3, 2, 0, 40, 1]
         cu_q, cu_k = [0, *np.cumsum(lq).tolist()], [0, *np.cumsum(lk).tolist()]
         q = torch.randn(sum(lq), 2, 64, dtype=torch.float64)
         k, v = (torch.randn(sum(lk), 1, 64, dtype=torch.float64) for _ in range(2))
-        run_and_check(q, k, v, True, cu_q, cu_k, max_q=100, max_k=100)
+        run_and_check(q, k, v, True, cu_q, cu_k, max_q=100, max_k=100, deterministic=deterministic)
 
 
 def test_model_detects_races():
@@ -159,3 +164,105 @@ def test_model_detects_races():
     sm.commit()
     with pytest.raises(AssertionError, match="not waited"):
         sm.exit()
+
+
+def _mutant(func: str, edits):
+    """M.<func> recompiled from its source with each (old, new) text edit applied (old must occur
+    exactly once), its globals still the model's: a one-statement slip in the transcription."""
+    src = inspect.getsource(getattr(M, func))
+    for old, new in edits:
+        assert src.count(old) == 1, f"{old!r} is not a unique statement of {func}"
+        src = src.replace(old, new)
+    ns = {}
+    exec(compile(src, f"<{func} with a slip>", "exec"), vars(M), ns)
+    return ns[func]
+
+
+# Slips in the atomic dq path (and the model's checks they exercise). Each edit mirrors a plausible
+# mistake in the CUDA code; the model must fail on it.
+SLIPS = {
+    # dq's gemm before the barrier that publishes sdS: warps read other warps' dS^T in the phase it
+    # is written (racecheck).
+    "dq_gemm_before_barrier": ("attn_bwd_dkdv_kernel", [
+        ("        sm.sync()\n        if kAtomicDq:\n", "        if kAtomicDq:\n"),
+        ("    sm.wait(0)\n    sm.exit()\n", "        sm.sync()\n    sm.wait(0)\n    sm.exit()\n"),
+    ], "without a barrier"),
+    # gemm_tb's A operand (dS from the transposed sdS) at a_off's lane addresses: the two off-diagonal
+    # 8x8 blocks of every A fragment trade places.
+    "gemm_tb_a_at_a_off": ("gemm_tb", [("b_off(pitch_a)", "a_off(pitch_a)")], "dq: max error"),
+    # ... and K (the B operand) at b_off's.
+    "gemm_tb_b_at_b_off": ("gemm_tb", [("a_off(pitch_b)", "b_off(pitch_b)")], "dq: max error"),
+    # A warp's head-dim slab one MMA tile over instead of kDW (D = 96: slabs of 48 columns).
+    "dq_slab_column_offset": ("attn_bwd_dkdv_kernel", [
+        ("(warp // kRowTiles) * kDW", "(warp // kRowTiles) * 16")], "dq: max error"),
+    # dS K of every query head of the GQA group added into the kv head's rows.
+    "dq_head_is_kv_head": ("attn_bwd_dkdv_kernel", [
+        ("                h = hk * group + it // per_head\n", "                h = hk\n")], "dq: max error"),
+    # Rows past the sequence end (zeros, but at addresses past the buffer's end) still added.
+    "dq_rows_past_the_end": ("attn_bwd_dkdv_kernel", [("ok = row < q_len", "ok = row >= 0")],
+                             "global atomic out of bounds"),
+    # The launcher forgets sdS's share of the dynamic shared memory.
+    "launcher_smem_without_sds": ("run_bwd", [
+        ("ds_smem = kBlockN * (kBlockMq + 8) * 2", "ds_smem = 0")], "outside the launch's dynamic"),
+    # The convert grid counts rows x heads threads, not rows x heads x D/8: most of dq is unwritten.
+    "convert_grid_one_thread_per_row": ("run_bwd", [
+        ("blocks(rows * p.heads_q * (D // 8), 256)", "blocks(rows * p.heads_q, 256)")], "dq: unwritten"),
+}
+
+
+@pytest.mark.parametrize("slip", [None, *SLIPS])
+def test_model_catches_atomic_dq_slips(slip, monkeypatch):
+    # One small case reaches every slip: D = 96 (two column slabs per query tile), GQA 2/1 (two
+    # iterations, both Q/dO stages), Sq = 20 (a partial query block in the last sequence).
+    # slip None: the unedited model passes on it.
+    if slip is not None:
+        func, edits, error = SLIPS[slip]
+        monkeypatch.setattr(M, func, _mutant(func, edits))
+    torch.manual_seed(2)
+    args = qkv(1, 20, 24, 2, 1, 96)
+    if slip is None:
+        run_and_check(*args, causal=False, deterministic=False)
+    else:
+        with pytest.raises(AssertionError, match=error):
+            run_and_check(*args, causal=False, deterministic=False)
+
+
+def _random_case(seed):
+    """A shape from the space the kernels must cover: D 64/96/128, causal or full, batched or varlen
+    cycle with the seed; drawn at random: MHA/GQA/MQA, Sq above or below Sk and partial blocks
+    (batched), empty documents and documents without keys or without queries (varlen), rows padded
+    past D (a strided view, as a fused projection gives) or not."""
+    rng = np.random.default_rng(seed)
+    case = dict(D=(64, 96, 128)[seed % 3], causal=seed % 2 == 0, Hk=int(rng.integers(1, 3)),
+                group=int(rng.integers(1, 4)), pad=int(rng.choice([0, 8, 24])))
+    if seed // 2 % 2:
+        n = int(rng.integers(2, 5))
+        case.update(lq=rng.integers(0, 40, n).tolist(), lk=rng.integers(0, 40, n).tolist())
+    else:
+        case.update(B=int(rng.integers(1, 3)), Sq=int(rng.integers(1, 70)), Sk=int(rng.integers(1, 70)))
+    return case
+
+
+RANDOM_CASES = [_random_case(seed) for seed in range(4)]
+
+
+def _case_id(case):
+    return "-".join(f"{k}{'_'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", RANDOM_CASES, ids=_case_id)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq_kernel", "atomic_dq"])
+def test_kernel_model_random_shapes(case, deterministic):
+    torch.manual_seed(3)
+    D, Hk, pad = case["D"], case["Hk"], case["pad"]
+    Hq = Hk * case["group"]
+    lead = (sum(case["lq"]),) if "lq" in case else (case["B"], case["Sq"])
+    lead_k = (sum(case["lk"]),) if "lk" in case else (case["B"], case["Sk"])
+    q = torch.randn(*lead, Hq, D + pad, dtype=torch.float64)[..., :D]
+    k, v = (torch.randn(*lead_k, Hk, D + pad, dtype=torch.float64)[..., :D] for _ in range(2))
+    if "lq" in case:
+        cu_q, cu_k = [0, *np.cumsum(case["lq"]).tolist()], [0, *np.cumsum(case["lk"]).tolist()]
+        run_and_check(q, k, v, case["causal"], cu_q, cu_k, max_q=max(case["lq"]), max_k=max(case["lk"]),
+                      deterministic=deterministic)
+    else:
+        run_and_check(q, k, v, case["causal"], deterministic=deterministic)
