@@ -8,7 +8,7 @@ torch library fmcore_sim, no clash with fmcore._C in the same process) and -fvis
 simulator's cuda* functions never replace torch's libcudart). The ops are then
 torch.ops.fmcore_sim.<op> on CPU tensors.
 
-FMCORE_SIM_SANITIZE=address|thread|undefined adds -fsanitize=...; python must then run with the
+FMCORE_SIM_SANITIZE=address|thread|undefined (or a comma list) adds -fsanitize=...; python must then run with the
 runtime preloaded (address and thread):
   LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
     FMCORE_SIM_SANITIZE=address python -m pytest tests/cudasim
@@ -81,9 +81,9 @@ def build(verbose: bool = False) -> Path:
     from transform import transform
 
     sanitize = os.environ.get("FMCORE_SIM_SANITIZE", "")
-    if sanitize not in ("", "address", "thread", "undefined"):
-        raise ValueError(f"FMCORE_SIM_SANITIZE must be address, thread or undefined, got {sanitize!r}")
-    default_dir = REPO / "build" / ("cudasim" + (f"-{sanitize}" if sanitize else ""))
+    if not set(sanitize.split(",")) <= {"", "address", "thread", "undefined"}:
+        raise ValueError(f"FMCORE_SIM_SANITIZE must list address, thread or undefined, got {sanitize!r}")
+    default_dir = REPO / "build" / ("cudasim" + (f"-{sanitize.replace(',', '+')}" if sanitize else ""))
     build_dir = Path(os.environ.get("FMCORE_SIM_BUILD_DIR", default_dir))
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,10 @@ def build(verbose: bool = False) -> Path:
         out = src_dir / (rel.replace("/", "_") + ".cpp")
         _write_if_changed(out, transform((CSRC / rel).read_text(), str(CSRC / rel)))
         sources.append(out)
-    sources.append(HERE / "fmsim.cpp")
+    # fmsim's own checks (test_simulator.py): kernels with known bugs, and their op
+    out = src_dir / "selftest.cu.cpp"
+    _write_if_changed(out, transform((HERE / "selftest.cu").read_text(), str(HERE / "selftest.cu")))
+    sources += [out, HERE / "selftest_op.cpp", HERE / "fmsim.cpp"]
 
     flags = [
         "-std=c++20",

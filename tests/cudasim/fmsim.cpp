@@ -1,7 +1,7 @@
 // fmsim's execution model and the CUDA runtime functions fmcore's launchers and bindings call (see
 // fmsim.h for what is modelled). Built with -fvisibility=hidden: these cuda* definitions bind only
 // inside libfmcore_sim, never in place of the real libcudart torch has loaded.
-#include <condition_variable>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -28,12 +28,23 @@ constexpr int kThreadsPerSm = 2048;
 // A fault inside a CUDA thread: unwinds that thread's kernel.
 struct Fault {};
 
+// What waiting threads sleep on: a generation counter (a futex, through C++20 atomic wait). The
+// bookkeeping happens under Launch::mu; a waiter releases the mutex before it sleeps, so opening
+// the gate wakes each waiter without handing the mutex from one to the next (1024 threads at a
+// __syncthreads otherwise queue on it).
+struct Gate {
+  std::atomic<uint32_t> gen{0};
+  void open() {
+    gen.fetch_add(1, std::memory_order_acq_rel);
+    gen.notify_all();
+  }
+};
+
 struct Warp {
-  std::condition_variable cv;
+  Gate gate;
   unsigned lanes = 0;          // threads of the block in this warp (32 but for a partial last warp)
   unsigned arrived = 0, exited = 0;
-  uint64_t gen = 0;
-  unsigned char slot[2][32][16];  // double buffered: see shuffle()
+  unsigned char slot[2][32][16];  // double buffered: see warp_barrier()
 };
 
 // One launch's shared state. Everything below the mutex is guarded by it.
@@ -50,13 +61,13 @@ struct Launch {
   std::unique_ptr<unsigned char[], Free> smem;
 
   std::mutex mu;
-  std::condition_variable block_cv;  // __syncthreads
-  std::condition_variable next_cv;   // the next block starts
+  Gate block_gate;  // __syncthreads
   std::vector<Warp> warps;
-  uint64_t block = 0;  // the block running now (linear index)
+  // The block running now (linear index); kFailedBit is or-ed in when the launch fails.
+  std::atomic<uint32_t> block{0};
+  static constexpr uint32_t kFailedBit = 0x80000000u;
   unsigned block_arrived = 0, exited = 0, blocked = 0;
-  uint64_t block_gen = 0;
-  bool failed = false;
+  std::atomic<bool> failed{false};
   std::string error;
 };
 
@@ -74,7 +85,7 @@ std::map<const void*, size_t>& max_dynamic_smem() {
 
 std::string where(const Launch& L) {
   const dim3 g = L.cfg.grid;
-  const uint64_t b = L.block;
+  const uint64_t b = L.block.load(std::memory_order_relaxed) & ~Launch::kFailedBit;
   return std::string(L.name) + " block (" + std::to_string(b % g.x) + "," +
          std::to_string(b / g.x % g.y) + "," + std::to_string(b / g.x / g.y) + ") thread " +
          std::to_string(tl_tid);
@@ -82,13 +93,20 @@ std::string where(const Launch& L) {
 
 // Records the launch's first error and wakes every waiting thread. Caller holds L.mu.
 void fail_locked(Launch& L, const std::string& what) {
-  if (!L.failed) {
-    L.failed = true;
-    L.error = what;
-  }
-  L.block_cv.notify_all();
-  L.next_cv.notify_all();
-  for (Warp& w : L.warps) w.cv.notify_all();
+  if (L.failed.load(std::memory_order_relaxed)) return;
+  L.error = what;
+  L.failed.store(true, std::memory_order_release);
+  L.block_gate.open();
+  for (Warp& w : L.warps) w.gate.open();
+  L.block.fetch_or(Launch::kFailedBit, std::memory_order_acq_rel);
+  L.block.notify_all();
+}
+
+// Sleeps until `gate` moves past generation `gen` (read under the lock, which the caller has
+// released); throws Fault when the launch failed meanwhile.
+void wait_gate(Launch& L, Gate& gate, uint32_t gen) {
+  while (gate.gen.load(std::memory_order_acquire) == gen) gate.gen.wait(gen, std::memory_order_acquire);
+  if (L.failed.load(std::memory_order_acquire)) throw Fault{};
 }
 
 // Every live thread waits, yet the barrier just arrived at did not complete: none ever will.
@@ -110,8 +128,7 @@ Launch& current() {
 void release_block_barrier_locked(Launch& L) {
   L.blocked -= L.block_arrived - 1;  // the releasing thread never counted itself as blocked
   L.block_arrived = 0;
-  ++L.block_gen;
-  L.block_cv.notify_all();
+  L.block_gate.open();
 }
 
 // The calling thread returned from the kernel for the current block.
@@ -120,8 +137,8 @@ void exit_thread_locked(Launch& L) {
   ++L.exited;
   ++w.exited;
   if (w.arrived > 0) {
-    fail_locked(L, "warp shuffle with a returned lane in " + where(L) +
-                       " (its siblings wait in a full-mask shuffle: undefined on hardware)");
+    fail_locked(L, "full-mask warp shuffle/sync with a returned lane in " + where(L) +
+                       " (the lane returned while its siblings wait: undefined on hardware)");
     return;
   }
   if (L.block_arrived > 0 && L.block_arrived + L.exited == L.nthreads) {
@@ -131,9 +148,9 @@ void exit_thread_locked(Launch& L) {
   if (L.exited == L.nthreads) {  // the block is done: set up the next one
     L.exited = 0;
     for (Warp& x : L.warps) x.exited = 0;
-    ++L.block;
     std::memset(L.smem.get(), 0xff, L.cfg.smem);
-    L.next_cv.notify_all();
+    L.block.fetch_add(1, std::memory_order_acq_rel);
+    L.block.notify_all();
     return;
   }
   check_deadlock_locked(L);
@@ -147,11 +164,12 @@ void thread_main(Launch& L, unsigned tid) {
   gridDim = g;
   threadIdx = make_uint3(tid % b.x, tid / b.x % b.y, tid / b.x / b.y);
   for (uint64_t blk = 0; blk < L.nblocks; ++blk) {
-    {
-      std::unique_lock<std::mutex> lk(L.mu);
-      L.next_cv.wait(lk, [&] { return L.failed || L.block == blk; });
-      if (L.failed) break;
+    uint32_t now;
+    while ((now = L.block.load(std::memory_order_acquire)) != blk) {
+      if (now & Launch::kFailedBit) break;
+      L.block.wait(now, std::memory_order_acquire);
     }
+    if (now != blk) break;
     blockIdx = make_uint3(static_cast<unsigned>(blk % g.x), static_cast<unsigned>(blk / g.x % g.y),
                           static_cast<unsigned>(blk / g.x / g.y));
     tl_parity = 0;
@@ -167,7 +185,7 @@ void thread_main(Launch& L, unsigned tid) {
     }
     std::lock_guard<std::mutex> lk(L.mu);
     if (!error.empty()) fail_locked(L, error);
-    if (L.failed) break;
+    if (L.failed.load(std::memory_order_relaxed)) break;
     exit_thread_locked(L);
   }
   tl_launch = nullptr;
@@ -181,6 +199,9 @@ cudaError_t validate(const void* kernel, const Config& c) {
   }
   if (threads > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64) return cudaErrorInvalidConfiguration;
   if (g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) return cudaErrorInvalidConfiguration;
+  if (uint64_t{g.x} * g.y * g.z >= Launch::kFailedBit) {
+    fault("grids of 2^31 or more blocks are not simulated");
+  }
   size_t limit = kDefaultSmem;
   {
     std::lock_guard<std::mutex> lk(g_attr_mu);
@@ -221,7 +242,7 @@ void run(const void* kernel, const char* name, const Config& c, void (*body)(voi
     for (unsigned t = 0; t < L.nthreads; ++t) threads.emplace_back(thread_main, std::ref(L), t);
     for (std::thread& t : threads) t.join();
   }
-  if (L.failed) throw std::runtime_error("fmsim: " + L.error);
+  if (L.failed.load()) throw std::runtime_error("fmsim: " + L.error);
 }
 
 void fault(const char* what) {
@@ -249,36 +270,39 @@ void launch_bounds(int max_threads, int, int) {
 void syncthreads() {
   Launch& L = current();
   std::unique_lock<std::mutex> lk(L.mu);
-  if (L.failed) throw Fault{};
+  if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
   ++L.block_arrived;
   if (L.block_arrived + L.exited == L.nthreads) {
     release_block_barrier_locked(L);
     return;
   }
   ++L.blocked;
+  // the generation before a deadlock report opens every gate
+  const uint32_t gen = L.block_gate.gen.load(std::memory_order_relaxed);
   check_deadlock_locked(L);
-  const uint64_t gen = L.block_gen;
-  L.block_cv.wait(lk, [&] { return L.failed || L.block_gen != gen; });
-  if (L.failed) throw Fault{};
+  lk.unlock();
+  wait_gate(L, L.block_gate, gen);
 }
 
-// All 32 lanes of the caller's warp arrive; `write` runs before the arrival and `read` after the
-// last lane arrived, both under the lock. Lane values live in the slot buffer of the caller's
-// parity: a lane overwrites that buffer two warp barriers later, when every lane has passed the
-// barrier in between and so has read it.
+// All 32 lanes of the caller's warp arrive; `write` runs before the arrival (under the lock) and
+// `read` after the last lane arrived. Lane values live in the slot buffer of the caller's parity:
+// a lane overwrites that buffer two warp barriers later, when every lane has passed the barrier in
+// between and so has read it.
 template <class Write, class Read>
 void warp_barrier(unsigned mask, Write&& write, Read&& read) {
   Launch& L = current();
   std::unique_lock<std::mutex> lk(L.mu);
-  if (L.failed) throw Fault{};
+  if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
   if (mask != 0xffffffffu) {
     fail_locked(L, "partial warp mask (not modelled by fmsim) in " + where(L));
     throw Fault{};
   }
   Warp& w = L.warps[tl_tid / 32];
   if (w.lanes < 32 || w.exited > 0) {
-    fail_locked(L, "full-mask warp shuffle/sync with " + std::to_string(w.lanes - w.exited) +
-                       " live lanes in " + where(L) + " (undefined on hardware)");
+    fail_locked(L, std::string("full-mask warp shuffle/sync with ") +
+                       (w.exited > 0 ? "a returned lane" : "a partial warp") + " (" +
+                       std::to_string(w.lanes - w.exited) + " of 32 lanes present) in " + where(L) +
+                       " (undefined on hardware)");
     throw Fault{};
   }
   write(w.slot[tl_parity][tl_tid % 32]);
@@ -286,14 +310,14 @@ void warp_barrier(unsigned mask, Write&& write, Read&& read) {
   if (w.arrived == w.lanes) {
     L.blocked -= w.arrived - 1;
     w.arrived = 0;
-    ++w.gen;
-    w.cv.notify_all();
+    w.gate.open();
+    lk.unlock();
   } else {
     ++L.blocked;
+    const uint32_t gen = w.gate.gen.load(std::memory_order_relaxed);
     check_deadlock_locked(L);
-    const uint64_t gen = w.gen;
-    w.cv.wait(lk, [&] { return L.failed || w.gen != gen; });
-    if (L.failed) throw Fault{};
+    lk.unlock();
+    wait_gate(L, w.gate, gen);
   }
   read(w.slot[tl_parity]);
   tl_parity ^= 1;
