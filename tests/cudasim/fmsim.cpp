@@ -77,6 +77,14 @@ thread_local int tl_parity = 0;  // which slot buffer this lane's next shuffle u
 thread_local cudaError_t tl_last_error = cudaSuccess;
 
 std::mutex g_launch_mu;  // launches are serialized
+
+// Every static __shared__ array seen so far (address, bytes); poisoned between blocks.
+std::mutex g_regions_mu;
+std::map<void*, size_t> g_regions;
+thread_local std::vector<void*> tl_regions_seen;  // this thread's registrations (no lock after)
+
+// Fills the block's shared memory with NaN bytes. No CUDA thread runs kernel code meanwhile.
+void poison_shared(Launch& L);
 std::mutex g_attr_mu;
 std::map<const void*, size_t>& max_dynamic_smem() {
   static std::map<const void*, size_t> m;
@@ -148,7 +156,7 @@ void exit_thread_locked(Launch& L) {
   if (L.exited == L.nthreads) {  // the block is done: set up the next one
     L.exited = 0;
     for (Warp& x : L.warps) x.exited = 0;
-    std::memset(L.smem.get(), 0xff, L.cfg.smem);
+    poison_shared(L);
     L.block.fetch_add(1, std::memory_order_acq_rel);
     L.block.notify_all();
     return;
@@ -231,7 +239,7 @@ void run(const void* kernel, const char* name, const Config& c, void (*body)(voi
   // Exactly the requested size (an access past it is a heap overflow under ASan), 128-aligned.
   L.smem.reset(static_cast<unsigned char*>(
       ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(128))));
-  std::memset(L.smem.get(), 0xff, c.smem);  // NaN in every fp32/fp16/bf16 lane
+  poison_shared(L);
   L.warps = std::vector<Warp>((L.nthreads + 31) / 32);
   for (size_t w = 0; w < L.warps.size(); ++w) {
     L.warps[w].lanes = std::min<unsigned>(32, L.nthreads - 32 * static_cast<unsigned>(w));
@@ -255,7 +263,26 @@ void fault(const char* what) {
   throw Fault{};
 }
 
+namespace {
+
+void poison_shared(Launch& L) {
+  std::memset(L.smem.get(), 0xff, L.cfg.smem);  // NaN in every fp32/fp16/bf16 lane
+  const std::lock_guard<std::mutex> lk(g_regions_mu);
+  for (const auto& [p, bytes] : g_regions) std::memset(p, 0xff, bytes);
+}
+
+}  // namespace
+
 void* dynamic_smem_bytes() { return current().smem.get(); }
+
+void shared_region(void* p, size_t bytes) {
+  for (void* q : tl_regions_seen) {
+    if (q == p) return;
+  }
+  tl_regions_seen.push_back(p);
+  const std::lock_guard<std::mutex> lk(g_regions_mu);
+  g_regions.emplace(p, bytes);
+}
 
 void launch_bounds(int max_threads, int, int) {
   const dim3 b = current().cfg.block;

@@ -18,7 +18,9 @@
 //   opted in with cudaFuncSetAttribute (<= 227 KiB), threads <= the kernel's __launch_bounds__.
 //   A failed validation sets the error cudaGetLastError returns; the kernel does not run.
 // - Dynamic shared memory is a fresh allocation of exactly the requested size per launch (ASan
-//   catches an access past it), filled with NaN bytes (0xff) before every block.
+//   catches an access past it), filled with NaN bytes (0xff) before every block. Static __shared__
+//   arrays are function statics (one block runs at a time), filled with NaN bytes before every
+//   block too, from the second block that declares them on (the first sees zeros).
 // - Vector accesses: every reinterpret_cast to a pointer in the kernel files is checked for the
 //   pointee's alignment (a 16-byte Vec must be 16-byte aligned, as the hardware demands).
 // - The device is an H100 as far as per-block limits go (227 KiB opt-in shared memory, 1024 threads)
@@ -27,9 +29,7 @@
 //
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
-// shared memory), registers and local memory, static __shared__ arrays being uninitialised (they
-// are function statics here: zero at first, then keep the previous block's values), partial warp
-// masks, atomics, streams and events (everything is synchronous), fast-math intrinsics' exact
+// shared memory), registers and local memory, partial warp masks, atomics, streams and events (everything is synchronous), fast-math intrinsics' exact
 // error (__expf is expf), and out-of-bounds global accesses unless built with
 // FMCORE_SIM_SANITIZE=address.
 #pragma once
@@ -94,6 +94,10 @@ template <class T>
 T* dynamic_smem() {
   return static_cast<T*>(dynamic_smem_bytes());
 }
+
+// A static __shared__ array (the transform calls this after its declaration): poisoned with NaN
+// bytes before every later block.
+void shared_region(void* p, size_t bytes);
 
 // __launch_bounds__(max_threads, ...): launching more threads per block fails on hardware.
 void launch_bounds(int max_threads, int min_blocks = 0, int max_blocks_per_cluster = 0);

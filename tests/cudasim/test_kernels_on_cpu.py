@@ -364,3 +364,45 @@ def test_grad_norm_mixed_dtypes(sim):
     empty = torch.tensor(1.0)
     sim.grad_norm_([torch.empty(0)], empty)
     assert empty.item() == 0.0
+
+
+def test_adamw_and_grad_norm_many_tensors(sim):
+    # More tensors than one launch's table holds (448 for the update, 1024 for the norm): the
+    # launchers cut the list into several launches, the norm's partial sums at running offsets.
+    sizes = [3] * 460 + [5000] + [1] * 600
+    state = adamw_state(torch.bfloat16, True, sizes=sizes)
+    a, b = clone_state(state), clone_state(state)
+    norm, rnorm = torch.tensor(0.0), torch.tensor(0.0)
+    sim.grad_norm_(a[1], norm)
+    ref.grad_norm_(b[1], rnorm)
+    close(norm, rnorm, rtol=1e-6, atol=0)
+    scalars = (None, 1e-2, 0.9, 0.95, 1e-8, 0.1, rnorm, 0.5, True)
+    sim.adamw_step_(*a, *scalars)
+    ref.adamw_step_(*b, *scalars)
+    for name, ga, gb in zip(["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps"], a, b):
+        assert len(ga) == len(gb)
+        close(torch.cat([x.float().flatten() for x in ga]), torch.cat([y.float().flatten() for y in gb]),
+              torch.float32 if name != "params" else torch.bfloat16, name, rtol=2e-6 if name != "params" else None)
+
+
+def test_empty_inputs(sim):
+    # Nothing to launch (rows = 0) must not fail as an invalid zero-size grid; the norm backward with
+    # no rows still writes zero weight/bias gradients (regression: add_norm_bwd refused the empty
+    # workspace's null pointer and raised "invalid argument", tests/ops/test_norm.py::test_zero_rows
+    # on CUDA).
+    q = torch.empty(0, 4, 2, 8)
+    cos = torch.empty(4, 4)
+    for g, w in zip(sim.rope(q, q, cos, cos), ref.rope(q, q, cos, cos)):
+        assert g.shape == w.shape
+    loss, stats = sim.cross_entropy_fwd(torch.empty(0, 11), torch.empty(0, dtype=torch.int64))
+    assert loss.shape == (0,) and stats.shape == (0, 2)
+    sim.cross_entropy_scale_(torch.empty(3, 0), torch.ones(3))
+    x, w = torch.empty(0, 24), torch.ones(24)
+    b = torch.zeros(24)
+    _, _, mean, rstd = sim.add_norm_fwd(x, None, w, b, 1e-5, False, torch.float32)
+    got = sim.add_norm_bwd(x, None, x, w, mean, rstd, False, False, True, torch.float32, None, True, True)
+    assert got[0].shape == (0, 24)
+    assert torch.equal(got[2], torch.zeros(24)) and torch.equal(got[3], torch.zeros(24))
+    state = adamw_state(torch.float32, False, sizes=[0, 0])
+    sim.adamw_step_(*state, None, 1e-3, 0.9, 0.999, 1e-8, 0.0, None, None, False)
+    assert [s.item() for s in state[5]] == [1.0, 2.0]  # steps count even for empty tensors

@@ -6,6 +6,10 @@ Three rewrites, each keeping the line count so compiler messages point at the or
   arguments, launches spread over several lines) becomes
   `fmsim::launch(kernel<targs>, "kernel<targs>", fmsim::Config(grid, block, smem, stream), args);`
 - `extern __shared__ T name[];` becomes `T* name = fmsim::dynamic_smem<T>();`
+- `__shared__ T name[N]...;` becomes `static T name[N]...; fmsim::shared_region(name, sizeof(name));`
+  (blocks run one at a time, so a function-local static is exactly one block's shared memory; the
+  runtime fills every region it has seen with NaN bytes before each block, as it does the dynamic
+  shared memory: a read before the block's first write shows up).
 - `__launch_bounds__(args)` is removed from the declaration and `fmsim::launch_bounds(args);` is
   put first in the kernel's body (launching more threads than the bound fails on hardware).
 - `reinterpret_cast<` becomes `fmsim::rcast<` (the same cast plus an alignment check).
@@ -72,6 +76,16 @@ def _launches(src: str) -> str:
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+_STATIC_SHARED = re.compile(r"(?<![\w ])(\s*)__shared__\s+([^;{}()]+?)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
+
+
+def _static_shared(src: str) -> str:
+    src = _STATIC_SHARED.sub(r"\1static \2 \3\4; fmsim::shared_region(\3, sizeof(\3));", src)
+    for m in re.finditer(r"__shared__", src):
+        raise ValueError(f"line {_line(src, m.start())}: unrecognised __shared__ declaration")
+    return src
+
+
 def _launch_bounds(src: str) -> str:
     while (at := src.find("__launch_bounds__(")) >= 0:
         open_at = at + len("__launch_bounds__")
@@ -90,6 +104,7 @@ def transform(src: str, path: str) -> str:
     src = _EXTERN_SHARED.sub(r"\1* \2 = fmsim::dynamic_smem<\1>();", src)
     if "extern __shared__" in src:
         raise ValueError(f"{path}: unrecognised extern __shared__ declaration")
+    src = _static_shared(src)
     src = _launch_bounds(src)
     src = _launches(src)
     src = src.replace("reinterpret_cast<", "fmsim::rcast<")
