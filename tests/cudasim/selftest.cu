@@ -38,6 +38,16 @@ __global__ void smem_kernel(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];  // read before any write: the simulator's NaN poison
 }
 
+// Reads its static shared word before writing it: stale from the previous block on hardware,
+// NaN from the simulator (from the second block on; the first sees the static's zero).
+__global__ void stale_shared_kernel(float* out) {
+  __shared__ float word[1];
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = word[0];
+    word[0] = 1.f;
+  }
+}
+
 // A correct block sum: shuffles within warps, warp sums through shared memory, every block's
 // total into out[blockIdx.x].
 __global__ void sum_kernel(const float* in, float* out) {
@@ -77,6 +87,9 @@ int fmsim_selftest(const std::string& name, float* result) {
     cudaFuncSetAttribute(smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     smem_kernel<<<1, 32, 64 * 1024>>>(out);
     *result = out[3];
+  } else if (name == "stale_shared") {
+    stale_shared_kernel<<<2, 32>>>(out);
+    *result = out[1];
   } else if (name == "sum") {
     sum_kernel<<<3, 96>>>(in, out);
     *result = out[0] + out[1] + out[2];

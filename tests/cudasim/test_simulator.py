@@ -36,3 +36,8 @@ def test_launch_validation(sim):
     # ... and then runs, its memory poisoned with NaN before the block starts.
     err, value = sim.sim_selftest("smem_optin")
     assert err == SUCCESS and math.isnan(value)
+
+
+def test_static_shared_poisoned_between_blocks(sim):
+    err, value = sim.sim_selftest("stale_shared")
+    assert err == SUCCESS and math.isnan(value)
