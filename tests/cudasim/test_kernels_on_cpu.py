@@ -262,6 +262,16 @@ def test_add_norm_mixed_dtypes(sim, dtype, D):
     check_norm(sim, x, r, w, b, True, dtype, dtype)
 
 
+def test_add_norm_every_dtype_differs(sim):
+    # x fp32, residual bf16 (stream fp32, so grad_residual is stored apart from grad_x), weight and
+    # bias fp16, out bf16: each tensor read and written in its own dtype.
+    x = rand(20, 72)
+    r = rand(20, 72, dtype=torch.bfloat16, seed=1)
+    w = (rand(72, seed=2) * 0.5 + 1.0).half()
+    b = rand(72, seed=3).half()
+    check_norm(sim, x, r, w, b, False, torch.bfloat16, torch.float32)
+
+
 def test_add_norm_misaligned(sim):
     # D % 8 == 0 but x off a 16-byte boundary: the scalar path.
     x, r, w, b = norm_case(4, 512, torch.bfloat16, False, residual=True, bias=True)
