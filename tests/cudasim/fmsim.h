@@ -15,8 +15,9 @@
 //   naming the kernel, the block and where the threads wait.
 // - Launch validation as CUDA does it: block <= 1024 threads (x, y <= 1024, z <= 64), grid x
 //   < 2^31, y and z <= 65535, no zero dimension, dynamic shared memory <= 48 KiB unless the kernel
-//   opted in with cudaFuncSetAttribute (<= 227 KiB), threads <= the kernel's __launch_bounds__.
-//   A failed validation sets the error cudaGetLastError returns; the kernel does not run.
+//   opted in with cudaFuncSetAttribute (<= 227 KiB). A failed validation sets the error
+//   cudaGetLastError returns; the kernel does not run. A block larger than the kernel's
+//   __launch_bounds__ fails the launch (checked at kernel entry).
 // - Dynamic shared memory is a fresh allocation of exactly the requested size per launch (ASan
 //   catches an access past it), filled with NaN bytes (0xff) before every block. Static __shared__
 //   arrays are function statics (one block runs at a time), filled with NaN bytes before every
@@ -27,11 +28,15 @@
 //   but has only kSimSmCount SMs, so that grid-stride loops and per-block partial sums run several
 //   iterations at test sizes. CPU tensors stand for device memory (device index -1 or 0).
 //
+// - A fault (deadlock, bad shuffle, misaligned access, exceeded launch bounds) throws from the
+//   launch: the binding's op raises RuntimeError("fmsim: ...") in Python.
+//
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
-// shared memory), registers and local memory, partial warp masks, atomics, streams and events (everything is synchronous), fast-math intrinsics' exact
-// error (__expf is expf), and out-of-bounds global accesses unless built with
-// FMCORE_SIM_SANITIZE=address.
+// shared memory), registers and local memory, partial warp masks, atomics, streams and events
+// (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf), the
+// static shared memory's size limit, and out-of-bounds global accesses unless built with
+// FMCORE_SIM_SANITIZE=address (then ASan reports them).
 #pragma once
 
 #include <cuda_bf16.h>
