@@ -20,23 +20,25 @@
 # Default test sets: asan: tests/data, tests/ops and tests/optim without the CUDA cases (every CPU
 # op reference, forward and backward, opcheck, torch.compile paths). tsan: tests/data/test_loader.py
 # and tests/data/test_shards.py (every loader thread path: workers, restart, close, concurrent
-# consumers, worker errors, malformed shards opened by the parallel openers).
+# consumers, worker errors, malformed shards opened by the parallel openers). sim-asan / sim-tsan:
+# tests/cudasim (the simulator's self-tests and every kernel test).
 #
 # sim-asan / sim-tsan: csrc/kernels/{rope,cross_entropy,norm,adamw}.cu and their *_cuda.cpp bindings
 # as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
 # by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
-# regular python/fmcore one (uninstrumented). TSan sees the simulator's barriers (mutex and condition
-# variable), so a report is a race between CUDA threads of one block the kernel does not order.
+# regular python/fmcore one (uninstrumented). TSan sees the simulator's barriers (a mutex and
+# atomics), so a report is a race between CUDA threads of one block that the kernel does not order.
 #
 # Not covered: csrc/kernels/attention.cu (inline PTX; `scripts/gpu_check.sh sanitize` runs
-# compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub that reports
-# has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
+# compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub
+# that reports has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
 # training the BPE tokenizer (tests' `fmcore prepare` fixtures) under TSan's interceptors took more
 # than 10 minutes without finishing.
 #
 # Time on the 2-core dev machine, shared with other jobs (2026-11-23): a first build ~5-10 min per
 # mode (incremental after that: ~1 min for a touched op file); asan tests (638) 1 min 45 s on a
-# quiet machine, up to ~8 min while other jobs ran; tsan tests (119) ~30 s.
+# quiet machine, up to ~8 min while other jobs ran; tsan tests (119) ~30 s. sim-asan: build and 88
+# tests ~5.5 min; sim-tsan: ~11 min (hundreds of OS threads a block under TSan's runtime).
 #
 # Notes on the runtimes:
 # - ASAN_OPTIONS=detect_leaks=0: CPython and torch keep allocations alive until exit by design.
