@@ -42,7 +42,7 @@ struct Gate {
 
 struct Warp {
   Gate gate;
-  unsigned lanes = 0;          // threads of the block in this warp (32 but for a partial last warp)
+  unsigned lanes = 0;  // threads of the block in this warp (32 but for a partial last warp)
   unsigned arrived = 0, exited = 0;
   unsigned char slot[2][32][16];  // double buffered: see warp_barrier()
 };
@@ -113,7 +113,8 @@ void fail_locked(Launch& L, const std::string& what) {
 // Sleeps until `gate` moves past generation `gen` (read under the lock, which the caller has
 // released); throws Fault when the launch failed meanwhile.
 void wait_gate(Launch& L, Gate& gate, uint32_t gen) {
-  while (gate.gen.load(std::memory_order_acquire) == gen) gate.gen.wait(gen, std::memory_order_acquire);
+  while (gate.gen.load(std::memory_order_acquire) == gen)
+    gate.gen.wait(gen, std::memory_order_acquire);
   if (L.failed.load(std::memory_order_acquire)) throw Fault{};
 }
 
@@ -129,7 +130,8 @@ void check_deadlock_locked(Launch& L) {
 }
 
 Launch& current() {
-  if (tl_launch == nullptr) throw std::runtime_error("fmsim: device function called outside a kernel");
+  if (tl_launch == nullptr)
+    throw std::runtime_error("fmsim: device function called outside a kernel");
   return *tl_launch;
 }
 
@@ -356,15 +358,24 @@ void syncwarp(unsigned mask) {
 
 void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
              int width) {
-  if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fault("shuffle width not a power of 2 <= 32");
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+    fault("shuffle width not a power of 2 <= 32");
   const int lane = static_cast<int>(tl_tid % 32);
   const int seg = lane & ~(width - 1);  // first lane of the caller's width-segment
   int src = lane;
   switch (mode) {
-    case Shfl::kIdx: src = seg + (arg & (width - 1)); break;
-    case Shfl::kUp: src = lane - arg >= seg ? lane - arg : lane; break;
-    case Shfl::kDown: src = lane + arg < seg + width ? lane + arg : lane; break;
-    case Shfl::kXor: src = (lane ^ arg) < seg + width && (lane ^ arg) >= seg ? lane ^ arg : lane; break;
+    case Shfl::kIdx:
+      src = seg + (arg & (width - 1));
+      break;
+    case Shfl::kUp:
+      src = lane - arg >= seg ? lane - arg : lane;
+      break;
+    case Shfl::kDown:
+      src = lane + arg < seg + width ? lane + arg : lane;
+      break;
+    case Shfl::kXor:
+      src = (lane ^ arg) < seg + width && (lane ^ arg) >= seg ? lane ^ arg : lane;
+      break;
   }
   warp_barrier(
       mask, [&](unsigned char* mine) { std::memcpy(mine, value, bytes); },
@@ -396,12 +407,18 @@ cudaError_t cudaPeekAtLastError(void) { return fmsim::tl_last_error; }
 
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
-    default: return "unknown error (fmsim)";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorLaunchOutOfResources:
+      return "too many resources requested for launch";
+    default:
+      return "unknown error (fmsim)";
   }
 }
 
@@ -424,16 +441,35 @@ cudaError_t cudaGetDeviceCount(int* count) {
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
   if (!valid_device(device)) return cudaErrorInvalidDevice;
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = fmsim::kSimSmCount; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(fmsim::kOptinSmem); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(fmsim::kDefaultSmem); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = static_cast<int>(fmsim::kSmemPerSm); return cudaSuccess;
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
-    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = fmsim::kThreadsPerSm; return cudaSuccess;
-    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    default: return cudaErrorInvalidValue;  // not simulated: fail loudly rather than guess
+    case cudaDevAttrMultiProcessorCount:
+      *value = fmsim::kSimSmCount;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(fmsim::kOptinSmem);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = static_cast<int>(fmsim::kDefaultSmem);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = static_cast<int>(fmsim::kSmemPerSm);
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor:
+      *value = fmsim::kThreadsPerSm;
+      return cudaSuccess;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;  // not simulated: fail loudly rather than guess
   }
 }
 

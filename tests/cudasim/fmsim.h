@@ -24,9 +24,9 @@
 //   block too, from the second block that declares them on (the first sees zeros).
 // - Vector accesses: every reinterpret_cast to a pointer in the kernel files is checked for the
 //   pointee's alignment (a 16-byte Vec must be 16-byte aligned, as the hardware demands).
-// - The device is an H100 as far as per-block limits go (227 KiB opt-in shared memory, 1024 threads)
-//   but has only kSimSmCount SMs, so that grid-stride loops and per-block partial sums run several
-//   iterations at test sizes. CPU tensors stand for device memory (device index -1 or 0).
+// - The device is an H100 as far as per-block limits go (227 KiB opt-in shared memory, 1024
+//   threads) but has only kSimSmCount SMs, so that grid-stride loops and per-block partial sums run
+//   several iterations at test sizes. CPU tensors stand for device memory (device index -1 or 0).
 //
 // - A fault (deadlock, bad shuffle, misaligned access, exceeded launch bounds) throws from the
 //   launch: the binding's op raises RuntimeError("fmsim: ...") in Python.
@@ -81,7 +81,8 @@ void launch(void (*kernel)(P...), const char* name, const Config& c, A&&... args
     void (*kernel)(P...);
     Params params;
   } ctx{kernel, Params(std::forward<A>(args)...)};
-  run(reinterpret_cast<const void*>(kernel), name, c,
+  run(
+      reinterpret_cast<const void*>(kernel), name, c,
       [](void* p) {
         Ctx* x = static_cast<Ctx*>(p);
         Params copy = x->params;

@@ -1,8 +1,8 @@
 // torch.ops.fmcore_sim.sim_selftest(case) -> (cudaError code, result): runs selftest.cu's case.
-#include "fmsim_torch.h"
-
 #include <string>
 #include <tuple>
+
+#include "fmsim_torch.h"
 
 int fmsim_selftest(const std::string& name, float* result);
 
@@ -17,4 +17,6 @@ std::tuple<int64_t, double> sim_selftest(const std::string& name) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fmcore_sim, m) { m.def("sim_selftest(str name) -> (int, float)", &sim_selftest); }
+TORCH_LIBRARY_FRAGMENT(fmcore_sim, m) {
+  m.def("sim_selftest(str name) -> (int, float)", &sim_selftest);
+}

@@ -102,7 +102,8 @@ def test_rope_misaligned_takes_scalar_path(sim):
     # A data pointer off a 16-byte boundary must not take the vector path (the simulator faults on a
     # misaligned 16-byte access), and in place the pass-through features stay as they were.
     B, S, H, D, R = 1, 3, 2, 64, 32
-    q, k = misaligned(rand(B, S, H, D, dtype=torch.bfloat16)), misaligned(rand(B, S, H, D, dtype=torch.bfloat16, seed=1))
+    q = misaligned(rand(B, S, H, D, dtype=torch.bfloat16))
+    k = misaligned(rand(B, S, H, D, dtype=torch.bfloat16, seed=1))
     cos, sin = rand(S, R // 2, seed=2), rand(S, R // 2, seed=3)
     want = ref.rope(q, k, cos, sin)
     for g, w in zip(sim.rope(q, k, cos, sin), want):
@@ -365,8 +366,9 @@ def test_adamw_lr_tensor_and_skip_nonfinite(sim):
 def test_grad_norm_mixed_dtypes(sim):
     # fp32, bf16 and fp16 tensors in one list (one launch per dtype), a misaligned one (scalar
     # loop), an empty one, and more chunks than resident blocks.
-    ts = [rand(16384 * 3 + 1), rand(5, dtype=torch.bfloat16, seed=1), misaligned(rand(1001, dtype=torch.float16, seed=2)),
-          torch.empty(0), rand(70001, dtype=torch.bfloat16, seed=3)] + [rand(17, seed=10 + i) for i in range(20)]
+    ts = [rand(16384 * 3 + 1), rand(5, dtype=torch.bfloat16, seed=1),
+          misaligned(rand(1001, dtype=torch.float16, seed=2)), torch.empty(0),
+          rand(70001, dtype=torch.bfloat16, seed=3)] + [rand(17, seed=10 + i) for i in range(20)]
     norm, rnorm = torch.tensor(0.0), torch.tensor(0.0)
     sim.grad_norm_(ts, norm)
     ref.grad_norm_(ts, rnorm)
