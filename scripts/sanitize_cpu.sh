@@ -5,6 +5,8 @@
 #                                   # plan, loader) and the CPU reference of every op (csrc/ops/*.cpp)
 #   scripts/sanitize_cpu.sh tsan    # ThreadSanitizer: the loader's worker threads (csrc/data)
 #   scripts/sanitize_cpu.sh asan tests/data/test_loader.py -k resume   # other pytest arguments
+#   scripts/sanitize_cpu.sh sim-asan  # the CUDA kernels on the CPU simulator (tests/cudasim) under
+#   scripts/sanitize_cpu.sh sim-tsan  # ASan+UBSan / TSan: out-of-bounds and racy kernel accesses
 #
 # What it does: configures a CPU-only (FMCORE_CUDA=off) build of fmcore._C with -fsanitize=... in
 # build/<asan|tsan>/ (Debug, -O1 -g; GCC's runtimes), builds it with at most JOBS=2 jobs, lays out
@@ -18,17 +20,25 @@
 # Default test sets: asan: tests/data, tests/ops and tests/optim without the CUDA cases (every CPU
 # op reference, forward and backward, opcheck, torch.compile paths). tsan: tests/data/test_loader.py
 # and tests/data/test_shards.py (every loader thread path: workers, restart, close, concurrent
-# consumers, worker errors, malformed shards opened by the parallel openers).
+# consumers, worker errors, malformed shards opened by the parallel openers). sim-asan / sim-tsan:
+# tests/cudasim (the simulator's self-tests and every kernel test).
 #
-# Not covered: csrc/kernels and csrc/ops/*_cuda.cpp (CUDA: `scripts/gpu_check.sh sanitize` runs
-# compute-sanitizer) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub that reports
-# has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
+# sim-asan / sim-tsan: csrc/kernels/{rope,cross_entropy,norm,adamw}.cu and their *_cuda.cpp bindings
+# as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
+# by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
+# regular python/fmcore one (uninstrumented). TSan sees the simulator's barriers (a mutex and
+# atomics), so a report is a race between CUDA threads of one block that the kernel does not order.
+#
+# Not covered: csrc/kernels/attention.cu (inline PTX; `scripts/gpu_check.sh sanitize` runs
+# compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub
+# that reports has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
 # training the BPE tokenizer (tests' `fmcore prepare` fixtures) under TSan's interceptors took more
 # than 10 minutes without finishing.
 #
 # Time on the 2-core dev machine, shared with other jobs (2026-11-23): a first build ~5-10 min per
 # mode (incremental after that: ~1 min for a touched op file); asan tests (638) 1 min 45 s on a
-# quiet machine, up to ~8 min while other jobs ran; tsan tests (119) ~30 s.
+# quiet machine, up to ~8 min while other jobs ran; tsan tests (119) ~30 s. sim-asan: build and 88
+# tests ~5.5 min; sim-tsan: ~11 min (hundreds of OS threads a block under TSan's runtime).
 #
 # Notes on the runtimes:
 # - ASAN_OPTIONS=detect_leaks=0: CPython and torch keep allocations alive until exit by design.
@@ -58,29 +68,43 @@ case $mode in
     runtime=$(g++ -print-file-name=libtsan.so)
     default_tests=(tests/data/test_loader.py tests/data/test_shards.py)
     ;;
-  *) echo "usage: $0 asan|tsan [pytest args...]" >&2; exit 2 ;;
+  sim-asan|sim-tsan)
+    if [ "$mode" = sim-asan ]; then
+      export FMCORE_SIM_SANITIZE=address,undefined
+      runtime=$(g++ -print-file-name=libasan.so)
+    else
+      export FMCORE_SIM_SANITIZE=thread
+      runtime=$(g++ -print-file-name=libtsan.so)
+    fi
+    default_tests=(tests/cudasim)
+    ;;
+  *) echo "usage: $0 asan|tsan|sim-asan|sim-tsan [pytest args...]" >&2; exit 2 ;;
 esac
 
 # The flags are fixed at configure time: after changing them, delete build/<mode>. Two runs of the
 # same mode at once would share (and rebuild under each other) build/<mode>/python.
 mkdir -p "$build"
 start=$(date +%s)
-if [ ! -f "$build/build.ninja" ]; then
+if [[ $mode == sim-* ]]; then
+  pkg=$repo/python  # the simulator library is built (instrumented) by the tests' fixture
+elif [ ! -f "$build/build.ninja" ]; then
   cmake -S . -B "$build" -G Ninja -DPython_EXECUTABLE="$python" -DFMCORE_CUDA=off \
     -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS="$flags -O1 -g" \
     -DCMAKE_MODULE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" \
     > "$build/configure.log" || { cat "$build/configure.log"; exit 1; }
 fi
-cmake --build "$build" -j "${JOBS:-2}"
-echo "build: $(( $(date +%s) - start )) s"
+if [[ $mode != sim-* ]]; then
+  cmake --build "$build" -j "${JOBS:-2}"
+  echo "build: $(( $(date +%s) - start )) s"
 
-# A package tree that imports the sanitized _C: symlinks to every Python file of python/fmcore.
-pkg=$build/python
-rm -rf "$pkg"
-mkdir -p "$pkg"
-cp -rs "$repo/python/fmcore" "$pkg/fmcore"
-find "$pkg/fmcore" -name '_C*.so' -delete
-cp "$build"/_C*.so "$pkg/fmcore/"
+  # A package tree that imports the sanitized _C: symlinks to every Python file of python/fmcore.
+  pkg=$build/python
+  rm -rf "$pkg"
+  mkdir -p "$pkg"
+  cp -rs "$repo/python/fmcore" "$pkg/fmcore"
+  find "$pkg/fmcore" -name '_C*.so' -delete
+  cp "$build"/_C*.so "$pkg/fmcore/"
+fi
 
 # libstdc++ is preloaded too: CPython does not link it, so without it the sanitizer runtime finds no
 # real __cxa_throw to intercept and aborts at the first C++ exception (triton's import throws one).

@@ -461,7 +461,9 @@ int64_t add_norm_bwd_partial_rows(const AddNormParams& p, int sm_count) {
 cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
   if (p.dim < 1 || p.dim > kAddNormMaxDim) return cudaErrorInvalidValue;
   const bool sums = add_norm_bwd_sums(p);
-  if (sums && p.workspace == nullptr) return cudaErrorInvalidValue;
+  // Only partial rows need a workspace: with no rows there are none, and the caller's empty
+  // workspace tensor may well have a null data pointer (torch's allocators return one for 0 bytes).
+  if (sums && p.partial_rows > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
   if (p.rows > 0 && (sums || p.grad_x != nullptr)) {
     const Layout l = choose_layout(p, bwd_vec_ok(p));
     // The caller sized the workspace with add_norm_bwd_partial_rows: one partial row per block.

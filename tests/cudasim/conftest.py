@@ -1,0 +1,21 @@
+"""The `sim` fixture: libfmcore_sim (fmcore's CUDA bindings and kernels on fmsim, build.py) built
+once per session and loaded, or the whole directory skipped with the reason it cannot be built.
+FMCORE_SIM=0 skips it on purpose (the first build takes a few minutes on 2 cores)."""
+
+import os
+
+import pytest
+import torch
+
+from tests.cudasim import build
+
+
+@pytest.fixture(scope="session")
+def sim():
+    if os.environ.get("FMCORE_SIM") == "0":
+        pytest.skip("FMCORE_SIM=0")
+    try:
+        build.build()
+    except build.Unavailable as e:
+        pytest.skip(f"fmcore_sim cannot be built here: {e}")
+    return torch.ops.fmcore_sim

@@ -1,0 +1,520 @@
+// fmsim's execution model and the CUDA runtime functions fmcore's launchers and bindings call (see
+// fmsim.h for what is modelled). Built with -fvisibility=hidden: these cuda* definitions bind only
+// inside libfmcore_sim, never in place of the real libcudart torch has loaded.
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define FMSIM_KERNEL_TU  // threadIdx & co. are set here
+#include "fmsim.h"
+
+namespace fmsim {
+
+namespace {
+
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kOptinSmem = 227 * 1024;
+constexpr size_t kSmemPerSm = 228 * 1024;
+constexpr int kThreadsPerSm = 2048;
+
+// A fault inside a CUDA thread: unwinds that thread's kernel.
+struct Fault {};
+
+// What waiting threads sleep on: a generation counter (a futex, through C++20 atomic wait). The
+// bookkeeping happens under Launch::mu; a waiter releases the mutex before it sleeps, so opening
+// the gate wakes each waiter without handing the mutex from one to the next (1024 threads at a
+// __syncthreads otherwise queue on it).
+struct Gate {
+  std::atomic<uint32_t> gen{0};
+  void open() {
+    gen.fetch_add(1, std::memory_order_acq_rel);
+    gen.notify_all();
+  }
+};
+
+struct Warp {
+  Gate gate;
+  unsigned lanes = 0;  // threads of the block in this warp (32 but for a partial last warp)
+  unsigned arrived = 0, exited = 0;
+  unsigned char slot[2][32][16];  // double buffered: see warp_barrier()
+};
+
+// One launch's shared state. Everything below the mutex is guarded by it.
+struct Launch {
+  const char* name;
+  Config cfg{dim3(), dim3()};
+  unsigned nthreads = 0;
+  uint64_t nblocks = 0;
+  void (*body)(void*);
+  void* ctx;
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+  };
+  std::unique_ptr<unsigned char[], Free> smem;
+
+  std::mutex mu;
+  Gate block_gate;  // __syncthreads
+  std::vector<Warp> warps;
+  // The block running now (linear index); kFailedBit is or-ed in when the launch fails.
+  std::atomic<uint32_t> block{0};
+  static constexpr uint32_t kFailedBit = 0x80000000u;
+  unsigned block_arrived = 0, exited = 0, blocked = 0;
+  std::atomic<bool> failed{false};
+  std::string error;
+};
+
+thread_local Launch* tl_launch = nullptr;
+thread_local unsigned tl_tid = 0;
+thread_local int tl_parity = 0;  // which slot buffer this lane's next shuffle uses
+thread_local cudaError_t tl_last_error = cudaSuccess;
+
+std::mutex g_launch_mu;  // launches are serialized
+
+// Every static __shared__ array seen so far (address, bytes); poisoned between blocks.
+std::mutex g_regions_mu;
+std::map<void*, size_t> g_regions;
+thread_local std::vector<void*> tl_regions_seen;  // this thread's registrations (no lock after)
+
+// Fills the block's shared memory with NaN bytes. No CUDA thread runs kernel code meanwhile.
+void poison_shared(Launch& L);
+std::mutex g_attr_mu;
+std::map<const void*, size_t>& max_dynamic_smem() {
+  static std::map<const void*, size_t> m;
+  return m;
+}
+
+std::string where(const Launch& L) {
+  const dim3 g = L.cfg.grid;
+  const uint64_t b = L.block.load(std::memory_order_relaxed) & ~Launch::kFailedBit;
+  return std::string(L.name) + " block (" + std::to_string(b % g.x) + "," +
+         std::to_string(b / g.x % g.y) + "," + std::to_string(b / g.x / g.y) + ") thread " +
+         std::to_string(tl_tid);
+}
+
+// Records the launch's first error and wakes every waiting thread. Caller holds L.mu.
+void fail_locked(Launch& L, const std::string& what) {
+  if (L.failed.load(std::memory_order_relaxed)) return;
+  L.error = what;
+  L.failed.store(true, std::memory_order_release);
+  L.block_gate.open();
+  for (Warp& w : L.warps) w.gate.open();
+  L.block.fetch_or(Launch::kFailedBit, std::memory_order_acq_rel);
+  L.block.notify_all();
+}
+
+// Sleeps until `gate` moves past generation `gen` (read under the lock, which the caller has
+// released); throws Fault when the launch failed meanwhile.
+void wait_gate(Launch& L, Gate& gate, uint32_t gen) {
+  while (gate.gen.load(std::memory_order_acquire) == gen)
+    gate.gen.wait(gen, std::memory_order_acquire);
+  if (L.failed.load(std::memory_order_acquire)) throw Fault{};
+}
+
+// Every live thread waits, yet the barrier just arrived at did not complete: none ever will.
+void check_deadlock_locked(Launch& L) {
+  if (L.blocked == 0 || L.blocked + L.exited != L.nthreads) return;
+  unsigned in_warp = 0;
+  for (const Warp& w : L.warps) in_warp += w.arrived;
+  fail_locked(L, "deadlock: divergent barrier/shuffle in " + where(L) + ": " +
+                     std::to_string(L.block_arrived) + " threads wait at __syncthreads, " +
+                     std::to_string(in_warp) + " in warp shuffles, " + std::to_string(L.exited) +
+                     " returned");
+}
+
+Launch& current() {
+  if (tl_launch == nullptr)
+    throw std::runtime_error("fmsim: device function called outside a kernel");
+  return *tl_launch;
+}
+
+void release_block_barrier_locked(Launch& L) {
+  L.blocked -= L.block_arrived - 1;  // the releasing thread never counted itself as blocked
+  L.block_arrived = 0;
+  L.block_gate.open();
+}
+
+// The calling thread returned from the kernel for the current block.
+void exit_thread_locked(Launch& L) {
+  Warp& w = L.warps[tl_tid / 32];
+  ++L.exited;
+  ++w.exited;
+  if (w.arrived > 0) {
+    fail_locked(L, "full-mask warp shuffle/sync with a returned lane in " + where(L) +
+                       " (the lane returned while its siblings wait: undefined on hardware)");
+    return;
+  }
+  if (L.block_arrived > 0 && L.block_arrived + L.exited == L.nthreads) {
+    L.blocked += 1;  // release subtracts arrived - 1; the exiting thread was not among them
+    release_block_barrier_locked(L);
+  }
+  if (L.exited == L.nthreads) {  // the block is done: set up the next one
+    L.exited = 0;
+    for (Warp& x : L.warps) x.exited = 0;
+    poison_shared(L);
+    L.block.fetch_add(1, std::memory_order_acq_rel);
+    L.block.notify_all();
+    return;
+  }
+  check_deadlock_locked(L);
+}
+
+void thread_main(Launch& L, unsigned tid) {
+  tl_launch = &L;
+  tl_tid = tid;
+  const dim3 g = L.cfg.grid, b = L.cfg.block;
+  blockDim = b;
+  gridDim = g;
+  threadIdx = make_uint3(tid % b.x, tid / b.x % b.y, tid / b.x / b.y);
+  for (uint64_t blk = 0; blk < L.nblocks; ++blk) {
+    uint32_t now;
+    while ((now = L.block.load(std::memory_order_acquire)) != blk) {
+      if (now & Launch::kFailedBit) break;
+      L.block.wait(now, std::memory_order_acquire);
+    }
+    if (now != blk) break;
+    blockIdx = make_uint3(static_cast<unsigned>(blk % g.x), static_cast<unsigned>(blk / g.x % g.y),
+                          static_cast<unsigned>(blk / g.x / g.y));
+    tl_parity = 0;
+    std::string error;
+    try {
+      L.body(L.ctx);
+    } catch (const Fault&) {
+      // the launch has failed already (recorded by whoever raised it)
+    } catch (const std::exception& e) {
+      error = std::string(e.what()) + " in " + where(L);
+    } catch (...) {
+      error = "unknown exception in " + where(L);
+    }
+    std::lock_guard<std::mutex> lk(L.mu);
+    if (!error.empty()) fail_locked(L, error);
+    if (L.failed.load(std::memory_order_relaxed)) break;
+    exit_thread_locked(L);
+  }
+  tl_launch = nullptr;
+}
+
+cudaError_t validate(const void* kernel, const Config& c) {
+  const dim3 b = c.block, g = c.grid;
+  const uint64_t threads = uint64_t{b.x} * b.y * b.z;
+  if (b.x == 0 || b.y == 0 || b.z == 0 || g.x == 0 || g.y == 0 || g.z == 0) {
+    return cudaErrorInvalidConfiguration;
+  }
+  if (threads > 1024 || b.x > 1024 || b.y > 1024 || b.z > 64) return cudaErrorInvalidConfiguration;
+  if (g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) return cudaErrorInvalidConfiguration;
+  if (uint64_t{g.x} * g.y * g.z >= Launch::kFailedBit) {
+    fault("grids of 2^31 or more blocks are not simulated");
+  }
+  size_t limit = kDefaultSmem;
+  {
+    std::lock_guard<std::mutex> lk(g_attr_mu);
+    const auto it = max_dynamic_smem().find(kernel);
+    if (it != max_dynamic_smem().end()) limit = std::max(limit, it->second);
+  }
+  if (c.smem > limit) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+void run(const void* kernel, const char* name, const Config& c, void (*body)(void*), void* ctx) {
+  if (tl_launch != nullptr) fault("kernel launch from inside a kernel (dynamic parallelism)");
+  if (const cudaError_t err = validate(kernel, c); err != cudaSuccess) {
+    tl_last_error = err;
+    return;
+  }
+  const std::lock_guard<std::mutex> serial(g_launch_mu);
+  Launch L;
+  L.name = name;
+  L.cfg = c;
+  L.nthreads = c.block.x * c.block.y * c.block.z;
+  L.nblocks = uint64_t{c.grid.x} * c.grid.y * c.grid.z;
+  L.body = body;
+  L.ctx = ctx;
+  // Exactly the requested size (an access past it is a heap overflow under ASan), 128-aligned.
+  L.smem.reset(static_cast<unsigned char*>(
+      ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(128))));
+  poison_shared(L);
+  L.warps = std::vector<Warp>((L.nthreads + 31) / 32);
+  for (size_t w = 0; w < L.warps.size(); ++w) {
+    L.warps[w].lanes = std::min<unsigned>(32, L.nthreads - 32 * static_cast<unsigned>(w));
+  }
+  {
+    std::vector<std::thread> threads;
+    threads.reserve(L.nthreads);
+    for (unsigned t = 0; t < L.nthreads; ++t) threads.emplace_back(thread_main, std::ref(L), t);
+    for (std::thread& t : threads) t.join();
+  }
+  if (L.failed.load()) throw std::runtime_error("fmsim: " + L.error);
+}
+
+void fault(const char* what) {
+  if (tl_launch == nullptr) throw std::runtime_error(std::string("fmsim: ") + what);
+  Launch& L = *tl_launch;
+  {
+    std::lock_guard<std::mutex> lk(L.mu);
+    fail_locked(L, std::string(what) + " in " + where(L));
+  }
+  throw Fault{};
+}
+
+namespace {
+
+void poison_shared(Launch& L) {
+  std::memset(L.smem.get(), 0xff, L.cfg.smem);  // NaN in every fp32/fp16/bf16 lane
+  const std::lock_guard<std::mutex> lk(g_regions_mu);
+  for (const auto& [p, bytes] : g_regions) std::memset(p, 0xff, bytes);
+}
+
+}  // namespace
+
+void* dynamic_smem_bytes() { return current().smem.get(); }
+
+void shared_region(void* p, size_t bytes) {
+  for (void* q : tl_regions_seen) {
+    if (q == p) return;
+  }
+  tl_regions_seen.push_back(p);
+  const std::lock_guard<std::mutex> lk(g_regions_mu);
+  g_regions.emplace(p, bytes);
+}
+
+void launch_bounds(int max_threads, int, int) {
+  const dim3 b = current().cfg.block;
+  if (static_cast<int64_t>(b.x) * b.y * b.z > max_threads) {
+    fault(("launch of " + std::to_string(b.x * b.y * b.z) +
+           " threads a block exceeds __launch_bounds__(" + std::to_string(max_threads) +
+           ") (too many resources requested for launch)")
+              .c_str());
+  }
+}
+
+void syncthreads() {
+  Launch& L = current();
+  std::unique_lock<std::mutex> lk(L.mu);
+  if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
+  ++L.block_arrived;
+  if (L.block_arrived + L.exited == L.nthreads) {
+    release_block_barrier_locked(L);
+    return;
+  }
+  ++L.blocked;
+  // the generation before a deadlock report opens every gate
+  const uint32_t gen = L.block_gate.gen.load(std::memory_order_relaxed);
+  check_deadlock_locked(L);
+  lk.unlock();
+  wait_gate(L, L.block_gate, gen);
+}
+
+// All 32 lanes of the caller's warp arrive; `write` runs before the arrival (under the lock) and
+// `read` after the last lane arrived. Lane values live in the slot buffer of the caller's parity:
+// a lane overwrites that buffer two warp barriers later, when every lane has passed the barrier in
+// between and so has read it.
+template <class Write, class Read>
+void warp_barrier(unsigned mask, Write&& write, Read&& read) {
+  Launch& L = current();
+  std::unique_lock<std::mutex> lk(L.mu);
+  if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
+  if (mask != 0xffffffffu) {
+    fail_locked(L, "partial warp mask (not modelled by fmsim) in " + where(L));
+    throw Fault{};
+  }
+  Warp& w = L.warps[tl_tid / 32];
+  if (w.lanes < 32 || w.exited > 0) {
+    fail_locked(L, std::string("full-mask warp shuffle/sync with ") +
+                       (w.exited > 0 ? "a returned lane" : "a partial warp") + " (" +
+                       std::to_string(w.lanes - w.exited) + " of 32 lanes present) in " + where(L) +
+                       " (undefined on hardware)");
+    throw Fault{};
+  }
+  write(w.slot[tl_parity][tl_tid % 32]);
+  ++w.arrived;
+  if (w.arrived == w.lanes) {
+    L.blocked -= w.arrived - 1;
+    w.arrived = 0;
+    w.gate.open();
+    lk.unlock();
+  } else {
+    ++L.blocked;
+    const uint32_t gen = w.gate.gen.load(std::memory_order_relaxed);
+    check_deadlock_locked(L);
+    lk.unlock();
+    wait_gate(L, w.gate, gen);
+  }
+  read(w.slot[tl_parity]);
+  tl_parity ^= 1;
+}
+
+void syncwarp(unsigned mask) {
+  warp_barrier(mask, [](unsigned char*) {}, [](unsigned char (*)[16]) {});
+}
+
+void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
+             int width) {
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+    fault("shuffle width not a power of 2 <= 32");
+  const int lane = static_cast<int>(tl_tid % 32);
+  const int seg = lane & ~(width - 1);  // first lane of the caller's width-segment
+  int src = lane;
+  switch (mode) {
+    case Shfl::kIdx:
+      src = seg + (arg & (width - 1));
+      break;
+    case Shfl::kUp:
+      src = lane - arg >= seg ? lane - arg : lane;
+      break;
+    case Shfl::kDown:
+      src = lane + arg < seg + width ? lane + arg : lane;
+      break;
+    case Shfl::kXor:
+      src = (lane ^ arg) < seg + width && (lane ^ arg) >= seg ? lane ^ arg : lane;
+      break;
+  }
+  warp_barrier(
+      mask, [&](unsigned char* mine) { std::memcpy(mine, value, bytes); },
+      [&](unsigned char (*slots)[16]) { std::memcpy(out, slots[src], bytes); });
+}
+
+}  // namespace fmsim
+
+// ---- the CUDA runtime API, as far as fmcore's launchers and bindings use it
+
+namespace {
+
+constexpr int kDevice = 0;
+
+// CPU tensors stand for the device: their get_device() is -1.
+bool valid_device(int d) { return d == kDevice || d == -1; }
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = fmsim::tl_last_error;
+  fmsim::tl_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return fmsim::tl_last_error; }
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorLaunchOutOfResources:
+      return "too many resources requested for launch";
+    default:
+      return "unknown error (fmsim)";
+  }
+}
+
+const char* cudaGetErrorName(cudaError_t error) { return cudaGetErrorString(error); }
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = kDevice;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  return device == kDevice ? cudaSuccess : cudaErrorInvalidDevice;
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (!valid_device(device)) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = fmsim::kSimSmCount;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(fmsim::kOptinSmem);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = static_cast<int>(fmsim::kDefaultSmem);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = static_cast<int>(fmsim::kSmemPerSm);
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor:
+      *value = fmsim::kThreadsPerSm;
+      return cudaSuccess;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;  // not simulated: fail loudly rather than guess
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || static_cast<size_t>(value) > fmsim::kOptinSmem) return cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lk(fmsim::g_attr_mu);
+  fmsim::max_dynamic_smem()[func] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+// Threads and shared memory only (no registers): blocks of `block_size` threads with `smem`
+// dynamic bytes (+1 KiB the hardware reserves per block) that fit one SM; 0 when the launch
+// itself would fail (dynamic smem past the kernel's limit).
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void* func,
+                                                                   int block_size, size_t smem,
+                                                                   unsigned int) {
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  size_t limit = fmsim::kDefaultSmem;
+  {
+    const std::lock_guard<std::mutex> lk(fmsim::g_attr_mu);
+    const auto it = fmsim::max_dynamic_smem().find(func);
+    if (it != fmsim::max_dynamic_smem().end()) limit = std::max(limit, it->second);
+  }
+  if (smem > limit) {
+    *blocks = 0;
+    return cudaSuccess;
+  }
+  int n = std::min(32, fmsim::kThreadsPerSm / block_size);
+  n = std::min<int>(n, static_cast<int>(fmsim::kSmemPerSm / (smem + 1024)));
+  *blocks = n;
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func,
+                                                          int block_size, size_t smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, func, block_size, smem, 0);
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t, enum cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+}  // extern "C"

@@ -1,0 +1,213 @@
+// fmsim: a small CUDA-on-CPU simulator that runs fmcore's plain CUDA C++ kernels (rope, cross
+// entropy, add_norm, adamw) as ordinary C++ so that their index math, bounds, vector alignment,
+// barriers and warp shuffles are exercised without a GPU (tests/cudasim/test_kernels_on_cpu.py).
+//
+// What it models:
+// - A launch runs its blocks one after another; inside a block every CUDA thread is a real OS
+//   thread (so ASan/TSan see real concurrent accesses), with thread-local threadIdx/blockIdx/
+//   blockDim/gridDim. Launches are synchronous and serialized.
+// - __syncthreads is a block barrier; a thread that returned counts as arrived (as on Volta+).
+// - Warp shuffles (full mask only) exchange values through a per-warp slot array at a 32-lane
+//   barrier. A shuffle in a warp with fewer than 32 live lanes (a lane returned, or a partial last
+//   warp) is undefined on hardware and reported as an error.
+// - A deadlock (every live thread waits at a barrier, but no barrier can complete: a divergent
+//   __syncthreads or shuffle) is detected exactly, at once, and fails the launch with a message
+//   naming the kernel, the block and where the threads wait.
+// - Launch validation as CUDA does it: block <= 1024 threads (x, y <= 1024, z <= 64), grid x
+//   < 2^31, y and z <= 65535, no zero dimension, dynamic shared memory <= 48 KiB unless the kernel
+//   opted in with cudaFuncSetAttribute (<= 227 KiB). A failed validation sets the error
+//   cudaGetLastError returns; the kernel does not run. A block larger than the kernel's
+//   __launch_bounds__ fails the launch (checked at kernel entry).
+// - Dynamic shared memory is a fresh allocation of exactly the requested size per launch (ASan
+//   catches an access past it), filled with NaN bytes (0xff) before every block. Static __shared__
+//   arrays are function statics (one block runs at a time), filled with NaN bytes before every
+//   block too, from the second block that declares them on (the first sees zeros).
+// - Vector accesses: every reinterpret_cast to a pointer in the kernel files is checked for the
+//   pointee's alignment (a 16-byte Vec must be 16-byte aligned, as the hardware demands).
+// - The device is an H100 as far as per-block limits go (227 KiB opt-in shared memory, 1024
+//   threads) but has only kSimSmCount SMs, so that grid-stride loops and per-block partial sums run
+//   several iterations at test sizes. CPU tensors stand for device memory (device index -1 or 0).
+//
+// - A fault (deadlock, bad shuffle, misaligned access, exceeded launch bounds) throws from the
+//   launch: the binding's op raises RuntimeError("fmsim: ...") in Python.
+//
+// What it does not model: any memory model weaker than sequential consistency (every barrier is a
+// full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
+// shared memory), registers and local memory, partial warp masks, atomics, streams and events
+// (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf), the
+// static shared memory's size limit, and out-of-bounds global accesses unless built with
+// FMCORE_SIM_SANITIZE=address (then ASan reports them).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// cuda_runtime.h declares this C++ overload only for nvcc (it is inside `#if defined __CUDACC__`).
+template <class T>
+inline cudaError_t cudaFuncSetAttribute(T* func, enum cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}
+
+namespace fmsim {
+
+inline constexpr int kSimSmCount = 4;
+
+// <<<grid, block, smem, stream>>>
+struct Config {
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  Config(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = nullptr)
+      : grid(g), block(b), smem(s), stream(st) {}
+};
+
+// Runs body(ctx) once in every CUDA thread of every block (fmsim.cpp). Throws std::runtime_error
+// when a thread faults (deadlock, bad shuffle, misaligned vector access, ...).
+void run(const void* kernel, const char* name, const Config& c, void (*body)(void*), void* ctx);
+
+// kernel<<<c>>>(args...): the arguments are converted to the kernel's parameter types once, then
+// every thread gets its own copy (kernel parameters are by value).
+template <class... P, class... A>
+void launch(void (*kernel)(P...), const char* name, const Config& c, A&&... args) {
+  using Params = std::tuple<std::decay_t<P>...>;
+  struct Ctx {
+    void (*kernel)(P...);
+    Params params;
+  } ctx{kernel, Params(std::forward<A>(args)...)};
+  run(
+      reinterpret_cast<const void*>(kernel), name, c,
+      [](void* p) {
+        Ctx* x = static_cast<Ctx*>(p);
+        Params copy = x->params;
+        std::apply(x->kernel, std::move(copy));
+      },
+      &ctx);
+}
+
+// The calling CUDA thread fails the launch with this message (or, outside a kernel, throws).
+[[noreturn]] void fault(const char* what);
+
+// The launch's dynamic shared memory (extern __shared__ T name[]).
+void* dynamic_smem_bytes();
+template <class T>
+T* dynamic_smem() {
+  return static_cast<T*>(dynamic_smem_bytes());
+}
+
+// A static __shared__ array (the transform calls this after its declaration): poisoned with NaN
+// bytes before every later block.
+void shared_region(void* p, size_t bytes);
+
+// __launch_bounds__(max_threads, ...): launching more threads per block fails on hardware.
+void launch_bounds(int max_threads, int min_blocks = 0, int max_blocks_per_cluster = 0);
+
+void syncthreads();
+void syncwarp(unsigned mask);
+enum class Shfl { kIdx, kUp, kDown, kXor };
+// Exchanges `bytes` (<= 16) bytes at value among the 32 lanes; writes the source lane's into out.
+void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
+             int width);
+
+// reinterpret_cast with the alignment check of a pointer's target (kernel files use it through
+// the source transform).
+template <class To, class From>
+inline To rcast(From from) {
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    using E = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<E>) {
+      if (reinterpret_cast<uintptr_t>(from) % alignof(E) != 0) {
+        fault("misaligned vector access: a pointer cast to a type that needs more alignment");
+      }
+    }
+  }
+  return reinterpret_cast<To>(from);
+}
+
+}  // namespace fmsim
+
+// ---- device code: only in the transformed kernel files (FMSIM_KERNEL_TU), after the CUDA
+// headers above have used the attribute macros it redefines.
+#ifdef FMSIM_KERNEL_TU
+
+#include <math.h>
+
+#include <cmath>
+#include <cstring>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __shared__
+#undef __grid_constant__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+// Blocks run one at a time, so a function-local static is exactly one block's shared memory.
+#define __shared__ static
+#define __grid_constant__
+#define __launch_bounds__(...)  // the transform turns it into an fmsim::launch_bounds check
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+inline constexpr int warpSize = 32;
+
+inline void __syncthreads() { fmsim::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { fmsim::syncwarp(mask); }
+
+template <class T>
+T fmsim_shfl(unsigned mask, T v, fmsim::Shfl mode, int arg, int width) {
+  static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>);
+  T out;
+  fmsim::shuffle(mask, &v, &out, sizeof(T), mode, arg, width);
+  return out;
+}
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return fmsim_shfl(mask, v, fmsim::Shfl::kIdx, src, width);
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return fmsim_shfl(mask, v, fmsim::Shfl::kUp, static_cast<int>(delta), width);
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return fmsim_shfl(mask, v, fmsim::Shfl::kDown, static_cast<int>(delta), width);
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return fmsim_shfl(mask, v, fmsim::Shfl::kXor, lane_mask, width);
+}
+
+// Fast-math intrinsics: the exact functions (the hardware's are a few ulp off).
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+
+// CUDA's device min/max overloads, with the usual arithmetic conversions.
+template <class A, class B>
+  requires std::is_arithmetic_v<A> && std::is_arithmetic_v<B>
+constexpr std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <class A, class B>
+  requires std::is_arithmetic_v<A> && std::is_arithmetic_v<B>
+constexpr std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+#endif  // FMSIM_KERNEL_TU
