@@ -21,8 +21,10 @@
 //     twice (7 matmuls, ~1.4x the tensor-core work of 5).
 //   - default (kAtomicDq): the dk/dv kernel stages dS^T in shared memory and each warp adds a
 //     16-row slab of dS K into an fp32 dq buffer with atomics (FlashAttention-2's 5 matmuls);
-//     attn_bwd_dq_convert_kernel then writes dq = scale * buffer. The buffer's zeroing and
-//     conversion cost 4 + 8 + 2 bytes per dq element; the float additions land in varying order.
+//     attn_bwd_dq_convert_kernel then writes dq = scale * buffer. Memory traffic per dq element:
+//     up to 18 bytes (zeroing 4, the atomics' first read and last write-back 8 when the buffer
+//     leaves L2, conversion 4 + 2) against 2 for a direct write; the float additions land in
+//     varying order.
 // P = exp(S - lse) is recomputed from lse; dS = P * (dP - delta) with dP = dO V^T.
 //
 // Shared-memory tiles are row-major with a pitch of D + 8 elements: the 16-byte pad puts the 8 rows
