@@ -82,16 +82,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);
   p.dv = attn_tensor(dv, sh.varlen);
-  // torch's deterministic mode: warn (warn_only) or raise (strict; the Python wrappers never get
-  // here then, they pass deterministic=True) as torch's own nondeterministic kernels do.
+  at::Tensor dq_accum;
   if (!deterministic) {
+    // torch's deterministic mode: warn (warn_only) or raise (strict; the Python wrappers never get
+    // here then, they pass deterministic=True) as torch's own nondeterministic kernels do.
     at::globalContext().alertNotDeterministic(
         "fmcore::flash_attn_bwd with deterministic=False (atomic dq; pass deterministic=True)");
+    // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous like dq.
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = attn_tensor(dq_accum, sh.varlen);
   }
-  // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous like dq.
-  const at::Tensor dq_accum =
-      deterministic ? at::Tensor() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-  if (!deterministic) p.dq_accum = attn_tensor(dq_accum, sh.varlen);
   p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   check_launch(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");

@@ -4,7 +4,8 @@ memory-efficient backends, forward and backward, on the issue's cases.
 FLOPs (FlashAttention's convention): forward 4 * B * H * Sq * Sk * D, halved when causal; backward
 2.5x the forward. roofline% is against the bf16 matmul rate measured in the same run. Every system
 reads the same (B, S, H, D) tensors (SDPA through a (B, H, S, D) view, the layout its kernels take
-without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True. On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
+without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True.
+On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
 """
 
 from __future__ import annotations

@@ -178,10 +178,10 @@ def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *deterministic = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic = inputs  # defaults arrive filled in
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, *deterministic)
+    ctx.args = (max_q, max_k, causal, scale, deterministic)
 
 
 def _backward(ctx, dout, dlse):
