@@ -40,11 +40,16 @@ struct Gate {
   }
 };
 
+// Bytes each lane contributes to a warp collective: a shuffle's value (<= 16), an ldmatrix row
+// address (8), an mma's A and B fragments (24).
+constexpr size_t kSlotBytes = 32;
+using Slots = unsigned char (*)[kSlotBytes];
+
 struct Warp {
   Gate gate;
   unsigned lanes = 0;  // threads of the block in this warp (32 but for a partial last warp)
   unsigned arrived = 0, exited = 0;
-  unsigned char slot[2][32][16];  // double buffered: see warp_barrier()
+  unsigned char slot[2][32][kSlotBytes];  // double buffered: see warp_barrier()
 };
 
 // One launch's shared state. Everything below the mutex is guarded by it.
@@ -75,6 +80,30 @@ thread_local Launch* tl_launch = nullptr;
 thread_local unsigned tl_tid = 0;
 thread_local int tl_parity = 0;  // which slot buffer this lane's next shuffle uses
 thread_local cudaError_t tl_last_error = cudaSuccess;
+
+// This thread's cp.async copies in flight (cp_async), and how many groups it has committed.
+struct Copy {
+  void* dst;
+  const void* src;
+  size_t bytes, src_bytes;
+  uint64_t group;  // the commit count when issued: the group it joins at the next commit
+};
+thread_local std::vector<Copy> tl_copies;
+thread_local uint64_t tl_groups = 0;
+
+// Lands the in-flight copies of groups < `below`, in issue order.
+void complete_copies(uint64_t below) {
+  size_t kept = 0;
+  for (const Copy& c : tl_copies) {
+    if (c.group < below) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    } else {
+      tl_copies[kept++] = c;
+    }
+  }
+  tl_copies.resize(kept);
+}
 
 std::mutex g_launch_mu;  // launches are serialized
 
@@ -183,9 +212,12 @@ void thread_main(Launch& L, unsigned tid) {
     blockIdx = make_uint3(static_cast<unsigned>(blk % g.x), static_cast<unsigned>(blk / g.x % g.y),
                           static_cast<unsigned>(blk / g.x / g.y));
     tl_parity = 0;
+    tl_copies.clear();
+    tl_groups = 0;
     std::string error;
     try {
       L.body(L.ctx);
+      complete_copies(UINT64_MAX);  // copies still in flight at exit land all the same
     } catch (const Fault&) {
       // the launch has failed already (recorded by whoever raised it)
     } catch (const std::exception& e) {
@@ -353,7 +385,7 @@ void warp_barrier(unsigned mask, Write&& write, Read&& read) {
 }
 
 void syncwarp(unsigned mask) {
-  warp_barrier(mask, [](unsigned char*) {}, [](unsigned char (*)[16]) {});
+  warp_barrier(mask, [](unsigned char*) {}, [](Slots) {});
 }
 
 void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
@@ -379,8 +411,109 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
   }
   warp_barrier(
       mask, [&](unsigned char* mine) { std::memcpy(mine, value, bytes); },
-      [&](unsigned char (*slots)[16]) { std::memcpy(out, slots[src], bytes); });
+      [&](Slots slots) { std::memcpy(out, slots[src], bytes); });
 }
+
+// ---- inline PTX (fmsim.h)
+
+namespace {
+
+// p .. p + bytes lies in the block's shared memory (dynamic, or a static __shared__ array) and is
+// `align`-byte aligned; otherwise the calling thread faults with `what`.
+void check_shared(const void* p, size_t bytes, size_t align, const char* what) {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  if (at % align != 0) fault((std::string(what) + ": address not " + std::to_string(align) +
+                              "-byte aligned").c_str());
+  const Launch& L = current();
+  const auto dyn = reinterpret_cast<uintptr_t>(L.smem.get());
+  if (at >= dyn && at + bytes <= dyn + L.cfg.smem) return;
+  {
+    const std::lock_guard<std::mutex> lk(g_regions_mu);
+    for (const auto& [q, n] : g_regions) {
+      const auto base = reinterpret_cast<uintptr_t>(q);
+      if (at >= base && at + bytes <= base + n) return;
+    }
+  }
+  fault((std::string(what) + ": address outside shared memory").c_str());
+}
+
+float bits_to_float(uint16_t bits, MmaIn in) {
+  if (in == MmaIn::kBF16) {
+    const uint32_t w = uint32_t{bits} << 16;
+    float f;
+    std::memcpy(&f, &w, sizeof f);
+    return f;
+  }
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+}  // namespace
+
+void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes) {
+  check_shared(dst, bytes, bytes, "cp.async destination");
+  if (src_bytes > bytes) fault("cp.async: src-size larger than cp-size");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    fault("cp.async source: address not aligned to the copy size");
+  }
+  std::memset(dst, 0xff, bytes);  // in flight: undefined until waited for
+  tl_copies.push_back({dst, src, bytes, src_bytes, tl_groups});
+}
+
+void cp_async_commit() { ++tl_groups; }
+
+void cp_async_wait(int n) {
+  if (n < 0) fault("cp.async.wait_group with a negative count");
+  complete_copies(tl_groups > static_cast<uint64_t>(n) ? tl_groups - n : 0);
+}
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  check_shared(row, 16, 16, "ldmatrix row address");
+  const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
+  warp_barrier(
+      0xffffffffu, [&](unsigned char* mine) { std::memcpy(mine, &row, sizeof row); },
+      [&](Slots slots) {
+        // element (i, j) of matrix m: column j of the row lane 8m + i addressed
+        auto at = [&](int m, int i, int j) {
+          const uint16_t* p;
+          std::memcpy(&p, slots[8 * m + i], sizeof p);
+          return uint32_t{p[j]};
+        };
+        for (int m = 0; m < 4; ++m) {
+          r[m] = trans ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16
+                       : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
+        }
+      });
+}
+
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaIn in) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  const Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
+  warp_barrier(
+      0xffffffffu, [&](unsigned char* slot) { std::memcpy(slot, &mine, sizeof mine); },
+      [&](Slots slots) {
+        Frag f[32];
+        for (int l = 0; l < 32; ++l) std::memcpy(&f[l], slots[l], sizeof(Frag));
+        auto half = [&](uint32_t reg, int k) { return bits_to_float(reg >> (16 * (k % 2)), in); };
+        // A (16x16, row-major): lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8).
+        auto A = [&](int row, int k) {
+          return half(f[row % 8 * 4 + k % 8 / 2].a[row / 8 + 2 * (k / 8)], k);
+        };
+        // B (16x8, column-major): lane n * 4 + (k % 8) / 2, register k / 8.
+        auto B = [&](int k, int n) { return half(f[n * 4 + k % 8 / 2].b[k / 8], k); };
+        for (int e = 0; e < 4; ++e) {  // C[g + 8 (e / 2)][2t + e % 2]
+          const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+          double sum = c[e];
+          for (int k = 0; k < 16; ++k) sum += double{A(row, k)} * double{B(k, col)};
+          c[e] = static_cast<float>(sum);
+        }
+      });
+}
+
 
 }  // namespace fmsim
 

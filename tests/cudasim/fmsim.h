@@ -1,15 +1,20 @@
-// fmsim: a small CUDA-on-CPU simulator that runs fmcore's plain CUDA C++ kernels (rope, cross
-// entropy, add_norm, adamw) as ordinary C++ so that their index math, bounds, vector alignment,
-// barriers and warp shuffles are exercised without a GPU (tests/cudasim/test_kernels_on_cpu.py).
+// fmsim: a small CUDA-on-CPU simulator that runs fmcore's CUDA kernels (rope, cross entropy,
+// add_norm, adamw, and flash attention with its inline PTX through fmsim_ptx.h) as ordinary C++ so
+// that their index math, bounds, vector alignment, barriers, warp shuffles and tensor-core fragment
+// layouts are exercised without a GPU (tests/cudasim/test_kernels_on_cpu.py,
+// test_attention_on_cpu.py).
 //
 // What it models:
 // - A launch runs its blocks one after another; inside a block every CUDA thread is a real OS
 //   thread (so ASan/TSan see real concurrent accesses), with thread-local threadIdx/blockIdx/
 //   blockDim/gridDim. Launches are synchronous and serialized.
 // - __syncthreads is a block barrier; a thread that returned counts as arrived (as on Volta+).
-// - Warp shuffles (full mask only) exchange values through a per-warp slot array at a 32-lane
-//   barrier. A shuffle in a warp with fewer than 32 live lanes (a lane returned, or a partial last
-//   warp) is undefined on hardware and reported as an error.
+// - Warp shuffles (full mask only) and the warp-collective PTX (ldmatrix, mma.sync) exchange
+//   values through a per-warp slot array at a 32-lane barrier. A shuffle in a warp with fewer than
+//   32 live lanes (a lane returned, or a partial last warp) is undefined on hardware and reported
+//   as an error.
+// - The inline PTX attention uses (cp.async, ldmatrix, mma.sync; see the declarations below), and
+//   float atomicAdd as a real atomic.
 // - A deadlock (every live thread waits at a barrier, but no barrier can complete: a divergent
 //   __syncthreads or shuffle) is detected exactly, at once, and fails the launch with a message
 //   naming the kernel, the block and where the threads wait.
@@ -33,7 +38,7 @@
 //
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
-// shared memory), registers and local memory, partial warp masks, atomics, streams and events
+// shared memory), registers and local memory, partial warp masks, streams and events
 // (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf), the
 // static shared memory's size limit, and out-of-bounds global accesses unless built with
 // FMCORE_SIM_SANITIZE=address (then ASan reports them).
@@ -115,17 +120,39 @@ enum class Shfl { kIdx, kUp, kDown, kXor };
 void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
              int width);
 
-// reinterpret_cast with the alignment check of a pointer's target (kernel files use it through
-// the source transform).
+// The inline PTX of csrc/kernels/ptx.cuh, which fmsim_ptx.h maps onto these.
+// - cp.async: a copy is in flight from issue to the cp.async.wait_group that covers its group.
+//   Its destination is filled with NaN bytes at issue and written (the source, or zeros past
+//   src_bytes) only at that wait: a read before the wait, or a copy issued into a tile another warp
+//   still reads, shows up as NaN. Destination: shared memory, `bytes`-aligned; source likewise
+//   aligned when read.
+// - ldmatrix.x4 (.trans): a warp collective over the 32 lanes' row addresses (16-byte aligned,
+//   in shared memory), with the fragment layout of the PTX ISA.
+// - mma.sync m16n8k16 (f32 += bf16/f16 x bf16/f16): a warp collective; the 16 products are summed
+//   in double and rounded once (the hardware's fp32 accumulation order is unspecified).
+void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes);
+void cp_async_commit();
+void cp_async_wait(int n);  // every group but the n most recently committed is complete
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+enum class MmaIn { kBF16, kF16 };
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaIn in);
+
+// reinterpret_cast with the alignment check of the target (kernel files use it through the source
+// transform): a pointer's pointee, or the object a reference cast views (`from` is taken by
+// reference so that such a cast still names the caller's object, not a copy).
 template <class To, class From>
-inline To rcast(From from) {
-  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
-    using E = std::remove_cv_t<std::remove_pointer_t<To>>;
-    if constexpr (!std::is_void_v<E>) {
-      if (reinterpret_cast<uintptr_t>(from) % alignof(E) != 0) {
-        fault("misaligned vector access: a pointer cast to a type that needs more alignment");
-      }
+inline To rcast(From&& from) {
+  using F = std::remove_cvref_t<From>;
+  auto check = [](const void* at, size_t align) {
+    if (reinterpret_cast<uintptr_t>(at) % align != 0) {
+      fault("misaligned vector access: a pointer cast to a type that needs more alignment");
     }
+  };
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<F>) {
+    using E = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<E> && !std::is_function_v<E>) check(from, alignof(E));
+  } else if constexpr (std::is_reference_v<To>) {
+    check(&from, alignof(std::remove_reference_t<To>));
   }
   return reinterpret_cast<To>(from);
 }
@@ -138,6 +165,7 @@ inline To rcast(From from) {
 
 #include <math.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -190,6 +218,12 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return fmsim_shfl(mask, v, fmsim::Shfl::kXor, lane_mask, width);
+}
+
+// Global atomics: real atomics between the OS threads of a block (blocks run one at a time).
+inline float atomicAdd(float* p, float v) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(float) != 0) fmsim::fault("misaligned atomicAdd");
+  return std::atomic_ref<float>(*p).fetch_add(v);
 }
 
 // Fast-math intrinsics: the exact functions (the hardware's are a few ulp off).

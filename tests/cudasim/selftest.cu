@@ -3,9 +3,12 @@
 // kernels (transform.py), never by nvcc.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+
+#include "ptx.cuh"  // fmsim_ptx.h here: fmsim's models of attention's inline PTX
 
 namespace {
 
@@ -63,6 +66,55 @@ __global__ void sum_kernel(const float* in, float* out) {
   }
 }
 
+// cp.async: out[0] read before any wait (in flight: NaN), out[1] the first of two groups after
+// wait_group 1 (landed), out[2] the second group then (still in flight: NaN), out[3] the second
+// group after wait_group 0.
+__global__ void cp_async_kernel(const float* in, float* out) {
+  extern __shared__ __align__(16) float stage[];
+  if (threadIdx.x != 0) return;
+  fmcore::cp_async16(stage, in + 4, true);
+  fmcore::cp_async_commit();
+  out[0] = stage[0];
+  fmcore::cp_async16(stage + 4, in + 8, true);
+  fmcore::cp_async_commit();
+  fmcore::cp_async_wait<1>();
+  out[1] = stage[0];
+  out[2] = stage[4];
+  fmcore::cp_async_wait<0>();
+  out[3] = stage[4];
+}
+
+// ldmatrix from global memory (a wrong base pointer): undefined on hardware.
+__global__ void ldmatrix_global_kernel(const float* in, float* out) {
+  uint32_t r[4];
+  fmcore::ldsm_x4(r, in + 4 * (threadIdx.x % 8));
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+// One m16n8k16 bf16 MMA with the fragments built from the PTX ISA's layout (g = lane / 4,
+// t = lane % 4): A[i][k] = (i - k) / 8, B[k][n] = (k + 2n) / 16 (exact in bf16), C = 1; each lane
+// writes its four results at their (row, col) of out (16 x 8).
+__global__ void mma_kernel(float* out) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  auto a_val = [](int i, int k) { return __float2bfloat16_rn((i - k) / 8.f); };
+  auto b_val = [](int k, int n) { return __float2bfloat16_rn((k + 2 * n) / 16.f); };
+  auto pack = [](__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    uint16_t l, h;
+    std::memcpy(&l, &lo, 2);
+    std::memcpy(&h, &hi, 2);
+    return uint32_t{l} | uint32_t{h} << 16;
+  };
+  const uint32_t a[4] = {pack(a_val(g, 2 * t), a_val(g, 2 * t + 1)),
+                         pack(a_val(g + 8, 2 * t), a_val(g + 8, 2 * t + 1)),
+                         pack(a_val(g, 2 * t + 8), a_val(g, 2 * t + 9)),
+                         pack(a_val(g + 8, 2 * t + 8), a_val(g + 8, 2 * t + 9))};
+  const uint32_t b0 = pack(b_val(2 * t, g), b_val(2 * t + 1, g));
+  const uint32_t b1 = pack(b_val(2 * t + 8, g), b_val(2 * t + 9, g));
+  float c[4] = {1.f, 1.f, 1.f, 1.f};
+  fmcore::mma16816<__nv_bfloat16>(c, a, b0, b1);
+  for (int e = 0; e < 4; ++e) out[(g + 8 * (e / 2)) * 8 + 2 * t + e % 2] = c[e];
+}
+
 }  // namespace
 
 // Runs one case; returns cudaGetLastError() after the launch(es), or the sum kernel's result
@@ -90,6 +142,23 @@ int fmsim_selftest(const std::string& name, float* result) {
   } else if (name == "stale_shared") {
     stale_shared_kernel<<<2, 32>>>(out);
     *result = out[1];
+  } else if (name == "cp_async") {
+    cp_async_kernel<<<1, 32, 64>>>(in, out);
+    // 1 when each read saw what the model promises
+    *result = std::isnan(out[0]) && out[1] == in[4] && std::isnan(out[2]) && out[3] == in[8];
+  } else if (name == "ldmatrix_global") {
+    ldmatrix_global_kernel<<<1, 32>>>(in, out);
+  } else if (name == "mma") {
+    mma_kernel<<<1, 32>>>(out);
+    float worst = 0.f;  // against the exact product
+    for (int i = 0; i < 16; ++i) {
+      for (int n = 0; n < 8; ++n) {
+        float want = 1.f;
+        for (int k = 0; k < 16; ++k) want += (i - k) / 8.f * ((k + 2 * n) / 16.f);
+        worst = std::max(worst, std::fabs(out[i * 8 + n] - want));
+      }
+    }
+    *result = worst;
   } else if (name == "sum") {
     sum_kernel<<<3, 96>>>(in, out);
     *result = out[0] + out[1] + out[2];

@@ -22,6 +22,7 @@ def test_correct_block_sum(sim):
         ("exited_lane", r"full-mask warp shuffle/sync with a returned lane.* in exited_lane_kernel"),
         ("misaligned", r"misaligned vector access.* in misaligned_kernel"),
         ("launch_bounds", r"256 threads a block exceeds __launch_bounds__\(128\)"),
+        ("ldmatrix_global", r"ldmatrix row address: address outside shared memory.* in ldmatrix_global"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
@@ -41,3 +42,13 @@ def test_launch_validation(sim):
 def test_static_shared_poisoned_between_blocks(sim):
     err, value = sim.sim_selftest("stale_shared")
     assert err == SUCCESS and math.isnan(value)
+
+
+def test_cp_async_lands_at_its_wait(sim):
+    # read before the wait: NaN; wait_group 1 lands the older group only; wait_group 0 the rest
+    assert sim.sim_selftest("cp_async") == (SUCCESS, 1.0)
+
+
+def test_mma_follows_the_ptx_fragment_layout(sim):
+    err, worst = sim.sim_selftest("mma")
+    assert err == SUCCESS and worst == 0.0

@@ -1,6 +1,6 @@
 """Source transform that turns one of fmcore's CUDA kernel files into C++ for fmsim (fmsim.h).
 
-Three rewrites, each keeping the line count so compiler messages point at the original lines
+The rewrites, each keeping the line count so compiler messages point at the original lines
 (the output starts with `#line 1 "<original path>"`):
 - `kernel<targs><<<grid, block, smem, stream>>>(args);` (kernel expressions with template
   arguments, launches spread over several lines) becomes
@@ -13,6 +13,8 @@ Three rewrites, each keeping the line count so compiler messages point at the or
 - `__launch_bounds__(args)` is removed from the declaration and `fmsim::launch_bounds(args);` is
   put first in the kernel's body (launching more threads than the bound fails on hardware).
 - `reinterpret_cast<` becomes `fmsim::rcast<` (the same cast plus an alignment check).
+- `#include "ptx.cuh"` (the inline PTX wrappers) becomes `#include "fmsim_ptx.h"` (fmsim's
+  models of those instructions); inline asm anywhere else is refused.
 Anything the transform does not recognise raises ValueError rather than passing through.
 """
 
@@ -108,6 +110,9 @@ def transform(src: str, path: str) -> str:
     src = _launch_bounds(src)
     src = _launches(src)
     src = src.replace("reinterpret_cast<", "fmsim::rcast<")
+    src = src.replace('#include "ptx.cuh"', '#include "fmsim_ptx.h"')
+    if (m := re.search(r"\basm\b", src)) is not None:
+        raise ValueError(f"line {_line(src, m.start())}: inline asm (fmsim models only ptx.cuh's)")
     return f'#define FMSIM_KERNEL_TU 1\n#include "fmsim.h"\n#line 1 "{path}"\n' + src
 
 

@@ -1,0 +1,156 @@
+"""fmcore's flash-attention CUDA binding and kernels (csrc/kernels/attention.cu, its inline PTX
+through fmsim_ptx.h) executed on the CPU by fmsim, through the public API.
+
+The `kernels_on_sim` fixture points the CPU kernels of fmcore::flash_attn_fwd/bwd at
+torch.ops.fmcore_sim's (the CUDA binding on CPU tensors), so that flash_attention,
+flash_attention_varlen and their autograd run the CUDA code, and tests/ops/test_attention.py's checks
+apply unchanged: a float64 reference, at most twice the error of torch's own same-dtype attention,
+outputs poisoned with NaN before the kernels run (tests/conftest.py). Both dq paths (atomic, the
+default, and deterministic) run everywhere.
+
+Shapes are smaller than the CUDA tests' (every CUDA thread is an OS thread here) but chosen to reach
+each kernel's paths: partial and several query/key blocks per head dim's tiles, the diagonal offsets,
+GQA/MQA, rows that see no key, empty sequences, varlen documents. What fmsim cannot say: speed, and
+the hardware's MMA accumulation order (it sums in double).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from fmcore.ops import flash_attention
+from tests.ops import test_attention as ta
+
+pytestmark = pytest.mark.filterwarnings("ignore:fmcore..flash_attn_bwd with deterministic=False")
+
+DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+
+
+@pytest.fixture
+def kernels_on_sim(sim):
+    lib = torch.library.Library("fmcore", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        lib.impl("flash_attn_fwd", sim.flash_attn_fwd, "CPU")
+        lib.impl("flash_attn_bwd", sim.flash_attn_bwd, "CPU")
+    yield
+    lib._destroy()  # the CPU reference kernels are back
+
+
+def test_the_fixture_runs_the_cuda_binding(kernels_on_sim):
+    # The CUDA binding's own check (fp32 is not a kernel dtype), which the CPU reference lacks.
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="expected q to be bfloat16 or float16 on CUDA"):
+        flash_attention(q, q, q)
+
+
+# (B, Sq, Sk, Hq, Hk, D) and why. Forward tiles: 128 queries x 64 keys (D 64) or 32 keys (D 96,
+# 128); dk/dv: 64 keys x 64 (32) queries; dq: 128 (64) queries x 32 keys.
+SHAPES = [
+    (1, 1, 1, 1, 1, 64),  # one token
+    (2, 17, 17, 2, 2, 64),  # B = 2, less than one block of anything
+    (1, 130, 130, 2, 1, 128),  # a 2-row second query block, GQA, D = 128
+    (1, 70, 70, 3, 1, 96),  # MQA, D = 96, several key blocks with a partial last one
+    (1, 17, 150, 2, 2, 128),  # Sq < Sk: causal rows see a prefix of 134 keys and more
+    (1, 150, 17, 2, 1, 64),  # Sq > Sk: causal rows 0..132 see no key (out 0, lse -inf)
+    (1, 1, 300, 1, 1, 64),  # decoding-like: one query, five key blocks
+]
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(kernels_on_sim, shape, causal, deterministic):
+    torch.manual_seed(0)
+    ta.check_against_reference(*ta.make_qkv(*shape, "cpu", torch.bfloat16), causal,
+                               deterministic=deterministic)
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("shape", [(2, 33, 70, 4, 2, 64), (1, 70, 33, 2, 2, 96), (1, 40, 40, 1, 1, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float16(kernels_on_sim, shape, deterministic):
+    torch.manual_seed(1)
+    ta.check_against_reference(*ta.make_qkv(*shape, "cpu", torch.float16), causal=True, scale=0.3,
+                               deterministic=deterministic)
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("D", [64, 128])
+def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
+    # Whether a tile straddles the diagonal depends on Sk - Sq modulo the block sizes: offsets
+    # around 0 and +-32, +-64 at Sq = 70 (the GPU test sweeps every offset in [-65, 65]).
+    torch.manual_seed(10)
+    for d in (-65, -64, -33, -1, 0, 1, 31, 32, 63, 64, 65):
+        q, k, v = ta.make_qkv(1, 70, 70 + d, 1, 1, D, "cpu", torch.bfloat16)
+        try:
+            ta.check_against_reference(q, k, v, causal=True, deterministic=deterministic)
+        except AssertionError as e:
+            raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
+def test_varlen(kernels_on_sim, causal, same_lengths, deterministic):
+    # Documents of length 1, one longer than a block, one with no keys and one with no queries.
+    ta.check_varlen("cpu", causal, same_lengths, Hq=2, Hk=1, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("Hq,Hk,D,dtype", [(3, 1, 96, torch.bfloat16), (2, 2, 128, torch.float16)], ids=str)
+def test_varlen_head_dims_dtypes(kernels_on_sim, Hq, Hk, D, dtype):
+    ta.check_varlen("cpu", True, False, Hq, Hk, D, dtype)
+
+
+def test_rows_without_keys_give_zero_and_neg_inf(kernels_on_sim):
+    ta.test_rows_without_keys_give_zero_and_neg_inf(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("Sq,Sk,Hq", [(0, 5, 2), (5, 0, 2), (0, 0, 2), (5, 5, 0)])
+def test_empty_sequences(kernels_on_sim, Sq, Sk, Hq):
+    # Hq = 0 with Hk = 1: the dk/dv kernel alone writes dk/dv's zeros.
+    ta.test_empty_sequences(torch.device("cpu"), Sq, Sk, Hq)
+
+
+def test_strided_qkv_from_fused_projection(kernels_on_sim):
+    ta.test_strided_qkv_from_fused_projection(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("pad", [8, 3, 4], ids=["rows_pad8_in_place", "rows_pad3_copied", "heads_pad4_copied"])
+def test_strides_the_kernels_cannot_read_in_place(kernels_on_sim, pad):
+    ta.test_strides_the_kernels_cannot_read_in_place(torch.device("cpu"), pad)
+
+
+@pytest.mark.parametrize("shape,causal", [((2, 37, 50, 4, 2, 64), True), ((1, 70, 70, 2, 1, 128), False)],
+                         ids=["causal_gqa", "full_mqa"])
+def test_lse_gradient(kernels_on_sim, shape, causal):
+    # dlse enters through the delta kernel
+    ta.test_lse_gradient_matches_reference(torch.device("cpu"), shape, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dq_paths_agree(kernels_on_sim, causal):
+    # dk and dv come from the same kernel code on both paths: bitwise equal. dq: the order of the
+    # fp32 additions differs (fmsim runs blocks in order, so the atomic path is reproducible here).
+    torch.manual_seed(12)
+    q, k, v = ta.make_qkv(2, 100, 90, 4, 2, 64, "cpu", torch.bfloat16)
+    dout = torch.randn_like(q)
+    grads = {}
+    for det in (False, True):
+        out = flash_attention(q, k, v, causal=causal, deterministic=det)
+        grads[det] = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=2e-2, atol=2e-3)
+    assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
+
+
+def test_binding_rejects_what_the_kernels_cannot_run(kernels_on_sim):
+    # More kv heads than a grid dim holds (Hq = 0 passes the divisibility check), and a head dim
+    # without a kernel: ValueErrors naming them, before any launch.
+    q = torch.empty(1, 4, 0, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 4, 65536, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="65535 heads"):
+        flash_attention(q, k, k)
+    q = torch.randn(1, 4, 2, 80, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim of 64, 96 or 128"):
+        flash_attention(q, q, q)
