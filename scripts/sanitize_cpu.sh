@@ -23,13 +23,16 @@
 # consumers, worker errors, malformed shards opened by the parallel openers). sim-asan / sim-tsan:
 # tests/cudasim (the simulator's self-tests and every kernel test).
 #
-# sim-asan / sim-tsan: csrc/kernels/{rope,cross_entropy,norm,adamw}.cu and their *_cuda.cpp bindings
+# sim-asan / sim-tsan: csrc/kernels/*.cu (attention with fmsim's PTX models) and their *_cuda.cpp bindings
 # as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
 # by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
 # regular python/fmcore one (uninstrumented). TSan sees the simulator's barriers (a mutex and
 # atomics), so a report is a race between CUDA threads of one block that the kernel does not order.
+# The converse does not hold: every barrier and warp collective takes the one launch-wide mutex,
+# which orders more than the hardware does, so TSan misses a race whose two sides are separated by
+# any collective (fmsim's cp.async poison and tests/ops/attention_kernel_model.py cover some).
 #
-# Not covered: csrc/kernels/attention.cu (inline PTX; `scripts/gpu_check.sh sanitize` runs
+# Not covered: the inline PTX itself (fmsim models it; `scripts/gpu_check.sh sanitize` runs
 # compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub
 # that reports has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
 # training the BPE tokenizer (tests' `fmcore prepare` fixtures) under TSan's interceptors took more

@@ -43,9 +43,10 @@
 //  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
 //  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
 //
-// tests/ops/attention_kernel_model.py transcribes these kernels lane by lane (PTX fragment layouts
-// from the ISA, shared-memory race checks) so that CI, which has no GPU, checks their index math;
-// a change to the tiling, masking or pipelining here must be mirrored there.
+// Without a GPU: tests/cudasim runs this file on a CPU simulator (the inline PTX, in ptx.cuh, swapped
+// for models of the instructions), and tests/ops/attention_kernel_model.py transcribes these kernels
+// lane by lane with shared-memory race checks; a change to the tiling, masking or pipelining here
+// must be mirrored there.
 #include <cmath>
 #include <cstdint>
 

@@ -16,6 +16,54 @@
 #define FMSIM_KERNEL_TU  // threadIdx & co. are set here
 #include "fmsim.h"
 
+// ---- what ThreadSanitizer sees (FMCORE_SIM_SANITIZE=thread)
+// fmsim's own bookkeeping orders far more than CUDA does: every barrier and warp collective of every
+// thread takes the one launch mutex, so TSan would see almost any two accesses of a block as ordered.
+// Under TSan that bookkeeping runs Hidden (no synchronization, reads or writes seen), and only the
+// orderings CUDA defines are declared, as release/acquire pairs on sync objects: __syncthreads among
+// the block's threads, __syncwarp among a warp's lanes, and the end of a block before the start of
+// the next (shuffles, ldmatrix and mma exchange registers and order no memory). Two accesses to
+// shared memory by different CUDA threads that no barrier orders are then reported, whatever
+// collectives either thread ran in between.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void AnnotateIgnoreSyncBegin(const char* file, int line);
+void AnnotateIgnoreSyncEnd(const char* file, int line);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+namespace {
+struct Hidden {
+  Hidden() {
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Hidden() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  }
+  Hidden(const Hidden&) = delete;
+  Hidden& operator=(const Hidden&) = delete;
+};
+void hb_release(void* sync) { __tsan_release(sync); }
+void hb_acquire(void* sync) { __tsan_acquire(sync); }
+}  // namespace
+#else
+namespace {
+struct Hidden {
+  Hidden() {}  // user-provided: `const Hidden hidden;` is then well-formed
+};
+void hb_release(void*) {}
+void hb_acquire(void*) {}
+}  // namespace
+#endif
+
 namespace fmsim {
 
 namespace {
@@ -50,6 +98,7 @@ struct Warp {
   unsigned lanes = 0;  // threads of the block in this warp (32 but for a partial last warp)
   unsigned arrived = 0, exited = 0;
   unsigned char slot[2][32][kSlotBytes];  // double buffered: see warp_barrier()
+  char syncwarp_hb[2];                    // TSan sync objects of __syncwarp (by lane parity)
 };
 
 // One launch's shared state. Everything below the mutex is guarded by it.
@@ -74,11 +123,14 @@ struct Launch {
   unsigned block_arrived = 0, exited = 0, blocked = 0;
   std::atomic<bool> failed{false};
   std::string error;
+  char barrier_hb[2];  // TSan sync objects of __syncthreads (by the thread's barrier parity)
+  char block_hb;       // TSan: a block's end before the next block's start
 };
 
 thread_local Launch* tl_launch = nullptr;
 thread_local unsigned tl_tid = 0;
 thread_local int tl_parity = 0;  // which slot buffer this lane's next shuffle uses
+thread_local int tl_barrier_parity = 0;  // flips at each __syncthreads (barrier_hb)
 thread_local cudaError_t tl_last_error = cudaSuccess;
 
 // This thread's cp.async copies in flight (cp_async), and how many groups it has committed.
@@ -204,14 +256,19 @@ void thread_main(Launch& L, unsigned tid) {
   threadIdx = make_uint3(tid % b.x, tid / b.x % b.y, tid / b.x / b.y);
   for (uint64_t blk = 0; blk < L.nblocks; ++blk) {
     uint32_t now;
-    while ((now = L.block.load(std::memory_order_acquire)) != blk) {
-      if (now & Launch::kFailedBit) break;
-      L.block.wait(now, std::memory_order_acquire);
+    {
+      const Hidden hidden;
+      while ((now = L.block.load(std::memory_order_acquire)) != blk) {
+        if (now & Launch::kFailedBit) break;
+        L.block.wait(now, std::memory_order_acquire);
+      }
     }
     if (now != blk) break;
+    hb_acquire(&L.block_hb);
     blockIdx = make_uint3(static_cast<unsigned>(blk % g.x), static_cast<unsigned>(blk / g.x % g.y),
                           static_cast<unsigned>(blk / g.x / g.y));
     tl_parity = 0;
+    tl_barrier_parity = 0;
     tl_copies.clear();
     tl_groups = 0;
     std::string error;
@@ -225,6 +282,8 @@ void thread_main(Launch& L, unsigned tid) {
     } catch (...) {
       error = "unknown exception in " + where(L);
     }
+    hb_release(&L.block_hb);
+    const Hidden hidden;
     std::lock_guard<std::mutex> lk(L.mu);
     if (!error.empty()) fail_locked(L, error);
     if (L.failed.load(std::memory_order_relaxed)) break;
@@ -291,6 +350,7 @@ void fault(const char* what) {
   if (tl_launch == nullptr) throw std::runtime_error(std::string("fmsim: ") + what);
   Launch& L = *tl_launch;
   {
+    const Hidden hidden;
     std::lock_guard<std::mutex> lk(L.mu);
     fail_locked(L, std::string(what) + " in " + where(L));
   }
@@ -314,6 +374,7 @@ void shared_region(void* p, size_t bytes) {
     if (q == p) return;
   }
   tl_regions_seen.push_back(p);
+  const Hidden hidden;
   const std::lock_guard<std::mutex> lk(g_regions_mu);
   g_regions.emplace(p, bytes);
 }
@@ -330,19 +391,26 @@ void launch_bounds(int max_threads, int, int) {
 
 void syncthreads() {
   Launch& L = current();
-  std::unique_lock<std::mutex> lk(L.mu);
-  if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
-  ++L.block_arrived;
-  if (L.block_arrived + L.exited == L.nthreads) {
-    release_block_barrier_locked(L);
-    return;
+  char* hb = &L.barrier_hb[tl_barrier_parity];
+  tl_barrier_parity ^= 1;  // a thread can be one barrier ahead of another, never two
+  hb_release(hb);
+  {
+    const Hidden hidden;
+    std::unique_lock<std::mutex> lk(L.mu);
+    if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
+    ++L.block_arrived;
+    if (L.block_arrived + L.exited == L.nthreads) {
+      release_block_barrier_locked(L);
+    } else {
+      ++L.blocked;
+      // the generation before a deadlock report opens every gate
+      const uint32_t gen = L.block_gate.gen.load(std::memory_order_relaxed);
+      check_deadlock_locked(L);
+      lk.unlock();
+      wait_gate(L, L.block_gate, gen);
+    }
   }
-  ++L.blocked;
-  // the generation before a deadlock report opens every gate
-  const uint32_t gen = L.block_gate.gen.load(std::memory_order_relaxed);
-  check_deadlock_locked(L);
-  lk.unlock();
-  wait_gate(L, L.block_gate, gen);
+  hb_acquire(hb);
 }
 
 // All 32 lanes of the caller's warp arrive; `write` runs before the arrival (under the lock) and
@@ -352,6 +420,7 @@ void syncthreads() {
 template <class Write, class Read>
 void warp_barrier(unsigned mask, Write&& write, Read&& read) {
   Launch& L = current();
+  const Hidden hidden;  // exchanges registers: orders no memory (syncwarp declares its own)
   std::unique_lock<std::mutex> lk(L.mu);
   if (L.failed.load(std::memory_order_relaxed)) throw Fault{};
   if (mask != 0xffffffffu) {
@@ -385,7 +454,10 @@ void warp_barrier(unsigned mask, Write&& write, Read&& read) {
 }
 
 void syncwarp(unsigned mask) {
+  char* hb = &current().warps[tl_tid / 32].syncwarp_hb[tl_parity];
+  hb_release(hb);
   warp_barrier(mask, [](unsigned char*) {}, [](Slots) {});
+  hb_acquire(hb);
 }
 
 void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
@@ -428,6 +500,7 @@ void check_shared(const void* p, size_t bytes, size_t align, const char* what) {
   const auto dyn = reinterpret_cast<uintptr_t>(L.smem.get());
   if (at >= dyn && at + bytes <= dyn + L.cfg.smem) return;
   {
+    const Hidden hidden;
     const std::lock_guard<std::mutex> lk(g_regions_mu);
     for (const auto& [q, n] : g_regions) {
       const auto base = reinterpret_cast<uintptr_t>(q);
@@ -471,20 +544,19 @@ void cp_async_wait(int n) {
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   check_shared(row, 16, 16, "ldmatrix row address");
   const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
+  const uint16_t* rows[32];
   warp_barrier(
       0xffffffffu, [&](unsigned char* mine) { std::memcpy(mine, &row, sizeof row); },
       [&](Slots slots) {
-        // element (i, j) of matrix m: column j of the row lane 8m + i addressed
-        auto at = [&](int m, int i, int j) {
-          const uint16_t* p;
-          std::memcpy(&p, slots[8 * m + i], sizeof p);
-          return uint32_t{p[j]};
-        };
-        for (int m = 0; m < 4; ++m) {
-          r[m] = trans ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16
-                       : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
-        }
+        for (int l = 0; l < 32; ++l) std::memcpy(&rows[l], slots[l], sizeof rows[l]);
       });
+  // element (i, j) of matrix m: column j of the row lane 8m + i addressed (read after the
+  // exchange, where TSan sees it)
+  auto at = [&](int m, int i, int j) { return uint32_t{rows[8 * m + i][j]}; };
+  for (int m = 0; m < 4; ++m) {
+    r[m] = trans ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16
+                 : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
+  }
 }
 
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaIn in) {

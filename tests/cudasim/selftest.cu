@@ -51,6 +51,16 @@ __global__ void stale_shared_kernel(float* out) {
   }
 }
 
+// Warp 0 writes a shared word and warp 1 reads it with only warp shuffles in between: no barrier
+// orders the two, a race on hardware whichever value warp 1 sees. Under TSan (sim-tsan) fmsim
+// declares only CUDA's orderings, so TSan reports it (test_simulator.py).
+__global__ void unordered_shared_kernel(float* out) {
+  __shared__ float word[1];
+  if (threadIdx.x == 0) word[0] = 1.f;
+  const float v = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  if (threadIdx.x == 32) out[0] = word[0] + v;
+}
+
 // A correct block sum: shuffles within warps, warp sums through shared memory, every block's
 // total into out[blockIdx.x].
 __global__ void sum_kernel(const float* in, float* out) {
@@ -159,6 +169,8 @@ int fmsim_selftest(const std::string& name, float* result) {
       }
     }
     *result = worst;
+  } else if (name == "unordered_shared") {
+    unordered_shared_kernel<<<1, 64>>>(out);
   } else if (name == "sum") {
     sum_kernel<<<3, 96>>>(in, out);
     *result = out[0] + out[1] + out[2];

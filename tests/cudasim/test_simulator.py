@@ -2,6 +2,10 @@
 Without these, a simulator that ran nothing, or ignored barriers, would pass every kernel test."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,15 @@ def test_cp_async_lands_at_its_wait(sim):
 def test_mma_follows_the_ptx_fragment_layout(sim):
     err, worst = sim.sim_selftest("mma")
     assert err == SUCCESS and worst == 0.0
+
+
+@pytest.mark.skipif("thread" not in os.environ.get("FMCORE_SIM_SANITIZE", ""),
+                    reason="only under ThreadSanitizer (scripts/sanitize_cpu.sh sim-tsan)")
+def test_tsan_reports_shared_memory_no_barrier_orders(sim):
+    # fmsim's own locks must not order what CUDA leaves unordered: a shared word written by warp 0
+    # and read by warp 1 with only shuffles in between is a data race for TSan. In a child process,
+    # since TSan ends the process at its first report.
+    code = "import torch; from tests.cudasim import build; build.build(); torch.ops.fmcore_sim.sim_selftest('unordered_shared')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=600)
+    assert "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-2000:]
