@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from fmcore.bench import BENCHMARKS, load, report
+from fmcore.bench import BENCHMARKS, BenchContext, load, report
 from fmcore.bench.report import Row
 from fmcore.bench.roofline import Roofline
 from fmcore.bench.timing import peak_memory_mib, time_ms
@@ -67,6 +68,19 @@ def test_unknown_benchmark_is_an_error():
 def test_every_registered_benchmark_imports():
     for name in BENCHMARKS:
         assert callable(load(name).run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(BENCHMARKS) - {"rope"}))  # rope: the CLI test below
+def test_every_benchmark_runs_quick_on_cpu(name):
+    # Each benchmark's code path (not its numbers) on small shapes, so that a slip in one is found
+    # here rather than in the few minutes of GPU time the benchmarks get. The CUDA-only systems
+    # (SDPA backends, Liger, ...) still run only on the GPU.
+    ctx = BenchContext(device=torch.device("cpu"), roofline=Roofline(copy_gbps=10.0, matmul_tflops=0.05), quick=True)
+    rows = load(name).run(ctx)
+    assert rows and {r.bench for r in rows} == {name}
+    assert all(r.value > 0 for r in rows if isinstance(r.value, (int, float)))
+    assert any(r.system == "fmcore" for r in rows)
 
 
 def test_cli_runs_rope_on_cpu_and_writes_json(tmp_path):
