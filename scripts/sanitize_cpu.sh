@@ -26,11 +26,10 @@
 # sim-asan / sim-tsan: csrc/kernels/*.cu (attention with fmsim's PTX models) and their *_cuda.cpp bindings
 # as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
 # by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
-# regular python/fmcore one (uninstrumented). TSan sees the simulator's barriers (a mutex and
-# atomics), so a report is a race between CUDA threads of one block that the kernel does not order.
-# The converse does not hold: every barrier and warp collective takes the one launch-wide mutex,
-# which orders more than the hardware does, so TSan misses a race whose two sides are separated by
-# any collective (fmsim's cp.async poison and tests/ops/attention_kernel_model.py cover some).
+# regular python/fmcore one (uninstrumented). Under TSan fmsim hides its own locks and declares only
+# the orderings CUDA defines (__syncthreads, __syncwarp, one block's end before the next's start; see
+# fmsim.cpp), so a report is a pair of accesses by CUDA threads of one block that no barrier orders
+# (a racecheck), whatever warp collectives ran in between; test_simulator.py proves one is seen.
 #
 # Not covered: the inline PTX itself (fmsim models it; `scripts/gpu_check.sh sanitize` runs
 # compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.cudasim import build
+from tests.util import cpu_threads
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,12 @@ def sim():
     except build.Unavailable as e:
         pytest.skip(f"fmcore_sim cannot be built here: {e}")
     return torch.ops.fmcore_sim
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    # The simulator runs hundreds of OS threads per block; torch's OpenMP pool spinning beside them
+    # on a 2-core machine only slows both down. (And under sim-tsan, the references' OpenMP regions,
+    # which TSan cannot see into, would be reported as races.)
+    with cpu_threads(1):
+        yield

@@ -124,7 +124,7 @@ struct Launch {
   std::atomic<bool> failed{false};
   std::string error;
   char barrier_hb[2];  // TSan sync objects of __syncthreads (by the thread's barrier parity)
-  char block_hb;       // TSan: a block's end before the next block's start
+  char block_hb[2];    // TSan: a block's end before the next block's start (by block parity)
 };
 
 thread_local Launch* tl_launch = nullptr;
@@ -264,7 +264,7 @@ void thread_main(Launch& L, unsigned tid) {
       }
     }
     if (now != blk) break;
-    hb_acquire(&L.block_hb);
+    if (blk > 0) hb_acquire(&L.block_hb[(blk - 1) % 2]);  // not this block's: it runs unordered
     blockIdx = make_uint3(static_cast<unsigned>(blk % g.x), static_cast<unsigned>(blk / g.x % g.y),
                           static_cast<unsigned>(blk / g.x / g.y));
     tl_parity = 0;
@@ -282,7 +282,7 @@ void thread_main(Launch& L, unsigned tid) {
     } catch (...) {
       error = "unknown exception in " + where(L);
     }
-    hb_release(&L.block_hb);
+    hb_release(&L.block_hb[blk % 2]);
     const Hidden hidden;
     std::lock_guard<std::mutex> lk(L.mu);
     if (!error.empty()) fail_locked(L, error);

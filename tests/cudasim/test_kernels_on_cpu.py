@@ -14,20 +14,11 @@ import pytest
 import torch
 
 import fmcore  # noqa: F401  (registers torch.ops.fmcore, the CPU reference)
-from tests.util import cpu_threads
 
 ref = torch.ops.fmcore
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # The simulator runs hundreds of OS threads per block; torch's OpenMP pool spinning beside them
-    # on a 2-core machine only slows both down.
-    with cpu_threads(1):
-        yield
 
 
 def close(a, b, dtype=None, name="", **tol):
