@@ -131,17 +131,9 @@ def test_lse_gradient(kernels_on_sim, shape, causal):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dq_paths_agree(kernels_on_sim, causal):
-    # dk and dv come from the same kernel code on both paths: bitwise equal. dq: the order of the
-    # fp32 additions differs (fmsim runs blocks in order, so the atomic path is reproducible here).
+    # (fmsim runs blocks in order, so here the atomic path is reproducible too)
     torch.manual_seed(12)
-    q, k, v = ta.make_qkv(2, 100, 90, 4, 2, 64, "cpu", torch.bfloat16)
-    dout = torch.randn_like(q)
-    grads = {}
-    for det in (False, True):
-        out = flash_attention(q, k, v, causal=causal, deterministic=det)
-        grads[det] = torch.autograd.grad(out, (q, k, v), dout)
-    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=2e-2, atol=2e-3)
-    assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
+    ta.check_dq_paths_agree(*ta.make_qkv(2, 100, 90, 4, 2, 64, "cpu", torch.bfloat16), causal)
 
 
 def test_binding_rejects_what_the_kernels_cannot_run(kernels_on_sim):

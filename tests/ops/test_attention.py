@@ -343,13 +343,9 @@ def test_cuda_graph_capture_cuda(deterministic):
                 assert torch.equal(a, b), name
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_atomic_dq_path_agrees_with_deterministic_cuda(causal):
-    # dk and dv come from the same kernel code on both paths (the atomic path only adds work after
-    # them), so they are bitwise equal; dq differs only in the order of its fp32 additions.
-    torch.manual_seed(12)
-    q, k, v = make_qkv(2, 333, 301, 8, 2, 128, "cuda", torch.bfloat16)
+def check_dq_paths_agree(q, k, v, causal):
+    """dk and dv come from the same kernel code on both dq paths (the atomic path only adds work
+    after them), so they are bitwise equal; dq differs only in the order of its fp32 additions."""
     dout = torch.randn_like(q)
     grads = {}
     for det in (False, True):
@@ -357,6 +353,13 @@ def test_atomic_dq_path_agrees_with_deterministic_cuda(causal):
         grads[det] = torch.autograd.grad(out, (q, k, v), dout)
     torch.testing.assert_close(grads[False][0], grads[True][0], rtol=2e-2, atol=2e-3)
     assert torch.equal(grads[False][1], grads[True][1]) and torch.equal(grads[False][2], grads[True][2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_atomic_dq_path_agrees_with_deterministic_cuda(causal):
+    torch.manual_seed(12)
+    check_dq_paths_agree(*make_qkv(2, 333, 301, 8, 2, 128, "cuda", torch.bfloat16), causal)
 
 
 def _backward_kernels(fn):
