@@ -101,7 +101,8 @@ struct Warp {
   char syncwarp_hb[2];                    // TSan sync objects of __syncwarp (by lane parity)
 };
 
-// One launch's shared state. Everything below the mutex is guarded by it.
+// One launch's shared state. Everything below the mutex is guarded by it (but the *_hb members,
+// which are only addresses that TSan sync objects are keyed by).
 struct Launch {
   const char* name;
   Config cfg{dim3(), dim3()};
