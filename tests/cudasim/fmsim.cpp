@@ -192,14 +192,6 @@ void fail_locked(Launch& L, const std::string& what) {
   L.block.notify_all();
 }
 
-// Sleeps until `gate` moves past generation `gen` (read under the lock, which the caller has
-// released); throws Fault when the launch failed meanwhile.
-void wait_gate(Launch& L, Gate& gate, uint32_t gen) {
-  while (gate.gen.load(std::memory_order_acquire) == gen)
-    gate.gen.wait(gen, std::memory_order_acquire);
-  if (L.failed.load(std::memory_order_acquire)) throw Fault{};
-}
-
 // Every live thread waits, yet the barrier just arrived at did not complete: none ever will.
 void check_deadlock_locked(Launch& L) {
   if (L.blocked == 0 || L.blocked + L.exited != L.nthreads) return;
@@ -209,6 +201,20 @@ void check_deadlock_locked(Launch& L) {
                      std::to_string(L.block_arrived) + " threads wait at __syncthreads, " +
                      std::to_string(in_warp) + " in warp shuffles, " + std::to_string(L.exited) +
                      " returned");
+}
+
+// The caller arrived at a barrier (__syncthreads or a warp's) that `gate` opens, and is not the
+// last to arrive: it counts as blocked, a deadlock is reported if no barrier can complete any
+// more, and it sleeps without the lock until the gate opens. Throws Fault when the launch failed.
+void block_until_open(Launch& L, Gate& gate, std::unique_lock<std::mutex>& lk) {
+  ++L.blocked;
+  // the generation before a deadlock report opens every gate
+  const uint32_t gen = gate.gen.load(std::memory_order_relaxed);
+  check_deadlock_locked(L);
+  lk.unlock();
+  while (gate.gen.load(std::memory_order_acquire) == gen)
+    gate.gen.wait(gen, std::memory_order_acquire);
+  if (L.failed.load(std::memory_order_acquire)) throw Fault{};
 }
 
 Launch& current() {
@@ -403,12 +409,7 @@ void syncthreads() {
     if (L.block_arrived + L.exited == L.nthreads) {
       release_block_barrier_locked(L);
     } else {
-      ++L.blocked;
-      // the generation before a deadlock report opens every gate
-      const uint32_t gen = L.block_gate.gen.load(std::memory_order_relaxed);
-      check_deadlock_locked(L);
-      lk.unlock();
-      wait_gate(L, L.block_gate, gen);
+      block_until_open(L, L.block_gate, lk);
     }
   }
   hb_acquire(hb);
@@ -444,11 +445,7 @@ void warp_barrier(unsigned mask, Write&& write, Read&& read) {
     w.gate.open();
     lk.unlock();
   } else {
-    ++L.blocked;
-    const uint32_t gen = w.gate.gen.load(std::memory_order_relaxed);
-    check_deadlock_locked(L);
-    lk.unlock();
-    wait_gate(L, w.gate, gen);
+    block_until_open(L, w.gate, lk);
   }
   read(w.slot[tl_parity]);
   tl_parity ^= 1;
