@@ -111,28 +111,29 @@ Loader::~Loader() { close(); }
 
 void Loader::start_workers() {
   const uint64_t depth = static_cast<uint64_t>(opt_.prefetch);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    slots_.assign(depth, Slot{});
-    claimed_ = delivered_ = 0;
-    ++generation_;
-    stop_ = false;
-    failed_ = nullptr;
-  }
+  // mu_ is held until every worker has started, so no worker claims a batch before then. When the
+  // system refuses a thread (address space or thread limit reached), the workers already started
+  // have done nothing but wait for mu_: they see stop_ and return. Before, they built batches while
+  // memory ran out, and glibc aborted the process allocating torch's thread-local data for them.
+  std::unique_lock<std::mutex> lk(mu_);
+  slots_.assign(depth, Slot{});
+  claimed_ = delivered_ = 0;
+  ++generation_;
+  stop_ = false;
+  failed_ = nullptr;
   for (int t = 0; t < opt_.threads; ++t) {
     try {
       workers_.emplace_back([this, depth] { worker(depth); });
     } catch (const std::system_error& e) {
       // Without this, the constructor's unwinding destroyed joinable std::threads: std::terminate.
       // The workers already started are stopped and joined; next() raises the same error.
+      lk.unlock();  // stop_workers() takes mu_, and the workers need it to see stop_
       stop_workers();
       const std::runtime_error err("could not start loader worker thread " + std::to_string(t + 1) +
                                    " of " + std::to_string(opt_.threads) + " (" + e.what() +
                                    "); lower `threads`");
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        failed_ = std::make_exception_ptr(err);
-      }
+      lk.lock();
+      failed_ = std::make_exception_ptr(err);
       throw err;
     }
   }
@@ -177,7 +178,7 @@ void Loader::restart(uint64_t start_sample) {
     std::lock_guard<std::mutex> lk(mu_);
     opt_.start_sample = start_sample;
   }
-  start_workers();  // not under mu_: on failure it joins workers that take mu_ to see stop_
+  start_workers();
 }
 
 uint64_t Loader::next_sample() const {
