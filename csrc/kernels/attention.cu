@@ -184,16 +184,6 @@ __device__ __forceinline__ void gemm_tb(float (&acc)[DW / 8][4], const T* sAt, c
   }
 }
 
-// p[0] += x, p[1] += y atomically (p 8-byte aligned); one vector atomic on sm_90.
-__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
-#else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
-#endif
-}
-
 // Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
 // smem (pitch D + 8); rows >= n_valid are zero-filled and their addresses never formed (`base`, a
 // valid pointer, stands in).

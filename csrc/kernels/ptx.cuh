@@ -1,5 +1,6 @@
-// The inline PTX fmcore's attention kernels use (sm_80+): cp.async global->shared copies,
-// ldmatrix fragment loads and m16n8k16 tensor-core MMAs. Kept apart from the kernels so that the CPU
+// The instructions fmcore's attention kernels use whose form depends on the hardware (sm_80+):
+// inline PTX for cp.async global->shared copies, ldmatrix fragment loads and m16n8k16 tensor-core
+// MMAs, and the sm_90 vector float2 atomic. Kept apart from the kernels so that the CPU
 // simulator (tests/cudasim/fmsim_ptx.h) can stand in for exactly these functions, with the same
 // names and signatures, and run the rest of attention.cu unchanged.
 #pragma once
@@ -66,6 +67,17 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// p[0] += x, p[1] += y atomically; p must be 8-byte aligned (the vector atomic faults otherwise).
+// One vector atomic on sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }
 
 }  // namespace fmcore

@@ -14,7 +14,7 @@
 //   32 live lanes (a lane returned, or a partial last warp) is undefined on hardware and reported
 //   as an error.
 // - The inline PTX attention uses (cp.async, ldmatrix, mma.sync; see the declarations below), and
-//   float atomicAdd as a real atomic.
+//   float atomicAdd and the sm_90 float2 atomicAdd (attention's atomic_add2) as real atomics.
 // - A deadlock (every live thread waits at a barrier, but no barrier can complete: a divergent
 //   __syncthreads or shuffle) is detected exactly, at once, and fails the launch with a message
 //   naming the kernel, the block and where the threads wait.
@@ -225,6 +225,24 @@ inline float atomicAdd(float* p, float v) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(float) != 0) fmsim::fault("misaligned atomicAdd");
   return std::atomic_ref<float>(*p).fetch_add(v);
 }
+
+namespace fmsim {
+// sm_90's atomicAdd(float2*, float2): both halves in one atomic step, on an 8-byte aligned address.
+inline void atomic_add_float2(float* p, float x, float y) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) fault("misaligned float2 atomicAdd");
+  std::atomic_ref<uint64_t> word(*reinterpret_cast<uint64_t*>(p));
+  uint64_t seen = word.load();
+  for (;;) {
+    float v[2];
+    std::memcpy(v, &seen, sizeof(v));
+    v[0] += x;
+    v[1] += y;
+    uint64_t sum;
+    std::memcpy(&sum, v, sizeof(sum));
+    if (word.compare_exchange_weak(seen, sum)) return;
+  }
+}
+}  // namespace fmsim
 
 // Fast-math intrinsics: the exact functions (the hardware's are a few ulp off).
 inline float __expf(float x) { return expf(x); }

@@ -125,6 +125,12 @@ __global__ void mma_kernel(float* out) {
   for (int e = 0; e < 4; ++e) out[(g + 8 * (e / 2)) * 8 + 2 * t + e % 2] = c[e];
 }
 
+// attention's atomic_add2 (the sm_90 float2 atomic) from every thread of 3 blocks into out[pair],
+// out[pair + 1]: an odd pair is a misaligned vector atomic.
+__global__ void atomic_add2_kernel(float* out, int pair) {
+  fmcore::atomic_add2(out + pair, 1.f, 2.f);
+}
+
 }  // namespace
 
 // Runs one case; returns cudaGetLastError() after the launch(es), or the sum kernel's result
@@ -169,6 +175,12 @@ int fmsim_selftest(const std::string& name, float* result) {
       }
     }
     *result = worst;
+  } else if (name == "atomic_add2") {
+    out[0] = out[1] = 0.f;
+    atomic_add2_kernel<<<3, 96>>>(out, 0);
+    *result = out[0] == 3 * 96 && out[1] == 2 * 3 * 96;  // no lost update
+  } else if (name == "atomic_add2_misaligned") {
+    atomic_add2_kernel<<<1, 32>>>(out, 1);
   } else if (name == "unordered_shared") {
     unordered_shared_kernel<<<1, 64>>>(out);
   } else if (name == "sum") {

@@ -27,11 +27,17 @@ def test_correct_block_sum(sim):
         ("misaligned", r"misaligned vector access.* in misaligned_kernel"),
         ("launch_bounds", r"256 threads a block exceeds __launch_bounds__\(128\)"),
         ("ldmatrix_global", r"ldmatrix row address: address outside shared memory.* in ldmatrix_global"),
+        ("atomic_add2_misaligned", r"misaligned float2 atomicAdd.* in atomic_add2_kernel"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
     with pytest.raises(RuntimeError, match=message):
         sim.sim_selftest(case)
+
+
+def test_float2_atomic_add_loses_no_update(sim):
+    # 288 threads add (1, 2) to one 8-byte pair at once, as attention's dq accumulation does on sm_90.
+    assert sim.sim_selftest("atomic_add2") == (SUCCESS, 1.0)
 
 
 def test_launch_validation(sim):
