@@ -35,6 +35,8 @@ MUTANTS = {
     # atomic dq: the transposed A fragment read with the non-transposed lane offsets
     "gemm_tb_wrong_lane_offsets": ("sAt + kk * 16 * kPitchA + b_off<kPitchA>(lane)",
                                    "sAt + kk * 16 * kPitchA + a_off<kPitchA>(lane)"),
+    # atomic dq: each lane's float2 pair one column off (misaligned: the H100's vector atomic faults)
+    "atomic_dq_pair_misaligned": ("h) + c0 + 2 * tq;", "h) + c0 + 2 * tq + 1;"),
     # the convert pass leaves the last 8 elements of dq unwritten
     "dq_convert_skips_tail": ("if (i >= rows * p.heads_q * chunks) return;",
                               "if (i + 8 >= rows * p.heads_q * chunks) return;"),

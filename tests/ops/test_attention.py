@@ -297,7 +297,6 @@ def test_causal_every_diagonal_offset_cuda(D, deterministic):
     # Sk - Sq modulo the block sizes (64 or 32 keys; 128, 64 or 32 queries per CTA or step). Every
     # offset in [-65, 65] covers all residues mod 64 at Sq = 130 (a second, partial query block):
     # an off-by-one in any kernel's "needs the mask" test attends to a key one past the diagonal.
-    # The CPU lane-level model (test_attention_kernel_model.py) catches that case at offset 62.
     torch.manual_seed(10)
     for d in range(-65, 66):
         q, k, v = make_qkv(1, 130, 130 + d, 2, 1, D, "cuda", torch.bfloat16)
