@@ -43,10 +43,9 @@
 //  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
 //  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
 //
-// Without a GPU: tests/cudasim runs this file on a CPU simulator (the inline PTX, in ptx.cuh, swapped
-// for models of the instructions), and tests/ops/attention_kernel_model.py transcribes these kernels
-// lane by lane with shared-memory race checks; a change to the tiling, masking or pipelining here
-// must be mirrored there.
+// Without a GPU: tests/cudasim runs this file on a CPU simulator (the hardware-dependent
+// instructions, in ptx.cuh, swapped for models of them); scripts/sanitize_cpu.sh sim-tsan adds a
+// shared-memory racecheck.
 #include <cmath>
 #include <cstdint>
 
