@@ -21,21 +21,22 @@
 # op reference, forward and backward, opcheck, torch.compile paths). tsan: tests/data/test_loader.py
 # and tests/data/test_shards.py (every loader thread path: workers, restart, close, concurrent
 # consumers, worker errors, malformed shards opened by the parallel openers). sim-asan / sim-tsan:
-# tests/cudasim (the simulator's self-tests and every kernel test).
+# tests/cudasim (the simulator's self-tests, every kernel test, and the NCCL communicator on ncclsim).
 #
 # sim-asan / sim-tsan: csrc/kernels/*.cu (attention with fmsim's PTX models) and their *_cuda.cpp bindings
 # as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
 # by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
-# regular python/fmcore one (uninstrumented). Under TSan fmsim hides its own locks and declares only
+# regular python/fmcore one (uninstrumented). And csrc/dist/communicator.cpp over ncclsim (into
+# build/ncclsim-<sanitizer>): its mutex against its watchdog thread, ranks as threads. Under TSan fmsim hides its own locks and declares only
 # the orderings CUDA defines (__syncthreads, __syncwarp, one block's end before the next's start; see
 # fmsim.cpp), so a report is a pair of accesses by CUDA threads of one block that no barrier orders
 # (a racecheck), whatever warp collectives ran in between; test_simulator.py proves one is seen.
 #
 # Not covered: the inline PTX itself (fmsim models it; `scripts/gpu_check.sh sanitize` runs
-# compute-sanitizer on every kernel) and csrc/dist (CUDA/NCCL only: the CPU build compiles a stub
-# that reports has_nccl = False). TSan on tests/data/test_prepare.py and the trainer tests is impractical here:
-# training the BPE tokenizer (tests' `fmcore prepare` fixtures) under TSan's interceptors took more
-# than 10 minutes without finishing.
+# compute-sanitizer on every kernel) and NCCL itself (ncclsim models it). TSan on
+# tests/data/test_prepare.py and the trainer tests is impractical here: training the BPE tokenizer
+# (tests' `fmcore prepare` fixtures) under TSan's interceptors took more than 10 minutes without
+# finishing.
 #
 # Time on the 2-core dev machine, shared with other jobs (2026-11-23): a first build ~5-10 min per
 # mode (incremental after that: ~1 min for a touched op file); asan tests (638) 1 min 45 s on a

@@ -311,6 +311,7 @@ class NcclCommunicator {
   // or when it is still in progress after the timeout.
   void finish_locked(ncclResult_t r, const char* what) {
     const Clock::time_point deadline = Clock::now() + timeout_;
+    const bool returned_now = r != ncclInProgress;  // else r will be the communicator's state
     while (r == ncclInProgress && comm_ != nullptr) {
       if (Clock::now() > deadline) {
         abort_locked(std::string(what) + " still in progress after the timeout (a peer is missing "
@@ -324,8 +325,9 @@ class NcclCommunicator {
     }
     if (r == ncclSuccess) return;
     const std::string msg = describe(r, what);
-    // Argument errors leave the communicator intact; anything else (system, internal, remote) may not.
-    if (r != ncclInvalidArgument && r != ncclInvalidUsage) abort_locked(msg);
+    // Argument errors the call returned leave the communicator intact; anything else (system,
+    // internal, remote; any error it reached while in progress) may not.
+    if (!returned_now || (r != ncclInvalidArgument && r != ncclInvalidUsage)) abort_locked(msg);
     throw NcclError(msg);
   }
 

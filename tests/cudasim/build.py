@@ -1,5 +1,6 @@
 """Builds libfmcore_sim: fmcore's CUDA bindings and kernels (rope, cross_entropy, add_norm, adamw,
 attention) compiled as C++ against fmsim (fmsim.h), with no CUDA runtime or GPU, and loads it into torch.
+And fmcore_ncclsim (build_nccl): fmcore's NCCL communicator over ncclsim.cpp's model of NCCL.
 
 Every source is compiled through a generated wrapper in the build directory: the torch bindings
 (csrc/ops/*.cpp) as `#include "fmsim_torch.h"` + `#include "<the real file>"`, the kernels
@@ -14,8 +15,9 @@ runtime preloaded (address and thread):
     FMCORE_SIM_SANITIZE=address python -m pytest tests/cudasim
   (thread: libtsan.so and TSAN_OPTIONS="suppressions=scripts/tsan.supp"; or scripts/sanitize_cpu.sh
   sim-asan / sim-tsan, which do this.)
-FMCORE_SIM_BUILD_DIR overrides the build directory (default build/cudasim[-<sanitizer>]).
-Run directly (`python tests/cudasim/build.py`) to build and print the library path.
+FMCORE_SIM_BUILD_ROOT overrides where the build directories go (default build/: build/cudasim[-<sanitizer>]
+and build/ncclsim[-<sanitizer>]).
+Run directly (`python tests/cudasim/build.py`) to build both and print their paths.
 """
 
 from __future__ import annotations
@@ -71,20 +73,55 @@ def _write_if_changed(path: Path, text: str):
         path.write_text(text)
 
 
+def _sanitize_flags() -> tuple[str, list[str], list[str]]:
+    """FMCORE_SIM_SANITIZE as (build-dir suffix, compile flags, link flags)."""
+    sanitize = os.environ.get("FMCORE_SIM_SANITIZE", "")
+    if not set(sanitize.split(",")) <= {"", "address", "thread", "undefined"}:
+        raise ValueError(f"FMCORE_SIM_SANITIZE must list address, thread or undefined, got {sanitize!r}")
+    if not sanitize:
+        return "", [], []
+    return "-" + sanitize.replace(",", "+"), [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"], [
+        f"-fsanitize={sanitize}"
+    ]
+
+
+def _build_dir(name: str) -> Path:
+    return Path(os.environ.get("FMCORE_SIM_BUILD_ROOT", REPO / "build")) / (name + _sanitize_flags()[0])
+
+
+def _load(name: str, build_dir: Path, sources, flags, include, verbose: bool, python_module: bool):
+    import torch.utils.cpp_extension as ext
+
+    _, san_flags, san_ldflags = _sanitize_flags()
+    os.environ.setdefault("MAX_JOBS", "2")
+    start = time.monotonic()
+    module = ext.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=["-std=c++20", "-O1", "-g0", "-fvisibility=hidden", *flags, *san_flags],
+        extra_ldflags=san_ldflags,
+        extra_include_paths=[str(p) for p in include],
+        build_directory=str(build_dir),
+        with_cuda=False,
+        is_python_module=python_module,
+        verbose=verbose,
+    )
+    lib = build_dir / f"{name}.so"
+    if verbose:
+        print(f"{name} built/loaded in {time.monotonic() - start:.1f} s: {lib}", file=sys.stderr)
+    _check_no_undefined(lib, ("cuda", "nccl"))
+    return module
+
+
 def build(verbose: bool = False) -> Path:
     """Builds (incrementally) and loads libfmcore_sim into torch; returns the library path."""
     _check_environment()
     import torch
-    import torch.utils.cpp_extension as ext
 
     sys.path.insert(0, str(HERE))
     from transform import transform
 
-    sanitize = os.environ.get("FMCORE_SIM_SANITIZE", "")
-    if not set(sanitize.split(",")) <= {"", "address", "thread", "undefined"}:
-        raise ValueError(f"FMCORE_SIM_SANITIZE must list address, thread or undefined, got {sanitize!r}")
-    default_dir = REPO / "build" / ("cudasim" + (f"-{sanitize.replace(',', '+')}" if sanitize else ""))
-    build_dir = Path(os.environ.get("FMCORE_SIM_BUILD_DIR", default_dir))
+    build_dir = _build_dir("cudasim")
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
 
@@ -103,54 +140,61 @@ def build(verbose: bool = False) -> Path:
     sources += [out, HERE / "selftest_op.cpp", HERE / "fmsim.cpp"]
 
     flags = [
-        "-std=c++20",
-        "-O1",
-        "-g0",
-        "-fvisibility=hidden",
         "-Dfmcore=fmcore_sim",
         "-DFMCORE_WITH_CUDA=1",
         "-Wno-unknown-pragmas",  # #pragma unroll
         "-Wno-unused-function",  # the CPU impls no TORCH_LIBRARY_IMPL registers here
     ]
-    ldflags: list[str] = []
-    if sanitize:
-        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
-        ldflags += [f"-fsanitize={sanitize}"]
-    include = [str(HERE / "shim"), str(HERE), str(CSRC), str(CSRC / "kernels"), str(cuda_include())]
-    os.environ.setdefault("MAX_JOBS", "2")
-    start = time.monotonic()
-    ext.load(
-        name="fmcore_sim",
-        sources=[str(s) for s in sources],
-        extra_cflags=flags,
-        extra_ldflags=ldflags,
-        extra_include_paths=include,
-        build_directory=str(build_dir),
-        with_cuda=False,
-        is_python_module=False,
-        verbose=verbose,
-    )
-    lib = build_dir / "fmcore_sim.so"
-    if verbose:
-        print(f"fmcore_sim built/loaded in {time.monotonic() - start:.1f} s: {lib}", file=sys.stderr)
-    _check_no_cudart(lib)
+    include = [HERE / "shim", HERE, CSRC, CSRC / "kernels", cuda_include()]
+    _load("fmcore_sim", build_dir, sources, flags, include, verbose, python_module=False)
     assert hasattr(torch.ops.fmcore_sim, "rope")
-    return lib
+    return build_dir / "fmcore_sim.so"
 
 
-def _check_no_cudart(lib: Path):
-    """Every cuda* the sources call must be fmsim's: an undefined one would bind to the real
-    libcudart torch loaded and touch (or fail on) a GPU."""
+def nccl_include() -> Path:
+    """nccl.h: that of torch's nvidia-nccl wheel, else NCCL_HOME's (as CMakeLists.txt looks)."""
+    try:
+        import nvidia
+
+        roots = [Path(p) / "nccl" for p in nvidia.__path__]
+    except ImportError:
+        roots = []
+    if os.environ.get("NCCL_HOME"):
+        roots.append(Path(os.environ["NCCL_HOME"]))
+    for root in roots:
+        if (root / "include" / "nccl.h").is_file():
+            return root / "include"
+    raise Unavailable("no nccl.h (neither NCCL_HOME nor torch's nvidia-nccl wheel has one)")
+
+
+def build_nccl(verbose: bool = False):
+    """Builds (incrementally) and imports fmcore_ncclsim: csrc/dist/communicator.cpp, unchanged, over
+    ncclsim.cpp's NCCL and CUDA streams; returns the module (fmcore._C's communicator names plus the
+    model's sim_* controls)."""
+    _check_environment()
+    include = [HERE / "nccl_shim", HERE / "shim", HERE, CSRC, cuda_include(), nccl_include()]
+    build_dir = _build_dir("ncclsim")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = build_dir / "dist_communicator.cpp"
+    _write_if_changed(wrapper, f'#include "ncclsim_torch.h"\n#include "{CSRC / "dist" / "communicator.cpp"}"\n')
+    flags = ["-DFMCORE_WITH_NCCL=1"]
+    return _load("fmcore_ncclsim", build_dir, [wrapper, HERE / "ncclsim.cpp"], flags, include, verbose, True)
+
+
+def _check_no_undefined(lib: Path, prefixes: tuple[str, ...]):
+    """Every cuda* (nccl*) function the sources call must be the simulator's: an undefined one would
+    bind to the real libcudart (libnccl) torch loaded and touch (or fail on) a GPU."""
     try:
         out = subprocess.run(
             ["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return  # no binutils: nothing to check with
-    missing = sorted({ln.split()[-1] for ln in out.splitlines() if ln.split()[-1].startswith("cuda")})
+    missing = sorted({ln.split()[-1] for ln in out.splitlines() if ln.split()[-1].startswith(prefixes)})
     if missing:
-        raise RuntimeError(f"libfmcore_sim calls CUDA runtime functions fmsim lacks: {missing}")
+        raise RuntimeError(f"{lib.name} calls functions the simulator lacks: {missing}")
 
 
 if __name__ == "__main__":
     print(build(verbose=True))
+    print(build_nccl(verbose=True).__file__)

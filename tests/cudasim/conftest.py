@@ -1,6 +1,7 @@
 """The `sim` fixture: libfmcore_sim (fmcore's CUDA bindings and kernels on fmsim, build.py) built
-once per session and loaded, or the whole directory skipped with the reason it cannot be built.
-FMCORE_SIM=0 skips it on purpose (the first build takes a few minutes on 2 cores)."""
+once per session and loaded, and `ncclsim`: the fmcore_ncclsim module (fmcore's NCCL communicator
+over ncclsim.cpp); or the tests skipped with the reason they cannot be built. FMCORE_SIM=0 skips
+them on purpose (the first build takes a few minutes on 2 cores)."""
 
 import os
 
@@ -20,6 +21,16 @@ def sim():
     except build.Unavailable as e:
         pytest.skip(f"fmcore_sim cannot be built here: {e}")
     return torch.ops.fmcore_sim
+
+
+@pytest.fixture(scope="session")
+def ncclsim():
+    if os.environ.get("FMCORE_SIM") == "0":
+        pytest.skip("FMCORE_SIM=0")
+    try:
+        return build.build_nccl()
+    except build.Unavailable as e:
+        pytest.skip(f"fmcore_ncclsim cannot be built here: {e}")
 
 
 @pytest.fixture(autouse=True, scope="module")

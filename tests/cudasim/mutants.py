@@ -1,12 +1,14 @@
-"""Mutation check of the attention kernels' CPU tests: plants one known bug at a time in a copy of
-the tree and runs tests/cudasim/test_attention_on_cpu.py on fmsim, which must fail for each. A
-mutant that passes means the tests (or the simulator) cannot see that kind of bug.
+"""Mutation check of the CPU tests of code that only a GPU runs: plants one known bug at a time in a
+copy of the tree and runs the tests that must catch it on the simulators: the attention kernels
+(tests/cudasim/test_attention_on_cpu.py on fmsim) and the NCCL communicator
+(tests/cudasim/test_nccl_on_cpu.py on ncclsim). A mutant that passes means the tests (or the
+simulator) cannot see that kind of bug.
 
-By hand, not in CI (each mutant rebuilds the attention kernels; about 3 minutes in all on 2 cores
-after a first build of ~4):
+By hand, not in CI (each attention mutant rebuilds the attention kernels: about 3 minutes for them
+all on 2 cores after a first build of ~4; each communicator mutant ~30 s):
     python tests/cudasim/mutants.py [NAME ...]
 The copy lives in build/mutants/tree (refreshed from the working tree, uncommitted changes
-included) so that its simulator build stays incremental between runs.
+included) so that its simulator builds stay incremental between runs.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "build" / "mutants"
-KERNEL = "csrc/kernels/attention.cu"
+ATTENTION = ("csrc/kernels/attention.cu", "tests/cudasim/test_attention_on_cpu.py")
+COMMUNICATOR = ("csrc/dist/communicator.cpp", "tests/cudasim/test_nccl_on_cpu.py")
 
 # name: (text in attention.cu, its replacement). Each replaces the first occurrence only.
-MUTANTS = {
+ATTENTION_MUTANTS = {
     # the forward's first K/V stage read while its cp.async may still be in flight
     "fwd_missing_wait": ("      cp_async_wait<1>();\n", "      cp_async_wait<2>();\n"),
     # the forward forgets to rescale the output accumulator when the running max grows
@@ -43,6 +46,27 @@ MUTANTS = {
     # deterministic dq: delta of the wrong row half
     "dq_delta_wrong_row": ("row_delta[mw][r / 2]", "row_delta[mw][r % 2]"),
 }
+
+# The same for communicator.cpp.
+COMMUNICATOR_MUTANTS = {
+    # the watchdog thread never looks at the pending work: a stuck collective goes unnoticed
+    "watchdog_never_polls": ("if (!stop_ && comm_ != nullptr) poll_locked();", ""),
+    # an argument error NCCL returned aborts the communicator (it need not)
+    "argument_error_aborts": ("if (!returned_now || (r != ncclInvalidArgument && r != ncclInvalidUsage))",
+                              "if (true)"),
+    # an error reached while polling a call in progress is taken for an argument error (no abort)
+    "async_error_taken_for_argument_error": ("if (!returned_now || (r", "if ((r"),
+    # a pending event that is not ready yet is taken for a failure
+    "not_ready_is_an_error": ("if (e == cudaErrorNotReady) break;", ""),
+    # grouped collectives are not tracked: synchronize() returns before they finish
+    "group_events_dropped": ("for (cudaStream_t s : group_streams_) enqueued_locked(s, \"grouped collectives\");",
+                             ""),
+    # the asynchronous error state is never read
+    "async_error_ignored": ("state != ncclSuccess && state != ncclInProgress)", "false)"),
+}
+
+MUTANTS = {name: (ATTENTION, *m) for name, m in ATTENTION_MUTANTS.items()}
+MUTANTS |= {name: (COMMUNICATOR, *m) for name, m in COMMUNICATOR_MUTANTS.items()}
 
 
 def refresh_tree(tree: Path) -> None:
@@ -65,29 +89,28 @@ def main(names: list[str]) -> int:
         return 2
     tree = WORK / "tree"
     refresh_tree(tree)
-    kernel = tree / KERNEL
-    original = kernel.read_text()
-    env = dict(os.environ, PYTHONPATH=str(tree / "python"), FMCORE_SIM_BUILD_DIR=str(WORK / "cudasim"))
+    env = dict(os.environ, PYTHONPATH=str(tree / "python"), FMCORE_SIM_BUILD_ROOT=str(WORK))
     missed = []
-    try:
-        for name in names or MUTANTS:
-            old, new = MUTANTS[name]
-            if old not in original:
-                print(f"{name}: its text is no longer in {KERNEL}; update the mutant", flush=True)
-                missed.append(name)
-                continue
-            kernel.write_text(original.replace(old, new, 1))
-            run = subprocess.run(
-                [sys.executable, "-m", "pytest", "tests/cudasim/test_attention_on_cpu.py", "-x", "-q",
-                 "-p", "no:cacheprovider"], cwd=tree, env=env, capture_output=True, text=True)
-            summary = [ln for ln in run.stdout.splitlines() if ln.startswith("E ")][:1]
-            summary += run.stdout.strip().splitlines()[-1:]
-            caught = run.returncode == 1  # tests failed (not an error of the run itself)
-            print(f"{name}: {'caught' if caught else 'MISSED'}: {' | '.join(summary)}", flush=True)
-            if not caught:
-                missed.append(name)
-    finally:
-        kernel.write_text(original)
+    for name in names or MUTANTS:
+        (source, test), old, new = MUTANTS[name]
+        path = tree / source
+        original = path.read_text()
+        if old not in original:
+            print(f"{name}: its text is no longer in {source}; update the mutant", flush=True)
+            missed.append(name)
+            continue
+        try:
+            path.write_text(original.replace(old, new, 1))
+            run = subprocess.run([sys.executable, "-m", "pytest", test, "-x", "-q", "-p", "no:cacheprovider"],
+                                 cwd=tree, env=env, capture_output=True, text=True)
+        finally:
+            path.write_text(original)
+        summary = [ln for ln in run.stdout.splitlines() if ln.startswith("E ")][:1]
+        summary += run.stdout.strip().splitlines()[-1:]
+        caught = run.returncode == 1  # tests failed (not an error of the run itself)
+        print(f"{name}: {'caught' if caught else 'MISSED'}: {' | '.join(summary)}", flush=True)
+        if not caught:
+            missed.append(name)
     return 1 if missed else 0
 
 
