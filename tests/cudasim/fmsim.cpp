@@ -104,7 +104,7 @@ struct Warp {
 // One launch's shared state. Everything below the mutex is guarded by it (but the *_hb members,
 // which are only addresses that TSan sync objects are keyed by).
 struct Launch {
-  const char* name;
+  std::string name;
   Config cfg{dim3(), dim3()};
   unsigned nthreads = 0;
   uint64_t nblocks = 0;
@@ -176,7 +176,7 @@ std::map<const void*, size_t>& max_dynamic_smem() {
 std::string where(const Launch& L) {
   const dim3 g = L.cfg.grid;
   const uint64_t b = L.block.load(std::memory_order_relaxed) & ~Launch::kFailedBit;
-  return std::string(L.name) + " block (" + std::to_string(b % g.x) + "," +
+  return L.name + " block (" + std::to_string(b % g.x) + "," +
          std::to_string(b / g.x % g.y) + "," + std::to_string(b / g.x / g.y) + ") thread " +
          std::to_string(tl_tid);
 }
@@ -322,7 +322,16 @@ cudaError_t validate(const void* kernel, const Config& c) {
 
 }  // namespace
 
-void run(const void* kernel, const char* name, const Config& c, void (*body)(void*), void* ctx) {
+std::string kernel_name(const char* expr, const char* function) {
+  // GCC: "... [with auto kKernel = attention_fwd_kernel<64, true>; Args = {}]"
+  const std::string f(function), key = " " + std::string(expr) + " = ";
+  const size_t at = f.find(key, f.find(" [with "));
+  if (at == std::string::npos) return expr;
+  const size_t from = at + key.size();
+  return f.substr(from, f.find_first_of(";]", from) - from);
+}
+
+void run(const void* kernel, std::string name, const Config& c, void (*body)(void*), void* ctx) {
   if (tl_launch != nullptr) fault("kernel launch from inside a kernel (dynamic parallelism)");
   if (const cudaError_t err = validate(kernel, c); err != cudaSuccess) {
     tl_last_error = err;
@@ -330,7 +339,7 @@ void run(const void* kernel, const char* name, const Config& c, void (*body)(voi
   }
   const std::lock_guard<std::mutex> serial(g_launch_mu);
   Launch L;
-  L.name = name;
+  L.name = std::move(name);
   L.cfg = c;
   L.nthreads = c.block.x * c.block.y * c.block.z;
   L.nblocks = uint64_t{c.grid.x} * c.grid.y * c.grid.z;

@@ -50,6 +50,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -75,19 +76,24 @@ struct Config {
 
 // Runs body(ctx) once in every CUDA thread of every block (fmsim.cpp). Throws std::runtime_error
 // when a thread faults (deadlock, bad shuffle, misaligned vector access, ...).
-void run(const void* kernel, const char* name, const Config& c, void (*body)(void*), void* ctx);
+void run(const void* kernel, std::string name, const Config& c, void (*body)(void*), void* ctx);
+
+// The name fault messages give a kernel launched as `expr` in `function` (its __PRETTY_FUNCTION__):
+// `expr` itself, or, when it is a template parameter of that function (attention's generic
+// launch<kKernel>), the kernel it stands for there.
+std::string kernel_name(const char* expr, const char* function);
 
 // kernel<<<c>>>(args...): the arguments are converted to the kernel's parameter types once, then
 // every thread gets its own copy (kernel parameters are by value).
 template <class... P, class... A>
-void launch(void (*kernel)(P...), const char* name, const Config& c, A&&... args) {
+void launch(void (*kernel)(P...), std::string name, const Config& c, A&&... args) {
   using Params = std::tuple<std::decay_t<P>...>;
   struct Ctx {
     void (*kernel)(P...);
     Params params;
   } ctx{kernel, Params(std::forward<A>(args)...)};
   run(
-      reinterpret_cast<const void*>(kernel), name, c,
+      reinterpret_cast<const void*>(kernel), std::move(name), c,
       [](void* p) {
         Ctx* x = static_cast<Ctx*>(p);
         Params copy = x->params;

@@ -106,7 +106,7 @@ def main(names: list[str]) -> int:
         finally:
             path.write_text(original)
         summary = [ln for ln in run.stdout.splitlines() if ln.startswith("E ")][:1]
-        summary += run.stdout.strip().splitlines()[-1:]
+        summary += (run.stdout.strip() or run.stderr.strip()).splitlines()[-1:]
         caught = run.returncode == 1  # tests failed (not an error of the run itself)
         print(f"{name}: {'caught' if caught else 'MISSED'}: {' | '.join(summary)}", flush=True)
         if not caught:

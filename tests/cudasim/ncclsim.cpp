@@ -9,7 +9,7 @@
 //   rank has issued its first one (NCCL connects peers lazily, so a missing peer shows up there too).
 //   ncclCommFinalize returns ncclInProgress too, and completes at the next poll.
 // - Every thread has its own stream (c10::cuda::getCurrentCUDAStream in nccl_shim/), a FIFO served by
-//   a worker thread: the "GPU". A collective waits there for its peers, as NCCL's kernels do, until
+//   a worker thread: the "GPU". When the thread exits, the worker finishes the queue and ends. A collective waits there for its peers, as NCCL's kernels do, until
 //   every rank's call with the same sequence number has arrived or its own communicator is aborted.
 //   Calls that do not match (another collective, count or dtype) fail every rank with an asynchronous
 //   ncclInternalError saying so (real NCCL would hang or corrupt memory).
@@ -93,6 +93,7 @@ struct ncclComm {
 
 struct CUstream_st {
   std::deque<std::function<void(std::unique_lock<std::mutex>&)>> work;
+  bool owner_exited = false;  // its worker drains the queue, frees the stream and ends
 };
 
 struct CUevent_st {
@@ -233,12 +234,25 @@ void stream_worker(cudaStream_t s) {
   Model& m = model();
   std::unique_lock<std::mutex> lock(m.mu);
   for (;;) {
-    m.cv.wait(lock, [&] { return !s->work.empty(); });
+    m.cv.wait(lock, [&] { return !s->work.empty() || s->owner_exited; });
+    if (s->work.empty()) break;
     s->work.front()(lock);
     s->work.pop_front();
     m.cv.notify_all();
   }
+  delete s;
 }
+
+// A thread's stream, handed back to its worker when the thread exits.
+struct ThreadStream {
+  cudaStream_t stream = new CUstream_st;
+  ThreadStream() { std::thread(stream_worker, stream).detach(); }
+  ~ThreadStream() {
+    std::lock_guard<std::mutex> lock(model().mu);
+    stream->owner_exited = true;
+    model().cv.notify_all();
+  }
+};
 
 // An injected failure for the NCCL function `fn`, consumed; ncclSuccess when there is none.
 ncclResult_t injected(const char* fn, ncclComm* comm) {
@@ -296,13 +310,8 @@ ncclResult_t collective(const char* fn, const Collective& c, ncclComm_t comm, cu
 
 // The stream of the calling thread (nccl_shim/c10/cuda/CUDAStream.h), with its worker.
 cudaStream_t ncclsim_current_stream() {
-  thread_local cudaStream_t stream = [] {
-    std::lock_guard<std::mutex> lock(model().mu);
-    auto* s = new CUstream_st;  // lives as long as its worker, the process
-    std::thread(stream_worker, s).detach();
-    return s;
-  }();
-  return stream;
+  thread_local ThreadStream mine;
+  return mine.stream;
 }
 
 extern "C" {

@@ -4,7 +4,8 @@ The rewrites, each keeping the line count so compiler messages point at the orig
 (the output starts with `#line 1 "<original path>"`):
 - `kernel<targs><<<grid, block, smem, stream>>>(args);` (kernel expressions with template
   arguments, launches spread over several lines) becomes
-  `fmsim::launch(kernel<targs>, "kernel<targs>", fmsim::Config(grid, block, smem, stream), args);`
+  `fmsim::launch(kernel<targs>, fmsim::kernel_name("kernel<targs>", __PRETTY_FUNCTION__),
+  fmsim::Config(grid, block, smem, stream), args);` (the name resolves a template parameter)
 - `extern __shared__ T name[];` becomes `T* name = fmsim::dynamic_smem<T>();`
 - `__shared__ T name[N]...;` becomes `static T name[N]...; fmsim::shared_region(name, sizeof(name));`
   (blocks run one at a time, so a function-local static is exactly one block's shared memory; the
@@ -66,7 +67,7 @@ def _launches(src: str) -> str:
         args = src[paren + 1 : close]
         lead = src[start:at][: len(src[start:at]) - len(src[start:at].lstrip())]
         name = " ".join(kernel.split())
-        call = f'fmsim::launch({kernel}, "{name}", fmsim::Config({config})'
+        call = f'fmsim::launch({kernel}, fmsim::kernel_name("{name}", __PRETTY_FUNCTION__), fmsim::Config({config})'
         call += f", {args})" if args.strip() else ")"
         newlines = src.count("\n", start, close + 1) - call.count("\n") - lead.count("\n")
         out.append(src[pos:start] + lead + call + "\n" * max(newlines, 0))
