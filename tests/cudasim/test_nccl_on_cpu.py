@@ -44,7 +44,8 @@ def rank_input(rank, n, dtype):
     g = torch.Generator().manual_seed(1000 + rank)
     if dtype.is_floating_point:
         return torch.randn(n, generator=g).to(dtype)
-    return torch.randint(-1000, 1000, (n,), generator=g, dtype=dtype)
+    lo, hi = {torch.uint8: (0, 80), torch.int8: (-40, 40)}.get(dtype, (-1000, 1000))  # 3 ranks' sums fit
+    return torch.randint(lo, hi, (n,), generator=g, dtype=dtype)
 
 
 def wait_until(predicate, seconds):
@@ -57,7 +58,8 @@ def wait_until(predicate, seconds):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32, torch.int8, torch.uint8])
 def test_collectives_give_what_torch_computes(ncclsim, world, dtype):
     n = 37  # not a multiple of anything
     inputs = [rank_input(r, n * world, dtype) for r in range(world)]
@@ -88,7 +90,8 @@ def test_collectives_give_what_torch_computes(ncclsim, world, dtype):
         comm.close()
         return out
 
-    tol = {"rtol": 1e-2, "atol": 2e-2 * world} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
+    tol = {torch.bfloat16: {"rtol": 1e-2, "atol": 2e-2 * world}, torch.float16: {"rtol": 1e-3, "atol": 3e-3 * world}}
+    tol = tol.get(dtype, {"rtol": 1e-6, "atol": 1e-6})
     for rank, out in enumerate(on_ranks(ncclsim, world, body)):
         for op in ops:
             torch.testing.assert_close(out[op].double(), reference[op].to(dtype).double(), **tol)
