@@ -14,6 +14,8 @@ import torch
 SYSTEM_ERROR, INVALID_ARGUMENT, INVALID_USAGE, REMOTE_ERROR = 2, 4, 5, 6  # ncclResult_t
 ILLEGAL_ADDRESS = 700  # cudaError_t
 LONG = 30.0  # timeout_s for communicators that are not meant to time out
+# timeout_s for those that are, once their ranks have met (the margin is for a loaded 2-core CI machine)
+SHORT = 2.0
 
 
 def on_ranks(ncclsim, world, body, join_s=60.0):
@@ -229,7 +231,7 @@ def test_first_collective_without_its_peer_times_out(ncclsim):
     rank0_done = threading.Event()
 
     def body(rank, uid):
-        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, 0.5)
+        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, SHORT)
         if rank == 1:  # joins, then never calls
             rank0_done.wait(30)
             return None
@@ -251,7 +253,7 @@ def test_a_collective_its_peer_never_joins_times_out(ncclsim, waiting_in):
     rank0_done = threading.Event()
 
     def body(rank, uid):
-        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, 0.5)
+        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, SHORT)
         x = torch.ones(4)
         comm.all_reduce(x)  # both ranks: connected
         comm.synchronize()
