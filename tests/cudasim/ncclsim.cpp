@@ -9,8 +9,9 @@
 //   rank has issued its first one (NCCL connects peers lazily, so a missing peer shows up there too).
 //   ncclCommFinalize returns ncclInProgress too, and completes at the next poll.
 // - Every thread has its own stream (c10::cuda::getCurrentCUDAStream in nccl_shim/), a FIFO served by
-//   a worker thread: the "GPU". When the thread exits, the worker finishes the queue and ends. A collective waits there for its peers, as NCCL's kernels do, until
-//   every rank's call with the same sequence number has arrived or its own communicator is aborted.
+//   a worker thread: the "GPU". When the thread exits, the worker finishes the queue and ends.
+// - A collective waits on its stream for its peers, as NCCL's kernels do, until every rank's call
+//   with the same sequence number has arrived or its own communicator is aborted.
 //   Calls that do not match (another collective, count or dtype) fail every rank with an asynchronous
 //   ncclInternalError saying so (real NCCL would hang or corrupt memory).
 // - cudaEventRecord enqueues a marker; cudaEventQuery reports whether the stream has passed it.
@@ -139,14 +140,18 @@ void reduce_typed(const std::vector<const char*>& inputs, char* out, size_t coun
     Acc acc = static_cast<Acc>(reinterpret_cast<const T*>(inputs[0])[i]);
     for (size_t r = 1; r < inputs.size(); ++r) {
       const Acc x = static_cast<Acc>(reinterpret_cast<const T*>(inputs[r])[i]);
-      acc = op == ncclMax ? std::max(acc, x) : op == ncclMin ? std::min(acc, x) : op == ncclProd ? acc * x : acc + x;
+      acc = op == ncclMax    ? std::max(acc, x)
+            : op == ncclMin  ? std::min(acc, x)
+            : op == ncclProd ? acc * x
+                             : acc + x;
     }
     if (op == ncclAvg) acc /= static_cast<Acc>(inputs.size());
     reinterpret_cast<T*>(out)[i] = static_cast<T>(acc);
   }
 }
 
-void reduce(const std::vector<const char*>& inputs, char* out, size_t count, ncclDataType_t t, ncclRedOp_t op) {
+void reduce(const std::vector<const char*>& inputs, char* out, size_t count, ncclDataType_t t,
+            ncclRedOp_t op) {
   switch (t) {
     case ncclInt8: return reduce_typed<int8_t, int64_t>(inputs, out, count, op);
     case ncclUint8: return reduce_typed<uint8_t, int64_t>(inputs, out, count, op);
@@ -193,11 +198,13 @@ void compute(Slot& slot, int world) {
 
 std::string describe(const Collective& c) {
   return std::string(kind_name(c.kind)) + "(count " + std::to_string(c.count) + ", dtype " +
-         std::to_string(c.dtype) + ", op " + std::to_string(c.op) + ", root " + std::to_string(c.root) + ")";
+         std::to_string(c.dtype) + ", op " + std::to_string(c.op) + ", root " +
+         std::to_string(c.root) + ")";
 }
 
 // The "kernel" of one rank's collective, run by its stream's worker with the model's lock held.
-void run_collective(std::unique_lock<std::mutex>& lock, ncclComm* comm, uint64_t seq, const Collective& c) {
+void run_collective(std::unique_lock<std::mutex>& lock, ncclComm* comm, uint64_t seq,
+                    const Collective& c) {
   Model& m = model();
   Clique& q = *comm->clique;
   Slot& slot = q.slots[seq];
@@ -351,7 +358,8 @@ const char* ncclGetLastError(ncclComm_t comm) {
   return comm != nullptr ? comm->last_error.c_str() : "";
 }
 
-ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id, int rank, ncclConfig_t* config) {
+ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id, int rank,
+                                    ncclConfig_t* config) {
   Model& m = model();
   std::unique_lock<std::mutex> lock(m.mu);
   if (out == nullptr || world < 1 || rank < 0 || rank >= world || config == nullptr ||
@@ -433,17 +441,20 @@ ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, ncclDataT
 
 ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t count, ncclDataType_t dtype,
                                ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-  return collective("ncclReduceScatter", {Kind::kReduceScatter, send, recv, count, dtype, op, 0}, comm, stream);
+  return collective("ncclReduceScatter", {Kind::kReduceScatter, send, recv, count, dtype, op, 0},
+                    comm, stream);
 }
 
 ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, ncclDataType_t dtype, ncclComm_t comm,
                            cudaStream_t stream) {
-  return collective("ncclAllGather", {Kind::kAllGather, send, recv, count, dtype, ncclSum, 0}, comm, stream);
+  return collective("ncclAllGather", {Kind::kAllGather, send, recv, count, dtype, ncclSum, 0}, comm,
+                    stream);
 }
 
 ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, ncclDataType_t dtype, int root,
                            ncclComm_t comm, cudaStream_t stream) {
-  return collective("ncclBroadcast", {Kind::kBroadcast, send, recv, count, dtype, ncclSum, root}, comm, stream);
+  return collective("ncclBroadcast", {Kind::kBroadcast, send, recv, count, dtype, ncclSum, root},
+                    comm, stream);
 }
 
 // ---- CUDA: devices, errors, events
@@ -536,6 +547,8 @@ PYBIND11_MODULE(fmcore_ncclsim, m) {
     if (it == mo.cliques.end() || rank < 0 || rank >= it->second->world || !it->second->members[rank])
       return std::string("absent");
     const ncclComm* c = it->second->members[rank];
-    return std::string(c->aborted ? "aborted" : c->destroyed ? (c->finalized ? "closed" : "destroyed") : "live");
+    if (c->aborted) return std::string("aborted");
+    if (c->destroyed) return std::string(c->finalized ? "closed" : "destroyed");
+    return std::string("live");
   }, "What became of NCCL's communicator of (unique id, rank): absent, live, aborted, closed, destroyed.");
 }
