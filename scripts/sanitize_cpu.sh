@@ -27,10 +27,11 @@
 # as built for fmsim (tests/cudasim/build.py, FMCORE_SIM_SANITIZE; into build/cudasim-<sanitizer>,
 # by the test session itself), every CUDA thread a real OS thread; the reference fmcore._C is the
 # regular python/fmcore one (uninstrumented). And csrc/dist/communicator.cpp over ncclsim (into
-# build/ncclsim-<sanitizer>): its mutex against its watchdog thread, ranks as threads. Under TSan fmsim hides its own locks and declares only
-# the orderings CUDA defines (__syncthreads, __syncwarp, one block's end before the next's start; see
-# fmsim.cpp), so a report is a pair of accesses by CUDA threads of one block that no barrier orders
-# (a racecheck), whatever warp collectives ran in between; test_simulator.py proves one is seen.
+# build/ncclsim-<sanitizer>): its mutex against its watchdog thread, ranks as threads. Under TSan
+# fmsim hides its own locks and declares only the orderings CUDA defines (__syncthreads,
+# __syncwarp, one block's end before the next's start; see fmsim.cpp), so a report is a pair of
+# accesses by CUDA threads of one block that no barrier orders (a racecheck), whatever warp
+# collectives ran in between; test_simulator.py proves one is seen.
 #
 # Not covered: the inline PTX itself (fmsim models it; `scripts/gpu_check.sh sanitize` runs
 # compute-sanitizer on every kernel) and NCCL itself (ncclsim models it). TSan on

@@ -12,25 +12,25 @@ from tests.cudasim import build
 from tests.util import cpu_threads
 
 
-@pytest.fixture(scope="session")
-def sim():
+def _built(build_fn, name: str):
+    """build_fn()'s result, or the test skipped with the reason it cannot be built."""
     if os.environ.get("FMCORE_SIM") == "0":
         pytest.skip("FMCORE_SIM=0")
     try:
-        build.build()
+        return build_fn()
     except build.Unavailable as e:
-        pytest.skip(f"fmcore_sim cannot be built here: {e}")
+        pytest.skip(f"{name} cannot be built here: {e}")
+
+
+@pytest.fixture(scope="session")
+def sim():
+    _built(build.build, "fmcore_sim")
     return torch.ops.fmcore_sim
 
 
 @pytest.fixture(scope="session")
 def ncclsim():
-    if os.environ.get("FMCORE_SIM") == "0":
-        pytest.skip("FMCORE_SIM=0")
-    try:
-        return build.build_nccl()
-    except build.Unavailable as e:
-        pytest.skip(f"fmcore_ncclsim cannot be built here: {e}")
+    return _built(build.build_nccl, "fmcore_ncclsim")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -274,6 +274,19 @@ ncclResult_t injected(const char* fn, ncclComm* comm) {
 
 bool usable(const ncclComm* comm) { return comm != nullptr && !comm->destroyed && !comm->aborted; }
 
+// Every rank has made the call (init, or its first collective) its communicator was waiting on.
+void complete_in_progress(Clique& q) {
+  for (ncclComm* member : q.members)
+    if (member->state == ncclInProgress) member->state = ncclSuccess;
+}
+
+// The communicator of (unique id, rank), or null. Caller holds the model's lock.
+ncclComm* find_comm(const std::string& id, int rank) {
+  const auto it = model().cliques.find(id);
+  if (it == model().cliques.end() || rank < 0 || rank >= it->second->world) return nullptr;
+  return it->second->members[rank];
+}
+
 // Queues one collective on its stream; the communicator's first one connects it to its peers.
 ncclResult_t enqueue(ncclComm* comm, const Collective& c, cudaStream_t stream) {
   Model& m = model();
@@ -288,8 +301,7 @@ ncclResult_t enqueue(ncclComm* comm, const Collective& c, cudaStream_t stream) {
     comm->state = ncclInProgress;
     return ncclInProgress;
   }
-  for (ncclComm* member : q.members)
-    if (member->state == ncclInProgress) member->state = ncclSuccess;
+  complete_in_progress(q);
   return ncclSuccess;
 }
 
@@ -372,9 +384,7 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id,
   auto* comm = new ncclComm(q, rank);  // never freed: stream work may still refer to it
   q->members[rank] = comm;
   *out = comm;
-  if (++q->joined == world)
-    for (ncclComm* member : q->members)
-      if (member->state == ncclInProgress) member->state = ncclSuccess;
+  if (++q->joined == world) complete_in_progress(*q);
   if (config->blocking == 0) return comm->state;
   m.cv.wait(lock, [&] { return comm->state != ncclInProgress; });  // blocking mode: NCCL's default
   return comm->state;
@@ -527,12 +537,9 @@ PYBIND11_MODULE(fmcore_ncclsim, m) {
     model().fail_next[fn] = {static_cast<ncclResult_t>(result), message};
   }, "The next call of NCCL function `fn` returns `result`; ncclGetLastError then says `message`.");
   m.def("sim_async_error", [](const py::bytes& id, int rank, int result, const std::string& message) {
-    Model& mo = model();
-    std::lock_guard<std::mutex> lock(mo.mu);
-    const auto it = mo.cliques.find(std::string(id));
-    if (it == mo.cliques.end() || rank < 0 || rank >= it->second->world || !it->second->members[rank])
-      throw std::invalid_argument("no communicator of that unique id and rank");
-    ncclComm* comm = it->second->members[rank];
+    std::lock_guard<std::mutex> lock(model().mu);
+    ncclComm* comm = find_comm(id, rank);
+    if (comm == nullptr) throw std::invalid_argument("no communicator of that unique id and rank");
     comm->state = static_cast<ncclResult_t>(result);
     comm->last_error = message;
   }, "The communicator of (unique id, rank) gets asynchronous error `result` (as a failed peer causes).");
@@ -541,12 +548,9 @@ PYBIND11_MODULE(fmcore_ncclsim, m) {
     model().fail_next_event_query = static_cast<cudaError_t>(error);
   }, "The next cudaEventQuery returns CUDA error `error` (as after a faulting kernel).");
   m.def("sim_comm_state", [](const py::bytes& id, int rank) {
-    Model& mo = model();
-    std::lock_guard<std::mutex> lock(mo.mu);
-    const auto it = mo.cliques.find(std::string(id));
-    if (it == mo.cliques.end() || rank < 0 || rank >= it->second->world || !it->second->members[rank])
-      return std::string("absent");
-    const ncclComm* c = it->second->members[rank];
+    std::lock_guard<std::mutex> lock(model().mu);
+    const ncclComm* c = find_comm(id, rank);
+    if (c == nullptr) return std::string("absent");
     if (c->aborted) return std::string("aborted");
     if (c->destroyed) return std::string(c->finalized ? "closed" : "destroyed");
     return std::string("live");
