@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# GPU checks in stages. The device tool allows 10 minutes a command and 30 minutes a session, so one
-# call runs one or a few stages, and a stage never outlives the call (DEADLINE, default 570 s from
-# the start, is split among the steps; what is done comes back in $OUT even when time runs out).
+# GPU checks in stages, each capped in seconds (STAGE:SECONDS overrides a stage's cap). The device
+# tool allows 10 minutes a command and 15 minutes of device time a session, start included, so one
+# call runs the stages that matter most first; a stage never outlives the call (DEADLINE, default
+# 570 s from the start), and what a stage measured comes back in $OUT even when its time runs out.
 #
-#   scripts/gpu_check.sh test             # fmcore info + pytest -m cuda (4 xdist workers)
+#   scripts/gpu_check.sh test             # fmcore info + pytest -m "cuda and not bigmem" (8 xdist workers)
+#   scripts/gpu_check.sh test-bigmem      # the tests that need tens of GB, alone
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
 #   scripts/gpu_check.sh bench-ops        # rope, norm, cross_entropy, linear_cross_entropy, adamw vs peers
-#   scripts/gpu_check.sh bench-attention  # attention vs SDPA flash / cuDNN / mem-efficient
-#   scripts/gpu_check.sh bench-train      # loader and trainer throughput vs their baselines
+#   scripts/gpu_check.sh bench-NAME       # one benchmark: bench-attention, bench-loader, bench-train, ...
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
 #
-# Each bench stage writes $OUT/results-<stage>.json: merge a session's files with
-# `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit, and run
-# `python scripts/render_readme.py`.
+# One 15-minute lease, most important first (the second call only if the machine is still warm):
+#   scripts/gpu_check.sh test:170 bench-attention:70 bench-ops:140 bench-loader:25 bench-train:160
+#   DEADLINE=200 scripts/gpu_check.sh train:90 sanitize:100
 #
-# The extension: build it HERE, not on the device, and carry it (the H100 machine has torch 2.11 and
-# Python 3.12, which the dev machines can build for, with nvcc, in ~5 min):
-#   PYTHON=/path/py312-torch2.11-venv/bin/python BUILD_DIR=build/py312-t211 scripts/dev_build.sh
-#   run(command="scripts/gpu_check.sh test", carry=["python/fmcore/_C.cpython-312-x86_64-linux-gnu.so", ".whl"])
+# Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
+# with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
+# and run `python scripts/render_readme.py`.
+#
+# The extension: build it HERE, not on the device, and carry it (the GPU machine has torch 2.11 and
+# Python 3.12, which the dev machines can build for, with nvcc, in ~10 min on 2 cores):
+#   PYTHON=/path/py312-torch2.11-venv/bin/python BUILD_DIR=build/py312-t211 FMCORE_CUDA=on scripts/dev_build.sh
+#   run(command="scripts/gpu_check.sh test ...", carry=["python/fmcore/_C.cpython-312-x86_64-linux-gnu.so", ".whl"])
 # Without a carried extension that imports, the first stage builds one with 16 jobs (a few minutes).
 # Peers that are not installed there (liger-kernel, cut-cross-entropy) travel as wheels in .whl/.
 set -uo pipefail
@@ -54,34 +59,37 @@ python3 -m fmcore info > "$OUT/info.log" 2>&1 || status=1
 head -n 20 "$OUT/info.log"
 cd "$OUT"
 
-stage_test() {
-  # 4 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
+stage_test() {  # stage_test SECONDS
+  # 8 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
   # and xdist starts a fresh one, so one bad kernel cannot fail every later test.
-  # The bigmem tests (tens of GB each) run afterwards, alone.
-  local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-  bounded 420 python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -q "${workers[@]}" -p no:cacheprovider \
-    --timeout 240 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
-  bounded 120 python3 -m pytest "$repo/tests" -m "cuda and bigmem" -q -p no:cacheprovider --timeout 100 -rfE \
-    >> pytest-cuda.log 2>&1 || status=1
+  local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -q "${workers[@]}" -p no:cacheprovider \
+    --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed|skipped" pytest-cuda.log | tail -n 60
 }
 
-stage_sanitize() {
-  local tool
+stage_test_bigmem() {  # stage_test_bigmem SECONDS: tens of GB each, so one at a time
+  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and bigmem" -q -p no:cacheprovider --timeout 100 -rfE \
+    > pytest-bigmem.log 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed|skipped" pytest-bigmem.log | tail -n 20
+}
+
+stage_sanitize() {  # stage_sanitize SECONDS: split among the three tools
+  local tool each=$(( $1 / 3 ))
   for tool in memcheck racecheck synccheck; do
-    bounded 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 "$repo/scripts/sanitize_ops.py" \
+    bounded "$each" compute-sanitizer --tool $tool --error-exitcode 9 python3 "$repo/scripts/sanitize_ops.py" \
       > "sanitizer-$tool.log" 2>&1 \
       && echo "compute-sanitizer $tool: clean" \
       || { echo "compute-sanitizer $tool: ERRORS or timeout (sanitizer-$tool.log)"; tail -n 15 "sanitizer-$tool.log"; status=1; }
   done
 }
 
-stage_train() {
-  bounded 150 python3 -m fmcore train --log.run_dir "$OUT/train-tiny" --log.progress plain > train-default.log 2>&1 || status=1
+stage_train() {  # stage_train SECONDS: a fifth for the default job, two fifths for each A/B run
+  bounded $(( $1 / 5 )) python3 -m fmcore train --log.run_dir "$OUT/train-tiny" --log.progress plain > train-default.log 2>&1 || status=1
   tail -n 8 train-default.log
   local ops
   for ops in fmcore torch; do
-    bounded 200 python3 -m fmcore train gpt2-124m --model.ops $ops --train.steps 300 --train.tokens_per_step 0 \
+    bounded $(( $1 * 2 / 5 )) python3 -m fmcore train gpt2-124m --model.ops $ops --train.steps 300 --train.tokens_per_step 0 \
       --schedule.warmup_steps 30 --train.eval_every 0 --log.every 10 --log.progress plain --checkpoint.every 0 \
       --checkpoint.save_final false --checkpoint.export_hf false --log.run_dir "$OUT/ab-$ops" > "ab-$ops.log" 2>&1 || status=1
   done
@@ -90,26 +98,28 @@ stage_train() {
   tar czf train-runs.tgz --exclude='*/checkpoints' --exclude='*/hf' train-tiny ab-* 2>/dev/null && rm -rf train-tiny ab-fmcore ab-torch
 }
 
-bench() {  # bench STAGE NAME...: one group of benchmarks, its JSON and plots, the table last
-  local stage=$1; shift
-  bounded 560 python3 -m fmcore.bench "$@" --json "results-$stage.json" --plot "plots-$stage" > "$stage.log" 2>&1 || status=1
+bench() {  # bench STAGE SECONDS NAME...: one group of benchmarks, its JSON and plots, the table last
+  local stage=$1 seconds=$2; shift 2
+  bounded "$seconds" python3 -m fmcore.bench "$@" --json "results-$stage.json" --plot "plots-$stage" > "$stage.log" 2>&1 || status=1
   tar czf "plots-$stage.tgz" "plots-$stage" 2>/dev/null && rm -rf "plots-$stage"
   sed -n '/^# roofline/p;/^### /,$p' "$stage.log"
   grep -E "Error|Traceback" "$stage.log" | head -n 5
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE... (test sanitize train bench-ops bench-attention bench-train all)"; exit 2; }
-[ "${stages[*]}" = all ] && stages=(test sanitize train bench-ops bench-attention bench-train) && deadline=$(( $(date +%s) + 3600 ))
-for stage in "${stages[@]}"; do
+[ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME all)"; exit 2; }
+[ "${stages[*]}" = all ] && stages=(test test-bigmem sanitize train bench-ops bench-attention bench-loader bench-train) \
+  && deadline=$(( $(date +%s) + 3600 ))
+for spec in "${stages[@]}"; do
+  stage=${spec%%:*}; cap=${spec#*:}; [ "$cap" = "$spec" ] && cap=
   echo; echo "==== $stage ($(left) s left) ===="
   case $stage in
-    test) stage_test ;;
-    sanitize) stage_sanitize ;;
-    train) stage_train ;;
-    bench-ops) bench bench-ops rope norm cross_entropy linear_cross_entropy adamw ;;
-    bench-attention) bench bench-attention attention ;;
-    bench-train) bench bench-train loader train ;;
+    test) stage_test "${cap:-300}" ;;
+    test-bigmem) stage_test_bigmem "${cap:-120}" ;;
+    sanitize) stage_sanitize "${cap:-450}" ;;
+    train) stage_train "${cap:-400}" ;;
+    bench-ops) bench bench-ops "${cap:-400}" rope norm cross_entropy linear_cross_entropy adamw ;;
+    bench-*) bench "$stage" "${cap:-400}" "${stage#bench-}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -77,7 +77,7 @@ def test_every_benchmark_runs_quick_on_cpu(name):
     # here rather than in the few minutes of GPU time the benchmarks get. The CUDA-only systems
     # (SDPA backends, Liger, ...) still run only on the GPU.
     ctx = BenchContext(device=torch.device("cpu"), roofline=Roofline(copy_gbps=10.0, matmul_tflops=0.05), quick=True)
-    rows = load(name).run(ctx)
+    rows = list(load(name).run(ctx))
     assert rows and {r.bench for r in rows} == {name}
     assert all(r.value > 0 for r in rows if isinstance(r.value, (int, float)))
     assert any(r.system == "fmcore" for r in rows)

@@ -1,6 +1,6 @@
 """fmcore's benchmark harness: ``python -m fmcore.bench [NAME ...] [--json FILE] [--plot DIR]``.
 
-Each benchmark module defines ``run(ctx) -> list[Row]`` and compares fmcore with every peer that is
+Each benchmark module defines ``run(ctx)``, returning or yielding its Rows, and compares fmcore with every peer that is
 importable, in the same process, on fresh random data.
 """
 

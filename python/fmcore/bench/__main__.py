@@ -29,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     ctx = BenchContext(device=device, roofline=roof, quick=args.quick or device.type != "cuda")
     rows: list[report.Row] = []
+    head = report.header(device, roof)
     for name, module in zip(names, modules):
         print(f"# running {name} ...", flush=True)
-        rows += module.run(ctx)
+        for row in module.run(ctx):
+            rows.append(row)
+            # Rewritten after every row: a run stopped at a time limit keeps what it measured.
+            if args.json:
+                report.write_json(args.json, head, rows)
     print(report.markdown(rows))
     if args.json:
-        report.write_json(args.json, report.header(device, roof), rows)
         print(f"# wrote {args.json}")
     if args.plot:
         for path in report.plot(rows, args.plot):
