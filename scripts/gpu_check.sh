@@ -8,13 +8,14 @@
 #   scripts/gpu_check.sh test-bigmem      # the tests that need tens of GB, alone
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
-#   scripts/gpu_check.sh bench-ops        # rope, norm, cross_entropy, linear_cross_entropy, adamw vs peers
-#   scripts/gpu_check.sh bench-NAME       # one benchmark: bench-attention, bench-loader, bench-train, ...
+#   scripts/gpu_check.sh bench-ops        # the ops with a bar (rope, cross_entropy, linear_cross_entropy, adamw)
+#   scripts/gpu_check.sh bench-NAME       # one benchmark: bench-attention, bench-loader, bench-train, bench-norm...
+#   scripts/gpu_check.sh profile          # kernel-by-kernel time of each op (scripts/profile_kernels.py)
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
 #
 # One 15-minute lease, most important first (the second call only if the machine is still warm):
-#   scripts/gpu_check.sh test:170 bench-attention:70 bench-ops:140 bench-loader:25 bench-train:160
-#   DEADLINE=200 scripts/gpu_check.sh train:90 sanitize:100
+#   scripts/gpu_check.sh test:160 bench-attention:70 bench-ops:120 profile:25 bench-loader:25 bench-train:160
+#   DEADLINE=200 scripts/gpu_check.sh train:90 sanitize:70 bench-norm:40
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
@@ -107,8 +108,8 @@ bench() {  # bench STAGE SECONDS NAME...: one group of benchmarks, its JSON and 
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME all)"; exit 2; }
-[ "${stages[*]}" = all ] && stages=(test test-bigmem sanitize train bench-ops bench-attention bench-loader bench-train) \
+[ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME profile all)"; exit 2; }
+[ "${stages[*]}" = all ] && stages=(test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm) \
   && deadline=$(( $(date +%s) + 3600 ))
 for spec in "${stages[@]}"; do
   stage=${spec%%:*}; cap=${spec#*:}; [ "$cap" = "$spec" ] && cap=
@@ -118,7 +119,9 @@ for spec in "${stages[@]}"; do
     test-bigmem) stage_test_bigmem "${cap:-120}" ;;
     sanitize) stage_sanitize "${cap:-450}" ;;
     train) stage_train "${cap:-400}" ;;
-    bench-ops) bench bench-ops "${cap:-400}" rope norm cross_entropy linear_cross_entropy adamw ;;
+    bench-ops) bench bench-ops "${cap:-400}" rope cross_entropy linear_cross_entropy adamw ;;
+    profile) bounded "${cap:-60}" python3 "$repo/scripts/profile_kernels.py" --json kernels.json > profile.log 2>&1 \
+               || status=1; grep -v "^USDT" profile.log | tail -n 70 ;;
     bench-*) bench "$stage" "${cap:-400}" "${stage#bench-}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
@@ -126,7 +129,7 @@ done
 # The device tool returns at most 8 files: past that, everything but the results and the A/B summary
 # travels in one archive.
 if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
-  find . -maxdepth 1 -type f ! -name 'results-*.json' ! -name ab.txt ! -name pytest-cuda.log ! -name bundle.tgz -printf '%P\n' \
+  find . -maxdepth 1 -type f ! -name 'results-*.json' ! -name kernels.json ! -name ab.txt ! -name pytest-cuda.log ! -name bundle.tgz -printf '%P\n' \
     | tar czf bundle.tgz -T - --remove-files
 fi
 exit $status

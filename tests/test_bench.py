@@ -1,6 +1,7 @@
 """The benchmark harness itself: rows, table, JSON, plots, the CLI and `fmcore info`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,22 @@ def test_readme_performance_section_is_generated():
     proc = subprocess.run([sys.executable, str(root / "scripts/render_readme.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["profile_kernels.py", "sanitize_ops.py"])
+def test_gpu_check_scripts_run_on_cpu(script, tmp_path):
+    # scripts/gpu_check.sh runs these on the GPU, where a slip costs part of a 15-minute lease: prove
+    # them here on the CPU first (small shapes; the same code paths).
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "FMCORE_SANITIZE_DEVICE": "cpu"}
+    args = ["--device", "cpu", "--json", str(tmp_path / "k.json")] if script == "profile_kernels.py" else []
+    proc = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if script == "profile_kernels.py":
+        ops = json.loads((tmp_path / "k.json").read_text())["ops"]
+        assert set(ops) >= {"attention", "rope", "cross_entropy", "linear_cross_entropy", "adamw"}
+        assert all(op["kernels"] and op["total_us"] > 0 for op in ops.values())
