@@ -30,16 +30,19 @@ def attention():
     # and the backward's two dq paths (atomic adds from the dk/dv kernel, and the deterministic one).
     from fmcore.ops import flash_attention, flash_attention_varlen
 
+    # Every tile configuration in bf16 (the kernels are the same templates in fp16).
     for D in (64, 96, 128):
-        for dt in (torch.bfloat16, torch.float16):
+        for dt, configs in ((torch.bfloat16, (0, 1, 2)), (torch.float16, (0,))):
             for B, Sq, Sk, Hq, Hk, causal in [(2, 77, 77, 4, 2, True), (1, 130, 45, 3, 1, True), (1, 17, 200, 2, 2, True),
                                               (1, 65, 129, 2, 1, False), (1, 1, 1, 1, 1, False)]:
                 for deterministic in (False, True):
-                    q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dt, requires_grad=True)
-                    k = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
-                    v = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
-                    out, lse = flash_attention(q, k, v, causal=causal, deterministic=deterministic, return_lse=True)
-                    (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
+                    for tiles in configs:
+                        q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dt, requires_grad=True)
+                        k = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
+                        v = torch.randn(B, Sk, Hk, D, device=dev, dtype=dt, requires_grad=True)
+                        out, lse = flash_attention(q, k, v, causal=causal, deterministic=deterministic,
+                                                   return_lse=True, tiles=tiles)
+                        (out.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
     lens_q, lens_k = [1, 0, 70, 3, 130], [5, 2, 0, 3, 64]
     cq = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     ck = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=dev)

@@ -702,23 +702,50 @@ cudaError_t launch(dim3 grid, int threads, size_t smem, const AttnParams& p, cud
 
 unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// Tile shapes per head dim, chosen to keep the accumulators in registers without spills (the
-// -Xptxas -v numbers are in the report); the first knobs to turn on the GPU.
+// Tile shapes per head dim and configuration (AttnParams::tiles). The forward runs kFwdWarps warps
+// of kFwdMW 16-query tiles against kFwdBlockN keys per step; dk/dv (with the atomic path's share of
+// dq) 16 * kDkdvWarps keys per CTA against kDkdvBlockM queries per step; the deterministic dq
+// kernel kDqWarps warps of kDqMW 16-query tiles against kDqBlockN keys per step. Registers and
+// spills per kernel (nvcc -Xptxas -v, sm_90a, bf16, D = 64 / 96 / 128) are noted for each.
+// Only timings can rank them: `python -m fmcore.bench attention` times 1 and 2 beside 0.
+template <int D, int kConfig>
+struct Tiles;
+
+// 0, the default: the largest tiles that keep every accumulator in registers without spills
+// (fwd 226 / 206 / 246 registers; dk/dv 168 with a 4-byte spill at D = 64, 174, 234; dq 203 / 157
+// / 180; two dq tiles per warp spill at D = 96 and 128).
 template <int D>
-struct Tiles {
-  // forward: 4 warps x 2 tiles of 16 queries = 128 queries, against kFwdBlockN keys per step
+struct Tiles<D, 0> {
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
-  // dk/dv (and the atomic path's dq share): 4 warps x 16 keys = 64 keys per CTA, against
-  // kDkdvBlockM queries per step
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
-  // dq: 4 warps x kDqMW tiles of 16 queries, against kDqBlockN keys per step (two tiles per warp
-  // spill at D = 96 and 128)
   static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 32;
 };
 
-template <typename T, int D>
+// 1, longer steps: twice the keys per forward and dq step and 64 queries per dk/dv step (half the
+// barriers and loop trips; FlashAttention-2's 128 x 64 forward tile at D = 128), paid for with a
+// few spilled registers (fwd 80 bytes at D = 64 and 128, dk/dv 28 at D = 128, dq 40 at D = 64).
+template <int D>
+struct Tiles<D, 1> {
+  static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
+  static constexpr int kDkdvWarps = 4, kDkdvBlockM = 64;
+  static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 64;
+};
+
+// 2, eight warps: one 16-query tile per warp in the forward and dq (128 queries per CTA), 128 keys
+// per dk/dv CTA (each Q/dO tile loaded once per 128 keys instead of 64). No spills but 8-16 bytes
+// in the atomic dk/dv kernel at D = 96 and 128; the forward reads each K/V fragment from shared
+// memory once per 16 queries instead of once per 32. (D = 96 dk/dv takes 64 queries per step: a
+// warp's dq slab must be a multiple of 16 columns.)
+template <int D>
+struct Tiles<D, 2> {
+  static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;
+  static constexpr int kDkdvWarps = 8, kDkdvBlockM = D == 128 ? 32 : 64;
+  static constexpr int kDqWarps = 8, kDqMW = 1, kDqBlockN = 32;
+};
+
+template <typename T, int D, int kConfig>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
-  using C = Tiles<D>;
+  using C = Tiles<D, kConfig>;
   constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
   const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
@@ -727,9 +754,9 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
       grid, 32 * C::kFwdWarps, smem, p, stream);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kConfig>
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
-  using C = Tiles<D>;
+  using C = Tiles<D, kConfig>;
   const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q),
                    static_cast<unsigned>(p.batch));
   cudaError_t err = launch<attn_bwd_delta_kernel<T>>(dgrid, 256, 0, p, stream);
@@ -761,7 +788,21 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
       q_grid, 32 * C::kDqWarps, q_smem, p, stream);
 }
 
-template <template <typename, int> class Fn>
+template <template <typename, int, int> class Fn, typename T, int D>
+cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
+  static_assert(kAttnTileConfigs == 3, "one case per configuration");
+  switch (p.tiles) {
+    case 0:
+      return Fn<T, D, 0>::run(p, stream);
+    case 1:
+      return Fn<T, D, 1>::run(p, stream);
+    case 2:
+      return Fn<T, D, 2>::run(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <template <typename, int, int> class Fn>
 cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   // The binding guarantees these; anything else is refused rather than run out of bounds.
   if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.heads_k > 65535 ||
@@ -776,22 +817,29 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorInvalidValue;
   switch (p.head_dim) {
     case 64:
-      return bf16 ? Fn<__nv_bfloat16, 64>::run(p, stream) : Fn<__half, 64>::run(p, stream);
+      return bf16 ? with_tiles<Fn, __nv_bfloat16, 64>(p, stream)
+                  : with_tiles<Fn, __half, 64>(p, stream);
     case 96:
-      return bf16 ? Fn<__nv_bfloat16, 96>::run(p, stream) : Fn<__half, 96>::run(p, stream);
+      return bf16 ? with_tiles<Fn, __nv_bfloat16, 96>(p, stream)
+                  : with_tiles<Fn, __half, 96>(p, stream);
     case 128:
-      return bf16 ? Fn<__nv_bfloat16, 128>::run(p, stream) : Fn<__half, 128>::run(p, stream);
+      return bf16 ? with_tiles<Fn, __nv_bfloat16, 128>(p, stream)
+                  : with_tiles<Fn, __half, 128>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <typename T, int D>
+template <typename T, int D, int kConfig>
 struct Fwd {
-  static cudaError_t run(const AttnParams& p, cudaStream_t stream) { return fwd<T, D>(p, stream); }
+  static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
+    return fwd<T, D, kConfig>(p, stream);
+  }
 };
-template <typename T, int D>
+template <typename T, int D, int kConfig>
 struct Bwd {
-  static cudaError_t run(const AttnParams& p, cudaStream_t stream) { return bwd<T, D>(p, stream); }
+  static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
+    return bwd<T, D, kConfig>(p, stream);
+  }
 };
 
 }  // namespace

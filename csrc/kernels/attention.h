@@ -55,7 +55,13 @@ struct AttnParams {
   float scale = 1.f;                   // softmax scale (1/sqrt(D) by default)
   bool causal = false;
   DType dtype = DType::kBFloat16;
+  // The CUDA kernels' tile configuration, in [0, kAttnTileConfigs): 0 is the default, the others
+  // the alternatives the attention benchmark times beside it (attention.cu's Tiles). The CPU
+  // reference ignores it.
+  int tiles = 0;
 };
+
+constexpr int kAttnTileConfigs = 3;
 
 // Where sequence b lives: its first row in the packed tensors (0 for batched inputs) and its
 // lengths.

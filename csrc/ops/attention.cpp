@@ -168,7 +168,9 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
-                            double softmax_scale) {
+                            double softmax_scale, int64_t tiles) {
+  TORCH_CHECK_VALUE(tiles >= 0 && tiles < kAttnTileConfigs, "expected tiles in [0, ",
+                    kAttnTileConfigs - 1, "], got ", tiles);
   AttnParams p;
   p.q = attn_tensor(q, s.varlen);
   p.k = attn_tensor(k, s.varlen);
@@ -192,6 +194,7 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
   p.scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.dtype = to_dtype(q.scalar_type());
+  p.tiles = static_cast<int>(tiles);
   return p;
 }
 
@@ -383,14 +386,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                       bool causal, double softmax_scale,
-                                                      bool /*deterministic*/) {
+                                                      bool /*deterministic*/, int64_t tiles) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(lse_shape(sh), q.options().dtype(lse_dtype(q.scalar_type())));
   const AttnParams p =
-      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                       tiles);
   if (lse.scalar_type() == at::kDouble) {
     attn_fwd_cpu_impl<double>(sh, p, softmax_scale, q, k, v, out, lse);
   } else {
@@ -404,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool /*deterministic: the reference always is*/) {
+    bool /*deterministic: the reference always is*/, int64_t tiles) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
@@ -413,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const AttnParams p =
-      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                       tiles);
   if (lse.scalar_type() == at::kDouble) {
     attn_bwd_cpu_impl<double>(sh, p, softmax_scale, dout, q, k, v, out, lse, dlse, dq, dk, dv);
   } else {

@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool /*deterministic: a backward option*/) {
+    bool /*deterministic: a backward option*/, int64_t tiles) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(lse_shape(sh), q.options().dtype(at::kFloat));
   const AttnParams p =
-      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                       tiles);
   check_launch(attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_fwd");
   return {out, lse};
 }
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    bool causal, double softmax_scale, bool deterministic) {
+    bool causal, double softmax_scale, bool deterministic, int64_t tiles) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -77,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty(lse_shape(sh), lse.options());
   AttnParams p =
-      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale);
+      make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                       tiles);
   p.dout = attn_tensor(dout, sh.varlen);
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);

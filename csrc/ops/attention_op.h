@@ -36,11 +36,12 @@ std::vector<int64_t> lse_shape(const AttnShapes& s);
 at::ScalarType lse_dtype(at::ScalarType x);
 
 // The parameter struct over the given tensors (the backward fields stay empty when undefined).
+// Raises ValueError for a tile configuration outside [0, kAttnTileConfigs).
 AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
-                            double softmax_scale);
+                            double softmax_scale, int64_t tiles);
 AttnTensor attn_tensor(const at::Tensor& t, bool varlen);
 
 }  // namespace fmcore

@@ -64,16 +64,18 @@ TORCH_LIBRARY(fmcore, m) {
   // (float64 for float64 CPU inputs). Causal masks align to the bottom-right corner. The backward
   // takes the optional gradient of lse (dlse) and recomputes the probabilities from lse.
   // deterministic=False lets the CUDA backward add dq with atomics (faster, not bitwise
-  // reproducible); the forward only carries it to the backward. The CPU ignores it.
+  // reproducible); tiles picks the CUDA kernels' tile configuration (0, the default, or one of the
+  // alternatives the benchmark times; kernels/attention.h). The forward only carries deterministic
+  // to the backward; the CPU ignores both.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, "
-      "bool deterministic=False) -> (Tensor, Tensor)");
+      "bool deterministic=False, int tiles=0) -> (Tensor, Tensor)");
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False, "
+      "int tiles=0) -> (Tensor, Tensor, Tensor)");
 
   // Fused residual add + LayerNorm (rms=False) / RMSNorm (rms=True) (kernels/norm.h). x (..., D),
   // residual (x's shape) or None, weight and bias (D,). Returns (out, residual_out, mean, rstd): out

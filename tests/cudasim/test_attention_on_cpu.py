@@ -92,6 +92,33 @@ def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
 
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("tiles", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 150, 140, 2, 1, 64), (1, 70, 130, 3, 1, 96), (1, 130, 70, 2, 2, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_tile_configs(kernels_on_sim, shape, tiles, causal, deterministic):
+    # The alternatives the benchmark times beside the default: 8-warp CTAs (tiles=2) and steps of
+    # up to 128 keys (tiles=1), each with a partial last block, at every head dim.
+    torch.manual_seed(15)
+    ta.check_against_reference(*ta.make_qkv(*shape, "cpu", torch.bfloat16), causal, deterministic=deterministic,
+                               tiles=tiles)
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
+    # Offsets around multiples of the 64- and 128-row blocks these configurations add (D = 64 has
+    # tiles=1's 128-key forward steps; the GPU test sweeps every offset in [-129, 129]).
+    torch.manual_seed(16)
+    for d in (-129, -128, -65, -64, -1, 0, 1, 63, 64, 127, 128, 129):
+        q, k, v = ta.make_qkv(1, 130, 130 + d, 1, 1, 64, "cpu", torch.bfloat16)
+        try:
+            ta.check_against_reference(q, k, v, causal=True, deterministic=deterministic, tiles=tiles)
+        except AssertionError as e:
+            raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
 def test_varlen(kernels_on_sim, causal, same_lengths, deterministic):
     # Documents of length 1, one longer than a block, one with no keys and one with no queries.

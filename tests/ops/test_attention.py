@@ -74,9 +74,9 @@ def make_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype, requires_grad=True):
     return q, k, v
 
 
-def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False):
+def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False, tiles=0):
     out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, deterministic=deterministic,
-                               return_lse=True)
+                               return_lse=True, tiles=tiles)
     ref_out, ref_lse = reference(q, k, v, causal, scale)
     t_out = torch_sdpa(q, k, v, causal, scale)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
@@ -291,19 +291,42 @@ def test_deterministic_bitwise(device, causal):
 
 @pytest.mark.cuda
 @DQ_PATHS
+@pytest.mark.parametrize("tiles", [0, 1, 2])
 @pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
-def test_causal_every_diagonal_offset_cuda(D, deterministic):
+def test_causal_every_diagonal_offset_cuda(D, tiles, deterministic):
     # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
-    # Sk - Sq modulo the block sizes (64 or 32 keys; 128, 64 or 32 queries per CTA or step). Every
-    # offset in [-65, 65] covers all residues mod 64 at Sq = 130 (a second, partial query block):
+    # Sk - Sq modulo the block sizes (up to 128 keys or queries per CTA or step). Every offset in
+    # [-129, 129] covers all residues mod 128 at Sq = 258 (a third, partial query block of 128):
     # an off-by-one in any kernel's "needs the mask" test attends to a key one past the diagonal.
     torch.manual_seed(10)
-    for d in range(-65, 66):
-        q, k, v = make_qkv(1, 130, 130 + d, 2, 1, D, "cuda", torch.bfloat16)
+    for d in range(-129, 130):
+        q, k, v = make_qkv(1, 258, 258 + d, 2, 1, D, "cuda", torch.bfloat16)
         try:
-            check_against_reference(q, k, v, causal=True, deterministic=deterministic)
+            check_against_reference(q, k, v, causal=True, deterministic=deterministic, tiles=tiles)
         except AssertionError as e:
             raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+
+
+@pytest.mark.cuda
+@DQ_PATHS
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
+    # The alternatives the benchmark times beside the default (every other test runs tiles=0): GQA
+    # with Sq > Sk and Sq < Sk, partial blocks of every tile size, and varlen documents.
+    torch.manual_seed(14)
+    for shape in [(2, 301, 333, 8, 2, D), (1, 150, 90, 3, 1, D)]:
+        check_against_reference(*make_qkv(*shape, "cuda", torch.bfloat16), causal, deterministic=deterministic,
+                                tiles=tiles)
+    check_varlen("cuda", causal, False, 4, 2, D, torch.bfloat16, deterministic, tiles=tiles)
+
+
+def test_tiles_out_of_range_raises(device):
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
+    for tiles in (-1, 3):
+        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 2\\], got {tiles}"):
+            flash_attention(q, q, q, tiles=tiles)
 
 
 @pytest.mark.cuda
@@ -456,7 +479,8 @@ def cu(lengths, device):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
 
 
-def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16, deterministic=False):
+def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16, deterministic=False,
+                 tiles=0):
     g = torch.Generator().manual_seed(4)
     # Random document lengths with length-1 documents, one longer than a block, and (cross) a
     # document with no keys and one with no queries.
@@ -469,7 +493,7 @@ def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfl
     k = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
-                                      deterministic=deterministic)
+                                      deterministic=deterministic, tiles=tiles)
     assert lse.shape == (Hq, sum(lq))
     cql, ckl = cq.tolist(), ck.tolist()
     ref_out, ref_lse = varlen_reference(q, k, v, cql, ckl, causal)
@@ -669,7 +693,8 @@ def test_opcheck(device):
                               **utils)
     c = cu([7, 12], device)
     qv, kv, vv = (t.detach()[0, :19].clone().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125, True))
+    # tiles=1: the tile configuration reaches the backward too (on CUDA, another set of kernels)
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125, True, 1))
     # The backward op has no autograd of its own (no double backward): call it on detached inputs.
     q, k, v = q.detach(), k.detach(), v.detach()
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, 0.125)

@@ -4,7 +4,8 @@ memory-efficient backends, forward and backward, on the issue's cases.
 FLOPs (FlashAttention's convention): forward 4 * B * H * Sq * Sk * D, halved when causal; backward
 2.5x the forward. roofline% is against the bf16 matmul rate measured in the same run. Every system
 reads the same (B, S, H, D) tensors (SDPA through a (B, H, S, D) view, the layout its kernels take
-without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True.
+without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True;
+on the GPU also with its alternative tile configurations (tiles=1, 2).
 On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
 """
 
@@ -46,6 +47,10 @@ def _systems(device: torch.device):
         ("fmcore-deterministic", lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=True)),
     ]
     if device.type == "cuda":
+        # The alternative tile configurations (csrc/kernels/attention.cu's Tiles), timed beside the
+        # default so that one GPU run says which to make the default per head dim and phase.
+        systems += [(f"fmcore-tiles{t}", lambda q, k, v, causal, t=t: flash_attention(q, k, v, causal=causal, tiles=t))
+                    for t in (1, 2)]
         from torch.nn.attention import SDPBackend
 
         systems += [

@@ -75,6 +75,7 @@ def flash_attention(
     softmax_scale: float | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
+    tiles: int = 0,
 ):
     """softmax(q k^T * softmax_scale [+ causal mask]) v for q (B, Sq, Hq, D), k/v (B, Sk, Hk, D).
 
@@ -84,11 +85,14 @@ def flash_attention(
         deterministic: a bitwise reproducible backward on CUDA (no atomic dq; about 1.4x the
             backward's tensor-core work). Default False, as in FlashAttention.
         return_lse: also return lse (B, Hq, Sq) float32.
+        tiles: the CUDA kernels' tile configuration: 0, the default, or 1 or 2, the alternatives
+            that ``python -m fmcore.bench attention`` times beside it (csrc/kernels/attention.cu's
+            Tiles). The same results up to the order of floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
-                                               _deterministic(deterministic))
+                                               _deterministic(deterministic), int(tiles))
     return (out, lse) if return_lse else out
 
 
@@ -105,6 +109,7 @@ def flash_attention_varlen(
     softmax_scale: float | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
+    tiles: int = 0,
 ):
     """Attention within each packed document: q (Tq, Hq, D), k/v (Tk, Hk, D).
 
@@ -112,8 +117,8 @@ def flash_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) cumulative lengths on q's device: document b is
             rows [cu[b], cu[b+1]); cu[0] == 0, non-decreasing, cu[-1] == rows of q (k).
         max_seqlen_q, max_seqlen_k: at least the longest document (they size the CUDA grid).
-        causal, softmax_scale, deterministic: as in ``flash_attention``; causal is aligned to the
-            bottom-right corner of each document.
+        causal, softmax_scale, deterministic, tiles: as in ``flash_attention``; causal is aligned to
+            the bottom-right corner of each document.
         return_lse: also return lse (Hq, Tq) float32.
     On CUDA the values of cu_seqlens are checked with one small device-to-host copy, skipped when the
     same unmodified tensor was checked last (every layer of a model passes the same one), under
@@ -127,7 +132,7 @@ def flash_attention_varlen(
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
     out, lse = torch.ops.fmcore.flash_attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale),
-        _deterministic(deterministic),
+        _deterministic(deterministic), int(tiles),
     )
     return (out, lse) if return_lse else out
 
@@ -165,7 +170,7 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
 
 @torch.library.register_fake("fmcore::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                         deterministic=False):
+                         deterministic=False, tiles=0):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
@@ -173,15 +178,15 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 @torch.library.register_fake("fmcore::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, softmax_scale, deterministic=False):
+                         causal, softmax_scale, deterministic=False, tiles=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic = inputs  # defaults arrive filled in
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, tiles = inputs  # defaults arrive filled in
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, deterministic)
+    ctx.args = (max_q, max_k, causal, scale, deterministic, tiles)
 
 
 def _backward(ctx, dout, dlse):
@@ -190,7 +195,7 @@ def _backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_context=_setup_context)
