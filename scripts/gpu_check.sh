@@ -126,6 +126,10 @@ for spec in "${stages[@]}"; do
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+# The short table last: each issue's bar against this call's results.
+if ls results-*.json >/dev/null 2>&1; then
+  echo; python3 "$repo/scripts/check_bars.py" results-*.json || status=1
+fi
 # The device tool returns at most 8 files: past that, everything but the results and the A/B summary
 # travels in one archive.
 if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then

@@ -42,7 +42,13 @@ def render(results_dir: Path) -> str:
     intro = (f"From `{path.relative_to(ROOT)}`: {head['device']}, {head['date']}, torch {head['torch']}, "
              f"CUDA {head['cuda']}; ceilings measured in the same run: copy {head['copy_gbps']:.0f} GB/s, "
              f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of CUDA-event timings, random inputs.\n\n")
-    return intro + markdown(keep)
+    if head["device"].startswith("cpu"):
+        return intro + markdown(keep)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_bars
+
+    bars = "\n\n### Targets\n\nEach issue's bar against the same run's peer (`scripts/check_bars.py`):\n\n"
+    return intro + markdown(keep) + bars + check_bars.table(rows)
 
 
 def main(argv=None) -> int:

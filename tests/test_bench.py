@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from fmcore.bench import BENCHMARKS, BenchContext, load, report
 from fmcore.bench.report import Row
 from fmcore.bench.roofline import Roofline
 from fmcore.bench.timing import peak_memory_mib, time_ms
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_markdown_one_column_per_system_and_metric():
@@ -104,10 +107,7 @@ def test_fmcore_info_cli():
 
 def test_readme_performance_section_is_generated():
     # The README's numbers come only from committed results through scripts/render_readme.py.
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "scripts/render_readme.py"), "--check"],
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/render_readme.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -117,15 +117,44 @@ def test_readme_performance_section_is_generated():
 def test_gpu_check_scripts_run_on_cpu(script, tmp_path):
     # scripts/gpu_check.sh runs these on the GPU, where a slip costs part of a 15-minute lease: prove
     # them here on the CPU first (small shapes; the same code paths).
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "FMCORE_SANITIZE_DEVICE": "cpu"}
     args = ["--device", "cpu", "--json", str(tmp_path / "k.json")] if script == "profile_kernels.py" else []
-    proc = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     if script == "profile_kernels.py":
         ops = json.loads((tmp_path / "k.json").read_text())["ops"]
         assert set(ops) >= {"attention", "rope", "cross_entropy", "linear_cross_entropy", "adamw"}
         assert all(op["kernels"] and op["total_us"] > 0 for op in ops.values())
+
+
+def test_check_bars_verdicts(tmp_path):
+    # Met, not met and not measured, from rows shaped as the benchmarks write them.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import check_bars
+    finally:
+        sys.path.pop(0)
+    rope = "q(8,2048,32,128) k(8,2048,8,128) bfloat16 fwd"
+    att = "B8 H16 S1024 D128 causal bf16 fwd"
+    rows = [Row("rope", rope, "fmcore", "roofline%", 90.0, "%"), Row("rope", rope, "fmcore", "ms", 0.100, "ms"),
+            Row("rope", rope, "torch-compile", "ms", 0.118, "ms"),
+            Row("cross_entropy", "logits (16384, 50304) bfloat16", "fmcore", "ms", 2.5, "ms"),
+            Row("attention", att, "fmcore", "TFLOP/s", 200.0, "TFLOP/s"),
+            Row("attention", att, "sdpa-flash", "TFLOP/s", 194.0, "TFLOP/s"),
+            Row("attention", att, "sdpa-cudnn", "TFLOP/s", 400.0, "TFLOP/s"),
+            Row("attention", att, "fmcore-tiles1", "TFLOP/s", 250.0, "TFLOP/s")]
+    got = {(b["issue"], b["bar"], b["case"]): b for b in check_bars.bars(rows)}
+    assert got[(2, ">= 85% of copy bandwidth", "rope fwd")]["verdict"] == "met"
+    assert got[(2, "as fast as torch.compile (peer)", "rope fwd")]["verdict"] == "met"
+    assert got[(2, ">= 85% of copy bandwidth", "rope bwd")]["verdict"] == "not measured"
+    assert got[(3, "<= 2.0 ms in place", "CE (16384, 50304) bf16")]["verdict"] == "NOT met"
+    a = got[(5, ">= SDPA flash (FA2) (peer)", f"attention {att}")]
+    assert a["verdict"] == "met" and a["note"] == "0.50x cuDNN; tiles=1: 250"
+    assert {b["verdict"] for (issue, _, _), b in got.items() if issue in (4, 6, 7)} == {"not measured"}
+    head = report.header(torch.device("cpu"), Roofline(10.0, 0.1))
+    for device, shown in (("NVIDIA H100 80GB HBM3", "| 5 | >= SDPA flash (FA2) (peer) |"), (head["device"], "none is judged")):
+        report.write_json(tmp_path / "r.json", {**head, "device": device}, rows)
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts/check_bars.py"), str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and shown in proc.stdout, proc.stdout + proc.stderr
