@@ -14,7 +14,7 @@
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
 #
 # One 15-minute lease, most important first (the second call only if the machine is still warm):
-#   scripts/gpu_check.sh test:160 bench-attention:90 bench-ops:120 profile:25 bench-loader:25 bench-train:150
+#   DEADLINE=578 scripts/gpu_check.sh test:140 bench-attention:90 bench-ops:130 bench-loader:40 profile:25 bench-train:150
 #   DEADLINE=200 scripts/gpu_check.sh train:90 sanitize:70 bench-norm:40
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
