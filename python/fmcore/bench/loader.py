@@ -114,7 +114,7 @@ def run(ctx: BenchContext, root: Path | None = None) -> list[Row]:
                 warnings.simplefilter("ignore", UserWarning)
                 dl = torch.utils.data.DataLoader(RandomWindows(paths, T), batch_size=B, num_workers=threads,
                                                  pin_memory=pin, persistent_workers=True, prefetch_factor=4)
-            it = iter(dl)
+                it = iter(dl)  # where torch checks the worker count against the cores
             add(case, "torch-dataloader", tokens_per_second(lambda: next(it), B * T, seconds, warmup=2 * threads + 2))
             del it, dl
     return rows
