@@ -21,12 +21,11 @@
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
 # and run `python scripts/render_readme.py`.
 #
-# The extension: build it HERE, not on the device, and carry it (the GPU machine has torch 2.11 and
-# Python 3.12, which the dev machines can build for, with nvcc, in ~10 min on 2 cores):
-#   PYTHON=/path/py312-torch2.11-venv/bin/python BUILD_DIR=build/py312-t211 FMCORE_CUDA=on scripts/dev_build.sh
-#   run(command="scripts/gpu_check.sh test ...", carry=["python/fmcore/_C.cpython-312-x86_64-linux-gnu.so", ".whl"])
+# The extension: build it HERE, not on the device, and carry it with the peers that are not installed
+# there (liger-kernel, cut-cross-entropy, as wheels in .whl/); scripts/prepare_gpu_call.sh makes both:
+#   scripts/prepare_gpu_call.sh
+#   run(command="DEADLINE=578 scripts/gpu_check.sh test:140 ...", carry=["python/fmcore/_C.cpython-312-x86_64-linux-gnu.so", ".whl"])
 # Without a carried extension that imports, the first stage builds one with 16 jobs (a few minutes).
-# Peers that are not installed there (liger-kernel, cut-cross-entropy) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
