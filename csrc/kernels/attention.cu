@@ -2,13 +2,14 @@
 // built for sm_90a).
 //
 // Forward: one CTA per (block of kBlockM queries, query head, sequence); each warp owns kMW tiles
-// of 16 query rows (two: every K/V fragment read from shared memory then feeds two MMAs). K/V tiles
-// of kBlockN keys stream through double-buffered shared memory with cp.async while the previous
-// tile is in use. S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation; the online
-// softmax works on the S accumulators in registers (their layout is fixed by the PTX ISA), and P is
-// re-packed from the accumulator layout into A fragments without touching shared memory. Causal
-// CTAs stop at the last key block their last query sees (tiles above the diagonal are never
-// loaded); only tiles that straddle the diagonal or the sequence end are masked.
+// of 16 query rows (two by default: every K/V fragment read from shared memory then feeds two MMAs;
+// the tile shapes are Tiles, below, per head dim and configuration). K/V tiles of kBlockN keys
+// stream through double-buffered shared memory with cp.async while the previous tile is in use.
+// S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation; the online softmax works on
+// the S accumulators in registers (their layout is fixed by the PTX ISA), and P is re-packed from the
+// accumulator layout into A fragments without touching shared memory. Causal CTAs stop at the last
+// key block their last query sees (tiles above the diagonal are never loaded); only tiles that
+// straddle the diagonal or the sequence end are masked.
 //
 // Backward:
 //   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row
@@ -711,9 +712,9 @@ unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per 
 template <int D, int kConfig>
 struct Tiles;
 
-// 0, the default: the largest tiles that keep every accumulator in registers without spills
-// (fwd 226 / 206 / 246 registers; dk/dv 168 with a 4-byte spill at D = 64, 174, 234; dq 203 / 157
-// / 180; two dq tiles per warp spill at D = 96 and 128).
+// 0, the default: the largest tiles whose accumulators stay in registers (fwd 226 / 206 / 246
+// registers; dk/dv 168 and a 4-byte spill at D = 64, 174, 234; dq 203 / 157 / 180; two dq tiles
+// per warp spill at D = 96 and 128).
 template <int D>
 struct Tiles<D, 0> {
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
