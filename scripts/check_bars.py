@@ -10,21 +10,11 @@ scripts/merge_results.py does). A bar whose rows are missing is "not measured", 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _report():
-    # By path, as render_readme.py does: no compiled extension is needed to read results.
-    spec = importlib.util.spec_from_file_location("fmcore_report", ROOT / "python/fmcore/bench/report.py")
-    report = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = report
-    spec.loader.exec_module(report)
-    return report
+import bench_report
 
 
 class Results:
@@ -104,20 +94,18 @@ def bars(rows) -> list[dict]:
         c = re.escape(case)
         ours, fa2 = res.get("attention", c, "fmcore", "TFLOP/s"), res.get("attention", c, "sdpa-flash", "TFLOP/s")
         cudnn = res.get("attention", c, "sdpa-cudnn", "TFLOP/s")
-        best = max(((res.get("attention", c, f"fmcore-tiles{t}", "TFLOP/s") or 0.0, t) for t in (1, 2)),
-                   default=(0.0, 0))
+        best = max((res.get("attention", c, f"fmcore-tiles{t}", "TFLOP/s") or 0.0, t) for t in (1, 2))
         notes = [f"{ours / cudnn:.2f}x cuDNN" if ours and cudnn else "",
                  f"tiles={best[1]}: {best[0]:.4g}" if ours and best[0] > ours else ""]
         out.append(_bar(5, ">= SDPA flash (FA2) (peer)", f"attention {case}", ours, fa2, "TFLOP/s",
                         _cmp(ours, fa2, lambda a, b: a >= b), "; ".join(n for n in notes if n)))
 
     # Issue 6: loader
-    for case in res.cases("loader", r"random B=64 T=1024 threads=16") or ["random B=64 T=1024 threads=16"]:
-        ours = res.get("loader", re.escape(case), "fmcore", "tok/s")
-        nano = res.get("loader", r"random B=64 T=1024 threads=1", "nanogpt-get-batch", "tok/s")
-        out.append(_bar(6, ">= 10x nanoGPT get_batch (peer)", f"loader {case}", ours and ours / 1e6,
-                        nano and nano / 1e6, "Mtok/s", _cmp(ours, nano, lambda a, b: a >= 10 * b),
-                        "" if not ours or not nano else f"{ours / nano:.1f}x"))
+    ours = res.get("loader", r"random B=64 T=1024 threads=16", "fmcore", "tok/s")
+    nano = res.get("loader", r"random B=64 T=1024 threads=1", "nanogpt-get-batch", "tok/s")
+    out.append(_bar(6, ">= 10x nanoGPT get_batch (peer)", "loader random B=64 T=1024 threads=16",
+                    ours and ours / 1e6, nano and nano / 1e6, "Mtok/s", _cmp(ours, nano, lambda a, b: a >= 10 * b),
+                    "" if not ours or not nano else f"{ours / nano:.1f}x"))
 
     # Issue 7: trainer, GPT-2 124M B16 T1024 against the same model in plain PyTorch under torch.compile
     case = r"gpt2-124m B16 T1024 bf16"
@@ -143,7 +131,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    head, rows = _report().merge([Path(p) for p in argv])
+    head, rows = bench_report.load().merge([Path(p) for p in argv])
     if head["device"].startswith("cpu"):
         print(f"Results from {head['device']}: the bars are GPU figures, so none is judged.")
         return 0

@@ -13,6 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import bench_report
+import check_bars
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- perf:begin (scripts/render_readme.py) -->", "<!-- perf:end -->"
 
@@ -23,13 +26,7 @@ def newest_results(results_dir: Path) -> Path | None:
 
 
 def render(results_dir: Path) -> str:
-    # Load report.py by path: importing the fmcore package would need the compiled extension.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fmcore_report", ROOT / "python/fmcore/bench/report.py")
-    report = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = report  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(report)
+    report = bench_report.load()
     load_json, markdown = report.load_json, report.markdown
 
     path = newest_results(results_dir)
@@ -44,9 +41,6 @@ def render(results_dir: Path) -> str:
              f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of CUDA-event timings, random inputs.\n\n")
     if head["device"].startswith("cpu"):
         return intro + markdown(keep)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import check_bars
-
     bars = "\n\n### Targets\n\nEach issue's bar against the same run's peer (`scripts/check_bars.py`):\n\n"
     return intro + markdown(keep) + bars + check_bars.table(rows)
 

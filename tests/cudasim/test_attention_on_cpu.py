@@ -80,14 +80,9 @@ def test_float16(kernels_on_sim, shape, deterministic):
 @pytest.mark.parametrize("D", [64, 128])
 def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
     # Whether a tile straddles the diagonal depends on Sk - Sq modulo the block sizes: offsets
-    # around 0 and +-32, +-64 at Sq = 70 (the GPU test sweeps every offset in [-65, 65]).
+    # around 0 and +-32, +-64 at Sq = 70 (the GPU test sweeps every offset in [-129, 129]).
     torch.manual_seed(10)
-    for d in (-65, -64, -33, -1, 0, 1, 31, 32, 63, 64, 65):
-        q, k, v = ta.make_qkv(1, 70, 70 + d, 1, 1, D, "cpu", torch.bfloat16)
-        try:
-            ta.check_against_reference(q, k, v, causal=True, deterministic=deterministic)
-        except AssertionError as e:
-            raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+    ta.check_causal_offsets("cpu", 70, (-65, -64, -33, -1, 0, 1, 31, 32, 63, 64, 65), 1, D, deterministic)
 
 
 @DQ_PATHS
@@ -109,12 +104,8 @@ def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
     # Offsets around multiples of the 64- and 128-row blocks these configurations add (D = 64 has
     # tiles=1's 128-key forward steps; the GPU test sweeps every offset in [-129, 129]).
     torch.manual_seed(16)
-    for d in (-129, -128, -65, -64, -1, 0, 1, 63, 64, 127, 128, 129):
-        q, k, v = ta.make_qkv(1, 130, 130 + d, 1, 1, 64, "cpu", torch.bfloat16)
-        try:
-            ta.check_against_reference(q, k, v, causal=True, deterministic=deterministic, tiles=tiles)
-        except AssertionError as e:
-            raise AssertionError(f"Sk - Sq = {d}: {e}") from e
+    ta.check_causal_offsets("cpu", 130, (-129, -128, -65, -64, -1, 0, 1, 63, 64, 127, 128, 129), 1, 64,
+                            deterministic, tiles)
 
 
 @DQ_PATHS

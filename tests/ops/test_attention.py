@@ -299,8 +299,13 @@ def test_causal_every_diagonal_offset_cuda(D, tiles, deterministic):
     # [-129, 129] covers all residues mod 128 at Sq = 258 (a third, partial query block of 128):
     # an off-by-one in any kernel's "needs the mask" test attends to a key one past the diagonal.
     torch.manual_seed(10)
-    for d in range(-129, 130):
-        q, k, v = make_qkv(1, 258, 258 + d, 2, 1, D, "cuda", torch.bfloat16)
+    check_causal_offsets("cuda", 258, range(-129, 130), 2, D, deterministic, tiles)
+
+
+def check_causal_offsets(device, Sq, offsets, Hq, D, deterministic, tiles=0):
+    """check_against_reference, causal, for each Sk - Sq in offsets (Hk = 1), naming a failing offset."""
+    for d in offsets:
+        q, k, v = make_qkv(1, Sq, Sq + d, Hq, 1, D, device, torch.bfloat16)
         try:
             check_against_reference(q, k, v, causal=True, deterministic=deterministic, tiles=tiles)
         except AssertionError as e:
