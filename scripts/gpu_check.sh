@@ -37,11 +37,12 @@ status=0
 
 left() { echo $(( deadline - $(date +%s) )); }
 # bounded SECONDS CMD...: run CMD with at most SECONDS (and never past the deadline); 124 on timeout.
+# SIGINT first: pytest then still prints its summary of failures, Python scripts stop at a row boundary.
 bounded() {
   local want=$1; shift
   local t; t=$(left); (( want < t )) && t=$want
   (( t > 5 )) || { echo "skipped (out of time): $*"; return 124; }
-  timeout --kill-after=10 "$t" "$@"
+  timeout --signal=INT --kill-after=10 "$t" "$@"
 }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -63,9 +64,10 @@ stage_test() {  # stage_test SECONDS
   # 8 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
   # and xdist starts a fresh one, so one bad kernel cannot fail every later test.
   local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -q "${workers[@]}" -p no:cacheprovider \
-    --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)|passed|failed|skipped" pytest-cuda.log | tail -n 60
+  # -v: one line per test as it ends, so a log cut by the cap still names every failure so far.
+  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -v "${workers[@]}" -p no:cacheprovider \
+    -p no:benchmark --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
+  grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-cuda.log | grep -v " PASSED " | tail -n 60
 }
 
 stage_test_bigmem() {  # stage_test_bigmem SECONDS: tens of GB each, so one at a time
@@ -74,13 +76,24 @@ stage_test_bigmem() {  # stage_test_bigmem SECONDS: tens of GB each, so one at a
   grep -E "^(FAILED|ERROR)|passed|failed|skipped" pytest-bigmem.log | tail -n 20
 }
 
-stage_sanitize() {  # stage_sanitize SECONDS: split among the three tools
-  local tool each=$(( $1 / 3 ))
-  for tool in memcheck racecheck synccheck; do
-    bounded "$each" compute-sanitizer --tool $tool --error-exitcode 9 python3 "$repo/scripts/sanitize_ops.py" \
-      > "sanitizer-$tool.log" 2>&1 \
-      && echo "compute-sanitizer $tool: clean" \
-      || { echo "compute-sanitizer $tool: ERRORS or timeout (sanitizer-$tool.log)"; tail -n 15 "sanitizer-$tool.log"; status=1; }
+sanitize_one() {  # sanitize_one SECONDS TOOL LOG [OP...]: one compute-sanitizer run of sanitize_ops.py
+  local seconds=$1 tool=$2 log=$3; shift 3
+  bounded "$seconds" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$repo/scripts/sanitize_ops.py" "$@" \
+    > "$log" 2>&1
+  case $? in
+    0) echo "compute-sanitizer $tool ${*:-all ops}: clean" ;;
+    124) echo "compute-sanitizer $tool ${*:-all ops}: TIMEOUT after ${seconds} s ($log)"; status=1 ;;
+    *) echo "compute-sanitizer $tool ${*:-all ops}: ERRORS ($log)"; tail -n 15 "$log"; status=1 ;;
+  esac
+}
+
+stage_sanitize() {  # stage_sanitize SECONDS: a quarter each for memcheck and synccheck over every op,
+  # half for racecheck (the slowest tool), one op at a time so a timeout still clears the others.
+  sanitize_one $(( $1 / 4 )) memcheck sanitizer-memcheck.log
+  sanitize_one $(( $1 / 4 )) synccheck sanitizer-synccheck.log
+  local op start=$(date +%s) budget=$(( $1 / 2 ))
+  for op in rope cross_entropy adamw add_norm attention; do
+    sanitize_one $(( budget - ($(date +%s) - start) )) racecheck "sanitizer-racecheck-$op.log" "$op"
   done
 }
 

@@ -1,8 +1,11 @@
 """Run every CUDA op once, forward and backward, on small awkward shapes: the workload that
-scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). Keep it small: the
-sanitizer slows kernels down 10-100x."""
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck). Keep it small:
+the sanitizer slows kernels down 10-100x.
+
+    python scripts/sanitize_ops.py [rope|attention|cross_entropy|adamw|add_norm ...]   # default: all"""
 
 import os
+import sys
 
 import torch
 
@@ -117,8 +120,14 @@ def add_norm():
 CHECKS = [rope, attention, cross_entropy, adamw, add_norm]
 
 if __name__ == "__main__":
-    for check in CHECKS:
+    # Op names on the command line run only those (racecheck is slow enough to need one op at a time).
+    by_name = {c.__name__: c for c in CHECKS}
+    unknown = [a for a in sys.argv[1:] if a not in by_name]
+    if unknown:
+        sys.exit(f"unknown op check(s) {unknown}: expected some of {list(by_name)}")
+    checks = [by_name[a] for a in sys.argv[1:]] or CHECKS
+    for check in checks:
         check()
     if dev == "cuda":
         torch.cuda.synchronize()
-    print(f"ran {len(CHECKS)} op checks: {', '.join(c.__name__ for c in CHECKS)}")
+    print(f"ran {len(checks)} op checks: {', '.join(c.__name__ for c in checks)}")

@@ -33,6 +33,9 @@ def test_json_round_trip_and_plot(tmp_path):
     assert rows2 == rows and head2["copy_gbps"] == 10.0 and head2["date"]
     paths = report.plot(rows, tmp_path / "plots")
     assert [p.name for p in paths] == ["rope.png"] and paths[0].stat().st_size > 1000
+    # A bench with neither ms nor roofline% (the loader reports tok/s) still gets its plot.
+    paths = report.plot([Row("loader", "c1", "fmcore", "tok/s", 1e9, "tok/s")], tmp_path / "plots")
+    assert [p.name for p in paths] == ["loader.png"] and paths[0].stat().st_size > 1000
 
 
 def test_merge_keeps_every_runs_header_and_the_last_rows_per_bench(tmp_path):

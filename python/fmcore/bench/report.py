@@ -95,7 +95,8 @@ def merge(paths: list[Path]) -> tuple[dict, list[Row]]:
 
 
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
-    """One PNG per bench: median ms per system for each case, and roofline% where measured."""
+    """One PNG per bench: median ms per system for each case, and roofline% where measured (a bench
+    with neither, like the loader's tok/s, plots the first metric it reports)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +106,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     written = []
     for bench in dict.fromkeys(r.bench for r in rows):
         brows = [r for r in rows if r.bench == bench]
-        metrics = [m for m in ("ms", "roofline%") if any(r.metric == m for r in brows)]
+        metrics = [m for m in ("ms", "roofline%") if any(r.metric == m for r in brows)] or [brows[0].metric]
         fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             mrows = [r for r in brows if r.metric == metric]
