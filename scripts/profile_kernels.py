@@ -11,6 +11,7 @@ brings back both. On the CPU it profiles small shapes and lists the top CPU ops:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fmcore import ops
 from fmcore.bench.adamw import gpt2_shapes
+from fmcore.bench.train import make_step
 from fmcore.optim import FusedAdamW
+from fmcore.train.config import load_config
 
 
 def _attention(dev, quick, deterministic):
@@ -84,6 +87,19 @@ def _adamw(dev, quick):
     return f"{sum(p.numel() for p in params) / 1e6:.1f}M params, {len(params)} tensors, step +clip", opt.step
 
 
+def _train_step(dev, quick):
+    """One fmcore training step of GPT-2 124M (B16 T1024, bf16 autocast): the train benchmark's
+    fmcore system, so its gap to torch.compile can be read kernel by kernel."""
+    if quick:
+        cfg = dataclasses.replace(load_config("tiny").model, vocab_size=512, n_layers=1)
+        case, (B, T), precision = "tiny-1L B2 T64 fp32", (2, 64), "fp32"
+    else:
+        cfg = load_config("gpt2-124m").model
+        case, (B, T), precision = "gpt2-124m B16 T1024 bf16-autocast", (16, 1024), "bf16-autocast"
+    step, _ = make_step(cfg, "fmcore", B, T, precision, dev)
+    return f"{case} train step", step
+
+
 CASES = {
     "attention": lambda dev, quick: _attention(dev, quick, deterministic=False),
     "attention-deterministic": lambda dev, quick: _attention(dev, quick, deterministic=True),
@@ -91,7 +107,9 @@ CASES = {
     "cross_entropy": _cross_entropy,
     "linear_cross_entropy": _linear_cross_entropy,
     "adamw": _adamw,
+    "train-step": _train_step,
 }
+TOP = {"train-step": 30}  # kernels listed for cases with many (default: --top)
 
 
 def profile_op(step, dev: torch.device, iters: int) -> list[dict]:
@@ -135,7 +153,7 @@ def main() -> None:
         results["ops"][name] = {"case": case, "total_us": total, "kernels": rows}
         print(f"\n### {name}: {case}: {total:.1f} us per iteration ({'CPU ops' if quick else 'CUDA kernels'})")
         print("| us | % | calls | kernel |\n|---|---|---|---|")
-        for r in rows[: args.top]:
+        for r in rows[: TOP.get(name, args.top)]:
             print(f"| {r['us']:.1f} | {100 * r['us'] / total:.0f} | {r['calls']:g} | {r['kernel'][:110]} |")
         if args.json:  # rewritten after every op, like the benchmarks: a cut run keeps what it measured
             args.json.write_text(json.dumps(results, indent=1) + "\n")

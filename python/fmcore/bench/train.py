@@ -28,12 +28,14 @@ from fmcore.train.config import load_config
 from fmcore.train.trainer import StepOptions, build_optimizer, peak_tflops, train_step
 
 # name -> (model.ops, optimizer impl, precision on GPU, torch.compile)
-# In the order they run: the issue's comparisons first, in case a GPU session's time runs out.
+# In the order they run: the two bars' systems first (fmcore eager and compiled, each against
+# torch.compile), in case a GPU session's time runs out (the first H200 run, 150 s, measured only
+# the first three of an order that put torch-eager second).
 SYSTEMS = {
     "fmcore": ("fmcore", "fmcore", "bf16-autocast", False),
-    "torch-eager": ("torch", "torch", "bf16-autocast", False),
     "torch-compile": ("torch", "torch", "bf16-autocast", True),
     "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True),
+    "torch-eager": ("torch", "torch", "bf16-autocast", False),
     "fmcore-bf16": ("fmcore", "fmcore", "bf16", False),
 }
 
@@ -48,7 +50,8 @@ def _cases(ctx: BenchContext):
             for name in ("gpt2-124m", "gpt2-350m")]
 
 
-def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.device, steps: int, warmup: int):
+def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.device):
+    """(one training step of `system` on alternating random batches, the resolved model config)."""
     ops, impl, _, compile_ = SYSTEMS[system]
     mcfg = dataclasses.replace(models.resolve(mcfg, device=device), ops=ops)
     model = models.build_model(mcfg).to(device)
@@ -71,15 +74,23 @@ def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.de
         i += 1
         return batches[i % 2]
 
+    def step():
+        train_step(model, optimizer, next_batch, 1, opts)  # ends with a host sync on the loss and norm
+
+    return step, mcfg
+
+
+def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.device, steps: int, warmup: int):
+    step, mcfg = make_step(mcfg, system, B, T, precision, device)
     for _ in range(warmup):
-        train_step(model, optimizer, next_batch, 1, opts)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        train_step(model, optimizer, next_batch, 1, opts)  # ends with a host sync on the loss and norm
+        step()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     times.sort()
