@@ -13,9 +13,12 @@
 #   scripts/gpu_check.sh profile          # kernel-by-kernel time of each op (scripts/profile_kernels.py)
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
 #
-# One 15-minute lease, most important first (the second call only if the machine is still warm):
-#   DEADLINE=578 scripts/gpu_check.sh test:140 bench-attention:90 bench-ops:130 bench-loader:40 profile:25 bench-train:150
-#   DEADLINE=200 scripts/gpu_check.sh train:90 sanitize:70 bench-norm:40
+# One 15-minute lease, most important first. The first lease (H200, 2026-12-04) spent 550 s on a
+# 520 s command (the machine's start is the rest), then 250 s on a second; it measured the loader
+# (bar met), AdamW (met), the training A/B (within 1%) and norm, which need no rerun until their code
+# changes. What the next lease needs, the second call only if the machine is still warm:
+#   DEADLINE=575 scripts/gpu_check.sh test:175 bench-attention:100 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:45 bench-train:130
+#   DEADLINE=240 scripts/gpu_check.sh sanitize:140 test-bigmem:80
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
