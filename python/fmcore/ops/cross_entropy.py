@@ -122,6 +122,7 @@ class _FusedInplace(torch.autograd.Function):
         ctx.counted = counted
         ctx.used = False
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no (N, 2) zeros for the stats' gradient, which is ignored
         return loss, stats
 
     @staticmethod
@@ -174,6 +175,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
     ctx.options = (ignore_index, label_smoothing, z_loss)
     ctx.inplace_backward = inplace_backward
+    ctx.set_materialize_grads(False)  # the stats get no gradient: no (N, 2) zeros for the backward
 
 
 def _backward(ctx, grad_loss, grad_stats):

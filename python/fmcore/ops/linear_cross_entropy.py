@@ -99,6 +99,10 @@ def _linear_cross_entropy_fake(hidden, weight, target, bias=None, grad_rows=None
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, target, bias, _, ignore_index, label_smoothing, z_loss, reduction, chunk_size, *need = inputs
+    # The outputs other than the loss never receive a gradient; autograd would otherwise hand the
+    # backward zeros of their shapes, a second grad_hidden and grad_weight allocated while the first
+    # are alive (the 2x-gradients peak of the N8192 V128256 benchmark).
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.need = reduction, tuple(need)
     if reduction == 0:  # the backward recomputes with its per-row factors
         ctx.save_for_backward(hidden, weight, target, bias)
