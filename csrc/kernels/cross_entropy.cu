@@ -195,15 +195,10 @@ __global__ void __launch_bounds__(kMaxThreads)
       if constexpr (kGrad) zero_row<T, VEC>(g, vocab);
       continue;
     }
-    const bool bad = t < 0 || t >= vocab;
-    // Read z_t before block_merge's barrier: the fused pass may overwrite the row after it.
+    // Read z_t before block_merge's barrier: the fused pass may overwrite the row after it. An
+    // out-of-range target (cross_entropy_check_target reports it) is never used as an index.
     float zt = 0.f;
-    if (threadIdx.x == 0) {
-      if (!bad)
-        zt = to_float(x[t]);
-      else if (p.bad_target != nullptr)
-        *p.bad_target = t;
-    }
+    if (threadIdx.x == 0 && t >= 0 && t < vocab) zt = to_float(x[t]);
     Stats st{-INFINITY, 0.f, 0.f};
     visit_row<T, VEC>(x, vocab, [&](int, float v) {
       if (v > st.m) {
@@ -257,6 +252,17 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (s == 1.f) continue;  // block-uniform
     T* g = static_cast<T*>(p.grad) + row * p.grad_stride;
     map_row<T, VEC>(g, g, vocab, [s](int, float x) { return x * s; });
+  }
+}
+
+template <typename TI>
+__global__ void cross_entropy_check_target_kernel(const CrossEntropyParams p) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.rows;
+       i += step) {
+    const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[i]);
+    // Any one of several bad targets may win: the binding reports one.
+    if (t != p.ignore_index && (t < 0 || t >= p.vocab)) *p.bad_target = t;
   }
 }
 
@@ -325,6 +331,21 @@ cudaError_t cross_entropy_bwd(const CrossEntropyParams& p, cudaStream_t stream) 
 
 cudaError_t cross_entropy_scale(const CrossEntropyParams& p, cudaStream_t stream) {
   return dispatch(p, 3, stream);  // the target type is not read
+}
+
+cudaError_t cross_entropy_check_target(const CrossEntropyParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  // One target per thread up to 256K targets, grid-stride beyond (a launch of 1024 blocks fills
+  // the GPU; more would only add blocks that each read a few bytes).
+  const int64_t blocks = (p.rows + kThreads - 1) / kThreads;
+  const dim3 grid(static_cast<unsigned>(blocks < 1024 ? blocks : 1024));
+  if (p.target_int64) {
+    cross_entropy_check_target_kernel<int64_t><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    cross_entropy_check_target_kernel<int32_t><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace fmcore
