@@ -3,7 +3,9 @@ benchmarks' bar cases), forward + backward under torch.profiler, a table per op 
 
 The benchmarks say how fast an op is; this says which of its kernels to work on next (attention's
 backward is four kernels, linear cross-entropy is cuBLAS plus fmcore's loss kernel), so one GPU call
-brings back both. On the CPU it profiles small shapes and lists the top CPU ops: that proves the script.
+brings back both. Beside each kernel sum it prints the wall time per iteration (as benchmarked and
+back to back): the difference is time the GPU spent waiting for the host. On the CPU it profiles
+small shapes and lists the top CPU ops: that proves the script.
 
     python scripts/profile_kernels.py [--json FILE] [--device cuda|cpu]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fmcore import ops
 from fmcore.bench.adamw import gpt2_shapes
+from fmcore.bench.timing import time_ms
 from fmcore.bench.train import make_step
 from fmcore.optim import FusedAdamW
 from fmcore.train.config import load_config
@@ -137,6 +141,29 @@ def profile_op(step, dev: torch.device, iters: int) -> list[dict]:
     return rows
 
 
+def wall_us(step, dev: torch.device, iters: int) -> dict:
+    """Wall time of one iteration of step beside the kernel sum, so the gap (host work the GPU waits
+    for: syncs, launches, Python) shows directly. "bench": as the benchmarks time it (time_ms: the
+    median of single calls between CUDA events, L2 flushed before each). "back_to_back": iters calls
+    between two events, divided by iters: host work that the GPU's queue hides drops out of it."""
+    bench = time_ms(step, dev, warmup=1, rep=iters) * 1e3
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize(dev)
+        back_to_back = start.elapsed_time(end) * 1e3 / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        back_to_back = (time.perf_counter() - t0) * 1e6 / iters
+    return {"bench": bench, "back_to_back": back_to_back}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -148,10 +175,13 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "ops": {}}
     for name, make in CASES.items():
         case, step = make(dev, quick)
-        rows = profile_op(step, dev, iters=2 if quick else 10)
+        iters = 2 if quick else 10
+        rows = profile_op(step, dev, iters=iters)
         total = sum(r["us"] for r in rows)
-        results["ops"][name] = {"case": case, "total_us": total, "kernels": rows}
-        print(f"\n### {name}: {case}: {total:.1f} us per iteration ({'CPU ops' if quick else 'CUDA kernels'})")
+        wall = wall_us(step, dev, iters)
+        results["ops"][name] = {"case": case, "total_us": total, "wall_us": wall, "kernels": rows}
+        print(f"\n### {name}: {case}: {total:.1f} us per iteration ({'CPU ops' if quick else 'CUDA kernels'}); "
+              f"wall {wall['bench']:.1f} us as benchmarked, {wall['back_to_back']:.1f} us back to back")
         print("| us | % | calls | kernel |\n|---|---|---|---|")
         for r in rows[: TOP.get(name, args.top)]:
             print(f"| {r['us']:.1f} | {100 * r['us'] / total:.0f} | {r['calls']:g} | {r['kernel'][:110]} |")

@@ -3,6 +3,11 @@
 // Why this shape: the op is pure memory traffic (V reads per row for the loss, V reads + V writes
 // for the gradient), so each block streams one row with 16-byte loads, four in flight per thread,
 // and keeps an online (max, sum-exp) pair per thread in fp32, merged across the block at the end.
+// The fused loss + gradient pass needs the row twice, after the block-wide max/sum: the first read
+// keeps up to kCacheBytes of the row in shared memory and the gradient pass reads it from there.
+// Re-reading it from global memory was meant to hit L2, but with 3 rows of 100 KB resident per SM
+// (V = 50304 bf16: ~40 MB of rows in flight, as much again of gradient being written, against a
+// 50 MB L2) the second read came from DRAM: 1289 us on the H200 = 3 x N V bytes at 3.84 TB/s.
 // Rows of any length and alignment vectorise: the few elements before the row's first 16-byte
 // boundary and after its last one are handled one by one (V = 50257 makes every row start
 // misaligned).
@@ -18,6 +23,11 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
+// Row bytes the fused pass keeps in shared memory: two blocks of this (+ their static arrays and
+// the 1 KiB per block the hardware reserves) fit the 228 KiB of an H100/H200 SM, so two rows are
+// in flight per SM. A whole bf16/fp16 row fits up to V = 56320 (fp32: 28160); past that, the rest
+// of the row is read again from global memory.
+constexpr int kCacheBytes = 110 << 10;
 
 // ---- kernels
 
@@ -28,12 +38,16 @@ __device__ __forceinline__ int head_len(const T* row, int vocab) {
   return min(vocab, (VEC - mis) % VEC);
 }
 
-// Calls f(i, x_i) (x as fp32) for every element of the row this thread owns.
+// Calls f(i, x_i) (x as fp32) for every element of the row this thread owns, and stores the row's
+// first `cached` 16-byte vectors (counted from its first 16-byte boundary) into cache. Each vector
+// index is visited by the same thread here and in map_row, so a thread reads back only what it
+// stored itself: no barrier is needed between the two.
 // Element loops that can step past the row's end count in int64: vocab may be up to 2^31 - 1, and
 // an int i = vocab - 1 + blockDim.x overflowed (undefined behaviour; a wrapped, negative index read
 // and wrote before the row). The vector loops count 16-byte vectors (at most 2^29) and cannot.
 template <typename T, int VEC, typename F>
-__device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f) {
+__device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f,
+                                          Vec<T, VEC>* cache = nullptr, int cached = 0) {
   using V = Vec<T, VEC>;
   const int head = head_len<T, VEC>(row, vocab);
   const int nvec = (vocab - head) / VEC;
@@ -47,12 +61,14 @@ __device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f) {
     for (int u = 0; u < kUnroll; ++u) v[u] = vrow[j + u * step];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      if (j + u * step < cached) cache[j + u * step] = v[u];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) f(head + (j + u * step) * VEC + e, to_float(v[u].v[e]));
     }
   }
   for (; j < nvec; j += step) {
     const V v = vrow[j];
+    if (j < cached) cache[j] = v;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) f(head + j * VEC + e, to_float(v.v[e]));
   }
@@ -62,9 +78,11 @@ __device__ __forceinline__ void visit_row(const T* row, int vocab, F&& f) {
 }
 
 // out[i] = f(i, in[i]) for every element; in and out may be the same row (each element is read and
-// written by the same thread). Rows whose 16-byte boundaries differ go element by element.
+// written by the same thread). Rows whose 16-byte boundaries differ go element by element. The
+// first `cached` vectors of in are taken from cache, where visit_row put them.
 template <typename T, int VEC, typename F>
-__device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f) {
+__device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f,
+                                        const Vec<T, VEC>* cache = nullptr, int cached = 0) {
   using V = Vec<T, VEC>;
   const int step = blockDim.x;
   const int head = head_len<T, VEC>(in, vocab);
@@ -82,7 +100,10 @@ __device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f) {
   for (; j + (kUnroll - 1) * step < nvec; j += kUnroll * step) {
     V v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = vin[j + u * step];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = j + u * step;
+      v[u] = k < cached ? cache[k] : vin[k];
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       V r;
@@ -94,7 +115,7 @@ __device__ __forceinline__ void map_row(const T* in, T* out, int vocab, F&& f) {
     }
   }
   for (; j < nvec; j += step) {
-    const V v = vin[j];
+    const V v = j < cached ? cache[j] : vin[j];
     V r;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) r.v[e] = from_float<T>(f(head + j * VEC + e, to_float(v.v[e])));
@@ -182,9 +203,12 @@ __device__ __forceinline__ GradTerms grad_terms(const CrossEntropyParams& p, int
           target};
 }
 
+// cache_vecs: 16-byte vectors of each row kept in dynamic shared memory for the gradient pass.
 template <typename T, typename TI, int VEC, bool kGrad>
 __global__ void __launch_bounds__(kMaxThreads)
-    cross_entropy_fwd_kernel(const CrossEntropyParams p) {
+    cross_entropy_fwd_kernel(const CrossEntropyParams p, int cache_vecs) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Vec<T, VEC>* cache = reinterpret_cast<Vec<T, VEC>*>(smem);
   const int vocab = static_cast<int>(p.vocab);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[row]);
@@ -195,16 +219,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       if constexpr (kGrad) zero_row<T, VEC>(g, vocab);
       continue;
     }
-    const bool bad = t < 0 || t >= vocab;
-    // Read z_t before block_merge's barrier: the fused pass may overwrite the row after it.
+    // Read z_t before block_merge's barrier: the fused pass may overwrite the row after it. An
+    // out-of-range target (cross_entropy_check_target reports it) is never used as an index.
     float zt = 0.f;
-    if (threadIdx.x == 0) {
-      if (!bad)
-        zt = to_float(x[t]);
-      else if (p.bad_target != nullptr)
-        *p.bad_target = t;
-    }
+    if (threadIdx.x == 0 && t >= 0 && t < vocab) zt = to_float(x[t]);
     Stats st{-INFINITY, 0.f, 0.f};
+    // The loss-only kernel (!kGrad) passes a constant empty cache: no cache code in it.
     visit_row<T, VEC>(x, vocab, [&](int, float v) {
       if (v > st.m) {
         st.s = st.s * __expf(st.m - v) + 1.f;
@@ -213,7 +233,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         st.s += v == -INFINITY ? 0.f : __expf(v - st.m);  // NaN still propagates
       }
       st.sum += v;
-    });
+    }, kGrad ? cache : nullptr, kGrad ? cache_vecs : 0);
     st = block_merge(st);
     const float logsum = logf(st.s);
     if (threadIdx.x == 0) {
@@ -228,7 +248,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       p.stats[2 * row] = st.m;
       p.stats[2 * row + 1] = logsum;
     }
-    if constexpr (kGrad) map_row<T, VEC>(x, g, vocab, grad_terms(p, row, t, st.m, logsum));
+    if constexpr (kGrad) {
+      map_row<T, VEC>(x, g, vocab, grad_terms(p, row, t, st.m, logsum), cache, cache_vecs);
+    }
   }
 }
 
@@ -260,6 +282,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+template <typename TI>
+__global__ void cross_entropy_check_target_kernel(const CrossEntropyParams p) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.rows;
+       i += step) {
+    const int64_t t = static_cast<int64_t>(static_cast<const TI*>(p.target)[i]);
+    // Any one of several bad targets may win: the binding reports one.
+    if (t != p.ignore_index && (t < 0 || t >= p.vocab)) *p.bad_target = t;
+  }
+}
+
 // ---- launchers
 
 dim3 grid_for(const CrossEntropyParams& p) {
@@ -280,9 +313,15 @@ cudaError_t launch(const CrossEntropyParams& p, int mode, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int threads = threads_for<kVec>(p.vocab);
   if (mode == 0) {
-    cross_entropy_fwd_kernel<T, TI, kVec, false><<<grid_for(p), threads, 0, stream>>>(p);
+    cross_entropy_fwd_kernel<T, TI, kVec, false><<<grid_for(p), threads, 0, stream>>>(p, 0);
   } else if (mode == 1) {
-    cross_entropy_fwd_kernel<T, TI, kVec, true><<<grid_for(p), threads, 0, stream>>>(p);
+    const int64_t row_vecs = p.vocab / kVec;  // at least the row's vectors after its head
+    const int cache_vecs = static_cast<int>(
+        row_vecs < kCacheBytes / 16 ? row_vecs : kCacheBytes / 16);
+    const size_t smem = static_cast<size_t>(cache_vecs) * 16;
+    constexpr auto kKernel = cross_entropy_fwd_kernel<T, TI, kVec, true>;
+    if (const cudaError_t err = allow_dynamic_smem<kKernel>(smem); err != cudaSuccess) return err;
+    kKernel<<<grid_for(p), threads, smem, stream>>>(p, cache_vecs);
   } else if (mode == 2) {
     cross_entropy_bwd_kernel<T, TI, kVec><<<grid_for(p), threads, 0, stream>>>(p);
   } else {
@@ -325,6 +364,21 @@ cudaError_t cross_entropy_bwd(const CrossEntropyParams& p, cudaStream_t stream) 
 
 cudaError_t cross_entropy_scale(const CrossEntropyParams& p, cudaStream_t stream) {
   return dispatch(p, 3, stream);  // the target type is not read
+}
+
+cudaError_t cross_entropy_check_target(const CrossEntropyParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  // One target per thread up to 256K targets, grid-stride beyond (a launch of 1024 blocks fills
+  // the GPU; more would only add blocks that each read a few bytes).
+  const int64_t blocks = (p.rows + kThreads - 1) / kThreads;
+  const dim3 grid(static_cast<unsigned>(blocks < 1024 ? blocks : 1024));
+  if (p.target_int64) {
+    cross_entropy_check_target_kernel<int64_t><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    cross_entropy_check_target_kernel<int32_t><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace fmcore

@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -71,16 +70,11 @@ void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name,
   }
 }
 
-// Holds ignore_index until a kernel stores an out-of-range target into it (a bad target never
-// equals ignore_index, so the initial value means "all targets were valid").
-at::Tensor new_bad_flag(const at::Tensor& target, const CeOptions& o) {
-  return at::full({1}, o.ignore_index, target.options().dtype(at::kLong));
-}
-
 }  // namespace
 
-void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t vocab) {
-  const int64_t value = bad.item<int64_t>();
+void raise_if_bad_target(const CeTargetCheck& check, const CeOptions& o, int64_t vocab) {
+  if (!check) return;
+  const int64_t value = check();
   TORCH_CHECK_VALUE(value == o.ignore_index, "expected target values in [0, ", vocab,
                     ") or ignore_index (", o.ignore_index, "), got ", value);
 }
@@ -91,9 +85,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
   check_ce_inputs(logits, target, o, false);
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
-  at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, stats, {}, {}, bad}, o, CeMode::kFwd);
-  if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
+  const at::Tensor tgt = target.contiguous();
+  // Checked before the loss kernel is queued and waited for after: see cross_entropy_cuda.cpp.
+  const CeTargetCheck check = dev.check_target(tgt, o.ignore_index, logits.size(1));
+  dev.run({logits, tgt, loss, stats, {}, {}}, o, CeMode::kFwd);
+  raise_if_bad_target(check, o, logits.size(1));
   return {loss, stats};
 }
 
@@ -104,8 +100,7 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& logits, const at::Tensor& targ
   check_rows(stats, logits, "stats", 2);
   check_rows(grad_loss, logits, "grad_loss");
   at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
-  dev.run({logits, target.contiguous(), {}, stats.contiguous(), grad, grad_loss, {}}, o,
-          CeMode::kBwd);
+  dev.run({logits, target.contiguous(), {}, stats.contiguous(), grad, grad_loss}, o, CeMode::kBwd);
   return grad;
 }
 
@@ -118,9 +113,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_op(const at::Tensor& lo
   check_rows(grad_scale, logits, "grad_scale");
   const auto acc = logits.options().dtype(ce_acc_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc), stats = at::empty({logits.size(0), 2}, acc);
-  at::Tensor bad = new_bad_flag(target, o);
-  dev.run({logits, target.contiguous(), loss, stats, logits, grad_scale, bad}, o, CeMode::kFwdGrad);
-  if (dev.may_sync(logits)) raise_if_bad_target(bad, o, logits.size(1));
+  const at::Tensor tgt = target.contiguous();
+  const CeTargetCheck check = dev.check_target(tgt, o.ignore_index, logits.size(1));
+  dev.run({logits, tgt, loss, stats, logits, grad_scale}, o, CeMode::kFwdGrad);
+  raise_if_bad_target(check, o, logits.size(1));
   return {loss, stats};
 }
 
@@ -134,7 +130,7 @@ void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, co
   TORCH_CHECK_VALUE(grad.size(1) <= std::numeric_limits<int32_t>::max(),
                     "expected grad with V < 2^31 columns, got shape ", shape_str(grad.sizes()));
   check_rows(factor, grad, "factor", 0, "grad");
-  dev.run({grad, {}, {}, {}, grad, factor, {}}, {}, CeMode::kScale);
+  dev.run({grad, {}, {}, {}, grad, factor}, {}, CeMode::kScale);
 }
 
 namespace {
@@ -174,7 +170,6 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   const int64_t s_stride = scale ? t.grad_scale.stride(0) : 0;
   const Acc eps = static_cast<Acc>(o.label_smoothing), zl = static_cast<Acc>(o.z_loss);
   const Acc inf = std::numeric_limits<Acc>::infinity();
-  std::atomic<int64_t> bad{o.ignore_index};
 
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -191,8 +186,7 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
         m = stats[2 * n];
         logsum = stats[2 * n + 1];
       } else {
-        const bool in_range = 0 <= tn && tn < V;
-        if (!in_range) bad.store(tn);
+        const bool in_range = 0 <= tn && tn < V;  // check_target_cpu reports the others
         m = -inf;
         for (int64_t v = 0; v < V; ++v) {
           const Acc xv = static_cast<Acc>(x[v]);
@@ -227,8 +221,6 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
       }
     }
   });
-  const int64_t b = bad.load();
-  if (t.bad.defined() && b != o.ignore_index) t.bad.data_ptr<int64_t>()[0] = b;
 }
 
 void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
@@ -245,11 +237,27 @@ void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
       });
 }
 
-bool cpu_may_sync(const at::Tensor&) { return true; }
+// On the CPU the targets are simply read now.
+template <typename TI>
+int64_t first_bad_target(const at::Tensor& target, int64_t ignore_index, int64_t vocab) {
+  const TI* t = target.const_data_ptr<TI>();
+  for (int64_t n = 0; n < target.numel(); ++n) {
+    const int64_t v = static_cast<int64_t>(t[n]);
+    if (v != ignore_index && (v < 0 || v >= vocab)) return v;
+  }
+  return ignore_index;
+}
+
+CeTargetCheck check_target_cpu(const at::Tensor& target, int64_t ignore_index, int64_t vocab) {
+  const int64_t bad = target.scalar_type() == at::kLong
+                          ? first_bad_target<int64_t>(target, ignore_index, vocab)
+                          : first_bad_target<int32_t>(target, ignore_index, vocab);
+  return [bad] { return bad; };
+}
 
 }  // namespace
 
-constexpr CeDevice kCpuDevice{&run_cpu, &cpu_may_sync};
+constexpr CeDevice kCpuDevice{&run_cpu, &check_target_cpu};
 
 TORCH_LIBRARY_IMPL(fmcore, CPU, m) { register_cross_entropy<kCpuDevice>(m); }
 

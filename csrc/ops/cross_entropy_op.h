@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <functional>
 #include <tuple>
 
 namespace fmcore {
@@ -21,15 +22,20 @@ enum class CeMode { kFwd, kFwdGrad, kBwd, kScale };
 // One pass over validated tensors. logits (N, V), target (N,) contiguous int32/int64; loss (N,)
 // and stats (N, 2) (row max, log-sum-exp minus the max) contiguous in the accumulation dtype
 // (ce_acc_type); grad (N, V) (may be logits);
-// grad_scale (N,) any stride; bad (1,) int64 receives an out-of-range target. Unused: undefined.
+// grad_scale (N,) any stride. Unused: undefined.
 struct CeTensors {
-  at::Tensor logits, target, loss, stats, grad, grad_scale, bad;
+  at::Tensor logits, target, loss, stats, grad, grad_scale;
 };
+
+// The result of a target check: waits for the check (not for the work queued after it) and returns
+// an out-of-range target it found, or ignore_index. Empty when no check could be made.
+using CeTargetCheck = std::function<int64_t()>;
 
 struct CeDevice {
   void (*run)(const CeTensors& t, const CeOptions& o, CeMode mode);
-  // Whether the host may read a device flag now (false while a CUDA graph is being captured).
-  bool (*may_sync)(const at::Tensor& on);
+  // Queues a check of target (N,) contiguous for values outside [0, vocab) that are not
+  // ignore_index, ahead of the work queued after it.
+  CeTargetCheck (*check_target)(const at::Tensor& target, int64_t ignore_index, int64_t vocab);
 };
 
 // Raises ValueError naming label_smoothing or z_loss when out of range.
@@ -38,8 +44,9 @@ void check_ce_options(const CeOptions& o);
 // float64 for float64 logits (the CPU reference, for gradcheck), float32 otherwise.
 at::ScalarType ce_acc_type(const at::Tensor& logits);
 
-// Raises ValueError naming target when the flag holds an out-of-range target (one 8-byte read).
-void raise_if_bad_target(const at::Tensor& bad, const CeOptions& o, int64_t vocab);
+// Raises ValueError naming target when the check found an out-of-range target (a no-op for an
+// empty check).
+void raise_if_bad_target(const CeTargetCheck& check, const CeOptions& o, int64_t vocab);
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits,
                                                         const at::Tensor& target,

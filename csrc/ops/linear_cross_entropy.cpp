@@ -125,7 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const int64_t chunk = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
                                        : default_chunk_rows(N, V, hidden.element_size());
   at::Tensor buf = at::empty({std::min(chunk, N), V}, hidden.options());
-  at::Tensor bad = at::full({1}, o.ignore_index, tgt.options().dtype(at::kLong));
+  // Queued before the chunks and waited for after them all: the wait ends when this small check
+  // is done, with every chunk's work still queued behind it (see cross_entropy_cuda.cpp).
+  const CeTargetCheck check = dev.check_target(tgt, o.ignore_index, V);
   const at::Tensor weight_t = weight.t();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t rows = std::min(chunk, N - n0);
@@ -141,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
                 loss_rows.narrow(0, n0, rows),
                 stats.narrow(0, n0, rows),
                 any_grad ? logits : at::Tensor(),
-                any_grad ? scale.narrow(0, n0, rows) : at::Tensor(),
-                bad};
+                any_grad ? scale.narrow(0, n0, rows) : at::Tensor()};
     dev.run(t, o, any_grad ? CeMode::kFwdGrad : CeMode::kFwd);
     // logits now hold the scaled gradient of this chunk's loss
     if (need_grad_hidden) {
@@ -158,8 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     }
     if (need_grad_bias) grad_bias_acc.add_(logits.sum(0, false, acc_type));
   }
-  // One flag read for all chunks: out-of-range targets raise only after the work is done.
-  if (dev.may_sync(hidden)) raise_if_bad_target(bad, o, V);
+  raise_if_bad_target(check, o, V);
 
   at::Tensor loss;
   switch (reduction) {

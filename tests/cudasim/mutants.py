@@ -1,6 +1,7 @@
 """Mutation check of the CPU tests of code that only a GPU runs: plants one known bug at a time in a
 copy of the tree and runs the tests that must catch it on the simulators: the attention kernels
-(tests/cudasim/test_attention_on_cpu.py on fmsim) and the NCCL communicator
+(tests/cudasim/test_attention_on_cpu.py on fmsim), the cross-entropy kernels
+(tests/cudasim/test_kernels_on_cpu.py on fmsim) and the NCCL communicator
 (tests/cudasim/test_nccl_on_cpu.py on ncclsim). A mutant that passes means the tests (or the
 simulator) cannot see that kind of bug.
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "build" / "mutants"
 ATTENTION = ("csrc/kernels/attention.cu", "tests/cudasim/test_attention_on_cpu.py")
 COMMUNICATOR = ("csrc/dist/communicator.cpp", "tests/cudasim/test_nccl_on_cpu.py")
+CROSS_ENTROPY = ("csrc/kernels/cross_entropy.cu", "tests/cudasim/test_kernels_on_cpu.py")
 
 # name: (text in attention.cu, its replacement). Each replaces the first occurrence only.
 ATTENTION_MUTANTS = {
@@ -65,8 +67,21 @@ COMMUNICATOR_MUTANTS = {
     "async_error_ignored": ("state != ncclSuccess && state != ncclInProgress)", "false)"),
 }
 
+# The same for cross_entropy.cu (the fused pass's row cache and the target check).
+CROSS_ENTROPY_MUTANTS = {
+    # the unrolled first pass does not store its vectors: the gradient pass reads unwritten shared memory
+    "ce_cache_not_stored": ("      if (j + u * step < cached) cache[j + u * step] = v[u];\n", ""),
+    # the first pass's remainder loop does not store its vectors
+    "ce_cache_remainder_not_stored": ("    if (j < cached) cache[j] = v;\n", ""),
+    # the gradient pass reads its unrolled vectors from the wrong cache slots
+    "ce_cache_wrong_slot": ("v[u] = k < cached ? cache[k] : vin[k];", "v[u] = k < cached ? cache[j] : vin[k];"),
+    # negative targets pass the check
+    "ce_check_misses_negative": ("(t < 0 || t >= p.vocab)", "(t >= p.vocab)"),
+}
+
 MUTANTS = {name: (ATTENTION, *m) for name, m in ATTENTION_MUTANTS.items()}
 MUTANTS |= {name: (COMMUNICATOR, *m) for name, m in COMMUNICATOR_MUTANTS.items()}
+MUTANTS |= {name: (CROSS_ENTROPY, *m) for name, m in CROSS_ENTROPY_MUTANTS.items()}
 
 
 def refresh_tree(tree: Path) -> None:

@@ -251,14 +251,18 @@ def test_gradcheck_fp64_cpu():
         assert torch.autograd.gradcheck(fn, (logits,))
 
 
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("bad", [7, -1, 100])
-def test_out_of_range_target_raises(device, bad):
+def test_out_of_range_target_raises(device, bad, target_dtype):
     logits = torch.randn(5, 7, device=device)
-    target = torch.tensor([0, 1, bad, -100, 6], device=device)
+    target = torch.tensor([0, 1, bad, -100, 6], device=device, dtype=target_dtype)
     with pytest.raises(ValueError, match=r"target values in \[0, 7\).*got " + str(bad)):
         cross_entropy(logits, target)
     with pytest.raises(ValueError, match="target values"):
         torch.ops.fmcore.cross_entropy_fwd_bwd_(logits.clone(), target, torch.ones(5, device=device))
+    # Each call checks its own targets: a valid call right after a bad one passes.
+    target[2] = 3
+    cross_entropy(logits, target)
 
 
 def test_bad_inputs_name_the_argument(device):
@@ -314,6 +318,21 @@ def test_torch_compile(device, inplace_backward):
     l2.backward()
     torch.testing.assert_close(l2, l1)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_target_check_does_not_wait_for_the_loss_kernel():
+    # The target check is its own small launch queued before the loss kernel, and the host waits for
+    # it alone: the call returns while the loss kernel (~1 ms on (16384, 50304) bf16) still runs.
+    # Waiting for a flag the loss kernel wrote left the GPU idle through all the host work after it.
+    x = torch.randn(16384, 50304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 50304, (16384,), device="cuda")
+    for inplace_backward in (False, True):
+        cross_entropy(x, t, inplace_backward=inplace_backward)  # warm-up: allocator, pinned memory
+        torch.cuda.synchronize()
+        cross_entropy(x, t, inplace_backward=inplace_backward)
+        assert not torch.cuda.current_stream().query(), "the call waited for its loss kernel"
+        torch.cuda.synchronize()
 
 
 @pytest.mark.cuda

@@ -3,8 +3,9 @@ Liger's fused linear cross-entropy and Cut Cross-Entropy, fwd+bwd.
 
 Every system computes the mean loss of hidden (N, D) @ weight (V, D)^T against random targets and
 the gradients of hidden and weight (torch.autograd.grad). Reported: median ms, peak MiB above the
-inputs (the bar: at most the returned gradients + 128 MiB), and TFLOP/s of the three N x V x D
-matmuls (6 N V D FLOPs) against the matmul rate measured in this run.
+inputs (the bar: at most the returned gradients + 128 MiB), the same peak split into the forward's
+("MiB fwd") and the backward's ("MiB bwd", with what the forward left for it), and TFLOP/s of the
+three N x V x D matmuls (6 N V D FLOPs) against the matmul rate measured in this run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fmcore.bench import BenchContext, Row, measure_system, try_import
-from fmcore.bench.timing import peak_memory_mib, time_ms
+from fmcore.bench.timing import peak_memory_mib, phase_peaks_mib, time_ms
 from fmcore.ops import linear_cross_entropy
 
 
@@ -56,6 +57,10 @@ def _measure(ctx, case, system, fn, N, D, V, dtype, flops) -> list[Row]:
     mib = peak_memory_mib(lambda: _fwd_bwd(fn, h, w, t), dev)
     if mib is not None:
         rows.append(Row("linear_cross_entropy", case, system, "MiB", mib, "MiB peak above inputs"))
+        fwd, bwd = phase_peaks_mib(lambda: fn(h, w, t), lambda loss: torch.autograd.grad(loss, [h, w]), dev)
+        rows += [Row("linear_cross_entropy", case, system, "MiB fwd", fwd, "MiB peak above inputs, forward"),
+                 Row("linear_cross_entropy", case, system, "MiB bwd", bwd,
+                     "MiB peak above inputs, backward (with what the forward left)")]
     return rows
 
 

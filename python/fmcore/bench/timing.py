@@ -95,3 +95,24 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def phase_peaks_mib(forward: Callable[[], object], backward: Callable[[object], object],
+                    device: torch.device) -> tuple[float, float] | None:
+    """Peak CUDA memory above what was allocated before, while forward() runs and while
+    backward(forward's result) runs (None on CPU). The backward's peak includes what the forward
+    left allocated for it, so max(fwd, bwd) is peak_memory_mib of the two together; apart, they say
+    which half holds an excess."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = forward()
+    torch.cuda.synchronize(device)
+    fwd = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.reset_peak_memory_stats(device)  # the peak restarts from what the forward left
+    backward(out)
+    torch.cuda.synchronize(device)
+    bwd = torch.cuda.max_memory_allocated(device) - base
+    return fwd / 2**20, bwd / 2**20

@@ -76,9 +76,12 @@ def cross_entropy(
 
     Raises ValueError naming the argument for bad dtypes/shapes/options, RuntimeError for mixed
     devices, and ValueError for a target outside [0, V) that is not ignore_index. That check costs
-    one 8-byte device-to-host read per call, after the forward kernel (a stream synchronisation:
-    the host waits for the forward to finish before it queues the backward); nothing else. It is
-    skipped while a CUDA graph is captured, where the kernel still never indexes with a bad target.
+    one small launch that reads the N targets and an 8-byte copy to pinned memory, both queued
+    before the loss kernel; the host then waits for that copy, not for the loss kernel (already
+    queued behind it, so the GPU does not go idle). The host does wait for the work queued before
+    the call: it cannot run ahead of the GPU past a cross_entropy call. The error comes after the
+    loss kernel was queued (with inplace_backward it overwrites the logits all the same). The check
+    is skipped while a CUDA graph is captured, where the kernel still never indexes with a bad target.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"expected logits to be a Tensor, got {type(logits).__name__}")
@@ -122,6 +125,7 @@ class _FusedInplace(torch.autograd.Function):
         ctx.counted = counted
         ctx.used = False
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no (N, 2) zeros for the stats' gradient, which is ignored
         return loss, stats
 
     @staticmethod
@@ -174,6 +178,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
     ctx.options = (ignore_index, label_smoothing, z_loss)
     ctx.inplace_backward = inplace_backward
+    ctx.set_materialize_grads(False)  # the stats get no gradient: no (N, 2) zeros for the backward
 
 
 def _backward(ctx, grad_loss, grad_stats):
