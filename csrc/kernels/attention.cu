@@ -186,16 +186,44 @@ __device__ __forceinline__ void gemm_tb(float (&acc)[DW / 8][4], const T* sAt, c
 
 // Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
 // smem (pitch D + 8); rows >= n_valid are zero-filled and their addresses never formed (`base`, a
-// valid pointer, stands in).
+// valid pointer, stands in). kPerRow threads share a row (the largest power of two dividing its
+// D / 8 16-byte chunks: 8, 4, 16 at D = 64, 96, 128); thread t copies chunks t % kPerRow + j *
+// kPerRow of rows t / kPerRow + i * kRowsPerPass. Its offsets are the same every call (the
+// kernels' loops keep them) and each chunk is a cp.async at a fixed offset from them. Only a tile
+// that crosses the end of the sequence (n_valid < ROWS, the same for every thread) checks rows.
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int64_t n_valid,
                                           const T* base) {
-  constexpr int kChunks = D / 8;
-#pragma unroll 2
-  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = r < n_valid;
-    cp_async16(dst + r * (D + 8) + col, ok ? src + r * stride + col : base, ok);
+  constexpr int kChunks = D / 8, kPerRow = kChunks & -kChunks, kRowsPerPass = THREADS / kPerRow;
+  constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+  // Whole passes, but for 32 rows of D = 96 with 256 threads: half of them then copy nothing.
+  constexpr bool kEven = ROWS % kRowsPerPass == 0;
+  const int row = threadIdx.x / kPerRow, col = threadIdx.x % kPerRow * 8;
+  const int r0 = kEven || row < ROWS ? row : 0;  // a row of the tile, for the addresses
+  dst += r0 * (D + 8) + col;
+  if (n_valid >= ROWS) {
+    src += r0 * stride + col;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      if (!kEven && row + i * kRowsPerPass >= ROWS) continue;
+#pragma unroll
+      for (int j = 0; j < kChunks / kPerRow; ++j) {
+        cp_async16(dst + i * kRowsPerPass * (D + 8) + j * kPerRow * 8,
+                   src + i * kRowsPerPass * stride + j * kPerRow * 8, true);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = row + i * kRowsPerPass;
+      if (!kEven && r >= ROWS) continue;
+      const bool ok = r < n_valid;
+#pragma unroll
+      for (int j = 0; j < kChunks / kPerRow; ++j) {
+        cp_async16(dst + i * kRowsPerPass * (D + 8) + j * kPerRow * 8,
+                   ok ? src + r * stride + col + j * kPerRow * 8 : base, ok);
+      }
+    }
   }
 }
 
