@@ -7,9 +7,16 @@
 // stream through double-buffered shared memory with cp.async while the previous tile is in use.
 // S = Q K^T and O += P V run on m16n8k16 MMAs with fp32 accumulation; the online softmax works on
 // the S accumulators in registers (their layout is fixed by the PTX ISA), and P is re-packed from the
-// accumulator layout into A fragments without touching shared memory. Causal CTAs stop at the last
-// key block their last query sees (tiles above the diagonal are never loaded); only tiles that
-// straddle the diagonal or the sequence end are masked.
+// accumulator layout into A fragments without touching shared memory. The running max m is kept
+// on raw scores and the scale folded into the exponent, P = 2^(s * c - m * c) with c = scale *
+// log2(e): one FFMA and one ex2.approx a score. Causal CTAs stop at the last key block their last
+// query sees (tiles above the diagonal are never loaded); only a warp whose rows straddle the
+// diagonal, or a tile that crosses the sequence end, is masked (a warp-uniform branch).
+//
+// The kernels are bound by instruction issue more than by the tensor cores (the forward runs eight
+// warps an SM at the default tiles), so the main loops keep other work small: each thread's load
+// offsets are fixed (load_tile), rows are checked only in a tile that crosses the sequence end, and
+// the masking's index arithmetic is 32-bit.
 //
 // Backward:
 //   attn_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, one warp per query row
@@ -26,7 +33,8 @@
 //     up to 18 bytes (zeroing 4, the atomics' first read and last write-back 8 when the buffer
 //     leaves L2, conversion 4 + 2) against 2 for a direct write; the float additions land in
 //     varying order.
-// P = exp(S - lse) is recomputed from lse; dS = P * (dP - delta) with dP = dO V^T.
+// P = 2^(s * c - lse * log2(e)) is recomputed from lse (one FFMA and one ex2.approx a score);
+// dS = P * (dP - delta) with dP = dO V^T.
 //
 // Shared-memory tiles are row-major with a pitch of D + 8 elements: the 16-byte pad puts the 8 rows
 // an ldmatrix reads in 8 different bank groups (no conflicts) and keeps every row 16-byte aligned
@@ -47,6 +55,7 @@
 // Without a GPU: tests/cudasim runs this file on a CPU simulator (the hardware-dependent
 // instructions, in ptx.cuh, swapped for models of them); scripts/sanitize_cpu.sh sim-tsan adds a
 // shared-memory racecheck.
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -186,16 +195,44 @@ __device__ __forceinline__ void gemm_tb(float (&acc)[DW / 8][4], const T* sAt, c
 
 // Copies rows [0, ROWS) of a (rows, D) slice starting at `src` (element row stride `stride`) into
 // smem (pitch D + 8); rows >= n_valid are zero-filled and their addresses never formed (`base`, a
-// valid pointer, stands in).
+// valid pointer, stands in). kPerRow threads share a row (the largest power of two dividing its
+// D / 8 16-byte chunks: 8, 4, 16 at D = 64, 96, 128); thread t copies chunks t % kPerRow + j *
+// kPerRow of rows t / kPerRow + i * kRowsPerPass. Its offsets are the same every call (the
+// kernels' loops keep them) and each chunk is a cp.async at a fixed offset from them. Only a tile
+// that crosses the end of the sequence (n_valid < ROWS, the same for every thread) checks rows.
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int64_t n_valid,
                                           const T* base) {
-  constexpr int kChunks = D / 8;
-#pragma unroll 2
-  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = r < n_valid;
-    cp_async16(dst + r * (D + 8) + col, ok ? src + r * stride + col : base, ok);
+  constexpr int kChunks = D / 8, kPerRow = kChunks & -kChunks, kRowsPerPass = THREADS / kPerRow;
+  constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+  // Whole passes, but for 32 rows of D = 96 with 256 threads: half of them then copy nothing.
+  constexpr bool kEven = ROWS % kRowsPerPass == 0;
+  const int row = threadIdx.x / kPerRow, col = threadIdx.x % kPerRow * 8;
+  const int r0 = kEven || row < ROWS ? row : 0;  // a row of the tile, for the addresses
+  dst += r0 * (D + 8) + col;
+  if (n_valid >= ROWS) {
+    src += r0 * stride + col;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      if (!kEven && row + i * kRowsPerPass >= ROWS) continue;
+#pragma unroll
+      for (int j = 0; j < kChunks / kPerRow; ++j) {
+        cp_async16(dst + i * kRowsPerPass * (D + 8) + j * kPerRow * 8,
+                   src + i * kRowsPerPass * stride + j * kPerRow * 8, true);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = row + i * kRowsPerPass;
+      if (!kEven && r >= ROWS) continue;
+      const bool ok = r < n_valid;
+#pragma unroll
+      for (int j = 0; j < kChunks / kPerRow; ++j) {
+        cp_async16(dst + i * kRowsPerPass * (D + 8) + j * kPerRow * 8,
+                   ok ? src + r * stride + col + j * kPerRow * 8 : base, ok);
+      }
+    }
   }
 }
 
@@ -208,6 +245,22 @@ template <typename T>
 __device__ __forceinline__ T* row_ptr_mut(const AttnTensor& t, int64_t b, int64_t row, int64_t h) {
   return static_cast<T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
 }
+
+// Where the rows r0 + i (0 <= i < kRows) of a query block stop seeing the keys of the kBlockN-key
+// block at n0: row r0 + i sees its keys below (i), relative to n0 (key_end's clamps, in 32 bits).
+template <int kRows, int kBlockN>
+struct BlockKeyEnd {
+  int e0, kv;  // (i) = min(max(e0 + i, 0), kv); kv: the block's keys before the sequence end
+  __device__ __forceinline__ BlockKeyEnd(bool causal, int64_t r0, int64_t n0, const SeqInfo& s) {
+    const int64_t valid = s.k_len - n0, e = causal ? r0 + s.k_len - s.q_len + 1 - n0 : kBlockN;
+    kv = valid < 0 ? 0 : (valid < kBlockN ? static_cast<int>(valid) : kBlockN);
+    e0 = e < -kRows ? -kRows : (e > kBlockN ? kBlockN : static_cast<int>(e));
+  }
+  __device__ __forceinline__ int operator()(int i) const {
+    const int e = e0 + i;
+    return e < 0 ? 0 : (e < kv ? e : kv);
+  }
+};
 
 // Writes the 16 x D accumulator of a warp (rows row0 + g, row0 + g + 8) times `mul` to rows <
 // n_rows.
@@ -232,9 +285,13 @@ __device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64
 
 // ---- kernels
 
-// Each warp owns kMW 16-row tiles (kMW * 16 query rows).
+// Each warp owns kMW 16-row tiles (kMW * 16 query rows). Eight-warp CTAs at D <= 96 fit two an SM
+// in 128 registers a thread, which the bound holds ptxas to (left free it took 134 at D = 96, one
+// CTA an SM; held, it spills 12 bytes). A minimum of 0 CTAs is no bound: nvcc then emits none, and
+// ptxas allocates as it would without the second argument.
 template <typename T, int D, int kWarps, int kMW, int kBlockN>
-__global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
+    attn_fwd_kernel(const AttnParams p) {
   constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
   constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -249,7 +306,11 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
   if (m0 >= s.q_len) return;
   const int64_t hk = h / (p.heads_q / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  const float scale_log2 = p.scale * kLog2e;
+  // The running max is taken over raw scores and the scale applied inside each exponent's FFMA, so
+  // raw scores must rank as scaled ones do: a negative scale negates Q instead (below) and scales
+  // by its magnitude. A zero scale becomes the smallest normal float, so that a masked score (-inf)
+  // still gives 2^-inf = 0 (not 0 * -inf = NaN) while visible ones give 2^(+-tiny) = 1, as with 0.
+  const float scale_log2 = fmaxf(fabsf(p.scale), FLT_MIN) * kLog2e;
 
   const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
   const int64_t n_end = key_end(p.causal, last_row, s.q_len, s.k_len);
@@ -273,9 +334,20 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
   cp_async_commit();
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
+  if (p.scale < 0.f) {  // flip the sign bit of every Q element (bf16 and fp16 alike: bit 15)
+    cp_async_wait<1>();
+    __syncthreads();  // the Q tile has landed; the loop's first barrier publishes the flip
+    for (int c = threadIdx.x; c < kBlockM * D / 8; c += kThreads) {
+      uint4& v = *reinterpret_cast<uint4*>(sQ + c / (D / 8) * kPitch + c % (D / 8) * 8);
+      v.x ^= 0x80008000u;
+      v.y ^= 0x80008000u;
+      v.z ^= 0x80008000u;
+      v.w ^= 0x80008000u;
+    }
+  }
 
   float o[kMW][D / 8][4] = {};
-  float m_run[kMW][2], l_run[kMW][2];  // per row: running max (log2 units) and this lane's sum
+  float m_run[kMW][2], l_run[kMW][2];  // per row: running max (raw score) and this lane's sum
 #pragma unroll
   for (int mw = 0; mw < kMW; ++mw) {
     m_run[mw][0] = m_run[mw][1] = -INFINITY;
@@ -300,36 +372,45 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
     gemm_abt_mw<T, D, kMW, NT, kPitch>(sc, sQw, sKs, lane);
 
     const int64_t n0 = int64_t(nb) * kBlockN;
-    const bool need_mask =
-        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
+    if (n0 + kBlockN > s.k_len ||
+        (p.causal && n0 + kBlockN > m0 + warp * kRowsW + s.k_len - s.q_len + 1)) {
+      // A block that crosses the sequence end or this warp's part of the diagonal: -inf for the
+      // keys a row does not see. The branch is warp-uniform.
+      const BlockKeyEnd<kRowsW, kBlockN> key_end_of(p.causal, m0 + warp * kRowsW, n0, s);
 #pragma unroll
-    for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
+      for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
+        const int mw = r2 / 2, hh = r2 % 2;
+        const int ke = key_end_of(mw * 16 + g + hh * 8);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (nt * 8 + 2 * tq + e >= ke) sc[mw][nt][2 * hh + e] = -INFINITY;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
       const int mw = r2 / 2, hh = r2 % 2;
-      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
-      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
       float mx = m_run[mw][hh];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = sc[mw][nt][2 * hh + e] * scale_log2;
-          if (need_mask && nt * 8 + 2 * tq + e >= ke) x = -INFINITY;
-          sc[mw][nt][2 * hh + e] = x;
-          mx = fmaxf(mx, x);
-        }
+        mx = fmaxf(mx, fmaxf(sc[mw][nt][2 * hh], sc[mw][nt][2 * hh + 1]));
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row that has seen only masked keys keeps max -inf; subtracting 0 then keeps exp2 at 0.
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[mw][hh] - m_use);
+      // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row that has seen only masked
+      // keys keeps max -inf; an offset of 0 then keeps p = 2^-inf = 0 (and alpha, from -inf, 0).
+      const float m_off = mx == -INFINITY ? 0.f : mx * scale_log2;
+      const float alpha = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
       m_run[mw][hh] = mx;
       float rs = 0.f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(sc[mw][nt][2 * hh + e] - m_use);
+          const float pv = ex2_approx(sc[mw][nt][2 * hh + e] * scale_log2 - m_off);
           sc[mw][nt][2 * hh + e] = pv;
           rs += pv;
         }
@@ -361,7 +442,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams 
       const int64_t row = row0 + g + hh * 8;
       if (tq == 0 && row < s.q_len) {
         lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
-            l > 0.f ? (m_run[mw][hh] + log2f(l)) * kLn2 : -INFINITY;
+            l > 0.f ? (m_run[mw][hh] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
       }
     }
     store_rows<T, D>(p.out, b, s.q_start, row0, s.q_len, h, o[mw], inv_l, lane);
@@ -407,7 +488,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   T* sV = sK + kBlockN * kPitch;
   T* sQ = sV + kBlockN * kPitch;                                       // two stages
   T* sdO = sQ + 2 * kBlockM * kPitch;                                  // two stages
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // two stages, log2 units
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // two stages (see the loop)
   float* sDelta = sLse + 2 * kBlockM;                                  // two stages
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * kBlockM);                 // kAtomicDq only
 
@@ -418,6 +499,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   const int64_t group = p.heads_q / p.heads_k;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const float scale_log2 = p.scale * kLog2e;
+  static_assert(kBlockM <= kThreads, "a thread per query row loads its lse and delta");
 
   // Query blocks that see at least one key of this block: from the first query seeing key n0.
   const int64_t m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
@@ -428,27 +510,21 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* do_base = static_cast<const T*>(p.dout.ptr);
   const float* lse = static_cast<const float*>(p.lse);
-  auto load_q = [&](int64_t it, int stage) {
-    const int64_t h = hk * group + it / per_head;
-    const int64_t i0 = (m_first + it % per_head) * kBlockM;
+  auto load_q = [&](int64_t h, int64_t i0, int stage) {
     load_tile<T, D, kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
                                        row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
                                        s.q_len - i0, q_base);
     load_tile<T, D, kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
                                        row_ptr<T>(p.dout, b, s.q_start + i0, h), p.dout.stride_s,
                                        s.q_len - i0, do_base);
-    // lse -> log2 units; +inf for rows past the end or rows that saw no key (-inf), so P = 0 there.
-    for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
-      const int64_t row = i0 + i;
-      float l = INFINITY, d = 0.f;
-      if (row < s.q_len) {
-        const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
-        const float lv = lse[idx];
-        l = lv == -INFINITY ? INFINITY : lv * kLog2e;
-        d = p.delta[idx];
-      }
-      sLse[stage * kBlockM + i] = l;
-      sDelta[stage * kBlockM + i] = d;
+    // lse and delta of row i0 + threadIdx.x (zeros past the end); the loop converts lse once it
+    // has landed.
+    if (threadIdx.x < kBlockM) {
+      const int64_t row = i0 + threadIdx.x;
+      const bool ok = row < s.q_len;
+      const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+      cp_async4(sLse + stage * kBlockM + threadIdx.x, ok ? lse + idx : lse, ok);
+      cp_async4(sDelta + stage * kBlockM + threadIdx.x, ok ? p.delta + idx : p.delta, ok);
     }
   };
 
@@ -456,7 +532,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
                                      s.k_len - n0, static_cast<const T*>(p.k.ptr));
   load_tile<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
                                      s.k_len - n0, static_cast<const T*>(p.v.ptr));
-  if (iters > 0) load_q(0, 0);
+  // Trip `it` works on query head h = hk * group + it / per_head, rows from i0 = (m_first + it %
+  // per_head) * kBlockM; the loop steps (h, i0) through that order (no 64-bit division a trip).
+  int64_t h = hk * group, i0 = m_first * kBlockM;
+  if (iters > 0) load_q(h, i0, 0);
   cp_async_commit();
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
@@ -466,34 +545,55 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
 
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = it & 1;
+    const bool last_block = i0 + kBlockM >= m_count * kBlockM;  // of this head: the next head next
+    const int64_t h_next = last_block ? h + 1 : h;
+    const int64_t i0_next = last_block ? m_first * kBlockM : i0 + kBlockM;
     if (it + 1 < iters) {
-      load_q(it + 1, stage ^ 1);
+      load_q(h_next, i0_next, stage ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
+    }
+    // The lse this thread copied has landed: to log2 units, +inf for rows past the end or rows
+    // that saw no key (-inf), so that P = 0 there.
+    if (threadIdx.x < kBlockM) {
+      float& l = sLse[stage * kBlockM + threadIdx.x];
+      l = i0 + threadIdx.x >= s.q_len || l == -INFINITY ? INFINITY : l * kLog2e;
     }
     __syncthreads();
     const T* sQs = sQ + stage * kBlockM * kPitch;
     const T* sdOs = sdO + stage * kBlockM * kPitch;
     const float* sL = sLse + stage * kBlockM;
     const float* sD = sDelta + stage * kBlockM;
-    const int64_t i0 = (m_first + it % per_head) * kBlockM;
 
     float pt[MT][4] = {};  // P^T: rows = this warp's 16 keys, cols = kBlockM queries
     gemm_abt<T, D, MT, kPitch>(pt, sKw, sQs, lane);
-    const bool need_mask = n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN - 1 > i0 + diag);
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int64_t j = n0 + warp * 16 + g + hh * 8;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+      for (int r = 0; r < 4; ++r) {
+        pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
+      }
+    }
+    const int64_t j0 = n0 + warp * 16;  // this warp's first key
+    if (j0 + 16 > s.k_len || (p.causal && j0 + 15 > i0 + diag)) {
+      // This warp's keys cross the sequence end or the diagonal (a warp-uniform branch): P = 0
+      // where key jr (relative to n0) is past the end or, causal, jr - c > i0 + diag - n0 for
+      // query c (relative to i0).
+      const int64_t off64 = p.causal ? i0 + diag - n0 : kBlockN;
+      const int off =
+          off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = mt * 8 + 2 * tq + e;
-          float pv = exp2f(pt[mt][2 * hh + e] * scale_log2 - sL[c]);
-          if (need_mask && (j >= s.k_len || (p.causal && j > i0 + c + diag))) pv = 0.f;
-          pt[mt][2 * hh + e] = pv;
+      for (int hh = 0; hh < 2; ++hh) {
+        const int jr = warp * 16 + g + hh * 8;
+        const bool past_end = n0 + jr >= s.k_len;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (past_end || jr - (mt * 8 + 2 * tq + e) > off) pt[mt][2 * hh + e] = 0.f;
+          }
         }
       }
     }
@@ -527,7 +627,6 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
       const int rt = warp % kRowTiles, c0 = (warp / kRowTiles) * kDW;
       float dq[kDW / 8][4] = {};
       gemm_tb<T, kDW, kBlockN, kPitchS, kPitch>(dq, sdS + rt * 16, sK + c0, lane);
-      const int64_t h = hk * group + it / per_head;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int64_t row = i0 + rt * 16 + g + hh * 8;
@@ -539,6 +638,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
         }
       }
     }
+    h = h_next;
+    i0 = i0_next;
   }
   cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
 
@@ -625,20 +726,31 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
 
     float pr[kMW][NT][4] = {};
     gemm_abt_mw<T, D, kMW, NT, kPitch>(pr, sQw, sKs, lane);
-    const bool need_mask =
-        n0 + kBlockN > s.k_len || (p.causal && n0 + kBlockN > m0 + s.k_len - s.q_len + 1);
 #pragma unroll
-    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
-      const int mw = r2 / 2, hh = r2 % 2;
-      const int64_t row = m0 + warp * kRowsW + mw * 16 + g + hh * 8;
-      const int64_t ke = key_end(p.causal, row, s.q_len, s.k_len) - n0;
+    for (int mw = 0; mw < kMW; ++mw) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float pv = exp2f(pr[mw][nt][2 * hh + e] * scale_log2 - row_lse[mw][hh]);
-          if (need_mask && nt * 8 + 2 * tq + e >= ke) pv = 0.f;
-          pr[mw][nt][2 * hh + e] = pv;
+        for (int r = 0; r < 4; ++r) {
+          pr[mw][nt][r] = ex2_approx(pr[mw][nt][r] * scale_log2 - row_lse[mw][r / 2]);
+        }
+      }
+    }
+    if (n0 + kBlockN > s.k_len ||
+        (p.causal && n0 + kBlockN > m0 + warp * kRowsW + s.k_len - s.q_len + 1)) {
+      // A block that crosses the sequence end or this warp's part of the diagonal: P = 0 for the
+      // keys a row does not see. The branch is warp-uniform.
+      const BlockKeyEnd<kRowsW, kBlockN> key_end_of(p.causal, m0 + warp * kRowsW, n0, s);
+#pragma unroll
+      for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+        const int mw = r2 / 2, hh = r2 % 2;
+        const int ke = key_end_of(mw * 16 + g + hh * 8);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (nt * 8 + 2 * tq + e >= ke) pr[mw][nt][2 * hh + e] = 0.f;
+          }
         }
       }
     }
@@ -712,9 +824,9 @@ unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per 
 template <int D, int kConfig>
 struct Tiles;
 
-// 0, the default: the largest tiles whose accumulators stay in registers (fwd 226 / 206 / 246
-// registers; dk/dv 168 and a 4-byte spill at D = 64, 174, 234; dq 203 / 157 / 180; two dq tiles
-// per warp spill at D = 96 and 128).
+// 0, the default: the largest tiles whose accumulators stay in registers (fwd 226 / 169 / 242
+// registers; dk/dv 168 / 167 / 244, with the atomic dq 168 / 168 / 249; dq 220 / 126 / 168; two dq
+// tiles per warp spill at D = 96 and 128).
 template <int D>
 struct Tiles<D, 0> {
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
@@ -724,7 +836,7 @@ struct Tiles<D, 0> {
 
 // 1, longer steps: twice the keys per forward and dq step and 64 queries per dk/dv step (half the
 // barriers and loop trips; FlashAttention-2's 128 x 64 forward tile at D = 128), paid for with a
-// few spilled registers (fwd 80 bytes at D = 64 and 128, dk/dv 28 at D = 128, dq 40 at D = 64).
+// few spilled registers in the forward (16 bytes at D = 64, 24 at D = 128).
 template <int D>
 struct Tiles<D, 1> {
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
@@ -733,10 +845,10 @@ struct Tiles<D, 1> {
 };
 
 // 2, eight warps: one 16-query tile per warp in the forward and dq (128 queries per CTA), 128 keys
-// per dk/dv CTA (each Q/dO tile loaded once per 128 keys instead of 64). No spills but 8-16 bytes
-// in the atomic dk/dv kernel at D = 96 and 128; the forward reads each K/V fragment from shared
-// memory once per 16 queries instead of once per 32. (D = 96 dk/dv takes 64 queries per step: a
-// warp's dq slab must be a multiple of 16 columns.)
+// per dk/dv CTA (each Q/dO tile loaded once per 128 keys instead of 64). No spills but 12 bytes in
+// the forward at D = 96 (held to two CTAs an SM, see attn_fwd_kernel); the forward reads each K/V
+// fragment from shared memory once per 16 queries instead of once per 32. (D = 96 dk/dv takes 64
+// queries per step: a warp's dq slab must be a multiple of 16 columns.)
 template <int D>
 struct Tiles<D, 2> {
   static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;

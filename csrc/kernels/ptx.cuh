@@ -1,8 +1,8 @@
 // The instructions fmcore's attention kernels use whose form depends on the hardware (sm_80+):
-// inline PTX for cp.async global->shared copies, ldmatrix fragment loads and m16n8k16 tensor-core
-// MMAs, and the sm_90 vector float2 atomic. Kept apart from the kernels so that the CPU
-// simulator (tests/cudasim/fmsim_ptx.h) can stand in for exactly these functions, with the same
-// names and signatures, and run the rest of attention.cu unchanged.
+// inline PTX for cp.async global->shared copies, ldmatrix fragment loads, m16n8k16 tensor-core
+// MMAs and the approximate 2^x, and the sm_90 vector float2 atomic. Kept apart from the kernels so
+// that the CPU simulator (tests/cudasim/fmsim_ptx.h) can stand in for exactly these functions, with
+// the same names and signatures, and run the rest of attention.cu unchanged.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,6 +20,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0)
+               : "memory");
+}
+// 4 bytes, likewise (through L1: the .cg form takes 16-byte copies only).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -67,6 +73,15 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x as one MUFU.EX2 (a relative error of about 2 ulp). exp2f (without --use_fast_math) wraps the
+// same instruction in a range fixup so that results below 2^-126 come out as subnormals; here
+// subnormal inputs and results are flushed to zero instead. 2^-inf = +0, 2^+inf = +inf.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // p[0] += x, p[1] += y atomically; p must be 8-byte aligned (the vector atomic faults otherwise).

@@ -2,6 +2,7 @@
 // fmsim.h for what is modelled). Built with -fvisibility=hidden: these cuda* definitions bind only
 // inside libfmcore_sim, never in place of the real libcudart torch has loaded.
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -591,6 +592,12 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
           c[e] = static_cast<float>(sum);
         }
       });
+}
+
+float ex2_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
 

@@ -13,8 +13,9 @@
 //   values through a per-warp slot array at a 32-lane barrier. A shuffle in a warp with fewer than
 //   32 live lanes (a lane returned, or a partial last warp) is undefined on hardware and reported
 //   as an error.
-// - The inline PTX attention uses (cp.async, ldmatrix, mma.sync; see the declarations below), and
-//   float atomicAdd and the sm_90 float2 atomicAdd (attention's atomic_add2) as real atomics.
+// - The inline PTX attention uses (cp.async, ldmatrix, mma.sync, ex2.approx; see the declarations
+//   below), and float atomicAdd and the sm_90 float2 atomicAdd (attention's atomic_add2) as real
+//   atomics.
 // - A deadlock (every live thread waits at a barrier, but no barrier can complete: a divergent
 //   __syncthreads or shuffle) is detected exactly, at once, and fails the launch with a message
 //   naming the kernel, the block and where the threads wait.
@@ -39,9 +40,10 @@
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
 // shared memory), registers and local memory, partial warp masks, streams and events
-// (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf), the
-// static shared memory's size limit, and out-of-bounds global accesses unless built with
-// FMCORE_SIM_SANITIZE=address (then ASan reports them).
+// (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf,
+// ex2.approx exact but for its flush to zero), the static shared memory's size limit, and
+// out-of-bounds global accesses unless built with FMCORE_SIM_SANITIZE=address (then ASan reports
+// them).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -136,12 +138,15 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
 //   in shared memory), with the fragment layout of the PTX ISA.
 // - mma.sync m16n8k16 (f32 += bf16/f16 x bf16/f16): a warp collective; the 16 products are summed
 //   in double and rounded once (the hardware's fp32 accumulation order is unspecified).
+// - ex2.approx.ftz.f32: exp2 of the input, with subnormal inputs and results flushed to zero (the
+//   hardware's approximation error, about 2 ulp, is not modelled).
 void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);  // every group but the n most recently committed is complete
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
 enum class MmaIn { kBF16, kF16 };
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaIn in);
+float ex2_approx_ftz(float x);
 
 // reinterpret_cast with the alignment check of the target (kernel files use it through the source
 // transform): a pointer's pointee, or the object a reference cast views (`from` is taken by

@@ -13,6 +13,9 @@ namespace fmcore {
 inline void cp_async16(void* dst, const void* src, bool valid) {
   fmsim::cp_async(dst, src, 16, valid ? 16 : 0);
 }
+inline void cp_async4(void* dst, const void* src, bool valid) {
+  fmsim::cp_async(dst, src, 4, valid ? 4 : 0);
+}
 inline void cp_async_commit() { fmsim::cp_async_commit(); }
 template <int N>
 inline void cp_async_wait() {
@@ -28,6 +31,8 @@ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   fmsim::mma_m16n8k16(c, a, b0, b1,
                       std::is_same_v<T, __nv_bfloat16> ? fmsim::MmaIn::kBF16 : fmsim::MmaIn::kF16);
 }
+
+inline float ex2_approx(float x) { return fmsim::ex2_approx_ftz(x); }
 
 // The sm_90 form (the H100 runs it): one 8-byte atomic, which faults on a misaligned p.
 inline void atomic_add2(float* p, float x, float y) { fmsim::atomic_add_float2(p, x, y); }

@@ -32,8 +32,14 @@ ATTENTION_MUTANTS = {
     "fwd_missing_wait": ("      cp_async_wait<1>();\n", "      cp_async_wait<2>();\n"),
     # the forward forgets to rescale the output accumulator when the running max grows
     "fwd_no_rescale": ("        o[mw][dt][2 * hh] *= alpha;\n", ""),
+    # the forward leaves Q as it is for a negative scale: its running max over raw scores is then the min
+    "fwd_negative_scale_unflipped": ("  if (p.scale < 0.f) {  // flip", "  if (false) {  // flip"),
+    # the forward scales by a zero scale as it is: 0 * -inf = NaN for masked scores
+    "fwd_zero_scale_unclamped": ("fmaxf(fabsf(p.scale), FLT_MIN)", "fabsf(p.scale)"),
+    # dk/dv: lse left in natural-log units
+    "dkdv_lse_not_log2": ("l == -INFINITY ? INFINITY : l * kLog2e;", "l == -INFINITY ? INFINITY : l;"),
     # dk/dv: the causal mask lets each query see one key past the diagonal
-    "dkdv_mask_off_by_one": ("j > i0 + c + diag)", "j > i0 + c + diag + 1)"),
+    "dkdv_mask_off_by_one": ("(mt * 8 + 2 * tq + e) > off)", "(mt * 8 + 2 * tq + e) > off + 1)"),
     # atomic dq: dS^T read from shared memory before every warp has written it
     "no_barrier_before_atomic_dq": ("    __syncthreads();\n    if constexpr (kAtomicDq) {",
                                     "    if constexpr (kAtomicDq) {"),

@@ -131,6 +131,11 @@ __global__ void atomic_add2_kernel(float* out, int pair) {
   fmcore::atomic_add2(out + pair, 1.f, 2.f);
 }
 
+// ex2.approx.ftz of the inputs in[0..5] into out[0..5].
+__global__ void ex2_kernel(const float* in, float* out) {
+  out[threadIdx.x] = fmcore::ex2_approx(in[threadIdx.x]);
+}
+
 }  // namespace
 
 // Runs one case; returns cudaGetLastError() after the launch(es), or the sum kernel's result
@@ -181,6 +186,13 @@ int fmsim_selftest(const std::string& name, float* result) {
     *result = out[0] == 3 * 96 && out[1] == 2 * 3 * 96;  // no lost update
   } else if (name == "atomic_add2_misaligned") {
     atomic_add2_kernel<<<1, 32>>>(out, 1);
+  } else if (name == "ex2") {
+    // -inf, +inf, an exact power, a subnormal input (flushed: 2^0) and a subnormal result (flushed)
+    const float x[6] = {-INFINITY, INFINITY, 3.f, -2.f, 1e-40f, -130.f};
+    const float want[6] = {0.f, INFINITY, 8.f, 0.25f, 1.f, 0.f};
+    std::memcpy(in, x, sizeof x);
+    ex2_kernel<<<1, 6>>>(in, out);
+    *result = std::memcmp(out, want, sizeof want) == 0;
   } else if (name == "unordered_shared") {
     unordered_shared_kernel<<<1, 64>>>(out);
   } else if (name == "sum") {

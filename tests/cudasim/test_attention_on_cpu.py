@@ -77,6 +77,17 @@ def test_float16(kernels_on_sim, shape, deterministic):
 
 
 @DQ_PATHS
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_softmax_scale_sign(kernels_on_sim, scale, deterministic):
+    # The forward's running max is taken over raw scores (the scale is folded into the exponent):
+    # a negative scale must rank them reversed, a zero one keep masked keys at p = 0 (0 * -inf is
+    # NaN). Two key blocks, the second partial, both straddling the diagonal.
+    torch.manual_seed(3)
+    ta.check_against_reference(*ta.make_qkv(1, 70, 100, 2, 1, 64, "cpu", torch.bfloat16), causal=True,
+                               scale=scale, deterministic=deterministic)
+
+
+@DQ_PATHS
 @pytest.mark.parametrize("D", [64, 128])
 def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
     # Whether a tile straddles the diagonal depends on Sk - Sq modulo the block sizes: offsets

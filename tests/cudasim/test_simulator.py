@@ -64,6 +64,10 @@ def test_mma_follows_the_ptx_fragment_layout(sim):
     assert err == SUCCESS and worst == 0.0
 
 
+def test_ex2_approx_flushes_subnormals(sim):
+    assert sim.sim_selftest("ex2") == (SUCCESS, 1.0)
+
+
 @pytest.mark.skipif("thread" not in os.environ.get("FMCORE_SIM_SANITIZE", ""),
                     reason="only under ThreadSanitizer (scripts/sanitize_cpu.sh sim-tsan)")
 def test_tsan_reports_shared_memory_no_barrier_orders(sim):

@@ -131,6 +131,14 @@ def test_other_dtypes(device, shape, dtype):
     check_against_reference(*make_qkv(*shape, device, dtype), causal=True, scale=0.3)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_softmax_scale_sign(device, scale):
+    # The CUDA forward takes its running max over raw scores (the scale is folded into the exponent):
+    # a negative scale must rank them reversed, a zero one keep masked keys at p = 0 (0 * -inf is NaN).
+    torch.manual_seed(3)
+    check_against_reference(*make_qkv(2, 300, 423, 4, 2, 128, device, torch.bfloat16), causal=True, scale=scale)
+
+
 # The CUDA backward's two dq paths: atomic adds from the dk/dv kernel (the default) and the separate
 # deterministic dq kernel.
 DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
