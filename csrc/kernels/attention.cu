@@ -262,6 +262,29 @@ struct BlockKeyEnd {
   }
 };
 
+// In a block of kBlockN keys from n0 that crosses the sequence end or this warp's part of the
+// diagonal (its rows from r0), sets acc (a warp's kMW 16-row tiles of scores, or of P) to `fill`
+// for the keys a row does not see. Other blocks need no mask: the branch is warp-uniform.
+template <int kRows, int kBlockN, int kMW, int NT>
+__device__ __forceinline__ void mask_block(float (&acc)[kMW][NT][4], float fill, bool causal,
+                                           int64_t r0, int64_t n0, const SeqInfo& s, int lane) {
+  if (n0 + kBlockN <= s.k_len && !(causal && n0 + kBlockN > r0 + s.k_len - s.q_len + 1)) return;
+  const BlockKeyEnd<kRows, kBlockN> key_end_of(causal, r0, n0, s);
+  const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
+    const int mw = r2 / 2, hh = r2 % 2;
+    const int ke = key_end_of(mw * 16 + g + hh * 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (nt * 8 + 2 * tq + e >= ke) acc[mw][nt][2 * hh + e] = fill;
+      }
+    }
+  }
+}
+
 // Writes the 16 x D accumulator of a warp (rows row0 + g, row0 + g + 8) times `mul` to rows <
 // n_rows.
 template <typename T, int D>
@@ -372,24 +395,8 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
     gemm_abt_mw<T, D, kMW, NT, kPitch>(sc, sQw, sKs, lane);
 
     const int64_t n0 = int64_t(nb) * kBlockN;
-    if (n0 + kBlockN > s.k_len ||
-        (p.causal && n0 + kBlockN > m0 + warp * kRowsW + s.k_len - s.q_len + 1)) {
-      // A block that crosses the sequence end or this warp's part of the diagonal: -inf for the
-      // keys a row does not see. The branch is warp-uniform.
-      const BlockKeyEnd<kRowsW, kBlockN> key_end_of(p.causal, m0 + warp * kRowsW, n0, s);
-#pragma unroll
-      for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
-        const int mw = r2 / 2, hh = r2 % 2;
-        const int ke = key_end_of(mw * 16 + g + hh * 8);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (nt * 8 + 2 * tq + e >= ke) sc[mw][nt][2 * hh + e] = -INFINITY;
-          }
-        }
-      }
-    }
+    // -inf for the keys a row does not see (the scores become exponents).
+    mask_block<kRowsW, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * kRowsW, n0, s, lane);
 #pragma unroll
     for (int r2 = 0; r2 < 2 * kMW; ++r2) {
       const int mw = r2 / 2, hh = r2 % 2;
@@ -665,7 +672,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const int64_t m0 = int64_t(p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kBlockM;
   if (m0 >= s.q_len) return;
   const int64_t hk = h / (p.heads_q / p.heads_k);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const float scale_log2 = p.scale * kLog2e;
 
   const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
@@ -736,24 +743,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
         }
       }
     }
-    if (n0 + kBlockN > s.k_len ||
-        (p.causal && n0 + kBlockN > m0 + warp * kRowsW + s.k_len - s.q_len + 1)) {
-      // A block that crosses the sequence end or this warp's part of the diagonal: P = 0 for the
-      // keys a row does not see. The branch is warp-uniform.
-      const BlockKeyEnd<kRowsW, kBlockN> key_end_of(p.causal, m0 + warp * kRowsW, n0, s);
-#pragma unroll
-      for (int r2 = 0; r2 < 2 * kMW; ++r2) {
-        const int mw = r2 / 2, hh = r2 % 2;
-        const int ke = key_end_of(mw * 16 + g + hh * 8);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (nt * 8 + 2 * tq + e >= ke) pr[mw][nt][2 * hh + e] = 0.f;
-          }
-        }
-      }
-    }
+    // P = 0 for the keys a row does not see.
+    mask_block<kRowsW, kBlockN>(pr, 0.f, p.causal, m0 + warp * kRowsW, n0, s, lane);
     float ds[kMW][NT][4] = {};  // dP = dO V^T, then dS
     gemm_abt_mw<T, D, kMW, NT, kPitch>(ds, sdOw, sVs, lane);
 #pragma unroll

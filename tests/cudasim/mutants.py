@@ -38,6 +38,8 @@ ATTENTION_MUTANTS = {
     "fwd_zero_scale_unclamped": ("fmaxf(fabsf(p.scale), FLT_MIN)", "fabsf(p.scale)"),
     # dk/dv: lse left in natural-log units
     "dkdv_lse_not_log2": ("l == -INFINITY ? INFINITY : l * kLog2e;", "l == -INFINITY ? INFINITY : l;"),
+    # forward and dq (mask_block): each row sees one key past its diagonal or the sequence end
+    "mask_block_off_by_one": ("if (nt * 8 + 2 * tq + e >= ke) acc", "if (nt * 8 + 2 * tq + e > ke) acc"),
     # dk/dv: the causal mask lets each query see one key past the diagonal
     "dkdv_mask_off_by_one": ("(mt * 8 + 2 * tq + e) > off)", "(mt * 8 + 2 * tq + e) > off + 1)"),
     # atomic dq: dS^T read from shared memory before every warp has written it
