@@ -8,8 +8,8 @@ Roofline: the least traffic any implementation needs is reading the logits once 
 gradient once, 2 * N * V * element bytes; GB/s = those bytes / time and roofline% = GB/s against
 the copy bandwidth measured in this run. fmcore with inplace_backward (mean/sum) reads each row
 once into shared memory (up to 110 KiB of it: all of a bf16 row up to V = 56320) and writes its
-gradient in the same kernel, so it can approach that roofline; out of place it moves 3 x N x V elements (forward read, backward read +
-write), a ceiling of 67%.
+gradient in the same kernel, so it can approach that roofline; out of place it moves 3 x N x V
+elements (forward read, backward read + write), a ceiling of 67%.
 """
 
 from __future__ import annotations
