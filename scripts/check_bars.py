@@ -94,7 +94,7 @@ def bars(rows) -> list[dict]:
         c = re.escape(case)
         ours, fa2 = res.get("attention", c, "fmcore", "TFLOP/s"), res.get("attention", c, "sdpa-flash", "TFLOP/s")
         cudnn = res.get("attention", c, "sdpa-cudnn", "TFLOP/s")
-        best = max((res.get("attention", c, f"fmcore-tiles{t}", "TFLOP/s") or 0.0, t) for t in (1, 2))
+        best = max((res.get("attention", c, f"fmcore-tiles{t}", "TFLOP/s") or 0.0, t) for t in (1, 2, 3, 4))
         notes = [f"{ours / cudnn:.2f}x cuDNN" if ours and cudnn else "",
                  f"tiles={best[1]}: {best[0]:.4g}" if ours and best[0] > ours else ""]
         out.append(_bar(5, ">= SDPA flash (FA2) (peer)", f"attention {case}", ours, fa2, "TFLOP/s",

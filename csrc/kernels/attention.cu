@@ -45,7 +45,9 @@
 //  1. load_tile -> TMA loads (cp.async.bulk.tensor) issued by one producer warp into a ring of
 //     stages guarded by mbarriers, shared memory 128-byte swizzled instead of padded;
 //  2. gemm_abt / gemm_pb -> wgmma.mma_async on 64-row warpgroup tiles: S = Q K^T with both operands
-//     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here);
+//     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here); done
+//     for the forward in attn_fwd_wgmma_kernel (tile configurations 3 and 4, opt-in until a GPU
+//     run has checked them);
 //  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
 //     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
 //  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
@@ -306,6 +308,106 @@ __device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64
   }
 }
 
+// One key block of the online softmax for a warp's kMW 16-row tiles: turns the scores sc (raw,
+// masked to -inf) into P in place, updates each row's running max (of raw scores) and this lane's
+// partial sum, and rescales the output accumulator o by the change of the max.
+template <int kMW, int NT, int DT>
+__device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)[kMW][DT][4],
+                                             float (&m_run)[kMW][2], float (&l_run)[kMW][2],
+                                             float scale_log2) {
+#pragma unroll
+  for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+    const int mw = r2 / 2, hh = r2 % 2;
+    float mx = m_run[mw][hh];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      mx = fmaxf(mx, fmaxf(sc[mw][nt][2 * hh], sc[mw][nt][2 * hh + 1]));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row that has seen only masked
+    // keys keeps max -inf; an offset of 0 then keeps p = 2^-inf = 0 (and alpha, from -inf, 0).
+    const float m_off = mx == -INFINITY ? 0.f : mx * scale_log2;
+    const float alpha = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
+    m_run[mw][hh] = mx;
+    float rs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = ex2_approx(sc[mw][nt][2 * hh + e] * scale_log2 - m_off);
+        sc[mw][nt][2 * hh + e] = pv;
+        rs += pv;
+      }
+    }
+    l_run[mw][hh] = l_run[mw][hh] * alpha + rs;  // the quad adds its partial sums at the end
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[mw][dt][2 * hh] *= alpha;
+      o[mw][dt][2 * hh + 1] *= alpha;
+    }
+  }
+}
+
+// The forward's epilogue for a warp's kMW 16-row tiles from query row0 (of sequence b, head h):
+// lse, and out = o / l.
+template <typename T, int D, int kMW>
+__device__ __forceinline__ void write_rows(const AttnParams& p, int64_t b, int64_t h,
+                                           const SeqInfo& s, int64_t row0,
+                                           const float (&o)[kMW][D / 8][4],
+                                           const float (&m_run)[kMW][2],
+                                           const float (&l_run)[kMW][2], float scale_log2,
+                                           int lane) {
+  float* lse = static_cast<float*>(p.lse);
+  const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
+    float inv_l[2];
+    const int64_t r0 = row0 + mw * 16;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_run[mw][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+      const int64_t row = r0 + g + hh * 8;
+      if (tq == 0 && row < s.q_len) {
+        lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
+            l > 0.f ? (m_run[mw][hh] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+    store_rows<T, D>(p.out, b, s.q_start, r0, s.q_len, h, o[mw], inv_l, lane);
+  }
+}
+
+// P^T = 0 where a warp's 16 keys (rows, from n0 + 16 * warp) meet queries (columns, MT * 8 from
+// i0) that do not see them: keys past the sequence end, and, causal, keys past a query's diagonal.
+// Only a warp whose keys cross either is masked (a warp-uniform branch).
+template <int kBlockM, int kBlockN, int MT>
+__device__ __forceinline__ void mask_pt(float (&pt)[MT][4], bool causal, int64_t n0, int warp,
+                                        int64_t i0, const SeqInfo& s, int lane) {
+  const int64_t j0 = n0 + warp * 16;             // this warp's first key
+  const int64_t diag = s.k_len - s.q_len;        // key j is visible to query i iff j <= i + diag
+  if (j0 + 16 <= s.k_len && !(causal && j0 + 15 > i0 + diag)) return;
+  // P = 0 where key jr (relative to n0) is past the end or, causal, jr - c > i0 + diag - n0 for
+  // query c (relative to i0).
+  const int g = lane / 4, tq = lane % 4;
+  const int64_t off64 = causal ? i0 + diag - n0 : kBlockN;
+  const int off = off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int jr = warp * 16 + g + hh * 8;
+    const bool past_end = n0 + jr >= s.k_len;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (past_end || jr - (mt * 8 + 2 * tq + e) > off) pt[mt][2 * hh + e] = 0.f;
+      }
+    }
+  }
+}
+
 // ---- kernels
 
 // Each warp owns kMW 16-row tiles (kMW * 16 query rows). Eight-warp CTAs at D <= 96 fit two an SM
@@ -328,7 +430,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
   const int64_t m0 = int64_t(p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kBlockM;
   if (m0 >= s.q_len) return;
   const int64_t hk = h / (p.heads_q / p.heads_k);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // The running max is taken over raw scores and the scale applied inside each exponent's FFMA, so
   // raw scores must rank as scaled ones do: a negative scale negates Q instead (below) and scales
   // by its magnitude. A zero scale becomes the smallest normal float, so that a masked score (-inf)
@@ -397,63 +499,385 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
     const int64_t n0 = int64_t(nb) * kBlockN;
     // -inf for the keys a row does not see (the scores become exponents).
     mask_block<kRowsW, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * kRowsW, n0, s, lane);
-#pragma unroll
-    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
-      const int mw = r2 / 2, hh = r2 % 2;
-      float mx = m_run[mw][hh];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        mx = fmaxf(mx, fmaxf(sc[mw][nt][2 * hh], sc[mw][nt][2 * hh + 1]));
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row that has seen only masked
-      // keys keeps max -inf; an offset of 0 then keeps p = 2^-inf = 0 (and alpha, from -inf, 0).
-      const float m_off = mx == -INFINITY ? 0.f : mx * scale_log2;
-      const float alpha = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
-      m_run[mw][hh] = mx;
-      float rs = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = ex2_approx(sc[mw][nt][2 * hh + e] * scale_log2 - m_off);
-          sc[mw][nt][2 * hh + e] = pv;
-          rs += pv;
-        }
-      }
-      l_run[mw][hh] = l_run[mw][hh] * alpha + rs;  // the quad adds its partial sums at the end
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[mw][dt][2 * hh] *= alpha;
-        o[mw][dt][2 * hh + 1] *= alpha;
-      }
-    }
+    softmax_step(sc, o, m_run, l_run, scale_log2);
 
     gemm_pb_mw<T, D, kMW, NT, kPitch>(o, sc, sVs, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
 
-  float* lse = static_cast<float*>(p.lse);
+  write_rows<T, D>(p, b, h, s, m0 + warp * kRowsW, o, m_run, l_run, scale_log2, lane);
+}
+
+// ---- the Hopper forward (tile configurations 3 and 4): wgmma
+//
+// attn_fwd_kernel with its two matmuls on warpgroup MMAs. A CTA of two warpgroups owns 128 queries
+// (64 a warpgroup, 16 a warp, as before); per key block, S = Q K^T is D / 16 wgmmas with Q and K
+// read from shared memory, and O += P V is kBlockN / 16 wgmmas with P from registers (acc_to_a
+// re-packs S as before: a warp's rows of a wgmma accumulator have mma16816's c layout). Masking,
+// softmax and epilogue are attn_fwd_kernel's. Loads stay cp.async by every thread, double-buffered,
+// one barrier a step; the step to FlashAttention-3 (TMA, a producer warp, ping-pong) is the header's.
+//
+// Shared-memory tiles: [D / 64][rows][64] elements, 16-byte chunk c of a 128-byte row r stored at
+// chunk c ^ (r % 8) (the 128-byte swizzle, whose pattern repeats every 1024 bytes of the shared
+// address space, so the tiles start 1024-byte aligned). Descriptors:
+//  - Q (A) and K (B), K-major, 16 columns a wgmma: start at atom kk / 4, byte 32 (kk % 4) of the
+//    row; 8-row groups SBO = 1024 bytes apart.
+//  - V (B of P V, MN-major: 16 keys by D): start at key 16 kk; 8-key groups SBO = 1024 bytes apart,
+//    64-column atoms LBO = kBlockN * 128 bytes apart.
+
+// The descriptor of a 128-byte-swizzled shared-memory operand at p (see ptx.cuh).
+__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((smem_addr(p) & 0x3FFFF) >> 4) | uint64_t(lbo >> 4) << 16 |
+         uint64_t(sbo >> 4) << 32 | uint64_t(1) << 62;
+}
+// A descriptor moved on by `bytes` (a multiple of 16; the start address stays below 256 KiB).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
+}
+
+// Copies rows [0, ROWS) of a (rows, D) slice into a swizzled [D / 64][ROWS][64] tile; rows >=
+// n_valid are zero-filled and their addresses never formed (`base` stands in). Thread t copies
+// chunk t % (D / 8) of rows t / (D / 8) + i * kRowsPerPass: its swizzled column is the same on
+// every pass (kRowsPerPass is a multiple of 8).
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t stride, int64_t n_valid,
+                                             const T* base) {
+  constexpr int kChunks = D / 8, kRowsPerPass = THREADS / kChunks;
+  static_assert(D % 64 == 0 && THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0 &&
+                    kRowsPerPass % 8 == 0,
+                "whole passes of whole 8-row swizzle groups");
+  const int row = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  dst += c / 8 * ROWS * 64 + row * 64 + (c % 8 ^ row % 8) * 8;
+  src += c * 8;
 #pragma unroll
-  for (int mw = 0; mw < kMW; ++mw) {
-    float inv_l[2];
-    const int64_t row0 = m0 + warp * kRowsW + mw * 16;
+  for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+    const int r = row + i * kRowsPerPass;
+    const bool ok = r < n_valid;
+    cp_async16(dst + i * kRowsPerPass * 64, ok ? src + r * stride : base, ok);
+  }
+}
+
+// 128-key steps take one CTA an SM (see Tiles<D, 3> for registers); 64-key steps are held to two,
+// so that one CTA's barrier and softmax can overlap the other's wgmmas.
+template <typename T, int D, int kBlockN>
+__global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1) attn_fwd_wgmma_kernel(const AttnParams p) {
+  constexpr int kBlockM = 128, kThreads = 256, NT = kBlockN / 8, KN = kBlockN / 16;
+  constexpr int kTileKV = kBlockN * D;  // elements
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  T* sK = sQ + kBlockM * D;    // two stages
+  T* sV = sK + 2 * kTileKV;    // two stages
+
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t m0 = int64_t(p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * kBlockM;
+  if (m0 >= s.q_len) return;
+  const int64_t hk = h / (p.heads_q / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float scale_log2 = fmaxf(fabsf(p.scale), FLT_MIN) * kLog2e;  // as in attn_fwd_kernel
+
+  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
+  const int64_t n_end = key_end(p.causal, last_row, s.q_len, s.k_len);
+  const int n_blocks = static_cast<int>((n_end + kBlockN - 1) / kBlockN);
+
+  const T* k_base = static_cast<const T*>(p.k.ptr);
+  const T* v_base = static_cast<const T*>(p.v.ptr);
+  const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
+  const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
+  auto load_kv = [&](int nb, int stage) {
+    const int64_t n0 = int64_t(nb) * kBlockN;
+    load_tile_sw<T, D, kBlockN, kThreads>(sK + stage * kTileKV, k_seq + n0 * p.k.stride_s,
+                                          p.k.stride_s, s.k_len - n0, k_base);
+    load_tile_sw<T, D, kBlockN, kThreads>(sV + stage * kTileKV, v_seq + n0 * p.v.stride_s,
+                                          p.v.stride_s, s.k_len - n0, v_base);
+  };
+  load_tile_sw<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
+                                        s.q_len - m0, static_cast<const T*>(p.q.ptr));
+  cp_async_commit();
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+  if (p.scale < 0.f) {  // negate Q (every element's sign bit), as attn_fwd_kernel does
+    cp_async_wait<1>();
+    __syncthreads();
+    for (int c = threadIdx.x; c < kBlockM * D / 8; c += kThreads) {
+      uint4& v = reinterpret_cast<uint4*>(sQ)[c];
+      v.x ^= 0x80008000u;
+      v.y ^= 0x80008000u;
+      v.z ^= 0x80008000u;
+      v.w ^= 0x80008000u;
+    }
+  }
+
+  // This warpgroup's 64 rows of Q; K and V of stage 0 (stage 1 is kTileKV elements on).
+  const uint64_t q_desc = sw128_desc(sQ + warp / 4 * 64 * 64, 16, 1024);
+  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
+  const uint64_t v_desc = sw128_desc(sV, kBlockN * 128, 1024);
+
+  float o[1][D / 8][4] = {};
+  float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    cp_async_wait<0>();
+    fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma
+    __syncthreads();  // every warpgroup: this stage has landed, the other one is free
+    if (nb + 1 < n_blocks) load_kv(nb + 1, stage ^ 1);
+    cp_async_commit();
+
+    float sc[1][NT][4];
+    wgmma_fence();
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float l = l_run[mw][hh];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
-      const int64_t row = row0 + g + hh * 8;
-      if (tq == 0 && row < s.q_len) {
-        lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
-            l > 0.f ? (m_run[mw][hh] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
+    for (int kk = 0; kk < D / 16; ++kk) {
+      // Columns 16 kk..: 64-column atom kk / 4 (a whole tile of 128-byte rows on), 32 bytes a step
+      // within it.
+      const uint32_t in_atom = kk % 4 * 32;
+      const uint32_t k_off = (stage * kTileKV + kk / 4 * kBlockN * 64) * 2 + in_atom;
+      wgmma_ss<T, kBlockN, 0, 0>(sc[0], desc_plus(q_desc, kk / 4 * kBlockM * 128 + in_atom),
+                                 desc_plus(k_desc, k_off), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(sc[0][nt][e]);
+
+    mask_block<16, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * 16, int64_t(nb) * kBlockN, s,
+                            lane);
+    softmax_step(sc, o, m_run, l_run, scale_log2);
+    uint32_t pa[KN][4];  // P as A fragments (read by the wgmmas until their wait)
+#pragma unroll
+    for (int kk = 0; kk < KN; ++kk) acc_to_a<T>(pa[kk], sc[0], kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KN; ++kk) {
+      wgmma_rs<T, D>(o[0], pa[kk], desc_plus(v_desc, stage * kTileKV * 2 + kk * 16 * 128));
+    }
+    wgmma_commit();
+    // Waited for here, not at the next step's barrier: deferred, the next step's rescale of o made
+    // ptxas serialize every wgmma of the kernel (C7515).
+    wgmma_wait<0>();
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(o[0][dt][e]);
+#pragma unroll
+    for (int kk = 0; kk < KN; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(pa[kk][e]);
+  }
+  cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
+
+  write_rows<T, D>(p, b, h, s, m0 + warp * 16, o, m_run, l_run, scale_log2, lane);
+}
+
+// The backward's dk/dv with the atomic dq on wgmma (tile configurations 3 and 4, non-deterministic
+// calls): attn_bwd_dkdv_kernel's algorithm with its five matmuls on warpgroup MMAs. A CTA of two
+// warpgroups owns 128 keys (64 a warpgroup, 16 a warp, as there) and steps through query blocks of
+// 64 rows (those of every query head of its GQA group):
+//   S^T = K Q^T, dP^T = V dO^T  wgmma_ss, both K-major (keys x D by queries x D);
+//   dV += P^T dO, dK += dS^T Q  wgmma_rs: P^T and dS^T from registers (acc_to_a), dO and Q MN-major
+//                               (queries x D: the V of the forward's P V);
+//   dQ += dS K                  wgmma_ss, both MN-major: dS^T through shared memory (sdS: 128 keys
+//                               x 64 queries, swizzled like the other tiles) and K as stored. Each
+//                               warpgroup computes one 64-query x 64-column slab (D = 128: its half
+//                               of the columns over all 128 keys; D = 64: every column over its own
+//                               64 keys) and adds it into dq_accum with float2 atomics.
+// Tiles and descriptors as in attn_fwd_wgmma_kernel.
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
+  constexpr int kBlockN = 128, kBlockM = 64, kThreads = 256, MT = kBlockM / 8, KM = kBlockM / 16;
+  constexpr int kTileQ = kBlockM * D;  // elements of a Q or dO stage
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  T* sV = sK + kBlockN * D;
+  T* sQ = sV + kBlockN * D;    // two stages
+  T* sdO = sQ + 2 * kTileQ;    // two stages
+  T* sdS = sdO + 2 * kTileQ;   // [kBlockN keys][64 queries]
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * 64);  // two stages
+  float* sDelta = sLse + 2 * kBlockM;                           // two stages
+
+  const int64_t b = blockIdx.z, hk = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
+  if (n0 >= s.k_len) return;
+  const int64_t group = p.heads_q / p.heads_k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int wg = warp / 4;
+  const float scale_log2 = p.scale * kLog2e;
+
+  const int64_t m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
+  const int64_t m_count = (s.q_len + kBlockM - 1) / kBlockM;
+  const int64_t per_head = m_count > m_first ? m_count - m_first : 0;
+  const int64_t iters = group * per_head;
+
+  const T* q_base = static_cast<const T*>(p.q.ptr);
+  const T* do_base = static_cast<const T*>(p.dout.ptr);
+  const float* lse = static_cast<const float*>(p.lse);
+  auto load_q = [&](int64_t h, int64_t i0, int stage) {
+    load_tile_sw<T, D, kBlockM, kThreads>(sQ + stage * kTileQ,
+                                          row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
+                                          s.q_len - i0, q_base);
+    load_tile_sw<T, D, kBlockM, kThreads>(sdO + stage * kTileQ,
+                                          row_ptr<T>(p.dout, b, s.q_start + i0, h),
+                                          p.dout.stride_s, s.q_len - i0, do_base);
+    if (threadIdx.x < kBlockM) {  // as in attn_bwd_dkdv_kernel
+      const int64_t row = i0 + threadIdx.x;
+      const bool ok = row < s.q_len;
+      const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+      cp_async4(sLse + stage * kBlockM + threadIdx.x, ok ? lse + idx : lse, ok);
+      cp_async4(sDelta + stage * kBlockM + threadIdx.x, ok ? p.delta + idx : p.delta, ok);
+    }
+  };
+  load_tile_sw<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s,
+                                        s.k_len - n0, static_cast<const T*>(p.k.ptr));
+  load_tile_sw<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
+                                        s.k_len - n0, static_cast<const T*>(p.v.ptr));
+  int64_t h = hk * group, i0 = m_first * kBlockM;  // stepped as in attn_bwd_dkdv_kernel
+  if (iters > 0) load_q(h, i0, 0);
+  cp_async_commit();
+
+  // S^T and dP^T: this warpgroup's 64 keys of K and V (A), stage 0 of Q and dO (B), K-major.
+  const uint64_t k_desc = sw128_desc(sK + wg * 64 * 64, 16, 1024);
+  const uint64_t v_desc = sw128_desc(sV + wg * 64 * 64, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ, 16, 1024);
+  const uint64_t do_desc = sw128_desc(sdO, 16, 1024);
+  // dK and dV: Q and dO (B) MN-major, 64-column atoms kBlockM rows apart.
+  const uint64_t q_mn_desc = sw128_desc(sQ, kBlockM * 128, 1024);
+  const uint64_t do_mn_desc = sw128_desc(sdO, kBlockM * 128, 1024);
+  // dQ: keys [dq_k0, + kDqKeys) of dS (A) and of K's columns [dq_c0, + 64) (B), both MN-major (64
+  // columns: one atom, LBO unused).
+  constexpr int kDqKeys = D == 128 ? kBlockN : 64;
+  const int dq_c0 = D == 128 ? 64 * wg : 0, dq_k0 = D == 128 ? 0 : 64 * wg;
+  const uint64_t ds_desc = sw128_desc(sdS + dq_k0 * 64, kBlockN * 128, 1024);
+  const uint64_t kt_desc = sw128_desc(sK + dq_c0 / 64 * kBlockN * 64 + dq_k0 * 64, kBlockN * 128, 1024);
+
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  for (int64_t it = 0; it < iters; ++it) {
+    const int stage = it & 1;
+    const bool last_block = i0 + kBlockM >= m_count * kBlockM;
+    const int64_t h_next = last_block ? h + 1 : h;
+    const int64_t i0_next = last_block ? m_first * kBlockM : i0 + kBlockM;
+    cp_async_wait<0>();
+    if (threadIdx.x < kBlockM) {  // lse to log2 units, +inf where P must be 0 (as there)
+      float& l = sLse[stage * kBlockM + threadIdx.x];
+      l = i0 + threadIdx.x >= s.q_len || l == -INFINITY ? INFINITY : l * kLog2e;
+    }
+    fence_proxy_async();  // this thread's copies, visible to wgmma
+    // This stage has landed; every warpgroup is done with the other one and with sdS.
+    __syncthreads();
+    if (it + 1 < iters) load_q(h_next, i0_next, stage ^ 1);
+    cp_async_commit();
+    const float* sL = sLse + stage * kBlockM;
+    const float* sD = sDelta + stage * kBlockM;
+
+    float pt[MT][4], dst[MT][4];  // P^T, and dP^T then dS^T: rows = keys, columns = queries
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t in_atom = kk % 4 * 32;
+      const uint32_t kv_off = kk / 4 * kBlockN * 128 + in_atom;
+      const uint32_t q_off = (stage * kTileQ + kk / 4 * kBlockM * 64) * 2 + in_atom;
+      wgmma_ss<T, kBlockM, 0, 0>(pt, desc_plus(k_desc, kv_off), desc_plus(q_desc, q_off), kk > 0);
+      wgmma_ss<T, kBlockM, 0, 0>(dst, desc_plus(v_desc, kv_off), desc_plus(do_desc, q_off),
+                                 kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        reg_fence(pt[mt][e]);
+        reg_fence(dst[mt][e]);
+      }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
       }
     }
-    store_rows<T, D>(p.out, b, s.q_start, row0, s.q_len, h, o[mw], inv_l, lane);
+    mask_pt<kBlockM, kBlockN>(pt, p.causal, n0, warp, i0, s, lane);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[mt * 8 + 2 * tq + (r & 1)]);
+      }
+    }
+    // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt, swizzled.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int key = warp * 16 + g + hh * 8;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        *reinterpret_cast<uint32_t*>(sdS + key * 64 + (mt ^ key % 8) * 8 + 2 * tq) =
+            pack2<T>(dst[mt][2 * hh], dst[mt][2 * hh + 1]);
+      }
+    }
+    uint32_t pa[KM][4], dsa[KM][4];  // P^T and dS^T as A fragments (read until the wait below)
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk) {
+      acc_to_a<T>(pa[kk], pt, kk);
+      acc_to_a<T>(dsa[kk], dst, kk);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk) {
+      const uint32_t off = stage * kTileQ * 2 + kk * 16 * 128;
+      wgmma_rs<T, D>(dv, pa[kk], desc_plus(do_mn_desc, off));
+      wgmma_rs<T, D>(dk, dsa[kk], desc_plus(q_mn_desc, off));
+    }
+    wgmma_commit();
+    fence_proxy_async();  // this thread's dS^T stores, visible to wgmma
+    __syncthreads();      // sdS holds both warpgroups' keys
+
+    float dq[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDqKeys / 16; ++kk) {
+      wgmma_ss<T, 64, 1, 1>(dq, desc_plus(ds_desc, kk * 16 * 128), desc_plus(kt_desc, kk * 16 * 128),
+                            kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // dV, dK and dQ
+#pragma unroll
+    for (int dt = 0; dt < 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) reg_fence(dq[dt][e]);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        reg_fence(dv[dt][e]);
+        reg_fence(dk[dt][e]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < KM; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        reg_fence(pa[kk][e]);
+        reg_fence(dsa[kk][e]);
+      }
+
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // this warp's 16 query rows of the slab
+      const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
+      if (row >= s.q_len) continue;
+      float* acc = row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + dq_c0 + 2 * tq;
+#pragma unroll
+      for (int dt = 0; dt < 8; ++dt) atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+    }
+    h = h_next;
+    i0 = i0_next;
   }
+  cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
+
+  const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+  store_rows<T, D>(p.dv, b, s.k_start, n0 + warp * 16, s.k_len, hk, dv, one, lane);
+  store_rows<T, D>(p.dk, b, s.k_start, n0 + warp * 16, s.k_len, hk, dk, scale, lane);
 }
 
 // delta = rowsum(dout * out) - dlse for every query row; one warp per row.
@@ -548,7 +972,6 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const T* sKw = sK + warp * 16 * kPitch;
   const T* sVw = sV + warp * 16 * kPitch;
-  const int64_t diag = s.k_len - s.q_len;  // key j is visible to query i iff j <= i + diag (causal)
 
   for (int64_t it = 0; it < iters; ++it) {
     const int stage = it & 1;
@@ -583,27 +1006,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
         pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
       }
     }
-    const int64_t j0 = n0 + warp * 16;  // this warp's first key
-    if (j0 + 16 > s.k_len || (p.causal && j0 + 15 > i0 + diag)) {
-      // This warp's keys cross the sequence end or the diagonal (a warp-uniform branch): P = 0
-      // where key jr (relative to n0) is past the end or, causal, jr - c > i0 + diag - n0 for
-      // query c (relative to i0).
-      const int64_t off64 = p.causal ? i0 + diag - n0 : kBlockN;
-      const int off =
-          off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int jr = warp * 16 + g + hh * 8;
-        const bool past_end = n0 + jr >= s.k_len;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (past_end || jr - (mt * 8 + 2 * tq + e) > off) pt[mt][2 * hh + e] = 0.f;
-          }
-        }
-      }
-    }
+    mask_pt<kBlockM, kBlockN>(pt, p.causal, n0, warp, i0, s, lane);
     float dst[MT][4] = {};  // dP^T, then dS^T
     gemm_abt<T, D, MT, kPitch>(dst, sVw, sdOs, lane);
 #pragma unroll
@@ -820,6 +1223,8 @@ struct Tiles;
 // tiles per warp spill at D = 96 and 128).
 template <int D>
 struct Tiles<D, 0> {
+  static constexpr int kFwdWgmmaN = 0;  // keys a step of the wgmma forward; 0: not used
+  static constexpr bool kBwdWgmma = false;  // dk/dv and the atomic dq on wgmma
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
   static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 32;
@@ -830,6 +1235,8 @@ struct Tiles<D, 0> {
 // few spilled registers in the forward (16 bytes at D = 64, 24 at D = 128).
 template <int D>
 struct Tiles<D, 1> {
+  static constexpr int kFwdWgmmaN = 0;
+  static constexpr bool kBwdWgmma = false;
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = 64;
   static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 64;
@@ -842,14 +1249,57 @@ struct Tiles<D, 1> {
 // queries per step: a warp's dq slab must be a multiple of 16 columns.)
 template <int D>
 struct Tiles<D, 2> {
+  static constexpr int kFwdWgmmaN = 0;
+  static constexpr bool kBwdWgmma = false;
   static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;
   static constexpr int kDkdvWarps = 8, kDkdvBlockM = D == 128 ? 32 : 64;
   static constexpr int kDqWarps = 8, kDqMW = 1, kDqBlockN = 32;
 };
 
+// 3 and 4, Hopper: the forward on wgmma (attn_fwd_wgmma_kernel) against 128 (3) or 64 (4) keys a
+// step, at D = 64 and 128 on sm_90 devices when sm_90a code is compiled in; anywhere else, and at
+// D = 96, config 0's forward. Their backward runs dk/dv with the atomic dq on wgmma
+// (attn_bwd_dkdv_wgmma_kernel) under the same conditions, and config 0's otherwise (the
+// deterministic dq included). Forward registers (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM);
+// 4 is held to 128 for two CTAs an SM (112 / 128, spilling 80 bytes at 128).
+template <int D>
+struct Tiles<D, 3> : Tiles<D, 0> {
+  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 128;
+  static constexpr bool kBwdWgmma = D != 96;
+};
+template <int D>
+struct Tiles<D, 4> : Tiles<D, 0> {
+  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 64;
+  static constexpr bool kBwdWgmma = D != 96;
+};
+
+// Whether the wgmma forward can run here: its sm_90a code compiled in and a 9.x device current.
+bool wgmma_device() {
+#if defined(FMCORE_SM90A)
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
 template <typename T, int D, int kConfig>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D, kConfig>;
+  if constexpr (C::kFwdWgmmaN > 0) {
+    if (wgmma_device()) {
+      // Two stages of K and V, one Q tile, and room to align them to 1024 bytes.
+      const size_t smem = size_t(128 + 4 * C::kFwdWgmmaN) * D * sizeof(T) + 1024;
+      const dim3 grid(blocks(p.seqlen_q, 128), static_cast<unsigned>(p.heads_q),
+                      static_cast<unsigned>(p.batch));
+      return launch<attn_fwd_wgmma_kernel<T, D, C::kFwdWgmmaN>>(grid, 256, smem, p, stream);
+    }
+  }
   constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
   const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
@@ -866,6 +1316,21 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = launch<attn_bwd_delta_kernel<T>>(dgrid, 256, 0, p, stream);
   if (err != cudaSuccess) return err;
 
+  const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.seqlen_q;
+  const dim3 cgrid(blocks(rows * p.heads_q * (D / 8), 256));
+  if constexpr (C::kBwdWgmma) {
+    if (p.dq_accum.ptr != nullptr && wgmma_device()) {
+      // K, V, two stages of Q and dO, dS^T, two of lse and delta, and the 1024-byte alignment.
+      const size_t smem = size_t(2 * 128 + 4 * 64 + 128 * 64 / D) * D * sizeof(T) +
+                          4 * 64 * sizeof(float) + 1024;
+      const dim3 grid(blocks(p.seqlen_k, 128), static_cast<unsigned>(p.heads_k),
+                      static_cast<unsigned>(p.batch));
+      err = launch<attn_bwd_dkdv_wgmma_kernel<T, D>>(grid, 256, smem, p, stream);
+      if (err != cudaSuccess) return err;
+      return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
+    }
+  }
+
   constexpr int kBlockN = 16 * C::kDkdvWarps, kBlockMq = C::kDkdvBlockM;
   const size_t kv_smem =
       size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
@@ -876,8 +1341,6 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
     err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, true>>(
         kv_grid, 32 * C::kDkdvWarps, kv_smem + ds_smem, p, stream);
     if (err != cudaSuccess) return err;
-    const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.seqlen_q;
-    const dim3 cgrid(blocks(rows * p.heads_q * (D / 8), 256));
     return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
   }
   err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, false>>(
@@ -894,7 +1357,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
 
 template <template <typename, int, int> class Fn, typename T, int D>
 cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
-  static_assert(kAttnTileConfigs == 3, "one case per configuration");
+  static_assert(kAttnTileConfigs == 5, "one case per configuration");
   switch (p.tiles) {
     case 0:
       return Fn<T, D, 0>::run(p, stream);
@@ -902,6 +1365,10 @@ cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
       return Fn<T, D, 1>::run(p, stream);
     case 2:
       return Fn<T, D, 2>::run(p, stream);
+    case 3:
+      return Fn<T, D, 3>::run(p, stream);
+    case 4:
+      return Fn<T, D, 4>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -142,6 +142,7 @@ def build(verbose: bool = False) -> Path:
     flags = [
         "-Dfmcore=fmcore_sim",
         "-DFMCORE_WITH_CUDA=1",
+        "-DFMCORE_SM90A=1",  # the simulated device is an sm_90 one (attention's wgmma forward)
         "-Wno-unknown-pragmas",  # #pragma unroll
         "-Wno-unused-function",  # the CPU impls no TORCH_LIBRARY_IMPL registers here
     ]

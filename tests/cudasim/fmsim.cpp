@@ -112,7 +112,7 @@ struct Launch {
   void (*body)(void*);
   void* ctx;
   struct Free {
-    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(1024)); }
   };
   std::unique_ptr<unsigned char[], Free> smem;
 
@@ -158,6 +158,24 @@ void complete_copies(uint64_t below) {
   }
   tl_copies.resize(kept);
 }
+
+// This thread's wgmmas issued and not yet run (wgmma_ss, wgmma_rs), in issue order, and how many
+// groups it has committed.
+struct Wgmma {
+  float* d;  // the N / 8 x 4 accumulators
+  int n;
+  MmaIn in;
+  bool reg_a;  // wgmma_rs: A from registers (a); wgmma_ss: A through desc_a
+  bool a_mn, b_mn;  // wgmma_ss's A, and B: MN-major (else K-major); wgmma_rs's B is MN-major
+  uint64_t desc_a, desc_b;
+  float a[2][16];  // wgmma_rs: rows g and g + 8 of the warp's A (this lane's rows of D)
+  bool accumulate;
+  bool chained;          // an earlier pending op writes d: its result is the input
+  std::vector<float> c;  // otherwise the input accumulators as they were at issue (if accumulate)
+  uint64_t group;        // the commit count when issued
+};
+thread_local std::vector<Wgmma> tl_wgmmas;
+thread_local uint64_t tl_wgmma_groups = 0;
 
 std::mutex g_launch_mu;  // launches are serialized
 
@@ -279,10 +297,18 @@ void thread_main(Launch& L, unsigned tid) {
     tl_barrier_parity = 0;
     tl_copies.clear();
     tl_groups = 0;
+    tl_wgmmas.clear();
+    tl_wgmma_groups = 0;
     std::string error;
     try {
       L.body(L.ctx);
       complete_copies(UINT64_MAX);  // copies still in flight at exit land all the same
+      // but a wgmma's d is the returned kernel's registers: its result is lost (and its shared
+      // memory operands may be overwritten by the next block), a bug whatever the timing
+      if (!tl_wgmmas.empty()) {
+        fault("wgmma issued but never waited for (no wgmma_commit + wgmma_wait covers it before "
+              "the thread returns)");
+      }
     } catch (const Fault&) {
       // the launch has failed already (recorded by whoever raised it)
     } catch (const std::exception& e) {
@@ -346,9 +372,12 @@ void run(const void* kernel, std::string name, const Config& c, void (*body)(voi
   L.nblocks = uint64_t{c.grid.x} * c.grid.y * c.grid.z;
   L.body = body;
   L.ctx = ctx;
-  // Exactly the requested size (an access past it is a heap overflow under ASan), 128-aligned.
+  // Exactly the requested size (an access past it is a heap overflow under ASan), 1024-aligned:
+  // the 128-byte swizzle's period, so that the swizzle bits of a pointer into it (which a kernel
+  // may compute a swizzled offset from) and of its smem_addr offset (what wgmma's swizzle sees)
+  // agree.
   L.smem.reset(static_cast<unsigned char*>(
-      ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(128))));
+      ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(1024))));
   poison_shared(L);
   L.warps = std::vector<Warp>((L.nthreads + 31) / 32);
   for (size_t w = 0; w < L.warps.size(); ++w) {
@@ -598,6 +627,195 @@ float ex2_approx_ftz(float x) {
   if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
   const float y = std::exp2(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
+uint32_t smem_offset(const void* p) {
+  const Launch& L = current();
+  const auto at = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(L.smem.get());
+  if (at < base || at - base >= L.cfg.smem) {
+    fault("smem_addr: address outside dynamic shared memory (fmsim gives only the dynamic shared "
+          "memory shared-window addresses)");
+  }
+  return static_cast<uint32_t>(at - base);
+}
+
+namespace {
+
+constexpr uint32_t kPoison = 0xffffffffu;  // a NaN: what cp.async and the block start fill with
+
+// A shared memory matrix descriptor's fields (fmsim.h), in bytes.
+struct Desc {
+  uint32_t start, lbo, sbo;
+};
+
+Desc decode(uint64_t desc) {
+  constexpr uint64_t kField = 0x3fff;
+  constexpr uint64_t kModelled = kField | kField << 16 | kField << 32 | uint64_t{3} << 62;
+  if (desc >> 62 != 1) fault("wgmma descriptor: only the 128-byte swizzle is modelled");
+  if ((desc & ~kModelled) != 0) {
+    fault("wgmma descriptor: a bit set outside the start address, LBO, SBO and swizzle mode (the "
+          "base offset is not modelled)");
+  }
+  return {static_cast<uint32_t>(desc & kField) << 4,
+          static_cast<uint32_t>(desc >> 16 & kField) << 4,
+          static_cast<uint32_t>(desc >> 32 & kField) << 4};
+}
+
+// The 16-bit element at byte offset `addr` of the dynamic shared memory, 128-byte swizzled: bits
+// 4-6 of the address are XOR-ed with bits 7-9 (the allocation is 1024-aligned, so offsets and
+// addresses agree on them).
+float swizzled_element(const Launch& L, uint64_t addr, MmaIn in) {
+  const uint64_t phys = addr ^ (addr >> 7 & 7) << 4;
+  if (std::max(addr, phys) + 2 > L.cfg.smem) {
+    fault("wgmma operand: address outside dynamic shared memory");
+  }
+  uint16_t bits;
+  std::memcpy(&bits, L.smem.get() + phys, sizeof bits);
+  return bits_to_float(bits, in);
+}
+
+// wgmma is warpgroup-wide: the 4 warps of the caller's must exist in full.
+void check_warpgroup() {
+  if ((tl_tid / 128 + 1) * 128 > current().nthreads) {
+    fault("wgmma in a partial warpgroup (the block's threads are not a multiple of 128)");
+  }
+}
+
+// Records an issued wgmma: the first pending one on its d captures the input accumulators and
+// poisons d (in flight: a read before the wait sees NaN); a later one on the same d runs after it,
+// on its result.
+void issue(Wgmma&& op) {
+  op.group = tl_wgmma_groups;
+  op.chained = false;
+  for (const Wgmma& p : tl_wgmmas) op.chained |= p.d == op.d;
+  if (!op.chained) {
+    if (op.accumulate) op.c.assign(op.d, op.d + op.n / 2);
+    std::memset(op.d, 0xff, op.n / 2 * sizeof(float));
+  }
+  tl_wgmmas.push_back(std::move(op));
+}
+
+// The byte address (before the swizzle) of element (i, k) of an operand, i its M (A) or N (B) index:
+// K-major (stored as rows of 16 k): start + (i % 8) 128 + (i / 8) SBO + 2k; MN-major (stored as 16
+// rows of k): start + 2 (i % 64) + (i / 64) LBO + (k % 8) 128 + (k / 8) SBO.
+uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
+  const uint64_t start = desc.start, lbo = desc.lbo, sbo = desc.sbo;
+  return mn_major ? start + 2 * (i % 64) + lbo * (i / 64) + k % 8 * 128 + sbo * (k / 8)
+                  : start + i % 8 * 128 + sbo * (i / 8) + 2 * k;
+}
+
+// Runs an issued wgmma for the calling lane's accumulators, reading shared memory as it is now.
+// g = lane / 4, t = lane % 4: d[i][2h + e] is D[16 (warp % 4) + g + 8h][8i + 2t + e].
+void execute(const Launch& L, Wgmma& op) {
+  const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
+  const int row = 16 * static_cast<int>(tl_tid / 32 % 4) + g;  // + 8h
+  const int count = op.n / 2;
+  if (!op.chained) {
+    for (int i = 0; i < count; ++i) {
+      uint32_t w;
+      std::memcpy(&w, op.d + i, sizeof w);
+      if (w != kPoison) {
+        fault("wgmma accumulator written while the wgmma was in flight (before the wgmma_wait "
+              "that covers it)");
+      }
+    }
+  }
+  float a[2][16];
+  if (op.reg_a) {
+    std::memcpy(a, op.a, sizeof a);
+  } else {
+    const Desc da = decode(op.desc_a);
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 16; ++k) a[h][k] = swizzled_element(L, at(da, op.a_mn, row + 8 * h, k), op.in);
+    }
+  }
+  const Desc db = decode(op.desc_b);
+  for (int i = 0; i < op.n / 8; ++i) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * i + 2 * t + e;
+      float b[16];
+      for (int k = 0; k < 16; ++k) b[k] = swizzled_element(L, at(db, op.b_mn, col, k), op.in);
+      for (int h = 0; h < 2; ++h) {
+        float& out = op.d[4 * i + 2 * h + e];
+        double sum = !op.accumulate ? 0.0 : op.chained ? out : op.c[4 * i + 2 * h + e];
+        for (int k = 0; k < 16; ++k) sum += double{a[h][k]} * double{b[k]};
+        out = static_cast<float>(sum);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool a_mn,
+              bool b_mn, MmaIn in) {
+  check_warpgroup();
+  decode(desc_a);  // a layout fmsim does not model faults at issue
+  decode(desc_b);
+  Wgmma op{};
+  op.d = d;
+  op.n = n;
+  op.in = in;
+  op.reg_a = false;
+  op.a_mn = a_mn;
+  op.b_mn = b_mn;
+  op.desc_a = desc_a;
+  op.desc_b = desc_b;
+  op.accumulate = accumulate;
+  issue(std::move(op));
+}
+
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in) {
+  check_warpgroup();
+  decode(desc_b);
+  Wgmma op{};
+  op.d = d;
+  op.n = n;
+  op.in = in;
+  op.reg_a = true;
+  op.b_mn = true;
+  op.desc_b = desc_b;
+  op.accumulate = true;
+  // A's rows g and g + 8 from the warp's fragments, in mma.sync's a layout: element (row, k) in
+  // lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2.
+  uint32_t mine[4];
+  std::memcpy(mine, a, sizeof mine);
+  const int g = static_cast<int>(tl_tid % 32) / 4;
+  warp_barrier(
+      0xffffffffu, [&](unsigned char* slot) { std::memcpy(slot, mine, sizeof mine); },
+      [&](Slots slots) {
+        for (int h = 0; h < 2; ++h) {
+          for (int k = 0; k < 16; ++k) {
+            uint32_t reg;
+            std::memcpy(&reg, slots[g * 4 + k % 8 / 2] + 4 * (h + 2 * (k / 8)), sizeof reg);
+            op.a[h][k] = bits_to_float(static_cast<uint16_t>(reg >> (16 * (k % 2))), in);
+          }
+        }
+      });
+  issue(std::move(op));
+}
+
+void wgmma_commit() { ++tl_wgmma_groups; }
+
+void wgmma_wait(int n) {
+  if (n < 0) fault("wgmma.wait_group with a negative count");
+  const uint64_t below = tl_wgmma_groups > static_cast<uint64_t>(n) ? tl_wgmma_groups - n : 0;
+  // groups grow in issue order: the ops to run are a prefix
+  size_t done = 0;
+  const Launch& L = current();
+  while (done < tl_wgmmas.size() && tl_wgmmas[done].group < below) execute(L, tl_wgmmas[done++]);
+  tl_wgmmas.erase(tl_wgmmas.begin(), tl_wgmmas.begin() + static_cast<ptrdiff_t>(done));
+  // A pending op chained to one that just ran takes that result as its input as if issued now
+  // (capture and poison): d reads NaN until the op's own wait.
+  for (size_t i = 0; i < tl_wgmmas.size(); ++i) {
+    Wgmma& op = tl_wgmmas[i];
+    bool after_pending = false;
+    for (size_t j = 0; j < i; ++j) after_pending |= tl_wgmmas[j].d == op.d;
+    if (!op.chained || after_pending) continue;
+    op.chained = false;
+    if (op.accumulate) op.c.assign(op.d, op.d + op.n / 2);
+    std::memset(op.d, 0xff, op.n / 2 * sizeof(float));
+  }
 }
 
 

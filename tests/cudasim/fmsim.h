@@ -13,9 +13,9 @@
 //   values through a per-warp slot array at a 32-lane barrier. A shuffle in a warp with fewer than
 //   32 live lanes (a lane returned, or a partial last warp) is undefined on hardware and reported
 //   as an error.
-// - The inline PTX attention uses (cp.async, ldmatrix, mma.sync, ex2.approx; see the declarations
-//   below), and float atomicAdd and the sm_90 float2 atomicAdd (attention's atomic_add2) as real
-//   atomics.
+// - The inline PTX attention uses (cp.async, ldmatrix, mma.sync, ex2.approx, Hopper's asynchronous
+//   warpgroup MMA wgmma; see the declarations below), and float atomicAdd and the sm_90 float2
+//   atomicAdd (attention's atomic_add2) as real atomics.
 // - A deadlock (every live thread waits at a barrier, but no barrier can complete: a divergent
 //   __syncthreads or shuffle) is detected exactly, at once, and fails the launch with a message
 //   naming the kernel, the block and where the threads wait.
@@ -25,9 +25,11 @@
 //   cudaGetLastError returns; the kernel does not run. A block larger than the kernel's
 //   __launch_bounds__ fails the launch (checked at kernel entry).
 // - Dynamic shared memory is a fresh allocation of exactly the requested size per launch (ASan
-//   catches an access past it), filled with NaN bytes (0xff) before every block. Static __shared__
-//   arrays are function statics (one block runs at a time), filled with NaN bytes before every
-//   block too, from the second block that declares them on (the first sees zeros).
+//   catches an access past it), 1024-byte aligned (the 128-byte swizzle's period, so a pointer's
+//   swizzle bits and its smem_addr offset agree), filled with NaN bytes (0xff) before every
+//   block. Static __shared__ arrays are function statics (one block runs at a time), filled with
+//   NaN bytes before every block too, from the second block that declares them on (the first sees
+//   zeros).
 // - Vector accesses: every reinterpret_cast to a pointer in the kernel files is checked for the
 //   pointee's alignment (a 16-byte Vec must be 16-byte aligned, as the hardware demands).
 // - The device is an H100 as far as per-block limits go (227 KiB opt-in shared memory, 1024
@@ -39,7 +41,8 @@
 //
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
-// shared memory), registers and local memory, partial warp masks, streams and events
+// shared memory), registers and local memory, partial warp masks, the async proxy (a wgmma reads
+// shared memory as any load does: a missing fence.proxy.async goes unnoticed), streams and events
 // (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf,
 // ex2.approx exact but for its flush to zero), the static shared memory's size limit, and
 // out-of-bounds global accesses unless built with FMCORE_SIM_SANITIZE=address (then ASan reports
@@ -140,6 +143,27 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
 //   in double and rounded once (the hardware's fp32 accumulation order is unspecified).
 // - ex2.approx.ftz.f32: exp2 of the input, with subnormal inputs and results flushed to zero (the
 //   hardware's approximation error, about 2 ulp, is not modelled).
+// - smem_addr (cvta.to.shared): the byte offset of p from the dynamic shared memory's base; p
+//   elsewhere (a static __shared__ array included) faults.
+// - wgmma.mma_async m64nNk16 (f32 += bf16/f16 x bf16/f16, N = 64 or 128): D (64 x N) of the
+//   warpgroup (4 consecutive warps, warp index / 4), warp w % 4 holding rows 16(w % 4).. + 15 in
+//   mma.sync's c layout (d[i]: columns 8i..8i+7) and, for the register-A form, A's same rows in
+//   mma.sync's a layout (exchanged within the warp at issue). Shared-memory operands through
+//   descriptors: start address, LBO and SBO >> 4 in bits 0-13, 16-29, 32-45, the 128-byte swizzle
+//   (mode 1 in bits 62-63) the only layout modelled (any other mode, or another bit set, faults);
+//   byte addr lies at addr ^ ((addr >> 7) % 8) << 4 of the dynamic shared memory. Element (i, k),
+//   i the M (A) or N (B) index: K-major (trans 0) at start + (i % 8) 128 + (i / 8) SBO + 2k;
+//   MN-major (trans 1; wgmma_rs's B always) at start + 2 (i % 64) + (i / 64) LBO + (k % 8) 128 +
+//   (k / 8) SBO.
+//   Asynchronous as on hardware: an issued wgmma only records its operands (register A and the
+//   input accumulators as they are then) and fills d with NaN; it runs, reading shared memory
+//   then, at the wgmma.wait_group that covers its commit group (ops run in issue order; one
+//   issued on a d that an earlier pending one writes takes that one's result). So d read before
+//   the wait is NaN, an operand tile overwritten (or cp.async'd: NaN) before the wait gives a
+//   wrong result, d written before the wait faults (the poison is checked when the op runs), and
+//   a wgmma never committed and waited for when the thread returns faults. Products summed as in
+//   mma.sync. wgmma.fence, fence.proxy.async and reg_fence are no-ops: register and proxy
+//   ordering is not modelled (the model orders by program order within a thread).
 void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);  // every group but the n most recently committed is complete
@@ -147,6 +171,13 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
 enum class MmaIn { kBF16, kF16 };
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaIn in);
 float ex2_approx_ftz(float x);
+uint32_t smem_offset(const void* p);
+// d: the N / 8 x 4 accumulators (float (&)[N / 8][4] flattened).
+void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool a_mn,
+              bool b_mn, MmaIn in);
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in);
+void wgmma_commit();
+void wgmma_wait(int n);  // every group but the n most recently committed is complete
 
 // reinterpret_cast with the alignment check of the target (kernel files use it through the source
 // transform): a pointer's pointee, or the object a reference cast views (`from` is taken by

@@ -55,6 +55,21 @@ ATTENTION_MUTANTS = {
                               "if (i + 8 >= rows * p.heads_q * chunks) return;"),
     # deterministic dq: delta of the wrong row half
     "dq_delta_wrong_row": ("row_delta[mw][r / 2]", "row_delta[mw][r % 2]"),
+    # wgmma forward: tiles copied unswizzled, read through 128-byte-swizzle descriptors
+    "wgmma_tile_unswizzled": ("(c % 8 ^ row % 8) * 8", "c % 8 * 8"),
+    # wgmma forward: V's second 64-column atom looked for half a tile on
+    "wgmma_v_lbo_half": ("sw128_desc(sV, kBlockN * 128, 1024)", "sw128_desc(sV, kBlockN * 64, 1024)"),
+    # wgmma forward: K's second 64-column atom looked for at Q's tile stride
+    "wgmma_k_atom_stride": ("kk / 4 * kBlockN * 64) * 2", "kk / 4 * 128 * 64) * 2"),
+    # wgmma dk/dv: dS^T stored unswizzled, read through a swizzled descriptor by the dQ wgmma
+    "wgmma_ds_unswizzled": ("(mt ^ key % 8) * 8", "mt * 8"),
+    # wgmma dk/dv at D = 64: both warpgroups add dS K over the first 64 keys (none over the rest)
+    "wgmma_dq_keys": ("dq_k0 = D == 128 ? 0 : 64 * wg", "dq_k0 = 0"),
+    # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on
+    "wgmma_dk_q_lbo": ("sw128_desc(sQ, kBlockM * 128, 1024)", "sw128_desc(sQ, kBlockN * 128, 1024)"),
+    # wgmma forward: O += P V not waited for; the next step's loads overwrite the V it reads
+    "wgmma_pv_not_waited": ("    wgmma_wait<0>();\n#pragma unroll\n    for (int dt = 0; dt < D / 8; ++dt)",
+                            "#pragma unroll\n    for (int dt = 0; dt < D / 8; ++dt)"),
 }
 
 # The same for communicator.cpp.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SUCCESS, INVALID_VALUE, INVALID_CONFIGURATION = 0, 1, 9
 
@@ -28,6 +29,15 @@ def test_correct_block_sum(sim):
         ("launch_bounds", r"256 threads a block exceeds __launch_bounds__\(128\)"),
         ("ldmatrix_global", r"ldmatrix row address: address outside shared memory.* in ldmatrix_global"),
         ("atomic_add2_misaligned", r"misaligned float2 atomicAdd.* in atomic_add2_kernel"),
+        # wgmma: never waited for, waited for but never committed, d written while in flight, a
+        # descriptor without the 128-byte swizzle, operand rows past the shared memory, smem_addr
+        # of a static __shared__ array
+        ("wgmma_misuse_0", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
+        ("wgmma_misuse_1", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
+        ("wgmma_misuse_2", r"wgmma accumulator written while the wgmma was in flight"),
+        ("wgmma_misuse_3", r"wgmma descriptor: only the 128-byte swizzle is modelled"),
+        ("wgmma_misuse_4", r"wgmma operand: address outside dynamic shared memory"),
+        ("wgmma_misuse_5", r"smem_addr: address outside dynamic shared memory"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
@@ -62,6 +72,33 @@ def test_cp_async_lands_at_its_wait(sim):
 def test_mma_follows_the_ptx_fragment_layout(sim):
     err, worst = sim.sim_selftest("mma")
     assert err == SUCCESS and worst == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("form", ["ss", "ss_mn_k", "ss_mn_mn", "rs"])
+def test_wgmma_follows_the_descriptor_and_fragment_layouts(sim, form, n, dtype):
+    # 64 x 64 times 64 x n through one warpgroup: 128-byte-swizzled tiles, descriptors and fragments
+    # as a Hopper kernel builds them (selftest.cu), K-major A and B (ss), MN-major A and K-major B
+    # (ss_mn_k), MN-major A and B (ss_mn_mn, B's second 64 columns LBO bytes on, past a gap of NaN
+    # poison) or register A and MN-major B (rs, onto an accumulator of 0.5s), 4 chained k16 steps
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(64, 64, generator=gen).to(dtype)
+    b = torch.randn(64, n, generator=gen).to(dtype)
+    out = sim.sim_wgmma(form, a, b)
+    init = 0.5 if form == "rs" else 0.0
+    ref = a.double() @ b.double() + init
+    # each k16 step is summed exactly and rounded once to fp32: 4 roundings of partial sums at most
+    # init + sum |a b| in magnitude (a layout error is off by O(1))
+    bound = 4 * 2.0**-24 * (a.double().abs() @ b.double().abs() + init)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() <= bound).all(), (out.double() - ref).abs().max().item()
+
+
+def test_wgmma_runs_at_its_wait(sim):
+    # d reads NaN from issue to the wait that covers the op (also while a chained op on it is still
+    # in flight), and a tile overwritten (cp.async) between issue and wait is what the op reads
+    assert sim.sim_selftest("wgmma_in_flight") == (SUCCESS, 1.0)
 
 
 def test_ex2_approx_flushes_subnormals(sim):

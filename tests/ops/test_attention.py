@@ -299,7 +299,7 @@ def test_deterministic_bitwise(device, causal):
 
 @pytest.mark.cuda
 @DQ_PATHS
-@pytest.mark.parametrize("tiles", [0, 1, 2])
+@pytest.mark.parametrize("tiles", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
 def test_causal_every_diagonal_offset_cuda(D, tiles, deterministic):
     # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
@@ -324,7 +324,7 @@ def check_causal_offsets(device, Sq, offsets, Hq, D, deterministic, tiles=0):
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", [64, 96, 128])
-@pytest.mark.parametrize("tiles", [1, 2])
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4])
 def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
     # The alternatives the benchmark times beside the default (every other test runs tiles=0): GQA
     # with Sq > Sk and Sq < Sk, partial blocks of every tile size, and varlen documents.
@@ -337,7 +337,7 @@ def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
 
 def test_tiles_out_of_range_raises(device):
     q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
-    for tiles in (-1, 3):
+    for tiles in (-1, 5):
         with pytest.raises(ValueError, match=f"expected tiles in \\[0, 2\\], got {tiles}"):
             flash_attention(q, q, q, tiles=tiles)
 

@@ -85,9 +85,9 @@ def flash_attention(
         deterministic: a bitwise reproducible backward on CUDA (no atomic dq; about 1.4x the
             backward's tensor-core work). Default False, as in FlashAttention.
         return_lse: also return lse (B, Hq, Sq) float32.
-        tiles: the CUDA kernels' tile configuration: 0, the default, or 1 or 2, the alternatives
+        tiles: the CUDA kernels' tile configuration: 0, the default, or 1 to 4, the alternatives
             that ``python -m fmcore.bench attention`` times beside it (csrc/kernels/attention.cu's
-            Tiles). The same results up to the order of floating-point sums; ignored on the CPU.
+            Tiles; 3 and 4 run the forward on Hopper's wgmma where sm_90a code is compiled in). The same results up to the order of floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
