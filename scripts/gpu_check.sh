@@ -5,6 +5,8 @@
 # 570 s from the start), and what a stage measured comes back in $OUT even when its time runs out.
 #
 #   scripts/gpu_check.sh test             # fmcore info + pytest -m "cuda and not bigmem" (8 xdist workers)
+#   scripts/gpu_check.sh test-tiles       # attention's tile configurations against the reference (the
+#                                         # wgmma ones, 3 and 4, had never run on hardware before)
 #   scripts/gpu_check.sh test-bigmem      # the tests that need tens of GB, alone
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
@@ -16,9 +18,11 @@
 # One 15-minute lease, most important first. The first lease (H200, 2026-12-04) spent 550 s on a
 # 520 s command (the machine's start is the rest), then 250 s on a second; it measured the loader
 # (bar met), AdamW (met), the training A/B (within 1%) and norm, which need no rerun until their code
-# changes. What the next lease needs, the second call only if the machine is still warm:
-#   DEADLINE=575 scripts/gpu_check.sh test:175 bench-attention:100 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:45 bench-train:130
-#   DEADLINE=240 scripts/gpu_check.sh sanitize:140 test-bigmem:80
+# changes. What the next lease needs, in the order of what it decides (the tests close issues 4 and 8
+# if they pass; the wgmma attention is the one change that can move issue 5), the second call only
+# if the machine is still warm:
+#   DEADLINE=575 scripts/gpu_check.sh test-tiles:40 test:170 bench-attention:130 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:40 bench-train:80
+#   DEADLINE=240 scripts/gpu_check.sh test-bigmem:80 sanitize:150
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
@@ -73,6 +77,12 @@ stage_test() {  # stage_test SECONDS
   grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-cuda.log | grep -v " PASSED " | tail -n 60
 }
 
+stage_test_tiles() {  # stage_test_tiles SECONDS
+  bounded "$1" python3 -m pytest "$repo/tests/ops/test_attention.py" -m cuda -k tile_configs_match_reference_cuda -v \
+    -p no:cacheprovider -p no:benchmark --timeout 60 -rfE > pytest-tiles.log 2>&1 || status=1
+  grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-tiles.log | grep -v " PASSED " | tail -n 30
+}
+
 stage_test_bigmem() {  # stage_test_bigmem SECONDS: tens of GB each, so one at a time
   bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and bigmem" -q -p no:cacheprovider --timeout 100 -rfE \
     > pytest-bigmem.log 2>&1 || status=1
@@ -124,7 +134,7 @@ bench() {  # bench STAGE SECONDS NAME...: one group of benchmarks, its JSON and 
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME profile all)"; exit 2; }
-[ "${stages[*]}" = all ] && stages=(test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm) \
+[ "${stages[*]}" = all ] && stages=(test-tiles test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm) \
   && deadline=$(( $(date +%s) + 3600 ))
 for spec in "${stages[@]}"; do
   stage=${spec%%:*}; cap=${spec#*:}; [ "$cap" = "$spec" ] && cap=
@@ -132,6 +142,7 @@ for spec in "${stages[@]}"; do
   case $stage in
     test) stage_test "${cap:-300}" ;;
     test-bigmem) stage_test_bigmem "${cap:-120}" ;;
+    test-tiles) stage_test_tiles "${cap:-60}" ;;
     sanitize) stage_sanitize "${cap:-450}" ;;
     train) stage_train "${cap:-400}" ;;
     bench-ops) bench bench-ops "${cap:-400}" rope cross_entropy linear_cross_entropy adamw ;;
