@@ -393,7 +393,8 @@ __device__ __forceinline__ void mask_pt(float (&pt)[MT][4], bool causal, int64_t
   // query c (relative to i0).
   const int g = lane / 4, tq = lane % 4;
   const int64_t off64 = causal ? i0 + diag - n0 : kBlockN;
-  const int off = off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
+  const int off =
+      off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int jr = warp * 16 + g + hh * 8;
@@ -516,7 +517,8 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
 // read from shared memory, and O += P V is kBlockN / 16 wgmmas with P from registers (acc_to_a
 // re-packs S as before: a warp's rows of a wgmma accumulator have mma16816's c layout). Masking,
 // softmax and epilogue are attn_fwd_kernel's. Loads stay cp.async by every thread, double-buffered,
-// one barrier a step; the step to FlashAttention-3 (TMA, a producer warp, ping-pong) is the header's.
+// one barrier a step; the step to FlashAttention-3 (TMA, a producer warp, ping-pong) is the
+// header's.
 //
 // Shared-memory tiles: [D / 64][rows][64] elements, 16-byte chunk c of a 128-byte row r stored at
 // chunk c ^ (r % 8) (the 128-byte swizzle, whose pattern repeats every 1024 bytes of the shared
@@ -561,7 +563,8 @@ __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t strid
 // 128-key steps take one CTA an SM (see Tiles<D, 3> for registers); 64-key steps are held to two,
 // so that one CTA's barrier and softmax can overlap the other's wgmmas.
 template <typename T, int D, int kBlockN>
-__global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1) attn_fwd_wgmma_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
+    attn_fwd_wgmma_kernel(const AttnParams p) {
   constexpr int kBlockM = 128, kThreads = 256, NT = kBlockN / 8, KN = kBlockN / 16;
   constexpr int kTileKV = kBlockN * D;  // elements
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -750,7 +753,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
   constexpr int kDqKeys = D == 128 ? kBlockN : 64;
   const int dq_c0 = D == 128 ? 64 * wg : 0, dq_k0 = D == 128 ? 0 : 64 * wg;
   const uint64_t ds_desc = sw128_desc(sdS + dq_k0 * 64, kBlockN * 128, 1024);
-  const uint64_t kt_desc = sw128_desc(sK + dq_c0 / 64 * kBlockN * 64 + dq_k0 * 64, kBlockN * 128, 1024);
+  const uint64_t kt_desc =
+      sw128_desc(sK + dq_c0 / 64 * kBlockN * 64 + dq_k0 * 64, kBlockN * 128, 1024);
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   for (int64_t it = 0; it < iters; ++it) {
@@ -807,7 +811,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
         dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[mt * 8 + 2 * tq + (r & 1)]);
       }
     }
-    // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt, swizzled.
+    // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt,
+    // swizzled.
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int key = warp * 16 + g + hh * 8;
@@ -838,8 +843,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDqKeys / 16; ++kk) {
-      wgmma_ss<T, 64, 1, 1>(dq, desc_plus(ds_desc, kk * 16 * 128), desc_plus(kt_desc, kk * 16 * 128),
-                            kk > 0);
+      const uint32_t off = kk * 16 * 128;  // 16 keys a step
+      wgmma_ss<T, 64, 1, 1>(dq, desc_plus(ds_desc, off), desc_plus(kt_desc, off), kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();  // dV, dK and dQ

@@ -695,9 +695,9 @@ void issue(Wgmma&& op) {
   tl_wgmmas.push_back(std::move(op));
 }
 
-// The byte address (before the swizzle) of element (i, k) of an operand, i its M (A) or N (B) index:
-// K-major (stored as rows of 16 k): start + (i % 8) 128 + (i / 8) SBO + 2k; MN-major (stored as 16
-// rows of k): start + 2 (i % 64) + (i / 64) LBO + (k % 8) 128 + (k / 8) SBO.
+// The byte address (before the swizzle) of element (i, k) of an operand, i its M (A) or N (B)
+// index: K-major (stored as rows of 16 k): start + (i % 8) 128 + (i / 8) SBO + 2k; MN-major
+// (stored as 16 rows of k): start + 2 (i % 64) + (i / 64) LBO + (k % 8) 128 + (k / 8) SBO.
 uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
   const uint64_t start = desc.start, lbo = desc.lbo, sbo = desc.sbo;
   return mn_major ? start + 2 * (i % 64) + lbo * (i / 64) + k % 8 * 128 + sbo * (k / 8)
@@ -726,7 +726,9 @@ void execute(const Launch& L, Wgmma& op) {
   } else {
     const Desc da = decode(op.desc_a);
     for (int h = 0; h < 2; ++h) {
-      for (int k = 0; k < 16; ++k) a[h][k] = swizzled_element(L, at(da, op.a_mn, row + 8 * h, k), op.in);
+      for (int k = 0; k < 16; ++k) {
+        a[h][k] = swizzled_element(L, at(da, op.a_mn, row + 8 * h, k), op.in);
+      }
     }
   }
   const Desc db = decode(op.desc_b);
