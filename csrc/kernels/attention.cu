@@ -538,6 +538,18 @@ __device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
   return desc + (bytes >> 4);
 }
 
+// reg_fence (ptx.cuh) on every register of a fragment array. Placed right before wgmma_fence, it
+// keeps the instructions that wrote the registers a wgmma reads (accumulators, register A) from
+// sinking past the fence; right after a wgmma_wait, it keeps accesses to the registers an in-flight
+// wgmma used from rising above the wait (and their registers allocated until then).
+template <typename R, int M, int N>
+__device__ __forceinline__ void fence_regs(R (&r)[M][N]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) reg_fence(r[i][j]);
+}
+
 // Copies rows [0, ROWS) of a (rows, D) slice into a swizzled [D / 64][ROWS][64] tile; rows >=
 // n_valid are zero-filled and their addresses never formed (`base` stands in). Thread t copies
 // chunk t % (D / 8) of rows t / (D / 8) + i * kRowsPerPass: its swizzled column is the same on
@@ -640,10 +652,7 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
     }
     wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) reg_fence(sc[0][nt][e]);
+    fence_regs(sc[0]);
 
     mask_block<16, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * 16, int64_t(nb) * kBlockN, s,
                             lane);
@@ -651,6 +660,8 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
     uint32_t pa[KN][4];  // P as A fragments (read by the wgmmas until their wait)
 #pragma unroll
     for (int kk = 0; kk < KN; ++kk) acc_to_a<T>(pa[kk], sc[0], kk);
+    fence_regs(o[0]);  // the rescale of o, and P's packing, done before the fence
+    fence_regs(pa);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KN; ++kk) {
@@ -660,14 +671,8 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
     // Waited for here, not at the next step's barrier: deferred, the next step's rescale of o made
     // ptxas serialize every wgmma of the kernel (C7515).
     wgmma_wait<0>();
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) reg_fence(o[0][dt][e]);
-#pragma unroll
-    for (int kk = 0; kk < KN; ++kk)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) reg_fence(pa[kk][e]);
+    fence_regs(o[0]);
+    fence_regs(pa);
   }
   cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
 
@@ -788,13 +793,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     }
     wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        reg_fence(pt[mt][e]);
-        reg_fence(dst[mt][e]);
-      }
+    fence_regs(pt);
+    fence_regs(dst);
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -828,6 +828,10 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
       acc_to_a<T>(pa[kk], pt, kk);
       acc_to_a<T>(dsa[kk], dst, kk);
     }
+    fence_regs(pa);
+    fence_regs(dsa);
+    fence_regs(dv);
+    fence_regs(dk);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KM; ++kk) {
@@ -848,24 +852,11 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     }
     wgmma_commit();
     wgmma_wait<0>();  // dV, dK and dQ
-#pragma unroll
-    for (int dt = 0; dt < 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) reg_fence(dq[dt][e]);
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        reg_fence(dv[dt][e]);
-        reg_fence(dk[dt][e]);
-      }
-#pragma unroll
-    for (int kk = 0; kk < KM; ++kk)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        reg_fence(pa[kk][e]);
-        reg_fence(dsa[kk][e]);
-      }
+    fence_regs(dq);
+    fence_regs(dv);
+    fence_regs(dk);
+    fence_regs(pa);
+    fence_regs(dsa);
 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {  // this warp's 16 query rows of the slab
