@@ -51,8 +51,9 @@
 //  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
 //     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
 //  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
-//  The backward moves the same way; keeping determinism at 5 matmuls needs FA3's semaphore-ordered
-//  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
+//  The backward moves the same way (attn_bwd_dkdv_wgmma_kernel: the dk/dv kernel with the atomic dq,
+//  its five matmuls on wgmma); keeping determinism at 5 matmuls needs FA3's semaphore-ordered dq
+//  accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
 //
 // Without a GPU: tests/cudasim runs this file on a CPU simulator (the hardware-dependent
 // instructions, in ptx.cuh, swapped for models of them); scripts/sanitize_cpu.sh sim-tsan adds a
