@@ -410,6 +410,61 @@ __device__ __forceinline__ void mask_pt(float (&pt)[MT][4], bool causal, int64_t
   }
 }
 
+// The query blocks a dk/dv CTA (keys from n0, kv head hk) works through: in every query head of
+// its GQA group, the blocks of kBlockM rows from the first that sees key n0. Trip `it` works on
+// query head hk * group + it / per_head, rows from (m_first + it % per_head) * kBlockM; step()
+// moves (h, i0) through that order (no 64-bit division a trip).
+template <int kBlockM>
+struct QueryWalk {
+  int64_t m_first, m_count, iters, h, i0;
+  __device__ __forceinline__ QueryWalk(const AttnParams& p, const SeqInfo& s, int64_t n0,
+                                       int64_t hk) {
+    const int64_t group = p.heads_q / p.heads_k;
+    m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
+    m_count = (s.q_len + kBlockM - 1) / kBlockM;
+    iters = group * (m_count > m_first ? m_count - m_first : 0);
+    h = hk * group;
+    i0 = m_first * kBlockM;
+  }
+  // The last block of this head: the next trip starts the next head.
+  __device__ __forceinline__ bool head_done() const { return i0 + kBlockM >= m_count * kBlockM; }
+  __device__ __forceinline__ int64_t next_h() const { return head_done() ? h + 1 : h; }
+  __device__ __forceinline__ int64_t next_i0() const {
+    return head_done() ? m_first * kBlockM : i0 + kBlockM;
+  }
+  __device__ __forceinline__ void step() {
+    const int64_t nh = next_h(), ni = next_i0();
+    h = nh;
+    i0 = ni;
+  }
+};
+
+// The dk/dv kernels' lse and delta of query row i0 + threadIdx.x (of sequence b, head h) into sL
+// and sD by cp.async (zeros past the end), one thread a row; lse_to_log2 converts lse once landed.
+template <int kBlockM>
+__device__ __forceinline__ void load_lse_delta(const AttnParams& p, int64_t b, int64_t h,
+                                               const SeqInfo& s, int64_t i0, float* sL, float* sD) {
+  if (threadIdx.x < kBlockM) {
+    const float* lse = static_cast<const float*>(p.lse);
+    const int64_t row = i0 + threadIdx.x;
+    const bool ok = row < s.q_len;
+    const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
+    cp_async4(sL + threadIdx.x, ok ? lse + idx : lse, ok);
+    cp_async4(sD + threadIdx.x, ok ? p.delta + idx : p.delta, ok);
+  }
+}
+
+// The dk/dv kernels' lse of query row i0 + threadIdx.x, which this thread copied into sL and has
+// waited for: to log2 units, +inf for rows past the end or rows that saw no key (-inf), so that
+// P = 0 there.
+template <int kBlockM>
+__device__ __forceinline__ void lse_to_log2(float* sL, int64_t i0, int64_t q_len) {
+  if (threadIdx.x < kBlockM) {
+    float& l = sL[threadIdx.x];
+    l = i0 + threadIdx.x >= q_len || l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
 // ---- kernels
 
 // Each warp owns kMW 16-row tiles (kMW * 16 query rows). Eight-warp CTAs at D <= 96 fit two an SM
@@ -710,19 +765,13 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
   const SeqInfo s = seq_info(p, b);
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   if (n0 >= s.k_len) return;
-  const int64_t group = p.heads_q / p.heads_k;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int wg = warp / 4;
   const float scale_log2 = p.scale * kLog2e;
-
-  const int64_t m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
-  const int64_t m_count = (s.q_len + kBlockM - 1) / kBlockM;
-  const int64_t per_head = m_count > m_first ? m_count - m_first : 0;
-  const int64_t iters = group * per_head;
+  QueryWalk<kBlockM> walk(p, s, n0, hk);
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* do_base = static_cast<const T*>(p.dout.ptr);
-  const float* lse = static_cast<const float*>(p.lse);
   auto load_q = [&](int64_t h, int64_t i0, int stage) {
     load_tile_sw<T, D, kBlockM, kThreads>(sQ + stage * kTileQ,
                                           row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
@@ -730,20 +779,13 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     load_tile_sw<T, D, kBlockM, kThreads>(sdO + stage * kTileQ,
                                           row_ptr<T>(p.dout, b, s.q_start + i0, h),
                                           p.dout.stride_s, s.q_len - i0, do_base);
-    if (threadIdx.x < kBlockM) {  // as in attn_bwd_dkdv_kernel
-      const int64_t row = i0 + threadIdx.x;
-      const bool ok = row < s.q_len;
-      const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
-      cp_async4(sLse + stage * kBlockM + threadIdx.x, ok ? lse + idx : lse, ok);
-      cp_async4(sDelta + stage * kBlockM + threadIdx.x, ok ? p.delta + idx : p.delta, ok);
-    }
+    load_lse_delta<kBlockM>(p, b, h, s, i0, sLse + stage * kBlockM, sDelta + stage * kBlockM);
   };
   load_tile_sw<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s,
                                         s.k_len - n0, static_cast<const T*>(p.k.ptr));
   load_tile_sw<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
                                         s.k_len - n0, static_cast<const T*>(p.v.ptr));
-  int64_t h = hk * group, i0 = m_first * kBlockM;  // stepped as in attn_bwd_dkdv_kernel
-  if (iters > 0) load_q(h, i0, 0);
+  if (walk.iters > 0) load_q(walk.h, walk.i0, 0);
   cp_async_commit();
 
   // S^T and dP^T: this warpgroup's 64 keys of K and V (A), stage 0 of Q and dO (B), K-major.
@@ -763,20 +805,15 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
       sw128_desc(sK + dq_c0 / 64 * kBlockN * 64 + dq_k0 * 64, kBlockN * 128, 1024);
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  for (int64_t it = 0; it < iters; ++it) {
+  for (int64_t it = 0; it < walk.iters; ++it, walk.step()) {
     const int stage = it & 1;
-    const bool last_block = i0 + kBlockM >= m_count * kBlockM;
-    const int64_t h_next = last_block ? h + 1 : h;
-    const int64_t i0_next = last_block ? m_first * kBlockM : i0 + kBlockM;
+    const int64_t h = walk.h, i0 = walk.i0;
     cp_async_wait<0>();
-    if (threadIdx.x < kBlockM) {  // lse to log2 units, +inf where P must be 0 (as there)
-      float& l = sLse[stage * kBlockM + threadIdx.x];
-      l = i0 + threadIdx.x >= s.q_len || l == -INFINITY ? INFINITY : l * kLog2e;
-    }
+    lse_to_log2<kBlockM>(sLse + stage * kBlockM, i0, s.q_len);
     fence_proxy_async();  // this thread's copies, visible to wgmma
     // This stage has landed; every warpgroup is done with the other one and with sdS.
     __syncthreads();
-    if (it + 1 < iters) load_q(h_next, i0_next, stage ^ 1);
+    if (it + 1 < walk.iters) load_q(walk.next_h(), walk.next_i0(), stage ^ 1);
     cp_async_commit();
     const float* sL = sLse + stage * kBlockM;
     const float* sD = sDelta + stage * kBlockM;
@@ -867,8 +904,6 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
 #pragma unroll
       for (int dt = 0; dt < 8; ++dt) atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
     }
-    h = h_next;
-    i0 = i0_next;
   }
   cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
 
@@ -924,20 +959,13 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   const SeqInfo s = seq_info(p, b);
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   if (n0 >= s.k_len) return;
-  const int64_t group = p.heads_q / p.heads_k;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const float scale_log2 = p.scale * kLog2e;
   static_assert(kBlockM <= kThreads, "a thread per query row loads its lse and delta");
-
-  // Query blocks that see at least one key of this block: from the first query seeing key n0.
-  const int64_t m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
-  const int64_t m_count = (s.q_len + kBlockM - 1) / kBlockM;
-  const int64_t per_head = m_count > m_first ? m_count - m_first : 0;
-  const int64_t iters = group * per_head;
+  QueryWalk<kBlockM> walk(p, s, n0, hk);
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* do_base = static_cast<const T*>(p.dout.ptr);
-  const float* lse = static_cast<const float*>(p.lse);
   auto load_q = [&](int64_t h, int64_t i0, int stage) {
     load_tile<T, D, kBlockM, kThreads>(sQ + stage * kBlockM * kPitch,
                                        row_ptr<T>(p.q, b, s.q_start + i0, h), p.q.stride_s,
@@ -945,49 +973,31 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
     load_tile<T, D, kBlockM, kThreads>(sdO + stage * kBlockM * kPitch,
                                        row_ptr<T>(p.dout, b, s.q_start + i0, h), p.dout.stride_s,
                                        s.q_len - i0, do_base);
-    // lse and delta of row i0 + threadIdx.x (zeros past the end); the loop converts lse once it
-    // has landed.
-    if (threadIdx.x < kBlockM) {
-      const int64_t row = i0 + threadIdx.x;
-      const bool ok = row < s.q_len;
-      const int64_t idx = b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row;
-      cp_async4(sLse + stage * kBlockM + threadIdx.x, ok ? lse + idx : lse, ok);
-      cp_async4(sDelta + stage * kBlockM + threadIdx.x, ok ? p.delta + idx : p.delta, ok);
-    }
+    load_lse_delta<kBlockM>(p, b, h, s, i0, sLse + stage * kBlockM, sDelta + stage * kBlockM);
   };
 
   load_tile<T, D, kBlockN, kThreads>(sK, row_ptr<T>(p.k, b, s.k_start + n0, hk), p.k.stride_s,
                                      s.k_len - n0, static_cast<const T*>(p.k.ptr));
   load_tile<T, D, kBlockN, kThreads>(sV, row_ptr<T>(p.v, b, s.k_start + n0, hk), p.v.stride_s,
                                      s.k_len - n0, static_cast<const T*>(p.v.ptr));
-  // Trip `it` works on query head h = hk * group + it / per_head, rows from i0 = (m_first + it %
-  // per_head) * kBlockM; the loop steps (h, i0) through that order (no 64-bit division a trip).
-  int64_t h = hk * group, i0 = m_first * kBlockM;
-  if (iters > 0) load_q(h, i0, 0);
+  if (walk.iters > 0) load_q(walk.h, walk.i0, 0);
   cp_async_commit();
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const T* sKw = sK + warp * 16 * kPitch;
   const T* sVw = sV + warp * 16 * kPitch;
 
-  for (int64_t it = 0; it < iters; ++it) {
+  for (int64_t it = 0; it < walk.iters; ++it, walk.step()) {
     const int stage = it & 1;
-    const bool last_block = i0 + kBlockM >= m_count * kBlockM;  // of this head: the next head next
-    const int64_t h_next = last_block ? h + 1 : h;
-    const int64_t i0_next = last_block ? m_first * kBlockM : i0 + kBlockM;
-    if (it + 1 < iters) {
-      load_q(h_next, i0_next, stage ^ 1);
+    const int64_t h = walk.h, i0 = walk.i0;
+    if (it + 1 < walk.iters) {
+      load_q(walk.next_h(), walk.next_i0(), stage ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    // The lse this thread copied has landed: to log2 units, +inf for rows past the end or rows
-    // that saw no key (-inf), so that P = 0 there.
-    if (threadIdx.x < kBlockM) {
-      float& l = sLse[stage * kBlockM + threadIdx.x];
-      l = i0 + threadIdx.x >= s.q_len || l == -INFINITY ? INFINITY : l * kLog2e;
-    }
+    lse_to_log2<kBlockM>(sLse + stage * kBlockM, i0, s.q_len);
     __syncthreads();
     const T* sQs = sQ + stage * kBlockM * kPitch;
     const T* sdOs = sdO + stage * kBlockM * kPitch;
@@ -1045,8 +1055,6 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
         }
       }
     }
-    h = h_next;
-    i0 = i0_next;
   }
   cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
 

@@ -31,7 +31,7 @@ ATTENTION_MUTANTS = {
     # the forward's first K/V stage read while its cp.async may still be in flight
     "fwd_missing_wait": ("      cp_async_wait<1>();\n", "      cp_async_wait<2>();\n"),
     # the forward forgets to rescale the output accumulator when the running max grows
-    "fwd_no_rescale": ("        o[mw][dt][2 * hh] *= alpha;\n", ""),
+    "fwd_no_rescale": ("      o[mw][dt][2 * hh] *= alpha;\n", ""),
     # the forward leaves Q as it is for a negative scale: its running max over raw scores is then the min
     "fwd_negative_scale_unflipped": ("  if (p.scale < 0.f) {  // flip", "  if (false) {  // flip"),
     # the forward scales by a zero scale as it is: 0 * -inf = NaN for masked scores
@@ -68,8 +68,7 @@ ATTENTION_MUTANTS = {
     # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on
     "wgmma_dk_q_lbo": ("sw128_desc(sQ, kBlockM * 128, 1024)", "sw128_desc(sQ, kBlockN * 128, 1024)"),
     # wgmma forward: O += P V not waited for; the next step's loads overwrite the V it reads
-    "wgmma_pv_not_waited": ("    wgmma_wait<0>();\n#pragma unroll\n    for (int dt = 0; dt < D / 8; ++dt)",
-                            "#pragma unroll\n    for (int dt = 0; dt < D / 8; ++dt)"),
+    "wgmma_pv_not_waited": ("    wgmma_wait<0>();\n    fence_regs(o[0]);", "    fence_regs(o[0]);"),
 }
 
 # The same for communicator.cpp.
