@@ -33,7 +33,8 @@ def attention():
     # and the backward's two dq paths (atomic adds from the dk/dv kernel, and the deterministic one).
     from fmcore.ops import flash_attention, flash_attention_varlen
 
-    # Every tile configuration in bf16 (the kernels are the same templates in fp16).
+    # Every tile configuration in bf16 (the kernels are the same templates in fp16, but for the wgmma
+    # instructions of 3 and 4, so 3 runs in fp16 too).
     for D in (64, 96, 128):
         for dt, configs in ((torch.bfloat16, (0, 1, 2, 3, 4)), (torch.float16, (0, 3))):
             for B, Sq, Sk, Hq, Hk, causal in [(2, 77, 77, 4, 2, True), (1, 130, 45, 3, 1, True), (1, 17, 200, 2, 2, True),

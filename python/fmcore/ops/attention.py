@@ -87,7 +87,8 @@ def flash_attention(
         return_lse: also return lse (B, Hq, Sq) float32.
         tiles: the CUDA kernels' tile configuration: 0, the default, or 1 to 4, the alternatives
             that ``python -m fmcore.bench attention`` times beside it (csrc/kernels/attention.cu's
-            Tiles; 3 and 4 run the forward on Hopper's wgmma where sm_90a code is compiled in). The same results up to the order of floating-point sums; ignored on the CPU.
+            Tiles; 3 and 4 run the forward and dk/dv on Hopper's wgmma where sm_90a code is compiled
+            in). The same results up to the order of floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
