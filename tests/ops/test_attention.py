@@ -338,7 +338,7 @@ def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
 def test_tiles_out_of_range_raises(device):
     q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
     for tiles in (-1, 5):
-        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 2\\], got {tiles}"):
+        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 4\\], got {tiles}"):
             flash_attention(q, q, q, tiles=tiles)
 
 
