@@ -51,9 +51,9 @@
 //  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
 //     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
 //  4. the softmax and masking code stays: the wgmma accumulator has the same row-per-quad layout.
-//  The backward moves the same way (attn_bwd_dkdv_wgmma_kernel: the dk/dv kernel with the atomic dq,
-//  its five matmuls on wgmma); keeping determinism at 5 matmuls needs FA3's semaphore-ordered dq
-//  accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
+//  The backward moves the same way (attn_bwd_dkdv_wgmma_kernel: the dk/dv kernel with the atomic
+//  dq, its five matmuls on wgmma); keeping determinism at 5 matmuls needs FA3's semaphore-ordered
+//  dq accumulation (dq blocks added in key-block order) instead of the separate dq kernel.
 //
 // Without a GPU: tests/cudasim runs this file on a CPU simulator (the hardware-dependent
 // instructions, in ptx.cuh, swapped for models of them); scripts/sanitize_cpu.sh sim-tsan adds a
@@ -381,18 +381,27 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, int64_t b, int64
   }
 }
 
-// P^T = 0 where a warp's 16 keys (rows, from n0 + 16 * warp) meet queries (columns, MT * 8 from
-// i0) that do not see them: keys past the sequence end, and, causal, keys past a query's diagonal.
-// Only a warp whose keys cross either is masked (a warp-uniform branch).
+// The dk/dv kernels' P^T from S^T in place, for a warp's 16 keys (rows, from n0 + 16 * warp) by
+// MT * 8 queries (columns, from i0, whose lse in log2 units is sL): P^T = 2^(S^T * scale_log2 -
+// lse), and 0 where a query does not see a key (keys past the sequence end, and, causal, keys past
+// a query's diagonal). Only a warp whose keys cross either is masked (a warp-uniform branch).
 template <int kBlockM, int kBlockN, int MT>
-__device__ __forceinline__ void mask_pt(float (&pt)[MT][4], bool causal, int64_t n0, int warp,
-                                        int64_t i0, const SeqInfo& s, int lane) {
+__device__ __forceinline__ void pt_from_st(float (&pt)[MT][4], const float* sL, float scale_log2,
+                                           bool causal, int64_t n0, int warp, int64_t i0,
+                                           const SeqInfo& s, int lane) {
+  const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
+    }
+  }
   const int64_t j0 = n0 + warp * 16;             // this warp's first key
   const int64_t diag = s.k_len - s.q_len;        // key j is visible to query i iff j <= i + diag
   if (j0 + 16 <= s.k_len && !(causal && j0 + 15 > i0 + diag)) return;
   // P = 0 where key jr (relative to n0) is past the end or, causal, jr - c > i0 + diag - n0 for
   // query c (relative to i0).
-  const int g = lane / 4, tq = lane % 4;
   const int64_t off64 = causal ? i0 + diag - n0 : kBlockN;
   const int off =
       off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
@@ -406,6 +415,21 @@ __device__ __forceinline__ void mask_pt(float (&pt)[MT][4], bool causal, int64_t
       for (int e = 0; e < 2; ++e) {
         if (past_end || jr - (mt * 8 + 2 * tq + e) > off) pt[mt][2 * hh + e] = 0.f;
       }
+    }
+  }
+}
+
+// The dk/dv kernels' dS^T = P^T * (dP^T - delta) in place of dP^T (delta of the query columns, as
+// pt_from_st's lse, in sD).
+template <int MT>
+__device__ __forceinline__ void ds_from_dp(float (&dst)[MT][4], const float (&pt)[MT][4],
+                                           const float* sD, int lane) {
+  const int tq = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[mt * 8 + 2 * tq + (r & 1)]);
     }
   }
 }
@@ -465,6 +489,32 @@ __device__ __forceinline__ void lse_to_log2(float* sL, int64_t i0, int64_t q_len
   }
 }
 
+// The forwards' exponent scale: the running max is taken over raw scores and the scale applied
+// inside each exponent's FFMA, so raw scores must rank as scaled ones do: a negative scale negates
+// Q instead (negate8) and scales by its magnitude. A zero scale becomes the smallest normal float,
+// so that a masked score (-inf) still gives 2^-inf = 0 (not 0 * -inf = NaN) while visible ones
+// give 2^(+-tiny) = 1, as with 0.
+__device__ __forceinline__ float fwd_scale_log2(float scale) {
+  return fmaxf(fabsf(scale), FLT_MIN) * kLog2e;
+}
+
+// Flips the sign bit of the 8 bf16 or fp16 values in v (bit 15 of each half): Q for a negative
+// scale.
+__device__ __forceinline__ void negate8(uint4& v) {
+  v.x ^= 0x80008000u;
+  v.y ^= 0x80008000u;
+  v.z ^= 0x80008000u;
+  v.w ^= 0x80008000u;
+}
+
+// How many blocks of kBlockN keys the query rows [m0, m0 + kBlockM) see: up to the last key their
+// last row sees.
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ int key_blocks(bool causal, int64_t m0, const SeqInfo& s) {
+  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
+  return static_cast<int>((key_end(causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
+}
+
 // ---- kernels
 
 // Each warp owns kMW 16-row tiles (kMW * 16 query rows). Eight-warp CTAs at D <= 96 fit two an SM
@@ -488,15 +538,8 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
   if (m0 >= s.q_len) return;
   const int64_t hk = h / (p.heads_q / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // The running max is taken over raw scores and the scale applied inside each exponent's FFMA, so
-  // raw scores must rank as scaled ones do: a negative scale negates Q instead (below) and scales
-  // by its magnitude. A zero scale becomes the smallest normal float, so that a masked score (-inf)
-  // still gives 2^-inf = 0 (not 0 * -inf = NaN) while visible ones give 2^(+-tiny) = 1, as with 0.
-  const float scale_log2 = fmaxf(fabsf(p.scale), FLT_MIN) * kLog2e;
-
-  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
-  const int64_t n_end = key_end(p.causal, last_row, s.q_len, s.k_len);
-  const int n_blocks = static_cast<int>((n_end + kBlockN - 1) / kBlockN);
+  const float scale_log2 = fwd_scale_log2(p.scale);
+  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* k_base = static_cast<const T*>(p.k.ptr);
@@ -520,11 +563,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
     cp_async_wait<1>();
     __syncthreads();  // the Q tile has landed; the loop's first barrier publishes the flip
     for (int c = threadIdx.x; c < kBlockM * D / 8; c += kThreads) {
-      uint4& v = *reinterpret_cast<uint4*>(sQ + c / (D / 8) * kPitch + c % (D / 8) * 8);
-      v.x ^= 0x80008000u;
-      v.y ^= 0x80008000u;
-      v.z ^= 0x80008000u;
-      v.w ^= 0x80008000u;
+      negate8(*reinterpret_cast<uint4*>(sQ + c / (D / 8) * kPitch + c % (D / 8) * 8));
     }
   }
 
@@ -646,11 +685,8 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
   if (m0 >= s.q_len) return;
   const int64_t hk = h / (p.heads_q / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float scale_log2 = fmaxf(fabsf(p.scale), FLT_MIN) * kLog2e;  // as in attn_fwd_kernel
-
-  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
-  const int64_t n_end = key_end(p.causal, last_row, s.q_len, s.k_len);
-  const int n_blocks = static_cast<int>((n_end + kBlockN - 1) / kBlockN);
+  const float scale_log2 = fwd_scale_log2(p.scale);
+  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
 
   const T* k_base = static_cast<const T*>(p.k.ptr);
   const T* v_base = static_cast<const T*>(p.v.ptr);
@@ -672,11 +708,7 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
     cp_async_wait<1>();
     __syncthreads();
     for (int c = threadIdx.x; c < kBlockM * D / 8; c += kThreads) {
-      uint4& v = reinterpret_cast<uint4*>(sQ)[c];
-      v.x ^= 0x80008000u;
-      v.y ^= 0x80008000u;
-      v.z ^= 0x80008000u;
-      v.w ^= 0x80008000u;
+      negate8(reinterpret_cast<uint4*>(sQ)[c]);
     }
   }
 
@@ -834,21 +866,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     fence_regs(pt);
     fence_regs(dst);
 
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
-      }
-    }
-    mask_pt<kBlockM, kBlockN>(pt, p.causal, n0, warp, i0, s, lane);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[mt * 8 + 2 * tq + (r & 1)]);
-      }
-    }
+    pt_from_st<kBlockM, kBlockN>(pt, sL, scale_log2, p.causal, n0, warp, i0, s, lane);
+    ds_from_dp(dst, pt, sD, lane);
     // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt,
     // swizzled.
 #pragma unroll
@@ -1006,24 +1025,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
 
     float pt[MT][4] = {};  // P^T: rows = this warp's 16 keys, cols = kBlockM queries
     gemm_abt<T, D, MT, kPitch>(pt, sKw, sQs, lane);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pt[mt][r] = ex2_approx(pt[mt][r] * scale_log2 - sL[mt * 8 + 2 * tq + (r & 1)]);
-      }
-    }
-    mask_pt<kBlockM, kBlockN>(pt, p.causal, n0, warp, i0, s, lane);
+    pt_from_st<kBlockM, kBlockN>(pt, sL, scale_log2, p.causal, n0, warp, i0, s, lane);
     float dst[MT][4] = {};  // dP^T, then dS^T
     gemm_abt<T, D, MT, kPitch>(dst, sVw, sdOs, lane);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int c = mt * 8 + 2 * tq + (r & 1);
-        dst[mt][r] = pt[mt][r] * (dst[mt][r] - sD[c]);
-      }
-    }
+    ds_from_dp(dst, pt, sD, lane);
     gemm_pb<T, D, MT, kPitch>(dv, pt, sdOs, lane);
     gemm_pb<T, D, MT, kPitch>(dk, dst, sQs, lane);
     if constexpr (kAtomicDq) {
@@ -1083,9 +1088,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const float scale_log2 = p.scale * kLog2e;
 
-  const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
-  const int n_blocks =
-      static_cast<int>((key_end(p.causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
+  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
 
   // This lane's rows (tile mw, half hh): lse in log2 units (+inf past the end or for rows that saw
   // no key, so P = 0 there) and delta.

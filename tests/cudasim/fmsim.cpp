@@ -754,30 +754,15 @@ void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate
   check_warpgroup();
   decode(desc_a);  // a layout fmsim does not model faults at issue
   decode(desc_b);
-  Wgmma op{};
-  op.d = d;
-  op.n = n;
-  op.in = in;
-  op.reg_a = false;
-  op.a_mn = a_mn;
-  op.b_mn = b_mn;
-  op.desc_a = desc_a;
-  op.desc_b = desc_b;
-  op.accumulate = accumulate;
-  issue(std::move(op));
+  issue({.d = d, .n = n, .in = in, .reg_a = false, .a_mn = a_mn, .b_mn = b_mn, .desc_a = desc_a,
+         .desc_b = desc_b, .accumulate = accumulate});
 }
 
 void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in) {
   check_warpgroup();
   decode(desc_b);
-  Wgmma op{};
-  op.d = d;
-  op.n = n;
-  op.in = in;
-  op.reg_a = true;
-  op.b_mn = true;
-  op.desc_b = desc_b;
-  op.accumulate = true;
+  Wgmma op{.d = d, .n = n, .in = in, .reg_a = true, .b_mn = true, .desc_b = desc_b,
+           .accumulate = true};
   // A's rows g and g + 8 from the warp's fragments, in mma.sync's a layout: element (row, k) in
   // lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2.
   uint32_t mine[4];

@@ -35,7 +35,7 @@ ATTENTION_MUTANTS = {
     # the forward leaves Q as it is for a negative scale: its running max over raw scores is then the min
     "fwd_negative_scale_unflipped": ("  if (p.scale < 0.f) {  // flip", "  if (false) {  // flip"),
     # the forward scales by a zero scale as it is: 0 * -inf = NaN for masked scores
-    "fwd_zero_scale_unclamped": ("fmaxf(fabsf(p.scale), FLT_MIN)", "fabsf(p.scale)"),
+    "fwd_zero_scale_unclamped": ("fmaxf(fabsf(scale), FLT_MIN)", "fabsf(scale)"),
     # dk/dv: lse left in natural-log units
     "dkdv_lse_not_log2": ("l == -INFINITY ? INFINITY : l * kLog2e;", "l == -INFINITY ? INFINITY : l;"),
     # forward and dq (mask_block): each row sees one key past its diagonal or the sequence end

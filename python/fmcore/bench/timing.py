@@ -85,16 +85,20 @@ def host_us_per_call(fn: Callable[[], object], device: torch.device, *, calls: i
         torch.set_num_threads(threads)
 
 
+def _peak_since(base: int, fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """fn's result and the peak CUDA memory allocated while it runs, in MiB above base."""
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak CUDA memory allocated while fn runs, above what was allocated before (None on CPU)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return _peak_since(torch.cuda.memory_allocated(device), fn, device)[1]
 
 
 def phase_peaks_mib(forward: Callable[[], object], backward: Callable[[object], object],
@@ -107,12 +111,6 @@ def phase_peaks_mib(forward: Callable[[], object], backward: Callable[[object], 
         return None
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = forward()
-    torch.cuda.synchronize(device)
-    fwd = torch.cuda.max_memory_allocated(device) - base
-    torch.cuda.reset_peak_memory_stats(device)  # the peak restarts from what the forward left
-    backward(out)
-    torch.cuda.synchronize(device)
-    bwd = torch.cuda.max_memory_allocated(device) - base
-    return fwd / 2**20, bwd / 2**20
+    out, fwd = _peak_since(base, forward, device)
+    # the peak restarts from what the forward left
+    return fwd, _peak_since(base, lambda: backward(out), device)[1]
