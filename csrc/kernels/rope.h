@@ -42,12 +42,9 @@ struct RopeParams {
   bool conjugate = false;
 };
 
-// The CUDA kernel's limits, refused beyond (by the binding with a message, by rope_fwd with an error):
-// - it stages a row's cos and sin in fp32 shared memory (4 * R bytes) within the default 48 KiB a
-//   block may use without opting in;
-// - it counts a row's (head, item) pairs in int: heads * D and the loop's last step past it must
-//   stay below 2^31.
-inline constexpr int64_t kRopeMaxRotaryDim = 48 * 1024 / 4;
+// The CUDA kernel's limit, refused beyond (by the binding with a message, by rope_fwd with an
+// error): it counts a row's items of q and k together in int, so (q heads + k heads) * D and the
+// loop's last step past it must stay below 2^31.
 inline constexpr int64_t kRopeMaxHeadsTimesDim = INT32_MAX - 1024;
 
 #ifdef FMCORE_CUDA_API

@@ -4,7 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "checks.h"
@@ -16,13 +15,9 @@ namespace {
 
 void launch(const RopeParams& p, const at::Tensor& q) {
   // The kernel's per-row index is an int (kernels/rope.cu): say so instead of a bare launch error.
-  TORCH_CHECK_VALUE(std::max(p.q.heads, p.k.heads) * p.head_dim <= kRopeMaxHeadsTimesDim,
-                    "expected q and k with heads * head_dim < 2^31 - 1024 on CUDA, got ", p.q.heads,
-                    " (q) and ", p.k.heads, " (k) heads of dim ", p.head_dim);
-  // The block stages the row's cos/sin in fp32 shared memory, within the default 48 KiB.
-  TORCH_CHECK_VALUE(p.rotary_dim <= kRopeMaxRotaryDim, "expected a rotary dim <= ", kRopeMaxRotaryDim,
-                    " on CUDA (its cos/sin row is staged in 48 KiB of shared memory), got ",
-                    p.rotary_dim);
+  TORCH_CHECK_VALUE((p.q.heads + p.k.heads) * p.head_dim <= kRopeMaxHeadsTimesDim,
+                    "expected q and k with (q heads + k heads) * head_dim < 2^31 - 1024 on CUDA, got ",
+                    p.q.heads, " (q) and ", p.k.heads, " (k) heads of dim ", p.head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaError_t err = rope_fwd(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fmcore rope: CUDA launch failed: ", cudaGetErrorString(err));

@@ -25,6 +25,7 @@ WORK = REPO / "build" / "mutants"
 ATTENTION = ("csrc/kernels/attention.cu", "tests/cudasim/test_attention_on_cpu.py")
 COMMUNICATOR = ("csrc/dist/communicator.cpp", "tests/cudasim/test_nccl_on_cpu.py")
 CROSS_ENTROPY = ("csrc/kernels/cross_entropy.cu", "tests/cudasim/test_kernels_on_cpu.py")
+ROPE = ("csrc/kernels/rope.cu", "tests/cudasim/test_kernels_on_cpu.py")
 
 # name: (text in attention.cu, its replacement). Each replaces the first occurrence only.
 ATTENTION_MUTANTS = {
@@ -101,7 +102,18 @@ CROSS_ENTROPY_MUTANTS = {
     "ce_check_misses_negative": ("(t < 0 || t >= p.vocab)", "(t >= p.vocab)"),
 }
 
+# The same for rope.cu (one thread an item, cos/sin from global memory).
+ROPE_MUTANTS = {
+    # cos/sin read as 32-byte vectors whatever their alignment and row stride
+    "rope_cs_vector_always": ("  if (cs_vec) {", "  if (true) {"),
+    # a row with more items than the block's threads: the rest is never visited
+    "rope_row_one_pass": ("idx < total; idx += blockDim.x)", "idx < total; idx += total)"),
+    # k's items indexed from q's start: k's first heads rotated twice, its last ones never
+    "rope_k_index_unshifted": ("p.k, b, s, idx - q_total, k_items", "p.k, b, s, idx, k_items"),
+}
+
 MUTANTS = {name: (ATTENTION, *m) for name, m in ATTENTION_MUTANTS.items()}
+MUTANTS |= {name: (ROPE, *m) for name, m in ROPE_MUTANTS.items()}
 MUTANTS |= {name: (COMMUNICATOR, *m) for name, m in COMMUNICATOR_MUTANTS.items()}
 MUTANTS |= {name: (CROSS_ENTROPY, *m) for name, m in CROSS_ENTROPY_MUTANTS.items()}
 

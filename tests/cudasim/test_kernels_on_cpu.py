@@ -104,6 +104,51 @@ def test_rope_misaligned_takes_scalar_path(sim):
     close(k, want[1])
 
 
+def at_byte_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of t whose data pointer is `offset` bytes past a 32-byte boundary."""
+    buf = torch.empty(t.numel() + 64 // t.element_size(), dtype=t.dtype)
+    start = (offset - buf.data_ptr()) % 64 // t.element_size()
+    out = buf[start : start + t.numel()].view(t.shape).copy_(t)
+    assert out.data_ptr() % 32 == offset
+    return out
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout", ["strided", "16 bytes off", "aligned"])
+def test_rope_cos_sin_alignment(sim, interleaved, layout):
+    # q/k take the 16-byte path whatever cos/sin are. cos/sin, read from global memory, take one
+    # access per 8 fp32 values (rotate-half, 32 bytes) or 4 (interleaved, 16 bytes) only where their
+    # pointers and row strides allow; else one value at a time (the simulator faults on a misaligned
+    # Vec). "strided": rows of a wider table, an odd row stride; "16 bytes off": rotate-half's
+    # 32-byte access is refused, interleaved's 16-byte one allowed.
+    B, S, H, D = 2, 3, 2, 32
+    q, k = rand(B, S, H, D, dtype=torch.bfloat16), rand(B, S, H, D, dtype=torch.bfloat16, seed=1)
+    cos, sin = rand(S, D // 2, seed=2), rand(S, D // 2, seed=3)
+    if layout == "strided":
+        cos, sin = (torch.cat([t, t[:, :1]], 1)[:, : D // 2] for t in (cos, sin))
+        assert cos.stride(0) == D // 2 + 1
+    elif layout == "16 bytes off":
+        cos, sin = at_byte_offset(cos, 16), at_byte_offset(sin, 16)
+    else:
+        cos, sin = at_byte_offset(cos, 0), at_byte_offset(sin, 0)
+    for conj in (False, True):
+        want = ref.rope(q, k, cos, sin, interleaved, conj)
+        for g, w in zip(sim.rope(q, k, cos, sin, interleaved, conj), want):
+            close(g, w, name=layout)
+
+
+def test_rope_row_past_one_block(sim):
+    # 48 q heads + 16 k heads of 10 fp32 items (6 rotated pairs of vectors, 4 copied vectors: out of
+    # place, the pass-through features past R count): 640 items a row, more than the 512-thread
+    # block, so threads loop, and the loop's second pass holds all of k's items.
+    B, S, Hq, Hk, D, R = 1, 2, 48, 16, 64, 48
+    q, k = rand(B, S, Hq, D), rand(B, S, Hk, D, seed=1)
+    cos, sin = rand(S, R // 2, seed=2), rand(S, R // 2, seed=3)
+    for conj in (False, True):
+        for g, w in zip(sim.rope(q, k, cos, sin, False, conj), ref.rope(q, k, cos, sin, False, conj)):
+            close(g, w)
+
+
 # ---- cross entropy
 
 # (N, V, why)

@@ -337,27 +337,28 @@ def test_build_info_lists_rope():
 
 
 @pytest.mark.cuda
-def test_cuda_heads_times_dim_past_int32_raises():
-    # The kernel counts a row's (head, item) pairs in int: 2^24 heads of dim 128 (2^31 pairs at the
-    # scalar path's one element an item) wrapped that count, and heads went unrotated. An expanded q
-    # (stride 0 over heads) reaches the check without allocating 4 GB; nothing is launched.
-    q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16).expand(1, 1, 2**24, 128)
-    k = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("q_heads,k_heads", [(2**24, 1), (2**23, 2**23)])
+def test_cuda_heads_times_dim_past_int32_raises(q_heads, k_heads):
+    # The kernel counts a row's items of q and k together in an int: 2^24 heads of dim 128 (2^31
+    # items at the scalar path's one element an item) wrapped that count, and heads went unrotated;
+    # so do 2^23 + 2^23, although each tensor alone fits. Expanded q/k (stride 0 over heads) reach
+    # the check without allocating 4 GB; nothing is launched.
+    q = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16).expand(1, 1, q_heads, 128)
+    k = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16).expand(1, 1, k_heads, 128)
     cos, sin = torch.ones(1, 64, device="cuda"), torch.zeros(1, 64, device="cuda")
-    with pytest.raises(ValueError, match=r"heads \* head_dim < 2\^31"):
+    with pytest.raises(ValueError, match=r"\(q heads \+ k heads\) \* head_dim < 2\^31"):
         torch.ops.fmcore.rope_(q, k, cos, sin, False, False, 1)
 
 
 @pytest.mark.cuda
-def test_cuda_rotary_dim_limit():
-    # The kernel stages a row's cos/sin (4 * R bytes) in 48 KiB of shared memory: R 12288 fits and is
-    # right, R 12290 is refused by name (it used to fail the launch with "invalid argument").
-    for rdim, fits in ((12288, True), (12290, False)):
-        q = torch.randn(1, 2, 1, rdim, device="cuda", dtype=torch.bfloat16)
-        cos, sin = tables(2, rdim, "cuda")
-        if fits:
-            oq, _ = apply_rotary(q, q.clone(), cos, sin)
-            assert_close_to_ref(oq, reference(q, cos, sin, False), _torch_rope(q, cos, sin, False), "q")
-        else:
-            with pytest.raises(ValueError, match="rotary dim <= 12288"):
-                apply_rotary(q, q.clone(), cos, sin)
+@pytest.mark.parametrize("rdim", [12288, 24578])
+def test_cuda_long_rotary_dim(rdim):
+    # cos/sin are read from global memory, so the rotary dim has no shared-memory limit (the kernel
+    # used to stage them in 48 KiB and refused R > 12288). 12288: 16-byte items, 1536 of them a row;
+    # 24578: R/2 odd, one element an item, 24578 a row: both more than a block's 512 threads.
+    q = torch.randn(1, 2, 1, rdim, device="cuda", dtype=torch.bfloat16)
+    cos, sin = tables(2, rdim, "cuda")
+    oq, ok = apply_rotary(q, q.clone(), cos, sin)
+    want = reference(q, cos, sin, False)
+    assert_close_to_ref(oq, want, _torch_rope(q, cos, sin, False), "q")
+    assert_close_to_ref(ok, want, _torch_rope(q, cos, sin, False), "k")
