@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include "dist/communicator.h"
+#include "kernels/attention.h"
 
 #ifdef FMCORE_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -32,6 +33,8 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = FMCORE_CUDA_ARCHS;
     return info;
   }, "Facts fixed when the extension was compiled.");
+  // flash attention's tile configurations: `tiles` of fmcore.ops.flash_attention is in [0, this)
+  m.attr("attention_tile_configs") = fmcore::kAttnTileConfigs;
   fmcore::data::register_loader(m);
   fmcore::dist::register_dist(m);
 }

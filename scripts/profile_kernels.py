@@ -91,9 +91,10 @@ def _adamw(dev, quick):
     return f"{sum(p.numel() for p in params) / 1e6:.1f}M params, {len(params)} tensors, step +clip", opt.step
 
 
-def _train_step(dev, quick):
+def _train_step(dev, quick, tiles=0):
     """One fmcore training step of GPT-2 124M (B16 T1024, bf16 autocast): the train benchmark's
-    fmcore system, so its gap to torch.compile can be read kernel by kernel."""
+    fmcore system, so its gap to torch.compile can be read kernel by kernel; with tiles, its
+    fmcore-tiles system (the wgmma attention kernels)."""
     if quick:
         cfg = dataclasses.replace(load_config("tiny").model, vocab_size=512, n_layers=1)
         case, (B, T), precision = "tiny-1L B2 T64 fp32", (2, 64), "fp32"
@@ -101,7 +102,14 @@ def _train_step(dev, quick):
         cfg = load_config("gpt2-124m").model
         case, (B, T), precision = "gpt2-124m B16 T1024 bf16-autocast", (16, 1024), "bf16-autocast"
     step, _ = make_step(cfg, "fmcore", B, T, precision, dev)
-    return f"{case} train step", step
+    if tiles == 0:
+        return f"{case} train step", step
+
+    def step_with_tiles():
+        with ops.attention_tiles(tiles):
+            step()
+
+    return f"{case} train step, attention tiles={tiles}", step_with_tiles
 
 
 CASES = {
@@ -112,8 +120,9 @@ CASES = {
     "linear_cross_entropy": _linear_cross_entropy,
     "adamw": _adamw,
     "train-step": _train_step,
+    "train-step-tiles4": lambda dev, quick: _train_step(dev, quick, tiles=4),
 }
-TOP = {"train-step": 30}  # kernels listed for cases with many (default: --top)
+TOP = {"train-step": 30, "train-step-tiles4": 30}  # kernels listed for cases with many (default: --top)
 
 
 def profile_op(step, dev: torch.device, iters: int) -> list[dict]:

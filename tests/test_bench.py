@@ -147,6 +147,9 @@ def test_check_bars_verdicts(tmp_path):
             Row("attention", att, "sdpa-flash", "TFLOP/s", 194.0, "TFLOP/s"),
             Row("attention", att, "sdpa-cudnn", "TFLOP/s", 400.0, "TFLOP/s"),
             Row("attention", att, "fmcore-tiles1", "TFLOP/s", 250.0, "TFLOP/s")]
+    train = "gpt2-124m B16 T1024 bf16"
+    rows += [Row("train", train, s, "tok/s", v, "tok/s")
+             for s, v in (("fmcore", 366e3), ("torch-compile", 472e3), ("fmcore-tiles3", 350e3), ("fmcore-tiles4", 480e3))]
     got = {(b["issue"], b["bar"], b["case"]): b for b in check_bars.bars(rows)}
     assert got[(2, ">= 85% of copy bandwidth", "rope fwd")]["verdict"] == "met"
     assert got[(2, "as fast as torch.compile (peer)", "rope fwd")]["verdict"] == "met"
@@ -154,7 +157,10 @@ def test_check_bars_verdicts(tmp_path):
     assert got[(3, "<= 2.0 ms in place", "CE (16384, 50304) bf16")]["verdict"] == "NOT met"
     a = got[(5, ">= SDPA flash (FA2) (peer)", f"attention {att}")]
     assert a["verdict"] == "met" and a["note"] == "0.50x cuDNN; tiles=1: 250"
-    assert {b["verdict"] for (issue, _, _), b in got.items() if issue in (4, 6, 7)} == {"not measured"}
+    t = got[(7, "eager >= torch.compile (peer)", "train 124M fmcore")]
+    assert t["verdict"] == "NOT met" and t["note"] == "0.78x; tiles=4: 480"
+    assert got[(7, "compiled >= 1.25x torch.compile (peer)", "train 124M fmcore-compile")]["verdict"] == "not measured"
+    assert {b["verdict"] for (issue, _, _), b in got.items() if issue in (4, 6)} == {"not measured"}
     head = report.header(torch.device("cpu"), Roofline(10.0, 0.1))
     for device, shown in (("NVIDIA H100 80GB HBM3", "| 5 | >= SDPA flash (FA2) (peer) |"), (head["device"], "none is judged")):
         report.write_json(tmp_path / "r.json", {**head, "device": device}, rows)

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmcore.ops import flash_attention, flash_attention_varlen, scaled_dot_product_attention
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fmcore.ops import attention_tiles, flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from fmcore.ops import attention as attn_mod
 from tests.util import assert_close_to_ref
 
@@ -340,6 +342,42 @@ def test_tiles_out_of_range_raises(device):
     for tiles in (-1, 5):
         with pytest.raises(ValueError, match=f"expected tiles in \\[0, 4\\], got {tiles}"):
             flash_attention(q, q, q, tiles=tiles)
+
+
+class _TilesSeen(TorchDispatchMode):
+    """Records the tiles argument of every flash_attn_fwd call (trailing defaults arrive omitted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiles = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fmcore.flash_attn_fwd.default:
+            i = [a.name for a in func._schema.arguments].index("tiles")
+            self.tiles.append(args[i] if len(args) > i else (kwargs or {}).get("tiles", 0))
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_tiles_context(device):
+    # attention_tiles sets what tiles=0 runs, for calls inside the block (a model's layers), batched and
+    # varlen; an explicit tiles wins; the previous value comes back on exit, also after an exception.
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    with _TilesSeen() as seen:
+        with attention_tiles(3):
+            out3 = flash_attention(q, q, q, causal=True)
+            flash_attention_varlen(q[0], q[0], q[0], cu, cu, 5, 5)
+            flash_attention(q, q, q, tiles=1)
+            with pytest.raises(RuntimeError, match="inner"), attention_tiles(4):
+                raise RuntimeError("inner")
+            flash_attention(q, q, q)
+        flash_attention(q, q, q)
+    assert seen.tiles == [3, 3, 1, 3, 0]
+    torch.testing.assert_close(out3, flash_attention(q, q, q, causal=True, tiles=3), rtol=0, atol=0)
+    for bad in (5, -1, True, 1.0):
+        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 4\\], got {bad!r}"):
+            with attention_tiles(bad):
+                pass
 
 
 @pytest.mark.cuda

@@ -9,6 +9,9 @@ warm-up (and compilation), one host sync per step as in the trainer. Systems, al
 - torch-eager:     model.ops="torch" (SDPA, F.cross_entropy on the logits), torch.optim.AdamW(fused=True)
                    and clip_grad_norm_, bf16 autocast
 - torch-compile:   the same under torch.compile
+- fmcore-tiles3/4: fmcore with flash attention's tile configuration 3 or 4 (Hopper's wgmma kernels;
+                   fmcore.ops.attention_tiles), to measure them in the trainer before they are the
+                   default
 MFU by 6N + 12 L H Q T FLOPs per token (models.flops_per_token) over the device's peak dense bf16
 rate (trainer.peak_tflops; the measured matmul rate on other GPUs). On the CPU (quick): a tiny
 model in fp32, eager systems only, to prove the path.
@@ -23,20 +26,24 @@ from collections.abc import Iterator
 import torch
 
 from fmcore.bench import BenchContext, Row
+from fmcore.ops import attention_tiles
 from fmcore.train import models
 from fmcore.train.config import load_config
 from fmcore.train.trainer import StepOptions, build_optimizer, peak_tflops, train_step
 
-# name -> (model.ops, optimizer impl, precision on GPU, torch.compile)
+# name -> (model.ops, optimizer impl, precision on GPU, torch.compile, flash attention tiles)
 # In the order they run: the two bars' systems first (fmcore eager and compiled, each against
 # torch.compile), in case a GPU session's time runs out (the first H200 run, 150 s, measured only
-# the first three of an order that put torch-eager second).
+# the first three of an order that put torch-eager second); the tile variants, eager and a few
+# seconds each, before the second compile.
 SYSTEMS = {
-    "fmcore": ("fmcore", "fmcore", "bf16-autocast", False),
-    "torch-compile": ("torch", "torch", "bf16-autocast", True),
-    "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True),
-    "torch-eager": ("torch", "torch", "bf16-autocast", False),
-    "fmcore-bf16": ("fmcore", "fmcore", "bf16", False),
+    "fmcore": ("fmcore", "fmcore", "bf16-autocast", False, 0),
+    "torch-compile": ("torch", "torch", "bf16-autocast", True, 0),
+    "fmcore-tiles3": ("fmcore", "fmcore", "bf16-autocast", False, 3),
+    "fmcore-tiles4": ("fmcore", "fmcore", "bf16-autocast", False, 4),
+    "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True, 0),
+    "torch-eager": ("torch", "torch", "bf16-autocast", False, 0),
+    "fmcore-bf16": ("fmcore", "fmcore", "bf16", False, 0),
 }
 
 
@@ -52,7 +59,7 @@ def _cases(ctx: BenchContext):
 
 def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.device):
     """(one training step of `system` on alternating random batches, the resolved model config)."""
-    ops, impl, _, compile_ = SYSTEMS[system]
+    ops, impl, _, compile_, _ = SYSTEMS[system]
     mcfg = dataclasses.replace(models.resolve(mcfg, device=device), ops=ops)
     model = models.build_model(mcfg).to(device)
     if precision == "bf16":
@@ -81,6 +88,11 @@ def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.d
 
 
 def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.device, steps: int, warmup: int):
+    with attention_tiles(SYSTEMS[system][4]):
+        return _measure_steps(mcfg, system, B, T, precision, device, steps, warmup)
+
+
+def _measure_steps(mcfg, system, B, T, precision, device, steps, warmup):
     step, mcfg = make_step(mcfg, system, B, T, precision, device)
     for _ in range(warmup):
         step()
@@ -100,8 +112,10 @@ def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.de
 def run(ctx: BenchContext) -> Iterator[Row]:
     """Rows stream out as each system finishes: the CLI saves them before the next one compiles."""
     dev = ctx.device
-    # Quick (CPU): the eager fp32 systems only; compiling takes minutes there and proves nothing new.
-    systems = [s for s, (_, _, prec, comp) in SYSTEMS.items() if not ctx.quick or (not comp and prec != "bf16")]
+    # Quick (CPU): the eager fp32 systems only; compiling takes minutes there and proves nothing new,
+    # and the CPU has no attention tiles.
+    systems = [s for s, (_, _, prec, comp, tiles) in SYSTEMS.items()
+               if not ctx.quick or (not comp and prec != "bf16" and tiles == 0)]
     peak_rate = peak_tflops(load_config("tiny"), dev) or ctx.roofline.matmul_tflops
     for case, mcfg, B, T, precision in _cases(ctx):
         for system in systems:

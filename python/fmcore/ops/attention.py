@@ -30,9 +30,11 @@ not warn_only) also selects the deterministic backward. The CPU reference is alw
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,32 @@ def _deterministic(flag: bool) -> bool:
     return bool(flag) or _strict_deterministic_mode()
 
 
+_default_tiles = 0  # what tiles=0 runs; set by attention_tiles()
+
+
+@contextlib.contextmanager
+def attention_tiles(tiles: int) -> Iterator[None]:
+    """Within the block, flash attention calls that leave ``tiles`` at 0 run tile configuration
+    ``tiles`` (see ``flash_attention``). It reaches attention called by code you do not edit, such
+    as a model's layers, as ``torch.nn.attention.sdpa_kernel`` does for SDPA's backends: for A/B
+    runs of the CUDA kernels (the training benchmark's fmcore-tiles systems). Under torch.compile
+    the value is read when the graph is traced."""
+    from fmcore import _C
+
+    global _default_tiles
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 0 <= tiles < _C.attention_tile_configs:
+        raise ValueError(f"expected tiles in [0, {_C.attention_tile_configs - 1}], got {tiles!r}")
+    previous, _default_tiles = _default_tiles, tiles
+    try:
+        yield
+    finally:
+        _default_tiles = previous
+
+
+def _tiles(tiles: int) -> int:
+    return int(tiles) or _default_tiles
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,15 +113,16 @@ def flash_attention(
         deterministic: a bitwise reproducible backward on CUDA (no atomic dq; about 1.4x the
             backward's tensor-core work). Default False, as in FlashAttention.
         return_lse: also return lse (B, Hq, Sq) float32.
-        tiles: the CUDA kernels' tile configuration: 0, the default, or 1 to 4, the alternatives
-            that ``python -m fmcore.bench attention`` times beside it (csrc/kernels/attention.cu's
-            Tiles; 3 and 4 run the forward and dk/dv on Hopper's wgmma where sm_90a code is compiled
-            in). The same results up to the order of floating-point sums; ignored on the CPU.
+        tiles: the CUDA kernels' tile configuration: 0, the default (or what ``attention_tiles``
+            sets), or 1 to 4, the alternatives that ``python -m fmcore.bench attention`` times beside
+            it (csrc/kernels/attention.cu's Tiles; 3 and 4 run the forward and dk/dv on Hopper's
+            wgmma where sm_90a code is compiled in). The same results up to the order of
+            floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
-                                               _deterministic(deterministic), int(tiles))
+                                               _deterministic(deterministic), _tiles(tiles))
     return (out, lse) if return_lse else out
 
 
@@ -133,7 +162,7 @@ def flash_attention_varlen(
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
     out, lse = torch.ops.fmcore.flash_attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale),
-        _deterministic(deterministic), int(tiles),
+        _deterministic(deterministic), _tiles(tiles),
     )
     return (out, lse) if return_lse else out
 
