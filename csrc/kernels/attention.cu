@@ -309,13 +309,14 @@ __device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64
   }
 }
 
-// One key block of the online softmax for a warp's kMW 16-row tiles: turns the scores sc (raw,
-// masked to -inf) into P in place, updates each row's running max (of raw scores) and this lane's
-// partial sum, and rescales the output accumulator o by the change of the max.
-template <int kMW, int NT, int DT>
-__device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)[kMW][DT][4],
-                                             float (&m_run)[kMW][2], float (&l_run)[kMW][2],
-                                             float scale_log2) {
+// One key block of the online softmax for a warp's kMW 16-row tiles, but for the output: turns the
+// scores sc (raw, masked to -inf) into P in place, updates each row's running max (of raw scores)
+// and this lane's partial sum, and sets alpha to the factor o's rows need for the change of the
+// max (rescale_rows).
+template <int kMW, int NT>
+__device__ __forceinline__ void softmax_scores(float (&sc)[kMW][NT][4], float (&m_run)[kMW][2],
+                                               float (&l_run)[kMW][2], float scale_log2,
+                                               float (&alpha)[kMW][2]) {
 #pragma unroll
   for (int r2 = 0; r2 < 2 * kMW; ++r2) {
     const int mw = r2 / 2, hh = r2 % 2;
@@ -329,7 +330,7 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)
     // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row that has seen only masked
     // keys keeps max -inf; an offset of 0 then keeps p = 2^-inf = 0 (and alpha, from -inf, 0).
     const float m_off = mx == -INFINITY ? 0.f : mx * scale_log2;
-    const float alpha = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
+    alpha[mw][hh] = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
     m_run[mw][hh] = mx;
     float rs = 0.f;
 #pragma unroll
@@ -341,13 +342,31 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)
         rs += pv;
       }
     }
-    l_run[mw][hh] = l_run[mw][hh] * alpha + rs;  // the quad adds its partial sums at the end
+    l_run[mw][hh] = l_run[mw][hh] * alpha[mw][hh] + rs;  // the quad adds its partial sums at the end
+  }
+}
+
+// o's rows times softmax_scores' alpha.
+template <int kMW, int DT>
+__device__ __forceinline__ void rescale_rows(float (&o)[kMW][DT][4], const float (&alpha)[kMW][2]) {
+#pragma unroll
+  for (int mw = 0; mw < kMW; ++mw) {
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      o[mw][dt][2 * hh] *= alpha;
-      o[mw][dt][2 * hh + 1] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mw][dt][e] *= alpha[mw][e / 2];
     }
   }
+}
+
+// softmax_scores, and o rescaled at once.
+template <int kMW, int NT, int DT>
+__device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)[kMW][DT][4],
+                                             float (&m_run)[kMW][2], float (&l_run)[kMW][2],
+                                             float scale_log2) {
+  float alpha[kMW][2];
+  softmax_scores(sc, m_run, l_run, scale_log2, alpha);
+  rescale_rows(o, alpha);
 }
 
 // The forward's epilogue for a warp's kMW 16-row tiles from query row0 (of sequence b, head h):
@@ -669,8 +688,15 @@ __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t strid
 
 // 128-key steps take one CTA an SM (see Tiles<D, 3> for registers); 64-key steps are held to two,
 // so that one CTA's barrier and softmax can overlap the other's wgmmas.
-template <typename T, int D, int kBlockN>
-__global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
+//
+// kOverlap (tile configuration 5), FlashAttention-3's intra-warpgroup pipelining: step nb issues
+// S of key block nb + 1, then o += P V of block nb, and runs block nb + 1's softmax while that P V
+// is on the tensor cores. Without it, the tensor cores of a warpgroup idle through every softmax.
+// K is needed a step ahead of V, so a step loads V nb + 1 and K nb + 2 (the prologue K 0, then
+// V 0 and K 1), each in a two-stage ring of its own. Both wgmma groups are waited for within the
+// step: nothing in flight crosses the loop's back-edge.
+template <typename T, int D, int kBlockN, bool kOverlap>
+__global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
     attn_fwd_wgmma_kernel(const AttnParams p) {
   constexpr int kBlockM = 128, kThreads = 256, NT = kBlockN / 8, KN = kBlockN / 16;
   constexpr int kTileKV = kBlockN * D;  // elements
@@ -692,20 +718,30 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
   const T* v_base = static_cast<const T*>(p.v.ptr);
   const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
-  auto load_kv = [&](int nb, int stage) {
+  auto load_k = [&](int nb, int stage) {
     const int64_t n0 = int64_t(nb) * kBlockN;
     load_tile_sw<T, D, kBlockN, kThreads>(sK + stage * kTileKV, k_seq + n0 * p.k.stride_s,
                                           p.k.stride_s, s.k_len - n0, k_base);
+  };
+  auto load_v = [&](int nb, int stage) {
+    const int64_t n0 = int64_t(nb) * kBlockN;
     load_tile_sw<T, D, kBlockN, kThreads>(sV + stage * kTileKV, v_seq + n0 * p.v.stride_s,
                                           p.v.stride_s, s.k_len - n0, v_base);
   };
+  // Copy groups, in order: Q; K 0 and V 0 (kOverlap: K 0; then V 0 and K 1).
   load_tile_sw<T, D, kBlockM, kThreads>(sQ, row_ptr<T>(p.q, b, s.q_start + m0, h), p.q.stride_s,
                                         s.q_len - m0, static_cast<const T*>(p.q.ptr));
   cp_async_commit();
-  if (n_blocks > 0) load_kv(0, 0);
+  if (n_blocks > 0) load_k(0, 0);
+  if (!kOverlap && n_blocks > 0) load_v(0, 0);
   cp_async_commit();
+  if constexpr (kOverlap) {
+    if (n_blocks > 0) load_v(0, 0);
+    if (n_blocks > 1) load_k(1, 1);
+    cp_async_commit();
+  }
   if (p.scale < 0.f) {  // negate Q (every element's sign bit), as attn_fwd_kernel does
-    cp_async_wait<1>();
+    cp_async_wait<kOverlap ? 2 : 1>();
     __syncthreads();
     for (int c = threadIdx.x; c < kBlockM * D / 8; c += kThreads) {
       negate8(reinterpret_cast<uint4*>(sQ)[c]);
@@ -719,15 +755,11 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
 
   float o[1][D / 8][4] = {};
   float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
-  for (int nb = 0; nb < n_blocks; ++nb) {
-    const int stage = nb & 1;
-    cp_async_wait<0>();
-    fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma
-    __syncthreads();  // every warpgroup: this stage has landed, the other one is free
-    if (nb + 1 < n_blocks) load_kv(nb + 1, stage ^ 1);
-    cp_async_commit();
-
-    float sc[1][NT][4];
+  float sc[1][NT][4];  // S, then P in place
+  uint32_t pa[KN][4];  // P as A fragments (read by the P V wgmmas until their wait)
+  float alpha[1][2];   // the factor o's rows owe the last softmax
+  // Issues S = Q K^T against the K tile of `stage` (D / 16 wgmmas, one commit); not waited for.
+  auto issue_s = [&](int stage) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -739,15 +771,20 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
                                  desc_plus(k_desc, k_off), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // Key block nb's S (waited for) masked and turned into P; alpha for o.
+  auto softmax_block = [&](int nb) {
     fence_regs(sc[0]);
-
     mask_block<16, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * 16, int64_t(nb) * kBlockN, s,
                             lane);
-    softmax_step(sc, o, m_run, l_run, scale_log2);
-    uint32_t pa[KN][4];  // P as A fragments (read by the wgmmas until their wait)
+    softmax_scores(sc, m_run, l_run, scale_log2, alpha);
+  };
+  auto pack_p = [&] {
 #pragma unroll
     for (int kk = 0; kk < KN; ++kk) acc_to_a<T>(pa[kk], sc[0], kk);
+  };
+  // Issues o += P V against the V tile of `stage` (one commit): P from pa, o rescaled before.
+  auto issue_pv = [&](int stage) {
     fence_regs(o[0]);  // the rescale of o, and P's packing, done before the fence
     fence_regs(pa);
     wgmma_fence();
@@ -756,11 +793,81 @@ __global__ void __launch_bounds__(256, kBlockN == 64 ? 2 : 1)
       wgmma_rs<T, D>(o[0], pa[kk], desc_plus(v_desc, stage * kTileKV * 2 + kk * 16 * 128));
     }
     wgmma_commit();
-    // Waited for here, not at the next step's barrier: deferred, the next step's rescale of o made
-    // ptxas serialize every wgmma of the kernel (C7515).
-    wgmma_wait<0>();
-    fence_regs(o[0]);
-    fence_regs(pa);
+  };
+
+  if constexpr (!kOverlap) {
+    for (int nb = 0; nb < n_blocks; ++nb) {
+      const int stage = nb & 1;
+      cp_async_wait<0>();
+      fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma
+      __syncthreads();  // every warpgroup: this stage has landed, the other one is free
+      if (nb + 1 < n_blocks) {
+        load_k(nb + 1, stage ^ 1);
+        load_v(nb + 1, stage ^ 1);
+      }
+      cp_async_commit();
+
+      issue_s(stage);
+      wgmma_wait<0>();
+      softmax_block(nb);
+      rescale_rows(o, alpha);
+      pack_p();
+      issue_pv(stage);
+      // Waited for here, not at the next step's barrier: deferred, the next step's rescale of o
+      // made ptxas serialize every wgmma of the kernel (C7515).
+      wgmma_wait<0>();
+      fence_regs(o[0]);
+      fence_regs(pa);
+    }
+  } else {
+    // A step starts with block nb's P packed into pa and o rescaled for it; sc is free for the S
+    // of block nb + 1. o is rescaled, and the next P packed, only after the P V's wait: writing o
+    // between the two issues made ptxas serialize every wgmma (C7515; o is the P V's accumulator).
+    if (n_blocks > 0) {
+      cp_async_wait<1>();  // Q and K 0
+      fence_proxy_async();
+      __syncthreads();
+      issue_s(0);
+      wgmma_wait<0>();
+      softmax_block(0);  // o is still 0: nothing to rescale
+      pack_p();
+    }
+    // Every step but the last has a next block; the last one's P V is issued after the loop. (With
+    // the next S issued and waited for under a condition, ptxas could not tell which group the
+    // wait retires and serialized every wgmma: C7514.)
+    for (int nb = 0; nb + 1 < n_blocks; ++nb) {
+      cp_async_wait<0>();  // V nb and K nb + 1
+      fence_proxy_async();
+      // Every warpgroup is past step nb - 1: K nb (its S was waited for there) and V nb - 1 are free.
+      __syncthreads();
+      load_v(nb + 1, (nb + 1) & 1);
+      if (nb + 2 < n_blocks) load_k(nb + 2, nb & 1);
+      cp_async_commit();
+      issue_s((nb + 1) & 1);
+      issue_pv(nb & 1);
+      wgmma_wait<1>();  // the S (the older group); the P V runs on under the softmax
+      softmax_block(nb + 1);
+      // The softmax must stay above the P V's wait. fence_regs keeps nvcc from sinking it; ptxas
+      // schedules within basic blocks and hoisted the wait to the top of the softmax's block (no
+      // overlap left), so a branch it cannot fold ends that block here. It is never taken:
+      // dispatch refuses heads_k <= 0.
+      fence_regs(sc[0]);
+      if (p.heads_k <= 0) __trap();
+      wgmma_wait<0>();
+      fence_regs(o[0]);
+      fence_regs(pa);
+      rescale_rows(o, alpha);
+      pack_p();
+    }
+    if (n_blocks > 0) {
+      cp_async_wait<0>();  // the last V
+      fence_proxy_async();
+      __syncthreads();
+      issue_pv((n_blocks - 1) & 1);
+      wgmma_wait<0>();
+      fence_regs(o[0]);
+      fence_regs(pa);
+    }
   }
   cp_async_wait<0>();  // a CTA whose rows see no key never waited for its Q tile
 
@@ -1226,12 +1333,13 @@ unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per 
 template <int D, int kConfig>
 struct Tiles;
 
-// 0, the default: the largest tiles whose accumulators stay in registers (fwd 226 / 169 / 242
-// registers; dk/dv 168 / 167 / 244, with the atomic dq 168 / 168 / 249; dq 220 / 126 / 168; two dq
+// 0, the default: the largest tiles whose accumulators stay in registers (fwd 228 / 168 / 242
+// registers; dk/dv 164 / 167 / 244, with the atomic dq 168 / 168 / 250; dq 226 / 125 / 168; two dq
 // tiles per warp spill at D = 96 and 128).
 template <int D>
 struct Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = 0;  // keys a step of the wgmma forward; 0: not used
+  static constexpr bool kFwdOverlap = false;  // the wgmma forward's softmax under its P V
   static constexpr bool kBwdWgmma = false;  // dk/dv and the atomic dq on wgmma
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
@@ -1240,10 +1348,11 @@ struct Tiles<D, 0> {
 
 // 1, longer steps: twice the keys per forward and dq step and 64 queries per dk/dv step (half the
 // barriers and loop trips; FlashAttention-2's 128 x 64 forward tile at D = 128), paid for with a
-// few spilled registers in the forward (16 bytes at D = 64, 24 at D = 128).
+// few spilled registers in the forward at D = 128 (56 bytes).
 template <int D>
 struct Tiles<D, 1> {
   static constexpr int kFwdWgmmaN = 0;
+  static constexpr bool kFwdOverlap = false;
   static constexpr bool kBwdWgmma = false;
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = 64;
@@ -1251,13 +1360,14 @@ struct Tiles<D, 1> {
 };
 
 // 2, eight warps: one 16-query tile per warp in the forward and dq (128 queries per CTA), 128 keys
-// per dk/dv CTA (each Q/dO tile loaded once per 128 keys instead of 64). No spills but 12 bytes in
-// the forward at D = 96 (held to two CTAs an SM, see attn_fwd_kernel); the forward reads each K/V
+// per dk/dv CTA (each Q/dO tile loaded once per 128 keys instead of 64). No spills (the forward at
+// D = 96 is held to two CTAs an SM, see attn_fwd_kernel); the forward reads each K/V
 // fragment from shared memory once per 16 queries instead of once per 32. (D = 96 dk/dv takes 64
 // queries per step: a warp's dq slab must be a multiple of 16 columns.)
 template <int D>
 struct Tiles<D, 2> {
   static constexpr int kFwdWgmmaN = 0;
+  static constexpr bool kFwdOverlap = false;
   static constexpr bool kBwdWgmma = false;
   static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;
   static constexpr int kDkdvWarps = 8, kDkdvBlockM = D == 128 ? 32 : 64;
@@ -1281,6 +1391,13 @@ struct Tiles<D, 4> : Tiles<D, 0> {
   static constexpr bool kBwdWgmma = D != 96;
 };
 
+// 5, Hopper: configuration 3 with the forward's softmax overlapping its P V (attn_fwd_wgmma_kernel's
+// kOverlap): 162 / 196 registers at D = 64 / 128, no spills, one CTA an SM.
+template <int D>
+struct Tiles<D, 5> : Tiles<D, 3> {
+  static constexpr bool kFwdOverlap = D != 96;
+};
+
 // Whether the wgmma forward can run here: its sm_90a code compiled in and a 9.x device current.
 bool wgmma_device() {
 #if defined(FMCORE_SM90A)
@@ -1299,13 +1416,15 @@ bool wgmma_device() {
 template <typename T, int D, int kConfig>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D, kConfig>;
+  static_assert(C::kFwdWgmmaN > 0 || !C::kFwdOverlap, "the overlap is the wgmma forward's option");
   if constexpr (C::kFwdWgmmaN > 0) {
     if (wgmma_device()) {
       // Two stages of K and V, one Q tile, and room to align them to 1024 bytes.
       const size_t smem = size_t(128 + 4 * C::kFwdWgmmaN) * D * sizeof(T) + 1024;
       const dim3 grid(blocks(p.seqlen_q, 128), static_cast<unsigned>(p.heads_q),
                       static_cast<unsigned>(p.batch));
-      return launch<attn_fwd_wgmma_kernel<T, D, C::kFwdWgmmaN>>(grid, 256, smem, p, stream);
+      return launch<attn_fwd_wgmma_kernel<T, D, C::kFwdWgmmaN, C::kFwdOverlap>>(grid, 256, smem, p,
+                                                                                   stream);
     }
   }
   constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
@@ -1365,7 +1484,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
 
 template <template <typename, int, int> class Fn, typename T, int D>
 cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
-  static_assert(kAttnTileConfigs == 5, "one case per configuration");
+  static_assert(kAttnTileConfigs == 6, "one case per configuration");
   switch (p.tiles) {
     case 0:
       return Fn<T, D, 0>::run(p, stream);
@@ -1377,6 +1496,8 @@ cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
       return Fn<T, D, 3>::run(p, stream);
     case 4:
       return Fn<T, D, 4>::run(p, stream);
+    case 5:
+      return Fn<T, D, 5>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }

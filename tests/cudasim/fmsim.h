@@ -236,6 +236,7 @@ inline thread_local dim3 gridDim;
 inline constexpr int warpSize = 32;
 
 inline void __syncthreads() { fmsim::syncthreads(); }
+[[noreturn]] inline void __trap() { fmsim::fault("__trap() called"); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { fmsim::syncwarp(mask); }
 
 template <class T>

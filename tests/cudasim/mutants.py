@@ -32,7 +32,7 @@ ATTENTION_MUTANTS = {
     # the forward's first K/V stage read while its cp.async may still be in flight
     "fwd_missing_wait": ("      cp_async_wait<1>();\n", "      cp_async_wait<2>();\n"),
     # the forward forgets to rescale the output accumulator when the running max grows
-    "fwd_no_rescale": ("      o[mw][dt][2 * hh] *= alpha;\n", ""),
+    "fwd_no_rescale": ("o[mw][dt][e] *= alpha[mw][e / 2];", "(void)alpha;"),
     # the forward leaves Q as it is for a negative scale: its running max over raw scores is then the min
     "fwd_negative_scale_unflipped": ("  if (p.scale < 0.f) {  // flip", "  if (false) {  // flip"),
     # the forward scales by a zero scale as it is: 0 * -inf = NaN for masked scores
@@ -69,7 +69,13 @@ ATTENTION_MUTANTS = {
     # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on
     "wgmma_dk_q_lbo": ("sw128_desc(sQ, kBlockM * 128, 1024)", "sw128_desc(sQ, kBlockN * 128, 1024)"),
     # wgmma forward: O += P V not waited for; the next step's loads overwrite the V it reads
-    "wgmma_pv_not_waited": ("    wgmma_wait<0>();\n    fence_regs(o[0]);", "    fence_regs(o[0]);"),
+    "wgmma_pv_not_waited": ("      wgmma_wait<0>();\n      fence_regs(o[0]);", "      fence_regs(o[0]);"),
+    # overlapped wgmma forward (tiles=5): K two blocks on loaded over the K the next S is about to read
+    "wgmma_overlap_k_stage": ("load_k(nb + 2, nb & 1);", "load_k(nb + 2, (nb + 1) & 1);"),
+    # overlapped wgmma forward: the softmax reads the next S before its wgmma is waited for
+    "wgmma_overlap_s_not_waited": ("      wgmma_wait<1>();  // the S", "      // the S"),
+    # overlapped wgmma forward: the last key block's P V never issued
+    "wgmma_overlap_last_pv_dropped": ("      issue_pv((n_blocks - 1) & 1);\n", ""),
 }
 
 # The same for communicator.cpp.

@@ -5,7 +5,7 @@ FLOPs (FlashAttention's convention): forward 4 * B * H * Sq * Sk * D, halved whe
 2.5x the forward. roofline% is against the bf16 matmul rate measured in the same run. Every system
 reads the same (B, S, H, D) tensors (SDPA through a (B, H, S, D) view, the layout its kernels take
 without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True;
-on the GPU also with its alternative tile configurations (tiles=1 to 4; 3 and 4 run the forward on
+on the GPU also with its alternative tile configurations (tiles=1 to 5; 3 to 5 run the forward on
 Hopper's wgmma).
 On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
 """
@@ -51,7 +51,7 @@ def _systems(device: torch.device):
         # The alternative tile configurations (csrc/kernels/attention.cu's Tiles), timed beside the
         # default so that one GPU run says which to make the default per head dim and phase.
         systems += [(f"fmcore-tiles{t}", lambda q, k, v, causal, t=t: flash_attention(q, k, v, causal=causal, tiles=t))
-                    for t in (1, 2, 3, 4)]
+                    for t in (1, 2, 3, 4, 5)]
         from torch.nn.attention import SDPBackend
 
         systems += [
