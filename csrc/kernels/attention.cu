@@ -821,8 +821,8 @@ __global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
     }
   } else {
     // A step starts with block nb's P packed into pa and o rescaled for it; sc is free for the S
-    // of block nb + 1. o is rescaled, and the next P packed, only after the P V's wait: writing o
-    // between the two issues made ptxas serialize every wgmma (C7515; o is the P V's accumulator).
+    // of block nb + 1. o is rescaled for block nb + 1, and its P packed, after the P V's wait: the
+    // softmax that yields the factor runs under that P V, which accumulates into o and reads pa.
     if (n_blocks > 0) {
       cp_async_wait<1>();  // Q and K 0
       fence_proxy_async();
