@@ -91,25 +91,18 @@ def _adamw(dev, quick):
     return f"{sum(p.numel() for p in params) / 1e6:.1f}M params, {len(params)} tensors, step +clip", opt.step
 
 
-def _train_step(dev, quick, tiles=0):
+def _train_step(dev, quick, system="fmcore"):
     """One fmcore training step of GPT-2 124M (B16 T1024, bf16 autocast): the train benchmark's
-    fmcore system, so its gap to torch.compile can be read kernel by kernel; with tiles, its
-    fmcore-tiles system (the wgmma attention kernels)."""
+    fmcore system (or its fmcore-tiles one: the wgmma attention kernels), so its gap to
+    torch.compile can be read kernel by kernel."""
     if quick:
         cfg = dataclasses.replace(load_config("tiny").model, vocab_size=512, n_layers=1)
         case, (B, T), precision = "tiny-1L B2 T64 fp32", (2, 64), "fp32"
     else:
         cfg = load_config("gpt2-124m").model
         case, (B, T), precision = "gpt2-124m B16 T1024 bf16-autocast", (16, 1024), "bf16-autocast"
-    step, _ = make_step(cfg, "fmcore", B, T, precision, dev)
-    if tiles == 0:
-        return f"{case} train step", step
-
-    def step_with_tiles():
-        with ops.attention_tiles(tiles):
-            step()
-
-    return f"{case} train step, attention tiles={tiles}", step_with_tiles
+    step, _ = make_step(cfg, system, B, T, precision, dev)
+    return f"{case} train step ({system})", step
 
 
 CASES = {
@@ -120,7 +113,7 @@ CASES = {
     "linear_cross_entropy": _linear_cross_entropy,
     "adamw": _adamw,
     "train-step": _train_step,
-    "train-step-tiles5": lambda dev, quick: _train_step(dev, quick, tiles=5),
+    "train-step-tiles5": lambda dev, quick: _train_step(dev, quick, "fmcore-tiles5"),
 }
 TOP = {"train-step": 30, "train-step-tiles5": 30}  # kernels listed for cases with many (default: --top)
 

@@ -33,15 +33,17 @@ __device__ __forceinline__ void load_cs(const CS* p, float (&out)[N]) {
 
 // Items of one head: rotate-half, VEC pairs (x[i..], x[i+R/2..]); interleaved, VEC/2 adjacent pairs
 // (one pair, read as two scalars, when VEC == 1); then, out of place, the pass-through features
-// past the rotary dim, VEC at a time.
-template <int VEC>
-__device__ __forceinline__ int rot_items(int rotary_dim, bool interleaved) {
+// past the rotary dim, VEC at a time. The launcher sizes the block with the same count, in int64;
+// the kernel counts in int (in int64 its divisions took the 16-byte kernels from 32 to 56
+// registers).
+template <int VEC, typename I>
+__host__ __device__ inline I rot_items(I rotary_dim, bool interleaved) {
   return (interleaved && VEC > 1) ? rotary_dim / VEC : rotary_dim / 2 / VEC;
 }
-template <int VEC>
-__device__ __forceinline__ int head_items(const RopeTensor& t, int head_dim, int rotary_dim,
-                                          bool interleaved) {
-  const int pass_items = t.in == t.out ? 0 : (head_dim - rotary_dim) / VEC;
+template <int VEC, typename I>
+__host__ __device__ inline I head_items(const RopeTensor& t, I head_dim, I rotary_dim,
+                                        bool interleaved) {
+  const I pass_items = t.in == t.out ? 0 : (head_dim - rotary_dim) / VEC;
   return rot_items<VEC>(rotary_dim, interleaved) + pass_items;
 }
 
@@ -138,19 +140,11 @@ bool tensor_allows_vec(const RopeTensor& t, int64_t vec, int64_t elem) {
          t.out_stride_s % vec == 0 && t.out_stride_h % vec == 0;
 }
 
-// A row's items (what the kernel's head_items counts, summed over q's and k's heads).
-int64_t row_items(const RopeParams& p, int64_t vec) {
-  const int64_t rot = (p.interleaved && vec > 1) ? p.rotary_dim / vec : p.rotary_dim / 2 / vec;
-  const auto items = [&](const RopeTensor& t) {
-    return t.heads * (rot + (t.in == t.out ? 0 : (p.head_dim - p.rotary_dim) / vec));
-  };
-  return items(p.q) + items(p.k);
-}
-
 template <typename T, typename CS, int VEC>
 cudaError_t launch_vec(const RopeParams& p, cudaStream_t stream) {
   // A warp-multiple block that covers the row in one pass, up to 512 threads.
-  const int64_t items = row_items(p, VEC);
+  const int64_t items = p.q.heads * head_items<VEC>(p.q, p.head_dim, p.rotary_dim, p.interleaved) +
+                        p.k.heads * head_items<VEC>(p.k, p.head_dim, p.rotary_dim, p.interleaved);
   const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, (items + 31) / 32 * 32)));
   const dim3 grid(static_cast<unsigned>(p.batch * p.seqlen));
   // cos/sin values per access: VEC for rotate-half, VEC / 2 for interleaved pairs.

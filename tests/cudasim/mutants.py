@@ -114,8 +114,10 @@ ROPE_MUTANTS = {
     "rope_cs_vector_always": ("  if (cs_vec) {", "  if (true) {"),
     # a row with more items than the block's threads: the rest is never visited
     "rope_row_one_pass": ("idx < total; idx += blockDim.x)", "idx < total; idx += total)"),
-    # k's items indexed from q's start: k's first heads rotated twice, its last ones never
-    "rope_k_index_unshifted": ("p.k, b, s, idx - q_total, k_items", "p.k, b, s, idx, k_items"),
+    # k's items done on q's tensor: k never written (in bounds: Hk <= Hq). An unshifted k index was
+    # the first version of this mutant: it wrote past k's end, and whether fmsim faulted or the
+    # process crashed (which this script cannot count as caught) depended on the build.
+    "rope_k_items_on_q": ("p.k, b, s, idx - q_total, k_items", "p.q, b, s, idx - q_total, k_items"),
 }
 
 MUTANTS = {name: (ATTENTION, *m) for name, m in ATTENTION_MUTANTS.items()}

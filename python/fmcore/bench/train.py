@@ -60,7 +60,7 @@ def _cases(ctx: BenchContext):
 
 def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.device):
     """(one training step of `system` on alternating random batches, the resolved model config)."""
-    ops, impl, _, compile_, _ = SYSTEMS[system]
+    ops, impl, _, compile_, tiles = SYSTEMS[system]
     mcfg = dataclasses.replace(models.resolve(mcfg, device=device), ops=ops)
     model = models.build_model(mcfg).to(device)
     if precision == "bf16":
@@ -83,17 +83,13 @@ def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.d
         return batches[i % 2]
 
     def step():
-        train_step(model, optimizer, next_batch, 1, opts)  # ends with a host sync on the loss and norm
+        with attention_tiles(tiles):  # 0: fmcore's default kernels
+            train_step(model, optimizer, next_batch, 1, opts)  # ends with a host sync on the loss and norm
 
     return step, mcfg
 
 
 def _measure(mcfg, system: str, B: int, T: int, precision: str, device: torch.device, steps: int, warmup: int):
-    with attention_tiles(SYSTEMS[system][4]):
-        return _measure_steps(mcfg, system, B, T, precision, device, steps, warmup)
-
-
-def _measure_steps(mcfg, system, B, T, precision, device, steps, warmup):
     step, mcfg = make_step(mcfg, system, B, T, precision, device)
     for _ in range(warmup):
         step()
