@@ -46,7 +46,7 @@
 //     stages guarded by mbarriers, shared memory 128-byte swizzled instead of padded;
 //  2. gemm_abt / gemm_pb -> wgmma.mma_async on 64-row warpgroup tiles: S = Q K^T with both operands
 //     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here); done
-//     for the forward in attn_fwd_wgmma_kernel (tile configurations 3 and 4, opt-in until a GPU
+//     for the forward in attn_fwd_wgmma_kernel (tile configurations 3 to 5, opt-in until a GPU
 //     run has checked them);
 //  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
 //     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
@@ -874,22 +874,32 @@ __global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
   write_rows<T, D>(p, b, h, s, m0 + warp * 16, o, m_run, l_run, scale_log2, lane);
 }
 
-// The backward's dk/dv with the atomic dq on wgmma (tile configurations 3 and 4, non-deterministic
-// calls): attn_bwd_dkdv_kernel's algorithm with its five matmuls on warpgroup MMAs. A CTA of two
-// warpgroups owns 128 keys (64 a warpgroup, 16 a warp, as there) and steps through query blocks of
-// 64 rows (those of every query head of its GQA group):
+// The backward's dk/dv with the atomic dq on wgmma (tile configurations 3 to 5, non-deterministic
+// calls): attn_bwd_dkdv_kernel's algorithm with its five matmuls on warpgroup MMAs. A CTA of
+// kGroups warpgroups owns 64 kGroups keys (64 a warpgroup, 16 a warp, as there) and steps through
+// query blocks of 64 rows (those of every query head of its GQA group):
 //   S^T = K Q^T, dP^T = V dO^T  wgmma_ss, both K-major (keys x D by queries x D);
 //   dV += P^T dO, dK += dS^T Q  wgmma_rs: P^T and dS^T from registers (acc_to_a), dO and Q MN-major
 //                               (queries x D: the V of the forward's P V);
-//   dQ += dS K                  wgmma_ss, both MN-major: dS^T through shared memory (sdS: 128 keys
-//                               x 64 queries, swizzled like the other tiles) and K as stored. Each
-//                               warpgroup computes one 64-query x 64-column slab (D = 128: its half
-//                               of the columns over all 128 keys; D = 64: every column over its own
-//                               64 keys) and adds it into dq_accum with float2 atomics.
+//   dQ += dS K                  wgmma_ss, both MN-major: dS^T through shared memory (sdS: the
+//                               CTA's keys x 64 queries, swizzled like the other tiles) and K as
+//                               stored. Each warpgroup computes a 64-query slab and adds it into
+//                               dq_accum with float2 atomics: two warpgroups at D = 128 take half
+//                               the columns each over all 128 keys; otherwise a warpgroup takes
+//                               every column over its own 64 keys.
 // Tiles and descriptors as in attn_fwd_wgmma_kernel.
-template <typename T, int D>
-__global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
-  constexpr int kBlockN = 128, kBlockM = 64, kThreads = 256, MT = kBlockM / 8, KM = kBlockM / 16;
+//
+// kGroups = 2 (tile configurations 3 and 5): each Q / dO tile loaded serves 128 keys, but the two
+// warpgroups meet at two barriers a step, so their softmax phases coincide and the tensor cores
+// idle through both. kGroups = 1 (configuration 4): a CTA is one warpgroup and two CTAs share an SM
+// (255 / 205 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's softmax,
+// dS stores and atomics can run under the other's wgmmas; Q and dO are loaded twice as often.
+template <typename T, int D, int kGroups>
+__global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
+    attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
+  static_assert(kGroups == 1 || kGroups == 2, "one or two warpgroups a CTA");
+  constexpr int kBlockN = 64 * kGroups, kBlockM = 64, kThreads = 128 * kGroups;
+  constexpr int MT = kBlockM / 8, KM = kBlockM / 16;
   constexpr int kTileQ = kBlockM * D;  // elements of a Q or dO stage
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
@@ -935,10 +945,13 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
   // dK and dV: Q and dO (B) MN-major, 64-column atoms kBlockM rows apart.
   const uint64_t q_mn_desc = sw128_desc(sQ, kBlockM * 128, 1024);
   const uint64_t do_mn_desc = sw128_desc(sdO, kBlockM * 128, 1024);
-  // dQ: keys [dq_k0, + kDqKeys) of dS (A) and of K's columns [dq_c0, + 64) (B), both MN-major (64
-  // columns: one atom, LBO unused).
-  constexpr int kDqKeys = D == 128 ? kBlockN : 64;
-  const int dq_c0 = D == 128 ? 64 * wg : 0, dq_k0 = D == 128 ? 0 : 64 * wg;
+  // dQ, in kDqPasses passes of 64 columns: keys [dq_k0, + kDqKeys) of dS (A) and of K's columns
+  // [dq_c0, + 64) (B, the next pass one 64-column atom on), both MN-major (one atom each: LBO
+  // unused). One warpgroup at D = 128 takes its 128 columns in two passes: as one N = 128 wgmma
+  // its accumulators spill.
+  constexpr bool kSplitCols = kGroups == 2 && D == 128;
+  constexpr int kDqKeys = kSplitCols ? kBlockN : 64, kDqPasses = kSplitCols ? 1 : D / 64;
+  const int dq_c0 = kSplitCols ? 64 * wg : 0, dq_k0 = kSplitCols ? 0 : 64 * wg;
   const uint64_t ds_desc = sw128_desc(sdS + dq_k0 * 64, kBlockN * 128, 1024);
   const uint64_t kt_desc =
       sw128_desc(sK + dq_c0 / 64 * kBlockN * 64 + dq_k0 * 64, kBlockN * 128, 1024);
@@ -1005,30 +1018,37 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     }
     wgmma_commit();
     fence_proxy_async();  // this thread's dS^T stores, visible to wgmma
-    __syncthreads();      // sdS holds both warpgroups' keys
+    __syncthreads();      // sdS holds every warpgroup's keys
 
     float dq[8][4];
-    wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kDqKeys / 16; ++kk) {
-      const uint32_t off = kk * 16 * 128;  // 16 keys a step
-      wgmma_ss<T, 64, 1, 1>(dq, desc_plus(ds_desc, off), desc_plus(kt_desc, off), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();  // dV, dK and dQ
-    fence_regs(dq);
-    fence_regs(dv);
-    fence_regs(dk);
-    fence_regs(pa);
-    fence_regs(dsa);
-
+    for (int pass = 0; pass < kDqPasses; ++pass) {
+      if (pass > 0) fence_regs(dq);  // the last pass's atomics read dq before this pass writes it
+      wgmma_fence();
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {  // this warp's 16 query rows of the slab
-      const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
-      if (row >= s.q_len) continue;
-      float* acc = row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + dq_c0 + 2 * tq;
+      for (int kk = 0; kk < kDqKeys / 16; ++kk) {
+        const uint32_t off = kk * 16 * 128;  // 16 keys a step
+        wgmma_ss<T, 64, 1, 1>(dq, desc_plus(ds_desc, off),
+                              desc_plus(kt_desc, pass * kBlockN * 128 + off), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // dQ (the first pass: dV and dK too)
+      fence_regs(dq);
+      if (pass == 0) {
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs(pa);
+        fence_regs(dsa);
+      }
 #pragma unroll
-      for (int dt = 0; dt < 8; ++dt) atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+      for (int hh = 0; hh < 2; ++hh) {  // this warp's 16 query rows of the slab
+        const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
+        if (row >= s.q_len) continue;
+        float* acc =
+            row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + dq_c0 + 64 * pass + 2 * tq;
+#pragma unroll
+        for (int dt = 0; dt < 8; ++dt) atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+      }
     }
   }
   cp_async_wait<0>();  // no query saw this key block: the K/V copies were never waited for
@@ -1340,7 +1360,9 @@ template <int D>
 struct Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = 0;  // keys a step of the wgmma forward; 0: not used
   static constexpr bool kFwdOverlap = false;  // the wgmma forward's softmax under its P V
-  static constexpr bool kBwdWgmma = false;  // dk/dv and the atomic dq on wgmma
+  // dk/dv and the atomic dq on wgmma (attn_bwd_dkdv_wgmma_kernel) with this many warpgroups a
+  // CTA; 0: not used
+  static constexpr int kBwdWgmmaGroups = 0;
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 64 : 32;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = D <= 64 ? 64 : 32;
   static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 32;
@@ -1353,7 +1375,7 @@ template <int D>
 struct Tiles<D, 1> {
   static constexpr int kFwdWgmmaN = 0;
   static constexpr bool kFwdOverlap = false;
-  static constexpr bool kBwdWgmma = false;
+  static constexpr int kBwdWgmmaGroups = 0;
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
   static constexpr int kDkdvWarps = 4, kDkdvBlockM = 64;
   static constexpr int kDqWarps = 4, kDqMW = D <= 64 ? 2 : 1, kDqBlockN = 64;
@@ -1368,7 +1390,7 @@ template <int D>
 struct Tiles<D, 2> {
   static constexpr int kFwdWgmmaN = 0;
   static constexpr bool kFwdOverlap = false;
-  static constexpr bool kBwdWgmma = false;
+  static constexpr int kBwdWgmmaGroups = 0;
   static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;
   static constexpr int kDkdvWarps = 8, kDkdvBlockM = D == 128 ? 32 : 64;
   static constexpr int kDqWarps = 8, kDqMW = 1, kDqBlockN = 32;
@@ -1377,18 +1399,19 @@ struct Tiles<D, 2> {
 // 3 and 4, Hopper: the forward on wgmma (attn_fwd_wgmma_kernel) against 128 (3) or 64 (4) keys a
 // step, at D = 64 and 128 on sm_90 devices when sm_90a code is compiled in; anywhere else, and at
 // D = 96, config 0's forward. Their backward runs dk/dv with the atomic dq on wgmma
-// (attn_bwd_dkdv_wgmma_kernel) under the same conditions, and config 0's otherwise (the
-// deterministic dq included). Forward registers (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM);
-// 4 is held to 128 for two CTAs an SM (112 / 128, spilling 80 bytes at 128).
+// (attn_bwd_dkdv_wgmma_kernel: 3 with two warpgroups a CTA, 4 with one and two CTAs an SM) under
+// the same conditions, and config 0's otherwise (the deterministic dq included). Forward registers
+// (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM); 4 is held to 128 for two CTAs an SM (112 /
+// 128, spilling 80 bytes at 128).
 template <int D>
 struct Tiles<D, 3> : Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = D == 96 ? 0 : 128;
-  static constexpr bool kBwdWgmma = D != 96;
+  static constexpr int kBwdWgmmaGroups = D == 96 ? 0 : 2;
 };
 template <int D>
 struct Tiles<D, 4> : Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = D == 96 ? 0 : 64;
-  static constexpr bool kBwdWgmma = D != 96;
+  static constexpr int kBwdWgmmaGroups = D == 96 ? 0 : 1;
 };
 
 // 5, Hopper: configuration 3 with the forward's softmax overlapping its P V (attn_fwd_wgmma_kernel's
@@ -1445,14 +1468,16 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
 
   const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.seqlen_q;
   const dim3 cgrid(blocks(rows * p.heads_q * (D / 8), 256));
-  if constexpr (C::kBwdWgmma) {
+  if constexpr (C::kBwdWgmmaGroups > 0) {
     if (p.dq_accum.ptr != nullptr && wgmma_device()) {
+      constexpr int kGroups = C::kBwdWgmmaGroups, kKeys = 64 * kGroups;
       // K, V, two stages of Q and dO, dS^T, two of lse and delta, and the 1024-byte alignment.
-      const size_t smem = size_t(2 * 128 + 4 * 64 + 128 * 64 / D) * D * sizeof(T) +
+      const size_t smem = size_t(2 * kKeys + 4 * 64 + kKeys * 64 / D) * D * sizeof(T) +
                           4 * 64 * sizeof(float) + 1024;
-      const dim3 grid(blocks(p.seqlen_k, 128), static_cast<unsigned>(p.heads_k),
+      const dim3 grid(blocks(p.seqlen_k, kKeys), static_cast<unsigned>(p.heads_k),
                       static_cast<unsigned>(p.batch));
-      err = launch<attn_bwd_dkdv_wgmma_kernel<T, D>>(grid, 256, smem, p, stream);
+      err = launch<attn_bwd_dkdv_wgmma_kernel<T, D, kGroups>>(grid, 128 * kGroups, smem, p,
+                                                                stream);
       if (err != cudaSuccess) return err;
       return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
     }

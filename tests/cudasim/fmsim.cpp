@@ -698,6 +698,11 @@ void issue(Wgmma&& op) {
 // The byte address (before the swizzle) of element (i, k) of an operand, i its M (A) or N (B)
 // index: K-major (stored as rows of 16 k): start + (i % 8) 128 + (i / 8) SBO + 2k; MN-major
 // (stored as 16 rows of k): start + 2 (i % 64) + (i / 64) LBO + (k % 8) 128 + (k / 8) SBO.
+// These are CuTe's canonical 128-byte-swizzle GMMA layouts (cute/atom/mma_traits_sm90_gmma.hpp,
+// make_gmma_desc), in 16-byte units with T = 8 16-bit elements: K-major ((8,m),(T,2k)) :
+// ((8T,SBO),(1,T)); MN-major ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)): for swizzled MN-major
+// operands LBO steps between 64-element MN atoms and SBO between 8-row K groups (the reverse of
+// the unswizzled "interleave" layout's roles), as modelled here.
 uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
   const uint64_t start = desc.start, lbo = desc.lbo, sbo = desc.sbo;
   return mn_major ? start + 2 * (i % 64) + lbo * (i / 64) + k % 8 * 128 + sbo * (k / 8)

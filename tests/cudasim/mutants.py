@@ -65,7 +65,14 @@ ATTENTION_MUTANTS = {
     # wgmma dk/dv: dS^T stored unswizzled, read through a swizzled descriptor by the dQ wgmma
     "wgmma_ds_unswizzled": ("(mt ^ key % 8) * 8", "mt * 8"),
     # wgmma dk/dv at D = 64: both warpgroups add dS K over the first 64 keys (none over the rest)
-    "wgmma_dq_keys": ("dq_k0 = D == 128 ? 0 : 64 * wg", "dq_k0 = 0"),
+    "wgmma_dq_keys": ("dq_k0 = kSplitCols ? 0 : 64 * wg", "dq_k0 = 0"),
+    # one-warpgroup wgmma dk/dv (tiles=4) at D = 128: dQ's second 64-column pass multiplies by K's
+    # first 64 columns again
+    "wgmma_dq_pass_b_columns": ("desc_plus(kt_desc, pass * kBlockN * 128 + off)", "desc_plus(kt_desc, off)"),
+    # one-warpgroup wgmma dk/dv at D = 128: both dQ passes added into the first 64 columns
+    "wgmma_dq_pass_atomic_columns": ("dq_c0 + 64 * pass + 2 * tq", "dq_c0 + 2 * tq"),
+    # one-warpgroup wgmma dk/dv: launched over 128-key blocks, so half the keys have no CTA
+    "wgmma_bwd_grid_keys": ("blocks(p.seqlen_k, kKeys)", "blocks(p.seqlen_k, 128)"),
     # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on
     "wgmma_dk_q_lbo": ("sw128_desc(sQ, kBlockM * 128, 1024)", "sw128_desc(sQ, kBlockN * 128, 1024)"),
     # wgmma forward: O += P V not waited for; the next step's loads overwrite the V it reads

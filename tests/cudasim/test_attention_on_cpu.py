@@ -133,10 +133,11 @@ def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
-@pytest.mark.parametrize("tiles", [0, 3])
+@pytest.mark.parametrize("tiles", [0, 3, 4])
 def test_varlen(kernels_on_sim, causal, same_lengths, deterministic, tiles):
     # Documents of length 1, one longer than a block, one with no keys and one with no queries; with
-    # the default kernels and the wgmma ones (whose 128-key blocks span several short documents).
+    # the default kernels and the wgmma ones (whose 128- or 64-key blocks span several short
+    # documents; 3's backward CTAs have two warpgroups, 4's one).
     ta.check_varlen("cpu", causal, same_lengths, Hq=2, Hk=1, deterministic=deterministic, tiles=tiles)
 
 
