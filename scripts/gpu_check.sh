@@ -23,6 +23,9 @@
 # if the machine is still warm:
 #   DEADLINE=575 scripts/gpu_check.sh test-tiles:40 test:170 bench-attention:130 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:40 bench-train:80
 #   DEADLINE=240 scripts/gpu_check.sh test-bigmem:80 sanitize:150
+# bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart: 3 and 5 differ in
+# the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
+# warpgroup a CTA, two CTAs an SM; its forward 64 keys a step, two CTAs an SM).
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,

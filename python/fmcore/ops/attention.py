@@ -116,7 +116,8 @@ def flash_attention(
         tiles: the CUDA kernels' tile configuration: 0, the default (or what ``attention_tiles``
             sets), or 1 to 5, the alternatives that ``python -m fmcore.bench attention`` times beside
             it (csrc/kernels/attention.cu's Tiles; 3 to 5 run the forward and dk/dv on Hopper's
-            wgmma where sm_90a code is compiled in, 5 with the softmax overlapping the P V matmul).
+            wgmma where sm_90a code is compiled in: 4 with one-warpgroup dk/dv blocks, two an SM;
+            5 with the softmax overlapping the P V matmul).
             The same results up to the order of floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
