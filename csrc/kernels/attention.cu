@@ -874,8 +874,9 @@ __global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
   write_rows<T, D>(p, b, h, s, m0 + warp * 16, o, m_run, l_run, scale_log2, lane);
 }
 
-// The backward's dk/dv with the atomic dq on wgmma (tile configurations 3 to 5, non-deterministic
-// calls): attn_bwd_dkdv_kernel's algorithm with its five matmuls on warpgroup MMAs. A CTA of
+// The backward's dk/dv on wgmma (tile configurations 3 to 5), with the atomic dq (kAtomicDq) or
+// without it (deterministic calls, whose dq attn_bwd_dq_kernel computes): attn_bwd_dkdv_kernel's
+// algorithm with its five (four) matmuls on warpgroup MMAs. A CTA of
 // kGroups warpgroups owns 64 kGroups keys (64 a warpgroup, 16 a warp, as there) and steps through
 // query blocks of 64 rows (those of every query head of its GQA group):
 //   S^T = K Q^T, dP^T = V dO^T  wgmma_ss, both K-major (keys x D by queries x D);
@@ -894,7 +895,7 @@ __global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
 // idle through both. kGroups = 1 (configuration 4): a CTA is one warpgroup and two CTAs share an SM
 // (255 / 205 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's softmax,
 // dS stores and atomics can run under the other's wgmmas; Q and dO are loaded twice as often.
-template <typename T, int D, int kGroups>
+template <typename T, int D, int kGroups, bool kAtomicDq>
 __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
     attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
   static_assert(kGroups == 1 || kGroups == 2, "one or two warpgroups a CTA");
@@ -991,7 +992,7 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
     // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt,
     // swizzled.
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
+    for (int hh = 0; hh < 2 && kAtomicDq; ++hh) {
       const int key = warp * 16 + g + hh * 8;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -1017,6 +1018,14 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
       wgmma_rs<T, D>(dk, dsa[kk], desc_plus(q_mn_desc, off));
     }
     wgmma_commit();
+    if constexpr (!kAtomicDq) {
+      wgmma_wait<0>();  // dV and dK
+      fence_regs(dv);
+      fence_regs(dk);
+      fence_regs(pa);
+      fence_regs(dsa);
+      continue;
+    }
     fence_proxy_async();  // this thread's dS^T stores, visible to wgmma
     __syncthreads();      // sdS holds every warpgroup's keys
 
@@ -1399,8 +1408,9 @@ struct Tiles<D, 2> {
 // 3 and 4, Hopper: the forward on wgmma (attn_fwd_wgmma_kernel) against 128 (3) or 64 (4) keys a
 // step, at D = 64 and 128 on sm_90 devices when sm_90a code is compiled in; anywhere else, and at
 // D = 96, config 0's forward. Their backward runs dk/dv with the atomic dq on wgmma
-// (attn_bwd_dkdv_wgmma_kernel: 3 with two warpgroups a CTA, 4 with one and two CTAs an SM) under
-// the same conditions, and config 0's otherwise (the deterministic dq included). Forward registers
+// (attn_bwd_dkdv_wgmma_kernel: 3 with two warpgroups a CTA, 4 with one and two CTAs an SM; for
+// deterministic calls without the dq, then config 0's dq kernel) under the same conditions, and
+// config 0's otherwise. Forward registers
 // (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM); 4 is held to 128 for two CTAs an SM (112 /
 // 128, spilling 80 bytes at 128).
 template <int D>
@@ -1468,18 +1478,32 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
 
   const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : p.batch * p.seqlen_q;
   const dim3 cgrid(blocks(rows * p.heads_q * (D / 8), 256));
+  // The deterministic dq: its own kernel, after dk/dv (which then adds nothing to dq).
+  const auto dq_kernel = [&] {
+    constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;
+    const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
+    const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
+                      static_cast<unsigned>(p.batch));
+    return launch<attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>>(
+        q_grid, 32 * C::kDqWarps, q_smem, p, stream);
+  };
+  const bool atomic_dq = p.dq_accum.ptr != nullptr;
   if constexpr (C::kBwdWgmmaGroups > 0) {
-    if (p.dq_accum.ptr != nullptr && wgmma_device()) {
+    if (wgmma_device()) {
       constexpr int kGroups = C::kBwdWgmmaGroups, kKeys = 64 * kGroups;
       // K, V, two stages of Q and dO, dS^T, two of lse and delta, and the 1024-byte alignment.
       const size_t smem = size_t(2 * kKeys + 4 * 64 + kKeys * 64 / D) * D * sizeof(T) +
                           4 * 64 * sizeof(float) + 1024;
       const dim3 grid(blocks(p.seqlen_k, kKeys), static_cast<unsigned>(p.heads_k),
                       static_cast<unsigned>(p.batch));
-      err = launch<attn_bwd_dkdv_wgmma_kernel<T, D, kGroups>>(grid, 128 * kGroups, smem, p,
-                                                                stream);
+      err = atomic_dq
+                ? launch<attn_bwd_dkdv_wgmma_kernel<T, D, kGroups, true>>(grid, 128 * kGroups,
+                                                                           smem, p, stream)
+                : launch<attn_bwd_dkdv_wgmma_kernel<T, D, kGroups, false>>(grid, 128 * kGroups,
+                                                                            smem, p, stream);
       if (err != cudaSuccess) return err;
-      return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
+      return atomic_dq ? launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows)
+                       : dq_kernel();
     }
   }
 
@@ -1488,7 +1512,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
       size_t(2 * kBlockN + 4 * kBlockMq) * (D + 8) * sizeof(T) + 4 * kBlockMq * sizeof(float);
   const dim3 kv_grid(blocks(p.seqlen_k, kBlockN), static_cast<unsigned>(p.heads_k),
                      static_cast<unsigned>(p.batch));
-  if (p.dq_accum.ptr != nullptr) {
+  if (atomic_dq) {
     const size_t ds_smem = size_t(kBlockN) * (kBlockMq + 8) * sizeof(T);
     err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, true>>(
         kv_grid, 32 * C::kDkdvWarps, kv_smem + ds_smem, p, stream);
@@ -1498,13 +1522,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
   err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, false>>(
       kv_grid, 32 * C::kDkdvWarps, kv_smem, p, stream);
   if (err != cudaSuccess) return err;
-
-  constexpr int kBlockM = 16 * C::kDqMW * C::kDqWarps;
-  const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
-  const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
-                    static_cast<unsigned>(p.batch));
-  return launch<attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>>(
-      q_grid, 32 * C::kDqWarps, q_smem, p, stream);
+  return dq_kernel();
 }
 
 template <template <typename, int, int> class Fn, typename T, int D>

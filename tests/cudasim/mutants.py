@@ -71,6 +71,9 @@ ATTENTION_MUTANTS = {
     "wgmma_dq_pass_b_columns": ("desc_plus(kt_desc, pass * kBlockN * 128 + off)", "desc_plus(kt_desc, off)"),
     # one-warpgroup wgmma dk/dv at D = 128: both dQ passes added into the first 64 columns
     "wgmma_dq_pass_atomic_columns": ("dq_c0 + 64 * pass + 2 * tq", "dq_c0 + 2 * tq"),
+    # wgmma dk/dv without the dq (deterministic calls): dV and dK not waited for, so the next step's
+    # loads overwrite the Q and dO they read
+    "wgmma_dkdv_deterministic_not_waited": ("      wgmma_wait<0>();  // dV and dK\n", ""),
     # one-warpgroup wgmma dk/dv: launched over 128-key blocks, so half the keys have no CTA
     "wgmma_bwd_grid_keys": ("blocks(p.seqlen_k, kKeys)", "blocks(p.seqlen_k, 128)"),
     # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on

@@ -288,12 +288,13 @@ def test_offsets_past_2_31_elements_cuda():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_deterministic_bitwise(device, causal):
+@pytest.mark.parametrize("tiles", [0, 3, 4])  # 3 and 4: dk/dv on wgmma (Hopper), then the dq kernel
+def test_deterministic_bitwise(device, causal, tiles):
     q, k, v = make_qkv(2, 300, 300, 8, 2, 64, device, torch.bfloat16)
     dout = torch.randn(q.shape, device=device, dtype=q.dtype)
     runs = []
     for _ in range(2):
-        out = flash_attention(q, k, v, causal=causal, deterministic=True)
+        out = flash_attention(q, k, v, causal=causal, deterministic=True, tiles=tiles)
         runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
