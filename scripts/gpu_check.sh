@@ -25,7 +25,8 @@
 #   DEADLINE=240 scripts/gpu_check.sh test-bigmem:80 sanitize:150
 # bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart: 3 and 5 differ in
 # the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
-# warpgroup a CTA, two CTAs an SM; its forward 64 keys a step, two CTAs an SM).
+# warpgroup a CTA, two CTAs an SM; its forward 64 keys a step, two CTAs an SM), 6 is 5's forward on
+# one-warpgroup CTAs (two an SM) with 4's backward.
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,

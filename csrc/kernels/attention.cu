@@ -686,8 +686,9 @@ __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t strid
   }
 }
 
-// 128-key steps take one CTA an SM (see Tiles<D, 3> for registers); 64-key steps are held to two,
-// so that one CTA's barrier and softmax can overlap the other's wgmmas.
+// Two-warpgroup CTAs: 128-key steps take one CTA an SM (see Tiles<D, 3> for registers); 64-key
+// steps are held to two (128 registers), so that one CTA's barrier and softmax can overlap the
+// other's wgmmas. One-warpgroup CTAs take two an SM at any step, with registers to spare.
 //
 // kOverlap (tile configuration 5), FlashAttention-3's intra-warpgroup pipelining: step nb issues
 // S of key block nb + 1, then o += P V of block nb, and runs block nb + 1's softmax while that P V
@@ -695,10 +696,18 @@ __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t strid
 // K is needed a step ahead of V, so a step loads V nb + 1 and K nb + 2 (the prologue K 0, then
 // V 0 and K 1), each in a two-stage ring of its own. Both wgmma groups are waited for within the
 // step: nothing in flight crosses the loop's back-edge.
-template <typename T, int D, int kBlockN, bool kOverlap>
-__global__ void __launch_bounds__(256, kBlockN == 64 && !kOverlap ? 2 : 1)
+//
+// kGroups: warpgroups a CTA, 64 queries each. Two (3 to 5) load each K / V tile for 128 queries
+// but meet at a barrier every step; one (6) runs two CTAs an SM that drift apart, so one's softmax
+// can run under the other's wgmmas (what FlashAttention-3's ping-pong schedules with named
+// barriers), at twice the K / V loads.
+template <typename T, int D, int kBlockN, bool kOverlap, int kGroups>
+__global__ void __launch_bounds__(128 * kGroups,
+                                  kGroups == 1 || (kBlockN == 64 && !kOverlap) ? 2 : 1)
     attn_fwd_wgmma_kernel(const AttnParams p) {
-  constexpr int kBlockM = 128, kThreads = 256, NT = kBlockN / 8, KN = kBlockN / 16;
+  static_assert(kGroups == 1 || kGroups == 2, "one or two warpgroups a CTA");
+  constexpr int kBlockM = 64 * kGroups, kThreads = 128 * kGroups, NT = kBlockN / 8;
+  constexpr int KN = kBlockN / 16;
   constexpr int kTileKV = kBlockN * D;  // elements
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
@@ -1368,6 +1377,7 @@ struct Tiles;
 template <int D>
 struct Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = 0;  // keys a step of the wgmma forward; 0: not used
+  static constexpr int kFwdWgmmaGroups = 2;  // its warpgroups a CTA (64 queries each)
   static constexpr bool kFwdOverlap = false;  // the wgmma forward's softmax under its P V
   // dk/dv and the atomic dq on wgmma (attn_bwd_dkdv_wgmma_kernel) with this many warpgroups a
   // CTA; 0: not used
@@ -1382,7 +1392,7 @@ struct Tiles<D, 0> {
 // few spilled registers in the forward at D = 128 (56 bytes).
 template <int D>
 struct Tiles<D, 1> {
-  static constexpr int kFwdWgmmaN = 0;
+  static constexpr int kFwdWgmmaN = 0, kFwdWgmmaGroups = 2;
   static constexpr bool kFwdOverlap = false;
   static constexpr int kBwdWgmmaGroups = 0;
   static constexpr int kFwdWarps = 4, kFwdMW = 2, kFwdBlockN = D <= 64 ? 128 : 64;
@@ -1397,7 +1407,7 @@ struct Tiles<D, 1> {
 // queries per step: a warp's dq slab must be a multiple of 16 columns.)
 template <int D>
 struct Tiles<D, 2> {
-  static constexpr int kFwdWgmmaN = 0;
+  static constexpr int kFwdWgmmaN = 0, kFwdWgmmaGroups = 2;
   static constexpr bool kFwdOverlap = false;
   static constexpr int kBwdWgmmaGroups = 0;
   static constexpr int kFwdWarps = 8, kFwdMW = 1, kFwdBlockN = 64;
@@ -1431,6 +1441,16 @@ struct Tiles<D, 5> : Tiles<D, 3> {
   static constexpr bool kFwdOverlap = D != 96;
 };
 
+// 6, Hopper: one warpgroup a CTA, two CTAs an SM, forward and backward: 5's overlapped forward on
+// 64 queries against 128 keys a step (D = 64) or 64 (D = 128, so that two CTAs' K / V rings fit
+// in shared memory), and 4's backward.
+template <int D>
+struct Tiles<D, 6> : Tiles<D, 5> {
+  static constexpr int kFwdWgmmaN = D == 96 ? 0 : D == 64 ? 128 : 64;
+  static constexpr int kFwdWgmmaGroups = D == 96 ? 2 : 1;
+  static constexpr int kBwdWgmmaGroups = Tiles<D, 4>::kBwdWgmmaGroups;
+};
+
 // Whether the wgmma forward can run here: its sm_90a code compiled in and a 9.x device current.
 bool wgmma_device() {
 #if defined(FMCORE_SM90A)
@@ -1449,15 +1469,17 @@ bool wgmma_device() {
 template <typename T, int D, int kConfig>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D, kConfig>;
-  static_assert(C::kFwdWgmmaN > 0 || !C::kFwdOverlap, "the overlap is the wgmma forward's option");
+  static_assert(C::kFwdWgmmaN > 0 || (!C::kFwdOverlap && C::kFwdWgmmaGroups == 2),
+                "the overlap and one-warpgroup CTAs are the wgmma forward's options");
   if constexpr (C::kFwdWgmmaN > 0) {
     if (wgmma_device()) {
       // Two stages of K and V, one Q tile, and room to align them to 1024 bytes.
-      const size_t smem = size_t(128 + 4 * C::kFwdWgmmaN) * D * sizeof(T) + 1024;
-      const dim3 grid(blocks(p.seqlen_q, 128), static_cast<unsigned>(p.heads_q),
+      constexpr int kGroups = C::kFwdWgmmaGroups, kQueries = 64 * kGroups;
+      const size_t smem = size_t(kQueries + 4 * C::kFwdWgmmaN) * D * sizeof(T) + 1024;
+      const dim3 grid(blocks(p.seqlen_q, kQueries), static_cast<unsigned>(p.heads_q),
                       static_cast<unsigned>(p.batch));
-      return launch<attn_fwd_wgmma_kernel<T, D, C::kFwdWgmmaN, C::kFwdOverlap>>(grid, 256, smem, p,
-                                                                                   stream);
+      return launch<attn_fwd_wgmma_kernel<T, D, C::kFwdWgmmaN, C::kFwdOverlap, kGroups>>(
+          grid, 128 * kGroups, smem, p, stream);
     }
   }
   constexpr int kBlockM = 16 * C::kFwdMW * C::kFwdWarps;
@@ -1527,7 +1549,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
 
 template <template <typename, int, int> class Fn, typename T, int D>
 cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
-  static_assert(kAttnTileConfigs == 6, "one case per configuration");
+  static_assert(kAttnTileConfigs == 7, "one case per configuration");
   switch (p.tiles) {
     case 0:
       return Fn<T, D, 0>::run(p, stream);
@@ -1541,6 +1563,8 @@ cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
       return Fn<T, D, 4>::run(p, stream);
     case 5:
       return Fn<T, D, 5>::run(p, stream);
+    case 6:
+      return Fn<T, D, 6>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }

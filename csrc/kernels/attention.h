@@ -61,7 +61,7 @@ struct AttnParams {
   int tiles = 0;
 };
 
-constexpr int kAttnTileConfigs = 6;
+constexpr int kAttnTileConfigs = 7;
 
 // Where sequence b lives: its first row in the packed tensors (0 for batched inputs) and its
 // lengths.

@@ -74,6 +74,8 @@ ATTENTION_MUTANTS = {
     # wgmma dk/dv without the dq (deterministic calls): dV and dK not waited for, so the next step's
     # loads overwrite the Q and dO they read
     "wgmma_dkdv_deterministic_not_waited": ("      wgmma_wait<0>();  // dV and dK\n", ""),
+    # one-warpgroup wgmma forward (tiles=6): launched over 128-query blocks, so half the queries have no CTA
+    "wgmma_fwd_grid_queries": ("blocks(p.seqlen_q, kQueries)", "blocks(p.seqlen_q, 128)"),
     # one-warpgroup wgmma dk/dv: launched over 128-key blocks, so half the keys have no CTA
     "wgmma_bwd_grid_keys": ("blocks(p.seqlen_k, kKeys)", "blocks(p.seqlen_k, 128)"),
     # wgmma dk/dv: Q's second 64-column atom (dK's B) looked for a K tile on

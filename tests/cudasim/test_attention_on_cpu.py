@@ -98,30 +98,31 @@ def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
 
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("shape", [(1, 150, 140, 2, 1, 64), (1, 70, 130, 3, 1, 96), (1, 130, 70, 2, 2, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_tile_configs(kernels_on_sim, shape, tiles, causal, deterministic):
     # The alternatives the benchmark times beside the default: 8-warp CTAs (tiles=2), steps of up to
     # 128 keys (tiles=1) and the wgmma forward (tiles=3 and 4: 128 queries against 128 or 64 keys a
-    # step; 5: 3 with the softmax under the P V; D = 96 falls back to tiles=0), each with a partial
-    # last block, at every head dim.
+    # step; 5: 3 with the softmax under the P V; 6: 5 on 64 queries a CTA; D = 96 falls back to
+    # tiles=0), each with a partial last block, at every head dim.
     torch.manual_seed(15)
     ta.check_against_reference(*ta.make_qkv(*shape, "cpu", torch.bfloat16), causal, deterministic=deterministic,
                                tiles=tiles)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("tiles", [3, 5])
-def test_wgmma_forward_many_key_blocks(kernels_on_sim, tiles, causal):
-    # Six blocks of 128 keys: the forward's two-stage K and V rings wrap around several times (in
-    # tiles=5, K runs a block ahead of V in rings of their own).
+@pytest.mark.parametrize("tiles,D", [(3, 64), (5, 64), (6, 64), (6, 128)])
+def test_wgmma_forward_many_key_blocks(kernels_on_sim, tiles, D, causal):
+    # Six blocks of 128 keys (tiles=6 at D = 128: eleven of 64): the forward's two-stage K and V
+    # rings wrap around several times (in tiles=5 and 6, K runs a block ahead of V in rings of
+    # their own).
     torch.manual_seed(17)
-    ta.check_against_reference(*ta.make_qkv(1, 64, 700, 2, 1, 64, "cpu", torch.bfloat16), causal, tiles=tiles)
+    ta.check_against_reference(*ta.make_qkv(1, 64, 700, 2, 1, D, "cpu", torch.bfloat16), causal, tiles=tiles)
 
 
 @DQ_PATHS
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
 def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
     # Offsets around multiples of the 64- and 128-row blocks these configurations add (D = 64 has
     # tiles=1's 128-key forward steps; the GPU test sweeps every offset in [-129, 129]).
@@ -133,11 +134,11 @@ def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("same_lengths", [True, False], ids=["self", "cross"])
-@pytest.mark.parametrize("tiles", [0, 3, 4])
+@pytest.mark.parametrize("tiles", [0, 3, 4, 6])
 def test_varlen(kernels_on_sim, causal, same_lengths, deterministic, tiles):
     # Documents of length 1, one longer than a block, one with no keys and one with no queries; with
     # the default kernels and the wgmma ones (whose 128- or 64-key blocks span several short
-    # documents; 3's backward CTAs have two warpgroups, 4's one).
+    # documents; 3's backward CTAs have two warpgroups, 4's and 6's one; 6's forward CTAs one).
     ta.check_varlen("cpu", causal, same_lengths, Hq=2, Hk=1, deterministic=deterministic, tiles=tiles)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmcore.ops import attention_tiles, flash_attention, flash_attention_varlen, scaled_dot_product_attention
+from fmcore._C import attention_tile_configs
 from fmcore.ops import attention as attn_mod
 from tests.util import assert_close_to_ref
 
@@ -302,7 +303,7 @@ def test_deterministic_bitwise(device, causal, tiles):
 
 @pytest.mark.cuda
 @DQ_PATHS
-@pytest.mark.parametrize("tiles", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("tiles", [0, 1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
 def test_causal_every_diagonal_offset_cuda(D, tiles, deterministic):
     # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
@@ -327,7 +328,7 @@ def check_causal_offsets(device, Sq, offsets, Hq, D, deterministic, tiles=0):
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", [64, 96, 128])
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
 def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
     # The alternatives the benchmark times beside the default (every other test runs tiles=0): GQA
     # with Sq > Sk and Sq < Sk, partial blocks of every tile size, and varlen documents.
@@ -340,8 +341,8 @@ def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
 
 def test_tiles_out_of_range_raises(device):
     q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
-    for tiles in (-1, 6):
-        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 5\\], got {tiles}"):
+    for tiles in (-1, attention_tile_configs):
+        with pytest.raises(ValueError, match=f"expected tiles in \\[0, {attention_tile_configs - 1}\\], got {tiles}"):
             flash_attention(q, q, q, tiles=tiles)
 
 
@@ -375,8 +376,8 @@ def test_attention_tiles_context(device):
         flash_attention(q, q, q)
     assert seen.tiles == [3, 3, 1, 3, 0]
     torch.testing.assert_close(out3, flash_attention(q, q, q, causal=True, tiles=3), rtol=0, atol=0)
-    for bad in (6, -1, True, 1.0):
-        with pytest.raises(ValueError, match=f"expected tiles in \\[0, 5\\], got {bad!r}"):
+    for bad in (attention_tile_configs, -1, True, 1.0):
+        with pytest.raises(ValueError, match=f"expected tiles in \\[0, {attention_tile_configs - 1}\\], got {bad!r}"):
             with attention_tiles(bad):
                 pass
 

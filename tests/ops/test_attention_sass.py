@@ -74,12 +74,15 @@ def test_wgmma_not_serialized(sass):
 
 
 def test_overlapped_forward_softmax_between_its_waits(sass):
-    overlapped = [n for n in sass if "attn_fwd_wgmma_kernel" in n and n.endswith("Lb1EEEvNS_10AttnParamsE")]
-    assert len(overlapped) == 4, sorted(sass)  # bf16 and fp16, D = 64 and 128
-    for name in overlapped:
+    # attn_fwd_wgmma_kernel<T, D, kBlockN, kOverlap = true, kGroups>
+    overlapped = {n: int(m.group(1)) for n in sass
+                  if (m := re.search(r"attn_fwd_wgmma_kernelI\w+?Li\d+ELi(\d+)ELb1ELi\dE", n))}
+    assert len(overlapped) == 8, sorted(sass)  # bf16 and fp16, D = 64 and 128, one and two warpgroups a CTA
+    for name, keys in overlapped.items():
         instrs = sass[name]
         first = next(i for i, s in enumerate(instrs) if s.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x1"))
         second = next(i for i, s in enumerate(instrs) if i > first and s.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0"))
         exps = _count(instrs[first:second], "MUFU.EX2")
-        # 64 scores a thread (two rows of 128 keys) and the two rows' alpha
-        assert exps >= 64, f"{name}: {exps} MUFU.EX2 between the S's wait and the P V's (the softmax left the overlap)"
+        # keys / 2 scores a thread (two rows of the step's keys) and the two rows' alpha
+        assert exps >= keys // 2, \
+            f"{name}: {exps} MUFU.EX2 between the S's wait and the P V's (the softmax left the overlap)"

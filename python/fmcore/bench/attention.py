@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fmcore.bench import BenchContext, Row, measure_system
 from fmcore.bench.timing import time_ms
+from fmcore._C import attention_tile_configs
 from fmcore.ops import flash_attention
 
 # (B, H, S, D, causal): the bar.
@@ -51,7 +52,7 @@ def _systems(device: torch.device):
         # The alternative tile configurations (csrc/kernels/attention.cu's Tiles), timed beside the
         # default so that one GPU run says which to make the default per head dim and phase.
         systems += [(f"fmcore-tiles{t}", lambda q, k, v, causal, t=t: flash_attention(q, k, v, causal=causal, tiles=t))
-                    for t in (1, 2, 3, 4, 5)]
+                    for t in range(1, attention_tile_configs)]
         from torch.nn.attention import SDPBackend
 
         systems += [

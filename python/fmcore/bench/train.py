@@ -9,7 +9,7 @@ warm-up (and compilation), one host sync per step as in the trainer. Systems, al
 - torch-eager:     model.ops="torch" (SDPA, F.cross_entropy on the logits), torch.optim.AdamW(fused=True)
                    and clip_grad_norm_, bf16 autocast
 - torch-compile:   the same under torch.compile
-- fmcore-tiles3/4/5: fmcore with flash attention's tile configuration 3, 4 or 5 (Hopper's wgmma
+- fmcore-tiles3..6: fmcore with flash attention's tile configuration 3, 4, 5 or 6 (Hopper's wgmma
                    kernels; fmcore.ops.attention_tiles), to measure them in the trainer before they
                    are the default
 MFU by 6N + 12 L H Q T FLOPs per token (models.flops_per_token) over the device's peak dense bf16
@@ -42,6 +42,7 @@ SYSTEMS = {
     "fmcore-tiles3": ("fmcore", "fmcore", "bf16-autocast", False, 3),
     "fmcore-tiles4": ("fmcore", "fmcore", "bf16-autocast", False, 4),
     "fmcore-tiles5": ("fmcore", "fmcore", "bf16-autocast", False, 5),
+    "fmcore-tiles6": ("fmcore", "fmcore", "bf16-autocast", False, 6),
     "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True, 0),
     "torch-eager": ("torch", "torch", "bf16-autocast", False, 0),
     "fmcore-bf16": ("fmcore", "fmcore", "bf16", False, 0),

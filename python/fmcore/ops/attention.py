@@ -114,10 +114,11 @@ def flash_attention(
             backward's tensor-core work). Default False, as in FlashAttention.
         return_lse: also return lse (B, Hq, Sq) float32.
         tiles: the CUDA kernels' tile configuration: 0, the default (or what ``attention_tiles``
-            sets), or 1 to 5, the alternatives that ``python -m fmcore.bench attention`` times beside
-            it (csrc/kernels/attention.cu's Tiles; 3 to 5 run the forward and dk/dv on Hopper's
+            sets), or 1 to 6, the alternatives that ``python -m fmcore.bench attention`` times beside
+            it (csrc/kernels/attention.cu's Tiles; 3 to 6 run the forward and dk/dv on Hopper's
             wgmma where sm_90a code is compiled in: 4 with one-warpgroup dk/dv blocks, two an SM;
-            5 with the softmax overlapping the P V matmul).
+            5 with the softmax overlapping the P V matmul; 6 both, its forward one warpgroup a
+            block too).
             The same results up to the order of floating-point sums; ignored on the CPU.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
