@@ -82,8 +82,10 @@ stage_test() {  # stage_test SECONDS
 }
 
 stage_test_tiles() {  # stage_test_tiles SECONDS
+  # 72 tests (6 configurations x 3 head dims x causal x dq path), 4 xdist workers on the one GPU.
+  local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
   bounded "$1" python3 -m pytest "$repo/tests/ops/test_attention.py" -m cuda -k tile_configs_match_reference_cuda -v \
-    -p no:cacheprovider -p no:benchmark --timeout 60 -rfE > pytest-tiles.log 2>&1 || status=1
+    "${workers[@]}" -p no:cacheprovider -p no:benchmark --timeout 60 -rfE > pytest-tiles.log 2>&1 || status=1
   grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-tiles.log | grep -v " PASSED " | tail -n 30
 }
 
