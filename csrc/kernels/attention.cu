@@ -46,7 +46,7 @@
 //     stages guarded by mbarriers, shared memory 128-byte swizzled instead of padded;
 //  2. gemm_abt / gemm_pb -> wgmma.mma_async on 64-row warpgroup tiles: S = Q K^T with both operands
 //     in shared memory, O += P V with P from registers (the RS form, as acc_to_a does here); done
-//     for the forward in attn_fwd_wgmma_kernel (tile configurations 3 to 5, opt-in until a GPU
+//     for the forward in attn_fwd_wgmma_kernel (tile configurations 3 to 6, opt-in until a GPU
 //     run has checked them);
 //  3. two consumer warpgroups ping-pong so one's softmax overlaps the other's GEMMs, and within a
 //     warpgroup the softmax of tile n overlaps the QK^T of tile n + 1 (intra-warpgroup pipelining);
@@ -883,11 +883,11 @@ __global__ void __launch_bounds__(128 * kGroups,
   write_rows<T, D>(p, b, h, s, m0 + warp * 16, o, m_run, l_run, scale_log2, lane);
 }
 
-// The backward's dk/dv on wgmma (tile configurations 3 to 5), with the atomic dq (kAtomicDq) or
+// The backward's dk/dv on wgmma (tile configurations 3 to 6), with the atomic dq (kAtomicDq) or
 // without it (deterministic calls, whose dq attn_bwd_dq_kernel computes): attn_bwd_dkdv_kernel's
-// algorithm with its five (four) matmuls on warpgroup MMAs. A CTA of
-// kGroups warpgroups owns 64 kGroups keys (64 a warpgroup, 16 a warp, as there) and steps through
-// query blocks of 64 rows (those of every query head of its GQA group):
+// algorithm with its five (four) matmuls on warpgroup MMAs. A CTA of kGroups warpgroups owns
+// 64 kGroups keys (64 a warpgroup, 16 a warp, as there) and steps through query blocks of 64 rows
+// (those of every query head of its GQA group):
 //   S^T = K Q^T, dP^T = V dO^T  wgmma_ss, both K-major (keys x D by queries x D);
 //   dV += P^T dO, dK += dS^T Q  wgmma_rs: P^T and dS^T from registers (acc_to_a), dO and Q MN-major
 //                               (queries x D: the V of the forward's P V);
@@ -901,9 +901,10 @@ __global__ void __launch_bounds__(128 * kGroups,
 //
 // kGroups = 2 (tile configurations 3 and 5): each Q / dO tile loaded serves 128 keys, but the two
 // warpgroups meet at two barriers a step, so their softmax phases coincide and the tensor cores
-// idle through both. kGroups = 1 (configuration 4): a CTA is one warpgroup and two CTAs share an SM
-// (255 / 205 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's softmax,
-// dS stores and atomics can run under the other's wgmmas; Q and dO are loaded twice as often.
+// idle through both. kGroups = 1 (4 and 6): a CTA is one warpgroup and two CTAs share an SM
+// (255 / 205 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's
+// softmax, dS stores and atomics can run under the other's wgmmas; Q and dO are loaded twice as
+// often.
 template <typename T, int D, int kGroups, bool kAtomicDq>
 __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
     attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
@@ -1065,7 +1066,9 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
         float* acc =
             row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + dq_c0 + 64 * pass + 2 * tq;
 #pragma unroll
-        for (int dt = 0; dt < 8; ++dt) atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+        for (int dt = 0; dt < 8; ++dt) {
+          atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+        }
       }
     }
   }
@@ -1420,9 +1423,8 @@ struct Tiles<D, 2> {
 // D = 96, config 0's forward. Their backward runs dk/dv with the atomic dq on wgmma
 // (attn_bwd_dkdv_wgmma_kernel: 3 with two warpgroups a CTA, 4 with one and two CTAs an SM; for
 // deterministic calls without the dq, then config 0's dq kernel) under the same conditions, and
-// config 0's otherwise. Forward registers
-// (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM); 4 is held to 128 for two CTAs an SM (112 /
-// 128, spilling 80 bytes at 128).
+// config 0's otherwise. Forward registers (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM); 4 is
+// held to 128 for two CTAs an SM (112 / 128, spilling 80 bytes at 128).
 template <int D>
 struct Tiles<D, 3> : Tiles<D, 0> {
   static constexpr int kFwdWgmmaN = D == 96 ? 0 : 128;
