@@ -115,6 +115,9 @@ struct Launch {
     void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(1024)); }
   };
   std::unique_ptr<unsigned char[], Free> smem;
+  // The async proxy, for cp.async's copies only: per byte of the dynamic shared memory, 1 + the
+  // thread whose landed cp.async wrote it and which has not run fence.proxy.async since (0: none).
+  std::unique_ptr<std::atomic<uint16_t>[]> unfenced;
 
   std::mutex mu;
   Gate block_gate;  // __syncthreads
@@ -144,14 +147,28 @@ struct Copy {
 };
 thread_local std::vector<Copy> tl_copies;
 thread_local uint64_t tl_groups = 0;
+// Shared-memory byte ranges (offset, bytes) this thread's landed copies wrote since its last
+// fence.proxy.async (Launch::unfenced).
+thread_local std::vector<std::pair<uint32_t, uint32_t>> tl_unfenced;
+
+uint16_t unfenced_mark() { return static_cast<uint16_t>(tl_tid + 1); }
 
 // Lands the in-flight copies of groups < `below`, in issue order.
 void complete_copies(uint64_t below) {
   size_t kept = 0;
+  const auto smem = reinterpret_cast<uintptr_t>(tl_launch->smem.get());
   for (const Copy& c : tl_copies) {
     if (c.group < below) {
       std::memcpy(c.dst, c.src, c.src_bytes);
       std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+      const auto at = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(c.dst) - smem);
+      if (reinterpret_cast<uintptr_t>(c.dst) >= smem && at < tl_launch->cfg.smem) {
+        const auto bytes = static_cast<uint32_t>(c.bytes);
+        for (uint32_t b = at; b < at + bytes; ++b) {
+          tl_launch->unfenced[b].store(unfenced_mark(), std::memory_order_relaxed);
+        }
+        tl_unfenced.emplace_back(at, bytes);
+      }
     } else {
       tl_copies[kept++] = c;
     }
@@ -297,12 +314,14 @@ void thread_main(Launch& L, unsigned tid) {
     tl_barrier_parity = 0;
     tl_copies.clear();
     tl_groups = 0;
+    tl_unfenced.clear();
     tl_wgmmas.clear();
     tl_wgmma_groups = 0;
     std::string error;
     try {
       L.body(L.ctx);
       complete_copies(UINT64_MAX);  // copies still in flight at exit land all the same
+      fence_proxy_async();          // the next block's shared memory is a fresh one
       // but a wgmma's d is the returned kernel's registers: its result is lost (and its shared
       // memory operands may be overwritten by the next block), a bug whatever the timing
       if (!tl_wgmmas.empty()) {
@@ -378,6 +397,7 @@ void run(const void* kernel, std::string name, const Config& c, void (*body)(voi
   // agree.
   L.smem.reset(static_cast<unsigned char*>(
       ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(1024))));
+  L.unfenced.reset(new std::atomic<uint16_t>[c.smem > 0 ? c.smem : 1]());
   poison_shared(L);
   L.warps = std::vector<Warp>((L.nthreads + 31) / 32);
   for (size_t w = 0; w < L.warps.size(); ++w) {
@@ -573,6 +593,17 @@ void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes) {
 
 void cp_async_commit() { ++tl_groups; }
 
+void fence_proxy_async() {
+  Launch& L = *tl_launch;
+  for (const auto& [at, bytes] : tl_unfenced) {
+    for (uint32_t b = at; b < at + bytes; ++b) {
+      uint16_t mine = unfenced_mark();  // a later copy by another thread keeps its own mark
+      L.unfenced[b].compare_exchange_strong(mine, 0, std::memory_order_relaxed);
+    }
+  }
+  tl_unfenced.clear();
+}
+
 void cp_async_wait(int n) {
   if (n < 0) fault("cp.async.wait_group with a negative count");
   complete_copies(tl_groups > static_cast<uint64_t>(n) ? tl_groups - n : 0);
@@ -668,6 +699,14 @@ float swizzled_element(const Launch& L, uint64_t addr, MmaIn in) {
   const uint64_t phys = addr ^ (addr >> 7 & 7) << 4;
   if (std::max(addr, phys) + 2 > L.cfg.smem) {
     fault("wgmma operand: address outside dynamic shared memory");
+  }
+  for (uint64_t b = phys; b < phys + 2; ++b) {
+    if (const uint16_t writer = L.unfenced[b].load(std::memory_order_relaxed); writer != 0) {
+      fault(("wgmma operand: shared memory that thread " + std::to_string(writer - 1) +
+             "'s cp.async wrote, read with no fence.proxy.async by that thread after the copy "
+             "landed (cp.async writes through the generic proxy, wgmma reads through the async "
+             "one)").c_str());
+    }
   }
   uint16_t bits;
   std::memcpy(&bits, L.smem.get() + phys, sizeof bits);

@@ -64,11 +64,10 @@ inline void wgmma_wait() {
   fmsim::wgmma_wait(N);
 }
 // No-ops: the model takes a wgmma's register operands at issue and writes d only at the wait, so
-// there is no register access for wgmma.fence or reg_fence to order, and it reads shared memory
-// as an ordinary load does (no async proxy). A missing wgmma.fence or fence.proxy.async goes
-// unnoticed.
+// there is no register access for wgmma.fence or reg_fence to order. A missing wgmma.fence goes
+// unnoticed; a missing fence.proxy.async after cp.async faults (fmsim.h), after st.shared not.
 inline void wgmma_fence() {}
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { fmsim::fence_proxy_async(); }
 inline void reg_fence(float&) {}
 inline void reg_fence(uint32_t&) {}
 

@@ -71,6 +71,10 @@ ATTENTION_MUTANTS = {
     "wgmma_dq_pass_b_columns": ("desc_plus(kt_desc, pass * kBlockN * 128 + off)", "desc_plus(kt_desc, off)"),
     # one-warpgroup wgmma dk/dv at D = 128: both dQ passes added into the first 64 columns
     "wgmma_dq_pass_atomic_columns": ("dq_c0 + 64 * pass + 2 * tq", "dq_c0 + 2 * tq"),
+    # wgmma forward: the K / V copies read by wgmma with no fence.proxy.async after their wait
+    "wgmma_fwd_no_proxy_fence": ("      fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma\n", ""),
+    # wgmma dk/dv: the Q / dO copies read by wgmma with no fence.proxy.async after their wait
+    "wgmma_dkdv_no_proxy_fence": ("    fence_proxy_async();  // this thread's copies, visible to wgmma\n", ""),
     # wgmma dk/dv without the dq (deterministic calls): dV and dK not waited for, so the next step's
     # loads overwrite the Q and dO they read
     "wgmma_dkdv_deterministic_not_waited": ("      wgmma_wait<0>();  // dV and dK\n", ""),
