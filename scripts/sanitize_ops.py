@@ -31,12 +31,13 @@ def attention():
     # Tails, causal Sq != Sk (both ways), rows with no visible key, GQA/MQA, every head dim, varlen with
     # empty and length-1 documents: every kernel path of the forward, the delta, dk/dv and dq kernels,
     # and the backward's two dq paths (atomic adds from the dk/dv kernel, and the deterministic one).
+    from fmcore._C import attention_tile_configs
     from fmcore.ops import flash_attention, flash_attention_varlen
 
     # Every tile configuration in bf16 (the kernels are the same templates in fp16, but for the wgmma
     # instructions of 3 to 6, so 3 runs in fp16 too).
     for D in (64, 96, 128):
-        for dt, configs in ((torch.bfloat16, (0, 1, 2, 3, 4, 5, 6)), (torch.float16, (0, 3))):
+        for dt, configs in ((torch.bfloat16, range(attention_tile_configs)), (torch.float16, (0, 3))):
             for B, Sq, Sk, Hq, Hk, causal in [(2, 77, 77, 4, 2, True), (1, 130, 45, 3, 1, True), (1, 17, 200, 2, 2, True),
                                               (1, 65, 129, 2, 1, False), (1, 1, 1, 1, 1, False)]:
                 for deterministic in (False, True):

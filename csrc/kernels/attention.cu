@@ -999,15 +999,17 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
 
     pt_from_st<kBlockM, kBlockN>(pt, sL, scale_log2, p.causal, n0, warp, i0, s, lane);
     ds_from_dp(dst, pt, sD, lane);
-    // dS^T into sdS: key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in 16-byte chunk mt,
-    // swizzled.
+    // dS^T into sdS (the dQ wgmma's A): key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in
+    // 16-byte chunk mt, swizzled.
+    if constexpr (kAtomicDq) {
 #pragma unroll
-    for (int hh = 0; hh < 2 && kAtomicDq; ++hh) {
-      const int key = warp * 16 + g + hh * 8;
+      for (int hh = 0; hh < 2; ++hh) {
+        const int key = warp * 16 + g + hh * 8;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        *reinterpret_cast<uint32_t*>(sdS + key * 64 + (mt ^ key % 8) * 8 + 2 * tq) =
-            pack2<T>(dst[mt][2 * hh], dst[mt][2 * hh + 1]);
+        for (int mt = 0; mt < MT; ++mt) {
+          *reinterpret_cast<uint32_t*>(sdS + key * 64 + (mt ^ key % 8) * 8 + 2 * tq) =
+              pack2<T>(dst[mt][2 * hh], dst[mt][2 * hh + 1]);
+        }
       }
     }
     uint32_t pa[KM][4], dsa[KM][4];  // P^T and dS^T as A fragments (read until the wait below)

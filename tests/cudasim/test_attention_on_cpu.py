@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 
+from fmcore._C import attention_tile_configs
 from fmcore.ops import flash_attention
 from tests.ops import test_attention as ta
 
@@ -98,7 +99,7 @@ def test_causal_diagonal_offsets(kernels_on_sim, D, deterministic):
 
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("tiles", range(1, attention_tile_configs))
 @pytest.mark.parametrize("shape", [(1, 150, 140, 2, 1, 64), (1, 70, 130, 3, 1, 96), (1, 130, 70, 2, 2, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_tile_configs(kernels_on_sim, shape, tiles, causal, deterministic):
@@ -122,7 +123,7 @@ def test_wgmma_forward_many_key_blocks(kernels_on_sim, tiles, D, causal):
 
 
 @DQ_PATHS
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("tiles", range(1, attention_tile_configs))
 def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):
     # Offsets around multiples of the 64- and 128-row blocks these configurations add (D = 64 has
     # tiles=1's 128-key forward steps; the GPU test sweeps every offset in [-129, 129]).

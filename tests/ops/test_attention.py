@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fmcore.ops import attention_tiles, flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from fmcore._C import attention_tile_configs
+from fmcore.ops import attention_tiles, flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from fmcore.ops import attention as attn_mod
 from tests.util import assert_close_to_ref
 
@@ -303,7 +303,7 @@ def test_deterministic_bitwise(device, causal, tiles):
 
 @pytest.mark.cuda
 @DQ_PATHS
-@pytest.mark.parametrize("tiles", [0, 1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("tiles", range(attention_tile_configs))
 @pytest.mark.parametrize("D", [64, 128])  # D=96 tiles like D=128
 def test_causal_every_diagonal_offset_cuda(D, tiles, deterministic):
     # The kernels mask only the tiles that straddle the diagonal; whether a tile does depends on
@@ -328,7 +328,7 @@ def check_causal_offsets(device, Sq, offsets, Hq, D, deterministic, tiles=0):
 @DQ_PATHS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", [64, 96, 128])
-@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("tiles", range(1, attention_tile_configs))
 def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
     # The alternatives the benchmark times beside the default (every other test runs tiles=0): GQA
     # with Sq > Sk and Sq < Sk, partial blocks of every tile size, and varlen documents.

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmcore._C import attention_tile_configs
 from fmcore.bench import BenchContext, Row, measure_system
 from fmcore.bench.timing import time_ms
-from fmcore._C import attention_tile_configs
 from fmcore.ops import flash_attention
 
 # (B, H, S, D, causal): the bar.
