@@ -146,7 +146,11 @@ def test_check_bars_verdicts(tmp_path):
             Row("attention", att, "fmcore", "TFLOP/s", 200.0, "TFLOP/s"),
             Row("attention", att, "sdpa-flash", "TFLOP/s", 194.0, "TFLOP/s"),
             Row("attention", att, "sdpa-cudnn", "TFLOP/s", 400.0, "TFLOP/s"),
-            Row("attention", att, "fmcore-tiles1", "TFLOP/s", 250.0, "TFLOP/s")]
+            Row("attention", att, "fmcore-tiles1", "TFLOP/s", 250.0, "TFLOP/s"),
+            Row("attention", att, "fmcore-tiles12", "TFLOP/s", 240.0, "TFLOP/s")]
+    tiny = "per-call overhead q(1,1,1,64) "
+    rows += [Row("rope", tiny + "fwd no-grad", "fmcore", "ms", 0.019, "ms/call"),
+             Row("rope", tiny + "one op (neg) no-grad", "torch-eager", "ms", 0.016, "ms/call")]
     train = "gpt2-124m B16 T1024 bf16"
     rows += [Row("train", train, s, "tok/s", v, "tok/s")
              for s, v in (("fmcore", 366e3), ("torch-compile", 472e3), ("fmcore-tiles3", 350e3), ("fmcore-tiles4", 480e3), ("fmcore-tiles5", 470e3))]
@@ -154,6 +158,8 @@ def test_check_bars_verdicts(tmp_path):
     assert got[(2, ">= 85% of copy bandwidth", "rope fwd")]["verdict"] == "met"
     assert got[(2, "as fast as torch.compile (peer)", "rope fwd")]["verdict"] == "met"
     assert got[(2, ">= 85% of copy bandwidth", "rope bwd")]["verdict"] == "not measured"
+    o = got[(2, "aim: < 15 us Python overhead per call", "apply_rotary, tiny")]
+    assert o["verdict"] == "NOT met" and o["note"] == "one torch op (neg): 16 us"
     assert got[(3, "<= 2.0 ms in place", "CE (16384, 50304) bf16")]["verdict"] == "NOT met"
     a = got[(5, ">= SDPA flash (FA2) (peer)", f"attention {att}")]
     assert a["verdict"] == "met" and a["note"] == "0.50x cuDNN; tiles=1: 250"

@@ -58,7 +58,9 @@ def call_overhead_us(device, *, calls: int = 2000, reps: int = 9) -> dict[tuple[
     beyond its (negligible) kernel, i.e. dispatcher, autograd and Python wrapper.
 
     what: "op fwd no-grad" (torch.ops.fmcore.rope itself, fmcore only), "fwd no-grad", "fwd grad"
-    (inputs require grad: autograd records the node) and "fwd+bwd" (forward, then autograd.grad).
+    (inputs require grad: autograd records the node) and "fwd+bwd" (forward, then autograd.grad);
+    and "one op (neg) no-grad", torch-eager only: a single aten op (one allocation, one launch), the
+    floor any op's call stands on on this machine.
     Each value is the median over `reps` runs of the mean of `calls` back-to-back calls (on CUDA
     the launches queue asynchronously; each run ends with a synchronize; on the CPU one intra-op
     thread: bench.timing.host_us_per_call).
@@ -85,6 +87,7 @@ def call_overhead_us(device, *, calls: int = 2000, reps: int = 9) -> dict[tuple[
         ("fmcore", "fwd no-grad"): lambda: fm(q, k),
         ("fmcore", "fwd grad"): lambda: fm(qg, kg),
         ("fmcore", "fwd+bwd"): fwd_bwd(fm),
+        ("torch-eager", "one op (neg) no-grad"): lambda: torch.neg(q),
         ("torch-eager", "fwd no-grad"): lambda: hf(q, k),
         ("torch-eager", "fwd grad"): lambda: hf(qg, kg),
         ("torch-eager", "fwd+bwd"): fwd_bwd(hf),
