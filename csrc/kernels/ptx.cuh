@@ -2,8 +2,8 @@
 // inline PTX for cp.async global->shared copies, ldmatrix fragment loads, m16n8k16 tensor-core
 // MMAs and the approximate 2^x, the sm_90 vector float2 atomic and sm_90a's warpgroup MMA (wgmma).
 // Kept apart from the kernels so that the CPU simulator (tests/cudasim/fmsim_ptx.h) can stand in
-// for exactly these functions, with the same names and signatures, and run the rest of attention.cu
-// unchanged.
+// for exactly these functions, with the same names and signatures, and run the rest of the attention
+// kernels (attention.cu and its parts) unchanged.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -103,9 +103,9 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 // 16) * B (16 x N) asynchronously: issue, commit_group, then wait_group before D is read. Warp w of
 // the group holds rows 16w..16w+15 of D in mma16816's c layout, n-tiles in order (d[j]: columns
 // 8j..8j+7), and, for the register-A form, rows 16w..16w+15 of A in mma16816's a layout. Shared
-// memory operands are read through 64-bit descriptors (attention.cu's wgmma section builds the one
-// layout it uses). Shared memory written by ordinary stores or cp.async must pass
-// fence_proxy_async() before a wgmma reads it.
+// memory operands are read through 64-bit descriptors (attention_wgmma.cuh builds the one layout it
+// uses). Shared memory written by ordinary stores or cp.async must pass fence_proxy_async() before
+// a wgmma reads it.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FMCORE_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
 #else

@@ -22,12 +22,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "build" / "mutants"
-ATTENTION = ("csrc/kernels/attention.cu", "tests/cudasim/test_attention_on_cpu.py")
+# (files, glob: the mutant goes into the first that holds its text; the tests that must catch it)
+ATTENTION = ("csrc/kernels/attention*.cu*", "tests/cudasim/test_attention_on_cpu.py")
 COMMUNICATOR = ("csrc/dist/communicator.cpp", "tests/cudasim/test_nccl_on_cpu.py")
 CROSS_ENTROPY = ("csrc/kernels/cross_entropy.cu", "tests/cudasim/test_kernels_on_cpu.py")
 ROPE = ("csrc/kernels/rope.cu", "tests/cudasim/test_kernels_on_cpu.py")
 
-# name: (text in attention.cu, its replacement). Each replaces the first occurrence only.
+# name: (text in attention.cu or one of its parts, its replacement). Each replaces the first occurrence only.
 ATTENTION_MUTANTS = {
     # the forward's first K/V stage read while its cp.async may still be in flight
     "fwd_missing_wait": ("      cp_async_wait<1>();\n", "      cp_async_wait<2>();\n"),
@@ -166,12 +167,12 @@ def main(names: list[str]) -> int:
     missed = []
     for name in names or MUTANTS:
         (source, test), old, new = MUTANTS[name]
-        path = tree / source
-        original = path.read_text()
-        if old not in original:
+        path = next((f for f in sorted(tree.glob(source)) if old in f.read_text()), None)
+        if path is None:
             print(f"{name}: its text is no longer in {source}; update the mutant", flush=True)
             missed.append(name)
             continue
+        original = path.read_text()
         try:
             path.write_text(original.replace(old, new, 1))
             run = subprocess.run([sys.executable, "-m", "pytest", test, "-x", "-q", "-p", "no:cacheprovider"],

@@ -1,5 +1,5 @@
-"""fmcore's flash-attention CUDA binding and kernels (csrc/kernels/attention.cu, its inline PTX
-through fmsim_ptx.h) executed on the CPU by fmsim, through the public API.
+"""fmcore's flash-attention CUDA binding and kernels (csrc/kernels/attention.cu and its parts, their
+inline PTX through fmsim_ptx.h) executed on the CPU by fmsim, through the public API.
 
 The `kernels_on_sim` fixture points the CPU kernels of fmcore::flash_attn_fwd/bwd at
 torch.ops.fmcore_sim's (the CUDA binding on CPU tensors), so that flash_attention,

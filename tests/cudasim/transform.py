@@ -16,6 +16,8 @@ The rewrites, each keeping the line count so compiler messages point at the orig
 - `reinterpret_cast<` becomes `fmsim::rcast<` (the same cast plus an alignment check).
 - `#include "ptx.cuh"` (the inline PTX wrappers) becomes `#include "fmsim_ptx.h"` (fmsim's
   models of those instructions); inline asm anywhere else is refused.
+- `#include "<stem>_*.cuh"`, a part of the kernel file (attention.cu's attention_wgmma.cuh...),
+  is replaced by the part, rewritten the same way (once; #line markers keep its line numbers).
 Anything the transform does not recognise raises ValueError rather than passing through.
 """
 
@@ -103,7 +105,7 @@ def _launch_bounds(src: str) -> str:
     return src
 
 
-def transform(src: str, path: str) -> str:
+def _rewrite(src: str, path: str) -> str:
     src = _EXTERN_SHARED.sub(r"\1* \2 = fmsim::dynamic_smem<\1>();", src)
     if "extern __shared__" in src:
         raise ValueError(f"{path}: unrecognised extern __shared__ declaration")
@@ -114,7 +116,37 @@ def transform(src: str, path: str) -> str:
     src = src.replace('#include "ptx.cuh"', '#include "fmsim_ptx.h"')
     if (m := re.search(r"\basm\b", src)) is not None:
         raise ValueError(f"line {_line(src, m.start())}: inline asm (fmsim models only ptx.cuh's)")
-    return f'#define FMSIM_KERNEL_TU 1\n#include "fmsim.h"\n#line 1 "{path}"\n' + src
+    return src
+
+
+def _with_parts(src: str, path: Path, stem: str, inlined: set[Path]) -> str:
+    """src rewritten, with each of its `#include "<stem>_*.cuh"` parts inlined (rewritten the same
+    way, once each, between #line markers)."""
+    try:
+        src = _rewrite(src, str(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+    def inline(m: re.Match) -> str:
+        part = path.parent / m[1]
+        if part in inlined:
+            return ""
+        inlined.add(part)
+        text = re.sub(r"^#pragma once$", "", part.read_text(), flags=re.M)
+        line = _line(src, m.start())
+        return (f'#line 1 "{part}"\n' + _with_parts(text, part, stem, inlined) +
+                f'\n#line {line + 1} "{path}"')
+
+    return re.sub(rf'^#include "({re.escape(stem)}_\w+\.cuh)"$', inline, src, flags=re.M)
+
+
+def transform(src: str, path: str) -> str:
+    """One kernel file (a translation unit) as C++ for fmsim. Its parts, the files `<stem>_*.cuh`
+    beside it that it includes (attention.cu's attention_mma.cuh...), are rewritten and inlined:
+    they hold kernels too."""
+    tu = Path(path)
+    body = _with_parts(src, tu, tu.stem, set())
+    return f'#define FMSIM_KERNEL_TU 1\n#include "fmsim.h"\n#line 1 "{path}"\n' + body
 
 
 def main(argv: list[str]) -> int:
