@@ -18,6 +18,10 @@ import check_bars
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- perf:begin (scripts/render_readme.py) -->", "<!-- perf:end -->"
+# The metrics the README shows, one table each (the results file has every metric): all of
+# KEPT_METRICS unless a bench is listed here. Attention's TFLOP/s say what its ms and roofline% do.
+KEPT_METRICS = ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%")
+BENCH_METRICS = {"attention": ("TFLOP/s",), "linear_cross_entropy": ("ms", "TFLOP/s", "MiB")}
 
 
 def newest_results(results_dir: Path) -> Path | None:
@@ -35,14 +39,14 @@ def render(results_dir: Path) -> str:
                 "whose numbers prove the code paths, not the speed. Run the bench stages of `scripts/gpu_check.sh` on an "
                 "H100 and commit their merged results as `benchmarks/results/<gpu>-<date>.json`.")
     head, rows = load_json(path)
-    keep = [r for r in rows if r.metric in ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%")]
+    keep = [r for r in rows if r.metric in BENCH_METRICS.get(r.bench, KEPT_METRICS)]
     intro = (f"From `{path.relative_to(ROOT)}`: {head['device']}, {head['date']}, torch {head['torch']}, "
              f"CUDA {head['cuda']}; ceilings measured in the same run: copy {head['copy_gbps']:.0f} GB/s, "
              f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of CUDA-event timings, random inputs.\n\n")
     if head["device"].startswith("cpu"):
-        return intro + markdown(keep)
+        return intro + markdown(keep, by_metric=True)
     bars = "\n\n### Targets\n\nEach issue's bar against the same run's peer (`scripts/check_bars.py`):\n\n"
-    return intro + markdown(keep) + bars + check_bars.table(rows)
+    return intro + markdown(keep, by_metric=True) + bars + check_bars.table(rows)
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,12 @@ def test_markdown_one_column_per_system_and_metric():
     table = report.markdown(rows)
     assert "| case | fmcore ms | torch-eager ms |" in table
     assert "| c2 | 2 | - |" in table  # a missing peer shows as '-', never as a number
+    # The README's form: a column per system, a line per (case, metric) that has a value.
+    rows.append(Row("rope", "c1", "fmcore", "MiB", 4.0, "MiB"))
+    table = report.markdown(rows, by_metric=True)
+    assert "| case | metric | fmcore | torch-eager |" in table
+    assert "| c1 | MiB | 4 | - |" in table and "| c2 | ms | 2 | - |" in table and "| c2 | MiB" not in table
+    assert "### rope (ms)" in report.markdown(rows[:3], by_metric=True)  # one metric: named in the title
 
 
 def test_json_round_trip_and_plot(tmp_path):

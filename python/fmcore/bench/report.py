@@ -45,22 +45,31 @@ def header(device: torch.device, roofline) -> dict:
     }
 
 
-def markdown(rows: list[Row]) -> str:
-    """One table per bench: a line per case, a column per (system, metric)."""
+def markdown(rows: list[Row], *, by_metric: bool = False) -> str:
+    """One table per bench: a line per case, a column per (system, metric). by_metric: a line per
+    (case, metric), a column per system (narrower: what the README shows)."""
     out = []
     by_bench: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         by_bench[r.bench].append(r)
     for bench, brows in by_bench.items():
-        columns = list(dict.fromkeys((r.system, r.metric) for r in brows))
         cases = list(dict.fromkeys(r.case for r in brows))
+        metrics = list(dict.fromkeys(r.metric for r in brows))
         cell = {(r.case, r.system, r.metric): r.value for r in brows}
-        out.append(f"### {bench}\n")
-        out.append("| case | " + " | ".join(f"{s} {m}" for s, m in columns) + " |")
-        out.append("|---" * (len(columns) + 1) + "|")
-        for case in cases:
-            vals = [cell.get((case, s, m)) for s, m in columns]
-            out.append(f"| {case} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals) + " |")
+        fmt = lambda vals: " | ".join("-" if v is None else f"{v:.4g}" for v in vals)  # noqa: E731
+        if not by_metric:
+            columns = list(dict.fromkeys((r.system, r.metric) for r in brows))
+            out += [f"### {bench}\n", "| case | " + " | ".join(f"{s} {m}" for s, m in columns) + " |",
+                    "|---" * (len(columns) + 1) + "|"]
+            out += [f"| {c} | " + fmt(cell.get((c, s, m)) for s, m in columns) + " |" for c in cases]
+        else:
+            systems = list(dict.fromkeys(r.system for r in brows))
+            one = len(metrics) == 1  # the metric goes in the title instead of a column
+            out += [f"### {bench} ({metrics[0]})\n" if one else f"### {bench}\n",
+                    "| case | " + ("" if one else "metric | ") + " | ".join(systems) + " |",
+                    "|---" * (len(systems) + 1 + (not one)) + "|"]
+            out += [f"| {c} | " + ("" if one else f"{m} | ") + fmt(cell.get((c, s, m)) for s in systems) + " |"
+                    for c in cases for m in metrics if any((c, s, m) in cell for s in systems)]
         out.append("")
     return "\n".join(out)
 
