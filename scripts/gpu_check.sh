@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_check.sh test             # fmcore info + pytest -m "cuda and not bigmem" (8 xdist workers)
 #   scripts/gpu_check.sh test-tiles       # attention's tile configurations against the reference (the
-#                                         # wgmma ones, 3 to 5, had never run on hardware before)
+#                                         # wgmma ones, 3 to 6, had never run on hardware before)
 #   scripts/gpu_check.sh test-bigmem      # the tests that need tens of GB, alone
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B

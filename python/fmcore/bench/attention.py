@@ -5,8 +5,8 @@ FLOPs (FlashAttention's convention): forward 4 * B * H * Sq * Sk * D, halved whe
 2.5x the forward. roofline% is against the bf16 matmul rate measured in the same run. Every system
 reads the same (B, S, H, D) tensors (SDPA through a (B, H, S, D) view, the layout its kernels take
 without a copy). fmcore runs twice: its default backward (atomic dq, like FA2's) and deterministic=True;
-on the GPU also with its alternative tile configurations (tiles=1 to 5; 3 to 5 run the forward on
-Hopper's wgmma).
+on the GPU also with its alternative tile configurations (tiles=1 to 6; 3 to 6 run the forward and
+dk/dv on Hopper's wgmma).
 On the CPU (ctx.quick) small shapes prove the path against torch's default SDPA.
 """
 
