@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <shared_mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -115,9 +116,16 @@ struct Launch {
     void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(1024)); }
   };
   std::unique_ptr<unsigned char[], Free> smem;
-  // The async proxy, for cp.async's copies only: per byte of the dynamic shared memory, 1 + the
-  // thread whose landed cp.async wrote it and which has not run fence.proxy.async since (0: none).
+  // The async proxy, for cp.async's copies: per byte of the dynamic shared memory, 1 + the thread
+  // whose landed cp.async wrote it and which has not run fence.proxy.async since (0: none).
   std::unique_ptr<std::atomic<uint16_t>[]> unfenced;
+  // And for every write (ordinary stores included, which fmsim does not see one by one): what the
+  // async proxy reads, a copy of the dynamic shared memory taken at the first wgmma issued after a
+  // fence.proxy.async (view_stale). A byte written since the copy, with no fence after it, is not
+  // in it; a wgmma operand byte that differs between the two at the wgmma's execution faults.
+  std::unique_ptr<unsigned char[], Free> view;
+  std::shared_mutex view_mu;
+  bool view_stale = true;  // guarded by view_mu
 
   std::mutex mu;
   Gate block_gate;  // __syncthreads
@@ -398,6 +406,8 @@ void run(const void* kernel, std::string name, const Config& c, void (*body)(voi
   L.smem.reset(static_cast<unsigned char*>(
       ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(1024))));
   L.unfenced.reset(new std::atomic<uint16_t>[c.smem > 0 ? c.smem : 1]());
+  L.view.reset(static_cast<unsigned char*>(
+      ::operator new[](c.smem > 0 ? c.smem : 1, std::align_val_t(1024))));
   poison_shared(L);
   L.warps = std::vector<Warp>((L.nthreads + 31) / 32);
   for (size_t w = 0; w < L.warps.size(); ++w) {
@@ -427,6 +437,13 @@ namespace {
 
 void poison_shared(Launch& L) {
   std::memset(L.smem.get(), 0xff, L.cfg.smem);  // NaN in every fp32/fp16/bf16 lane
+  {
+    // The async proxy sees the fresh poison too, and nothing the block writes before its first
+    // fence.proxy.async.
+    const std::unique_lock<std::shared_mutex> lk(L.view_mu);
+    std::memset(L.view.get(), 0xff, L.cfg.smem);
+    L.view_stale = false;
+  }
   const std::lock_guard<std::mutex> lk(g_regions_mu);
   for (const auto& [p, bytes] : g_regions) std::memset(p, 0xff, bytes);
 }
@@ -602,6 +619,8 @@ void fence_proxy_async() {
     }
   }
   tl_unfenced.clear();
+  const std::unique_lock<std::shared_mutex> lk(L.view_mu);
+  L.view_stale = true;  // what was written so far reaches the async proxy's view at the next wgmma
 }
 
 void cp_async_wait(int n) {
@@ -694,7 +713,7 @@ Desc decode(uint64_t desc) {
 
 // The 16-bit element at byte offset `addr` of the dynamic shared memory, 128-byte swizzled: bits
 // 4-6 of the address are XOR-ed with bits 7-9 (the allocation is 1024-aligned, so offsets and
-// addresses agree on them).
+// addresses agree on them), as the async proxy sees it (Launch::view; the caller holds view_mu).
 float swizzled_element(const Launch& L, uint64_t addr, MmaIn in) {
   const uint64_t phys = addr ^ (addr >> 7 & 7) << 4;
   if (std::max(addr, phys) + 2 > L.cfg.smem) {
@@ -708,8 +727,14 @@ float swizzled_element(const Launch& L, uint64_t addr, MmaIn in) {
              "one)").c_str());
     }
   }
-  uint16_t bits;
-  std::memcpy(&bits, L.smem.get() + phys, sizeof bits);
+  uint16_t bits, now;
+  std::memcpy(&bits, L.view.get() + phys, sizeof bits);
+  std::memcpy(&now, L.smem.get() + phys, sizeof now);
+  if (bits != now) {
+    fault("wgmma operand: shared memory written after the last fence.proxy.async before the "
+          "wgmma's issue (an ordinary store, which the async proxy sees only after a fence by the "
+          "storing thread), or while the wgmma was in flight");
+  }
   return bits_to_float(bits, in);
 }
 
@@ -724,6 +749,15 @@ void check_warpgroup() {
 // poisons d (in flight: a read before the wait sees NaN); a later one on the same d runs after it,
 // on its result.
 void issue(Wgmma&& op) {
+  Launch& L = current();
+  {
+    const std::unique_lock<std::shared_mutex> lk(L.view_mu);
+    if (L.view_stale) {
+      const Hidden hidden;  // bytes other threads may be writing now are not this wgmma's operands
+      std::memcpy(L.view.get(), L.smem.get(), L.cfg.smem);
+      L.view_stale = false;
+    }
+  }
   op.group = tl_wgmma_groups;
   op.chained = false;
   for (const Wgmma& p : tl_wgmmas) op.chained |= p.d == op.d;
@@ -750,7 +784,8 @@ uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
 
 // Runs an issued wgmma for the calling lane's accumulators, reading shared memory as it is now.
 // g = lane / 4, t = lane % 4: d[i][2h + e] is D[16 (warp % 4) + g + 8h][8i + 2t + e].
-void execute(const Launch& L, Wgmma& op) {
+void execute(Launch& L, Wgmma& op) {
+  const std::shared_lock<std::shared_mutex> lk(L.view_mu);
   const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
   const int row = 16 * static_cast<int>(tl_tid / 32 % 4) + g;  // + 8h
   const int count = op.n / 2;
@@ -833,7 +868,7 @@ void wgmma_wait(int n) {
   const uint64_t below = tl_wgmma_groups > static_cast<uint64_t>(n) ? tl_wgmma_groups - n : 0;
   // groups grow in issue order: the ops to run are a prefix
   size_t done = 0;
-  const Launch& L = current();
+  Launch& L = current();
   while (done < tl_wgmmas.size() && tl_wgmmas[done].group < below) execute(L, tl_wgmmas[done++]);
   tl_wgmmas.erase(tl_wgmmas.begin(), tl_wgmmas.begin() + static_cast<ptrdiff_t>(done));
   // A pending op chained to one that just ran takes that result as its input as if issued now

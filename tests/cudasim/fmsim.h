@@ -41,9 +41,8 @@
 //
 // What it does not model: any memory model weaker than sequential consistency (every barrier is a
 // full fence here), timing and occupancy (the occupancy query is a simple formula from threads and
-// shared memory), registers and local memory, partial warp masks, the async proxy for ordinary
-// stores (a wgmma reads what st.shared wrote with or without a fence.proxy.async; for cp.async's
-// copies the fence is checked, see wgmma below), streams and events
+// shared memory), registers and local memory, partial warp masks, which thread's fence.proxy.async
+// publishes an ordinary store (any thread's does here; see wgmma below), streams and events
 // (everything is synchronous), fast-math intrinsics' error (__expf is expf, rsqrtf 1/sqrtf,
 // ex2.approx exact but for its flush to zero), the static shared memory's size limit, and
 // out-of-bounds global accesses unless built with FMCORE_SIM_SANITIZE=address (then ASan reports
@@ -160,14 +159,15 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
 //   input accumulators as they are then) and fills d with NaN; it runs, reading shared memory
 //   then, at the wgmma.wait_group that covers its commit group (ops run in issue order; one
 //   issued on a d that an earlier pending one writes takes that one's result). So d read before
-//   the wait is NaN, an operand tile overwritten (or cp.async'd: NaN) before the wait gives a
-//   wrong result, d written before the wait faults (the poison is checked when the op runs), and
+//   the wait is NaN, d written before the wait faults (the poison is checked when the op runs), and
 //   a wgmma never committed and waited for when the thread returns faults. Products summed as in
 //   mma.sync. wgmma.fence and reg_fence are no-ops: register ordering is not modelled (the model
-//   orders by program order within a thread). fence.proxy.async is modelled for cp.async only: a
-//   wgmma that reads a byte a landed cp.async wrote faults unless the copying thread ran
-//   fence.proxy.async after the copy landed (its cp.async.wait) and before the read; ordinary
-//   stores are not tracked.
+//   orders by program order within a thread). The async proxy (through which wgmma reads shared
+//   memory): a wgmma that reads a byte a landed cp.async wrote faults unless the copying thread
+//   ran fence.proxy.async after the copy landed (its cp.async.wait) and before the read; and a
+//   wgmma reads shared memory as it was at the first wgmma issued after the latest
+//   fence.proxy.async of any thread, faulting on an operand byte written since (an ordinary store
+//   with no fence after it, or a write to an operand while the wgmma was in flight).
 void fence_proxy_async();
 void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes);
 void cp_async_commit();

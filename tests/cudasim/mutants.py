@@ -76,6 +76,8 @@ ATTENTION_MUTANTS = {
     "wgmma_fwd_no_proxy_fence": ("      fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma\n", ""),
     # wgmma dk/dv: the Q / dO copies read by wgmma with no fence.proxy.async after their wait
     "wgmma_dkdv_no_proxy_fence": ("    fence_proxy_async();  // this thread's copies, visible to wgmma\n", ""),
+    # wgmma dk/dv: dS^T (ordinary stores) read by the dQ wgmma with no fence.proxy.async after them
+    "wgmma_ds_no_proxy_fence": ("    fence_proxy_async();  // this thread's dS^T stores, visible to wgmma\n", ""),
     # wgmma dk/dv without the dq (deterministic calls): dV and dK not waited for, so the next step's
     # loads overwrite the Q and dO they read
     "wgmma_dkdv_deterministic_not_waited": ("      wgmma_wait<0>();  // dV and dK\n", ""),

@@ -31,13 +31,16 @@ def test_correct_block_sum(sim):
         ("atomic_add2_misaligned", r"misaligned float2 atomicAdd.* in atomic_add2_kernel"),
         # wgmma: never waited for, waited for but never committed, d written while in flight, a
         # descriptor without the 128-byte swizzle, operand rows past the shared memory, smem_addr
-        # of a static __shared__ array
+        # of a static __shared__ array, operands stored with no fence.proxy.async after them, an
+        # operand overwritten in flight
         ("wgmma_misuse_0", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_1", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_2", r"wgmma accumulator written while the wgmma was in flight"),
         ("wgmma_misuse_3", r"wgmma descriptor: only the 128-byte swizzle is modelled"),
         ("wgmma_misuse_4", r"wgmma operand: address outside dynamic shared memory"),
         ("wgmma_misuse_5", r"smem_addr: address outside dynamic shared memory"),
+        ("wgmma_misuse_6", r"wgmma operand: shared memory written after the last fence.proxy.async"),
+        ("wgmma_misuse_7", r"wgmma operand: shared memory written after the last fence.proxy.async"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
@@ -97,7 +100,7 @@ def test_wgmma_follows_the_descriptor_and_fragment_layouts(sim, form, n, dtype):
 
 def test_wgmma_runs_at_its_wait(sim):
     # d reads NaN from issue to the wait that covers the op (also while a chained op on it is still
-    # in flight), and a tile overwritten (cp.async) between issue and wait is what the op reads
+    # in flight)
     assert sim.sim_selftest("wgmma_in_flight") == (SUCCESS, 1.0)
 
 
