@@ -153,14 +153,18 @@ struct Tiles<D, 2> {
 // deterministic calls without the dq, then config 0's dq kernel) under the same conditions, and
 // config 0's otherwise. Forward registers (D = 64 / 128): 3 takes 187 / 202 (one CTA an SM); 4 is
 // held to 128 for two CTAs an SM (112 / 128, spilling 80 bytes at 128).
+// Each names all four wgmma fields, so that config 0's may change (to run the fastest of these
+// on Hopper once measured) without changing them.
 template <int D>
 struct Tiles<D, 3> : Tiles<D, 0> {
-  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 128;
+  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 128, kFwdWgmmaGroups = 2;
+  static constexpr bool kFwdOverlap = false;
   static constexpr int kBwdWgmmaGroups = D == 96 ? 0 : 2;
 };
 template <int D>
 struct Tiles<D, 4> : Tiles<D, 0> {
-  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 64;
+  static constexpr int kFwdWgmmaN = D == 96 ? 0 : 64, kFwdWgmmaGroups = 2;
+  static constexpr bool kFwdOverlap = false;
   static constexpr int kBwdWgmmaGroups = D == 96 ? 0 : 1;
 };
 
