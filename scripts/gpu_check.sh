@@ -6,7 +6,8 @@
 #
 #   scripts/gpu_check.sh test             # fmcore info + pytest -m "cuda and not bigmem" (8 xdist workers)
 #   scripts/gpu_check.sh test-tiles       # attention's tile configurations against the reference (the
-#                                         # wgmma ones, 3 to 6, had never run on hardware before)
+#                                         # wgmma ones, 3 to 6, had never run on hardware before); the
+#                                         # later stages time and test-run only those that passed
 #   scripts/gpu_check.sh test-bigmem      # the tests that need tens of GB, alone
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
@@ -23,7 +24,8 @@
 # if the machine is still warm:
 #   DEADLINE=575 scripts/gpu_check.sh test-tiles:40 test:170 bench-attention:130 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:40 bench-train:80
 #   DEADLINE=240 scripts/gpu_check.sh test-bigmem:80 sanitize:150
-# bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart: 3 and 5 differ in
+# bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart (Tiles<D, 0>'s four
+# wgmma fields in csrc/kernels/attention.cu take the winners' values, per head dim): 3 and 5 differ in
 # the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
 # warpgroup a CTA, two CTAs an SM; its forward 64 keys a step, two CTAs an SM), 6 is 5's forward on
 # one-warpgroup CTAs (two an SM) with 4's backward.
@@ -71,13 +73,16 @@ python3 -m fmcore info > "$OUT/info.log" 2>&1 || status=1
 head -n 20 "$OUT/info.log"
 cd "$OUT"
 
+tiles_tested=  # set by the test-tiles stage: the test stage then skips the tests it ran
+
 stage_test() {  # stage_test SECONDS
   # 8 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
   # and xdist starts a fresh one, so one bad kernel cannot fail every later test.
   local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+  local skip=(); [ -n "$tiles_tested" ] && skip=(-k "not tile_configs_match_reference_cuda")
   # -v: one line per test as it ends, so a log cut by the cap still names every failure so far.
-  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -v "${workers[@]}" -p no:cacheprovider \
-    -p no:benchmark --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
+  bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -v "${workers[@]}" "${skip[@]}" \
+    -p no:cacheprovider -p no:benchmark --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
   grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-cuda.log | grep -v " PASSED " | tail -n 60
 }
 
@@ -87,6 +92,16 @@ stage_test_tiles() {  # stage_test_tiles SECONDS
   bounded "$1" python3 -m pytest "$repo/tests/ops/test_attention.py" -m cuda -k tile_configs_match_reference_cuda -v \
     "${workers[@]}" -p no:cacheprovider -p no:benchmark --timeout 60 -rfE > pytest-tiles.log 2>&1 || status=1
   grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-tiles.log | grep -v " PASSED " | tail -n 30
+  tiles_tested=1
+  # The benchmarks time only the configurations with no failure here (test ids start [TILES-...]): a
+  # kernel that computes garbage is no candidate, and one that crashes would cost the stage its rows.
+  local bad t ok=()
+  bad=$(grep -oE "^(FAILED|ERROR) [^ ]*tile_configs_match_reference_cuda\[[0-9]+" pytest-tiles.log | grep -oE "[0-9]+$" | sort -u)
+  for t in $(python3 -c "from fmcore._C import attention_tile_configs as n; print(*range(1, n))"); do
+    grep -qx "$t" <<< "$bad" || ok+=("$t")
+  done
+  export FMCORE_BENCH_TILES=$(IFS=,; echo "${ok[*]}")
+  echo "benchmarks time tiles: ${FMCORE_BENCH_TILES:-none}"
 }
 
 stage_test_bigmem() {  # stage_test_bigmem SECONDS: tens of GB each, so one at a time

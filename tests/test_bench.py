@@ -31,6 +31,21 @@ def test_markdown_one_column_per_system_and_metric():
     assert "### rope (ms)" in report.markdown(rows[:3], by_metric=True)  # one metric: named in the title
 
 
+def test_bench_tiles_follow_the_environment(monkeypatch):
+    from fmcore._C import attention_tile_configs
+    from fmcore.bench import bench_tiles
+
+    monkeypatch.delenv("FMCORE_BENCH_TILES", raising=False)
+    assert bench_tiles() == list(range(1, attention_tile_configs))
+    monkeypatch.setenv("FMCORE_BENCH_TILES", "3,5")
+    assert bench_tiles() == [3, 5]
+    monkeypatch.setenv("FMCORE_BENCH_TILES", "")  # none passed: none timed
+    assert bench_tiles() == []
+    monkeypatch.setenv("FMCORE_BENCH_TILES", f"2,{attention_tile_configs}")
+    with pytest.raises(ValueError, match="FMCORE_BENCH_TILES"):
+        bench_tiles()
+
+
 def test_json_round_trip_and_plot(tmp_path):
     rows = [Row("rope", "c1", "fmcore", "ms", 1.0, "ms"), Row("rope", "c1", "fmcore", "roofline%", 50.0, "% of copy")]
     head = report.header(torch.device("cpu"), Roofline(copy_gbps=10.0, matmul_tflops=0.1))

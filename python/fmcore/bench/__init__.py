@@ -7,6 +7,7 @@ importable, in the same process, on fresh random data.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +80,23 @@ def measure_system(bench: str, case: str, system: str, measure: Callable[[], lis
         return []
 
 
+def bench_tiles() -> list[int]:
+    """The alternative attention tile configurations to time (fmcore-tiles<t> systems): 1 to the last,
+    or those FMCORE_BENCH_TILES lists (comma-separated), e.g. the ones scripts/gpu_check.sh's
+    test-tiles stage saw pass: a configuration that computes wrong results, or crashes the process,
+    is not timed."""
+    from fmcore._C import attention_tile_configs
+
+    every = list(range(1, attention_tile_configs))
+    listed = os.environ.get("FMCORE_BENCH_TILES")
+    if listed is None:
+        return every
+    tiles = [int(t) for t in listed.split(",") if t.strip()]
+    if not set(tiles) <= set(every):
+        raise ValueError(f"FMCORE_BENCH_TILES must list configurations among {every}, got {listed!r}")
+    return tiles
+
+
 def try_import(module: str):
     """A peer's module, or None when the peer is not installed (its rows are then absent)."""
     try:
@@ -87,4 +105,4 @@ def try_import(module: str):
         return None
 
 
-__all__ = ["BENCHMARKS", "BenchContext", "Row", "load", "measure_system", "try_import"]
+__all__ = ["BENCHMARKS", "BenchContext", "Row", "bench_tiles", "load", "measure_system", "try_import"]

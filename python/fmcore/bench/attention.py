@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fmcore._C import attention_tile_configs
-from fmcore.bench import BenchContext, Row, measure_system
+from fmcore.bench import BenchContext, Row, bench_tiles, measure_system
 from fmcore.bench.timing import time_ms
 from fmcore.ops import flash_attention
 
@@ -52,7 +51,7 @@ def _systems(device: torch.device):
         # The alternative tile configurations (csrc/kernels/attention.cu's Tiles), timed beside the
         # default so that one GPU run says which to make the default per head dim and phase.
         systems += [(f"fmcore-tiles{t}", lambda q, k, v, causal, t=t: flash_attention(q, k, v, causal=causal, tiles=t))
-                    for t in range(1, attention_tile_configs)]
+                    for t in bench_tiles()]
         from torch.nn.attention import SDPBackend
 
         systems += [
