@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fmcore import ops
+from fmcore.bench import bench_tiles
 from fmcore.bench.adamw import gpt2_shapes
 from fmcore.bench.timing import time_ms
 from fmcore.bench.train import make_step
@@ -113,9 +114,14 @@ CASES = {
     "linear_cross_entropy": _linear_cross_entropy,
     "adamw": _adamw,
     "train-step": _train_step,
-    "train-step-tiles5": lambda dev, quick: _train_step(dev, quick, "fmcore-tiles5"),
 }
-TOP = {"train-step": 30, "train-step-tiles5": 30}  # kernels listed for cases with many (default: --top)
+# And the train step on the last wgmma tile configuration (3 to 6) the benchmarks may time
+# (fmcore.bench.bench_tiles: after gpu_check's test-tiles stage, only those that passed).
+_WGMMA_TILES = [t for t in bench_tiles() if t >= 3]
+if _WGMMA_TILES:
+    _system = f"fmcore-tiles{_WGMMA_TILES[-1]}"
+    CASES[f"train-step-tiles{_WGMMA_TILES[-1]}"] = lambda dev, quick: _train_step(dev, quick, _system)
+TOP = {name: 30 for name in CASES if name.startswith("train-step")}  # kernels listed (default: --top)
 
 
 def profile_op(step, dev: torch.device, iters: int) -> list[dict]:
