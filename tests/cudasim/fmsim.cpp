@@ -201,6 +201,8 @@ struct Wgmma {
 };
 thread_local std::vector<Wgmma> tl_wgmmas;
 thread_local uint64_t tl_wgmma_groups = 0;
+// Whether this thread ran wgmma.fence since its last wgmma.wait_group (or since the block began).
+thread_local bool tl_wgmma_fenced = false;
 
 std::mutex g_launch_mu;  // launches are serialized
 
@@ -325,6 +327,7 @@ void thread_main(Launch& L, unsigned tid) {
     tl_unfenced.clear();
     tl_wgmmas.clear();
     tl_wgmma_groups = 0;
+    tl_wgmma_fenced = false;
     std::string error;
     try {
       L.body(L.ctx);
@@ -758,6 +761,11 @@ void issue(Wgmma&& op) {
       L.view_stale = false;
     }
   }
+  if (!tl_wgmma_fenced) {
+    fault("wgmma issued with no wgmma.fence since the thread's last wgmma.wait_group (or before its "
+          "first wgmma): the wgmma may read its accumulators or A fragments before the thread's "
+          "own writes to them land");
+  }
   op.group = tl_wgmma_groups;
   op.chained = false;
   for (const Wgmma& p : tl_wgmmas) op.chained |= p.d == op.d;
@@ -863,8 +871,11 @@ void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in
 
 void wgmma_commit() { ++tl_wgmma_groups; }
 
+void wgmma_fence() { tl_wgmma_fenced = true; }
+
 void wgmma_wait(int n) {
   if (n < 0) fault("wgmma.wait_group with a negative count");
+  tl_wgmma_fenced = false;  // the thread may now touch the registers: a later wgmma needs a fence
   const uint64_t below = tl_wgmma_groups > static_cast<uint64_t>(n) ? tl_wgmma_groups - n : 0;
   // groups grow in issue order: the ops to run are a prefix
   size_t done = 0;

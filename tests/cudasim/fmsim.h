@@ -161,8 +161,11 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
 //   issued on a d that an earlier pending one writes takes that one's result). So d read before
 //   the wait is NaN, d written before the wait faults (the poison is checked when the op runs), and
 //   a wgmma never committed and waited for when the thread returns faults. Products summed as in
-//   mma.sync. wgmma.fence and reg_fence are no-ops: register ordering is not modelled (the model
-//   orders by program order within a thread). The async proxy (through which wgmma reads shared
+//   mma.sync. Register ordering is not modelled (the model orders by program order within a
+//   thread; reg_fence is a no-op), but a wgmma issued with no wgmma.fence since the thread's last
+//   wgmma.wait_group, or before its first wgmma, faults: stricter than the PTX ISA, which needs
+//   the fence only once the thread has accessed the wgmma's registers (fmcore's kernels read the
+//   accumulators after every wait). The async proxy (through which wgmma reads shared
 //   memory): a wgmma that reads a byte a landed cp.async wrote faults unless the copying thread
 //   ran fence.proxy.async after the copy landed (its cp.async.wait) and before the read; and a
 //   wgmma reads shared memory as it was at the first wgmma issued after the latest
@@ -183,6 +186,7 @@ void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate
 void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in);
 void wgmma_commit();
 void wgmma_wait(int n);  // every group but the n most recently committed is complete
+void wgmma_fence();
 
 // reinterpret_cast with the alignment check of the target (kernel files use it through the source
 // transform): a pointer's pointee, or the object a reference cast views (`from` is taken by

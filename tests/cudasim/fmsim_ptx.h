@@ -63,10 +63,11 @@ template <int N>
 inline void wgmma_wait() {
   fmsim::wgmma_wait(N);
 }
-// No-ops: the model takes a wgmma's register operands at issue and writes d only at the wait, so
-// there is no register access for wgmma.fence or reg_fence to order. A missing wgmma.fence goes
-// unnoticed; a missing fence.proxy.async after cp.async faults (fmsim.h), after st.shared not.
-inline void wgmma_fence() {}
+// The model takes a wgmma's register operands at issue and writes d only at the wait, so there is
+// no register access for reg_fence to order (a no-op); a wgmma with no wgmma.fence since the
+// thread's last wait faults, as does one that reads shared memory not published to the async
+// proxy by fence.proxy.async (fmsim.h).
+inline void wgmma_fence() { fmsim::wgmma_fence(); }
 inline void fence_proxy_async() { fmsim::fence_proxy_async(); }
 inline void reg_fence(float&) {}
 inline void reg_fence(uint32_t&) {}

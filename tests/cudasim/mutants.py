@@ -76,6 +76,10 @@ ATTENTION_MUTANTS = {
     "wgmma_fwd_no_proxy_fence": ("      fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma\n", ""),
     # wgmma dk/dv: the Q / dO copies read by wgmma with no fence.proxy.async after their wait
     "wgmma_dkdv_no_proxy_fence": ("    fence_proxy_async();  // this thread's copies, visible to wgmma\n", ""),
+    # the forward's P V issued with no wgmma.fence after o's rescale and P's packing
+    "wgmma_pv_no_fence": ("    fence_regs(pa);\n    wgmma_fence();\n", "    fence_regs(pa);\n"),
+    # wgmma dk/dv: a dQ pass issued with no wgmma.fence after the last pass's atomics read dq
+    "wgmma_dq_no_fence": ("before this pass writes it\n      wgmma_fence();\n", "before this pass writes it\n"),
     # wgmma dk/dv: dS^T (ordinary stores) read by the dQ wgmma with no fence.proxy.async after them
     "wgmma_ds_no_proxy_fence": ("    fence_proxy_async();  // this thread's dS^T stores, visible to wgmma\n", ""),
     # wgmma dk/dv without the dq (deterministic calls): dV and dK not waited for, so the next step's

@@ -261,6 +261,7 @@ __global__ void wgmma_in_flight_kernel(float* out) {
   __syncthreads();
   const uint64_t da = sw128_desc(tiles, 16, 1024), db = sw128_desc(tiles + 64 * 128, 16, 1024);
   float d[8][4] = {};
+  fmcore::wgmma_fence();
   fmcore::wgmma_ss<__nv_bfloat16, 64, 0, 0>(d, da, db, true);
   fmcore::wgmma_commit();
   const bool nan_issued = std::isnan(d[0][0]);
@@ -276,7 +277,7 @@ __global__ void wgmma_in_flight_kernel(float* out) {
 // 2 writes d before the wait, 3 gives a descriptor no swizzle, 4 one whose last rows lie past the
 // shared memory, 5 takes smem_addr of a static shared array, 6 reads operands written by ordinary
 // stores with no fence.proxy.async after them (a barrier only), 7 overwrites an operand between
-// issue and wait.
+// issue and wait, 8 issues it with no wgmma.fence before.
 __global__ void wgmma_misuse_kernel(int mode) {
   extern __shared__ __align__(1024) unsigned char tiles[];
   __shared__ float word[4];
@@ -290,6 +291,7 @@ __global__ void wgmma_misuse_kernel(int mode) {
   float d[8][4] = {};
   const uint64_t da = sw128_desc(tiles, 16, 1024);
   const uint64_t db = sw128_desc(tiles + (mode == 4 ? 72 : 64) * 128, 16, 1024, mode == 3 ? 0 : 1);
+  if (mode != 8) fmcore::wgmma_fence();
   fmcore::wgmma_ss<__nv_bfloat16, 64, 0, 0>(d, da, db, true);
   if (mode != 1) fmcore::wgmma_commit();
   if (mode == 2) d[1][1] = 0.f;
