@@ -194,6 +194,10 @@ struct Wgmma {
   bool a_mn, b_mn;  // wgmma_ss's A, and B: MN-major (else K-major); wgmma_rs's B is MN-major
   uint64_t desc_a, desc_b;
   float a[2][16];  // wgmma_rs: rows g and g + 8 of the warp's A (this lane's rows of D)
+  // wgmma_rs: this lane's A registers (the kernel's array) and their bits at issue: the hardware
+  // reads them while in flight, so a write to them before the wait faults when the op runs.
+  const uint32_t* a_regs = nullptr;
+  uint32_t a_bits[4] = {};
   bool accumulate;
   bool chained;          // an earlier pending op writes d: its result is the input
   std::vector<float> c;  // otherwise the input accumulators as they were at issue (if accumulate)
@@ -809,6 +813,10 @@ void execute(Launch& L, Wgmma& op) {
   }
   float a[2][16];
   if (op.reg_a) {
+    if (std::memcmp(op.a_regs, op.a_bits, sizeof op.a_bits) != 0) {
+      fault("wgmma A fragment registers written while the wgmma was in flight (before the "
+            "wgmma_wait that covers it)");
+    }
     std::memcpy(a, op.a, sizeof a);
   } else {
     const Desc da = decode(op.desc_a);
@@ -854,6 +862,8 @@ void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, MmaIn in
   // lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2.
   uint32_t mine[4];
   std::memcpy(mine, a, sizeof mine);
+  op.a_regs = a;
+  std::memcpy(op.a_bits, a, sizeof op.a_bits);
   const int g = static_cast<int>(tl_tid % 32) / 4;
   warp_barrier(
       0xffffffffu, [&](unsigned char* slot) { std::memcpy(slot, mine, sizeof mine); },

@@ -159,7 +159,8 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
 //   input accumulators as they are then) and fills d with NaN; it runs, reading shared memory
 //   then, at the wgmma.wait_group that covers its commit group (ops run in issue order; one
 //   issued on a d that an earlier pending one writes takes that one's result). So d read before
-//   the wait is NaN, d written before the wait faults (the poison is checked when the op runs), and
+//   the wait is NaN, d or wgmma_rs's A registers written before the wait fault (checked when the
+//   op runs; A must then still be in scope, as its registers must stay allocated on hardware), and
 //   a wgmma never committed and waited for when the thread returns faults. Products summed as in
 //   mma.sync. Register ordering is not modelled (the model orders by program order within a
 //   thread; reg_fence is a no-op), but a wgmma issued with no wgmma.fence since the thread's last

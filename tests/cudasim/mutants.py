@@ -78,6 +78,9 @@ ATTENTION_MUTANTS = {
     "wgmma_dkdv_no_proxy_fence": ("    fence_proxy_async();  // this thread's copies, visible to wgmma\n", ""),
     # the forward's P V issued with no wgmma.fence after o's rescale and P's packing
     "wgmma_pv_no_fence": ("    fence_regs(pa);\n    wgmma_fence();\n", "    fence_regs(pa);\n"),
+    # the overlapped forward packs the next P into the A registers the in-flight P V still reads
+    "wgmma_overlap_p_packed_in_flight": ("      if (p.heads_k <= 0) __trap();\n      wgmma_wait<0>();\n",
+                                         "      pack_p();\n      if (p.heads_k <= 0) __trap();\n      wgmma_wait<0>();\n"),
     # wgmma dk/dv: a dQ pass issued with no wgmma.fence after the last pass's atomics read dq
     "wgmma_dq_no_fence": ("before this pass writes it\n      wgmma_fence();\n", "before this pass writes it\n"),
     # wgmma dk/dv: dS^T (ordinary stores) read by the dQ wgmma with no fence.proxy.async after them

@@ -239,11 +239,13 @@ __global__ void wgmma_rs_kernel(const T* a, const T* b, float* out) {
   for (auto& x : d) {
     for (float& y : x) y = 0.5f;
   }
+  uint32_t af[4][4];  // A's fragments, one k16 step each: read by the wgmmas until the wait
   fmcore::wgmma_fence();
   for (int s = 0; s < 4; ++s) {
     const int k = 16 * s + 2 * t;
-    const uint32_t af[4] = {at(g, k), at(g + 8, k), at(g, k + 8), at(g + 8, k + 8)};
-    fmcore::wgmma_rs<T, N>(d, af, sw128_desc(tiles + 16 * 128 * s, 64 * 128, 1024));
+    af[s][0] = at(g, k), af[s][1] = at(g + 8, k);
+    af[s][2] = at(g, k + 8), af[s][3] = at(g + 8, k + 8);
+    fmcore::wgmma_rs<T, N>(d, af[s], sw128_desc(tiles + 16 * 128 * s, 64 * 128, 1024));
   }
   fmcore::wgmma_commit();
   fmcore::wgmma_wait<0>();
@@ -277,7 +279,8 @@ __global__ void wgmma_in_flight_kernel(float* out) {
 // 2 writes d before the wait, 3 gives a descriptor no swizzle, 4 one whose last rows lie past the
 // shared memory, 5 takes smem_addr of a static shared array, 6 reads operands written by ordinary
 // stores with no fence.proxy.async after them (a barrier only), 7 overwrites an operand between
-// issue and wait, 8 issues it with no wgmma.fence before.
+// issue and wait, 8 issues it with no wgmma.fence before, 9 rewrites wgmma_rs's A registers before
+// the wait.
 __global__ void wgmma_misuse_kernel(int mode) {
   extern __shared__ __align__(1024) unsigned char tiles[];
   __shared__ float word[4];
@@ -292,7 +295,13 @@ __global__ void wgmma_misuse_kernel(int mode) {
   const uint64_t da = sw128_desc(tiles, 16, 1024);
   const uint64_t db = sw128_desc(tiles + (mode == 4 ? 72 : 64) * 128, 16, 1024, mode == 3 ? 0 : 1);
   if (mode != 8) fmcore::wgmma_fence();
-  fmcore::wgmma_ss<__nv_bfloat16, 64, 0, 0>(d, da, db, true);
+  uint32_t af[4] = {};
+  if (mode == 9) {
+    fmcore::wgmma_rs<__nv_bfloat16, 64>(d, af, db);
+    af[2] = 0x3f803f80u;
+  } else {
+    fmcore::wgmma_ss<__nv_bfloat16, 64, 0, 0>(d, da, db, true);
+  }
   if (mode != 1) fmcore::wgmma_commit();
   if (mode == 2) d[1][1] = 0.f;
   if (mode == 7) {  // every thread's wait comes after the overwrite (A's first element: 1.0)

@@ -32,7 +32,8 @@ def test_correct_block_sum(sim):
         # wgmma: never waited for, waited for but never committed, d written while in flight, a
         # descriptor without the 128-byte swizzle, operand rows past the shared memory, smem_addr
         # of a static __shared__ array, operands stored with no fence.proxy.async after them, an
-        # operand overwritten in flight, no wgmma.fence before the first wgmma
+        # operand overwritten in flight, no wgmma.fence before the first wgmma, register A
+        # rewritten in flight
         ("wgmma_misuse_0", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_1", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_2", r"wgmma accumulator written while the wgmma was in flight"),
@@ -42,6 +43,7 @@ def test_correct_block_sum(sim):
         ("wgmma_misuse_6", r"wgmma operand: shared memory written after the last fence.proxy.async"),
         ("wgmma_misuse_7", r"wgmma operand: shared memory written after the last fence.proxy.async"),
         ("wgmma_misuse_8", r"wgmma issued with no wgmma.fence since the thread's last wgmma.wait_group"),
+        ("wgmma_misuse_9", r"wgmma A fragment registers written while the wgmma was in flight"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
