@@ -447,6 +447,7 @@ void poison_shared(Launch& L) {
   {
     // The async proxy sees the fresh poison too, and nothing the block writes before its first
     // fence.proxy.async.
+    const Hidden hidden;  // view_mu is fmsim's own lock: it orders nothing for TSan
     const std::unique_lock<std::shared_mutex> lk(L.view_mu);
     std::memset(L.view.get(), 0xff, L.cfg.smem);
     L.view_stale = false;
@@ -626,6 +627,7 @@ void fence_proxy_async() {
     }
   }
   tl_unfenced.clear();
+  const Hidden hidden;
   const std::unique_lock<std::shared_mutex> lk(L.view_mu);
   L.view_stale = true;  // what was written so far reaches the async proxy's view at the next wgmma
 }
@@ -758,17 +760,19 @@ void check_warpgroup() {
 void issue(Wgmma&& op) {
   Launch& L = current();
   {
+    // Hidden: view_mu orders nothing for TSan, and the bytes other threads may be writing now are
+    // not this wgmma's operands.
+    const Hidden hidden;
     const std::unique_lock<std::shared_mutex> lk(L.view_mu);
     if (L.view_stale) {
-      const Hidden hidden;  // bytes other threads may be writing now are not this wgmma's operands
       std::memcpy(L.view.get(), L.smem.get(), L.cfg.smem);
       L.view_stale = false;
     }
   }
   if (!tl_wgmma_fenced) {
-    fault("wgmma issued with no wgmma.fence since the thread's last wgmma.wait_group (or before its "
-          "first wgmma): the wgmma may read its accumulators or A fragments before the thread's "
-          "own writes to them land");
+    fault("wgmma issued with no wgmma.fence since the thread's last wgmma.wait_group (or before "
+          "its first wgmma): the wgmma may read its accumulators or A fragments before the "
+          "thread's own writes to them land");
   }
   op.group = tl_wgmma_groups;
   op.chained = false;
@@ -797,7 +801,20 @@ uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
 // Runs an issued wgmma for the calling lane's accumulators, reading shared memory as it is now.
 // g = lane / 4, t = lane % 4: d[i][2h + e] is D[16 (warp % 4) + g + 8h][8i + 2t + e].
 void execute(Launch& L, Wgmma& op) {
-  const std::shared_lock<std::shared_mutex> lk(L.view_mu);
+  // The operand reads stay visible to TSan (a racecheck of them); taking and releasing view_mu,
+  // fmsim's own lock, do not (they would order this thread after every fence for it).
+  std::shared_lock<std::shared_mutex> lk(L.view_mu, std::defer_lock);
+  {
+    const Hidden hidden;
+    lk.lock();
+  }
+  struct Unlock {
+    std::shared_lock<std::shared_mutex>& lk;
+    ~Unlock() {
+      const Hidden hidden;
+      lk.unlock();
+    }
+  } unlock{lk};
   const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
   const int row = 16 * static_cast<int>(tl_tid / 32 % 4) + g;  // + 8h
   const int count = op.n / 2;
