@@ -128,6 +128,8 @@ def bars(rows) -> list[dict]:
         if system == "fmcore":  # the wgmma attention kernels, measured in the trainer before they are the default
             best = res.best_tiles("train", case, "tok/s")
             notes.append(f"tiles={best[1]}: {best[0] / 1e3:.4g}" if ours and best[0] > ours else "")
+            bf16 = res.get("train", case, "fmcore-bf16", "tok/s")  # bf16 weights + fp32 master weights
+            notes.append(f"bf16 weights: {bf16 / 1e3:.4g}" if bf16 else "")
         out.append(_bar(7, bar, f"train 124M {system}", ours and ours / 1e3, comp and comp / 1e3, "ktok/s",
                         _cmp(ours, comp, lambda a, b, f=factor: a >= f * b), "; ".join(n for n in notes if n)))
     return out

@@ -174,7 +174,8 @@ def test_check_bars_verdicts(tmp_path):
              Row("rope", tiny + "one op (neg) no-grad", "torch-eager", "ms", 0.016, "ms/call")]
     train = "gpt2-124m B16 T1024 bf16"
     rows += [Row("train", train, s, "tok/s", v, "tok/s")
-             for s, v in (("fmcore", 366e3), ("torch-compile", 472e3), ("fmcore-tiles3", 350e3), ("fmcore-tiles4", 480e3), ("fmcore-tiles5", 470e3))]
+             for s, v in (("fmcore", 366e3), ("torch-compile", 472e3), ("fmcore-tiles3", 350e3), ("fmcore-tiles4", 480e3),
+                          ("fmcore-tiles5", 470e3), ("fmcore-bf16", 400e3))]
     got = {(b["issue"], b["bar"], b["case"]): b for b in check_bars.bars(rows)}
     assert got[(2, ">= 85% of copy bandwidth", "rope fwd")]["verdict"] == "met"
     assert got[(2, "as fast as torch.compile (peer)", "rope fwd")]["verdict"] == "met"
@@ -185,7 +186,7 @@ def test_check_bars_verdicts(tmp_path):
     a = got[(5, ">= SDPA flash (FA2) (peer)", f"attention {att}")]
     assert a["verdict"] == "met" and a["note"] == "0.50x cuDNN; tiles=1: 250"
     t = got[(7, "eager >= torch.compile (peer)", "train 124M fmcore")]
-    assert t["verdict"] == "NOT met" and t["note"] == "0.78x; tiles=4: 480"
+    assert t["verdict"] == "NOT met" and t["note"] == "0.78x; tiles=4: 480; bf16 weights: 400"
     assert got[(7, "compiled >= 1.25x torch.compile (peer)", "train 124M fmcore-compile")]["verdict"] == "not measured"
     assert {b["verdict"] for (issue, _, _), b in got.items() if issue in (4, 6)} == {"not measured"}
     head = report.header(torch.device("cpu"), Roofline(10.0, 0.1))
