@@ -125,7 +125,7 @@ struct Launch {
   // in it; a wgmma operand byte that differs between the two at the wgmma's execution faults.
   std::unique_ptr<unsigned char[], Free> view;
   std::shared_mutex view_mu;
-  bool view_stale = true;  // guarded by view_mu
+  bool view_stale = false;  // guarded by view_mu; cleared with the view at each block's start
 
   std::mutex mu;
   Gate block_gate;  // __syncthreads
@@ -798,23 +798,30 @@ uint64_t at(const Desc& desc, bool mn_major, int i, int k) {
                   : start + i % 8 * 128 + sbo * (i / 8) + 2 * k;
 }
 
-// Runs an issued wgmma for the calling lane's accumulators, reading shared memory as it is now.
-// g = lane / 4, t = lane % 4: d[i][2h + e] is D[16 (warp % 4) + g + 8h][8i + 2t + e].
-void execute(Launch& L, Wgmma& op) {
-  // The operand reads stay visible to TSan (a racecheck of them); taking and releasing view_mu,
-  // fmsim's own lock, do not (they would order this thread after every fence for it).
-  std::shared_lock<std::shared_mutex> lk(L.view_mu, std::defer_lock);
-  {
+// A shared lock whose taking and releasing TSan does not see (view_mu is fmsim's own lock: it
+// must not order this thread after every fence), while what the holder reads stays visible.
+class HiddenSharedLock {
+ public:
+  explicit HiddenSharedLock(std::shared_mutex& mu) : mu_(mu) {
     const Hidden hidden;
-    lk.lock();
+    mu_.lock_shared();
   }
-  struct Unlock {
-    std::shared_lock<std::shared_mutex>& lk;
-    ~Unlock() {
-      const Hidden hidden;
-      lk.unlock();
-    }
-  } unlock{lk};
+  ~HiddenSharedLock() {
+    const Hidden hidden;
+    mu_.unlock_shared();
+  }
+  HiddenSharedLock(const HiddenSharedLock&) = delete;
+  HiddenSharedLock& operator=(const HiddenSharedLock&) = delete;
+
+ private:
+  std::shared_mutex& mu_;
+};
+
+// Runs an issued wgmma for the calling lane's accumulators, reading shared memory as the async
+// proxy sees it now (swizzled_element). g = lane / 4, t = lane % 4: d[i][2h + e] is
+// D[16 (warp % 4) + g + 8h][8i + 2t + e].
+void execute(Launch& L, Wgmma& op) {
+  const HiddenSharedLock view_lock(L.view_mu);  // the operand reads stay visible (a racecheck)
   const int lane = static_cast<int>(tl_tid % 32), g = lane / 4, t = lane % 4;
   const int row = 16 * static_cast<int>(tl_tid / 32 % 4) + g;  // + 8h
   const int count = op.n / 2;
