@@ -128,6 +128,9 @@ struct Launch {
   bool view_stale = false;  // guarded by view_mu; cleared with the view at each block's start
 
   std::mutex mu;
+  // Per thread, the wgmmas it issued in the current block (set as it returns): wgmma is
+  // warpgroup-wide, so the threads of a warpgroup must agree when the block ends.
+  std::vector<uint64_t> wgmma_issued;
   Gate block_gate;  // __syncthreads
   std::vector<Warp> warps;
   // The block running now (linear index); kFailedBit is or-ed in when the launch fails.
@@ -207,6 +210,7 @@ thread_local std::vector<Wgmma> tl_wgmmas;
 thread_local uint64_t tl_wgmma_groups = 0;
 // Whether this thread ran wgmma.fence since its last wgmma.wait_group (or since the block began).
 thread_local bool tl_wgmma_fenced = false;
+thread_local uint64_t tl_wgmma_issued = 0;  // wgmmas this thread issued in the current block
 
 std::mutex g_launch_mu;  // launches are serialized
 
@@ -279,9 +283,25 @@ void release_block_barrier_locked(Launch& L) {
   L.block_gate.open();
 }
 
+// At a block's end: a warpgroup some of whose threads issued more wgmmas than others ("" if none).
+std::string wgmma_divergence_locked(const Launch& L) {
+  for (unsigned g = 0; 128 * (g + 1) <= L.nthreads; ++g) {
+    for (unsigned t = 128 * g + 1; t < 128 * (g + 1); ++t) {
+      if (L.wgmma_issued[t] != L.wgmma_issued[128 * g]) {
+        return "wgmma issued " + std::to_string(L.wgmma_issued[t]) + " times by thread " +
+               std::to_string(t) + " but " + std::to_string(L.wgmma_issued[128 * g]) +
+               " times by thread " + std::to_string(128 * g) + " of its warpgroup in " + L.name +
+               " (wgmma is .sync.aligned: every thread of the four warps issues each one)";
+      }
+    }
+  }
+  return "";
+}
+
 // The calling thread returned from the kernel for the current block.
 void exit_thread_locked(Launch& L) {
   Warp& w = L.warps[tl_tid / 32];
+  L.wgmma_issued[tl_tid] = tl_wgmma_issued;
   ++L.exited;
   ++w.exited;
   if (w.arrived > 0) {
@@ -294,6 +314,10 @@ void exit_thread_locked(Launch& L) {
     release_block_barrier_locked(L);
   }
   if (L.exited == L.nthreads) {  // the block is done: set up the next one
+    if (const std::string diverged = wgmma_divergence_locked(L); !diverged.empty()) {
+      fail_locked(L, diverged);
+      return;
+    }
     L.exited = 0;
     for (Warp& x : L.warps) x.exited = 0;
     poison_shared(L);
@@ -332,6 +356,7 @@ void thread_main(Launch& L, unsigned tid) {
     tl_wgmmas.clear();
     tl_wgmma_groups = 0;
     tl_wgmma_fenced = false;
+    tl_wgmma_issued = 0;
     std::string error;
     try {
       L.body(L.ctx);
@@ -403,6 +428,7 @@ void run(const void* kernel, std::string name, const Config& c, void (*body)(voi
   L.name = std::move(name);
   L.cfg = c;
   L.nthreads = c.block.x * c.block.y * c.block.z;
+  L.wgmma_issued.assign(L.nthreads, 0);
   L.nblocks = uint64_t{c.grid.x} * c.grid.y * c.grid.z;
   L.body = body;
   L.ctx = ctx;
@@ -774,6 +800,7 @@ void issue(Wgmma&& op) {
           "its first wgmma): the wgmma may read its accumulators or A fragments before the "
           "thread's own writes to them land");
   }
+  ++tl_wgmma_issued;
   op.group = tl_wgmma_groups;
   op.chained = false;
   for (const Wgmma& p : tl_wgmmas) op.chained |= p.d == op.d;

@@ -33,7 +33,7 @@ def test_correct_block_sum(sim):
         # descriptor without the 128-byte swizzle, operand rows past the shared memory, smem_addr
         # of a static __shared__ array, operands stored with no fence.proxy.async after them, an
         # operand overwritten in flight, no wgmma.fence before the first wgmma, register A
-        # rewritten in flight
+        # rewritten in flight, a wgmma issued by half a warpgroup
         ("wgmma_misuse_0", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_1", r"wgmma issued but never waited for.* in wgmma_misuse_kernel"),
         ("wgmma_misuse_2", r"wgmma accumulator written while the wgmma was in flight"),
@@ -44,6 +44,7 @@ def test_correct_block_sum(sim):
         ("wgmma_misuse_7", r"wgmma operand: shared memory written after the last fence.proxy.async"),
         ("wgmma_misuse_8", r"wgmma issued with no wgmma.fence since the thread's last wgmma.wait_group"),
         ("wgmma_misuse_9", r"wgmma A fragment registers written while the wgmma was in flight"),
+        ("wgmma_misuse_10", r"wgmma issued 0 times by thread 64 but 1 times by thread 0 of its warpgroup"),
     ],
 )
 def test_faults_are_reported(sim, case, message):
