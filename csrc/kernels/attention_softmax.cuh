@@ -89,29 +89,57 @@ __device__ __forceinline__ void store_rows(const AttnTensor& t, int64_t b, int64
   }
 }
 
+// How far (in log2 units) a row's maximum may rise above the offset its P is taken against before
+// the offset must follow it: P then reaches at most 2^8, far from overflowing the fp32 sums or the
+// bf16/fp16 P (whose relative precision does not depend on the magnitude). The offset cancels in
+// out = o / l and lse = offset + log2(l), so the result is the same whichever offset a row keeps.
+constexpr float kStaleMaxLog2 = 8.f;
+
 // One key block of the online softmax for a warp's kMW 16-row tiles, but for the output: turns the
-// scores sc (raw, masked to -inf) into P in place, updates each row's running max (of raw scores)
-// and this lane's partial sum, and sets alpha to the factor o's rows need for the change of the
-// max (rescale_rows).
+// scores sc (raw, masked to -inf) into P in place, adds them to this lane's partial row sums, and
+// returns whether o must be rescaled (then by alpha, see rescale_rows; the answer is the same for
+// the whole warp).
+//
+// Rescaling is lazy (as in FlashAttention-4): while no row of the warp's maximum has risen more than
+// kStaleMaxLog2 above the offset m_run its P are taken against, m_run stays, and so do o and l_run:
+// no rescale. Past the first key blocks a row's maximum rarely rises that far, so most steps skip
+// the rescale: a multiply per o element (128 a thread a step in the mma.sync forward at D = 128,
+// about a tenth of its instructions).
 template <int kMW, int NT>
-__device__ __forceinline__ void softmax_scores(float (&sc)[kMW][NT][4], float (&m_run)[kMW][2],
+__device__ __forceinline__ bool softmax_scores(float (&sc)[kMW][NT][4], float (&m_run)[kMW][2],
                                                float (&l_run)[kMW][2], float scale_log2,
                                                float (&alpha)[kMW][2]) {
+  float mx[kMW][2];
+  bool keep = true;  // every row of this lane keeps its offset
 #pragma unroll
   for (int r2 = 0; r2 < 2 * kMW; ++r2) {
     const int mw = r2 / 2, hh = r2 % 2;
-    float mx = m_run[mw][hh];
+    float m = m_run[mw][hh];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      mx = fmaxf(mx, fmaxf(sc[mw][nt][2 * hh], sc[mw][nt][2 * hh + 1]));
+      m = fmaxf(m, fmaxf(sc[mw][nt][2 * hh], sc[mw][nt][2 * hh + 1]));
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row that has seen only masked
-    // keys keeps max -inf; an offset of 0 then keeps p = 2^-inf = 0 (and alpha, from -inf, 0).
-    const float m_off = mx == -INFINITY ? 0.f : mx * scale_log2;
-    alpha[mw][hh] = ex2_approx(m_run[mw][hh] * scale_log2 - m_off);
-    m_run[mw][hh] = mx;
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    mx[mw][hh] = m;
+    // A row that has seen only masked keys has max -inf and nothing to rescale; from -inf to a
+    // finite max the difference is +inf, which fails the test.
+    keep = keep && (m == -INFINITY || (m - m_run[mw][hh]) * scale_log2 <= kStaleMaxLog2);
+  }
+  keep = __all_sync(0xffffffffu, keep);
+#pragma unroll
+  for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+    const int mw = r2 / 2, hh = r2 % 2;
+    // The exponential unconditionally and selects, not branches: the overlapped wgmma forward
+    // (tiles 5, 6) relies on its softmax being one basic block, which ptxas schedules above the
+    // P V's wait (see the design notes). From an offset of -inf the factor is 0 (-inf - -inf would
+    // give NaN).
+    const float shrink = ex2_approx((m_run[mw][hh] - mx[mw][hh]) * scale_log2);
+    alpha[mw][hh] = keep ? 1.f : (m_run[mw][hh] == -INFINITY ? 0.f : shrink);
+    m_run[mw][hh] = keep ? m_run[mw][hh] : mx[mw][hh];
+    // p = 2^(s * scale_log2 - m_off), one FFMA and one MUFU.EX2. A row whose offset is still -inf
+    // (only masked keys so far) takes 0, so that p = 2^-inf = 0.
+    const float m_off = m_run[mw][hh] == -INFINITY ? 0.f : m_run[mw][hh] * scale_log2;
     float rs = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -124,6 +152,7 @@ __device__ __forceinline__ void softmax_scores(float (&sc)[kMW][NT][4], float (&
     }
     l_run[mw][hh] = l_run[mw][hh] * alpha[mw][hh] + rs;  // the quad adds its partial sums at the end
   }
+  return !keep;
 }
 
 // o's rows times softmax_scores' alpha.
@@ -139,14 +168,13 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kMW][DT][4], const float
   }
 }
 
-// softmax_scores, and o rescaled at once.
+// softmax_scores, and o rescaled when it must be.
 template <int kMW, int NT, int DT>
 __device__ __forceinline__ void softmax_step(float (&sc)[kMW][NT][4], float (&o)[kMW][DT][4],
                                              float (&m_run)[kMW][2], float (&l_run)[kMW][2],
                                              float scale_log2) {
   float alpha[kMW][2];
-  softmax_scores(sc, m_run, l_run, scale_log2, alpha);
-  rescale_rows(o, alpha);
+  if (softmax_scores(sc, m_run, l_run, scale_log2, alpha)) rescale_rows(o, alpha);
 }
 
 // The forward's epilogue for a warp's kMW 16-row tiles from query row0 (of sequence b, head h):

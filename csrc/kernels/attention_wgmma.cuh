@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(128 * kGroups,
   float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
   float sc[1][NT][4];  // S, then P in place
   uint32_t pa[KN][4];  // P as A fragments (read by the P V wgmmas until their wait)
-  float alpha[1][2];   // the factor o's rows owe the last softmax
+  float alpha[1][2];   // the factor o's rows owe the last softmax, when it returned true
   // Issues S = Q K^T against the K tile of `stage` (D / 16 wgmmas, one commit); not waited for.
   auto issue_s = [&](int stage) {
     wgmma_fence();
@@ -171,12 +171,12 @@ __global__ void __launch_bounds__(128 * kGroups,
     }
     wgmma_commit();
   };
-  // Key block nb's S (waited for) masked and turned into P; alpha for o.
-  auto softmax_block = [&](int nb) {
+  // Key block nb's S (waited for) masked and turned into P; whether o needs rescaling by alpha.
+  auto softmax_block = [&](int nb) -> bool {
     fence_regs(sc[0]);
     mask_block<16, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * 16, int64_t(nb) * kBlockN, s,
                             lane);
-    softmax_scores(sc, m_run, l_run, scale_log2, alpha);
+    return softmax_scores(sc, m_run, l_run, scale_log2, alpha);
   };
   auto pack_p = [&] {
 #pragma unroll
@@ -208,8 +208,7 @@ __global__ void __launch_bounds__(128 * kGroups,
 
       issue_s(stage);
       wgmma_wait<0>();
-      softmax_block(nb);
-      rescale_rows(o, alpha);
+      if (softmax_block(nb)) rescale_rows(o, alpha);
       pack_p();
       issue_pv(stage);
       // Waited for here, not at the next step's barrier: deferred, the next step's rescale of o
@@ -245,7 +244,7 @@ __global__ void __launch_bounds__(128 * kGroups,
       issue_s((nb + 1) & 1);
       issue_pv(nb & 1);
       wgmma_wait<1>();  // the S (the older group); the P V runs on under the softmax
-      softmax_block(nb + 1);
+      const bool rescale = softmax_block(nb + 1);
       // The softmax must stay above the P V's wait. fence_regs keeps nvcc from sinking it; ptxas
       // schedules within basic blocks and hoisted the wait to the top of the softmax's block (no
       // overlap left), so a branch it cannot fold ends that block here. It is never taken:
@@ -255,7 +254,7 @@ __global__ void __launch_bounds__(128 * kGroups,
       wgmma_wait<0>();
       fence_regs(o[0]);
       fence_regs(pa);
-      rescale_rows(o, alpha);
+      if (rescale) rescale_rows(o, alpha);
       pack_p();
     }
     if (n_blocks > 0) {

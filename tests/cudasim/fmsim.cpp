@@ -594,6 +594,16 @@ void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mod
       [&](Slots slots) { std::memcpy(out, slots[src], bytes); });
 }
 
+unsigned ballot(unsigned mask, bool pred) {
+  unsigned bits = 0;
+  warp_barrier(
+      mask, [&](unsigned char* mine) { mine[0] = pred; },
+      [&](Slots slots) {
+        for (int lane = 0; lane < 32; ++lane) bits |= unsigned{slots[lane][0] != 0} << lane;
+      });
+  return bits;
+}
+
 // ---- inline PTX (fmsim.h)
 
 namespace {

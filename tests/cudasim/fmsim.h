@@ -9,10 +9,10 @@
 //   thread (so ASan/TSan see real concurrent accesses), with thread-local threadIdx/blockIdx/
 //   blockDim/gridDim. Launches are synchronous and serialized.
 // - __syncthreads is a block barrier; a thread that returned counts as arrived (as on Volta+).
-// - Warp shuffles (full mask only) and the warp-collective PTX (ldmatrix, mma.sync) exchange
-//   values through a per-warp slot array at a 32-lane barrier. A shuffle in a warp with fewer than
-//   32 live lanes (a lane returned, or a partial last warp) is undefined on hardware and reported
-//   as an error.
+// - Warp shuffles and votes (full mask only) and the warp-collective PTX (ldmatrix, mma.sync)
+//   exchange values through a per-warp slot array at a 32-lane barrier. A shuffle in a warp with
+//   fewer than 32 live lanes (a lane returned, or a partial last warp) is undefined on hardware
+//   and reported as an error.
 // - The inline PTX attention uses (cp.async, ldmatrix, mma.sync, ex2.approx, Hopper's asynchronous
 //   warpgroup MMA wgmma; see the declarations below), and float atomicAdd and the sm_90 float2
 //   atomicAdd (attention's atomic_add2) as real atomics.
@@ -130,6 +130,8 @@ enum class Shfl { kIdx, kUp, kDown, kXor };
 // Exchanges `bytes` (<= 16) bytes at value among the 32 lanes; writes the source lane's into out.
 void shuffle(unsigned mask, const void* value, void* out, size_t bytes, Shfl mode, int arg,
              int width);
+// __ballot_sync: bit i of the result is lane i's predicate, for every lane of the warp.
+unsigned ballot(unsigned mask, bool pred);
 
 // The inline PTX of csrc/kernels/ptx.cuh, which fmsim_ptx.h maps onto these.
 // - cp.async: a copy is in flight from issue to the cp.async.wait_group that covers its group.
@@ -272,6 +274,9 @@ template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return fmsim_shfl(mask, v, fmsim::Shfl::kXor, lane_mask, width);
 }
+inline unsigned __ballot_sync(unsigned mask, int pred) { return fmsim::ballot(mask, pred != 0); }
+inline int __all_sync(unsigned mask, int pred) { return fmsim::ballot(mask, pred != 0) == mask; }
+inline int __any_sync(unsigned mask, int pred) { return fmsim::ballot(mask, pred != 0) != 0; }
 
 // Global atomics: real atomics between the OS threads of a block (blocks run one at a time).
 inline float atomicAdd(float* p, float v) {

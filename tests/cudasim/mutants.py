@@ -36,6 +36,11 @@ ATTENTION_MUTANTS = {
     "fwd_no_rescale": ("o[mw][dt][e] *= alpha[mw][e / 2];", "(void)alpha;"),
     # the forward leaves Q as it is for a negative scale: its running max over raw scores is then the min
     "fwd_negative_scale_unflipped": ("  if (p.scale < 0.f) {  // flip", "  if (false) {  // flip"),
+    # the forward's lazy rescale: a row's offset follows its max even when o is not rescaled
+    "lazy_rescale_offset_moves_alone": ("m_run[mw][hh] = keep ? m_run[mw][hh] : mx[mw][hh];",
+                                        "m_run[mw][hh] = mx[mw][hh];"),
+    # the forward's lazy rescale never rescales: offsets stay at -inf (0), so P = 2^(s * c) unbounded
+    "lazy_rescale_never": ("keep = keep && (m == -INFINITY ||", "keep = keep || (m == -INFINITY ||"),
     # the forward scales by a zero scale as it is: 0 * -inf = NaN for masked scores
     "fwd_zero_scale_unclamped": ("fmaxf(fabsf(scale), FLT_MIN)", "fabsf(scale)"),
     # dk/dv: lse left in natural-log units

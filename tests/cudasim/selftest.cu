@@ -76,6 +76,20 @@ __global__ void sum_kernel(const float* in, float* out) {
   }
 }
 
+// Warp votes: out[w] = the bits of the ballot of warp w (lane i votes i % 3 == w), out[2 + w] its __all_sync
+// and out[4 + w] its __any_sync of the same predicate.
+__global__ void vote_kernel(float* out) {
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool vote = lane % 3 == w;
+  const unsigned bits = __ballot_sync(0xffffffffu, vote);
+  const int all = __all_sync(0xffffffffu, vote), any = __any_sync(0xffffffffu, vote);
+  if (lane == 0) {
+    std::memcpy(&out[w], &bits, sizeof bits);  // the exact bits
+    out[2 + w] = static_cast<float>(all);
+    out[4 + w] = static_cast<float>(any);
+  }
+}
+
 // cp.async: out[0] read before any wait (in flight: NaN), out[1] the first of two groups after
 // wait_group 1 (landed), out[2] the second group then (still in flight: NaN), out[3] the second
 // group after wait_group 0.
@@ -413,6 +427,12 @@ int fmsim_selftest(const std::string& name, float* result) {
     wgmma_misuse_kernel<<<1, 128, 2 * 64 * 128>>>(std::stoi(name.substr(13)));
   } else if (name == "unordered_shared") {
     unordered_shared_kernel<<<1, 64>>>(out);
+  } else if (name == "vote") {
+    vote_kernel<<<1, 64>>>(out);
+    // warp 0: lanes 0, 3, ..., 30 (0x49249249); warp 1: lanes 1, 4, ..., 31 (0x92492492)
+    unsigned bits[2];
+    std::memcpy(bits, out, sizeof bits);
+    *result = bits[0] == 0x49249249u && bits[1] == 0x92492492u && out[2] == 0.f && out[3] == 0.f && out[4] == 1.f && out[5] == 1.f;
   } else if (name == "sum") {
     sum_kernel<<<3, 96>>>(in, out);
     *result = out[0] + out[1] + out[2];

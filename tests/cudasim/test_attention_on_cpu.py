@@ -122,6 +122,16 @@ def test_wgmma_forward_many_key_blocks(kernels_on_sim, tiles, D, causal):
     ta.check_against_reference(*ta.make_qkv(1, 64, 700, 2, 1, D, "cpu", torch.bfloat16), causal, tiles=tiles)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("tiles,D", [(0, 64), (0, 128), (1, 64), (3, 64), (3, 128), (5, 64), (6, 128)])
+def test_rising_scores(kernels_on_sim, tiles, D, causal):
+    # Scores that climb slowly, jump and drop along the keys (ta.make_rising_qkv): the forward's
+    # lazy rescale both keeps rows' stale maxima and rescales, on mma.sync (0, 1: 32- to 128-key
+    # steps) and wgmma (3; 5 and 6 rescale after the P V's wait).
+    torch.manual_seed(18)
+    ta.check_against_reference(*ta.make_rising_qkv(1, 70, 400, 2, 1, D, "cpu", torch.bfloat16), causal, tiles=tiles)
+
+
 @DQ_PATHS
 @pytest.mark.parametrize("tiles", range(1, attention_tile_configs))
 def test_tile_configs_diagonal_offsets(kernels_on_sim, tiles, deterministic):

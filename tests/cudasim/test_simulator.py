@@ -108,6 +108,10 @@ def test_wgmma_runs_at_its_wait(sim):
     assert sim.sim_selftest("wgmma_in_flight") == (SUCCESS, 1.0)
 
 
+def test_warp_votes(sim):
+    assert sim.sim_selftest("vote") == (SUCCESS, 1.0)
+
+
 def test_ex2_approx_flushes_subnormals(sim):
     assert sim.sim_selftest("ex2") == (SUCCESS, 1.0)
 

@@ -77,6 +77,21 @@ def make_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype, requires_grad=True):
     return q, k, v
 
 
+def make_rising_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype):
+    """q, k, v whose scores climb along the keys, slowly (about 0.12 log2 units a key: less than the
+    forward's lazy-rescale threshold of 8 over a 32- or 64-key step, more over a 128-key one) with a
+    jump of ~17 log2 units at key Sk // 2 and a drop of ~29 at 5 Sk // 6: a row's running max then
+    stays within the threshold for some steps, then not, and the kernels' both softmax paths (keep
+    the offset, or rescale o and follow the max) alternate."""
+    q = (0.5 + 0.1 * torch.randn(B, Sq, Hq, D, device=device)).to(dtype)
+    j = torch.arange(Sk, device=device, dtype=torch.float32)
+    # q . 1 / sqrt(D) is about 0.5 sqrt(D) = 4 at D = 64: c log2 units a unit of c is 5.8 (8.2 at D = 128)
+    c = 0.02 * j + 3.0 * (j >= Sk // 2) - 5.0 * (j >= 5 * Sk // 6)
+    k = (0.3 * torch.randn(B, Sk, Hk, D, device=device) + c[None, :, None, None] * (64 / D) ** 0.5).to(dtype)
+    v = torch.randn(B, Sk, Hk, D, device=device).to(dtype)
+    return tuple(t.requires_grad_() for t in (q, k, v))
+
+
 def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False, tiles=0):
     out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, deterministic=deterministic,
                                return_lse=True, tiles=tiles)
@@ -155,6 +170,15 @@ DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_
 def test_matches_reference_large_cuda(shape, causal, dtype, deterministic):
     torch.manual_seed(2)
     check_against_reference(*make_qkv(*shape, "cuda", dtype), causal, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rising_scores(device, causal):
+    # The forward's lazy rescale (attention_softmax.cuh): steps that keep a row's stale max and steps
+    # that must rescale, in one sequence (make_rising_qkv), at both 16-bit dtypes.
+    torch.manual_seed(18)
+    for dtype in DTYPES:
+        check_against_reference(*make_rising_qkv(1, 300, 600, 4, 2, 64, device, dtype), causal)
 
 
 def test_rows_without_keys_give_zero_and_neg_inf(device):
@@ -336,6 +360,8 @@ def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
     for shape in [(2, 301, 333, 8, 2, D), (1, 150, 90, 3, 1, D)]:
         check_against_reference(*make_qkv(*shape, "cuda", torch.bfloat16), causal, deterministic=deterministic,
                                 tiles=tiles)
+    check_against_reference(*make_rising_qkv(1, 300, 600, 4, 2, D, "cuda", torch.bfloat16), causal,
+                            deterministic=deterministic, tiles=tiles)
     check_varlen("cuda", causal, False, 4, 2, D, torch.bfloat16, deterministic, tiles=tiles)
 
 
