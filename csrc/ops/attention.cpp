@@ -198,7 +198,15 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
   return p;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv, bool varlen) {
+  TORCH_CHECK_VALUE(qkv.dim() == (varlen ? 4 : 5) && qkv.size(-3) == 3, "expected qkv of shape ",
+                    varlen ? "(total, 3, H, D) (with cu_seqlens)" : "(B, S, 3, H, D)", ", got ",
+                    shape_str(qkv.sizes()));
+  return {qkv.select(-3, 0), qkv.select(-3, 1), qkv.select(-3, 2)};
+}
+
 namespace {
+
 
 // ---- CPU reference
 
@@ -403,19 +411,18 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool /*deterministic: the reference always is*/, int64_t tiles) {
+// The backward into dq, dk, dv (of q's, k's, v's shapes; views of a packed gradient allowed).
+void flash_attn_bwd_cpu_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const std::optional<at::Tensor>& dlse,
+                             const std::optional<at::Tensor>& cu_seqlens_q,
+                             const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                             int64_t max_seqlen_k, bool causal, double softmax_scale, int64_t tiles,
+                             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_attn_grads(sh, q, dout, out, lse, dlse);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
@@ -424,7 +431,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   } else {
     attn_bwd_cpu_impl<float>(sh, p, softmax_scale, dout, q, k, v, out, lse, dlse, dq, dk, dv);
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
+    bool /*deterministic: the reference always is*/, int64_t tiles) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  flash_attn_bwd_cpu_into(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, causal, softmax_scale, tiles, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+at::Tensor flash_attn_qkvpacked_bwd_cpu(const at::Tensor& dout, const at::Tensor& qkv,
+                                        const at::Tensor& out, const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& dlse,
+                                        const std::optional<at::Tensor>& cu_seqlens,
+                                        int64_t max_seqlen, bool causal, double softmax_scale,
+                                        bool /*deterministic*/, int64_t tiles) {
+  const auto [q, k, v] = unpack_qkv(qkv, cu_seqlens.has_value());
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  auto [dq, dk, dv] = unpack_qkv(dqkv, cu_seqlens.has_value());
+  flash_attn_bwd_cpu_into(dout, q, k, v, out, lse, dlse, cu_seqlens, cu_seqlens, max_seqlen,
+                          max_seqlen, causal, softmax_scale, tiles, dq, dk, dv);
+  return dqkv;
 }
 
 }  // namespace
@@ -432,6 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 TORCH_LIBRARY_IMPL(fmcore, CPU, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
   m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
+  m.impl("flash_attn_qkvpacked_bwd", &flash_attn_qkvpacked_bwd_cpu);
 }
 
 }  // namespace fmcore

@@ -60,12 +60,17 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    bool causal, double softmax_scale, bool deterministic, int64_t tiles) {
+// The backward into dq, dk, dv (of q's, k's, v's shapes; views of a packed gradient allowed: the
+// kernels write through strides).
+void flash_attn_bwd_cuda_into(const at::Tensor& dout_in, const at::Tensor& q_in,
+                              const at::Tensor& k_in, const at::Tensor& v_in,
+                              const at::Tensor& out_in, const at::Tensor& lse,
+                              const std::optional<at::Tensor>& dlse,
+                              const std::optional<at::Tensor>& cu_seqlens_q,
+                              const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, bool causal, double softmax_scale,
+                              bool deterministic, int64_t tiles, const at::Tensor& dq,
+                              const at::Tensor& dk, const at::Tensor& dv) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -73,9 +78,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   const at::Tensor dout = kernel_ready(dout_in), out = kernel_ready(out_in);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty(lse_shape(sh), lse.options());
   AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
@@ -90,14 +92,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     // here then, they pass deterministic=True) as torch's own nondeterministic kernels do.
     at::globalContext().alertNotDeterministic(
         "fmcore::flash_attn_bwd with deterministic=False (atomic dq; pass deterministic=True)");
-    // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous like dq.
+    // The atomic dq path's fp32 scratch (attn_bwd): zeroed here, contiguous (q's shape).
     dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     p.dq_accum = attn_tensor(dq_accum, sh.varlen);
   }
   p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   check_launch(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
+    bool deterministic, int64_t tiles) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  flash_attn_bwd_cuda_into(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, causal, softmax_scale, deterministic, tiles, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// dq, dk, dv written into one gradient of qkv's shape: no copy to stack them, which autograd's
+// unbind backward would make (3 x the activations read and written, every layer).
+at::Tensor flash_attn_qkvpacked_bwd_cuda(const at::Tensor& dout, const at::Tensor& qkv,
+                                         const at::Tensor& out, const at::Tensor& lse,
+                                         const std::optional<at::Tensor>& dlse,
+                                         const std::optional<at::Tensor>& cu_seqlens,
+                                         int64_t max_seqlen, bool causal, double softmax_scale,
+                                         bool deterministic, int64_t tiles) {
+  const auto [q, k, v] = unpack_qkv(qkv, cu_seqlens.has_value());
+  // Contiguous: 16-byte aligned views whose strides are multiples of 8 elements (D is).
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq, dk, dv] = unpack_qkv(dqkv, cu_seqlens.has_value());
+  flash_attn_bwd_cuda_into(dout, q, k, v, out, lse, dlse, cu_seqlens, cu_seqlens, max_seqlen,
+                           max_seqlen, causal, softmax_scale, deterministic, tiles, dq, dk, dv);
+  return dqkv;
 }
 
 }  // namespace
@@ -105,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
 TORCH_LIBRARY_IMPL(fmcore, CUDA, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_cuda);
   m.impl("flash_attn_bwd", &flash_attn_bwd_cuda);
+  m.impl("flash_attn_qkvpacked_bwd", &flash_attn_qkvpacked_bwd_cuda);
 }
 
 }  // namespace fmcore

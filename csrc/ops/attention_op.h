@@ -44,4 +44,8 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
                             double softmax_scale, int64_t tiles);
 AttnTensor attn_tensor(const at::Tensor& t, bool varlen);
 
+// q, k and v as views of a packed qkv: (B, S, 3, H, D), or (T, 3, H, D) when varlen. Raises
+// ValueError naming qkv for any other shape.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv, bool varlen);
+
 }  // namespace fmcore

@@ -76,6 +76,13 @@ TORCH_LIBRARY(fmcore, m) {
       "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False, "
       "int tiles=0) -> (Tensor, Tensor, Tensor)");
+  // flash_attn_bwd for q, k, v packed in qkv ((B, S, 3, H, D), or (T, 3, H, D) with cu_seqlens,
+  // which then serves q and k): returns the gradient of qkv (contiguous), written in place of
+  // stacking three (fmcore.ops.flash_attention_qkvpacked's backward).
+  m.def(
+      "flash_attn_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor? cu_seqlens, int max_seqlen, bool causal, float softmax_scale, "
+      "bool deterministic=False, int tiles=0) -> Tensor");
 
   // Fused residual add + LayerNorm (rms=False) / RMSNorm (rms=True) (kernels/norm.h). x (..., D),
   // residual (x's shape) or None, weight and bias (D,). Returns (out, residual_out, mean, rstd): out

@@ -57,6 +57,9 @@ ATTENTION_MUTANTS = {
                                    "sAt + kk * 16 * kPitchA + a_off<kPitchA>(lane)"),
     # atomic dq: each lane's float2 pair one column off (misaligned: the H100's vector atomic faults)
     "atomic_dq_pair_misaligned": ("h) + c0 + 2 * tq;", "h) + c0 + 2 * tq + 1;"),
+    # the convert pass writes dq as if contiguous (right only when nobody passed a strided dq)
+    "dq_convert_ignores_strides": ("*reinterpret_cast<uint4*>(row_ptr_mut<T>(p.dq, b, row, h) + c) = out;",
+                                   "*reinterpret_cast<uint4*>(static_cast<T*>(p.dq.ptr) + i * 8) = out;"),
     # the convert pass leaves the last 8 elements of dq unwritten
     "dq_convert_skips_tail": ("if (i >= rows * p.heads_q * chunks) return;",
                               "if (i + 8 >= rows * p.heads_q * chunks) return;"),

@@ -35,6 +35,7 @@ def kernels_on_sim(sim):
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
         lib.impl("flash_attn_fwd", sim.flash_attn_fwd, "CPU")
         lib.impl("flash_attn_bwd", sim.flash_attn_bwd, "CPU")
+        lib.impl("flash_attn_qkvpacked_bwd", sim.flash_attn_qkvpacked_bwd, "CPU")
     yield
     lib._destroy()  # the CPU reference kernels are back
 
@@ -130,6 +131,16 @@ def test_rising_scores(kernels_on_sim, tiles, D, causal):
     # steps) and wgmma (3; 5 and 6 rescale after the P V's wait).
     torch.manual_seed(18)
     ta.check_against_reference(*ta.make_rising_qkv(1, 70, 400, 2, 1, D, "cpu", torch.bfloat16), causal, tiles=tiles)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+@pytest.mark.parametrize("tiles,D", [(0, 64), (0, 96), (4, 128), (6, 64)])
+def test_qkvpacked(kernels_on_sim, tiles, D, varlen, causal):
+    # The backward writing dq, dk, dv into strided views of one gradient (the qkv-packed op): the
+    # mma.sync kernels and the wgmma dk/dv (tiles 4, 6), with dq by both paths (atomic: the convert
+    # kernel writes it). Equal to the unpacked op's gradients, stacked.
+    ta.check_qkvpacked("cpu", varlen, causal, tiles=tiles, D=D, atomics=True)
 
 
 @DQ_PATHS

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmcore._C import attention_tile_configs
-from fmcore.ops import attention_tiles, flash_attention, flash_attention_varlen, scaled_dot_product_attention
+from fmcore.ops import (
+    attention_tiles,
+    flash_attention,
+    flash_attention_qkvpacked,
+    flash_attention_varlen,
+    scaled_dot_product_attention,
+)
 from fmcore.ops import attention as attn_mod
 from tests.util import assert_close_to_ref
 
@@ -757,6 +763,59 @@ def test_cuda_unaligned_inputs_are_copied():
     check_against_reference(q, k, v, causal=True)
 
 
+# ---- qkv packed
+
+
+def check_qkvpacked(device, varlen, causal, dtype=torch.bfloat16, tiles=0, D=64, atomics=None):
+    """flash_attention_qkvpacked against unpacking qkv and calling flash_attention(_varlen): the same
+    out and lse bitwise, and a gradient of qkv equal to the three stacked (bitwise on the
+    deterministic backward; atomics: whether the other one adds dq with atomics, in varying order:
+    the CUDA kernels, default on CUDA)."""
+    device = torch.device(device)
+    atomics = device.type == "cuda" if atomics is None else atomics
+    torch.manual_seed(19)
+    lengths = [1, 37, 70, 5]
+    shape = (sum(lengths), 3, 4, D) if varlen else (2, 75, 3, 4, D)
+    base = torch.randn(*shape[:-1], D + 8, device=device, dtype=dtype)
+    qkv = base[..., :D].requires_grad_()  # strided: qkv need not be contiguous either
+    c = cu(lengths, device) if varlen else None
+    args = (c, max(lengths)) if varlen else ()
+    for deterministic in (True, False):
+        out, lse = flash_attention_qkvpacked(qkv, *args, causal=causal, return_lse=True, deterministic=deterministic,
+                                             tiles=tiles)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        (dqkv,) = torch.autograd.grad((out, lse), (qkv,), (dout, dlse))
+        q, k, v = (t.detach().requires_grad_() for t in qkv.detach().unbind(-3))
+        call = flash_attention_varlen if varlen else flash_attention
+        want_out, want_lse = call(q, k, v, *(args[:1] * 2 + args[1:] * 2), causal=causal, return_lse=True,
+                                  deterministic=deterministic, tiles=tiles)
+        want = torch.stack(torch.autograd.grad((want_out, want_lse), (q, k, v), (dout, dlse)), dim=-3)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
+        if deterministic or not atomics:
+            assert torch.equal(dqkv, want)
+        else:
+            torch.testing.assert_close(dqkv, want)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_qkvpacked_matches_unpacked(device, varlen, causal):
+    check_qkvpacked(device, varlen, causal)
+
+
+def test_qkvpacked_bad_inputs(device):
+    qkv = torch.randn(2, 8, 3, 2, 64, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"expected qkv of shape \(B, S, 3, H, D\), got \(2, 8, 2, 2, 64\)"):
+        flash_attention_qkvpacked(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"expected qkv of shape \(total, 3, H, D\) \(with cu_seqlens\)"):
+        flash_attention_qkvpacked(qkv, cu([8, 8], device), 8)
+    with pytest.raises(ValueError, match="expected max_seqlen"):
+        flash_attention_qkvpacked(qkv[0], cu([8], device))
+    with pytest.raises(ValueError, match=r"expected qkv of shape \(B, S, 3, H, D\)"):
+        torch.ops.fmcore.flash_attn_qkvpacked_bwd(qkv[0], qkv[0], qkv[0], qkv[0], None, None, 0, False, 0.125)
+
+
 # ---- torch.library and torch.compile
 
 
@@ -783,6 +842,13 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.fmcore.flash_attn_bwd.default,
                               (torch.randn_like(out), q, k, v, out, lse, dlse, None, None, 0, 0, True, 0.125, det),
                               **utils)
+    qkv = torch.randn(2, 19, 3, 4, 64, device=device, dtype=dtype)
+    out, lse = torch.ops.fmcore.flash_attn_fwd(*qkv.unbind(2), None, None, 0, 0, True, 0.125)
+    for det in (True, False):
+        utils = {} if det else {"test_utils": nondet_utils}
+        torch.library.opcheck(torch.ops.fmcore.flash_attn_qkvpacked_bwd.default,
+                              (torch.randn_like(out), qkv, out, lse, torch.randn_like(lse), None, 0, True, 0.125, det),
+                              **utils)
 
 
 def test_torch_compile_fullgraph(device):
@@ -793,7 +859,9 @@ def test_torch_compile_fullgraph(device):
     def fn(q, k, v):
         a = flash_attention(q, k, v, causal=True)
         b = flash_attention_varlen(q[0], k[0], v[0], c, c, 23, 23, causal=True)
-        return a.float().square().sum() + b.float().sum()
+        qkv = torch.stack((q, 2 * q, q.flip(1)), dim=2)  # MHA: q for k and v too
+        d = flash_attention_qkvpacked(qkv, causal=True) + flash_attention_qkvpacked(qkv[0], c, 23)[None]
+        return a.float().square().sum() + b.float().sum() + d.float().sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
     loss = compiled(q, k, v)

@@ -4,6 +4,7 @@ from fmcore.ops.adamw import grad_norm
 from fmcore.ops.attention import (
     attention_tiles,
     flash_attention,
+    flash_attention_qkvpacked,
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "attention_tiles",
     "cross_entropy",
     "flash_attention",
+    "flash_attention_qkvpacked",
     "flash_attention_varlen",
     "grad_norm",
     "linear_cross_entropy",

@@ -3,7 +3,8 @@
 ``flash_attention(q, k, v)`` takes q (B, Sq, Hq, D) and k/v (B, Sk, Hk, D), the layout a fused qkv
 projection produces; any strides work as long as the last dim is contiguous, so q, k, v sliced out of
 one projection need no copy. ``flash_attention_varlen`` takes packed documents (T, H, D) with int32
-cumulative lengths, the document-masked attention of packed batches. ``scaled_dot_product_attention``
+cumulative lengths, the document-masked attention of packed batches; ``flash_attention_qkvpacked``
+either, on one (B, S, 3, H, D) or (T, 3, H, D) qkv tensor. ``scaled_dot_product_attention``
 is a drop-in for torch's (B, H, S, D) function that uses fmcore's kernel where it applies.
 
 Conventions (FlashAttention 2.1+):
@@ -169,6 +170,73 @@ def flash_attention_varlen(
     return (out, lse) if return_lse else out
 
 
+def flash_attention_qkvpacked(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    tiles: int = 0,
+):
+    """``flash_attention`` (``flash_attention_varlen`` with cu_seqlens) for q, k and v packed in one
+    tensor, as a fused qkv projection makes them: qkv (B, S, 3, H, D), or (T, 3, H, D) with
+    cu_seqlens (int32 (N + 1,), for queries and keys alike) and max_seqlen.
+
+    The same results as unpacking qkv along dim -3 and calling those, forward and backward; but the
+    backward writes dq, dk and dv into one gradient of qkv's shape, where unpacking would make
+    autograd stack three gradients into it: a copy of three times the attention inputs, read and
+    written, every layer (FlashAttention's qkvpacked functions avoid it the same way). Keyword
+    arguments as in ``flash_attention``. Returns out (B, S, H, D) ((T, H, D)), and lse when
+    return_lse.
+    """
+    varlen = cu_seqlens is not None
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != (4 if varlen else 5) or qkv.shape[-3] != 3:
+        want = "(total, 3, H, D) (with cu_seqlens)" if varlen else "(B, S, 3, H, D)"
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"expected qkv of shape {want}, got {got}")
+    if varlen:
+        if max_seqlen is None:
+            raise ValueError("expected max_seqlen (the longest sequence) with cu_seqlens, got None")
+        max_seqlen = int(max_seqlen)
+        if qkv.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+            _check_cu_values(cu_seqlens, qkv.select(-3, 0), max_seqlen, "cu_seqlens", "max_seqlen", "qkv")
+    else:
+        max_seqlen = 0
+    out, lse = _FlashAttentionQKVPacked.apply(qkv, cu_seqlens, max_seqlen, bool(causal),
+                                              _scale(qkv, softmax_scale), _deterministic(deterministic), _tiles(tiles))
+    return (out, lse) if return_lse else out
+
+
+class _FlashAttentionQKVPacked(torch.autograd.Function):
+    """flash_attn_fwd on qkv's three views; the backward, flash_attn_qkvpacked_bwd, returns qkv's
+    gradient whole."""
+
+    @staticmethod
+    def forward(qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles):
+        q, k, v = qkv.unbind(-3)
+        return torch.ops.fmcore.flash_attn_fwd(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal,
+                                               scale, deterministic, tiles)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles = inputs
+        ctx.save_for_backward(qkv, *output, cu_seqlens)
+        ctx.args = (max_seqlen, causal, scale, deterministic, tiles)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        # As in _backward: a missing gradient becomes a dense zero tensor (dout) or None (dlse).
+        dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
+        dlse = None if dlse is None else dlse.contiguous()
+        dqkv = torch.ops.fmcore.flash_attn_qkvpacked_bwd(dout, qkv, out, lse, dlse, cu_seqlens, *ctx.args)
+        return dqkv, None, None, None, None, None, None
+
+
 # name -> (weakref to the last cu_seqlens tensor found valid, its version, (rows, max_seqlen))
 _cu_checked: dict[str, tuple] = {}
 
@@ -212,6 +280,12 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, softmax_scale, deterministic=False, tiles=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("fmcore::flash_attn_qkvpacked_bwd")
+def _flash_attn_qkvpacked_bwd_fake(dout, qkv, out, lse, dlse, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                   deterministic=False, tiles=0):
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):

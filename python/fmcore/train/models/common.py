@@ -71,6 +71,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str
     return out.transpose(1, 2)
 
 
+def causal_attention_packed(qkv: torch.Tensor, ops: str, docs: DocMask | None = None) -> torch.Tensor:
+    """causal_attention for q, k, v packed in qkv (B, S, 3, H, D), as a fused projection makes them
+    (H heads each: no GQA). On the fmcore path one op whose backward writes qkv's gradient whole,
+    where unbinding would make autograd stack the three gradients (a copy of them, every layer)."""
+    B, S, _, H, D = qkv.shape
+    if ops == "fmcore" and _flash_covers(qkv):
+        from fmcore.ops import flash_attention_qkvpacked
+
+        if docs is None:
+            return flash_attention_qkvpacked(qkv, causal=True)
+        out = flash_attention_qkvpacked(qkv.reshape(B * S, 3, H, D), docs.cu_seqlens, docs.max_seqlen, causal=True)
+        return out.view(B, S, H, D)
+    return causal_attention(*qkv.unbind(2), ops, docs)
+
+
 _warned: set = set()
 
 

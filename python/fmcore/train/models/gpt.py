@@ -12,7 +12,7 @@ from torch import nn
 
 from fmcore.train.config import ModelConfig
 from fmcore.train.models.base import CausalLM, PreNormBlock
-from fmcore.train.models.common import DocMask, causal_attention
+from fmcore.train.models.common import DocMask, causal_attention_packed
 
 
 class GPTBlock(PreNormBlock):
@@ -34,9 +34,8 @@ class GPTBlock(PreNormBlock):
     def _attention(self, x: torch.Tensor, positions: torch.Tensor | None, docs: DocMask | None) -> torch.Tensor:
         # positions: unused (GPT-2's positions are added to the embedding)
         B, S, _ = x.shape
-        qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # (B, S, H, D) views: attention reads them without a copy
-        return self.attn_out(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.n_heads * self.head_dim))
+        qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim)  # attention reads it without a copy
+        return self.attn_out(causal_attention_packed(qkv, self.ops, docs).reshape(B, S, self.n_heads * self.head_dim))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_out(F.gelu(self.fc(x), approximate="tanh"))
