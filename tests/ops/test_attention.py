@@ -361,13 +361,17 @@ def check_causal_offsets(device, Sq, offsets, Hq, D, deterministic, tiles=0):
 @pytest.mark.parametrize("tiles", range(1, attention_tile_configs))
 def test_tile_configs_match_reference_cuda(tiles, D, causal, deterministic):
     # The alternatives the benchmark times beside the default (every other test runs tiles=0): GQA
-    # with Sq > Sk and Sq < Sk, partial blocks of every tile size, and varlen documents.
+    # with Sq > Sk and Sq < Sk, partial blocks of every tile size, scores that rise and jump (the
+    # forward's lazy rescale), gradients written into a packed qkv's strided views, and varlen
+    # documents.
     torch.manual_seed(14)
     for shape in [(2, 301, 333, 8, 2, D), (1, 150, 90, 3, 1, D)]:
         check_against_reference(*make_qkv(*shape, "cuda", torch.bfloat16), causal, deterministic=deterministic,
                                 tiles=tiles)
     check_against_reference(*make_rising_qkv(1, 300, 600, 4, 2, D, "cuda", torch.bfloat16), causal,
                             deterministic=deterministic, tiles=tiles)
+    if not deterministic:  # check_qkvpacked runs both backward paths
+        check_qkvpacked("cuda", True, causal, tiles=tiles, D=D)
     check_varlen("cuda", causal, False, 4, 2, D, torch.bfloat16, deterministic, tiles=tiles)
 
 
