@@ -207,7 +207,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv,
 
 namespace {
 
-
 // ---- CPU reference
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
