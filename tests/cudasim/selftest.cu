@@ -76,8 +76,8 @@ __global__ void sum_kernel(const float* in, float* out) {
   }
 }
 
-// Warp votes: out[w] = the bits of the ballot of warp w (lane i votes i % 3 == w), out[2 + w] its __all_sync
-// and out[4 + w] its __any_sync of the same predicate.
+// Warp votes: out[w] = the bits of the ballot of warp w (lane i votes i % 3 == w), out[2 + w]
+// its __all_sync and out[4 + w] its __any_sync of the same predicate.
 __global__ void vote_kernel(float* out) {
   const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool vote = lane % 3 == w;
@@ -432,7 +432,8 @@ int fmsim_selftest(const std::string& name, float* result) {
     // warp 0: lanes 0, 3, ..., 30 (0x49249249); warp 1: lanes 1, 4, ..., 31 (0x92492492)
     unsigned bits[2];
     std::memcpy(bits, out, sizeof bits);
-    *result = bits[0] == 0x49249249u && bits[1] == 0x92492492u && out[2] == 0.f && out[3] == 0.f && out[4] == 1.f && out[5] == 1.f;
+    *result = bits[0] == 0x49249249u && bits[1] == 0x92492492u && out[2] == 0.f &&
+              out[3] == 0.f && out[4] == 1.f && out[5] == 1.f;
   } else if (name == "sum") {
     sum_kernel<<<3, 96>>>(in, out);
     *result = out[0] + out[1] + out[2];

@@ -230,9 +230,7 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        # As in _backward: a missing gradient becomes a dense zero tensor (dout) or None (dlse).
-        dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
-        dlse = None if dlse is None else dlse.contiguous()
+        dout, dlse = _kernel_grads(out, dout, dlse)
         dqkv = torch.ops.fmcore.flash_attn_qkvpacked_bwd(dout, qkv, out, lse, dlse, cu_seqlens, *ctx.args)
         return dqkv, None, None, None, None, None, None
 
@@ -295,11 +293,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, causal, scale, deterministic, tiles)
 
 
+def _kernel_grads(out, dout, dlse):
+    """The output gradients as the backward kernels take them. Empty or missing ones arrive as None or
+    stride-0 expansions: dout becomes a dense zero tensor, dlse stays None."""
+    dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
+    return dout, None if dlse is None else dlse.contiguous()
+
+
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    # Empty or missing gradients arrive as stride-0 expansions: hand the kernels a dense zero tensor.
-    dout = torch.zeros_like(out) if dout is None or dout.numel() == 0 else dense_last_dim(dout)
-    dlse = None if dlse is None else dlse.contiguous()
+    dout, dlse = _kernel_grads(out, dout, dlse)
     dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
