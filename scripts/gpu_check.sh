@@ -79,7 +79,7 @@ stage_test() {  # stage_test SECONDS
   # 8 workers share the GPU; a test that leaves a sticky CUDA error ends its worker (tests/conftest.py)
   # and xdist starts a fresh one, so one bad kernel cannot fail every later test.
   local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-  local skip=(); [ -n "$tiles_tested" ] && skip=(-k "not tile_configs_match_reference_cuda")
+  local skip=(); [ -n "$tiles_tested" ] && skip=(-k "not tile_configs_match_reference_cuda and not wgmma_probe")
   # -v: one line per test as it ends, so a log cut by the cap still names every failure so far.
   bounded "$1" python3 -m pytest "$repo/tests" -m "cuda and not bigmem" -v "${workers[@]}" "${skip[@]}" \
     -p no:cacheprovider -p no:benchmark --timeout 120 -rfE --durations=15 > pytest-cuda.log 2>&1 || status=1
@@ -87,9 +87,12 @@ stage_test() {  # stage_test SECONDS
 }
 
 stage_test_tiles() {  # stage_test_tiles SECONDS
-  # 72 tests (6 configurations x 3 head dims x causal x dq path), 4 xdist workers on the one GPU.
+  # 72 tests (6 configurations x 3 head dims x causal x dq path), 4 xdist workers on the one GPU,
+  # and first the wgmma probe (13 tests, seconds): where a wgmma configuration fails, whether
+  # attention's wgmma layouts are the cause, and which form (test_wgmma_probe.py).
   local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-  bounded "$1" python3 -m pytest "$repo/tests/ops/test_attention.py" -m cuda -k tile_configs_match_reference_cuda -v \
+  bounded "$1" python3 -m pytest "$repo/tests/ops/test_wgmma_probe.py" "$repo/tests/ops/test_attention.py" -m cuda \
+    -k "tile_configs_match_reference_cuda or wgmma_probe" -v \
     "${workers[@]}" -p no:cacheprovider -p no:benchmark --timeout 60 -rfE > pytest-tiles.log 2>&1 || status=1
   grep -E "(FAILED|ERROR) |passed|failed|skipped" pytest-tiles.log | grep -v " PASSED " | tail -n 30
   tiles_tested=1

@@ -57,6 +57,15 @@ def attention():
     for deterministic in (False, True):
         flash_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True,
                                deterministic=deterministic).float().sum().backward()
+    # The wgmma probe (tests/ops/test_wgmma_probe.py), in each form, where it runs.
+    from fmcore import _C
+
+    if dev == "cuda" and "9.0a" in _C.build_info()["cuda_archs"] and torch.cuda.get_device_capability()[0] == 9:
+        for form in ("ss", "ss_mn", "rs"):
+            for n in (64, 128):
+                x = torch.randn((128, 64) if form == "ss_mn" else (64, 128), device=dev, dtype=torch.bfloat16)
+                y = torch.randn((n, 128) if form == "ss" else (128, n), device=dev, dtype=torch.bfloat16)
+                _C._wgmma_probe(form, x, y)
 
 
 def cross_entropy():

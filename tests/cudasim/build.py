@@ -1,5 +1,5 @@
 """Builds libfmcore_sim: fmcore's CUDA bindings and kernels (rope, cross_entropy, add_norm, adamw,
-attention) compiled as C++ against fmsim (fmsim.h), with no CUDA runtime or GPU, and loads it into torch.
+attention, and the wgmma probe) compiled as C++ against fmsim (fmsim.h), with no CUDA runtime or GPU, and loads it into torch.
 And fmcore_ncclsim (build_nccl): fmcore's NCCL communicator over ncclsim.cpp's model of NCCL.
 
 Every source is compiled through a generated wrapper in the build directory: the torch bindings
@@ -37,7 +37,8 @@ OPS = ["rope", "cross_entropy", "norm", "adamw", "attention"]
 # linear_cross_entropy's op), plus the schemas.
 BINDINGS = [f"ops/{o}.cpp" for o in OPS] + [f"ops/{o}_cuda.cpp" for o in OPS]
 BINDINGS += ["ops/linear_cross_entropy.cpp", "ops/registration.cpp"]
-KERNELS = [f"kernels/{o}.cu" for o in OPS]
+# ...and the wgmma layout probe (test_simulator.py runs it as on the GPU)
+KERNELS = [f"kernels/{o}.cu" for o in OPS] + ["kernels/wgmma_probe.cu"]
 
 
 class Unavailable(Exception):

@@ -150,120 +150,12 @@ __global__ void ex2_kernel(const float* in, float* out) {
   out[threadIdx.x] = fmcore::ex2_approx(in[threadIdx.x]);
 }
 
-// ---- wgmma: one warpgroup (128 threads) with the tiles and descriptors a Hopper kernel builds:
-// [rows][64] tiles of 16-bit elements, 128 bytes a row, 16-byte chunk c of row r stored at chunk
-// c ^ (r % 8) (the 128-byte swizzle).
+// ---- wgmma (the layouts themselves: csrc/kernels/wgmma_probe.cu, run by test_simulator.py too)
 
-// Byte offset of element (r, col) in such a tile.
-__device__ int swizzled(int r, int col) {
-  return r * 128 + ((col / 8) ^ (r % 8)) * 16 + col % 8 * 2;
-}
-
-// A descriptor of the 128-byte-swizzled operand at p (fmsim.h gives the bit fields).
+// A descriptor of the 128-byte-swizzled operand at p (fmsim.h gives the bit fields); mode 0: none.
 __device__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo, uint64_t mode = 1) {
   return uint64_t{(fmcore::smem_addr(p) & 0x3FFFFu) >> 4} | uint64_t{lbo >> 4} << 16 |
          uint64_t{sbo >> 4} << 32 | mode << 62;
-}
-
-template <typename T>
-__device__ uint32_t pack2(T lo, T hi) {
-  uint16_t l, h;
-  std::memcpy(&l, &lo, 2);
-  std::memcpy(&h, &hi, 2);
-  return uint32_t{l} | uint32_t{h} << 16;
-}
-
-// d's elements at their (row, column) of out (64 x N): g = lane / 4, t = lane % 4, d[i][2h + e] is
-// D[16 (warp % 4) + g + 8h][8i + 2t + e].
-template <int N>
-__device__ void store_d(const float (&d)[N / 8][4], float* out) {
-  const int lane = threadIdx.x % 32, row = 16 * (threadIdx.x / 32 % 4) + lane / 4;
-  for (int i = 0; i < N / 8; ++i) {
-    for (int e = 0; e < 4; ++e) {
-      out[(row + 8 * (e / 2)) * N + 8 * i + 2 * (lane % 4) + e % 2] = d[i][e];
-    }
-  }
-}
-
-// The LBO of wgmma_ss_kernel's MN-major B (N = 128): its second 64-column tile lies 1024 bytes past
-// the end of the first (64 rows of k), not right after it, so an ignored LBO reads the NaN poison.
-constexpr uint32_t kMnLbo = 64 * 128 + 1024;
-
-// wgmma_ss_kernel's shared memory: A's 64 x 64, then B's N x 64 (K-major) or N / 64 tiles of
-// 64 x 64 kMnLbo bytes apart (MN-major).
-constexpr int ss_smem(int n, bool b_mn) {
-  return 64 * 128 + (b_mn ? (n / 64 - 1) * kMnLbo + 64 * 128 : n * 128);
-}
-
-// out (64 x N) = a (64 x 64) b (64 x N), all row-major, 4 chained k16 steps in two commit groups;
-// the first step does not accumulate (d's 7s are dropped). Each operand K-major in shared memory
-// (trans 0: A as 64 rows of k, B transposed, N rows of k) or MN-major (trans 1: A transposed, 64
-// rows of 64 m; B as 64 rows of n, in N / 64 tiles [64 k][64 n] kMnLbo bytes apart).
-template <typename T, int N, int kTransA, int kTransB>
-__global__ void wgmma_ss_kernel(const T* a, const T* b, float* out) {
-  extern __shared__ __align__(1024) unsigned char tiles[];
-  unsigned char* ta = tiles;             // [64 m][64 k], or [64 k][64 m]
-  unsigned char* tb = tiles + 64 * 128;  // [N n][64 k], or N / 64 x [64 k][64 n]
-  for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) {
-    const int m = i / 64, k = i % 64;
-    *reinterpret_cast<T*>(ta + (kTransA ? swizzled(k, m) : swizzled(m, k))) = a[i];
-  }
-  for (int i = threadIdx.x; i < 64 * N; i += blockDim.x) {
-    const int k = i / N, n = i % N;
-    const int at = kTransB ? n / 64 * kMnLbo + swizzled(k, n % 64) : swizzled(n, k);
-    *reinterpret_cast<T*>(tb + at) = b[i];
-  }
-  fmcore::fence_proxy_async();
-  __syncthreads();
-  float d[N / 8][4];
-  for (auto& x : d) {
-    for (float& y : x) y = 7.f;
-  }
-  fmcore::wgmma_fence();
-  // the next k16 step: the next 32 bytes of the 128-byte rows (K-major; the swizzle applies to the
-  // sum), or the next 16 rows (MN-major)
-  auto desc = [](unsigned char* p, bool mn, int s) {
-    return mn ? sw128_desc(p + 16 * 128 * s, kMnLbo, 1024) : sw128_desc(p + 32 * s, 16, 1024);
-  };
-  for (int s = 0; s < 4; ++s) {
-    fmcore::wgmma_ss<T, N, kTransA, kTransB>(d, desc(ta, kTransA, s), desc(tb, kTransB, s), s > 0);
-    if (s == 1) fmcore::wgmma_commit();
-  }
-  fmcore::wgmma_commit();
-  fmcore::wgmma_wait<0>();
-  store_d<N>(d, out);
-}
-
-// out (64 x N) = 0.5 + a (64 x 64) b (64 x N): A from registers (each warp its 16 rows, in
-// mma16816's a layout), B MN-major: N / 64 tiles [64 k][64 n] one after the other (LBO: the next
-// tile), 4 k16 steps of 16 rows each.
-template <typename T, int N>
-__global__ void wgmma_rs_kernel(const T* a, const T* b, float* out) {
-  extern __shared__ __align__(1024) unsigned char tiles[];
-  for (int i = threadIdx.x; i < 64 * N; i += blockDim.x) {
-    const int k = i / N, n = i % N;
-    *reinterpret_cast<T*>(tiles + n / 64 * 64 * 128 + swizzled(k, n % 64)) = b[i];
-  }
-  fmcore::fence_proxy_async();
-  __syncthreads();
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const T* rows = a + 16 * (threadIdx.x / 32 % 4) * 64;
-  auto at = [&](int r, int k) { return pack2(rows[r * 64 + k], rows[r * 64 + k + 1]); };
-  float d[N / 8][4];
-  for (auto& x : d) {
-    for (float& y : x) y = 0.5f;
-  }
-  uint32_t af[4][4];  // A's fragments, one k16 step each: read by the wgmmas until the wait
-  fmcore::wgmma_fence();
-  for (int s = 0; s < 4; ++s) {
-    const int k = 16 * s + 2 * t;
-    af[s][0] = at(g, k), af[s][1] = at(g + 8, k);
-    af[s][2] = at(g, k + 8), af[s][3] = at(g + 8, k + 8);
-    fmcore::wgmma_rs<T, N>(d, af[s], sw128_desc(tiles + 16 * 128 * s, 64 * 128, 1024));
-  }
-  fmcore::wgmma_commit();
-  fmcore::wgmma_wait<0>();
-  store_d<N>(d, out);
 }
 
 // What a wgmma's d holds while it is in flight. Both tiles are all ones; out[thread] = 1 when d
@@ -327,40 +219,6 @@ __global__ void wgmma_misuse_kernel(int mode) {
 }
 
 }  // namespace
-
-// selftest_op's sim_wgmma: out (64 x n) from a (64 x 64) and b (64 x n), of bf16 (or f16) bits,
-// by `form` ("ss": A and B K-major, "ss_mn_k": A MN-major, B K-major, "ss_mn_mn": both MN-major,
-// "rs"); returns cudaGetLastError() after the launch, or -1 for an unknown case.
-int fmsim_wgmma_selftest(const std::string& form, bool f16, int n, const void* a, const void* b,
-                         float* out) {
-  auto run = [&](auto t, auto n_const) {
-    using T = decltype(t);
-    constexpr int N = decltype(n_const)::value;
-    const T* ta = static_cast<const T*>(a);
-    const T* tb = static_cast<const T*>(b);
-    if (form == "ss") {
-      wgmma_ss_kernel<T, N, 0, 0><<<1, 128, ss_smem(N, false)>>>(ta, tb, out);
-    } else if (form == "ss_mn_k") {
-      wgmma_ss_kernel<T, N, 1, 0><<<1, 128, ss_smem(N, false)>>>(ta, tb, out);
-    } else if (form == "ss_mn_mn") {
-      wgmma_ss_kernel<T, N, 1, 1><<<1, 128, ss_smem(N, true)>>>(ta, tb, out);
-    } else {
-      wgmma_rs_kernel<T, N><<<1, 128, 64 * N * 2>>>(ta, tb, out);
-    }
-  };
-  if ((form != "ss" && form != "ss_mn_k" && form != "ss_mn_mn" && form != "rs") ||
-      (n != 64 && n != 128)) {
-    return -1;
-  }
-  using N64 = std::integral_constant<int, 64>;
-  using N128 = std::integral_constant<int, 128>;
-  if (f16) {
-    n == 64 ? run(__half(), N64()) : run(__half(), N128());
-  } else {
-    n == 64 ? run(__nv_bfloat16(), N64()) : run(__nv_bfloat16(), N128());
-  }
-  return static_cast<int>(cudaGetLastError());
-}
 
 // Runs one case; returns cudaGetLastError() after the launch(es), or the sum kernel's result
 // encoded in *result. Faults inside a kernel throw (the launch fails).

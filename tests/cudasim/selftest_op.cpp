@@ -1,13 +1,13 @@
 // torch.ops.fmcore_sim.sim_selftest(case) -> (cudaError code, result): runs selftest.cu's case;
-// sim_wgmma(form, a, b) -> a @ b through selftest.cu's wgmma kernels.
+// sim_wgmma_probe(form, x, y): csrc/kernels/wgmma_probe.cu on fmsim (what fmcore._C._wgmma_probe
+// runs on the GPU).
 #include <string>
 #include <tuple>
 
 #include "fmsim_torch.h"
+#include "wgmma_probe.h"
 
 int fmsim_selftest(const std::string& name, float* result);
-int fmsim_wgmma_selftest(const std::string& form, bool f16, int n, const void* a, const void* b,
-                         float* out);
 
 namespace {
 
@@ -18,20 +18,19 @@ std::tuple<int64_t, double> sim_selftest(const std::string& name) {
   return {err, result};
 }
 
-// (64 x n fp32) = a (64 x 64) b (64 x n), bf16 or f16, through one warpgroup's wgmma_ss or wgmma_rs
-// (form "ss": A and B K-major, "ss_mn_k": A MN-major, "ss_mn_mn": A and B MN-major, "rs"; n 64 or
-// 128).
-at::Tensor sim_wgmma(const std::string& form, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dtype() == b.dtype() && (a.dtype() == at::kBFloat16 || a.dtype() == at::kHalf),
-              "sim_wgmma: a and b both bf16 or both f16");
-  TORCH_CHECK(a.sizes() == at::IntArrayRef({64, 64}) && b.dim() == 2 && b.size(0) == 64,
-              "sim_wgmma: a 64 x 64, b 64 x n");
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  at::Tensor out = at::empty({64, b.size(1)}, a.options().dtype(at::kFloat));
-  const int err = fmsim_wgmma_selftest(form, a.dtype() == at::kHalf, static_cast<int>(b.size(1)),
-                                       ac.data_ptr(), bc.data_ptr(), out.data_ptr<float>());
-  TORCH_CHECK_VALUE(err >= 0, "sim_wgmma: unknown form ", form, " or n ", b.size(1));
-  TORCH_CHECK(err == 0, "sim_wgmma: launch error ", err);
+// The shapes are fmcore._C._wgmma_probe's (checked there; tests/ops/test_wgmma_probe.py lays
+// x and y out), the launcher checks n and the dtype.
+at::Tensor sim_wgmma_probe(const std::string& form, const at::Tensor& x, const at::Tensor& y) {
+  const int f = form == "ss" ? 0 : form == "ss_mn" ? 1 : form == "rs" ? 2 : -1;
+  TORCH_CHECK_VALUE(f >= 0, "sim_wgmma_probe: unknown form ", form);
+  const int64_t n = f == 0 ? y.size(0) : y.size(1);
+  at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
+  const cudaError_t err = fmcore::wgmma_probe(
+      static_cast<fmcore::WgmmaProbeForm>(f),
+      x.scalar_type() == at::kHalf ? fmcore::DType::kFloat16 : fmcore::DType::kBFloat16,
+      static_cast<int>(n), x.contiguous().data_ptr(), y.contiguous().data_ptr(),
+      out.data_ptr<float>(), nullptr);
+  TORCH_CHECK(err == cudaSuccess, "sim_wgmma_probe: error ", static_cast<int>(err));
   return out;
 }
 
@@ -39,5 +38,5 @@ at::Tensor sim_wgmma(const std::string& form, const at::Tensor& a, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(fmcore_sim, m) {
   m.def("sim_selftest(str name) -> (int, float)", &sim_selftest);
-  m.def("sim_wgmma(str form, Tensor a, Tensor b) -> Tensor", &sim_wgmma);
+  m.def("sim_wgmma_probe(str form, Tensor x, Tensor y) -> Tensor", &sim_wgmma_probe);
 }

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ops.test_wgmma_probe import FORMS, check_probe
+
 SUCCESS, INVALID_VALUE, INVALID_CONFIGURATION = 0, 1, 9
 
 
@@ -83,23 +85,14 @@ def test_mma_follows_the_ptx_fragment_layout(sim):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [64, 128])
-@pytest.mark.parametrize("form", ["ss", "ss_mn_k", "ss_mn_mn", "rs"])
+@pytest.mark.parametrize("form", FORMS)
 def test_wgmma_follows_the_descriptor_and_fragment_layouts(sim, form, n, dtype):
-    # 64 x 64 times 64 x n through one warpgroup: 128-byte-swizzled tiles, descriptors and fragments
-    # as a Hopper kernel builds them (selftest.cu), K-major A and B (ss), MN-major A and K-major B
-    # (ss_mn_k), MN-major A and B (ss_mn_mn, B's second 64 columns LBO bytes on, past a gap of NaN
-    # poison) or register A and MN-major B (rs, onto an accumulator of 0.5s), 4 chained k16 steps
-    gen = torch.Generator().manual_seed(n)
-    a = torch.randn(64, 64, generator=gen).to(dtype)
-    b = torch.randn(64, n, generator=gen).to(dtype)
-    out = sim.sim_wgmma(form, a, b)
-    init = 0.5 if form == "rs" else 0.0
-    ref = a.double() @ b.double() + init
-    # each k16 step is summed exactly and rounded once to fp32: 4 roundings of partial sums at most
-    # init + sum |a b| in magnitude (a layout error is off by O(1))
-    bound = 4 * 2.0**-24 * (a.double().abs() @ b.double().abs() + init)
-    assert torch.isfinite(out).all()
-    assert ((out.double() - ref).abs() <= bound).all(), (out.double() - ref).abs().max().item()
+    # csrc/kernels/wgmma_probe.cu, the check tests/ops/test_wgmma_probe.py runs on the GPU: 64 x 128
+    # times 128 x n through one warpgroup, with attention's tile loader, descriptors and register A,
+    # K-major A and B (ss), MN-major A and B (ss_mn, B's second 64 columns LBO bytes on, past a gap
+    # of NaN poison) or register A and MN-major B (rs, onto an accumulator of 0.5s). fmsim sums each
+    # k16 step exactly and rounds it once to fp32: 8 roundings at most.
+    check_probe(sim.sim_wgmma_probe, form, n, dtype, "cpu", ulps=8)
 
 
 def test_wgmma_runs_at_its_wait(sim):

@@ -16,8 +16,9 @@ The rewrites, each keeping the line count so compiler messages point at the orig
 - `reinterpret_cast<` becomes `fmsim::rcast<` (the same cast plus an alignment check).
 - `#include "ptx.cuh"` (the inline PTX wrappers) becomes `#include "fmsim_ptx.h"` (fmsim's
   models of those instructions); inline asm anywhere else is refused.
-- `#include "<stem>_*.cuh"`, a part of the kernel file (attention.cu's attention_wgmma.cuh...),
-  is replaced by the part, rewritten the same way (once; #line markers keep its line numbers).
+- `#include "<name>.cuh"` of a header beside the kernel file (attention.cu's attention_wgmma.cuh,
+  common.cuh; wgmma_probe.cu includes attention_wgmma.cuh too) is replaced by the header,
+  rewritten the same way (once; #line markers keep its line numbers): such headers hold kernel code.
 Anything the transform does not recognise raises ValueError rather than passing through.
 """
 
@@ -119,9 +120,9 @@ def _rewrite(src: str, path: str) -> str:
     return src
 
 
-def _with_parts(src: str, path: Path, stem: str, inlined: set[Path]) -> str:
-    """src rewritten, with each of its `#include "<stem>_*.cuh"` parts inlined (rewritten the same
-    way, once each, between #line markers)."""
+def _with_parts(src: str, path: Path, inlined: set[Path]) -> str:
+    """src rewritten, with each `#include "<name>.cuh"` of a header beside it inlined (rewritten the
+    same way, once each, between #line markers)."""
     try:
         src = _rewrite(src, str(path))
     except ValueError as e:
@@ -134,18 +135,17 @@ def _with_parts(src: str, path: Path, stem: str, inlined: set[Path]) -> str:
         inlined.add(part)
         text = re.sub(r"^#pragma once$", "", part.read_text(), flags=re.M)
         line = _line(src, m.start())
-        return (f'#line 1 "{part}"\n' + _with_parts(text, part, stem, inlined) +
+        return (f'#line 1 "{part}"\n' + _with_parts(text, part, inlined) +
                 f'\n#line {line + 1} "{path}"')
 
-    return re.sub(rf'^#include "({re.escape(stem)}_\w+\.cuh)"$', inline, src, flags=re.M)
+    return re.sub(r'^#include "(\w+\.cuh)"$', inline, src, flags=re.M)
 
 
 def transform(src: str, path: str) -> str:
-    """One kernel file (a translation unit) as C++ for fmsim. Its parts, the files `<stem>_*.cuh`
-    beside it that it includes (attention.cu's attention_mma.cuh...), are rewritten and inlined:
-    they hold kernels too."""
+    """One kernel file (a translation unit) as C++ for fmsim. The `.cuh` headers beside it that it
+    includes (attention.cu's attention_mma.cuh...) are rewritten and inlined: they hold kernels too."""
     tu = Path(path)
-    body = _with_parts(src, tu, tu.stem, set())
+    body = _with_parts(src, tu, set())
     return f'#define FMSIM_KERNEL_TU 1\n#include "fmsim.h"\n#line 1 "{path}"\n' + body
 
 
