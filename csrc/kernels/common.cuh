@@ -8,8 +8,12 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <vector>
+
+#include "dtype.h"
 
 namespace fmcore {
 
@@ -33,6 +37,105 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// VEC elements of T from p into fp32, in 16-byte accesses when VEC > 1.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_t(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    v[0] = to_float(*p);
+  } else {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(VEC % kPer == 0, "the vector path moves whole 16-byte accesses");
+#pragma unroll
+    for (int a = 0; a < VEC / kPer; ++a) {
+      const Vec<T, kPer> t = reinterpret_cast<const Vec<T, kPer>*>(p)[a];
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) v[a * kPer + e] = to_float(t.v[e]);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_t(T* p, const float (&v)[VEC]) {
+  if constexpr (VEC == 1) {
+    *p = from_float<T>(v[0]);
+  } else {
+    constexpr int kPer = 16 / sizeof(T);
+#pragma unroll
+    for (int a = 0; a < VEC / kPer; ++a) {
+      Vec<T, kPer> t;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) t.v[e] = from_float<T>(v[a * kPer + e]);
+      reinterpret_cast<Vec<T, kPer>*>(p)[a] = t;
+    }
+  }
+}
+
+// Elements i..i+VEC-1 of a tensor whose dtype is known only at run time (uniform per launch).
+template <int VEC>
+__device__ __forceinline__ void load(const void* base, DType dt, int64_t i, float (&v)[VEC]) {
+  switch (dt) {
+    case DType::kBFloat16: load_t<__nv_bfloat16, VEC>(static_cast<const __nv_bfloat16*>(base) + i, v); break;
+    case DType::kFloat16: load_t<__half, VEC>(static_cast<const __half*>(base) + i, v); break;
+    default: load_t<float, VEC>(static_cast<const float*>(base) + i, v); break;
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store(void* base, DType dt, int64_t i, const float (&v)[VEC]) {
+  switch (dt) {
+    case DType::kBFloat16: store_t<__nv_bfloat16, VEC>(static_cast<__nv_bfloat16*>(base) + i, v); break;
+    case DType::kFloat16: store_t<__half, VEC>(static_cast<__half*>(base) + i, v); break;
+    default: store_t<float, VEC>(static_cast<float*>(base) + i, v); break;
+  }
+}
+
+// Whether every non-null pointer is 16-byte aligned (the kernels' vector paths need it).
+inline bool all_aligned(std::initializer_list<const void*> ptrs) {
+  for (const void* q : ptrs) {
+    if (q != nullptr && (reinterpret_cast<uintptr_t>(q) & 15) != 0) return false;
+  }
+  return true;
+}
+
+// Column sums of fp32 partial-row workspaces, in a fixed order (bitwise reproducible run to run):
+// for each of K outputs, out[k][col] = the sum over r < rows of part[k][r * dim + col], stored in
+// dtype; a null out[k] is skipped. Launch: (dim + 31) / 32 blocks of dim3(32, 32), 32 columns x 32
+// slices; slice y adds rows y, y + 32, ...; then the 32 slice sums add in order.
+template <int K>
+struct PartialRowSums {
+  const float* part[K] = {};  // (rows, dim) each
+  void* out[K] = {};          // (dim,) each, or null
+  int64_t rows = 0, dim = 0;
+  DType dtype = DType::kFloat32;
+};
+
+// (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers a thread.)
+template <int K>
+__global__ void __launch_bounds__(1024) sum_partial_rows_kernel(const PartialRowSums<K> s) {
+  __shared__ float tile[K][32][33];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc[K] = {};
+  if (col < s.dim) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < s.rows; r += 32) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (s.out[k] != nullptr) acc[k] += s.part[k][r * s.dim + col];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) tile[k][threadIdx.y][threadIdx.x] = acc[k];
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= s.dim) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float v[1] = {0.f};
+    for (int y = 0; y < 32; ++y) v[0] += tile[k][y][threadIdx.x];
+    if (s.out[k] != nullptr) store<1>(s.out[k], s.dtype, col, v);
+  }
+}
 
 // Lets kKernel be launched with `smem` bytes of dynamic shared memory on the current device.
 // - Opted in for any smem > 0, not only past 48 KiB: without the opt-in, static and dynamic shared

@@ -21,58 +21,6 @@ namespace fmcore {
 
 namespace {
 
-// VEC elements of T from p into fp32, in 16-byte accesses when VEC > 1.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_t(const T* p, float (&v)[VEC]) {
-  if constexpr (VEC == 1) {
-    v[0] = to_float(*p);
-  } else {
-    constexpr int kPer = 16 / sizeof(T);
-    static_assert(VEC % kPer == 0, "the vector path moves whole 16-byte accesses");
-#pragma unroll
-    for (int a = 0; a < VEC / kPer; ++a) {
-      const Vec<T, kPer> t = reinterpret_cast<const Vec<T, kPer>*>(p)[a];
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) v[a * kPer + e] = to_float(t.v[e]);
-    }
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_t(T* p, const float (&v)[VEC]) {
-  if constexpr (VEC == 1) {
-    *p = from_float<T>(v[0]);
-  } else {
-    constexpr int kPer = 16 / sizeof(T);
-#pragma unroll
-    for (int a = 0; a < VEC / kPer; ++a) {
-      Vec<T, kPer> t;
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) t.v[e] = from_float<T>(v[a * kPer + e]);
-      reinterpret_cast<Vec<T, kPer>*>(p)[a] = t;
-    }
-  }
-}
-
-// Element i.. i+VEC-1 of a tensor whose dtype is known only at run time (uniform per launch).
-template <int VEC>
-__device__ __forceinline__ void load(const void* base, DType dt, int64_t i, float (&v)[VEC]) {
-  switch (dt) {
-    case DType::kBFloat16: load_t<__nv_bfloat16, VEC>(static_cast<const __nv_bfloat16*>(base) + i, v); break;
-    case DType::kFloat16: load_t<__half, VEC>(static_cast<const __half*>(base) + i, v); break;
-    default: load_t<float, VEC>(static_cast<const float*>(base) + i, v); break;
-  }
-}
-
-template <int VEC>
-__device__ __forceinline__ void store(void* base, DType dt, int64_t i, const float (&v)[VEC]) {
-  switch (dt) {
-    case DType::kBFloat16: store_t<__nv_bfloat16, VEC>(static_cast<__nv_bfloat16*>(base) + i, v); break;
-    case DType::kFloat16: store_t<__half, VEC>(static_cast<__half*>(base) + i, v); break;
-    default: store_t<float, VEC>(static_cast<float*>(base) + i, v); break;
-  }
-}
-
 // v rounded to dtype dt and back: the value a tensor of that dtype holds.
 __device__ __forceinline__ float round_to(float v, DType dt) {
   switch (dt) {
@@ -308,36 +256,6 @@ add_norm_bwd_kernel(const AddNormParams p) {
   }
 }
 
-// grad_weight[col] and grad_bias[col] (each when asked for) = the sum of the partial rows, in a
-// fixed order. Blocks of 32 columns x 32 slices: slice y adds partial rows y, y + 32, ...; then
-// slice sums in order. (Launched with 1024 threads: the bound keeps the compiler at <= 64 registers
-// a thread, which a 1024-thread launch needs; it uses 32 today, so this only guards later edits.)
-__global__ void __launch_bounds__(1024) add_norm_dweight_kernel(const AddNormParams p) {
-  __shared__ float tile[2][32][33];
-  const int64_t D = p.dim, P = p.partial_rows;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
-  float sw = 0.f, sb = 0.f;
-  if (col < D) {
-#pragma unroll 4
-    for (int64_t r = threadIdx.y; r < P; r += 32) {
-      if (want_w) sw += p.workspace[r * D + col];
-      if (want_b) sb += p.workspace[(P + r) * D + col];
-    }
-  }
-  tile[0][threadIdx.y][threadIdx.x] = sw;
-  tile[1][threadIdx.y][threadIdx.x] = sb;
-  __syncthreads();
-  if (threadIdx.y != 0 || col >= D) return;
-  float w[1] = {0.f}, b[1] = {0.f};
-  for (int y = 0; y < 32; ++y) {
-    w[0] += tile[0][y][threadIdx.x];
-    b[0] += tile[1][y][threadIdx.x];
-  }
-  if (want_w) store<1>(p.grad_weight, p.weight_dtype, col, w);
-  if (want_b) store<1>(p.grad_bias, p.weight_dtype, col, b);
-}
-
 }  // namespace
 
 // ---- launchers
@@ -353,15 +271,6 @@ struct Layout {
   int rows_per_block() const { return warp ? kWarpRowsPerBlock : 1; }
   int block_threads() const { return threads * rows_per_block(); }
 };
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
-bool all_aligned(std::initializer_list<const void*> ptrs) {
-  for (const void* q : ptrs) {
-    if (q != nullptr && !aligned16(q)) return false;
-  }
-  return true;
-}
 
 int round_up32(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
 
@@ -480,9 +389,18 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (!sums) return cudaSuccess;
+  // grad_weight and grad_bias (each when asked for): the partial rows summed in a fixed order.
   // With no rows the partial sums are empty and the kernel writes zeros.
+  PartialRowSums<2> sums_of;
+  sums_of.part[0] = p.workspace;
+  sums_of.part[1] = p.workspace + p.partial_rows * p.dim;
+  sums_of.out[0] = p.grad_weight;
+  sums_of.out[1] = p.grad_bias;
+  sums_of.rows = p.partial_rows;
+  sums_of.dim = p.dim;
+  sums_of.dtype = p.weight_dtype;
   const dim3 grid(static_cast<unsigned>((p.dim + 31) / 32));
-  add_norm_dweight_kernel<<<grid, dim3(32, 32), 0, stream>>>(p);
+  sum_partial_rows_kernel<2><<<grid, dim3(32, 32), 0, stream>>>(sums_of);
   return cudaGetLastError();
 }
 

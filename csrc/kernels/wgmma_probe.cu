@@ -101,11 +101,13 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const T* x, const T* y
 
 template <typename T, int N, WgmmaProbeForm kForm>
 cudaError_t launch(const void* x, const void* y, float* out, cudaStream_t stream) {
-  auto kernel = wgmma_probe_kernel<T, N, kForm>;
   constexpr size_t smem = probe_smem<N, kForm>();
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<1, 128, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(y), out);
+  if (const cudaError_t err = allow_dynamic_smem<wgmma_probe_kernel<T, N, kForm>>(smem);
+      err != cudaSuccess) {
+    return err;
+  }
+  wgmma_probe_kernel<T, N, kForm>
+      <<<1, 128, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(y), out);
   return cudaGetLastError();
 }
 

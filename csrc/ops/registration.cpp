@@ -1,7 +1,7 @@
 // Every fmcore op schema, in one place. Device files register their implementations with
 // TORCH_LIBRARY_IMPL(fmcore, CPU|CUDA, m); Python registers fake (meta) and autograd formulas,
-// except rope's and add_norm's autograd, which are C++ for their per-call cost (rope_autograd.cpp,
-// norm_autograd.cpp).
+// except rope's, add_norm's and bias_gelu's autograd, which are C++ for their per-call cost
+// (rope_autograd.cpp, norm_autograd.cpp, gelu_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fmcore, m) {
@@ -101,4 +101,13 @@ TORCH_LIBRARY(fmcore, m) {
       "Tensor mean, Tensor rstd, bool rms, bool has_residual, bool has_bias, ScalarType x_dtype, "
       "ScalarType? residual_dtype, bool grad_input=True, bool grad_weight=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Bias + GELU (kernels/gelu.h): gelu(x + bias) for x (..., D) and bias (D,) (x's dtype or
+  // float32) or None; tanh selects the tanh approximation. The backward returns (grad_x, grad_bias
+  // in bias's dtype, (0,) unless grad_bias and a bias). Autograd for both is C++
+  // (gelu_autograd.cpp); bias_gelu_bwd has none (no double backward).
+  m.def("bias_gelu(Tensor x, Tensor? bias, bool tanh=False) -> Tensor");
+  m.def(
+      "bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, bool tanh=False, "
+      "bool grad_bias=True) -> (Tensor, Tensor)");
 }

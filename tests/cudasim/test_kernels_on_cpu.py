@@ -1,4 +1,4 @@
-"""fmcore's CUDA kernels and bindings (rope, cross_entropy, add_norm, adamw), executed on the CPU by
+"""fmcore's CUDA kernels and bindings (rope, cross_entropy, add_norm, bias_gelu, adamw), executed on the CPU by
 fmsim (tests/cudasim/fmsim.h), against fmcore's CPU reference ops on the same inputs.
 
 `sim.X` is torch.ops.fmcore_sim.X: the CUDA binding (csrc/ops/X_cuda.cpp) and its kernels, each
@@ -328,6 +328,50 @@ def test_add_norm_too_wide_raises(sim):
     x = torch.randn(2, 16385)
     with pytest.raises(ValueError, match="at most 16384 on CUDA"):
         sim.add_norm_fwd(x, None, torch.ones(16385), None, 1e-5, True, torch.float32)
+
+
+# ---- bias_gelu
+
+# (rows, D, why)
+GELU_SHAPES = [
+    (37, 2056, "16-byte vectors: three column tiles (the last partial), 11 row blocks of 4 rows, the last short"),
+    (9, 1001, "D no multiple of 8: the scalar path, eight column tiles"),
+    (3, 64, "fewer rows than row blocks would take: one row a block"),
+]
+
+
+@pytest.mark.parametrize("dtype,bias_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float16), (torch.bfloat16, None)])
+@pytest.mark.parametrize("rows,D,why", GELU_SHAPES)
+@pytest.mark.parametrize("tanh", [False, True])
+def test_bias_gelu(sim, rows, D, why, dtype, bias_dtype, tanh):
+    x = rand(rows, D, dtype=dtype, seed=1, scale=2.0)
+    b = rand(D, dtype=bias_dtype, seed=2) if bias_dtype is not None else None
+    close(sim.bias_gelu(x, b, tanh), ref.bias_gelu(x, b, tanh), dtype, "out")
+    g = rand(rows, D, dtype=dtype, seed=3)
+    for grad_bias in (True, False):
+        got, want = sim.bias_gelu_bwd(g, x, b, tanh, grad_bias), ref.bias_gelu_bwd(g, x, b, tanh, grad_bias)
+        close(got[0], want[0], dtype, "grad_x")
+        # the bias gradient sums rows in another order (fp32), then rounds once to its dtype
+        tol = dict(rtol=1e-4, atol=1e-4 * math.sqrt(rows)) if got[1].dtype == torch.float32 else {}
+        close(got[1], want[1], got[1].dtype, "grad_bias", **tol)
+
+
+def test_bias_gelu_misaligned(sim):
+    # a 2-byte offset on x (or the bias, or the output gradient): the scalar path, same numbers
+    x, b, g = rand(5, 64, dtype=torch.bfloat16, seed=1), rand(64, seed=2), rand(5, 64, dtype=torch.bfloat16, seed=3)
+    want = ref.bias_gelu(x, b, True), ref.bias_gelu_bwd(g, x, b, True, True)
+    for args in [(misaligned(x), b, g), (x, misaligned(b), g), (x, b, misaligned(g))]:
+        close(sim.bias_gelu(args[0], args[1], True), want[0], torch.bfloat16, "out")
+        for got, wnt, n in zip(sim.bias_gelu_bwd(args[2], args[0], args[1], True, True), want[1], ["grad_x", "grad_bias"]):
+            close(got, wnt, got.dtype, n, rtol=1e-4 if n == "grad_bias" else None)
+
+
+def test_bias_gelu_no_rows(sim):
+    # no rows: the backward still writes the bias gradient (zeros), from the row kernel's zero partials
+    x, b = torch.empty(0, 40), torch.ones(40)
+    gx, gb = sim.bias_gelu_bwd(x, x, b, False, True)
+    assert gx.shape == (0, 40) and torch.equal(gb, torch.zeros(40))
 
 
 # ---- adamw and the gradient norm

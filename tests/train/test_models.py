@@ -140,6 +140,32 @@ def test_fmcore_ops_match_torch_ops(device, base, docs):
         torch.testing.assert_close(g_f, g_t, rtol=1e-4, atol=1e-5)
 
 
+@NEEDS_FMCORE_OPS
+def test_fmcore_gpt_adds_the_fc_bias_inside_bias_gelu():
+    """The fmcore GPT's MLP runs fmcore's bias_gelu (forward and backward once a block) instead of the
+    linear's bias, gelu and the bias gradient's own reduction; the torch path runs none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    for ops in ("fmcore", "torch"):
+        model = models.build_model(dataclasses.replace(models.resolve(GPT, vocab_size=100), ops=ops))
+        with Count() as count:
+            model(x, y).backward()
+        fused, unfused = (GPT.n_layers, 0) if ops == "fmcore" else (0, GPT.n_layers)
+        assert count.calls.count(torch.ops.fmcore.bias_gelu.default) == fused
+        assert count.calls.count(torch.ops.fmcore.bias_gelu_bwd.default) == fused
+        assert count.calls.count(torch.ops.aten.gelu.default) == unfused
+
+
 def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
     """The torch path masks from the loader's positions, the SDPA fallback of the fmcore path from its
     cu_seqlens: on real packed batches both give the same block-diagonal causal mask."""

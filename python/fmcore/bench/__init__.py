@@ -20,6 +20,7 @@ from fmcore.bench.roofline import Roofline
 BENCHMARKS = {
     "rope": "fmcore.bench.rope",
     "norm": "fmcore.bench.norm",
+    "gelu": "fmcore.bench.gelu",
     "cross_entropy": "fmcore.bench.cross_entropy",
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",

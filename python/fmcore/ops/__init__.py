@@ -9,6 +9,7 @@ from fmcore.ops.attention import (
     scaled_dot_product_attention,
 )
 from fmcore.ops.cross_entropy import cross_entropy
+from fmcore.ops.gelu import bias_gelu
 from fmcore.ops.linear_cross_entropy import linear_cross_entropy
 from fmcore.ops.norm import add_norm
 from fmcore.ops.rope import apply_rotary
@@ -17,6 +18,7 @@ __all__ = [
     "add_norm",
     "apply_rotary",
     "attention_tiles",
+    "bias_gelu",
     "cross_entropy",
     "flash_attention",
     "flash_attention_qkvpacked",

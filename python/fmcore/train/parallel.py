@@ -175,6 +175,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
                 raise ConfigError(f"parallel.tensor {t} must divide model.n_heads ({block.n_heads}) and "
                                   f"model.ffn_dim ({block.fc.out_features})")
             block.qkv = SplitLinear(block.qkv, [d, d, d])
+            block.fused_bias_gelu = False  # fc's forward must run: its ColwiseParallel hooks are there
             plan = {"qkv.parts.0": col, "qkv.parts.1": col, "qkv.parts.2": col, "attn_out": row,
                     "fc": col, "mlp_out": row}
             block.n_heads //= t

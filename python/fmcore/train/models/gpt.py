@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmcore.ops import bias_gelu
 from fmcore.train.config import ModelConfig
 from fmcore.train.models.base import CausalLM, PreNormBlock
 from fmcore.train.models.common import DocMask, causal_attention_packed
@@ -27,6 +28,10 @@ class GPTBlock(PreNormBlock):
         self.ln_2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
         self.fc = nn.Linear(d, f, bias=cfg.bias)
         self.mlp_out = nn.Linear(f, d, bias=cfg.bias)
+        # fmcore: fc's bias is added inside the GELU, whose backward then also sums its gradient
+        # (fmcore.ops.bias_gelu). Tensor parallelism turns this off (parallel.py): fc's sharding
+        # hooks run in its own forward.
+        self.fused_bias_gelu = cfg.ops == "fmcore"
 
     def pre_norms(self) -> tuple[nn.Module, nn.Module]:
         return self.ln_1, self.ln_2
@@ -38,6 +43,8 @@ class GPTBlock(PreNormBlock):
         return self.attn_out(causal_attention_packed(qkv, self.ops, docs).reshape(B, S, self.n_heads * self.head_dim))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_bias_gelu:
+            return self.mlp_out(bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate="tanh"))
         return self.mlp_out(F.gelu(self.fc(x), approximate="tanh"))
 
 
