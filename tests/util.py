@@ -26,6 +26,20 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.T
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own error {terr:.3g})"
 
 
+def assert_compiles_like_eager(fn, inputs: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    """fn (inputs -> a scalar loss) under torch.compile(fullgraph=True), with inductor on CUDA and
+    aot_eager on the CPU, gives eager fn's loss and gradients with respect to inputs."""
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    loss_c = compiled(*inputs)
+    got = torch.autograd.grad(loss_c, inputs)
+    loss_e = fn(*inputs)
+    want = torch.autograd.grad(loss_e, inputs)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @contextlib.contextmanager
 def cpu_threads(n: int):
     """torch's intra-op CPU thread count set to n inside the block, restored after."""

@@ -23,7 +23,7 @@ from fmcore.ops import (
     scaled_dot_product_attention,
 )
 from fmcore.ops import attention as attn_mod
-from tests.util import assert_close_to_ref
+from tests.util import assert_close_to_ref, assert_compiles_like_eager
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -856,7 +856,6 @@ def test_opcheck(device):
 
 
 def test_torch_compile_fullgraph(device):
-    backend = "inductor" if device.type == "cuda" else "aot_eager"
     q, k, v = make_qkv(2, 33, 33, 4, 2, 64, device, torch.bfloat16)
     c = cu([10, 23], device)
 
@@ -867,14 +866,7 @@ def test_torch_compile_fullgraph(device):
         d = flash_attention_qkvpacked(qkv, causal=True) + flash_attention_qkvpacked(qkv[0], c, 23)[None]
         return a.float().square().sum() + b.float().sum() + d.float().sum()
 
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    eager_loss = fn(q, k, v)
-    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiles_like_eager(fn, (q, k, v), device)
 
 
 # ---- scaled_dot_product_attention drop-in

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fmcore.ops import bias_gelu
-from tests.util import assert_close_to_ref
+from tests.util import assert_close_to_ref, assert_compiles_like_eager
 
 # (x, bias) dtypes: plain fp32, pure bf16 / fp16, and bf16 autocast (a bf16 matmul output, the fp32
 # bias parameter)
@@ -152,22 +152,13 @@ def test_opcheck(device):
 
 
 def test_compile_fullgraph(device):
-    backend = "aot_eager" if device.type == "cpu" else "inductor"
-
     def mlp_in(x, w, b):
         return bias_gelu(F.linear(x, w), b, approximate="tanh").float().sum()
 
     x = torch.randn(8, 32, device=device, requires_grad=True)
     w = torch.randn(48, 32, device=device, requires_grad=True)
     b = torch.randn(48, device=device, requires_grad=True)
-    compiled = torch.compile(mlp_in, fullgraph=True, backend=backend)
-    loss_c = compiled(x, w, b)
-    got = torch.autograd.grad(loss_c, (x, w, b))
-    loss_e = mlp_in(x, w, b)
-    want = torch.autograd.grad(loss_e, (x, w, b))
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, c in zip(got, want):
-        torch.testing.assert_close(a, c)
+    assert_compiles_like_eager(mlp_in, (x, w, b), device)
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ import fmcore  # noqa: F401  (registers the ops)
 from fmcore.nn import LinearCrossEntropy
 from fmcore.ops import linear_cross_entropy
 from tests.ops.test_cross_entropy import torch_loss
-from tests.util import assert_close_to_ref
+from tests.util import assert_close_to_ref, assert_compiles_like_eager
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["none", "mean", "sum"]
@@ -275,22 +275,13 @@ def test_opcheck(device, flags, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_compile(device, reduction):
-    backend = "inductor" if device.type == "cuda" else "aot_eager"
     h0, w0, _, t = make(0, 16, 57, device, torch.float32, lead=(2, 13))
 
     def step(h, w):
         loss = linear_cross_entropy(torch.tanh(h), w, t, reduction=reduction, z_loss=1e-4, chunk_size=10)
         return loss if reduction == "mean" else loss.square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend=backend)
-    a = [x.clone().requires_grad_() for x in (h0, w0)]
-    c = [x.clone().requires_grad_() for x in (h0, w0)]
-    la, lc = step(*a), compiled(*c)
-    la.backward()
-    lc.backward()
-    torch.testing.assert_close(lc, la)
-    for x, y in zip(c, a):
-        torch.testing.assert_close(x.grad, y.grad)
+    assert_compiles_like_eager(step, (h0.clone().requires_grad_(), w0.clone().requires_grad_()), device)
 
 
 def test_autocast(device):
