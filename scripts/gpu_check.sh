@@ -23,7 +23,7 @@
 # if they pass; the wgmma attention is the one change that can move issue 5), the second call only
 # if the machine is still warm:
 #   DEADLINE=575 scripts/gpu_check.sh test-tiles:40 test:170 bench-attention:130 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:40 bench-train:80
-#   DEADLINE=240 scripts/gpu_check.sh test-bigmem:75 sanitize:120 bench-gelu:40
+#   DEADLINE=240 scripts/gpu_check.sh test-bigmem:70 sanitize:110 bench-gelu:30 bench-swiglu:25
 # bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart (Tiles<D, 0>'s four
 # wgmma fields in csrc/kernels/attention.cu take the winners' values, per head dim): 3 and 5 differ in
 # the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
@@ -129,7 +129,7 @@ stage_sanitize() {  # stage_sanitize SECONDS: a quarter each for memcheck and sy
   sanitize_one $(( $1 / 4 )) memcheck sanitizer-memcheck.log
   sanitize_one $(( $1 / 4 )) synccheck sanitizer-synccheck.log
   local op start=$(date +%s) budget=$(( $1 / 2 ))
-  for op in rope cross_entropy adamw add_norm bias_gelu attention; do
+  for op in rope cross_entropy adamw add_norm activation attention; do
     sanitize_one $(( budget - ($(date +%s) - start) )) racecheck "sanitizer-racecheck-$op.log" "$op"
   done
 }
@@ -158,7 +158,7 @@ bench() {  # bench STAGE SECONDS NAME...: one group of benchmarks, its JSON and 
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME profile all)"; exit 2; }
-[ "${stages[*]}" = all ] && stages=(test-tiles test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm bench-gelu) \
+[ "${stages[*]}" = all ] && stages=(test-tiles test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm bench-gelu bench-swiglu) \
   && deadline=$(( $(date +%s) + 3600 ))
 for spec in "${stages[@]}"; do
   stage=${spec%%:*}; cap=${spec#*:}; [ "$cap" = "$spec" ] && cap=

@@ -2,7 +2,7 @@
 scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck). Keep it small:
 the sanitizer slows kernels down 10-100x.
 
-    python scripts/sanitize_ops.py [rope|attention|cross_entropy|adamw|add_norm|bias_gelu ...]   # default: all"""
+    python scripts/sanitize_ops.py [rope|attention|cross_entropy|adamw|add_norm|activation ...]   # default: all"""
 
 import os
 import sys
@@ -128,9 +128,10 @@ def add_norm():
                                           torch.float32, None, grad_input, grad_weight)
 
 
-def bias_gelu():
-    # The vector path over several row blocks and column tiles (the last partial), the scalar path
-    # (D not a multiple of 8; an unaligned view), no bias, both forms, bf16 with an fp32 bias.
+def activation():
+    # bias_gelu: the vector path over several row blocks and column tiles (the last partial), the
+    # scalar path (D not a multiple of 8; an unaligned view), no bias, both forms, bf16 with an fp32
+    # bias. swiglu: packed and separate, vector and scalar paths, an unaligned packed view.
     for rows, D in ((300, 2056), (37, 1001), (0, 64)):
         for dt, bias_dt in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
             x = torch.randn(rows, D, device=dev, dtype=dt, requires_grad=True)
@@ -138,11 +139,15 @@ def bias_gelu():
             for approximate in ("none", "tanh"):
                 ops.bias_gelu(x, b, approximate=approximate).float().sum().backward()
             ops.bias_gelu(x, None).float().sum().backward()
+            if D % 2 == 0:  # packed: gate and up the halves of x
+                ops.swiglu(x).float().sum().backward()
+            ops.swiglu(x, x.detach().clone().requires_grad_()).float().sum().backward()
     base = torch.randn(5 * 64 + 1, device=dev, dtype=torch.bfloat16)
     ops.bias_gelu(base[1:].view(5, 64).requires_grad_(), torch.zeros(64, device=dev, requires_grad=True)).sum().backward()
+    ops.swiglu(base[1:].view(5, 64).requires_grad_()).sum().backward()
 
 
-CHECKS = [rope, attention, cross_entropy, adamw, add_norm, bias_gelu]
+CHECKS = [rope, attention, cross_entropy, adamw, add_norm, activation]
 
 if __name__ == "__main__":
     # Op names on the command line run only those (racecheck is slow enough to need one op at a time).

@@ -1,7 +1,7 @@
 // Every fmcore op schema, in one place. Device files register their implementations with
 // TORCH_LIBRARY_IMPL(fmcore, CPU|CUDA, m); Python registers fake (meta) and autograd formulas,
-// except rope's, add_norm's and bias_gelu's autograd, which are C++ for their per-call cost
-// (rope_autograd.cpp, norm_autograd.cpp, gelu_autograd.cpp).
+// except the autograd of rope, add_norm, bias_gelu and swiglu, which is C++ for its per-call cost
+// (rope_autograd.cpp, norm_autograd.cpp, activation_autograd.cpp).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fmcore, m) {
@@ -102,12 +102,16 @@ TORCH_LIBRARY(fmcore, m) {
       "ScalarType? residual_dtype, bool grad_input=True, bool grad_weight=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
-  // Bias + GELU (kernels/gelu.h): gelu(x + bias) for x (..., D) and bias (D,) (x's dtype or
-  // float32) or None; tanh selects the tanh approximation. The backward returns (grad_x, grad_bias
-  // in bias's dtype, (0,) unless grad_bias and a bias). Autograd for both is C++
-  // (gelu_autograd.cpp); bias_gelu_bwd has none (no double backward).
+  // Bias + GELU (kernels/activation.h): gelu(x + bias) for x (..., D) and bias (D,) (x's dtype
+  // or float32) or None; tanh selects the tanh approximation. The backward returns (grad_x,
+  // grad_bias in bias's dtype, (0,) unless grad_bias and a bias). SwiGLU: silu(gate) * up for gate
+  // and up (..., F), or, with up None, gate (..., 2F) holding both (gate first); the backward
+  // returns (grad_gate, grad_up), or, packed, (the (..., 2F) gradient, (0,)). Autograd for all four
+  // is C++ (activation_autograd.cpp); the backward ops have none (no double backward).
   m.def("bias_gelu(Tensor x, Tensor? bias, bool tanh=False) -> Tensor");
   m.def(
       "bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, bool tanh=False, "
       "bool grad_bias=True) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor gate, Tensor? up) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor? up) -> (Tensor, Tensor)");
 }

@@ -1,5 +1,5 @@
 """Builds libfmcore_sim: fmcore's CUDA bindings and kernels (rope, cross_entropy, add_norm, bias_gelu,
-adamw, attention, and the wgmma probe) compiled as C++ against fmsim (fmsim.h), with no CUDA runtime
+swiglu, adamw, attention, and the wgmma probe) compiled as C++ against fmsim (fmsim.h), with no CUDA runtime
 or GPU, and loads it into torch.
 And fmcore_ncclsim (build_nccl): fmcore's NCCL communicator over ncclsim.cpp's model of NCCL.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
-OPS = ["rope", "cross_entropy", "norm", "gelu", "adamw", "attention"]
+OPS = ["rope", "cross_entropy", "norm", "activation", "adamw", "attention"]
 # The ops' shared argument checks and CPU-side helpers (CE's registration references
 # linear_cross_entropy's op), plus the schemas.
 BINDINGS = [f"ops/{o}.cpp" for o in OPS] + [f"ops/{o}_cuda.cpp" for o in OPS]

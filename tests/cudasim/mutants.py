@@ -1,6 +1,6 @@
 """Mutation check of the CPU tests of code that only a GPU runs: plants one known bug at a time in a
 copy of the tree and runs the tests that must catch it on the simulators: the attention kernels
-(tests/cudasim/test_attention_on_cpu.py on fmsim), the cross-entropy, RoPE and bias-GELU kernels
+(tests/cudasim/test_attention_on_cpu.py on fmsim), the cross-entropy, RoPE, bias-GELU and SwiGLU kernels
 (tests/cudasim/test_kernels_on_cpu.py on fmsim) and the NCCL communicator
 (tests/cudasim/test_nccl_on_cpu.py on ncclsim). A mutant that passes means the tests (or the
 simulator) cannot see that kind of bug.
@@ -27,7 +27,7 @@ ATTENTION = ("csrc/kernels/attention*.cu*", "tests/cudasim/test_attention_on_cpu
 COMMUNICATOR = ("csrc/dist/communicator.cpp", "tests/cudasim/test_nccl_on_cpu.py")
 CROSS_ENTROPY = ("csrc/kernels/cross_entropy.cu", "tests/cudasim/test_kernels_on_cpu.py")
 ROPE = ("csrc/kernels/rope.cu", "tests/cudasim/test_kernels_on_cpu.py")
-GELU = ("csrc/kernels/gelu.cu", "tests/cudasim/test_kernels_on_cpu.py")
+ACTIVATION = ("csrc/kernels/activation.cu", "tests/cudasim/test_kernels_on_cpu.py")
 
 # name: (text in attention.cu or one of its parts, its replacement). Each replaces the first occurrence only.
 ATTENTION_MUTANTS = {
@@ -155,20 +155,25 @@ ROPE_MUTANTS = {
     "rope_k_items_on_q": ("p.k, b, s, idx - q_total, k_items", "p.q, b, s, idx - q_total, k_items"),
 }
 
-GELU_MUTANTS = {
+ACTIVATION_MUTANTS = {
     # every row block writes its bias-gradient sums into partial row 0: the other rows stay unwritten
     "gelu_partials_one_row": ("p.workspace + blockIdx.y * p.dim + c", "p.workspace + c"),
     # the backward differentiates at x instead of x + bias
     "gelu_bwd_ignores_bias": ("gelu_grad(z[e] + b[e], p.tanh)", "gelu_grad(z[e], p.tanh)"),
     # each row block stops one row short of the next
     "gelu_rows_one_short": ("r0 + rows_per_block);", "r0 + rows_per_block - 1);"),
+    # swiglu's backward swaps its two gradients' derivatives
+    "swiglu_grads_swapped": ("u[e] = d[e] * g[e] * sg;  // grad_up", "u[e] = dg;  // grad_up"),
+    # swiglu reads up from gate's rows with the wrong stride (right only for separate tensors)
+    "swiglu_packed_stride": ("load_t<T, VEC>(static_cast<const T*>(p.up) + r * p.in_stride + c, u);",
+                             "load_t<T, VEC>(static_cast<const T*>(p.up) + r * p.dim + c, u);"),
 }
 
 MUTANTS = {name: (ATTENTION, *m) for name, m in ATTENTION_MUTANTS.items()}
 MUTANTS |= {name: (ROPE, *m) for name, m in ROPE_MUTANTS.items()}
 MUTANTS |= {name: (COMMUNICATOR, *m) for name, m in COMMUNICATOR_MUTANTS.items()}
 MUTANTS |= {name: (CROSS_ENTROPY, *m) for name, m in CROSS_ENTROPY_MUTANTS.items()}
-MUTANTS |= {name: (GELU, *m) for name, m in GELU_MUTANTS.items()}
+MUTANTS |= {name: (ACTIVATION, *m) for name, m in ACTIVATION_MUTANTS.items()}
 
 
 def refresh_tree(tree: Path) -> None:

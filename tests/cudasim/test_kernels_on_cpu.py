@@ -1,5 +1,5 @@
-"""fmcore's CUDA kernels and bindings (rope, cross_entropy, add_norm, bias_gelu, adamw), executed on the CPU by
-fmsim (tests/cudasim/fmsim.h), against fmcore's CPU reference ops on the same inputs.
+"""fmcore's CUDA kernels and bindings (rope, cross_entropy, add_norm, bias_gelu, swiglu, adamw),
+executed on the CPU by fmsim (tests/cudasim/fmsim.h), against fmcore's CPU reference ops on the same inputs.
 
 `sim.X` is torch.ops.fmcore_sim.X: the CUDA binding (csrc/ops/X_cuda.cpp) and its kernels, each
 CUDA thread a real OS thread; `ref.X` is torch.ops.fmcore.X, the CPU reference. Shapes are chosen
@@ -372,6 +372,36 @@ def test_bias_gelu_no_rows(sim):
     x, b = torch.empty(0, 40), torch.ones(40)
     gx, gb = sim.bias_gelu_bwd(x, x, b, False, True)
     assert gx.shape == (0, 40) and torch.equal(gb, torch.zeros(40))
+
+
+# ---- swiglu
+
+# (rows, F, why)
+SWIGLU_SHAPES = [
+    (37, 1032, "16-byte vectors: two column tiles (the second 8 columns wide), row blocks of 3, the last short"),
+    (9, 1001, "F no multiple of 8: the scalar path"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,F,why", SWIGLU_SHAPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_swiglu(sim, rows, F, why, dtype, packed):
+    gate = rand(rows, 2 * F if packed else F, dtype=dtype, seed=1, scale=2.0)
+    up = None if packed else rand(rows, F, dtype=dtype, seed=2)
+    close(sim.swiglu(gate, up), ref.swiglu(gate, up), dtype, "out")
+    g = rand(rows, F, dtype=dtype, seed=3)
+    for got, want, n in zip(sim.swiglu_bwd(g, gate, up), ref.swiglu_bwd(g, gate, up), ["grad_gate", "grad_up"]):
+        close(got, want, dtype, n)
+
+
+def test_swiglu_misaligned(sim):
+    # a 2-byte offset on the packed input or the output gradient: the scalar path, same numbers
+    gate, g = rand(5, 128, dtype=torch.bfloat16, seed=1), rand(5, 64, dtype=torch.bfloat16, seed=3)
+    want = ref.swiglu(gate, None), ref.swiglu_bwd(g, gate, None)
+    for gt, gg in [(misaligned(gate), g), (gate, misaligned(g))]:
+        close(sim.swiglu(gt, None), want[0], torch.bfloat16, "out")
+        close(sim.swiglu_bwd(gg, gt, None)[0], want[1][0], torch.bfloat16, "grad")
 
 
 # ---- adamw and the gradient norm

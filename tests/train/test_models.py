@@ -141,9 +141,12 @@ def test_fmcore_ops_match_torch_ops(device, base, docs):
 
 
 @NEEDS_FMCORE_OPS
-def test_fmcore_gpt_adds_the_fc_bias_inside_bias_gelu():
-    """The fmcore GPT's MLP runs fmcore's bias_gelu (forward and backward once a block) instead of the
-    linear's bias, gelu and the bias gradient's own reduction; the torch path runs none."""
+@pytest.mark.parametrize("base,fused,unfused", [(GPT, "bias_gelu", "gelu"), (LLAMA, "swiglu", "silu")],
+                         ids=["gpt2", "llama"])
+def test_fmcore_mlp_runs_the_fused_activation(base, fused, unfused):
+    """The fmcore path's MLPs run fmcore's fused activation, forward and backward once a block (GPT-2:
+    bias_gelu, with fc's bias inside; Llama: swiglu on the packed gate/up projection); the torch path
+    runs none of them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -155,15 +158,17 @@ def test_fmcore_gpt_adds_the_fc_bias_inside_bias_gelu():
             self.calls.append(func)
             return func(*args, **(kwargs or {}))
 
+    forward, backward = getattr(torch.ops.fmcore, fused).default, getattr(torch.ops.fmcore, fused + "_bwd").default
+    eager = getattr(torch.ops.aten, unfused).default
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     for ops in ("fmcore", "torch"):
-        model = models.build_model(dataclasses.replace(models.resolve(GPT, vocab_size=100), ops=ops))
+        model = models.build_model(dataclasses.replace(models.resolve(base, vocab_size=100), ops=ops))
         with Count() as count:
             model(x, y).backward()
-        fused, unfused = (GPT.n_layers, 0) if ops == "fmcore" else (0, GPT.n_layers)
-        assert count.calls.count(torch.ops.fmcore.bias_gelu.default) == fused
-        assert count.calls.count(torch.ops.fmcore.bias_gelu_bwd.default) == fused
-        assert count.calls.count(torch.ops.aten.gelu.default) == unfused
+        n_fused, n_unfused = (base.n_layers, 0) if ops == "fmcore" else (0, base.n_layers)
+        assert count.calls.count(forward) == n_fused
+        assert count.calls.count(backward) == n_fused
+        assert count.calls.count(eager) == n_unfused
 
 
 def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):

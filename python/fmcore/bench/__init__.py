@@ -21,6 +21,7 @@ BENCHMARKS = {
     "rope": "fmcore.bench.rope",
     "norm": "fmcore.bench.norm",
     "gelu": "fmcore.bench.gelu",
+    "swiglu": "fmcore.bench.swiglu",
     "cross_entropy": "fmcore.bench.cross_entropy",
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",

@@ -1,5 +1,6 @@
 """fmcore's tensor ops. Each mirrors the signature users already call in PyTorch or Hugging Face."""
 
+from fmcore.ops.activation import bias_gelu, swiglu
 from fmcore.ops.adamw import grad_norm
 from fmcore.ops.attention import (
     attention_tiles,
@@ -9,7 +10,6 @@ from fmcore.ops.attention import (
     scaled_dot_product_attention,
 )
 from fmcore.ops.cross_entropy import cross_entropy
-from fmcore.ops.gelu import bias_gelu
 from fmcore.ops.linear_cross_entropy import linear_cross_entropy
 from fmcore.ops.norm import add_norm
 from fmcore.ops.rope import apply_rotary
@@ -26,4 +26,5 @@ __all__ = [
     "grad_norm",
     "linear_cross_entropy",
     "scaled_dot_product_attention",
+    "swiglu",
 ]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmcore.ops import swiglu
 from fmcore.train.config import ModelConfig
 from fmcore.train.models.base import CausalLM, PreNormBlock
 from fmcore.train.models.common import DocMask, apply_rope, causal_attention, rope_tables
@@ -41,7 +42,10 @@ class LlamaBlock(PreNormBlock):
         return self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        gate_up = self.w_gate_up(x)  # (..., 2F): gate, then up (per rank: SplitLinear keeps the order)
+        if self.ops == "fmcore":
+            return self.w_down(swiglu(gate_up))  # its backward writes gate_up's gradient whole
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
 

@@ -1,10 +1,12 @@
-// Bias + GELU autograd in C++ (TORCH_LIBRARY_IMPL(fmcore, Autograd, m)), for every device, as
-// norm_autograd.cpp does for add_norm and for the same reason: a Python autograd kernel runs on
-// every call, and a model calls this once a layer.
+// Bias + GELU and SwiGLU autograd in C++ (TORCH_LIBRARY_IMPL(fmcore, Autograd, m)), for every
+// device, as norm_autograd.cpp does for add_norm and for the same reason: a Python autograd kernel
+// runs on every call, and a model calls these once a layer.
 //
 // fmcore::bias_gelu: a Function whose backward is fmcore::bias_gelu_bwd, asked for the bias
 // gradient only when the bias needs one. Saved: x and the bias (the backward recomputes x + bias).
-// fmcore::bias_gelu_bwd has no derivative: under create_graph its outputs get a node that raises
+// fmcore::swiglu: a Function whose backward is fmcore::swiglu_bwd. Saved: gate and up (or the
+// packed gate).
+// The backward ops have no derivative: under create_graph their outputs get a node that raises
 // when differentiated (double backward is not supported).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -97,11 +99,81 @@ Tensor2 bias_gelu_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& x,
   return {out[0], out[1]};
 }
 
+at::Tensor call_swiglu(const at::Tensor& gate, const OptTensor& up) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fmcore::swiglu", "")
+                             .typed<at::Tensor(const at::Tensor&, const OptTensor&)>();
+  return op.call(gate, up);
+}
+
+Tensor2 call_swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate, const OptTensor& up) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fmcore::swiglu_bwd", "")
+          .typed<Tensor2(const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  return op.call(grad_out, gate, up);
+}
+
+class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const OptTensor& up) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({gate, up.value_or(at::Tensor())});
+    return call_swiglu(gate, up);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const OptTensor up = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    auto [gg, gu] = call_swiglu_bwd(grads[0], saved[0], up);
+    return {ctx->needs_input_grad(0) ? gg : at::Tensor(),
+            up.has_value() && ctx->needs_input_grad(1) ? gu : at::Tensor()};
+  }
+};
+
+at::Tensor swiglu_autograd(const at::Tensor& gate, const OptTensor& up) {
+  if (!records_grad(gate, up) && !has_tangents(gate, up)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_swiglu(gate, up);
+  }
+  return SwigluFunction::apply(gate, up);
+}
+
+class SwigluBwdFunction : public torch::autograd::Function<SwigluBwdFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& gate,
+                               const OptTensor& up) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gg, gu] = call_swiglu_bwd(grad_out, gate, up);
+    return {gg, gu};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "fmcore swiglu supports first-order gradients only: its backward "
+                                "(fmcore::swiglu_bwd) has no derivative, so double backward "
+                                "through swiglu is not implemented");
+    return {};
+  }
+};
+
+Tensor2 swiglu_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& gate,
+                            const OptTensor& up) {
+  if (!records_grad(grad_out, gate, up)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_swiglu_bwd(grad_out, gate, up);
+  }
+  const variable_list out = SwigluBwdFunction::apply(grad_out, gate, up);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fmcore, Autograd, m) {
   m.impl("bias_gelu", &bias_gelu_autograd);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_autograd);
+  m.impl("swiglu", &swiglu_autograd);
+  m.impl("swiglu_bwd", &swiglu_bwd_autograd);
 }
 
 }  // namespace fmcore
