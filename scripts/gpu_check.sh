@@ -28,7 +28,10 @@
 # wgmma fields in csrc/kernels/attention.cu take the winners' values, per head dim): 3 and 5 differ in
 # the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
 # warpgroup a CTA, two CTAs an SM; its forward 64 keys a step, two CTAs an SM), 6 is 5's forward on
-# one-warpgroup CTAs (two an SM) with 4's backward.
+# one-warpgroup CTAs (two an SM) with 4's backward. test-tiles runs the wgmma probe first
+# (tests/ops/test_wgmma_probe.py): if a wgmma configuration fails, a failing probe form names the
+# layout at fault (ss: K-major descriptors or the swizzle; ss_mn: the dq path; rs: P V, dV, dK), and
+# all forms passing points at synchronisation instead.
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
