@@ -15,7 +15,8 @@ namespace fmcore {
 
 namespace {
 
-BiasGelu prepare(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
+BiasGelu prepare_bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                           bool tanh) {
   check_float(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "expected x of shape (..., D), got a scalar");
   const int64_t D = x.size(-1);
@@ -171,7 +172,7 @@ Swiglu prepare_swiglu_bwd(const at::Tensor& grad_out, const at::Tensor& gate,
 
 BiasGelu prepare_bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                                bool tanh) {
-  BiasGelu g = prepare(x, bias, tanh);
+  BiasGelu g = prepare_bias_gelu(x, bias, tanh);
   g.out = at::empty(x.sizes(), g.x.options());
   g.p.out = g.out.data_ptr();
   return g;
@@ -179,7 +180,7 @@ BiasGelu prepare_bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tens
 
 BiasGelu prepare_bias_gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                const std::optional<at::Tensor>& bias, bool tanh, bool grad_bias) {
-  BiasGelu g = prepare(x, bias, tanh);
+  BiasGelu g = prepare_bias_gelu(x, bias, tanh);
   check_same_device(grad_out, x, "grad_out", "x");
   check_same_dtype(grad_out, x, "grad_out", "x");
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "expected grad_out of the shape of x ",
