@@ -6,8 +6,7 @@
 // gradient only when the bias needs one. Saved: x and the bias (the backward recomputes x + bias).
 // fmcore::swiglu: a Function whose backward is fmcore::swiglu_bwd. Saved: gate and up (or the
 // packed gate).
-// The backward ops have no derivative: under create_graph their outputs get a node that raises
-// when differentiated (double backward is not supported).
+// The backward ops have no derivative: they run through FirstOrderOnly (autograd_gate.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -70,32 +69,17 @@ at::Tensor bias_gelu_autograd(const at::Tensor& x, const OptTensor& bias, bool t
   return BiasGeluFunction::apply(x, bias, tanh);
 }
 
-// The backward op as a Function only to give its outputs a node that refuses a second derivative.
-class BiasGeluBwdFunction : public torch::autograd::Function<BiasGeluBwdFunction> {
- public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& x,
-                               const OptTensor& bias, bool tanh, bool grad_bias) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, gb] = call_bwd(grad_out, x, bias, tanh, grad_bias);
-    return {gx, gb};
-  }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false,
-                                "fmcore bias_gelu supports first-order gradients only: its "
-                                "backward (fmcore::bias_gelu_bwd) has no derivative, so double "
-                                "backward through bias_gelu is not implemented");
-    return {};
-  }
-};
-
 Tensor2 bias_gelu_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& x,
                                const OptTensor& bias, bool tanh, bool grad_bias) {
   if (!records_grad(grad_out, x, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_bwd(grad_out, x, bias, tanh, grad_bias);
   }
-  const variable_list out = BiasGeluBwdFunction::apply(grad_out, x, bias, tanh, grad_bias);
+  const auto call = [&] {
+    auto [gx, gb] = call_bwd(grad_out, x, bias, tanh, grad_bias);
+    return variable_list{gx, gb};
+  };
+  const variable_list out = FirstOrderOnly::apply("bias_gelu", call, grad_out, x, bias);
   return {out[0], out[1]};
 }
 
@@ -139,31 +123,17 @@ at::Tensor swiglu_autograd(const at::Tensor& gate, const OptTensor& up) {
   return SwigluFunction::apply(gate, up);
 }
 
-class SwigluBwdFunction : public torch::autograd::Function<SwigluBwdFunction> {
- public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& gate,
-                               const OptTensor& up) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gg, gu] = call_swiglu_bwd(grad_out, gate, up);
-    return {gg, gu};
-  }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false,
-                                "fmcore swiglu supports first-order gradients only: its backward "
-                                "(fmcore::swiglu_bwd) has no derivative, so double backward "
-                                "through swiglu is not implemented");
-    return {};
-  }
-};
-
 Tensor2 swiglu_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& gate,
                             const OptTensor& up) {
   if (!records_grad(grad_out, gate, up)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_swiglu_bwd(grad_out, gate, up);
   }
-  const variable_list out = SwigluBwdFunction::apply(grad_out, gate, up);
+  const auto call = [&] {
+    auto [gg, gu] = call_swiglu_bwd(grad_out, gate, up);
+    return variable_list{gg, gu};
+  };
+  const variable_list out = FirstOrderOnly::apply("swiglu", call, grad_out, gate, up);
   return {out[0], out[1]};
 }
 

@@ -10,9 +10,7 @@
 // gradients some input needs (needs_input_grad). Saved: s (the stream output, or x itself without a
 // residual), weight, and the per-row mean/rstd; dtypes and flags as saved_data.
 //
-// fmcore::add_norm_bwd has no derivative: under create_graph its outputs get a node that raises
-// when differentiated (double backward through add_norm is not supported), where torch's fallback
-// for an op without autograd only warned and gave zero second-order gradients.
+// fmcore::add_norm_bwd has no derivative: it runs through FirstOrderOnly (autograd_gate.h).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -132,32 +130,6 @@ Tensor4 add_norm_fwd_autograd(const at::Tensor& x, const OptTensor& residual,
   return {out[0], out[1], out[2], out[3]};
 }
 
-// The backward op as a Function only to give its outputs a node that refuses a second derivative.
-class AddNormBwdFunction : public torch::autograd::Function<AddNormBwdFunction> {
- public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_out,
-                               const OptTensor& grad_residual_out, const at::Tensor& s,
-                               const at::Tensor& weight, const at::Tensor& mean,
-                               const at::Tensor& rstd, bool rms, bool has_residual, bool has_bias,
-                               at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype,
-                               bool grad_input, bool grad_weight) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, gr, gw, gb] =
-        call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
-                 x_dtype, residual_dtype, grad_input, grad_weight);
-    return {gx, gr, gw, gb};
-  }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false,
-                                "fmcore add_norm supports first-order gradients only: its backward "
-                                "(fmcore::add_norm_bwd) has no derivative, so double backward "
-                                "(differentiating a gradient taken with create_graph=True) through "
-                                "add_norm is not implemented");
-    return {};
-  }
-};
-
 Tensor4 add_norm_bwd_autograd(const at::Tensor& grad_out, const OptTensor& grad_residual_out,
                               const at::Tensor& s, const at::Tensor& weight, const at::Tensor& mean,
                               const at::Tensor& rstd, bool rms, bool has_residual, bool has_bias,
@@ -168,9 +140,14 @@ Tensor4 add_norm_bwd_autograd(const at::Tensor& grad_out, const OptTensor& grad_
     return call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias,
                     x_dtype, residual_dtype, grad_input, grad_weight);
   }
-  const variable_list out = AddNormBwdFunction::apply(grad_out, grad_residual_out, s, weight, mean,
-                                                      rstd, rms, has_residual, has_bias, x_dtype,
-                                                      residual_dtype, grad_input, grad_weight);
+  const auto call = [&] {
+    auto [gx, gr, gw, gb] = call_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms,
+                                     has_residual, has_bias, x_dtype, residual_dtype, grad_input,
+                                     grad_weight);
+    return variable_list{gx, gr, gw, gb};
+  };
+  const variable_list out =
+      FirstOrderOnly::apply("add_norm", call, grad_out, grad_residual_out, s, weight, mean, rstd);
   return {out[0], out[1], out[2], out[3]};
 }
 

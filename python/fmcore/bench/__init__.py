@@ -48,6 +48,17 @@ class BenchContext:
                 f"% of {self.roofline.copy_gbps:.0f} GB/s copy"),
         ]
 
+    def fwd_bwd_rows(self, bench: str, case: str, system: str, ms: tuple[float, float],
+                     nbytes: tuple[float, float]) -> list[Row]:
+        """bandwidth_rows of a forward and a backward: cases "<case> fwd" and "<case> bwd"."""
+        return [row for phase, t, nb in zip(("fwd", "bwd"), ms, nbytes)
+                for row in self.bandwidth_rows(bench, f"{case} {phase}", system, t, nb)]
+
+    def floor_rows(self, bench: str, case: str, nbytes: tuple[float, float]) -> list[Row]:
+        """System "floor": a fused op's forward and backward bytes at the copy bandwidth."""
+        return [Row(bench, f"{case} {phase}", "floor", "ms", nb / (self.roofline.copy_gbps * 1e9) * 1e3,
+                    "ms: the fused op's bytes at the copy bandwidth") for phase, nb in zip(("fwd", "bwd"), nbytes)]
+
     def compute_rows(self, bench: str, case: str, system: str, ms: float, flops: float, *,
                      ms_unit: str = "ms", rate_unit: str = "TFLOP/s") -> list[Row]:
         """ms, TFLOP/s and % of the matmul rate for a compute-bound op doing flops."""

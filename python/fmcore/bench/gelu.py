@@ -82,12 +82,8 @@ def run(ctx: BenchContext) -> list[Row]:
         for system, fn in (("fmcore", fmcore_bias_gelu), ("torch-eager", torch_bias_gelu),
                            ("torch-compile", torch.compile(torch_bias_gelu, fullgraph=True))):
             def measure(fn=fn, system=system):
-                fwd, bwd = _fwd_bwd_ms(fn, (h, b), dev)
-                return (ctx.bandwidth_rows("gelu", f"{case} fwd", system, fwd, nbytes[0])
-                        + ctx.bandwidth_rows("gelu", f"{case} bwd", system, bwd, nbytes[1]))
+                return ctx.fwd_bwd_rows("gelu", case, system, _fwd_bwd_ms(fn, (h, b), dev), nbytes)
 
             rows += measure_system("gelu", case, system, measure)
-        for phase, nb in zip(("fwd", "bwd"), nbytes):
-            rows.append(Row("gelu", f"{case} {phase}", "floor", "ms", nb / (ctx.roofline.copy_gbps * 1e9) * 1e3,
-                            "ms: the fused op's bytes at the copy bandwidth"))
+        rows += ctx.floor_rows("gelu", case, nbytes)
     return rows

@@ -58,8 +58,7 @@ def _measure(ctx: BenchContext, case: str, system: str, fn, inputs, kind: str, o
     wanted = [t for t in inputs if t is not None]
     # autograd.grad, not backward: no .grad accumulation kernels inside the timing
     bwd = time_ms(lambda: torch.autograd.grad((out, stream), wanted, grads, retain_graph=True), dev)
-    return (ctx.bandwidth_rows("norm", f"{case} fwd", system, fwd, nbytes[0])
-            + ctx.bandwidth_rows("norm", f"{case} bwd", system, bwd, nbytes[1]))
+    return ctx.fwd_bwd_rows("norm", case, system, (fwd, bwd), nbytes)
 
 
 def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps: int = 5) -> dict[str, float]:
@@ -113,10 +112,7 @@ def run(ctx: BenchContext) -> list[Row]:
                 for system, fn in systems:
                     rows += measure_system("norm", case, system, lambda: _measure(
                         ctx, case, system, fn, (x, residual, weight, bias), kind, out_dtype, nbytes))
-                for phase, nb in zip(("fwd", "bwd"), nbytes):
-                    floor_ms = nb / (ctx.roofline.copy_gbps * 1e9) * 1e3
-                    rows.append(Row("norm", f"{case} {phase}", "floor", "ms", floor_ms,
-                                    "ms: the fused op's bytes at the copy bandwidth"))
+                rows += ctx.floor_rows("norm", case, nbytes)
     # Host cost per call (metric "ms": the row vocabulary has no "us"): 25 of these run per GPT-2
     # 124M step, each way; it is hidden while the GPU is the bottleneck. fmcore's autograd is C++
     # for this cost (csrc/ops/norm_autograd.cpp).

@@ -52,11 +52,8 @@ def run(ctx: BenchContext) -> list[Row]:
                 grad = torch.randn_like(out)
                 # autograd.grad, not backward: no .grad accumulation kernels inside the timing
                 bwd = time_ms(lambda: torch.autograd.grad(out, (gate_up,), grad, retain_graph=True), dev)
-                return (ctx.bandwidth_rows("swiglu", f"{case} fwd", system, fwd, nbytes[0])
-                        + ctx.bandwidth_rows("swiglu", f"{case} bwd", system, bwd, nbytes[1]))
+                return ctx.fwd_bwd_rows("swiglu", case, system, (fwd, bwd), nbytes)
 
             rows += measure_system("swiglu", case, system, measure)
-        for phase, nb in zip(("fwd", "bwd"), nbytes):
-            rows.append(Row("swiglu", f"{case} {phase}", "floor", "ms", nb / (ctx.roofline.copy_gbps * 1e9) * 1e3,
-                            "ms: the fused op's bytes at the copy bandwidth"))
+        rows += ctx.floor_rows("swiglu", case, nbytes)
     return rows
