@@ -196,9 +196,7 @@ cudaError_t bias_gelu_bwd(const BiasGeluParams& p, cudaStream_t stream) {
   sums.rows = p.partial_rows;
   sums.dim = p.dim;
   sums.dtype = p.bias_dtype;
-  sum_partial_rows_kernel<1><<<dim3(static_cast<unsigned>((p.dim + 31) / 32)), dim3(32, 32), 0,
-                               stream>>>(sums);
-  return cudaGetLastError();
+  return sum_partial_rows(sums, stream);
 }
 
 cudaError_t swiglu_fwd(const SwigluParams& p, int sm_count, cudaStream_t stream) {

@@ -75,7 +75,9 @@ __device__ __forceinline__ void store_t(T* p, const float (&v)[VEC]) {
 template <int VEC>
 __device__ __forceinline__ void load(const void* base, DType dt, int64_t i, float (&v)[VEC]) {
   switch (dt) {
-    case DType::kBFloat16: load_t<__nv_bfloat16, VEC>(static_cast<const __nv_bfloat16*>(base) + i, v); break;
+    case DType::kBFloat16:
+      load_t<__nv_bfloat16, VEC>(static_cast<const __nv_bfloat16*>(base) + i, v);
+      break;
     case DType::kFloat16: load_t<__half, VEC>(static_cast<const __half*>(base) + i, v); break;
     default: load_t<float, VEC>(static_cast<const float*>(base) + i, v); break;
   }
@@ -84,7 +86,9 @@ __device__ __forceinline__ void load(const void* base, DType dt, int64_t i, floa
 template <int VEC>
 __device__ __forceinline__ void store(void* base, DType dt, int64_t i, const float (&v)[VEC]) {
   switch (dt) {
-    case DType::kBFloat16: store_t<__nv_bfloat16, VEC>(static_cast<__nv_bfloat16*>(base) + i, v); break;
+    case DType::kBFloat16:
+      store_t<__nv_bfloat16, VEC>(static_cast<__nv_bfloat16*>(base) + i, v);
+      break;
     case DType::kFloat16: store_t<__half, VEC>(static_cast<__half*>(base) + i, v); break;
     default: store_t<float, VEC>(static_cast<float*>(base) + i, v); break;
   }
@@ -100,8 +104,8 @@ inline bool all_aligned(std::initializer_list<const void*> ptrs) {
 
 // Column sums of fp32 partial-row workspaces, in a fixed order (bitwise reproducible run to run):
 // for each of K outputs, out[k][col] = the sum over r < rows of part[k][r * dim + col], stored in
-// dtype; a null out[k] is skipped. Launch: (dim + 31) / 32 blocks of dim3(32, 32), 32 columns x 32
-// slices; slice y adds rows y, y + 32, ...; then the 32 slice sums add in order.
+// dtype; a null out[k] is skipped. sum_partial_rows launches it: (dim + 31) / 32 blocks of 32
+// columns x 32 slices; slice y adds rows y, y + 32, ...; then the 32 slice sums add in order.
 template <int K>
 struct PartialRowSums {
   const float* part[K] = {};  // (rows, dim) each
@@ -135,6 +139,13 @@ __global__ void __launch_bounds__(1024) sum_partial_rows_kernel(const PartialRow
     for (int y = 0; y < 32; ++y) v[0] += tile[k][y][threadIdx.x];
     if (s.out[k] != nullptr) store<1>(s.out[k], s.dtype, col, v);
   }
+}
+
+template <int K>
+cudaError_t sum_partial_rows(const PartialRowSums<K>& s, cudaStream_t stream) {
+  sum_partial_rows_kernel<K>
+      <<<dim3(static_cast<unsigned>((s.dim + 31) / 32)), dim3(32, 32), 0, stream>>>(s);
+  return cudaGetLastError();
 }
 
 // Lets kKernel be launched with `smem` bytes of dynamic shared memory on the current device.

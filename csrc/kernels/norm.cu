@@ -399,9 +399,7 @@ cudaError_t add_norm_bwd(const AddNormParams& p, cudaStream_t stream) {
   sums_of.rows = p.partial_rows;
   sums_of.dim = p.dim;
   sums_of.dtype = p.weight_dtype;
-  const dim3 grid(static_cast<unsigned>((p.dim + 31) / 32));
-  sum_partial_rows_kernel<2><<<grid, dim3(32, 32), 0, stream>>>(sums_of);
-  return cudaGetLastError();
+  return sum_partial_rows(sums_of, stream);
 }
 
 }  // namespace fmcore

@@ -48,6 +48,12 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const T* x, const T* y
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  // Element e of this thread's 8-column tile j of a 64-row matrix in mma16816's c layout (a
+  // warpgroup accumulator's): row 16 warp + g + 8 (e / 2), column 8 j + 2 t + e % 2; its offset
+  // in a row-major matrix of `cols` columns.
+  auto c_at = [&](int cols, int j, int e) {
+    return (16 * warp + g + 8 * (e / 2)) * cols + 8 * j + 2 * t + e % 2;
+  };
   float d[N / 8][4];
 #pragma unroll
   for (auto& tile : d) {
@@ -63,7 +69,7 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const T* x, const T* y
     for (int j = 0; j < kK / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        c[j][e] = static_cast<float>(x[(16 * warp + g + 8 * (e / 2)) * kK + 8 * j + 2 * t + e % 2]);
+        c[j][e] = static_cast<float>(x[c_at(kK, j, e)]);
       }
     }
 #pragma unroll
@@ -89,13 +95,10 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const T* x, const T* y
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(d);
-  // d[i][2h + e] is out[16 warp + g + 8h][8i + 2t + e]
 #pragma unroll
   for (int i = 0; i < N / 8; ++i) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      out[(16 * warp + g + 8 * (e / 2)) * N + 8 * i + 2 * t + e % 2] = d[i][e];
-    }
+    for (int e = 0; e < 4; ++e) out[c_at(N, i, e)] = d[i][e];
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "checks.h"
 #include "kernels/wgmma_probe.h"
 
 namespace fmcore {
@@ -38,9 +39,9 @@ at::Tensor wgmma_probe_op(const std::string& form, const at::Tensor& x, const at
                     y.sizes(), " (see csrc/kernels/wgmma_probe.h)");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
-  const DType dtype = x.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  const cudaError_t err = wgmma_probe(f, dtype, static_cast<int>(n), x.data_ptr(), y.data_ptr(),
-                                      out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err =
+      wgmma_probe(f, to_dtype(x.scalar_type()), static_cast<int>(n), x.data_ptr(), y.data_ptr(),
+                  out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fmcore wgmma probe: ", cudaGetErrorString(err));
   return out;
 }

@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "fmsim_torch.h"
+#include "ops/checks.h"
 #include "wgmma_probe.h"
 
 int fmsim_selftest(const std::string& name, float* result);
@@ -26,8 +27,7 @@ at::Tensor sim_wgmma_probe(const std::string& form, const at::Tensor& x, const a
   const int64_t n = f == 0 ? y.size(0) : y.size(1);
   at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
   const cudaError_t err = fmcore::wgmma_probe(
-      static_cast<fmcore::WgmmaProbeForm>(f),
-      x.scalar_type() == at::kHalf ? fmcore::DType::kFloat16 : fmcore::DType::kBFloat16,
+      static_cast<fmcore::WgmmaProbeForm>(f), fmcore::to_dtype(x.scalar_type()),
       static_cast<int>(n), x.contiguous().data_ptr(), y.contiguous().data_ptr(),
       out.data_ptr<float>(), nullptr);
   TORCH_CHECK(err == cudaSuccess, "sim_wgmma_probe: error ", static_cast<int>(err));
