@@ -8,7 +8,8 @@ OBJ is an nvcc object or cubin holding one architecture's SASS, e.g. the CMake b
 build/<dir>/CMakeFiles/fmcore_kernels.dir/csrc/kernels/attention.cu.o (built with -lineinfo, so the
 instructions carry their source lines). Needs cuobjdump and nvdisasm (on PATH, beside nvcc, or the
 copies triton ships) and c++filt. A kernel's main loop is the loop (a backward branch and its
-target) holding the most HMMA instructions, the innermost such one. Counts are static: every
+target) holding the most tensor-core instructions (mma.sync's HMMA, wgmma's HGMMA), the innermost
+such one. Counts are static: every
 instruction between its head and its back edge, including code most trips skip (the masking of
 boundary blocks, the checks of a tile that crosses the sequence end); loops nested in it are
 listed, since their bodies run more than once a trip. --skip-lines gives the count without the
@@ -33,7 +34,7 @@ from pathlib import Path
 # Opcode (without modifiers) -> the column it is counted in; every U* opcode is "uniform" (the
 # uniform datapath: once a warp, not a thread).
 CLASSES = {
-    "tensor": {"HMMA"},
+    "tensor": {"HMMA", "HGMMA"},
     "smem": {"LDSM", "LDS", "STS"},
     "global": {"LDGSTS", "LDG", "STG", "RED", "REDG", "ATOM", "ATOMG", "LDGDEPBAR", "DEPBAR"},
     "local": {"LDL", "STL"},
@@ -138,21 +139,23 @@ def line_number(loc: str) -> int:
 
 def report(k: Kernel, name: str, resources: str, top: int, inner: bool, skip: set[int]) -> None:
     print(f"{name}  [{resources}]")
-    cands = [(sum(k.insns[i].opcode == "HMMA" for i in range(a, b + 1)), -(b - a), a, b) for a, b in loops(k)]
+    tensor = CLASSES["tensor"]
+    cands = [(sum(k.insns[i].opcode in tensor for i in range(a, b + 1)), -(b - a), a, b) for a, b in loops(k)]
     if not cands or max(cands)[0] == 0:
-        print("  no loop with HMMA instructions\n")
+        print("  no loop with tensor-core instructions\n")
         return
     hmma, _, a, b = max(cands)
     body = k.insns[a : b + 1]
-    print(f"  main loop {body[0].addr:#x}-{body[-1].addr:#x}: {len(body)} instructions, {hmma} HMMA "
-          f"({len(body) / hmma:.1f} per HMMA)")
+    kind = "/".join(sorted({i.opcode for i in body} & tensor))
+    print(f"  main loop {body[0].addr:#x}-{body[-1].addr:#x}: {len(body)} instructions, {hmma} {kind} "
+          f"({len(body) / hmma:.1f} per {kind})")
     for ia, ib in sorted(loops(k)):
         if a <= ia and ib <= b and (ia, ib) != (a, b):
             print(f"    nested loop {k.insns[ia].addr:#x}-{k.insns[ib].addr:#x}: {ib - ia + 1} instructions")
     if skip:
         kept = [blk for blk in blocks(k, a, b) if 2 * sum(line_number(i.line) in skip for i in blk) <= len(blk)]
         n = sum(map(len, kept))
-        print(f"  without the blocks of the skipped lines: {n} instructions ({n / hmma:.1f} per HMMA)")
+        print(f"  without the blocks of the skipped lines: {n} instructions ({n / hmma:.1f} per {kind})")
     mix = Counter(classify(i.opcode) for i in body)
     print("  mix: " + ", ".join(f"{c} {mix[c]}" for c in [*CLASSES, "other"] if mix[c]))
     ops = Counter(i.opcode for i in body)

@@ -54,10 +54,23 @@ __device__ __forceinline__ void fence_regs(R (&r)[M][N]) {
     for (int j = 0; j < N; ++j) reg_fence(r[i][j]);
 }
 
+// This thread's warpgroup, as a value the compiler knows to be the same in every lane of a warp (a
+// shuffle from lane 0; threadIdx.x / 128 is not one to it): the descriptors built from it then live
+// in uniform registers, where wgmma reads them. From threadIdx.x / 128, the A descriptor of the
+// forward's S was in ordinary registers, moved into uniform ones before every wgmma: 7 instructions
+// each, ~60 of a step.
+__device__ __forceinline__ int warpgroup_index() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+}
+
 // Copies rows [0, ROWS) of a (rows, D) slice into a swizzled [D / 64][ROWS][64] tile; rows >=
 // n_valid are zero-filled and their addresses never formed (`base` stands in). Thread t copies
 // chunk t % (D / 8) of rows t / (D / 8) + i * kRowsPerPass: its swizzled column is the same on
-// every pass (kRowsPerPass is a multiple of 8).
+// every pass (kRowsPerPass is a multiple of 8). Only a tile that crosses the end of the sequence
+// (n_valid < ROWS, the same for every thread) checks rows: the others step one pointer by a pass's
+// rows, a 64-bit add a copy instead of a row check, a select and a 64-bit multiply (their SASS had
+// ~10 instructions a copy; the loads of K and V took ~270 of the D = 128 forward's ~1090 a
+// step).
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t stride, int64_t n_valid,
                                              const T* base) {
@@ -68,6 +81,15 @@ __device__ __forceinline__ void load_tile_sw(T* dst, const T* src, int64_t strid
   const int row = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
   dst += c / 8 * ROWS * 64 + row * 64 + (c % 8 ^ row % 8) * 8;
   src += c * 8;
+  if (n_valid >= ROWS) {
+    src += row * stride;
+    const int64_t pass = kRowsPerPass * stride;
+#pragma unroll
+    for (int i = 0; i < ROWS / kRowsPerPass; ++i, src += pass) {
+      cp_async16(dst + i * kRowsPerPass * 64, src, true);
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
     const int r = row + i * kRowsPerPass;
@@ -148,7 +170,7 @@ __global__ void __launch_bounds__(128 * kGroups,
   }
 
   // This warpgroup's 64 rows of Q; K and V of stage 0 (stage 1 is kTileKV elements on).
-  const uint64_t q_desc = sw128_desc(sQ + warp / 4 * 64 * 64, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ + warpgroup_index() * 64 * 64, 16, 1024);
   const uint64_t k_desc = sw128_desc(sK, 16, 1024);
   const uint64_t v_desc = sw128_desc(sV, kBlockN * 128, 1024);
 
@@ -315,7 +337,7 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   if (n0 >= s.k_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  const int wg = warp / 4;
+  const int wg = warpgroup_index();
   const float scale_log2 = p.scale * kLog2e;
   QueryWalk<kBlockM> walk(p, s, n0, hk);
 
@@ -430,6 +452,17 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
     fence_proxy_async();  // this thread's dS^T stores, visible to wgmma
     __syncthreads();      // sdS holds every warpgroup's keys
 
+    // Where this lane adds to dQ: its warp's query rows g and g + 8 of the slab (null past the
+    // end), computed once for the passes below, each atomic at a constant offset from them.
+    float* dq_rows[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
+      dq_rows[hh] = nullptr;
+      if (row < s.q_len) {
+        dq_rows[hh] = opaque(row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h)) + dq_c0 + 2 * tq;
+      }
+    }
     float dq[8][4];
 #pragma unroll
     for (int pass = 0; pass < kDqPasses; ++pass) {
@@ -451,14 +484,11 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
         fence_regs(dsa);
       }
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {  // this warp's 16 query rows of the slab
-        const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
-        if (row >= s.q_len) continue;
-        float* acc =
-            row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h) + dq_c0 + 64 * pass + 2 * tq;
+      for (int hh = 0; hh < 2; ++hh) {
+        if (dq_rows[hh] == nullptr) continue;
 #pragma unroll
         for (int dt = 0; dt < 8; ++dt) {
-          atomic_add2(acc + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+          atomic_add2(dq_rows[hh] + 64 * pass + dt * 8, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
         }
       }
     }

@@ -210,4 +210,13 @@ __device__ __forceinline__ void fence_proxy_async() {
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void reg_fence(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
+// No instruction: hides how p was computed, so that p + constant addresses a memory instruction as
+// [p + immediate]. Without it nvcc folds the constants of a row's accesses into the row's 64-bit
+// index arithmetic and recomputes a full address (four or five instructions) for each of them.
+template <typename T>
+__device__ __forceinline__ T* opaque(T* p) {
+  asm("" : "+l"(p));
+  return p;
+}
+
 }  // namespace fmcore

@@ -71,5 +71,9 @@ inline void wgmma_fence() { fmsim::wgmma_fence(); }
 inline void fence_proxy_async() { fmsim::fence_proxy_async(); }
 inline void reg_fence(float&) {}
 inline void reg_fence(uint32_t&) {}
+template <typename T>
+inline T* opaque(T* p) {
+  return p;
+}
 
 }  // namespace fmcore

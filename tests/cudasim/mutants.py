@@ -80,7 +80,13 @@ ATTENTION_MUTANTS = {
     # first 64 columns again
     "wgmma_dq_pass_b_columns": ("desc_plus(kt_desc, pass * kBlockN * 128 + off)", "desc_plus(kt_desc, off)"),
     # one-warpgroup wgmma dk/dv at D = 128: both dQ passes added into the first 64 columns
-    "wgmma_dq_pass_atomic_columns": ("dq_c0 + 64 * pass + 2 * tq", "dq_c0 + 2 * tq"),
+    "wgmma_dq_pass_atomic_columns": ("dq_rows[hh] + 64 * pass + dt * 8", "dq_rows[hh] + dt * 8"),
+    # wgmma dk/dv: the last query row's share of dQ never added
+    "wgmma_dq_last_row_dropped": ("if (row < s.q_len) {\n        dq_rows", "if (row + 1 < s.q_len) {\n        dq_rows"),
+    # wgmma tiles: a whole tile's copies step one row a pass instead of a pass's rows
+    "wgmma_tile_fast_path_stride": ("++i, src += pass) {", "++i, src += stride) {"),
+    # two-warpgroup wgmma kernels: every warpgroup takes itself for the first (Q rows, K/V keys)
+    "wgmma_warpgroup_index_zero": ("static_cast<int>(threadIdx.x / 128), 0)", "0, 0)"),
     # wgmma forward: the K / V copies read by wgmma with no fence.proxy.async after their wait
     "wgmma_fwd_no_proxy_fence": ("      fence_proxy_async();  // this thread's copies (and Q's sign flip), visible to wgmma\n", ""),
     # wgmma dk/dv: the Q / dO copies read by wgmma with no fence.proxy.async after their wait
