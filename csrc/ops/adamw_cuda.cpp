@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "adamw_op.h"
+#include "cuda_check.h"
 
 namespace fmcore {
 
@@ -27,9 +28,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (call.params.num_tensors == 0) return;
   check_cuda(params[0], "params[0]");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const cudaError_t err = adamw_step(call.params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess,
-              "fmcore adamw_step_: CUDA launch failed: ", cudaGetErrorString(err));
+  check_cuda_error(adamw_step(call.params, c10::cuda::getCurrentCUDAStream()), "adamw_step_");
 }
 
 void grad_norm_cuda(at::TensorList tensors, const at::Tensor& norm,
@@ -42,9 +41,7 @@ void grad_norm_cuda(at::TensorList tensors, const at::Tensor& norm,
   const int64_t ws = l2norm_workspace_size(call.tensors.data(), call.params.num_tensors);
   at::Tensor partials = at::empty({ws}, norm.options().dtype(at::kDouble));
   call.params.partials = partials.data_ptr<double>();
-  const cudaError_t err = l2norm(call.params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess,
-              "fmcore grad_norm_: CUDA launch failed: ", cudaGetErrorString(err));
+  check_cuda_error(l2norm(call.params, c10::cuda::getCurrentCUDAStream()), "grad_norm_");
 }
 
 }  // namespace

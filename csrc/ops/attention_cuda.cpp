@@ -7,6 +7,7 @@
 
 #include "attention_op.h"
 #include "checks.h"
+#include "cuda_check.h"
 
 namespace fmcore {
 
@@ -36,11 +37,6 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fmcore ", what,
-              ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -56,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
-  check_launch(attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_fwd");
+  check_cuda_error(attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_fwd");
   return {out, lse};
 }
 
@@ -98,7 +94,7 @@ void flash_attn_bwd_cuda_into(const at::Tensor& dout_in, const at::Tensor& q_in,
   }
   p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
-  check_launch(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");
+  check_cuda_error(attn_bwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_bwd");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(

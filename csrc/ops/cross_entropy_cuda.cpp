@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cross_entropy_op.h"
+#include "cuda_check.h"
 #include "kernels/cross_entropy.h"
 
 namespace fmcore {
@@ -52,8 +53,7 @@ void run_cuda(const CeTensors& t, const CeOptions& o, CeMode mode) {
   } else {
     err = cross_entropy_fwd(p, mode == CeMode::kFwdGrad, stream);
   }
-  TORCH_CHECK(err == cudaSuccess,
-              "fmcore cross_entropy: CUDA launch failed: ", cudaGetErrorString(err));
+  check_cuda_error(err, "cross_entropy");
 }
 
 // Marks a point of the stream the host can wait for, without waiting for what is queued after it.
@@ -68,8 +68,7 @@ class StreamPoint {
   StreamPoint& operator=(const StreamPoint&) = delete;
   ~StreamPoint() { cudaEventDestroy(event_); }
   void wait() const {
-    const cudaError_t err = cudaEventSynchronize(event_);
-    TORCH_CHECK(err == cudaSuccess, "fmcore cross_entropy: ", cudaGetErrorString(err));
+    check_cuda_error(cudaEventSynchronize(event_), "cross_entropy", "event wait");
   }
 
  private:
@@ -105,9 +104,7 @@ CeTargetCheck check_target_cuda(const at::Tensor& target, int64_t ignore_index, 
   p.vocab = vocab;
   p.ignore_index = ignore_index;
   p.bad_target = flag.data_ptr<int64_t>();
-  const cudaError_t err = cross_entropy_check_target(p, stream);
-  TORCH_CHECK(err == cudaSuccess,
-              "fmcore cross_entropy: CUDA launch failed: ", cudaGetErrorString(err));
+  check_cuda_error(cross_entropy_check_target(p, stream), "cross_entropy");
   // Pinned: the copy is asynchronous, and copy_ tells the host allocator when its block is free.
   at::Tensor host(at::detail::empty_generic({1}, at::cuda::getPinnedMemoryAllocator(),
                                             c10::DispatchKeySet(c10::DispatchKey::CPU), at::kLong,

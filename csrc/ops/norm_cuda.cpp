@@ -5,22 +5,19 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda_check.h"
 #include "norm_op.h"
 
 namespace fmcore {
 
 namespace {
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fmcore add_norm: CUDA ", what, " failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms, at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(x.device());
   AddNormFwd f = prepare_add_norm_fwd(x, residual, weight, bias, eps, rms, out_dtype);
-  check_launch(add_norm_fwd(f.p, c10::cuda::getCurrentCUDAStream()), "forward launch");
+  check_cuda_error(add_norm_fwd(f.p, c10::cuda::getCurrentCUDAStream()), "add_norm_fwd");
   return {f.out, f.residual_out, f.mean, f.rstd};
 }
 
@@ -33,17 +30,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cuda(
   AddNormBwd b =
       prepare_add_norm_bwd(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual,
                            has_bias, x_dtype, residual_dtype, grad_input, grad_weight);
-  int sm_count = 0;
-  check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, s.get_device()),
-               "SM count query");
-  b.p.partial_rows = add_norm_bwd_partial_rows(b.p, sm_count);
+  b.p.partial_rows = add_norm_bwd_partial_rows(b.p, sm_count(s));
   // (2, partial_rows, D) fp32: the per-block dweight and dbias sums the reduction kernel adds up;
   // none when neither gradient is asked for.
   const bool sums = add_norm_bwd_sums(b.p);
   const at::Tensor workspace =
       at::empty({sums ? 2 * b.p.partial_rows * b.p.dim : 0}, s.options().dtype(at::kFloat));
   b.p.workspace = sums ? workspace.data_ptr<float>() : nullptr;
-  check_launch(add_norm_bwd(b.p, c10::cuda::getCurrentCUDAStream()), "backward launch");
+  check_cuda_error(add_norm_bwd(b.p, c10::cuda::getCurrentCUDAStream()), "add_norm_bwd");
   return {b.grad_x, b.grad_residual, b.grad_weight, b.grad_bias};
 }
 

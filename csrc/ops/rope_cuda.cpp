@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "cuda_check.h"
 #include "rope_op.h"
 
 namespace fmcore {
@@ -19,8 +20,7 @@ void launch(const RopeParams& p, const at::Tensor& q) {
                     "expected q and k with (q heads + k heads) * head_dim < 2^31 - 1024 on CUDA, got ",
                     p.q.heads, " (q) and ", p.k.heads, " (k) heads of dim ", p.head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaError_t err = rope_fwd(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fmcore rope: CUDA launch failed: ", cudaGetErrorString(err));
+  check_cuda_error(rope_fwd(p, c10::cuda::getCurrentCUDAStream()), "rope");
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k,

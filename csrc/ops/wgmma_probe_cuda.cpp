@@ -9,6 +9,7 @@
 #include <string>
 
 #include "checks.h"
+#include "cuda_check.h"
 #include "kernels/wgmma_probe.h"
 
 namespace fmcore {
@@ -39,10 +40,10 @@ at::Tensor wgmma_probe_op(const std::string& form, const at::Tensor& x, const at
                     y.sizes(), " (see csrc/kernels/wgmma_probe.h)");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
-  const cudaError_t err =
+  check_cuda_error(
       wgmma_probe(f, to_dtype(x.scalar_type()), static_cast<int>(n), x.data_ptr(), y.data_ptr(),
-                  out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fmcore wgmma probe: ", cudaGetErrorString(err));
+                  out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+      "wgmma probe");
   return out;
 }
 
