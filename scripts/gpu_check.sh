@@ -31,7 +31,9 @@
 # one-warpgroup CTAs (two an SM) with 4's backward. test-tiles runs the wgmma probe first
 # (tests/ops/test_wgmma_probe.py): if a wgmma configuration fails, a failing probe form names the
 # layout at fault (ss: K-major descriptors or the swizzle; ss_mn: the dq path; rs: P V, dV, dK), and
-# all forms passing points at synchronisation instead.
+# all forms passing points at synchronisation instead. Predictions to check in those rows (design notes,
+# "issue budget"): the wgmma kernels issue ~25-30% fewer instructions a step since the sixteenth
+# session; the D = 64 ones (GPT-2's heads) were issue-bound and should gain most.
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,
