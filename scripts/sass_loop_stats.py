@@ -9,12 +9,12 @@ build/<dir>/CMakeFiles/fmcore_kernels.dir/csrc/kernels/attention.cu.o (built wit
 instructions carry their source lines). Needs cuobjdump and nvdisasm (on PATH, beside nvcc, or the
 copies triton ships) and c++filt. A kernel's main loop is the loop (a backward branch and its
 target) holding the most tensor-core instructions (mma.sync's HMMA, wgmma's HGMMA), the innermost
-such one. Counts are static: every
-instruction between its head and its back edge, including code most trips skip (the masking of
-boundary blocks, the checks of a tile that crosses the sequence end); loops nested in it are
-listed, since their bodies run more than once a trip. --skip-lines gives the count without the
-basic blocks whose instructions mostly come from those lines of the kernel's file (line numbers
-as --inner shows them): an estimate of what a trip that skips that code issues.
+such one. Counts are static: every instruction between its head and its back edge, including code
+most trips skip (the masking of boundary blocks, the checks of a tile that crosses the sequence
+end); loops nested in it are listed, since their bodies run more than once a trip. --skip-lines
+gives the count without the basic blocks whose instructions mostly come from those lines of the
+kernel's file (line numbers as --inner shows them): an estimate of what a trip that skips that
+code issues.
 """
 
 from __future__ import annotations
@@ -144,18 +144,18 @@ def report(k: Kernel, name: str, resources: str, top: int, inner: bool, skip: se
     if not cands or max(cands)[0] == 0:
         print("  no loop with tensor-core instructions\n")
         return
-    hmma, _, a, b = max(cands)
+    n_tensor, _, a, b = max(cands)
     body = k.insns[a : b + 1]
     kind = "/".join(sorted({i.opcode for i in body} & tensor))
-    print(f"  main loop {body[0].addr:#x}-{body[-1].addr:#x}: {len(body)} instructions, {hmma} {kind} "
-          f"({len(body) / hmma:.1f} per {kind})")
+    print(f"  main loop {body[0].addr:#x}-{body[-1].addr:#x}: {len(body)} instructions, {n_tensor} {kind} "
+          f"({len(body) / n_tensor:.1f} per {kind})")
     for ia, ib in sorted(loops(k)):
         if a <= ia and ib <= b and (ia, ib) != (a, b):
             print(f"    nested loop {k.insns[ia].addr:#x}-{k.insns[ib].addr:#x}: {ib - ia + 1} instructions")
     if skip:
         kept = [blk for blk in blocks(k, a, b) if 2 * sum(line_number(i.line) in skip for i in blk) <= len(blk)]
         n = sum(map(len, kept))
-        print(f"  without the blocks of the skipped lines: {n} instructions ({n / hmma:.1f} per {kind})")
+        print(f"  without the blocks of the skipped lines: {n} instructions ({n / n_tensor:.1f} per {kind})")
     mix = Counter(classify(i.opcode) for i in body)
     print("  mix: " + ", ".join(f"{c} {mix[c]}" for c in [*CLASSES, "other"] if mix[c]))
     ops = Counter(i.opcode for i in body)

@@ -460,7 +460,8 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
       const int64_t row = i0 + warp % 4 * 16 + g + hh * 8;
       dq_rows[hh] = nullptr;
       if (row < s.q_len) {
-        dq_rows[hh] = opaque(row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h)) + dq_c0 + 2 * tq;
+        dq_rows[hh] = opaque(row_ptr_mut<float>(p.dq_accum, b, s.q_start + row, h));
+        dq_rows[hh] += dq_c0 + 2 * tq;
       }
     }
     float dq[8][4];
