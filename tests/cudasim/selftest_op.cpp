@@ -6,6 +6,7 @@
 
 #include "fmsim_torch.h"
 #include "ops/checks.h"
+#include "ops/cuda_check.h"
 #include "wgmma_probe.h"
 
 int fmsim_selftest(const std::string& name, float* result);
@@ -26,11 +27,12 @@ at::Tensor sim_wgmma_probe(const std::string& form, const at::Tensor& x, const a
   TORCH_CHECK_VALUE(f >= 0, "sim_wgmma_probe: unknown form ", form);
   const int64_t n = f == 0 ? y.size(0) : y.size(1);
   at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
-  const cudaError_t err = fmcore::wgmma_probe(
-      static_cast<fmcore::WgmmaProbeForm>(f), fmcore::to_dtype(x.scalar_type()),
-      static_cast<int>(n), x.contiguous().data_ptr(), y.contiguous().data_ptr(),
-      out.data_ptr<float>(), nullptr);
-  TORCH_CHECK(err == cudaSuccess, "sim_wgmma_probe: error ", static_cast<int>(err));
+  fmcore::check_cuda_error(
+      fmcore::wgmma_probe(static_cast<fmcore::WgmmaProbeForm>(f),
+                          fmcore::to_dtype(x.scalar_type()), static_cast<int>(n),
+                          x.contiguous().data_ptr(), y.contiguous().data_ptr(),
+                          out.data_ptr<float>(), nullptr),
+      "sim_wgmma_probe");
   return out;
 }
 
