@@ -2,6 +2,9 @@
 // multiplying known matrices (wgmma_probe.cu says why and how).
 #pragma once
 
+#include <optional>
+#include <string_view>
+
 #include "dtype.h"
 
 namespace fmcore {
@@ -16,6 +19,14 @@ namespace fmcore {
 // x and y contiguous, row-major; out 64 x N fp32, row-major.
 enum class WgmmaProbeForm : int { kSS = 0, kSSMn = 1, kRS = 2 };
 constexpr int kWgmmaProbeK = 128;
+
+// The form of a name as the tests give it ("ss", "ss_mn", "rs"); none for another name.
+inline std::optional<WgmmaProbeForm> wgmma_probe_form(std::string_view name) {
+  if (name == "ss") return WgmmaProbeForm::kSS;
+  if (name == "ss_mn") return WgmmaProbeForm::kSSMn;
+  if (name == "rs") return WgmmaProbeForm::kRS;
+  return std::nullopt;
+}
 
 #ifdef FMCORE_CUDA_API
 // dtype bf16 or fp16, n 64 or 128 (cudaErrorInvalidValue otherwise). cudaErrorNotSupported when the

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 
 #include "checks.h"
@@ -17,12 +18,9 @@ namespace fmcore {
 namespace {
 
 at::Tensor wgmma_probe_op(const std::string& form, const at::Tensor& x, const at::Tensor& y) {
-  const WgmmaProbeForm f = form == "ss"      ? WgmmaProbeForm::kSS
-                           : form == "ss_mn" ? WgmmaProbeForm::kSSMn
-                           : form == "rs"    ? WgmmaProbeForm::kRS
-                                             : static_cast<WgmmaProbeForm>(-1);
-  TORCH_CHECK_VALUE(static_cast<int>(f) >= 0, "expected form 'ss', 'ss_mn' or 'rs', got '", form,
-                    "'");
+  const std::optional<WgmmaProbeForm> parsed = wgmma_probe_form(form);
+  TORCH_CHECK_VALUE(parsed.has_value(), "expected form 'ss', 'ss_mn' or 'rs', got '", form, "'");
+  const WgmmaProbeForm f = *parsed;
   TORCH_CHECK_VALUE(x.is_cuda() && y.device() == x.device(), "expected x and y on one CUDA device");
   TORCH_CHECK_VALUE(x.scalar_type() == y.scalar_type() &&
                         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),

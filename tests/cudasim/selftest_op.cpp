@@ -1,6 +1,7 @@
 // torch.ops.fmcore_sim.sim_selftest(case) -> (cudaError code, result): runs selftest.cu's case;
 // sim_wgmma_probe(form, x, y): csrc/kernels/wgmma_probe.cu on fmsim (what fmcore._C._wgmma_probe
 // runs on the GPU).
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -23,13 +24,12 @@ std::tuple<int64_t, double> sim_selftest(const std::string& name) {
 // The shapes are fmcore._C._wgmma_probe's (checked there; tests/ops/test_wgmma_probe.py lays
 // x and y out), the launcher checks n and the dtype.
 at::Tensor sim_wgmma_probe(const std::string& form, const at::Tensor& x, const at::Tensor& y) {
-  const int f = form == "ss" ? 0 : form == "ss_mn" ? 1 : form == "rs" ? 2 : -1;
-  TORCH_CHECK_VALUE(f >= 0, "sim_wgmma_probe: unknown form ", form);
-  const int64_t n = f == 0 ? y.size(0) : y.size(1);
+  const std::optional<fmcore::WgmmaProbeForm> f = fmcore::wgmma_probe_form(form);
+  TORCH_CHECK_VALUE(f.has_value(), "sim_wgmma_probe: unknown form ", form);
+  const int64_t n = *f == fmcore::WgmmaProbeForm::kSS ? y.size(0) : y.size(1);
   at::Tensor out = at::empty({64, n}, x.options().dtype(at::kFloat));
   fmcore::check_cuda_error(
-      fmcore::wgmma_probe(static_cast<fmcore::WgmmaProbeForm>(f),
-                          fmcore::to_dtype(x.scalar_type()), static_cast<int>(n),
+      fmcore::wgmma_probe(*f, fmcore::to_dtype(x.scalar_type()), static_cast<int>(n),
                           x.contiguous().data_ptr(), y.contiguous().data_ptr(),
                           out.data_ptr<float>(), nullptr),
       "sim_wgmma_probe");
