@@ -1,13 +1,13 @@
 // Flash attention: argument checks, the CPU reference implementation and its registration.
 //
-// The CPU path is the math reference, exact in fp32 (fp64 for fp64 inputs), chunked so that it
-// never holds an S x S matrix: the forward and dq work on blocks of kBlockM query rows against the
-// keys those rows see ((kBlockM, Sk) scores), dk/dv on blocks of kBlockN keys against kChunkQ query
-// rows at a time. Like the CUDA kernels, the backward recomputes the probabilities from lse and is
-// deterministic by construction: every output element is written by one task in a fixed order.
+// The CPU path is the math reference, exact in fp32 (fp64 for fp64 inputs) and written in ATen ops
+// (batched matmuls, vectorized elementwise ops), chunked over query rows so that it never holds an
+// S x S matrix (see "CPU reference" below). Like the CUDA kernels, the backward recomputes the
+// probabilities from lse; it is deterministic: every op runs in a fixed order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -18,10 +18,6 @@
 namespace fmcore {
 
 namespace {
-
-constexpr int64_t kBlockM = 64;   // query rows per forward / dq task
-constexpr int64_t kBlockN = 64;   // keys per dk/dv task
-constexpr int64_t kChunkQ = 256;  // query rows per step inside a dk/dv task
 
 void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& q, const char* name) {
   TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, "expected ", name, " to be int32, got ",
@@ -208,183 +204,203 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv,
 namespace {
 
 // ---- CPU reference
+//
+// Batched: all sequences (of a batched call; one document at a time for varlen) and heads go through
+// each ATen matmul and elementwise op together, the query heads of a GQA group stacked as rows
+// against their kv head: (B Hk, G rows, D) @ (B Hk, D, keys). Chunked over query rows so that one
+// chunk's scores stay within kChunkScores elements whatever S is. The backward recomputes the
+// probabilities from lse and computes dq, dk and dv in the same pass (FlashAttention-2's five
+// matmuls); it is deterministic: every op runs in a fixed order.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t kChunkScores = int64_t{4} << 20;  // 16 MiB of fp32 scores per chunk
+// Query rows per chunk of a causal call. On 2 cores (fp32, fwd + bwd): 64 beat 128, 256 and whole
+// sequences by 1.1-1.5x at S = 256 and 1024, and tied them at S = 128; 32 was no faster than 64.
+constexpr int64_t kCausalChunkRows = 64;
 
-// Sequence b of a batched (B, S, H, D) or packed (T, H, D) tensor, as (S_b, H, D).
-at::Tensor seq_of(const at::Tensor& t, bool varlen, int64_t b, int64_t start, int64_t len) {
-  return varlen ? t.narrow(0, start, len) : t.select(0, b);
+
+// (B, S, H, D) -> (B, Hk, H / Hk, S, D) contiguous in the accumulation dtype: head-major, a kv
+// head's group of query heads together.
+at::Tensor heads_major(const at::Tensor& t, int64_t heads_k, at::ScalarType acc) {
+  return t.to(acc).unflatten(2, {heads_k, t.size(2) / heads_k}).permute({0, 2, 3, 1, 4}).contiguous();
 }
 
-// Rows [r0, r0 + n) of head h of sequence b, as an (n, D) matrix in the accumulation dtype.
-struct Seqs {
-  bool varlen;
-  at::ScalarType acc;
-  at::Tensor rows(const at::Tensor& t, int64_t b, int64_t start, int64_t len, int64_t r0, int64_t n,
-                  int64_t h) const {
-    return seq_of(t, varlen, b, start, len).narrow(0, r0, n).select(1, h).to(acc);
+// Rows [m0, m0 + rows) of every head of a heads_major tensor, a kv head's group stacked: (B Hk,
+// G rows, D).
+at::Tensor query_rows(const at::Tensor& th, int64_t m0, int64_t rows) {
+  return th.narrow(3, m0, rows).reshape({th.size(0) * th.size(1), -1, th.size(4)});
+}
+
+// (B Hk, G rows, D) back into rows [m0, m0 + rows) of a (B, S, Hq, D) tensor.
+void store_rows(const at::Tensor& dst, const at::Tensor& src, int64_t m0, int64_t rows,
+                int64_t heads_k) {
+  const at::Tensor d = dst.narrow(1, m0, rows).unflatten(2, {heads_k, dst.size(2) / heads_k});
+  d.copy_(src.view({d.size(0), d.size(2), d.size(3), rows, d.size(4)}).permute({0, 3, 1, 2, 4}));
+}
+
+// One batch of equal-length sequences: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), lse (B, Hq, Sq).
+struct AttnBatch {
+  at::Tensor q, k, v, lse;
+  bool causal;
+  double scale;
+  int64_t batch() const { return q.size(0); }
+  int64_t sq() const { return q.size(1); }
+  int64_t sk() const { return k.size(1); }
+  int64_t heads_k() const { return k.size(2); }
+  // Query rows [m0, m0 + rows) see keys [0, keys(m0, rows)) at most.
+  int64_t keys(int64_t m0, int64_t rows) const { return key_end(causal, m0 + rows - 1, sq(), sk()); }
+  // Rows of a chunk: its scores ((B Hq) x rows x Sk) within kChunkScores elements.
+  // Causal: at most kCausalChunkRows, so that a chunk's matmuls skip most of the keys its rows
+  // cannot see (a chunk computes the scores of its last row's keys for every row).
+  int64_t chunk_rows() const {
+    const int64_t rows = kChunkScores / std::max<int64_t>(1, batch() * q.size(2) * sk());
+    return std::clamp<int64_t>(rows, 1, causal ? kCausalChunkRows : rows);
   }
-  at::Tensor out_rows(const at::Tensor& t, int64_t b, int64_t start, int64_t len, int64_t r0,
-                      int64_t n, int64_t h) const {
-    return seq_of(t, varlen, b, start, len).narrow(0, r0, n).select(1, h);
+  // Keys [0, nk) that the causal mask hides from query rows [m0, m0 + rows): a (rows, nk) bool
+  // mask, undefined when it hides none.
+  at::Tensor hidden(int64_t m0, int64_t rows, int64_t nk) const {
+    if (key_end(causal, m0, sq(), sk()) >= nk) return {};  // the chunk's first row sees them all
+    const auto opts = q.options().dtype(at::kLong);
+    return at::arange(nk, opts).unsqueeze(0) >=
+           at::arange(m0, m0 + rows, opts).add_(sk() - sq() + 1).unsqueeze(1);
+  }
+  // The scaled scores of query rows qc (query_rows at some m0) against keys [0, nk) of kh ((B Hk,
+  // Sk, D)), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk).
+  at::Tensor scores(const at::Tensor& qc, const at::Tensor& kh, int64_t nk,
+                    const at::Tensor& hidden) const {
+    const at::Tensor kt = kh.narrow(1, 0, nk).transpose(1, 2);
+    if (!hidden.defined()) return at::bmm(qc, kt).mul_(scale);
+    // scale * Q K^T + (0 or -inf), in one op
+    const int64_t rows = hidden.size(0);
+    const at::Tensor bias = at::zeros({rows, nk}, qc.options())
+                                .masked_fill_(hidden, -std::numeric_limits<double>::infinity())
+                                .expand({qc.size(0), qc.size(1) / rows, rows, nk})
+                                .reshape({qc.size(0), qc.size(1), nk});
+    return at::baddbmm(bias, qc, kt, 1.0, scale);
   }
 };
 
-// Overwrites the (rows, cols) scores s (already scaled) of query rows i0.. against keys j0.. with
-// the probabilities exp(s - lse_i), 0 where the mask hides the key or the row sees no key.
-template <typename A>
-void probs_from_lse(A* s, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const A* lse,
-                    bool causal, const SeqInfo& seq) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t end =
-        key_end(causal, i0 + r, seq.q_len, seq.k_len) - j0;  // visible cols: [0, end)
-    A* row = s + r * cols;
-    const A l = lse[r];
-    for (int64_t c = 0; c < cols; ++c) {
-      row[c] = (c < end && std::isfinite(l)) ? std::exp(row[c] - l) : A(0);
+// exp(x) in place, for x = scores minus a row's max or lse (<= 0 where a key is visible): below -80
+// as at -80, whose exponent (1.8e-35) is as good as 0 beside the row's largest term (1) but keeps
+// ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to 30
+// times longer here); the keys `hidden` hides exactly 0.
+void exp_visible_(const at::Tensor& x, const at::Tensor& hidden) {
+  x.clamp_min_(-80).exp_();
+  if (hidden.defined()) x.view({x.size(0), -1, hidden.size(0), hidden.size(1)}).masked_fill_(hidden, 0);
+}
+
+// Which rows of the call's tensors a batch is: all of them, or one document of a varlen call (its
+// rows of the packed tensors, as a batch of one).
+struct BatchRows {
+  bool varlen;
+  SeqInfo s;
+  at::Tensor q(const at::Tensor& t) const { return rows(t, 0, s.q_start, s.q_len); }
+  at::Tensor k(const at::Tensor& t) const { return rows(t, 0, s.k_start, s.k_len); }
+  at::Tensor lse(const at::Tensor& t) const { return rows(t, 1, s.q_start, s.q_len); }  // (Hq, T)
+  at::Tensor rows(const at::Tensor& t, int64_t dim, int64_t start, int64_t len) const {
+    return varlen && t.defined() ? t.narrow(dim, start, len).unsqueeze(0) : t;
+  }
+};
+
+// f(BatchRows) once for a batched call, once per document (in parallel: they write disjoint rows,
+// and each one's ops then run on one thread) for a varlen one.
+template <typename F>
+void for_each_batch(const AttnShapes& sh, const AttnParams& p, const F& f) {
+  if (!sh.varlen) {
+    f(BatchRows{false, {}});
+    return;
+  }
+  fmcore::parallel_for_aten(0, sh.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) f(BatchRows{true, seq_info(p, b)});
+  });
+}
+
+// out and lse of one batch (out (B, Sq, Hq, D)).
+void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
+  const int64_t sq = a.sq(), hk = a.heads_k();
+  if (out.numel() == 0) return;
+  const double inf = std::numeric_limits<double>::infinity();
+  if (a.sk() == 0) {
+    out.zero_();
+    a.lse.fill_(-inf);
+    return;
+  }
+  const at::ScalarType acc = a.lse.scalar_type();
+  const at::Tensor qh = heads_major(a.q, hk, acc);
+  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2), vh = heads_major(a.v, hk, acc).flatten(0, 2);
+  const at::Tensor lse_h = a.lse.unflatten(1, {hk, a.q.size(2) / hk});  // (B, Hk, G, Sq)
+  const int64_t chunk = a.chunk_rows();
+  for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
+    const int64_t rows = std::min(chunk, sq - m0), nk = a.keys(m0, rows);
+    const at::Tensor lse_dst = lse_h.narrow(3, m0, rows);
+    if (nk == 0) {  // no row of the chunk sees a key
+      out.narrow(1, m0, rows).zero_();
+      lse_dst.fill_(-inf);
+      continue;
     }
+    const at::Tensor hidden = a.hidden(m0, rows, nk);
+    const at::Tensor p = a.scores(query_rows(qh, m0, rows), kh, nk, hidden);
+    // A row that sees no key has max -inf: subtracting 0 instead keeps its probabilities 0 (not
+    // NaN), its sum 0, its output 0 and its lse -inf.
+    const at::Tensor m = p.amax(-1, true);
+    m.masked_fill_(m == -inf, 0);
+    exp_visible_(p.sub_(m), hidden);
+    const at::Tensor l = p.sum(-1, true);
+    const at::Tensor o = at::bmm(p, vh.narrow(1, 0, nk)).mul_(l.reciprocal().masked_fill_(l == 0, 0));
+    store_rows(out, o, m0, rows, hk);
+    lse_dst.copy_(l.log_().add_(m).view(lse_dst.sizes()));
   }
 }
 
-template <typename A>
-void attn_fwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale, const at::Tensor& q,
-                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                       const at::Tensor& lse) {
-  const Seqs seqs{sh.varlen, lse.scalar_type()};
-  const int64_t group = sh.heads_q / sh.heads_k, nblocks = ceil_div(sh.seqlen_q, kBlockM);
-  A* lse_ptr = lse.data_ptr<A>();
-  fmcore::parallel_for_aten(0, sh.batch * sh.heads_q * nblocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % nblocks, h = task / nblocks % sh.heads_q,
-                    b = task / nblocks / sh.heads_q;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t m0 = mb * kBlockM;
-      if (m0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockM, s.q_len - m0);
-      const int64_t nk =
-          key_end(p.causal, m0 + rows - 1, s.q_len, s.k_len);  // the block's widest row
-      A* l_out = lse_ptr + b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + m0;
-      at::Tensor o = seqs.out_rows(out, b, s.q_start, s.q_len, m0, rows, h);
-      if (nk == 0) {  // no row of the block sees a key
-        o.zero_();
-        std::fill(l_out, l_out + rows, -std::numeric_limits<A>::infinity());
-        continue;
-      }
-      const at::Tensor qb = seqs.rows(q, b, s.q_start, s.q_len, m0, rows, h);
-      const at::Tensor kb = seqs.rows(k, b, s.k_start, s.k_len, 0, nk, h / group);
-      const at::Tensor vb = seqs.rows(v, b, s.k_start, s.k_len, 0, nk, h / group);
-      at::Tensor sc = at::mm(qb, kb.t()).mul_(scale);  // (rows, nk), contiguous
-      at::Tensor inv_l = at::empty({rows, 1}, sc.options());
-      A* sp = sc.data_ptr<A>();
-      A* il = inv_l.data_ptr<A>();
-      for (int64_t r = 0; r < rows; ++r) {
-        A* row = sp + r * nk;
-        const int64_t ke = key_end(p.causal, m0 + r, s.q_len, s.k_len);
-        if (ke == 0) {
-          std::fill(row, row + nk, A(0));
-          l_out[r] = -std::numeric_limits<A>::infinity();
-          il[r] = 0;
-          continue;
-        }
-        const A mx = *std::max_element(row, row + ke);
-        A sum = 0;
-        for (int64_t c = 0; c < ke; ++c) sum += (row[c] = std::exp(row[c] - mx));
-        std::fill(row + ke, row + nk, A(0));
-        l_out[r] = mx + std::log(sum);
-        il[r] = A(1) / sum;
-      }
-      o.copy_(at::mm(sc, vb).mul_(inv_l));
-    }
-  });
-}
-
-template <typename A>
-void attn_bwd_cpu_impl(const AttnShapes& sh, const AttnParams& p, double scale,
-                       const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                       const std::optional<at::Tensor>& dlse, const at::Tensor& dq,
-                       const at::Tensor& dk, const at::Tensor& dv) {
-  const Seqs seqs{sh.varlen, lse.scalar_type()};
-  const int64_t group = sh.heads_q / sh.heads_k;
-  const A* lse_ptr = lse.data_ptr<A>();
-  const A* dlse_ptr = dlse ? dlse->data_ptr<A>() : nullptr;
+// dq, dk, dv of one batch (of q's, k's, v's shapes), from dout, out, lse and dlse (lse's shape, or
+// undefined).
+void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor& out,
+                    const at::Tensor& dlse, const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& dv) {
+  const int64_t sq = a.sq(), sk = a.sk(), hk = a.heads_k();
+  if (dq.numel() == 0 || sk == 0) {  // no query, or no key: every gradient is 0
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  const at::ScalarType acc = a.lse.scalar_type();
+  const at::Tensor qh = heads_major(a.q, hk, acc), doh = heads_major(dout, hk, acc);
+  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2), vh = heads_major(a.v, hk, acc).flatten(0, 2);
   // delta_i = rowsum(dout_i * out_i) - dlse_i: with it dS = P * (dP - delta) also carries the
   // gradient of lse (d lse_i / d s_ij = P_ij).
-  at::Tensor delta = at::empty_like(lse);
-  A* delta_ptr = delta.data_ptr<A>();
-  auto row_off = [&](int64_t b, int64_t h, const SeqInfo& s, int64_t i0) {
-    return b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + i0;
+  const auto group_view = [&](const at::Tensor& t) { return t.unflatten(1, {hk, t.size(1) / hk}); };
+  at::Tensor delta = doh.mul(heads_major(out, hk, acc)).sum(-1);  // (B, Hk, G, Sq)
+  if (dlse.defined()) delta.sub_(group_view(dlse));
+  // P = exp(S - lse); a row that saw no key (lse -inf) gets +inf, so that its P is 0.
+  const at::Tensor lse_safe = group_view(a.lse).masked_fill(
+      group_view(a.lse) == -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity());
+  at::Tensor dk_acc = at::zeros_like(kh), dv_acc = at::zeros_like(vh);
+  const int64_t chunk = a.chunk_rows();
+  for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
+    const int64_t rows = std::min(chunk, sq - m0), nk = a.keys(m0, rows);
+    if (nk == 0) {
+      dq.narrow(1, m0, rows).zero_();
+      continue;
+    }
+    const auto chunk_of = [&](const at::Tensor& t) {  // (B, Hk, G, Sq) -> (B Hk, G rows, 1)
+      return t.narrow(3, m0, rows).reshape({kh.size(0), -1, 1});
+    };
+    const at::Tensor qc = query_rows(qh, m0, rows), doc = query_rows(doh, m0, rows);
+    const at::Tensor kc = kh.narrow(1, 0, nk), vc = vh.narrow(1, 0, nk);
+    const at::Tensor hidden = a.hidden(m0, rows, nk);
+    const at::Tensor p = a.scores(qc, kh, nk, hidden).sub_(chunk_of(lse_safe));
+    exp_visible_(p, hidden);
+    // (bmm then add_: baddbmm_ into a narrowed accumulator ran one addmm_ per batch matrix)
+    dv_acc.narrow(1, 0, nk).add_(at::bmm(p.transpose(1, 2), doc));
+    const at::Tensor ds = at::bmm(doc, vc.transpose(1, 2)).sub_(chunk_of(delta)).mul_(p);
+    store_rows(dq, at::bmm(ds, kc).mul_(a.scale), m0, rows, hk);
+    dk_acc.narrow(1, 0, nk).add_(at::bmm(ds.transpose(1, 2), qc));
+  }
+  const auto store_kv = [&](const at::Tensor& dst, const at::Tensor& src) {  // (B Hk, Sk, D)
+    dst.copy_(src.view({a.batch(), hk, sk, src.size(2)}).transpose(1, 2));
   };
-
-  // Pass 1: delta and dq, one task per (batch, query head, block of kBlockM queries).
-  const int64_t mblocks = ceil_div(sh.seqlen_q, kBlockM);
-  fmcore::parallel_for_aten(0, sh.batch * sh.heads_q * mblocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % mblocks, h = task / mblocks % sh.heads_q,
-                    b = task / mblocks / sh.heads_q;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t m0 = mb * kBlockM;
-      if (m0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockM, s.q_len - m0);
-      const int64_t off = row_off(b, h, s, m0);
-      const at::Tensor dob = seqs.rows(dout, b, s.q_start, s.q_len, m0, rows, h);
-      const at::Tensor ob = seqs.rows(out, b, s.q_start, s.q_len, m0, rows, h);
-      const at::Tensor dsum = (dob * ob).sum(1);
-      const A* ds = dsum.data_ptr<A>();
-      for (int64_t r = 0; r < rows; ++r)
-        delta_ptr[off + r] = ds[r] - (dlse_ptr ? dlse_ptr[off + r] : A(0));
-      at::Tensor dqb = seqs.out_rows(dq, b, s.q_start, s.q_len, m0, rows, h);
-      const int64_t nk = key_end(p.causal, m0 + rows - 1, s.q_len, s.k_len);
-      if (nk == 0) {
-        dqb.zero_();
-        continue;
-      }
-      const at::Tensor qb = seqs.rows(q, b, s.q_start, s.q_len, m0, rows, h);
-      const at::Tensor kb = seqs.rows(k, b, s.k_start, s.k_len, 0, nk, h / group);
-      const at::Tensor vb = seqs.rows(v, b, s.k_start, s.k_len, 0, nk, h / group);
-      at::Tensor pr = at::mm(qb, kb.t()).mul_(scale);
-      probs_from_lse(pr.data_ptr<A>(), rows, nk, m0, 0, lse_ptr + off, p.causal, s);
-      const at::Tensor dp = at::mm(dob, vb.t());
-      const at::Tensor dsc = pr * (dp - at::from_blob(delta_ptr + off, {rows, 1}, pr.options()));
-      dqb.copy_(at::mm(dsc, kb).mul_(scale));
-    }
-  });
-
-  // Pass 2: dk and dv, one task per (batch, kv head, block of kBlockN keys), looping over the query
-  // heads of the GQA group and the queries that see the block, kChunkQ rows at a time.
-  const int64_t nblocks = ceil_div(sh.seqlen_k, kBlockN);
-  fmcore::parallel_for_aten(0, sh.batch * sh.heads_k * nblocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % nblocks, hk = task / nblocks % sh.heads_k,
-                    b = task / nblocks / sh.heads_k;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t n0 = nb * kBlockN;
-      if (n0 >= s.k_len) continue;
-      const int64_t cols = std::min(kBlockN, s.k_len - n0);
-      const at::Tensor kb = seqs.rows(k, b, s.k_start, s.k_len, n0, cols, hk);
-      const at::Tensor vb = seqs.rows(v, b, s.k_start, s.k_len, n0, cols, hk);
-      at::Tensor dkb = at::zeros({cols, sh.head_dim}, kb.options());
-      at::Tensor dvb = at::zeros({cols, sh.head_dim}, kb.options());
-      const int64_t i_begin = query_begin(p.causal, n0, s.q_len, s.k_len);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i0 = i_begin; i0 < s.q_len; i0 += kChunkQ) {
-          const int64_t rows = std::min(kChunkQ, s.q_len - i0);
-          const int64_t off = row_off(b, h, s, i0);
-          const at::Tensor qb = seqs.rows(q, b, s.q_start, s.q_len, i0, rows, h);
-          const at::Tensor dob = seqs.rows(dout, b, s.q_start, s.q_len, i0, rows, h);
-          at::Tensor pr = at::mm(qb, kb.t()).mul_(scale);  // (rows, cols)
-          probs_from_lse(pr.data_ptr<A>(), rows, cols, i0, n0, lse_ptr + off, p.causal, s);
-          const at::Tensor dp = at::mm(dob, vb.t());
-          const at::Tensor dsc =
-              pr * (dp - at::from_blob(delta_ptr + off, {rows, 1}, pr.options()));
-          dvb.addmm_(pr.t(), dob);
-          dkb.addmm_(dsc.t(), qb);
-        }
-      }
-      seqs.out_rows(dk, b, s.k_start, s.k_len, n0, cols, hk).copy_(dkb.mul_(scale));
-      seqs.out_rows(dv, b, s.k_start, s.k_len, n0, cols, hk).copy_(dvb);
-    }
-  });
+  store_kv(dk, dk_acc.mul_(a.scale));
+  store_kv(dv, dv_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -402,11 +418,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
-  if (lse.scalar_type() == at::kDouble) {
-    attn_fwd_cpu_impl<double>(sh, p, softmax_scale, q, k, v, out, lse);
-  } else {
-    attn_fwd_cpu_impl<float>(sh, p, softmax_scale, q, k, v, out, lse);
-  }
+  for_each_batch(sh, p, [&](const BatchRows& r) {
+    attn_fwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), causal, softmax_scale}, r.q(out));
+  });
   return {out, lse};
 }
 
@@ -425,11 +439,11 @@ void flash_attn_bwd_cpu_into(const at::Tensor& dout, const at::Tensor& q, const 
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
-  if (lse.scalar_type() == at::kDouble) {
-    attn_bwd_cpu_impl<double>(sh, p, softmax_scale, dout, q, k, v, out, lse, dlse, dq, dk, dv);
-  } else {
-    attn_bwd_cpu_impl<float>(sh, p, softmax_scale, dout, q, k, v, out, lse, dlse, dq, dk, dv);
-  }
+  const at::Tensor dlse_t = dlse.value_or(at::Tensor());
+  for_each_batch(sh, p, [&](const BatchRows& r) {
+    attn_bwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), causal, softmax_scale}, r.q(dout), r.q(out),
+                   r.lse(dlse_t), r.q(dq), r.k(dk), r.k(dv));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
