@@ -135,7 +135,7 @@ void cross_entropy_scale_op(const at::Tensor& grad, const at::Tensor& factor, co
 
 namespace {
 
-// ---- CPU reference: two plain passes per row (max, then sum-exp) and a third for the gradient.
+// ---- CPU reference: blocks of rows in vectorized ATen ops (max; sum of exponentials; gradient).
 
 template <typename T, typename Acc>
 void scale_cpu(const CeTensors& t) {
@@ -156,85 +156,68 @@ void scale_cpu(const CeTensors& t) {
   });
 }
 
-template <typename T, typename Acc, typename TI>
+// Logits per block of the CPU reference: 256K (1 MiB in fp32), so that a block's passes (max, exp
+// and sum, the gradient) and their temporaries stay in cache. On 2 cores at (2048, 4096) fp32, the
+// in-place forward + gradient took 7.8 ms with these blocks, 9.4 with 1M (temporaries past the
+// cache, freshly paged in each time), 13.6 with 64K (ATen's cost per op) and 32 with the scalar
+// loops (std::exp) this replaced; the forward 2.9 ms (20.8 before).
+constexpr int64_t kCpuBlockElems = int64_t{1} << 18;
+
+// Rows [r0, r0 + n) of the forward (loss, stats) and/or the gradient, in ATen ops: each a
+// vectorized pass over the block (the exponentials through ATen's vectorized exp).
+void cross_entropy_cpu_rows(const CeTensors& t, const CeOptions& o, CeMode mode, int64_t r0,
+                            int64_t n) {
+  const auto acc = ce_acc_type(t.logits);
+  const int64_t V = t.logits.size(1);
+  const double inf = std::numeric_limits<double>::infinity(), eps = o.label_smoothing, zl = o.z_loss;
+  // A view of the logits when they are already fp32 (fp64): read before the gradient overwrites them.
+  const at::Tensor x = t.logits.narrow(0, r0, n).to(acc);
+  const at::Tensor target = t.target.narrow(0, r0, n).to(at::kLong).unsqueeze(1);  // (n, 1)
+  const at::Tensor ignored = target == o.ignore_index;
+  const at::Tensor in_range = (target >= 0).logical_and_(target < V);  // check_target_cpu reports the others
+  const at::Tensor stats = t.stats.narrow(0, r0, n);
+  at::Tensor m, logsum;  // (n, 1); see kernels/cross_entropy.h for why the pair and not their sum
+  if (mode == CeMode::kBwd) {
+    m = stats.narrow(1, 0, 1);
+    logsum = stats.narrow(1, 1, 1);
+  } else {
+    m = x.amax(1, true);  // a NaN propagates, as in the kernel
+    // A row of -inf sums exp(-inf - 0) = 0 (not exp(NaN)): logsum -inf, as in the kernel.
+    logsum = (x - m.masked_fill(m == -inf, 0)).exp_().sum(1, true).log_();
+    const at::Tensor zt = x.gather(1, target.masked_fill(in_range.logical_not(), 0)).masked_fill_(in_range.logical_not(), 0);
+    at::Tensor loss = logsum - (zt - m);
+    if (eps != 0) loss = loss.mul_(1 - eps).add_((logsum - (x.sum(1, true) / V - m)).mul_(eps));
+    if (zl != 0) loss.add_((m + logsum).square_().mul_(zl));
+    t.loss.narrow(0, r0, n).copy_(loss.squeeze(1).masked_fill_(ignored.squeeze(1), 0));
+    stats.copy_(at::cat({m, logsum}, 1).masked_fill_(ignored, 0));
+  }
+  if (!t.grad.defined()) return;
+  const at::Tensor sc = t.grad_scale.narrow(0, r0, n).unsqueeze(1);
+  // p = exp((x - m) - logsum); grad = sc * (p * (1 + 2 z (m + logsum)) - eps / V - (1 - eps) [v == target])
+  at::Tensor g = (x - m).sub_(logsum).exp_().mul_(sc * (1 + 2 * zl * (m + logsum)));
+  if (eps != 0) g.sub_(sc * (eps / V));
+  const at::Tensor hit = in_range.logical_and(ignored.logical_not());
+  g.scatter_add_(1, target.masked_fill(hit.logical_not(), 0), (sc * -(1 - eps)).masked_fill_(hit.logical_not(), 0));
+  // Ignored rows are 0; so are the backward's rows scaled by 0, whatever their logits (as the
+  // kernel, which does not read them).
+  const at::Tensor zero = mode == CeMode::kBwd ? ignored.logical_or(sc == 0) : ignored;
+  t.grad.narrow(0, r0, n).copy_(g.masked_fill_(zero, 0));
+}
+
 void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   const int64_t N = t.logits.size(0), V = t.logits.size(1);
-  const T* X = t.logits.const_data_ptr<T>();
-  const int64_t x_stride = t.logits.stride(0);
-  const TI* target = t.target.const_data_ptr<TI>();
-  Acc* loss = t.loss.defined() ? t.loss.data_ptr<Acc>() : nullptr;
-  Acc* stats = t.stats.data_ptr<Acc>();  // (N, 2): written by the forward, read by the backward
-  T* G = t.grad.defined() ? t.grad.data_ptr<T>() : nullptr;
-  const int64_t g_stride = G ? t.grad.stride(0) : 0;
-  const Acc* scale = t.grad_scale.defined() ? t.grad_scale.const_data_ptr<Acc>() : nullptr;
-  const int64_t s_stride = scale ? t.grad_scale.stride(0) : 0;
-  const Acc eps = static_cast<Acc>(o.label_smoothing), zl = static_cast<Acc>(o.z_loss);
-  const Acc inf = std::numeric_limits<Acc>::infinity();
-
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t tn = static_cast<int64_t>(target[n]);
-      const T* x = X + n * x_stride;
-      T* g = G ? G + n * g_stride : nullptr;
-      if (tn == o.ignore_index) {
-        if (mode != CeMode::kBwd) loss[n] = stats[2 * n] = stats[2 * n + 1] = 0;
-        if (g) std::fill(g, g + V, T(0));
-        continue;
-      }
-      Acc m, logsum;  // see kernels/cross_entropy.h for why the pair and not their sum
-      if (mode == CeMode::kBwd) {
-        m = stats[2 * n];
-        logsum = stats[2 * n + 1];
-      } else {
-        const bool in_range = 0 <= tn && tn < V;  // check_target_cpu reports the others
-        m = -inf;
-        for (int64_t v = 0; v < V; ++v) {
-          const Acc xv = static_cast<Acc>(x[v]);
-          if (xv > m || std::isnan(xv)) m = xv;  // a NaN sticks, as in the kernel
-          if (std::isnan(m)) break;
-        }
-        Acc s = 0, sum = 0;
-        for (int64_t v = 0; v < V; ++v) {
-          const Acc xv = static_cast<Acc>(x[v]);
-          s += xv == -inf ? Acc(0) : std::exp(xv - m);
-          sum += xv;
-        }
-        logsum = std::log(s);
-        const Acc zt = in_range ? static_cast<Acc>(x[tn]) : Acc(0);  // before g overwrites x
-        Acc l = logsum - (zt - m);
-        if (eps != 0) l = (1 - eps) * l + eps * (logsum - (sum / static_cast<Acc>(V) - m));
-        if (zl != 0) l += zl * (m + logsum) * (m + logsum);
-        loss[n] = l;
-        stats[2 * n] = m;
-        stats[2 * n + 1] = logsum;
-      }
-      if (!g) continue;
-      const Acc sc = scale[n * s_stride];
-      if (mode == CeMode::kBwd && sc == 0) {  // as the kernel: nothing to read
-        std::fill(g, g + V, T(0));
-        continue;
-      }
-      const Acc coef = 1 + 2 * zl * (m + logsum), smooth = eps / static_cast<Acc>(V), tc = 1 - eps;
-      for (int64_t v = 0; v < V; ++v) {
-        const Acc p = std::exp((static_cast<Acc>(x[v]) - m) - logsum);
-        g[v] = static_cast<T>(sc * (p * coef - smooth - (v == tn ? tc : Acc(0))));
-      }
-    }
-  });
+  const int64_t rows = std::max<int64_t>(1, kCpuBlockElems / V);
+  for (int64_t r0 = 0; r0 < N; r0 += rows) cross_entropy_cpu_rows(t, o, mode, r0, std::min(rows, N - r0));
 }
 
 void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, t.logits.scalar_type(), "cross_entropy_cpu", [&] {
-        using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        if (mode == CeMode::kScale) {
-          scale_cpu<scalar_t, Acc>(t);
-        } else if (t.target.scalar_type() == at::kLong) {
-          cross_entropy_cpu<scalar_t, Acc, int64_t>(t, o, mode);
-        } else {
-          cross_entropy_cpu<scalar_t, Acc, int32_t>(t, o, mode);
-        }
-      });
+  if (mode != CeMode::kScale) {
+    cross_entropy_cpu(t, o, mode);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.grad.scalar_type(), "cross_entropy_scale_cpu", [&] {
+    scale_cpu<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(t);
+  });
 }
 
 // On the CPU the targets are simply read now.
