@@ -60,7 +60,12 @@ const char* approximate(const BiasGelu& g) { return g.p.tanh ? "tanh" : "none"; 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh) {
   const NoAutocastGuard no_autocast;
   BiasGelu g = prepare_bias_gelu_fwd(x, bias, tanh);
-  g.out.copy_(at::gelu(preactivation(g), approximate(g)));
+  const at::Tensor z = preactivation(g);
+  if (g.out.scalar_type() == z.scalar_type()) {  // straight into out: no temporary to page in and copy
+    at::gelu_out(g.out, z, approximate(g));
+  } else {
+    g.out.copy_(at::gelu(z, approximate(g)));
+  }
   return g.out;
 }
 
@@ -71,8 +76,14 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_out,
   const NoAutocastGuard no_autocast;
   BiasGelu g = prepare_bias_gelu_bwd(grad_out, x, bias, tanh, grad_bias);
   const at::Tensor z = preactivation(g);
-  const at::Tensor gz = at::gelu_backward(g.grad_out.to(z.scalar_type()), z, approximate(g));
-  g.grad_x.copy_(gz);
+  const at::Tensor grad = g.grad_out.to(z.scalar_type());
+  at::Tensor gz;
+  if (g.grad_x.scalar_type() == z.scalar_type()) {
+    gz = at::gelu_backward_out(g.grad_x, grad, z, approximate(g));
+  } else {
+    gz = at::gelu_backward(grad, z, approximate(g));
+    g.grad_x.copy_(gz);
+  }
   if (g.p.grad_bias != nullptr) g.grad_bias.copy_(gz.reshape({-1, g.p.dim}).sum(0));
   return {g.grad_x, g.grad_bias};
 }
@@ -89,7 +100,11 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const std::optional<at::Tensor>& u
   const NoAutocastGuard no_autocast;
   Swiglu w = prepare_swiglu_fwd(gate, up);
   const auto [g, u] = gate_up(w);
-  w.out.copy_(at::silu(g) * u);
+  if (w.out.scalar_type() == g.scalar_type()) {
+    at::mul_out(w.out, at::silu(g), u);
+  } else {
+    w.out.copy_(at::silu(g) * u);
+  }
   return w.out;
 }
 
