@@ -61,7 +61,8 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& b
   const NoAutocastGuard no_autocast;
   BiasGelu g = prepare_bias_gelu_fwd(x, bias, tanh);
   const at::Tensor z = preactivation(g);
-  if (g.out.scalar_type() == z.scalar_type()) {  // straight into out: no temporary to page in and copy
+  // straight into out when the dtypes allow: no temporary to page in, then copy
+  if (g.out.scalar_type() == z.scalar_type()) {
     at::gelu_out(g.out, z, approximate(g));
   } else {
     g.out.copy_(at::gelu(z, approximate(g)));

@@ -205,10 +205,10 @@ namespace {
 
 // ---- CPU reference
 //
-// Batched: all sequences (of a batched call; one document at a time for varlen) and heads go through
-// each ATen matmul and elementwise op together, the query heads of a GQA group stacked as rows
-// against their kv head: (B Hk, G rows, D) @ (B Hk, D, keys). Chunked over query rows so that one
-// chunk's scores stay within kChunkScores elements whatever S is. The backward recomputes the
+// Batched: all sequences (of a batched call; one document at a time for varlen) and heads go
+// through each ATen matmul and elementwise op together, the query heads of a GQA group stacked as
+// rows against their kv head: (B Hk, G rows, D) @ (B Hk, D, keys). Chunked over query rows so that
+// one chunk's scores stay within kChunkScores elements whatever S is. The backward recomputes the
 // probabilities from lse and computes dq, dk and dv in the same pass (FlashAttention-2's five
 // matmuls); it is deterministic: every op runs in a fixed order.
 
@@ -217,11 +217,13 @@ constexpr int64_t kChunkScores = int64_t{4} << 20;  // 16 MiB of fp32 scores per
 // sequences by 1.1-1.5x at S = 256 and 1024, and tied them at S = 128; 32 was no faster than 64.
 constexpr int64_t kCausalChunkRows = 64;
 
-
 // (B, S, H, D) -> (B, Hk, H / Hk, S, D) contiguous in the accumulation dtype: head-major, a kv
 // head's group of query heads together.
 at::Tensor heads_major(const at::Tensor& t, int64_t heads_k, at::ScalarType acc) {
-  return t.to(acc).unflatten(2, {heads_k, t.size(2) / heads_k}).permute({0, 2, 3, 1, 4}).contiguous();
+  return t.to(acc)
+      .unflatten(2, {heads_k, t.size(2) / heads_k})
+      .permute({0, 2, 3, 1, 4})
+      .contiguous();
 }
 
 // Rows [m0, m0 + rows) of every head of a heads_major tensor, a kv head's group stacked: (B Hk,
@@ -247,7 +249,9 @@ struct AttnBatch {
   int64_t sk() const { return k.size(1); }
   int64_t heads_k() const { return k.size(2); }
   // Query rows [m0, m0 + rows) see keys [0, keys(m0, rows)) at most.
-  int64_t keys(int64_t m0, int64_t rows) const { return key_end(causal, m0 + rows - 1, sq(), sk()); }
+  int64_t keys(int64_t m0, int64_t rows) const {
+    return key_end(causal, m0 + rows - 1, sq(), sk());
+  }
   // Rows of a chunk: its scores ((B Hq) x rows x Sk) within kChunkScores elements.
   // Causal: at most kCausalChunkRows, so that a chunk's matmuls skip most of the keys its rows
   // cannot see (a chunk computes the scores of its last row's keys for every row).
@@ -280,12 +284,14 @@ struct AttnBatch {
 };
 
 // exp(x) in place, for x = scores minus a row's max or lse (<= 0 where a key is visible): below -80
-// as at -80, whose exponent (1.8e-35) is as good as 0 beside the row's largest term (1) but keeps
+// as at -80 (e^-80 = 1.8e-35 is as good as 0 beside the row's largest term, 1), which keeps
 // ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to 30
 // times longer here); the keys `hidden` hides exactly 0.
 void exp_visible_(const at::Tensor& x, const at::Tensor& hidden) {
   x.clamp_min_(-80).exp_();
-  if (hidden.defined()) x.view({x.size(0), -1, hidden.size(0), hidden.size(1)}).masked_fill_(hidden, 0);
+  if (hidden.defined()) {
+    x.view({x.size(0), -1, hidden.size(0), hidden.size(1)}).masked_fill_(hidden, 0);
+  }
 }
 
 // Which rows of the call's tensors a batch is: all of them, or one document of a varlen call (its
@@ -326,7 +332,8 @@ void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
   }
   const at::ScalarType acc = a.lse.scalar_type();
   const at::Tensor qh = heads_major(a.q, hk, acc);
-  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2), vh = heads_major(a.v, hk, acc).flatten(0, 2);
+  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2);  // (B Hk, Sk, D)
+  const at::Tensor vh = heads_major(a.v, hk, acc).flatten(0, 2);
   const at::Tensor lse_h = a.lse.unflatten(1, {hk, a.q.size(2) / hk});  // (B, Hk, G, Sq)
   const int64_t chunk = a.chunk_rows();
   for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
@@ -345,7 +352,8 @@ void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
     m.masked_fill_(m == -inf, 0);
     exp_visible_(p.sub_(m), hidden);
     const at::Tensor l = p.sum(-1, true);
-    const at::Tensor o = at::bmm(p, vh.narrow(1, 0, nk)).mul_(l.reciprocal().masked_fill_(l == 0, 0));
+    const at::Tensor inv_l = l.reciprocal().masked_fill_(l == 0, 0);
+    const at::Tensor o = at::bmm(p, vh.narrow(1, 0, nk)).mul_(inv_l);
     store_rows(out, o, m0, rows, hk);
     lse_dst.copy_(l.log_().add_(m).view(lse_dst.sizes()));
   }
@@ -365,15 +373,16 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
   }
   const at::ScalarType acc = a.lse.scalar_type();
   const at::Tensor qh = heads_major(a.q, hk, acc), doh = heads_major(dout, hk, acc);
-  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2), vh = heads_major(a.v, hk, acc).flatten(0, 2);
+  const at::Tensor kh = heads_major(a.k, hk, acc).flatten(0, 2);  // (B Hk, Sk, D)
+  const at::Tensor vh = heads_major(a.v, hk, acc).flatten(0, 2);
   // delta_i = rowsum(dout_i * out_i) - dlse_i: with it dS = P * (dP - delta) also carries the
   // gradient of lse (d lse_i / d s_ij = P_ij).
   const auto group_view = [&](const at::Tensor& t) { return t.unflatten(1, {hk, t.size(1) / hk}); };
   at::Tensor delta = doh.mul(heads_major(out, hk, acc)).sum(-1);  // (B, Hk, G, Sq)
   if (dlse.defined()) delta.sub_(group_view(dlse));
   // P = exp(S - lse); a row that saw no key (lse -inf) gets +inf, so that its P is 0.
-  const at::Tensor lse_safe = group_view(a.lse).masked_fill(
-      group_view(a.lse) == -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity());
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor lse_safe = group_view(a.lse).masked_fill(group_view(a.lse) == -inf, inf);
   at::Tensor dk_acc = at::zeros_like(kh), dv_acc = at::zeros_like(vh);
   const int64_t chunk = a.chunk_rows();
   for (int64_t m0 = 0; m0 < sq; m0 += chunk) {

@@ -169,12 +169,15 @@ void cross_entropy_cpu_rows(const CeTensors& t, const CeOptions& o, CeMode mode,
                             int64_t n) {
   const auto acc = ce_acc_type(t.logits);
   const int64_t V = t.logits.size(1);
-  const double inf = std::numeric_limits<double>::infinity(), eps = o.label_smoothing, zl = o.z_loss;
-  // A view of the logits when they are already fp32 (fp64): read before the gradient overwrites them.
+  const double inf = std::numeric_limits<double>::infinity();
+  const double eps = o.label_smoothing, zl = o.z_loss;
+  // A view of the logits when they are fp32 (fp64) already: read before the gradient overwrites it.
   const at::Tensor x = t.logits.narrow(0, r0, n).to(acc);
   const at::Tensor target = t.target.narrow(0, r0, n).to(at::kLong).unsqueeze(1);  // (n, 1)
   const at::Tensor ignored = target == o.ignore_index;
-  const at::Tensor in_range = (target >= 0).logical_and_(target < V);  // check_target_cpu reports the others
+  // (check_target_cpu reports the targets out of range that are not ignored)
+  const at::Tensor in_range = (target >= 0).logical_and_(target < V);
+  const at::Tensor out_of_range = in_range.logical_not();
   const at::Tensor stats = t.stats.narrow(0, r0, n);
   at::Tensor m, logsum;  // (n, 1); see kernels/cross_entropy.h for why the pair and not their sum
   if (mode == CeMode::kBwd) {
@@ -184,7 +187,8 @@ void cross_entropy_cpu_rows(const CeTensors& t, const CeOptions& o, CeMode mode,
     m = x.amax(1, true);  // a NaN propagates, as in the kernel
     // A row of -inf sums exp(-inf - 0) = 0 (not exp(NaN)): logsum -inf, as in the kernel.
     logsum = (x - m.masked_fill(m == -inf, 0)).exp_().sum(1, true).log_();
-    const at::Tensor zt = x.gather(1, target.masked_fill(in_range.logical_not(), 0)).masked_fill_(in_range.logical_not(), 0);
+    const at::Tensor zt =
+        x.gather(1, target.masked_fill(out_of_range, 0)).masked_fill_(out_of_range, 0);
     at::Tensor loss = logsum - (zt - m);
     if (eps != 0) loss = loss.mul_(1 - eps).add_((logsum - (x.sum(1, true) / V - m)).mul_(eps));
     if (zl != 0) loss.add_((m + logsum).square_().mul_(zl));
@@ -193,11 +197,13 @@ void cross_entropy_cpu_rows(const CeTensors& t, const CeOptions& o, CeMode mode,
   }
   if (!t.grad.defined()) return;
   const at::Tensor sc = t.grad_scale.narrow(0, r0, n).unsqueeze(1);
-  // p = exp((x - m) - logsum); grad = sc * (p * (1 + 2 z (m + logsum)) - eps / V - (1 - eps) [v == target])
+  // p = exp((x - m) - logsum);
+  // grad = sc * (p * (1 + 2 z (m + logsum)) - eps / V - (1 - eps) [v == target])
   at::Tensor g = (x - m).sub_(logsum).exp_().mul_(sc * (1 + 2 * zl * (m + logsum)));
   if (eps != 0) g.sub_(sc * (eps / V));
   const at::Tensor hit = in_range.logical_and(ignored.logical_not());
-  g.scatter_add_(1, target.masked_fill(hit.logical_not(), 0), (sc * -(1 - eps)).masked_fill_(hit.logical_not(), 0));
+  const at::Tensor miss = hit.logical_not();
+  g.scatter_add_(1, target.masked_fill(miss, 0), (sc * -(1 - eps)).masked_fill_(miss, 0));
   // Ignored rows are 0; so are the backward's rows scaled by 0, whatever their logits (as the
   // kernel, which does not read them).
   const at::Tensor zero = mode == CeMode::kBwd ? ignored.logical_or(sc == 0) : ignored;
@@ -207,7 +213,9 @@ void cross_entropy_cpu_rows(const CeTensors& t, const CeOptions& o, CeMode mode,
 void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   const int64_t N = t.logits.size(0), V = t.logits.size(1);
   const int64_t rows = std::max<int64_t>(1, kCpuBlockElems / V);
-  for (int64_t r0 = 0; r0 < N; r0 += rows) cross_entropy_cpu_rows(t, o, mode, r0, std::min(rows, N - r0));
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    cross_entropy_cpu_rows(t, o, mode, r0, std::min(rows, N - r0));
+  }
 }
 
 void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
@@ -215,9 +223,10 @@ void run_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
     cross_entropy_cpu(t, o, mode);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.grad.scalar_type(), "cross_entropy_scale_cpu", [&] {
-    scale_cpu<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(t);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.grad.scalar_type(), "cross_entropy_scale_cpu", [&] {
+        scale_cpu<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>(t);
+      });
 }
 
 // On the CPU the targets are simply read now.
