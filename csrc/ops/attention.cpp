@@ -380,7 +380,8 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
   const auto group_view = [&](const at::Tensor& t) { return t.unflatten(1, {hk, t.size(1) / hk}); };
   at::Tensor delta = doh.mul(heads_major(out, hk, acc)).sum(-1);  // (B, Hk, G, Sq)
   if (dlse.defined()) delta.sub_(group_view(dlse));
-  // P = exp(S - lse); a row that saw no key (lse -inf) gets +inf, so that its P is 0.
+  // P = exp(S - lse). A row that saw no key has lse -inf: +inf instead keeps S - lse from NaN (all
+  // its keys are hidden, so its P ends 0 either way).
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor lse_safe = group_view(a.lse).masked_fill(group_view(a.lse) == -inf, inf);
   at::Tensor dk_acc = at::zeros_like(kh), dv_acc = at::zeros_like(vh);
