@@ -267,14 +267,13 @@ struct AttnBatch {
     return at::arange(nk, opts).unsqueeze(0) >=
            at::arange(m0, m0 + rows, opts).add_(sk() - sq() + 1).unsqueeze(1);
   }
-  // The scaled scores of query rows qc (query_rows at some m0) against keys [0, nk) of kh ((B Hk,
-  // Sk, D)), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk).
-  at::Tensor scores(const at::Tensor& qc, const at::Tensor& kh, int64_t nk,
-                    const at::Tensor& hidden) const {
-    const at::Tensor kt = kh.narrow(1, 0, nk).transpose(1, 2);
+  // The scaled scores of query rows qc (query_rows at some m0) against keys kc ((B Hk, nk, D), the
+  // first nk), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk).
+  at::Tensor scores(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& hidden) const {
+    const at::Tensor kt = kc.transpose(1, 2);
     if (!hidden.defined()) return at::bmm(qc, kt).mul_(scale);
     // scale * Q K^T + (0 or -inf), in one op
-    const int64_t rows = hidden.size(0);
+    const int64_t rows = hidden.size(0), nk = kc.size(1);
     const at::Tensor bias = at::zeros({rows, nk}, qc.options())
                                 .masked_fill_(hidden, -std::numeric_limits<double>::infinity())
                                 .expand({qc.size(0), qc.size(1) / rows, rows, nk})
@@ -286,7 +285,8 @@ struct AttnBatch {
 // exp(x) in place, for x = scores minus a row's max or lse (<= 0 where a key is visible): below -80
 // as at -80 (e^-80 = 1.8e-35 is as good as 0 beside the row's largest term, 1), which keeps
 // ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to 30
-// times longer here); the keys `hidden` hides exactly 0.
+// times longer here); the keys `hidden` hides exactly 0, whatever x held there (NaN included). A
+// row that sees no key has all its keys hidden (its max or lse is -inf, and x NaN): its P is 0.
 void exp_visible_(const at::Tensor& x, const at::Tensor& hidden) {
   x.clamp_min_(-80).exp_();
   if (hidden.defined()) {
@@ -345,11 +345,9 @@ void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
       continue;
     }
     const at::Tensor hidden = a.hidden(m0, rows, nk);
-    const at::Tensor p = a.scores(query_rows(qh, m0, rows), kh, nk, hidden);
-    // A row that sees no key has max -inf: subtracting 0 instead keeps its probabilities 0 (not
-    // NaN), its sum 0, its output 0 and its lse -inf.
+    const at::Tensor p = a.scores(query_rows(qh, m0, rows), kh.narrow(1, 0, nk), hidden);
+    // A row that sees no key has max -inf and P 0 (exp_visible_): sum 0, output 0, lse -inf.
     const at::Tensor m = p.amax(-1, true);
-    m.masked_fill_(m == -inf, 0);
     exp_visible_(p.sub_(m), hidden);
     const at::Tensor l = p.sum(-1, true);
     const at::Tensor inv_l = l.reciprocal().masked_fill_(l == 0, 0);
@@ -380,10 +378,7 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
   const auto group_view = [&](const at::Tensor& t) { return t.unflatten(1, {hk, t.size(1) / hk}); };
   at::Tensor delta = doh.mul(heads_major(out, hk, acc)).sum(-1);  // (B, Hk, G, Sq)
   if (dlse.defined()) delta.sub_(group_view(dlse));
-  // P = exp(S - lse). A row that saw no key has lse -inf: +inf instead keeps S - lse from NaN (all
-  // its keys are hidden, so its P ends 0 either way).
-  const double inf = std::numeric_limits<double>::infinity();
-  const at::Tensor lse_safe = group_view(a.lse).masked_fill(group_view(a.lse) == -inf, inf);
+  const at::Tensor lse_h = group_view(a.lse);  // (B, Hk, G, Sq)
   at::Tensor dk_acc = at::zeros_like(kh), dv_acc = at::zeros_like(vh);
   const int64_t chunk = a.chunk_rows();
   for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
@@ -398,7 +393,7 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
     const at::Tensor qc = query_rows(qh, m0, rows), doc = query_rows(doh, m0, rows);
     const at::Tensor kc = kh.narrow(1, 0, nk), vc = vh.narrow(1, 0, nk);
     const at::Tensor hidden = a.hidden(m0, rows, nk);
-    const at::Tensor p = a.scores(qc, kh, nk, hidden).sub_(chunk_of(lse_safe));
+    const at::Tensor p = a.scores(qc, kc, hidden).sub_(chunk_of(lse_h));  // P = exp(S - lse)
     exp_visible_(p, hidden);
     // (bmm then add_: baddbmm_ into a narrowed accumulator ran one addmm_ per batch matrix)
     dv_acc.narrow(1, 0, nk).add_(at::bmm(p.transpose(1, 2), doc));

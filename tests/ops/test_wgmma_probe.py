@@ -49,16 +49,15 @@ def which_terms(run, form: str, n: int, dtype: torch.dtype, device: str, example
     took and, when one, which. One GPU run that fails then shows the permutation."""
     init = 0.5 if form == "rs" else 0.0
     fills = (torch.ones(K, n), torch.arange(K)[:, None].expand(K, n), torch.arange(n)[None, :].expand(K, n))
-    wrong, found = 0, []  # found: (output row, column, a's half, terms, row index, column index)
+    found = []  # the wrong outputs: (row, column, a's half, terms, row index, column index)
     for half in (0, 1):
         a = torch.zeros(64, K, dtype=dtype)
         a[torch.arange(64), torch.arange(64) + 64 * half] = 1
         terms, k, c = (run(form, *(t.to(device) for t in probe_operands(form, a, b.to(dtype)))).cpu().double()
                        - init for b in fills)
         bad = (terms != 1) | (k != torch.arange(64)[:, None] + 64 * half) | (c != torch.arange(n))
-        wrong += int(bad.sum())
         found += [(i, j, half, terms[i, j].item(), k[i, j].item(), c[i, j].item()) for i, j in bad.nonzero().tolist()]
-    if not wrong:
+    if not found:
         return "the index probes found every output taking its own term (a numeric error, not a layout one)"
     # the first wrong column of each output row first, then the rest
     firsts = [f for f, prev in zip(found, [None] + found) if prev is None or prev[:3:2] != f[:3:2]]
@@ -71,7 +70,7 @@ def which_terms(run, form: str, n: int, dtype: torch.dtype, device: str, example
         else:
             got = f"{terms:g} terms (row indices summing to {k:g}, column indices to {c:g})"
         lines.append(f"out[{i}, {j}] took {got}, not b[{i + 64 * half}, {j}]")
-    return f"index probes: {wrong} of {2 * 64 * n} outputs took the wrong terms, e.g. " + "; ".join(lines)
+    return f"index probes: {len(found)} of {2 * 64 * n} outputs took the wrong terms, e.g. " + "; ".join(lines)
 
 
 def _reference_run(reads: torch.Tensor | None = None):
