@@ -17,6 +17,40 @@ def cuda_ops() -> dict[str, bool]:
     return {name: torch._C._dispatch_has_kernel_for_dispatch_key(f"fmcore::{name}", "CUDA") for name in names}
 
 
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code compiled for arch (torch's notation: "8.0", "9.0a", "8.6+PTX") runs on a GPU of
+    this compute capability: a cubin on the same major version and an equal or newer minor one, an
+    arch-specific cubin ("9.0a": wgmma) on that exact version only, PTX on any newer GPU (JIT)."""
+    version, _, suffix = arch.partition("+")
+    specific = version.endswith("a")
+    major, minor = (int(n) for n in version.rstrip("a").split("."))
+    if suffix.upper() == "PTX" and not specific and capability >= (major, minor):
+        return True
+    if specific:
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def kernels_missing_on(device: torch.device | str) -> str | None:
+    """Why fmcore's kernels cannot run on device, or None when they can: on every CPU (each op has a
+    CPU implementation), and on a GPU whose architecture this build compiled."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"fmcore has no kernels for {device.type} devices"
+    compiled = dict(_C.build_info())
+    if not compiled["with_cuda"]:
+        return "this fmcore was built without its CUDA kernels (FMCORE_CUDA=off, or no nvcc at build time)"
+    archs = [a for a in compiled["cuda_archs"].split(",") if a]
+    capability = torch.cuda.get_device_capability(device)
+    if not any(arch_runs_on(a, capability) for a in archs):
+        return (f"this fmcore's CUDA kernels were compiled for {', '.join(archs)}, not for "
+                f"{torch.cuda.get_device_name(device)} ({capability[0]}.{capability[1]}); rebuild with "
+                f"FMCORE_CUDA_ARCHS=\"{capability[0]}.{capability[1]}\"")
+    return None
+
+
 def build_info() -> dict:
     """torch and CUDA versions (compiled against and running), compiled archs, and per-op CUDA support."""
     compiled = dict(_C.build_info())

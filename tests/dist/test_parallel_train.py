@@ -1,7 +1,7 @@
 """The trainer's parallel layouts on 2 CPU ranks (gloo) against 1 process with the same global batch.
 
-For each of ddp, fsdp2, zero1 and tensor=2: 20 steps of a small GPT-2 give the same losses as one
-process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
+For each of ddp, fsdp2, zero1 and tensor=2, with fmcore's ops and FusedAdamW (the defaults) and with
+plain PyTorch's: 20 steps of a small GPT-2 give the same losses as one process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
 ranks resumes on 2 ranks and reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process
 (resharding) and reproduces them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process,
 and zero1 with 2 micro-batches per step (gradient accumulation) against 1 process.
@@ -27,6 +27,9 @@ MODES = {
     "zero1": ["--parallel.data", "zero1"],
     "tensor2": ["--parallel.tensor", "2"],
 }
+# fmcore's ops and optimizer are the defaults (model.ops and optim.impl "auto"; FusedAdamW where the
+# layout allows it); "torch" swaps in SDPA & co. and torch.optim.AdamW.
+OPS = {"fmcore": [], "torch": ["--model.ops", "torch", "--optim.impl", "torch"]}
 # float32 on the CPU; 2 ranks sum gradients in another order than one process, and Adam's first
 # steps amplify such differences, so losses agree to ~1e-5 relative, not bitwise.
 RTOL, ATOL = 2e-4, 2e-5
@@ -52,7 +55,7 @@ def overrides(dataset: Path, run: Path, batch: int, *extra: str) -> list[str]:
             "--schedule.warmup_steps", "5", "--log.run_dir", str(run), "--log.every", "1",
             "--log.progress", "none", "--log.tensorboard", "false", "--log.sample_tokens", "0",
             "--checkpoint.every", str(SAVE_AT), "--checkpoint.keep_last", "0",
-            "--checkpoint.export_hf", "false", "--optim.impl", "torch", *extra]
+            "--checkpoint.export_hf", "false", *extra]
 
 
 def _train(rank: int, world: int, args: list[str]) -> None:
@@ -90,45 +93,47 @@ def resume_from(src_run: Path, dst_run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def references(dataset, tmp_path_factory) -> dict[int, dict[int, float]]:
-    """Losses of one process, parallel.data none, batch B (tensor parallel's global batch) and 2B."""
+def references(dataset, tmp_path_factory) -> dict[tuple[str, int], dict[int, float]]:
+    """Losses of one process, parallel.data none, with each OPS, at batch B (tensor parallel's global
+    batch) and 2B."""
     out = {}
-    for batch in (B, 2 * B):
-        tmp = tmp_path_factory.mktemp(f"ref{batch}")
-        run(1, overrides(dataset, tmp / "run", batch), tmp / "launch")
-        out[batch] = losses(tmp / "run")
+    for ops in OPS:
+        for batch in (B, 2 * B):
+            tmp = tmp_path_factory.mktemp(f"ref-{ops}-{batch}")
+            run(1, overrides(dataset, tmp / "run", batch, *OPS[ops]), tmp / "launch")
+            out[ops, batch] = losses(tmp / "run")
     return out
 
 
-@pytest.fixture(scope="module", params=list(MODES))
+@pytest.fixture(scope="module", params=[(m, o) for m in MODES for o in OPS], ids="-".join)
 def two_rank_run(request, dataset, tmp_path_factory):
-    mode = request.param
-    tmp = tmp_path_factory.mktemp(mode)
-    run(2, overrides(dataset, tmp / "run", B, *MODES[mode]), tmp / "launch")
-    return mode, tmp
+    mode, ops = request.param
+    tmp = tmp_path_factory.mktemp(f"{mode}-{ops}")
+    run(2, overrides(dataset, tmp / "run", B, *MODES[mode], *OPS[ops]), tmp / "launch")
+    return mode, ops, tmp
 
 
 def test_two_ranks_match_one_process(two_rank_run, references):
-    mode, tmp = two_rank_run
+    mode, ops, tmp = two_rank_run
     global_batch = B if mode == "tensor2" else 2 * B  # a tensor-parallel pair reads one batch
-    assert_losses_close(losses(tmp / "run"), references[global_batch], range(1, STEPS + 1))
+    assert_losses_close(losses(tmp / "run"), references[ops, global_batch], range(1, STEPS + 1))
 
 
 def test_resume_on_two_ranks(two_rank_run, dataset):
-    mode, tmp = two_rank_run
+    mode, ops, tmp = two_rank_run
     ckpt = resume_from(tmp / "run", tmp / "resumed")
-    run(2, overrides(dataset, tmp / "resumed", B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
+    run(2, overrides(dataset, tmp / "resumed", B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt)),
         tmp / "launch-resume")
     assert_losses_close(losses(tmp / "resumed"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
 
 
 def test_load_on_one_process(two_rank_run, dataset):
-    mode, tmp = two_rank_run
+    mode, ops, tmp = two_rank_run
     if mode not in ("fsdp2", "zero1"):
         pytest.skip("resharding to another world size is for fsdp2 and zero1")
     ckpt = resume_from(tmp / "run", tmp / "one")
     # one process with the same global batch and the same layout (a 1-rank group), from 2 ranks' shards
-    run(1, overrides(dataset, tmp / "one", 2 * B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
+    run(1, overrides(dataset, tmp / "one", 2 * B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt)),
         tmp / "launch-one")
     assert_losses_close(losses(tmp / "one"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
 
@@ -137,7 +142,7 @@ def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     # dp=2 x tp=2: each tensor-parallel pair reads one data-parallel shard of the global batch 2B.
     run(4, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2"),
         tmp_path / "launch")
-    assert_losses_close(losses(tmp_path / "run"), references[2 * B], range(1, STEPS + 1))
+    assert_losses_close(losses(tmp_path / "run"), references["fmcore", 2 * B], range(1, STEPS + 1))
 
 
 def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
@@ -155,4 +160,4 @@ def test_zero1_gradient_accumulation_matches_one_process(dataset, references, tm
     # micro-batch's backward in ZeroAdamW.no_sync(); the second one's reduce-scatters run in its backward.
     run(2, overrides(dataset, tmp_path / "run", B // 2, "--parallel.data", "zero1",
                      "--train.tokens_per_step", str(2 * B * 32)), tmp_path / "launch")
-    assert_losses_close(losses(tmp_path / "run"), references[2 * B], range(1, STEPS + 1))
+    assert_losses_close(losses(tmp_path / "run"), references["fmcore", 2 * B], range(1, STEPS + 1))

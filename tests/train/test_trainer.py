@@ -43,7 +43,7 @@ def test_tiny_learns_and_writes_its_run_dir(dataset, tmp_path):
     saved.name = cfg.name
     assert saved == cfg  # the config round-trips
     resolved = json.loads((run / "resolved.json").read_text())
-    assert resolved["model"]["ops"] == "torch" and resolved["model"]["vocab_size"] == 1024
+    assert resolved["model"]["ops"] == "fmcore" and resolved["model"]["vocab_size"] == 1024  # "auto" on the CPU
     assert resolved["precision"] == "fp32" and resolved["params"] == summary["params"]
     records = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]

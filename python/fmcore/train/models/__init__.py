@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
+from fmcore._info import kernels_missing_on
 from fmcore.train.config import ConfigError, ModelConfig
 from fmcore.train.models.base import CausalLM
 from fmcore.train.models.gpt import GPT
@@ -35,7 +37,10 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch
     if cfg.arch == "llama":
         cfg.bias = False
     if cfg.ops == "auto":
-        cfg.ops = "fmcore" if torch.device(device).type == "cuda" else "torch"
+        missing = kernels_missing_on(device)
+        if missing:
+            warnings.warn(f"model.ops='auto' chose torch's ops: {missing}", stacklevel=2)
+        cfg.ops = "torch" if missing else "fmcore"
     return cfg
 
 
