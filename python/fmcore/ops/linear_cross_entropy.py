@@ -40,10 +40,11 @@ def linear_cross_entropy(
         bias: optional (V,), hidden's dtype.
         ignore_index, label_smoothing, reduction, z_loss: as ``fmcore.ops.cross_entropy``.
         chunk_size: rows of logits per chunk. Default: as many rows as fit in 112 MiB of logits
-            (rows = 112 MiB // (V * element size), rounded down to a multiple of 64 when > 128, at
-            most N), so the peak memory above the inputs is the gradients this op returns plus
-            under 128 MiB. Larger chunks: fewer, larger matmuls and fewer roundings of grad_weight
-            (which is read and written once per chunk).
+            (rows = 112 MiB // (V * element size)), so the peak memory above the inputs is the
+            gradients this op returns plus under 128 MiB; on the CPU, rows for ~16 MiB of logits
+            but at least D / 2 (faster there; csrc/ops/linear_cross_entropy.cpp has the numbers).
+            Rounded down to a multiple of 64 when > 128, at most N. Larger chunks: fewer, larger
+            matmuls and fewer roundings of grad_weight (which is read and written once per chunk).
         return_lse: also return the per-row log-sum-exp (fp32, detached, 0 at ignored rows).
 
     Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as
