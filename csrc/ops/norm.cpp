@@ -204,6 +204,24 @@ void store_row(const at::Tensor& t, int64_t off, int64_t n, const Acc* src) {
   });
 }
 
+// The sum of term(i) for i < n in fp64 (a sequential fp32 sum over thousands of features loses
+// digits that the CUDA kernel's tree reduction keeps), in 8 interleaved partial sums added at the
+// end: a fixed order whatever the call, and 8 independent dependency chains instead of one, so the
+// loop runs at the adder's throughput rather than its latency. With one chain, add_norm with a
+// residual on (2048, 128) fp32 took 287 us forward and 699 us forward + backward on 2 cores; with
+// eight, 182 and 470 (torch's add + LayerNorm: 92 and 375).
+template <typename Term>
+double sum_fp64(int64_t n, const Term& term) {
+  constexpr int64_t kChains = 8;
+  double part[kChains] = {};
+  int64_t i = 0;
+  for (; i + kChains <= n; i += kChains) {
+    for (int64_t j = 0; j < kChains; ++j) part[j] += static_cast<double>(term(i + j));
+  }
+  for (; i < n; ++i) part[i % kChains] += static_cast<double>(term(i));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 template <typename Acc>
 void add_norm_fwd_rows(const AddNormFwd& f) {
   const AddNormParams& p = f.p;
@@ -224,15 +242,9 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
         store_row(f.residual_out, off, D, s.data());
         load_row(f.residual_out, off, D, s.data());  // the statistics see the stored (rounded) sum
       }
-      // Row sums in fp64: a sequential fp32 sum over thousands of features loses digits that the
-      // CUDA kernel's tree reduction keeps.
-      double sum = 0;
-      if (!p.rms) {
-        for (int64_t i = 0; i < D; ++i) sum += s[i];
-      }
+      const double sum = p.rms ? 0.0 : sum_fp64(D, [&](int64_t i) { return s[i]; });
       const Acc mu = static_cast<Acc>(sum / static_cast<double>(D));
-      double sq = 0;
-      for (int64_t i = 0; i < D; ++i) sq += static_cast<double>((s[i] - mu) * (s[i] - mu));
+      const double sq = sum_fp64(D, [&](int64_t i) { return (s[i] - mu) * (s[i] - mu); });
       const Acc rs = static_cast<Acc>(1.0 / std::sqrt(sq / static_cast<double>(D) + static_cast<double>(p.eps)));
       if (!p.rms) mean[row] = mu;
       rstd[row] = rs;
@@ -277,12 +289,9 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
           for (int64_t i = 0; i < D; ++i) db[i] += dy[i];
         }
         if (!want_x) continue;
-        double sum_gx = 0, sum_g = 0;  // fp64 row sums, as in the forward
-        for (int64_t i = 0; i < D; ++i) {
-          g[i] = dy[i] * w[i];
-          sum_gx += static_cast<double>(g[i] * xh[i]);
-          sum_g += static_cast<double>(g[i]);
-        }
+        for (int64_t i = 0; i < D; ++i) g[i] = dy[i] * w[i];
+        const double sum_gx = sum_fp64(D, [&](int64_t i) { return g[i] * xh[i]; });
+        const double sum_g = p.rms ? 0.0 : sum_fp64(D, [&](int64_t i) { return g[i]; });
         const Acc c1 = static_cast<Acc>(sum_gx / static_cast<double>(D));
         const Acc c2 = p.rms ? Acc(0) : static_cast<Acc>(sum_g / static_cast<double>(D));
         if (p.grad_residual_out != nullptr) {

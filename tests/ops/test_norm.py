@@ -18,7 +18,7 @@ CONFIGS = {
     "autocast": (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16),
 }
 ROWS = [1, 3, 1000]  # one row; fewer rows than a warp-per-row block holds; many rows (grid-stride)
-DIMS = [64, 768, 1000, 4096]  # one vector per lane; GPT-2's width; not a multiple of 8 (scalar path); block rows
+DIMS = [64, 768, 1001, 4096]  # one vector per lane; GPT-2's width; not a multiple of 8 (scalar path); block rows
 
 
 def reference(x, residual, weight, bias, eps, kind, stream_dtype):
