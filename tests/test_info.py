@@ -29,8 +29,15 @@ class _FakeC:
 @pytest.fixture
 def gpu(monkeypatch):
     """A pretend A100 (capability 8.0), whatever this machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+
+
+def test_kernels_missing_on_a_machine_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(_info, "_C", _FakeC(True, "9.0a"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _info.kernels_missing_on("cuda") == "no CUDA device is available"
 
 
 def test_kernels_missing_on(monkeypatch, gpu):

@@ -42,6 +42,8 @@ def kernels_missing_on(device: torch.device | str) -> str | None:
     compiled = dict(_C.build_info())
     if not compiled["with_cuda"]:
         return "this fmcore was built without its CUDA kernels (FMCORE_CUDA=off, or no nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
     archs = [a for a in compiled["cuda_archs"].split(",") if a]
     capability = torch.cuda.get_device_capability(device)
     if not any(arch_runs_on(a, capability) for a in archs):

@@ -3,6 +3,7 @@ volumes quoted in docs/parallelism.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,8 @@ from fmcore.train.plan import Layout, comm_bytes_per_step, main, plan  # noqa: E
 
 
 def mcfg(preset: str = "gpt2-124m"):
-    return models.resolve(load_config(preset, []).model, None, "cuda")
+    """The preset's model as a GPU run resolves it (fmcore's ops), whatever this machine has."""
+    return models.resolve(dataclasses.replace(load_config(preset, []).model, ops="fmcore"), None, "cuda")
 
 
 def test_layouts_divide_what_they_shard():

@@ -28,6 +28,7 @@ kernel's workspace, the optimizer's foreach intermediates) and fragmentation com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         vocab = None
         if cfg.model.vocab_size == 0:  # the dataset's, when the config names one that exists
             vocab = _dataset_vocab(cfg.data.dataset) or args.vocab_size
-        mcfg = models.resolve(cfg.model, vocab, device)
+        # A plan is for the GPU run, often made elsewhere: "auto" plans fmcore's kernels, as a
+        # run on a GPU this build covers uses (not what this machine could run).
+        ops = "fmcore" if cfg.model.ops == "auto" and device == "cuda" else cfg.model.ops
+        mcfg = models.resolve(dataclasses.replace(cfg.model, ops=ops), vocab, device)
     except ConfigError as e:
         print(f"fmcore plan-memory: config error: {e}")
         return 2
