@@ -17,8 +17,10 @@ Conventions (FlashAttention 2.1+):
   (B, Hq, Sq) batched, (Hq, T) varlen. Gradients flow through lse too.
 
 Devices: CUDA kernels for bf16/fp16 and head dims 64, 96, 128 (other head dims or dtypes raise a
-ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); the CPU
-reference handles any head dim and fp32/fp64/bf16/fp16 with fp32 (fp64) accumulation.
+ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); on the CPU
+any head dim and fp32/fp64/bf16/fp16 with fp32 (fp64) accumulation: torch's own fused CPU flash
+kernel for fp32/fp64 batched calls whose causal mask it shares (Sq == Sk, or not causal), and
+fmcore's chunked reference for the rest (csrc/ops/attention.cpp).
 
 Backward on CUDA, as FlashAttention-2 does it: by default the kernel that owns a block of keys also
 adds its share of dq into an fp32 buffer with atomics (5 matmuls of the block size), so dq's float
@@ -26,7 +28,7 @@ additions happen in an order that varies run to run. ``deterministic=True`` comp
 pass that owns its rows instead (no atomics, bitwise reproducible run to run), at the price of
 recomputing QK^T and dO V^T (7 matmuls, about 1.4x the tensor-core work). dk and dv never use
 atomics. Like torch's own attention backends, ``torch.use_deterministic_algorithms(True)`` (strict,
-not warn_only) also selects the deterministic backward. The CPU reference is always deterministic.
+not warn_only) also selects the deterministic backward. Both CPU paths are always deterministic.
 """
 
 from __future__ import annotations
@@ -291,6 +293,9 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.args = (max_q, max_k, causal, scale, deterministic, tiles)
+    # An unused lse then reaches the backward as None, not as zeros that autograd allocates and the
+    # kernels read (and on the CPU, a dlse sends the backward to the reference instead of torch's kernel).
+    ctx.set_materialize_grads(False)
 
 
 def _kernel_grads(out, dout, dlse):
