@@ -132,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor grad_bias_acc = need_grad_bias ? at::zeros({V}, acc) : at::Tensor();
   if (need_grad_weight && N == 0) grad_weight.zero_();
 
-  const int64_t chunk = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
-                                       : default_chunk_rows(N, hidden.size(1), V, hidden.element_size(),
-                                                            hidden.is_cpu());
+  const int64_t chunk =
+      chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
+                     : default_chunk_rows(N, hidden.size(1), V, hidden.element_size(), hidden.is_cpu());
   at::Tensor buf = at::empty({std::min(chunk, N), V}, hidden.options());
   // Queued before the chunks and waited for after them all: the wait ends when this small check
   // is done, with every chunk's work still queued behind it (see cross_entropy_cuda.cpp).
