@@ -38,10 +38,11 @@ constexpr int64_t kCpuChunkBytes = 16ll << 20;
 // at (1024, 256) x V 32000, 206 ms in 110 MiB chunks and 168-182 in 16 MiB ones. Yet no fewer than
 // D / 2 rows, or the grad_weight traffic dominates: at (512, 1024) x V 32000, 16 MiB chunks (128
 // rows) took 400 ms against 350 for 256 or 512 rows.
-int64_t default_chunk_rows(int64_t N, int64_t D, int64_t V, int64_t elem, bool cpu) {
+int64_t default_chunk_rows(const at::Tensor& hidden, int64_t V) {
+  const int64_t N = hidden.size(0), D = hidden.size(1), elem = hidden.element_size();
   const int64_t budget_rows = std::max<int64_t>(1, kChunkBudgetBytes / (V * elem));
   int64_t rows = budget_rows;
-  if (cpu) rows = std::min(budget_rows, std::max(kCpuChunkBytes / (V * elem), D / 2));
+  if (hidden.is_cpu()) rows = std::min(budget_rows, std::max(kCpuChunkBytes / (V * elem), D / 2));
   rows = std::max<int64_t>(rows, 1);
   if (rows > 128) rows -= rows % 64;
   return std::min(rows, std::max<int64_t>(N, 1));
@@ -132,9 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor grad_bias_acc = need_grad_bias ? at::zeros({V}, acc) : at::Tensor();
   if (need_grad_weight && N == 0) grad_weight.zero_();
 
-  const int64_t chunk =
-      chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
-                     : default_chunk_rows(N, hidden.size(1), V, hidden.element_size(), hidden.is_cpu());
+  const int64_t chunk = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
+                                       : default_chunk_rows(hidden, V);
   at::Tensor buf = at::empty({std::min(chunk, N), V}, hidden.options());
   // Queued before the chunks and waited for after them all: the wait ends when this small check
   // is done, with every chunk's work still queued behind it (see cross_entropy_cuda.cpp).
