@@ -1,9 +1,10 @@
 """The trainer's parallel layouts on 2 CPU ranks (gloo) against 1 process with the same global batch.
 
 For each of ddp, fsdp2, zero1 and tensor=2, with fmcore's ops and FusedAdamW (the defaults) and with
-plain PyTorch's: 20 steps of a small GPT-2 give the same losses as one process (float tolerance: the reductions run in another order); a checkpoint saved at step 10 on 2
-ranks resumes on 2 ranks and reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process
-(resharding) and reproduces them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process,
+plain PyTorch's: 20 steps of a small GPT-2 give the same losses as one process (float tolerance: the
+reductions run in another order); a checkpoint saved at step 10 on 2 ranks resumes on 2 ranks and
+reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process (resharding) and reproduces
+them. And fsdp2 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process,
 and zero1 with 2 micro-batches per step (gradient accumulation) against 1 process.
 """
 

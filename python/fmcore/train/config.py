@@ -37,8 +37,8 @@ class ModelConfig:
     ops: str = "auto"
     """"fmcore" (flash attention, RoPE op, fused linear cross-entropy), "torch" (SDPA, rotate-half,
     F.cross_entropy on materialised logits), or "auto": fmcore wherever its kernels run (every CPU,
-    where its ATen implementations make the tiny preset's step ~20% faster than torch's; a GPU whose
-    architecture this build compiled), else torch with a warning saying why."""
+    where the tiny preset's step is faster with them than with torch's: 90-97 against 115-121 ms on
+    2 cores; a GPU whose architecture this build compiled), else torch with a warning saying why."""
     vocab_size: int = 0
     """Embedding rows; 0 takes the dataset's vocabulary rounded up to a multiple of 64."""
     dim: int = 768
