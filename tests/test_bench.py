@@ -127,6 +127,7 @@ def test_fmcore_info_cli():
     proc = subprocess.run([sys.executable, "-m", "fmcore", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "torch_running" in proc.stdout and "rope" in proc.stdout
+    assert "kernels_run_here: " in proc.stdout
 
 
 def test_readme_performance_section_is_generated():

@@ -66,6 +66,8 @@ def build_info() -> dict:
         "cuda_archs": [a for a in compiled["cuda_archs"].split(",") if a],
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        # whether fmcore's kernels run on that device ("yes"), or why not
+        "kernels_run_here": kernels_missing_on("cuda" if torch.cuda.is_available() else "cpu") or "yes",
         "ops": cuda_ops(),
     }
 
