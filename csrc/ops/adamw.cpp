@@ -9,6 +9,7 @@
 
 #include "adamw_op.h"
 #include "checks.h"
+#include "fp64_sum.h"
 
 namespace fmcore {
 
@@ -281,13 +282,12 @@ void grad_norm_cpu(at::TensorList tensors, const at::Tensor& norm,
           const scalar_t* x = tensors[i].const_data_ptr<scalar_t>();
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
             for (int64_t c = c0; c < c1; ++c) {
-              double acc = 0.0;
-              const int64_t end = std::min(numel, (c + 1) * kL2NormChunk);
-              for (int64_t j = c * kL2NormChunk; j < end; ++j) {
-                const double f = static_cast<double>(x[j]);
-                acc += f * f;
-              }
-              partial[c] = acc;
+              const scalar_t* xc = x + c * kL2NormChunk;
+              const int64_t n = std::min(numel - c * kL2NormChunk, kL2NormChunk);
+              partial[c] = sum_fp64(n, [&](int64_t j) {
+                const double f = static_cast<double>(xc[j]);
+                return f * f;
+              });
             }
           });
         });

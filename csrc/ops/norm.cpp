@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "fp64_sum.h"
 
 namespace fmcore {
 
@@ -204,24 +205,8 @@ void store_row(const at::Tensor& t, int64_t off, int64_t n, const Acc* src) {
   });
 }
 
-// The sum of term(i) for i < n in fp64 (a sequential fp32 sum over thousands of features loses
-// digits that the CUDA kernel's tree reduction keeps), in 8 interleaved partial sums added at the
-// end: a fixed order whatever the call, and 8 independent dependency chains instead of one, so the
-// loop runs at the adder's throughput rather than its latency. With one chain, add_norm with a
-// residual on (2048, 128) fp32 took 287 us forward and 699 us forward + backward on 2 cores; with
-// eight, 182 and 470 (torch's add + LayerNorm: 92 and 375).
-template <typename Term>
-double sum_fp64(int64_t n, const Term& term) {
-  constexpr int64_t kChains = 8;
-  double part[kChains] = {};
-  int64_t i = 0;
-  for (; i + kChains <= n; i += kChains) {
-    for (int64_t j = 0; j < kChains; ++j) part[j] += static_cast<double>(term(i + j));
-  }
-  for (; i < n; ++i) part[i % kChains] += static_cast<double>(term(i));
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
+// Row sums in fp64 (sum_fp64): a sequential fp32 sum over thousands of features loses digits that
+// the CUDA kernel's tree reduction keeps.
 template <typename Acc>
 void add_norm_fwd_rows(const AddNormFwd& f) {
   const AddNormParams& p = f.p;
