@@ -212,12 +212,13 @@ namespace {
 // F.scaled_dot_product_attention runs on the CPU) take (B, H, S, D) views with any strides, GQA and
 // fp64 included (torch 2.11 to 2.14, checked against fp64), and return lse. Their causal mask is
 // aligned to the top-left corner, ours to the bottom-right: the two agree when Sq == Sk. Used for
-// fp32 and fp64 only: with bf16 inputs its lse was off by 4e-5 to 7e-5 (the reference's, computed
-// in fp32: 4e-7 to 6e-7), and its output changed with the inputs' strides. On 2 cores, fp32, fwd +
-// bwd of B16 S128 H2 D64 causal (the tiny preset's attention) took 4.3 ms in the reference and 2.8
-// through fmcore's op with torch's kernel (F.scaled_dot_product_attention: 2.3 to 2.4). Its
-// backward is deterministic too: 20 repeats (GQA 16/1, 2 threads) were bitwise equal, as the
-// deterministic-mode test asks of every path.
+// fp32 and fp64 only: with bf16 inputs its lse was off by 4.3e-5 to 6.6e-5, past the tests' bound
+// (4.0e-5 to 6.0e-5: twice torch's fp32 lse error plus an fp32 ulp floor) that the reference meets,
+// and its output changed with the inputs' strides. On 2 cores, fp32, fwd + bwd of B16 S128 H2 D64
+// causal (the tiny preset's attention) took 4.3 ms in the reference and 2.8 through fmcore's op
+// with torch's kernel (F.scaled_dot_product_attention: 2.3 to 2.4). Its backward is deterministic
+// too: 20 repeats (GQA 16/1, 2 threads) were bitwise equal, as the deterministic-mode test asks of
+// every path.
 bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, bool causal) {
   const bool fp32 = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
   return fp32 && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 &&
