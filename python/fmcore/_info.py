@@ -17,6 +17,11 @@ def cuda_ops() -> dict[str, bool]:
     return {name: torch._C._dispatch_has_kernel_for_dispatch_key(f"fmcore::{name}", "CUDA") for name in names}
 
 
+def compiled_archs(compiled: dict) -> list[str]:
+    """The CUDA architectures in the extension's build info (its comma-separated "cuda_archs")."""
+    return [a for a in compiled["cuda_archs"].split(",") if a]
+
+
 def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     """Whether code compiled for arch (torch's notation: "8.0", "9.0a", "8.6+PTX") runs on a GPU of
     this compute capability: a cubin on the same major version and an equal or newer minor one, an
@@ -44,7 +49,7 @@ def kernels_missing_on(device: torch.device | str) -> str | None:
         return "this fmcore was built without its CUDA kernels (FMCORE_CUDA=off, or no nvcc at build time)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    archs = [a for a in compiled["cuda_archs"].split(",") if a]
+    archs = compiled_archs(compiled)
     capability = torch.cuda.get_device_capability(device)
     if not any(arch_runs_on(a, capability) for a in archs):
         return (f"this fmcore's CUDA kernels were compiled for {', '.join(archs)}, not for "
@@ -63,7 +68,7 @@ def build_info() -> dict:
         "with_cuda": compiled["with_cuda"],
         "with_nccl": bool(_C.has_nccl),  # fmcore.dist's own NCCL communicator (csrc/dist)
         "cuda_runtime_compiled": compiled["cuda_runtime"],
-        "cuda_archs": [a for a in compiled["cuda_archs"].split(",") if a],
+        "cuda_archs": compiled_archs(compiled),
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         # whether fmcore's kernels run on that device ("yes"), or why not
