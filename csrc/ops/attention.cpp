@@ -220,8 +220,8 @@ namespace {
 // too: 20 repeats (GQA 16/1, 2 threads) were bitwise equal, as the deterministic-mode test asks of
 // every path.
 bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, bool causal) {
-  const bool fp32 = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
-  return fp32 && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 &&
+  const bool full_precision = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
+  return full_precision && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 &&
          (!causal || s.seqlen_q == s.seqlen_k);
 }
 
