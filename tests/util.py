@@ -26,6 +26,24 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.T
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own error {terr:.3g})"
 
 
+# fp32 inputs across the whole range: 0, tiny, ordinary, where exponentials saturate, where cubes and
+# products overflow, the largest finite values, +-inf and NaN (for elementwise ops' edge cases)
+EXTREME_VALUES = [0.0, 1e-30, 1.0, 5.0, 10.0, 30.0, 100.0, 1e4, 1e13, 1e20, 3e38, float("inf")]
+EXTREME_VALUES = [-v for v in EXTREME_VALUES[::-1]] + EXTREME_VALUES + [float("nan")]
+
+
+def assert_edges_like_torch(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, name: str) -> None:
+    """For inputs at the edges of the range (EXTREME_VALUES): out is NaN and +-inf exactly where torch's
+    own same-dtype result is, and its finite elements are within 1e-6 (absolute, or 1e-5 relative) of
+    the float64 reference."""
+    for what in ("isnan", "isposinf", "isneginf"):
+        got, want = getattr(out, what)(), getattr(torch_out, what)()
+        assert torch.equal(got, want), f"{name}: {what} at {got.nonzero().flatten().tolist()}, torch at " \
+                                       f"{want.nonzero().flatten().tolist()}"
+    finite = torch_out.isfinite()
+    torch.testing.assert_close(out[finite].double(), ref[finite], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def assert_compiles_like_eager(fn, inputs: tuple[torch.Tensor, ...], device: torch.device) -> None:
     """fn (inputs -> a scalar loss) under torch.compile(fullgraph=True), with inductor on CUDA and
     aot_eager on the CPU, gives eager fn's loss and gradients with respect to inputs."""

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu_rows.h"
 #include "fp64_sum.h"
 
 namespace fmcore {
@@ -186,24 +187,7 @@ AddNormBwd prepare_add_norm_bwd(const at::Tensor& grad_out,
 
 namespace {
 
-// ---- CPU reference: the arithmetic of kernels/norm.h, one row at a time in Acc (fp32, or fp64
-// for an fp64 stream). Tensors of any float dtype are read and written through these two helpers.
-
-template <typename Acc>
-void load_row(const at::Tensor& t, int64_t off, int64_t n, Acc* dst) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "add_norm_cpu", [&] {
-    const scalar_t* src = t.const_data_ptr<scalar_t>() + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(src[i]);
-  });
-}
-
-template <typename Acc>
-void store_row(const at::Tensor& t, int64_t off, int64_t n, const Acc* src) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "add_norm_cpu", [&] {
-    scalar_t* dst = t.mutable_data_ptr<scalar_t>() + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-  });
-}
+// ---- CPU reference: the arithmetic of kernels/norm.h, one row at a time (cpu_rows.h).
 
 // Row sums in fp64 (sum_fp64): a sequential fp32 sum over thousands of features loses digits that
 // the CUDA kernel's tree reduction keeps.
@@ -239,9 +223,6 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
   });
 }
 
-// Rows are grouped in fixed blocks of kRowsPerPartial whatever the thread count, and the blocks'
-// dweight/dbias partial sums are added in block order: the result does not depend on threading.
-constexpr int64_t kRowsPerPartial = 32;
 
 template <typename Acc>
 void add_norm_bwd_rows(const AddNormBwd& bw) {
@@ -253,7 +234,7 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
   if (!want_x && !want_w && !want_b) return;
   const Acc* mean = p.rms ? nullptr : bw.mean.const_data_ptr<Acc>();
   const Acc* rstd = bw.rstd.const_data_ptr<Acc>();
-  const int64_t n_part = (p.rows + kRowsPerPartial - 1) / kRowsPerPartial;
+  const int64_t n_part = partial_rows(p.rows);  // dweight/dbias: fixed blocks (cpu_rows.h)
   std::vector<Acc> part(want_w || want_b ? static_cast<size_t>(n_part * 2 * D) : 0, Acc(0));
   at::parallel_for(0, n_part, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> xh(D), g(D), dy(D), w(D), gr(D);

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fmcore.ops import bias_gelu
-from tests.util import assert_close_to_ref, assert_compiles_like_eager
+from tests.util import EXTREME_VALUES, assert_close_to_ref, assert_compiles_like_eager, assert_edges_like_torch
 
 # (x, bias) dtypes: plain fp32, pure bf16 / fp16, and bf16 autocast (a bf16 matmul output, the fp32
 # bias parameter)
@@ -62,6 +62,24 @@ def check(shape, config, device, approximate, bias=True):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_against_reference(device, shape, config, approximate):
     check(shape, config, device, approximate)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_edges_of_the_range(device, approximate):
+    # saturated exponentials, overflowing cubes, +-inf and NaN: torch's NaN / inf pattern, and finite
+    # values where torch's are
+    z = torch.tensor(EXTREME_VALUES)
+
+    def out_and_grad(fn, z):
+        x = z.clone().requires_grad_()
+        out = fn(x)
+        return out.detach().cpu(), torch.autograd.grad(out.sum(), (x,))[0].cpu()
+
+    out, grad = out_and_grad(lambda x: bias_gelu(x, None, approximate=approximate), z.to(device))
+    t_out, t_grad = out_and_grad(lambda x: F.gelu(x, approximate=approximate), z.to(device))
+    ref, ref_grad = out_and_grad(lambda x: F.gelu(x, approximate=approximate), z.double())
+    assert_edges_like_torch(out, ref, t_out, "out")
+    assert_edges_like_torch(grad, ref_grad, t_grad, "grad_x")
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

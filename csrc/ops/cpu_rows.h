@@ -1,0 +1,38 @@
+// Row helpers of the CPU implementations that compute one row at a time in an accumulation type
+// Acc (fp32, or fp64 for fp64 tensors): tensors of any float dtype are read and written through
+// load_row / store_row, and per-column sums over rows (a norm's dweight, a bias gradient) are
+// taken over fixed blocks of rows, so that they do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/Dispatch.h>
+#include <torch/types.h>
+
+namespace fmcore {
+
+// dst[i] = t's elements off + i, i < n (t contiguous)
+template <typename Acc>
+void load_row(const at::Tensor& t, int64_t off, int64_t n, Acc* dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "load_row", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>() + off;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(src[i]);
+  });
+}
+
+// t's elements off + i = src[i] rounded to t's dtype, i < n (t contiguous)
+template <typename Acc>
+void store_row(const at::Tensor& t, int64_t off, int64_t n, const Acc* src) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "store_row", [&] {
+    scalar_t* dst = t.mutable_data_ptr<scalar_t>() + off;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  });
+}
+
+// Rows per block of a per-column sum: each block adds its rows into a partial row of its own, and
+// the partial rows are added in block order.
+constexpr int64_t kRowsPerPartial = 32;
+
+inline int64_t partial_rows(int64_t rows) { return (rows + kRowsPerPartial - 1) / kRowsPerPartial; }
+
+}  // namespace fmcore
