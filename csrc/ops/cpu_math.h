@@ -34,8 +34,12 @@ namespace fmcore {
 inline float exp_saturated(float x) {
   const float c = x < -80.f ? -80.f : (x > 80.f ? 80.f : x);
   constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (c * kLog2e + kRound) - kRound;
+  // Adding 1.5 * 2^23 rounds to an integer, n, which then sits in the sum's low mantissa bits: 2^n
+  // is built from those bits, with no float-to-integer conversion (undefined for a NaN).
+  constexpr float kRound = 12582912.f;
+  constexpr uint32_t kRoundBits = 0x4B400000u;
+  const float t = c * kLog2e + kRound;
+  const float n = t - kRound;
   const float r = (c - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.f / 5040;
   p = p * r + 1.f / 720;
@@ -45,7 +49,9 @@ inline float exp_saturated(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - kRoundBits + 127u) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < -80.f ? 0.f : (x > 80.f ? std::numeric_limits<float>::infinity() : p * scale);
