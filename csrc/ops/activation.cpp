@@ -120,7 +120,7 @@ template <typename Acc>
 void bias_gelu_tanh_fwd(const BiasGelu& g) {
   const int64_t D = g.p.dim;
   const std::vector<Acc> bias = load_bias<Acc>(g);
-  at::parallel_for(0, g.p.rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.p.rows, rows_per_task(D), [&](int64_t begin, int64_t end) {
     std::vector<Acc> z(D);
     for (int64_t row = begin; row < end; ++row) {
       load_preactivation(g, row, bias, z.data());
@@ -264,7 +264,7 @@ template <typename Acc>
 void swiglu_fwd_rows(const Swiglu& w) {
   const int64_t F = w.p.dim;
   const SwigluRows where(w);
-  at::parallel_for(0, w.p.rows, std::max<int64_t>(1, 16384 / F), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, w.p.rows, rows_per_task(F), [&](int64_t begin, int64_t end) {
     std::vector<Acc> g(F), u(F);
     for (int64_t row = begin; row < end; ++row) {
       load_row(w.gate, row * where.stride, F, g.data());
@@ -279,7 +279,7 @@ template <typename Acc>
 void swiglu_bwd_rows(const Swiglu& w) {
   const int64_t F = w.p.dim;
   const SwigluRows where(w);
-  at::parallel_for(0, w.p.rows, std::max<int64_t>(1, 16384 / F), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, w.p.rows, rows_per_task(F), [&](int64_t begin, int64_t end) {
     std::vector<Acc> g(F), u(F), d(F);
     for (int64_t row = begin; row < end; ++row) {
       load_row(w.gate, row * where.stride, F, g.data());

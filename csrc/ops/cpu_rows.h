@@ -4,6 +4,7 @@
 // taken over fixed blocks of rows, so that they do not depend on the thread count.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <ATen/Dispatch.h>
@@ -27,6 +28,12 @@ void store_row(const at::Tensor& t, int64_t off, int64_t n, const Acc* src) {
     scalar_t* dst = t.mutable_data_ptr<scalar_t>() + off;
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   });
+}
+
+// Rows per parallel task over rows of `cols` elements: ~16K elements a task (at::parallel_for's
+// grain), at least one row, and no division by zero for rows of no elements.
+inline int64_t rows_per_task(int64_t cols) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
 }
 
 // Rows per block of a per-column sum: each block adds its rows into a partial row of its own, and

@@ -146,10 +146,8 @@ void scale_cpu(const CeTensors& t) {
   T* G = t.grad.data_ptr<T>();
   const Acc* scale = t.grad_scale.const_data_ptr<Acc>();
   const int64_t s_stride = t.grad_scale.stride(0);
-  // A (N, 0) gradient has nothing to scale, and the grain below would divide by V = 0 (undefined
-  // behaviour that -O3 happened to hide; UBSan reported it in scripts/sanitize_cpu.sh asan).
-  if (V == 0) return;
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+  if (V == 0) return;  // a (N, 0) gradient: nothing to scale
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const Acc s = scale[n * s_stride];
       if (s == 1) continue;  // as the kernel: rows whose factor is 1 are not touched
@@ -238,7 +236,7 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
   // The exponentials, then the gradient, are written into the gradient's row when it is of dtype
   // Acc (it may be the logits' own: each element is read before it is written), else a buffer.
   const bool grad_direct = grad && t.grad.scalar_type() == c10::CppTypeToScalarType<Acc>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     std::vector<Acc> x_buf(logits.direct ? 0 : V), e_buf(grad_direct ? 0 : V);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t tn = tgt[n];

@@ -198,7 +198,7 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
   const bool has_residual = p.residual != nullptr, has_bias = p.bias != nullptr;
   Acc* mean = f.mean.mutable_data_ptr<Acc>();
   Acc* rstd = f.rstd.mutable_data_ptr<Acc>();
-  at::parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.rows, rows_per_task(D), [&](int64_t begin, int64_t end) {
     std::vector<Acc> s(D), r(D), w(D), b(D, Acc(0));
     load_row(f.weight, 0, D, w.data());
     if (has_bias) load_row(f.bias, 0, D, b.data());

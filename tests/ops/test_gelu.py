@@ -100,12 +100,15 @@ def test_non_contiguous_input(device):
     torch.testing.assert_close(gb, gb2)
 
 
-def test_zero_rows(device):
-    x = torch.randn(0, 3072, device=device, requires_grad=True)
-    b = torch.randn(3072, device=device, requires_grad=True)
-    out = bias_gelu(x, b)
-    assert out.shape == (0, 3072)
-    (gb,) = torch.autograd.grad(out.sum(), (b,))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(0, 3072), (4, 0), (0, 0)], ids=str)
+def test_empty(device, approximate, shape):
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    b = torch.randn(shape[-1], device=device, requires_grad=True)
+    out = bias_gelu(x, b, approximate=approximate)
+    assert out.shape == shape
+    gx, gb = torch.autograd.grad(out.sum(), (x, b))
+    assert gx.shape == shape
     assert torch.equal(gb, torch.zeros_like(b))  # an empty sum, not the workspace's poison
 
 

@@ -98,12 +98,15 @@ def test_packed_from_a_fused_projection(device):
                         weight_grad(unfused, x, w), "weight grad")
 
 
-def test_zero_rows(device):
-    gate = torch.randn(0, 2 * 64, device=device, requires_grad=True)
-    out = swiglu(gate)
-    assert out.shape == (0, 64)
-    (g,) = torch.autograd.grad(out.sum(), (gate,))
-    assert g.shape == (0, 128)
+@pytest.mark.parametrize("rows, F", [(0, 64), (4, 0), (0, 0)], ids=str)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_empty(device, rows, F, packed):
+    shape = (rows, 2 * F) if packed else (rows, F)
+    inputs = tuple(torch.randn(*shape, device=device, requires_grad=True) for _ in range(1 if packed else 2))
+    out = swiglu(*inputs)
+    assert out.shape == (rows, F)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert [g.shape for g in grads] == [i.shape for i in inputs]
 
 
 @pytest.mark.parametrize("needs", ["gate", "up"])
