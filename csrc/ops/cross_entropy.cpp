@@ -157,8 +157,8 @@ void scale_cpu(const CeTensors& t) {
   });
 }
 
-// ---- CPU implementation: rows in parallel, each loaded into Acc (cpu_rows.h) and computed in a
-// few vectorized passes while it is in cache: its maximum m; e^(x - m) in place (the one
+// ---- CPU implementation: rows in parallel, each in Acc (bf16/fp16 rows converted through a buffer,
+// cpu_rows.h) and computed in a few vectorized passes while it is in cache: its maximum m; e^(x - m) in place (the one
 // exponential per logit); their sum; the gradient as e^(x - m) c - b, c = sc (1 + 2 zl lse)
 // e^-logsum. The backward computes e^(x - m) from the saved m and the same c, so the fused forward +
 // gradient and the backward give the gradient bitwise alike. On 2 cores at (2048, 4096) fp32, the
@@ -207,13 +207,14 @@ void row_affine(double* e, double c, double b, int64_t n) {
   for (int64_t v = 0; v < n; ++v) e[v] = e[v] * c - b;
 }
 
-// A row of t (rows of n elements, row stride `stride`) as Acc: its own memory when t is of dtype
-// Acc (no copy), otherwise `buffer` (read: loaded into it first; written: stored from it after).
+// Row `row` (n elements) of the 2-D tensor t, as Acc values: t's own memory when t is of dtype Acc
+// (no copy), otherwise `buffer`, loaded with the row first.
 template <typename Acc>
 struct RowIn {
   const at::Tensor& t;
   bool direct;
-  RowIn(const at::Tensor& t) : t(t), direct(t.scalar_type() == c10::CppTypeToScalarType<Acc>()) {}
+  explicit RowIn(const at::Tensor& t)
+      : t(t), direct(t.scalar_type() == c10::CppTypeToScalarType<Acc>()) {}
   const Acc* get(int64_t row, int64_t n, Acc* buffer) const {
     if (direct) return t.const_data_ptr<Acc>() + row * t.stride(0);
     load_row(t, row * t.stride(0), n, buffer);
