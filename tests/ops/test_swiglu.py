@@ -98,13 +98,13 @@ def test_packed_from_a_fused_projection(device):
                         weight_grad(unfused, x, w), "weight grad")
 
 
-@pytest.mark.parametrize("rows, F", [(0, 64), (4, 0), (0, 0)], ids=str)
+@pytest.mark.parametrize("rows, width", [(0, 64), (4, 0), (0, 0)], ids=str)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
-def test_empty(device, rows, F, packed):
-    shape = (rows, 2 * F) if packed else (rows, F)
+def test_empty(device, rows, width, packed):
+    shape = (rows, 2 * width) if packed else (rows, width)
     inputs = tuple(torch.randn(*shape, device=device, requires_grad=True) for _ in range(1 if packed else 2))
     out = swiglu(*inputs)
-    assert out.shape == (rows, F)
+    assert out.shape == (rows, width)
     grads = torch.autograd.grad(out.sum(), inputs)
     assert [g.shape for g in grads] == [i.shape for i in inputs]
 
