@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include <torch/library.h>
@@ -233,8 +232,9 @@ void swiglu_row(double* gate, const double* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) gate[i] = swiglu(gate[i], up[i]);
 }
 
-// In place over one row, with d the output's gradient: gate -> grad_gate = d up s (1 + gate (1 - s))
-// (torch's silu_backward of d up), up -> grad_up = d gate s.
+// In place over one row, with d the output's gradient:
+// gate -> grad_gate = d up s (1 + gate (1 - s)) (torch's silu_backward of d up),
+// up -> grad_up = d gate s.
 template <typename Acc>
 inline void swiglu_grad(Acc& gate, Acc& up, Acc d) {
   const Sigmoid<Acc> sg(exp_saturated(-gate));

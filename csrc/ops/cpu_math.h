@@ -3,8 +3,8 @@
 // the attribute that builds such a loop for several x86 vector widths.
 //
 // A file whose loops use these is compiled with -fno-trapping-math (CMakeLists.txt): with
-// floating-point traps assumed possible, GCC does not if-convert the selects below, and a loop with a
-// branch is not vectorized.
+// floating-point traps assumed possible, GCC does not if-convert the selects below, and a loop
+// with a branch is not vectorized.
 #pragma once
 
 #include <cmath>

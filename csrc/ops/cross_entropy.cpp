@@ -157,13 +157,14 @@ void scale_cpu(const CeTensors& t) {
   });
 }
 
-// ---- CPU implementation: rows in parallel, each in Acc (bf16/fp16 rows converted through a buffer,
-// cpu_rows.h) and computed in a few vectorized passes while it is in cache: its maximum m; e^(x - m) in place (the one
-// exponential per logit); their sum; the gradient as e^(x - m) c - b, c = sc (1 + 2 zl lse)
-// e^-logsum. The backward computes e^(x - m) from the saved m and the same c, so the fused forward +
-// gradient and the backward give the gradient bitwise alike. On 2 cores at (2048, 4096) fp32, the
-// in-place forward + gradient took 5.3 ms in blocks of ATen ops (a pass and a temporary per op; 32
-// ms in the scalar std::exp loops before those) and takes 2.1 ms so; the forward 4.5 -> 1.9 ms.
+// ---- CPU implementation: rows in parallel, each in Acc (bf16/fp16 rows converted through a
+// buffer, cpu_rows.h) and computed in a few vectorized passes while it is in cache: its maximum m;
+// e^(x - m) (the one exponential per logit), written into the gradient's row or a buffer; their
+// sum; the gradient as e^(x - m) c - b, c = sc (1 + 2 zl lse) e^-logsum. The backward computes
+// e^(x - m) from the saved m and the same c, so the fused forward + gradient and the backward give
+// the gradient bitwise alike. On 2 cores at (2048, 4096) fp32, the in-place forward + gradient
+// took 5.3 ms in blocks of ATen ops (a pass and a temporary per op; 32 ms in the scalar std::exp
+// loops before those) and takes 2.1 ms so; the forward 4.5 -> 1.9 ms.
 // fp32 rows are read and written where they are: copying them cost 0.5 ms of the 2.6.
 
 // The reductions are OpenMP SIMD loops (the build compiles with OpenMP): the compiler keeps
@@ -278,7 +279,8 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
         row_exp(x, e, m, V);
       }
       if (!grad) continue;
-      // grad = sc (p (1 + 2 zl (m + logsum)) - eps / V - (1 - eps) [v == target]), p = e^(x - m) e^-logsum
+      // grad = sc (p (1 + 2 zl (m + logsum)) - eps / V - (1 - eps) [v == target]),
+      // p = e^(x - m) e^-logsum
       const Acc c = sc * (1 + 2 * zl * (m + logsum)) * std::exp(-logsum);
       row_affine(e, c, sc * eps / V, V);
       if (in_range) e[tn] -= sc * (1 - eps);

@@ -223,7 +223,6 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
   });
 }
 
-
 template <typename Acc>
 void add_norm_bwd_rows(const AddNormBwd& bw) {
   const AddNormParams& p = bw.p;

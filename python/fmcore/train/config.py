@@ -37,7 +37,7 @@ class ModelConfig:
     ops: str = "auto"
     """"fmcore" (flash attention, RoPE op, fused linear cross-entropy), "torch" (SDPA, rotate-half,
     F.cross_entropy on materialised logits), or "auto": fmcore wherever its kernels run (every CPU,
-    where the tiny preset's step is faster with them than with torch's: 90-97 against 115-121 ms on
+    where the tiny preset's step is faster with them than with torch's: 87-92 against 120-124 ms on
     2 cores; a GPU whose architecture this build compiled), else torch with a warning saying why."""
     vocab_size: int = 0
     """Embedding rows; 0 takes the dataset's vocabulary rounded up to a multiple of 64."""
