@@ -155,11 +155,7 @@ void bias_gelu_tanh_bwd(const BiasGelu& g) {
     }
   });
   if (!want_bias) return;
-  std::vector<Acc> sum(D, Acc(0));
-  for (int64_t blk = 0; blk < n_part; ++blk) {
-    for (int64_t i = 0; i < D; ++i) sum[i] += part[blk * D + i];
-  }
-  store_row(g.grad_bias, 0, D, sum.data());
+  store_row(g.grad_bias, 0, D, add_partial_rows(part, n_part, D, 0, D).data());
 }
 
 // ---- GELU's erf form: ATen's.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <torch/types.h>
@@ -41,5 +42,18 @@ inline int64_t rows_per_task(int64_t cols) {
 constexpr int64_t kRowsPerPartial = 32;
 
 inline int64_t partial_rows(int64_t rows) { return (rows + kRowsPerPartial - 1) / kRowsPerPartial; }
+
+// The per-column sum of those partial rows, in block order: out[i] = the sum over blocks b of
+// part[b * stride + offset + i], i < n (a block's partial rows are stride apart in part).
+template <typename Acc>
+std::vector<Acc> add_partial_rows(const std::vector<Acc>& part, int64_t blocks, int64_t stride,
+                                  int64_t offset, int64_t n) {
+  std::vector<Acc> out(n, Acc(0));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Acc* row = part.data() + b * stride + offset;
+    for (int64_t i = 0; i < n; ++i) out[i] += row[i];
+  }
+  return out;
+}
 
 }  // namespace fmcore

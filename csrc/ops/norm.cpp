@@ -271,15 +271,9 @@ void add_norm_bwd_rows(const AddNormBwd& bw) {
     }
   });
   if (!want_w && !want_b) return;
-  std::vector<Acc> dw(D, Acc(0)), db(D, Acc(0));
-  for (int64_t blk = 0; blk < n_part; ++blk) {
-    for (int64_t i = 0; i < D; ++i) {
-      dw[i] += part[blk * 2 * D + i];
-      db[i] += part[blk * 2 * D + D + i];
-    }
-  }
-  if (want_w) store_row(bw.grad_weight, 0, D, dw.data());
-  if (want_b) store_row(bw.grad_bias, 0, D, db.data());
+  // each block's partial rows: dweight, then dbias
+  if (want_w) store_row(bw.grad_weight, 0, D, add_partial_rows(part, n_part, 2 * D, 0, D).data());
+  if (want_b) store_row(bw.grad_bias, 0, D, add_partial_rows(part, n_part, 2 * D, D, D).data());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_cpu(
