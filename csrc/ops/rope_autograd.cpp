@@ -10,7 +10,7 @@
 // rotation (the same op with `conjugate` flipped) of the incoming gradients. Saved: cos, sin and
 // the three flags; no activations. The backward calls the op through the dispatcher, so under
 // create_graph it is recorded again: double backward (a rotation of a rotation) works.
-// cos and sin get no gradient (they are tables, not parameters).
+// cos and sin get no gradient (they are tables, not parameters): if they require grad, it raises.
 //
 // fmcore::rope_: overwrites q and k, which a backward would need, so it refuses inputs that
 // require grad while grad mode is on, and bumps q's and k's version counters so that any other
@@ -73,6 +73,14 @@ class RopeFunction : public torch::autograd::Function<RopeFunction> {
   }
 };
 
+// cos and sin get no gradient: rather than leave a table that requires grad (one computed from a
+// learned parameter) silently without one, refuse it.
+void check_tables_need_no_grad(const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!records_grad(cos, sin), "fmcore rope computes no gradient for cos ",
+                              "and sin (rotation tables, not parameters), and they require grad ",
+                              "here: pass cos.detach() and sin.detach()");
+}
+
 std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& cos, const at::Tensor& sin,
                                                  bool interleaved, bool conjugate,
@@ -84,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_rope(q, k, cos, sin, interleaved, conjugate, seq_dim);
   }
+  check_tables_need_no_grad(cos, sin);
   const variable_list out = RopeFunction::apply(q, k, cos, sin, interleaved, conjugate, seq_dim);
   return {out[0], out[1]};
 }
@@ -91,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> rope_autograd(const at::Tensor& q, const at::
 void rope_inplace_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                            const at::Tensor& sin, bool interleaved, bool conjugate,
                            int64_t seq_dim) {
+  check_tables_need_no_grad(cos, sin);
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())),
                     "rope_ (apply_rotary inplace=True) overwrites q and k, which autograd needs ",
                     "for q or k that require grad; use inplace=False");

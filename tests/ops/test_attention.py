@@ -826,6 +826,48 @@ def test_qkvpacked_bad_inputs(device):
         torch.ops.fmcore.flash_attn_qkvpacked_bwd(qkv[0], qkv[0], qkv[0], qkv[0], None, None, 0, False, 0.125)
 
 
+@pytest.mark.parametrize("layout", ["batched", "varlen", "qkvpacked"])
+def test_double_backward_raises(device, layout):
+    """First-order gradients only: one taken with create_graph=True equals the plain one, and
+    differentiating it again raises (autograd would otherwise drop the second-order terms)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if layout == "qkvpacked":
+        inputs = (torch.randn(2, 19, 3, 4, 64, device=device, dtype=dtype, requires_grad=True),)
+        f = lambda qkv: flash_attention_qkvpacked(qkv, causal=True)  # noqa: E731
+    elif layout == "varlen":
+        inputs = tuple(t[0] for t in make_qkv(1, 19, 19, 4, 2, 64, device, dtype, requires_grad=False))
+        inputs = tuple(t.requires_grad_() for t in inputs)
+        c = cu([7, 12], device)
+        f = lambda q, k, v: flash_attention_varlen(q, k, v, c, c, 12, 12, causal=True)  # noqa: E731
+    else:
+        inputs = make_qkv(2, 19, 23, 4, 2, 64, device, dtype)
+        f = lambda q, k, v: flash_attention(q, k, v, causal=True)  # noqa: E731
+    cot = torch.randn_like(f(*inputs))
+    want = torch.autograd.grad(f(*inputs), inputs, cot)
+    got = torch.autograd.grad(f(*inputs), inputs, cot, create_graph=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g.detach(), w)
+    with pytest.raises(NotImplementedError, match="flash_attention supports first-order gradients only"):
+        torch.autograd.grad(sum(g.float().square().sum() for g in got), inputs)
+
+
+def test_backward_op_on_inputs_that_require_grad(device):
+    """Called directly, the backward op runs below autograd (the CPU reference's copies into views of
+    its outputs once raised there) and its outputs cannot be differentiated."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (t[0] for t in make_qkv(1, 19, 19, 4, 2, 64, device, dtype))
+    c = cu([7, 12], device)
+    args = (c, c, 12, 12, True, 0.125)
+    out, lse = torch.ops.fmcore.flash_attn_fwd(q.detach(), k.detach(), v.detach(), *args)
+    dout = torch.randn_like(out)
+    want = torch.ops.fmcore.flash_attn_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, None, *args)
+    got = torch.ops.fmcore.flash_attn_bwd(dout.requires_grad_(), q, k, v, out, lse, None, *args)
+    for g, w in zip(got, want):
+        assert torch.equal(g.detach(), w)
+    with pytest.raises(RuntimeError, match="derivative for fmcore::flash_attn_bwd is not implemented"):
+        got[0].float().sum().backward()
+
+
 # ---- torch.library and torch.compile
 
 
@@ -843,7 +885,7 @@ def test_opcheck(device):
     qv, kv, vv = (t.detach()[0, :19].clone().requires_grad_() for t in (q, k, v))
     # tiles=1: the tile configuration reaches the backward too (on CUDA, another set of kernels)
     torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (qv, kv, vv, c, c, 12, 12, False, 0.125, True, 1))
-    # The backward op has no autograd of its own (no double backward): call it on detached inputs.
+    # The backward op has no derivative (test_backward_op_on_inputs_that_require_grad): detached inputs.
     q, k, v = q.detach(), k.detach(), v.detach()
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, True, 0.125)
     dlse = torch.randn_like(lse)

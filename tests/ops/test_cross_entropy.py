@@ -159,6 +159,34 @@ def test_inplace_backward_all_ignored_and_twice(device):
         loss.backward()
 
 
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_raises(device, reduction, inplace_backward):
+    """First-order gradients only: one taken with create_graph=True equals the plain one, and
+    differentiating it again raises (autograd would otherwise drop the second-order terms)."""
+    logits, target = make((6, 11), device, torch.float32)
+    x = logits.clone().requires_grad_()
+    f = lambda: cross_entropy(x * 1.0, target, reduction=reduction, inplace_backward=inplace_backward)  # noqa: E731
+    (want,) = torch.autograd.grad(f().sum(), x)
+    (got,) = torch.autograd.grad(f().sum(), x, create_graph=True)
+    assert torch.equal(got.detach(), want)
+    with pytest.raises(NotImplementedError, match="cross_entropy supports first-order gradients only"):
+        torch.autograd.grad(got.square().sum(), x)
+
+
+def test_inplace_backward_over_logits_another_node_saved_raises(device):
+    """The gradient written over the logits bumps their version, so a node that saved the logits
+    for its own backward raises instead of reading the gradient as if it were the logits."""
+    logits, target = make((6, 11), device, torch.float32)
+    x = logits.clone().requires_grad_()
+    y = x * 1.0
+    probs = y.exp()  # saves its output, not y: unaffected
+    sq = y.square()  # saves y
+    loss = cross_entropy(y, target, inplace_backward=True) + probs.sum() + sq.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nan_grad_output_leaves_ignored_rows_zero(device, reduction, inplace_backward):

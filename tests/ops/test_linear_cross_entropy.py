@@ -359,3 +359,20 @@ def test_cuda_default_chunks(dtype):
     # Several default-sized chunks (112 MiB of logits each at V = 50257 => 1152 rows) and a remainder.
     hidden, weight, _, target = make(3000, 128, 50257, "cuda", dtype)
     check(hidden, weight, None, target, label_smoothing=0.1)
+
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_raises(device, reduction):
+    """First-order gradients only: one taken with create_graph=True equals the plain one, and
+    differentiating it again raises (the gradients computed in the forward would otherwise come
+    out as constants, their second-order terms silently dropped)."""
+    hidden, weight, bias, target = make(6, 8, 11, device, torch.float32, bias=True)
+    inputs = tuple(t.requires_grad_() for t in (hidden, weight, bias))
+    f = lambda: linear_cross_entropy(*inputs[:2], target, inputs[2], reduction=reduction).sum()  # noqa: E731
+    want = torch.autograd.grad(f(), inputs)
+    got = torch.autograd.grad(f(), inputs, create_graph=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g.detach(), w)
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy supports first-order gradients only"):
+        torch.autograd.grad(got[0].square().sum(), inputs[1])

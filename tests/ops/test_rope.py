@@ -210,6 +210,20 @@ def test_inplace_bumps_version_and_refuses_grad(device):
         torch.ops.fmcore.rope_(qg, k, cos, sin)
 
 
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tables_that_require_grad_raise(device, inplace):
+    """cos and sin get no gradient: a table that requires grad (computed from a learned parameter)
+    raises rather than being left silently without one; detached, it runs."""
+    q = torch.randn(1, 3, 2, 8, device=device, requires_grad=not inplace)
+    k = torch.randn(1, 3, 2, 8, device=device, requires_grad=not inplace)
+    cos, sin = tables(3, 8, device)
+    with pytest.raises(NotImplementedError, match=r"cos.detach\(\) and sin.detach\(\)"):
+        apply_rotary(q, k, cos.requires_grad_(), sin, inplace=inplace)
+    apply_rotary(q, k, cos.detach(), sin, inplace=inplace)
+    with torch.no_grad():
+        apply_rotary(q, k, cos, sin, inplace=inplace)
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.autograd.forward_ad's own import
 @pytest.mark.parametrize("dual", ["q", "cos", "q inplace"])
 def test_forward_mode_ad_raises(dual):

@@ -472,6 +472,20 @@ def test_errors(device):
         FusedAdamW(make_params(device)).load_state_dict(sd)
 
 
+
+@pytest.mark.parametrize("opt_class", [torch.optim.AdamW, FusedAdamW], ids=["torch", "fmcore"])
+def test_step_before_the_backward_that_needs_the_params_raises(device, opt_class):
+    """The step bumps the parameters' version counters, as torch's in-place updates do: a backward
+    that saved them before the step raises instead of using the updated values."""
+    w = torch.randn(4, 4, device=device, requires_grad=True)
+    opt = opt_class([w])
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    loss = (x @ w).square().sum()  # saves w for x's gradient
+    w.grad = torch.randn_like(w)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
 def test_duplicate_param_in_a_group_raises(device):
     # torch.optim only warns about a param listed twice in a group; in FusedAdamW's launch table it
     # would be updated by two blocks at once (and its step bumped by two threads): a data race.

@@ -2,9 +2,92 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def register_fake(name: str):
+    """torch.library.register_fake for fmcore::<name>, refusing a mix of meta and real tensors.
+
+    A real meta tensor among real CPU or CUDA ones sends the call to the Meta key, whose kernel is
+    the fake one: it would return uninitialized tensors on the real device (a rotary table left on
+    meta after a model built on the meta device, then materialized without its non-persistent
+    buffers, would give garbage, silently). torch's own meta kernels raise there; so do these.
+    Fake tensors (torch.compile, FakeTensorMode) carry their real device and pass.
+    """
+    def register(fn):
+        names = [a.name for a in getattr(torch.ops.fmcore, name).default._schema.arguments]
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            devices = {}
+            for arg_name, value in (*zip(names, args), *kwargs.items()):
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, torch.Tensor):
+                        devices.setdefault(t.device.type == "meta", (arg_name, t.device))
+            if len(devices) == 2:
+                (a, da), (b, db) = devices[True], devices[False]
+                raise ValueError(f"expected all tensors on one device, got {a} on {da} and {b} on {db}")
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(f"fmcore::{name}")(checked)
+        return fn
+
+    return register
+
+
+def expect_tensors(**named) -> None:
+    """TypeError naming the first of the keyword arguments that is not a Tensor. The dispatcher's
+    own errors for these name no argument ("tensor does not have a device" for a None, "There were
+    no tensor arguments to this function"), and Python code reading .dim() first raises an
+    AttributeError; wrappers whose per-call cost matters call this only once the op has failed."""
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"expected {name} to be a Tensor, got {type(value).__name__}")
 
 
 def dense_last_dim(t: torch.Tensor) -> torch.Tensor:
     """t with a contiguous last dim. Autograd can hand backward expanded (stride-0) gradients."""
     return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Returns its first n arguments (gradients) under a node whose backward raises; the other
+    arguments (what the gradients depend on) connect that node to the graph."""
+
+    @staticmethod
+    def forward(ctx, op, n, *args):
+        ctx.op = op
+        return tuple(g.view_as(g) for g in args[:n])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise NotImplementedError(
+            f"fmcore {ctx.op} supports first-order gradients only: its backward has no derivative, so double "
+            f"backward (differentiating a gradient taken with create_graph=True) through {ctx.op} is not implemented")
+
+
+def first_order_only(op: str, backward, *inputs: torch.Tensor | None) -> tuple:
+    """backward() (an op's gradient formula: a tuple of gradients, None where there is none) as the
+    backward of an op with first-order gradients only; inputs: the tensors the gradients depend on.
+
+    Under create_graph=True autograd would record the formula's own ops, and an fmcore backward op
+    (which has no derivative) as a node that fails: a second derivative would come out wrong or fail
+    obscurely. So the formula runs without recording, and when some input requires grad the gradients
+    come out attached to a node that raises if differentiated, as the C++ autograd of the other ops
+    does (csrc/ops/autograd_gate.h).
+    """
+    if not torch.is_grad_enabled():
+        return backward()
+    with torch.no_grad():
+        grads = backward()
+    linked = [t for t in inputs if t is not None and t.requires_grad]
+    if not linked:
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    wrapped = _FirstOrderOnly.apply(op, len(present), *(grads[i] for i in present), *linked)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return tuple(out)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from fmcore.ops._common import expect_tensors, register_fake
+
 _TANH = {"none": False, "tanh": True}
 # The overload itself: calling it skips the packet's per-call overload resolution.
 _bias_gelu = torch.ops.fmcore.bias_gelu.default
@@ -42,7 +44,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, approximate:
     tanh = _TANH.get(approximate)
     if tanh is None:
         raise ValueError(f"expected approximate 'none' or 'tanh', got {approximate!r}")
-    return _bias_gelu(x, bias, tanh)
+    try:
+        return _bias_gelu(x, bias, tanh)
+    except (RuntimeError, NotImplementedError):
+        expect_tensors(x=x)
+        raise
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,27 +61,31 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     Returns:
         (..., F), gate's dtype, contiguous.
     """
-    return _swiglu(gate, up)
+    try:
+        return _swiglu(gate, up)
+    except (RuntimeError, NotImplementedError):
+        expect_tensors(gate=gate)
+        raise
 
 
-@torch.library.register_fake("fmcore::bias_gelu")
+@register_fake("bias_gelu")
 def _bias_gelu_fake(x, bias, tanh=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("fmcore::bias_gelu_bwd")
+@register_fake("bias_gelu_bwd")
 def _bias_gelu_bwd_fake(grad_out, x, bias, tanh=False, grad_bias=True):
     grad_bias_shape = (x.shape[-1],) if grad_bias and bias is not None else (0,)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(grad_bias_shape, dtype=x.dtype if bias is None else bias.dtype))
 
 
-@torch.library.register_fake("fmcore::swiglu")
+@register_fake("swiglu")
 def _swiglu_fake(gate, up):
     F = gate.shape[-1] if up is not None else gate.shape[-1] // 2
     return gate.new_empty((*gate.shape[:-1], F))
 
 
-@torch.library.register_fake("fmcore::swiglu_bwd")
+@register_fake("swiglu_bwd")
 def _swiglu_bwd_fake(grad_out, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape if up is not None else (0,))

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from fmcore.ops._common import dense_last_dim
+from fmcore.ops._common import dense_last_dim, expect_tensors, first_order_only, register_fake
 
 CUDA_HEAD_DIMS = (64, 96, 128)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -126,6 +126,7 @@ def flash_attention(
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
+    expect_tensors(q=q, k=k, v=v)
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
                                                _deterministic(deterministic), _tiles(tiles))
     return (out, lse) if return_lse else out
@@ -161,6 +162,7 @@ def flash_attention_varlen(
     entry, so a bad cu_seqlens can never touch memory out of bounds; the check is there to turn a
     wrong result into an error.
     """
+    expect_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
@@ -195,9 +197,10 @@ def flash_attention_qkvpacked(
     return_lse.
     """
     varlen = cu_seqlens is not None
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != (4 if varlen else 5) or qkv.shape[-3] != 3:
+    expect_tensors(qkv=qkv, **({"cu_seqlens": cu_seqlens} if varlen else {}))
+    if qkv.dim() != (4 if varlen else 5) or qkv.shape[-3] != 3:
         want = "(total, 3, H, D) (with cu_seqlens)" if varlen else "(B, S, 3, H, D)"
-        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        got = tuple(qkv.shape)
         raise ValueError(f"expected qkv of shape {want}, got {got}")
     if varlen:
         if max_seqlen is None:
@@ -232,8 +235,12 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         qkv, out, lse, cu_seqlens = ctx.saved_tensors
-        dout, dlse = _kernel_grads(out, dout, dlse)
-        dqkv = torch.ops.fmcore.flash_attn_qkvpacked_bwd(dout, qkv, out, lse, dlse, cu_seqlens, *ctx.args)
+
+        def grads():
+            d_out, d_lse = _kernel_grads(out, dout, dlse)
+            return (torch.ops.fmcore.flash_attn_qkvpacked_bwd(d_out, qkv, out, lse, d_lse, cu_seqlens, *ctx.args),)
+
+        (dqkv,) = first_order_only("flash_attention", grads, dout, dlse, qkv)
         return dqkv, None, None, None, None, None, None
 
 
@@ -268,7 +275,7 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
 # ---- torch.library registrations: fake (meta) impls and autograd
 
 
-@torch.library.register_fake("fmcore::flash_attn_fwd")
+@register_fake("flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                          deterministic=False, tiles=0):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -276,13 +283,13 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
 
 
-@torch.library.register_fake("fmcore::flash_attn_bwd")
+@register_fake("flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, softmax_scale, deterministic=False, tiles=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.register_fake("fmcore::flash_attn_qkvpacked_bwd")
+@register_fake("flash_attn_qkvpacked_bwd")
 def _flash_attn_qkvpacked_bwd_fake(dout, qkv, out, lse, dlse, cu_seqlens, max_seqlen, causal, softmax_scale,
                                    deterministic=False, tiles=0):
     return qkv.new_empty(qkv.shape)
@@ -307,8 +314,12 @@ def _kernel_grads(out, dout, dlse):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dout, dlse = _kernel_grads(out, dout, dlse)
-    dq, dk, dv = torch.ops.fmcore.flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+
+    def grads():
+        d_out, d_lse = _kernel_grads(out, dout, dlse)
+        return torch.ops.fmcore.flash_attn_bwd(d_out, q, k, v, out, lse, d_lse, cu_q, cu_k, *ctx.args)
+
+    dq, dk, dv = first_order_only("flash_attention", grads, dout, dlse, q, k, v)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

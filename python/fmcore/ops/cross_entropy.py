@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from fmcore.ops._common import expect_tensors, first_order_only, register_fake
+
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 def _check_common(target: torch.Tensor, reduction: str, lead_shape: torch.Size, lead_name: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"expected reduction 'none', 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"expected target to be a Tensor, got {type(target).__name__}")
+    expect_tensors(target=target)
     if target.shape != lead_shape:
         raise ValueError(f"expected target of shape {tuple(lead_shape)} (the leading dims of {lead_name}), "
                          f"got {tuple(target.shape)}")
@@ -83,8 +84,7 @@ def cross_entropy(
     loss kernel was queued (with inplace_backward it overwrites the logits all the same). The check
     is skipped while a CUDA graph is captured, where the kernel still never indexes with a bad target.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"expected logits to be a Tensor, got {type(logits).__name__}")
+    expect_tensors(logits=logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"expected logits of shape (N, V) or (B, S, V), got {tuple(logits.shape)}")
     _check_common(target, reduction, logits.shape[:-1], "logits")
@@ -136,38 +136,42 @@ class _FusedInplace(torch.autograd.Function):
             raise RuntimeError("cross_entropy(inplace_backward=True)'s backward can run once per forward: the "
                                "gradient lives in the logits buffer and is scaled in place")
         ctx.used = True
-        grad = ctx.grad
-        # Ignored rows hold zeros and keep them whatever grad_loss is (0 * nan would be nan; torch gives 0).
-        factor = torch.where(ctx.counted, grad_loss, torch.zeros_like(grad_loss))
-        torch.ops.fmcore.cross_entropy_scale_(grad, factor)
+
+        def grads():
+            # Ignored rows hold zeros and keep them whatever grad_loss is (0 * nan would be nan; torch gives 0).
+            factor = torch.where(ctx.counted, grad_loss, torch.zeros_like(grad_loss))
+            torch.ops.fmcore.cross_entropy_scale_(ctx.grad, factor)
+            return (ctx.grad,)
+
+        (grad,) = first_order_only("cross_entropy", grads, grad_loss, ctx.grad)
         return grad, None, None, None, None, None
 
 
-@torch.library.register_fake("fmcore::cross_entropy_scale_")
+@register_fake("cross_entropy_scale_")
 def _cross_entropy_scale_fake(grad, factor):
     return None
 
 
-@torch.library.register_fake("fmcore::cross_entropy_fwd")
+@register_fake("cross_entropy_fwd")
 def _cross_entropy_fwd_fake(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                             inplace_backward=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty((logits.shape[0],), dtype=acc), logits.new_empty((logits.shape[0], 2), dtype=acc)
 
 
-@torch.library.register_fake("fmcore::cross_entropy_bwd")
+@register_fake("cross_entropy_bwd")
 def _cross_entropy_bwd_fake(logits, target, stats, grad_loss, ignore_index=-100, label_smoothing=0.0,
                             z_loss=0.0):
     return logits.new_empty(logits.shape)
 
 
-@torch.library.register_fake("fmcore::cross_entropy_bwd_")
+@register_fake("cross_entropy_bwd_")
 def _cross_entropy_bwd_inplace_fake(logits, target, stats, grad_loss, ignore_index=-100,
                                     label_smoothing=0.0, z_loss=0.0):
     return None
 
 
-@torch.library.register_fake("fmcore::cross_entropy_fwd_bwd_")
+@register_fake("cross_entropy_fwd_bwd_")
 def _cross_entropy_fwd_bwd_fake(logits, target, grad_scale, ignore_index=-100, label_smoothing=0.0,
                                 z_loss=0.0):
     return _cross_entropy_fwd_fake(logits, target)
@@ -186,11 +190,14 @@ def _backward(ctx, grad_loss, grad_stats):
     logits, target, stats = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
-    if ctx.inplace_backward:
-        torch.ops.fmcore.cross_entropy_bwd_(logits, target, stats, grad_loss, *ctx.options)
-        grad = logits
-    else:
-        grad = torch.ops.fmcore.cross_entropy_bwd(logits, target, stats, grad_loss, *ctx.options)
+
+    def grads():
+        if ctx.inplace_backward:
+            torch.ops.fmcore.cross_entropy_bwd_(logits, target, stats, grad_loss, *ctx.options)
+            return (logits,)
+        return (torch.ops.fmcore.cross_entropy_bwd(logits, target, stats, grad_loss, *ctx.options),)
+
+    (grad,) = first_order_only("cross_entropy", grads, grad_loss, logits)
     return grad, None, None, None, None, None
 
 

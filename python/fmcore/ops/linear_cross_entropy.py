@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fmcore.ops._common import expect_tensors, first_order_only, register_fake
 from fmcore.ops.cross_entropy import _check_common
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -58,8 +59,7 @@ def linear_cross_entropy(
     check costs what fmcore.ops.cross_entropy's does, once per call: queued before the first chunk
     and waited for after the last one is queued, so the host's wait never empties the GPU's queue.
     """
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"expected hidden to be a Tensor, got {type(hidden).__name__}")
+    expect_tensors(hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
     if hidden.dim() not in (2, 3):
         raise ValueError(f"expected hidden of shape (N, D) or (B, S, D), got {tuple(hidden.shape)}")
     _check_common(target, reduction, hidden.shape[:-1], "hidden")
@@ -83,7 +83,7 @@ def linear_cross_entropy(
     return loss
 
 
-@torch.library.register_fake("fmcore::linear_cross_entropy")
+@register_fake("linear_cross_entropy")
 def _linear_cross_entropy_fake(hidden, weight, target, bias=None, grad_rows=None, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, reduction=1, chunk_size=0,
                                grad_hidden=False, grad_weight=False, grad_bias=False):
@@ -131,21 +131,31 @@ def _backward(ctx, grad_loss, *unused):
         return (None,) * 13
     if ctx.reduction == 0:
         hidden, weight, target, bias = ctx.saved_tensors
-        _, _, gh, gw, gb = torch.ops.fmcore.linear_cross_entropy(
-            hidden, weight, target, bias, grad_loss, *ctx.options, nh, nw, nb)
+        depends_on = (grad_loss, hidden, weight, bias)
+
+        def grads():
+            return torch.ops.fmcore.linear_cross_entropy(hidden, weight, target, bias, grad_loss, *ctx.options,
+                                                         nh, nw, nb)[2:]
     else:
         if ctx.used:
             raise RuntimeError("linear_cross_entropy's backward can run once per forward: its gradients "
                                "were computed in the forward and are consumed (use retain_graph=False, "
                                "or reduction='none')")
         ctx.used = True
-        # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
-        # in eager (these buffers are ours and die with the graph). A traced backward (torch.compile,
-        # opcheck) must not mutate its saved inputs: there it multiplies out of place, and inductor
-        # may reuse the dead buffer itself.
-        traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
-        gh, gw, gb = (g * grad_loss if traced else _scale_(g, grad_loss) if needed else g
-                      for g, needed in zip(ctx.saved_tensors, ctx.need))
+        # The saved gradients are outputs of this op: they link the raising node to its inputs, which
+        # are not saved (the hidden states' memory stays free until the backward).
+        depends_on = (grad_loss, *ctx.saved_tensors)
+
+        def grads():
+            # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
+            # in eager (these buffers are ours and die with the graph). A traced backward (torch.compile,
+            # opcheck) must not mutate its saved inputs: there it multiplies out of place, and inductor
+            # may reuse the dead buffer itself.
+            traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+            return tuple(g * grad_loss if traced else _scale_(g, grad_loss) if needed else g
+                         for g, needed in zip(ctx.saved_tensors, ctx.need))
+
+    gh, gw, gb = first_order_only("linear_cross_entropy", grads, *depends_on)
     return (gh if nh else None, gw if nw else None, None, gb if nb else None) + (None,) * 9
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from fmcore.ops._common import expect_tensors, register_fake
+
 _KINDS = {"layer": False, "rms": True}
 # The overload itself: calling it skips the packet's per-call overload resolution.
 _add_norm_fwd = torch.ops.fmcore.add_norm_fwd.default
@@ -71,19 +73,22 @@ def add_norm(
         raise ValueError(f"expected kind 'layer' or 'rms', got {kind!r}")
     if out_dtype is None:
         out_dtype = _default_out_dtype(x, residual)
-    out, stream, _, _ = _add_norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
+    try:
+        out, stream, _, _ = _add_norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
+    except (RuntimeError, NotImplementedError):
+        expect_tensors(weight=weight)
+        raise
     return out, (x if residual is None else stream)
 
 
 def _default_out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
-    if not isinstance(x, torch.Tensor):  # else an AttributeError below, not the op's TypeError
-        raise TypeError(f"expected x to be a Tensor, got {type(x).__name__}")
+    expect_tensors(x=x)  # else an AttributeError below
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.float32
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-@torch.library.register_fake("fmcore::add_norm_fwd")
+@register_fake("add_norm_fwd")
 def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, out_dtype):
     stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     stats = torch.float64 if stream == torch.float64 else torch.float32
@@ -94,7 +99,7 @@ def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms, out_dtype):
             x.new_empty((rows,), dtype=stats))
 
 
-@torch.library.register_fake("fmcore::add_norm_bwd")
+@register_fake("add_norm_bwd")
 def _add_norm_bwd_fake(grad_out, grad_residual_out, s, weight, mean, rstd, rms, has_residual, has_bias, x_dtype,
                        residual_dtype, grad_input=True, grad_weight=True):
     D = s.shape[-1]

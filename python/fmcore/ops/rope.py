@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from fmcore.ops._common import expect_tensors, register_fake
+
 _SEQ_DIM = {"bshd": 1, "bhsd": 2}
 # The overloads themselves: calling them skips the packet's per-call overload resolution.
 _rope = torch.ops.fmcore.rope.default
@@ -48,17 +50,21 @@ def apply_rotary(
     seq_dim = _SEQ_DIM.get(layout)
     if seq_dim is None:
         raise ValueError(f"expected layout 'bshd' or 'bhsd', got {layout!r}")
-    if inplace:
-        _rope_(q, k, cos, sin, interleaved, False, seq_dim)
-        return q, k
-    return _rope(q, k, cos, sin, interleaved, False, seq_dim)
+    try:
+        if inplace:
+            _rope_(q, k, cos, sin, interleaved, False, seq_dim)
+            return q, k
+        return _rope(q, k, cos, sin, interleaved, False, seq_dim)
+    except (RuntimeError, NotImplementedError):
+        expect_tensors(q=q, k=k, cos=cos, sin=sin)
+        raise
 
 
-@torch.library.register_fake("fmcore::rope")
+@register_fake("rope")
 def _rope_fake(q, k, cos, sin, interleaved=False, conjugate=False, seq_dim=1):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@torch.library.register_fake("fmcore::rope_")
+@register_fake("rope_")
 def _rope_inplace_fake(q, k, cos, sin, interleaved=False, conjugate=False, seq_dim=1):
     return None
