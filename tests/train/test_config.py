@@ -52,6 +52,27 @@ def test_override_errors_name_the_key(args, match):
         load_config("tiny", args)
 
 
+
+def _numeric_fields():
+    cfg = Config()
+    for section, sub in vars(cfg).items():
+        if section == "name":
+            continue
+        for key, value in vars(sub).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield f"{section}.{key}", value
+
+
+@pytest.mark.parametrize("key", [k for k, _ in _numeric_fields()])
+def test_every_numeric_field_refuses_what_no_run_can_use(key):
+    """-1, NaN and infinity: each field refuses them at load, naming itself, rather than failing deep in
+    a run (a negative ffn_dim in the model's constructor, eval_batches 0 as a ZeroDivisionError, a NaN
+    grad_clip as no clipping at all, max_skipped 0 stopping the first step)."""
+    value = dict(_numeric_fields())[key]
+    for bad in (-1, float("nan"), float("inf")) if isinstance(value, float) else (-1,):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("tiny", [f"--{key}", str(bad)])
+
 def test_toml_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nwidth = 3\n")

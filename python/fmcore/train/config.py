@@ -158,7 +158,7 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many steps; 0 saves only at the end."""
     keep_last: int = 2
-    """Keep the newest this many checkpoints..."""
+    """Keep the newest this many checkpoints (0: all)..."""
     keep_every: int = 0
     """...plus every checkpoint whose step is a multiple of this (0: none)."""
     resume: str = "none"
@@ -337,9 +337,28 @@ def validate(cfg: Config) -> None:
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
                 "train.seq_len": t.seq_len, "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor}
+    positive |= {"train.eval_batches": t.eval_batches, "train.max_skipped": t.max_skipped}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected > 0, got {value}")
+    ck, log = cfg.checkpoint, cfg.log
+    non_negative = {"model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim,
+                    "data.threads": cfg.data.threads, "schedule.warmup_steps": cfg.schedule.warmup_steps,
+                    "train.tokens_per_step": t.tokens_per_step, "train.seed": t.seed, "train.eval_every": t.eval_every,
+                    "train.threads": t.threads, "checkpoint.every": ck.every, "checkpoint.keep_last": ck.keep_last,
+                    "checkpoint.keep_every": ck.keep_every, "log.sample_tokens": log.sample_tokens,
+                    # floats: finite too (NaN fails every comparison; an infinite eps or std trains nothing)
+                    "model.norm_eps": m.norm_eps, "model.init_std": m.init_std, "optim.eps": cfg.optim.eps,
+                    "optim.weight_decay": cfg.optim.weight_decay, "optim.grad_clip": cfg.optim.grad_clip,
+                    "log.peak_tflops": log.peak_tflops}
+    for key, value in non_negative.items():
+        if not (0 <= value < math.inf):
+            raise ConfigError(f"{key}: expected a finite value >= 0, got {value}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg.optim, key) < 1:
+            raise ConfigError(f"optim.{key}: expected a value in [0, 1), got {getattr(cfg.optim, key)}")
+    if not 0 < m.rope_base < math.inf:
+        raise ConfigError(f"model.rope_base: expected a finite value > 0, got {m.rope_base}")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
     kv = m.n_kv_heads or m.n_heads
@@ -351,8 +370,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model: llama's RoPE needs an even head dim, got {m.dim // m.n_heads}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if not 0 <= cfg.schedule.min_lr_ratio <= 1 or not 0 < cfg.schedule.decay_fraction <= 1:
-        raise ConfigError("schedule: expected 0 <= min_lr_ratio <= 1 and 0 < decay_fraction <= 1")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio: expected a value in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    if not 0 < cfg.schedule.decay_fraction <= 1:
+        raise ConfigError(f"schedule.decay_fraction: expected a value in (0, 1], got {cfg.schedule.decay_fraction}")
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: expected a finite value > 0, got {cfg.optim.lr}")
 
