@@ -320,6 +320,11 @@ def test_bad_arguments(unique_ds):
         Loader(unique_ds, batch_size=0, seq_len=T)
     with pytest.raises(ValueError, match="mode"):
         Loader(unique_ds, mode="shuffled")
+    for name, bad in [("batch_size", 2.0), ("seq_len", None), ("seed", "0"), ("threads", 1.5), ("prefetch", True)]:
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            Loader(unique_ds, **{"batch_size": 2, "seq_len": T, name: bad})
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^64\)"):
+        Loader(unique_ds, batch_size=2, seq_len=T, seed=2**64)
     # (2^61 + 1) * 16 wraps to 16 in 64 bits: the buffer size once did, and the workers overflowed it.
     with pytest.raises(ValueError, match=r"batch_size \* seq_len must be < 2\^56"):
         Loader(unique_ds, batch_size=2**61 + 1, seq_len=T)

@@ -68,8 +68,13 @@ class Loader:
             raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
         if mode not in ("sequential", "random"):
             raise ValueError(f"mode must be 'sequential' or 'random', got {mode!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        ints = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size,
+                    threads=threads or 0, prefetch=prefetch or 0)
+        for name, value in ints.items():  # (the C++ core checks the ranges; pybind's own type error names none)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64), got {seed}")
         self.dataset = Path(dataset)
         self.split = split
         manifest, paths = split_shards(self.dataset, split)
