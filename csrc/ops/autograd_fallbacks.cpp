@@ -7,6 +7,8 @@
 
 #include <vector>
 
+namespace fmcore {
+
 // The backward ops that the Python autograd formulas call (ops/attention.py, cross_entropy.py) have
 // no derivative. Called directly on inputs that require grad, they run below autograd (the CPU
 // implementations call ATen ops, which would otherwise be recorded: the attention reference's
@@ -58,3 +60,5 @@ TORCH_LIBRARY_IMPL(fmcore, ADInplaceOrView, m) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }
+
+}  // namespace fmcore
