@@ -209,3 +209,28 @@ def test_compare_reports_relative_differences(tmp_path, capsys):
     assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "10 common steps, max |rel diff| 1.000%" in out and (tmp_path / "c.png").is_file()
+
+
+@pytest.mark.parametrize("first, then", [("fmcore", "torch"), ("torch", "fmcore")])
+def test_resume_with_the_other_optimizer(dataset, tmp_path, first, then):
+    """FusedAdamW and torch.optim.AdamW checkpoints load into each other (the same state; torch's
+    implementation flags keep the current optimizer's values), and the resumed run continues from
+    the saved state: its first loss is the one the saved run logged at that step."""
+    run = tmp_path / "run"
+    whole = _short_run(dataset, run, "--optim.impl", first, "--checkpoint.every", "2")
+    resumed = _short_run(dataset, run, "--optim.impl", then, "--checkpoint.resume", str(run / "checkpoints" / "step_00000002"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[2]["loss"] == whole[2]["loss"]  # step 3's loss: the weights after step 2, as saved
+    assert resumed[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("change, field", [(["--model.n_layers", "1"], "model.n_layers"),
+                                           (["--model.dim", "32"], "model.dim"),
+                                           (["--model.tie_embeddings", "false"], "model.tie_embeddings")])
+def test_resume_into_another_model_raises_naming_the_field(dataset, tmp_path, change, field):
+    """torch.distributed.checkpoint would load a smaller model's share of the saved weights silently
+    (n_layers 1 from a 2-layer checkpoint) and fail on a larger one with a per-rank traceback."""
+    run = tmp_path / "run"
+    _short_run(dataset, run, "--checkpoint.every", "2")
+    with pytest.raises(ConfigError, match=f"written for another model.*{field} = "):
+        _short_run(dataset, run, *change, "--checkpoint.resume", "auto")

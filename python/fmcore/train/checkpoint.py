@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import shutil
+import traceback
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
 
@@ -133,15 +135,49 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place from checkpoint dir path; returns this rank's extra dict."""
+def read_extra(path: Path) -> dict:
+    """This rank's extra dict of checkpoint dir path (step, loader and RNG state, the run's config)."""
     path = Path(path)
     extra_path = path / f"extra_rank{_rank()}.pt"
     if not (path / ".metadata").is_file() or not extra_path.is_file():
         raise FileNotFoundError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
-    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with _quiet():
-        dcp.load(state, checkpoint_id=path)
-    load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
     return torch.load(extra_path, weights_only=False)
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer in place from checkpoint dir path; returns this rank's extra dict."""
+    extra = read_extra(path)
+    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+    own_flags = _drop_group_flags_not_saved(optim_sd, path)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException, its message a traceback per rank
+        causes = sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip()
+                         for exc, *_ in e.failures.values()})
+        raise ValueError(f"{path} does not fit this model and optimizer: {'; '.join(causes)}") from None
+    for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
+        group.update(flags)
+    load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
+    return extra
+
+
+def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
+    """Removes from optim_sd's param groups the entries the checkpoint lacks, and returns them.
+
+    FusedAdamW and torch.optim.AdamW save the same state and hyperparameters, but torch's groups
+    also hold its implementation flags (foreach, fused, capturable, ...). torch.distributed.checkpoint
+    loads every key the current state asks for, so a checkpoint of one would not load into the other
+    (optim.impl changed, or "auto" deciding otherwise on another machine); those flags keep the
+    current optimizer's values instead."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    kept = []
+    for i, group in enumerate(optim_sd.get("param_groups", [])):
+        missing = {k: v for k, v in group.items() if not any(key == f"optim.param_groups.{i}.{k}" or
+                                                               key.startswith(f"optim.param_groups.{i}.{k}.")
+                                                               for key in saved)}
+        for k in missing:
+            del group[k]
+        kept.append(missing)
+    return kept

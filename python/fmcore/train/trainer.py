@@ -405,6 +405,23 @@ def set_deterministic() -> None:
 
 # ---- the run
 
+def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Path) -> None:
+    """A checkpoint resumes only the model it was written for. torch.distributed.checkpoint loads what
+    the current model asks for: a smaller model would take its share of a larger one's weights
+    silently, a larger one fail on a missing key. Compared resolved, all but ops (the same weights
+    either way) and init_std (used before step 0 only); skipped for a checkpoint without its config."""
+    if not saved or "model" not in saved:
+        return
+    fields = {f.name for f in dataclasses.fields(mcfg)}
+    written = dataclasses.replace(mcfg, **{k: v for k, v in saved["model"].items() if k in fields})
+    written = models.resolve(dataclasses.replace(written, ops=mcfg.ops), vocab_size)
+    differ = [f"model.{f} = {getattr(written, f)!r} there, {getattr(mcfg, f)!r} here" for f in sorted(fields - {"ops", "init_std"})
+              if getattr(written, f) != getattr(mcfg, f)]
+    if differ:
+        raise ConfigError(f"checkpoint.resume: {path} was written for another model ({'; '.join(differ)}); resume it "
+                          f"with the config it was written with (config.toml in its run dir), or start a new run")
+
+
 def train(cfg: Config) -> dict:
     """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
     env = setup_distributed(cfg)
@@ -444,6 +461,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     step, skipped_total, resumed_tokens = 0, 0, 0
     if resume_from is not None:
+        check_same_model(checkpoint.read_extra(resume_from).get("config"), mcfg, loader.vocab_size, resume_from)
         extra = checkpoint.load(resume_from, model, optimizer)
         step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
         loader.load_state_dict(extra["loader"])
