@@ -140,7 +140,8 @@ def tensor_variants(t: torch.Tensor):
     yield "flattened", t.reshape(-1)
     for d in range(t.dim()):
         n = t.shape[d]
-        yield f"dim {d} + 1", torch.cat([t, t.narrow(d, 0, 1)], d) if n else t.new_zeros(t.shape[:d] + (1,) + t.shape[d + 1:])
+        grown = torch.cat([t, t.narrow(d, 0, 1)], d) if n else t.new_zeros(t.shape[:d] + (1,) + t.shape[d + 1:])
+        yield f"dim {d} + 1", grown
         yield f"dim {d} doubled + 33", t.new_zeros(t.shape[:d] + (2 * n + 33,) + t.shape[d + 1:])
         if n > 1:
             yield f"dim {d} - 1", t.narrow(d, 0, n - 1)
@@ -232,7 +233,8 @@ def run(call: Call, args: list, sync, label: str) -> tuple[object, Exception | N
         return None, error
     for i, before in read_only:
         for t, b in zip(tensors_in(args[i]), before):
-            assert _same(t.detach(), b), f"{label}: wrote into its read-only argument {call.op._schema.arguments[i].name}"
+            name = call.op._schema.arguments[i].name
+            assert _same(t.detach(), b), f"{label}: wrote into its read-only argument {name}"
     return (out, [a for i, a in enumerate(args) if call.mutable(i)]), None
 
 

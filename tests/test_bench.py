@@ -93,6 +93,16 @@ def test_unknown_benchmark_is_an_error():
         raise AssertionError("expected ValueError")
 
 
+def test_cli_unknown_benchmark_exits_2_before_measuring(capsys):
+    from fmcore.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["rope", "no-such-bench"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "unknown benchmark 'no-such-bench'" in captured.err and "roofline" not in captured.out
+
+
 def test_every_registered_benchmark_imports():
     for name in BENCHMARKS:
         assert callable(load(name).run)

@@ -22,7 +22,7 @@ TORCH_LIBRARY_IMPL(fmcore, Autograd, m) {
 
 namespace {
 
-// The ADInplaceOrView kernel of the in-place ops that have no C++ autograd kernel of their own: runs
+// The ADInplaceOrView kernel of the in-place ops without a C++ autograd kernel of their own: runs
 // the op, then bumps the version counter of every tensor it wrote (each argument its schema marks
 // Tensor(a!), alone or in a list), as ATen's in-place ops do. torch's fallback for this key bumps
 // only mutable outputs, and these ops return none. A tensor saved for a backward and then

@@ -131,6 +131,11 @@ def test_cli(corpus, tmp_path, capsys):
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["cleaning"]["too_short"] == 0 and manifest["cleaning"]["min_chars"] == 4
     assert "train:" in capsys.readouterr().out
+    # errors a user makes are one line and exit code 2, not a traceback
+    assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli"), "--workers", "1"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert fmcore_main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "cli2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,8 @@ def _public_calls(device):
     target = torch.randint(0, 11, (6,), device=device)
     return [
         (ops.apply_rotary, dict(q=t(2, 5, 4, 16), k=t(2, 5, 2, 16), cos=t(5, 8), sin=t(5, 8))),
-        (ops.flash_attention, dict(q=t(2, 5, 4, 64, dtype=adt), k=t(2, 5, 2, 64, dtype=adt), v=t(2, 5, 2, 64, dtype=adt))),
+        (ops.flash_attention, dict(q=t(2, 5, 4, 64, dtype=adt), k=t(2, 5, 2, 64, dtype=adt),
+                                   v=t(2, 5, 2, 64, dtype=adt))),
         (ops.flash_attention_varlen, dict(q=t(5, 4, 64, dtype=adt), k=t(5, 2, 64, dtype=adt), v=t(5, 2, 64, dtype=adt),
                                           cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3, max_seqlen_k=3)),
         (ops.flash_attention_qkvpacked, dict(qkv=t(2, 5, 3, 4, 64, dtype=adt))),

@@ -144,9 +144,12 @@ def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [4, 8, 9, 10]
 
 
-def test_cli_errors_exit_2(capsys):
+def test_cli_errors_exit_2(capsys, tmp_path):
     assert main(["tiny", "--optim.lrr", "1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a directory without a manifest or shards
+    assert main(["tiny", "--data.dataset", str(tmp_path / "empty"), "--log.run_dir", str(tmp_path / "run")]) == 2
+    assert "data error: " in capsys.readouterr().err  # one line, not a traceback
     assert main(["--help"]) == 0
     assert "--schedule.kind" in capsys.readouterr().out
 
@@ -218,7 +221,8 @@ def test_resume_with_the_other_optimizer(dataset, tmp_path, first, then):
     the saved state: its first loss is the one the saved run logged at that step."""
     run = tmp_path / "run"
     whole = _short_run(dataset, run, "--optim.impl", first, "--checkpoint.every", "2")
-    resumed = _short_run(dataset, run, "--optim.impl", then, "--checkpoint.resume", str(run / "checkpoints" / "step_00000002"))
+    saved = run / "checkpoints" / "step_00000002"
+    resumed = _short_run(dataset, run, "--optim.impl", then, "--checkpoint.resume", str(saved))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed[2]["loss"] == whole[2]["loss"]  # step 3's loss: the weights after step 2, as saved
     assert resumed[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-5)

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     names = args.names or list(BENCHMARKS)
-    modules = [load(n) for n in names]  # unknown names fail before anything is measured
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:  # before anything is measured
+        parser.error(f"unknown benchmark {', '.join(map(repr, unknown))}; known: {', '.join(BENCHMARKS)}")
+    modules = [load(n) for n in names]
     roof = roofline.measure(device)
     print(f"# roofline on {device}: copy {roof.copy_gbps:.0f} GB/s, matmul {roof.matmul_tflops:.2f} TFLOP/s",
           flush=True)

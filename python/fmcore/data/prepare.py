@@ -457,13 +457,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)
     stdlib = not args.inputs
-    out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
-                  vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
-                  shard_tokens=args.shard_tokens if not stdlib or args.shard_tokens != 100_000_000 else DEFAULT_RECIPE["shard_tokens"],
-                  val_fraction=args.val_fraction if args.val_fraction is not None else (DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005),
-                  eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
-                  max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
-                  max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite, progress=True)
+    default_shards = stdlib and args.shard_tokens == 100_000_000
+    default_val = DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005
+    try:
+        out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
+                      shard_tokens=DEFAULT_RECIPE["shard_tokens"] if default_shards else args.shard_tokens,
+                      val_fraction=default_val if args.val_fraction is None else args.val_fraction,
+                      eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
+                      max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
+                      max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
+                      progress=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # a missing input, an existing dataset, a bad option
+        print(f"fmcore prepare: error: {e}", file=sys.stderr)
+        return 2
     manifest = json.loads((out / MANIFEST).read_text())
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     print(f"{out}: {splits}; vocab {manifest['tokenizer']['vocab_size']}; cleaning {manifest['cleaning']}")

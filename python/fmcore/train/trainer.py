@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, metrics, models
 from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml
 from fmcore.train.schedule import lr_at
@@ -415,8 +416,8 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
     fields = {f.name for f in dataclasses.fields(mcfg)}
     written = dataclasses.replace(mcfg, **{k: v for k, v in saved["model"].items() if k in fields})
     written = models.resolve(dataclasses.replace(written, ops=mcfg.ops), vocab_size)
-    differ = [f"model.{f} = {getattr(written, f)!r} there, {getattr(mcfg, f)!r} here" for f in sorted(fields - {"ops", "init_std"})
-              if getattr(written, f) != getattr(mcfg, f)]
+    differ = [f"model.{f} = {getattr(written, f)!r} there, {getattr(mcfg, f)!r} here"
+              for f in sorted(fields - {"ops", "init_std"}) if getattr(written, f) != getattr(mcfg, f)]
     if differ:
         raise ConfigError(f"checkpoint.resume: {path} was written for another model ({'; '.join(differ)}); resume it "
                           f"with the config it was written with (config.toml in its run dir), or start a new run")
@@ -614,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except ConfigError as e:
         print(f"fmcore train: config error: {e}", file=sys.stderr)
+        return 2
+    except ShardError as e:  # the dataset: missing, malformed, or not what the config asks
+        print(f"fmcore train: data error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"fmcore train: stopped: {e}", file=sys.stderr)
