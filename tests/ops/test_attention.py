@@ -981,6 +981,16 @@ def module_dtype(device):
     return (torch.float32, 1e-4) if device.type == "cpu" else (torch.bfloat16, 3e-2)
 
 
+
+def test_attention_module_argument_errors():
+    from fmcore.nn import Attention
+
+    with pytest.raises(ValueError, match=r"dim \(64\) to be a multiple of n_heads \(5\)"):
+        Attention(64, 5)
+    assert Attention(64, 5, head_dim=16).proj.in_features == 80  # an explicit head_dim is the way
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, S, 64\), got \(5, 64\)"):
+        Attention(64, 4)(torch.randn(5, 64))
+
 def test_attention_module_matches_manual(device):
     from fmcore.nn import Attention
 

@@ -278,6 +278,35 @@ def test_rotary_embedding_module_and_hf_dropin(device):
     torch.testing.assert_close(oq2.transpose(1, 2), oq, rtol=1e-5, atol=1e-5)
 
 
+
+def test_rotary_module_positions_are_computed_not_looked_up(device):
+    """Explicit positions give the table's rows where the table has them, and any other integer (past
+    max_seq_len: a KV cache grown longer, or negative) without an out-of-range lookup, which on CUDA
+    would be a device-side assert."""
+    rope = RotaryEmbedding(16, max_seq_len=32).to(device)
+    pos = torch.tensor([[0, 5, 31], [40, 1000, -3]], device=device)
+    cos, sin = rope.tables(pos)
+    assert torch.equal(cos[0], rope.cos[pos[0]]) and torch.equal(sin[0], rope.sin[pos[0]])
+    inv_freq = 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    angles = pos.cpu().double()[..., None] * inv_freq
+    torch.testing.assert_close(cos.cpu(), angles.cos().float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin.cpu(), angles.sin().float(), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="integer"):
+        rope.tables(pos.float())
+
+
+def test_rotary_module_table_survives_casts_and_meta_init(device):
+    """The table stays fp32 under module.to(bfloat16) (a bf16 table loses ~3 digits of every angle's
+    cos/sin), and a module built on the meta device gets real values from to_empty(), which leaves
+    non-persistent buffers uninitialized otherwise."""
+    want = RotaryEmbedding(16, max_seq_len=32).cos.to(device)
+    assert torch.equal(RotaryEmbedding(16, max_seq_len=32).to(device, torch.bfloat16).cos, want)
+    with torch.device("meta"):
+        rope = RotaryEmbedding(16, max_seq_len=32)
+    assert rope.cos.is_meta
+    assert torch.equal(rope.to_empty(device=device).cos, want)
+
+
 BAD = [
     # (what is wrong, kwargs changes, the word the error must name)
     ("k on another dtype", dict(k=lambda t: t["k"].half()), "k"),

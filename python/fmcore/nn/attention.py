@@ -35,6 +35,8 @@ class Attention(nn.Module):
                  bias: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if head_dim is None and n_heads > 0 and dim % n_heads:
+            raise ValueError(f"expected dim ({dim}) to be a multiple of n_heads ({n_heads}), or an explicit head_dim")
         head_dim = dim // n_heads if head_dim is None else head_dim
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ValueError(f"expected n_kv_heads ({n_kv_heads}) to divide n_heads ({n_heads})")
@@ -47,6 +49,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"expected x of shape (B, S, {self.qkv.in_features}), got {tuple(x.shape)}")
         B, S, _ = x.shape
         Hq, Hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # One projection; q, k, v are strided views of it, read in place by the kernels.

@@ -13,12 +13,15 @@ class RotaryEmbedding(nn.Module):
 
     Args:
         dim: the rotary dim R (even); usually the head dim.
-        max_seq_len: the table length; positions must be < max_seq_len.
+        max_seq_len: the length of the cached table, used when no positions are given.
         base: the frequency base (10000 for GPT-NeoX/Llama 2, 500000 for Llama 3).
         interleaved: GPT-J pairs instead of rotate-half.
 
-    The tables are fp32 buffers of shape (max_seq_len, dim/2), not saved in the state dict (they are a
-    pure function of the arguments).
+    The table is fp32 buffers of shape (max_seq_len, dim/2), computed in fp64, not saved in the state
+    dict (a pure function of the arguments), and recomputed whenever the module moves or is cast:
+    ``.to(torch.bfloat16)`` leaves it fp32, and ``.to_empty()`` after building on the meta device
+    fills it. Explicit positions (any ints, any length) are computed the same way, not looked up, so
+    none is ever out of the table's range.
     """
 
     def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0, interleaved: bool = False):
@@ -27,17 +30,35 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"expected an even rotary dim > 0, got dim={dim}")
         if max_seq_len <= 0:
             raise ValueError(f"expected max_seq_len > 0, got {max_seq_len}")
+        if not 0 < base < float("inf"):
+            raise ValueError(f"expected a finite base > 0, got {base}")
         self.dim, self.max_seq_len, self.base, self.interleaved = dim, max_seq_len, base, interleaved
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build_table(self.cos.device)  # the default device (meta under torch.device("meta"))
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
+        inv_freq = self.base ** -exponents
+        angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+        return angles.cos().float(), angles.sin().float()
+
+    def _build_table(self, device: torch.device) -> None:
+        self.cos, self.sin = self._cos_sin(torch.arange(self.max_seq_len, device=device))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._build_table(self.cos.device)  # fp32 and real whatever fn did (a cast, to_empty)
+        return self
 
     def tables(self, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (max_seq_len, R/2), or (B, S, R/2) gathered at positions (B, S)."""
+        """cos, sin of shape (max_seq_len, R/2), or (B, S, R/2) at integer positions (B, S)."""
         if positions is None:
             return self.cos, self.sin
-        return self.cos[positions], self.sin[positions]
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
+            raise TypeError(f"expected positions to be an integer tensor, got "
+                            f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+        return self._cos_sin(positions)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
                 layout: str = "bshd") -> tuple[torch.Tensor, torch.Tensor]:
