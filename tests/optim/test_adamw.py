@@ -456,6 +456,8 @@ def test_errors(device):
         FusedAdamW(make_params(device), betas=(1.0, 0.999))
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedAdamW(make_params(device), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="one-element tensor, got shape \\(2,\\)"):
+        FusedAdamW(make_params(device), lr=torch.tensor([1e-3, 1e-3]))
     other = "meta" if device.type == "cpu" else "cpu"
     with pytest.raises(RuntimeError, match="one device"):
         FusedAdamW([torch.zeros(3, device=device, requires_grad=True), torch.zeros(3, device=other, requires_grad=True)])

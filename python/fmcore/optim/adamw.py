@@ -247,7 +247,10 @@ def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
 
 def _check_hyperparameters(group: dict) -> None:
     lr = group["lr"]
-    if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:  # (read on the device at each step: checked here too, as torch.optim.AdamW does)
+            raise ValueError(f"expected lr to be a float or a one-element tensor, got shape {tuple(lr.shape)}")
+    elif not lr >= 0.0:
         raise ValueError(f"expected lr >= 0, got {lr}")
     beta1, beta2 = group["betas"]
     if not 0.0 <= float(beta1) < 1.0 or not 0.0 <= float(beta2) < 1.0:
