@@ -1,5 +1,6 @@
 // Autograd-side registrations of the ops whose autograd formula is in Python or that have none:
 // the backward ops that formula calls, and the in-place ops' version counters.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/variable.h>

@@ -246,7 +246,7 @@ def test_double_backward_raises(device):
         torch.autograd.grad(gx.sum(), w)
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script:FutureWarning")  # torch.autograd.forward_ad's own import
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
 def test_forward_mode_ad_raises(device):
     import torch.autograd.forward_ad as fwAD
 
