@@ -8,6 +8,14 @@ from torch import nn
 from fmcore.ops.rope import apply_rotary
 
 
+def rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin of the rotary angles position * base^(-i/dim), i = 0, 2, ..., dim - 2, computed
+    in fp64: shape (*positions.shape, dim/2), on positions' device."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
+    angles = positions.to(torch.float64).unsqueeze(-1) * (1.0 / (base ** exponents))
+    return angles.cos().float(), angles.sin().float()
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding over the first ``rotary_dim`` features of each head.
 
@@ -37,14 +45,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._build_table(self.cos.device)  # the default device (meta under torch.device("meta"))
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
-        inv_freq = self.base ** -exponents
-        angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
-        return angles.cos().float(), angles.sin().float()
-
     def _build_table(self, device: torch.device) -> None:
-        self.cos, self.sin = self._cos_sin(torch.arange(self.max_seq_len, device=device))
+        self.cos, self.sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), self.dim, self.base)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -58,7 +60,7 @@ class RotaryEmbedding(nn.Module):
         if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
             raise TypeError(f"expected positions to be an integer tensor, got "
                             f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
-        return self._cos_sin(positions)
+        return rope_cos_sin(positions, self.dim, self.base)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
                 layout: str = "bshd") -> tuple[torch.Tensor, torch.Tensor]:

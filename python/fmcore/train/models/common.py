@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmcore.nn.rotary import rope_cos_sin
+
 
 @dataclass
 class DocMask:
@@ -135,10 +137,9 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos, sin of shape (max_seq_len, head_dim/2), computed in fp64 (Llama's rotate-half angles)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return freqs.cos().float(), freqs.sin().float()
+    """fp32 cos, sin of shape (max_seq_len, head_dim/2) (Llama's rotate-half angles), as
+    fmcore.nn.RotaryEmbedding's table."""
+    return rope_cos_sin(torch.arange(max_seq_len), head_dim, base)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: str):
