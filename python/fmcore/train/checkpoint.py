@@ -144,9 +144,9 @@ def read_extra(path: Path) -> dict:
     return torch.load(extra_path, weights_only=False)
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place from checkpoint dir path; returns this rank's extra dict."""
-    extra = read_extra(path)
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model and optimizer in place from checkpoint dir path (read_extra(path) first: it
+    checks that the checkpoint is complete, and returns the rest of its state)."""
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     own_flags = _drop_group_flags_not_saved(optim_sd, path)
     state = {"model": model_sd, "optim": optim_sd}
@@ -160,7 +160,6 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
         group.update(flags)
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
-    return extra
 
 
 def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
@@ -171,12 +170,12 @@ def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
     loads every key the current state asks for, so a checkpoint of one would not load into the other
     (optim.impl changed, or "auto" deciding otherwise on another machine); those flags keep the
     current optimizer's values instead."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "optim.param_groups."
+    saved = {tuple(key[len(prefix):].split(".")[:2])  # (group index, entry), as flattened keys name them
+             for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if key.startswith(prefix)}
     kept = []
     for i, group in enumerate(optim_sd.get("param_groups", [])):
-        missing = {k: v for k, v in group.items() if not any(key == f"optim.param_groups.{i}.{k}" or
-                                                               key.startswith(f"optim.param_groups.{i}.{k}.")
-                                                               for key in saved)}
+        missing = {k: v for k, v in group.items() if (str(i), k) not in saved}
         for k in missing:
             del group[k]
         kept.append(missing)

@@ -462,8 +462,9 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     step, skipped_total, resumed_tokens = 0, 0, 0
     if resume_from is not None:
-        check_same_model(checkpoint.read_extra(resume_from).get("config"), mcfg, loader.vocab_size, resume_from)
-        extra = checkpoint.load(resume_from, model, optimizer)
+        extra = checkpoint.read_extra(resume_from)
+        check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from)
+        checkpoint.load(resume_from, model, optimizer)
         step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
         loader.load_state_dict(extra["loader"])
         if scaler is not None and extra.get("scaler"):
