@@ -182,24 +182,40 @@ def scalar_variants(a):
         yield "a tensor", torch.ones(3)
 
 
-def variants(call: Call):
-    """(index, description, replacement) for every argument of call."""
+def each_tensor(call: Call, make):
+    """(index, description, replacement) for every tensor argument of call and every tensor in a list
+    argument, from make(tensor) -> (description, replacement) pairs (no None inside a list)."""
     for i, a in enumerate(call.args):
         if isinstance(a, torch.Tensor):
-            for what, b in tensor_variants(a):
+            for what, b in make(a):
                 yield i, what, b
         elif isinstance(a, list):
+            for j, t in enumerate(a):
+                for what, b in make(t):
+                    if b is not None:
+                        yield i, f"[{j}] {what}", a[:j] + [b] + a[j + 1:]
+
+
+def variants(call: Call):
+    """(index, description, replacement) for every argument of call."""
+    yield from each_tensor(call, tensor_variants)
+    for i, a in enumerate(call.args):
+        if isinstance(a, list):
             yield i, "empty list", []
             if a:
                 yield i, "one tensor fewer", a[:-1]
                 yield i, "one tensor more", a + a[:1]
-                for j, t in enumerate(a):
-                    for what, b in tensor_variants(t):
-                        if b is not None:
-                            yield i, f"[{j}] {what}", a[:j] + [b] + a[j + 1:]
-        else:
+        elif not isinstance(a, torch.Tensor):
             for what, b in scalar_variants(a):
                 yield i, what, b
+
+
+def changed(call: Call, changes):
+    """For each (index, description, replacement) of changes: (index, description, call's arguments
+    with that one replaced, a label naming the op and the argument)."""
+    for i, what, b in changes:
+        label = f"{call.name} with {call.op._schema.arguments[i].name}: {what}"
+        yield i, what, call.args[:i] + [b] + call.args[i + 1:], label
 
 
 def fresh(a):

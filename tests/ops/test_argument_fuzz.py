@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fmcore  # noqa: F401  (registers the ops)
-from tests.arg_fuzz import Call, layouts, run, seed_calls, tensors_in, variants
+from tests.arg_fuzz import Call, changed, each_tensor, layouts, run, seed_calls, tensors_in, variants
 
 
 def _setup(device):
@@ -21,9 +21,7 @@ def test_changed_arguments_raise_or_run(device):
     for call in calls:
         _, error = run(call, call.args, sync, f"{call.name} (valid)")
         assert error is None, f"{call.name}: the valid call raised {error!r}"
-        for i, what, b in variants(call):
-            args = call.args[:i] + [b] + call.args[i + 1:]
-            label = f"{call.name} with {call.op._schema.arguments[i].name}: {what}"
+        for i, what, args, label in changed(call, variants(call)):
             _, error = run(call, args, sync, label)
             # A tensor on another device than the rest must be refused: with a meta one among real
             # ones, the call would reach the fake kernel and return uninitialized real tensors.
@@ -35,25 +33,13 @@ def test_changed_arguments_raise_or_run(device):
     assert outcomes["raised"] > 1000 and outcomes["ran"] > 100, outcomes
 
 
-def _layout_variants(call):
-    for i, a in enumerate(call.args):
-        if isinstance(a, torch.Tensor):
-            for what, b in layouts(a):
-                yield i, what, b
-        elif isinstance(a, list):
-            for j, t in enumerate(a):
-                for what, b in layouts(t):
-                    yield i, f"[{j}] {what}", a[:j] + [b] + a[j + 1:]
-
-
 def test_other_layouts_give_the_same_results(device):
     calls, sync = _setup(device)
     compared = 0
     for call in calls:
         want, _ = run(call, call.args, sync, call.name)
-        for i, what, b in _layout_variants(call):
-            label = f"{call.name} with {call.op._schema.arguments[i].name}: {what}"
-            got, error = run(call, call.args[:i] + [b] + call.args[i + 1:], sync, label)
+        for _, _, args, label in changed(call, each_tensor(call, layouts)):
+            got, error = run(call, args, sync, label)
             if error is not None:
                 continue  # refused (e.g. a kernel that needs a contiguous last dim): the other test checks how
             for g, w in zip(tensors_in(got), tensors_in(want), strict=True):

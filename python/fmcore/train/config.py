@@ -336,8 +336,8 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
-                "train.seq_len": t.seq_len, "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor}
-    positive |= {"train.eval_batches": t.eval_batches, "train.max_skipped": t.max_skipped}
+                "train.seq_len": t.seq_len, "train.eval_batches": t.eval_batches, "train.max_skipped": t.max_skipped,
+                "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected > 0, got {value}")
