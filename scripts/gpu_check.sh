@@ -34,6 +34,9 @@
 # all forms passing points at synchronisation instead. Predictions to check in those rows (design notes,
 # "issue budget"): the wgmma kernels issue ~25-30% fewer instructions a step since the sixteenth
 # session; the D = 64 ones (GPT-2's heads) were issue-bound and should gain most.
+# bench-linear_cross_entropy's fmcore-chunk384 row against fmcore (448 rows) at V128256, and the
+# profile's two V128256 cases (the cuBLAS tiles each chunk size gets), decide default_chunk_rows'
+# rounding in csrc/ops/linear_cross_entropy.cpp: multiples of 64 now, of 192 if 384 wins.
 #
 # Each bench stage writes $OUT/results-<stage>.json, rewritten after every row: merge a session's files
 # with `python scripts/merge_results.py benchmarks/results/<gpu>-<date>.json results-*.json`, commit,

@@ -70,17 +70,17 @@ def _cross_entropy(dev, quick):
     return f"logits ({N}, {V}) fwd+bwd in place", step
 
 
-def _linear_cross_entropy(dev, quick):
-    N, D, V = (64, 32, 1000) if quick else (16384, 768, 50304)
+def _linear_cross_entropy(dev, quick, shape=(16384, 768, 50304), chunk_size=None):
+    N, D, V = (64, 32, 1000) if quick else shape
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     h = torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True)
     w = (torch.randn(V, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev)
 
     def step():
-        torch.autograd.grad(ops.linear_cross_entropy(h, w, t), [h, w])
+        torch.autograd.grad(ops.linear_cross_entropy(h, w, t, chunk_size=chunk_size), [h, w])
 
-    return f"N{N} D{D} V{V} fwd+bwd", step
+    return f"N{N} D{D} V{V} fwd+bwd" + (f" chunk {chunk_size}" if chunk_size else ""), step
 
 
 def _adamw(dev, quick):
@@ -112,6 +112,11 @@ CASES = {
     "rope": _rope,
     "cross_entropy": _cross_entropy,
     "linear_cross_entropy": _linear_cross_entropy,
+    # The large-vocabulary bar case, at its default chunk (448 rows) and at 384 (whole 192-row tiles):
+    # which matmul tiles cuBLAS picks there, and what each chunk's matmuls cost (bench/linear_cross_entropy.py).
+    "linear_cross_entropy-V128256": lambda dev, quick: _linear_cross_entropy(dev, quick, (8192, 4096, 128256)),
+    "linear_cross_entropy-V128256-chunk384": lambda dev, quick: _linear_cross_entropy(
+        dev, quick, (8192, 4096, 128256), chunk_size=None if quick else 384),
     "adamw": _adamw,
     "train-step": _train_step,
 }

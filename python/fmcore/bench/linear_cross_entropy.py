@@ -6,9 +6,18 @@ the gradients of hidden and weight (torch.autograd.grad). Reported: median ms, p
 inputs (the bar: at most the returned gradients + 128 MiB), the same peak split into the forward's
 ("MiB fwd") and the backward's ("MiB bwd", with what the forward left for it), and TFLOP/s of the
 three N x V x D matmuls (6 N V D FLOPs) against the matmul rate measured in this run.
+
+On the GPU, fmcore also runs with other chunk sizes ("fmcore-chunk<rows>"), to choose the default
+from timings: the one H200 profile (N16384 D768 V50304, 2026-12-04) showed cuBLAS running all three
+chunk matmuls on 192 x 192 tiles, where the default chunk was 1152 rows (6 tiles). At V128256 the
+default is 448 rows (2.33 tiles: the logits and grad_hidden matmuls would compute 576 rows for 448,
+and the last chunk's 128 rows pay a whole grad_weight pass), against 384 (2 tiles of 192, 3 of 128)
+in 22 chunks instead of 19 (three more reads and writes of grad_weight).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +75,19 @@ def _measure(ctx, case, system, fn, N, D, V, dtype, flops) -> list[Row]:
 
 def run(ctx: BenchContext) -> list[Row]:
     dev = ctx.device
-    shapes = [(512, 64, 4096, torch.float32)] if ctx.quick else [
-        (16384, 768, 50304, torch.bfloat16), (8192, 4096, 128256, torch.bfloat16)]
+    # (N, D, V, dtype, chunk sizes timed beside the default on the GPU)
+    shapes = [(512, 64, 4096, torch.float32, ())] if ctx.quick else [
+        (16384, 768, 50304, torch.bfloat16, ()), (8192, 4096, 128256, torch.bfloat16, (384,))]
     rows: list[Row] = []
-    for N, D, V, dtype in shapes:
+    for N, D, V, dtype, chunks in shapes:
         case = f"N{N} D{D} V{V} {str(dtype).removeprefix('torch.')}"
         flops = 6 * N * D * V
         grads_mib = (N * D + V * D) * torch.finfo(dtype).bits / 8 / 2**20
-        for system, fn in _systems(dev):
+        systems = _systems(dev)
+        if dev.type == "cuda":  # right after fmcore's default: a stage cut short still has them
+            systems[1:1] = [(f"fmcore-chunk{c}", functools.partial(linear_cross_entropy, chunk_size=c))
+                            for c in chunks]
+        for system, fn in systems:
             rows += measure_system("linear_cross_entropy", case, system,
                                    lambda: _measure(ctx, case, system, fn, N, D, V, dtype, flops))
             if dev.type == "cuda":
