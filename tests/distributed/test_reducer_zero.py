@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from fmcore.dist import Communicator, GradReducer, ZeroAdamW
-from tests.dist.launch import run_ranks
+from tests.distributed.launch import run_ranks
 
 VOCAB, DIM, BATCH, SEQ = 37, 24, 4, 5  # odd sizes so flat buffers do not split evenly over ranks
 
@@ -370,7 +370,7 @@ def _cuda_body(rank, world):
 @pytest.mark.cuda
 def test_reducer_and_zero1_over_nccl_world_size_1(tmp_path):
     from fmcore import _C
-    from tests.dist.launch import run_inline
+    from tests.distributed.launch import run_inline
 
     if not _C.has_nccl:
         pytest.fail("fmcore was built without NCCL on a CUDA machine")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist.launch import run_ranks
+from tests.distributed.launch import run_ranks
 
 STEPS, SAVE_AT, B = 20, 10, 4  # B: sequences per data-parallel rank
 MODES = {

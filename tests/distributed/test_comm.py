@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from fmcore import _C
 from fmcore.dist import Communicator, nccl_available
-from tests.dist.launch import run_inline, run_ranks
+from tests.distributed.launch import run_inline, run_ranks
 
 # Odd sizes: 1 (a single element), 7 and 1023 (not divisible by any vector width), 4099 (prime, more
 # than one gloo chunk); each is the per-rank slice, so flat buffers are world * n.
