@@ -1,7 +1,8 @@
 """The `sim` fixture: libfmcore_sim (fmcore's CUDA bindings and kernels on fmsim, build.py) built
 once per session and loaded, and `ncclsim`: the fmcore_ncclsim module (fmcore's NCCL communicator
 over ncclsim.cpp); or the tests skipped with the reason they cannot be built. FMCORE_SIM=0 skips
-them on purpose (the first build takes a few minutes on 2 cores)."""
+them on purpose (the first build takes a few minutes on 2 cores); FMCORE_SIM=require (CI) makes a
+missing prerequisite a failure, so that CI cannot pass with the simulator's tests silently skipped."""
 
 import os
 
@@ -19,6 +20,8 @@ def _built(build_fn, name: str):
     try:
         return build_fn()
     except build.Unavailable as e:
+        if os.environ.get("FMCORE_SIM") == "require":
+            pytest.fail(f"{name} cannot be built here: {e} (FMCORE_SIM=require)")
         pytest.skip(f"{name} cannot be built here: {e}")
 
 

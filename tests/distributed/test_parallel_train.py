@@ -16,9 +16,11 @@ import os
 import shutil
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 
+from fmcore import data
 from tests.distributed.launch import run_ranks
 
 STEPS, SAVE_AT, B = 20, 10, 4  # B: sequences per data-parallel rank
@@ -38,11 +40,9 @@ RTOL, ATOL = 2e-4, 2e-5
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    data = pytest.importorskip("fmcore.data")
-    pytest.importorskip("fmcore.train.trainer")
     # Import once what every forked rank needs (they inherit it): matplotlib draws each run's loss plot.
-    pytest.importorskip("matplotlib").use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as _pyplot  # noqa: F401
     out = tmp_path_factory.mktemp("data") / "email"
     return data.prepare([Path(email.__file__).parent], out, vocab_size=512, val_fraction=0.1, workers=1,
                         progress=False)

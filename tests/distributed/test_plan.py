@@ -8,11 +8,9 @@ import json
 
 import pytest
 
-pytest.importorskip("fmcore.train.models")
-
-from fmcore.train import models  # noqa: E402
-from fmcore.train.config import load_config  # noqa: E402
-from fmcore.train.plan import Layout, comm_bytes_per_step, main, plan  # noqa: E402
+from fmcore.train import models
+from fmcore.train.config import load_config
+from fmcore.train.plan import Layout, comm_bytes_per_step, main, plan
 
 
 def mcfg(preset: str = "gpt2-124m"):

@@ -5,16 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-import fmcore.ops
 from fmcore.train import models
 from fmcore.train.config import ModelConfig, load_config
 
 GPT = ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch")
 LLAMA = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
                     tie_embeddings=False)
-HAS_FMCORE_OPS = all(hasattr(fmcore.ops, n) for n in ("flash_attention", "flash_attention_varlen",
-                                                      "linear_cross_entropy"))
-NEEDS_FMCORE_OPS = pytest.mark.skipif(not HAS_FMCORE_OPS, reason="fmcore flash attention / linear cross-entropy not built in")
 
 
 @pytest.mark.parametrize("cfg", [
@@ -73,9 +69,9 @@ def test_loss_is_cross_entropy_of_logits(base):
     (LLAMA, "torch"),
     # The fmcore blocks hand (branch output, stream) to the next block: checkpointing them per block
     # must recompute the same values.
-    pytest.param(GPT, "fmcore", marks=NEEDS_FMCORE_OPS),
-    pytest.param(dataclasses.replace(GPT, bias=False), "fmcore", marks=NEEDS_FMCORE_OPS),
-    pytest.param(LLAMA, "fmcore", marks=NEEDS_FMCORE_OPS),
+    (GPT, "fmcore"),
+    (dataclasses.replace(GPT, bias=False), "fmcore"),
+    (LLAMA, "fmcore"),
 ], ids=["llama-torch", "gpt2-fmcore", "gpt2-nobias-fmcore", "llama-fmcore"])
 def test_activation_checkpointing_gives_the_same_gradients(base, ops):
     cfg = dataclasses.replace(models.resolve(base, vocab_size=100), ops=ops)
@@ -117,7 +113,6 @@ def test_fused_block_boundary_feeds_the_matmul_what_torch_does(device, precision
     torch.testing.assert_close(normed, want, rtol=ulps * 2 ** -8, atol=1e-6)
 
 
-@NEEDS_FMCORE_OPS
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("docs", [False, True], ids=["dense", "documents"])
 def test_fmcore_ops_match_torch_ops(device, base, docs):
@@ -140,7 +135,6 @@ def test_fmcore_ops_match_torch_ops(device, base, docs):
         torch.testing.assert_close(g_f, g_t, rtol=1e-4, atol=1e-5)
 
 
-@NEEDS_FMCORE_OPS
 @pytest.mark.parametrize("base,fused,unfused", [(GPT, "bias_gelu", "gelu"), (LLAMA, "swiglu", "silu")],
                          ids=["gpt2", "llama"])
 def test_fmcore_mlp_runs_the_fused_activation(base, fused, unfused):
@@ -188,7 +182,6 @@ def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
     assert seen_boundary  # some batch did pack several documents into a row
 
 
-@NEEDS_FMCORE_OPS
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
 def test_fmcore_model_compiles_without_graph_breaks(base):
     """train.compile must capture the whole forward and backward, fmcore ops included (their fake
