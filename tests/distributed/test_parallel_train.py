@@ -150,9 +150,9 @@ def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
     from fmcore.train.config import ConfigError, load_config
     from fmcore.train.parallel import apply_parallelism
 
-    for data in ("ddp", "zero1"):
-        cfg = load_config("tiny", ["--parallel.data", data, "--parallel.tensor", "2"])
-        with pytest.raises(ConfigError, match=f"'{data}' with parallel.tensor > 1 is not supported"):
+    for mode in ("ddp", "zero1"):
+        cfg = load_config("tiny", ["--parallel.data", mode, "--parallel.tensor", "2"])
+        with pytest.raises(ConfigError, match=f"'{mode}' with parallel.tensor > 1 is not supported"):
             apply_parallelism(torch.nn.Linear(2, 2), cfg)
 
 

@@ -1,6 +1,5 @@
 """Hugging Face export: transformers loads the safetensors + config.json and gives the same logits."""
 
-import dataclasses
 import json
 
 import pytest

@@ -16,7 +16,7 @@ device), bucket_mb each, every bucket zero-padded to world * s_b elements. A buc
 buffer (p.data is re-pointed, so the model keeps its Parameter objects). Rank r owns elements
 [r*s_b, (r+1)*s_b) of every bucket b; per (param group, dtype, device) its shard is the concatenation
 of those slices in bucket order, S = sum of s_b elements: an fp32 master copy (one nn.Parameter) that
-the inner optimizer (torch.optim.AdamW, or fmcore.optim.FusedAdamW when impl="fmcore") updates, with
+the inner optimizer (fmcore.optim.FusedAdamW, or torch.optim.AdamW when impl="torch") updates, with
 its moments, so optimizer state is 3 * 4 * S bytes per rank against DDP's 2 * 4 * N (fp32 params:
 1/world of the replicated state plus the master copy; bf16 params: the master copy is the same one
 DDP-with-master-weights needs, also 1/world here).
@@ -85,13 +85,7 @@ class _FlatShard:
 
 
 def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    if impl == "auto":
-        try:
-            from fmcore.optim import FusedAdamW  # noqa: F401
-            impl = "fmcore"
-        except ImportError:
-            impl = "torch"
-    if impl == "fmcore":
+    if impl in ("auto", "fmcore"):  # fmcore's optimizer runs on every device fmcore builds for
         from fmcore.optim import FusedAdamW
 
         return FusedAdamW(groups)
