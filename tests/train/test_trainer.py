@@ -189,9 +189,12 @@ def test_deterministic_mode_is_strict_and_matches_the_default_run(dataset, tmp_p
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_document_boundaries_train(dataset, tmp_path, arch):
+    # No warmup: in the tiny preset's 30-step warmup, 4 steps moved the loss by less than the batches
+    # differ (it rose by 6e-4 under torch 2.11).
     records = _short_run(dataset, tmp_path / "r", "--data.doc_boundaries", "true", "--model.arch", arch,
-                         "--model.tie_embeddings", str(arch == "gpt2").lower())
-    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
+                         "--model.tie_embeddings", str(arch == "gpt2").lower(), "--schedule.warmup_steps", "0")
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"] - 0.02, (
+        [r["loss"] for r in records])
 
 
 @pytest.mark.parametrize("precision, ops", [("bf16-autocast", "torch"), ("bf16-autocast", "fmcore"), ("fp16", "torch"),
