@@ -88,6 +88,7 @@ def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path, ops):
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    victim.stdout.close()
     assert victim.returncode == -signal.SIGKILL
     resumed = _cli(overrides(dataset, broken, *common, "--resume", "auto"))
     out, _ = resumed.communicate(timeout=120)
