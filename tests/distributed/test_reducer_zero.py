@@ -175,12 +175,7 @@ def _zero_body(rank, world, ckpt, impl):
     saved = full_state(opt)
     # resume on the same world size: a fresh model and optimizer, loaded, continue 2 steps and match
     # the reference that never stopped
-    model2 = make_model()
-    opt2 = ZeroAdamW(param_groups(model2), comm, **HYPER, impl=impl, bucket_mb=BUCKET_MB)
-    sd = {"model": model2.state_dict(), "optim": opt2.state_dict()}
-    dcp.load(sd, checkpoint_id=ckpt)
-    model2.load_state_dict(sd["model"])
-    opt2.load_state_dict(sd["optim"])
+    model2, opt2 = _loaded(comm, ckpt, impl)
     train(model2, opt2, 2, world, rank, lambda: opt2.clip_grad_norm_(CLIP), start=STEPS)
     ref2, _ = reference(STEPS + 2, world)
     for (name, p), q in zip(model2.named_parameters(), ref2.parameters()):
@@ -188,14 +183,19 @@ def _zero_body(rank, world, ckpt, impl):
     return saved
 
 
-def _load_body(rank, world, ckpt, impl):
-    comm = Communicator()
+def _loaded(comm, ckpt, impl):
+    """A fresh model and ZeRO optimizer with the checkpoint at ckpt loaded into both."""
     model = make_model()
     opt = ZeroAdamW(param_groups(model), comm, **HYPER, impl=impl, bucket_mb=BUCKET_MB)
     sd = {"model": model.state_dict(), "optim": opt.state_dict()}
     dcp.load(sd, checkpoint_id=ckpt)
     model.load_state_dict(sd["model"])
     opt.load_state_dict(sd["optim"])
+    return model, opt
+
+
+def _load_body(rank, world, ckpt, impl):
+    model, opt = _loaded(Communicator(), ckpt, impl)
     return full_state(opt), {k: v.clone() for k, v in model.state_dict().items()}
 
 
