@@ -31,9 +31,13 @@ def _torch_lce(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
-def _systems(device):
-    systems = [
-        ("fmcore", linear_cross_entropy),
+def _systems(device, chunks=()):
+    """(name, fn) pairs; on the GPU, fmcore at each of chunks' sizes right after its default, so that a
+    stage cut short still has them."""
+    systems = [("fmcore", linear_cross_entropy)]
+    if device.type == "cuda":
+        systems += [(f"fmcore-chunk{c}", functools.partial(linear_cross_entropy, chunk_size=c)) for c in chunks]
+    systems += [
         ("torch-eager", _torch_lce),
         ("torch-compile", torch.compile(_torch_lce)),
     ]
@@ -83,11 +87,7 @@ def run(ctx: BenchContext) -> list[Row]:
         case = f"N{N} D{D} V{V} {str(dtype).removeprefix('torch.')}"
         flops = 6 * N * D * V
         grads_mib = (N * D + V * D) * torch.finfo(dtype).bits / 8 / 2**20
-        systems = _systems(dev)
-        if dev.type == "cuda":  # right after fmcore's default: a stage cut short still has them
-            systems[1:1] = [(f"fmcore-chunk{c}", functools.partial(linear_cross_entropy, chunk_size=c))
-                            for c in chunks]
-        for system, fn in systems:
+        for system, fn in _systems(dev, chunks):
             rows += measure_system("linear_cross_entropy", case, system,
                                    lambda: _measure(ctx, case, system, fn, N, D, V, dtype, flops))
             if dev.type == "cuda":
