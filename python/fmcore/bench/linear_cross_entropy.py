@@ -32,11 +32,10 @@ def _torch_lce(h, w, t):
 
 
 def _systems(device, chunks=()):
-    """(name, fn) pairs; on the GPU, fmcore at each of chunks' sizes right after its default, so that a
-    stage cut short still has them."""
+    """(name, fn) pairs; fmcore at each of chunks' sizes right after its default, so that a stage cut
+    short still has them."""
     systems = [("fmcore", linear_cross_entropy)]
-    if device.type == "cuda":
-        systems += [(f"fmcore-chunk{c}", functools.partial(linear_cross_entropy, chunk_size=c)) for c in chunks]
+    systems += [(f"fmcore-chunk{c}", functools.partial(linear_cross_entropy, chunk_size=c)) for c in chunks]
     systems += [
         ("torch-eager", _torch_lce),
         ("torch-compile", torch.compile(_torch_lce)),
