@@ -12,6 +12,12 @@ Semantics and state layout are torch.optim.AdamW's (decoupled weight decay, bias
 checkpoint of either optimizer loads into the other. Differences: the state is always fp32 (also for
 bf16/fp16 params); with ``master_weights`` it also holds ``master_param``, an fp32 copy that the
 update reads and writes and rounds into the bf16/fp16 param; ``p.grad`` is left unclipped.
+
+DTensor params (FSDP2's fully_shard, tensor parallelism) are updated shard by shard: the update is
+elementwise, so each rank's kernel runs on its local shards and the state is DTensor like the param
+(torch.distributed.checkpoint saves and reshards it as torch.optim.AdamW's). The fused norm would
+see one rank's shards only, so max_grad_norm and skip_nonfinite are refused there: clip the global
+norm before step() (torch.nn.utils.clip_grad_norm_).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import torch
 
 import fmcore.ops.adamw  # noqa: F401  (registers the fake implementations)
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: isinstance(x, ()) is always False
+    DTensor = ()
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -30,7 +41,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     Args:
         params: tensors or param groups (dicts with their own lr/betas/eps/weight_decay). Params must
-            be contiguous float32, bfloat16 or float16 tensors, all on one device.
+            be contiguous float32, bfloat16 or float16 tensors (or DTensors with contiguous local
+            shards), all on one device.
         lr: float, or a 0-dim tensor (on the params' device it is read on the device at run time, so
             a schedule that writes into it works under CUDA graphs).
         betas, eps, weight_decay: as torch.optim.AdamW.
@@ -109,10 +121,16 @@ class FusedAdamW(torch.optim.Optimizer):
             seen[id(p)] = i
             if p.dtype not in _SUPPORTED:
                 raise ValueError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype} ({where})")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError(
-                    f"FusedAdamW needs contiguous params, got strides {tuple(p.stride())} for shape "
-                    f"{tuple(p.shape)} ({where}); call .contiguous() on it before building the module"
+                    f"FusedAdamW needs contiguous params, got strides {tuple(_local(p).stride())} for shape "
+                    f"{tuple(_local(p).shape)} ({where}); call .contiguous() on it before building the module"
+                )
+            if isinstance(p, DTensor) and (self.max_grad_norm is not None or self.skip_nonfinite):
+                raise ValueError(
+                    f"FusedAdamW's max_grad_norm and skip_nonfinite would compute the gradient norm of this "
+                    f"process's shard of a DTensor param ({where}), not the global one: clip with "
+                    f"torch.nn.utils.clip_grad_norm_ before step() and pass neither"
                 )
             if device is None:
                 device = p.device
@@ -125,6 +143,9 @@ class FusedAdamW(torch.optim.Optimizer):
         return self.master_weights and p.dtype != torch.float32
 
     def _fp32_like(self, p: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(p, DTensor):  # sharded as p is
+            out = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            return out if value is None else out.copy_(value)
         out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
         return out.zero_() if value is None else out.copy_(value)
 
@@ -165,8 +186,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self._cached_plan = None
 
     def _plan(self) -> list[tuple]:
-        """Per param group and dtype: (group, params, exp_avgs, exp_avg_sqs, masters, steps) over the
-        params that have a grad, creating missing state. Cached while the same params have grads, so
+        """Per param group and dtype: (group, owners, params, exp_avgs, exp_avg_sqs, masters, steps)
+        over the params that have a grad (owners: the params whose .grad a step reads), creating
+        missing state. Cached while the same params have grads, so
         a step only collects the grads; add_param_group and load_state_dict drop the cache."""
         if torch.compiler.is_compiling():
             # Dynamo guards on the grads itself; torch 2.11's dynamo also refuses the cache's setattr.
@@ -179,6 +201,7 @@ class FusedAdamW(torch.optim.Optimizer):
         return plan
 
     def _build_plan(self) -> list[tuple]:
+        """The lists hold what the kernels update: the local shards of DTensor params and state."""
         plan = []
         for group in self.param_groups:
             by_dtype: dict[torch.dtype, tuple[list, ...]] = {}
@@ -188,12 +211,14 @@ class FusedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
-                params, exp_avgs, exp_avg_sqs, masters, steps = by_dtype.setdefault(p.dtype, ([], [], [], [], []))
-                params.append(p)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+                owners, params, exp_avgs, exp_avg_sqs, masters, steps = by_dtype.setdefault(
+                    p.dtype, ([], [], [], [], [], []))
+                owners.append(p)
+                params.append(_local(p))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
                 if self._uses_master(p):
-                    masters.append(state["master_param"])
+                    masters.append(_local(state["master_param"]))
                 steps.append(state["step"])
             plan += [(group, *lists) for lists in by_dtype.values()]
         return plan
@@ -213,7 +238,7 @@ class FusedAdamW(torch.optim.Optimizer):
             all_grads = [g for bucket_grads in grads for g in bucket_grads]
             torch.ops.fmcore.grad_norm_(all_grads, norm, self.skipped_steps)
         device = self._device
-        for (group, params, exp_avgs, exp_avg_sqs, masters, steps), bucket_grads in zip(plan, grads):
+        for (group, _, params, exp_avgs, exp_avg_sqs, masters, steps), bucket_grads in zip(plan, grads):
             lr_tensor, lr = _lr_args(group["lr"], device)
             beta1, beta2 = group["betas"]
             torch.ops.fmcore.adamw_step_(
@@ -224,8 +249,13 @@ class FusedAdamW(torch.optim.Optimizer):
         return loss
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same memory: updating it updates the DTensor), else t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _dense_grad(p: torch.Tensor) -> torch.Tensor:
-    grad = p.grad
+    grad = _local(p.grad)
     if grad.is_sparse:
         raise ValueError(f"FusedAdamW does not support sparse gradients (a param of shape {tuple(p.shape)})")
     return grad if grad.is_contiguous() else grad.contiguous()

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from fmcore.train.config import ModelConfig
@@ -80,10 +81,30 @@ def _llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, dict]:
     return out, config
 
 
-def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """(HF-named full state dict on the CPU, HF config dict). Collective when the model is sharded."""
+def _fuse_split_linears(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensor parallelism's SplitLinear parts (``qkv.parts.0.weight``, ``qkv.parts.1.weight``...)
+    concatenated back into the fused layer's tensors (``qkv.weight``), in part order."""
+    out, parts = {}, {}
+    for name, t in sd.items():
+        head, sep, tail = name.partition(".parts.")
+        if not sep:
+            out[name] = t
+            continue
+        index, _, leaf = tail.partition(".")
+        parts.setdefault(f"{head}.{leaf}", {})[int(index)] = t
+    for name, by_index in parts.items():
+        out[name] = torch.cat([by_index[i] for i in range(len(by_index))])
+    return out
+
+
+def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(HF-named full state dict on the CPU, HF config dict), or None on the ranks other than 0 of a
+    process group. Every rank must call it: the full state dict of a sharded model (fsdp2, tensor
+    parallel) is gathered, and torch hands it to rank 0 only."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    sd = _fuse_split_linears({k: v.detach().cpu() for k, v in sd.items()})
     tensors, config = (_gpt2 if cfg.arch == "gpt2" else _llama)(sd, cfg)
     dtype = next(iter(tensors.values())).dtype
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -91,15 +112,16 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
 
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: Path | None = None,
-              eos_id: int | None = None, write: bool = True) -> Path:
+              eos_id: int | None = None) -> Path:
     """Write out_dir/model.safetensors and config.json (and tokenizer.json when given). With several
-    processes every rank must call this (the full state dict is gathered); only ``write`` ranks write."""
+    processes every rank must call this (the full state dict is gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
-    tensors, config = hf_state_dict(model, cfg)
+    state = hf_state_dict(model, cfg)
     out = Path(out_dir)
-    if not write:
+    if state is None:
         return out
+    tensors, config = state
     # The dataset's end-of-document token, which its tokenizer also uses to start one (None if unknown).
     config["eos_token_id"] = config["bos_token_id"] = eos_id
     out.mkdir(parents=True, exist_ok=True)

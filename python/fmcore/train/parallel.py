@@ -19,6 +19,9 @@ the same batches (the loader is sharded by dp rank).
   part, so each rank gets whole heads of q, k and v rather than a slice of the fused rows.
   Embeddings, norms and the head stay replicated.
 
+The optimizer updates DTensor parameters (fsdp2, tensor) shard by shard, FusedAdamW included (with
+the norm clipped globally by clip_grad_norm_ below rather than fused into its step).
+
 The trainer calls apply_parallelism(model, cfg) after building the model, build_optimizer(...) for
 zero1, clip_grad_norm_(...) instead of torch's (it handles DTensor gradients and ZeRO-1 shards), and
 checkpoint state through model_optim_state_dict / load_model_optim_state_dict.

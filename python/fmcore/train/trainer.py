@@ -125,11 +125,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def optimizer_impl(cfg: Config, mcfg) -> str:
-    if cfg.optim.impl != "auto":
-        return cfg.optim.impl
-    if cfg.parallel.data == "fsdp2" or cfg.parallel.tensor > 1:
-        return "torch"  # FusedAdamW's fused clip/skip would see only this rank's DTensor shards
-    return mcfg.ops
+    return mcfg.ops if cfg.optim.impl == "auto" else cfg.optim.impl
 
 
 def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, device: torch.device):
@@ -147,9 +143,12 @@ def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, de
     if impl == "fmcore":
         from fmcore.optim import FusedAdamW
 
+        # DTensor params (fsdp2, tensor parallel): a fused norm would be one rank's; train_step clips
+        # the global norm (parallel.clip_grad_norm_) and skips non-finite steps before step().
+        fused_norm = cfg.parallel.data != "fsdp2" and cfg.parallel.tensor == 1
         return FusedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                          max_grad_norm=o.grad_clip if o.grad_clip > 0 else None,
-                          master_weights=precision == "bf16", skip_nonfinite=True)
+                          max_grad_norm=o.grad_clip if o.grad_clip > 0 and fused_norm else None,
+                          master_weights=precision == "bf16", skip_nonfinite=fused_norm)
     if device.type == "cuda":
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
@@ -578,15 +577,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     elapsed = time.perf_counter() - run_t0
     if ck.save_final and step > start:
         save(step)
-    if ck.export_hf and (cfg.parallel.data == "fsdp2" or cfg.parallel.tensor > 1):
-        report.message("checkpoint.export_hf skipped: fsdp2 / tensor-parallel (DTensor) weights are not exported "
-                       "yet; an fsdp2 checkpoint exports when resumed in one process with parallel.data none "
-                       "(docs/parallelism.md)")
-    elif ck.export_hf:
+    if ck.export_hf:
         from fmcore.train.export import export_hf
 
-        export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None),
-                  write=env.main)
+        export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None))
     out = {}
     if env.main:
         report.close()
