@@ -160,6 +160,24 @@ def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     assert_exports_close(tmp_path / "run", references["fmcore", 2 * B])
 
 
+def _train_expecting_config_error(rank: int, world: int, args: list[str]) -> str:
+    from fmcore.train.config import ConfigError
+
+    try:
+        _train(rank, world, args)
+    except ConfigError as e:
+        return str(e)
+    return "trained"
+
+
+def test_a_config_error_found_on_rank_0_reaches_every_rank(dataset, references, tmp_path):
+    # Rank 0 alone chooses the run dir. A reference run's dir holds checkpoints, so reusing it without
+    # --resume is an error; the other rank must get it too, not a broken broadcast when rank 0 exits.
+    args = overrides(dataset, references["fmcore", B], B, "--parallel.data", "ddp")
+    messages = run_ranks(_train_expecting_config_error, 2, tmp_path, args=(args,), timeout=60)
+    assert all("already holds checkpoints" in m for m in messages), messages
+
+
 def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
     from fmcore.train.config import ConfigError, load_config
     from fmcore.train.parallel import apply_parallelism

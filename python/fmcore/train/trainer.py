@@ -219,12 +219,22 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         n += 1
 
 
-def _broadcast(obj, env: Env):
-    if env.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _from_main(fn, env: Env):
+    """fn() run on rank 0, its result (or its ConfigError, raised again) handed to every rank: the
+    others would otherwise wait in the broadcast until rank 0's exit breaks it with a gloo/NCCL error."""
+    result = None
+    if env.main:
+        try:
+            result = ("ok", fn())
+        except ConfigError as e:
+            result = ("error", str(e))
+    if env.world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if result[0] == "error":
+        raise ConfigError(result[1])
+    return result[1]
 
 
 # ---- the loop's helpers
@@ -431,7 +441,7 @@ def train(cfg: Config) -> dict:
     if cfg.train.deterministic:
         set_deterministic()
     dataset = open_dataset(cfg, env)
-    run_dir, resume_from = _broadcast(choose_run_dir(cfg) if env.main else None, env)
+    run_dir, resume_from = _from_main(lambda: choose_run_dir(cfg), env)
     loader = make_loader(cfg, dataset, env)
     try:
         return _run(cfg, env, dataset, loader, run_dir, resume_from)
