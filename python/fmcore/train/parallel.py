@@ -29,6 +29,8 @@ checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -100,6 +102,10 @@ def apply_ddp(model: nn.Module, m, device: torch.device) -> nn.Module:
 def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
+    # torch warns when a sharded module returns a view (GPT-2's blocks do: F.linear with a bias on a
+    # 3-D input returns a view of its 2-D result), as an in-place op on it would bypass FSDP's
+    # pre-backward hook. These models never write into a block's output; the next block reads it.
+    warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(\w+\) returned a view tensor", UserWarning)
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
