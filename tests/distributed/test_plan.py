@@ -67,3 +67,38 @@ def test_cli_prints_the_plan_and_the_measured_peak(tmp_path, capsys):
     assert "measured" in out and "3.000 GiB" in out
     assert main(["gpt2-124m", "--gpus", "3", "--parallel.tensor", "2"]) == 2
     assert main(["gpt2-124m", "--parallel.data", "nope"]) == 2
+
+
+def _fake_run(run, *, device: str, precision: str, world_size: int) -> None:
+    """A run dir as `fmcore train` leaves it: the config asked for, what it resolved to, metrics."""
+    from fmcore.train.config import to_toml
+
+    run.mkdir()
+    cfg = load_config("tiny", ["--parallel.data", "fsdp2"])  # device, precision, ops, vocabulary "auto"
+    (run / "config.toml").write_text(to_toml(cfg))
+    model = dataclasses.asdict(models.resolve(dataclasses.replace(cfg.model, ops="fmcore"), 1000, device))
+    (run / "resolved.json").write_text(json.dumps({"model": model, "precision": precision, "device": device,
+                                                   "world_size": world_size}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "mem_mib": 2048.0}) + "\n")
+
+
+def test_cli_plans_a_run_as_it_ran(tmp_path, capsys):
+    # Without CONFIG, --run plans the run's config with its "auto" fields as they resolved there: the
+    # world size, the precision, the ops, the vocabulary (the dataset's 1024, not the 50304 default).
+    _fake_run(tmp_path / "gpu", device="cuda:0", precision="bf16", world_size=8)
+    assert main(["--run", str(tmp_path / "gpu")]) == 0
+    out = capsys.readouterr().out
+    params = models.param_count(models.resolve(dataclasses.replace(load_config("tiny", []).model, ops="fmcore"),
+                                               1024, "cuda"))
+    assert f"tiny: gpt2 {params / 1e6:.1f}M params, precision bf16," in out and "parallel.data=fsdp2 x8" in out
+    assert "ops=fmcore" in out and "peak of the run" in out
+    # Overrides still apply (their values are not taken for CONFIG), and --gpus wins over the run's.
+    assert main(["--run", str(tmp_path / "gpu"), "--train.precision", "fp32", "--gpus", "2"]) == 0
+    assert "precision fp32," in (out := capsys.readouterr().out) and "x2," in out
+    # A CPU run's peak is the process's RSS: printed, but not as a ratio to the plan.
+    _fake_run(tmp_path / "cpu", device="cpu", precision="fp32", world_size=1)
+    assert main(["--run", str(tmp_path / "cpu")]) == 0
+    out = capsys.readouterr().out
+    assert "precision fp32," in out and "not comparable" in out and "x the plan" not in out
+    assert main(["--run", str(tmp_path / "missing")]) == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().out

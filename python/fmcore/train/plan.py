@@ -3,7 +3,8 @@ running it, and against the measured peak of a run.
 
     fmcore plan-memory gpt2-124m --gpus 8 --parallel.data zero1
     fmcore plan-memory llama-1b --gpus 64 --parallel.data fsdp2 --parallel.tensor 2
-    fmcore plan-memory tiny --run runs/tiny         # compare with the run's logged peak (mem_mib)
+    fmcore plan-memory --run runs/tiny              # the run as it ran, against its logged peak
+    fmcore plan-memory tiny --run runs/tiny         # a config, against a run's logged peak
 
 Model (bytes per parameter P, per GPU; d = data-parallel degree, t = tensor-parallel degree):
   params      P/t * w           w = 4 (fp32 weights: fp32, bf16-autocast, fp16) or 2 (bf16 weights)
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,13 @@ def comm_bytes_per_step(P: int, layout: Layout, *, grad_bytes: int = 4, param_by
     return out
 
 
+def run_resolution(run_dir: Path) -> dict | None:
+    """What a run became on its machine (the trainer's resolved.json: model, precision, device,
+    world_size), or None for a run dir without one."""
+    path = Path(run_dir) / "resolved.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def measured_peak_mib(run_dir: Path) -> float | None:
     """The largest mem_mib the trainer logged in run_dir/metrics.jsonl (CUDA: max_memory_allocated)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -136,10 +145,13 @@ def measured_peak_mib(run_dir: Path) -> float | None:
     return max(peaks) if peaks else None
 
 
-def format_plan(parts: dict[str, float], measured_mib: float | None = None) -> str:
+def format_plan(parts: dict[str, float], measured_mib: float | None = None, measured_on_cpu: bool = False) -> str:
     lines = [f"  {k:<12} {v / GIB:10.3f} GiB" for k, v in parts.items() if k != "total"]
     lines.append(f"  {'total':<12} {parts['total'] / GIB:10.3f} GiB  (lower bound; allocator overhead on top)")
-    if measured_mib is not None:
+    if measured_mib is not None and measured_on_cpu:
+        lines.append(f"  {'measured':<12} {measured_mib / 1024:10.3f} GiB  peak RSS of a CPU run's process (the "
+                     f"Python runtime and libraries included: not comparable)")
+    elif measured_mib is not None:
         ratio = measured_mib * 2**20 / parts["total"] if parts["total"] else math.nan
         lines.append(f"  {'measured':<12} {measured_mib / 1024:10.3f} GiB  peak of the run ({ratio:.2f}x the plan)")
     return "\n".join(lines)
@@ -158,44 +170,61 @@ def main(argv: list[str] | None = None) -> int:
     from fmcore.train.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
+                                     usage="fmcore plan-memory [CONFIG] [--gpus N] [--run DIR] [--vocab-size V] "
+                                           "[--section.key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=None, help="preset name or TOML file")
-    parser.add_argument("--gpus", type=int, default=0, help="total processes (default 1)")
-    parser.add_argument("--run", type=Path, default=None, help="a run dir: compare with its measured peak")
+    parser.add_argument("--gpus", type=int, default=0, help="total processes (default 1, or the --run's)")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a run dir: compare with its measured peak; without CONFIG, plan that run as it "
+                             "ran (its config, world size, device, precision and resolved model)")
     parser.add_argument("--vocab-size", type=int, default=50304,
                         help="vocabulary when the config takes the dataset's (model.vocab_size = 0) and "
                              "data.dataset names none on this machine")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # CONFIG (a preset or TOML file) comes first, as for `fmcore train`; as an argparse positional it
+    # would take the value of an override it does not know (`--train.precision bf16`).
+    config = argv.pop(0) if argv and not argv[0].startswith("-") else None
     args, overrides = parser.parse_known_args(argv)
+    args.config = config
+    if args.run is not None and not (args.run / "metrics.jsonl").is_file():
+        print(f"fmcore plan-memory: --run {args.run} holds no metrics.jsonl: it takes a run directory written "
+              f"by `fmcore train`")
+        return 2
     try:
         cfg = load_config(args.config, overrides)
-        run_cfg = None
-        if args.run is not None and (args.run / "config.toml").is_file():
-            run_cfg = load_config(str(args.run / "config.toml"), overrides)
-            cfg = run_cfg if args.config is None else cfg
+        run_info = run_resolution(args.run) if args.run is not None else None
+        ran = None  # without CONFIG, the run's own config, its "auto" fields resolved as they were there
+        if args.config is None and args.run is not None and (args.run / "config.toml").is_file():
+            cfg, ran = load_config(str(args.run / "config.toml"), overrides), run_info
         device = "cuda" if cfg.train.device in ("auto", "cuda") else "cpu"
+        if ran is not None and cfg.train.device == "auto":
+            device = "cuda" if ran["device"].startswith("cuda") else "cpu"
         vocab = None
-        if cfg.model.vocab_size == 0:  # the dataset's, when the config names one that exists
-            vocab = _dataset_vocab(cfg.data.dataset) or args.vocab_size
-        # A plan is for the GPU run, often made elsewhere: "auto" plans fmcore's kernels, as a
-        # run on a GPU this build covers uses (not what this machine could run).
-        ops = "fmcore" if cfg.model.ops == "auto" and device == "cuda" else cfg.model.ops
+        if cfg.model.vocab_size == 0:  # the run's, or the dataset's when the config names one that exists
+            vocab = ran["model"]["vocab_size"] if ran else _dataset_vocab(cfg.data.dataset) or args.vocab_size
+        ops = cfg.model.ops
+        if ops == "auto":
+            # A plan is for the GPU run, often made elsewhere: "auto" plans fmcore's kernels, as a
+            # run on a GPU this build covers uses (not what this machine could run).
+            ops = ran["model"]["ops"] if ran else "fmcore" if device == "cuda" else "auto"
         mcfg = models.resolve(dataclasses.replace(cfg.model, ops=ops), vocab, device)
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = ran["precision"] if ran else "bf16-autocast" if device == "cuda" else "fp32"
     except ConfigError as e:
         print(f"fmcore plan-memory: config error: {e}")
         return 2
-    gpus = args.gpus or 1
+    gpus = args.gpus or (ran["world_size"] if ran is not None else 1)
     tp = cfg.parallel.tensor
     if gpus % tp:
         print(f"fmcore plan-memory: --gpus {gpus} is not a multiple of parallel.tensor {tp}")
         return 2
     layout = Layout(cfg.parallel.data, gpus // tp, tp)
-    precision = cfg.train.precision if cfg.train.precision != "auto" else (
-        "bf16-autocast" if device == "cuda" else "fp32")
     parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                  checkpointing=cfg.train.activation_checkpointing)
     measured = measured_peak_mib(args.run) if args.run is not None else None
     print(f"{cfg.name}: {mcfg.arch} {models.param_count(mcfg) / 1e6:.1f}M params, precision {precision}, "
           f"micro-batch {cfg.train.batch_size}x{cfg.train.seq_len}, parallel.data={layout.data} "
           f"x{layout.dp}, parallel.tensor={tp}, ops={mcfg.ops}; per GPU:")
-    print(format_plan(parts, measured))
+    print(format_plan(parts, measured, measured_on_cpu=run_info is not None and run_info["device"] == "cpu"))
     return 0
