@@ -136,6 +136,15 @@ def test_cli(corpus, tmp_path, capsys):
     assert "already holds a dataset" in capsys.readouterr().err
     assert fmcore_main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "cli2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a bad tokenizer or vocabulary is refused before the inputs are read
+    (tmp_path / "not-a-tokenizer.json").write_text('{"version": 1,')
+    for tok, message in [("missing.json", "is not a file"), ("not-a-tokenizer.json", "is not an HF tokenizers")]:
+        assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli3"), "--tokenizer",
+                            str(tmp_path / tok)]) == 2
+        assert f"tokenizer {tmp_path / tok} {message}" in capsys.readouterr().err
+    assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli3"), "--vocab-size", "100"]) == 2
+    assert "vocab_size must be at least 257 for a byte-level BPE" in capsys.readouterr().err
+    assert not (tmp_path / "cli3").exists()
 
 
 @pytest.fixture(scope="session")

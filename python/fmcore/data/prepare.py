@@ -188,6 +188,21 @@ def _builtin_docstrings() -> list[str]:
 # ---- tokenizer
 
 
+MIN_BPE_VOCAB = 257  # a byte-level BPE's alphabet (256 bytes) and the EOS token; no merges at all
+
+
+def _load_tokenizer(path: Path):
+    """An HF tokenizers tokenizer.json; a missing or unreadable file raises ValueError naming it."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} is not a file (pass an HF tokenizers tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        raise ValueError(f"tokenizer {path} is not an HF tokenizers tokenizer.json: {e}") from None
+
+
 def train_bpe(texts, vocab_size: int, total: int | None = None):
     """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) trained on texts, with
     <|endoftext|> as its only special token (id 0)."""
@@ -308,6 +323,11 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if tokenizer is not None:
+        tok = _load_tokenizer(Path(tokenizer))  # before reading the inputs, which can take minutes
+    elif vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE (256 bytes and the "
+                         f"end-of-document token), got {vocab_size}")
     cfg = CleanConfig(min_chars, max_chars, max_symbol_fraction, text_field)
     if inputs is None:
         tasks = [("text", str(p), cfg, None) for p in stdlib_files(max_input_chars)]
@@ -356,9 +376,6 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     tmp.chmod(0o755)
     try:
         if tokenizer is not None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(tokenizer))
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
             tok_source = f"file {tokenizer}"
         else:
