@@ -42,6 +42,7 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--train.compile", "maybe"], "train.compile: expected bool"),
     (["--model.arch", "bert"], "model.arch: expected one of"),
     (["--optim.lr"], "missing a value"),
+    (["--train.steps", "--optim.lr", "1"], "--train.steps: missing a value"),
     (["--lr", "1"], "expected --section.key"),
     (["stray"], "unexpected argument 'stray'"),
     (["--model.dim", "100", "--model.n_heads", "3"], "multiple of model.n_heads"),

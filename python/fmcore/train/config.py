@@ -283,7 +283,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
         name, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # no value starts with "--"; -1 is a value
                 raise ConfigError(f"{arg}: missing a value")
             value, i = argv[i + 1], i + 1
         i += 1
