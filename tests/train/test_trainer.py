@@ -155,6 +155,21 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert "--schedule.kind" in capsys.readouterr().out
 
 
+def test_a_token_id_past_the_vocabulary_is_a_data_error(dataset, tmp_path, capsys):
+    # A corrupt shard (its checksum is not verified on open: that reads the whole dataset) must not
+    # reach the embedding, where an id past the table is a device-side assert on the GPU.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    shard = sorted(bad.glob("train_*.bin"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(64 + 2 * 100)  # token 100: read by the first sequential batch (uint16 ids after the header)
+        f.write(b"\xff\xff")
+    assert main(["tiny", *overrides(bad, tmp_path / "run", "--data.mode", "sequential", "--train.steps", "2")]) == 2
+    assert "token id 65535 at offset 264 (token 100) is >= the vocab size" in capsys.readouterr().err
+
+
 def test_tokens_per_step_must_divide(dataset, tmp_path):
     cfg = load_config("tiny", overrides(dataset, tmp_path / "r", "--train.tokens_per_step", "1000"))
     with pytest.raises(ConfigError, match="multiple of batch_size"):

@@ -175,10 +175,12 @@ def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode
     from fmcore.train.parallel import data_parallel_coords
 
     # A tensor-parallel group reads the same batches: the loader is sharded by data-parallel rank.
+    # check_vocab (one compare per token read): a corrupt token id would otherwise index past the
+    # embedding, a device-side assert on the GPU; it is a data error naming the file and offset.
     dp_rank, dp_world = data_parallel_coords(env.rank, env.world, cfg.parallel.tensor)
     return Loader(dataset, split=split, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                   mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=dp_rank, world_size=dp_world,
-                  threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries)
+                  threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries, check_vocab=True)
 
 
 # ---- run directory and resume
