@@ -136,6 +136,18 @@ def test_run_dir_choice(tmp_path, monkeypatch):
     explicit = load_config("tiny", ["--log.run_dir", "runs/tiny"])
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         choose_run_dir(explicit)
+    # An explicit checkpoint continues its own run, or a branch in log.run_dir: never writing (and
+    # pruning old checkpoints) in the original run when another run dir is named.
+    (ck / "step_00000005" / ".metadata").write_bytes(b"")
+    step5 = "runs/tiny/checkpoints/step_00000005"
+    assert choose_run_dir(load_config("tiny", ["--resume", step5])) == ((tmp_path / "runs/tiny").resolve(), Path(step5))
+    branch = load_config("tiny", ["--resume", step5, "--log.run_dir", "runs/branch"])
+    assert choose_run_dir(branch) == (Path("runs/branch"), Path(step5))
+    (tmp_path / "runs" / "branch" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="runs/branch already holds checkpoints of another run"):
+        choose_run_dir(branch)
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
+        choose_run_dir(load_config("tiny", ["--resume", "runs/tiny"]))
 
 
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
@@ -168,6 +180,17 @@ def test_a_token_id_past_the_vocabulary_is_a_data_error(dataset, tmp_path, capsy
         f.write(b"\xff\xff")
     assert main(["tiny", *overrides(bad, tmp_path / "run", "--data.mode", "sequential", "--train.steps", "2")]) == 2
     assert "token id 65535 at offset 264 (token 100) is >= the vocab size" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_a_checkpoint_error(dataset, tmp_path, capsys):
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                               "--model.n_layers", "1", "--checkpoint.export_hf", "false")]
+    assert main(args) == 0
+    for f in (tmp_path / "run" / "checkpoints" / "step_00000002").glob("*.distcp"):
+        f.unlink()
+    assert main([*args, "--train.steps", "3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint error: " in err and "step_00000002 is damaged" in err and "Traceback" not in err
 
 
 def test_tokens_per_step_must_divide(dataset, tmp_path):

@@ -28,6 +28,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: incomplete, damaged, or of another model or optimizer."""
+
 PREFIX = "step_"
 
 
@@ -140,7 +144,7 @@ def read_extra(path: Path) -> dict:
     path = Path(path)
     extra_path = path / f"extra_rank{_rank()}.pt"
     if not (path / ".metadata").is_file() or not extra_path.is_file():
-        raise FileNotFoundError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
+        raise CheckpointError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
     return torch.load(extra_path, weights_only=False)
 
 
@@ -154,9 +158,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         with _quiet():
             dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # a BaseException, its message a traceback per rank
-        causes = sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip()
-                         for exc, *_ in e.failures.values()})
-        raise ValueError(f"{path} does not fit this model and optimizer: {'; '.join(causes)}") from None
+        failures = [exc for exc, *_ in e.failures.values()]
+        causes = sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip() for exc in failures})
+        what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
+                if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
+        raise CheckpointError(f"{path} {what}: {'; '.join(causes)}") from None
     for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
         group.update(flags)
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])

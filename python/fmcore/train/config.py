@@ -162,7 +162,8 @@ class CheckpointConfig:
     keep_every: int = 0
     """...plus every checkpoint whose step is a multiple of this (0: none)."""
     resume: str = "none"
-    """"none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint dir."""
+    """"none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint dir (the run
+    goes on in log.run_dir when given, else in the run dir holding that checkpoint)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     export_hf: bool = True

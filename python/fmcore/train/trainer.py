@@ -188,7 +188,9 @@ def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode
 def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume or None). The default run dir is runs/<name>; a fresh run whose
     default dir already holds a run takes runs/<name>-2, -3, ... A fresh run in an explicit
-    log.run_dir that already holds checkpoints is an error (pass --resume auto to continue it)."""
+    log.run_dir that already holds checkpoints is an error (pass --resume auto to continue it). A
+    checkpoint dir to resume continues in log.run_dir when one is given (a branch of that run: the
+    original's checkpoints stay untouched), else in the run dir holding the checkpoint."""
     resume = cfg.checkpoint.resume
     if cfg.log.run_dir:
         candidates = [Path(cfg.log.run_dir)]
@@ -198,9 +200,17 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         candidates = [base] + [p for p in others if p.name[len(base.name) + 1:].isdigit()]
     if resume not in ("none", "auto"):
         path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory")
-        return path.resolve().parent.parent, path
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory (one holds the "
+                              f".metadata file torch.distributed.checkpoint writes)")
+        own_run = path.resolve().parent.parent
+        if not cfg.log.run_dir:
+            return own_run, path
+        run = candidates[0]
+        if run.resolve() != own_run and checkpoint.step_dirs(run / "checkpoints"):
+            raise ConfigError(f"log.run_dir {run} already holds checkpoints of another run; resume {path} into a "
+                              "new --log.run_dir, or leave log.run_dir unset to continue in its own run dir")
+        return run, path
     if resume == "auto":
         found = [(ck.stat().st_mtime, run, ck) for run in candidates if (ck := checkpoint.latest(run / "checkpoints"))]
         if found:
@@ -625,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ShardError as e:  # the dataset: missing, malformed, or not what the config asks
         print(f"fmcore train: data error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:  # the checkpoint to resume
+        print(f"fmcore train: checkpoint error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"fmcore train: stopped: {e}", file=sys.stderr)
