@@ -103,6 +103,16 @@ def test_cli_unknown_benchmark_exits_2_before_measuring(capsys):
     assert "unknown benchmark 'no-such-bench'" in captured.err and "roofline" not in captured.out
 
 
+@pytest.mark.parametrize("device, message", [("foo", "expected cpu or cuda"), ("mps", "expected cpu or cuda"),
+                                             ("cuda:99", "CUDA device(s)")])
+def test_cli_bad_device_exits_2(capsys, device, message):
+    from fmcore.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["rope", "--device", device])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_every_registered_benchmark_imports():
     for name in BENCHMARKS:
         assert callable(load(name).run)
