@@ -990,6 +990,55 @@ def test_attention_module_argument_errors():
     assert Attention(64, 5, head_dim=16).proj.in_features == 80  # an explicit head_dim is the way
     with pytest.raises(ValueError, match=r"expected x of shape \(B, S, 64\), got \(5, 64\)"):
         Attention(64, 4)(torch.randn(5, 64))
+    with pytest.raises(ValueError, match="n_heads > 0"):  # not a ZeroDivisionError computing dim // n_heads
+        Attention(64, 0)
+
+
+def test_attention_module_document_boundaries_compile_without_max_seqlen():
+    # max_seqlen=None is computed from cu_seqlens in eager mode, a value the trace cannot read: under
+    # torch.compile the module takes B * S, an upper bound, rather than failing on an unbacked SymInt.
+    from fmcore.nn import Attention
+
+    torch.manual_seed(7)
+    m = Attention(64, 2, max_seq_len=32)
+    x, lens = torch.randn(1, 12, 64), [5, 7]
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    eager = m(x, positions=positions, cu_seqlens=cu(lens, "cpu"))
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(x, positions=positions,
+                                                                     cu_seqlens=cu(lens, "cpu"))
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
+@pytest.mark.parametrize("varlen", [False, True])
+def test_forward_mode_ad_raises(varlen):
+    # A tangent must raise, never be silently dropped: torch.library's autograd skips its Function
+    # (and so the missing jvp's error) when no input requires grad.
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    if varlen:
+        lens = cu([4], "cpu")
+        f = lambda q: flash_attention_varlen(q[0], q[0], q[0], lens, lens, 4, 4, causal=True)  # noqa: E731
+    else:
+        f = lambda q: flash_attention(q, q, q, causal=True)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(f, (q,), (torch.randn_like(q),))
+
+
+def test_varlen_max_seqlen_must_be_an_int():
+    q, lens = torch.randn(4, 2, 8), cu([4], "cpu")
+    for bad in (None, 3.5):  # int(None) was a bare TypeError; 3.5 would have become 3 (too small a grid)
+        with pytest.raises(TypeError, match="expected max_seqlen_q to be an int"):
+            flash_attention_varlen(q, q, q, lens, lens, bad, 4)
+
+
+def test_sdpa_dropin_follows_autocast():
+    # torch's SDPA runs in the autocast dtype; a drop-in must return what it returns.
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scaled_dot_product_attention(q, k, v, is_causal=True)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 def test_attention_module_matches_manual(device):
     from fmcore.nn import Attention

@@ -440,3 +440,25 @@ def test_vocab_at_the_int32_limit_cuda():
     finally:
         buf = logits = grad = None
         torch.cuda.empty_cache()
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_mode_ad_raises(reduction):
+    # torch.func.jvp gave an all-zero tangent: torch.library skips the op's autograd (and so the
+    # missing jvp's error) when no input requires grad. A tangent must raise, never be dropped.
+    x, t = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 8, (4,))
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda a: cross_entropy(a, t, reduction=reduction), (x,), (torch.randn_like(x),))
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_int32_target_with_ignore_index_past_int32(inplace_backward):
+    # An int32 target never equals 2**32, so nothing is ignored; torch compared target != 2**32 in
+    # int32 (ignore_index wrapped to 0) and the mean divided by the count of targets != 0.
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 0, 2, 0, 4])
+    want = F.cross_entropy(x, t)
+    got = cross_entropy(x.detach().clone().requires_grad_(), t.int(), ignore_index=2**32,
+                        inplace_backward=inplace_backward)
+    torch.testing.assert_close(got, want)

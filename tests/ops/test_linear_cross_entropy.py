@@ -376,3 +376,26 @@ def test_double_backward_raises(device, reduction):
         assert torch.equal(g.detach(), w)
     with pytest.raises(NotImplementedError, match="linear_cross_entropy supports first-order gradients only"):
         torch.autograd.grad(got[0].square().sum(), inputs[1])
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
+def test_forward_mode_ad_raises():
+    h, w, t = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 6, (4,))
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda a: linear_cross_entropy(a, w, t), (h,), (torch.randn_like(h),))
+
+
+def test_meta_tensors_give_shapes():
+    # torch.is_autocast_enabled refuses the "meta" device type: modules built on meta must still trace.
+    h = torch.empty(4, 8, device="meta", requires_grad=True)
+    w = torch.empty(6, 8, device="meta", requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long, device="meta"))
+    assert loss.shape == () and loss.device.type == "meta"
+    loss.backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
+
+
+def test_chunk_size_bool_is_refused():
+    h, w, t = torch.randn(4, 8), torch.randn(6, 8), torch.randint(0, 6, (4,))
+    with pytest.raises(ValueError, match="chunk_size to be a positive int"):
+        linear_cross_entropy(h, w, t, chunk_size=True)

@@ -278,6 +278,26 @@ def test_rotary_embedding_module_and_hf_dropin(device):
     torch.testing.assert_close(oq2.transpose(1, 2), oq, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_dropin_matches_transformers_signature():
+    # transformers' (q, k, cos, sin, unsqueeze_dim=1): a positional unsqueeze_dim must land there
+    # (fmcore's once had position_ids in that place, and took 2 for ids: the wrong layout, silently).
+    # Callers written for transformers < 4.48 pass position_ids by keyword: a whole (max_len, R) table
+    # is indexed with them (< 4.38); a (B, S, R) table is taken as it is (4.38-4.47).
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    B, S, H, D = 2, 5, 5, 16  # S == H: a layout mix-up cannot show as a shape error
+    q, k = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    rope = RotaryEmbedding(D, max_seq_len=32)
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 9, 2, 11, 4]])
+    cos, sin = rope.hf_cos_sin(pos)
+    for got, want in zip(apply_rotary_pos_emb(q, k, cos, sin, 2), llama.apply_rotary_pos_emb(q, k, cos, sin, 2)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    table_cos, table_sin = rope.hf_cos_sin(torch.arange(32)[None])
+    for got, want in zip(apply_rotary_pos_emb(q, k, table_cos[0], table_sin[0], 2, position_ids=pos),
+                         llama.apply_rotary_pos_emb(q, k, cos, sin, 2)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pass position_ids by keyword"):
+        apply_rotary_pos_emb(q, k, cos, sin, pos)
+
 
 def test_rotary_module_positions_are_computed_not_looked_up(device):
     """Explicit positions give the table's rows where the table has them, and any other integer (past

@@ -27,7 +27,8 @@ class Attention(nn.Module):
     at each document. cu_seqlens (N + 1,) int32 are cumulative document lengths over the B * S
     flattened tokens (documents never cross a row of the batch when they come from fmcore's loader,
     but nothing here requires it): attention then stays within each document (varlen kernel).
-    max_seqlen: the longest document (computed from cu_seqlens, with a host sync, when None).
+    max_seqlen: the longest document (when None: computed from cu_seqlens with a host sync, or B * S,
+        an upper bound, under torch.compile).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
@@ -35,11 +36,12 @@ class Attention(nn.Module):
                  bias: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if head_dim is None and n_heads > 0 and dim % n_heads:
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"expected n_heads > 0 and n_kv_heads > 0 dividing it, got n_heads={n_heads}, "
+                             f"n_kv_heads={n_kv_heads}")
+        if head_dim is None and dim % n_heads:
             raise ValueError(f"expected dim ({dim}) to be a multiple of n_heads ({n_heads}), or an explicit head_dim")
         head_dim = dim // n_heads if head_dim is None else head_dim
-        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
-            raise ValueError(f"expected n_kv_heads ({n_kv_heads}) to divide n_heads ({n_heads})")
         if head_dim <= 0:
             raise ValueError(f"expected head_dim > 0, got {head_dim} (dim={dim}, n_heads={n_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim, self.causal = n_heads, n_kv_heads, head_dim, causal
@@ -60,7 +62,9 @@ class Attention(nn.Module):
         if cu_seqlens is None:
             out = flash_attention(q, k, v, causal=self.causal)
         else:
-            if max_seqlen is None:
+            if max_seqlen is None and torch.compiler.is_compiling():
+                max_seqlen = B * S  # an upper bound: the exact one is data the trace cannot read
+            elif max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             out = flash_attention_varlen(q.reshape(B * S, Hq, hd), k.reshape(B * S, Hk, hd),
                                          v.reshape(B * S, Hk, hd), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,

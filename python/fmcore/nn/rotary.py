@@ -75,13 +75,20 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         position_ids: torch.Tensor | None = None, unsqueeze_dim: int = 1):
-    """Drop-in for Hugging Face's ``apply_rotary_pos_emb``: same arguments, same result.
+                         unsqueeze_dim: int = 1, *, position_ids: torch.Tensor | None = None):
+    """Drop-in for Hugging Face's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: same
+    arguments, same result.
 
     cos/sin are HF's (B, S, R) or (S, R) tables with both halves repeated; only the first half is
-    read (no copy). unsqueeze_dim=1 means q is (B, H, S, D), 2 means (B, S, H, D).
+    read (no copy). unsqueeze_dim=1 means q is (B, H, S, D), 2 means (B, S, H, D). position_ids
+    (keyword) is for callers written for transformers < 4.48, whose signature had it before
+    unsqueeze_dim: with a whole (max_len, R) table it picks the rows, as transformers < 4.38 did;
+    with per-sequence (B, S, R) tables it is ignored, as 4.38-4.47 did.
     """
-    if unsqueeze_dim not in (1, 2):
-        raise ValueError(f"expected unsqueeze_dim 1 ((B, H, S, D) inputs) or 2 ((B, S, H, D)), got {unsqueeze_dim}")
+    if not isinstance(unsqueeze_dim, int) or isinstance(unsqueeze_dim, bool) or unsqueeze_dim not in (1, 2):
+        raise ValueError(f"expected unsqueeze_dim 1 ((B, H, S, D) inputs) or 2 ((B, S, H, D)), got {unsqueeze_dim!r}"
+                         " (transformers < 4.48 callers: pass position_ids by keyword)")
+    if position_ids is not None and cos.dim() == 2:
+        cos, sin = cos[position_ids], sin[position_ids]
     half = cos.shape[-1] // 2
     return apply_rotary(q, k, cos[..., :half], sin[..., :half], layout="bhsd" if unsqueeze_dim == 1 else "bshd")

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from fmcore.ops._common import dense_last_dim, expect_tensors, first_order_only, register_fake
+from fmcore.ops._common import dense_last_dim, expect_tensors, first_order_only, refuse_tangents, register_fake
 
 CUDA_HEAD_DIMS = (64, 96, 128)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -127,6 +127,7 @@ def flash_attention(
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
     expect_tensors(q=q, k=k, v=v)
+    refuse_tangents("flash_attention", q, k, v)
     out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
                                                _deterministic(deterministic), _tiles(tiles))
     return (out, lse) if return_lse else out
@@ -163,7 +164,8 @@ def flash_attention_varlen(
     wrong result into an error.
     """
     expect_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    refuse_tangents("flash_attention_varlen", q, k, v)
+    max_seqlen_q, max_seqlen_k = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
@@ -246,6 +248,14 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
 
 # name -> (weakref to the last cu_seqlens tensor found valid, its version, (rows, max_seqlen))
 _cu_checked: dict[str, tuple] = {}
+
+
+def _max_seqlen(value, name: str) -> int:
+    """An int: a None or a fractional float (4.7 would be truncated, sizing the grid too small) is a
+    TypeError naming the argument; ints, SymInts and integral values pass."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(f"expected {name} to be an int (at least the longest document), got {value!r}")
+    return int(value)
 
 
 def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
@@ -384,6 +394,12 @@ def scaled_dot_product_attention(
     unsupported dtype or head dim, causal with Sq != Sk, ...) torch's SDPA runs, with a one-time
     warning naming the reason. The result is a (B, H, Sq, D) view of a (B, Sq, H, D) buffer.
     """
+    device_type = query.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                             for t in (query, key, value))
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         if not torch.compiler.is_compiling():

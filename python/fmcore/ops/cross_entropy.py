@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import expect_tensors, first_order_only, register_fake
+from fmcore.ops._common import expect_tensors, first_order_only, refuse_tangents, register_fake
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -27,6 +27,14 @@ def _check_common(target: torch.Tensor, reduction: str, lead_shape: torch.Size, 
                          f"got {tuple(target.shape)}")
 
 
+def _counted(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """target != ignore_index, without ignore_index wrapping into an int32 target's range (where
+    torch would compare it): the kernels compare in int64, so 2**32 ignores nothing, not index 0."""
+    if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def _reduce(loss_rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str,
             out_dtype: torch.dtype) -> torch.Tensor:
     """F.cross_entropy's reductions of the per-row losses (0 at ignored rows)."""
@@ -35,7 +43,7 @@ def _reduce(loss_rows: torch.Tensor, target: torch.Tensor, ignore_index: int, re
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:  # mean over the non-ignored rows; 0/0 = nan when every target is ignored, as torch
-        loss = loss_rows.sum() / (target != ignore_index).sum()
+        loss = loss_rows.sum() / _counted(target, ignore_index).sum()
     return loss.to(out_dtype)
 
 
@@ -85,6 +93,7 @@ def cross_entropy(
     is skipped while a CUDA graph is captured, where the kernel still never indexes with a bad target.
     """
     expect_tensors(logits=logits)
+    refuse_tangents("cross_entropy", logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"expected logits of shape (N, V) or (B, S, V), got {tuple(logits.shape)}")
     _check_common(target, reduction, logits.shape[:-1], "logits")
@@ -111,7 +120,7 @@ class _FusedInplace(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, mean):
         n = logits.shape[0]
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        counted = target != ignore_index
+        counted = _counted(target, ignore_index)
         if mean:
             count = counted.sum().to(acc)
             # inf when every target is ignored: ignored rows get 0 without being multiplied

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import expect_tensors, first_order_only, register_fake
+from fmcore.ops._common import expect_tensors, first_order_only, refuse_tangents, register_fake
 from fmcore.ops.cross_entropy import _check_common
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -60,14 +60,16 @@ def linear_cross_entropy(
     and waited for after the last one is queued, so the host's wait never empties the GPU's queue.
     """
     expect_tensors(hidden=hidden, weight=weight, **({} if bias is None else {"bias": bias}))
+    refuse_tangents("linear_cross_entropy", hidden, weight, bias)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"expected hidden of shape (N, D) or (B, S, D), got {tuple(hidden.shape)}")
     _check_common(target, reduction, hidden.shape[:-1], "hidden")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"expected chunk_size to be a positive int or None, got {chunk_size!r}")
     device_type = hidden.device.type
     out_dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):  # what F.linear would do: the matmuls in the autocast dtype
+    # What F.linear would do: the matmuls in the autocast dtype (torch.is_autocast_enabled refuses "meta").
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype, out_dtype = torch.get_autocast_dtype(device_type), torch.float32  # autocast's cross_entropy is fp32
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
