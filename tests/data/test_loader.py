@@ -1,6 +1,9 @@
 """The C++ loader through fmcore.data.Loader: window contents, determinism across thread counts,
 disjoint and covering ranks, exact resume, document boundaries, errors and shutdown."""
 
+import gc
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -328,6 +331,48 @@ def test_bad_arguments(unique_ds):
     # (2^61 + 1) * 16 wraps to 16 in 64 bits: the buffer size once did, and the workers overflowed it.
     with pytest.raises(ValueError, match=r"batch_size \* seq_len must be < 2\^56"):
         Loader(unique_ds, batch_size=2**61 + 1, seq_len=T)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_raises_and_never_touches_the_core(unique_ds):
+    """A Loader inherited by a forked child (multiprocessing, DataLoader workers) has no worker threads
+    there: next() and the state methods raise, close() and collection leak the C++ core instead of
+    joining threads that do not exist (it hung or aborted). The child reports through its exit status."""
+    loader = Loader(unique_ds, batch_size=2, seq_len=T, threads=2, prefetch=4)
+    first = next(loader)
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no exceptions escaping; os._exit only
+        status = 0
+        try:
+            signal.alarm(20)  # a hang becomes SIGALRM, which the parent sees
+            for bit, call in enumerate([lambda: next(loader), loader.state_dict, lambda: loader.load_state_dict({})]):
+                try:
+                    call()
+                except RuntimeError as e:
+                    if "forked after it was created" not in str(e):
+                        status |= 1 << bit
+                else:
+                    status |= 1 << bit
+            loader.close()
+            loader.close()
+            del loader
+            gc.collect()
+        except BaseException:
+            status |= 1 << 6
+        os._exit(status)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    status = done[1]
+    assert os.WIFEXITED(status), f"the forked child was killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0, f"forked child failures (bits: next, state_dict, load_state_dict, " \
+                                        f"other): {os.WEXITSTATUS(status):b}"
+    with loader, Loader(unique_ds, batch_size=2, seq_len=T, threads=1) as fresh:  # the parent's loader still works
+        same([first, next(loader)], take(fresh, 2))
 
 
 SHUTDOWN = """

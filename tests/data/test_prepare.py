@@ -167,3 +167,143 @@ def test_default_dataset(stdlib_dataset):
         assert loader.vocab_size == 4096 and loader.eos_id == 0
     text = tok.decode(batch.x[0].tolist())
     assert "def " in text or "import " in text or "self" in text  # real Python source, not random tokens
+
+
+def train_docs(out):
+    """(decoded texts without their EOS, the EOS id) of the train split, checking one EOS per document."""
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = json.loads((out / "manifest.json").read_text())["tokenizer"]["eos_id"]
+    docs = documents(out, "train")
+    assert all(d[-1] == eos and eos not in d[:-1] for d in docs)
+    return [tok.decode(d[:-1]) for d in docs]
+
+
+def test_out_is_free_or_a_dataset(corpus, tmp_path, capsys):
+    """--overwrite replaces a dataset, nothing else: not the input corpus given as --out, not a file."""
+    root, _, _ = corpus
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        assert fmcore_main(["prepare", str(root), "--out", str(root), "--workers", "1"] + extra) == 2
+        assert "non-empty directory without manifest.json" in capsys.readouterr().err
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    (tmp_path / "a-file").write_text("keep me")
+    assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "a-file"), "--overwrite"]) == 2
+    assert f"output {tmp_path / 'a-file'} is an existing file" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty directory is free
+    args = ["prepare", str(root), "--out", str(tmp_path / "empty"), "--vocab-size", "300", "--workers", "1"]
+    assert fmcore_main(args) == 0
+    assert fmcore_main(args + ["--overwrite"]) == 0  # a dataset is replaced
+    verify_dataset(tmp_path / "empty")
+
+
+def test_jsonl_records_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are allowed unescaped inside JSON strings; CRLF line ends are fine."""
+    texts = [f"record {i} with a line\u2028separator, a\u2029paragraph and a \x85next line" for i in range(3)]
+    (tmp_path / "a.jsonl").write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n"
+                                               for t in texts).encode())
+    out = prepare(tmp_path / "a.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["bad_json"]) == (3, 3, 0)
+    assert sorted(train_docs(out)) == texts
+
+
+def test_jsonl_bad_records_are_counted(tmp_path):
+    """A record Python's json cannot hold (an integer over the digit limit, nesting deeper than the recursion
+    limit) is one bad_json, not the end of the run; a lone surrogate escape becomes U+FFFD."""
+    good = [f"an ordinary record number {i}" for i in range(3)]
+    lines = [json.dumps({"text": t}) for t in good]
+    lines.append('{"text": "big number record", "n": ' + "7" * 5000 + "}")
+    lines.append('{"text": "deep record", "a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    lines.append('{"text": "a broken emoji \\ud83d in this record"}')
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    out = prepare(tmp_path / "a.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["bad_json"]) == (4, 4, 2)
+    assert sorted(train_docs(out)) == sorted(good + ["a broken emoji \ufffd in this record"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_bad_gzip_input_names_the_file(tmp_path, capsys, damage):
+    (tmp_path / "in").mkdir()
+    data = gzip.compress(b"".join(json.dumps({"text": f"record {i} " * 20}).encode() + b"\n" for i in range(500)))
+    bad = tmp_path / "in" / "part.jsonl.gz"
+    bad.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not gzip at all\n")
+    assert fmcore_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds"), "--workers", "1"]) == 2
+    assert f"fmcore prepare: error: input {bad}: not a valid gzip file" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    text = "a text file that starts with a byte order mark"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "in" / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first " + text}).encode())
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["bad_json"] == 0
+    assert sorted(train_docs(out)) == [text, "first " + text]
+
+
+def test_binary_file_is_sniffed_not_read_whole(tmp_path, monkeypatch):
+    """A binary file (a checkpoint in the input directory) is classified from its first bytes only."""
+    prep = importlib.import_module("fmcore.data.prepare")
+    read = {}
+
+    class Counting:  # a file that records how many bytes were read from it
+        def __init__(self, path, mode):
+            self.f, self.path = open(path, mode), path
+            read[path] = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read[self.path] += len(data)
+            return data
+
+    monkeypatch.setattr(prep, "open", Counting, raising=False)  # the module's open(), not builtins'
+    (tmp_path / "model.ckpt").write_bytes(b"\0" * (1 << 20))
+    text = "a text file longer than the sniffed bytes " * 1000
+    (tmp_path / "a.txt").write_text(text)
+    assert prep._read_text(tmp_path / "model.ckpt") is None
+    assert read[tmp_path / "model.ckpt"] == prep.BINARY_SNIFF_BYTES
+    assert prep._read_text(tmp_path / "a.txt") == text
+
+
+def test_out_inside_an_input_is_not_read(tmp_path):
+    """A rerun with --out inside the input directory reads neither its own output nor an older dataset."""
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(10):
+        (root / f"{i}.txt").write_text(f"my corpus document number {i} with plain english words\n")
+    for out, overwrite in [(root / "ds", False), (root / "ds", True), (root / "ds2", False)]:
+        prepare(root, out, vocab_size=300, val_fraction=0.0, workers=1, overwrite=overwrite)
+        c = json.loads((out / "manifest.json").read_text())["cleaning"]
+        assert (c["documents_in"], c["kept"]) == (10, 10), out
+
+
+def test_eos_text_inside_a_document_is_ordinary_text(tmp_path):
+    texts = [f"record {i}: some ordinary english text here" for i in range(4)]
+    texts.append("GPT-2 separates documents with <|endoftext|>, as in foo<|endoftext|>bar")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = prepare(tmp_path / "in.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    assert sorted(train_docs(out)) == sorted(texts)  # one EOS per document, the literal text round-trips
+
+
+def test_tokenizer_with_an_id_gap(tmp_path):
+    """A tokenizer whose largest id (70000) is above get_vocab_size() (7): the vocab is max id + 1."""
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"hello": 0, "world": 1, "foo": 2, "bar": 3, "baz": 70000, "[UNK]": 4, "</s>": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "a.txt").write_text("hello world foo bar baz " * 20)
+    out = prepare(tmp_path / "a.txt", tmp_path / "ds", tokenizer=tmp_path / "tok.json", val_fraction=0.0, workers=1)
+    manifest = verify_dataset(out, check_vocab=True)
+    assert manifest["tokenizer"]["vocab_size"] == 70001 and manifest["tokenizer"]["eos_id"] == 5
+    assert 70000 in documents(out, "train")[0]

@@ -2,6 +2,7 @@
 and the offset) in both readers: Python's read_shard and the C++ loader, which must never crash."""
 
 import json
+import re
 import struct
 import zlib
 
@@ -245,3 +246,75 @@ def test_fuzz_never_crashes(good):
                 cpp_open(path, verify=verify, seq_len=8, batches=3)
             except ShardError:
                 pass
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tokens=[2**32 + 5, 7], vocab_size=0), r"tokens: ids must be in \[0, 4294967296\)"),  # not wrapped to 5
+    (dict(tokens=[-1, 7], vocab_size=10), r"tokens: ids must be in \[0, 10\)"),
+    (dict(tokens=[1.5], vocab_size=10), "tokens must be integers"),
+    (dict(tokens=[1], vocab_size=2**32), r"vocab_size must be an int in \[0, 2\^32\)"),  # the header's uint32
+    (dict(tokens=[1], vocab_size=-1), "vocab_size must be"),
+    (dict(tokens=[1], vocab_size="10"), "vocab_size must be"),
+    (dict(tokens=[1], vocab_size=10, eos_id=-1), r"eos_id must be None or an int in \[0, 10\)"),
+    (dict(tokens=[1], vocab_size=10, eos_id=10), r"eos_id must be None or an int in \[0, 10\)"),  # eos >= vocab
+    (dict(tokens=[1], vocab_size=0, eos_id=2**32 - 1), r"eos_id .*\[0, 4294967295\)"),  # 0xFFFFFFFF means none
+    (dict(tokens=[1], vocab_size=0, eos_id=2**32), "eos_id"),
+])
+def test_writer_validates_its_arguments(tmp_path, kw, match):
+    tokens = kw.pop("tokens")
+    with pytest.raises(ValueError, match=match):
+        write_shard(tmp_path / "a.bin", tokens, **kw)
+    assert not (tmp_path / "a.bin").exists()
+
+
+@pytest.mark.parametrize("tokens", [[70000, 5], [-1, 5], [50257]])  # uint16 overflow, negative, GPT-2 vocab + 1
+def test_llmc_writer_validates_tokens(tmp_path, tokens):
+    with pytest.raises(ValueError, match=r"GPT-2 ids, integers in \[0, 50257\)"):
+        write_llmc_shard(tmp_path / "x_train.bin", tokens)
+    write_llmc_shard(tmp_path / "x_train.bin", [0, 50256])
+    assert read_shard(tmp_path / "x_train.bin").tokens.tolist() == [0, 50256]
+
+
+def _edit(key, value):
+    def edit(m):
+        m[key] = value
+    return edit
+
+
+MANIFEST_DAMAGE = {
+    "tokenizer null": (_edit("tokenizer", None), "tokenizer must be an object"),
+    "entry without file": (lambda m: m["splits"]["train"]["shards"][0].pop("file"),
+                           r"splits.train.shards\[0\].file must be a file name"),
+    "tokens a string": (lambda m: m["splits"]["train"]["shards"][0].update(tokens="1000"),
+                        r"splits.train.shards\[0\].tokens must be a token count"),
+    "entry a list": (lambda m: m["splits"]["train"]["shards"].__setitem__(0, []),
+                     r"splits.train.shards\[0\] must be an object"),
+    "split a list": (lambda m: m["splits"].update(train=[]), "splits.train must be an object with a \"shards\" list"),
+    "splits null": (_edit("splits", None), "splits must be an object"),
+    "vocab_size a string": (lambda m: m["tokenizer"].update(vocab_size="500"), "tokenizer.vocab_size must be"),
+    "vocab_size 2^32": (lambda m: m["tokenizer"].update(vocab_size=2**32), "tokenizer.vocab_size must be"),
+    "eos_id 2^32+3": (lambda m: m["tokenizer"].update(eos_id=2**32 + 3), r"tokenizer.eos_id .*\[0, 500\)"),
+    "eos_id >= vocab": (lambda m: m["tokenizer"].update(eos_id=500), r"tokenizer.eos_id .*\[0, 500\)"),
+    "eos_id negative": (lambda m: m["tokenizer"].update(eos_id=-1), "tokenizer.eos_id"),
+    "top level list": (b"[]", "the top level must be a JSON object"),
+    "not UTF-8": (b"\xff\xfe{}", "not UTF-8: byte 0xFF at offset 0"),
+    "huge integer": (b'{"n": ' + b"1" * 5000 + b"}", "invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_DAMAGE)
+def test_malformed_manifest(tmp_path, case):
+    """A hand-edited or damaged manifest: ShardError naming manifest.json and the field, from load_manifest
+    and from the Loader, before the C++ loader sees a value (an eos_id >= 2^32 would be cut to 32 bits)."""
+    root = write_dataset(tmp_path / "d", {"train": [np.arange(1000) % 500]}, vocab_size=500, eos_id=499)
+    edit, match = MANIFEST_DAMAGE[case]
+    if isinstance(edit, bytes):
+        (root / "manifest.json").write_bytes(edit)
+    else:
+        manifest = json.loads((root / "manifest.json").read_text())
+        edit(manifest)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=re.escape(f"{root / 'manifest.json'}: ") + match):
+        load_manifest(root)
+    with pytest.raises(ShardError, match=match):
+        Loader(root, batch_size=2, seq_len=16)

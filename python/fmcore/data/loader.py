@@ -20,6 +20,7 @@ leading 0) feeds flash_attention_varlen with max_seqlen.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from fmcore import _C
 from fmcore.data.shards import load_manifest, split_shards
 
 _DTYPE_BYTES = {torch.int64: 8, torch.int32: 4}
+_FORKED = "a Loader cannot be used in a process forked after it was created: create it in the child"
 
 
 @dataclass
@@ -92,8 +94,12 @@ class Loader:
             [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
             prefetch or 2 * self.threads + 2, doc_boundaries, _DTYPE_BYTES[dtype], check_vocab,
             self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
+        # The C++ worker threads exist only in this process: a forked child (multiprocessing, DataLoader
+        # workers) inherits the object but not the threads, so there next() would wait forever and
+        # close() would join threads that are not there.
+        self._pid = os.getpid()
         # Joins the worker threads when the loader is collected, closed, or at interpreter exit.
-        self._finalizer = weakref.finalize(self, self._core.close)
+        self._finalizer = weakref.finalize(self, _close_core, self._core, self._pid)
 
     @staticmethod
     def manifest(dataset) -> dict:
@@ -102,30 +108,40 @@ class Loader:
     def __iter__(self):
         return self
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(_FORKED)
+
     def __next__(self) -> Batch:
+        self._check_process()
         x, y, positions, cu_seqlens, max_seqlen = self._core.next()
         return Batch(x, y, positions, cu_seqlens, max_seqlen)
 
     @property
     def wait_seconds(self) -> float:
         """Cumulative seconds the consumer waited in next() for a batch not ready yet."""
+        self._check_process()
         return self._core.wait_seconds
 
     @property
     def epoch(self) -> float:
         """Sequential mode: epochs read so far by all ranks together (fractional)."""
+        self._check_process()
         return self._core.next_sample / self._core.windows_per_epoch
 
     @property
     def batches_per_epoch(self) -> int:
         """Sequential mode: whole batches of this rank in one epoch (e.g. the length of a full val pass)."""
+        self._check_process()
         return self._core.windows_per_epoch // (self.world_size * self.batch_size)
 
     def state_dict(self) -> dict:
+        self._check_process()
         return {"version": 1, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
                 "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_process()
         if state.get("version") != 1:
             raise ValueError(f"loader state version {state.get('version')!r}, expected 1")
         for key in ("mode", "seed", "seq_len", "split", "dataset"):
@@ -142,6 +158,16 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_core(core, pid: int) -> None:
+    """The finalizer: joins the worker threads in the process that started them. In a forked child the core
+    is leaked instead: its close() and its C++ destructor would both join threads that do not exist there
+    (an abort or a hang), and a mutex a parent thread held at the fork may stay locked forever."""
+    if os.getpid() == pid:
+        core.close()
+    else:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # a reference never dropped: no destructor
 
 
 def _fingerprint(split: dict) -> str:

@@ -21,11 +21,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import sysconfig
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +39,8 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 JSONL_CHUNK_BYTES = 32 << 20
+BINARY_SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,18 @@ COUNT_KEYS = ("documents_in", "empty", "too_short", "too_long", "symbols", "bina
 
 def _read_text(path: Path) -> str | None:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if b"\0" in raw[:8192]:
-        return None  # a binary file found while walking a directory
-    return raw.decode("utf-8", errors="replace")
+    try:
+        with opener(path, "rb") as f:
+            # Sniff first: a binary file found while walking a directory (a checkpoint, an archive) is
+            # skipped without reading it whole.
+            raw = f.read(BINARY_SNIFF_BYTES)
+            if b"\0" in raw:
+                return None
+            raw += f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated or mislabelled .gz
+        raise ValueError(f"input {path}: not a valid gzip file: {e}") from None
+    # utf-8-sig: a byte order mark is not part of the text
+    return raw.decode("utf-8-sig", errors="replace")
 
 
 def _clean(text: str, cfg: CleanConfig, counts: dict) -> str | None:
@@ -111,18 +122,23 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
     else:
         if span is not None:
             raw = _read_jsonl_range(Path(path), *span)
-            text = None if b"\0" in raw[:8192] else raw.decode("utf-8", errors="replace")
+            text = None if b"\0" in raw[:BINARY_SNIFF_BYTES] else raw.decode("utf-8-sig", errors="replace")
         else:
             text = _read_text(Path(path))
         if text is None:
             counts["binary_files"] += 1
         elif kind == "jsonl":
-            for line in text.splitlines():
+            # Records end at "\n" only: str.splitlines() would also split inside a record at U+2028,
+            # U+2029, U+0085 ..., which JSON allows unescaped in strings.
+            for line in text.split("\n"):
+                line = line.removesuffix("\r")
                 if not line.strip():
                     continue
                 try:
                     value = json.loads(line).get(cfg.text_field)
-                except (json.JSONDecodeError, AttributeError):
+                # ValueError: bad JSON, or an integer over Python's digit limit; RecursionError: deep nesting.
+                # One bad record is counted, never the end of the whole run.
+                except (ValueError, RecursionError, AttributeError):
                     value = None
                 if isinstance(value, str):
                     raw_docs.append(value)
@@ -134,7 +150,14 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
     for raw in raw_docs:
         text = _clean(raw, cfg, counts)
         if text is not None:
-            docs.append((hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), text))
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate from a JSON escape ("\ud83d" without its pair) is not text: replace it with
+                # U+FFFD as the decoder does for invalid UTF-8 bytes, and keep the rest of the document.
+                text = _SURROGATES.sub("\ufffd", text)
+                data = text.encode("utf-8")
+            docs.append((hashlib.blake2b(data, digest_size=16).digest(), text))
     return docs, counts
 
 
@@ -277,13 +300,33 @@ class _SplitWriter:
 # ---- the pipeline
 
 
-def _tasks(inputs: list[Path], cfg: CleanConfig) -> list[tuple]:
+def _is_dataset(d: Path) -> bool:
+    """Whether d holds an fmcore dataset (a manifest.json written by prepare or write_dataset)."""
+    try:
+        return json.loads((d / MANIFEST).read_bytes()).get("format") == "fmcore-dataset"
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+
+
+def _walk(root: Path, out: Path | None) -> list[Path]:
+    """The files under root, in sorted order, leaving out hidden paths, the output directory and any other
+    dataset directory: a rerun with --out inside an input would otherwise read the previous dataset's
+    manifest.json and tokenizer.json as documents."""
+    skip = out.resolve() if out is not None else None
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and (Path(d) / x).resolve() != skip
+                   and not _is_dataset(Path(d) / x)]
+        files += [Path(d) / n for n in names if not n.startswith(".") and (Path(d) / n).is_file()]
+    return sorted(files)
+
+
+def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> list[tuple]:
     tasks = []
     for root in inputs:
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = [root] if root.is_file() else _walk(root, out)
         for p in files:
             if not p.name.endswith(JSONL_SUFFIXES):
                 tasks.append(("text", str(p), cfg, None))
@@ -317,8 +360,7 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     if out_dir is None:
         out_dir = default_dataset_root() / "stdlib"
     out = Path(out_dir)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+    _check_out(out, overwrite)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -335,7 +377,7 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         source = f"python {sys.version.split()[0]} standard library (.py files, capped at {max_input_chars} chars) + built-in module docstrings"
     else:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-        tasks = _tasks([Path(p) for p in inputs], cfg)
+        tasks = _tasks([Path(p) for p in inputs], cfg, out)
         source = ", ".join(str(p) for p in inputs)
     if not tasks:
         raise ValueError(f"no input files found in {source}")
@@ -389,18 +431,27 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
             tok = train_bpe(chosen, vocab_size, len(chosen))
             tok.save(str(tmp / "tokenizer.json"))
             tok_source = f"byte-level BPE trained on {len(chosen)} train documents"
-        vocab = tok.get_vocab_size(with_added_tokens=True)
+        # max id + 1: a tokenizer's ids need not be contiguous (an added token far above the model's vocab),
+        # and every id written must be below the vocab size stored in the shards.
+        vocab = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
         eos_name, eos_id = _eos_id(tok, eos_token, str(tokenizer or "trained BPE"))
 
         writers = {s: _SplitWriter(tmp, s, shard_tokens, vocab, eos_id) for s in ("train", "val")}
         batch = 256
-        with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=disable) as bar:
-            for i in range(0, len(docs), batch):
-                chunk = docs[i:i + batch]
-                for (h, _), enc, v in zip(chunk, tok.encode_batch([t for _, t in chunk], add_special_tokens=False),
-                                          is_val[i:i + batch]):
-                    writers["val" if v else "train"].add(enc.ids)
-                bar.update(len(chunk))
+        # Special tokens written in a document (the literal text "<|endoftext|>") are ordinary text: the only
+        # EOS ids in a shard are the ones after each document. The flag is restored: tok may be shared.
+        encode_special = tok.encode_special_tokens
+        tok.encode_special_tokens = True
+        try:
+            with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=disable) as bar:
+                for i in range(0, len(docs), batch):
+                    chunk = docs[i:i + batch]
+                    encoded = tok.encode_batch([t for _, t in chunk], add_special_tokens=False)
+                    for enc, v in zip(encoded, is_val[i:i + batch]):
+                        writers["val" if v else "train"].add(enc.ids)
+                    bar.update(len(chunk))
+        finally:
+            tok.encode_special_tokens = encode_special
         splits = {s: w.close() for s, w in writers.items()}
         splits = {s: v for s, v in splits.items() if v["tokens"]}
         counts["kept"] = len(docs)
@@ -414,18 +465,33 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
                         "val_fraction": val_fraction, "shard_tokens": shard_tokens},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if overwrite and out.exists():
-            shutil.rmtree(out)
+        if overwrite and (out / MANIFEST).exists():
+            shutil.rmtree(out)  # only ever a dataset directory: anything else at out is refused below
         try:
             tmp.rename(out)
-        except OSError:
-            if not (out / MANIFEST).exists():
-                raise
+        except OSError as e:
+            if not (out / MANIFEST).exists():  # out was filled with something else while the inputs were read
+                raise FileExistsError(f"cannot create the dataset directory {out}: {e.strerror}") from e
             shutil.rmtree(tmp)  # another process finished the same dataset first: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is not free: a file, a non-empty directory that holds no dataset (never
+    deleted, even with overwrite), or a dataset without overwrite."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"output {out} is an existing file, not a dataset directory")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+    elif any(out.iterdir()):
+        raise FileExistsError(f"output {out} is a non-empty directory without {MANIFEST}; refusing to replace "
+                              f"it (--overwrite only replaces a dataset): choose an empty or new directory")
 
 
 # ---- the default dataset

@@ -82,6 +82,10 @@ class ShardInfo:
     file_bytes: int
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _align8(n: int) -> int:
     return (n + 7) & ~7
 
@@ -94,11 +98,18 @@ def encode_shard(tokens: np.ndarray, *, vocab_size: int, eos_id: int | None = No
                  doc_starts: np.ndarray | None = None) -> bytes:
     """The bytes of an fmcore shard holding ``tokens`` (any integer array) and optional document starts."""
     tokens = np.asarray(tokens)
-    if vocab_size < 0 or vocab_size > 2**32:
-        raise ValueError(f"vocab_size must be in [0, 2^32], got {vocab_size}")
+    # The header stores V and the EOS id as uint32, EOS 0xFFFFFFFF meaning none: a value outside would be
+    # cut to its low 32 bits (or make struct.pack fail) instead of raising.
+    if not _is_int(vocab_size) or not 0 <= vocab_size < 2**32:
+        raise ValueError(f"vocab_size must be an int in [0, 2^32), got {vocab_size!r}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < (vocab_size or NO_EOS)):
+        raise ValueError(f"eos_id must be None or an int in [0, {vocab_size or NO_EOS}), got {eos_id!r}")
+    if tokens.size and tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     token_bytes = 2 if 0 < vocab_size <= 65536 else 4
-    if tokens.size and (tokens.min() < 0 or (vocab_size and tokens.max() >= vocab_size)):
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
+    limit = vocab_size or 2**32  # vocab 0 (unknown): uint32 tokens, any id that fits
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
+        raise ValueError(f"tokens: ids must be in [0, {limit}), got range [{tokens.min()}, {tokens.max()}]")
     body = tokens.astype(_token_dtype(token_bytes), copy=False).tobytes()
     docs = b""
     n_docs = 0
@@ -131,6 +142,12 @@ def write_shard(path, tokens, *, vocab_size: int, eos_id: int | None = None, doc
 def write_llmc_shard(path, tokens) -> None:
     """Write an llm.c GPT-2 shard (used by tests and by users converting data)."""
     tokens = np.asarray(tokens)
+    # uint16 tokens read back as GPT-2 (vocab 50257): an id outside would wrap or fail check_vocab later.
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= GPT2_VOCAB):
+        raise ValueError(f"tokens of an llm.c shard must be GPT-2 ids, integers in [0, {GPT2_VOCAB}), got dtype "
+                         f"{tokens.dtype} range [{tokens.min()}, {tokens.max()}]")
+    if tokens.size >= 2**31:
+        raise ValueError(f"an llm.c shard holds fewer than 2^31 tokens (an int32 count), got {tokens.size}")
     head = np.zeros(256, dtype="<i4")
     head[:3] = (LLMC_MAGIC, LLMC_VERSION, tokens.size)
     Path(path).write_bytes(head.tobytes() + tokens.astype("<u2").tobytes())
@@ -271,12 +288,16 @@ def load_manifest(dataset) -> dict:
     path = root / MANIFEST
     if path.exists():
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{path}: not UTF-8: byte 0x{e.object[e.start]:02X} at offset {e.start}") from e
         except json.JSONDecodeError as e:
             raise ShardError(f"{path}: invalid JSON at offset {e.pos}: {e.msg}") from e
-        if manifest.get("format") != "fmcore-dataset" or manifest.get("version") != 1:
-            raise ShardError(f"{path}: expected format 'fmcore-dataset' version 1, got "
-                             f"{manifest.get('format')!r} version {manifest.get('version')!r}")
+        except (ValueError, RecursionError) as e:  # an integer over Python's digit limit, deep nesting
+            raise ShardError(f"{path}: invalid JSON: {e}") from e
+        _check_manifest(path, manifest)
         return manifest
     splits = {}
     for split in ("train", "val"):
@@ -290,6 +311,45 @@ def load_manifest(dataset) -> dict:
         raise ShardError(f"{root}: empty dataset: no {MANIFEST} and no *train*.bin / *val*.bin shards")
     return {"format": "fmcore-dataset", "version": 1, "splits": splits,
             "tokenizer": {"file": None, "vocab_size": GPT2_VOCAB, "eos_id": GPT2_EOS, "source": "llm.c GPT-2 shards"}}
+
+
+def _check_manifest(path: Path, m) -> None:
+    """The structure and types the readers rely on (a hand-edited or damaged manifest raises ShardError naming
+    the field, not a KeyError later); vocab_size and eos_id are checked against the shard header's uint32
+    fields before the C++ loader sees them."""
+    def fail(field, want, got):
+        raise ShardError(f"{path}: {field} must be {want}, got {got!r}")
+
+    if not isinstance(m, dict):
+        fail("the top level", "a JSON object", type(m).__name__)
+    if m.get("format") != "fmcore-dataset" or m.get("version") != 1:
+        raise ShardError(f"{path}: expected format 'fmcore-dataset' version 1, got "
+                         f"{m.get('format')!r} version {m.get('version')!r}")
+    tok = m.get("tokenizer", {})
+    if not isinstance(tok, dict):
+        fail("tokenizer", "an object", tok)
+    vocab, eos = tok.get("vocab_size"), tok.get("eos_id")
+    if vocab is not None and (not _is_int(vocab) or not 0 <= vocab < 2**32):
+        fail("tokenizer.vocab_size", "null or an int in [0, 2^32)", vocab)
+    if eos is not None and (not _is_int(eos) or not 0 <= eos < (vocab or NO_EOS)):
+        fail("tokenizer.eos_id", f"null or an int in [0, {vocab or NO_EOS})" + (" (the vocab size)" if vocab else ""),
+             eos)
+    splits = m.get("splits")
+    if not isinstance(splits, dict):
+        fail("splits", "an object mapping split names to {\"shards\": [...]}", splits)
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            fail(f"splits.{name}", "an object with a \"shards\" list", split)
+        for k, entry in enumerate(split["shards"]):
+            where = f"splits.{name}.shards[{k}]"
+            if not isinstance(entry, dict):
+                fail(where, "an object", entry)
+            if not isinstance(entry.get("file"), str) or not entry["file"]:
+                fail(f"{where}.file", "a file name", entry.get("file"))
+            if not _is_int(entry.get("tokens")) or entry["tokens"] < 0:
+                fail(f"{where}.tokens", "a token count (an int >= 0)", entry.get("tokens"))
+            if "crc32" in entry and not _is_int(entry["crc32"]):
+                fail(f"{where}.crc32", "an int", entry["crc32"])
 
 
 def split_shards(dataset, split: str) -> tuple[dict, list[Path]]:
