@@ -60,9 +60,13 @@ class AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     const bool has_residual = residual.has_value();
     // The backward reads the sum: the stream output, or x itself when nothing was added.
     ctx->save_for_backward({has_residual ? stream : x, weight, mean, rstd});
-    // Without a residual the stream output is a (0,) placeholder (Python returns x itself).
-    ctx->mark_non_differentiable(has_residual ? variable_list{mean, rstd}
-                                              : variable_list{stream, mean, rstd});
+    // Without a residual the stream output is a (0,) placeholder (Python returns x itself); with
+    // one it is x + residual, which depends on neither weight nor bias: not differentiable when
+    // only they require grad (torch's x + residual would not require grad either).
+    const bool stream_differentiable =
+        has_residual && (x.requires_grad() || residual->requires_grad());
+    ctx->mark_non_differentiable(stream_differentiable ? variable_list{mean, rstd}
+                                                       : variable_list{stream, mean, rstd});
     // An output that did not reach the loss arrives undefined: no zeros for an unused stream.
     ctx->set_materialize_grads(false);
     ctx->saved_data["rms"] = rms;

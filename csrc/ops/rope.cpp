@@ -3,6 +3,7 @@
 
 #include <type_traits>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -93,6 +94,21 @@ RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
+void check_rope_inplace(const at::Tensor& q, const at::Tensor& k) {
+  // Each element is rotated where it is stored: one reachable through two indices (an expanded q)
+  // or through both q and k (k is q) would be rotated twice, silently. Strided views into one
+  // buffer (q and k slices of a fused qkv projection) are what the in-place op is for: allowed.
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes,
+                      "in-place rope: elements of ", name, " share memory (an expanded or stride-0 ",
+                      "tensor); rotate a copy or use inplace=False");
+  }
+  const at::MemOverlapStatus qk = at::get_overlap_status(q, k);
+  TORCH_CHECK_VALUE(qk != at::MemOverlapStatus::Full && qk != at::MemOverlapStatus::Partial,
+                    "in-place rope: q and k share memory (k is q, or they overlap); rotate them ",
+                    "separately or use inplace=False");
+}
+
 namespace {
 
 // ---- CPU reference: the same arithmetic as the CUDA kernel, one (b, s) row at a time.
@@ -156,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
 
 void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                       const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim) {
+  check_rope_inplace(q, k);
   const RopeParams p = make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q, k);
   run_rope_cpu(p, q.scalar_type(), cos.scalar_type());
 }

@@ -34,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
 
 void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                        const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim) {
+  check_rope_inplace(q, k);
   launch(make_rope_params(q, k, cos, sin, interleaved, conjugate, seq_dim, q, k), q);
 }
 

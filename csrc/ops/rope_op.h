@@ -14,4 +14,7 @@ RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& sin, bool interleaved, bool conjugate, int64_t seq_dim,
                             const at::Tensor& q_out, const at::Tensor& k_out);
 
+// The in-place op's extra check: no element of q or k reachable twice (ValueError otherwise).
+void check_rope_inplace(const at::Tensor& q, const at::Tensor& k);
+
 }  // namespace fmcore

@@ -192,6 +192,10 @@ def test_only_some_inputs_need_grad(device, needs, residual):
     assert len(got) == len(ref) == len(want)
     for t, g, gr in zip(live, got, ref):
         assert g.dtype == t.dtype and torch.equal(g, gr)
+    # The stream is x + residual: it requires grad exactly when one of them does, as torch's sum would
+    # (it did whenever weight or bias did, its gradient wrt them zeros).
+    if residual:
+        assert stream.requires_grad == bool(want & {"x", "residual"})
 
 
 @pytest.mark.parametrize("grad_input", [True, False])

@@ -238,6 +238,23 @@ def test_forward_mode_ad_raises(dual):
         apply_rotary(t["q"], t["k"], t["cos"], t["sin"], inplace=dual.endswith("inplace"))
 
 
+def test_inplace_refuses_elements_reachable_twice(device):
+    # Each element is rotated where it is stored: k is q, or an expanded q, would be rotated twice
+    # (torch's own in-place ops refuse such outputs too). Slices of one fused qkv buffer are fine.
+    cos, sin = tables(5, 8, device)
+    x = torch.randn(2, 5, 2, 8, device=device)
+    with pytest.raises(ValueError, match="q and k share memory"):
+        apply_rotary(x, x, cos, sin, inplace=True)
+    expanded = torch.randn(1, 5, 2, 8, device=device).expand(3, 5, 2, 8)
+    with pytest.raises(ValueError, match="elements of q share memory"):
+        apply_rotary(expanded, torch.randn(3, 5, 2, 8, device=device), cos, sin, inplace=True)
+    qkv = torch.randn(2, 5, 3, 2, 8, device=device)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    want_q, want_k = apply_rotary(q, k, cos, sin)
+    apply_rotary(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
 def test_opcheck(device):
     q = torch.randn(2, 7, 4, 32, device=device, dtype=torch.float32, requires_grad=True)
     k = torch.randn(2, 7, 2, 32, device=device, dtype=torch.float32, requires_grad=True)
