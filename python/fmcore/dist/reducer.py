@@ -26,19 +26,34 @@ delays every later bucket to then: a model with unused parameters overlaps less.
 
 Gradient accumulation: wrap the non-final micro-batches in `with no_sync():` (nothing is launched).
 Without it every backward launches the buckets again: a gradient arriving a second time before
-wait() means a new backward began, so the launched collectives are waited for and discarded and the
-buckets start over with the accumulated gradients (correct, but the first pass's traffic is wasted).
+wait() means a new backward began, so the buckets not yet launched are launched (zero-filling missing
+gradients, as wait() does: every rank then has launched every bucket once, in order, whichever
+parameters it used), everything is waited for and discarded, and the buckets start over with the
+accumulated gradients (correct, but the first pass's traffic is wasted). This needs each rank's later
+backward to produce again some gradient its earlier one did (a shared trunk), or the ranks disagree
+on how many backward passes there were.
+
+Gradients are read when their bucket launches, so a gradient changed afterwards (masked, clipped,
+scaled, accumulated under no_sync(), or replaced: p.grad = None then another backward) would be
+silently lost: wait() returns those parameters so the caller can raise. To drop a backward whose
+buckets have launched, call discard() (the owners' zero_grad()), not just p.grad = None.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
 from fmcore.dist.comm import Communicator, Work
+
+
+def _is_grad(p: torch.nn.Parameter, ref: weakref.ref, version: int) -> bool:
+    """Whether p.grad is still the tensor ref points to, unmodified since it was at version."""
+    return p.grad is not None and ref() is p.grad and p.grad._version == version
 
 
 class Bucket:
@@ -82,6 +97,9 @@ class GradBuckets:
         self._launch = launch
         self._next = 0  # the next bucket to launch, in bucket order
         self._seen: set[int] = set()  # parameters whose gradient arrived in this backward
+        # id(p) -> (p, its gradient, that gradient's _version) when its bucket copied it: a later edit is
+        # lost. A weak reference: p.grad = None must free the gradient.
+        self._copied: dict[int, tuple[torch.nn.Parameter, weakref.ref, int]] = {}
         self._sync = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
@@ -98,6 +116,8 @@ class GradBuckets:
         if not self._sync:
             return
         if id(p) in self._seen:  # a second backward before wait(): start over (see the module doc)
+            # Launch what this rank has not, so every rank waits on the same collectives.
+            self._launch_ready(force=True)
             self._reset()
         self._seen.add(id(p))
         self.buckets[self._bucket_of[id(p)]].ready += 1
@@ -112,13 +132,35 @@ class GradBuckets:
                 if p.grad is None:  # unused in this step's graph: it contributes zeros
                     p.grad = torch.zeros_like(p)
             torch._foreach_copy_(bucket.views, [p.grad for p in bucket.params])
+            self._copied.update((id(p), (p, weakref.ref(p.grad), p.grad._version)) for p in bucket.params)
             bucket.work = self._launch(self._next)
             self._next += 1
 
-    def wait(self) -> None:
+    @property
+    def pending(self) -> bool:
+        """Whether a gradient arrived (so collectives may be in flight) since the last wait()/discard()."""
+        return bool(self._seen)
+
+    def wait(self) -> list[torch.nn.Parameter]:
         """Launches the buckets still waiting, waits for every bucket's collective, and resets for the
-        next backward."""
+        next backward. Returns the parameters whose p.grad changed after their bucket copied it (the
+        reduced result misses that change)."""
         self._launch_ready(force=True)
+        changed = [p for p, ref, version in self._copied.values() if not _is_grad(p, ref, version)]
+        self._reset()
+        return changed
+
+    def discard(self) -> None:
+        """Drops this backward's reductions (collective when a gradient arrived since the last wait():
+        the buckets not yet launched are launched on zeros, so every rank issues the same collectives,
+        then all are waited for). p.grad is left alone."""
+        if not self.pending:
+            return
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            bucket.flat.zero_()
+            bucket.work = self._launch(self._next)
+            self._next += 1
         self._reset()
 
     def _reset(self) -> None:
@@ -128,6 +170,7 @@ class GradBuckets:
             bucket.work, bucket.ready = None, 0
         self._next = 0
         self._seen.clear()
+        self._copied.clear()
 
     def remove(self) -> None:
         """Unregisters the hooks."""
@@ -148,6 +191,8 @@ class GradReducer:
         self._grads = GradBuckets(unique, self._all_reduce, bucket_mb=bucket_mb,
                                   key=lambda p: (p.dtype, p.device))
         self.buckets = self._grads.buckets
+        self._params = unique
+        self._finished: list[tuple[weakref.ref, int]] | None = None  # each p.grad and its _version after finish()
 
     def _all_reduce(self, index: int) -> Work:
         return self.comm.all_reduce(self.buckets[index].flat, self.op, async_op=True)
@@ -157,10 +202,37 @@ class GradReducer:
         return self._grads.no_sync()
 
     def finish(self) -> None:
-        """Waits for every bucket and writes the reduced gradients back into p.grad."""
-        self._grads.wait()
+        """Waits for every bucket and writes the reduced gradients back into p.grad (collective).
+        Calling it again when no gradient has arrived or changed since is a no-op (reducing the
+        reduced gradients again would scale them by world with op="sum").
+        Raises RuntimeError when a gradient changed after the backward reduced it (edit p.grad after
+        finish(); to drop a backward, call zero_grad())."""
+        if not self._grads.pending and self._finished is not None and all(
+                _is_grad(p, ref, version) for p, (ref, version) in zip(self._params, self._finished)):
+            return
+        changed = self._grads.wait()
+        if changed:
+            raise RuntimeError(
+                f"GradReducer: {len(changed)} gradient(s) (shapes {[tuple(p.shape) for p in changed[:3]]}...) "
+                "changed after the backward started reducing them (edited, accumulated under no_sync() after a "
+                "synced backward, or replaced after p.grad = None): the reduction would miss the change. Edit "
+                "gradients after finish(), and drop a backward with GradReducer.zero_grad()")
         for bucket in self.buckets:
             torch._foreach_copy_([p.grad for p in bucket.params], bucket.views)
+        self._finished = [(weakref.ref(p.grad), p.grad._version) for p in self._params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drops the current backward's reductions (waits for those in flight; collective if any
+        gradient arrived since finish()) and resets the gradients, like model.zero_grad(). Use it, not
+        p.grad = None, to discard a synced backward before another."""
+        self._grads.discard()
+        for p in self._params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
 
     def remove(self) -> None:
         """Unregisters the hooks."""

@@ -12,10 +12,11 @@ with the gradients' reduce-scatter overlapping the backward.
 
 Layout. The parameters are bucketed by fmcore.dist.reducer.GradBuckets (the reducer's bucketing),
 in the reverse of the model's registration order (pass module=model), keyed by (param group, dtype,
-device), bucket_mb each, every bucket zero-padded to world * s_b elements. A bucket's parameters live in a flat parameter buffer laid out like its flat gradient
-buffer (p.data is re-pointed, so the model keeps its Parameter objects). Rank r owns elements
-[r*s_b, (r+1)*s_b) of every bucket b; per (param group, dtype, device) its shard is the concatenation
-of those slices in bucket order, S = sum of s_b elements: an fp32 master copy (one nn.Parameter) that
+device), bucket_mb each, every bucket zero-padded to world * s_b elements. A bucket's parameters
+live in a flat parameter buffer laid out like its flat gradient buffer (p.data is re-pointed, so the
+model keeps its Parameter objects). Rank r owns elements [r*s_b, (r+1)*s_b) of every bucket b; per
+(param group, dtype, device) its shard is the concatenation of those slices in bucket order,
+S = sum of s_b elements: an fp32 master copy (one nn.Parameter) that
 the inner optimizer (fmcore.optim.FusedAdamW, or torch.optim.AdamW when impl="torch") updates, with
 its moments, so optimizer state is 3 * 4 * S bytes per rank against DDP's 2 * 4 * N (fp32 params:
 1/world of the replicated state plus the master copy; bf16 params: the master copy is the same one
@@ -34,7 +35,14 @@ Checkpoints. state_dict() describes each bucket's slice of the master and moment
 Shard(0) of the bucket's unpadded numel_b elements over the group's DeviceMesh: torch.chunk (DTensor's
 split) and the padded slices agree, and a bucket's contents depend only on the parameters, param
 groups and bucket_mb, not on the world size, so the dict saved with torch.distributed.checkpoint on
-W ranks loads on W' ranks (with the same bucket_mb).
+W ranks loads on W' ranks (with the same bucket_mb). It can also be torch.save'd or deep-copied.
+
+Parameters edited outside the optimizer (model.load_state_dict after construction, nn.init, a
+broadcast) are noticed at the next step() or state_dict(): the elements of this rank's slice that
+differ from what the optimizer last wrote there (`send`) are copied into the master. (Collectives
+and .data do not bump a tensor's _version, so the values are compared.) Gradients are read by the
+backward's hooks, so p.grad must not be edited between backward() and step() (clip with
+clip_grad_norm_ instead): step() raises RuntimeError if one was. To drop a backward, call zero_grad().
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import torch
 
 from fmcore.dist.comm import Communicator, Work
 from fmcore.dist.reducer import Bucket, GradBuckets
+from fmcore.optim.adamw import _check_hyperparameters
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 _IMPLS = ("auto", "fmcore", "torch")
@@ -76,12 +85,18 @@ class _FlatShard:
                              for flat, b in zip(self.flat_params, buckets)])
         p0 = buckets[0].params[0]
         self.grad_shard = torch.empty(self.shard_numel, dtype=p0.dtype, device=p0.device)
-        self.send = torch.empty(self.shard_numel, dtype=p0.dtype, device=p0.device)
-        self.master = torch.nn.Parameter(own.float())
+        # what the optimizer last wrote into this rank's slices of the flat parameters (param dtype)
+        self.send = own
+        self.master = torch.nn.Parameter(own.to(torch.float32, copy=True))
 
     def is_sharded(self, v) -> bool:
         """Whether an optimizer state value is per element of the shard (master, moments)."""
         return torch.is_tensor(v) and v.dim() == 1 and v.numel() == self.shard_numel
+
+
+def _cpu_foreach(lr) -> bool:
+    """torch's CPU AdamW: foreach (one loop over the tensors), except that it rejects a tensor lr."""
+    return not torch.is_tensor(lr)
 
 
 def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -89,8 +104,22 @@ def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> tor
         from fmcore.optim import FusedAdamW
 
         return FusedAdamW(groups)
-    cuda = device.type == "cuda"
-    return torch.optim.AdamW(groups, fused=cuda or None, foreach=None if cuda else True)
+    if device.type == "cuda":
+        return torch.optim.AdamW(groups, fused=True)
+    return torch.optim.AdamW([{**g, "foreach": _cpu_foreach(g["lr"])} for g in groups])
+
+
+def _at_offset_0(t: torch.Tensor) -> torch.Tensor:
+    """t (1-D, contiguous) over the same memory but at storage offset 0: torch.save and copy.deepcopy
+    fail on a DTensor whose local tensor sits at a non-zero offset ("invalid python storage"). The
+    sliced storage does not own its memory, so the result keeps t (and its storage) alive."""
+    if t.storage_offset() == 0:
+        return t
+    start = t.storage_offset() * t.element_size()
+    storage = t.untyped_storage()[start:start + t.numel() * t.element_size()]
+    out = torch.empty(0, dtype=t.dtype, device=t.device).set_(storage)
+    out._fmcore_owner = t  # the memory's owner lives as long as this view
+    return out
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -104,7 +133,15 @@ class ZeroAdamW(torch.optim.Optimizer):
     the order backward produces gradients; without it, in the reverse of the param groups' order,
     which with several groups (weight decay or not) puts parameters whose gradients come at the end
     (the embedding, the first layers' norms) into the first buckets, and every later bucket waits for
-    them (the buckets launch in order): pass it whenever there is more than one param group."""
+    them (the buckets launch in order): pass it whenever there is more than one param group.
+
+    Differences from torch.optim.AdamW: step() with no gradient at all since zero_grad() does nothing,
+    but when some parameters have gradients, those without one (unused in this step) are updated with
+    a zero gradient, as DDP zero-fills them (torch.optim.AdamW skips them): their moments decay and
+    weight decay applies. p.grad holds this rank's local gradient, not the average (that is in the
+    shards), and must not be edited after backward(): use clip_grad_norm_. Every group's hyperparameters
+    are validated as fmcore.optim.FusedAdamW does (no amsgrad or maximize). The param groups are laid
+    out into flat shards at construction: add_param_group afterwards raises NotImplementedError."""
 
     def __init__(self, params: Iterable, comm: Communicator, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -112,6 +149,12 @@ class ZeroAdamW(torch.optim.Optimizer):
         if impl not in _IMPLS:
             raise ValueError(f"expected impl one of {_IMPLS}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        # Before any hook is registered: a constructor that raises must leave the model untouched.
+        for gi, group in enumerate(self.param_groups):
+            try:
+                _check_hyperparameters(group)
+            except ValueError as e:
+                raise ValueError(f"ZeroAdamW param group {gi} (checked as fmcore.optim.FusedAdamW does): {e}") from None
         self.comm = comm
         group_of: dict[int, int] = {}  # id(param) -> its param group
         trainable = []  # requiring grad, each once, in param-group order
@@ -131,6 +174,14 @@ class ZeroAdamW(torch.optim.Optimizer):
 
         self._grads = GradBuckets(trainable, self._reduce_scatter, bucket_mb=bucket_mb, key=key,
                                   shards=comm.world_size)
+        try:
+            self._build(trainable, key, impl)
+        except BaseException:
+            self._grads.remove()  # a failed constructor leaves no hooks behind
+            raise
+
+    def _build(self, trainable: list[torch.nn.Parameter], key, impl: str) -> None:
+        comm = self.comm
         by_key: dict = {}
         for b in self._grads.buckets:
             by_key.setdefault(b.key, []).append(b)
@@ -144,6 +195,32 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._init_state()
         self._reduced = False
         self._mesh = None
+        self._params = trainable
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "_flats" in self.__dict__:
+            raise NotImplementedError("ZeroAdamW lays its param groups out into flat shards at construction: "
+                                      "add_param_group afterwards is not supported; build a new ZeroAdamW "
+                                      "(call remove() on this one) with every group")
+        super().add_param_group(param_group)
+
+    def remove(self) -> None:
+        """Unregisters the backward hooks (before replacing this optimizer with another)."""
+        self._grads.remove()
+
+    # ---- parameters edited outside the optimizer
+    @torch.no_grad()
+    def _refresh_master(self) -> None:
+        """Copies into the master the parameter elements edited since this optimizer last wrote them
+        (loaded weights, re-initialisation, a broadcast): else the next all-gather would undo the edit.
+        Only edited elements: the others keep the master's fp32 precision (bf16 parameters)."""
+        rank = self.comm.rank
+        for f in self._flats:
+            for b, flat, part in zip(f.buckets, f.flat_params, f.slices):
+                own, master = flat[rank * b.shard_numel:(rank + 1) * b.shard_numel], f.master[part]
+                # One pass, no host sync, no fp32 temporary: ~16 bytes per shard element (an AdamW step
+                # moves ~30), a small part of a step whose forward and backward dominate.
+                torch.where(own != f.send[part], own, master, out=master)
 
     # ---- the step
     def _reduce_scatter(self, index: int) -> Work:
@@ -158,22 +235,34 @@ class ZeroAdamW(torch.optim.Optimizer):
         return self._grads.no_sync()
 
     @torch.no_grad()
-    def reduce_gradients(self) -> None:
+    def reduce_gradients(self) -> bool:
         """Waits for the gradients' reduce-scatters (launching those the backward has not) and sets each
-        shard's master gradient (collective). clip_grad_norm_ and step() call it."""
+        shard's master gradient (collective). clip_grad_norm_ and step() call it. Returns False, doing
+        nothing, when no parameter has a gradient (no backward since zero_grad())."""
         if self._reduced:
-            return
-        self._grads.wait()
+            return True
+        if not self._grads.pending and all(p.grad is None for p in self._params):
+            return False
+        changed = self._grads.wait()
+        if changed:
+            raise RuntimeError(
+                f"ZeroAdamW: {len(changed)} gradient(s) (shapes {[tuple(p.shape) for p in changed[:3]]}...) "
+                "changed after the backward: ZeroAdamW reduces gradients during the backward, so edits to "
+                "p.grad after it (masking, scaling, torch.nn.utils.clip_grad_norm_, a backward under no_sync() "
+                "after a synced one, p.grad = None instead of zero_grad()) would be lost. Clip with "
+                "ZeroAdamW.clip_grad_norm_, and drop a backward with ZeroAdamW.zero_grad()")
         for f in self._flats:
             f.master.grad = f.grad_shard.float() if f.grad_shard.dtype != torch.float32 else f.grad_shard
         self._reduced = True
+        return True
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Reduces the gradients, then scales them so their global L2 norm is at most max_norm
         (max_norm <= 0: only measures). Returns the norm before clipping, like
         torch.nn.utils.clip_grad_norm_ on the averaged full gradients."""
-        self.reduce_gradients()
+        if not self.reduce_gradients():
+            return torch.zeros((), device=self._flats[0].master.device)
         grads = [f.master.grad for f in self._flats]
         sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
         self.comm.all_reduce(sq, "sum")
@@ -189,10 +278,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.reduce_gradients()
+        if not self.reduce_gradients():
+            return loss  # no backward since zero_grad(): nothing to do, as torch.optim.AdamW
+        self._refresh_master()
         for f, inner_group in zip(self._flats, self.inner.param_groups):
             for k in _HYPER:
                 inner_group[k] = self.param_groups[f.group_index][k]
+            if inner_group.get("foreach") is not None:  # torch's CPU AdamW (the lr may become a tensor)
+                inner_group["foreach"] = _cpu_foreach(inner_group["lr"])
         self.inner.step()
         self._gather_params()
         self._reduced = False
@@ -207,6 +300,9 @@ class ZeroAdamW(torch.optim.Optimizer):
                     self.comm.all_gather(flat, f.send[part])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        # A backward whose reductions are in flight is dropped (collective then, as the backward was):
+        # else the next step would use its gradients.
+        self._grads.discard()
         super().zero_grad(set_to_none)
         for f in self._flats:
             f.master.grad = None
@@ -246,8 +342,8 @@ class ZeroAdamW(torch.optim.Optimizer):
 
         if self._mesh is None:
             self._mesh = DeviceMesh.from_group(self.comm.group, f.master.device.type)
-        return DTensor.from_local(local[f.slices[j]][:f.valid[j]], self._mesh, [Shard(0)], run_check=False,
-                                  shape=torch.Size([f.buckets[j].numel]), stride=(1,))
+        return DTensor.from_local(_at_offset_0(local[f.slices[j]][:f.valid[j]]), self._mesh, [Shard(0)],
+                                  run_check=False, shape=torch.Size([f.buckets[j].numel]), stride=(1,))
 
     def state_dict(self) -> dict:
         """Hyperparameters plus, per flat shard i and its bucket j, DTensors 'flat{i}.bucket{j}.master'
@@ -255,6 +351,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         size through torch.distributed.checkpoint) and the replicated scalars ('flat{i}.step'). The
         tensors alias this optimizer's storage, so dcp.load(sd) fills them in place; call
         load_state_dict(sd) afterwards."""
+        self._refresh_master()
         sd: dict = {"param_groups": [{k: g[k] for k in _HYPER} for g in self.param_groups]}
         for i, f in enumerate(self._flats):
             for k, v in {"master": f.master.detach(), **self.inner.state[f.master]}.items():

@@ -1,0 +1,267 @@
+"""ZeroAdamW and GradReducer off the happy path, on 2 CPU ranks (gloo) unless a test needs none:
+weights edited after the optimizer was built, a backward dropped with zero_grad(), gradient accumulation
+without no_sync() when a parameter is unused on one rank only, gradients edited after the backward,
+step() with no backward, add_param_group, hyperparameter validation, a tensor lr, finish() twice and
+torch.save of a state_dict. A rank that hangs is killed by run_ranks' timeout, failing the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fmcore.dist import Communicator, GradReducer, ZeroAdamW
+from tests.distributed.launch import run_ranks
+
+TIMEOUT = 60  # s: a collective mismatch hangs; this turns it into a failure
+TINY_BUCKET = 16 / 2**20  # 16 bytes: one 8-element fp32 parameter per bucket
+
+
+class FakeComm:
+    """Enough of a Communicator to build a ZeroAdamW (construction runs no collective)."""
+
+    world_size, rank = 2, 0
+
+
+def two_layers() -> torch.nn.Sequential:
+    # 5 -> 3 -> 2: odd sizes, so with small buckets a parameter straddles the two ranks' slices
+    return torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+
+
+# ---- weights edited after construction are not overwritten by the stale master
+def _edited_weights_body(rank, world, impl):
+    comm = Communicator()
+    torch.manual_seed(rank)  # every rank starts different: only the broadcast makes them agree
+    model = two_layers()
+    opt = ZeroAdamW(model.parameters(), comm, lr=1e-2, impl=impl, bucket_mb=40 / 2**20)
+    assert len(opt._grads.buckets) > 2
+    torch.manual_seed(7)
+    model[0].load_state_dict({"weight": torch.randn(3, 5), "bias": torch.randn(3)})  # "pretrained"
+    torch.nn.init.constant_(model[1].bias, 0.5)
+    dist.broadcast(model[1].weight.detach(), src=0)  # (through .data: not seen, see the zero.py doc)
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    x = torch.randn(4, 5)  # the same batch on every rank: the average is the local gradient
+    for m, o in ((model, opt), (ref, ref_opt)):
+        m(x).square().sum().backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"{impl} {name}")
+    return True
+
+
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_zero1_keeps_weights_edited_after_construction(tmp_path, impl):
+    run_ranks(_edited_weights_body, 2, tmp_path, args=(impl,), timeout=TIMEOUT)
+
+
+# ---- zero_grad() drops a synced backward; editing p.grad after the backward raises
+def _dropped_backward_body(rank, world):
+    comm = Communicator()
+    sign = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = ZeroAdamW([p], comm, lr=0.1, weight_decay=0.0)
+    reducer = GradReducer([q], comm)
+    for w, owner in ((p, opt), (q, reducer)):
+        (w * 100.0).sum().backward()  # a batch dropped (say its loss was nan): its reductions are in flight
+        owner.zero_grad()
+        with owner.no_sync():
+            (w * sign).sum().backward()
+        if owner is opt:
+            opt.step()
+            # AdamW's first step moves each element by lr against the sign of its gradient
+            assert p.tolist() == pytest.approx([1.1, 1.1, 0.9, 0.9]), p
+        else:
+            reducer.finish()
+            assert q.grad.tolist() == sign.tolist()
+
+    # p.grad = None instead of zero_grad() (model.zero_grad()): the dropped reduction would be used
+    for w, finish in ((p, opt.step), (q, reducer.finish)):
+        (w * 100.0).sum().backward()
+        w.grad = None
+        with (opt if w is p else reducer).no_sync():
+            (w * sign).sum().backward()
+        with pytest.raises(RuntimeError, match="zero_grad"):
+            finish()
+    return True
+
+
+def test_zero_grad_drops_a_synced_backward(tmp_path):
+    run_ranks(_dropped_backward_body, 2, tmp_path, timeout=TIMEOUT)
+
+
+def _grad_edit_body(rank, world, edit):
+    comm = Communicator()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ZeroAdamW([p], comm, lr=0.1, weight_decay=0.0)
+    (p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    if edit == "mask":
+        p.grad[:2] = 0
+    else:
+        torch.nn.utils.clip_grad_norm_([p], 0.1)
+    with pytest.raises(RuntimeError, match="reduces gradients during the backward.*clip_grad_norm_"):
+        opt.step()
+    assert p.tolist() == [1.0] * 4  # not stepped
+    # the state is clean again: a fresh backward steps normally
+    opt.zero_grad()
+    (p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    opt.clip_grad_norm_(0.1)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.9] * 4)
+    return True
+
+
+@pytest.mark.parametrize("edit", ["mask", "torch_clip"])
+def test_zero1_rejects_grads_edited_after_backward(tmp_path, edit):
+    run_ranks(_grad_edit_body, 2, tmp_path, args=(edit,), timeout=TIMEOUT)
+
+
+# ---- gradient accumulation without no_sync() while a parameter is unused on one rank only
+def _rank_dependent_unused_body(rank, world, which):
+    comm = Communicator()
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    ra, rb = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
+    if which == "zero":
+        owner = ZeroAdamW([a, b], comm, lr=0.1, bucket_mb=TINY_BUCKET)  # one parameter per bucket
+    else:
+        owner = GradReducer([a, b], comm, bucket_mb=TINY_BUCKET)
+    assert len(owner._grads.buckets) == 2
+    for micro in range(2):  # b only on rank 0 (a data-dependent branch); no no_sync()
+        ((a * 1.0).sum() + ((b * 2.0).sum() if rank == 0 else 0.0)).backward()
+    # averaged accumulated gradients: a: 2 micro-batches x 1; b: (2 x 2 on rank 0 + 0 on rank 1) / 2
+    if which == "reducer":
+        owner.finish()
+        assert a.grad.tolist() == [2.0] * 8 and b.grad.tolist() == [2.0] * 8, (a.grad, b.grad)
+        return True
+    owner.step()
+    ra.grad, rb.grad = torch.full((8,), 2.0), torch.full((8,), 2.0)
+    ref = torch.optim.AdamW([ra, rb], lr=0.1)
+    ref.step()
+    torch.testing.assert_close(a, ra)
+    torch.testing.assert_close(b, rb)
+    return True
+
+
+@pytest.mark.parametrize("which", ["zero", "reducer"])
+def test_accumulation_without_no_sync_rank_dependent_unused(tmp_path, which):
+    run_ranks(_rank_dependent_unused_body, 2, tmp_path, args=(which,), timeout=TIMEOUT)
+
+
+# ---- step() with no backward is a no-op
+def _no_backward_body(rank, world, impl):
+    comm = Communicator()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = ZeroAdamW([p], comm, lr=0.1, weight_decay=0.1, impl=impl)
+    (p * torch.arange(6.0)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    before = p.detach().clone()
+    assert opt.clip_grad_norm_(1.0).item() == 0.0
+    opt.step()  # no backward since zero_grad(): torch.optim.AdamW does nothing, and neither may this
+    assert torch.equal(p, before) and p.grad is None
+    assert opt.inner.state[opt._flats[0].master]["step"].item() == 1
+    return True
+
+
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_zero1_step_without_backward_is_a_no_op(tmp_path, impl):
+    run_ranks(_no_backward_body, 2, tmp_path, args=(impl,), timeout=TIMEOUT)
+
+
+# ---- construction: add_param_group, validation before any hook, a tensor lr
+def test_zero1_add_param_group_raises():
+    opt = ZeroAdamW([torch.nn.Parameter(torch.ones(4))], FakeComm())
+    with pytest.raises(NotImplementedError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))]})
+    assert len(opt.param_groups) == 1
+
+
+BAD_HYPER = [(dict(lr=-1.0), "lr"), (dict(betas=(1.5, 0.9)), "betas"), (dict(eps=-1.0), "eps"),
+             (dict(weight_decay=-0.1), "weight_decay")]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_zero1_validates_every_group_before_registering_hooks(impl):
+    p = torch.nn.Parameter(torch.ones(4))
+    for kwargs, name in BAD_HYPER:
+        with pytest.raises(ValueError, match=name):
+            ZeroAdamW([p], FakeComm(), impl=impl, **kwargs)
+        with pytest.raises(ValueError, match=f"group 1.*{name}"):  # per group, not only the defaults
+            ZeroAdamW([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [p], **kwargs}], FakeComm(),
+                      impl=impl)
+    with pytest.raises(ValueError, match="amsgrad"):
+        ZeroAdamW([{"params": [p], "amsgrad": True}], FakeComm(), impl=impl)
+    assert not p._post_accumulate_grad_hooks  # no failed constructor left its hook behind
+
+
+def _tensor_lr_body(rank, world):
+    comm = Communicator()
+    p, r = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = ZeroAdamW([p], comm, lr=torch.tensor(0.1), impl="torch")
+    ref = torch.optim.AdamW([r], lr=torch.tensor(0.1))
+    for w, o in ((p, opt), (r, ref)):
+        (w * torch.arange(4.0)).sum().backward()
+        o.step()
+    torch.testing.assert_close(p, r)
+    return True
+
+
+def test_zero1_torch_impl_takes_a_tensor_lr_on_cpu(tmp_path):
+    run_ranks(_tensor_lr_body, 2, tmp_path, timeout=TIMEOUT)
+
+
+# ---- GradReducer.finish() twice
+def _finish_twice_body(rank, world):
+    comm = Communicator()
+    p = torch.nn.Parameter(torch.ones(3))
+    reducer = GradReducer([p], comm, op="sum")
+    (p * (rank + 1.0)).sum().backward()
+    reducer.finish()
+    reducer.finish()  # nothing new: a no-op, not a second sum
+    assert p.grad.tolist() == [3.0] * 3
+    # deferred reduction (backward under no_sync(), then finish()) still reduces the next gradients
+    p.grad = None
+    with reducer.no_sync():
+        (p * (rank + 1.0)).sum().backward()
+    reducer.finish()
+    assert p.grad.tolist() == [3.0] * 3
+    return True
+
+
+def test_reducer_finish_twice_is_a_no_op(tmp_path):
+    run_ranks(_finish_twice_body, 2, tmp_path, timeout=TIMEOUT)
+
+
+# ---- torch.save / copy.deepcopy of a state_dict with several buckets per flat shard
+def _save_body(rank, world):
+    comm = Communicator()
+    torch.manual_seed(0)
+    model = two_layers()
+    opt = ZeroAdamW(model.parameters(), comm, bucket_mb=40 / 2**20)
+    assert len(opt._flats) == 1 and len(opt._flats[0].buckets) > 1  # buckets past the first sit at an offset
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    snapshot = copy.deepcopy(sd)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    fresh = ZeroAdamW(two_layers().parameters(), comm, bucket_mb=40 / 2**20)
+    fresh.load_state_dict(loaded)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor or the step)
+    for k, v in sd.items():
+        if k != "param_groups":
+            assert torch.equal(local(fresh.state_dict()[k]), local(v)), k
+            assert torch.equal(local(snapshot[k]), local(v)), k
+    return True
+
+
+def test_zero1_state_dict_survives_torch_save_and_deepcopy(tmp_path):
+    run_ranks(_save_body, 2, tmp_path, timeout=TIMEOUT)
