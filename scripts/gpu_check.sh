@@ -45,7 +45,9 @@
 # The extension: build it HERE, not on the device, and carry it with the peers that are not installed
 # there (liger-kernel, cut-cross-entropy, as wheels in .whl/); scripts/prepare_gpu_call.sh makes both:
 #   scripts/prepare_gpu_call.sh
-#   run(command="DEADLINE=578 scripts/gpu_check.sh test:140 ...", carry=["python/fmcore/_C.cpython-312-x86_64-linux-gnu.so", ".whl"])
+#   run(command="FMCORE_COMMIT=<hash> DEADLINE=578 scripts/gpu_check.sh test:140 ...", carry=[...so, ".whl"])
+# FMCORE_COMMIT: `git rev-parse --short HEAD` here (the device gets the tree without .git), so the
+# results' header says which code produced them (fmcore.bench.report.git_commit).
 # Without a carried extension that imports, the first stage builds one with 16 jobs (a few minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,10 @@
 """Merge the results files of one GPU session's benchmark groups into the file to commit:
 
     python scripts/merge_results.py OUT.json IN.json [IN.json ...]
+
+Each (bench, case, system)'s rows come from the last IN file that measured it, so a later group cut
+short replaces only what it measured; files from different GPUs, torch or CUDA versions are refused
+(python/fmcore/bench/report.py's merge).
 """
 
 import sys

@@ -1,10 +1,12 @@
-"""Regenerate README.md's performance section from the newest committed GPU results.
+"""Regenerate README.md's performance section from the committed GPU results.
 
     python scripts/render_readme.py          # rewrite README.md in place
     python scripts/render_readme.py --check  # exit 1 if README.md is stale (used by the tests)
 
 Results files are benchmarks/results/<gpu>-<yyyy-mm-dd>.json as written by `python -m fmcore.bench
---json`. The table is never typed by hand: numbers reach the README only through this script.
+--json`. Each benchmark's table comes from the newest file that has it, so a later session that ran
+only some benchmarks leaves the others' tables as they were (each such table names its file). The
+table is never typed by hand: numbers reach the README only through this script.
 """
 
 from __future__ import annotations
@@ -22,31 +24,70 @@ BEGIN, END = "<!-- perf:begin (scripts/render_readme.py) -->", "<!-- perf:end --
 # KEPT_METRICS unless a bench is listed here. Attention's TFLOP/s say what its ms and roofline% do.
 KEPT_METRICS = ("ms", "TFLOP/s", "roofline%", "MiB", "tok/s", "MFU%")
 BENCH_METRICS = {"attention": ("TFLOP/s",), "linear_cross_entropy": ("ms", "TFLOP/s", "MiB")}
+# Said under a bench's title: how its numbers were taken where that is not the intro's device timing,
+# and what a reader must know about its systems to compare them.
+NOTES = {
+    "rope": "The per-call overhead rows are host time per eager call on tiny tensors (perf_counter, in ms/call), "
+            "not device time. liger rotates q and k in place (no output tensors).",
+    "norm": "The per-call overhead rows are host time per eager call on tiny tensors (perf_counter, in ms/call), "
+            "not device time.",
+    "linear_cross_entropy": "cce runs with its default filter_eps=\"auto\", which skips gradient blocks below a "
+                            "threshold: its gradients are approximate, the others' exact.",
+    "loader": "Host timing: tokens/s of (x, y) batches ready in host memory (perf_counter, median of 3 spans).",
+    "train": "Host timing: the median perf_counter time of a whole step (one host sync per step), and tok/s and "
+             "MFU% from it; MiB is the absolute torch.cuda.max_memory_allocated over the timed steps, not a "
+             "peak above the inputs.",
+}
 
 
-def newest_results(results_dir: Path) -> Path | None:
-    files = sorted(results_dir.glob("*-????-??-??.json"), key=lambda p: p.stem[-10:])
-    return files[-1] if files else None
+def _shown(path: Path) -> str:
+    """A results file as the README names it: relative to the repository (the tests render others)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def results_files(results_dir: Path) -> list[Path]:
+    """The results files, oldest first (by the date their name ends with)."""
+    return sorted(results_dir.glob("*-????-??-??.json"), key=lambda p: p.stem[-10:])
 
 
 def render(results_dir: Path) -> str:
     report = bench_report.load()
     load_json, markdown = report.load_json, report.markdown
 
-    path = newest_results(results_dir)
-    if path is None:
+    files = results_files(results_dir)
+    if not files:
         return ("No GPU results are committed yet: the benchmarks have only run on the CPU build machines, "
-                "whose numbers prove the code paths, not the speed. Run the bench stages of `scripts/gpu_check.sh` on an "
-                "H100 and commit their merged results as `benchmarks/results/<gpu>-<date>.json`.")
-    head, rows = load_json(path)
-    keep = [r for r in rows if r.metric in BENCH_METRICS.get(r.bench, KEPT_METRICS)]
-    intro = (f"From `{path.relative_to(ROOT)}`: {head['device']}, {head['date']}, torch {head['torch']}, "
+                "whose numbers prove the code paths, not the speed. Run the bench stages of `scripts/gpu_check.sh` "
+                "on an H100 and commit their merged results as `benchmarks/results/<gpu>-<date>.json`.")
+    # bench -> (file, header, its rows) from the newest file that has the bench
+    chosen: dict[str, tuple[Path, dict, list]] = {}
+    for path in reversed(files):
+        head, rows = load_json(path)
+        for bench in dict.fromkeys(r.bench for r in rows):
+            chosen.setdefault(bench, (path, head, [r for r in rows if r.bench == bench]))
+    path = files[-1]
+    head = load_json(path)[0]
+    gpu = not head["device"].startswith("cpu")
+    timing = "CUDA-event timings" if gpu else "perf_counter timings"
+    intro = (f"From `{_shown(path)}`: {head['device']}, {head['date']}, torch {head['torch']}, "
              f"CUDA {head['cuda']}; ceilings measured in the same run: copy {head['copy_gbps']:.0f} GB/s, "
-             f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of CUDA-event timings, random inputs.\n\n")
-    if head["device"].startswith("cpu"):
-        return intro + markdown(keep, by_metric=True)
+             f"matmul {head['matmul_tflops']:.0f} TFLOP/s. Medians of {timing}, random inputs, unless a "
+             f"table says otherwise.\n\n")
+    tables, every = [], []
+    for bench, (bpath, bhead, rows) in chosen.items():
+        every += rows
+        keep = [r for r in rows if r.metric in BENCH_METRICS.get(bench, KEPT_METRICS)]
+        table = markdown(keep, by_metric=True, failed=[s for s in bhead.get("skipped", []) if s["bench"] == bench])
+        title, body = table.split("\n\n", 1)
+        notes = [NOTES[bench]] if bench in NOTES else []
+        if (bhead["device"], bhead["date"]) != (head["device"], head["date"]):
+            notes.insert(0, f"From `{_shown(bpath)}`: {bhead['device']}, {bhead['date']}, "
+                            f"torch {bhead['torch']}, CUDA {bhead['cuda']}.")
+        tables.append("\n\n".join([title, *notes, body]))
+    if not gpu:
+        return intro + "\n".join(tables)
     bars = "\n\n### Targets\n\nEach issue's bar against the same run's peer (`scripts/check_bars.py`):\n\n"
-    return intro + markdown(keep, by_metric=True) + bars + check_bars.table(rows)
+    return intro + "\n".join(tables) + bars + check_bars.table(every)
 
 
 def main(argv=None) -> int:

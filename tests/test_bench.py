@@ -216,3 +216,247 @@ def test_check_bars_verdicts(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts/check_bars.py"), str(tmp_path / "r.json")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and shown in proc.stdout, proc.stdout + proc.stderr
+
+
+# ---- the fixes of the bench hunt: partial runs, failed peers, compile and input hygiene, merge, README
+
+CPU_CTX = dict(device=torch.device("cpu"), roofline=Roofline(copy_gbps=10.0, matmul_tflops=0.05), quick=True)
+
+
+def _fast_roofline(monkeypatch):
+    from fmcore.bench import roofline
+
+    monkeypatch.setattr(roofline, "measure", lambda device: Roofline(copy_gbps=10.0, matmul_tflops=0.05))
+
+
+def test_interrupted_run_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    # gpu_check.sh's time caps stop a stage with SIGINT (KeyboardInterrupt) mid-benchmark: the rows
+    # measured before it must already be in the JSON. Here norm's first peer is "interrupted".
+    import fmcore.bench.norm as norm
+    from fmcore.bench.__main__ import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _fast_roofline(monkeypatch)
+    monkeypatch.setattr(norm, "torch_add_norm", interrupted)
+    out = tmp_path / "norm.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["norm", "--quick", "--json", str(out)])
+    head, rows = report.load_json(out)
+    assert rows and {(r.bench, r.system) for r in rows} == {("norm", "fmcore")}
+    assert head["skipped"] == []
+
+
+def test_failing_rope_peer_is_skipped_and_recorded(tmp_path, monkeypatch, capsys):
+    # A peer that raises (here torch-eager's and torch-compile's function) costs its rows only, is
+    # named on stdout, and is listed in the JSON header's "skipped"; fmcore's rows and the later
+    # benchmarks still come.
+    import fmcore.bench.rope as rope
+    from fmcore.bench.__main__ import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated peer failure")
+
+    _fast_roofline(monkeypatch)
+    monkeypatch.setattr(rope, "hf_rope", broken)
+    monkeypatch.setattr(rope, "call_overhead_us", lambda device, **kw: {})  # host timing: not the point here
+    out = tmp_path / "rope.json"
+    assert main(["rope", "--quick", "--json", str(out)]) == 0
+    head, rows = report.load_json(out)
+    assert {r.system for r in rows} == {"fmcore"}
+    assert {(s["bench"], s["system"]) for s in head["skipped"]} == {("rope", "torch-eager"), ("rope", "torch-compile")}
+    assert all("simulated peer failure" in s["error"] or s["system"] == "torch-compile" for s in head["skipped"])
+    printed = capsys.readouterr().out
+    assert "rope: torch-eager skipped on" in printed and "| failed |" in printed
+
+
+def test_adamw_fmcore_failure_raises_and_peer_failure_is_skipped(monkeypatch):
+    import fmcore.bench.adamw as adamw
+    from fmcore.bench import SKIPPED
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise ValueError("simulated fmcore regression")
+
+    ctx = BenchContext(**CPU_CTX)
+    monkeypatch.setattr(adamw, "FusedAdamW", Broken)
+    with pytest.raises(ValueError, match="simulated fmcore regression"):
+        list(adamw.run(ctx))  # fmcore's own failure is never a silent skip
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.optim, "AdamW", Broken)  # every torch peer now fails at construction
+    SKIPPED.clear()
+    monkeypatch.setattr(adamw, "time_ms", lambda *args, **kwargs: 1.0)  # the path, not the timing
+    rows = list(adamw.run(ctx))
+    assert {r.system for r in rows} == {"fmcore"}
+    assert {s["system"] for s in SKIPPED} == {"torch-fused", "torch-foreach"}
+    SKIPPED.clear()
+
+
+def test_try_import_names_a_broken_peer(tmp_path, monkeypatch, capsys):
+    from fmcore.bench import try_import
+
+    (tmp_path / "peer_broken_xyz.py").write_text("raise ImportError('needs a newer triton')\n")
+    (tmp_path / "peer_missing_dep_xyz.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert try_import("no_such_peer_xyz.ops") is None
+    assert capsys.readouterr().out == ""  # not installed: quietly absent
+    assert try_import("peer_broken_xyz") is None
+    assert "peer peer_broken_xyz failed to import: ImportError: needs a newer triton" in capsys.readouterr().out
+    assert try_import("peer_missing_dep_xyz") is None  # installed, but a dependency is missing
+    assert "peer_missing_dep_xyz failed to import: ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_markdown_shows_a_failed_peer_apart_from_not_applicable():
+    rows = [Row("rope", "c fwd", "fmcore", "ms", 1.0, "ms"), Row("rope", "c bwd", "fmcore", "ms", 2.0, "ms"),
+            Row("rope", "d", "fmcore", "ms", 3.0, "ms")]
+    failed = [{"bench": "rope", "case": "c", "system": "liger", "error": "RuntimeError: x"},
+              {"bench": "norm", "case": "c", "system": "torch-eager", "error": "RuntimeError: x"}]
+    table = report.markdown(rows, by_metric=True, failed=failed)
+    assert "| case | fmcore | liger |" in table  # a peer with no rows at all still gets its column
+    assert "| c fwd | 1 | failed |" in table and "| c bwd | 2 | failed |" in table and "| d | 3 | - |" in table
+    assert "failed: the peer raised" in table
+    wide = report.markdown(rows, failed=failed)
+    assert "| case | fmcore ms | liger ms |" in wide and "| c fwd | 1 | failed |" in wide
+    assert "failed" not in report.markdown(rows)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_compile_peer_is_reset_per_case(name, monkeypatch):
+    # Without torch._dynamo.reset() per case, the second case's torch-compile peer recompiles with
+    # dynamic shapes (automatic dynamic): each case's must be a static-shape compile, as in norm/gelu/swiglu.
+    module = load(name)
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    if name == "cross_entropy":
+        monkeypatch.setattr(module, "_measure", lambda bench, case, *a: events.append(case.split(" out")[0]) or [])
+        cases = 2
+    else:
+        monkeypatch.setattr(module, "_measure", lambda ctx, case, *a: events.append(case) or [])
+        cases = 1  # the quick shapes have one case: the reset still precedes it
+    list(module.run(BenchContext(**CPU_CTX)))
+    firsts = [i for i, e in enumerate(events) if e != "reset" and e not in events[:i]]
+    assert len(firsts) == cases and all(i > 0 and events[i - 1] == "reset" for i in firsts), events
+
+
+def test_cross_entropy_times_every_call_on_the_original_logits():
+    # fmcore's inplace_backward (and Liger) write the gradient over the logits: each timed call must
+    # still see the same N(0, 1) logits the torch peers see, restored outside the timing.
+    from fmcore.bench import cross_entropy as ce
+    from fmcore.ops import cross_entropy
+
+    seen = []
+
+    def fn(x, t):
+        seen.append(x.detach().clone())
+        return cross_entropy(x, t, inplace_backward=True)
+
+    def make_inputs():
+        return torch.randn(16, 100, requires_grad=True), torch.randint(0, 100, (16,))
+
+    ctx = BenchContext(**CPU_CTX)
+    rows = ce._measure("cross_entropy", "c", "fmcore", fn, make_inputs, 2 * 16 * 100 * 4, ctx)
+    assert rows and len(seen) > 5
+    assert all(torch.equal(s, seen[0]) for s in seen)
+
+
+def test_time_ms_runs_setup_before_every_call():
+    calls = []
+    time_ms(lambda: calls.append("fn"), torch.device("cpu"), warmup=2, rep=3, setup=lambda: calls.append("setup"))
+    assert calls == ["setup", "fn"] * 5
+
+
+def test_plot_draws_no_bar_for_a_missing_system(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    heights = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, label=None, **kwargs):
+        heights[(self.get_title(), label)] = list(height)
+        return real_bar(self, x, height, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    rows = [Row("rope", "c1", "fmcore", "ms", 1.0, "ms"), Row("rope", "c1", "liger", "ms", 2.0, "ms"),
+            Row("rope", "c2", "fmcore", "ms", 3.0, "ms")]  # liger failed (or is absent) on c2
+    report.plot(rows, tmp_path)
+    assert heights[("", "fmcore")] == [1.0, 3.0] and heights[("", "liger")] == [2.0]  # no 0 ms bar
+
+
+def _head(**kw):
+    return {"date": "2026-12-04", "device": "NVIDIA H200", "torch": "2.11.0+cu130", "cuda": "13.0",
+            "fmcore_commit": "abc1234", "copy_gbps": 4222.0, "matmul_tflops": 787.0, **kw}
+
+
+def test_merge_replaces_per_case_and_system(tmp_path):
+    # A later run cut short (one system of train) replaces that system's rows only, not the bench's.
+    train = "gpt2-124m B16 T1024 bf16"
+    report.write_json(tmp_path / "a.json", _head(skipped=[{"bench": "rope", "case": "c", "system": "liger",
+                                                           "error": "E"}]),
+                      [Row("train", train, s, "tok/s", v, "tok/s") for s, v in (("fmcore", 1.0), ("torch-eager", 2.0))]
+                      + [Row("rope", "c fwd", "fmcore", "ms", 1.0, "ms")])
+    report.write_json(tmp_path / "b.json", _head(date="2026-12-05", skipped=[{"bench": "adamw", "case": "c",
+                                                                            "system": "torch-fused", "error": "E"}]),
+                      [Row("train", train, "fmcore", "tok/s", 3.0, "tok/s"),
+                       Row("rope", "c fwd", "liger", "ms", 0.5, "ms")])
+    head, rows = report.merge([tmp_path / "a.json", tmp_path / "b.json"])
+    assert sorted((r.bench, r.system, r.value) for r in rows) == [
+        ("rope", "fmcore", 1.0), ("rope", "liger", 0.5), ("train", "fmcore", 3.0), ("train", "torch-eager", 2.0)]
+    assert head["date"] == "2026-12-05" and len(head["runs"]) == 2
+    # liger's skip in a.json is gone: b.json measured it
+    assert [(s["bench"], s["system"]) for s in head["skipped"]] == [("adamw", "torch-fused")]
+
+
+@pytest.mark.parametrize("field, value, what", [("torch", "2.12.0+cu130", "torch versions"),
+                                                ("cuda", "12.8", "CUDA versions"),
+                                                ("device", "NVIDIA H100 80GB HBM3", "devices")])
+def test_merge_refuses_different_software_or_gpu(tmp_path, field, value, what):
+    report.write_json(tmp_path / "a.json", _head(), [Row("rope", "c", "fmcore", "ms", 1.0, "ms")])
+    report.write_json(tmp_path / "b.json", _head(**{field: value}), [Row("rope", "c", "fmcore", "ms", 2.0, "ms")])
+    with pytest.raises(ValueError, match=f"different {what} cannot be merged"):
+        report.merge([tmp_path / "a.json", tmp_path / "b.json"])
+
+
+def test_header_names_the_fmcore_commit(tmp_path, monkeypatch):
+    import re
+
+    head = report.header(torch.device("cpu"), Roofline(copy_gbps=10.0, matmul_tflops=0.1))
+    assert "fmcore_commit" in head
+    commit = head["fmcore_commit"]
+    if (ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?", commit), commit
+    # Not a git checkout (an installed or copied tree): None, not an error or another repository's hash.
+    fake = tmp_path / "copy" / "python" / "fmcore" / "bench"
+    fake.mkdir(parents=True)
+    monkeypatch.setattr(report, "__file__", str(fake / "report.py"))
+    assert report.git_commit() is None
+
+
+def _render_readme():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_readme
+    finally:
+        sys.path.pop(0)
+    return render_readme
+
+
+def test_readme_renders_each_bench_from_its_newest_file(tmp_path):
+    # A later session that ran only rope must not wipe the other benchmarks' tables.
+    render_readme = _render_readme()
+    train = "gpt2-124m B16 T1024 bf16"
+    report.write_json(tmp_path / "h200-2026-12-04.json", _head(),
+                      [Row("rope", "c fwd", "fmcore", "ms", 1.0, "ms"),
+                       Row("train", train, "fmcore", "tok/s", 5.0, "tok/s"),
+                       Row("loader", "random", "fmcore", "tok/s", 6.0, "tok/s")])
+    skipped = [{"bench": "rope", "case": "c", "system": "liger", "error": "E"}]
+    report.write_json(tmp_path / "h200-2026-12-09.json", _head(date="2026-12-09", skipped=skipped),
+                      [Row("rope", "c fwd", "fmcore", "ms", 0.9, "ms")])
+    text = render_readme.render(tmp_path)
+    assert text.startswith("From `h200-2026-12-09.json`: NVIDIA H200, 2026-12-09")
+    rope = text[text.index("### rope"):text.index("### train")]
+    assert "| c fwd | 0.9 | failed |" in rope and "From `" not in rope
+    train_table = text[text.index("### train"):text.index("### loader")]
+    assert "From `h200-2026-12-04.json`: NVIDIA H200, 2026-12-04" in train_table and "| 5 |" in train_table
+    assert "Host timing" in train_table and "max_memory_allocated" in train_table
+    assert "Host timing" in text[text.index("### loader"):]

@@ -1,7 +1,8 @@
 """fmcore's benchmark harness: ``python -m fmcore.bench [NAME ...] [--json FILE] [--plot DIR]``.
 
-Each benchmark module defines ``run(ctx)``, returning or yielding its Rows, and compares fmcore with every peer that is
-importable, in the same process, on fresh random data.
+Each benchmark module defines ``run(ctx)``, yielding its Rows as each system's are measured (the CLI
+rewrites the JSON per row, so a run stopped at a time limit keeps them), and compares fmcore with every
+peer that is importable, in the same process, on fresh random data.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,10 +79,15 @@ def load(name: str):
     return importlib.import_module(BENCHMARKS[name])
 
 
+# The peers measure_system skipped in this process, {bench, case, system, error}: the CLI writes them
+# into the JSON header ("skipped") so that a failed peer reads as failed, not as not applicable.
+SKIPPED: list[dict[str, Any]] = []
+
+
 def measure_system(bench: str, case: str, system: str, measure: Callable[[], list[Row]]) -> list[Row]:
     """Run one system's measurement. fmcore's failures raise; a peer that fails (an API that moved, a
-    case its backend refuses, out of memory) is named on stdout and leaves no rows, so one broken peer
-    cannot cost a GPU session the other numbers."""
+    case its backend refuses, out of memory) is named on stdout and in SKIPPED and leaves no rows, so
+    one broken peer cannot cost a GPU session the other numbers."""
     if system == "fmcore":
         return measure()
     try:
@@ -88,6 +95,7 @@ def measure_system(bench: str, case: str, system: str, measure: Callable[[], lis
     except Exception as err:  # noqa: BLE001 - any peer failure is reported, never hidden as a number
         first = str(err).splitlines()[0] if str(err) else ""
         print(f"# {bench}: {system} skipped on {case}: {type(err).__name__}: {first}", flush=True)
+        SKIPPED.append({"bench": bench, "case": case, "system": system, "error": f"{type(err).__name__}: {first}"})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return []
@@ -111,11 +119,18 @@ def bench_tiles() -> list[int]:
 
 
 def try_import(module: str):
-    """A peer's module, or None when the peer is not installed (its rows are then absent)."""
+    """A peer's module, or None when the peer is not installed (its rows are then absent). A peer that
+    is installed but fails to import (a missing dependency, an API mismatch with this torch) is named
+    on stdout with the error: its absent rows are then a fault to fix, not "not installed"."""
     try:
         return importlib.import_module(module)
-    except Exception:  # a broken peer install must not stop fmcore's own numbers
+    except Exception as err:  # a broken peer install must not stop fmcore's own numbers
+        missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+        if missing is not None and (module == missing or module.startswith(missing + ".")):
+            return None  # the peer itself (or its package) is not installed: quietly absent
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"# peer {module} failed to import: {type(err).__name__}: {first}", flush=True)
         return None
 
 
-__all__ = ["BENCHMARKS", "BenchContext", "Row", "bench_tiles", "load", "measure_system", "try_import"]
+__all__ = ["BENCHMARKS", "BenchContext", "Row", "bench_tiles", "SKIPPED", "load", "measure_system", "try_import"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fmcore.bench import BENCHMARKS, BenchContext, load
+from fmcore.bench import BENCHMARKS, SKIPPED, BenchContext, load
 from fmcore.bench import report, roofline
 
 
@@ -41,14 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     ctx = BenchContext(device=device, roofline=roof, quick=args.quick or device.type != "cuda")
     rows: list[report.Row] = []
     head = report.header(device, roof)
+    SKIPPED.clear()
+
+    def save():
+        if args.json:  # the peers that failed, so that their absent rows read as failed, not as not run
+            report.write_json(args.json, {**head, "skipped": list(SKIPPED)}, rows)
+
     for name, module in zip(names, modules):
         print(f"# running {name} ...", flush=True)
+        # Every run() yields its rows as each system is measured, and the file is rewritten after every
+        # row: a run stopped at a time limit (gpu_check.sh's SIGINT) keeps what it measured.
         for row in module.run(ctx):
             rows.append(row)
-            # Rewritten after every row: a run stopped at a time limit keeps what it measured.
-            if args.json:
-                report.write_json(args.json, head, rows)
-    print(report.markdown(rows))
+            save()
+        save()  # a peer skipped after the last row
+    print(report.markdown(rows, failed=SKIPPED))
     if args.json:
         print(f"# wrote {args.json}")
     if args.plot:

@@ -12,6 +12,8 @@ On the CPU (ctx.quick) small float32 shapes prove the path against torch's defau
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -78,17 +80,15 @@ def _measure(ctx, case, fn, q, k, v, dout, causal, fwd_flops, system) -> list[Ro
     return rows
 
 
-def run(ctx: BenchContext) -> list[Row]:
+def run(ctx: BenchContext) -> Iterator[Row]:
     dev = ctx.device
     # bf16 on the GPU (the kernels' dtype); float32 on the CPU, what training there runs in
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    rows = []
     for B, H, S, D, causal in QUICK_CASES if ctx.quick else CASES:
         case = f"B{B} H{H} S{S} D{D} {'causal' if causal else 'full'} {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         dout = torch.randn(B, S, H, D, device=dev, dtype=dtype)
         fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
         for system, fn in _systems(dev):
-            rows += measure_system("attention", case, system,
-                                   lambda: _measure(ctx, case, fn, q, k, v, dout, causal, fwd_flops, system))
-    return rows
+            yield from measure_system("attention", case, system,
+                                      lambda: _measure(ctx, case, fn, q, k, v, dout, causal, fwd_flops, system))

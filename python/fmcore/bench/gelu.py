@@ -19,6 +19,7 @@ H100's measured 3.0 TB/s, (16384, 3072): fwd 67 us, bwd 101 us.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,9 @@ def _fwd_bwd_ms(fn, inputs, device) -> tuple[float, float]:
     return fwd, bwd
 
 
-def run(ctx: BenchContext) -> list[Row]:
+def run(ctx: BenchContext) -> Iterator[Row]:
     dev = ctx.device
     tokens, widths = (256, ((64, 256),)) if ctx.quick else (16384, ((768, 3072),))
-    rows: list[Row] = []
     # The model's bf16 autocast on CUDA (bf16 matmul outputs, the fp32 bias); fp32 on the CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     for dim, ffn in widths:
@@ -74,7 +74,7 @@ def run(ctx: BenchContext) -> list[Row]:
                 return [Row("gelu", f"{case} fwd", system, "ms", fwd, "ms"),
                         Row("gelu", f"{case} bwd", system, "ms", bwd, "ms")]
 
-            rows += measure_system("gelu", case, system, measure)
+            yield from measure_system("gelu", case, system, measure)
 
         h = torch.randn(tokens, ffn, device=dev, dtype=torch.bfloat16, requires_grad=True)
         case = f"bias+gelu ({tokens}, {ffn}) bf16, fp32 bias"
@@ -84,6 +84,5 @@ def run(ctx: BenchContext) -> list[Row]:
             def measure(fn=fn, system=system):
                 return ctx.fwd_bwd_rows("gelu", case, system, _fwd_bwd_ms(fn, (h, b), dev), nbytes)
 
-            rows += measure_system("gelu", case, system, measure)
-        rows += ctx.floor_rows("gelu", case, nbytes)
-    return rows
+            yield from measure_system("gelu", case, system, measure)
+        yield from ctx.floor_rows("gelu", case, nbytes)

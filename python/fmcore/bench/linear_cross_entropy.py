@@ -7,6 +7,10 @@ inputs (the bar: at most the returned gradients + 128 MiB), the same peak split 
 ("MiB fwd") and the backward's ("MiB bwd", with what the forward left for it), and TFLOP/s of the
 three N x V x D matmuls (6 N V D FLOPs) against the matmul rate measured in this run.
 
+Cut Cross-Entropy ("cce") runs with its defaults, among them filter_eps="auto": the backward skips
+the blocks of the gradient whose softmax values are all below a small threshold, so its gradients
+are not exact (fmcore's, torch's and Liger's are); its time and memory are for that approximation.
+
 On the GPU, fmcore also runs with other chunk sizes ("fmcore-chunk<rows>"), to choose the default
 from timings: the one H200 profile (N16384 D768 V50304, 2026-12-04) showed cuBLAS running all three
 chunk matmuls on 192 x 192 tiles, where the default chunk was 1152 rows (6 tiles). At V128256 the
@@ -18,6 +22,7 @@ in 22 chunks instead of 19 (three more reads and writes of grad_weight).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,8 @@ def _systems(device, chunks=()):
             systems.append(("liger", liger_fn))
         cce = try_import("cut_cross_entropy")
         if cce is not None:
+            # CCE's default filter_eps="auto" skips the gradient blocks whose softmax is below a
+            # threshold: its gradients are approximate (the others' are exact); see the docstring.
             systems.append(("cce", lambda h, w, t: cce.linear_cross_entropy(h, w, t)))
     return systems
 
@@ -76,22 +83,23 @@ def _measure(ctx, case, system, fn, N, D, V, dtype, flops) -> list[Row]:
     return rows
 
 
-def run(ctx: BenchContext) -> list[Row]:
+def run(ctx: BenchContext) -> Iterator[Row]:
     dev = ctx.device
     # (N, D, V, dtype, chunk sizes timed beside the default on the GPU)
     shapes = [(512, 64, 4096, torch.float32, ())] if ctx.quick else [
         (16384, 768, 50304, torch.bfloat16, ()), (8192, 4096, 128256, torch.bfloat16, (384,))]
-    rows: list[Row] = []
     for N, D, V, dtype, chunks in shapes:
         case = f"N{N} D{D} V{V} {str(dtype).removeprefix('torch.')}"
         flops = 6 * N * D * V
         grads_mib = (N * D + V * D) * torch.finfo(dtype).bits / 8 / 2**20
+        # A fresh compile per case, as norm, gelu and swiglu do: without it the second case's
+        # torch-compile recompiles with dynamic shapes (automatic dynamic), unlike the first.
+        torch._dynamo.reset()
         for system, fn in _systems(dev, chunks):
-            rows += measure_system("linear_cross_entropy", case, system,
-                                   lambda: _measure(ctx, case, system, fn, N, D, V, dtype, flops))
+            yield from measure_system("linear_cross_entropy", case, system,
+                                      lambda: _measure(ctx, case, system, fn, N, D, V, dtype, flops))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         if dev.type == "cuda":
-            rows.append(Row("linear_cross_entropy", case, "bar", "MiB", grads_mib + 128,
-                            "MiB: returned gradients + 128"))
-    return rows
+            yield Row("linear_cross_entropy", case, "bar", "MiB", grads_mib + 128,
+                      "MiB: returned gradients + 128")

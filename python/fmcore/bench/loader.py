@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,35 +87,35 @@ def thread_counts(cores: int | None = None) -> list[int]:
     return [t for t in (1, 2, 4, 8, 16) if t <= min(16, 2 * cores)]
 
 
-def run(ctx: BenchContext, root: Path | None = None) -> list[Row]:
+def run(ctx: BenchContext, root: Path | None = None) -> Iterator[Row]:
     B, T = 64, 1024  # the shape of the bar, on the CPU too (the point here is host throughput)
     seconds = 1.5 if ctx.quick else 2.0
     pin = torch.cuda.is_available()
-    rows: list[Row] = []
+    unit = f"tokens/s, (x, y) int64 ({B}, {T}), host{' pinned' if pin else ''}"
     with tempfile.TemporaryDirectory(prefix="fmcore_bench_loader_") as tmp:
         root = make_shards(Path(root or tmp), 8_000_000 if ctx.quick else 64_000_000)
         paths = shard_paths(root)
         for p in paths:  # into the page cache for every system alike
             p.read_bytes()
 
-        def add(case, system, value):
-            rows.append(Row("loader", case, system, "tok/s", value, f"tokens/s, (x, y) int64 ({B}, {T}), host{' pinned' if pin else ''}"))
+        def row(case, system, value):
+            return Row("loader", case, system, "tok/s", value, unit)
 
-        add(f"random B={B} T={T} threads=1", "nanogpt-get-batch",
-            tokens_per_second(lambda: nanogpt_get_batch(paths, B, T, pin), B * T, seconds))
+        yield row(f"random B={B} T={T} threads=1", "nanogpt-get-batch",
+                  tokens_per_second(lambda: nanogpt_get_batch(paths, B, T, pin), B * T, seconds))
         # Most threads first: the bar's count, should a GPU session's time limit cut the sweep.
         for threads in reversed(thread_counts()):
             case = f"random B={B} T={T} threads={threads}"
             with Loader(root, batch_size=B, seq_len=T, mode="random", threads=threads, pin_memory=pin) as loader:
-                add(case, "fmcore", tokens_per_second(lambda: next(loader), B * T, seconds))
+                yield row(case, "fmcore", tokens_per_second(lambda: next(loader), B * T, seconds))
             with Loader(root, batch_size=B, seq_len=T, mode="sequential", threads=threads, pin_memory=pin) as loader:
-                add(f"sequential B={B} T={T} threads={threads}", "fmcore",
-                    tokens_per_second(lambda: next(loader), B * T, seconds))
+                yield row(f"sequential B={B} T={T} threads={threads}", "fmcore",
+                          tokens_per_second(lambda: next(loader), B * T, seconds))
             with warnings.catch_warnings():  # more workers than cores is the point of the sweep
                 warnings.simplefilter("ignore", UserWarning)
                 dl = torch.utils.data.DataLoader(RandomWindows(paths, T), batch_size=B, num_workers=threads,
                                                  pin_memory=pin, persistent_workers=True, prefetch_factor=4)
                 it = iter(dl)  # where torch checks the worker count against the cores
-            add(case, "torch-dataloader", tokens_per_second(lambda: next(it), B * T, seconds, warmup=2 * threads + 2))
+            yield row(case, "torch-dataloader",
+                      tokens_per_second(lambda: next(it), B * T, seconds, warmup=2 * threads + 2))
             del it, dl
-    return rows

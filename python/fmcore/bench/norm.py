@@ -18,6 +18,8 @@ At the H100's measured 3.0 TB/s copy rate, (16384, 768): fwd 50 us / 34 us, bwd 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -88,11 +90,10 @@ def call_overhead_ms(fn, device, *, kind: str = "layer", calls: int = 1000, reps
                                ("forward + autograd.grad", fwd_bwd))}
 
 
-def run(ctx: BenchContext) -> list[Row]:
+def run(ctx: BenchContext) -> Iterator[Row]:
     dev = ctx.device
     rows_n, dims = (256, (64, 512)) if ctx.quick else (16384, (768, 4096))
     x_dtype, out_dtype = torch.bfloat16, torch.bfloat16
-    rows: list[Row] = []
     for dim in dims:
         for res_dtype in (torch.float32, torch.bfloat16):
             for kind in ("layer", "rms"):
@@ -110,9 +111,9 @@ def run(ctx: BenchContext) -> list[Row]:
                 bias = torch.randn(dim, device=dev, dtype=res_dtype, requires_grad=True) if kind == "layer" else None
                 nbytes = floor_bytes(rows_n, dim, x_dtype, res_dtype)
                 for system, fn in systems:
-                    rows += measure_system("norm", case, system, lambda: _measure(
+                    yield from measure_system("norm", case, system, lambda: _measure(
                         ctx, case, system, fn, (x, residual, weight, bias), kind, out_dtype, nbytes))
-                rows += ctx.floor_rows("norm", case, nbytes)
+                yield from ctx.floor_rows("norm", case, nbytes)
     # Host cost per call (metric "ms": the row vocabulary has no "us"): 25 of these run per GPT-2
     # 124M step, each way; it is hidden while the GPU is the bottleneck. fmcore's autograd is C++
     # for this cost (csrc/ops/norm_autograd.cpp).
@@ -121,6 +122,4 @@ def run(ctx: BenchContext) -> list[Row]:
         for system, fn in (("fmcore", fmcore_add_norm), ("torch-eager", torch_add_norm)):
             calls = 200 if ctx.quick else 1000
             for what, ms in call_overhead_ms(fn, dev, kind=kind, calls=calls).items():
-                rows.append(Row("norm", f"per-call overhead (8, 64) {name} {what}", system, "ms", ms,
-                                "ms/call"))
-    return rows
+                yield Row("norm", f"per-call overhead (8, 64) {name} {what}", system, "ms", ms, "ms/call")

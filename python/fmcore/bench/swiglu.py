@@ -13,6 +13,8 @@ bwd 783 us.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +37,9 @@ def _systems(device):
     return systems
 
 
-def run(ctx: BenchContext) -> list[Row]:
+def run(ctx: BenchContext) -> Iterator[Row]:
     dev = ctx.device
     tokens, widths = (256, (256,)) if ctx.quick else (16384, (8192, 14336))
-    rows: list[Row] = []
     for ffn in widths:
         torch._dynamo.reset()  # a fresh compile per width (dynamo's recompile limit)
         gate_up = torch.randn(tokens, 2 * ffn, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -54,6 +55,5 @@ def run(ctx: BenchContext) -> list[Row]:
                 bwd = time_ms(lambda: torch.autograd.grad(out, (gate_up,), grad, retain_graph=True), dev)
                 return ctx.fwd_bwd_rows("swiglu", case, system, (fwd, bwd), nbytes)
 
-            rows += measure_system("swiglu", case, system, measure)
-        rows += ctx.floor_rows("swiglu", case, nbytes)
-    return rows
+            yield from measure_system("swiglu", case, system, measure)
+        yield from ctx.floor_rows("swiglu", case, nbytes)

@@ -30,15 +30,20 @@ _HOST_COVER_CYCLES = 2_000_000
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, rep: int = 30,
-            max_seconds: float = 10.0) -> float:
-    """Median milliseconds of one call of fn on device (fn must be repeatable)."""
+            max_seconds: float = 10.0, setup: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of one call of fn on device (fn must be repeatable). setup, when given, runs
+    before every call, outside the timed interval: e.g. restoring inputs that fn overwrites, so that
+    each call sees the same data."""
+    setup = setup or (lambda: None)
     for _ in range(warmup):
+        setup()
         fn()
     _sync(device)
     if device.type != "cuda":
         times = []
         deadline = time.perf_counter() + max_seconds
         for _ in range(rep):
+            setup()
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -50,6 +55,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for i in range(rep):
+        # Enqueued before the start event, so its kernels are not in the interval (the stream runs in order).
+        setup()
         flush.zero_()
         torch.cuda._sleep(_HOST_COVER_CYCLES)
         starts[i].record()
