@@ -32,6 +32,10 @@ def test_toml_file_and_round_trip(tmp_path):
     back = load_config(str(again))
     back.name = cfg.name
     assert back == cfg
+    # Strings with what a TOML basic string cannot hold raw (control characters) or must escape.
+    odd = load_config("tiny", ["--name", 'a\nb\x01"q"\\ \x7f\tend', "--data.dataset", "/d/日本"])
+    (tmp_path / "odd.toml").write_text(to_toml(odd))
+    assert load_config(str(tmp_path / "odd.toml")) == odd
 
 
 @pytest.mark.parametrize("args, match", [
@@ -47,6 +51,9 @@ def test_toml_file_and_round_trip(tmp_path):
     (["stray"], "unexpected argument 'stray'"),
     (["--model.dim", "100", "--model.n_heads", "3"], "multiple of model.n_heads"),
     (["--train.seq_len", "4096"], "exceeds model.max_seq_len"),
+    (["--train.seed", str(2**64)], r"train.seed: expected at most 18446744073709551615"),
+    (["--data.threads", "100000"], "data.threads: expected at most 1024"),
+    (["--train.threads", "100000"], "train.threads: expected at most 1024"),
 ])
 def test_override_errors_name_the_key(args, match):
     with pytest.raises(ConfigError, match=match):

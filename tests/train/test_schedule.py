@@ -49,3 +49,11 @@ def test_wsd_is_flat_then_decays_over_the_last_fraction():
 def test_constant_and_no_warmup():
     assert all(lr == PEAK for lr in curve("constant")[10:])
     assert curve("cosine", warmup=0)[0] == pytest.approx(PEAK)
+
+
+@pytest.mark.parametrize("kind, warmup, extra", [("wsd", 0, {"decay_fraction": 0.01}), ("cosine", TOTAL - 1, {}),
+                                                 ("linear", TOTAL - 1, {})])
+def test_a_decay_of_one_step_still_ends_at_min_lr(kind, warmup, extra):
+    # The decay's only step is the last one: it must be min_lr, as the docstring says (it was the peak).
+    lrs = curve(kind, warmup=warmup, **extra)
+    assert lrs[-2] == pytest.approx(PEAK) and lrs[-1] == pytest.approx(0.1)

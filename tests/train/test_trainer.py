@@ -113,12 +113,18 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(datase
         train(cfg)
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert math.isfinite(records[0]["loss"]) and records[-1]["skipped"] == 3
-    assert not math.isfinite(records[-1]["loss"])
+    assert records[-1]["loss"] is None  # not finite: written as null (NaN is not JSON)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_no_constants)
     (step, path), = checkpoint.step_dirs(run / "checkpoints")
     assert step == records[-1]["step"]
     # The checkpoint holds the weights of the last good step: finite, and what a resume would load.
     state = torch.load(path / "extra_rank0.pt", weights_only=False)
     assert state["skipped_total"] == 3
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def test_run_dir_choice(tmp_path, monkeypatch):
@@ -164,6 +170,8 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert main(["tiny", "--data.dataset", str(tmp_path / "empty"), "--log.run_dir", str(tmp_path / "run")]) == 2
     assert "data error: " in capsys.readouterr().err  # one line, not a traceback
     assert main(["--help"]) == 0
+    assert "--schedule.kind" in capsys.readouterr().out
+    assert main(["tiny", "--optim.lr", "1e-3", "--help"]) == 0
     assert "--schedule.kind" in capsys.readouterr().out
 
 
@@ -254,6 +262,14 @@ def test_compare_reports_relative_differences(tmp_path, capsys):
     assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "10 common steps, max |rel diff| 1.000%" in out and (tmp_path / "c.png").is_file()
+    # A diverged step (written as null) is the largest difference, not skipped by max() as a nan was.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": None if s == 3 else 5.0 - s / 10}) + "\n" for s in range(1, 11)))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "d")]) == 0
+    assert "max |rel diff| inf% (step 3)" in capsys.readouterr().out
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("first, then", [("fmcore", "torch"), ("torch", "fmcore")])
@@ -280,3 +296,49 @@ def test_resume_into_another_model_raises_naming_the_field(dataset, tmp_path, ch
     _short_run(dataset, run, "--checkpoint.every", "2")
     with pytest.raises(ConfigError, match=f"written for another model.*{field} = "):
         _short_run(dataset, run, *change, "--checkpoint.resume", "auto")
+
+
+def test_resuming_an_earlier_step_of_the_run_sets_its_later_checkpoints_aside(dataset, tmp_path):
+    # Branching from step 2 of a 4-step run in its own dir: retention (the highest steps) would delete the
+    # branch's checkpoints and --resume auto would go back to the abandoned step 4.
+    run = tmp_path / "run"
+    keep = ["--checkpoint.every", "1", "--checkpoint.save_final", "true", "--checkpoint.keep_last", "3"]
+    _short_run(dataset, run, *keep)
+    assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")] == [2, 3, 4]
+    _short_run(dataset, run, *keep, "--checkpoint.resume", str(run / "checkpoints" / "step_00000002"),
+               "--optim.lr", "1e-4")
+    assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")] == [2, 3, 4]  # the branch's 3 and 4
+    (aside,) = run.glob("checkpoints-abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]
+    extra = torch.load(run / "checkpoints" / "step_00000004" / "extra_rank0.pt", weights_only=False)
+    assert extra["config"]["optim"]["lr"] == 1e-4
+
+
+def test_a_val_split_the_loader_cannot_read_turns_evaluation_off_up_front(dataset, tmp_path, capsys):
+    # A val split shorter than seq_len + 1 failed in the final evaluation, after the training, before the
+    # final checkpoint: the whole run lost. It is now found at the start (and the final save comes first).
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(dataset, short)
+    manifest = json.loads((short / "manifest.json").read_text())
+    val_tokens = sum(s["tokens"] for s in manifest["splits"]["val"]["shards"])
+    seq = val_tokens  # one token too many for a window of seq_len + 1
+    records = _short_run(short, tmp_path / "run", "--train.seq_len", str(seq), "--model.max_seq_len", str(seq),
+                         "--train.batch_size", "1", "--checkpoint.save_final", "true")
+    assert len(records) == 4 and "has a val split the loader cannot read" in capsys.readouterr().out
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path / "run" / "checkpoints")] == [4]
+
+
+def test_resume_with_other_data_settings_or_more_processes_is_a_config_error(dataset, tmp_path):
+    from fmcore.train.trainer import check_resume_world
+
+    run = tmp_path / "run"
+    _short_run(dataset, run, "--checkpoint.save_final", "true")
+    ckpt = run / "checkpoints" / "step_00000004"
+    with pytest.raises(ConfigError, match="loader state was saved with a different seed.*data settings"):
+        _short_run(dataset, tmp_path / "other", "--train.steps", "6", "--train.seed", "1",
+                   "--checkpoint.resume", str(ckpt))
+    with pytest.raises(ConfigError, match="written by 1 process.*this run has 2"):
+        check_resume_world(ckpt, 2)
+    check_resume_world(ckpt, 1)

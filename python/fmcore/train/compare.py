@@ -8,6 +8,7 @@ run, the relative difference of its training loss from the first run's at every 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -15,12 +16,24 @@ from fmcore.train.metrics import read_metrics
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl") if "loss" in r}
+    """Training loss per logged step; a non-finite one (written as null) is nan."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} holds no metrics.jsonl: pass run directories written by `fmcore train`")
+    return {r["step"]: math.nan if r["loss"] is None else r["loss"] for r in read_metrics(path) if "loss" in r}
 
 
 def relative_differences(base: dict[int, float], other: dict[int, float]) -> dict[int, float]:
-    """|other - base| / |base| at each step both runs logged."""
-    return {s: abs(other[s] - base[s]) / abs(base[s]) for s in sorted(base.keys() & other.keys())}
+    """|other - base| / |base| at each step both runs logged; inf where only one of them is finite
+    (a diverged step must not vanish from max() as a nan would)."""
+    out = {}
+    for s in sorted(base.keys() & other.keys()):
+        a, b = base[s], other[s]
+        if math.isfinite(a) and math.isfinite(b):
+            out[s] = abs(b - a) / abs(a)
+        else:
+            out[s] = 0.0 if (math.isnan(a) and math.isnan(b)) or a == b else math.inf
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (the first is the reference)")
     parser.add_argument("--plot", type=Path, help="write the curves to this PNG")
     args = parser.parse_args(argv)
-    curves = {run: losses(run) for run in args.runs}
+    try:
+        curves = {run: losses(run) for run in args.runs}
+    except FileNotFoundError as e:
+        print(f"python -m fmcore.train.compare: {e}", file=sys.stderr)
+        return 2
     base = curves[args.runs[0]]
     for run in args.runs[1:]:
         rel = relative_differences(base, curves[run])

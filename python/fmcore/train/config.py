@@ -355,6 +355,13 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if not (0 <= value < math.inf):
             raise ConfigError(f"{key}: expected a finite value >= 0, got {value}")
+    # Upper ends of what the machinery takes: torch.manual_seed's 64 bits; thread counts (100000
+    # loader threads ran out of resources, torch.set_num_threads(100000) crashed).
+    upper = {"train.seed": (t.seed, 2**64 - 1), "data.threads": (cfg.data.threads, 1024),
+             "train.threads": (t.threads, 1024)}
+    for key, (value, most) in upper.items():
+        if value > most:
+            raise ConfigError(f"{key}: expected at most {most}, got {value}")
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, key) < 1:
             raise ConfigError(f"optim.{key}: expected a value in [0, 1), got {getattr(cfg.optim, key)}")
@@ -388,8 +395,9 @@ def to_toml(cfg: Config) -> str:
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # a TOML basic string: \\, " and the control characters TOML forbids raw escaped
+            v = v.replace("\\", "\\\\").replace('"', '\\"')
+            return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in v) + '"'
         return repr(v)
 
     lines = [f"name = {fmt(cfg.name)}"]

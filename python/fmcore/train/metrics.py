@@ -44,7 +44,7 @@ class Reporter:
         """One metrics record (a training log step or an evaluation)."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(to_json(record) + "\n")
         self.file.flush()
         step = record["step"]
         if self.tb is not None:
@@ -102,6 +102,22 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def to_json(obj, **kwargs) -> str:
+    """json.dumps with non-finite floats written as null: NaN and Infinity are not JSON (JavaScript's
+    JSON.parse rejects them, jq reads null). A non-finite loss is a skipped step, counted apart."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -27,10 +27,15 @@ def lr_at(step: int, total: int, peak: float, cfg: ScheduleConfig) -> float:
         start = max(cfg.warmup_steps, total - decay_steps)
         if step < start:
             return peak
-        span = max(1, total - 1 - start)
-        return peak + (min_lr - peak) * min(1.0, (step - start) / span)
-    span = max(1, total - 1 - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)  # 0 right after warmup, 1 at the last step
+        return peak + (min_lr - peak) * _progress(step, start, total)
+    progress = _progress(step, cfg.warmup_steps, total)
     if cfg.kind == "linear":
         return peak + (min_lr - peak) * progress
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _progress(step: int, start: int, total: int) -> float:
+    """0 at step start, 1 at the last step (total - 1): a decay of a single step is that last step,
+    which must end at min_lr too."""
+    last = total - 1
+    return 1.0 if last <= start else min(1.0, (step - start) / (last - start))

@@ -410,6 +410,34 @@ def dataset_tokenizer(dataset: Path) -> Path | None:
     return dataset / tok["file"] if tok.get("file") else None
 
 
+def check_resume_world(path: Path, world: int) -> None:
+    """A checkpoint holds one loader/RNG state per process that wrote it (extra_rank<r>.pt): it resumes
+    on at most as many processes (fsdp2 and zero1 reshard the model and optimizer to fewer)."""
+    saved = len(list(Path(path).glob("extra_rank*.pt")))
+    if world > saved:
+        raise ConfigError(f"checkpoint.resume {path} was written by {saved} process(es) and this run has {world}: "
+                          f"resume it on at most {saved}")
+
+
+def set_aside_later_checkpoints(run_dir: Path, resume_from: Path, step: int) -> str | None:
+    """Resuming an earlier checkpoint of this run starts a new branch from it: the run's checkpoints
+    after that step belong to the abandoned one. Left in place, retention (which keeps the highest
+    steps) would delete the new branch's checkpoints and --resume auto would go back to the old one,
+    so they move to checkpoints-abandoned-<time>/ (nothing reads or prunes it). The metrics after the
+    step are truncated the same way (metrics.Reporter). Returns a message saying so, or None."""
+    ckpt_dir = run_dir / "checkpoints"
+    if Path(resume_from).resolve().parent != ckpt_dir.resolve():
+        return None
+    later = [path for s, path in checkpoint.step_dirs(ckpt_dir) if s > step]
+    if not later:
+        return None
+    aside = run_dir / f"checkpoints-abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    return f"resuming step {step} of this run: its {len(later)} later checkpoint(s) moved to {aside}"
+
+
 def dataset_has_split(dataset: Path, split: str) -> bool:
     from fmcore.data import Loader
 
@@ -483,11 +511,16 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     step, skipped_total, resumed_tokens = 0, 0, 0
     if resume_from is not None:
+        _from_main(lambda: check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
         check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from)
         checkpoint.load(resume_from, model, optimizer)
         step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
-        loader.load_state_dict(extra["loader"])
+        try:
+            loader.load_state_dict(extra["loader"])
+        except ValueError as e:  # another seed, data.mode, seq_len or dataset than the checkpoint's
+            raise ConfigError(f"checkpoint.resume {resume_from}: {e}; resume with the data settings it was "
+                              "written with") from None
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         checkpoint.set_rng_state(extra["rng"])
@@ -495,9 +528,17 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         model.compile()
 
     tokenizer = dataset_tokenizer(dataset)
-    has_val = dataset_has_split(dataset, "val")
+    has_val, no_val_reason = dataset_has_split(dataset, "val"), "has no val split"
+    if has_val:
+        try:  # now, not after the last step: a val split the loader cannot read would lose the run's end
+            make_loader(cfg, dataset, env, split="val", mode="sequential").close()
+        except ShardError as e:
+            has_val, no_val_reason = False, f"has a val split the loader cannot read ({e})"
+    set_aside = None
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            set_aside = set_aside_later_checkpoints(run_dir, resume_from, step)
         (run_dir / "config.toml").write_text(to_toml(cfg))  # what was asked (reloads to the same Config)
         (run_dir / "resolved.json").write_text(json.dumps({  # what it became on this machine
             "model": dataclasses.asdict(mcfg), "precision": precision, "optimizer": impl, "device": str(env.device),
@@ -511,8 +552,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         f"precision={precision}, device={env.device}{f' x{env.world}' if env.world > 1 else ''}, "
         f"{step_tokens:,} tokens/step ({accum} micro-batches of {t.batch_size}x{t.seq_len}), "
         f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else ""))
+    if set_aside:
+        report.message(set_aside)
     if not has_val:
-        report.message(f"{dataset} has no val split: evaluation is off")
+        report.message(f"{dataset} {no_val_reason}: evaluation is off")
     ckpt_dir = run_dir / "checkpoints"
 
     def save(at_step: int) -> Path:
@@ -592,13 +635,13 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             save(step)
         window_t += time.perf_counter() - pause_t  # evaluation and checkpoint time is not training time
 
+    elapsed = time.perf_counter() - run_t0
+    if ck.save_final and step > start:
+        save(step)  # before the final evaluation: whatever happens there, the training is kept
     if step == start:
         report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
     else:
         run_eval(step)
-    elapsed = time.perf_counter() - run_t0
-    if ck.save_final and step > start:
-        save(step)
     if ck.export_hf:
         from fmcore.train.export import export_hf
 
@@ -612,7 +655,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             "run_dir": str(run_dir), "steps": step, "params": n_params, "tokens_per_step": step_tokens,
             "skipped_steps": skipped_total, "wall_s": round(elapsed, 1), "loss_curve": str(png),
         })
-        (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+        (run_dir / "summary.json").write_text(metrics.to_json(out, indent=1) + "\n")
         print(metrics.format_summary(out), flush=True)
     if env.world > 1:
         dist.barrier()
@@ -621,7 +664,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):  # anywhere: `fmcore train tiny --help` too
         print(__doc__)
         print(f"presets: {', '.join(presets())}\n")
         print(help_text())
