@@ -664,3 +664,92 @@ def test_lr_scheduler_drives_float_and_tensor_lr(device):
     assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 1e-2 / 8
     assert_params_match(ours_p, ref_p)
     assert_params_match(ten_p, ref_p, bound=1e-5)  # the tensor lr is fp32: 1e-2 is not exact in it
+
+
+# ---- what a torch.optim.AdamW user does with an optimizer object
+
+def _two_steps(opt, params):
+    for s in range(2):
+        set_grads(params, random_grads(params, s))
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_optimizer_steps_as_the_original(tmp_path, how):
+    # torch.optim.Optimizer pickles defaults, state and param_groups only: the copy lacked
+    # master_weights & co. and its step() raised AttributeError.
+    params = make_params("cpu", dtype=torch.bfloat16)
+    opt = FusedAdamW(params, lr=1e-2, max_grad_norm=1.0, master_weights=True, skip_nonfinite=True)
+    _two_steps(opt, params)
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        torch.save((params, opt), tmp_path / "o.pt")
+        params2, opt2 = torch.load(tmp_path / "o.pt", weights_only=False)
+    for o, ps in ((opt, params), (opt2, params2)):
+        set_grads(ps, random_grads(ps, 7))
+        o.step()
+    for a, b in zip(params, params2):
+        assert torch.equal(a, b)
+    assert opt2.master_weights and torch.equal(opt2.last_grad_norm, opt.last_grad_norm)
+
+
+def test_state_reset_or_group_params_replaced_are_seen():
+    # The step's plan is cached: a reset state or a replaced params list must not step the old tensors.
+    def pair():
+        ps = make_params("cpu", shapes=[(5,), (3,)])
+        return FusedAdamW(ps, lr=0.1, weight_decay=0.0), torch.optim.AdamW(clone_params(ps), lr=0.1, weight_decay=0.0)
+    for change in ("reset", "clear", "replace"):
+        ours, ref = pair()
+        ours_p, ref_p = ours.param_groups[0]["params"], ref.param_groups[0]["params"]
+        _two_steps(ours, ours_p)
+        _two_steps(ref, ref_p)
+        if change == "reset":
+            ours.state, ref.state = type(ours.state)(dict), type(ref.state)(dict)
+        elif change == "clear":
+            ours.state.clear()
+            ref.state.clear()
+        else:
+            new_ours, new_ref = (make_params("cpu", shapes=[(5,), (3,)], seed=9) for _ in range(2))
+            ours.param_groups[0]["params"], ref.param_groups[0]["params"] = new_ours, new_ref
+            ours_p, ref_p = new_ours, new_ref
+        _two_steps(ours, ours_p)
+        _two_steps(ref, ref_p)
+        for a, b in zip(ours_p, ref_p):
+            assert rel_diff(a, b) < 1e-6, change
+
+
+def test_load_state_dict_checks_shapes_and_runs_the_hooks():
+    params = make_params("cpu", shapes=[(7, 5)])
+    opt = FusedAdamW(params, lr=1e-2)
+    _two_steps(opt, params)
+    sd = opt.state_dict()
+    other = FusedAdamW(make_params("cpu", shapes=[(3, 7, 5)]), lr=1e-2)
+    with pytest.raises(ValueError, match=r"exp_avg of param 0 has shape \(7, 5\), the param \(3, 7, 5\)"):
+        other.load_state_dict(sd)  # copy_ would broadcast the moments silently
+    # torch.optim's load hooks: a pre-hook's returned dict is what loads; a post-hook sees the final state
+    fresh = FusedAdamW(clone_params(params), lr=1e-2)
+
+    def reset_step(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for st in state_dict["state"].values():
+            st["step"] = torch.tensor(0.0)
+        return state_dict
+
+    fresh.register_load_state_dict_pre_hook(reset_step)
+    fresh.register_load_state_dict_post_hook(lambda o: [st["exp_avg"].zero_() for st in o.state.values()])
+    fresh.load_state_dict(sd)
+    (st,) = fresh.state.values()
+    assert st["step"].item() == 0.0 and not st["exp_avg"].any() and st["exp_avg"].dtype == torch.float32
+
+
+def test_bad_lr_tensor_and_group_flags_set_later_are_refused():
+    p = make_params("cpu", shapes=[(4,)])
+    for lr in (torch.tensor(-1e-2), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="expected lr >= 0"):
+            FusedAdamW(p, lr=lr)
+    opt = FusedAdamW(p, lr=1e-2)
+    opt.param_groups[0]["maximize"] = True  # torch would ascend; FusedAdamW must not silently descend
+    set_grads(p, random_grads(p, 0))
+    with pytest.raises(ValueError, match="maximize"):
+        opt.step()
