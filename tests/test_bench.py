@@ -465,3 +465,26 @@ def test_readme_renders_each_bench_from_its_newest_file(tmp_path):
     assert "From `h200-2026-12-04.json`: NVIDIA H200, 2026-12-04" in train_table and "| 5 |" in train_table
     assert "Host timing" in train_table and "max_memory_allocated" in train_table
     assert "Host timing" in text[text.index("### loader"):]
+
+
+def test_train_bench_records_a_failed_system_and_goes_on(monkeypatch, capsys):
+    import fmcore.bench.train as train_bench
+    from fmcore.bench import SKIPPED
+
+    real = train_bench._measure
+
+    def measure(mcfg, system, *args, **kwargs):
+        if system == "fmcore":
+            raise RuntimeError("simulated kernel failure\nsecond line")
+        return real(mcfg, system, *args, **kwargs)
+
+    monkeypatch.setattr(train_bench, "_measure", measure)
+    SKIPPED.clear()
+    rows = list(train_bench.run(BenchContext(**CPU_CTX)))
+    assert "fmcore" not in {r.system for r in rows} and "torch-eager" in {r.system for r in rows}
+    assert SKIPPED == [{"bench": "train", "case": "tiny-2L B4 T128 fp32", "system": "fmcore",
+                        "error": "RuntimeError: simulated kernel failure"}]
+    captured = capsys.readouterr()
+    assert "train: fmcore skipped on tiny-2L B4 T128 fp32: RuntimeError: simulated kernel failure" in captured.out
+    assert "second line" in captured.err  # fmcore's own failure: the whole traceback, to debug it
+    SKIPPED.clear()

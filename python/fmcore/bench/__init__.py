@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,12 +94,25 @@ def measure_system(bench: str, case: str, system: str, measure: Callable[[], lis
     try:
         return measure()
     except Exception as err:  # noqa: BLE001 - any peer failure is reported, never hidden as a number
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"# {bench}: {system} skipped on {case}: {type(err).__name__}: {first}", flush=True)
-        SKIPPED.append({"bench": bench, "case": case, "system": system, "error": f"{type(err).__name__}: {first}"})
+        record_skipped(bench, case, system, err)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return []
+
+
+def record_skipped(bench: str, case: str, system: str, err: Exception) -> None:
+    """Name a system that failed on a case, on stdout and in SKIPPED (so tables show it as failed).
+    fmcore's own failures also print their traceback (on stderr): they are ours to debug."""
+    print(f"# {bench}: {system} skipped on {case}: {error_line(err)}", flush=True)
+    if system.startswith("fmcore"):
+        traceback.print_exception(err)
+    SKIPPED.append({"bench": bench, "case": case, "system": system, "error": error_line(err)})
+
+
+def error_line(err: BaseException) -> str:
+    """'Type: first line of the message': enough to name a failure in a one-line report."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def bench_tiles() -> list[int]:
@@ -128,9 +142,9 @@ def try_import(module: str):
         missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
         if missing is not None and (module == missing or module.startswith(missing + ".")):
             return None  # the peer itself (or its package) is not installed: quietly absent
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"# peer {module} failed to import: {type(err).__name__}: {first}", flush=True)
+        print(f"# peer {module} failed to import: {error_line(err)}", flush=True)
         return None
 
 
-__all__ = ["BENCHMARKS", "BenchContext", "Row", "bench_tiles", "SKIPPED", "load", "measure_system", "try_import"]
+__all__ = ["BENCHMARKS", "BenchContext", "Row", "SKIPPED", "bench_tiles", "error_line", "load", "measure_system",
+           "record_skipped", "try_import"]

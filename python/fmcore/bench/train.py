@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fmcore.bench import SKIPPED, BenchContext, Row, bench_tiles
+from fmcore.bench import BenchContext, Row, bench_tiles, record_skipped
 from fmcore.ops import attention_tiles
 from fmcore.train import models
 from fmcore.train.config import load_config
@@ -123,11 +123,7 @@ def run(ctx: BenchContext) -> Iterator[Row]:
                 sec, mem, resolved = _measure(mcfg, system, B, T, prec, dev, steps=3 if ctx.quick else 20,
                                               warmup=1 if ctx.quick else 5)
             except Exception as e:  # e.g. a kernel this build lacks: report it, keep the other systems
-                print(f"# train: {system} on {case} failed: {type(e).__name__}: {e}", flush=True)
-                # in the JSON header too, so that the README shows it as failed, not as not run
-                first = str(e).splitlines()[0] if str(e) else ""
-                SKIPPED.append({"bench": "train", "case": case, "system": system,
-                                "error": f"{type(e).__name__}: {first}"})
+                record_skipped("train", case, system, e)  # fmcore's too: the README then shows "failed"
                 continue
             finally:
                 torch._dynamo.reset()  # compiled graphs hold their model: free it before the next system

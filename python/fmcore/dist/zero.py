@@ -112,14 +112,12 @@ def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> tor
 def _at_offset_0(t: torch.Tensor) -> torch.Tensor:
     """t (1-D, contiguous) over the same memory but at storage offset 0: torch.save and copy.deepcopy
     fail on a DTensor whose local tensor sits at a non-zero offset ("invalid python storage"). The
-    sliced storage does not own its memory, so the result keeps t (and its storage) alive."""
+    sliced storage keeps the original one alive by itself (its data pointer holds a reference)."""
     if t.storage_offset() == 0:
         return t
     start = t.storage_offset() * t.element_size()
     storage = t.untyped_storage()[start:start + t.numel() * t.element_size()]
-    out = torch.empty(0, dtype=t.dtype, device=t.device).set_(storage)
-    out._fmcore_owner = t  # the memory's owner lives as long as this view
-    return out
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage)
 
 
 class ZeroAdamW(torch.optim.Optimizer):
