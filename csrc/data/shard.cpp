@@ -140,7 +140,9 @@ uint32_t crc32(const void* data, size_t n, uint32_t crc) {
 
 std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
                                    bool random_access) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever; the
+  // S_ISREG check below then refuses it. It changes nothing for a regular file's pread and mmap.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
   std::unique_ptr<Shard> shard(new Shard());
   try {

@@ -64,6 +64,15 @@ def test_int32(unique_ds):
         Loader(unique_ds, dtype=torch.float32)
 
 
+def test_int32_refuses_ids_past_int32(tmp_path):
+    """uint32 ids >= 2^31 became negative int32 ids, silently."""
+    root = write_dataset(tmp_path / "big", {"train": [np.array([2**31 + 5, 2**32 - 1] * 20)]}, vocab_size=0)
+    with pytest.raises(ValueError, match=r"torch.int32 holds token ids below 2\^31, .* vocab size unknown"):
+        Loader(root, batch_size=1, seq_len=4, dtype=torch.int32)
+    with Loader(root, batch_size=1, seq_len=4) as loader:
+        assert next(loader).x[0, :2].tolist() == [2**31 + 5, 2**32 - 1]
+
+
 @pytest.mark.parametrize("mode", ["sequential", "random"])
 def test_deterministic_across_thread_counts(unique_ds, mode):
     runs = []
@@ -155,6 +164,20 @@ def test_state_mismatch(unique_ds):
     with Loader(unique_ds, batch_size=2, seq_len=T, seed=2) as other:
         with pytest.raises(ValueError, match="different seed"):
             other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("sample", [-1, 2**64, 1.5, "5", None, True])
+def test_bad_state_sample(unique_ds, sample):
+    """A damaged state raises ValueError naming the sample: int() truncated 1.5 and parsed "5", and -1
+    failed inside pybind with an error naming no argument."""
+    with Loader(unique_ds, batch_size=2, seq_len=T) as loader:
+        state = loader.state_dict()
+        with pytest.raises(ValueError, match=r"loader state sample must be an int in \[0, 2\^64\)"):
+            loader.load_state_dict({**state, "sample": sample})
+        with pytest.raises(ValueError, match=r"loader state lacks \['sample'\]"):
+            loader.load_state_dict({k: v for k, v in state.items() if k != "sample"})
+        loader.load_state_dict({**state, "sample": np.int64(4)})  # numpy ints (an index) are fine
+        assert loader.state_dict()["sample"] == 4
 
 
 # ---- document boundaries
@@ -325,6 +348,10 @@ def test_bad_arguments(unique_ds):
         Loader(unique_ds, mode="shuffled")
     for name, bad in [("batch_size", 2.0), ("seq_len", None), ("seed", "0"), ("threads", 1.5), ("prefetch", True)]:
         with pytest.raises(TypeError, match=f"{name} must be an int"):
+            Loader(unique_ds, **{"batch_size": 2, "seq_len": T, name: bad})
+    for name, bad, bits in [("threads", 2**31, 31), ("prefetch", 2**40, 31), ("seq_len", 2**63, 63),
+                            ("rank", -2**63 - 1, 63)]:  # pybind's error for these named no argument
+        with pytest.raises(ValueError, match=rf"{name} must be in \[-2\^{bits}, 2\^{bits}\)"):
             Loader(unique_ds, **{"batch_size": 2, "seq_len": T, name: bad})
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^64\)"):
         Loader(unique_ds, batch_size=2, seq_len=T, seed=2**64)

@@ -2,6 +2,7 @@
 and the offset) in both readers: Python's read_shard and the C++ loader, which must never crash."""
 
 import json
+import os
 import re
 import struct
 import zlib
@@ -86,6 +87,88 @@ def test_llmc_shard_read_by_both_readers(tmp_path):
         assert loader.vocab_size == 50257 and loader.eos_id == 50256
     np.testing.assert_array_equal(batch.x.numpy().ravel(), tokens[:128])
     np.testing.assert_array_equal(batch.y.numpy().ravel(), tokens[1:129])
+
+
+def test_llmc_split_names_are_words(tmp_path):
+    """Without a manifest, a name matching both *train*.bin and *val*.bin belongs to the split it names as a
+    word: retrieval_train_000000.bin was in the val split too (train data evaluated as val)."""
+    write_llmc_shard(tmp_path / "retrieval_train_000000.bin", np.arange(100))
+    write_llmc_shard(tmp_path / "retrieval_val_000000.bin", np.arange(50))
+    write_llmc_shard(tmp_path / "shakespeare_validation.bin", np.arange(50))  # one glob only: as before
+    splits = load_manifest(tmp_path)["splits"]
+    assert [e["file"] for e in splits["train"]["shards"]] == ["retrieval_train_000000.bin"]
+    assert [e["file"] for e in splits["val"]["shards"]] == ["retrieval_val_000000.bin", "shakespeare_validation.bin"]
+    write_llmc_shard(tmp_path / "train_val.bin", np.arange(50))
+    with pytest.raises(ShardError, match=r"train_val.bin: the name matches both \*train\*.bin and \*val\*.bin"):
+        load_manifest(tmp_path)
+
+
+def test_fmcore_shards_without_manifest_keep_their_tokenizer(tmp_path):
+    """fmcore shards whose manifest.json is missing: vocab size and EOS id come from their headers, not
+    GPT-2's (check_vocab let ids up to 50256 through, doc_boundaries split at token 50256)."""
+    tokens = np.arange(200) % 10
+    root = write_dataset(tmp_path / "d", {"train": [tokens], "val": [tokens]}, vocab_size=10, eos_id=9)
+    (root / "manifest.json").unlink()
+    assert load_manifest(root)["tokenizer"]["vocab_size"] == 10
+    with Loader(root, batch_size=1, seq_len=20, doc_boundaries=True) as loader:
+        assert loader.vocab_size == 10 and loader.eos_id == 9
+        assert next(loader).cu_seqlens.tolist() == [0, 10, 20]  # after the EOS at x[9]
+    write_shard(root / "train_000001.bin", tokens, vocab_size=11, eos_id=9)
+    with pytest.raises(ShardError, match="train_000001.bin: fmcore shard with vocab size 11 .* every shard must agree"):
+        load_manifest(root)
+
+
+@pytest.mark.parametrize("second", ["train_000000.bin", "./train_000000.bin", "link.bin"])
+def test_shard_listed_twice(tmp_path, second):
+    """A manifest listing one file twice (by name or through a symlink) raises; it was read twice per epoch."""
+    root = write_dataset(tmp_path / "d", {"train": [np.arange(100), np.arange(50)]}, vocab_size=100)
+    (root / "link.bin").symlink_to(root / "train_000000.bin")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1] = dict(manifest["splits"]["train"]["shards"][0], file=second)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    match = re.escape(f"splits.train.shards[1] ({second}) is the same file as shards[0] (train_000000.bin)")
+    with pytest.raises(ShardError, match=match):
+        Loader(root, batch_size=2, seq_len=8)
+    with pytest.raises(ShardError, match=match):
+        verify_dataset(root)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("listed", ["manifest", "llmc"])
+def test_fifo_shard_raises(tmp_path, listed):
+    """A named pipe where a shard should be: opening it for reading waited for a writer, forever."""
+    if listed == "manifest":
+        root = write_dataset(tmp_path / "d", {"train": [np.arange(100)]}, vocab_size=100)
+        fifo = root / "train_000000.bin"
+        fifo.unlink()
+    else:
+        root = tmp_path
+        write_llmc_shard(root / "x_train_0.bin", np.arange(100))
+        fifo = root / "x_train_1.bin"
+    os.mkfifo(fifo)
+    with pytest.raises(ShardError, match=re.escape(f"{fifo}: not a regular file")):
+        Loader(root, batch_size=2, seq_len=8)
+    with pytest.raises(ShardError, match=re.escape(f"{fifo}: not a regular file")):
+        read_shard(fifo)
+
+
+@pytest.mark.parametrize("case", ["loop", "dangling", "fifo"])
+def test_unreadable_manifest_raises(tmp_path, case):
+    """A manifest.json that is a looping or dangling symlink raised nothing: exists() said False and the
+    shards were loaded as a manifest-less directory; a FIFO blocked the read forever."""
+    root = write_dataset(tmp_path / "d", {"train": [np.arange(100)]}, vocab_size=100)
+    manifest = root / "manifest.json"
+    manifest.unlink()
+    if case == "loop":
+        manifest.symlink_to(manifest)
+    elif case == "dangling":
+        manifest.symlink_to(root / "gone.json")
+    else:
+        os.mkfifo(manifest)
+    match = {"loop": "cannot read: Too many levels of symbolic links", "dangling": "cannot read: No such file",
+             "fifo": "not a regular file"}[case]
+    with pytest.raises(ShardError, match=re.escape(f"{manifest}: {match}")):
+        Loader(root, batch_size=2, seq_len=8)
 
 
 def test_verify_dataset_checks_manifest_checksums(tmp_path):
@@ -285,6 +368,8 @@ MANIFEST_DAMAGE = {
     "tokenizer null": (_edit("tokenizer", None), "tokenizer must be an object"),
     "entry without file": (lambda m: m["splits"]["train"]["shards"][0].pop("file"),
                            r"splits.train.shards\[0\].file must be a file name"),
+    "NUL in file": (lambda m: m["splits"]["train"]["shards"][0].update(file="train_000000.bin\0x"),
+                    r"splits.train.shards\[0\].file must be a file name"),
     "tokens a string": (lambda m: m["splits"]["train"]["shards"][0].update(tokens="1000"),
                         r"splits.train.shards\[0\].tokens must be a token count"),
     "entry a list": (lambda m: m["splits"]["train"]["shards"].__setitem__(0, []),

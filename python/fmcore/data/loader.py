@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import operator
 import os
 import weakref
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ class Loader:
         for name, value in ints.items():  # (the C++ core checks the ranges; pybind's own type error names none)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            # Past the C++ type (int for threads and prefetch, int64 else) pybind's error names no argument.
+            bits = 31 if name in ("threads", "prefetch") else 63
+            if name != "seed" and not -2**bits <= value < 2**bits:
+                raise ValueError(f"{name} must be in [-2^{bits}, 2^{bits}), got {value}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2^64), got {seed}")
         self.dataset = Path(dataset)
@@ -94,6 +99,14 @@ class Loader:
             [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
             prefetch or 2 * self.threads + 2, doc_boundaries, _DTYPE_BYTES[dtype], check_vocab,
             self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
+        if dtype == torch.int32:
+            # The C++ core casts each uint32 token to the output type: ids >= 2^31 would turn negative.
+            for info in self._core.shard_infos():
+                vocab = self.vocab_size or info["vocab_size"]
+                if not 0 < vocab <= 2**31:
+                    self._core.close()
+                    raise ValueError(f"dtype torch.int32 holds token ids below 2^31, but {info['path']} has vocab size "
+                                     f"{vocab or 'unknown (0 at offset 24, uint32 ids)'}: use torch.int64")
         # The C++ worker threads exist only in this process: a forked child (multiprocessing, DataLoader
         # workers) inherits the object but not the threads, so there next() would wait forever and
         # close() would join threads that are not there.
@@ -144,11 +157,22 @@ class Loader:
         self._check_process()
         if state.get("version") != 1:
             raise ValueError(f"loader state version {state.get('version')!r}, expected 1")
+        missing = [key for key in ("sample", "mode", "seed", "seq_len", "split", "dataset") if key not in state]
+        if missing:
+            raise ValueError(f"loader state lacks {missing}: not a state_dict() of a Loader")
+        # int() would have truncated 1.5 and parsed "5"; a negative sample failed in pybind naming no argument.
+        sample = state["sample"]
+        try:
+            sample = operator.index(sample) if not isinstance(sample, bool) else None  # int, numpy int
+        except TypeError:
+            sample = None
+        if sample is None or not 0 <= sample < 2**64:
+            raise ValueError(f"loader state sample must be an int in [0, 2^64), got {state['sample']!r}")
         for key in ("mode", "seed", "seq_len", "split", "dataset"):
             if state[key] != getattr(self, "_fingerprint" if key == "dataset" else key):
                 raise ValueError(f"loader state was saved with a different {key}: {state[key]!r}, this loader has "
                                  f"{getattr(self, '_fingerprint' if key == 'dataset' else key)!r}")
-        self._core.restart(int(state["sample"]))
+        self._core.restart(sample)
 
     def close(self) -> None:
         self._finalizer()

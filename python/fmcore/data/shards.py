@@ -35,12 +35,17 @@ A dataset is a directory holding the shards and ``manifest.json``::
      "cleaning": {"documents_in": .., "kept": .., "duplicate": .., "empty": .., ...}, ...}
 
 A directory of llm.c shards without a manifest also works: ``*train*.bin`` / ``*val*.bin`` files form
-the splits. The C++ loader (csrc/data/shard.cpp) validates exactly the same things before it maps a file.
+the splits (a name matching both belongs to the split it names as a word: ``retrieval_train.bin`` is train).
+fmcore shards there keep the vocab size and EOS id of their headers. The C++ loader (csrc/data/shard.cpp)
+validates exactly the same things before it maps a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -157,7 +162,11 @@ def read_header(path) -> ShardInfo:
     """Validate a shard's header and size against each other (not the payload); raise ShardError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        # Checked before open(): opening a FIFO for reading blocks until a writer appears (forever).
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(LLMC_HEADER_BYTES)
     except OSError as e:
@@ -286,7 +295,15 @@ def load_manifest(dataset) -> dict:
     if not root.is_dir():
         raise ShardError(f"{root}: dataset not found, expected a directory holding {MANIFEST} and shards")
     path = root / MANIFEST
-    if path.exists():
+    # lexists: a dangling or looping manifest.json symlink is a manifest that cannot be read, not a directory
+    # of llm.c shards (exists() said False, and the shards were then read with a made-up tokenizer).
+    if os.path.lexists(path):
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read: {e.strerror}") from e
+        if not stat.S_ISREG(mode):  # reading a FIFO would wait for a writer, forever
+            raise ShardError(f"{path}: not a regular file")
         try:
             manifest = json.loads(path.read_bytes().decode("utf-8"))
         except OSError as e:
@@ -299,18 +316,38 @@ def load_manifest(dataset) -> dict:
             raise ShardError(f"{path}: invalid JSON: {e}") from e
         _check_manifest(path, manifest)
         return manifest
-    splits = {}
+    files = {split: sorted(root.glob(f"*{split}*.bin")) for split in ("train", "val")}
+    # A name matching both globs ("retrieval_train_000000.bin" holds "val") went into both splits: training
+    # data evaluated as validation data. It belongs to the split named as a word (no letter on either side).
+    for p in set(files["train"]) & set(files["val"]):
+        words = [split for split in files if re.search(rf"(?<![a-z]){split}(?![a-z])", p.name, re.IGNORECASE)]
+        if len(words) != 1:
+            raise ShardError(f"{p}: the name matches both *train*.bin and *val*.bin; rename it or write a {MANIFEST}")
+        files["val" if words == ["train"] else "train"].remove(p)
+    splits, infos_all = {}, []
     for split in ("train", "val"):
-        files = sorted(p for p in root.glob(f"*{split}*.bin"))
-        if files:
-            infos = [read_header(p) for p in files]
+        if files[split]:
+            infos = [read_header(p) for p in files[split]]
+            infos_all += infos
             splits[split] = {"tokens": sum(i.tokens for i in infos), "documents": 0,
                              "shards": [{"file": i.path.name, "tokens": i.tokens, "documents": 0,
                                          "bytes": i.file_bytes} for i in infos]}
     if not splits:
         raise ShardError(f"{root}: empty dataset: no {MANIFEST} and no *train*.bin / *val*.bin shards")
-    return {"format": "fmcore-dataset", "version": 1, "splits": splits,
-            "tokenizer": {"file": None, "vocab_size": GPT2_VOCAB, "eos_id": GPT2_EOS, "source": "llm.c GPT-2 shards"}}
+    tokenizer = {"file": None, "vocab_size": GPT2_VOCAB, "eos_id": GPT2_EOS, "source": "llm.c GPT-2 shards"}
+    # fmcore shards whose manifest is missing carry their vocab size and EOS id in their headers; GPT-2's
+    # would make check_vocab accept ids past the real vocab and doc_boundaries split at the wrong token.
+    fmcore_infos = [i for i in infos_all if i.kind == "fmcore"]
+    if fmcore_infos:
+        first = fmcore_infos[0]
+        for i in infos_all:
+            if (i.vocab_size, i.eos_id) != (first.vocab_size, first.eos_id):
+                raise ShardError(f"{i.path}: {i.kind} shard with vocab size {i.vocab_size} and EOS id {i.eos_id}, but "
+                                 f"{first.path.name} is an fmcore shard with vocab size {first.vocab_size} and EOS id "
+                                 f"{first.eos_id}; without a {MANIFEST}, every shard must agree")
+        tokenizer = {"file": None, "vocab_size": first.vocab_size or None, "eos_id": first.eos_id,
+                     "source": "fmcore shard headers (no manifest)"}
+    return {"format": "fmcore-dataset", "version": 1, "splits": splits, "tokenizer": tokenizer}
 
 
 def _check_manifest(path: Path, m) -> None:
@@ -344,12 +381,26 @@ def _check_manifest(path: Path, m) -> None:
             where = f"splits.{name}.shards[{k}]"
             if not isinstance(entry, dict):
                 fail(where, "an object", entry)
-            if not isinstance(entry.get("file"), str) or not entry["file"]:
+            # (a NUL ended the name the C++ loader opened: "a.bin<NUL>x" opened a.bin)
+            if not isinstance(entry.get("file"), str) or not entry["file"] or "\0" in entry["file"]:
                 fail(f"{where}.file", "a file name", entry.get("file"))
             if not _is_int(entry.get("tokens")) or entry["tokens"] < 0:
                 fail(f"{where}.tokens", "a token count (an int >= 0)", entry.get("tokens"))
             if "crc32" in entry and not _is_int(entry["crc32"]):
                 fail(f"{where}.crc32", "an int", entry["crc32"])
+
+
+def _unique_shard_paths(root: Path, split: str, shards: list) -> list[Path]:
+    """The split's shard paths; a shard listed twice (under one name, or two names of one file) would be
+    read twice per epoch, so it raises ShardError naming both entries."""
+    paths, seen = [root / s["file"] for s in shards], {}
+    for k, path in enumerate(paths):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ShardError(f"{root / MANIFEST}: splits.{split}.shards[{k}] ({shards[k]['file']}) is the same file as "
+                             f"shards[{seen[real]}] ({shards[seen[real]]['file']}): each shard may be listed once")
+        seen[real] = k
+    return paths
 
 
 def split_shards(dataset, split: str) -> tuple[dict, list[Path]]:
@@ -362,7 +413,16 @@ def split_shards(dataset, split: str) -> tuple[dict, list[Path]]:
     shards = splits[split].get("shards", [])
     if not shards or not any(s.get("tokens", 0) for s in shards):
         raise ShardError(f"{root}: empty dataset: split {split!r} has no tokens")
-    return manifest, [root / s["file"] for s in shards]
+    paths = _unique_shard_paths(root, split, shards)
+    for path in paths:
+        # Opening a FIFO blocks until a writer appears: the C++ loader would wait there forever.
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # missing, a symlink loop, no permission: the loader's open() names the error
+        if not stat.S_ISREG(mode):
+            raise ShardError(f"{path}: not a regular file")
+    return manifest, paths
 
 
 def verify_dataset(dataset, *, check_vocab: bool = True) -> dict:
@@ -371,8 +431,8 @@ def verify_dataset(dataset, *, check_vocab: bool = True) -> dict:
     root = Path(dataset)
     manifest = load_manifest(root)
     for split in manifest["splits"]:
-        for entry in manifest["splits"][split]["shards"]:
-            path = root / entry["file"]
+        entries = manifest["splits"][split]["shards"]
+        for entry, path in zip(entries, _unique_shard_paths(root, split, entries)):
             shard = read_shard(path, verify=True, check_vocab=check_vocab)
             if shard.info.tokens != entry["tokens"]:
                 raise ShardError(f"{path}: token count {shard.info.tokens} at offset 8, the manifest says {entry['tokens']}")
