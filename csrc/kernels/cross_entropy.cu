@@ -141,7 +141,9 @@ __device__ __forceinline__ void zero_row(T* out, int vocab) {
   for (int64_t i = head + nvec * VEC + threadIdx.x; i < vocab; i += step) out[i] = z.v[0];
 }
 
-// Online softmax state: running max m, sum of exp(x - m) s, plain sum of x (for label smoothing).
+// Online softmax state: running max m, sum of exp(x - m) s, and for label smoothing the sum of
+// x - x0, x0 the row's first logit (0 if not finite): a plain sum of x lost the row's spread to a
+// common offset (logits 1e4 + randn: 40x torch's error) and overflowed at 3e38.
 struct Stats {
   float m, s, sum;
 };
@@ -223,6 +225,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     // out-of-range target (cross_entropy_check_target reports it) is never used as an index.
     float zt = 0.f;
     if (threadIdx.x == 0 && t >= 0 && t < vocab) zt = to_float(x[t]);
+    float x0 = to_float(x[0]);
+    x0 = isfinite(x0) ? x0 : 0.f;
     Stats st{-INFINITY, 0.f, 0.f};
     // The loss-only kernel (!kGrad) passes a constant empty cache: no cache code in it.
     visit_row<T, VEC>(x, vocab, [&](int, float v) {
@@ -232,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       } else {
         st.s += v == -INFINITY ? 0.f : __expf(v - st.m);  // NaN still propagates
       }
-      st.sum += v;
+      st.sum += v - x0;
     }, kGrad ? cache : nullptr, kGrad ? cache_vecs : 0);
     st = block_merge(st);
     const float logsum = logf(st.s);
@@ -241,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       float loss = logsum - (zt - st.m);
       if (p.label_smoothing != 0.f) {
         loss = (1.f - p.label_smoothing) * loss +
-               p.label_smoothing * (logsum - (st.sum / static_cast<float>(vocab) - st.m));
+               p.label_smoothing * (logsum - (st.sum / static_cast<float>(vocab) + (x0 - st.m)));
       }
       if (p.z_loss != 0.f) loss += p.z_loss * (st.m + logsum) * (st.m + logsum);
       p.loss[row] = loss;

@@ -123,7 +123,9 @@ add_norm_fwd_kernel(const AddNormParams p) {
     }
     const float2 q = row_sum<WARP>(make_float2(sq, dsum), red);
     const float mean = p.rms ? 0.f : mean0 + q.y * inv_d;
-    const float rstd = rsqrtf(q.x * inv_d + p.eps);
+    // A sum of squares that overflowed fp32 (|s - mean| past 1.8e19; inf inputs give NaN) would
+    // make rstd 0 and the output the bias, silently: NaN instead (the CPU squares in fp64).
+    const float rstd = isinf(q.x) ? NAN : rsqrtf(q.x * inv_d + p.eps);
     if (tl.tid == 0) {
       if (p.mean != nullptr) p.mean[row] = mean;
       p.rstd[row] = rstd;

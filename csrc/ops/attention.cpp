@@ -218,11 +218,12 @@ namespace {
 // causal (the tiny preset's attention) took 4.3 ms in the reference and 2.8 through fmcore's op
 // with torch's kernel (F.scaled_dot_product_attention: 2.3 to 2.4). Its backward is deterministic
 // too: 20 repeats (GQA 16/1, 2 threads) were bitwise equal, as the deterministic-mode test asks of
-// every path.
-bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, bool causal) {
+// every path. A scale that is not finite and positive goes to the reference: torch's kernel gave
+// NaN in every causal row but the last with scale 0 or below, 0 for a NaN scale.
+bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, bool causal, double scale) {
   const bool full_precision = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
   return full_precision && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 &&
-         (!causal || s.seqlen_q == s.seqlen_k);
+         (!causal || s.seqlen_q == s.seqlen_k) && std::isfinite(scale) && scale > 0;
 }
 
 // (B, S, H, D) <-> (B, H, S, D)
@@ -293,17 +294,15 @@ struct AttnBatch {
            at::arange(m0, m0 + rows, opts).add_(sk() - sq() + 1).unsqueeze(1);
   }
   // The scaled scores of query rows qc (query_rows at some m0) against keys kc ((B Hk, nk, D), the
-  // first nk), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk).
+  // first nk), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk). Replaced, not added
+  // (a -inf bias): a NaN or inf score of a hidden key then stays out of its row, as in the kernels.
   at::Tensor scores(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& hidden) const {
-    const at::Tensor kt = kc.transpose(1, 2);
-    if (!hidden.defined()) return at::bmm(qc, kt).mul_(scale);
-    // scale * Q K^T + (0 or -inf), in one op
-    const int64_t rows = hidden.size(0), nk = kc.size(1);
-    const at::Tensor bias = at::zeros({rows, nk}, qc.options())
-                                .masked_fill_(hidden, -std::numeric_limits<double>::infinity())
-                                .expand({qc.size(0), qc.size(1) / rows, rows, nk})
-                                .reshape({qc.size(0), qc.size(1), nk});
-    return at::baddbmm(bias, qc, kt, 1.0, scale);
+    const at::Tensor s = at::bmm(qc, kc.transpose(1, 2)).mul_(scale);
+    if (hidden.defined()) {
+      s.view({s.size(0), -1, hidden.size(0), hidden.size(1)})
+          .masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+    }
+    return s;
   }
 };
 
@@ -311,12 +310,15 @@ struct AttnBatch {
 // as at -80 (e^-80 = 1.8e-35 is as good as 0 beside the row's largest term, 1), which keeps
 // ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to 30
 // times longer here); the keys `hidden` hides exactly 0, whatever x held there (NaN included). A
-// row that sees no key has all its keys hidden (its max or lse is -inf, and x NaN): its P is 0.
-void exp_visible_(const at::Tensor& x, const at::Tensor& hidden) {
+// row whose max or lse (`row_offset`, (B Hk, G rows, 1)) is -inf sees no key, or only keys scored
+// -inf: its P is exactly 0 (x is NaN there), as in the kernels: output 0, lse -inf.
+void exp_visible_(const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& row_offset) {
   x.clamp_min_(-80).exp_();
   if (hidden.defined()) {
     x.view({x.size(0), -1, hidden.size(0), hidden.size(1)}).masked_fill_(hidden, 0);
   }
+  const at::Tensor dead = at::isneginf(row_offset);
+  if (dead.any().item<bool>()) x.masked_fill_(dead, 0);
 }
 
 // Which rows of the call's tensors a batch is: all of them, or one document of a varlen call (its
@@ -371,9 +373,10 @@ void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
     }
     const at::Tensor hidden = a.hidden(m0, rows, nk);
     const at::Tensor p = a.scores(query_rows(qh, m0, rows), kh.narrow(1, 0, nk), hidden);
-    // A row that sees no key has max -inf and P 0 (exp_visible_): sum 0, output 0, lse -inf.
+    // A row that sees no key, or only keys scored -inf, has max -inf and P 0 (exp_visible_): sum 0,
+    // output 0, lse -inf.
     const at::Tensor m = p.amax(-1, true);
-    exp_visible_(p.sub_(m), hidden);
+    exp_visible_(p.sub_(m), hidden, m);
     const at::Tensor l = p.sum(-1, true);
     const at::Tensor inv_l = l.reciprocal().masked_fill_(l == 0, 0);
     const at::Tensor o = at::bmm(p, vh.narrow(1, 0, nk)).mul_(inv_l);
@@ -418,8 +421,9 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
     const at::Tensor qc = query_rows(qh, m0, rows), doc = query_rows(doh, m0, rows);
     const at::Tensor kc = kh.narrow(1, 0, nk), vc = vh.narrow(1, 0, nk);
     const at::Tensor hidden = a.hidden(m0, rows, nk);
-    const at::Tensor p = a.scores(qc, kc, hidden).sub_(chunk_of(lse_h));  // P = exp(S - lse)
-    exp_visible_(p, hidden);
+    const at::Tensor lse_c = chunk_of(lse_h);
+    const at::Tensor p = a.scores(qc, kc, hidden).sub_(lse_c);  // P = exp(S - lse)
+    exp_visible_(p, hidden, lse_c);
     // (bmm then add_: baddbmm_ into a narrowed accumulator ran one addmm_ per batch matrix)
     dv_acc.narrow(1, 0, nk).add_(at::bmm(p.transpose(1, 2), doc));
     const at::Tensor ds = at::bmm(doc, vc.transpose(1, 2)).sub_(chunk_of(delta)).mul_(p);
@@ -449,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
-  if (torch_kernel_covers(sh, q, causal)) {
+  if (torch_kernel_covers(sh, q, causal, softmax_scale)) {
     const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         heads_dim1(q), heads_dim1(k), heads_dim1(v), 0.0, causal, std::nullopt, softmax_scale);
     out.copy_(heads_dim1(o));
@@ -477,7 +481,7 @@ void flash_attn_bwd_cpu_into(const at::Tensor& dout, const at::Tensor& q, const 
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
                        tiles);
-  if (!dlse.has_value() && torch_kernel_covers(sh, q, causal)) {
+  if (!dlse.has_value() && torch_kernel_covers(sh, q, causal, softmax_scale)) {
     const auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         heads_dim1(dout), heads_dim1(q), heads_dim1(k), heads_dim1(v), heads_dim1(out), lse, 0.0,
         causal, std::nullopt, softmax_scale);

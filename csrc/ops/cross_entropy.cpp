@@ -181,10 +181,10 @@ template <typename Acc>
 }
 
 template <typename Acc>
-[[gnu::always_inline]] inline Acc simd_sum(const Acc* x, int64_t n) {
+[[gnu::always_inline]] inline Acc simd_sum(const Acc* x, int64_t n, Acc shift = 0) {
   Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t v = 0; v < n; ++v) sum += x[v];
+  for (int64_t v = 0; v < n; ++v) sum += x[v] - shift;
   return sum;
 }
 
@@ -193,6 +193,12 @@ FMCORE_CPU_CLONES float row_max(const float* x, int64_t n) { return simd_max(x, 
 double row_max(const double* x, int64_t n) { return simd_max(x, n); }
 FMCORE_CPU_CLONES float row_sum(const float* x, int64_t n) { return simd_sum(x, n); }
 double row_sum(const double* x, int64_t n) { return simd_sum(x, n); }
+// sum of x - m: label smoothing's mean logit relative to the max. Summing x itself lost the
+// row's spread to its offset (logits 1e4 + randn: 40x torch's error) or overflowed (3e38).
+FMCORE_CPU_CLONES float row_sum_minus(const float* x, float m, int64_t n) {
+  return simd_sum(x, n, m);
+}
+double row_sum_minus(const double* x, double m, int64_t n) { return simd_sum(x, n, m); }
 // e = e^(x - m) (x and e may be the same memory)
 FMCORE_CPU_CLONES void row_exp(const float* x, float* e, float m, int64_t n) {
   for (int64_t v = 0; v < n; ++v) e[v] = exp_saturated(x[v] - m);
@@ -263,12 +269,13 @@ void cross_entropy_cpu(const CeTensors& t, const CeOptions& o, CeMode mode) {
       if (fwd) {
         m = row_max(x, V);
         const Acc x_t = in_range ? x[tn] : Acc(0);  // an out-of-range target raises after the call
-        const Acc mean_x = eps != 0 ? row_sum(x, V) / V : Acc(0);
+        // (a row of -inf: NaN, as torch's)
+        const Acc mean_x_minus_m = eps != 0 ? row_sum_minus(x, m, V) / V : Acc(0);
         // a row of -inf: e^(-inf - 0) = 0 (not e^NaN), logsum -inf, as in the kernel
         row_exp(x, e, m == -std::numeric_limits<Acc>::infinity() ? Acc(0) : m, V);
         logsum = std::log(row_sum(e, V));
         Acc l = logsum - (x_t - m);
-        if (eps != 0) l = l * (1 - eps) + (logsum - (mean_x - m)) * eps;
+        if (eps != 0) l = l * (1 - eps) + (logsum - mean_x_minus_m) * eps;
         if (zl != 0) l += zl * (m + logsum) * (m + logsum);
         loss[n] = l;
         stats[2 * n] = m;

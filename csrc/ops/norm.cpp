@@ -213,7 +213,12 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
       }
       const double sum = p.rms ? 0.0 : sum_fp64(D, [&](int64_t i) { return s[i]; });
       const Acc mu = static_cast<Acc>(sum / static_cast<double>(D));
-      const double sq = sum_fp64(D, [&](int64_t i) { return (s[i] - mu) * (s[i] - mu); });
+      // squared in fp64: an fp32 square overflowed for |x - mean| > 1.8e19, rstd became 0 and the
+      // output the bias, silently (the CUDA kernel squares in fp32: such a row is NaN there)
+      const double sq = sum_fp64(D, [&](int64_t i) {
+        const double d = static_cast<double>(s[i] - mu);
+        return d * d;
+      });
       const Acc rs = static_cast<Acc>(1.0 / std::sqrt(sq / static_cast<double>(D) + static_cast<double>(p.eps)));
       if (!p.rms) mean[row] = mu;
       rstd[row] = rs;

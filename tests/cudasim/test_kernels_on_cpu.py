@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fmcore  # noqa: F401  (registers torch.ops.fmcore, the CPU reference)
 
@@ -234,6 +235,21 @@ def test_cross_entropy_extreme_logits(sim):
     close(g, ref.cross_entropy_bwd(logits, target, rstats, torch.ones(3)))
 
 
+def test_cross_entropy_label_smoothing_large_offset(sim):
+    # Label smoothing's mean logit: the kernel sums x - x0 (the row's first logit), not x, which lost
+    # the rows' spread to a common offset and overflowed at 3e38 (loss -inf where torch's is finite).
+    logits = rand(3, 5000, scale=3.0) + 6e4
+    target = torch.tensor([1, 4999, 10])
+    want = F.cross_entropy(logits.double(), target, label_smoothing=0.1, reduction="none")
+    loss, _ = sim.cross_entropy_fwd(logits, target, -100, 0.1, 0.0)
+    torch_err = (F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none") - want).abs().max()
+    assert (loss.double() - want).abs().max() <= 4 * torch_err + 1e-5
+    huge = torch.tensor([[2e38, 2e38, 1.0], [3e38, 3e38, 3e38], [1.0, -math.inf, 2.0]])
+    target = torch.tensor([2, 1, 0])
+    loss, _ = sim.cross_entropy_fwd(huge, target, -100, 0.1, 0.0)
+    close(loss, F.cross_entropy(huge, target, label_smoothing=0.1, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
 # ---- add_norm
 
 # (rows, D, why): the kernel variant each selects (norm.cu choose_layout)
@@ -322,6 +338,16 @@ def test_add_norm_large_mean(sim):
     for g, wnt in zip(sim.add_norm_fwd(x, None, w, None, 1e-5, False, torch.float32),
                       ref.add_norm_fwd(x, None, w, None, 1e-5, False, torch.float32)):
         close(g, wnt, rtol=1e-3, atol=1e-3)
+
+
+def test_add_norm_variance_overflow_is_nan(sim):
+    # |s - mean| past 1.8e19 overflows the fp32 sum of squares: rstd was 0 and the output the bias,
+    # silently; now NaN (rows within range stay exact).
+    x = rand(3, 256) * 1e20
+    x[1] = rand(256, seed=4)
+    out, _, _, rstd = sim.add_norm_fwd(x, None, torch.ones(256), torch.ones(256), 1e-5, False, torch.float32)
+    assert out[0].isnan().all() and out[2].isnan().all() and rstd[[0, 2]].isnan().all()
+    close(out[1], ref.add_norm_fwd(x[1:2], None, torch.ones(256), torch.ones(256), 1e-5, False, torch.float32)[0][0])
 
 
 def test_add_norm_too_wide_raises(sim):

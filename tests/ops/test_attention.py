@@ -168,6 +168,52 @@ def test_softmax_scale_sign(device, scale):
     check_against_reference(*make_qkv(2, 300, 423, 4, 2, 128, device, torch.bfloat16), causal=True, scale=scale)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_softmax_scale_sign_fp32_cpu(scale):
+    # Causal with Sq == Sk in fp32 (fp64 too) is the case torch's own CPU flash kernel covers, and it
+    # gave NaN in every row but the last for these scales: they take fmcore's reference.
+    torch.manual_seed(3)
+    check_against_reference(*make_qkv(2, 37, 37, 4, 2, 64, "cpu", torch.float32), causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_nonfinite_hidden_key_stays_out_of_rows_that_cannot_see_it(device, dtype, varlen):
+    # The CPU reference once masked by adding -inf: NaN + -inf is NaN, so a NaN (or inf) in the last
+    # key reached every causal row's max and made the whole output NaN, where torch (and the kernels)
+    # give NaN only to the row that sees it.
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("fmcore's CUDA kernels take bf16/fp16")
+    torch.manual_seed(4)
+    q, k, v = make_qkv(1, 6, 6, 2, 2, 64, device, dtype, requires_grad=False)
+    for bad in (math.nan, math.inf):
+        k2 = k.clone()
+        k2[:, -1] = bad
+        if varlen:
+            cu = torch.tensor([0, 6], dtype=torch.int32, device=device)
+            out = flash_attention_varlen(q[0], k2[0], v[0], cu, cu, 6, 6, causal=True)[None]
+        else:
+            out = flash_attention(q, k2, v, causal=True)
+        assert torch.isfinite(out[:, :5]).all(), bad
+        torch.testing.assert_close(out[:, :5].double(), reference(q, k, v, True)[0][:, :5], atol=2e-2, rtol=0)
+
+
+def test_row_whose_keys_all_score_minus_inf_gives_zero_cpu():
+    # Query 0 (causal) sees only key 0, and q0 . k0 = -inf: no probability mass, as a row that sees no
+    # key (out 0, lse -inf, no gradient to v; the CUDA kernels' convention); not NaN, not v0. (fp32
+    # causal Sq == Sk takes torch's CPU kernel, which gives out 0 too, but lse 0.)
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = make_qkv(1, 4, 4, 1, 1, 64, "cpu", dtype)
+        with torch.no_grad():
+            q.abs_().add_(0.1)  # every q . k0 is then -inf, not NaN
+            k[0, 0] = -math.inf
+        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+        assert torch.all(out[0, 0] == 0) and torch.isneginf(lse[0, 0, 0]), dtype
+        assert torch.isfinite(out[0, 1:]).all(), dtype  # later rows also see finite scores
+        out[0, 0].float().sum().backward()
+        assert torch.all(v.grad == 0) and torch.all(k.grad[0, 1:] == 0), dtype  # (dq: 0 x -inf)
+
+
 # The CUDA backward's two dq paths: atomic adds from the dk/dv kernel (the default) and the separate
 # deterministic dq kernel.
 DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])

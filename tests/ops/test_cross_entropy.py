@@ -118,6 +118,22 @@ def test_magnitude_1e4_stays_finite(device, dtype):
     check(logits, target, reduction="mean", label_smoothing=0.1, z_loss=0.0 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("offset", [1e4, 6e4])
+def test_label_smoothing_with_a_large_common_offset(device, offset):
+    # Logits offset + randn: label smoothing's mean logit was a plain fp32 sum of the logits, which
+    # lost the rows' spread to the offset (1.4 off at 6e4 and V = 256000; 40x torch's error at 1e4).
+    # Now measured from the max (CPU) or the row's first logit (CUDA).
+    g = torch.Generator().manual_seed(5)
+    logits = (offset + 3 * torch.randn(4, 50000, generator=g)).to(device)
+    target = torch.randint(0, 50000, (4,), generator=g).to(device)
+    check(logits, target, reduction="none", label_smoothing=0.1)
+    # 3e38: the plain sum overflowed (loss -inf where torch's is finite)
+    huge = torch.tensor([[2e38, 2e38, 1.0], [3e38, 3e38, 3e38], [-3e38, -3e38, -3e38]], device=device)
+    target = torch.tensor([2, 1, 0], device=device)
+    got = cross_entropy(huge, target, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(got, F.cross_entropy(huge, target, label_smoothing=0.1, reduction="none"))
+
+
 def test_strided_and_misaligned_rows(device):
     # A slice of a wider buffer: rows start 1 element in (misaligned) and are V + 3 apart.
     base = torch.randn(21, 8 * 64 + 3 + 4, device=device, dtype=torch.bfloat16)

@@ -394,6 +394,24 @@ def test_stream_with_large_mean(device, dim, kind):
     check_against_reference(x, r, w, b, kind, torch.float32)
 
 
+def test_variance_past_fp32_range():
+    """fp32 rows of magnitude 1e20: the squares overflow fp32. The CPU squares in fp64 (it returned
+    the bias, silently); the CUDA kernel gives such a row NaN (test_variance_overflow_is_nan_cuda)."""
+    g = torch.Generator().manual_seed(6)
+    x = 1e20 * torch.randn(3, 64, generator=g)
+    w, b = 1 + 0.5 * torch.randn(64, generator=g), torch.randn(64, generator=g)
+    out, _ = add_norm(x, None, w, b, kind="layer")
+    want = F.layer_norm(x.double(), (64,), w.double(), b.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_variance_overflow_is_nan_cuda():
+    x = (1e20 * torch.randn(3, 64)).cuda()
+    out, _ = add_norm(x, None, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"), kind="layer")
+    assert out.isnan().all()
+
+
 @pytest.mark.parametrize("dim", [6144, 6143])  # block rows of 2 vectors; scalar rows of 16 a thread
 def test_backward_smem_just_under_48k(device, dim):
     """The backward's dynamic shared memory is 8 * D bytes: 48 KiB at D 6144, which with the kernel's

@@ -20,7 +20,8 @@ Devices: CUDA kernels for bf16/fp16 and head dims 64, 96, 128 (other head dims o
 ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); on the CPU
 any head dim and fp32/fp64/bf16/fp16 with fp32 (fp64) accumulation: torch's own fused CPU flash
 kernel for fp32/fp64 batched calls whose causal mask it shares (Sq == Sk, or not causal), and
-fmcore's chunked reference for the rest (csrc/ops/attention.cpp).
+fmcore's chunked reference for the rest (csrc/ops/attention.cpp). torch's kernel gives a query row
+that holds NaN the output 0 (pytorch#141128, fp32/fp64 only), where the reference gives NaN.
 
 Backward on CUDA, as FlashAttention-2 does it: by default the kernel that owns a block of keys also
 adds its share of dq into an fp32 buffer with atomics (5 matmuls of the block size), so dq's float

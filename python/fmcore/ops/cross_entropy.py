@@ -68,7 +68,10 @@ def cross_entropy(
         logits: float32, bfloat16 or float16 (float64 too on the CPU); the last dim must be
             contiguous. Math is fp32 whatever the dtype, with a stable log-sum-exp (logits of
             magnitude 1e4 are fine).
-        target: int64 or int32 class indices in [0, V), or ignore_index.
+        target: int64 or int32 class indices in [0, V), or ignore_index. Rows whose target is
+            ignore_index are not read: their loss and gradient are exactly 0 even where their logits
+            hold NaN or inf (torch's gradient there is NaN: its log_softmax backward multiplies the
+            row's zero gradient by NaN). So are rows whose grad_output is exactly 0 (reduction "none").
         label_smoothing: as torch: (1 - eps) * nll + eps * (mean over classes of -log p).
         z_loss: adds z_loss * lse**2 to each non-ignored row's loss (PaLM), before the reduction.
         inplace_backward: the gradient goes over the logits buffer instead of a new (N, V) tensor.
