@@ -214,6 +214,16 @@ def test_row_whose_keys_all_score_minus_inf_gives_zero_cpu():
         assert torch.all(v.grad == 0) and torch.all(k.grad[0, 1:] == 0), dtype  # (dq: 0 x -inf)
 
 
+def test_tensor_scale_is_refused():
+    # float() detached a learned temperature: its gradient was dropped with only torch's generic warning.
+    q = torch.randn(1, 4, 2, 8)
+    scale = torch.tensor(0.3, requires_grad=True)
+    with pytest.raises(TypeError, match="expected softmax_scale to be a float, got a Tensor"):
+        flash_attention(q, q, q, softmax_scale=scale)
+    with pytest.raises(TypeError, match="expected scale to be a float, got a Tensor"):
+        scaled_dot_product_attention(q, q, q, scale=scale)
+
+
 # The CUDA backward's two dq paths: atomic adds from the dk/dv kernel (the default) and the separate
 # deterministic dq kernel.
 DQ_PATHS = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
@@ -872,6 +882,22 @@ def test_qkvpacked_bad_inputs(device):
         torch.ops.fmcore.flash_attn_qkvpacked_bwd(qkv[0], qkv[0], qkv[0], qkv[0], None, None, 0, False, 0.125)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+def test_qkvpacked_under_torch_func():
+    """vmap and torch.func.grad batch flash_attention's op; the qkvpacked Function raised under both
+    (no vmap rule; a backward Function without setup_context)."""
+    qkv = torch.randn(3, 1, 6, 3, 2, 16, dtype=torch.float64)
+
+    def per_sample(x):
+        return reference(*x.unbind(-3), causal=True)[0]
+
+    torch.testing.assert_close(torch.func.vmap(lambda x: flash_attention_qkvpacked(x, causal=True))(qkv),
+                               torch.stack([per_sample(x) for x in qkv]))
+    got = torch.func.vmap(torch.func.grad(lambda x: flash_attention_qkvpacked(x, causal=True).square().sum()))(qkv)
+    want = torch.stack([torch.func.grad(lambda x: per_sample(x).square().sum())(x) for x in qkv])
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("layout", ["batched", "varlen", "qkvpacked"])
 def test_double_backward_raises(device, layout):
     """First-order gradients only: one taken with create_graph=True equals the plain one, and
@@ -1005,6 +1031,14 @@ def test_sdpa_falls_back_with_one_warning_per_reason(device):
     with pytest.warns(UserWarning, match="top-left"):  # torch's causal mask for Sq != Sk differs from FA's
         out = scaled_dot_product_attention(q, k, k, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, is_causal=True))
+
+
+@pytest.mark.filterwarnings("ignore:fmcore.ops.scaled_dot_product_attention")
+@pytest.mark.parametrize("shape", [(2, 0, 5, 8), (1, 2, 4, 0)], ids=["no_heads", "head_dim_0"])
+def test_sdpa_dropin_empty_heads_like_torch(device, shape):
+    # torch returns an empty result; fmcore's kernel raised ValueError.
+    q = torch.randn(shape, device=device)
+    assert scaled_dot_product_attention(q, q, q).shape == F.scaled_dot_product_attention(q, q, q).shape == shape
 
 
 @pytest.mark.cuda

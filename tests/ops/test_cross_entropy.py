@@ -357,6 +357,23 @@ def test_torch_compile(device, inplace_backward):
     assert_compiles_like_eager(step, (logits.clone().requires_grad_(),), device)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_autocast_loss_is_float32(device, reduction, inplace_backward):
+    # Autocast runs F.cross_entropy in fp32: a bf16 loss (3 significant digits) was a silent mismatch.
+    logits, target = make((4, 6, 50), device, torch.bfloat16)
+    x, xt = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = cross_entropy(x * 1.0, target, reduction=reduction, inplace_backward=inplace_backward)
+        ref = F.cross_entropy(xt.view(-1, 50), target.view(-1), reduction=reduction)
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.view(loss.shape))
+    loss.sum().backward()
+    ref.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, xt.grad)
+
+
 @pytest.mark.cuda
 def test_cuda_target_check_does_not_wait_for_the_loss_kernel():
     # The target check is its own small launch queued before the loss kernel, and the host waits for

@@ -175,6 +175,40 @@ def test_backward_twice_raises(device):
         loss.backward()
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_activation_checkpointing(device, reduction, use_reentrant):
+    # Non-reentrant checkpointing refuses a second unpack of ctx.saved_tensors in one backward.
+    hidden, weight, bias, target = make(6, 8, 11, device, torch.float32, bias=True)
+    mine = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    theirs = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    f = lambda h, w, b: linear_cross_entropy(h, w, target, b, reduction=reduction).sum()  # noqa: E731
+    torch.utils.checkpoint.checkpoint(f, *mine, use_reentrant=use_reentrant).backward()
+    f(*theirs).backward()
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_over_hidden_that_requires_grad(reduction):
+    # Under vmap hidden is a BatchedTensor whose requires_grad is False: the forward computed no
+    # grad_hidden and hidden.grad came out None, silently.
+    hidden, weight, bias, target = make(12, 8, 11, "cpu", torch.float32, bias=True)
+    hidden, target = hidden.view(3, 4, 8), target.view(3, 4)
+    mine = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    theirs = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    per_sample = lambda h, t: linear_cross_entropy(h, mine[1], t, mine[2], reduction=reduction)  # noqa: E731
+    loss = torch.func.vmap(per_sample)(mine[0], target)
+    ref = torch.stack([F.cross_entropy(F.linear(h, theirs[1], theirs[2]), t, reduction=reduction)
+                       for h, t in zip(theirs[0], target)])
+    torch.testing.assert_close(loss, ref)
+    loss.sum().backward()
+    ref.sum().backward()
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def _storage(t):
     return t.untyped_storage().data_ptr()
 
@@ -298,6 +332,16 @@ def test_autocast(device):
     assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(w.grad, w2.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_leaves_float64_alone():
+    # Autocast casts no float64 tensor: torch's fp64 F.linear + F.cross_entropy stay fp64 under it.
+    hidden, weight, _, target = make(6, 16, 40, "cpu", torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, target)
+        ref = F.cross_entropy(F.linear(hidden, weight), target)
+    assert loss.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(loss, ref)
 
 
 def test_module_and_tying(device):

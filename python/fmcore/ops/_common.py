@@ -71,10 +71,17 @@ class _FirstOrderOnly(torch.autograd.Function):
     """Returns its first n arguments (gradients) under a node whose backward raises; the other
     arguments (what the gradients depend on) connect that node to the graph."""
 
+    generate_vmap_rule = True  # a backward run under torch.func.vmap (per-sample gradients) calls it
+
+    # forward and setup_context apart (not forward(ctx, ...)): torch.func.grad and vjp refuse the
+    # combined form, with an error about overriding setup_context that the caller cannot act on.
     @staticmethod
-    def forward(ctx, op, n, *args):
-        ctx.op = op
+    def forward(op, n, *args):
         return tuple(g.view_as(g) for g in args[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *unused):

@@ -51,6 +51,12 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    if isinstance(softmax_scale, torch.Tensor):
+        # float() would detach it: a learned temperature would silently get no gradient (torch's SDPA
+        # refuses a tensor scale too).
+        raise TypeError(f"expected softmax_scale to be a float, got a Tensor (requires_grad="
+                        f"{softmax_scale.requires_grad}): fmcore's attention has no gradient for the scale; "
+                        "scale q instead, or pass float(scale)")
     if softmax_scale is not None:
         return float(softmax_scale)
     # A head dim of 0 (or a 0-d q) reaches the binding, which raises a ValueError naming q, instead of
@@ -222,6 +228,9 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
     """flash_attn_fwd on qkv's three views; the backward, flash_attn_qkvpacked_bwd, returns qkv's
     gradient whole."""
 
+    # torch.func.vmap batches the ops inside, as it does for flash_attention's (without it vmap raised).
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles):
         q, k, v = qkv.unbind(-3)
@@ -370,6 +379,8 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
         return f"device {q.device} / dtype {q.dtype}"
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
         return "q, k, v shapes differ beyond the sequence and head dims"
+    if 0 in (q.shape[1], k.shape[1], q.shape[-1]):
+        return "no heads or a head dim of 0 (torch returns an empty result, fmcore's kernel raises)"
     if q.shape[1] != k.shape[1] and not (enable_gqa and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0):
         return "query and key head counts differ without enable_gqa"
     if is_causal and q.shape[2] != k.shape[2]:
@@ -395,6 +406,8 @@ def scaled_dot_product_attention(
     unsupported dtype or head dim, causal with Sq != Sk, ...) torch's SDPA runs, with a one-time
     warning naming the reason. The result is a (B, H, Sq, D) view of a (B, Sq, H, D) buffer.
     """
+    if isinstance(scale, torch.Tensor):  # as torch's: float() would detach a learned scale silently
+        raise TypeError("expected scale to be a float, got a Tensor")
     device_type = query.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.

@@ -61,8 +61,9 @@ def cross_entropy(
     """Cross-entropy of logits (N, V) or (B, S, V) against class targets (N,) or (B, S).
 
     Matches ``F.cross_entropy(logits.view(-1, V), target.view(-1), ignore_index=...,
-    label_smoothing=..., reduction=...)``: the loss has the logits' dtype, "mean" divides by the
-    number of non-ignored targets (nan when all are ignored, as torch), "none" has target's shape.
+    label_smoothing=..., reduction=...)``: the loss has the logits' dtype (float32 under autocast,
+    as torch's), "mean" divides by the number of non-ignored targets (nan when all are ignored, as
+    torch), "none" has target's shape.
 
     Args:
         logits: float32, bfloat16 or float16 (float64 too on the CPU); the last dim must be
@@ -102,14 +103,20 @@ def cross_entropy(
     _check_common(target, reduction, logits.shape[:-1], "logits")
     vocab = logits.shape[-1]
     x, t = logits.reshape(-1, vocab), target.reshape(-1)
+    # Autocast runs F.cross_entropy in fp32 (CPU and CUDA): its loss is fp32 for bf16/fp16 logits.
+    # (torch.is_autocast_enabled refuses the "meta" device type.)
+    out_dtype = logits.dtype
+    if (logits.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(logits.device.type)
+            and logits.dtype != torch.float64):
+        out_dtype = torch.float32
     if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
             and not torch.compiler.is_compiling()):
         loss, stats = _FusedInplace.apply(x, t, ignore_index, label_smoothing, z_loss, reduction == "mean")
-        loss = loss.to(logits.dtype)
+        loss = loss.to(out_dtype)
     else:
         loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss,
                                                               inplace_backward)
-        loss = _reduce(loss_rows, target, ignore_index, reduction, logits.dtype)
+        loss = _reduce(loss_rows, target, ignore_index, reduction, out_dtype)
     if return_lse:
         return loss, stats.detach().sum(-1).view(target.shape)
     return loss

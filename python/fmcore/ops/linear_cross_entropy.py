@@ -50,7 +50,7 @@ def linear_cross_entropy(
 
     Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as
     F.linear's inputs would be; their gradients flow back through the casts) and the loss is
-    float32 (as autocast's F.cross_entropy).
+    float32 (as autocast's F.cross_entropy); float64 inputs are left alone, as autocast does.
 
     Gradients: with reduction "mean" or "sum" and any input requiring grad, the forward computes
     them (grad_weight accumulates across chunks in weight's dtype) and the backward scales them by
@@ -69,13 +69,14 @@ def linear_cross_entropy(
     device_type = hidden.device.type
     out_dtype = hidden.dtype
     # What F.linear would do: the matmuls in the autocast dtype (torch.is_autocast_enabled refuses "meta").
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    # Autocast leaves float64 alone (fp64 F.linear and F.cross_entropy stay fp64 under it).
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:
         dtype, out_dtype = torch.get_autocast_dtype(device_type), torch.float32  # autocast's cross_entropy is fp32
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     grad = torch.is_grad_enabled()
-    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
+    need = (grad and _requires_grad(hidden), grad and _requires_grad(weight),
+            grad and bias is not None and _requires_grad(bias))
     loss, lse, _, _, _ = torch.ops.fmcore.linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, None, ignore_index,
         label_smoothing, z_loss, _REDUCTION_CODE[reduction], chunk_size or 0, *need)
@@ -83,6 +84,18 @@ def linear_cross_entropy(
     if return_lse:
         return loss, lse.detach().view(target.shape)
     return loss
+
+
+def _requires_grad(t: torch.Tensor) -> bool:
+    """t.requires_grad, looking through torch.func.vmap's wrappers: a BatchedTensor reports False even
+    when the tensor it wraps requires grad (autograd runs below vmap, on each slice), and the forward
+    would compute no gradient for it (it came out None, silently)."""
+    if torch._C._functorch.is_batchedtensor(t):
+        if torch.compiler.is_compiling():
+            return True  # dynamo cannot trace get_unwrapped; an unneeded gradient only costs time
+        while torch._C._functorch.is_batchedtensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 @register_fake("linear_cross_entropy")
@@ -131,6 +144,13 @@ def _backward(ctx, grad_loss, *unused):
     nh, nw, nb = ctx.need
     if grad_loss is None:
         return (None,) * 13
+    # hidden, weight, target, bias lead; traced (torch.compile) contexts list no trailing non-tensors.
+    needs = (*ctx.needs_input_grad[:2], len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3])
+    if (needs[0] and not nh) or (needs[1] and not nw) or (needs[2] and not nb):
+        # A None here would be taken for a zero gradient: refuse rather than drop it silently.
+        raise RuntimeError("linear_cross_entropy: autograd needs a gradient the forward did not compute "
+                           f"(the forward saw requires_grad hidden={nh}, weight={nw}, bias={nb}; autograd "
+                           f"needs hidden={needs[0]}, weight={needs[1]}, bias={needs[2]})")
     if ctx.reduction == 0:
         hidden, weight, target, bias = ctx.saved_tensors
         depends_on = (grad_loss, hidden, weight, bias)
@@ -145,8 +165,10 @@ def _backward(ctx, grad_loss, *unused):
                                "or reduction='none')")
         ctx.used = True
         # The saved gradients are outputs of this op: they link the raising node to its inputs, which
-        # are not saved (the hidden states' memory stays free until the backward).
-        depends_on = (grad_loss, *ctx.saved_tensors)
+        # are not saved (the hidden states' memory stays free until the backward). Unpacked once:
+        # torch.utils.checkpoint (non-reentrant) refuses a second unpack of a recomputed tensor.
+        saved = ctx.saved_tensors
+        depends_on = (grad_loss, *saved)
 
         def grads():
             # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
@@ -155,7 +177,7 @@ def _backward(ctx, grad_loss, *unused):
             # may reuse the dead buffer itself.
             traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
             return tuple(g * grad_loss if traced else _scale_(g, grad_loss) if needed else g
-                         for g, needed in zip(ctx.saved_tensors, ctx.need))
+                         for g, needed in zip(saved, ctx.need))
 
     gh, gw, gb = first_order_only("linear_cross_entropy", grads, *depends_on)
     return (gh if nh else None, gw if nw else None, None, gb if nb else None) + (None,) * 9
