@@ -342,3 +342,158 @@ def test_resume_with_other_data_settings_or_more_processes_is_a_config_error(dat
     with pytest.raises(ConfigError, match="written by 1 process.*this run has 2"):
         check_resume_world(ckpt, 2)
     check_resume_world(ckpt, 1)
+
+
+def test_a_run_killed_before_its_final_evaluation_evaluates_when_resumed(dataset, tmp_path, monkeypatch):
+    # Killed between the final checkpoint and the final evaluation, the resumed run has nothing to train:
+    # it said so and skipped the evaluation, and the summary gave an earlier evaluation as the final one.
+    from fmcore.train import trainer
+
+    run = tmp_path / "run"
+    args = ("--checkpoint.save_final", "true", "--train.eval_every", "2")
+    real = trainer.evaluate
+
+    def killed_at_the_end(model, cfg, *rest):
+        if any(s == 4 for s, _ in checkpoint.step_dirs(run / "checkpoints")):
+            raise KeyboardInterrupt  # the run dies here
+        return real(model, cfg, *rest)
+
+    monkeypatch.setattr(trainer, "evaluate", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        _short_run(dataset, run, *args)
+    monkeypatch.setattr(trainer, "evaluate", real)
+    summary = train(load_config("tiny", overrides(dataset, run, "--train.steps", "4", "--model.dim", "64",
+                                                  "--model.n_layers", "2", "--checkpoint.export_hf", "false",
+                                                  "--train.eval_batches", "1", *args, "--resume", "auto")))
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and summary["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_a_run_dir_in_use_is_a_config_error(dataset, tmp_path):
+    # Two runs in one run dir interleaved their metrics and deleted each other's saves in progress.
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:  # what another fmcore train holds for its lifetime
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="is in use by another fmcore train"):
+            _short_run(dataset, run)
+    _short_run(dataset, run)  # free again; and a run ends releasing it:
+    _short_run(dataset, run, "--train.steps", "5", "--checkpoint.save_final", "true")
+
+
+def test_resume_drops_a_torn_metrics_line_and_rewrites_the_file_atomically(tmp_path, monkeypatch):
+    from fmcore.train import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # a full disk's end
+    metrics.Reporter(tmp_path, total_steps=4, start_step=2, progress="none", tensorboard=False).close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+    def crash(*args):
+        raise OSError("killed")
+
+    monkeypatch.setattr(metrics.os, "replace", crash)  # dying mid-rewrite keeps the whole history
+    with pytest.raises(OSError, match="killed"):
+        metrics.Reporter(tmp_path, total_steps=4, start_step=1, progress="none", tensorboard=False)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_a_failed_save_is_a_checkpoint_error_naming_the_step(dataset, tmp_path, capsys, monkeypatch):
+    # A full disk surfaced as two tracebacks ending in torch's "unexpected pos 704 vs 598".
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("")  # not a directory
+    args = ["tiny", *overrides(dataset, run, "--train.steps", "2", "--model.dim", "64", "--model.n_layers", "1",
+                               "--checkpoint.export_hf", "false")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint error: saving the checkpoint of step 2 in" in err and "Traceback" not in err
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    (run / "checkpoints").unlink()
+    monkeypatch.setattr(checkpoint.dcp, "save", full)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "step 2" in err and "MiB free there" in err and "unexpected pos" in err and "Traceback" not in err
+    assert not list((run / "checkpoints").iterdir())  # the partial save is deleted
+
+
+def test_resume_applies_the_configs_optimizer_hyperparameters(dataset, tmp_path):
+    # The checkpoint's param groups brought back its weight_decay, betas and eps: a changed value was
+    # ignored (the run bitwise identical) while config.toml recorded it.
+    import shutil
+
+    run = tmp_path / "run"
+    _short_run(dataset, run, "--checkpoint.every", "2")
+    shutil.copytree(run, tmp_path / "copy")
+    same = _short_run(dataset, run, "--checkpoint.resume", "auto")
+    changed = _short_run(dataset, tmp_path / "copy", "--checkpoint.resume", "auto", "--optim.eps", "1.0")
+    assert same[2]["loss"] == changed[2]["loss"]  # step 3: the weights as saved
+    assert same[3]["loss"] != changed[3]["loss"]  # step 4: after a step with eps 1
+
+
+def test_a_save_deletes_the_leftovers_of_interrupted_saves(tmp_path):
+    # A crash mid-save of a step the run never saves again (checkpoint.every changed) leaked its .tmp-* dir.
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    (tmp_path / ".tmp-step_00000006").mkdir()
+    (tmp_path / ".tmp-step_00000006" / "__0_0.distcp").write_bytes(b"partial")
+    checkpoint.save(tmp_path, 8, model, optimizer, {"step": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008"]
+
+
+def test_resume_in_or_out_of_bf16_master_weights_is_a_config_error(dataset, tmp_path):
+    # A bf16 checkpoint resumed in fp32 loaded the bf16-rounded weights and dropped FusedAdamW's fp32
+    # master copies without a word; an fp32 one resumed in bf16 failed on a "Missing key ... master_param".
+    _short_run(dataset, tmp_path / "bf16", "--train.precision", "bf16", "--optim.impl", "fmcore",
+               "--checkpoint.every", "2")
+    with pytest.raises(ConfigError, match="written with train.precision 'bf16'.*this run's is 'fp32'"):
+        _short_run(dataset, tmp_path / "bf16", "--train.precision", "fp32", "--optim.impl", "fmcore",
+                   "--checkpoint.resume", "auto")
+    _short_run(dataset, tmp_path / "fp32", "--checkpoint.every", "2")
+    with pytest.raises(ConfigError, match="other than 'bf16'.*this run's is 'bf16'"):
+        _short_run(dataset, tmp_path / "fp32", "--train.precision", "bf16", "--optim.impl", "fmcore",
+                   "--checkpoint.resume", "auto")
+    _short_run(dataset, tmp_path / "bf16", "--train.precision", "bf16", "--optim.impl", "fmcore",
+               "--checkpoint.resume", "auto")  # the same precision resumes
+
+
+def test_a_streak_of_nonfinite_steps_goes_on_across_a_resume(dataset, tmp_path):
+    # The count of consecutive non-finite steps was not checkpointed: killed after the step-4 checkpoint
+    # of a run that stops at step 6 (train.max_skipped 5), the resumed run went on to step 9.
+    run = tmp_path / "run"
+    diverge = ["--train.steps", "4", "--optim.lr", "1e30", "--schedule.warmup_steps", "0", "--train.max_skipped", "5",
+               "--optim.grad_clip", "0", "--checkpoint.save_final", "true", "--train.eval_batches", "1"]
+    records = _short_run(dataset, run, *diverge)  # step 1 good, 2-4 non-finite: a streak of 3 at the checkpoint
+    assert records[-1]["skipped"] == 3
+    with pytest.raises(TrainingStopped, match="5 consecutive"):
+        _short_run(dataset, run, *diverge, "--train.steps", "20", "--resume", "auto")
+    assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")][-1] == 6
+
+
+def test_a_crash_while_pruning_leaves_no_incomplete_step_dir(tmp_path, monkeypatch):
+    # rmtree deletes file by file: killed inside it, a step_* dir (said to be always complete) lacked files.
+    import shutil
+
+    for s in (1, 2):
+        (tmp_path / f"step_{s:08d}").mkdir()
+        (tmp_path / f"step_{s:08d}" / ".metadata").write_bytes(b"")
+        (tmp_path / f"step_{s:08d}" / "__0_0.distcp").write_bytes(b"")
+    real = shutil.rmtree
+
+    def killed_inside(path, *args, **kwargs):
+        next(Path(path).glob("*.distcp")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_inside)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune(tmp_path, keep_last=1, keep_every=0)
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [2]
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    model = torch.nn.Linear(2, 2)
+    checkpoint.save(tmp_path, 3, model, torch.optim.AdamW(model.parameters()), {"step": 3}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]

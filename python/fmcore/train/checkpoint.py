@@ -6,7 +6,8 @@ extra_rank<r>.pt per process: step, loader position, every RNG state, loss-scale
 
 Atomicity: everything is written into .tmp-step_00000100/ (files fsynced), and rank 0 renames it to
 step_00000100/ only when every rank is done. A directory named step_* is therefore always complete;
-a crash leaves at most a .tmp-* directory, which nothing reads and the next save of that step replaces.
+a crash leaves at most a .tmp-* directory (or a .del-* one, when pruning), which nothing reads and the
+next save deletes.
 DCP works in a single process without init_process_group (it then skips the collectives).
 """
 
@@ -30,7 +31,8 @@ from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: incomplete, damaged, or of another model or optimizer."""
+    """A checkpoint that cannot be resumed (incomplete, damaged, or of another model or optimizer), or
+    one that could not be written (a full disk, a checkpoint dir that is not a directory)."""
 
 PREFIX = "step_"
 
@@ -98,19 +100,38 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     rank = _rank()
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crash mid-save
-        tmp.mkdir()
-    _barrier()
-    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
-    with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    extra_path = tmp / f"extra_rank{rank}.pt"
-    with open(extra_path, "wb") as f:
-        torch.save(extra, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            # The leftovers of crashes mid-save, this step's and any other's (a step this run will not
+            # save again: checkpoint.every changed, or an earlier checkpoint resumed), and mid-prune,
+            # each up to a checkpoint's size. No other run writes here: the trainer holds the run dir's lock.
+            for leftover in [*ckpt_dir.glob(".tmp-*"), *ckpt_dir.glob(".del-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+        with _quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        extra_path = tmp / f"extra_rank{rank}.pt"
+        with open(extra_path, "wb") as f:
+            torch.save(extra, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (CheckpointException, OSError, RuntimeError) as e:
+        # DCP raises its writers' errors as one CheckpointException holding a traceback per rank, and
+        # torch's zip writer turns a full disk into "unexpected pos N vs M": name the step, the cause
+        # and the free space instead, and delete the partial save (on a full disk, space it holds).
+        causes = _causes(e)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointError(f"saving the checkpoint of step {step} in {ckpt_dir} failed ({free}): {causes}; the "
+                              f"complete checkpoints there are untouched (resume with --resume auto once it is fixed)"
+                              ) from e  # (fmcore train prints the message; a caller of save() keeps the traceback)
     _barrier()
     if rank == 0:
         for p in tmp.iterdir():
@@ -136,7 +157,16 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
     dirs = step_dirs(ckpt_dir)
     for step, path in dirs[:-keep_last]:
         if not (keep_every > 0 and step % keep_every == 0):
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed first: a crash inside rmtree would leave a step_* directory missing files.
+            doomed = path.with_name(f".del-{path.name}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def has_master_weights(path: Path) -> bool:
+    """Whether checkpoint dir path holds FusedAdamW's fp32 master weights (a train.precision bf16 run)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(key.startswith("optim.state.") and key.endswith(".master_param") for key in keys)
 
 
 def read_extra(path: Path) -> dict:
@@ -159,13 +189,18 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
             dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # a BaseException, its message a traceback per rank
         failures = [exc for exc, *_ in e.failures.values()]
-        causes = sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip() for exc in failures})
         what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
                 if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
-        raise CheckpointError(f"{path} {what}: {'; '.join(causes)}") from None
+        raise CheckpointError(f"{path} {what}: {_causes(e)}") from None
     for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
         group.update(flags)
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
+
+
+def _causes(e: BaseException) -> str:
+    """The one-line message of e, or of each rank's exception in a CheckpointException."""
+    failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+    return "; ".join(sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip() for exc in failures}))
 
 
 def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -97,11 +98,25 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop records past ``step`` (left by a run that died after its last checkpoint)."""
+    """Drop records past ``step`` (left by a run that died after its last checkpoint), and a torn line:
+    a run that died writing a record (a full disk) leaves half of it, which no later step follows."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if record is not None and record["step"] <= step:
+            keep.append(line)
+    # Written aside and renamed: truncating in place, a crash here would lose the run's whole history.
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def to_json(obj, **kwargs) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -229,6 +230,33 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         if not run.exists() or not any(run.iterdir()):
             return run, None
         n += 1
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """An exclusive lock on run_dir, held while the returned fd is open; the kernel drops it when the
+    process ends, however it ends. Two runs in one run dir (a job started twice, two --resume auto)
+    would interleave their metrics, set aside or prune each other's checkpoints and delete each
+    other's saves in progress."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"log.run_dir {run_dir} is in use by another fmcore train (pid {holder}): wait for it to "
+                          "end, or choose another --log.run_dir") from None
+    except OSError:  # a file system without flock (some NFS or Lustre mounts): run unguarded, as before
+        pass
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether the run's metrics hold an evaluation of step."""
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and any(r["step"] == step and "eval_loss" in r for r in metrics.read_metrics(path))
 
 
 def _from_main(fn, env: Env):
@@ -472,6 +500,22 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
                           f"with the config it was written with (config.toml in its run dir), or start a new run")
 
 
+def check_same_precision(path: Path, saved: dict | None, cfg: Config, precision: str) -> None:
+    """FusedAdamW keeps a bf16 run's fp32 master weights in its state: a bf16 checkpoint resumed in
+    another precision would load its bf16-rounded weights and drop the fp32 copies silently, and
+    another precision's checkpoint does not load into bf16 (its optimizer state lacks them). ZeroAdamW
+    keeps fp32 masters in every precision."""
+    if "zero1" in (cfg.parallel.data, ((saved or {}).get("parallel") or {}).get("data")):
+        return
+    bf16_there = checkpoint.has_master_weights(path)
+    if bf16_there != (precision == "bf16"):
+        there = ("train.precision 'bf16' (bf16 weights, fp32 master copies in the optimizer)" if bf16_there else
+                 "a train.precision other than 'bf16' (no fp32 master copies in the optimizer)")
+        raise ConfigError(f"checkpoint.resume: {path} was written with {there} and this run's is "
+                          f"{precision!r}; resume it with the precision it was written with (config.toml in its run "
+                          "dir), or start a new run")
+
+
 def train(cfg: Config) -> dict:
     """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
     env = setup_distributed(cfg)
@@ -482,11 +526,17 @@ def train(cfg: Config) -> dict:
         set_deterministic()
     dataset = open_dataset(cfg, env)
     run_dir, resume_from = _from_main(lambda: choose_run_dir(cfg), env)
-    loader = make_loader(cfg, dataset, env)
+    fd = _from_main(lambda: lock_run_dir(run_dir), env)  # through rank 0: its ConfigError reaches every rank
+    lock = fd if env.main else None
     try:
-        return _run(cfg, env, dataset, loader, run_dir, resume_from)
+        loader = make_loader(cfg, dataset, env)
+        try:
+            return _run(cfg, env, dataset, loader, run_dir, resume_from)
+        finally:
+            loader.close()
     finally:
-        loader.close()
+        if lock is not None:
+            os.close(lock)
 
 
 def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None) -> dict:
@@ -509,13 +559,23 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     flops_tok = models.flops_per_token(mcfg, t.seq_len)
     peak = peak_tflops(cfg, env.device)
 
-    step, skipped_total, resumed_tokens = 0, 0, 0
+    step, skipped_total, resumed_tokens, streak = 0, 0, 0, 0
     if resume_from is not None:
         _from_main(lambda: check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
         check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from)
+        check_same_precision(resume_from, extra.get("config"), cfg, precision)
+        # The checkpoint's param groups would bring back the hyperparameters it was written with: a
+        # changed optim.weight_decay, betas or eps would be ignored while config.toml records it.
+        hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in optimizer.param_groups]
         checkpoint.load(resume_from, model, optimizer)
+        for group, values in zip(optimizer.param_groups, hyper):
+            group.update(values)
         step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
+        # A streak of non-finite steps goes on across a resume (train.max_skipped counts it), except from
+        # the checkpoint the stop itself wrote: resuming that one (with a lower lr, say) starts anew.
+        streak = extra.get("nonfinite_streak", 0)
+        streak = 0 if streak >= t.max_skipped else streak
         try:
             loader.load_state_dict(extra["loader"])
         except ValueError as e:  # another seed, data.mode, seq_len or dataset than the checkpoint's
@@ -559,7 +619,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     ckpt_dir = run_dir / "checkpoints"
 
     def save(at_step: int) -> Path:
-        extra = {"step": at_step, "skipped_total": skipped_total, "tokens": resumed_tokens + (at_step - start) * step_tokens,
+        extra = {"step": at_step, "skipped_total": skipped_total, "nonfinite_streak": in_a_row,
+                 "tokens": resumed_tokens + (at_step - start) * step_tokens,
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg)}
         return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
@@ -580,7 +641,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     def next_batch():
         return to_device(next(loader), env.device, cfg.data.doc_boundaries)
 
-    start, in_a_row = step, 0
+    start, in_a_row = step, streak
     # The logging window: time, steps, loader wait and finite losses since the previous record.
     window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
     window_loss, window_finite = 0.0, 0
@@ -640,6 +701,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         save(step)  # before the final evaluation: whatever happens there, the training is kept
     if step == start:
         report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
+        # A run killed between its final checkpoint and its final evaluation resumes here: without
+        # this, its summary would give an earlier evaluation as the final one.
+        if not _from_main(lambda: evaluated_at(run_dir, step), env):
+            run_eval(step)
     else:
         run_eval(step)
     if ck.export_hf:
