@@ -379,8 +379,6 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
         return f"device {q.device} / dtype {q.dtype}"
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
         return "q, k, v shapes differ beyond the sequence and head dims"
-    if 0 in (q.shape[1], k.shape[1], q.shape[-1]):
-        return "no heads or a head dim of 0 (torch returns an empty result, fmcore's kernel raises)"
     if q.shape[1] != k.shape[1] and not (enable_gqa and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0):
         return "query and key head counts differ without enable_gqa"
     if is_causal and q.shape[2] != k.shape[2]:
@@ -420,6 +418,17 @@ def scaled_dot_product_attention(
             _warn_once(reason)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if query.shape[1] == 0 or query.shape[-1] == 0:
+        return _empty_attention(query, key, value)
     out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
                           softmax_scale=scale)
     return out.transpose(1, 2)
+
+
+def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's (empty) result for no query heads or a head dim of 0, where fmcore's kernel raises and
+    torch 2.11's CPU kernel divides by the head count (SIGFPE). Products of the inputs: the result is
+    in their autograd graph, as torch's."""
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    k, v = (t.repeat_interleave(group, 1)[:, :q.shape[1]] for t in (k, v))
+    return q @ k.transpose(-2, -1) @ v
