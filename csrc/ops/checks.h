@@ -45,8 +45,10 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
                     ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
+// (An empty tensor has nothing to read: an expanded one, strides 0, or the zero-element gradient
+// autograd hands a backward, whose contiguous() is itself.)
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "expected ", name,
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1 || t.numel() == 0, "expected ", name,
                     " to be contiguous in its last dim (stride 1), got strides ",
                     shape_str(t.strides()));
 }

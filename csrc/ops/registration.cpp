@@ -69,19 +69,19 @@ TORCH_LIBRARY(fmcore, m) {
   // to the backward; the CPU ignores both.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float softmax_scale, "
       "bool deterministic=False, int tiles=0) -> (Tensor, Tensor)");
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False, "
+      "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False, "
       "int tiles=0) -> (Tensor, Tensor, Tensor)");
   // flash_attn_bwd for q, k, v packed in qkv ((B, S, 3, H, D), or (T, 3, H, D) with cu_seqlens,
   // which then serves q and k): returns the gradient of qkv (contiguous), written in place of
   // stacking three (fmcore.ops.flash_attention_qkvpacked's backward).
   m.def(
       "flash_attn_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? dlse, "
-      "Tensor? cu_seqlens, int max_seqlen, bool causal, float softmax_scale, "
+      "Tensor? cu_seqlens, SymInt max_seqlen, bool causal, float softmax_scale, "
       "bool deterministic=False, int tiles=0) -> Tensor");
 
   // Fused residual add + LayerNorm (rms=False) / RMSNorm (rms=True) (kernels/norm.h). x (..., D),

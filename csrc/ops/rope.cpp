@@ -1,7 +1,11 @@
 // RoPE: argument checks, the CPU reference implementation and its registration.
 #include "rope_op.h"
 
+#include <algorithm>
+#include <functional>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -94,6 +98,41 @@ RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
+namespace {
+
+// Whether views a and b of one storage, with the same strides, reach a common element: whether
+// off_b - off_a = sum_i d_i stride_i for some d_i in [-(b.size(i) - 1), a.size(i) - 1]. Dims taken
+// outermost first; when a dim's stride exceeds the span the inner dims can reach (the layouts of
+// slices of one buffer), only floor(r / stride) and the next integer can leave a remainder they
+// reach, so the search is exact and at most 2^dim steps. std::nullopt: a layout beyond that.
+std::optional<bool> views_intersect(const at::Tensor& a, const at::Tensor& b) {
+  std::vector<int64_t> dims;
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (a.size(i) > 1 || b.size(i) > 1) dims.push_back(i);
+  }
+  std::sort(dims.begin(), dims.end(),
+            [&](int64_t x, int64_t y) { return a.stride(x) > a.stride(y); });
+  std::vector<int64_t> span(dims.size() + 1, 0);  // span[j]: the largest |sum| dims j.. reach
+  for (size_t j = dims.size(); j-- > 0;) {
+    const int64_t d = dims[j];
+    if (a.stride(d) <= span[j + 1]) return std::nullopt;  // (stride 0 included)
+    span[j] = span[j + 1] + (std::max(a.size(d), b.size(d)) - 1) * a.stride(d);
+  }
+  const std::function<bool(size_t, int64_t)> reach = [&](size_t j, int64_t r) {
+    if (j == dims.size()) return r == 0;
+    const int64_t d = dims[j], st = a.stride(d);
+    const int64_t lo = -(b.size(d) - 1), hi = a.size(d) - 1;
+    const int64_t f = r >= 0 ? r / st : -((-r + st - 1) / st);  // floor(r / st)
+    for (int64_t c : {f, f + 1}) {
+      if (c >= lo && c <= hi && reach(j + 1, r - c * st)) return true;
+    }
+    return false;
+  };
+  return reach(0, b.storage_offset() - a.storage_offset());
+}
+
+}  // namespace
+
 void check_rope_inplace(const at::Tensor& q, const at::Tensor& k) {
   // Each element is rotated where it is stored: one reachable through two indices (an expanded q)
   // or through both q and k (k is q) would be rotated twice, silently. Strided views into one
@@ -103,7 +142,14 @@ void check_rope_inplace(const at::Tensor& q, const at::Tensor& k) {
                       "in-place rope: elements of ", name, " share memory (an expanded or stride-0 ",
                       "tensor); rotate a copy or use inplace=False");
   }
-  const at::MemOverlapStatus qk = at::get_overlap_status(q, k);
+  at::MemOverlapStatus qk = at::get_overlap_status(q, k);
+  // TooHard: views of one storage that are not contiguous (q and k sliced off one buffer, or slices
+  // that overlap by an off-by-one): decided exactly when they share their strides.
+  if (qk == at::MemOverlapStatus::TooHard && q.is_alias_of(k) && q.strides() == k.strides() &&
+      q.numel() > 0 && k.numel() > 0) {
+    const std::optional<bool> hit = views_intersect(q, k);
+    if (hit.has_value()) qk = *hit ? at::MemOverlapStatus::Partial : at::MemOverlapStatus::No;
+  }
   TORCH_CHECK_VALUE(qk != at::MemOverlapStatus::Full && qk != at::MemOverlapStatus::Partial,
                     "in-place rope: q and k share memory (k is q, or they overlap); rotate them ",
                     "separately or use inplace=False");

@@ -1171,3 +1171,28 @@ def test_cpu_reference_under_bf16_autocast():
     ref = flash_attention(q.detach(), k.detach(), v.detach(), causal=True)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["varlen", "qkvpacked"])
+def test_compiled_varlen_stays_one_graph_as_max_seqlen_changes(packed):
+    # max_seqlen was an `int` in the schemas: dynamo specialized on it and compiled a graph per value
+    # (a packed loader's longest document changes every batch) until its recompile limit, then ran
+    # eagerly (fullgraph=True: an error). SymInt: one dynamic graph after the first.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(qkv, cu_seqlens, max_seqlen):
+        if packed:
+            return flash_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=True).sum()
+        q, k, v = qkv.unbind(1)
+        return flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True).sum()
+
+    qkv = torch.randn(24, 3, 2, 16)
+    for longest in range(12, 21):
+        lens = [longest, 24 - longest]
+        want = step.__wrapped__(qkv, cu(lens, "cpu"), longest)
+        torch.testing.assert_close(step(qkv, cu(lens, "cpu"), longest), want)
+    assert counter.frame_count <= 2

@@ -255,6 +255,22 @@ def test_inplace_refuses_elements_reachable_twice(device):
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
 
 
+def test_inplace_refuses_overlapping_slices_of_one_buffer(device):
+    # Head slices of one (B, S, H, D) buffer that share a head (an off-by-one: q heads 0-1, k heads
+    # 1-2): torch's overlap check answers "too hard" for such views, and head 1 was rotated twice.
+    cos, sin = tables(5, 8, device)
+    z = torch.randn(2, 5, 4, 8, device=device)
+    with pytest.raises(ValueError, match="q and k share memory"):
+        apply_rotary(z[:, :, 0:2], z[:, :, 1:3], cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="q and k share memory"):  # k's first head is q's last, GQA shapes
+        apply_rotary(z[:, :, 0:3], z[:, :, 2:3], cos, sin, inplace=True)
+    # Disjoint slices, adjacent or interleaved, are what the in-place op is for.
+    for q, k in [(z[:, :, 0:2], z[:, :, 2:4]), (z[:, :, 0::2], z[:, :, 1::2]), (z[:, :, 1:3], z[:, :, 3:4])]:
+        want_q, want_k = apply_rotary(q, k, cos, sin)
+        apply_rotary(q, k, cos, sin, inplace=True)
+        assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
 def test_opcheck(device):
     q = torch.randn(2, 7, 4, 32, device=device, dtype=torch.float32, requires_grad=True)
     k = torch.randn(2, 7, 2, 32, device=device, dtype=torch.float32, requires_grad=True)
@@ -434,3 +450,17 @@ def test_cuda_long_rotary_dim(rdim):
     want, torch_out = reference(q, cos, sin, False), _torch_rope(q, cos, sin, False)
     assert_close_to_ref(oq, want, torch_out, "q")
     assert_close_to_ref(ok, want, torch_out, "k")
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 8), (2, 0, 2, 8)], ids=["no_batch", "no_tokens"])
+def test_empty_batch_forward_and_backward(device, shape):
+    # autograd hands the backward a zero-element gradient whose strides are all 0 (contiguous() is
+    # itself): the last-dim check refused it. An expanded empty input was refused the same way.
+    cos, sin = tables(5, 8, device)
+    q = torch.randn(shape, device=device, requires_grad=True)
+    k = torch.randn(shape, device=device, requires_grad=True)
+    qr, kr = apply_rotary(q, k, cos, sin)
+    (qr.sum() + kr.sum()).backward()
+    assert q.grad.shape == shape and k.grad.shape == shape
+    empty = torch.zeros((), device=device).expand(shape)
+    assert apply_rotary(empty, empty.clone(), cos, sin)[0].shape == shape

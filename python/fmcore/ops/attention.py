@@ -214,7 +214,7 @@ def flash_attention_qkvpacked(
     if varlen:
         if max_seqlen is None:
             raise ValueError("expected max_seqlen (the longest sequence) with cu_seqlens, got None")
-        max_seqlen = int(max_seqlen)
+        max_seqlen = _max_seqlen(max_seqlen, "max_seqlen")
         if qkv.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
             _check_cu_values(cu_seqlens, qkv.select(-3, 0), max_seqlen, "cu_seqlens", "max_seqlen", "qkv")
     else:
@@ -260,9 +260,13 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
 _cu_checked: dict[str, tuple] = {}
 
 
-def _max_seqlen(value, name: str) -> int:
+def _max_seqlen(value, name: str) -> int | torch.SymInt:
     """An int: a None or a fractional float (4.7 would be truncated, sizing the grid too small) is a
-    TypeError naming the argument; ints, SymInts and integral values pass."""
+    TypeError naming the argument; ints and integral values pass, and SymInts as they are (the ops
+    take SymInt: under torch.compile a max_seqlen that changes every batch stays symbolic rather
+    than compiling a graph per value)."""
+    if isinstance(value, torch.SymInt):
+        return value
     if value is None or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise TypeError(f"expected {name} to be an int (at least the longest document), got {value!r}")
     return int(value)
