@@ -360,6 +360,21 @@ def test_rotary_module_table_survives_casts_and_meta_init(device):
     assert torch.equal(rope.to_empty(device=device).cos, want)
 
 
+def test_attention_built_on_meta_then_loaded_with_assign(device):
+    # load_state_dict(assign=True) brings the weights but not the non-persistent RoPE tables: .to()
+    # failed ("Cannot copy out of meta tensor") and the forward on "cos on meta".
+    from fmcore.nn import Attention
+
+    torch.manual_seed(0)
+    real = Attention(32, 2, max_seq_len=16).to(device)
+    with torch.device("meta"):
+        lazy = Attention(32, 2, max_seq_len=16)
+    lazy.load_state_dict(real.state_dict(), assign=True)
+    lazy.to(device)
+    x = torch.randn(2, 16, 32, device=device)
+    torch.testing.assert_close(lazy(x), real(x))
+
+
 BAD = [
     # (what is wrong, kwargs changes, the word the error must name)
     ("k on another dtype", dict(k=lambda t: t["k"].half()), "k"),

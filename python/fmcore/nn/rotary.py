@@ -27,8 +27,8 @@ class RotaryEmbedding(nn.Module):
 
     The table is fp32 buffers of shape (max_seq_len, dim/2), computed in fp64, not saved in the state
     dict (a pure function of the arguments), and recomputed whenever the module moves or is cast:
-    ``.to(torch.bfloat16)`` leaves it fp32, and ``.to_empty()`` after building on the meta device
-    fills it. Explicit positions (any ints, any length) are computed the same way, not looked up, so
+    ``.to(torch.bfloat16)`` leaves it fp32. Built on the meta device, it is computed on the device
+    of the first real q (after ``.to_empty()`` or ``load_state_dict(..., assign=True)``). Explicit positions (any ints, any length) are computed the same way, not looked up, so
     none is ever out of the table's range.
     """
 
@@ -49,7 +49,15 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), self.dim, self.base)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+        try:
+            super()._apply(fn, recurse)
+        except NotImplementedError:
+            if not self.cos.is_meta:
+                raise
+            # "Cannot copy out of meta tensor": .to(device) of a module built on the meta device
+            # whose weights came by load_state_dict(assign=True), which skips these non-persistent
+            # buffers. forward builds them where its q is.
+            return self
         self._build_table(self.cos.device)  # fp32 and real whatever fn did (a cast, to_empty)
         return self
 
@@ -65,6 +73,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
                 layout: str = "bshd") -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k; positions (B, S) int, e.g. restarting at each packed document."""
+        if self.cos.is_meta and not q.is_meta:  # (see _apply)
+            self._build_table(q.device)
         cos, sin = self.tables(positions)
         return apply_rotary(q, k, cos, sin, interleaved=self.interleaved, layout=layout)
 
