@@ -497,3 +497,25 @@ def test_a_crash_while_pruning_leaves_no_incomplete_step_dir(tmp_path, monkeypat
     model = torch.nn.Linear(2, 2)
     checkpoint.save(tmp_path, 3, model, torch.optim.AdamW(model.parameters()), {"step": 3}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_a_resumed_run_logs_the_uninterrupted_runs_records(dataset, tmp_path, monkeypatch):
+    # After a resume the first step was logged on its own (an extra record) and the next record's
+    # loss_avg covered only the steps since the resume: loss.png, which plots loss_avg, differed.
+    args = ("--train.steps", "6", "--log.every", "4", "--checkpoint.every", "3")
+    whole = _short_run(dataset, tmp_path / "whole", *args)
+    real = checkpoint.save
+
+    def killed_after_step_3(ckpt_dir, step, *rest, **kw):
+        path = real(ckpt_dir, step, *rest, **kw)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _short_run(dataset, tmp_path / "broken", *args)
+    monkeypatch.setattr(checkpoint, "save", real)
+    broken = _short_run(dataset, tmp_path / "broken", *args, "--resume", "auto")
+    fields = lambda records: [(r["step"], r["loss"], r["loss_avg"]) for r in records]  # noqa: E731
+    assert [r["step"] for r in whole] == [1, 4, 6] and fields(broken) == fields(whole)

@@ -620,6 +620,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     def save(at_step: int) -> Path:
         extra = {"step": at_step, "skipped_total": skipped_total, "nonfinite_streak": in_a_row,
+                 "log_window": (window_loss, window_finite),
                  "tokens": resumed_tokens + (at_step - start) * step_tokens,
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg)}
@@ -642,9 +643,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         return to_device(next(loader), env.device, cfg.data.doc_boundaries)
 
     start, in_a_row = step, streak
-    # The logging window: time, steps, loader wait and finite losses since the previous record.
+    # The logging window: time, steps, loader wait and finite losses since the previous record. The
+    # losses go on across a resume (with the records, from step 1 only in a fresh run), so that a
+    # resumed run's loss_avg, and its loss curve, are the uninterrupted run's.
     window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
-    window_loss, window_finite = 0.0, 0
+    window_loss, window_finite = extra.get("log_window", (0.0, 0)) if resume_from is not None else (0.0, 0)
     run_t0 = time.perf_counter()
     model.train()
     while step < t.steps:
@@ -664,7 +667,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         in_a_row = in_a_row + 1 if diverging else 0
         stop = in_a_row >= t.max_skipped
 
-        if step % cfg.log.every == 0 or step == t.steps or step == start + 1 or stop:
+        if step % cfg.log.every == 0 or step == t.steps or step == 1 or stop:
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             now = time.perf_counter()
