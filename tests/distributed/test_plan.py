@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from fmcore.train import models
 from fmcore.train.config import load_config
@@ -16,6 +17,16 @@ from fmcore.train.plan import Layout, comm_bytes_per_step, main, plan
 def mcfg(preset: str = "gpt2-124m"):
     """The preset's model as a GPU run resolves it (fmcore's ops), whatever this machine has."""
     return models.resolve(dataclasses.replace(load_config(preset, []).model, ops="fmcore"), None, "cuda")
+
+
+def tp_sharded(m) -> int:
+    """Parameters of m that parallel.apply_tensor_parallel shards, counted from the built model: the
+    column-parallel projections (weights and biases) and the row-parallel projections' weights."""
+    col = ("qkv.", "fc.", "wqkv.", "w_gate_up.")
+    row = ("attn_out.weight", "mlp_out.weight", "wo.weight", "w_down.weight")
+    with torch.device("meta"):
+        model = models.build_model(m)
+    return sum(p.numel() for n, p in model.named_parameters() if any(f".{c}" in n for c in col) or n.endswith(row))
 
 
 def test_layouts_divide_what_they_shard():
@@ -30,7 +41,8 @@ def test_layouts_divide_what_they_shard():
     assert fsdp["params"] == 4 * P / 8 and fsdp["grads"] == 4 * P / 8 and fsdp["optimizer"] == 8 * P / 8
     assert ddp["activations"] == zero["activations"] == fsdp["activations"]
     tp = plan(m, Layout("ddp", 4, 2), **kw)
-    assert tp["params"] == 2 * P and tp["activations"] < ddp["activations"]
+    S = tp_sharded(m)  # embeddings, norms and the head stay replicated
+    assert tp["params"] == 4 * (P - S + S / 2) and tp["activations"] < ddp["activations"]
     ckpt = plan(m, Layout("ddp", 8, 1), **{**kw, "checkpointing": True})
     assert ckpt["activations"] < ddp["activations"] / 4
     bf16 = plan(m, Layout("ddp", 8, 1), **{**kw, "precision": "bf16"})
@@ -102,3 +114,66 @@ def test_cli_plans_a_run_as_it_ran(tmp_path, capsys):
     assert "precision fp32," in out and "not comparable" in out and "x the plan" not in out
     assert main(["--run", str(tmp_path / "missing")]) == 2
     assert "holds no metrics.jsonl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b"])
+def test_tensor_parallel_keeps_embeddings_head_and_norms_whole(preset):
+    # What one tensor-parallel rank holds, counted from the model's own parameters: the projections
+    # parallel.apply_tensor_parallel shards (column-parallel weights and biases, row-parallel weights)
+    # are split t ways, everything else (embeddings, head, norms, row-parallel biases) is replicated.
+    m = dataclasses.replace(mcfg(preset), n_layers=2)  # the arithmetic per layer, a model that builds fast
+    sharded, P = tp_sharded(m), models.param_count(m)
+    kw = dict(precision="bf16-autocast", batch_size=1, seq_len=16, checkpointing=False)
+    for t in (2, 4):
+        parts = plan(m, Layout("none", 1, t), **kw)
+        held = P - sharded + sharded / t
+        assert parts["params"] == parts["grads"] == 4 * held and parts["optimizer"] == 8 * held
+
+
+def test_zero1_counts_its_shard_buffers():
+    # ZeroAdamW keeps, besides the flat gradient buckets, its shard's reduced gradient and the buffer
+    # it all-gathers the updated parameters from: two shard-sized tensors in the weights' dtype.
+    m = mcfg()
+    P = models.param_count(m)
+    kw = dict(batch_size=1, seq_len=16, checkpointing=False)
+    for precision, w in (("bf16-autocast", 4), ("bf16", 2)):
+        zero = plan(m, Layout("zero1", 8, 1), precision=precision, **kw)
+        assert zero["comm"] == P * w + 2 * P / 8 * w
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--gpus", "-2"], "--gpus: expected"),
+    (["--gpus", "8"], "but parallel.data is 'none'"),
+    (["--gpus", "4", "--parallel.tensor", "2"], "2 data-parallel replicas"),
+    (["--gpus", "2", "--parallel.data", "ddp", "--parallel.tensor", "2"], "with parallel.tensor > 1"),
+    (["--gpus", "2", "--parallel.data", "zero1", "--train.precision", "fp16"], "does not support train.precision"),
+    (["--model.ops", "torch", "--train.precision", "bf16"], "needs optim.impl 'fmcore'"),
+])
+def test_cli_refuses_what_the_trainer_refuses(capsys, args, why):
+    assert main(["tiny", *args]) == 2
+    assert why in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b"])
+def test_fsdp2_gathers_the_root_module_and_two_blocks(preset):
+    # fully_shard(model) groups what is outside the blocks (embeddings, head, final norm); FSDP2 keeps
+    # that group gathered from the forward's start to the backward's end, plus one block and the next.
+    m = dataclasses.replace(mcfg(preset), n_layers=2, tie_embeddings=False)
+    with torch.device("meta"):
+        model = models.build_model(m)
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    parts = plan(m, Layout("fsdp2", 8, 1), precision="bf16-autocast", batch_size=1, seq_len=16, checkpointing=False)
+    assert parts["comm"] == 4 * (root + 2 * block)
+
+
+def test_tensor_parallel_replicas_without_data_parallelism_are_refused():
+    # 4 processes, parallel.tensor 2, parallel.data 'none': two tensor-parallel replicas, each reading
+    # its own data, whose gradients nothing averaged: they drifted apart silently. The trainer checks
+    # at its start with the function plan-memory uses.
+    from fmcore.train.config import ConfigError
+    from fmcore.train.parallel import check_layout
+
+    check_layout("none", 2, 2, "fp32")  # one replica
+    with pytest.raises(ConfigError, match=r"parallel.tensor 2: 2 data-parallel replicas\) but parallel.data is 'none'"):
+        check_layout("none", 2, 4, "fp32")

@@ -39,3 +39,13 @@ def test_transformers_loads_the_export_with_equal_logits(tmp_path, name):
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits.float()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unresolved_config_is_refused(tmp_path):
+    # cfg.model as loaded still says 0 for the derived fields: GPT-2's config.json would get vocab_size 0
+    # and n_inner 0, which transformers cannot load.
+    for name in ("gpt2", "llama-gqa"):
+        cfg = models.resolve(CASES[name], vocab_size=200)
+        with pytest.raises(ValueError, match="needs the resolved model config"):
+            export_hf(models.build_model(cfg), CASES[name], tmp_path / name)
+        assert not (tmp_path / name).exists()

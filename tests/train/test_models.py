@@ -215,4 +215,21 @@ def test_greedy_sample_with_right_padding_equals_plain_greedy_decoding():
         for _ in range(6):  # the reference: grow the sequence one token at a time, no padding
             ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)
     assert greedy_sample(model, prompt, 6, "fp32", cfg.max_seq_len) == ids[0, 5:].tolist()
-    assert len(greedy_sample(model, prompt, 500, "fp32", cfg.max_seq_len)) == cfg.max_seq_len - 1  # clamped
+    assert len(greedy_sample(model, prompt, 500, "fp32", cfg.max_seq_len)) == cfg.max_seq_len - 5  # clamped
+    # More tokens asked than fit after the prompt: the whole prompt is still what is continued (the
+    # trainer prints it next to the sample), with as many tokens as fit.
+    long = torch.randint(0, 100, (1, cfg.max_seq_len // 2))
+    ids = long.clone()
+    with torch.no_grad():
+        while ids.shape[1] < cfg.max_seq_len:
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)
+    assert greedy_sample(model, long, cfg.max_seq_len, "fp32", cfg.max_seq_len) == ids[0, long.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])
+def test_a_sequence_longer_than_max_seq_len_is_refused_by_name(base, ops):
+    model = models.build_model(models.resolve(dataclasses.replace(base, ops=ops), vocab_size=100))
+    model(torch.zeros(1, base.max_seq_len, dtype=torch.long))
+    with pytest.raises(ValueError, match="65 tokens per sequence but the model takes at most model.max_seq_len = 64"):
+        model(torch.zeros(1, base.max_seq_len + 1, dtype=torch.long))

@@ -101,6 +101,11 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
     """(HF-named full state dict on the CPU, HF config dict), or None on the ranks other than 0 of a
     process group. Every rank must call it: the full state dict of a sharded model (fsdp2, tensor
     parallel) is gathered, and torch hands it to rank 0 only."""
+    # Every rank checks (before the collective): an unresolved config would write vocab_size 0 and
+    # n_inner 0 into config.json (GPT-2), which transformers cannot load.
+    if not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads:
+        raise ValueError("export_hf needs the resolved model config (models.resolve(cfg.model, vocab_size, device), "
+                         "the one build_model got): model.vocab_size, ffn_dim or n_kv_heads is still 0 (derive it)")
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

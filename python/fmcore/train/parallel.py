@@ -55,6 +55,29 @@ def data_parallel_coords(rank: int, world: int, tensor: int) -> tuple[int, int]:
     return rank // tensor, world // tensor
 
 
+def check_layout(data: str, tensor: int, world: int, precision: str) -> None:
+    """The layouts `fmcore train` refuses, as ConfigErrors naming the fix: the trainer checks them at
+    its start, and `fmcore plan-memory` before it plans one (a plan of a layout that cannot run would
+    only mislead)."""
+    from fmcore.train.config import ConfigError
+
+    dp = data_parallel_coords(0, world, tensor)[1]
+    if data == "none" and dp > 1:
+        # (with tensor parallelism too: replicas whose gradients nothing averages drift apart silently)
+        raise ConfigError(f"launched with {world} processes (parallel.tensor {tensor}: {dp} data-parallel replicas) "
+                          "but parallel.data is 'none': pass --parallel.data ddp|fsdp2|zero1"
+                          + (" (or --parallel.tensor N)" if tensor == 1 else ""))
+    if data in ("zero1", "ddp") and tensor > 1:
+        # zero1 flattens plain tensors, not DTensors; DDP over DTensor parameters trains but its state
+        # dict does not map back to parameter names for torch.distributed.checkpoint.
+        raise ConfigError(f"parallel.data '{data}' with parallel.tensor > 1 is not supported: use 'fsdp2' (or "
+                          "'none' on one data-parallel rank) with tensor parallelism")
+    if data == "zero1" and precision == "fp16":
+        # GradScaler decides to skip a step from this rank's local gradients, before ZeroAdamW averages
+        # them: ranks could disagree and one would wait forever in the step's collectives.
+        raise ConfigError("parallel.data 'zero1' does not support train.precision 'fp16' (use bf16-autocast)")
+
+
 def mesh(cfg, device: torch.device):
     """The ("dp", "tp") DeviceMesh over all ranks (created once)."""
     global _MESH
@@ -70,15 +93,9 @@ def mesh(cfg, device: torch.device):
 
 def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
     """The model wrapped or sharded as cfg.parallel asks (collective)."""
-    from fmcore.train.config import ConfigError
-
     data, tp = cfg.parallel.data, cfg.parallel.tensor
-    if data in ("zero1", "ddp") and tp > 1:
-        # zero1 flattens plain tensors, not DTensors; DDP over DTensor parameters trains but its state
-        # dict does not map back to parameter names for torch.distributed.checkpoint.
-        raise ConfigError(f"parallel.data '{data}' with parallel.tensor > 1 is not supported: use 'fsdp2' (or "
-                          "'none' on one data-parallel rank) with tensor parallelism")
     device = next(model.parameters()).device
+    check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, cfg.train.precision)
     ensure_process_group(device)
     m = mesh(cfg, device)
     if tp > 1:
@@ -115,12 +132,9 @@ def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
 def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, model: nn.Module):
     """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
     from fmcore.dist import Communicator, ZeroAdamW
-    from fmcore.train.config import ConfigError
 
-    if cfg.train.precision == "fp16":
-        # GradScaler decides to skip a step from this rank's local gradients, before ZeroAdamW averages
-        # them: ranks could disagree and one would wait forever in the step's collectives.
-        raise ConfigError("parallel.data 'zero1' does not support train.precision 'fp16' (use bf16-autocast)")
+    check_layout("zero1", cfg.parallel.tensor, dist.get_world_size() if dist.is_initialized() else 1,
+                 cfg.train.precision)
     o = cfg.optim
     comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
     return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,

@@ -6,12 +6,16 @@ running it, and against the measured peak of a run.
     fmcore plan-memory --run runs/tiny              # the run as it ran, against its logged peak
     fmcore plan-memory tiny --run runs/tiny         # a config, against a run's logged peak
 
-Model (bytes per parameter P, per GPU; d = data-parallel degree, t = tensor-parallel degree):
-  params      P/t * w           w = 4 (fp32 weights: fp32, bf16-autocast, fp16) or 2 (bf16 weights)
-  grads       P/t * w           same dtype as the weights
-  optimizer   P/t * (8 + m)     AdamW moments in fp32, m = 4 when an fp32 master copy exists
-  comm        DDP's and fmcore's gradient buckets (one more copy of the grads, P/t * w), ZeRO-1's flat
-              gradient buffer (P/t * w) and FSDP2's all-gather buffers (two layers of full params)
+Model (bytes per parameter, per GPU; d = data-parallel degree, t = tensor-parallel degree; P_t =
+the parameters on one tensor-parallel rank: the sharded projections' P_s / t plus the P - P_s that
+tensor parallelism replicates, embeddings, head, norms and the row-parallel biases):
+  params      P_t * w           w = 4 (fp32 weights: fp32, bf16-autocast, fp16) or 2 (bf16 weights)
+  grads       P_t * w           same dtype as the weights
+  optimizer   P_t * (8 + m)     AdamW moments in fp32, m = 4 when an fp32 master copy exists
+  comm        DDP's and fmcore's gradient buckets (one more copy of the grads, P_t * w), ZeRO-1's flat
+              gradient buffer (P_t * w) plus its shard's reduced gradient and all-gather send buffer
+              (2 * P_t / d * w), and FSDP2's all-gather buffers (two layers of full params, and the
+              root module's embeddings, head and final norm, gathered for the whole forward and backward)
   fsdp2 divides params, grads and optimizer by d; zero1 divides the optimizer (moments and its fp32
   master, which zero1 always keeps) by d.
   activations stored for the backward, per token of a micro-batch and per layer (16-bit under
@@ -70,6 +74,18 @@ def activation_bytes_per_token(mcfg, precision: str, tp: int, checkpointing: boo
     return L * per_layer + d * 4  # + the final norm's input
 
 
+def tensor_parallel_sharded_count(mcfg) -> int:
+    """Parameters that tensor parallelism shards (fmcore.train.parallel.apply_tensor_parallel): the
+    column-parallel projections with their biases and the row-parallel projections' weights. The rest
+    (embeddings, the head, norms, the row-parallel biases) is replicated on every tensor-parallel rank."""
+    d, f, L = mcfg.dim, mcfg.ffn_dim, mcfg.n_layers
+    if mcfg.arch == "gpt2":
+        b = 1 if mcfg.bias else 0
+        return L * ((3 * d * d + 3 * d * b) + d * d + (d * f + f * b) + f * d)
+    hd = d // mcfg.n_heads
+    return L * ((mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd * d + mcfg.n_heads * hd * d + 2 * d * f + f * d)
+
+
 def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int, checkpointing: bool,
          optim_impl: str = "torch") -> dict[str, float]:
     """Per-GPU bytes by category for the resolved model config mcfg in the given layout."""
@@ -78,21 +94,28 @@ def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int,
     P = models.param_count(mcfg)
     w = _weight_bytes(precision)
     tp, dp = layout.tp, layout.dp
+    sharded = tensor_parallel_sharded_count(mcfg) if tp > 1 else 0
+    Pt = P - sharded + sharded / tp  # what one tensor-parallel rank holds
     master = 4 if precision == "bf16" or layout.data == "zero1" else 0
     out = {
-        "params": P / tp * w,
-        "grads": P / tp * w,
-        "optimizer": P / tp * (8 + master),
+        "params": Pt * w,
+        "grads": Pt * w,
+        "optimizer": Pt * (8 + master),
     }
     if layout.data == "fsdp2":
         out = {k: v / dp for k, v in out.items()}
-        per_block = (P - mcfg.vocab_size * mcfg.dim) / max(1, mcfg.n_layers) / tp
-        out["comm"] = 2 * per_block * w  # the gathered block and the next one, prefetched
+        # fully_shard(model) puts what is outside the blocks (embeddings, head, final norm) in the root
+        # module's group: gathered at the forward's start, it stays gathered until the backward ends.
+        root = models.param_count(dataclasses.replace(mcfg, n_layers=0))
+        per_block = (Pt - root) / max(1, mcfg.n_layers)
+        out["comm"] = (root + 2 * per_block) * w  # + the gathered block and the next one, prefetched
     elif layout.data == "zero1":
         out["optimizer"] /= dp
-        out["comm"] = P / tp * w  # flat gradient buffer for the reduce-scatter
+        # flat gradient buffer for the reduce-scatter, and per shard ZeroAdamW's reduced gradient and
+        # the buffer it all-gathers the updated parameters from (both in the weights' dtype)
+        out["comm"] = Pt * w + 2 * Pt / dp * w
     elif layout.data == "ddp":
-        out["comm"] = P / tp * w  # DDP's gradient buckets
+        out["comm"] = Pt * w  # DDP's gradient buckets
     else:
         out["comm"] = 0.0
     tokens = batch_size * seq_len
@@ -166,8 +189,12 @@ def _dataset_vocab(dataset: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from fmcore.train import models
     from fmcore.train.config import ConfigError, load_config
+    from fmcore.train.parallel import check_layout
+    from fmcore.train.trainer import optimizer_impl, resolve_precision
 
     parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
                                      usage="fmcore plan-memory [CONFIG] [--gpus N] [--run DIR] [--vocab-size V] "
@@ -214,12 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fmcore plan-memory: config error: {e}")
         return 2
+    if args.gpus < 0:
+        print(f"fmcore plan-memory: --gpus: expected a number of processes >= 1 (0: one, or the --run's), "
+              f"got {args.gpus}")
+        return 2
     gpus = args.gpus or (ran["world_size"] if ran is not None else 1)
     tp = cfg.parallel.tensor
     if gpus % tp:
         print(f"fmcore plan-memory: --gpus {gpus} is not a multiple of parallel.tensor {tp}")
         return 2
     layout = Layout(cfg.parallel.data, gpus // tp, tp)
+    try:  # what `fmcore train` refuses: a plan of a layout that cannot run would only mislead
+        check_layout(layout.data, tp, gpus, precision)
+        resolve_precision(cfg, torch.device(device), optimizer_impl(cfg, mcfg))  # bf16 needs FusedAdamW
+    except ConfigError as e:
+        print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")
+        return 2
     parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                  checkpointing=cfg.train.activation_checkpointing)
     measured = measured_peak_mib(args.run) if args.run is not None else None

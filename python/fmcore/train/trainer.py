@@ -66,9 +66,9 @@ def setup_distributed(cfg: Config) -> Env:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        if cfg.parallel.data == "none" and cfg.parallel.tensor == 1:
-            raise ConfigError(f"launched with {world} processes but parallel.data is 'none': pass "
-                              "--parallel.data ddp|fsdp2|zero1 (or --parallel.tensor N)")
+        from fmcore.train.parallel import check_layout
+
+        check_layout(cfg.parallel.data, cfg.parallel.tensor, world, cfg.train.precision)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Env(rank, world, local_rank, device)
@@ -408,11 +408,13 @@ def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: 
 def greedy_sample(model: nn.Module, prompt: torch.Tensor, n_new: int, precision: str, max_len: int) -> list[int]:
     """Greedy continuation of prompt (1, P). The input is always (1, P + n_new), right-padded: causal
     attention makes the padding invisible to the positions that matter, and one shape means one graph
-    under torch.compile."""
+    under torch.compile. The window must fit the model's max_len positions: the prompt is kept (its
+    last max_len - 1 tokens) and fewer tokens are generated, as transformers' generate(max_length=)
+    does; cutting the prompt instead would continue a prompt other than the one the sample shows."""
     was_training = model.training
     model.eval()
-    n_new = min(n_new, max_len - 1)  # the window must fit the model's positions
-    P = min(prompt.shape[1], max_len - n_new)
+    P = min(prompt.shape[1], max_len - 1)
+    n_new = min(n_new, max_len - P)
     ids = torch.zeros(1, P + n_new, dtype=prompt.dtype, device=prompt.device)
     ids[:, :P] = prompt[:, -P:]
     for i in range(P, P + n_new):

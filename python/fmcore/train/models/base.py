@@ -53,6 +53,9 @@ class CausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        if x.shape[-1] > self.cfg.max_seq_len:  # else a shape mismatch deep inside embed or RoPE
+            raise ValueError(f"x has {x.shape[-1]} tokens per sequence but the model takes at most "
+                             f"model.max_seq_len = {self.cfg.max_seq_len}")
         docs: DocMask | None = None
         if positions is not None and (cu_seqlens is not None or self.ops == "torch"):
             docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen)
