@@ -26,17 +26,34 @@ constexpr float kCubic = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
+// GELU's tanh form is computed as z sigmoid(2u), u = sqrt(2 / pi) (z + 0.044715 z^3), which is
+// torch's 0.5 z (1 + tanh(u)) (1 + tanh(u) = 2 sigmoid(2u)), as the CPU reference does: 1 + tanh(u)
+// cancels where tanh(u) ~ -1, and gave GELU(-5) 30% off (-2.98e-7 for -2.29e-7, bf16 keeps the
+// difference), GELU(-7) 0 for -2.3e-15, and their gradients as far off. s = sigmoid(2u) and 1 - s
+// (computed as 1 / (1 + 1/e): exact where s ~ 1) from e = e^-2u.
+struct SigmoidTwoU {
+  float s, one_minus_s;
+  __device__ __forceinline__ explicit SigmoidTwoU(float z) {
+    constexpr float k1 = 2.f * kSqrt2OverPi, k3 = 2.f * kSqrt2OverPi * kCubic;
+    const float e = expf(-z * (k1 + k3 * z * z));
+    s = 1.f / (1.f + e);
+    one_minus_s = 1.f / (1.f + 1.f / e);
+  }
+};
+
 __device__ __forceinline__ float gelu(float z, bool tanh_form) {
-  if (tanh_form) return 0.5f * z * (1.f + tanhf(kSqrt2OverPi * (z + kCubic * z * z * z)));
+  if (tanh_form) return z * SigmoidTwoU(z).s;
   return 0.5f * z * (1.f + erff(z * kInvSqrt2));
 }
 
-// d gelu(z) / dz
+// d gelu(z) / dz; the tanh form's s + 2 z s (1 - s) sqrt(2 / pi) (1 + 3 * 0.044715 z^2) is torch's
+// 0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2 / pi) (1 + 3 * 0.044715 z^2) with t = tanh(u) = 2s - 1.
 __device__ __forceinline__ float gelu_grad(float z, bool tanh_form) {
   const float z2 = z * z;
   if (tanh_form) {
-    const float t = tanhf(kSqrt2OverPi * (z + kCubic * z2 * z));
-    return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+    constexpr float k1 = 2.f * kSqrt2OverPi, k3 = 2.f * 3.f * kSqrt2OverPi * kCubic;
+    const SigmoidTwoU sg(z);
+    return sg.s + z * sg.s * sg.one_minus_s * (k1 + k3 * z2);
   }
   return 0.5f * (1.f + erff(z * kInvSqrt2)) + z * kInvSqrt2Pi * expf(-0.5f * z2);
 }

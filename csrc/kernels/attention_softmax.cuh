@@ -197,11 +197,15 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, int64_t b, int64
       float l = l_run[mw][hh];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+      // l = 0: the row saw no key, or only keys scored -inf: out 0, lse -inf. A NaN l (a NaN or
+      // +inf score, a NaN scale) stays NaN in out and lse, as in the reference: an lse of -inf
+      // would tell the backward that the row sees no key, and it would drop the row's gradient
+      // (NaN dq, and NaN in dk/dv of every key it sees) for 0.
+      inv_l[hh] = l == 0.f ? 0.f : 1.f / l;
       const int64_t row = r0 + g + hh * 8;
       if (tq == 0 && row < s.q_len) {
         lse[b * p.lse_stride_b + h * p.lse_stride_h + s.q_start + row] =
-            l > 0.f ? (m_run[mw][hh] * scale_log2 + log2f(l)) * kLn2 : -INFINITY;
+            l == 0.f ? -INFINITY : (m_run[mw][hh] * scale_log2 + log2f(l)) * kLn2;
       }
     }
     store_rows<T, D>(p.out, b, s.q_start, r0, s.q_len, h, o[mw], inv_l, lane);
@@ -320,9 +324,10 @@ __device__ __forceinline__ void lse_to_log2(float* sL, int64_t i0, int64_t q_len
 // inside each exponent's FFMA, so raw scores must rank as scaled ones do: a negative scale negates
 // Q instead (negate8) and scales by its magnitude. A zero scale becomes the smallest normal float,
 // so that a masked score (-inf) still gives 2^-inf = 0 (not 0 * -inf = NaN) while visible ones
-// give 2^(+-tiny) = 1, as with 0.
+// give 2^(+-tiny) = 1, as with 0. A NaN scale stays NaN (fmaxf would pick FLT_MIN: a forward
+// computed as with scale 0, and a NaN backward), so that out and lse are NaN, as in the reference.
 __device__ __forceinline__ float fwd_scale_log2(float scale) {
-  return fmaxf(fabsf(scale), FLT_MIN) * kLog2e;
+  return isnan(scale) ? scale : fmaxf(fabsf(scale), FLT_MIN) * kLog2e;
 }
 
 // Flips the sign bit of the 8 bf16 or fp16 values in v (bit 15 of each half): Q for a negative

@@ -108,8 +108,10 @@ add_norm_fwd_kernel(const AddNormParams p) {
     // s - mean0 (free: the reduction moves a float2 anyway), which measures the fp32 error of the
     // first pass's D-term sum: on rows with |mean| >> std (1e3 vs 0.1) that error is a few ulps of
     // the mean, several times 1 ulp(mean) / std in every output; the corrected mean is within ~1 ulp
-    // (the "corrected two-pass" variance algorithm). The variance stays the sum about mean0: it only
-    // exceeds the one about the corrected mean by (its correction)^2, and can never go negative.
+    // (the "corrected two-pass" variance algorithm). The variance is the one about the corrected
+    // mean: the sum about mean0 less D (its correction)^2, clamped at 0 (rounding; NaN stays). Kept
+    // about mean0, it held mean0's rounding error squared, which dominates a row whose spread is
+    // smaller: 2056 copies of 1e10 had rstd 1e-3 for 1 / sqrt(eps), and a gradient 1e5 too small.
     float sq = 0.f, dsum = 0.f;
 #pragma unroll
     for (int k = 0; k < C; ++k) {
@@ -122,10 +124,14 @@ add_norm_fwd_kernel(const AddNormParams p) {
       }
     }
     const float2 q = row_sum<WARP>(make_float2(sq, dsum), red);
-    const float mean = p.rms ? 0.f : mean0 + q.y * inv_d;
-    // A sum of squares that overflowed fp32 (|s - mean| past 1.8e19; inf inputs give NaN) would
-    // make rstd 0 and the output the bias, silently: NaN instead (the CPU squares in fp64).
-    const float rstd = isinf(q.x) ? NAN : rsqrtf(q.x * inv_d + p.eps);
+    const float corr = p.rms ? 0.f : q.y * inv_d;  // mean - mean0
+    const float mean = mean0 + corr;
+    float var = q.x * inv_d - corr * corr;
+    var = var < 0.f ? 0.f : var;
+    // A sum of squares past fp32's range (|s - mean| ~ 1e18 at D = 2056, or a sum past it: D copies
+    // of 1e38) would make rstd 0 and the output the bias, silently: NaN instead (inf and NaN inputs
+    // give NaN too). The CPU, in fp64, normalizes such rows; no model's activations come near.
+    const float rstd = isinf(q.x) ? NAN : rsqrtf(var + p.eps);
     if (tl.tid == 0) {
       if (p.mean != nullptr) p.mean[row] = mean;
       p.rstd[row] = rstd;

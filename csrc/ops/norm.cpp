@@ -212,11 +212,13 @@ void add_norm_fwd_rows(const AddNormFwd& f) {
         load_row(f.residual_out, off, D, s.data());  // the statistics see the stored (rounded) sum
       }
       const double sum = p.rms ? 0.0 : sum_fp64(D, [&](int64_t i) { return s[i]; });
-      const Acc mu = static_cast<Acc>(sum / static_cast<double>(D));
-      // squared in fp64: an fp32 square overflowed for |x - mean| > 1.8e19, rstd became 0 and the
-      // output the bias, silently (the CUDA kernel squares in fp32: such a row is NaN there)
+      const double mean_d = sum / static_cast<double>(D);
+      const Acc mu = static_cast<Acc>(mean_d);
+      // About the fp64 mean, squared in fp64: an fp32 square overflowed for |x - mean| > 1.8e19
+      // (rstd 0, the output the bias, silently; the CUDA kernel, fp32, gives such a row NaN), and
+      // the fp32-rounded mean added its rounding error squared to a row whose spread is below it.
       const double sq = sum_fp64(D, [&](int64_t i) {
-        const double d = static_cast<double>(s[i] - mu);
+        const double d = static_cast<double>(s[i]) - mean_d;
         return d * d;
       });
       const Acc rs = static_cast<Acc>(1.0 / std::sqrt(sq / static_cast<double>(D) + static_cast<double>(p.eps)));

@@ -212,3 +212,34 @@ def test_binding_rejects_what_the_kernels_cannot_run(kernels_on_sim):
     q = torch.randn(1, 4, 2, 80, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head dim of 64, 96 or 128"):
         flash_attention(q, q, q)
+
+
+def _nan_pattern_and_values_agree(got, want, name):
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where the reference has none, or none where it has"
+    torch.testing.assert_close(got.nan_to_num(0).float(), want.nan_to_num(0).float(), atol=2e-2, rtol=2e-2,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@DQ_PATHS
+@pytest.mark.parametrize("tiles", [0, 3])
+def test_nan_rows_keep_nan_lse_and_gradients(sim, tiles, deterministic):
+    # A NaN score (here key 4: rows 4 and 5 see it) makes the row's sum NaN. write_rows turned every
+    # sum that is not > 0 into lse -inf, the mark of a row that sees no key: the backward then took
+    # P = 0 for rows 4 and 5 and dropped their (NaN) gradient, so dv of keys 0..3 came out finite and
+    # dv[5] 0, where the reference and torch give NaN. A NaN scale (fmaxf picked FLT_MIN for it) ran
+    # the forward as with scale 0: a finite output and lse, with a NaN backward.
+    torch.manual_seed(21)
+    S, D = 6, 64
+    q, k, v = (torch.randn(1, S, 1, D, dtype=torch.bfloat16) for _ in range(3))
+    k[0, 4, 0, 5] = float("nan")
+    dout = torch.randn_like(q)
+    for kk, scale, what in ((k, D**-0.5, "NaN key"), (k.clone().fill_(0.5), float("nan"), "NaN scale")):
+        outs = [op.flash_attn_fwd(q, kk, v, None, None, S, S, True, scale, deterministic, tiles)
+                for op in (sim, torch.ops.fmcore)]
+        for (o, lse), name in zip(zip(*outs), ("out", "lse")):
+            _nan_pattern_and_values_agree(o, lse, f"{what} {name}")
+        grads = [op.flash_attn_bwd(dout, q, kk, v, o, lse, None, None, None, S, S, True, scale, deterministic, tiles)
+                 for op, (o, lse) in zip((sim, torch.ops.fmcore), outs)]
+        for g, r, name in zip(*grads, ("dq", "dk", "dv")):
+            _nan_pattern_and_values_agree(g, r, f"{what} {name}")
+    assert outs[0][1].isnan().all()  # the NaN scale's lse

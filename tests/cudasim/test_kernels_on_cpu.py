@@ -340,14 +340,34 @@ def test_add_norm_large_mean(sim):
         close(g, wnt, rtol=1e-3, atol=1e-3)
 
 
-def test_add_norm_variance_overflow_is_nan(sim):
-    # |s - mean| past 1.8e19 overflows the fp32 sum of squares: rstd was 0 and the output the bias,
-    # silently; now NaN (rows within range stay exact).
-    x = rand(3, 256) * 1e20
-    x[1] = rand(256, seed=4)
-    out, _, _, rstd = sim.add_norm_fwd(x, None, torch.ones(256), torch.ones(256), 1e-5, False, torch.float32)
-    assert out[0].isnan().all() and out[2].isnan().all() and rstd[[0, 2]].isnan().all()
-    close(out[1], ref.add_norm_fwd(x[1:2], None, torch.ones(256), torch.ones(256), 1e-5, False, torch.float32)[0][0])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("D", [64, 2056, 7], ids=["warp_row", "block_row", "scalar"])
+def test_add_norm_variance_about_the_corrected_mean(sim, D, rms):
+    # A constant row of 1e10 (ulp 1024): the variance about the fp32 mean held that mean's rounding
+    # error squared, rstd 1e-3 for 1 / sqrt(eps) and a gradient 1e5 too small; now the variance is
+    # taken about the corrected mean, as the CPU (fp64 mean) does. Ordinary rows are unchanged.
+    g = torch.Generator().manual_seed(7)
+    x = torch.stack([torch.full((D,), 1e10), torch.randn(D, generator=g), 1e3 + 0.07 * torch.randn(D, generator=g)])
+    w, b = torch.randn(D, generator=g) * 0.1 + 1, None if rms else torch.randn(D, generator=g) * 0.1
+    got = sim.add_norm_fwd(x, None, w, b, 1e-5, rms, torch.float32)
+    want = ref.add_norm_fwd(x, None, w, b, 1e-5, rms, torch.float32)
+    for gt, wt, n in zip(got, want, ["out", "residual_out", "mean", "rstd"]):
+        close(gt, wt, name=n, rtol=1e-4, atol=1e-4)
+    gy = torch.randn(x.shape, generator=g)
+    args = (gy, None, x, w, want[2], want[3], rms, False, b is not None, torch.float32, None)
+    close(sim.add_norm_bwd(*args)[0], ref.add_norm_bwd(*args)[0], name="grad_x", rtol=1e-3, atol=1e-3)
+
+
+def test_add_norm_rows_past_fp32_range_are_nan(sim):
+    # A sum of squares past fp32's range (1e20 rows; 1e18 at D = 2056) or a sum past it (D copies of
+    # 1e38) made rstd 0 and the output the bias, silently; the kernel now gives NaN there (the CPU,
+    # in fp64, normalizes them). The row in range beside them is exact.
+    D = 2056
+    x = torch.stack([rand(D) * 1e20, rand(D, seed=1) * 1e18, torch.full((D,), 1e38), rand(D, seed=2)])
+    w, b = torch.ones(D), torch.ones(D)
+    out, _, _, rstd = sim.add_norm_fwd(x, None, w, b, 1e-5, False, torch.float32)
+    assert out[:3].isnan().all() and rstd[:3].isnan().all()
+    close(out[3], ref.add_norm_fwd(x[3:], None, w, b, 1e-5, False, torch.float32)[0][0])
 
 
 def test_add_norm_too_wide_raises(sim):
@@ -398,6 +418,30 @@ def test_bias_gelu_no_rows(sim):
     x, b = torch.empty(0, 40), torch.ones(40)
     gx, gb = sim.bias_gelu_bwd(x, x, b, False, True)
     assert gx.shape == (0, 40) and torch.equal(gb, torch.zeros(40))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_tanh_negative_tail(sim, dtype):
+    # GELU's tanh form for z in [-9.5, -3], where tanh(u) ~ -1: the kernel's 0.5 z (1 + tanh(u)) lost
+    # the value to cancellation (GELU(-5): -2.98e-7 for -2.29e-7, 30% off; GELU(-7): 0 for -2.3e-15),
+    # and its gradient as much. The CPU reference's z sigmoid(2u) has no cancellation. Relative
+    # errors against that form in fp64 (torch's fp64 tanh form cancels too, from z = -6), rounded to
+    # the dtype: the values are far below the other tests' absolute tolerances. (From z = -9.6 the
+    # CPU's exponential saturates at e^-80: 1e-34 where the kernel has the exact 1e-37.)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the least subnormal
+    tol = dict(rtol=1e-5 if dtype == torch.float32 else TOL[dtype]["rtol"], atol=tiny)
+    for shape in ((4, 30), (2, 64)):  # the scalar path (30 columns), the 8-column vector path
+        z = torch.linspace(-9.5, -3, shape[0] * shape[1]).to(dtype).reshape(shape)
+        zd = z.double().requires_grad_()
+        want = zd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (zd + 0.044715 * zd**3))
+        want.sum().backward()
+        want, want_grad = want.detach().to(dtype).double(), zd.grad.to(dtype).double()
+        g = torch.ones_like(z)
+        for op, name in ((sim, "sim"), (ref, "cpu")):
+            torch.testing.assert_close(op.bias_gelu(z, None, True).double(), want, **tol,
+                                       msg=lambda m: f"{name} out: {m}")
+            torch.testing.assert_close(op.bias_gelu_bwd(g, z, None, True, False)[0].double(), want_grad, **tol,
+                                       msg=lambda m: f"{name} grad: {m}")
 
 
 # ---- swiglu
