@@ -201,6 +201,19 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error(dataset, tmp_path, capsys):
     assert "checkpoint error: " in err and "step_00000002 is damaged" in err and "Traceback" not in err
 
 
+def test_a_damaged_extra_state_is_a_checkpoint_error(dataset, tmp_path, capsys):
+    # extra_rank<r>.pt (step, loader and RNG state) truncated: before, torch's zip reader's traceback.
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                               "--model.n_layers", "1", "--checkpoint.export_hf", "false")]
+    assert main(args) == 0
+    extra = tmp_path / "run" / "checkpoints" / "step_00000002" / "extra_rank0.pt"
+    extra.write_bytes(extra.read_bytes()[:300])
+    assert main([*args, "--train.steps", "3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint error: " in err and "step_00000002 is damaged (extra_rank0.pt is unreadable" in err, err
+    assert "Traceback" not in err
+
+
 def test_tokens_per_step_must_divide(dataset, tmp_path):
     cfg = load_config("tiny", overrides(dataset, tmp_path / "r", "--train.tokens_per_step", "1000"))
     with pytest.raises(ConfigError, match="multiple of batch_size"):

@@ -100,8 +100,9 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     rank = _rank()
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"
-    try:
-        if rank == 0:
+    error = None
+    if rank == 0:
+        try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             # The leftovers of crashes mid-save, this step's and any other's (a step this run will not
             # save again: checkpoint.every changed, or an earlier checkpoint resumed), and mid-prune,
@@ -109,30 +110,48 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
             for leftover in [*ckpt_dir.glob(".tmp-*"), *ckpt_dir.glob(".del-*")]:
                 shutil.rmtree(leftover, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
-        model_sd, optim_sd = model_optim_state_dict(model, optimizer)
-        with _quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        extra_path = tmp / f"extra_rank{rank}.pt"
-        with open(extra_path, "wb") as f:
-            torch.save(extra, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (CheckpointException, OSError, RuntimeError) as e:
+        except OSError as e:
+            error = e
+    # Every rank learns of every rank's failure where only some ranks can fail (rank 0's setup, each
+    # rank's extra file): a rank raising alone would leave the others in a barrier (until its process
+    # exits, or the process group's timeout), and a caller that goes on after the error would match
+    # that barrier with its next collective, letting rank 0 publish the partial save. DCP gathers its
+    # writers' errors itself (every rank raises the same CheckpointException).
+    failures = _failures(error)
+    if not failures:
+        try:
+            model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+            with _quiet():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        except (CheckpointException, OSError, RuntimeError) as e:
+            # Raised on every rank by DCP, or on this rank alone before or outside DCP's collectives,
+            # which the others are in: they fail when this process exits (or at the group's timeout).
+            failures = _causes(e)
+            error = e
+    if not failures:
+        try:
+            extra_path = tmp / f"extra_rank{rank}.pt"
+            with open(extra_path, "wb") as f:
+                torch.save(extra, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            error = e
+        failures = _failures(error)
+    if failures:
         # DCP raises its writers' errors as one CheckpointException holding a traceback per rank, and
         # torch's zip writer turns a full disk into "unexpected pos N vs M": name the step, the cause
         # and the free space instead, and delete the partial save (on a full disk, space it holds).
-        causes = _causes(e)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
         except OSError:
             free = "free space unknown"
-        raise CheckpointError(f"saving the checkpoint of step {step} in {ckpt_dir} failed ({free}): {causes}; the "
+        raise CheckpointError(f"saving the checkpoint of step {step} in {ckpt_dir} failed ({free}): {failures}; the "
                               f"complete checkpoints there are untouched (resume with --resume auto once it is fixed)"
-                              ) from e  # (fmcore train prints the message; a caller of save() keeps the traceback)
-    _barrier()
+                              ) from error  # (fmcore train prints the message; a caller of save() keeps the traceback)
+    # (_failures' gather above was the barrier: every rank's files are written.)
     if rank == 0:
         for p in tmp.iterdir():
             _fsync_path(p)
@@ -175,7 +194,11 @@ def read_extra(path: Path) -> dict:
     extra_path = path / f"extra_rank{_rank()}.pt"
     if not (path / ".metadata").is_file() or not extra_path.is_file():
         raise CheckpointError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
-    return torch.load(extra_path, weights_only=False)
+    try:
+        return torch.load(extra_path, weights_only=False)
+    except Exception as e:  # torch's zip reader: RuntimeError; a truncated pickle: EOFError, UnpicklingError
+        raise CheckpointError(f"{path} is damaged ({extra_path.name} is unreadable: {_causes(e)}); resume an earlier "
+                              "checkpoint") from None
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -195,6 +218,24 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
         group.update(flags)
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
+
+
+def _failures(error: BaseException | None) -> str:
+    """The causes of every rank's error (each rank passes its own, or None), naming the ranks in a
+    group; "" when no rank failed. Collective: every rank calls it, whether it failed or not."""
+    mine = None if error is None else _causes(error)
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine or ""
+    everyone = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(everyone, mine)
+    except RuntimeError as e:  # a rank that died breaks the group (gloo: at once; NCCL: at its timeout)
+        return f"{mine + '; ' if mine else ''}another rank is unreachable ({_causes(e)})"
+    ranks: dict[str, list[int]] = {}
+    for r, cause in enumerate(everyone):
+        if cause is not None:
+            ranks.setdefault(cause, []).append(r)
+    return "; ".join(f"{cause} (rank {', '.join(map(str, rs))})" for cause, rs in ranks.items())
 
 
 def _causes(e: BaseException) -> str:

@@ -192,6 +192,11 @@ class ParallelConfig:
     """Data parallelism across processes: "none", "ddp", "fsdp2" or "zero1" (fmcore's own)."""
     tensor: int = 1
     """Tensor-parallel degree."""
+    timeout_s: float = 600.0
+    """How long a collective waits for the other ranks before it fails the run (the process group's
+    and zero1's NCCL communicator's timeout): a rank that hangs (a stuck device or file system) ends
+    the job after this long, not after torch's default (gloo: 30 minutes). It must cover what rank 0
+    does alone while the others wait: preparing the embedded corpus, renaming and pruning checkpoints."""
 
 
 @dataclass
@@ -365,6 +370,8 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, key) < 1:
             raise ConfigError(f"optim.{key}: expected a value in [0, 1), got {getattr(cfg.optim, key)}")
+    if not 0 < cfg.parallel.timeout_s < math.inf:
+        raise ConfigError(f"parallel.timeout_s: expected a finite value > 0, got {cfg.parallel.timeout_s}")
     if not 0 < m.rope_base < math.inf:
         raise ConfigError(f"model.rope_base: expected a finite value > 0, got {m.rope_base}")
     if m.dim % m.n_heads:

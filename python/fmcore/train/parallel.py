@@ -30,6 +30,7 @@ checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -136,7 +137,8 @@ def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, mo
     check_layout("zero1", cfg.parallel.tensor, dist.get_world_size() if dist.is_initialized() else 1,
                  cfg.train.precision)
     o = cfg.optim
-    comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device)
+    comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device,
+                        timeout=timedelta(seconds=cfg.parallel.timeout_s))
     return ZeroAdamW(groups, comm, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                      impl="fmcore" if impl == "fmcore" else "torch", module=model)
 

@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -70,7 +71,8 @@ def setup_distributed(cfg: Config) -> Env:
 
         check_layout(cfg.parallel.data, cfg.parallel.tensor, world, cfg.train.precision)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
     return Env(rank, world, local_rank, device)
 
 

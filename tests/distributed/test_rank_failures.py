@@ -1,0 +1,111 @@
+"""One rank failing while the others do not, on 2 CPU ranks (gloo): a checkpoint write (or rank 0's
+checkpoint dir) that fails on one rank only fails the save on every rank, with that rank's cause, and
+publishes nothing; a rank that hangs fails the others' collectives after parallel.timeout_s instead of
+gloo's 30 minutes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.launch import run_ranks
+
+
+class _Unwritable:
+    """Pickling raises a full disk's OSError: a torch.save that fails on the rank that holds one."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def _save_failing_on_rank_1(rank: int, world: int, tmp: str) -> tuple[str, list[str]]:
+    from fmcore.train import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Path(tmp) / "checkpoints"
+    try:
+        checkpoint.save(ckpt, 4, model, optimizer, {"step": 4, "x": _Unwritable() if rank == 1 else 0})
+        first = "saved"
+    except checkpoint.CheckpointError as e:
+        first = str(e)
+    # A caller that treats a failed save as non-fatal and goes on: the next save must pair with the
+    # other rank's next save, not with what remained of the failed one.
+    checkpoint.save(ckpt, 6, model, optimizer, {"step": 6})
+    return first, sorted(p.name for p in ckpt.iterdir())
+
+
+def test_a_checkpoint_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+    results = run_ranks(_save_failing_on_rank_1, 2, tmp_path / "launch", args=(str(tmp_path),), timeout=60)
+    for message, _ in results:
+        assert "saving the checkpoint of step 4" in message and "No space left on device (rank 1)" in message, message
+    # Before: rank 0 passed its barrier against rank 1's next save and renamed the partial save, a
+    # truncated extra_rank1.pt in it, to step_00000004 (which --resume auto would then pick).
+    assert all(names == ["step_00000006"] for _, names in results), results
+
+
+def _save_into_a_file(rank: int, world: int, tmp: str) -> str:
+    from fmcore.train import checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    try:
+        checkpoint.save(Path(tmp) / "not-a-dir", 2, model, torch.optim.AdamW(model.parameters()), {"step": 2})
+    except checkpoint.CheckpointError as e:
+        return str(e)
+    return "saved"
+
+
+def test_a_checkpoint_dir_rank_0_cannot_make_fails_the_save_on_every_rank(tmp_path):
+    # Rank 0 alone makes the directory. Before, it raised before the barrier the other rank waited in,
+    # which failed (a gloo connection error, not a CheckpointError) only once rank 0's process ended.
+    (tmp_path / "not-a-dir").write_text("")
+    messages = run_ranks(_save_into_a_file, 2, tmp_path / "launch", args=(str(tmp_path),), timeout=60)
+    assert all("saving the checkpoint of step 2" in m and "FileExistsError" in m and "(rank 0)" in m
+               for m in messages), messages
+
+
+def _barrier_with_a_hung_peer(rank: int, world: int, port: int) -> tuple[float, str]:
+    import torch.distributed as dist
+
+    from fmcore.train.config import load_config
+    from fmcore.train.trainer import setup_distributed
+
+    # The trainer makes its own process group (under torchrun): replace the one run_ranks made.
+    dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    setup_distributed(load_config("tiny", ["--parallel.data", "ddp", "--train.device", "cpu",
+                                           "--parallel.timeout_s", "2"]))
+    if rank == 1:
+        time.sleep(10)  # a rank stuck outside any collective (a hung file system, a deadlocked loader)
+    t0 = time.perf_counter()
+    try:
+        dist.barrier()
+        outcome = "passed"
+    except RuntimeError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    return time.perf_counter() - t0, outcome
+
+
+def test_a_hung_rank_fails_the_others_after_parallel_timeout_s(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (waited, outcome), _ = run_ranks(_barrier_with_a_hung_peer, 2, tmp_path, args=(port,), timeout=60)
+    # Before: no timeout was passed, so rank 0 waited out rank 1's 10 s (gloo's default: 30 minutes).
+    assert outcome != "passed" and waited < 8, (waited, outcome)
+
+
+def test_parallel_timeout_s_must_be_positive():
+    from fmcore.train.config import ConfigError, load_config
+
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="parallel.timeout_s: expected a finite value > 0"):
+            load_config("tiny", ["--parallel.timeout_s", bad])
