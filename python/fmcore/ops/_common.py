@@ -8,6 +8,17 @@ import torch
 from torch.autograd import forward_ad
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast runs an op on t in, or None: autocast is off on t's device, or t is
+    not what autocast casts (it leaves float64 and non-float tensors alone). The ops with no autocast
+    rule of their own ask it to do what the torch calls they replace do under autocast.
+    (torch.is_autocast_enabled refuses device types other than these, "meta" among them.)"""
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if t.is_floating_point() and t.dtype != torch.float64 else None
+
+
 def register_fake(name: str):
     """torch.library.register_fake for fmcore::<name>, refusing a mix of meta and real tensors.
 

@@ -43,7 +43,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from fmcore.ops._common import dense_last_dim, expect_tensors, first_order_only, refuse_tangents, register_fake
+from fmcore.ops._common import (autocast_dtype, dense_last_dim, expect_tensors, first_order_only, refuse_tangents,
+                                register_fake)
 
 CUDA_HEAD_DIMS = (64, 96, 128)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -410,12 +411,8 @@ def scaled_dot_product_attention(
     """
     if isinstance(scale, torch.Tensor):  # as torch's: float() would detach a learned scale silently
         raise TypeError("expected scale to be a float, got a Tensor")
-    device_type = query.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.
-        dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-                             for t in (query, key, value))
+    # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.
+    query, key, value = (t if (dtype := autocast_dtype(t)) is None else t.to(dtype) for t in (query, key, value))
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         if not torch.compiler.is_compiling():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import expect_tensors, first_order_only, refuse_tangents, register_fake
+from fmcore.ops._common import autocast_dtype, expect_tensors, first_order_only, refuse_tangents, register_fake
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -104,11 +104,7 @@ def cross_entropy(
     vocab = logits.shape[-1]
     x, t = logits.reshape(-1, vocab), target.reshape(-1)
     # Autocast runs F.cross_entropy in fp32 (CPU and CUDA): its loss is fp32 for bf16/fp16 logits.
-    # (torch.is_autocast_enabled refuses the "meta" device type.)
-    out_dtype = logits.dtype
-    if (logits.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(logits.device.type)
-            and logits.dtype != torch.float64):
-        out_dtype = torch.float32
+    out_dtype = logits.dtype if autocast_dtype(logits) is None else torch.float32
     if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
             and not torch.compiler.is_compiling()):
         loss, stats = _FusedInplace.apply(x, t, ignore_index, label_smoothing, z_loss, reduction == "mean")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import expect_tensors, first_order_only, refuse_tangents, register_fake
+from fmcore.ops._common import autocast_dtype, expect_tensors, first_order_only, refuse_tangents, register_fake
 from fmcore.ops.cross_entropy import _check_common
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -66,12 +66,11 @@ def linear_cross_entropy(
     _check_common(target, reduction, hidden.shape[:-1], "hidden")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"expected chunk_size to be a positive int or None, got {chunk_size!r}")
-    device_type = hidden.device.type
     out_dtype = hidden.dtype
-    # What F.linear would do: the matmuls in the autocast dtype (torch.is_autocast_enabled refuses "meta").
-    # Autocast leaves float64 alone (fp64 F.linear and F.cross_entropy stay fp64 under it).
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:
-        dtype, out_dtype = torch.get_autocast_dtype(device_type), torch.float32  # autocast's cross_entropy is fp32
+    # What F.linear would do: the matmuls in the autocast dtype (float64 stays float64).
+    dtype = autocast_dtype(hidden)
+    if dtype is not None:
+        out_dtype = torch.float32  # autocast's cross_entropy is fp32
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     grad = torch.is_grad_enabled()
