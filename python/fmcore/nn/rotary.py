@@ -27,9 +27,10 @@ class RotaryEmbedding(nn.Module):
 
     The table is fp32 buffers of shape (max_seq_len, dim/2), computed in fp64, not saved in the state
     dict (a pure function of the arguments), and recomputed whenever the module moves or is cast:
-    ``.to(torch.bfloat16)`` leaves it fp32. Built on the meta device, it is computed on the device
-    of the first real q (after ``.to_empty()`` or ``load_state_dict(..., assign=True)``). Explicit positions (any ints, any length) are computed the same way, not looked up, so
-    none is ever out of the table's range.
+    ``.to(torch.bfloat16)`` leaves it fp32. Built on the meta device, it is computed by
+    ``.to_empty()``, or (after ``load_state_dict(..., assign=True)``, which skips it) on the device of
+    the first real q. Explicit positions (any ints, any length) are computed the same way, not looked
+    up, so none is ever out of the table's range.
     """
 
     def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0, interleaved: bool = False):

@@ -131,11 +131,11 @@ def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
 
 
 def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, model: nn.Module):
-    """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available)."""
+    """ZeRO-1 AdamW over the "dp" mesh dim (fmcore's NCCL communicator on CUDA when available), for
+    a model apply_parallelism laid out (which checked the layout: zero1 refuses fp16 and tensor
+    parallelism)."""
     from fmcore.dist import Communicator, ZeroAdamW
 
-    check_layout("zero1", cfg.parallel.tensor, dist.get_world_size() if dist.is_initialized() else 1,
-                 cfg.train.precision)
     o = cfg.optim
     comm = Communicator(mesh(cfg, device)["dp"].get_group(), device=device,
                         timeout=timedelta(seconds=cfg.parallel.timeout_s))

@@ -247,16 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gpus = args.gpus or (ran["world_size"] if ran is not None else 1)
     tp = cfg.parallel.tensor
-    if gpus % tp:
-        print(f"fmcore plan-memory: --gpus {gpus} is not a multiple of parallel.tensor {tp}")
-        return 2
-    layout = Layout(cfg.parallel.data, gpus // tp, tp)
-    try:  # what `fmcore train` refuses: a plan of a layout that cannot run would only mislead
-        check_layout(layout.data, tp, gpus, precision)
+    try:  # what `fmcore train` refuses (tp not dividing gpus among it): a plan of it would only mislead
+        check_layout(cfg.parallel.data, tp, gpus, precision)
         resolve_precision(cfg, torch.device(device), optimizer_impl(cfg, mcfg))  # bf16 needs FusedAdamW
     except ConfigError as e:
         print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")
         return 2
+    layout = Layout(cfg.parallel.data, gpus // tp, tp)
     parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                  checkpointing=cfg.train.activation_checkpointing)
     measured = measured_peak_mib(args.run) if args.run is not None else None
