@@ -459,6 +459,34 @@ def test_a_save_deletes_the_leftovers_of_interrupted_saves(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008"]
 
 
+def test_a_step_set_aside_by_a_crashed_save_stays_its_checkpoint(tmp_path, monkeypatch):
+    # Saving a step that has a checkpoint moves the old one to .old-*; a crash before the new one took
+    # the name left that step with no step_* dir: resume skipped it and nothing ever deleted it.
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path, 4, model, optimizer, {"step": 4})
+    checkpoint.save(tmp_path, 6, model, optimizer, {"step": 6})
+    real_rename = os.rename
+
+    def crash_at_the_final_rename(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # the process killed between the two renames
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_at_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 6, model, optimizer, {"step": 6, "again": True})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert [(s, p.name) for s, p in checkpoint.step_dirs(tmp_path)] == [(4, "step_00000004"), (6, ".old-step_00000006")]
+    assert checkpoint.read_extra(checkpoint.latest(tmp_path)) == {"step": 6}
+    checkpoint.save(tmp_path, 8, model, optimizer, {"step": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert checkpoint.read_extra(tmp_path / "step_00000006") == {"step": 6}
+    checkpoint.save(tmp_path, 8, model, optimizer, {"step": 8, "again": True})  # the ordinary re-save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert checkpoint.read_extra(tmp_path / "step_00000008") == {"step": 8, "again": True}
+
+
 def test_resume_in_or_out_of_bf16_master_weights_is_a_config_error(dataset, tmp_path):
     # A bf16 checkpoint resumed in fp32 loaded the bf16-rounded weights and dropped FusedAdamW's fp32
     # master copies without a word; an fp32 one resumed in bf16 failed on a "Missing key ... master_param".

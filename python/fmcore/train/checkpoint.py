@@ -7,7 +7,10 @@ extra_rank<r>.pt per process: step, loader position, every RNG state, loss-scale
 Atomicity: everything is written into .tmp-step_00000100/ (files fsynced), and rank 0 renames it to
 step_00000100/ only when every rank is done. A directory named step_* is therefore always complete;
 a crash leaves at most a .tmp-* directory (or a .del-* one, when pruning), which nothing reads and the
-next save deletes.
+next save deletes. Saving a step that already has a checkpoint (a branch resumed from a checkpoint
+set aside in checkpoints-abandoned-*/, say) moves the old one to .old-step_* first: a crash before the
+new one takes its name leaves that complete old one as the step's only checkpoint, so it counts as the
+step's checkpoint until a save renames it back.
 DCP works in a single process without init_process_group (it then skips the collectives).
 """
 
@@ -35,6 +38,7 @@ class CheckpointError(ValueError):
     one that could not be written (a full disk, a checkpoint dir that is not a directory)."""
 
 PREFIX = "step_"
+OLD = ".old-"  # a step's checkpoint set aside while a new one of the step is saved
 
 
 def _barrier() -> None:
@@ -84,8 +88,10 @@ def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
         return []
     out = []
     for p in ckpt_dir.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
-            out.append((int(p.name[len(PREFIX):]), p))
+        name = p.name.removeprefix(OLD)
+        if (p.is_dir() and name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+                and (name == p.name or not (ckpt_dir / name).exists())):  # (see the module docstring)
+            out.append((int(name[len(PREFIX):]), p))
     return sorted(out)
 
 
@@ -109,6 +115,12 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
             # each up to a checkpoint's size. No other run writes here: the trainer holds the run dir's lock.
             for leftover in [*ckpt_dir.glob(".tmp-*"), *ckpt_dir.glob(".del-*")]:
                 shutil.rmtree(leftover, ignore_errors=True)
+            for aside in ckpt_dir.glob(f"{OLD}*"):  # by a save that crashed before its final rename
+                restored = ckpt_dir / aside.name.removeprefix(OLD)
+                if restored.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    os.rename(aside, restored)
             tmp.mkdir()
         except OSError as e:
             error = e
@@ -153,13 +165,11 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
                               ) from error  # (fmcore train prints the message; a caller of save() keeps the traceback)
     # (_failures' gather above was the barrier: every rank's files are written.)
     if rank == 0:
-        for p in tmp.iterdir():
-            _fsync_path(p)
+        _fsync_path(tmp)  # its entries (each writer fsynced its files: DCP's sync_files, the extra files above)
         old = None
-        if final.exists():  # re-running a step after resuming from an older checkpoint
-            old = ckpt_dir / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
+        if final.exists():  # a step saved again (see the module docstring)
+            old = ckpt_dir / f"{OLD}{final.name}"
+            os.rename(final, old)  # (the leftover cleanup above left no .old-* behind)
         os.rename(tmp, final)
         _fsync_path(ckpt_dir)
         if old is not None:
