@@ -124,6 +124,33 @@ def test_shard_sizes(tmp_path):
         assert next(loader).cu_seqlens[-1] == 200
 
 
+@pytest.mark.parametrize("argv, want", [([], 1_000_000), (["--shard-tokens", "100000000"], 100_000_000),
+                                         (["--shard-tokens", "5000"], 5000), (["in.txt"], 100_000_000)])
+def test_cli_shard_tokens(monkeypatch, tmp_path, argv, want):
+    # The stdlib corpus's default (1M) applies only when --shard-tokens is not given: the value its
+    # help text named as the default (100000000) was replaced by 1M when passed explicitly.
+    seen = {}
+
+    def fake_prepare(inputs, out, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(importlib.import_module("fmcore.data.prepare"), "prepare", fake_prepare)
+    assert fmcore_main(["prepare", "--out", str(tmp_path / "ds")] + argv) == 2
+    assert seen["shard_tokens"] == want
+
+
+def test_inputs_need_an_out_dir(corpus, tmp_path, monkeypatch, capsys):
+    # Without --out, a dataset of the user's inputs went to the embedded corpus's directory, which the
+    # next `fmcore train` without data.dataset (default_dataset()) replaced with the corpus.
+    root, _, _ = corpus
+    monkeypatch.setenv("FMCORE_DATA", str(tmp_path / "data"))
+    assert fmcore_main(["prepare", str(root), "--vocab-size", "300", "--workers", "1"]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="out_dir"):
+        prepare(root, vocab_size=300, workers=1)
+
+
 def test_cli(corpus, tmp_path, capsys):
     root, _, _ = corpus
     assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli"), "--vocab-size", "300",

@@ -177,3 +177,12 @@ def test_tensor_parallel_replicas_without_data_parallelism_are_refused():
     check_layout("none", 2, 2, "fp32")  # one replica
     with pytest.raises(ConfigError, match=r"parallel.tensor 2: 2 data-parallel replicas\) but parallel.data is 'none'"):
         check_layout("none", 2, 4, "fp32")
+
+
+def test_cli_plans_the_embedded_corpus_vocabulary(capsys):
+    # The tiny preset trains on the embedded corpus (data.dataset empty), whose BPE has 4096 tokens:
+    # the plan took the --vocab-size fallback (50304), a model 5x the one `fmcore train tiny` builds.
+    assert main(["tiny"]) == 0
+    params = models.param_count(models.resolve(dataclasses.replace(load_config("tiny", []).model, ops="fmcore"),
+                                               4096, "cpu"))
+    assert f"tiny: gpt2 {params / 1e6:.1f}M params," in capsys.readouterr().out

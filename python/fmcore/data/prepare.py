@@ -352,11 +352,18 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
 
     inputs: files / directories / JSON Lines files (a str, a Path or a list of them). None: the embedded
     corpus (the standard library's source files, capped at max_input_chars, plus the docstrings of
-    the built-in modules). out_dir: None means default_dataset_root()/"stdlib". tokenizer: path of an
-    HF tokenizers tokenizer.json; None trains a byte-level BPE of vocab_size on the train split.
+    the built-in modules). out_dir: None means default_dataset_root()/"stdlib", for the embedded
+    corpus only (default_dataset() rebuilds that directory when it holds anything else). tokenizer:
+    path of an HF tokenizers tokenizer.json; None trains a byte-level BPE of vocab_size on the train
+    split.
     progress: tqdm bars (None: only on a terminal).
     """
     t0 = time.perf_counter()
+    if out_dir is None and inputs is not None:
+        # The default location is the embedded corpus's: default_dataset() (`fmcore train` without
+        # data.dataset) would replace a dataset of these inputs there with the corpus, deleting it.
+        raise ValueError("out_dir (--out) is required with inputs: the default directory is the embedded "
+                         "corpus's, which `fmcore train` rebuilds")
     if out_dir is None:
         out_dir = default_dataset_root() / "stdlib"
     out = Path(out_dir)
@@ -525,10 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
                    help="text files, directories, JSON Lines files (.jsonl/.ndjson[.gz]); none: the Python stdlib corpus")
-    p.add_argument("--out", type=Path, help="dataset directory (default $FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
+    p.add_argument("--out", type=Path, help="dataset directory; required with inputs (the stdlib corpus's default: "
+                   "$FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
     p.add_argument("--vocab-size", type=int, help="vocab of the trained BPE (default 8192; 4096 for the stdlib corpus)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default %(default)s)")
+    p.add_argument("--shard-tokens", type=int,
+                   help="tokens per shard (default 100000000; 1000000 for the stdlib corpus)")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of documents for val (default 0.005; 0.05 for stdlib)")
     p.add_argument("--eos-token", help="the tokenizer's EOS token (default: the first of %s found)" % ", ".join(EOS_CANDIDATES))
     p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default %(default)s)")
@@ -540,12 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)
     stdlib = not args.inputs
-    default_shards = stdlib and args.shard_tokens == 100_000_000
     default_val = DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005
+    shard_tokens = args.shard_tokens if args.shard_tokens is not None else (
+        DEFAULT_RECIPE["shard_tokens"] if stdlib else 100_000_000)
     try:
         out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
-                      shard_tokens=DEFAULT_RECIPE["shard_tokens"] if default_shards else args.shard_tokens,
+                      shard_tokens=shard_tokens,
                       val_fraction=default_val if args.val_fraction is None else args.val_fraction,
                       eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
                       max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,

@@ -17,7 +17,8 @@ class Attention(nn.Module):
         n_heads: query heads Hq.
         n_kv_heads: key/value heads Hk (must divide n_heads); defaults to n_heads (MHA).
         head_dim: per-head width; defaults to dim // n_heads (64, 96 or 128 for the CUDA kernels).
-        max_seq_len: length of the RoPE tables (positions must stay below it).
+        max_seq_len: length of the cached RoPE tables: without positions, S must not exceed it
+            (explicit positions are computed, not looked up, and may be any ints).
         rope_base: RoPE frequency base; None disables rotary embeddings.
         causal: causal masking (language models).
         bias: biases on the qkv and output projections.

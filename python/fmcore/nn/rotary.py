@@ -17,7 +17,7 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding over the first ``rotary_dim`` features of each head.
+    """Rotary position embedding over the first ``dim`` features of each head.
 
     Args:
         dim: the rotary dim R (even); usually the head dim.

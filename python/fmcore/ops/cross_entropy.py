@@ -67,8 +67,8 @@ def cross_entropy(
 
     Args:
         logits: float32, bfloat16 or float16 (float64 too on the CPU); the last dim must be
-            contiguous. Math is fp32 whatever the dtype, with a stable log-sum-exp (logits of
-            magnitude 1e4 are fine).
+            contiguous. Math is fp32 whatever the dtype (fp64 for float64 logits), with a stable
+            log-sum-exp (logits of magnitude 1e4 are fine).
         target: int64 or int32 class indices in [0, V), or ignore_index. Rows whose target is
             ignore_index are not read: their loss and gradient are exactly 0 even where their logits
             hold NaN or inf (torch's gradient there is NaN: its log_softmax backward multiplies the
@@ -84,8 +84,9 @@ def cross_entropy(
             garbage after the call (forward) or the backward, do not read them, do not use this
             when another op saved the logits for its own backward, and run backward once. For leaf
             logits, ``.grad`` shares the logits' storage.
-        return_lse: also return the per-row log-sum-exp (fp32, target's shape, 0 at ignored rows,
-            detached), e.g. to log the z-loss term ``z_loss * (lse[target != ignore_index] ** 2).mean()``.
+        return_lse: also return the per-row log-sum-exp (fp32, float64 for float64 logits; target's
+            shape, 0 at ignored rows, detached), e.g. to log the z-loss term
+            ``z_loss * (lse[target != ignore_index] ** 2).mean()``.
 
     Raises ValueError naming the argument for bad dtypes/shapes/options, RuntimeError for mixed
     devices, and ValueError for a target outside [0, V) that is not ignore_index. That check costs

@@ -46,7 +46,8 @@ def linear_cross_entropy(
             but at least D / 2 (faster there; csrc/ops/linear_cross_entropy.cpp has the numbers).
             Rounded down to a multiple of 64 when > 128, at most N. Larger chunks: fewer, larger
             matmuls and fewer roundings of grad_weight (which is read and written once per chunk).
-        return_lse: also return the per-row log-sum-exp (fp32, detached, 0 at ignored rows).
+        return_lse: also return the per-row log-sum-exp (fp32, float64 for float64 hidden; detached,
+            0 at ignored rows).
 
     Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as
     F.linear's inputs would be; their gradients flow back through the casts) and the loss is

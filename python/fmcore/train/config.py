@@ -32,8 +32,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "gpt2"
-    """"gpt2" (LayerNorm, GELU, learned positions, tied embeddings, biases) or "llama" (RMSNorm,
-    SwiGLU, RoPE, grouped-query attention, untied head)."""
+    """"gpt2" (LayerNorm, GELU, learned positions, biases) or "llama" (RMSNorm, SwiGLU, RoPE,
+    grouped-query attention, no biases). Either ties its head to the embedding unless
+    model.tie_embeddings is false (the llama-1b preset unties it)."""
     ops: str = "auto"
     """"fmcore" (flash attention, RoPE op, fused linear cross-entropy), "torch" (SDPA, rotate-half,
     F.cross_entropy on materialised logits), or "auto": fmcore wherever its kernels run (every CPU,
@@ -125,7 +126,8 @@ class TrainConfig:
     """Tokens per sequence."""
     tokens_per_step: int = 0
     """Global tokens per optimizer step; gradient accumulation makes up the difference (it must be a
-    multiple of batch_size * seq_len * world size). 0 means one micro-batch per process."""
+    multiple of batch_size * seq_len * the data-parallel processes, world size / parallel.tensor).
+    0 means one micro-batch per process."""
     precision: str = "auto"
     """"fp32", "bf16-autocast" (fp32 weights, bf16 compute), "bf16" (bf16 weights with fp32 master
     copies in FusedAdamW), "fp16" (autocast with a loss scaler), or "auto": bf16-autocast on CUDA,

@@ -181,7 +181,11 @@ def format_plan(parts: dict[str, float], measured_mib: float | None = None, meas
 
 
 def _dataset_vocab(dataset: str) -> int | None:
-    if not dataset or not Path(dataset).is_dir():
+    if not dataset:  # the embedded corpus: its BPE's size is fixed, known without preparing it
+        from fmcore.data.prepare import DEFAULT_RECIPE
+
+        return DEFAULT_RECIPE["vocab_size"]
+    if not Path(dataset).is_dir():
         return None
     from fmcore.data import Loader
 
@@ -200,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                                      usage="fmcore plan-memory [CONFIG] [--gpus N] [--run DIR] [--vocab-size V] "
                                            "[--section.key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus", type=int, default=0, help="total processes (default 1, or the --run's)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="total processes (default 1, or the --run's when no CONFIG is given)")
     parser.add_argument("--run", type=Path, default=None,
                         help="a run dir: compare with its measured peak; without CONFIG, plan that run as it "
                              "ran (its config, world size, device, precision and resolved model)")
     parser.add_argument("--vocab-size", type=int, default=50304,
                         help="vocabulary when the config takes the dataset's (model.vocab_size = 0) and "
-                             "data.dataset names none on this machine")
+                             "data.dataset names a directory this machine does not have (default 50304; an "
+                             "empty data.dataset, the embedded corpus, has 4096)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # CONFIG (a preset or TOML file) comes first, as for `fmcore train`; as an argparse positional it
     # would take the value of an override it does not know (`--train.precision bf16`).

@@ -1,4 +1,5 @@
-"""GPT-2: pre-LayerNorm blocks, GELU (tanh) MLP, learned absolute positions, head tied to the embedding.
+"""GPT-2: pre-LayerNorm blocks, GELU (tanh) MLP, learned absolute positions, head tied to the embedding
+(unless cfg.tie_embeddings is false).
 
 Shapes mirror Hugging Face's GPT2LMHeadModel so export.py maps the weights one to one (the fused qkv
 projection is GPT-2's c_attn; HF stores its Conv1D weights transposed).

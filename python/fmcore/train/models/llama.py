@@ -1,4 +1,5 @@
-"""Llama: pre-RMSNorm blocks, SwiGLU MLP, rotary positions, grouped-query attention, untied head.
+"""Llama: pre-RMSNorm blocks, SwiGLU MLP, rotary positions, grouped-query attention, no biases; the
+head is tied to the embedding unless cfg.tie_embeddings is false (the llama-1b preset unties it).
 
 q, k and v come from one fused projection and gate/up from another (one matmul each); export.py
 splits them into Hugging Face's q_proj/k_proj/v_proj and gate_proj/up_proj. RoPE is rotate-half
