@@ -348,6 +348,19 @@ def test_rotary_module_positions_are_computed_not_looked_up(device):
         rope.tables(pos.float())
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_rotary_module_longer_than_its_table_names_max_seq_len(device, layout):
+    # Without positions the table's rows are the positions: a longer q raised about a "cos" the
+    # caller never passed. With positions any length works.
+    rope = RotaryEmbedding(16, max_seq_len=8).to(device)
+    q = torch.randn(1, 12, 2, 16, device=device) if layout == "bshd" else torch.randn(1, 2, 12, 16, device=device)
+    with pytest.raises(ValueError, match="max_seq_len=8 positions in q .* got 12"):
+        rope(q, q.clone(), layout=layout)
+    rope(q, q.clone(), positions=torch.arange(12, device=device)[None], layout=layout)
+    rope(q[:, :8] if layout == "bshd" else q[:, :, :8], q.clone()[:, :8] if layout == "bshd" else q.clone()[:, :, :8],
+         layout=layout)
+
+
 def test_rotary_module_table_survives_casts_and_meta_init(device):
     """The table stays fp32 under module.to(bfloat16) (a bf16 table loses ~3 digits of every angle's
     cos/sin), and a module built on the meta device gets real values from to_empty(), which leaves

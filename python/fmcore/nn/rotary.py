@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmcore.ops.rope import apply_rotary
+from fmcore.ops.rope import _SEQ_DIM, apply_rotary
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +76,11 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k; positions (B, S) int, e.g. restarting at each packed document."""
         if self.cos.is_meta and not q.is_meta:  # (see _apply)
             self._build_table(q.device)
+        seq_dim = _SEQ_DIM.get(layout)
+        if positions is None and seq_dim is not None and isinstance(q, torch.Tensor) and q.dim() == 4 \
+                and q.shape[seq_dim] > self.max_seq_len:  # (else apply_rotary's error names a cos it was not given)
+            raise ValueError(f"expected at most max_seq_len={self.max_seq_len} positions in q ({layout!r}), got "
+                             f"{q.shape[seq_dim]}: pass positions, or build RotaryEmbedding with a larger max_seq_len")
         cos, sin = self.tables(positions)
         return apply_rotary(q, k, cos, sin, interleaved=self.interleaved, layout=layout)
 
