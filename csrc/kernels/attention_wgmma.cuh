@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(128 * kGroups,
   float alpha[1][2];   // the factor o's rows owe the last softmax, when it returned true
   // Issues S = Q K^T against the K tile of `stage` (D / 16 wgmmas, one commit); not waited for.
   auto issue_s = [&](int stage) {
+    fence_regs(sc[0]);  // the last tile's softmax and P packing accessed sc: done before the fence
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
