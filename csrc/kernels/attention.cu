@@ -97,12 +97,12 @@ unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per 
 // of kFwdMW 16-query tiles against kFwdBlockN keys per step; dk/dv (with the atomic path's share of
 // dq) 16 * kDkdvWarps keys per CTA against kDkdvBlockM queries per step; the deterministic dq
 // kernel kDqWarps warps of kDqMW 16-query tiles against kDqBlockN keys per step. Registers and
-// spills per kernel (nvcc -Xptxas -v, sm_90a, bf16, D = 64 / 96 / 128) are noted for each.
+// spills per kernel (nvcc 13.0 -Xptxas -v, sm_90a, bf16, D = 64 / 96 / 128) are noted for each.
 // Only timings can rank them: `python -m fmcore.bench attention` times 1 and 2 beside 0.
 template <int D, int kConfig>
 struct Tiles;
 
-// 0, the default: the largest tiles whose accumulators stay in registers (fwd 230 / 167 / 228
+// 0, the default: the largest tiles whose accumulators stay in registers (fwd 229 / 167 / 228
 // registers; dk/dv 164 / 167 / 244, with the atomic dq 168 / 168 / 250; dq 226 / 125 / 168; two dq
 // tiles per warp spill at D = 96 and 128).
 template <int D>
@@ -151,8 +151,8 @@ struct Tiles<D, 2> {
 // D = 96, config 0's forward. Their backward runs dk/dv with the atomic dq on wgmma
 // (attn_bwd_dkdv_wgmma_kernel: 3 with two warpgroups a CTA, 4 with one and two CTAs an SM; for
 // deterministic calls without the dq, then config 0's dq kernel) under the same conditions, and
-// config 0's otherwise. Forward registers (D = 64 / 128): 3 takes 147 / 160 (one CTA an SM); 4 is
-// held to 128 for two CTAs an SM (96 / 128, spilling 20 bytes at 128).
+// config 0's otherwise. Forward registers (D = 64 / 128): 3 takes 150 / 167 (one CTA an SM); 4 is
+// held to 128 for two CTAs an SM (96 / 128, spilling 36 bytes at 128).
 // Each names all four wgmma fields, so that config 0's may change (to run the fastest of these
 // on Hopper once measured) without changing them.
 template <int D>
@@ -169,7 +169,7 @@ struct Tiles<D, 4> : Tiles<D, 0> {
 };
 
 // 5, Hopper: configuration 3 with the forward's softmax overlapping its P V (attn_fwd_wgmma_kernel's
-// kOverlap): 160 / 194 registers at D = 64 / 128, no spills, one CTA an SM.
+// kOverlap): 165 / 202 registers at D = 64 / 128, no spills, one CTA an SM.
 template <int D>
 struct Tiles<D, 5> : Tiles<D, 3> {
   static constexpr bool kFwdOverlap = D != 96;

@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(128 * kGroups,
 // kGroups = 2 (tile configurations 3 and 5): each Q / dO tile loaded serves 128 keys, but the two
 // warpgroups meet at two barriers a step, so their softmax phases coincide and the tensor cores
 // idle through both. kGroups = 1 (4 and 6): a CTA is one warpgroup and two CTAs share an SM
-// (255 / 205 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's
+// (247 / 204 registers at D = 128 / 64, no spills, fit twice in the register file), so that one's
 // softmax, dS stores and atomics can run under the other's wgmmas; Q and dO are loaded twice as
 // often.
 template <typename T, int D, int kGroups, bool kAtomicDq>
