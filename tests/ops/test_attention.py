@@ -220,7 +220,11 @@ def test_tensor_scale_is_refused():
     scale = torch.tensor(0.3, requires_grad=True)
     with pytest.raises(TypeError, match="expected softmax_scale to be a float, got a Tensor"):
         flash_attention(q, q, q, softmax_scale=scale)
-    with pytest.raises(TypeError, match="expected scale to be a float, got a Tensor"):
+    # A constant 0-d tensor is a float to torch's SDPA (a scale kept in a buffer): the drop-in refused it.
+    constant = torch.tensor(0.3, dtype=torch.float64)
+    torch.testing.assert_close(scaled_dot_product_attention(q, q, q, scale=constant),
+                               F.scaled_dot_product_attention(q, q, q, scale=constant))
+    with pytest.raises(TypeError, match=r"expected scale to be a float .* requires_grad=True"):
         scaled_dot_product_attention(q, q, q, scale=scale)
 
 
@@ -1031,6 +1035,36 @@ def test_sdpa_falls_back_with_one_warning_per_reason(device):
     with pytest.warns(UserWarning, match="top-left"):  # torch's causal mask for Sq != Sk differs from FA's
         out = scaled_dot_product_attention(q, k, k, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, is_causal=True))
+
+
+def test_sdpa_dropin_installed_over_torchs_falls_back_to_torch(monkeypatch):
+    # Models one does not edit (Hugging Face's, nanoGPT's) call torch.nn.functional's SDPA: adopting the
+    # drop-in there means assigning it over torch's. Its fallback looked F's attribute up at call time,
+    # found itself, and recursed until RecursionError on every attn_mask / dropout call.
+    torch_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", scaled_dot_product_attention)
+    q = torch.randn(1, 2, 6, 16)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    attn_mod._warned.clear()
+    with pytest.warns(UserWarning, match="attn_mask"):
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    torch.testing.assert_close(out, torch_sdpa(q, q, q, attn_mask=mask))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+def test_sdpa_dropin_under_torch_func_falls_back_to_torch():
+    # Per-sample gradients (torch.func.vmap over torch.func.grad) of a model calling the drop-in: fmcore's
+    # op raised "it must override the setup_context staticmethod" under torch.func.grad, where torch's
+    # SDPA works.
+    q = torch.randn(3, 1, 2, 5, 16, dtype=torch.float64)  # 3 samples of (B, H, S, D)
+
+    def per_sample_grads(sdpa):
+        return torch.func.vmap(torch.func.grad(lambda x: sdpa(x, x, x, is_causal=True).square().sum()))(q)
+
+    attn_mod._warned.clear()
+    with pytest.warns(UserWarning, match="torch.func"):
+        got = per_sample_grads(scaled_dot_product_attention)
+    torch.testing.assert_close(got, per_sample_grads(F.scaled_dot_product_attention))
 
 
 @pytest.mark.parametrize("shapes", [((2, 0, 5, 8), (2, 0, 7, 8)), ((1, 4, 5, 0), (1, 2, 7, 0))],

@@ -41,7 +41,6 @@ import weakref
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from fmcore.ops._common import (autocast_dtype, dense_last_dim, expect_tensors, first_order_only, refuse_tangents,
                                 register_fake)
@@ -354,6 +353,11 @@ torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_conte
 # ---- torch.nn.functional.scaled_dot_product_attention drop-in
 
 _warned: set[str] = set()
+# torch's own function, not the F.scaled_dot_product_attention attribute looked up at call time: code
+# that adopts the drop-in by assigning it to torch.nn.functional.scaled_dot_product_attention (so that
+# models it does not edit, such as Hugging Face's, call it) would otherwise have every fallback call
+# the drop-in again, until RecursionError.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def _warn_once(reason: str) -> None:
@@ -367,6 +371,11 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
     """Why fmcore's kernel cannot compute torch's result for these arguments, or None when it can."""
     if attn_mask is not None:
         return "attn_mask is not supported"
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        # torch.func.grad / vjp / jacrev (per-sample gradients) refuse the autograd.Function that
+        # torch.library.register_autograd makes for fmcore's op, with an error about setup_context
+        # that the caller cannot act on; torch's SDPA runs under them.
+        return "inside a torch.func transform (vmap, grad, ...)"
     if dropout_p > 0.0:
         return "dropout_p > 0 is not supported"
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
@@ -409,16 +418,21 @@ def scaled_dot_product_attention(
     unsupported dtype or head dim, causal with Sq != Sk, ...) torch's SDPA runs, with a one-time
     warning naming the reason. The result is a (B, H, Sq, D) view of a (B, Sq, H, D) buffer.
     """
-    if isinstance(scale, torch.Tensor):  # as torch's: float() would detach a learned scale silently
-        raise TypeError("expected scale to be a float, got a Tensor")
+    if isinstance(scale, torch.Tensor):
+        # As torch's: a 0-d tensor that does not require grad is read as a float (a scale kept in a
+        # buffer); float() would detach a learned scale silently, so that one is refused.
+        if scale.requires_grad or scale.dim() != 0:
+            raise TypeError(f"expected scale to be a float (or a 0-d tensor that does not require grad), got a "
+                            f"Tensor of shape {tuple(scale.shape)} with requires_grad={scale.requires_grad}")
+        scale = float(scale)
     # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.
     query, key, value = (t if (dtype := autocast_dtype(t)) is None else t.to(dtype) for t in (query, key, value))
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         if not torch.compiler.is_compiling():
             _warn_once(reason)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if query.shape[1] == 0 or query.shape[-1] == 0:
         return _empty_attention(query, key, value)
     out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
