@@ -68,9 +68,11 @@ RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "expected sin of the shape of cos ",
                     shape_str(cos.sizes()), ", got ", shape_str(sin.sizes()));
   const int64_t half = cos.size(-1), rotary = 2 * half;
-  TORCH_CHECK_VALUE(half >= 1 && rotary <= D, "expected cos of shape (S, R/2) with 2 <= R <= head dim ",
-                    D, ", got ", shape_str(cos.sizes()), " (R = ", rotary, ")");
-  TORCH_CHECK_VALUE(cos.size(-2) >= S, "expected cos of shape (S, R/2) with S >= ", S,
+  const char* cos_shape = cos.dim() == 3 ? "(B, S, R/2)" : "(S, R/2)";
+  TORCH_CHECK_VALUE(half >= 1 && rotary <= D, "expected cos of shape ", cos_shape,
+                    " with 2 <= R <= head dim ", D, ", got ", shape_str(cos.sizes()), " (R = ", rotary,
+                    ")");
+  TORCH_CHECK_VALUE(cos.size(-2) >= S, "expected cos of shape ", cos_shape, " with S >= ", S,
                     " (the sequence length of q), got ", shape_str(cos.sizes()));
   if (cos.dim() == 3) {
     TORCH_CHECK_VALUE(cos.size(0) == B || cos.size(0) == 1, "expected cos of shape (B, S, R/2) with B = ",

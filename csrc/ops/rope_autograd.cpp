@@ -54,6 +54,13 @@ class RopeFunction : public torch::autograd::Function<RopeFunction> {
                                bool conjugate, int64_t seq_dim) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [q_out, k_out] = call_rope(q, k, cos, sin, interleaved, conjugate, seq_dim);
+    // An output whose input needs no gradient needs none either (as torch's own rotation gives):
+    // else a frozen k (k_proj frozen, as LoRA leaves it) would get a backward path through SDPA.
+    // (One call: each call replaces the set.)
+    variable_list constant;
+    if (!q.requires_grad()) constant.push_back(q_out);
+    if (!k.requires_grad()) constant.push_back(k_out);
+    ctx->mark_non_differentiable(constant);
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["interleaved"] = interleaved;
     ctx->saved_data["conjugate"] = conjugate;

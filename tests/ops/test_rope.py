@@ -190,6 +190,19 @@ def test_backward_with_unused_k_and_expanded_grad(device):
     assert k.grad is None or torch.count_nonzero(k.grad) == 0
 
 
+@pytest.mark.parametrize("grad_of", ["q", "k"])
+def test_an_output_requires_grad_only_if_its_input_does(device, grad_of):
+    # As torch's own rotation: a frozen k (LoRA leaves k_proj frozen) gave a k_rot that required grad,
+    # so autograd ran a backward path through attention for nothing.
+    q = torch.randn(1, 4, 2, 16, device=device, requires_grad=grad_of == "q")
+    k = torch.randn(1, 4, 2, 16, device=device, requires_grad=grad_of == "k")
+    cos, sin = tables(4, 16, device)
+    oq, ok = apply_rotary(q, k, cos, sin)
+    assert (oq.requires_grad, ok.requires_grad) == (q.requires_grad, k.requires_grad)
+    (oq if grad_of == "q" else ok).square().sum().backward()
+    assert (q if grad_of == "q" else k).grad is not None
+
+
 def test_inplace_bumps_version_and_refuses_grad(device):
     # rope_ overwrites q: a node that saved q for its backward must see that and raise, not read the
     # rotated values; and the raw op refuses q that requires grad (apply_rotary's own check moved here).
@@ -330,6 +343,15 @@ def test_hf_dropin_matches_transformers_signature():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="pass position_ids by keyword"):
         apply_rotary_pos_emb(q, k, cos, sin, pos)
+
+
+def test_hf_dropin_errors_name_the_tables_passed():
+    # The op sees the first half of HF's (B, S, R) tables: its error showed (2, 4, 8) for the (2, 4, 16)
+    # tables the caller passed (too few positions for q's 6).
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    cos, sin = RotaryEmbedding(16, max_seq_len=32).hf_cos_sin(torch.arange(4)[None].expand(2, 4))
+    with pytest.raises(ValueError, match=r"S >= 6 .*cos \(2, 4, 16\), sin \(2, 4, 16\)"):
+        apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def test_rotary_module_positions_are_computed_not_looked_up(device):

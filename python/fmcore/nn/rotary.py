@@ -107,4 +107,11 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     if position_ids is not None and cos.dim() == 2:
         cos, sin = cos[position_ids], sin[position_ids]
     half = cos.shape[-1] // 2
-    return apply_rotary(q, k, cos[..., :half], sin[..., :half], layout="bhsd" if unsqueeze_dim == 1 else "bshd")
+    try:
+        return apply_rotary(q, k, cos[..., :half], sin[..., :half], layout="bhsd" if unsqueeze_dim == 1 else "bshd")
+    except ValueError as e:
+        if "cos" not in str(e) and "sin" not in str(e):
+            raise
+        # The op's message shows the half it was given: name the tables the caller passed.
+        raise ValueError(f"{e} (the first half of the last dim of the Hugging Face tables passed: cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)})") from None
