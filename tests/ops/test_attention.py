@@ -1052,19 +1052,36 @@ def test_sdpa_dropin_installed_over_torchs_falls_back_to_torch(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
-def test_sdpa_dropin_under_torch_func_falls_back_to_torch():
-    # Per-sample gradients (torch.func.vmap over torch.func.grad) of a model calling the drop-in: fmcore's
-    # op raised "it must override the setup_context staticmethod" under torch.func.grad, where torch's
-    # SDPA works.
-    q = torch.randn(3, 1, 2, 5, 16, dtype=torch.float64)  # 3 samples of (B, H, S, D)
+@pytest.mark.parametrize("transform", ["vmap_grad", "grad", "jacrev"])
+def test_per_sample_gradients_with_torch_func(transform):
+    # flash_attention, varlen and the SDPA drop-in under torch.func's gradient transforms raised "it must
+    # override the setup_context staticmethod" (torch's Function for a registered op has the old form).
+    q = torch.randn(3, 1, 5, 2, 8, dtype=torch.float64)  # 3 samples of (B, S, H, D)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
 
-    def per_sample_grads(sdpa):
-        return torch.func.vmap(torch.func.grad(lambda x: sdpa(x, x, x, is_causal=True).square().sum()))(q)
+    def losses(x):
+        bhsd = x.transpose(1, 2)
+        return (flash_attention(x, x, x, causal=True).square().sum(),
+                flash_attention_varlen(x[0], x[0], x[0], cu, cu, 3, 3).square().sum(),
+                scaled_dot_product_attention(bhsd, bhsd, bhsd, is_causal=True).square().sum())
 
-    attn_mod._warned.clear()
-    with pytest.warns(UserWarning, match="torch.func"):
-        got = per_sample_grads(scaled_dot_product_attention)
-    torch.testing.assert_close(got, per_sample_grads(F.scaled_dot_product_attention))
+    def references(x):
+        bhsd = x.transpose(1, 2)
+        docs = [x[0, a:b].transpose(0, 1) for a, b in ((0, 2), (2, 5))]
+        return (F.scaled_dot_product_attention(bhsd, bhsd, bhsd, is_causal=True).square().sum(),
+                sum(F.scaled_dot_product_attention(d, d, d).square().sum() for d in docs),
+                F.scaled_dot_product_attention(bhsd, bhsd, bhsd, is_causal=True).square().sum())
+
+    for i in range(3):
+        def pick(f, i=i):
+            return lambda x: f(x)[i]
+        if transform == "vmap_grad":
+            got, want = (torch.func.vmap(torch.func.grad(pick(f)))(q) for f in (losses, references))
+        elif transform == "grad":
+            got, want = (torch.func.grad(pick(f))(q[0]) for f in (losses, references))
+        else:
+            got, want = (torch.func.jacrev(pick(f))(q[0]) for f in (losses, references))
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("shapes", [((2, 0, 5, 8), (2, 0, 7, 8)), ((1, 4, 5, 0), (1, 2, 7, 0))],

@@ -475,6 +475,25 @@ def test_vocab_at_the_int32_limit_cuda():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_per_sample_gradients_with_torch_func(reduction, inplace_backward):
+    # torch.func.grad raised "it must override the setup_context staticmethod" (torch's Function for a
+    # registered op has the old form). inplace_backward must not write over the caller's logits there.
+    x, t = torch.randn(3, 4, 10, dtype=torch.float64), torch.randint(0, 10, (3, 4))
+    t[0, 1] = -100
+    kwargs = dict(reduction=reduction, label_smoothing=0.1)
+    keep = x.clone()
+
+    def loss(f, **extra):
+        return lambda a, b: f(a, b, **kwargs, **extra).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss(cross_entropy, inplace_backward=inplace_backward)))(x, t)
+    torch.testing.assert_close(got, torch.func.vmap(torch.func.grad(loss(F.cross_entropy)))(x, t))
+    assert torch.equal(x, keep)
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_forward_mode_ad_raises(reduction):

@@ -191,6 +191,25 @@ def test_activation_checkpointing(device, reduction, use_reentrant):
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_per_sample_gradients_with_torch_func(reduction):
+    # torch.func.grad raised "it must override the setup_context staticmethod" (torch's Function for a
+    # registered op has the old form); under vmap the backward's in-place scaling had no batching rule.
+    hidden, weight, bias, target = make(12, 8, 11, "cpu", torch.float64, bias=True)
+    hidden, target = hidden.view(3, 4, 8), target.view(3, 4)
+
+    def loss(f):
+        return lambda h, w, b, t: f(h, w, t, b, reduction=reduction).sum()
+
+    def reference(h, w, t, b, reduction):
+        return F.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
+
+    per_sample = [torch.func.vmap(torch.func.grad(loss(f), argnums=(0, 1, 2)), in_dims=(0, None, None, 0))(
+        hidden, weight, bias, target) for f in (linear_cross_entropy, reference)]
+    torch.testing.assert_close(*per_sample)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_vmap_over_hidden_that_requires_grad(reduction):
     # Under vmap hidden is a BatchedTensor whose requires_grad is False: the forward computed no
     # grad_hidden and hidden.grad came out None, silently.

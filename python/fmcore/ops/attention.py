@@ -42,8 +42,8 @@ from collections.abc import Iterator
 
 import torch
 
-from fmcore.ops._common import (autocast_dtype, dense_last_dim, expect_tensors, first_order_only, refuse_tangents,
-                                register_fake)
+from fmcore.ops._common import (autocast_dtype, dense_last_dim, expect_tensors, first_order_only, func_transformable,
+                                grad_transform_active, refuse_tangents, register_fake)
 
 CUDA_HEAD_DIMS = (64, 96, 128)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -135,8 +135,8 @@ def flash_attention(
     """
     expect_tensors(q=q, k=k, v=v)
     refuse_tangents("flash_attention", q, k, v)
-    out, lse = torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
-                                               _deterministic(deterministic), _tiles(tiles))
+    out, lse = _flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
+                               _deterministic(deterministic), _tiles(tiles))
     return (out, lse) if return_lse else out
 
 
@@ -176,7 +176,7 @@ def flash_attention_varlen(
     if q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
-    out, lse = torch.ops.fmcore.flash_attn_fwd(
+    out, lse = _flash_attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale),
         _deterministic(deterministic), _tiles(tiles),
     )
@@ -348,6 +348,12 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_context=_setup_context)
+_flash_attn_fwd_func = func_transformable(torch.ops.fmcore.flash_attn_fwd, _setup_context, _backward)
+
+
+def _flash_attn_fwd(*args):
+    """fmcore::flash_attn_fwd, in the form torch.func's gradient transforms accept under them."""
+    return (_flash_attn_fwd_func if grad_transform_active() else torch.ops.fmcore.flash_attn_fwd)(*args)
 
 
 # ---- torch.nn.functional.scaled_dot_product_attention drop-in
@@ -371,11 +377,6 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
     """Why fmcore's kernel cannot compute torch's result for these arguments, or None when it can."""
     if attn_mask is not None:
         return "attn_mask is not supported"
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-        # torch.func.grad / vjp / jacrev (per-sample gradients) refuse the autograd.Function that
-        # torch.library.register_autograd makes for fmcore's op, with an error about setup_context
-        # that the caller cannot act on; torch's SDPA runs under them.
-        return "inside a torch.func transform (vmap, grad, ...)"
     if dropout_p > 0.0:
         return "dropout_p > 0 is not supported"
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import autocast_dtype, expect_tensors, first_order_only, refuse_tangents, register_fake
+from fmcore.ops._common import (autocast_dtype, expect_tensors, first_order_only, func_transformable,
+                                grad_transform_active, refuse_tangents, register_fake)
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -106,13 +107,16 @@ def cross_entropy(
     x, t = logits.reshape(-1, vocab), target.reshape(-1)
     # Autocast runs F.cross_entropy in fp32 (CPU and CUDA): its loss is fp32 for bf16/fp16 logits.
     out_dtype = logits.dtype if autocast_dtype(logits) is None else torch.float32
+    # Under torch.func's gradient transforms: the op's autograd in the form they accept, and no
+    # gradient written over logits (the tensor the transform wraps is the caller's).
+    func = grad_transform_active()
     if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not func):
         loss, stats = _FusedInplace.apply(x, t, ignore_index, label_smoothing, z_loss, reduction == "mean")
         loss = loss.to(out_dtype)
     else:
-        loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd(x, t, ignore_index, label_smoothing, z_loss,
-                                                              inplace_backward)
+        fwd = _cross_entropy_fwd_func if func else torch.ops.fmcore.cross_entropy_fwd
+        loss_rows, stats = fwd(x, t, ignore_index, label_smoothing, z_loss, inplace_backward and not func)
         loss = _reduce(loss_rows, target, ignore_index, reduction, out_dtype)
     if return_lse:
         return loss, stats.detach().sum(-1).view(target.shape)
@@ -218,3 +222,4 @@ def _backward(ctx, grad_loss, grad_stats):
 
 
 torch.library.register_autograd("fmcore::cross_entropy_fwd", _backward, setup_context=_setup_context)
+_cross_entropy_fwd_func = func_transformable(torch.ops.fmcore.cross_entropy_fwd, _setup_context, _backward)

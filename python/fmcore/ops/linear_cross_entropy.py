@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import autocast_dtype, expect_tensors, first_order_only, refuse_tangents, register_fake
+from fmcore.ops._common import (autocast_dtype, expect_tensors, first_order_only, func_transformable,
+                                grad_transform_active, refuse_tangents, register_fake)
 from fmcore.ops.cross_entropy import _check_common
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -77,7 +78,8 @@ def linear_cross_entropy(
     grad = torch.is_grad_enabled()
     need = (grad and _requires_grad(hidden), grad and _requires_grad(weight),
             grad and bias is not None and _requires_grad(bias))
-    loss, lse, _, _, _ = torch.ops.fmcore.linear_cross_entropy(
+    op = _linear_cross_entropy_func if grad_transform_active() else torch.ops.fmcore.linear_cross_entropy
+    loss, lse, _, _, _ = op(
         hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, None, ignore_index,
         label_smoothing, z_loss, _REDUCTION_CODE[reduction], chunk_size or 0, *need)
     loss = (loss.view(target.shape) if reduction == "none" else loss).to(out_dtype)
@@ -174,8 +176,10 @@ def _backward(ctx, grad_loss, *unused):
             # The forward computed d(loss)/d(inputs); the chain rule multiplies by grad_output, in place
             # in eager (these buffers are ours and die with the graph). A traced backward (torch.compile,
             # opcheck) must not mutate its saved inputs: there it multiplies out of place, and inductor
-            # may reuse the dead buffer itself.
-            traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+            # may reuse the dead buffer itself. So does one under torch.func's transforms, whose
+            # wrapped tensors the in-place scale kernel cannot take (no batching rule).
+            traced = (torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+                      or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in depends_on if t is not None))
             return tuple(g * grad_loss if traced else _scale_(g, grad_loss) if needed else g
                          for g, needed in zip(saved, ctx.need))
 
@@ -184,3 +188,5 @@ def _backward(ctx, grad_loss, *unused):
 
 
 torch.library.register_autograd("fmcore::linear_cross_entropy", _backward, setup_context=_setup_context)
+# Under torch.func's gradient transforms: the same op and autograd in the form they accept.
+_linear_cross_entropy_func = func_transformable(torch.ops.fmcore.linear_cross_entropy, _setup_context, _backward)
