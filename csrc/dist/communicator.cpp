@@ -15,6 +15,11 @@
 //
 // Thread safety: one mutex guards the NCCL handle and the event queue; every method takes it, and the
 // GIL is released around each method (see register_dist), so the watchdog never waits on Python.
+// Groups: NCCL's group depth belongs to the calling thread, and ncclCommAbort inside an open group is
+// itself only queued until the group's end. So group_end always ends NCCL's group (an error first
+// would leave this thread's depth at 1: every later NCCL call on it, torch's too, only recorded), and
+// an abort while a group is open (a failed call in it, the watchdog) waits for group_end.
+// Every method runs with the communicator's device current (events are created and recorded there).
 #include "communicator.h"
 
 #ifdef FMCORE_WITH_NCCL
@@ -24,6 +29,7 @@
 #include <nccl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -32,6 +38,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 #endif
 
@@ -87,7 +94,10 @@ class NcclCommunicator {
  public:
   NcclCommunicator(const std::string& unique_id, int world_size, int rank, int device, double timeout_s)
       : world_size_(world_size), rank_(rank), device_(device),
-        timeout_(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s))) {
+        // steady_clock counts int64 nanoseconds (292 years): a longer timeout ("never") would overflow
+        // into a deadline in the past. 3e9 s is 95 years.
+        timeout_(std::chrono::duration_cast<Clock::duration>(
+            std::chrono::duration<double>(std::min(timeout_s, 3e9)))) {
     if (unique_id.size() != sizeof(ncclUniqueId))
       throw std::invalid_argument("fmcore NCCL: expected unique_id of " +
                                   std::to_string(sizeof(ncclUniqueId)) + " bytes, got " +
@@ -103,12 +113,14 @@ class NcclCommunicator {
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     std::lock_guard<std::mutex> lock(mu_);
+    last_error_seen_ = ncclGetLastError(nullptr);
     const ncclResult_t r = ncclCommInitRankConfig(&comm_, world_size, id, rank, &config);
     finish_locked(r, "ncclCommInitRankConfig");  // aborts and throws on failure or timeout
     watchdog_ = std::thread([this] { watchdog_loop(); });
   }
 
   ~NcclCommunicator() {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -130,6 +142,7 @@ class NcclCommunicator {
 
   // In place: t <- op over ranks of t.
   void all_reduce(const at::Tensor& t, const std::string& op) {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
     check_tensor(t, "tensor");
@@ -144,6 +157,7 @@ class NcclCommunicator {
 
   // output (n) <- op over ranks of input[rank * n : (rank + 1) * n]; input holds world_size * n elements.
   void reduce_scatter(const at::Tensor& output, const at::Tensor& input, const std::string& op) {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
     check_tensor(output, "output");
@@ -154,6 +168,7 @@ class NcclCommunicator {
                                   std::to_string(output.numel() * world_size_) +
                                   " elements (world_size * output.numel()), got " +
                                   std::to_string(input.numel()));
+    check_in_place(output, input, "reduce_scatter: output");
     const ncclRedOp_t red = nccl_op(op, output);
     const ncclDataType_t dt = nccl_dtype(output, "output", true);
     if (output.numel() == 0) return;
@@ -167,6 +182,7 @@ class NcclCommunicator {
   // output (world_size * n) <- the input (n) of every rank, in rank order. input may be
   // output[rank * n : (rank + 1) * n] (NCCL's in-place all-gather).
   void all_gather(const at::Tensor& output, const at::Tensor& input) {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
     check_tensor(output, "output");
@@ -177,6 +193,7 @@ class NcclCommunicator {
                                   std::to_string(input.numel() * world_size_) +
                                   " elements (world_size * input.numel()), got " +
                                   std::to_string(output.numel()));
+    check_in_place(input, output, "all_gather: input");
     const ncclDataType_t dt = nccl_dtype(input, "input", false);
     if (input.numel() == 0) return;
     const cudaStream_t stream = current_stream();
@@ -187,6 +204,7 @@ class NcclCommunicator {
 
   // In place: t <- t of rank root.
   void broadcast(const at::Tensor& t, int root) {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
     check_tensor(t, "tensor");
@@ -203,6 +221,7 @@ class NcclCommunicator {
 
   // Calls between group_start and group_end are fused into one NCCL launch at group_end.
   void group_start() {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
     finish_locked(ncclGroupStart(), "ncclGroupStart");
@@ -210,20 +229,29 @@ class NcclCommunicator {
   }
 
   void group_end() {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     if (group_depth_ == 0) throw std::logic_error("fmcore NCCL: group_end without group_start");
     --group_depth_;
-    ready_locked();
-    finish_locked(ncclGroupEnd(), "ncclGroupEnd");
-    if (group_depth_ == 0) {
-      for (cudaStream_t s : group_streams_) enqueued_locked(s, "grouped collectives");
-      group_streams_.clear();
+    const ncclResult_t r = ncclGroupEnd();  // first, whatever happened in the group (see the top)
+    if (group_depth_ > 0) {
+      finish_locked(r, "ncclGroupEnd");
+      return;
     }
+    std::vector<cudaStream_t> streams = std::exchange(group_streams_, {});
+    if (abort_pending_) {  // requested while the group was open: now it runs
+      abort_pending_ = false;
+      abort_locked(error_);
+    }
+    ready_locked();
+    finish_locked(r, "ncclGroupEnd");
+    for (cudaStream_t s : streams) enqueued_locked(s, "grouped collectives");
   }
 
   // Blocks the host until everything enqueued so far has completed; raises (after aborting) when that
   // takes longer than the timeout or NCCL reports an error.
   void synchronize() {
+    const auto guard = device_guard();
     for (;;) {
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -242,12 +270,14 @@ class NcclCommunicator {
   }
 
   void abort(const std::string& reason) {
+    const auto guard = device_guard();
     std::lock_guard<std::mutex> lock(mu_);
     abort_locked(reason);
   }
 
   // Graceful shutdown: waits for enqueued work, then finalizes (flushing NCCL's own queues) and destroys.
   void close() {
+    const auto guard = device_guard();
     synchronize();
     std::lock_guard<std::mutex> lock(mu_);
     ready_locked();
@@ -290,20 +320,39 @@ class NcclCommunicator {
                                   std::string(c10::toString(output.scalar_type())));
   }
 
+  c10::cuda::CUDAGuard device_guard() const {
+    return c10::cuda::CUDAGuard(static_cast<c10::DeviceIndex>(device_));
+  }
+
+  // NCCL's only in-place layouts: the per-rank buffer `part` is this rank's slice of `flat`. Any
+  // other overlap is undefined on NCCL.
+  void check_in_place(const at::Tensor& part, const at::Tensor& flat, const char* what) const {
+    if (part.numel() == 0) return;
+    const auto bytes = [](const at::Tensor& t) { return t.numel() * t.element_size(); };
+    const auto at = reinterpret_cast<uintptr_t>(part.data_ptr());
+    const auto start = reinterpret_cast<uintptr_t>(flat.data_ptr());
+    const bool overlaps = at < start + bytes(flat) && start < at + bytes(part);
+    if (overlaps && at != start + rank_ * bytes(part))
+      throw std::invalid_argument(std::string("fmcore NCCL ") + what + " overlaps the flat buffer " +
+                                  "but is not its rank-" + std::to_string(rank_) + " slice (NCCL's " +
+                                  "only in-place layout)");
+  }
+
   // Raises if the communicator is unusable, after retiring finished work (may abort on timeout).
   void ready_locked() {
-    if (comm_ != nullptr) poll_locked();
-    if (comm_ == nullptr)
+    if (comm_ != nullptr && !abort_pending_) poll_locked();
+    if (comm_ == nullptr || abort_pending_)
       throw NcclError(error_.empty() ? "fmcore NCCL: communicator is not initialized"
                                      : "fmcore NCCL: communicator unusable: " + error_);
+    last_error_seen_ = ncclGetLastError(comm_);  // (see describe)
   }
 
   std::string describe(ncclResult_t r, const char* what) const {
     std::string msg = std::string("fmcore NCCL: ") + what + " failed: " + ncclGetErrorString(r);
-    if (comm_ != nullptr) {
-      const char* last = ncclGetLastError(comm_);
-      if (last != nullptr && last[0] != '\0') msg += std::string(" (") + last + ")";
-    }
+    // NCCL's last error message is process-wide and never cleared: it is this failure's only if it
+    // changed since this communicator last looked (an earlier one, torch's too, would be blamed).
+    const char* last = ncclGetLastError(comm_);
+    if (last != nullptr && last[0] != '\0' && last != last_error_seen_) msg += std::string(" (") + last + ")";
     return msg;
   }
 
@@ -311,7 +360,6 @@ class NcclCommunicator {
   // or when it is still in progress after the timeout.
   void finish_locked(ncclResult_t r, const char* what) {
     const Clock::time_point deadline = Clock::now() + timeout_;
-    const bool returned_now = r != ncclInProgress;  // else r will be the communicator's state
     while (r == ncclInProgress && comm_ != nullptr) {
       if (Clock::now() > deadline) {
         abort_locked(std::string(what) + " still in progress after the timeout (a peer is missing "
@@ -325,9 +373,10 @@ class NcclCommunicator {
     }
     if (r == ncclSuccess) return;
     const std::string msg = describe(r, what);
-    // Argument errors the call returned leave the communicator intact; anything else (system,
-    // internal, remote; any error it reached while in progress) may not.
-    if (!returned_now || (r != ncclInvalidArgument && r != ncclInvalidUsage)) abort_locked(msg);
+    // Even an argument error: a non-blocking communicator keeps a failed call's result as its state,
+    // which every later call returns (NCCL: "destroy the communicator with abort()" after an error).
+    // fmcore's own checks refuse bad arguments before any NCCL call.
+    abort_locked(msg);
     throw NcclError(msg);
   }
 
@@ -338,6 +387,11 @@ class NcclCommunicator {
       group_streams_.push_back(stream);
       return;
     }
+    // An event recorded in a CUDA graph capture cannot be queried (cudaErrorCapturedEvent): a graph's
+    // replays are not watched, as torch's ProcessGroupNCCL does not watch them either.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone)
+      return;
     cudaEvent_t event = nullptr;
     if (!free_events_.empty()) {
       event = free_events_.back();
@@ -384,9 +438,13 @@ class NcclCommunicator {
   }
 
   void abort_locked(const std::string& reason) {
+    if (error_.empty()) error_ = reason;
+    if (group_depth_ > 0 && comm_ != nullptr) {  // until group_end (see the top)
+      abort_pending_ = true;
+      return;
+    }
     if (comm_ != nullptr) ncclCommAbort(comm_);  // makes in-flight NCCL kernels return
     comm_ = nullptr;
-    if (error_.empty()) error_ = reason;
   }
 
   void watchdog_loop() {
@@ -408,6 +466,8 @@ class NcclCommunicator {
   std::vector<cudaEvent_t> free_events_;
   std::vector<cudaStream_t> group_streams_;
   int group_depth_ = 0;
+  bool abort_pending_ = false;  // an abort waiting for group_end
+  std::string last_error_seen_;  // ncclGetLastError when this communicator last looked
   bool stop_ = false;
   std::thread watchdog_;
 };

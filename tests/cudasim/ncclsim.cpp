@@ -18,6 +18,9 @@
 // - Faults are injected from Python (the module's sim_* functions): an NCCL call failing, an
 //   asynchronous error, a CUDA error from cudaEventQuery. A missing or stuck peer needs no injection:
 //   the test's rank simply does not call.
+// - As NCCL: a collective that fails keeps its result as the communicator's state (non-blocking
+//   mode); ncclGetLastError is one process-wide message, never cleared; group depth is per thread,
+//   and ncclCommAbort inside an open group waits for the thread's outermost ncclGroupEnd.
 // One mutex guards the whole model; the workers wait on one condition variable.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -27,6 +30,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -89,7 +93,6 @@ struct ncclComm {
   ncclResult_t state = ncclInProgress;  // what ncclCommGetAsyncError reports
   bool connected = false, aborted = false, finalized = false, destroyed = false;
   uint64_t next_seq = 0;
-  std::string last_error;
 };
 
 struct CUstream_st {
@@ -112,6 +115,7 @@ struct Model {
   // Injected faults, each consumed by the first call it matches.
   std::map<std::string, std::pair<ncclResult_t, std::string>> fail_next;  // NCCL function -> result
   cudaError_t fail_next_event_query = cudaSuccess;
+  char last_error[1024] = "";  // ncclGetLastError's, for the whole process as NCCL's
 };
 
 Model& model() {
@@ -119,9 +123,14 @@ Model& model() {
   return *m;
 }
 
+void set_last_error(const std::string& message) {
+  std::snprintf(model().last_error, sizeof(model().last_error), "%s", message.c_str());
+}
+
 thread_local std::vector<std::pair<ncclComm*, Collective>> tl_group;  // calls inside ncclGroupStart
 thread_local std::vector<cudaStream_t> tl_group_streams;
 thread_local int tl_group_depth = 0;
+thread_local std::vector<ncclComm*> tl_deferred_aborts;  // ncclCommAbort calls inside the open group
 thread_local cudaError_t tl_last_cuda_error = cudaSuccess;
 
 size_t dtype_size(ncclDataType_t t) {
@@ -221,10 +230,8 @@ void run_collective(std::unique_lock<std::mutex>& lock, ncclComm* comm, uint64_t
                             std::to_string(r) + " called " + describe(*other) + ", rank " +
                             std::to_string(comm->rank) + " " + describe(c);
     for (ncclComm* member : q.members)
-      if (member != nullptr) {
-        member->state = ncclInternalError;
-        member->last_error = why;
-      }
+      if (member != nullptr) member->state = ncclInternalError;
+    set_last_error(why);
   }
   if (slot.arrived == q.world && !slot.failed) {
     compute(slot, q.world);
@@ -262,17 +269,22 @@ struct ThreadStream {
 };
 
 // An injected failure for the NCCL function `fn`, consumed; ncclSuccess when there is none.
-ncclResult_t injected(const char* fn, ncclComm* comm) {
+ncclResult_t injected(const char* fn) {
   Model& m = model();
   const auto it = m.fail_next.find(fn);
   if (it == m.fail_next.end()) return ncclSuccess;
   const auto [result, message] = it->second;
   m.fail_next.erase(it);
-  if (comm != nullptr) comm->last_error = message;
+  set_last_error(message);
   return result;
 }
 
 bool usable(const ncclComm* comm) { return comm != nullptr && !comm->destroyed && !comm->aborted; }
+
+void abort_comm(ncclComm* comm) {
+  comm->aborted = comm->destroyed = true;  // its waiting "kernels" return; the handle is gone
+  model().cv.notify_all();
+}
 
 // Every rank has made the call (init, or its first collective) its communicator was waiting on.
 void complete_in_progress(Clique& q) {
@@ -309,13 +321,14 @@ ncclResult_t collective(const char* fn, const Collective& c, ncclComm_t comm, cu
   std::lock_guard<std::mutex> lock(model().mu);
   if (!usable(comm) || stream == nullptr) return ncclInvalidArgument;
   if (comm->state != ncclSuccess) return comm->state == ncclInProgress ? ncclInvalidUsage : comm->state;
-  if (const ncclResult_t r = injected(fn, comm); r != ncclSuccess) return r;
+  // A failed call's result becomes the communicator's state, which every later call returns.
+  if (const ncclResult_t r = injected(fn); r != ncclSuccess) return comm->state = r;
   const bool reduction = c.kind == Kind::kAllReduce || c.kind == Kind::kReduceScatter;
   if (dtype_size(c.dtype) == 0 || (reduction && (c.op < ncclSum || c.op > ncclAvg)) ||
       (c.count > 0 && (c.send == nullptr || c.recv == nullptr)) ||
       (c.kind == Kind::kBroadcast && (c.root < 0 || c.root >= comm->clique->world))) {
-    comm->last_error = std::string(fn) + ": invalid argument";
-    return ncclInvalidArgument;
+    set_last_error(std::string(fn) + ": invalid argument");
+    return comm->state = ncclInvalidArgument;
   }
   if (tl_group_depth > 0) {
     tl_group.emplace_back(comm, c);
@@ -364,10 +377,13 @@ const char* ncclGetErrorString(ncclResult_t r) {
   }
 }
 
-const char* ncclGetLastError(ncclComm_t comm) {
-  // The string outlives the call while the communicator exists, as NCCL's does.
+const char* ncclGetLastError(ncclComm_t) {
+  // The process-wide message whatever the communicator, as NCCL's; copied under the model's lock
+  // (NCCL's own buffer is read unguarded) into one per thread, valid until its next call.
+  thread_local char copy[sizeof(Model::last_error)];
   std::lock_guard<std::mutex> lock(model().mu);
-  return comm != nullptr ? comm->last_error.c_str() : "";
+  std::memcpy(copy, model().last_error, sizeof(copy));
+  return copy;
 }
 
 ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id, int rank,
@@ -377,7 +393,7 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id,
   if (out == nullptr || world < 1 || rank < 0 || rank >= world || config == nullptr ||
       config->magic != NCCL_API_MAGIC)
     return ncclInvalidArgument;
-  if (const ncclResult_t r = injected("ncclCommInitRankConfig", nullptr); r != ncclSuccess) return r;
+  if (const ncclResult_t r = injected("ncclCommInitRankConfig"); r != ncclSuccess) return r;
   Clique*& q = m.cliques[std::string(id.internal, sizeof(id.internal))];
   if (q == nullptr) q = new Clique(world);
   if (q->world != world || q->members[rank] != nullptr) return ncclInvalidUsage;
@@ -403,15 +419,18 @@ ncclResult_t ncclCommAbort(ncclComm_t comm) {
   std::lock_guard<std::mutex> lock(m.mu);
   if (comm == nullptr) return ncclSuccess;
   if (comm->destroyed) return ncclInvalidArgument;
-  comm->aborted = comm->destroyed = true;  // its waiting "kernels" return; the handle is gone
-  m.cv.notify_all();
+  if (tl_group_depth > 0) {
+    tl_deferred_aborts.push_back(comm);  // NCCL wraps the abort in a group of its own: queued
+    return ncclSuccess;
+  }
+  abort_comm(comm);
   return ncclSuccess;
 }
 
 ncclResult_t ncclCommFinalize(ncclComm_t comm) {
   std::lock_guard<std::mutex> lock(model().mu);
   if (!usable(comm) || comm->finalized) return ncclInvalidArgument;
-  if (const ncclResult_t r = injected("ncclCommFinalize", comm); r != ncclSuccess) return r;
+  if (const ncclResult_t r = injected("ncclCommFinalize"); r != ncclSuccess) return comm->state = r;
   comm->finalized = true;  // flushing NCCL's own queues goes on in the background: one poll
   comm->state = ncclInProgress;
   return ncclInProgress;
@@ -436,11 +455,13 @@ ncclResult_t ncclGroupEnd() {
   if (--tl_group_depth > 0) return ncclSuccess;
   const auto group = std::exchange(tl_group, {});
   const auto streams = std::exchange(tl_group_streams, {});
-  for (const auto& [comm, c] : group)
-    if (!usable(comm)) return ncclInvalidArgument;
   ncclResult_t result = ncclSuccess;
-  for (size_t i = 0; i < group.size(); ++i)
+  for (const auto& [comm, c] : group)
+    if (!usable(comm)) result = ncclInvalidArgument;  // (real NCCL: a use after free)
+  for (size_t i = 0; result != ncclInvalidArgument && i < group.size(); ++i)
     if (enqueue(group[i].first, group[i].second, streams[i]) == ncclInProgress) result = ncclInProgress;
+  for (ncclComm* comm : std::exchange(tl_deferred_aborts, {}))
+    if (!comm->destroyed) abort_comm(comm);
   return result;
 }
 
@@ -517,6 +538,12 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
   return event->reached >= event->recorded ? cudaSuccess : cudaErrorNotReady;
 }
 
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  if (stream == nullptr || status == nullptr) return cudaErrorInvalidResourceHandle;
+  *status = cudaStreamCaptureStatusNone;  // the model has no graphs
+  return cudaSuccess;
+}
+
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
   std::lock_guard<std::mutex> lock(model().mu);
   if (event == nullptr || event->destroyed) return cudaErrorInvalidResourceHandle;
@@ -541,7 +568,7 @@ PYBIND11_MODULE(fmcore_ncclsim, m) {
     ncclComm* comm = find_comm(id, rank);
     if (comm == nullptr) throw std::invalid_argument("no communicator of that unique id and rank");
     comm->state = static_cast<ncclResult_t>(result);
-    comm->last_error = message;
+    set_last_error(message);
   }, "The communicator of (unique id, rank) gets asynchronous error `result` (as a failed peer causes).");
   m.def("sim_fail_next_event_query", [](int error) {
     std::lock_guard<std::mutex> lock(model().mu);

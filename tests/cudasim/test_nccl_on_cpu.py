@@ -139,7 +139,7 @@ def test_grouped_calls_and_many_in_flight(ncclsim):
         assert torch.equal(c, torch.arange(1.0, 201.0)[:, None].expand(200, 8))
 
 
-def test_bad_arguments_raise_and_leave_the_communicator_usable(ncclsim):
+def test_bad_arguments_raise_naming_them(ncclsim):
     def body(rank, uid):
         comm = ncclsim.NcclCommunicator(uid, 1, 0, 0, LONG)
         x = torch.zeros(6)
@@ -167,17 +167,110 @@ def test_bad_arguments_raise_and_leave_the_communicator_usable(ncclsim):
         with pytest.raises(RuntimeError, match="synchronize inside a group"):
             comm.synchronize()
         comm.group_end()
-        # NCCL refusing an argument does not spoil the communicator either
-        ncclsim.sim_fail_next("ncclAllReduce", INVALID_ARGUMENT, "count too large")
-        with pytest.raises(ncclsim.NcclError, match=r"ncclAllReduce failed: invalid argument.*\(count too large\)"):
-            comm.all_reduce(x)
-        assert comm.healthy
         comm.all_reduce(x.fill_(2), "sum")
         comm.synchronize()
         assert torch.equal(x, torch.full((6,), 2.0))
         assert ncclsim.sim_comm_state(uid, 0) == "live"
+        # NCCL refusing an argument does spoil it: a non-blocking communicator keeps the failed call's
+        # result as its state, which every later call returns, so it is aborted at once
+        ncclsim.sim_fail_next("ncclAllReduce", INVALID_ARGUMENT, "count too large")
+        with pytest.raises(ncclsim.NcclError, match=r"ncclAllReduce failed: invalid argument.*\(count too large\)"):
+            comm.all_reduce(x)
+        assert not comm.healthy and ncclsim.sim_comm_state(uid, 0) == "aborted"
 
     on_ranks(ncclsim, 1, body)
+
+
+def test_in_place_layouts_are_nccls_only(ncclsim):
+    def body(rank, uid):
+        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, LONG)
+        n = 3
+        flat = torch.zeros(2 * n)
+        flat[rank * n:(rank + 1) * n] = rank + 1
+        comm.all_gather(flat, flat[rank * n:(rank + 1) * n])  # this rank's slice: NCCL's in-place form
+        big = torch.arange(2.0 * n) + rank
+        comm.reduce_scatter(big[rank * n:(rank + 1) * n], big)
+        comm.synchronize()
+        assert torch.equal(flat, torch.tensor([1.0] * n + [2.0] * n))
+        assert torch.equal(big[rank * n:(rank + 1) * n], (2 * torch.arange(2.0 * n) + 1)[rank * n:(rank + 1) * n])
+        other = (1 - rank) * n  # the other rank's slice: undefined on NCCL
+        with pytest.raises(ValueError, match=f"all_gather: input overlaps the flat buffer but is not its rank-{rank}"):
+            comm.all_gather(flat, flat[other:other + n])
+        with pytest.raises(ValueError, match="reduce_scatter: output overlaps"):
+            comm.reduce_scatter(big[other:other + n], big)
+        assert comm.healthy
+
+    on_ranks(ncclsim, 2, body)
+
+
+def test_a_timeout_of_centuries_is_not_an_overflow(ncclsim):
+    # steady_clock's int64 nanoseconds hold 292 years: timedelta.max (8.6e13 s, "never") overflowed into
+    # a deadline in the past, and init was "still in progress after the timeout" at once.
+    def body(rank, uid):
+        comm = ncclsim.NcclCommunicator(uid, 1, 0, 0, 8.64e13)
+        x = torch.ones(3)
+        comm.all_reduce(x)
+        comm.synchronize()
+        return comm.healthy
+
+    assert on_ranks(ncclsim, 1, body) == [True]
+
+
+@pytest.mark.parametrize("how", ["a call in the group fails", "abort() in the group"])
+def test_an_abort_inside_a_group_ends_the_group(ncclsim, how):
+    # NCCL's group depth belongs to the thread: group_end raised before calling ncclGroupEnd on an
+    # aborted communicator, leaving this thread in an open group for good, where every later NCCL
+    # call (a new communicator's, torch's) is only recorded: a silent no-op.
+    def body(rank, uid):
+        comm = ncclsim.NcclCommunicator(uid, 1, 0, 0, LONG)
+        comm.group_start()
+        if how == "abort() in the group":
+            comm.abort("stopping")
+        else:
+            ncclsim.sim_fail_next("ncclAllGather", SYSTEM_ERROR, "link down in a group")
+            with pytest.raises(ncclsim.NcclError, match="link down in a group"):
+                comm.all_gather(torch.zeros(2), torch.zeros(2))
+        assert ncclsim.sim_comm_state(uid, 0) == "live"  # NCCL aborts at the group's end, not inside
+        with pytest.raises(ncclsim.NcclError, match="communicator unusable"):
+            comm.all_reduce(torch.zeros(2))
+        with pytest.raises(ncclsim.NcclError, match="communicator unusable"):
+            comm.group_end()
+        assert ncclsim.sim_comm_state(uid, 0) == "aborted"
+        fresh_uid = ncclsim.nccl_unique_id()
+        fresh = ncclsim.NcclCommunicator(fresh_uid, 1, 0, 0, LONG)
+        x = torch.full((4,), 3.0)
+        fresh.all_reduce(x, "sum")
+        fresh.synchronize()  # (with the thread's group left open, this returned at once, x untouched)
+        return ncclsim.sim_comm_state(fresh_uid, 0)
+
+    assert on_ranks(ncclsim, 1, body) == ["live"]
+
+
+def test_the_watchdog_waits_for_an_open_group_to_end(ncclsim):
+    # A timeout the watchdog notices while the caller's group is open: aborting then (from the
+    # watchdog's thread) would free a communicator the caller's open group still refers to.
+    rank0_done = threading.Event()
+
+    def body(rank, uid):
+        comm = ncclsim.NcclCommunicator(uid, 2, rank, 0, SHORT)
+        x = torch.ones(2)  # (alive until the stream is done with it, as a caller must keep it)
+        comm.all_reduce(x)
+        comm.synchronize()
+        if rank == 1:
+            rank0_done.wait(30)
+            return None
+        try:
+            comm.all_reduce(x)  # rank 1 never comes: times out
+            comm.group_start()
+            time.sleep(SHORT + 1.5)  # the watchdog sees the timeout here
+            assert ncclsim.sim_comm_state(uid, 0) == "live"
+            with pytest.raises(ncclsim.NcclError, match="all_reduce enqueued .* has not completed"):
+                comm.group_end()
+            return ncclsim.sim_comm_state(uid, 0)
+        finally:
+            rank0_done.set()
+
+    assert on_ranks(ncclsim, 2, body)[0] == "aborted"
 
 
 def test_an_nccl_failure_aborts_and_later_calls_raise(ncclsim):
@@ -190,6 +283,23 @@ def test_an_nccl_failure_aborts_and_later_calls_raise(ncclsim):
         assert not comm.healthy and ncclsim.sim_comm_state(uid, 0) == "aborted"
         with pytest.raises(ncclsim.NcclError, match="communicator unusable: .*socket closed by peer"):
             comm.all_reduce(torch.zeros(2))
+
+    on_ranks(ncclsim, 1, body)
+
+
+def test_an_earlier_failures_message_is_not_blamed(ncclsim):
+    # ncclGetLastError is process-wide and never cleared: a later failure that left no message of its
+    # own was reported with the earlier one's (another communicator's, or torch's) as its cause.
+    def body(rank, uid):
+        first = ncclsim.NcclCommunicator(uid, 1, 0, 0, LONG)
+        ncclsim.sim_fail_next("ncclBroadcast", SYSTEM_ERROR, "an earlier cause")
+        with pytest.raises(ncclsim.NcclError, match=r"\(an earlier cause\)"):
+            first.broadcast(torch.zeros(2), 0)
+        second = ncclsim.NcclCommunicator(ncclsim.nccl_unique_id(), 1, 0, 0, LONG)
+        ncclsim.sim_fail_next("ncclBroadcast", SYSTEM_ERROR, "an earlier cause")  # the message unchanged
+        with pytest.raises(ncclsim.NcclError) as raised:
+            second.broadcast(torch.zeros(2), 0)
+        assert "unhandled system error" in str(raised.value) and "earlier cause" not in str(raised.value)
 
     on_ranks(ncclsim, 1, body)
 

@@ -149,9 +149,28 @@ def check_bad_inputs(comm, rank, world):
             Communicator(backend="nccl")
 
 
+def check_in_place(comm, rank, world):
+    n = 5
+    # NCCL's in-place layouts: this rank's slice of the flat buffer
+    flat = torch.zeros(world * n)
+    flat[rank * n:(rank + 1) * n] = rank + 1
+    comm.all_gather(flat, flat[rank * n:(rank + 1) * n])
+    assert torch.equal(flat, torch.arange(1.0, world + 1).repeat_interleave(n))
+    big = torch.arange(world * n, dtype=torch.float32) + rank
+    comm.reduce_scatter(big[rank * n:(rank + 1) * n], big, "sum")
+    want = sum(torch.arange(world * n, dtype=torch.float32) + r for r in range(world))[rank * n:(rank + 1) * n]
+    assert torch.equal(big[rank * n:(rank + 1) * n], want)
+    # any other overlap is undefined on NCCL: refused on every backend alike
+    off = 1 if rank == 0 else 0  # not rank * n
+    with pytest.raises(ValueError, match=rf"input overlaps output but is not its rank-{rank} slice"):
+        comm.all_gather(flat, flat[off:off + n])
+    with pytest.raises(ValueError, match=rf"output overlaps input but is not its rank-{rank} slice"):
+        comm.reduce_scatter(big[off:off + n], big)
+
+
 CHECKS = {f.__name__.removeprefix("check_"): f for f in
           [check_all_reduce, check_reduce_scatter, check_all_gather, check_broadcast, check_async,
-           check_grouped, check_bad_inputs]}
+           check_grouped, check_bad_inputs, check_in_place]}
 
 
 def _body(rank, world):
@@ -291,3 +310,72 @@ def test_nccl_init_without_peers_times_out_and_aborts():
     out = subprocess.run([sys.executable, "-c", _NO_PEER], capture_output=True, text=True, timeout=180)
     assert "raised after" in out.stdout and "still in progress after the timeout" in out.stdout, (
         out.stdout + out.stderr)
+
+
+# ---- the NCCL unique id's trip through the store, with fmcore._C's NCCL names faked (no GPU needed)
+class _FakeNccl:
+    """Stands in for fmcore._C: ids name the rank and call that made them; a communicator is its id."""
+
+    has_nccl = True
+
+    def __init__(self, rank):
+        self.rank, self.made = rank, 0
+
+    def nccl_unique_id(self):
+        self.made += 1
+        return f"rank {self.rank} id {self.made}".encode().ljust(128, b"\0")
+
+    def NcclCommunicator(self, uid, world, rank, device, timeout_s):  # noqa: N802 (the _C name)
+        return uid.rstrip(b"\0").decode()
+
+
+def _unique_id_body(rank, world):
+    from datetime import timedelta
+
+    from fmcore.dist import comm as comm_mod
+
+    dist.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=10))  # a hang fails fast
+    comm_mod._C = _FakeNccl(rank)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes every group
+    mine = pairs[rank // 2]
+    ids = []
+    # The pairs create different numbers of communicators (pipeline stages doing different things),
+    # then the world creates one: its members must agree on its id whatever the groups did before.
+    for _ in range(2 if rank < 2 else 1):
+        ids.append(Communicator(mine, backend="torch")._create_nccl())
+    ids.append(Communicator(backend="torch")._create_nccl())
+    ids.append(Communicator(mine, backend="torch")._create_nccl())  # and a pair's later one
+    return ids
+
+
+def test_nccl_unique_id_keys_are_per_group(tmp_path):
+    ids = run_ranks(_unique_id_body, 4, tmp_path, timeout=60)
+    world_ids = [r[-2] for r in ids]
+    assert len(set(world_ids)) == 1 and world_ids[0].startswith("rank 0 "), world_ids
+    assert ids[0][-1] == ids[1][-1] and ids[2][-1] == ids[3][-1], ids
+
+
+def _timeout_body(rank, world):
+    from datetime import timedelta
+
+    from fmcore.dist import comm as comm_mod
+
+    seen = []
+
+    class Fake(_FakeNccl):
+        def NcclCommunicator(self, uid, world, rank, device, timeout_s):  # noqa: N802
+            seen.append(timeout_s)
+
+    comm_mod._C = Fake(rank)
+    Communicator(backend="torch", timeout=timedelta(seconds=90))._create_nccl()
+    for bad in (timedelta(0), timedelta(seconds=-1), 30):
+        with pytest.raises(ValueError, match="expected timeout a positive datetime.timedelta"):
+            Communicator(backend="torch", timeout=bad)
+    return seen
+
+
+def test_timeout_is_a_positive_timedelta(tmp_path):
+    # A number (seconds?) failed with an AttributeError about total_seconds, on NCCL only; a non-positive
+    # timeout passed on the torch backend, whose collectives ignore it.
+    (seen,) = run_ranks(_timeout_body, 1, tmp_path)
+    assert seen == [90.0]

@@ -35,7 +35,10 @@ from fmcore import _C
 
 OPS = ("sum", "avg", "max", "min")
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-_ids = itertools.count()  # communicators created by this process, the same sequence on every rank
+# Communicators created by this process, counted per group (its name, the same on every member): the
+# members of one group count its communicators alike, whatever other groups they are in did, so the
+# n-th communicator of a group reads the id its rank 0 wrote for it, never another's.
+_ids: dict[str, itertools.count] = {}
 # torch 2.14 renamed the flat collectives (*_single) and deprecated the old names; 2.11 has only those.
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -110,8 +113,10 @@ class Communicator:
                                f"(fmcore._C.has_nccl={_C.has_nccl}, cuda={torch.cuda.is_available()})")
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"backend='nccl' needs a CUDA device, got {self.device}")
+        if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+            raise ValueError(f"expected timeout a positive datetime.timedelta, got {timeout!r}")
         self.backend = backend
-        self._timeout = timeout
+        self._timeout = timeout  # (the C++ communicator caps "never", timedelta.max, to 95 years)
         self._nccl = None
         self._side_stream = None
         self._grouped = False
@@ -122,7 +127,8 @@ class Communicator:
         self._pg_has_nccl = "nccl" in str(dist.get_backend(self.group)).lower()
 
     def _create_nccl(self):
-        key = f"fmcore/nccl_unique_id/{next(_ids)}"
+        name = self.group.group_name
+        key = f"fmcore/nccl_unique_id/{name}/{next(_ids.setdefault(name, itertools.count()))}"
         store = _group_store(self.group)
         if self.rank == 0:
             uid = _C.nccl_unique_id()
@@ -214,6 +220,17 @@ class Communicator:
             raise ValueError(f"{what}: expected input and output of one dtype, got {small.dtype} and {big.dtype}")
         if not (big.is_contiguous() and small.is_contiguous()):
             raise ValueError(f"{what}: expected contiguous input and output")
+        # NCCL runs in place only when the per-rank buffer is exactly this rank's slice of the flat one;
+        # any other overlap is undefined on NCCL (gloo and the CPU model of NCCL happen to get it right).
+        if small.numel() and small.device == big.device and small.device.type != "meta":
+            size, start, at = small.element_size(), big.data_ptr(), small.data_ptr()
+            overlaps = at < start + big.numel() * size and start < at + small.numel() * size
+            if overlaps and at != start + self.rank * small.numel() * size:
+                small_name = "output" if big_name == "input" else "input"
+                raise ValueError(
+                    f"{what}: {small_name} overlaps {big_name} but is not its rank-{self.rank} slice "
+                    f"{big_name}[{self.rank * small.numel()}:{(self.rank + 1) * small.numel()}] (NCCL's only "
+                    f"in-place layout); got element offset {(at - start) / size:g}")
 
     def _nccl_call(self, fn, tensors: list[torch.Tensor], async_op: bool) -> Work:
         if not async_op:
