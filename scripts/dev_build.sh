@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Incremental developer build: compiles fmcore._C into build/dev and copies it into python/fmcore/,
-# so `PYTHONPATH=python python -m pytest tests` runs against this tree without installing anything.
+# Incremental developer build: compiles fmcore._C into build/dev (build/dev-off, build/dev-on with
+# FMCORE_CUDA set) and copies it into python/fmcore/, so `PYTHONPATH=python python -m pytest tests`
+# runs against this tree without installing anything.
 #   FMCORE_CUDA=off scripts/dev_build.sh     # CPU-only, faster on the 2-core machines
 #   JOBS=16 scripts/dev_build.sh             # on the GPU machine
 #   PYTHON=/path/venv/bin/python BUILD_DIR=build/other scripts/dev_build.sh   # another torch/Python
@@ -16,5 +17,10 @@ if [ ! -f "$build/build.ninja" ]; then
     ${FMCORE_CUDA:+-DFMCORE_CUDA=$FMCORE_CUDA} > "$build/configure.log" || { cat "$build/configure.log"; exit 1; }
 fi
 cmake --build "$build" -j "${JOBS:-2}"
-cp "$build"/_C*.so python/fmcore/
+# Copied beside, then renamed over: a process running the tests keeps the file it mapped (cp onto
+# it rewrote those pages in place, and crashed it).
+for so in "$build"/_C*.so; do
+  cp "$so" "python/fmcore/.$(basename "$so").tmp"
+  mv -f "python/fmcore/.$(basename "$so").tmp" "python/fmcore/$(basename "$so")"
+done
 echo "dev build: $(ls python/fmcore/_C*.so)"

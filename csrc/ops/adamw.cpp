@@ -4,8 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "adamw_op.h"
 #include "checks.h"
@@ -60,6 +63,35 @@ void check_scalar(const at::Tensor& t, const at::Tensor& ref, const std::string&
 
 bool is_kernel_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
+}
+
+// The CUDA update runs every tensor at once: a step tensor listed twice is bumped by several threads
+// in one unsynchronized read-modify-write (updates lost: the bias correction of another step count),
+// and a param or state listed twice is updated by two blocks at once. FusedAdamW refuses repeated
+// params; the op refuses any overlap of what it writes, on every device alike. (All are contiguous:
+// [data_ptr, data_ptr + nbytes) is each one's extent.)
+void check_written_apart(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                         at::TensorList master_params, at::TensorList steps) {
+  std::vector<std::tuple<uintptr_t, uintptr_t, std::string>> written;
+  const auto add = [&](at::TensorList list, const char* name) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;  // (an empty tensor's pointer may be shared or null)
+      const auto begin = reinterpret_cast<uintptr_t>(list[i].data_ptr());
+      written.emplace_back(begin, begin + list[i].nbytes(), item(name, i));
+    }
+  };
+  add(params, "params");
+  add(exp_avgs, "exp_avgs");
+  add(exp_avg_sqs, "exp_avg_sqs");
+  add(master_params, "master_params");
+  add(steps, "steps");
+  std::sort(written.begin(), written.end());
+  for (size_t j = 1; j < written.size(); ++j) {
+    TORCH_CHECK_VALUE(std::get<0>(written[j]) >= std::get<1>(written[j - 1]),
+                      "expected the tensors adamw_step_ updates not to share memory, got ",
+                      std::get<2>(written[j - 1]), " and ", std::get<2>(written[j]),
+                      " overlapping (every param needs its own state and step tensor)");
+  }
 }
 
 }  // namespace
@@ -158,6 +190,7 @@ AdamWCall make_adamw_call(at::TensorList params, at::TensorList grads, at::Tenso
       t.master = master_params[i].data_ptr<float>();
     }
   }
+  check_written_apart(params, exp_avgs, exp_avg_sqs, master_params, steps);
   p.tensors = call.tensors.data();
   p.num_tensors = static_cast<int64_t>(n);
   return call;

@@ -542,6 +542,27 @@ def test_op_argument_errors_name_the_argument(device):
         grad_norm([torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.int32)])
 
 
+def test_op_refuses_tensors_it_would_update_twice(device):
+    # One step tensor for every param (apex FusedAdam's per-group step) was bumped by several CUDA threads
+    # at once, losing updates (the CPU counted them all); a param listed twice, by two blocks at once.
+    args = _op_args(device)
+    args[5] = [args[5][0]] * 2
+    with pytest.raises(ValueError, match=r"not to share memory, got steps\[0\] and steps\[1\]"):
+        torch.ops.fmcore.adamw_step_(*args)
+    args = _op_args(device)
+    args[0][1], args[1][1] = args[0][0], args[1][0]
+    args[2][1], args[3][1] = torch.zeros(5, device=device), torch.zeros(5, device=device)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\]"):
+        torch.ops.fmcore.adamw_step_(*args)
+    args = _op_args(device)
+    flat = torch.zeros(11, device=device)  # exp_avgs as views of one buffer, side by side: fine
+    args[2] = [flat[:5], flat[5:]]
+    torch.ops.fmcore.adamw_step_(*args)
+    args[3] = [flat[:5], torch.zeros(6, device=device)]  # exp_avg_sqs[0] is exp_avgs[0]
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] and exp_avgs\[0\]|exp_avgs\[0\] and exp_avg_sqs\[0\]"):
+        torch.ops.fmcore.adamw_step_(*args)
+
+
 @pytest.mark.cuda
 def test_op_device_mismatch_cuda():
     args = _op_args("cuda")
