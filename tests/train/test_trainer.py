@@ -156,11 +156,64 @@ def test_run_dir_choice(tmp_path, monkeypatch):
         choose_run_dir(load_config("tiny", ["--resume", "runs/tiny"]))
 
 
+def test_a_run_that_failed_before_writing_leaves_the_default_run_dir_to_the_next(dataset, tmp_path, monkeypatch):
+    # A config error found after the run dir was locked left runs/tiny holding its .lock alone: the
+    # corrected run went to runs/tiny-2, the next to -3, ...
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.dataset", str(dataset), *SMALL, "--train.steps", "2", "--model.dim", "64", "--model.n_layers", "1",
+            "--checkpoint.export_hf", "false", "--checkpoint.save_final", "false", "--train.eval_batches", "1"]
+    with pytest.raises(ConfigError, match="tokens_per_step"):
+        train(load_config("tiny", [*args, "--train.tokens_per_step", "1000"]))
+    assert os.listdir("runs/tiny") == [".lock"]
+    assert choose_run_dir(load_config("tiny", args)) == (Path("runs/tiny"), None)
+    with open("runs/tiny/.lock") as held:  # unless a live run holds it (between its lock and its first write)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert choose_run_dir(load_config("tiny", args)) == (Path("runs/tiny-2"), None)
+    assert train(load_config("tiny", args))["run_dir"] == str(Path("runs/tiny"))
+
+
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
     for s in range(1, 11):
         (tmp_path / f"step_{s:08d}").mkdir()
     checkpoint.prune(tmp_path, keep_last=2, keep_every=4)
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [4, 8, 9, 10]
+
+
+@pytest.mark.parametrize("section, key, value", [("log", "every", 0), ("train", "steps", -5)])
+def test_train_checks_a_config_changed_in_code(dataset, tmp_path, section, key, value):
+    cfg = load_config("tiny", overrides(dataset, tmp_path / "run"))
+    setattr(getattr(cfg, section), key, value)  # what a sweep does to a loaded Config
+    with pytest.raises(ConfigError, match=f"{section}.{key}: expected > 0"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_main_leaves_the_callers_process_group(dataset, tmp_path):
+    # main() destroyed whatever process group was initialised, the caller's own too.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert main(["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                                        "--model.n_layers", "1", "--checkpoint.export_hf", "false",
+                                        "--checkpoint.save_final", "false", "--train.eval_batches", "1")]) == 0
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("data", ["fsdp2", "zero1"])
+def test_a_one_process_parallel_run_leaves_no_process_group(dataset, tmp_path, data):
+    # The 1-rank group such a run initialises for itself stayed: the caller's own init_process_group
+    # then raised "trying to initialize the default process group twice".
+    import torch.distributed as dist
+
+    for run in ("a", "b"):  # and the next run makes its own again
+        assert len(_short_run(dataset, tmp_path / run, "--parallel.data", data, "--train.steps", "2")) == 2
+        assert not dist.is_initialized()
 
 
 def test_cli_errors_exit_2(capsys, tmp_path):
@@ -238,13 +291,97 @@ def test_gradient_accumulation_matches_one_big_batch(dataset, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_deterministic_mode_is_strict_and_matches_the_default_run(dataset, tmp_path):
+def test_deterministic_mode_is_strict_and_matches_the_default_run(dataset, tmp_path, monkeypatch):
     """train.deterministic turns on torch's strict mode (fmcore's attention then takes its
-    deterministic backward on CUDA); the CPU is deterministic already, so the losses are the same."""
+    deterministic backward on CUDA) for the run; the CPU is deterministic already, so the losses are
+    the same. The caller's mode (poison_outputs' warn-only mode here) is back after it: the next run
+    of a sweep, without train.deterministic, must not run strict."""
+    from fmcore.train import trainer
+
+    modes, step = [], trainer.train_step
+
+    def recording_step(*args, **kwargs):
+        modes.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
     default = _short_run(dataset, tmp_path / "a", "--model.ops", "fmcore")
     strict = _short_run(dataset, tmp_path / "b", "--model.ops", "fmcore", "--train.deterministic", "true")
-    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert modes == [(True, True)] * 4 + [(True, False)] * 4
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert [r["loss"] for r in strict] == [r["loss"] for r in default]
+
+
+def test_train_leaves_the_callers_threads_and_rngs_as_they_were(dataset, tmp_path):
+    # A sweep in one process: train.threads set for one run was still torch's thread count in the next
+    # (whose threads = 0 "keeps torch's default"), and the seeding reset the caller's RNGs, so a random
+    # search drawing from torch's RNG drew the same hyperparameters after every run.
+    import random
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        torch.manual_seed(123)
+        random.seed(123)
+        expected = torch.rand(3), random.random()
+        torch.manual_seed(123)
+        random.seed(123)
+        _short_run(dataset, tmp_path / "run", "--train.threads", "1")
+        assert torch.get_num_threads() == threads + 1
+        assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_loss_curve_leaves_the_callers_matplotlib_backend(tmp_path):
+    # plot_loss switched matplotlib to Agg: in a notebook, figures after a run no longer showed inline.
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from fmcore.train.metrics import plot_loss
+
+    backend = matplotlib.get_backend()
+    plt.switch_backend("svg")  # another backend than the Agg plot_loss used to set
+    try:
+        assert plot_loss([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], tmp_path / "loss.png", "t").is_file()
+        assert matplotlib.get_backend() == "svg" and not plt.get_fignums()
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.switch_backend(backend)
+
+
+def test_train_runs_under_the_callers_no_grad(dataset, tmp_path):
+    # The first backward raised "element 0 of tensors does not require grad" (a notebook's
+    # torch.set_grad_enabled(False) from an earlier evaluation, or a call inside torch.no_grad()).
+    with torch.no_grad():
+        assert len(_short_run(dataset, tmp_path / "run")) == 4
+        assert not torch.is_grad_enabled()
+
+
+def test_an_interrupted_run_closes_what_it_opened(dataset, tmp_path, monkeypatch):
+    # A KeyboardInterrupt (a notebook's stop button) left the progress bar open, the next run's bar
+    # drawn below it, TensorBoard's writer thread running, and metrics.jsonl open while the traceback
+    # was kept (IPython keeps the last one).
+    import threading
+
+    from tqdm import tqdm
+
+    from fmcore.train import trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    run = tmp_path / "run"
+    bars, threads = len(tqdm._instances), set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt) as kept:
+        _short_run(dataset, run, "--log.progress", "bar", "--log.tensorboard", "true")
+    assert len(tqdm._instances) == bars
+    assert set(threading.enumerate()) - threads <= {t for t in threading.enumerate() if t.name == "tqdm_monitor"}
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [path for path in fds if path.startswith(str(run))], kept
+    monkeypatch.undo()
+    assert len(_short_run(dataset, run)) == 4  # the run dir is free for the next run
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -75,8 +75,11 @@ class Reporter:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Closes the bar, the TensorBoard writer and metrics.jsonl; a second close does nothing, and a
+        closed Reporter reports nothing."""
         if not self.enabled:
             return
+        self.enabled = False
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -147,12 +150,12 @@ def plot_loss(metrics: list[dict], out: Path, title: str) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib
+    # A Figure of its own, not pyplot's: matplotlib.use("Agg") switched the caller's backend (a notebook's
+    # inline one: its later plt.show() displayed nothing). savefig picks the PNG canvas itself.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
@@ -164,7 +167,6 @@ def plot_loss(metrics: list[dict], out: Path, title: str) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

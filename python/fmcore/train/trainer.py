@@ -32,7 +32,7 @@ from torch import nn
 
 from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, metrics, models
-from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml
+from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml, validate
 from fmcore.train.schedule import lr_at
 
 
@@ -229,7 +229,9 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     n = 1
     while True:
         run = Path("runs") / (cfg.name if n == 1 else f"{cfg.name}-{n}")
-        if not run.exists() or not any(run.iterdir()):
+        # A dir holding only a free .lock was left by a run that failed before writing anything (a config
+        # or data error found after it locked the dir): counted as a run, each retry moved to a new dir.
+        if not run.exists() or {p.name for p in run.iterdir()} <= {".lock"} and not lock_held(run):
             return run, None
         n += 1
 
@@ -253,6 +255,23 @@ def lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether a live run holds run_dir's lock (lock_run_dir)."""
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the fd
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without flock: lock_run_dir runs unguarded there
+        return False
+    finally:
+        os.close(fd)
 
 
 def evaluated_at(run_dir: Path, step: int) -> bool:
@@ -476,13 +495,21 @@ def dataset_has_split(dataset: Path, split: str) -> bool:
     return split in (Loader.manifest(dataset).get("splits") or {})
 
 
-def set_deterministic() -> None:
-    """torch's strict deterministic mode for the rest of the process (train.deterministic)."""
+@contextlib.contextmanager
+def deterministic_mode():
+    """torch's strict deterministic mode for one run (train.deterministic); the caller's mode after it."""
     # cuBLAS picks reduction orders by workspace; a fixed small workspace makes them repeatable (torch
-    # raises in strict mode without it). Read when the first cuBLAS handle is created.
+    # raises in strict mode without it). Read when the first cuBLAS handle is created, and kept.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 # ---- the run
@@ -522,28 +549,55 @@ def check_same_precision(path: Path, saved: dict | None, cfg: Config, precision:
 
 def train(cfg: Config) -> dict:
     """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
-    env = setup_distributed(cfg)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.deterministic:
-        set_deterministic()
-    dataset = open_dataset(cfg, env)
-    run_dir, resume_from = _from_main(lambda: choose_run_dir(cfg), env)
-    fd = _from_main(lambda: lock_run_dir(run_dir), env)  # through rank 0: its ConfigError reaches every rank
-    lock = fd if env.main else None
-    try:
+    # A Config built or changed in code (a sweep's cfg.train.steps = ...) skipped load_config's checks:
+    # log.every = 0 was a ZeroDivisionError after the model was built, a negative train.steps a run of nothing.
+    validate(cfg)
+    # A notebook or a sweep calls train() again in the same process, after a run that ended or raised
+    # (a KeyboardInterrupt too): what a run sets for itself (torch's thread count, strict determinism,
+    # grad mode, the RNGs it seeds: a random search drawing from torch's RNG drew the same values after
+    # every run) goes back to the caller's, and what it opens (the run dir's lock, the loader, the
+    # progress bar, TensorBoard's writer thread, metrics.jsonl) is closed.
+    with contextlib.ExitStack() as cleanup:
+        env = setup_distributed(cfg)
+        if env.world == 1 and not (dist.is_available() and dist.is_initialized()):
+            # One process running fsdp2, zero1 or tensor parallelism initialises a 1-rank group of its own
+            # (parallel.ensure_process_group): left behind, the caller's init_process_group raised
+            # "trying to initialize the default process group twice".
+            cleanup.callback(destroy_process_group)
+        if torch.cuda.is_available():  # (the loader initialises CUDA anyway, for its pinned buffers)
+            torch.cuda.init()  # now, so that rng_state() holds the caller's CUDA generators too
+        cleanup.callback(checkpoint.set_rng_state, checkpoint.rng_state())
+        if cfg.train.threads > 0:
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            cleanup.enter_context(deterministic_mode())
+        # Called under the caller's torch.no_grad() (a notebook's set_grad_enabled(False) for an earlier
+        # evaluation), the first backward raised "element 0 of tensors does not require grad".
+        cleanup.enter_context(torch.inference_mode(False))
+        cleanup.enter_context(torch.enable_grad())
+        dataset = open_dataset(cfg, env)
+        run_dir, resume_from = _from_main(lambda: choose_run_dir(cfg), env)
+        fd = _from_main(lambda: lock_run_dir(run_dir), env)  # through rank 0: its ConfigError reaches every rank
+        if env.main:
+            cleanup.callback(os.close, fd)
         loader = make_loader(cfg, dataset, env)
-        try:
-            return _run(cfg, env, dataset, loader, run_dir, resume_from)
-        finally:
-            loader.close()
-    finally:
-        if lock is not None:
-            os.close(lock)
+        cleanup.callback(loader.close)
+        return _run(cfg, env, dataset, loader, run_dir, resume_from, cleanup)
 
 
-def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None) -> dict:
+def destroy_process_group() -> None:
+    """The default process group, if initialised, and the trainer's DeviceMesh over it."""
+    if dist.is_available() and dist.is_initialized():
+        from fmcore.train import parallel
+
+        parallel._MESH = None  # its groups are the destroyed group's: a later run makes a new one
+        dist.destroy_process_group()
+
+
+def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None,
+         cleanup: contextlib.ExitStack) -> dict:
     t, ck = cfg.train, cfg.checkpoint
     micro_tokens = t.batch_size * t.seq_len * (env.world // cfg.parallel.tensor)
     if t.tokens_per_step and t.tokens_per_step % micro_tokens:
@@ -610,6 +664,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             "params": models.param_count(mcfg), "flops_per_token": flops_tok, "dataset": str(dataset)}, indent=1) + "\n")
     report = metrics.Reporter(run_dir, total_steps=t.steps, start_step=step, progress=cfg.log.progress,
                               tensorboard=cfg.log.tensorboard, enabled=env.main)
+    cleanup.callback(report.close)
     n_params = models.param_count(mcfg)
     report.message(
         f"fmcore train {cfg.name}: {mcfg.arch} {n_params / 1e6:.2f}M params, ops={mcfg.ops}, optimizer={impl}, "
@@ -742,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     source = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    # The process group train() initialises under torchrun is destroyed here; one the caller had
+    # initialised before (main() called from their own code) stays theirs.
+    owned_group = not (dist.is_available() and dist.is_initialized())
     try:
         cfg = load_config(source, argv)
         train(cfg)
@@ -758,6 +816,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmcore train: stopped: {e}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if owned_group:
+            destroy_process_group()
     return 0
