@@ -4,11 +4,17 @@ placement, shard sizes, the CLI, and the embedded stdlib default dataset."""
 import gzip
 import importlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+import fmcore
 from fmcore.__main__ import main as fmcore_main
 from fmcore.data import Loader, default_dataset, prepare, read_shard, verify_dataset
 from fmcore.data.prepare import train_bpe
@@ -334,3 +340,54 @@ def test_tokenizer_with_an_id_gap(tmp_path):
     manifest = verify_dataset(out, check_vocab=True)
     assert manifest["tokenizer"]["vocab_size"] == 70001 and manifest["tokenizer"]["eos_id"] == 5
     assert 70000 in documents(out, "train")[0]
+
+
+def test_a_replace_killed_while_deleting_the_old_dataset_leaves_a_whole_one(corpus, tmp_path, monkeypatch):
+    # --overwrite deleted the old dataset in place: killed inside that rmtree (a preempted job), out/ kept
+    # its manifest and lost some shards, which `fmcore prepare` then refused to replace ("already holds a
+    # dataset") and `fmcore train` read until "train_000046.bin: cannot open".
+    import shutil
+
+    prepare_module = importlib.import_module("fmcore.data.prepare")  # (fmcore.data.prepare is the function)
+    root, _, _ = corpus
+    out = tmp_path / "ds"
+    prepare(root, out, vocab_size=300, shard_tokens=200, val_fraction=0.0, workers=1)
+    real, calls = shutil.rmtree, []
+
+    def killed_inside(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            next(Path(path).glob("train_*.bin")).unlink()
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module.shutil, "rmtree", killed_inside)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(root, out, vocab_size=300, shard_tokens=200, val_fraction=0.0, workers=1, overwrite=True)
+    monkeypatch.undo()
+    verify_dataset(out)  # the old dataset or the new one, whole
+    prepare(root, tmp_path / "ds", vocab_size=300, shard_tokens=200, val_fraction=0.0, workers=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds"]  # the killed deletion's leftover is gone
+
+
+def test_fmcore_prepare_killed_by_sigterm_deletes_its_temporary_directory(corpus, tmp_path):
+    # SIGTERM (a preempted job) or SIGHUP (a closed terminal, the same handler) ended the process at once: its
+    # temporary directory, up to a whole dataset's size, stayed next to --out as .ds.XXXXXXXX, never deleted.
+    root, _, _ = corpus
+    sig = "SIGTERM"
+    # The signal from inside, at a known point: while the tokenizer is trained (the temporary directory exists).
+    script = (f"import importlib, os, signal\n"
+              f"p = importlib.import_module('fmcore.data.prepare')\n"
+              f"real = p.train_bpe\n"
+              f"def train_bpe(*a, **k):\n"
+              f"    os.kill(os.getpid(), signal.{sig})\n"
+              f"    return real(*a, **k)\n"
+              f"p.train_bpe = train_bpe\n"
+              f"raise SystemExit(p.main([{str(root)!r}, '--out', {str(tmp_path / 'ds')!r}, '--vocab-size', '300', "
+              f"'--workers', '2']))\n")
+    pkg_root = Path(fmcore.__file__).resolve().parent.parent  # the fmcore this test imports
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + getattr(signal, sig), done.stderr
+    assert f"stopped by {sig}" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

@@ -596,6 +596,87 @@ def test_a_save_deletes_the_leftovers_of_interrupted_saves(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008"]
 
 
+def _ctrl_c():
+    """A real SIGINT to this process: Python raises KeyboardInterrupt at the next bytecode, here."""
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)  # (never reached: the interrupt comes first)
+
+
+@pytest.mark.parametrize("how", ["inside DCP", "inside torch.save"])
+def test_ctrl_c_during_a_save_or_load_is_an_interrupt_not_a_checkpoint_error(tmp_path, monkeypatch, how):
+    # DCP catches BaseException in its writers and readers: Ctrl-C mid-save was reported as "saving the
+    # checkpoint of step 2 ... failed (N MiB free there): KeyboardInterrupt" (or, inside torch.save's zip
+    # writer, "... unexpected pos 704 vs 598"), exit code 2; mid-load as a checkpoint that "does not fit
+    # this model and optimizer".
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = checkpoint.save(tmp_path, 1, model, optimizer, {"step": 1})
+
+    def interrupted(*args, **kwargs):
+        if how == "inside DCP":
+            _ctrl_c()
+        try:
+            _ctrl_c()
+        except KeyboardInterrupt:  # what torch's zip writer does when interrupted mid-file
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, model, optimizer, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # the partial save deleted
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.load(path, model, optimizer)
+
+
+def test_ctrl_c_ends_fmcore_train_with_one_line_and_130(dataset, tmp_path, capsys, monkeypatch):
+    # Ctrl-C printed a 60-line traceback (one per rank under torchrun, which passes SIGINT on to every
+    # worker), or, mid-save, a checkpoint error with exit code 2.
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    run = tmp_path / "run"
+    args = ["tiny", *overrides(dataset, run, "--train.steps", "6", "--model.dim", "64", "--model.n_layers", "1",
+                               "--checkpoint.every", "2", "--checkpoint.export_hf", "false")]
+    real = checkpoint.save
+
+    def ctrl_c_in_the_step_4_save(ckpt_dir, step, *rest, **kw):
+        if step == 4:
+            monkeypatch.setattr(FileSystemWriter, "write_data", lambda *a, **k: _ctrl_c())
+        return real(ckpt_dir, step, *rest, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", ctrl_c_in_the_step_4_save)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume auto" in err and "Traceback" not in err and "checkpoint error" not in err
+    monkeypatch.undo()
+    assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")] == [2]
+    assert main([*args, "--resume", "auto"]) == 0  # the lock released, the run continues
+    assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")][-1] == 6
+
+
+def test_ctrl_c_replaced_by_a_peers_disappearance_is_still_an_interrupt(dataset, tmp_path, capsys, monkeypatch):
+    # Under torchrun every worker gets the SIGINT; the first to end breaks the others' collectives, and
+    # a gloo error can replace their KeyboardInterrupt (DCP catches it to gather errors, then its gather
+    # fails): a rank printed "checkpoint error: ... Connection closed by peer", exit code 2, or a traceback.
+    from fmcore.train import trainer
+
+    def swallowed(*args, **kwargs):
+        try:
+            _ctrl_c()
+        except KeyboardInterrupt:
+            pass  # (caught, as DCP's gather does) and then the peer is gone:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:18831")
+
+    monkeypatch.setattr(trainer, "train_step", swallowed)
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64", "--model.n_layers", "1")]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_a_step_set_aside_by_a_crashed_save_stays_its_checkpoint(tmp_path, monkeypatch):
     # Saving a step that has a checkpoint moves the old one to .old-*; a crash before the new one took
     # the name left that step with no step_* dir: resume skipped it and nothing ever deleted it.

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -159,6 +160,15 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
                 data = text.encode("utf-8")
             docs.append((hashlib.blake2b(data, digest_size=16).digest(), text))
     return docs, counts
+
+
+def _worker_signals() -> None:
+    """A read+clean worker leaves Ctrl-C to its parent, whose Pool then stops it, and dies of SIGTERM and
+    SIGHUP without a word: forked, it inherits the parent's Python handlers, and each worker printed a
+    KeyboardInterrupt or (its parent gone) BrokenPipeError traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
 
 
 # ---- the embedded default corpus: the Python standard library
@@ -398,7 +408,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     workers = workers or default_workers()
     # fork: a spawned worker would re-import torch (through the fmcore package) before doing anything.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) if min(workers, len(tasks)) > 1 else contextlib.nullcontext() as pool:
+    n_proc = min(workers, len(tasks))
+    with ctx.Pool(n_proc, initializer=_worker_signals) if n_proc > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(_load_task, tasks, chunksize=4) if pool is not None else map(_load_task, tasks)
         for file_docs, file_counts in tqdm(results, total=len(tasks), desc="read+clean", unit="file",
                                            disable=disable):
@@ -421,6 +432,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         is_val[max(range(len(docs)), key=lambda i: docs[i][0])] = False
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for replaced in out.parent.glob(f".{out.name}.*.old"):  # a replaced dataset whose deletion was killed (below)
+        shutil.rmtree(replaced, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
     tmp.chmod(0o755)
     try:
@@ -472,14 +485,25 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
                         "val_fraction": val_fraction, "shard_tokens": shard_tokens},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if overwrite and (out / MANIFEST).exists():
-            shutil.rmtree(out)  # only ever a dataset directory: anything else at out is refused below
+        old = None
+        if overwrite and (out / MANIFEST).exists():  # only ever a dataset directory: anything else is refused below
+            # Renamed aside first, deleted after the new one took its place: deleted in place, a process
+            # killed inside rmtree (a preempted job) left out/ with its manifest and some of its shards,
+            # which `fmcore prepare` then refused to replace and `fmcore train` read until a missing shard.
+            old = tmp.with_name(tmp.name + ".old")
+            out.rename(old)
         try:
             tmp.rename(out)
         except OSError as e:
+            if old is not None and not out.exists():
+                old.rename(out)  # the new one could not take its place: the old one stays
+                old = None
             if not (out / MANIFEST).exists():  # out was filled with something else while the inputs were read
                 raise FileExistsError(f"cannot create the dataset directory {out}: {e.strerror}") from e
             shutil.rmtree(tmp)  # another process finished the same dataset first: keep theirs
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -528,6 +552,26 @@ def default_dataset(root=None) -> Path:
 # ---- command line
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (see _terminate_raises)."""
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """SIGTERM (a preempted or cancelled job) and SIGHUP (a closed terminal) raise _Terminated instead of
+    ending the process at once: prepare() then deletes its temporary directory (a whole dataset's size,
+    left behind as .<out>.XXXXXXXX otherwise, which nothing deletes) and its Pool stops its workers."""
+    def raise_terminated(signum, frame):
+        raise _Terminated(signum)
+
+    previous = {s: signal.signal(s, raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
@@ -553,17 +597,22 @@ def main(argv: list[str] | None = None) -> int:
     shard_tokens = args.shard_tokens if args.shard_tokens is not None else (
         DEFAULT_RECIPE["shard_tokens"] if stdlib else 100_000_000)
     try:
-        out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
-                      shard_tokens=shard_tokens,
-                      val_fraction=default_val if args.val_fraction is None else args.val_fraction,
-                      eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
-                      max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
-                      max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
-                      progress=True)
+        with _terminate_raises():
+            out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
+                          vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
+                          shard_tokens=shard_tokens,
+                          val_fraction=default_val if args.val_fraction is None else args.val_fraction,
+                          eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
+                          max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
+                          max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
+                          progress=True)
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # a missing input, an existing dataset, a bad option
         print(f"fmcore prepare: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Terminated) as e:  # (its temporary directory is deleted)
+        signum = e.args[0] if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"fmcore prepare: stopped by {signal.Signals(signum).name}; no partial dataset is left", file=sys.stderr)
+        return 128 + signum
     manifest = json.loads((out / MANIFEST).read_text())
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     print(f"{out}: {splits}; vocab {manifest['tokenizer']['vocab_size']}; cleaning {manifest['cleaning']}")

@@ -156,6 +156,10 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
         # and the free space instead, and delete the partial save (on a full disk, space it holds).
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(error, rank):
+            # Ctrl-C (or torchrun passing on a SIGINT) while this rank was saving is no failed save: DCP
+            # catches it with its writers' errors, and an interrupted torch.save becomes "unexpected pos".
+            raise KeyboardInterrupt from None
         try:
             free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
         except OSError:
@@ -221,6 +225,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         with _quiet():
             dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # a BaseException, its message a traceback per rank
+        if _interrupted(e, _rank()):  # Ctrl-C while reading: not a checkpoint that "does not fit"
+            raise KeyboardInterrupt from None
         failures = [exc for exc, *_ in e.failures.values()]
         what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
                 if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
@@ -246,6 +252,21 @@ def _failures(error: BaseException | None) -> str:
         if cause is not None:
             ranks.setdefault(cause, []).append(r)
     return "; ".join(f"{cause} (rank {', '.join(map(str, rs))})" for cause, rs in ranks.items())
+
+
+def _interrupted(e: BaseException | None, rank: int) -> bool:
+    """Whether e, this rank's error in a save or load, is a KeyboardInterrupt: raised as such, wrapped in
+    DCP's CheckpointException (its gather catches BaseException), or turned into another error while it
+    unwound (torch's zip writer, interrupted mid-file, raises RuntimeError "unexpected pos")."""
+    if isinstance(e, CheckpointException):
+        e = (e.failures.get(rank) or (None,))[0]
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _causes(e: BaseException) -> str:

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -800,9 +802,29 @@ def main(argv: list[str] | None = None) -> int:
     # The process group train() initialises under torchrun is destroyed here; one the caller had
     # initialised before (main() called from their own code) stays theirs.
     owned_group = not (dist.is_available() and dist.is_initialized())
+    # SIGINT raises KeyboardInterrupt as before, and is remembered: under torchrun every worker gets it,
+    # and the one that ends first breaks the others' collectives, whose gloo/NCCL error ("Connection
+    # closed by peer", as a traceback or a checkpoint error) can replace their own KeyboardInterrupt
+    # (DCP, for one, catches it to gather the ranks' errors).
+    sigints = []
+
+    def on_sigint(signum, frame):
+        sigints.append(signum)
+        raise KeyboardInterrupt
+
+    # (Not where SIGINT is ignored, as in a job started in the background with nohup or by a script.)
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        cfg = load_config(source, argv)
-        train(cfg)
+        try:
+            cfg = load_config(source, argv)
+            train(cfg)
+        except BaseException:
+            if sigints:
+                raise KeyboardInterrupt from None
+            raise
     except ConfigError as e:
         print(f"fmcore train: config error: {e}", file=sys.stderr)
         return 2
@@ -815,7 +837,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"fmcore train: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C, or torchrun passing on its SIGINT to every worker: one line, not a traceback per rank.
+        # The checkpoints are complete (atomic saves) and the run dir's lock is released: --resume auto
+        # continues from the newest. 130 = 128 + SIGINT, the shell's convention.
+        if os.environ.get("RANK", "0") == "0":
+            print("fmcore train: interrupted; the run's complete checkpoints are kept: continue it with "
+                  "--resume auto", file=sys.stderr)
+        return 130
     finally:
         if owned_group:
             destroy_process_group()
+        if own_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
