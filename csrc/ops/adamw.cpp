@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "adamw_op.h"
@@ -256,7 +257,12 @@ void adamw_tensor_cpu(const AdamWTensor& t, const AdamWParams& p, float clip) {
   const T* grad = static_cast<const T*>(t.grad);
   at::parallel_for(0, t.numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float pv = t.master != nullptr ? t.master[i] : static_cast<float>(param[i]);
+      // (as the kernel: the master, or the param where it no longer holds the master rounded,
+      // i.e. was edited since the last step)
+      float pv = static_cast<float>(param[i]);
+      if constexpr (!std::is_floating_point_v<T>) {  // (bf16, fp16: the params with masters)
+        if (t.master != nullptr && static_cast<T>(t.master[i]).x == param[i].x) pv = t.master[i];
+      }
       const float g = static_cast<float>(grad[i]) * clip;
       pv *= decay;
       const float m = lerp_like_torch(t.exp_avg[i], g, w1);

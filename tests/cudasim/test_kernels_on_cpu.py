@@ -520,6 +520,28 @@ def test_adamw_step(sim, dtype, master, clip):
                   atol=1e-7 if x.dtype == torch.float32 else None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adamw_master_takes_up_edited_params(sim, dtype):
+    # A param edited since the last step (model.load_state_dict, an EMA copy-back: it no longer holds
+    # its master rounded) is what the step updates; the master copy alone undid the edit. Vector and
+    # scalar paths (sizes not multiples of 4, a misaligned tensor).
+    state = adamw_state(dtype, True, misalign=True)
+    for p, m in zip(state[0], state[4]):
+        p.copy_(m)  # consistent: each param is its master rounded
+        p[::3] = 10.0  # edited
+    a, b = clone_state(state), clone_state(state)
+    scalars = (None, 1e-2, 0.9, 0.95, 1e-8, 0.0, None, None, False)
+    sim.adamw_step_(*a, *scalars)
+    ref.adamw_step_(*b, *scalars)
+    for name, ga, gb in zip(["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps"], a, b):
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            close(x, y, x.dtype, f"{name}[{i}]", rtol=2e-6 if x.dtype == torch.float32 else None,
+                  atol=1e-7 if x.dtype == torch.float32 else None)
+    for i, m in enumerate(a[4]):
+        if m.numel():
+            assert (m[::3] - 10.0).abs().max() < 1.0, f"masters[{i}]: the edit was undone"  # (the old ones: ~N(0, 1))
+
+
 def test_adamw_lr_tensor_and_skip_nonfinite(sim):
     state = adamw_state(torch.float32, False, sizes=[33, 9000])
     lr = torch.tensor([3e-3])

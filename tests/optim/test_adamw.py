@@ -400,8 +400,8 @@ def test_state_dict_keeps_fp32_state_and_master(device):
             assert loaded.state[q][k].dtype == torch.float32
             assert torch.equal(loaded.state[q][k], opt.state[p][k]), k
             assert loaded.state[q][k].data_ptr() != opt.state[p][k].data_ptr()  # a copy, not an alias
-    # A torch checkpoint of bf16 params (bf16 state, no master) loads with fp32 state and a master
-    # copy made from the param.
+    # A torch checkpoint of bf16 params (bf16 state, no master) loads with fp32 state; the master
+    # copy is made from the param at the next step (test_torch_checkpoint_then_the_weights).
     tp = clone_params(ps)
     torch_opt = torch.optim.AdamW(tp, lr=1e-2)
     set_grads(tp, random_grads(tp, 0))
@@ -409,8 +409,36 @@ def test_state_dict_keeps_fp32_state_and_master(device):
     rp = clone_params(tp)
     ours = FusedAdamW(rp, lr=1e-2, master_weights=True)
     ours.load_state_dict(torch_opt.state_dict())
-    assert ours.state[rp[0]]["exp_avg"].dtype == torch.float32
-    assert torch.equal(ours.state[rp[0]]["master_param"], rp[0].detach().float())
+    assert ours.state[rp[0]]["exp_avg"].dtype == torch.float32 and "master_param" not in ours.state[rp[0]]
+
+
+@pytest.mark.parametrize("order", ["weights first", "optimizer state first"])
+def test_torch_checkpoint_then_the_weights(order):
+    # A torch.optim.AdamW checkpoint has no master copies. Made at load time from the param, they
+    # held the fresh model's weights when the optimizer state was loaded first: the next step
+    # resumed from those, undoing the weights loaded after.
+    saved = make_params("cpu", [(37, 5), (9,)], dtype=torch.bfloat16)
+    torch_opt = torch.optim.AdamW(saved, lr=1e-2)
+    _two_steps(torch_opt, saved)
+    sd = copy.deepcopy(torch_opt.state_dict())
+    fresh = make_params("cpu", [(37, 5), (9,)], dtype=torch.bfloat16, seed=5)
+    ours = FusedAdamW(fresh, lr=1e-2, master_weights=True)
+    with torch.no_grad():
+        if order != "weights first":
+            ours.load_state_dict(sd)
+        for p, q in zip(fresh, saved):
+            p.copy_(q)  # model.load_state_dict
+        if order == "weights first":
+            ours.load_state_dict(sd)
+    ref_p = clone_params(saved)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    ref.load_state_dict(sd)
+    for opt, ps in ((ours, fresh), (ref, ref_p)):
+        set_grads(ps, random_grads(ps, 9))
+        opt.step()
+    for p, q in zip(fresh, ref_p):
+        d = rel_diff(p, q)  # a bf16 ulp or so: ours updates an fp32 master, torch the bf16 param
+        assert d < 2 ** -7, f"relative difference {d:.3g} from torch.optim.AdamW resumed from the same checkpoint"
 
 
 def test_grad_norm_op(device):
@@ -740,13 +768,40 @@ def test_state_reset_or_group_params_replaced_are_seen():
             assert rel_diff(a, b) < 1e-6, change
 
 
+@pytest.mark.parametrize("change", ["moments assigned", "step assigned", "entry deleted and rebuilt"])
+def test_state_tensors_assigned_anew_are_seen(change):
+    # torch.optim.AdamW reads state[p] at every step. The cached plan kept stepping the old tensors
+    # when a moment or step tensor was assigned anew (what state_dict() saved then never moved), and
+    # when a param's state dict was deleted and rebuilt (the new dict had the freed one's id()).
+    ours_p = make_params("cpu", shapes=[(5,), (3,)])
+    ref_p = clone_params(ours_p)
+    ours, ref = FusedAdamW(ours_p, lr=0.1), torch.optim.AdamW(ref_p, lr=0.1)
+    for opt, params in ((ours, ours_p), (ref, ref_p)):
+        _two_steps(opt, params)
+        for p in params:
+            if change == "moments assigned":
+                opt.state[p]["exp_avg"] = torch.zeros_like(p)
+                opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            elif change == "step assigned":
+                opt.state[p]["step"] = torch.tensor(0.0)
+            else:
+                del opt.state[p]
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+        _two_steps(opt, params)
+    for a, b in zip(ours_p, ref_p):
+        assert rel_diff(a, b) < 1e-6
+        assert ours.state[a]["step"].item() == ref.state[b]["step"].item()
+        assert rel_diff(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"]) < 1e-6
+
+
 def test_load_state_dict_checks_shapes_and_runs_the_hooks():
     params = make_params("cpu", shapes=[(7, 5)])
     opt = FusedAdamW(params, lr=1e-2)
     _two_steps(opt, params)
     sd = opt.state_dict()
     other = FusedAdamW(make_params("cpu", shapes=[(3, 7, 5)]), lr=1e-2)
-    with pytest.raises(ValueError, match=r"exp_avg of param 0 has shape \(7, 5\), the param \(3, 7, 5\)"):
+    with pytest.raises(ValueError, match=r"exp_avg of param 0 of group 0 has shape \(7, 5\), the param \(3, 7, 5\)"):
         other.load_state_dict(sd)  # copy_ would broadcast the moments silently
     # torch.optim's load hooks: a pre-hook's returned dict is what loads; a post-hook sees the final state
     fresh = FusedAdamW(clone_params(params), lr=1e-2)
@@ -774,3 +829,83 @@ def test_bad_lr_tensor_and_group_flags_set_later_are_refused():
     set_grads(p, random_grads(p, 0))
     with pytest.raises(ValueError, match="maximize"):
         opt.step()
+
+
+def test_torch_adamw_keywords():
+    # A drop-in for torch.optim.AdamW(..., amsgrad=False, fused=True) (HF's adamw_torch_fused,
+    # torchtitan's foreach/fused) was a TypeError; what FusedAdamW cannot do is refused by name.
+    p = make_params("cpu", shapes=[(4,)])
+    FusedAdamW(p, lr=1e-2, amsgrad=False, maximize=False, foreach=True, fused=True, capturable=True,
+               differentiable=False)
+    for flag in ("amsgrad", "maximize", "differentiable"):
+        with pytest.raises(ValueError, match=f"{flag}=True"):
+            FusedAdamW(p, lr=1e-2, **{flag: True})
+    # A differentiable group was stepped under no_grad: a non-leaf param changed, its graph did not
+    w = torch.randn(3, requires_grad=True)
+    x = w * 1.0
+    x.retain_grad()
+    with pytest.raises(ValueError, match="differentiable=True"):
+        FusedAdamW([{"params": [x], "differentiable": True}], lr=0.1)
+
+
+def test_load_state_dict_pre_hook_leaves_the_callers_dict():
+    # torch.optim hands the pre-hooks a shallow copy: what they assign stays out of the caller's dict
+    params = make_params("cpu", shapes=[(3,)])
+    opt = FusedAdamW(params, lr=1e-2)
+    _two_steps(opt, params)
+    sd = opt.state_dict()
+    fresh = FusedAdamW(clone_params(params), lr=1e-2)
+    fresh.register_load_state_dict_pre_hook(lambda optimizer, state_dict: state_dict.update(state={}))
+    fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0 and len(sd["state"]) == 1
+
+
+def test_a_missing_master_copy_is_made_from_the_param():
+    # A param made bf16 after its state was created (model.to(torch.bfloat16) mid-run): the cached
+    # plan stepped it without a master copy (or, rebuilt, raised KeyError: 'master_param'). The step
+    # makes the missing copy from the param, as after loading a torch.optim.AdamW checkpoint.
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, master_weights=True)
+    params = list(model.parameters())
+    _two_steps(opt, params)
+    model.to(torch.bfloat16)
+    _two_steps(opt, params)
+    for p in params:
+        state = opt.state[p]
+        assert state["master_param"].dtype == torch.float32 and state["step"].item() == 4
+        assert torch.equal(state["master_param"].to(torch.bfloat16), p)
+
+
+def test_master_weights_take_up_weights_edited_between_steps(device):
+    # model.load_state_dict (an EMA copy-back, pruning) between steps: the update read only the fp32
+    # master copy, so the next step wrote the old weights back over the edit (max |w| 0.48 here).
+    model = torch.nn.Linear(64, 32).to(device, torch.bfloat16)
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True)
+    for _ in range(2):
+        model(torch.randn(8, 64, device=device, dtype=torch.bfloat16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    kept = model.weight[:, 1:].detach().clone()
+    with torch.no_grad():
+        model.weight[:, 0] = 0.0  # a pruned column
+    model(torch.randn(8, 64, device=device, dtype=torch.bfloat16)).square().mean().backward()
+    opt.step()
+    assert model.weight[:, 0].abs().max() <= 2e-3  # one step of lr 1e-3 from 0
+    assert (model.weight[:, 1:].float() - kept.float()).abs().max() <= 2e-3  # the rest from their masters
+    assert torch.equal(opt.state[model.weight]["master_param"].to(torch.bfloat16), model.weight)
+
+
+def test_load_state_dict_into_other_groups_says_so():
+    # The same model's params grouped otherwise (biases moved to a no-decay group) were "a state
+    # dict of another model"; torch.optim's loader says the groups differ. Reordered params: ours
+    # refuses (torch loads each moment into another param), saying order is one cause.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    params = list(model.parameters())
+    opt = FusedAdamW(params, lr=1e-2)
+    _two_steps(opt, params)
+    sd = opt.state_dict()
+    regrouped = FusedAdamW([{"params": params[0::2]}, {"params": params[1::2], "weight_decay": 0.0}], lr=1e-2)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        regrouped.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"param 0 of group 0 has shape \(16, 8\), the param \(4,\).*another order"):
+        FusedAdamW(params[::-1], lr=1e-2).load_state_dict(sd)

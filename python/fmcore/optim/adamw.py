@@ -22,8 +22,10 @@ norm before step() (torch.nn.utils.clip_grad_norm_).
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 
@@ -56,8 +58,14 @@ class FusedAdamW(torch.optim.Optimizer):
             such steps instead.
         master_weights: keep an fp32 copy of each bf16/fp16 param in the state; the update reads and
             writes it and rounds the result into the param in the same pass (fp32 params need none).
+            An element of a param edited since the last step (model.load_state_dict, an EMA copy-back:
+            it no longer holds its master rounded) is updated from the param instead.
         skip_nonfinite: when the gradient norm is inf or nan, leave params and state unchanged and add
             one to ``skipped_steps`` (all decided on the device).
+        amsgrad, maximize, differentiable: torch.optim.AdamW's, False only (True raises ValueError,
+            in a param group too).
+        foreach, fused, capturable: taken for torch.optim.AdamW's signature and not needed: the update
+            is always one fused multi-tensor pass that reads nothing back to the host.
 
     Attributes:
         last_grad_norm: 0-dim fp32 tensor on the params' device holding the global gradient norm of
@@ -79,6 +87,12 @@ class FusedAdamW(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         master_weights: bool = False,
         skip_nonfinite: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ):
         if max_grad_norm is not None and not max_grad_norm >= 0.0:
             raise ValueError(f"expected max_grad_norm >= 0 or None, got {max_grad_norm}")
@@ -89,7 +103,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self.skipped_steps: torch.Tensor | None = None
         self._device: torch.device | None = None
         self._cached_plan: tuple | None = None
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False)
+        # (amsgrad & co. in the defaults, so the group check below refuses True as it does in a group)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        differentiable=differentiable)
         super().__init__(params, defaults)
         # Allocated once, here: fixed addresses for CUDA graphs, and no attribute created inside a
         # step that torch.compile traces.
@@ -162,8 +178,11 @@ class FusedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a FusedAdamW or torch.optim.AdamW state dict. State is kept in fp32 whatever the
         checkpoint's dtype (torch's loader would cast it to the param dtype); a missing master copy
-        is made from the param. Load-state-dict pre- and post-hooks run as torch.optim's do: the
-        pre-hooks first (they may return another dict), the post-hooks once the state is final."""
+        (a torch.optim.AdamW checkpoint) is made from the param at the next step, so from the
+        weights loaded by then, before or after this state. Load-state-dict pre- and post-hooks run
+        as torch.optim's do: the pre-hooks first (they may return another dict), the post-hooks once
+        the state is final."""
+        state_dict = state_dict.copy()  # as torch's: what a pre-hook assigns stays out of the caller's dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
@@ -171,8 +190,10 @@ class FusedAdamW(torch.optim.Optimizer):
             _check_hyperparameters(group)
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        if len(saved_ids) == len(params):  # (otherwise torch's loader below says which group differs)
-            _check_state_shapes(state_dict["state"], saved_ids, params)
+        # Only where the groups match, else torch's loader below says which group differs (the same
+        # params grouped otherwise were "a state dict of another model")
+        if [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]:
+            _check_state_shapes(state_dict["state"], state_dict["param_groups"], self.param_groups)
         # torch's loader without its hooks (run here, around the fp32 conversion it would undo)
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -190,8 +211,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 "exp_avg": self._fp32_like(p, saved["exp_avg"]),
                 "exp_avg_sq": self._fp32_like(p, saved["exp_avg_sq"]),
             }
-            if self._uses_master(p):
-                state["master_param"] = self._fp32_like(p, saved.get("master_param", p.detach()))
+            if self._uses_master(p) and "master_param" in saved:
+                state["master_param"] = self._fp32_like(p, saved["master_param"])
+            # (else the step makes it: made here from a param whose weights were loaded after this,
+            # it resumed training from the weights the model had before)
             self.state[p] = state
         self._cached_plan = None
         for hook in post.values():
@@ -218,15 +241,21 @@ class FusedAdamW(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             # Dynamo guards on the grads itself; torch 2.11's dynamo also refuses the cache's setattr.
             return self._build_plan()
-        # What the plan depends on: which params (a group's list replaced), their state dicts (the
-        # state reset or a param's entry replaced: opt.state = ..., .clear(), del) and their grads.
-        # Tensors swapped inside a param's state dict are not seen: assign a new dict instead.
-        # ~20 us for 150 params (the grads alone: ~9).
+        # What the plan depends on, compared by identity: which params (a group's list replaced),
+        # their state dicts (the state reset or a param's entry replaced: opt.state = ..., .clear(),
+        # del), what those hold (a moment or step tensor assigned anew: torch.optim.AdamW reads
+        # them at every step), which params have grads and the params' dtypes (model.to(bf16) keeps
+        # the Parameters: the old plan stepped them without master copies). The objects are kept, not
+        # their id()s: a freed state dict's id was the next dict's (del opt.state[p] then a new
+        # dict stepped the old tensors). ~45 us for 150 params (the grads alone: ~9).
         params = [p for g in self.param_groups for p in g["params"]]
-        key = (id(self.state), tuple(id(g["params"]) for g in self.param_groups),
-               tuple(map(id, map(self.state.get, params))), tuple(p.grad is not None for p in params))
-        if self._cached_plan is not None and self._cached_plan[0] == key:
-            return self._cached_plan[1]
+        states = list(map(self.state.get, params))
+        key = [self.state, *(g["params"] for g in self.param_groups), *states,
+               *chain.from_iterable(map(dict.values, filter(None, states))),
+               *(p.grad is not None for p in params), *(p.dtype for p in params)]
+        cached = self._cached_plan
+        if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
+            return cached[1]
         plan = self._build_plan()
         self._cached_plan = (key, plan)
         return plan
@@ -242,6 +271,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
+                elif self._uses_master(p) and "master_param" not in state:
+                    # A torch.optim.AdamW checkpoint loaded, a state made by hand, or the param made
+                    # bf16 after its state (model.to; the step raised KeyError): from the param.
+                    state["master_param"] = self._fp32_like(p, p.detach())
                 owners, params, exp_avgs, exp_avg_sqs, masters, steps = by_dtype.setdefault(
                     p.dtype, ([], [], [], [], [], []))
                 owners.append(p)
@@ -261,8 +294,9 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # set on a group after construction (add_param_group checks them)
-            if group.get("amsgrad", False) or group.get("maximize", False):
-                raise ValueError("FusedAdamW does not implement amsgrad=True or maximize=True")
+            for flag in ("amsgrad", "maximize", "differentiable"):
+                if group.get(flag, False):
+                    raise ValueError(f"FusedAdamW does not implement {flag}=True")
         plan = self._plan()
         if not plan:
             return loss
@@ -309,14 +343,17 @@ def _lr_args(lr, device: torch.device) -> tuple[torch.Tensor | None, float]:
     raise RuntimeError(f"lr tensor on {lr.device}, params on {device}")
 
 
-def _check_state_shapes(saved_state: dict, saved_ids: list, params: list) -> None:
+def _check_state_shapes(saved_state: dict, saved_groups: list, groups: list) -> None:
     """Each saved per-element state tensor has its param's shape: Tensor.copy_ would broadcast a
     (7, 5) moment into a (3, 7, 5) param silently."""
-    for i, (pid, p) in enumerate(zip(saved_ids, params)):
-        for key, value in (saved_state.get(pid) or {}).items():
-            if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
-                raise ValueError(f"state_dict: {key} of param {i} has shape {tuple(value.shape)}, the param "
-                                 f"{tuple(p.shape)}: a state dict of another model")
+    for g, (saved_group, group) in enumerate(zip(saved_groups, groups)):
+        for i, (pid, p) in enumerate(zip(saved_group["params"], group["params"])):
+            for key, value in (saved_state.get(pid) or {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict: {key} of param {i} of group {g} has shape {tuple(value.shape)}, the param "
+                        f"{tuple(p.shape)}: a state dict of another model, or of this one's params in another order "
+                        f"(state is matched to params by position, as torch.optim does)")
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -338,5 +375,8 @@ def _check_hyperparameters(group: dict) -> None:
     for flag in ("amsgrad", "maximize"):
         if group.get(flag, False):
             raise ValueError(f"FusedAdamW does not implement {flag}=True")
+    if group.get("differentiable", False):  # (the step would run under no_grad: no graph, no error)
+        raise ValueError("FusedAdamW does not implement differentiable=True (autograd through the step): "
+                         "use torch.optim.AdamW(differentiable=True)")
     if group.get("decoupled_weight_decay", True) is False:
         raise ValueError("FusedAdamW is AdamW (decoupled weight decay); got a torch.optim.Adam group")
