@@ -484,6 +484,75 @@ def test_attention_tiles_context(device):
                 pass
 
 
+def test_tiles_argument_is_an_int(device):
+    # int(tiles) read 2.5 as tiles 2, True as 1 and "3" as 3, silently (attention_tiles refuses them).
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    calls = [lambda t: flash_attention(q, q, q, tiles=t),
+             lambda t: flash_attention_varlen(q[0], q[0], q[0], cu, cu, 5, 5, tiles=t),
+             lambda t: flash_attention_qkvpacked(torch.stack([q, q, q], 2), tiles=t)]
+    for bad in (2.5, True, "3"):
+        message = f"expected tiles in \\[0, {attention_tile_configs - 1}\\], got {bad!r}"
+        for call in calls:
+            with pytest.raises(ValueError, match=message):
+                call(bad)
+
+
+def test_attention_tiles_context_per_thread():
+    # Each block restored the value it found on entry: with two threads' blocks overlapping (A enters,
+    # B enters, A exits, B exits), B restored the value A had set, and tiles 1 stayed the default for
+    # every later call. (The setting is process-wide, as sdpa_kernel's: B's call before its own block
+    # runs A's tiles.)
+    import threading
+
+    q = torch.randn(1, 4, 1, 64)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    b_seen = []
+
+    def a():
+        with attention_tiles(1):
+            a_in.set()
+            b_in.wait(60)  # (timeouts: a failing thread must not hang the test)
+        a_out.set()
+
+    def b():
+        a_in.wait(60)
+        with _TilesSeen() as seen:
+            flash_attention(q, q, q)  # in A's block
+            with attention_tiles(2):
+                flash_attention(q, q, q)
+                b_in.set()
+                a_out.wait(60)
+        b_seen.extend(seen.tiles)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with _TilesSeen() as seen:
+        flash_attention(q, q, q)
+    assert b_seen == [1, 2] and seen.tiles == [0]
+
+
+def test_attention_tiles_context_under_compile():
+    # Read when traced, and guarded: entering a block recompiles rather than running the traced value.
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(n.args[-1] for n in gm.graph.nodes if n.target in (torch.ops.fmcore.flash_attn_fwd,
+                                                                     torch.ops.fmcore.flash_attn_fwd.default))
+        return gm
+
+    q = torch.randn(1, 4, 1, 64)
+    f = torch.compile(lambda q: flash_attention(q, q, q), backend=backend, fullgraph=True)
+    f(q)
+    with attention_tiles(2):
+        f(q)
+    f(q)
+    assert traced == [0, 2]
+
+
 @pytest.mark.cuda
 @DQ_PATHS
 def test_cuda_graph_capture_cuda(deterministic):
@@ -805,6 +874,31 @@ def test_bad_varlen_inputs_raise(device, what, changes, words):
     assert words in str(err.value), str(err.value)
 
 
+def test_cu_seqlens_check_takes_inference_tensors():
+    # The CUDA value check (called directly: the CPU binding checks in C++) cached a checked cu_seqlens
+    # by its _version, which an inference tensor does not have: every varlen call under
+    # torch.inference_mode with a cu_seqlens made there raised "Inference tensors do not track version
+    # counter". Such a tensor is checked every call instead, so an in-place edit is still caught.
+    attn_mod._cu_checked.clear()
+    x = torch.empty(8, 2, 64)
+    with torch.inference_mode():
+        c = cu([3, 5], "cpu")
+        for _ in range(2):
+            attn_mod._check_cu_values(c, x, 5, "cu_seqlens_q", "max_seqlen_q", "q")
+        c[1] = 4  # lengths 4 and 4: still valid, then a decrease
+        attn_mod._check_cu_values(c, x, 5, "cu_seqlens_q", "max_seqlen_q", "q")
+        c[1] = 9
+        with pytest.raises(ValueError, match="non-decreasing"):
+            attn_mod._check_cu_values(c, x, 9, "cu_seqlens_q", "max_seqlen_q", "q")
+
+
+@pytest.mark.cuda
+def test_varlen_under_inference_mode_cuda():
+    with torch.inference_mode():
+        out = _varlen_call(torch.device("cuda"))
+        assert torch.equal(out, _varlen_call(torch.device("cuda")))
+
+
 def test_only_one_cu_seqlens_raises():
     q = torch.randn(8, 2, 64)
     with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k"):
@@ -1035,6 +1129,26 @@ def test_sdpa_falls_back_with_one_warning_per_reason(device):
     with pytest.warns(UserWarning, match="top-left"):  # torch's causal mask for Sq != Sk differs from FA's
         out = scaled_dot_product_attention(q, k, k, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k, is_causal=True))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_sdpa_dropin_exports_causal_with_separate_lengths(strict):
+    # torch.export with separate Dims for the query and key lengths (a model fed past keys): the
+    # fallback test Sq != Sk guarded Sq == Sk when the example lengths were equal, and export refused
+    # the model ("The values of Sk ... and Sq ... must always be equal"), which torch's SDPA exports.
+    # Lengths not known equal take torch's SDPA, right at every length.
+    from torch.export import Dim, export
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    Sq, Sk = Dim("Sq", min=1, max=64), Dim("Sk", min=1, max=64)
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    ep = export(Attend(), (q, k, v), dynamic_shapes=({2: Sq}, {2: Sk}, {2: Sk}), strict=strict)
+    for lq, lk in ((6, 6), (3, 9), (9, 3)):
+        q, k, v = torch.randn(1, 2, lq, 16), torch.randn(1, 2, lk, 16), torch.randn(1, 2, lk, 16)
+        torch.testing.assert_close(ep.module()(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_sdpa_dropin_installed_over_torchs_falls_back_to_torch(monkeypatch):

@@ -41,6 +41,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fmcore.ops._common import (autocast_dtype, dense_last_dim, expect_tensors, first_order_only, func_transformable,
                                 grad_transform_active, refuse_tangents, register_fake)
@@ -78,7 +79,20 @@ def _deterministic(flag: bool) -> bool:
     return bool(flag) or _strict_deterministic_mode()
 
 
-_default_tiles = 0  # what tiles=0 runs; set by attention_tiles()
+class _TilesBlock:
+    """One open attention_tiles block (compared by identity)."""
+
+    __slots__ = ("tiles",)
+
+    def __init__(self, tiles: int):
+        self.tiles = tiles
+
+
+# The open attention_tiles blocks, oldest first; tiles=0 runs the newest one's tiles. Process-wide, as
+# sdpa_kernel's backends. Each block removes its own entry on exit: a block restoring the value it
+# found on entry, as before, left tiles set for good when two threads' blocks overlapped (A enters,
+# B enters, A exits, B exits: B restored A's value). (The backward reads the tiles its forward saved.)
+_tiles_blocks: list[_TilesBlock] = []
 
 
 @contextlib.contextmanager
@@ -90,18 +104,24 @@ def attention_tiles(tiles: int) -> Iterator[None]:
     the value is read when the graph is traced."""
     from fmcore import _C
 
-    global _default_tiles
     if isinstance(tiles, bool) or not isinstance(tiles, int) or not 0 <= tiles < _C.attention_tile_configs:
         raise ValueError(f"expected tiles in [0, {_C.attention_tile_configs - 1}], got {tiles!r}")
-    previous, _default_tiles = _default_tiles, tiles
+    block = _TilesBlock(tiles)
+    _tiles_blocks.append(block)
     try:
         yield
     finally:
-        _default_tiles = previous
+        _tiles_blocks.remove(block)  # identity: this block's entry, wherever other threads' are
 
 
 def _tiles(tiles: int) -> int:
-    return int(tiles) or _default_tiles
+    if isinstance(tiles, bool) or not isinstance(tiles, (int, torch.SymInt)):
+        # int() read 2.5 as 2, True as 1 and "3" as 3: a configuration the caller did not name
+        # (attention_tiles refuses these too). The op checks the range.
+        from fmcore import _C
+
+        raise ValueError(f"expected tiles in [0, {_C.attention_tile_configs - 1}], got {tiles!r}")
+    return tiles or (_tiles_blocks[-1].tiles if _tiles_blocks else 0)
 
 
 def flash_attention(
@@ -165,7 +185,8 @@ def flash_attention_varlen(
             the bottom-right corner of each document.
         return_lse: also return lse (Hq, Tq) float32.
     On CUDA the values of cu_seqlens are checked with one small device-to-host copy, skipped when the
-    same unmodified tensor was checked last (every layer of a model passes the same one), under
+    same unmodified tensor was checked last (every layer of a model passes the same one; not for a
+    cu_seqlens made under torch.inference_mode, which keeps no version counter), under
     torch.compile and during CUDA graph capture (which forbids the copy). The kernels clamp every
     entry, so a bad cu_seqlens can never touch memory out of bounds; the check is there to turn a
     wrong result into an error.
@@ -278,8 +299,11 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
             or x.dim() != 3):
         return  # the binding raises for these, naming the argument
     key = (x.shape[0], max_seqlen)
+    # An inference tensor (made under torch.inference_mode) has no version counter (reading _version
+    # raises) and can change in place unseen: it is checked every call, never cached.
+    version = None if cu.is_inference() else cu._version
     hit = _cu_checked.get(name)
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version and hit[2] == key:
+    if version is not None and hit is not None and hit[0]() is cu and hit[1] == version and hit[2] == key:
         return
     c = cu.cpu().tolist()
     if c[0] != 0:
@@ -293,7 +317,8 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
     if c[-1] != x.shape[0]:
         raise ValueError(f"expected the last entry of {name} ({c[-1]}) to equal the number of rows of "
                          f"{x_name} ({x.shape[0]})")
-    _cu_checked[name] = (weakref.ref(cu), cu._version, key)
+    if version is not None:
+        _cu_checked[name] = (weakref.ref(cu), version, key)
 
 
 # ---- torch.library registrations: fake (meta) impls and autograd
@@ -396,7 +421,9 @@ def _sdpa_fallback_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) 
         return "q, k, v shapes differ beyond the sequence and head dims"
     if q.shape[1] != k.shape[1] and not (enable_gqa and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0):
         return "query and key head counts differ without enable_gqa"
-    if is_causal and q.shape[2] != k.shape[2]:
+    # Lengths whose equality is unknown (torch.export with separate Dims for the query and key lengths)
+    # take torch's SDPA, right at every length, rather than a guard Sq == Sk that export refuses.
+    if is_causal and not statically_known_true(q.shape[2] == k.shape[2]):
         return "is_causal with Sq != Sk (torch aligns that mask top-left, fmcore bottom-right)"
     if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (q, k, v)):
         return "the head dim is not contiguous"
@@ -426,8 +453,11 @@ def scaled_dot_product_attention(
             raise TypeError(f"expected scale to be a float (or a 0-d tensor that does not require grad), got a "
                             f"Tensor of shape {tuple(scale.shape)} with requires_grad={scale.requires_grad}")
         scale = float(scale)
-    # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own.
-    query, key, value = (t if (dtype := autocast_dtype(t)) is None else t.to(dtype) for t in (query, key, value))
+    # Autocast runs torch's SDPA in its dtype; fmcore's op has no autocast rule of its own. (A loop,
+    # not a generator binding a name with :=, which makes it a closure cell that torch 2.11's strict
+    # torch.export cannot read.)
+    dtypes = [autocast_dtype(t) for t in (query, key, value)]
+    query, key, value = [t if d is None else t.to(d) for t, d in zip((query, key, value), dtypes)]
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         if not torch.compiler.is_compiling():
