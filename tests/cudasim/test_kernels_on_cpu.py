@@ -498,6 +498,18 @@ def clone_state(state):
     return [[t.clone() if t.data_ptr() % 16 == 0 else misaligned(t) for t in ts] for ts in state]
 
 
+def step_both(sim, a, b, scalars):
+    """One adamw_step_ of state a on the simulated kernels and of b on the CPU reference; every
+    tensor compared after."""
+    sim.adamw_step_(*a, *scalars)
+    ref.adamw_step_(*b, *scalars)
+    for name, ga, gb in zip(["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps"], a, b):
+        for i, (x, y) in enumerate(zip(ga, gb)):
+            # one ulp of the stored dtype: the kernel and the reference round the same fp32 math
+            close(x, y, x.dtype, f"{name}[{i}]", rtol=2e-6 if x.dtype == torch.float32 else None,
+                  atol=1e-7 if x.dtype == torch.float32 else None)
+
+
 @pytest.mark.parametrize(
     "dtype,master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]
 )
@@ -511,13 +523,7 @@ def test_adamw_step(sim, dtype, master, clip):
     ref.grad_norm_(b[1], rnorm)
     close(norm, rnorm, torch.float32, "grad norm", rtol=1e-6, atol=0)
     scalars = (None, 1e-2, 0.9, 0.95, 1e-8, 0.1, rnorm, clip, False)
-    sim.adamw_step_(*a, *scalars)
-    ref.adamw_step_(*b, *scalars)
-    for name, ga, gb in zip(["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps"], a, b):
-        for i, (x, y) in enumerate(zip(ga, gb)):
-            # one ulp of the stored dtype: the kernel and the reference round the same fp32 math
-            close(x, y, x.dtype, f"{name}[{i}]", rtol=2e-6 if x.dtype == torch.float32 else None,
-                  atol=1e-7 if x.dtype == torch.float32 else None)
+    step_both(sim, a, b, scalars)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -531,12 +537,7 @@ def test_adamw_master_takes_up_edited_params(sim, dtype):
         p[::3] = 10.0  # edited
     a, b = clone_state(state), clone_state(state)
     scalars = (None, 1e-2, 0.9, 0.95, 1e-8, 0.0, None, None, False)
-    sim.adamw_step_(*a, *scalars)
-    ref.adamw_step_(*b, *scalars)
-    for name, ga, gb in zip(["params", "grads", "exp_avgs", "exp_avg_sqs", "masters", "steps"], a, b):
-        for i, (x, y) in enumerate(zip(ga, gb)):
-            close(x, y, x.dtype, f"{name}[{i}]", rtol=2e-6 if x.dtype == torch.float32 else None,
-                  atol=1e-7 if x.dtype == torch.float32 else None)
+    step_both(sim, a, b, scalars)
     for i, m in enumerate(a[4]):
         if m.numel():
             assert (m[::3] - 10.0).abs().max() < 1.0, f"masters[{i}]: the edit was undone"  # (the old ones: ~N(0, 1))
