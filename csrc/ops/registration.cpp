@@ -19,19 +19,19 @@ TORCH_LIBRARY(fmcore, m) {
   // fp32 (fp64 for fp64 logits); the reduction happens in Python. inplace_backward is read only by
   // the autograd formula (gradient into the logits).
   m.def(
-      "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index=-100, "
+      "cross_entropy_fwd(Tensor logits, Tensor target, SymInt ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, bool inplace_backward=False) "
       "-> (Tensor, Tensor)");
   m.def(
       "cross_entropy_bwd(Tensor logits, Tensor target, Tensor stats, Tensor grad_loss, "
-      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
+      "SymInt ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
   m.def(
       "cross_entropy_bwd_(Tensor(a!) logits, Tensor target, Tensor stats, Tensor grad_loss, "
-      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> ()");
+      "SymInt ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> ()");
   // Fused: loss, stats and grad_scale[n] * dloss_n/dlogits written over the logits, one kernel.
   m.def(
       "cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor target, Tensor grad_scale, "
-      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor)");
+      "SymInt ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor)");
   // grad[n, :] *= factor[n] in place; rows whose factor is exactly 1 are not touched (the backward
   // of the fused path).
   m.def("cross_entropy_scale_(Tensor(a!) grad, Tensor factor) -> ()");
@@ -41,7 +41,7 @@ TORCH_LIBRARY(fmcore, m) {
   // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of none).
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
-      "Tensor? grad_rows=None, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
+      "Tensor? grad_rows=None, SymInt ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
       "int reduction=1, int chunk_size=0, bool grad_hidden=False, bool grad_weight=False, "
       "bool grad_bias=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused AdamW (kernels/adamw.h). grad_norm_ writes the global L2 norm of every tensor in the list

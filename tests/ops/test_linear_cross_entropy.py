@@ -462,3 +462,26 @@ def test_chunk_size_bool_is_refused():
     h, w, t = torch.randn(4, 8), torch.randn(6, 8), torch.randint(0, 6, (4,))
     with pytest.raises(ValueError, match="chunk_size to be a positive int"):
         linear_cross_entropy(h, w, t, chunk_size=True)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_compiled_call_stays_one_graph_as_ignore_index_changes(op):
+    # ignore_index was an `int` in the schemas (torch's is SymInt): dynamo specialized on it and
+    # compiled a graph per value until its recompile limit (fullgraph=True: then an error).
+    from torch._dynamo.testing import CompileCounter
+
+    from fmcore.ops import cross_entropy
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    hidden, weight, _, target = make(8, 4, 10, "cpu", torch.float32, ignore_every=0)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def loss(ignore_index):
+        if op == "cross_entropy":
+            return cross_entropy(hidden @ weight.T, target, ignore_index=ignore_index)
+        return linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index)
+
+    for ignore_index in range(12):
+        torch.testing.assert_close(loss(ignore_index), loss.__wrapped__(ignore_index))
+    assert counter.frame_count <= 2
