@@ -233,3 +233,27 @@ def test_a_sequence_longer_than_max_seq_len_is_refused_by_name(base, ops):
     model(torch.zeros(1, base.max_seq_len, dtype=torch.long))
     with pytest.raises(ValueError, match="65 tokens per sequence but the model takes at most model.max_seq_len = 64"):
         model(torch.zeros(1, base.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])
+@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+def test_document_mask_from_positions_alone_on_both_ops_paths(base, ops):
+    """positions without cu_seqlens mask attention on the fmcore path as on the torch path (it used to
+    attend across documents there, silently); cu_seqlens without positions is an error (it used to be
+    ignored on both paths)."""
+    cfg = models.resolve(dataclasses.replace(base, ops=ops), vocab_size=100)
+    model = models.build_model(cfg, seed=1).double()
+    torch.manual_seed(0)
+    x = torch.randint(0, 100, (2, 12))
+    # Row 0: documents of 3, 1 and 8 tokens; row 1 starts mid-document (positions 4..) then one of 5.
+    positions = torch.stack([torch.cat([torch.arange(3), torch.arange(1), torch.arange(8)]),
+                             torch.cat([torch.arange(4, 11), torch.arange(5)])])
+    packed = model(x, positions=positions)
+    for row, segments in ((0, [(0, 3), (3, 4), (4, 12)]), (1, [(0, 7), (7, 12)])):
+        for a, b in segments:
+            want = model(x[row:row + 1, a:b], positions=positions[row:row + 1, a:b])
+            torch.testing.assert_close(packed[row:row + 1, a:b], want)
+    cu = torch.tensor([0, 3, 4, 12, 19, 24], dtype=torch.int32)
+    torch.testing.assert_close(model(x, positions=positions, cu_seqlens=cu, max_seqlen=8), packed)
+    with pytest.raises(ValueError, match="cu_seqlens needs positions"):
+        model(x, cu_seqlens=cu, max_seqlen=8)

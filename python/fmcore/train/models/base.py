@@ -43,8 +43,9 @@ class CausalLM(nn.Module):
 
     forward(x, y=None, positions=None, cu_seqlens=None, max_seqlen=None): x (B, S) token ids. Without y it returns the
     fp32 logits (B, S, V); with y (B, S) the mean cross-entropy, computed by the fused linear
-    cross-entropy on the fmcore path (no logits in memory). positions (B, S) restart at each document;
-    with cu_seqlens (or positions on the torch path) attention stays inside documents; max_seqlen (the
+    cross-entropy on the fmcore path (no logits in memory). positions (B, S) restart at each document,
+    and attention stays inside documents (a row's start opens one too); cu_seqlens (the loader's, needs
+    positions) spares the fmcore path deriving them from positions with a host sync; max_seqlen (the
     longest document, from the loader) sizes the varlen kernel's grid (None: S, always safe).
     """
 
@@ -56,9 +57,11 @@ class CausalLM(nn.Module):
         if x.shape[-1] > self.cfg.max_seq_len:  # else a shape mismatch deep inside embed or RoPE
             raise ValueError(f"x has {x.shape[-1]} tokens per sequence but the model takes at most "
                              f"model.max_seq_len = {self.cfg.max_seq_len}")
-        docs: DocMask | None = None
-        if positions is not None and (cu_seqlens is not None or self.ops == "torch"):
-            docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen)
+        if cu_seqlens is not None and positions is None:
+            # Else cu_seqlens was ignored: attention across documents, on both ops paths, silently.
+            raise ValueError("cu_seqlens needs positions (B, S), restarting at 0 at each document (the "
+                             "loader's Batch.positions), got positions=None")
+        docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen) if positions is not None else None
         h, residual = self.embed(x, positions), None
         for block in self.blocks:
             if self.activation_checkpointing and self.training:

@@ -34,11 +34,17 @@ class DocMask:
 
 def doc_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor | None, ops: str,
              max_seqlen: int | None = None) -> DocMask:
-    """DocMask from the loader's positions (B, S) (restarting at 0 at each document) and cu_seqlens."""
+    """DocMask from the loader's positions (B, S) (restarting at 0 at each document) and cu_seqlens.
+
+    Without cu_seqlens the fmcore path derives them from positions (one host sync), the documents the
+    torch path's mask takes from positions: both paths compute the same function either way."""
     B, S = positions.shape
     if ops == "fmcore":
         if cu_seqlens is None:
-            raise ValueError("document masking with model.ops='fmcore' needs the loader's cu_seqlens")
+            starts = positions == 0
+            starts[:, 0] = True  # a row's start opens a document (as the torch path's cumsum, and the loader)
+            idx = starts.reshape(-1).nonzero().squeeze(1)
+            cu_seqlens = torch.cat([idx, idx.new_full((1,), B * S)])
         return DocMask(cu_seqlens.to(device=positions.device, dtype=torch.int32), max_seqlen or S, None)
     doc = torch.cumsum(positions == 0, dim=1)  # (B, S) document index within each row
     same = doc[:, :, None] == doc[:, None, :]
