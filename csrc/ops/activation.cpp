@@ -33,8 +33,8 @@ BiasGelu prepare_bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>&
                       shape_str(bias->sizes()));
     const auto bt = bias->scalar_type();
     TORCH_CHECK_VALUE(bt == x.scalar_type() || (bt == at::kFloat && x.scalar_type() != at::kDouble),
-                      "expected bias to have the dtype of x (", x.scalar_type(),
-                      ") or float32, got ", bt);
+                      "expected bias to have the dtype of x (", x.scalar_type(), ")",
+                      x.scalar_type() != at::kDouble ? " or float32" : "", ", got ", bt);
     g.bias = bias->contiguous();
   }
   BiasGeluParams& p = g.p;

@@ -1,5 +1,7 @@
 """fmcore.ops.cross_entropy against F.cross_entropy on float64, on CPU always and CUDA when present."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,25 @@ def test_inplace_backward_all_ignored_and_twice(device):
     assert loss.isnan()  # 0/0, as torch
     loss.backward(retain_graph=True)
     assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("hooks", ["none", "save_on_cpu", "identity"])
+def test_inplace_backward_none_twice_raises(device, hooks):
+    """reduction "none" writes the gradient over the saved logits in the backward: a second backward
+    (retain_graph) raises the op's own error. Saved-tensor hooks (CPU offloading) skip autograd's
+    version check; the second gradient was computed from the first one, silently."""
+    logits, target = make((6, 11), device, torch.float32)
+    x = logits.clone().requires_grad_()
+    ctx = {"none": contextlib.nullcontext(), "save_on_cpu": torch.autograd.graph.save_on_cpu(),
+           "identity": torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)}[hooks]
+    with ctx:
+        loss = cross_entropy(x * 1.0, target, reduction="none", inplace_backward=True).sum()
+    loss.backward(retain_graph=True)
+    ref = logits.clone().requires_grad_()
+    F.cross_entropy(ref, target, reduction="sum").backward()
+    torch.testing.assert_close(x.grad, ref.grad)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
 

@@ -36,7 +36,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, *, approximate:
     Args:
         x: (..., D), float32/bfloat16/float16 (float64 too on the CPU). Any strides (a non-contiguous
             x is copied first).
-        bias: (D,) of x's dtype or float32 (a float32 parameter under autocast), or None.
+        bias: (D,) of x's dtype, or float32 for a 16-bit x (a float32 parameter under autocast), or None.
         approximate: "none" (the erf form) or "tanh" (GPT-2's).
     Returns:
         x's shape and dtype, contiguous.

@@ -202,14 +202,23 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
     ctx.options = (ignore_index, label_smoothing, z_loss)
     ctx.inplace_backward = inplace_backward
+    ctx.used = False
     ctx.set_materialize_grads(False)  # the stats get no gradient: no (N, 2) zeros for the backward
 
 
 def _backward(ctx, grad_loss, grad_stats):
     # grad_stats is ignored: the public function returns lse detached.
-    logits, target, stats = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None
+    if ctx.inplace_backward and ctx.used:
+        # The gradient is written over the saved logits. A second backward (retain_graph) would read
+        # it as the logits: the version check raises a message about an inplace operation the caller
+        # did not write, and under saved-tensor hooks (save_on_cpu, CPU offloading), which skip that
+        # check, the second gradient came out wrong, silently.
+        raise RuntimeError("cross_entropy(inplace_backward=True)'s backward can run once per forward: the "
+                           "gradient is written over the saved logits")
+    logits, target, stats = ctx.saved_tensors
+    ctx.used = ctx.inplace_backward
 
     def grads():
         if ctx.inplace_backward:
