@@ -142,7 +142,11 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
                                    bool random_access) {
   // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever; the
   // S_ISREG check below then refuses it. It changes nothing for a regular file's pread and mmap.
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  // Retried on EINTR: a signal handled in Python (the trainer's SIGINT one; CPython installs none
+  // with SA_RESTART) interrupts an open that blocks, as on FUSE and NFS mounts.
+  int fd;
+  do fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  while (fd < 0 && errno == EINTR);
   if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
   std::unique_ptr<Shard> shard(new Shard());
   try {
@@ -169,9 +173,6 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
     void* map = ::mmap(nullptr, shard->map_bytes_, PROT_READ, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) fail(path, std::string("cannot mmap: ") + std::strerror(errno));
     shard->map_ = map;
-    // Random windows touch a page or two each: kernel readahead would read ~32x more than used
-    // when the shard is not in the page cache. Only a hint; failure changes nothing.
-    if (random_access) ::madvise(map, shard->map_bytes_, MADV_RANDOM);
     ::close(fd);
     fd = -1;
   } catch (...) {
@@ -206,6 +207,10 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
       fail(path, "payload checksum mismatch: crc32 of bytes 64.." + std::to_string(s.map_bytes_) +
                      " is " + hex(got) + ", the header at offset 32 says " + hex(want));
   }
+  // Random windows touch a page or two each: kernel readahead would read ~32x more than used when
+  // the shard is not in the page cache. After the checks above, which read it front to back (the
+  // checksum from a cold cache took 8x as long without readahead). Only a hint.
+  if (random_access) ::madvise(s.map_, s.map_bytes_, MADV_RANDOM);
   return shard;
 }
 

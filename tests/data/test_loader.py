@@ -457,3 +457,44 @@ def test_worker_threads_that_cannot_start_raise(tmp_path):
     assert "raised: could not start loader worker thread" in proc.stdout and "of 4096" in proc.stdout, proc.stdout
     assert "lower `threads`" in proc.stdout
     assert proc.stdout.rstrip().endswith("batch (2, 16)"), proc.stdout
+
+
+# An LD_PRELOAD shim: the first open() of a shard fails with EINTR, as open(2) does on FUSE and NFS
+# mounts when a signal handled in Python arrives while it blocks.
+EINTR_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <string.h>
+static int fired = 0;
+int open(const char* path, int flags, ...) {
+  va_list a; va_start(a, flags); int mode = va_arg(a, int); va_end(a);
+  if (!fired && strstr(path, ".bin")) { fired = 1; errno = EINTR; return -1; }
+  int (*real)(const char*, int, ...) = dlsym(RTLD_NEXT, "open");
+  return real(path, flags, mode);
+}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim")
+def test_an_interrupted_open_is_retried(unique_ds, tmp_path):
+    # open() returning EINTR surfaced as "cannot open: Interrupted system call", a ShardError (a data
+    # error ending fmcore train) naming a healthy shard.
+    import shutil
+
+    import fmcore
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "eintr.c").write_text(EINTR_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "eintr.so"), str(tmp_path / "eintr.c"),
+                    "-ldl"], check=True)
+    code = (f"import sys; sys.path.insert(0, {str(Path(fmcore.__file__).parents[1])!r})\n"
+            f"from fmcore.data import Loader\n"
+            f"with Loader({str(unique_ds)!r}, batch_size=2, seq_len=16, threads=1) as loader:\n"
+            f"    print(tuple(next(loader).x.shape))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, LD_PRELOAD=str(tmp_path / "eintr.so")))
+    assert proc.returncode == 0 and proc.stdout.strip() == "(2, 16)", proc.stderr[-2000:]
