@@ -221,7 +221,7 @@ void Loader::worker(uint64_t depth) {
   }
 }
 
-Batch Loader::next() {
+Batch Loader::next(const std::function<bool()>& interrupted) {
   auto t0 = std::chrono::steady_clock::now();
   Batch out;
   {
@@ -235,11 +235,21 @@ Batch Loader::next() {
     // zero). The stop_ test comes first for that reason.
     const uint64_t generation = generation_;
     Slot* slot = nullptr;
-    ready_cv_.wait(lk, [&] {
+    const auto arrived = [&] {
       if (stop_ || generation_ != generation || failed_) return true;
       slot = &slots_[delivered_ % slots_.size()];
       return slot->ready && slot->index == delivered_;
-    });
+    };
+    while (!ready_cv_.wait_for(lk, std::chrono::milliseconds(100), arrived)) {
+      if (!interrupted) continue;
+      lk.unlock();  // (the callback takes Python's GIL, which a thread holding it may want before mu_)
+      const bool stop = interrupted();
+      lk.lock();
+      if (stop) {
+        wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        throw Interrupted{};
+      }
+    }
     wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (closed_) throw std::runtime_error("the loader was closed while waiting for a batch");
     if (stop_ || generation_ != generation)

@@ -71,7 +71,11 @@ class Loader {
 
   // The next batch; blocks until it is ready. Rethrows a worker's error (then every later call
   // does). Callable from several threads at once: each batch goes to exactly one of them.
-  Batch next();
+  // `interrupted`, when given, is called every 100 ms of waiting (without the loader's lock): if it
+  // returns true, next() throws Interrupted and takes no batch (Python's binding checks for signals
+  // there, so Ctrl-C needs no batch to arrive first).
+  struct Interrupted {};
+  Batch next(const std::function<bool()>& interrupted = nullptr);
   // Stops and joins the workers; next() then throws. Idempotent.
   void close();
   // Stops the workers, drops prefetched batches and restarts at a global sample number. A next()

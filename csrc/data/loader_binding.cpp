@@ -97,9 +97,17 @@ void register_loader(py::module_& m) {
       .def("next",
            [](Loader& self) {
              Batch b;
-             {
+             try {
                py::gil_scoped_release nogil;
-               b = self.next();
+               // Signals are checked while waiting: Python runs its handlers only between bytecodes,
+               // so Ctrl-C waited for the batch (on slow storage, for as long as it took), which was
+               // then dropped.
+               b = self.next([] {
+                 py::gil_scoped_acquire gil;
+                 return PyErr_CheckSignals() != 0;
+               });
+             } catch (const Loader::Interrupted&) {
+               throw py::error_already_set();  // the handler's exception (KeyboardInterrupt), now set
              }
              return batch_tensors(self, std::move(b));
            })

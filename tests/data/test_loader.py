@@ -498,3 +498,60 @@ def test_an_interrupted_open_is_retried(unique_ds, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, LD_PRELOAD=str(tmp_path / "eintr.so")))
     assert proc.returncode == 0 and proc.stdout.strip() == "(2, 16)", proc.stderr[-2000:]
+
+
+# An LD_PRELOAD shim that holds back the start of the threads created while it is armed: a loader's
+# workers then deliver nothing for 3 s, a wait no machine shortens.
+SLOW_START_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+static int armed = 0;
+void arm(int on) { armed = on; }
+struct start { void* (*fn)(void*); void* arg; };
+static void* slow(void* p) { struct start s = *(struct start*)p; free(p); sleep(3); return s.fn(s.arg); }
+int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*fn)(void*), void* arg) {
+  int (*real)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*) = dlsym(RTLD_NEXT, "pthread_create");
+  if (!armed) return real(t, a, fn, arg);
+  struct start* s = malloc(sizeof *s); s->fn = fn; s->arg = arg;
+  return real(t, a, slow, s);
+}
+"""
+
+INTERRUPTED_NEXT = """
+import ctypes, os, signal, sys, threading
+sys.path.insert(0, {python!r})
+from fmcore.data import Loader
+shim = ctypes.CDLL(os.environ["LD_PRELOAD"])
+shim.arm(1)
+loader = Loader({root!r}, batch_size=2, seq_len=16, threads=1)
+shim.arm(0)
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # while next() waits
+try:
+    next(loader)
+except KeyboardInterrupt:
+    print("interrupted at sample", loader.state_dict()["sample"])
+print(next(loader).x.tolist() == next(Loader({root!r}, batch_size=2, seq_len=16, threads=1)).x.tolist())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim")
+def test_ctrl_c_while_next_waits_takes_no_batch(unique_ds, tmp_path):
+    # Python runs signal handlers between bytecodes: Ctrl-C while next() waited for a batch (slow
+    # storage) took effect only once the batch had arrived, which was then dropped.
+    import shutil
+
+    import fmcore
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "slow.c").write_text(SLOW_START_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "slow.so"), str(tmp_path / "slow.c"), "-ldl"],
+                   check=True)
+    code = INTERRUPTED_NEXT.format(python=str(Path(fmcore.__file__).parents[1]), root=str(unique_ds))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, LD_PRELOAD=str(tmp_path / "slow.so")))
+    assert proc.stdout.split("\n")[:2] == ["interrupted at sample 0", "True"], proc.stdout + proc.stderr[-2000:]
