@@ -313,7 +313,8 @@ def test_deterministic_mode_is_strict_and_matches_the_default_run(dataset, tmp_p
     modes, step = [], trainer.train_step
 
     def recording_step(*args, **kwargs):
-        modes.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()))
+        modes.append((torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled()))
         return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", recording_step)
@@ -390,7 +391,8 @@ def test_an_interrupted_run_closes_what_it_opened(dataset, tmp_path, monkeypatch
         _short_run(dataset, run, "--log.progress", "bar", "--log.tensorboard", "true")
     assert len(tqdm._instances) == bars
     assert set(threading.enumerate()) - threads <= {t for t in threading.enumerate() if t.name == "tqdm_monitor"}
-    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.islink(f"/proc/self/fd/{fd}")]
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.islink(f"/proc/self/fd/{fd}")]
     assert not [path for path in fds if path.startswith(str(run))], kept
     monkeypatch.undo()
     assert len(_short_run(dataset, run)) == 4  # the run dir is free for the next run
@@ -682,7 +684,8 @@ def test_ctrl_c_replaced_by_a_peers_disappearance_is_still_an_interrupt(dataset,
         raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:18831")
 
     monkeypatch.setattr(trainer, "train_step", swallowed)
-    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64", "--model.n_layers", "1")]
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                               "--model.n_layers", "1")]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
@@ -790,3 +793,70 @@ def test_a_resumed_run_logs_the_uninterrupted_runs_records(dataset, tmp_path, mo
     broken = _short_run(dataset, tmp_path / "broken", *args, "--resume", "auto")
     fields = lambda records: [(r["step"], r["loss"], r["loss_avg"]) for r in records]  # noqa: E731
     assert [r["step"] for r in whole] == [1, 4, 6] and fields(broken) == fields(whole)
+
+
+def test_evaluation_reads_the_val_split_at_most_once(dataset):
+    # The sequential val loader wraps around: eval_batches past one pass counted the first batches twice,
+    # a "val loss" that was the mean of no set of val tokens.
+    from fmcore.data import Loader
+    from fmcore.train.trainer import Env, build_model, evaluate
+
+    cfg = load_config("tiny", ["--train.batch_size", "8", "--train.seq_len", "64", "--train.device", "cpu"])
+    with Loader(dataset, split="val", batch_size=8, seq_len=64, mode="sequential") as val:
+        one_pass = val.batches_per_epoch
+    assert one_pass >= 2
+    env = Env(0, 1, 0, torch.device("cpu"))
+    with Loader(dataset, split="train", batch_size=8, seq_len=64) as train_loader:
+        model, _ = build_model(cfg, train_loader.vocab_size, env, "fp32")
+    cfg.train.eval_batches = one_pass
+    whole, _ = evaluate(model, cfg, dataset, env, "fp32")
+    cfg.train.eval_batches = one_pass + one_pass // 2
+    assert evaluate(model, cfg, dataset, env, "fp32")[0] == whole
+
+
+def test_the_eta_counts_the_evaluations_still_to_come(dataset, tmp_path, monkeypatch):
+    # eta_s was the mean step time times the steps left: a run evaluating every 2 steps (0.3 s each
+    # here) took several times the ETA it logged.
+    from fmcore.train import trainer
+
+    real = trainer.evaluate
+
+    def slow_evaluate(*args, **kw):
+        time.sleep(0.3)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    records = _short_run(dataset, tmp_path / "run", "--train.steps", "6", "--train.eval_every", "2")
+    at_3 = next(r for r in records if r["step"] == 3)
+    # Still to come after step 3's record: 3 steps, the evaluation at step 4 and the final one.
+    assert at_3["eta_s"] >= 0.6
+
+
+def test_a_resumed_runs_summary_gives_the_whole_runs_wall_time(dataset, tmp_path, monkeypatch):
+    # wall_s was the last segment's alone: beside steps (and tokens) counted from step 0, a resumed run
+    # of 6 steps reported the time of the 2 it ran after the resume.
+    from fmcore.train import trainer
+
+    real = trainer.train_step
+
+    def slow_step(*args, **kw):
+        time.sleep(0.1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", slow_step)
+    args = ("--train.steps", "6", "--checkpoint.every", "4")
+    real_save = checkpoint.save
+
+    def killed_after_step_4(ckpt_dir, step, *rest, **kw):
+        path = real_save(ckpt_dir, step, *rest, **kw)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        _short_run(dataset, tmp_path / "run", *args)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    _short_run(dataset, tmp_path / "run", *args, "--resume", "auto")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["wall_s"] >= 0.6

@@ -147,7 +147,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 only at the end."""
     eval_batches: int = 8
-    """Micro-batches per evaluation."""
+    """Micro-batches per evaluation (per process), at most one pass over the val split."""
     max_skipped: int = 10
     """Stop (with a checkpoint of the last good state) after this many consecutive steps whose loss
     or gradient was not finite."""

@@ -411,12 +411,19 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: str) -> tuple[float, torch.Tensor]:
-    """(mean val loss over train.eval_batches micro-batches of every rank, the first batch's x)."""
+    """(mean val loss over train.eval_batches micro-batches of every rank, at most one pass over the val
+    split, the first batch's x)."""
     was_training = model.training
     model.eval()
     total, first = torch.zeros((), device=env.device, dtype=torch.float64), None
     with make_loader(cfg, dataset, env, split="val", mode="sequential") as loader:
-        for _ in range(cfg.train.eval_batches):
+        # The sequential loader wraps around: past one pass, the first batches were counted twice and the
+        # "val loss" weighted some val tokens more than others (the embedded corpus holds 22 val batches of
+        # 16x128: at eval_batches 30, 8 of them counted twice). batches_per_epoch is the same on every rank.
+        n = cfg.train.eval_batches
+        if loader.batches_per_epoch:
+            n = min(n, loader.batches_per_epoch)
+        for _ in range(n):
             x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
             first = x if first is None else first
             with autocast_context(precision, env.device):
@@ -424,7 +431,7 @@ def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: 
     if env.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return total.item() / (cfg.train.eval_batches * env.world), first
+    return total.item() / (n * env.world), first
 
 
 @torch.no_grad()
@@ -619,7 +626,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     flops_tok = models.flops_per_token(mcfg, t.seq_len)
     peak = peak_tflops(cfg, env.device)
 
-    step, skipped_total, resumed_tokens, streak = 0, 0, 0, 0
+    step, skipped_total, resumed_tokens, streak, resumed_wall = 0, 0, 0, 0, 0.0
     if resume_from is not None:
         _from_main(lambda: check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
@@ -632,6 +639,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         for group, values in zip(optimizer.param_groups, hyper):
             group.update(values)
         step, skipped_total, resumed_tokens = extra["step"], extra["skipped_total"], extra["tokens"]
+        # The summary's wall_s is the run's, as its steps and tokens are: not the last segment's alone.
+        resumed_wall = extra.get("wall_s", 0.0)
         # A streak of non-finite steps goes on across a resume (train.max_skipped counts it), except from
         # the checkpoint the stop itself wrote: resuming that one (with a lower lr, say) starts anew.
         streak = extra.get("nonfinite_streak", 0)
@@ -683,6 +692,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         extra = {"step": at_step, "skipped_total": skipped_total, "nonfinite_streak": in_a_row,
                  "log_window": (window_loss, window_finite),
                  "tokens": resumed_tokens + (at_step - start) * step_tokens,
+                 "wall_s": resumed_wall + time.perf_counter() - run_t0,
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg)}
         return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
@@ -709,6 +719,18 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     # resumed run's loss_avg, and its loss curve, are the uninterrupted run's.
     window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
     window_loss, window_finite = extra.get("log_window", (0.0, 0)) if resume_from is not None else (0.0, 0)
+    # The last evaluation's and checkpoint's durations: the ETA adds those still to come (the final ones
+    # too), else it counted training steps only and a run evaluating often ran for several times its ETA.
+    pause_s = {"eval": 0.0, "save": 0.0}
+
+    def eta_pauses(at: int) -> float:
+        # Those of step `at` itself run after its record; the final ones at t.steps whatever the period.
+        evals = (t.eval_every and (t.steps - 1) // t.eval_every - (at - 1) // t.eval_every) + has_val
+        saves = (ck.every and (t.steps - 1) // ck.every - (at - 1) // ck.every) + ck.save_final
+        return 0.0 if at == t.steps else evals * pause_s["eval"] + saves * pause_s["save"]
+
+    if env.device.type == "cuda":  # the peak the records report is this run's (a sweep runs several)
+        torch.cuda.reset_peak_memory_stats(env.device)
     run_t0 = time.perf_counter()
     model.train()
     while step < t.steps:
@@ -740,7 +762,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                 "mfu": 100.0 * flops_tok * tok_s / (peak * 1e12 * env.world) if peak else None,
                 "step_s": dt, "loader_wait_s": loader.wait_seconds - window_wait, "mem_mib": memory_mib(env.device),
                 "skipped": skipped_total, "tokens": resumed_tokens + (step - start) * step_tokens,
-                "eta_s": dt * (t.steps - step),
+                "eta_s": dt * (t.steps - step) + eta_pauses(step),
             })
             window_t, window_steps, window_wait = time.perf_counter(), 0, loader.wait_seconds
             window_loss, window_finite = 0.0, 0
@@ -756,11 +778,14 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         pause_t = time.perf_counter()
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             run_eval(step)
+            pause_s["eval"] = time.perf_counter() - pause_t
         if ck.every and step % ck.every == 0 and step != t.steps:
+            save_t = time.perf_counter()
             save(step)
+            pause_s["save"] = time.perf_counter() - save_t
         window_t += time.perf_counter() - pause_t  # evaluation and checkpoint time is not training time
 
-    elapsed = time.perf_counter() - run_t0
+    elapsed = resumed_wall + time.perf_counter() - run_t0
     if ck.save_final and step > start:
         save(step)  # before the final evaluation: whatever happens there, the training is kept
     if step == start:
