@@ -242,11 +242,12 @@ Batch Loader::next(const std::function<bool()>& interrupted) {
     };
     while (!ready_cv_.wait_for(lk, std::chrono::milliseconds(100), arrived)) {
       if (!interrupted) continue;
-      lk.unlock();  // (the callback takes Python's GIL, which a thread holding it may want before mu_)
+      lk.unlock();  // (the callback takes Python's GIL: a thread holding it may want mu_ first)
       const bool stop = interrupted();
       lk.lock();
       if (stop) {
-        wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        wait_seconds_ +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         throw Interrupted{};
       }
     }

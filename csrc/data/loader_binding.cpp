@@ -99,15 +99,14 @@ void register_loader(py::module_& m) {
              Batch b;
              try {
                py::gil_scoped_release nogil;
-               // Signals are checked while waiting: Python runs its handlers only between bytecodes,
-               // so Ctrl-C waited for the batch (on slow storage, for as long as it took), which was
-               // then dropped.
+               // Signals are checked while waiting: Python runs its handlers between bytecodes, so
+               // Ctrl-C waited for the batch (on slow storage, as long as it took), then dropped it.
                b = self.next([] {
                  py::gil_scoped_acquire gil;
                  return PyErr_CheckSignals() != 0;
                });
              } catch (const Loader::Interrupted&) {
-               throw py::error_already_set();  // the handler's exception (KeyboardInterrupt), now set
+               throw py::error_already_set();  // the handler's exception (KeyboardInterrupt)
              }
              return batch_tensors(self, std::move(b));
            })

@@ -66,9 +66,9 @@ bool is_kernel_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
 }
 
-// The CUDA update runs every tensor at once: a step tensor listed twice is bumped by several threads
-// in one unsynchronized read-modify-write (updates lost: the bias correction of another step count),
-// and a param or state listed twice is updated by two blocks at once. FusedAdamW refuses repeated
+// The CUDA update runs every tensor at once: a step tensor listed twice is bumped by several
+// threads in one unsynchronized read-modify-write (updates lost: the bias correction of another
+// step count), and a param or state listed twice is updated by two blocks at once. FusedAdamW refuses repeated
 // params; the op refuses any overlap of what it writes, on every device alike. (All are contiguous:
 // [data_ptr, data_ptr + nbytes) is each one's extent.)
 void check_written_apart(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

@@ -41,7 +41,8 @@ TORCH_LIBRARY(fmcore, m) {
   // grad_rows (N,) replaces the reduction's factor of each row's gradient (the backward of none).
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
-      "Tensor? grad_rows=None, SymInt ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
+      "Tensor? grad_rows=None, SymInt ignore_index=-100, float label_smoothing=0.0, "
+      "float z_loss=0.0, "
       "int reduction=1, int chunk_size=0, bool grad_hidden=False, bool grad_weight=False, "
       "bool grad_bias=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused AdamW (kernels/adamw.h). grad_norm_ writes the global L2 norm of every tensor in the list

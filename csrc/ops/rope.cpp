@@ -70,8 +70,8 @@ RopeParams make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t half = cos.size(-1), rotary = 2 * half;
   const char* cos_shape = cos.dim() == 3 ? "(B, S, R/2)" : "(S, R/2)";
   TORCH_CHECK_VALUE(half >= 1 && rotary <= D, "expected cos of shape ", cos_shape,
-                    " with 2 <= R <= head dim ", D, ", got ", shape_str(cos.sizes()), " (R = ", rotary,
-                    ")");
+                    " with 2 <= R <= head dim ", D, ", got ", shape_str(cos.sizes()),
+                    " (R = ", rotary, ")");
   TORCH_CHECK_VALUE(cos.size(-2) >= S, "expected cos of shape ", cos_shape, " with S >= ", S,
                     " (the sequence length of q), got ", shape_str(cos.sizes()));
   if (cos.dim() == 3) {
