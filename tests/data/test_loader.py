@@ -522,6 +522,7 @@ int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*fn)(void*), vo
 
 INTERRUPTED_NEXT = """
 import ctypes, os, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (ignored when started in the background)
 sys.path.insert(0, {python!r})
 from fmcore.data import Loader
 shim = ctypes.CDLL(os.environ["LD_PRELOAD"])

@@ -610,6 +610,15 @@ def test_a_save_deletes_the_leftovers_of_interrupted_saves(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008"]
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt in this process, as in a terminal: a job that a non-interactive
+    shell starts in the background (CI's, nohup) inherits SIGINT ignored, and Python installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c():
     """A real SIGINT to this process: Python raises KeyboardInterrupt at the next bytecode, here."""
     os.kill(os.getpid(), signal.SIGINT)
@@ -617,7 +626,8 @@ def _ctrl_c():
 
 
 @pytest.mark.parametrize("how", ["inside DCP", "inside torch.save"])
-def test_ctrl_c_during_a_save_or_load_is_an_interrupt_not_a_checkpoint_error(tmp_path, monkeypatch, how):
+def test_ctrl_c_during_a_save_or_load_is_an_interrupt_not_a_checkpoint_error(tmp_path, monkeypatch, how,
+                                                                               sigint_raises):
     # DCP catches BaseException in its writers and readers: Ctrl-C mid-save was reported as "saving the
     # checkpoint of step 2 ... failed (N MiB free there): KeyboardInterrupt" (or, inside torch.save's zip
     # writer, "... unexpected pos 704 vs 598"), exit code 2; mid-load as a checkpoint that "does not fit
@@ -645,7 +655,7 @@ def test_ctrl_c_during_a_save_or_load_is_an_interrupt_not_a_checkpoint_error(tmp
         checkpoint.load(path, model, optimizer)
 
 
-def test_ctrl_c_ends_fmcore_train_with_one_line_and_130(dataset, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_ends_fmcore_train_with_one_line_and_130(dataset, tmp_path, capsys, monkeypatch, sigint_raises):
     # Ctrl-C printed a 60-line traceback (one per rank under torchrun, which passes SIGINT on to every
     # worker), or, mid-save, a checkpoint error with exit code 2.
     from torch.distributed.checkpoint import FileSystemWriter
@@ -670,7 +680,8 @@ def test_ctrl_c_ends_fmcore_train_with_one_line_and_130(dataset, tmp_path, capsy
     assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")][-1] == 6
 
 
-def test_ctrl_c_replaced_by_a_peers_disappearance_is_still_an_interrupt(dataset, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_replaced_by_a_peers_disappearance_is_still_an_interrupt(dataset, tmp_path, capsys, monkeypatch,
+                                                                        sigint_raises):
     # Under torchrun every worker gets the SIGINT; the first to end breaks the others' collectives, and
     # a gloo error can replace their KeyboardInterrupt (DCP catches it to gather errors, then its gather
     # fails): a rank printed "checkpoint error: ... Connection closed by peer", exit code 2, or a traceback.
