@@ -477,26 +477,33 @@ int open(const char* path, int flags, ...) {
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim")
-def test_an_interrupted_open_is_retried(unique_ds, tmp_path):
-    # open() returning EINTR surfaced as "cannot open: Interrupted system call", a ShardError (a data
-    # error ending fmcore train) naming a healthy shard.
+def preload_shim(tmp_path, name: str, source: str) -> Path:
+    """The C source of an LD_PRELOAD shim compiled to tmp_path/<name>.so (the test skips without a C
+    compiler)."""
     import shutil
-
-    import fmcore
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler")
-    (tmp_path / "eintr.c").write_text(EINTR_SHIM)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "eintr.so"), str(tmp_path / "eintr.c"),
+    (tmp_path / f"{name}.c").write_text(source)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"), str(tmp_path / f"{name}.c"),
                     "-ldl"], check=True)
+    return tmp_path / f"{name}.so"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim")
+def test_an_interrupted_open_is_retried(unique_ds, tmp_path):
+    # open() returning EINTR surfaced as "cannot open: Interrupted system call", a ShardError (a data
+    # error ending fmcore train) naming a healthy shard.
+    import fmcore
+
+    shim = preload_shim(tmp_path, "eintr", EINTR_SHIM)
     code = (f"import sys; sys.path.insert(0, {str(Path(fmcore.__file__).parents[1])!r})\n"
             f"from fmcore.data import Loader\n"
             f"with Loader({str(unique_ds)!r}, batch_size=2, seq_len=16, threads=1) as loader:\n"
             f"    print(tuple(next(loader).x.shape))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, LD_PRELOAD=str(tmp_path / "eintr.so")))
+                          env=dict(os.environ, LD_PRELOAD=str(shim)))
     assert proc.returncode == 0 and proc.stdout.strip() == "(2, 16)", proc.stderr[-2000:]
 
 
@@ -542,17 +549,10 @@ print(next(loader).x.tolist() == next(Loader({root!r}, batch_size=2, seq_len=16,
 def test_ctrl_c_while_next_waits_takes_no_batch(unique_ds, tmp_path):
     # Python runs signal handlers between bytecodes: Ctrl-C while next() waited for a batch (slow
     # storage) took effect only once the batch had arrived, which was then dropped.
-    import shutil
-
     import fmcore
 
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    (tmp_path / "slow.c").write_text(SLOW_START_SHIM)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "slow.so"), str(tmp_path / "slow.c"), "-ldl"],
-                   check=True)
+    shim = preload_shim(tmp_path, "slow", SLOW_START_SHIM)
     code = INTERRUPTED_NEXT.format(python=str(Path(fmcore.__file__).parents[1]), root=str(unique_ds))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, LD_PRELOAD=str(tmp_path / "slow.so")))
+                          env=dict(os.environ, LD_PRELOAD=str(shim)))
     assert proc.stdout.split("\n")[:2] == ["interrupted at sample 0", "True"], proc.stdout + proc.stderr[-2000:]
