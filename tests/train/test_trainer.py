@@ -293,6 +293,21 @@ def _short_run(dataset, run, *extra):
     return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+def _short_run_killed_after_saving(killed_step, monkeypatch, dataset, run, *extra):
+    """_short_run interrupted (KeyboardInterrupt) just after it saved step killed_step's checkpoint."""
+    real = checkpoint.save
+
+    def save_then_die(ckpt_dir, step, *rest, **kw):
+        path = real(ckpt_dir, step, *rest, **kw)
+        if step == killed_step:
+            raise KeyboardInterrupt
+        return path
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(checkpoint, "save", save_then_die)
+        _short_run(dataset, run, *extra)
+
+
 def test_gradient_accumulation_matches_one_big_batch(dataset, tmp_path):
     """2 micro-batches of 4 read the same 8 windows as one batch of 8 (the loader's sample order), so
     the steps agree up to summation order."""
@@ -789,18 +804,7 @@ def test_a_resumed_run_logs_the_uninterrupted_runs_records(dataset, tmp_path, mo
     # loss_avg covered only the steps since the resume: loss.png, which plots loss_avg, differed.
     args = ("--train.steps", "6", "--log.every", "4", "--checkpoint.every", "3")
     whole = _short_run(dataset, tmp_path / "whole", *args)
-    real = checkpoint.save
-
-    def killed_after_step_3(ckpt_dir, step, *rest, **kw):
-        path = real(ckpt_dir, step, *rest, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _short_run(dataset, tmp_path / "broken", *args)
-    monkeypatch.setattr(checkpoint, "save", real)
+    _short_run_killed_after_saving(3, monkeypatch, dataset, tmp_path / "broken", *args)
     broken = _short_run(dataset, tmp_path / "broken", *args, "--resume", "auto")
     fields = lambda records: [(r["step"], r["loss"], r["loss_avg"]) for r in records]  # noqa: E731
     assert [r["step"] for r in whole] == [1, 4, 6] and fields(broken) == fields(whole)
@@ -856,18 +860,7 @@ def test_a_resumed_runs_summary_gives_the_whole_runs_wall_time(dataset, tmp_path
 
     monkeypatch.setattr(trainer, "train_step", slow_step)
     args = ("--train.steps", "6", "--checkpoint.every", "4")
-    real_save = checkpoint.save
-
-    def killed_after_step_4(ckpt_dir, step, *rest, **kw):
-        path = real_save(ckpt_dir, step, *rest, **kw)
-        if step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", killed_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        _short_run(dataset, tmp_path / "run", *args)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    _short_run_killed_after_saving(4, monkeypatch, dataset, tmp_path / "run", *args)
     _short_run(dataset, tmp_path / "run", *args, "--resume", "auto")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["wall_s"] >= 0.6

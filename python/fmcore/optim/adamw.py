@@ -294,9 +294,7 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # set on a group after construction (add_param_group checks them)
-            for flag in ("amsgrad", "maximize", "differentiable"):
-                if group.get(flag, False):
-                    raise ValueError(f"FusedAdamW does not implement {flag}=True")
+            _check_flags(group)
         plan = self._plan()
         if not plan:
             return loss
@@ -372,6 +370,11 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"expected eps >= 0, got {group['eps']}")
     if not group["weight_decay"] >= 0.0:
         raise ValueError(f"expected weight_decay >= 0, got {group['weight_decay']}")
+    _check_flags(group)
+
+
+def _check_flags(group: dict) -> None:
+    """torch.optim.AdamW's flags FusedAdamW refuses (cheap: step() checks them every time)."""
     for flag in ("amsgrad", "maximize"):
         if group.get(flag, False):
             raise ValueError(f"FusedAdamW does not implement {flag}=True")

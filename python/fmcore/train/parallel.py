@@ -92,6 +92,13 @@ def mesh(cfg, device: torch.device):
     return _MESH
 
 
+def forget_mesh() -> None:
+    """Drops the DeviceMesh before its process group is destroyed: its groups are that group's, and a
+    later run in this process makes a new one."""
+    global _MESH
+    _MESH = None
+
+
 def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
     """The model wrapped or sharded as cfg.parallel asks (collective)."""
     data, tp = cfg.parallel.data, cfg.parallel.tensor

@@ -601,7 +601,7 @@ def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         from fmcore.train import parallel
 
-        parallel._MESH = None  # its groups are the destroyed group's: a later run makes a new one
+        parallel.forget_mesh()
         dist.destroy_process_group()
 
 
