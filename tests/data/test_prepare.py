@@ -391,3 +391,106 @@ def test_fmcore_prepare_killed_by_sigterm_deletes_its_temporary_directory(corpus
     assert done.returncode == 128 + getattr(signal, sig), done.stderr
     assert f"stopped by {sig}" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_json_files_hold_records(tmp_path):
+    """.json is JSON Lines (datasets' to_json(), C4's and Dolma's *.json.gz) or an array of records; read as
+    plain text, each file was one document of JSON syntax."""
+    texts = [f"json record number {i} with ordinary words" for i in range(6)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "lines.json").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]))
+    with gzip.open(tmp_path / "in" / "c4-train.00000-of-01024.json.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t, "url": "x"}) + "\n" for t in texts[2:4]))
+    (tmp_path / "in" / "array.json").write_text(json.dumps([{"text": t} for t in texts[4:]] + [{"id": 1}], indent=2))
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["bad_json"]) == (6, 6, 1)
+    assert sorted(train_docs(out)) == texts
+
+
+def test_compressed_binary_and_unsupported_inputs(tmp_path, capsys):
+    import bz2
+    import lzma
+
+    texts = [f"compressed record number {i} with ordinary words" for i in range(4)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt.bz2").write_bytes(bz2.compress(texts[0].encode()))
+    (tmp_path / "in" / "b.jsonl.xz").write_bytes(lzma.compress("".join(json.dumps({"text": t}) + "\n"
+                                                                       for t in texts[1:]).encode()))
+    (tmp_path / "in" / "model.ckpt").write_bytes(b"\0\1\2" * 100)  # found in a directory: counted, skipped
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["binary_files"] == 1
+    assert sorted(train_docs(out)) == texts
+    # Named as an input, a binary file is an error: it was counted as binary_files and the run went on.
+    assert fmcore_main(["prepare", str(tmp_path / "in" / "a.txt.bz2"), str(tmp_path / "in" / "model.ckpt"),
+                        "--out", str(tmp_path / "ds2"), "--workers", "1"]) == 2
+    assert f"input {tmp_path / 'in' / 'model.ckpt'}: a binary file" in capsys.readouterr().err
+    # .zst (the Pile, RedPajama) and .parquet were skipped as binary files, their data lost with exit 0.
+    for name in ("part.jsonl.zst", "train-00000-of-00001.parquet"):
+        (tmp_path / "in" / name).write_bytes(b"\x28\xb5\x2f\xfd\0" + bytes(range(256)))
+        assert fmcore_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds3"), "--workers", "1"]) == 2
+        assert f"input {tmp_path / 'in' / name}: .{name.rsplit('.', 1)[1]} files are not supported" \
+            in capsys.readouterr().err
+        (tmp_path / "in" / name).unlink()
+    (tmp_path / "in" / "bad.txt.xz").write_bytes(b"not xz at all")
+    assert fmcore_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds3"), "--workers", "1"]) == 2
+    assert f"input {tmp_path / 'in' / 'bad.txt.xz'}: not a valid xz file" in capsys.readouterr().err
+
+
+def test_symlinked_directories_are_followed_once(tmp_path):
+    """A directory linked into the input is read (it was skipped without a count); a link to an ancestor
+    does not loop and a directory linked twice is read once."""
+    (tmp_path / "elsewhere").mkdir()
+    texts = [f"a document stored elsewhere, number {i}" for i in range(3)]
+    for i, t in enumerate(texts):
+        (tmp_path / "elsewhere" / f"{i}.txt").write_text(t)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "local.txt").write_text("a document stored in the corpus itself")
+    (root / "part1").symlink_to(tmp_path / "elsewhere")
+    (root / "part1-again").symlink_to(tmp_path / "elsewhere")
+    (root / "loop").symlink_to(root)
+    out = prepare(root, tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["kept"], c["duplicate"]) == (4, 4, 0)
+    assert sorted(train_docs(out)) == sorted(texts + ["a document stored in the corpus itself"])
+
+
+def test_tokenizer_truncation_and_padding_are_not_applied(tmp_path):
+    """A tokenizer.json saved with truncation (max_length 32) or padding cut every document to 32 tokens
+    or padded it to the batch's longest with pad ids written as text."""
+    texts = [f"document {i} " + "lorem ipsum dolor sit amet " * (5 + 20 * i) for i in range(4)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = train_bpe(texts, 300)
+    tok.enable_truncation(max_length=32)
+    tok.enable_padding(pad_id=0, pad_token="<|endoftext|>")
+    tok.save(str(tmp_path / "tok.json"))
+    out = prepare(tmp_path / "a.jsonl", tmp_path / "ds", tokenizer=tmp_path / "tok.json", val_fraction=0.0,
+                  workers=1)
+    assert sorted(train_docs(out)) == sorted(t.strip() for t in texts)
+
+
+def test_invalid_utf8_is_counted(tmp_path):
+    """Invalid UTF-8 (a cp1252 file) becomes U+FFFD, as before, but no longer silently: the files are counted."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cp1252.txt").write_bytes("Café crème brûlée, naïve façade".encode("cp1252"))
+    (tmp_path / "in" / "utf8.txt").write_text("Café crème brûlée, naïve façade, again")
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["invalid_utf8_files"] == 1
+    assert sorted(train_docs(out)) == sorted(["Caf\ufffd cr\ufffdme br\ufffdl\ufffde, na\ufffdve fa\ufffdade",
+                                              "Café crème brûlée, naïve façade, again"])
+
+
+def test_eos_token_is_checked_before_the_inputs_are_read(tmp_path, monkeypatch):
+    """A tokenizer without the EOS token failed only after every input was read and cleaned (hours for a
+    large corpus); an eos_token the trained BPE lacks, only after training it."""
+    from tokenizers import models
+
+    prep = importlib.import_module("fmcore.data.prepare")
+    monkeypatch.setattr(prep, "_tasks", lambda *a, **k: pytest.fail("inputs read before the EOS check"))
+    Tokenizer(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tok.json"))
+    (tmp_path / "a.txt").write_text("hello " * 10)
+    with pytest.raises(ValueError, match="no EOS token found"):
+        prepare(tmp_path / "a.txt", tmp_path / "ds", tokenizer=tmp_path / "tok.json", workers=1)
+    with pytest.raises(ValueError, match="eos_token '</s>' is not in the trained byte-level BPE"):
+        prepare(tmp_path / "a.txt", tmp_path / "ds", eos_token="</s>", workers=1)

@@ -1,13 +1,14 @@
 """`fmcore prepare`: raw text to a validated, sharded token dataset (see fmcore.data.shards for the format).
 
-Pipeline: gather documents (text files, directories of them, JSON Lines with a text field; or, with no
-input, the embedded corpus of the Python standard library) -> clean in worker processes (newline
-normalisation, empty / too-short / too-long / symbol-heavy filters, content hash) -> exact-duplicate
-removal by hash -> train/val split by hash (stable whatever the input order) -> tokenizer (a given
-tokenizer.json, or a byte-level BPE trained here on the train split) -> tokenize (the `tokenizers`
-Rust encoder, parallel over the cores) -> shards of about shard_tokens tokens, one EOS after every
-document, document start offsets stored -> manifest.json. Written into a temporary sibling directory
-and renamed, so a crash or a concurrent prepare never leaves a half dataset under the final name.
+Pipeline: gather documents (text files, directories of them, JSON Lines or .json arrays with a text field,
+any of them .gz/.bz2/.xz compressed; or, with no input, the embedded corpus of the Python standard
+library) -> clean in worker processes (newline normalisation, empty / too-short / too-long /
+symbol-heavy filters, content hash) -> exact-duplicate removal by hash -> train/val split by hash
+(stable whatever the input order) -> tokenizer (a given tokenizer.json, or a byte-level BPE trained
+here on the train split) -> tokenize (the `tokenizers` Rust encoder, parallel over the cores) -> shards
+of about shard_tokens tokens, one EOS after every document, document start offsets stored ->
+manifest.json. Written into a temporary sibling directory and renamed, so a crash or a concurrent
+prepare never leaves a half dataset under the final name.
 
 Everything is held in memory between cleaning and sharding: fine for corpora of a few GB of text.
 """
@@ -15,10 +16,12 @@ Everything is held in memory between cleaning and sharding: fine for corpora of 
 from __future__ import annotations
 
 import argparse
+import bz2
 import contextlib
 import gzip
 import hashlib
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -38,7 +41,13 @@ from fmcore.data.shards import MANIFEST, write_shard
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+# Compressed inputs are read through these (a file's name ends with one: "part.jsonl.gz", "book.txt.xz").
+DECOMPRESSORS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz": ("xz", lzma.open)}
+# .json too: C4's and Dolma's *.json.gz and datasets' Dataset.to_json() hold JSON Lines; a .json file that
+# starts with "[" is read as an array of records. Read as plain text, such a file was one document of JSON.
+JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson", ".json") for c in ("", *DECOMPRESSORS))
+# Formats prepare cannot read: their bytes look binary, so they were skipped as binary_files, the data lost.
+UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".parquet", ".arrow", ".zip", ".7z", ".tar", ".tar.gz", ".tgz")
 JSONL_CHUNK_BYTES = 32 << 20
 BINARY_SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -54,26 +63,41 @@ class CleanConfig:
     text_field: str = "text"
 
 
-COUNT_KEYS = ("documents_in", "empty", "too_short", "too_long", "symbols", "binary_files", "bad_json", "duplicate")
+COUNT_KEYS = ("documents_in", "empty", "too_short", "too_long", "symbols", "binary_files", "invalid_utf8_files",
+              "bad_json", "duplicate")
 
 
 # ---- reading and cleaning (runs in worker processes)
 
 
-def _read_text(path: Path) -> str | None:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _decode(raw: bytes, counts: dict | None) -> str:
+    """raw as UTF-8 text; invalid bytes (a Latin-1 or cp1252 file) become U+FFFD, and the file is counted
+    in invalid_utf8_files: the cleaning report then says that some text was replaced, not kept."""
     try:
-        with opener(path, "rb") as f:
+        return raw.decode("utf-8-sig")  # utf-8-sig: a byte order mark is not part of the text
+    except UnicodeDecodeError:
+        if counts is not None:
+            counts["invalid_utf8_files"] += 1
+        return raw.decode("utf-8-sig", errors="replace")
+
+
+def _read_text(path: Path, counts: dict | None = None) -> str | None:
+    fmt, opener = DECOMPRESSORS.get(path.suffix.lower(), (None, open))
+    with opener(path, "rb") as f:
+        try:
             # Sniff first: a binary file found while walking a directory (a checkpoint, an archive) is
             # skipped without reading it whole.
             raw = f.read(BINARY_SNIFF_BYTES)
             if b"\0" in raw:
                 return None
             raw += f.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated or mislabelled .gz
-        raise ValueError(f"input {path}: not a valid gzip file: {e}") from None
-    # utf-8-sig: a byte order mark is not part of the text
-    return raw.decode("utf-8-sig", errors="replace")
+        # A truncated or mislabelled compressed file (gzip.BadGzipFile and bz2's "Invalid data stream" are
+        # OSErrors); an OSError reading a plain file is not about its format.
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            if opener is open:
+                raise
+            raise ValueError(f"input {path}: not a valid {fmt} file: {e}") from None
+    return _decode(raw, counts)
 
 
 def _clean(text: str, cfg: CleanConfig, counts: dict) -> str | None:
@@ -112,10 +136,17 @@ def _read_jsonl_range(path: Path, start: int, end: int) -> bytes:
     return b"".join(out)
 
 
+_JSON_ARRAY_SUFFIXES = tuple(".json" + c for c in ("", *DECOMPRESSORS))
+
+
+def _record_text(record, field: str):
+    return record.get(field) if isinstance(record, dict) else None
+
+
 def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
     """One input file, byte range of a JSON Lines file, or the builtin docstrings ->
     ([(content hash, clean text)], counts)."""
-    kind, path, cfg, span = task
+    kind, path, cfg, span, explicit = task
     counts = dict.fromkeys(COUNT_KEYS, 0)
     raw_docs: list[str] = []
     if kind == "docstrings":
@@ -123,11 +154,26 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
     else:
         if span is not None:
             raw = _read_jsonl_range(Path(path), *span)
-            text = None if b"\0" in raw[:BINARY_SNIFF_BYTES] else raw.decode("utf-8-sig", errors="replace")
+            text = None if b"\0" in raw[:BINARY_SNIFF_BYTES] else _decode(raw, counts)
         else:
-            text = _read_text(Path(path))
+            text = _read_text(Path(path), counts)
         if text is None:
+            if explicit:  # a file the user named is data they meant: an error, not a count next to the output
+                raise ValueError(f"input {path}: a binary file (a NUL byte in its first {BINARY_SNIFF_BYTES} "
+                                 f"bytes), expected text or JSON Lines, optionally .gz/.bz2/.xz compressed")
             counts["binary_files"] += 1
+        elif kind == "jsonl" and span is None and Path(path).name.lower().endswith(_JSON_ARRAY_SUFFIXES) \
+                and text.lstrip().startswith("["):
+            try:  # a JSON array of records
+                records = json.loads(text)
+            except (ValueError, RecursionError):
+                records = [None]  # the file is one bad record
+            for record in records:
+                value = _record_text(record, cfg.text_field)
+                if isinstance(value, str):
+                    raw_docs.append(value)
+                else:
+                    counts["bad_json"] += 1
         elif kind == "jsonl":
             # Records end at "\n" only: str.splitlines() would also split inside a record at U+2028,
             # U+2029, U+0085 ..., which JSON allows unescaped in strings.
@@ -136,10 +182,10 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
                 if not line.strip():
                     continue
                 try:
-                    value = json.loads(line).get(cfg.text_field)
+                    value = _record_text(json.loads(line), cfg.text_field)
                 # ValueError: bad JSON, or an integer over Python's digit limit; RecursionError: deep nesting.
                 # One bad record is counted, never the end of the whole run.
-                except (ValueError, RecursionError, AttributeError):
+                except (ValueError, RecursionError):
                     value = None
                 if isinstance(value, str):
                     raw_docs.append(value)
@@ -231,9 +277,15 @@ def _load_tokenizer(path: Path):
     if not path.is_file():
         raise ValueError(f"tokenizer {path} is not a file (pass an HF tokenizers tokenizer.json)")
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception with serde's message
         raise ValueError(f"tokenizer {path} is not an HF tokenizers tokenizer.json: {e}") from None
+    # A tokenizer.json may carry the truncation and padding of a fine-tuning setup (sentence-transformers
+    # models save max_length 128 and batch padding): encode_batch applied them, cutting every document to
+    # max_length tokens and writing pad ids into the shards as text. A document is encoded whole here.
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def train_bpe(texts, vocab_size: int, total: int | None = None):
@@ -321,12 +373,20 @@ def _is_dataset(d: Path) -> bool:
 def _walk(root: Path, out: Path | None) -> list[Path]:
     """The files under root, in sorted order, leaving out hidden paths, the output directory and any other
     dataset directory: a rerun with --out inside an input would otherwise read the previous dataset's
-    manifest.json and tokenizer.json as documents."""
+    manifest.json and tokenizer.json as documents. Symlinked directories are followed (a corpus assembled
+    from links to its parts was read without them), each real directory once (a link to an ancestor loops)."""
     skip = out.resolve() if out is not None else None
-    files = []
-    for d, dirs, names in os.walk(root):
-        dirs[:] = [x for x in dirs if not x.startswith(".") and (Path(d) / x).resolve() != skip
-                   and not _is_dataset(Path(d) / x)]
+    files, visited = [], {root.resolve()}
+
+    def keep(d: str, x: str) -> bool:
+        real = (Path(d) / x).resolve()
+        if x.startswith(".") or real == skip or real in visited or _is_dataset(Path(d) / x):
+            return False
+        visited.add(real)
+        return True
+
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [x for x in dirs if keep(d, x)]
         files += [Path(d) / n for n in names if not n.startswith(".") and (Path(d) / n).is_file()]
     return sorted(files)
 
@@ -336,17 +396,30 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
     for root in inputs:
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
-        files = [root] if root.is_file() else _walk(root, out)
+        explicit = root.is_file()  # (a binary file named as an input raises; one found in a directory is counted)
+        files = [root] if explicit else _walk(root, out)
         for p in files:
-            if not p.name.endswith(JSONL_SUFFIXES):
-                tasks.append(("text", str(p), cfg, None))
-            elif p.suffix == ".gz" or p.stat().st_size <= JSONL_CHUNK_BYTES:
-                tasks.append(("jsonl", str(p), cfg, None))
+            name = p.name.lower()
+            if name.endswith(UNSUPPORTED_SUFFIXES):
+                raise ValueError(f"input {p}: {p.suffix} files are not supported: decompress or convert it to text "
+                                 f"or JSON Lines (.jsonl, optionally .gz/.bz2/.xz compressed)")
+            if not name.endswith(JSONL_SUFFIXES):
+                tasks.append(("text", str(p), cfg, None, explicit))
+            elif p.suffix.lower() in DECOMPRESSORS or p.stat().st_size <= JSONL_CHUNK_BYTES or _json_array(p):
+                tasks.append(("jsonl", str(p), cfg, None, explicit))
             else:  # a large uncompressed JSON Lines file is read in byte ranges by several workers
                 size = p.stat().st_size
-                tasks += [("jsonl", str(p), cfg, (a, min(a + JSONL_CHUNK_BYTES, size)))
+                tasks += [("jsonl", str(p), cfg, (a, min(a + JSONL_CHUNK_BYTES, size)), explicit)
                           for a in range(0, size, JSONL_CHUNK_BYTES)]
     return tasks
+
+
+def _json_array(p: Path) -> bool:
+    """Whether a .json file holds a JSON array (read whole), not JSON Lines (which can be read in ranges)."""
+    if not p.name.lower().endswith(".json"):
+        return False
+    with open(p, "rb") as f:
+        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def default_workers() -> int:
@@ -384,13 +457,17 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     if tokenizer is not None:
         tok = _load_tokenizer(Path(tokenizer))  # before reading the inputs, which can take minutes
+        _eos_id(tok, eos_token, str(tokenizer))  # (as is its EOS token: it was looked up after reading them)
     elif vocab_size < MIN_BPE_VOCAB:
         raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE (256 bytes and the "
                          f"end-of-document token), got {vocab_size}")
+    elif eos_token not in (None, EOS_TOKEN):  # the trained BPE's only special token
+        raise ValueError(f"eos_token {eos_token!r} is not in the trained byte-level BPE, whose EOS token is "
+                         f"{EOS_TOKEN!r}; pass a tokenizer (--tokenizer) that has it")
     cfg = CleanConfig(min_chars, max_chars, max_symbol_fraction, text_field)
     if inputs is None:
-        tasks = [("text", str(p), cfg, None) for p in stdlib_files(max_input_chars)]
-        tasks.append(("docstrings", None, cfg, None))
+        tasks = [("text", str(p), cfg, None, False) for p in stdlib_files(max_input_chars)]
+        tasks.append(("docstrings", None, cfg, None, False))
         source = f"python {sys.version.split()[0]} standard library (.py files, capped at {max_input_chars} chars) + built-in module docstrings"
     else:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -575,7 +652,8 @@ def _terminate_raises():
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
-                   help="text files, directories, JSON Lines files (.jsonl/.ndjson[.gz]); none: the Python stdlib corpus")
+                   help="text files, directories, JSON Lines files (.jsonl/.ndjson/.json, or a .json array of "
+                   "records), optionally .gz/.bz2/.xz compressed; none: the Python stdlib corpus")
     p.add_argument("--out", type=Path, help="dataset directory; required with inputs (the stdlib corpus's default: "
                    "$FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
