@@ -355,6 +355,10 @@ def test_bad_arguments(unique_ds):
             Loader(unique_ds, **{"batch_size": 2, "seq_len": T, name: bad})
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^64\)"):
         Loader(unique_ds, batch_size=2, seq_len=T, seed=2**64)
+    # 0 silently meant the default (DataLoader's num_workers=0 reads as "no workers"); None is the default.
+    for name, bad in [("threads", 0), ("prefetch", 0), ("threads", -1), ("prefetch", -2**40)]:
+        with pytest.raises(ValueError, match=rf"{name} must be >= 1 \(None means the default, .*\), got {bad}"):
+            Loader(unique_ds, **{"batch_size": 2, "seq_len": T, name: bad})
     # (2^61 + 1) * 16 wraps to 16 in 64 bits: the buffer size once did, and the workers overflowed it.
     with pytest.raises(ValueError, match=r"batch_size \* seq_len must be < 2\^56"):
         Loader(unique_ds, batch_size=2**61 + 1, seq_len=T)
@@ -556,3 +560,84 @@ def test_ctrl_c_while_next_waits_takes_no_batch(unique_ds, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, LD_PRELOAD=str(shim)))
     assert proc.stdout.split("\n")[:2] == ["interrupted at sample 0", "True"], proc.stdout + proc.stderr[-2000:]
+
+
+MAP_LIMIT = """
+import mmap, sys, numpy as np
+sys.path.insert(0, {python!r})
+from fmcore.data import Loader, ShardError, write_dataset
+root = write_dataset({root!r}, {{"train": [np.arange(1000) % 100 for _ in range(64)]}}, vocab_size=100)
+held = []  # the process's memory maps used up: alternating protections keep neighbours from merging
+try:
+    while True:
+        held.append(mmap.mmap(-1, 4096, prot=mmap.PROT_READ | (mmap.PROT_WRITE if len(held) % 2 else 0)))
+except OSError:
+    pass
+for m in held[-32:]:  # room for Python to go on, not for the loader's 64 shards
+    m.close()
+del held[-32:]
+try:
+    Loader(root, batch_size=2, seq_len=16, threads=1, pin_memory=False)
+except ShardError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/sys/vm/max_map_count")
+                    or int(Path("/proc/sys/vm/max_map_count").read_text()) > 1 << 18,
+                    reason="needs Linux's vm.max_map_count, small enough to reach in a few seconds")
+def test_running_out_of_memory_maps_names_the_cause(tmp_path):
+    """The loader maps every shard: past vm.max_map_count mmap fails with ENOMEM, which the error gave
+    as a bare "Cannot allocate memory" naming the shard, with nothing about the limit or the fix."""
+    import fmcore
+
+    code = MAP_LIMIT.format(python=str(Path(fmcore.__file__).parents[1]), root=str(tmp_path / "ds"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    assert "cannot mmap: Cannot allocate memory" in proc.stdout, proc.stdout
+    assert f"vm.max_map_count = {limit}" in proc.stdout and "64 in this split" in proc.stdout, proc.stdout
+    assert "fmcore prepare --shard-tokens" in proc.stdout, proc.stdout
+
+
+DAEMON_AT_EXIT = """
+import sys, threading, time
+sys.path.insert(0, {python!r})
+from fmcore.data import Loader
+# A normal run: close() while another thread iterates still raises there.
+loader = Loader({root!r}, batch_size=2, seq_len=16, threads=1, prefetch=1, pin_memory=False)
+errors = []
+def consume(into):
+    try:
+        for _ in loader:
+            pass
+    except RuntimeError as e:
+        into.append(str(e))
+thread = threading.Thread(target=consume, args=(errors,))
+thread.start()
+time.sleep(0.2)
+loader.close()
+thread.join(timeout=60)
+print("explicit close:", errors)
+# Exit with a daemon thread iterating: the loader's finalizer closes it at interpreter exit.
+loader = Loader({root!r}, batch_size=2, seq_len=16, threads=1, prefetch=1, pin_memory=False)
+def iterate():  # (no except: an error here is the thread's traceback on stderr)
+    for _ in loader:
+        pass
+threading.Thread(target=iterate, daemon=True).start()
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+
+
+def test_a_daemon_thread_iterating_at_exit_is_quiet(unique_ds):
+    """The finalizer closes the loader at interpreter exit under a daemon thread still in next(): that
+    thread printed a traceback ending "RuntimeError: the loader is closed" on every such exit."""
+    import fmcore
+
+    code = DAEMON_AT_EXIT.format(python=str(Path(fmcore.__file__).parents[1]), root=str(unique_ds))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("explicit close: ['the loader ") and "closed" in lines[0], lines
+    assert lines[1] == "exiting", lines

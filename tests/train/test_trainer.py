@@ -451,6 +451,31 @@ def test_compare_reports_relative_differences(tmp_path, capsys):
     assert "holds no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_compare_of_a_zero_loss_gives_the_absolute_difference(tmp_path, capsys):
+    # A logged loss of 0 in the first run was a ZeroDivisionError and a traceback.
+    from fmcore.train import compare
+
+    for name, losses in (("a", [1.0, 0.0, 0.0]), ("b", [1.0, 0.5, 0.0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": loss}) + "\n" for s, loss in enumerate(losses, 1)))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "max |rel diff| inf% (step 2)" in out and "at step 3: 0.000%" in out and "max |diff| 0.5 (step 2)" in out
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(dataset, tmp_path, capsys):
+    # A smoke run shorter than the preset's warmup (tiny: 30) runs, but its lr never reached optim.lr,
+    # and nothing said so.
+    records = _short_run(dataset, tmp_path / "run", "--schedule.warmup_steps", "10", "--optim.lr", "1e-3")
+    out = capsys.readouterr().out
+    assert ("warning: schedule.warmup_steps (10) exceeds train.steps (4): the lr warms up for the whole run and "
+            "peaks at 0.0004 (optim.lr is 0.001)") in out, out
+    assert records[-1]["lr"] == pytest.approx(4e-4)
+    _short_run(dataset, tmp_path / "run2", "--schedule.warmup_steps", "4")
+    assert "warmup_steps" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("first, then", [("fmcore", "torch"), ("torch", "fmcore")])
 def test_resume_with_the_other_optimizer(dataset, tmp_path, first, then):
     """FusedAdamW and torch.optim.AdamW checkpoints load into each other (the same state; torch's

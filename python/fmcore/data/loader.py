@@ -21,10 +21,12 @@ leading 0) feeds flash_attention_varlen with max_seqlen.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import operator
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from fmcore import _C
-from fmcore.data.shards import load_manifest, split_shards
+from fmcore.data.shards import ShardError, load_manifest, split_shards
 
 _DTYPE_BYTES = {torch.int64: 8, torch.int32: 4}
 _FORKED = "a Loader cannot be used in a process forked after it was created: create it in the child"
@@ -57,9 +59,10 @@ def default_threads() -> int:
 class Loader:
     """Iterable of Batch from dataset (a directory with manifest.json, or of llm.c *train*/*val* .bin).
 
-    threads: worker threads (default: default_threads()); prefetch: batches computed ahead (default
-    2*threads + 2); check_vocab: every token read is checked < vocab size (an error names the file and
-    offset); verify: checksum every shard when opening; pin_memory: default torch.cuda.is_available().
+    threads: worker threads (None: default_threads()); prefetch: batches computed ahead (None: 2*threads
+    + 2); both at least 1 (no "0 workers" as DataLoader's num_workers=0); check_vocab: every token read
+    is checked < vocab size (an error names the file and offset); verify: checksum every shard when
+    opening; pin_memory: default torch.cuda.is_available().
     """
 
     def __init__(self, dataset, split: str = "train", batch_size: int = 8, seq_len: int = 1024, *,
@@ -72,10 +75,17 @@ class Loader:
         if mode not in ("sequential", "random"):
             raise ValueError(f"mode must be 'sequential' or 'random', got {mode!r}")
         ints = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size,
-                    threads=threads or 0, prefetch=prefetch or 0)
+                    threads=threads, prefetch=prefetch)
         for name, value in ints.items():  # (the C++ core checks the ranges; pybind's own type error names none)
+            if name in ("threads", "prefetch") and value is None:
+                continue  # the default, chosen below
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            # 0 once meant the default silently (`threads or default_threads()`): DataLoader's users read
+            # num_workers=0 as "no workers", and a count the caller set was not the one used.
+            if name in ("threads", "prefetch") and value < 1:
+                default = "default_threads()" if name == "threads" else "2 * threads + 2"
+                raise ValueError(f"{name} must be >= 1 (None means the default, {default}), got {value}")
             # Past the C++ type (int for threads and prefetch, int64 else) pybind's error names no argument.
             bits = 31 if name in ("threads", "prefetch") else 63
             if name != "seed" and not -2**bits <= value < 2**bits:
@@ -90,15 +100,18 @@ class Loader:
         self.eos_id: int | None = tok.get("eos_id")
         self.batch_size, self.seq_len, self.mode, self.seed = batch_size, seq_len, mode, seed
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
-        self.threads = threads or default_threads()
+        self.threads = default_threads() if threads is None else threads
         self._fingerprint = _fingerprint(manifest["splits"][split])
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if pin_memory:
             torch.cuda.init()  # the workers allocate pinned buffers: initialise CUDA here, not in a worker
-        self._core = _C.TokenLoader(
-            [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
-            prefetch or 2 * self.threads + 2, doc_boundaries, _DTYPE_BYTES[dtype], check_vocab,
-            self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
+        try:
+            self._core = _C.TokenLoader(
+                [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
+                2 * self.threads + 2 if prefetch is None else prefetch, doc_boundaries, _DTYPE_BYTES[dtype],
+                check_vocab, self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
+        except ShardError as e:
+            raise _with_mmap_hint(e, len(paths)) from None
         if dtype == torch.int32:
             # The C++ core casts each uint32 token to the output type: ids >= 2^31 would turn negative.
             for info in self._core.shard_infos():
@@ -113,6 +126,7 @@ class Loader:
         self._pid = os.getpid()
         # Joins the worker threads when the loader is collected, closed, or at interpreter exit.
         self._finalizer = weakref.finalize(self, _close_core, self._core, self._pid)
+        self._closed = False  # by close(): the finalizer having run without it means interpreter exit
 
     @staticmethod
     def manifest(dataset) -> dict:
@@ -127,7 +141,17 @@ class Loader:
 
     def __next__(self) -> Batch:
         self._check_process()
-        x, y, positions, cu_seqlens, max_seqlen = self._core.next()
+        try:
+            x, y, positions, cu_seqlens, max_seqlen = self._core.next()
+        except RuntimeError:
+            # The finalizer ran and close() did not call it: nothing collects a loader that a thread is
+            # in next() of, so this is the interpreter's exit closing it under a daemon thread. That
+            # thread dies with the process; raising printed "the loader is closed" as its traceback
+            # on every such exit. It waits here instead, as it would have if the loader had stayed open.
+            # (Not the main thread: an atexit handler of its own reading the loader would hang the exit.)
+            if not self._closed and not self._finalizer.alive and threading.current_thread().daemon:
+                threading.Event().wait()
+            raise
         return Batch(x, y, positions, cu_seqlens, max_seqlen)
 
     @property
@@ -175,6 +199,7 @@ class Loader:
         self._core.restart(sample)
 
     def close(self) -> None:
+        self._closed = True
         self._finalizer()
 
     def __enter__(self):
@@ -192,6 +217,22 @@ def _close_core(core, pid: int) -> None:
         core.close()
     else:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # a reference never dropped: no destructor
+
+
+def _with_mmap_hint(e: ShardError, n_shards: int) -> ShardError:
+    """The loader maps every shard of the split: ENOMEM from mmap is most often the kernel's limit on a
+    process's memory maps (vm.max_map_count, 65530 by default) with many small shards, which the bare
+    "Cannot allocate memory" does not suggest."""
+    if f"cannot mmap: {os.strerror(errno.ENOMEM)}" not in str(e):
+        return e
+    try:
+        limit = f" = {int(Path('/proc/sys/vm/max_map_count').read_text())}"
+    except (OSError, ValueError):
+        limit = ""
+    return ShardError(f"{e} (the process may have reached the kernel's limit on memory maps, vm.max_map_count{limit}: "
+                      f"the loader maps each shard, {n_shards} in this split; use fewer, larger shards (`fmcore prepare "
+                      "--shard-tokens`) or raise the limit with sysctl; an address-space limit, ulimit -v, fails the "
+                      "same way)")
 
 
 def _fingerprint(split: dict) -> str:

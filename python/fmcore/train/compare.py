@@ -2,7 +2,8 @@
 
 For the ops A/B check (the same config, data and seed with model.ops="fmcore" and "torch"): prints, per
 run, the relative difference of its training loss from the first run's at every step both logged
-(max, mean, and at the last step), and plots the curves together.
+(max, mean, and at the last step) and the largest absolute difference (what to read where the first
+run's loss is 0: the relative one is inf there), and plots the curves together.
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ def losses(run: Path) -> dict[int, float]:
 
 def relative_differences(base: dict[int, float], other: dict[int, float]) -> dict[int, float]:
     """|other - base| / |base| at each step both runs logged; inf where only one of them is finite
-    (a diverged step must not vanish from max() as a nan would)."""
+    (a diverged step must not vanish from max() as a nan would) and where base is 0 and other is not
+    (a ZeroDivisionError there ended the comparison with a traceback)."""
+    return _differences(base, other, relative=True)
+
+
+def absolute_differences(base: dict[int, float], other: dict[int, float]) -> dict[int, float]:
+    """|other - base| at each step both runs logged; inf where only one of them is finite."""
+    return _differences(base, other, relative=False)
+
+
+def _differences(base: dict[int, float], other: dict[int, float], relative: bool) -> dict[int, float]:
     out = {}
     for s in sorted(base.keys() & other.keys()):
         a, b = base[s], other[s]
-        if math.isfinite(a) and math.isfinite(b):
-            out[s] = abs(b - a) / abs(a)
+        if (math.isnan(a) and math.isnan(b)) or a == b:
+            out[s] = 0.0
+        elif math.isfinite(a) and math.isfinite(b) and (a != 0 or not relative):
+            out[s] = abs(b - a) / (abs(a) if relative else 1.0)
         else:
-            out[s] = 0.0 if (math.isnan(a) and math.isnan(b)) or a == b else math.inf
+            out[s] = math.inf
     return out
 
 
@@ -53,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run}: no step in common with {args.runs[0]}")
             continue
         last = max(rel)
+        diff = absolute_differences(base, curves[run])
         print(f"{run} vs {args.runs[0]}: {len(rel)} common steps, max |rel diff| {100 * max(rel.values()):.3f}% "
               f"(step {max(rel, key=rel.get)}), mean {100 * sum(rel.values()) / len(rel):.3f}%, "
-              f"at step {last}: {100 * rel[last]:.3f}% ({base[last]:.4f} vs {curves[run][last]:.4f})")
+              f"at step {last}: {100 * rel[last]:.3f}% ({base[last]:.4f} vs {curves[run][last]:.4f}), "
+              f"max |diff| {max(diff.values()):.4g} (step {max(diff, key=diff.get)})")
     if args.plot:
         import matplotlib
 

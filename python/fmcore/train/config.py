@@ -77,7 +77,8 @@ class DataConfig:
     """Mask attention at document boundaries (varlen attention / block-diagonal mask) and restart
     positions at each document."""
     threads: int = 0
-    """Loader worker threads; 0 lets the loader choose."""
+    """Loader worker threads; 0 lets the loader choose (the trainer passes it as Loader(threads=None):
+    the usable cores shared among the local ranks, at most 8)."""
 
 
 @dataclass

@@ -182,6 +182,7 @@ def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode
     # A tensor-parallel group reads the same batches: the loader is sharded by data-parallel rank.
     # check_vocab (one compare per token read): a corrupt token id would otherwise index past the
     # embedding, a device-side assert on the GPU; it is a data error naming the file and offset.
+    # data.threads = 0 is the config's "let the loader choose": the Loader's threads=None (its 0 is an error).
     dp_rank, dp_world = data_parallel_coords(env.rank, env.world, cfg.parallel.tensor)
     return Loader(dataset, split=split, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                   mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=dp_rank, world_size=dp_world,
@@ -682,6 +683,13 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         f"precision={precision}, device={env.device}{f' x{env.world}' if env.world > 1 else ''}, "
         f"{step_tokens:,} tokens/step ({accum} micro-batches of {t.batch_size}x{t.seq_len}), "
         f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else ""))
+    if cfg.schedule.warmup_steps > t.steps:
+        # Not an error: a short smoke run (train.steps=20) of a preset with a longer warmup is common.
+        # But its lr never reaches optim.lr and never decays, which the config alone does not show.
+        reached = lr_at(t.steps - 1, t.steps, cfg.optim.lr, cfg.schedule)  # the last step's: still warming up
+        report.message(f"warning: schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds train.steps ({t.steps}): "
+                       f"the lr warms up for the whole run and peaks at {reached:.3g} (optim.lr is {cfg.optim.lr:.3g}) "
+                       "without decaying")
     if set_aside:
         report.message(set_aside)
     if not has_val:
