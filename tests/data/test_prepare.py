@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -378,11 +379,11 @@ def test_fmcore_prepare_killed_by_sigterm_deletes_its_temporary_directory(corpus
     # The signal from inside, at a known point: while the tokenizer is trained (the temporary directory exists).
     script = (f"import importlib, os, signal\n"
               f"p = importlib.import_module('fmcore.data.prepare')\n"
-              f"real = p.train_bpe\n"
-              f"def train_bpe(*a, **k):\n"
+              f"real = p._train_bpe_file\n"
+              f"def train_bpe_file(*a, **k):\n"
               f"    os.kill(os.getpid(), signal.{sig})\n"
               f"    return real(*a, **k)\n"
-              f"p.train_bpe = train_bpe\n"
+              f"p._train_bpe_file = train_bpe_file\n"
               f"raise SystemExit(p.main([{str(root)!r}, '--out', {str(tmp_path / 'ds')!r}, '--vocab-size', '300', "
               f"'--workers', '2']))\n")
     pkg_root = Path(fmcore.__file__).resolve().parent.parent  # the fmcore this test imports
@@ -494,3 +495,78 @@ def test_eos_token_is_checked_before_the_inputs_are_read(tmp_path, monkeypatch):
         prepare(tmp_path / "a.txt", tmp_path / "ds", tokenizer=tmp_path / "tok.json", workers=1)
     with pytest.raises(ValueError, match="eos_token '</s>' is not in the trained byte-level BPE"):
         prepare(tmp_path / "a.txt", tmp_path / "ds", eos_token="</s>", workers=1)
+
+
+def test_tokenizer_trained_in_a_child_process_is_the_one_trained_in_process(tmp_path):
+    # prepare() trains its BPE in a child process (so that a signal stops it): the same tokenizer.json as
+    # train_bpe() here, whatever the documents hold (NUL, line separators, non-ASCII).
+    rng = np.random.default_rng(0)
+    texts = [sentence(rng, 20 + i) for i in range(40)]
+    texts += ["a NUL \0 inside, a line\u2028separator and a CRLF\r\nin the text", "non-ASCII: é, 漢字 and 😀 " * 3]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = prepare(tmp_path / "docs.jsonl", tmp_path / "ds", vocab_size=400, val_fraction=0.0, workers=1)
+    texts = [t.replace("\r\n", "\n") for t in texts]  # (cleaning normalises newlines)
+    train_bpe(texts, 400, len(texts)).save(str(tmp_path / "here.json"))
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "here.json").read_bytes()
+
+
+def test_tokenizer_training_failure_shows_the_child_process_error(tmp_path):
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    with pytest.raises(RuntimeError, match=r"training the BPE tokenizer .*failed: Exception: .*No such file"):
+        prepare_module._train_bpe_file(["some text to train on"], 300, tmp_path / "missing" / "tokenizer.json")
+
+
+def _child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # (a process that ended meanwhile)
+            continue
+        if ppid == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_fmcore_prepare_stops_at_once_while_training_the_tokenizer(tmp_path, sig):
+    # The tokenizers BPE trainer runs in Rust and never checks for signals: a Ctrl-C or a SIGTERM while it
+    # trained waited for it to finish (about a minute per 24M characters, here several seconds).
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus").mkdir()
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
+    (tmp_path / "corpus" / "random.txt").write_bytes(rng.choice(letters, size=6_000_000).tobytes())
+    script = ("import signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # (ignored when started in the background)\n"
+              "import time\n"
+              "from fmcore.data.prepare import main\n"
+              f"code = main([{str(tmp_path / 'corpus')!r}, '--out', {str(tmp_path / 'ds')!r}, "
+              f"'--vocab-size', '30000', '--workers', '1'])\n"
+              # (CLOCK_MONOTONIC, the same in every process; the interpreter's exit after it, with torch
+              # imported, takes up to a second on a busy machine)
+              "print(f'returned at {time.monotonic()}', file=sys.stderr)\n"
+              "sys.exit(code)\n")
+    pkg_root = Path(fmcore.__file__).resolve().parent.parent  # the fmcore this test imports
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".ds.*")):  # the temporary directory: made just before the tokenizer
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no temporary directory after 120 s"
+            time.sleep(0.02)
+        time.sleep(1.0)  # well inside training
+        children = _child_pids(proc.pid)
+        assert children  # (the trainer's process)
+        sent = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), stderr
+    assert f"stopped by {sig}" in stderr and "Traceback" not in stderr
+    took = float(stderr.rsplit("returned at ", 1)[1]) - sent
+    assert took < 1.0, f"main() returned {took:.1f} s after the signal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a child process outlived prepare"

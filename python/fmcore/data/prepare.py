@@ -5,9 +5,9 @@ any of them .gz/.bz2/.xz compressed; or, with no input, the embedded corpus of t
 library) -> clean in worker processes (newline normalisation, empty / too-short / too-long /
 symbol-heavy filters, content hash) -> exact-duplicate removal by hash -> train/val split by hash
 (stable whatever the input order) -> tokenizer (a given tokenizer.json, or a byte-level BPE trained
-here on the train split) -> tokenize (the `tokenizers` Rust encoder, parallel over the cores) -> shards
-of about shard_tokens tokens, one EOS after every document, document start offsets stored ->
-manifest.json. Written into a temporary sibling directory and renamed, so a crash or a concurrent
+on the train split, in a child process) -> tokenize (the `tokenizers` Rust encoder, parallel over the
+cores) -> shards of about shard_tokens tokens, one EOS after every document, document start offsets
+stored -> manifest.json. Written into a temporary sibling directory and renamed, so a crash or a concurrent
 prepare never leaves a half dataset under the final name.
 
 Everything is held in memory between cleaning and sharding: fine for corpora of a few GB of text.
@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -37,9 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcore.data import _bpe
+from fmcore.data._bpe import EOS_TOKEN, train_bpe
 from fmcore.data.shards import MANIFEST, write_shard
 
-EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 # Compressed inputs are read through these (a file's name ends with one: "part.jsonl.gz", "book.txt.xz").
 DECOMPRESSORS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz": ("xz", lzma.open)}
@@ -288,18 +290,42 @@ def _load_tokenizer(path: Path):
     return tok
 
 
-def train_bpe(texts, vocab_size: int, total: int | None = None):
-    """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) trained on texts, with
-    <|endoftext|> as its only special token (id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer, length=total)
-    return tok
+def _train_bpe_file(texts: list[str], vocab_size: int, path: Path) -> None:
+    """train_bpe(texts, vocab_size) saved to path, trained in a child process (see _bpe): a signal stops the
+    wait for it at once, and the child is killed. The same tokenizer.json as trained in this process."""
+    if not sys.executable:  # (an embedded interpreter: nothing to start the child with)
+        train_bpe(texts, vocab_size, len(texts)).save(str(path))
+        return
+    with tempfile.TemporaryFile() as err:  # (a file: a pipe that fills up would stall the child)
+        child = subprocess.Popen([sys.executable, _bpe.__file__, str(vocab_size), str(len(texts)), str(path),
+                                  str(os.getpid())], stdin=subprocess.PIPE, stderr=err, bufsize=1 << 20)
+        try:
+            try:
+                _bpe.write_documents(texts, child.stdin)
+                child.stdin.close()
+            except BrokenPipeError:  # the child stopped reading: its error is read below
+                pass
+            # Not child.wait(): on a KeyboardInterrupt it first gives the child 0.25 s to end of the same
+            # Ctrl-C, and this child ignores SIGINT (see _bpe).
+            while child.poll() is None:
+                time.sleep(0.02)
+        except BaseException:  # KeyboardInterrupt, _Terminated: the child would train on for minutes
+            child.kill()
+            child.wait()
+            raise
+        finally:
+            with contextlib.suppress(OSError):  # (a broken pipe: the unsent rest of the buffer)
+                child.stdin.close()
+        if child.returncode != 0:
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()[-4000:] or f"exit status {child.returncode}"
+            if child.returncode < 0:
+                try:
+                    name = signal.Signals(-child.returncode).name
+                except ValueError:
+                    name = f"signal {-child.returncode}"
+                message = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+            raise RuntimeError(f"training the BPE tokenizer (in a child process) failed: {message}")
 
 
 def _eos_id(tok, eos_token: str | None, source: str) -> tuple[str, int]:
@@ -525,8 +551,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
                     break
                 chosen.append(t)
                 budget -= len(t)
-            tok = train_bpe(chosen, vocab_size, len(chosen))
-            tok.save(str(tmp / "tokenizer.json"))
+            _train_bpe_file(chosen, vocab_size, tmp / "tokenizer.json")
+            tok = _load_tokenizer(tmp / "tokenizer.json")
             tok_source = f"byte-level BPE trained on {len(chosen)} train documents"
         # max id + 1: a tokenizer's ids need not be contiguous (an added token far above the model's vocab),
         # and every id written must be below the vocab size stored in the shards.
