@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -889,3 +890,77 @@ def test_a_resumed_runs_summary_gives_the_whole_runs_wall_time(dataset, tmp_path
     _short_run(dataset, tmp_path / "run", *args, "--resume", "auto")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["wall_s"] >= 0.6
+
+
+def test_resume_on_a_dataset_of_another_vocabulary_raises_naming_the_vocab_size(dataset, tmp_path):
+    # model.vocab_size 0 takes the dataset's vocabulary: the checkpoint's config was resolved with this
+    # run's dataset, so the model check passed and torch.distributed.checkpoint failed with "does not fit
+    # this model and optimizer: ... Size mismatch ... for model.wte.weight", naming neither.
+    from fmcore import data
+
+    other = data.prepare([Path(json.__file__).parent], tmp_path / "other", vocab_size=512, val_fraction=0.1,
+                         workers=1, progress=False)
+    run = tmp_path / "run"
+    _short_run(dataset, run, "--checkpoint.every", "2")
+    with pytest.raises(ConfigError, match=r"another model \(model\.vocab_size = 1024 there, 512 here.*data\.dataset"):
+        _short_run(other, tmp_path / "branch", "--checkpoint.resume", str(run / "checkpoints" / "step_00000002"))
+
+
+@pytest.mark.parametrize("there, here, field", [
+    (["--parallel.data", "zero1"], ["--parallel.data", "ddp"], "parallel.data = 'zero1' there, 'ddp' here"),
+    (["--parallel.data", "fsdp2"], ["--parallel.data", "zero1"], "parallel.data = 'fsdp2' there, 'zero1' here"),
+    (["--parallel.data", "zero1"], ["--parallel.data", "zero1", "--optim.decay_embeddings", "true"],
+     "optim.decay_embeddings = False there, True here"),
+    (["--parallel.tensor", "2"], ["--parallel.data", "fsdp2"], "parallel.tensor = 2 there, 1 here"),
+    (["--parallel.data", "fsdp2"], ["--parallel.data", "fsdp2", "--parallel.tensor", "2"],
+     "parallel.tensor = 1 there, 2 here")])
+def test_resume_in_another_parallel_layout_raises_naming_the_setting(tmp_path, there, here, field):
+    # ZeroAdamW's flat shards and tensor parallelism's split projections are state dict keys the other
+    # layouts lack: such a resume failed as "does not fit this model and optimizer: Missing key in
+    # checkpoint state_dict: optim.flat0.bucket0.master" (or model.blocks.0.qkv.weight).
+    from fmcore.train.config import to_dict
+    from fmcore.train.trainer import check_same_layout
+
+    saved = to_dict(load_config("tiny", there))
+    with pytest.raises(ConfigError, match=f"another parallel layout \\({re.escape(field)}"):
+        check_same_layout(tmp_path, saved, load_config("tiny", here))
+    check_same_layout(tmp_path, saved, load_config("tiny", there))  # the same layout resumes
+    # and so do those torch.distributed.checkpoint reshards between
+    for a, b in [("ddp", "fsdp2"), ("fsdp2", "none"), ("none", "ddp")]:
+        check_same_layout(tmp_path, to_dict(load_config("tiny", ["--parallel.data", a])),
+                          load_config("tiny", ["--parallel.data", b]))
+
+
+def test_a_checkpoint_outside_a_run_dir_continues_in_the_default_run_dir(tmp_path, monkeypatch):
+    # A checkpoint copied or downloaded on its own (~/Downloads/step_00000004) made its grandparent the
+    # run dir: config.toml, metrics.jsonl, checkpoints/, hf/ and a .lock were written into the user's folder.
+    monkeypatch.chdir(tmp_path)
+    loose = tmp_path / "home" / "Downloads" / "step_00000004"
+    loose.mkdir(parents=True)
+    (loose / ".metadata").write_bytes(b"")
+    assert choose_run_dir(load_config("tiny", ["--resume", str(loose)])) == (Path("runs/tiny"), loose)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "config.toml").write_text("")
+    assert choose_run_dir(load_config("tiny", ["--resume", str(loose)])) == (Path("runs/tiny-2"), loose)
+    # one in a run dir (its checkpoints/, or a checkpoints-abandoned-*/ beside them) continues that run
+    aside = tmp_path / "runs" / "tiny" / "checkpoints-abandoned-20260101-000000" / "step_00000004"
+    aside.mkdir(parents=True)
+    (aside / ".metadata").write_bytes(b"")
+    assert choose_run_dir(load_config("tiny", ["--resume", str(aside)])) == ((tmp_path / "runs/tiny").resolve(), aside)
+
+
+def test_resuming_a_set_aside_checkpoint_sets_the_other_branchs_later_checkpoints_aside(dataset, tmp_path):
+    # Back to the abandoned branch (checkpoints-abandoned-*/step_00000002): the current branch's steps 3
+    # and 4 stayed in checkpoints/, and the next --resume auto went on from that branch's step 4, not
+    # from this one's step 3.
+    run = tmp_path / "run"
+    keep = ["--checkpoint.every", "1", "--checkpoint.save_final", "true", "--checkpoint.keep_last", "0"]
+    _short_run(dataset, run, *keep)  # branch A: 1 2 3 4
+    _short_run(dataset, run, *keep, "--checkpoint.resume", str(run / "checkpoints" / "step_00000001"),
+               "--optim.lr", "1e-4")  # branch B from step 1: A's 2 3 4 set aside
+    (aside,) = run.glob("checkpoints-abandoned-*")  # (the next set-aside, within the same second: another name)
+    _short_run(dataset, run, *keep, "--checkpoint.resume", str(aside / "step_00000002"), "--train.steps", "3")
+    latest = checkpoint.latest(run / "checkpoints")
+    assert latest.name == "step_00000003"
+    assert checkpoint.read_extra(latest)["config"]["optim"]["lr"] != 1e-4  # branch A's
+    assert len(list(run.glob("checkpoints-abandoned-*"))) == 2

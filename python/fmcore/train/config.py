@@ -166,7 +166,8 @@ class CheckpointConfig:
     """...plus every checkpoint whose step is a multiple of this (0: none)."""
     resume: str = "none"
     """"none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint dir (the run
-    goes on in log.run_dir when given, else in the run dir holding that checkpoint)."""
+    goes on in log.run_dir when given, else in the run dir holding that checkpoint, or runs/<name> for
+    one in no run dir)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     export_hf: bool = True

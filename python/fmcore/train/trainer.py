@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -196,7 +197,8 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     default dir already holds a run takes runs/<name>-2, -3, ... A fresh run in an explicit
     log.run_dir that already holds checkpoints is an error (pass --resume auto to continue it). A
     checkpoint dir to resume continues in log.run_dir when one is given (a branch of that run: the
-    original's checkpoints stay untouched), else in the run dir holding the checkpoint."""
+    original's checkpoints stay untouched), else in the run dir holding the checkpoint (or, for one
+    in no run dir, in the default run dir of a fresh run)."""
     resume = cfg.checkpoint.resume
     if cfg.log.run_dir:
         candidates = [Path(cfg.log.run_dir)]
@@ -211,7 +213,13 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                               f".metadata file torch.distributed.checkpoint writes)")
         own_run = path.resolve().parent.parent
         if not cfg.log.run_dir:
-            return own_run, path
+            # (A run writes both before its first step: every run dir holding checkpoints has them.)
+            if (own_run / "config.toml").is_file() or (own_run / "metrics.jsonl").is_file():
+                return own_run, path
+            # A checkpoint outside a run dir (copied or downloaded on its own, ~/Downloads/step_00000100):
+            # its grandparent became the run dir, config.toml, metrics.jsonl, checkpoints/, hf/ and a .lock
+            # written into a folder of the user's. It continues in the default run dir, as a fresh run would.
+            return _new_default_run_dir(cfg), path
         run = candidates[0]
         if run.resolve() != own_run and checkpoint.step_dirs(run / "checkpoints"):
             raise ConfigError(f"log.run_dir {run} already holds checkpoints of another run; resume {path} into a "
@@ -229,13 +237,18 @@ def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             raise ConfigError(f"log.run_dir {run} already holds checkpoints: pass --resume auto to continue that "
                               "run, or choose another --log.run_dir")
         return run, None
+    return _new_default_run_dir(cfg), None
+
+
+def _new_default_run_dir(cfg: Config) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... when it holds a run."""
     n = 1
     while True:
         run = Path("runs") / (cfg.name if n == 1 else f"{cfg.name}-{n}")
         # A dir holding only a free .lock was left by a run that failed before writing anything (a config
         # or data error found after it locked the dir): counted as a run, each retry moved to a new dir.
         if not run.exists() or {p.name for p in run.iterdir()} <= {".lock"} and not lock_held(run):
-            return run, None
+            return run
         n += 1
 
 
@@ -487,13 +500,22 @@ def set_aside_later_checkpoints(run_dir: Path, resume_from: Path, step: int) -> 
     so they move to checkpoints-abandoned-<time>/ (nothing reads or prunes it). The metrics after the
     step are truncated the same way (metrics.Reporter). Returns a message saying so, or None."""
     ckpt_dir = run_dir / "checkpoints"
-    if Path(resume_from).resolve().parent != ckpt_dir.resolve():
+    # One of this run's checkpoints set aside before (checkpoints-abandoned-*/) starts a branch too: the
+    # abandoned branch's later checkpoints stayed in checkpoints/ beside the new branch's, where the next
+    # --resume auto went on from the highest step, the abandoned branch's.
+    if Path(resume_from).resolve().parent.parent != run_dir.resolve():
         return None
     later = [path for s, path in checkpoint.step_dirs(ckpt_dir) if s > step]
     if not later:
         return None
-    aside = run_dir / f"checkpoints-abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in itertools.count(1):  # (two set-asides within one second: the second one's name taken)
+        aside = run_dir / f"checkpoints-abandoned-{stamp}{'' if n == 1 else f'-{n}'}"
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
     for path in later:
         path.rename(aside / path.name)
     return f"resuming step {step} of this run: its {len(later)} later checkpoint(s) moved to {aside}"
@@ -524,21 +546,63 @@ def deterministic_mode():
 
 # ---- the run
 
-def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Path) -> None:
+def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Path,
+                     resolved: dict | None = None) -> None:
     """A checkpoint resumes only the model it was written for. torch.distributed.checkpoint loads what
     the current model asks for: a smaller model would take its share of a larger one's weights
     silently, a larger one fail on a missing key. Compared resolved, all but ops (the same weights
-    either way) and init_std (used before step 0 only); skipped for a checkpoint without its config."""
-    if not saved or "model" not in saved:
-        return
+    either way) and init_std (used before step 0 only); skipped for a checkpoint without its config.
+    resolved: the model config as the checkpoint's run resolved it (its extra state's "resolved_model"),
+    else the checkpoint's config is resolved here, with this run's dataset: a model.vocab_size of 0
+    (the dataset's) then looked the same on another tokenizer's dataset, and the embedding's shape
+    failed in torch.distributed.checkpoint ("Size mismatch ... model.wte.weight") naming neither."""
     fields = {f.name for f in dataclasses.fields(mcfg)}
-    written = dataclasses.replace(mcfg, **{k: v for k, v in saved["model"].items() if k in fields})
-    written = models.resolve(dataclasses.replace(written, ops=mcfg.ops), vocab_size)
+    if resolved is not None:
+        written = dataclasses.replace(mcfg, **{k: v for k, v in resolved.items() if k in fields - {"ops"}},
+                                      ops=mcfg.ops)
+    elif saved and "model" in saved:
+        written = dataclasses.replace(mcfg, **{k: v for k, v in saved["model"].items() if k in fields})
+        written = models.resolve(dataclasses.replace(written, ops=mcfg.ops), vocab_size)
+    else:
+        return
     differ = [f"model.{f} = {getattr(written, f)!r} there, {getattr(mcfg, f)!r} here"
+              + (" (the checkpoint's model.vocab_size 0 took its dataset's vocabulary, rounded up to a multiple of "
+                 "64: check data.dataset)"
+                 if f == "vocab_size" and vocab_size and getattr(mcfg, f) == -(-vocab_size // 64) * 64
+                 and (saved or {}).get("model", {}).get("vocab_size") == 0 else "")
               for f in sorted(fields - {"ops", "init_std"}) if getattr(written, f) != getattr(mcfg, f)]
     if differ:
         raise ConfigError(f"checkpoint.resume: {path} was written for another model ({'; '.join(differ)}); resume it "
                           f"with the config it was written with (config.toml in its run dir), or start a new run")
+
+
+def check_same_layout(path: Path, saved: dict | None, cfg: Config) -> None:
+    """The parallel layouts whose state dicts torch.distributed.checkpoint cannot map onto each other:
+    ZeroAdamW (zero1) saves its flat buckets' shards ("optim.flat0.bucket0.exp_avg", laid out by param
+    group) where the other optimizers save one entry per parameter, and tensor parallelism splits the
+    fused projections into parts ("blocks.0.qkv.parts.0.weight"). Such a checkpoint failed in
+    checkpoint.load as one that "does not fit this model and optimizer: Missing key ..." (or a size
+    mismatch of a bucket), naming neither the setting nor the model it does fit. Between the others
+    (none, ddp, fsdp2) the checkpoint reshards."""
+    there = (saved or {}).get("parallel")
+    if not there:
+        return
+    differ = []
+    if (there.get("data") == "zero1") != (cfg.parallel.data == "zero1"):
+        differ.append(f"parallel.data = {there.get('data')!r} there, {cfg.parallel.data!r} here (zero1's optimizer "
+                      "state is its flat shards, the others' one entry per parameter)")
+    elif cfg.parallel.data == "zero1":
+        for key in ("decay_embeddings", "decay_norms_biases"):
+            written = (saved.get("optim") or {}).get(key, getattr(cfg.optim, key))
+            if written != getattr(cfg.optim, key):
+                differ.append(f"optim.{key} = {written!r} there, {getattr(cfg.optim, key)!r} here (zero1's flat "
+                              "shards are laid out by param group)")
+    if (there.get("tensor", 1) > 1) != (cfg.parallel.tensor > 1):
+        differ.append(f"parallel.tensor = {there.get('tensor', 1)!r} there, {cfg.parallel.tensor!r} here (tensor "
+                      "parallelism saves the fused projections as their parts)")
+    if differ:
+        raise ConfigError(f"checkpoint.resume: {path} was written in another parallel layout ({'; '.join(differ)}); "
+                          "resume it with the settings it was written with (config.toml in its run dir)")
 
 
 def check_same_precision(path: Path, saved: dict | None, cfg: Config, precision: str) -> None:
@@ -631,7 +695,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     if resume_from is not None:
         _from_main(lambda: check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
-        check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from)
+        check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
+        check_same_layout(resume_from, extra.get("config"), cfg)
         check_same_precision(resume_from, extra.get("config"), cfg, precision)
         # The checkpoint's param groups would bring back the hyperparameters it was written with: a
         # changed optim.weight_decay, betas or eps would be ignored while config.toml records it.
@@ -702,7 +767,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                  "tokens": resumed_tokens + (at_step - start) * step_tokens,
                  "wall_s": resumed_wall + time.perf_counter() - run_t0,
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg)}
+                 "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg),
+                 "resolved_model": dataclasses.asdict(mcfg)}
         return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
 
     def run_eval(at_step: int) -> None:
