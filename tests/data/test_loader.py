@@ -261,6 +261,19 @@ def test_closed_loader(unique_ds):
         next(loader)
 
 
+def test_pickling_a_loader_says_where_to_create_it(unique_ds):
+    # A DataLoader worker started with spawn or forkserver pickles its dataset: a Loader made in the
+    # dataset's __init__ failed with pybind's "cannot pickle 'fmcore._C.TokenLoader' object".
+    import copy
+    import pickle
+
+    with Loader(unique_ds, batch_size=2, seq_len=T, threads=1) as loader:
+        for clone in (pickle.dumps, copy.deepcopy, copy.copy):
+            with pytest.raises(TypeError, match=r"Loader cannot be pickled or copied.*__iter__"):
+                clone(loader)
+        assert next(loader).x.shape == (2, T)  # the loader itself is untouched
+
+
 @pytest.fixture(scope="module")
 def big_ds(tmp_path_factory):
     """Enough tokens that a (64, 256) batch takes the workers a while: consumers really wait in next()."""

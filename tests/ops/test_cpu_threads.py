@@ -1,7 +1,8 @@
 """The CPU references run their at::parallel_for loops on OpenMP threads (the extension is built with
 -fopenmp against torch's libgomp) and must give the same bits at any thread count: work is split by
 rows or blocks and partial sums are added in a fixed order. Each op runs with 1 thread and with 4 (more
-than the CI machine's 2 cores, so the split differs from a natural one) and the results must be equal.
+than the CI machine's 2 cores, so the split differs from a natural one) and the results must be equal
+(linear_cross_entropy's: close, see its test).
 Worker threads also must not lose the caller's thread-local dispatch state (csrc/ops/parallel.h): the
 attention reference's first run at 4 threads raised from autograd before that fix.
 Shapes are large enough that parallel_for's grain size actually splits the work."""
@@ -57,10 +58,19 @@ def test_cross_entropy_same_bits_at_any_thread_count(label_smoothing):
         lambda x: ops.cross_entropy(x, target, label_smoothing=label_smoothing, z_loss=1e-4), [logits]))
 
 
-def test_linear_cross_entropy_same_bits_at_any_thread_count():
-    hidden, weight, target = _randn(256, 64, seed=5), _randn(1000, 64, seed=6), torch.randint(0, 1000, (256,))
-    _assert_same_at_1_and_4_threads(_grads(
-        lambda h, w: ops.linear_cross_entropy(h, w, target, chunk_size=64), [hidden, weight]))
+@pytest.mark.parametrize("D", [24, 64])
+def test_linear_cross_entropy_close_at_any_thread_count(D):
+    # Not the same bits: its chunk matmuls are ATen's (MKL), whose summation order follows the thread
+    # count as torch's own matmul's does (at D = 24 1 and 4 threads differ in the last bits; at 64
+    # they happened not to, which this test once asserted). The loss kernel between them is exact.
+    hidden, weight, target = _randn(256, D, seed=5), _randn(1000, D, seed=6), torch.randint(0, 1000, (256,))
+    run = _grads(lambda h, w: ops.linear_cross_entropy(h, w, target, chunk_size=64), [hidden, weight])
+    with cpu_threads(1):
+        one = run()
+    with cpu_threads(4):
+        four = run()
+    for a, b in zip(one, four):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])

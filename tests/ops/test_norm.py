@@ -515,3 +515,15 @@ def test_backward_from_two_host_threads_cuda():
         t.join()
     torch.cuda.synchronize()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_float64_uses_eps_unrounded(kind):
+    # The CPU path added eps rounded to fp32 (the CUDA kernels' copy): 1e-5 became 1.0000000e-5 + 2.5e-14,
+    # which rows whose mean square is near eps (|x| ~ 1e-2) showed as a relative error of 2.5e-9.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, dtype=torch.float64, generator=g) * 1e-2
+    w = torch.randn(256, dtype=torch.float64, generator=g)
+    out, _ = add_norm(x, None, w, eps=1e-5, kind=kind)
+    ref = F.layer_norm(x, (256,), w, None, 1e-5) if kind == "layer" else F.rms_norm(x, (256,), w, 1e-5)
+    assert ((out - ref).abs() / ref.abs().clamp_min(1e-300)).max() < 1e-13

@@ -605,6 +605,34 @@ def test_resume_drops_a_torn_metrics_line_and_rewrites_the_file_atomically(tmp_p
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
 
 
+def test_a_reporter_close_interrupted_midway_is_finished_by_the_next(tmp_path, monkeypatch):
+    # A second Ctrl-C while TensorBoard's writer flushed (a slow filesystem) left metrics.jsonl open and
+    # the writer's thread running; the trainer's cleanup then called close() again, which did nothing.
+    import threading
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fmcore.train import metrics
+
+    threads = set(threading.enumerate())
+    report = metrics.Reporter(tmp_path, total_steps=4, start_step=0, progress="none", tensorboard=True)
+    report.log({"step": 1, "loss": 2.0, "lr": 1e-3, "tok_s": 1.0})
+    file, real_close = report.file, SummaryWriter.close
+
+    def interrupted(self):
+        monkeypatch.setattr(SummaryWriter, "close", real_close)  # only the first close is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SummaryWriter, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.close()
+    assert file.closed  # closed although the writer's close raised
+    report.close()
+    assert not set(threading.enumerate()) - threads  # the writer's thread is joined
+    report.log({"step": 2, "loss": 1.0, "lr": 1e-3, "tok_s": 1.0})  # a closed Reporter reports nothing
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
 def test_a_failed_save_is_a_checkpoint_error_naming_the_step(dataset, tmp_path, capsys, monkeypatch):
     # A full disk surfaced as two tracebacks ending in torch's "unexpected pos 704 vs 598".
     run = tmp_path / "run"

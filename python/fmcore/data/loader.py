@@ -198,6 +198,15 @@ class Loader:
                                  f"{getattr(self, '_fingerprint' if key == 'dataset' else key)!r}")
         self._core.restart(sample)
 
+    def __reduce_ex__(self, protocol):
+        # A DataLoader worker started with spawn or forkserver pickles its dataset: a Loader in it
+        # failed with pybind's "cannot pickle 'fmcore._C.TokenLoader' object", which names neither the
+        # Loader nor what to do. (copy.copy and deepcopy come here too: a copy sharing the C++ core
+        # would read, restart and close the original's batches.)
+        raise TypeError("a Loader cannot be pickled or copied: its worker threads and open shards belong to the "
+                        "process that created it; create it where it is used (in a DataLoader worker: in the "
+                        "dataset's __iter__, not its __init__)")
+
     def close(self) -> None:
         self._closed = True
         self._finalizer()

@@ -8,6 +8,7 @@ are written with full float precision (repr), so two runs can be compared bit fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ class Reporter:
                  enabled: bool = True):
         self.enabled, self.run_dir, self.total = enabled, run_dir, total_steps
         self.path = run_dir / "metrics.jsonl"
-        self.bar = self.tb = None
+        self.bar = self.tb = self.file = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,16 +76,20 @@ class Reporter:
             print(text, flush=True)
 
     def close(self) -> None:
-        """Closes the bar, the TensorBoard writer and metrics.jsonl; a second close does nothing, and a
-        closed Reporter reports nothing."""
-        if not self.enabled:
-            return
+        """Closes the bar, the TensorBoard writer and metrics.jsonl; a second close closes what an
+        interrupted first one left open, else does nothing, and a closed Reporter reports nothing."""
         self.enabled = False
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.file.close()
+        # Each one is closed even when closing another raises, and forgotten only once closed: a second
+        # Ctrl-C while TensorBoard's writer flushed (a slow filesystem) left metrics.jsonl open and the
+        # writer's thread running, and the trainer's cleanup, calling close() again, did nothing.
+        with contextlib.ExitStack() as stack:
+            for name in ("file", "tb", "bar"):  # (closed in reverse order: the bar first)
+                stack.callback(self._close, name)
+
+    def _close(self, name: str) -> None:
+        if getattr(self, name) is not None:
+            getattr(self, name).close()
+            setattr(self, name, None)
 
 
 def _short(r: dict) -> str:
