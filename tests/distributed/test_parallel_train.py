@@ -194,3 +194,34 @@ def test_zero1_gradient_accumulation_matches_one_process(dataset, references, tm
     run(2, overrides(dataset, tmp_path / "run", B // 2, "--parallel.data", "zero1",
                      "--train.tokens_per_step", str(2 * B * 32)), tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", 2 * B]), range(1, STEPS + 1))
+
+
+def _train_in_the_callers_group(rank: int, world: int, args: list[str]) -> None:
+    from fmcore.train.config import load_config
+    from fmcore.train.trainer import train
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    train(load_config("tiny", args))
+
+
+def test_train_in_the_callers_process_group_without_launcher_variables(dataset, references, tmp_path):
+    # train() called from code that made its own 2-rank group, without torchrun's RANK / WORLD_SIZE:
+    # each rank ran as rank 0 of 1 (both locked the run dir: "in use by another fmcore train").
+    run_ranks(_train_in_the_callers_group, 2, tmp_path / "launch",
+              args=(overrides(dataset, tmp_path / "run", B, "--parallel.data", "ddp"),), timeout=120)
+    assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", 2 * B]), range(1, STEPS + 1))
+
+
+def test_a_checkpoint_resumed_in_a_layout_that_cannot_load_it_is_a_config_error(two_rank_run, dataset):
+    # A tensor-parallel checkpoint names the split projections, zero1's holds flat optimizer shards:
+    # DCP's "does not fit this model and optimizer: Missing key ... qkv.weight" read as another model.
+    mode, ops, tmp = two_rank_run
+    if mode not in ("tensor2", "zero1") or ops != "fmcore":
+        pytest.skip("the layouts whose checkpoints other layouts cannot load")
+    ckpt = resume_from(tmp / "run", tmp / "other-layout")
+    args = overrides(dataset, tmp / "other-layout", B, "--parallel.data", "ddp", "--checkpoint.resume", str(ckpt))
+    messages = run_ranks(_train_expecting_config_error, 2, tmp / "launch-other-layout", args=(args,), timeout=120)
+    why = ("parallel.tensor = 2 there, 1 here" if mode == "tensor2" else
+           "parallel.data = 'zero1' there, 'ddp' here")
+    assert all(why in m for m in messages), messages

@@ -148,6 +148,10 @@ def test_zero1_counts_its_shard_buffers():
     (["--gpus", "2", "--parallel.data", "ddp", "--parallel.tensor", "2"], "with parallel.tensor > 1"),
     (["--gpus", "2", "--parallel.data", "zero1", "--train.precision", "fp16"], "does not support train.precision"),
     (["--model.ops", "torch", "--train.precision", "bf16"], "needs optim.impl 'fmcore'"),
+    # tensor parallelism keeps whole heads: the trainer refused these after building the model
+    (["--gpus", "4", "--parallel.tensor", "4"], "parallel.tensor 4 must divide model.n_heads (2)"),
+    (["--gpus", "2", "--parallel.tensor", "2", "--model.arch", "llama", "--model.n_heads", "4", "--model.n_kv_heads",
+      "1"], "parallel.tensor 2 must divide model.n_heads (4), model.n_kv_heads (1)"),
 ])
 def test_cli_refuses_what_the_trainer_refuses(capsys, args, why):
     assert main(["tiny", *args]) == 2

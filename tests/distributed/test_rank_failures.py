@@ -109,3 +109,46 @@ def test_parallel_timeout_s_must_be_positive():
     for bad in ("0", "-1", "inf", "nan"):
         with pytest.raises(ConfigError, match="parallel.timeout_s: expected a finite value > 0"):
             load_config("tiny", ["--parallel.timeout_s", bad])
+
+
+def _train_with_a_hung_rank(rank: int, world: int, dataset: str, run: str) -> tuple[float, str]:
+    from fmcore.train import trainer
+    from tests.distributed.test_parallel_train import _train, overrides
+
+    step, calls = trainer.train_step, []
+
+    def hanging_step(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            time.sleep(12)  # stuck outside any collective; the others wait in the step's first one
+        return step(*args, **kwargs)
+
+    trainer.train_step = hanging_step
+    t0 = time.perf_counter()
+    try:  # run_ranks' process group has a 60 s timeout: what times out earlier is the mesh's own groups
+        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "fsdp2", "--parallel.tensor",
+                                      "2", "--parallel.timeout_s", "3", "--checkpoint.every", "0"))
+        outcome = "passed"
+    except RuntimeError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    return time.perf_counter() - t0, outcome
+
+
+def test_a_hung_rank_fails_the_2d_mesh_collectives_after_parallel_timeout_s(tmp_path):
+    # dp=2 x tp=2: every collective of a step runs on the mesh's tensor- or data-parallel groups, which
+    # init_device_mesh had made with torch's default timeout (gloo 30 min): the others waited out rank 1.
+    import email
+
+    import matplotlib
+
+    from fmcore import data
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as _pyplot  # noqa: F401  (imported once, before the fork)
+    dataset = data.prepare([Path(email.__file__).parent], tmp_path / "email", vocab_size=512, val_fraction=0.1,
+                           workers=1, progress=False)
+    results = run_ranks(_train_with_a_hung_rank, 4, tmp_path / "launch", args=(str(dataset), str(tmp_path / "run")),
+                        timeout=90)
+    for rank in (0, 2, 3):
+        waited, outcome = results[rank]
+        assert outcome != "passed" and waited < 11, (rank, waited, outcome)

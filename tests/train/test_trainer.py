@@ -206,6 +206,23 @@ def test_main_leaves_the_callers_process_group(dataset, tmp_path):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("env, why", [
+    ({"RANK": "1"}, "RANK is 1 but WORLD_SIZE is not set"),  # was a TypeError in _from_main
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK is not set"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "0 <= RANK < WORLD_SIZE"),  # was a rendezvous timeout
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"},
+     "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x': expected an integer"),
+])
+def test_inconsistent_launcher_variables_are_config_errors(dataset, tmp_path, monkeypatch, capsys, env, why):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "1")]) == 2
+    assert why in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data", ["fsdp2", "zero1"])
 def test_a_one_process_parallel_run_leaves_no_process_group(dataset, tmp_path, data):
     # The 1-rank group such a run initialises for itself stayed: the caller's own init_process_group
@@ -489,6 +506,37 @@ def test_resume_with_the_other_optimizer(dataset, tmp_path, first, then):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed[2]["loss"] == whole[2]["loss"]  # step 3's loss: the weights after step 2, as saved
     assert resumed[3]["loss"] == pytest.approx(whole[3]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fmcore", "torch"])
+def test_a_checkpoint_loads_into_an_optimizer_grouping_its_params_otherwise(tmp_path, impl):
+    """Parallel layouts group the same parameters otherwise (tensor parallelism splits each group into
+    its DTensor and plain parameters; fsdp2 + tensor keeps two groups): a checkpoint of fsdp2 +
+    tensor 2 resumed with tensor 2 alone raised KeyError 'lr' in FusedAdamW.load_state_dict. The
+    per-parameter state loads by name; the groups and their hyperparameters stay the optimizer's."""
+    from fmcore.optim import FusedAdamW
+
+    def build(split: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        w, b = [model[0].weight, model[1].weight], [model[0].bias, model[1].bias]
+        groups = [{"params": w[:1], "weight_decay": 0.1}, {"params": w[1:], "weight_decay": 0.1}] if split else \
+            [{"params": w, "weight_decay": 0.1}]
+        groups.append({"params": b, "weight_decay": 0.0})
+        opt = FusedAdamW(groups, lr=1e-3) if impl == "fmcore" else torch.optim.AdamW(groups, lr=1e-3)
+        return model, opt
+
+    model, opt = build(split=False)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    checkpoint.save(tmp_path, 1, model, opt, {"step": 1})
+    model2, opt2 = build(split=True)
+    checkpoint.load(tmp_path / "step_00000001", model2, opt2)
+    assert [(g["lr"], g["weight_decay"]) for g in opt2.param_groups] == [(1e-3, 0.1), (1e-3, 0.1), (1e-3, 0.0)]
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p2, p, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt2.state[p2][key], opt.state[p][key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("change, field", [(["--model.n_layers", "1"], "model.n_layers"),

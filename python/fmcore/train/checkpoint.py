@@ -219,6 +219,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """Restore model and optimizer in place from checkpoint dir path (read_extra(path) first: it
     checks that the checkpoint is complete, and returns the rest of its state)."""
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+    own_groups = [dict(g) for g in optim_sd.get("param_groups", [])]  # (before DCP loads into them)
     own_flags = _drop_group_flags_not_saved(optim_sd, path)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -233,6 +234,13 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         raise CheckpointError(f"{path} {what}: {_causes(e)}") from None
     for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
         group.update(flags)
+    if [g.get("params") for g in state["optim"].get("param_groups", [])] != [g.get("params") for g in own_groups]:
+        # The checkpoint groups the parameters otherwise (another parallel layout: tensor parallelism
+        # splits each group into its DTensor and its plain parameters, fsdp2 makes them all DTensors).
+        # torch maps saved groups to ours by parameter name, and a group of ours whose parameters it
+        # found in none, or in a group it had mapped to another, got no hyperparameters (FusedAdamW:
+        # KeyError 'lr'). The state is per parameter name and loads either way; the groups stay ours.
+        state["optim"]["param_groups"] = own_groups
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
 
 

@@ -82,13 +82,20 @@ def check_layout(data: str, tensor: int, world: int, precision: str) -> None:
 def mesh(cfg, device: torch.device):
     """The ("dp", "tp") DeviceMesh over all ranks (created once)."""
     global _MESH
-    from torch.distributed.device_mesh import init_device_mesh
-
     world = dist.get_world_size()
     tp = cfg.parallel.tensor
     data_parallel_coords(dist.get_rank(), world, tp)  # validates
     if _MESH is None or _MESH.mesh.shape != (world // tp, tp) or _MESH.device_type != device.type:
-        _MESH = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        # The mesh's groups made here, with parallel.timeout_s: init_device_mesh makes every dim that
+        # does not span the world (both of a 2-D mesh) with torch's default timeout (gloo 30 min, NCCL
+        # 10 min), so a hung rank held the tensor- and data-parallel collectives that long.
+        from torch.distributed.device_mesh import DeviceMesh
+
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        ranks = torch.arange(world).view(world // tp, tp)
+        groups = [dist.new_subgroups_by_enumeration(ranks.T.tolist(), timeout=timeout)[0],  # "dp": a column
+                  dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=timeout)[0]]  # "tp": a row
+        _MESH = DeviceMesh.from_group(groups, device.type, mesh=ranks, mesh_dim_names=("dp", "tp"))
     return _MESH
 
 
@@ -192,20 +199,29 @@ class SplitLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+def check_tensor_divides(tensor: int, arch: str, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+    """Each tensor-parallel rank keeps whole heads (of q, and of k and v) and ffn_dim / tensor hidden
+    units: apply_tensor_parallel checks its blocks with it, `fmcore plan-memory` a resolved model config."""
+    from fmcore.train.config import ConfigError
+
+    if arch == "gpt2" and (n_heads % tensor or ffn_dim % tensor):
+        raise ConfigError(f"parallel.tensor {tensor} must divide model.n_heads ({n_heads}) and model.ffn_dim "
+                          f"({ffn_dim})")
+    if arch != "gpt2" and (n_heads % tensor or n_kv_heads % tensor or ffn_dim % tensor):
+        raise ConfigError(f"parallel.tensor {tensor} must divide model.n_heads ({n_heads}), model.n_kv_heads "
+                          f"({n_kv_heads}) and model.ffn_dim ({ffn_dim})")
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Megatron-style tensor parallelism of every block's attention and MLP, in place."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from fmcore.train.config import ConfigError
 
     t = tp_mesh.size()
     col, row = ColwiseParallel(), RowwiseParallel()
     for block in model.blocks:
         if hasattr(block, "qkv"):  # GPT-2
             d = block.qkv.in_features
-            if block.n_heads % t or block.fc.out_features % t:
-                raise ConfigError(f"parallel.tensor {t} must divide model.n_heads ({block.n_heads}) and "
-                                  f"model.ffn_dim ({block.fc.out_features})")
+            check_tensor_divides(t, "gpt2", block.n_heads, block.n_heads, block.fc.out_features)
             block.qkv = SplitLinear(block.qkv, [d, d, d])
             block.fused_bias_gelu = False  # fc's forward must run: its ColwiseParallel hooks are there
             plan = {"qkv.parts.0": col, "qkv.parts.1": col, "qkv.parts.2": col, "attn_out": row,
@@ -214,9 +230,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         else:  # Llama
             hq, hk, hd = block.hq, block.hk, block.hd
             f = block.w_down.in_features
-            if hq % t or hk % t or f % t:
-                raise ConfigError(f"parallel.tensor {t} must divide model.n_heads ({hq}), model.n_kv_heads "
-                                  f"({hk}) and model.ffn_dim ({f})")
+            check_tensor_divides(t, "llama", hq, hk, f)
             block.wqkv = SplitLinear(block.wqkv, [hq * hd, hk * hd, hk * hd])
             block.w_gate_up = SplitLinear(block.w_gate_up, [f, f])
             plan = {"wqkv.parts.0": col, "wqkv.parts.1": col, "wqkv.parts.2": col, "wo": row,

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fmcore.train import models
     from fmcore.train.config import ConfigError, load_config
-    from fmcore.train.parallel import check_layout
+    from fmcore.train.parallel import check_layout, check_tensor_divides
     from fmcore.train.trainer import optimizer_impl, resolve_precision
 
     parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     tp = cfg.parallel.tensor
     try:  # what `fmcore train` refuses (tp not dividing gpus among it): a plan of it would only mislead
         check_layout(cfg.parallel.data, tp, gpus, precision)
+        check_tensor_divides(tp, mcfg.arch, mcfg.n_heads, mcfg.n_kv_heads, mcfg.ffn_dim)
         resolve_precision(cfg, torch.device(device), optimizer_impl(cfg, mcfg))  # bf16 needs FusedAdamW
     except ConfigError as e:
         print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")

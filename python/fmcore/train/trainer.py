@@ -57,10 +57,48 @@ class Env:
 
 # ---- setup: each a separate function so parallelism and other model code can hook in
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r}: expected an integer (torchrun sets it)") from None
+
+
+def process_coords() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process: the caller's process group's when one is
+    initialised (train() from code that made its own), else torchrun's RANK / WORLD_SIZE /
+    LOCAL_RANK / LOCAL_WORLD_SIZE, checked. Taken from the environment alone, a caller's 2-rank group
+    without them ran as two rank 0s of 1 (both locking the run dir, each reading all the data), and a
+    RANK without WORLD_SIZE failed later with a TypeError."""
+    rank, world, local_rank, local_world = map(_env_int, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+    if dist.is_available() and dist.is_initialized():
+        group = (dist.get_rank(), dist.get_world_size())
+        if (rank is not None and rank != group[0]) or (world is not None and world != group[1]):
+            raise ConfigError(f"the environment's RANK={rank} WORLD_SIZE={world} disagree with the initialised process "
+                              f"group (rank {group[0]} of {group[1]}): unset them or make them match")
+        rank, world = group
+    elif rank is None and (world or 1) > 1:
+        raise ConfigError(f"WORLD_SIZE is {world} but RANK is not set: launch with torchrun (it sets both), or unset "
+                          "WORLD_SIZE to run one process")
+    elif world is None and rank:
+        raise ConfigError(f"RANK is {rank} but WORLD_SIZE is not set: launch with torchrun (it sets both), or unset "
+                          "RANK to run one process")
+    rank, world = rank or 0, world or 1
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: expected WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    local_rank = local_rank or 0
+    if local_rank < 0 or local_world is not None and not (0 < local_world <= world and local_rank < local_world):
+        raise ConfigError(f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world} (WORLD_SIZE={world}): expected "
+                          "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE")
+    return rank, world, local_rank
+
+
 def setup_distributed(cfg: Config) -> Env:
     """The process group (under torchrun) and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = process_coords()
     want = cfg.train.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
