@@ -17,7 +17,8 @@ import fmcore
 from fmcore.train import checkpoint
 from fmcore.train.config import ConfigError, load_config
 from fmcore.train.metrics import read_metrics
-from fmcore.train.trainer import TrainingStopped, choose_run_dir, main, train
+from fmcore.train.resume import choose_run_dir
+from fmcore.train.trainer import TrainingStopped, main, train
 
 # Small enough for seconds on 2 cores, big enough to learn: the tiny preset at a quarter of its tokens.
 # One thread: on a shared, oversubscribed CI machine OpenMP's spinning threads make 2 threads ~10x slower.
@@ -584,7 +585,7 @@ def test_a_val_split_the_loader_cannot_read_turns_evaluation_off_up_front(datase
 
 
 def test_resume_with_other_data_settings_or_more_processes_is_a_config_error(dataset, tmp_path):
-    from fmcore.train.trainer import check_resume_world
+    from fmcore.train.resume import check_resume_world
 
     run = tmp_path / "run"
     _short_run(dataset, run, "--checkpoint.save_final", "true")
@@ -995,7 +996,7 @@ def test_resume_in_another_parallel_layout_raises_naming_the_setting(tmp_path, t
     # layouts lack: such a resume failed as "does not fit this model and optimizer: Missing key in
     # checkpoint state_dict: optim.flat0.bucket0.master" (or model.blocks.0.qkv.weight).
     from fmcore.train.config import to_dict
-    from fmcore.train.trainer import check_same_layout
+    from fmcore.train.resume import check_same_layout
 
     saved = to_dict(load_config("tiny", there))
     with pytest.raises(ConfigError, match=f"another parallel layout \\({re.escape(field)}"):

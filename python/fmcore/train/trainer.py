@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import itertools
 import json
 import math
 import os
@@ -34,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fmcore.data.shards import ShardError
-from fmcore.train import checkpoint, metrics, models
+from fmcore.train import checkpoint, metrics, models, resume
 from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml, validate
 from fmcore.train.schedule import lr_at
 
@@ -228,111 +226,7 @@ def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode
                   threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries, check_vocab=True)
 
 
-# ---- run directory and resume
-
-def choose_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume or None). The default run dir is runs/<name>; a fresh run whose
-    default dir already holds a run takes runs/<name>-2, -3, ... A fresh run in an explicit
-    log.run_dir that already holds checkpoints is an error (pass --resume auto to continue it). A
-    checkpoint dir to resume continues in log.run_dir when one is given (a branch of that run: the
-    original's checkpoints stay untouched), else in the run dir holding the checkpoint (or, for one
-    in no run dir, in the default run dir of a fresh run)."""
-    resume = cfg.checkpoint.resume
-    if cfg.log.run_dir:
-        candidates = [Path(cfg.log.run_dir)]
-    else:
-        base = Path("runs") / cfg.name
-        others = sorted(base.parent.glob(f"{base.name}-*")) if base.parent.is_dir() else []
-        candidates = [base] + [p for p in others if p.name[len(base.name) + 1:].isdigit()]
-    if resume not in ("none", "auto"):
-        path = Path(resume)
-        if not (path / ".metadata").is_file():
-            raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory (one holds the "
-                              f".metadata file torch.distributed.checkpoint writes)")
-        own_run = path.resolve().parent.parent
-        if not cfg.log.run_dir:
-            # (A run writes both before its first step: every run dir holding checkpoints has them.)
-            if (own_run / "config.toml").is_file() or (own_run / "metrics.jsonl").is_file():
-                return own_run, path
-            # A checkpoint outside a run dir (copied or downloaded on its own, ~/Downloads/step_00000100):
-            # its grandparent became the run dir, config.toml, metrics.jsonl, checkpoints/, hf/ and a .lock
-            # written into a folder of the user's. It continues in the default run dir, as a fresh run would.
-            return _new_default_run_dir(cfg), path
-        run = candidates[0]
-        if run.resolve() != own_run and checkpoint.step_dirs(run / "checkpoints"):
-            raise ConfigError(f"log.run_dir {run} already holds checkpoints of another run; resume {path} into a "
-                              "new --log.run_dir, or leave log.run_dir unset to continue in its own run dir")
-        return run, path
-    if resume == "auto":
-        found = [(ck.stat().st_mtime, run, ck) for run in candidates if (ck := checkpoint.latest(run / "checkpoints"))]
-        if found:
-            _, run, ck = max(found)
-            return run, ck
-        return candidates[0], None
-    if cfg.log.run_dir:
-        run = candidates[0]
-        if checkpoint.step_dirs(run / "checkpoints"):
-            raise ConfigError(f"log.run_dir {run} already holds checkpoints: pass --resume auto to continue that "
-                              "run, or choose another --log.run_dir")
-        return run, None
-    return _new_default_run_dir(cfg), None
-
-
-def _new_default_run_dir(cfg: Config) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... when it holds a run."""
-    n = 1
-    while True:
-        run = Path("runs") / (cfg.name if n == 1 else f"{cfg.name}-{n}")
-        # A dir holding only a free .lock was left by a run that failed before writing anything (a config
-        # or data error found after it locked the dir): counted as a run, each retry moved to a new dir.
-        if not run.exists() or {p.name for p in run.iterdir()} <= {".lock"} and not lock_held(run):
-            return run
-        n += 1
-
-
-def lock_run_dir(run_dir: Path) -> int:
-    """An exclusive lock on run_dir, held while the returned fd is open; the kernel drops it when the
-    process ends, however it ends. Two runs in one run dir (a job started twice, two --resume auto)
-    would interleave their metrics, set aside or prune each other's checkpoints and delete each
-    other's saves in progress."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"log.run_dir {run_dir} is in use by another fmcore train (pid {holder}): wait for it to "
-                          "end, or choose another --log.run_dir") from None
-    except OSError:  # a file system without flock (some NFS or Lustre mounts): run unguarded, as before
-        pass
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def lock_held(run_dir: Path) -> bool:
-    """Whether a live run holds run_dir's lock (lock_run_dir)."""
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the fd
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # a file system without flock: lock_run_dir runs unguarded there
-        return False
-    finally:
-        os.close(fd)
-
-
-def evaluated_at(run_dir: Path, step: int) -> bool:
-    """Whether the run's metrics hold an evaluation of step."""
-    path = run_dir / "metrics.jsonl"
-    return path.is_file() and any(r["step"] == step and "eval_loss" in r for r in metrics.read_metrics(path))
-
+# ---- every rank, one answer
 
 def _from_main(fn, env: Env):
     """fn() run on rank 0, its result (or its ConfigError, raised again) handed to every rank: the
@@ -522,43 +416,6 @@ def dataset_tokenizer(dataset: Path) -> Path | None:
     return dataset / tok["file"] if tok.get("file") else None
 
 
-def check_resume_world(path: Path, world: int) -> None:
-    """A checkpoint holds one loader/RNG state per process that wrote it (extra_rank<r>.pt): it resumes
-    on at most as many processes (fsdp2 and zero1 reshard the model and optimizer to fewer)."""
-    saved = len(list(Path(path).glob("extra_rank*.pt")))
-    if world > saved:
-        raise ConfigError(f"checkpoint.resume {path} was written by {saved} process(es) and this run has {world}: "
-                          f"resume it on at most {saved}")
-
-
-def set_aside_later_checkpoints(run_dir: Path, resume_from: Path, step: int) -> str | None:
-    """Resuming an earlier checkpoint of this run starts a new branch from it: the run's checkpoints
-    after that step belong to the abandoned one. Left in place, retention (which keeps the highest
-    steps) would delete the new branch's checkpoints and --resume auto would go back to the old one,
-    so they move to checkpoints-abandoned-<time>/ (nothing reads or prunes it). The metrics after the
-    step are truncated the same way (metrics.Reporter). Returns a message saying so, or None."""
-    ckpt_dir = run_dir / "checkpoints"
-    # One of this run's checkpoints set aside before (checkpoints-abandoned-*/) starts a branch too: the
-    # abandoned branch's later checkpoints stayed in checkpoints/ beside the new branch's, where the next
-    # --resume auto went on from the highest step, the abandoned branch's.
-    if Path(resume_from).resolve().parent.parent != run_dir.resolve():
-        return None
-    later = [path for s, path in checkpoint.step_dirs(ckpt_dir) if s > step]
-    if not later:
-        return None
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    for n in itertools.count(1):  # (two set-asides within one second: the second one's name taken)
-        aside = run_dir / f"checkpoints-abandoned-{stamp}{'' if n == 1 else f'-{n}'}"
-        try:
-            aside.mkdir()
-            break
-        except FileExistsError:
-            continue
-    for path in later:
-        path.rename(aside / path.name)
-    return f"resuming step {step} of this run: its {len(later)} later checkpoint(s) moved to {aside}"
-
-
 def dataset_has_split(dataset: Path, split: str) -> bool:
     from fmcore.data import Loader
 
@@ -583,81 +440,6 @@ def deterministic_mode():
 
 
 # ---- the run
-
-def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Path,
-                     resolved: dict | None = None) -> None:
-    """A checkpoint resumes only the model it was written for. torch.distributed.checkpoint loads what
-    the current model asks for: a smaller model would take its share of a larger one's weights
-    silently, a larger one fail on a missing key. Compared resolved, all but ops (the same weights
-    either way) and init_std (used before step 0 only); skipped for a checkpoint without its config.
-    resolved: the model config as the checkpoint's run resolved it (its extra state's "resolved_model"),
-    else the checkpoint's config is resolved here, with this run's dataset: a model.vocab_size of 0
-    (the dataset's) then looked the same on another tokenizer's dataset, and the embedding's shape
-    failed in torch.distributed.checkpoint ("Size mismatch ... model.wte.weight") naming neither."""
-    fields = {f.name for f in dataclasses.fields(mcfg)}
-    if resolved is not None:
-        written = dataclasses.replace(mcfg, **{k: v for k, v in resolved.items() if k in fields - {"ops"}},
-                                      ops=mcfg.ops)
-    elif saved and "model" in saved:
-        written = dataclasses.replace(mcfg, **{k: v for k, v in saved["model"].items() if k in fields})
-        written = models.resolve(dataclasses.replace(written, ops=mcfg.ops), vocab_size)
-    else:
-        return
-    differ = [f"model.{f} = {getattr(written, f)!r} there, {getattr(mcfg, f)!r} here"
-              + (" (the checkpoint's model.vocab_size 0 took its dataset's vocabulary, rounded up to a multiple of "
-                 "64: check data.dataset)"
-                 if f == "vocab_size" and vocab_size and getattr(mcfg, f) == -(-vocab_size // 64) * 64
-                 and (saved or {}).get("model", {}).get("vocab_size") == 0 else "")
-              for f in sorted(fields - {"ops", "init_std"}) if getattr(written, f) != getattr(mcfg, f)]
-    if differ:
-        raise ConfigError(f"checkpoint.resume: {path} was written for another model ({'; '.join(differ)}); resume it "
-                          f"with the config it was written with (config.toml in its run dir), or start a new run")
-
-
-def check_same_layout(path: Path, saved: dict | None, cfg: Config) -> None:
-    """The parallel layouts whose state dicts torch.distributed.checkpoint cannot map onto each other:
-    ZeroAdamW (zero1) saves its flat buckets' shards ("optim.flat0.bucket0.exp_avg", laid out by param
-    group) where the other optimizers save one entry per parameter, and tensor parallelism splits the
-    fused projections into parts ("blocks.0.qkv.parts.0.weight"). Such a checkpoint failed in
-    checkpoint.load as one that "does not fit this model and optimizer: Missing key ..." (or a size
-    mismatch of a bucket), naming neither the setting nor the model it does fit. Between the others
-    (none, ddp, fsdp2) the checkpoint reshards."""
-    there = (saved or {}).get("parallel")
-    if not there:
-        return
-    differ = []
-    if (there.get("data") == "zero1") != (cfg.parallel.data == "zero1"):
-        differ.append(f"parallel.data = {there.get('data')!r} there, {cfg.parallel.data!r} here (zero1's optimizer "
-                      "state is its flat shards, the others' one entry per parameter)")
-    elif cfg.parallel.data == "zero1":
-        for key in ("decay_embeddings", "decay_norms_biases"):
-            written = (saved.get("optim") or {}).get(key, getattr(cfg.optim, key))
-            if written != getattr(cfg.optim, key):
-                differ.append(f"optim.{key} = {written!r} there, {getattr(cfg.optim, key)!r} here (zero1's flat "
-                              "shards are laid out by param group)")
-    if (there.get("tensor", 1) > 1) != (cfg.parallel.tensor > 1):
-        differ.append(f"parallel.tensor = {there.get('tensor', 1)!r} there, {cfg.parallel.tensor!r} here (tensor "
-                      "parallelism saves the fused projections as their parts)")
-    if differ:
-        raise ConfigError(f"checkpoint.resume: {path} was written in another parallel layout ({'; '.join(differ)}); "
-                          "resume it with the settings it was written with (config.toml in its run dir)")
-
-
-def check_same_precision(path: Path, saved: dict | None, cfg: Config, precision: str) -> None:
-    """FusedAdamW keeps a bf16 run's fp32 master weights in its state: a bf16 checkpoint resumed in
-    another precision would load its bf16-rounded weights and drop the fp32 copies silently, and
-    another precision's checkpoint does not load into bf16 (its optimizer state lacks them). ZeroAdamW
-    keeps fp32 masters in every precision."""
-    if "zero1" in (cfg.parallel.data, ((saved or {}).get("parallel") or {}).get("data")):
-        return
-    bf16_there = checkpoint.has_master_weights(path)
-    if bf16_there != (precision == "bf16"):
-        there = ("train.precision 'bf16' (bf16 weights, fp32 master copies in the optimizer)" if bf16_there else
-                 "a train.precision other than 'bf16' (no fp32 master copies in the optimizer)")
-        raise ConfigError(f"checkpoint.resume: {path} was written with {there} and this run's is "
-                          f"{precision!r}; resume it with the precision it was written with (config.toml in its run "
-                          "dir), or start a new run")
-
 
 def train(cfg: Config) -> dict:
     """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
@@ -690,8 +472,8 @@ def train(cfg: Config) -> dict:
         cleanup.enter_context(torch.inference_mode(False))
         cleanup.enter_context(torch.enable_grad())
         dataset = open_dataset(cfg, env)
-        run_dir, resume_from = _from_main(lambda: choose_run_dir(cfg), env)
-        fd = _from_main(lambda: lock_run_dir(run_dir), env)  # through rank 0: its ConfigError reaches every rank
+        run_dir, resume_from = _from_main(lambda: resume.choose_run_dir(cfg), env)
+        fd = _from_main(lambda: resume.lock_run_dir(run_dir), env)  # through rank 0: its ConfigError reaches every rank
         if env.main:
             cleanup.callback(os.close, fd)
         loader = make_loader(cfg, dataset, env)
@@ -731,11 +513,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     step, skipped_total, resumed_tokens, streak, resumed_wall = 0, 0, 0, 0, 0.0
     if resume_from is not None:
-        _from_main(lambda: check_resume_world(resume_from, env.world), env)
+        _from_main(lambda: resume.check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
-        check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
-        check_same_layout(resume_from, extra.get("config"), cfg)
-        check_same_precision(resume_from, extra.get("config"), cfg, precision)
+        resume.check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
+        resume.check_same_layout(resume_from, extra.get("config"), cfg)
+        resume.check_same_precision(resume_from, extra.get("config"), cfg, precision)
         # The checkpoint's param groups would bring back the hyperparameters it was written with: a
         # changed optim.weight_decay, betas or eps would be ignored while config.toml records it.
         hyper = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in optimizer.param_groups]
@@ -771,7 +553,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
-            set_aside = set_aside_later_checkpoints(run_dir, resume_from, step)
+            set_aside = resume.set_aside_later_checkpoints(run_dir, resume_from, step)
         (run_dir / "config.toml").write_text(to_toml(cfg))  # what was asked (reloads to the same Config)
         (run_dir / "resolved.json").write_text(json.dumps({  # what it became on this machine
             "model": dataclasses.asdict(mcfg), "precision": precision, "optimizer": impl, "device": str(env.device),
@@ -904,7 +686,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
         # A run killed between its final checkpoint and its final evaluation resumes here: without
         # this, its summary would give an earlier evaluation as the final one.
-        if not _from_main(lambda: evaluated_at(run_dir, step), env):
+        if not _from_main(lambda: resume.evaluated_at(run_dir, step), env):
             run_eval(step)
     else:
         run_eval(step)
