@@ -229,17 +229,26 @@ def test_a_one_process_parallel_run_leaves_no_process_group(dataset, tmp_path, d
     # The 1-rank group such a run initialises for itself stayed: the caller's own init_process_group
     # then raised "trying to initialize the default process group twice". (In a process of its own:
     # after an fsdp2 backward here, autograd refuses to run in the processes the distributed tests fork.)
+    # Nor did the next runs accumulate what the group's init sets: sys.excepthook wrapped once more per run
+    # (tracebacks prefixed "[rank0]: [rank0]: ..."), and, zero1, the optimizer, model and process group kept
+    # alive by its gradient hooks (3 gloo threads and 4 fds more per run).
     args = overrides(dataset, "RUN_DIR", "--parallel.data", data, "--train.steps", "2", "--model.dim", "64",
                      "--model.n_layers", "1", "--checkpoint.export_hf", "false", "--checkpoint.save_final", "false",
                      "--train.eval_batches", "1")
     script = f"""
+import gc, os, sys
 from pathlib import Path
 import torch.distributed as dist
 from fmcore.train.config import load_config
 from fmcore.train.trainer import train
-for run in ("a", "b"):  # and the next run makes its own again
+hook, counts = sys.excepthook, []
+for run in ("a", "b", "c"):  # and the next run makes its own again
     train(load_config("tiny", [str(Path({str(tmp_path)!r}) / run) if a == "RUN_DIR" else a for a in {args!r}]))
     assert not dist.is_initialized()
+    assert sys.excepthook is hook, "sys.excepthook left wrapped"
+    gc.collect()
+    counts.append((len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))))
+assert counts[1] == counts[2], f"(threads, fds) after each run: {{counts}}"
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(fmcore.__file__).resolve().parent.parent),
                                                        os.environ.get("PYTHONPATH", "")]))
@@ -1041,3 +1050,23 @@ def test_resuming_a_set_aside_checkpoint_sets_the_other_branchs_later_checkpoint
     assert latest.name == "step_00000003"
     assert checkpoint.read_extra(latest)["config"]["optim"]["lr"] != 1e-4  # branch A's
     assert len(list(run.glob("checkpoints-abandoned-*"))) == 2
+
+
+def test_a_sweep_of_compiled_runs_keeps_compiling_past_dynamos_recompile_limit(dataset, tmp_path, monkeypatch):
+    # torch.compile's cache is per code object: CausalLM.forward's, shared by every model train() builds
+    # in a process. A run adds an entry per graph (training, evaluation, sampling); a sweep over model
+    # configs reached dynamo's recompile_limit (8) on its third config, and every later run trained
+    # uncompiled (torch warned once). Here the limit is 3, one run's worth, and the backend eager (fast).
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    for n_layers in ("1", "2", "1"):  # the third: room was made by dropping the first's graphs, compiled again
+        graphs = counters["stats"]["unique_graphs"]
+        train(load_config("tiny", overrides(dataset, tmp_path / f"run{n_layers}-{graphs}", "--train.steps", "2",
+                                            "--model.dim", "32", "--model.n_layers", n_layers, "--train.compile",
+                                            "true", "--log.sample_tokens", "2", "--train.eval_batches", "1",
+                                            "--checkpoint.export_hf", "false", "--checkpoint.save_final", "false")))
+        assert counters["stats"]["unique_graphs"] - graphs == 3, f"n_layers {n_layers}: not compiled"

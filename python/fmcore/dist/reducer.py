@@ -42,6 +42,7 @@ buckets have launched, call discard() (the owners' zero_grad()), not just p.grad
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable, Iterable
@@ -101,7 +102,14 @@ class GradBuckets:
         # lost. A weak reference: p.grad = None must free the gradient.
         self._copied: dict[int, tuple[torch.nn.Parameter, weakref.ref, int]] = {}
         self._sync = True
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        # The hooks hold the buckets weakly, and are removed when the buckets are collected. torch keeps a
+        # param's post-accumulate-grad hooks where the garbage collector does not look: a hook holding
+        # the buckets (which hold the params) made a cycle gc cannot break, and every ZeroAdamW or
+        # GradReducer dropped without remove() kept its model, buffers, communicator and process group
+        # alive (a sweep of zero1 runs in one process leaked them all, run after run).
+        on_grad = functools.partial(_on_grad, weakref.ref(self))
+        self._hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+        self._remove_hooks = weakref.finalize(self, _remove_hooks, self._hooks)
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -174,9 +182,18 @@ class GradBuckets:
 
     def remove(self) -> None:
         """Unregisters the hooks."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
+
+
+def _on_grad(buckets: weakref.ref, p: torch.nn.Parameter) -> None:
+    live = buckets()
+    if live is not None:
+        live._on_grad(p)
+
+
+def _remove_hooks(hooks: list) -> None:
+    for h in hooks:
+        h.remove()
 
 
 class GradReducer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -416,6 +417,24 @@ def dataset_tokenizer(dataset: Path) -> Path | None:
     return dataset / tok["file"] if tok.get("file") else None
 
 
+def make_room_to_compile(model: nn.Module, graphs_per_run: int = 3) -> None:
+    """Empties torch.compile's cache of a forward of model's classes that this run's graphs would overflow.
+    Dynamo caches per code object: CausalLM.forward's is shared by every model train() builds in this
+    process, and a run adds an entry per graph (training, evaluation, sampling). A sweep over model
+    configs in one process (a notebook) reached dynamo's recompile_limit (8) on its third config; every
+    later run then trained uncompiled, with one warning from torch. While there is room the entries
+    stay: a run of a config already compiled (an lr sweep) reuses its graphs."""
+    try:  # (private: a torch without them keeps its own behaviour, a warning at the limit)
+        from torch._dynamo import config, reset_code
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return
+
+    for code in {type(m).forward.__code__ for m in model.modules()}:
+        if len(_debug_get_cache_entry_list(code)) + graphs_per_run > config.recompile_limit:
+            reset_code(code)
+
+
 def dataset_has_split(dataset: Path, split: str) -> bool:
     from fmcore.data import Loader
 
@@ -452,12 +471,18 @@ def train(cfg: Config) -> dict:
     # every run) goes back to the caller's, and what it opens (the run dir's lock, the loader, the
     # progress bar, TensorBoard's writer thread, metrics.jsonl) is closed.
     with contextlib.ExitStack() as cleanup:
+        # Last: torch's own reference cycles (DCP's state-dict closures, the compile wrapper) kept a run's
+        # model and optimizer state until the next collection, into the next run of a sweep.
+        cleanup.callback(gc.collect)
         env = setup_distributed(cfg)
         if env.world == 1 and not (dist.is_available() and dist.is_initialized()):
             # One process running fsdp2, zero1 or tensor parallelism initialises a 1-rank group of its own
             # (parallel.ensure_process_group): left behind, the caller's init_process_group raised
             # "trying to initialize the default process group twice".
             cleanup.callback(destroy_process_group)
+            # init_process_group also wraps sys.excepthook (to prefix tracebacks with "[rank0]: "), which
+            # destroy_process_group leaves: after n such runs the caller's tracebacks had n prefixes.
+            cleanup.callback(setattr, sys, "excepthook", sys.excepthook)
         if torch.cuda.is_available():  # (the loader initialises CUDA anyway, for its pinned buffers)
             torch.cuda.init()  # now, so that rng_state() holds the caller's CUDA generators too
         cleanup.callback(checkpoint.set_rng_state, checkpoint.rng_state())
@@ -540,6 +565,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             scaler.load_state_dict(extra["scaler"])
         checkpoint.set_rng_state(extra["rng"])
     if t.compile:
+        make_room_to_compile(model)
         model.compile()
 
     tokenizer = dataset_tokenizer(dataset)
