@@ -6,8 +6,8 @@ reductions run in another order); a checkpoint saved at step 10 on 2 ranks resum
 reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process (resharding) and reproduces
 them; the Hugging Face export written at the end (gathered from the shards, tensor parallelism's
 split projections fused again) holds one process's weights. And fsdp2 with tensor=2 on 4 ranks (a
-2-D mesh) against 1 process, and zero1 with 2 micro-batches per step (gradient accumulation) against
-1 process.
+2-D mesh) against 1 process, fsdp2 with tensor=2, activation checkpointing and torch.compile against
+1 process, and zero1 with 2 micro-batches per step (gradient accumulation) against 1 process.
 """
 
 from __future__ import annotations
@@ -158,6 +158,15 @@ def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
         tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", 2 * B]), range(1, STEPS + 1))
     assert_exports_close(tmp_path / "run", references["fmcore", 2 * B])
+
+
+def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path):
+    # fmcore's blocks return the MLP's row-parallel output itself (the add is in the next norm's
+    # kernel): leaving a checkpointed FSDP2 block under torch.compile with its all-reduce not waited
+    # for, it broke the first backward (AttributeError '_local_tensor' in torch's Redistribute).
+    run(2, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
+                     "--train.activation_checkpointing", "true", "--train.compile", "true"), tmp_path / "launch")
+    assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", B]), range(1, STEPS + 1))
 
 
 def _train_expecting_config_error(rank: int, world: int, args: list[str]) -> str:

@@ -237,6 +237,23 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
                     "w_gate_up.parts.0": col, "w_gate_up.parts.1": col, "w_down": row}
             block.hq, block.hk = hq // t, hk // t
         parallelize_module(block, tp_mesh, plan)
+        # (after parallelize_module: this hook runs after RowwiseParallel's, on its local output)
+        (block.mlp_out if hasattr(block, "mlp_out") else block.w_down).register_forward_hook(_wait_reduced)
+
+
+def _wait_reduced(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """The MLP's row-parallel output with its all-reduce waited for. RowwiseParallel hands back an
+    AsyncCollectiveTensor (the all-reduce still in flight), and the fmcore path's block returns it as
+    is (the add into the stream happens in the next norm's kernel): leaving a block wrapped by FSDP2
+    and activation checkpointing under torch.compile, torch then fed the all-reduce's backward a plain
+    gradient, not a DTensor (AttributeError '_local_tensor' in the first backward; a block of plain
+    torch ops returning its branch output hits it too). The next block's first op reads the output
+    anyway: the wait loses little overlap."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
+
+    # wait_tensor on the subclass itself, whose backward is the identity: output.wait() waits on the
+    # unwrapped tensor, which has no autograd history (the MLP and all below it got no gradient).
+    return wait_tensor(output) if isinstance(output, AsyncCollectiveTensor) else output
 
 
 # ---- gradient norm and checkpoints
