@@ -570,3 +570,70 @@ def test_fmcore_prepare_stops_at_once_while_training_the_tokenizer(tmp_path, sig
     assert took < 1.0, f"main() returned {took:.1f} s after the signal"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a child process outlived prepare"
+
+
+@pytest.mark.parametrize("name", ["data.tar.gz", "data.tar.xz", "data.tar.bz2", "data.txz"])
+def test_tar_archives_are_refused_by_their_full_suffix(tmp_path, capsys, name):
+    # "data.tar.gz" was refused as ".gz files are not supported" (the message offers .gz as supported), and
+    # a .tar.xz / .tar.bz2 decompressed to tar's NUL-padded headers: in a directory, a binary file counted
+    # and skipped with exit 0, its text lost, as .tar.gz's was before it was refused.
+    import io
+    import tarfile
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a plain text document long enough to be kept")
+    mode = {"gz": "w:gz", "xz": "w:xz", "bz2": "w:bz2", "txz": "w:xz"}[name.rsplit(".", 1)[1]]
+    with tarfile.open(tmp_path / "in" / name, mode) as t:
+        data = b"a document inside the archive, long enough to be kept"
+        info = tarfile.TarInfo("inner.txt")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    suffix = "." + name.split(".", 1)[1]
+    for args in ([str(tmp_path / "in")], [str(tmp_path / "in" / name)]):
+        assert fmcore_main(["prepare", *args, "--out", str(tmp_path / "ds"), "--workers", "1"]) == 2
+        assert f"input {tmp_path / 'in' / name}: {suffix} files are not supported" in capsys.readouterr().err
+
+
+def test_tokenizer_training_finds_tokenizers_where_this_process_did(tmp_path, monkeypatch):
+    # The child process imports tokenizers: from a sys.path entry this process added at run time (pip install
+    # --target, a notebook), absent from sys.executable's own path, it failed "No module named 'tokenizers'".
+    # Here sys.executable runs without its site-packages (-S), where tokenizers is installed.
+    wrapper = tmp_path / "python-without-site"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert subprocess.run([str(wrapper), "-c", "import tokenizers"], capture_output=True).returncode != 0
+    monkeypatch.setattr(sys, "executable", str(wrapper))
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    texts = [f"some text to train on, number {i}" for i in range(20)]
+    prepare_module._train_bpe_file(texts, 300, tmp_path / "tokenizer.json")
+    train_bpe(texts, 300, len(texts)).save(str(tmp_path / "here.json"))
+    assert (tmp_path / "tokenizer.json").read_bytes() == (tmp_path / "here.json").read_bytes()
+
+
+def test_invalid_utf8_is_counted_once_per_file(tmp_path, monkeypatch):
+    # A large JSON Lines file is read in byte ranges, one task each: a file with invalid UTF-8 in two of them
+    # was counted twice in invalid_utf8_files.
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    monkeypatch.setattr(prepare_module, "JSONL_CHUNK_BYTES", 4096)
+    lines = [json.dumps({"text": f"document number {i} " + "some words here " * 5}).encode() for i in range(200)]
+    for i in (10, 150):  # a cp1252 byte in two ranges of the file
+        lines[i] = lines[i].replace(b"some", b"s\xe9me", 1)
+    (tmp_path / "one.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert len(prepare_module._tasks([tmp_path / "one.jsonl"], prepare_module.CleanConfig())) > 2
+    out = prepare(tmp_path / "one.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["kept"], c["invalid_utf8_files"]) == (200, 1)
+
+
+def test_a_json_file_of_one_pretty_printed_record(tmp_path):
+    # Read as JSON Lines, its text was lost with exit 0 and each of its lines counted in bad_json.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "record.json").write_text(json.dumps({"text": "one record, printed over several lines",
+                                                             "id": 7}, indent=2))
+    (tmp_path / "in" / "lines.json").write_text(json.dumps({"text": "a JSON Lines record in a .json file"}) + "\n"
+                                                + json.dumps({"text": "and a second one, on its own line"}) + "\n")
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["kept"], c["bad_json"]) == (3, 0)
+    assert sorted(train_docs(out)) == sorted(["one record, printed over several lines", "a JSON Lines record in a "
+                                              ".json file", "and a second one, on its own line"])

@@ -1070,3 +1070,44 @@ def test_a_sweep_of_compiled_runs_keeps_compiling_past_dynamos_recompile_limit(d
                                             "true", "--log.sample_tokens", "2", "--train.eval_batches", "1",
                                             "--checkpoint.export_hf", "false", "--checkpoint.save_final", "false")))
         assert counters["stats"]["unique_graphs"] - graphs == 3, f"n_layers {n_layers}: not compiled"
+
+
+def test_a_callers_group_keeps_the_callers_gpu(tmp_path, monkeypatch):
+    # train() in a caller's own process group without torchrun's LOCAL_RANK (mp.spawn and init_process_group,
+    # then torch.cuda.set_device(rank)): every rank was moved to cuda:0. (CUDA simulated: which device is
+    # chosen is the point, not running on it.)
+    import torch.distributed as dist
+
+    from fmcore.train.trainer import setup_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    chosen = [torch.device("cuda", 1)]  # the caller's torch.cuda.set_device(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1].index)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+    cfg = load_config("tiny", ["--train.device", "cuda"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        env = setup_distributed(cfg)
+    finally:
+        dist.destroy_process_group()
+    assert env.device == torch.device("cuda", 1) and chosen[-1] == torch.device("cuda", 1)
+
+
+def test_the_mesh_is_made_again_for_another_timeout(tmp_path):
+    # Runs of a sweep in a caller's process group share parallel's DeviceMesh: the first run's
+    # parallel.timeout_s stayed on every later run's tensor- and data-parallel groups.
+    import torch.distributed as dist
+
+    from fmcore.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        first = parallel.mesh(load_config("tiny", ["--parallel.timeout_s", "60"]), cpu)
+        assert parallel.mesh(load_config("tiny", ["--parallel.timeout_s", "60"]), cpu) is first
+        assert parallel.mesh(load_config("tiny", ["--parallel.timeout_s", "30"]), cpu) is not first
+    finally:
+        parallel.forget_mesh()
+        dist.destroy_process_group()

@@ -2,8 +2,9 @@
 
 The tokenizers trainer runs in Rust and never checks for signals: trained in prepare's process, a Ctrl-C
 or a SIGTERM waited for the whole training (about a minute per 24M characters). prepare() trains in a
-child process instead, which it kills: `python _bpe.py VOCAB_SIZE DOCUMENTS OUT_JSON PARENT_PID` reads
-the documents from stdin (write_documents' framing) and saves the tokenizer to OUT_JSON. Run by path, not
+child process instead, which it kills: `python _bpe.py VOCAB_SIZE DOCUMENTS OUT_JSON PARENT_PID
+[TOKENIZERS_DIR]` reads the documents from stdin (write_documents' framing) and saves the tokenizer to
+OUT_JSON (TOKENIZERS_DIR: the sys.path entry the parent found tokenizers in, searched last). Run by path, not
 with -m: this module imports only the standard library and tokenizers, never the fmcore package (torch
 and the native extension, seconds to import).
 """
@@ -64,6 +65,8 @@ def _main(argv: list[str]) -> int:
     # here, it would only come out after training, as a traceback. SIGTERM and SIGHUP end it at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     vocab_size, total, out, parent = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+    if len(argv) > 4 and argv[4] not in sys.path:  # last: this interpreter's own packages come first
+        sys.path.append(argv[4])
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         train_bpe(read_documents(sys.stdin.buffer), vocab_size, total).save(out)

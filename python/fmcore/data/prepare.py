@@ -49,7 +49,9 @@ DECOMPRESSORS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz":
 # starts with "[" is read as an array of records. Read as plain text, such a file was one document of JSON.
 JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson", ".json") for c in ("", *DECOMPRESSORS))
 # Formats prepare cannot read: their bytes look binary, so they were skipped as binary_files, the data lost.
-UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".parquet", ".arrow", ".zip", ".7z", ".tar", ".tar.gz", ".tgz")
+# (The tar suffixes too: a .tar.xz or .tar.bz2 decompressed to tar's NUL-padded headers, a binary file.)
+UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".parquet", ".arrow", ".zip", ".7z", ".tar", ".tar.gz", ".tgz",
+                        ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 JSONL_CHUNK_BYTES = 32 << 20
 BINARY_SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -141,6 +143,20 @@ def _read_jsonl_range(path: Path, start: int, end: int) -> bytes:
 _JSON_ARRAY_SUFFIXES = tuple(".json" + c for c in ("", *DECOMPRESSORS))
 
 
+def _json_records(text: str) -> list | None:
+    """The records of a .json file that is one JSON value: an array of records, or a single record
+    pretty-printed over several lines (read as JSON Lines, its text was lost and each of its lines
+    counted in bad_json); None for JSON Lines."""
+    head = text.lstrip()[:1]
+    if head not in ("[", "{"):
+        return None
+    try:  # (JSON Lines fails at once, at the end of its first record: "Extra data")
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return [None] if head == "[" else None  # an array that does not parse is one bad record
+    return value if isinstance(value, list) else [value]
+
+
 def _record_text(record, field: str):
     return record.get(field) if isinstance(record, dict) else None
 
@@ -165,11 +181,7 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
                                  f"bytes), expected text or JSON Lines, optionally .gz/.bz2/.xz compressed")
             counts["binary_files"] += 1
         elif kind == "jsonl" and span is None and Path(path).name.lower().endswith(_JSON_ARRAY_SUFFIXES) \
-                and text.lstrip().startswith("["):
-            try:  # a JSON array of records
-                records = json.loads(text)
-            except (ValueError, RecursionError):
-                records = [None]  # the file is one bad record
+                and (records := _json_records(text)) is not None:
             for record in records:
                 value = _record_text(record, cfg.text_field)
                 if isinstance(value, str):
@@ -297,8 +309,15 @@ def _train_bpe_file(texts: list[str], vocab_size: int, path: Path) -> None:
         train_bpe(texts, vocab_size, len(texts)).save(str(path))
         return
     with tempfile.TemporaryFile() as err:  # (a file: a pipe that fills up would stall the child)
+        # The folder this process imported tokenizers from, for the child to fall back on: it may be a sys.path
+        # entry added at run time (pip install --target, a notebook's sys.path, a launcher's bootstrap) that
+        # sys.executable does not have; the child failed with "No module named 'tokenizers'" there.
+        import tokenizers
+
+        tokenizers_dir = os.path.dirname(os.path.dirname(os.path.abspath(tokenizers.__file__)))
         child = subprocess.Popen([sys.executable, _bpe.__file__, str(vocab_size), str(len(texts)), str(path),
-                                  str(os.getpid())], stdin=subprocess.PIPE, stderr=err, bufsize=1 << 20)
+                                  str(os.getpid()), tokenizers_dir], stdin=subprocess.PIPE, stderr=err,
+                                 bufsize=1 << 20)
         try:
             try:
                 _bpe.write_documents(texts, child.stdin)
@@ -427,7 +446,10 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
         for p in files:
             name = p.name.lower()
             if name.endswith(UNSUPPORTED_SUFFIXES):
-                raise ValueError(f"input {p}: {p.suffix} files are not supported: decompress or convert it to text "
+                # The longest suffix that matched: "data.tar.gz" is a .tar.gz file (p.suffix, ".gz", is one
+                # that the same message offers as supported).
+                suffix = max((s for s in UNSUPPORTED_SUFFIXES if name.endswith(s)), key=len)
+                raise ValueError(f"input {p}: {suffix} files are not supported: decompress or convert it to text "
                                  f"or JSON Lines (.jsonl, optionally .gz/.bz2/.xz compressed)")
             if not name.endswith(JSONL_SUFFIXES):
                 tasks.append(("text", str(p), cfg, None, explicit))
@@ -514,8 +536,12 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     n_proc = min(workers, len(tasks))
     with ctx.Pool(n_proc, initializer=_worker_signals) if n_proc > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(_load_task, tasks, chunksize=4) if pool is not None else map(_load_task, tasks)
-        for file_docs, file_counts in tqdm(results, total=len(tasks), desc="read+clean", unit="file",
-                                           disable=disable):
+        invalid_utf8: set[str] = set()
+        for task, (file_docs, file_counts) in zip(tasks, tqdm(results, total=len(tasks), desc="read+clean",
+                                                              unit="file", disable=disable)):
+            if file_counts["invalid_utf8_files"]:  # once per file: a large JSON Lines file is several tasks
+                file_counts["invalid_utf8_files"] = int(task[1] not in invalid_utf8)
+                invalid_utf8.add(task[1])
             for k, v in file_counts.items():
                 counts[k] += v
             for h, text in file_docs:

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_MESH = None  # the DeviceMesh of this process (one run per process)
+_MESH = None  # the DeviceMesh of this process, and what it was made for: (shape, device type, timeout)
+_MESH_KEY = None
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -81,11 +82,13 @@ def check_layout(data: str, tensor: int, world: int, precision: str) -> None:
 
 def mesh(cfg, device: torch.device):
     """The ("dp", "tp") DeviceMesh over all ranks (created once)."""
-    global _MESH
+    global _MESH, _MESH_KEY
     world = dist.get_world_size()
     tp = cfg.parallel.tensor
     data_parallel_coords(dist.get_rank(), world, tp)  # validates
-    if _MESH is None or _MESH.mesh.shape != (world // tp, tp) or _MESH.device_type != device.type:
+    # (the timeout too: runs of a sweep in a caller's process group share the mesh, not their timeouts)
+    key = ((world // tp, tp), device.type, cfg.parallel.timeout_s)
+    if _MESH is None or _MESH_KEY != key:
         # The mesh's groups made here, with parallel.timeout_s: init_device_mesh makes every dim that
         # does not span the world (both of a 2-D mesh) with torch's default timeout (gloo 30 min, NCCL
         # 10 min), so a hung rank held the tensor- and data-parallel collectives that long.
@@ -96,14 +99,15 @@ def mesh(cfg, device: torch.device):
         groups = [dist.new_subgroups_by_enumeration(ranks.T.tolist(), timeout=timeout)[0],  # "dp": a column
                   dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=timeout)[0]]  # "tp": a row
         _MESH = DeviceMesh.from_group(groups, device.type, mesh=ranks, mesh_dim_names=("dp", "tp"))
+        _MESH_KEY = key
     return _MESH
 
 
 def forget_mesh() -> None:
     """Drops the DeviceMesh before its process group is destroyed: its groups are that group's, and a
     later run in this process makes a new one."""
-    global _MESH
-    _MESH = None
+    global _MESH, _MESH_KEY
+    _MESH = _MESH_KEY = None
 
 
 def apply_parallelism(model: nn.Module, cfg) -> nn.Module:

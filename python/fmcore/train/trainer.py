@@ -103,6 +103,11 @@ def setup_distributed(cfg: Config) -> Env:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
+    if want == "cuda" and dist.is_available() and dist.is_initialized() and _env_int("LOCAL_RANK") is None:
+        # A caller's own process group without torchrun's LOCAL_RANK (mp.spawn and init_process_group): each
+        # process keeps the GPU its caller chose (torch.cuda.set_device). cuda:0 put every rank on one GPU,
+        # overriding that choice (NCCL: "Duplicate GPU detected").
+        local_rank = torch.cuda.current_device()
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
