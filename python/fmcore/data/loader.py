@@ -238,10 +238,10 @@ def _with_mmap_hint(e: ShardError, n_shards: int) -> ShardError:
         limit = f" = {int(Path('/proc/sys/vm/max_map_count').read_text())}"
     except (OSError, ValueError):
         limit = ""
-    return ShardError(f"{e} (the process may have reached the kernel's limit on memory maps, vm.max_map_count{limit}: "
-                      f"the loader maps each shard, {n_shards} in this split; use fewer, larger shards (`fmcore prepare "
-                      "--shard-tokens`) or raise the limit with sysctl; an address-space limit, ulimit -v, fails the "
-                      "same way)")
+    return ShardError(f"{e} (the process may have reached the kernel's limit on memory maps, "
+                      f"vm.max_map_count{limit}: the loader maps each shard, {n_shards} in this split; use fewer, "
+                      "larger shards (`fmcore prepare --shard-tokens`) or raise the limit with sysctl; an "
+                      "address-space limit, ulimit -v, fails the same way)")
 
 
 def _fingerprint(split: dict) -> str:
