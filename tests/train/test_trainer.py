@@ -549,6 +549,21 @@ def test_a_checkpoint_loads_into_an_optimizer_grouping_its_params_otherwise(tmp_
             torch.testing.assert_close(opt2.state[p2][key], opt.state[p][key], rtol=0, atol=0)
 
 
+def test_a_checkpoint_keeps_the_resuming_optimizers_implementation_flags(tmp_path):
+    # torch.optim.AdamW's foreach / fused / capturable are this machine's choice: a checkpoint written with
+    # foreach=False (or fused=True on a GPU) brought its own flags back into the resumed optimizer.
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    checkpoint.save(tmp_path, 1, model, opt, {"step": 1})
+    model2 = torch.nn.Linear(4, 4)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, foreach=True)
+    checkpoint.load(tmp_path / "step_00000001", model2, opt2)
+    assert opt2.param_groups[0]["foreach"] is True
+    torch.testing.assert_close(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
 @pytest.mark.parametrize("change, field", [(["--model.n_layers", "1"], "model.n_layers"),
                                            (["--model.dim", "32"], "model.dim"),
                                            (["--model.tie_embeddings", "false"], "model.tie_embeddings")])

@@ -232,8 +232,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
                 if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
         raise CheckpointError(f"{path} {what}: {_causes(e)}") from None
-    for group, flags in zip(state["optim"].get("param_groups", []), own_flags):
+    for group, flags, own in zip(state["optim"].get("param_groups", []), own_flags, own_groups):
         group.update(flags)
+        # torch's implementation flags are this machine's choice, not the run's: a checkpoint of a GPU
+        # run (fused=True) resumed on the CPU, or one written with foreach=False, brought its own back.
+        group.update({k: own[k] for k in _IMPLEMENTATION_FLAGS if k in own})
     if [g.get("params") for g in state["optim"].get("param_groups", [])] != [g.get("params") for g in own_groups]:
         # The checkpoint groups the parameters otherwise (another parallel layout: tensor parallelism
         # splits each group into its DTensor and its plain parameters, fsdp2 makes them all DTensors).
@@ -281,6 +284,9 @@ def _causes(e: BaseException) -> str:
     """The one-line message of e, or of each rank's exception in a CheckpointException."""
     failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     return "; ".join(sorted({"".join(traceback.format_exception_only(type(exc), exc)).strip() for exc in failures}))
+
+
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")
 
 
 def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
