@@ -956,18 +956,23 @@ def test_evaluation_reads_the_val_split_at_most_once(dataset):
     assert evaluate(model, cfg, dataset, env, "fp32")[0] == whole
 
 
+def _slow_down(monkeypatch, name: str, seconds: float) -> None:
+    """fmcore.train.trainer's function name, taking seconds longer."""
+    from fmcore.train import trainer
+
+    real = getattr(trainer, name)
+
+    def slow(*args, **kw):
+        time.sleep(seconds)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, name, slow)
+
+
 def test_the_eta_counts_the_evaluations_still_to_come(dataset, tmp_path, monkeypatch):
     # eta_s was the mean step time times the steps left: a run evaluating every 2 steps (0.3 s each
     # here) took several times the ETA it logged.
-    from fmcore.train import trainer
-
-    real = trainer.evaluate
-
-    def slow_evaluate(*args, **kw):
-        time.sleep(0.3)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    _slow_down(monkeypatch, "evaluate", 0.3)
     records = _short_run(dataset, tmp_path / "run", "--train.steps", "6", "--train.eval_every", "2")
     at_3 = next(r for r in records if r["step"] == 3)
     # Still to come after step 3's record: 3 steps, the evaluation at step 4 and the final one.
@@ -977,15 +982,7 @@ def test_the_eta_counts_the_evaluations_still_to_come(dataset, tmp_path, monkeyp
 def test_a_resumed_runs_summary_gives_the_whole_runs_wall_time(dataset, tmp_path, monkeypatch):
     # wall_s was the last segment's alone: beside steps (and tokens) counted from step 0, a resumed run
     # of 6 steps reported the time of the 2 it ran after the resume.
-    from fmcore.train import trainer
-
-    real = trainer.train_step
-
-    def slow_step(*args, **kw):
-        time.sleep(0.1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(trainer, "train_step", slow_step)
+    _slow_down(monkeypatch, "train_step", 0.1)
     args = ("--train.steps", "6", "--checkpoint.every", "4")
     _short_run_killed_after_saving(4, monkeypatch, dataset, tmp_path / "run", *args)
     _short_run(dataset, tmp_path / "run", *args, "--resume", "auto")

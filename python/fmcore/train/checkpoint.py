@@ -220,7 +220,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     checks that the checkpoint is complete, and returns the rest of its state)."""
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     own_groups = [dict(g) for g in optim_sd.get("param_groups", [])]  # (before DCP loads into them)
-    own_flags = _drop_group_flags_not_saved(optim_sd, path)
+    dropped = _drop_group_entries_not_saved(optim_sd, path)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet():
@@ -232,11 +232,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
                 if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
         raise CheckpointError(f"{path} {what}: {_causes(e)}") from None
-    for group, flags, own in zip(state["optim"].get("param_groups", []), own_flags, own_groups):
-        group.update(flags)
-        # torch's implementation flags are this machine's choice, not the run's: a checkpoint of a GPU
-        # run (fused=True) resumed on the CPU, or one written with foreach=False, brought its own back.
-        group.update({k: own[k] for k in _IMPLEMENTATION_FLAGS if k in own})
+    for group, names, own in zip(state["optim"].get("param_groups", []), dropped, own_groups):
+        # The current optimizer's values for what the checkpoint lacks, and for torch's implementation
+        # flags, which are this machine's choice, not the run's: a checkpoint of a GPU run (fused=True)
+        # resumed on the CPU, or one written with foreach=False, brought its own back.
+        group.update({k: own[k] for k in (*names, *_IMPLEMENTATION_FLAGS) if k in own})
     if [g.get("params") for g in state["optim"].get("param_groups", [])] != [g.get("params") for g in own_groups]:
         # The checkpoint groups the parameters otherwise (another parallel layout: tensor parallelism
         # splits each group into its DTensor and its plain parameters, fsdp2 makes them all DTensors).
@@ -289,8 +289,8 @@ def _causes(e: BaseException) -> str:
 _IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")
 
 
-def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
-    """Removes from optim_sd's param groups the entries the checkpoint lacks, and returns them.
+def _drop_group_entries_not_saved(optim_sd: dict, path: Path) -> list[list[str]]:
+    """Removes from optim_sd's param groups the entries the checkpoint lacks; returns their names.
 
     FusedAdamW and torch.optim.AdamW save the same state and hyperparameters, but torch's groups
     also hold its implementation flags (foreach, fused, capturable, ...). torch.distributed.checkpoint
@@ -300,10 +300,10 @@ def _drop_group_flags_not_saved(optim_sd: dict, path: Path) -> list[dict]:
     prefix = "optim.param_groups."
     saved = {tuple(key[len(prefix):].split(".")[:2])  # (group index, entry), as flattened keys name them
              for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if key.startswith(prefix)}
-    kept = []
+    dropped = []
     for i, group in enumerate(optim_sd.get("param_groups", [])):
-        missing = {k: v for k, v in group.items() if (str(i), k) not in saved}
+        missing = [k for k in group if (str(i), k) not in saved]
         for k in missing:
             del group[k]
-        kept.append(missing)
-    return kept
+        dropped.append(missing)
+    return dropped

@@ -208,12 +208,10 @@ def check_tensor_divides(tensor: int, arch: str, n_heads: int, n_kv_heads: int, 
     units: apply_tensor_parallel checks its blocks with it, `fmcore plan-memory` a resolved model config."""
     from fmcore.train.config import ConfigError
 
-    if arch == "gpt2" and (n_heads % tensor or ffn_dim % tensor):
-        raise ConfigError(f"parallel.tensor {tensor} must divide model.n_heads ({n_heads}) and model.ffn_dim "
-                          f"({ffn_dim})")
-    if arch != "gpt2" and (n_heads % tensor or n_kv_heads % tensor or ffn_dim % tensor):
-        raise ConfigError(f"parallel.tensor {tensor} must divide model.n_heads ({n_heads}), model.n_kv_heads "
-                          f"({n_kv_heads}) and model.ffn_dim ({ffn_dim})")
+    sizes = {"n_heads": n_heads, **({} if arch == "gpt2" else {"n_kv_heads": n_kv_heads}), "ffn_dim": ffn_dim}
+    if any(v % tensor for v in sizes.values()):
+        named = [f"model.{k} ({v})" for k, v in sizes.items()]
+        raise ConfigError(f"parallel.tensor {tensor} must divide {', '.join(named[:-1])} and {named[-1]}")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:

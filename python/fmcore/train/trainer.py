@@ -66,10 +66,10 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name}={value!r}: expected an integer (torchrun sets it)") from None
 
 
-def process_coords() -> tuple[int, int, int]:
+def process_coords() -> tuple[int, int, int | None]:
     """(rank, world size, local rank) of this process: the caller's process group's when one is
     initialised (train() from code that made its own), else torchrun's RANK / WORLD_SIZE /
-    LOCAL_RANK / LOCAL_WORLD_SIZE, checked. Taken from the environment alone, a caller's 2-rank group
+    LOCAL_RANK / LOCAL_WORLD_SIZE, checked (local rank None: LOCAL_RANK not set). Taken from the environment alone, a caller's 2-rank group
     without them ran as two rank 0s of 1 (both locking the run dir, each reading all the data), and a
     RANK without WORLD_SIZE failed later with a TypeError."""
     rank, world, local_rank, local_world = map(_env_int, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
@@ -88,9 +88,9 @@ def process_coords() -> tuple[int, int, int]:
     rank, world = rank or 0, world or 1
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: expected WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
-    local_rank = local_rank or 0
-    if local_rank < 0 or local_world is not None and not (0 < local_world <= world and local_rank < local_world):
-        raise ConfigError(f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world} (WORLD_SIZE={world}): expected "
+    local = local_rank or 0
+    if local < 0 or local_world is not None and not (0 < local_world <= world and local < local_world):
+        raise ConfigError(f"LOCAL_RANK={local} LOCAL_WORLD_SIZE={local_world} (WORLD_SIZE={world}): expected "
                           "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE")
     return rank, world, local_rank
 
@@ -103,11 +103,12 @@ def setup_distributed(cfg: Config) -> Env:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
-    if want == "cuda" and dist.is_available() and dist.is_initialized() and _env_int("LOCAL_RANK") is None:
-        # A caller's own process group without torchrun's LOCAL_RANK (mp.spawn and init_process_group): each
-        # process keeps the GPU its caller chose (torch.cuda.set_device). cuda:0 put every rank on one GPU,
+    if local_rank is None:
+        # Without torchrun's LOCAL_RANK, 0; in a caller's own process group (mp.spawn and init_process_group)
+        # on CUDA, the GPU its caller chose (torch.cuda.set_device): cuda:0 put every rank on one GPU,
         # overriding that choice (NCCL: "Duplicate GPU detected").
-        local_rank = torch.cuda.current_device()
+        caller_group = want == "cuda" and dist.is_available() and dist.is_initialized()
+        local_rank = torch.cuda.current_device() if caller_group else 0
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
