@@ -4,10 +4,12 @@ For each of ddp, fsdp2, zero1 and tensor=2, with fmcore's ops and FusedAdamW (th
 plain PyTorch's: 20 steps of a small GPT-2 give the same losses as one process (float tolerance: the
 reductions run in another order); a checkpoint saved at step 10 on 2 ranks resumes on 2 ranks and
 reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process (resharding) and reproduces
-them; the Hugging Face export written at the end (gathered from the shards, tensor parallelism's
-split projections fused again) holds one process's weights. And fsdp2 with tensor=2 on 4 ranks (a
-2-D mesh) against 1 process, fsdp2 with tensor=2, activation checkpointing and torch.compile against
-1 process, and zero1 with 2 micro-batches per step (gradient accumulation) against 1 process.
+them, tensor=2's loads in 1 process without tensor parallelism and 1 process's on 2 with it; the
+Hugging Face export written at the end (gathered from the shards, tensor parallelism's split
+projections fused again) holds one process's weights. And fsdp2 with tensor=2 on 4 ranks (a 2-D
+mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2 ranks, fsdp2 with tensor=2,
+activation checkpointing and torch.compile against 1 process, zero1 with 2 micro-batches per step
+(gradient accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks.
 """
 
 from __future__ import annotations
@@ -152,12 +154,51 @@ def test_load_on_one_process(two_rank_run, dataset):
     assert_losses_close(losses(tmp / "one"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
 
 
+def test_a_tensor_parallel_checkpoint_resumes_without_tensor_parallelism_and_back(two_rank_run, dataset, references):
+    # A tensor-parallel checkpoint names the split projections ("blocks.0.qkv.parts.0.weight"), which
+    # DCP cannot map onto one fused tensor: "does not fit this model and optimizer: Missing key", and
+    # then a ConfigError. checkpoint.load regroups them on rank 0. The way back starts on more
+    # processes than wrote the checkpoint (the second takes rank 0's loader state).
+    mode, ops, tmp = two_rank_run
+    if mode != "tensor2":
+        pytest.skip("tensor parallelism's checkpoints")
+    ckpt = resume_from(tmp / "run", tmp / "untensored")
+    run(1, overrides(dataset, tmp / "untensored", B, *OPS[ops], "--checkpoint.resume", str(ckpt)),
+        tmp / "launch-untensored")
+    assert_losses_close(losses(tmp / "untensored"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
+    ckpt = resume_from(references[ops, B], tmp / "tensored")
+    run(2, overrides(dataset, tmp / "tensored", B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt)),
+        tmp / "launch-tensored")
+    assert_losses_close(losses(tmp / "tensored"), losses(references[ops, B]), range(SAVE_AT + 1, STEPS + 1))
+    # Rank 0 reads such a checkpoint alone: when it fails, the other rank must raise too, not wait.
+    ckpt = resume_from(tmp / "run", tmp / "damaged")
+    next(ckpt.glob("*.distcp")).unlink()
+    args = overrides(dataset, tmp / "damaged", B, "--parallel.data", "ddp", *OPS[ops], "--checkpoint.resume", str(ckpt))
+    messages = run_ranks(_train_expecting_checkpoint_error, 2, tmp / "launch-damaged", args=(args,), timeout=120)
+    assert all("is damaged (a file of it is missing" in m for m in messages) and "(read on rank 0)" in messages[1], messages
+
+
+def test_a_checkpoint_resumes_on_more_processes(dataset, references, tmp_path):
+    # The loader's state is the next global sample, which it reshards to any world size; the ranks a
+    # checkpoint has no extra_rank<r>.pt for take rank 0's (they were refused: "resume it on at most 1").
+    for mode in ("ddp", "fsdp2"):
+        ckpt = resume_from(references["fmcore", 2 * B], tmp_path / mode)
+        run(2, overrides(dataset, tmp_path / mode, B, *MODES[mode], "--checkpoint.resume", str(ckpt)),
+            tmp_path / f"launch-{mode}")
+        assert_losses_close(losses(tmp_path / mode), losses(references["fmcore", 2 * B]), range(SAVE_AT + 1, STEPS + 1))
+
+
 def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     # dp=2 x tp=2: each tensor-parallel pair reads one data-parallel shard of the global batch 2B.
     run(4, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2"),
         tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", 2 * B]), range(1, STEPS + 1))
     assert_exports_close(tmp_path / "run", references["fmcore", 2 * B])
+    # its checkpoint (2-D shards of the split projections) resumed by fsdp2 alone on 2 ranks
+    ckpt = resume_from(tmp_path / "run", tmp_path / "fsdp2")
+    run(2, overrides(dataset, tmp_path / "fsdp2", B, "--parallel.data", "fsdp2", "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-fsdp2")
+    assert_losses_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
 
 
 def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path):
@@ -175,6 +216,16 @@ def _train_expecting_config_error(rank: int, world: int, args: list[str]) -> str
     try:
         _train(rank, world, args)
     except ConfigError as e:
+        return str(e)
+    return "trained"
+
+
+def _train_expecting_checkpoint_error(rank: int, world: int, args: list[str]) -> str:
+    from fmcore.train.checkpoint import CheckpointError
+
+    try:
+        _train(rank, world, args)
+    except CheckpointError as e:
         return str(e)
     return "trained"
 
@@ -223,14 +274,12 @@ def test_train_in_the_callers_process_group_without_launcher_variables(dataset, 
 
 
 def test_a_checkpoint_resumed_in_a_layout_that_cannot_load_it_is_a_config_error(two_rank_run, dataset):
-    # A tensor-parallel checkpoint names the split projections, zero1's holds flat optimizer shards:
-    # DCP's "does not fit this model and optimizer: Missing key ... qkv.weight" read as another model.
+    # zero1's checkpoint holds flat optimizer shards: DCP's "does not fit this model and optimizer:
+    # Missing key ..." read as another model.
     mode, ops, tmp = two_rank_run
-    if mode not in ("tensor2", "zero1") or ops != "fmcore":
-        pytest.skip("the layouts whose checkpoints other layouts cannot load")
+    if mode != "zero1" or ops != "fmcore":
+        pytest.skip("the layout whose checkpoints other layouts cannot load")
     ckpt = resume_from(tmp / "run", tmp / "other-layout")
     args = overrides(dataset, tmp / "other-layout", B, "--parallel.data", "ddp", "--checkpoint.resume", str(ckpt))
     messages = run_ranks(_train_expecting_config_error, 2, tmp / "launch-other-layout", args=(args,), timeout=120)
-    why = ("parallel.tensor = 2 there, 1 here" if mode == "tensor2" else
-           "parallel.data = 'zero1' there, 'ddp' here")
-    assert all(why in m for m in messages), messages
+    assert all("parallel.data = 'zero1' there, 'ddp' here" in m for m in messages), messages

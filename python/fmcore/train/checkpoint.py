@@ -2,7 +2,8 @@
 
 Layout: <run_dir>/checkpoints/step_00000100/ holds DCP's files for {"model", "optim"} (the state dicts
 from torch.distributed.checkpoint.state_dict, so the same code saves a plain, DDP or FSDP2 model) and
-extra_rank<r>.pt per process: step, loader position, every RNG state, loss-scaler state, counters.
+extra_rank<r>.pt per process: step, loader position, every RNG state, loss-scaler state, counters
+(read_extra: a run on more processes than wrote it gives the others rank 0's).
 
 Atomicity: everything is written into .tmp-step_00000100/ (files fsynced), and rank 0 renames it to
 step_00000100/ only when every rank is done. A directory named step_* is therefore always complete;
@@ -17,11 +18,13 @@ DCP works in a single process without init_process_group (it then skips the coll
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import shutil
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
-from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
+from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict, split_part
 
 
 class CheckpointError(ValueError):
@@ -203,9 +208,17 @@ def has_master_weights(path: Path) -> bool:
 
 
 def read_extra(path: Path) -> dict:
-    """This rank's extra dict of checkpoint dir path (step, loader and RNG state, the run's config)."""
+    """This rank's extra dict of checkpoint dir path (step, loader and RNG state, the run's config).
+
+    A checkpoint resumed on more processes than wrote it gives the ranks it has no file for rank 0's:
+    its loader state is the next global sample (which the loader reshards to any world size), its
+    counters are the run's, and the RNGs drive nothing in training once the model's initial weights
+    (which the checkpoint replaces) are drawn."""
     path = Path(path)
-    extra_path = path / f"extra_rank{_rank()}.pt"
+    rank = _rank()
+    if not (path / f"extra_rank{rank}.pt").exists() and rank >= len(list(path.glob("extra_rank*.pt"))):
+        rank = 0
+    extra_path = path / f"extra_rank{rank}.pt"
     if not (path / ".metadata").is_file() or not extra_path.is_file():
         raise CheckpointError(f"{path} is not a complete fmcore checkpoint (missing .metadata or {extra_path.name})")
     try:
@@ -219,6 +232,10 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """Restore model and optimizer in place from checkpoint dir path (read_extra(path) first: it
     checks that the checkpoint is complete, and returns the rest of its state)."""
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if _is_split(model_sd) != _is_split(k[len("model."):] for k in saved if k.startswith("model.")):
+        _load_regrouped(path, model, optimizer, saved)
+        return
     own_groups = [dict(g) for g in optim_sd.get("param_groups", [])]  # (before DCP loads into them)
     dropped = _drop_group_entries_not_saved(optim_sd, path)
     state = {"model": model_sd, "optim": optim_sd}
@@ -226,12 +243,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         with _quiet():
             dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # a BaseException, its message a traceback per rank
-        if _interrupted(e, _rank()):  # Ctrl-C while reading: not a checkpoint that "does not fit"
-            raise KeyboardInterrupt from None
-        failures = [exc for exc, *_ in e.failures.values()]
-        what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
-                if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
-        raise CheckpointError(f"{path} {what}: {_causes(e)}") from None
+        raise _load_failure(path, e) from None
     for group, names, own in zip(state["optim"].get("param_groups", []), dropped, own_groups):
         # The current optimizer's values for what the checkpoint lacks, and for torch's implementation
         # flags, which are this machine's choice, not the run's: a checkpoint of a GPU run (fused=True)
@@ -245,6 +257,112 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         # KeyError 'lr'). The state is per parameter name and loads either way; the groups stay ours.
         state["optim"]["param_groups"] = own_groups
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
+
+
+def _is_split(names) -> bool:
+    """Whether a state dict's keys are tensor parallelism's (its SplitLinear parts)."""
+    return any(split_part(name) is not None for name in names)
+
+
+def _load_regrouped(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """load() of a tensor-parallel checkpoint (its fused projections saved as SplitLinear's parts,
+    "blocks.0.qkv.parts.1.weight") into a model without tensor parallelism, or the reverse. DCP
+    reshards a tensor between layouts, not one tensor into several, so rank 0 reads the checkpoint
+    into the full state dicts of this model and optimizer (each part's rows into the fused tensor's,
+    or the fused tensor's rows into the parts'), and torch's set_state_dict sends every rank its
+    shards. Costs the full model and optimizer state in rank 0's CPU memory, once, at this resume.
+    The param groups stay this optimizer's: the checkpoint's list the other layout's names (the
+    trainer sets the hyperparameters from the config after loading anyway)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=full)  # rank 0's; {} on the others
+    error = None
+    if _rank() == 0:
+        try:
+            states = optim_sd["state"]
+            model_t, model_settle = _regroup(model_sd, saved, "model.{}")
+            targets, settles = {"model": model_t, "optim": {"state": {}}}, []
+            for field in sorted({field for state in states.values() for field in state}):
+                here = {name: state[field] for name, state in states.items() if field in state}
+                there, settle = _regroup(here, saved, f"optim.state.{{}}.{field}")
+                for name, target in there.items():
+                    targets["optim"]["state"].setdefault(name, {})[field] = target
+                settles.append((field, there, settle))
+            with _quiet():
+                dcp.load(targets, checkpoint_id=path, no_dist=True)
+            model_sd.update(model_settle(model_t))
+            for field, there, settle in settles:
+                # (DCP loaded into `targets`' nested dicts, the same tensors `there` holds)
+                for name, value in settle(there).items():
+                    states[name][field] = value
+        except BaseException as e:  # noqa: BLE001  (every rank raises it, below)
+            error = _load_failure(path, e)
+    if distributed:
+        # The other ranks would wait in set_state_dict's broadcasts for rank 0: they must learn of its failure.
+        message = [None if error is None else str(error) or "interrupted (KeyboardInterrupt)"]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise CheckpointError(f"{message[0]} (read on rank 0)")
+    if error is not None:
+        raise error
+    # (Two calls: set_state_dict takes an empty model state dict, as the other ranks hold, for "optimizer
+    # only" and skips the model's broadcasts there, which rank 0 then waits in.)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], dict]]:
+    """DCP load targets in the checkpoint's names for `here` (full tensors, one per parameter, named
+    as this model names them), and a function of the loaded targets that returns `here`'s values.
+    key: the checkpoint's flattened key of a name ("model.{}"). A SplitLinear part's rows are a
+    slice of the fused tensor's, in part order; a 0-dim tensor (an optimizer's step) is one value
+    for the fused layer and each of its parts."""
+    there, value_of = {}, {}  # value_of: here name -> its value, a function of the loaded targets
+    parts_here = {}  # the checkpoint's fused name -> [(index, this model's part name)]
+    for name in here:
+        if key.format(name) not in saved and split_part(name) is not None:
+            fused, index = split_part(name)
+            parts_here.setdefault(fused, []).append((index, name))
+    for fused, parts in parts_here.items():
+        if key.format(fused) not in saved:
+            raise CheckpointError(f"{key.format(fused)} is not in the checkpoint")
+        names = [name for _, name in sorted(parts)]
+        there[fused] = torch.empty(tuple(saved[key.format(fused)].size), dtype=here[names[0]].dtype)
+        if there[fused].dim() == 0:
+            value_of |= {name: lambda loaded, f=fused: loaded[f] for name in names}
+            continue
+        rows = [here[name].shape[0] for name in names]
+        if sum(rows) != there[fused].shape[0]:
+            raise CheckpointError(f"{key.format(fused)} in the checkpoint has {there[fused].shape[0]} rows, this "
+                                  f"model's parts of it {sum(rows)}")
+        for name, start, n in zip(names, itertools.accumulate(rows, initial=0), rows):
+            value_of[name] = lambda loaded, f=fused, a=start, n=n: loaded[f][a:a + n]
+    for name, t in here.items():
+        if name in value_of:
+            continue
+        if key.format(name) in saved:  # the same name on both sides
+            there[name] = t
+            value_of[name] = lambda loaded, n=name: loaded[n]
+            continue
+        head, leaf = name.rsplit(".", 1)  # a fused tensor the checkpoint holds as parts
+        parts = []
+        while key.format(f"{head}.parts.{len(parts)}.{leaf}") in saved:
+            parts.append(f"{head}.parts.{len(parts)}.{leaf}")
+        if not parts:
+            raise CheckpointError(f"{key.format(name)} is not in the checkpoint")
+        if t.dim() == 0:
+            there[parts[0]] = t
+            value_of[name] = lambda loaded, p=parts[0]: loaded[p]
+            continue
+        rows = [saved[key.format(p)].size[0] for p in parts]
+        if sum(rows) != t.shape[0]:
+            raise CheckpointError(f"the parts of {key.format(name)} in the checkpoint have {sum(rows)} rows, "
+                                  f"this model's {t.shape[0]}")
+        for p, start, n in zip(parts, itertools.accumulate(rows, initial=0), rows):
+            there[p] = t[start:start + n]  # DCP reads each part into its rows, in place
+        value_of[name] = lambda loaded, t=t: t
+    return there, lambda loaded: {name: value(loaded) for name, value in value_of.items()}
 
 
 def _failures(error: BaseException | None) -> str:
@@ -278,6 +396,19 @@ def _interrupted(e: BaseException | None, rank: int) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+def _load_failure(path: Path, e: BaseException) -> BaseException:
+    """What a failed read of checkpoint path raises: KeyboardInterrupt for Ctrl-C (not a checkpoint that
+    "does not fit"), else a CheckpointError saying whether the checkpoint is damaged or of another model."""
+    if isinstance(e, (KeyboardInterrupt, CheckpointError)):
+        return e
+    if _interrupted(e, _rank()):
+        return KeyboardInterrupt()
+    failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+    what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
+            if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
+    return CheckpointError(f"{path} {what}: {_causes(e)}")
 
 
 def _causes(e: BaseException) -> str:

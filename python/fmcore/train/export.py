@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from fmcore.train.config import ModelConfig
+from fmcore.train.parallel import split_part
 
 
 def _gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, dict]:
@@ -86,12 +87,12 @@ def _fuse_split_linears(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     concatenated back into the fused layer's tensors (``qkv.weight``), in part order."""
     out, parts = {}, {}
     for name, t in sd.items():
-        head, sep, tail = name.partition(".parts.")
-        if not sep:
+        part = split_part(name)
+        if part is None:
             out[name] = t
             continue
-        index, _, leaf = tail.partition(".")
-        parts.setdefault(f"{head}.{leaf}", {})[int(index)] = t
+        fused, index = part
+        parts.setdefault(fused, {})[index] = t
     for name, by_index in parts.items():
         out[name] = torch.cat([by_index[i] for i in range(len(by_index))])
     return out

@@ -203,6 +203,16 @@ class SplitLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+def split_part(name: str) -> tuple[str, int] | None:
+    """(the fused layer's name, the part's index) for a SplitLinear part's state dict key
+    ("blocks.0.qkv.parts.1.weight" -> ("blocks.0.qkv.weight", 1)), None for any other key."""
+    head, sep, tail = name.partition(".parts.")
+    if not sep:
+        return None
+    index, _, leaf = tail.partition(".")
+    return f"{head}.{leaf}", int(index)
+
+
 def check_tensor_divides(tensor: int, arch: str, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
     """Each tensor-parallel rank keeps whole heads (of q, and of k and v) and ffn_dim / tensor hidden
     units: apply_tensor_parallel checks its blocks with it, `fmcore plan-memory` a resolved model config."""

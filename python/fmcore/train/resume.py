@@ -120,15 +120,6 @@ def evaluated_at(run_dir: Path, step: int) -> bool:
     return path.is_file() and any(r["step"] == step and "eval_loss" in r for r in metrics.read_metrics(path))
 
 
-def check_resume_world(path: Path, world: int) -> None:
-    """A checkpoint holds one loader/RNG state per process that wrote it (extra_rank<r>.pt): it resumes
-    on at most as many processes (fsdp2 and zero1 reshard the model and optimizer to fewer)."""
-    saved = len(list(Path(path).glob("extra_rank*.pt")))
-    if world > saved:
-        raise ConfigError(f"checkpoint.resume {path} was written by {saved} process(es) and this run has {world}: "
-                          f"resume it on at most {saved}")
-
-
 def set_aside_later_checkpoints(run_dir: Path, resume_from: Path, step: int) -> str | None:
     """Resuming an earlier checkpoint of this run starts a new branch from it: the run's checkpoints
     after that step belong to the abandoned one. Left in place, retention (which keeps the highest
@@ -190,11 +181,11 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
 def check_same_layout(path: Path, saved: dict | None, cfg: Config) -> None:
     """The parallel layouts whose state dicts torch.distributed.checkpoint cannot map onto each other:
     ZeroAdamW (zero1) saves its flat buckets' shards ("optim.flat0.bucket0.exp_avg", laid out by param
-    group) where the other optimizers save one entry per parameter, and tensor parallelism splits the
-    fused projections into parts ("blocks.0.qkv.parts.0.weight"). Such a checkpoint failed in
+    group) where the other optimizers save one entry per parameter. Such a checkpoint failed in
     checkpoint.load as one that "does not fit this model and optimizer: Missing key ..." (or a size
     mismatch of a bucket), naming neither the setting nor the model it does fit. Between the others
-    (none, ddp, fsdp2) the checkpoint reshards."""
+    (none, ddp, fsdp2, each with or without tensor parallelism) the checkpoint reshards (checkpoint.load
+    regroups tensor parallelism's split projections)."""
     there = (saved or {}).get("parallel")
     if not there:
         return
@@ -208,9 +199,6 @@ def check_same_layout(path: Path, saved: dict | None, cfg: Config) -> None:
             if written != getattr(cfg.optim, key):
                 differ.append(f"optim.{key} = {written!r} there, {getattr(cfg.optim, key)!r} here (zero1's flat "
                               "shards are laid out by param group)")
-    if (there.get("tensor", 1) > 1) != (cfg.parallel.tensor > 1):
-        differ.append(f"parallel.tensor = {there.get('tensor', 1)!r} there, {cfg.parallel.tensor!r} here (tensor "
-                      "parallelism saves the fused projections as their parts)")
     if differ:
         raise ConfigError(f"checkpoint.resume: {path} was written in another parallel layout ({'; '.join(differ)}); "
                           "resume it with the settings it was written with (config.toml in its run dir)")

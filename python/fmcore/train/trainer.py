@@ -544,7 +544,6 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     step, skipped_total, resumed_tokens, streak, resumed_wall = 0, 0, 0, 0, 0.0
     if resume_from is not None:
-        _from_main(lambda: resume.check_resume_world(resume_from, env.world), env)
         extra = checkpoint.read_extra(resume_from)
         resume.check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
         resume.check_same_layout(resume_from, extra.get("config"), cfg)
