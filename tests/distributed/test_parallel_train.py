@@ -174,7 +174,7 @@ def test_a_tensor_parallel_checkpoint_resumes_without_tensor_parallelism_and_bac
     ckpt = resume_from(tmp / "run", tmp / "damaged")
     next(ckpt.glob("*.distcp")).unlink()
     args = overrides(dataset, tmp / "damaged", B, "--parallel.data", "ddp", *OPS[ops], "--checkpoint.resume", str(ckpt))
-    messages = run_ranks(_train_expecting_checkpoint_error, 2, tmp / "launch-damaged", args=(args,), timeout=120)
+    messages = run_ranks(_train_expecting_an_error, 2, tmp / "launch-damaged", args=(args,), timeout=120)
     assert all("is damaged (a file of it is missing" in m for m in messages) and "(read on rank 0)" in messages[1], messages
 
 
@@ -210,22 +210,14 @@ def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_p
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", B]), range(1, STEPS + 1))
 
 
-def _train_expecting_config_error(rank: int, world: int, args: list[str]) -> str:
+def _train_expecting_an_error(rank: int, world: int, args: list[str]) -> str:
+    """The message of the ConfigError (or CheckpointError) this rank's run raises."""
+    from fmcore.train.checkpoint import CheckpointError
     from fmcore.train.config import ConfigError
 
     try:
         _train(rank, world, args)
-    except ConfigError as e:
-        return str(e)
-    return "trained"
-
-
-def _train_expecting_checkpoint_error(rank: int, world: int, args: list[str]) -> str:
-    from fmcore.train.checkpoint import CheckpointError
-
-    try:
-        _train(rank, world, args)
-    except CheckpointError as e:
+    except (ConfigError, CheckpointError) as e:
         return str(e)
     return "trained"
 
@@ -234,7 +226,7 @@ def test_a_config_error_found_on_rank_0_reaches_every_rank(dataset, references, 
     # Rank 0 alone chooses the run dir. A reference run's dir holds checkpoints, so reusing it without
     # --resume is an error; the other rank must get it too, not a broken broadcast when rank 0 exits.
     args = overrides(dataset, references["fmcore", B], B, "--parallel.data", "ddp")
-    messages = run_ranks(_train_expecting_config_error, 2, tmp_path, args=(args,), timeout=60)
+    messages = run_ranks(_train_expecting_an_error, 2, tmp_path, args=(args,), timeout=60)
     assert all("already holds checkpoints" in m for m in messages), messages
 
 
@@ -281,5 +273,5 @@ def test_a_checkpoint_resumed_in_a_layout_that_cannot_load_it_is_a_config_error(
         pytest.skip("the layout whose checkpoints other layouts cannot load")
     ckpt = resume_from(tmp / "run", tmp / "other-layout")
     args = overrides(dataset, tmp / "other-layout", B, "--parallel.data", "ddp", "--checkpoint.resume", str(ckpt))
-    messages = run_ranks(_train_expecting_config_error, 2, tmp / "launch-other-layout", args=(args,), timeout=120)
+    messages = run_ranks(_train_expecting_an_error, 2, tmp / "launch-other-layout", args=(args,), timeout=120)
     assert all("parallel.data = 'zero1' there, 'ddp' here" in m for m in messages), messages
