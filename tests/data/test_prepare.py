@@ -637,3 +637,22 @@ def test_a_json_file_of_one_pretty_printed_record(tmp_path):
     assert (c["kept"], c["bad_json"]) == (3, 0)
     assert sorted(train_docs(out)) == sorted(["one record, printed over several lines", "a JSON Lines record in a "
                                               ".json file", "and a second one, on its own line"])
+
+
+def test_a_large_json_file_of_one_pretty_printed_record(tmp_path, monkeypatch):
+    # A .json file larger than JSONL_CHUNK_BYTES (32 MiB) is cut into byte ranges unless its head shows one
+    # JSON value: "[" did, a pretty-printed record did not (its ranges were bad JSON Lines, the text lost).
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    monkeypatch.setattr(prepare_module, "JSONL_CHUNK_BYTES", 256)
+    text = " ".join(["one long record, printed over several lines"] * 20)
+    (tmp_path / "record.json").write_text(json.dumps({"id": 7, "text": text}, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps({"text": f"record {i} of many " * 4}) + "\n"
+                                                 for i in range(40)))
+    cfg = prepare_module.CleanConfig()
+    assert len(prepare_module._tasks([tmp_path / "record.json"], cfg)) == 1
+    assert len(prepare_module._tasks([tmp_path / "lines.json"], cfg)) > 2  # JSON Lines: still in ranges
+    out = prepare([tmp_path / "record.json", tmp_path / "lines.json"], tmp_path / "ds", vocab_size=300,
+                  val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["kept"], c["bad_json"]) == (41, 0)
+    assert text in train_docs(out)

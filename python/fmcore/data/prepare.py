@@ -453,7 +453,7 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
                                  f"or JSON Lines (.jsonl, optionally .gz/.bz2/.xz compressed)")
             if not name.endswith(JSONL_SUFFIXES):
                 tasks.append(("text", str(p), cfg, None, explicit))
-            elif p.suffix.lower() in DECOMPRESSORS or p.stat().st_size <= JSONL_CHUNK_BYTES or _json_array(p):
+            elif p.suffix.lower() in DECOMPRESSORS or p.stat().st_size <= JSONL_CHUNK_BYTES or _json_whole(p):
                 tasks.append(("jsonl", str(p), cfg, None, explicit))
             else:  # a large uncompressed JSON Lines file is read in byte ranges by several workers
                 size = p.stat().st_size
@@ -462,12 +462,24 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
     return tasks
 
 
-def _json_array(p: Path) -> bool:
-    """Whether a .json file holds a JSON array (read whole), not JSON Lines (which can be read in ranges)."""
+def _json_whole(p: Path) -> bool:
+    """Whether a .json file is one JSON value, read whole (an array of records, or one record
+    pretty-printed over several lines), not JSON Lines (which can be read in byte ranges): it starts
+    with "[", or with "{" on a first line that is not a whole record. _json_records decides again on
+    the text; this look at the head keeps a large one from being cut into ranges of bad JSON."""
     if not p.name.lower().endswith(".json"):
         return False
     with open(p, "rb") as f:
-        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if not head.startswith((b"[", b"{")):
+            return False
+        f.seek(0)
+        first = f.readline(JSONL_CHUNK_BYTES)  # (a longer first line: read whole, and found to be JSON Lines)
+    try:
+        json.loads(first)
+    except ValueError:  # (UnicodeDecodeError included)
+        return True
+    return head.startswith(b"[")
 
 
 def default_workers() -> int:
