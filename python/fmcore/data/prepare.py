@@ -384,7 +384,9 @@ class _SplitWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        buf = np.concatenate(self.chunks)
+        # (One chunk is the rest of the last flush's buffer, a view: concatenating it copied a long document's
+        # remaining tokens at each of its shards, time growing with its length squared.)
+        buf = self.chunks[0] if len(self.chunks) == 1 else np.concatenate(self.chunks)
         starts = np.asarray(self.starts, dtype=np.int64)
         head = starts[starts < n]
         if head.size == 0 or head[0] != 0:
