@@ -5,6 +5,7 @@ gloo's 30 minutes."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -152,3 +153,82 @@ def test_a_hung_rank_fails_the_2d_mesh_collectives_after_parallel_timeout_s(tmp_
     for rank in (0, 2, 3):
         waited, outcome = results[rank]
         assert outcome != "passed" and waited < 11, (rank, waited, outcome)
+
+
+@pytest.fixture(scope="module")
+def email_dataset(tmp_path_factory) -> Path:
+    import email
+
+    import matplotlib
+
+    from fmcore import data
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as _pyplot  # noqa: F401  (imported once, before the fork)
+    return data.prepare([Path(email.__file__).parent], tmp_path_factory.mktemp("data") / "email", vocab_size=512,
+                        val_fraction=0.1, workers=1, progress=False)
+
+
+def _train_with_a_rank_dying_before_the_mesh(rank: int, world: int, dataset: str, run: str) -> tuple[float, str]:
+    from fmcore.train import trainer
+    from tests.distributed.test_parallel_train import _train, overrides
+
+    make_loader = trainer.make_loader
+
+    def failing_loader(cfg, *args, **kwargs):
+        if rank == 1:  # a data error on one rank only, between the run dir's broadcast and the mesh
+            raise OSError(24, "Too many open files")
+        return make_loader(cfg, *args, **kwargs)
+
+    trainer.make_loader = failing_loader
+    t0 = time.perf_counter()
+    try:  # rank 1 returns at once: run_ranks ends its process, closing its connections
+        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "ddp", "--parallel.timeout_s",
+                                      "20", "--checkpoint.every", "0"))
+        outcome = "passed"
+    except (OSError, RuntimeError) as e:  # (DistStoreError is a RuntimeError)
+        outcome = f"{type(e).__name__}: {e}"
+    return time.perf_counter() - t0, outcome
+
+
+def test_a_rank_dying_before_the_mesh_fails_the_others_at_once(email_dataset, tmp_path):
+    # Making the mesh's groups is a rendezvous through the store, which does not notice a dead rank: the
+    # others waited there parallel.timeout_s (10 minutes by default), then failed with the store's "Wait
+    # timeout" (under torchrun "DistStoreError: wait timeout ... keys: /default_pg/0//1//cpu//0/1").
+    (waited, outcome), (_, failed) = run_ranks(_train_with_a_rank_dying_before_the_mesh, 2, tmp_path / "launch",
+                                               args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
+    assert "Too many open files" in failed, failed
+    assert "Connection closed by peer" in outcome and waited < 15, (waited, outcome)
+
+
+def _train_with_a_val_split_one_rank_cannot_read(rank: int, world: int, dataset: str, run: str) -> tuple[str, bool]:
+    import contextlib
+    import io
+
+    from fmcore.data.shards import ShardError
+    from fmcore.train import trainer
+    from tests.distributed.test_parallel_train import _train, overrides
+
+    make_loader = trainer.make_loader
+
+    def loader_without_val(cfg, dataset, env, split="train", *args, **kwargs):
+        if rank == 1 and split == "val":  # this node's copy of the dataset lost its val shard
+            raise ShardError(f"{dataset}/val_000000.bin: No such file or directory")
+        return make_loader(cfg, dataset, env, split, *args, **kwargs)
+
+    trainer.make_loader = loader_without_val
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # rank 0 prints the run's messages
+        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "fsdp2", "--parallel.timeout_s",
+                                      "10", "--train.steps", "4", "--train.eval_every", "2", "--checkpoint.every", "0"))
+    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return out.getvalue(), any("eval_loss" in r for r in records)
+
+
+def test_a_val_split_one_rank_cannot_read_turns_evaluation_off_on_every_rank(email_dataset, tmp_path):
+    # Rank 1 alone turned evaluation off: the others' evaluation collectives met its training step's, and
+    # every rank failed after parallel.timeout_s with "Timed out waiting 10000ms for recv operation".
+    (printed, evaluated), _ = run_ranks(_train_with_a_val_split_one_rank_cannot_read, 2, tmp_path / "launch",
+                                        args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
+    assert not evaluated
+    assert "has a val split the loader cannot read on rank 1 (" in printed and "evaluation is off" in printed, printed

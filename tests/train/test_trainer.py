@@ -309,7 +309,8 @@ def test_a_damaged_extra_state_is_a_checkpoint_error(dataset, tmp_path, capsys):
 
 def test_tokens_per_step_must_divide(dataset, tmp_path):
     cfg = load_config("tiny", overrides(dataset, tmp_path / "r", "--train.tokens_per_step", "1000"))
-    with pytest.raises(ConfigError, match="multiple of batch_size"):
+    with pytest.raises(ConfigError, match=r"multiple of train.batch_size \* train.seq_len \* data-parallel processes "
+                                          r"\(8 \* 64 \* 1 = 512\): the nearest are 512 and 1024"):
         train(cfg)
 
 
@@ -990,6 +991,35 @@ def test_evaluation_reads_the_val_split_at_most_once(dataset):
     assert evaluate(model, cfg, dataset, env, "fp32")[0] == whole
 
 
+def test_a_val_split_smaller_than_one_batch_is_evaluated_once(dataset):
+    # batches_per_epoch 0 (fewer val windows than one batch of every rank: gpt2-124m's 16 x 1024 on 8 GPUs
+    # against the embedded corpus's val split) left eval_batches uncapped: each batch wrapped around the
+    # split, some windows were counted once more than others, and eval_batches 20 read it dozens of times.
+    from fmcore.data import Loader
+    from fmcore.train.trainer import Env, build_model, evaluate
+
+    with Loader(dataset, split="val", batch_size=1, seq_len=64, mode="sequential") as val:
+        windows = val.windows_per_epoch
+    cfg = load_config("tiny", ["--train.batch_size", str(windows + windows // 3), "--train.seq_len", "64",
+                               "--train.device", "cpu"])
+    env = Env(0, 1, 0, torch.device("cpu"))
+    with Loader(dataset, split="train", batch_size=8, seq_len=64) as train_loader:
+        model, _ = build_model(cfg, train_loader.vocab_size, env, "fp32")
+    with Loader(dataset, split="val", batch_size=windows, seq_len=64, mode="sequential") as val:
+        batch = next(val)  # the whole split, once
+    with torch.no_grad():
+        model.eval()
+        once = model(batch.x, batch.y).double().item()
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    for eval_batches in (1, 3):
+        cfg.train.eval_batches = eval_batches
+        calls.clear()
+        got, _ = evaluate(model, cfg, dataset, env, "fp32")
+        # (an untrained model's windows differ little: the weighting alone moved the loss by ~3e-6)
+        assert calls == [windows] and got == pytest.approx(once, rel=1e-9), (eval_batches, calls, got, once)
+
+
 def _slow_down(monkeypatch, name: str, seconds: float) -> None:
     """fmcore.train.trainer's function name, taking seconds longer."""
     from fmcore.train import trainer
@@ -1107,14 +1137,17 @@ def test_a_sweep_of_compiled_runs_keeps_compiling_past_dynamos_recompile_limit(d
 
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    for n_layers in ("1", "2", "1"):  # the third: room was made by dropping the first's graphs, compiled again
-        graphs = counters["stats"]["unique_graphs"]
-        train(load_config("tiny", overrides(dataset, tmp_path / f"run{n_layers}-{graphs}", "--train.steps", "2",
-                                            "--model.dim", "32", "--model.n_layers", n_layers, "--train.compile",
-                                            "true", "--log.sample_tokens", "2", "--train.eval_batches", "1",
-                                            "--checkpoint.export_hf", "false", "--checkpoint.save_final", "false")))
-        assert counters["stats"]["unique_graphs"] - graphs == 3, f"n_layers {n_layers}: not compiled"
+    # (config.patch, not monkeypatch: its undo left dynamo's config without the name, and the next compile in
+    # this process, a forked rank's included, raised "recompile_limit does not exist")
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for n_layers in ("1", "2", "1"):  # the third: room was made by dropping the first's graphs, compiled again
+            graphs = counters["stats"]["unique_graphs"]
+            train(load_config("tiny", overrides(dataset, tmp_path / f"run{n_layers}-{graphs}", "--train.steps", "2",
+                                                "--model.dim", "32", "--model.n_layers", n_layers, "--train.compile",
+                                                "true", "--log.sample_tokens", "2", "--train.eval_batches", "1",
+                                                "--checkpoint.export_hf", "false", "--checkpoint.save_final",
+                                                "false")))
+            assert counters["stats"]["unique_graphs"] - graphs == 3, f"n_layers {n_layers}: not compiled"
 
 
 def test_a_callers_group_keeps_the_callers_gpu(tmp_path, monkeypatch):

@@ -167,6 +167,12 @@ class Loader:
         return self._core.next_sample / self._core.windows_per_epoch
 
     @property
+    def windows_per_epoch(self) -> int:
+        """Sequential mode: the windows of seq_len + 1 tokens in one epoch, all ranks together."""
+        self._check_process()
+        return self._core.windows_per_epoch
+
+    @property
     def batches_per_epoch(self) -> int:
         """Sequential mode: whole batches of this rank in one epoch (e.g. the length of a full val pass)."""
         self._check_process()

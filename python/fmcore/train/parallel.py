@@ -89,6 +89,13 @@ def mesh(cfg, device: torch.device):
     # (the timeout too: runs of a sweep in a caller's process group share the mesh, not their timeouts)
     key = ((world // tp, tp), device.type, cfg.parallel.timeout_s)
     if _MESH is None or _MESH_KEY != key:
+        # A collective of the default group first: making a group is a rendezvous through the store, which
+        # does not notice a rank that died before it (a data error or an out-of-memory building its model
+        # on one rank): the others waited there parallel.timeout_s (10 minutes by default), then failed with
+        # "DistStoreError: wait timeout ... keys: /default_pg/0//1//cpu//0/5". A dead peer fails the barrier
+        # at once on gloo ("Connection closed by peer"), as it fails the run's other collectives. (On NCCL,
+        # naming the GPU: else torch warns on every rank that it guesses one.)
+        dist.barrier(device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
         # The mesh's groups made here, with parallel.timeout_s: init_device_mesh makes every dim that
         # does not span the world (both of a 2-D mesh) with torch's default timeout (gloo 30 min, NCCL
         # 10 min), so a hung rank held the tensor- and data-parallel collectives that long.

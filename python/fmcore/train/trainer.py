@@ -219,7 +219,8 @@ def open_dataset(cfg: Config, env: Env) -> Path:
     return path if env.main else default_dataset()
 
 
-def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode: str | None = None):
+def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode: str | None = None,
+                batch_size: int | None = None):
     from fmcore.data import Loader
     from fmcore.train.parallel import data_parallel_coords
 
@@ -228,7 +229,7 @@ def make_loader(cfg: Config, dataset: Path, env: Env, split: str = "train", mode
     # embedding, a device-side assert on the GPU; it is a data error naming the file and offset.
     # data.threads = 0 is the config's "let the loader choose": the Loader's threads=None (its 0 is an error).
     dp_rank, dp_world = data_parallel_coords(env.rank, env.world, cfg.parallel.tensor)
-    return Loader(dataset, split=split, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+    return Loader(dataset, split=split, batch_size=batch_size or cfg.train.batch_size, seq_len=cfg.train.seq_len,
                   mode=mode or cfg.data.mode, seed=cfg.train.seed, rank=dp_rank, world_size=dp_world,
                   threads=cfg.data.threads or None, doc_boundaries=cfg.data.doc_boundaries, check_vocab=True)
 
@@ -366,25 +367,41 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
 def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: str) -> tuple[float, torch.Tensor]:
     """(mean val loss over train.eval_batches micro-batches of every rank, at most one pass over the val
     split, the first batch's x)."""
+    from fmcore.train.parallel import data_parallel_coords
+
     was_training = model.training
     model.eval()
     total, first = torch.zeros((), device=env.device, dtype=torch.float64), None
-    with make_loader(cfg, dataset, env, split="val", mode="sequential") as loader:
+    dp_rank, dp_world = data_parallel_coords(env.rank, env.world, cfg.parallel.tensor)
+    loader = make_loader(cfg, dataset, env, split="val", mode="sequential")
+    if not loader.batches_per_epoch:
+        # A val split of fewer windows than one batch of every rank: the loader wrapped around inside every
+        # batch, and eval_batches of them read it many times over, some windows once more than others
+        # (gpt2-124m on 8 GPUs, 20 batches of 16 x 1024, read 2,560 windows from the embedded corpus's val
+        # split of ~45k tokens). One batch per rank, as large as one pass allows, instead.
+        windows = loader.windows_per_epoch
+        loader.close()
+        loader = make_loader(cfg, dataset, env, split="val", mode="sequential",
+                             batch_size=max(1, windows // dp_world))
+    # With fewer windows than data-parallel ranks, the ranks past them read a window again: they run the
+    # model (fsdp2 and tensor parallelism need every rank in its collectives) but their loss is not counted.
+    counted = min(dp_world, loader.windows_per_epoch)
+    with loader:
         # The sequential loader wraps around: past one pass, the first batches were counted twice and the
         # "val loss" weighted some val tokens more than others (the embedded corpus holds 22 val batches of
         # 16x128: at eval_batches 30, 8 of them counted twice). batches_per_epoch is the same on every rank.
-        n = cfg.train.eval_batches
-        if loader.batches_per_epoch:
-            n = min(n, loader.batches_per_epoch)
+        n = min(cfg.train.eval_batches, max(1, loader.batches_per_epoch))
         for _ in range(n):
             x, y, *docs = to_device(next(loader), env.device, cfg.data.doc_boundaries)
             first = x if first is None else first
             with autocast_context(precision, env.device):
-                total += model(x, y, *docs).double()
+                loss = model(x, y, *docs).double()
+            if dp_rank < counted:
+                total += loss
     if env.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return total.item() / (n * env.world), first
+    return total.item() / (n * counted * cfg.parallel.tensor), first
 
 
 @torch.no_grad()
@@ -524,10 +541,16 @@ def destroy_process_group() -> None:
 def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None,
          cleanup: contextlib.ExitStack) -> dict:
     t, ck = cfg.train, cfg.checkpoint
-    micro_tokens = t.batch_size * t.seq_len * (env.world // cfg.parallel.tensor)
+    dp = env.world // cfg.parallel.tensor
+    micro_tokens = t.batch_size * t.seq_len * dp
     if t.tokens_per_step and t.tokens_per_step % micro_tokens:
-        raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of batch_size * seq_len "
-                          f"* data-parallel processes = {micro_tokens}")
+        # The factors and the nearest values: a value tuned for another number of GPUs (a preset's for 8, run
+        # on 6) was refused with the product alone, which names neither this run's process count nor a fix.
+        below = t.tokens_per_step // micro_tokens * micro_tokens
+        nearest = f"{below} and {below + micro_tokens}" if below else f"{micro_tokens}"
+        raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of train.batch_size * "
+                          f"train.seq_len * data-parallel processes ({t.batch_size} * {t.seq_len} * {dp} = "
+                          f"{micro_tokens}): the nearest {'are' if below else 'is'} {nearest}")
     accum = max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
     step_tokens = accum * micro_tokens
 
@@ -576,10 +599,21 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     tokenizer = dataset_tokenizer(dataset)
     has_val, no_val_reason = dataset_has_split(dataset, "val"), "has no val split"
     if has_val:
+        unreadable = None
         try:  # now, not after the last step: a val split the loader cannot read would lose the run's end
             make_loader(cfg, dataset, env, split="val", mode="sequential").close()
         except ShardError as e:
-            has_val, no_val_reason = False, f"has a val split the loader cannot read ({e})"
+            unreadable = str(e)
+        # Every rank's answer: one that could not read it (its node's copy of the dataset damaged) skipped the
+        # evaluations the others ran, whose collectives then waited on its training step's until
+        # parallel.timeout_s failed every rank with a gloo/NCCL timeout naming neither the rank nor the split.
+        answers = [unreadable] * env.world
+        if env.world > 1:
+            dist.all_gather_object(answers, unreadable)
+        failed = [(r, why) for r, why in enumerate(answers) if why is not None]
+        if failed:
+            where = f" on rank {failed[0][0]}" if env.world > 1 else ""
+            has_val, no_val_reason = False, f"has a val split the loader cannot read{where} ({failed[0][1]})"
     set_aside = None
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
