@@ -32,10 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict, split_part
+from fmcore.train.parallel import full_state_dicts, load_model_optim_state_dict, model_optim_state_dict, split_part
 
 
 class CheckpointError(ValueError):
@@ -274,8 +273,7 @@ def _load_regrouped(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     The param groups stay this optimizer's: the checkpoint's list the other layout's names (the
     trainer sets the hyperparameters from the config after loading anyway)."""
     distributed = dist.is_available() and dist.is_initialized()
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=full)  # rank 0's; {} on the others
+    model_sd, optim_sd = full_state_dicts(model, optimizer)  # rank 0's; {} on the others
     error = None
     if _rank() == 0:
         try:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from fmcore.train.config import ModelConfig
-from fmcore.train.parallel import split_part
+from fmcore.train.parallel import full_state_dicts, split_part
 
 
 def _gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, dict]:
@@ -107,7 +106,7 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
     if not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads:
         raise ValueError("export_hf needs the resolved model config (models.resolve(cfg.model, vocab_size, device), "
                          "the one build_model got): model.vocab_size, ffn_dim or n_kv_heads is still 0 (derive it)")
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd, _ = full_state_dicts(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     sd = _fuse_split_linears({k: v.detach().cpu() for k, v in sd.items()})

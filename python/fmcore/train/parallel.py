@@ -330,6 +330,30 @@ def model_optim_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer)
 
 
+def full_state_dicts(model: nn.Module, optimizer=None) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of whole tensors on rank 0's CPU ({} on the other ranks, and for the
+    optimizer without one). Collective: the shards (fsdp2, tensor parallelism) are gathered.
+
+    torch logs, on every rank, that gathering a 2-D mesh's (_StridedShard, Shard) tensors takes two
+    all-gathers and "may give inconsistent results between ranks due to different reduction orders":
+    an all-gather reduces nothing, and at the end of every fsdp2 + tensor run (the export) it read as
+    an alarm. Quietened here."""
+    import logging
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute.level
+    redistribute.setLevel(logging.ERROR)
+    try:
+        if optimizer is None:
+            return get_model_state_dict(model, options=options), {}
+        return get_state_dict(model, optimizer, options=options)
+    finally:
+        redistribute.setLevel(level)
+
+
 def load_model_optim_state_dict(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
