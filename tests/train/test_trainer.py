@@ -493,6 +493,19 @@ def test_compare_of_a_zero_loss_gives_the_absolute_difference(tmp_path, capsys):
     assert "max |rel diff| inf% (step 2)" in out and "at step 3: 0.000%" in out and "max |diff| 0.5 (step 2)" in out
 
 
+def test_a_resume_with_another_global_batch_says_so(dataset, tmp_path, capsys):
+    # Resumed on other processes with the same per-rank batch, each step sees another number of tokens and
+    # the loss curve changes with it: the run said nothing.
+    _short_run(dataset, tmp_path / "run", "--checkpoint.save_final", "true")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    capsys.readouterr()
+    _short_run(dataset, tmp_path / "same", "--train.steps", "5", "--checkpoint.resume", str(ckpt))
+    assert "tokens per step" not in capsys.readouterr().out
+    _short_run(dataset, tmp_path / "half", "--train.steps", "5", "--train.batch_size", "4", "--checkpoint.resume",
+               str(ckpt))
+    assert "note: 256 tokens per step, the checkpoint's run took 512: train.tokens_per_step" in capsys.readouterr().out
+
+
 def test_a_warmup_longer_than_the_run_is_a_warning(dataset, tmp_path, capsys):
     # A smoke run shorter than the preset's warmup (tiny: 30) runs, but its lr never reached optim.lr,
     # and nothing said so.

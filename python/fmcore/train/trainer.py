@@ -640,6 +640,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         report.message(f"warning: schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds train.steps ({t.steps}): "
                        f"the lr warms up for the whole run and peaks at {reached:.3g} (optim.lr is {cfg.optim.lr:.3g}) "
                        "without decaying")
+    if resume_from is not None and extra.get("tokens_per_step", step_tokens) != step_tokens:
+        # Resumed on another number of processes with the same per-rank batch (or another batch_size): each
+        # step now sees another number of tokens, as in torchtitan; said, since the curves change with it.
+        report.message(f"note: {step_tokens:,} tokens per step, the checkpoint's run took {extra['tokens_per_step']:,}: "
+                       "train.tokens_per_step (with gradient accumulation) keeps a global batch across world sizes")
     if set_aside:
         report.message(set_aside)
     if not has_val:
@@ -649,7 +654,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     def save(at_step: int) -> Path:
         extra = {"step": at_step, "skipped_total": skipped_total, "nonfinite_streak": in_a_row,
                  "log_window": (window_loss, window_finite),
-                 "tokens": resumed_tokens + (at_step - start) * step_tokens,
+                 "tokens": resumed_tokens + (at_step - start) * step_tokens, "tokens_per_step": step_tokens,
                  "wall_s": resumed_wall + time.perf_counter() - run_t0,
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg),
