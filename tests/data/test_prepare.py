@@ -656,3 +656,22 @@ def test_a_large_json_file_of_one_pretty_printed_record(tmp_path, monkeypatch):
     c = json.loads((out / "manifest.json").read_text())["cleaning"]
     assert (c["kept"], c["bad_json"]) == (41, 0)
     assert text in train_docs(out)
+
+
+def test_a_large_json_lines_file_is_read_in_ranges_whatever_its_first_line(tmp_path, monkeypatch):
+    # _json_whole parsed the first line from byte 0: a blank first line, invalid UTF-8 or a bad record there
+    # read a JSON Lines file of any size whole, by one worker; a deeply nested first record raised
+    # RecursionError out of prepare, where the reader counts it in bad_json.
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    monkeypatch.setattr(prepare_module, "JSONL_CHUNK_BYTES", 1 << 16)
+    lines = "".join(json.dumps({"text": f"record {i} of many " * 4}) + "\n" for i in range(2000)).encode()
+    firsts = {"blank": b"\n  \n", "bom": b"\xef\xbb\xbf", "latin1": b'{"text": "caf\xe9 au lait"}\n',
+              "bad": b'{"text": "cut off\n', "deep": b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+              "bigint": b'{"text": ' + b"9" * 5000 + b"}\n"}
+    cfg = prepare_module.CleanConfig()
+    for name, first in firsts.items():
+        (tmp_path / f"{name}.json").write_bytes(first + lines)
+        assert len(prepare_module._tasks([tmp_path / f"{name}.json"], cfg)) > 2, name
+    out = prepare([tmp_path / "deep.json"], tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["kept"], c["bad_json"]) == (2000, 1)

@@ -232,3 +232,30 @@ def test_a_val_split_one_rank_cannot_read_turns_evaluation_off_on_every_rank(ema
                                         args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
     assert not evaluated
     assert "has a val split the loader cannot read on rank 1 (" in printed and "evaluation is off" in printed, printed
+
+
+def _train_with_a_manifest_without_val_on_one_rank(rank: int, world: int, dataset: str, run: str) -> tuple[str, bool]:
+    import contextlib
+    import io
+
+    from fmcore.train import trainer
+    from tests.distributed.test_parallel_train import _train, overrides
+
+    has_split = trainer.dataset_has_split
+    # this node's copy of the dataset is another version, its manifest without a val split
+    trainer.dataset_has_split = lambda d, split: False if rank == 1 and split == "val" else has_split(d, split)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # rank 0 prints the run's messages
+        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "fsdp2", "--parallel.timeout_s",
+                                      "10", "--train.steps", "4", "--train.eval_every", "2", "--checkpoint.every", "0"))
+    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return out.getvalue(), any("eval_loss" in r for r in records)
+
+
+def test_a_val_split_one_rank_does_not_list_turns_evaluation_off_on_every_rank(email_dataset, tmp_path):
+    # The ranks whose manifest lists a val split gathered every rank's check of it; the one whose does not
+    # skipped the gather: every rank failed after parallel.timeout_s ("Timed out waiting 10000ms for send").
+    (printed, evaluated), _ = run_ranks(_train_with_a_manifest_without_val_on_one_rank, 2, tmp_path / "launch",
+                                        args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
+    assert not evaluated
+    assert "has no val split on rank 1: evaluation is off" in printed, printed

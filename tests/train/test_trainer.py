@@ -307,6 +307,20 @@ def test_a_damaged_extra_state_is_a_checkpoint_error(dataset, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_damaged_checkpoint_metadata_is_a_checkpoint_error(dataset, tmp_path, capsys):
+    # DCP's .metadata (a pickle) truncated or overwritten: before, a raw UnpicklingError / EOFError traceback.
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                               "--model.n_layers", "1", "--checkpoint.export_hf", "false")]
+    assert main(args) == 0
+    metadata = tmp_path / "run" / "checkpoints" / "step_00000002" / ".metadata"
+    for damage in (metadata.read_bytes()[:100], b"not a pickle"):
+        metadata.write_bytes(damage)
+        capsys.readouterr()
+        assert main([*args, "--train.steps", "3", "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint error: " in err and "step_00000002 is damaged (.metadata is unreadable" in err, err
+
+
 def test_tokens_per_step_must_divide(dataset, tmp_path):
     cfg = load_config("tiny", overrides(dataset, tmp_path / "r", "--train.tokens_per_step", "1000"))
     with pytest.raises(ConfigError, match=r"multiple of train.batch_size \* train.seq_len \* data-parallel processes "
@@ -600,6 +614,29 @@ def test_split_projections_load_into_the_fused_layer_and_back(tmp_path, impl):
         for key in want:
             for w, g in zip(want[key], got[key]):
                 torch.testing.assert_close(g, w, rtol=0, atol=0, msg=key)
+
+
+def test_split_projections_that_do_not_fit_name_the_checkpoint(tmp_path):
+    # The regroup's own mismatches (a part's rows, a missing name) were CheckpointErrors passed on as they
+    # were: "the parts of model.0.weight in the checkpoint have 12 rows, this model's 10", naming neither
+    # the checkpoint nor that it does not fit, as DCP's mismatches are reported.
+    from fmcore.train.parallel import SplitLinear
+
+    def build(split: bool, out: int):
+        model = torch.nn.Sequential(torch.nn.Linear(4, out), torch.nn.Linear(out, 4))
+        if split:
+            model[0] = SplitLinear(model[0], [4, 6, 2])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+        return model, opt
+
+    checkpoint.save(tmp_path, 1, *build(True, 12), {"step": 1})
+    path = tmp_path / "step_00000001"
+    want = (rf"^{re.escape(str(path))} does not fit this model and optimizer: ValueError: the parts of "
+            r"model.0.weight in the checkpoint have 12 rows, this model's 10$")
+    with pytest.raises(checkpoint.CheckpointError, match=want):
+        checkpoint.load(path, *build(False, 10))
 
 
 def test_a_checkpoint_keeps_the_resuming_optimizers_implementation_flags(tmp_path):

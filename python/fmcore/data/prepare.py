@@ -472,15 +472,24 @@ def _json_whole(p: Path) -> bool:
     if not p.name.lower().endswith(".json"):
         return False
     with open(p, "rb") as f:
-        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        raw = f.read(4096)
+        head = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
         if not head.startswith((b"[", b"{")):
             return False
-        f.seek(0)
-        first = f.readline(JSONL_CHUNK_BYTES)  # (a longer first line: read whole, and found to be JSON Lines)
+        # The line the first value starts on (past a byte order mark and blank lines: read from byte 0, a blank
+        # first line did not parse, and a JSON Lines file of many GB was read whole by one worker).
+        f.seek(len(raw) - len(head))
+        # (a longer first line: read whole, and found to be JSON Lines; invalid UTF-8 in a record is replaced when
+        # it is read, as here: it made a JSON Lines file "not a whole record")
+        first = f.readline(JSONL_CHUNK_BYTES).decode("utf-8", errors="replace").rstrip()
     try:
         json.loads(first)
-    except ValueError:  # (UnicodeDecodeError included)
-        return True
+    except json.JSONDecodeError as e:
+        # A value cut off at the line's end (a record pretty-printed over several lines) is read whole; a bad
+        # record, its error inside the line, is one of JSON Lines (counted in bad_json when read).
+        return e.pos >= len(first) or head.startswith(b"[")
+    except (ValueError, RecursionError):  # an integer over Python's digit limit, deep nesting: a record (the
+        pass  # reader counts it in bad_json), not the end of the whole run
     return head.startswith(b"[")
 
 

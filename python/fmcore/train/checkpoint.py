@@ -200,9 +200,18 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _saved(path: Path) -> dict:
+    """The flattened keys of checkpoint dir path and their metadata (shapes, dtypes), from DCP's .metadata."""
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # a truncated or overwritten pickle: EOFError, UnpicklingError; a missing file: OSError
+        raise CheckpointError(f"{path} is damaged (.metadata is unreadable: {_causes(e)}); resume an earlier "
+                              "checkpoint") from None
+
+
 def has_master_weights(path: Path) -> bool:
     """Whether checkpoint dir path holds FusedAdamW's fp32 master weights (a train.precision bf16 run)."""
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = _saved(path)
     return any(key.startswith("optim.state.") and key.endswith(".master_param") for key in keys)
 
 
@@ -231,7 +240,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """Restore model and optimizer in place from checkpoint dir path (read_extra(path) first: it
     checks that the checkpoint is complete, and returns the rest of its state)."""
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = _saved(path)
     if _is_split(model_sd) != _is_split(k[len("model."):] for k in saved if k.startswith("model.")):
         _load_regrouped(path, model, optimizer, saved)
         return
@@ -315,7 +324,9 @@ def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], 
     as this model names them), and a function of the loaded targets that returns `here`'s values.
     key: the checkpoint's flattened key of a name ("model.{}"). A SplitLinear part's rows are a
     slice of the fused tensor's, in part order; a 0-dim tensor (an optimizer's step) is one value
-    for the fused layer and each of its parts."""
+    for the fused layer and each of its parts. A name or shape that does not match raises ValueError,
+    which load() reports as it reports DCP's ("<path> does not fit this model and optimizer: ..."; a
+    CheckpointError from here was passed on as it was, naming neither the checkpoint nor that)."""
     there, value_of = {}, {}  # value_of: here name -> its value, a function of the loaded targets
     parts_here = {}  # the checkpoint's fused name -> [(index, this model's part name)]
     for name in here:
@@ -324,7 +335,7 @@ def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], 
             parts_here.setdefault(fused, []).append((index, name))
     for fused, parts in parts_here.items():
         if key.format(fused) not in saved:
-            raise CheckpointError(f"{key.format(fused)} is not in the checkpoint")
+            raise ValueError(f"{key.format(fused)} is not in the checkpoint")
         names = [name for _, name in sorted(parts)]
         there[fused] = torch.empty(tuple(saved[key.format(fused)].size), dtype=here[names[0]].dtype)
         if there[fused].dim() == 0:
@@ -332,8 +343,8 @@ def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], 
             continue
         rows = [here[name].shape[0] for name in names]
         if sum(rows) != there[fused].shape[0]:
-            raise CheckpointError(f"{key.format(fused)} in the checkpoint has {there[fused].shape[0]} rows, this "
-                                  f"model's parts of it {sum(rows)}")
+            raise ValueError(f"{key.format(fused)} in the checkpoint has {there[fused].shape[0]} rows, this "
+                             f"model's parts of it {sum(rows)}")
         for name, start, n in zip(names, itertools.accumulate(rows, initial=0), rows):
             value_of[name] = lambda loaded, f=fused, a=start, n=n: loaded[f][a:a + n]
     for name, t in here.items():
@@ -348,15 +359,15 @@ def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], 
         while key.format(f"{head}.parts.{len(parts)}.{leaf}") in saved:
             parts.append(f"{head}.parts.{len(parts)}.{leaf}")
         if not parts:
-            raise CheckpointError(f"{key.format(name)} is not in the checkpoint")
+            raise ValueError(f"{key.format(name)} is not in the checkpoint")
         if t.dim() == 0:
             there[parts[0]] = t
             value_of[name] = lambda loaded, p=parts[0]: loaded[p]
             continue
         rows = [saved[key.format(p)].size[0] for p in parts]
         if sum(rows) != t.shape[0]:
-            raise CheckpointError(f"the parts of {key.format(name)} in the checkpoint have {sum(rows)} rows, "
-                                  f"this model's {t.shape[0]}")
+            raise ValueError(f"the parts of {key.format(name)} in the checkpoint have {sum(rows)} rows, "
+                             f"this model's {t.shape[0]}")
         for p, start, n in zip(parts, itertools.accumulate(rows, initial=0), rows):
             there[p] = t[start:start + n]  # DCP reads each part into its rows, in place
         value_of[name] = lambda loaded, t=t: t
@@ -428,7 +439,7 @@ def _drop_group_entries_not_saved(optim_sd: dict, path: Path) -> list[list[str]]
     current optimizer's values instead."""
     prefix = "optim.param_groups."
     saved = {tuple(key[len(prefix):].split(".")[:2])  # (group index, entry), as flattened keys name them
-             for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if key.startswith(prefix)}
+             for key in _saved(path) if key.startswith(prefix)}
     dropped = []
     for i, group in enumerate(optim_sd.get("param_groups", [])):
         missing = [k for k in group if (str(i), k) not in saved]

@@ -597,23 +597,27 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         model.compile()
 
     tokenizer = dataset_tokenizer(dataset)
-    has_val, no_val_reason = dataset_has_split(dataset, "val"), "has no val split"
-    if has_val:
-        unreadable = None
+    # (reason, detail) when this rank cannot evaluate, else None
+    why = None if dataset_has_split(dataset, "val") else ("has no val split", "")
+    if why is None:
         try:  # now, not after the last step: a val split the loader cannot read would lose the run's end
             make_loader(cfg, dataset, env, split="val", mode="sequential").close()
         except ShardError as e:
-            unreadable = str(e)
-        # Every rank's answer: one that could not read it (its node's copy of the dataset damaged) skipped the
-        # evaluations the others ran, whose collectives then waited on its training step's until
-        # parallel.timeout_s failed every rank with a gloo/NCCL timeout naming neither the rank nor the split.
-        answers = [unreadable] * env.world
-        if env.world > 1:
-            dist.all_gather_object(answers, unreadable)
-        failed = [(r, why) for r, why in enumerate(answers) if why is not None]
-        if failed:
-            where = f" on rank {failed[0][0]}" if env.world > 1 else ""
-            has_val, no_val_reason = False, f"has a val split the loader cannot read{where} ({failed[0][1]})"
+            why = ("has a val split the loader cannot read", f" ({e})")
+    # Every rank's answer: one that could not read it (its node's copy of the dataset damaged) skipped the
+    # evaluations the others ran, whose collectives then waited on its training step's until
+    # parallel.timeout_s failed every rank with a gloo/NCCL timeout naming neither the rank nor the split.
+    # Gathered whether or not this rank's manifest lists a val split: one whose copy lists none skipped the
+    # gather, and the others waited in it until that timeout.
+    answers = [why] * env.world
+    if env.world > 1:
+        dist.all_gather_object(answers, why)
+    failed = [(r, answer) for r, answer in enumerate(answers) if answer is not None]
+    has_val, no_val_reason = not failed, "has no val split"
+    if failed:
+        first_rank, (reason, detail) = failed[0]
+        where = f" on rank {first_rank}" if len(failed) < env.world else ""
+        no_val_reason = f"{reason}{where}{detail}"
     set_aside = None
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
