@@ -201,7 +201,10 @@ def test_a_rank_dying_before_the_mesh_fails_the_others_at_once(email_dataset, tm
     assert "Connection closed by peer" in outcome and waited < 15, (waited, outcome)
 
 
-def _train_with_a_val_split_one_rank_cannot_read(rank: int, world: int, dataset: str, run: str) -> tuple[str, bool]:
+def _train_with_rank_1s_val_split_broken(rank: int, world: int, dataset: str, run: str, how: str) -> tuple[str, bool]:
+    """(what rank 0 printed, whether the run evaluated) of an fsdp2 run whose rank 1 cannot read its
+    copy of the val split (how="unreadable": its shard is gone) or finds none listed (how="unlisted":
+    its manifest is another version's)."""
     import contextlib
     import io
 
@@ -209,14 +212,17 @@ def _train_with_a_val_split_one_rank_cannot_read(rank: int, world: int, dataset:
     from fmcore.train import trainer
     from tests.distributed.test_parallel_train import _train, overrides
 
-    make_loader = trainer.make_loader
+    make_loader, has_split = trainer.make_loader, trainer.dataset_has_split
 
     def loader_without_val(cfg, dataset, env, split="train", *args, **kwargs):
-        if rank == 1 and split == "val":  # this node's copy of the dataset lost its val shard
+        if rank == 1 and split == "val":
             raise ShardError(f"{dataset}/val_000000.bin: No such file or directory")
         return make_loader(cfg, dataset, env, split, *args, **kwargs)
 
-    trainer.make_loader = loader_without_val
+    if how == "unreadable":
+        trainer.make_loader = loader_without_val
+    else:
+        trainer.dataset_has_split = lambda d, split: False if rank == 1 and split == "val" else has_split(d, split)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # rank 0 prints the run's messages
         _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "fsdp2", "--parallel.timeout_s",
@@ -225,37 +231,13 @@ def _train_with_a_val_split_one_rank_cannot_read(rank: int, world: int, dataset:
     return out.getvalue(), any("eval_loss" in r for r in records)
 
 
-def test_a_val_split_one_rank_cannot_read_turns_evaluation_off_on_every_rank(email_dataset, tmp_path):
-    # Rank 1 alone turned evaluation off: the others' evaluation collectives met its training step's, and
-    # every rank failed after parallel.timeout_s with "Timed out waiting 10000ms for recv operation".
-    (printed, evaluated), _ = run_ranks(_train_with_a_val_split_one_rank_cannot_read, 2, tmp_path / "launch",
-                                        args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
+@pytest.mark.parametrize("how, said", [("unreadable", "has a val split the loader cannot read on rank 1 ("),
+                                       ("unlisted", "has no val split on rank 1: evaluation is off")])
+def test_a_val_split_one_rank_cannot_use_turns_evaluation_off_on_every_rank(email_dataset, tmp_path, how, said):
+    # Rank 1 alone turned evaluation off: the others' evaluation collectives met its training step's (and,
+    # when its manifest listed no val split, it skipped the gather of every rank's answer), and every rank
+    # failed after parallel.timeout_s with "Timed out waiting 10000ms for recv/send operation".
+    (printed, evaluated), _ = run_ranks(_train_with_rank_1s_val_split_broken, 2, tmp_path / "launch",
+                                        args=(str(email_dataset), str(tmp_path / "run"), how), timeout=90)
     assert not evaluated
-    assert "has a val split the loader cannot read on rank 1 (" in printed and "evaluation is off" in printed, printed
-
-
-def _train_with_a_manifest_without_val_on_one_rank(rank: int, world: int, dataset: str, run: str) -> tuple[str, bool]:
-    import contextlib
-    import io
-
-    from fmcore.train import trainer
-    from tests.distributed.test_parallel_train import _train, overrides
-
-    has_split = trainer.dataset_has_split
-    # this node's copy of the dataset is another version, its manifest without a val split
-    trainer.dataset_has_split = lambda d, split: False if rank == 1 and split == "val" else has_split(d, split)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):  # rank 0 prints the run's messages
-        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "fsdp2", "--parallel.timeout_s",
-                                      "10", "--train.steps", "4", "--train.eval_every", "2", "--checkpoint.every", "0"))
-    records = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return out.getvalue(), any("eval_loss" in r for r in records)
-
-
-def test_a_val_split_one_rank_does_not_list_turns_evaluation_off_on_every_rank(email_dataset, tmp_path):
-    # The ranks whose manifest lists a val split gathered every rank's check of it; the one whose does not
-    # skipped the gather: every rank failed after parallel.timeout_s ("Timed out waiting 10000ms for send").
-    (printed, evaluated), _ = run_ranks(_train_with_a_manifest_without_val_on_one_rank, 2, tmp_path / "launch",
-                                        args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
-    assert not evaluated
-    assert "has no val split on rank 1: evaluation is off" in printed, printed
+    assert said in printed and "evaluation is off" in printed, printed
