@@ -611,6 +611,9 @@ def test_split_projections_load_into_the_fused_layer_and_back(tmp_path, impl):
         checkpoint.load(tmp_path / str(save_split) / "step_00000002", model2, opt2)
         want, got = fused_state(model, opt), fused_state(model2, opt2)
         assert want.keys() == got.keys()
+        # one step tensor per parameter: torch's AdamW adds 1 to each in place (a shared one counted 3 a step)
+        steps = [opt2.state[p]["step"] for p in model2.parameters()]
+        assert len({id(t) for t in steps}) == len(steps)
         for key in want:
             for w, g in zip(want[key], got[key]):
                 torch.testing.assert_close(g, w, rtol=0, atol=0, msg=key)
@@ -1119,27 +1122,31 @@ def test_resume_on_a_dataset_of_another_vocabulary_raises_naming_the_vocab_size(
 
 
 @pytest.mark.parametrize("there, here, field", [
-    (["--parallel.data", "zero1"], ["--parallel.data", "ddp"], "parallel.data = 'zero1' there, 'ddp' here"),
-    (["--parallel.data", "fsdp2"], ["--parallel.data", "zero1"], "parallel.data = 'fsdp2' there, 'zero1' here"),
+    (["--parallel.data", "zero1"], ["--parallel.data", "ddp"], "parallel.data = 'zero1' there, 'ddp' here (this "
+     "checkpoint does not record its zero1 buckets' layout"),
     (["--parallel.data", "zero1"], ["--parallel.data", "zero1", "--optim.decay_embeddings", "true"],
      "optim.decay_embeddings = False there, True here")])
 def test_resume_in_another_parallel_layout_raises_naming_the_setting(tmp_path, there, here, field):
     # ZeroAdamW's flat shards are state dict keys the other layouts lack: such a resume failed as "does
     # not fit this model and optimizer: Missing key in checkpoint state_dict: optim.flat0.bucket0.master".
+    # Since zero1 checkpoints record their buckets' layout, checkpoint.load converts (fmcore.train.relayout):
+    # only an older one is refused.
     from fmcore.train.config import to_dict
     from fmcore.train.resume import check_same_layout
 
-    saved = to_dict(load_config("tiny", there))
+    extra = {"config": to_dict(load_config("tiny", there))}
     with pytest.raises(ConfigError, match=f"another parallel layout \\({re.escape(field)}"):
-        check_same_layout(tmp_path, saved, load_config("tiny", here))
-    check_same_layout(tmp_path, saved, load_config("tiny", there))  # the same layout resumes
-    # and so do those torch.distributed.checkpoint reshards between
-    # (and checkpoint.load regroups tensor parallelism's split projections)
-    for a, b in [("ddp", "fsdp2"), ("fsdp2", "none"), ("none", "ddp")]:
-        check_same_layout(tmp_path, to_dict(load_config("tiny", ["--parallel.data", a])),
+        check_same_layout(tmp_path, extra, load_config("tiny", here))
+    check_same_layout(tmp_path, extra, load_config("tiny", there))  # the same layout resumes
+    # and so do those torch.distributed.checkpoint reshards between (checkpoint.load regroups tensor
+    # parallelism's split projections, and converts zero1's buckets with their recorded layout)
+    for a, b in [("ddp", "fsdp2"), ("fsdp2", "none"), ("none", "ddp"), ("fsdp2", "zero1")]:
+        check_same_layout(tmp_path, {"config": to_dict(load_config("tiny", ["--parallel.data", a]))},
                           load_config("tiny", ["--parallel.data", b]))
-    check_same_layout(tmp_path, to_dict(load_config("tiny", ["--parallel.tensor", "2"])),
+    check_same_layout(tmp_path, {"config": to_dict(load_config("tiny", ["--parallel.tensor", "2"]))},
                       load_config("tiny", ["--parallel.data", "fsdp2"]))
+    check_same_layout(tmp_path, {"config": to_dict(load_config("tiny", ["--parallel.data", "zero1"])),
+                                 "zero1_buckets": []}, load_config("tiny", ["--parallel.data", "ddp"]))
 
 
 def test_a_checkpoint_outside_a_run_dir_continues_in_the_default_run_dir(tmp_path, monkeypatch):

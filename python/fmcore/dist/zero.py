@@ -359,6 +359,28 @@ class ZeroAdamW(torch.optim.Optimizer):
                     sd[f"flat{i}.{k}"] = v
         return sd
 
+    def bucket_params(self) -> list[list[list[torch.nn.Parameter]]]:
+        """Per flat shard i, per bucket j, its parameters in order: the elements of state_dict()'s
+        'flat{i}.bucket{j}.<state>' are theirs, flattened back to back."""
+        return [[b.params for b in f.buckets] for f in self._flats]
+
+    @torch.no_grad()
+    def load_whole_state_dict(self, whole: dict) -> None:
+        """Loads state_dict()'s tensors unsharded: 'flat{i}.bucket{j}.<state>' of bucket j's elements
+        (every rank passes the same; each keeps its slice) and 'flat{i}.step'. Collective: the
+        parameters are re-gathered from the loaded master shards."""
+        rank = self.comm.rank
+        for i, f in enumerate(self._flats):
+            state = self.inner.state[f.master]
+            for k, dst in {"master": f.master.detach(), **state}.items():
+                if not f.is_sharded(dst):
+                    dst.copy_(whole[f"flat{i}.{k}"])
+                    continue
+                for j, b in enumerate(f.buckets):
+                    start = rank * b.shard_numel  # (torch.chunk's split, as in _sharded)
+                    dst[f.slices[j]][:f.valid[j]].copy_(whole[f"flat{i}.bucket{j}.{k}"][start:start + f.valid[j]])
+        self._gather_params()
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a dict from state_dict() (after dcp.load, or at the same world size); collective: the

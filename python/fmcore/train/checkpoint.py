@@ -18,13 +18,11 @@ DCP works in a single process without init_process_group (it then skips the coll
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import random
 import shutil
 import traceback
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-from fmcore.train.parallel import full_state_dicts, load_model_optim_state_dict, model_optim_state_dict, split_part
+from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
 
 
 class CheckpointError(ValueError):
@@ -239,10 +236,16 @@ def read_extra(path: Path) -> dict:
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restore model and optimizer in place from checkpoint dir path (read_extra(path) first: it
     checks that the checkpoint is complete, and returns the rest of its state)."""
+    from fmcore.dist import ZeroAdamW
+    from fmcore.train import relayout
+
     model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     saved = _saved(path)
-    if _is_split(model_sd) != _is_split(k[len("model."):] for k in saved if k.startswith("model.")):
-        _load_regrouped(path, model, optimizer, saved)
+    if isinstance(optimizer, ZeroAdamW) != any(key.startswith("optim.flat") for key in saved):
+        relayout.load_across_zero1(path, model, optimizer, saved)
+        return
+    if relayout.is_split(model_sd) != relayout.is_split(k[len("model."):] for k in saved if k.startswith("model.")):
+        relayout.load_regrouped(path, model, optimizer, saved)
         return
     own_groups = [dict(g) for g in optim_sd.get("param_groups", [])]  # (before DCP loads into them)
     dropped = _drop_group_entries_not_saved(optim_sd, path)
@@ -265,113 +268,6 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         # KeyError 'lr'). The state is per parameter name and loads either way; the groups stay ours.
         state["optim"]["param_groups"] = own_groups
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
-
-
-def _is_split(names) -> bool:
-    """Whether a state dict's keys are tensor parallelism's (its SplitLinear parts)."""
-    return any(split_part(name) is not None for name in names)
-
-
-def _load_regrouped(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """load() of a tensor-parallel checkpoint (its fused projections saved as SplitLinear's parts,
-    "blocks.0.qkv.parts.1.weight") into a model without tensor parallelism, or the reverse. DCP
-    reshards a tensor between layouts, not one tensor into several, so rank 0 reads the checkpoint
-    into the full state dicts of this model and optimizer (each part's rows into the fused tensor's,
-    or the fused tensor's rows into the parts'), and torch's set_state_dict sends every rank its
-    shards. Costs the full model and optimizer state in rank 0's CPU memory, once, at this resume.
-    The param groups stay this optimizer's: the checkpoint's list the other layout's names (the
-    trainer sets the hyperparameters from the config after loading anyway)."""
-    distributed = dist.is_available() and dist.is_initialized()
-    model_sd, optim_sd = full_state_dicts(model, optimizer)  # rank 0's; {} on the others
-    error = None
-    if _rank() == 0:
-        try:
-            states = optim_sd["state"]
-            model_t, model_settle = _regroup(model_sd, saved, "model.{}")
-            targets, settles = {"model": model_t, "optim": {"state": {}}}, []
-            for field in sorted({field for state in states.values() for field in state}):
-                here = {name: state[field] for name, state in states.items() if field in state}
-                there, settle = _regroup(here, saved, f"optim.state.{{}}.{field}")
-                for name, target in there.items():
-                    targets["optim"]["state"].setdefault(name, {})[field] = target
-                settles.append((field, there, settle))
-            with _quiet():
-                dcp.load(targets, checkpoint_id=path, no_dist=True)
-            model_sd.update(model_settle(model_t))
-            for field, there, settle in settles:
-                # (DCP loaded into `targets`' nested dicts, the same tensors `there` holds)
-                for name, value in settle(there).items():
-                    states[name][field] = value
-        except BaseException as e:  # noqa: BLE001  (every rank raises it, below)
-            error = _load_failure(path, e)
-    if distributed:
-        # The other ranks would wait in set_state_dict's broadcasts for rank 0: they must learn of its failure.
-        message = [None if error is None else str(error) or "interrupted (KeyboardInterrupt)"]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None and error is None:
-            raise CheckpointError(f"{message[0]} (read on rank 0)")
-    if error is not None:
-        raise error
-    # (Two calls: set_state_dict takes an empty model state dict, as the other ranks hold, for "optimizer
-    # only" and skips the model's broadcasts there, which rank 0 then waits in.)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    set_model_state_dict(model, model_sd, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
-
-
-def _regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], dict]]:
-    """DCP load targets in the checkpoint's names for `here` (full tensors, one per parameter, named
-    as this model names them), and a function of the loaded targets that returns `here`'s values.
-    key: the checkpoint's flattened key of a name ("model.{}"). A SplitLinear part's rows are a
-    slice of the fused tensor's, in part order; a 0-dim tensor (an optimizer's step) is one value
-    for the fused layer and each of its parts. A name or shape that does not match raises ValueError,
-    which load() reports as it reports DCP's ("<path> does not fit this model and optimizer: ..."; a
-    CheckpointError from here was passed on as it was, naming neither the checkpoint nor that)."""
-    there, value_of = {}, {}  # value_of: here name -> its value, a function of the loaded targets
-    parts_here = {}  # the checkpoint's fused name -> [(index, this model's part name)]
-    for name in here:
-        if key.format(name) not in saved and split_part(name) is not None:
-            fused, index = split_part(name)
-            parts_here.setdefault(fused, []).append((index, name))
-    for fused, parts in parts_here.items():
-        if key.format(fused) not in saved:
-            raise ValueError(f"{key.format(fused)} is not in the checkpoint")
-        names = [name for _, name in sorted(parts)]
-        there[fused] = torch.empty(tuple(saved[key.format(fused)].size), dtype=here[names[0]].dtype)
-        if there[fused].dim() == 0:
-            value_of |= {name: lambda loaded, f=fused: loaded[f] for name in names}
-            continue
-        rows = [here[name].shape[0] for name in names]
-        if sum(rows) != there[fused].shape[0]:
-            raise ValueError(f"{key.format(fused)} in the checkpoint has {there[fused].shape[0]} rows, this "
-                             f"model's parts of it {sum(rows)}")
-        for name, start, n in zip(names, itertools.accumulate(rows, initial=0), rows):
-            value_of[name] = lambda loaded, f=fused, a=start, n=n: loaded[f][a:a + n]
-    for name, t in here.items():
-        if name in value_of:
-            continue
-        if key.format(name) in saved:  # the same name on both sides
-            there[name] = t
-            value_of[name] = lambda loaded, n=name: loaded[n]
-            continue
-        head, leaf = name.rsplit(".", 1)  # a fused tensor the checkpoint holds as parts
-        parts = []
-        while key.format(f"{head}.parts.{len(parts)}.{leaf}") in saved:
-            parts.append(f"{head}.parts.{len(parts)}.{leaf}")
-        if not parts:
-            raise ValueError(f"{key.format(name)} is not in the checkpoint")
-        if t.dim() == 0:
-            there[parts[0]] = t
-            value_of[name] = lambda loaded, p=parts[0]: loaded[p]
-            continue
-        rows = [saved[key.format(p)].size[0] for p in parts]
-        if sum(rows) != t.shape[0]:
-            raise ValueError(f"the parts of {key.format(name)} in the checkpoint have {sum(rows)} rows, "
-                             f"this model's {t.shape[0]}")
-        for p, start, n in zip(parts, itertools.accumulate(rows, initial=0), rows):
-            there[p] = t[start:start + n]  # DCP reads each part into its rows, in place
-        value_of[name] = lambda loaded, t=t: t
-    return there, lambda loaded: {name: value(loaded) for name, value in value_of.items()}
 
 
 def _failures(error: BaseException | None) -> str:

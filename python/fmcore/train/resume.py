@@ -178,22 +178,24 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
                           f"with the config it was written with (config.toml in its run dir), or start a new run")
 
 
-def check_same_layout(path: Path, saved: dict | None, cfg: Config) -> None:
-    """The parallel layouts whose state dicts torch.distributed.checkpoint cannot map onto each other:
-    ZeroAdamW (zero1) saves its flat buckets' shards ("optim.flat0.bucket0.exp_avg", laid out by param
-    group) where the other optimizers save one entry per parameter. Such a checkpoint failed in
-    checkpoint.load as one that "does not fit this model and optimizer: Missing key ..." (or a size
-    mismatch of a bucket), naming neither the setting nor the model it does fit. Between the others
-    (none, ddp, fsdp2, each with or without tensor parallelism) the checkpoint reshards (checkpoint.load
-    regroups tensor parallelism's split projections)."""
-    there = (saved or {}).get("parallel")
+def check_same_layout(path: Path, extra: dict, cfg: Config) -> None:
+    """The parallel layouts whose checkpoints cannot load into each other. ZeroAdamW (zero1) saves its
+    flat buckets ("optim.flat0.bucket0.exp_avg") where the other optimizers save one entry per
+    parameter: checkpoint.load converts between them (fmcore.train.relayout) with the buckets' layout,
+    which a zero1 checkpoint records since the twenty-eighth session; an older one failed in DCP as
+    one that "does not fit this model and optimizer: Missing key ...", naming neither the setting nor
+    the model it does fit. Between zero1 runs, the buckets are laid out by param group. The other
+    layouts (none, ddp, fsdp2, each with or without tensor parallelism) reshard, tensor parallelism's
+    split projections regrouped."""
+    saved = extra.get("config") or {}
+    there = saved.get("parallel")
     if not there:
         return
     differ = []
-    if (there.get("data") == "zero1") != (cfg.parallel.data == "zero1"):
-        differ.append(f"parallel.data = {there.get('data')!r} there, {cfg.parallel.data!r} here (zero1's optimizer "
-                      "state is its flat shards, the others' one entry per parameter)")
-    elif cfg.parallel.data == "zero1":
+    if there.get("data") == "zero1" and cfg.parallel.data != "zero1" and "zero1_buckets" not in extra:
+        differ.append(f"parallel.data = 'zero1' there, {cfg.parallel.data!r} here (this checkpoint does not record its "
+                      "zero1 buckets' layout, which another optimizer's state is cut from)")
+    elif there.get("data") == "zero1" and cfg.parallel.data == "zero1":
         for key in ("decay_embeddings", "decay_norms_biases"):
             written = (saved.get("optim") or {}).get(key, getattr(cfg.optim, key))
             if written != getattr(cfg.optim, key):

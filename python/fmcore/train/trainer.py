@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fmcore.data.shards import ShardError
-from fmcore.train import checkpoint, metrics, models, resume
+from fmcore.train import checkpoint, metrics, models, relayout, resume
 from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml, validate
 from fmcore.train.schedule import lr_at
 
@@ -569,7 +569,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     if resume_from is not None:
         extra = checkpoint.read_extra(resume_from)
         resume.check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
-        resume.check_same_layout(resume_from, extra.get("config"), cfg)
+        resume.check_same_layout(resume_from, extra, cfg)
         resume.check_same_precision(resume_from, extra.get("config"), cfg, precision)
         # The checkpoint's param groups would bring back the hyperparameters it was written with: a
         # changed optim.weight_decay, betas or eps would be ignored while config.toml records it.
@@ -663,6 +663,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                  "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "config": to_dict(cfg),
                  "resolved_model": dataclasses.asdict(mcfg)}
+        if cfg.parallel.data == "zero1":  # its buckets' layout, for a resume in another layout
+            extra["zero1_buckets"] = relayout.zero1_layout(model, optimizer)
         return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
 
     def run_eval(at_step: int) -> None:
