@@ -374,3 +374,42 @@ def _zero1_round_trip_body(rank, world, tmp, impl):
 @pytest.mark.parametrize("impl", ["fmcore", "torch"])
 def test_a_zero1_checkpoint_loads_into_another_optimizer_and_back(tmp_path, impl):
     run_ranks(_zero1_round_trip_body, 2, tmp_path / "launch", args=(tmp_path, impl), timeout=TIMEOUT)
+
+
+def _into_zero1_memory_body(rank, world, tmp):
+    # Into zero1, rank 0 broadcasts the whole buckets, each rank keeps its slice: broadcasting them all first
+    # held the unsharded optimizer state on every rank's device at once (what zero1 shards to save).
+    import weakref
+
+    from fmcore.train import checkpoint
+
+    torch.manual_seed(0)
+    model = two_layers()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 5)).square().sum().backward()
+    opt.step()
+    ckpt = checkpoint.save(tmp / "adamw", 1, model, opt, {"step": 1})
+    weights, biases = [model[0].weight, model[1].weight], [model[0].bias, model[1].bias]
+    groups = [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+    zero = ZeroAdamW(groups, Communicator(), lr=1e-2, module=model)  # two flats of one bucket: 21, 5 elements
+    sent, most, broadcast = [], 0, dist.broadcast
+
+    def spy(t, *args, **kwargs):
+        nonlocal most
+        if t.shape in ((21,), (5,)):  # a whole bucket (no parameter has as many elements)
+            sent.append(weakref.ref(t))
+            most = max(most, sum(ref() is not None for ref in sent))
+        return broadcast(t, *args, **kwargs)
+
+    dist.broadcast = spy
+    try:
+        checkpoint.load(ckpt, model, zero)
+    finally:
+        dist.broadcast = broadcast
+    # master, exp_avg, exp_avg_sq of each: one at a time (gloo may hold the last ones sent a while longer)
+    assert len(sent) == 6 and most <= 3, (len(sent), most)
+    return True
+
+
+def test_a_checkpoint_loads_into_zero1_one_whole_bucket_at_a_time(tmp_path):
+    run_ranks(_into_zero1_memory_body, 2, tmp_path / "launch", args=(tmp_path,), timeout=TIMEOUT)

@@ -294,6 +294,19 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error(dataset, tmp_path, capsys):
     assert "checkpoint error: " in err and "step_00000002 is damaged" in err and "Traceback" not in err
 
 
+def test_a_truncated_checkpoint_file_is_damaged_not_another_model(dataset, tmp_path, capsys):
+    # A .distcp cut short or overwritten: torch's zip reader's RuntimeError ("PytorchStreamReader failed ...",
+    # or an EOFError) was reported as a checkpoint that "does not fit this model and optimizer".
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
+                               "--model.n_layers", "1", "--checkpoint.export_hf", "false")]
+    assert main(args) == 0
+    for f in (tmp_path / "run" / "checkpoints" / "step_00000002").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert main([*args, "--train.steps", "3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint error: " in err and "step_00000002 is damaged" in err and "does not fit" not in err, err
+
+
 def test_a_damaged_extra_state_is_a_checkpoint_error(dataset, tmp_path, capsys):
     # extra_rank<r>.pt (step, loader and RNG state) truncated: before, torch's zip reader's traceback.
     args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "2", "--model.dim", "64",
@@ -575,6 +588,15 @@ def test_a_checkpoint_loads_into_an_optimizer_grouping_its_params_otherwise(tmp_
         torch.testing.assert_close(p2, p, rtol=0, atol=0)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt2.state[p2][key], opt.state[p][key], rtol=0, atol=0)
+
+
+def test_a_root_parameter_missing_from_a_regrouped_checkpoint_is_named():
+    # The regroup looks for a fused tensor's parts beside it: a parameter of the root module ("scale") has
+    # none, and rsplit(".") of its name raised "not enough values to unpack", naming neither it nor the key.
+    from fmcore.train import relayout
+
+    with pytest.raises(ValueError, match=r"^optim\.state\.scale\.exp_avg is not in the checkpoint$"):
+        relayout.regroup({"scale": torch.zeros(3)}, {}, "optim.state.{}.exp_avg")
 
 
 @pytest.mark.parametrize("impl", ["fmcore", "torch"])

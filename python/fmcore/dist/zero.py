@@ -367,7 +367,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def load_whole_state_dict(self, whole: dict) -> None:
         """Loads state_dict()'s tensors unsharded: 'flat{i}.bucket{j}.<state>' of bucket j's elements
-        (every rank passes the same; each keeps its slice) and 'flat{i}.step'. Collective: the
+        (every rank passes the same; each keeps its slice) and 'flat{i}.step'. Reads each key once, in the
+        same order on every rank (fmcore.train.relayout broadcasts each as it is read). Collective: the
         parameters are re-gathered from the loaded master shards."""
         rank = self.comm.rank
         for i, f in enumerate(self._flats):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import traceback
@@ -312,8 +313,16 @@ def _load_failure(path: Path, e: BaseException) -> BaseException:
         return KeyboardInterrupt()
     failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
-            if any(isinstance(exc, OSError) for exc in failures) else "does not fit this model and optimizer")
+            if any(_damaged(exc) for exc in failures) else "does not fit this model and optimizer")
     return CheckpointError(f"{path} {what}: {_causes(e)}")
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether a read failed on the checkpoint's bytes: a missing or unreadable file (OSError), or a
+    truncated or overwritten .distcp (torch's zip reader's RuntimeError "PytorchStreamReader failed ...",
+    or EOFError / UnpicklingError), which read as a checkpoint of another model ("does not fit")."""
+    return (isinstance(exc, (OSError, EOFError, pickle.UnpicklingError))
+            or isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in str(exc))
 
 
 def _causes(e: BaseException) -> str:

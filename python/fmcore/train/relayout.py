@@ -141,16 +141,30 @@ def load_across_zero1(path: Path, model: torch.nn.Module, optimizer: torch.optim
     if not into_zero1:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
         return
-    device = optimizer.bucket_params()[0][0][0].device
-    for i, flat in enumerate(optimizer.bucket_params()):  # the other ranks' copies, shaped by their own layout
-        shapes = {f"flat{i}.step": ()} | {f"flat{i}.bucket{j}.{k}": (sum(p.numel() for p in bucket),)
-                                          for j, bucket in enumerate(flat) for k, _ in ZERO1_STATE}
-        for key, shape in shapes.items():
-            t = whole[key].to(device) if _rank() == 0 else torch.empty(shape, dtype=torch.float32, device=device)
-            if _distributed():
-                dist.broadcast(t, src=0)
-            whole[key] = t
-    optimizer.load_whole_state_dict(whole)
+    shapes = {}  # the other ranks' copies, shaped by their own layout
+    for i, flat in enumerate(optimizer.bucket_params()):
+        shapes |= {f"flat{i}.step": ()} | {f"flat{i}.bucket{j}.{k}": (sum(p.numel() for p in bucket),)
+                                           for j, bucket in enumerate(flat) for k, _ in ZERO1_STATE}
+    optimizer.load_whole_state_dict(_Broadcasts(whole, shapes, optimizer.bucket_params()[0][0][0].device))
+
+
+class _Broadcasts:
+    """Rank 0's whole buckets as ZeroAdamW.load_whole_state_dict reads them (each once, in the same order
+    on every rank): each is broadcast when read and dropped once its slice is copied. Broadcasting them
+    all first held the unsharded optimizer state (3 x 4 bytes a parameter) on every rank's device at
+    once, the memory zero1 shards it to save: a resume that ran out of it where the run fitted."""
+
+    def __init__(self, whole: dict, shapes: dict, device: torch.device):
+        self.whole, self.shapes, self.device = whole, shapes, device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if _rank() == 0:
+            t = self.whole.pop(key).to(self.device)
+        else:
+            t = torch.empty(self.shapes[key], dtype=torch.float32, device=self.device)
+        if _distributed():
+            dist.broadcast(t, src=0)
+        return t
 
 
 def _bucket_targets(layout: list, saved: dict, targets: dict, whole: dict) -> None:
@@ -259,9 +273,11 @@ def regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], d
             there[name] = t
             value_of[name] = lambda loaded, n=name: loaded[n]
             continue
-        head, leaf = name.rsplit(".", 1)  # a fused tensor the checkpoint holds as parts
+        head, dot, leaf = name.rpartition(".")  # a fused tensor the checkpoint holds as parts
         parts = []
-        while key.format(f"{head}.parts.{len(parts)}.{leaf}") in saved:
+        # (a parameter of the root module, "scale", has no layer to be split: rsplit raised "not enough
+        # values to unpack" for it, naming neither the tensor nor the checkpoint)
+        while dot and key.format(f"{head}.parts.{len(parts)}.{leaf}") in saved:
             parts.append(f"{head}.parts.{len(parts)}.{leaf}")
         if not parts:
             raise ValueError(f"{key.format(name)} is not in the checkpoint")
