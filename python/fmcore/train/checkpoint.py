@@ -240,16 +240,18 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     from fmcore.dist import ZeroAdamW
     from fmcore.train import relayout
 
-    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+    # (Which path, before this layout's state dicts are made: the relayout paths make whole ones instead.)
     saved = _saved(path)
     if isinstance(optimizer, ZeroAdamW) != any(key.startswith("optim.flat") for key in saved):
         relayout.load_across_zero1(path, model, optimizer, saved)
         return
-    if relayout.is_split(model_sd) != relayout.is_split(k[len("model."):] for k in saved if k.startswith("model.")):
+    split_here = relayout.is_split(name for name, _ in model.named_parameters())
+    if split_here != relayout.is_split(k[len("model."):] for k in saved if k.startswith("model.")):
         relayout.load_regrouped(path, model, optimizer, saved)
         return
+    model_sd, optim_sd = model_optim_state_dict(model, optimizer)
     own_groups = [dict(g) for g in optim_sd.get("param_groups", [])]  # (before DCP loads into them)
-    dropped = _drop_group_entries_not_saved(optim_sd, path)
+    dropped = _drop_group_entries_not_saved(optim_sd, saved)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet():
@@ -334,8 +336,9 @@ def _causes(e: BaseException) -> str:
 _IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")
 
 
-def _drop_group_entries_not_saved(optim_sd: dict, path: Path) -> list[list[str]]:
-    """Removes from optim_sd's param groups the entries the checkpoint lacks; returns their names.
+def _drop_group_entries_not_saved(optim_sd: dict, saved: dict) -> list[list[str]]:
+    """Removes from optim_sd's param groups the entries the checkpoint (its keys, `saved`) lacks;
+    returns their names.
 
     FusedAdamW and torch.optim.AdamW save the same state and hyperparameters, but torch's groups
     also hold its implementation flags (foreach, fused, capturable, ...). torch.distributed.checkpoint
@@ -343,11 +346,11 @@ def _drop_group_entries_not_saved(optim_sd: dict, path: Path) -> list[list[str]]
     (optim.impl changed, or "auto" deciding otherwise on another machine); those flags keep the
     current optimizer's values instead."""
     prefix = "optim.param_groups."
-    saved = {tuple(key[len(prefix):].split(".")[:2])  # (group index, entry), as flattened keys name them
-             for key in _saved(path) if key.startswith(prefix)}
+    entries = {tuple(key[len(prefix):].split(".")[:2])  # (group index, entry), as flattened keys name them
+               for key in saved if key.startswith(prefix)}
     dropped = []
     for i, group in enumerate(optim_sd.get("param_groups", [])):
-        missing = [k for k in group if (str(i), k) not in saved]
+        missing = [k for k in group if (str(i), k) not in entries]
         for k in missing:
             del group[k]
         dropped.append(missing)
