@@ -35,7 +35,9 @@ Checkpoints. state_dict() describes each bucket's slice of the master and moment
 Shard(0) of the bucket's unpadded numel_b elements over the group's DeviceMesh: torch.chunk (DTensor's
 split) and the padded slices agree, and a bucket's contents depend only on the parameters, param
 groups and bucket_mb, not on the world size, so the dict saved with torch.distributed.checkpoint on
-W ranks loads on W' ranks (with the same bucket_mb). It can also be torch.save'd or deep-copied.
+W ranks loads on W' ranks (with the same param groups and bucket_mb; fmcore.train.checkpoint.load
+converts between bucket layouts, given the one fmcore.train.relayout.zero1_layout recorded). It can
+also be torch.save'd or deep-copied.
 
 Parameters edited outside the optimizer (model.load_state_dict after construction, nn.init, a
 broadcast) are noticed at the next step() or state_dict(): the elements of this rank's slice that
@@ -125,8 +127,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     loop (param groups and LR schedulers work: hyperparameters are read from self.param_groups at each
     step). Gradients are averaged over ranks by reduce-scatters that start in the backward (hooks on
     the parameters) and are waited for in clip_grad_norm_ / step; do not also wrap the model in DDP.
-    bucket_mb: MiB of gradients per bucket, i.e. per reduce-scatter (a checkpoint loads only with the
-    same value).
+    bucket_mb: MiB of gradients per bucket, i.e. per reduce-scatter (load_state_dict takes a state
+    dict of the same value; see Checkpoints above).
     module: the model. Buckets are filled in the reverse of its parameters' registration order, about
     the order backward produces gradients; without it, in the reverse of the param groups' order,
     which with several groups (weight decay or not) puts parameters whose gradients come at the end

@@ -242,8 +242,12 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
     # (Which path, before this layout's state dicts are made: the relayout paths make whole ones instead.)
     saved = _saved(path)
-    if isinstance(optimizer, ZeroAdamW) != any(key.startswith("optim.flat") for key in saved):
+    zero1_there = any(key.startswith("optim.flat") for key in saved)
+    if isinstance(optimizer, ZeroAdamW) != zero1_there:
         relayout.load_across_zero1(path, model, optimizer, saved)
+        return
+    if zero1_there and (recorded := relayout.changed_zero1_layout(path, model, optimizer)) is not None:
+        relayout.load_between_zero1(path, model, optimizer, saved, recorded)
         return
     split_here = relayout.is_split(name for name, _ in model.named_parameters())
     if split_here != relayout.is_split(k[len("model."):] for k in saved if k.startswith("model.")):

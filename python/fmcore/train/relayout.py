@@ -10,7 +10,9 @@ Between those and the others, rank 0 reads the checkpoint into whole tensors on 
 state of this model and optimizer: once, at this resume; a 1.5B model with bf16 masters is ~24 GB),
 cut or joined into this layout's names, and sends every rank its shards: torch's
 set_model_state_dict / set_optimizer_state_dict with broadcast_from_rank0, or broadcasts of the
-whole buckets that ZeroAdamW slices. The param groups stay this optimizer's (the trainer sets the
+whole buckets that ZeroAdamW slices. So too between zero1 runs whose buckets hold other parameters
+(other param groups, another bucket_mb): each saved bucket is cut into its parameters' rows, joined
+into this optimizer's buckets. The param groups stay this optimizer's (the trainer sets the
 hyperparameters from the config after loading anyway).
 """
 
@@ -138,9 +140,55 @@ def load_across_zero1(path: Path, model: torch.nn.Module, optimizer: torch.optim
 
     _on_rank_0(path, read)
     options = _set_whole_model(model, model_sd)
-    if not into_zero1:
+    if into_zero1:
+        _load_whole_zero1(optimizer, whole)
+    else:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
-        return
+
+
+def changed_zero1_layout(path: Path, model: torch.nn.Module, optimizer) -> list | None:
+    """The buckets' layout a zero1 checkpoint recorded, when this ZeroAdamW's differs from it (other
+    param groups: the trainer's optim.decay_* settings; another bucket_mb); None when they match or
+    the checkpoint predates the record (DCP then loads it as it is, or fails naming the bucket)."""
+    recorded = read_extra(path).get("zero1_buckets")
+    return None if recorded is None or recorded == zero1_layout(model, optimizer) else recorded
+
+
+def load_between_zero1(path: Path, model: torch.nn.Module, optimizer, saved: dict, recorded: list) -> None:
+    """A zero1 checkpoint into a ZeroAdamW whose buckets hold other parameters (changed_zero1_layout):
+    rank 0 cuts the saved buckets into each parameter's rows and joins those into this one's."""
+    layout = zero1_layout(model, optimizer)
+    model_sd, _ = full_state_dicts(model)
+    whole = {}  # this optimizer's buckets, each as the rows that make it (joined when broadcast)
+
+    def read():
+        model_t, model_settle = regroup(model_sd, saved, "model.{}")
+        targets, there = {"model": model_t, "optim": {}}, {}
+        _bucket_targets(recorded, saved, targets["optim"], there)
+        with _quiet():
+            dcp.load(targets, checkpoint_id=path, no_dist=True)
+        model_sd.update(model_settle(model_t))
+        rows = _cut_buckets(recorded, there, {name: t.numel() for name, t in model_sd.items()})
+        for i, flat in enumerate(layout):
+            whole[f"flat{i}.step"] = _rows_of(rows, flat[0][0])["step"]
+            for j, bucket in enumerate(flat):
+                for zero1_key, _ in ZERO1_STATE:
+                    whole[f"flat{i}.bucket{j}.{zero1_key}"] = [_rows_of(rows, name)[zero1_key] for name in bucket]
+
+    _on_rank_0(path, read)
+    _set_whole_model(model, model_sd)
+    _load_whole_zero1(optimizer, whole)
+
+
+def _rows_of(rows: dict, name: str) -> dict:
+    """A parameter's rows of the saved buckets (_cut_buckets)."""
+    if name not in rows:
+        raise ValueError(f"optim: {name} is in no zero1 bucket of the checkpoint (its recorded layout)")
+    return rows[name]
+
+
+def _load_whole_zero1(optimizer, whole: dict) -> None:
+    """ZeroAdamW.load_whole_state_dict of rank 0's whole buckets (`whole`), broadcast one at a time."""
     shapes = {}  # the other ranks' copies, shaped by their own layout
     for i, flat in enumerate(optimizer.bucket_params()):
         shapes |= {f"flat{i}.step": ()} | {f"flat{i}.bucket{j}.{k}": (sum(p.numel() for p in bucket),)
@@ -152,14 +200,17 @@ class _Broadcasts:
     """Rank 0's whole buckets as ZeroAdamW.load_whole_state_dict reads them (each once, in the same order
     on every rank): each is broadcast when read and dropped once its slice is copied. Broadcasting them
     all first held the unsharded optimizer state (3 x 4 bytes a parameter) on every rank's device at
-    once, the memory zero1 shards it to save: a resume that ran out of it where the run fitted."""
+    once, the memory zero1 shards it to save: a resume that ran out of it where the run fitted. A
+    bucket given as a list of its parameters' rows is joined only then (so rank 0 holds the saved
+    buckets and one joined copy, not two copies of the whole state)."""
 
     def __init__(self, whole: dict, shapes: dict, device: torch.device):
         self.whole, self.shapes, self.device = whole, shapes, device
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if _rank() == 0:
-            t = self.whole.pop(key).to(self.device)
+            t = self.whole.pop(key)
+            t = (torch.cat(t) if isinstance(t, list) else t).to(self.device)
         else:
             t = torch.empty(self.shapes[key], dtype=torch.float32, device=self.device)
         if _distributed():
@@ -178,6 +229,27 @@ def _bucket_targets(layout: list, saved: dict, targets: dict, whole: dict) -> No
             whole[key] = targets[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
 
 
+def _cut_buckets(layout: list, whole: dict, numels: dict) -> dict:
+    """zero1's whole buckets cut into each parameter's rows (1-D views): name -> {zero1 key: rows, "step": the
+    flat's step}. numels: each parameter's element count, by the name the layout gives it."""
+    rows = {}
+    for i, flat in enumerate(layout):
+        for j, bucket in enumerate(flat):
+            missing = [name for name in bucket if name not in numels]
+            if missing:
+                raise ValueError(f"optim.flat{i}.bucket{j} holds {', '.join(missing)}, which this model lacks")
+            sizes = [numels[name] for name in bucket]
+            held = whole[f"flat{i}.bucket{j}.exp_avg"].numel()
+            if sum(sizes) != held:
+                raise ValueError(f"optim.flat{i}.bucket{j} holds {held} elements, its recorded parameters {sum(sizes)}")
+            for zero1_key, _ in ZERO1_STATE:
+                for name, part in zip(bucket, whole[f"flat{i}.bucket{j}.{zero1_key}"].split(sizes)):
+                    rows.setdefault(name, {})[zero1_key] = part
+            for name in bucket:
+                rows[name]["step"] = whole[f"flat{i}.step"]
+    return rows
+
+
 def _parameters_from_buckets(layout: list, model_sd: dict, states: dict, whole: dict) -> None:
     """Each parameter's optimizer state (the entries this optimizer keeps) cut from zero1's buckets
     (whose parameters are never split: zero1 does not combine with tensor parallelism, which splits
@@ -186,23 +258,16 @@ def _parameters_from_buckets(layout: list, model_sd: dict, states: dict, whole: 
     for name in sorted(model_sd, key=lambda n: split_part(n) or (n, 0)):
         if split_part(name) is not None:
             parts.setdefault(split_part(name)[0], []).append(name)
-    for i, flat in enumerate(layout):
-        for j, bucket in enumerate(flat):
-            start = 0
-            for name in bucket:
-                mine = parts.get(name, [name])  # this model's tensors of the bucket's parameter
-                numel = sum(model_sd[n].numel() for n in mine)
-                for zero1_key, key in ZERO1_STATE:
-                    rows = whole[f"flat{i}.bucket{j}.{zero1_key}"][start:start + numel]
-                    for n, part in zip(mine, rows.split([model_sd[n].numel() for n in mine])):
-                        if key in states[n]:  # (torch's AdamW and fp32 runs keep no master_param)
-                            states[n][key] = part.view(model_sd[n].shape)
-                for n in mine:
-                    states[n]["step"] = whole[f"flat{i}.step"].clone()  # (one each: see regroup)
-                start += numel
-            if start != whole[f"flat{i}.bucket{j}.exp_avg"].numel():
-                raise ValueError(f"optim.flat{i}.bucket{j} holds {whole[f'flat{i}.bucket{j}.exp_avg'].numel()} "
-                                 f"elements, its recorded parameters {start}")
+    numels = {name: t.numel() for name, t in model_sd.items()}
+    numels |= {fused: sum(numels[n] for n in mine) for fused, mine in parts.items()}
+    for name, cut in _cut_buckets(layout, whole, numels).items():
+        mine = parts.get(name, [name])  # this model's tensors of the bucket's parameter
+        for zero1_key, key in ZERO1_STATE:
+            for n, part in zip(mine, cut[zero1_key].split([numels[n] for n in mine])):
+                if key in states[n]:  # (torch's AdamW and fp32 runs keep no master_param)
+                    states[n][key] = part.view(model_sd[n].shape)
+        for n in mine:
+            states[n]["step"] = cut["step"].clone()  # (one each: see regroup)
 
 
 def _buckets_from_parameters(layout: list, model_sd: dict, saved: dict, targets: dict, whole: dict) -> dict:

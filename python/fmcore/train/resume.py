@@ -182,9 +182,10 @@ def check_same_layout(path: Path, extra: dict, cfg: Config) -> None:
     """The parallel layouts whose checkpoints cannot load into each other. ZeroAdamW (zero1) saves its
     flat buckets ("optim.flat0.bucket0.exp_avg") where the other optimizers save one entry per
     parameter: checkpoint.load converts between them (fmcore.train.relayout) with the buckets' layout,
-    which a zero1 checkpoint records since the twenty-eighth session; an older one failed in DCP as
-    one that "does not fit this model and optimizer: Missing key ...", naming neither the setting nor
-    the model it does fit. Between zero1 runs, the buckets are laid out by param group. The other
+    which a zero1 checkpoint records since the twenty-eighth session, and between zero1 runs whose
+    buckets differ (laid out by param group: the optim.decay_* settings); an older one failed in DCP
+    as one that "does not fit this model and optimizer: Missing key ...", naming neither the setting
+    nor the model it does fit. The other
     layouts (none, ddp, fsdp2, each with or without tensor parallelism) reshard, tensor parallelism's
     split projections regrouped."""
     saved = extra.get("config") or {}
@@ -192,15 +193,15 @@ def check_same_layout(path: Path, extra: dict, cfg: Config) -> None:
     if not there:
         return
     differ = []
-    if there.get("data") == "zero1" and cfg.parallel.data != "zero1" and "zero1_buckets" not in extra:
-        differ.append(f"parallel.data = 'zero1' there, {cfg.parallel.data!r} here (this checkpoint does not record its "
-                      "zero1 buckets' layout, which another optimizer's state is cut from)")
-    elif there.get("data") == "zero1" and cfg.parallel.data == "zero1":
+    if there.get("data") == "zero1" and "zero1_buckets" not in extra:
+        if cfg.parallel.data != "zero1":
+            differ.append(f"parallel.data = 'zero1' there, {cfg.parallel.data!r} here (this checkpoint does not "
+                          "record its zero1 buckets' layout, which another optimizer's state is cut from)")
         for key in ("decay_embeddings", "decay_norms_biases"):
             written = (saved.get("optim") or {}).get(key, getattr(cfg.optim, key))
-            if written != getattr(cfg.optim, key):
+            if cfg.parallel.data == "zero1" and written != getattr(cfg.optim, key):
                 differ.append(f"optim.{key} = {written!r} there, {getattr(cfg.optim, key)!r} here (zero1's flat "
-                              "shards are laid out by param group)")
+                              "shards are laid out by param group, and this checkpoint does not record their layout)")
     if differ:
         raise ConfigError(f"checkpoint.resume: {path} was written in another parallel layout ({'; '.join(differ)}); "
                           "resume it with the settings it was written with (config.toml in its run dir)")
