@@ -464,6 +464,48 @@ def dataset_has_split(dataset: Path, split: str) -> bool:
     return split in (Loader.manifest(dataset).get("splits") or {})
 
 
+def grad_accumulation(cfg: Config, env: Env) -> int:
+    """Micro-batches per optimizer step: train.tokens_per_step over the tokens one micro-batch of every
+    data-parallel rank holds (1 without tokens_per_step)."""
+    t, dp = cfg.train, env.world // cfg.parallel.tensor
+    micro_tokens = t.batch_size * t.seq_len * dp
+    if t.tokens_per_step and t.tokens_per_step % micro_tokens:
+        # The factors and the nearest values: a value tuned for another number of GPUs (a preset's for 8, run
+        # on 6) was refused with the product alone, which names neither this run's process count nor a fix.
+        below = t.tokens_per_step // micro_tokens * micro_tokens
+        nearest = f"{below} and {below + micro_tokens}" if below else f"{micro_tokens}"
+        raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of train.batch_size * "
+                          f"train.seq_len * data-parallel processes ({t.batch_size} * {t.seq_len} * {dp} = "
+                          f"{micro_tokens}): the nearest {'are' if below else 'is'} {nearest}")
+    return max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
+
+
+def why_no_eval(cfg: Config, dataset: Path, env: Env) -> str:
+    """Why evaluation is off ("has no val split", naming the rank where only some lack it), or "" when
+    every rank can read the val split. Collective: every rank calls it. Checked before the first step,
+    not at the first evaluation: a val split the loader cannot read would lose the run's end."""
+    why = None if dataset_has_split(dataset, "val") else ("has no val split", "")  # (reason, detail)
+    if why is None:
+        try:
+            make_loader(cfg, dataset, env, split="val", mode="sequential").close()
+        except ShardError as e:
+            why = ("has a val split the loader cannot read", f" ({e})")
+    # Every rank's answer: one that could not read it (its node's copy of the dataset damaged) skipped the
+    # evaluations the others ran, whose collectives then waited on its training step's until
+    # parallel.timeout_s failed every rank with a gloo/NCCL timeout naming neither the rank nor the split.
+    # Gathered whether or not this rank's manifest lists a val split: one whose copy lists none skipped the
+    # gather, and the others waited in it until that timeout.
+    answers = [why] * env.world
+    if env.world > 1:
+        dist.all_gather_object(answers, why)
+    failed = [(r, answer) for r, answer in enumerate(answers) if answer is not None]
+    if not failed:
+        return ""
+    first_rank, (reason, detail) = failed[0]
+    where = f" on rank {first_rank}" if len(failed) < env.world else ""
+    return f"{reason}{where}{detail}"
+
+
 @contextlib.contextmanager
 def deterministic_mode():
     """torch's strict deterministic mode for one run (train.deterministic); the caller's mode after it."""
@@ -541,18 +583,8 @@ def destroy_process_group() -> None:
 def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None,
          cleanup: contextlib.ExitStack) -> dict:
     t, ck = cfg.train, cfg.checkpoint
-    dp = env.world // cfg.parallel.tensor
-    micro_tokens = t.batch_size * t.seq_len * dp
-    if t.tokens_per_step and t.tokens_per_step % micro_tokens:
-        # The factors and the nearest values: a value tuned for another number of GPUs (a preset's for 8, run
-        # on 6) was refused with the product alone, which names neither this run's process count nor a fix.
-        below = t.tokens_per_step // micro_tokens * micro_tokens
-        nearest = f"{below} and {below + micro_tokens}" if below else f"{micro_tokens}"
-        raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of train.batch_size * "
-                          f"train.seq_len * data-parallel processes ({t.batch_size} * {t.seq_len} * {dp} = "
-                          f"{micro_tokens}): the nearest {'are' if below else 'is'} {nearest}")
-    accum = max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
-    step_tokens = accum * micro_tokens
+    accum = grad_accumulation(cfg, env)
+    step_tokens = accum * t.batch_size * t.seq_len * (env.world // cfg.parallel.tensor)
 
     mcfg = models.resolve(cfg.model, loader.vocab_size, env.device)
     impl = optimizer_impl(cfg, mcfg)
@@ -597,27 +629,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         model.compile()
 
     tokenizer = dataset_tokenizer(dataset)
-    # (reason, detail) when this rank cannot evaluate, else None
-    why = None if dataset_has_split(dataset, "val") else ("has no val split", "")
-    if why is None:
-        try:  # now, not after the last step: a val split the loader cannot read would lose the run's end
-            make_loader(cfg, dataset, env, split="val", mode="sequential").close()
-        except ShardError as e:
-            why = ("has a val split the loader cannot read", f" ({e})")
-    # Every rank's answer: one that could not read it (its node's copy of the dataset damaged) skipped the
-    # evaluations the others ran, whose collectives then waited on its training step's until
-    # parallel.timeout_s failed every rank with a gloo/NCCL timeout naming neither the rank nor the split.
-    # Gathered whether or not this rank's manifest lists a val split: one whose copy lists none skipped the
-    # gather, and the others waited in it until that timeout.
-    answers = [why] * env.world
-    if env.world > 1:
-        dist.all_gather_object(answers, why)
-    failed = [(r, answer) for r, answer in enumerate(answers) if answer is not None]
-    has_val, no_val_reason = not failed, "has no val split"
-    if failed:
-        first_rank, (reason, detail) = failed[0]
-        where = f" on rank {first_rank}" if len(failed) < env.world else ""
-        no_val_reason = f"{reason}{where}{detail}"
+    no_val_reason = why_no_eval(cfg, dataset, env)
+    has_val = not no_val_reason
     set_aside = None
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
