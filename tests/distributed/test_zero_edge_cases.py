@@ -449,13 +449,14 @@ def _between_zero1_layouts_body(rank, world, tmp):
         model(x).float().square().sum().backward()
         opt.step()
         opt.zero_grad()
-    ckpt = checkpoint.save(tmp / "zero1", 2, model, opt, {"step": 2, "zero1_buckets": relayout.zero1_layout(model, opt)})
+    layout = relayout.zero1_layout(model, opt)
+    ckpt = checkpoint.save(tmp / "zero1", 2, model, opt, {"step": 2, "zero1_buckets": layout})
     # Other param groups (the trainer's optim.decay_* settings) and another bucket_mb: other buckets.
     # DCP failed on them: "Size mismatch between saved torch.Size([8]) and current: torch.Size([21]) for
     # optim.flat0.bucket0.master".
     other = build(1)
     other_opt = ZeroAdamW(groups(other, True), Communicator(), lr=1e-2, module=other)
-    assert relayout.zero1_layout(other, other_opt) != relayout.zero1_layout(model, opt)
+    assert relayout.zero1_layout(other, other_opt) != layout
     checkpoint.load(ckpt, other, other_opt)
     want, got = _rows_by_name(model, opt), _rows_by_name(other, other_opt)
     assert want.keys() == got.keys()
@@ -470,8 +471,7 @@ def _between_zero1_layouts_body(rank, world, tmp):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
     # A recorded layout naming a parameter this model lacks is named, on every rank.
-    renamed = [[[name.replace("1.", "2.") for name in bucket] for bucket in flat]
-               for flat in relayout.zero1_layout(model, opt)]
+    renamed = [[[name.replace("1.", "2.") for name in bucket] for bucket in flat] for flat in layout]
     ckpt = checkpoint.save(tmp / "renamed", 2, model, opt, {"step": 2, "zero1_buckets": renamed})
     lacks = r"does not fit.*flat0\.bucket0 holds .*2\.weight, which this model lacks"
     with pytest.raises(checkpoint.CheckpointError, match=lacks):
