@@ -107,3 +107,11 @@ def test_every_field_has_a_docstring():
             assert line in text
             doc = text.split(line, 1)[1].split("\n")[1].strip()
             assert doc, f"{section.name}.{f.name} has no docstring"
+
+
+def test_help_lists_the_run_name():
+    # --name is an override like the others (the top-level key of a TOML config); --help listed only
+    # the sections' keys, so the one setting that picks the default run dir was not in it.
+    text = help_text()
+    assert "--name (str, default the preset's name" in text
+    assert "Name of the run" in text.split("--name ", 1)[1].split("\n")[1]

@@ -110,9 +110,9 @@ class ScheduleConfig:
     """"cosine" (to min lr), "linear" (to min lr), "wsd" (warmup-stable-decay: constant, then a
     linear decay over the last decay_fraction of steps) or "constant"."""
     warmup_steps: int = 100
-    """Linear warmup from 0 to the peak lr over this many steps."""
+    """Linear warmup to the peak lr over this many steps (the first step gets peak / warmup_steps, not 0)."""
     min_lr_ratio: float = 0.1
-    """The final lr as a fraction of optim.lr."""
+    """The final lr as a fraction of optim.lr (cosine, linear and wsd; constant stays at the peak)."""
     decay_fraction: float = 0.2
     """WSD only: the fraction of all steps spent in the final decay."""
 
@@ -166,8 +166,8 @@ class CheckpointConfig:
     """...plus every checkpoint whose step is a multiple of this (0: none)."""
     resume: str = "none"
     """"none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint dir (the run
-    goes on in log.run_dir when given, else in the run dir holding that checkpoint, or runs/<name> for
-    one in no run dir)."""
+    goes on in log.run_dir when given, else in the run dir holding that checkpoint, or a fresh run's
+    default run dir (see log.run_dir) for one in no run dir)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     export_hf: bool = True
@@ -177,7 +177,8 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     run_dir: str = ""
-    """Where the config, metrics, checkpoints and plots go; empty means runs/<name>."""
+    """Where the config, metrics, checkpoints and plots go; empty means runs/<name> (a fresh run takes
+    runs/<name>-2, -3, ... when that holds a run)."""
     every: int = 10
     """Log metrics every this many steps."""
     progress: str = "auto"
@@ -206,7 +207,7 @@ class ParallelConfig:
 @dataclass
 class Config:
     name: str = "run"
-    """Name of the run (the default run dir is runs/<name>)."""
+    """Name of the run (the default run dir is runs/<name>, see log.run_dir)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -432,7 +433,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def help_text() -> str:
     """Every section and key with its type, default and docstring (what `fmcore train --help` prints)."""
-    lines = []
+    # The top-level key first: an override (--name) like the sections' keys, and one --help should list.
+    # (Its default is the source's: load_config names the run after the preset or the TOML file.)
+    lines = ["[top level]", "  --name (str, default the preset's name, or the TOML file's name = or stem)",
+             f"      {field_docs(Config)['name']}"]
     for section in SECTIONS:
         cls = type(getattr(Config(), section))
         docs, hints = field_docs(cls), typing.get_type_hints(cls)

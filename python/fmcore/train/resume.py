@@ -1,7 +1,8 @@
 """The run directory and resuming: which dir a run writes to and which checkpoint it continues from,
 the lock that keeps two runs out of one dir, and the checks that a checkpoint fits the run resuming it
-(model, parallel layout, precision, world size), each raising a ConfigError that names what differs
-before torch.distributed.checkpoint would fail on a key or load the wrong weights silently."""
+(model, parallel layout, precision; not the world size, which may change), each raising a ConfigError
+that names what differs before torch.distributed.checkpoint would fail on a key or load the wrong
+weights silently."""
 
 from __future__ import annotations
 
