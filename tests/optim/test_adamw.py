@@ -226,6 +226,18 @@ def test_more_than_2_31_elements_on_meta():
     assert opt.last_grad_norm.device.type == "meta"
 
 
+def test_params_added_after_an_empty_first_group_get_the_norm_on_their_device():
+    # The norm and skip counter are made in the constructor, on the first param's device: with none
+    # yet they were on the CPU, and CUDA params added later failed their first step. Meta stands in
+    # for CUDA here (any device other than the CPU).
+    opt = FusedAdamW([{"params": []}], max_grad_norm=1.0, skip_nonfinite=True)
+    p = torch.zeros(5, device="meta", requires_grad=True)
+    opt.add_param_group({"params": [p]})
+    assert opt.last_grad_norm.device.type == opt.skipped_steps.device.type == "meta"
+    p.grad = torch.zeros(5, device="meta")
+    opt.step()  # was: ValueError: expected all tensors on one device, got tensors on meta and norm on cpu
+
+
 @pytest.mark.cuda
 @pytest.mark.bigmem
 def test_more_than_2_31_elements_cuda():

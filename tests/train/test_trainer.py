@@ -480,11 +480,38 @@ def test_document_boundaries_train(dataset, tmp_path, arch):
 
 
 @pytest.mark.parametrize("precision, ops", [("bf16-autocast", "torch"), ("bf16-autocast", "fmcore"), ("fp16", "torch"),
-                                            ("bf16", "fmcore")])
+                                            ("fp16", "fmcore"), ("bf16", "fmcore")])
 def test_mixed_precision_runs_on_cpu(dataset, tmp_path, precision, ops):
     records = _short_run(dataset, tmp_path / "r", "--train.precision", precision, "--model.ops", ops,
                          "--schedule.warmup_steps", "1")
     assert math.isfinite(records[-1]["loss"]) and records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.parametrize("impl", ["fmcore", "torch"])
+def test_an_fp16_overflow_is_a_skipped_step_with_either_optimizer(impl):
+    from fmcore.optim import FusedAdamW
+    from fmcore.train.trainer import StepOptions, train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    loss_of = lambda x, y, *docs: torch.nn.functional.cross_entropy(model(x).float(), y)  # noqa: E731
+    opt = (FusedAdamW(model.parameters(), max_grad_norm=1.0, skip_nonfinite=True) if impl == "fmcore"
+           else torch.optim.AdamW(model.parameters()))
+    # A scale that overflows the scaled loss (the first steps of an fp16 run overflow the same way).
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = (torch.randn(4, 8), torch.randint(0, 8, (4,)), None, None, None)
+    loss, norm, good = train_step(loss_of, opt, lambda: batch, 1, StepOptions(impl, "fp16", torch.device("cpu"), 1.0),
+                                  scaler)
+    # FusedAdamW stepped by scaler.step reported the previous step's norm (0.0) and a good step.
+    assert math.isfinite(loss) and not math.isfinite(norm) and not good
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**126
+    scaler.update(2.0**8)  # then a scale that fits: the step is applied
+    loss, norm, good = train_step(loss_of, opt, lambda: batch, 1, StepOptions(impl, "fp16", torch.device("cpu"), 1.0),
+                                  scaler)
+    assert good and math.isfinite(norm) and norm > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_compare_reports_relative_differences(tmp_path, capsys):

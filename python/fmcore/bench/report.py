@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def covers(skipped_case: str, case: str) -> bool:
     return case == skipped_case or case.startswith(skipped_case + " ")
 
 
-def markdown(rows: list[Row], *, by_metric: bool = False, failed: list[dict] = ()) -> str:
+def markdown(rows: list[Row], *, by_metric: bool = False, failed: Sequence[dict] = ()) -> str:
     """One table per bench: a line per case, a column per (system, metric). by_metric: a line per
     (case, metric), a column per system (narrower: what the README shows). failed: the header's
     "skipped" entries {bench, case, system, ...}: their empty cells read "failed", not "-"."""

@@ -156,6 +156,13 @@ class FusedAdamW(torch.optim.Optimizer):
             elif p.device != device:
                 raise RuntimeError(f"FusedAdamW needs every param on one device: {where} is on {p.device}, "
                                    f"the first param on {device}")
+        if self._device is None and device is not None:
+            # The first params, after a first group without any ([{"params": []}], then add_param_group):
+            # the norm and skip counter were made on the CPU, and the first CUDA step refused them
+            # ("got tensors on cuda:0 and norm on cpu"). No step has read them yet (none had params).
+            for name in ("last_grad_norm", "skipped_steps"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).to(device))
         self._device = device
 
     def _uses_master(self, p: torch.Tensor) -> bool:

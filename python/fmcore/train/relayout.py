@@ -67,7 +67,7 @@ def _on_rank_0(path: Path, read: Callable[[], None]) -> None:
         raise error
 
 
-def _set_whole_model(model: torch.nn.Module, model_sd: dict) -> dict:
+def _set_whole_model(model: torch.nn.Module, model_sd: dict) -> StateDictOptions:
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_distributed())
     set_model_state_dict(model, model_sd, options=options)
     return options

@@ -34,7 +34,8 @@ from torch import nn
 
 from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, metrics, models, relayout, resume
-from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_dict, to_toml, validate
+from fmcore.train.config import (Config, ConfigError, ModelConfig, help_text, load_config, presets, to_dict, to_toml,
+                                 validate)
 from fmcore.train.schedule import lr_at
 
 
@@ -132,7 +133,7 @@ def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
     return p
 
 
-def build_model(cfg: Config, vocab_size: int, env: Env, precision: str) -> tuple[nn.Module, object]:
+def build_model(cfg: Config, vocab_size: int, env: Env, precision: str) -> tuple[nn.Module, ModelConfig]:
     """(model on env.device, its resolved ModelConfig). Initialised on the CPU from train.seed so the
     weights do not depend on the device or on model.ops."""
     mcfg = models.resolve(cfg.model, vocab_size, env.device)
@@ -353,8 +354,11 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
     else:
         # FusedAdamW computes the norm, clips and skips non-finite gradients inside its step (no sync).
         # A non-finite cross-entropy comes from a non-finite logit, whose gradient is NaN, so the
-        # optimizer skips those steps too; the sync below only counts them.
-        scaler.step(optimizer) if scaler is not None else optimizer.step()
+        # optimizer skips those steps too; the sync below only counts them. Not scaler.step: on an fp16
+        # overflow it skipped the step without running it, so last_grad_norm was the previous step's (0
+        # at the first) and the skipped step counted as good; the gradients are unscaled already, and
+        # scaler.update() reads the overflow unscale_ found.
+        optimizer.step()
         loss_v, norm_v = torch.stack([loss_sum / accum, optimizer.last_grad_norm.float().reshape(())]).tolist()
         good = math.isfinite(loss_v) and math.isfinite(norm_v)
     if scaler is not None:
