@@ -176,8 +176,10 @@ def test_cli(corpus, tmp_path, capsys):
         assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli3"), "--tokenizer",
                             str(tmp_path / tok)]) == 2
         assert f"tokenizer {tmp_path / tok} {message}" in capsys.readouterr().err
-    assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli3"), "--vocab-size", "100"]) == 2
-    assert "vocab_size must be at least 257 for a byte-level BPE" in capsys.readouterr().err
+    for vocab in ("100", "0"):  # (0 took the default vocabulary silently)
+        assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "cli3"), "--vocab-size", vocab]) == 2
+        err = capsys.readouterr().err
+        assert "vocab_size must be at least 257 for a byte-level BPE" in err and err.rstrip().endswith(f"got {vocab}")
     assert not (tmp_path / "cli3").exists()
 
 

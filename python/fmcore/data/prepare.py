@@ -749,10 +749,12 @@ def main(argv: list[str] | None = None) -> int:
     default_val = DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005
     shard_tokens = args.shard_tokens if args.shard_tokens is not None else (
         DEFAULT_RECIPE["shard_tokens"] if stdlib else 100_000_000)
+    vocab_size = args.vocab_size  # (not `or`: --vocab-size 0 took the default silently)
+    if vocab_size is None:
+        vocab_size = DEFAULT_RECIPE["vocab_size"] if stdlib else 8192
     try:
         with _terminate_raises():
-            out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer,
-                          vocab_size=args.vocab_size or (DEFAULT_RECIPE["vocab_size"] if stdlib else 8192),
+            out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=vocab_size,
                           shard_tokens=shard_tokens,
                           val_fraction=default_val if args.val_fraction is None else args.val_fraction,
                           eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
