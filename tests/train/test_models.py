@@ -224,6 +224,8 @@ def test_greedy_sample_with_right_padding_equals_plain_greedy_decoding():
         while ids.shape[1] < cfg.max_seq_len:
             ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)
     assert greedy_sample(model, long, cfg.max_seq_len, "fp32", cfg.max_seq_len) == ids[0, long.shape[1]:].tolist()
+    # A model of one position has no room for a prompt and a token (was: a shape mismatch, ending the run)
+    assert greedy_sample(model, prompt, 6, "fp32", 1) == []
 
 
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])

@@ -415,6 +415,8 @@ def greedy_sample(model: nn.Module, prompt: torch.Tensor, n_new: int, precision:
     under torch.compile. The window must fit the model's max_len positions: the prompt is kept (its
     last max_len - 1 tokens) and fewer tokens are generated, as transformers' generate(max_length=)
     does; cutting the prompt instead would continue a prompt other than the one the sample shows."""
+    if max_len < 2:  # no room for a prompt token and one more (prompt[:, -0:] is the whole prompt)
+        return []
     was_training = model.training
     model.eval()
     P = min(prompt.shape[1], max_len - 1)
