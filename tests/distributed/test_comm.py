@@ -379,3 +379,29 @@ def test_timeout_is_a_positive_timedelta(tmp_path):
     # timeout passed on the torch backend, whose collectives ignore it.
     (seen,) = run_ranks(_timeout_body, 1, tmp_path)
     assert seen == [90.0]
+
+
+class _ClosableNccl:
+    """Stands in for the C++ NCCL communicator (no GPU here): enough to close it."""
+
+    def close(self):
+        pass
+
+
+def _closed_body(rank, world):
+    comm = Communicator(backend="torch")
+    comm._nccl, comm.backend = _ClosableNccl(), "nccl"
+    comm.close()
+    t = torch.ones(4)
+    calls = {"all_reduce": lambda: comm.all_reduce(t), "broadcast": lambda: comm.broadcast(t),
+             "reduce_scatter": lambda: comm.reduce_scatter(t[:4], t), "all_gather": lambda: comm.all_gather(t, t[:4]),
+             "grouped": lambda: comm.grouped().__enter__()}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"used after close\(\)"):
+            call()
+    return True
+
+
+def test_a_closed_nccl_communicator_refuses_collectives(tmp_path):
+    # Its calls went on over torch.distributed (the group's gloo or NCCL), silently another backend.
+    assert run_inline(_closed_body, tmp_path)

@@ -141,6 +141,7 @@ class Communicator:
     # ---- collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, async_op: bool = False) -> Work:
         """In place: tensor <- op over ranks (op: sum, avg, max, min)."""
+        self._check_open()
         _check_op(op, tensor)
         if self._nccl is not None:
             return self._nccl_call(lambda: self._nccl.all_reduce(tensor, op), [tensor], async_op)
@@ -153,6 +154,7 @@ class Communicator:
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", *,
                        async_op: bool = False) -> Work:
         """output (n elements) <- op over ranks of this rank's slice input[rank*n : (rank+1)*n]."""
+        self._check_open()
         _check_op(op, output)
         self._check_flat(output, input, "input", "reduce_scatter")
         if self._nccl is not None:
@@ -168,6 +170,7 @@ class Communicator:
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False) -> Work:
         """output (world*n elements, preallocated) <- every rank's input (n elements), in rank order."""
+        self._check_open()
         self._check_flat(input, output, "output", "all_gather")
         if self._nccl is not None:
             return self._nccl_call(lambda: self._nccl.all_gather(output, input), [output, input], async_op)
@@ -176,6 +179,7 @@ class Communicator:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, *, async_op: bool = False) -> Work:
         """In place: tensor <- tensor of group rank src."""
+        self._check_open()
         if not 0 <= src < self.world_size:
             raise ValueError(f"expected 0 <= src < {self.world_size}, got {src}")
         if self._nccl is not None:
@@ -187,6 +191,7 @@ class Communicator:
     def grouped(self):
         """Calls inside run as one NCCL group (one fused launch at exit). They must be blocking
         (async_op=False). On the torch backend each call completes as it is made."""
+        self._check_open()
         if self._nccl is None:
             yield
             return
@@ -212,6 +217,11 @@ class Communicator:
             self.backend = "closed"
 
     # ---- helpers
+    def _check_open(self) -> None:
+        # (Closed, _nccl is None: the calls went on over torch.distributed, silently another backend.)
+        if self.backend == "closed":
+            raise RuntimeError("fmcore.dist.Communicator: used after close(), which released its NCCL communicator")
+
     def _check_flat(self, small: torch.Tensor, big: torch.Tensor, big_name: str, what: str) -> None:
         if big.numel() != small.numel() * self.world_size:
             raise ValueError(f"{what}: expected {big_name} of {small.numel() * self.world_size} elements "
