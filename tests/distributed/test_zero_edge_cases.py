@@ -481,3 +481,33 @@ def _between_zero1_layouts_body(rank, world, tmp):
 
 def test_a_zero1_checkpoint_loads_into_zero1_buckets_laid_out_otherwise(tmp_path):
     run_ranks(_between_zero1_layouts_body, 2, tmp_path / "launch", args=(tmp_path,), timeout=TIMEOUT)
+
+
+def _unstepped_parameter_body(rank, world, tmp):
+    from fmcore.train import checkpoint
+
+    torch.manual_seed(0)
+    model = two_layers()
+    model.register_parameter("unused", torch.nn.Parameter(torch.randn(3)))  # never in the forward
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(4, 5)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.unused not in opt.state  # torch makes a parameter's state at its first gradient
+    ckpt = checkpoint.save(tmp / "adamw", 2, model, opt, {"step": 2})
+    zero = ZeroAdamW(model.parameters(), Communicator(), lr=1e-2, module=model)
+    # was: "does not fit this model and optimizer: ValueError: optim.state.unused.exp_avg is not in the checkpoint"
+    checkpoint.load(ckpt, model, zero)
+    rows = _rows_by_name(model, zero)
+    assert not rows["unused", "exp_avg"].any() and not rows["unused", "exp_avg_sq"].any()
+    torch.testing.assert_close(rows["unused", "master"], model.unused.detach(), rtol=0, atol=0)
+    for name, p in model.named_parameters():
+        assert rows[name, "step"].item() == 2
+        if name != "unused":
+            torch.testing.assert_close(rows[name, "exp_avg"], opt.state[p]["exp_avg"].reshape(-1), rtol=0, atol=0)
+    return True
+
+
+def test_a_parameter_without_optimizer_state_loads_into_zero1_with_zero_moments(tmp_path):
+    run_ranks(_unstepped_parameter_body, 2, tmp_path / "launch", args=(tmp_path,), timeout=TIMEOUT)

@@ -272,10 +272,13 @@ def _parameters_from_buckets(layout: list, model_sd: dict, states: dict, whole: 
 
 def _buckets_from_parameters(layout: list, model_sd: dict, saved: dict, targets: dict, whole: dict) -> dict:
     """DCP targets for each parameter's optimizer state, read into rows of zero1's whole buckets (in
-    `whole`); returns the master rows the checkpoint has no fp32 master for (filled from the weights)."""
+    `whole`); returns the master rows the checkpoint has no fp32 master for (filled from the weights).
+    A parameter without state there (torch's AdamW and FusedAdamW make it at its first gradient: one
+    unused so far) keeps zero moments, as zero1 gives a parameter whose gradient has not come yet."""
     state_targets, masters = targets.setdefault("state", {}), {}
     for i, flat in enumerate(layout):
         whole[f"flat{i}.step"] = torch.zeros(())
+        stepped = dict.fromkeys(name for bucket in flat for name in bucket if _has_state(name, saved))
         for j, bucket in enumerate(flat):
             numel = sum(model_sd[name].numel() for name in bucket)
             for zero1_key, _ in ZERO1_STATE:
@@ -285,6 +288,10 @@ def _buckets_from_parameters(layout: list, model_sd: dict, saved: dict, targets:
                 t = model_sd[name]
                 for zero1_key, key in ZERO1_STATE:
                     rows = whole[f"flat{i}.bucket{j}.{zero1_key}"][start:start + t.numel()]
+                    if name not in stepped:
+                        if zero1_key == "master":
+                            masters[name] = rows
+                        continue
                     try:
                         there, _ = regroup({name: rows.view(t.shape)}, saved, f"optim.state.{{}}.{key}")
                     except ValueError:
@@ -295,10 +302,20 @@ def _buckets_from_parameters(layout: list, model_sd: dict, saved: dict, targets:
                     for n, target in there.items():  # (loaded in place, into the rows)
                         state_targets.setdefault(n, {})[key] = target
                 start += t.numel()
-        there, _ = regroup({flat[0][0]: whole[f"flat{i}.step"]}, saved, "optim.state.{}.step")
-        for n, target in there.items():
-            state_targets.setdefault(n, {})["step"] = target
+        if stepped:  # (the flat's one step: its parameters' are equal, but for those not stepped yet)
+            there, _ = regroup({next(iter(stepped)): whole[f"flat{i}.step"]}, saved, "optim.state.{}.step")
+            for n, target in there.items():
+                state_targets.setdefault(n, {})["step"] = target
     return masters
+
+
+def _has_state(name: str, saved: dict) -> bool:
+    """Whether the checkpoint holds optimizer state for parameter `name` (under its name or its parts')."""
+    try:
+        regroup({name: torch.zeros(())}, saved, "optim.state.{}.step")
+    except ValueError:
+        return False
+    return True
 
 
 def regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], dict]]:
