@@ -183,6 +183,25 @@ def test_zero1_add_param_group_raises():
     assert len(opt.param_groups) == 1
 
 
+def test_zero1_refuses_distinct_params_over_one_storage():
+    # Each trainable param is moved into a flat buffer of its own (p.data re-pointed): two Parameter
+    # objects over one storage (a tie made with nn.Parameter(emb.weight)) were silently untied and
+    # trained apart. One Parameter object listed twice is a tie ZeroAdamW keeps; disjoint views are fine.
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = torch.nn.Parameter(emb.weight)
+    with pytest.raises(ValueError, match="share memory"):
+        ZeroAdamW(list(emb.parameters()) + list(head.parameters()), FakeComm())
+    assert head.weight.data_ptr() == emb.weight.data_ptr()  # refused before anything moved
+    frozen = torch.nn.Parameter(torch.zeros(10), requires_grad=False)
+    with pytest.raises(ValueError, match="param 0 of group 0 .10,. and param 0 of group 1"):
+        ZeroAdamW([{"params": [frozen]}, {"params": [torch.nn.Parameter(frozen.data[4:6])]}], FakeComm())
+    head.weight = emb.weight
+    ZeroAdamW(list(emb.parameters()) + list(head.parameters()), FakeComm()).remove()
+    buf = torch.zeros(12)
+    ZeroAdamW([torch.nn.Parameter(buf[:6]), torch.nn.Parameter(buf[6:])], FakeComm()).remove()
+
+
 BAD_HYPER = [(dict(lr=-1.0), "lr"), (dict(betas=(1.5, 0.9)), "betas"), (dict(eps=-1.0), "eps"),
              (dict(weight_decay=-0.1), "weight_decay")]
 

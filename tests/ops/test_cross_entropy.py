@@ -535,3 +535,18 @@ def test_int32_target_with_ignore_index_past_int32(inplace_backward):
     got = cross_entropy(x.detach().clone().requires_grad_(), t.int(), ignore_index=2**32,
                         inplace_backward=inplace_backward)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])  # the fused path: the forward writes the gradient
+def test_inplace_backward_logits_edited_after_forward_raises(device, reduction):
+    """The fused forward leaves the gradient in the logits buffer, held outside save_for_backward:
+    an in-place edit of the logits (or of the buffer they view) before the backward was scaled and
+    returned as the gradient, silently; torch's saved logits raise "modified by an inplace operation"."""
+    logits, target = make((2, 3, 11), device, torch.float32)
+    x = logits.clone().requires_grad_()
+    y = x * 1.0
+    loss = cross_entropy(y, target, inplace_backward=True, reduction=reduction)
+    with torch.no_grad():
+        y.view(-1)[0] += 1.0  # through another view: one version counter
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        loss.backward()

@@ -101,6 +101,42 @@ def _cpu_foreach(lr) -> bool:
     return not torch.is_tensor(lr)
 
 
+def _check_no_shared_memory(groups: list[dict]) -> None:
+    """Refuses a trainable parameter whose memory another parameter object also covers (distinct
+    Parameters over one storage: ``nn.Parameter(embed.weight)`` as a tie, overlapping views of a fused
+    weight). Each trainable parameter is moved into its own slot of a flat buffer (p.data is re-pointed),
+    which silently untied them: each then trained on its own. FusedAdamW refuses such params too."""
+    extents: dict[tuple, list] = {}
+    seen: set[int] = set()
+    for gi, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in seen or p.numel() == 0 or p.device.type == "meta":
+                continue  # (one Parameter listed twice is one tied weight: ZeroAdamW takes it once)
+            seen.add(id(p))
+            start = p.storage_offset() * p.element_size()
+            span = sum((n - 1) * st for n, st in zip(p.shape, p.stride())) + 1
+            where = (p.device, p.untyped_storage().data_ptr())
+            extents.setdefault(where, []).append((start, start + span * p.element_size(), gi, i, p))
+    for spans in extents.values():
+        spans.sort(key=lambda e: e[:2])
+        # the span reaching furthest so far, among all params and among the trainable ones: a
+        # trainable param may not overlap any other, a frozen one no trainable one
+        reach = {"any": None, "trainable": None}
+        for span in spans:
+            start, _, gb, b, pb = span
+            other = reach["any" if pb.requires_grad else "trainable"]
+            if other is not None and start < other[1]:
+                _, _, ga, a, pa = other
+                raise ValueError(
+                    f"ZeroAdamW: param {a} of group {ga} {tuple(pa.shape)} and param {b} of group {gb} "
+                    f"{tuple(pb.shape)} share memory (distinct Parameter objects over one storage); ZeroAdamW "
+                    "moves each parameter into a flat buffer of its own, which would untie them silently. Tie "
+                    "weights with one Parameter object (lm_head.weight = embed.weight), not nn.Parameter(embed.weight)")
+            for key in ("any", "trainable") if pb.requires_grad else ("any",):
+                if reach[key] is None or span[1] > reach[key][1]:
+                    reach[key] = span
+
+
 def _inner_optimizer(impl: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     if impl in ("auto", "fmcore"):  # fmcore's optimizer runs on every device fmcore builds for
         from fmcore.optim import FusedAdamW
@@ -165,6 +201,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                     trainable.append(p)
         if not trainable:
             raise ValueError("ZeroAdamW got no parameters that require grad")
+        _check_no_shared_memory(self.param_groups)
         if module is not None:  # registration order; parameters the module lacks keep theirs, last
             position = {id(p): i for i, p in enumerate(module.parameters())}
             trainable.sort(key=lambda p: position.get(id(p), len(position)))

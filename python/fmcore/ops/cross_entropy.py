@@ -142,6 +142,10 @@ class _FusedInplace(torch.autograd.Function):
                                                                    label_smoothing, z_loss)
         loss = loss_rows.sum() / count if mean else loss_rows.sum()  # 0/0 = nan when all ignored, as torch
         ctx.grad = logits  # holds the gradient now (an attribute, not saved: it was written)
+        # ... so autograd's version check does not cover it: an in-place edit of the logits (or of
+        # the tensor they view) between here and the backward would be scaled and returned as the
+        # gradient, silently. Checked by hand in the backward.
+        ctx.version = logits._version
         ctx.counted = counted
         ctx.used = False
         ctx.mark_non_differentiable(stats)
@@ -155,6 +159,10 @@ class _FusedInplace(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("cross_entropy(inplace_backward=True)'s backward can run once per forward: the "
                                "gradient lives in the logits buffer and is scaled in place")
+        if ctx.grad._version != ctx.version:
+            raise RuntimeError("cross_entropy(inplace_backward=True): the logits were modified in place after the "
+                               "forward, which wrote the gradient over them (the logits are not to be used after "
+                               "the call); edit a copy, or use inplace_backward=False")
         ctx.used = True
 
         def grads():
