@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -69,16 +70,24 @@ bool is_kernel_float(at::ScalarType st) {
 // The CUDA update runs every tensor at once: a step tensor listed twice is bumped by several
 // threads in one unsynchronized read-modify-write (updates lost: the bias correction of another
 // step count), and a param or state listed twice is updated by two blocks at once. FusedAdamW refuses repeated
-// params; the op refuses any overlap of what it writes, on every device alike. (All are contiguous:
+// params; the op refuses any overlap of what it writes, on every device alike. A grad is read
+// while the others are written: it may be one of its own param's tensors exactly (each element is
+// read before the thread that reads it writes it), not another's (b.grad = a.detach() read a as a
+// was updated: a race on CUDA, the update order's result on the CPU). (All are contiguous:
 // [data_ptr, data_ptr + nbytes) is each one's extent.)
-void check_written_apart(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                         at::TensorList master_params, at::TensorList steps) {
-  std::vector<std::tuple<uintptr_t, uintptr_t, std::string>> written;
+void check_written_apart(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList master_params,
+                         at::TensorList steps) {
+  std::vector<std::tuple<uintptr_t, uintptr_t, std::string, size_t>> written;  // extent, name, index
+  const auto extent = [](const at::Tensor& t) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::pair{begin, begin + t.nbytes()};
+  };
   const auto add = [&](at::TensorList list, const char* name) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i].numel() == 0) continue;  // (an empty tensor's pointer may be shared or null)
-      const auto begin = reinterpret_cast<uintptr_t>(list[i].data_ptr());
-      written.emplace_back(begin, begin + list[i].nbytes(), item(name, i));
+      const auto [begin, end] = extent(list[i]);
+      written.emplace_back(begin, end, item(name, i), i);
     }
   };
   add(params, "params");
@@ -92,6 +101,22 @@ void check_written_apart(at::TensorList params, at::TensorList exp_avgs, at::Ten
                       "expected the tensors adamw_step_ updates not to share memory, got ",
                       std::get<2>(written[j - 1]), " and ", std::get<2>(written[j]),
                       " overlapping (every param needs its own state and step tensor)");
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    const auto [begin, end] = extent(grads[i]);
+    // The written extents are disjoint and sorted: those meeting [begin, end) end after begin,
+    // from the last one starting before end backwards.
+    auto it = std::lower_bound(written.begin(), written.end(), end,
+                               [](const auto& w, uintptr_t at) { return std::get<0>(w) < at; });
+    while (it != written.begin() && std::get<1>(*std::prev(it)) > begin) {
+      --it;
+      const bool own = std::get<3>(*it) == i && std::get<0>(*it) == begin && std::get<1>(*it) == end;
+      TORCH_CHECK_VALUE(own, "expected ", item("grads", i), " not to share memory with a tensor ",
+                        "adamw_step_ updates, got it overlapping ", std::get<2>(*it),
+                        " (a gradient viewing another param or its state would be read while that is ",
+                        "updated)");
+    }
   }
 }
 
@@ -191,7 +216,7 @@ AdamWCall make_adamw_call(at::TensorList params, at::TensorList grads, at::Tenso
       t.master = master_params[i].data_ptr<float>();
     }
   }
-  check_written_apart(params, exp_avgs, exp_avg_sqs, master_params, steps);
+  check_written_apart(params, grads, exp_avgs, exp_avg_sqs, master_params, steps);
   p.tensors = call.tensors.data();
   p.num_tensors = static_cast<int64_t>(n);
   return call;

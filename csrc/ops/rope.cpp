@@ -133,6 +133,30 @@ std::optional<bool> views_intersect(const at::Tensor& a, const at::Tensor& b) {
   return reach(0, b.storage_offset() - a.storage_offset());
 }
 
+// Whether a and b step alike through memory along every dim either spans (a size-1 dim's stride
+// is arbitrary: a view may set it to anything).
+bool same_strides(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if ((a.size(i) > 1 || b.size(i) > 1) && a.stride(i) != b.stride(i)) return false;
+  }
+  return true;
+}
+
+// Whether the element ranges [lowest, highest] that views a and b of one storage reach intersect.
+bool extents_meet(const at::Tensor& a, const at::Tensor& b) {
+  const auto range = [](const at::Tensor& t) {
+    int64_t lo = t.storage_offset(), hi = t.storage_offset();
+    for (int64_t i = 0; i < t.dim(); ++i) {
+      const int64_t reach = (t.size(i) - 1) * t.stride(i);
+      (reach < 0 ? lo : hi) += reach;
+    }
+    return std::pair{lo, hi};
+  };
+  const auto [a_lo, a_hi] = range(a);
+  const auto [b_lo, b_hi] = range(b);
+  return a_lo <= b_hi && b_lo <= a_hi;
+}
+
 }  // namespace
 
 void check_rope_inplace(const at::Tensor& q, const at::Tensor& k) {
@@ -146,14 +170,18 @@ void check_rope_inplace(const at::Tensor& q, const at::Tensor& k) {
   }
   at::MemOverlapStatus qk = at::get_overlap_status(q, k);
   // TooHard: views of one storage that are not contiguous (q and k sliced off one buffer, or slices
-  // that overlap by an off-by-one): decided exactly when they share their strides.
-  if (qk == at::MemOverlapStatus::TooHard && q.is_alias_of(k) && q.strides() == k.strides() &&
-      q.numel() > 0 && k.numel() > 0) {
-    const std::optional<bool> hit = views_intersect(q, k);
-    if (hit.has_value()) qk = *hit ? at::MemOverlapStatus::Partial : at::MemOverlapStatus::No;
+  // that overlap by an off-by-one): decided exactly when they share their strides (where a dim
+  // holds more than one element); otherwise refused where their extents meet (k = q[:, :, ::2]
+  // had both rotated twice where they met, silently).
+  if (qk == at::MemOverlapStatus::TooHard && q.is_alias_of(k) && q.numel() > 0 && k.numel() > 0) {
+    std::optional<bool> hit;
+    if (same_strides(q, k)) hit = views_intersect(q, k);
+    if (!hit.has_value()) hit = extents_meet(q, k);
+    qk = *hit ? at::MemOverlapStatus::Partial : at::MemOverlapStatus::No;
   }
   TORCH_CHECK_VALUE(qk != at::MemOverlapStatus::Full && qk != at::MemOverlapStatus::Partial,
-                    "in-place rope: q and k share memory (k is q, or they overlap); rotate them ",
+                    "in-place rope: q and k share memory (k is q, or they overlap; views of one ",
+                    "buffer with other strides are refused where their extents meet); rotate them ",
                     "separately or use inplace=False");
 }
 

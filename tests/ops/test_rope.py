@@ -277,8 +277,15 @@ def test_inplace_refuses_overlapping_slices_of_one_buffer(device):
         apply_rotary(z[:, :, 0:2], z[:, :, 1:3], cos, sin, inplace=True)
     with pytest.raises(ValueError, match="q and k share memory"):  # k's first head is q's last, GQA shapes
         apply_rotary(z[:, :, 0:3], z[:, :, 2:3], cos, sin, inplace=True)
-    # Disjoint slices, adjacent or interleaved, are what the in-place op is for.
-    for q, k in [(z[:, :, 0:2], z[:, :, 2:4]), (z[:, :, 0::2], z[:, :, 1::2]), (z[:, :, 1:3], z[:, :, 3:4])]:
+    # Views with other strides: decided by their extents (both were rotated twice where they met, silently).
+    for k in (z[:, :, ::2], z.view(2, 5, 2, 16)[..., :8]):
+        with pytest.raises(ValueError, match="q and k share memory"):
+            apply_rotary(z, k, cos, sin, inplace=True)
+    # Disjoint slices, adjacent or interleaved, are what the in-place op is for; so are views with
+    # other strides whose extents do not meet.
+    two = torch.randn(2, 2 * 5 * 4 * 8, device=device)  # (rows of one storage)
+    far = two[0].view(2, 5, 4, 8), two[1].view(2, 5, 2, 16)[..., :8]
+    for q, k in [(z[:, :, 0:2], z[:, :, 2:4]), (z[:, :, 0::2], z[:, :, 1::2]), (z[:, :, 1:3], z[:, :, 3:4]), far]:
         want_q, want_k = apply_rotary(q, k, cos, sin)
         apply_rotary(q, k, cos, sin, inplace=True)
         assert torch.equal(q, want_q) and torch.equal(k, want_k)

@@ -603,6 +603,25 @@ def test_op_refuses_tensors_it_would_update_twice(device):
         torch.ops.fmcore.adamw_step_(*args)
 
 
+def test_op_refuses_grads_viewing_what_it_updates_but_their_own(device):
+    # b.grad = a.detach(): b's gradient was read while a was updated (a race on CUDA; on the CPU the
+    # result of the update order, as torch's single-tensor AdamW). A gradient that is its own param or
+    # state exactly is read before its own thread writes it: allowed, as torch allows it.
+    args = _op_args(device)
+    buf = torch.randn(12, device=device)
+    args[0] = [buf[:5], buf[6:]]
+    args[1] = [torch.randn(5, device=device), buf[:6]]
+    with pytest.raises(ValueError, match=r"expected grads\[1\] not to share memory .* overlapping params\[0\]"):
+        torch.ops.fmcore.adamw_step_(*args)
+    args[1][1] = buf[:6].clone()  # a copy: fine
+    torch.ops.fmcore.adamw_step_(*args)
+    args[1] = [args[0][0], args[2][1]]  # grads[0] is params[0], grads[1] is exp_avgs[1]
+    torch.ops.fmcore.adamw_step_(*args)
+    args[1] = [args[2][1][:5], args[2][1]]  # grads[0] views exp_avgs[1]
+    with pytest.raises(ValueError, match=r"grads\[0\] not to share memory .* overlapping exp_avgs\[1\]"):
+        torch.ops.fmcore.adamw_step_(*args)
+
+
 @pytest.mark.cuda
 def test_op_device_mismatch_cuda():
     args = _op_args("cuda")
