@@ -65,6 +65,22 @@ def test_loss_is_cross_entropy_of_logits(base):
     torch.testing.assert_close(model(x, y), ref)
 
 
+@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+def test_bf16_weights_give_an_unrounded_loss_on_both_ops_paths(base):
+    # train.precision "bf16" (bf16 weights, no autocast): the fmcore path's loss came back rounded to bf16
+    # (6.9375 for 6.9399, steps of 1/32 near 7), and the logged train and eval losses with it; the torch
+    # path's, from fp32 logits, was not.
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 100, (4, 32)), torch.randint(0, 100, (4, 32))
+    losses = {}
+    for ops in ("torch", "fmcore"):
+        model = models.build_model(models.resolve(dataclasses.replace(base, ops=ops), vocab_size=100), seed=0)
+        losses[ops] = model.to(torch.bfloat16)(x, y)
+    assert losses["fmcore"].dtype == torch.float32
+    assert losses["fmcore"].item() != losses["fmcore"].to(torch.bfloat16).item()  # not a bf16 value
+    assert losses["fmcore"].item() == pytest.approx(losses["torch"].item(), abs=2e-3)
+
+
 @pytest.mark.parametrize("base, ops", [
     (LLAMA, "torch"),
     # The fmcore blocks hand (branch output, stream) to the next block: checkpointing them per block

@@ -706,6 +706,34 @@ def test_a_checkpoint_keeps_the_resuming_optimizers_implementation_flags(tmp_pat
     torch.testing.assert_close(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
 
 
+@pytest.mark.parametrize("impl", ["torch", "fmcore"])
+def test_a_checkpoint_before_the_first_applied_step_changes_no_later_step(tmp_path, impl):
+    # The trainer saves after skipped steps too (an fp16 overflow streak at the start, which torch.optim.AdamW
+    # never steps through): DCP's get_state_dict made the missing state with a step() of zero gradients,
+    # which the optimizer counted, so its first real step was its second (a 0.74x update), in the run that
+    # saved and in one resumed from the save. (FusedAdamW: the same, saved before its first step() call.)
+    from fmcore.optim import FusedAdamW
+
+    def first_step(save: bool, resume: bool = False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        make = lambda m: (FusedAdamW(m.parameters(), lr=1e-2) if impl == "fmcore"  # noqa: E731
+                          else torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True))
+        opt = make(model)
+        if save:
+            checkpoint.save(tmp_path / f"{save}{resume}", 4, model, opt, {"step": 4})
+        if resume:
+            opt = make(model)
+            checkpoint.load(tmp_path / f"{save}{resume}" / "step_00000004", model, opt)
+        model(torch.ones(2, 8)).square().sum().backward()
+        opt.step()
+        return model.weight.detach()
+
+    plain = first_step(False)
+    assert torch.equal(first_step(True), plain)
+    assert torch.equal(first_step(True, resume=True), plain)
+
+
 @pytest.mark.parametrize("change, field", [(["--model.n_layers", "1"], "model.n_layers"),
                                            (["--model.dim", "32"], "model.dim"),
                                            (["--model.tie_embeddings", "false"], "model.tie_embeddings")])
@@ -1295,3 +1323,17 @@ def test_the_mesh_is_made_again_for_another_timeout(tmp_path):
     finally:
         parallel.forget_mesh()
         dist.destroy_process_group()
+
+
+def test_peak_tflops_takes_the_boards_own_figure(monkeypatch):
+    # "NVIDIA H100 NVL" matched "H100" and got the SXM board's 989 dense bf16 TFLOP/s (its own: 835),
+    # understating MFU by 16%.
+    from fmcore.train.trainer import peak_tflops
+
+    cfg = load_config("tiny")
+    for name, want in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Some GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_tflops(cfg, torch.device("cuda", 0)) == want, name
+    assert peak_tflops(cfg, torch.device("cpu")) is None
+    assert peak_tflops(load_config("tiny", ["--log.peak_tflops", "500"]), torch.device("cpu")) == 500

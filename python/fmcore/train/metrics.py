@@ -2,7 +2,9 @@
 
 Only rank 0 reports. metrics.jsonl holds one JSON object per logged step ({"step", "loss" (that
 step's), "loss_avg" (the mean since the previous record), "lr", "grad_norm", "tok_s", "mfu", "step_s",
-"loader_wait_s", "mem_mib", ...}) and one per evaluation ({"step", "eval_loss", "eval_ppl"}); losses
+"loader_wait_s", "mem_mib", ...}; "mfu" is a percentage of log.peak_tflops per device, from
+models.flops_per_token: 6N + 12 L H Q T FLOPs per token, PaLM's and nanoGPT's convention) and one
+per evaluation ({"step", "eval_loss", "eval_ppl"}); losses
 are written with full float precision (repr), so two runs can be compared bit for bit. On resume the lines after the resumed step are dropped.
 """
 

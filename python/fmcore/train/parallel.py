@@ -327,7 +327,20 @@ def model_optim_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
 
     if isinstance(optimizer, ZeroAdamW):
         return get_model_state_dict(model), optimizer.state_dict()
-    return get_state_dict(model, optimizer)
+    fresh = not optimizer.state
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if fresh:
+        # No step applied yet (every step so far skipped: an fp16 overflow streak, non-finite losses).
+        # get_state_dict made the state to save with a step() of zero gradients at lr 0: zero moments,
+        # but torch.optim.AdamW counted that step, so its first real step corrected its bias as a second
+        # one (a 0.74x update): a checkpoint taken then changed the run that followed. Counted back to 0,
+        # the state is what a first step starts from, in this run and in one resumed from the checkpoint.
+        for state in [*optimizer.state.values(), *optim_sd.get("state", {}).values()]:
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+    return model_sd, optim_sd
 
 
 def full_state_dicts(model: nn.Module, optimizer=None) -> tuple[dict, dict]:

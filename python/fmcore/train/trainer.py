@@ -283,8 +283,10 @@ def peak_tflops(cfg: Config, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-                        ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0)):
+    # (the first key the name contains: the H100's PCIe and NVL boards before the SXM one)
+    for key, tflops in (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                        ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
+                        ("A10G", 70.0)):
         if key in name:
             return tflops
     return None
