@@ -287,3 +287,92 @@ def test_a_zero1_checkpoint_resumes_in_another_layout_and_back(two_rank_run, dat
     run(2, overrides(dataset, tmp / "decay", B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt),
                      "--optim.decay_norms_biases", "true"), tmp / "launch-decay")
     assert_losses_close(losses(tmp / "decay"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
+
+
+def _train_fp16_from_a_high_scale(rank: int, world: int, args: list[str]) -> None:
+    """_train with the loss scaler starting at 2**24: its first steps overflow (the scale halves each)."""
+    init = torch.amp.GradScaler.__init__
+
+    def high(self, *a, **k):
+        init(self, *a, **{"init_scale": 2.0**24, **k})
+
+    torch.amp.GradScaler.__init__ = high
+    _train(rank, world, args)
+
+
+def records(run_dir: Path, key: str) -> dict:
+    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if key in r and "step" in r}
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_tensor_parallel_fp16_with_an_overflow_streak_matches_one_process(ops, dataset, tmp_path):
+    # torch's GradScaler unscaled a device's gradients in one call, tensor parallelism's DTensor shards
+    # beside its plain embedding and norm gradients: "got mixed torch.Tensor and DTensor" at the first
+    # step (parallel.GradScaler unscales each kind apart). A tensor-parallel pair reads one process's
+    # batch, so it overflows on the same steps: the skipped steps and the losses are one process's.
+    args = ["--train.precision", "fp16", *OPS[ops]]
+    run_ranks(_train_fp16_from_a_high_scale, 1, tmp_path / "launch-one",
+              args=(overrides(dataset, tmp_path / "one", B, *args),), timeout=240)
+    run_ranks(_train_fp16_from_a_high_scale, 2, tmp_path / "launch",
+              args=(overrides(dataset, tmp_path / "run", B, "--parallel.tensor", "2", *args),), timeout=240)
+    skipped, want = records(tmp_path / "run", "skipped"), records(tmp_path / "one", "skipped")
+    assert want[STEPS] > 2 and skipped == want, (skipped, want)
+    # (the losses only: fp16's rounding in another order flips some near-zero gradients' Adam updates)
+    assert_losses_close(losses(tmp_path / "run"), losses(tmp_path / "one"), range(1, STEPS + 1))
+
+
+def _train_with_an_inf_in_one_shard(rank: int, world: int, args: list[str]) -> tuple[float, float]:
+    """_train where, at the 5th step, rank 1 finds an inf in its shard of a tensor-parallel gradient (an
+    fp16 weight gradient that overflowed in one rank's GEMM alone); returns this rank's final loss scale
+    and the sum of its tensor-parallel replicated parameters (embeddings, norms: equal on every tp rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    unscale, seen = torch.amp.GradScaler.unscale_, {"steps": 0}
+
+    def unscale_(self, optimizer):
+        seen["steps"] += 1
+        seen["scaler"], seen["optimizer"] = self, optimizer
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if isinstance(p.grad, DTensor)]
+        sharded = [g for g in grads if g.device_mesh.ndim == 2 and isinstance(g.placements[1], Shard)]
+        if seen["steps"] == 5 and rank == 1:
+            sharded[0]._local_tensor.view(-1)[0] = float("inf")
+        return unscale(self, optimizer)
+
+    torch.amp.GradScaler.unscale_ = unscale_
+    _train(rank, world, args)
+    replicated = [p for g in seen["optimizer"].param_groups for p in g["params"] if p.device_mesh.ndim == 1]
+    return seen["scaler"].get_scale(), sum(p._local_tensor.double().sum().item() for p in replicated)
+
+
+def test_an_fp16_overflow_in_one_tensor_parallel_shard_skips_the_step_on_every_rank(dataset, tmp_path):
+    # With decay_embeddings the first gradient GradScaler checked was the embedding's (fsdp2's 1-D dp
+    # mesh, replicated over tp): torch's DTensor handler reduced the inf flag of every gradient over that
+    # gradient's mesh alone, so the rank without the inf stepped (zero gradients after the clip, but
+    # momentum and decay) and kept its scale: the tp ranks' embeddings and loss scales drifted apart.
+    args = overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
+                     "--train.precision", "fp16", "--optim.decay_embeddings", "true")
+    (scale0, sum0), (scale1, sum1) = run_ranks(_train_with_an_inf_in_one_shard, 2, tmp_path / "launch",
+                                               args=(args,), timeout=240)
+    assert scale0 == scale1 and sum0 == sum1, ((scale0, sum0), (scale1, sum1))
+    assert records(tmp_path / "run", "skipped")[STEPS] == 1
+
+
+def _ddp_buffers_body(rank: int, world: int) -> bool:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fmcore.train import models, parallel
+    from fmcore.train.config import load_config
+
+    cfg = load_config("tiny", ["--model.arch", "llama", "--model.dim", "64", "--model.n_layers", "1",
+                               "--model.n_heads", "4", "--model.max_seq_len", "32", "--train.seq_len", "32"])
+    model = models.build_model(models.resolve(cfg.model, 64, torch.device("cpu")), seed=0)
+    ddp = parallel.apply_ddp(model, init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)), torch.device("cpu"))
+    assert any(True for _ in model.buffers())  # RoPE's tables
+    # DDP broadcast them from rank 0 before every forward (tables every rank computes alike), which
+    # also split a compiled model's graph ("Dynamo does not know how to trace _broadcast_coalesced").
+    return not ddp.will_sync_module_buffers()
+
+
+def test_ddp_does_not_broadcast_the_rope_tables_each_step(tmp_path):
+    assert all(run_ranks(_ddp_buffers_body, 2, tmp_path, timeout=60))

@@ -139,7 +139,9 @@ def apply_ddp(model: nn.Module, m, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, process_group=m["dp"].get_group())
+    # The models' only buffers are RoPE's tables, which every rank computes alike: DDP's default
+    # broadcast of them from rank 0 ran before every forward (and split a compiled model's graph).
+    return DDP(model, device_ids=ids, process_group=m["dp"].get_group(), broadcast_buffers=False)
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
@@ -317,6 +319,49 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, optimizer=None)
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(locals_, coef)
     return norm
+
+
+class GradScaler(torch.amp.GradScaler):
+    """torch.amp.GradScaler for DTensor gradients. torch unscales (and checks for inf) a device's
+    gradients of one dtype in one call, whose DTensor handler reduces the found-inf flag over the first
+    gradient's mesh and placements alone: tensor parallelism's sharded gradients beside its plain ones
+    (embeddings, norms) failed there ("got mixed torch.Tensor and DTensor"), and with fsdp2 + tensor
+    whose first gradient is replicated over tp (optim.decay_embeddings: the embedding's, on the 1-D dp
+    mesh) an inf in one tp rank's shard was that rank's alone: the other stepped and kept its scale,
+    and the replicated weights drifted apart. Here one call per kind of gradient (the plain ones, then
+    each mesh and placements), each DTensor call reducing its flag (max) over its shards' mesh dims,
+    and the step skipped when any flag is set. (The plain gradients are the same on every rank.)"""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        import logging
+        from types import SimpleNamespace
+
+        from torch.distributed.tensor import DTensor
+
+        kinds = {None: []}  # (the same order on every rank: the calls are collectives)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+                    kinds.setdefault(key, []).append(p)
+        out = {}
+        # (torch logs that a 2-D mesh's flag takes two all-reduces, "may give inconsistent results": a max
+        # of 0s and 1s does not; at the first fp16 step of every fsdp2 + tensor run it read as an alarm)
+        redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = redistribute.level
+        redistribute.setLevel(logging.ERROR)
+        try:
+            for params in kinds.values():
+                if params:
+                    # (each call writes a copy of found_inf per device: the step is skipped when any has an inf)
+                    got = super()._unscale_grads_(SimpleNamespace(param_groups=[{"params": params}]), inv_scale,
+                                                  found_inf, allow_fp16)
+                    for device, flag in got.items():
+                        out[device] = torch.maximum(out[device], flag) if device in out else flag
+        finally:
+            redistribute.setLevel(level)
+        return out
 
 
 def model_optim_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:

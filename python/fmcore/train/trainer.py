@@ -601,7 +601,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     raw_model = model
     model = parallelize(model, cfg, env)
     optimizer = build_optimizer(model, cfg, impl, precision, env.device)
-    scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
+    scaler = None
+    if precision == "fp16":
+        from fmcore.train.parallel import GradScaler  # (torch's, for DTensor gradients too)
+
+        scaler = GradScaler(env.device.type)
     flops_tok = models.flops_per_token(mcfg, t.seq_len)
     peak = peak_tflops(cfg, env.device)
 
