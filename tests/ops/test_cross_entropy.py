@@ -515,6 +515,31 @@ def test_per_sample_gradients_with_torch_func(reduction, inplace_backward):
     assert torch.equal(x, keep)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_backward_under_vmap_with_autograd_outside(reduction, compiled):
+    # vmap with the logits requiring grad outside it runs the op once per sample, each saving a view of
+    # one buffer: the first sample's gradient written over its view made the others' backward raise
+    # "modified by an inplace operation".
+    x, t = torch.randn(3, 5, 10, dtype=torch.float64), torch.randint(0, 10, (3, 5))
+    t[1, 2] = -100
+
+    def run(f, **kw):
+        xx = x.clone().requires_grad_()
+        batched = torch.func.vmap(lambda a, b: f(a, b, reduction=reduction, label_smoothing=0.1, **kw))
+        if compiled:
+            batched = torch.compile(batched, fullgraph=True, backend="aot_eager")
+        loss = batched(xx, t)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype).view(loss.shape)).sum().backward()
+        return loss, xx.grad
+
+    loss, grad = run(cross_entropy, inplace_backward=True)
+    ref_loss, ref_grad = run(F.cross_entropy)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script")  # torch.autograd.forward_ad's own import
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_forward_mode_ad_raises(reduction):

@@ -224,6 +224,29 @@ def test_inplace_bumps_version_and_refuses_grad(device):
 
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # functorch's per-sample loop
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inplace_under_vmap(compiled):
+    # rope_ has no batching rule: under torch.func.vmap inplace=True raised "Batching rule not
+    # implemented for fmcore::rope_" (out-of-place worked). It rotates each sample's q and k in place.
+    q, k = torch.randn(3, 2, 5, 4, 8), torch.randn(3, 2, 5, 2, 8)
+    angles = torch.rand(3, 5, 4) * 6
+    expected = [apply_rotary(q[i], k[i], angles[i].cos(), angles[i].sin(), interleaved=True) for i in range(3)]
+    rotate = torch.func.vmap(lambda a, b, c, s: apply_rotary(a, b, c, s, interleaved=True, inplace=True))
+    if compiled:
+        rotate = torch.compile(rotate, fullgraph=True, backend="aot_eager")
+    rotate(q, k, angles.cos(), angles.sin())
+    torch.testing.assert_close(q, torch.stack([e[0] for e in expected]), rtol=0, atol=0)
+    torch.testing.assert_close(k, torch.stack([e[1] for e in expected]), rtol=0, atol=0)
+    # rope_'s refusals hold under vmap too
+    cos, sin = angles[0].cos(), angles[0].sin()
+    x = torch.randn(3, 2, 5, 4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace=False"):
+        torch.func.vmap(lambda a: apply_rotary(a * 1, a * 2, cos, sin, inplace=True))(x)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.func.vmap(lambda a: apply_rotary(a, a, cos, sin, inplace=True))(q)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_tables_that_require_grad_raise(device, inplace):
     """cos and sin get no gradient: a table that requires grad (computed from a learned parameter)
@@ -415,6 +438,22 @@ def test_attention_built_on_meta_then_loaded_with_assign(device):
     lazy.to(device)
     x = torch.randn(2, 16, 32, device=device)
     torch.testing.assert_close(lazy(x), real(x))
+
+
+def test_meta_built_tables_first_made_under_inference_mode_train(device):
+    # The tables left on meta (load_state_dict(assign=True)) are built by the first forward: under
+    # torch.inference_mode they were inference tensors, and training afterwards raised "Inference
+    # tensors cannot be saved for backward".
+    with torch.device("meta"):
+        rope = RotaryEmbedding(16, max_seq_len=32)
+    q, k = torch.randn(2, 8, 2, 16, device=device), torch.randn(2, 8, 1, 16, device=device)
+    with torch.inference_mode():
+        rope(q, k)
+    assert not rope.cos.is_inference() and not rope.sin.is_inference()
+    qg = q.clone().requires_grad_()
+    rope(qg, k)[0].sum().backward()
+    assert qg.grad is not None
+    torch.testing.assert_close(rope.cos, RotaryEmbedding(16, max_seq_len=32).cos.to(device), rtol=0, atol=0)
 
 
 BAD = [

@@ -75,7 +75,11 @@ class RotaryEmbedding(nn.Module):
                 layout: str = "bshd") -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k; positions (B, S) int, e.g. restarting at each packed document."""
         if self.cos.is_meta and not q.is_meta:  # (see _apply)
-            self._build_table(q.device)
+            # Built outside inference mode: a first forward under torch.inference_mode (a validation
+            # pass before training) made them inference tensors, and every training forward then
+            # raised "Inference tensors cannot be saved for backward" (the rope backward saves them).
+            with torch.inference_mode(False):
+                self._build_table(q.device)
         seq_dim = _SEQ_DIM.get(layout)
         if positions is None and seq_dim is not None and isinstance(q, torch.Tensor) and q.dim() == 4 \
                 and q.shape[seq_dim] > self.max_seq_len:  # (else apply_rotary's error names a cos it was not given)

@@ -84,7 +84,8 @@ def cross_entropy(
             torch.compile) the backward computes it over the logits. Either way: the logits are
             garbage after the call (forward) or the backward, do not read them, do not use this
             when another op saved the logits for its own backward, and run backward once. For leaf
-            logits, ``.grad`` shares the logits' storage.
+            logits, ``.grad`` shares the logits' storage. Under torch.func's transforms (vmap, grad)
+            the gradient is computed out of place, as with False.
         return_lse: also return the per-row log-sum-exp (fp32, float64 for float64 logits; target's
             shape, 0 at ignored rows, detached), e.g. to log the z-loss term
             ``z_loss * (lse[target != ignore_index] ** 2).mean()``.
@@ -110,17 +111,28 @@ def cross_entropy(
     # Under torch.func's gradient transforms: the op's autograd in the form they accept, and no
     # gradient written over logits (the tensor the transform wraps is the caller's).
     func = grad_transform_active()
+    # Under torch.func.vmap (autograd outside it) the op runs once per sample, each call saving a view
+    # of the one logits buffer: the first sample's backward written over its view bumped the version
+    # the others saved, and the backward raised "modified by an inplace operation". Batched logits
+    # are computed out of place, as under the gradient transforms.
+    if inplace_backward and (func or _batched(logits)):
+        inplace_backward = False
     if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
-            and not torch.compiler.is_compiling() and not func):
+            and not torch.compiler.is_compiling()):
         loss, stats = _FusedInplace.apply(x, t, ignore_index, label_smoothing, z_loss, reduction == "mean")
         loss = loss.to(out_dtype)
     else:
         fwd = _cross_entropy_fwd_func if func else torch.ops.fmcore.cross_entropy_fwd
-        loss_rows, stats = fwd(x, t, ignore_index, label_smoothing, z_loss, inplace_backward and not func)
+        loss_rows, stats = fwd(x, t, ignore_index, label_smoothing, z_loss, inplace_backward)
         loss = _reduce(loss_rows, target, ignore_index, reduction, out_dtype)
     if return_lse:
         return loss, stats.detach().sum(-1).view(target.shape)
     return loss
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether t is a torch.func.vmap BatchedTensor (dynamo traces the query: vmap under torch.compile too)."""
+    return torch._C._functorch.is_batchedtensor(t)
 
 
 class _FusedInplace(torch.autograd.Function):

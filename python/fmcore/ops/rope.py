@@ -42,7 +42,11 @@ def apply_rotary(
             rows are used) and R <= D; float32 or q's dtype.
         interleaved: GPT-J pairs (x[2i], x[2i+1]) instead of GPT-NeoX/Llama rotate-half (x[i], x[i+R/2]).
         inplace: overwrite q and k (no autograd: raises ValueError if q or k requires grad while
-            grad mode is on).
+            grad mode is on). q and k may be slices of one fused qkv buffer, but not under
+            torch.compile(dynamic=True) with inductor up to torch 2.14 at least, which passes such
+            slices to an in-place op without their storage offsets (pytorch/pytorch#198068: with
+            any custom op the writes land at the buffer's start, silently; here the call is refused
+            as q and k sharing memory): use inplace=False there.
         layout: "bshd" or "bhsd".
     Returns:
         (q_rotated, k_rotated); q and k themselves when inplace.
@@ -52,12 +56,47 @@ def apply_rotary(
         raise ValueError(f"expected layout 'bshd' or 'bhsd', got {layout!r}")
     try:
         if inplace:
+            if _copy_back(q, k):
+                return _rope_by_copy(q, k, cos, sin, interleaved, seq_dim)
             _rope_(q, k, cos, sin, interleaved, False, seq_dim)
             return q, k
         return _rope(q, k, cos, sin, interleaved, False, seq_dim)
     except (RuntimeError, NotImplementedError):
         expect_tensors(q=q, k=k, cos=cos, sin=sin)
         raise
+
+
+def _copy_back(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether inplace=True must rotate out of place and copy back: under torch.func.vmap, which has no
+    batching rule for an in-place custom op ("Batching rule not implemented for fmcore::rope_"; the
+    copies batch like any torch op). (dynamo reads the query too: vmap under torch.compile.)"""
+    return torch._C._functorch.is_batchedtensor(q) or torch._C._functorch.is_batchedtensor(k)
+
+
+def _rope_by_copy(q, k, cos, sin, interleaved, seq_dim):
+    # rope_'s own checks first (the copies would accept k is q, rotating it once; and a copy into a
+    # q or k that requires grad would be recorded by autograd, where rope_ refuses it).
+    if torch.is_grad_enabled() and (_requires_grad(q) or _requires_grad(k)):
+        raise ValueError("rope_ (apply_rotary inplace=True) overwrites q and k, which autograd needs for q or k "
+                         "that require grad; use inplace=False")
+    if q is k:
+        raise ValueError("in-place rope: q and k share memory (k is q, or they overlap; views of one buffer with "
+                         "other strides are refused where their extents meet); rotate them separately or use "
+                         "inplace=False")
+    q_rot, k_rot = _rope(q, k, cos, sin, interleaved, False, seq_dim)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+    return q, k
+
+
+def _requires_grad(t: torch.Tensor) -> bool:
+    """t.requires_grad, through vmap's wrappers (a BatchedTensor reports False; autograd runs below).
+    Dynamo cannot trace get_unwrapped, and reports the requires_grad of the tensor vmap wraps."""
+    if torch.compiler.is_compiling():
+        return t.requires_grad
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 @register_fake("rope")
