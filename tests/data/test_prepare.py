@@ -677,3 +677,51 @@ def test_a_large_json_lines_file_is_read_in_ranges_whatever_its_first_line(tmp_p
     out = prepare([tmp_path / "deep.json"], tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
     c = json.loads((out / "manifest.json").read_text())["cleaning"]
     assert (c["kept"], c["bad_json"]) == (2000, 1)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True])
+def test_a_worker_count_below_one_is_refused(tmp_path, workers):
+    # `workers or default_workers()`: 0 ran with every core, -2 with one process, both silently (as the
+    # Loader's threads=0 once did); the count the caller set was not the one used.
+    (tmp_path / "a.txt").write_text("some ordinary english text here " * 4)
+    with pytest.raises(ValueError, match=r"workers must be None \(the usable cores\) or an int >= 1, got "):
+        prepare(tmp_path / "a.txt", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=workers)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_an_eos_token_that_is_ordinary_text_is_refused(tmp_path):
+    """An EOS token the tokenizer produces for text (a plain vocab entry, not a special token) ended up inside
+    the documents: the shards held more EOS ids than documents, and a model learned to end after that word."""
+    from tokenizers import models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "stop": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "a.txt").write_text("hello world stop hello world " * 5)
+    with pytest.raises(ValueError, match="the EOS token 'stop' \\(id 3\\) occurs inside a document"):
+        prepare(tmp_path / "a.txt", tmp_path / "ds", tokenizer=tmp_path / "tok.json", eos_token="stop",
+                val_fraction=0.0, workers=1)
+    assert not (tmp_path / "ds").exists()
+    (tmp_path / "a.txt").write_text("hello world hello world " * 5)  # never produced for the text: fine
+    out = prepare(tmp_path / "a.txt", tmp_path / "ds", tokenizer=tmp_path / "tok.json", eos_token="stop",
+                  val_fraction=0.0, workers=1)
+    assert documents(out, "train") == [[1, 2] * 10 + [3]]
+
+
+def test_cli_vocab_size_with_a_given_tokenizer_is_refused(corpus, tmp_path, capsys):
+    # --vocab-size sizes the trained BPE only: with --tokenizer it was ignored, and the manifest's options
+    # recorded it as if it had been used.
+    root, kept, _ = corpus
+    train_bpe(kept, 280).save(str(tmp_path / "tok.json"))
+    args = ["prepare", str(root), "--out", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "tok.json"),
+            "--workers", "1"]
+    assert fmcore_main(args + ["--vocab-size", "4096"]) == 2
+    assert "--vocab-size sizes the trained BPE" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+    assert fmcore_main(args) == 0
+
+
+def test_an_empty_input_list_is_named(tmp_path):
+    with pytest.raises(ValueError, match="inputs is empty: pass files or directories, or None"):
+        prepare([], tmp_path / "ds", vocab_size=300)
+    assert not (tmp_path / "ds").exists()

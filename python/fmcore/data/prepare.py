@@ -40,7 +40,7 @@ import numpy as np
 
 from fmcore.data import _bpe
 from fmcore.data._bpe import EOS_TOKEN, train_bpe
-from fmcore.data.shards import MANIFEST, write_shard
+from fmcore.data.shards import MANIFEST, _is_int, write_shard
 
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 # Compressed inputs are read through these (a file's name ends with one: "part.jsonl.gz", "book.txt.xz").
@@ -526,6 +526,10 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    # (not `workers or default_workers()`: 0 ran with every core and -2 with one process, silently, as the
+    # Loader's threads=0 once did)
+    if workers is not None and (not _is_int(workers) or workers < 1):
+        raise ValueError(f"workers must be None (the usable cores) or an int >= 1, got {workers!r}")
     if tokenizer is not None:
         tok = _load_tokenizer(Path(tokenizer))  # before reading the inputs, which can take minutes
         _eos_id(tok, eos_token, str(tokenizer))  # (as is its EOS token: it was looked up after reading them)
@@ -542,6 +546,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         source = f"python {sys.version.split()[0]} standard library (.py files, capped at {max_input_chars} chars) + built-in module docstrings"
     else:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        if not inputs:  # ("no input files found in " named nothing; None is the stdlib corpus)
+            raise ValueError("inputs is empty: pass files or directories, or None for the python stdlib corpus")
         tasks = _tasks([Path(p) for p in inputs], cfg, out)
         source = ", ".join(str(p) for p in inputs)
     if not tasks:
@@ -553,7 +559,7 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     counts = dict.fromkeys(COUNT_KEYS, 0)
     seen: set[bytes] = set()
     docs: list[tuple[bytes, str]] = []
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else int(workers)
     # fork: a spawned worker would re-import torch (through the fmcore package) before doing anything.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     n_proc = min(workers, len(tasks))
@@ -620,7 +626,15 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
                     chunk = docs[i:i + batch]
                     encoded = tok.encode_batch([t for _, t in chunk], add_special_tokens=False)
                     for enc, v in zip(encoded, is_val[i:i + batch]):
-                        writers["val" if v else "train"].add(enc.ids)
+                        ids = enc.ids  # (a new list at each access)
+                        if eos_id in ids:
+                            # An EOS token the tokenizer produces for text (a plain vocab entry, not a special
+                            # token): the shards would hold EOS ids inside documents, and a model trained on them
+                            # would end a document after that text.
+                            raise ValueError(f"the EOS token {eos_name!r} (id {eos_id}) occurs inside a document: "
+                                             f"the tokenizer ({tok_source}) encodes text to it, so it cannot mark the "
+                                             f"ends of documents; pass eos_token (--eos-token) naming a special token")
+                        writers["val" if v else "train"].add(ids)
                     bar.update(len(chunk))
         finally:
             tok.encode_special_tokens = encode_special
@@ -749,6 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     default_val = DEFAULT_RECIPE["val_fraction"] if stdlib else 0.005
     shard_tokens = args.shard_tokens if args.shard_tokens is not None else (
         DEFAULT_RECIPE["shard_tokens"] if stdlib else 100_000_000)
+    if args.tokenizer is not None and args.vocab_size is not None:
+        # (ignored before, and recorded in the manifest's options as if it had been used)
+        print("fmcore prepare: error: --vocab-size sizes the trained BPE; a given --tokenizer has its own vocab: "
+              "pass one of them", file=sys.stderr)
+        return 2
     vocab_size = args.vocab_size  # (not `or`: --vocab-size 0 took the default silently)
     if vocab_size is None:
         vocab_size = DEFAULT_RECIPE["vocab_size"] if stdlib else 8192
