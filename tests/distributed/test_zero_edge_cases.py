@@ -1,8 +1,10 @@
 """ZeroAdamW and GradReducer off the happy path, on 2 CPU ranks (gloo) unless a test needs none:
 weights edited after the optimizer was built, a backward dropped with zero_grad(), gradient accumulation
 without no_sync() when a parameter is unused on one rank only, gradients edited after the backward,
-step() with no backward, add_param_group, hyperparameter validation, a tensor lr, finish() twice and
-torch.save of a state_dict. A rank that hangs is killed by run_ranks' timeout, failing the test.
+step() with no backward, add_param_group, hyperparameter validation, a tensor lr, finish() twice,
+torch.save of a state_dict (and its load at another world size), a collective of the caller's between
+backward() and step(), sparse gradients and requires_grad changed after construction. A rank that
+hangs is killed by run_ranks' timeout, failing the test.
 """
 
 from __future__ import annotations
@@ -530,3 +532,122 @@ def _unstepped_parameter_body(rank, world, tmp):
 
 def test_a_parameter_without_optimizer_state_loads_into_zero1_with_zero_moments(tmp_path):
     run_ranks(_unstepped_parameter_body, 2, tmp_path / "launch", args=(tmp_path,), timeout=TIMEOUT)
+
+
+# ---- a state_dict torch.save'd at one world size, loaded at another
+def _save_per_rank_body(rank, world):
+    torch.manual_seed(0)
+    model = two_layers()
+    opt = ZeroAdamW(model.parameters(), Communicator(), lr=0.1)
+    model(torch.randn(4, 5) + rank).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return buf.getvalue()
+
+
+def _load_other_world_body(rank, world, saved):
+    torch.manual_seed(0)
+    model = two_layers()
+    opt = ZeroAdamW(model.parameters(), Communicator(), lr=0.1)
+    sd = torch.load(io.BytesIO(saved[min(rank, len(saved) - 1)]), weights_only=False)
+    # was: loaded silently, each rank keeping the first elements of a 2-rank shard: wrong masters and moments
+    with pytest.raises(ValueError, match=r"flat0\.bucket0\.master: expected this rank's shard, \d+ of the bucket's 26"):
+        opt.load_state_dict(sd)
+    return True
+
+
+def test_a_state_dict_saved_at_another_world_size_is_refused_by_load_state_dict(tmp_path):
+    saved = run_ranks(_save_per_rank_body, 2, tmp_path / "two", timeout=TIMEOUT)
+    run_ranks(_load_other_world_body, 3, tmp_path / "three", args=(saved,), timeout=TIMEOUT)
+
+
+# ---- the caller's own collective between backward() and step(), a parameter unused on one rank
+class _UsedOnRank0(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 4)  # registered first: its bucket launches last
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_a):
+        return self.b(self.a(x) if use_a else x)
+
+
+def _collective_after_backward_body(rank, world, which):
+    comm = Communicator()
+    model = _UsedOnRank0()
+    one_linear = 80 / 2**20  # one Linear per bucket
+    owner = (ZeroAdamW(model.parameters(), comm, lr=0.1, bucket_mb=one_linear, module=model) if which == "zero"
+             else GradReducer(model.parameters(), comm, bucket_mb=one_linear))
+    loss = model(torch.ones(2, 4) * (rank + 1), use_a=rank == 0).square().mean()
+    loss.backward()
+    # Was: rank 1 launched a's bucket only at step()/finish(), rank 0 in the backward: this all-reduce
+    # met rank 0's reduction of a's bucket (gloo: "Received data size doesn't match", a rank aborted).
+    logged = loss.detach().clone()
+    dist.all_reduce(logged)
+    owner.step() if which == "zero" else owner.finish()
+    return logged.item(), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("which", ["zero", "reducer"])
+def test_a_collective_after_backward_with_a_parameter_unused_on_one_rank(tmp_path, which):
+    (loss0, params0), (loss1, params1) = run_ranks(_collective_after_backward_body, 2, tmp_path, args=(which,),
+                                                   timeout=TIMEOUT)
+    assert loss0 == loss1
+    for p, q in zip(params0, params1):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("which", ["zero", "reducer"])
+def test_a_sparse_gradient_is_refused_by_name(which):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    owner = ZeroAdamW(emb.parameters(), FakeComm()) if which == "zero" else GradReducer(emb.parameters(), FakeComm())
+    # was: "copy_() between dense and sparse Tensors is not implemented!" from inside the backward
+    with pytest.raises(RuntimeError, match=r"parameter of shape \(10, 4\) is torch.sparse_coo .*expected dense"):
+        emb(torch.tensor([1, 2])).sum().backward()
+    owner.remove()
+
+
+# ---- requires_grad changed after the reducer / optimizer was built
+def _frozen_later_body(rank, world, which, change):
+    torch.manual_seed(0)
+    model = two_layers()
+    if change == "unfreeze":
+        model[0].requires_grad_(False)
+    if which == "zero":
+        opt = owner = ZeroAdamW(model.parameters(), Communicator(), lr=0.1)
+    else:
+        owner = GradReducer(model.parameters(), Communicator())
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank))
+    model(x).square().sum().backward()
+    if which == "reducer":
+        owner.finish()
+    opt.step()
+    opt.zero_grad()
+    model[0].requires_grad_(change == "unfreeze")
+    before = model[0].weight.detach().clone()
+    model(x).square().sum().backward()
+    if which == "zero":
+        # was: a frozen layer kept moving (stepped with a zero gradient), an unfrozen one never trained
+        with pytest.raises(RuntimeError, match="changed requires_grad after construction"):
+            owner.step()
+        return True
+    if change == "unfreeze":
+        # was: its local gradient was left unreduced: each rank stepped its own and the replicas drifted
+        with pytest.raises(RuntimeError, match=r"frozen when the reducer was built require grad now"):
+            owner.finish()
+        return True
+    owner.finish()
+    # was: zero-filled, so AdamW moved the frozen layer on (DDP leaves a frozen parameter's grad None)
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    opt.step()
+    assert torch.equal(model[0].weight, before)
+    return True
+
+
+@pytest.mark.parametrize("which", ["zero", "reducer"])
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_requires_grad_changed_after_construction(tmp_path, which, change):
+    run_ranks(_frozen_later_body, 2, tmp_path, args=(which, change), timeout=TIMEOUT)

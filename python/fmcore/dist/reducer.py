@@ -21,8 +21,10 @@ the CPU) flattens the gradients into the bucket's buffer, and the bucket's async
 starts (on the communicator's side stream on CUDA, a gloo work handle on the CPU) while backward
 continues. Every rank launches buckets in bucket order (a bucket whose gradients are ready waits for
 the earlier buckets to launch), so the collectives match across ranks whatever order hooks fire in.
-Gradients that never arrive (unused parameters) are zero-filled and launched in wait(), which also
-delays every later bucket to then: a model with unused parameters overlaps less.
+Gradients that never arrive (unused parameters) are zero-filled and launched when the backward ends
+(a callback queued on the autograd engine), which also delays every later bucket to then: a model with
+unused parameters overlaps less. Every rank has then launched every bucket when backward() returns,
+so collectives the caller issues afterwards come after them on every rank.
 
 Gradient accumulation: wrap the non-final micro-batches in `with no_sync():` (nothing is launched).
 Without it every backward launches the buckets again: a gradient arriving a second time before
@@ -123,10 +125,14 @@ class GradBuckets:
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         if not self._sync:
             return
-        if id(p) in self._seen:  # a second backward before wait(): start over (see the module doc)
+        # A gradient arriving a second time, or after the end of a backward launched its bucket: a second
+        # backward before wait(): start over (see the module doc).
+        if id(p) in self._seen or self._bucket_of[id(p)] < self._next:
             # Launch what this rank has not, so every rank waits on the same collectives.
             self._launch_ready(force=True)
             self._reset()
+        if not self._seen:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._seen.add(id(p))
         self.buckets[self._bucket_of[id(p)]].ready += 1
         self._launch_ready()
@@ -136,13 +142,36 @@ class GradBuckets:
             bucket = self.buckets[self._next]
             if not force and bucket.ready < len(bucket.params):
                 return
+            frozen = False
             for p in bucket.params:
-                if p.grad is None:  # unused in this step's graph: it contributes zeros
-                    p.grad = torch.zeros_like(p)
-            torch._foreach_copy_(bucket.views, [p.grad for p in bucket.params])
-            self._copied.update((id(p), (p, weakref.ref(p.grad), p.grad._version)) for p in bucket.params)
+                if p.grad is None:
+                    if p.requires_grad:  # unused in this step's graph: it contributes zeros
+                        p.grad = torch.zeros_like(p)
+                    else:  # frozen since: zeros too, but p.grad stays None (as DDP leaves it), so an
+                        frozen = True  # optimizer skips it rather than moving it with a zero gradient
+                elif p.grad.layout != torch.strided:  # (else: "copy_() between dense and sparse Tensors")
+                    raise RuntimeError(
+                        f"fmcore.dist: the gradient of a parameter of shape {tuple(p.shape)} is {p.grad.layout} "
+                        "(nn.Embedding(sparse=True)?); the gradient buckets are dense: expected dense gradients")
+            if frozen:
+                bucket.flat.zero_()
+                have = [(v, p.grad) for p, v in zip(bucket.params, bucket.views) if p.grad is not None]
+                torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
+            else:
+                torch._foreach_copy_(bucket.views, [p.grad for p in bucket.params])
+            self._copied.update((id(p), (p, weakref.ref(p.grad), p.grad._version))
+                                for p in bucket.params if p.grad is not None)
             bucket.work = self._launch(self._next)
             self._next += 1
+
+    def _end_of_backward(self) -> None:
+        """Launches, as the backward ends, the buckets still waiting for gradients that did not come
+        (zero-filled), as DDP does with find_unused_parameters: every rank has then launched every bucket
+        when backward() returns. Launched at wait() instead, a parameter unused on some ranks only put its
+        bucket's collective after the caller's next one there (an all-reduce of the loss to log it, between
+        backward() and step()) but before it on the others: the ranks matched different collectives (a
+        size mismatch, or silently mixed data)."""
+        self._launch_ready(force=True)
 
     @property
     def pending(self) -> bool:
@@ -203,7 +232,9 @@ class GradReducer:
                  bucket_mb: float = 25.0, op: str = "avg"):
         if op not in ("avg", "sum"):
             raise ValueError(f"expected op 'avg' or 'sum', got {op!r}")
-        unique = list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
+        params = list({id(p): p for p in params}.values())  # tied weights once
+        unique = [p for p in params if p.requires_grad]
+        self._frozen = [p for p in params if not p.requires_grad]  # (unfrozen later: their gradients stay local)
         self.comm, self.op = comm, op
         self._grads = GradBuckets(unique, self._all_reduce, bucket_mb=bucket_mb,
                                   key=lambda p: (p.dtype, p.device))
@@ -224,8 +255,15 @@ class GradReducer:
         reduced gradients again would scale them by world with op="sum").
         Raises RuntimeError when a gradient changed after the backward reduced it (edit p.grad after
         finish(); to drop a backward, call zero_grad())."""
+        unfrozen = [p for p in self._frozen if p.requires_grad and p.grad is not None]
+        if unfrozen:
+            raise RuntimeError(
+                f"GradReducer: {len(unfrozen)} parameter(s) (shapes {[tuple(p.shape) for p in unfrozen[:3]]}...) "
+                "frozen when the reducer was built require grad now: their gradients are not reduced, so each "
+                "rank would step its own. Build a new GradReducer (remove() this one) after unfreezing")
         if not self._grads.pending and self._finished is not None and all(
-                _is_grad(p, ref, version) for p, (ref, version) in zip(self._params, self._finished)):
+                p.grad is None if ref is None else _is_grad(p, ref, version)
+                for p, (ref, version) in zip(self._params, self._finished)):
             return
         changed = self._grads.wait()
         if changed:
@@ -234,9 +272,11 @@ class GradReducer:
                 "changed after the backward started reducing them (edited, accumulated under no_sync() after a "
                 "synced backward, or replaced after p.grad = None): the reduction would miss the change. Edit "
                 "gradients after finish(), and drop a backward with GradReducer.zero_grad()")
-        for bucket in self.buckets:
-            torch._foreach_copy_([p.grad for p in bucket.params], bucket.views)
-        self._finished = [(weakref.ref(p.grad), p.grad._version) for p in self._params]
+        for bucket in self.buckets:  # (a parameter frozen since the reducer was built keeps p.grad None)
+            have = [(p.grad, v) for p, v in zip(bucket.params, bucket.views) if p.grad is not None]
+            torch._foreach_copy_([g for g, _ in have], [v for _, v in have])
+        self._finished = [(None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                          for p in self._params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drops the current backward's reductions (waits for those in flight; collective if any

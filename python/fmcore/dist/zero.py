@@ -26,10 +26,10 @@ Step. In the backward, as soon as a bucket's gradients are all ready its hook co
 bucket's flat gradient buffer and starts an asynchronous reduce-scatter (op avg) of it into that
 bucket's slice of this rank's gradient shard (the communicator's side stream on CUDA, a gloo work
 handle on the CPU), while backward continues: the reducer's all-reduce overlap, with the collective
-swapped. clip_grad_norm_ or step waits for them (launching the buckets of gradients that never
-arrived, as zeros) and casts the shard to fp32 as the master's gradient; the optimizer steps the
-shard; the shard is cast to the parameter dtype and every bucket's slice all-gathered into its flat
-parameter buffer (one NCCL group). Every call is collective.
+swapped; the buckets of gradients that never arrived are launched, as zeros, when the backward
+ends. clip_grad_norm_ or step waits for them and casts the shard to fp32 as the master's gradient;
+the optimizer steps the shard; the shard is cast to the parameter dtype and every bucket's slice
+all-gathered into its flat parameter buffer (one NCCL group). Every call is collective.
 
 Checkpoints. state_dict() describes each bucket's slice of the master and moments as a DTensor
 Shard(0) of the bucket's unpadded numel_b elements over the group's DeviceMesh: torch.chunk (DTensor's
@@ -173,11 +173,13 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     Differences from torch.optim.AdamW: step() with no gradient at all since zero_grad() does nothing,
     but when some parameters have gradients, those without one (unused in this step) are updated with
-    a zero gradient, as DDP zero-fills them (torch.optim.AdamW skips them): their moments decay and
-    weight decay applies. p.grad holds this rank's local gradient, not the average (that is in the
-    shards), and must not be edited after backward(): use clip_grad_norm_. Every group's hyperparameters
-    are validated as fmcore.optim.FusedAdamW does (no amsgrad or maximize). The param groups are laid
-    out into flat shards at construction: add_param_group afterwards raises NotImplementedError."""
+    a zero gradient: their moments decay and weight decay applies (DDP zero-fills only a parameter
+    some rank used: one no rank used keeps p.grad None, and torch.optim.AdamW skips it). p.grad holds
+    this rank's local gradient, not the average (that is in the shards), and must not be edited after
+    backward(): use clip_grad_norm_. A parameter's requires_grad may not change after construction.
+    Every group's hyperparameters are validated as fmcore.optim.FusedAdamW does (no amsgrad or
+    maximize). The param groups are laid out into flat shards at construction: add_param_group
+    afterwards raises NotImplementedError."""
 
     def __init__(self, params: Iterable, comm: Communicator, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -233,6 +235,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._reduced = False
         self._mesh = None
         self._params = trainable
+        self._trainable = {id(p) for p in trainable}
 
     def add_param_group(self, param_group: dict) -> None:
         if "_flats" in self.__dict__:
@@ -278,6 +281,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         nothing, when no parameter has a gradient (no backward since zero_grad())."""
         if self._reduced:
             return True
+        # The flat shards hold the parameters that required grad at construction; one frozen since would
+        # still be stepped (a zero gradient: its moments keep moving it), one unfrozen never would.
+        flipped = [p for g in self.param_groups for p in g["params"] if p.requires_grad != (id(p) in self._trainable)]
+        if flipped:
+            raise RuntimeError(
+                f"ZeroAdamW: {len(flipped)} parameter(s) (shapes {[tuple(p.shape) for p in flipped[:3]]}...) changed "
+                "requires_grad after construction; its flat shards hold the parameters that required grad then. "
+                "Build a new ZeroAdamW (remove() this one) over the parameters to train")
         if not self._grads.pending and all(p.grad is None for p in self._params):
             return False
         changed = self._grads.wait()
@@ -447,6 +458,14 @@ class ZeroAdamW(torch.optim.Optimizer):
                                          "the model, its param groups or bucket_mb differ")
                     src = src.to_local() if isinstance(src, DTensor) else src
                     piece = dst[f.slices[j]][:f.valid[j]]
+                    # A shard of another world size (a state_dict() torch.save'd at W ranks, loaded at W')
+                    # has another length: its first elements were copied silently, the wrong ones.
+                    if src.numel() != f.valid[j]:
+                        raise ValueError(
+                            f"{name}: expected this rank's shard, {f.valid[j]} of the bucket's {b.numel} elements "
+                            f"(rank {self.comm.rank} of {self.comm.world_size}), got {src.numel()}: a state_dict() "
+                            "saved at another world size loads only through torch.distributed.checkpoint (dcp.load "
+                            "into this optimizer's state_dict(), then load_state_dict)")
                     if src.data_ptr() != piece.data_ptr():
-                        piece.copy_(src.reshape(-1)[:f.valid[j]])
+                        piece.copy_(src.reshape(-1))
         self._gather_params()
