@@ -651,3 +651,33 @@ def _frozen_later_body(rank, world, which, change):
 @pytest.mark.parametrize("change", ["freeze", "unfreeze"])
 def test_requires_grad_changed_after_construction(tmp_path, which, change):
     run_ranks(_frozen_later_body, 2, tmp_path, args=(which, change), timeout=TIMEOUT)
+
+
+def test_a_reentrant_checkpoint_launches_each_bucket_once():
+    """The backward of a checkpoint(use_reentrant=True) segment is a backward of its own, nested in the
+    outer one: its end is not the backward's end. Launching there zero-filled the gradients still to come
+    and every later segment started over: every bucket launched once per segment."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fmcore.dist.reducer import GradBuckets
+
+    class Done:
+        def wait(self):
+            pass
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(8, 4)  # tied to the head: the first gradient comes from the last segment
+    layers = [torch.nn.Linear(4, 4) for _ in range(3)]
+    params = [embed.weight, *(q for layer in layers for q in layer.parameters())]
+    launched = []
+    buckets = GradBuckets(params, lambda i: (launched.append(i), Done())[1], bucket_mb=TINY_BUCKET,
+                          key=lambda p: p.dtype)
+    h = embed(torch.randint(0, 8, (2, 3)))
+    for layer in layers:
+        h = checkpoint(layer, h, use_reentrant=True)
+    (h @ embed.weight.t()).sum().backward()
+    assert launched == list(range(len(buckets.buckets)))  # each once, at the outer backward's end
+    for bucket in buckets.buckets:
+        for p, view in zip(bucket.params, bucket.views):
+            torch.testing.assert_close(view, p.grad, rtol=0, atol=0)
+    buckets.wait()

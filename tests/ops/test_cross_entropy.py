@@ -575,3 +575,27 @@ def test_inplace_backward_logits_edited_after_forward_raises(device, reduction):
         y.view(-1)[0] += 1.0  # through another view: one version counter
     with pytest.raises(RuntimeError, match="modified in place after the forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_backward_over_disjoint_slices_of_one_logits_buffer(device, reduction):
+    """The loss computed in chunks, each a slice of one logits buffer in its own call: every chunk's
+    forward and backward writes its own rows, which bumps the version counter the slices share; the
+    check for edits after the forward took those for an edit of the other chunks' logits."""
+    logits, target = make((4, 3, 11), device, torch.float32)
+    ref_x, x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    sum(F.cross_entropy(c.reshape(-1, 11), tc.reshape(-1), reduction=reduction)
+        for c, tc in zip((ref_x[:2] * 1.0, ref_x[2:] * 1.0), target.split(2))).backward()
+    y = x * 1.0
+    loss = sum(cross_entropy(c, tc, inplace_backward=True, reduction=reduction)
+               for c, tc in zip((y[:2], y[2:]), target.split(2)))
+    loss.backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    # an edit after the forwards is still caught
+    y = x.detach().clone().requires_grad_() * 1.0
+    loss = sum(cross_entropy(c, tc, inplace_backward=True, reduction=reduction)
+               for c, tc in zip((y[:2], y[2:]), target.split(2)))
+    with torch.no_grad():
+        y[3, 0, 0] += 1.0
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        loss.backward()

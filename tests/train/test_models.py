@@ -81,6 +81,17 @@ def test_bf16_weights_give_an_unrounded_loss_on_both_ops_paths(base):
     assert losses["fmcore"].item() == pytest.approx(losses["torch"].item(), abs=2e-3)
 
 
+def test_lm_loss_refuses_a_head_weight_of_another_dtype_than_h():
+    # (the fmcore path's bf16 autocast, for an unrounded loss, cast an fp32 weight to bf16 silently;
+    # F.linear on the torch path refuses the mismatch)
+    from fmcore.train.models.common import lm_loss
+
+    h, w, t = torch.randn(2, 4, 8, dtype=torch.bfloat16), torch.randn(16, 8), torch.randint(0, 16, (2, 4))
+    for ops in ("torch", "fmcore"):
+        with pytest.raises((RuntimeError, ValueError), match="dtype|BFloat16"):
+            lm_loss(h, w, t, ops)
+
+
 @pytest.mark.parametrize("base, ops", [
     (LLAMA, "torch"),
     # The fmcore blocks hand (branch output, stream) to the next block: checkpointing them per block

@@ -100,6 +100,7 @@ class GradBuckets:
         self._launch = launch
         self._next = 0  # the next bucket to launch, in bucket order
         self._seen: set[int] = set()  # parameters whose gradient arrived in this backward
+        self._queued_on = None  # the graph task (backward) _end_of_backward was last queued on
         # id(p) -> (p, its gradient, that gradient's _version) when its bucket copied it: a later edit is
         # lost. A weak reference: p.grad = None must free the gradient.
         self._copied: dict[int, tuple[torch.nn.Parameter, weakref.ref, int]] = {}
@@ -131,8 +132,12 @@ class GradBuckets:
             # Launch what this rank has not, so every rank waits on the same collectives.
             self._launch_ready(force=True)
             self._reset()
-        if not self._seen:
+        # Queued on every backward a gradient arrives in, nested ones included (a reentrant checkpoint's,
+        # whose end does not launch), and again after a backward that raised before its callbacks ran.
+        task = torch._C._current_graph_task_id()
+        if task != self._queued_on:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._queued_on = task
         self._seen.add(id(p))
         self.buckets[self._bucket_of[id(p)]].ready += 1
         self._launch_ready()
@@ -171,6 +176,13 @@ class GradBuckets:
         bucket's collective after the caller's next one there (an all-reduce of the loss to log it, between
         backward() and step()) but before it on the others: the ranks matched different collectives (a
         size mismatch, or silently mixed data)."""
+        self._queued_on = None
+        if torch._C._current_autograd_node() is not None:
+            # The end of a backward nested in another (checkpoint(use_reentrant=True) runs its segment's
+            # backward inside the outer one): launching here zero-filled the gradients still to come, and
+            # each later segment started over (every bucket launched once per segment, each start-over
+            # waiting for the last). The outer backward's gradients queue the callback on it.
+            return
         self._launch_ready(force=True)
 
     @property

@@ -150,14 +150,16 @@ class _FusedInplace(torch.autograd.Function):
             scale = count.reciprocal().expand(n)
         else:
             scale = torch.ones((), dtype=acc, device=logits.device).expand(n)
+        before = logits._version
         loss_rows, stats = torch.ops.fmcore.cross_entropy_fwd_bwd_(logits, target, scale, ignore_index,
                                                                    label_smoothing, z_loss)
+        _count_own_writes(logits, before)
         loss = loss_rows.sum() / count if mean else loss_rows.sum()  # 0/0 = nan when all ignored, as torch
         ctx.grad = logits  # holds the gradient now (an attribute, not saved: it was written)
         # ... so autograd's version check does not cover it: an in-place edit of the logits (or of
         # the tensor they view) between here and the backward would be scaled and returned as the
         # gradient, silently. Checked by hand in the backward.
-        ctx.version = logits._version
+        ctx.version = _others_writes(logits)
         ctx.counted = counted
         ctx.used = False
         ctx.mark_non_differentiable(stats)
@@ -171,7 +173,7 @@ class _FusedInplace(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("cross_entropy(inplace_backward=True)'s backward can run once per forward: the "
                                "gradient lives in the logits buffer and is scaled in place")
-        if ctx.grad._version != ctx.version:
+        if _others_writes(ctx.grad) != ctx.version:
             raise RuntimeError("cross_entropy(inplace_backward=True): the logits were modified in place after the "
                                "forward, which wrote the gradient over them (the logits are not to be used after "
                                "the call); edit a copy, or use inplace_backward=False")
@@ -180,11 +182,30 @@ class _FusedInplace(torch.autograd.Function):
         def grads():
             # Ignored rows hold zeros and keep them whatever grad_loss is (0 * nan would be nan; torch gives 0).
             factor = torch.where(ctx.counted, grad_loss, torch.zeros_like(grad_loss))
+            before = ctx.grad._version
             torch.ops.fmcore.cross_entropy_scale_(ctx.grad, factor)
+            _count_own_writes(ctx.grad, before)
             return (ctx.grad,)
 
         (grad,) = first_order_only("cross_entropy", grads, grad_loss, ctx.grad)
         return grad, None, None, None, None, None
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _count_own_writes(t: torch.Tensor, before: int) -> None:
+    """Counts _FusedInplace's own in-place writes to t (its forward's gradient, its backward's scaling) on the
+    tensor t views, whose version counter t and all its views share: the loss computed in chunks, slices of
+    one logits buffer each in its own call, bumped the version every other chunk's backward checks."""
+    root = _root(t)
+    root._fmcore_ce_writes = getattr(root, "_fmcore_ce_writes", 0) + t._version - before
+
+
+def _others_writes(t: torch.Tensor) -> int:
+    """The in-place writes to t's memory (or its base's) other than _FusedInplace's own."""
+    return t._version - getattr(_root(t), "_fmcore_ce_writes", 0)
 
 
 @register_fake("cross_entropy_scale_")

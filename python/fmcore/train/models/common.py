@@ -174,13 +174,14 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ops: st
         from fmcore.ops import linear_cross_entropy
 
         # Under autocast the op casts h and weight like F.linear would and returns an fp32 loss.
-        if h.dtype in (torch.bfloat16, torch.float16) and h.device.type in ("cpu", "cuda") and \
-                not torch.is_autocast_enabled(h.device.type):
+        if h.dtype in (torch.bfloat16, torch.float16) and weight.dtype == h.dtype and \
+                h.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(h.device.type):
             # bf16 weights (train.precision "bf16"): outside autocast the op returns the loss in h's
             # dtype, as F.cross_entropy does, and .float() came too late: the logged train and eval
             # losses were bf16 roundings (6.9375 for 6.9399; steps of 1/32 near 7) where the torch
             # path's, on fp32 logits, were not. An autocast to h's own dtype casts nothing and
-            # returns the fp32 loss the op accumulated.
+            # returns the fp32 loss the op accumulated. (Only for a weight of h's dtype: the autocast
+            # cast an fp32 weight to bf16 silently, where the op and F.linear refuse the mismatch.)
             with torch.autocast(h.device.type, dtype=h.dtype):
                 return linear_cross_entropy(h, weight, target.reshape(-1))
         return linear_cross_entropy(h, weight, target.reshape(-1)).float()
