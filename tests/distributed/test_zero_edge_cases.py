@@ -185,6 +185,7 @@ def test_zero1_add_param_group_raises():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")  # a tie, twice
 def test_zero1_refuses_distinct_params_over_one_storage():
     # Each trainable param is moved into a flat buffer of its own (p.data re-pointed): two Parameter
     # objects over one storage (a tie made with nn.Parameter(emb.weight)) were silently untied and
