@@ -73,6 +73,20 @@ def refuse_tangents(op: str, *inputs: torch.Tensor | None) -> None:
                                       f"tangent (torch.func.jvp or forward_ad), which would otherwise be dropped")
 
 
+def is_batched(t: torch.Tensor) -> bool:
+    """Whether t is a torch.func.vmap BatchedTensor (dynamo traces the query: vmap under torch.compile too)."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
+def unwrap_batched(t: torch.Tensor) -> torch.Tensor:
+    """The tensor below torch.func.vmap's wrappers, which autograd runs on (a BatchedTensor reports
+    requires_grad False even when the tensor it wraps requires grad). Eager only: dynamo cannot trace
+    get_unwrapped."""
+    while is_batched(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def grad_transform_active() -> bool:
     """Whether a torch.func gradient transform (grad, vjp, jacrev, ...) is active: calls under one go
     through the op's ``func_transformable`` form. ~0.1 us when no transform is; False while

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fmcore.ops._common import (autocast_dtype, expect_tensors, first_order_only, func_transformable,
-                                grad_transform_active, refuse_tangents, register_fake)
+                                grad_transform_active, is_batched, refuse_tangents, register_fake)
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -115,7 +115,7 @@ def cross_entropy(
     # of the one logits buffer: the first sample's backward written over its view bumped the version
     # the others saved, and the backward raised "modified by an inplace operation". Batched logits
     # are computed out of place, as under the gradient transforms.
-    if inplace_backward and (func or _batched(logits)):
+    if inplace_backward and (func or is_batched(logits)):
         inplace_backward = False
     if (inplace_backward and reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
             and not torch.compiler.is_compiling()):
@@ -128,11 +128,6 @@ def cross_entropy(
     if return_lse:
         return loss, stats.detach().sum(-1).view(target.shape)
     return loss
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """Whether t is a torch.func.vmap BatchedTensor (dynamo traces the query: vmap under torch.compile too)."""
-    return torch._C._functorch.is_batchedtensor(t)
 
 
 class _FusedInplace(torch.autograd.Function):

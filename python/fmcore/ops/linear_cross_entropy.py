@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fmcore.ops._common import (autocast_dtype, expect_tensors, first_order_only, func_transformable,
-                                grad_transform_active, refuse_tangents, register_fake)
+                                grad_transform_active, is_batched, refuse_tangents, register_fake, unwrap_batched)
 from fmcore.ops.cross_entropy import _check_common
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
@@ -92,12 +92,9 @@ def _requires_grad(t: torch.Tensor) -> bool:
     """t.requires_grad, looking through torch.func.vmap's wrappers: a BatchedTensor reports False even
     when the tensor it wraps requires grad (autograd runs below vmap, on each slice), and the forward
     would compute no gradient for it (it came out None, silently)."""
-    if torch._C._functorch.is_batchedtensor(t):
-        if torch.compiler.is_compiling():
-            return True  # dynamo cannot trace get_unwrapped; an unneeded gradient only costs time
-        while torch._C._functorch.is_batchedtensor(t):
-            t = torch._C._functorch.get_unwrapped(t)
-    return t.requires_grad
+    if is_batched(t) and torch.compiler.is_compiling():
+        return True  # dynamo cannot trace get_unwrapped; an unneeded gradient only costs time
+    return unwrap_batched(t).requires_grad
 
 
 @register_fake("linear_cross_entropy")

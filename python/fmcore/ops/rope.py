@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fmcore.ops._common import expect_tensors, register_fake
+from fmcore.ops._common import expect_tensors, is_batched, register_fake, unwrap_batched
 
 _SEQ_DIM = {"bshd": 1, "bhsd": 2}
 # The overloads themselves: calling them skips the packet's per-call overload resolution.
@@ -69,8 +69,8 @@ def apply_rotary(
 def _copy_back(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether inplace=True must rotate out of place and copy back: under torch.func.vmap, which has no
     batching rule for an in-place custom op ("Batching rule not implemented for fmcore::rope_"; the
-    copies batch like any torch op). (dynamo reads the query too: vmap under torch.compile.)"""
-    return torch._C._functorch.is_batchedtensor(q) or torch._C._functorch.is_batchedtensor(k)
+    copies batch like any torch op)."""
+    return is_batched(q) or is_batched(k)
 
 
 def _rope_by_copy(q, k, cos, sin, interleaved, seq_dim):
@@ -90,13 +90,9 @@ def _rope_by_copy(q, k, cos, sin, interleaved, seq_dim):
 
 
 def _requires_grad(t: torch.Tensor) -> bool:
-    """t.requires_grad, through vmap's wrappers (a BatchedTensor reports False; autograd runs below).
-    Dynamo cannot trace get_unwrapped, and reports the requires_grad of the tensor vmap wraps."""
-    if torch.compiler.is_compiling():
-        return t.requires_grad
-    while torch._C._functorch.is_batchedtensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t.requires_grad
+    """t.requires_grad, through vmap's wrappers (while dynamo traces, t reports the requires_grad of the
+    tensor vmap wraps)."""
+    return t.requires_grad if torch.compiler.is_compiling() else unwrap_batched(t).requires_grad
 
 
 @register_fake("rope")
