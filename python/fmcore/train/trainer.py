@@ -472,9 +472,9 @@ def dataset_has_split(dataset: Path, split: str) -> bool:
     return split in (Loader.manifest(dataset).get("splits") or {})
 
 
-def grad_accumulation(cfg: Config, env: Env) -> int:
-    """Micro-batches per optimizer step: train.tokens_per_step over the tokens one micro-batch of every
-    data-parallel rank holds (1 without tokens_per_step)."""
+def grad_accumulation(cfg: Config, env: Env) -> tuple[int, int]:
+    """(micro-batches per optimizer step, tokens per step): train.tokens_per_step over the tokens one
+    micro-batch of every data-parallel rank holds (1 micro-batch without tokens_per_step)."""
     t, dp = cfg.train, env.world // cfg.parallel.tensor
     micro_tokens = t.batch_size * t.seq_len * dp
     if t.tokens_per_step and t.tokens_per_step % micro_tokens:
@@ -485,7 +485,8 @@ def grad_accumulation(cfg: Config, env: Env) -> int:
         raise ConfigError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of train.batch_size * "
                           f"train.seq_len * data-parallel processes ({t.batch_size} * {t.seq_len} * {dp} = "
                           f"{micro_tokens}): the nearest {'are' if below else 'is'} {nearest}")
-    return max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
+    accum = max(1, t.tokens_per_step // micro_tokens) if t.tokens_per_step else 1
+    return accum, accum * micro_tokens
 
 
 def why_no_eval(cfg: Config, dataset: Path, env: Env) -> str:
@@ -591,8 +592,7 @@ def destroy_process_group() -> None:
 def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_from: Path | None,
          cleanup: contextlib.ExitStack) -> dict:
     t, ck = cfg.train, cfg.checkpoint
-    accum = grad_accumulation(cfg, env)
-    step_tokens = accum * t.batch_size * t.seq_len * (env.world // cfg.parallel.tensor)
+    accum, step_tokens = grad_accumulation(cfg, env)
 
     mcfg = models.resolve(cfg.model, loader.vocab_size, env.device)
     impl = optimizer_impl(cfg, mcfg)
