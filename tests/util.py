@@ -15,14 +15,15 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, name: str,
-                        factor: float = 2.0) -> None:
+                        factor: float = 2.0, floor_dtype: torch.dtype | None = None) -> None:
     """out's error against the float64 reference is at most factor x torch's same-dtype error
-    (plus a per-dtype floor scaled by the reference's magnitude)."""
+    (plus a per-dtype floor scaled by the reference's magnitude: out's dtype's, or floor_dtype's for an
+    fp32 result of bf16 computations)."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element?)"
     err, terr = max_err(out, ref), max_err(torch_out, ref)
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    bound = factor * terr + ULP_FLOOR[out.dtype] * scale
+    bound = factor * terr + ULP_FLOOR[floor_dtype or out.dtype] * scale
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own error {terr:.3g})"
 
 
