@@ -178,6 +178,13 @@ void Loader::restart(uint64_t start_sample) {
     std::lock_guard<std::mutex> lk(mu_);
     opt_.start_sample = start_sample;
   }
+  try {
+    for (auto& s : shards_) s->check_unchanged();  // (a resume: the workers read anywhere next)
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(mu_);
+    failed_ = std::current_exception();
+    throw;
+  }
   start_workers();
 }
 
@@ -195,6 +202,7 @@ double Loader::wait_seconds() const {
 
 void Loader::worker(uint64_t depth) {
   SamplePlan::EpochCache cache;
+  size_t current = shards_.size();
   for (;;) {
     uint64_t i;
     {
@@ -206,7 +214,7 @@ void Loader::worker(uint64_t depth) {
     Slot slot;
     slot.index = i;
     try {
-      slot.batch = make_batch(i, cache);
+      slot.batch = make_batch(i, cache, current);
     } catch (...) {
       slot.error = std::current_exception();
     }
@@ -271,7 +279,7 @@ Batch Loader::next(const std::function<bool()>& interrupted) {
   return out;
 }
 
-Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache) const {
+Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache, size_t& current) const {
   Batch b;
   b.index = i;
   b.buffer = alloc_(layout_.bytes);
@@ -287,6 +295,13 @@ Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache) const {
   for (uint64_t row = 0; row < B; ++row) {
     Location loc = plan_->locate(first + row, cache);
     const Shard& shard = *shards_[loc.shard];
+    // A shard truncated since it was opened would raise SIGBUS at its first page past the new
+    // end: looked for when the worker moves to another shard (sequential mode: once a shard;
+    // random mode: at a batch's first row only, a stat per row would cost as much as the row).
+    if (loc.shard != current && (row == 0 || opt_.mode == Mode::Sequential)) {
+      shard.check_unchanged();
+      current = loc.shard;
+    }
     if (opt_.check_vocab)
       shard.check_vocab(loc.start, T + 1,
                         opt_.vocab_size ? opt_.vocab_size : shard.info().vocab_size);

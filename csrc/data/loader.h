@@ -80,7 +80,7 @@ class Loader {
   void close();
   // Stops the workers, drops prefetched batches and restarts at a global sample number. A next()
   // in another thread meanwhile (waiting, or called mid-restart) throws std::runtime_error naming
-  // the restart.
+  // the restart. A shard changed since it was opened throws ShardError, and so does every next().
   void restart(uint64_t start_sample);
 
   // Global sample number where the next batch of rank 0 would start (what state_dict saves).
@@ -102,7 +102,8 @@ class Loader {
   void start_workers();
   void stop_workers();
   void worker(uint64_t depth);
-  Batch make_batch(uint64_t i, SamplePlan::EpochCache& cache) const;
+  // current: the shard a worker read last (its changes are looked for when it moves to another).
+  Batch make_batch(uint64_t i, SamplePlan::EpochCache& cache, size_t& current) const;
   template <typename Out>
   void fill_row(const Shard& shard, uint64_t start, Out* x, Out* y) const;
   template <typename Out>

@@ -58,6 +58,10 @@ size_t read_prefix(int fd, unsigned char* buf, size_t n, const std::string& path
   return got;
 }
 
+int64_t mtime_ns(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+}
+
 void check_size(const std::string& path, uint64_t size, uint64_t expected,
                 const std::string& count_field) {
   if (size < expected)
@@ -154,6 +158,9 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
     if (::fstat(fd, &st) != 0) fail(path, std::string("cannot stat: ") + std::strerror(errno));
     if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
     uint64_t size = static_cast<uint64_t>(st.st_size);
+    shard->dev_ = static_cast<uint64_t>(st.st_dev);
+    shard->ino_ = static_cast<uint64_t>(st.st_ino);
+    shard->mtime_ns_ = mtime_ns(st);
     unsigned char head[kLlmcHeaderBytes];
     size_t got = read_prefix(fd, head, sizeof(head), path);
     if (got < 4)
@@ -216,6 +223,20 @@ std::unique_ptr<Shard> Shard::open(const std::string& path, bool verify_payload,
 
 Shard::~Shard() {
   if (map_) ::munmap(map_, map_bytes_);
+}
+
+void Shard::check_unchanged() const {
+  struct stat st;
+  if (::stat(info_.path.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_dev) != dev_ ||
+      static_cast<uint64_t>(st.st_ino) != ino_)
+    return;  // gone or replaced by a rename: the mapped file is intact
+  if (static_cast<uint64_t>(st.st_size) != info_.file_bytes || mtime_ns(st) != mtime_ns_)
+    fail(info_.path, "the file changed since the loader opened it (" +
+                         std::to_string(info_.file_bytes) + " bytes then, " +
+                         std::to_string(st.st_size) + " now" +
+                         (mtime_ns(st) != mtime_ns_ ? ", modified since" : "") +
+                         "): truncated or rewritten in place; a dataset must not change while "
+                         "it is read: write a new one beside it (as fmcore prepare does)");
 }
 
 void Shard::check_vocab(uint64_t start, uint64_t n, uint32_t vocab) const {

@@ -613,6 +613,58 @@ def test_running_out_of_memory_maps_names_the_cause(tmp_path):
     assert "fmcore prepare --shard-tokens" in proc.stdout, proc.stdout
 
 
+CHANGED_BEFORE_READ = """
+import os, sys
+sys.path.insert(0, {python!r})
+import numpy as np
+from fmcore.data import Loader, ShardError, write_dataset
+root = write_dataset({root!r}, {{"train": [np.arange(50000) % 100 for _ in range(2)]}}, vocab_size=100)
+loader = Loader(root, batch_size=4, seq_len=64, threads=1, prefetch=1, pin_memory=False)
+state = loader.state_dict()
+for _ in range(3):
+    next(loader)
+later = root / f"train_{{loader._core.epoch_order(0)[1]:06d}}.bin"  # the shard the loader reads next
+if {how!r} == "truncated":  # (cp over it truncates it first)
+    os.truncate(later, 4096)
+else:  # rewritten in place, its size unchanged: another dataset's shard copied over it (rsync --inplace)
+    with open(later, "r+b") as f:
+        f.seek(64)
+        f.write(np.full(50000, 7, np.uint16).tobytes())
+    os.utime(later, ns=(os.stat(later).st_atime_ns, os.stat(later).st_mtime_ns + 10**9))
+try:
+    if {resume!r}:
+        loader.load_state_dict(state)
+    for _ in range(1000):
+        next(loader)
+    print("no error")
+except ShardError as e:
+    print(e)
+try:
+    next(loader)
+except ShardError as e:
+    print("and again:", e)
+"""
+
+
+@pytest.mark.parametrize("how", ["truncated", "rewritten"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_shard_changed_before_it_is_read_raises_naming_it(tmp_path, how, resume):
+    # The loader maps its shards when it starts: one truncated later (cp over it) killed the process with
+    # SIGBUS when the loader reached it, no Python error, no name; one rewritten in place with its size
+    # unchanged was read without a word, tokens never validated. Changed while being read, a shard still
+    # raises SIGBUS (shard.h says why the loader maps).
+    import fmcore
+
+    code = CHANGED_BEFORE_READ.format(python=str(Path(fmcore.__file__).parents[1]), root=str(tmp_path / "ds"),
+                                      how=how, resume=resume)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    first, again = proc.stdout.splitlines()
+    assert first.startswith(f"{tmp_path / 'ds'}/train_00000") and first == again.removeprefix("and again: ")
+    assert "the file changed since the loader opened it (100064 bytes then, " \
+        f"{4096 if how == 'truncated' else 100064} now" in first, first
+
+
 DAEMON_AT_EXIT = """
 import sys, threading, time
 sys.path.insert(0, {python!r})

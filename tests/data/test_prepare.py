@@ -5,6 +5,7 @@ import gzip
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,8 +350,6 @@ def test_a_replace_killed_while_deleting_the_old_dataset_leaves_a_whole_one(corp
     # --overwrite deleted the old dataset in place: killed inside that rmtree (a preempted job), out/ kept
     # its manifest and lost some shards, which `fmcore prepare` then refused to replace ("already holds a
     # dataset") and `fmcore train` read until "train_000046.bin: cannot open".
-    import shutil
-
     prepare_module = importlib.import_module("fmcore.data.prepare")  # (fmcore.data.prepare is the function)
     root, _, _ = corpus
     out = tmp_path / "ds"
@@ -369,8 +368,10 @@ def test_a_replace_killed_while_deleting_the_old_dataset_leaves_a_whole_one(corp
         prepare(root, out, vocab_size=300, shard_tokens=200, val_fraction=0.0, workers=1, overwrite=True)
     monkeypatch.undo()
     verify_dataset(out)  # the old dataset or the new one, whole
+    assert (out / ".fmcore-replaced").is_dir()  # what the killed deletion left
     prepare(root, tmp_path / "ds", vocab_size=300, shard_tokens=200, val_fraction=0.0, workers=1, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds"]  # the killed deletion's leftover is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds"]
+    assert not (out / ".fmcore-replaced").exists()  # the killed deletion's leftover is gone
 
 
 def test_fmcore_prepare_killed_by_sigterm_deletes_its_temporary_directory(corpus, tmp_path):
@@ -428,8 +429,8 @@ def test_compressed_binary_and_unsupported_inputs(tmp_path, capsys):
     assert fmcore_main(["prepare", str(tmp_path / "in" / "a.txt.bz2"), str(tmp_path / "in" / "model.ckpt"),
                         "--out", str(tmp_path / "ds2"), "--workers", "1"]) == 2
     assert f"input {tmp_path / 'in' / 'model.ckpt'}: a binary file" in capsys.readouterr().err
-    # .zst (the Pile, RedPajama) and .parquet were skipped as binary files, their data lost with exit 0.
-    for name in ("part.jsonl.zst", "train-00000-of-00001.parquet"):
+    # .zst (the Pile, RedPajama) was skipped as a binary file, its data lost with exit 0. (.parquet: below.)
+    for name in ("part.jsonl.zst",):
         (tmp_path / "in" / name).write_bytes(b"\x28\xb5\x2f\xfd\0" + bytes(range(256)))
         assert fmcore_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds3"), "--workers", "1"]) == 2
         assert f"input {tmp_path / 'in' / name}: .{name.rsplit('.', 1)[1]} files are not supported" \
@@ -725,3 +726,193 @@ def test_an_empty_input_list_is_named(tmp_path):
     with pytest.raises(ValueError, match="inputs is empty: pass files or directories, or None"):
         prepare([], tmp_path / "ds", vocab_size=300)
     assert not (tmp_path / "ds").exists()
+
+
+def _framed_tokenizer(path, template=None, bert=False):
+    """A word-level tokenizer.json with <s>, </s>, [CLS], [SEP] and a post-processor adding them as template
+    says (HF's notation, "<s> $A" is Llama 2's) or BERT's [CLS] $A [SEP]; None: no post-processor (GPT-2)."""
+    from tokenizers import models, pre_tokenizers, processors
+
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "[CLS]": 3, "[SEP]": 4}
+    vocab = {**specials, **{w: 5 + i for i, w in enumerate(WORDS)}}
+    if bert:
+        del vocab["</s>"]  # (the EOS is [SEP] then, the last of prepare's candidates)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([t for t in specials if t in vocab])
+    if bert:
+        tok.post_processor = processors.BertProcessing(("[SEP]", 4), ("[CLS]", 3))
+    elif template:
+        # Llama 3's tokenizer.json has a Sequence of ByteLevel and the template: the same ids.
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=template, special_tokens=[("<s>", 1), ("</s>", 2)])])
+    tok.save(str(path))
+    return [vocab[w] for w in WORDS]
+
+
+@pytest.mark.parametrize("template, bert, before, after, document", [
+    (None, False, [], [2], "$text </s>"),  # GPT-2: nothing added, prepare's EOS after each document
+    ("<s> $A", False, [1], [2], "<s> $text </s>"),  # Llama 2/3: <s> in front of each document (torchtitan's)
+    ("<s> $A </s>", False, [1], [2], "<s> $text </s>"),  # the post-processor's </s> is the EOS, not a second one
+    ("</s> $A", False, [], [2], "$text </s>"),  # OPT: the BOS is the EOS, which already separates the documents
+    (None, True, [3], [4], "[CLS] $text [SEP]"),  # BERT: [CLS] text [SEP], [SEP] the EOS
+])
+def test_special_tokens_of_the_tokenizer_frame_each_document(tmp_path, template, bert, before, after, document):
+    # Documents were encoded without the post-processor's tokens: a model trained with a Llama tokenizer.json
+    # never saw the <s> that transformers puts in front of every prompt from the same tokenizer.json.
+    ids = _framed_tokenizer(tmp_path / "tok.json", template, bert)
+    texts = [" ".join(WORDS[i:i + 5]) for i in range(8)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = prepare(tmp_path / "in.jsonl", tmp_path / "ds", tokenizer=tmp_path / "tok.json", val_fraction=0.0,
+                  workers=1)
+    want = sorted(before + ids[i:i + 5] + after for i in range(8))
+    assert sorted(documents(out, "train")) == want
+    manifest = verify_dataset(out)
+    assert manifest["tokenizer"]["bos_id"] == (before[0] if before else None)
+    assert manifest["tokenizer"]["document"] == document
+    with Loader(out, batch_size=1, seq_len=4) as loader:
+        assert loader.bos_id == manifest["tokenizer"]["bos_id"]
+
+
+def _small_corpus(root):
+    root.mkdir(parents=True)
+    for i in range(6):
+        (root / f"{i}.txt").write_text(f"my corpus document number {i} with plain english words\n")
+    return root
+
+
+def test_a_symlinked_out_is_written_where_it_points(tmp_path):
+    # A link to a larger disk: the first prepare failed ("cannot create the dataset directory": a directory
+    # cannot be renamed over a link), and --overwrite replaced the link by a directory, beside the old dataset.
+    root = _small_corpus(tmp_path / "c")
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "ds"
+    link.symlink_to(tmp_path / "disk" / "ds")
+    for overwrite in (False, True):
+        assert prepare(root, link, vocab_size=300, val_fraction=0.0, workers=1, overwrite=overwrite) == link
+        assert link.is_symlink() and verify_dataset(tmp_path / "disk" / "ds")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "disk", "ds"]
+        assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["ds"]
+    (tmp_path / "parent").symlink_to(tmp_path / "disk")  # a linked parent directory
+    for overwrite in (False, True):
+        prepare(root, tmp_path / "parent" / "ds2", vocab_size=300, val_fraction=0.0, workers=1, overwrite=overwrite)
+        assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["ds", "ds2"]
+
+
+def test_overwrite_deletes_nothing_but_a_dataset(tmp_path):
+    root = _small_corpus(tmp_path / "c")
+    out = prepare(root, tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    kwargs = dict(vocab_size=300, val_fraction=0.0, workers=1, overwrite=True)
+    # A user's file in the dataset directory (notes, their raw text) went with it.
+    (out / "notes.txt").write_text("my notes")
+    (out / "raw").mkdir()
+    (out / "raw" / "more.txt").write_text("my raw text, kept beside the shards")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of its dataset \(notes.txt, "
+                                              r"raw/more.txt\); --overwrite .* would delete them"):
+        prepare(root, out, **kwargs)
+    with pytest.raises(FileExistsError, match="not part of its dataset"):  # (an input inside out, too)
+        prepare(out / "raw", out, **kwargs)
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "raw" / "more.txt").exists()
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "raw")
+    # The dataset itself as an input (or a link to it): its files read as text, then deleted with it.
+    (tmp_path / "link").symlink_to(out)
+    for inp in (out, tmp_path / "link", out / "manifest.json"):
+        with pytest.raises(ValueError, match=f"input {inp} is inside the output directory"):
+            prepare(inp, out, **kwargs)
+    verify_dataset(out)
+    # Any directory with a manifest.json (a web app's, a browser extension's) was taken for a dataset.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app", "start_url": "/"}')
+    (app / "index.html").write_text("<html></html>")
+    with pytest.raises(FileExistsError, match="holds a manifest.json that is not an fmcore dataset's"):
+        prepare(root, app, **kwargs)
+    assert sorted(p.name for p in app.iterdir()) == ["index.html", "manifest.json"]
+    # A sibling directory named like the replaced dataset set aside (.ds.*.old) was deleted by every prepare.
+    (tmp_path / ".ds.2024_jan.old").mkdir()
+    (tmp_path / ".ds.2024_jan.old" / "keep.txt").write_text("a user's backup")
+    prepare(root, out, **kwargs)
+    assert (tmp_path / ".ds.2024_jan.old" / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train_000000.bin"]
+
+
+def test_parquet_and_arrow_without_pyarrow_name_it(tmp_path, monkeypatch, capsys):
+    # The Hub's datasets are Parquet files: refused as "not supported", though pyarrow (which HF datasets needs)
+    # reads them; without it, the error says what to install.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    for name in ("train-00000-of-00001.parquet", "data-00000-of-00001.arrow"):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"PAR1" + bytes(range(256)))
+        assert fmcore_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds"), "--workers", "1"]) == 2
+        assert f"input {tmp_path / 'in' / name}: reading .{name.rsplit('.', 1)[1]} files needs pyarrow (pip install " \
+            "pyarrow)" in capsys.readouterr().err
+        (tmp_path / "in" / name).unlink()
+
+
+def test_parquet_and_arrow_files_are_read(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    rng = np.random.default_rng(0)
+    texts = [sentence(rng, 8 + i) for i in range(30)]
+    (tmp_path / "hub").mkdir()
+    # A Parquet file of the Hub (several row groups, split among the tasks below 32 MiB each), a null text counted
+    # as empty; datasets' save_to_disk (an Arrow IPC stream beside its metadata files, which are no documents);
+    # an Arrow IPC file.
+    table = pa.table({"id": list(range(11)), "text": texts[:10] + [None]})
+    pq.write_table(table, tmp_path / "hub" / "train-00000-of-00001.parquet", row_group_size=2)
+    monkeypatch.setattr(prepare_module, "JSONL_CHUNK_BYTES", 200)
+    assert len(prepare_module._arrow_spans(tmp_path / "hub" / "train-00000-of-00001.parquet")) > 1
+    saved = tmp_path / "hub" / "saved"
+    saved.mkdir()
+    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, pa.schema([("text", pa.large_string())])) as w:
+        w.write_table(pa.table({"text": pa.array(texts[10:20], pa.large_string())}))
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (saved / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    with pa.OSFile(str(tmp_path / "hub" / "file.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(pa.table({"id": list(range(10)), "text": texts[20:]}))
+    out = prepare(tmp_path / "hub", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=2)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["documents_in"], c["empty"], c["bad_json"], c["kept"]) == (31, 1, 0, 30)
+    assert sorted(train_docs(out)) == sorted(texts)
+    # The text column is named by --text-field; one that is missing or not text is an error naming the file.
+    path = tmp_path / "hub" / "train-00000-of-00001.parquet"
+    with pytest.raises(ValueError, match=rf"input {path}: no column 'body' \(--text-field\); its columns are "
+                                         r"\['id', 'text'\]"):
+        prepare(path, tmp_path / "ds2", text_field="body", workers=1)
+    with pytest.raises(ValueError, match=rf"input {path}: column 'id' \(--text-field\) holds int64, expected strings"):
+        prepare(path, tmp_path / "ds2", text_field="id", workers=1)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=f"input {tmp_path / 'bad.parquet'}: not a valid Parquet file"):
+        prepare(tmp_path / "bad.parquet", tmp_path / "ds2", workers=1)
+
+
+def test_one_document_without_a_val_split_is_said(tmp_path, capsys):
+    # A single input.txt (nanoGPT's Shakespeare) is one document: no val split, and `fmcore train` evaluated never.
+    (tmp_path / "input.txt").write_text("\r\n".join(f"line {i} of the only play in the corpus" for i in range(50)))
+    args = ["prepare", str(tmp_path / "input.txt"), "--vocab-size", "300", "--workers", "1"]
+    assert fmcore_main(args + ["--out", str(tmp_path / "ds")]) == 0
+    assert "note: no val split: the split is by document and all the text is one document" in capsys.readouterr().err
+    assert fmcore_main(args + ["--out", str(tmp_path / "ds2"), "--val-fraction", "0"]) == 0
+    assert "no val split" not in capsys.readouterr().err
+
+
+def test_utf16_text_is_text(tmp_path, monkeypatch):
+    # Windows' "Unicode" files (PowerShell 5's `>` and Out-File, Notepad) are UTF-16 with a byte order mark: a NUL
+    # byte in every ASCII character, so they were skipped as binary files (or refused, named as inputs).
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    monkeypatch.setattr(prepare_module, "JSONL_CHUNK_BYTES", 64)  # (a large JSON Lines file: not cut in ranges)
+    texts = [f"a document written on windows, number {i}, caf\u00e9 \u2713" for i in range(4)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(texts[0] + "\r\n", encoding="utf-16")  # (LE, with its BOM)
+    (tmp_path / "in" / "b.txt").write_bytes(b"\x00\x00\xfe\xff" + texts[1].encode("utf-32-be"))
+    records = "".join(json.dumps({"text": t}) + "\r\n" for t in texts[2:])
+    (tmp_path / "in" / "c.jsonl").write_bytes(b"\xfe\xff" + records.encode("utf-16-be"))
+    out = prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["binary_files"], c["bad_json"], c["invalid_utf8_files"], c["kept"]) == (0, 0, 0, 4)
+    assert sorted(train_docs(out)) == sorted(texts)

@@ -49,3 +49,14 @@ def test_an_unresolved_config_is_refused(tmp_path):
         with pytest.raises(ValueError, match="needs the resolved model config"):
             export_hf(models.build_model(cfg), CASES[name], tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_the_datasets_bos_token_is_the_configs(tmp_path):
+    # A dataset prepared with a Llama tokenizer.json starts every document with <s> (its manifest's bos_id); the
+    # config said the EOS, which GPT-2's tokenizer uses for both.
+    cfg = models.resolve(CASES["llama-tied"], vocab_size=200)
+    model = models.build_model(cfg)
+    for bos_id, want in [(None, 5), (1, 1)]:
+        export_hf(model, cfg, tmp_path, eos_id=5, bos_id=bos_id)
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert (config["eos_token_id"], config["bos_token_id"]) == (5, want)

@@ -98,6 +98,7 @@ class Loader:
         tok = manifest.get("tokenizer", {})
         self.vocab_size: int | None = tok.get("vocab_size")
         self.eos_id: int | None = tok.get("eos_id")
+        self.bos_id: int | None = tok.get("bos_id")  # the token in front of every document, if any
         self.batch_size, self.seq_len, self.mode, self.seed = batch_size, seq_len, mode, seed
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.threads = default_threads() if threads is None else threads

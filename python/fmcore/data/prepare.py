@@ -1,14 +1,15 @@
 """`fmcore prepare`: raw text to a validated, sharded token dataset (see fmcore.data.shards for the format).
 
-Pipeline: gather documents (text files, directories of them, JSON Lines or .json arrays with a text field,
-any of them .gz/.bz2/.xz compressed; or, with no input, the embedded corpus of the Python standard
-library) -> clean in worker processes (newline normalisation, empty / too-short / too-long /
-symbol-heavy filters, content hash) -> exact-duplicate removal by hash -> train/val split by hash
-(stable whatever the input order) -> tokenizer (a given tokenizer.json, or a byte-level BPE trained
-on the train split, in a child process) -> tokenize (the `tokenizers` Rust encoder, parallel over the
-cores) -> shards of about shard_tokens tokens, one EOS after every document, document start offsets
-stored -> manifest.json. Written into a temporary sibling directory and renamed, so a crash or a concurrent
-prepare never leaves a half dataset under the final name.
+Pipeline: gather documents (text files, directories of them, JSON Lines or .json arrays with a text field, any
+of them .gz/.bz2/.xz compressed, Parquet and Arrow files (HF datasets) with pyarrow installed; or, with no
+input, the embedded corpus of the Python standard library) -> clean in worker processes (newline
+normalisation, empty / too-short / too-long / symbol-heavy filters, content hash) -> exact-duplicate removal
+by hash -> train/val split by hash (stable whatever the input order) -> tokenizer (a given tokenizer.json, or
+a byte-level BPE trained on the train split, in a child process) -> tokenize (the `tokenizers` Rust encoder,
+parallel over the cores) -> shards of about shard_tokens tokens, one EOS after every document (and in front of
+it the BOS that a given tokenizer's post-processor adds, Llama's <s>), document start offsets stored ->
+manifest.json. Written into a temporary sibling directory and renamed, so a crash or a concurrent prepare
+never leaves a half dataset under the final name.
 
 Everything is held in memory between cleaning and sharding: fine for corpora of a few GB of text.
 """
@@ -40,7 +41,7 @@ import numpy as np
 
 from fmcore.data import _bpe
 from fmcore.data._bpe import EOS_TOKEN, train_bpe
-from fmcore.data.shards import MANIFEST, _is_int, write_shard
+from fmcore.data.shards import MANIFEST, ShardError, _is_int, load_manifest, write_shard
 
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 # Compressed inputs are read through these (a file's name ends with one: "part.jsonl.gz", "book.txt.xz").
@@ -50,8 +51,12 @@ DECOMPRESSORS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz":
 JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson", ".json") for c in ("", *DECOMPRESSORS))
 # Formats prepare cannot read: their bytes look binary, so they were skipped as binary_files, the data lost.
 # (The tar suffixes too: a .tar.xz or .tar.bz2 decompressed to tar's NUL-padded headers, a binary file.)
-UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".parquet", ".arrow", ".zip", ".7z", ".tar", ".tar.gz", ".tgz",
+UNSUPPORTED_SUFFIXES = (".zst", ".zstd", ".lz4", ".zip", ".7z", ".tar", ".tar.gz", ".tgz",
                         ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+# Read through pyarrow (an optional dependency, that of HF datasets): the Hub ships datasets as Parquet (FineWeb,
+# C4, DCLM ...), and datasets' save_to_disk writes Arrow IPC files beside these metadata files (not documents).
+ARROW_SUFFIXES = (".parquet", ".arrow")
+HF_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 JSONL_CHUNK_BYTES = 32 << 20
 BINARY_SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -74,15 +79,28 @@ COUNT_KEYS = ("documents_in", "empty", "too_short", "too_long", "symbols", "bina
 # ---- reading and cleaning (runs in worker processes)
 
 
+# Windows' "Unicode" text files (Notepad's, PowerShell 5's `>` and Out-File) are UTF-16 with a byte order mark:
+# every ASCII character has a NUL byte, and they were taken for binary files. (UTF-32's marks first: FF FE 00 00
+# starts with UTF-16 LE's.)
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+              (b"\xfe\xff", "utf-16"))
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    return next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
+
+
 def _decode(raw: bytes, counts: dict | None) -> str:
-    """raw as UTF-8 text; invalid bytes (a Latin-1 or cp1252 file) become U+FFFD, and the file is counted
-    in invalid_utf8_files: the cleaning report then says that some text was replaced, not kept."""
+    """raw as UTF-8 (or BOM-marked UTF-16/32) text; invalid bytes (a Latin-1 or cp1252 file) become U+FFFD, and
+    the file is counted in invalid_utf8_files: the cleaning report then says that some text was replaced, not
+    kept."""
+    encoding = _wide_encoding(raw) or "utf-8-sig"  # (-sig, and utf-16/32: a byte order mark is not part of the text)
     try:
-        return raw.decode("utf-8-sig")  # utf-8-sig: a byte order mark is not part of the text
+        return raw.decode(encoding)
     except UnicodeDecodeError:
         if counts is not None:
             counts["invalid_utf8_files"] += 1
-        return raw.decode("utf-8-sig", errors="replace")
+        return raw.decode(encoding, errors="replace")
 
 
 def _read_text(path: Path, counts: dict | None = None) -> str | None:
@@ -92,7 +110,7 @@ def _read_text(path: Path, counts: dict | None = None) -> str | None:
             # Sniff first: a binary file found while walking a directory (a checkpoint, an archive) is
             # skipped without reading it whole.
             raw = f.read(BINARY_SNIFF_BYTES)
-            if b"\0" in raw:
+            if b"\0" in raw and not _wide_encoding(raw):
                 return None
             raw += f.read()
         # A truncated or mislabelled compressed file (gzip.BadGzipFile and bz2's "Invalid data stream" are
@@ -161,14 +179,73 @@ def _record_text(record, field: str):
     return record.get(field) if isinstance(record, dict) else None
 
 
+def _import_pyarrow(path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"input {path}: reading {Path(path).suffix} files needs pyarrow (pip install pyarrow); or "
+                         f"convert it to JSON Lines (.jsonl, optionally .gz/.bz2/.xz compressed)") from None
+    return pyarrow
+
+
+def _arrow_spans(path: Path) -> list:
+    """The tasks' spans of a Parquet file: runs of row groups of about JSONL_CHUNK_BYTES each (a file of several GB,
+    as on the Hub, is read by several workers); one span, None, for an Arrow file."""
+    pa = _import_pyarrow(path)
+    if not path.name.lower().endswith(".parquet"):
+        return [None]
+    try:
+        meta = pa.parquet.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"input {path}: not a valid Parquet file: {e}") from None
+    spans, first, size = [], 0, 0
+    for k in range(meta.num_row_groups):
+        size += meta.row_group(k).total_byte_size
+        if size >= JSONL_CHUNK_BYTES or k == meta.num_row_groups - 1:
+            spans.append((first, k + 1))
+            first, size = k + 1, 0
+    return spans or [(0, 0)]
+
+
+def _arrow_texts(path: Path, field: str, span) -> list:
+    """The text column (field) of a Parquet file's row groups [span) or of an Arrow IPC file (the stream format of
+    datasets' save_to_disk, or the file format): str, or None for a null."""
+    pa = _import_pyarrow(path)
+
+    def column(schema):  # (a schema is the whole file's: a missing column is an error, not a count per record)
+        if field not in schema.names:
+            raise ValueError(f"input {path}: no column {field!r} (--text-field); its columns are {schema.names}")
+        kind = schema.field(field).type
+        if not any(getattr(pa.types, f"is_{t}", lambda _: False)(kind)
+                   for t in ("string", "large_string", "string_view")):
+            raise ValueError(f"input {path}: column {field!r} (--text-field) holds {kind}, expected strings")
+        return field
+
+    try:
+        if span is not None:
+            f = pa.parquet.ParquetFile(path)
+            batches = f.iter_batches(columns=[column(f.schema_arrow)], row_groups=range(*span), use_threads=False)
+            return [text for batch in batches for text in batch.column(field).to_pylist()]
+        with pa.memory_map(str(path)) as source:
+            magic = source.read(6)
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if magic == b"ARROW1" else pa.ipc.open_stream(source)
+            return reader.read_all().column(column(reader.schema)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"input {path}: not a valid {path.suffix} file: {e}") from None
+
+
 def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
-    """One input file, byte range of a JSON Lines file, or the builtin docstrings ->
-    ([(content hash, clean text)], counts)."""
+    """One input file, byte range of a JSON Lines file, row groups of a Parquet file, or the builtin
+    docstrings -> ([(content hash, clean text)], counts)."""
     kind, path, cfg, span, explicit = task
     counts = dict.fromkeys(COUNT_KEYS, 0)
     raw_docs: list[str] = []
     if kind == "docstrings":
         raw_docs = _builtin_docstrings()
+    elif kind == "arrow":
+        raw_docs = [text or "" for text in _arrow_texts(Path(path), cfg.text_field, span)]  # (a null: empty)
     else:
         if span is not None:
             raw = _read_jsonl_range(Path(path), *span)
@@ -347,6 +424,26 @@ def _train_bpe_file(texts: list[str], vocab_size: int, path: Path) -> None:
             raise RuntimeError(f"training the BPE tokenizer (in a child process) failed: {message}")
 
 
+def _framing(tok, texts, eos_id: int) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) each document's text: the ones the tokenizer's post-processor adds around one
+    sequence (Llama's <s>, BERT's [CLS] ... [SEP], T5's </s>), EOS last and once. A model trained on the shards
+    then sees what it will see from the same tokenizer.json at inference (transformers adds them to a prompt),
+    as with torchtitan's <s> text </s>. An EOS the post-processor adds is the one that ends the document, not a
+    second one; one it adds in front (OPT's </s>, a BOS that is the EOS) is left out: the previous document's
+    EOS already separates them."""
+    if tok.post_processor is None:
+        return [], [eos_id]
+    # The added ids do not depend on the text: they are read off the first document that encodes to a token.
+    enc = next((e for t in texts if (e := tok.encode(t, add_special_tokens=False)).ids), None)
+    if enc is None:
+        return [], [eos_id]
+    full = tok.post_process(enc)
+    text = [k for k, s in enumerate(full.sequence_ids) if s is not None]  # (None: an id the post-processor added)
+    ids = full.ids
+    return ([i for i in ids[:text[0]] if i != eos_id],
+            [i for i in ids[text[-1] + 1:] if i != eos_id] + [eos_id])
+
+
 def _eos_id(tok, eos_token: str | None, source: str) -> tuple[str, int]:
     names = [eos_token] if eos_token else list(EOS_CANDIDATES)
     for name in names:
@@ -363,9 +460,11 @@ class _SplitWriter:
     """Streams one split's documents into shards of shard_tokens; the tail is balanced over the last two
     shards so no shard is shorter than half of shard_tokens (unless the whole split is)."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int, eos_id: int):
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int, eos_id: int,
+                 framing: tuple[list[int], list[int]]):
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.vocab_size, self.eos_id = vocab_size, eos_id
+        self.before, self.after = framing  # ids written before and after each document's text (see _framing)
         self.chunks: list[np.ndarray] = []
         self.starts: list[int] = []  # document starts, in tokens from the start of the buffer
         self.buffered = 0
@@ -374,9 +473,11 @@ class _SplitWriter:
 
     def add(self, ids: list[int]) -> None:
         self.starts.append(self.buffered)
-        arr = np.empty(len(ids) + 1, dtype=np.uint32)
-        arr[:-1] = ids
-        arr[-1] = self.eos_id
+        a, b = len(self.before), len(self.after)
+        arr = np.empty(a + len(ids) + b, dtype=np.uint32)
+        arr[:a] = self.before
+        arr[a:a + len(ids)] = ids
+        arr[a + len(ids):] = self.after
         self.chunks.append(arr)
         self.buffered += arr.size
         self.documents += 1
@@ -443,6 +544,10 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
     for root in inputs:
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
+        real = root.resolve()
+        if out is not None and (real == out or out in real.parents):
+            # The dataset's own files read as text (its shards as binary files), then deleted with it by --overwrite.
+            raise ValueError(f"input {root} is inside the output directory {out}: choose another --out")
         explicit = root.is_file()  # (a binary file named as an input raises; one found in a directory is counted)
         files = [root] if explicit else _walk(root, out)
         for p in files:
@@ -453,15 +558,25 @@ def _tasks(inputs: list[Path], cfg: CleanConfig, out: Path | None = None) -> lis
                 suffix = max((s for s in UNSUPPORTED_SUFFIXES if name.endswith(s)), key=len)
                 raise ValueError(f"input {p}: {suffix} files are not supported: decompress or convert it to text "
                                  f"or JSON Lines (.jsonl, optionally .gz/.bz2/.xz compressed)")
-            if not name.endswith(JSONL_SUFFIXES):
+            if name.endswith(ARROW_SUFFIXES):
+                tasks += [("arrow", str(p), cfg, span, explicit) for span in _arrow_spans(p)]
+            elif not explicit and p.name in HF_METADATA and any(p.parent.glob("*.arrow")):
+                continue
+            elif not name.endswith(JSONL_SUFFIXES):
                 tasks.append(("text", str(p), cfg, None, explicit))
-            elif p.suffix.lower() in DECOMPRESSORS or p.stat().st_size <= JSONL_CHUNK_BYTES or _json_whole(p):
+            elif p.suffix.lower() in DECOMPRESSORS or p.stat().st_size <= JSONL_CHUNK_BYTES or _json_whole(p) \
+                    or _wide_file(p):  # (byte ranges cut at b"\n", which is half of a UTF-16 "\n")
                 tasks.append(("jsonl", str(p), cfg, None, explicit))
             else:  # a large uncompressed JSON Lines file is read in byte ranges by several workers
                 size = p.stat().st_size
                 tasks += [("jsonl", str(p), cfg, (a, min(a + JSONL_CHUNK_BYTES, size)), explicit)
                           for a in range(0, size, JSONL_CHUNK_BYTES)]
     return tasks
+
+
+def _wide_file(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return _wide_encoding(f.read(4)) is not None
 
 
 def _json_whole(p: Path) -> bool:
@@ -521,7 +636,10 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     if out_dir is None:
         out_dir = default_dataset_root() / "stdlib"
     out = Path(out_dir)
-    _check_out(out, overwrite)
+    # Where the dataset goes: through a symlinked --out (a link to a larger disk), to the link's target. (Replaced
+    # by rename, the link itself became a directory beside the dataset it had pointed to.)
+    dest = out.resolve()
+    _check_out(out, dest, overwrite)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -548,7 +666,7 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         if not inputs:  # ("no input files found in " named nothing; None is the stdlib corpus)
             raise ValueError("inputs is empty: pass files or directories, or None for the python stdlib corpus")
-        tasks = _tasks([Path(p) for p in inputs], cfg, out)
+        tasks = _tasks([Path(p) for p in inputs], cfg, dest)
         source = ", ".join(str(p) for p in inputs)
     if not tasks:
         raise ValueError(f"no input files found in {source}")
@@ -589,11 +707,12 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     if all(is_val):
         is_val[max(range(len(docs)), key=lambda i: docs[i][0])] = False
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for replaced in out.parent.glob(f".{out.name}.*.old"):  # a replaced dataset whose deletion was killed (below)
-        shutil.rmtree(replaced, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if (dest / _REPLACED).exists():  # a replaced dataset whose deletion was killed (below)
+        shutil.rmtree(dest / _REPLACED, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # same filesystem: rename is atomic
     tmp.chmod(0o755)
+    old = None  # the replaced dataset, while it is moved aside
     try:
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -614,13 +733,14 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         vocab = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
         eos_name, eos_id = _eos_id(tok, eos_token, str(tokenizer or "trained BPE"))
 
-        writers = {s: _SplitWriter(tmp, s, shard_tokens, vocab, eos_id) for s in ("train", "val")}
         batch = 256
         # Special tokens written in a document (the literal text "<|endoftext|>") are ordinary text: the only
         # EOS ids in a shard are the ones after each document. The flag is restored: tok may be shared.
         encode_special = tok.encode_special_tokens
         tok.encode_special_tokens = True
         try:
+            framing = _framing(tok, (t for _, t in docs), eos_id)
+            writers = {s: _SplitWriter(tmp, s, shard_tokens, vocab, eos_id, framing) for s in ("train", "val")}
             with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=disable) as bar:
                 for i in range(0, len(docs), batch):
                     chunk = docs[i:i + batch]
@@ -644,6 +764,9 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         manifest = {
             "format": "fmcore-dataset", "version": 1,
             "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_name,
+                          "bos_id": framing[0][0] if framing[0] else None,
+                          "document": " ".join([*map(tok.id_to_token, framing[0]), "$text",
+                                                *map(tok.id_to_token, framing[1])]),
                           "source": tok_source},
             "splits": splits, "cleaning": {**counts, **asdict(cfg)},
             "source": source, "seconds": round(time.perf_counter() - t0, 2),
@@ -651,42 +774,70 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
                         "val_fraction": val_fraction, "shard_tokens": shard_tokens},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        old = None
-        if overwrite and (out / MANIFEST).exists():  # only ever a dataset directory: anything else is refused below
-            # Renamed aside first, deleted after the new one took its place: deleted in place, a process
-            # killed inside rmtree (a preempted job) left out/ with its manifest and some of its shards,
-            # which `fmcore prepare` then refused to replace and `fmcore train` read until a missing shard.
-            old = tmp.with_name(tmp.name + ".old")
-            out.rename(old)
+        if overwrite and (dest / MANIFEST).exists():  # a dataset of prepare's files alone (_check_out)
+            # Moved into the new dataset's directory first, deleted after that took its place: deleted in place, a
+            # process killed inside rmtree (a preempted job) left out/ with its manifest and some of its shards,
+            # which `fmcore prepare` then refused to replace and `fmcore train` read until a missing shard. Killed
+            # now, the leftover is out/.fmcore-replaced, which the next prepare of out deletes: a sibling
+            # .<out>.*.old, recognised by its name alone, could have been a user's own directory.
+            old = tmp / _REPLACED
+            dest.rename(old)
         try:
-            tmp.rename(out)
+            tmp.rename(dest)
         except OSError as e:
-            if old is not None and not out.exists():
-                old.rename(out)  # the new one could not take its place: the old one stays
+            if old is not None and not dest.exists():
+                old.rename(dest)  # the new one could not take its place: the old one stays
                 old = None
-            if not (out / MANIFEST).exists():  # out was filled with something else while the inputs were read
+            if not (dest / MANIFEST).exists():  # out was filled with something else while the inputs were read
                 raise FileExistsError(f"cannot create the dataset directory {out}: {e.strerror}") from e
             shutil.rmtree(tmp)  # another process finished the same dataset first: keep theirs
-        finally:
+        else:
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(dest / _REPLACED, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not dest.exists():
+            old.rename(dest)  # interrupted between the two renames: the old dataset stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+_REPLACED = ".fmcore-replaced"  # a replaced dataset, inside the new one until deleted
+
+
+def _check_out(out: Path, dest: Path, overwrite: bool) -> None:
     """Refuse an output path that is not free: a file, a non-empty directory that holds no dataset (never
-    deleted, even with overwrite), or a dataset without overwrite."""
-    if not out.exists():
+    deleted, even with overwrite), or a dataset without overwrite. overwrite deletes a dataset's own files
+    only: a directory that holds anything else (a user's notes, their raw text, a web app's manifest.json) is
+    refused. dest: out resolved."""
+    if not dest.exists():
         return
-    if not out.is_dir():
+    if not dest.is_dir():
         raise FileExistsError(f"output {out} is an existing file, not a dataset directory")
-    if (out / MANIFEST).exists():
+    if (dest / MANIFEST).exists():
         if not overwrite:
             raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
-    elif any(out.iterdir()):
+        try:
+            manifest = load_manifest(dest)
+        except ShardError as e:
+            raise FileExistsError(f"output {out} holds a {MANIFEST} that is not an fmcore dataset's ({e}); refusing "
+                                  f"to replace it (--overwrite only replaces a dataset)") from None
+        own = {MANIFEST, _REPLACED, manifest.get("tokenizer", {}).get("file")}
+        own |= {os.path.normpath(e["file"]) for split in manifest["splits"].values() for e in split["shards"]}
+        foreign = []
+        for d, dirs, names in os.walk(dest):
+            rel = Path(d).relative_to(dest)
+            if d == str(dest) and _REPLACED in dirs:
+                dirs.remove(_REPLACED)
+            for x in [x for x in dirs if os.path.islink(os.path.join(d, x))]:  # a linked directory is one entry
+                dirs.remove(x)
+                names.append(x)
+            foreign += [str(rel / n) for n in names if str(rel / n) not in own]
+        if foreign:
+            listed = ", ".join(sorted(foreign)[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FileExistsError(f"output {out} holds files that are not part of its dataset ({listed}); "
+                                  f"--overwrite replaces a dataset and would delete them: move them elsewhere")
+    elif any(dest.iterdir()):
         raise FileExistsError(f"output {out} is a non-empty directory without {MANIFEST}; refusing to replace "
                               f"it (--overwrite only replaces a dataset): choose an empty or new directory")
 
@@ -742,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fmcore prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="*", type=Path,
                    help="text files, directories, JSON Lines files (.jsonl/.ndjson/.json, or a .json array of "
-                   "records), optionally .gz/.bz2/.xz compressed; none: the Python stdlib corpus")
+                   "records), optionally .gz/.bz2/.xz compressed, .parquet/.arrow files (needs pyarrow); none: the "
+                   "Python stdlib corpus")
     p.add_argument("--out", type=Path, help="dataset directory; required with inputs (the stdlib corpus's default: "
                    "$FMCORE_DATA/stdlib or ~/.cache/fmcore/datasets/stdlib)")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
@@ -751,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per shard (default 100000000; 1000000 for the stdlib corpus)")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of documents for val (default 0.005; 0.05 for stdlib)")
     p.add_argument("--eos-token", help="the tokenizer's EOS token (default: the first of %s found)" % ", ".join(EOS_CANDIDATES))
-    p.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default %(default)s)")
+    p.add_argument("--text-field", default="text",
+                   help="JSON Lines field or Parquet/Arrow column holding the text (default %(default)s)")
     p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents (default %(default)s)")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
     p.add_argument("--max-symbol-fraction", type=float, help="drop documents with more non-alphanumeric, non-space characters")
@@ -771,11 +924,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab_size = args.vocab_size  # (not `or`: --vocab-size 0 took the default silently)
     if vocab_size is None:
         vocab_size = DEFAULT_RECIPE["vocab_size"] if stdlib else 8192
+    val_fraction = default_val if args.val_fraction is None else args.val_fraction
     try:
         with _terminate_raises():
             out = prepare(None if stdlib else args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=vocab_size,
                           shard_tokens=shard_tokens,
-                          val_fraction=default_val if args.val_fraction is None else args.val_fraction,
+                          val_fraction=val_fraction,
                           eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
                           max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
                           max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
@@ -790,4 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((out / MANIFEST).read_text())
     splits = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     print(f"{out}: {splits}; vocab {manifest['tokenizer']['vocab_size']}; cleaning {manifest['cleaning']}")
+    if val_fraction > 0 and "val" not in manifest["splits"]:
+        # The classic first corpus, one input.txt (nanoGPT's Shakespeare), is one document: `fmcore train` then
+        # ran without a single evaluation, for no reason said anywhere.
+        print("fmcore prepare: note: no val split: the split is by document and all the text is one document (a text "
+              "file is one); pass several files, or JSON Lines with one record per document", file=sys.stderr)
     return 0

@@ -29,7 +29,8 @@ token count N, the rest unused) then N uint16 GPT-2 tokens (vocab 50257, EOS 502
 A dataset is a directory holding the shards and ``manifest.json``::
 
     {"format": "fmcore-dataset", "version": 1,
-     "tokenizer": {"file": "tokenizer.json", "vocab_size": V, "eos_id": E, "eos_token": "...", "source": "..."},
+     "tokenizer": {"file": "tokenizer.json", "vocab_size": V, "eos_id": E, "eos_token": "...",
+                   "bos_id": B or null, "document": "<s> $text </s>", "source": "..."},
      "splits": {"train": {"tokens": .., "documents": .., "shards": [{"file": "train_000000.bin",
                 "tokens": N, "documents": D, "bytes": ..., "crc32": ...}, ...]}, "val": {...}},
      "cleaning": {"documents_in": .., "kept": .., "duplicate": .., "empty": .., ...}, ...}
@@ -365,12 +366,14 @@ def _check_manifest(path: Path, m) -> None:
     tok = m.get("tokenizer", {})
     if not isinstance(tok, dict):
         fail("tokenizer", "an object", tok)
-    vocab, eos = tok.get("vocab_size"), tok.get("eos_id")
+    vocab = tok.get("vocab_size")
     if vocab is not None and (not _is_int(vocab) or not 0 <= vocab < 2**32):
         fail("tokenizer.vocab_size", "null or an int in [0, 2^32)", vocab)
-    if eos is not None and (not _is_int(eos) or not 0 <= eos < (vocab or NO_EOS)):
-        fail("tokenizer.eos_id", f"null or an int in [0, {vocab or NO_EOS})" + (" (the vocab size)" if vocab else ""),
-             eos)
+    for field in ("eos_id", "bos_id"):
+        value = tok.get(field)
+        if value is not None and (not _is_int(value) or not 0 <= value < (vocab or NO_EOS)):
+            bound = f"[0, {vocab or NO_EOS})" + (" (the vocab size)" if vocab else "")
+            fail(f"tokenizer.{field}", f"null or an int in {bound}", value)
     splits = m.get("splits")
     if not isinstance(splits, dict):
         fail("splits", "an object mapping split names to {\"shards\": [...]}", splits)

@@ -117,9 +117,10 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
 
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: Path | None = None,
-              eos_id: int | None = None) -> Path:
+              eos_id: int | None = None, bos_id: int | None = None) -> Path:
     """Write out_dir/model.safetensors and config.json (and tokenizer.json when given). With several
-    processes every rank must call this (the full state dict is gathered); rank 0 writes."""
+    processes every rank must call this (the full state dict is gathered); rank 0 writes. eos_id, bos_id:
+    the dataset's (its manifest's tokenizer.eos_id and bos_id; no bos_id: the EOS starts a document too)."""
     from safetensors.torch import save_file
 
     state = hf_state_dict(model, cfg)
@@ -127,8 +128,10 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, *, 
     if state is None:
         return out
     tensors, config = state
-    # The dataset's end-of-document token, which its tokenizer also uses to start one (None if unknown).
-    config["eos_token_id"] = config["bos_token_id"] = eos_id
+    # The dataset's end-of-document token (None if unknown) and the token in front of each document: a Llama
+    # tokenizer's <s>, else the EOS (GPT-2's <|endoftext|> does both).
+    config["eos_token_id"] = eos_id
+    config["bos_token_id"] = eos_id if bos_id is None else bos_id
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

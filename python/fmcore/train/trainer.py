@@ -794,7 +794,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     if ck.export_hf:
         from fmcore.train.export import export_hf
 
-        export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None))
+        export_hf(raw_model, mcfg, run_dir / "hf", tokenizer=tokenizer, eos_id=getattr(loader, "eos_id", None),
+                  bos_id=getattr(loader, "bos_id", None))
     out = {}
     if env.main:
         report.close()
