@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,22 @@ hf = pytest.importorskip("fmcore.hf")
 V = 101  # odd vocab: no power-of-two chunking hides an edge
 
 
-def llama_config(**kw):
+RMS_KINDS = ["llama", "mistral", "qwen2", "qwen3"]  # Llama's modules, copied into each family
+KINDS = [*RMS_KINDS, "gpt2"]
+
+
+def rms_config(kind="llama", **kw):
     # GQA (4 query heads over 2 kv heads); head dim 16; intermediate 96 (not a multiple of the width);
-    # biases on the attention projections so a dropped one shows; no eos so generate runs all its steps
+    # biases on the attention projections (Mistral has none; Qwen2's are always on), so a dropped one
+    # shows; no eos so generate runs all its steps. Mistral keeps its default sliding window of 4096
+    # (longer than any sequence here: the kernel's case); Qwen3 adds q_norm and k_norm on the head dim.
     base = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, attention_bias=True, tie_word_embeddings=False,
-                rms_norm_eps=1e-5, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa")
-    return transformers.LlamaConfig(**(base | kw))
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attention_bias=True,
+                tie_word_embeddings=False, rms_norm_eps=1e-5, eos_token_id=None, pad_token_id=0,
+                attn_implementation="sdpa")
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[kind]
+    return cls(**(base | kw))
 
 
 def gpt2_config(**kw):
@@ -42,10 +52,10 @@ def gpt2_config(**kw):
 
 def build(kind, dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(llama_config(**kw))
-    else:
+    if kind == "gpt2":
         model = transformers.GPT2LMHeadModel(gpt2_config(**kw))
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(rms_config(kind, **kw))
     with torch.no_grad():  # norm weights and biases away from their 1 / 0 init, so a dropped one shows
         for p in model.parameters():
             if p.dim() == 1:
@@ -64,20 +74,32 @@ def fresh_warnings(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """(Sq, Sk) of every call that reached fmcore's flash attention through the interface."""
+    """Every call that reached fmcore's flash attention through the interface: (Sq, Sk) of the batched
+    kernel, ("varlen", cu_seqlens_q, cu_seqlens_k) of the varlen one."""
     calls = []
 
     def spy(q, k, v, **kw):
         calls.append((q.shape[1], k.shape[1]))
         return flash_attention(q, k, v, **kw)
 
-    flash_attention = hf.flash_attention
+    def varlen_spy(q, k, v, cu_q, cu_k, *args, **kw):
+        calls.append(("varlen", *([] if torch.compiler.is_compiling() else [cu_q.tolist(), cu_k.tolist()])))
+        return flash_attention_varlen(q, k, v, cu_q, cu_k, *args, **kw)
+
+    flash_attention, flash_attention_varlen = hf.flash_attention, hf.flash_attention_varlen
     monkeypatch.setattr(hf, "flash_attention", spy)
+    monkeypatch.setattr(hf, "flash_attention_varlen", varlen_spy)
     return calls
 
 
 def tokens(B=2, S=37, seed=1):  # 37: not a power of two
     return torch.randint(1, V, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def padding_mask(x, valid, side):
+    """The attention mask of x's rows holding these numbers of tokens, padded on the left or right."""
+    pos, n = torch.arange(x.shape[1]), torch.tensor(valid)[:, None]
+    return (pos < n if side == "right" else pos >= x.shape[1] - n).long()
 
 
 def labels_of(x):
@@ -96,7 +118,7 @@ def loss_and_grads(model, x, labels, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_logits_loss_and_every_gradient_match_transformers(kind, dtype, kernel_calls):
     base = build(kind, dtype)
     ref = copy.deepcopy(base).double()  # the same (rounded) weights in float64
@@ -121,10 +143,11 @@ def test_logits_loss_and_every_gradient_match_transformers(kind, dtype, kernel_c
         assert_close_to_ref(g_fm[name], g_ref[name], g_hf[name], name)
 
 
-@pytest.mark.parametrize("kind, rope", [("llama", True), ("llama", False), ("gpt2", True)])
+@pytest.mark.parametrize("kind, rope", [("llama", True), ("llama", False), ("qwen3", True), ("gpt2", True)])
 def test_mixed_precision_under_autocast_matches_transformers(kind, rope, kernel_calls):
     # fp32 weights, bf16 matmuls: what most training runs do. The kernel must get autocast's dtype
-    # (HF's own RoPE, rope=False, multiplies bf16 q and k by fp32 tables: fp32 q and k beside a bf16 v).
+    # (HF's own RoPE, rope=False, multiplies bf16 q and k by fp32 tables: fp32 q and k beside a bf16 v;
+    # Qwen3's fp32 q_norm and k_norm weights make fp32 q and k too). The residual stream stays fp32.
     base = build(kind)
     ref = copy.deepcopy(base).double()
     fm = patched(base, rope=rope)
@@ -159,17 +182,39 @@ def test_rms_norm_returns_transformers_dtype(x_dtype, w_dtype):
     assert_close_to_ref(got, ref, want, "rms_norm")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    base = build("llama")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_gradient_checkpointing_recomputes_the_fused_layers_and_gives_the_same_gradients(kind):
+    # HF checkpoints in the forward its layer classes get when defined; the fused layer forward bound to
+    # the instance must checkpoint itself, or memory silently grows back (the gradients alone cannot tell).
+    base = build(kind)
     fm = patched(base)
     x = tokens()
     labels = labels_of(x)
     want, g_want = loss_and_grads(fm, x, labels)
+    layers = fm.model.layers if kind != "gpt2" else fm.transformer.h
+    attention_calls = []
+    for layer in layers:
+        (layer.self_attn if kind != "gpt2" else layer.attn).register_forward_hook(lambda *_: attention_calls.append(1))
     fm.activation_checkpointing_enable()
-    got, g_got = loss_and_grads(fm, x, labels, use_cache=False)
+    got, g_got = loss_and_grads(fm, x, labels)
+    assert len(attention_calls) == 2 * len(layers)  # the forward, then its replay in the backward
     torch.testing.assert_close(got.loss, want.loss)
     for name in g_want:
         torch.testing.assert_close(g_got[name], g_want[name])
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_hidden_states_are_each_layers_output(kind):
+    # HF records each decoder layer's output: the fused layers return the residual stream as before.
+    base = build(kind).eval()
+    fm = patched(base).eval()
+    x = tokens()
+    with torch.no_grad():
+        want = base(x, output_hidden_states=True).hidden_states
+        got = fm(x, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_fallback_keeps_the_bottom_right_alignment(monkeypatch):
@@ -220,7 +265,7 @@ def test_logits_are_kept_when_asked_for():
     torch.testing.assert_close(as_tuple[0], want.loss)  # (loss,): the logits are None, to_tuple drops them
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generate_with_the_kv_cache_matches(kind, kernel_calls):
     base = build(kind).eval()
     fm = patched(base).eval()
@@ -234,37 +279,212 @@ def test_greedy_generate_with_the_kv_cache_matches(kind, kernel_calls):
     assert (9, 9) in kernel_calls and (1, 20) in kernel_calls
 
 
-def test_a_chunk_after_a_cache_is_bottom_right_causal(kernel_calls):
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_chunk_after_a_cache_is_bottom_right_causal(padded, kernel_calls):
     # 6 new queries against 10 cached keys + their own: query i sees keys <= 10 + i (FlashAttention's
     # bottom-right alignment, what HF's causal mask is there). Top-left would hide most of the cache.
+    # Padded: the second row's 3 first tokens are padding, its 6 queries see 7 + i valid keys.
     base = build("llama").eval()
     fm = patched(base).eval()
     x = tokens(S=16)
+    mask = padding_mask(x, [16, 13], "left") if padded else torch.ones_like(x)
     with torch.no_grad():
         outs = []
         for model in (base, fm):
-            cache = model(x[:, :10], use_cache=True).cache
-            outs.append(model(x[:, 10:], cache=cache, use_cache=True).logits)
+            cache = model(x[:, :10], attention_mask=mask[:, :10], use_cache=True).cache
+            outs.append(model(x[:, 10:], attention_mask=mask, cache=cache, use_cache=True).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    assert (6, 16) in kernel_calls  # not a fallback with a materialized mask
+    # not a fallback with a materialized mask
+    want = ("varlen", [0, 6, 6, 6, 12, 12, 12], [0, 16, 16, 16, 29, 29, 32]) if padded else (6, 16)
+    assert want in kernel_calls
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_padded_batch_falls_back_to_sdpa_and_matches(kind, kernel_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind, side", [("llama", "left"), ("mistral", "right"), ("qwen3", "left"), ("gpt2", "right")])
+def test_a_padded_batch_runs_the_varlen_kernel_and_matches(kind, side, dtype, kernel_calls):
+    # Rows of 37, 30 and 1 tokens: a full row, a padded one, one padded down to a single token. Each row
+    # is three documents of the varlen kernel: its tokens (moved first), its padded queries (no key),
+    # its padded keys (no query). Outputs are compared where they are tokens, the loss ignores padding.
+    base = build(kind, dtype)
+    ref = copy.deepcopy(base).double()
+    fm = patched(base)
+    x = tokens(B=3)
+    mask = padding_mask(x, [37, 30, 1], side)
+    valid = mask.bool()
+    labels = labels_of(x).masked_fill(~valid, -100)
+    with torch.no_grad():
+        want = ref.eval()(x, attention_mask=mask).logits[valid]
+        got, hf_out = fm.eval()(x, attention_mask=mask).logits, base.eval()(x, attention_mask=mask).logits
+        assert_close_to_ref(got[valid], want, hf_out[valid], "logits")
+    # per row: (tokens, padded queries, nothing) / (tokens, nothing, padded keys), the same either side
+    cu_q, cu_k = [0, 37, 37, 37, 67, 74, 74, 75, 111, 111], [0, 37, 37, 37, 67, 67, 74, 75, 75, 111]
+    assert kernel_calls and all(c == ("varlen", cu_q, cu_k) for c in kernel_calls)
+
+    out_ref, g_ref = loss_and_grads(ref, x, labels, attention_mask=mask)
+    out_hf, g_hf = loss_and_grads(base, x, labels, attention_mask=mask)
+    out_fm, g_fm = loss_and_grads(fm, x, labels, attention_mask=mask)
+    assert_close_to_ref(out_fm.loss, out_ref.loss, out_hf.loss, "loss", floor_dtype=dtype)
+    for name in g_ref:
+        assert_close_to_ref(g_fm[name], g_ref[name], g_hf[name], name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_generate_from_a_left_padded_batch_matches(kind, kernel_calls):
     base = build(kind).eval()
     fm = patched(base).eval()
-    x = tokens(S=12)
-    mask = torch.ones_like(x)
-    mask[0, :4] = 0  # left padding, as generate wants it
-    with pytest.warns(UserWarning, match="an attention mask"):
-        with torch.no_grad():
-            got = fm(x, attention_mask=mask).logits
+    x = tokens(B=3, S=9)
+    mask = padding_mask(x, [9, 5, 1], "left")
+    args = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+                return_dict_in_generate=True)
+    want, got = base.generate(x, **args), fm.generate(x, **args)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the prefill, then each step's query of each row against its cached tokens, on the varlen kernel
+    assert all(c[0] == "varlen" for c in kernel_calls) and len(kernel_calls) == 8 * 2
+    assert kernel_calls[0][1] == [0, 9, 9, 9, 14, 18, 18, 19, 27, 27]
+    assert kernel_calls[-1][1:] == ([0, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 16, 16, 16, 28, 28, 32, 40, 40, 48])
+
+
+def packed_batch(layout):
+    """Documents packed by position_ids restarting at 0, with their cu_seqlens: DataCollatorWithFlattening's
+    one row of 13, 1 and 23 tokens (a document of one token), or two rows, the second of two documents."""
+    if layout == "flattened":
+        docs = [{"input_ids": tokens(B=1, S=n, seed=n)[0].tolist()} for n in (13, 1, 23)]
+        batch = transformers.DataCollatorWithFlattening()(docs)
+        return batch, [0, 13, 14, 37]
+    x = tokens()
+    position_ids = torch.arange(37).repeat(2, 1)
+    position_ids[1, 10:] -= 10
+    return dict(input_ids=x, labels=labels_of(x), position_ids=position_ids), [0, 37, 47, 74]
+
+
+@pytest.mark.parametrize("kind, layout", [("llama", "flattened"), ("qwen3", "rows"), ("gpt2", "flattened"),
+                                          ("gpt2", "rows")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_sequences_run_the_varlen_kernel_per_document(kind, layout, dtype, kernel_calls):
+    # HF masks attention to each document (no attention mask, no cache: use_cache=False); so must we.
+    base = build(kind, dtype)
+    ref = copy.deepcopy(base).double()
+    fm = patched(base)
+    batch, cu = packed_batch(layout)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        want = base(x, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
-    assert not kernel_calls
-    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(fm.generate(x, **gen), base.generate(x, **gen))
+        want = ref.eval()(**inputs, use_cache=False).logits
+        got, hf_out = fm.eval()(**inputs, use_cache=False).logits, base.eval()(**inputs, use_cache=False).logits
+        assert_close_to_ref(got, want, hf_out, "logits")
+    assert kernel_calls == [("varlen", cu, cu)] * 2
+
+    x, labels = batch["input_ids"], batch["labels"]
+    kw = dict(position_ids=batch["position_ids"], use_cache=False)
+    out_ref, g_ref = loss_and_grads(ref, x, labels, **kw)
+    out_hf, g_hf = loss_and_grads(base, x, labels, **kw)
+    out_fm, g_fm = loss_and_grads(fm, x, labels, **kw)
+    assert_close_to_ref(out_fm.loss, out_ref.loss, out_hf.loss, "loss", floor_dtype=dtype)
+    for name in g_ref:
+        assert_close_to_ref(g_fm[name], g_ref[name], g_hf[name], name)
+
+
+@pytest.mark.parametrize("batch", ["padded", "packed", "generate"])
+def test_the_fallback_masks_what_the_varlen_kernel_would(batch, monkeypatch):
+    # What the kernel cannot take (dropout, a dtype or head dim CUDA lacks) runs HF's SDPA: the mask
+    # function's padding mask or cu_seqlens must become the 4-D mask of the same attention (in decoding
+    # too, the queries the last keys).
+    fm = patched(build("llama")).eval()
+    if batch == "generate":
+        x = tokens(B=3, S=9)
+        args = dict(attention_mask=padding_mask(x, [9, 5, 1], "left"), max_new_tokens=6, do_sample=False,
+                    output_logits=True, return_dict_in_generate=True)
+        want = fm.generate(x, **args)
+        monkeypatch.setattr(hf, "_sdpa_fallback_reason", lambda *a: "a reason")
+        with pytest.warns(UserWarning, match="a reason"):
+            got = fm.generate(x, **args)
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.logits, want.logits):  # (a tiny model's greedy tokens soon repeat: the logits tell)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        return
+    if batch == "padded":
+        x = tokens(B=3)
+        mask = padding_mask(x, [37, 30, 1], "left")
+        inputs, valid = dict(input_ids=x, attention_mask=mask), mask.bool()
+    else:
+        inputs = packed_batch("rows")[0]
+        del inputs["labels"]
+        inputs["use_cache"], valid = False, torch.ones(2, 37, dtype=torch.bool)
+    with torch.no_grad():
+        want = fm(**inputs).logits
+        monkeypatch.setattr(hf, "_sdpa_fallback_reason", lambda *a: "a reason")
+        with pytest.warns(UserWarning, match="a reason"):
+            got = fm(**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_a_2d_mask_not_made_by_the_mask_function_is_refused():
+    # A tokenizer's 0/1 mask handed straight to the attention function would be misread: refused by name.
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    with pytest.raises(ValueError, match="a bool .* padding mask, got torch.int64"):
+        hf.attention_forward(module, q, k, v, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, Sk\) = \(2, 5\) padding mask, got torch.bool of shape \(2, 4\)"):
+        hf.attention_forward(module, q, k, v, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="int32 cu_seqlens"):
+        hf.attention_forward(module, q, k, v, torch.tensor([0, 5, 10]))
+
+
+def test_a_layout_is_reused_only_for_the_same_mask_and_queries():
+    # Every layer of a forward passes the same mask tensor, whose layout is made once: the same mask with
+    # fewer queries, or changed in place, must not reuse it.
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    k, v = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    for sq, change in ((6, False), (3, False), (3, True)):
+        if change:
+            mask[0, :3] = False
+        q = torch.randn(2, 4, sq, 16)
+        got, _ = hf.attention_forward(module, q, k, v, mask)
+        want, _ = hf.sdpa_attention_forward(module, q, k, v, hf._sdpa_mask(mask, q, k, True), is_causal=True)
+        valid = mask[:, -sq:]
+        torch.testing.assert_close(got[valid], want[valid])
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_the_patched_attention_passes_the_interface_what_transformers_does(kind):
+    # FlashAttention-2 (not on the CPU) reads the sliding window from the interface's keywords: Mistral's
+    # from its config, Qwen2's per layer (None on its full-attention layer 0).
+    seen = []
+
+    def spy(module, *args, **kwargs):
+        seen.append({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+        return hf.sdpa_attention_forward(module, *args, **kwargs)
+
+    transformers.AttentionInterface.register("fmcore_test_spy", spy)
+    transformers.masking_utils.AttentionMaskInterface.register("fmcore_test_spy", transformers.masking_utils.sdpa_mask)
+    kw = dict(use_sliding_window=True, max_window_layers=1) if kind == "qwen2" else {}
+    base = build(kind, sliding_window=50, attn_implementation="fmcore_test_spy", **kw).eval()
+    fm = patched(base, attention=False)
+    with torch.no_grad():
+        base(tokens())
+        fm(tokens())
+    assert seen[:2] == seen[2:] and seen[1]["sliding_window"] == 50
+
+
+@pytest.mark.parametrize("kind, window, on_kernel", [("mistral", 37, 2), ("mistral", 36, 0), ("qwen2", 36, 1)])
+def test_a_sliding_window_runs_the_kernel_only_where_it_hides_nothing(kind, window, on_kernel, kernel_calls):
+    # Of 37 keys the farthest is 36 back: a window of 37 hides nothing, one of 36 hides it (SDPA then,
+    # with HF's sliding-window mask). Mistral's window is on every layer; Qwen2's from max_window_layers on.
+    kw = dict(use_sliding_window=True, max_window_layers=1) if kind == "qwen2" else {}
+    base = build(kind, sliding_window=window, **kw).eval()
+    fm = patched(base).eval()
+    x = tokens()
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        got = fm(x).logits
+    torch.testing.assert_close(got, base(x).logits, rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [(37, 37)] * on_kernel  # (of the 2 layers)
+    assert any("sliding window" in str(w.message) for w in record) == (on_kernel < 2)
 
 
 def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kernel_calls):
@@ -285,16 +505,27 @@ def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kernel_calls):
     assert not kernel_calls  # (HF masks every decode step against a static cache too)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_compiles_with_fullgraph(kind):
-    # HF marks both models _can_compile_fullgraph; the patched forwards must not break the graph.
+@pytest.mark.parametrize("kind, batch", [*[(kind, "plain") for kind in KINDS], ("llama", "padded"),
+                                         ("gpt2", "padded"), ("qwen2", "packed")])
+def test_compiles_with_fullgraph(kind, batch, kernel_calls):
+    # HF marks these models _can_compile_fullgraph; the patched forwards must not break the graph. A padded
+    # batch takes the varlen kernel in the graph too (static shapes); a packed one HF's SDPA, as HF cannot
+    # tell under torch.compile whether a batch is packed (neither can we: its documents are values).
     base = build(kind)
     fm = patched(base)
-    x = tokens(S=16)
+    x = tokens(B=3, S=16)
     labels = labels_of(x)
-    want, g_want = loss_and_grads(fm, x, labels)
+    kw = {}
+    if batch == "padded":  # (use_cache=False: a mask keeps HF from marking the batch packed)
+        kw = dict(attention_mask=padding_mask(x, [16, 11, 1], "left"), use_cache=False)
+        labels = labels.masked_fill(kw["attention_mask"] == 0, -100)
+    if batch == "packed":
+        kw = dict(position_ids=torch.cat([torch.arange(7), torch.arange(9)]).repeat(3, 1), use_cache=False)
+    want, g_want = loss_and_grads(fm, x, labels, **kw)
+    kernel_calls.clear()
     compiled = torch.compile(fm, fullgraph=True, backend="aot_eager")
-    got, g_got = loss_and_grads(compiled, x, labels)
+    got, g_got = loss_and_grads(compiled, x, labels, **kw)
+    assert kernel_calls == {"plain": [(16, 16)] * 2, "padded": [("varlen",)] * 2, "packed": []}[batch]
     torch.testing.assert_close(got.loss, want.loss)
     for name in g_want:
         torch.testing.assert_close(g_got[name], g_want[name])
@@ -364,16 +595,22 @@ def test_flags_choose_what_is_patched():
     fm = patched(build("llama"), attention=False, rope=False, mlp=False, loss=False)
     assert fm.config._attn_implementation == "sdpa" and "forward" not in vars(fm)
     assert "forward" in vars(fm.model.norm) and "forward" not in vars(fm.model.layers[0].mlp)
-    assert "forward" not in vars(fm.model.layers[0].self_attn)
+    assert "forward" not in vars(fm.model.layers[0].self_attn) and "forward" in vars(fm.model.layers[0])
+    fm = patched(build("gpt2"), residual=False)
+    assert "forward" not in vars(fm.transformer.h[0]) and "forward" in vars(fm.transformer.h[0].ln_2)
+    # (cross-attention sits between attention and ln_2: such a block keeps HF's forward)
+    fm = patched(build("gpt2", add_cross_attention=True))
+    assert "forward" not in vars(fm.transformer.h[0]) and "forward" in vars(fm.transformer.h[0].ln_2)
 
 
 def test_unsupported_models_and_activations_are_refused_by_name():
     with pytest.raises(TypeError, match="LlamaModel"):
         hf.apply_to(build("llama").model)
-    with pytest.raises(TypeError, match="MistralForCausalLM"):
-        hf.apply_to(transformers.MistralForCausalLM(transformers.MistralConfig(
+    # Gemma's RMSNorm scales by (1 + weight) and its MLP is a GELU-tanh gate: not approximated by Llama's.
+    with pytest.raises(TypeError, match="got GemmaForCausalLM"):
+        hf.apply_to(transformers.GemmaForCausalLM(transformers.GemmaConfig(
             vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1)))
+            num_key_value_heads=1, head_dim=16)))
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         hf.apply_to(build("llama", hidden_act="gelu"))
     hf.apply_to(build("llama", hidden_act="gelu"), mlp=False)

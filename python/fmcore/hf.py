@@ -1,7 +1,7 @@
 """fmcore's kernels inside an existing Hugging Face transformers model, without rewriting it.
 
     import fmcore.hf
-    model = AutoModelForCausalLM.from_pretrained(path)   # a LlamaForCausalLM or GPT2LMHeadModel
+    model = AutoModelForCausalLM.from_pretrained(path)   # Llama, Mistral, Qwen2, Qwen3 or GPT-2
     fmcore.hf.apply_to(model)                            # norms, MLP, RoPE, attention, lm-head + loss
 
 or fmcore's attention alone, for any model written on transformers' attention interface:
@@ -20,11 +20,28 @@ How transformers (5.x) is matched:
   queries for it); fmcore's causal mask is bottom-right, as FlashAttention's (on which transformers'
   flash-attention integration relies for a decode step or a chunk after a cache). Our mask function
   therefore returns None only when the mask is exactly the bottom-right causal one (no padding, the
-  queries the last tokens of the keys: a prefill, a decode step, a chunk after a dynamic cache),
-  and builds HF's boolean mask otherwise; a mask, dropout, or an input the kernel does not cover
-  goes to HF's own SDPA function, with a one-time warning naming the reason.
+  queries the last tokens of the keys: a prefill, a decode step, a chunk after a dynamic cache; a
+  sliding window as long as the keys hides nothing), and builds HF's boolean mask where the kernel
+  cannot apply it (a shorter window, a static cache, a mask function it does not recognise).
+- Padding and packing, on fmcore's varlen kernel. Over padding (training, prefill, decoding against a
+  padded dynamic cache) the mask function hands attention the (B, Sk) bool mask; attention moves each
+  row's tokens before its padding (a stable sort) and runs three documents a row: the tokens, the
+  padded queries with no key (output 0, as transformers' FlashAttention path leaves them), the padded
+  keys with no query. The shapes stay static, so this needs no host sync and compiles, where
+  transformers' unpadding reads back a nonzero and a max. Packed sequences (position_ids restarting,
+  as DataCollatorWithFlattening makes them) are what HF's own mask creation detects (no attention
+  mask, no cache); its mask function then carries the document ids, which ours turns into cu_seqlens
+  once a forward (under torch.compile, where HF marks every such batch packed, unable to read the ids
+  either, the mask is materialised). HF's mask functions are recognised by their closures' code, so a
+  transformers that builds them otherwise runs SDPA rather than being misread. A 4-D mask, dropout, or
+  an input the kernel does not cover goes to HF's own SDPA function (our 1-D and 2-D forms made 4-D),
+  with a one-time warning naming the reason.
 - RoPE: HF's cos/sin tables (any rope_type: scaling is already in them) are rotated in by fmcore's
-  op in the (B, S, H, D) layout the projections produce, before the transposes.
+  op in the (B, S, H, D) layout the projections produce, before the transposes (after Qwen3's
+  q_norm and k_norm).
+- Decoder layers: the residual add after attention and the norm after it are one ``add_norm``, which
+  returns both. The forward bound to the layer instance replaces the one HF's gradient checkpointing
+  wraps at class creation, so it checkpoints itself as that one does.
 - Loss: ``ForCausalLMLoss`` (labels shifted left and padded with ignore_index, mean over the kept
   tokens, or a sum over ``num_items_in_batch`` when the Trainer passes it, ``shift_labels`` taken
   as given, an fp32 loss) computed by ``linear_cross_entropy`` from the final hidden states.
@@ -37,26 +54,37 @@ import functools
 import inspect
 import types
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:
-    from transformers import AttentionInterface, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import (AttentionInterface, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+                              Qwen2ForCausalLM, Qwen3ForCausalLM)
 except ImportError as e:  # (the tests skip without transformers)
     raise ImportError("fmcore.hf needs transformers: pip install 'fmcore[hf]'") from e
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
+                                       packed_sequence_mask_function, remap_positions_for_packed_sequence, sdpa_mask,
+                                       sliding_window_overlay)
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Block
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm,
+                                                      eager_attention_forward)
+from transformers.models.mistral.modeling_mistral import (MistralAttention, MistralDecoderLayer, MistralMLP,
+                                                          MistralRMSNorm)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP, Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer, Qwen3MLP, Qwen3RMSNorm
 from transformers.utils.import_utils import is_tracing
 
 from fmcore.nn.rotary import apply_rotary_pos_emb
-from fmcore.ops import add_norm, bias_gelu, flash_attention, linear_cross_entropy, swiglu
+from fmcore.ops import add_norm, bias_gelu, flash_attention, flash_attention_varlen, linear_cross_entropy, swiglu
 from fmcore.ops._common import autocast_dtype
 from fmcore.ops.attention import _sdpa_fallback_reason
 
@@ -77,8 +105,9 @@ def _warn_once(reason: str) -> None:
 
 
 def _fallback_reason(query, key, value, attention_mask, dropout, kwargs) -> str | None:
-    if attention_mask is not None:
-        return "an attention mask: padding, packed sequences, a sliding window or a static cache"
+    if attention_mask is not None and attention_mask.dim() > 2:
+        return ("an attention mask beyond padding and packed documents: a sliding window shorter than the keys, a "
+                "static cache or a custom mask")
     if dropout > 0.0:
         return "attention dropout in training"
     for name in ("position_bias", "softcap", "s_aux"):
@@ -92,48 +121,193 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: q (B, Hq, Sq, D), k/v (B, Hk, Sk, D) in, (B, Sq, Hq, D) out and
-    no attention weights. Without a mask, causal attention is aligned bottom-right (see the module
-    docstring); anything else runs transformers' SDPA function."""
+    no attention weights. attention_mask is what the mask function ``_mask`` made: None (causal aligned
+    bottom-right, or none), a (B, Sk) bool padding mask or a packed batch's int32 cu_seqlens (causal, on
+    the varlen kernel), or a 4-D mask, which runs transformers' SDPA function, as does anything else the
+    kernel does not cover."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dtypes = [autocast_dtype(t) for t in (query, key, value)]  # what torch's SDPA computes in under autocast
     q, k, v = [t if d is None else t.to(d) for t, d in zip((query, key, value), dtypes)]
+    _check_mask(attention_mask, query, key)
     reason = _fallback_reason(q, k, v, attention_mask, dropout, kwargs)
     if reason is not None:
         _warn_once(reason)
-        sq, sk = query.shape[2], key.shape[2]
-        if attention_mask is None and causal and sq > 1 and sq != sk:
-            # HF's SDPA would read the missing mask top-left; ours means bottom-right.
-            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, _sdpa_mask(attention_mask, query, key, causal),
+                                      dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
+    if attention_mask is not None:
+        return _varlen_attention(q, k, v, attention_mask, scaling), None
     # One query sees every key either way; non-causal lets the CPU use torch's fused kernel for it.
     out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                           causal=causal and q.shape[2] > 1, softmax_scale=scaling)
     return out, None
 
 
+def _check_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> None:
+    """The 1-D and 2-D forms are the mask function's own; anything else of those ranks is refused, never read
+    (a 0/1 int tokenizer mask passed straight here would otherwise be misread)."""
+    if mask is None or mask.dim() > 2:
+        return
+    B, sk = query.shape[0], key.shape[2]
+    if mask.dim() == 2 and (mask.dtype != torch.bool or tuple(mask.shape) != (B, sk)):
+        raise ValueError(f"expected attention_mask of fmcore.hf's mask function: a bool (B, Sk) = {(B, sk)} padding "
+                         f"mask, got {mask.dtype} of shape {tuple(mask.shape)}")
+    if mask.dim() == 1 and (mask.dtype != torch.int32 or query.shape[2] != sk):
+        raise ValueError(f"expected attention_mask of fmcore.hf's mask function: int32 cu_seqlens of a packed batch "
+                         f"(queries = keys), got {mask.dtype} of shape {tuple(mask.shape)} for {query.shape[2]} "
+                         f"queries and {sk} keys")
+
+
+def _sdpa_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, causal: bool):
+    """What HF's SDPA function needs to compute what fmcore's kernel would have: the mask forms made explicit."""
+    B, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    if mask is None:
+        # HF's SDPA reads a missing mask top-left; ours means bottom-right.
+        return torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq) \
+            if causal and sq > 1 and sq != sk else None
+    args = dict(batch_size=B, q_length=sq, kv_length=sk, allow_is_causal_skip=False, device=query.device)
+    if mask.dim() == 2:  # padding: causal over the valid keys, the queries the last of them
+        return sdpa_mask(q_offset=sk - sq, attention_mask=mask, **args)
+    if mask.dim() == 1:  # cu_seqlens: causal within each document
+        docs = torch.searchsorted(mask, torch.arange(B * sk, dtype=mask.dtype, device=mask.device), right=True)
+        return sdpa_mask(mask_function=and_masks(causal_mask_function, packed_sequence_mask_function(docs.view(B, sk))),
+                         **args)
+    return mask
+
+
+class _Layout(NamedTuple):
+    """A batch on the varlen kernel: its (B * S) flattened rows reordered by q_order / k_order (None: as
+    they are; q_back undoes q_order on the output) into the documents of cu_q / cu_k."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    q_order: torch.Tensor | None = None
+    q_back: torch.Tensor | None = None
+    k_order: torch.Tensor | None = None
+
+
+def _varlen_attention(q, k, v, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention within each row's valid tokens or each packed document: q (B, Hq, Sq, D), k/v (B, Hk,
+    Sk, D) in, (B, Sq, Hq, D) out, 0 at padded queries (what transformers' FlashAttention path leaves)."""
+    B, hq, sq, d = q.shape
+    layout = _layout(mask, sq)
+    q, k, v = [t.transpose(1, 2).reshape(-1, t.shape[1], d) for t in (q, k, v)]
+    if layout.q_order is not None:
+        q, k, v = q[layout.q_order], k[layout.k_order], v[layout.k_order]
+    out = flash_attention_varlen(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=True,
+                                 softmax_scale=scale)
+    if layout.q_back is not None:
+        out = out[layout.q_back]
+    return out.view(B, sq, hq, d)
+
+
+_last_layout: list = [None]  # [(weakref to the mask, (its version, Sq), its _Layout)]
+
+
+def _layout(mask: torch.Tensor, sq: int) -> _Layout:
+    """The mask's layout, made once for all the layers of a forward (they get the same mask tensor): one
+    cu_seqlens, whose values flash_attention_varlen then checks once on CUDA (a host sync), as a packed
+    batch's max_seqlen is read once."""
+    memo = not torch.compiler.is_compiling() and not mask.is_inference()  # (inference tensors have no version)
+    hit = _last_layout[0]
+    if memo and hit is not None and hit[0]() is mask and hit[1] == (mask._version, sq):
+        return hit[2]
+    if mask.dim() == 1:
+        longest = int(mask.diff().max())
+        layout = _Layout(mask, mask, longest, longest)
+    else:
+        layout = _padding_layout(mask, sq)
+    if memo:
+        _last_layout[0] = (weakref.ref(mask), (mask._version, sq), layout)
+    return layout
+
+
+def _padding_layout(mask: torch.Tensor, sq: int) -> _Layout:
+    """Each row's valid tokens moved first (in order), then its padding, as three documents: the valid
+    queries with the valid keys, the padded queries with no key (their output 0), no query with the
+    padded keys. The queries are the last Sq keys (the mask function's condition), so that the kernel's
+    bottom-right causal alignment shows each valid query the valid keys up to itself. Unlike
+    transformers' unpadding (a nonzero and a max read back), every shape is static: no host sync, and it
+    compiles; the rows stay B * S, the padded ones costing no attention."""
+    B, sk = mask.shape
+    qmask = mask[:, sk - sq:]
+    nq, nk = qmask.sum(1, dtype=torch.int32), mask.sum(1, dtype=torch.int32)
+    row = torch.arange(B, dtype=torch.int32, device=mask.device)
+    cu_q = F.pad(torch.stack([row * sq + nq, (row + 1) * sq, (row + 1) * sq], 1).flatten(), (1, 0))
+    cu_k = F.pad(torch.stack([row * sk + nk, row * sk + nk, (row + 1) * sk], 1).flatten(), (1, 0))
+    q_order = _valid_first(qmask)
+    k_order = q_order if sq == sk else _valid_first(mask)
+    return _Layout(cu_q, cu_k, sq, sk, q_order, torch.argsort(q_order), k_order)
+
+
+def _valid_first(mask: torch.Tensor) -> torch.Tensor:
+    """The flat indices of a (B, S) mask's tokens: row by row, the valid ones (in order), then the padding."""
+    row = torch.arange(mask.shape[0], device=mask.device)[:, None]
+    return torch.argsort((2 * row + ~mask).flatten(), stable=True)
+
+
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
           attention_mask=None, allow_is_causal_skip=True, **kwargs):
-    """None when the mask is the bottom-right causal one fmcore's kernel applies by itself, else HF's
-    boolean (B, 1, Sq, Sk) SDPA mask, never HF's None (which its SDPA function reads top-left)."""
-    if (allow_is_causal_skip and mask_function is causal_mask_function
-            and all(isinstance(x, (int, torch.SymInt)) for x in (q_offset, kv_offset))  # (tensors: a static cache)
-            # the queries are the last keys (not in a static cache's prefill: its keys run to max_cache_len)
-            and statically_known_true(q_offset + q_length == kv_offset + kv_length)
-            and _no_padding(attention_mask, kv_length, kv_offset)):
-        return None
+    """The mask for ``attention_forward``: None when it is the bottom-right causal one fmcore's kernel
+    applies by itself; the (B, Sk) bool padding mask of a causal mask over padding, or the int32
+    cu_seqlens of HF's packed sequences (both for the varlen kernel); else HF's boolean (B, 1, Sq, Sk)
+    SDPA mask, never HF's None (which its SDPA function reads top-left)."""
+    # The queries are the last keys (not with a static cache: tensor offsets, keys run to max_cache_len).
+    last = (all(isinstance(x, (int, torch.SymInt)) for x in (q_offset, kv_offset))
+            and statically_known_true(q_offset + q_length == kv_offset + kv_length))
+    # (Reading the document ids needs their values: under torch.compile, where HF marks every batch packed,
+    # unable to read them either, packed batches take the SDPA mask.)
+    docs = _documents(mask_function, kv_length) if last and not torch.compiler.is_compiling() else None
+    if docs is not None:
+        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()  # each row starts one too
+        return F.pad(starts.nonzero().flatten().to(torch.int32), (0, 1), value=docs.numel())
+    if (last and allow_is_causal_skip and _causal(mask_function, kv_length)
+            and (attention_mask is None or attention_mask.shape[-1] >= kv_offset + kv_length)):
+        if attention_mask is None:
+            return None
+        mask = attention_mask[:, kv_offset:kv_offset + kv_length]
+        # Reading the values under torch.compile would break the graph: there the varlen path runs either way.
+        return None if not is_tracing(mask) and bool(mask.all()) else mask
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, **kwargs)
 
 
-def _no_padding(attention_mask: torch.Tensor | None, kv_length, kv_offset) -> bool:
-    if attention_mask is None:
+# HF's mask-function closures, recognised by their code: masks a transformers builds otherwise are not
+# recognised, and go to SDPA materialised, never misread.
+_AND, _REMAP, _PACKED, _WINDOW = [f.__code__ for f in (and_masks(), remap_positions_for_packed_sequence(None, None),
+                                                       packed_sequence_mask_function(None), sliding_window_overlay(0))]
+
+
+def _cells(fn) -> dict:
+    """A closure's free variables by name."""
+    return dict(zip(fn.__code__.co_freevars, [c.cell_contents for c in fn.__closure__ or ()]))
+
+
+def _parts(fn, code) -> tuple:
+    """The functions HF's and_masks(...) intersects when fn is one of two of which the first has this code."""
+    if getattr(fn, "__code__", None) is not _AND:
+        return ()
+    parts = _cells(fn)["mask_functions"]
+    return parts if len(parts) == 2 and getattr(parts[0], "__code__", None) is code else ()
+
+
+def _causal(fn, kv_length) -> bool:
+    """fn is HF's causal mask function, or its sliding-window one with a window that hides nothing here (the
+    queries the last keys: the farthest key is kv_length - 1 back)."""
+    if fn is causal_mask_function:
         return True
-    # Reading the mask's values under torch.compile would break the graph (HF's SDPA mask does the same).
-    if is_tracing(attention_mask) or attention_mask.shape[-1] < kv_offset + kv_length:
-        return False
-    return bool(attention_mask[:, kv_offset:kv_offset + kv_length].all())
+    parts = _parts(fn, _WINDOW)
+    return bool(parts) and parts[1] is causal_mask_function and kv_length <= _cells(parts[0])["sliding_window"]
+
+
+def _documents(fn, kv_length) -> torch.Tensor | None:
+    """The (B, S) document ids of HF's packed-sequence mask over causal attention (fn), else None."""
+    parts = _parts(fn, _REMAP)
+    if parts and getattr(parts[1], "__code__", None) is _PACKED and _causal(_cells(parts[0])["mask_function"],
+                                                                              kv_length):
+        return _cells(parts[1])["packed_sequence_mask"]
+    return None
 
 
 def register_attention() -> str:
@@ -145,11 +319,25 @@ def register_attention() -> str:
 
 # ---- the modules apply_to patches (each a forward bound to one instance)
 
+# Llama's modules and their copies in the families that share them (transformers' "Copied from" classes,
+# not subclasses). Qwen3's attention adds RMSNorms on the head dim (q_norm, k_norm); Mistral's and Qwen's
+# pass a sliding window, which the mask function reads.
+_RMS_NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
+_SWIGLU_MLPS = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)
+_ATTENTIONS = (LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention)
+_DECODER_LAYERS = (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer)
+
 
 def _rms_norm_forward(self: LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
-    # HF returns weight * normed.to(x.dtype): an fp32 weight on a bf16 stream gives fp32.
-    out_dtype = torch.promote_types(x.dtype, self.weight.dtype)
-    return add_norm(x, None, self.weight, eps=self.variance_epsilon, kind="rms", out_dtype=out_dtype)[0]
+    return _rms_norm(self, x, None)[0]
+
+
+def _rms_norm(norm: LlamaRMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+    """add_norm for an HF RMSNorm. HF returns weight * normed.to(x.dtype): an fp32 weight on a bf16 stream
+    gives fp32."""
+    stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return add_norm(x, residual, norm.weight, eps=norm.variance_epsilon, kind="rms",
+                    out_dtype=torch.promote_types(stream, norm.weight.dtype))
 
 
 def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -177,26 +365,84 @@ _GELU_MLP_FORWARD = {name: _gelu_mlp_forward(approximate) for name, approximate 
 def _llama_attention_forward(self: LlamaAttention, hidden_states: torch.Tensor,
                              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                              attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
-    """LlamaAttention.forward with fmcore's RoPE, applied in the (B, S, H, D) layout of the projections."""
+    """LlamaAttention.forward (Mistral's, Qwen2's, Qwen3's) with fmcore's RoPE, applied in the (B, S, H, D)
+    layout of the projections."""
     input_shape = hidden_states.shape[:-1]
     shape = (*input_shape, -1, self.head_dim)
     q, k = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape)
     v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if hasattr(self, "q_norm"):  # Qwen3
+        q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    # Qwen's window is per layer (None on full-attention layers), Mistral's in the config (Llama has none).
+    window = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                             scaling=self.scaling, **kwargs)
+                             scaling=self.scaling, sliding_window=window, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+# The decoder layers, with the residual add after attention fused into the next norm: add_norm returns
+# the stream and its norm from one pass. (Across layers, the MLP's add joining the next layer's input norm,
+# a layer would have to return the unadded pair: HF records each layer's output as a hidden state, and
+# checkpoints, caches and hooks it as one tensor, so that add stays HF's.)
+
+
+def _rms_decoder_layer_forward(self: LlamaDecoderLayer, hidden_states: torch.Tensor, attention_mask=None,
+                               position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs):
+    """LlamaDecoderLayer.forward (Mistral's, Qwen2's, Qwen3's): the stream and the post-attention RMSNorm
+    from one add_norm."""
+    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache, use_cache=use_cache,
+                          position_embeddings=position_embeddings, **kwargs)
+    normed, stream = _rms_norm(self.post_attention_layernorm, h, hidden_states)
+    return stream + self.mlp(normed)
+
+
+def _gpt2_block_forward(self: GPT2Block, hidden_states: torch.Tensor, cache=None, attention_mask=None,
+                        encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+    """GPT2Block.forward of a block without cross-attention (which sits between the two, and keeps HF's
+    forward): the stream and ln_2 from one add_norm."""
+    if encoder_hidden_states is not None:  # (as HF's)
+        raise ValueError(f"encoder_hidden_states given to a GPT2Block without cross-attention ({self})")
+    h, _ = self.attn(self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, use_cache=use_cache,
+                     **kwargs)
+    normed, stream = add_norm(h, hidden_states, self.ln_2.weight, self.ln_2.bias, eps=self.ln_2.eps, kind="layer")
+    return stream + self.mlp(normed)
+
+
+def _checkpointed(layer_forward):
+    """A decoder layer's forward that checkpoints itself under HF's gradient checkpointing. HF checkpoints in
+    the forward its GradientCheckpointingLayer classes get when defined, which a forward bound to the
+    instance replaces; this does what that one does (the replay must not write the cache a second time)."""
+
+    @functools.wraps(layer_forward)
+    def forward(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            if kwargs.get("cache") is not None:
+                kwargs["cache"] = None
+            return self._gradient_checkpointing_func(functools.partial(layer_forward, self, **kwargs), *args)
+        return layer_forward(self, *args, **kwargs)
+
+    return forward
+
+
+_RMS_DECODER_LAYER_FORWARD = _checkpointed(_rms_decoder_layer_forward)
+_GPT2_BLOCK_FORWARD = _checkpointed(_gpt2_block_forward)
 
 
 # ---- the lm head and its loss
 
 # Which output class each supported model's forward returns, for the fused loss path that bypasses it.
-_OUTPUTS = {LlamaForCausalLM: CausalLMOutputWithPast, GPT2LMHeadModel: CausalLMOutputWithCrossAttentions}
+_OUTPUTS = {LlamaForCausalLM: CausalLMOutputWithPast, MistralForCausalLM: CausalLMOutputWithPast,
+            Qwen2ForCausalLM: CausalLMOutputWithPast, Qwen3ForCausalLM: CausalLMOutputWithPast,
+            GPT2LMHeadModel: CausalLMOutputWithCrossAttentions}
 
 
 def _causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, num_items_in_batch=None,
@@ -232,7 +478,7 @@ def _fused_loss_forward(cls: type):
     Trainer read."""
     out_cls = _OUTPUTS[cls]
     fields = {f.name for f in dataclasses.fields(out_cls)} - {"loss", "logits"}
-    # The arguments before labels are the base model's own, in the same order (Llama and GPT-2 alike).
+    # The arguments before labels are the base model's own, in the same order (in every class of _OUTPUTS).
     n_base = list(inspect.signature(cls.forward).parameters).index("labels") - 1  # (less self)
 
     @functools.wraps(cls.forward)
@@ -265,24 +511,29 @@ def _default_loss(model: nn.Module) -> bool:
 
 _FUSED_LOSS_FORWARD = {cls: _fused_loss_forward(cls) for cls in _OUTPUTS}
 _OURS = {_rms_norm_forward, _layer_norm_forward, _swiglu_mlp_forward, _llama_attention_forward,
-         *_GELU_MLP_FORWARD.values(), *_FUSED_LOSS_FORWARD.values()}
+         _RMS_DECODER_LAYER_FORWARD, _GPT2_BLOCK_FORWARD, *_GELU_MLP_FORWARD.values(), *_FUSED_LOSS_FORWARD.values()}
 
 
 # ---- apply_to
 
 
-def apply_to(model: nn.Module, *, attention: bool = True, rope: bool = True, norm: bool = True, mlp: bool = True,
-             loss: bool = True) -> nn.Module:
+def apply_to(model: nn.Module, *, attention: bool = True, rope: bool = True, norm: bool = True,
+             residual: bool = True, mlp: bool = True, loss: bool = True) -> nn.Module:
     """Swap fmcore's kernels into ``model`` (this instance only; other models of its class are untouched).
 
     Args:
-        model: a ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` (anything else is refused by name; apply
-            it before wrapping the model in peft, DDP or FSDP).
-        attention: ``attn_implementation="fmcore"`` (see ``register_attention``).
-        rope: fmcore's RoPE op on HF's cos/sin tables (Llama).
-        norm: RMSNorm (Llama) / LayerNorm (GPT-2) by ``fmcore.ops.add_norm``.
-        mlp: SwiGLU (Llama, hidden_act "silu") / bias + GELU (GPT-2, "gelu_new", "gelu_pytorch_tanh"
-            or "gelu") by fmcore's fused activations.
+        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``
+            or ``GPT2LMHeadModel`` (anything else, Gemma's included, is refused by name; apply it before
+            wrapping the model in peft, DDP or FSDP).
+        attention: ``attn_implementation="fmcore"`` (see ``register_attention``): fmcore's flash attention,
+            on its varlen kernel for padded batches (training, prefill and decoding with a dynamic cache)
+            and for packed sequences (position_ids restarting, as DataCollatorWithFlattening makes them).
+        rope: fmcore's RoPE op on HF's cos/sin tables (all but GPT-2).
+        norm: RMSNorm (Qwen3's q_norm and k_norm too) / LayerNorm (GPT-2) by ``fmcore.ops.add_norm``.
+        residual: each decoder layer's residual add after attention and the norm after it in one
+            ``add_norm`` (the layer's forward; HF's gradient checkpointing still checkpoints it).
+        mlp: SwiGLU (hidden_act "silu") / bias + GELU (GPT-2, "gelu_new", "gelu_pytorch_tanh" or "gelu")
+            by fmcore's fused activations.
         loss: with ``labels`` in training (``model.train()``), the lm head and HF's causal-LM loss by
             ``linear_cross_entropy``, which never holds the logits: the output's logits are None (a
             tuple output is (loss, cache, ...)). ``model(..., skip_logits=False)`` (or eval mode) keeps
@@ -292,26 +543,33 @@ def apply_to(model: nn.Module, *, attention: bool = True, rope: bool = True, nor
     if type(model) not in _OUTPUTS:
         names = ", ".join(c.__name__ for c in _OUTPUTS)
         raise TypeError(f"fmcore.hf.apply_to supports {names}, got {type(model).__name__}")
-    llama = isinstance(model, LlamaForCausalLM)
+    gpt2 = isinstance(model, GPT2LMHeadModel)
     config = model.config
     if mlp:
-        field = "hidden_act" if llama else "activation_function"
+        field = "activation_function" if gpt2 else "hidden_act"
         act = getattr(config, field)
-        if act not in (("silu",) if llama else _GELU):
+        if act not in (_GELU if gpt2 else ("silu",)):
             raise ValueError(f"fmcore.hf.apply_to: no fused MLP for the {field} {act!r} of this "
                              f"{type(model).__name__} (pass mlp=False)")
     patches = []  # (module, forward), checked before any is made
     for module in model.modules():
-        if norm and isinstance(module, LlamaRMSNorm):
+        if norm and isinstance(module, _RMS_NORMS):
             patches.append((module, _rms_norm_forward))
-        elif norm and not llama and isinstance(module, nn.LayerNorm) and module.weight is not None:
+        elif norm and gpt2 and isinstance(module, nn.LayerNorm) and module.weight is not None:
             patches.append((module, _layer_norm_forward))
-        elif mlp and isinstance(module, LlamaMLP):
+        elif mlp and isinstance(module, _SWIGLU_MLPS):
             patches.append((module, _swiglu_mlp_forward))
         elif mlp and isinstance(module, GPT2MLP):
             patches.append((module, _GELU_MLP_FORWARD[config.activation_function]))
-        elif rope and isinstance(module, LlamaAttention):
+        elif rope and isinstance(module, _ATTENTIONS):
             patches.append((module, _llama_attention_forward))
+        # (the layer reads the norm's weight: only HF's own norm class there, not another library's module)
+        elif residual and isinstance(module, _DECODER_LAYERS) and isinstance(module.post_attention_layernorm,
+                                                                              _RMS_NORMS):
+            patches.append((module, _RMS_DECODER_LAYER_FORWARD))
+        elif residual and isinstance(module, GPT2Block) and not hasattr(module, "crossattention") \
+                and type(module.ln_2) is nn.LayerNorm and module.ln_2.weight is not None:
+            patches.append((module, _GPT2_BLOCK_FORWARD))
     if loss:
         patches.append((model, _FUSED_LOSS_FORWARD[type(model)]))
     for module, _ in patches:
