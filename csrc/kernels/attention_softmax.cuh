@@ -215,7 +215,11 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, int64_t b, int64
 // The dk/dv kernels' P^T from S^T in place, for a warp's 16 keys (rows, from n0 + 16 * warp) by
 // MT * 8 queries (columns, from i0, whose lse in log2 units is sL): P^T = 2^(S^T * scale_log2 -
 // lse), and 0 where a query does not see a key (keys past the sequence end, and, causal, keys past
-// a query's diagonal). Only a warp whose keys cross either is masked (a warp-uniform branch).
+// a query's diagonal) and for queries past the end. Only a warp whose keys cross either, or a
+// block whose queries cross the end, is masked (a warp-uniform branch). The queries past the end
+// (zero rows of Q and dO, lse +inf) need it as much: a key holding +-inf scores 0 * inf = NaN
+// against a zero row, and 2^(NaN - inf) is NaN, which dV += P^T dO and dK += dS^T Q then spread
+// over the whole key (its dk and dv NaN where torch's are finite).
 template <int kBlockM, int kBlockN, int MT>
 __device__ __forceinline__ void pt_from_st(float (&pt)[MT][4], const float* sL, float scale_log2,
                                            bool causal, int64_t n0, int warp, int64_t i0,
@@ -230,21 +234,26 @@ __device__ __forceinline__ void pt_from_st(float (&pt)[MT][4], const float* sL, 
   }
   const int64_t j0 = n0 + warp * 16;             // this warp's first key
   const int64_t diag = s.k_len - s.q_len;        // key j is visible to query i iff j <= i + diag
-  if (j0 + 16 <= s.k_len && !(causal && j0 + 15 > i0 + diag)) return;
-  // P = 0 where key jr (relative to n0) is past the end or, causal, jr - c > i0 + diag - n0 for
-  // query c (relative to i0).
+  const int64_t q_rows = s.q_len - i0;           // the block's queries before the end (>= 1)
+  if (j0 + 16 <= s.k_len && q_rows >= kBlockM && !(causal && j0 + 15 > i0 + diag)) return;
+  // Key jr (relative to n0) is seen by the queries c (relative to i0) in [lo, q_end): lo = jr - off
+  // (causal: jr - c <= i0 + diag - n0), q_end the sequence end; none when jr is past the end. One
+  // unsigned compare an element (with q_end a second one, the wgmma dk/dv at D = 64 took 18 more
+  // registers).
   const int64_t off64 = causal ? i0 + diag - n0 : kBlockN;
   const int off =
       off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
+  const int q_end = q_rows < kBlockM ? static_cast<int>(q_rows) : kBlockM;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int jr = warp * 16 + g + hh * 8;
-    const bool past_end = n0 + jr >= s.k_len;
+    const int jr = warp * 16 + g + hh * 8, lo = jr - off;
+    const unsigned span =
+        n0 + jr >= s.k_len || q_end <= lo ? 0u : static_cast<unsigned>(q_end - lo);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        if (past_end || jr - (mt * 8 + 2 * tq + e) > off) pt[mt][2 * hh + e] = 0.f;
+        if (static_cast<unsigned>(mt * 8 + 2 * tq + e - lo) >= span) pt[mt][2 * hh + e] = 0.f;
       }
     }
   }

@@ -10,6 +10,7 @@
 // Every reduction runs in a fixed order (xor butterflies, then warps in index order), so results
 // are bitwise reproducible and every thread of a row sees the same mean and rstd.
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 
 #include "common.cuh"
@@ -86,7 +87,6 @@ add_norm_fwd_kernel(const AddNormParams p) {
   for (int64_t row = tl.first_row; row < p.rows; row += tl.row_step) {
     const int64_t base = row * p.dim;
     float s[C][VEC];
-    float sum = 0.f;
 #pragma unroll
     for (int k = 0; k < C; ++k) {
       const int c = tl.tid + k * tl.tpr;
@@ -100,38 +100,61 @@ add_norm_fwd_kernel(const AddNormParams p) {
         for (int e = 0; e < VEC; ++e) s[k][e] = round_to(s[k][e] + r[e], p.residual_out_dtype);
         store<VEC>(p.residual_out, p.residual_out_dtype, i, s[k]);
       }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sum += s[k][e];
     }
-    const float mean0 = p.rms ? 0.f : row_sum<WARP>(make_float2(sum, 0.f), red).x * inv_d;
-    // Two passes over the registers: no cancellation in E[s^2] - mean^2. The second also sums
-    // s - mean0 (free: the reduction moves a float2 anyway), which measures the fp32 error of the
-    // first pass's D-term sum: on rows with |mean| >> std (1e3 vs 0.1) that error is a few ulps of
-    // the mean, several times 1 ulp(mean) / std in every output; the corrected mean is within ~1 ulp
-    // (the "corrected two-pass" variance algorithm). The variance is the one about the corrected
-    // mean: the sum about mean0 less D (its correction)^2, clamped at 0 (rounding; NaN stays). Kept
-    // about mean0, it held mean0's rounding error squared, which dominates a row whose spread is
-    // smaller: 2056 copies of 1e10 had rstd 1e-3 for 1 / sqrt(eps), and a gradient 1e5 too small.
-    float sq = 0.f, dsum = 0.f;
+    // The statistics of s * scale: scale = 1 (every FFMA below is then the FADD it replaces, bit
+    // for bit) and, where that overflows fp32 (a sum of squares past 3.4e38: rows past ~1.8e19 /
+    // sqrt(D), 1e18 at D = 2056; or the sum: D copies of 1e38), once more at 2^-72, where no finite
+    // row overflows (D max|s|^2 2^-144 < 1e38 at D = 16384) and the elements that matter stay
+    // normal (such a row has max|s| > 7e16). Those rows had rstd NaN (before that 0 and the bias as
+    // output, as torch's fp32 statistics still give); now the CPU reference's fp64 result. A loop,
+    // not a second copy of the passes (or fp64 sums): the 16-byte kernels keep their register
+    // allocation (a copy cost them up to 16). Uniform per row (every thread holds q's bits). NaN
+    // and inf inputs retry, and stay NaN.
+    float scale = 1.f, mean0;
+    float2 q;
+#pragma unroll 1
+    for (int pass = 0;; ++pass) {
+      scale = pass == 0 ? 1.f : 0x1p-72f;
+      float sum = 0.f;
 #pragma unroll
-    for (int k = 0; k < C; ++k) {
-      if (tl.tid + k * tl.tpr >= chunks) continue;
+      for (int k = 0; k < C; ++k) {
+        if (tl.tid + k * tl.tpr >= chunks) continue;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float d = s[k][e] - mean0;
-        sq += d * d;
-        dsum += d;
+        for (int e = 0; e < VEC; ++e) sum = fmaf(s[k][e], scale, sum);
       }
+      mean0 = p.rms ? 0.f : row_sum<WARP>(make_float2(sum, 0.f), red).x * inv_d;
+      // Two passes over the registers: no cancellation in E[s^2] - mean^2. The second also sums
+      // s - mean0 (free: the reduction moves a float2 anyway), which measures the fp32 error of the
+      // first pass's D-term sum: on rows with |mean| >> std (1e3 vs 0.1) that error is a few ulps
+      // of the mean, several times 1 ulp(mean) / std in every output; the corrected mean is within
+      // ~1 ulp (the "corrected two-pass" variance algorithm).
+      float sq = 0.f, dsum = 0.f;
+#pragma unroll
+      for (int k = 0; k < C; ++k) {
+        if (tl.tid + k * tl.tpr >= chunks) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float d = fmaf(s[k][e], scale, -mean0);
+          sq += d * d;
+          dsum += d;
+        }
+      }
+      q = row_sum<WARP>(make_float2(sq, dsum), red);
+      if (q.x <= FLT_MAX || pass == 1) break;
     }
-    const float2 q = row_sum<WARP>(make_float2(sq, dsum), red);
+    // The variance is the one about the corrected mean: the sum about mean0 less D (its
+    // correction)^2, clamped at 0 (rounding; NaN stays). Kept about mean0, it held mean0's rounding
+    // error squared, which dominates a row whose spread is smaller: 2056 copies of 1e10 had rstd
+    // 1e-3 for 1 / sqrt(eps), and a gradient 1e5 too small.
     const float corr = p.rms ? 0.f : q.y * inv_d;  // mean - mean0
-    const float mean = mean0 + corr;
     float var = q.x * inv_d - corr * corr;
     var = var < 0.f ? 0.f : var;
-    // A sum of squares past fp32's range (|s - mean| ~ 1e18 at D = 2056, or a sum past it: D copies
-    // of 1e38) would make rstd 0 and the output the bias, silently: NaN instead (inf and NaN inputs
-    // give NaN too). The CPU, in fp64, normalizes such rows; no model's activations come near.
-    const float rstd = isinf(q.x) ? NAN : rsqrtf(var + p.eps);
+    // Back to s's units (powers of two: exact). A variance past fp32's range is eps-free: rstd from
+    // the scaled one (>= 1 / (2 max |s|): subnormal at worst).
+    const float inv_scale = scale == 1.f ? 1.f : 0x1p72f;
+    const float mean = (mean0 + corr) * inv_scale;
+    float rstd = rsqrtf(var * inv_scale * inv_scale + p.eps);
+    if (rstd == 0.f) rstd = rsqrtf(var) * scale;
     if (tl.tid == 0) {
       if (p.mean != nullptr) p.mean[row] = mean;
       p.rstd[row] = rstd;

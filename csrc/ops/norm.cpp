@@ -217,8 +217,9 @@ void add_norm_fwd_rows(const AddNormFwd& f, double eps) {
       const double mean_d = sum / static_cast<double>(D);
       const Acc mu = static_cast<Acc>(mean_d);
       // About the fp64 mean, squared in fp64: an fp32 square overflowed for |x - mean| > 1.8e19
-      // (rstd 0, the output the bias, silently; the CUDA kernel, fp32, gives such a row NaN), and
-      // the fp32-rounded mean added its rounding error squared to a row whose spread is below it.
+      // (rstd 0, the output the bias, silently, as torch's fp32 statistics still give; the CUDA
+      // kernel retries such a row scaled by 2^-72), and the fp32-rounded mean added its rounding
+      // error squared to a row whose spread is below it.
       const double sq = sum_fp64(D, [&](int64_t i) {
         const double d = static_cast<double>(s[i]) - mean_d;
         return d * d;

@@ -49,7 +49,10 @@ ATTENTION_MUTANTS = {
     # forward and dq (mask_block): each row sees one key past its diagonal or the sequence end
     "mask_block_off_by_one": ("if (nt * 8 + 2 * tq + e >= ke) acc", "if (nt * 8 + 2 * tq + e > ke) acc"),
     # dk/dv: the causal mask lets each query see one key past the diagonal
-    "dkdv_mask_off_by_one": ("(mt * 8 + 2 * tq + e) > off)", "(mt * 8 + 2 * tq + e) > off + 1)"),
+    "dkdv_mask_off_by_one": ("lo = jr - off;", "lo = jr - off - 1;"),
+    # dk/dv: the queries past the sequence end left to their lse of +inf (NaN for a key of -inf)
+    "dkdv_queries_past_end_unmasked": ("q_end = q_rows < kBlockM ? static_cast<int>(q_rows) : kBlockM;",
+                                       "q_end = kBlockM;"),
     # atomic dq: dS^T read from shared memory before every warp has written it
     "no_barrier_before_atomic_dq": ("    __syncthreads();\n    if constexpr (kAtomicDq) {",
                                     "    if constexpr (kAtomicDq) {"),

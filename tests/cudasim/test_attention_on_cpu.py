@@ -14,6 +14,7 @@ GQA/MQA, rows that see no key, empty sequences, varlen documents. What fmsim can
 the hardware's MMA accumulation order (it sums in double).
 """
 
+import math
 import warnings
 
 import pytest
@@ -243,3 +244,42 @@ def test_nan_rows_keep_nan_lse_and_gradients(sim, tiles, deterministic):
         for g, r, name in zip(*grads, ("dq", "dk", "dv")):
             _nan_pattern_and_values_agree(g, r, f"{what} {name}")
     assert outs[0][1].isnan().all()  # the NaN scale's lse
+
+
+# (tiles, (B, Sq, Sk, Hq, Hk, D)): the last query block partial in each: 70 rows in 64-row dk/dv
+# steps (config 0 at D = 64, the wgmma 3 and 6), 96 in 64 (4 at D = 128; config 0 takes 32, none
+# past the end: finite before too), and Sq > Sk (causal rows 0..59 see no key).
+MINUS_INF_KEY = [(0, (1, 70, 70, 2, 1, 64)), (3, (1, 70, 70, 2, 1, 64)), (6, (1, 70, 70, 2, 1, 64)),
+                 (0, (1, 96, 96, 2, 1, 128)), (4, (1, 96, 96, 2, 1, 128)), (2, (1, 100, 40, 2, 1, 64))]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("tiles,shape", MINUS_INF_KEY, ids=[f"tiles{t}-" + "x".join(map(str, s)) for t, s in MINUS_INF_KEY])
+def test_minus_inf_key_keeps_dk_dv_finite(sim, tiles, shape, causal):
+    # A key of -inf against queries > 0 scores -inf: P = 0, as a hidden key, so out, lse, dk and dv
+    # are finite (torch's too). The query rows past the sequence end, zero in the dk/dv kernels'
+    # tiles, scored 0 * -inf = NaN against it, and their lse of +inf (P = 2^(S - inf) = 0 for any
+    # finite S) let the NaN through: that key's dk and dv came out NaN. dq is NaN, as torch's and
+    # the reference's (0 * -inf in dS K), in the rows that see the key; the kernels may also give
+    # it to rows of the same tiles that do not (where the dense reference is NaN too).
+    B, Sq, Sk, Hq, Hk, D = shape
+    torch.manual_seed(22)
+    q = (torch.rand(B, Sq, Hq, D) + 0.1).bfloat16()
+    k, v, dout = torch.randn(B, Sk, Hk, D).bfloat16(), torch.randn(B, Sk, Hk, D).bfloat16(), torch.randn_like(q)
+    k[:, 5] = -math.inf
+    scale = D**-0.5
+    for det in (False, True):
+        out, lse = sim.flash_attn_fwd(q, k, v, None, None, Sq, Sk, causal, scale, det, tiles)
+        got = sim.flash_attn_bwd(dout, q, k, v, out, lse, None, None, None, Sq, Sk, causal, scale, det, tiles)
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        ref_out, ref_lse = ta.reference(q64, k64, v64, causal, scale)
+        want = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
+        _nan_pattern_and_values_agree(out, ref_out, "out")
+        _nan_pattern_and_values_agree(lse, ref_lse.float(), "lse")
+        for g, r, name in zip(got[1:], want[1:], ("dk", "dv")):
+            bad = g.isnan().nonzero()[:, 1].unique().tolist()
+            assert not bad, f"{name} (deterministic={det}): NaN at keys {bad}"
+            _nan_pattern_and_values_agree(g, r, name)
+        assert not (got[0].isnan() & ~want[0].isnan()).any(), "dq: NaN where the reference has none"
+        finite = ~want[0].isnan()
+        torch.testing.assert_close(got[0][finite].float(), want[0][finite].float(), atol=2e-2, rtol=2e-2)

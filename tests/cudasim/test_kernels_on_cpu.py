@@ -358,16 +358,45 @@ def test_add_norm_variance_about_the_corrected_mean(sim, D, rms):
     close(sim.add_norm_bwd(*args)[0], ref.add_norm_bwd(*args)[0], name="grad_x", rtol=1e-3, atol=1e-3)
 
 
-def test_add_norm_rows_past_fp32_range_are_nan(sim):
-    # A sum of squares past fp32's range (1e20 rows; 1e18 at D = 2056) or a sum past it (D copies of
-    # 1e38) made rstd 0 and the output the bias, silently; the kernel now gives NaN there (the CPU,
-    # in fp64, normalizes them). The row in range beside them is exact.
-    D = 2056
-    x = torch.stack([rand(D) * 1e20, rand(D, seed=1) * 1e18, torch.full((D,), 1e38), rand(D, seed=2)])
-    w, b = torch.ones(D), torch.ones(D)
-    out, _, _, rstd = sim.add_norm_fwd(x, None, w, b, 1e-5, False, torch.float32)
-    assert out[:3].isnan().all() and rstd[:3].isnan().all()
-    close(out[3], ref.add_norm_fwd(x[3:], None, w, b, 1e-5, False, torch.float32)[0][0])
+def overflow_rows(D, dtype):
+    """Finite rows whose fp32 statistics overflow, an ordinary row between them: squares past 3.4e38
+    (1e20; 1e18 summed over 2056), a sum past it (D copies of 1e38), +-3e38 (both), a spread of 1e35
+    about 1e37 (the mean's own digits), and bf16's largest values; each row's values in `dtype`."""
+    g = torch.Generator().manual_seed(5)
+    signs = torch.arange(D) % 2 * 2.0 - 1
+    rows = [torch.randn(D, generator=g) * 1e20, torch.randn(D, generator=g) * 1e18, torch.full((D,), 1e38),
+            torch.randn(D, generator=g), signs * 3e38, 1e37 + torch.randn(D, generator=g) * 1e35,
+            signs * torch.finfo(torch.bfloat16).max]
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float32), (2056, torch.float32), (1001, torch.float32),
+                                     (1024, torch.bfloat16)], ids=["warp_row", "block_row", "scalar", "bf16"])
+def test_add_norm_rows_past_fp32_range(sim, D, dtype, rms):
+    # Rows whose fp32 sum of squares (or sum) overflows: rstd was NaN on CUDA (before that, 0: the
+    # bias as output, as torch's fp32 statistics still give), where the CPU reference (fp64 sums)
+    # normalizes them. The kernel now takes such a row's statistics again at 2^-72: the reference's
+    # mean, rstd, output and gradients, to fp32 rounding (rstd is subnormal for the 3e38 rows).
+    x = overflow_rows(D, dtype)
+    g = torch.Generator().manual_seed(6)
+    w = (1 + 0.5 * torch.randn(D, generator=g)).to(dtype)
+    b = None if rms else torch.randn(D, generator=g).to(dtype)
+    got = sim.add_norm_fwd(x, None, w, b, 1e-5, rms, dtype)
+    want = ref.add_norm_fwd(x, None, w, b, 1e-5, rms, dtype)
+    assert all(t.isfinite().all() for t in want)
+    close(got[0], want[0], name="out")
+    close(got[3], want[3], name="rstd", rtol=2e-5, atol=0)  # 1e-39 (3e38 rows) to 316 (the constant row)
+    if not rms:  # to fp32 rounding of the row's magnitude (a mean of 0 for the +-3e38 rows)
+        row_max = x.float().abs().amax(1)
+        close(got[2] / row_max, want[2] / row_max, name="mean / max |x|", rtol=0, atol=1e-6)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    args = (dy, None, x, w, want[2], want[3], rms, False, b is not None, dtype, None)
+    for gt, wt, n in zip(sim.add_norm_bwd(*args), ref.add_norm_bwd(*args), ["grad_x", "", "grad_weight", "grad_bias"]):
+        if n == "grad_x":  # rows 1e-38 (the 3e38 rows) to 316 (the constant row): each row to its own scale
+            row_max = wt.float().abs().amax(1, keepdim=True)
+            gt, wt = gt.float() / row_max, wt.float() / row_max
+        close(gt, wt, dtype, n, atol=1e-4 if dtype == torch.float32 else None)
 
 
 def test_add_norm_too_wide_raises(sim):

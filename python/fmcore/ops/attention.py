@@ -15,6 +15,15 @@ Conventions (FlashAttention 2.1+):
   gradients are 0.
 - lse is the natural-log log-sum-exp of the scaled scores, float32 (float64 for float64 CPU inputs),
   (B, Hq, Sq) batched, (Hq, T) varlen. Gradients flow through lse too.
+- Non-finite scores. A key every query scores -inf is as a hidden one: out, lse, dk and dv finite,
+  as torch's; but dq of a row that sees a key holding +-inf is NaN (dS K has 0 * inf there, in
+  torch too), and the kernels' tiles (the CPU's row chunks) carry that NaN to the other rows of
+  the tile, rows that see no key included (where the dense float64 reference is NaN too). A +inf
+  or NaN score (or a NaN scale) makes its row's out and lse NaN, and the gradients that row
+  reaches (the float64 reference's lse is +inf for +inf). Scores are formed unscaled in fp32 and
+  the scale applied in the exponent, as FlashAttention does: a |q . k| past 3.4e38 (elements near
+  bf16's largest) overflows to +-inf, where torch's math backend, which scales q and k first,
+  stays finite.
 
 Devices: CUDA kernels for bf16/fp16 and head dims 64, 96, 128 (other head dims or dtypes raise a
 ValueError naming them; ``scaled_dot_product_attention`` falls back to torch instead); on the CPU

@@ -16,6 +16,9 @@ computes. The backward recomputes the normalised values from the saved sum and t
 and 1/std (fp32, 8 bytes a row); the weight and bias gradients are reduced deterministically
 (per-block partial sums, then a second pass in a fixed order), and only the gradients some input
 needs are computed (frozen norm weights cost no dweight pass). Kernels: csrc/kernels/norm.h.
+Finite rows whose fp32 sum of squares overflows (values past ~1e19 / sqrt(D)) are normalized as in
+float64 (the CPU sums in fp64; CUDA takes such a row's statistics again scaled by 2^-72), where
+torch's fp32 statistics give rstd 0 (the output is the bias, the gradients 0) or NaN.
 
 Autograd is C++ (csrc/ops/norm_autograd.cpp), not torch.library.register_autograd: the Python
 autograd kernel cost ~90 us per call with grad, and the models call add_norm ~25 times a step
