@@ -488,3 +488,29 @@ def test_train_bench_records_a_failed_system_and_goes_on(monkeypatch, capsys):
     assert "train: fmcore skipped on tiny-2L B4 T128 fp32: RuntimeError: simulated kernel failure" in captured.out
     assert "second line" in captured.err  # fmcore's own failure: the whole traceback, to debug it
     SKIPPED.clear()
+
+
+def test_fmcore_cli_names_its_commands(capsys):
+    from fmcore.__main__ import main
+
+    for argv, status, said in (([], 2, "the following arguments are required: command"),
+                               (["nope"], 2, "invalid choice: 'nope'"), (["-h"], 0, "plan-memory: per-GPU memory")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == status and said in out + err, argv
+    assert main(["plan-memory", "tiny"]) == 0
+    assert "tiny: gpt2 " in capsys.readouterr().out
+
+
+def test_fmcore_bench_draws_its_charts(tmp_path, monkeypatch, capsys):
+    import fmcore.bench.rope as rope
+    from fmcore.__main__ import main
+
+    _fast_roofline(monkeypatch)
+    monkeypatch.setattr(rope, "hf_rope", lambda *a, **k: 1 / 0)  # the peers fail: fmcore's rows alone, quickly
+    monkeypatch.setattr(rope, "call_overhead_us", lambda device, **kw: {})
+    assert main(["bench", "rope", "--quick", "--plot", str(tmp_path / "charts")]) == 0
+    charts = sorted(p.name for p in (tmp_path / "charts").iterdir())
+    assert charts and all(name.endswith(".png") for name in charts)
+    assert f"# wrote {tmp_path / 'charts' / charts[0]}" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -15,34 +16,20 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": "raw text (or the embedded stdlib corpus) to token shards + manifest (see `fmcore prepare -h`)",
         "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
     }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="fmcore", description="fmcore command line")
         parser.add_argument("command", choices=list(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
-        parser.parse_args(argv[:1])
-        return 2
+        parser.parse_args(argv[:1])  # exits: the help for -h (status 0), else the usage and the error (2)
     command, rest = argv[0], argv[1:]
     if command == "info":
         from fmcore._info import format_build_info
 
         print(format_build_info())
         return 0
-    if command == "bench":
-        from fmcore.bench.__main__ import main as bench_main
-
-        return bench_main(rest)
-    if command == "prepare":
-        from fmcore.data.prepare import main as prepare_main
-
-        return prepare_main(rest)
-    if command == "train":
-        from fmcore.train.trainer import main as train_main
-
-        return train_main(rest)
-    if command == "plan-memory":
-        from fmcore.train.plan import main as plan_main
-
-        return plan_main(rest)
-    raise AssertionError(command)
+    # (imported when chosen: each pulls in what only it needs)
+    module = {"bench": "fmcore.bench.__main__", "prepare": "fmcore.data.prepare", "train": "fmcore.train.trainer",
+              "plan-memory": "fmcore.train.plan"}[command]
+    return importlib.import_module(module).main(rest)
 
 
 if __name__ == "__main__":

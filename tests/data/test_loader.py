@@ -1,6 +1,7 @@
 """The C++ loader through fmcore.data.Loader: window contents, determinism across thread counts,
 disjoint and covering ranks, exact resume, document boundaries, errors and shutdown."""
 
+import errno
 import gc
 import os
 import signal
@@ -164,6 +165,8 @@ def test_state_mismatch(unique_ds):
     with Loader(unique_ds, batch_size=2, seq_len=T, seed=2) as other:
         with pytest.raises(ValueError, match="different seed"):
             other.load_state_dict(state)
+        with pytest.raises(ValueError, match="loader state version 2, expected 1"):  # a later format's
+            other.load_state_dict({**state, "version": 2})
 
 
 @pytest.mark.parametrize("sample", [-1, 2**64, 1.5, "5", None, True])
@@ -663,6 +666,18 @@ def test_a_shard_changed_before_it_is_read_raises_naming_it(tmp_path, how, resum
     assert first.startswith(f"{tmp_path / 'ds'}/train_00000") and first == again.removeprefix("and again: ")
     assert "the file changed since the loader opened it (100064 bytes then, " \
         f"{4096 if how == 'truncated' else 100064} now" in first, first
+
+
+def test_the_memory_map_hint_where_the_limit_cannot_be_read(monkeypatch):
+    # (/proc not mounted, as in some containers: the hint names the setting without its value)
+    from fmcore.data.loader import _with_mmap_hint
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    hinted = str(_with_mmap_hint(ShardError(f"a.bin: cannot mmap: {os.strerror(errno.ENOMEM)}"), 3))
+    assert "limit on memory maps, vm.max_map_count: the loader maps each shard, 3 in this split" in hinted
 
 
 DAEMON_AT_EXIT = """

@@ -916,3 +916,104 @@ def test_utf16_text_is_text(tmp_path, monkeypatch):
     c = json.loads((out / "manifest.json").read_text())["cleaning"]
     assert (c["binary_files"], c["bad_json"], c["invalid_utf8_files"], c["kept"]) == (0, 0, 0, 4)
     assert sorted(train_docs(out)) == sorted(texts)
+
+
+def test_options_no_dataset_can_use_are_refused_by_name(tmp_path):
+    (tmp_path / "a.txt").write_text("some ordinary english text here " * 4)
+    for kwargs, message in (({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+                            ({"shard_tokens": 0}, "shard_tokens must be positive, got 0")):
+        with pytest.raises(ValueError, match=message):
+            prepare(tmp_path / "a.txt", tmp_path / "ds", vocab_size=300, workers=1, **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"no input files found in {tmp_path / 'empty'}$"):
+        prepare(tmp_path / "empty", tmp_path / "ds", vocab_size=300, workers=1)
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(ValueError, match=r"no documents left after cleaning .*short.txt: .*'too_short': 1"):
+        prepare(tmp_path / "short.txt", tmp_path / "ds", vocab_size=300, workers=1)
+    (tmp_path / "scalar.json").write_text('"a .json file of one string, not of records"\n')  # neither [ nor {
+    with pytest.raises(ValueError, match=r"no documents left after cleaning .*scalar.json: .*'bad_json': 1"):
+        prepare(tmp_path / "scalar.json", tmp_path / "ds", vocab_size=300, workers=1)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_single_document_drawn_for_val_trains_instead(tmp_path):
+    (tmp_path / "a.txt").write_text("some ordinary english text here " * 4)
+    out = prepare(tmp_path / "a.txt", tmp_path / "ds", vocab_size=300, val_fraction=0.999, workers=1)
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert list(splits) == ["train"] and splits["train"]["documents"] == 1
+
+
+def test_the_embedded_corpus_goes_to_fmcore_data(tmp_path, monkeypatch, capsys):
+    # `fmcore prepare` without inputs or --out: the directory default_dataset() reads
+    from fmcore.data import default_dataset_root
+
+    monkeypatch.delenv("FMCORE_DATA", raising=False)
+    assert default_dataset_root() == Path.home() / ".cache" / "fmcore" / "datasets"
+    monkeypatch.setenv("FMCORE_DATA", str(tmp_path / "data"))
+    assert default_dataset_root() == tmp_path / "data"
+    assert fmcore_main(["prepare", "--max-input-chars", "100000", "--vocab-size", "300", "--workers", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'data' / 'stdlib'}: train: ")
+    assert verify_dataset(tmp_path / "data" / "stdlib")["tokenizer"]["vocab_size"] == 300
+
+
+def test_bpe_training_budget_takes_the_first_train_documents(tmp_path):
+    # bpe_train_chars caps the text the BPE is trained on (a corpus of many GB): whole documents, until
+    # the budget is spent
+    texts = [f"document number {i} " * 8 for i in range(6)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = prepare(tmp_path / "docs.jsonl", tmp_path / "ds", vocab_size=300, val_fraction=0.0,
+                  bpe_train_chars=2 * len(texts[0].strip()), workers=1)
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["source"] == \
+        "byte-level BPE trained on 2 train documents"
+
+
+def test_an_interpreter_without_sys_executable_trains_the_bpe_in_process(tmp_path, monkeypatch):
+    # (an embedded interpreter has no executable to start the child process with)
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    texts = ["some ordinary english text here " * 4, "and some other text to train on " * 3]
+    prepare_module._train_bpe_file(texts, 300, tmp_path / "child.json")
+    monkeypatch.setattr(sys, "executable", "")
+    prepare_module._train_bpe_file(texts, 300, tmp_path / "here.json")
+    assert (tmp_path / "here.json").read_bytes() == (tmp_path / "child.json").read_bytes()
+
+
+@pytest.mark.parametrize("child, message", [
+    ("sys.exit(3)", "failed: exit status 3"),  # before reading its input: the parent's write breaks the pipe
+    ("os.kill(os.getpid(), signal.SIGKILL)", r"failed: killed by SIGKILL \(out of memory\?\)$"),
+    ("os.kill(os.getpid(), signal.SIGRTMIN + 1)", f"failed: killed by signal {signal.SIGRTMIN + 1}$"),
+])
+def test_a_bpe_child_that_dies_is_named(tmp_path, monkeypatch, child, message):
+    from fmcore.data import _bpe
+
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    script = tmp_path / "child.py"
+    script.write_text(f"import os, signal, sys\n{child}\n")
+    monkeypatch.setattr(_bpe, "__file__", str(script))
+    texts = ["some text to train on " * 1000] * 64  # more than a pipe holds
+    with pytest.raises(RuntimeError, match=f"training the BPE tokenizer \\(in a child process\\) {message}"):
+        prepare_module._train_bpe_file(texts, 300, tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("theirs", ["a dataset", "something else"])
+def test_two_prepares_of_one_directory_at_once(tmp_path, monkeypatch, theirs):
+    # (two `fmcore train` without data.dataset started together on a new machine both build the
+    # embedded corpus) The one that finishes second keeps the first one's dataset; a directory filled
+    # with anything else meanwhile is refused, not replaced.
+    prepare_module = importlib.import_module("fmcore.data.prepare")
+    out = tmp_path / "ds"
+    real = prepare_module._train_bpe_file
+
+    def the_other_one_finishes_first(*args):
+        out.mkdir()
+        (out / ("manifest.json" if theirs == "a dataset" else "notes.txt")).write_text("theirs")
+        return real(*args)
+
+    monkeypatch.setattr(prepare_module, "_train_bpe_file", the_other_one_finishes_first)
+    (tmp_path / "a.txt").write_text("some ordinary english text here " * 4)
+    if theirs == "a dataset":
+        assert prepare(tmp_path / "a.txt", out, vocab_size=300, val_fraction=0.0, workers=1) == out
+    else:
+        with pytest.raises(FileExistsError, match=f"cannot create the dataset directory {out}: Directory not empty"):
+            prepare(tmp_path / "a.txt", out, vocab_size=300, val_fraction=0.0, workers=1)
+    assert [p.name for p in out.iterdir()] == ["manifest.json" if theirs == "a dataset" else "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary directory left

@@ -179,6 +179,14 @@ def test_verify_dataset_checks_manifest_checksums(tmp_path):
     (root / "train_000001.bin").write_bytes(bytes(data))
     with pytest.raises(ShardError, match="payload checksum mismatch"):
         verify_dataset(root)
+    # A valid shard, but not the one the manifest lists (another dataset's, copied over it)
+    write_shard(root / "train_000001.bin", np.arange(50)[::-1], vocab_size=100)
+    with pytest.raises(ShardError, match=re.escape(f"{root / 'train_000001.bin'}: file checksum mismatch over bytes "
+                                                   f"0..{HEADER_BYTES + 100}: crc32 0x") + ".*the manifest says 0x"):
+        verify_dataset(root)
+    write_shard(root / "train_000001.bin", np.arange(60), vocab_size=100)
+    with pytest.raises(ShardError, match="train_000001.bin: token count 60 at offset 8, the manifest says 50"):
+        verify_dataset(root)
 
 
 # ---- malformed files
@@ -277,6 +285,13 @@ def test_bad_document_offsets(good):
     both_raise(path, f"document start 50 at offset {docs_at + 16} \\(entry 2\\), expected > 60", verify=False)
     path.write_bytes(data[:docs_at] + struct.pack("<QQQ", 0, 10, 100))
     both_raise(path, "expected > 10 and < the token count 100|expected < the token count 100", verify=False)
+    path.write_bytes(data[:docs_at] + struct.pack("<QQQ", 5, 10, 50))
+    both_raise(path, f"document start 5 at offset {docs_at} \\(entry 0\\), expected 0", verify=False)
+
+
+def test_a_shard_that_cannot_be_read_is_named(tmp_path):
+    with pytest.raises(ShardError, match=re.escape(f"{tmp_path / 'missing.bin'}: cannot read: No such file")):
+        read_shard(tmp_path / "missing.bin")
 
 
 def test_window_longer_than_shard(good):
@@ -298,14 +313,21 @@ def test_empty_dataset(tmp_path):
         Loader(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("case", ["truncated", "version", "count"])
+@pytest.mark.parametrize("case", ["header cut", "truncated", "extra", "version", "count"])
 def test_llmc_malformed(tmp_path, case):
     path = tmp_path / "x_train.bin"
     write_llmc_shard(path, np.arange(100))
     data = path.read_bytes()
-    if case == "truncated":
+    if case == "header cut":
+        path.write_bytes(data[:LLMC_HEADER_BYTES - 1])
+        both_raise(path, f"truncated: file is {LLMC_HEADER_BYTES - 1} bytes, expected at least the "
+                         f"{LLMC_HEADER_BYTES}-byte llm.c header")
+    elif case == "truncated":
         path.write_bytes(data[:LLMC_HEADER_BYTES + 150])
         both_raise(path, "truncated.*offset 8")
+    elif case == "extra":
+        path.write_bytes(data + b"\0\0")
+        both_raise(path, f"token count .*100 at offset 8.* {len(data)} bytes, file is {len(data) + 2}")
     elif case == "version":
         path.write_bytes(data[:4] + struct.pack("<i", 7) + data[8:])
         both_raise(path, "unknown llm.c version 7 at offset 4")
@@ -342,6 +364,9 @@ def test_fuzz_never_crashes(good):
     (dict(tokens=[1], vocab_size=10, eos_id=10), r"eos_id must be None or an int in \[0, 10\)"),  # eos >= vocab
     (dict(tokens=[1], vocab_size=0, eos_id=2**32 - 1), r"eos_id .*\[0, 4294967295\)"),  # 0xFFFFFFFF means none
     (dict(tokens=[1], vocab_size=0, eos_id=2**32), "eos_id"),
+    (dict(tokens=[1, 2, 3], vocab_size=10, doc_starts=[1]), "doc_starts must start at 0, increase strictly"),
+    (dict(tokens=[1, 2, 3], vocab_size=10, doc_starts=[0, 2, 2]), "doc_starts must start at 0, increase strictly"),
+    (dict(tokens=[1, 2, 3], vocab_size=10, doc_starts=[0, 3]), "and stay below the token count"),
 ])
 def test_writer_validates_its_arguments(tmp_path, kw, match):
     tokens = kw.pop("tokens")
@@ -384,6 +409,10 @@ MANIFEST_DAMAGE = {
     "top level list": (b"[]", "the top level must be a JSON object"),
     "not UTF-8": (b"\xff\xfe{}", "not UTF-8: byte 0xFF at offset 0"),
     "huge integer": (b'{"n": ' + b"1" * 5000 + b"}", "invalid JSON"),
+    "cut short": (b'{"format": "fmcore-dataset", ', r"invalid JSON at offset 29: Expecting property name"),
+    "version 2": (_edit("version", 2), "expected format 'fmcore-dataset' version 1, got 'fmcore-dataset' version 2"),
+    "crc32 a string": (lambda m: m["splits"]["train"]["shards"][0].update(crc32="0x1234"),
+                       r"splits.train.shards\[0\].crc32 must be an int"),
 }
 
 

@@ -37,7 +37,7 @@ def _entry(body, rank: int, world: int, store: str, out: str, args: tuple) -> No
     os._exit(0)  # skip pytest's atexit handlers inherited through fork
 
 
-def run_ranks(body, world_size: int, tmp: Path, args: tuple = (), timeout: float = 120.0) -> list:
+def run_ranks(body, world_size: int, tmp: Path, args: tuple = (), timeout: float = 120.0, spawn: bool = False) -> list:
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     store = tmp / f"store-{os.getpid()}-{id(body)}-{world_size}"
@@ -51,7 +51,9 @@ def run_ranks(body, world_size: int, tmp: Path, args: tuple = (), timeout: float
 
     # fork is fast (torch and fmcore stay imported) but a forked child cannot use CUDA once the parent
     # has initialised it, not even to pin loader memory: then spawn (the bodies are module-level).
-    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+    # spawn=True for bodies that compile: a fork after this process ran torch.compile (its worker threads,
+    # a lock held at the fork) hung the children's compile.
+    ctx = mp.get_context("spawn" if spawn or torch.cuda.is_initialized() else "fork")
     procs = [ctx.Process(target=_entry, args=(body, r, world_size, str(store), str(outs[r]), args))
              for r in range(world_size)]
     for p in procs:

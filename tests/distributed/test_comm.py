@@ -404,4 +404,26 @@ def _closed_body(rank, world):
 
 def test_a_closed_nccl_communicator_refuses_collectives(tmp_path):
     # Its calls went on over torch.distributed (the group's gloo or NCCL), silently another backend.
-    assert run_inline(_closed_body, tmp_path)
+    assert run_ranks(_closed_body, 1, tmp_path) == [True]  # (forked: a group made in this process hung later forks)
+
+
+def _arguments_body(rank, world):
+    with pytest.raises(ValueError, match="expected backend 'auto', 'nccl' or 'torch', got 'gloo'"):
+        Communicator(backend="gloo")
+    comm = Communicator(backend="torch")
+    strided = torch.zeros(4, 2)[:, 0]  # 4 elements, every other one of a buffer
+    with pytest.raises(ValueError, match="all_gather: expected contiguous input and output"):
+        comm.all_gather(strided, torch.ones(4))
+    with pytest.raises(ValueError, match="reduce_scatter: expected contiguous input and output"):
+        comm.reduce_scatter(torch.zeros(4), strided)
+    work = comm.all_reduce(torch.ones(3), async_op=True)
+    work.wait()
+    work.wait()  # (a second wait is a no-op)
+    comm.close()  # the torch backend holds nothing to release: it goes on working
+    t = torch.ones(3)
+    comm.all_reduce(t)
+    return t.tolist()
+
+
+def test_a_communicators_arguments_are_checked_by_name(tmp_path):
+    assert run_ranks(_arguments_body, 1, tmp_path) == [[1.0, 1.0, 1.0]]

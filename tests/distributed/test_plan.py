@@ -190,3 +190,28 @@ def test_cli_plans_the_embedded_corpus_vocabulary(capsys):
     params = models.param_count(models.resolve(dataclasses.replace(load_config("tiny", []).model, ops="fmcore"),
                                                4096, "cpu"))
     assert f"tiny: gpt2 {params / 1e6:.1f}M params," in capsys.readouterr().out
+
+
+def test_cli_plans_a_named_datasets_vocabulary(tmp_path, capsys):
+    # model.vocab_size 0 takes the dataset's: read from its manifest where this machine has it, else
+    # --vocab-size (a plan made away from the data)
+    import numpy as np
+
+    from fmcore.data import write_dataset
+
+    dataset = write_dataset(tmp_path / "ds", {"train": [np.arange(100)]}, vocab_size=700)
+    tiny = dataclasses.replace(load_config("tiny", []).model, ops="fmcore")
+    for where, vocab in ((dataset, 700), (tmp_path / "absent", 50304)):
+        assert main(["tiny", "--data.dataset", str(where)]) == 0
+        params = models.param_count(models.resolve(tiny, vocab, "cpu"))
+        assert f"tiny: gpt2 {params / 1e6:.1f}M params," in capsys.readouterr().out, where
+
+
+def test_torch_ops_plan_the_logits_and_their_gradient():
+    # (fmcore's linear cross-entropy never holds the (tokens, vocabulary) logits; torch's path holds them in
+    # fp32, and their gradient)
+    m = mcfg()
+    fmcore, torch_ops = (plan(dataclasses.replace(m, ops=ops), Layout("none", 1, 1), precision="bf16-autocast",
+                              batch_size=8, seq_len=1024, checkpointing=False) for ops in ("fmcore", "torch"))
+    assert torch_ops["activations"] - fmcore["activations"] == 2 * 8 * 1024 * m.vocab_size * 4
+    assert comm_bytes_per_step(1000, Layout("none", 1, 1)) == {"data": 0.0, "tensor": 0.0, "total": 0.0}

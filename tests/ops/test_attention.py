@@ -6,6 +6,7 @@ most about twice the error of torch's own same-dtype SDPA (tests/util.py).
 """
 
 import math
+import re
 import warnings
 
 import pytest
@@ -1242,6 +1243,22 @@ def test_attention_module_argument_errors():
         Attention(64, 4)(torch.randn(5, 64))
     with pytest.raises(ValueError, match="n_heads > 0"):  # not a ZeroDivisionError computing dim // n_heads
         Attention(64, 0)
+    with pytest.raises(ValueError, match=r"expected head_dim > 0, got 0 \(dim=64, n_heads=4\)"):
+        Attention(64, 4, head_dim=0)
+
+
+def test_attention_module_without_rope_or_causal_mask(device):
+    # rope_base=None (positions from elsewhere, a learned table) and causal=False (an encoder), with biases
+    from fmcore.nn import Attention
+
+    torch.manual_seed(7)
+    dtype, tol = module_dtype(device)
+    m = Attention(128, 2, rope_base=None, causal=False, bias=True).to(device, dtype)
+    assert m.rope is None
+    x = torch.randn(2, 9, 128, device=device, dtype=dtype)
+    q, k, v = m.qkv(x).view(2, 9, 6, 64).split([2, 2, 2], dim=2)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(m(x), m.proj(ref.reshape(2, 9, 128)), rtol=tol, atol=tol)
 
 
 def test_attention_module_document_boundaries_compile_without_max_seqlen():
@@ -1361,3 +1378,39 @@ def test_compiled_varlen_stays_one_graph_as_max_seqlen_changes(packed):
         want = step.__wrapped__(qkv, cu(lens, "cpu"), longest)
         torch.testing.assert_close(step(qkv, cu(lens, "cpu"), longest), want)
     assert counter.frame_count <= 2
+
+
+def _sdpa_fallback_case(case: str):
+    """(args, kwargs) of a call fmcore's kernel does not take, and the reason its warning gives."""
+    q = torch.randn(1, 2, 6, 8)
+    kv = torch.randn(1, 1, 6, 8)
+    return {
+        "dropout": ((q, q, q), {"dropout_p": 0.5}, "dropout_p > 0"),
+        "3-D": ((q[0], q[0], q[0]), {}, "not 4-D"),
+        "dtypes": ((q, q.double(), q.double()), {}, "differ in device or dtype"),  # (torch refuses it)
+        "int": ((q.int(), q.int(), q.int()), {}, "dtype torch.int32"),  # (torch refuses it)
+        "v head dim": ((q, q, torch.randn(1, 2, 6, 4)), {}, "shapes differ beyond the sequence and head dims"),
+        "heads": ((q, kv, kv), {}, "head counts differ without enable_gqa"),  # (torch refuses it)
+        "strided head dim": ((q, torch.randn(1, 2, 8, 6).transpose(-1, -2), q), {}, "head dim is not contiguous"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["dropout", "3-D", "dtypes", "int", "v head dim", "heads", "strided head dim"])
+def test_sdpa_falls_back_to_torchs_result_or_error(case):
+    args, kwargs, reason = _sdpa_fallback_case(case)
+    attn_mod._warned.clear()
+
+    def call(sdpa):
+        torch.manual_seed(0)  # (dropout's mask)
+        try:
+            return sdpa(*args, **kwargs)
+        except RuntimeError as e:
+            return str(e)
+
+    want = call(F.scaled_dot_product_attention)
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        got = call(scaled_dot_product_attention)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -225,6 +225,8 @@ def test_bad_inputs(device):
         bias_gelu(torch.ones(4, 8, device=device, dtype=torch.int64))
     with pytest.raises(ValueError, match="expected x of shape"):
         bias_gelu(torch.tensor(1.0, device=device))
+    with pytest.raises(RuntimeError, match="for argument 'bias'"):  # (the schema's own error, passed on)
+        bias_gelu(x, "bias")
     with pytest.raises(ValueError, match="expected grad_out of the shape of x"):
         torch.ops.fmcore.bias_gelu_bwd(torch.randn(4, 7, device=device), x, None)
     with pytest.raises(ValueError, match="expected grad_out to have the dtype of x"):

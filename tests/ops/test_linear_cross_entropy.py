@@ -375,6 +375,13 @@ def test_module_and_tying(device):
     head(embed(target), target).backward()
     assert embed.weight.grad is not None and head.bias.grad is not None
     assert "vocab_size=40" in repr(head)
+    plain = LinearCrossEntropy(16, 40).to(device)  # no bias by default, as a language model's head
+    assert plain.bias is None
+    torch.testing.assert_close(plain(hidden, target), F.cross_entropy((hidden @ plain.weight.T).view(-1, 40),
+                                                                      target.view(-1)))
+    for dim, vocab in ((0, 40), (16, 0)):
+        with pytest.raises(ValueError, match=f"expected dim > 0 and vocab_size > 0, got dim={dim}, vocab_size={vocab}"):
+            LinearCrossEntropy(dim, vocab)
 
 
 @pytest.mark.cuda
@@ -485,3 +492,24 @@ def test_compiled_call_stays_one_graph_as_ignore_index_changes(op):
     for ignore_index in range(12):
         torch.testing.assert_close(loss(ignore_index), loss.__wrapped__(ignore_index))
     assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_lse_gives_each_rows_log_sum_exp(dtype, reduction):
+    # (B, S) rows, a bias, an ignored row (its lse is 0), label smoothing and z-loss (which the lse
+    # does not include): the logsumexp of the logits, detached, in hidden's dtype
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(40, dtype=dtype)
+    t = torch.randint(0, 40, (2, 5))
+    t[0, 1] = -100
+    loss, lse = linear_cross_entropy(h, w, t, bias=b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                                     return_lse=True)
+    want = torch.logsumexp(h.detach().double() @ w.detach().double().T + b.double(), -1)
+    want[0, 1] = 0.0
+    assert lse.dtype == dtype and lse.shape == t.shape and not lse.requires_grad
+    torch.testing.assert_close(lse, want.to(dtype))
+    torch.testing.assert_close(loss, linear_cross_entropy(h, w, t, bias=b, reduction=reduction, label_smoothing=0.1,
+                                                          z_loss=1e-3), rtol=0, atol=0)

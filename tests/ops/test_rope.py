@@ -1,5 +1,7 @@
 """fmcore.ops.apply_rotary against a float64 reference, on CPU always and CUDA when present."""
 
+import re
+
 import pytest
 import torch
 
@@ -382,6 +384,19 @@ def test_hf_dropin_errors_name_the_tables_passed():
     cos, sin = RotaryEmbedding(16, max_seq_len=32).hf_cos_sin(torch.arange(4)[None].expand(2, 4))
     with pytest.raises(ValueError, match=r"S >= 6 .*cos \(2, 4, 16\), sin \(2, 4, 16\)"):
         apply_rotary_pos_emb(q, k, cos, sin)
+    # an error about q or k is the op's own, passed on as it is
+    with pytest.raises(ValueError, match=r"expected k of shape \(B, Hk, S, D\) = \(2, Hk, 4, 16\) to match q "
+                                         r"\(2, 3, 4, 16\), got \(2, 3, 4, 8\)$"):
+        apply_rotary_pos_emb(torch.randn(2, 3, 4, 16), torch.randn(2, 3, 4, 8), cos, sin)
+
+
+@pytest.mark.parametrize("args, message", [((15, 8), "expected an even rotary dim > 0, got dim=15"),
+                                           ((0, 8), "expected an even rotary dim > 0, got dim=0"),
+                                           ((16, 0), "expected max_seq_len > 0, got 0"),
+                                           ((16, 8, float("inf")), "expected a finite base > 0, got inf")])
+def test_rotary_module_arguments_are_checked_by_name(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RotaryEmbedding(*args)
 
 
 def test_rotary_module_positions_are_computed_not_looked_up(device):

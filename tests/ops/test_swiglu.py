@@ -179,6 +179,8 @@ def test_bad_inputs(device):
         swiglu(torch.ones(4, 8, device=device, dtype=torch.int64))
     with pytest.raises(ValueError, match="expected gate of shape"):
         swiglu(torch.tensor(1.0, device=device))
+    with pytest.raises(RuntimeError, match="for argument 'up'"):  # (the schema's own error, passed on)
+        swiglu(x, "up")
     with pytest.raises(ValueError, match=r"expected grad_out of shape \(4, 4\)"):
         torch.ops.fmcore.swiglu_bwd(x, x, None)
     with pytest.raises(ValueError, match="expected grad_out to have the dtype of gate"):

@@ -472,6 +472,13 @@ def test_grad_norm_op(device):
     tensors[2][3, 4] = float("inf")
     grad_norm(tensors, out=norm, nonfinite_count=count)
     assert count.item() == 1 and norm.item() == float("inf")
+    # one tensor alone, as torch.nn.utils.get_total_norm takes it; no tensors, into an out tensor: 0
+    assert torch.equal(grad_norm(tensors[0]), grad_norm(tensors[:1]))
+    assert grad_norm([], out=norm).item() == 0.0
+    with pytest.raises(TypeError, match="expected tensors to be an iterable of Tensors, got int"):
+        grad_norm(5)
+    with pytest.raises(ValueError, match=r"expected at least one tensor \(or an out tensor\) for grad_norm"):
+        grad_norm([])
 
 
 def test_unaligned_views_take_the_scalar_path(device):
@@ -860,6 +867,10 @@ def test_bad_lr_tensor_and_group_flags_set_later_are_refused():
     set_grads(p, random_grads(p, 0))
     with pytest.raises(ValueError, match="maximize"):
         opt.step()
+    opt.param_groups[0]["maximize"] = False
+    opt.param_groups[0]["lr"] = torch.tensor([1e-2, 1e-2])  # (a scheduler's tensor of the wrong shape)
+    with pytest.raises(ValueError, match=r"expected lr to be a float or a one-element tensor, got shape \(2,\)"):
+        opt.step()
 
 
 def test_torch_adamw_keywords():
@@ -877,6 +888,28 @@ def test_torch_adamw_keywords():
     x.retain_grad()
     with pytest.raises(ValueError, match="differentiable=True"):
         FusedAdamW([{"params": [x], "differentiable": True}], lr=0.1)
+    with pytest.raises(ValueError, match=r"FusedAdamW is AdamW \(decoupled weight decay\); got a torch.optim.Adam"):
+        FusedAdamW([{"params": p, "decoupled_weight_decay": False}], lr=0.1)  # torch.optim.Adam's param_groups
+
+
+def test_step_takes_a_closure_as_torch_adamw():
+    a_p = make_params("cpu", shapes=[(3, 4), (5,)])
+    b_p = clone_params(a_p)
+    x = torch.randn(4)
+
+    def closure_of(params, opt):
+        def closure():  # the loss, its gradients computed inside step()
+            opt.zero_grad()
+            loss = (params[0] @ x).square().sum() + params[1].square().sum()
+            loss.backward()
+            return loss
+        return closure
+
+    a, b = FusedAdamW(a_p, lr=1e-2), torch.optim.AdamW(b_p, lr=1e-2)
+    for _ in range(2):
+        assert a.step(closure_of(a_p, a)).item() == b.step(closure_of(b_p, b)).item()
+    for p, q in zip(a_p, b_p):
+        torch.testing.assert_close(p, q)
 
 
 def test_load_state_dict_pre_hook_leaves_the_callers_dict():

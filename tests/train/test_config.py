@@ -54,6 +54,11 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--train.seed", str(2**64)], r"train.seed: expected at most 18446744073709551615"),
     (["--data.threads", "100000"], "data.threads: expected at most 1024"),
     (["--train.threads", "100000"], "train.threads: expected at most 1024"),
+    (["--model.arch", "llama", "--model.n_heads", "4", "--model.n_kv_heads", "3"],
+     r"model.n_kv_heads \(3\) must divide model.n_heads \(4\)"),
+    (["--model.n_kv_heads", "1"], "grouped-query attention is a llama feature; gpt2 needs n_kv_heads = 0"),
+    (["--model.arch", "llama", "--model.dim", "96", "--model.n_heads", "32"],
+     "llama's RoPE needs an even head dim, got 3"),
 ])
 def test_override_errors_name_the_key(args, match):
     with pytest.raises(ConfigError, match=match):
@@ -89,6 +94,14 @@ def test_toml_errors_name_the_file_and_key(tmp_path):
     bad.write_text('[train]\nsteps = "ten"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: train.steps: expected int"):
         load_config(str(bad))
+    bad.write_text("[train]\nsteps = 1.5\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: train.steps: expected int, got float 1.5"):
+        load_config(str(bad))
+    bad.write_text("[train\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: Expected ']'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"config file .*missing.toml not found"):
+        load_config(str(tmp_path / "missing.toml"))
     bad.write_text("steps = 3\n")
     with pytest.raises(ConfigError, match="unknown top-level key 'steps'"):
         load_config(str(bad))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fmcore.train import models
-from fmcore.train.config import ModelConfig, load_config
+from fmcore.train.config import ConfigError, ModelConfig, load_config
 
 GPT = ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch")
 LLAMA = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
@@ -286,3 +286,27 @@ def test_document_mask_from_positions_alone_on_both_ops_paths(base, ops):
     torch.testing.assert_close(model(x, positions=positions, cu_seqlens=cu, max_seqlen=8), packed)
     with pytest.raises(ValueError, match="cu_seqlens needs positions"):
         model(x, cu_seqlens=cu, max_seqlen=8)
+
+
+@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+def test_a_torch_block_takes_the_stream_as_residual_plus_h_as_an_fmcore_block_does(base):
+    # (fmcore's blocks pass the stream on as (h, residual); in a model of one ops path a torch block
+    # always gets residual None, but the block's contract is the sum)
+    cfg = models.resolve(base, vocab_size=100)
+    blocks = {ops: models.build_model(dataclasses.replace(cfg, ops=ops), seed=0).blocks[0].double()
+              for ops in ("torch", "fmcore")}
+    h, residual = torch.randn(2, 8, cfg.dim, dtype=torch.float64), torch.randn(2, 8, cfg.dim, dtype=torch.float64)
+    out, none = blocks["torch"](h, residual, None, None)
+    assert none is None
+    torch.testing.assert_close(out, blocks["torch"](residual + h, None, None, None)[0])
+    mlp, stream = blocks["fmcore"](h, residual, None, None)
+    torch.testing.assert_close(out, stream + mlp)
+
+
+def test_resolve_and_build_model_name_what_the_config_lacks():
+    with pytest.raises(ConfigError, match="model.vocab_size is 0 \\(take the dataset's\\) but no dataset vocabulary"):
+        models.resolve(dataclasses.replace(GPT, vocab_size=0), None)
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the dataset's vocabulary \(512\)"):
+        models.resolve(dataclasses.replace(GPT, vocab_size=100), 512)
+    with pytest.raises(ValueError, match="build_model needs a resolved config: call models.resolve"):
+        models.build_model(GPT)

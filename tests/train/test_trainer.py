@@ -105,14 +105,15 @@ def test_sigkill_and_resume_is_bitwise_identical(dataset, tmp_path, ops):
     assert grad(whole) == grad(broken)
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(dataset, tmp_path):
+@pytest.mark.parametrize("impl", ["fmcore", "torch"])  # FusedAdamW skips inside its step; the loop skips AdamW's
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(dataset, tmp_path, capsys, impl):
     run = tmp_path / "run"
     # An absurd lr puts ~1e30 into the weights after the first step; every later forward overflows.
-    cfg = load_config("tiny", overrides(dataset, run, "--train.steps", "50", "--optim.lr", "1e30",
-                                        "--schedule.warmup_steps", "0", "--train.max_skipped", "3",
-                                        "--optim.grad_clip", "0", "--log.every", "1", "--model.n_layers", "1"))
-    with pytest.raises(TrainingStopped, match="3 consecutive non-finite steps"):
-        train(cfg)
+    args = overrides(dataset, run, "--train.steps", "50", "--optim.lr", "1e30", "--schedule.warmup_steps", "0",
+                     "--train.max_skipped", "3", "--optim.grad_clip", "0", "--log.every", "1", "--model.n_layers", "1",
+                     "--model.ops", impl, "--optim.impl", impl)
+    assert main(["tiny", *args]) == 1  # TrainingStopped: one line, exit status 1
+    assert "fmcore train: stopped: 3 consecutive non-finite steps" in capsys.readouterr().err
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert math.isfinite(records[0]["loss"]) and records[-1]["skipped"] == 3
     assert records[-1]["loss"] is None  # not finite: written as null (NaN is not JSON)
@@ -133,7 +134,11 @@ def test_run_dir_choice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny")
     assert choose_run_dir(cfg) == (Path("runs/tiny"), None)
+    # --resume auto with no checkpoint to resume starts afresh (a job script's first start, or its
+    # restart before the first checkpoint) where the checkpoints will be
+    assert choose_run_dir(load_config("tiny", ["--resume", "auto"])) == (Path("runs/tiny"), None)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    assert choose_run_dir(cfg) == (Path("runs/tiny"), None)  # an empty dir (no .lock either) holds no run
     (tmp_path / "runs" / "tiny" / "metrics.jsonl").write_text("")
     assert choose_run_dir(cfg) == (Path("runs/tiny-2"), None)  # a second fresh run does not clobber the first
     ck = tmp_path / "runs" / "tiny" / "checkpoints"
@@ -532,6 +537,11 @@ def test_compare_reports_relative_differences(tmp_path, capsys):
     assert "max |rel diff| inf% (step 3)" in capsys.readouterr().out
     assert compare.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "holds no metrics.jsonl" in capsys.readouterr().err
+    (tmp_path / "later").mkdir()  # logged at other steps only (log.every 7 against 1, from step 14)
+    (tmp_path / "later" / "metrics.jsonl").write_text(json.dumps({"step": 14, "loss": 4.0}) + "\n")
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "later"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'later'}: no step in common with {tmp_path / 'a'}\n" in out and "10 common steps" in out
 
 
 def test_compare_of_a_zero_loss_gives_the_absolute_difference(tmp_path, capsys):
@@ -689,6 +699,18 @@ def test_split_projections_that_do_not_fit_name_the_checkpoint(tmp_path):
             r"model.0.weight in the checkpoint have 12 rows, this model's 10$")
     with pytest.raises(checkpoint.CheckpointError, match=want):
         checkpoint.load(path, *build(False, 10))
+    # and the other way: parts here, a fused tensor of other rows there, or none
+    checkpoint.save(tmp_path / "fused", 1, *build(False, 10), {"step": 1})
+    path = tmp_path / "fused" / "step_00000001"
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit this model and optimizer: ValueError: "
+                                                         r"model.0.weight in the checkpoint has 10 rows, this model's "
+                                                         r"parts of it 12$"):
+        checkpoint.load(path, *build(True, 12))
+    checkpoint.save(tmp_path / "fused12", 1, *build(False, 12), {"step": 1})
+    model, opt = build(True, 12)
+    model.append(SplitLinear(torch.nn.Linear(4, 4), [2, 2]))  # 2.parts.*: no model.2.weight there
+    with pytest.raises(checkpoint.CheckpointError, match=r"ValueError: model.2.weight is not in the checkpoint$"):
+        checkpoint.load(tmp_path / "fused12" / "step_00000001", model, opt)
 
 
 def test_a_checkpoint_keeps_the_resuming_optimizers_implementation_flags(tmp_path):
@@ -810,6 +832,12 @@ def test_a_run_killed_before_its_final_evaluation_evaluates_when_resumed(dataset
                                                   "--train.eval_batches", "1", *args, "--resume", "auto")))
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and summary["eval_loss"] == evals[-1]["eval_loss"]
+    # Resumed once more, with its final evaluation logged: nothing to train, nothing evaluated again.
+    again = train(load_config("tiny", overrides(dataset, run, "--train.steps", "4", "--model.dim", "64",
+                                                "--model.n_layers", "2", "--checkpoint.export_hf", "false",
+                                                "--train.eval_batches", "1", *args, "--resume", "auto")))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r] == [2, 4]
+    assert again["eval_loss"] == summary["eval_loss"]
 
 
 def test_a_run_dir_in_use_is_a_config_error(dataset, tmp_path):
@@ -1337,3 +1365,236 @@ def test_peak_tflops_takes_the_boards_own_figure(monkeypatch):
         assert peak_tflops(cfg, torch.device("cuda", 0)) == want, name
     assert peak_tflops(cfg, torch.device("cpu")) is None
     assert peak_tflops(load_config("tiny", ["--log.peak_tflops", "500"]), torch.device("cpu")) == 500
+
+
+def test_launcher_variables_that_disagree_with_the_callers_group_are_a_config_error(tmp_path, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert main(["tiny", "--log.run_dir", str(tmp_path / "run")]) == 2
+    finally:
+        dist.destroy_process_group()
+    assert "RANK=1 WORLD_SIZE=2 disagree with the initialised process group (rank 0 of 1)" in capsys.readouterr().err
+
+
+def test_a_cuda_run_without_a_cuda_device_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["tiny", "--train.device", "cuda", "--log.run_dir", str(tmp_path / "run")]) == 2
+    assert "train.device is 'cuda' but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_data_dataset_that_is_not_a_directory_is_a_config_error(tmp_path, capsys):
+    assert main(["tiny", "--data.dataset", str(tmp_path / "absent"), "--log.run_dir", str(tmp_path / "run")]) == 2
+    assert f"data.dataset: {tmp_path / 'absent'} is not a directory (make one with `fmcore prepare`)" in \
+        capsys.readouterr().err
+
+
+def _open_the_embedded_corpus(rank: int, world: int, root: str) -> str:
+    """open_dataset without data.dataset, default_dataset replaced by one that takes a while on rank 0
+    (preparing the corpus) and, elsewhere, checks that rank 0's is done."""
+    import fmcore.data
+    from fmcore.train.trainer import Env, open_dataset
+
+    corpus = Path(root) / "corpus"
+
+    def default_dataset():
+        if rank == 0:
+            time.sleep(0.5)
+            corpus.mkdir()
+        assert corpus.is_dir(), "read before rank 0 prepared it"
+        return corpus
+
+    fmcore.data.default_dataset = default_dataset
+    return str(open_dataset(load_config("tiny"), Env(rank, world, rank, torch.device("cpu"))))
+
+
+def test_without_data_dataset_rank_0_prepares_the_embedded_corpus_before_the_others_read_it(tmp_path):
+    from tests.distributed.launch import run_ranks
+
+    assert run_ranks(_open_the_embedded_corpus, 2, tmp_path / "launch", args=(str(tmp_path),)) == \
+        [str(tmp_path / "corpus")] * 2
+
+
+def test_samples_of_a_dataset_without_a_tokenizer_are_token_ids(tmp_path):
+    # (llm.c shards carry no tokenizer.json: the sample line shows the ids)
+    from fmcore.train.trainer import decode
+
+    assert decode(None, [5, 17, 3]) == "5 17 3"
+    assert decode(tmp_path / "tokenizer.json", [5]) == "5"  # named by a manifest but absent
+
+
+def test_param_groups_list_a_shared_parameter_once_and_leave_frozen_ones_out():
+    # (fmcore's models tie by reusing the embedding; a model changed in code may share a Parameter
+    # between modules, which torch's optimizers refuse to see twice)
+    from fmcore.train.trainer import param_groups
+
+    emb, head, frozen = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False), torch.nn.Linear(4, 4)
+    head.weight = emb.weight
+    frozen.weight.requires_grad_(False)
+    model = torch.nn.Sequential(emb, head, frozen)
+    groups = param_groups(model, load_config("tiny"))
+    assert [[id(p) for p in g["params"]] for g in groups] == [[], [id(emb.weight), id(frozen.bias)]]
+    groups = param_groups(model, load_config("tiny", ["--optim.decay_embeddings", "true",
+                                                      "--optim.decay_norms_biases", "true"]))
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(emb.weight), id(frozen.bias)]]
+
+
+def _fp16_from_a_high_loss_scale(monkeypatch):
+    """GradScaler starting at 2**24: an fp16 run's first steps overflow, and the scale halves each time."""
+    init = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, *a, **k: init(self, *a, **{"init_scale": 2.0**24,
+                                                                                                   **k}))
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(dataset, tmp_path, monkeypatch):
+    # The scale is checkpointed: resumed at its initial value instead, the run would overflow and skip
+    # steps again that the uninterrupted run applied.
+    _fp16_from_a_high_loss_scale(monkeypatch)
+    args = ("--train.precision", "fp16", "--train.steps", "8", "--checkpoint.every", "4",
+            "--schedule.warmup_steps", "1")
+    whole = _short_run(dataset, tmp_path / "whole", *args)
+    assert [r["skipped"] for r in whole][3] > 2  # overflows until step 4, then fewer or none
+    ckpt = tmp_path / "whole" / "checkpoints" / "step_00000004"
+    resumed = _short_run(dataset, tmp_path / "resumed", *args, "--checkpoint.resume", str(ckpt))
+    fields = lambda records: [(r["step"], r["loss"], r["skipped"]) for r in records]  # noqa: E731
+    assert fields(resumed) == fields(whole)[4:]
+
+
+def test_ctrl_c_is_reported_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    # (torchrun passes its SIGINT to every worker: one line from the job, not one per rank)
+    from fmcore.train import trainer
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["tiny", "--log.run_dir", str(tmp_path / "run")]) == 130
+        assert ("fmcore train: interrupted" in capsys.readouterr().err) == said, rank
+
+
+def test_fmcore_train_main_is_the_trainers():
+    # fmcore.train.main, the package's documented entry point (fmcore.train.__all__)
+    import fmcore.train
+
+    assert fmcore.train.main(["--help"]) == 0
+
+
+def test_a_save_after_a_crash_before_deleting_a_steps_old_copy_deletes_it(tmp_path, monkeypatch):
+    # A step saved again: the old copy goes to .old-*, the new one takes the name, then the old one is
+    # deleted. Killed before that deletion, the old copy stays beside the new one until the next save.
+    import shutil
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path, 6, model, optimizer, {"step": 6})
+    real_rmtree = shutil.rmtree
+
+    def crash_deleting_the_old_copy(path, *args, **kwargs):
+        if Path(path).name.startswith(".old-"):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", crash_deleting_the_old_copy)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 6, model, optimizer, {"step": 6, "again": True})
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-step_00000006", "step_00000006"]
+    assert [(s, p.name) for s, p in checkpoint.step_dirs(tmp_path)] == [(6, "step_00000006")]  # the new one
+    checkpoint.save(tmp_path, 8, model, optimizer, {"step": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert checkpoint.read_extra(tmp_path / "step_00000006") == {"step": 6, "again": True}
+
+
+def test_a_save_where_no_checkpoint_dir_can_be_made_names_the_step(tmp_path):
+    # (the free space of a directory that does not exist is unknown: said so, not a second error)
+    (tmp_path / "file").write_text("")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"saving the checkpoint of step 3 in .*file/checkpoints "
+                                                         r"failed \(free space unknown\): NotADirectoryError"):
+        checkpoint.save(tmp_path / "file" / "checkpoints", 3, model, torch.optim.AdamW(model.parameters()), {"step": 3})
+
+
+def test_a_checkpoint_without_its_extra_state_is_a_checkpoint_error(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    path = checkpoint.save(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"step": 1})
+    (path / "extra_rank0.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_00000001 is not a complete fmcore checkpoint "
+                                                         r"\(missing .metadata or extra_rank0.pt\)"):
+        checkpoint.read_extra(path)
+
+
+def test_ctrl_c_during_a_regrouped_load_is_an_interrupt(tmp_path, monkeypatch):
+    # (a tensor-parallel checkpoint into a model without it: rank 0 reads and regroups the parts)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fmcore.train.parallel import SplitLinear
+
+    def build(split: bool):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 12))
+        if split:
+            model[0] = SplitLinear(model[0], [4, 6, 2])
+        return model, torch.optim.AdamW(model.parameters())
+
+    path = checkpoint.save(tmp_path, 1, *build(True), {"step": 1})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.load(path, *build(False))
+
+
+def test_a_file_system_without_flock_runs_unguarded(tmp_path, monkeypatch):
+    # (some NFS and Lustre mounts: flock raises ENOLCK; the run goes on as it did before the lock existed)
+    import errno
+    import fcntl
+
+    from fmcore.train.resume import lock_held, lock_run_dir
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    fd = lock_run_dir(tmp_path / "run")
+    try:
+        assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+        assert not lock_held(tmp_path / "run")
+    finally:
+        os.close(fd)
+
+
+def test_two_set_asides_within_one_second_take_two_dirs(tmp_path, monkeypatch):
+    from fmcore.train.resume import set_aside_later_checkpoints
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")
+    run = tmp_path / "run"
+    for branch in (1, 2):
+        for step in (2, 4):
+            (run / "checkpoints" / f"step_0000000{step}").mkdir(parents=True, exist_ok=True)
+        said = set_aside_later_checkpoints(run, run / "checkpoints" / "step_00000002", 2)
+        aside = run / ("checkpoints-abandoned-20260101-000000" + ("" if branch == 1 else "-2"))
+        assert said.endswith(f"1 later checkpoint(s) moved to {aside}") and (aside / "step_00000004").is_dir()
+
+
+def test_a_checkpoint_without_its_resolved_model_is_checked_against_its_config(tmp_path):
+    # (checkpoints written before the trainer recorded the resolved model: their config is resolved
+    # with this run's vocabulary; one without a config at all is not checked, as before)
+    from fmcore.train import models
+    from fmcore.train.config import to_dict
+    from fmcore.train.resume import check_same_layout, check_same_model
+
+    saved = to_dict(load_config("tiny", ["--model.n_layers", "2"]))
+    here = models.resolve(load_config("tiny").model, 1024, "cpu")
+    with pytest.raises(ConfigError, match=r"was written for another model \(model.n_layers = 2 there, 4 here\)"):
+        check_same_model(saved, here, 1024, tmp_path)
+    check_same_model(to_dict(load_config("tiny")), here, 1024, tmp_path)
+    check_same_model(None, here, 1024, tmp_path)
+    check_same_layout(tmp_path, {}, load_config("tiny", ["--parallel.data", "zero1"]))

@@ -24,7 +24,9 @@ the earlier buckets to launch), so the collectives match across ranks whatever o
 Gradients that never arrive (unused parameters) are zero-filled and launched when the backward ends
 (a callback queued on the autograd engine), which also delays every later bucket to then: a model with
 unused parameters overlaps less. Every rank has then launched every bucket when backward() returns,
-so collectives the caller issues afterwards come after them on every rank.
+so collectives the caller issues afterwards come after them on every rank. Under compiled autograd
+(torch._dynamo.config.compiled_autograd) the hooks launch nothing: finish() / wait() launch every
+bucket from the accumulated gradients (no overlap, and no collective in flight when backward() returns).
 
 Gradient accumulation: wrap the non-final micro-batches in `with no_sync():` (nothing is launched).
 Without it every backward launches the buckets again: a gradient arriving a second time before
@@ -50,6 +52,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 
 import torch
+from torch._dynamo import compiled_autograd
 
 from fmcore.dist.comm import Communicator, Work
 
@@ -227,6 +230,27 @@ class GradBuckets:
 
 
 def _on_grad(buckets: weakref.ref, p: torch.nn.Parameter) -> None:
+    if compiled_autograd.in_compiled_autograd_region:
+        # Compiled autograd (torch._dynamo.config.compiled_autograd) runs this hook inside the compiled
+        # backward: dynamo refused the end-of-backward callback ("queue_callback() is only supported when
+        # Compiled Autograd is enabled with fullgraph=True"), and a hook run eagerly there queued it on a
+        # graph task that never runs it (a parameter unused on one rank then mismatched the collectives).
+        # Nothing is launched (dynamo traces this into nothing, so the graph stays whole): wait() launches
+        # every bucket, in order, from the accumulated p.grad.
+        return
+    _on_grad_eager(buckets, p)
+
+
+# A backward() inside a torch.compile'd function without compiled autograd runs the hooks under dynamo's
+# frame evaluation, which compiled the hook as a frame of its own once per parameter shape up to its
+# recompile limit ("torch._dynamo hit config.recompile_limit (8) function: '_on_grad'"): the hook's frame
+# is skipped, and its work is never compiled. (Not torch._dynamo.disable on the hook itself: compiled
+# autograd would then break its graph at every parameter, and refuse it under fullgraph=True.)
+torch._dynamo.eval_frame.skip_code(_on_grad.__code__)
+
+
+@torch._dynamo.disable
+def _on_grad_eager(buckets: weakref.ref, p: torch.nn.Parameter) -> None:
     live = buckets()
     if live is not None:
         live._on_grad(p)

@@ -27,8 +27,9 @@ bucket's flat gradient buffer and starts an asynchronous reduce-scatter (op avg)
 bucket's slice of this rank's gradient shard (the communicator's side stream on CUDA, a gloo work
 handle on the CPU), while backward continues: the reducer's all-reduce overlap, with the collective
 swapped; the buckets of gradients that never arrived are launched, as zeros, when the backward
-ends. clip_grad_norm_ or step waits for them and casts the shard to fp32 as the master's gradient;
-the optimizer steps the shard; the shard is cast to the parameter dtype and every bucket's slice
+ends (under compiled autograd every bucket is launched by step(): see fmcore.dist.reducer).
+clip_grad_norm_ or step waits for them and casts the shard to fp32 as the master's gradient; the
+optimizer steps the shard; the shard is cast to the parameter dtype and every bucket's slice
 all-gathered into its flat parameter buffer (one NCCL group). Every call is collective.
 
 Checkpoints. state_dict() describes each bucket's slice of the master and moments as a DTensor
@@ -372,9 +373,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         """Creates the moments now (torch's AdamW does it lazily at the first step), so a checkpoint can
         be loaded into a fresh optimizer."""
         for f in self._flats:
-            state = self.inner.state[f.master]
-            if state:
-                continue
+            state = self.inner.state[f.master]  # (empty: the inner optimizer was just made)
             # torch's AdamW keeps the step on the CPU unless fused/capturable; FusedAdamW on the device.
             on_device = (self.inner.defaults.get("fused") or self.inner.defaults.get("capturable")
                          or not isinstance(self.inner, torch.optim.AdamW))
@@ -443,11 +442,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         for i, f in enumerate(self._flats):
             state = self.inner.state[f.master]
             for k, dst in {"master": f.master.detach(), **state}.items():
-                if not f.is_sharded(dst):
-                    if torch.is_tensor(dst):
-                        dst.copy_(state_dict[f"flat{i}.{k}"])
-                    else:
-                        state[k] = state_dict[f"flat{i}.{k}"]
+                if not f.is_sharded(dst):  # (the step: every entry is a tensor, made by _init_state)
+                    dst.copy_(state_dict[f"flat{i}.{k}"])
                     continue
                 for j, b in enumerate(f.buckets):
                     name = f"flat{i}.bucket{j}.{k}"

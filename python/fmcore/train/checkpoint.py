@@ -313,8 +313,6 @@ def _interrupted(e: BaseException | None, rank: int) -> bool:
 def _load_failure(path: Path, e: BaseException) -> BaseException:
     """What a failed read of checkpoint path raises: KeyboardInterrupt for Ctrl-C (not a checkpoint that
     "does not fit"), else a CheckpointError saying whether the checkpoint is damaged or of another model."""
-    if isinstance(e, (KeyboardInterrupt, CheckpointError)):
-        return e
     if _interrupted(e, _rank()):
         return KeyboardInterrupt()
     failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]

@@ -160,9 +160,7 @@ def run_resolution(run_dir: Path) -> dict | None:
 
 def measured_peak_mib(run_dir: Path) -> float | None:
     """The largest mem_mib the trainer logged in run_dir/metrics.jsonl (CUDA: max_memory_allocated)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --run takes a run directory written by `fmcore train`")
+    path = Path(run_dir) / "metrics.jsonl"  # (main checked that it is there)
     peaks = [rec["mem_mib"] for rec in map(json.loads, path.read_text().splitlines())
              if isinstance(rec.get("mem_mib"), (int, float))]
     return max(peaks) if peaks else None
