@@ -52,7 +52,6 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 
 import torch
-from torch._dynamo import compiled_autograd
 
 from fmcore.dist.comm import Communicator, Work
 
@@ -229,8 +228,15 @@ class GradBuckets:
         self._remove_hooks()
 
 
+def _in_compiled_autograd() -> bool:
+    # torch._dynamo's private flag (torch 2.11 to 2.14 have it). A torch without it is taken as running no
+    # compiled autograd: the hooks then launch eagerly, which is right everywhere but inside one.
+    module = getattr(torch._dynamo, "compiled_autograd", None)
+    return bool(getattr(module, "in_compiled_autograd_region", False))
+
+
 def _on_grad(buckets: weakref.ref, p: torch.nn.Parameter) -> None:
-    if compiled_autograd.in_compiled_autograd_region:
+    if _in_compiled_autograd():
         # Compiled autograd (torch._dynamo.config.compiled_autograd) runs this hook inside the compiled
         # backward: dynamo refused the end-of-backward callback ("queue_callback() is only supported when
         # Compiled Autograd is enabled with fullgraph=True"), and a hook run eagerly there queued it on a
@@ -245,8 +251,11 @@ def _on_grad(buckets: weakref.ref, p: torch.nn.Parameter) -> None:
 # frame evaluation, which compiled the hook as a frame of its own once per parameter shape up to its
 # recompile limit ("torch._dynamo hit config.recompile_limit (8) function: '_on_grad'"): the hook's frame
 # is skipped, and its work is never compiled. (Not torch._dynamo.disable on the hook itself: compiled
-# autograd would then break its graph at every parameter, and refuse it under fullgraph=True.)
-torch._dynamo.eval_frame.skip_code(_on_grad.__code__)
+# autograd would then break its graph at every parameter, and refuse it under fullgraph=True.) skip_code is
+# private (torch 2.11 to 2.14 have it); without it the hook is compiled as before, slower but correct.
+_skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)
+if _skip_code is not None:
+    _skip_code(_on_grad.__code__)
 
 
 @torch._dynamo.disable
