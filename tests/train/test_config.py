@@ -59,6 +59,10 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--model.n_kv_heads", "1"], "grouped-query attention is a llama feature; gpt2 needs n_kv_heads = 0"),
     (["--model.arch", "llama", "--model.dim", "96", "--model.n_heads", "32"],
      "llama's RoPE needs an even head dim, got 3"),
+    (["--model.rope_scaling", "llama3", "--model.rope_high_freq_factor", "1"],
+     r"model.rope_high_freq_factor \(1.0\) must exceed model.rope_low_freq_factor \(1.0\)"),
+    (["--model.rope_scaling", "yarn"], "model.rope_scaling: expected one of 'none', 'llama3', got 'yarn'"),
+    (["--model.init_from", "/nonexistent/dir"], r"model.init_from: /nonexistent/dir/config.json not found"),
 ])
 def test_override_errors_name_the_key(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -18,6 +18,9 @@ CASES = {
     "llama-gqa": ModelConfig(arch="llama", dim=96, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=64,
                              ops="torch", tie_embeddings=False, rope_base=500000.0, norm_eps=1e-6),
     "llama-tied": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch"),
+    # Llama 3.2's RoPE scaling; original_max_len 64 at head dim 16 puts frequencies in all three of its regimes
+    "llama-llama3": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=256, ops="torch",
+                                rope_scaling="llama3", rope_scale_factor=32.0, rope_original_max_len=64),
 }
 
 

@@ -40,6 +40,19 @@ class ModelConfig:
     F.cross_entropy on materialised logits), or "auto": fmcore wherever its kernels run (every CPU,
     where the tiny preset's step is faster with them than with torch's: 87-92 against 120-124 ms on
     2 cores; a GPU whose architecture this build compiled), else torch with a warning saying why."""
+    init_from: str = ""
+    """A Hugging Face checkpoint directory to start from (continued pretraining): config.json plus
+    model.safetensors, or shards with model.safetensors.index.json, of a GPT2LMHeadModel,
+    LlamaForCausalLM or MistralForCausalLM without an active sliding window. Its config.json sets arch,
+    vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, max_seq_len, rope_base, the rope_* scaling
+    fields, norm_eps, tie_embeddings and bias, over a preset's values; one your TOML file or command line
+    set to another value is an error (0, "derive it", is not). What fmcore's models cannot compute
+    exactly (attention or MLP biases in a Llama, another activation, a rope_scaling other than llama3,
+    head_dim != hidden_size / num_attention_heads...) is refused naming the config.json key. Dropout is
+    ignored (fmcore trains without). A fresh run loads the weights before any sharding, in every
+    parallel layout; a resume loads its checkpoint. Prepare the data with the checkpoint's tokenizer:
+    `fmcore prepare ... --tokenizer DIR/tokenizer.json` (a vocabulary larger than the model's is an
+    error, another tokenizer.json than DIR's a warning)."""
     vocab_size: int = 0
     """Embedding rows; 0 takes the dataset's vocabulary rounded up to a multiple of 64."""
     dim: int = 768
@@ -56,6 +69,20 @@ class ModelConfig:
     """Longest sequence the model accepts (size of the position table / RoPE cache)."""
     rope_base: float = 10000.0
     """RoPE frequency base (llama)."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling (llama): "none", or "llama3" (Llama 3.1/3.2's, as transformers computes
+    it): wavelengths longer than rope_original_max_len / rope_low_freq_factor are stretched by
+    rope_scale_factor, those shorter than rope_original_max_len / rope_high_freq_factor kept, and the
+    ones between blended smoothly."""
+    rope_scale_factor: float = 8.0
+    """rope_scaling "llama3": the factor long wavelengths are stretched by (Llama 3.1: 8, 3.2: 32)."""
+    rope_low_freq_factor: float = 1.0
+    """rope_scaling "llama3": low_freq_factor."""
+    rope_high_freq_factor: float = 4.0
+    """rope_scaling "llama3": high_freq_factor."""
+    rope_original_max_len: int = 8192
+    """rope_scaling "llama3": original_max_position_embeddings, the context length the model was
+    pretrained at before the scaling."""
     norm_eps: float = 1e-5
     """Epsilon of LayerNorm / RMSNorm."""
     tie_embeddings: bool = True
@@ -218,12 +245,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Not a field (neither in the TOML nor compared): "section.key" of each value the source TOML file or the
+    # command line set, as load_config records it. A preset's values and the defaults are not the user's
+    # choice: model.init_from's checkpoint replaces them silently and refuses a conflicting explicit one.
+    explicit: typing.ClassVar[frozenset] = frozenset()
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
 CHOICES = {
     ("model", "arch"): ("gpt2", "llama"),
     ("model", "ops"): ("auto", "fmcore", "torch"),
+    ("model", "rope_scaling"): ("none", "llama3"),
     ("data", "mode"): ("random", "sequential"),
     ("optim", "impl"): ("auto", "fmcore", "torch"),
     ("schedule", "kind"): ("cosine", "linear", "wsd", "constant"),
@@ -313,7 +345,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
 
 
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
-    """The config from a preset name or TOML path (default: the ``tiny`` preset) plus overrides."""
+    """The config from a preset name or TOML path (default: the ``tiny`` preset) plus overrides. With
+    model.init_from, the model's shape is that checkpoint's config.json's (fmcore.train.init_from.configure)."""
     cfg = Config()
     source = source or "tiny"
     path = Path(source)
@@ -331,11 +364,20 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{origin}: {e}") from None
     _apply_table(cfg, table, origin)
+    explicit = set()  # (a preset's values are not the user's)
+    if origin == str(path):
+        explicit = {f"{section}.{key}" for section, body in table.items() if isinstance(body, dict) for key in body}
     for section, key, value in parse_overrides(overrides or []):
         if not section:
             cfg.name = value
         else:
             _set(cfg, section, key, value, "command line")
+            explicit.add(f"{section}.{key}")
+    cfg.explicit = frozenset(explicit)
+    if cfg.model.init_from:  # (before validate: train.seq_len is checked against the checkpoint's max_seq_len)
+        from fmcore.train.init_from import configure
+
+        cfg = configure(cfg)
     validate(cfg)
     return cfg
 
@@ -381,6 +423,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.timeout_s: expected a finite value > 0, got {cfg.parallel.timeout_s}")
     if not 0 < m.rope_base < math.inf:
         raise ConfigError(f"model.rope_base: expected a finite value > 0, got {m.rope_base}")
+    for key in ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+        if not 0 < getattr(m, key) < math.inf:
+            raise ConfigError(f"model.{key}: expected a finite value > 0, got {getattr(m, key)}")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        # (the blend between them divides by their difference)
+        raise ConfigError(f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
+                          f"model.rope_low_freq_factor ({m.rope_low_freq_factor})")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
     kv = m.n_kv_heads or m.n_heads

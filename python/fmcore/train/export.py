@@ -3,9 +3,10 @@
     export_hf(model, mcfg, "runs/tiny/hf")
     AutoModelForCausalLM.from_pretrained("runs/tiny/hf")   # same logits as model(x)
 
-The weights map one to one, except that GPT-2's Conv1D layers store (in, out) matrices (transposed)
-and Llama's fused projections are split into q/k/v and gate/up. A tied head is written once (as the
-embedding), which is how transformers expects tied weights.
+The names, shapes and layouts come from hf_map.py, the table model.init_from reads such a directory
+back with (init_from.py): GPT-2's Conv1D layers store (in, out) matrices (transposed), Llama's fused
+projections are split into q/k/v and gate/up, and a tied head is written once (as the embedding),
+which is how transformers expects tied weights.
 """
 
 from __future__ import annotations
@@ -18,67 +19,28 @@ import torch
 import torch.distributed as dist
 
 from fmcore.train.config import ModelConfig
+from fmcore.train.hf_map import ARCHITECTURES, CONFIG_KEYS, tensor_map
 from fmcore.train.parallel import full_state_dicts, split_part
 
 
-def _gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, dict]:
-    def bias(name: str, n: int) -> torch.Tensor:  # HF's GPT-2 always has biases: zeros when we have none
-        return sd[name] if name in sd else torch.zeros(n, dtype=sd["wte.weight"].dtype)
-
-    d, f = cfg.dim, cfg.ffn_dim
-    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
-           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": bias("norm.bias", d)}
-    for i in range(cfg.n_layers):
-        s, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out |= {
-            h + "ln_1.weight": sd[s + "ln_1.weight"], h + "ln_1.bias": bias(s + "ln_1.bias", d),
-            h + "attn.c_attn.weight": sd[s + "qkv.weight"].t(), h + "attn.c_attn.bias": bias(s + "qkv.bias", 3 * d),
-            h + "attn.c_proj.weight": sd[s + "attn_out.weight"].t(), h + "attn.c_proj.bias": bias(s + "attn_out.bias", d),
-            h + "ln_2.weight": sd[s + "ln_2.weight"], h + "ln_2.bias": bias(s + "ln_2.bias", d),
-            h + "mlp.c_fc.weight": sd[s + "fc.weight"].t(), h + "mlp.c_fc.bias": bias(s + "fc.bias", f),
-            h + "mlp.c_proj.weight": sd[s + "mlp_out.weight"].t(), h + "mlp.c_proj.bias": bias(s + "mlp_out.bias", d),
-        }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.max_seq_len, "n_embd": d, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": f,
-        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
-        "tie_word_embeddings": cfg.tie_embeddings,
-    }
-    return out, config
-
-
-def _llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, dict]:
-    hd = cfg.dim // cfg.n_heads
-    q, kv, f = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_dim
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
-    for i in range(cfg.n_layers):
-        s, h = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = sd[s + "wqkv.weight"].split([q, kv, kv])
-        gate, up = sd[s + "w_gate_up.weight"].split([f, f])
-        out |= {
-            h + "input_layernorm.weight": sd[s + "attn_norm.weight"],
-            h + "self_attn.q_proj.weight": wq, h + "self_attn.k_proj.weight": wk, h + "self_attn.v_proj.weight": wv,
-            h + "self_attn.o_proj.weight": sd[s + "wo.weight"],
-            h + "post_attention_layernorm.weight": sd[s + "ffn_norm.weight"],
-            h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
-            h + "mlp.down_proj.weight": sd[s + "w_down.weight"],
-        }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim, "intermediate_size": f, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": hd,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        # transformers >= 5 reads rope_parameters; older versions read rope_theta.
-        "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-    }
-    return out, config
+def _hf_config(cfg: ModelConfig) -> dict:
+    """config.json's model keys (CONFIG_KEYS, the table init_from.py reads back) and what fmcore's models
+    fix: GPT-2's tanh GELU, no dropout (fmcore trains without), Llama's SiLU, no biases, RoPE."""
+    config = {"architectures": [ARCHITECTURES[cfg.arch]], "model_type": cfg.arch,
+              **{key: getattr(cfg, field) for field, key in CONFIG_KEYS[cfg.arch].items()},
+              "initializer_range": cfg.init_std}
+    if cfg.arch == "gpt2":
+        return config | {"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    config |= {"head_dim": cfg.dim // cfg.n_heads, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    if cfg.rope_scaling == "llama3":
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_scale_factor,
+                   "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_len}
+        rope = scaling | {"rope_theta": cfg.rope_base}
+        config["rope_scaling"] = scaling
+    # transformers >= 5 reads rope_parameters; older versions read rope_theta and rope_scaling.
+    return config | {"rope_parameters": rope}
 
 
 def _fuse_split_linears(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,8 +72,11 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     sd = _fuse_split_linears({k: v.detach().cpu() for k, v in sd.items()})
-    tensors, config = (_gpt2 if cfg.arch == "gpt2" else _llama)(sd, cfg)
-    dtype = next(iter(tensors.values())).dtype
+    dtype = next(iter(sd.values())).dtype
+    tensors = {}
+    for row in tensor_map(cfg):
+        tensors |= row.to_hf(sd.get(row.ours), dtype)  # (a bias the model lacks: zeros)
+    config = _hf_config(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return {k: v.contiguous() for k, v in tensors.items()}, config
 

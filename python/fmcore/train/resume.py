@@ -154,7 +154,8 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
     """A checkpoint resumes only the model it was written for. torch.distributed.checkpoint loads what
     the current model asks for: a smaller model would take its share of a larger one's weights
     silently, a larger one fail on a missing key. Compared resolved, all but ops (the same weights
-    either way) and init_std (used before step 0 only); skipped for a checkpoint without its config.
+    either way), init_std and init_from (used before step 0 only: a moved checkpoint directory is the
+    same model, which the shape fields it sets say); skipped for a checkpoint without its config.
     resolved: the model config as the checkpoint's run resolved it (its extra state's "resolved_model"),
     else the checkpoint's config is resolved here, with this run's dataset: a model.vocab_size of 0
     (the dataset's) then looked the same on another tokenizer's dataset, and the embedding's shape
@@ -173,7 +174,7 @@ def check_same_model(saved: dict | None, mcfg, vocab_size: int | None, path: Pat
                  "64: check data.dataset)"
                  if f == "vocab_size" and vocab_size and getattr(mcfg, f) == -(-vocab_size // 64) * 64
                  and (saved or {}).get("model", {}).get("vocab_size") == 0 else "")
-              for f in sorted(fields - {"ops", "init_std"}) if getattr(written, f) != getattr(mcfg, f)]
+              for f in sorted(fields - {"ops", "init_std", "init_from"}) if getattr(written, f) != getattr(mcfg, f)]
     if differ:
         raise ConfigError(f"checkpoint.resume: {path} was written for another model ({'; '.join(differ)}); resume it "
                           f"with the config it was written with (config.toml in its run dir), or start a new run")

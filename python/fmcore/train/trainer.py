@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fmcore.data.shards import ShardError
-from fmcore.train import checkpoint, metrics, models, relayout, resume
+from fmcore.train import checkpoint, init_from, metrics, models, relayout, resume
 from fmcore.train.config import (Config, ConfigError, ModelConfig, help_text, load_config, presets, to_dict, to_toml,
                                  validate)
 from fmcore.train.schedule import lr_at
@@ -133,11 +133,17 @@ def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
     return p
 
 
-def build_model(cfg: Config, vocab_size: int, env: Env, precision: str) -> tuple[nn.Module, ModelConfig]:
+def build_model(cfg: Config, vocab_size: int, env: Env, precision: str,
+                fresh: bool = True) -> tuple[nn.Module, ModelConfig]:
     """(model on env.device, its resolved ModelConfig). Initialised on the CPU from train.seed so the
-    weights do not depend on the device or on model.ops."""
+    weights do not depend on the device or on model.ops; in a fresh run (not a resume, which loads its
+    checkpoint afterwards) with model.init_from, that checkpoint's weights replace them, on every rank
+    and before any parallelism shards the model."""
     mcfg = models.resolve(cfg.model, vocab_size, env.device)
-    model = models.build_model(mcfg, seed=cfg.train.seed).to(env.device)
+    model = models.build_model(mcfg, seed=cfg.train.seed)
+    if fresh and mcfg.init_from:
+        init_from.load_weights(model, mcfg, mcfg.init_from)
+    model = model.to(env.device)
     if precision == "bf16":
         for p in model.parameters():  # parameters only: RoPE tables stay fp32
             p.data = p.data.to(torch.bfloat16)
@@ -538,6 +544,8 @@ def train(cfg: Config) -> dict:
     """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
     # A Config built or changed in code (a sweep's cfg.train.steps = ...) skipped load_config's checks:
     # log.every = 0 was a ZeroDivisionError after the model was built, a negative train.steps a run of nothing.
+    # (model.init_from's shape too: config.toml and the checkpoints then record the model it describes.)
+    cfg = init_from.configure(cfg)
     validate(cfg)
     # A notebook or a sweep calls train() again in the same process, after a run that ended or raised
     # (a KeyboardInterrupt too): what a run sets for itself (torch's thread count, strict determinism,
@@ -597,7 +605,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     mcfg = models.resolve(cfg.model, loader.vocab_size, env.device)
     impl = optimizer_impl(cfg, mcfg)
     precision = resolve_precision(cfg, env.device, impl)
-    model, mcfg = build_model(cfg, loader.vocab_size, env, precision)
+    model, mcfg = build_model(cfg, loader.vocab_size, env, precision, fresh=resume_from is None)
     raw_model = model
     model = parallelize(model, cfg, env)
     optimizer = build_optimizer(model, cfg, impl, precision, env.device)
@@ -661,7 +669,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         f"fmcore train {cfg.name}: {mcfg.arch} {n_params / 1e6:.2f}M params, ops={mcfg.ops}, optimizer={impl}, "
         f"precision={precision}, device={env.device}{f' x{env.world}' if env.world > 1 else ''}, "
         f"{step_tokens:,} tokens/step ({accum} micro-batches of {t.batch_size}x{t.seq_len}), "
-        f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else ""))
+        f"run dir {run_dir}" + (f", resumed from {resume_from.name}" if resume_from else "")
+        + (f", weights from {mcfg.init_from}" if mcfg.init_from and not resume_from else ""))
     if cfg.schedule.warmup_steps > t.steps:
         # Not an error: a short smoke run (train.steps=20) of a preset with a longer warmup is common.
         # But its lr never reaches optim.lr and never decays, which the config alone does not show.
@@ -676,6 +685,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                        "train.tokens_per_step (with gradient accumulation) keeps a global batch across world sizes")
     if set_aside:
         report.message(set_aside)
+    if mcfg.init_from and resume_from is None:
+        mismatch = init_from.tokenizer_mismatch(Path(mcfg.init_from), tokenizer)
+        if mismatch:
+            report.message(f"warning: {mismatch}")
     if not has_val:
         report.message(f"{dataset} {no_val_reason}: evaluation is off")
     ckpt_dir = run_dir / "checkpoints"

@@ -29,6 +29,10 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch
         if not vocab_size:
             raise ConfigError("model.vocab_size is 0 (take the dataset's) but no dataset vocabulary is known")
         cfg.vocab_size = -(-vocab_size // 64) * 64
+    elif vocab_size and cfg.vocab_size < vocab_size and cfg.init_from:
+        raise ConfigError(f"model.init_from {cfg.init_from}: the checkpoint's vocab_size ({cfg.vocab_size}) is smaller "
+                          f"than the dataset's vocabulary ({vocab_size}): prepare the dataset with the checkpoint's "
+                          "tokenizer (fmcore prepare ... --tokenizer its tokenizer.json)")
     elif vocab_size and cfg.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the dataset's vocabulary ({vocab_size})")
     cfg.n_kv_heads = cfg.n_kv_heads or cfg.n_heads

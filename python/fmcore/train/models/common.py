@@ -8,6 +8,7 @@ quality comparison rely on that.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -142,10 +143,29 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
     return fused(x, residual, norm.weight, getattr(norm, "bias", None), eps=eps, kind=kind, out_dtype=out_dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, base: float,
+                llama3: tuple[float, float, float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos, sin of shape (max_seq_len, head_dim/2) (Llama's rotate-half angles), as
-    fmcore.nn.RotaryEmbedding's table."""
-    return rope_cos_sin(torch.arange(max_seq_len), head_dim, base)
+    fmcore.nn.RotaryEmbedding's table. llama3: (factor, low_freq_factor, high_freq_factor,
+    original_max_len) of Llama 3.1's frequency scaling (model.rope_scaling "llama3"), else None."""
+    if llama3 is None:
+        return rope_cos_sin(torch.arange(max_seq_len), head_dim, base)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * llama3_inv_freq(head_dim, base, *llama3)
+    return angles.cos().float(), angles.sin().float()
+
+
+def llama3_inv_freq(head_dim: int, base: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_len: int) -> torch.Tensor:
+    """fp64 (head_dim/2,) RoPE inverse frequencies with Llama 3.1's scaling (transformers' rope_type
+    "llama3"): a wavelength (2 pi / frequency) longer than original_max_len / low_freq_factor is stretched
+    by factor, one shorter than original_max_len / high_freq_factor kept, and those between blended
+    linearly in original_max_len / wavelength. (transformers computes the same in fp32.)"""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    long, short = wavelen > original_max_len / low_freq_factor, wavelen < original_max_len / high_freq_factor
+    return torch.where(long, inv / factor, torch.where(short, inv, blended))
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: str):

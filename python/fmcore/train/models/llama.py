@@ -53,9 +53,13 @@ class LlamaBlock(PreNormBlock):
 class Rope(nn.Module):
     """fp32 cos/sin tables (max_seq_len, head_dim/2); not in the state dict (a function of the config)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cos, sin = rope_tables(head_dim, max_seq_len, base)
+        llama3 = None
+        if cfg.rope_scaling == "llama3":
+            llama3 = (cfg.rope_scale_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                      cfg.rope_original_max_len)
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_base, llama3)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -71,7 +75,7 @@ class Llama(CausalLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg, self.ops = cfg, cfg.ops
-        self.rope = Rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_base)
+        self.rope = Rope(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
