@@ -277,6 +277,14 @@ def test_train_starts_from_the_checkpoints_loss_and_learns(dataset, tmp_path, mo
     monkeypatch.setattr(init_from, "load_weights", lambda *a: pytest.fail("a resume loaded model.init_from"))
     assert trainer.main([str(run / "config.toml"), "--train.steps", "32", "--resume", "auto"]) == 0
     assert sorted(losses(run)) == list(range(1, 33))
+    # The Hugging Face directory moved away: its config.json gone, the run resumes on the shape it recorded.
+    ckpt.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert trainer.main([str(run / "config.toml"), "--train.steps", "34", "--resume", "auto"]) == 2
+    assert "--model.init_from ''" in capsys.readouterr().err
+    assert trainer.main([str(run / "config.toml"), "--train.steps", "34", "--resume", "auto",
+                         "--model.init_from", ""]) == 0
+    assert sorted(losses(run)) == list(range(1, 35))
 
 
 def test_a_vocabulary_smaller_than_the_datasets_is_refused(dataset, tmp_path):

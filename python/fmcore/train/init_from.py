@@ -59,7 +59,8 @@ def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ConfigError(f"model.init_from: {file} not found (expected a Hugging Face checkpoint directory: "
-                          "config.json and model.safetensors, as save_pretrained writes them)")
+                          "config.json and model.safetensors, as save_pretrained writes them; resuming a run after moving it? "
+                          "--model.init_from '' resumes on the shape its config.toml records)")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
