@@ -8,8 +8,9 @@ them, tensor=2's loads in 1 process without tensor parallelism and 1 process's o
 Hugging Face export written at the end (gathered from the shards, tensor parallelism's split
 projections fused again) holds one process's weights. And fsdp2 with tensor=2 on 4 ranks (a 2-D
 mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2 ranks, fsdp2 with tensor=2,
-activation checkpointing and torch.compile against 1 process, zero1 with 2 micro-batches per step
-(gradient accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks.
+activation checkpointing (full, and selective) and torch.compile against 1 process, zero1 with 2
+micro-batches per step (gradient accumulation) against 1 process, and 1 process's checkpoint resumed
+on 2 ranks.
 """
 
 from __future__ import annotations
@@ -206,12 +207,15 @@ def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     assert_losses_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
 
 
-def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["true", "selective"])
+def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path, checkpointing):
     # fmcore's blocks return the MLP's row-parallel output itself (the add is in the next norm's
     # kernel): leaving a checkpointed FSDP2 block under torch.compile with its all-reduce not waited
     # for, it broke the first backward (AttributeError '_local_tensor' in torch's Redistribute).
+    # Selective checkpointing: its policy's tags reach the compiled graph of DTensor ops and collectives.
     run(2, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
-                     "--train.activation_checkpointing", "true", "--train.compile", "true"), tmp_path / "launch")
+                     "--train.activation_checkpointing", checkpointing, "--train.compile", "true"),
+        tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", B]), range(1, STEPS + 1))
 
 

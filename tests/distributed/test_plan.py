@@ -45,10 +45,35 @@ def test_layouts_divide_what_they_shard():
     assert tp["params"] == 4 * (P - S + S / 2) and tp["activations"] < ddp["activations"]
     ckpt = plan(m, Layout("ddp", 8, 1), **{**kw, "checkpointing": True})
     assert ckpt["activations"] < ddp["activations"] / 4
+    sel = plan(m, Layout("ddp", 8, 1), **{**kw, "checkpointing": "selective"})
+    assert ckpt["activations"] < sel["activations"] < ddp["activations"]
     bf16 = plan(m, Layout("ddp", 8, 1), **{**kw, "precision": "bf16"})
     assert bf16["params"] == 2 * P and bf16["optimizer"] == 12 * P  # bf16 weights keep an fp32 master
-    for parts in (ddp, zero, fsdp, tp, ckpt, bf16):
+    for parts in (ddp, zero, fsdp, tp, ckpt, sel, bf16):
         assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+
+
+def test_cli_plans_each_checkpointing_mode(capsys):
+    gib = {}
+    for mode in ("none", "selective", "full", "2", "true"):
+        assert main(["gpt2-124m", "--train.activation_checkpointing", mode]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("activations"))
+        gib[mode] = float(line.split()[1])
+    assert gib["full"] == gib["true"] < gib["2"] < gib["selective"] < gib["none"]
+
+
+def test_checkpointing_ratios_in_the_docs():
+    # docs/parallelism.md, plan.py's module doc and train.activation_checkpointing's docstring quote them
+    from fmcore.train.plan import activation_bytes_per_token
+
+    for preset, selective, full, selective_tp2 in (("gpt2-124m", 0.70, 0.24, 0.77), ("llama-1b", 0.68, 0.21, 0.76)):
+        act = {mode: activation_bytes_per_token(mcfg(preset), "bf16-autocast", 1, mode)
+               for mode in ("none", "selective", "full")}
+        assert act["selective"] / act["none"] == pytest.approx(selective, abs=0.005), preset
+        assert act["full"] / act["none"] == pytest.approx(full, abs=0.005), preset
+        tp2 = {mode: activation_bytes_per_token(mcfg(preset), "bf16-autocast", 2, mode)
+               for mode in ("none", "selective")}
+        assert tp2["selective"] / tp2["none"] == pytest.approx(selective_tp2, abs=0.005), preset
 
 
 def test_comm_volumes_in_the_docs():

@@ -19,11 +19,23 @@ tensor parallelism replicates, embeddings, head, norms and the row-parallel bias
   fsdp2 divides params, grads and optimizer by d; zero1 divides the optimizer (moments and its fp32
   master, which zero1 always keeps) by d.
   activations stored for the backward, per token of a micro-batch and per layer (16-bit under
-  autocast, else 4 bytes per element): GPT-2 8*dim + 2*ffn, Llama 4*dim + q,k,v + rotated q,k +
-  attention out + 4*ffn; the parts inside the tensor-parallel region divide by t. With activation
-  checkpointing only each block's input is kept, plus one block's activations during its recompute.
-  Plus the logits (fp32 logits and their gradient) on the torch ops path; fmcore's fused linear
-  cross-entropy never materialises them.
+  autocast, else 4 bytes per element; the residual stream in the weights' dtype, w bytes):
+  train.activation_checkpointing "none": the two norms' inputs (w*dim each) and outputs, and GPT-2
+  4*dim + 2*ffn, Llama q,k,v + rotated q,k + attention out + 3*ffn (4*ffn on the torch ops path),
+  plus attention's fp32 log-sum-exp (4 bytes per head); the parts inside the tensor-parallel region
+  (all but the norms') divide by t.
+  "full": each block's input (the stream, w*dim; on the fmcore path the previous MLP output too).
+  "selective": the stream entering the block (w*dim) and the outputs of the matmuls and attention:
+  GPT-2 q,k,v + attention out + ffn + 2*dim (the output projections), Llama q,k,v + attention out +
+  2*ffn + 2*dim, plus the log-sum-exp; under tensor parallelism the output projections are partial
+  sums, whole on every rank, and the fmcore path keeps the MLP's all-reduced output too (dim more;
+  the attention's is recomputed: its all-reduce is sent again). Under bf16 autocast GPT-2 124M
+  keeps 0.70x "none"'s bytes, Llama 1B 0.68x; "full" 0.24x and 0.21x (at t = 2: 0.77x and 0.76x;
+  0.32x and 0.29x).
+  "N" (every N-th block full): blocks 0, N, 2N, ... as "full", the others as "none". In every mode the
+  last block counts as "none": the peak is its backward, which holds all of its activations
+  (recomputed or stored). Plus the final norm's input, and the logits (fp32 logits and their
+  gradient) on the torch ops path; fmcore's fused linear cross-entropy never materialises them.
 
 These are lower bounds of what PyTorch's caching allocator reports: temporaries (the attention
 kernel's workspace, the optimizer's foreach intermediates) and fragmentation come on top (typically
@@ -58,20 +70,56 @@ def _act_bytes(precision: str) -> int:
     return 2 if precision in ("bf16-autocast", "bf16", "fp16") else 4
 
 
-def activation_bytes_per_token(mcfg, precision: str, tp: int, checkpointing: bool) -> float:
-    """Bytes stored per token of a micro-batch for the backward, summed over layers (see the module doc)."""
-    d, f, L = mcfg.dim, mcfg.ffn_dim, mcfg.n_layers
+def _stored_per_layer(mcfg, a: int, s: int, tp: int) -> float:
+    """Bytes per token that one block stores for the backward without checkpointing (see the module doc)."""
+    d, f, H = mcfg.dim, mcfg.ffn_dim, mcfg.n_heads
+    norms = 2 * d * s + 2 * d * a  # the two norms' inputs (the stream) and outputs
     if mcfg.arch == "gpt2":
-        replicated, sharded = 4 * d, 4 * d + 2 * f  # norms' inputs and outputs | q,k,v, attention, MLP
+        sharded = 4 * d + 2 * f  # q,k,v, attention out | the MLP's hidden before and after GELU
     else:
-        hd = d // mcfg.n_heads
-        qkv = (mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd
-        replicated = 4 * d
-        sharded = qkv + (mcfg.n_heads + mcfg.n_kv_heads) * hd + mcfg.n_heads * hd + 4 * f
-    per_layer = (replicated + sharded / tp) * _act_bytes(precision)
-    if checkpointing:
-        return L * d * 4 + per_layer  # fp32 residual per block, one block recomputed at a time
-    return L * per_layer + d * 4  # + the final norm's input
+        hd = d // H
+        qkv, rotated = (H + 2 * mcfg.n_kv_heads) * hd, (H + mcfg.n_kv_heads) * hd
+        # fmcore's swiglu op keeps gate,up and its output; torch's silu(gate) * up the silu's output too
+        sharded = qkv + rotated + H * hd + (3 if mcfg.ops == "fmcore" else 4) * f
+    return norms + sharded * a / tp + 4 * H / tp  # + attention's fp32 log-sum-exp
+
+
+def _selective_per_layer(mcfg, a: int, s: int, tp: int) -> float:
+    """Bytes per token that one block keeps under selective checkpointing: the stream entering it, and
+    the outputs of its matmuls and attention (models/checkpointing.py's saved_ops)."""
+    d, f, H = mcfg.dim, mcfg.ffn_dim, mcfg.n_heads
+    if mcfg.arch == "gpt2":
+        sharded = 3 * d + d + f  # q,k,v | attention out | fc
+    else:
+        hd = d // H
+        sharded = (H + 2 * mcfg.n_kv_heads) * hd + H * hd + 2 * f  # q,k,v | attention out | gate,up
+    # The two output projections, whole on every tensor-parallel rank (partial sums there). Their
+    # all-reduced sums are recomputed (sent again), but for the MLP's on the fmcore path, where it is
+    # the next block's input beside the stream (without tensor parallelism it is the matmul's output).
+    replicated = 2 * d + (d if tp > 1 and mcfg.ops == "fmcore" else 0)
+    lse = 4 * H / tp  # attention's fp32 log-sum-exp per head
+    return s * d + (replicated + sharded / tp) * a + lse
+
+
+def activation_bytes_per_token(mcfg, precision: str, tp: int, checkpointing) -> float:
+    """Bytes stored per token of a micro-batch for the backward, summed over layers (see the module doc).
+
+    checkpointing: train.activation_checkpointing ("none", "full", "selective", "N", or a bool)."""
+    from fmcore.train.config import checkpointing_mode
+    from fmcore.train.models.checkpointing import block_mode
+
+    mode = checkpointing_mode(checkpointing)
+    L, d = mcfg.n_layers, mcfg.dim
+    a, s = _act_bytes(precision), _weight_bytes(precision)  # activations | the residual stream (weights' dtype)
+    stored = _stored_per_layer(mcfg, a, s, tp)
+    # "full" keeps the block's inputs: the stream, and on the fmcore path the previous MLP's output apart
+    # (its add happens in this block's first norm).
+    full = s * d + (a * d if mcfg.ops == "fmcore" else 0)
+    kept = {"none": stored, "full": full, "selective": _selective_per_layer(mcfg, a, s, tp)}
+    per_block = [kept[block_mode(mode, i)] for i in range(L)]
+    # The peak comes with the last block's backward: the blocks before it keep what they kept, and it
+    # holds all of its activations (recomputed, or stored), which it frees before the next one's backward.
+    return sum(per_block[:-1]) + stored + d * 4  # + the final norm's input
 
 
 def tensor_parallel_sharded_count(mcfg) -> int:
@@ -86,7 +134,7 @@ def tensor_parallel_sharded_count(mcfg) -> int:
     return L * ((mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd * d + mcfg.n_heads * hd * d + 2 * d * f + f * d)
 
 
-def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int, checkpointing: bool,
+def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int, checkpointing,
          optim_impl: str = "torch") -> dict[str, float]:
     """Per-GPU bytes by category for the resolved model config mcfg in the given layout."""
     from fmcore.train import models

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from fmcore.train.config import checkpointing_mode
+from fmcore.train.models.checkpointing import block_mode, run_block
 from fmcore.train.models.common import DocMask, add_norm, doc_mask, lm_loss
 
 
@@ -50,7 +51,17 @@ class CausalLM(nn.Module):
     """
 
     ops: str
-    activation_checkpointing: bool = False
+    _checkpointing: str = "none"
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What the blocks recompute in the backward when training: "none", "full", "selective" or "N"
+        (every N-th block full); set it as train.activation_checkpointing takes it (True means "full")."""
+        return self._checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value) -> None:
+        self._checkpointing = checkpointing_mode(value, "activation_checkpointing")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -63,11 +74,9 @@ class CausalLM(nn.Module):
                              "loader's Batch.positions), got positions=None")
         docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen) if positions is not None else None
         h, residual = self.embed(x, positions), None
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                h, residual = checkpoint(block, h, residual, positions, docs, use_reentrant=False)
-            else:
-                h, residual = block(h, residual, positions, docs)
+        for i, block in enumerate(self.blocks):
+            mode = block_mode(self._checkpointing, i) if self.training else "none"
+            h, residual = run_block(block, mode, h, residual, positions, docs)
         # torch blocks add eagerly (residual stays None); fmcore's leave the last add to the final norm
         h = self.norm(h) if residual is None else add_norm(self.norm, h, residual)[0]
         if y is None:
