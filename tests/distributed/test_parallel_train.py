@@ -413,6 +413,22 @@ def test_llama_tensor_parallel_with_grouped_query_attention(dataset, tmp_path):
     assert_losses_close(losses(tmp_path / "from-zero1"), losses(tmp_path / "zero1"), range(SAVE_AT + 1, STEPS + 1))
 
 
+def test_qwen_tensor_parallel_matches_one_process(dataset, tmp_path):
+    # Qwen's attention on 2 tensor-parallel ranks: the q/k/v biases shard with their columns, the q/k norms
+    # (replicated, over heads of 24: 4 * 24 != dim 64) normalise each rank's heads, their gradients summed
+    # over the ranks (else each rank's replica stepped on its own heads' partial gradient: the exported norms
+    # were rank 0's, off one process's by more than float noise). The export fuses the split biases back.
+    # (fmcore's ops: the torch path's q/k norms differ only in the kernel, test_models compares them)
+    qwen = ["--model.arch", "llama", "--model.n_kv_heads", "2", "--model.head_dim", "24", "--model.qkv_bias", "true",
+            "--model.qk_norm", "true", "--train.steps", "6", "--checkpoint.every", "0"]
+    run(1, overrides(dataset, tmp_path / "one", B, *qwen), tmp_path / "launch-one")
+    run(2, overrides(dataset, tmp_path / "run", B, *qwen, "--parallel.tensor", "2"), tmp_path / "launch")
+    assert_losses_close(losses(tmp_path / "run"), losses(tmp_path / "one"), range(1, 7))
+    assert_exports_close(tmp_path / "run", tmp_path / "one")
+    config = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["head_dim"], config["attention_bias"]) == (["Qwen3ForCausalLM"], 24, True)
+
+
 def test_the_global_norm_of_plain_gradients_clips_them_by_torchs_rule():
     # (no process group: plain gradients are replicated, nothing to reduce)
     from fmcore.train.parallel import SplitLinear, clip_grad_norm_

@@ -141,12 +141,14 @@ def test_cli_plans_a_run_as_it_ran(tmp_path, capsys):
     assert "holds no metrics.jsonl" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b"])
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama-1b-qwen"])
 def test_tensor_parallel_keeps_embeddings_head_and_norms_whole(preset):
     # What one tensor-parallel rank holds, counted from the model's own parameters: the projections
     # parallel.apply_tensor_parallel shards (column-parallel weights and biases, row-parallel weights)
     # are split t ways, everything else (embeddings, head, norms, row-parallel biases) is replicated.
-    m = dataclasses.replace(mcfg(preset), n_layers=2)  # the arithmetic per layer, a model that builds fast
+    # (llama-1b-qwen: with Qwen's q/k/v biases (sharded), q/k norms (replicated) and heads of 128, not 64)
+    qwen = dict(qkv_bias=True, qk_norm=True, head_dim=128) if preset.endswith("-qwen") else {}
+    m = dataclasses.replace(mcfg(preset.removesuffix("-qwen")), n_layers=2, **qwen)  # a model that builds fast
     sharded, P = tp_sharded(m), models.param_count(m)
     kw = dict(precision="bf16-autocast", batch_size=1, seq_len=16, checkpointing=False)
     for t in (2, 4):

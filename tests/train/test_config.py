@@ -59,6 +59,10 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--model.n_kv_heads", "1"], "grouped-query attention is a llama feature; gpt2 needs n_kv_heads = 0"),
     (["--model.arch", "llama", "--model.dim", "96", "--model.n_heads", "32"],
      "llama's RoPE needs an even head dim, got 3"),
+    (["--model.arch", "llama", "--model.head_dim", "15"], "llama's RoPE needs an even head dim, got 15"),
+    (["--model.qk_norm", "true", "--model.head_dim", "32"],
+     r"model.qk_norm = True, model.head_dim = 32: a llama feature; gpt2 needs qkv_bias and qk_norm false"),
+    (["--model.qkv_bias", "true"], "model.qkv_bias = True: a llama feature"),
     (["--model.rope_scaling", "llama3", "--model.rope_high_freq_factor", "1"],
      r"model.rope_high_freq_factor \(1.0\) must exceed model.rope_low_freq_factor \(1.0\)"),
     (["--model.rope_scaling", "yarn"], "model.rope_scaling: expected one of 'none', 'llama3', got 'yarn'"),
@@ -68,6 +72,17 @@ def test_override_errors_name_the_key(args, match):
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", args)
 
+
+
+def test_a_head_dim_frees_dim_from_being_a_multiple_of_n_heads():
+    # Qwen3's shapes: heads of head_dim, n_heads * head_dim features, whatever dim is (70: no multiple of 4)
+    args = ["--model.arch", "llama", "--model.dim", "70", "--model.n_heads", "4"]
+    with pytest.raises(ConfigError, match=r"model.dim \(70\) must be a multiple of model.n_heads \(4\) unless "
+                                          "model.head_dim is set"):
+        load_config("tiny", args)
+    assert load_config("tiny", [*args, "--model.head_dim", "24"]).model.head_dim == 24
+    # gpt2's head dim is dim / n_heads: naming it is no error
+    assert load_config("tiny", ["--model.head_dim", "64"]).model.head_dim == 64
 
 
 def _numeric_fields():

@@ -21,7 +21,18 @@ CASES = {
     # Llama 3.2's RoPE scaling; original_max_len 64 at head dim 16 puts frequencies in all three of its regimes
     "llama-llama3": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=256, ops="torch",
                                 rope_scaling="llama3", rope_scale_factor=32.0, rope_original_max_len=64),
+    # Qwen2: q/k/v biases, GQA, tied (as its small sizes)
+    "qwen2": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
+                         qkv_bias=True, rope_base=1000000.0, norm_eps=1e-6),
+    # Qwen3: q/k norms, heads of 24 (4 * 24 features, dim 64), untied; and with biases (attention_bias: zeros on
+    # o_proj)
+    "qwen3": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, max_seq_len=64,
+                         ops="torch", qk_norm=True, tie_embeddings=False),
+    "qwen3-bias": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, head_dim=8, max_seq_len=64, ops="torch",
+                              qk_norm=True, qkv_bias=True),
 }
+EXPECTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -33,7 +44,7 @@ def test_transformers_loads_the_export_with_equal_logits(tmp_path, name):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     export_hf(model, cfg, tmp_path, eos_id=5)
-    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[cfg.arch]
+    expected = EXPECTED[name.split("-")[0]]
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [expected]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == expected

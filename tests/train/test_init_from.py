@@ -1,4 +1,5 @@
-"""model.init_from: tiny GPT2LMHeadModel / LlamaForCausalLM checkpoints written by transformers load into
+"""model.init_from: tiny GPT2LMHeadModel / LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
+Qwen3ForCausalLM checkpoints written by transformers load into
 fmcore's models with HF's logits (float64), export -> init_from round-trips every weight, what fmcore
 cannot represent is refused by name, and `fmcore train --model.init_from` starts from HF's loss, on one
 process and on two fsdp2 ranks."""
@@ -41,6 +42,19 @@ CASES = {
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, sliding_window=None),
+    # Qwen2's q/k/v biases: GQA (4 query heads over 2 kv heads), untied, Qwen2.5's rope_theta; and tied (Qwen2.5's
+    # small sizes tie their head), one layer
+    "qwen2-gqa": lambda: transformers.Qwen2Config(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2-tied": lambda: transformers.Qwen2Config(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True),
+    # Qwen3's q/k norms and heads of 24 (4 * 24 = 96 features, hidden 64: head_dim != hidden / heads)
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=True),
 }
 
 
@@ -70,7 +84,8 @@ def fmcore_model(path: Path, ops: str = "torch", dtype=torch.float64):
 
 @pytest.mark.parametrize("ops", ["torch", "fmcore"])
 @pytest.mark.parametrize("case,sharded", [("gpt2", False), ("gpt2", True), ("llama-gqa", False),
-                                          ("llama-gqa", True), ("llama-tied-llama3", False), ("mistral", False)])
+                                          ("llama-gqa", True), ("llama-tied-llama3", False), ("mistral", False),
+                                          ("qwen2-gqa", False), ("qwen2-tied", False), ("qwen3", False)])
 def test_logits_match_transformers_in_float64(tmp_path, case, sharded, ops):
     hf = hf_checkpoint(tmp_path, case, sharded).double()
     assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
@@ -79,7 +94,8 @@ def test_logits_match_transformers_in_float64(tmp_path, case, sharded, ops):
     with torch.no_grad():
         got, want = ours(x).double(), hf(x).logits
     # fmcore's forward returns fp32 logits (computed here in float64): GPT-2 agrees to their rounding, one fp32
-    # ulp. transformers' Llama and Mistral compute RMSNorm and RoPE's angles in fp32 whatever the model's dtype:
+    # ulp. transformers' Llama, Mistral and Qwen compute RMSNorm (Qwen3's q/k norms too) and RoPE's angles in fp32
+    # whatever the model's dtype:
     # up to 1.2e-6 of logits of size ~1 (measured; the same with either alone made float64). A misplaced weight
     # differs by the logits' size.
     tol = {"rtol": 2**-23, "atol": 1e-12} if case == "gpt2" else {"rtol": 4e-6, "atol": 4e-6}
@@ -115,7 +131,14 @@ def perturbed(cfg: ModelConfig, seed: int = 3):
                 tie_embeddings=False, rope_base=500000.0, norm_eps=1e-6),
     ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=256, ops="torch", rope_scaling="llama3",
                 rope_scale_factor=32.0, rope_original_max_len=64),
-], ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied-llama3"])
+    ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
+                tie_embeddings=False, qkv_bias=True, rope_base=1000000.0),
+    ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, max_seq_len=64, ops="torch",
+                qk_norm=True),
+    # Qwen3 with attention_bias: its o_proj bias, which fmcore's model lacks, written as zeros and read back
+    ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, head_dim=8, max_seq_len=64, ops="torch", qk_norm=True,
+                qkv_bias=True),
+], ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied-llama3", "qwen2-untied", "qwen3", "qwen3-bias"])
 def test_export_then_init_from_gives_the_same_model(tmp_path, cfg):
     mcfg = models.resolve(cfg, vocab_size=200)
     model = perturbed(mcfg)
@@ -150,21 +173,31 @@ def edit_config(path: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("case,changes,match", [
-    ("gpt2", {"architectures": ["Qwen2ForCausalLM"]}, r"architectures \[\"Qwen2ForCausalLM\"\] is not supported"),
+    ("qwen3", {"architectures": ["Qwen3MoeForCausalLM"]},
+     r"architectures \[\"Qwen3MoeForCausalLM\"\] is not supported"),
+    ("qwen2-gqa", {"architectures": ["Qwen2MoeForCausalLM"]}, r"\[\"Qwen2MoeForCausalLM\"\] is not supported"),
     ("gpt2", {"architectures": ["GPT2Model"]}, "GPT2Model"),
-    ("llama-gqa", {"head_dim": 32}, r"head_dim = 32 .*hidden_size / num_attention_heads = 96 / 6"),
+    ("llama-gqa", {"head_dim": 15}, r"head_dim = 15 .*needs an even head dim, got 15"),
+    # a head_dim is the model's, and must be the weights' too: q_proj holds 6 heads of 16
+    ("llama-gqa", {"head_dim": 32}, r"q_proj.weight has shape \(96, 96\), expected \(192, 96\)"),
     ("llama-gqa", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
      "rope_parameters .*rope_type 'yarn'"),
     ("llama-gqa", {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling .*rope_type 'dynamic'"),
     ("llama-tied-llama3", {"rope_parameters": {**LLAMA3, "factor": "8"}},
      r"rope_type 'llama3' needs positive numbers, got factor = \"8\""),
-    ("llama-gqa", {"attention_bias": True}, "attention_bias = true"),
+    # attention_bias: biases on q, k, v (and o_proj), which this checkpoint does not hold
+    ("llama-gqa", {"attention_bias": True}, "missing tensors model.layers.0.self_attn.q_proj.bias"),
     ("llama-gqa", {"mlp_bias": True}, "mlp_bias = true"),
     ("llama-gqa", {"hidden_act": "gelu"}, 'hidden_act = "gelu" .*silu'),
     ("gpt2", {"activation_function": "relu"}, 'activation_function = "relu"'),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = true"),
     ("mistral", {"sliding_window": 32}, r"sliding_window = 32 .*max_position_embeddings \(128\)"),
+    # Qwen's window applies with use_sliding_window, to the layers from max_window_layers on (or layer_types')
+    ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1, "layer_types": None},
+     r"use_sliding_window = true .*layers 1 attend within a sliding_window of 32 .*max_position_embeddings \(128\)"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["sliding_attention"] * 2},
+     r"use_sliding_window = true .*layers 0, 1 attend"),
     ("llama-gqa", {"num_attention_heads": None}, "expected positive numbers, got num_attention_heads = null"),
 ])
 def test_what_fmcore_cannot_represent_is_refused_by_its_key(tmp_path, case, changes, match):
@@ -172,6 +205,48 @@ def test_what_fmcore_cannot_represent_is_refused_by_its_key(tmp_path, case, chan
     edit_config(tmp_path, **changes)
     with pytest.raises(ConfigError, match=match):
         fmcore_model(tmp_path)
+
+
+@pytest.mark.parametrize("changes", [
+    {"sliding_window": 32},  # (use_sliding_window false: no layer slides)
+    {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1, "layer_types": None},  # from layer 1
+    {"use_sliding_window": True, "sliding_window": 32},  # layer_types (as saved) names no sliding layer
+], ids=["off", "from-layer-1", "layer-types"])
+def test_a_qwen_window_no_layer_applies_is_no_refusal(tmp_path, changes):
+    # transformers, reading the same config.json, gives fmcore's logits: it slides no layer either.
+    hf_checkpoint(tmp_path, "qwen2-tied")
+    edit_config(tmp_path, **changes)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours, _ = fmcore_model(tmp_path)
+    x = torch.randint(0, 200, (1, 100))  # longer than the window
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).double(), hf(x).logits, rtol=4e-6, atol=4e-6)
+
+
+def test_a_qwen3_config_without_head_dim_has_transformers_default(tmp_path):
+    from fmcore.train.init_from import model_shape
+
+    config = CASES["qwen3"]().to_dict()
+    del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_shape(tmp_path)["head_dim"] == 128 == transformers.Qwen3Config(**config).head_dim
+
+
+def test_an_o_proj_bias_loads_only_when_zero(tmp_path):
+    # A Qwen3 with attention_bias (as export.py writes a model.qkv_bias + qk_norm model) has an o_proj bias,
+    # which fmcore's model lacks: the same function only where it is zero.
+    hf_checkpoint(tmp_path, "qwen3", attention_bias=True)
+    with pytest.raises(ConfigError, match=r"tensor model.layers.0.self_attn.o_proj.bias is not zero: fmcore's llama "
+                                          "has biases on q, k and v only"):
+        fmcore_model(tmp_path)
+    rewrite_weights(tmp_path, lambda t: t.update({k: torch.zeros_like(v) for k, v in t.items()
+                                                  if k.endswith("o_proj.bias")}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours, mcfg = fmcore_model(tmp_path)
+    assert mcfg.qkv_bias and mcfg.qk_norm and mcfg.head_dim == 24
+    x = torch.randint(0, 200, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).double(), hf(x).logits, rtol=4e-6, atol=4e-6)
 
 
 def rewrite_weights(path: Path, edit) -> None:

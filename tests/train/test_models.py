@@ -11,13 +11,20 @@ from fmcore.train.config import ConfigError, ModelConfig, load_config
 GPT = ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch")
 LLAMA = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
                     tie_embeddings=False)
+# Qwen3's attention with Qwen2's biases: q/k norms over heads of 24 (4 * 24 = 96 features, not dim)
+QWEN = dataclasses.replace(LLAMA, head_dim=24, qk_norm=True, qkv_bias=True)
 
 
 @pytest.mark.parametrize("cfg", [
     GPT, dataclasses.replace(GPT, bias=False), dataclasses.replace(GPT, tie_embeddings=False, ffn_dim=100),
     LLAMA, dataclasses.replace(LLAMA, n_kv_heads=1, tie_embeddings=True),  # MQA, tied
     dataclasses.replace(LLAMA, dim=96, n_heads=3, n_kv_heads=3, ffn_dim=0),  # odd head count, derived ffn
-], ids=["gpt2", "gpt2-nobias", "gpt2-untied", "llama-gqa", "llama-mqa-tied", "llama-mha"])
+    dataclasses.replace(LLAMA, qkv_bias=True),  # Qwen2's q/k/v biases
+    # Qwen3: q/k norms, heads of 24 whose 4 * 24 features are not dim (70: no multiple of n_heads either)
+    dataclasses.replace(LLAMA, dim=70, head_dim=24, qk_norm=True, tie_embeddings=True),
+    dataclasses.replace(LLAMA, head_dim=8, qk_norm=True, qkv_bias=True),
+], ids=["gpt2", "gpt2-nobias", "gpt2-untied", "llama-gqa", "llama-mqa-tied", "llama-mha", "qwen2", "qwen3",
+        "qwen3-bias"])
 def test_param_count_is_exact(cfg):
     cfg = models.resolve(cfg, vocab_size=1000)  # 1000 rounds up to 1024: not a multiple of 64 on purpose
     assert cfg.vocab_size == 1024
@@ -39,6 +46,50 @@ def test_flops_per_token_matches_the_published_gpt2_numbers():
     assert models.flops_per_token(m, 1024) == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024
     llama = models.resolve(load_config("llama-1b").model)
     assert models.param_count(llama) == 1_100_048_384  # TinyLlama-1.1B's published count
+
+
+QWEN_SHAPES = {  # the published config.json shapes (no weights downloaded)
+    "Qwen2.5-0.5B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True),
+    "Qwen3-0.6B": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", QWEN_SHAPES)
+def test_qwen_param_count_and_flops_count_transformers_modules(tmp_path, name):
+    # fmcore's count against the parameters of transformers' own module (on the meta device), the shape
+    # from init_from's reading of the config.json; the attention FLOPs take the head dim (Qwen3-0.6B's 128,
+    # not 1024 / 16 = 64).
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from fmcore.train.init_from import configure
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_SHAPES[name]))
+    cfg = load_config("tiny")
+    cfg.model.init_from = str(tmp_path)
+    m = models.resolve(dataclasses.replace(configure(cfg).model, ops="torch"))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+        ours = models.build_model(m)
+    assert models.param_count(m) == sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    hd = QWEN_SHAPES[name].get("head_dim", 64)  # (Qwen2.5-0.5B: 896 / 14)
+    assert models.flops_per_token(m, 4096) == 6 * models.param_count(m) + 12 * m.n_layers * m.n_heads * hd * 4096
+
+
+def test_qkv_biases_and_qk_norms_get_no_weight_decay():
+    from fmcore.train.trainer import param_groups
+
+    cfg = models.resolve(dataclasses.replace(LLAMA, qkv_bias=True, qk_norm=True, head_dim=8), vocab_size=64)
+    model = models.build_model(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, load_config("tiny")))
+    assert {"blocks.1.wqkv.bias", "blocks.1.q_norm.weight", "blocks.1.k_norm.weight"} <= no_decay
+    assert decay == {n for n in names.values() if n.endswith(("wqkv.weight", "wo.weight", "w_gate_up.weight",
+                                                              "w_down.weight", "lm_head.weight"))}
 
 
 @pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
@@ -140,7 +191,7 @@ def test_fused_block_boundary_feeds_the_matmul_what_torch_does(device, precision
     torch.testing.assert_close(normed, want, rtol=ulps * 2 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("base", [GPT, LLAMA, QWEN], ids=["gpt2", "llama", "qwen"])
 @pytest.mark.parametrize("docs", [False, True], ids=["dense", "documents"])
 def test_fmcore_ops_match_torch_ops(device, base, docs):
     """The A/B switch changes kernels, not the function: same loss and gradients (fp32)."""
@@ -209,8 +260,10 @@ def test_masks_from_positions_and_from_cu_seqlens_agree(dataset):
     assert seen_boundary  # some batch did pack several documents into a row
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("base,backend", [
+    (GPT, "aot_eager"), (GPT, "inductor"), (LLAMA, "aot_eager"), (LLAMA, "inductor"),
+    (QWEN, "aot_eager"),  # (the q/k norms' capture; inductor lowers nothing new there, ~16 s cold)
+], ids=["gpt2-aot_eager", "gpt2-inductor", "llama-aot_eager", "llama-inductor", "qwen-aot_eager"])
 def test_fmcore_model_compiles_without_graph_breaks(base, backend):
     """train.compile must capture the whole forward and backward, fmcore ops included (their fake
     and autograd registrations). aot_eager checks the capture alone; inductor (what train.compile

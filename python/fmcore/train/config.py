@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "gpt2"
     """"gpt2" (LayerNorm, GELU, learned positions, biases) or "llama" (RMSNorm, SwiGLU, RoPE,
-    grouped-query attention, no biases). Either ties its head to the embedding unless
+    grouped-query attention, no biases; Qwen2's q/k/v biases with model.qkv_bias, Qwen3's with
+    model.qk_norm and model.head_dim). Either ties its head to the embedding unless
     model.tie_embeddings is false (the llama-1b preset unties it)."""
     ops: str = "auto"
     """"fmcore" (flash attention, RoPE op, fused linear cross-entropy), "torch" (SDPA, rotate-half,
@@ -43,12 +44,13 @@ class ModelConfig:
     init_from: str = ""
     """A Hugging Face checkpoint directory to start from (continued pretraining): config.json plus
     model.safetensors, or shards with model.safetensors.index.json, of a GPT2LMHeadModel,
-    LlamaForCausalLM or MistralForCausalLM without an active sliding window. Its config.json sets arch,
-    vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, max_seq_len, rope_base, the rope_* scaling
-    fields, norm_eps, tie_embeddings and bias, over a preset's values; one your TOML file or command line
-    set to another value is an error (0, "derive it", is not). What fmcore's models cannot compute
-    exactly (attention or MLP biases in a Llama, another activation, a rope_scaling other than llama3,
-    head_dim != hidden_size / num_attention_heads...) is refused naming the config.json key. Dropout is
+    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2, Qwen2.5) or Qwen3ForCausalLM (dense)
+    without an active sliding window. Its config.json sets arch, vocab_size, dim, n_layers, n_heads,
+    n_kv_heads, head_dim, ffn_dim, max_seq_len, rope_base, the rope_* scaling fields, norm_eps,
+    tie_embeddings, bias, qkv_bias and qk_norm, over a preset's values; one your TOML file or command
+    line set to another value is an error (0, "derive it", is not). What fmcore's models cannot compute
+    exactly (an o_proj or MLP bias, another activation, a rope_scaling other than llama3, a mixture of
+    experts...) is refused naming the config.json key. Dropout is
     ignored (fmcore trains without). A fresh run loads the weights before any sharding, in every
     parallel layout; a resume loads its checkpoint. Prepare the data with the checkpoint's tokenizer:
     `fmcore prepare ... --tokenizer DIR/tokenizer.json` (a vocabulary larger than the model's is an
@@ -60,9 +62,14 @@ class ModelConfig:
     n_layers: int = 12
     """Number of transformer blocks."""
     n_heads: int = 12
-    """Query heads; the head dim is dim / n_heads."""
+    """Query heads; the head dim is dim / n_heads unless model.head_dim sets it."""
     n_kv_heads: int = 0
     """Key/value heads (llama; must divide n_heads); 0 means n_heads."""
+    head_dim: int = 0
+    """Dimension of each attention head (llama); 0 means dim / n_heads. Set, dim need not be a
+    multiple of n_heads: q, k and v have n_heads * head_dim and n_kv_heads * head_dim features
+    (Qwen3-0.6B: dim 1024, 16 heads of 128). fmcore's flash attention runs head dims 64, 96 and 128
+    on CUDA (any on the CPU); others take torch's SDPA there, with a warning."""
     ffn_dim: int = 0
     """MLP hidden size; 0 means 4*dim (gpt2) or 8/3*dim rounded up to a multiple of 256 (llama)."""
     max_seq_len: int = 1024
@@ -88,7 +95,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
     bias: bool = True
-    """Biases in the linear layers and LayerNorms (gpt2; llama has none)."""
+    """Biases in the linear layers and LayerNorms (gpt2; llama has none, see model.qkv_bias)."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections, none on the attention's output or the MLP (llama;
+    Qwen2 and Qwen2.5's attention)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's head_dim features of q and of k, after the projection and before
+    RoPE, with a weight of head_dim per norm and model.norm_eps (llama; Qwen3's attention)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
 
@@ -465,15 +478,24 @@ def validate(cfg: Config) -> None:
         # (the blend between them divides by their difference)
         raise ConfigError(f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed "
                           f"model.rope_low_freq_factor ({m.rope_low_freq_factor})")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim: expected a value >= 0 (0: dim / n_heads), got {m.head_dim}")
+    if m.arch == "gpt2":  # (gpt2's attention has model.bias, and its head dim is dim / n_heads)
+        llama_only = [f"model.{k} = {getattr(m, k)!r}" for k in ("qkv_bias", "qk_norm") if getattr(m, k)]
+        llama_only += [f"model.head_dim = {m.head_dim}"] if m.head_dim not in (0, m.dim // m.n_heads) else []
+        if llama_only:
+            raise ConfigError(f"{', '.join(llama_only)}: a llama feature; gpt2 needs qkv_bias and qk_norm false, "
+                              "head_dim 0 (dim / n_heads)")
+    if m.dim % m.n_heads and not m.head_dim:
+        raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads}) "
+                          "unless model.head_dim is set")
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads ({kv}) must divide model.n_heads ({m.n_heads})")
     if m.arch == "gpt2" and kv != m.n_heads:
         raise ConfigError("model.n_kv_heads: grouped-query attention is a llama feature; gpt2 needs n_kv_heads = 0")
-    if m.arch == "llama" and (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"model: llama's RoPE needs an even head dim, got {m.dim // m.n_heads}")
+    if m.arch == "llama" and (m.head_dim or m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model: llama's RoPE needs an even head dim, got {m.head_dim or m.dim // m.n_heads}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if not 0 <= cfg.schedule.min_lr_ratio <= 1:

@@ -1,12 +1,13 @@
-"""Export to Hugging Face: model.safetensors + config.json that GPT2LMHeadModel / LlamaForCausalLM load.
+"""Export to Hugging Face: model.safetensors + config.json that GPT2LMHeadModel / LlamaForCausalLM /
+Qwen2ForCausalLM (model.qkv_bias) / Qwen3ForCausalLM (model.qk_norm) load.
 
     export_hf(model, mcfg, "runs/tiny/hf")
     AutoModelForCausalLM.from_pretrained("runs/tiny/hf")   # same logits as model(x)
 
 The names, shapes and layouts come from hf_map.py, the table model.init_from reads such a directory
 back with (init_from.py): GPT-2's Conv1D layers store (in, out) matrices (transposed), Llama's fused
-projections are split into q/k/v and gate/up, and a tied head is written once (as the embedding),
-which is how transformers expects tied weights.
+projections (and fused q/k/v bias) are split into q/k/v and gate/up, and a tied head is written once
+(as the embedding), which is how transformers expects tied weights.
 """
 
 from __future__ import annotations
@@ -19,20 +20,28 @@ import torch
 import torch.distributed as dist
 
 from fmcore.train.config import ModelConfig
-from fmcore.train.hf_map import ARCHITECTURES, CONFIG_KEYS, tensor_map
+from fmcore.train.hf_map import ARCHITECTURES, CONFIG_KEYS, hf_model_type, tensor_map
 from fmcore.train.parallel import full_state_dicts, split_part
 
 
 def _hf_config(cfg: ModelConfig) -> dict:
     """config.json's model keys (CONFIG_KEYS, the table init_from.py reads back) and what fmcore's models
-    fix: GPT-2's tanh GELU, no dropout (fmcore trains without), Llama's SiLU, no biases, RoPE."""
-    config = {"architectures": [ARCHITECTURES[cfg.arch]], "model_type": cfg.arch,
+    fix: GPT-2's tanh GELU, no dropout (fmcore trains without), Llama's SiLU, no MLP biases, RoPE,
+    no sliding window (Qwen's)."""
+    model_type = hf_model_type(cfg)
+    config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
               **{key: getattr(cfg, field) for field, key in CONFIG_KEYS[cfg.arch].items()},
               "initializer_range": cfg.init_std}
     if cfg.arch == "gpt2":
         return config | {"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
-    config |= {"head_dim": cfg.dim // cfg.n_heads, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    config["hidden_act"] = "silu"
+    if model_type == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False}
+    else:  # (Qwen2's q/k/v biases are fixed; Qwen3's attention_bias puts zeros on o_proj, see hf_map)
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+        if model_type == "qwen3":
+            config["attention_bias"] = cfg.qkv_bias
     if cfg.rope_scaling == "llama3":
         scaling = {"rope_type": "llama3", "factor": cfg.rope_scale_factor,
                    "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
@@ -65,9 +74,10 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig) -> tuple[dict[str, t
     parallel) is gathered, and torch hands it to rank 0 only."""
     # Every rank checks (before the collective): an unresolved config would write vocab_size 0 and
     # n_inner 0 into config.json (GPT-2), which transformers cannot load.
-    if not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads:
+    if not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads or not cfg.head_dim:
         raise ValueError("export_hf needs the resolved model config (models.resolve(cfg.model, vocab_size, device), "
-                         "the one build_model got): model.vocab_size, ffn_dim or n_kv_heads is still 0 (derive it)")
+                         "the one build_model got): model.vocab_size, ffn_dim, n_kv_heads or head_dim is still 0 "
+                         "(derive it)")
     sd, _ = full_state_dicts(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

@@ -1,6 +1,6 @@
-"""The one table between fmcore's models and Hugging Face's GPT2LMHeadModel / LlamaForCausalLM: the
-config fields and every tensor's name, shape and layout. export.py writes with it, init_from.py reads
-with it, so the two directions cannot drift apart.
+"""The one table between fmcore's models and Hugging Face's GPT2LMHeadModel / LlamaForCausalLM /
+Qwen2ForCausalLM / Qwen3ForCausalLM: the config fields and every tensor's name, shape and layout.
+export.py writes with it, init_from.py reads with it, so the two directions cannot drift apart.
 
     for row in tensor_map(mcfg):          # mcfg: a resolved ModelConfig
         row.ours                          # "blocks.0.wqkv.weight"
@@ -9,9 +9,15 @@ with it, so the two directions cannot drift apart.
         sd[row.ours] = row.from_hf([hf[name] for name, _ in row.theirs])
 
 An fmcore tensor is its HF tensors concatenated along dim 0 (Llama's q/k/v and gate/up are one fused
-projection each in fmcore), each transposed first where HF stores a Conv1D (GPT-2's (in, out)
-matrices). HF's GPT-2 always has biases: a model.bias false model is written with zeros there. A tied
-head is HF's embedding alone (transformers ties lm_head.weight to it, and save_pretrained drops it).
+projection each in fmcore, and Qwen2's q/k/v biases one bias), each transposed first where HF stores
+a Conv1D (GPT-2's (in, out) matrices). HF's GPT-2 always has biases: a model.bias false model is
+written with zeros there, as is Qwen3's o_proj bias (a Qwen3 with attention_bias has one, fmcore's
+model none). A tied head is HF's embedding alone (transformers ties lm_head.weight to it, and
+save_pretrained drops it).
+
+The llama-style models are four HF architectures, told apart by model.qkv_bias and model.qk_norm
+(hf_model_type): Llama (neither), Qwen2 (q/k/v biases), Qwen3 (q/k norms, and with qkv_bias its
+attention_bias, whose o_proj bias fmcore's model lacks: written as zeros).
 """
 
 from __future__ import annotations
@@ -31,9 +37,19 @@ CONFIG_KEYS = {
     "llama": {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
               "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size",
               "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
-              "tie_embeddings": "tie_word_embeddings", "rope_base": "rope_theta"},
+              "tie_embeddings": "tie_word_embeddings", "rope_base": "rope_theta", "head_dim": "head_dim"},
 }
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# transformers' model_type -> its causal LM class
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The transformers model_type that computes what cfg's model does: gpt2, llama (Mistral too: the same
+    model where no sliding window applies), qwen2 (q/k/v biases) or qwen3 (q/k norms)."""
+    if cfg.arch == "gpt2":
+        return "gpt2"
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
 @dataclass(frozen=True)
@@ -97,7 +113,7 @@ def _gpt2(cfg: ModelConfig) -> list[TensorMap]:
 
 def _llama(cfg: ModelConfig) -> list[TensorMap]:
     d, f, V = cfg.dim, cfg.ffn_dim, cfg.vocab_size
-    hd = d // cfg.n_heads
+    hd = cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     rows = [TensorMap("tok_embeddings.weight", (("model.embed_tokens.weight", (V, d)),))]
     for i in range(cfg.n_layers):
@@ -107,7 +123,17 @@ def _llama(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(s + "attn_norm.weight", ((h + "input_layernorm.weight", (d,)),)),
             TensorMap(s + "wqkv.weight", ((a + "q_proj.weight", (q, d)), (a + "k_proj.weight", (kv, d)),
                                           (a + "v_proj.weight", (kv, d)))),
-            TensorMap(s + "wo.weight", ((a + "o_proj.weight", (d, q)),)),
+        ]
+        if cfg.qkv_bias:
+            rows.append(TensorMap(s + "wqkv.bias", ((a + "q_proj.bias", (q,)), (a + "k_proj.bias", (kv,)),
+                                                    (a + "v_proj.bias", (kv,)))))
+        if cfg.qk_norm:
+            rows += [TensorMap(s + "q_norm.weight", ((a + "q_norm.weight", (hd,)),)),
+                     TensorMap(s + "k_norm.weight", ((a + "k_norm.weight", (hd,)),))]
+        rows.append(TensorMap(s + "wo.weight", ((a + "o_proj.weight", (d, q)),)))
+        if cfg.qkv_bias and cfg.qk_norm:  # Qwen3's attention_bias: o_proj's too (bias=True: zeros, not ours)
+            rows.append(TensorMap(s + "wo.bias", ((a + "o_proj.bias", (d,)),), bias=True))
+        rows += [
             TensorMap(s + "ffn_norm.weight", ((h + "post_attention_layernorm.weight", (d,)),)),
             TensorMap(s + "w_gate_up.weight", ((m + "gate_proj.weight", (f, d)), (m + "up_proj.weight", (f, d)))),
             TensorMap(s + "w_down.weight", ((m + "down_proj.weight", (d, f)),)),

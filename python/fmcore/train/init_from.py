@@ -7,7 +7,9 @@
 
 A checkpoint is a directory with config.json and model.safetensors, or shards listed in
 model.safetensors.index.json, as transformers' save_pretrained writes them, of a GPT2LMHeadModel,
-LlamaForCausalLM or MistralForCausalLM (a Llama whose sliding window, if any, covers every position).
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (each without a sliding window
+shorter than its context; Qwen2's q/k/v biases and Qwen3's q/k norms and head_dim are model.qkv_bias,
+model.qk_norm and model.head_dim of fmcore's llama).
 Only the safetensors package reads it: transformers is not needed. The names and layouts are
 hf_map.py's, the table export.py writes with. Whatever fmcore's models would compute differently is
 refused by its config.json key, never approximated.
@@ -29,7 +31,8 @@ from fmcore.train.hf_map import CONFIG_KEYS, tensor_map
 
 # architecture -> (fmcore's model.arch, transformers' model_type)
 SUPPORTED = {"GPT2LMHeadModel": ("gpt2", "gpt2"), "LlamaForCausalLM": ("llama", "llama"),
-             "MistralForCausalLM": ("llama", "mistral")}
+             "MistralForCausalLM": ("llama", "mistral"), "Qwen2ForCausalLM": ("llama", "qwen2"),
+             "Qwen3ForCausalLM": ("llama", "qwen3")}
 # transformers' defaults (its config classes') for the keys a config.json may leave out. The sizes
 # (vocab_size, the hidden size, layers, heads, Llama's intermediate_size) are required instead.
 DEFAULTS = {
@@ -41,6 +44,13 @@ DEFAULTS = {
     "mistral": {"num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 4096 * 32,
                 "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False,
                 "mlp_bias": False, "head_dim": None, "sliding_window": 4096},
+    # (Qwen2's config has no attention_bias or mlp_bias: its q/k/v biases are always there, its MLP has none)
+    "qwen2": {"num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "rope_theta": 10000.0, "head_dim": None, "use_sliding_window": False,
+              "sliding_window": 4096, "max_window_layers": 28, "layer_types": None},
+    "qwen3": {"num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False, "head_dim": 128,
+              "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28, "layer_types": None},
 }
 REQUIRED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
             "llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
@@ -49,7 +59,7 @@ ACTIVATIONS = {"gpt2": ("activation_function", ("gelu_new", "gelu_pytorch_tanh")
                "llama": ("hidden_act", ("silu", "swish"))}
 NULLABLE = ("n_inner", "num_key_value_heads", "head_dim")
 # Zero means "derive it": an explicit 0 asks for nothing the checkpoint could contradict.
-DERIVED = ("vocab_size", "n_kv_heads", "ffn_dim")
+DERIVED = ("vocab_size", "n_kv_heads", "head_dim", "ffn_dim")
 LLAMA3_KEYS = {"rope_scale_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
                "rope_high_freq_factor": "high_freq_factor", "rope_original_max_len": "original_max_position_embeddings"}
 
@@ -115,22 +125,47 @@ def model_shape(path: str | Path) -> dict:
         shape |= {"ffn_dim": c["n_inner"] or 4 * c["n_embd"], "n_kv_heads": c["n_head"], "bias": True}
     else:
         heads = c["num_attention_heads"]
-        shape |= {"n_kv_heads": c["num_key_value_heads"] or heads, "bias": False}
-        for key in ("attention_bias", "mlp_bias"):
-            if c[key]:
-                raise refuse(key, "fmcore's llama has no biases")
-        if c["head_dim"] is not None and c["head_dim"] * heads != c["hidden_size"]:
-            raise refuse("head_dim", f"fmcore's head dim is hidden_size / num_attention_heads = "
-                                     f"{c['hidden_size']} / {heads}")
-        window = c["sliding_window"]
-        if window is not None and window < c["max_position_embeddings"]:
-            raise refuse("sliding_window", f"fmcore's attention sees every earlier position, and this window is "
-                                           f"shorter than max_position_embeddings ({c['max_position_embeddings']})")
+        # (transformers' head_dim: config.json's, else hidden_size // num_attention_heads; Qwen3's default 128)
+        head_dim = c["head_dim"] or c["hidden_size"] // heads
+        if head_dim % 2:
+            raise refuse("head_dim", f"RoPE rotates pairs of features: fmcore's llama needs an even head dim, "
+                                     f"got {head_dim}")
+        if c.get("mlp_bias"):
+            raise refuse("mlp_bias", "fmcore's llama has no biases in its MLP")
+        # Qwen2's q/k/v always have biases; attention_bias (Llama, Mistral, Qwen3) puts them on o_proj too, which
+        # fmcore's model lacks: load_weights accepts that bias only when it is zero (as export.py writes it).
+        qkv_bias = model_type == "qwen2" or bool(c.get("attention_bias"))
+        shape |= {"n_kv_heads": c["num_key_value_heads"] or heads, "head_dim": head_dim, "bias": False,
+                  "qkv_bias": qkv_bias, "qk_norm": model_type == "qwen3"}
+        _check_sliding_window(c, model_type, refuse)
         shape |= _rope(c, refuse)
     for field in ("norm_eps", "rope_base", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
         if field in shape:
             shape[field] = float(shape[field])
     return shape
+
+
+def _check_sliding_window(c: dict, model_type: str, refuse) -> None:
+    """Refuses a sliding window that some layer applies and that is shorter than the context: fmcore's
+    attention sees every earlier position. Mistral's applies to every layer; Qwen's only with
+    use_sliding_window, to the layers layer_types names "sliding_attention" (by default those from
+    max_window_layers on)."""
+    window, longest = c["sliding_window"], c["max_position_embeddings"]
+    if window is None or window >= longest:
+        return
+    if model_type not in ("qwen2", "qwen3"):
+        raise refuse("sliding_window", f"fmcore's attention sees every earlier position, and this window is "
+                                       f"shorter than max_position_embeddings ({longest})")
+    if not c["use_sliding_window"]:
+        return
+    types = c["layer_types"] or ["sliding_attention" if i >= c["max_window_layers"] else "full_attention"
+                                 for i in range(c["num_hidden_layers"])]
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if sliding:
+        raise refuse("use_sliding_window", f"layers {_names([str(i) for i in sliding])} attend within a "
+                                           f"sliding_window of {window} positions, shorter than "
+                                           f"max_position_embeddings ({longest}), and fmcore's attention sees "
+                                           "every earlier position")
 
 
 def _rope(c: dict, refuse) -> dict:
@@ -168,7 +203,8 @@ def configure(cfg: Config) -> Config:
         return cfg
     shape = model_shape(m.init_from)
     keys = CONFIG_KEYS[shape["arch"]] | {f: f"rope_scaling.{k}" for f, k in LLAMA3_KEYS.items()} | {
-        "arch": "architectures", "bias": "architectures", "rope_scaling": "rope_scaling.rope_type"}
+        "arch": "architectures", "bias": "architectures", "qkv_bias": "architectures, attention_bias",
+        "qk_norm": "architectures", "rope_scaling": "rope_scaling.rope_type"}
     conflicts = [f"model.{f} = {getattr(m, f)!r} in your config, {v!r} in config.json ({keys.get(f, f)})"
                  for f, v in shape.items()
                  if f"model.{f}" in cfg.explicit and getattr(m, f) != v and not (f in DERIVED and getattr(m, f) == 0)]
@@ -222,6 +258,13 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (cfg.tie_embeddings and name == "lm_head.weight"))
 
 
+def _zero_only(name: str, cfg: ModelConfig) -> bool:
+    """An HF tensor fmcore's model has no parameter for, loaded only when it is zero (the same function
+    then): the o_proj bias of an attention_bias checkpoint (Llama, Mistral, Qwen3; export.py writes
+    Qwen3's as zeros), whose q/k/v biases are model.qkv_bias."""
+    return cfg.arch == "llama" and cfg.qkv_bias and name.endswith(".self_attn.o_proj.bias")
+
+
 def _names(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -241,24 +284,30 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
         raise RuntimeError(f"hf_map has no row for {sorted(set(state) - {r.ours for r in rows})}: it is out of date")
     wanted = {name: shape for row in rows for name, shape in row.theirs}
     missing = [name for name in wanted if name not in files]
-    unexpected = [stored for name, (_, stored) in files.items() if name not in wanted and not _ignored(name, cfg)]
+    zeros = [name for name in files if _zero_only(name, cfg)]
+    unexpected = [stored for name, (_, stored) in files.items()
+                  if name not in wanted and not _ignored(name, cfg) and name not in zeros]
     if missing or unexpected:
         raise ConfigError(f"model.init_from: {path} does not hold the model its config.json describes: "
                           + "; ".join(f"{what} tensors {_names(names)}" for what, names
                                       in (("missing", missing), ("unexpected", unexpected)) if names))
     with ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
-                   for file in sorted(set(files[name][0] for name in wanted))}
+                   for file in sorted(set(files[name][0] for name in [*wanted, *zeros]))}
 
         def read(name: str, shape_only: bool = False):
             file, stored = files[name]
             return handles[file].get_slice(stored).get_shape() if shape_only else handles[file].get_tensor(stored)
 
-        for name, shape in wanted.items():
+        for name, shape in [*wanted.items(), *((name, (cfg.dim,)) for name in zeros)]:
             got = tuple(read(name, shape_only=True))
             if got != shape:
                 raise ConfigError(f"model.init_from: {files[name][0]}: tensor {files[name][1]} has shape {got}, "
                                   f"expected {shape} (from config.json)")
+        for name in zeros:
+            if read(name).any():
+                raise ConfigError(f"model.init_from: {files[name][0]}: tensor {files[name][1]} is not zero: fmcore's "
+                                  "llama has biases on q, k and v only (attention_bias = true puts one on o_proj)")
         for row in rows:
             tensor = row.from_hf([read(name) for name, _ in row.theirs])
             state[row.ours].copy_(tensor.to(state[row.ours].dtype))

@@ -17,7 +17,8 @@ the same batches (the loader is sharded by dp rank).
   heads and ffn/N hidden units), the output projections row-parallel (an all-reduce in the forward).
   The fused projections (GPT-2's qkv, Llama's wqkv and w_gate_up) are first split into one Linear per
   part, so each rank gets whole heads of q, k and v rather than a slice of the fused rows.
-  Embeddings, norms and the head stay replicated.
+  Embeddings, norms and the head stay replicated; q/k/v biases (Qwen2) shard with their columns, and
+  the q/k norms (Qwen3, over head_dim) apply to each rank's heads, their gradients summed over tp.
 
 The optimizer updates DTensor parameters (fsdp2, tensor) shard by shard, FusedAdamW included (with
 the norm clipped globally by clip_grad_norm_ below rather than fused into its step).
@@ -29,6 +30,7 @@ checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from datetime import timedelta
@@ -262,9 +264,36 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             plan = {"wqkv.parts.0": col, "wqkv.parts.1": col, "wqkv.parts.2": col, "wo": row,
                     "w_gate_up.parts.0": col, "w_gate_up.parts.1": col, "w_down": row}
             block.hq, block.hk = hq // t, hk // t
+            for norm in (block.q_norm, block.k_norm):  # (qk norm: replicated, on this rank's heads)
+                if norm is not None:
+                    norm.sum_grad = functools.partial(_sum_grad_over, group=tp_mesh.get_group())
         parallelize_module(block, tp_mesh, plan)
         # (after parallelize_module: this hook runs after RowwiseParallel's, on its local output)
         (block.mlp_out if hasattr(block, "mlp_out") else block.w_down).register_forward_hook(_wait_reduced)
+
+
+class _SumGrad(torch.autograd.Function):
+    """The identity forward; the backward sums the gradient over a process group (Megatron's "copy
+    to the tensor-parallel region")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from torch.distributed import _functional_collectives as funcol
+
+        out = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return (out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out), None
+
+
+def _sum_grad_over(weight: torch.Tensor, group) -> torch.Tensor:
+    """weight, its gradient summed over group's ranks: a replicated weight (Qwen3's q/k norms) that each
+    tensor-parallel rank applies to its own heads gets a partial gradient there, and the replicas
+    would drift apart (their optimizer steps differ) without the sum."""
+    return _SumGrad.apply(weight, group)
 
 
 def _wait_reduced(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ tensor parallelism replicates, embeddings, head, norms and the row-parallel bias
   activations stored for the backward, per token of a micro-batch and per layer (16-bit under
   autocast, else 4 bytes per element; the residual stream in the weights' dtype, w bytes):
   train.activation_checkpointing "none": the two norms' inputs (w*dim each) and outputs, and GPT-2
-  4*dim + 2*ffn, Llama q,k,v + rotated q,k + attention out + 3*ffn (4*ffn on the torch ops path),
-  plus attention's fp32 log-sum-exp (4 bytes per head); the parts inside the tensor-parallel region
+  4*dim + 2*ffn, Llama q,k,v + rotated q,k + attention out + 3*ffn (4*ffn on the torch ops path)
+  (+ q,k again with qk norm: the norm's input copy), plus attention's fp32 log-sum-exp (4 bytes per head); the parts inside the tensor-parallel region
   (all but the norms') divide by t.
   "full": each block's input (the stream, w*dim; on the fmcore path the previous MLP output too).
   "selective": the stream entering the block (w*dim) and the outputs of the matmuls and attention:
@@ -77,10 +77,11 @@ def _stored_per_layer(mcfg, a: int, s: int, tp: int) -> float:
     if mcfg.arch == "gpt2":
         sharded = 4 * d + 2 * f  # q,k,v, attention out | the MLP's hidden before and after GELU
     else:
-        hd = d // H
+        hd = mcfg.head_dim or d // H
         qkv, rotated = (H + 2 * mcfg.n_kv_heads) * hd, (H + mcfg.n_kv_heads) * hd
-        # fmcore's swiglu op keeps gate,up and its output; torch's silu(gate) * up the silu's output too
-        sharded = qkv + rotated + H * hd + (3 if mcfg.ops == "fmcore" else 4) * f
+        # fmcore's swiglu op keeps gate,up and its output; torch's silu(gate) * up the silu's output too;
+        # qk norm keeps its input, a copy of q and k out of the fused projection (RoPE reads its output)
+        sharded = qkv + rotated * (1 + mcfg.qk_norm) + H * hd + (3 if mcfg.ops == "fmcore" else 4) * f
     return norms + sharded * a / tp + 4 * H / tp  # + attention's fp32 log-sum-exp
 
 
@@ -91,7 +92,7 @@ def _selective_per_layer(mcfg, a: int, s: int, tp: int) -> float:
     if mcfg.arch == "gpt2":
         sharded = 3 * d + d + f  # q,k,v | attention out | fc
     else:
-        hd = d // H
+        hd = mcfg.head_dim or d // H
         sharded = (H + 2 * mcfg.n_kv_heads) * hd + H * hd + 2 * f  # q,k,v | attention out | gate,up
     # The two output projections, whole on every tensor-parallel rank (partial sums there). Their
     # all-reduced sums are recomputed (sent again), but for the MLP's on the fmcore path, where it is
@@ -130,8 +131,9 @@ def tensor_parallel_sharded_count(mcfg) -> int:
     if mcfg.arch == "gpt2":
         b = 1 if mcfg.bias else 0
         return L * ((3 * d * d + 3 * d * b) + d * d + (d * f + f * b) + f * d)
-    hd = d // mcfg.n_heads
-    return L * ((mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd * d + mcfg.n_heads * hd * d + 2 * d * f + f * d)
+    hd = mcfg.head_dim or d // mcfg.n_heads
+    qkv = (mcfg.n_heads + 2 * mcfg.n_kv_heads) * hd
+    return L * (qkv * d + qkv * mcfg.qkv_bias + mcfg.n_heads * hd * d + 2 * d * f + f * d)
 
 
 def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int, checkpointing,

@@ -1,4 +1,5 @@
-"""The model zoo: GPT-2 and Llama, their exact parameter counts and FLOPs per token.
+"""The model zoo: GPT-2 and Llama (Qwen2 and Qwen3 too, with its qkv_bias, qk_norm and head_dim), their
+exact parameter counts and FLOPs per token.
 
     mcfg = resolve(cfg.model, vocab_size=8192, device="cpu")   # fills the derived fields
     model = build_model(mcfg, seed=0)
@@ -36,6 +37,7 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch
     elif vocab_size and cfg.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the dataset's vocabulary ({vocab_size})")
     cfg.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+    cfg.head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
     if cfg.ffn_dim == 0:
         cfg.ffn_dim = 4 * cfg.dim if cfg.arch == "gpt2" else -(-(8 * cfg.dim // 3) // 256) * 256
     if cfg.arch == "llama":
@@ -50,7 +52,7 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
     """The model, initialised on the CPU from seed (the same weights whatever the device or ops path)."""
-    if cfg.ops == "auto" or not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads:
+    if cfg.ops == "auto" or not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads or not cfg.head_dim:
         raise ValueError("build_model needs a resolved config: call models.resolve(cfg, vocab_size, device) first")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -66,8 +68,10 @@ def param_count(cfg: ModelConfig) -> int:
         norm = d * (1 + b)
         block = 2 * norm + (3 * d * d + 3 * d * b) + (d * d + d * b) + (d * f + f * b) + (f * d + d * b)
         return V * d + cfg.max_seq_len * d + L * block + norm + head
-    hd = d // cfg.n_heads
-    block = 2 * d + d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + d * 2 * f + f * d
+    hd = cfg.head_dim or d // cfg.n_heads
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+    attention = d * qkv + qkv * cfg.qkv_bias + 2 * hd * cfg.qk_norm + cfg.n_heads * hd * d
+    block = 2 * d + attention + d * 2 * f + f * d
     return V * d + L * block + d + head
 
 
@@ -88,7 +92,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, forward + backward: 6N + 12 L H Q T (PaLM's convention, as nanoGPT:
     N matmul parameters, L layers, H query heads, Q head dim, T sequence length; the attention term
     counts the full S x S scores, causal masking notwithstanding)."""
-    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layers * cfg.n_heads * (cfg.dim // cfg.n_heads) * seq_len
+    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads  # (Qwen3's: n_heads * head_dim need not be dim)
+    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
 
 
 __all__ = ["CausalLM", "GPT", "Llama", "build_model", "flops_per_token", "matmul_param_count", "param_count",

@@ -143,6 +143,31 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
     return fused(x, residual, norm.weight, getattr(norm, "bias", None), eps=eps, kind=kind, out_dtype=out_dtype)
 
 
+class HeadNorm(nn.RMSNorm):
+    """RMSNorm over the last dim of q or k (B, S, H, head_dim), one weight (head_dim,) for every head
+    (Qwen3's q_norm / k_norm). fp32 math rounded once to x's dtype on both ops paths, which flash
+    attention and RoPE then read (under autocast: the projection's bf16): "fmcore" runs fmcore's
+    RMSNorm kernel (add_norm without a residual), "torch" F.rms_norm.
+
+    sum_grad: None, or (tensor parallelism, parallel.py) a function of the weight returning it with
+    its gradient summed over the tensor-parallel ranks: each rank normalises its own heads, so its
+    gradient of the replicated weight is a partial sum."""
+
+    def __init__(self, head_dim: int, eps: float, ops: str):
+        super().__init__(head_dim, eps=eps)
+        self.ops = ops
+        self.sum_grad = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.sum_grad is None else self.sum_grad(self.weight)
+        if self.ops == "fmcore":
+            from fmcore.ops import add_norm as fused
+
+            return fused(x, None, weight, None, eps=self.eps, kind="rms", out_dtype=x.dtype)[0]
+        math_dtype = torch.promote_types(x.dtype, torch.float32)  # (float64 stays float64)
+        return F.rms_norm(x.to(math_dtype), (x.shape[-1],), weight.to(math_dtype), self.eps).to(x.dtype)
+
+
 def rope_tables(head_dim: int, max_seq_len: int, base: float,
                 llama3: tuple[float, float, float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos, sin of shape (max_seq_len, head_dim/2) (Llama's rotate-half angles), as

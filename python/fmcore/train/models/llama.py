@@ -1,5 +1,8 @@
 """Llama: pre-RMSNorm blocks, SwiGLU MLP, rotary positions, grouped-query attention, no biases; the
 head is tied to the embedding unless cfg.tie_embeddings is false (the llama-1b preset unties it).
+The Qwen family is this model with its options: cfg.qkv_bias (Qwen2: biases on q, k and v),
+cfg.qk_norm (Qwen3: RMSNorm of each head of q and k before RoPE) and cfg.head_dim (Qwen3's heads of
+128 need not make up dim).
 
 q, k and v come from one fused projection and gate/up from another (one matmul each); export.py
 splits them into Hugging Face's q_proj/k_proj/v_proj and gate_proj/up_proj. RoPE is rotate-half
@@ -15,17 +18,20 @@ from torch import nn
 from fmcore.ops import swiglu
 from fmcore.train.config import ModelConfig
 from fmcore.train.models.base import CausalLM, PreNormBlock
-from fmcore.train.models.common import DocMask, apply_rope, causal_attention, rope_tables
+from fmcore.train.models.common import DocMask, HeadNorm, apply_rope, causal_attention, rope_tables
 
 
 class LlamaBlock(PreNormBlock):
     def __init__(self, cfg: ModelConfig, rope: "Rope"):
         super().__init__()
         d, f = cfg.dim, cfg.ffn_dim
-        self.hq, self.hk, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        # Heads on this rank (tensor parallelism divides hq and hk; the head dim stays).
+        self.hq, self.hk, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.ops, self.rope = cfg.ops, [rope]  # a list: the shared tables are not this block's submodule
         self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.wqkv = nn.Linear(d, (self.hq + 2 * self.hk) * self.hd, bias=False)
+        self.wqkv = nn.Linear(d, (self.hq + 2 * self.hk) * self.hd, bias=cfg.qkv_bias)
+        self.q_norm = HeadNorm(self.hd, cfg.norm_eps, cfg.ops) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(self.hd, cfg.norm_eps, cfg.ops) if cfg.qk_norm else None
         self.wo = nn.Linear(self.hq * self.hd, d, bias=False)
         self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
@@ -38,6 +44,8 @@ class LlamaBlock(PreNormBlock):
         B, S, _ = x.shape
         qkv = self.wqkv(x).view(B, S, self.hq + 2 * self.hk, self.hd)
         q, k, v = qkv.split([self.hq, self.hk, self.hk], dim=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope[0].tables(S, positions)
         q, k = apply_rope(q, k, cos, sin, self.ops)
         return self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
@@ -59,7 +67,7 @@ class Rope(nn.Module):
         if cfg.rope_scaling == "llama3":
             llama3 = (cfg.rope_scale_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                       cfg.rope_original_max_len)
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_base, llama3)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, llama3)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
