@@ -13,6 +13,15 @@
 // query sees (tiles above the diagonal are never loaded); only a warp whose rows straddle the
 // diagonal, or a tile that crosses the sequence end, is masked (a warp-uniform branch).
 //
+// Sliding windows (AttnParams::window_left / window_right) run separate instantiations of the
+// mma.sync kernels (kWindow), of tile configuration 0 only, whatever p.tiles asks: every kernel
+// gets the window in its per-row masks (a two-sided mask only in the blocks the window's start
+// crosses) and in its block ranges: the forward and the dq kernel start at the key block of their
+// first row's window start, the dk/dv kernel stops at the last query block that sees its keys, so
+// blocks wholly outside every window of a CTA are never loaded. The unwindowed instantiations
+// have no trace of the window (the same registers and instructions as before windows existed);
+// windowed ones for the other configurations would double the kernels' compile time.
+//
 // The kernels are bound by instruction issue more than by the tensor cores (the forward runs eight
 // warps an SM at the default tiles), so the main loops keep other work small: each thread's load
 // offsets are fixed (load_tile), rows are checked only in a tile that crosses the sequence end, and
@@ -200,11 +209,14 @@ bool wgmma_device() {
 #endif
 }
 
-template <typename T, int D, int kConfig>
+// kWindow: the windowed kernels (kConfig 0 only, see the header).
+template <typename T, int D, int kConfig, bool kWindow>
 cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D, kConfig>;
   static_assert(C::kFwdWgmmaN > 0 || (!C::kFwdOverlap && C::kFwdWgmmaGroups == 2),
                 "the overlap and one-warpgroup CTAs are the wgmma forward's options");
+  static_assert(!kWindow || (C::kFwdWgmmaN == 0 && C::kBwdWgmmaGroups == 0),
+                "the wgmma kernels have no windowed instantiation");
   if constexpr (C::kFwdWgmmaN > 0) {
     if (wgmma_device()) {
       // Two stages of K and V, one Q tile, and room to align them to 1024 bytes.
@@ -220,11 +232,11 @@ cudaError_t fwd(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = size_t(kBlockM + 4 * C::kFwdBlockN) * (D + 8) * sizeof(T);
   const dim3 grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  return launch<attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN>>(
+  return launch<attn_fwd_kernel<T, D, C::kFwdWarps, C::kFwdMW, C::kFwdBlockN, kWindow>>(
       grid, 32 * C::kFwdWarps, smem, p, stream);
 }
 
-template <typename T, int D, int kConfig>
+template <typename T, int D, int kConfig, bool kWindow>
 cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
   using C = Tiles<D, kConfig>;
   const dim3 dgrid(blocks(p.seqlen_q, 8), static_cast<unsigned>(p.heads_q),
@@ -240,7 +252,7 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
     const size_t q_smem = size_t(2 * kBlockM + 4 * C::kDqBlockN) * (D + 8) * sizeof(T);
     const dim3 q_grid(blocks(p.seqlen_q, kBlockM), static_cast<unsigned>(p.heads_q),
                       static_cast<unsigned>(p.batch));
-    return launch<attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN>>(
+    return launch<attn_bwd_dq_kernel<T, D, C::kDqWarps, C::kDqMW, C::kDqBlockN, kWindow>>(
         q_grid, 32 * C::kDqWarps, q_smem, p, stream);
   };
   const bool atomic_dq = p.dq_accum.ptr != nullptr;
@@ -270,40 +282,42 @@ cudaError_t bwd(const AttnParams& p, cudaStream_t stream) {
                      static_cast<unsigned>(p.batch));
   if (atomic_dq) {
     const size_t ds_smem = size_t(kBlockN) * (kBlockMq + 8) * sizeof(T);
-    err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, true>>(
+    err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, true, kWindow>>(
         kv_grid, 32 * C::kDkdvWarps, kv_smem + ds_smem, p, stream);
     if (err != cudaSuccess) return err;
     return launch<attn_bwd_dq_convert_kernel<T>>(cgrid, 256, 0, p, stream, rows);
   }
-  err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, false>>(
+  err = launch<attn_bwd_dkdv_kernel<T, D, C::kDkdvWarps, kBlockMq, false, kWindow>>(
       kv_grid, 32 * C::kDkdvWarps, kv_smem, p, stream);
   if (err != cudaSuccess) return err;
   return dq_kernel();
 }
 
-template <template <typename, int, int> class Fn, typename T, int D>
+template <template <typename, int, int, bool> class Fn, typename T, int D>
 cudaError_t with_tiles(const AttnParams& p, cudaStream_t stream) {
   static_assert(kAttnTileConfigs == 7, "one case per configuration");
+  // Windowed calls: configuration 0's windowed kernels, whatever the tiles (see the header).
+  if (attn_windowed(p)) return Fn<T, D, 0, true>::run(p, stream);
   switch (p.tiles) {
     case 0:
-      return Fn<T, D, 0>::run(p, stream);
+      return Fn<T, D, 0, false>::run(p, stream);
     case 1:
-      return Fn<T, D, 1>::run(p, stream);
+      return Fn<T, D, 1, false>::run(p, stream);
     case 2:
-      return Fn<T, D, 2>::run(p, stream);
+      return Fn<T, D, 2, false>::run(p, stream);
     case 3:
-      return Fn<T, D, 3>::run(p, stream);
+      return Fn<T, D, 3, false>::run(p, stream);
     case 4:
-      return Fn<T, D, 4>::run(p, stream);
+      return Fn<T, D, 4, false>::run(p, stream);
     case 5:
-      return Fn<T, D, 5>::run(p, stream);
+      return Fn<T, D, 5, false>::run(p, stream);
     case 6:
-      return Fn<T, D, 6>::run(p, stream);
+      return Fn<T, D, 6, false>::run(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <template <typename, int, int> class Fn>
+template <template <typename, int, int, bool> class Fn>
 cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   // The binding guarantees these; anything else is refused rather than run out of bounds.
   if (p.heads_k <= 0 || p.heads_q % p.heads_k != 0 || p.heads_q > 65535 || p.heads_k > 65535 ||
@@ -330,16 +344,16 @@ cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-template <typename T, int D, int kConfig>
+template <typename T, int D, int kConfig, bool kWindow>
 struct Fwd {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return fwd<T, D, kConfig>(p, stream);
+    return fwd<T, D, kConfig, kWindow>(p, stream);
   }
 };
-template <typename T, int D, int kConfig>
+template <typename T, int D, int kConfig, bool kWindow>
 struct Bwd {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return bwd<T, D, kConfig>(p, stream);
+    return bwd<T, D, kConfig, kWindow>(p, stream);
   }
 };
 

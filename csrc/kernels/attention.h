@@ -13,6 +13,12 @@
 // Causal masks are aligned to the bottom-right corner (FlashAttention 2.1+): query i of a sequence
 // with lengths (Sq, Sk) sees keys j <= i + Sk - Sq. A query that sees no key (i < Sq - Sk, or
 // Sk == 0) gets out = 0 and lse = -inf (log of an empty sum); its gradients are 0.
+//
+// Sliding windows (FlashAttention-2's window_size = (left, right)): query i sits at key position
+// p = i + Sk - Sq and sees keys j with p - left <= j <= p + right. The binding keeps
+// the right bound in `causal` (set for any right >= 0; causal=True is right = 0) and window_right,
+// the left one in window_left (-1: unbounded), so that an unwindowed call's masks are the causal /
+// full ones they were. Rows whose window holds no key are as the empty causal rows above.
 #pragma once
 
 #include <cstdint>
@@ -53,11 +59,13 @@ struct AttnParams {
   int64_t seqlen_q = 0, seqlen_k = 0;
   int64_t total_q = 0, total_k = 0;    // varlen: Tq, Tk; every cu_seqlens entry is clamped to them
   float scale = 1.f;                   // softmax scale (1/sqrt(D) by default)
-  bool causal = false;
+  bool causal = false;       // keys past i + Sk - Sq + window_right are hidden from query i
+  int64_t window_right = 0;  // >= 0; only read with causal
+  int64_t window_left = -1;  // >= 0: keys before i + Sk - Sq - window_left are hidden too
   DType dtype = DType::kBFloat16;
   // The CUDA kernels' tile configuration, in [0, kAttnTileConfigs): 0 is the default, the others
   // the alternatives the attention benchmark times beside it (attention.cu's Tiles). The CPU
-  // reference ignores it.
+  // reference ignores it, and so do windowed calls (attn_windowed), which run configuration 0.
   int tiles = 0;
 };
 
@@ -81,18 +89,36 @@ FMCORE_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
   return {q0, q1 > q0 ? q1 - q0 : 0, k0, k1 > k0 ? k1 - k0 : 0};
 }
 
-// Keys [0, key_end(i)) are visible to query i (of a sequence with lengths q_len, k_len).
-FMCORE_HD int64_t key_end(bool causal, int64_t i, int64_t q_len, int64_t k_len) {
+// Keys [key_begin(i), key_end(i)) are visible to query i (of a sequence with lengths q_len,
+// k_len); none when key_begin(i) >= key_end(i). `right` is window_right, read only when causal;
+// `left` window_left, -1 for none.
+FMCORE_HD int64_t key_end(bool causal, int64_t right, int64_t i, int64_t q_len, int64_t k_len) {
   if (!causal) return k_len;
-  const int64_t e = i + k_len - q_len + 1;
+  const int64_t e = i + k_len - q_len + right + 1;
   return e < 0 ? 0 : (e > k_len ? k_len : e);
 }
+FMCORE_HD int64_t key_begin(int64_t left, int64_t i, int64_t q_len, int64_t k_len) {
+  if (left < 0) return 0;
+  const int64_t b = i + k_len - q_len - left;
+  return b < 0 ? 0 : (b > k_len ? k_len : b);
+}
 
-// Queries [query_begin(j), q_len) see key j.
-FMCORE_HD int64_t query_begin(bool causal, int64_t j, int64_t q_len, int64_t k_len) {
+// Queries [query_begin(j), query_end(j)) see key j; none when query_begin(j) >= query_end(j).
+FMCORE_HD int64_t query_begin(bool causal, int64_t right, int64_t j, int64_t q_len,
+                              int64_t k_len) {
   if (!causal) return 0;
-  const int64_t b = j - (k_len - q_len);
+  const int64_t b = j - (k_len - q_len) - right;
   return b < 0 ? 0 : b;
+}
+FMCORE_HD int64_t query_end(int64_t left, int64_t j, int64_t q_len, int64_t k_len) {
+  if (left < 0) return q_len;
+  const int64_t e = j - (k_len - q_len) + left + 1;
+  return e < 0 ? 0 : (e > q_len ? q_len : e);
+}
+
+// Whether the call has a sliding window: a left bound, or a right one past the diagonal.
+FMCORE_HD bool attn_windowed(const AttnParams& p) {
+  return p.window_left >= 0 || (p.causal && p.window_right > 0);
 }
 
 #ifdef FMCORE_CUDA_API

@@ -19,7 +19,10 @@ namespace {
 // in 128 registers a thread, which the bound holds ptxas to (left free it took 134 at D = 96, one
 // CTA an SM; held, it spills 12 bytes). A minimum of 0 CTAs is no bound: nvcc then emits none, and
 // ptxas allocates as it would without the second argument.
-template <typename T, int D, int kWarps, int kMW, int kBlockN>
+//
+// kWindow: the instantiation for sliding windows (attention.cu launches it for windowed calls
+// only), whose masks and block ranges read p.window_left / window_right; the others have none.
+template <typename T, int D, int kWarps, int kMW, int kBlockN, bool kWindow>
 __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
     attn_fwd_kernel(const AttnParams p) {
   constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
@@ -37,7 +40,9 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
   const int64_t hk = h / (p.heads_q / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale_log2 = fwd_scale_log2(p.scale);
-  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
+  // key blocks nb0 + nb for nb in [0, n_blocks)
+  const KeyBlocks kb = key_blocks<kWindow, kBlockM, kBlockN>(p, m0, s);
+  const int nb0 = kb.first, n_blocks = kb.count;
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* k_base = static_cast<const T*>(p.k.ptr);
@@ -45,7 +50,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
   const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
   auto load_kv = [&](int nb, int stage) {
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
     load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
                                        p.k.stride_s, s.k_len - n0, k_base);
     load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
@@ -90,9 +95,9 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == 8 && D <= 96 ? 2 : 0)
     float sc[kMW][NT][4] = {};
     gemm_abt_mw<T, D, kMW, NT, kPitch>(sc, sQw, sKs, lane);
 
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
     // -inf for the keys a row does not see (the scores become exponents).
-    mask_block<kRowsW, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * kRowsW, n0, s, lane);
+    mask_block<kWindow, kRowsW, kBlockN>(sc, -INFINITY, p, m0 + warp * kRowsW, n0, s, lane);
     softmax_step(sc, o, m_run, l_run, scale_log2);
 
     gemm_pb_mw<T, D, kMW, NT, kPitch>(o, sc, sVs, lane);
@@ -129,8 +134,8 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 // kAtomicDq: also adds this key block's share of dQ, dS K, into p.dq_accum. dS^T goes through
 // shared memory (sdS, kBlockN x kBlockM, pitch kBlockM + 8) because a dQ row sums over all the
 // CTA's keys, which four warps hold; warp w then computes query rows 16 * (w % kRowTiles) and head-
-// dim columns [kDW * (w / kRowTiles), + kDW).
-template <typename T, int D, int kWarps, int kBlockM, bool kAtomicDq>
+// dim columns [kDW * (w / kRowTiles), + kDW). kWindow as in attn_fwd_kernel.
+template <typename T, int D, int kWarps, int kBlockM, bool kAtomicDq, bool kWindow>
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int kBlockN = 16 * kWarps, kPitch = D + 8, kThreads = 32 * kWarps, MT = kBlockM / 8;
   constexpr int kPitchS = kBlockM + 8, kRowTiles = kBlockM / 16;
@@ -153,7 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const float scale_log2 = p.scale * kLog2e;
   static_assert(kBlockM <= kThreads, "a thread per query row loads its lse and delta");
-  QueryWalk<kBlockM> walk(p, s, n0, hk);
+  QueryWalk<kWindow, kBlockM> walk(p, s, n0, n0 + kBlockN < s.k_len ? n0 + kBlockN : s.k_len, hk);
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* do_base = static_cast<const T*>(p.dout.ptr);
@@ -197,7 +202,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
 
     float pt[MT][4] = {};  // P^T: rows = this warp's 16 keys, cols = kBlockM queries
     gemm_abt<T, D, MT, kPitch>(pt, sKw, sQs, lane);
-    pt_from_st<kBlockM, kBlockN>(pt, sL, scale_log2, p.causal, n0, warp, i0, s, lane);
+    pt_from_st<kWindow, kBlockM, kBlockN>(pt, sL, scale_log2, p, n0, warp, i0, s, lane);
     float dst[MT][4] = {};  // dP^T, then dS^T
     gemm_abt<T, D, MT, kPitch>(dst, sVw, sdOs, lane);
     ds_from_dp(dst, pt, sD, lane);
@@ -241,8 +246,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dkdv_kernel(const AttnPa
 }
 
 // One CTA per (block of 16 * kWarps queries, query head, sequence); loops over the key blocks its
-// queries see and accumulates dQ = sum dS K.
-template <typename T, int D, int kWarps, int kMW, int kBlockN>
+// queries see and accumulates dQ = sum dS K. kWindow as in attn_fwd_kernel.
+template <typename T, int D, int kWarps, int kMW, int kBlockN, bool kWindow>
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnParams p) {
   constexpr int kRowsW = 16 * kMW, kBlockM = kRowsW * kWarps, kPitch = D + 8;
   constexpr int kThreads = 32 * kWarps, NT = kBlockN / 8;
@@ -260,7 +265,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const float scale_log2 = p.scale * kLog2e;
 
-  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
+  const KeyBlocks kb = key_blocks<kWindow, kBlockM, kBlockN>(p, m0, s);  // nb0 + nb, nb < n_blocks
+  const int nb0 = kb.first, n_blocks = kb.count;
 
   // This lane's rows (tile mw, half hh): lse in log2 units (+inf past the end or for rows that saw
   // no key, so P = 0 there) and delta.
@@ -283,7 +289,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
   const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
   auto load_kv = [&](int nb, int stage) {
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
     load_tile<T, D, kBlockN, kThreads>(sK + stage * kBlockN * kPitch, k_seq + n0 * p.k.stride_s,
                                        p.k.stride_s, s.k_len - n0, static_cast<const T*>(p.k.ptr));
     load_tile<T, D, kBlockN, kThreads>(sV + stage * kBlockN * kPitch, v_seq + n0 * p.v.stride_s,
@@ -312,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
     __syncthreads();
     const T* sKs = sK + stage * kBlockN * kPitch;
     const T* sVs = sV + stage * kBlockN * kPitch;
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
 
     float pr[kMW][NT][4] = {};
     gemm_abt_mw<T, D, kMW, NT, kPitch>(pr, sQw, sKs, lane);
@@ -327,7 +333,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_dq_kernel(const AttnPara
       }
     }
     // P = 0 for the keys a row does not see.
-    mask_block<kRowsW, kBlockN>(pr, 0.f, p.causal, m0 + warp * kRowsW, n0, s, lane);
+    mask_block<kWindow, kRowsW, kBlockN>(pr, 0.f, p, m0 + warp * kRowsW, n0, s, lane);
     float ds[kMW][NT][4] = {};  // dP = dO V^T, then dS
     gemm_abt_mw<T, D, kMW, NT, kPitch>(ds, sdOw, sVs, lane);
 #pragma unroll

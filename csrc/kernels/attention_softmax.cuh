@@ -1,7 +1,7 @@
 // Flash attention, part 2 of 4 (the overview is attention.cu's): the row-wise pieces every kernel
 // shares, on mma.sync and wgmma alike (their accumulators have the same row-per-quad layout): row
-// pointers, causal and end-of-sequence masks, the online softmax and the forward's epilogue, the
-// backward's P and dS, its walk over query blocks and its lse / delta loads.
+// pointers, causal, window and end-of-sequence masks, the online softmax and the forward's
+// epilogue, the backward's P and dS, its walk over query blocks and its lse / delta loads.
 #pragma once
 
 #include <cfloat>
@@ -29,13 +29,27 @@ __device__ __forceinline__ T* row_ptr_mut(const AttnTensor& t, int64_t b, int64_
   return static_cast<T*>(t.ptr) + b * t.stride_b + row * t.stride_s + h * t.stride_h;
 }
 
+// The window bounds a kernel sees: its call's in the windowed instantiations (kWindow), none in the
+// others (left -1, right 0), whose masks and block ranges then compile to the causal / full ones
+// they were before windows existed (no register or instruction for the window).
+template <bool kWindow>
+__device__ __forceinline__ int64_t window_left(const AttnParams& p) {
+  return kWindow ? p.window_left : -1;
+}
+template <bool kWindow>
+__device__ __forceinline__ int64_t window_right(const AttnParams& p) {
+  return kWindow ? p.window_right : 0;
+}
+
 // Where the rows r0 + i (0 <= i < kRows) of a query block stop seeing the keys of the kBlockN-key
 // block at n0: row r0 + i sees its keys below (i), relative to n0 (key_end's clamps, in 32 bits).
-template <int kRows, int kBlockN>
+template <bool kWindow, int kRows, int kBlockN>
 struct BlockKeyEnd {
   int e0, kv;  // (i) = min(max(e0 + i, 0), kv); kv: the block's keys before the sequence end
-  __device__ __forceinline__ BlockKeyEnd(bool causal, int64_t r0, int64_t n0, const SeqInfo& s) {
-    const int64_t valid = s.k_len - n0, e = causal ? r0 + s.k_len - s.q_len + 1 - n0 : kBlockN;
+  __device__ __forceinline__ BlockKeyEnd(const AttnParams& p, int64_t r0, int64_t n0,
+                                         const SeqInfo& s) {
+    const int64_t valid = s.k_len - n0, right = window_right<kWindow>(p);
+    const int64_t e = p.causal ? r0 + s.k_len - s.q_len + right + 1 - n0 : kBlockN;
     kv = valid < 0 ? 0 : (valid < kBlockN ? static_cast<int>(valid) : kBlockN);
     e0 = e < -kRows ? -kRows : (e > kBlockN ? kBlockN : static_cast<int>(e));
   }
@@ -45,15 +59,68 @@ struct BlockKeyEnd {
   }
 };
 
-// In a block of kBlockN keys from n0 that crosses the sequence end or this warp's part of the
-// diagonal (its rows from r0), sets acc (a warp's kMW 16-row tiles of scores, or of P) to `fill`
-// for the keys a row does not see. Other blocks need no mask: the branch is warp-uniform.
-template <int kRows, int kBlockN, int kMW, int NT>
-__device__ __forceinline__ void mask_block(float (&acc)[kMW][NT][4], float fill, bool causal,
-                                           int64_t r0, int64_t n0, const SeqInfo& s, int lane) {
-  if (n0 + kBlockN <= s.k_len && !(causal && n0 + kBlockN > r0 + s.k_len - s.q_len + 1)) return;
-  const BlockKeyEnd<kRows, kBlockN> key_end_of(causal, r0, n0, s);
+// Where the rows r0 + i of a query block start seeing the keys of the kBlockN-key block at n0 with
+// a left window bound (key_begin's clamps, in 32 bits, relative to n0).
+template <bool kWindow, int kRows, int kBlockN>
+struct BlockKeyBegin {
+  int b0;  // (i) = min(max(b0 + i, 0), kBlockN)
+  __device__ __forceinline__ BlockKeyBegin(const AttnParams& p, int64_t r0, int64_t n0,
+                                           const SeqInfo& s) {
+    const int64_t b = r0 + s.k_len - s.q_len - window_left<kWindow>(p) - n0;
+    b0 = b < -kRows ? -kRows : (b > kBlockN ? kBlockN : static_cast<int>(b));
+  }
+  __device__ __forceinline__ int operator()(int i) const {
+    const int b = b0 + i;
+    return b < 0 ? 0 : (b < kBlockN ? b : kBlockN);
+  }
+};
+
+// Whether a left window bound hides keys of the block at n0 from some of the kRows rows from r0:
+// the last row's window starts past n0 (rows start later down the block).
+template <bool kWindow, int kRows>
+__device__ __forceinline__ bool crosses_window_start(const AttnParams& p, int64_t r0, int64_t n0,
+                                                     const SeqInfo& s) {
+  const int64_t left = window_left<kWindow>(p);
+  return left >= 0 && n0 < r0 + kRows - 1 + s.k_len - s.q_len - left;
+}
+
+// In a block of kBlockN keys from n0 that crosses the sequence end, this warp's part of the
+// diagonal (its rows from r0; with a right window bound, the diagonal moved right by it) or of a
+// left window bound, sets acc (a warp's kMW 16-row tiles of scores, or of P) to `fill` for the
+// keys a row does not see. Other blocks need no mask: the branch is warp-uniform. Only blocks that
+// a left bound crosses take the two-sided mask, so that unwindowed calls keep the one compare an
+// element.
+template <bool kWindow, int kRows, int kBlockN, int kMW, int NT>
+__device__ __forceinline__ void mask_block(float (&acc)[kMW][NT][4], float fill,
+                                           const AttnParams& p, int64_t r0, int64_t n0,
+                                           const SeqInfo& s, int lane) {
+  const bool window_start = crosses_window_start<kWindow, kRows>(p, r0, n0, s);
+  const int64_t right_diag = s.k_len - s.q_len + window_right<kWindow>(p);
+  if (n0 + kBlockN <= s.k_len && !(p.causal && n0 + kBlockN > r0 + right_diag + 1) &&
+      !window_start) {
+    return;
+  }
+  const BlockKeyEnd<kWindow, kRows, kBlockN> key_end_of(p, r0, n0, s);
   const int g = lane / 4, tq = lane % 4;
+  if (window_start) {
+    const BlockKeyBegin<kWindow, kRows, kBlockN> key_begin_of(p, r0, n0, s);
+#pragma unroll
+    for (int r2 = 0; r2 < 2 * kMW; ++r2) {
+      const int mw = r2 / 2, hh = r2 % 2, i = mw * 16 + g + hh * 8;
+      // keys [kb, ke) of the block: one unsigned compare an element
+      const int kb = key_begin_of(i), ke = key_end_of(i);
+      const unsigned span = ke > kb ? static_cast<unsigned>(ke - kb) : 0u;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = nt * 8 + 2 * tq + e;
+          if (static_cast<unsigned>(c - kb) >= span) acc[mw][nt][2 * hh + e] = fill;
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int r2 = 0; r2 < 2 * kMW; ++r2) {  // this lane's rows: tile mw, half hh
     const int mw = r2 / 2, hh = r2 % 2;
@@ -215,15 +282,16 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, int64_t b, int64
 // The dk/dv kernels' P^T from S^T in place, for a warp's 16 keys (rows, from n0 + 16 * warp) by
 // MT * 8 queries (columns, from i0, whose lse in log2 units is sL): P^T = 2^(S^T * scale_log2 -
 // lse), and 0 where a query does not see a key (keys past the sequence end, and, causal, keys past
-// a query's diagonal) and for queries past the end. Only a warp whose keys cross either, or a
-// block whose queries cross the end, is masked (a warp-uniform branch). The queries past the end
+// a query's diagonal (plus window_right); keys before a query's left window bound) and for queries
+// past the end. Only a warp whose keys cross any of these, or a block whose queries cross the end,
+// is masked (a warp-uniform branch). The queries past the end
 // (zero rows of Q and dO, lse +inf) need it as much: a key holding +-inf scores 0 * inf = NaN
 // against a zero row, and 2^(NaN - inf) is NaN, which dV += P^T dO and dK += dS^T Q then spread
 // over the whole key (its dk and dv NaN where torch's are finite).
-template <int kBlockM, int kBlockN, int MT>
+template <bool kWindow, int kBlockM, int kBlockN, int MT>
 __device__ __forceinline__ void pt_from_st(float (&pt)[MT][4], const float* sL, float scale_log2,
-                                           bool causal, int64_t n0, int warp, int64_t i0,
-                                           const SeqInfo& s, int lane) {
+                                           const AttnParams& p, int64_t n0, int warp,
+                                           int64_t i0, const SeqInfo& s, int lane) {
   const int g = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -233,22 +301,36 @@ __device__ __forceinline__ void pt_from_st(float (&pt)[MT][4], const float* sL, 
     }
   }
   const int64_t j0 = n0 + warp * 16;             // this warp's first key
-  const int64_t diag = s.k_len - s.q_len;        // key j is visible to query i iff j <= i + diag
+  // key j is visible to query i iff j <= i + diag (+ window_right, causal) and, with a left bound,
+  // j >= i + diag - window_left
+  const int64_t diag = s.k_len - s.q_len;
   const int64_t q_rows = s.q_len - i0;           // the block's queries before the end (>= 1)
-  if (j0 + 16 <= s.k_len && q_rows >= kBlockM && !(causal && j0 + 15 > i0 + diag)) return;
+  const bool causal = p.causal, windowed = window_left<kWindow>(p) >= 0;
+  const int64_t right_diag = diag + window_right<kWindow>(p);
+  // with a left bound: the block's last query does not see this warp's first key
+  const bool window_start = windowed && j0 < i0 + kBlockM - 1 + diag - window_left<kWindow>(p);
+  if (j0 + 16 <= s.k_len && q_rows >= kBlockM && !(causal && j0 + 15 > i0 + right_diag) &&
+      !window_start) {
+    return;
+  }
   // Key jr (relative to n0) is seen by the queries c (relative to i0) in [lo, q_end): lo = jr - off
-  // (causal: jr - c <= i0 + diag - n0), q_end the sequence end; none when jr is past the end. One
+  // (causal: jr - c <= i0 + diag + window_right - n0), q_end the sequence end or, with a left
+  // bound, the first query past key jr's window if sooner; none when jr is past the end. One
   // unsigned compare an element (with q_end a second one, the wgmma dk/dv at D = 64 took 18 more
   // registers).
-  const int64_t off64 = causal ? i0 + diag - n0 : kBlockN;
+  const int64_t off64 = causal ? i0 + right_diag - n0 : kBlockN;
   const int off =
       off64 < -kBlockM ? -kBlockM : (off64 > kBlockN ? kBlockN : static_cast<int>(off64));
   const int q_end = q_rows < kBlockM ? static_cast<int>(q_rows) : kBlockM;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int jr = warp * 16 + g + hh * 8, lo = jr - off;
-    const unsigned span =
-        n0 + jr >= s.k_len || q_end <= lo ? 0u : static_cast<unsigned>(q_end - lo);
+    int hi = q_end;
+    if (window_start) {  // query_end of key n0 + jr, relative to i0
+      const int64_t e = n0 + jr - i0 - diag + window_left<kWindow>(p) + 1;
+      hi = e < lo ? lo : (e < hi ? static_cast<int>(e) : hi);
+    }
+    const unsigned span = n0 + jr >= s.k_len || hi <= lo ? 0u : static_cast<unsigned>(hi - lo);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -274,18 +356,20 @@ __device__ __forceinline__ void ds_from_dp(float (&dst)[MT][4], const float (&pt
   }
 }
 
-// The query blocks a dk/dv CTA (keys from n0, kv head hk) works through: in every query head of
-// its GQA group, the blocks of kBlockM rows from the first that sees key n0. Trip `it` works on
-// query head hk * group + it / per_head, rows from (m_first + it % per_head) * kBlockM; step()
-// moves (h, i0) through that order (no 64-bit division a trip).
-template <int kBlockM>
+// The query blocks a dk/dv CTA (keys [n0, n_end), kv head hk) works through: in every query head
+// of its GQA group, the blocks of kBlockM rows from the first that sees key n0 to the last that
+// sees key n_end - 1 (the sequence's last with no left window bound). Trip `it` works on query
+// head hk * group + it / per_head, rows from (m_first + it % per_head) * kBlockM; step() moves
+// (h, i0) through that order (no 64-bit division a trip).
+template <bool kWindow, int kBlockM>
 struct QueryWalk {
-  int64_t m_first, m_count, iters, h, i0;
+  int64_t m_first, m_count, iters, h, i0;  // m_count: the end of the blocks (in blocks)
   __device__ __forceinline__ QueryWalk(const AttnParams& p, const SeqInfo& s, int64_t n0,
-                                       int64_t hk) {
+                                       int64_t n_end, int64_t hk) {
     const int64_t group = p.heads_q / p.heads_k;
-    m_first = query_begin(p.causal, n0, s.q_len, s.k_len) / kBlockM;
-    m_count = (s.q_len + kBlockM - 1) / kBlockM;
+    m_first = query_begin(p.causal, window_right<kWindow>(p), n0, s.q_len, s.k_len) / kBlockM;
+    const int64_t q_end = query_end(window_left<kWindow>(p), n_end - 1, s.q_len, s.k_len);
+    m_count = (q_end + kBlockM - 1) / kBlockM;
     iters = group * (m_count > m_first ? m_count - m_first : 0);
     h = hk * group;
     i0 = m_first * kBlockM;
@@ -348,12 +432,21 @@ __device__ __forceinline__ void negate8(uint4& v) {
   v.w ^= 0x80008000u;
 }
 
-// How many blocks of kBlockN keys the query rows [m0, m0 + kBlockM) see: up to the last key their
-// last row sees.
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ int key_blocks(bool causal, int64_t m0, const SeqInfo& s) {
+// The blocks of kBlockN keys the query rows [m0, m0 + kBlockM) see: `count` blocks from block
+// `first`, from the block of the first key their first row sees (0 without a left window bound)
+// to that of the last key their last row sees. Blocks outside the window are never loaded.
+struct KeyBlocks {
+  int first, count;
+};
+template <bool kWindow, int kBlockM, int kBlockN>
+__device__ __forceinline__ KeyBlocks key_blocks(const AttnParams& p, int64_t m0, const SeqInfo& s) {
   const int64_t last_row = (m0 + kBlockM < s.q_len ? m0 + kBlockM : s.q_len) - 1;
-  return static_cast<int>((key_end(causal, last_row, s.q_len, s.k_len) + kBlockN - 1) / kBlockN);
+  const int64_t end = key_end(p.causal, window_right<kWindow>(p), last_row, s.q_len, s.k_len);
+  const int64_t begin = key_begin(window_left<kWindow>(p), m0, s.q_len, s.k_len);
+  const int first = static_cast<int>(begin / kBlockN);
+  // (last >= first: a row's window ends past its start, and both clamp into [0, k_len])
+  const int last = static_cast<int>((end + kBlockN - 1) / kBlockN);
+  return {first, last - first};
 }
 
 }  // namespace

@@ -133,19 +133,21 @@ __global__ void __launch_bounds__(128 * kGroups,
   const int64_t hk = h / (p.heads_q / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale_log2 = fwd_scale_log2(p.scale);
-  const int n_blocks = key_blocks<kBlockM, kBlockN>(p.causal, m0, s);
+  // (no windowed instantiation: attention.cu runs windowed calls on tile configuration 0)
+  const KeyBlocks kb = key_blocks<false, kBlockM, kBlockN>(p, m0, s);  // nb0 + nb, nb < n_blocks
+  const int nb0 = kb.first, n_blocks = kb.count;
 
   const T* k_base = static_cast<const T*>(p.k.ptr);
   const T* v_base = static_cast<const T*>(p.v.ptr);
   const T* k_seq = row_ptr<T>(p.k, b, s.k_start, hk);
   const T* v_seq = row_ptr<T>(p.v, b, s.k_start, hk);
   auto load_k = [&](int nb, int stage) {
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
     load_tile_sw<T, D, kBlockN, kThreads>(sK + stage * kTileKV, k_seq + n0 * p.k.stride_s,
                                           p.k.stride_s, s.k_len - n0, k_base);
   };
   auto load_v = [&](int nb, int stage) {
-    const int64_t n0 = int64_t(nb) * kBlockN;
+    const int64_t n0 = int64_t(nb0 + nb) * kBlockN;
     load_tile_sw<T, D, kBlockN, kThreads>(sV + stage * kTileKV, v_seq + n0 * p.v.stride_s,
                                           p.v.stride_s, s.k_len - n0, v_base);
   };
@@ -197,7 +199,7 @@ __global__ void __launch_bounds__(128 * kGroups,
   // Key block nb's S (waited for) masked and turned into P; whether o needs rescaling by alpha.
   auto softmax_block = [&](int nb) -> bool {
     fence_regs(sc[0]);
-    mask_block<16, kBlockN>(sc, -INFINITY, p.causal, m0 + warp * 16, int64_t(nb) * kBlockN, s,
+    mask_block<false, 16, kBlockN>(sc, -INFINITY, p, m0 + warp * 16, int64_t(nb0 + nb) * kBlockN, s,
                             lane);
     return softmax_scores(sc, m_run, l_run, scale_log2, alpha);
   };
@@ -340,7 +342,7 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int wg = warpgroup_index();
   const float scale_log2 = p.scale * kLog2e;
-  QueryWalk<kBlockM> walk(p, s, n0, hk);
+  QueryWalk<false, kBlockM> walk(p, s, n0, n0 + kBlockN < s.k_len ? n0 + kBlockN : s.k_len, hk);
 
   const T* q_base = static_cast<const T*>(p.q.ptr);
   const T* do_base = static_cast<const T*>(p.dout.ptr);
@@ -409,7 +411,7 @@ __global__ void __launch_bounds__(128 * kGroups, 3 - kGroups)
     fence_regs(pt);
     fence_regs(dst);
 
-    pt_from_st<kBlockM, kBlockN>(pt, sL, scale_log2, p.causal, n0, warp, i0, s, lane);
+    pt_from_st<false, kBlockM, kBlockN>(pt, sL, scale_log2, p, n0, warp, i0, s, lane);
     ds_from_dp(dst, pt, sD, lane);
     // dS^T into sdS (the dQ wgmma's A): key row 16 warp + g (+ 8), queries 8 mt + 2 tq.. in
     // 16-byte chunk mt, swizzled.

@@ -3,7 +3,8 @@
 // The CPU path is exact in fp32 (fp64 for fp64 inputs) and never holds an S x S matrix. Where
 // torch's own fused CPU flash attention computes this op's function (see torch_kernel_covers), it
 // calls that; everywhere else (varlen, a causal Sq != Sk, a gradient for lse) it runs the math
-// reference below, written in ATen ops (batched matmuls, vectorized elementwise ops) and chunked
+// reference below (which also takes every sliding-window call, skipping the keys outside a chunk's
+// windows), written in ATen ops (batched matmuls, vectorized elementwise ops) and chunked
 // over query rows. Like the CUDA kernels, both backwards recompute the probabilities from lse, and
 // both are deterministic.
 #include <ATen/Functions.h>
@@ -167,9 +168,16 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
-                            double softmax_scale, int64_t tiles) {
+                            double softmax_scale, int64_t tiles, int64_t window_left,
+                            int64_t window_right) {
   TORCH_CHECK_VALUE(tiles >= 0 && tiles < kAttnTileConfigs, "expected tiles in [0, ",
                     kAttnTileConfigs - 1, "], got ", tiles);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "expected window_size = (window_left, window_right) of ints >= -1 (-1: no "
+                    "bound on that side), got (", window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(!causal || window_right <= 0,
+                    "expected window_size[1] (window_right) of -1 or 0 with causal=True (causal is "
+                    "window_right = 0), got ", window_right);
   AttnParams p;
   p.q = attn_tensor(q, s.varlen);
   p.k = attn_tensor(k, s.varlen);
@@ -191,7 +199,10 @@ AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::
   p.total_q = s.total_q;
   p.total_k = s.total_k;
   p.scale = static_cast<float>(softmax_scale);
-  p.causal = causal;
+  // A right bound is kept as the causal mask moved right by it (attention.h).
+  p.causal = causal || window_right >= 0;
+  p.window_right = window_right > 0 ? window_right : 0;
+  p.window_left = window_left;
   p.dtype = to_dtype(q.scalar_type());
   p.tiles = static_cast<int>(tiles);
   return p;
@@ -219,11 +230,12 @@ namespace {
 // with torch's kernel (F.scaled_dot_product_attention: 2.3 to 2.4). Its backward is deterministic
 // too: 20 repeats (GQA 16/1, 2 threads) were bitwise equal, as the deterministic-mode test asks of
 // every path. A scale that is not finite and positive goes to the reference: torch's kernel gave
-// NaN in every causal row but the last with scale 0 or below, 0 for a NaN scale.
-bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, bool causal, double scale) {
+// NaN in every causal row but the last with scale 0 or below, 0 for a NaN scale. It has no sliding
+// window: windowed calls (attn_windowed) take the reference.
+bool torch_kernel_covers(const AttnShapes& s, const at::Tensor& q, const AttnParams& p) {
   const bool full_precision = q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble;
-  return full_precision && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 &&
-         (!causal || s.seqlen_q == s.seqlen_k) && std::isfinite(scale) && scale > 0;
+  return full_precision && !s.varlen && q.numel() > 0 && s.seqlen_k > 0 && !attn_windowed(p) &&
+         (!p.causal || s.seqlen_q == s.seqlen_k) && std::isfinite(p.scale) && p.scale > 0;
 }
 
 // (B, S, H, D) <-> (B, H, S, D)
@@ -239,8 +251,9 @@ at::Tensor heads_dim1(const at::Tensor& t) { return t.transpose(1, 2); }
 // matmuls); it is deterministic: every op runs in a fixed order.
 
 constexpr int64_t kChunkScores = int64_t{4} << 20;  // 16 MiB of fp32 scores per chunk
-// Query rows per chunk of a causal call. On 2 cores (fp32, fwd + bwd): 64 beat 128, 256 and whole
-// sequences by 1.1-1.5x at S = 256 and 1024, and tied them at S = 128; 32 was no faster than 64.
+// Query rows per chunk of a causal (or windowed) call. On 2 cores (fp32, fwd + bwd): 64 beat 128,
+// 256 and whole sequences by 1.1-1.5x at S = 256 and 1024, and tied them at S = 128; 32 was no
+// faster than 64.
 constexpr int64_t kCausalChunkRows = 64;
 
 // (B, S, H, D) -> (B, Hk, H / Hk, S, D) contiguous in the accumulation dtype: head-major, a kv
@@ -266,32 +279,50 @@ void store_rows(const at::Tensor& dst, const at::Tensor& src, int64_t m0, int64_
 }
 
 // One batch of equal-length sequences: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), lse (B, Hq, Sq).
+// The mask as in AttnParams: causal with window_right (the right bound), window_left (-1: none).
 struct AttnBatch {
   at::Tensor q, k, v, lse;
   bool causal;
   double scale;
+  int64_t window_right, window_left;
   int64_t batch() const { return q.size(0); }
   int64_t sq() const { return q.size(1); }
   int64_t sk() const { return k.size(1); }
   int64_t heads_k() const { return k.size(2); }
-  // Query rows [m0, m0 + rows) see keys [0, keys(m0, rows)) at most.
-  int64_t keys(int64_t m0, int64_t rows) const {
-    return key_end(causal, m0 + rows - 1, sq(), sk());
+  // Query rows [m0, m0 + rows) see keys [first, first + count) at most (count 0: none).
+  struct Keys {
+    int64_t first, count;
+  };
+  Keys keys(int64_t m0, int64_t rows) const {
+    const int64_t first = key_begin(window_left, m0, sq(), sk());
+    const int64_t end = key_end(causal, window_right, m0 + rows - 1, sq(), sk());
+    return {first, std::max<int64_t>(end - first, 0)};
   }
   // Rows of a chunk: its scores ((B Hq) x rows x Sk) within kChunkScores elements.
-  // Causal: at most kCausalChunkRows, so that a chunk's matmuls skip most of the keys its rows
-  // cannot see (a chunk computes the scores of its last row's keys for every row).
+  // Causal or windowed: at most kCausalChunkRows, so that a chunk's matmuls skip most of the keys
+  // its rows cannot see (a chunk scores every key any of its rows sees, for every row).
   int64_t chunk_rows() const {
     const int64_t rows = kChunkScores / std::max<int64_t>(1, batch() * q.size(2) * sk());
-    return std::clamp<int64_t>(rows, 1, causal ? kCausalChunkRows : rows);
+    return std::clamp<int64_t>(rows, 1, causal || window_left >= 0 ? kCausalChunkRows : rows);
   }
-  // Keys [0, nk) that the causal mask hides from query rows [m0, m0 + rows): a (rows, nk) bool
-  // mask, undefined when it hides none.
-  at::Tensor hidden(int64_t m0, int64_t rows, int64_t nk) const {
-    if (key_end(causal, m0, sq(), sk()) >= nk) return {};  // the chunk's first row sees them all
+  // Keys kc (keys(m0, rows)) that the causal mask or the window hides from query rows [m0, m0 +
+  // rows): a (rows, kc.count) bool mask, undefined when it hides none.
+  at::Tensor hidden(int64_t m0, int64_t rows, Keys kc) const {
+    // the chunk's first row sees up to the last key, its last row from the first one
+    const bool right = key_end(causal, window_right, m0, sq(), sk()) < kc.first + kc.count;
+    const bool left = key_begin(window_left, m0 + rows - 1, sq(), sk()) > kc.first;
+    if (!right && !left) return {};
     const auto opts = q.options().dtype(at::kLong);
-    return at::arange(nk, opts).unsqueeze(0) >=
-           at::arange(m0, m0 + rows, opts).add_(sk() - sq() + 1).unsqueeze(1);
+    const at::Tensor j = at::arange(kc.first, kc.first + kc.count, opts).unsqueeze(0);
+    // each row's own key position, i + Sk - Sq
+    const at::Tensor pos = at::arange(m0, m0 + rows, opts).add_(sk() - sq()).unsqueeze(1);
+    at::Tensor h;
+    if (right) h = j >= pos + (window_right + 1);
+    if (left) {
+      const at::Tensor before = j < pos - window_left;
+      h = h.defined() ? h.logical_or_(before) : before;
+    }
+    return h;
   }
   // The scaled scores of query rows qc (query_rows at some m0) against keys kc ((B Hk, nk, D), the
   // first nk), -inf where `hidden` (m0's) hides a key: (B Hk, G rows, nk). Replaced, not added
@@ -306,14 +337,16 @@ struct AttnBatch {
   }
 };
 
-// exp(x) in place, for x = scores minus a row's max or lse (<= 0 where a key is visible): below -80
-// as at -80 (e^-80 = 1.8e-35 is as good as 0 beside the row's largest term, 1), which keeps
-// ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to 30
-// times longer here); the keys `hidden` hides exactly 0, whatever x held there (NaN included). A
+// exp(x) in place, for x = scores minus a row's max or lse (<= 0 where a key is visible): exactly 0
+// below -80 (e^-80 = 1.8e-35 is as good as 0 beside the row's largest term, 1; a key scored -inf
+// then gets no weight and no gradient, as in torch), computed as exp(-80) and then zeroed, which
+// keeps ATen's vectorized exp on its fast path (inputs that underflow, -inf included, took it 4 to
+// 30 times longer here); the keys `hidden` hides exactly 0, whatever x held there (NaN included). A
 // row whose max or lse (`row_offset`, (B Hk, G rows, 1)) is -inf sees no key, or only keys scored
 // -inf: its P is exactly 0 (x is NaN there), as in the kernels: output 0, lse -inf.
 void exp_visible_(const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& row_offset) {
-  x.clamp_min_(-80).exp_();
+  const at::Tensor negligible = x < -80;  // (NaN is not: it stays NaN)
+  x.clamp_min_(-80).exp_().masked_fill_(negligible, 0);
   if (hidden.defined()) {
     x.view({x.size(0), -1, hidden.size(0), hidden.size(1)}).masked_fill_(hidden, 0);
   }
@@ -364,22 +397,24 @@ void attn_fwd_batch(const AttnBatch& a, const at::Tensor& out) {
   const at::Tensor lse_h = a.lse.unflatten(1, {hk, a.q.size(2) / hk});  // (B, Hk, G, Sq)
   const int64_t chunk = a.chunk_rows();
   for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
-    const int64_t rows = std::min(chunk, sq - m0), nk = a.keys(m0, rows);
+    const int64_t rows = std::min(chunk, sq - m0);
+    const AttnBatch::Keys kc = a.keys(m0, rows);
     const at::Tensor lse_dst = lse_h.narrow(3, m0, rows);
-    if (nk == 0) {  // no row of the chunk sees a key
+    if (kc.count == 0) {  // no row of the chunk sees a key
       out.narrow(1, m0, rows).zero_();
       lse_dst.fill_(-inf);
       continue;
     }
-    const at::Tensor hidden = a.hidden(m0, rows, nk);
-    const at::Tensor p = a.scores(query_rows(qh, m0, rows), kh.narrow(1, 0, nk), hidden);
+    const at::Tensor hidden = a.hidden(m0, rows, kc);
+    const at::Tensor p =
+        a.scores(query_rows(qh, m0, rows), kh.narrow(1, kc.first, kc.count), hidden);
     // A row that sees no key, or only keys scored -inf, has max -inf and P 0 (exp_visible_): sum 0,
     // output 0, lse -inf.
     const at::Tensor m = p.amax(-1, true);
     exp_visible_(p.sub_(m), hidden, m);
     const at::Tensor l = p.sum(-1, true);
     const at::Tensor inv_l = l.reciprocal().masked_fill_(l == 0, 0);
-    const at::Tensor o = at::bmm(p, vh.narrow(1, 0, nk)).mul_(inv_l);
+    const at::Tensor o = at::bmm(p, vh.narrow(1, kc.first, kc.count)).mul_(inv_l);
     store_rows(out, o, m0, rows, hk);
     lse_dst.copy_(l.log_().add_(m).view(lse_dst.sizes()));
   }
@@ -410,8 +445,9 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
   at::Tensor dk_acc = at::zeros_like(kh), dv_acc = at::zeros_like(vh);
   const int64_t chunk = a.chunk_rows();
   for (int64_t m0 = 0; m0 < sq; m0 += chunk) {
-    const int64_t rows = std::min(chunk, sq - m0), nk = a.keys(m0, rows);
-    if (nk == 0) {
+    const int64_t rows = std::min(chunk, sq - m0);
+    const AttnBatch::Keys kcols = a.keys(m0, rows);
+    if (kcols.count == 0) {
       dq.narrow(1, m0, rows).zero_();
       continue;
     }
@@ -419,16 +455,17 @@ void attn_bwd_batch(const AttnBatch& a, const at::Tensor& dout, const at::Tensor
       return t.narrow(3, m0, rows).reshape({kh.size(0), -1, 1});
     };
     const at::Tensor qc = query_rows(qh, m0, rows), doc = query_rows(doh, m0, rows);
-    const at::Tensor kc = kh.narrow(1, 0, nk), vc = vh.narrow(1, 0, nk);
-    const at::Tensor hidden = a.hidden(m0, rows, nk);
+    const int64_t k0 = kcols.first, nk = kcols.count;
+    const at::Tensor kc = kh.narrow(1, k0, nk), vc = vh.narrow(1, k0, nk);
+    const at::Tensor hidden = a.hidden(m0, rows, kcols);
     const at::Tensor lse_c = chunk_of(lse_h);
     const at::Tensor p = a.scores(qc, kc, hidden).sub_(lse_c);  // P = exp(S - lse)
     exp_visible_(p, hidden, lse_c);
     // (bmm then add_: baddbmm_ into a narrowed accumulator ran one addmm_ per batch matrix)
-    dv_acc.narrow(1, 0, nk).add_(at::bmm(p.transpose(1, 2), doc));
+    dv_acc.narrow(1, k0, nk).add_(at::bmm(p.transpose(1, 2), doc));
     const at::Tensor ds = at::bmm(doc, vc.transpose(1, 2)).sub_(chunk_of(delta)).mul_(p);
     store_rows(dq, at::bmm(ds, kc).mul_(a.scale), m0, rows, hk);
-    dk_acc.narrow(1, 0, nk).add_(at::bmm(ds.transpose(1, 2), qc));
+    dk_acc.narrow(1, k0, nk).add_(at::bmm(ds.transpose(1, 2), qc));
   }
   const auto store_kv = [&](const at::Tensor& dst, const at::Tensor& src) {  // (B Hk, Sk, D)
     dst.copy_(src.view({a.batch(), hk, sk, src.size(2)}).transpose(1, 2));
@@ -443,7 +480,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                       bool causal, double softmax_scale,
-                                                      bool /*deterministic*/, int64_t tiles) {
+                                                      bool /*deterministic*/, int64_t tiles,
+                                                      int64_t window_left, int64_t window_right) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
@@ -452,8 +490,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   // (made first on either path: it also checks tiles)
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
-                       tiles);
-  if (torch_kernel_covers(sh, q, causal, softmax_scale)) {
+                       tiles, window_left, window_right);
+  if (torch_kernel_covers(sh, q, p)) {
     const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         heads_dim1(q), heads_dim1(k), heads_dim1(v), 0.0, causal, std::nullopt, softmax_scale);
     out.copy_(heads_dim1(o));
@@ -461,7 +499,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
     return {out, lse};
   }
   for_each_batch(sh, p, [&](const BatchRows& r) {
-    attn_fwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), causal, softmax_scale}, r.q(out));
+    attn_fwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), p.causal, softmax_scale, p.window_right,
+                    p.window_left},
+                   r.q(out));
   });
   return {out, lse};
 }
@@ -473,15 +513,16 @@ void flash_attn_bwd_cpu_into(const at::Tensor& dout, const at::Tensor& q, const 
                              const std::optional<at::Tensor>& cu_seqlens_q,
                              const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                              int64_t max_seqlen_k, bool causal, double softmax_scale, int64_t tiles,
-                             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                             int64_t window_left, int64_t window_right, at::Tensor& dq,
+                             at::Tensor& dk, at::Tensor& dv) {
   const NoAutocastGuard no_autocast;
   const AttnShapes sh =
       check_attn_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_attn_grads(sh, q, dout, out, lse, dlse);
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
-                       tiles);
-  if (!dlse.has_value() && torch_kernel_covers(sh, q, causal, softmax_scale)) {
+                       tiles, window_left, window_right);
+  if (!dlse.has_value() && torch_kernel_covers(sh, q, p)) {
     const auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         heads_dim1(dout), heads_dim1(q), heads_dim1(k), heads_dim1(v), heads_dim1(out), lse, 0.0,
         causal, std::nullopt, softmax_scale);
@@ -492,8 +533,9 @@ void flash_attn_bwd_cpu_into(const at::Tensor& dout, const at::Tensor& q, const 
   }
   const at::Tensor dlse_t = dlse.value_or(at::Tensor());
   for_each_batch(sh, p, [&](const BatchRows& r) {
-    attn_bwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), causal, softmax_scale}, r.q(dout), r.q(out),
-                   r.lse(dlse_t), r.q(dq), r.k(dk), r.k(dv));
+    attn_bwd_batch({r.q(q), r.k(k), r.k(v), r.lse(lse), p.causal, softmax_scale, p.window_right,
+                    p.window_left},
+                   r.q(dout), r.q(out), r.lse(dlse_t), r.q(dq), r.k(dk), r.k(dv));
   });
 }
 
@@ -502,12 +544,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool /*deterministic: both CPU paths always are*/, int64_t tiles) {
+    bool /*deterministic: both CPU paths always are*/, int64_t tiles, int64_t window_left,
+    int64_t window_right) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   flash_attn_bwd_cpu_into(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, causal, softmax_scale, tiles, dq, dk, dv);
+                          max_seqlen_k, causal, softmax_scale, tiles, window_left, window_right, dq,
+                          dk, dv);
   return {dq, dk, dv};
 }
 
@@ -516,12 +560,14 @@ at::Tensor flash_attn_qkvpacked_bwd_cpu(const at::Tensor& dout, const at::Tensor
                                         const std::optional<at::Tensor>& dlse,
                                         const std::optional<at::Tensor>& cu_seqlens,
                                         int64_t max_seqlen, bool causal, double softmax_scale,
-                                        bool /*deterministic*/, int64_t tiles) {
+                                        bool /*deterministic*/, int64_t tiles,
+                                        int64_t window_left, int64_t window_right) {
   const auto [q, k, v] = unpack_qkv(qkv, cu_seqlens.has_value());
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   auto [dq, dk, dv] = unpack_qkv(dqkv, cu_seqlens.has_value());
   flash_attn_bwd_cpu_into(dout, q, k, v, out, lse, dlse, cu_seqlens, cu_seqlens, max_seqlen,
-                          max_seqlen, causal, softmax_scale, tiles, dq, dk, dv);
+                          max_seqlen, causal, softmax_scale, tiles, window_left, window_right, dq,
+                          dk, dv);
   return dqkv;
 }
 

@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool /*deterministic: a backward option*/, int64_t tiles) {
+    bool /*deterministic: a backward option*/, int64_t tiles, int64_t window_left,
+    int64_t window_right) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -51,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   at::Tensor lse = at::empty(lse_shape(sh), q.options().dtype(at::kFloat));
   const AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
-                       tiles);
+                       tiles, window_left, window_right);
   check_cuda_error(attn_fwd(p, c10::cuda::getCurrentCUDAStream()), "flash_attn_fwd");
   return {out, lse};
 }
@@ -65,8 +66,9 @@ void flash_attn_bwd_cuda_into(const at::Tensor& dout_in, const at::Tensor& q_in,
                               const std::optional<at::Tensor>& cu_seqlens_q,
                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                               int64_t max_seqlen_k, bool causal, double softmax_scale,
-                              bool deterministic, int64_t tiles, const at::Tensor& dq,
-                              const at::Tensor& dk, const at::Tensor& dv) {
+                              bool deterministic, int64_t tiles, int64_t window_left,
+                              int64_t window_right, const at::Tensor& dq, const at::Tensor& dk,
+                              const at::Tensor& dv) {
   const AttnShapes sh =
       check_attn_inputs(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_cuda_support(sh, q_in);
@@ -77,7 +79,7 @@ void flash_attn_bwd_cuda_into(const at::Tensor& dout_in, const at::Tensor& q_in,
   at::Tensor delta = at::empty(lse_shape(sh), lse.options());
   AttnParams p =
       make_attn_params(sh, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
-                       tiles);
+                       tiles, window_left, window_right);
   p.dout = attn_tensor(dout, sh.varlen);
   p.dq = attn_tensor(dq, sh.varlen);
   p.dk = attn_tensor(dk, sh.varlen);
@@ -102,12 +104,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
-    bool deterministic, int64_t tiles) {
+    bool deterministic, int64_t tiles, int64_t window_left, int64_t window_right) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   flash_attn_bwd_cuda_into(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                           max_seqlen_k, causal, softmax_scale, deterministic, tiles, dq, dk, dv);
+                           max_seqlen_k, causal, softmax_scale, deterministic, tiles, window_left,
+                           window_right, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -118,13 +121,15 @@ at::Tensor flash_attn_qkvpacked_bwd_cuda(const at::Tensor& dout, const at::Tenso
                                          const std::optional<at::Tensor>& dlse,
                                          const std::optional<at::Tensor>& cu_seqlens,
                                          int64_t max_seqlen, bool causal, double softmax_scale,
-                                         bool deterministic, int64_t tiles) {
+                                         bool deterministic, int64_t tiles,
+                                         int64_t window_left, int64_t window_right) {
   const auto [q, k, v] = unpack_qkv(qkv, cu_seqlens.has_value());
   // Contiguous: 16-byte aligned views whose strides are multiples of 8 elements (D is).
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unpack_qkv(dqkv, cu_seqlens.has_value());
   flash_attn_bwd_cuda_into(dout, q, k, v, out, lse, dlse, cu_seqlens, cu_seqlens, max_seqlen,
-                           max_seqlen, causal, softmax_scale, deterministic, tiles, dq, dk, dv);
+                           max_seqlen, causal, softmax_scale, deterministic, tiles, window_left,
+                           window_right, dq, dk, dv);
   return dqkv;
 }
 

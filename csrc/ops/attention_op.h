@@ -36,12 +36,15 @@ std::vector<int64_t> lse_shape(const AttnShapes& s);
 at::ScalarType lse_dtype(at::ScalarType x);
 
 // The parameter struct over the given tensors (the backward fields stay empty when undefined).
-// Raises ValueError for a tile configuration outside [0, kAttnTileConfigs).
+// Raises ValueError for a tile configuration outside [0, kAttnTileConfigs), a window bound below
+// -1, or causal with window_right > 0. The mask goes into causal / window_right / window_left as
+// attention.h describes (causal is also set for any window_right >= 0).
 AttnParams make_attn_params(const AttnShapes& s, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
-                            double softmax_scale, int64_t tiles);
+                            double softmax_scale, int64_t tiles, int64_t window_left,
+                            int64_t window_right);
 AttnTensor attn_tensor(const at::Tensor& t, bool varlen);
 
 // q, k and v as views of a packed qkv: (B, S, 3, H, D), or (T, 3, H, D) when varlen. Raises

@@ -67,23 +67,26 @@ TORCH_LIBRARY(fmcore, m) {
   // deterministic=False lets the CUDA backward add dq with atomics (faster, not bitwise
   // reproducible); tiles picks the CUDA kernels' tile configuration (0, the default, or one of the
   // alternatives the benchmark times; kernels/attention.h). The forward only carries deterministic
-  // to the backward; the CPU ignores both.
+  // to the backward; the CPU ignores both. window_left/window_right: FlashAttention-2's
+  // window_size, a sliding window around each query's bottom-right-aligned diagonal (-1: no bound
+  // on that side; causal is window_right = 0, and causal with window_right > 0 raises).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float softmax_scale, "
-      "bool deterministic=False, int tiles=0) -> (Tensor, Tensor)");
+      "bool deterministic=False, int tiles=0, int window_left=-1, int window_right=-1) "
+      "-> (Tensor, Tensor)");
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? dlse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
       "SymInt max_seqlen_k, bool causal, float softmax_scale, bool deterministic=False, "
-      "int tiles=0) -> (Tensor, Tensor, Tensor)");
+      "int tiles=0, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
   // flash_attn_bwd for q, k, v packed in qkv ((B, S, 3, H, D), or (T, 3, H, D) with cu_seqlens,
   // which then serves q and k): returns the gradient of qkv (contiguous), written in place of
   // stacking three (fmcore.ops.flash_attention_qkvpacked's backward).
   m.def(
       "flash_attn_qkvpacked_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? cu_seqlens, SymInt max_seqlen, bool causal, float softmax_scale, "
-      "bool deterministic=False, int tiles=0) -> Tensor");
+      "bool deterministic=False, int tiles=0, int window_left=-1, int window_right=-1) -> Tensor");
 
   // Fused residual add + LayerNorm (rms=False) / RMSNorm (rms=True) (kernels/norm.h). x (..., D),
   // residual (x's shape) or None, weight and bias (D,). Returns (out, residual_out, mean, rstd): out

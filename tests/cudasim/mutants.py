@@ -120,6 +120,17 @@ ATTENTION_MUTANTS = {
     "wgmma_overlap_s_not_waited": ("      wgmma_wait<1>();  // the S", "      // the S"),
     # overlapped wgmma forward: the last key block's P V never issued
     "wgmma_overlap_last_pv_dropped": ("      issue_pv((n_blocks - 1) & 1);\n", ""),
+    # sliding window: the forward and dq start a block past the first their first row's window sees
+    "window_first_key_block_late": ("key_begin(window_left<kWindow>(p), m0, s.q_len",
+                                    "key_begin(window_left<kWindow>(p), m0 + kBlockM, s.q_len"),
+    # sliding window: a dk/dv CTA stops at the queries that see its first key (not its last)
+    "window_query_walk_stops_short": ("query_end(window_left<kWindow>(p), n_end - 1,", "query_end(window_left<kWindow>(p), n_end - n_end,"),
+    # sliding window (forward and dq): each row sees one key before its window
+    "window_mask_begin_off_by_one": ("s.q_len - window_left<kWindow>(p) - n0;", "s.q_len - window_left<kWindow>(p) - 1 - n0;"),
+    # sliding window (dk/dv): each key seen by one query past its window
+    "window_dkdv_query_end_off_by_one": ("- diag + window_left<kWindow>(p) + 1;", "- diag + window_left<kWindow>(p) + 2;"),
+    # sliding window (forward and dq): a block that only the window's start crosses left unmasked
+    "window_start_unmasked": ("r0 + right_diag + 1) &&\n      !window_start) {", "r0 + right_diag + 1)) {"),
 }
 
 # The same for communicator.cpp.

@@ -29,14 +29,23 @@ from tests.util import assert_close_to_ref, assert_compiles_like_eager
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-def visible(Sq, Sk, causal, device):
-    """(Sq, Sk) bool: key j visible to query i (causal aligned to the bottom-right corner)."""
+def visible(Sq, Sk, causal, device, window=(-1, -1)):
+    """(Sq, Sk) bool: key j visible to query i (causal aligned to the bottom-right corner; window_size
+    (left, right) around query i's key position i + Sk - Sq, -1 for no bound, causal = right 0)."""
     i = torch.arange(Sq, device=device)[:, None]
     j = torch.arange(Sk, device=device)[None, :]
-    return (j <= i + Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    pos = i + Sk - Sq
+    left, right = window
+    right = 0 if causal else right
+    seen = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    if right >= 0:
+        seen &= j <= pos + right
+    if left >= 0:
+        seen &= j >= pos - left
+    return seen
 
 
-def reference(q, k, v, causal, scale=None):
+def reference(q, k, v, causal, scale=None, window=(-1, -1)):
     """float64 out (B, Sq, Hq, D) and lse (B, Hq, Sq); rows that see no key: out 0, lse -inf."""
     q, k, v = q.double(), k.double(), v.double()
     B, Sq, Hq, D = q.shape
@@ -44,17 +53,17 @@ def reference(q, k, v, causal, scale=None):
     k = k.repeat_interleave(Hq // Hk, dim=2)
     v = v.repeat_interleave(Hq // Hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (D**-0.5 if scale is None else scale)
-    s = s.masked_fill(~visible(Sq, Sk, causal, q.device), -math.inf)
+    s = s.masked_fill(~visible(Sq, Sk, causal, q.device, window), -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-def torch_sdpa(q, k, v, causal, scale=None):
+def torch_sdpa(q, k, v, causal, scale=None, window=(-1, -1)):
     """torch's own SDPA in the inputs' dtype, on (B, S, H, D) tensors with the same mask convention.
     Rows that see no key get a dummy all-visible row whose output is then zeroed (torch gives NaN)."""
     Sq, Sk = q.shape[1], k.shape[1]
-    mask = visible(Sq, Sk, causal, q.device)
+    mask = visible(Sq, Sk, causal, q.device, window)
     empty = ~mask.any(-1)
     mask = mask | empty[:, None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -62,12 +71,13 @@ def torch_sdpa(q, k, v, causal, scale=None):
     return out.transpose(1, 2) * (~empty).to(out.dtype)[None, :, None, None]
 
 
-def torch_lse(q, k, causal, scale=None):
+def torch_lse(q, k, causal, scale=None, window=(-1, -1)):
     """lse computed by torch in float32 from the same inputs (the lse's "same-dtype" comparison)."""
     Hq, Hk, D = q.shape[2], k.shape[2], q.shape[3]
     kk = k.float().repeat_interleave(Hq // Hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kk) * (D**-0.5 if scale is None else scale)
-    return torch.logsumexp(s.masked_fill(~visible(q.shape[1], k.shape[1], causal, q.device), -math.inf), -1)
+    seen = visible(q.shape[1], k.shape[1], causal, q.device, window)
+    return torch.logsumexp(s.masked_fill(~seen, -math.inf), -1)
 
 
 def check_lse(lse, ref_lse, torch_l, name="lse"):
@@ -99,14 +109,15 @@ def make_rising_qkv(B, Sq, Sk, Hq, Hk, D, device, dtype):
     return tuple(t.requires_grad_() for t in (q, k, v))
 
 
-def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False, tiles=0):
+def check_against_reference(q, k, v, causal, scale=None, grads=True, deterministic=False, tiles=0,
+                            window=(-1, -1)):
     out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, deterministic=deterministic,
-                               return_lse=True, tiles=tiles)
-    ref_out, ref_lse = reference(q, k, v, causal, scale)
-    t_out = torch_sdpa(q, k, v, causal, scale)
+                               return_lse=True, tiles=tiles, window_size=window)
+    ref_out, ref_lse = reference(q, k, v, causal, scale, window)
+    t_out = torch_sdpa(q, k, v, causal, scale, window)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert_close_to_ref(out, ref_out, t_out, "out")
-    check_lse(lse, ref_lse, torch_lse(q, k, causal, scale))
+    check_lse(lse, ref_lse, torch_lse(q, k, causal, scale, window))
     if not grads:
         return
     dout = torch.randn_like(out)
@@ -539,9 +550,10 @@ def test_attention_tiles_context_per_thread():
 def test_attention_tiles_context_under_compile():
     # Read when traced, and guarded: entering a block recompiles rather than running the traced value.
     traced = []
+    at = [a.name for a in torch.ops.fmcore.flash_attn_fwd.default._schema.arguments].index("tiles")
 
     def backend(gm, example_inputs):
-        traced.extend(n.args[-1] for n in gm.graph.nodes if n.target in (torch.ops.fmcore.flash_attn_fwd,
+        traced.extend(n.args[at] for n in gm.graph.nodes if n.target in (torch.ops.fmcore.flash_attn_fwd,
                                                                      torch.ops.fmcore.flash_attn_fwd.default))
         return gm
 
@@ -676,18 +688,18 @@ def test_cuda_rejects_more_than_65535_kv_heads():
 # ---- varlen
 
 
-def varlen_reference(q, k, v, cu_q, cu_k, causal):
+def varlen_reference(q, k, v, cu_q, cu_k, causal, window=(-1, -1)):
     """Per-document float64 reference on packed (T, H, D) tensors; lse (H, Tq)."""
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        o, lse = reference(q[None, qs], k[None, ks], v[None, ks], causal)
+        o, lse = reference(q[None, qs], k[None, ks], v[None, ks], causal, window=window)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def varlen_torch(q, k, v, cu_q, cu_k, causal):
+def varlen_torch(q, k, v, cu_q, cu_k, causal, window=(-1, -1)):
     outs = []
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
@@ -696,7 +708,7 @@ def varlen_torch(q, k, v, cu_q, cu_k, causal):
         if cu_k[b + 1] == cu_k[b]:
             outs.append(torch.zeros_like(q[qs]))
             continue
-        outs.append(torch_sdpa(q[None, qs], k[None, ks], v[None, ks], causal)[0])
+        outs.append(torch_sdpa(q[None, qs], k[None, ks], v[None, ks], causal, window=window)[0])
     return torch.cat(outs)
 
 
@@ -705,7 +717,7 @@ def cu(lengths, device):
 
 
 def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfloat16, deterministic=False,
-                 tiles=0):
+                 tiles=0, window=(-1, -1)):
     g = torch.Generator().manual_seed(4)
     # Random document lengths with length-1 documents, one longer than a block, and (cross) a
     # document with no keys and one with no queries.
@@ -718,13 +730,13 @@ def check_varlen(device, causal, same_lengths, Hq=6, Hk=2, D=64, dtype=torch.bfl
     k = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(sum(lk), Hk, D, device=device, dtype=dtype, requires_grad=True)
     out, lse = flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
-                                      deterministic=deterministic, tiles=tiles)
+                                      deterministic=deterministic, tiles=tiles, window_size=window)
     assert lse.shape == (Hq, sum(lq))
     cql, ckl = cq.tolist(), ck.tolist()
-    ref_out, ref_lse = varlen_reference(q, k, v, cql, ckl, causal)
-    t_out = varlen_torch(q, k, v, cql, ckl, causal)
+    ref_out, ref_lse = varlen_reference(q, k, v, cql, ckl, causal, window)
+    t_out = varlen_torch(q, k, v, cql, ckl, causal, window)
     assert_close_to_ref(out, ref_out, t_out, "out")
-    t_l = torch.cat([torch_lse(q[None, cql[b]:cql[b + 1]], k[None, ckl[b]:ckl[b + 1]], causal)[0]
+    t_l = torch.cat([torch_lse(q[None, cql[b]:cql[b + 1]], k[None, ckl[b]:ckl[b + 1]], causal, window=window)[0]
                      for b in range(len(lq))], dim=1)
     check_lse(lse, ref_lse, t_l)
     dout = torch.randn_like(out)
@@ -802,6 +814,154 @@ def test_varlen_gradcheck_fp64_cpu():
     cq, ck = cu(lq, "cpu"), cu(lk, "cpu")
     fn = lambda q, k, v: flash_attention_varlen(q, k, v, cq, ck, 4, 5, causal=True, return_lse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# ---- sliding window (window_size)
+
+# (window, causal, why). Windows are (left, right) around each query's bottom-right-aligned key position.
+WINDOWS = [
+    ((0, 0), False, "each query sees only its own key position"),
+    ((3, -1), False, "a left bound alone"),
+    ((-1, 5), False, "a right bound alone, past the diagonal"),
+    ((17, 0), True, "causal with a left bound"),
+    ((5, 2), False, "both bounds"),
+    ((1000, 1000), False, "wider than the keys: the full result"),
+]
+# (B, Sq, Sk, Hq, Hk, D): Sq == Sk with GQA; Sq < Sk; Sq > Sk (rows before Sq - Sk see no key position
+# in range: with a small window, no key at all) with MQA; 70 and 37 are not block multiples.
+WINDOW_SHAPES = [(2, 70, 70, 4, 2, 64), (1, 37, 100, 2, 1, 32), (1, 100, 37, 3, 1, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", WINDOW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("window,causal,why", WINDOWS, ids=[f"{w}{'-causal' if c else ''}" for w, c, _ in WINDOWS])
+def test_window_matches_masked_reference(device, window, causal, why, shape, dtype):
+    if device.type == "cuda" and dtype == torch.float32:
+        pytest.skip("fmcore's CUDA kernels take bf16/fp16")
+    if device.type == "cuda":
+        shape = shape[:5] + (64,)  # a head dim the kernels take
+    torch.manual_seed(30)
+    check_against_reference(*make_qkv(*shape, device, dtype), causal, window=window)
+
+
+def test_window_float16_and_float64_gradcheck(device):
+    torch.manual_seed(31)
+    check_against_reference(*make_qkv(1, 45, 45, 2, 1, 64, device, torch.float16), False, scale=0.3,
+                            window=(7, 3))
+    if device.type == "cpu":
+        q, k, v = (t.double() for t in make_qkv(1, 9, 11, 2, 1, 8, "cpu", torch.float64))
+        for window, causal in (((2, 1), False), ((3, -1), True), ((0, 0), False)):
+            fn = lambda q, k, v: flash_attention(q, k, v, causal=causal, window_size=window, return_lse=True)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (q, k, v)), window
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_window_skipping_key_blocks_of_a_long_sequence(device, deterministic):
+    # A window of 64 keys in 700: most key blocks of every query block are outside it (the kernels
+    # and the CPU reference skip them), and the blocks at the window's start are cut by it.
+    torch.manual_seed(32)
+    check_against_reference(*make_qkv(1, 700, 700, 2, 1, 64, device, torch.bfloat16), True, window=(64, 0),
+                            deterministic=deterministic)
+
+
+@pytest.mark.parametrize("window,causal", [((0, 0), False), ((3, -1), True), ((-1, 5), False), ((17, 0), True)])
+def test_window_varlen(device, window, causal):
+    # Documents of lengths 1, 150 and in between (cross: one without keys, one without queries),
+    # each windowed from its own bottom-right corner.
+    check_varlen(device, causal, False, Hq=2, Hk=1, window=window)
+    if window == (3, -1):
+        check_varlen(device, causal, True, Hq=2, Hk=1, window=window)
+
+
+def test_window_without_bounds_is_the_unwindowed_call(device):
+    # (-1, -1) is no window, and (-1, 0) is causal=True: the same path, bitwise.
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(2, 37, 37, 2, 1, 64, device, dtype)
+    for causal in (False, True):
+        a, la = flash_attention(q, k, v, causal=causal, window_size=(-1, -1), return_lse=True)
+        b, lb = flash_attention(q, k, v, causal=causal, return_lse=True)
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    a, la = flash_attention(q, k, v, window_size=(-1, 0), return_lse=True)
+    b, lb = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    g_a = torch.autograd.grad(a.float().sum(), (q, k, v))
+    g_b = torch.autograd.grad(b.float().sum(), (q, k, v))
+    assert all(torch.equal(x, y) for x, y in zip(g_a, g_b))
+
+
+def test_window_rows_without_keys_give_zero_and_neg_inf(device):
+    # Sq > Sk with window (0, 0): query i sees key i - 3 only, so queries 0..2 see none: out 0, lse -inf,
+    # and no gradient reaches them or from them.
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(1, 8, 5, 2, 1, 64, device, dtype)
+    out, lse = flash_attention(q, k, v, window_size=(0, 0), return_lse=True)
+    assert torch.all(out[0, :3] == 0) and torch.isneginf(lse[0, :, :3]).all()
+    torch.testing.assert_close(out[0, 3:].float(), v[0].float().expand(-1, 2, -1), rtol=0, atol=0)
+    dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert torch.all(dq == 0)  # one key a row: P = 1 whatever the score, so no gradient to q and k
+    assert torch.all(dk == 0) and torch.all(dv == 2)
+
+
+@pytest.mark.cuda
+@DQ_PATHS
+@pytest.mark.parametrize("tiles", [0, 3])  # 3: a windowed call runs configuration 0's windowed kernels
+@pytest.mark.parametrize("window,causal", [((256, 0), True), ((100, 37), False), ((0, 0), False)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2049, 2049, 8, 2, 128), (1, 1000, 3001, 4, 4, 64), (1, 3001, 1000, 12, 1, 96)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_window_large_cuda(shape, window, causal, tiles, deterministic):
+    # Long sequences under short windows: most key blocks of every CTA skipped, forward and backward.
+    torch.manual_seed(34)
+    check_against_reference(*make_qkv(*shape, "cuda", torch.bfloat16), causal, deterministic=deterministic,
+                            tiles=tiles, window=window)
+
+
+BAD_WINDOWS = [
+    (dict(window_size=(-2, 0)), "window_size"),
+    (dict(window_size=(0, -5)), "window_size"),
+    (dict(window_size=(3,)), "window_size"),
+    (dict(window_size=3), "window_size"),
+    (dict(window_size=(1.0, 2)), "window_size"),
+    (dict(window_size=(4, 1), causal=True), "window_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs,words", BAD_WINDOWS, ids=[str(b[0]) for b in BAD_WINDOWS])
+def test_bad_window_size_raises(kwargs, words):
+    q, k, v = (t.detach() for t in make_qkv(1, 5, 5, 2, 1, 64, "cpu", torch.float32))
+    c = cu([2, 3], "cpu")
+    calls = (lambda: flash_attention(q, k, v, **kwargs),
+             lambda: flash_attention_varlen(q[0], k[0], v[0], c, c, 3, 3, **kwargs),
+             lambda: flash_attention_qkvpacked(torch.stack((q, q, q), 2), **kwargs))
+    for call in calls:
+        with pytest.raises(ValueError, match=words):
+            call()
+    # The op itself checks the values too (its arguments are window_left and window_right).
+    causal = kwargs.get("causal", False)
+    w = kwargs["window_size"]
+    if isinstance(w, tuple) and len(w) == 2 and all(isinstance(x, int) for x in w):
+        with pytest.raises((ValueError, RuntimeError), match="window_size"):
+            torch.ops.fmcore.flash_attn_fwd(q, k, v, None, None, 0, 0, causal, 0.125, False, 0, *w)
+
+
+def test_minus_inf_key_gets_exactly_zero_weight_cpu():
+    # A key holding -inf scores -inf against a positive query: torch's float64 math gives it P = 0
+    # exactly, and so its dk, dv are exactly 0. The CPU reference clamped exponents at -80 and gave it
+    # e^-80 = 1.8e-35 (dv = 1.8e-35 * dout). bf16 and windowed fp32 take the reference.
+    torch.manual_seed(33)
+    for dtype, window in ((torch.bfloat16, (-1, -1)), (torch.float32, (4, 4))):
+        q = (torch.rand(1, 9, 2, 16) + 0.1).to(dtype).requires_grad_()
+        k, v = (torch.randn(1, 9, 1, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+        with torch.no_grad():
+            k[0, 2] = -math.inf
+        out = flash_attention(q, k, v, window_size=window)
+        dk, dv = torch.autograd.grad(out.float().sum(), (k, v))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = reference(q64, k64, v64, False, window=window)
+        rdk, rdv = torch.autograd.grad(ref.sum(), (k64, v64))
+        assert rdv[0, 2].eq(0).all() and rdk[0, 2].nan_to_num(0).eq(0).all()  # (dk: 0 * -inf is NaN in q.k's grad)
+        assert dv[0, 2].eq(0).all(), (dtype, dv[0, 2])
+        assert dk[0, 2].nan_to_num(0).eq(0).all(), (dtype, dk[0, 2])
+        assert torch.isfinite(dv).all()
 
 
 # ---- bad inputs
@@ -1342,6 +1502,54 @@ def test_attention_module_document_boundaries(device):
         parts.append(m(x[:, start:start + n]))
         start += n
     torch.testing.assert_close(packed, torch.cat(parts, dim=1), rtol=tol, atol=tol)
+
+
+def test_attention_module_window(device):
+    # window=(W - 1, 0) with causal: each token sees itself and the W - 1 before it, in batched and
+    # packed-document calls alike (the window restarts with each document).
+    from fmcore.nn import Attention
+
+    torch.manual_seed(7)
+    dim, Hq, Hk, S, B, W = 256, 4, 2, 24, 2, 5
+    dtype, tol = module_dtype(device)
+    m = Attention(dim, Hq, n_kv_heads=Hk, max_seq_len=64, window=(W - 1, 0)).to(device, dtype)
+    x = torch.randn(B, S, dim, device=device, dtype=dtype)
+    hd = dim // Hq
+    q, k, v = m.qkv(x).view(B, S, Hq + 2 * Hk, hd).split([Hq, Hk, Hk], dim=2)
+    q, k = m.rope(q, k)
+    mask = visible(S, S, True, device, (W - 1, 0))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(m(x), m.proj(ref.reshape(B, S, Hq * hd)), rtol=tol, atol=tol)
+    lens = [7, 17]
+    positions = torch.cat([torch.arange(n) for n in lens])[None].to(device)
+    packed = m(x[:1], positions=positions, cu_seqlens=cu(lens, device), max_seqlen=max(lens))
+    torch.testing.assert_close(packed, torch.cat([m(x[:1, :7]), m(x[:1, 7:])], dim=1), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="window_size"):
+        Attention(dim, Hq, window=(4, 2))  # causal with a right bound
+
+
+def test_window_opcheck_and_compile(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = make_qkv(2, 19, 23, 4, 2, 64, device, dtype)
+    for args in ((True, 0.125, True, 0, 5, -1), (False, 0.125, False, 0, 2, 3)):
+        utils = {} if args[2] else {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+        torch.library.opcheck(torch.ops.fmcore.flash_attn_fwd.default, (q, k, v, None, None, 0, 0, *args), **utils)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    out, lse = torch.ops.fmcore.flash_attn_fwd(qd, kd, vd, None, None, 0, 0, False, 0.125, True, 0, 2, 3)
+    torch.library.opcheck(torch.ops.fmcore.flash_attn_bwd.default,
+                          (torch.randn_like(out), qd, kd, vd, out, lse, torch.randn_like(lse), None, None, 0, 0, False,
+                           0.125, True, 0, 2, 3))
+    c = cu([10, 9], device)
+
+    def fn(q, k, v):
+        a = flash_attention(q, k, v, window_size=(3, 2))
+        b = flash_attention_varlen(q[0], k[0, :19], v[0, :19], c, c, 10, 10, causal=True, window_size=(4, -1))
+        qkv = torch.stack((q, 2 * q, q.flip(1)), dim=2)
+        d = flash_attention_qkvpacked(qkv, causal=True, window_size=(6, 0))
+        return a.float().square().sum() + b.float().sum() + d.float().sum()
+
+    assert_compiles_like_eager(fn, (q, k, v), device)
 
 
 def test_cpu_reference_under_bf16_autocast():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fmcore.nn.rotary import RotaryEmbedding
-from fmcore.ops.attention import flash_attention, flash_attention_varlen
+from fmcore.ops.attention import _window, flash_attention, flash_attention_varlen
 
 
 class Attention(nn.Module):
@@ -21,6 +21,9 @@ class Attention(nn.Module):
             (explicit positions are computed, not looked up, and may be any ints).
         rope_base: RoPE frequency base; None disables rotary embeddings.
         causal: causal masking (language models).
+        window: a sliding window (left, right), flash_attention's window_size: each token sees the
+            tokens at most `left` before it and `right` after it (-1: no bound; right must be -1 or
+            0 when causal). (-1, -1), the default, is none; Mistral's sliding window W is (W - 1, 0).
         bias: biases on the qkv and output projections.
 
     forward(x (B, S, dim), positions=None, cu_seqlens=None, max_seqlen=None) -> (B, S, dim).
@@ -34,7 +37,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
                  max_seq_len: int = 4096, rope_base: float | None = 10000.0, causal: bool = True,
-                 bias: bool = False):
+                 window: tuple[int, int] = (-1, -1), bias: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
@@ -46,6 +49,7 @@ class Attention(nn.Module):
         if head_dim <= 0:
             raise ValueError(f"expected head_dim > 0, got {head_dim} (dim={dim}, n_heads={n_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim, self.causal = n_heads, n_kv_heads, head_dim, causal
+        self.window = _window(window, causal)  # checked now, not at the first forward
         self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
         self.rope = RotaryEmbedding(head_dim, max_seq_len, base=rope_base) if rope_base is not None else None
@@ -61,7 +65,7 @@ class Attention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q, k, positions)
         if cu_seqlens is None:
-            out = flash_attention(q, k, v, causal=self.causal)
+            out = flash_attention(q, k, v, causal=self.causal, window_size=self.window)
         else:
             if max_seqlen is None and torch.compiler.is_compiling():
                 max_seqlen = B * S  # an upper bound: the exact one is data the trace cannot read
@@ -69,5 +73,5 @@ class Attention(nn.Module):
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             out = flash_attention_varlen(q.reshape(B * S, Hq, hd), k.reshape(B * S, Hk, hd),
                                          v.reshape(B * S, Hk, hd), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                         causal=self.causal)
+                                         causal=self.causal, window_size=self.window)
         return self.proj(out.reshape(B, S, Hq * hd))

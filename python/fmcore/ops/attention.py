@@ -13,6 +13,13 @@ Conventions (FlashAttention 2.1+):
   Sq > Sk the first Sq - Sk queries see no key: their output is 0 and their lse is -inf (the log of an
   empty sum; FlashAttention stores +inf internally, we return the mathematical value), and their
   gradients are 0.
+- window_size=(left, right) (FlashAttention-2's sliding window, local attention): query i sits at key
+  position p = i + Sk - Sq (the causal diagonal) and sees keys j with p - left <= j <= p + right; -1
+  leaves that side unbounded, so (-1, -1) is full attention and (-1, 0) causal. causal=True means
+  right = 0: it combines with (left, -1) or (left, 0); a right bound > 0 with causal=True is an
+  error. Rows whose window holds no key are as the causal rows above (out 0, lse -inf, gradients 0).
+  Key blocks wholly outside every window of a block of queries are skipped, forward and backward,
+  on CUDA (every tile configuration) and on the CPU (whose windowed calls take the reference).
 - lse is the natural-log log-sum-exp of the scaled scores, float32 (float64 for float64 CPU inputs),
   (B, Hq, Sq) batched, (Hq, T) varlen. Gradients flow through lse too.
 - Non-finite scores. A key every query scores -inf is as a hidden one: out, lse, dk and dv finite,
@@ -82,6 +89,23 @@ def _strict_deterministic_mode() -> bool:
     return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
+def _window(window_size, causal: bool) -> tuple[int, int]:
+    """window_size checked: a pair of ints >= -1, whose right bound is -1 or 0 with causal=True. The op
+    checks the values too (naming window_left / window_right); this names the argument users pass."""
+    ok = (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+          and all(isinstance(w, (int, torch.SymInt)) and not isinstance(w, bool) for w in window_size))
+    if not ok:
+        raise ValueError(f"expected window_size to be a pair of ints (left, right), -1 for no bound on that side, "
+                         f"got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"expected window_size values >= -1 (-1: no bound on that side), got {tuple(window_size)}")
+    if causal and right > 0:
+        raise ValueError(f"expected window_size[1] of -1 or 0 with causal=True (causal is a right bound of 0), got "
+                         f"window_size={tuple(window_size)}; pass causal=False for a right bound > 0")
+    return left, right
+
+
 def _deterministic(flag: bool) -> bool:
     """The caller's flag, or torch's strict deterministic mode (warn_only mode keeps the fast path, as
     torch's memory-efficient attention backward does)."""
@@ -143,11 +167,16 @@ def flash_attention(
     deterministic: bool = False,
     return_lse: bool = False,
     tiles: int = 0,
+    window_size: tuple[int, int] = (-1, -1),
 ):
-    """softmax(q k^T * softmax_scale [+ causal mask]) v for q (B, Sq, Hq, D), k/v (B, Sk, Hk, D).
+    """softmax(q k^T * softmax_scale [+ causal / window mask]) v for q (B, Sq, Hq, D), k/v (B, Sk, Hk, D).
 
     Args:
         causal: mask aligned to the bottom-right corner (see the module docstring).
+        window_size: (left, right), FlashAttention-2's sliding window: query i sees keys j with
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right, -1 for no bound on that side (see the
+            module docstring). (-1, -1), the default, is no window; with causal=True, right must be
+            -1 or 0.
         softmax_scale: defaults to 1/sqrt(D).
         deterministic: a bitwise reproducible backward on CUDA (no atomic dq; about 1.4x the
             backward's tensor-core work). Default False, as in FlashAttention.
@@ -158,14 +187,16 @@ def flash_attention(
             wgmma where sm_90a code is compiled in: 4 with one-warpgroup dk/dv blocks, two an SM;
             5 with the softmax overlapping the P V matmul; 6 both, its forward one warpgroup a
             block too).
-            The same results up to the order of floating-point sums; ignored on the CPU.
+            The same results up to the order of floating-point sums; ignored on the CPU, and by
+            windowed calls, which run configuration 0's windowed kernels.
     Returns:
         out (B, Sq, Hq, D) in q's dtype, contiguous; (out, lse) when return_lse.
     """
     expect_tensors(q=q, k=k, v=v)
     refuse_tangents("flash_attention", q, k, v)
+    left, right = _window(window_size, bool(causal))
     out, lse = _flash_attn_fwd(q, k, v, None, None, 0, 0, bool(causal), _scale(q, softmax_scale),
-                               _deterministic(deterministic), _tiles(tiles))
+                               _deterministic(deterministic), _tiles(tiles), left, right)
     return (out, lse) if return_lse else out
 
 
@@ -183,6 +214,7 @@ def flash_attention_varlen(
     deterministic: bool = False,
     return_lse: bool = False,
     tiles: int = 0,
+    window_size: tuple[int, int] = (-1, -1),
 ):
     """Attention within each packed document: q (Tq, Hq, D), k/v (Tk, Hk, D).
 
@@ -190,8 +222,8 @@ def flash_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) cumulative lengths on q's device: document b is
             rows [cu[b], cu[b+1]); cu[0] == 0, non-decreasing, cu[-1] == rows of q (k).
         max_seqlen_q, max_seqlen_k: at least the longest document (they size the CUDA grid).
-        causal, softmax_scale, deterministic, tiles: as in ``flash_attention``; causal is aligned to
-            the bottom-right corner of each document.
+        causal, softmax_scale, deterministic, tiles, window_size: as in ``flash_attention``; causal
+            and the window are aligned to the bottom-right corner of each document.
         return_lse: also return lse (Hq, Tq) float32.
     On CUDA the values of cu_seqlens are checked with one small device-to-host copy, skipped when the
     same unmodified tensor was checked last (every layer of a model passes the same one; not for a
@@ -202,13 +234,14 @@ def flash_attention_varlen(
     """
     expect_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     refuse_tangents("flash_attention_varlen", q, k, v)
+    left, right = _window(window_size, bool(causal))
     max_seqlen_q, max_seqlen_k = _max_seqlen(max_seqlen_q, "max_seqlen_q"), _max_seqlen(max_seqlen_k, "max_seqlen_k")
     if q.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         _check_cu_values(cu_seqlens_q, q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q", "q")
         _check_cu_values(cu_seqlens_k, k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k", "k")
     out, lse = _flash_attn_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), _scale(q, softmax_scale),
-        _deterministic(deterministic), _tiles(tiles),
+        _deterministic(deterministic), _tiles(tiles), left, right,
     )
     return (out, lse) if return_lse else out
 
@@ -223,6 +256,7 @@ def flash_attention_qkvpacked(
     deterministic: bool = False,
     return_lse: bool = False,
     tiles: int = 0,
+    window_size: tuple[int, int] = (-1, -1),
 ):
     """``flash_attention`` (``flash_attention_varlen`` with cu_seqlens) for q, k and v packed in one
     tensor, as a fused qkv projection makes them: qkv (B, S, 3, H, D), or (T, 3, H, D) with
@@ -232,11 +266,12 @@ def flash_attention_qkvpacked(
     backward writes dq, dk and dv into one gradient of qkv's shape, where unpacking would make
     autograd stack three gradients into it: a copy of three times the attention inputs, read and
     written, every layer (FlashAttention's qkvpacked functions avoid it the same way). Keyword
-    arguments as in ``flash_attention``. Returns out (B, S, H, D) ((T, H, D)), and lse when
+    arguments (window_size included) as in ``flash_attention``. Returns out (B, S, H, D) ((T, H, D)), and lse when
     return_lse.
     """
     varlen = cu_seqlens is not None
     expect_tensors(qkv=qkv, **({"cu_seqlens": cu_seqlens} if varlen else {}))
+    left, right = _window(window_size, bool(causal))
     if qkv.dim() != (4 if varlen else 5) or qkv.shape[-3] != 3:
         want = "(total, 3, H, D) (with cu_seqlens)" if varlen else "(B, S, 3, H, D)"
         got = tuple(qkv.shape)
@@ -250,7 +285,8 @@ def flash_attention_qkvpacked(
     else:
         max_seqlen = 0
     out, lse = _FlashAttentionQKVPacked.apply(qkv, cu_seqlens, max_seqlen, bool(causal),
-                                              _scale(qkv, softmax_scale), _deterministic(deterministic), _tiles(tiles))
+                                              _scale(qkv, softmax_scale), _deterministic(deterministic), _tiles(tiles),
+                                              left, right)
     return (out, lse) if return_lse else out
 
 
@@ -262,16 +298,16 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles):
+    def forward(qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles, window_left, window_right):
         q, k, v = qkv.unbind(-3)
         return torch.ops.fmcore.flash_attn_fwd(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal,
-                                               scale, deterministic, tiles)
+                                               scale, deterministic, tiles, window_left, window_right)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles = inputs
+        qkv, cu_seqlens, max_seqlen, causal, scale, deterministic, tiles, window_left, window_right = inputs
         ctx.save_for_backward(qkv, *output, cu_seqlens)
-        ctx.args = (max_seqlen, causal, scale, deterministic, tiles)
+        ctx.args = (max_seqlen, causal, scale, deterministic, tiles, window_left, window_right)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -283,7 +319,7 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
             return (torch.ops.fmcore.flash_attn_qkvpacked_bwd(d_out, qkv, out, lse, d_lse, cu_seqlens, *ctx.args),)
 
         (dqkv,) = first_order_only("flash_attention", grads, dout, dlse, qkv)
-        return dqkv, None, None, None, None, None, None
+        return dqkv, None, None, None, None, None, None, None, None
 
 
 # name -> (weakref to the last cu_seqlens tensor found valid, its version, (rows, max_seqlen))
@@ -335,7 +371,7 @@ def _check_cu_values(cu, x, max_seqlen, name, max_name, x_name) -> None:
 
 @register_fake("flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                         deterministic=False, tiles=0):
+                         deterministic=False, tiles=0, window_left=-1, window_right=-1):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dtype)
@@ -343,21 +379,22 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 @register_fake("flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, softmax_scale, deterministic=False, tiles=0):
+                         causal, softmax_scale, deterministic=False, tiles=0, window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @register_fake("flash_attn_qkvpacked_bwd")
 def _flash_attn_qkvpacked_bwd_fake(dout, qkv, out, lse, dlse, cu_seqlens, max_seqlen, causal, softmax_scale,
-                                   deterministic=False, tiles=0):
+                                   deterministic=False, tiles=0, window_left=-1, window_right=-1):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, tiles = inputs  # defaults arrive filled in
+    # defaults arrive filled in
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic, tiles, window_left, window_right = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, deterministic, tiles)
+    ctx.args = (max_q, max_k, causal, scale, deterministic, tiles, window_left, window_right)
     # An unused lse then reaches the backward as None, not as zeros that autograd allocates and the
     # kernels read (and on the CPU, a dlse sends the backward to the reference instead of torch's kernel).
     ctx.set_materialize_grads(False)
@@ -378,7 +415,7 @@ def _backward(ctx, dout, dlse):
         return torch.ops.fmcore.flash_attn_bwd(d_out, q, k, v, out, lse, d_lse, cu_q, cu_k, *ctx.args)
 
     dq, dk, dv = first_order_only("flash_attention", grads, dout, dlse, q, k, v)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fmcore::flash_attn_fwd", _backward, setup_context=_setup_context)
