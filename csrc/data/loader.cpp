@@ -34,6 +34,38 @@ void check_options(const LoaderOptions& o) {
     bad("doc_boundaries needs batch_size * seq_len < 2^31 (cu_seqlens are int32)");
 }
 
+// One SamplePlan per source over its contiguous range of the shard list.
+std::unique_ptr<BlendPlan> make_blend(const LoaderOptions& o, const std::vector<uint64_t>& sizes) {
+  std::vector<uint32_t> counts = o.source_shards;
+  std::vector<double> weights = o.source_weights;
+  if (counts.empty() && weights.empty()) {
+    counts = {static_cast<uint32_t>(sizes.size())};
+    weights = {1.0};
+  }
+  if (counts.size() != weights.size())
+    throw std::invalid_argument(
+        "source_shards and source_weights must have one entry per source, got " +
+        std::to_string(counts.size()) + " and " + std::to_string(weights.size()));
+  std::vector<SamplePlan> plans;
+  std::vector<uint32_t> first;
+  size_t at = 0;
+  for (size_t s = 0; s < counts.size(); ++s) {
+    if (counts[s] == 0 || counts[s] > sizes.size() - at)
+      throw std::invalid_argument(
+          "source_shards[" + std::to_string(s) + "] = " + std::to_string(counts[s]) +
+          ": each source needs at least one shard, and together exactly the " +
+          std::to_string(sizes.size()) + " paths");
+    first.push_back(static_cast<uint32_t>(at));
+    plans.emplace_back(std::vector<uint64_t>(sizes.begin() + at, sizes.begin() + at + counts[s]),
+                       o.seq_len, o.mode, source_seed(o.seed, static_cast<uint32_t>(s)));
+    at += counts[s];
+  }
+  if (at != sizes.size())
+    throw std::invalid_argument("source_shards sum to " + std::to_string(at) + ", but there are " +
+                                std::to_string(sizes.size()) + " paths");
+  return std::make_unique<BlendPlan>(std::move(plans), std::move(first), weights);
+}
+
 }  // namespace
 
 Loader::Loader(LoaderOptions options, Allocator allocator)
@@ -85,7 +117,7 @@ Loader::Loader(LoaderOptions options, Allocator allocator)
           ": doc_boundaries needs document offsets (count 0 at offset 16) or an EOS id");
     sizes.push_back(info.n_tokens);
   }
-  plan_ = std::make_unique<SamplePlan>(std::move(sizes), opt_.seq_len, opt_.mode, opt_.seed);
+  plan_ = make_blend(opt_, sizes);
 
   const size_t bt = static_cast<size_t>(opt_.batch_size) * static_cast<size_t>(opt_.seq_len);
   const size_t ob = static_cast<size_t>(opt_.out_bytes);
@@ -201,7 +233,7 @@ double Loader::wait_seconds() const {
 }
 
 void Loader::worker(uint64_t depth) {
-  SamplePlan::EpochCache cache;
+  BlendPlan::Cache cache;
   size_t current = shards_.size();
   for (;;) {
     uint64_t i;
@@ -279,7 +311,7 @@ Batch Loader::next(const std::function<bool()>& interrupted) {
   return out;
 }
 
-Batch Loader::make_batch(uint64_t i, SamplePlan::EpochCache& cache, size_t& current) const {
+Batch Loader::make_batch(uint64_t i, BlendPlan::Cache& cache, size_t& current) const {
   Batch b;
   b.index = i;
   b.buffer = alloc_(layout_.bytes);

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "data/blend.h"
 #include "data/plan.h"
 #include "data/shard.h"
 
@@ -46,6 +47,10 @@ struct LoaderOptions {
   int64_t eos_id = -1;          // documents end after this token in shards without document offsets
   bool verify = false;          // check each shard's payload CRC when opening
   uint64_t start_sample = 0;    // global sample number of batch 0 (resume)
+  // A weighted blend of sources (see blend.h): source s owns the next source_shards[s] paths, in
+  // order, and weighs source_weights[s]. Both empty: one source of every path.
+  std::vector<uint32_t> source_shards;
+  std::vector<double> source_weights;
 };
 
 // Byte offsets of one batch in its buffer: x (B*T), y (B*T), then with doc_boundaries positions
@@ -88,7 +93,7 @@ class Loader {
   double wait_seconds() const;
   const BatchLayout& layout() const { return layout_; }
   const LoaderOptions& options() const { return opt_; }
-  const SamplePlan& plan() const { return *plan_; }
+  const BlendPlan& plan() const { return *plan_; }
   size_t num_shards() const { return shards_.size(); }
   const Shard& shard(size_t k) const { return *shards_[k]; }
 
@@ -103,7 +108,7 @@ class Loader {
   void stop_workers();
   void worker(uint64_t depth);
   // current: the shard a worker read last (its changes are looked for when it moves to another).
-  Batch make_batch(uint64_t i, SamplePlan::EpochCache& cache, size_t& current) const;
+  Batch make_batch(uint64_t i, BlendPlan::Cache& cache, size_t& current) const;
   template <typename Out>
   void fill_row(const Shard& shard, uint64_t start, Out* x, Out* y) const;
   template <typename Out>
@@ -113,7 +118,7 @@ class Loader {
   LoaderOptions opt_;
   Allocator alloc_;
   std::vector<std::unique_ptr<Shard>> shards_;
-  std::unique_ptr<SamplePlan> plan_;
+  std::unique_ptr<BlendPlan> plan_;
   BatchLayout layout_;
 
   std::mutex control_mu_;  // serializes close() and restart() (both stop and join the workers)

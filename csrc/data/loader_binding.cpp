@@ -62,7 +62,8 @@ void register_loader(py::module_& m) {
                        const std::string& mode, uint64_t seed, int64_t rank, int64_t world_size,
                        int threads, int prefetch, bool doc_boundaries, int out_bytes,
                        bool check_vocab, uint32_t vocab_size, int64_t eos_id, bool verify,
-                       uint64_t start_sample, bool pin_memory) {
+                       uint64_t start_sample, bool pin_memory, std::vector<uint32_t> source_shards,
+                       std::vector<double> source_weights) {
              LoaderOptions o;
              o.paths = std::move(paths);
              o.batch_size = batch_size;
@@ -80,6 +81,8 @@ void register_loader(py::module_& m) {
              o.eos_id = eos_id;
              o.verify = verify;
              o.start_sample = start_sample;
+             o.source_shards = std::move(source_shards);
+             o.source_weights = std::move(source_weights);
              Allocator alloc = [pin_memory](size_t nbytes) {
                auto t = std::make_shared<at::Tensor>(
                    at::empty({static_cast<int64_t>(nbytes)},
@@ -93,7 +96,9 @@ void register_loader(py::module_& m) {
            py::arg("seed"), py::arg("rank"), py::arg("world_size"), py::arg("threads"),
            py::arg("prefetch"), py::arg("doc_boundaries"), py::arg("out_bytes"),
            py::arg("check_vocab"), py::arg("vocab_size"), py::arg("eos_id"), py::arg("verify"),
-           py::arg("start_sample"), py::arg("pin_memory"))
+           py::arg("start_sample"), py::arg("pin_memory"),
+           py::arg("source_shards") = std::vector<uint32_t>{},
+           py::arg("source_weights") = std::vector<double>{})
       .def("next",
            [](Loader& self) {
              Batch b;
@@ -117,8 +122,37 @@ void register_loader(py::module_& m) {
       .def_property_readonly("wait_seconds", &Loader::wait_seconds)
       .def_property_readonly("windows_per_epoch",
                              [](const Loader& self) { return self.plan().windows_per_epoch(); })
-      .def("epoch_order",
-           [](const Loader& self, uint64_t epoch) { return self.plan().epoch_order(epoch); })
+      .def(
+          "epoch_order",
+          [](const Loader& self, uint64_t epoch, size_t source) {
+            if (source >= self.plan().num_sources())
+              throw py::index_error("source " + std::to_string(source) + " of " +
+                                    std::to_string(self.plan().num_sources()));
+            return self.plan().source(source).epoch_order(epoch);
+          },
+          py::arg("epoch"), py::arg("source") = 0)
+      // The blend (blend.h): the source of each slot of the period; (source, its sample) of global
+      // sample g; each source's samples among the global samples [0, g); each source's own epoch.
+      .def_property_readonly("blend_table", [](const Loader& self) { return self.plan().table(); })
+      .def("pick",
+           [](const Loader& self, uint64_t g) {
+             const BlendPlan::Pick p = self.plan().pick(g);
+             return py::make_tuple(p.source, p.sample);
+           })
+      .def("source_samples",
+           [](const Loader& self, uint64_t g) {
+             std::vector<uint64_t> out;
+             for (size_t s = 0; s < self.plan().num_sources(); ++s)
+               out.push_back(self.plan().samples_before(static_cast<uint32_t>(s), g));
+             return out;
+           })
+      .def_property_readonly("source_windows_per_epoch",
+                             [](const Loader& self) {
+                               std::vector<uint64_t> out;
+                               for (size_t s = 0; s < self.plan().num_sources(); ++s)
+                                 out.push_back(self.plan().source(s).windows_per_epoch());
+                               return out;
+                             })
       .def("shard_infos", [](const Loader& self) {
         py::list out;
         for (size_t k = 0; k < self.num_shards(); ++k) {

@@ -12,6 +12,16 @@ Sequential mode: every epoch visits the shards in an order shuffled by (seed, ep
 T + 1 tokens start every T tokens inside a shard and are read in order; epochs follow each other
 without a partial batch. Random mode: each window starts at a uniformly drawn position.
 
+A blend: dataset = [(directory, weight), ...] (or a dict {directory: weight}, in its order) mixes sources
+per sample (csrc/data/blend.h). A period of BLEND_PERIOD samples is laid out once, slot i going to the
+source furthest below its share after i slots (Megatron's rule); sample g comes from source
+s(g) = table[g % P] and is its sample j(g) = (g // P) * count_s + (its slots before g % P), located by
+that source's own plan as above. Each source's share is within 1/P of its normalised weight over whole
+periods, each cycles its own epochs (a heavier one faster), and the state is still the one number g. Every
+source needs the same tokenizer (vocab size, EOS and BOS ids in its manifest). A state resumes only on the
+same sources with the same weights (the fingerprint names both): under other weights the same g is other
+data.
+
 With doc_boundaries, each row is split into segments at document starts (the shard's stored offsets,
 or after each EOS token for shards without them; a row's start always opens a segment): positions
 restart at 0 in every segment and cu_seqlens (int32, the segment ends in the flattened B*T batch,
@@ -24,6 +34,8 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
+import numbers
 import operator
 import os
 import threading
@@ -37,7 +49,18 @@ from fmcore import _C
 from fmcore.data.shards import ShardError, load_manifest, split_shards
 
 _DTYPE_BYTES = {torch.int64: 8, torch.int32: 4}
+BLEND_PERIOD = 1000  # the blend's period in samples (csrc/data/blend.h kPeriod)
 _FORKED = "a Loader cannot be used in a process forked after it was created: create it in the child"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a loader: its name (the directory's name; the whole path where two share a name), the
+    directory, its share of the samples (the weights normalised to sum 1) and its number of shards."""
+    name: str
+    path: Path
+    weight: float
+    shards: int
 
 
 @dataclass
@@ -57,7 +80,9 @@ def default_threads() -> int:
 
 
 class Loader:
-    """Iterable of Batch from dataset (a directory with manifest.json, or of llm.c *train*/*val* .bin).
+    """Iterable of Batch from dataset (a directory with manifest.json, or of llm.c *train*/*val* .bin), or from
+    a weighted blend of such directories: a list of (directory, weight) pairs or a dict {directory: weight}
+    (see the module's docstring; .sources lists them with their normalised weights).
 
     threads: worker threads (None: default_threads()); prefetch: batches computed ahead (None: 2*threads
     + 2); both at least 1 (no "0 workers" as DataLoader's num_workers=0); check_vocab: every token read
@@ -92,17 +117,25 @@ class Loader:
                 raise ValueError(f"{name} must be in [-2^{bits}, 2^{bits}), got {value}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-        self.dataset = Path(dataset)
+        blend = _parse_blend(dataset)
         self.split = split
-        manifest, paths = split_shards(self.dataset, split)
-        tok = manifest.get("tokenizer", {})
+        # One (manifest, shard paths) per source; the shard lists are concatenated for the C++ core, each
+        # source a contiguous range of it.
+        opened = [split_shards(path, split) for path, _ in blend]
+        tok = _common_tokenizer(blend, [manifest for manifest, _ in opened])
+        shares = _shares(blend)
+        self.sources = [Source(name, path, share, len(paths))
+                        for (path, _), (_, paths), share, name in zip(blend, opened, shares, _source_names(blend))]
+        self.dataset = self.sources[0].path if len(blend) == 1 else [source.path for source in self.sources]
+        paths = [p for _, source_paths in opened for p in source_paths]
         self.vocab_size: int | None = tok.get("vocab_size")
         self.eos_id: int | None = tok.get("eos_id")
         self.bos_id: int | None = tok.get("bos_id")  # the token in front of every document, if any
         self.batch_size, self.seq_len, self.mode, self.seed = batch_size, seq_len, mode, seed
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.threads = default_threads() if threads is None else threads
-        self._fingerprint = _fingerprint(manifest["splits"][split])
+        fingerprints = [_fingerprint(manifest["splits"][split]) for manifest, _ in opened]
+        self._fingerprint = fingerprints[0] if len(blend) == 1 else _blend_fingerprint(self.sources, fingerprints)
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if pin_memory:
             torch.cuda.init()  # the workers allocate pinned buffers: initialise CUDA here, not in a worker
@@ -110,7 +143,9 @@ class Loader:
             self._core = _C.TokenLoader(
                 [str(p) for p in paths], batch_size, seq_len, mode, seed, rank, world_size, self.threads,
                 2 * self.threads + 2 if prefetch is None else prefetch, doc_boundaries, _DTYPE_BYTES[dtype],
-                check_vocab, self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory)
+                check_vocab, self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory,
+                [source.shards for source in self.sources] if len(blend) > 1 else [],
+                [float(weight) for _, weight in blend] if len(blend) > 1 else [])
         except ShardError as e:
             raise _with_mmap_hint(e, len(paths)) from None
         if dtype == torch.int32:
@@ -163,15 +198,27 @@ class Loader:
 
     @property
     def epoch(self) -> float:
-        """Sequential mode: epochs read so far by all ranks together (fractional)."""
+        """Sequential mode: epochs read so far by all ranks together (fractional): next sample / windows_per_epoch.
+        For a blend, 1.0 is where every source has been read whole at least once (see source_epochs)."""
         self._check_process()
         return self._core.next_sample / self._core.windows_per_epoch
 
     @property
     def windows_per_epoch(self) -> int:
-        """Sequential mode: the windows of seq_len + 1 tokens in one epoch, all ranks together."""
+        """Sequential mode: the windows of seq_len + 1 tokens in one epoch, all ranks together. For a blend, the
+        global samples until every source has read its whole epoch (the source slowest to cycle sets it: the one
+        of the most windows per unit of weight); the sources with more weight have cycled faster by then."""
         self._check_process()
         return self._core.windows_per_epoch
+
+    @property
+    def source_epochs(self) -> dict[str, float]:
+        """Sequential mode: each source's own epochs read so far by all ranks together (fractional), by source
+        name; every source cycles its epochs independently, at its weight's pace."""
+        self._check_process()
+        taken = self._core.source_samples(self._core.next_sample)
+        return {source.name: n / windows
+                for source, n, windows in zip(self.sources, taken, self._core.source_windows_per_epoch)}
 
     @property
     def batches_per_epoch(self) -> int:
@@ -249,6 +296,67 @@ def _with_mmap_hint(e: ShardError, n_shards: int) -> ShardError:
                       f"vm.max_map_count{limit}: the loader maps each shard, {n_shards} in this split; use fewer, "
                       "larger shards (`fmcore prepare --shard-tokens`) or raise the limit with sysctl; an "
                       "address-space limit, ulimit -v, fails the same way)")
+
+
+def _parse_blend(dataset) -> list[tuple[Path, float]]:
+    """[(directory, weight)] from one directory (weight 1) or from a list of (directory, weight) pairs (a dict
+    {directory: weight} is taken in its order). Weights must be finite and > 0 and at least 1/BLEND_PERIOD of
+    their total (a smaller one would get no sample of the blend's period); errors name the source."""
+    if isinstance(dataset, (str, os.PathLike)):
+        return [(Path(dataset), 1.0)]
+    pairs = list(dataset.items()) if isinstance(dataset, dict) else dataset
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError("dataset must be a directory, or a non-empty list of (directory, weight) pairs, got "
+                         f"{dataset!r}")
+    blend = []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)):
+            raise ValueError(f"dataset source {k}: expected a (directory, weight) pair, got {pair!r}")
+        path, weight = Path(pair[0]), pair[1]
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) \
+                or weight <= 0:
+            raise ValueError(f"dataset source {k} ({path}): weight must be a finite number > 0, got {weight!r}")
+        blend.append((path, float(weight)))
+    if not math.isfinite(sum(weight for _, weight in blend)):
+        raise ValueError(f"dataset: the weights' total overflows: {[weight for _, weight in blend]}")
+    for (path, _), share in zip(blend, _shares(blend)):
+        if share * BLEND_PERIOD < 1:
+            raise ValueError(f"dataset source {path}: weight is {share:.3g} of the total, below 1/{BLEND_PERIOD}: "
+                             f"it would get no sample of the blend's period of {BLEND_PERIOD} samples")
+    return blend
+
+
+def _shares(blend: list[tuple[Path, float]]) -> list[float]:
+    """The weights normalised to sum 1, summed in order as the C++ core does (sum() compensates since 3.12)."""
+    total = 0.0
+    for _, weight in blend:
+        total += weight
+    return [weight / total for _, weight in blend]
+
+
+def _source_names(blend: list[tuple[Path, float]]) -> list[str]:
+    names = [path.name or str(path) for path, _ in blend]
+    return [name if names.count(name) == 1 else str(path) for name, (path, _) in zip(names, blend)]
+
+
+def _common_tokenizer(blend: list[tuple[Path, float]], manifests: list[dict]) -> dict:
+    """The sources' tokenizer (the first's manifest entry); a source whose vocab size, EOS or BOS id differs
+    is an error naming it: its token ids would mean other tokens to the model."""
+    first = manifests[0].get("tokenizer", {})
+    for (path, _), manifest in zip(blend[1:], manifests[1:]):
+        tok = manifest.get("tokenizer", {})
+        for key in ("vocab_size", "eos_id", "bos_id"):
+            if tok.get(key) != first.get(key):
+                raise ShardError(f"dataset source {path}: tokenizer {key} {tok.get(key)!r} differs from "
+                                 f"{first.get(key)!r} of {blend[0][0]} (every source of a blend needs the same "
+                                 "tokenizer)")
+    return first
+
+
+def _blend_fingerprint(sources: list[Source], fingerprints: list[str]) -> str:
+    """Names each source's shards and exact share: a state resumes only on the same blend (the same global
+    sample maps to other data under other weights)."""
+    return "blend " + ", ".join(f"{s.name}[{fp}]={s.weight!r}" for s, fp in zip(sources, fingerprints))
 
 
 def _fingerprint(split: dict) -> str:

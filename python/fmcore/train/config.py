@@ -111,6 +111,12 @@ class DataConfig:
     dataset: str = ""
     """Dataset directory written by `fmcore prepare`; empty means the embedded corpus
     (fmcore.data.default_dataset(), prepared on first use)."""
+    mix: str = ""
+    """A weighted blend of datasets instead of data.dataset: "DIR=WEIGHT,DIR=WEIGHT", e.g.
+    "data/code=0.7,data/web=0.3" (continued pretraining on domain data with general data replayed).
+    Weights are normalised; samples are blended per sample (fmcore.data.Loader); every directory needs
+    the same tokenizer. Evaluation logs each source's val loss (eval_loss/<directory name>) beside the
+    blended eval_loss."""
     mode: str = "random"
     """Loader order for training: "random" (seeded windows) or "sequential"."""
     doc_boundaries: bool = False
@@ -429,8 +435,32 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
     return cfg
 
 
+def parse_mix(text: str, key: str = "data.mix") -> list[tuple[str, float]]:
+    """[(directory, weight)] from "DIR=WEIGHT,DIR=WEIGHT" (the weight after a directory's last "="); ConfigError
+    naming key for an empty entry, a missing or non-numeric weight, or one not finite and > 0."""
+    pairs = []
+    for entry in text.split(","):
+        path, eq, weight = entry.strip().rpartition("=")
+        if not eq or not path.strip():
+            raise ConfigError(f"{key}: expected DIR=WEIGHT entries separated by commas, got {entry.strip()!r} "
+                              f"in {text!r}")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ConfigError(f"{key}: the weight of {path.strip()!r} must be a number, got {weight!r}") from None
+        if not (0 < value < math.inf):
+            raise ConfigError(f"{key}: the weight of {path.strip()!r} must be finite and > 0, got {weight!r}")
+        pairs.append((path.strip(), value))
+    return pairs
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no data or device."""
+    if cfg.data.mix:
+        if cfg.data.dataset:
+            raise ConfigError(f"data.mix and data.dataset are both set ({cfg.data.mix!r}, {cfg.data.dataset!r}): "
+                              "give one (list the dataset in the mix with its weight)")
+        parse_mix(cfg.data.mix)
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:

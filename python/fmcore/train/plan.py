@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fmcore.train import models
-    from fmcore.train.config import ConfigError, load_config
+    from fmcore.train.config import ConfigError, load_config, parse_mix
     from fmcore.train.parallel import check_layout, check_tensor_divides
     from fmcore.train.trainer import optimizer_impl, resolve_precision
 
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             device = "cuda" if ran["device"].startswith("cuda") else "cpu"
         vocab = None
         if cfg.model.vocab_size == 0:  # the run's, or the dataset's when the config names one that exists
-            vocab = ran["model"]["vocab_size"] if ran else _dataset_vocab(cfg.data.dataset) or args.vocab_size
+            # (a data.mix's sources share one tokenizer: its first directory's)
+            dataset = parse_mix(cfg.data.mix)[0][0] if cfg.data.mix else cfg.data.dataset
+            vocab = ran["model"]["vocab_size"] if ran else _dataset_vocab(dataset) or args.vocab_size
         ops = cfg.model.ops
         if ops == "auto":
             # A plan is for the GPU run, often made elsewhere: "auto" plans fmcore's kernels, as a

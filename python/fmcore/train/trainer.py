@@ -34,8 +34,8 @@ from torch import nn
 
 from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, init_from, metrics, models, relayout, resume
-from fmcore.train.config import (Config, ConfigError, ModelConfig, help_text, load_config, presets, to_dict, to_toml,
-                                 validate)
+from fmcore.train.config import (Config, ConfigError, ModelConfig, help_text, load_config, parse_mix, presets, to_dict,
+                                 to_toml, validate)
 from fmcore.train.schedule import lr_at
 
 
@@ -210,10 +210,17 @@ def build_optimizer(model: nn.Module, cfg: Config, impl: str, precision: str, de
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
 
 
-def open_dataset(cfg: Config, env: Env) -> Path:
-    """data.dataset, or the embedded corpus (rank 0 prepares it once; the others wait)."""
+def open_dataset(cfg: Config, env: Env) -> Path | list[tuple[Path, float]]:
+    """data.dataset, data.mix's [(directory, weight)] (fmcore.data.Loader's blend), or the embedded corpus
+    (rank 0 prepares it once; the others wait)."""
     from fmcore.data import default_dataset
 
+    if cfg.data.mix:
+        blend = [(Path(path), weight) for path, weight in parse_mix(cfg.data.mix)]
+        for path, _ in blend:
+            if not path.is_dir():
+                raise ConfigError(f"data.mix: {path} is not a directory (make one with `fmcore prepare`)")
+        return blend
     if cfg.data.dataset:
         path = Path(cfg.data.dataset)
         if not path.is_dir():
@@ -376,9 +383,10 @@ def train_step(model: nn.Module, optimizer, next_batch, accum: int, opts: StepOp
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, dataset: Path, env: Env, precision: str) -> tuple[float, torch.Tensor]:
+def evaluate(model: nn.Module, cfg: Config, dataset, env: Env, precision: str) -> tuple[float, torch.Tensor]:
     """(mean val loss over train.eval_batches micro-batches of every rank, at most one pass over the val
-    split, the first batch's x)."""
+    split, the first batch's x). dataset: a directory or a blend's [(directory, weight)] (then one pass
+    is until every source's val split was read whole)."""
     from fmcore.train.parallel import data_parallel_coords
 
     was_training = model.training
@@ -447,9 +455,16 @@ def decode(tokenizer_path: Path | None, ids: list[int]) -> str:
     return Tokenizer.from_file(str(tokenizer_path)).decode(ids)
 
 
-def dataset_tokenizer(dataset: Path) -> Path | None:
+def dataset_dirs(dataset) -> list[Path]:
+    """The directories of a dataset: itself, or a blend's (data.mix) in order."""
+    return [dataset] if isinstance(dataset, Path) else [path for path, _ in dataset]
+
+
+def dataset_tokenizer(dataset) -> Path | None:
+    """The dataset's tokenizer file (a blend's first source's: every source has the same tokenizer)."""
     from fmcore.data import Loader
 
+    dataset = dataset_dirs(dataset)[0]
     tok = Loader.manifest(dataset).get("tokenizer") or {}
     return dataset / tok["file"] if tok.get("file") else None
 
@@ -472,10 +487,11 @@ def make_room_to_compile(model: nn.Module, graphs_per_run: int = 3) -> None:
             reset_code(code)
 
 
-def dataset_has_split(dataset: Path, split: str) -> bool:
+def dataset_has_split(dataset, split: str) -> bool:
+    """Whether the dataset (every source of a blend) has the split."""
     from fmcore.data import Loader
 
-    return split in (Loader.manifest(dataset).get("splits") or {})
+    return all(split in (Loader.manifest(path).get("splits") or {}) for path in dataset_dirs(dataset))
 
 
 def grad_accumulation(cfg: Config, env: Env) -> tuple[int, int]:
@@ -660,7 +676,9 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         (run_dir / "resolved.json").write_text(json.dumps({  # what it became on this machine
             "model": dataclasses.asdict(mcfg), "precision": precision, "optimizer": impl, "device": str(env.device),
             "world_size": env.world, "grad_accum": accum, "tokens_per_step": step_tokens,
-            "params": models.param_count(mcfg), "flops_per_token": flops_tok, "dataset": str(dataset)}, indent=1) + "\n")
+            "params": models.param_count(mcfg), "flops_per_token": flops_tok,
+            "dataset": str(dataset) if isinstance(dataset, Path) else [[str(p), w] for p, w in dataset]},
+            indent=1) + "\n")
     report = metrics.Reporter(run_dir, total_steps=t.steps, start_step=step, progress=cfg.log.progress,
                               tensorboard=cfg.log.tensorboard, enabled=env.main)
     cleanup.callback(report.close)
@@ -690,7 +708,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         if mismatch:
             report.message(f"warning: {mismatch}")
     if not has_val:
-        report.message(f"{dataset} {no_val_reason}: evaluation is off")
+        report.message(f"{cfg.data.mix if cfg.data.mix else dataset} {no_val_reason}: evaluation is off")
     ckpt_dir = run_dir / "checkpoints"
 
     def save(at_step: int) -> Path:
@@ -709,7 +727,12 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         if not has_val:
             return
         loss, first = evaluate(model, cfg, dataset, env, precision)
-        report.log({"step": at_step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        record = {"step": at_step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if len(loader.sources) > 1:
+            # Each source's own val loss beside the blend's: forgetting shows on the replayed general data.
+            for source in loader.sources:
+                record[f"eval_loss/{source.name}"] = evaluate(model, cfg, source.path, env, precision)[0]
+        report.log(record)
         if cfg.log.sample_tokens > 0:
             prompt = first[:1, : max(1, min(32, t.seq_len // 2))]
             out = greedy_sample(model, prompt, cfg.log.sample_tokens, precision, mcfg.max_seq_len)

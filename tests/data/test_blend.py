@@ -1,0 +1,258 @@
+"""Weighted blends in fmcore.data.Loader (csrc/data/blend.h): per-source shares, the sample -> (source, its
+sample) rule against a pure-Python model, contents against each source read alone, thread-count independence,
+exact resume, resharding, disjoint ranks, document boundaries, per-source epochs and every refused blend."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fmcore.data import Loader, ShardError, write_dataset
+from fmcore.data.loader import BLEND_PERIOD
+
+T = 16
+# Token ranges far apart: a window's first token names its source (x[0] // SPAN) and its position.
+SPAN = 1 << 20
+# Shard sizes that never divide into windows evenly; the sources differ in size so their epochs differ.
+SIZES = {"a": [300, 517], "b": [200, 161, 90], "c": [129]}
+
+
+def _write(root, k, sizes, **kw):
+    """Dataset k: tokens k * SPAN + position, documents starting every 37 tokens (for doc_boundaries)."""
+    offsets = np.cumsum([0] + sizes)
+    shards = []
+    for n, start in zip(sizes, offsets):
+        tokens = k * SPAN + np.arange(start, start + n)
+        shards.append((tokens, np.arange(0, n, 37)))
+    return write_dataset(root, {"train": shards, "val": shards[:1]}, vocab_size=4 * SPAN, eos_id=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blend")
+    return {name: _write(root / name, k, sizes) for k, (name, sizes) in enumerate(SIZES.items())}
+
+
+# ---- the pure-Python model of the rule (blend.h)
+
+def model_table(weights, period=BLEND_PERIOD):
+    """(table, rank, count): slot i to the source furthest below its share after i slots, ties to the lowest."""
+    total = 0.0
+    for w in weights:  # summed in order, as the C++ core does
+        total += w
+    share = [w / total for w in weights]
+    count, table, rank = [0] * len(weights), [], []
+    for i in range(period):
+        best, best_deficit = 0, -math.inf
+        for s, w in enumerate(share):
+            deficit = w * (i + 1) - count[s]
+            if deficit > best_deficit:
+                best, best_deficit = s, deficit
+        table.append(best)
+        rank.append(count[best])
+        count[best] += 1
+    return table, rank, count
+
+
+def model_pick(g, model, period=BLEND_PERIOD):
+    table, rank, count = model
+    s = table[g % period]
+    return s, (g // period) * count[s] + rank[g % period]
+
+
+def rows(loader, n_batches):
+    """(x rows, positions rows or None) of n_batches batches, flattened to one row per sample."""
+    xs, ps = [], []
+    for _ in range(n_batches):
+        b = next(loader)
+        xs.append(b.x)
+        if b.positions is not None:
+            # cu_seqlens must be where positions restart, in the flattened batch.
+            starts = (b.positions.flatten() == 0).nonzero().flatten().to(torch.int32)
+            assert torch.equal(b.cu_seqlens, torch.cat([starts, torch.tensor([b.x.numel()], dtype=torch.int32)]))
+            ps.append(b.positions)
+    return torch.cat(xs), torch.cat(ps) if ps else None
+
+
+# ---- shares and the rule
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (3, 2, 1), (0.001, 0.999), (1, 1, 1)])
+def test_table_matches_the_model_and_the_shares_the_weights(dirs, weights):
+    names = list(SIZES)[: len(weights)]
+    with Loader([(dirs[n], w) for n, w in zip(names, weights)], batch_size=50, seq_len=T, threads=2) as loader:
+        model = model_table(weights)
+        assert loader._core.blend_table == model[0]
+        share = [s.weight for s in loader.sources]
+        assert sum(share) == pytest.approx(1) and share == pytest.approx([w / sum(weights) for w in weights])
+        # Two whole periods read through batches: each source's share is within 1/P of its weight.
+        x, _ = rows(loader, 2 * BLEND_PERIOD // 50)
+    source = (x[:, 0] // SPAN).tolist()
+    for s, w in enumerate(share):
+        assert abs(source.count(s) / len(source) - w) <= 1 / BLEND_PERIOD, (s, w)
+    # And in any prefix the count is within one sample of the weight's (the greedy rule's bound).
+    for n in (1, 17, 999, 1234, 1999):
+        for s, w in enumerate(share):
+            assert abs(source[:n].count(s) - w * n) < 1 + 1e-9, (n, s)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+@pytest.mark.parametrize("doc_boundaries", [False, True])
+def test_each_sample_is_its_sources_sample_per_the_model(dirs, mode, doc_boundaries):
+    """Global sample g is sample j(g) of source s(g), read as Loader(source, seed=seed + s) alone reads it."""
+    weights, seed, n = (0.5, 0.3, 0.2), 7, 2400
+    blend = [(dirs[name], w) for name, w in zip(SIZES, weights)]
+    kw = dict(seq_len=T, mode=mode, doc_boundaries=doc_boundaries)
+    runs = []
+    for threads, prefetch in ((1, 1), (3, 5)):  # the same batches whatever the thread count
+        with Loader(blend, batch_size=40, seed=seed, threads=threads, prefetch=prefetch, **kw) as loader:
+            runs.append(rows(loader, n // 40))
+    for a, b in zip(runs[0], runs[1]):
+        assert a is None and b is None or torch.equal(a, b)
+    x, positions = runs[0]
+    model = model_table(weights)
+    picks = [model_pick(g, model) for g in range(n)]
+    for s, name in enumerate(SIZES):
+        wanted = max(j for src, j in picks if src == s) + 1
+        with Loader(dirs[name], batch_size=50, seed=seed + s, threads=1, **kw) as alone:
+            ax, ap = rows(alone, -(-wanted // 50))  # (one rank: batch i holds its samples 50i .. 50i + 49)
+        for g in (g for g, (src, _) in enumerate(picks) if src == s):
+            j = picks[g][1]
+            assert torch.equal(x[g], ax[j]), (name, g, j)
+            if doc_boundaries:
+                assert torch.equal(positions[g], ap[j]), (name, g, j)
+
+
+def test_core_pick_and_source_samples(dirs):
+    weights = (0.62, 0.38)
+    with Loader([(dirs["a"], weights[0]), (dirs["b"], weights[1])], batch_size=4, seq_len=T, threads=1) as loader:
+        model = model_table(weights)
+        for g in (0, 1, 2, 999, 1000, 1001, 123_456_789, 2**40 + 3):
+            assert tuple(loader._core.pick(g)) == model_pick(g, model)
+            counts = [0, 0]
+            for h in range(g - g % BLEND_PERIOD, g):
+                counts[model[0][h % BLEND_PERIOD]] += 1
+            base = [(g // BLEND_PERIOD) * c for c in model[2]]
+            assert loader._core.source_samples(g) == [b + c for b, c in zip(base, counts)]
+
+
+def test_one_source_is_the_plain_loader(dirs):
+    with Loader(dirs["a"], batch_size=8, seq_len=T, seed=3) as plain, \
+            Loader([(dirs["a"], 2.5)], batch_size=8, seq_len=T, seed=3) as listed:
+        assert torch.equal(rows(plain, 30)[0], rows(listed, 30)[0])
+        assert plain.state_dict() == listed.state_dict()
+        assert plain.windows_per_epoch == listed.windows_per_epoch
+        assert listed.dataset == dirs["a"] and [s.weight for s in listed.sources] == [1.0]
+
+
+def test_dict_form_is_the_list_form(dirs):
+    with Loader({dirs["a"]: 3, dirs["b"]: 1}, batch_size=8, seq_len=T) as d, \
+            Loader([(dirs["a"], 3), (dirs["b"], 1)], batch_size=8, seq_len=T) as lst:
+        assert torch.equal(rows(d, 10)[0], rows(lst, 10)[0])
+        assert [s.name for s in d.sources] == ["a", "b"]
+
+
+# ---- state: resume, resharding, ranks
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_resume_mid_stream(dirs, mode):
+    blend = [(dirs["a"], 0.8), (dirs["c"], 0.2)]
+    kw = dict(batch_size=24, seq_len=T, mode=mode, seed=5)
+    with Loader(blend, **kw) as whole:
+        expected = rows(whole, 70)[0]
+    with Loader(blend, **kw) as first:
+        rows(first, 43)  # mid-period: 43 * 24 = 1032
+        state = first.state_dict()
+    with Loader(blend, threads=3, **kw) as resumed:
+        resumed.load_state_dict(state)
+        assert torch.equal(rows(resumed, 27)[0], expected[43 * 24:])
+
+
+def test_state_loaded_with_another_world_size_and_ranks_disjoint(dirs):
+    blend = [(dirs["a"], 0.6), (dirs["b"], 0.4)]
+    with Loader(blend, batch_size=6, seq_len=T, seed=1) as one:
+        every = rows(one, 60)[0]  # samples 0..359 on one rank
+    with Loader(blend, batch_size=6, seq_len=T, seed=1) as first:
+        rows(first, 11)
+        state = first.state_dict()  # next sample 66
+    got = []
+    for rank in range(3):  # resharded onto 3 ranks of 4 samples a batch
+        with Loader(blend, batch_size=4, seq_len=T, seed=1, rank=rank, world_size=3) as loader:
+            loader.load_state_dict(state)
+            got.append(rows(loader, 20)[0])
+    for rank in range(3):
+        for i in range(20):  # batch i of rank r holds samples 66 + (3i + r) * 4 + b
+            lo = 66 + (3 * i + rank) * 4
+            assert torch.equal(got[rank][4 * i: 4 * i + 4], every[lo: lo + 4]), (rank, i)
+
+
+def test_state_of_another_blend_is_refused(dirs):
+    with Loader([(dirs["a"], 0.7), (dirs["b"], 0.3)], batch_size=4, seq_len=T) as loader:
+        next(loader)
+        state = loader.state_dict()
+    assert "a[" in state["dataset"] and "=0.7" in state["dataset"]  # the blend's description
+    others = [[(dirs["a"], 0.6), (dirs["b"], 0.4)], [(dirs["b"], 0.3), (dirs["a"], 0.7)],
+              [(dirs["a"], 0.7), (dirs["c"], 0.3)], dirs["a"]]
+    for other in others:
+        with Loader(other, batch_size=4, seq_len=T) as loader:
+            with pytest.raises(ValueError, match="different dataset"):
+                loader.load_state_dict(state)
+    # The same weights written otherwise (7:3) are the same blend.
+    with Loader([(dirs["a"], 7), (dirs["b"], 3)], batch_size=4, seq_len=T) as loader:
+        loader.load_state_dict(state)
+
+
+# ---- epochs
+
+def test_epochs_of_a_blend(dirs):
+    weights = (0.9, 0.1)
+    blend = [(dirs["a"], weights[0]), (dirs["b"], weights[1])]
+    windows = []
+    for name in ("a", "b"):
+        with Loader(dirs[name], batch_size=1, seq_len=T) as alone:
+            windows.append(alone.windows_per_epoch)
+    model = model_table(weights)
+    counts, g = [0, 0], 0
+    while counts[0] < windows[0] or counts[1] < windows[1]:  # until both sources were read whole
+        counts[model[0][g % BLEND_PERIOD]] += 1
+        g += 1
+    with Loader(blend, batch_size=10, seq_len=T) as loader:
+        assert loader.windows_per_epoch == g
+        x, _ = rows(loader, 25)
+        n = 250
+        taken = [sum(model[0][h % BLEND_PERIOD] == s for h in range(n)) for s in (0, 1)]
+        assert loader.source_epochs == pytest.approx({"a": taken[0] / windows[0], "b": taken[1] / windows[1]})
+        assert loader.epoch == pytest.approx(n / g)
+        assert loader.source_epochs["a"] > 1 > loader.source_epochs["b"]  # the heavier source cycles faster
+    # Source a's second epoch: every window of its first epoch once before any again.
+    firsts = [int(v) for v in x[:, 0] if v < SPAN]
+    assert len(set(firsts[: windows[0]])) == windows[0]
+
+
+# ---- refused blends
+
+def test_refused_blends_name_the_source(dirs, tmp_path):
+    a, b = dirs["a"], dirs["b"]
+    kw = dict(batch_size=2, seq_len=T)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Loader([], **kw)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Loader({}, **kw)
+    for weight in (0, -1, float("nan"), float("inf"), True, "0.5", None):
+        with pytest.raises(ValueError, match=rf"dataset source 1 \({b}\): weight must be a finite number > 0"):
+            Loader([(a, 1.0), (b, weight)], **kw)
+    with pytest.raises(ValueError, match=r"dataset source 0: expected a \(directory, weight\) pair"):
+        Loader([(a,)], **kw)
+    with pytest.raises(ValueError, match=rf"dataset source {b}: weight is 0.0001 of the total, below 1/1000"):
+        Loader([(a, 1.0), (b, 1e-4)], **kw)
+    other_vocab = _write(tmp_path / "vocab", 3, [100])
+    manifest = (other_vocab / "manifest.json")
+    manifest.write_text(manifest.read_text().replace(f'"vocab_size": {4 * SPAN}', '"vocab_size": 1000'))
+    with pytest.raises(ShardError, match=rf"dataset source {other_vocab}: tokenizer vocab_size 1000 differs"):
+        Loader([(a, 1.0), (other_vocab, 1.0)], **kw)
+    other_bos = _write(tmp_path / "bos", 3, [100], tokenizer={"bos_id": 1})
+    with pytest.raises(ShardError, match=rf"dataset source {other_bos}: tokenizer bos_id 1 differs from None"):
+        Loader([(a, 1.0), (other_bos, 1.0)], **kw)
+    no_val = write_dataset(tmp_path / "noval", {"train": [np.arange(100)]}, vocab_size=4 * SPAN, eos_id=0)
+    with pytest.raises(ShardError, match=rf"{no_val}.*no split 'val'"):
+        Loader([(a, 1.0), (no_val, 1.0)], split="val", **kw)

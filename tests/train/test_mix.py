@@ -1,0 +1,102 @@
+"""data.mix: a weighted blend of datasets in the trainer, its per-source val losses, and its refused forms."""
+
+import logging
+from pathlib import Path
+
+import pytest
+from fmcore import data
+from fmcore.train.config import ConfigError, load_config, parse_mix
+from fmcore.train.metrics import read_metrics
+from fmcore.train.trainer import train
+
+SMALL = ["--train.batch_size", "8", "--train.seq_len", "64", "--log.progress", "plain", "--log.tensorboard", "false",
+         "--train.threads", "1", "--model.dim", "64", "--model.n_layers", "2", "--checkpoint.export_hf", "false",
+         "--checkpoint.save_final", "false", "--train.eval_batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def general(dataset, tmp_path_factory) -> Path:
+    """Other text (the logging package) under the tiny dataset's tokenizer: a second source of a mix."""
+    out = tmp_path_factory.mktemp("mix") / "general"
+    return data.prepare([Path(logging.__file__).parent], out, tokenizer=dataset / "tokenizer.json",
+                        val_fraction=0.2, workers=1, progress=False)
+
+
+def test_a_mix_logs_each_sources_val_loss(dataset, general, tmp_path, monkeypatch):
+    from fmcore.train import trainer
+
+    run = tmp_path / "run"
+    cfg = load_config("tiny", ["--data.mix", f"{dataset}=0.7,{general}=0.3", "--log.run_dir", str(run), *SMALL,
+                               "--train.steps", "2", "--train.eval_every", "1", "--log.every", "1",
+                               "--checkpoint.every", "0"])
+    calls, real = [], trainer.evaluate
+
+    def recorded(model, cfg, data, *rest):
+        loss, first = real(model, cfg, data, *rest)
+        calls.append((data, loss))
+        return loss, first
+
+    monkeypatch.setattr(trainer, "evaluate", recorded)
+    train(cfg)
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    # Per evaluation: the blend's val loss, then each source's alone, each logged under its name.
+    blend = [(dataset, 0.7), (general, 0.3)]
+    assert [data for data, _ in calls] == [blend, dataset, general] * 2
+    for r, k in zip(evals, (0, 3)):
+        assert r["eval_loss"] == calls[k][1]
+        assert r[f"eval_loss/{dataset.name}"] == calls[k + 1][1]
+        assert r[f"eval_loss/{general.name}"] == calls[k + 2][1]
+        assert calls[k + 1][1] != calls[k + 2][1]  # other text, another loss
+    resolved = (run / "resolved.json").read_text()
+    assert str(general) in resolved
+
+
+def test_a_single_dataset_logs_no_source_losses(dataset, tmp_path):
+    run = tmp_path / "run"
+    train(load_config("tiny", ["--data.dataset", str(dataset), "--log.run_dir", str(run), *SMALL,
+                               "--train.steps", "1", "--checkpoint.every", "0"]))
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert evals and all(set(r) == {"step", "eval_loss", "eval_ppl"} for r in evals)
+
+
+def test_parse_mix():
+    assert parse_mix("a=0.7, b/c=0.3") == [("a", 0.7), ("b/c", 0.3)]
+    assert parse_mix("x=y=2") == [("x=y", 2.0)]  # the weight follows the last "="
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a", r"data.mix: expected DIR=WEIGHT entries separated by commas, got 'a'"),
+    ("a=0.5,", r"data.mix: expected DIR=WEIGHT .* got ''"),
+    ("=0.5", r"got '=0.5'"),
+    ("a=heavy", r"data.mix: the weight of 'a' must be a number, got 'heavy'"),
+    ("a=0", r"data.mix: the weight of 'a' must be finite and > 0, got '0'"),
+    ("a=-1", r"the weight of 'a' must be finite and > 0"),
+    ("a=nan", r"the weight of 'a' must be finite and > 0"),
+    ("a=inf", r"the weight of 'a' must be finite and > 0"),
+])
+def test_malformed_mix_is_a_config_error(text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", ["--data.mix", text])
+
+
+def test_mix_and_dataset_together_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.mix and data.dataset are both set"):
+        load_config("tiny", ["--data.mix", "a=1", "--data.dataset", "b"])
+
+
+def test_a_mix_of_a_missing_directory_is_a_config_error(dataset, tmp_path):
+    with pytest.raises(ConfigError, match=rf"data.mix: {tmp_path / 'nope'} is not a directory"):
+        train(load_config("tiny", ["--data.mix", f"{dataset}=1,{tmp_path / 'nope'}=1",
+                                   "--log.run_dir", str(tmp_path / "run"), *SMALL, "--train.steps", "1"]))
+
+
+def test_plan_memory_takes_a_mixs_vocabulary(dataset, general, capsys):
+    # tiny takes the dataset's vocabulary; an empty data.dataset means the embedded corpus's (4096): a mix's plan
+    # was made for that one.
+    from fmcore.train.plan import main
+
+    assert main(["tiny", "--data.dataset", str(dataset)]) == 0
+    alone = capsys.readouterr().out
+    assert main(["tiny", "--data.mix", f"{dataset}=0.5,{general}=0.5"]) == 0
+    assert capsys.readouterr().out == alone
