@@ -19,7 +19,8 @@ Conventions (FlashAttention 2.1+):
   right = 0: it combines with (left, -1) or (left, 0); a right bound > 0 with causal=True is an
   error. Rows whose window holds no key are as the causal rows above (out 0, lse -inf, gradients 0).
   Key blocks wholly outside every window of a block of queries are skipped, forward and backward,
-  on CUDA (every tile configuration) and on the CPU (whose windowed calls take the reference).
+  on CUDA (windowed calls run tile configuration 0's kernels, whatever ``tiles`` asks) and on the
+  CPU (whose windowed calls take the chunked reference).
 - lse is the natural-log log-sum-exp of the scaled scores, float32 (float64 for float64 CPU inputs),
   (B, Hq, Sq) batched, (Hq, T) varlen. Gradients flow through lse too.
 - Non-finite scores. A key every query scores -inf is as a hidden one: out, lse, dk and dv finite,
