@@ -62,6 +62,8 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--model.arch", "llama", "--model.head_dim", "15"], "llama's RoPE needs an even head dim, got 15"),
     (["--model.qk_norm", "true", "--model.head_dim", "32"],
      r"model.qk_norm = True, model.head_dim = 32: a llama feature; gpt2 needs qkv_bias and qk_norm false"),
+    (["--model.sliding_window", "64"], r"model.sliding_window = 64: a llama feature; gpt2 needs"),
+    (["--model.arch", "llama", "--model.sliding_window", "-1"], r"model.sliding_window: expected a value >= 0"),
     (["--model.qkv_bias", "true"], "model.qkv_bias = True: a llama feature"),
     (["--model.rope_scaling", "llama3", "--model.rope_high_freq_factor", "1"],
      r"model.rope_high_freq_factor \(1.0\) must exceed model.rope_low_freq_factor \(1.0\)"),

@@ -30,9 +30,14 @@ CASES = {
                          ops="torch", qk_norm=True, tie_embeddings=False),
     "qwen3-bias": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, head_dim=8, max_seq_len=64, ops="torch",
                               qk_norm=True, qkv_bias=True),
+    # a sliding window in every layer, shorter than the 37 tokens below: Mistral's, and Qwen3's
+    "mistral-window": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                                  ops="torch", sliding_window=6),
+    "qwen3-window": ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, head_dim=16, max_seq_len=64, ops="torch",
+                                qk_norm=True, sliding_window=9),
 }
-EXPECTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+EXPECTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -138,7 +138,13 @@ def perturbed(cfg: ModelConfig, seed: int = 3):
     # Qwen3 with attention_bias: its o_proj bias, which fmcore's model lacks, written as zeros and read back
     ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, head_dim=8, max_seq_len=64, ops="torch", qk_norm=True,
                 qkv_bias=True),
-], ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied-llama3", "qwen2-untied", "qwen3", "qwen3-bias"])
+    # a sliding window: Mistral, and Qwen2 with it in every layer
+    ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, ops="torch",
+                sliding_window=5),
+    ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, max_seq_len=64, ops="torch", qkv_bias=True,
+                sliding_window=7),
+], ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied-llama3", "qwen2-untied", "qwen3", "qwen3-bias", "mistral-window",
+        "qwen2-window"])
 def test_export_then_init_from_gives_the_same_model(tmp_path, cfg):
     mcfg = models.resolve(cfg, vocab_size=200)
     model = perturbed(mcfg)
@@ -192,12 +198,11 @@ def edit_config(path: Path, **changes) -> None:
     ("llama-gqa", {"hidden_act": "gelu"}, 'hidden_act = "gelu" .*silu'),
     ("gpt2", {"activation_function": "relu"}, 'activation_function = "relu"'),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = true"),
-    ("mistral", {"sliding_window": 32}, r"sliding_window = 32 .*max_position_embeddings \(128\)"),
-    # Qwen's window applies with use_sliding_window, to the layers from max_window_layers on (or layer_types')
+    # Qwen's window applies with use_sliding_window, to the layers from max_window_layers on (or layer_types'):
+    # fmcore's model has one window for all of its layers
     ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1, "layer_types": None},
-     r"use_sliding_window = true .*layers 1 attend within a sliding_window of 32 .*max_position_embeddings \(128\)"),
-    ("qwen3", {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["sliding_attention"] * 2},
-     r"use_sliding_window = true .*layers 0, 1 attend"),
+     r"use_sliding_window = true .*layers 1 attend within a sliding_window of 32 .*one window for all layers"),
+    ("mistral", {"sliding_window": 0}, r"sliding_window = 0 .*expected a positive number"),
     ("llama-gqa", {"num_attention_heads": None}, "expected positive numbers, got num_attention_heads = null"),
 ])
 def test_what_fmcore_cannot_represent_is_refused_by_its_key(tmp_path, case, changes, match):
@@ -221,6 +226,31 @@ def test_a_qwen_window_no_layer_applies_is_no_refusal(tmp_path, changes):
     x = torch.randint(0, 200, (1, 100))  # longer than the window
     with torch.no_grad():
         torch.testing.assert_close(ours(x).double(), hf(x).logits, rtol=4e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])
+@pytest.mark.parametrize("case,changes", [
+    ("mistral", {"sliding_window": 5}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 6, "layer_types": ["sliding_attention"] * 2}),
+    ("qwen2-gqa", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0, "layer_types": None}),
+], ids=["mistral", "qwen3-layer-types", "qwen2-max-window-layers"])
+def test_a_window_every_layer_applies_is_model_sliding_window(tmp_path, case, changes, ops):
+    # Sequences longer than the window: a model attending to every earlier token differs by the logits' size.
+    hf_checkpoint(tmp_path, case)
+    edit_config(tmp_path, **changes)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ours, mcfg = fmcore_model(tmp_path, ops)
+    assert mcfg.sliding_window == changes["sliding_window"]
+    x = torch.randint(0, 200, (2, 37))
+    with torch.no_grad():
+        got, want = ours(x).double(), hf(x).logits
+    torch.testing.assert_close(got, want, rtol=4e-6, atol=4e-6)
+    # (the same weights without the window: other logits)
+    edit_config(tmp_path, sliding_window=None, **({} if case == "mistral" else
+                                                  {"use_sliding_window": False, "layer_types": ["full_attention"] * 2}))
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert (unwindowed(x).logits - want).abs().max() > 1e-2
 
 
 def test_a_qwen3_config_without_head_dim_has_transformers_default(tmp_path):

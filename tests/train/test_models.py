@@ -13,6 +13,8 @@ LLAMA = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, m
                     tie_embeddings=False)
 # Qwen3's attention with Qwen2's biases: q/k norms over heads of 24 (4 * 24 = 96 features, not dim)
 QWEN = dataclasses.replace(LLAMA, head_dim=24, qk_norm=True, qkv_bias=True)
+# Mistral's sliding window, shorter than the sequences and documents below
+MISTRAL = dataclasses.replace(LLAMA, sliding_window=5)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -92,7 +94,7 @@ def test_qkv_biases_and_qk_norms_get_no_weight_decay():
                                                               "w_down.weight", "lm_head.weight"))}
 
 
-@pytest.mark.parametrize("base", [GPT, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("base", [GPT, LLAMA, MISTRAL], ids=["gpt2", "llama", "mistral"])
 def test_document_mask_equals_separate_documents(base):
     """A row packing two documents (positions restart at 0) gives each the loss it gets alone."""
     cfg = models.resolve(base, vocab_size=100)
@@ -191,7 +193,7 @@ def test_fused_block_boundary_feeds_the_matmul_what_torch_does(device, precision
     torch.testing.assert_close(normed, want, rtol=ulps * 2 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("base", [GPT, LLAMA, QWEN], ids=["gpt2", "llama", "qwen"])
+@pytest.mark.parametrize("base", [GPT, LLAMA, QWEN, MISTRAL], ids=["gpt2", "llama", "qwen", "mistral"])
 @pytest.mark.parametrize("docs", [False, True], ids=["dense", "documents"])
 def test_fmcore_ops_match_torch_ops(device, base, docs):
     """The A/B switch changes kernels, not the function: same loss and gradients (fp32)."""
@@ -363,3 +365,25 @@ def test_resolve_and_build_model_name_what_the_config_lacks():
         models.resolve(dataclasses.replace(GPT, vocab_size=100), 512)
     with pytest.raises(ValueError, match="build_model needs a resolved config: call models.resolve"):
         models.build_model(GPT)
+
+
+@pytest.mark.parametrize("ops", ["torch", "fmcore"])
+def test_a_sliding_window_hides_the_keys_before_it(ops):
+    from fmcore.train.models.common import causal_attention, doc_mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 12, 4, 16), torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
+    full = causal_attention(q, k, v, ops)
+    torch.testing.assert_close(causal_attention(q, k, v, ops, window=12), full)  # as long as the sequence
+    # window 1: each token sees itself alone, its own value (each kv head serves two query heads)
+    torch.testing.assert_close(causal_attention(q, k, v, ops, window=1), v.repeat_interleave(2, dim=2))
+    # window 3 against the explicit mask in float64: keys i - 2 .. i, within the documents of 5 and 7 tokens
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)
+    got = causal_attention(q, k, v, ops, doc_mask(positions, None, ops), window=3)
+    i = torch.arange(12)
+    doc = (positions[0] == 0).cumsum(0)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 3) & (doc[:, None] == doc[None, :])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, 2)) / 4
+    want = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~allowed, -torch.inf).softmax(-1),
+                        v.double().repeat_interleave(2, 2))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -45,9 +45,9 @@ class ModelConfig:
     """A Hugging Face checkpoint directory to start from (continued pretraining): config.json plus
     model.safetensors, or shards with model.safetensors.index.json, of a GPT2LMHeadModel,
     LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2, Qwen2.5) or Qwen3ForCausalLM (dense)
-    without an active sliding window. Its config.json sets arch, vocab_size, dim, n_layers, n_heads,
-    n_kv_heads, head_dim, ffn_dim, max_seq_len, rope_base, the rope_* scaling fields, norm_eps,
-    tie_embeddings, bias, qkv_bias and qk_norm, over a preset's values; one your TOML file or command
+    (a sliding window in every layer or in none). Its config.json sets arch, vocab_size, dim, n_layers,
+    n_heads, n_kv_heads, head_dim, ffn_dim, max_seq_len, rope_base, the rope_* scaling fields, norm_eps,
+    tie_embeddings, bias, qkv_bias, qk_norm and sliding_window, over a preset's values; one your TOML file or command
     line set to another value is an error (0, "derive it", is not). What fmcore's models cannot compute
     exactly (an o_proj or MLP bias, another activation, a rope_scaling other than llama3, a mixture of
     experts...) is refused naming the config.json key. Dropout is
@@ -102,6 +102,10 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head's head_dim features of q and of k, after the projection and before
     RoPE, with a weight of head_dim per norm and model.norm_eps (llama; Qwen3's attention)."""
+    sliding_window: int = 0
+    """Local attention in every layer (llama; Mistral's sliding window, as transformers computes it):
+    each token attends to itself and the sliding_window - 1 tokens before it (in its document);
+    0 means every earlier token. fmcore's kernel skips the key blocks outside the window."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
 
@@ -510,12 +514,15 @@ def validate(cfg: Config) -> None:
                           f"model.rope_low_freq_factor ({m.rope_low_freq_factor})")
     if m.head_dim < 0:
         raise ConfigError(f"model.head_dim: expected a value >= 0 (0: dim / n_heads), got {m.head_dim}")
+    if m.sliding_window < 0:
+        raise ConfigError(f"model.sliding_window: expected a value >= 0 (0: no window), got {m.sliding_window}")
     if m.arch == "gpt2":  # (gpt2's attention has model.bias, and its head dim is dim / n_heads)
-        llama_only = [f"model.{k} = {getattr(m, k)!r}" for k in ("qkv_bias", "qk_norm") if getattr(m, k)]
+        llama_only = [f"model.{k} = {getattr(m, k)!r}" for k in ("qkv_bias", "qk_norm", "sliding_window")
+                      if getattr(m, k)]
         llama_only += [f"model.head_dim = {m.head_dim}"] if m.head_dim not in (0, m.dim // m.n_heads) else []
         if llama_only:
             raise ConfigError(f"{', '.join(llama_only)}: a llama feature; gpt2 needs qkv_bias and qk_norm false, "
-                              "head_dim 0 (dim / n_heads)")
+                              "sliding_window 0, head_dim 0 (dim / n_heads)")
     if m.dim % m.n_heads and not m.head_dim:
         raise ConfigError(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads}) "
                           "unless model.head_dim is set")

@@ -26,8 +26,8 @@ from fmcore.train.parallel import full_state_dicts, split_part
 
 def _hf_config(cfg: ModelConfig) -> dict:
     """config.json's model keys (CONFIG_KEYS, the table init_from.py reads back) and what fmcore's models
-    fix: GPT-2's tanh GELU, no dropout (fmcore trains without), Llama's SiLU, no MLP biases, RoPE,
-    no sliding window (Qwen's)."""
+    fix: GPT-2's tanh GELU, no dropout (fmcore trains without), Llama's SiLU, no MLP biases, RoPE, and
+    model.sliding_window in every layer (Mistral's; Qwen's from layer 0) or in none."""
     model_type = hf_model_type(cfg)
     config = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
               **{key: getattr(cfg, field) for field, key in CONFIG_KEYS[cfg.arch].items()},
@@ -36,10 +36,15 @@ def _hf_config(cfg: ModelConfig) -> dict:
         return config | {"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
     config["hidden_act"] = "silu"
-    if model_type == "llama":
+    window = cfg.sliding_window or None
+    if model_type in ("llama", "mistral"):
         config |= {"attention_bias": False, "mlp_bias": False}
+        if model_type == "mistral":
+            config["sliding_window"] = window
     else:  # (Qwen2's q/k/v biases are fixed; Qwen3's attention_bias puts zeros on o_proj, see hf_map)
-        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+        layer = "sliding_attention" if window else "full_attention"
+        config |= {"use_sliding_window": bool(window), "sliding_window": window,
+                   "max_window_layers": 0 if window else cfg.n_layers, "layer_types": [layer] * cfg.n_layers}
         if model_type == "qwen3":
             config["attention_bias"] = cfg.qkv_bias
     if cfg.rope_scaling == "llama3":

@@ -40,16 +40,16 @@ CONFIG_KEYS = {
               "tie_embeddings": "tie_word_embeddings", "rope_base": "rope_theta", "head_dim": "head_dim"},
 }
 # transformers' model_type -> its causal LM class
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-    """The transformers model_type that computes what cfg's model does: gpt2, llama (Mistral too: the same
-    model where no sliding window applies), qwen2 (q/k/v biases) or qwen3 (q/k norms)."""
+    """The transformers model_type that computes what cfg's model does: gpt2, llama, mistral (a llama with
+    a sliding window), qwen2 (q/k/v biases) or qwen3 (q/k norms; both with the window in every layer)."""
     if cfg.arch == "gpt2":
         return "gpt2"
-    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
 
 
 @dataclass(frozen=True)

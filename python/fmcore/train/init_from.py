@@ -7,9 +7,9 @@
 
 A checkpoint is a directory with config.json and model.safetensors, or shards listed in
 model.safetensors.index.json, as transformers' save_pretrained writes them, of a GPT2LMHeadModel,
-LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (each without a sliding window
-shorter than its context; Qwen2's q/k/v biases and Qwen3's q/k norms and head_dim are model.qkv_bias,
-model.qk_norm and model.head_dim of fmcore's llama).
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM (a sliding window applied by
+every layer or by none; Qwen2's q/k/v biases, Qwen3's q/k norms and head_dim, and the window are
+model.qkv_bias, model.qk_norm, model.head_dim and model.sliding_window of fmcore's llama).
 Only the safetensors package reads it: transformers is not needed. The names and layouts are
 hf_map.py's, the table export.py writes with. Whatever fmcore's models would compute differently is
 refused by its config.json key, never approximated.
@@ -137,7 +137,7 @@ def model_shape(path: str | Path) -> dict:
         qkv_bias = model_type == "qwen2" or bool(c.get("attention_bias"))
         shape |= {"n_kv_heads": c["num_key_value_heads"] or heads, "head_dim": head_dim, "bias": False,
                   "qkv_bias": qkv_bias, "qk_norm": model_type == "qwen3"}
-        _check_sliding_window(c, model_type, refuse)
+        shape["sliding_window"] = _sliding_window(c, model_type, refuse)
         shape |= _rope(c, refuse)
     for field in ("norm_eps", "rope_base", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
         if field in shape:
@@ -145,27 +145,28 @@ def model_shape(path: str | Path) -> dict:
     return shape
 
 
-def _check_sliding_window(c: dict, model_type: str, refuse) -> None:
-    """Refuses a sliding window that some layer applies and that is shorter than the context: fmcore's
-    attention sees every earlier position. Mistral's applies to every layer; Qwen's only with
-    use_sliding_window, to the layers layer_types names "sliding_attention" (by default those from
-    max_window_layers on)."""
+def _sliding_window(c: dict, model_type: str, refuse) -> int:
+    """model.sliding_window: the window every layer applies, or 0 where none is shorter than the context.
+    Mistral's applies to every layer; Qwen's only with use_sliding_window, to the layers layer_types
+    names "sliding_attention" (by default those from max_window_layers on): some layers but not all
+    is refused, as fmcore's model has one window for all."""
     window, longest = c["sliding_window"], c["max_position_embeddings"]
     if window is None or window >= longest:
-        return
+        return 0
+    if type(window) is not int or window < 1:
+        raise refuse("sliding_window", "expected a positive number of positions")
     if model_type not in ("qwen2", "qwen3"):
-        raise refuse("sliding_window", f"fmcore's attention sees every earlier position, and this window is "
-                                       f"shorter than max_position_embeddings ({longest})")
+        return window
     if not c["use_sliding_window"]:
-        return
+        return 0
     types = c["layer_types"] or ["sliding_attention" if i >= c["max_window_layers"] else "full_attention"
                                  for i in range(c["num_hidden_layers"])]
     sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
-    if sliding:
+    if sliding and len(sliding) < len(types):
         raise refuse("use_sliding_window", f"layers {_names([str(i) for i in sliding])} attend within a "
-                                           f"sliding_window of {window} positions, shorter than "
-                                           f"max_position_embeddings ({longest}), and fmcore's attention sees "
-                                           "every earlier position")
+                                           f"sliding_window of {window} positions, the others to every earlier "
+                                           "position, and fmcore's model has one window for all layers")
+    return window if sliding else 0
 
 
 def _rope(c: dict, refuse) -> dict:

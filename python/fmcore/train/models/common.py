@@ -54,29 +54,36 @@ def doc_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor | None, ops: str,
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: str,
-                     docs: DocMask | None = None) -> torch.Tensor:
+                     docs: DocMask | None = None, window: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + causal mask) v. q (B, S, Hq, D), k and v (B, S, Hk, D) with Hk | Hq.
 
-    Returns (B, S, Hq, D). With docs, tokens attend only within their own document."""
+    Returns (B, S, Hq, D). With docs, tokens attend only within their own document; with a window > 0,
+    only to themselves and the window - 1 tokens before them."""
     B, S, H, D = q.shape
     if ops == "fmcore" and _flash_covers(q):
         from fmcore.ops import flash_attention, flash_attention_varlen
 
+        window_size = (window - 1, 0) if window else (-1, -1)
         # q, k, v already carry autocast's dtype (they come out of a Linear).
         if docs is None:
-            return flash_attention(q, k, v, causal=True)
+            return flash_attention(q, k, v, causal=True, window_size=window_size)
         out = flash_attention_varlen(q.reshape(B * S, H, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D),
                                      docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
-                                     causal=True)
+                                     causal=True, window_size=window_size)
         return out.view(B, S, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = k.shape[1] != H
     if docs is not None and docs.mask is None:  # fmcore's varlen inputs, but its kernel does not apply
         docs = DocMask(None, S, _mask_from_cu_seqlens(docs.cu_seqlens, B, S))
-    if docs is None:
+    mask = None if docs is None else docs.mask
+    if window and window < S:  # (SDPA has no window: an explicit mask, off its flash path)
+        i = torch.arange(S, device=q.device)
+        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        mask = band if mask is None else mask & band
+    if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

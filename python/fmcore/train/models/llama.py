@@ -27,7 +27,8 @@ class LlamaBlock(PreNormBlock):
         d, f = cfg.dim, cfg.ffn_dim
         # Heads on this rank (tensor parallelism divides hq and hk; the head dim stays).
         self.hq, self.hk, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.ops, self.rope = cfg.ops, [rope]  # a list: the shared tables are not this block's submodule
+        # rope in a list: the shared tables are not this block's submodule
+        self.ops, self.rope, self.window = cfg.ops, [rope], cfg.sliding_window
         self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.wqkv = nn.Linear(d, (self.hq + 2 * self.hk) * self.hd, bias=cfg.qkv_bias)
         self.q_norm = HeadNorm(self.hd, cfg.norm_eps, cfg.ops) if cfg.qk_norm else None
@@ -48,7 +49,7 @@ class LlamaBlock(PreNormBlock):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope[0].tables(S, positions)
         q, k = apply_rope(q, k, cos, sin, self.ops)
-        return self.wo(causal_attention(q, k, v, self.ops, docs).reshape(B, S, self.hq * self.hd))
+        return self.wo(causal_attention(q, k, v, self.ops, docs, self.window).reshape(B, S, self.hq * self.hd))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)  # (..., 2F): gate, then up (per rank: SplitLinear keeps the order)
