@@ -50,6 +50,17 @@ def test_flops_per_token_matches_the_published_gpt2_numbers():
     assert models.param_count(llama) == 1_100_048_384  # TinyLlama-1.1B's published count
 
 
+
+def test_flops_per_token_counts_a_sliding_window_s_keys():
+    # Mistral's convention (a token sees itself and W - 1 before it): the attention term's T becomes
+    # min(T, W), the band's width; shorter sequences than the window are unchanged.
+    windowed = models.resolve(dataclasses.replace(LLAMA, sliding_window=16), vocab_size=64)
+    full = models.resolve(LLAMA, vocab_size=64)
+    attention = 12 * LLAMA.n_layers * LLAMA.n_heads * (LLAMA.dim // LLAMA.n_heads)
+    assert models.flops_per_token(windowed, 64) == models.flops_per_token(full, 64) - attention * (64 - 16)
+    assert models.flops_per_token(windowed, 16) == models.flops_per_token(full, 16)
+    assert models.flops_per_token(windowed, 8) == models.flops_per_token(full, 8)
+
 QWEN_SHAPES = {  # the published config.json shapes (no weights downloaded)
     "Qwen2.5-0.5B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
                          hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -247,7 +247,8 @@ class LogConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 looks the GPU up (H100: 989 bf16), none on CPU. The
     metrics' mfu is the percentage of it that models.flops_per_token (6N + 12 L H Q T per token, PaLM's
-    and nanoGPT's convention: no recompute, full S x S attention scores) times tok/s makes."""
+    and nanoGPT's convention: no recompute, full S x S attention scores, S x W with a sliding window W)
+    times tok/s makes."""
 
 
 @dataclass

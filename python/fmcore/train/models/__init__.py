@@ -91,9 +91,12 @@ def matmul_param_count(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, forward + backward: 6N + 12 L H Q T (PaLM's convention, as nanoGPT:
     N matmul parameters, L layers, H query heads, Q head dim, T sequence length; the attention term
-    counts the full S x S scores, causal masking notwithstanding)."""
+    counts the full S x S scores, causal masking notwithstanding). With a sliding window W shorter
+    than T, a token's keys are at most W, so T becomes W there (the band's full width, in the same
+    spirit: the triangle the window's first tokens miss is not subtracted)."""
     head_dim = cfg.head_dim or cfg.dim // cfg.n_heads  # (Qwen3's: n_heads * head_dim need not be dim)
-    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    keys = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layers * cfg.n_heads * head_dim * keys
 
 
 __all__ = ["CausalLM", "GPT", "Llama", "build_model", "flops_per_token", "matmul_param_count", "param_count",
