@@ -12,7 +12,8 @@
 #   scripts/gpu_check.sh sanitize         # compute-sanitizer memcheck, racecheck, synccheck: every kernel
 #   scripts/gpu_check.sh train            # README command 1 on the GPU + the 300-step GPT-2 124M ops A/B
 #   scripts/gpu_check.sh bench-ops        # the ops with a bar (rope, cross_entropy, linear_cross_entropy, adamw)
-#   scripts/gpu_check.sh bench-NAME       # one benchmark: bench-attention, bench-loader, bench-train, bench-norm...
+#   scripts/gpu_check.sh bench-NAME       # one benchmark: bench-attention, bench-attention_masked (sliding
+#                                         # window, packed documents), bench-loader, bench-train, bench-norm...
 #   scripts/gpu_check.sh profile          # kernel-by-kernel time of each op (scripts/profile_kernels.py)
 #   scripts/gpu_check.sh all              # every stage in order (no 10-minute limit; ~25 min)
 #
@@ -24,6 +25,8 @@
 # if the machine is still warm:
 #   DEADLINE=575 scripts/gpu_check.sh test-tiles:40 test:170 bench-attention:130 bench-rope:25 bench-cross_entropy:30 bench-linear_cross_entropy:60 profile:40 bench-train:80
 #   DEADLINE=240 scripts/gpu_check.sh test-bigmem:70 sanitize:110 bench-gelu:30 bench-swiglu:25
+# bench-attention_masked (sliding window, packed documents) has not run on a GPU yet: give it ~180 s in a
+# later call; two FlexAttention compiles (forward and backward, one per group of shapes) are most of it.
 # bench-attention's tiles rows decide the sm_90 defaults, forward and backward apart (Tiles<D, 0>'s four
 # wgmma fields in csrc/kernels/attention.cu take the winners' values, per head dim): 3 and 5 differ in
 # the forward only (5 overlaps the softmax with the P V), 3 and 4 in both (4's backward is one
@@ -180,7 +183,7 @@ bench() {  # bench STAGE SECONDS NAME...: one group of benchmarks, its JSON and 
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { echo "usage: scripts/gpu_check.sh STAGE[:SECONDS]... (test test-bigmem sanitize train bench-ops bench-NAME profile all)"; exit 2; }
-[ "${stages[*]}" = all ] && stages=(test-tiles test test-bigmem sanitize train bench-ops bench-attention profile bench-loader bench-train bench-norm bench-gelu bench-swiglu) \
+[ "${stages[*]}" = all ] && stages=(test-tiles test test-bigmem sanitize train bench-ops bench-attention bench-attention_masked profile bench-loader bench-train bench-norm bench-gelu bench-swiglu) \
   && deadline=$(( $(date +%s) + 3600 ))
 for spec in "${stages[@]}"; do
   stage=${spec%%:*}; cap=${spec#*:}; [ "$cap" = "$spec" ] && cap=

@@ -467,6 +467,18 @@ def test_readme_renders_each_bench_from_its_newest_file(tmp_path):
     assert "Host timing" in text[text.index("### loader"):]
 
 
+def test_readme_shows_masked_attention_in_ms_and_tflops_with_its_note(tmp_path):
+    # Its full-causal reference does other work than the masked systems: the README keeps the ms beside
+    # the TFLOP/s, and says so.
+    render_readme = _render_readme()
+    rows = [Row("attention_masked", "c fwd", s, m, v, m) for s in ("fmcore", "sdpa-flash-full-causal")
+            for m, v in (("ms", 1.0), ("TFLOP/s", 300.0), ("roofline%", 40.0))]
+    report.write_json(tmp_path / "h200-2026-12-09.json", _head(), rows)
+    table = render_readme.render(tmp_path).split("### attention_masked", 1)[1].split("###", 1)[0]
+    assert "| c fwd | ms | 1 | 1 |" in table and "| c fwd | TFLOP/s | 300 | 300 |" in table
+    assert "roofline%" not in table and "without that mask" in table
+
+
 def test_train_bench_records_a_failed_system_and_goes_on(monkeypatch, capsys):
     import fmcore.bench.train as train_bench
     from fmcore.bench import SKIPPED
@@ -514,3 +526,107 @@ def test_fmcore_bench_draws_its_charts(tmp_path, monkeypatch, capsys):
     charts = sorted(p.name for p in (tmp_path / "charts").iterdir())
     assert charts and all(name.endswith(".png") for name in charts)
     assert f"# wrote {tmp_path / 'charts' / charts[0]}" in capsys.readouterr().out
+
+
+# ---- attention_masked: sliding-window and document-masked attention against their peers
+
+def _brute_pairs(lengths, left):
+    """Every (query, key) pair of a dense (T, T) mask: same document, key not after the query, and
+    within left keys before it (left -1: no bound)."""
+    starts = [sum(lengths[:d]) for d in range(len(lengths))]
+    doc = [d for d, n in enumerate(lengths) for _ in range(n)]
+    T = sum(lengths)
+    return sum(1 for i in range(T) for j in range(T)
+               if doc[i] == doc[j] and starts[doc[i]] <= j <= i and (left < 0 or i - j <= left))
+
+
+@pytest.mark.parametrize("lengths, left", [([37], -1), ([37], 0), ([37], 5), ([37], 36), ([37], 100),
+                                           ([5, 1, 17, 9], -1), ([5, 1, 17, 9], 3), ([64, 64], 15)])
+def test_masked_attention_counts_exactly_the_admitted_pairs(lengths, left):
+    from fmcore.bench.attention_masked import admitted_pairs, dense_mask
+
+    assert admitted_pairs(lengths, left) == _brute_pairs(lengths, left)
+    assert int(dense_mask(lengths, left).sum()) == _brute_pairs(lengths, left)
+
+
+def test_masked_attention_document_lengths_are_seeded_and_fill_the_total():
+    from fmcore.bench.attention_masked import document_lengths
+
+    lengths = document_lengths(16384, 32, 8192)
+    assert sum(lengths) == 16384 and lengths == document_lengths(16384, 32, 8192)  # the same case every run
+    assert all(n >= 1 for n in lengths) and max(lengths) <= 8192 and len(lengths) > 2
+    assert min(lengths[:-1]) >= 32  # only the last, cut to fit the total, may be shorter
+    assert min(lengths) < 512 and max(lengths) > 2048  # short and long documents both
+
+
+def test_masked_attention_runs_quick_on_cpu_with_exact_flops():
+    from fmcore.bench import SKIPPED
+    from fmcore.bench import attention_masked as am
+
+    SKIPPED.clear()
+    rows = list(am.run(BenchContext(**CPU_CTX)))
+    assert SKIPPED == [] and {r.bench for r in rows} == {"attention_masked"}
+    cases = list(dict.fromkeys(r.case.rsplit(" ", 1)[0] for r in rows))
+    assert len(cases) == 2 and "window (63, 0)" in cases[0] and "docs" in cases[1]
+    # On the CPU: FlexAttention eager and forward only (torch has no CPU backward for it).
+    for case in cases:
+        got = {(r.system, r.case.rsplit(" ", 1)[1]) for r in rows if r.case.startswith(case)}
+        assert got == {("fmcore", "fwd"), ("fmcore", "bwd"), ("torch-flex", "fwd"),
+                       ("torch-eager-full-causal", "fwd"), ("torch-eager-full-causal", "bwd")}, got
+    assert all(r.value > 0 for r in rows)
+
+    def flops(case, system, phase):
+        ms, = (r.value for r in rows if (r.case, r.system, r.metric) == (f"{case} {phase}", system, "ms"))
+        tflops, = (r.value for r in rows if (r.case, r.system, r.metric) == (f"{case} {phase}", system, "TFLOP/s"))
+        return tflops * 1e12 * ms * 1e-3
+
+    # The windowed and document-masked systems are credited the pairs their mask admits, the full-causal
+    # reference its own: B H S (S + 1) / 2 pairs.
+    window = 1 * 2 * (64 * 65 // 2 + (256 - 64) * 64)  # B1 H2 S256, left 63: 64 keys a query at most
+    assert flops(cases[0], "fmcore", "fwd") == pytest.approx(4 * 32 * window)
+    assert flops(cases[0], "torch-flex", "fwd") == pytest.approx(4 * 32 * window)
+    assert flops(cases[0], "fmcore", "bwd") == pytest.approx(2.5 * 4 * 32 * window)
+    assert flops(cases[0], "torch-eager-full-causal", "fwd") == pytest.approx(4 * 32 * 2 * 256 * 257 / 2)
+    lengths = am.document_lengths(*am.QUICK_DOC_CASES[0][:3])
+    docs = 2 * sum(n * (n + 1) // 2 for n in lengths)
+    assert flops(cases[1], "fmcore", "fwd") == pytest.approx(4 * 32 * docs)
+    assert flops(cases[1], "torch-flex", "fwd") == pytest.approx(4 * 32 * docs)
+
+
+@pytest.mark.parametrize("wrong", ["window", "documents"])
+def test_masked_attention_disagreeing_system_raises(monkeypatch, wrong):
+    # A peer computing another mask is a benchmark bug (its numbers would be for other work): the quick
+    # run's agreement check raises, and measure_system does not turn that into a skipped peer. Each
+    # wrong system here is right on the other case, so the check must catch it on its own case.
+    from fmcore.bench import attention_masked as am
+
+    real = am._systems
+
+    def with_a_wrong_one(device, case, *args):
+        fmcore = real(device, case, *args)[0].fn
+        if wrong == "window" and case.left >= 0:  # one key too many a query
+            fn = lambda q, k, v: am.flash_attention(q, k, v, causal=True, window_size=(case.left + 1, 0))  # noqa: E731
+        elif wrong == "documents" and len(case.lengths) > 1:  # the documents' boundaries ignored
+            fn = lambda q, k, v: am.flash_attention(q, k, v, causal=True)  # noqa: E731
+        else:
+            fn = fmcore
+        return [*real(device, case, *args), am.System("wrong", fn)]
+
+    monkeypatch.setattr(am, "_systems", with_a_wrong_one)
+    monkeypatch.setattr(am, "time_ms", lambda *a, **k: 1.0)  # the check, not the timing
+    seen = []
+    with pytest.raises(am.Disagreement, match="wrong disagrees with the float64 dense-mask reference"):
+        for row in am.run(BenchContext(**CPU_CTX)):
+            seen.append(row)
+    # documents: the window case ran whole, the wrong system's rows included
+    assert any(r.system == "wrong" for r in seen) == (wrong == "documents")
+
+
+def test_gpu_check_all_runs_every_benchmark():
+    # `scripts/gpu_check.sh all` must reach each registered benchmark (bench-NAME, or bench-ops' group).
+    script = (ROOT / "scripts/gpu_check.sh").read_text()
+    everything = script[script.index('[ "${stages[*]}" = all ]'):].split("\n", 2)[:2]
+    stages = " ".join(everything).split("stages=(", 1)[1].split(")", 1)[0].split()
+    ops = script.split("bench bench-ops", 1)[1].split("\n", 1)[0].split()[1:]
+    reached = {s.removeprefix("bench-") for s in stages if s.startswith("bench-")} | set(ops)
+    assert set(BENCHMARKS) <= reached, set(BENCHMARKS) - reached

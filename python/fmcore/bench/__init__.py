@@ -29,6 +29,7 @@ BENCHMARKS = {
     "linear_cross_entropy": "fmcore.bench.linear_cross_entropy",
     "adamw": "fmcore.bench.adamw",
     "attention": "fmcore.bench.attention",
+    "attention_masked": "fmcore.bench.attention_masked",
     "loader": "fmcore.bench.loader",
     "train": "fmcore.bench.train",
 }
@@ -85,14 +86,21 @@ def load(name: str):
 SKIPPED: list[dict[str, Any]] = []
 
 
+class Disagreement(AssertionError):
+    """A system's result differs from the reference on the same inputs: the benchmark would time other
+    work than it names (a wrong mask, layout or argument), a bug of the benchmark, not a failed peer."""
+
+
 def measure_system(bench: str, case: str, system: str, measure: Callable[[], list[Row]]) -> list[Row]:
     """Run one system's measurement. fmcore's failures raise; a peer that fails (an API that moved, a
     case its backend refuses, out of memory) is named on stdout and in SKIPPED and leaves no rows, so
-    one broken peer cannot cost a GPU session the other numbers."""
+    one broken peer cannot cost a GPU session the other numbers. A Disagreement always raises."""
     if system == "fmcore":
         return measure()
     try:
         return measure()
+    except Disagreement:
+        raise
     except Exception as err:  # noqa: BLE001 - any peer failure is reported, never hidden as a number
         record_skipped(bench, case, system, err)
         if torch.cuda.is_available():
@@ -146,5 +154,5 @@ def try_import(module: str):
         return None
 
 
-__all__ = ["BENCHMARKS", "BenchContext", "Row", "SKIPPED", "bench_tiles", "error_line", "load", "measure_system",
-           "record_skipped", "try_import"]
+__all__ = ["BENCHMARKS", "BenchContext", "Disagreement", "Row", "SKIPPED", "bench_tiles", "error_line", "load",
+           "measure_system", "record_skipped", "try_import"]

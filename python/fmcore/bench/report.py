@@ -1,11 +1,13 @@
 """Result rows, the markdown table, the JSON file and the plots.
 
 A row is {bench, case, system, metric, value, unit}. Vocabulary (keep results comparable across
-issues and dates): bench names rope, cross_entropy, linear_cross_entropy, adamw, attention, loader,
-train; systems fmcore (and variants fmcore-<what>), torch-eager, torch-compile, torch-fused, torch-foreach, sdpa-flash,
-sdpa-cudnn, sdpa-mem-efficient, liger, cce, nanogpt-get-batch, torch-dataloader; metrics ms
-(median), GB/s, TFLOP/s, MiB (peak above inputs), tok/s, MFU%, and roofline% (of the copy bandwidth
-or matmul rate measured in the same run; unit says which).
+issues and dates): bench names rope, cross_entropy, linear_cross_entropy, adamw, attention,
+attention_masked, loader, train; systems fmcore (and variants fmcore-<what>), torch-eager,
+torch-compile, torch-fused, torch-foreach, sdpa-flash, sdpa-cudnn, sdpa-mem-efficient, torch-flex,
+torch-varlen, flash-attn, <system>-full-causal (a reference point without the case's mask), liger, cce,
+nanogpt-get-batch, torch-dataloader; metrics ms (median), GB/s, TFLOP/s, MiB (peak above inputs),
+tok/s, MFU%, and roofline% (of the copy bandwidth or matmul rate measured in the same run; unit says
+which).
 """
 
 from __future__ import annotations
