@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan-memory": "per-GPU memory of a training config in its parallel layout (see `fmcore plan-memory -h`)",
         "prepare": "raw text (or the embedded stdlib corpus) to token shards + manifest (see `fmcore prepare -h`)",
         "train": "train a model: `fmcore train [CONFIG.toml|PRESET] [--section.key value ...]` (see -h)",
+        "export": "a run's checkpoint (any step, layout, world size) to a Hugging Face directory: "
+                  "`fmcore export RUN_DIR [--step N] [--out DIR]` (see -h)",
     }
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="fmcore", description="fmcore command line")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # (imported when chosen: each pulls in what only it needs)
     module = {"bench": "fmcore.bench.__main__", "prepare": "fmcore.data.prepare", "train": "fmcore.train.trainer",
-              "plan-memory": "fmcore.train.plan"}[command]
+              "plan-memory": "fmcore.train.plan", "export": "fmcore.train.export_run"}[command]
     return importlib.import_module(module).main(rest)
 
 

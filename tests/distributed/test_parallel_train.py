@@ -6,11 +6,12 @@ reductions run in another order); a checkpoint saved at step 10 on 2 ranks resum
 reproduces steps 11-20; for fsdp2 and zero1 it also loads in 1 process (resharding) and reproduces
 them, tensor=2's loads in 1 process without tensor parallelism and 1 process's on 2 with it; the
 Hugging Face export written at the end (gathered from the shards, tensor parallelism's split
-projections fused again) holds one process's weights. And fsdp2 with tensor=2 on 4 ranks (a 2-D
-mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2 ranks, fsdp2 with tensor=2,
-activation checkpointing (full, and selective) and torch.compile against 1 process, zero1 with 2
-micro-batches per step (gradient accumulation) against 1 process, and 1 process's checkpoint resumed
-on 2 ranks.
+projections fused again) holds one process's weights, and `fmcore export` of the final checkpoint in
+this process writes the same weights (a bf16 run's fp32 masters, from zero1 and tensor=2). And fsdp2
+with tensor=2 on 4 ranks (a 2-D mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2
+ranks, fsdp2 with tensor=2, activation checkpointing (full, and selective) and torch.compile against 1
+process, zero1 with 2 micro-batches per step (gradient accumulation) against 1 process, and 1
+process's checkpoint resumed on 2 ranks.
 """
 
 from __future__ import annotations
@@ -154,6 +155,41 @@ def test_load_on_one_process(two_rank_run, dataset):
     run(1, overrides(dataset, tmp / "one", 2 * B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt)),
         tmp / "launch-one")
     assert_losses_close(losses(tmp / "one"), losses(tmp / "run"), range(SAVE_AT + 1, STEPS + 1))
+
+
+def test_fmcore_export_reads_the_checkpoint_in_one_process(two_rank_run):
+    # `fmcore export` of the 2 ranks' final checkpoint, in this process (no process group): the weights
+    # the end of the run exported (gathered from the shards, the split projections fused), exactly.
+    from safetensors.torch import load_file
+
+    from fmcore.__main__ import main
+
+    _, _, tmp = two_rank_run
+    assert main(["export", str(tmp / "run"), "--out", str(tmp / "exported")]) == 0
+    got, want = (load_file(tmp / d / "model.safetensors") for d in ("exported", "run/hf"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("mode", ["zero1", "tensor2"])
+def test_fmcore_export_of_a_bf16_run_writes_its_fp32_master_weights(mode, dataset, tmp_path):
+    # zero1 keeps the masters in its flat buckets, tensor parallelism in the split projections' parts; in
+    # one process they are cut or regrouped into FusedAdamW's. Rounded to bf16 they are the parameters the
+    # run exported at its end; some of them are not bf16 values themselves.
+    from safetensors.torch import load_file
+
+    from fmcore.__main__ import main
+
+    llama = ["--model.arch", "llama", "--model.tie_embeddings", "false"]
+    run(2, overrides(dataset, tmp_path / "run", B, *MODES[mode], *llama, "--train.precision", "bf16",
+                     "--train.steps", "6"), tmp_path / "launch")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    masters, bf16 = (load_file(tmp_path / d / "model.safetensors") for d in ("exported", "run/hf"))
+    assert masters.keys() == bf16.keys() and {t.dtype for t in masters.values()} == {torch.float32}
+    for name in bf16:
+        assert torch.equal(masters[name].bfloat16(), bf16[name]), name
+    assert any(not torch.equal(masters[name], bf16[name].float()) for name in bf16)
 
 
 def test_a_tensor_parallel_checkpoint_resumes_without_tensor_parallelism_and_back(two_rank_run, dataset, references):

@@ -5,6 +5,7 @@
 - schedule.py    learning-rate schedules
 - checkpoint.py  torch.distributed.checkpoint save/resume, retention
 - export.py      safetensors + config.json for Hugging Face transformers
+- export_run.py  ``fmcore export RUN_DIR``: any checkpoint of a run, in any layout, as such a directory
 - metrics.py     progress bar / plain lines, JSON Lines, TensorBoard, loss-curve PNG, summary
 - trainer.py     the loop and ``main(argv)``
 """
