@@ -3,6 +3,7 @@
 Tiny models on the CPU. Every comparison of values is against the float64 unpatched model, allowing
 at most about twice the error of transformers' own same-dtype result (tests/util.py)."""
 
+import contextlib
 import copy
 import re
 import subprocess
@@ -75,15 +76,21 @@ def fresh_warnings(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Every call that reached fmcore's flash attention through the interface: (Sq, Sk) of the batched
-    kernel, ("varlen", cu_seqlens_q, cu_seqlens_k) of the varlen one."""
+    kernel, ("varlen", cu_seqlens_q, cu_seqlens_k) of the varlen one, each followed by its window_size
+    where it has one."""
     calls = []
 
+    def window(kw):
+        size = tuple(kw.get("window_size", (-1, -1)))
+        return [] if size == (-1, -1) else [size]
+
     def spy(q, k, v, **kw):
-        calls.append((q.shape[1], k.shape[1]))
+        calls.append((q.shape[1], k.shape[1], *window(kw)))
         return flash_attention(q, k, v, **kw)
 
     def varlen_spy(q, k, v, cu_q, cu_k, *args, **kw):
-        calls.append(("varlen", *([] if torch.compiler.is_compiling() else [cu_q.tolist(), cu_k.tolist()])))
+        cu = [] if torch.compiler.is_compiling() else [cu_q.tolist(), cu_k.tolist()]
+        calls.append(("varlen", *cu, *window(kw)))
         return flash_attention_varlen(q, k, v, cu_q, cu_k, *args, **kw)
 
     flash_attention, flash_attention_varlen = hf.flash_attention, hf.flash_attention_varlen
@@ -471,61 +478,230 @@ def test_the_patched_attention_passes_the_interface_what_transformers_does(kind)
     assert seen[:2] == seen[2:] and seen[1]["sliding_window"] == 50
 
 
-@pytest.mark.parametrize("kind, window, on_kernel", [("mistral", 37, 2), ("mistral", 36, 0), ("qwen2", 36, 1)])
-def test_a_sliding_window_runs_the_kernel_only_where_it_hides_nothing(kind, window, on_kernel, kernel_calls):
-    # Of 37 keys the farthest is 36 back: a window of 37 hides nothing, one of 36 hides it (SDPA then,
-    # with HF's sliding-window mask). Mistral's window is on every layer; Qwen2's from max_window_layers on.
-    kw = dict(use_sliding_window=True, max_window_layers=1) if kind == "qwen2" else {}
-    base = build(kind, sliding_window=window, **kw).eval()
+def sliding(kind, window=5):
+    """Model keywords for a sliding window: Mistral's on every layer, Qwen's on the layers from
+    max_window_layers on (here layer 1; layer 0 attends to everything)."""
+    qwen = dict(use_sliding_window=True, max_window_layers=1) if kind.startswith("qwen") else {}
+    return dict(sliding_window=window, **qwen)
+
+
+def layer_windows(kind, window=5):
+    """The kernel's window_size in each of the 2 layers, as kernel_calls records it: HF's window of W shows a
+    query itself and the W - 1 keys before it."""
+    return [(window - 1, 0)] * 2 if kind == "mistral" else [None, (window - 1, 0)]
+
+
+def with_window(call, window):
+    return call if window is None else (*call, window)
+
+
+@contextlib.contextmanager
+def no_fallback():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fmcore.hf attention")
+        yield
+
+
+@pytest.mark.parametrize("kind, window, kernel_window", [("mistral", 37, None), ("mistral", 36, (35, 0)),
+                                                         ("qwen2", 36, (35, 0))])
+def test_a_sliding_window_as_long_as_the_keys_needs_none(kind, window, kernel_window, kernel_calls):
+    # Of 37 keys the farthest is 36 back: a window of 37 hides nothing (the plain causal kernel), one of 36
+    # hides it from the last query (window_size (35, 0)).
+    base = build(kind, **sliding(kind, window)).eval()
     fm = patched(base).eval()
     x = tokens()
-    with warnings.catch_warnings(record=True) as record, torch.no_grad():
-        warnings.simplefilter("always")
+    with no_fallback(), torch.no_grad():
         got = fm(x).logits
     torch.testing.assert_close(got, base(x).logits, rtol=1e-4, atol=1e-5)
-    assert kernel_calls == [(37, 37)] * on_kernel  # (of the 2 layers)
-    assert any("sliding window" in str(w.message) for w in record) == (on_kernel < 2)
+    windows = [kernel_window] * 2 if kind == "mistral" else [None, kernel_window]
+    assert kernel_calls == [with_window((37, 37), w) for w in windows]
 
 
-def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kernel_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_a_sliding_window_runs_the_windowed_kernel_and_matches(kind, batch, dtype, kernel_calls):
+    # A window of 5 over 37 tokens (rows of 37, 30 and 1 tokens padded; documents of 37, 10 and 27): logits,
+    # loss and every gradient as the float64 model's, on the kernel with window_size (4, 0) (Qwen2's layer 0
+    # without), no layer falling back.
+    base = build(kind, dtype, **sliding(kind))
+    ref = copy.deepcopy(base).double()
+    fm = patched(base)
+    if batch == "packed":
+        inputs, cu = packed_batch("rows")
+        labels = inputs.pop("labels")
+        inputs["use_cache"] = False
+        valid, calls = torch.ones(2, 37, dtype=torch.bool), ("varlen", cu, cu)
+    else:
+        x = tokens(B=3) if batch == "padded" else tokens()
+        mask = padding_mask(x, [37, 30, 1], "left" if kind != "mistral" else "right") if batch == "padded" \
+            else torch.ones_like(x)
+        inputs, valid = dict(input_ids=x, attention_mask=mask), mask.bool()
+        labels = labels_of(x).masked_fill(~valid, -100)
+        calls = (37, 37) if batch == "plain" else \
+            ("varlen", [0, 37, 37, 37, 67, 74, 74, 75, 111, 111], [0, 37, 37, 37, 67, 67, 74, 75, 75, 111])
+    with torch.no_grad():
+        want = ref.eval()(**inputs).logits[valid]
+        with no_fallback():
+            got = fm.eval()(**inputs).logits[valid]
+        assert_close_to_ref(got, want, base.eval()(**inputs).logits[valid], "logits")
+    assert kernel_calls == [with_window(calls, w) for w in layer_windows(kind)]
+
+    x = inputs.pop("input_ids")
+    out_ref, g_ref = loss_and_grads(ref, x, labels, **inputs)
+    out_hf, g_hf = loss_and_grads(base, x, labels, **inputs)
+    with no_fallback():
+        out_fm, g_fm = loss_and_grads(fm, x, labels, **inputs)
+    assert_close_to_ref(out_fm.loss, out_ref.loss, out_hf.loss, "loss", floor_dtype=dtype)
+    for name in g_ref:
+        assert_close_to_ref(g_fm[name], g_ref[name], g_hf[name], name)
+
+
+def test_a_sliding_window_over_padding_between_tokens_is_masked_not_compacted(kernel_calls):
+    # HF's window counts positions, padded ones too: the varlen layout, which moves the padding out, would
+    # show a query after the gap keys the window does not reach. Its sliding layer runs SDPA (Qwen2's full
+    # layer 0, where the gap does not matter, keeps the varlen kernel).
+    base = build("qwen2", **sliding("qwen2")).eval()
+    fm = patched(base).eval()
+    x = tokens()
+    mask = torch.ones_like(x)
+    mask[1, 12:15] = 0
+    valid = mask.bool()
+    with torch.no_grad(), pytest.warns(UserWarning, match="a sliding window over padding between tokens"):
+        got = fm(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[valid], base(x, attention_mask=mask).logits[valid], rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [("varlen", [0, 37, 37, 37, 71, 74, 74], [0, 37, 37, 37, 71, 71, 74])]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_greedy_generate_past_a_sliding_window_matches(kind, padded, kernel_calls):
+    # 9 prompt tokens and 12 new ones with a window of 5. HF's dynamic cache keeps the last 4 keys of a
+    # sliding layer: each step's query then sees all of its 5 keys, a plain causal call; Qwen2's full
+    # layer keeps them all.
+    base = build(kind, **sliding(kind)).eval()
+    fm = patched(base).eval()
+    x = tokens(B=3, S=9)
+    mask = padding_mask(x, [9, 5, 1], "left") if padded else torch.ones_like(x)
+    args = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                return_dict_in_generate=True)
+    want = base.generate(x, **args)
+    with no_fallback():
+        got = fm.generate(x, **args)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    prefill = ("varlen", [0, 9, 9, 9, 14, 18, 18, 19, 27, 27], [0, 9, 9, 9, 14, 14, 18, 19, 19, 27]) if padded \
+        else (9, 9)
+    assert kernel_calls[:2] == [with_window(prefill, w) for w in layer_windows(kind)]
+    # the last step: Qwen2's full layer 0 against its 20 keys (rows of 20, 16 and 12 tokens), the sliding
+    # layers against their 5 (all tokens by then)
+    full_layer = ("varlen", [0, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 20, 20, 20, 36, 36, 40, 52, 52, 60]) if padded \
+        else (1, 20)
+    assert kernel_calls[-2:] == [full_layer if kind == "qwen2" else (1, 5), (1, 5)]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("cache", ["sliding", "full"])
+def test_a_chunk_after_a_cache_sees_the_window_of_its_last_keys(cache, padded, kernel_calls):
+    # 6 new queries after 10 cached tokens, a window of 5. HF's sliding cache layer holds only the last 4
+    # keys (the chunk sees 4 + 6), a cache made without the config all 10: either way the queries are the
+    # last keys, and the window aligned to them (bottom-right) must be HF's. Padded: the second row's 8 first
+    # tokens are padding, 2 of them among the sliding layer's keys.
+    base = build("mistral", **sliding("mistral")).eval()
+    fm = patched(base).eval()
+    x = tokens(S=16)
+    mask = padding_mask(x, [16, 8], "left") if padded else torch.ones_like(x)
+    with torch.no_grad():
+        outs = []
+        for model in (base, fm):
+            kept = transformers.DynamicCache() if cache == "full" else None  # (None: the model makes one of its config)
+            prefill = model(x[:, :10], attention_mask=mask[:, :10], cache=kept, use_cache=True).cache
+            with no_fallback():
+                outs.append(model(x[:, 10:], attention_mask=mask, cache=prefill, use_cache=True).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    keys = 10 if cache == "sliding" else 16
+    chunk = (6, keys) if not padded else \
+        ("varlen", [0, 6, 6, 6, 12, 12, 12], [0, keys, keys, keys, 2 * keys - 2, 2 * keys - 2, 2 * keys]) \
+        if cache == "sliding" else ("varlen", [0, 6, 6, 6, 12, 12, 12], [0, 16, 16, 16, 24, 24, 32])
+    assert kernel_calls[-2:] == [with_window(chunk, (4, 0))] * 2
+
+
+def test_the_sliding_window_keyword_must_agree_with_the_mask(kernel_calls):
+    # The mask function decides (it is the attention HF's SDPA computes); HF's FlashAttention path reads the
+    # layer's sliding_window keyword instead. Where they disagree, the mask's attention runs on SDPA, warned.
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    windowed = hf.sdpa_attention_forward(module, q, k, v, hf.sdpa_mask(
+        batch_size=2, q_length=12, kv_length=12, mask_function=hf.sliding_window_causal_mask_function(5),
+        allow_is_causal_skip=False))[0]
+    causal = hf.sdpa_attention_forward(module, q, k, v, None, is_causal=True)[0]
+    assert (windowed - causal).abs().max() > 0.1
+    with no_fallback():  # agreeing, or a keyword window that hides nothing of the 12 keys
+        torch.testing.assert_close(hf.attention_forward(module, q, k, v, hf._Windowed(None, 5), sliding_window=5)[0],
+                                   windowed)
+        torch.testing.assert_close(hf.attention_forward(module, q, k, v, None, sliding_window=12)[0], causal)
+    assert kernel_calls == [(12, 12, (4, 0)), (12, 12)]
+    for mask, keyword, want in ((hf._Windowed(None, 5), None, windowed), (None, 5, causal),
+                                (hf._Windowed(None, 5), 4, windowed)):
+        hf._warned.clear()
+        with pytest.warns(UserWarning, match=f"sliding_window={keyword} disagrees"):
+            got, _ = hf.attention_forward(module, q, k, v, mask, sliding_window=keyword)
+        torch.testing.assert_close(got, want)
+    assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("kind, padded", [("llama", False), ("mistral", False), ("mistral", True)])
+def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kind, padded, kernel_calls):
     # A static cache hands attention all its max_cache_len keys, the unwritten ones zeros; HF's SDPA
     # convention leaves such a prefill unmasked (top-left causal hides them). fmcore's bottom-right
-    # alignment would attend to the zeros, so the mask function must build the mask there.
-    base = build("llama").eval()
+    # alignment would attend to the zeros, so the mask function must build the mask there. Mistral's
+    # sliding window of 5 keeps its keys in a rolling buffer of 5, to which the prefill's 7 tokens are all
+    # handed: a windowed kernel call (generate makes that mask before the forward and passes it back in).
+    base = build(kind, **(sliding(kind) if kind == "mistral" else {})).eval()
     fm = patched(base).eval()
-    x = tokens(S=7)
+    x = tokens(B=3, S=7)
     args = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", output_logits=True,
-                return_dict_in_generate=True)
+                return_dict_in_generate=True, attention_mask=padding_mask(x, [7, 4, 1], "left") if padded else None)
     want = base.generate(x, **args)
     with pytest.warns(UserWarning, match="an attention mask"):
         got = fm.generate(x, **args)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert not kernel_calls  # (HF masks every decode step against a static cache too)
+    # (HF masks every decode step against a static cache too)
+    prefill = ("varlen", [0, 7, 7, 7, 11, 14, 14, 15, 21, 21], [0, 7, 7, 7, 11, 11, 14, 15, 15, 21]) if padded \
+        else (7, 7)
+    assert kernel_calls == ([(*prefill, (4, 0))] * 2 if kind == "mistral" else [])
 
 
 @pytest.mark.parametrize("kind, batch", [*[(kind, "plain") for kind in KINDS], ("llama", "padded"),
-                                         ("gpt2", "padded"), ("qwen2", "packed")])
+                                         ("gpt2", "padded"), ("qwen2", "packed"), ("mistral", "windowed"),
+                                         ("qwen2", "windowed padded")])
 def test_compiles_with_fullgraph(kind, batch, kernel_calls):
     # HF marks these models _can_compile_fullgraph; the patched forwards must not break the graph. A padded
     # batch takes the varlen kernel in the graph too (static shapes); a packed one HF's SDPA, as HF cannot
-    # tell under torch.compile whether a batch is packed (neither can we: its documents are values).
-    base = build(kind)
+    # tell under torch.compile whether a batch is packed (neither can we: its documents are values). A
+    # sliding window of 5 runs the windowed kernel, except over an attention mask (Qwen2's sliding layer 1),
+    # which cannot be told free of padding between tokens without reading it: HF's SDPA there.
+    base = build(kind, **(sliding(kind) if "windowed" in batch else {}))
     fm = patched(base)
     x = tokens(B=3, S=16)
     labels = labels_of(x)
     kw = {}
-    if batch == "padded":  # (use_cache=False: a mask keeps HF from marking the batch packed)
+    if batch.endswith("padded"):  # (use_cache=False: a mask keeps HF from marking the batch packed)
         kw = dict(attention_mask=padding_mask(x, [16, 11, 1], "left"), use_cache=False)
         labels = labels.masked_fill(kw["attention_mask"] == 0, -100)
     if batch == "packed":
         kw = dict(position_ids=torch.cat([torch.arange(7), torch.arange(9)]).repeat(3, 1), use_cache=False)
     want, g_want = loss_and_grads(fm, x, labels, **kw)
     kernel_calls.clear()
+    torch._dynamo.reset()  # (each case compiles the shared layer forwards again: past dynamo's recompile limit)
     compiled = torch.compile(fm, fullgraph=True, backend="aot_eager")
     got, g_got = loss_and_grads(compiled, x, labels, **kw)
-    assert kernel_calls == {"plain": [(16, 16)] * 2, "padded": [("varlen",)] * 2, "packed": []}[batch]
+    assert kernel_calls == {"plain": [(16, 16)] * 2, "padded": [("varlen",)] * 2, "packed": [],
+                            "windowed": [(16, 16, (4, 0))] * 2, "windowed padded": [("varlen",)]}[batch]
     torch.testing.assert_close(got.loss, want.loss)
     for name in g_want:
         torch.testing.assert_close(g_got[name], g_want[name])

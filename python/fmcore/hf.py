@@ -20,9 +20,9 @@ How transformers (5.x) is matched:
   queries for it); fmcore's causal mask is bottom-right, as FlashAttention's (on which transformers'
   flash-attention integration relies for a decode step or a chunk after a cache). Our mask function
   therefore returns None only when the mask is exactly the bottom-right causal one (no padding, the
-  queries the last tokens of the keys: a prefill, a decode step, a chunk after a dynamic cache; a
-  sliding window as long as the keys hides nothing), and builds HF's boolean mask where the kernel
-  cannot apply it (a shorter window, a static cache, a mask function it does not recognise).
+  queries the last tokens of the keys: a prefill, a decode step, a chunk after a dynamic cache), and
+  builds HF's boolean mask where the kernel cannot apply it (a static cache's keys past the tokens, a
+  mask function it does not recognise).
 - Padding and packing, on fmcore's varlen kernel. Over padding (training, prefill, decoding against a
   padded dynamic cache) the mask function hands attention the (B, Sk) bool mask; attention moves each
   row's tokens before its padding (a stable sort) and runs three documents a row: the tokens, the
@@ -36,6 +36,18 @@ How transformers (5.x) is matched:
   transformers that builds them otherwise runs SDPA rather than being misread. A 4-D mask, dropout, or
   an input the kernel does not cover goes to HF's own SDPA function (our 1-D and 2-D forms made 4-D),
   with a one-time warning naming the reason.
+- Sliding windows (Mistral's, Qwen's sliding layers), on the kernel's window_size, in each case above.
+  HF's window of W shows a query itself and the W - 1 keys before it (``kv_idx > q_idx - W``):
+  window_size (W - 1, 0), aligned bottom-right as causal is. The mask function is the authority (its
+  mask is what HF's SDPA and eager paths compute, and what a fallback materialises): it hands back
+  HF's sliding-window mask as any of the forms above in a ``_Windowed(form, W)``, and attention checks
+  the layer's ``sliding_window`` keyword (what HF's FlashAttention path reads instead) against it;
+  where the two differ on these keys, the mask's attention runs on SDPA, with the warning. A dynamic
+  cache's sliding layer keeps only the last W - 1 keys, and HF offsets the mask by those it dropped:
+  the queries are still the last keys (a decode step's W keys need no window). A window counts the
+  padded positions too, which the varlen layout moves out: over padding, a window that hides keys runs
+  there only when each row's tokens are contiguous (a second value read; under torch.compile, which
+  cannot read it, the mask is materialised).
 - RoPE: HF's cos/sin tables (any rope_type: scaling is already in them) are rotated in by fmcore's
   op in the (B, S, H, D) layout the projections produce, before the transposes (after Qwen3's
   q_norm and k_norm).
@@ -71,7 +83,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
                                        packed_sequence_mask_function, remap_positions_for_packed_sequence, sdpa_mask,
-                                       sliding_window_overlay)
+                                       sliding_window_causal_mask_function, sliding_window_overlay)
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Block
@@ -104,10 +116,14 @@ def _warn_once(reason: str) -> None:
                       "once per reason", stacklevel=3)
 
 
-def _fallback_reason(query, key, value, attention_mask, dropout, kwargs) -> str | None:
+def _fallback_reason(query, key, value, attention_mask, window, dropout, kwargs) -> str | None:
     if attention_mask is not None and attention_mask.dim() > 2:
-        return ("an attention mask beyond padding and packed documents: a sliding window shorter than the keys, a "
-                "static cache or a custom mask")
+        return ("an attention mask beyond padding, packed documents and a sliding window: a static cache, a sliding "
+                "window over padding between tokens, or a custom mask")
+    given = kwargs.get("sliding_window")
+    if _hides_keys(given, key.shape[2]) != window:
+        return (f"the layer's sliding_window={given} disagrees with its attention mask's window ({window} over "
+                f"{key.shape[2]} keys); running the mask's")
     if dropout > 0.0:
         return "attention dropout in training"
     for name in ("position_bias", "softcap", "s_aux"):
@@ -123,23 +139,46 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers' attention interface: q (B, Hq, Sq, D), k/v (B, Hk, Sk, D) in, (B, Sq, Hq, D) out and
     no attention weights. attention_mask is what the mask function ``_mask`` made: None (causal aligned
     bottom-right, or none), a (B, Sk) bool padding mask or a packed batch's int32 cu_seqlens (causal, on
-    the varlen kernel), or a 4-D mask, which runs transformers' SDPA function, as does anything else the
-    kernel does not cover."""
+    the varlen kernel), any of these in a ``_Windowed`` (causal within a sliding window, which the
+    ``sliding_window`` keyword must agree with), or a 4-D mask, which runs transformers' SDPA function,
+    as does anything else the kernel does not cover."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dtypes = [autocast_dtype(t) for t in (query, key, value)]  # what torch's SDPA computes in under autocast
     q, k, v = [t if d is None else t.to(d) for t, d in zip((query, key, value), dtypes)]
+    attention_mask, window = attention_mask if isinstance(attention_mask, _Windowed) else (attention_mask, None)
+    window = _hides_keys(window, key.shape[2])
     _check_mask(attention_mask, query, key)
-    reason = _fallback_reason(q, k, v, attention_mask, dropout, kwargs)
+    reason = _fallback_reason(q, k, v, attention_mask, window, dropout, kwargs)
     if reason is not None:
         _warn_once(reason)
-        return sdpa_attention_forward(module, query, key, value, _sdpa_mask(attention_mask, query, key, causal),
+        return sdpa_attention_forward(module, query, key, value,
+                                      _sdpa_mask(attention_mask, query, key, causal, window),
                                       dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
+    # HF's window of W: the query and the W - 1 keys before it (the window is causal, whatever is_causal says)
+    window_size = (-1, -1) if window is None else (window - 1, 0)
     if attention_mask is not None:
-        return _varlen_attention(q, k, v, attention_mask, scaling), None
+        return _varlen_attention(q, k, v, attention_mask, scaling, window_size), None
     # One query sees every key either way; non-causal lets the CPU use torch's fused kernel for it.
     out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          causal=causal and q.shape[2] > 1, softmax_scale=scaling)
+                          causal=causal and q.shape[2] > 1, softmax_scale=scaling, window_size=window_size)
     return out, None
+
+
+class _Windowed(NamedTuple):
+    """The mask function's form (None, padding mask or cu_seqlens) of a causal mask within HF's sliding window
+    of ``window``: each query sees itself and the window - 1 keys before it."""
+    mask: torch.Tensor | None
+    window: int
+    # With a static cache, transformers' generate makes the mask of a model without layer_types (Mistral)
+    # before the forward and passes it back in as the attention_mask, whose ndim HF reads (a 2-D padding
+    # mask is converted); the mask function then returns it as it is, made for this very step.
+    ndim = 0
+
+
+def _hides_keys(window, kv_length) -> int | None:
+    """An HF sliding window (None: none) if it hides some of kv_length keys from the last of them (the farthest
+    is kv_length - 1 back, a window of W reaches W - 1 back), else None."""
+    return window if window is not None and window < kv_length else None
 
 
 def _check_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -157,20 +196,22 @@ def _check_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tenso
                          f"queries and {sk} keys")
 
 
-def _sdpa_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, causal: bool):
-    """What HF's SDPA function needs to compute what fmcore's kernel would have: the mask forms made explicit."""
+def _sdpa_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, causal: bool,
+               window: int | None = None):
+    """What HF's SDPA function needs to compute what fmcore's kernel would have: the mask forms (and the
+    window) made explicit."""
     B, sq, sk = query.shape[0], query.shape[2], key.shape[2]
-    if mask is None:
+    if mask is None and window is None:
         # HF's SDPA reads a missing mask top-left; ours means bottom-right.
         return torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq) \
             if causal and sq > 1 and sq != sk else None
     args = dict(batch_size=B, q_length=sq, kv_length=sk, allow_is_causal_skip=False, device=query.device)
-    if mask.dim() == 2:  # padding: causal over the valid keys, the queries the last of them
-        return sdpa_mask(q_offset=sk - sq, attention_mask=mask, **args)
+    causal_fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    if mask is None or mask.dim() == 2:  # (padding:) causal over the (valid) keys, the queries the last of them
+        return sdpa_mask(q_offset=sk - sq, attention_mask=mask, mask_function=causal_fn, **args)
     if mask.dim() == 1:  # cu_seqlens: causal within each document
         docs = torch.searchsorted(mask, torch.arange(B * sk, dtype=mask.dtype, device=mask.device), right=True)
-        return sdpa_mask(mask_function=and_masks(causal_mask_function, packed_sequence_mask_function(docs.view(B, sk))),
-                         **args)
+        return sdpa_mask(mask_function=and_masks(causal_fn, packed_sequence_mask_function(docs.view(B, sk))), **args)
     return mask
 
 
@@ -186,16 +227,17 @@ class _Layout(NamedTuple):
     k_order: torch.Tensor | None = None
 
 
-def _varlen_attention(q, k, v, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Causal attention within each row's valid tokens or each packed document: q (B, Hq, Sq, D), k/v (B, Hk,
-    Sk, D) in, (B, Sq, Hq, D) out, 0 at padded queries (what transformers' FlashAttention path leaves)."""
+def _varlen_attention(q, k, v, mask: torch.Tensor, scale: float | None, window_size: tuple[int, int]) -> torch.Tensor:
+    """Causal attention (within window_size) within each row's valid tokens or each packed document: q (B, Hq,
+    Sq, D), k/v (B, Hk, Sk, D) in, (B, Sq, Hq, D) out, 0 at padded queries (what transformers' FlashAttention
+    path leaves)."""
     B, hq, sq, d = q.shape
     layout = _layout(mask, sq)
     q, k, v = [t.transpose(1, 2).reshape(-1, t.shape[1], d) for t in (q, k, v)]
     if layout.q_order is not None:
         q, k, v = q[layout.q_order], k[layout.k_order], v[layout.k_order]
     out = flash_attention_varlen(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=True,
-                                 softmax_scale=scale)
+                                 softmax_scale=scale, window_size=window_size)
     if layout.q_back is not None:
         out = out[layout.q_back]
     return out.view(B, sq, hq, d)
@@ -250,27 +292,52 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
           attention_mask=None, allow_is_causal_skip=True, **kwargs):
     """The mask for ``attention_forward``: None when it is the bottom-right causal one fmcore's kernel
     applies by itself; the (B, Sk) bool padding mask of a causal mask over padding, or the int32
-    cu_seqlens of HF's packed sequences (both for the varlen kernel); else HF's boolean (B, 1, Sq, Sk)
-    SDPA mask, never HF's None (which its SDPA function reads top-left)."""
+    cu_seqlens of HF's packed sequences (both for the varlen kernel); any of these in a ``_Windowed``
+    for HF's sliding-window causal mask; else HF's boolean (B, 1, Sq, Sk) SDPA mask, never HF's None
+    (which its SDPA function reads top-left)."""
+    if isinstance(attention_mask, _Windowed):  # (made by this function for this step: see _Windowed)
+        return attention_mask
     # The queries are the last keys (not with a static cache: tensor offsets, keys run to max_cache_len).
+    # (A dynamic cache's sliding layer offsets kv by the keys it dropped: its queries are the last keys too.)
     last = (all(isinstance(x, (int, torch.SymInt)) for x in (q_offset, kv_offset))
             and statically_known_true(q_offset + q_length == kv_offset + kv_length))
     # (Reading the document ids needs their values: under torch.compile, where HF marks every batch packed,
     # unable to read them either, packed batches take the SDPA mask.)
-    docs = _documents(mask_function, kv_length) if last and not torch.compiler.is_compiling() else None
-    if docs is not None:
+    docs, fn = _documents(mask_function) if last and not torch.compiler.is_compiling() else (None, mask_function)
+    causal, window = _causal_window(fn)
+    if causal and docs is not None:
         starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()  # each row starts one too
-        return F.pad(starts.nonzero().flatten().to(torch.int32), (0, 1), value=docs.numel())
-    if (last and allow_is_causal_skip and _causal(mask_function, kv_length)
+        return _with_window(F.pad(starts.nonzero().flatten().to(torch.int32), (0, 1), value=docs.numel()), window)
+    if (causal and last and allow_is_causal_skip
             and (attention_mask is None or attention_mask.shape[-1] >= kv_offset + kv_length)):
         if attention_mask is None:
-            return None
+            return _with_window(None, window)
         mask = attention_mask[:, kv_offset:kv_offset + kv_length]
-        # Reading the values under torch.compile would break the graph: there the varlen path runs either way.
-        return None if not is_tracing(mask) and bool(mask.all()) else mask
+        # Reading the values under torch.compile would break the graph: there the varlen path runs either way,
+        # or, for a window that hides keys, which padding between tokens would shift, the mask is materialised.
+        hides = _hides_keys(window, kv_length) is not None
+        if not is_tracing(mask):
+            if bool(mask.all()):
+                return _with_window(None, window)
+            if not hides or _contiguous(mask):
+                return _with_window(mask, window)
+        elif not hides:
+            return _with_window(mask, window)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, **kwargs)
+
+
+def _with_window(form: torch.Tensor | None, window: int | None):
+    return form if window is None else _Windowed(form, window)
+
+
+def _contiguous(mask: torch.Tensor) -> bool:
+    """Whether each row of a (B, S) bool padding mask holds its tokens in one run (a value read). HF's window
+    counts positions, padded ones too, and the varlen layout moves the padding out: a window across
+    padding between tokens would reach further there."""
+    runs = mask[:, 0].int() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)
+    return bool((runs <= 1).all())
 
 
 # HF's mask-function closures, recognised by their code: masks a transformers builds otherwise are not
@@ -292,22 +359,27 @@ def _parts(fn, code) -> tuple:
     return parts if len(parts) == 2 and getattr(parts[0], "__code__", None) is code else ()
 
 
-def _causal(fn, kv_length) -> bool:
-    """fn is HF's causal mask function, or its sliding-window one with a window that hides nothing here (the
-    queries the last keys: the farthest key is kv_length - 1 back)."""
+def _causal_window(fn) -> tuple[bool, int | None]:
+    """Whether fn is HF's causal mask function, plain (window None) or within a sliding window
+    (sliding_window_causal_mask_function), and that window."""
     if fn is causal_mask_function:
-        return True
+        return True, None
     parts = _parts(fn, _WINDOW)
-    return bool(parts) and parts[1] is causal_mask_function and kv_length <= _cells(parts[0])["sliding_window"]
+    if not parts or parts[1] is not causal_mask_function:
+        return False, None
+    window = _cells(parts[0])["sliding_window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:  # (not HF's: not read)
+        return False, None
+    return True, window
 
 
-def _documents(fn, kv_length) -> torch.Tensor | None:
-    """The (B, S) document ids of HF's packed-sequence mask over causal attention (fn), else None."""
+def _documents(fn) -> tuple[torch.Tensor | None, object]:
+    """HF's packed-sequence mask (fn): its (B, S) document ids and the mask function within each document;
+    else (None, fn)."""
     parts = _parts(fn, _REMAP)
-    if parts and getattr(parts[1], "__code__", None) is _PACKED and _causal(_cells(parts[0])["mask_function"],
-                                                                              kv_length):
-        return _cells(parts[1])["packed_sequence_mask"]
-    return None
+    if parts and getattr(parts[1], "__code__", None) is _PACKED:
+        return _cells(parts[1])["packed_sequence_mask"], _cells(parts[0])["mask_function"]
+    return None, fn
 
 
 def register_attention() -> str:
@@ -321,7 +393,7 @@ def register_attention() -> str:
 
 # Llama's modules and their copies in the families that share them (transformers' "Copied from" classes,
 # not subclasses). Qwen3's attention adds RMSNorms on the head dim (q_norm, k_norm); Mistral's and Qwen's
-# pass a sliding window, which the mask function reads.
+# pass a sliding window, which attention checks against the mask function's.
 _RMS_NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
 _SWIGLU_MLPS = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)
 _ATTENTIONS = (LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention)
@@ -527,7 +599,8 @@ def apply_to(model: nn.Module, *, attention: bool = True, rope: bool = True, nor
             wrapping the model in peft, DDP or FSDP).
         attention: ``attn_implementation="fmcore"`` (see ``register_attention``): fmcore's flash attention,
             on its varlen kernel for padded batches (training, prefill and decoding with a dynamic cache)
-            and for packed sequences (position_ids restarting, as DataCollatorWithFlattening makes them).
+            and for packed sequences (position_ids restarting, as DataCollatorWithFlattening makes them),
+            within Mistral's or Qwen's sliding window by the kernel's window_size.
         rope: fmcore's RoPE op on HF's cos/sin tables (all but GPT-2).
         norm: RMSNorm (Qwen3's q_norm and k_norm too) / LayerNorm (GPT-2) by ``fmcore.ops.add_norm``.
         residual: each decoder layer's residual add after attention and the norm after it in one
