@@ -700,8 +700,11 @@ def test_compiles_with_fullgraph(kind, batch, kernel_calls):
     torch._dynamo.reset()  # (each case compiles the shared layer forwards again: past dynamo's recompile limit)
     compiled = torch.compile(fm, fullgraph=True, backend="aot_eager")
     got, g_got = loss_and_grads(compiled, x, labels, **kw)
-    assert kernel_calls == {"plain": [(16, 16)] * 2, "padded": [("varlen",)] * 2, "packed": [],
-                            "windowed": [(16, 16, (4, 0))] * 2, "windowed padded": [("varlen",)]}[batch]
+    expected = {"plain": [(16, 16)] * 2, "padded": [("varlen",)] * 2, "packed": [],
+                "windowed": [(16, 16, (4, 0))] * 2, "windowed padded": [("varlen",)]}[batch]
+    if not hf._TRACES_CLOSURES and kind == "mistral":  # (its masks are sliding-window ones: SDPA there)
+        expected = []
+    assert kernel_calls == expected
     torch.testing.assert_close(got.loss, want.loss)
     for name in g_want:
         torch.testing.assert_close(g_got[name], g_want[name])

@@ -359,11 +359,18 @@ def _parts(fn, code) -> tuple:
     return parts if len(parts) == 2 and getattr(parts[0], "__code__", None) is code else ()
 
 
+# Dynamo reads a closure's cells from torch 2.14 on. Before, under torch.compile, only HF's plain causal
+# mask function is recognised (by identity); its other masks, sliding windows included, are materialised.
+_TRACES_CLOSURES = torch.__version__ >= "2.14"
+
+
 def _causal_window(fn) -> tuple[bool, int | None]:
     """Whether fn is HF's causal mask function, plain (window None) or within a sliding window
     (sliding_window_causal_mask_function), and that window."""
     if fn is causal_mask_function:
         return True, None
+    if not _TRACES_CLOSURES and torch.compiler.is_compiling():
+        return False, None
     parts = _parts(fn, _WINDOW)
     if not parts or parts[1] is not causal_mask_function:
         return False, None
