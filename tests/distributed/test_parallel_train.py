@@ -478,3 +478,29 @@ def test_the_global_norm_of_plain_gradients_clips_them_by_torchs_rule():
     assert clip_grad_norm_([unused], 1.0).item() == 0.0  # no gradient at all
     with pytest.raises(ValueError, match=r"parts \[2, 2\] do not add up to 5 outputs"):
         SplitLinear(torch.nn.Linear(3, 5), [2, 2])
+
+
+@pytest.mark.parametrize("two_rank_run", [("zero1", "fmcore")], indirect=True, ids="-".join)
+def test_async_checkpoints_on_two_ranks_equal_sync_ones(two_rank_run, dataset):
+    # checkpoint.async_save: the writes and the rename in a background thread, its collectives on a gloo
+    # group of their own beside training's; the same files (ZeroAdamW's DTensor buckets, each rank's
+    # extra state) as a synchronous save's, and the same steps after a resume.
+    from tests.train.test_async_checkpoint import assert_same, contents
+
+    mode, ops, tmp = two_rank_run
+    run(2, overrides(dataset, tmp / "async", B, *MODES[mode], *OPS[ops], "--checkpoint.async_save", "true"),
+        tmp / "launch-async")
+    assert losses(tmp / "async") == losses(tmp / "run")
+    for step in (SAVE_AT, STEPS):
+        a, b = (tmp / name / "checkpoints" / f"step_{step:08d}" for name in ("async", "run"))
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert_same(contents(a, tmp), contents(b, tmp), f"step {step}")
+        for rank in range(2):
+            extra_a, extra_b = (torch.load(d / f"extra_rank{rank}.pt", weights_only=False) for d in (a, b))
+            for key in ("step", "tokens", "loader", "log_window", "zero1_buckets"):
+                assert extra_a[key] == extra_b[key], (step, rank, key)
+    ckpt = resume_from(tmp / "async", tmp / "async-resumed")
+    run(2, overrides(dataset, tmp / "async-resumed", B, *MODES[mode], *OPS[ops], "--checkpoint.resume", str(ckpt),
+                     "--checkpoint.async_save", "true"), tmp / "launch-async-resumed")
+    want = losses(tmp / "run")
+    assert losses(tmp / "async-resumed") == {s: want[s] for s in range(SAVE_AT + 1, STEPS + 1)}  # bitwise

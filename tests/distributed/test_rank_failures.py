@@ -24,26 +24,36 @@ class _Unwritable:
         raise OSError(28, "No space left on device")
 
 
-def _save_failing_on_rank_1(rank: int, world: int, tmp: str) -> tuple[str, list[str]]:
+def _save_failing_on_rank_1(rank: int, world: int, tmp: str, background: bool) -> tuple[str, list[str]]:
     from fmcore.train import checkpoint
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     ckpt = Path(tmp) / "checkpoints"
+    group = checkpoint.background_group(60)
+
+    def save(step: int, extra: dict) -> None:
+        if background:  # (the failure raised by wait(): at the trainer's next save, or at its end)
+            checkpoint.save_async(ckpt, step, model, optimizer, extra, group=group).wait()
+        else:
+            checkpoint.save(ckpt, step, model, optimizer, extra)
+
     try:
-        checkpoint.save(ckpt, 4, model, optimizer, {"step": 4, "x": _Unwritable() if rank == 1 else 0})
+        save(4, {"step": 4, "x": _Unwritable() if rank == 1 else 0})
         first = "saved"
     except checkpoint.CheckpointError as e:
         first = str(e)
     # A caller that treats a failed save as non-fatal and goes on: the next save must pair with the
     # other rank's next save, not with what remained of the failed one.
-    checkpoint.save(ckpt, 6, model, optimizer, {"step": 6})
+    save(6, {"step": 6})
     return first, sorted(p.name for p in ckpt.iterdir())
 
 
-def test_a_checkpoint_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
-    results = run_ranks(_save_failing_on_rank_1, 2, tmp_path / "launch", args=(str(tmp_path),), timeout=60)
+@pytest.mark.parametrize("background", [False, True], ids=["save", "save_async"])
+def test_a_checkpoint_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path, background):
+    results = run_ranks(_save_failing_on_rank_1, 2, tmp_path / "launch", args=(str(tmp_path), background),
+                        timeout=60)
     for message, _ in results:
         assert "saving the checkpoint of step 4" in message and "No space left on device (rank 1)" in message, message
     # Before: rank 0 passed its barrier against rank 1's next save and renamed the partial save, a

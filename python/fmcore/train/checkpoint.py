@@ -13,6 +13,9 @@ set aside in checkpoints-abandoned-*/, say) moves the old one to .old-step_* fir
 new one takes its name leaves that complete old one as the step's only checkpoint, so it counts as the
 step's checkpoint until a save renames it back.
 DCP works in a single process without init_process_group (it then skips the collectives).
+
+save_async (checkpoint.async_save) returns once the state is copied to CPU memory and writes, renames
+and prunes in a background thread: the same files, the same rename once every rank's are written.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import os
 import pickle
 import random
 import shutil
+import threading
 import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from fmcore.train.parallel import load_model_optim_state_dict, model_optim_state_dict
 
@@ -43,9 +50,9 @@ PREFIX = "step_"
 OLD = ".old-"  # a step's checkpoint set aside while a new one of the step is saved
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 @contextlib.contextmanager
@@ -105,6 +112,98 @@ def latest(ckpt_dir: Path) -> Path | None:
 def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
          keep_last: int = 0, keep_every: int = 0) -> Path:
     """Write the checkpoint of ``step`` (collective: every rank calls it) and prune old ones."""
+    final, tmp = _begin(ckpt_dir, step)
+    error = None
+    try:
+        model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+        with _quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    except (CheckpointException, OSError, RuntimeError) as e:
+        error = e
+    return _publish(ckpt_dir, step, final, tmp, extra, error, keep_last, keep_every)
+
+
+def save_async(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
+               keep_last: int = 0, keep_every: int = 0, group: dist.ProcessGroup | None = None) -> PendingSave:
+    """save(), but returning once this rank's state is copied to CPU memory (DCP's async_save and its
+    default stager): the writes, the rename to step_* and the pruning run in a background thread.
+
+    Collective, like save(); `group` is background_group()'s (None without a process group). The
+    previous save's must be over (PendingSave.wait): this one's setup deletes unfinished saves' dirs.
+    `extra` is written in the background: it must not change afterwards. A single process warns from
+    the background thread that DCP saves without a process group: silence it with _quiet() around the run."""
+    final, tmp = _begin(ckpt_dir, step)
+    # Owned and closed here (torch 2.11's async_save never closes the stager it makes itself): the staged
+    # copy is freed when the write ends. Not pinned: pinning fresh memory at each save costs about what it saves.
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=False,
+                                          use_non_blocking_copy=False))
+    try:
+        model_sd, optim_sd = model_optim_state_dict(model, optimizer)
+        upload = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=group,
+                                async_stager=stager)
+    except (OSError, RuntimeError) as e:  # staging on this rank alone (out of CPU memory): as in save()
+        stager.close()
+        raise _failed(ckpt_dir, step, tmp, _causes(e), e)
+    except BaseException:
+        stager.close()
+        raise
+    abandoned = threading.Event()
+
+    def write_and_publish() -> Path:
+        error = None
+        try:
+            upload.result()
+        except (CheckpointException, Exception) as e:  # (CheckpointException is a BaseException)
+            error = e
+        finally:
+            stager.close()
+        return _publish(ckpt_dir, step, final, tmp, extra, error, keep_last, keep_every, group, abandoned)
+
+    try:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fmcore-checkpoint-{step}")
+        future = executor.submit(write_and_publish)
+        executor.shutdown(wait=False)
+        return PendingSave(step, final, future, abandoned)
+    except BaseException:  # Ctrl-C before the caller holds the save: written, maybe, but never published
+        abandoned.set()
+        raise
+
+
+class PendingSave:
+    """A checkpoint that save_async is writing in the background; `path` exists once wait() returns."""
+
+    def __init__(self, step: int, path: Path, future: Future, abandoned: threading.Event):
+        self.step, self.path = step, path
+        self._future, self._abandoned = future, abandoned
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Path:
+        """The checkpoint's path once written, renamed and pruned on every rank; raises the background
+        write's CheckpointError (naming the step; the complete checkpoints are untouched)."""
+        return self._future.result()
+
+    def abandon(self) -> None:
+        """Rank 0 will not publish the checkpoint (rename it to step_*) even if its write completes: it
+        stays a .tmp-* dir, which the next save deletes. The write itself goes on (Python cannot stop a
+        thread) and the interpreter waits for it at exit; wait() is then meaningless."""
+        self._abandoned.set()
+
+
+def background_group(timeout_s: float) -> dist.ProcessGroup | None:
+    """A gloo group of every rank for save_async's collectives (None without a process group): DCP's
+    async save needs a CPU backend (a CUDA run's default group is NCCL alone), and its collectives run
+    in a background thread while training's run on the default group in the main thread, in an order
+    that could differ between ranks on one group. Collective: every rank calls it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def _begin(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
+    """The checkpoint's final and temporary dirs, the temporary one made (empty) by rank 0 for every
+    rank to write into. Collective."""
     rank = _rank()
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}"
@@ -132,17 +231,22 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     # that barrier with its next collective, letting rank 0 publish the partial save. DCP gathers its
     # writers' errors itself (every rank raises the same CheckpointException).
     failures = _failures(error)
-    if not failures:
-        try:
-            model_sd, optim_sd = model_optim_state_dict(model, optimizer)
-            with _quiet():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        except (CheckpointException, OSError, RuntimeError) as e:
-            # Raised on every rank by DCP, or on this rank alone before or outside DCP's collectives,
-            # which the others are in: they fail when this process exits (or at the group's timeout).
-            failures = _causes(e)
-            error = e
-    if not failures:
+    if failures:
+        raise _failed(ckpt_dir, step, tmp, failures, error)
+    return final, tmp
+
+
+def _publish(ckpt_dir: Path, step: int, final: Path, tmp: Path, extra: dict, error: BaseException | None,
+             keep_last: int, keep_every: int, group: dist.ProcessGroup | None = None,
+             abandoned: threading.Event | None = None) -> Path:
+    """After DCP's write into tmp (which raised `error`, or None): writes this rank's extra file, and
+    rank 0 renames tmp to final once every rank's files are written, then prunes. Collective over group."""
+    rank = _rank()
+    if error is not None:
+        # Raised on every rank by DCP, or on this rank alone before or outside DCP's collectives,
+        # which the others are in: they fail when this process exits (or at the group's timeout).
+        failures = _causes(error)
+    else:
         try:
             extra_path = tmp / f"extra_rank{rank}.pt"
             with open(extra_path, "wb") as f:
@@ -151,26 +255,11 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:
             error = e
-        failures = _failures(error)
+        failures = _failures(error, group)
     if failures:
-        # DCP raises its writers' errors as one CheckpointException holding a traceback per rank, and
-        # torch's zip writer turns a full disk into "unexpected pos N vs M": name the step, the cause
-        # and the free space instead, and delete the partial save (on a full disk, space it holds).
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _interrupted(error, rank):
-            # Ctrl-C (or torchrun passing on a SIGINT) while this rank was saving is no failed save: DCP
-            # catches it with its writers' errors, and an interrupted torch.save becomes "unexpected pos".
-            raise KeyboardInterrupt from None
-        try:
-            free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        raise CheckpointError(f"saving the checkpoint of step {step} in {ckpt_dir} failed ({free}): {failures}; the "
-                              f"complete checkpoints there are untouched (resume with --resume auto once it is fixed)"
-                              ) from error  # (fmcore train prints the message; a caller of save() keeps the traceback)
+        raise _failed(ckpt_dir, step, tmp, failures, error)
     # (_failures' gather above was the barrier: every rank's files are written.)
-    if rank == 0:
+    if rank == 0 and not (abandoned is not None and abandoned.is_set()):
         _fsync_path(tmp)  # its entries (each writer fsynced its files: DCP's sync_files, the extra files above)
         old = None
         if final.exists():  # a step saved again (see the module docstring)
@@ -181,8 +270,31 @@ def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         prune(ckpt_dir, keep_last, keep_every)
-    _barrier()
+    _barrier(group)
     return final
+
+
+def _failed(ckpt_dir: Path, step: int, tmp: Path, failures: str, error: BaseException | None) -> BaseException:
+    """What a failed save raises (rank 0 deleting its partial dir first): KeyboardInterrupt for Ctrl-C,
+    else a CheckpointError naming the step, the causes and the free space."""
+    # DCP raises its writers' errors as one CheckpointException holding a traceback per rank, and
+    # torch's zip writer turns a full disk into "unexpected pos N vs M": name the step, the cause
+    # and the free space instead, and delete the partial save (on a full disk, space it holds).
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _interrupted(error, rank):
+        # Ctrl-C (or torchrun passing on a SIGINT) while this rank was saving is no failed save: DCP
+        # catches it with its writers' errors, and an interrupted torch.save becomes "unexpected pos".
+        return KeyboardInterrupt()
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    failed = CheckpointError(f"saving the checkpoint of step {step} in {ckpt_dir} failed ({free}): {failures}; the "
+                             f"complete checkpoints there are untouched (resume with --resume auto once it is fixed)")
+    failed.__cause__ = error  # (fmcore train prints the message; a caller of save() keeps the traceback)
+    return failed
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> None:
@@ -277,15 +389,16 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     load_model_optim_state_dict(model, optimizer, state["model"], state["optim"])
 
 
-def _failures(error: BaseException | None) -> str:
+def _failures(error: BaseException | None, group: dist.ProcessGroup | None = None) -> str:
     """The causes of every rank's error (each rank passes its own, or None), naming the ranks in a
-    group; "" when no rank failed. Collective: every rank calls it, whether it failed or not."""
+    group; "" when no rank failed. Collective over group (default: the default group): every rank
+    calls it, whether it failed or not."""
     mine = None if error is None else _causes(error)
     if not (dist.is_available() and dist.is_initialized()):
         return mine or ""
-    everyone = [None] * dist.get_world_size()
+    everyone = [None] * dist.get_world_size(group)
     try:
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, mine, group=group)
     except RuntimeError as e:  # a rank that died breaks the group (gloo: at once; NCCL: at its timeout)
         return f"{mine + '; ' if mine else ''}another rank is unreachable ({_causes(e)})"
     ranks: dict[str, list[int]] = {}

@@ -227,6 +227,12 @@ class CheckpointConfig:
     default run dir (see log.run_dir) for one in no run dir)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
+    async_save: bool = False
+    """Write checkpoints in the background: a save stops training only while each rank copies its model
+    and optimizer state to CPU memory, which holds that copy until the write ends (the rank's share of
+    the state: 12 bytes a parameter with fp32 weights and AdamW, 14 with bf16 ones). One save at a time: the
+    next waits for it, and so do the end of the run and every way out of it (Ctrl-C again abandons it:
+    never renamed, deleted by the next save). A failed write raises at the next save or at the end."""
     export_hf: bool = True
     """Write the final weights as safetensors + config.json that Hugging Face transformers loads."""
 

@@ -710,8 +710,52 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     if not has_val:
         report.message(f"{cfg.data.mix if cfg.data.mix else dataset} {no_val_reason}: evaluation is off")
     ckpt_dir = run_dir / "checkpoints"
+    # checkpoint.async_save: the save being written in the background (at most one), the group its
+    # collectives run on, and the end of the run, however it ends, waiting for it.
+    pending: list[checkpoint.PendingSave] = []
+    save_group = None
+    if ck.async_save:
+        save_group = checkpoint.background_group(cfg.parallel.timeout_s)
+        cleanup.enter_context(checkpoint._quiet())  # (the single-process warning comes from the writing thread)
+        cleanup.push(lambda *exc_info: finish_writing(exc_info[1]))
+
+    def wait_for_pending() -> float:
+        """Seconds spent waiting for the checkpoint being written, if any; raises its CheckpointError."""
+        if not pending:
+            return 0.0
+        waited = time.perf_counter()
+        try:
+            pending[0].wait()
+        except checkpoint.CheckpointError:
+            pending.clear()  # (raised once: not again on the way out)
+            raise
+        pending.clear()
+        return time.perf_counter() - waited
+
+    def finish_writing(exc: BaseException | None) -> None:
+        if pending and not pending[0].done() and env.main:
+            print(f"fmcore train: waiting for the checkpoint of step {pending[0].step} to be written (Ctrl-C again "
+                  "abandons it)", file=sys.stderr, flush=True)
+        error = None
+        try:
+            wait_for_pending()
+        except KeyboardInterrupt:
+            pending[0].abandon()
+            raise  # (its thread may still use save_group: left to the default group's destruction)
+        except checkpoint.CheckpointError as e:
+            error = e
+        if save_group is not None:
+            dist.destroy_process_group(save_group)
+        if error is not None:
+            if exc is None:
+                raise error
+            exc.add_note(f"and {error}")  # not lost, and not hiding what ended the run
 
     def save(at_step: int) -> Path:
+        waited = wait_for_pending()  # one save at a time
+        if waited >= 1.0:
+            report.message(f"waited {waited:.1f} s for the previous checkpoint to be written before saving step "
+                           f"{at_step} (a save takes longer than checkpoint.every steps)")
         extra = {"step": at_step, "skipped_total": skipped_total, "nonfinite_streak": in_a_row,
                  "log_window": (window_loss, window_finite),
                  "tokens": resumed_tokens + (at_step - start) * step_tokens, "tokens_per_step": step_tokens,
@@ -721,6 +765,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                  "resolved_model": dataclasses.asdict(mcfg)}
         if cfg.parallel.data == "zero1":  # its buckets' layout, for a resume in another layout
             extra["zero1_buckets"] = relayout.zero1_layout(model, optimizer)
+        if ck.async_save:
+            pending.append(checkpoint.save_async(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last,
+                                                 ck.keep_every, save_group))
+            return pending[0].path
         return checkpoint.save(ckpt_dir, at_step, model, optimizer, extra, ck.keep_last, ck.keep_every)
 
     def run_eval(at_step: int) -> None:
@@ -799,6 +847,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             window_loss, window_finite = 0.0, 0
         if stop:
             path = save(step)
+            wait_for_pending()  # (the message says it is saved)
             report.message(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
                            f"(last loss {loss_v}, grad norm {norm_v}); the weights are those of the last good step, "
                            f"saved in {path}. Lower optim.lr, raise optim.grad_clip or check the data, then "
@@ -819,6 +868,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     elapsed = resumed_wall + time.perf_counter() - run_t0
     if ck.save_final and step > start:
         save(step)  # before the final evaluation: whatever happens there, the training is kept
+    wait_for_pending()  # (there too)
     if step == start:
         report.message(f"nothing to do: the checkpoint is already at step {step} of {t.steps}")
         # A run killed between its final checkpoint and its final evaluation resumes here: without
