@@ -9,9 +9,9 @@ Hugging Face export written at the end (gathered from the shards, tensor paralle
 projections fused again) holds one process's weights, and `fmcore export` of the final checkpoint in
 this process writes the same weights (a bf16 run's fp32 masters, from zero1 and tensor=2). And fsdp2
 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2
-ranks, fsdp2 with tensor=2, activation checkpointing (full, and selective) and torch.compile against 1
-process, zero1 with 2 micro-batches per step (gradient accumulation) against 1 process, and 1
-process's checkpoint resumed on 2 ranks.
+ranks, fsdp2 with tensor=2, activation checkpointing (full, and selective) and torch.compile (of the
+model, and of each block) against 1 process, zero1 with 2 micro-batches per step (gradient
+accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks.
 """
 
 from __future__ import annotations
@@ -243,14 +243,17 @@ def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     assert_losses_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
 
 
-@pytest.mark.parametrize("checkpointing", ["true", "selective"])
-def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, compiling", [("true", "model"), ("selective", "model"),
+                                                     ("selective", "blocks")])
+def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_path, checkpointing, compiling):
     # fmcore's blocks return the MLP's row-parallel output itself (the add is in the next norm's
     # kernel): leaving a checkpointed FSDP2 block under torch.compile with its all-reduce not waited
     # for, it broke the first backward (AttributeError '_local_tensor' in torch's Redistribute).
     # Selective checkpointing: its policy's tags reach the compiled graph of DTensor ops and collectives.
+    # Compiled per block: each block's graph holds its tensor-parallel layers and its checkpoint, FSDP2's
+    # hooks (all-gather, reduce-scatter) run around it.
     run(2, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
-                     "--train.activation_checkpointing", checkpointing, "--train.compile", "true"),
+                     "--train.activation_checkpointing", checkpointing, "--train.compile", compiling),
         tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", B]), range(1, STEPS + 1))
 

@@ -18,7 +18,7 @@ def test_overrides_both_spellings_and_types():
     cfg = load_config("tiny", ["--optim.lr", "1e-3", "--train.steps=7", "--train.compile", "true",
                                "--model.arch=llama", "--resume", "auto", "--name", "x"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.steps == 7 and cfg.train.compile is True
+    assert cfg.train.steps == 7 and cfg.train.compile == "blocks"
     assert cfg.model.arch == "llama" and cfg.checkpoint.resume == "auto" and cfg.name == "x"
 
 
@@ -43,7 +43,7 @@ def test_toml_file_and_round_trip(tmp_path):
     (["--optimizer.lr", "1"], "unknown config section 'optimizer'"),
     (["--optim.lr", "fast"], "optim.lr: expected float, got 'fast'"),
     (["--train.steps", "1.5"], "train.steps: expected int"),
-    (["--train.compile", "maybe"], "train.compile: expected bool"),
+    (["--train.compile", "maybe"], "train.compile: expected one of 'none', 'model', 'blocks', true or false"),
     (["--model.arch", "bert"], "model.arch: expected one of"),
     (["--optim.lr"], "missing a value"),
     (["--train.steps", "--optim.lr", "1"], "--train.steps: missing a value"),

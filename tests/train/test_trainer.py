@@ -1289,27 +1289,37 @@ def test_resuming_a_set_aside_checkpoint_sets_the_other_branchs_later_checkpoint
     assert len(list(run.glob("checkpoints-abandoned-*"))) == 2
 
 
-def test_a_sweep_of_compiled_runs_keeps_compiling_past_dynamos_recompile_limit(dataset, tmp_path, monkeypatch):
-    # torch.compile's cache is per code object: CausalLM.forward's, shared by every model train() builds
-    # in a process. A run adds an entry per graph (training, evaluation, sampling); a sweep over model
-    # configs reached dynamo's recompile_limit (8) on its third config, and every later run trained
-    # uncompiled (torch warned once). Here the limit is 3, one run's worth, and the backend eager (fast).
+@pytest.mark.parametrize("compile_mode, key, values, graphs", [
+    # the model's graphs differ with its depth; the blocks', shared by every block, with their width
+    ("model", "--model.n_layers", ("1", "2", "1"), 3),
+    # 6: training, evaluation and sampling, each for the first block (no residual on the fmcore path) and
+    # the others
+    ("blocks", "--model.dim", ("32", "64", "32"), 6),
+])
+def test_a_sweep_of_compiled_runs_keeps_compiling_past_dynamos_recompile_limit(dataset, tmp_path, monkeypatch,
+                                                                               compile_mode, key, values, graphs):
+    # torch.compile's cache is per code object: CausalLM.forward's (PreNormBlock.forward's, compiling the
+    # blocks), shared by every model train() builds in a process. A run adds an entry per graph; a sweep over
+    # model configs reached dynamo's recompile_limit (8) on its third config, and every later run trained
+    # uncompiled (torch warned once). Here the limit is one run's worth, and the backend eager (fast).
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    from fmcore.train.trainer import GRAPHS_PER_RUN
 
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager"))
     # (config.patch, not monkeypatch: its undo left dynamo's config without the name, and the next compile in
     # this process, a forked rank's included, raised "recompile_limit does not exist")
-    with torch._dynamo.config.patch(recompile_limit=3):
-        for n_layers in ("1", "2", "1"):  # the third: room was made by dropping the first's graphs, compiled again
-            graphs = counters["stats"]["unique_graphs"]
-            train(load_config("tiny", overrides(dataset, tmp_path / f"run{n_layers}-{graphs}", "--train.steps", "2",
-                                                "--model.dim", "32", "--model.n_layers", n_layers, "--train.compile",
-                                                "true", "--log.sample_tokens", "2", "--train.eval_batches", "1",
+    with torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_RUN[compile_mode]):
+        for value in values:  # the third: room was made by dropping the first's graphs, compiled again
+            before = counters["stats"]["unique_graphs"]
+            train(load_config("tiny", overrides(dataset, tmp_path / f"run{value}-{before}", "--train.steps", "2",
+                                                "--model.dim", "32", key, value, "--train.compile", compile_mode,
+                                                "--log.sample_tokens", "2", "--train.eval_batches", "1",
                                                 "--checkpoint.export_hf", "false", "--checkpoint.save_final",
                                                 "false")))
-            assert counters["stats"]["unique_graphs"] - graphs == 3, f"n_layers {n_layers}: not compiled"
+            assert counters["stats"]["unique_graphs"] - before == graphs, f"{key} {value}: not compiled"
 
 
 def test_a_callers_group_keeps_the_callers_gpu(tmp_path, monkeypatch):

@@ -34,8 +34,8 @@ from torch import nn
 
 from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, init_from, metrics, models, relayout, resume
-from fmcore.train.config import (Config, ConfigError, ModelConfig, help_text, load_config, parse_mix, presets, to_dict,
-                                 to_toml, validate)
+from fmcore.train.config import (Config, ConfigError, ModelConfig, compile_mode, help_text, load_config, parse_mix,
+                                 presets, to_dict, to_toml, validate)
 from fmcore.train.schedule import lr_at
 
 
@@ -469,13 +469,14 @@ def dataset_tokenizer(dataset) -> Path | None:
     return dataset / tok["file"] if tok.get("file") else None
 
 
-def make_room_to_compile(model: nn.Module, graphs_per_run: int = 3) -> None:
+def make_room_to_compile(model: nn.Module, graphs_per_run: int) -> None:
     """Empties torch.compile's cache of a forward of model's classes that this run's graphs would overflow.
-    Dynamo caches per code object: CausalLM.forward's is shared by every model train() builds in this
-    process, and a run adds an entry per graph (training, evaluation, sampling). A sweep over model
-    configs in one process (a notebook) reached dynamo's recompile_limit (8) on its third config; every
-    later run then trained uncompiled, with one warning from torch. While there is room the entries
-    stay: a run of a config already compiled (an lr sweep) reuses its graphs."""
+    Dynamo caches per code object: CausalLM.forward's (PreNormBlock.forward's, compiling the blocks) is
+    shared by every model train() builds in this process, and a run adds up to graphs_per_run entries
+    (GRAPHS_PER_RUN). A sweep over model configs in one process (a notebook) reached dynamo's
+    recompile_limit (8) on its third config; every later run then trained uncompiled, with one warning
+    from torch. While there is room the entries stay: a run of a config already compiled (an lr sweep)
+    reuses its graphs."""
     try:  # (private: a torch without them keeps its own behaviour, a warning at the limit)
         from torch._dynamo import config, reset_code
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -485,6 +486,34 @@ def make_room_to_compile(model: nn.Module, graphs_per_run: int = 3) -> None:
     for code in {type(m).forward.__code__ for m in model.modules()}:
         if len(_debug_get_cache_entry_list(code)) + graphs_per_run > config.recompile_limit:
             reset_code(code)
+
+
+# The most entries one run adds to the cache of a compiled code object. "model": CausalLM.forward's graphs
+# for training, evaluation (no grad) and sampling (another shape). "blocks": PreNormBlock.forward's, as
+# many for each kind of block call: 6 on the fmcore path (its first block's residual is None, the others'
+# a tensor), 3 on the torch path, 7 with every-N-th checkpointing ("full" and "none" blocks in training).
+GRAPHS_PER_RUN = {"model": 3, "blocks": 7}
+
+
+def compile_model(model: nn.Module, raw_model: nn.Module, mode: str) -> None:
+    """torch.compile, in place, as train.compile says: "model" the whole forward (of the data-parallel
+    wrapper, if any), "blocks" each of raw_model's blocks (the embedding, final norm and loss stay eager:
+    on the fmcore path they are a lookup and fused kernels already; compiled too, they made the first step
+    longer and the others no faster on the CPU). "none" leaves the model as it is.
+
+    nn.Module.compile traces at the first call, so the order of the wrapping before it does not matter,
+    only what sits where at that call: as in torchtitan, tensor parallelism's layers and activation
+    checkpointing (PreNormBlock.forward) inside each block's graph, FSDP2's per-block hooks around it.
+    The blocks share their code and differ in their parameters, which dynamo passes as graph inputs:
+    one graph (two on the fmcore path) serves every block, whatever model.n_layers."""
+    if mode == "none":
+        return
+    make_room_to_compile(model, GRAPHS_PER_RUN[mode])
+    if mode == "model":
+        model.compile()
+    else:
+        for block in raw_model.blocks:
+            block.compile()
 
 
 def dataset_has_split(dataset, split: str) -> bool:
@@ -660,9 +689,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         checkpoint.set_rng_state(extra["rng"])
-    if t.compile:
-        make_room_to_compile(model)
-        model.compile()
+    compile_model(model, raw_model, compile_mode(t.compile))
 
     tokenizer = dataset_tokenizer(dataset)
     no_val_reason = why_no_eval(cfg, dataset, env)

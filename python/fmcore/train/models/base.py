@@ -18,8 +18,22 @@ class PreNormBlock(nn.Module):
     MLP), _attention(x, positions, docs) and _mlp(x)."""
 
     ops: str
+    # What the backward recomputes when training: "none", "full" or "selective" (CausalLM sets it per block).
+    checkpointing: str = "none"
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
+                docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """_stream(h, residual, positions, docs), checkpointed as self.checkpointing says when training.
+
+        The checkpoint is inside the block's forward, not around its call: a block compiled on its own
+        (train.compile "blocks") then holds it in its graph, where the partitioner follows the selective
+        policy (an eager checkpoint around an inductor-compiled block was asked about inductor's out=
+        matmuls, not the ops the policy keeps, and recomputed them), and FSDP2's hooks on the block stay
+        outside the recompute."""
+        mode = self.checkpointing if self.training else "none"
+        return run_block(self._stream, mode, h, residual, positions, docs)
+
+    def _stream(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor | None,
                 docs: DocMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual stream entering the block is ``residual + h`` (h alone when residual is None).
 
@@ -62,6 +76,8 @@ class CausalLM(nn.Module):
     @activation_checkpointing.setter
     def activation_checkpointing(self, value) -> None:
         self._checkpointing = checkpointing_mode(value, "activation_checkpointing")
+        for i, block in enumerate(self.blocks):
+            block.checkpointing = block_mode(self._checkpointing, i)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -74,9 +90,8 @@ class CausalLM(nn.Module):
                              "loader's Batch.positions), got positions=None")
         docs = doc_mask(positions, cu_seqlens, self.ops, max_seqlen) if positions is not None else None
         h, residual = self.embed(x, positions), None
-        for i, block in enumerate(self.blocks):
-            mode = block_mode(self._checkpointing, i) if self.training else "none"
-            h, residual = run_block(block, mode, h, residual, positions, docs)
+        for block in self.blocks:
+            h, residual = block(h, residual, positions, docs)
         # torch blocks add eagerly (residual stays None); fmcore's leave the last add to the final norm
         h = self.norm(h) if residual is None else add_norm(self.norm, h, residual)[0]
         if y is None:

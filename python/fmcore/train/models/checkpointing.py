@@ -1,7 +1,8 @@
 """Activation checkpointing of the blocks (train.activation_checkpointing): which blocks the backward
 recomputes, and selective checkpointing's per-op policy.
 
-    h, residual = run_block(block, block_mode("selective", i), h, residual, positions, docs)
+    block.checkpointing = block_mode("selective", i)  # CausalLM.activation_checkpointing, for block i
+    h, residual = run_block(block._stream, block.checkpointing, h, residual, positions, docs)  # its forward
 
 "full" keeps a block's inputs and recomputes all of it in the backward. "selective" (torchtitan's
 per-op selective checkpointing) keeps the outputs of the ops that are expensive to recompute (the
@@ -80,11 +81,11 @@ def block_mode(mode: str, index: int) -> str:
     return mode
 
 
-def run_block(block, mode: str, *args):
-    """block(*args), its activations stored ("none"), or recomputed in the backward, all ("full") or
-    the cheap ops ("selective")."""
+def run_block(fn, mode: str, *args):
+    """fn(*args) (a block's computation), its activations stored ("none"), or recomputed in the
+    backward, all ("full") or the cheap ops ("selective")."""
     if mode == "full":
-        return checkpoint(block, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False)
     if mode == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts)
-    return block(*args)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts)
+    return fn(*args)
