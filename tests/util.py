@@ -32,6 +32,11 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.T
 EXTREME_VALUES = [0.0, 1e-30, 1.0, 5.0, 10.0, 30.0, 100.0, 1e4, 1e13, 1e20, 3e38, float("inf")]
 EXTREME_VALUES = [-v for v in EXTREME_VALUES[::-1]] + EXTREME_VALUES + [float("nan")]
 
+# Whether torch.compile's partitioner recomputes fmcore's attention forward inside a full activation
+# checkpoint. torch 2.11 leaves that op (a custom op with a Python autograd formula) untagged inside the
+# checkpoint, so it keeps out and lse instead; 2.14 tags and recomputes it. (Versions between unchecked.)
+COMPILE_RECOMPUTES_ATTENTION = torch.__version__ >= "2.14"
+
 
 def assert_edges_like_torch(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, name: str) -> None:
     """For inputs at the edges of the range (EXTREME_VALUES): out is NaN and +-inf exactly where torch's

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 from fmcore.train import models
 from fmcore.train.config import ConfigError, ModelConfig, help_text, load_config, to_toml
 from fmcore.train.plan import activation_bytes_per_token
+from tests.util import COMPILE_RECOMPUTES_ATTENTION
 
 # Heads 4 (kv 2 for llama: grouped-query), llama's ffn derived (256): what the presets are, small.
 GPT = ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, max_seq_len=64)
@@ -205,10 +206,7 @@ def test_selective_under_torch_compile_keeps_what_eager_keeps():
         (graph,) = backward_graphs
         targets = collections.Counter(n.target for n in graph.graph.nodes if n.op == "call_function")
         assert targets[fm.add_norm_fwd.default] == 2 * GPT.n_layers, mode
-        # (torch 2.11 leaves fmcore's attention forward, a custom op with a Python autograd formula, untagged
-        # inside the checkpoint, so its partitioner keeps out and lse; 2.14 tags and recomputes it; the
-        # versions between are unchecked and expected as 2.11.)
-        recomputed = GPT.n_layers if mode == "full" and torch.__version__ >= "2.14" else 0
+        recomputed = GPT.n_layers if mode == "full" and COMPILE_RECOMPUTES_ATTENTION else 0
         assert targets[fm.flash_attn_fwd.default] == recomputed, mode
         for p, q in zip(model.parameters(), want.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
