@@ -4,11 +4,12 @@ One step = forward + backward + clip + AdamW on a (B, T) batch of random tokens,
 warm-up (and compilation), one host sync per step as in the trainer. Systems, all the same GPT-2:
 - fmcore:          model.ops="fmcore" (flash attention, fused linear cross-entropy), FusedAdamW with
                    fused clipping, bf16 autocast
-- fmcore-compile:  the same under torch.compile
+- fmcore-compile:  the same under torch.compile, as train.compile true does it: each block on its own
+                   (trainer.compile_model "blocks")
 - fmcore-bf16:     bf16 weights with fp32 master weights in FusedAdamW (no autocast casts)
 - torch-eager:     model.ops="torch" (SDPA, F.cross_entropy on the logits), torch.optim.AdamW(fused=True)
                    and clip_grad_norm_, bf16 autocast
-- torch-compile:   the same under torch.compile
+- torch-compile:   the same under torch.compile, the whole model (how a plain PyTorch model is compiled)
 - fmcore-tiles3..6: fmcore with flash attention's tile configuration 3, 4, 5 or 6 (Hopper's wgmma
                    kernels; fmcore.ops.attention_tiles), to measure them in the trainer before they
                    are the default
@@ -29,23 +30,23 @@ from fmcore.bench import BenchContext, Row, bench_tiles, record_skipped
 from fmcore.ops import attention_tiles
 from fmcore.train import models
 from fmcore.train.config import load_config
-from fmcore.train.trainer import StepOptions, build_optimizer, peak_tflops, train_step
+from fmcore.train.trainer import StepOptions, build_optimizer, compile_model, peak_tflops, train_step
 
-# name -> (model.ops, optimizer impl, precision on GPU, torch.compile, flash attention tiles)
+# name -> (model.ops, optimizer impl, precision on GPU, train.compile's mode, flash attention tiles)
 # In the order they run: the two bars' systems first (fmcore eager and compiled, each against
 # torch.compile), in case a GPU session's time runs out (the first H200 run, 150 s, measured only
 # the first three of an order that put torch-eager second); the tile variants, eager and a few
 # seconds each, before the second compile.
 SYSTEMS = {
-    "fmcore": ("fmcore", "fmcore", "bf16-autocast", False, 0),
-    "torch-compile": ("torch", "torch", "bf16-autocast", True, 0),
-    "fmcore-tiles3": ("fmcore", "fmcore", "bf16-autocast", False, 3),
-    "fmcore-tiles4": ("fmcore", "fmcore", "bf16-autocast", False, 4),
-    "fmcore-tiles5": ("fmcore", "fmcore", "bf16-autocast", False, 5),
-    "fmcore-tiles6": ("fmcore", "fmcore", "bf16-autocast", False, 6),
-    "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", True, 0),
-    "torch-eager": ("torch", "torch", "bf16-autocast", False, 0),
-    "fmcore-bf16": ("fmcore", "fmcore", "bf16", False, 0),
+    "fmcore": ("fmcore", "fmcore", "bf16-autocast", "none", 0),
+    "torch-compile": ("torch", "torch", "bf16-autocast", "model", 0),
+    "fmcore-tiles3": ("fmcore", "fmcore", "bf16-autocast", "none", 3),
+    "fmcore-tiles4": ("fmcore", "fmcore", "bf16-autocast", "none", 4),
+    "fmcore-tiles5": ("fmcore", "fmcore", "bf16-autocast", "none", 5),
+    "fmcore-tiles6": ("fmcore", "fmcore", "bf16-autocast", "none", 6),
+    "fmcore-compile": ("fmcore", "fmcore", "bf16-autocast", "blocks", 0),
+    "torch-eager": ("torch", "torch", "bf16-autocast", "none", 0),
+    "fmcore-bf16": ("fmcore", "fmcore", "bf16", "none", 0),
 }
 
 
@@ -61,7 +62,7 @@ def _cases(ctx: BenchContext):
 
 def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.device):
     """(one training step of `system` on alternating random batches, the resolved model config)."""
-    ops, impl, _, compile_, tiles = SYSTEMS[system]
+    ops, impl, _, compile_mode, tiles = SYSTEMS[system]
     mcfg = dataclasses.replace(models.resolve(mcfg, device=device), ops=ops)
     model = models.build_model(mcfg).to(device)
     if precision == "bf16":
@@ -69,8 +70,7 @@ def make_step(mcfg, system: str, B: int, T: int, precision: str, device: torch.d
             p.data = p.data.to(torch.bfloat16)
     cfg = load_config("tiny")  # only the optim section is read: the presets' AdamW settings
     optimizer = build_optimizer(model, cfg, impl, precision, device)
-    if compile_:
-        model.compile()
+    compile_model(model, model, compile_mode)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randint(0, mcfg.vocab_size, (B, T), device=device, generator=gen),
                 torch.randint(0, mcfg.vocab_size, (B, T), device=device, generator=gen), None, None, None)
@@ -114,7 +114,7 @@ def run(ctx: BenchContext) -> Iterator[Row]:
     # and the CPU has no attention tiles. On the GPU, the tiles bench_tiles() allows.
     timed_tiles = [0] if ctx.quick else [0, *bench_tiles()]
     systems = [s for s, (_, _, prec, comp, tiles) in SYSTEMS.items()
-               if tiles in timed_tiles and (not ctx.quick or (not comp and prec != "bf16"))]
+               if tiles in timed_tiles and (not ctx.quick or (comp == "none" and prec != "bf16"))]
     peak_rate = peak_tflops(load_config("tiny"), dev) or ctx.roofline.matmul_tflops
     for case, mcfg, B, T, precision in _cases(ctx):
         for system in systems:
