@@ -630,3 +630,15 @@ def test_gpu_check_all_runs_every_benchmark():
     ops = script.split("bench bench-ops", 1)[1].split("\n", 1)[0].split()[1:]
     reached = {s.removeprefix("bench-") for s in stages if s.startswith("bench-")} | set(ops)
     assert set(BENCHMARKS) <= reached, set(BENCHMARKS) - reached
+
+
+def test_masked_attention_quick_in_bf16_is_not_held_to_fp32_rounding(monkeypatch):
+    # `--quick` on the GPU runs the small shapes in bf16, whose rounding (~1e-2 here) the float64 check's
+    # fp32 tolerance (1e-4) would report as a disagreement of fmcore itself, ending the run.
+    from fmcore.bench import attention_masked as am
+
+    monkeypatch.setattr(am, "_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(am, "time_ms", lambda *a, **k: 1.0)  # the check, not the timing
+    rows = list(am.run(BenchContext(**CPU_CTX)))
+    assert {r.case.rsplit(" ", 2)[1] for r in rows} == {"bf16"}
+    assert {r.system for r in rows} >= {"fmcore", "torch-flex"}

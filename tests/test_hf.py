@@ -652,6 +652,18 @@ def test_the_sliding_window_keyword_must_agree_with_the_mask(kernel_calls):
     assert len(kernel_calls) == 2
 
 
+def test_a_disagreeing_sliding_window_keyword_warns_once_as_the_keys_grow():
+    # Decoding adds a key a step: the warning, "shown once per reason", must not come back at every step.
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for sk in (12, 13, 14):
+            q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, sk, 16), torch.randn(1, 2, sk, 16)
+            hf.attention_forward(module, q, k, v, None, sliding_window=5)
+    assert len([w for w in caught if "sliding_window=5 disagrees" in str(w.message)]) == 1
+
+
 @pytest.mark.parametrize("kind, padded", [("llama", False), ("mistral", False), ("mistral", True)])
 def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kind, padded, kernel_calls):
     # A static cache hands attention all its max_cache_len keys, the unwritten ones zeros; HF's SDPA

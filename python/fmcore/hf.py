@@ -122,8 +122,9 @@ def _fallback_reason(query, key, value, attention_mask, window, dropout, kwargs)
                 "window over padding between tokens, or a custom mask")
     given = kwargs.get("sliding_window")
     if _hides_keys(given, key.shape[2]) != window:
-        return (f"the layer's sliding_window={given} disagrees with its attention mask's window ({window} over "
-                f"{key.shape[2]} keys); running the mask's")
+        # (not naming the number of keys: decoding would make each step's reason another, warned again)
+        return (f"the layer's sliding_window={given} disagrees with its attention mask's window ({window}); "
+                "running the mask's")
     if dropout > 0.0:
         return "attention dropout in training"
     for name in ("position_bias", "softcap", "s_aux"):
