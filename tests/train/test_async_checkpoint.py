@@ -285,3 +285,25 @@ def test_a_nonfinite_stop_names_its_checkpoint_once_written(dataset, tmp_path, m
     with pytest.raises(TrainingStopped, match="checkpoint of the last good state: .*step_00000004"):
         train(load_config("tiny", overrides(dataset, run, *args)))
     assert said == {"checkpoints then": [4]}
+
+
+@single_process
+def test_an_error_of_the_rename_or_pruning_is_raised_once(dataset, tmp_path, monkeypatch):
+    # Not a CheckpointError (rank 0's prune after the write): raised at the next save, and the way out
+    # neither waits for that finished save again nor raises its error a second time.
+    def prune(*_args):
+        raise PermissionError(13, "Permission denied", "old checkpoint")
+
+    waits, real_wait = [], checkpoint.PendingSave.wait
+
+    def wait(self):
+        waits.append(self.step)
+        return real_wait(self)
+
+    monkeypatch.setattr(checkpoint, "prune", prune)
+    monkeypatch.setattr(checkpoint.PendingSave, "wait", wait)
+    cfg = load_config("tiny", overrides(dataset, tmp_path / "run", *TINY, "--checkpoint.every", "2",
+                                        "--checkpoint.async_save", "true"))
+    with pytest.raises(PermissionError) as raised:
+        train(cfg)
+    assert waits == [2] and not getattr(raised.value, "__notes__", None)

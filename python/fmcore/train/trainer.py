@@ -747,16 +747,16 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         cleanup.push(lambda *exc_info: finish_writing(exc_info[1]))
 
     def wait_for_pending() -> float:
-        """Seconds spent waiting for the checkpoint being written, if any; raises its CheckpointError."""
+        """Seconds spent waiting for the checkpoint being written, if any; raises its error (a CheckpointError,
+        or what rank 0's rename or pruning raised)."""
         if not pending:
             return 0.0
         waited = time.perf_counter()
         try:
             pending[0].wait()
-        except checkpoint.CheckpointError:
-            pending.clear()  # (raised once: not again on the way out)
-            raise
-        pending.clear()
+        finally:
+            if pending[0].done():  # (its error raised once: not again on the way out; Ctrl-C leaves it pending)
+                pending.clear()
         return time.perf_counter() - waited
 
     def finish_writing(exc: BaseException | None) -> None:
@@ -767,9 +767,10 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         try:
             wait_for_pending()
         except KeyboardInterrupt:
-            pending[0].abandon()
+            if pending:
+                pending[0].abandon()
             raise  # (its thread may still use save_group: left to the default group's destruction)
-        except checkpoint.CheckpointError as e:
+        except Exception as e:  # noqa: BLE001 - raised below, or noted on what ended the run
             error = e
         if save_group is not None:
             dist.destroy_process_group(save_group)
