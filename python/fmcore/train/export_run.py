@@ -85,6 +85,7 @@ def load_weights(ckpt: Path, cfg: Config, mcfg: ModelConfig) -> tuple[torch.nn.M
     from fmcore.train import trainer
 
     saved = checkpoint._saved(ckpt)
+    # (the weights' dtype, not checkpoint.has_master_weights: ZeroAdamW keeps fp32 masters in every precision)
     bf16 = any(isinstance(meta, TensorStorageMetadata) and meta.properties.dtype == torch.bfloat16
                for key, meta in saved.items() if key.startswith("model."))
     precision = "bf16" if bf16 else "fp32"
