@@ -172,7 +172,7 @@ def test_retention_counts_complete_checkpoints_and_the_end_waits(dataset, tmp_pa
 
     def slow(self, *args, **kwargs):
         if self.path.name in (".tmp-step_00000001", ".tmp-step_00000005"):
-            time.sleep(1.2)
+            time.sleep(2.5)  # (the step between the saves must take under 1.5 s for the "waited" line)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(FileSystemWriter, "write_data", slow)
