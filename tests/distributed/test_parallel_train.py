@@ -11,7 +11,9 @@ this process writes the same weights (a bf16 run's fp32 masters, from zero1 and 
 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2
 ranks, fsdp2 with tensor=2, activation checkpointing (full, and selective) and torch.compile (of the
 model, and of each block) against 1 process, zero1 with 2 micro-batches per step (gradient
-accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks.
+accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks. fsdp2 under bf16
+autocast: the dtypes and sizes of what it all-gathers (bf16 blocks) and reduce-scatters (fp32) in a
+step, against plan-memory's bytes, its fp32 shards; its losses and checkpoints against 1 process's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -285,7 +288,7 @@ def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
     for mode in ("ddp", "zero1"):
         cfg = load_config("tiny", ["--parallel.data", mode, "--parallel.tensor", "2"])
         with pytest.raises(ConfigError, match=f"'{mode}' with parallel.tensor > 1 is not supported"):
-            apply_parallelism(torch.nn.Linear(2, 2), cfg)
+            apply_parallelism(torch.nn.Linear(2, 2), cfg, "fp32")
 
 
 def test_zero1_gradient_accumulation_matches_one_process(dataset, references, tmp_path):
@@ -507,3 +510,127 @@ def test_async_checkpoints_on_two_ranks_equal_sync_ones(two_rank_run, dataset):
                      "--checkpoint.async_save", "true"), tmp / "launch-async-resumed")
     want = losses(tmp / "run")
     assert losses(tmp / "async-resumed") == {s: want[s] for s in range(SAVE_AT + 1, STEPS + 1)}  # bitwise
+
+
+def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str]) -> dict:
+    """One training step of fsdp2 under bf16 autocast, built as the trainer builds it: what FSDP2 sent
+    (each all-gather's and reduce-scatter's input dtype and size), the dtypes each block saw in its
+    forward (its parameters, and the residual stream entering it), and the dtypes of the sharded
+    parameters, their gradients and AdamW's state after the step."""
+    import torch.distributed as dist
+
+    from fmcore.train import trainer
+    from fmcore.train.config import load_config
+    from fmcore.train.parallel import clip_grad_norm_, forget_mesh
+
+    env = trainer.Env(rank, world, rank, torch.device("cpu"))
+    cfg = load_config("tiny", args)
+    model, mcfg = trainer.build_model(cfg, 128, env, "bf16-autocast")
+    model = trainer.parallelize(model, cfg, env, "bf16-autocast")
+    optimizer = trainer.build_optimizer(model, cfg, trainer.optimizer_impl(cfg, mcfg), "bf16-autocast", env.device)
+    sent, seen = [], []
+
+    def spy(kind, collective):
+        def call(*args, **kwargs):
+            sent.append((kind, kwargs.get("input", args[1] if len(args) > 1 else None)))
+            return collective(*args, **kwargs)
+        return call
+
+    for block in model.blocks:  # (runs after FSDP2's pre-forward hook, which all-gathers the block)
+        block.register_forward_pre_hook(lambda block, args: seen.append(
+            ({p.dtype for p in block.parameters()}, args[1].dtype if args[1] is not None else args[0].dtype)))
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+    dist.all_gather_single, dist.reduce_scatter_single = spy("gather", gather), spy("scatter", scatter)
+    try:
+        x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(rank))
+        with trainer.autocast_context("bf16-autocast", env.device):
+            loss = model(x, x)
+        loss.backward()
+    finally:
+        dist.all_gather_single, dist.reduce_scatter_single = gather, scatter
+    clip_grad_norm_(list(model.parameters()), 1.0)
+    optimizer.step()
+    forget_mesh()
+    root = sum(p.to_local().numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
+    return {"ops": model.ops, "sent": [(kind, t.dtype, t.numel()) for kind, t in sent], "seen": seen,
+            "params": {p.dtype for p in model.parameters()}, "grads": {p.grad.dtype for p in model.parameters()},
+            "state": {v.dtype for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()},
+            "block_shards": sum(p.to_local().numel() for p in model.blocks.parameters()),
+            "root_shards": root, "n_blocks": len(model.blocks), "mcfg": mcfg}
+
+
+@pytest.mark.parametrize("world, layout", [(2, ["--parallel.data", "fsdp2"]),
+                                           (2, ["--parallel.data", "fsdp2", "--optim.impl", "torch"]),
+                                           (4, ["--parallel.data", "fsdp2", "--parallel.tensor", "2"])],
+                         ids=["fused-adamw", "torch-adamw", "tensor2"])
+def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, layout, tmp_path):
+    from fmcore.train import models
+    from fmcore.train.plan import Layout, comm_bytes_per_step
+
+    # FSDP2 without a MixedPrecisionPolicy all-gathered the fp32 parameters (which autocast then cast to
+    # bf16 in each matmul), twice per step: 2x the bytes of bf16 all-gathers.
+    args = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.max_seq_len", "32",
+            "--train.seq_len", "32", "--train.device", "cpu", *layout]
+    for got in run_ranks(_fsdp2_bf16_autocast_step, world, tmp_path, args=(args,), timeout=120):
+        assert got["ops"] == "fmcore"
+        L, sent = got["n_blocks"], got["sent"]
+        gathers = [(dtype, n) for kind, dtype, n in sent if kind == "gather"]
+        # each block gathered in bf16 before its forward and again before its backward, the root once in fp32
+        assert Counter(d for d, _ in gathers) == {torch.bfloat16: 2 * L, torch.float32: 1}, gathers
+        # what this rank sends: its shards of the blocks (2 bytes, twice) and of the root (4 bytes, once)
+        # (the shapes divide by the 2 data-parallel ranks: no padding)
+        assert sum(n for d, n in gathers if d == torch.bfloat16) == 2 * got["block_shards"]
+        assert sum(n for d, n in gathers if d == torch.float32) == got["root_shards"]
+        assert [d for kind, d, _ in sent if kind == "scatter"] == [torch.float32] * (L + 1)  # fp32 gradients
+        # plan-memory's bytes per step: over 2 data-parallel ranks a ring all-gather sends its input, a
+        # reduce-scatter half of it
+        ring = sum(n * d.itemsize * (1 if kind == "gather" else 0.5) for kind, d, n in sent)
+        m, dp_tp = got["mcfg"], Layout("fsdp2", 2, world // 2)
+        assert ring == comm_bytes_per_step(models.param_count(m), dp_tp, precision="bf16-autocast", mcfg=m)["data"]
+        # the blocks computed with bf16 parameters on the fp32 residual stream (FSDP2's default casts
+        # the block's floating-point inputs too)
+        assert got["seen"] == [({torch.bfloat16}, torch.float32)] * L, got["seen"]
+        assert got["params"] == got["grads"] == got["state"] == {torch.float32}
+
+
+def test_fsdp2_under_bf16_autocast_matches_one_process_and_swaps_checkpoints_with_it(dataset, tmp_path):
+    # bf16 all-gathers change what the blocks' norms compute with (bf16-rounded weights) and round all
+    # block gradients to bf16 before the fp32 reduction (the matmuls' already were, under autocast):
+    # not bitwise one process's. At this size the losses moved by about 1e-4 absolute (2e-5 relative),
+    # within the fp32 layouts' tolerance (RTOL: reductions in another order, which Adam's first steps
+    # amplify). The exported weights moved by up to 4e-4 (5e-4 here, 2e-4 for the fp32 layouts; the
+    # weights are ~0.1) but for the key bias, whose gradient is zero but for rounding (it adds the same
+    # q.b_k to every score of a query), which Adam turns into steps of the learning rate's size in
+    # directions the rounding picks (it moved by its own size). The checkpoints hold the fp32 shards
+    # either way: one written under the policy resumes in one process without it, one process's under it.
+    from safetensors.torch import load_file
+
+    bf16 = ["--train.precision", "bf16-autocast"]
+    run(1, overrides(dataset, tmp_path / "one", 2 * B, *bf16), tmp_path / "launch-one")
+    run(2, overrides(dataset, tmp_path / "run", B, *MODES["fsdp2"], *bf16), tmp_path / "launch")
+    assert_losses_close(losses(tmp_path / "run"), losses(tmp_path / "one"), range(1, STEPS + 1))
+    got, want = (load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("run", "one"))
+    assert got.keys() == want.keys() and {t.dtype for t in got.values()} == {torch.float32}
+    for name in want:
+        g, w = got[name], want[name]
+        if name.endswith("attn.c_attn.bias"):  # (q, k, v: the query's and value's parts)
+            g, w = g.view(3, -1)[[0, 2]], w.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(g, w, rtol=0, atol=5e-4, msg=name)
+    ckpt = resume_from(tmp_path / "run", tmp_path / "unsharded")
+    run(1, overrides(dataset, tmp_path / "unsharded", 2 * B, *bf16, "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-unsharded")
+    assert_losses_close(losses(tmp_path / "unsharded"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
+    ckpt = resume_from(tmp_path / "one", tmp_path / "sharded")
+    run(2, overrides(dataset, tmp_path / "sharded", B, *MODES["fsdp2"], *bf16, "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-sharded")
+    assert_losses_close(losses(tmp_path / "sharded"), losses(tmp_path / "one"), range(SAVE_AT + 1, STEPS + 1))
+    # with selective checkpointing and each block compiled (FSDP2's hooks and casts around the graphs)
+    run(2, overrides(dataset, tmp_path / "compiled", B, *MODES["fsdp2"], *bf16, "--train.activation_checkpointing",
+                     "selective", "--train.compile", "blocks"), tmp_path / "launch-compiled")
+    assert_losses_close(losses(tmp_path / "compiled"), losses(tmp_path / "one"), range(1, STEPS + 1))
+    # `fmcore export` of its final checkpoint in this process: the fp32 weights its run exported
+    from fmcore.__main__ import main
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert exported.keys() == got.keys() and all(torch.equal(exported[k], got[k]) for k in got)

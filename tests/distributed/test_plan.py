@@ -88,6 +88,18 @@ def test_comm_volumes_in_the_docs():
     llama = mcfg("llama-1b")
     assert comm_bytes_per_step(models.param_count(llama), Layout("ddp", 64, 1))["data"] / 1e9 == pytest.approx(
         8.66, abs=0.005)
+    # fsdp2 gathers the root module (embeddings, head, final norm) once a step, the blocks twice: in fp32,
+    # and under bf16 autocast with the blocks in bf16, ddp's bytes (the root's one fp32 gather is two bf16
+    # ones' bytes). The docs' table, GPT-2 124M on 8 GPUs and Llama 1.1B on 64: fp32 | bf16-autocast | bf16.
+    for m, gpus, want in ((m, 8, (1.17, 0.87, 0.58)), (llama, 64, (12.48, 8.66, 6.24))):
+        got = [comm_bytes_per_step(models.param_count(m), Layout("fsdp2", gpus, 1), precision=precision, mcfg=m)
+               for precision in ("fp32", "bf16-autocast", "bf16")]
+        assert [g["data"] / 1e9 for g in got] == pytest.approx(want, abs=0.005)
+        ddp = comm_bytes_per_step(models.param_count(m), Layout("ddp", gpus, 1), precision="bf16-autocast", mcfg=m)
+        assert got[1]["data"] == pytest.approx(ddp["data"], rel=1e-12)
+    tp = [comm_bytes_per_step(models.param_count(llama), Layout("fsdp2", 4, 2), precision=precision, mcfg=llama)
+          for precision in ("fp32", "bf16-autocast", "bf16")]
+    assert [g["data"] / 1e9 for g in tp] == pytest.approx((5.15, 3.69, 2.57), abs=0.005)
 
 
 def test_cli_prints_the_plan_and_the_measured_peak(tmp_path, capsys):
@@ -194,8 +206,10 @@ def test_fsdp2_gathers_the_root_module_and_two_blocks(preset):
         model = models.build_model(m)
     root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
     block = sum(p.numel() for p in model.blocks[0].parameters())
-    parts = plan(m, Layout("fsdp2", 8, 1), precision="bf16-autocast", batch_size=1, seq_len=16, checkpointing=False)
-    assert parts["comm"] == 4 * (root + 2 * block)
+    for precision, gathered in (("fp32", 4), ("bf16-autocast", 2), ("bf16", 2)):
+        # (under bf16 autocast the blocks are gathered in bf16, the root module in fp32: parallel.apply_fsdp2)
+        parts = plan(m, Layout("fsdp2", 8, 1), precision=precision, batch_size=1, seq_len=16, checkpointing=False)
+        assert parts["comm"] == (2 if precision == "bf16" else 4) * root + gathered * 2 * block, precision
 
 
 def test_tensor_parallel_replicas_without_data_parallelism_are_refused():

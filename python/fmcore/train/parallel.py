@@ -9,7 +9,8 @@ the same batches (the loader is sharded by dp rank).
 
 - ddp: torch DistributedDataParallel (bucketed all-reduce overlapping the backward).
 - fsdp2: torch fully_shard on every block, then on the whole model (params, grads and optimizer
-  state sharded over dp; parameters all-gathered per block in forward and backward).
+  state sharded over dp, in fp32; parameters all-gathered per block in forward and backward: in bf16
+  under bf16 autocast, the gradients reduce-scattered in fp32; see fsdp2_block_policy).
 - zero1: the model stays as it is; fmcore.dist.ZeroAdamW shards the optimizer over dp and averages
   the gradients (bucketed reduce-scatters started in the backward, shard update, all-gather).
 - tensor: DTensor tensor parallelism (alone or with fsdp2: a 2-D mesh) (parallelize_module) of each block's attention and MLP,
@@ -23,7 +24,7 @@ the same batches (the loader is sharded by dp rank).
 The optimizer updates DTensor parameters (fsdp2, tensor) shard by shard, FusedAdamW included (with
 the norm clipped globally by clip_grad_norm_ below rather than fused into its step).
 
-The trainer calls apply_parallelism(model, cfg) after building the model, build_optimizer(...) for
+The trainer calls apply_parallelism(model, cfg, precision) after building the model, build_optimizer(...) for
 zero1, clip_grad_norm_(...) instead of torch's (it handles DTensor gradients and ZeRO-1 shards), and
 checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
 """
@@ -120,11 +121,12 @@ def forget_mesh() -> None:
     _MESH = _MESH_KEY = None
 
 
-def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
-    """The model wrapped or sharded as cfg.parallel asks (collective)."""
+def apply_parallelism(model: nn.Module, cfg, precision: str) -> nn.Module:
+    """The model wrapped or sharded as cfg.parallel asks (collective); precision: the resolved
+    train.precision (fp32, bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
     data, tp = cfg.parallel.data, cfg.parallel.tensor
     device = next(model.parameters()).device
-    check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, cfg.train.precision)
+    check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, precision)
     ensure_process_group(device)
     m = mesh(cfg, device)
     if tp > 1:
@@ -132,7 +134,7 @@ def apply_parallelism(model: nn.Module, cfg) -> nn.Module:
     if data == "ddp":
         return apply_ddp(model, m, device)
     if data == "fsdp2":
-        return apply_fsdp2(model, m["dp"])
+        return apply_fsdp2(model, m["dp"], precision)
     return model
 
 
@@ -151,15 +153,46 @@ def apply_ddp(model: nn.Module, m, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=ids, process_group=m["dp"].get_group(), **sync)
 
 
-def apply_fsdp2(model: nn.Module, dp_mesh) -> nn.Module:
+def fsdp2_block_policy(precision: str, device: torch.device, ops: str):
+    """The MixedPrecisionPolicy of fsdp2's blocks. Under bf16 autocast each block's parameters are
+    all-gathered in bf16 (half the bytes of fp32, in the forward and again in the backward) and its
+    matmuls read them as they are: autocast would have cast the fp32 weights to these same values.
+    The gradients (bf16, as the matmuls make them) are reduce-scattered in fp32, and the sharded
+    parameters, their gradients and the optimizer state stay fp32: checkpoints and exports are those
+    of a run without it. What changes against one process: the blocks' norm weights and biases are
+    applied as bf16 roundings and their gradients rounded to bf16 before the (fp32) reduction.
+
+    cast_forward_inputs=False: FSDP2 would cast a block's floating-point inputs to bf16, and the
+    residual stream (h, residual: fp32 under autocast, see add_norm) with them; only the parameters
+    are cast. Not on the CPU's torch ops path: CPU autocast has no fp32 rule for layer_norm, whose
+    kernel refuses an fp32 input with bf16 weights (the fmcore ops' add_norm takes them; on CUDA
+    autocast runs layer_norm and rms_norm in fp32). Other precisions gather the parameters in their
+    own dtype: bf16 weights are bf16 already (their gradients too: an fp32 reduce-scatter would round
+    the sum to bf16 all the same, for twice the bytes), fp32 is fp32, and fp16 autocast stays as it
+    was tested with GradScaler (fp16 all-gathers would be its analogue)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16-autocast" and (device.type == "cuda" or ops == "fmcore"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp2(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     # torch warns when a sharded module returns a view (GPT-2's blocks do: F.linear with a bias on a
     # 3-D input returns a view of its 2-D result), as an in-place op on it would bypass FSDP's
     # pre-backward hook. These models never write into a block's output; the next block reads it.
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(\w+\) returned a view tensor", UserWarning)
+    policy = fsdp2_block_policy(precision, next(model.parameters()).device, model.ops)
     for block in model.blocks:
-        fully_shard(block, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    # The root group (embeddings, final norm, untied head) stays fp32 on the wire: the embedding's
+    # rows start the fp32 residual stream (bf16 ones would round it, and make the first blocks' stream
+    # bf16), the final norm applies fp32 weights as in one process, and the head's matmul casts its
+    # fp32 weight to bf16 under autocast as one process does. FSDP2 gathers the root once per step
+    # (it stays gathered from the forward to the end of the backward), so this costs one fp32
+    # all-gather of those weights per step, against two bf16 ones of every block.
     fully_shard(model, mesh=dp_mesh)
     return model
 

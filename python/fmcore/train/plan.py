@@ -14,8 +14,9 @@ tensor parallelism replicates, embeddings, head, norms and the row-parallel bias
   optimizer   P_t * (8 + m)     AdamW moments in fp32, m = 4 when an fp32 master copy exists
   comm        DDP's and fmcore's gradient buckets (one more copy of the grads, P_t * w), ZeRO-1's flat
               gradient buffer (P_t * w) plus its shard's reduced gradient and all-gather send buffer
-              (2 * P_t / d * w), and FSDP2's all-gather buffers (two layers of full params, and the
-              root module's embeddings, head and final norm, gathered for the whole forward and backward)
+              (2 * P_t / d * w), and FSDP2's all-gather buffers (two layers of full params, in bf16
+              under bf16 autocast, and the root module's embeddings, head and final norm in the
+              weights' dtype, gathered for the whole forward and backward)
   fsdp2 divides params, grads and optimizer by d; zero1 divides the optimizer (moments and its fp32
   master, which zero1 always keeps) by d.
   activations stored for the backward, per token of a micro-batch and per layer (16-bit under
@@ -64,6 +65,12 @@ class Layout:
 
 def _weight_bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
+
+
+def _gathered_block_bytes(precision: str) -> int:
+    """Bytes per parameter of fsdp2's all-gathered blocks: bf16 under bf16 autocast
+    (fmcore.train.parallel.fsdp2_block_policy), else the weights' dtype."""
+    return 2 if precision == "bf16-autocast" else _weight_bytes(precision)
 
 
 def _act_bytes(precision: str) -> int:
@@ -158,7 +165,8 @@ def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int,
         # module's group: gathered at the forward's start, it stays gathered until the backward ends.
         root = models.param_count(dataclasses.replace(mcfg, n_layers=0))
         per_block = (Pt - root) / max(1, mcfg.n_layers)
-        out["comm"] = (root + 2 * per_block) * w  # + the gathered block and the next one, prefetched
+        # + the gathered block and the next one, prefetched
+        out["comm"] = root * w + 2 * per_block * _gathered_block_bytes(precision)
     elif layout.data == "zero1":
         out["optimizer"] /= dp
         # flat gradient buffer for the reduce-scatter, and per shard ZeroAdamW's reduced gradient and
@@ -177,24 +185,38 @@ def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int,
     return out
 
 
-def comm_bytes_per_step(P: int, layout: Layout, *, grad_bytes: int = 4, param_bytes: int = 4,
-                        tokens_per_dp_rank: int = 0, mcfg=None, act_bytes: int = 2) -> dict[str, float]:
+def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", tokens_per_dp_rank: int = 0, mcfg=None,
+                        act_bytes: int = 2) -> dict[str, float]:
     """Bytes each GPU sends per optimizer step with ring collectives (a ring all-reduce of n bytes over
-    k ranks sends 2(k-1)/k * n, a reduce-scatter or all-gather (k-1)/k * n).
+    k ranks sends 2(k-1)/k * n, a reduce-scatter or all-gather (k-1)/k * n), for train.precision
+    precision (resolved: fp32, bf16-autocast, bf16 or fp16).
 
+    Gradients and parameters travel in the weights' dtype (fp32, or bf16 for bf16 weights), but for
+    fsdp2's blocks under bf16 autocast, all-gathered in bf16 (fsdp2_block_policy in parallel.py).
     ddp: all-reduce of the gradients. zero1: reduce-scatter of the gradients + all-gather of the
-    updated parameters (the same bytes as ddp). fsdp2: all-gather of the parameters in the forward and
-    again in the backward + reduce-scatter of the gradients (1.5x ddp). tensor parallel (t > 1): per
-    layer two all-reduces of the (tokens, dim) activations in the forward and two in the backward
-    (Megatron's f/g), on the tokens of this data-parallel rank."""
+    updated parameters (the same bytes as ddp). fsdp2: all-gather of each block's parameters in the
+    forward and again in the backward, the root module's (embeddings, head, final norm) once (FSDP2
+    keeps them gathered until the backward ends), and reduce-scatter of the gradients: 1.3-1.5x ddp
+    in one dtype, ddp's bytes under bf16 autocast. With mcfg the parameters of one tensor-parallel
+    rank and the root's are counted as plan() counts them; without it every parameter is a block's,
+    divided by t. tensor parallel (t > 1): per layer two all-reduces of the (tokens, dim) activations
+    in the forward and two in the backward (Megatron's f/g), on the tokens of this data-parallel rank."""
+    from fmcore.train import models
+
     d, t = layout.dp, layout.tp
-    Pt = P / t
+    if mcfg is not None:  # what one tensor-parallel rank holds, as plan() counts it
+        sharded = tensor_parallel_sharded_count(mcfg) if t > 1 else 0
+        Pt, root = P - sharded + sharded / t, models.param_count(dataclasses.replace(mcfg, n_layers=0))
+    else:  # (without the model: every parameter in a block, divided by t)
+        Pt, root = P / t, 0
+    w = _weight_bytes(precision)
     ring = (d - 1) / d if d > 1 else 0.0
     out = {"data": 0.0, "tensor": 0.0}
     if layout.data in ("ddp", "zero1"):
-        out["data"] = ring * Pt * grad_bytes + ring * Pt * (param_bytes if layout.data == "zero1" else grad_bytes)
+        out["data"] = 2 * ring * Pt * w
     elif layout.data == "fsdp2":
-        out["data"] = 2 * ring * Pt * param_bytes + ring * Pt * grad_bytes
+        gathered = 2 * (Pt - root) * _gathered_block_bytes(precision) + root * w
+        out["data"] = ring * gathered + ring * Pt * w
     if t > 1 and mcfg is not None:
         out["tensor"] = 4 * mcfg.n_layers * 2 * (t - 1) / t * tokens_per_dp_rank * mcfg.dim * act_bytes
     out["total"] = out["data"] + out["tensor"]

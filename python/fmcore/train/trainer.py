@@ -151,13 +151,13 @@ def build_model(cfg: Config, vocab_size: int, env: Env, precision: str,
     return model, mcfg
 
 
-def parallelize(model: nn.Module, cfg: Config, env: Env) -> nn.Module:
+def parallelize(model: nn.Module, cfg: Config, env: Env, precision: str) -> nn.Module:
     """Wrap the model for data / tensor parallelism (fmcore.train.parallel); identity on one process."""
     if cfg.parallel.data == "none" and cfg.parallel.tensor == 1:
         return model
     from fmcore.train.parallel import apply_parallelism
 
-    return apply_parallelism(model, cfg)
+    return apply_parallelism(model, cfg, precision)
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -652,7 +652,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     precision = resolve_precision(cfg, env.device, impl)
     model, mcfg = build_model(cfg, loader.vocab_size, env, precision, fresh=resume_from is None)
     raw_model = model
-    model = parallelize(model, cfg, env)
+    model = parallelize(model, cfg, env, precision)
     optimizer = build_optimizer(model, cfg, impl, precision, env.device)
     scaler = None
     if precision == "fp16":
