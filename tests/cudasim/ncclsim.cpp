@@ -362,6 +362,13 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
   return ncclSuccess;
 }
 
+// ncclConfig_t's magic, as NCCL_CONFIG_INITIALIZER sets it (NCCL 2.28's headers write it as a number).
+#ifdef NCCL_API_MAGIC
+constexpr unsigned int kConfigMagic = NCCL_API_MAGIC;
+#else
+constexpr unsigned int kConfigMagic = 0xcafebeef;
+#endif
+
 const char* ncclGetErrorString(ncclResult_t r) {
   switch (r) {
     case ncclSuccess: return "no error";
@@ -372,7 +379,9 @@ const char* ncclGetErrorString(ncclResult_t r) {
     case ncclInvalidUsage: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
     case ncclRemoteError: return "remote process exited or there was a network error";
     case ncclInProgress: return "NCCL operation in progress";
+#ifdef NCCL_API_MAGIC  // (NCCL 2.30's headers; 2.28's, torch 2.11's, have neither ncclTimeout nor the macro)
     case ncclTimeout: return "NCCL operation timed out";
+#endif
     default: return "unknown result code";
   }
 }
@@ -391,7 +400,7 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int world, ncclUniqueId id,
   Model& m = model();
   std::unique_lock<std::mutex> lock(m.mu);
   if (out == nullptr || world < 1 || rank < 0 || rank >= world || config == nullptr ||
-      config->magic != NCCL_API_MAGIC)
+      config->magic != kConfigMagic)
     return ncclInvalidArgument;
   if (const ncclResult_t r = injected("ncclCommInitRankConfig"); r != ncclSuccess) return r;
   Clique*& q = m.cliques[std::string(id.internal, sizeof(id.internal))];
