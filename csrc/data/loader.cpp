@@ -37,15 +37,13 @@ void check_options(const LoaderOptions& o) {
 // One SamplePlan per source over its contiguous range of the shard list.
 std::unique_ptr<BlendPlan> make_blend(const LoaderOptions& o, const std::vector<uint64_t>& sizes) {
   std::vector<uint32_t> counts = o.source_shards;
-  std::vector<double> weights = o.source_weights;
-  if (counts.empty() && weights.empty()) {
+  std::vector<BlendPhase> phases = o.phases;
+  if (counts.empty() && phases.empty()) {
     counts = {static_cast<uint32_t>(sizes.size())};
-    weights = {1.0};
+    phases = {BlendPhase{0, {1.0}}};
   }
-  if (counts.size() != weights.size())
-    throw std::invalid_argument(
-        "source_shards and source_weights must have one entry per source, got " +
-        std::to_string(counts.size()) + " and " + std::to_string(weights.size()));
+  if (counts.empty())
+    throw std::invalid_argument("blend phases given without source_shards");
   std::vector<SamplePlan> plans;
   std::vector<uint32_t> first;
   size_t at = 0;
@@ -63,7 +61,7 @@ std::unique_ptr<BlendPlan> make_blend(const LoaderOptions& o, const std::vector<
   if (at != sizes.size())
     throw std::invalid_argument("source_shards sum to " + std::to_string(at) + ", but there are " +
                                 std::to_string(sizes.size()) + " paths");
-  return std::make_unique<BlendPlan>(std::move(plans), std::move(first), weights);
+  return std::make_unique<BlendPlan>(std::move(plans), std::move(first), phases);
 }
 
 }  // namespace
@@ -199,16 +197,29 @@ void Loader::close() {
   stop_workers();
 }
 
-void Loader::restart(uint64_t start_sample) {
+void Loader::restart(uint64_t start_sample, std::vector<BlendPhase> phases) {
   std::lock_guard<std::mutex> control(control_mu_);
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) throw std::runtime_error("the loader is closed");
   }
+  std::unique_ptr<BlendPlan> plan;
+  if (!phases.empty()) {  // built (and checked) while the workers still run
+    LoaderOptions o = opt_;
+    o.phases = std::move(phases);
+    std::vector<uint64_t> sizes;
+    for (auto& s : shards_) sizes.push_back(s->info().n_tokens);
+    plan = make_blend(o, sizes);
+    phases = std::move(o.phases);
+  }
   stop_workers();
   {
     std::lock_guard<std::mutex> lk(mu_);
     opt_.start_sample = start_sample;
+    if (plan) {  // (no worker reads plan_ now)
+      plan_ = std::move(plan);
+      opt_.phases = std::move(phases);
+    }
   }
   try {
     for (auto& s : shards_) s->check_unchanged();  // (a resume: the workers read anywhere next)

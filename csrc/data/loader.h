@@ -48,9 +48,10 @@ struct LoaderOptions {
   bool verify = false;          // check each shard's payload CRC when opening
   uint64_t start_sample = 0;    // global sample number of batch 0 (resume)
   // A weighted blend of sources (see blend.h): source s owns the next source_shards[s] paths, in
-  // order, and weighs source_weights[s]. Both empty: one source of every path.
+  // order, and weighs phases[k].weights[s] from global sample phases[k].start on. Both empty: one
+  // source of every path.
   std::vector<uint32_t> source_shards;
-  std::vector<double> source_weights;
+  std::vector<BlendPhase> phases;
 };
 
 // Byte offsets of one batch in its buffer: x (B*T), y (B*T), then with doc_boundaries positions
@@ -86,7 +87,9 @@ class Loader {
   // Stops the workers, drops prefetched batches and restarts at a global sample number. A next()
   // in another thread meanwhile (waiting, or called mid-restart) throws std::runtime_error naming
   // the restart. A shard changed since it was opened throws ShardError, and so does every next().
-  void restart(uint64_t start_sample);
+  // phases, when not empty, replace the blend's (a resume of a run whose mix changed; checked, and
+  // std::invalid_argument thrown, before anything stops).
+  void restart(uint64_t start_sample, std::vector<BlendPhase> phases = {});
 
   // Global sample number where the next batch of rank 0 would start (what state_dict saves).
   uint64_t next_sample() const;

@@ -38,6 +38,19 @@ py::tuple batch_tensors(const Loader& loader, Batch&& batch) {
   return py::make_tuple(x, y, pos, cu, batch.max_seqlen);
 }
 
+// The blend's phases from parallel lists (phase k starts at phase_starts[k] with phase_weights[k]).
+std::vector<BlendPhase> make_phases(const std::vector<uint64_t>& phase_starts,
+                                    const std::vector<std::vector<double>>& phase_weights) {
+  if (phase_starts.size() != phase_weights.size())
+    throw std::invalid_argument("phase_starts and phase_weights need one entry per phase, got " +
+                                std::to_string(phase_starts.size()) + " and " +
+                                std::to_string(phase_weights.size()));
+  std::vector<BlendPhase> phases;
+  for (size_t k = 0; k < phase_starts.size(); ++k)
+    phases.push_back(BlendPhase{phase_starts[k], phase_weights[k]});
+  return phases;
+}
+
 }  // namespace
 
 void register_loader(py::module_& m) {
@@ -63,7 +76,8 @@ void register_loader(py::module_& m) {
                        int threads, int prefetch, bool doc_boundaries, int out_bytes,
                        bool check_vocab, uint32_t vocab_size, int64_t eos_id, bool verify,
                        uint64_t start_sample, bool pin_memory, std::vector<uint32_t> source_shards,
-                       std::vector<double> source_weights) {
+                       std::vector<uint64_t> phase_starts,
+                       std::vector<std::vector<double>> phase_weights) {
              LoaderOptions o;
              o.paths = std::move(paths);
              o.batch_size = batch_size;
@@ -82,7 +96,7 @@ void register_loader(py::module_& m) {
              o.verify = verify;
              o.start_sample = start_sample;
              o.source_shards = std::move(source_shards);
-             o.source_weights = std::move(source_weights);
+             o.phases = make_phases(phase_starts, phase_weights);
              Allocator alloc = [pin_memory](size_t nbytes) {
                auto t = std::make_shared<at::Tensor>(
                    at::empty({static_cast<int64_t>(nbytes)},
@@ -98,7 +112,8 @@ void register_loader(py::module_& m) {
            py::arg("check_vocab"), py::arg("vocab_size"), py::arg("eos_id"), py::arg("verify"),
            py::arg("start_sample"), py::arg("pin_memory"),
            py::arg("source_shards") = std::vector<uint32_t>{},
-           py::arg("source_weights") = std::vector<double>{})
+           py::arg("phase_starts") = std::vector<uint64_t>{},
+           py::arg("phase_weights") = std::vector<std::vector<double>>{})
       .def("next",
            [](Loader& self) {
              Batch b;
@@ -116,8 +131,16 @@ void register_loader(py::module_& m) {
              return batch_tensors(self, std::move(b));
            })
       .def("close", &Loader::close, py::call_guard<py::gil_scoped_release>())
-      .def("restart", &Loader::restart, py::arg("start_sample"),
-           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "restart",
+          [](Loader& self, uint64_t start_sample, const std::vector<uint64_t>& phase_starts,
+             const std::vector<std::vector<double>>& phase_weights) {
+            std::vector<BlendPhase> phases = make_phases(phase_starts, phase_weights);
+            py::gil_scoped_release nogil;
+            self.restart(start_sample, std::move(phases));
+          },
+          py::arg("start_sample"), py::arg("phase_starts") = std::vector<uint64_t>{},
+          py::arg("phase_weights") = std::vector<std::vector<double>>{})
       .def_property_readonly("next_sample", &Loader::next_sample)
       .def_property_readonly("wait_seconds", &Loader::wait_seconds)
       .def_property_readonly("windows_per_epoch",
@@ -131,9 +154,12 @@ void register_loader(py::module_& m) {
             return self.plan().source(source).epoch_order(epoch);
           },
           py::arg("epoch"), py::arg("source") = 0)
-      // The blend (blend.h): the source of each slot of the period; (source, its sample) of global
-      // sample g; each source's samples among the global samples [0, g); each source's own epoch.
-      .def_property_readonly("blend_table", [](const Loader& self) { return self.plan().table(); })
+      // The blend (blend.h): the source of each slot of the (last phase's) period; (source, its
+      // sample) of global sample g; each source's samples among the global samples [0, g); each
+      // source's own epoch.
+      .def_property_readonly(
+          "blend_table",
+          [](const Loader& self) { return self.plan().table(self.plan().num_phases() - 1); })
       .def("pick",
            [](const Loader& self, uint64_t g) {
              const BlendPlan::Pick p = self.plan().pick(g);

@@ -145,6 +145,13 @@ def test_one_source_is_the_plain_loader(dirs):
         assert listed.dataset == dirs["a"] and [s.weight for s in listed.sources] == [1.0]
 
 
+def test_a_source_of_weight_0_is_never_read(dirs):
+    with Loader(dirs["a"], batch_size=8, seq_len=T, seed=3) as plain, \
+            Loader([(dirs["a"], 2.0), (dirs["b"], 0)], batch_size=8, seq_len=T, seed=3) as blend:
+        assert torch.equal(rows(plain, 130)[0], rows(blend, 130)[0])  # 1040 samples: past a period
+        assert blend._core.source_samples(1040) == [1040, 0] and blend.windows_per_epoch == plain.windows_per_epoch
+
+
 def test_dict_form_is_the_list_form(dirs):
     with Loader({dirs["a"]: 3, dirs["b"]: 1}, batch_size=8, seq_len=T) as d, \
             Loader([(dirs["a"], 3), (dirs["b"], 1)], batch_size=8, seq_len=T) as lst:
@@ -190,12 +197,13 @@ def test_state_of_another_blend_is_refused(dirs):
     with Loader([(dirs["a"], 0.7), (dirs["b"], 0.3)], batch_size=4, seq_len=T) as loader:
         next(loader)
         state = loader.state_dict()
-    assert "a[" in state["dataset"] and "=0.7" in state["dataset"]  # the blend's description
-    others = [[(dirs["a"], 0.6), (dirs["b"], 0.4)], [(dirs["b"], 0.3), (dirs["a"], 0.7)],
-              [(dirs["a"], 0.7), (dirs["c"], 0.3)], dirs["a"]]
-    for other in others:
+    assert "a[" in state["dataset"] and state["phases"] == [[0, [0.7, 0.3]]]  # the sources, then their weights
+    others = [("saved with the mix", [(dirs["a"], 0.6), (dirs["b"], 0.4)]),
+              ("different dataset", [(dirs["b"], 0.3), (dirs["a"], 0.7)]),
+              ("different dataset", [(dirs["a"], 0.7), (dirs["c"], 0.3)]), ("different dataset", dirs["a"])]
+    for match, other in others:
         with Loader(other, batch_size=4, seq_len=T) as loader:
-            with pytest.raises(ValueError, match="different dataset"):
+            with pytest.raises(ValueError, match=match):
                 loader.load_state_dict(state)
     # The same weights written otherwise (7:3) are the same blend.
     with Loader([(dirs["a"], 7), (dirs["b"], 3)], batch_size=4, seq_len=T) as loader:
@@ -238,9 +246,11 @@ def test_refused_blends_name_the_source(dirs, tmp_path):
         Loader([], **kw)
     with pytest.raises(ValueError, match="non-empty list"):
         Loader({}, **kw)
-    for weight in (0, -1, float("nan"), float("inf"), True, "0.5", None):
-        with pytest.raises(ValueError, match=rf"dataset source 1 \({b}\): weight must be a finite number > 0"):
+    for weight in (-1, float("nan"), float("inf"), True, "0.5", None):
+        with pytest.raises(ValueError, match=rf"dataset source 1 \({b}\): weight must be a finite number >= 0"):
             Loader([(a, 1.0), (b, weight)], **kw)
+    with pytest.raises(ValueError, match=r"dataset: every weight is 0 .*one must be > 0"):
+        Loader([(a, 0), (b, 0.0)], **kw)
     with pytest.raises(ValueError, match=r"dataset source 0: expected a \(directory, weight\) pair"):
         Loader([(a,)], **kw)
     with pytest.raises(ValueError, match=rf"dataset source {b}: weight is 0.0001 of the total, below 1/1000"):
@@ -256,3 +266,192 @@ def test_refused_blends_name_the_source(dirs, tmp_path):
     no_val = write_dataset(tmp_path / "noval", {"train": [np.arange(100)]}, vocab_size=4 * SPAN, eos_id=0)
     with pytest.raises(ShardError, match=rf"{no_val}.*no split 'val'"):
         Loader([(a, 1.0), (no_val, 1.0)], split="val", **kw)
+
+
+# ---- mix phases: the weights changed at a resume (load_state_dict(state, mix_change=True))
+
+def model_phases(phases):
+    """pick(g) of a blend of phases [(G_k, weights_k)] (blend.h): the phase's own period from G_k on, each source's
+    sample counted on from what it drew before G_k (counted here by walking every earlier sample)."""
+    tables = [model_table(weights) for _, weights in phases]
+    n = len(phases[0][1])
+    bases = [[0] * n]
+    for k in range(1, len(phases)):
+        drawn = list(bases[-1])
+        for local in range(phases[k][0] - phases[k - 1][0]):
+            drawn[tables[k - 1][0][local % BLEND_PERIOD]] += 1
+        bases.append(drawn)
+
+    def pick(g):
+        k = max(k for k, (start, _) in enumerate(phases) if start <= g)
+        s, j = model_pick(g - phases[k][0], tables[k])
+        return s, bases[k][s] + j
+
+    return pick
+
+
+def switched(dirs, phases, batch_size, **kw):
+    """x rows of a loader resumed at each phase's start with that phase's weights (mix_change), reading until the
+    last phase's start + 2 periods; and its final state."""
+    names = list(SIZES)
+    xs, state = [], None
+    ends = [start for start, _ in phases[1:]] + [phases[-1][0] + 2 * BLEND_PERIOD]
+    for (start, weights), end in zip(phases, ends):
+        with Loader([(dirs[n], w) for n, w in zip(names, weights)], batch_size=batch_size, **kw) as loader:
+            if state is not None:
+                change = loader.load_state_dict(state, mix_change=True)
+                wanted = ",".join(f"{n}={w / sum(weights):.6g}" for n, w in zip(names, weights))
+                assert change and change.endswith(f" -> {wanted}")
+            assert loader.state_dict()["sample"] == start
+            xs.append(rows(loader, (end - start) // batch_size)[0])
+            state = loader.state_dict()
+            assert [s for s, _ in loader.mix_phases] == [s for s, _ in phases[: len(xs)]]
+    return torch.cat(xs), state
+
+
+# Phase starts that are not whole periods; source b is dropped by phase 1 and comes back in phase 2, c is dropped
+# by phase 2.
+PHASES = [(0, (0.5, 0.3, 0.2)), (1230, (0.1, 0.0, 0.9)), (2670, (0.6, 0.4, 0.0))]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+def test_a_mix_change_continues_every_source_where_it_left_off(dirs, mode):
+    seed, kw = 11, dict(seq_len=T, mode=mode)
+    x, state = switched(dirs, PHASES, 10, seed=seed, threads=2, **kw)
+    pick = model_phases(PHASES)
+    source = (x[:, 0] // SPAN).tolist()
+    assert source == [pick(g)[0] for g in range(len(x))]
+    for s, name in enumerate(SIZES):
+        mine = x[[g for g, src in enumerate(source) if src == s]]
+        # The source's samples in global order are exactly its own stream read alone: nothing repeated or skipped
+        # at a switch, and b's stream goes on after the phase without it.
+        with Loader(dirs[name], batch_size=1, seed=seed + s, threads=1, **kw) as alone:
+            assert torch.equal(mine, rows(alone, len(mine))[0]), name
+    # Each phase's shares are its weights' within 1/P over its whole periods (phase 0: one, phase 2: two).
+    for (start, weights), periods in zip(PHASES[::2], (1, 2)):
+        part = source[start: start + periods * BLEND_PERIOD]
+        for s, w in enumerate(weights):
+            assert abs(part.count(s) / len(part) - w / sum(weights)) <= 1 / BLEND_PERIOD, (start, s)
+    assert 1 not in source[PHASES[1][0]: PHASES[2][0]] and 2 not in source[PHASES[2][0]:]
+    assert state["phases"] == [[start, list(weights)] for start, weights in PHASES]
+
+
+def test_a_state_with_phases_resumes_identically_whatever_the_threads(dirs):
+    names, last = list(SIZES), PHASES[-1][1]
+    blend = [(dirs[n], w) for n, w in zip(names, last)]
+    _, state = switched(dirs, PHASES[:2], 10, seq_len=T, threads=1)  # stopped in phase 1, its weights
+    state["sample"] = 2000  # (inside phase 1)
+    got = []
+    for threads in (1, 3):
+        with Loader(blend, batch_size=40, seq_len=T, threads=threads) as loader:
+            loader.load_state_dict(state, mix_change=True)  # phase 2 from 2000 on
+            x = rows(loader, 30)[0]
+            resumed = loader.state_dict()
+        with Loader(blend, batch_size=40, seq_len=T, threads=threads) as again:
+            assert again.load_state_dict(resumed) is None  # the same mix: no change, no flag needed
+            got.append((x, rows(again, 10)[0]))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    pick = model_phases([PHASES[0], PHASES[1], (2000, last)])
+    whole = torch.cat([got[0][0], got[0][1]])
+    assert (whole[:, 0] // SPAN).tolist() == [pick(g)[0] for g in range(2000, 2000 + 40 * 40)]
+    assert resumed["phases"] == [[0, [0.5, 0.3, 0.2]], [1230, [0.1, 0.0, 0.9]], [2000, [0.6, 0.4, 0.0]]]
+    with Loader(blend, batch_size=40, seq_len=T) as loader:
+        assert loader.mix_phases[-1] == (0, {"a": 0.6, "b": 0.4, "c": 0.0})
+        loader.load_state_dict(resumed)
+        assert loader.mix_phases == [(0, {"a": 0.5, "b": 0.3, "c": 0.2}), (1230, {"a": 0.1, "b": 0.0, "c": 0.9}),
+                                     (2000, {"a": 0.6, "b": 0.4, "c": 0.0})]
+        assert loader._core.source_samples(2000 + 1600) == [sum(pick(g)[0] == s for g in range(3600)) for s in range(3)]
+
+
+def test_a_mix_change_is_refused_without_the_opt_in(dirs):
+    kw = dict(batch_size=4, seq_len=T)
+    with Loader([(dirs["a"], 0.7), (dirs["b"], 0.3)], **kw) as loader:
+        next(loader)
+        state = loader.state_dict()
+    with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
+        with pytest.raises(ValueError, match=r"saved with the mix a=0.7,b=0.3 \(from sample 0\), this loader has "
+                                             r"a=0.2,b=0.8.*pass mix_change=True.*data.mix_change = true"):
+            loader.load_state_dict(state)
+        assert loader.state_dict()["sample"] == 0 and len(loader.mix_phases) == 1  # nothing changed
+    for other in ([(dirs["a"], 0.7), (dirs["c"], 0.3)], [(dirs["b"], 0.3), (dirs["a"], 0.7)],
+                  [(dirs["a"], 0.7), (dirs["b"], 0.2), (dirs["c"], 0.1)], dirs["a"]):
+        with Loader(other, **kw) as loader:  # other sources: refused, opt-in or not
+            with pytest.raises(ValueError, match="different dataset.*not its sources"):
+                loader.load_state_dict(state, mix_change=True)
+    bad = dict(state, phases=[[0, [0.7, 0.3]], [9, [0.2, 0.8]]])  # a phase after the sample (4)
+    with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
+        with pytest.raises(ValueError, match="loader state phases must be"):
+            loader.load_state_dict(bad)
+        unordered = dict(state, phases=[[0, [0.7, 0.3]], [3, [0.5, 0.5]], [2, [0.2, 0.8]]])
+        with pytest.raises(ValueError, match=r"blend phase 2 \(from sample 2\): phases must start at increasing"):
+            loader.load_state_dict(unordered)  # (the C++ core's check: before anything stopped)
+        with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as fresh:
+            assert torch.equal(next(loader).x, next(fresh).x)
+
+
+def test_a_change_at_the_changes_own_sample_replaces_it(dirs):
+    """A checkpoint saved right at a change (no sample read in the new phase) changed again: one phase, not an
+    empty one; and changed back, the phase before goes on as if never left."""
+    kw = dict(batch_size=10, seq_len=T)
+    with Loader([(dirs["a"], 0.7), (dirs["b"], 0.3)], **kw) as loader:
+        rows(loader, 3)
+        state = loader.state_dict()
+        after_30 = rows(loader, 5)[0]
+    with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
+        loader.load_state_dict(state, mix_change=True)
+        at_change = loader.state_dict()
+    with Loader([(dirs["a"], 0.5), (dirs["b"], 0.5)], **kw) as loader:
+        loader.load_state_dict(at_change, mix_change=True)
+        assert loader.state_dict()["phases"] == [[0, [0.7, 0.3]], [30, [0.5, 0.5]]]
+    with Loader([(dirs["a"], 0.7), (dirs["b"], 0.3)], **kw) as loader:
+        assert loader.load_state_dict(at_change, mix_change=True) == "a=0.2,b=0.8 -> a=0.7,b=0.3"
+        assert loader.state_dict()["phases"] == [[0, [0.7, 0.3]]]
+        assert torch.equal(rows(loader, 5)[0], after_30)
+
+
+def test_a_state_from_before_phases_loads(dirs):
+    """Version 1 (one number and a fingerprint naming each source's share): one implicit phase."""
+    blend, kw = [(dirs["a"], 0.7), (dirs["b"], 0.3)], dict(batch_size=6, seq_len=T, seed=2)
+    with Loader(blend, **kw) as loader:
+        rows(loader, 7)
+        state = loader.state_dict()
+        wanted = rows(loader, 20)[0]
+        shares = [source.weight for source in loader.sources]
+    sources = state["dataset"].removeprefix("blend ").split(", ")
+    old = {k: v for k, v in state.items() if k != "phases"}
+    old.update(version=1, dataset="blend " + ", ".join(f"{s}={w!r}" for s, w in zip(sources, shares)))
+    with Loader(blend, **kw) as loader:
+        assert loader.load_state_dict(old) is None
+        assert torch.equal(rows(loader, 20)[0], wanted)
+    with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
+        with pytest.raises(ValueError, match=r"different dataset.*before mix phases \(version 1\) resumes only on"):
+            loader.load_state_dict(old, mix_change=True)
+    with Loader(dirs["a"], **kw) as plain:  # one source: its fingerprint as before
+        next(plain)
+        one = dict(plain.state_dict(), version=1)
+        del one["phases"]
+        plain.load_state_dict(one)
+
+
+@pytest.mark.parametrize("phases", [PHASES[:2], [(0, (0.5, 0.3, 0.2)), (30, (1.0, 0.0, 0.0))]])
+def test_windows_per_epoch_with_phases(dirs, phases):
+    """The samples until every source read its epoch, each in the phase that draws its last window; the second
+    blend drops b and c at sample 30, before they read theirs: a sets it alone."""
+    names = list(SIZES)
+    windows = []
+    for name in names:
+        with Loader(dirs[name], batch_size=1, seq_len=T) as alone:
+            windows.append(alone.windows_per_epoch)
+    _, state = switched(dirs, phases, 10, seq_len=T)
+    state["sample"] = phases[-1][0]
+    pick = model_phases(phases)
+    counts, reached = [0, 0, 0], {}
+    for g in range(phases[-1][0] + 2 * BLEND_PERIOD):
+        s = pick(g)[0]
+        counts[s] += 1
+        if counts[s] == windows[s]:
+            reached.setdefault(s, g + 1)
+    assert len(reached) == (3 if phases == PHASES[:2] else 1)
+    with Loader([(dirs[n], w) for n, w in zip(names, phases[-1][1])], batch_size=10, seq_len=T) as loader:
+        loader.load_state_dict(state)
+        assert loader.windows_per_epoch == max(reached.values())

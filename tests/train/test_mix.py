@@ -63,6 +63,7 @@ def test_a_single_dataset_logs_no_source_losses(dataset, tmp_path):
 def test_parse_mix():
     assert parse_mix("a=0.7, b/c=0.3") == [("a", 0.7), ("b/c", 0.3)]
     assert parse_mix("x=y=2") == [("x=y", 2.0)]  # the weight follows the last "="
+    assert parse_mix("a=0,b=1") == [("a", 0.0), ("b", 1.0)]  # (a source evaluated, not trained on)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -70,10 +71,10 @@ def test_parse_mix():
     ("a=0.5,", r"data.mix: expected DIR=WEIGHT .* got ''"),
     ("=0.5", r"got '=0.5'"),
     ("a=heavy", r"data.mix: the weight of 'a' must be a number, got 'heavy'"),
-    ("a=0", r"data.mix: the weight of 'a' must be finite and > 0, got '0'"),
-    ("a=-1", r"the weight of 'a' must be finite and > 0"),
-    ("a=nan", r"the weight of 'a' must be finite and > 0"),
-    ("a=inf", r"the weight of 'a' must be finite and > 0"),
+    ("a=0,b=0.0", r"data.mix: every weight is 0 in 'a=0,b=0.0': one must be > 0"),
+    ("a=-1", r"data.mix: the weight of 'a' must be finite and >= 0, got '-1'"),
+    ("a=nan", r"the weight of 'a' must be finite and >= 0"),
+    ("a=inf", r"the weight of 'a' must be finite and >= 0"),
 ])
 def test_malformed_mix_is_a_config_error(text, match):
     with pytest.raises(ConfigError, match=match):
@@ -100,3 +101,48 @@ def test_plan_memory_takes_a_mixs_vocabulary(dataset, general, capsys):
     alone = capsys.readouterr().out
     assert main(["tiny", "--data.mix", f"{dataset}=0.5,{general}=0.5"]) == 0
     assert capsys.readouterr().out == alone
+
+
+def test_an_annealing_phase_changes_the_mix_at_a_resume(dataset, general, tmp_path, capsys, monkeypatch):
+    """Steps 1-2 on mix A; resumed with mix B and data.mix_change, steps 3-6 read what the loader's phase math gives
+    (checked against a Loader resumed so; the sample -> source rule itself in tests/data/test_blend.py); resumed
+    again at step 4 without the flag, the run goes on bitwise as the changed run did."""
+    import torch
+    from fmcore.train import trainer
+
+    mix_a, mix_b = f"{dataset}=0.7,{general}=0.3", f"{dataset}=0.2,{general}=0.8"
+    common = [*SMALL, "--train.steps", "6", "--checkpoint.every", "2", "--log.every", "1"]
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(load_config("tiny", ["--data.mix", mix_a, "--log.run_dir", str(run_a), *common, "--train.steps", "2",
+                               "--checkpoint.save_final", "true"]))
+    at_2 = run_a / "checkpoints" / "step_00000002"
+    with pytest.raises(ConfigError, match=r"saved with the mix .*data.mix_change = true"):
+        train(load_config("tiny", ["--data.mix", mix_b, "--log.run_dir", str(run_b), *common,
+                                   "--checkpoint.resume", str(at_2)]))
+    capsys.readouterr()
+
+    seen, real = [], trainer.to_device
+
+    def recorded(batch, *rest):
+        seen.append(batch.x.clone())
+        return real(batch, *rest)
+
+    monkeypatch.setattr(trainer, "to_device", recorded)
+    train(load_config("tiny", ["--data.mix", mix_b, "--data.mix_change", "true", "--log.run_dir", str(run_b), *common,
+                               "--checkpoint.resume", str(at_2)]))
+    monkeypatch.setattr(trainer, "to_device", real)
+    a, g = f"{dataset.name}=", f"{general.name}="
+    assert f"data mix changes at sample 16 (step 2): {a}0.7,{g}0.3 -> {a}0.2,{g}0.8" in capsys.readouterr().out
+    state_a = torch.load(at_2 / "extra_rank0.pt", weights_only=False)["loader"]
+    state_4 = torch.load(run_b / "checkpoints" / "step_00000004" / "extra_rank0.pt", weights_only=False)["loader"]
+    assert state_4["sample"] == 32 and state_4["phases"] == [[0, [0.7, 0.3]], [16, [0.2, 0.8]]]
+    with data.Loader([(dataset, 0.2), (general, 0.8)], batch_size=8, seq_len=64, mode="random", seed=0) as loader:
+        loader.load_state_dict(state_a, mix_change=True)
+        for step in range(4):  # (the training batches come first; the final evaluation's after them)
+            assert torch.equal(seen[step], next(loader).x), step
+
+    train(load_config("tiny", ["--data.mix", mix_b, "--log.run_dir", str(run_c), *common,
+                               "--checkpoint.resume", str(run_b / "checkpoints" / "step_00000004")]))
+    losses = [{r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+              for run in (run_b, run_c)]
+    assert losses[0][5] == losses[1][5] and losses[0][6] == losses[1][6]  # bitwise (written with repr)

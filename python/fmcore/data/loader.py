@@ -18,9 +18,16 @@ source furthest below its share after i slots (Megatron's rule); sample g comes 
 s(g) = table[g % P] and is its sample j(g) = (g // P) * count_s + (its slots before g % P), located by
 that source's own plan as above. Each source's share is within 1/P of its normalised weight over whole
 periods, each cycles its own epochs (a heavier one faster), and the state is still the one number g. Every
-source needs the same tokenizer (vocab size, EOS and BOS ids in its manifest). A state resumes only on the
-same sources with the same weights (the fingerprint names both): under other weights the same g is other
-data.
+source needs the same tokenizer (vocab size, EOS and BOS ids in its manifest). A weight may be 0 (a source
+read by nobody, as one dropped by an annealing phase) as long as one is > 0.
+
+Mix phases (an annealing or mid-training phase on other weights): a state resumes only on the same sources,
+and by default with the same weights, since under other weights the same g is other data. With
+load_state_dict(state, mix_change=True) a loader of other weights resumes from g on under its weights: the
+blend becomes a list of phases [(G_k, weights_k)], phase k's samples g mapping as above with g - G_k and
+each source's j counted on from the samples it drew before G_k, so that every source continues exactly where
+it left off (none of its samples repeated or skipped at the switch). The state carries the phase list, and
+later resumes read the same samples again.
 
 With doc_boundaries, each row is split into segments at document starts (the shard's stored offsets,
 or after each EOS token for shards without them; a row's start always opens a segment): positions
@@ -135,7 +142,13 @@ class Loader:
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.threads = default_threads() if threads is None else threads
         fingerprints = [_fingerprint(manifest["splits"][split]) for manifest, _ in opened]
-        self._fingerprint = fingerprints[0] if len(blend) == 1 else _blend_fingerprint(self.sources, fingerprints)
+        # Version 1 states named the sources and their shares; version 2 states the sources, and their phases.
+        self._fingerprint_v1 = fingerprints[0] if len(blend) == 1 else _blend_fingerprint(self.sources, fingerprints)
+        self._fingerprint = fingerprints[0] if len(blend) == 1 else _blend_sources(self.sources, fingerprints)
+        # As given (data.mix's, bitwise: the period is built from their shares); one source weighs all.
+        self._weights = [float(weight) for _, weight in blend] if len(blend) > 1 else [1.0]
+        # [(first global sample, its weights)]: one phase until a resume changes the mix.
+        self._phases = [(0, self._weights)]
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if pin_memory:
             torch.cuda.init()  # the workers allocate pinned buffers: initialise CUDA here, not in a worker
@@ -145,7 +158,7 @@ class Loader:
                 2 * self.threads + 2 if prefetch is None else prefetch, doc_boundaries, _DTYPE_BYTES[dtype],
                 check_vocab, self.vocab_size or 0, -1 if self.eos_id is None else self.eos_id, verify, 0, pin_memory,
                 [source.shards for source in self.sources] if len(blend) > 1 else [],
-                [float(weight) for _, weight in blend] if len(blend) > 1 else [])
+                *_phase_lists(self._phases if len(blend) > 1 else []))
         except ShardError as e:
             raise _with_mmap_hint(e, len(paths)) from None
         if dtype == torch.int32:
@@ -207,7 +220,9 @@ class Loader:
     def windows_per_epoch(self) -> int:
         """Sequential mode: the windows of seq_len + 1 tokens in one epoch, all ranks together. For a blend, the
         global samples until every source has read its whole epoch (the source slowest to cycle sets it: the one
-        of the most windows per unit of weight); the sources with more weight have cycled faster by then."""
+        of the most windows per unit of weight); the sources with more weight have cycled faster by then. Over mix
+        phases, each source's last window is where the phase that draws it puts it; a source that a phase dropped
+        (weight 0) before it read its epoch is not waited for."""
         self._check_process()
         return self._core.windows_per_epoch
 
@@ -226,16 +241,28 @@ class Loader:
         self._check_process()
         return self._core.windows_per_epoch // (self.world_size * self.batch_size)
 
+    @property
+    def mix_phases(self) -> list[tuple[int, dict[str, float]]]:
+        """The blend's phases: [(first global sample, {source name: share})], one until a resume changed the mix."""
+        names = [source.name for source in self.sources]
+        return [(start, dict(zip(names, _shares_of(weights)))) for start, weights in self._phases]
+
     def state_dict(self) -> dict:
         self._check_process()
-        return {"version": 1, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
-                "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint}
+        return {"version": 2, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
+                "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint,
+                "phases": [[start, list(weights)] for start, weights in self._phases]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, mix_change: bool = False) -> str | None:
+        """Resumes at the state's sample. A state of the same sources under other weights is refused unless
+        mix_change: then this loader's weights make a new phase from the state's sample on (see the module's
+        docstring), and the change is returned as "a=0.7,b=0.3 -> a=0.3,b=0.7" (None when the mix is the same)."""
         self._check_process()
-        if state.get("version") != 1:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected 1")
-        missing = [key for key in ("sample", "mode", "seed", "seq_len", "split", "dataset") if key not in state]
+        version = state.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"loader state version {version!r}, expected 1 or 2")
+        keys = ("sample", "mode", "seed", "seq_len", "split", "dataset") + (("phases",) if version == 2 else ())
+        missing = [key for key in keys if key not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}: not a state_dict() of a Loader")
         # int() would have truncated 1.5 and parsed "5"; a negative sample failed in pybind naming no argument.
@@ -246,11 +273,43 @@ class Loader:
             sample = None
         if sample is None or not 0 <= sample < 2**64:
             raise ValueError(f"loader state sample must be an int in [0, 2^64), got {state['sample']!r}")
-        for key in ("mode", "seed", "seq_len", "split", "dataset"):
-            if state[key] != getattr(self, "_fingerprint" if key == "dataset" else key):
+        for key in ("mode", "seed", "seq_len", "split"):
+            if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with a different {key}: {state[key]!r}, this loader has "
-                                 f"{getattr(self, '_fingerprint' if key == 'dataset' else key)!r}")
-        self._core.restart(sample)
+                                 f"{getattr(self, key)!r}")
+        if version == 1:  # one implicit phase, whose shares its fingerprint names
+            if state["dataset"] != self._fingerprint_v1:
+                raise ValueError(f"loader state was saved with a different dataset: {state['dataset']!r}, this loader "
+                                 f"has {self._fingerprint_v1!r}" + (
+                                     " (a state written before mix phases (version 1) resumes only on its own mix: "
+                                     "resume it so and save, then change the mix)" if mix_change else ""))
+            phases = [(0, self._weights)]  # the same shares: the same table
+        else:
+            if state["dataset"] != self._fingerprint:
+                raise ValueError(f"loader state was saved with a different dataset: {state['dataset']!r}, this loader "
+                                 f"has {self._fingerprint!r} (a resume may change a mix's weights, not its sources)")
+            phases = _checked_phases(state["phases"], len(self.sources), sample)
+        change = None
+        saved = phases[-1][1]
+        if _shares_of(saved) != _shares_of(self._weights):
+            before, after = _describe(self.sources, saved), _describe(self.sources, self._weights)
+            if not mix_change:
+                raise ValueError(f"loader state was saved with the mix {before} (from sample {phases[-1][0]}), this "
+                                 f"loader has {after}: under other weights the same sample is other data; to change "
+                                 f"the mix from sample {sample} on (an annealing phase), pass mix_change=True to "
+                                 "load_state_dict (the trainer's data.mix_change = true)")
+            change = f"{before} -> {after}"
+            # A phase no sample was read in (a checkpoint saved right at a change) is replaced, not followed;
+            # back to the phase before it, that one goes on (a new phase would restart its period).
+            phases = phases[:-1] if phases[-1][0] == sample else phases
+            if not phases or _shares_of(phases[-1][1]) != _shares_of(self._weights):
+                phases.append((sample, self._weights))
+        if len(self.sources) > 1:
+            self._core.restart(sample, *_phase_lists(phases))
+        else:
+            self._core.restart(sample)
+        self._phases = phases
+        return change
 
     def __reduce_ex__(self, protocol):
         # A DataLoader worker started with spawn or forkserver pickles its dataset: a Loader in it
@@ -300,8 +359,9 @@ def _with_mmap_hint(e: ShardError, n_shards: int) -> ShardError:
 
 def _parse_blend(dataset) -> list[tuple[Path, float]]:
     """[(directory, weight)] from one directory (weight 1) or from a list of (directory, weight) pairs (a dict
-    {directory: weight} is taken in its order). Weights must be finite and > 0 and at least 1/BLEND_PERIOD of
-    their total (a smaller one would get no sample of the blend's period); errors name the source."""
+    {directory: weight} is taken in its order). Weights must be finite and >= 0, one > 0, and each > 0 at least
+    1/BLEND_PERIOD of their total (a smaller one would get no sample of the blend's period); errors name the
+    source."""
     if isinstance(dataset, (str, os.PathLike)):
         return [(Path(dataset), 1.0)]
     pairs = list(dataset.items()) if isinstance(dataset, dict) else dataset
@@ -314,13 +374,15 @@ def _parse_blend(dataset) -> list[tuple[Path, float]]:
             raise ValueError(f"dataset source {k}: expected a (directory, weight) pair, got {pair!r}")
         path, weight = Path(pair[0]), pair[1]
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) \
-                or weight <= 0:
-            raise ValueError(f"dataset source {k} ({path}): weight must be a finite number > 0, got {weight!r}")
+                or weight < 0:
+            raise ValueError(f"dataset source {k} ({path}): weight must be a finite number >= 0, got {weight!r}")
         blend.append((path, float(weight)))
     if not math.isfinite(sum(weight for _, weight in blend)):
         raise ValueError(f"dataset: the weights' total overflows: {[weight for _, weight in blend]}")
+    if not sum(weight for _, weight in blend) > 0:
+        raise ValueError(f"dataset: every weight is 0 ({[str(path) for path, _ in blend]}): one must be > 0")
     for (path, _), share in zip(blend, _shares(blend)):
-        if share * BLEND_PERIOD < 1:
+        if 0 < share * BLEND_PERIOD < 1:
             raise ValueError(f"dataset source {path}: weight is {share:.3g} of the total, below 1/{BLEND_PERIOD}: "
                              f"it would get no sample of the blend's period of {BLEND_PERIOD} samples")
     return blend
@@ -328,10 +390,37 @@ def _parse_blend(dataset) -> list[tuple[Path, float]]:
 
 def _shares(blend: list[tuple[Path, float]]) -> list[float]:
     """The weights normalised to sum 1, summed in order as the C++ core does (sum() compensates since 3.12)."""
+    return _shares_of([weight for _, weight in blend])
+
+
+def _shares_of(weights: list[float]) -> list[float]:
+    """_shares of bare weights: equal shares build the same period (the C++ core builds it from them)."""
     total = 0.0
-    for _, weight in blend:
+    for weight in weights:
         total += weight
-    return [weight / total for _, weight in blend]
+    return [weight / total for weight in weights]
+
+
+def _describe(sources: list[Source], weights: list[float]) -> str:
+    """A mix as data.mix spells it, by source name: "a=0.7,b=0.3"."""
+    return ",".join(f"{s.name}={share:.6g}" for s, share in zip(sources, _shares_of(weights)))
+
+
+def _phase_lists(phases: list[tuple[int, list[float]]]) -> tuple[list[int], list[list[float]]]:
+    """The C++ core's phase_starts and phase_weights."""
+    return [start for start, _ in phases], [list(weights) for _, weights in phases]
+
+
+def _checked_phases(phases, n_sources: int, sample: int) -> list[tuple[int, list[float]]]:
+    """A state's phase list, its shape checked (the C++ core checks the starts' order and the weights)."""
+    ok = isinstance(phases, (list, tuple)) and phases and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+        and isinstance(p[1], (list, tuple)) and len(p[1]) == n_sources
+        and all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in p[1]) for p in phases)
+    if not ok or phases[0][0] != 0 or phases[-1][0] > sample:
+        raise ValueError(f"loader state phases must be [[start, [one weight per source ({n_sources})]], ...] from "
+                         f"start 0 to at most the sample {sample}, got {phases!r}")
+    return [(start, [float(w) for w in weights]) for start, weights in phases]
 
 
 def _source_names(blend: list[tuple[Path, float]]) -> list[str]:
@@ -354,9 +443,14 @@ def _common_tokenizer(blend: list[tuple[Path, float]], manifests: list[dict]) ->
 
 
 def _blend_fingerprint(sources: list[Source], fingerprints: list[str]) -> str:
-    """Names each source's shards and exact share: a state resumes only on the same blend (the same global
-    sample maps to other data under other weights)."""
+    """A version 1 state's: names each source's shards and exact share (its one phase's weights)."""
     return "blend " + ", ".join(f"{s.name}[{fp}]={s.weight!r}" for s, fp in zip(sources, fingerprints))
+
+
+def _blend_sources(sources: list[Source], fingerprints: list[str]) -> str:
+    """Names each source's shards, in order: a state resumes only on the same sources (its phases carry the
+    weights)."""
+    return "blend " + ", ".join(f"{s.name}[{fp}]" for s, fp in zip(sources, fingerprints))
 
 
 def _fingerprint(split: dict) -> str:

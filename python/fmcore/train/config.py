@@ -120,7 +120,13 @@ class DataConfig:
     "data/code=0.7,data/web=0.3" (continued pretraining on domain data with general data replayed).
     Weights are normalised; samples are blended per sample (fmcore.data.Loader); every directory needs
     the same tokenizer. Evaluation logs each source's val loss (eval_loss/<directory name>) beside the
-    blended eval_loss."""
+    blended eval_loss. A weight may be 0 (a source evaluated but not trained on), one must be > 0."""
+    mix_change: bool = False
+    """Let checkpoint.resume change data.mix's weights (an annealing or mid-training phase on another mix):
+    from the resumed step on, samples follow the new weights and each source continues where it left off (none of
+    its samples repeated or skipped). The checkpoints keep every phase of the mix, so later resumes (with the new
+    mix, without this flag) read the same data again. Without it, a resume with other weights is refused; the
+    sources themselves cannot change."""
     mode: str = "random"
     """Loader order for training: "random" (seeded windows) or "sequential"."""
     doc_boundaries: bool = False
@@ -472,7 +478,7 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
 
 def parse_mix(text: str, key: str = "data.mix") -> list[tuple[str, float]]:
     """[(directory, weight)] from "DIR=WEIGHT,DIR=WEIGHT" (the weight after a directory's last "="); ConfigError
-    naming key for an empty entry, a missing or non-numeric weight, or one not finite and > 0."""
+    naming key for an empty entry, a missing or non-numeric weight, one not finite and >= 0, or all of them 0."""
     pairs = []
     for entry in text.split(","):
         path, eq, weight = entry.strip().rpartition("=")
@@ -483,9 +489,11 @@ def parse_mix(text: str, key: str = "data.mix") -> list[tuple[str, float]]:
             value = float(weight)
         except ValueError:
             raise ConfigError(f"{key}: the weight of {path.strip()!r} must be a number, got {weight!r}") from None
-        if not (0 < value < math.inf):
-            raise ConfigError(f"{key}: the weight of {path.strip()!r} must be finite and > 0, got {weight!r}")
+        if not (0 <= value < math.inf):
+            raise ConfigError(f"{key}: the weight of {path.strip()!r} must be finite and >= 0, got {weight!r}")
         pairs.append((path.strip(), value))
+    if not any(value > 0 for _, value in pairs):
+        raise ConfigError(f"{key}: every weight is 0 in {text!r}: one must be > 0")
     return pairs
 
 

@@ -663,6 +663,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     peak = peak_tflops(cfg, env.device)
 
     step, skipped_total, resumed_tokens, streak, resumed_wall = 0, 0, 0, 0, 0.0
+    mix_changed = None
     if resume_from is not None:
         extra = checkpoint.read_extra(resume_from)
         resume.check_same_model(extra.get("config"), mcfg, loader.vocab_size, resume_from, extra.get("resolved_model"))
@@ -682,10 +683,12 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         streak = extra.get("nonfinite_streak", 0)
         streak = 0 if streak >= t.max_skipped else streak
         try:
-            loader.load_state_dict(extra["loader"])
-        except ValueError as e:  # another seed, data.mode, seq_len or dataset than the checkpoint's
+            change = loader.load_state_dict(extra["loader"], mix_change=cfg.data.mix_change)
+        except ValueError as e:  # another seed, data.mode, seq_len or dataset (or mix) than the checkpoint's
             raise ConfigError(f"checkpoint.resume {resume_from}: {e}; resume with the data settings it was "
                               "written with") from None
+        if change:  # (logged once the report is open)
+            mix_changed = f"data mix changes at sample {extra['loader']['sample']} (step {step}): {change}"
         if scaler is not None and extra.get("scaler"):
             scaler.load_state_dict(extra["scaler"])
         checkpoint.set_rng_state(extra["rng"])
@@ -730,6 +733,8 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
                        "train.tokens_per_step (with gradient accumulation) keeps a global batch across world sizes")
     if set_aside:
         report.message(set_aside)
+    if mix_changed:
+        report.message(mix_changed)
     if mcfg.init_from and resume_from is None:
         mismatch = init_from.tokenizer_mismatch(Path(mcfg.init_from), tokenizer)
         if mismatch:
