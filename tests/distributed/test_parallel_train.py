@@ -539,15 +539,21 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str]) -> dict:
     for block in model.blocks:  # (runs after FSDP2's pre-forward hook, which all-gathers the block)
         block.register_forward_pre_hook(lambda block, args: seen.append(
             ({p.dtype for p in block.parameters()}, args[1].dtype if args[1] is not None else args[0].dtype)))
-    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
-    dist.all_gather_single, dist.reduce_scatter_single = spy("gather", gather), spy("scatter", scatter)
+    # FSDP2's collectives (output, input, ...): torch 2.14's *_single, 2.11's all_gather_into_tensor and
+    # reduce_scatter_tensor
+    names = (("all_gather_single", "reduce_scatter_single") if hasattr(dist, "all_gather_single")
+             else ("all_gather_into_tensor", "reduce_scatter_tensor"))
+    real = [getattr(dist, name) for name in names]
+    for name, kind, collective in zip(names, ("gather", "scatter"), real):
+        setattr(dist, name, spy(kind, collective))
     try:
         x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(rank))
         with trainer.autocast_context("bf16-autocast", env.device):
             loss = model(x, x)
         loss.backward()
     finally:
-        dist.all_gather_single, dist.reduce_scatter_single = gather, scatter
+        for name, collective in zip(names, real):
+            setattr(dist, name, collective)
     clip_grad_norm_(list(model.parameters()), 1.0)
     optimizer.step()
     forget_mesh()
