@@ -27,6 +27,14 @@ RMS_KINDS = ["llama", "mistral", "qwen2", "qwen3"]  # Llama's modules, copied in
 KINDS = [*RMS_KINDS, "gpt2"]
 
 
+def assert_same_generation(got, want) -> None:
+    """generate(..., output_logits=True, return_dict_in_generate=True) results: the same tokens and logits
+    (a tiny model's greedy tokens soon repeat: the logits tell)."""
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def rms_config(kind="llama", **kw):
     # GQA (4 query heads over 2 kv heads); head dim 16; intermediate 96 (not a multiple of the width);
     # biases on the attention projections (Mistral has none; Qwen2's are always on), so a dropped one
@@ -279,9 +287,7 @@ def test_greedy_generate_with_the_kv_cache_matches(kind, kernel_calls):
     x = tokens(S=9)
     args = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     want, got = base.generate(x, **args), fm.generate(x, **args)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_generation(got, want)
     # the prefill, then one query against the cache each step, all on fmcore's kernel
     assert (9, 9) in kernel_calls and (1, 20) in kernel_calls
 
@@ -344,9 +350,7 @@ def test_greedy_generate_from_a_left_padded_batch_matches(kind, kernel_calls):
     args = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
                 return_dict_in_generate=True)
     want, got = base.generate(x, **args), fm.generate(x, **args)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_generation(got, want)
     # the prefill, then each step's query of each row against its cached tokens, on the varlen kernel
     assert all(c[0] == "varlen" for c in kernel_calls) and len(kernel_calls) == 8 * 2
     assert kernel_calls[0][1] == [0, 9, 9, 9, 14, 18, 18, 19, 27, 27]
@@ -406,9 +410,7 @@ def test_the_fallback_masks_what_the_varlen_kernel_would(batch, monkeypatch):
         monkeypatch.setattr(hf, "_sdpa_fallback_reason", lambda *a: "a reason")
         with pytest.warns(UserWarning, match="a reason"):
             got = fm.generate(x, **args)
-        assert torch.equal(got.sequences, want.sequences)
-        for a, b in zip(got.logits, want.logits):  # (a tiny model's greedy tokens soon repeat: the logits tell)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_same_generation(got, want)
         return
     if batch == "padded":
         x = tokens(B=3)
@@ -588,9 +590,7 @@ def test_greedy_generate_past_a_sliding_window_matches(kind, padded, kernel_call
     want = base.generate(x, **args)
     with no_fallback():
         got = fm.generate(x, **args)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_generation(got, want)
     prefill = ("varlen", [0, 9, 9, 9, 14, 18, 18, 19, 27, 27], [0, 9, 9, 9, 14, 14, 18, 19, 19, 27]) if padded \
         else (9, 9)
     assert kernel_calls[:2] == [with_window(prefill, w) for w in layer_windows(kind)]
@@ -679,9 +679,7 @@ def test_a_static_cache_prefill_is_masked_not_read_bottom_right(kind, padded, ke
     want = base.generate(x, **args)
     with pytest.warns(UserWarning, match="an attention mask"):
         got = fm.generate(x, **args)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_generation(got, want)
     # (HF masks every decode step against a static cache too)
     prefill = ("varlen", [0, 7, 7, 7, 11, 14, 14, 15, 21, 21], [0, 7, 7, 7, 11, 11, 14, 15, 15, 21]) if padded \
         else (7, 7)
