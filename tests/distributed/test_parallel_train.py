@@ -10,7 +10,7 @@ projections fused again) holds one process's weights, and `fmcore export` of the
 this process writes the same weights (a bf16 run's fp32 masters, from zero1 and tensor=2). And fsdp2
 with tensor=2 on 4 ranks (a 2-D mesh) against 1 process, its checkpoint resumed by fsdp2 alone on 2
 ranks, fsdp2 with tensor=2, activation checkpointing (full, and selective) and torch.compile (of the
-model, and of each block) against 1 process, zero1 with 2 micro-batches per step (gradient
+model, and of each block) against 1 process, zero1 and fsdp2 with 2 micro-batches per step (gradient
 accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks. fsdp2 under bf16
 autocast: the dtypes and sizes of what it all-gathers (bf16 blocks) and reduce-scatters (fp32) in a
 step, against plan-memory's bytes, its fp32 shards; its losses and checkpoints against 1 process's.
@@ -291,11 +291,13 @@ def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
             apply_parallelism(torch.nn.Linear(2, 2), cfg, "fp32")
 
 
-def test_zero1_gradient_accumulation_matches_one_process(dataset, references, tmp_path):
-    # 2 ranks x 2 micro-batches of B/2 sequences: the global batch 2B. The trainer wraps the first
+@pytest.mark.parametrize("mode", ["zero1", "fsdp2"])
+def test_gradient_accumulation_matches_one_process(mode, dataset, references, tmp_path):
+    # 2 ranks x 2 micro-batches of B/2 sequences: the global batch 2B. The trainer wraps zero1's first
     # micro-batch's backward in ZeroAdamW.no_sync(); the second one's reduce-scatters run in its backward.
-    run(2, overrides(dataset, tmp_path / "run", B // 2, "--parallel.data", "zero1",
-                     "--train.tokens_per_step", str(2 * B * 32)), tmp_path / "launch")
+    # fsdp2 reduce-scatters both, accumulating each rank's gradient shards.
+    run(2, overrides(dataset, tmp_path / "run", B // 2, *MODES[mode], "--train.tokens_per_step", str(2 * B * 32)),
+        tmp_path / "launch")
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", 2 * B]), range(1, STEPS + 1))
 
 
@@ -512,16 +514,17 @@ def test_async_checkpoints_on_two_ranks_equal_sync_ones(two_rank_run, dataset):
     assert losses(tmp / "async-resumed") == {s: want[s] for s in range(SAVE_AT + 1, STEPS + 1)}  # bitwise
 
 
-def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str]) -> dict:
-    """One training step of fsdp2 under bf16 autocast, built as the trainer builds it: what FSDP2 sent
-    (each all-gather's and reduce-scatter's input dtype and size), the dtypes each block saw in its
-    forward (its parameters, and the residual stream entering it), and the dtypes of the sharded
-    parameters, their gradients and AdamW's state after the step."""
+def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int = 1) -> dict:
+    """One training step (trainer.train_step, of accum micro-batches) of fsdp2 under bf16 autocast, built
+    as the trainer builds it: what FSDP2 sent (each all-gather's and reduce-scatter's input dtype and
+    size), the dtypes each block saw in its forward (its parameters, and the residual stream entering
+    it), whether every parameter held its gradient shard when the last micro-batch began, and the
+    dtypes of the sharded parameters, their gradients and AdamW's state after the step."""
     import torch.distributed as dist
 
     from fmcore.train import trainer
     from fmcore.train.config import load_config
-    from fmcore.train.parallel import clip_grad_norm_, forget_mesh
+    from fmcore.train.parallel import forget_mesh
 
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     cfg = load_config("tiny", args)
@@ -546,30 +549,40 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str]) -> dict:
     real = [getattr(dist, name) for name in names]
     for name, kind, collective in zip(names, ("gather", "scatter"), real):
         setattr(dist, name, spy(kind, collective))
+    sharded_grads, grads = [], {}
+    batches = iter(range(accum))
+
+    def next_batch():
+        micro = next(batches)
+        sharded_grads.append(all(p.grad is not None for p in model.parameters()))
+        x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(accum * rank + micro))
+        return x, x
+
+    # (the gradients' dtypes as the step reads them: train_step zeroes them after it)
+    optimizer.register_step_pre_hook(lambda *_: grads.update({id(p): p.grad.dtype for p in model.parameters()}))
+    opts = trainer.StepOptions(trainer.optimizer_impl(cfg, mcfg), "bf16-autocast", env.device, 1.0, world,
+                               global_norm=True)
     try:
-        x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(rank))
-        with trainer.autocast_context("bf16-autocast", env.device):
-            loss = model(x, x)
-        loss.backward()
+        trainer.train_step(model, optimizer, next_batch, accum, opts)
     finally:
         for name, collective in zip(names, real):
             setattr(dist, name, collective)
-    clip_grad_norm_(list(model.parameters()), 1.0)
-    optimizer.step()
     forget_mesh()
     root = sum(p.to_local().numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
     return {"ops": model.ops, "sent": [(kind, t.dtype, t.numel()) for kind, t in sent], "seen": seen,
-            "params": {p.dtype for p in model.parameters()}, "grads": {p.grad.dtype for p in model.parameters()},
+            "params": {p.dtype for p in model.parameters()}, "grads": set(grads.values()),
+            "sharded_grads": sharded_grads,
             "state": {v.dtype for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()},
             "block_shards": sum(p.to_local().numel() for p in model.blocks.parameters()),
             "root_shards": root, "n_blocks": len(model.blocks), "mcfg": mcfg}
 
 
-@pytest.mark.parametrize("world, layout", [(2, ["--parallel.data", "fsdp2"]),
-                                           (2, ["--parallel.data", "fsdp2", "--optim.impl", "torch"]),
-                                           (4, ["--parallel.data", "fsdp2", "--parallel.tensor", "2"])],
-                         ids=["fused-adamw", "torch-adamw", "tensor2"])
-def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, layout, tmp_path):
+@pytest.mark.parametrize("world, layout, accum", [(2, ["--parallel.data", "fsdp2"], 1),
+                                                  (2, ["--parallel.data", "fsdp2", "--optim.impl", "torch"], 1),
+                                                  (4, ["--parallel.data", "fsdp2", "--parallel.tensor", "2"], 1),
+                                                  (2, ["--parallel.data", "fsdp2"], 2)],
+                         ids=["fused-adamw", "torch-adamw", "tensor2", "accumulation"])
+def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, layout, accum, tmp_path):
     from fmcore.train import models
     from fmcore.train.plan import Layout, comm_bytes_per_step
 
@@ -577,25 +590,30 @@ def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, lay
     # bf16 in each matmul), twice per step: 2x the bytes of bf16 all-gathers.
     args = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.max_seq_len", "32",
             "--train.seq_len", "32", "--train.device", "cpu", *layout]
-    for got in run_ranks(_fsdp2_bf16_autocast_step, world, tmp_path, args=(args,), timeout=120):
+    for got in run_ranks(_fsdp2_bf16_autocast_step, world, tmp_path, args=(args, accum), timeout=120):
         assert got["ops"] == "fmcore"
         L, sent = got["n_blocks"], got["sent"]
         gathers = [(dtype, n) for kind, dtype, n in sent if kind == "gather"]
-        # each block gathered in bf16 before its forward and again before its backward, the root once in fp32
-        assert Counter(d for d, _ in gathers) == {torch.bfloat16: 2 * L, torch.float32: 1}, gathers
+        # per micro-batch, each block gathered in bf16 before its forward and again before its backward, the
+        # root once in fp32
+        assert Counter(d for d, _ in gathers) == {torch.bfloat16: 2 * L * accum, torch.float32: accum}, gathers
         # what this rank sends: its shards of the blocks (2 bytes, twice) and of the root (4 bytes, once)
         # (the shapes divide by the 2 data-parallel ranks: no padding)
-        assert sum(n for d, n in gathers if d == torch.bfloat16) == 2 * got["block_shards"]
-        assert sum(n for d, n in gathers if d == torch.float32) == got["root_shards"]
-        assert [d for kind, d, _ in sent if kind == "scatter"] == [torch.float32] * (L + 1)  # fp32 gradients
+        assert sum(n for d, n in gathers if d == torch.bfloat16) == 2 * got["block_shards"] * accum
+        assert sum(n for d, n in gathers if d == torch.float32) == got["root_shards"] * accum
+        # fp32 gradients, reduce-scattered after every micro-batch: each rank accumulates its shards, never
+        # the whole model's gradients (FSDP2 without gradient sync keeps those until the last micro-batch)
+        assert [d for kind, d, _ in sent if kind == "scatter"] == [torch.float32] * (L + 1) * accum
+        assert got["sharded_grads"] == [False] + [True] * (accum - 1)
         # plan-memory's bytes per step: over 2 data-parallel ranks a ring all-gather sends its input, a
         # reduce-scatter half of it
         ring = sum(n * d.itemsize * (1 if kind == "gather" else 0.5) for kind, d, n in sent)
         m, dp_tp = got["mcfg"], Layout("fsdp2", 2, world // 2)
-        assert ring == comm_bytes_per_step(models.param_count(m), dp_tp, precision="bf16-autocast", mcfg=m)["data"]
+        assert ring == comm_bytes_per_step(models.param_count(m), dp_tp, precision="bf16-autocast", mcfg=m,
+                                           accum=accum)["data"]
         # the blocks computed with bf16 parameters on the fp32 residual stream (FSDP2's default casts
         # the block's floating-point inputs too)
-        assert got["seen"] == [({torch.bfloat16}, torch.float32)] * L, got["seen"]
+        assert got["seen"] == [({torch.bfloat16}, torch.float32)] * L * accum, got["seen"]
         assert got["params"] == got["grads"] == got["state"] == {torch.float32}
 
 

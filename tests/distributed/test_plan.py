@@ -100,6 +100,18 @@ def test_comm_volumes_in_the_docs():
     tp = [comm_bytes_per_step(models.param_count(llama), Layout("fsdp2", 4, 2), precision=precision, mcfg=llama)
           for precision in ("fp32", "bf16-autocast", "bf16")]
     assert [g["data"] / 1e9 for g in tp] == pytest.approx((5.15, 3.69, 2.57), abs=0.005)
+    # fsdp2 gathers and reduce-scatters per micro-batch, ddp reduces once a step: the presets on 8 GPUs
+    # accumulate 4 (gpt2-124m) and 8 (llama-1b) micro-batches a step
+    from fmcore.train.trainer import Env, grad_accumulation
+
+    for preset, fsdp2, ddp in (("gpt2-124m", 3.49, 0.87), ("llama-1b", 61.6, 7.70)):
+        accum, _ = grad_accumulation(load_config(preset, []), Env(0, 8, 0, torch.device("cpu")))
+        assert accum == {"gpt2-124m": 4, "llama-1b": 8}[preset]
+        m = mcfg(preset)
+        P = models.param_count(m)
+        got = {mode: comm_bytes_per_step(P, Layout(mode, 8, 1), precision="bf16-autocast", mcfg=m, accum=accum)
+               for mode in ("fsdp2", "ddp")}
+        assert (got["fsdp2"]["data"] / 1e9, got["ddp"]["data"] / 1e9) == pytest.approx((fsdp2, ddp), abs=0.005)
 
 
 def test_cli_prints_the_plan_and_the_measured_peak(tmp_path, capsys):

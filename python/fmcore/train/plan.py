@@ -186,7 +186,7 @@ def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int,
 
 
 def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", tokens_per_dp_rank: int = 0, mcfg=None,
-                        act_bytes: int = 2) -> dict[str, float]:
+                        act_bytes: int = 2, accum: int = 1) -> dict[str, float]:
     """Bytes each GPU sends per optimizer step with ring collectives (a ring all-reduce of n bytes over
     k ranks sends 2(k-1)/k * n, a reduce-scatter or all-gather (k-1)/k * n), for train.precision
     precision (resolved: fp32, bf16-autocast, bf16 or fp16).
@@ -197,7 +197,10 @@ def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", toke
     updated parameters (the same bytes as ddp). fsdp2: all-gather of each block's parameters in the
     forward and again in the backward, the root module's (embeddings, head, final norm) once (FSDP2
     keeps them gathered until the backward ends), and reduce-scatter of the gradients: 1.3-1.5x ddp
-    in one dtype, ddp's bytes under bf16 autocast. With mcfg the parameters of one tensor-parallel
+    in one dtype, ddp's bytes under bf16 autocast, per micro-batch: with accum micro-batches a step
+    (gradient accumulation) fsdp2 sends accum times that, ddp and zero1 the same bytes (they reduce
+    once, after the last micro-batch; fsdp2 reduce-scatters each one's gradients into its shards, so
+    that no rank ever holds the whole model's). With mcfg the parameters of one tensor-parallel
     rank and the root's are counted as plan() counts them; without it every parameter is a block's,
     divided by t. tensor parallel (t > 1): per layer two all-reduces of the (tokens, dim) activations
     in the forward and two in the backward (Megatron's f/g), on the tokens of this data-parallel rank."""
@@ -216,7 +219,7 @@ def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", toke
         out["data"] = 2 * ring * Pt * w
     elif layout.data == "fsdp2":
         gathered = 2 * (Pt - root) * _gathered_block_bytes(precision) + root * w
-        out["data"] = ring * gathered + ring * Pt * w
+        out["data"] = accum * (ring * gathered + ring * Pt * w)
     if t > 1 and mcfg is not None:
         out["tensor"] = 4 * mcfg.n_layers * 2 * (t - 1) / t * tokens_per_dp_rank * mcfg.dim * act_bytes
     out["total"] = out["data"] + out["tensor"]

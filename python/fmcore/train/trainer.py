@@ -279,10 +279,11 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def grad_sync(model: nn.Module, optimizer, last: bool):
-    """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
-    elif not last:
+    """Skip the data-parallel gradient reduction on all but the last micro-batch of a step (DDP, ZeroAdamW:
+    their gradients are whole on every rank anyway). FSDP2 reduce-scatters every micro-batch's (torchtitan
+    does too): without the sync it would keep each rank's gradients of the whole model, unsharded, until
+    the last micro-batch, the memory fsdp2 is chosen to save (plan-memory counts shards)."""
+    if not last:
         for owner in (model, optimizer):  # DDP; ZeroAdamW (its reduce-scatters start in the backward)
             if hasattr(owner, "no_sync"):
                 return owner.no_sync()
