@@ -2,7 +2,7 @@
 
 import pytest
 
-from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_toml
+from fmcore.train.config import Config, ConfigError, help_text, load_config, presets, to_toml, validate
 
 
 def test_presets_load_and_validate():
@@ -106,6 +106,25 @@ def test_every_numeric_field_refuses_what_no_run_can_use(key):
     for bad in (-1, float("nan"), float("inf")) if isinstance(value, float) else (-1,):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("tiny", [f"--{key}", str(bad)])
+
+@pytest.mark.parametrize("value, match", [
+    ("10", r"log.profile: expected START:END, train steps START to END - 1"),
+    ("a:b", r"log.profile: expected START:END, train steps START to END - 1"),
+    ("1:2:3", r"log.profile: expected START:END, train steps START to END - 1"),
+    ("0:3", r"log.profile: expected START:END with 1 <= START < END <= train.steps \+ 1 = 301 .*got '0:3'"),
+    ("5:5", r"log.profile: expected START:END with 1 <= START < END .*got '5:5'"),
+    ("6:3", r"log.profile: expected START:END with 1 <= START < END .*got '6:3'"),
+    ("299:302", r"log.profile: expected START:END with 1 <= START < END <= train.steps \+ 1 = 301 \(steps START to "
+                r"END - 1 of the run's 300\), got '299:302'"),
+])
+def test_a_profile_window_outside_the_run_names_log_profile(value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", ["--log.profile", value])
+    cfg = load_config("tiny", ["--log.profile", "299:301"])  # (the tiny preset's last two steps: taken)
+    cfg.train.steps = 100  # changed in code: train() validates it again
+    with pytest.raises(ConfigError, match=r"log.profile: .*got '299:301'"):
+        validate(cfg)
+
 
 def test_toml_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.toml"

@@ -267,6 +267,16 @@ class LogConfig:
     metrics' mfu is the percentage of it that models.flops_per_token (6N + 12 L H Q T per token, PaLM's
     and nanoGPT's convention: no recompute, full S x S attention scores, S x W with a sliding window W)
     times tok/s makes."""
+    profile: str = ""
+    """A torch.profiler window over train steps "START:END" (START to END - 1, as in a Python range:
+    "10:13" profiles steps 10, 11 and 12; "1:N+1" a whole run of N steps); empty: off. Each rank writes
+    profile/rank<R>-steps<START>-<END>.json in the run dir, a Chrome trace for https://ui.perfetto.dev
+    (CPU ops, and CUDA kernels on a GPU), and a .txt beside it: the top 20 ops by self time (device time
+    on a GPU), which is what to read first. The trace runs from the first step's batch to the last
+    one's optimizer step, so an evaluation or checkpoint due inside the window is in it too; the
+    profiler slows the steps it records (their step_s and tok/s). A run that ends inside the window
+    (an error, Ctrl-C) writes the steps it ran, a resume inside it the steps it runs (the file named
+    after them), a resume past it nothing."""
 
 
 @dataclass
@@ -497,6 +507,25 @@ def parse_mix(text: str, key: str = "data.mix") -> list[tuple[str, float]]:
     return pairs
 
 
+def parse_profile(text: str, steps: int, key: str = "log.profile") -> range | None:
+    """log.profile "START:END" as the range of train steps it profiles, None when empty; ConfigError naming
+    key for other syntax or a window not inside steps 1 to steps (END at most steps + 1)."""
+    if not text.strip():
+        return None
+    start, colon, end = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        window = range(int(start), int(end))
+    except ValueError:
+        raise ConfigError(f"{key}: expected START:END, train steps START to END - 1 (\"10:13\": steps 10, 11 "
+                          f"and 12), got {text!r}") from None
+    if not 1 <= window.start < window.stop <= steps + 1:
+        raise ConfigError(f"{key}: expected START:END with 1 <= START < END <= train.steps + 1 = {steps + 1} "
+                          f"(steps START to END - 1 of the run's {steps}), got {text!r}")
+    return window
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no data or device."""
     if cfg.data.mix:
@@ -581,6 +610,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.decay_fraction: expected a value in (0, 1], got {cfg.schedule.decay_fraction}")
     if not math.isfinite(cfg.optim.lr) or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: expected a finite value > 0, got {cfg.optim.lr}")
+    parse_profile(cfg.log.profile, t.steps)
 
 
 def to_dict(cfg: Config) -> dict:

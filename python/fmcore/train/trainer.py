@@ -35,7 +35,8 @@ from torch import nn
 from fmcore.data.shards import ShardError
 from fmcore.train import checkpoint, init_from, metrics, models, relayout, resume
 from fmcore.train.config import (Config, ConfigError, ModelConfig, compile_mode, help_text, load_config, parse_mix,
-                                 presets, to_dict, to_toml, validate)
+                                 parse_profile, presets, to_dict, to_toml, validate)
+from fmcore.train.profiling import StepProfiler
 from fmcore.train.schedule import lr_at
 
 
@@ -844,13 +845,17 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
 
     if env.device.type == "cuda":  # the peak the records report is this run's (a sweep runs several)
         torch.cuda.reset_peak_memory_stats(env.device)
+    # log.profile's window (after report's cleanup: a run ending inside it says where the trace went)
+    profiler = cleanup.enter_context(StepProfiler(parse_profile(cfg.log.profile, t.steps), run_dir / "profile",
+                                                  env.rank, env.device, report.message))
     run_t0 = time.perf_counter()
     model.train()
     while step < t.steps:
         lr = lr_at(step, t.steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
+        with profiler.step(step + 1):
+            loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
         step += 1
         window_steps += 1
         window_loss += loss_v if math.isfinite(loss_v) else 0.0
@@ -890,6 +895,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
             raise TrainingStopped(f"{in_a_row} consecutive non-finite steps; checkpoint of the last good state: {path}")
 
         pause_t = time.perf_counter()
+        profiler.write()  # (after the window's last step; its export is no training time either)
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             run_eval(step)
             pause_s["eval"] = time.perf_counter() - pause_t
