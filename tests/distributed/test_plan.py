@@ -118,6 +118,13 @@ def test_cli_prints_the_plan_and_the_measured_peak(tmp_path, capsys):
     assert main(["gpt2-124m", "--gpus", "8", "--parallel.data", "zero1"]) == 0
     out = capsys.readouterr().out
     assert "parallel.data=zero1 x8" in out and "optimizer" in out and "measured" not in out
+    # and the bytes sent, docs/parallelism.md's (fsdp2's per micro-batch: the preset's 4 on 8 GPUs)
+    assert "sent per GPU per optimizer step (4 micro-batches; ring collectives): 0.87 GB data-parallel, 0.00 GB" in out
+    assert main(["gpt2-124m", "--gpus", "8", "--parallel.data", "fsdp2"]) == 0
+    assert "3.49 GB data-parallel" in capsys.readouterr().out
+    # (a tokens_per_step 6 GPUs cannot make: refused as `fmcore train` refuses it)
+    assert main(["gpt2-124m", "--gpus", "6", "--parallel.data", "ddp"]) == 2
+    assert "train.tokens_per_step (524288) must be a multiple" in capsys.readouterr().out
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [

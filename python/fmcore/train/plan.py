@@ -1,5 +1,6 @@
 """`fmcore plan-memory CONFIG`: per-GPU memory of a training config in its parallel layout, before
-running it, and against the measured peak of a run.
+running it, and against the measured peak of a run; and the bytes each GPU sends per optimizer step
+(comm_bytes_per_step).
 
     fmcore plan-memory gpt2-124m --gpus 8 --parallel.data zero1
     fmcore plan-memory llama-1b --gpus 64 --parallel.data fsdp2 --parallel.tensor 2
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from fmcore.train import models
     from fmcore.train.config import ConfigError, load_config, parse_mix
     from fmcore.train.parallel import check_layout, check_tensor_divides
-    from fmcore.train.trainer import optimizer_impl, resolve_precision
+    from fmcore.train.trainer import Env, grad_accumulation, optimizer_impl, resolve_precision
 
     parser = argparse.ArgumentParser(prog="fmcore plan-memory", description=__doc__,
                                      usage="fmcore plan-memory [CONFIG] [--gpus N] [--run DIR] [--vocab-size V] "
@@ -336,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")
         return 2
     layout = Layout(cfg.parallel.data, gpus // tp, tp)
+    try:  # (a train.tokens_per_step this many processes cannot make: refused as the trainer does)
+        accum, _ = grad_accumulation(cfg, Env(0, gpus, 0, torch.device(device)))
+    except ConfigError as e:
+        print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")
+        return 2
     parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                  checkpointing=cfg.train.activation_checkpointing)
     measured = measured_peak_mib(args.run) if args.run is not None else None
@@ -343,4 +349,9 @@ def main(argv: list[str] | None = None) -> int:
           f"micro-batch {cfg.train.batch_size}x{cfg.train.seq_len}, parallel.data={layout.data} "
           f"x{layout.dp}, parallel.tensor={tp}, ops={mcfg.ops}; per GPU:")
     print(format_plan(parts, measured, measured_on_cpu=run_info is not None and run_info["device"] == "cpu"))
+    comm = comm_bytes_per_step(models.param_count(mcfg), layout, precision=precision, mcfg=mcfg, accum=accum,
+                               tokens_per_dp_rank=accum * cfg.train.batch_size * cfg.train.seq_len,
+                               act_bytes=_act_bytes(precision))
+    print(f"sent per GPU per optimizer step ({accum} micro-batch{'es' if accum > 1 else ''}; ring collectives): "
+          f"{comm['data'] / 1e9:.2f} GB data-parallel, {comm['tensor'] / 1e9:.2f} GB tensor-parallel")
     return 0
