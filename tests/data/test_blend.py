@@ -301,7 +301,8 @@ def switched(dirs, phases, batch_size, **kw):
             if state is not None:
                 change = loader.load_state_dict(state, mix_change=True)
                 wanted = ",".join(f"{n}={w / sum(weights):.6g}" for n, w in zip(names, weights))
-                assert change and change.endswith(f" -> {wanted}")
+                added = names[len(state["phases"][-1][1]):len(weights)]  # sources this phase adds, named
+                assert change and change.endswith(f" -> {wanted}" + (f" (adds {', '.join(added)})" if added else ""))
             assert loader.state_dict()["sample"] == start
             xs.append(rows(loader, (end - start) // batch_size)[0])
             state = loader.state_dict()
@@ -373,10 +374,9 @@ def test_a_mix_change_is_refused_without_the_opt_in(dirs):
                                              r"a=0.2,b=0.8.*pass mix_change=True.*data.mix_change = true"):
             loader.load_state_dict(state)
         assert loader.state_dict()["sample"] == 0 and len(loader.mix_phases) == 1  # nothing changed
-    for other in ([(dirs["a"], 0.7), (dirs["c"], 0.3)], [(dirs["b"], 0.3), (dirs["a"], 0.7)],
-                  [(dirs["a"], 0.7), (dirs["b"], 0.2), (dirs["c"], 0.1)], dirs["a"]):
-        with Loader(other, **kw) as loader:  # other sources: refused, opt-in or not
-            with pytest.raises(ValueError, match="different dataset.*not its sources"):
+    for other in ([(dirs["a"], 0.7), (dirs["c"], 0.3)], [(dirs["b"], 0.3), (dirs["a"], 0.7)], dirs["a"]):
+        with Loader(other, **kw) as loader:  # sources removed or moved: refused, opt-in or not
+            with pytest.raises(ValueError, match="different dataset.*(cannot remove|must stay)"):
                 loader.load_state_dict(state, mix_change=True)
     bad = dict(state, phases=[[0, [0.7, 0.3]], [9, [0.2, 0.8]]])  # a phase after the sample (4)
     with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
@@ -418,7 +418,7 @@ def test_a_state_from_before_phases_loads(dirs):
         wanted = rows(loader, 20)[0]
         shares = [source.weight for source in loader.sources]
     sources = state["dataset"].removeprefix("blend ").split(", ")
-    old = {k: v for k, v in state.items() if k != "phases"}
+    old = {k: v for k, v in state.items() if k not in ("phases", "sources")}
     old.update(version=1, dataset="blend " + ", ".join(f"{s}={w!r}" for s, w in zip(sources, shares)))
     with Loader(blend, **kw) as loader:
         assert loader.load_state_dict(old) is None
@@ -429,7 +429,7 @@ def test_a_state_from_before_phases_loads(dirs):
     with Loader(dirs["a"], **kw) as plain:  # one source: its fingerprint as before
         next(plain)
         one = dict(plain.state_dict(), version=1)
-        del one["phases"]
+        del one["phases"], one["sources"]
         plain.load_state_dict(one)
 
 
@@ -455,3 +455,124 @@ def test_windows_per_epoch_with_phases(dirs, phases):
     with Loader([(dirs[n], w) for n, w in zip(names, phases[-1][1])], batch_size=10, seq_len=T) as loader:
         loader.load_state_dict(state)
         assert loader.windows_per_epoch == max(reached.values())
+
+
+# ---- mix phases that add sources (load_state_dict(state, mix_change=True) by a loader of more sources)
+
+# A blend that adds c at 1230; a one-source run that becomes a blend with b at 1230, then adds c at 2670.
+ADDED = [[(0, (0.6, 0.4)), (1230, (0.3, 0.2, 0.5))],
+         [(0, (1.0,)), (1230, (0.5, 0.5)), (2670, (0.2, 0.5, 0.3))]]
+
+
+def padded(phases):
+    """The phases with weight 0 for the sources a phase does not have yet (all three of SIZES)."""
+    return [(start, tuple(weights) + (0.0,) * (len(SIZES) - len(weights))) for start, weights in phases]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "random"])
+@pytest.mark.parametrize("phases", ADDED, ids=["blend", "one source"])
+def test_an_added_source_starts_at_its_first_sample_and_the_others_go_on(dirs, mode, phases):
+    seed, kw = 11, dict(seq_len=T, mode=mode)
+    x, state = switched(dirs, phases, 10, seed=seed, threads=2, **kw)
+    pick = model_phases(padded(phases))
+    source = (x[:, 0] // SPAN).tolist()
+    assert source == [pick(g)[0] for g in range(len(x))]
+    for s, name in enumerate(SIZES):
+        mine = x[[g for g, src in enumerate(source) if src == s]]
+        # Each source's samples in global order are its own stream read alone: the old ones go on where they left
+        # off (nothing repeated or skipped), an added one starts at its sample 0.
+        with Loader(dirs[name], batch_size=1, seed=seed + s, threads=1, **kw) as alone:
+            assert torch.equal(mine, rows(alone, len(mine))[0]), name
+    for s in range(len(SIZES)):  # (the model says so too: no sample of a source before the phase adding it)
+        assert source.index(s) >= next(start for start, weights in phases if len(weights) > s), s
+    assert state["phases"] == [[start, list(weights)] for start, weights in padded(phases)]
+    assert [name for name, _ in state["sources"]] == list(SIZES) and state["version"] == 3
+
+
+def test_a_state_saved_after_adding_a_source_resumes_identically(dirs):
+    kw = dict(batch_size=10, seq_len=T, seed=4)
+    with Loader([(dirs["a"], 0.6), (dirs["b"], 0.4)], **kw) as loader:
+        rows(loader, 123)
+        state = loader.state_dict()  # sample 1230
+    grown = [(dirs["a"], 0.3), (dirs["b"], 0.2), (dirs["c"], 0.5)]
+    with Loader(grown, **kw) as loader:
+        assert loader.load_state_dict(state, mix_change=True) == "a=0.6,b=0.4 -> a=0.3,b=0.2,c=0.5 (adds c)"
+        rows(loader, 30)
+        later = loader.state_dict()  # sample 1530, in the phase that added c
+        wanted = rows(loader, 40)[0]
+    for threads in (1, 3):
+        with Loader(grown, threads=threads, **kw) as loader:
+            assert loader.load_state_dict(later) is None  # the same sources and mix: no change, no flag needed
+            assert torch.equal(rows(loader, 40)[0], wanted)
+            assert loader.mix_phases == [(0, {"a": 0.6, "b": 0.4, "c": 0.0}), (1230, {"a": 0.3, "b": 0.2, "c": 0.5})]
+    # Adding a source of weight 0 changes no sample: the phase goes on, the change still names it.
+    with Loader([(dirs["a"], 0.6), (dirs["b"], 0.4), (dirs["c"], 0.0)], **kw) as loader:
+        assert loader.load_state_dict(state, mix_change=True) == "a=0.6,b=0.4 -> a=0.6,b=0.4,c=0 (adds c)"
+        assert loader.state_dict()["phases"] == [[0, [0.6, 0.4, 0.0]]]
+        resumed = rows(loader, 40)[0]
+    with Loader([(dirs["a"], 0.6), (dirs["b"], 0.4)], **kw) as loader:
+        loader.load_state_dict(state)
+        assert torch.equal(rows(loader, 40)[0], resumed)
+
+
+def test_adding_sources_is_refused_unless_after_the_states_with_the_opt_in(dirs):
+    kw = dict(batch_size=4, seq_len=T)
+    a, b, c = dirs["a"], dirs["b"], dirs["c"]
+    with Loader([(a, 0.7), (b, 0.3)], **kw) as loader:
+        next(loader)
+        state = loader.state_dict()
+    with Loader(a, **kw) as loader:
+        next(loader)
+        one = loader.state_dict()
+    refused = [
+        (state, [(a, 0.7), (b, 0.2), (c, 0.1)], False,
+         r"different dataset.*this loader adds c; to add sources from sample 4 on, pass mix_change=True to "
+         r"load_state_dict \(the trainer's data.mix_change = true\)"),
+        (one, [(a, 0.5), (b, 0.5)], False, r"this loader adds b; .*pass mix_change=True"),
+        (state, [(a, 0.7), (c, 0.3)], True, r"this loader lacks the state's source b \[[0-9a-f]{16}\]; a resume "
+                                             r"cannot remove a source \(give it weight 0 to stop reading it\)"),
+        (state, a, True, r"lacks the state's source b \[.*cannot remove a source"),
+        (one, b, True, r"lacks the state's source a \[[0-9a-f]{16}\]; a resume cannot remove"),
+        (state, [(a, 0.5), (c, 0.2), (b, 0.3)], True,
+         r"the state's sources must stay this loader's first 2, in their order .*any added source after them"),
+        (one, [(b, 0.5), (a, 0.5)], True, r"must stay this loader's first 1, in their order"),
+    ]
+    for saved, blend, mix_change, match in refused:
+        with Loader(blend, **kw) as loader:
+            with pytest.raises(ValueError, match=match):
+                loader.load_state_dict(saved, mix_change=mix_change)
+            assert loader.state_dict()["sample"] == 0 and len(loader.mix_phases) == 1  # nothing changed
+    with Loader([(a, 0.7), (b, 0.3)], **kw) as loader:
+        for sources in ([], [["a", 5]], "a", [["a"]]):
+            with pytest.raises(ValueError, match=r"loader state sources must be \[\[name, fingerprint\], ...\]"):
+                loader.load_state_dict(dict(state, dataset="other", sources=sources), mix_change=True)
+
+
+def test_states_from_before_added_sources(dirs):
+    """A one-source state of version 1 or 2 (its dataset is its source's fingerprint) may become a blend; a blend's
+    state of version 2 names no source's fingerprint alone: refused, saying to resume it as it was first."""
+    kw = dict(batch_size=10, seq_len=T, seed=6)
+    a, b, c = dirs["a"], dirs["b"], dirs["c"]
+    with Loader(a, **kw) as loader:
+        rows(loader, 5)
+        v3 = loader.state_dict()
+    v2 = {k: v for k, v in v3.items() if k != "sources"} | {"version": 2}
+    v1 = {k: v for k, v in v2.items() if k != "phases"} | {"version": 1}
+    got = []
+    for state in (v3, v2, v1):
+        with Loader([(a, 0.5), (b, 0.5)], **kw) as loader:
+            assert loader.load_state_dict(state, mix_change=True) == "a=1 -> a=0.5,b=0.5 (adds b)"
+            assert loader.state_dict()["phases"] == [[0, [1.0, 0.0]], [50, [0.5, 0.5]]]
+            got.append(rows(loader, 20)[0])
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    with Loader([(a, 0.7), (b, 0.3)], **kw) as loader:
+        blend_v2 = {k: v for k, v in loader.state_dict().items() if k != "sources"} | {"version": 2}
+    with Loader([(a, 0.7), (b, 0.3), (c, 0.1)], **kw) as loader:
+        with pytest.raises(ValueError, match=r"different dataset.*before sources could be added \(version 2\) resumes "
+                                             r"only on its own sources: resume it so and save, then add sources"):
+            loader.load_state_dict(blend_v2, mix_change=True)
+        with pytest.raises(ValueError, match=r"different dataset.*with mix_change=True a resume may change a mix's "
+                                             r"weights and add sources"):
+            loader.load_state_dict(blend_v2)
+    with Loader([(a, 0.7), (b, 0.3)], **kw) as loader:
+        assert loader.load_state_dict(blend_v2) is None  # on its own sources, as before

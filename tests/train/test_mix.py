@@ -146,3 +146,47 @@ def test_an_annealing_phase_changes_the_mix_at_a_resume(dataset, general, tmp_pa
     losses = [{r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
               for run in (run_b, run_c)]
     assert losses[0][5] == losses[1][5] and losses[0][6] == losses[1][6]  # bitwise (written with repr)
+
+
+def test_a_resume_adds_a_source_to_a_single_dataset_run(dataset, general, tmp_path, capsys, monkeypatch):
+    """Steps 1-2 on data.dataset; resumed with data.mix adding general (data.mix_change), steps 3-4 read what a
+    Loader resumed so reads (the dataset going on where it left off, general from its first sample: sample-exact in
+    tests/data/test_blend.py), and evaluation logs the added source's val loss. Without the flag: refused."""
+    import torch
+    from fmcore.train import trainer
+
+    mix = f"{dataset}=0.5,{general}=0.5"
+    common = [*SMALL, "--train.steps", "4", "--checkpoint.every", "2", "--log.every", "1", "--train.eval_every", "2"]
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    train(load_config("tiny", ["--data.dataset", str(dataset), "--log.run_dir", str(run_a), *common,
+                               "--train.steps", "2", "--checkpoint.save_final", "true"]))
+    at_2 = run_a / "checkpoints" / "step_00000002"
+    with pytest.raises(ConfigError, match=rf"this loader adds {general.name}; .*data.mix_change = true"):
+        train(load_config("tiny", ["--data.mix", mix, "--log.run_dir", str(run_b), *common,
+                                   "--checkpoint.resume", str(at_2)]))
+    with pytest.raises(ConfigError, match=r"lacks the state's source .*cannot remove a source"):
+        train(load_config("tiny", ["--data.dataset", str(general), "--data.mix_change", "true", "--log.run_dir",
+                                   str(run_b), *common, "--checkpoint.resume", str(at_2)]))
+    capsys.readouterr()
+
+    seen, real = [], trainer.to_device
+
+    def recorded(batch, *rest):
+        seen.append(batch.x.clone())
+        return real(batch, *rest)
+
+    monkeypatch.setattr(trainer, "to_device", recorded)
+    train(load_config("tiny", ["--data.mix", mix, "--data.mix_change", "true", "--log.run_dir", str(run_b), *common,
+                               "--checkpoint.resume", str(at_2), "--checkpoint.save_final", "true"]))
+    monkeypatch.setattr(trainer, "to_device", real)
+    d, g = dataset.name, general.name
+    assert f"data mix changes at sample 16 (step 2): {d}=1 -> {d}=0.5,{g}=0.5 (adds {g})" in capsys.readouterr().out
+    state_a = torch.load(at_2 / "extra_rank0.pt", weights_only=False)["loader"]
+    state_4 = torch.load(run_b / "checkpoints" / "step_00000004" / "extra_rank0.pt", weights_only=False)["loader"]
+    assert state_4["phases"] == [[0, [1.0, 0.0]], [16, [0.5, 0.5]]] and [n for n, _ in state_4["sources"]] == [d, g]
+    with data.Loader([(dataset, 0.5), (general, 0.5)], batch_size=8, seq_len=64, mode="random", seed=0) as loader:
+        loader.load_state_dict(state_a, mix_change=True)
+        for step in range(2):  # (the training batches come first)
+            assert torch.equal(seen[step], next(loader).x), step
+    evals = [r for r in read_metrics(run_b / "metrics.jsonl") if "eval_loss" in r]
+    assert evals and all(f"eval_loss/{g}" in r for r in evals)

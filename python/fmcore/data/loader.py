@@ -21,13 +21,16 @@ periods, each cycles its own epochs (a heavier one faster), and the state is sti
 source needs the same tokenizer (vocab size, EOS and BOS ids in its manifest). A weight may be 0 (a source
 read by nobody, as one dropped by an annealing phase) as long as one is > 0.
 
-Mix phases (an annealing or mid-training phase on other weights): a state resumes only on the same sources,
-and by default with the same weights, since under other weights the same g is other data. With
+Mix phases (an annealing or mid-training phase on other weights): a state resumes by default only on the same
+sources and with the same weights, since under other weights the same g is other data. With
 load_state_dict(state, mix_change=True) a loader of other weights resumes from g on under its weights: the
 blend becomes a list of phases [(G_k, weights_k)], phase k's samples g mapping as above with g - G_k and
 each source's j counted on from the samples it drew before G_k, so that every source continues exactly where
 it left off (none of its samples repeated or skipped at the switch). The state carries the phase list, and
-later resumes read the same samples again.
+later resumes read the same samples again. Such a resume may also add sources (a high-quality one for the last
+phase; a one-source state becomes a blend): the state's sources, matched by their fingerprints, must stay the
+first ones and in their order (source s's samples are seeded by s), each added one weighs 0 in the earlier
+phases and starts at its sample 0. A source is never removed: weight 0 stops reading it.
 
 With doc_boundaries, each row is split into segments at document starts (the shard's stored offsets,
 or after each EOS token for shards without them; a row's start always opens a segment): positions
@@ -142,7 +145,9 @@ class Loader:
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
         self.threads = default_threads() if threads is None else threads
         fingerprints = [_fingerprint(manifest["splits"][split]) for manifest, _ in opened]
-        # Version 1 states named the sources and their shares; version 2 states the sources, and their phases.
+        # Version 1 states named the sources and their shares; version 2 states the sources, and their phases;
+        # version 3 states also list each source's (name, fingerprint): a resume that adds sources matches them.
+        self._source_fingerprints = fingerprints
         self._fingerprint_v1 = fingerprints[0] if len(blend) == 1 else _blend_fingerprint(self.sources, fingerprints)
         self._fingerprint = fingerprints[0] if len(blend) == 1 else _blend_sources(self.sources, fingerprints)
         # As given (data.mix's, bitwise: the period is built from their shares); one source weighs all.
@@ -249,19 +254,23 @@ class Loader:
 
     def state_dict(self) -> dict:
         self._check_process()
-        return {"version": 2, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
+        return {"version": 3, "sample": self._core.next_sample, "mode": self.mode, "seed": self.seed,
                 "seq_len": self.seq_len, "split": self.split, "dataset": self._fingerprint,
+                "sources": [[source.name, fp] for source, fp in zip(self.sources, self._source_fingerprints)],
                 "phases": [[start, list(weights)] for start, weights in self._phases]}
 
     def load_state_dict(self, state: dict, mix_change: bool = False) -> str | None:
         """Resumes at the state's sample. A state of the same sources under other weights is refused unless
         mix_change: then this loader's weights make a new phase from the state's sample on (see the module's
-        docstring), and the change is returned as "a=0.7,b=0.3 -> a=0.3,b=0.7" (None when the mix is the same)."""
+        docstring), and the change is returned as "a=0.7,b=0.3 -> a=0.3,b=0.7" (None when the mix is the same).
+        With mix_change this loader may also add sources after the state's (its first ones, in their order): the
+        earlier phases give them weight 0, and the change names them ("a=1 -> a=0.8,c=0.2 (adds c)")."""
         self._check_process()
         version = state.get("version")
-        if version not in (1, 2):
-            raise ValueError(f"loader state version {version!r}, expected 1 or 2")
-        keys = ("sample", "mode", "seed", "seq_len", "split", "dataset") + (("phases",) if version == 2 else ())
+        if version not in (1, 2, 3):
+            raise ValueError(f"loader state version {version!r}, expected 1, 2 or 3")
+        keys = ("sample", "mode", "seed", "seq_len", "split", "dataset") + (("phases",) if version >= 2 else ()) + (
+            ("sources",) if version == 3 else ())
         missing = [key for key in keys if key not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}: not a state_dict() of a Loader")
@@ -277,39 +286,72 @@ class Loader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state was saved with a different {key}: {state[key]!r}, this loader has "
                                  f"{getattr(self, key)!r}")
-        if version == 1:  # one implicit phase, whose shares its fingerprint names
-            if state["dataset"] != self._fingerprint_v1:
-                raise ValueError(f"loader state was saved with a different dataset: {state['dataset']!r}, this loader "
-                                 f"has {self._fingerprint_v1!r}" + (
-                                     " (a state written before mix phases (version 1) resumes only on its own mix: "
-                                     "resume it so and save, then change the mix)" if mix_change else ""))
-            phases = [(0, self._weights)]  # the same shares: the same table
+        n = len(self.sources)
+        if state["dataset"] == (self._fingerprint_v1 if version == 1 else self._fingerprint):
+            saved_n = n
         else:
-            if state["dataset"] != self._fingerprint:
-                raise ValueError(f"loader state was saved with a different dataset: {state['dataset']!r}, this loader "
-                                 f"has {self._fingerprint!r} (a resume may change a mix's weights, not its sources)")
-            phases = _checked_phases(state["phases"], len(self.sources), sample)
-        change = None
+            saved_n = self._saved_sources(state, version, sample, mix_change)
+        if version == 1:  # one implicit phase, whose shares its fingerprint names (or one source's: all of them)
+            phases = [(0, self._weights if saved_n == n else [1.0])]
+        else:
+            phases = _checked_phases(state["phases"], saved_n, sample)
         saved = phases[-1][1]
-        if _shares_of(saved) != _shares_of(self._weights):
-            before, after = _describe(self.sources, saved), _describe(self.sources, self._weights)
+        before = _describe(self.sources, saved)
+        # The added sources (at the end) weigh 0 in every earlier phase: no sample before this one was theirs.
+        phases = [(start, weights + [0.0] * (n - saved_n)) for start, weights in phases]
+        change = None
+        if _shares_of(phases[-1][1]) != _shares_of(self._weights) or saved_n < n:
+            after = _describe(self.sources, self._weights)
             if not mix_change:
                 raise ValueError(f"loader state was saved with the mix {before} (from sample {phases[-1][0]}), this "
                                  f"loader has {after}: under other weights the same sample is other data; to change "
                                  f"the mix from sample {sample} on (an annealing phase), pass mix_change=True to "
                                  "load_state_dict (the trainer's data.mix_change = true)")
-            change = f"{before} -> {after}"
+            added = ", ".join(source.name for source in self.sources[saved_n:])
+            change = f"{before} -> {after}" + (f" (adds {added})" if added else "")
             # A phase no sample was read in (a checkpoint saved right at a change) is replaced, not followed;
             # back to the phase before it, that one goes on (a new phase would restart its period).
             phases = phases[:-1] if phases[-1][0] == sample else phases
             if not phases or _shares_of(phases[-1][1]) != _shares_of(self._weights):
                 phases.append((sample, self._weights))
-        if len(self.sources) > 1:
+        if n > 1:
             self._core.restart(sample, *_phase_lists(phases))
         else:
             self._core.restart(sample)
         self._phases = phases
         return change
+
+    def _saved_sources(self, state: dict, version: int, sample: int, mix_change: bool) -> int:
+        """The number of the state's sources when this loader's first ones are the state's (matched by fingerprint)
+        and it adds more after them with mix_change; any other change of the sources raises, saying why."""
+        here = self._fingerprint_v1 if version == 1 else self._fingerprint
+        refused = f"loader state was saved with a different dataset: {state['dataset']!r}, this loader has {here!r}"
+        saved = _state_sources(state, version)
+        if saved is None:  # a blend's state of version 1 or 2: it lists no source's fingerprint
+            if not mix_change:
+                raise ValueError(f"{refused} (with mix_change=True a resume may change a mix's weights and add sources "
+                                 "after the state's; it never removes or reorders them)")
+            raise ValueError(refused + (
+                " (a state written before mix phases (version 1) resumes only on its own mix: resume it so and save, "
+                "then change the mix)" if version == 1 else
+                " (a state written before sources could be added (version 2) resumes only on its own sources: resume "
+                "it so and save, then add sources)"))
+        fingerprints = self._source_fingerprints
+        for name, fp in saved:
+            if fp not in fingerprints:
+                raise ValueError(f"{refused}: this loader lacks the state's source {f'{name} ' if name else ''}[{fp}]; "
+                                 "a resume cannot remove a source (give it weight 0 to stop reading it)")
+        if [fp for _, fp in saved] == fingerprints:
+            raise ValueError(f"{refused}: the same sources under other names (a state resumes on its sources' "
+                             "directory names)")
+        if len(saved) > len(fingerprints) or [fp for _, fp in saved] != fingerprints[:len(saved)]:
+            raise ValueError(f"{refused}: the state's sources must stay this loader's first {len(saved)}, in their "
+                             "order (each source's samples are seeded by its place), any added source after them")
+        if not mix_change:
+            added = ", ".join(source.name for source in self.sources[len(saved):])
+            raise ValueError(f"{refused}: this loader adds {added}; to add sources from sample {sample} on, pass "
+                             "mix_change=True to load_state_dict (the trainer's data.mix_change = true)")
+        return len(saved)
 
     def __reduce_ex__(self, protocol):
         # A DataLoader worker started with spawn or forkserver pickles its dataset: a Loader in it
@@ -421,6 +463,19 @@ def _checked_phases(phases, n_sources: int, sample: int) -> list[tuple[int, list
         raise ValueError(f"loader state phases must be [[start, [one weight per source ({n_sources})]], ...] from "
                          f"start 0 to at most the sample {sample}, got {phases!r}")
     return [(start, [float(w) for w in weights]) for start, weights in phases]
+
+
+def _state_sources(state: dict, version: int) -> list[tuple[str, str]] | None:
+    """A state's [(source name, fingerprint)]: version 3 lists them; before, a one-source state's dataset is its
+    fingerprint (its name unknown), and a blend's names no source's on its own (None)."""
+    if version < 3:
+        fp = state["dataset"]
+        return [("", fp)] if isinstance(fp, str) and not fp.startswith("blend ") else None
+    sources = state["sources"]
+    if not (isinstance(sources, (list, tuple)) and sources and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in sources)):
+        raise ValueError(f"loader state sources must be [[name, fingerprint], ...], got {sources!r}")
+    return [(name, fp) for name, fp in sources]
 
 
 def _source_names(blend: list[tuple[Path, float]]) -> list[str]:

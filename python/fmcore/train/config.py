@@ -125,8 +125,10 @@ class DataConfig:
     """Let checkpoint.resume change data.mix's weights (an annealing or mid-training phase on another mix):
     from the resumed step on, samples follow the new weights and each source continues where it left off (none of
     its samples repeated or skipped). The checkpoints keep every phase of the mix, so later resumes (with the new
-    mix, without this flag) read the same data again. Without it, a resume with other weights is refused; the
-    sources themselves cannot change."""
+    mix, without this flag) read the same data again. Without it, a resume with other weights is refused. The flag
+    also lets the resume add sources after the checkpoint's (in their order; a data.dataset run may become a
+    data.mix starting with it): each new source starts at its first sample. A source cannot be removed (weight 0
+    stops reading it)."""
     mode: str = "random"
     """Loader order for training: "random" (seeded windows) or "sequential"."""
     doc_boundaries: bool = False
