@@ -40,7 +40,9 @@ class StepProfiler:
             return
         if self.prof is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.prof = profile(activities=activities)
+            # (acc_events: one start and one stop, so it changes nothing; without it torch 2.11 warns at start()
+            # that "Profiler clears events at the end of each cycle")
+            self.prof = profile(activities=activities, acc_events=True)
             self.prof.start()
             self.first = n
         self.last = n
