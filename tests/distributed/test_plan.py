@@ -275,3 +275,32 @@ def test_torch_ops_plan_the_logits_and_their_gradient():
                               batch_size=8, seq_len=1024, checkpointing=False) for ops in ("fmcore", "torch"))
     assert torch_ops["activations"] - fmcore["activations"] == 2 * 8 * 1024 * m.vocab_size * 4
     assert comm_bytes_per_step(1000, Layout("none", 1, 1)) == {"data": 0.0, "tensor": 0.0, "total": 0.0}
+
+
+def test_out_of_memory_advice_plans_each_way_out():
+    # What the trainer appends to an out-of-memory error: plan() of the run, and of each setting that lowers it.
+    from fmcore.train.plan import out_of_memory_advice
+
+    cfg = load_config("llama-1b", ["--parallel.data", "ddp"])
+    m = mcfg("llama-1b")
+
+    def gib(data="ddp", batch_size=8, checkpointing="none", part="total"):
+        parts = plan(m, Layout(data, 8, 1), precision="bf16-autocast", batch_size=batch_size, seq_len=2048,
+                     checkpointing=checkpointing)
+        return f"{parts[part] / 2**30:.1f} GiB"
+
+    assert out_of_memory_advice(m, cfg, 8, "bf16-autocast").splitlines() == [
+        f"plan-memory puts this run at {gib()} per GPU (activations {gib(part='activations')}, micro-batches of 8 x "
+        "2048, activation checkpointing none); to lower it:",
+        f"  --train.activation_checkpointing selective ({gib(checkpointing='selective')}), full "
+        f"({gib(checkpointing='full')})",
+        f"  --train.batch_size 4 ({gib(batch_size=4)}; train.tokens_per_step (1048576) keeps the global batch, in more "
+        "micro-batches)",
+        f"  --parallel.data zero1 ({gib(data='zero1')}) or fsdp2 ({gib(data='fsdp2')})"]
+    assert gib() == "44.9 GiB" and gib(data="fsdp2") == "27.1 GiB"
+    # full checkpointing, one sequence a micro-batch, fsdp2: nothing left to suggest but the model's size
+    cfg = load_config("llama-1b", ["--parallel.data", "fsdp2", "--train.activation_checkpointing", "full",
+                                   "--train.batch_size", "1"])
+    advice = out_of_memory_advice(m, cfg, 8, "bf16-autocast")
+    assert "\n" not in advice and advice.endswith("what lowers it now is a shorter train.seq_len, or more GPUs (fsdp2 "
+                                                  "divides the model's state by them) or --parallel.tensor N")

@@ -1608,3 +1608,46 @@ def test_a_checkpoint_without_its_resolved_model_is_checked_against_its_config(t
     check_same_model(to_dict(load_config("tiny")), here, 1024, tmp_path)
     check_same_model(None, here, 1024, tmp_path)
     check_same_layout(tmp_path, {}, load_config("tiny", ["--parallel.data", "zero1"]))
+
+
+def test_out_of_memory_names_the_step_and_plan_memorys_ways_out(dataset, tmp_path, capsys, monkeypatch):
+    # A CUDA out-of-memory error was torch's traceback (on every rank), naming no setting of the run. The
+    # step's error comes with plan-memory's total for this run and for each setting that lowers it.
+    from fmcore.train import trainer
+    from fmcore.train.config import ModelConfig
+    from fmcore.train.plan import Layout, plan
+
+    real, calls = trainer.train_step, []
+
+    def out_of_memory_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 79.19 GiB of which 1.06 GiB is free.\nOf the allocated memory ...")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", out_of_memory_in_step_2)
+    args = ["tiny", *overrides(dataset, tmp_path / "run", "--train.steps", "4", "--model.dim", "64",
+                                "--model.n_layers", "2", "--train.activation_checkpointing", "selective")]
+    assert trainer.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fmcore train: out of memory in train step 2: CUDA out of memory. Tried to allocate 2.00 GiB. "
+                          "GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.\n"), err
+    assert "Of the allocated memory" not in err  # (torch's first line only)
+    resolved = json.loads((tmp_path / "run" / "resolved.json").read_text())
+    mcfg = ModelConfig(**resolved["model"])
+
+    def mib(**kw):
+        parts = plan(mcfg, Layout("none", 1, 1), precision=resolved["precision"], seq_len=64,
+                     **{"batch_size": 8, "checkpointing": "selective", **kw})
+        return f"{parts['total'] / 2**20:.1f} MiB"
+
+    assert len({mib(), mib(checkpointing="full"), mib(batch_size=4)}) == 3
+    assert f"plan-memory puts this run at {mib()} per GPU" in err and "activation checkpointing selective)" in err
+    assert f"--train.activation_checkpointing full ({mib(checkpointing='full')})" in err
+    assert (f"--train.batch_size 4 ({mib(batch_size=4)}; with --train.tokens_per_step 512 to keep the global batch"
+            in err)
+    assert "--parallel.data" not in err  # (one process)
+    # The run dir is released: the run resumes (from its start: no checkpoint was written)
+    monkeypatch.setattr(trainer, "train_step", real)
+    assert trainer.main([*args, "--resume", "auto"]) == 0

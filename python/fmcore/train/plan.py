@@ -227,6 +227,42 @@ def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", toke
     return out
 
 
+def out_of_memory_advice(mcfg, cfg, world: int, precision: str) -> str:
+    """What plan() says about a run that ran out of GPU memory, and the settings that lower it, each with
+    its planned total per GPU: activation checkpointing, half the micro-batch (more of them a step), and a
+    sharded layout. The trainer appends it to the out-of-memory error."""
+    from fmcore.train.config import checkpointing_mode
+
+    t, tp = cfg.train, cfg.parallel.tensor
+    mode = checkpointing_mode(t.activation_checkpointing)
+
+    def size(n: float) -> str:
+        return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+    def total(batch_size=t.batch_size, checkpointing=mode, data=cfg.parallel.data, part="total") -> str:
+        return size(plan(mcfg, Layout(data, world // tp, tp), precision=precision, batch_size=batch_size,
+                         seq_len=t.seq_len, checkpointing=checkpointing)[part])
+
+    lines = [f"plan-memory puts this run at {total()} per GPU (activations {total(part='activations')}, "
+             f"micro-batches of {t.batch_size} x {t.seq_len}, activation checkpointing {mode}); to lower it:"]
+    lighter = {"none": ("selective", "full"), "full": ()}.get(mode, ("full",))  # (selective, every N-th: full)
+    if lighter:
+        lines.append("  --train.activation_checkpointing " + ", ".join(f"{m} ({total(checkpointing=m)})" for m in lighter))
+    if t.batch_size > 1:
+        keep = (f"train.tokens_per_step ({t.tokens_per_step}) keeps the global batch" if t.tokens_per_step else
+                f"with --train.tokens_per_step {t.batch_size * t.seq_len * (world // tp)} to keep the global batch")
+        lines.append(f"  --train.batch_size {t.batch_size // 2} ({total(batch_size=t.batch_size // 2)}; {keep}, "
+                     "in more micro-batches)")
+    if world // tp > 1 and cfg.parallel.data in ("ddp", "none"):
+        lines.append(f"  --parallel.data zero1 ({total(data='zero1')}) or fsdp2 ({total(data='fsdp2')})")
+    elif world // tp > 1 and cfg.parallel.data == "zero1":
+        lines.append(f"  --parallel.data fsdp2 ({total(data='fsdp2')})")
+    if len(lines) == 1:
+        lines[0] = lines[0].replace("to lower it:", "what lowers it now is a shorter train.seq_len, or more GPUs "
+                                    "(fsdp2 divides the model's state by them) or --parallel.tensor N")
+    return "\n".join(lines)
+
+
 def run_resolution(run_dir: Path) -> dict | None:
     """What a run became on its machine (the trainer's resolved.json: model, precision, device,
     world_size), or None for a run dir without one."""

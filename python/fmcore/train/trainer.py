@@ -44,6 +44,10 @@ class TrainingStopped(RuntimeError):
     """The run stopped early (too many non-finite steps); a checkpoint of the last good state was saved."""
 
 
+class OutOfMemory(RuntimeError):
+    """A training step ran out of device memory; the message adds plan-memory's settings that lower it."""
+
+
 @dataclass
 class Env:
     rank: int
@@ -588,7 +592,7 @@ def deterministic_mode():
 # ---- the run
 
 def train(cfg: Config) -> dict:
-    """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped."""
+    """Run cfg to completion (or resume it); returns the summary dict. Raises TrainingStopped, OutOfMemory."""
     # A Config built or changed in code (a sweep's cfg.train.steps = ...) skipped load_config's checks:
     # log.every = 0 was a ZeroDivisionError after the model was built, a negative train.steps a run of nothing.
     # (model.init_from's shape too: config.toml and the checkpoints then record the model it describes.)
@@ -854,8 +858,15 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         lr = lr_at(step, t.steps, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with profiler.step(step + 1):
-            loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
+        try:
+            with profiler.step(step + 1):
+                loss_v, norm_v, good = train_step(model, optimizer, next_batch, accum, opts, scaler)
+        except torch.OutOfMemoryError as e:
+            from fmcore.train.plan import out_of_memory_advice
+
+            # (torch's first line: what it tried to allocate and what the GPU holds; its traceback is the step's)
+            raise OutOfMemory(f"train step {step + 1}: {str(e).splitlines()[0]}\n"
+                              + out_of_memory_advice(mcfg, cfg, env.world, precision)) from None
         step += 1
         window_steps += 1
         window_loss += loss_v if math.isfinite(loss_v) else 0.0
@@ -983,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingStopped as e:
         print(f"fmcore train: stopped: {e}", file=sys.stderr)
+        return 1
+    except OutOfMemory as e:
+        print(f"fmcore train: out of memory in {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C, or torchrun passing on its SIGINT to every worker: one line, not a traceback per rank.
