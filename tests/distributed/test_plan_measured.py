@@ -4,7 +4,7 @@ torch.distributed._tools' MemTracker (FSDPMemTracker for fsdp2) follows every te
 (parameters, gradients, optimizer state, what autograd saves for the backward, temporaries, FSDP2's
 buffers) and reports the peak of their sum. plan() sums the same parts by arithmetic (its module doc);
 the two agree within a few percent for each activation-checkpointing mode, precision, ops path and
-layout below. A larger term lost or doubled in plan() fails the test (checked: the norms' outputs, a bf16
+layout below (ddp, fsdp2, zero1, tensor parallelism, fsdp2 with it). A larger term lost or doubled in plan() fails the test (checked: the norms' outputs, a bf16
 run's master weights); one dim-wide tensor per layer and token (GPT-2's attention output, 4% of the
 total) does not.
 What the CPU does not show: CUDA kernels' workspaces and the caching allocator's rounding (plan-memory
@@ -28,7 +28,7 @@ B, T = 8, 256
 
 
 def _plan_and_peak(rank: int, world: int, arch: str, ops: str, precision: str, checkpointing: str,
-                   data: str) -> tuple[float, float]:
+                   data: str, tensor: int = 1) -> tuple[float, float]:
     """(plan()'s total, the tracked peak) in bytes for the second training step (the first makes the
     optimizer state) of a 4-layer, 256-wide model on B x T tokens, built as the trainer builds it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -42,13 +42,13 @@ def _plan_and_peak(rank: int, world: int, arch: str, ops: str, precision: str, c
     cfg = load_config("tiny", ["--model.arch", arch, "--model.ops", ops, "--model.dim", "256", "--model.n_layers", "4",
                                "--model.n_heads", "4", "--model.max_seq_len", str(T), "--train.seq_len", str(T),
                                "--train.activation_checkpointing", checkpointing, "--parallel.data", data,
-                               "--train.device", "cpu"])
+                               "--parallel.tensor", str(tensor), "--train.device", "cpu"])
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     model, mcfg = trainer.build_model(cfg, 512, env, precision)
     model = trainer.parallelize(model, cfg, env, precision)
     impl = trainer.optimizer_impl(cfg, mcfg)
     optimizer = trainer.build_optimizer(model, cfg, impl, precision, env.device)
-    opts = trainer.StepOptions(impl, precision, env.device, 1.0, world, global_norm=data in ("fsdp2", "zero1"))
+    opts = trainer.StepOptions(impl, precision, env.device, 1.0, world, global_norm=data in ("fsdp2", "zero1") or tensor > 1)
     generator = torch.Generator().manual_seed(rank)
 
     def next_batch():
@@ -66,7 +66,7 @@ def _plan_and_peak(rank: int, world: int, arch: str, ops: str, precision: str, c
     if world > 1:
         forget_mesh()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    layout = Layout(data, world, 1)
+    layout = Layout(data, world // tensor, tensor)
     return plan(mcfg, layout, precision=precision, batch_size=B, seq_len=T, checkpointing=checkpointing)["total"], peak
 
 
@@ -82,10 +82,12 @@ def test_plan_matches_the_tracked_peak_of_one_process(arch, ops, precision, chec
     assert planned / peak == pytest.approx(1.0, abs=TOLERANCE), (planned / 2**20, peak / 2**20)
 
 
-@pytest.mark.parametrize("data, precision, checkpointing", [
-    ("ddp", "fp32", "none"), ("fsdp2", "fp32", "none"), ("fsdp2", "bf16-autocast", "selective"),
-    ("zero1", "fp32", "none"), ("zero1", "bf16", "full")])
-def test_plan_matches_the_tracked_peak_of_two_ranks(data, precision, checkpointing, tmp_path):
-    for planned, peak in run_ranks(_plan_and_peak, 2, tmp_path, args=("gpt2", "fmcore", precision, checkpointing, data),
-                                   timeout=180):
+@pytest.mark.parametrize("world, arch, data, tensor, precision, checkpointing", [
+    (2, "gpt2", "ddp", 1, "fp32", "none"), (2, "gpt2", "fsdp2", 1, "fp32", "none"),
+    (2, "gpt2", "fsdp2", 1, "bf16-autocast", "selective"), (2, "gpt2", "zero1", 1, "fp32", "none"),
+    (2, "gpt2", "zero1", 1, "bf16", "full"), (2, "gpt2", "none", 2, "fp32", "none"),
+    (2, "llama", "none", 2, "bf16-autocast", "selective"), (4, "gpt2", "fsdp2", 2, "fp32", "none")])
+def test_plan_matches_the_tracked_peak_of_several_ranks(world, arch, data, tensor, precision, checkpointing, tmp_path):
+    for planned, peak in run_ranks(_plan_and_peak, world, tmp_path,
+                                   args=(arch, "fmcore", precision, checkpointing, data, tensor), timeout=180):
         assert planned / peak == pytest.approx(1.0, abs=TOLERANCE), (planned / 2**20, peak / 2**20)
