@@ -314,6 +314,14 @@ def switched(dirs, phases, batch_size, **kw):
 # by phase 2.
 PHASES = [(0, (0.5, 0.3, 0.2)), (1230, (0.1, 0.0, 0.9)), (2670, (0.6, 0.4, 0.0))]
 
+def assert_each_source_reads_its_own_stream(dirs, x, source, seed, kw):
+    """x's samples from source s (source[g] for sample g), in global order, are source s's samples read alone
+    (a Loader of it, seeded seed + s as a blend seeds it)."""
+    for s, name in enumerate(SIZES):
+        mine = x[[g for g, src in enumerate(source) if src == s]]
+        with Loader(dirs[name], batch_size=1, seed=seed + s, threads=1, **kw) as alone:
+            assert torch.equal(mine, rows(alone, len(mine))[0]), name
+
 
 @pytest.mark.parametrize("mode", ["sequential", "random"])
 def test_a_mix_change_continues_every_source_where_it_left_off(dirs, mode):
@@ -322,12 +330,9 @@ def test_a_mix_change_continues_every_source_where_it_left_off(dirs, mode):
     pick = model_phases(PHASES)
     source = (x[:, 0] // SPAN).tolist()
     assert source == [pick(g)[0] for g in range(len(x))]
-    for s, name in enumerate(SIZES):
-        mine = x[[g for g, src in enumerate(source) if src == s]]
-        # The source's samples in global order are exactly its own stream read alone: nothing repeated or skipped
-        # at a switch, and b's stream goes on after the phase without it.
-        with Loader(dirs[name], batch_size=1, seed=seed + s, threads=1, **kw) as alone:
-            assert torch.equal(mine, rows(alone, len(mine))[0]), name
+    # The source's samples in global order are exactly its own stream read alone: nothing repeated or skipped at
+    # a switch, and b's stream goes on after the phase without it.
+    assert_each_source_reads_its_own_stream(dirs, x, source, seed, kw)
     # Each phase's shares are its weights' within 1/P over its whole periods (phase 0: one, phase 2: two).
     for (start, weights), periods in zip(PHASES[::2], (1, 2)):
         part = source[start: start + periods * BLEND_PERIOD]
@@ -477,12 +482,9 @@ def test_an_added_source_starts_at_its_first_sample_and_the_others_go_on(dirs, m
     pick = model_phases(padded(phases))
     source = (x[:, 0] // SPAN).tolist()
     assert source == [pick(g)[0] for g in range(len(x))]
-    for s, name in enumerate(SIZES):
-        mine = x[[g for g, src in enumerate(source) if src == s]]
-        # Each source's samples in global order are its own stream read alone: the old ones go on where they left
-        # off (nothing repeated or skipped), an added one starts at its sample 0.
-        with Loader(dirs[name], batch_size=1, seed=seed + s, threads=1, **kw) as alone:
-            assert torch.equal(mine, rows(alone, len(mine))[0]), name
+    # Each source's samples in global order are its own stream read alone: the old ones go on where they left off
+    # (nothing repeated or skipped), an added one starts at its sample 0.
+    assert_each_source_reads_its_own_stream(dirs, x, source, seed, kw)
     for s in range(len(SIZES)):  # (the model says so too: no sample of a source before the phase adding it)
         assert source.index(s) >= next(start for start, weights in phases if len(weights) > s), s
     assert state["phases"] == [[start, list(weights)] for start, weights in padded(phases)]

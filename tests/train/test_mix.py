@@ -22,6 +22,20 @@ def general(dataset, tmp_path_factory) -> Path:
                         val_fraction=0.2, workers=1, progress=False)
 
 
+def record_batches(monkeypatch) -> list:
+    """The training batches' inputs, as the trainer moves each to the device (monkeypatch.undo() stops it)."""
+    from fmcore.train import trainer
+
+    seen, real = [], trainer.to_device
+
+    def recorded(batch, *rest):
+        seen.append(batch.x.clone())
+        return real(batch, *rest)
+
+    monkeypatch.setattr(trainer, "to_device", recorded)
+    return seen
+
+
 def test_a_mix_logs_each_sources_val_loss(dataset, general, tmp_path, monkeypatch):
     from fmcore.train import trainer
 
@@ -108,7 +122,6 @@ def test_an_annealing_phase_changes_the_mix_at_a_resume(dataset, general, tmp_pa
     (checked against a Loader resumed so; the sample -> source rule itself in tests/data/test_blend.py); resumed
     again at step 4 without the flag, the run goes on bitwise as the changed run did."""
     import torch
-    from fmcore.train import trainer
 
     mix_a, mix_b = f"{dataset}=0.7,{general}=0.3", f"{dataset}=0.2,{general}=0.8"
     common = [*SMALL, "--train.steps", "6", "--checkpoint.every", "2", "--log.every", "1"]
@@ -121,16 +134,10 @@ def test_an_annealing_phase_changes_the_mix_at_a_resume(dataset, general, tmp_pa
                                    "--checkpoint.resume", str(at_2)]))
     capsys.readouterr()
 
-    seen, real = [], trainer.to_device
-
-    def recorded(batch, *rest):
-        seen.append(batch.x.clone())
-        return real(batch, *rest)
-
-    monkeypatch.setattr(trainer, "to_device", recorded)
+    seen = record_batches(monkeypatch)
     train(load_config("tiny", ["--data.mix", mix_b, "--data.mix_change", "true", "--log.run_dir", str(run_b), *common,
                                "--checkpoint.resume", str(at_2)]))
-    monkeypatch.setattr(trainer, "to_device", real)
+    monkeypatch.undo()
     a, g = f"{dataset.name}=", f"{general.name}="
     assert f"data mix changes at sample 16 (step 2): {a}0.7,{g}0.3 -> {a}0.2,{g}0.8" in capsys.readouterr().out
     state_a = torch.load(at_2 / "extra_rank0.pt", weights_only=False)["loader"]
@@ -153,7 +160,6 @@ def test_a_resume_adds_a_source_to_a_single_dataset_run(dataset, general, tmp_pa
     Loader resumed so reads (the dataset going on where it left off, general from its first sample: sample-exact in
     tests/data/test_blend.py), and evaluation logs the added source's val loss. Without the flag: refused."""
     import torch
-    from fmcore.train import trainer
 
     mix = f"{dataset}=0.5,{general}=0.5"
     common = [*SMALL, "--train.steps", "4", "--checkpoint.every", "2", "--log.every", "1", "--train.eval_every", "2"]
@@ -169,16 +175,10 @@ def test_a_resume_adds_a_source_to_a_single_dataset_run(dataset, general, tmp_pa
                                    str(run_b), *common, "--checkpoint.resume", str(at_2)]))
     capsys.readouterr()
 
-    seen, real = [], trainer.to_device
-
-    def recorded(batch, *rest):
-        seen.append(batch.x.clone())
-        return real(batch, *rest)
-
-    monkeypatch.setattr(trainer, "to_device", recorded)
+    seen = record_batches(monkeypatch)
     train(load_config("tiny", ["--data.mix", mix, "--data.mix_change", "true", "--log.run_dir", str(run_b), *common,
                                "--checkpoint.resume", str(at_2), "--checkpoint.save_final", "true"]))
-    monkeypatch.setattr(trainer, "to_device", real)
+    monkeypatch.undo()
     d, g = dataset.name, general.name
     assert f"data mix changes at sample 16 (step 2): {d}=1 -> {d}=0.5,{g}=0.5 (adds {g})" in capsys.readouterr().out
     state_a = torch.load(at_2 / "extra_rank0.pt", weights_only=False)["loader"]
