@@ -14,6 +14,9 @@ model, and of each block) against 1 process, zero1 and fsdp2 with 2 micro-batche
 accumulation) against 1 process, and 1 process's checkpoint resumed on 2 ranks. fsdp2 under bf16
 autocast: the dtypes and sizes of what it all-gathers (bf16 blocks) and reduce-scatters (fp32) in a
 step, against plan-memory's bytes, its fp32 shards; its losses and checkpoints against 1 process's.
+Hybrid sharding (parallel.replicate 2): on 4 ranks and with tensor=2 on 8 against 1 process, its
+checkpoints resumed in its layout, by plain fsdp2 and in 1 process; its mesh's groups, and what it
+sends in a step (the all-reduce over the replicas included) against plan-memory's bytes.
 """
 
 from __future__ import annotations
@@ -229,6 +232,61 @@ def test_a_checkpoint_resumes_on_more_processes(dataset, references, tmp_path):
         assert_losses_close(losses(tmp_path / mode), losses(references["fmcore", 2 * B]), range(SAVE_AT + 1, STEPS + 1))
 
 
+def test_hybrid_sharding_on_four_ranks(dataset, references, tmp_path):
+    # parallel.replicate 2: 2 replicas of fsdp2 over 2 ranks each (HSDP), every one of the 4 data-parallel
+    # ranks reading B/2 sequences of the global batch 2B. The gradients' placements are (Replicate,
+    # Shard): the global norm sums their squares over the shard dim alone (over both, it doubled).
+    hybrid = ["--parallel.data", "fsdp2", "--parallel.replicate", "2"]
+    run(4, overrides(dataset, tmp_path / "run", B // 2, *hybrid), tmp_path / "launch")
+    want = references["fmcore", 2 * B]
+    assert_losses_close(losses(tmp_path / "run"), losses(want), range(1, STEPS + 1))
+    assert_losses_close(records(tmp_path / "run", "grad_norm"), records(want, "grad_norm"), range(1, STEPS + 1))
+    assert_exports_close(tmp_path / "run", want)
+    # its checkpoint (DTensor shards, replicated over the replicas) resumed in the same layout, by plain
+    # fsdp2 on 2 ranks and in 1 process (resharded)
+    ckpt = resume_from(tmp_path / "run", tmp_path / "resumed")
+    run(4, overrides(dataset, tmp_path / "resumed", B // 2, *hybrid, "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-resumed")
+    assert_losses_close(losses(tmp_path / "resumed"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
+    ckpt = resume_from(tmp_path / "run", tmp_path / "fsdp2")
+    run(2, overrides(dataset, tmp_path / "fsdp2", B, *MODES["fsdp2"], "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-fsdp2")
+    assert_losses_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
+    ckpt = resume_from(tmp_path / "run", tmp_path / "one")
+    run(1, overrides(dataset, tmp_path / "one", 2 * B, "--checkpoint.resume", str(ckpt)), tmp_path / "launch-one")
+    assert_losses_close(losses(tmp_path / "one"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
+    # and one process's checkpoint resumed by hybrid sharding on 4 ranks
+    ckpt = resume_from(want, tmp_path / "from-one")
+    run(4, overrides(dataset, tmp_path / "from-one", B // 2, *hybrid, "--checkpoint.resume", str(ckpt)),
+        tmp_path / "launch-from-one")
+    assert_losses_close(losses(tmp_path / "from-one"), losses(want), range(SAVE_AT + 1, STEPS + 1))
+    # `fmcore export` of its final checkpoint in this process: the weights its run exported, exactly
+    from safetensors.torch import load_file
+
+    from fmcore.__main__ import main
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    got, want = (load_file(tmp_path / d / "model.safetensors") for d in ("exported", "run/hf"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_hybrid_sharding_with_tensor2_on_eight_ranks(dataset, references, tmp_path):
+    # a 3-D mesh (dp_replicate 2, dp_shard 2, tp 2): each tensor-parallel pair reads B/2 sequences of the
+    # global batch 2B; the column-parallel weights' placements (Replicate, _StridedShard, Shard) sum their
+    # squares over the shard and tp dims
+    run(8, overrides(dataset, tmp_path / "run", B // 2, "--parallel.data", "fsdp2", "--parallel.replicate", "2",
+                     "--parallel.tensor", "2"), tmp_path / "launch")
+    want = references["fmcore", 2 * B]
+    assert_losses_close(losses(tmp_path / "run"), losses(want), range(1, STEPS + 1))
+    assert_losses_close(records(tmp_path / "run", "grad_norm"), records(want, "grad_norm"), range(1, STEPS + 1))
+    assert_exports_close(tmp_path / "run", want)
+    # its checkpoint resumed by fsdp2 with tensor 2 on 4 ranks (a 2-D mesh)
+    ckpt = resume_from(tmp_path / "run", tmp_path / "fsdp2")
+    run(4, overrides(dataset, tmp_path / "fsdp2", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
+                     "--checkpoint.resume", str(ckpt)), tmp_path / "launch-fsdp2")
+    assert_losses_close(losses(tmp_path / "fsdp2"), losses(tmp_path / "run"), range(SAVE_AT + 1, STEPS + 1))
+
+
 def test_fsdp2_with_tensor2_on_four_ranks(dataset, references, tmp_path):
     # dp=2 x tp=2: each tensor-parallel pair reads one data-parallel shard of the global batch 2B.
     run(4, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2"),
@@ -279,6 +337,51 @@ def test_a_config_error_found_on_rank_0_reaches_every_rank(dataset, references, 
     args = overrides(dataset, references["fmcore", B], B, "--parallel.data", "ddp")
     messages = run_ranks(_train_expecting_an_error, 2, tmp_path, args=(args,), timeout=60)
     assert all("already holds checkpoints" in m for m in messages), messages
+
+
+def _mesh_groups(rank: int, world: int, args: list[str]) -> dict[str, tuple[list[int], float]]:
+    """{mesh dim: (the ranks of this rank's group, its timeout in seconds)} of the trainer's mesh."""
+    import torch.distributed as dist
+
+    from fmcore.train import parallel
+    from fmcore.train.config import load_config
+
+    m = parallel.mesh(load_config("tiny", args), torch.device("cpu"))
+    groups = {name: m[name].get_group() for name in m.mesh_dim_names}
+    timeout = {name: g._get_backend(torch.device("cpu")).options._timeout for name, g in groups.items()}
+    return {name: (dist.get_process_group_ranks(g), timeout[name].total_seconds()) for name, g in groups.items()}
+
+
+def test_hybrid_sharding_shards_within_consecutive_ranks_and_replicates_across(tmp_path):
+    # 8 ranks, tensor 2, replicate 2: dp rank = rank // 2 (tp innermost); dp ranks 0-1 (ranks 0-3: one
+    # node of 4 GPUs) shard the model, and replicate it with dp ranks 2-3 (ranks 4-7). Every group waits
+    # parallel.timeout_s (torch's own mesh made them with its default: gloo 30 minutes).
+    args = ["--parallel.data", "fsdp2", "--parallel.replicate", "2", "--parallel.tensor", "2",
+            "--parallel.timeout_s", "7"]
+    for rank, got in enumerate(run_ranks(_mesh_groups, 8, tmp_path, args=(args,), timeout=60)):
+        node, tp_rank, shard = rank // 4, rank % 2, rank // 2 % 2
+        assert got == {"dp_replicate": ([tp_rank + 2 * shard, 4 + tp_rank + 2 * shard], 7),
+                       "dp_shard": ([4 * node + tp_rank, 4 * node + tp_rank + 2], 7),
+                       "tp": ([rank - tp_rank, rank - tp_rank + 1], 7)}, (rank, got)
+
+
+def test_hybrid_sharding_refuses_what_it_cannot_run():
+    from fmcore.train.config import ConfigError, load_config
+    from fmcore.train.parallel import check_layout
+
+    with pytest.raises(ConfigError, match=r"parallel.replicate: expected > 0, got 0"):
+        load_config("tiny", ["--parallel.data", "fsdp2", "--parallel.replicate", "0"])
+    for mode in ("none", "ddp", "zero1"):
+        with pytest.raises(ConfigError, match=f"parallel.replicate 2 \\(hybrid sharding\\) needs parallel.data "
+                                              f"'fsdp2', got '{mode}'"):
+            load_config("tiny", ["--parallel.data", mode, "--parallel.replicate", "2"])
+    check_layout("fsdp2", 1, 8, "fp32", 4)  # 4 replicas of 2
+    with pytest.raises(ConfigError, match=r"parallel.replicate \(4\) must divide the data-parallel processes \(6"):
+        check_layout("fsdp2", 1, 6, "fp32", 4)
+    check_layout("fsdp2", 2, 8, "fp32", 2)  # with tensor parallelism: 2 replicas x 2 shards x 2 tensor ranks
+    with pytest.raises(ConfigError, match=r"parallel.replicate \(4\) must divide the data-parallel processes \(2: "
+                                          r"4 processes / parallel.tensor 2\)"):
+        check_layout("fsdp2", 2, 4, "fp32", 4)
 
 
 def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
@@ -517,19 +620,22 @@ def test_async_checkpoints_on_two_ranks_equal_sync_ones(two_rank_run, dataset):
 def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int = 1) -> dict:
     """One training step (trainer.train_step, of accum micro-batches) of fsdp2 under bf16 autocast, built
     as the trainer builds it: what FSDP2 sent (each all-gather's and reduce-scatter's input dtype and
-    size), the dtypes each block saw in its forward (its parameters, and the residual stream entering
-    it), whether every parameter held its gradient shard when the last micro-batch began, and the
-    dtypes of the sharded parameters, their gradients and AdamW's state after the step."""
+    size, and under hybrid sharding each all-reduce over the replicas), the dtypes each block saw in its
+    forward (its parameters, and the residual stream entering it), whether every parameter held its
+    gradient shard when the last micro-batch began, the dtypes of the sharded parameters, their
+    gradients and AdamW's state after the step, and the parameters' placements and sizes."""
     import torch.distributed as dist
 
     from fmcore.train import trainer
     from fmcore.train.config import load_config
-    from fmcore.train.parallel import forget_mesh
+    from fmcore.train.parallel import forget_mesh, mesh
 
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     cfg = load_config("tiny", args)
     model, mcfg = trainer.build_model(cfg, 128, env, "bf16-autocast")
     model = trainer.parallelize(model, cfg, env, "bf16-autocast")
+    dims = mesh(cfg, env.device).mesh_dim_names
+    replicas = mesh(cfg, env.device)["dp_replicate"].get_group() if "dp_replicate" in dims else None
     optimizer = trainer.build_optimizer(model, cfg, trainer.optimizer_impl(cfg, mcfg), "bf16-autocast", env.device)
     sent, seen = [], []
 
@@ -549,6 +655,14 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int
     real = [getattr(dist, name) for name in names]
     for name, kind, collective in zip(names, ("gather", "scatter"), real):
         setattr(dist, name, spy(kind, collective))
+    all_reduce = dist.all_reduce
+
+    def spy_replicas(tensor, *args, **kwargs):  # (the others: the global norm's and the loss's)
+        if replicas is not None and kwargs.get("group") is replicas:
+            sent.append(("replicas", tensor))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = spy_replicas
     sharded_grads, grads = [], {}
     batches = iter(range(accum))
 
@@ -567,6 +681,7 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int
     finally:
         for name, collective in zip(names, real):
             setattr(dist, name, collective)
+        dist.all_reduce = all_reduce
     forget_mesh()
     root = sum(p.to_local().numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
     return {"ops": model.ops, "sent": [(kind, t.dtype, t.numel()) for kind, t in sent], "seen": seen,
@@ -574,17 +689,28 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int
             "sharded_grads": sharded_grads,
             "state": {v.dtype for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()},
             "block_shards": sum(p.to_local().numel() for p in model.blocks.parameters()),
-            "root_shards": root, "n_blocks": len(model.blocks), "mcfg": mcfg}
+            "root_shards": root, "n_blocks": len(model.blocks), "mcfg": mcfg,
+            "numel": sum(p.numel() for p in model.parameters()),  # (a DTensor's: the whole parameter's)
+            "placements": {tuple(p.placements) for p in model.parameters()}}
 
 
 @pytest.mark.parametrize("world, layout, accum", [(2, ["--parallel.data", "fsdp2"], 1),
                                                   (2, ["--parallel.data", "fsdp2", "--optim.impl", "torch"], 1),
                                                   (4, ["--parallel.data", "fsdp2", "--parallel.tensor", "2"], 1),
-                                                  (2, ["--parallel.data", "fsdp2"], 2)],
-                         ids=["fused-adamw", "torch-adamw", "tensor2", "accumulation"])
+                                                  (2, ["--parallel.data", "fsdp2"], 2),
+                                                  (4, ["--parallel.data", "fsdp2", "--parallel.replicate", "2"], 2)],
+                         ids=["fused-adamw", "torch-adamw", "tensor2", "accumulation", "hybrid"])
 def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, layout, accum, tmp_path):
+    from torch.distributed.tensor import Replicate, Shard
+
     from fmcore.train import models
     from fmcore.train.plan import Layout, comm_bytes_per_step
+
+    # every layout here shards each parameter over 2 ranks: fsdp2 on 2, fsdp2 x tensor 2 on 4 (2 x 2),
+    # and hybrid sharding on 4, 2 replicas of 2 (each gradient shard then all-reduced over the replicas)
+    tp = 2 if "--parallel.tensor" in layout else 1
+    replicate = 2 if "--parallel.replicate" in layout else 1
+    planned = Layout("fsdp2", world // tp, tp, replicate)
 
     # FSDP2 without a MixedPrecisionPolicy all-gathered the fp32 parameters (which autocast then cast to
     # bf16 in each matmul), twice per step: 2x the bytes of bf16 all-gathers.
@@ -605,11 +731,21 @@ def test_fsdp2_under_bf16_autocast_gathers_bf16_and_keeps_fp32_shards(world, lay
         # the whole model's gradients (FSDP2 without gradient sync keeps those until the last micro-batch)
         assert [d for kind, d, _ in sent if kind == "scatter"] == [torch.float32] * (L + 1) * accum
         assert got["sharded_grads"] == [False] + [True] * (accum - 1)
-        # plan-memory's bytes per step: over 2 data-parallel ranks a ring all-gather sends its input, a
-        # reduce-scatter half of it
-        ring = sum(n * d.itemsize * (1 if kind == "gather" else 0.5) for kind, d, n in sent)
-        m, dp_tp = got["mcfg"], Layout("fsdp2", 2, world // 2)
-        assert ring == comm_bytes_per_step(models.param_count(m), dp_tp, precision="bf16-autocast", mcfg=m,
+        # hybrid: each rank's fp32 gradient shards all-reduced over the replicas, after every micro-batch
+        replicas = [(d, n) for kind, d, n in sent if kind == "replicas"]
+        if replicate > 1:
+            assert [d for d, _ in replicas] == [torch.float32] * (L + 1) * accum, replicas
+            assert sum(n for _, n in replicas) == (got["block_shards"] + got["root_shards"]) * accum
+            assert got["placements"] == {(Replicate(), Shard(0))}
+        else:
+            assert replicas == []
+        if tp == 1:  # (each rank holds half of every parameter)
+            assert 2 * (got["block_shards"] + got["root_shards"]) == got["numel"]
+        # plan-memory's bytes per step: over 2 ranks a ring all-gather sends its input, a reduce-scatter
+        # half of it, an all-reduce (over 2 replicas) its input
+        ring = sum(n * d.itemsize * (0.5 if kind == "scatter" else 1) for kind, d, n in sent)
+        m = got["mcfg"]
+        assert ring == comm_bytes_per_step(models.param_count(m), planned, precision="bf16-autocast", mcfg=m,
                                            accum=accum)["data"]
         # the blocks computed with bf16 parameters on the fp32 residual stream (FSDP2's default casts
         # the block's floating-point inputs too)

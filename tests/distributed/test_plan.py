@@ -114,6 +114,39 @@ def test_comm_volumes_in_the_docs():
         assert (got["fsdp2"]["data"] / 1e9, got["ddp"]["data"] / 1e9) == pytest.approx((fsdp2, ddp), abs=0.005)
 
 
+def test_hybrid_sharding_divides_by_the_shard_group_and_all_reduces_across_replicas(capsys):
+    # parallel.replicate r: fsdp2 over k = dp / r ranks (one node), each rank's gradient shard (P / k)
+    # all-reduced over the r replicas. Llama 1.1B, 4 nodes x 8 GPUs: the state of fsdp2 over 8, the
+    # shard group's gathers and reduce-scatters over 8, plus 2(r-1)/r * P/k * 4 bytes across nodes.
+    m = mcfg("llama-1b")
+    P = models.param_count(m)
+    root = models.param_count(dataclasses.replace(m, n_layers=0))
+    kw = dict(precision="bf16-autocast", batch_size=1, seq_len=16, checkpointing=False)
+    hybrid, over8, over32 = (plan(m, layout, **kw) for layout in (Layout("fsdp2", 32, 1, 4), Layout("fsdp2", 8, 1),
+                                                                     Layout("fsdp2", 32, 1)))
+    assert hybrid["params"] == hybrid["grads"] == 4 * P / 8 and hybrid["optimizer"] == 8 * P / 8
+    assert hybrid == over8 and hybrid["params"] == 4 * over32["params"]
+    for precision, gathered in (("fp32", 4), ("bf16-autocast", 2), ("bf16", 2)):
+        w = 2 if precision == "bf16" else 4
+        got = comm_bytes_per_step(P, Layout("fsdp2", 32, 1, 4), precision=precision, mcfg=m, accum=3)
+        shard_group = 7 / 8 * (2 * (P - root) * gathered + root * w + P * w)
+        assert got["replicas"] == pytest.approx(3 * 2 * 3 / 4 * P / 8 * w, rel=1e-12), precision
+        assert got["data"] == pytest.approx(3 * shard_group + got["replicas"], rel=1e-12), precision
+    # docs/parallelism.md: 0.83 GB of Llama 1.1B's 8.53 GB under bf16 autocast cross the nodes (fsdp2 over
+    # the 32 GPUs sends 8.53 GB too, in rings whose every hop waits for the inter-node ones)
+    got = comm_bytes_per_step(P, Layout("fsdp2", 32, 1, 4), precision="bf16-autocast", mcfg=m)
+    flat = comm_bytes_per_step(P, Layout("fsdp2", 32, 1), precision="bf16-autocast", mcfg=m)
+    assert [got["data"] / 1e9, got["replicas"] / 1e9, flat["data"] / 1e9] == pytest.approx([8.53, 0.83, 8.53],
+                                                                                        abs=0.005)
+    # the CLI (the preset's 1M tokens a step on 32 GPUs: 2 micro-batches)
+    assert main(["llama-1b", "--gpus", "32", "--parallel.data", "fsdp2", "--parallel.replicate", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel.data=fsdp2 x32 (4 replicas sharded over 8), parallel.tensor=1" in out
+    assert "17.05 GB data-parallel (1.65 GB of it across the replicas), 0.00 GB tensor-parallel" in out
+    assert main(["llama-1b", "--gpus", "12", "--parallel.data", "fsdp2", "--parallel.replicate", "8"]) == 2
+    assert "parallel.replicate (8) must divide the data-parallel processes (12" in capsys.readouterr().out
+
+
 def test_cli_prints_the_plan_and_the_measured_peak(tmp_path, capsys):
     assert main(["gpt2-124m", "--gpus", "8", "--parallel.data", "zero1"]) == 0
     out = capsys.readouterr().out
@@ -238,9 +271,9 @@ def test_tensor_parallel_replicas_without_data_parallelism_are_refused():
     from fmcore.train.config import ConfigError
     from fmcore.train.parallel import check_layout
 
-    check_layout("none", 2, 2, "fp32")  # one replica
+    check_layout("none", 2, 2, "fp32", 1)  # one replica
     with pytest.raises(ConfigError, match=r"parallel.tensor 2: 2 data-parallel replicas\) but parallel.data is 'none'"):
-        check_layout("none", 2, 4, "fp32")
+        check_layout("none", 2, 4, "fp32", 1)
 
 
 def test_cli_plans_the_embedded_corpus_vocabulary(capsys):
@@ -274,7 +307,8 @@ def test_torch_ops_plan_the_logits_and_their_gradient():
     fmcore, torch_ops = (plan(dataclasses.replace(m, ops=ops), Layout("none", 1, 1), precision="bf16-autocast",
                               batch_size=8, seq_len=1024, checkpointing=False) for ops in ("fmcore", "torch"))
     assert torch_ops["activations"] - fmcore["activations"] == 2 * 8 * 1024 * m.vocab_size * 4
-    assert comm_bytes_per_step(1000, Layout("none", 1, 1)) == {"data": 0.0, "tensor": 0.0, "total": 0.0}
+    assert comm_bytes_per_step(1000, Layout("none", 1, 1)) == {"data": 0.0, "replicas": 0.0, "tensor": 0.0,
+                                                               "total": 0.0}
 
 
 def test_out_of_memory_advice_plans_each_way_out():
@@ -304,3 +338,13 @@ def test_out_of_memory_advice_plans_each_way_out():
     advice = out_of_memory_advice(m, cfg, 8, "bf16-autocast")
     assert "\n" not in advice and advice.endswith("what lowers it now is a shorter train.seq_len, or more GPUs (fsdp2 "
                                                   "divides the model's state by them) or --parallel.tensor N")
+    # hybrid sharding: the plan of its shard groups, and of fsdp2 over every GPU
+    cfg = load_config("llama-1b", ["--parallel.data", "fsdp2", "--parallel.replicate", "2",
+                                   "--train.activation_checkpointing", "full", "--train.batch_size", "1"])
+    hybrid, flat = (plan(m, Layout("fsdp2", 8, 1, r), precision="bf16-autocast", batch_size=1, seq_len=2048,
+                         checkpointing="full")["total"] / 2**30 for r in (2, 1))
+    first, *ways = out_of_memory_advice(m, cfg, 8, "bf16-autocast").splitlines()
+    assert first.startswith(f"plan-memory puts this run at {hybrid:.1f} GiB per GPU") and first.endswith("to lower it:")
+    assert ways == [f"  --parallel.replicate 1 ({flat:.1f} GiB: fsdp2 over all 8 data-parallel GPUs, its all-gathers "
+                    "across the nodes)"]
+    assert hybrid > flat

@@ -287,6 +287,11 @@ class ParallelConfig:
     """Data parallelism across processes: "none", "ddp", "fsdp2" or "zero1" (fmcore's own)."""
     tensor: int = 1
     """Tensor-parallel degree."""
+    replicate: int = 1
+    """Hybrid sharded data parallelism (HSDP), with data "fsdp2": the data-parallel processes (world
+    size / tensor) form this many replicas, each sharding the model over its dp / replicate
+    consecutive processes (one node: the all-gathers and reduce-scatters stay on its NVLink), the
+    gradient shards all-reduced across the replicas. 1: plain fsdp2 over all of them."""
     timeout_s: float = 600.0
     """How long a collective waits for the other ranks before it fails the run (the process group's
     and zero1's NCCL communicator's timeout): a rank that hangs (a stuck device or file system) ends
@@ -545,7 +550,8 @@ def validate(cfg: Config) -> None:
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
                 "train.seq_len": t.seq_len, "train.eval_batches": t.eval_batches, "train.max_skipped": t.max_skipped,
-                "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor}
+                "log.every": cfg.log.every, "parallel.tensor": cfg.parallel.tensor,
+                "parallel.replicate": cfg.parallel.replicate}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected > 0, got {value}")
@@ -572,6 +578,10 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, key) < 1:
             raise ConfigError(f"optim.{key}: expected a value in [0, 1), got {getattr(cfg.optim, key)}")
+    if cfg.parallel.replicate > 1 and cfg.parallel.data != "fsdp2":
+        # (the replicas of ddp and zero1 are every rank already; their state is not sharded)
+        raise ConfigError(f"parallel.replicate {cfg.parallel.replicate} (hybrid sharding) needs parallel.data "
+                          f"'fsdp2', got {cfg.parallel.data!r}")
     if not 0 < cfg.parallel.timeout_s < math.inf:
         raise ConfigError(f"parallel.timeout_s: expected a finite value > 0, got {cfg.parallel.timeout_s}")
     if not 0 < m.rope_base < math.inf:

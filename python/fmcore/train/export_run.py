@@ -90,7 +90,8 @@ def load_weights(ckpt: Path, cfg: Config, mcfg: ModelConfig) -> tuple[torch.nn.M
                for key, meta in saved.items() if key.startswith("model."))
     precision = "bf16" if bf16 else "fp32"
     cpu = torch.device("cpu")
-    one = dataclasses.replace(cfg, model=mcfg, parallel=dataclasses.replace(cfg.parallel, data="none", tensor=1))
+    single = dataclasses.replace(cfg.parallel, data="none", tensor=1, replicate=1)
+    one = dataclasses.replace(cfg, model=mcfg, parallel=single)
     model, _ = trainer.build_model(one, mcfg.vocab_size, trainer.Env(0, 1, 0, cpu), precision, fresh=False)
     optimizer = trainer.build_optimizer(model, one, "fmcore" if bf16 else "torch", precision, cpu)
     checkpoint.load(ckpt, model, optimizer)

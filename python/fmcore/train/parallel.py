@@ -1,21 +1,29 @@
-"""Parallelism for the trainer: one DeviceMesh ("dp", "tp"), and one apply_* function per kind.
+"""Parallelism for the trainer: one DeviceMesh ("dp", "tp"), or ("dp_replicate", "dp_shard", "tp")
+under hybrid sharding, and one apply_* function per kind.
 
-    parallel.data   = "none" | "ddp" | "fsdp2" | "zero1"   data parallelism over the "dp" mesh dim
-    parallel.tensor = N                                     tensor parallelism over the "tp" mesh dim
+    parallel.data      = "none" | "ddp" | "fsdp2" | "zero1"   data parallelism over the "dp" mesh dim
+    parallel.tensor    = N                                     tensor parallelism over the "tp" mesh dim
+    parallel.replicate = R   fsdp2's "dp" dim split into ("dp_replicate", "dp_shard"): HSDP
 
 Ranks are laid out tp-innermost (rank = dp_rank * tp + tp_rank), so a tensor-parallel group is N
 consecutive ranks: on one node with NVLink when N <= the GPUs per node. A tensor-parallel group reads
-the same batches (the loader is sharded by dp rank).
+the same batches (the loader is sharded by dp rank). Under HSDP, dp_rank = replica * K + shard_rank
+with K = dp / R: a shard group is K consecutive dp ranks (one node), a replicate group is strided.
 
 - ddp: torch DistributedDataParallel (bucketed all-reduce overlapping the backward).
 - fsdp2: torch fully_shard on every block, then on the whole model (params, grads and optimizer
   state sharded over dp, in fp32; parameters all-gathered per block in forward and backward: in bf16
-  under bf16 autocast, the gradients reduce-scattered in fp32; see fsdp2_block_policy).
+  under bf16 autocast, the gradients reduce-scattered in fp32; see fsdp2_block_policy). With
+  parallel.replicate R > 1 (hybrid sharded data parallelism), fully_shard on the 2-D
+  ("dp_replicate", "dp_shard") mesh: sharded over the K = dp / R ranks of a shard group (the
+  all-gathers and reduce-scatters stay there), each gradient shard then all-reduced over the R
+  replicas (placements (Replicate(), Shard(0))).
 - zero1: the model stays as it is; fmcore.dist.ZeroAdamW shards the optimizer over dp and averages
   the gradients (bucketed reduce-scatters started in the backward, shard update, all-gather).
-- tensor: DTensor tensor parallelism (alone or with fsdp2: a 2-D mesh) (parallelize_module) of each block's attention and MLP,
-  Megatron-style: q/k/v and the MLP's first projection column-parallel (each rank keeps n_heads/N
-  heads and ffn/N hidden units), the output projections row-parallel (an all-reduce in the forward).
+- tensor: DTensor tensor parallelism (parallelize_module; alone or with fsdp2: a 2-D mesh, 3-D with
+  HSDP) of each block's attention and MLP, Megatron-style: q/k/v and the MLP's first projection
+  column-parallel (each rank keeps n_heads/N heads and ffn/N hidden units), the output projections
+  row-parallel (an all-reduce in the forward).
   The fused projections (GPT-2's qkv, Llama's wqkv and w_gate_up) are first split into one Linear per
   part, so each rank gets whole heads of q, k and v rather than a slice of the fused rows.
   Embeddings, norms and the head stay replicated; q/k/v biases (Qwen2) shard with their columns, and
@@ -61,13 +69,16 @@ def data_parallel_coords(rank: int, world: int, tensor: int) -> tuple[int, int]:
     return rank // tensor, world // tensor
 
 
-def check_layout(data: str, tensor: int, world: int, precision: str) -> None:
+def check_layout(data: str, tensor: int, world: int, precision: str, replicate: int) -> None:
     """The layouts `fmcore train` refuses, as ConfigErrors naming the fix: the trainer checks them at
     its start, and `fmcore plan-memory` before it plans one (a plan of a layout that cannot run would
     only mislead)."""
     from fmcore.train.config import ConfigError
 
     dp = data_parallel_coords(0, world, tensor)[1]
+    if replicate < 1 or dp % replicate:
+        raise ConfigError(f"parallel.replicate ({replicate}) must divide the data-parallel processes ({dp}: "
+                          f"{world} processes / parallel.tensor {tensor})")
     if data == "none" and dp > 1:
         # (with tensor parallelism too: replicas whose gradients nothing averages drift apart silently)
         raise ConfigError(f"launched with {world} processes (parallel.tensor {tensor}: {dp} data-parallel replicas) "
@@ -84,14 +95,28 @@ def check_layout(data: str, tensor: int, world: int, precision: str) -> None:
         raise ConfigError("parallel.data 'zero1' does not support train.precision 'fp16' (use bf16-autocast)")
 
 
+def mesh_shape(world: int, tensor: int, replicate: int) -> dict[str, int]:
+    """The mesh's dims and sizes, outermost first: ("dp", "tp"), or under hybrid sharding (replicate
+    > 1) ("dp_replicate", "dp_shard", "tp"), the dp rank replica * K + shard rank."""
+    dp = data_parallel_coords(0, world, tensor)[1]
+    if replicate == 1:
+        return {"dp": dp, "tp": tensor}
+    return {"dp_replicate": replicate, "dp_shard": dp // replicate, "tp": tensor}
+
+
+def data_parallel_mesh(m):
+    """The mesh (a slice of m) that fsdp2 shards over: "dp", or ("dp_replicate", "dp_shard") (HSDP)."""
+    return m["dp"] if "dp" in m.mesh_dim_names else m["dp_replicate", "dp_shard"]
+
+
 def mesh(cfg, device: torch.device):
-    """The ("dp", "tp") DeviceMesh over all ranks (created once)."""
+    """The DeviceMesh over all ranks (created once): ("dp", "tp"), or ("dp_replicate", "dp_shard",
+    "tp") with parallel.replicate > 1 (see mesh_shape)."""
     global _MESH, _MESH_KEY
     world = dist.get_world_size()
-    tp = cfg.parallel.tensor
-    data_parallel_coords(dist.get_rank(), world, tp)  # validates
+    shape = mesh_shape(world, cfg.parallel.tensor, cfg.parallel.replicate)  # (validates parallel.tensor)
     # (the timeout too: runs of a sweep in a caller's process group share the mesh, not their timeouts)
-    key = ((world // tp, tp), device.type, cfg.parallel.timeout_s)
+    key = (tuple(shape.items()), device.type, cfg.parallel.timeout_s)
     if _MESH is None or _MESH_KEY != key:
         # A collective of the default group first: making a group is a rendezvous through the store, which
         # does not notice a rank that died before it (a data error or an out-of-memory building its model
@@ -101,15 +126,17 @@ def mesh(cfg, device: torch.device):
         # naming the GPU: else torch warns on every rank that it guesses one.)
         dist.barrier(device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
         # The mesh's groups made here, with parallel.timeout_s: init_device_mesh makes every dim that
-        # does not span the world (both of a 2-D mesh) with torch's default timeout (gloo 30 min, NCCL
-        # 10 min), so a hung rank held the tensor- and data-parallel collectives that long.
+        # does not span the world (all of a 2-D or 3-D mesh) with torch's default timeout (gloo 30 min,
+        # NCCL 10 min), so a hung rank held the tensor- and data-parallel collectives that long.
         from torch.distributed.device_mesh import DeviceMesh
 
         timeout = timedelta(seconds=cfg.parallel.timeout_s)
-        ranks = torch.arange(world).view(world // tp, tp)
-        groups = [dist.new_subgroups_by_enumeration(ranks.T.tolist(), timeout=timeout)[0],  # "dp": a column
-                  dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=timeout)[0]]  # "tp": a row
-        _MESH = DeviceMesh.from_group(groups, device.type, mesh=ranks, mesh_dim_names=("dp", "tp"))
+        ranks = torch.arange(world).view(*shape.values())
+        # one dim's groups: the ranks that differ only in that dim's coordinate (for ("dp", "tp"): a
+        # column of the rank grid, and a row)
+        groups = [dist.new_subgroups_by_enumeration(ranks.movedim(dim, -1).reshape(-1, size).tolist(),
+                                                    timeout=timeout)[0] for dim, size in enumerate(shape.values())]
+        _MESH = DeviceMesh.from_group(groups, device.type, mesh=ranks, mesh_dim_names=tuple(shape))
         _MESH_KEY = key
     return _MESH
 
@@ -126,7 +153,7 @@ def apply_parallelism(model: nn.Module, cfg, precision: str) -> nn.Module:
     train.precision (fp32, bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
     data, tp = cfg.parallel.data, cfg.parallel.tensor
     device = next(model.parameters()).device
-    check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, precision)
+    check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, precision, cfg.parallel.replicate)
     ensure_process_group(device)
     m = mesh(cfg, device)
     if tp > 1:
@@ -134,7 +161,7 @@ def apply_parallelism(model: nn.Module, cfg, precision: str) -> nn.Module:
     if data == "ddp":
         return apply_ddp(model, m, device)
     if data == "fsdp2":
-        return apply_fsdp2(model, m["dp"], precision)
+        return apply_fsdp2(model, data_parallel_mesh(m), precision)
     return model
 
 
@@ -178,6 +205,7 @@ def fsdp2_block_policy(precision: str, device: torch.device, ops: str):
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
+    """fully_shard on each block and the model over dp_mesh: 1-D (FSDP), or 2-D (replicate, shard): HSDP."""
     from torch.distributed.fsdp import fully_shard
 
     # torch warns when a sharded module returns a view (GPT-2's blocks do: F.linear with a bias on a
@@ -353,7 +381,8 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, optimizer=None)
 
     Handles what torch's cannot mix: plain gradients (replicated over the ranks), DTensor gradients
     (tensor-parallel or FSDP2 shards: their local squares are summed over the mesh dims they are
-    sharded on, one all-reduce per group of gradients sharing those dims) and ZeroAdamW's shards."""
+    sharded on, one all-reduce per group of gradients sharing those dims; not over HSDP's replicas,
+    which hold the same shards) and ZeroAdamW's shards."""
     from torch.distributed.tensor import DTensor
 
     from fmcore.dist import ZeroAdamW

@@ -4,10 +4,12 @@ running it, and against the measured peak of a run; and the bytes each GPU sends
 
     fmcore plan-memory gpt2-124m --gpus 8 --parallel.data zero1
     fmcore plan-memory llama-1b --gpus 64 --parallel.data fsdp2 --parallel.tensor 2
+    fmcore plan-memory llama-1b --gpus 32 --parallel.data fsdp2 --parallel.replicate 4   # HSDP: 4 x 8
     fmcore plan-memory --run runs/tiny              # the run as it ran, against its logged peak
     fmcore plan-memory tiny --run runs/tiny         # a config, against a run's logged peak
 
-Model (bytes per parameter, per GPU; d = data-parallel degree, t = tensor-parallel degree; P_t =
+Model (bytes per parameter, per GPU; d = data-parallel degree, t = tensor-parallel degree, r = fsdp2's
+replicas (parallel.replicate), k = d / r its shard degree; P_t =
 the parameters on one tensor-parallel rank: the sharded projections' P_s / t plus the P - P_s that
 tensor parallelism replicates, embeddings, head, norms and the row-parallel biases):
   params      P_t * w           w = 4 (fp32 weights: fp32, bf16-autocast, fp16) or 2 (bf16 weights)
@@ -18,8 +20,8 @@ tensor parallelism replicates, embeddings, head, norms and the row-parallel bias
               (2 * P_t / d * w), and FSDP2's all-gather buffers (two layers of full params, in bf16
               under bf16 autocast, and the root module's embeddings, head and final norm in the
               weights' dtype, gathered for the whole forward and backward)
-  fsdp2 divides params, grads and optimizer by d; zero1 divides the optimizer (moments and its fp32
-  master, which zero1 always keeps) by d.
+  fsdp2 divides params, grads and optimizer by k (d without hybrid sharding); zero1 divides the
+  optimizer (moments and its fp32 master, which zero1 always keeps) by d.
   activations stored for the backward, per token of a micro-batch and per layer (16-bit under
   autocast, else 4 bytes per element; the residual stream in the weights' dtype, w bytes):
   train.activation_checkpointing "none": the two norms' inputs (w*dim each) and outputs, and GPT-2
@@ -62,6 +64,12 @@ class Layout:
     data: str  # none | ddp | fsdp2 | zero1
     dp: int  # data-parallel degree
     tp: int  # tensor-parallel degree
+    replicate: int = 1  # fsdp2's replicas (parallel.replicate): each shards over dp / replicate ranks
+
+    @property
+    def shard(self) -> int:
+        """How many ranks split each parameter (fsdp2's shard group: dp / replicate)."""
+        return self.dp // self.replicate
 
 
 def _weight_bytes(precision: str) -> int:
@@ -161,7 +169,7 @@ def plan(mcfg, layout: Layout, *, precision: str, batch_size: int, seq_len: int,
         "optimizer": Pt * (8 + master),
     }
     if layout.data == "fsdp2":
-        out = {k: v / dp for k, v in out.items()}
+        out = {k: v / layout.shard for k, v in out.items()}
         # fully_shard(model) puts what is outside the blocks (embeddings, head, final norm) in the root
         # module's group: gathered at the forward's start, it stays gathered until the backward ends.
         root = models.param_count(dataclasses.replace(mcfg, n_layers=0))
@@ -195,13 +203,17 @@ def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", toke
     Gradients and parameters travel in the weights' dtype (fp32, or bf16 for bf16 weights), but for
     fsdp2's blocks under bf16 autocast, all-gathered in bf16 (fsdp2_block_policy in parallel.py).
     ddp: all-reduce of the gradients. zero1: reduce-scatter of the gradients + all-gather of the
-    updated parameters (the same bytes as ddp). fsdp2: all-gather of each block's parameters in the
+    updated parameters (the same bytes as ddp). fsdp2 (over k = dp / replicate ranks, the shard group;
+    all of dp without hybrid sharding): all-gather of each block's parameters in the
     forward and again in the backward, the root module's (embeddings, head, final norm) once (FSDP2
     keeps them gathered until the backward ends), and reduce-scatter of the gradients: 1.3-1.5x ddp
     in one dtype, ddp's bytes under bf16 autocast, per micro-batch: with accum micro-batches a step
     (gradient accumulation) fsdp2 sends accum times that, ddp and zero1 the same bytes (they reduce
     once, after the last micro-batch; fsdp2 reduce-scatters each one's gradients into its shards, so
-    that no rank ever holds the whole model's). With mcfg the parameters of one tensor-parallel
+    that no rank ever holds the whole model's). Under hybrid sharding (replicate r > 1) each rank's
+    gradient shard (P / k) is then all-reduced over the r replicas, per micro-batch too:
+    2(r-1)/r * P/k * w, in "data" and apart as "replicas" (with a shard group per node, the only
+    data-parallel bytes that cross nodes). With mcfg the parameters of one tensor-parallel
     rank and the root's are counted as plan() counts them; without it every parameter is a block's,
     divided by t. tensor parallel (t > 1): per layer two all-reduces of the (tokens, dim) activations
     in the forward and two in the backward (Megatron's f/g), on the tokens of this data-parallel rank."""
@@ -214,13 +226,18 @@ def comm_bytes_per_step(P: int, layout: Layout, *, precision: str = "fp32", toke
     else:  # (without the model: every parameter in a block, divided by t)
         Pt, root = P / t, 0
     w = _weight_bytes(precision)
-    ring = (d - 1) / d if d > 1 else 0.0
-    out = {"data": 0.0, "tensor": 0.0}
+
+    def ring(k: int) -> float:  # what a reduce-scatter or all-gather over k ranks sends, per byte
+        return (k - 1) / k
+
+    out = {"data": 0.0, "replicas": 0.0, "tensor": 0.0}
     if layout.data in ("ddp", "zero1"):
-        out["data"] = 2 * ring * Pt * w
+        out["data"] = 2 * ring(d) * Pt * w
     elif layout.data == "fsdp2":
+        k, r = layout.shard, layout.replicate
         gathered = 2 * (Pt - root) * _gathered_block_bytes(precision) + root * w
-        out["data"] = accum * (ring * gathered + ring * Pt * w)
+        out["replicas"] = accum * 2 * ring(r) * Pt / k * w  # all-reduce of this rank's gradient shard
+        out["data"] = accum * (ring(k) * gathered + ring(k) * Pt * w) + out["replicas"]
     if t > 1 and mcfg is not None:
         out["tensor"] = 4 * mcfg.n_layers * 2 * (t - 1) / t * tokens_per_dp_rank * mcfg.dim * act_bytes
     out["total"] = out["data"] + out["tensor"]
@@ -239,9 +256,11 @@ def out_of_memory_advice(mcfg, cfg, world: int, precision: str) -> str:
     def size(n: float) -> str:
         return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
-    def total(batch_size=t.batch_size, checkpointing=mode, data=cfg.parallel.data, part="total") -> str:
-        return size(plan(mcfg, Layout(data, world // tp, tp), precision=precision, batch_size=batch_size,
-                         seq_len=t.seq_len, checkpointing=checkpointing)[part])
+    def total(batch_size=t.batch_size, checkpointing=mode, data=cfg.parallel.data, replicate=cfg.parallel.replicate,
+              part="total") -> str:
+        layout = Layout(data, world // tp, tp, replicate if data == "fsdp2" else 1)
+        return size(plan(mcfg, layout, precision=precision, batch_size=batch_size, seq_len=t.seq_len,
+                         checkpointing=checkpointing)[part])
 
     lines = [f"plan-memory puts this run at {total()} per GPU (activations {total(part='activations')}, "
              f"micro-batches of {t.batch_size} x {t.seq_len}, activation checkpointing {mode}); to lower it:"]
@@ -257,6 +276,9 @@ def out_of_memory_advice(mcfg, cfg, world: int, precision: str) -> str:
         lines.append(f"  --parallel.data zero1 ({total(data='zero1')}) or fsdp2 ({total(data='fsdp2')})")
     elif world // tp > 1 and cfg.parallel.data == "zero1":
         lines.append(f"  --parallel.data fsdp2 ({total(data='fsdp2')})")
+    elif cfg.parallel.replicate > 1:
+        lines.append(f"  --parallel.replicate 1 ({total(replicate=1)}: fsdp2 over all {world // tp} data-parallel "
+                     "GPUs, its all-gathers across the nodes)")
     if len(lines) == 1:
         lines[0] = lines[0].replace("to lower it:", "what lowers it now is a shorter train.seq_len, or more GPUs "
                                     "(fsdp2 divides the model's state by them) or --parallel.tensor N")
@@ -366,13 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     gpus = args.gpus or (ran["world_size"] if ran is not None else 1)
     tp = cfg.parallel.tensor
     try:  # what `fmcore train` refuses (tp not dividing gpus among it): a plan of it would only mislead
-        check_layout(cfg.parallel.data, tp, gpus, precision)
+        check_layout(cfg.parallel.data, tp, gpus, precision, cfg.parallel.replicate)
         check_tensor_divides(tp, mcfg.arch, mcfg.n_heads, mcfg.n_kv_heads, mcfg.ffn_dim)
         resolve_precision(cfg, torch.device(device), optimizer_impl(cfg, mcfg))  # bf16 needs FusedAdamW
     except ConfigError as e:
         print(f"fmcore plan-memory: `fmcore train` refuses this config: {e}")
         return 2
-    layout = Layout(cfg.parallel.data, gpus // tp, tp)
+    layout = Layout(cfg.parallel.data, gpus // tp, tp, cfg.parallel.replicate)
     try:  # (a train.tokens_per_step this many processes cannot make: refused as the trainer does)
         accum, _ = grad_accumulation(cfg, Env(0, gpus, 0, torch.device(device)))
     except ConfigError as e:
@@ -381,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = plan(mcfg, layout, precision=precision, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
                  checkpointing=cfg.train.activation_checkpointing)
     measured = measured_peak_mib(args.run) if args.run is not None else None
+    hybrid = f" ({layout.replicate} replicas sharded over {layout.shard})" if layout.replicate > 1 else ""
     print(f"{cfg.name}: {mcfg.arch} {models.param_count(mcfg) / 1e6:.1f}M params, precision {precision}, "
           f"micro-batch {cfg.train.batch_size}x{cfg.train.seq_len}, parallel.data={layout.data} "
-          f"x{layout.dp}, parallel.tensor={tp}, ops={mcfg.ops}; per GPU:")
+          f"x{layout.dp}{hybrid}, parallel.tensor={tp}, ops={mcfg.ops}; per GPU:")
     print(format_plan(parts, measured, measured_on_cpu=run_info is not None and run_info["device"] == "cpu"))
     comm = comm_bytes_per_step(models.param_count(mcfg), layout, precision=precision, mcfg=mcfg, accum=accum,
                                tokens_per_dp_rank=accum * cfg.train.batch_size * cfg.train.seq_len,
                                act_bytes=_act_bytes(precision))
+    across = f" ({comm['replicas'] / 1e9:.2f} GB of it across the replicas)" if layout.replicate > 1 else ""
     print(f"sent per GPU per optimizer step ({accum} micro-batch{'es' if accum > 1 else ''}; ring collectives): "
-          f"{comm['data'] / 1e9:.2f} GB data-parallel, {comm['tensor'] / 1e9:.2f} GB tensor-parallel")
+          f"{comm['data'] / 1e9:.2f} GB data-parallel{across}, {comm['tensor'] / 1e9:.2f} GB tensor-parallel")
     return 0

@@ -121,7 +121,7 @@ def setup_distributed(cfg: Config) -> Env:
     if world > 1:
         from fmcore.train.parallel import check_layout
 
-        check_layout(cfg.parallel.data, cfg.parallel.tensor, world, cfg.train.precision)
+        check_layout(cfg.parallel.data, cfg.parallel.tensor, world, cfg.train.precision, cfg.parallel.replicate)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(seconds=cfg.parallel.timeout_s))
