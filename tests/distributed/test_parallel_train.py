@@ -391,7 +391,7 @@ def test_ddp_and_zero1_refuse_tensor_parallelism(dataset, tmp_path):
     for mode in ("ddp", "zero1"):
         cfg = load_config("tiny", ["--parallel.data", mode, "--parallel.tensor", "2"])
         with pytest.raises(ConfigError, match=f"'{mode}' with parallel.tensor > 1 is not supported"):
-            apply_parallelism(torch.nn.Linear(2, 2), cfg, "fp32")
+            apply_parallelism(torch.nn.Linear(2, 2), cfg, "fp32", torch.device("cpu"), lambda model: None)
 
 
 @pytest.mark.parametrize("mode", ["zero1", "fsdp2"])
@@ -633,7 +633,6 @@ def _fsdp2_bf16_autocast_step(rank: int, world: int, args: list[str], accum: int
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     cfg = load_config("tiny", args)
     model, mcfg = trainer.build_model(cfg, 128, env, "bf16-autocast")
-    model = trainer.parallelize(model, cfg, env, "bf16-autocast")
     dims = mesh(cfg, env.device).mesh_dim_names
     replicas = mesh(cfg, env.device)["dp_replicate"].get_group() if "dp_replicate" in dims else None
     optimizer = trainer.build_optimizer(model, cfg, trainer.optimizer_impl(cfg, mcfg), "bf16-autocast", env.device)

@@ -45,7 +45,6 @@ def _plan_and_peak(rank: int, world: int, arch: str, ops: str, precision: str, c
                                "--parallel.tensor", str(tensor), "--train.device", "cpu"])
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     model, mcfg = trainer.build_model(cfg, 512, env, precision)
-    model = trainer.parallelize(model, cfg, env, precision)
     impl = trainer.optimizer_impl(cfg, mcfg)
     optimizer = trainer.build_optimizer(model, cfg, impl, precision, env.device)
     opts = trainer.StepOptions(impl, precision, env.device, 1.0, world, global_norm=data in ("fsdp2", "zero1") or tensor > 1)

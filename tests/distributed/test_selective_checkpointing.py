@@ -43,7 +43,6 @@ def _step_body(rank: int, world: int, arch: str) -> dict:
                                        "--train.precision", "fp32", "--train.device", "cpu", "--optim.grad_clip", "0",
                                        "--train.activation_checkpointing", mode, *args])
             model, mcfg = trainer.build_model(cfg, 128, env, "fp32")
-            model = trainer.parallelize(model, cfg, env, "fp32")
             impl = trainer.optimizer_impl(cfg, mcfg)
             optimizer = trainer.build_optimizer(model, cfg, impl, "fp32", env.device)
             # each data-parallel rank its own batch; a tensor-parallel pair the same one

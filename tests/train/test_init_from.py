@@ -379,7 +379,7 @@ def test_train_starts_from_the_checkpoints_loss_and_learns(dataset, tmp_path, mo
     saved = load_config(str(run / "config.toml"))  # the run's config shows where it started and the shape
     assert saved.model.init_from == str(ckpt) and saved.model.dim == 96 and saved.model.arch == "llama"
     # A resume loads its checkpoint, not init_from's weights.
-    monkeypatch.setattr(init_from, "load_weights", lambda *a: pytest.fail("a resume loaded model.init_from"))
+    monkeypatch.setattr(init_from, "weights", lambda *a: pytest.fail("a resume read model.init_from"))
     assert trainer.main([str(run / "config.toml"), "--train.steps", "32", "--resume", "auto"]) == 0
     assert sorted(losses(run)) == list(range(1, 33))
     # The Hugging Face directory moved away: its config.json gone, the run resumes on the shape it recorded.

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fmcore.train import models
 from fmcore.train.config import Config, ConfigError, ModelConfig
 from fmcore.train.hf_map import CONFIG_KEYS, tensor_map
 
@@ -270,19 +272,23 @@ def _names(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-@torch.no_grad()
 def load_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
-    """Copy DIR's weights into model (built from the resolved cfg, not yet parallelised), each cast to
-    its parameter's dtype. Every tensor's shape is checked first; missing and unexpected tensors are a
-    ConfigError naming them."""
+    """Copy DIR's weights into model (built from the resolved cfg), each cast to its parameter's dtype."""
+    models.fill(model, weights(model, cfg, path))
+
+
+def weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of DIR's weights for model's parameters (models.fill and materialize take
+    them), read one at a time. Checked now, before any is read: every tensor's shape; missing and
+    unexpected tensors are a ConfigError naming them."""
     from safetensors import safe_open
 
     path = Path(path)
     files = _base_model_names(_tensor_files(path), cfg)
-    state = model.state_dict()
-    rows = [row for row in tensor_map(cfg) if row.ours in state]  # (GPT-2 biases of a model without: none here)
-    if {row.ours for row in rows} != set(state):
-        raise RuntimeError(f"hf_map has no row for {sorted(set(state) - {r.ours for r in rows})}: it is out of date")
+    ours = {name for name, _ in model.named_parameters()}
+    rows = [row for row in tensor_map(cfg) if row.ours in ours]  # (GPT-2 biases of a model without: none here)
+    if {row.ours for row in rows} != ours:
+        raise RuntimeError(f"hf_map has no row for {sorted(ours - {r.ours for r in rows})}: it is out of date")
     wanted = {name: shape for row in rows for name, shape in row.theirs}
     missing = [name for name in wanted if name not in files]
     zeros = [name for name in files if _zero_only(name, cfg)]
@@ -292,7 +298,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
         raise ConfigError(f"model.init_from: {path} does not hold the model its config.json describes: "
                           + "; ".join(f"{what} tensors {_names(names)}" for what, names
                                       in (("missing", missing), ("unexpected", unexpected)) if names))
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # (the files close here on a refusal)
         handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
                    for file in sorted(set(files[name][0] for name in [*wanted, *zeros]))}
 
@@ -309,9 +315,14 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
             if read(name).any():
                 raise ConfigError(f"model.init_from: {files[name][0]}: tensor {files[name][1]} is not zero: fmcore's "
                                   "llama has biases on q, k and v only (attention_bias = true puts one on o_proj)")
-        for row in rows:
-            tensor = row.from_hf([read(name) for name, _ in row.theirs])
-            state[row.ours].copy_(tensor.to(state[row.ours].dtype))
+        opened = stack.pop_all()  # (else open until the weights have been read)
+
+    def each_row() -> Iterator[tuple[str, torch.Tensor]]:
+        with opened:
+            for row in rows:
+                yield row.ours, row.from_hf([read(name) for name, _ in row.theirs])
+
+    return each_row()
 
 
 def tokenizer_mismatch(path: Path, dataset_tokenizer: Path | None) -> str | None:

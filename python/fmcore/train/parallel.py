@@ -32,7 +32,8 @@ with K = dp / R: a shard group is K consecutive dp ranks (one node), a replicate
 The optimizer updates DTensor parameters (fsdp2, tensor) shard by shard, FusedAdamW included (with
 the norm clipped globally by clip_grad_norm_ below rather than fused into its step).
 
-The trainer calls apply_parallelism(model, cfg, precision) after building the model, build_optimizer(...) for
+The trainer calls apply_parallelism(model, cfg, precision, device, materialize) on a model built on the
+meta device (materialize gives each rank its shards of the initial weights), build_optimizer(...) for
 zero1, clip_grad_norm_(...) instead of torch's (it handles DTensor gradients and ZeRO-1 shards), and
 checkpoint state through model_optim_state_dict / load_model_optim_state_dict.
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -148,21 +150,23 @@ def forget_mesh() -> None:
     _MESH = _MESH_KEY = None
 
 
-def apply_parallelism(model: nn.Module, cfg, precision: str) -> nn.Module:
-    """The model wrapped or sharded as cfg.parallel asks (collective); precision: the resolved
-    train.precision (fp32, bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
+def apply_parallelism(model: nn.Module, cfg, precision: str, device: torch.device,
+                      materialize: Callable[[nn.Module], None]) -> nn.Module:
+    """The model wrapped or sharded as cfg.parallel asks, for device (collective). model is on the
+    meta device (models.build_model(device="meta")): it is sharded there and materialize(model) then
+    gives it its weights on device, each rank its own shards; before DDP, which checks at construction
+    that every rank holds the same weights. precision: the resolved train.precision (fp32,
+    bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
     data, tp = cfg.parallel.data, cfg.parallel.tensor
-    device = next(model.parameters()).device
     check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, precision, cfg.parallel.replicate)
     ensure_process_group(device)
     m = mesh(cfg, device)
     if tp > 1:
         apply_tensor_parallel(model, m["tp"])
-    if data == "ddp":
-        return apply_ddp(model, m, device)
     if data == "fsdp2":
-        return apply_fsdp2(model, data_parallel_mesh(m), precision)
-    return model
+        apply_fsdp2(model, data_parallel_mesh(m), precision, device)
+    materialize(model)
+    return apply_ddp(model, m, device) if data == "ddp" else model
 
 
 # ---- data parallel
@@ -204,7 +208,7 @@ def fsdp2_block_policy(precision: str, device: torch.device, ops: str):
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp2(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
+def apply_fsdp2(model: nn.Module, dp_mesh, precision: str, device: torch.device) -> None:
     """fully_shard on each block and the model over dp_mesh: 1-D (FSDP), or 2-D (replicate, shard): HSDP."""
     from torch.distributed.fsdp import fully_shard
 
@@ -212,7 +216,7 @@ def apply_fsdp2(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
     # 3-D input returns a view of its 2-D result), as an in-place op on it would bypass FSDP's
     # pre-backward hook. These models never write into a block's output; the next block reads it.
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(\w+\) returned a view tensor", UserWarning)
-    policy = fsdp2_block_policy(precision, next(model.parameters()).device, model.ops)
+    policy = fsdp2_block_policy(precision, device, model.ops)
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     # The root group (embeddings, final norm, untied head) stays fp32 on the wire: the embedding's
@@ -222,7 +226,6 @@ def apply_fsdp2(model: nn.Module, dp_mesh, precision: str) -> nn.Module:
     # (it stays gathered from the forward to the end of the backward), so this costs one fp32
     # all-gather of those weights per step, against two bf16 ones of every block.
     fully_shard(model, mesh=dp_mesh)
-    return model
 
 
 def build_optimizer(groups: list[dict], cfg, impl: str, device: torch.device, model: nn.Module):

@@ -6,15 +6,17 @@
     torchrun --nproc-per-node 8 -m fmcore train gpt2-124m --parallel.data ddp
 
 The pieces a parallelism or model change hooks into are separate functions: setup_distributed,
-build_model, parallelize (fmcore.train.parallel.apply_parallelism), build_optimizer. One optimizer
-step = accumulate gradients over micro-batches up to train.tokens_per_step, check the loss and the
-gradient norm for non-finite values (one host sync per step), then clip and step, or skip and count.
+build_model (built on the meta device, laid out by fmcore.train.parallel.apply_parallelism, then each
+rank fills its own shards), build_optimizer. One optimizer step = accumulate gradients over
+micro-batches up to train.tokens_per_step, check the loss and the gradient norm for non-finite values
+(one host sync per step), then clip and step, or skip and count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -140,29 +142,28 @@ def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
 
 def build_model(cfg: Config, vocab_size: int, env: Env, precision: str,
                 fresh: bool = True) -> tuple[nn.Module, ModelConfig]:
-    """(model on env.device, its resolved ModelConfig). Initialised on the CPU from train.seed so the
-    weights do not depend on the device or on model.ops; in a fresh run (not a resume, which loads its
-    checkpoint afterwards) with model.init_from, that checkpoint's weights replace them, on every rank
-    and before any parallelism shards the model."""
+    """(the model as it trains, parallelised as cfg.parallel asks, on env.device; its resolved
+    ModelConfig). Built on the meta device and sharded there (tensor parallelism, fsdp2), then each
+    rank allocates and fills its own shards only: no rank holds the whole model unless its layout
+    keeps it whole. The initial weights are drawn from train.seed on the CPU, whole parameter after
+    whole parameter, so they do not depend on the device, the ops path or the layout; in a fresh run
+    (not a resume, which loads its checkpoint afterwards) with model.init_from, that checkpoint's."""
     mcfg = models.resolve(cfg.model, vocab_size, env.device)
-    model = models.build_model(mcfg, seed=cfg.train.seed)
-    if fresh and mcfg.init_from:
-        init_from.load_weights(model, mcfg, mcfg.init_from)
-    model = model.to(env.device)
+    model = models.build_model(mcfg, device="meta")
     if precision == "bf16":
         for p in model.parameters():  # parameters only: RoPE tables stay fp32
             p.data = p.data.to(torch.bfloat16)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model, mcfg
-
-
-def parallelize(model: nn.Module, cfg: Config, env: Env, precision: str) -> nn.Module:
-    """Wrap the model for data / tensor parallelism (fmcore.train.parallel); identity on one process."""
+    # (now, with the model's own names: tensor parallelism splits the fused projections' names)
+    weights = (init_from.weights(model, mcfg, mcfg.init_from) if fresh and mcfg.init_from
+               else model.initial_weights(cfg.train.seed))
+    materialize = functools.partial(models.materialize, device=env.device, weights=weights)
     if cfg.parallel.data == "none" and cfg.parallel.tensor == 1:
-        return model
+        materialize(model)
+        return model, mcfg
     from fmcore.train.parallel import apply_parallelism
 
-    return apply_parallelism(model, cfg, precision)
+    return apply_parallelism(model, cfg, precision, env.device, materialize), mcfg
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -657,8 +658,7 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
     impl = optimizer_impl(cfg, mcfg)
     precision = resolve_precision(cfg, env.device, impl)
     model, mcfg = build_model(cfg, loader.vocab_size, env, precision, fresh=resume_from is None)
-    raw_model = model
-    model = parallelize(model, cfg, env, precision)
+    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     optimizer = build_optimizer(model, cfg, impl, precision, env.device)
     scaler = None
     if precision == "fp16":

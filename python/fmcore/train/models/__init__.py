@@ -2,7 +2,7 @@
 exact parameter counts and FLOPs per token.
 
     mcfg = resolve(cfg.model, vocab_size=8192, device="cpu")   # fills the derived fields
-    model = build_model(mcfg, seed=0)
+    model = build_model(mcfg, seed=0)                           # on the CPU ("meta": shapes only)
     n = param_count(mcfg)                                       # == sum(p.numel() for p in model.parameters())
     flops = flops_per_token(mcfg, seq_len=1024)                 # for MFU
 """
@@ -19,6 +19,7 @@ from fmcore.train.config import ConfigError, ModelConfig
 from fmcore.train.models.base import CausalLM
 from fmcore.train.models.gpt import GPT
 from fmcore.train.models.llama import Llama
+from fmcore.train.models.materialize import fill, materialize
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch.device = "cpu") -> ModelConfig:
@@ -50,13 +51,19 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None, device: str | torch
     return cfg
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
-    """The model, initialised on the CPU from seed (the same weights whatever the device or ops path)."""
+def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device | None = None) -> CausalLM:
+    """The model with seed's initial weights (CausalLM.initial_weights: the same whatever the device,
+    ops path or parallel layout) on device (None: torch's default device, the CPU unless set, "meta"
+    inside ``with torch.device("meta")``); on "meta", shapes and dtypes only: the trainer shards such
+    a model before materialize gives each rank its shards."""
     if cfg.ops == "auto" or not cfg.vocab_size or not cfg.ffn_dim or not cfg.n_kv_heads or not cfg.head_dim:
         raise ValueError("build_model needs a resolved config: call models.resolve(cfg, vocab_size, device) first")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return (GPT if cfg.arch == "gpt2" else Llama)(cfg)
+    device = torch.get_default_device() if device is None else torch.device(device)
+    with torch.device("meta"):  # (the constructors' own initialisation would be drawn, then overwritten)
+        model = (GPT if cfg.arch == "gpt2" else Llama)(cfg)
+    if device.type != "meta":
+        materialize(model, device, model.initial_weights(seed))
+    return model
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -99,5 +106,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_param_count(cfg) + 12 * cfg.n_layers * cfg.n_heads * head_dim * keys
 
 
-__all__ = ["CausalLM", "GPT", "Llama", "build_model", "flops_per_token", "matmul_param_count", "param_count",
-           "resolve"]
+__all__ = ["CausalLM", "GPT", "Llama", "build_model", "fill", "flops_per_token", "materialize", "matmul_param_count",
+           "param_count", "resolve"]

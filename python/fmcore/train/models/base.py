@@ -3,6 +3,8 @@ PreNormBlock's forward (the residual stream around attention and the MLP)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -98,14 +100,30 @@ class CausalLM(nn.Module):
             return torch.nn.functional.linear(h, self.head_weight()).float()
         return lm_loss(h, self.head_weight(), y, self.ops)
 
-    def init_weights(self, std: float, n_layers: int) -> None:
-        """Normal(0, std) for matrices and embeddings, std/sqrt(2 L) for the projections that write
-        into the residual stream (GPT-2's scaling, so the residual's variance does not grow with
-        depth), zero biases, unit norm weights."""
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith(self.residual_out_names):
-                nn.init.normal_(p, 0.0, std / (2 * n_layers) ** 0.5)
-            else:
-                nn.init.normal_(p, 0.0, std)
+    def initial_weights(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole fp32 CPU tensor) of each parameter's initial value, in named_parameters order, one
+        at a time: Normal(0, init_std) for matrices and embeddings, init_std/sqrt(2 L) for the
+        projections that write into the residual stream (GPT-2's scaling, so the residual's variance
+        does not grow with depth), zero biases, unit norm weights. The draws come from one generator
+        seeded with seed, whole tensor after whole tensor, so the weights are the same whatever the
+        device, dtype or parallel layout that later holds them. The names and shapes are the model's
+        now (call it before tensor parallelism splits the fused projections; fill cuts them)."""
+        std, n_layers = self.cfg.init_std, self.cfg.n_layers
+        shapes = [(name, p.shape) for name, p in self.named_parameters()]  # (now: the draws come later)
+
+        def draw() -> Iterator[tuple[str, torch.Tensor]]:
+            generator = torch.Generator().manual_seed(seed)
+            for name, shape in shapes:
+                value = torch.empty(shape)
+                if len(shape) == 1:
+                    value.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith(self.residual_out_names):
+                    value.normal_(0.0, std / (2 * n_layers) ** 0.5, generator=generator)
+                else:
+                    value.normal_(0.0, std, generator=generator)
+                yield name, value
+
+        return draw()
+
+    def reset_buffers(self) -> None:
+        """Recompute the buffers (functions of the config) on their device, after to_empty."""

@@ -60,7 +60,6 @@ class GPT(CausalLM):
         self.blocks = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.init_weights(cfg.init_std, cfg.n_layers)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None:

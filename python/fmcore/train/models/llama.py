@@ -64,13 +64,22 @@ class Rope(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        llama3 = None
+        self.cfg = cfg
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, llama3 = self.cfg, None
         if cfg.rope_scaling == "llama3":
             llama3 = (cfg.rope_scale_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                       cfg.rope_original_max_len)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, llama3)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, llama3)
+
+    def reset_buffers(self) -> None:
+        """The tables again, computed on the CPU and copied to the buffers' device (after to_empty)."""
+        for buffer, table in zip((self.cos, self.sin), self._tables(), strict=True):
+            buffer.copy_(table)
 
     def tables(self, S: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if positions is None:
@@ -89,10 +98,12 @@ class Llama(CausalLM):
         self.blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.init_weights(cfg.init_std, cfg.n_layers)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         return self.tok_embeddings(x)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_buffers(self) -> None:
+        self.rope.reset_buffers()

@@ -1,0 +1,81 @@
+"""Weights for a model built on the meta device: the trainer builds the model there, shards it (tensor
+parallelism, fsdp2) while it holds no memory, and only then gives each rank its own shards of the
+initial weights. A rank never holds the whole model unless its layout keeps a whole copy (one
+process, ddp, zero1): fsdp2 on 64 GPUs can start a model whose fp32 weights do not fit one GPU.
+
+    model = build_model(mcfg, device="meta")                       # shapes and dtypes only
+    ...                                                            # fully_shard / parallelize_module
+    materialize(model, device, model.initial_weights(seed))        # or init_from.weights(...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def materialize(model: nn.Module, device: torch.device | str, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Allocate model's parameters and buffers on device (each rank's shards only, for a sharded
+    model), fill the parameters from weights (fill) and recompute the buffers (reset_buffers)."""
+    model.to_empty(device=device)
+    fill(model, weights)
+    model.reset_buffers()
+
+
+@torch.no_grad()
+def fill(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy weights' whole tensors, (parameter name, tensor) pairs, into model's parameters, cast to
+    their dtype; a DTensor parameter (tensor parallelism, fsdp2) takes only its local shard, cut from
+    the whole tensor by its own placements, without any communication. A fused projection that tensor
+    parallelism split into parts ("wqkv.weight" into "wqkv.parts.K.weight", parallel.SplitLinear) is
+    cut into its parts' rows. Every parameter must be given once."""
+    from fmcore.train.parallel import split_part
+
+    params = dict(model.named_parameters())
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for name in params:
+        if (fused := split_part(name)) is not None:
+            parts.setdefault(fused[0], []).append((fused[1], name))
+    filled = set()
+    for name, whole in weights:
+        if name in params:
+            pieces = [(name, whole)]
+        elif name in parts:
+            names = [part for _, part in sorted(parts[name])]
+            rows = [params[part].shape[0] for part in names]
+            if sum(rows) != whole.shape[0]:
+                raise ValueError(f"weights give {name!r} {whole.shape[0]} rows, its parts {names} have {sum(rows)}")
+            pieces = list(zip(names, whole.split(rows), strict=True))
+        else:
+            raise KeyError(f"weights give {name!r}, which the model does not have")
+        for part, value in pieces:
+            param = params[part]
+            if part in filled:
+                raise KeyError(f"weights give {name!r} twice")
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"weights give {name!r} the shape {tuple(value.shape)}, the model's is "
+                                 f"{tuple(param.shape)}")
+            _local(param).copy_(_local_part(value, param))
+            filled.add(part)
+    if filled != set(params):
+        raise KeyError(f"weights give no value for {sorted(set(params) - filled)}")
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _local_part(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of whole that param holds on this rank: all of it, or a DTensor's local shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return whole
+    # src_data_rank=None: each rank cuts its own shard from its own copy (every rank drew the same
+    # whole tensor), where the default scatters rank 0's. It follows the placements as they are,
+    # fsdp2's strided sharding of a tensor-parallel dim included.
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
