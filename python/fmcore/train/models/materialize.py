@@ -16,11 +16,15 @@ import torch
 from torch import nn
 
 
-def materialize(model: nn.Module, device: torch.device | str, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def materialize(model: nn.Module, device: torch.device | str,
+                weights: Iterable[tuple[str, torch.Tensor]] | None) -> None:
     """Allocate model's parameters and buffers on device (each rank's shards only, for a sharded
-    model), fill the parameters from weights (fill) and recompute the buffers (reset_buffers)."""
+    model), fill the parameters from weights (fill) and recompute the buffers (reset_buffers).
+    weights None leaves the parameters unset (torch.empty's memory): for a resume, whose checkpoint
+    then loads every one of them (DCP refuses a checkpoint that lacks one)."""
     model.to_empty(device=device)
-    fill(model, weights)
+    if weights is not None:
+        fill(model, weights)
     model.reset_buffers()
 
 
