@@ -154,9 +154,9 @@ def apply_parallelism(model: nn.Module, cfg, precision: str, device: torch.devic
                       materialize: Callable[[nn.Module], None]) -> nn.Module:
     """The model wrapped or sharded as cfg.parallel asks, for device (collective). model is on the
     meta device (models.build_model(device="meta")): it is sharded there and materialize(model) then
-    gives it its weights on device, each rank its own shards; before DDP, which checks at construction
-    that every rank holds the same weights. precision: the resolved train.precision (fp32,
-    bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
+    gives it its weights on device, each rank its own shards; before DDP, which cannot wrap a meta
+    model (it broadcasts rank 0's weights at construction). precision: the resolved train.precision
+    (fp32, bf16-autocast, bf16, fp16), which chooses fsdp2's all-gather dtype."""
     data, tp = cfg.parallel.data, cfg.parallel.tensor
     check_layout(data, tp, dist.get_world_size() if dist.is_initialized() else tp, precision, cfg.parallel.replicate)
     ensure_process_group(device)
