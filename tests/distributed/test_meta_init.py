@@ -67,21 +67,14 @@ def test_every_layout_starts_from_the_init_from_checkpoint(tmp_path):
     from tests.train.test_init_from import hf_checkpoint
 
     # Qwen2's q/k/v biases: the fused wqkv bias is split and sharded with its weight
-    hf_checkpoint(tmp_path / "hf", "qwen2-gqa")
+    hf = hf_checkpoint(tmp_path / "hf", "qwen2-gqa").state_dict()
     args = ["--model.init_from", str(tmp_path / "hf"), "--train.seq_len", "32", "--train.device", "cpu"]
     one = run_ranks(_whole_weights, 1, tmp_path / "one", args=(args, "fp32"))[0]["none"]
-    hf = _hf_weights(tmp_path / "hf")
     assert torch.equal(one["tok_embeddings.weight"], hf["model.embed_tokens.weight"])
     for world in (2, 4):
         for layout, sd in run_ranks(_whole_weights, world, tmp_path / f"{world}", args=(args, "fp32"))[0].items():
             for name, value in one.items():
                 assert torch.equal(sd[name], value), (layout, name)
-
-
-def _hf_weights(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path / "model.safetensors")
 
 
 def _build_peak(rank: int, world: int, data: str) -> tuple[int, int]:

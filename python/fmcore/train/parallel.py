@@ -293,6 +293,15 @@ def split_part(name: str) -> tuple[str, int] | None:
     return f"{head}.{leaf}", int(index)
 
 
+def split_parts(names) -> dict[str, list[str]]:
+    """{the fused layer's name: the names among names of its SplitLinear parts, in part order}."""
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        if (fused := split_part(name)) is not None:
+            parts.setdefault(fused[0], []).append((fused[1], name))
+    return {fused: [name for _, name in sorted(mine)] for fused, mine in parts.items()}
+
+
 def check_tensor_divides(tensor: int, arch: str, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
     """Each tensor-parallel rank keeps whole heads (of q, and of k and v) and ffn_dim / tensor hidden
     units: apply_tensor_parallel checks its blocks with it, `fmcore plan-memory` a resolved model config."""

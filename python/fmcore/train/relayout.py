@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
 from fmcore.train.checkpoint import CheckpointError, _load_failure, _quiet, _rank, read_extra
-from fmcore.train.parallel import full_state_dicts, split_part
+from fmcore.train.parallel import full_state_dicts, split_part, split_parts
 
 ZERO1_STATE = (("master", "master_param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"))  # zero1's, per param
 
@@ -254,10 +254,7 @@ def _parameters_from_buckets(layout: list, model_sd: dict, states: dict, whole: 
     """Each parameter's optimizer state (the entries this optimizer keeps) cut from zero1's buckets
     (whose parameters are never split: zero1 does not combine with tensor parallelism, which splits
     the fused projections here into SplitLinear's parts, given their rows)."""
-    parts = {}  # fused name -> this model's names of its parts, in order
-    for name in sorted(model_sd, key=lambda n: split_part(n) or (n, 0)):
-        if split_part(name) is not None:
-            parts.setdefault(split_part(name)[0], []).append(name)
+    parts = split_parts(model_sd)  # fused name -> this model's names of its parts, in order
     numels = {name: t.numel() for name, t in model_sd.items()}
     numels |= {fused: sum(numels[n] for n in mine) for fused, mine in parts.items()}
     for name, cut in _cut_buckets(layout, whole, numels).items():
@@ -327,15 +324,11 @@ def regroup(here: dict, saved: dict, key: str) -> tuple[dict, Callable[[dict], d
     which load() reports as it reports DCP's ("<path> does not fit this model and optimizer: ..."; a
     CheckpointError from here was passed on as it was, naming neither the checkpoint nor that)."""
     there, value_of = {}, {}  # value_of: here name -> its value, a function of the loaded targets
-    parts_here = {}  # the checkpoint's fused name -> [(index, this model's part name)]
-    for name in here:
-        if key.format(name) not in saved and split_part(name) is not None:
-            fused, index = split_part(name)
-            parts_here.setdefault(fused, []).append((index, name))
-    for fused, parts in parts_here.items():
+    # the checkpoint's fused name -> this model's names of its parts, in order
+    parts_here = split_parts(name for name in here if key.format(name) not in saved)
+    for fused, names in parts_here.items():
         if key.format(fused) not in saved:
             raise ValueError(f"{key.format(fused)} is not in the checkpoint")
-        names = [name for _, name in sorted(parts)]
         there[fused] = torch.empty(tuple(saved[key.format(fused)].size), dtype=here[names[0]].dtype)
         if there[fused].dim() == 0:
             # One step tensor per part: torch's AdamW adds 1 to each parameter's in place, and a shared one

@@ -35,19 +35,16 @@ def fill(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     the whole tensor by its own placements, without any communication. A fused projection that tensor
     parallelism split into parts ("wqkv.weight" into "wqkv.parts.K.weight", parallel.SplitLinear) is
     cut into its parts' rows. Every parameter must be given once."""
-    from fmcore.train.parallel import split_part
+    from fmcore.train.parallel import split_parts
 
     params = dict(model.named_parameters())
-    parts: dict[str, list[tuple[int, str]]] = {}
-    for name in params:
-        if (fused := split_part(name)) is not None:
-            parts.setdefault(fused[0], []).append((fused[1], name))
+    parts = split_parts(params)
     filled = set()
     for name, whole in weights:
         if name in params:
             pieces = [(name, whole)]
         elif name in parts:
-            names = [part for _, part in sorted(parts[name])]
+            names = parts[name]
             rows = [params[part].shape[0] for part in names]
             if sum(rows) != whole.shape[0]:
                 raise ValueError(f"weights give {name!r} {whole.shape[0]} rows, its parts {names} have {sum(rows)}")
