@@ -105,6 +105,26 @@ def test_qkv_biases_and_qk_norms_get_no_weight_decay():
                                                               "w_down.weight", "lm_head.weight"))}
 
 
+def test_initial_weights_do_not_depend_on_the_threads_that_draw_them(monkeypatch):
+    from fmcore.train.models import base
+
+    monkeypatch.setattr(base, "CHUNK_VALUES", 100)  # (the 64-wide matrices: one row a chunk)
+    cfg = models.resolve(LLAMA, vocab_size=64)
+    threads = torch.get_num_threads()
+    try:
+        weights = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            weights.append(dict(models.build_model(cfg, seed=4).named_parameters()))
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+    # every chunk (row) its own draws: no two rows of the model's matrices begin alike
+    rows = torch.cat([v.detach()[:, :16] / v.std() for v in weights[0].values() if v.dim() == 2])
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0] > 1000
+
+
 @pytest.mark.parametrize("base", [GPT, LLAMA, MISTRAL], ids=["gpt2", "llama", "mistral"])
 def test_document_mask_equals_separate_documents(base):
     """A row packing two documents (positions restart at 0) gives each the loss it gets alone."""

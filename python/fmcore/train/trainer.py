@@ -145,11 +145,10 @@ def build_model(cfg: Config, vocab_size: int, env: Env, precision: str,
     """(the model as it trains, parallelised as cfg.parallel asks, on env.device; its resolved
     ModelConfig). Built on the meta device and sharded there (tensor parallelism, fsdp2), then each
     rank allocates and fills its own shards only: no rank holds the whole model unless its layout
-    keeps it whole. The initial weights are drawn from train.seed on the CPU, whole parameter after
-    whole parameter, so they do not depend on the device, the ops path or the layout; in a fresh run
-    with model.init_from, that checkpoint's. fresh=False (a resume, whose checkpoint then loads every
-    parameter): the parameters are allocated, not filled (drawing them takes 26 s a 1.1B model on two
-    CPU threads, on every rank)."""
+    keeps it whole. The initial weights are drawn from train.seed on the CPU (CausalLM.initial_weights:
+    each rank draws the rows its shards hold), so they do not depend on the device, the ops path or
+    the layout; in a fresh run with model.init_from, that checkpoint's. fresh=False (a resume, whose
+    checkpoint then loads every parameter): the parameters are allocated, not drawn."""
     mcfg = models.resolve(cfg.model, vocab_size, env.device)
     model = models.build_model(mcfg, device="meta")
     if precision == "bf16":

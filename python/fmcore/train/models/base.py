@@ -3,7 +3,9 @@ PreNormBlock's forward (the residual stream around attention and the MLP)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -104,26 +106,62 @@ class CausalLM(nn.Module):
         """(name, whole fp32 CPU tensor) of each parameter's initial value, in named_parameters order, one
         at a time: Normal(0, init_std) for matrices and embeddings, init_std/sqrt(2 L) for the
         projections that write into the residual stream (GPT-2's scaling, so the residual's variance
-        does not grow with depth), zero biases, unit norm weights. The draws come from one generator
-        seeded with seed, whole tensor after whole tensor, so the weights are the same whatever the
-        device, dtype or parallel layout that later holds them. The names and shapes are the model's
-        now (call it before tensor parallelism splits the fused projections; fill cuts them)."""
+        does not grow with depth), zero biases, unit norm weights.
+
+        The normal draws come in chunks of whole rows, each chunk from its own generator seeded by seed
+        and the chunk's number in the model, so the weights are the same whatever the device, dtype or
+        parallel layout that later holds them, the chunks are drawn on all of torch's CPU threads, and a
+        rank draws only the rows that its shards of the model hold (materialize.rows_held, asked when
+        the draws start): the other rows are NaN, which fill never keeps. The names and shapes are the
+        model's now (call it before tensor parallelism splits the fused projections; fill cuts them)."""
         std, n_layers = self.cfg.init_std, self.cfg.n_layers
         shapes = [(name, p.shape) for name, p in self.named_parameters()]  # (now: the draws come later)
 
         def draw() -> Iterator[tuple[str, torch.Tensor]]:
-            generator = torch.Generator().manual_seed(seed)
-            for name, shape in shapes:
-                value = torch.empty(shape)
-                if len(shape) == 1:
-                    value.fill_(1.0 if name.endswith("weight") else 0.0)
-                elif name.endswith(self.residual_out_names):
-                    value.normal_(0.0, std / (2 * n_layers) ** 0.5, generator=generator)
-                else:
-                    value.normal_(0.0, std, generator=generator)
-                yield name, value
+            from fmcore.train.models.materialize import rows_held
+
+            held, first_chunk = rows_held(self), 0  # (the model as it is sharded when the draws start)
+            with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+                for name, shape in shapes:
+                    if len(shape) == 1:
+                        yield name, torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
+                        continue
+                    scale = std / (2 * n_layers) ** 0.5 if name.endswith(self.residual_out_names) else std
+                    value, chunks = _draw_normal(shape, scale, seed, first_chunk, held[name], pool)
+                    first_chunk += chunks
+                    yield name, value
 
         return draw()
 
     def reset_buffers(self) -> None:
         """Recompute the buffers (functions of the config) on their device, after to_empty."""
+
+
+# Values a chunk of the initial weights draws from one generator: enough to make its setup (a few µs)
+# negligible, few enough that a 1B model has a thousand chunks to share out among threads and ranks.
+CHUNK_VALUES = 1 << 20
+
+
+def _draw_normal(shape: torch.Size, std: float, seed: int, first_chunk: int, rows: torch.Tensor | None,
+                 pool: Executor) -> tuple[torch.Tensor, int]:
+    """(a tensor of shape whose rows are Normal(0, std), the number of chunks it spans): chunk c (whole
+    rows, about CHUNK_VALUES values) is drawn from the generator of seed's chunk first_chunk + c. rows
+    None draws every row; else only the chunks holding these rows, the others NaN."""
+    per_row = shape[1:].numel()
+    rows_per_chunk = max(1, CHUNK_VALUES // max(per_row, 1))
+    n_chunks = -(-shape[0] // rows_per_chunk)
+    if rows is None:
+        value, wanted = torch.empty(shape), range(n_chunks)
+    else:
+        value, wanted = torch.full(shape, float("nan")), torch.unique(rows // rows_per_chunk).tolist()
+    # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: count the chunks up from a
+    # 32-bit hash of seed, so that a model's chunks never share a seed (mt19937's seeding decorrelates
+    # consecutive seeds).
+    base = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
+
+    def draw_chunk(c: int) -> None:  # (normal_ releases the GIL: the chunks run in parallel)
+        generator = torch.Generator().manual_seed((base + first_chunk + c) % 2**32)
+        value[c * rows_per_chunk:(c + 1) * rows_per_chunk].normal_(0.0, std, generator=generator)
+
+    list(pool.map(draw_chunk, wanted))
+    return value, n_chunks

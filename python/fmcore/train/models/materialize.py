@@ -64,6 +64,42 @@ def fill(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         raise KeyError(f"weights give no value for {sorted(set(params) - filled)}")
 
 
+def rows_held(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """{whole parameter's name: the rows (dim 0) of its whole tensor that this rank's model holds, as
+    ascending indices, or None for all of them}. A whole parameter is one of the model's own or a fused
+    projection that tensor parallelism split into parts (fill cuts it into its parts' rows, one part
+    after another). A plain tensor holds every row; a DTensor the rows of its local shard."""
+    from fmcore.train.parallel import split_part, split_parts
+
+    params = dict(model.named_parameters())
+    wholes = {name: [name] for name in params if split_part(name) is None} | split_parts(params)
+    held: dict[str, torch.Tensor | None] = {}
+    for name, pieces in wholes.items():
+        rows = [_rows_of_local(params[piece]) for piece in pieces]
+        if all(r is None for r in rows):
+            held[name] = None
+            continue
+        offset, mine = 0, []
+        for piece, r in zip(pieces, rows, strict=True):
+            n = params[piece].shape[0]
+            mine.append(offset + (torch.arange(n) if r is None else r))
+            offset += n
+        held[name] = torch.cat(mine)
+    return held
+
+
+def _rows_of_local(param: torch.Tensor) -> torch.Tensor | None:
+    """The rows of param's whole tensor that its local shard holds (None: all): fill's cut of the row
+    numbers alone, since only a shard of dim 0 (plain or fsdp2's strided one) drops rows."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    if not isinstance(param, DTensor) or all(getattr(p, "dim", None) != 0 for p in param.placements):
+        return None
+    placements = [p if getattr(p, "dim", None) == 0 else Replicate() for p in param.placements]
+    whole_rows = torch.arange(param.shape[0])
+    return distribute_tensor(whole_rows, param.device_mesh, placements, src_data_rank=None).to_local().cpu()
+
+
 def _local(param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
