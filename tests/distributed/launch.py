@@ -4,9 +4,10 @@ this process has initialised CUDA).
 
     results = run_ranks(body, world_size=2, tmp=tmp_path, args=(...))   # body(rank, world, *args)
 
-run_inline(body, tmp) runs body(0, 1) in this process in a 1-rank group (for CUDA tests: a forked
-child cannot use CUDA once the parent has). Each rank's return value (anything picklable) comes back in rank order; an exception on any rank
-fails the caller with that rank's traceback, and a rank that hangs is killed after `timeout` s.
+run_inline(body, tmp, backend="gloo") runs body(0, 1) in this process in a 1-rank group (for CUDA
+tests, backend "nccl": a forked child cannot use CUDA once the parent has). Each rank's return value
+(anything picklable) comes back in rank order; an exception on any rank fails the caller with that
+rank's traceback, and a rank that hangs is killed after `timeout` s.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def run_ranks(body, world_size: int, tmp: Path, args: tuple = (), timeout: float
     return results
 
 
-def run_inline(body, tmp: Path, args: tuple = ()):
+def run_inline(body, tmp: Path, args: tuple = (), backend: str = "gloo"):
     import torch.distributed as dist
 
     store = Path(tmp) / f"store-inline-{os.getpid()}"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1,
+    if store.exists():  # (a file store left by an earlier group would join this one to it)
+        store.unlink()
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
     try:
         return body(0, 1, *args)

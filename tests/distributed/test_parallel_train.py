@@ -88,13 +88,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
 
 
-def assert_losses_close(got: dict[int, float], want: dict[int, float], steps) -> None:
+def assert_losses_close(got: dict[int, float], want: dict[int, float], steps, rtol: float = RTOL) -> None:
     import torch
 
     steps = list(steps)
     assert all(s in got for s in steps), f"missing steps: {sorted(set(steps) - set(got))}"
     torch.testing.assert_close(torch.tensor([got[s] for s in steps], dtype=torch.float64),
-                               torch.tensor([want[s] for s in steps], dtype=torch.float64), rtol=RTOL, atol=ATOL)
+                               torch.tensor([want[s] for s in steps], dtype=torch.float64), rtol=rtol, atol=ATOL)
 
 
 def assert_exports_close(got_run: Path, want_run: Path) -> None:
