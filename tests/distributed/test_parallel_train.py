@@ -79,8 +79,8 @@ def _train(rank: int, world: int, args: list[str]) -> None:
     train(load_config("tiny", args))
 
 
-def run(world: int, args: list[str], tmp: Path) -> None:
-    run_ranks(_train, world, tmp, args=(args,), timeout=240)
+def run(world: int, args: list[str], tmp: Path, spawn: bool = False) -> None:
+    run_ranks(_train, world, tmp, args=(args,), timeout=240, spawn=spawn)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -313,9 +313,12 @@ def test_fsdp2_with_tensor2_checkpointing_and_compile(dataset, references, tmp_p
     # Selective checkpointing: its policy's tags reach the compiled graph of DTensor ops and collectives.
     # Compiled per block: each block's graph holds its tensor-parallel layers and its checkpoint, FSDP2's
     # hooks (all-gather, reduce-scatter) run around it.
+    # Spawned: ranks forked from a pytest process that had trained in-process (test_trainer's compiled
+    # sweeps, under pytest -n 2) inherited its autograd and compile state and failed to compile
+    # (RecursionError in the joint graph's tracing, or autograd's "threading with fork" error).
     run(2, overrides(dataset, tmp_path / "run", B, "--parallel.data", "fsdp2", "--parallel.tensor", "2",
                      "--train.activation_checkpointing", checkpointing, "--train.compile", compiling),
-        tmp_path / "launch")
+        tmp_path / "launch", spawn=True)
     assert_losses_close(losses(tmp_path / "run"), losses(references["fmcore", B]), range(1, STEPS + 1))
 
 
