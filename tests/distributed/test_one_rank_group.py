@@ -22,48 +22,49 @@ BUILT = {"ddp": "DistributedDataParallel, FusedAdamW", "zero1": "GPT, ZeroAdamW"
          "fsdp2": "FSDPGPT of DTensors, FusedAdamW"}
 
 
-def _train(rank: int, world: int, args: list[str]) -> str:
-    """Train; what the layout made of the model and optimizer (so that the test knows it was used)."""
-    from torch.distributed.tensor import DTensor
-
-    from fmcore.train import trainer
+def _train(rank: int, world: int, args: list[str]) -> None:
     from fmcore.train.config import load_config
     from fmcore.train.parallel import forget_mesh
+    from fmcore.train.trainer import train
 
-    built, optimizers = trainer.build_model, trainer.build_optimizer
-    seen = []
-
-    def build_model(*a, **kw):
-        model, mcfg = built(*a, **kw)
-        seen.append(type(model).__name__ + (" of DTensors" if isinstance(next(model.parameters()), DTensor) else ""))
-        return model, mcfg
-
-    def build_optimizer(*a, **kw):
-        optimizer = optimizers(*a, **kw)
-        seen.append(type(optimizer).__name__)
-        return optimizer
-
-    trainer.build_model, trainer.build_optimizer = build_model, build_optimizer
     try:
-        trainer.train(load_config("tiny", args))
+        train(load_config("tiny", args))
     finally:
-        trainer.build_model, trainer.build_optimizer = built, optimizers
         forget_mesh()  # (the mesh's groups die with this group)
-    return ", ".join(seen)
 
 
 @pytest.mark.parametrize("data, precision", CASES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_one_rank_group_trains_and_resumes_as_one_process(dataset, tmp_path, device, data, precision):  # noqa: F811
+def test_a_one_rank_group_trains_and_resumes_as_one_process(dataset, tmp_path, monkeypatch, device, data,  # noqa: F811
+                                                           precision):
+    from torch.distributed.tensor import DTensor
+
+    from fmcore.train import trainer
     from fmcore.train.config import load_config
     from fmcore.train.trainer import train
+
+    # what each run's layout made of the model and optimizer, so that the test knows the layout was used
+    built, build_model, build_optimizer = [], trainer.build_model, trainer.build_optimizer
+
+    def model_built(*a, **kw):
+        model, mcfg = build_model(*a, **kw)
+        built.append(type(model).__name__ + (" of DTensors" if isinstance(next(model.parameters()), DTensor) else ""))
+        return model, mcfg
+
+    def optimizer_built(*a, **kw):
+        built.append(type(optimizer := build_optimizer(*a, **kw)).__name__)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_model", model_built)
+    monkeypatch.setattr(trainer, "build_optimizer", optimizer_built)
 
     common = ["--train.device", device, "--train.precision", precision]
     train(load_config("tiny", overrides(dataset, tmp_path / "one", B, *common)))
     layout = [*common, "--parallel.data", data]
     backend = "nccl" if device == "cuda" else "gloo"
-    built = run_inline(_train, tmp_path, args=(overrides(dataset, tmp_path / "run", B, *layout),), backend=backend)
-    assert built == BUILT[data]
+    built.clear()
+    run_inline(_train, tmp_path, args=(overrides(dataset, tmp_path / "run", B, *layout),), backend=backend)
+    assert ", ".join(built) == BUILT[data]
     # fsdp2 under bf16 autocast computes the norms with bf16-rounded weights: not one process's bits
     tolerance = {"rtol": 10 * RTOL} if precision == "bf16-autocast" else {}
     assert_losses_close(losses(tmp_path / "run"), losses(tmp_path / "one"), range(1, STEPS + 1), **tolerance)

@@ -120,15 +120,19 @@ class CausalLM(nn.Module):
         def draw() -> Iterator[tuple[str, torch.Tensor]]:
             from fmcore.train.models.materialize import rows_held
 
-            held, first_chunk = rows_held(self), 0  # (the model as it is sharded when the draws start)
+            held = rows_held(self)  # (the model as it is sharded when the draws start)
+            # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: the chunks' seeds count
+            # up from a 32-bit hash of seed, so that a model's chunks never share one (mt19937's seeding
+            # decorrelates consecutive seeds).
+            chunk_seed = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
             with ThreadPoolExecutor(torch.get_num_threads()) as pool:
                 for name, shape in shapes:
                     if len(shape) == 1:
                         yield name, torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
                         continue
                     scale = std / (2 * n_layers) ** 0.5 if name.endswith(self.residual_out_names) else std
-                    value, chunks = _draw_normal(shape, scale, seed, first_chunk, held[name], pool)
-                    first_chunk += chunks
+                    value, chunks = _draw_normal(shape, scale, chunk_seed, held[name], pool)
+                    chunk_seed += chunks
                     yield name, value
 
         return draw()
@@ -142,11 +146,11 @@ class CausalLM(nn.Module):
 CHUNK_VALUES = 1 << 20
 
 
-def _draw_normal(shape: torch.Size, std: float, seed: int, first_chunk: int, rows: torch.Tensor | None,
+def _draw_normal(shape: torch.Size, std: float, first_seed: int, rows: torch.Tensor | None,
                  pool: Executor) -> tuple[torch.Tensor, int]:
     """(a tensor of shape whose rows are Normal(0, std), the number of chunks it spans): chunk c (whole
-    rows, about CHUNK_VALUES values) is drawn from the generator of seed's chunk first_chunk + c. rows
-    None draws every row; else only the chunks holding these rows, the others NaN."""
+    rows, about CHUNK_VALUES values) is drawn from a generator seeded with first_seed + c (mod 2^32).
+    rows None draws every row; else only the chunks holding these rows, the others NaN."""
     per_row = shape[1:].numel()
     rows_per_chunk = max(1, CHUNK_VALUES // max(per_row, 1))
     n_chunks = -(-shape[0] // rows_per_chunk)
@@ -154,13 +158,9 @@ def _draw_normal(shape: torch.Size, std: float, seed: int, first_chunk: int, row
         value, wanted = torch.empty(shape), range(n_chunks)
     else:
         value, wanted = torch.full(shape, float("nan")), torch.unique(rows // rows_per_chunk).tolist()
-    # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: count the chunks up from a
-    # 32-bit hash of seed, so that a model's chunks never share a seed (mt19937's seeding decorrelates
-    # consecutive seeds).
-    base = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
 
     def draw_chunk(c: int) -> None:  # (normal_ releases the GIL: the chunks run in parallel)
-        generator = torch.Generator().manual_seed((base + first_chunk + c) % 2**32)
+        generator = torch.Generator().manual_seed((first_seed + c) % 2**32)
         value[c * rows_per_chunk:(c + 1) * rows_per_chunk].normal_(0.0, std, generator=generator)
 
     list(pool.map(draw_chunk, wanted))
