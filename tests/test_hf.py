@@ -17,7 +17,7 @@ import torch
 
 from tests.util import assert_close_to_ref
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.24")  # fmcore.hf.MIN_TRANSFORMERS
 hf = pytest.importorskip("fmcore.hf")
 
 V = 101  # odd vocab: no power-of-two chunking hides an edge

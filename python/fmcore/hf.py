@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import warnings
 import weakref
@@ -74,11 +75,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+# The oldest transformers whose attention, mask and cache conventions this module matches: with 5.23
+# a cached generation computed wrong logits (silently) and packed sequences and sliding windows
+# failed. transformers 5.21 and later need Python 3.11.
+MIN_TRANSFORMERS = (5, 24)
+
 try:
-    from transformers import (AttentionInterface, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
-                              Qwen2ForCausalLM, Qwen3ForCausalLM)
+    import transformers
 except ImportError as e:  # (the tests skip without transformers)
     raise ImportError("fmcore.hf needs transformers: pip install 'fmcore[hf]'") from e
+if tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()) < MIN_TRANSFORMERS:
+    raise ImportError(f"fmcore.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (Python 3.11 or "
+                      f"later), found {transformers.__version__}: pip install -U 'fmcore[hf]'")
+from transformers import (AttentionInterface, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+                          Qwen2ForCausalLM, Qwen3ForCausalLM)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,

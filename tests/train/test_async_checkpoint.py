@@ -307,3 +307,32 @@ def test_an_error_of_the_rename_or_pruning_is_raised_once(dataset, tmp_path, mon
     with pytest.raises(PermissionError) as raised:
         train(cfg)
     assert waits == [2] and not getattr(raised.value, "__notes__", None)
+
+
+@single_process
+def test_a_failed_background_write_is_noted_on_the_error_that_ended_the_run(dataset, tmp_path, monkeypatch, capsys):
+    # Step 2's write fails in the background; step 3 raises before the next save looks: the run's own error
+    # is raised, and the save's failure is not lost (a note on it; printed on Python 3.10, which has none).
+    from fmcore.train import trainer
+
+    real_write, real_step, steps = FileSystemWriter.write_data, trainer.train_step, []
+
+    def fail_at_step_2(self, *args, **kwargs):
+        if self.path.name == ".tmp-step_00000002":
+            raise OSError(5, "Input/output error")
+        return real_write(self, *args, **kwargs)
+
+    def third_step_raises(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            raise RuntimeError("the run's own error")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", fail_at_step_2)
+    monkeypatch.setattr(trainer, "train_step", third_step_raises)
+    cfg = load_config("tiny", overrides(dataset, tmp_path / "run", *TINY, "--checkpoint.every", "2",
+                                        "--checkpoint.async_save", "true"))
+    with pytest.raises(RuntimeError, match="the run's own error") as raised:
+        train(cfg)
+    noted = "\n".join(getattr(raised.value, "__notes__", [])) + capsys.readouterr().err
+    assert re.search(r"and .*step 2.*Input/output error", noted), noted

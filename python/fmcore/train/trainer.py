@@ -791,7 +791,11 @@ def _run(cfg: Config, env: Env, dataset: Path, loader, run_dir: Path, resume_fro
         if error is not None:
             if exc is None:
                 raise error
-            exc.add_note(f"and {error}")  # not lost, and not hiding what ended the run
+            # Not lost, and not hiding what ended the run (Python 3.10 has no add_note: printed there).
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"and {error}")
+            else:
+                print(f"fmcore train: and {error}", file=sys.stderr, flush=True)
 
     def save(at_step: int) -> Path:
         waited = wait_for_pending()  # one save at a time
