@@ -194,7 +194,10 @@ def test_default_dataset(stdlib_dataset):
     manifest = verify_dataset(stdlib_dataset, check_vocab=True)
     assert manifest["tokenizer"]["vocab_size"] == 4096
     assert manifest["splits"]["train"]["tokens"] > 500_000 and manifest["splits"]["val"]["tokens"] > 10_000
-    assert "standard library" in manifest["source"]
+    # This Python's library, in this Python's directory: a corpus one Python prepared was once every other's too
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert manifest["source"].startswith(f"python {version}.") and "standard library" in manifest["source"]
+    assert stdlib_dataset.name == f"stdlib-py{version}"
     mtime = (stdlib_dataset / "manifest.json").stat().st_mtime
     assert default_dataset(stdlib_dataset.parent) == stdlib_dataset  # found, not rebuilt
     assert (stdlib_dataset / "manifest.json").stat().st_mtime == mtime
@@ -946,15 +949,17 @@ def test_a_single_document_drawn_for_val_trains_instead(tmp_path):
 
 def test_the_embedded_corpus_goes_to_fmcore_data(tmp_path, monkeypatch, capsys):
     # `fmcore prepare` without inputs or --out: the directory default_dataset() reads
-    from fmcore.data import default_dataset_root
+    from fmcore.data import default_dataset_dir, default_dataset_root
 
     monkeypatch.delenv("FMCORE_DATA", raising=False)
     assert default_dataset_root() == Path.home() / ".cache" / "fmcore" / "datasets"
     monkeypatch.setenv("FMCORE_DATA", str(tmp_path / "data"))
     assert default_dataset_root() == tmp_path / "data"
     assert fmcore_main(["prepare", "--max-input-chars", "100000", "--vocab-size", "300", "--workers", "1"]) == 0
-    assert capsys.readouterr().out.startswith(f"{tmp_path / 'data' / 'stdlib'}: train: ")
-    assert verify_dataset(tmp_path / "data" / "stdlib")["tokenizer"]["vocab_size"] == 300
+    out = tmp_path / "data" / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
+    assert default_dataset_dir() == out
+    assert capsys.readouterr().out.startswith(f"{out}: train: ")
+    assert verify_dataset(out)["tokenizer"]["vocab_size"] == 300
 
 
 def test_bpe_training_budget_takes_the_first_train_documents(tmp_path):
