@@ -33,14 +33,13 @@ def _whole_weights(rank: int, world: int, args: list[str], precision: str) -> tu
     from fmcore.train.parallel import forget_mesh, full_state_dicts
 
     base.CHUNK_VALUES = 256  # (this forked rank's own module)
-    draw_normal, drawn = base._draw_normal, []
+    draw_rows, drawn = base._draw_rows, []
 
-    def counted(*a, **kw):
-        value, chunks = draw_normal(*a, **kw)
-        drawn.append(int(value.isfinite().sum()))
-        return value, chunks
+    def counted(rows, *a):
+        drawn.append(rows.numel())  # (list.append is atomic: the chunks are drawn on several threads)
+        draw_rows(rows, *a)
 
-    base._draw_normal = counted
+    base._draw_rows = counted
     env = trainer.Env(rank, world, rank, torch.device("cpu"))
     out, draws = {}, {}
     for layout, (ranks, extra) in LAYOUTS.items():
