@@ -903,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="text files, directories, JSON Lines files (.jsonl/.ndjson/.json, or a .json array of "
                    "records), optionally .gz/.bz2/.xz compressed, .parquet/.arrow files (needs pyarrow); none: the "
                    "Python stdlib corpus")
-    p.add_argument("--out", type=Path, help="dataset directory; required with inputs (the stdlib corpus's default: this Python's "
-                   f"{default_dataset_dir()})")
+    p.add_argument("--out", type=Path, help="dataset directory; required with inputs (the stdlib corpus's default: "
+                   f"this Python's {default_dataset_dir()})")
     p.add_argument("--tokenizer", type=Path, help="an HF tokenizers tokenizer.json; default: train a byte-level BPE")
     p.add_argument("--vocab-size", type=int, help="vocab of the trained BPE (default 8192; 4096 for the stdlib corpus)")
     p.add_argument("--shard-tokens", type=int,

@@ -114,11 +114,13 @@ def _local_part(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return whole
     if all(getattr(p, "dim", 0) == 0 for p in param.placements):  # sharded by rows alone (fsdp2's usual)
         rows = _rows_of_local(param)
-        first = int(rows[0]) if rows is not None and rows.numel() else 0
-        if rows is None or torch.equal(rows, torch.arange(first, first + rows.numel())):
+        if rows is None:
+            return whole
+        first = int(rows[0]) if rows.numel() else 0
+        if torch.equal(rows, torch.arange(first, first + rows.numel())):
             # Consecutive rows: a view, copied once into the parameter (distribute_tensor's shard is a
             # copy, which made a rank's cut of its weights take as long as drawing them).
-            return whole if rows is None else whole[first:first + rows.numel()]
+            return whole[first:first + rows.numel()]
     # src_data_rank=None: each rank cuts its own shard from its own copy (every rank drew the same
     # whole tensor), where the default scatters rank 0's. It follows the placements as they are,
     # fsdp2's strided sharding of a tensor-parallel dim included.
