@@ -5,6 +5,8 @@ at most about twice the error of transformers' own same-dtype result (tests/util
 
 import contextlib
 import copy
+import functools
+import io
 import re
 import subprocess
 import sys
@@ -767,6 +769,46 @@ def test_a_deepcopy_of_a_patched_model_runs_its_own_weights(kind):
     labels = labels_of(x)
     torch.testing.assert_close(clone.train()(x, labels=labels).loss, want.train()(x, labels=labels).loss)
     torch.testing.assert_close(fm.train()(x, labels=labels).loss, base.train()(x, labels=labels).loss)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_pickled_patched_model_loads_patched(kind, monkeypatch):
+    # torch.save(model) pickles the bound forwards: a bound method pickles as getattr(module, its
+    # function's name), and torch.load raised AttributeError (no attribute '_llama_attention_forward').
+    fm = patched(build(kind))
+    buf = io.BytesIO()
+    torch.save(fm, buf)
+    buf.seek(0)
+    # As in a new process, where only the load imports fmcore.hf: "fmcore" is no attention implementation yet.
+    monkeypatch.delitem(transformers.AttentionInterface._global_mapping, hf.NAME)
+    monkeypatch.delitem(transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, hf.NAME)
+    loaded = torch.load(buf, weights_only=False)
+    for a, b in zip(fm.modules(), loaded.modules()):
+        if "forward" in vars(a):
+            assert b.forward.__func__ is a.forward.__func__ and b.forward.__self__ is b
+    x = tokens()
+    labels = labels_of(x)
+    out = loaded.train()(x, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, fm.train()(x, labels=labels).loss)
+
+
+def _hooked_forward(module, *args, **kwargs):
+    return module._old_forward(*args, **kwargs)
+
+
+def test_a_patched_model_wrapped_afterwards_still_pickles():
+    # accelerate's hooks, added after apply_to, keep our forward as _old_forward and put theirs in forward.
+    fm = patched(build("llama"))
+    mlp = fm.model.layers[0].mlp
+    mlp._old_forward, mlp.forward = mlp.forward, functools.partial(_hooked_forward, mlp)
+    buf = io.BytesIO()
+    torch.save(fm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.model.layers[0].mlp._old_forward.__self__ is loaded.model.layers[0].mlp
+    x = tokens()
+    torch.testing.assert_close(loaded.eval()(x).logits, fm.eval()(x).logits)
 
 
 def test_another_librarys_instance_forward_is_not_dropped():

@@ -600,8 +600,48 @@ def _default_loss(model: nn.Module) -> bool:
 
 
 _FUSED_LOSS_FORWARD = {cls: _fused_loss_forward(cls) for cls in _OUTPUTS}
-_OURS = {_rms_norm_forward, _layer_norm_forward, _swiglu_mlp_forward, _llama_attention_forward,
-         _RMS_DECODER_LAYER_FORWARD, _GPT2_BLOCK_FORWARD, *_GELU_MLP_FORWARD.values(), *_FUSED_LOSS_FORWARD.values()}
+
+
+# ---- pickling a patched model
+
+def _getstate(self: nn.Module) -> dict:
+    """A patched module's __getstate__ (pickle reads it from the instance): its state with the methods
+    bound to it by apply_to as _Rebind. A bound method pickles as getattr(module, its function's name),
+    which the module being unpickled does not have: torch.save(model) wrote a file whose torch.load
+    raised "'LlamaAttention' object has no attribute '_llama_attention_forward'"."""
+    state = type(self).__getstate__(self)
+    # Wherever they are now: a library wrapping the module after apply_to (accelerate's hooks) keeps our
+    # forward as _old_forward and puts its own in forward.
+    for attr, value in state.items():
+        if isinstance(value, types.MethodType) and value.__self__ is self and value.__func__ in _NAMES:
+            state[attr] = _Rebind(_NAMES[value.__func__], self)
+    return state
+
+
+class _Rebind(NamedTuple):
+    """One of apply_to's bound methods in a pickle (and a deepcopy): loaded as that method bound to the
+    loaded module."""
+
+    name: str
+    module: nn.Module
+
+    def __reduce__(self):
+        return _bind, (self.name, self.module)
+
+
+def _bind(name: str, module: nn.Module) -> types.MethodType:
+    register_attention()  # a model loaded in a new process still names attn_implementation "fmcore"
+    return types.MethodType(_PATCHED[name], module)
+
+
+# apply_to's functions by a name that pickles (some are closures, which pickle cannot name).
+_PATCHED = {"rms_norm": _rms_norm_forward, "layer_norm": _layer_norm_forward, "swiglu_mlp": _swiglu_mlp_forward,
+            "llama_attention": _llama_attention_forward, "rms_decoder_layer": _RMS_DECODER_LAYER_FORWARD,
+            "gpt2_block": _GPT2_BLOCK_FORWARD, "getstate": _getstate,
+            **{f"gelu_mlp:{act}": f for act, f in _GELU_MLP_FORWARD.items()},
+            **{f"loss:{cls.__name__}": f for cls, f in _FUSED_LOSS_FORWARD.items()}}
+_NAMES = {f: name for name, f in _PATCHED.items()}
+_OURS = set(_PATCHED.values()) - {_getstate}
 
 
 # ---- apply_to
@@ -671,6 +711,7 @@ def apply_to(model: nn.Module, *, attention: bool = True, rope: bool = True, nor
                              f"on the instance ({bound!r}); apply fmcore.hf.apply_to first")
     for module, forward in patches:
         module.forward = types.MethodType(forward, module)
+        module.__getstate__ = types.MethodType(_getstate, module)
     if attention:
         register_attention()
         model.set_attn_implementation(NAME)
