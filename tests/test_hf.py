@@ -443,6 +443,17 @@ def test_a_2d_mask_not_made_by_the_mask_function_is_refused():
         hf.attention_forward(module, q, k, v, torch.tensor([0, 5, 10]))
 
 
+@pytest.mark.parametrize("name", ["s_aux", "softcap"])
+def test_what_neither_the_kernel_nor_sdpa_computes_is_refused(name):
+    # gpt-oss's attention sinks (s_aux) fell back to transformers' SDPA, which ignores them: its logits were
+    # silently wrong. Gemma 2's softcap made that SDPA raise, after a warning that it would run.
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    with pytest.raises(ValueError, match=f"{name} .* attn_implementation='eager'"):
+        hf.attention_forward(module, q, k, v, None, **{name: torch.zeros(4) if name == "s_aux" else 50.0})
+
+
 def test_a_layout_is_reused_only_for_the_same_mask_and_queries():
     # Every layer of a forward passes the same mask tensor, whose layout is made once: the same mask with
     # fewer queries, or changed in place, must not reuse it.

@@ -35,7 +35,8 @@ How transformers (5.x) is matched:
   either, the mask is materialised). HF's mask functions are recognised by their closures' code, so a
   transformers that builds them otherwise runs SDPA rather than being misread. A 4-D mask, dropout, or
   an input the kernel does not cover goes to HF's own SDPA function (our 1-D and 2-D forms made 4-D),
-  with a one-time warning naming the reason.
+  with a one-time warning naming the reason; softcap and s_aux (attention sinks), which that function
+  does not compute either, are refused.
 - Sliding windows (Mistral's, Qwen's sliding layers), on the kernel's window_size, in each case above.
   HF's window of W shows a query itself and the W - 1 keys before it (``kv_idx > q_idx - W``):
   window_size (W - 1, 0), aligned bottom-right as causal is. The mask function is the authority (its
@@ -137,9 +138,8 @@ def _fallback_reason(query, key, value, attention_mask, window, dropout, kwargs)
                 "running the mask's")
     if dropout > 0.0:
         return "attention dropout in training"
-    for name in ("position_bias", "softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            return f"{name} is not supported"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias is not supported"
     # The kernel's own limits (device, dtype, head dim, head counts); the causal alignment is ours (_mask).
     return _sdpa_fallback_reason(query, key, value, None, 0.0, False, True)
 
@@ -159,6 +159,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     attention_mask, window = attention_mask if isinstance(attention_mask, _Windowed) else (attention_mask, None)
     window = _hides_keys(window, key.shape[2])
     _check_mask(attention_mask, query, key)
+    for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks")):
+        # Not for the fallback either: transformers' SDPA raises on softcap and ignores s_aux (gpt-oss's
+        # logits came out 0.3 off its eager attention's, with only the fallback's warning).
+        if kwargs.get(name) is not None:
+            raise ValueError(f"fmcore.hf attention: {name} ({what}) is computed neither by fmcore's kernel nor by "
+                             "transformers' SDPA, its fallback; load this model with attn_implementation='eager'")
     reason = _fallback_reason(q, k, v, attention_mask, window, dropout, kwargs)
     if reason is not None:
         _warn_once(reason)
