@@ -471,6 +471,21 @@ def test_meta_built_tables_first_made_under_inference_mode_train(device):
     torch.testing.assert_close(rope.cos, RotaryEmbedding(16, max_seq_len=32).cos.to(device), rtol=0, atol=0)
 
 
+def test_tables_remade_under_inference_mode_train(device):
+    # .to() remakes the tables, even when nothing moves: under torch.inference_mode (an evaluation helper
+    # that moves the model) they became inference tensors, and the next training forward raised "Inference
+    # tensors cannot be saved for backward".
+    from fmcore.nn import Attention
+
+    attn = Attention(32, 2, max_seq_len=16).to(device)
+    with torch.inference_mode():
+        attn.to(device)
+    assert not attn.rope.cos.is_inference() and not attn.rope.sin.is_inference()
+    x = torch.randn(2, 16, 32, device=device, requires_grad=True)
+    attn(x).sum().backward()
+    assert x.grad is not None
+
+
 BAD = [
     # (what is wrong, kwargs changes, the word the error must name)
     ("k on another dtype", dict(k=lambda t: t["k"].half()), "k"),

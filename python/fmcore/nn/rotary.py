@@ -47,7 +47,11 @@ class RotaryEmbedding(nn.Module):
         self._build_table(self.cos.device)  # the default device (meta under torch.device("meta"))
 
     def _build_table(self, device: torch.device) -> None:
-        self.cos, self.sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), self.dim, self.base)
+        # Never inference tensors: tables made under torch.inference_mode (a first forward there of a module
+        # built on meta; any .to() there, even to where it already was) made every later training forward
+        # raise "Inference tensors cannot be saved for backward" (the rope backward saves them).
+        with torch.inference_mode(False):
+            self.cos, self.sin = rope_cos_sin(torch.arange(self.max_seq_len, device=device), self.dim, self.base)
 
     def _apply(self, fn, recurse=True):
         try:
@@ -75,11 +79,7 @@ class RotaryEmbedding(nn.Module):
                 layout: str = "bshd") -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k; positions (B, S) int, e.g. restarting at each packed document."""
         if self.cos.is_meta and not q.is_meta:  # (see _apply)
-            # Built outside inference mode: a first forward under torch.inference_mode (a validation
-            # pass before training) made them inference tensors, and every training forward then
-            # raised "Inference tensors cannot be saved for backward" (the rope backward saves them).
-            with torch.inference_mode(False):
-                self._build_table(q.device)
+            self._build_table(q.device)
         seq_dim = _SEQ_DIM.get(layout)
         if positions is None and seq_dim is not None and isinstance(q, torch.Tensor) and q.dim() == 4 \
                 and q.shape[seq_dim] > self.max_seq_len:  # (else apply_rotary's error names a cos it was not given)
