@@ -822,6 +822,39 @@ def test_a_patched_model_wrapped_afterwards_still_pickles():
     torch.testing.assert_close(loaded.eval()(x).logits, fm.eval()(x).logits)
 
 
+class _LoraLike(torch.nn.Module):
+    """What peft's LoRA layers look like to the module holding them: the base layer's weight and bias as
+    attributes, the adapter's term added in forward."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = torch.nn.Linear(base.weight.shape[0], rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, base.weight.shape[1], bias=False)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_an_adapter_added_after_apply_to_is_not_dropped():
+    # apply_to comes before peft (its docstring): GPT-2's patched MLP read c_fc.weight, which a LoRA layer
+    # shows as its base layer's, so the adapter dropped out of the loss and got no gradient.
+    base = build("gpt2")
+    fm = patched(base)
+    for model in (base, fm):
+        torch.manual_seed(1)
+        model.transformer.h[0].mlp.c_fc = _LoraLike(model.transformer.h[0].mlp.c_fc)
+    x = tokens()
+    labels = labels_of(x)
+    got, want = fm.train()(x, labels=labels).loss, base.train()(x, labels=labels).loss
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert fm.transformer.h[0].mlp.c_fc.lora_b.weight.grad is not None
+
+
 def test_another_librarys_instance_forward_is_not_dropped():
     # accelerate's device_map hooks replace module.forward on the instance: replacing it again would
     # drop them (the weights left on the wrong device); refused, and nothing is patched.

@@ -97,6 +97,7 @@ from transformers.masking_utils import (AttentionMaskInterface, and_masks, causa
                                        sliding_window_causal_mask_function, sliding_window_overlay)
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.pytorch_utils import Conv1D
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Block
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm,
                                                       eager_attention_forward)
@@ -446,8 +447,13 @@ def _swiglu_mlp_forward(self: LlamaMLP, x: torch.Tensor) -> torch.Tensor:
 
 def _gelu_mlp_forward(approximate: str):
     def forward(self: GPT2MLP, x: torch.Tensor) -> torch.Tensor:
-        # Conv1D is x @ weight + bias, weight (in, out); the bias joins the GELU, its gradient summed there.
-        h = bias_gelu(torch.matmul(x, self.c_fc.weight), self.c_fc.bias, approximate=approximate)
+        if type(self.c_fc) is Conv1D:
+            # Conv1D is x @ weight + bias, weight (in, out); the bias joins the GELU, its gradient summed there.
+            h = bias_gelu(torch.matmul(x, self.c_fc.weight), self.c_fc.bias, approximate=approximate)
+        else:
+            # A wrapper added after apply_to (peft's LoRA layers show their base layer's weight and bias): its
+            # forward, whose adapter reading the weight alone dropped, silently.
+            h = bias_gelu(self.c_fc(x), approximate=approximate)
         return self.dropout(self.c_proj(h))
 
     return forward
