@@ -855,6 +855,43 @@ def test_an_adapter_added_after_apply_to_is_not_dropped():
     assert fm.transformer.h[0].mlp.c_fc.lora_b.weight.grad is not None
 
 
+class _NormTuningLike(torch.nn.Module):
+    """What peft's LN tuning looks like to the decoder layer holding the norm: the base norm's weight and bias
+    as attributes (no eps), a trained copy in forward."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            self.tuned.weight.mul_(1.5)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.tuned(x)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_norm_wrapped_after_apply_to_runs_its_forward(kind):
+    # The patched decoder layers read the norm after attention's weight (and eps) to fuse it with the add.
+    base = build(kind)
+    fm = patched(base)
+    for model in (base, fm):
+        layer = model.model.layers[0] if kind == "llama" else model.transformer.h[0]
+        name = "post_attention_layernorm" if kind == "llama" else "ln_2"
+        setattr(layer, name, _NormTuningLike(getattr(layer, name)))
+    x = tokens()
+    labels = labels_of(x)
+    got, want = fm.train()(x, labels=labels).loss, base.train()(x, labels=labels).loss
+    torch.testing.assert_close(got, want)
+    got.backward()
+    layer = fm.model.layers[0] if kind == "llama" else fm.transformer.h[0]
+    norm = layer.post_attention_layernorm if kind == "llama" else layer.ln_2
+    assert norm.tuned.weight.grad is not None
+
+
 def test_another_librarys_instance_forward_is_not_dropped():
     # accelerate's device_map hooks replace module.forward on the instance: replacing it again would
     # drop them (the weights left on the wrong device); refused, and nothing is patched.

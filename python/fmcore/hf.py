@@ -501,7 +501,10 @@ def _rms_decoder_layer_forward(self: LlamaDecoderLayer, hidden_states: torch.Ten
     h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                           position_ids=position_ids, cache=cache, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
-    normed, stream = _rms_norm(self.post_attention_layernorm, h, hidden_states)
+    norm = self.post_attention_layernorm
+    if not isinstance(norm, _RMS_NORMS):  # wrapped after apply_to (see _wrapped_norm)
+        return _wrapped_norm(self, norm, h, hidden_states)
+    normed, stream = _rms_norm(norm, h, hidden_states)
     return stream + self.mlp(normed)
 
 
@@ -513,8 +516,18 @@ def _gpt2_block_forward(self: GPT2Block, hidden_states: torch.Tensor, cache=None
         raise ValueError(f"encoder_hidden_states given to a GPT2Block without cross-attention ({self})")
     h, _ = self.attn(self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, use_cache=use_cache,
                      **kwargs)
+    if type(self.ln_2) is not nn.LayerNorm:  # wrapped after apply_to (see _wrapped_norm)
+        return _wrapped_norm(self, self.ln_2, h, hidden_states)
     normed, stream = add_norm(h, hidden_states, self.ln_2.weight, self.ln_2.bias, eps=self.ln_2.eps, kind="layer")
     return stream + self.mlp(normed)
+
+
+def _wrapped_norm(layer: nn.Module, norm: nn.Module, h: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer whose norm after attention was wrapped after apply_to (peft's LN tuning, whose
+    weight attribute is the frozen base layer's while its forward runs a trained copy): HF's add, then the norm's
+    own forward. Reading its weight trained nothing (a wrapper without eps raised AttributeError)."""
+    stream = hidden_states + h
+    return stream + layer.mlp(norm(stream))
 
 
 def _checkpointed(layer_forward):
