@@ -168,3 +168,13 @@ def test_help_lists_the_run_name():
     text = help_text()
     assert "--name (str, default the preset's name" in text
     assert "Name of the run" in text.split("--name ", 1)[1].split("\n")[1]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../x", "/tmp/x", "a/b"])
+def test_a_run_name_that_is_not_one_directory_name_is_refused(name):
+    # The default run dir is runs/<name>: --name '' wrote the run's files into runs/ itself, and
+    # --name ../../x or /tmp/x put it outside runs/.
+    with pytest.raises(ConfigError, match=r"name: the default run dir is runs/<name>, so the name must be one"):
+        load_config("tiny", ["--name", name])
+    assert load_config("tiny", ["--name", name, "--log.run_dir", "elsewhere"]).name == name
+    assert load_config("tiny", ["--name", "my run"]).name == "my run"

@@ -540,6 +540,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.mix and data.dataset are both set ({cfg.data.mix!r}, {cfg.data.dataset!r}): "
                               "give one (list the dataset in the mix with its weight)")
         parse_mix(cfg.data.mix)
+    if not cfg.log.run_dir and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name):
+        # The default run dir is runs/<name>: "" wrote the run into runs/ itself, "../x" or "/x" outside it.
+        raise ConfigError(f"name: the default run dir is runs/<name>, so the name must be one directory name, "
+                          f"got {cfg.name!r}; set log.run_dir to put the run elsewhere")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
