@@ -249,6 +249,30 @@ def test_jsonl_records_end_at_newline_only(tmp_path):
     assert sorted(train_docs(out)) == texts
 
 
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json"])
+def test_a_text_field_no_record_has_names_the_file(tmp_path, name):
+    """A wrong --text-field counted every record of a JSON Lines or .json file in bad_json, and prepare went on
+    with the other inputs (a text file beside it) as if nothing was wrong: an error naming the file, as for a
+    Parquet file without that column. Records lacking it beside others having it are still counted."""
+    records = [{"body": f"an ordinary record number {i}", "id": i} for i in range(3)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_text("\n".join(map(json.dumps, records)) if name.endswith("l")
+                                        else json.dumps(records))
+    (tmp_path / "in" / "notes.txt").write_text("a text file beside the records, read whatever the field")
+    with pytest.raises(ValueError, match=rf"input {tmp_path / 'in' / name}: no record has the field 'text' "
+                                         r"\(--text-field\); the first record's fields are \['body', 'id'\]"):
+        prepare(tmp_path / "in", tmp_path / "ds", vocab_size=300, val_fraction=0.0, workers=1)
+    out = prepare(tmp_path / "in", tmp_path / "ds", text_field="body", vocab_size=300, val_fraction=0.0, workers=1)
+    assert json.loads((out / "manifest.json").read_text())["cleaning"]["kept"] == 4
+    records[1] = {"id": 1}
+    (tmp_path / "in" / name).write_text("\n".join(map(json.dumps, records)) if name.endswith("l")
+                                        else json.dumps(records))
+    out = prepare(tmp_path / "in", tmp_path / "ds", text_field="body", vocab_size=300, val_fraction=0.0, workers=1,
+                  overwrite=True)
+    c = json.loads((out / "manifest.json").read_text())["cleaning"]
+    assert (c["kept"], c["bad_json"]) == (3, 1)
+
+
 def test_jsonl_bad_records_are_counted(tmp_path):
     """A record Python's json cannot hold (an integer over the digit limit, nesting deeper than the recursion
     limit) is one bad_json, not the end of the run; a lone surrogate escape becomes U+FFFD."""

@@ -179,6 +179,41 @@ def _record_text(record, field: str):
     return record.get(field) if isinstance(record, dict) else None
 
 
+def _json_lines(text: str):
+    """Each record of JSON Lines text, None for a line that is not JSON."""
+    # Records end at "\n" only: str.splitlines() would also split inside a record at U+2028,
+    # U+2029, U+0085 ..., which JSON allows unescaped in strings.
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        # ValueError: bad JSON, or an integer over Python's digit limit; RecursionError: deep nesting.
+        # One bad record is counted, never the end of the whole run.
+        except (ValueError, RecursionError):
+            yield None
+
+
+def _record_texts(records, path, field: str, raw_docs: list, counts: dict) -> None:
+    """The text field of each record into raw_docs, the others counted in bad_json; ValueError naming the
+    file when no record has the field: a wrong --text-field (a missing Parquet column is an error too),
+    which counted every record as bad JSON and kept the other inputs' text as if nothing was wrong."""
+    first, keyed = None, False
+    for record in records:
+        if isinstance(record, dict):
+            first = record if first is None else first
+            keyed = keyed or field in record
+        value = _record_text(record, field)
+        if isinstance(value, str):
+            raw_docs.append(value)
+        else:
+            counts["bad_json"] += 1
+    if first is not None and not keyed:
+        raise ValueError(f"input {path}: no record has the field {field!r} (--text-field); the first record's "
+                         f"fields are {list(first)[:20]}")
+
+
 def _import_pyarrow(path):
     try:
         import pyarrow
@@ -259,29 +294,9 @@ def _load_task(task) -> tuple[list[tuple[bytes, str]], dict]:
             counts["binary_files"] += 1
         elif kind == "jsonl" and span is None and Path(path).name.lower().endswith(_JSON_ARRAY_SUFFIXES) \
                 and (records := _json_records(text)) is not None:
-            for record in records:
-                value = _record_text(record, cfg.text_field)
-                if isinstance(value, str):
-                    raw_docs.append(value)
-                else:
-                    counts["bad_json"] += 1
+            _record_texts(records, path, cfg.text_field, raw_docs, counts)
         elif kind == "jsonl":
-            # Records end at "\n" only: str.splitlines() would also split inside a record at U+2028,
-            # U+2029, U+0085 ..., which JSON allows unescaped in strings.
-            for line in text.split("\n"):
-                line = line.removesuffix("\r")
-                if not line.strip():
-                    continue
-                try:
-                    value = _record_text(json.loads(line), cfg.text_field)
-                # ValueError: bad JSON, or an integer over Python's digit limit; RecursionError: deep nesting.
-                # One bad record is counted, never the end of the whole run.
-                except (ValueError, RecursionError):
-                    value = None
-                if isinstance(value, str):
-                    raw_docs.append(value)
-                else:
-                    counts["bad_json"] += 1
+            _record_texts(_json_lines(text), path, cfg.text_field, raw_docs, counts)
         else:
             raw_docs.append(text)
     docs = []
