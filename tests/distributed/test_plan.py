@@ -234,6 +234,9 @@ def test_zero1_counts_its_shard_buffers():
 
 @pytest.mark.parametrize("args,why", [
     (["--gpus", "-2"], "--gpus: expected"),
+    # (-50304 was planned as given: tiny as a -5.6M-parameter model of -0.021 GiB of params)
+    (["--data.dataset", "/absent", "--vocab-size", "-50304"], "--vocab-size: expected a vocabulary >= 1, got -50304"),
+    (["--data.dataset", "/absent", "--vocab-size", "0"], "--vocab-size: expected a vocabulary >= 1, got 0"),
     (["--gpus", "8"], "but parallel.data is 'none'"),
     (["--gpus", "4", "--parallel.tensor", "2"], "2 data-parallel replicas"),
     (["--gpus", "2", "--parallel.data", "ddp", "--parallel.tensor", "2"], "with parallel.tensor > 1"),

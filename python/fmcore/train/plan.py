@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     config = argv.pop(0) if argv and not argv[0].startswith("-") else None
     args, overrides = parser.parse_known_args(argv)
     args.config = config
+    if args.vocab_size < 1:  # (a negative one planned a model of negative parameters and GiB)
+        print(f"fmcore plan-memory: --vocab-size: expected a vocabulary >= 1, got {args.vocab_size}")
+        return 2
     if args.run is not None and not (args.run / "metrics.jsonl").is_file():
         print(f"fmcore plan-memory: --run {args.run} holds no metrics.jsonl: it takes a run directory written "
               f"by `fmcore train`")
