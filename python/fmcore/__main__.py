@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -23,15 +24,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("command", choices=list(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
         parser.parse_args(argv[:1])  # exits: the help for -h (status 0), else the usage and the error (2)
     command, rest = argv[0], argv[1:]
-    if command == "info":
-        from fmcore._info import format_build_info
+    try:
+        if command == "info":
+            from fmcore._info import format_build_info
 
-        print(format_build_info())
-        return 0
-    # (imported when chosen: each pulls in what only it needs)
-    module = {"bench": "fmcore.bench.__main__", "prepare": "fmcore.data.prepare", "train": "fmcore.train.trainer",
-              "plan-memory": "fmcore.train.plan", "export": "fmcore.train.export_run"}[command]
-    return importlib.import_module(module).main(rest)
+            print(format_build_info())
+            return 0
+        # (imported when chosen: each pulls in what only it needs)
+        module = {"bench": "fmcore.bench.__main__", "prepare": "fmcore.data.prepare", "train": "fmcore.train.trainer",
+                  "plan-memory": "fmcore.train.plan", "export": "fmcore.train.export_run"}[command]
+        return importlib.import_module(module).main(rest)
+    except BrokenPipeError:
+        # The reader closed stdout early (`fmcore train --help | head`, 17 KB of help): it has what it wanted,
+        # not a traceback. stdout goes to /dev/null, or the interpreter's exit would flush into the closed pipe
+        # again and print another error. 141 = 128 + SIGPIPE, the shell's convention.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1028,6 +1028,17 @@ def test_ctrl_c_ends_fmcore_train_with_one_line_and_130(dataset, tmp_path, capsy
     assert [s for s, _ in checkpoint.step_dirs(run / "checkpoints")][-1] == 6
 
 
+def test_help_into_a_pipe_closed_early_ends_without_a_traceback():
+    # `fmcore train --help | head`: the reader closed the pipe and the help's 17 KB raised BrokenPipeError out
+    # of its print, a traceback under the lines the reader wanted. (Closed before the child writes: no race.)
+    pkg_root = Path(fmcore.__file__).resolve().parent.parent  # (as _cli: this test's fmcore)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "fmcore", "train", "--help"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.communicate(timeout=60)[1] == "" and proc.returncode == 141
+
+
 def test_ctrl_c_replaced_by_a_peers_disappearance_is_still_an_interrupt(dataset, tmp_path, capsys, monkeypatch,
                                                                         sigint_raises):
     # Under torchrun every worker gets the SIGINT; the first to end breaks the others' collectives, and
