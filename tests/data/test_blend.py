@@ -517,7 +517,7 @@ def test_a_state_saved_after_adding_a_source_resumes_identically(dirs):
         assert torch.equal(rows(loader, 40)[0], resumed)
 
 
-def test_adding_sources_is_refused_unless_after_the_states_with_the_opt_in(dirs):
+def test_adding_sources_is_refused_unless_after_the_states_with_the_opt_in(dirs, tmp_path):
     kw = dict(batch_size=4, seq_len=T)
     a, b, c = dirs["a"], dirs["b"], dirs["c"]
     with Loader([(a, 0.7), (b, 0.3)], **kw) as loader:
@@ -539,6 +539,11 @@ def test_adding_sources_is_refused_unless_after_the_states_with_the_opt_in(dirs)
          r"the state's sources must stay this loader's first 2, in their order .*any added source after them"),
         (one, [(b, 0.5), (a, 0.5)], True, r"must stay this loader's first 1, in their order"),
     ]
+    # The state's source rewritten with other shards (`fmcore prepare --overwrite` into its directory) was
+    # "lacks the state's source a; a resume cannot remove a source (give it weight 0 ...)", of a run on one dataset.
+    rewritten = _write(tmp_path / "a", 0, [300, 500])
+    refused.append((one, rewritten, True, r"source a is other data than the state's \([0-9a-f]{16}, the state's "
+                                          r"[0-9a-f]{16}: .*as after a new `fmcore prepare` into its directory\)"))
     for saved, blend, mix_change, match in refused:
         with Loader(blend, **kw) as loader:
             with pytest.raises(ValueError, match=match):

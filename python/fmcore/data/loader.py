@@ -337,7 +337,14 @@ class Loader:
                 " (a state written before sources could be added (version 2) resumes only on its own sources: resume "
                 "it so and save, then add sources)"))
         fingerprints = self._source_fingerprints
+        here_by_name = {source.name: fp for source, fp in zip(self.sources, fingerprints)}
         for name, fp in saved:
+            if fp not in fingerprints and name in here_by_name:
+                # (not "lacks the state's source ... cannot remove a source": said of a run on one dataset that
+                # `fmcore prepare --overwrite` rewrote, that advice about a mix's weights misled)
+                raise ValueError(f"{refused}: source {name} is other data than the state's ({here_by_name[name]}, "
+                                 f"the state's {fp}: its shards' names or token counts differ, as after a new "
+                                 "`fmcore prepare` into its directory)")
             if fp not in fingerprints:
                 raise ValueError(f"{refused}: this loader lacks the state's source {f'{name} ' if name else ''}[{fp}]; "
                                  "a resume cannot remove a source (give it weight 0 to stop reading it)")
