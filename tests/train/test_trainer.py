@@ -867,6 +867,16 @@ def test_a_run_dir_in_use_is_a_config_error(dataset, tmp_path):
     _short_run(dataset, run, "--train.steps", "5", "--checkpoint.save_final", "true")
 
 
+
+def test_a_run_dir_that_cannot_be_made_is_a_config_error(tmp_path):
+    # --log.run_dir naming a file (or a path under one) ended fmcore train with mkdir's FileExistsError traceback.
+    from fmcore.train.resume import lock_run_dir
+
+    (tmp_path / "afile").write_text("")
+    for where, why in (("afile", "File exists"), ("afile/run", "Not a directory")):
+        with pytest.raises(ConfigError, match=rf"log.run_dir {tmp_path / where} cannot be the run dir: {why}"):
+            lock_run_dir(tmp_path / where)
+
 def test_resume_drops_a_torn_metrics_line_and_rewrites_the_file_atomically(tmp_path, monkeypatch):
     from fmcore.train import metrics
 

@@ -82,8 +82,11 @@ def lock_run_dir(run_dir: Path) -> int:
     process ends, however it ends. Two runs in one run dir (a job started twice, two --resume auto)
     would interleave their metrics, set aside or prune each other's checkpoints and delete each
     other's saves in progress."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # (a file of that name, a read-only file system: a traceback of mkdir's before)
+        raise ConfigError(f"log.run_dir {run_dir} cannot be the run dir: {e.strerror}: {e.filename}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
