@@ -136,6 +136,9 @@ def test_errors_name_the_path(gpt2_run, tmp_path, capsys):
     (run / "out").mkdir()
     (run / "out" / "notes.txt").write_text("mine")
     assert f"--out {run / 'out'} is not empty: pass --overwrite" in error(run, "--out", run / "out")
+    # (under a file: NotADirectoryError's traceback, after the checkpoint was read)
+    assert f"--out {run / 'out' / 'notes.txt' / 'hf'} cannot be made: Not a directory" in error(
+        run, "--out", run / "out" / "notes.txt" / "hf")
     assert main(["export", str(run), "--out", str(run / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (run / "out").iterdir()) == ["config.json", "model.safetensors", "notes.txt",
                                                                 "tokenizer.json"]

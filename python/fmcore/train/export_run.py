@@ -139,6 +139,10 @@ def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None =
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} is not empty: pass --overwrite to replace the export's files in it, or "
                           "choose another --out")
+    try:  # before the checkpoint is read: under a file or on a read-only path it was a traceback after that
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out} cannot be made: {e.strerror}: {e.filename}") from None
     extra = checkpoint.read_extra(ckpt)  # (checks that it is complete: .metadata and extra_rank0.pt)
     # (model.init_from cleared: the weights it names are the run's start, and may be gone by now)
     cfg = load_config(str(run_dir / "config.toml"), ["--model.init_from="])
