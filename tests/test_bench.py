@@ -103,6 +103,20 @@ def test_cli_unknown_benchmark_exits_2_before_measuring(capsys):
     assert "unknown benchmark 'no-such-bench'" in captured.err and "roofline" not in captured.out
 
 
+
+def test_cli_unwritable_outputs_exit_2_before_measuring(tmp_path, capsys):
+    # A --plot (or --json) path under a file raised FileExistsError after every benchmark had run.
+    from fmcore.bench.__main__ import main
+
+    (tmp_path / "afile").write_text("")
+    for args, message in ((["--plot", tmp_path / "afile"], f"--plot: cannot make {tmp_path / 'afile'}: File exists"),
+                          (["--json", tmp_path / "afile" / "r.json"], f"--json: cannot make {tmp_path / 'afile'}"),
+                          (["--json", tmp_path], f"--json {tmp_path} is a directory")):
+        with pytest.raises(SystemExit) as e:
+            main(["rope", *map(str, args)])
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and message in captured.err and "roofline" not in captured.out
+
 @pytest.mark.parametrize("device, message", [("foo", "expected cpu or cuda"), ("mps", "expected cpu or cuda"),
                                              ("cuda:99", "CUDA device(s)")])
 def test_cli_bad_device_exits_2(capsys, device, message):

@@ -34,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:  # before anything is measured
         parser.error(f"unknown benchmark {', '.join(map(repr, unknown))}; known: {', '.join(BENCHMARKS)}")
+    # The output folders, made before anything is measured: a --plot under a file failed after the whole run.
+    for flag, folder in (("--json", args.json and args.json.parent), ("--plot", args.plot)):
+        try:
+            if folder:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"{flag}: cannot make {folder}: {e.strerror}: {e.filename}")
+    if args.json and args.json.is_dir():
+        parser.error(f"--json {args.json} is a directory; name the file to write")
     modules = [load(n) for n in names]
     roof = roofline.measure(device)
     print(f"# roofline on {device}: copy {roof.copy_gbps:.0f} GB/s, matmul {roof.matmul_tflops:.2f} TFLOP/s",
