@@ -747,6 +747,10 @@ def test_cli_vocab_size_with_a_given_tokenizer_is_refused(corpus, tmp_path, caps
     assert fmcore_main(args + ["--vocab-size", "4096"]) == 2
     assert "--vocab-size sizes the trained BPE" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
+    # --max-input-chars caps the stdlib corpus only: with INPUTS it was ignored, every input read whole.
+    assert fmcore_main(args + ["--max-input-chars", "10"]) == 2
+    assert "--max-input-chars caps the embedded stdlib corpus; INPUTS are read whole" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
     assert fmcore_main(args) == 0
 
 

@@ -931,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents (default %(default)s)")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
     p.add_argument("--max-symbol-fraction", type=float, help="drop documents with more non-alphanumeric, non-space characters")
-    p.add_argument("--max-input-chars", type=int, default=DEFAULT_RECIPE["max_input_chars"], help="cap on the stdlib corpus (default %(default)s)")
+    p.add_argument("--max-input-chars", type=int,
+                   help=f"cap on the stdlib corpus (default {DEFAULT_RECIPE['max_input_chars']})")
     p.add_argument("--workers", type=int, help="worker processes (default: the usable cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)
@@ -944,6 +945,11 @@ def main(argv: list[str] | None = None) -> int:
         print("fmcore prepare: error: --vocab-size sizes the trained BPE; a given --tokenizer has its own vocab: "
               "pass one of them", file=sys.stderr)
         return 2
+    if args.max_input_chars is not None and not stdlib:
+        # (ignored before: inputs are read whole, whatever cap was asked for)
+        print("fmcore prepare: error: --max-input-chars caps the embedded stdlib corpus; INPUTS are read whole "
+              "(--max-chars drops longer documents)", file=sys.stderr)
+        return 2
     vocab_size = args.vocab_size  # (not `or`: --vocab-size 0 took the default silently)
     if vocab_size is None:
         vocab_size = DEFAULT_RECIPE["vocab_size"] if stdlib else 8192
@@ -955,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
                           val_fraction=val_fraction,
                           eos_token=args.eos_token, min_chars=args.min_chars, max_chars=args.max_chars,
                           max_symbol_fraction=args.max_symbol_fraction, text_field=args.text_field,
-                          max_input_chars=args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
+                          max_input_chars=DEFAULT_RECIPE["max_input_chars"] if args.max_input_chars is None
+                          else args.max_input_chars, workers=args.workers, overwrite=args.overwrite,
                           progress=True)
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # a missing input, an existing dataset, a bad option
         print(f"fmcore prepare: error: {e}", file=sys.stderr)
