@@ -975,6 +975,19 @@ def test_a_single_document_drawn_for_val_trains_instead(tmp_path):
     assert list(splits) == ["train"] and splits["train"]["documents"] == 1
 
 
+
+def test_a_val_document_drawn_for_a_few_files_is_the_shortest(tmp_path):
+    # No document's hash fell under val_fraction, so the one with the smallest hash became val: here the book,
+    # 99% of the text, leaving train a README and notes too short for one window of fmcore train.
+    (tmp_path / "book.txt").write_text("a long ordinary english sentence of the book. " * 1001)
+    (tmp_path / "README.md").write_text("# the readme of my book")
+    (tmp_path / "notes.txt").write_text("some notes about the book and its chapters")
+    out = prepare(tmp_path, tmp_path / "ds", vocab_size=300, val_fraction=0.005, workers=1)
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert splits["val"]["documents"] == 1 and splits["train"]["documents"] == 2
+    kept = sorted((tmp_path / name).read_text().strip() for name in ("book.txt", "notes.txt"))
+    assert sorted(train_docs(out)) == kept
+
 def test_the_embedded_corpus_goes_to_fmcore_data(tmp_path, monkeypatch, capsys):
     # `fmcore prepare` without inputs or --out: the directory default_dataset() reads
     from fmcore.data import default_dataset_dir, default_dataset_root

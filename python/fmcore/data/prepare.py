@@ -718,7 +718,9 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     # Split by content hash: a document's split does not depend on the input order or the worker count.
     is_val = [int.from_bytes(h[:8], "little") / 2.0**64 < val_fraction for h, _ in docs]
     if val_fraction > 0 and len(docs) >= 2 and not any(is_val):
-        is_val[min(range(len(docs)), key=lambda i: docs[i][0])] = True
+        # The shortest document (the hash breaks ties): the smallest hash took whichever came, so of a user's
+        # two or three files the largest could become val, the rest too short for one training window.
+        is_val[min(range(len(docs)), key=lambda i: (len(docs[i][1]), docs[i][0]))] = True
     if all(is_val):
         is_val[max(range(len(docs)), key=lambda i: docs[i][0])] = False
 
