@@ -102,6 +102,24 @@ def test_prepare_given_tokenizer_and_filters(corpus, tmp_path):
         prepare([root], tmp_path / "ds2", tokenizer=tmp_path / "tok.json", eos_token="<missing>")
 
 
+def test_a_tokenizer_replaced_after_prepare_is_refused(corpus, tmp_path):
+    """A tokenizer.json copied over a dataset's decoded its run's samples and went into its export, silently."""
+    from fmcore.data.shards import ShardError, load_manifest
+    from fmcore.train.trainer import dataset_tokenizer
+
+    root, kept, _ = corpus
+    out = prepare([root], tmp_path / "ds", vocab_size=300, val_fraction=0.2, workers=1)
+    assert dataset_tokenizer(out) == out / "tokenizer.json"
+    train_bpe(kept, 290).save(str(out / "tokenizer.json"))
+    with pytest.raises(ShardError, match=r"tokenizer\.json: crc32 .* not the tokenizer this dataset's shards"):
+        dataset_tokenizer(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["crc32"] = "0x1234"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="tokenizer.crc32 must be an int"):
+        load_manifest(out)
+
+
 def test_large_jsonl_read_in_ranges(tmp_path, monkeypatch):
     """A JSON Lines file split into byte ranges (here of 100 bytes) yields every record exactly once."""
     prep = importlib.import_module("fmcore.data.prepare")  # the module (fmcore.data.prepare is the function)

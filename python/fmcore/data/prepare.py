@@ -41,7 +41,7 @@ import numpy as np
 
 from fmcore.data import _bpe
 from fmcore.data._bpe import EOS_TOKEN, train_bpe
-from fmcore.data.shards import MANIFEST, ShardError, _is_int, load_manifest, write_shard
+from fmcore.data.shards import MANIFEST, ShardError, _is_int, file_crc32, load_manifest, write_shard
 
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 # Compressed inputs are read through these (a file's name ends with one: "part.jsonl.gz", "book.txt.xz").
@@ -780,7 +780,8 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         counts["kept"] = len(docs)
         manifest = {
             "format": "fmcore-dataset", "version": 1,
-            "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_name,
+            "tokenizer": {"file": "tokenizer.json", "crc32": file_crc32(tmp / "tokenizer.json"),
+                          "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_name,
                           "bos_id": framing[0][0] if framing[0] else None,
                           "document": " ".join([*map(tok.id_to_token, framing[0]), "$text",
                                                 *map(tok.id_to_token, framing[1])]),

@@ -29,7 +29,7 @@ token count N, the rest unused) then N uint16 GPT-2 tokens (vocab 50257, EOS 502
 A dataset is a directory holding the shards and ``manifest.json``::
 
     {"format": "fmcore-dataset", "version": 1,
-     "tokenizer": {"file": "tokenizer.json", "vocab_size": V, "eos_id": E, "eos_token": "...",
+     "tokenizer": {"file": "tokenizer.json", "crc32": ..., "vocab_size": V, "eos_id": E, "eos_token": "...",
                    "bos_id": B or null, "document": "<s> $text </s>", "source": "..."},
      "splits": {"train": {"tokens": .., "documents": .., "shards": [{"file": "train_000000.bin",
                 "tokens": N, "documents": D, "bytes": ..., "crc32": ...}, ...]}, "val": {...}},
@@ -282,6 +282,20 @@ def _check_doc_starts(info: ShardInfo, starts: np.ndarray) -> None:
 # ---- datasets
 
 
+def dataset_tokenizer_file(root: Path, manifest: dict) -> Path | None:
+    """The dataset's tokenizer file, None when it names none. ShardError when the file there is not the one
+    its shards were tokenized with (the manifest's crc32, written by `fmcore prepare` since 2026-12-08): a
+    tokenizer.json copied over it decoded a run's samples and went into its Hugging Face export, silently."""
+    tok = manifest.get("tokenizer") or {}
+    if not tok.get("file"):
+        return None
+    path = Path(root) / tok["file"]
+    if "crc32" in tok and path.is_file() and (crc := file_crc32(path)) != tok["crc32"]:
+        raise ShardError(f"{path}: crc32 0x{crc:08X}, the manifest says 0x{tok['crc32']:08X}: not the tokenizer "
+                         "this dataset's shards were tokenized with; restore it, or prepare the dataset again")
+    return path
+
+
 def file_crc32(path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -374,6 +388,8 @@ def _check_manifest(path: Path, m) -> None:
         if value is not None and (not _is_int(value) or not 0 <= value < (vocab or NO_EOS)):
             bound = f"[0, {vocab or NO_EOS})" + (" (the vocab size)" if vocab else "")
             fail(f"tokenizer.{field}", f"null or an int in {bound}", value)
+    if "crc32" in tok and not _is_int(tok["crc32"]):
+        fail("tokenizer.crc32", "an int", tok["crc32"])
     splits = m.get("splits")
     if not isinstance(splits, dict):
         fail("splits", "an object mapping split names to {\"shards\": [...]}", splits)

@@ -120,7 +120,10 @@ def run_tokenizer(run_dir: Path, vocab_size: int) -> tuple[Path | None, int | No
     if (tok.get("vocab_size") or 0) > vocab_size:
         return None, None, None, (f"{first} is not the run's dataset now: its tokenizer has {tok['vocab_size']} "
                                   f"tokens, the model {vocab_size}")
-    path = tokenizer_file(first)
+    try:
+        path = tokenizer_file(first)
+    except ShardError as e:  # (a tokenizer.json replaced since: the model's ids are not its)
+        return None, None, None, str(e)
     why = "" if path is not None and path.is_file() else f"the run's dataset {first} has no tokenizer file"
     return (path if not why else None), tok.get("eos_id"), tok.get("bos_id"), why
 

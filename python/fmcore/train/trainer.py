@@ -471,12 +471,12 @@ def dataset_dirs(dataset) -> list[Path]:
 
 
 def dataset_tokenizer(dataset) -> Path | None:
-    """The dataset's tokenizer file (a blend's first source's: every source has the same tokenizer)."""
-    from fmcore.data import Loader
+    """The dataset's tokenizer file (a blend's first source's: every source has the same tokenizer);
+    ShardError when it is not the one the shards were tokenized with."""
+    from fmcore.data.shards import dataset_tokenizer_file, load_manifest
 
     dataset = dataset_dirs(dataset)[0]
-    tok = Loader.manifest(dataset).get("tokenizer") or {}
-    return dataset / tok["file"] if tok.get("file") else None
+    return dataset_tokenizer_file(dataset, load_manifest(dataset))
 
 
 def make_room_to_compile(model: nn.Module, graphs_per_run: int) -> None:
