@@ -249,6 +249,9 @@ def test_out_is_free_or_a_dataset(corpus, tmp_path, capsys):
     assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "a-file"), "--overwrite"]) == 2
     assert f"output {tmp_path / 'a-file'} is an existing file" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == "keep me"
+    for under in ("sub", "sub/deeper"):  # (mkdir's "[Errno 17] File exists" once the inputs had been read)
+        assert fmcore_main(["prepare", str(root), "--out", str(tmp_path / "a-file" / under)]) == 2
+        assert f"cannot be written: {tmp_path / 'a-file'} is not a directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()  # an empty directory is free
     args = ["prepare", str(root), "--out", str(tmp_path / "empty"), "--vocab-size", "300", "--workers", "1"]
     assert fmcore_main(args) == 0

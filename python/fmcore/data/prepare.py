@@ -724,7 +724,6 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
     if all(is_val):
         is_val[max(range(len(docs)), key=lambda i: docs[i][0])] = False
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if (dest / _REPLACED).exists():  # a replaced dataset whose deletion was killed (below)
         shutil.rmtree(dest / _REPLACED, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # same filesystem: rename is atomic
@@ -828,6 +827,17 @@ def _check_out(out: Path, dest: Path, overwrite: bool) -> None:
     deleted, even with overwrite), or a dataset without overwrite. overwrite deletes a dataset's own files
     only: a directory that holds anything else (a user's notes, their raw text, a web app's manifest.json) is
     refused. dest: out resolved."""
+    # The dataset is written in a directory beside dest, then renamed onto it: tried now, not after the inputs are
+    # read (an --out under a file said "[Errno 17] File exists: 'afile'", one where no directory can be made named
+    # the temporary directory, minutes later).
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in dest.parents if p.exists())
+        raise ValueError(f"output {out} cannot be written: {blocker} is not a directory") from None
+    except OSError as e:
+        raise ValueError(f"output {out} cannot be written in {dest.parent}: {e.strerror}") from None
     if not dest.exists():
         return
     if not dest.is_dir():
