@@ -310,6 +310,7 @@ def test_a_truncated_checkpoint_file_is_damaged_not_another_model(dataset, tmp_p
     assert main([*args, "--train.steps", "3", "--resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint error: " in err and "step_00000002 is damaged" in err and "does not fit" not in err, err
+    assert "__0_0.distcp holds 100 bytes, .metadata places data up to byte " in err, err  # (the file is named)
 
 
 def test_a_damaged_extra_state_is_a_checkpoint_error(dataset, tmp_path, capsys):

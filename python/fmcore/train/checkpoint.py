@@ -431,7 +431,23 @@ def _load_failure(path: Path, e: BaseException) -> BaseException:
     failures = [exc for exc, *_ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     what = ("is damaged (a file of it is missing or unreadable; resume an earlier checkpoint)"
             if any(_damaged(exc) for exc in failures) else "does not fit this model and optimizer")
-    return CheckpointError(f"{path} {what}: {_causes(e)}")
+    return CheckpointError(f"{path} {what}: {_causes(e)}{''.join(f'; {short}' for short in _cut_short(path))}")
+
+
+def _cut_short(path: Path) -> list[str]:
+    """Each data file of checkpoint path that ends before the bytes its .metadata places in it: the reader's
+    EOFError or "PytorchStreamReader failed" names no file."""
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+        ends = {}
+        for info in storage.values():  # (torch's _StorageInfo: relative_path, offset, length)
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception:  # (.metadata unreadable itself, or a torch whose storage data reads otherwise: nothing to add)
+        return []
+    # (a missing one: its FileNotFoundError names it)
+    sizes = {name: (path / name).stat().st_size for name in ends if (path / name).is_file()}
+    return [f"{name} holds {sizes[name]} bytes, .metadata places data up to byte {end}"
+            for name, end in sorted(ends.items()) if sizes.get(name, end) < end]
 
 
 def _damaged(exc: BaseException) -> bool:
