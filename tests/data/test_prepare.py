@@ -974,7 +974,11 @@ def test_utf16_text_is_text(tmp_path, monkeypatch):
 def test_options_no_dataset_can_use_are_refused_by_name(tmp_path):
     (tmp_path / "a.txt").write_text("some ordinary english text here " * 4)
     for kwargs, message in (({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
-                            ({"shard_tokens": 0}, "shard_tokens must be positive, got 0")):
+                            ({"shard_tokens": 0}, "shard_tokens must be positive, got 0"),
+                            ({"min_chars": -1}, "min_chars must be >= 0 and max_chars None or >= 1, got -1 and None"),
+                            ({"max_chars": 0}, "min_chars must be >= 0 and max_chars None or >= 1, got 16 and 0"),
+                            ({"max_symbol_fraction": 2.0}, r"max_symbol_fraction must be None or in \[0, 1\], got 2.0"),
+                            ({"max_symbol_fraction": -0.5}, r"max_symbol_fraction .* got -0.5")):
         with pytest.raises(ValueError, match=message):
             prepare(tmp_path / "a.txt", tmp_path / "ds", vocab_size=300, workers=1, **kwargs)
     (tmp_path / "empty").mkdir()

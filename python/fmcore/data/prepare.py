@@ -659,6 +659,11 @@ def prepare(inputs=None, out_dir=None, *, tokenizer=None, vocab_size: int = 8192
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    # (-1 or 2 filtered nothing or everything; the run ended in "no documents left" or kept what it should not)
+    if min_chars < 0 or max_chars is not None and max_chars < 1:
+        raise ValueError(f"min_chars must be >= 0 and max_chars None or >= 1, got {min_chars} and {max_chars}")
+    if max_symbol_fraction is not None and not 0.0 <= max_symbol_fraction <= 1.0:
+        raise ValueError(f"max_symbol_fraction must be None or in [0, 1], got {max_symbol_fraction}")
     # (not `workers or default_workers()`: 0 ran with every core and -2 with one process, silently, as the
     # Loader's threads=0 once did)
     if workers is not None and (not _is_int(workers) or workers < 1):
