@@ -387,6 +387,9 @@ def test_a_mix_change_is_refused_without_the_opt_in(dirs):
     with Loader([(dirs["a"], 0.2), (dirs["b"], 0.8)], **kw) as loader:
         with pytest.raises(ValueError, match="loader state phases must be"):
             loader.load_state_dict(bad)
+        for weights in ([0.0, 0.0], [math.nan, 1.0]):  # a damaged state: all-0 raised a ZeroDivisionError
+            with pytest.raises(ValueError, match=r"loader state phase from sample 0: weights must be finite"):
+                loader.load_state_dict(dict(state, phases=[[0, weights]]), mix_change=True)
         unordered = dict(state, phases=[[0, [0.7, 0.3]], [3, [0.5, 0.5]], [2, [0.2, 0.8]]])
         with pytest.raises(ValueError, match=r"blend phase 2 \(from sample 2\): phases must start at increasing"):
             loader.load_state_dict(unordered)  # (the C++ core's check: before anything stopped)

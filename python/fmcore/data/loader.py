@@ -469,6 +469,12 @@ def _checked_phases(phases, n_sources: int, sample: int) -> list[tuple[int, list
     if not ok or phases[0][0] != 0 or phases[-1][0] > sample:
         raise ValueError(f"loader state phases must be [[start, [one weight per source ({n_sources})]], ...] from "
                          f"start 0 to at most the sample {sample}, got {phases!r}")
+    for start, weights in phases:
+        # (The C++ core checks them too, but too late: the mix comparison divides by their total first, a
+        # ZeroDivisionError for a state's all-0 weights, and a one-source loader never passes its phases on.)
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not 0 < sum(weights) < math.inf:
+            raise ValueError(f"loader state phase from sample {start}: weights must be finite, >= 0 and one > 0, "
+                             f"got {weights!r}")
     return [(start, [float(w) for w in weights]) for start, weights in phases]
 
 
