@@ -50,6 +50,15 @@ def test_a_run_without_a_finite_loss_or_an_evaluation_has_no_plot(tmp_path):
     assert metrics.summary(records, {"steps": 2}) == {"steps": 2}
 
 
+def test_a_non_finite_evaluation_is_left_out_of_the_best_eval_loss():
+    # (written as null: an fp16 evaluation whose logits overflowed)
+    records = [{"step": 1, "loss": 3.0, "tok_s": 10.0}, {"step": 1, "eval_loss": None, "eval_ppl": None},
+               {"step": 2, "loss": 2.0, "tok_s": 10.0}, {"step": 2, "eval_loss": 2.5, "eval_ppl": 12.2}]
+    s = metrics.summary(records, {})
+    assert s["best_eval_loss"] == 2.5 and s["eval_loss"] == 2.5
+    assert "best_eval_loss" not in metrics.summary(records[:2], {})
+
+
 def test_the_summary_gives_the_median_mfu_past_the_first_step():
     # (the first step includes warm-up; MFU is logged on a GPU, or with log.peak_tflops set)
     records = [{"step": s, "loss": 3.0, "tok_s": 10.0, "mfu": mfu, "mem_mib": 5.0}

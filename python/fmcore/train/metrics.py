@@ -194,7 +194,11 @@ def summary(metrics: list[dict], extra: dict) -> dict:
             out["peak_mem_mib"] = max(mems)
     if evals:
         out["eval_loss"], out["eval_ppl"] = evals[-1]["eval_loss"], evals[-1]["eval_ppl"]
-        out["best_eval_loss"] = min(r["eval_loss"] for r in evals)
+        # A non-finite evaluation is null in metrics.jsonl: min() over it raised a TypeError at the run's end,
+        # after training, and no summary.json was written.
+        finite = [r["eval_loss"] for r in evals if r["eval_loss"] is not None]
+        if finite:
+            out["best_eval_loss"] = min(finite)
     return out
 
 
