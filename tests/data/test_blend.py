@@ -251,6 +251,9 @@ def test_refused_blends_name_the_source(dirs, tmp_path):
             Loader([(a, 1.0), (b, weight)], **kw)
     with pytest.raises(ValueError, match=r"dataset: every weight is 0 .*one must be > 0"):
         Loader([(a, 0), (b, 0.0)], **kw)
+    for again in (a, str(a) + "/", a / ".." / a.name):  # (read as two sources, reported as one)
+        with pytest.raises(ValueError, match=r"dataset source 2 \(.*\) is source 0's directory again: list it once"):
+            Loader([(a, 1.0), (b, 1.0), (again, 3.0)], **kw)
     with pytest.raises(ValueError, match=r"dataset source 0: expected a \(directory, weight\) pair"):
         Loader([(a,)], **kw)
     with pytest.raises(ValueError, match=rf"dataset source {b}: weight is 0.0001 of the total, below 1/1000"):

@@ -425,6 +425,12 @@ def _parse_blend(dataset) -> list[tuple[Path, float]]:
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) \
                 or weight < 0:
             raise ValueError(f"dataset source {k} ({path}): weight must be a finite number >= 0, got {weight!r}")
+        # (Listed twice, a directory was read as two sources with epochs of their own, repeating its windows
+        # within an epoch, and reported under one name: mix_phases showed one of its weights)
+        again = next((j for j, (seen, _) in enumerate(blend) if os.path.realpath(seen) == os.path.realpath(path)), None)
+        if again is not None:
+            raise ValueError(f"dataset source {k} ({path}) is source {again}'s directory again: list it once, with the "
+                             "sum of its weights")
         blend.append((path, float(weight)))
     if not math.isfinite(sum(weight for _, weight in blend)):
         raise ValueError(f"dataset: the weights' total overflows: {[weight for _, weight in blend]}")
