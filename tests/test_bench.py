@@ -516,6 +516,16 @@ def test_train_bench_records_a_failed_system_and_goes_on(monkeypatch, capsys):
     SKIPPED.clear()
 
 
+def test_train_bench_step_time_is_the_median(monkeypatch):
+    import fmcore.bench.train as train_bench
+
+    clock = iter([0.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 10.0])  # steps of 1, 2, 3 and 10 s
+    monkeypatch.setattr(train_bench, "make_step", lambda *args: (lambda: None, "cfg"))
+    monkeypatch.setattr(train_bench.time, "perf_counter", lambda: next(clock))
+    sec, _, _ = train_bench._measure(None, "fmcore", 1, 1, "fp32", torch.device("cpu"), steps=4, warmup=0)
+    assert sec == 2.5  # not the upper middle value, 3
+
+
 def test_fmcore_cli_names_its_commands(capsys):
     from fmcore.__main__ import main
 
