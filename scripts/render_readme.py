@@ -52,8 +52,9 @@ def _shown(path: Path) -> str:
 
 
 def results_files(results_dir: Path) -> list[Path]:
-    """The results files, oldest first (by the date their name ends with)."""
-    return sorted(results_dir.glob("*-????-??-??.json"), key=lambda p: p.stem[-10:])
+    """The results files, oldest first (by the date their name ends with, then the name: two GPUs' files
+    of one date otherwise came in the directory's listing order, which differs between machines)."""
+    return sorted(results_dir.glob("*-????-??-??.json"), key=lambda p: (p.stem[-10:], p.name))
 
 
 def render(results_dir: Path) -> str:

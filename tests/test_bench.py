@@ -481,6 +481,18 @@ def test_readme_renders_each_bench_from_its_newest_file(tmp_path):
     assert "Host timing" in text[text.index("### loader"):]
 
 
+def test_readme_orders_same_date_files_by_name_not_listing(tmp_path, monkeypatch):
+    # Two GPUs' files of one date: the README must not depend on the directory's listing order.
+    render_readme = _render_readme()
+    for gpu, ms in (("h100", 2.0), ("h200", 1.0)):
+        report.write_json(tmp_path / f"{gpu}-2026-12-09.json", _head(device=gpu.upper(), date="2026-12-09"),
+                          [Row("rope", "c fwd", "fmcore", "ms", ms, "ms")])
+    listed = sorted(tmp_path.glob("*.json"))
+    for order in (listed, listed[::-1]):
+        monkeypatch.setattr(Path, "glob", lambda self, pattern, order=order: iter(order))
+        assert render_readme.render(tmp_path).startswith("From `h200-2026-12-09.json`: H200")
+
+
 def test_readme_shows_masked_attention_in_ms_and_tflops_with_its_note(tmp_path):
     # Its full-causal reference does other work than the masked systems: the README keeps the ms beside
     # the TFLOP/s, and says so.
