@@ -253,3 +253,24 @@ def test_a_val_split_one_rank_cannot_use_turns_evaluation_off_on_every_rank(emai
                                         args=(str(email_dataset), str(tmp_path / "run"), how), timeout=90)
     assert not evaluated
     assert said in printed and "evaluation is off" in printed, printed
+
+
+def _train_with_rank_1s_model_wider(rank: int, world: int, dataset: str, run: str) -> str:
+    from fmcore.train.config import ConfigError
+    from tests.distributed.test_parallel_train import _train, overrides
+
+    try:
+        _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "zero1",
+                                      *(["--model.dim", "128"] if rank == 1 else [])))
+    except ConfigError as e:
+        return str(e)
+    return "trained"
+
+
+def test_ranks_given_different_models_fail_naming_the_setting(email_dataset, tmp_path):
+    # zero1's buckets were sized by each rank's own model: the first reduce-scatter aborted the
+    # processes ("gloo::EnforceNotMet ... Received data size doesn't match expected size").
+    said = run_ranks(_train_with_rank_1s_model_wider, 2, tmp_path / "launch",
+                     args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
+    assert said == ["model.dim is 128 on rank 1 but 64 on rank 0: every rank must run the same model and layout",
+                    "model.dim is 64 on rank 0 but 128 on rank 1: every rank must run the same model and layout"]

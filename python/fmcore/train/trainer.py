@@ -130,6 +130,23 @@ def setup_distributed(cfg: Config) -> Env:
     return Env(rank, world, local_rank, device)
 
 
+def check_same_model(cfg: Config) -> None:
+    """Every rank's model and parallel settings, against each other's. Ranks started with different
+    arguments (or nodes reading different TOML files) built different models and then aborted in a
+    collective whose sizes disagreed (zero1, fsdp2 on gloo: "terminate called after throwing an instance
+    of 'gloo::EnforceNotMet' ... Received data size doesn't match"), naming no setting. (The paths,
+    model.init_from's and the data's, may differ between nodes: the shapes they resolve to are compared.)"""
+    mine = {f"{section}.{key}": value for section in ("model", "parallel")
+            for key, value in dataclasses.asdict(getattr(cfg, section)).items() if key != "init_from"}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        for key, value in mine.items():
+            if theirs[key] != value:
+                raise ConfigError(f"{key} is {theirs[key]!r} on rank {rank} but {value!r} on rank "
+                                  f"{dist.get_rank()}: every rank must run the same model and layout")
+
+
 def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
     p = cfg.train.precision
     if p == "auto":
@@ -612,6 +629,8 @@ def train(cfg: Config) -> dict:
         # model and optimizer state until the next collection, into the next run of a sweep.
         cleanup.callback(gc.collect)
         env = setup_distributed(cfg)
+        if env.world > 1:
+            check_same_model(cfg)
         if env.world == 1 and not (dist.is_available() and dist.is_initialized()):
             # One process running fsdp2, zero1 or tensor parallelism initialises a 1-rank group of its own
             # (parallel.ensure_process_group): left behind, the caller's init_process_group raised
