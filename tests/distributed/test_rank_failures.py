@@ -255,22 +255,27 @@ def test_a_val_split_one_rank_cannot_use_turns_evaluation_off_on_every_rank(emai
     assert said in printed and "evaluation is off" in printed, printed
 
 
-def _train_with_rank_1s_model_wider(rank: int, world: int, dataset: str, run: str) -> str:
+def _train_with_rank_1s_config_changed(rank: int, world: int, dataset: str, run: str, *change: str) -> str:
     from fmcore.train.config import ConfigError
     from tests.distributed.test_parallel_train import _train, overrides
 
     try:
         _train(rank, world, overrides(Path(dataset), Path(run), 2, "--parallel.data", "zero1",
-                                      *(["--model.dim", "128"] if rank == 1 else [])))
+                                      *(change if rank == 1 else [])))
     except ConfigError as e:
         return str(e)
     return "trained"
 
 
-def test_ranks_given_different_models_fail_naming_the_setting(email_dataset, tmp_path):
-    # zero1's buckets were sized by each rank's own model: the first reduce-scatter aborted the
-    # processes ("gloo::EnforceNotMet ... Received data size doesn't match expected size").
-    said = run_ranks(_train_with_rank_1s_model_wider, 2, tmp_path / "launch",
-                     args=(str(email_dataset), str(tmp_path / "run")), timeout=90)
-    assert said == ["model.dim is 128 on rank 1 but 64 on rank 0: every rank must run the same model and layout",
-                    "model.dim is 64 on rank 0 but 128 on rank 1: every rank must run the same model and layout"]
+@pytest.mark.parametrize("key,theirs,ours", [("model.dim", "128", "64"), ("train.steps", "2", "STEPS")])
+def test_ranks_given_different_configs_fail_naming_the_setting(email_dataset, tmp_path, key, theirs, ours):
+    # Another model.dim: zero1's buckets were sized by each rank's own model, and the first
+    # reduce-scatter aborted the processes ("gloo::EnforceNotMet ... Received data size doesn't match
+    # expected size"). Fewer train.steps: rank 0 waited in its next step's collective parallel.timeout_s.
+    from tests.distributed.test_parallel_train import STEPS
+
+    ours = str(STEPS) if ours == "STEPS" else ours
+    said = run_ranks(_train_with_rank_1s_config_changed, 2, tmp_path / "launch",
+                     args=(str(email_dataset), str(tmp_path / "run"), f"--{key}", theirs), timeout=90)
+    assert said == [f"{key} is {theirs} on rank 1 but {ours} on rank 0: every rank must run the same config",
+                    f"{key} is {ours} on rank 0 but {theirs} on rank 1: every rank must run the same config"]

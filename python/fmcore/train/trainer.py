@@ -130,21 +130,24 @@ def setup_distributed(cfg: Config) -> Env:
     return Env(rank, world, local_rank, device)
 
 
-def check_same_model(cfg: Config) -> None:
-    """Every rank's model and parallel settings, against each other's. Ranks started with different
-    arguments (or nodes reading different TOML files) built different models and then aborted in a
-    collective whose sizes disagreed (zero1, fsdp2 on gloo: "terminate called after throwing an instance
-    of 'gloo::EnforceNotMet' ... Received data size doesn't match"), naming no setting. (The paths,
-    model.init_from's and the data's, may differ between nodes: the shapes they resolve to are compared.)"""
-    mine = {f"{section}.{key}": value for section in ("model", "parallel")
-            for key, value in dataclasses.asdict(getattr(cfg, section)).items() if key != "init_from"}
+def check_same_config(cfg: Config) -> None:
+    """Every rank's model, optimizer, schedule, train and parallel settings, against each other's. Ranks
+    started with different arguments (or nodes reading different TOML files) built different models and
+    aborted in a collective whose sizes disagreed (zero1, fsdp2 on gloo: "terminate called after throwing
+    an instance of 'gloo::EnforceNotMet' ... Received data size doesn't match"), or, given other
+    train.steps, waited parallel.timeout_s in the longer run's next collective, naming no setting. (The
+    paths, model.init_from's and the data's, may differ between nodes: the shapes they resolve to are
+    compared; so may train.threads, each machine's cores.)"""
+    mine = {f"{section}.{key}": value for section in ("model", "optim", "schedule", "train", "parallel")
+            for key, value in dataclasses.asdict(getattr(cfg, section)).items()
+            if f"{section}.{key}" not in ("model.init_from", "train.threads")}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
         for key, value in mine.items():
             if theirs[key] != value:
                 raise ConfigError(f"{key} is {theirs[key]!r} on rank {rank} but {value!r} on rank "
-                                  f"{dist.get_rank()}: every rank must run the same model and layout")
+                                  f"{dist.get_rank()}: every rank must run the same config")
 
 
 def resolve_precision(cfg: Config, device: torch.device, impl: str) -> str:
@@ -630,7 +633,7 @@ def train(cfg: Config) -> dict:
         cleanup.callback(gc.collect)
         env = setup_distributed(cfg)
         if env.world > 1:
-            check_same_model(cfg)
+            check_same_config(cfg)
         if env.world == 1 and not (dist.is_available() and dist.is_initialized()):
             # One process running fsdp2, zero1 or tensor parallelism initialises a 1-rank group of its own
             # (parallel.ensure_process_group): left behind, the caller's init_process_group raised
