@@ -267,14 +267,16 @@ def _train_with_rank_1s_config_changed(rank: int, world: int, dataset: str, run:
     return "trained"
 
 
-@pytest.mark.parametrize("key,theirs,ours", [("model.dim", "128", "64"), ("train.steps", "2", "STEPS")])
+@pytest.mark.parametrize("key,theirs,ours", [("model.dim", "128", "64"), ("train.steps", "2", "STEPS"),
+                                             ("checkpoint.every", "1", "SAVE_AT")])
 def test_ranks_given_different_configs_fail_naming_the_setting(email_dataset, tmp_path, key, theirs, ours):
     # Another model.dim: zero1's buckets were sized by each rank's own model, and the first
     # reduce-scatter aborted the processes ("gloo::EnforceNotMet ... Received data size doesn't match
-    # expected size"). Fewer train.steps: rank 0 waited in its next step's collective parallel.timeout_s.
-    from tests.distributed.test_parallel_train import STEPS
+    # expected size"). Fewer train.steps, another checkpoint.every: one rank waited parallel.timeout_s in
+    # a collective (the next step's, a save's) the other never joined.
+    from tests.distributed import test_parallel_train
 
-    ours = str(STEPS) if ours == "STEPS" else ours
+    ours = str(getattr(test_parallel_train, ours, ours))
     said = run_ranks(_train_with_rank_1s_config_changed, 2, tmp_path / "launch",
                      args=(str(email_dataset), str(tmp_path / "run"), f"--{key}", theirs), timeout=90)
     assert said == [f"{key} is {theirs} on rank 1 but {ours} on rank 0: every rank must run the same config",

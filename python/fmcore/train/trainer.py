@@ -131,16 +131,17 @@ def setup_distributed(cfg: Config) -> Env:
 
 
 def check_same_config(cfg: Config) -> None:
-    """Every rank's model, optimizer, schedule, train and parallel settings, against each other's. Ranks
+    """Every rank's model, optimizer, schedule, train, checkpoint and parallel settings, against each other's. Ranks
     started with different arguments (or nodes reading different TOML files) built different models and
     aborted in a collective whose sizes disagreed (zero1, fsdp2 on gloo: "terminate called after throwing
     an instance of 'gloo::EnforceNotMet' ... Received data size doesn't match"), or, given other
-    train.steps, waited parallel.timeout_s in the longer run's next collective, naming no setting. (The
-    paths, model.init_from's and the data's, may differ between nodes: the shapes they resolve to are
-    compared; so may train.threads, each machine's cores.)"""
-    mine = {f"{section}.{key}": value for section in ("model", "optim", "schedule", "train", "parallel")
+    train.steps or checkpoint.every, waited parallel.timeout_s in a collective the other never joined,
+    naming no setting. (The paths, model.init_from's, checkpoint.resume's (rank 0 reads it) and the data's,
+    may differ between nodes: the shapes they resolve to are compared; so may train.threads, each
+    machine's cores.)"""
+    mine = {f"{section}.{key}": value for section in ("model", "optim", "schedule", "train", "checkpoint", "parallel")
             for key, value in dataclasses.asdict(getattr(cfg, section)).items()
-            if f"{section}.{key}" not in ("model.init_from", "train.threads")}
+            if f"{section}.{key}" not in ("model.init_from", "train.threads", "checkpoint.resume")}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
