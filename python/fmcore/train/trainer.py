@@ -136,9 +136,9 @@ def check_same_config(cfg: Config) -> None:
     aborted in a collective whose sizes disagreed (zero1, fsdp2 on gloo: "terminate called after throwing
     an instance of 'gloo::EnforceNotMet' ... Received data size doesn't match"), or, given other
     train.steps or checkpoint.every, waited parallel.timeout_s in a collective the other never joined,
-    naming no setting. (The paths, model.init_from's, checkpoint.resume's (rank 0 reads it) and the data's,
-    may differ between nodes: the shapes they resolve to are compared; so may train.threads, each
-    machine's cores.)"""
+    naming no setting. Not compared: model.init_from and the data and log sections (paths, which may
+    differ between nodes' mounts), checkpoint.resume (rank 0 reads it) and train.threads (each machine's
+    cores)."""
     mine = {f"{section}.{key}": value for section in ("model", "optim", "schedule", "train", "checkpoint", "parallel")
             for key, value in dataclasses.asdict(getattr(cfg, section)).items()
             if f"{section}.{key}" not in ("model.init_from", "train.threads", "checkpoint.resume")}
